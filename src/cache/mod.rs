@@ -1,0 +1,907 @@
+//! The cache domain: levels, TTLs, compression, size limits, metrics,
+//! warming, cleanup and maintenance, over any [`Store`].
+//!
+//! [`Cache`] is a cheap-to-clone handle. Each operation validates its input
+//! (naming the offending field), encodes values ([`value`]), talks to the
+//! store once, and records metrics ([`metrics`]). Nothing here knows about
+//! gRPC.
+
+mod error;
+pub mod histogram;
+mod level;
+pub mod metrics;
+pub mod value;
+pub mod warm;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use base64::Engine;
+use flate2::Compression;
+use tokio_util::sync::CancellationToken;
+
+pub use self::error::CacheError;
+pub use self::level::Level;
+use self::metrics::{Counters, Metrics, Op, Snapshot};
+pub use self::value::Value;
+use crate::glob;
+use crate::keys::KeySpace;
+use crate::store::{BackendKind, CircuitState, Deadline, LastError, Store, StoreError, Write};
+
+/// The most keys or entries one batch call takes.
+pub const MAX_BATCH: usize = 1000;
+/// Default page size of `ListKeys`.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+/// Largest page size of `ListKeys`; larger requests are served this many.
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Longest accepted `ListKeys` pattern, in bytes.
+pub const MAX_PATTERN_LEN: usize = 1024;
+/// Longest TTL accepted: 100 years, far beyond any cache's use and well within
+/// Redis's millisecond range.
+pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+/// Entries written per store call by a warm-up.
+const WARM_CHUNK: usize = 500;
+/// Keys sampled by maintenance to find the largest.
+const MAINTENANCE_SAMPLE: usize = 1000;
+/// Largest keys reported by maintenance.
+const MAINTENANCE_TOP: usize = 10;
+
+pub type Result<T, E = CacheError> = std::result::Result<T, E>;
+
+/// Cache settings (the seed's `CACHE_*` variables and koo's additions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// Prefix of every key koo writes.
+    pub prefix: String,
+    /// TTL of the app, db and session levels when a write names none.
+    pub default_ttl: Duration,
+    /// TTL of the api level when a write names none.
+    pub api_default_ttl: Duration,
+    /// Values larger than this many bytes are compressed (when it helps).
+    pub compression_threshold: usize,
+    /// zlib level, 0 to 9.
+    pub compression_level: u32,
+    /// Largest value accepted, in bytes, before compression.
+    pub max_value_size: usize,
+    /// Longest key accepted, in bytes.
+    pub max_key_size: usize,
+    /// JSON Lines file of entries to preload on `Warm`.
+    pub warm_file: Option<PathBuf>,
+    /// How often this instance publishes its metrics for the others.
+    pub metrics_flush_interval: Duration,
+    /// How long key counts are reused before the keyspace is walked again.
+    pub key_count_interval: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "koo".to_owned(),
+            default_ttl: Duration::from_secs(3600),
+            api_default_ttl: Duration::from_secs(300),
+            compression_threshold: 1024,
+            compression_level: 1,
+            max_value_size: 10 * 1024 * 1024,
+            max_key_size: 1024,
+            warm_file: None,
+            metrics_flush_interval: Duration::from_secs(1),
+            key_count_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl CacheConfig {
+    /// The largest gRPC message koo accepts or sends: one value at the size
+    /// limit plus room for its key and framing.
+    pub fn message_limit(&self) -> usize {
+        self.max_value_size + self.max_key_size + 1024 * 1024
+    }
+
+    fn ttl_for(&self, level: Level) -> Duration {
+        match level {
+            Level::Api => self.api_default_ttl,
+            _ => self.default_ttl,
+        }
+    }
+
+    /// How long a published metrics record counts as live.
+    fn record_ttl(&self) -> Duration {
+        (self.metrics_flush_interval * 3).max(Duration::from_secs(10))
+    }
+}
+
+/// An entry to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// Its level.
+    pub level: Level,
+    /// Its key.
+    pub key: String,
+    /// Its value.
+    pub value: Value,
+    /// Its TTL; `None` means the level's default.
+    pub ttl: Option<Duration>,
+}
+
+/// A value read from the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// The value as it was set.
+    pub value: Value,
+    /// Time left to live (`None` only for keys written without a TTL by
+    /// something other than koo).
+    pub ttl: Option<Duration>,
+    /// Size as set.
+    pub size: u64,
+    /// Size as stored.
+    pub stored_size: u64,
+    /// Whether it is stored compressed.
+    pub compressed: bool,
+}
+
+/// What a write stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The TTL applied.
+    pub ttl: Duration,
+    /// Size as set.
+    pub size: u64,
+    /// Size as stored.
+    pub stored_size: u64,
+    /// Whether it is stored compressed.
+    pub compressed: bool,
+}
+
+/// One page of keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// User keys.
+    pub keys: Vec<String>,
+    /// Token of the next page; empty on the last.
+    pub next_page_token: String,
+}
+
+/// The backend's health as seen by one probe.
+#[derive(Debug, Clone)]
+pub struct HealthReport {
+    /// Whether the probe got an answer.
+    pub healthy: bool,
+    /// Which backend.
+    pub backend: BackendKind,
+    /// The probe's round trip.
+    pub ping_latency: Option<Duration>,
+    /// The circuit breaker's state.
+    pub circuit: CircuitState,
+    /// Backend memory figures, when reachable.
+    pub memory: Option<crate::store::MemoryReport>,
+    /// The last backend error.
+    pub last_error: Option<LastError>,
+    /// This instance's uptime.
+    pub uptime: Duration,
+}
+
+/// Metrics of all instances together.
+#[derive(Debug, Clone)]
+pub struct MetricsReport {
+    /// Summed figures.
+    pub snapshot: Snapshot,
+    /// Keys per level, in [`Level::ALL`] order.
+    pub keys: [u64; 4],
+    /// When the key counts were taken.
+    pub keys_counted_at: Option<SystemTime>,
+    /// Backend memory in use.
+    pub backend_used_memory: u64,
+    /// This instance's uptime.
+    pub uptime: Duration,
+    /// Instances summed.
+    pub instances: u32,
+    /// When this report was made.
+    pub sampled_at: SystemTime,
+    /// Why some figures are missing, if they are.
+    pub partial: Option<String>,
+}
+
+impl MetricsReport {
+    /// Counters of all levels.
+    pub fn total(&self) -> Counters {
+        self.snapshot.total()
+    }
+}
+
+/// What a cleanup removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CleanupReport {
+    /// Keys examined.
+    pub scanned: u64,
+    /// Keys without a TTL removed.
+    pub removed_without_ttl: u64,
+    /// Expired entries removed.
+    pub removed_expired: u64,
+    /// Stale instance records removed.
+    pub removed_stale_instances: u64,
+}
+
+/// What a maintenance run did and found.
+#[derive(Debug, Clone)]
+pub struct MaintenanceReport {
+    /// The cleanup.
+    pub cleanup: CleanupReport,
+    /// Backend memory.
+    pub memory: crate::store::MemoryReport,
+    /// Keys sampled for sizes.
+    pub sampled_keys: u64,
+    /// Largest keys of the sample: level, user key, bytes.
+    pub largest: Vec<(Level, String, u64)>,
+}
+
+/// One entry a warm-up could not load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WarmFailure {
+    /// `request` or the file's path.
+    pub source: String,
+    /// Line (file, 1-based) or index (request, 0-based).
+    pub line: u64,
+    /// What was wrong.
+    pub reason: String,
+}
+
+/// What a warm-up loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WarmReport {
+    /// Entries written.
+    pub loaded: u64,
+    /// Entries refused.
+    pub failures: Vec<WarmFailure>,
+    /// The file read, if any.
+    pub file: Option<PathBuf>,
+}
+
+/// A handle to the cache; clones share everything.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    config: CacheConfig,
+    keys: KeySpace,
+    metrics: Metrics,
+    compression: Compression,
+    instance: String,
+    started: Instant,
+    /// A tokio mutex because it is held across the keyspace walk, so that
+    /// concurrent metrics calls share one walk instead of each starting one.
+    key_counts: tokio::sync::Mutex<Option<KeyCounts>>,
+}
+
+#[derive(Clone, Copy)]
+struct KeyCounts {
+    taken: Instant,
+    at: SystemTime,
+    counts: [u64; 4],
+}
+
+impl Cache {
+    /// A cache over `store`.
+    pub fn new(store: Store, config: CacheConfig) -> Self {
+        let compression = Compression::new(config.compression_level.min(9));
+        Self {
+            inner: Arc::new(Inner {
+                keys: KeySpace::new(&config.prefix),
+                store,
+                compression,
+                config,
+                metrics: Metrics::default(),
+                instance: uuid::Uuid::new_v4().simple().to_string(),
+                started: Instant::now(),
+                key_counts: tokio::sync::Mutex::new(None),
+            }),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &CacheConfig {
+        &self.inner.config
+    }
+
+    /// This instance's id in shared metrics.
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance
+    }
+
+    fn check_key(&self, field: &str, key: &str) -> Result<()> {
+        if key.is_empty() {
+            return Err(CacheError::invalid(field, "must not be empty"));
+        }
+        let max = self.inner.config.max_key_size;
+        if key.len() > max {
+            return Err(CacheError::invalid(
+                field,
+                format!("is {} bytes, over the limit of {max} bytes (KOO_MAX_KEY_SIZE)", key.len()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, field: &str, len: usize) -> Result<()> {
+        if len > MAX_BATCH {
+            return Err(CacheError::invalid(
+                field,
+                format!("has {len} items, over the limit of {MAX_BATCH}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validates an entry; `at` prefixes field names (`entries[3].`).
+    fn check_entry(&self, at: &str, e: &NewEntry) -> Result<Duration> {
+        self.check_key(&format!("{at}key"), &e.key)?;
+        let limit = self.inner.config.max_value_size;
+        if e.value.len() > limit {
+            return Err(CacheError::ValueTooLarge {
+                field: format!("{at}value"),
+                size: e.value.len(),
+                limit,
+            });
+        }
+        let ttl = e.ttl.unwrap_or_else(|| self.inner.config.ttl_for(e.level));
+        if ttl < Duration::from_millis(1) {
+            return Err(CacheError::invalid(format!("{at}ttl"), "must be at least 1 ms"));
+        }
+        if ttl > MAX_TTL {
+            return Err(CacheError::invalid(format!("{at}ttl"), "must be at most 100 years"));
+        }
+        Ok(ttl)
+    }
+
+    fn encode(&self, e: &NewEntry, ttl: Duration) -> (Write, Stored) {
+        let encoded = value::encode(
+            &e.value,
+            self.inner.config.compression_threshold,
+            self.inner.compression,
+        );
+        let stored = Stored {
+            ttl,
+            size: e.value.len() as u64,
+            stored_size: encoded.bytes.len() as u64,
+            compressed: encoded.compressed,
+        };
+        let write = Write {
+            key: self.inner.keys.cache_key(e.level, &e.key),
+            value: encoded.bytes,
+            ttl,
+        };
+        (write, stored)
+    }
+
+    fn decode(key: &str, entry: crate::store::Entry) -> Result<Hit> {
+        let stored_size = entry.value.len() as u64;
+        let decoded = value::decode(&entry.value).map_err(|e| CacheError::Corrupt {
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Hit {
+            size: decoded.value.len() as u64,
+            value: decoded.value,
+            ttl: entry.ttl,
+            stored_size,
+            compressed: decoded.compressed,
+        })
+    }
+
+    /// Counts an operation, its latency and (if it is the backend's fault)
+    /// its failure.
+    fn observe<T>(&self, level: Level, op: Op, started: Instant, result: &Result<T>) {
+        let m = &self.inner.metrics;
+        m.operation(level);
+        m.latency(op, started.elapsed());
+        if let Err(e) = result
+            && e.is_backend()
+        {
+            m.error(level);
+        }
+    }
+
+    /// Reads one value; `Ok(None)` on a miss.
+    pub async fn get(&self, level: Level, key: &str, deadline: Deadline) -> Result<Option<Hit>> {
+        self.check_key("key", key)?;
+        let started = Instant::now();
+        let result = async {
+            let full = self.inner.keys.cache_key(level, key);
+            match self.inner.store.get(&full, deadline).await? {
+                Some(entry) => Ok(Some(Self::decode(key, entry)?)),
+                None => Ok(None),
+            }
+        }
+        .await;
+        if let Ok(hit) = &result {
+            let found = u64::from(hit.is_some());
+            self.inner.metrics.reads(level, found, 1 - found);
+        }
+        self.observe(level, Op::Get, started, &result);
+        result
+    }
+
+    /// Writes one value.
+    pub async fn set(&self, entry: NewEntry, deadline: Deadline) -> Result<Stored> {
+        let ttl = self.check_entry("", &entry)?;
+        let started = Instant::now();
+        let (write, stored) = self.encode(&entry, ttl);
+        let result = self
+            .inner
+            .store
+            .set(&write.key, write.value, write.ttl, deadline)
+            .await
+            .map(|()| stored)
+            .map_err(CacheError::from);
+        if result.is_ok() {
+            self.inner.metrics.write(entry.level, stored.size, stored.stored_size);
+        }
+        self.observe(entry.level, Op::Set, started, &result);
+        result
+    }
+
+    /// Removes one key; whether it existed.
+    pub async fn delete(&self, level: Level, key: &str, deadline: Deadline) -> Result<bool> {
+        self.check_key("key", key)?;
+        let n = self.remove(level, Op::Delete, &[key.to_owned()], deadline).await?;
+        Ok(n > 0)
+    }
+
+    /// Reads up to [`MAX_BATCH`] keys of one level, answers in order.
+    pub async fn get_many(&self, level: Level, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Hit>>> {
+        self.check_batch("keys", keys.len())?;
+        for (i, k) in keys.iter().enumerate() {
+            self.check_key(&format!("keys[{i}]"), k)?;
+        }
+        let started = Instant::now();
+        let result = async {
+            let full: Vec<String> = keys.iter().map(|k| self.inner.keys.cache_key(level, k)).collect();
+            let entries = self.inner.store.get_many(&full, deadline).await?;
+            let mut size = 0usize;
+            let hits = keys
+                .iter()
+                .zip(entries)
+                .map(|(k, e)| {
+                    e.map(|e| {
+                        let hit = Self::decode(k, e)?;
+                        size += hit.size as usize + k.len();
+                        Ok(hit)
+                    })
+                    .transpose()
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let limit = self.inner.config.message_limit();
+            if size > limit {
+                return Err(CacheError::ReplyTooLarge { size, limit });
+            }
+            Ok(hits)
+        }
+        .await;
+        if let Ok(hits) = &result {
+            let found = hits.iter().filter(|h| h.is_some()).count() as u64;
+            self.inner.metrics.reads(level, found, hits.len() as u64 - found);
+        }
+        self.observe(level, Op::GetMany, started, &result);
+        result
+    }
+
+    /// Writes up to [`MAX_BATCH`] entries, all or nothing: every entry is
+    /// validated before anything is written.
+    pub async fn set_many(&self, entries: &[NewEntry], deadline: Deadline) -> Result<Vec<Stored>> {
+        self.check_batch("entries", entries.len())?;
+        let ttls = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| self.check_entry(&format!("entries[{i}]."), e))
+            .collect::<Result<Vec<_>>>()?;
+        let started = Instant::now();
+        let result = self.write_all(entries, &ttls, deadline).await;
+        let mut levels: Vec<Level> = entries.iter().map(|e| e.level).collect();
+        levels.sort();
+        levels.dedup();
+        for level in levels {
+            self.inner.metrics.operation(level);
+            if result.as_ref().is_err_and(CacheError::is_backend) {
+                self.inner.metrics.error(level);
+            }
+        }
+        self.inner.metrics.latency(Op::SetMany, started.elapsed());
+        result
+    }
+
+    /// Encodes and writes validated entries in one atomic store call.
+    async fn write_all(&self, entries: &[NewEntry], ttls: &[Duration], deadline: Deadline) -> Result<Vec<Stored>> {
+        let (writes, stored): (Vec<Write>, Vec<Stored>) =
+            entries.iter().zip(ttls).map(|(e, ttl)| self.encode(e, *ttl)).unzip();
+        self.inner.store.set_many(writes, deadline).await?;
+        for (e, s) in entries.iter().zip(&stored) {
+            self.inner.metrics.write(e.level, s.size, s.stored_size);
+        }
+        Ok(stored)
+    }
+
+    /// Removes up to [`MAX_BATCH`] keys of one level; how many existed.
+    pub async fn delete_many(&self, level: Level, keys: &[String], deadline: Deadline) -> Result<u64> {
+        self.check_batch("keys", keys.len())?;
+        for (i, k) in keys.iter().enumerate() {
+            self.check_key(&format!("keys[{i}]"), k)?;
+        }
+        self.remove(level, Op::DeleteMany, keys, deadline).await
+    }
+
+    async fn remove(&self, level: Level, op: Op, keys: &[String], deadline: Deadline) -> Result<u64> {
+        let started = Instant::now();
+        let full: Vec<String> = keys.iter().map(|k| self.inner.keys.cache_key(level, k)).collect();
+        let result = self.inner.store.delete(&full, deadline).await.map_err(CacheError::from);
+        if let Ok(n) = result {
+            self.inner.metrics.deletes(level, n);
+        }
+        self.observe(level, op, started, &result);
+        result
+    }
+
+    /// Lists one page of a level's keys matching a glob pattern.
+    pub async fn list_keys(
+        &self,
+        level: Level,
+        pattern: &str,
+        page_size: i32,
+        page_token: &str,
+        deadline: Deadline,
+    ) -> Result<KeyPage> {
+        let page_size = match page_size {
+            n if n < 0 => return Err(CacheError::invalid("page_size", "must not be negative")),
+            0 => DEFAULT_PAGE_SIZE,
+            n => (n as usize).min(MAX_PAGE_SIZE),
+        };
+        let pattern = if pattern.is_empty() { "*" } else { pattern };
+        if pattern.len() > MAX_PATTERN_LEN {
+            return Err(CacheError::invalid(
+                "pattern",
+                format!("is {} bytes, over the limit of {MAX_PATTERN_LEN}", pattern.len()),
+            ));
+        }
+        glob::validate(pattern).map_err(|e| CacheError::invalid("pattern", e.to_string()))?;
+        let cursor = PageToken::decode(page_token, level, pattern)?;
+        let started = Instant::now();
+        let full_pattern = self.inner.keys.level_pattern(level, pattern);
+        let result = self
+            .inner
+            .store
+            .scan(&full_pattern, cursor.as_deref(), page_size, deadline)
+            .await
+            .map_err(|e| match e {
+                StoreError::InvalidCursor(why) => CacheError::invalid("page_token", why),
+                other => CacheError::Store(other),
+            })
+            .map(|page| KeyPage {
+                keys: page
+                    .keys
+                    .iter()
+                    .filter_map(|k| self.inner.keys.user_key(level, k).map(str::to_owned))
+                    .collect(),
+                next_page_token: page
+                    .cursor
+                    .map(|c| PageToken::encode(level, pattern, &c))
+                    .unwrap_or_default(),
+            });
+        self.observe(level, Op::ListKeys, started, &result);
+        result
+    }
+
+    /// Removes every key of a level; how many.
+    pub async fn clear_level(&self, level: Level, deadline: Deadline) -> Result<u64> {
+        let started = Instant::now();
+        let pattern = self.inner.keys.level_pattern(level, "*");
+        let result = self.inner.store.clear(&pattern, deadline).await.map_err(CacheError::from);
+        if let Ok(n) = result {
+            self.inner.metrics.deletes(level, n);
+        }
+        self.observe(level, Op::ClearLevel, started, &result);
+        result
+    }
+
+    /// Probes the backend now.
+    pub async fn health(&self, deadline: Deadline) -> HealthReport {
+        let store = &self.inner.store;
+        let ping = store.probe(deadline).await;
+        let memory = match ping {
+            Ok(_) => store.memory(deadline).await.ok(),
+            Err(_) => None,
+        };
+        HealthReport {
+            healthy: ping.is_ok(),
+            backend: store.kind(),
+            ping_latency: ping.ok(),
+            circuit: store.circuit_state(),
+            memory,
+            last_error: store.last_error(),
+            uptime: self.inner.started.elapsed(),
+        }
+    }
+
+    /// Metrics summed over every instance sharing the backend. When the
+    /// backend cannot be read, this instance's own figures are returned with
+    /// `partial` saying why.
+    pub async fn metrics(&self, deadline: Deadline) -> MetricsReport {
+        let mut snapshot = self.inner.metrics.snapshot();
+        let mut instances = 1;
+        let mut partial = None;
+        if self.inner.store.kind() == BackendKind::Redis {
+            match self.peer_snapshots(deadline).await {
+                Ok(peers) => {
+                    for peer in &peers {
+                        snapshot.merge(peer);
+                    }
+                    instances += peers.len() as u32;
+                }
+                Err(e) => partial = Some(format!("other instances' figures are missing: {e}")),
+            }
+        }
+        let counts = self.key_counts(deadline).await;
+        let memory = self.inner.store.memory(deadline).await;
+        if let (Err(e), None) = (&counts, &partial) {
+            partial = Some(format!("key counts are missing: {e}"));
+        }
+        if let (Err(e), None) = (&memory, &partial) {
+            partial = Some(format!("backend memory is missing: {e}"));
+        }
+        let counts = counts.ok();
+        MetricsReport {
+            snapshot,
+            keys: counts.map(|c| c.counts).unwrap_or_default(),
+            keys_counted_at: counts.map(|c| c.at),
+            backend_used_memory: memory.map(|m| m.used).unwrap_or(0),
+            uptime: self.inner.started.elapsed(),
+            instances,
+            sampled_at: SystemTime::now(),
+            partial,
+        }
+    }
+
+    /// The published snapshots of the other live instances.
+    async fn peer_snapshots(&self, deadline: Deadline) -> Result<Vec<Snapshot>, StoreError> {
+        let keys = &self.inner.keys;
+        let since = SystemTime::now() - self.inner.config.record_ttl();
+        let records = self
+            .inner
+            .store
+            .read_records(&keys.cache_metrics_index(), since, &|m| keys.cache_metrics_record(m), deadline)
+            .await?;
+        Ok(records
+            .into_iter()
+            .filter(|(member, _)| *member != self.inner.instance)
+            .filter_map(|(member, payload)| match serde_json::from_slice(&payload) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(instance = %member, error = %e, "ignoring unreadable metrics record");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    async fn key_counts(&self, deadline: Deadline) -> Result<KeyCounts, StoreError> {
+        let mut cached = self.inner.key_counts.lock().await;
+        if let Some(c) = *cached
+            && c.taken.elapsed() < self.inner.config.key_count_interval
+        {
+            return Ok(c);
+        }
+        let mut counts = [0; 4];
+        for level in Level::ALL {
+            let pattern = self.inner.keys.level_pattern(level, "*");
+            counts[level.index()] = self.inner.store.count(&pattern, deadline).await?;
+        }
+        let c = KeyCounts {
+            taken: Instant::now(),
+            at: SystemTime::now(),
+            counts,
+        };
+        *cached = Some(c);
+        Ok(c)
+    }
+
+    /// Publishes this instance's figures for the others to sum.
+    pub async fn publish_metrics(&self, deadline: Deadline) -> Result<(), StoreError> {
+        let keys = &self.inner.keys;
+        let payload = serde_json::to_vec(&self.inner.metrics.snapshot())
+            .map_err(|e| StoreError::Backend(format!("cannot encode metrics: {e}")))?;
+        self.inner
+            .store
+            .publish_record(
+                &keys.cache_metrics_index(),
+                &keys.cache_metrics_record(&self.inner.instance),
+                &self.inner.instance,
+                payload.into(),
+                self.inner.config.record_ttl(),
+                deadline,
+            )
+            .await
+    }
+
+    /// Publishes metrics every `metrics_flush_interval` until `stop`. Only a
+    /// shared (Redis) backend has anyone to publish to.
+    pub async fn run_metrics_publisher(self, stop: CancellationToken) {
+        if self.inner.store.kind() != BackendKind::Redis {
+            return;
+        }
+        let interval = self.inner.config.metrics_flush_interval;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.publish_metrics(Deadline::after(interval.max(Duration::from_secs(1)))).await {
+                Ok(()) if failing => {
+                    failing = false;
+                    tracing::info!("publishing cache metrics again");
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    failing = true;
+                    tracing::warn!(error = %e, "cannot publish cache metrics; other instances will not see this one's figures");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Removes what the backend does not expire by itself.
+    pub async fn cleanup(&self, deadline: Deadline) -> Result<CleanupReport> {
+        let keys = &self.inner.keys;
+        let counts = self.inner.store.cleanup(&keys.cache_pattern(), deadline).await?;
+        let since = SystemTime::now() - self.inner.config.record_ttl();
+        let stale = self
+            .inner
+            .store
+            .remove_stale_records(&keys.cache_metrics_index(), since, &|m| keys.cache_metrics_record(m), deadline)
+            .await?;
+        Ok(CleanupReport {
+            scanned: counts.scanned,
+            removed_without_ttl: counts.removed_without_ttl,
+            removed_expired: counts.removed_expired,
+            removed_stale_instances: stale,
+        })
+    }
+
+    /// A cleanup, then a memory report with the largest keys of a sample.
+    pub async fn maintenance(&self, deadline: Deadline) -> Result<MaintenanceReport> {
+        let cleanup = self.cleanup(deadline).await?;
+        let memory = self.inner.store.memory(deadline).await?;
+        let (sampled_keys, sizes) = self
+            .inner
+            .store
+            .largest_keys(&self.inner.keys.cache_pattern(), MAINTENANCE_SAMPLE, MAINTENANCE_TOP, deadline)
+            .await?;
+        let largest = sizes
+            .into_iter()
+            .filter_map(|ks| {
+                Level::ALL.into_iter().find_map(|level| {
+                    self.inner
+                        .keys
+                        .user_key(level, &ks.key)
+                        .map(|k| (level, k.to_owned(), ks.bytes))
+                })
+            })
+            .collect();
+        Ok(MaintenanceReport {
+            cleanup,
+            memory,
+            sampled_keys,
+            largest,
+        })
+    }
+
+    /// Preloads `entries` and, unless `skip_file`, the configured warm file.
+    /// Bad entries are reported, not fatal; a warm file that cannot be read
+    /// fails the whole warm-up, since it is a configuration error.
+    pub async fn warm(&self, entries: Vec<NewEntry>, skip_file: bool, deadline: Deadline) -> Result<WarmReport> {
+        let mut report = WarmReport::default();
+        let mut valid = Vec::new();
+        for (i, e) in entries.into_iter().enumerate() {
+            match self.check_entry(&format!("entries[{i}]."), &e) {
+                Ok(ttl) => valid.push((e, ttl)),
+                Err(err) => report.failures.push(WarmFailure {
+                    source: "request".to_owned(),
+                    line: i as u64,
+                    reason: err.to_string(),
+                }),
+            }
+        }
+        if let (false, Some(path)) = (skip_file, &self.inner.config.warm_file) {
+            let lines = warm::read(path).await.map_err(|e| CacheError::WarmFile {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            for (line, parsed) in lines {
+                let checked = parsed.and_then(|e| {
+                    let ttl = self.check_entry("", &e).map_err(|err| err.to_string())?;
+                    Ok((e, ttl))
+                });
+                match checked {
+                    Ok(ok) => valid.push(ok),
+                    Err(reason) => report.failures.push(WarmFailure {
+                        source: path.display().to_string(),
+                        line,
+                        reason,
+                    }),
+                }
+            }
+            report.file = Some(path.clone());
+        }
+        for chunk in valid.chunks(WARM_CHUNK) {
+            let (entries, ttls): (Vec<NewEntry>, Vec<Duration>) = chunk.iter().cloned().unzip();
+            self.write_all(&entries, &ttls, deadline).await?;
+            report.loaded += entries.len() as u64;
+        }
+        Ok(report)
+    }
+}
+
+/// `ListKeys` page tokens: opaque to clients, bound to the level and pattern
+/// they were issued for, so that a token reused with other parameters is
+/// refused instead of silently listing the wrong thing.
+struct PageToken;
+
+impl PageToken {
+    const VERSION: &'static str = "1";
+
+    fn encode(level: Level, pattern: &str, cursor: &str) -> String {
+        let raw = format!("{}.{}.{:016x}.{cursor}", Self::VERSION, level.as_str(), fnv1a(pattern));
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+    }
+
+    fn decode(token: &str, level: Level, pattern: &str) -> Result<Option<String>> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let bad = |why: &str| CacheError::invalid("page_token", why.to_owned());
+        let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| bad("is not a token this server issued"))?;
+        let mut parts = raw.splitn(4, '.');
+        let (Some(version), Some(lvl), Some(hash), Some(cursor)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("is not a token this server issued"));
+        };
+        if version != Self::VERSION {
+            return Err(bad("was issued by an incompatible version of koo"));
+        }
+        if lvl != level.as_str() || hash != format!("{:016x}", fnv1a(pattern)) {
+            return Err(bad("was issued for a different level or pattern"));
+        }
+        Ok(Some(cursor.to_owned()))
+    }
+}
+
+/// FNV-1a: a hash that is stable across processes and versions, unlike std's.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tokens round-trip and refuse other parameters or garbage.
+    #[test]
+    fn page_tokens() {
+        let t = PageToken::encode(Level::Db, "user:*", "r:17:3");
+        assert_eq!(PageToken::decode(&t, Level::Db, "user:*").unwrap().as_deref(), Some("r:17:3"));
+        assert!(PageToken::decode(&t, Level::App, "user:*").is_err());
+        assert!(PageToken::decode(&t, Level::Db, "user:?").is_err());
+        assert!(PageToken::decode("%%%", Level::Db, "*").is_err());
+        assert!(PageToken::decode("Zm9v", Level::Db, "*").is_err());
+        assert_eq!(PageToken::decode("", Level::Db, "*").unwrap(), None);
+    }
+}

@@ -1,0 +1,344 @@
+//! Command-line and environment configuration.
+//!
+//! Every flag can also be set by an environment variable; the seed's
+//! variables (`REDIS_URL`, `CACHE_DEFAULT_TTL`, ...) keep their names and
+//! meanings, koo's own additions are `KOO_*`. A flag given on the command line
+//! overrides the variable. Durations are seconds (`30`, `0.5`) or a unit
+//! (`250ms`, `10m`). Invalid values stop start-up with a message naming the
+//! variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+
+use crate::cache::CacheConfig;
+use crate::server::{Settings, StoreSettings};
+use crate::store::{MemoryConfig, RedisConfig};
+
+/// koo: a gRPC control plane for caching and background work.
+#[derive(Debug, Parser)]
+#[command(name = "koo", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "KOO_LOG_FORMAT", value_name = "KOO_LOG_FORMAT", default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` EnvFilter syntax (e.g. `info`, `koo=debug`).
+    #[arg(long, env = "KOO_LOG", value_name = "KOO_LOG", default_value = "info", global = true)]
+    pub log: String,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How logs are written (to standard error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// koo's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API (CacheService, health, reflection).
+    Serve(Box<ServeArgs>),
+    /// Ask a running koo for its gRPC health; exits 0 when SERVING.
+    Health(HealthArgs),
+}
+
+/// `koo health`: a probe for container health checks.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Address of the koo to ask (0.0.0.0 and [::] mean this host).
+    #[arg(long, env = "KOO_LISTEN", value_name = "KOO_LISTEN", default_value = "127.0.0.1:50051")]
+    pub addr: SocketAddr,
+    /// Service to ask about; empty means the server as a whole.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    /// How long to wait for the answer.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `koo serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "KOO_LISTEN", value_name = "KOO_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (`redis://[user:password@]host:port/db`). Without it koo
+    /// keeps the cache in process (the embedded store: not shared, not
+    /// durable).
+    #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Multiplexed connections to Redis.
+    #[arg(long, env = "REDIS_MAX_CONNECTIONS", value_name = "REDIS_MAX_CONNECTIONS", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub redis_max_connections: u32,
+    /// Whether a Redis call that timed out is retried (within its deadline).
+    #[arg(long, env = "REDIS_RETRY_ON_TIMEOUT", value_name = "REDIS_RETRY_ON_TIMEOUT", default_value = "true",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_retry_on_timeout: bool,
+    /// Whether TCP keepalive is enabled on Redis connections.
+    #[arg(long, env = "REDIS_SOCKET_KEEPALIVE", value_name = "REDIS_SOCKET_KEEPALIVE", default_value = "true",
+          action = ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub redis_socket_keepalive: bool,
+    /// How often the backend is probed; the gRPC health status follows it.
+    #[arg(long, env = "REDIS_HEALTH_CHECK_INTERVAL", value_name = "REDIS_HEALTH_CHECK_INTERVAL", default_value = "30",
+          value_parser = parse_positive_duration)]
+    pub redis_health_check_interval: Duration,
+    /// Bound on opening one Redis connection.
+    #[arg(long, env = "KOO_REDIS_CONNECT_TIMEOUT", value_name = "KOO_REDIS_CONNECT_TIMEOUT", default_value = "1s",
+          value_parser = parse_positive_duration)]
+    pub redis_connect_timeout: Duration,
+    /// Extra attempts after a transient Redis failure (within the deadline).
+    #[arg(long, env = "KOO_REDIS_RETRIES", value_name = "KOO_REDIS_RETRIES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(0..=20))]
+    pub redis_retries: u32,
+    /// Consecutive Redis failures that open the circuit breaker.
+    #[arg(long, env = "KOO_BREAKER_FAILURES", value_name = "KOO_BREAKER_FAILURES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+    /// How long the open breaker refuses calls before a trial.
+    #[arg(long, env = "KOO_BREAKER_COOLDOWN", value_name = "KOO_BREAKER_COOLDOWN", default_value = "5s",
+          value_parser = parse_duration)]
+    pub breaker_cooldown: Duration,
+
+    /// Default TTL of the app, db and session levels.
+    #[arg(long, env = "CACHE_DEFAULT_TTL", value_name = "CACHE_DEFAULT_TTL", default_value = "3600",
+          value_parser = parse_positive_duration)]
+    pub cache_default_ttl: Duration,
+    /// Default TTL of the api level.
+    #[arg(long, env = "CACHE_API_DEFAULT_TTL", value_name = "CACHE_API_DEFAULT_TTL", default_value = "300",
+          value_parser = parse_positive_duration)]
+    pub cache_api_default_ttl: Duration,
+    /// Values larger than this many bytes are zlib-compressed when that makes them smaller.
+    #[arg(long, env = "CACHE_COMPRESSION_THRESHOLD", value_name = "CACHE_COMPRESSION_THRESHOLD", default_value_t = 1024)]
+    pub cache_compression_threshold: usize,
+    /// zlib level, 0 (store) to 9 (smallest); 1 favours latency.
+    #[arg(long, env = "KOO_COMPRESSION_LEVEL", value_name = "KOO_COMPRESSION_LEVEL", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub compression_level: u32,
+    /// Largest value accepted, in bytes, before compression (at most 1 GiB).
+    #[arg(long, env = "CACHE_MAX_VALUE_SIZE", value_name = "CACHE_MAX_VALUE_SIZE", default_value_t = 10_485_760)]
+    pub cache_max_value_size: usize,
+    /// Longest key accepted, in bytes.
+    #[arg(long, env = "KOO_MAX_KEY_SIZE", value_name = "KOO_MAX_KEY_SIZE", default_value_t = 1024)]
+    pub max_key_size: usize,
+    /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
+    #[arg(long, env = "KOO_PREFIX", value_name = "KOO_PREFIX", default_value = "koo")]
+    pub prefix: String,
+    /// JSON Lines file of entries that `Warm` preloads (re-read on every warm-up).
+    #[arg(long, env = "KOO_CACHE_WARM_FILE", value_name = "KOO_CACHE_WARM_FILE")]
+    pub cache_warm_file: Option<PathBuf>,
+    /// How often this instance publishes its metrics so that any instance can sum them.
+    #[arg(long, env = "KOO_METRICS_FLUSH_INTERVAL", value_name = "KOO_METRICS_FLUSH_INTERVAL", default_value = "1s",
+          value_parser = parse_positive_duration)]
+    pub metrics_flush_interval: Duration,
+    /// How long per-level key counts are reused (counting walks the keyspace); 0 counts on every call.
+    #[arg(long, env = "KOO_KEY_COUNT_INTERVAL", value_name = "KOO_KEY_COUNT_INTERVAL", default_value = "10s",
+          value_parser = parse_duration)]
+    pub key_count_interval: Duration,
+    /// Capacity of the embedded store in bytes; when full, entries nearest to expiry are evicted.
+    #[arg(long, env = "KOO_MEMORY_MAX_BYTES", value_name = "KOO_MEMORY_MAX_BYTES", default_value_t = 268_435_456)]
+    pub memory_max_bytes: u64,
+    /// How often the embedded store purges expired entries.
+    #[arg(long, env = "KOO_MEMORY_SWEEP_INTERVAL", value_name = "KOO_MEMORY_SWEEP_INTERVAL", default_value = "1s",
+          value_parser = parse_positive_duration)]
+    pub memory_sweep_interval: Duration,
+
+    /// Deadline of a call whose client sets none.
+    #[arg(long, env = "KOO_REQUEST_TIMEOUT", value_name = "KOO_REQUEST_TIMEOUT", default_value = "5s",
+          value_parser = parse_positive_duration)]
+    pub request_timeout: Duration,
+    /// Deadline of a bulk call (ClearLevel, Cleanup, StartMaintenance, Warm) whose client sets none.
+    #[arg(long, env = "KOO_BULK_TIMEOUT", value_name = "KOO_BULK_TIMEOUT", default_value = "300s",
+          value_parser = parse_positive_duration)]
+    pub bulk_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take to finish.
+    #[arg(long, env = "KOO_SHUTDOWN_GRACE", value_name = "KOO_SHUTDOWN_GRACE", default_value = "30s",
+          value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// A configuration value that parses but cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{variable}: {reason}")]
+pub struct ConfigError {
+    /// The variable (and flag) at fault.
+    pub variable: &'static str,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// Largest accepted `CACHE_MAX_VALUE_SIZE`: the stored header records sizes
+/// in 32 bits, and gRPC messages beyond this are impractical anyway.
+const MAX_VALUE_SIZE_CEILING: usize = 1 << 30;
+
+impl ServeArgs {
+    /// Checks cross-field rules and builds the server's settings.
+    pub fn into_settings(self) -> Result<Settings, ConfigError> {
+        let err = |variable, reason: String| ConfigError { variable, reason };
+        if self.cache_max_value_size == 0 || self.cache_max_value_size > MAX_VALUE_SIZE_CEILING {
+            return Err(err(
+                "CACHE_MAX_VALUE_SIZE",
+                format!("must be between 1 and {MAX_VALUE_SIZE_CEILING} bytes, got {}", self.cache_max_value_size),
+            ));
+        }
+        if self.max_key_size == 0 || self.max_key_size > 64 * 1024 {
+            return Err(err(
+                "KOO_MAX_KEY_SIZE",
+                format!("must be between 1 and 65536 bytes, got {}", self.max_key_size),
+            ));
+        }
+        if self.prefix.is_empty()
+            || self.prefix.len() > 64
+            || !self.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(err(
+                "KOO_PREFIX",
+                format!("must be 1 to 64 letters, digits, '_', '-' or '.', got {:?}", self.prefix),
+            ));
+        }
+        let store = match self.redis_url {
+            Some(url) if !url.trim().is_empty() => {
+                if !(url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")) {
+                    return Err(err(
+                        "REDIS_URL",
+                        "must start with redis:// (or redis+unix:// for a socket); TLS (rediss://) is not supported yet"
+                            .to_owned(),
+                    ));
+                }
+                StoreSettings::Redis(RedisConfig {
+                    url,
+                    max_connections: self.redis_max_connections as usize,
+                    retry_on_timeout: self.redis_retry_on_timeout,
+                    keepalive: self.redis_socket_keepalive,
+                    connect_timeout: self.redis_connect_timeout,
+                    retries: self.redis_retries,
+                    breaker_failures: self.breaker_failures,
+                    breaker_cooldown: self.breaker_cooldown,
+                })
+            }
+            _ => StoreSettings::Memory(MemoryConfig {
+                max_bytes: self.memory_max_bytes,
+            }),
+        };
+        Ok(Settings {
+            listen: self.listen,
+            store,
+            cache: CacheConfig {
+                prefix: self.prefix,
+                default_ttl: self.cache_default_ttl,
+                api_default_ttl: self.cache_api_default_ttl,
+                compression_threshold: self.cache_compression_threshold,
+                compression_level: self.compression_level,
+                max_value_size: self.cache_max_value_size,
+                max_key_size: self.max_key_size,
+                warm_file: self.cache_warm_file,
+                metrics_flush_interval: self.metrics_flush_interval,
+                key_count_interval: self.key_count_interval,
+            },
+            health_check_interval: self.redis_health_check_interval,
+            memory_sweep_interval: self.memory_sweep_interval,
+            request_timeout: self.request_timeout,
+            bulk_timeout: self.bulk_timeout,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+/// Seconds (`30`, `0.25`) or a duration with a unit (`250ms`, `10m`, `1h 30m`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?} is not a non-negative number of seconds"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); use seconds or e.g. 250ms, 10m"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err("must be greater than zero".to_owned()),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches};
+
+    /// Parses `koo serve ARGS` ignoring the process environment, so that the
+    /// test holds whatever variables the machine has set.
+    fn parse(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cmd = Cli::command().mut_subcommand("serve", |c| c.mut_args(|a| a.env(None)));
+        let matches = cmd.try_get_matches_from(["koo", "serve"].iter().chain(args))?;
+        let (_, sub) = matches.subcommand().expect("serve");
+        ServeArgs::from_arg_matches(sub)
+    }
+
+    /// The documented defaults are what koo runs with when nothing is set.
+    #[test]
+    fn defaults_parse_to_documented_settings() {
+        let s = parse(&[]).unwrap().into_settings().unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        assert!(matches!(s.store, StoreSettings::Memory(_)));
+        assert_eq!(s.cache.default_ttl, Duration::from_secs(3600));
+        assert_eq!(s.cache.compression_threshold, 1024);
+        assert_eq!(s.cache.max_value_size, 10_485_760);
+        assert_eq!(s.health_check_interval, Duration::from_secs(30));
+    }
+
+    /// Flags override defaults, and Redis settings are carried over.
+    #[test]
+    fn redis_flags() {
+        let s = parse(&[
+            "--redis-url", "redis://127.0.0.1:6379/0", "--redis-max-connections", "4",
+            "--redis-retry-on-timeout", "false", "--redis-health-check-interval", "250ms",
+        ])
+        .unwrap()
+        .into_settings()
+        .unwrap();
+        let StoreSettings::Redis(r) = s.store else { panic!("not redis") };
+        assert_eq!(r.max_connections, 4);
+        assert!(!r.retry_on_timeout);
+        assert_eq!(s.health_check_interval, Duration::from_millis(250));
+    }
+
+    /// Bad values are refused with the variable's name in the message.
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = parse(&["--redis-max-connections", "0"]).unwrap_err().to_string();
+        assert!(e.contains("REDIS_MAX_CONNECTIONS"), "{e}");
+        let e = parse(&["--cache-default-ttl", "soon"]).unwrap_err().to_string();
+        assert!(e.contains("CACHE_DEFAULT_TTL"), "{e}");
+        let e = parse(&["--redis-socket-keepalive", "maybe"]).unwrap_err().to_string();
+        assert!(e.contains("REDIS_SOCKET_KEEPALIVE"), "{e}");
+        let e = parse(&["--cache-max-value-size", "0"]).unwrap().into_settings().unwrap_err();
+        assert_eq!(e.variable, "CACHE_MAX_VALUE_SIZE");
+        let e = parse(&["--prefix", "a b"]).unwrap().into_settings().unwrap_err();
+        assert_eq!(e.variable, "KOO_PREFIX");
+        let e = parse(&["--redis-url", "http://x"]).unwrap().into_settings().unwrap_err();
+        assert_eq!(e.variable, "REDIS_URL");
+    }
+
+    /// Durations accept seconds and units, and refuse garbage.
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("0.5").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("x").is_err());
+        assert!(parse_positive_duration("0").is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! gRPC adapters: turn protobuf requests into domain calls and domain results
+//! (or errors) into protobuf replies (or statuses). No domain logic lives here.
+
+pub mod cache;
+pub mod codec;
+mod deadline;
+mod json;
+mod status;

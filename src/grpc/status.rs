@@ -1,0 +1,77 @@
+//! The one mapping from domain errors to gRPC statuses.
+//!
+//! Every variant is matched explicitly, so that a new error forces a decision
+//! about its code. Argument errors carry a `google.rpc.BadRequest` detail
+//! naming the field, for clients that read rich error details.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::cache::CacheError;
+use crate::store::StoreError;
+
+/// `INVALID_ARGUMENT` with a `BadRequest` field violation.
+pub fn invalid_argument(field: &str, reason: &str) -> Status {
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("{field}: {reason}"),
+        ErrorDetails::with_bad_request_violation(field, reason),
+    )
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        let message = e.to_string();
+        match e {
+            StoreError::Unavailable(_) => Status::unavailable(message),
+            StoreError::DeadlineExceeded => Status::deadline_exceeded(message),
+            StoreError::OutOfMemory(_) => Status::resource_exhausted(message),
+            StoreError::Backend(_) => Status::internal(message),
+            StoreError::InvalidCursor(_) => Status::invalid_argument(message),
+            StoreError::InvalidConfig(_) => Status::failed_precondition(message),
+        }
+    }
+}
+
+impl From<CacheError> for Status {
+    fn from(e: CacheError) -> Self {
+        match e {
+            CacheError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
+            CacheError::ValueTooLarge { ref field, .. } => invalid_argument(field, &e.to_string()),
+            CacheError::ReplyTooLarge { .. } => Status::resource_exhausted(e.to_string()),
+            CacheError::Corrupt { .. } => Status::data_loss(e.to_string()),
+            CacheError::WarmFile { .. } => Status::failed_precondition(e.to_string()),
+            CacheError::Store(store) => store.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each error lands on its documented code.
+    #[test]
+    fn codes() {
+        let cases: Vec<(Status, Code)> = vec![
+            (CacheError::invalid("key", "must not be empty").into(), Code::InvalidArgument),
+            (
+                CacheError::ValueTooLarge { field: "value".into(), size: 2, limit: 1 }.into(),
+                Code::InvalidArgument,
+            ),
+            (CacheError::ReplyTooLarge { size: 2, limit: 1 }.into(), Code::ResourceExhausted),
+            (CacheError::Corrupt { key: "k".into(), reason: "x".into() }.into(), Code::DataLoss),
+            (CacheError::WarmFile { path: "p".into(), reason: "x".into() }.into(), Code::FailedPrecondition),
+            (StoreError::Unavailable("x".into()).into(), Code::Unavailable),
+            (StoreError::DeadlineExceeded.into(), Code::DeadlineExceeded),
+            (StoreError::OutOfMemory("x".into()).into(), Code::ResourceExhausted),
+        ];
+        for (status, code) in cases {
+            assert_eq!(status.code(), code, "{status:?}");
+        }
+        let s = invalid_argument("entries[1].key", "must not be empty");
+        let details = s.get_error_details();
+        let violation = &details.bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, "entries[1].key");
+    }
+}

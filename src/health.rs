@@ -1,0 +1,98 @@
+//! Drives the standard `grpc.health.v1` status from the backend's real state.
+//!
+//! A probe runs every `REDIS_HEALTH_CHECK_INTERVAL`; between probes, the
+//! circuit breaker's transitions flip the status at once, so that a Redis
+//! outage under traffic shows as NOT_SERVING without waiting for the next
+//! probe, and recovery shows as soon as a call gets through.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::store::{BackendKind, CircuitState, Deadline, Store};
+
+/// Reports health for a set of services (and the server as a whole, `""`).
+#[derive(Clone)]
+pub struct HealthPublisher {
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl HealthPublisher {
+    /// A publisher for `services`.
+    pub fn new(reporter: HealthReporter, services: Vec<&'static str>) -> Self {
+        Self { reporter, services }
+    }
+
+    /// Sets every service (and `""`) to `serving` or not.
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for service in std::iter::once("").chain(self.services.iter().copied()) {
+            self.reporter.set_service_status(service, status).await;
+        }
+    }
+}
+
+/// Probes `store` until `stop`, publishing the result.
+pub async fn monitor(store: Store, publisher: HealthPublisher, interval: Duration, stop: CancellationToken) {
+    let mut circuit = store.watch_circuit();
+    let mut serving = None;
+    let mut warned_policy = false;
+    loop {
+        let timeout = interval.min(Duration::from_secs(5));
+        let probe = store.probe(Deadline::after(timeout)).await;
+        let ok = probe.is_ok();
+        match (&probe, serving) {
+            (Ok(latency), Some(false) | None) => {
+                tracing::info!(?latency, "backend reachable; serving");
+            }
+            (Err(e), Some(true) | None) => tracing::warn!(error = %e, "backend unreachable; not serving"),
+            _ => {}
+        }
+        if ok && !warned_policy && store.kind() == BackendKind::Redis {
+            warned_policy = true;
+            if let Ok(m) = store.memory(Deadline::after(timeout)).await
+                && m.policy == "noeviction"
+            {
+                tracing::warn!(
+                    "the cache's Redis has maxmemory-policy noeviction: when it is full, cache writes fail with RESOURCE_EXHAUSTED; a cache Redis usually wants allkeys-lru"
+                );
+            }
+        }
+        if serving != Some(ok) {
+            publisher.set(ok).await;
+            serving = Some(ok);
+        }
+        let wait = tokio::time::sleep(interval);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut wait => break,
+                changed = circuit.changed() => {
+                    if changed.is_err() {
+                        // The store is gone; only the probe can tell now.
+                        (&mut wait).await;
+                        break;
+                    }
+                    let ok = *circuit.borrow_and_update() == CircuitState::Closed;
+                    if serving != Some(ok) {
+                        if ok {
+                            tracing::info!("backend answering again; serving");
+                        } else {
+                            tracing::warn!(last_error = ?store.last_error().map(|e| e.message), "circuit breaker opened; not serving");
+                        }
+                        publisher.set(ok).await;
+                        serving = Some(ok);
+                    }
+                }
+            }
+        }
+    }
+}

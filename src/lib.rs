@@ -1,0 +1,32 @@
+//! koo: a gRPC control plane for caching and background work.
+//!
+//! # Layout
+//!
+//! Data flows one way: `grpc` → domain (`cache`) → `store`.
+//!
+//! - [`server`]: builds the store, cache and tonic router; runs background
+//!   loops; shuts down in order.
+//! - [`config`]: clap flags and environment variables (the seed's names).
+//! - [`grpc`]: transport adapters only: request conversion, the one mapping of
+//!   domain errors to `tonic::Status`, the codec.
+//! - [`cache`]: the cache domain: levels, value encoding and zlib, limits,
+//!   metrics, warming, cleanup and maintenance.
+//! - [`store`]: backends: Redis (pool, breaker, retries, Lua) and the embedded
+//!   in-process store.
+//! - [`keys`]: every Redis key name koo writes.
+//! - [`health`]: drives `grpc.health.v1` from the backend's real state.
+//! - [`pb`]: generated protobuf code and the reflection descriptor set.
+//!
+//! The domain never sees a `tonic::Status`; the store never sees a protobuf
+//! type.
+
+pub mod cache;
+pub mod config;
+pub mod glob;
+pub mod grpc;
+pub mod health;
+pub mod keys;
+pub mod pb;
+pub mod server;
+pub mod store;
+pub mod telemetry;

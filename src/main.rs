@@ -1,0 +1,101 @@
+//! The `koo` binary: parses the command line, sets up logging, and runs a
+//! subcommand until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use koo::config::{Cli, Command, HealthArgs};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = koo::telemetry::init(cli.log_format, &cli.log) {
+        eprintln!("koo: {e:#}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("koo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(args) => serve(*args).await,
+            Command::Health(args) => health(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("koo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: koo::config::ServeArgs) -> anyhow::Result<ExitCode> {
+    let settings = args.into_settings()?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("KOO_LISTEN: cannot listen on {}", settings.listen))?;
+    koo::server::run(listener, settings, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops koo");
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("received SIGINT"),
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+/// `koo health`: exit 0 when the server reports SERVING.
+async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
+    let mut addr = args.addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(args.timeout)
+        .timeout(args.timeout);
+    let channel = endpoint.connect().await.with_context(|| format!("cannot reach koo at {addr}"))?;
+    let reply = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: args.service.clone(),
+        })
+        .await
+        .with_context(|| format!("health check of {:?} failed", args.service))?;
+    let status = ServingStatus::try_from(reply.into_inner().status).unwrap_or(ServingStatus::Unknown);
+    println!("{}", status.as_str_name());
+    Ok(if status == ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,17 @@
+//! Generated protobuf and gRPC code, fenced off from hand-written code.
+//!
+//! `build.rs` compiles `proto/` with protox; this module includes the output and
+//! the encoded descriptor set that server reflection serves.
+
+/// `koo.cache.v1`: the CacheService API.
+pub mod cache {
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    #[rustfmt::skip]
+    pub mod v1 {
+        tonic::include_proto!("koo.cache.v1");
+    }
+}
+
+/// Every koo proto and its imports (well-known types included), encoded as a
+/// `FileDescriptorSet`, for server reflection and for clients that want it.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/koo_descriptor.bin"));

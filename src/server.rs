@@ -1,0 +1,216 @@
+//! The koo server: builds the store, the cache and the tonic router, runs the
+//! background loops, and shuts everything down in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
+
+use crate::cache::{Cache, CacheConfig};
+use crate::grpc::cache::CacheApi;
+use crate::health::{self, HealthPublisher};
+use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
+use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
+
+/// Which backend to use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSettings {
+    /// The embedded store.
+    Memory(MemoryConfig),
+    /// Redis.
+    Redis(RedisConfig),
+}
+
+/// Everything `koo serve` needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Where to listen (used by the binary; [`run`] takes a bound listener).
+    pub listen: SocketAddr,
+    /// The backend.
+    pub store: StoreSettings,
+    /// The cache.
+    pub cache: CacheConfig,
+    /// How often the backend is probed for gRPC health.
+    pub health_check_interval: Duration,
+    /// How often the embedded store purges expired entries.
+    pub memory_sweep_interval: Duration,
+    /// Deadline of a call without one.
+    pub request_timeout: Duration,
+    /// Deadline of a bulk call without one.
+    pub bulk_timeout: Duration,
+    /// Time in-flight calls get to finish on shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            store: StoreSettings::Memory(MemoryConfig::default()),
+            cache: CacheConfig::default(),
+            health_check_interval: Duration::from_secs(30),
+            memory_sweep_interval: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+            bulk_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The backend configuration is unusable.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Serving failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection could not load koo's descriptors (a build problem).
+    #[error("cannot build the reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// Hides the password of a Redis URL for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Serves koo on `listener` until `shutdown` resolves, then stops accepting,
+/// reports NOT_SERVING, ends streams, and waits up to `shutdown_grace` for
+/// in-flight calls.
+pub async fn run(
+    listener: TcpListener,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let store = match &settings.store {
+        StoreSettings::Memory(config) => {
+            tracing::info!(
+                capacity_bytes = config.max_bytes,
+                "using the embedded in-process store (set REDIS_URL to use Redis): not shared between koo instances, not durable"
+            );
+            Store::Memory(MemoryStore::new(config.clone()))
+        }
+        StoreSettings::Redis(config) => {
+            tracing::info!(url = %redact(&config.url), connections = config.max_connections, "using Redis");
+            Store::Redis(RedisStore::connect(config)?)
+        }
+    };
+    let cache = Cache::new(store.clone(), settings.cache.clone());
+    let stop = CancellationToken::new();
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let cache_name = <CacheServiceServer<CacheApi> as NamedService>::NAME;
+    let publisher = HealthPublisher::new(reporter, vec![cache_name]);
+    // NOT_SERVING until the first probe says otherwise.
+    publisher.set(false).await;
+
+    let mut background = tokio::task::JoinSet::new();
+    background.spawn(health::monitor(
+        store.clone(),
+        publisher.clone(),
+        settings.health_check_interval,
+        stop.clone(),
+    ));
+    background.spawn(cache.clone().run_metrics_publisher(stop.clone()));
+    if let Store::Memory(memory) = &store {
+        background.spawn(sweep_expired(memory.clone(), settings.memory_sweep_interval, stop.clone()));
+    }
+
+    let limit = settings.cache.message_limit();
+    let api = CacheApi::new(cache, settings.request_timeout, settings.bulk_timeout, stop.clone());
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let addr = listener.local_addr().ok();
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|c| {
+            // Small RPCs should not wait for Nagle.
+            let _ = c.set_nodelay(true);
+        })
+    });
+    let signalled = Arc::new(Notify::new());
+    let on_shutdown = {
+        let signalled = signalled.clone();
+        let stop = stop.clone();
+        let publisher = publisher.clone();
+        async move {
+            shutdown.await;
+            tracing::info!("shutting down: not serving, finishing in-flight calls");
+            publisher.set(false).await;
+            stop.cancel();
+            signalled.notify_one();
+        }
+    };
+    tracing::info!(addr = ?addr, "koo serving gRPC");
+    let serve = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(
+            CacheServiceServer::new(api)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+        )
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(incoming, on_shutdown);
+    tokio::pin!(serve);
+    let grace = settings.shutdown_grace;
+    let result = tokio::select! {
+        result = &mut serve => result.map_err(ServerError::from),
+        () = async { signalled.notified().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(?grace, "in-flight calls did not finish within the shutdown grace; stopping anyway");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    while background.join_next().await.is_some() {}
+    tracing::info!("koo stopped");
+    result
+}
+
+async fn sweep_expired(store: MemoryStore, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let purged = store.purge_expired();
+                if purged > 0 {
+                    tracing::debug!(purged, "purged expired entries");
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    /// Passwords never reach the logs.
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(redact("redis://user:secret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
+    }
+}

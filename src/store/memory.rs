@@ -1,0 +1,552 @@
+//! The embedded store: koo's zero-setup default, a process-local map with TTLs.
+//!
+//! It gives a single `koo serve` the same cache semantics as Redis (TTL on
+//! every key, glob listing, batch writes all or nothing) without any other
+//! process. It is neither shared between koo instances nor durable.
+//!
+//! Layout: one ordered map of full keys, so that a listing can resume after the
+//! last key it returned and a level (a key prefix) is a contiguous range; and
+//! an index of expiry instants, so that purging expired entries and evicting
+//! when full both cost O(log n) per entry instead of a full walk.
+//!
+//! The lock is a `std::sync::RwLock`, not tokio's: it is never held across an
+//! `.await`, every critical section is a few map operations, and a std lock is
+//! several times cheaper to take.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::{
+    CircuitState, CleanupCounts, Deadline, Entry, KeySize, LastError, MemoryReport, Result,
+    ScanPage, StoreError, Write, unix_millis,
+};
+use crate::glob;
+
+/// Bookkeeping bytes charged per entry on top of its key and value: map
+/// nodes, the expiry index entry and the `Bytes` header. An estimate, so that
+/// many tiny entries still count against the capacity.
+const ENTRY_OVERHEAD: u64 = 96;
+
+/// The most entries one listing call examines before it returns a partial
+/// page, so that a sparse pattern over a large store cannot hold the lock long.
+const MAX_EXAMINED_PER_PAGE: usize = 100_000;
+
+/// Settings of the embedded store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryConfig {
+    /// Capacity in bytes (keys, values and overhead). When a write would pass
+    /// it, the entries closest to expiry are evicted first.
+    pub max_bytes: u64,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: 256 * 1024 * 1024,
+        }
+    }
+}
+
+/// A handle to the embedded store; clones share one map.
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: RwLock<State>,
+    max_bytes: u64,
+    peak: AtomicU64,
+    /// Always `Closed`: there is no connection to break. Kept so that health
+    /// reporting treats both backends alike.
+    circuit: watch::Sender<CircuitState>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: BTreeMap<String, Slot>,
+    expiries: BTreeSet<(Instant, String)>,
+    bytes: u64,
+    /// Sorted-set-like indexes of published records: index -> member -> score.
+    indexes: HashMap<String, HashMap<String, i64>>,
+}
+
+struct Slot {
+    value: Bytes,
+    expires_at: Instant,
+}
+
+impl Slot {
+    fn live(&self, now: Instant) -> bool {
+        self.expires_at > now
+    }
+}
+
+fn charge(key: &str, value: &Bytes) -> u64 {
+    2 * key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD
+}
+
+impl State {
+    fn remove(&mut self, key: &str) -> Option<Slot> {
+        let slot = self.entries.remove(key)?;
+        self.expiries.remove(&(slot.expires_at, key.to_owned()));
+        self.bytes -= charge(key, &slot.value);
+        Some(slot)
+    }
+
+    fn insert(&mut self, key: String, value: Bytes, expires_at: Instant) {
+        self.remove(&key);
+        self.bytes += charge(&key, &value);
+        self.expiries.insert((expires_at, key.clone()));
+        self.entries.insert(key, Slot { value, expires_at });
+    }
+
+    /// Removes entries closest to expiry until `bytes <= max`. Returns how
+    /// many were evicted.
+    fn evict_to(&mut self, max: u64) -> u64 {
+        let mut evicted = 0;
+        while self.bytes > max {
+            let Some((_, key)) = self.expiries.first().cloned() else {
+                break;
+            };
+            self.remove(&key);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    fn purge_expired(&mut self, now: Instant) -> u64 {
+        let mut purged = 0;
+        while let Some((at, key)) = self.expiries.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.remove(&key);
+            purged += 1;
+        }
+        purged
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new(config: MemoryConfig) -> Self {
+        let (circuit, _) = watch::channel(CircuitState::Closed);
+        Self {
+            inner: Arc::new(Inner {
+                state: RwLock::new(State::default()),
+                max_bytes: config.max_bytes,
+                peak: AtomicU64::new(0),
+                circuit,
+            }),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.inner.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, State> {
+        self.inner.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn note_peak(&self, bytes: u64) {
+        self.inner.peak.fetch_max(bytes, Ordering::Relaxed);
+    }
+
+    /// Removes expired entries now; returns how many. The server calls this
+    /// periodically so that memory is returned even for keys never read again.
+    pub fn purge_expired(&self) -> u64 {
+        self.write().purge_expired(Instant::now())
+    }
+
+    fn check_fits(&self, key: &str, value: &Bytes) -> Result<()> {
+        let need = charge(key, value);
+        if need > self.inner.max_bytes {
+            return Err(StoreError::OutOfMemory(format!(
+                "an entry of {need} bytes does not fit in the embedded store's capacity of {} bytes (KOO_MEMORY_MAX_BYTES)",
+                self.inner.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) async fn get(&self, key: &str, _deadline: Deadline) -> Result<Option<Entry>> {
+        let now = Instant::now();
+        let state = self.read();
+        Ok(state.entries.get(key).filter(|s| s.live(now)).map(|s| entry(s, now)))
+    }
+
+    pub(super) async fn get_many(
+        &self,
+        keys: &[String],
+        _deadline: Deadline,
+    ) -> Result<Vec<Option<Entry>>> {
+        let now = Instant::now();
+        let state = self.read();
+        Ok(keys
+            .iter()
+            .map(|k| state.entries.get(k).filter(|s| s.live(now)).map(|s| entry(s, now)))
+            .collect())
+    }
+
+    pub(super) async fn set(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        _deadline: Deadline,
+    ) -> Result<()> {
+        self.check_fits(key, &value)?;
+        let expires_at = expiry(ttl);
+        let bytes = {
+            let mut state = self.write();
+            state.insert(key.to_owned(), value, expires_at);
+            state.evict_to(self.inner.max_bytes);
+            state.bytes
+        };
+        self.note_peak(bytes);
+        Ok(())
+    }
+
+    pub(super) async fn set_many(&self, writes: Vec<Write>, _deadline: Deadline) -> Result<()> {
+        let total: u64 = writes.iter().map(|w| charge(&w.key, &w.value)).sum();
+        if total > self.inner.max_bytes {
+            return Err(StoreError::OutOfMemory(format!(
+                "a batch of {total} bytes does not fit in the embedded store's capacity of {} bytes (KOO_MEMORY_MAX_BYTES)",
+                self.inner.max_bytes
+            )));
+        }
+        let bytes = {
+            let mut state = self.write();
+            for w in writes {
+                state.insert(w.key, w.value, expiry(w.ttl));
+            }
+            state.evict_to(self.inner.max_bytes);
+            state.bytes
+        };
+        self.note_peak(bytes);
+        Ok(())
+    }
+
+    pub(super) async fn delete(&self, keys: &[String], _deadline: Deadline) -> Result<u64> {
+        let now = Instant::now();
+        let mut state = self.write();
+        let mut deleted = 0;
+        for key in keys {
+            if let Some(slot) = state.remove(key) {
+                deleted += u64::from(slot.live(now));
+            }
+        }
+        Ok(deleted)
+    }
+
+    pub(super) async fn scan(
+        &self,
+        pattern: &str,
+        cursor: Option<&str>,
+        page_size: usize,
+        _deadline: Deadline,
+    ) -> Result<ScanPage> {
+        let prefix = glob::literal_prefix(pattern);
+        let start = match cursor {
+            Some(c) => {
+                let after = c.strip_prefix("m:").ok_or_else(|| {
+                    StoreError::InvalidCursor(format!("{c:?} is not an embedded-store cursor"))
+                })?;
+                Bound::Excluded(after.to_owned())
+            }
+            None => Bound::Included(prefix.clone()),
+        };
+        let now = Instant::now();
+        let state = self.read();
+        let mut page = ScanPage::default();
+        let mut examined = 0;
+        for (key, slot) in state.entries.range((start, Bound::Unbounded)) {
+            if !key.starts_with(&prefix) {
+                return Ok(page);
+            }
+            if slot.live(now) && glob::matches(pattern.as_bytes(), key.as_bytes()) {
+                page.keys.push(key.clone());
+                if page.keys.len() >= page_size {
+                    page.cursor = Some(format!("m:{key}"));
+                    return Ok(page);
+                }
+            }
+            examined += 1;
+            if examined >= MAX_EXAMINED_PER_PAGE {
+                page.cursor = Some(format!("m:{key}"));
+                return Ok(page);
+            }
+        }
+        Ok(page)
+    }
+
+    fn matching_keys(state: &State, pattern: &str) -> Vec<String> {
+        let prefix = glob::literal_prefix(pattern);
+        state
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, _)| glob::matches(pattern.as_bytes(), k.as_bytes()))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    pub(super) async fn clear(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
+        let now = Instant::now();
+        let mut state = self.write();
+        let keys = Self::matching_keys(&state, pattern);
+        let mut live = 0;
+        for key in keys {
+            if let Some(slot) = state.remove(&key) {
+                live += u64::from(slot.live(now));
+            }
+        }
+        Ok(live)
+    }
+
+    pub(super) async fn count(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
+        let now = Instant::now();
+        let prefix = glob::literal_prefix(pattern);
+        let state = self.read();
+        Ok(state
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, s)| s.live(now) && glob::matches(pattern.as_bytes(), k.as_bytes()))
+            .count() as u64)
+    }
+
+    pub(super) async fn cleanup(&self, pattern: &str, _deadline: Deadline) -> Result<CleanupCounts> {
+        let now = Instant::now();
+        let mut state = self.write();
+        let scanned = Self::matching_keys(&state, pattern).len() as u64;
+        // Every entry here has a TTL; only expired ones can linger.
+        let removed_expired = state.purge_expired(now);
+        Ok(CleanupCounts {
+            scanned,
+            removed_without_ttl: 0,
+            removed_expired,
+        })
+    }
+
+    pub(super) async fn largest_keys(
+        &self,
+        pattern: &str,
+        sample: usize,
+        top: usize,
+        _deadline: Deadline,
+    ) -> Result<(u64, Vec<KeySize>)> {
+        let now = Instant::now();
+        let prefix = glob::literal_prefix(pattern);
+        let state = self.read();
+        let mut sizes: Vec<KeySize> = state
+            .entries
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .filter(|(k, s)| s.live(now) && glob::matches(pattern.as_bytes(), k.as_bytes()))
+            .take(sample)
+            .map(|(k, s)| KeySize {
+                key: k.clone(),
+                bytes: charge(k, &s.value),
+            })
+            .collect();
+        let sampled = sizes.len() as u64;
+        sizes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
+        sizes.truncate(top);
+        Ok((sampled, sizes))
+    }
+
+    pub(super) async fn memory(&self, _deadline: Deadline) -> Result<MemoryReport> {
+        let used = self.read().bytes;
+        Ok(MemoryReport {
+            used,
+            peak: self.inner.peak.load(Ordering::Relaxed).max(used),
+            fragmentation: 0.0,
+            max: self.inner.max_bytes,
+            policy: "volatile-ttl".to_owned(),
+        })
+    }
+
+    pub(super) async fn probe(&self, _deadline: Deadline) -> Result<Duration> {
+        let started = Instant::now();
+        drop(self.read());
+        Ok(started.elapsed())
+    }
+
+    pub(super) fn circuit_state(&self) -> CircuitState {
+        CircuitState::Closed
+    }
+
+    pub(super) fn watch_circuit(&self) -> watch::Receiver<CircuitState> {
+        self.inner.circuit.subscribe()
+    }
+
+    pub(super) fn last_error(&self) -> Option<LastError> {
+        None
+    }
+
+    pub(super) async fn publish_record(
+        &self,
+        index: &str,
+        key: &str,
+        member: &str,
+        payload: Bytes,
+        ttl: Duration,
+        _deadline: Deadline,
+    ) -> Result<()> {
+        let mut state = self.write();
+        state.insert(key.to_owned(), payload, expiry(ttl));
+        state
+            .indexes
+            .entry(index.to_owned())
+            .or_default()
+            .insert(member.to_owned(), unix_millis(SystemTime::now()));
+        Ok(())
+    }
+
+    pub(super) async fn read_records(
+        &self,
+        index: &str,
+        since: SystemTime,
+        key_of: &(dyn Fn(&str) -> String + Sync),
+        _deadline: Deadline,
+    ) -> Result<Vec<(String, Bytes)>> {
+        let now = Instant::now();
+        let since = unix_millis(since);
+        let state = self.read();
+        let Some(members) = state.indexes.get(index) else {
+            return Ok(Vec::new());
+        };
+        Ok(members
+            .iter()
+            .filter(|(_, score)| **score >= since)
+            .filter_map(|(member, _)| {
+                let slot = state.entries.get(&key_of(member)).filter(|s| s.live(now))?;
+                Some((member.clone(), slot.value.clone()))
+            })
+            .collect())
+    }
+
+    pub(super) async fn remove_stale_records(
+        &self,
+        index: &str,
+        since: SystemTime,
+        key_of: &(dyn Fn(&str) -> String + Sync),
+        _deadline: Deadline,
+    ) -> Result<u64> {
+        let since = unix_millis(since);
+        let mut state = self.write();
+        let stale: Vec<String> = match state.indexes.get(index) {
+            Some(members) => members
+                .iter()
+                .filter(|(_, score)| **score < since)
+                .map(|(m, _)| m.clone())
+                .collect(),
+            None => return Ok(0),
+        };
+        for member in &stale {
+            state.remove(&key_of(member));
+            if let Some(members) = state.indexes.get_mut(index) {
+                members.remove(member);
+            }
+        }
+        Ok(stale.len() as u64)
+    }
+}
+
+fn expiry(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    // A TTL too large for the clock is as good as forever; cap at 100 years.
+    now.checked_add(ttl)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
+}
+
+fn entry(slot: &Slot, now: Instant) -> Entry {
+    Entry {
+        value: slot.value.clone(),
+        ttl: Some(slot.expires_at.saturating_duration_since(now)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(max_bytes: u64) -> MemoryStore {
+        MemoryStore::new(MemoryConfig { max_bytes })
+    }
+
+    fn later() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    /// When full, the entries nearest to expiry go first and accounting stays exact.
+    #[tokio::test]
+    async fn evicts_nearest_expiry_first() {
+        let s = store(3 * (ENTRY_OVERHEAD + 2 + 10));
+        let v = Bytes::from_static(b"0123456789");
+        s.set("a", v.clone(), Duration::from_secs(10), later()).await.unwrap();
+        s.set("b", v.clone(), Duration::from_secs(30), later()).await.unwrap();
+        s.set("c", v.clone(), Duration::from_secs(20), later()).await.unwrap();
+        s.set("d", v.clone(), Duration::from_secs(40), later()).await.unwrap();
+        assert!(s.get("a", later()).await.unwrap().is_none());
+        for k in ["b", "c", "d"] {
+            assert!(s.get(k, later()).await.unwrap().is_some(), "{k} evicted");
+        }
+        assert_eq!(s.read().bytes, 3 * (ENTRY_OVERHEAD + 2 + 10));
+    }
+
+    /// An entry bigger than the whole store is refused rather than emptying it.
+    #[tokio::test]
+    async fn refuses_entry_larger_than_capacity() {
+        let s = store(200);
+        let err = s
+            .set("k", Bytes::from(vec![0; 500]), Duration::from_secs(1), later())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::OutOfMemory(_)), "{err:?}");
+    }
+
+    /// Overwriting a key replaces its expiry index entry instead of leaking one.
+    #[tokio::test]
+    async fn overwrite_keeps_index_consistent() {
+        let s = store(1 << 20);
+        for ttl in [5, 50, 500] {
+            s.set("k", Bytes::from_static(b"v"), Duration::from_secs(ttl), later())
+                .await
+                .unwrap();
+        }
+        let state = s.read();
+        assert_eq!(state.entries.len(), 1);
+        assert_eq!(state.expiries.len(), 1);
+        assert_eq!(state.bytes, charge("k", &Bytes::from_static(b"v")));
+    }
+
+    /// A listing resumes after its cursor and stops at the prefix boundary.
+    #[tokio::test]
+    async fn scan_pages_resume_after_cursor() {
+        let s = store(1 << 20);
+        for k in ["p:a", "p:b", "p:c", "q:a"] {
+            s.set(k, Bytes::from_static(b"v"), Duration::from_secs(60), later())
+                .await
+                .unwrap();
+        }
+        let first = s.scan("p:*", None, 2, later()).await.unwrap();
+        assert_eq!(first.keys, ["p:a", "p:b"]);
+        let second = s
+            .scan("p:*", first.cursor.as_deref(), 2, later())
+            .await
+            .unwrap();
+        assert_eq!(second.keys, ["p:c"]);
+        assert_eq!(second.cursor, None);
+    }
+}

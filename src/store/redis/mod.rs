@@ -1,0 +1,609 @@
+//! The Redis backend: a pool of multiplexed connections with per-call
+//! deadlines, retries with exponential backoff and jitter, and a circuit
+//! breaker.
+//!
+//! Every call is bounded by its [`Deadline`]: a call never waits past it,
+//! whatever Redis does (down, paused, slow). Transient failures (I/O errors,
+//! refused connections, `LOADING`/`BUSY`-style replies, and timeouts when
+//! `REDIS_RETRY_ON_TIMEOUT` is on) are retried while the deadline allows; all
+//! operations here are idempotent, so a retry cannot apply a write twice in a
+//! way that matters.
+
+mod breaker;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use rand::Rng;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RetryMethod, Script};
+use tokio::sync::watch;
+
+use self::breaker::Breaker;
+use super::{
+    CircuitState, CleanupCounts, Deadline, Entry, KeySize, LastError, MemoryReport, Result,
+    ScanPage, StoreError, Write, unix_millis,
+};
+
+/// Keys handed to one `UNLINK` or cleanup script call, and the `COUNT` hint
+/// of bulk scans: large enough to amortise round trips, small enough not to
+/// block Redis noticeably.
+const BULK_BATCH: usize = 1000;
+
+/// The most `SCAN` calls one listing page makes before it returns what it has
+/// (possibly nothing) with a cursor to continue: a sparse pattern over a huge
+/// keyspace must not turn one RPC into a full walk.
+const MAX_SCANS_PER_PAGE: usize = 64;
+
+/// Settings of the Redis backend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port/db`.
+    pub url: String,
+    /// Multiplexed connections in the pool.
+    pub max_connections: usize,
+    /// Whether a timed-out call is retried (if the deadline allows).
+    pub retry_on_timeout: bool,
+    /// Whether TCP keepalive probes are sent on idle connections.
+    pub keepalive: bool,
+    /// Bound on establishing one connection.
+    pub connect_timeout: Duration,
+    /// Extra attempts after a transient failure.
+    pub retries: u32,
+    /// Consecutive failures that open the circuit breaker.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before a trial call.
+    pub breaker_cooldown: Duration,
+}
+
+impl RedisConfig {
+    /// Defaults for the given URL, as documented for the seed's variables.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 20,
+            retry_on_timeout: true,
+            keepalive: true,
+            connect_timeout: Duration::from_secs(1),
+            retries: 3,
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A handle to the Redis backend; clones share the pool and breaker.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conns: Vec<ConnectionManager>,
+    next: AtomicUsize,
+    breaker: Breaker,
+    retry_on_timeout: bool,
+    retries: u32,
+    del_if_persistent: Script,
+}
+
+/// How a failed call should be handled.
+enum Failure {
+    /// Redis could not be reached or did not answer; retry if time allows.
+    Transient(String),
+    /// Redis answered with an error that retrying will not fix.
+    Permanent(StoreError),
+}
+
+fn classify(err: &RedisError, retry_on_timeout: bool) -> Failure {
+    if err.code() == Some("OOM") || err.to_string().contains("OOM ") {
+        return Failure::Permanent(StoreError::OutOfMemory(err.to_string()));
+    }
+    if err.is_timeout() {
+        return if retry_on_timeout {
+            Failure::Transient(format!("Redis timed out: {err}"))
+        } else {
+            Failure::Permanent(StoreError::Unavailable(format!("Redis timed out: {err}")))
+        };
+    }
+    match err.retry_method() {
+        RetryMethod::NoRetry => Failure::Permanent(StoreError::Backend(err.to_string())),
+        _ => Failure::Transient(err.to_string()),
+    }
+}
+
+/// Exponential backoff with full jitter: 10 ms, 20 ms, 40 ms... capped at 1 s.
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_millis(10u64 << attempt.min(7)).min(Duration::from_secs(1));
+    rand::rng().random_range(cap / 2..=cap)
+}
+
+impl RedisStore {
+    /// Builds the pool. Connections are made lazily, so koo starts (and
+    /// reports NOT_SERVING) while Redis is down; only a malformed URL fails.
+    pub fn connect(config: &RedisConfig) -> Result<Self> {
+        let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
+        let mut info = config.url.as_str().into_connection_info().map_err(bad)?;
+        if config.keepalive {
+            let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
+                .with_time(Duration::from_secs(30))
+                .with_interval(Duration::from_secs(10));
+            info = info.set_tcp_settings(
+                redis::io::tcp::TcpSettings::default()
+                    .set_nodelay(true)
+                    .set_keepalive(keepalive),
+            );
+        }
+        let client = redis::Client::open(info).map_err(bad)?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(None)
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(100));
+        let conns = (0..config.max_connections.max(1))
+            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone()))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(bad)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conns,
+                next: AtomicUsize::new(0),
+                breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+                retry_on_timeout: config.retry_on_timeout,
+                retries: config.retries,
+                del_if_persistent: Script::new(include_str!("lua/del_if_persistent.lua")),
+            }),
+        })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        self.inner.conns[i].clone()
+    }
+
+    /// Runs `call` on a pooled connection under the breaker, the deadline and
+    /// the retry policy.
+    async fn run<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let mut attempt = 0;
+        loop {
+            self.inner.breaker.admit()?;
+            let message = match tokio::time::timeout_at(deadline.instant(), call(self.conn())).await {
+                Ok(Ok(value)) => {
+                    self.inner.breaker.on_success();
+                    return Ok(value);
+                }
+                Ok(Err(err)) => match classify(&err, self.inner.retry_on_timeout) {
+                    Failure::Permanent(e) => {
+                        self.inner.breaker.on_success();
+                        return Err(e);
+                    }
+                    Failure::Transient(message) => message,
+                },
+                Err(_) => {
+                    self.inner.breaker.on_failure("no answer within the call's deadline");
+                    return Err(StoreError::DeadlineExceeded);
+                }
+            };
+            self.inner.breaker.on_failure(&message);
+            let pause = backoff(attempt);
+            if attempt >= self.inner.retries || pause >= deadline.remaining() {
+                return Err(StoreError::Unavailable(format!(
+                    "Redis unreachable after {} attempt(s): {message}",
+                    attempt + 1
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd, deadline: Deadline) -> Result<T> {
+        self.run(deadline, |mut c| async move { cmd.query_async(&mut c).await }).await
+    }
+
+    async fn query_pipe<T: FromRedisValue>(&self, pipe: &Pipeline, deadline: Deadline) -> Result<T> {
+        self.run(deadline, |mut c| async move { pipe.query_async(&mut c).await }).await
+    }
+
+    /// One `SCAN` step.
+    async fn scan_step(
+        &self,
+        pattern: &str,
+        cursor: u64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<(u64, Vec<String>)> {
+        let mut cmd = redis::cmd("SCAN");
+        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count);
+        self.query(&cmd, deadline).await
+    }
+
+    /// Every key matching `pattern`, a `SCAN` batch at a time.
+    fn batches<'a>(&'a self, pattern: &'a str, deadline: Deadline) -> KeyBatches<'a> {
+        KeyBatches {
+            store: self,
+            pattern,
+            cursor: Some(0),
+            deadline,
+        }
+    }
+
+    pub(super) async fn get(&self, key: &str, deadline: Deadline) -> Result<Option<Entry>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+        let (value, pttl): (Option<Vec<u8>>, i64) = self.query_pipe(&pipe, deadline).await?;
+        Ok(value.map(|v| entry(v, pttl)))
+    }
+
+    pub(super) async fn get_many(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Entry>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+        }
+        let replies: Vec<(Option<Vec<u8>>, i64)> = self.query_pipe(&pipe, deadline).await?;
+        Ok(replies.into_iter().map(|(v, pttl)| v.map(|v| entry(v, pttl))).collect())
+    }
+
+    pub(super) async fn set(&self, key: &str, value: Bytes, ttl: Duration, deadline: Deadline) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key).arg(value.as_ref()).arg("PX").arg(ttl_millis(ttl));
+        self.query::<()>(&cmd, deadline).await
+    }
+
+    pub(super) async fn set_many(&self, writes: Vec<Write>, deadline: Deadline) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for w in &writes {
+            pipe.cmd("SET")
+                .arg(&w.key)
+                .arg(w.value.as_ref())
+                .arg("PX")
+                .arg(ttl_millis(w.ttl))
+                .ignore();
+        }
+        self.query_pipe::<()>(&pipe, deadline).await
+    }
+
+    pub(super) async fn delete(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        cmd.arg(keys);
+        self.query(&cmd, deadline).await
+    }
+
+    pub(super) async fn scan(
+        &self,
+        pattern: &str,
+        cursor: Option<&str>,
+        page_size: usize,
+        deadline: Deadline,
+    ) -> Result<ScanPage> {
+        let (mut cursor, mut skip) = match cursor {
+            None => (0, 0),
+            Some(c) => parse_cursor(c)?,
+        };
+        let count = page_size.clamp(10, BULK_BATCH);
+        let mut page = ScanPage::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..MAX_SCANS_PER_PAGE {
+            let (next, keys) = self.scan_step(pattern, cursor, count, deadline).await?;
+            // A batch larger than the room left is taken in part, and the
+            // cursor remembers how much of it was already returned.
+            for (i, key) in keys.into_iter().enumerate().skip(skip) {
+                if page.keys.len() == page_size {
+                    page.cursor = Some(format!("r:{cursor}:{i}"));
+                    return Ok(page);
+                }
+                if seen.insert(key.clone()) {
+                    page.keys.push(key);
+                }
+            }
+            skip = 0;
+            if next == 0 {
+                return Ok(page);
+            }
+            cursor = next;
+            if page.keys.len() == page_size {
+                break;
+            }
+        }
+        page.cursor = Some(format!("r:{cursor}:0"));
+        Ok(page)
+    }
+
+    pub(super) async fn clear(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
+        let mut deleted = 0;
+        let mut batches = self.batches(pattern, deadline);
+        while let Some(keys) = batches.next().await? {
+            deleted += self.delete(&keys, deadline).await?;
+        }
+        Ok(deleted)
+    }
+
+    pub(super) async fn count(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
+        let mut count = 0;
+        let mut batches = self.batches(pattern, deadline);
+        while let Some(keys) = batches.next().await? {
+            count += keys.len() as u64;
+        }
+        Ok(count)
+    }
+
+    pub(super) async fn cleanup(&self, pattern: &str, deadline: Deadline) -> Result<CleanupCounts> {
+        let mut counts = CleanupCounts::default();
+        let mut batches = self.batches(pattern, deadline);
+        while let Some(keys) = batches.next().await? {
+            counts.scanned += keys.len() as u64;
+            let mut invocation = self.inner.del_if_persistent.prepare_invoke();
+            for key in &keys {
+                invocation.key(key);
+            }
+            let invocation = &invocation;
+            let removed: u64 = self
+                .run(deadline, |mut c| async move { invocation.invoke_async(&mut c).await })
+                .await?;
+            counts.removed_without_ttl += removed;
+        }
+        Ok(counts)
+    }
+
+    pub(super) async fn largest_keys(
+        &self,
+        pattern: &str,
+        sample: usize,
+        top: usize,
+        deadline: Deadline,
+    ) -> Result<(u64, Vec<KeySize>)> {
+        let mut keys = Vec::new();
+        let mut cursor = 0;
+        while keys.len() < sample {
+            let (next, batch) = self.scan_step(pattern, cursor, BULK_BATCH, deadline).await?;
+            keys.extend(batch);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.truncate(sample);
+        if keys.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.cmd("MEMORY").arg("USAGE").arg(key);
+        }
+        let usage: Vec<Option<u64>> = self.query_pipe(&pipe, deadline).await?;
+        let mut sizes: Vec<KeySize> = keys
+            .into_iter()
+            .zip(usage)
+            .filter_map(|(key, bytes)| Some(KeySize { key, bytes: bytes? }))
+            .collect();
+        let sampled = sizes.len() as u64;
+        sizes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
+        sizes.truncate(top);
+        Ok((sampled, sizes))
+    }
+
+    pub(super) async fn memory(&self, deadline: Deadline) -> Result<MemoryReport> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("memory");
+        let info: String = self.query(&cmd, deadline).await?;
+        Ok(parse_memory_info(&info))
+    }
+
+    pub(super) async fn probe(&self, deadline: Deadline) -> Result<Duration> {
+        let started = Instant::now();
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout_at(deadline.instant(), ping.query_async::<String>(&mut self.conn())).await {
+            Ok(Ok(_)) => {
+                self.inner.breaker.on_success();
+                Ok(started.elapsed())
+            }
+            Ok(Err(err)) => {
+                let message = err.to_string();
+                self.inner.breaker.on_failure(&message);
+                Err(StoreError::Unavailable(format!("Redis ping failed: {message}")))
+            }
+            Err(_) => {
+                self.inner.breaker.on_failure("ping got no answer within its deadline");
+                Err(StoreError::DeadlineExceeded)
+            }
+        }
+    }
+
+    pub(super) fn circuit_state(&self) -> CircuitState {
+        self.inner.breaker.state()
+    }
+
+    pub(super) fn watch_circuit(&self) -> watch::Receiver<CircuitState> {
+        self.inner.breaker.watch()
+    }
+
+    pub(super) fn last_error(&self) -> Option<LastError> {
+        self.inner.breaker.last_error()
+    }
+
+    pub(super) async fn publish_record(
+        &self,
+        index: &str,
+        key: &str,
+        member: &str,
+        payload: Bytes,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let ms = ttl_millis(ttl);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(key).arg(payload.as_ref()).arg("PX").arg(ms).ignore();
+        pipe.cmd("ZADD")
+            .arg(index)
+            .arg(unix_millis(SystemTime::now()))
+            .arg(member)
+            .ignore();
+        pipe.cmd("PEXPIRE").arg(index).arg(ms).ignore();
+        self.query_pipe::<()>(&pipe, deadline).await
+    }
+
+    pub(super) async fn read_records(
+        &self,
+        index: &str,
+        since: SystemTime,
+        key_of: &(dyn Fn(&str) -> String + Sync),
+        deadline: Deadline,
+    ) -> Result<Vec<(String, Bytes)>> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(index).arg(unix_millis(since)).arg("+inf");
+        let members: Vec<String> = self.query(&cmd, deadline).await?;
+        if members.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut mget = redis::cmd("MGET");
+        for m in &members {
+            mget.arg(key_of(m));
+        }
+        let payloads: Vec<Option<Vec<u8>>> = self.query(&mget, deadline).await?;
+        Ok(members
+            .into_iter()
+            .zip(payloads)
+            .filter_map(|(m, p)| Some((m, Bytes::from(p?))))
+            .collect())
+    }
+
+    pub(super) async fn remove_stale_records(
+        &self,
+        index: &str,
+        since: SystemTime,
+        key_of: &(dyn Fn(&str) -> String + Sync),
+        deadline: Deadline,
+    ) -> Result<u64> {
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(index).arg("-inf").arg(format!("({}", unix_millis(since)));
+        let stale: Vec<String> = self.query(&cmd, deadline).await?;
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for m in &stale {
+            pipe.cmd("UNLINK").arg(key_of(m)).ignore();
+        }
+        pipe.cmd("ZREM").arg(index).arg(&stale).ignore();
+        self.query_pipe::<()>(&pipe, deadline).await?;
+        Ok(stale.len() as u64)
+    }
+}
+
+/// A walk over the keys matching a pattern, one non-empty `SCAN` batch at a time.
+struct KeyBatches<'a> {
+    store: &'a RedisStore,
+    pattern: &'a str,
+    /// `None` once the walk is complete.
+    cursor: Option<u64>,
+    deadline: Deadline,
+}
+
+impl KeyBatches<'_> {
+    async fn next(&mut self) -> Result<Option<Vec<String>>> {
+        while let Some(cursor) = self.cursor {
+            let (next, keys) = self
+                .store
+                .scan_step(self.pattern, cursor, BULK_BATCH, self.deadline)
+                .await?;
+            self.cursor = (next != 0).then_some(next);
+            if !keys.is_empty() {
+                return Ok(Some(keys));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn entry(value: Vec<u8>, pttl: i64) -> Entry {
+    Entry {
+        value: Bytes::from(value),
+        // -1: no TTL; -2: gone between GET and PTTL (treated as about to expire).
+        ttl: match pttl {
+            -1 => None,
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        },
+    }
+}
+
+fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn parse_cursor(cursor: &str) -> Result<(u64, usize)> {
+    let bad = || StoreError::Backend(format!("cursor {cursor:?} is not a Redis cursor"));
+    let rest = cursor.strip_prefix("r:").ok_or_else(bad)?;
+    let (c, skip) = rest.split_once(':').ok_or_else(bad)?;
+    Ok((c.parse().map_err(|_| bad())?, skip.parse().map_err(|_| bad())?))
+}
+
+fn parse_memory_info(info: &str) -> MemoryReport {
+    let mut report = MemoryReport::default();
+    for line in info.lines() {
+        let Some((name, value)) = line.trim().split_once(':') else {
+            continue;
+        };
+        match name {
+            "used_memory" => report.used = value.parse().unwrap_or(0),
+            "used_memory_peak" => report.peak = value.parse().unwrap_or(0),
+            "mem_fragmentation_ratio" => report.fragmentation = value.parse().unwrap_or(0.0),
+            "maxmemory" => report.max = value.parse().unwrap_or(0),
+            "maxmemory_policy" => report.policy = value.to_owned(),
+            _ => {}
+        }
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// INFO memory is parsed field by field, unknown lines ignored.
+    #[test]
+    fn parses_info_memory() {
+        let info = "# Memory\r\nused_memory:1024\r\nused_memory_peak:2048\r\nmem_fragmentation_ratio:1.50\r\nmaxmemory:0\r\nmaxmemory_policy:allkeys-lru\r\nother:x\r\n";
+        let r = parse_memory_info(info);
+        assert_eq!(r.used, 1024);
+        assert_eq!(r.peak, 2048);
+        assert!((r.fragmentation - 1.5).abs() < 1e-9);
+        assert_eq!(r.max, 0);
+        assert_eq!(r.policy, "allkeys-lru");
+    }
+
+    /// Cursors round-trip and foreign ones are refused.
+    #[test]
+    fn cursor_format() {
+        assert_eq!(parse_cursor("r:42:7").unwrap(), (42, 7));
+        assert!(parse_cursor("m:key").is_err());
+        assert!(parse_cursor("r:x:1").is_err());
+    }
+
+    /// Backoff grows and stays capped.
+    #[test]
+    fn backoff_is_bounded() {
+        for attempt in 0..40 {
+            let b = backoff(attempt);
+            assert!(b <= Duration::from_secs(1), "{b:?}");
+            assert!(b >= Duration::from_millis(5), "{b:?}");
+        }
+    }
+}
