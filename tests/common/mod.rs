@@ -1,0 +1,339 @@
+//! Test harness: a real `redis-server` on a free loopback port and the real
+//! koo server on an ephemeral port, reached over a real gRPC channel.
+//!
+//! Nothing here mocks Redis or gRPC. Each test gets its own Redis process (so
+//! tests never share data and never touch a Redis the user runs) and its own
+//! koo server; both are stopped when the handles drop.
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::TcpListener as StdListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use koo::cache::CacheConfig;
+use koo::pb::cache::v1::cache_service_client::CacheServiceClient;
+use koo::server::{Settings, StoreSettings};
+use koo::store::{MemoryConfig, RedisConfig};
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// How long any awaited event may take before a test fails.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A free loopback port (the OS picks it; we release it for the child).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A `redis-server` started for one test.
+pub struct TestRedis {
+    pub port: u16,
+    child: Option<Child>,
+    extra: Vec<String>,
+}
+
+impl TestRedis {
+    /// Starts a fresh, empty, non-persistent Redis on a free port.
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts Redis with extra `--option value` arguments.
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut redis = TestRedis {
+            port: free_port(),
+            child: None,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        redis.launch().await;
+        redis
+    }
+
+    /// A Redis URL for this server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let bin = std::env::var("KOO_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {bin} ({e}); install redis-server (scripts/test does) or set KOO_TEST_REDIS_SERVER")
+            });
+        self.child = Some(child);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        loop {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+            {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "redis on port {} did not come up", self.port);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A direct connection, for checking what koo wrote.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// SIGKILLs the server.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port (empty: no persistence).
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.launch().await;
+    }
+
+    /// Sends a signal (e.g. "STOP", "CONT") to the server.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A stopped process ignores SIGKILL until continued on some kernels' views; be sure.
+            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+        }
+        self.kill();
+    }
+}
+
+/// Settings for tests: short intervals so that failures and recoveries are
+/// seen in well under a second.
+pub fn test_settings(store: StoreSettings) -> Settings {
+    Settings {
+        store,
+        cache: CacheConfig {
+            metrics_flush_interval: Duration::from_millis(100),
+            key_count_interval: Duration::ZERO,
+            ..CacheConfig::default()
+        },
+        health_check_interval: Duration::from_millis(200),
+        memory_sweep_interval: Duration::from_secs(3600),
+        request_timeout: Duration::from_secs(5),
+        bulk_timeout: Duration::from_secs(30),
+        shutdown_grace: Duration::from_secs(5),
+        ..Settings::default()
+    }
+}
+
+/// Redis settings for tests: a short breaker cool-down and connect timeout.
+pub fn redis_settings(url: &str) -> StoreSettings {
+    StoreSettings::Redis(RedisConfig {
+        breaker_cooldown: Duration::from_millis(200),
+        connect_timeout: Duration::from_millis(500),
+        max_connections: 4,
+        ..RedisConfig::new(url)
+    })
+}
+
+/// The embedded store.
+pub fn memory_settings() -> StoreSettings {
+    StoreSettings::Memory(MemoryConfig::default())
+}
+
+/// A koo server running in this process on an ephemeral port.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts koo with `settings` and connects to it.
+    pub async fn spawn(settings: Settings) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            koo::server::run(listener, settings, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server failed");
+        });
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to koo");
+        TestServer {
+            addr,
+            channel,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// A CacheService client that accepts values up to the default limit.
+    pub fn cache(&self) -> CacheServiceClient<Channel> {
+        CacheServiceClient::new(self.channel.clone())
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// A grpc.health.v1 client.
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+
+    /// Waits until the health of `service` becomes `want`, using the Watch
+    /// stream (an event, not a poll).
+    pub async fn wait_health(&self, service: &str, want: ServingStatus) {
+        let mut stream = self
+            .health()
+            .watch(HealthCheckRequest { service: service.into() })
+            .await
+            .expect("health watch")
+            .into_inner();
+        let wait = async {
+            while let Some(msg) = stream.message().await.expect("health stream") {
+                if msg.status == want as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before {want:?}");
+        };
+        tokio::time::timeout(EVENT_TIMEOUT, wait)
+            .await
+            .unwrap_or_else(|_| panic!("health of {service:?} never became {want:?}"));
+    }
+
+    /// Stops the server and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(EVENT_TIMEOUT, task)
+                .await
+                .expect("server did not stop")
+                .expect("server task panicked");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Which store a test runs against.
+pub enum Backend {
+    Memory,
+    Redis(TestRedis),
+}
+
+/// A koo server and (for Redis) its Redis.
+pub struct Env {
+    pub server: TestServer,
+    pub backend: Backend,
+}
+
+impl Env {
+    /// koo on the embedded store.
+    pub async fn memory() -> Self {
+        Self::memory_with(|_| {}).await
+    }
+
+    /// koo on the embedded store with adjusted settings.
+    pub async fn memory_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = test_settings(memory_settings());
+        adjust(&mut settings);
+        let server = TestServer::spawn(settings).await;
+        server.wait_health("", ServingStatus::Serving).await;
+        Env {
+            server,
+            backend: Backend::Memory,
+        }
+    }
+
+    /// koo on a fresh Redis.
+    pub async fn redis() -> Self {
+        Self::redis_with(|_| {}).await
+    }
+
+    /// koo on a fresh Redis with adjusted settings.
+    pub async fn redis_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let redis = TestRedis::start().await;
+        let mut settings = test_settings(redis_settings(&redis.url()));
+        adjust(&mut settings);
+        let server = TestServer::spawn(settings).await;
+        server.wait_health("", ServingStatus::Serving).await;
+        Env {
+            server,
+            backend: Backend::Redis(redis),
+        }
+    }
+
+    /// The CacheService client.
+    pub fn cache(&self) -> CacheServiceClient<Channel> {
+        self.server.cache()
+    }
+
+    /// The test Redis, if this env has one.
+    pub fn redis_server(&self) -> Option<&TestRedis> {
+        match &self.backend {
+            Backend::Redis(r) => Some(r),
+            Backend::Memory => None,
+        }
+    }
+}
+
+/// Generates, for each named `async fn scenario(env: Env)`, a module with a
+/// test on the embedded store and one on Redis, so that one suite covers both.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    super::$name($crate::common::Env::memory().await).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$name($crate::common::Env::redis().await).await;
+                }
+            }
+        )*
+    };
+}
