@@ -8,11 +8,17 @@ use crate::store::Deadline;
 
 /// The call's deadline: the client's `grpc-timeout` when it set one,
 /// otherwise `default`.
+///
+/// A client's deadline is shortened by a tenth (at most 50 ms), so that koo
+/// answers DEADLINE_EXCEEDED or UNAVAILABLE with a reason just before the
+/// client's own timer fires, instead of racing it and leaving the client with
+/// a bare CANCELLED.
 pub fn from_metadata(metadata: &MetadataMap, default: Duration) -> Deadline {
     let timeout = metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
+        .map(|t| t - (t / 10).min(Duration::from_millis(50)))
         .unwrap_or(default);
     Deadline::after(timeout)
 }
