@@ -1,0 +1,214 @@
+//! The `koo` binary as an operator runs it: configuration errors, `--help`,
+//! reflection for grpcurl, `koo health`, and graceful shutdown on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use koo::pb::cache::v1::{self as pb, cache_service_client::CacheServiceClient};
+use tonic::transport::Channel;
+
+const KOO: &str = env!("CARGO_BIN_EXE_koo");
+
+/// A `koo` command with none of the caller's configuration leaking in.
+fn koo() -> Command {
+    let mut cmd = Command::new(KOO);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("REDIS_") || name.starts_with("CACHE_") || name.starts_with("KOO_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// A running `koo serve` and the address it announced.
+struct Running {
+    child: Child,
+    addr: String,
+}
+
+impl Running {
+    fn start(extra_env: &[(&str, &str)]) -> Running {
+        let mut child = koo()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .envs(extra_env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn koo");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && line.contains("koo serving gRPC") {
+                    let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+            }
+        });
+        let mut running = Running { child, addr: String::new() };
+        // On failure `running` drops here and kills the child.
+        running.addr = rx.recv_timeout(common::EVENT_TIMEOUT).expect("koo announced its address");
+        running
+    }
+
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+
+    fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + common::EVENT_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "koo did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Invalid configuration stops start-up with a message naming the variable.
+#[test]
+fn invalid_configuration_names_the_variable() {
+    for (var, value) in [
+        ("CACHE_MAX_VALUE_SIZE", "0"),
+        ("REDIS_MAX_CONNECTIONS", "0"),
+        ("CACHE_DEFAULT_TTL", "forever"),
+        ("REDIS_URL", "http://localhost"),
+        ("KOO_PREFIX", "has space"),
+        ("REDIS_HEALTH_CHECK_INTERVAL", "0"),
+    ] {
+        let out = koo().arg("serve").env(var, value).output().unwrap();
+        assert!(!out.status.success(), "{var}={value} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(var), "{var}={value}: {stderr}");
+    }
+}
+
+/// `koo serve --help` documents every variable.
+#[test]
+fn help_lists_every_variable() {
+    let out = koo().args(["serve", "--help"]).output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for var in [
+        "KOO_LISTEN",
+        "REDIS_URL",
+        "REDIS_MAX_CONNECTIONS",
+        "REDIS_RETRY_ON_TIMEOUT",
+        "REDIS_SOCKET_KEEPALIVE",
+        "REDIS_HEALTH_CHECK_INTERVAL",
+        "CACHE_DEFAULT_TTL",
+        "CACHE_COMPRESSION_THRESHOLD",
+        "CACHE_MAX_VALUE_SIZE",
+        "KOO_CACHE_WARM_FILE",
+    ] {
+        assert!(help.contains(var), "--help lacks {var}");
+    }
+}
+
+/// Reflection answers in both v1 and v1alpha, so grpcurl of any age can list
+/// and describe koo's services without proto files.
+#[tokio::test]
+async fn reflection_lists_services_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let server = Running::start(&[]);
+    let channel = server.channel().await;
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["koo.cache.v1.CacheService", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "{names:?}");
+    }
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "koo.cache.v1.CacheService".into(),
+        )),
+    };
+    let mut stream = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = stream.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            reply.message_response,
+            Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{reply:?}"
+    );
+}
+
+/// `koo health` exits 0 against a serving koo and non-zero when none answers.
+#[tokio::test]
+async fn health_subcommand_exit_codes() {
+    let server = Running::start(&[]);
+    server.channel().await;
+    let out = koo().args(["health", "--addr", &server.addr]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    drop(server);
+    let port = common::free_port();
+    let out = koo().args(["health", "--addr", &format!("127.0.0.1:{port}"), "--timeout", "1s"]).output().unwrap();
+    assert!(!out.status.success());
+}
+
+/// SIGTERM ends open WatchMetrics streams cleanly, lets an in-flight call
+/// finish, and exits 0.
+#[tokio::test]
+async fn sigterm_shuts_down_gracefully() {
+    let mut server = Running::start(&[]);
+    let channel = server.channel().await;
+    let mut client = CacheServiceClient::new(channel);
+    let mut stream = client
+        .watch_metrics(pb::WatchMetricsRequest { interval: Some(prost_types::Duration { seconds: 0, nanos: 100_000_000 }) })
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("first snapshot");
+    server.signal("TERM");
+    let end = tokio::time::timeout(common::EVENT_TIMEOUT, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("stream ended");
+    assert!(matches!(end, Ok(None)), "stream ended with {end:?}");
+    let status = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
