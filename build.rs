@@ -11,7 +11,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     compiler.include_source_info(true).include_imports(true);
     compiler.open_files(PROTOS)?;
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(out.join("koo_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    fs::write(
+        out.join("koo_descriptor.bin"),
+        compiler.encode_file_descriptor_set(),
+    )?;
     tonic_prost_build::configure()
         .codec_path("crate::grpc::codec::KooCodec")
         .bytes(".")

@@ -23,10 +23,22 @@ use crate::store::{MemoryConfig, RedisConfig};
 #[command(name = "koo", version, about, max_term_width = 100)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, env = "KOO_LOG_FORMAT", value_name = "KOO_LOG_FORMAT", default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "KOO_LOG_FORMAT",
+        value_name = "KOO_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// Log filter, in `tracing` EnvFilter syntax (e.g. `info`, `koo=debug`).
-    #[arg(long, env = "KOO_LOG", value_name = "KOO_LOG", default_value = "info", global = true)]
+    #[arg(
+        long,
+        env = "KOO_LOG",
+        value_name = "KOO_LOG",
+        default_value = "info",
+        global = true
+    )]
     pub log: String,
     /// What to run.
     #[command(subcommand)]
@@ -55,7 +67,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct HealthArgs {
     /// Address of the koo to ask (0.0.0.0 and [::] mean this host).
-    #[arg(long, env = "KOO_LISTEN", value_name = "KOO_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "KOO_LISTEN",
+        value_name = "KOO_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub addr: SocketAddr,
     /// Service to ask about; empty means the server as a whole.
     #[arg(long, default_value = "")]
@@ -69,7 +86,12 @@ pub struct HealthArgs {
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Address to serve gRPC on.
-    #[arg(long, env = "KOO_LISTEN", value_name = "KOO_LISTEN", default_value = "127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "KOO_LISTEN",
+        value_name = "KOO_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
     pub listen: SocketAddr,
 
     /// Redis URL (`redis://[user:password@]host:port/db`). Without it koo
@@ -119,20 +141,40 @@ pub struct ServeArgs {
           value_parser = parse_positive_duration)]
     pub cache_api_default_ttl: Duration,
     /// Values larger than this many bytes are zlib-compressed when that makes them smaller.
-    #[arg(long, env = "CACHE_COMPRESSION_THRESHOLD", value_name = "CACHE_COMPRESSION_THRESHOLD", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "CACHE_COMPRESSION_THRESHOLD",
+        value_name = "CACHE_COMPRESSION_THRESHOLD",
+        default_value_t = 1024
+    )]
     pub cache_compression_threshold: usize,
     /// zlib level, 0 (store) to 9 (smallest); 1 favours latency.
     #[arg(long, env = "KOO_COMPRESSION_LEVEL", value_name = "KOO_COMPRESSION_LEVEL", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(0..=9))]
     pub compression_level: u32,
     /// Largest value accepted, in bytes, before compression (at most 1 GiB).
-    #[arg(long, env = "CACHE_MAX_VALUE_SIZE", value_name = "CACHE_MAX_VALUE_SIZE", default_value_t = 10_485_760)]
+    #[arg(
+        long,
+        env = "CACHE_MAX_VALUE_SIZE",
+        value_name = "CACHE_MAX_VALUE_SIZE",
+        default_value_t = 10_485_760
+    )]
     pub cache_max_value_size: usize,
     /// Longest key accepted, in bytes.
-    #[arg(long, env = "KOO_MAX_KEY_SIZE", value_name = "KOO_MAX_KEY_SIZE", default_value_t = 1024)]
+    #[arg(
+        long,
+        env = "KOO_MAX_KEY_SIZE",
+        value_name = "KOO_MAX_KEY_SIZE",
+        default_value_t = 1024
+    )]
     pub max_key_size: usize,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
-    #[arg(long, env = "KOO_PREFIX", value_name = "KOO_PREFIX", default_value = "koo")]
+    #[arg(
+        long,
+        env = "KOO_PREFIX",
+        value_name = "KOO_PREFIX",
+        default_value = "koo"
+    )]
     pub prefix: String,
     /// JSON Lines file of entries that `Warm` preloads (re-read on every warm-up).
     #[arg(long, env = "KOO_CACHE_WARM_FILE", value_name = "KOO_CACHE_WARM_FILE")]
@@ -146,7 +188,12 @@ pub struct ServeArgs {
           value_parser = parse_duration)]
     pub key_count_interval: Duration,
     /// Capacity of the embedded store in bytes; when full, entries nearest to expiry are evicted.
-    #[arg(long, env = "KOO_MEMORY_MAX_BYTES", value_name = "KOO_MEMORY_MAX_BYTES", default_value_t = 268_435_456)]
+    #[arg(
+        long,
+        env = "KOO_MEMORY_MAX_BYTES",
+        value_name = "KOO_MEMORY_MAX_BYTES",
+        default_value_t = 268_435_456
+    )]
     pub memory_max_bytes: u64,
     /// How often the embedded store purges expired entries.
     #[arg(long, env = "KOO_MEMORY_SWEEP_INTERVAL", value_name = "KOO_MEMORY_SWEEP_INTERVAL", default_value = "1s",
@@ -188,27 +235,42 @@ impl ServeArgs {
         if self.cache_max_value_size == 0 || self.cache_max_value_size > MAX_VALUE_SIZE_CEILING {
             return Err(err(
                 "CACHE_MAX_VALUE_SIZE",
-                format!("must be between 1 and {MAX_VALUE_SIZE_CEILING} bytes, got {}", self.cache_max_value_size),
+                format!(
+                    "must be between 1 and {MAX_VALUE_SIZE_CEILING} bytes, got {}",
+                    self.cache_max_value_size
+                ),
             ));
         }
         if self.max_key_size == 0 || self.max_key_size > 64 * 1024 {
             return Err(err(
                 "KOO_MAX_KEY_SIZE",
-                format!("must be between 1 and 65536 bytes, got {}", self.max_key_size),
+                format!(
+                    "must be between 1 and 65536 bytes, got {}",
+                    self.max_key_size
+                ),
             ));
         }
         if self.prefix.is_empty()
             || self.prefix.len() > 64
-            || !self.prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            || !self
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
         {
             return Err(err(
                 "KOO_PREFIX",
-                format!("must be 1 to 64 letters, digits, '_', '-' or '.', got {:?}", self.prefix),
+                format!(
+                    "must be 1 to 64 letters, digits, '_', '-' or '.', got {:?}",
+                    self.prefix
+                ),
             ));
         }
         let store = match self.redis_url {
             Some(url) if !url.trim().is_empty() => {
-                if !(url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://")) {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("redis+unix://")
+                    || url.starts_with("unix://"))
+                {
                     return Err(err(
                         "REDIS_URL",
                         "must start with redis:// (or redis+unix:// for a socket); TLS (rediss://) is not supported yet"
@@ -261,7 +323,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Duration::try_from_secs_f64(secs)
             .map_err(|_| format!("{s:?} is not a non-negative number of seconds"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration ({e}); use seconds or e.g. 250ms, 10m"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration ({e}); use seconds or e.g. 250ms, 10m"))
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {
@@ -302,13 +365,21 @@ mod tests {
     #[test]
     fn redis_flags() {
         let s = parse(&[
-            "--redis-url", "redis://127.0.0.1:6379/0", "--redis-max-connections", "4",
-            "--redis-retry-on-timeout", "false", "--redis-health-check-interval", "250ms",
+            "--redis-url",
+            "redis://127.0.0.1:6379/0",
+            "--redis-max-connections",
+            "4",
+            "--redis-retry-on-timeout",
+            "false",
+            "--redis-health-check-interval",
+            "250ms",
         ])
         .unwrap()
         .into_settings()
         .unwrap();
-        let StoreSettings::Redis(r) = s.store else { panic!("not redis") };
+        let StoreSettings::Redis(r) = s.store else {
+            panic!("not redis")
+        };
         assert_eq!(r.max_connections, 4);
         assert!(!r.retry_on_timeout);
         assert_eq!(s.health_check_interval, Duration::from_millis(250));
@@ -317,17 +388,32 @@ mod tests {
     /// Bad values are refused with the variable's name in the message.
     #[test]
     fn bad_values_name_the_variable() {
-        let e = parse(&["--redis-max-connections", "0"]).unwrap_err().to_string();
+        let e = parse(&["--redis-max-connections", "0"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("REDIS_MAX_CONNECTIONS"), "{e}");
-        let e = parse(&["--cache-default-ttl", "soon"]).unwrap_err().to_string();
+        let e = parse(&["--cache-default-ttl", "soon"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("CACHE_DEFAULT_TTL"), "{e}");
-        let e = parse(&["--redis-socket-keepalive", "maybe"]).unwrap_err().to_string();
+        let e = parse(&["--redis-socket-keepalive", "maybe"])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("REDIS_SOCKET_KEEPALIVE"), "{e}");
-        let e = parse(&["--cache-max-value-size", "0"]).unwrap().into_settings().unwrap_err();
+        let e = parse(&["--cache-max-value-size", "0"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
         assert_eq!(e.variable, "CACHE_MAX_VALUE_SIZE");
-        let e = parse(&["--prefix", "a b"]).unwrap().into_settings().unwrap_err();
+        let e = parse(&["--prefix", "a b"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
         assert_eq!(e.variable, "KOO_PREFIX");
-        let e = parse(&["--redis-url", "http://x"]).unwrap().into_settings().unwrap_err();
+        let e = parse(&["--redis-url", "http://x"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
         assert_eq!(e.variable, "REDIS_URL");
     }
 

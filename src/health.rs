@@ -40,7 +40,12 @@ impl HealthPublisher {
 }
 
 /// Probes `store` until `stop`, publishing the result.
-pub async fn monitor(store: Store, publisher: HealthPublisher, interval: Duration, stop: CancellationToken) {
+pub async fn monitor(
+    store: Store,
+    publisher: HealthPublisher,
+    interval: Duration,
+    stop: CancellationToken,
+) {
     let mut circuit = store.watch_circuit();
     let mut serving = None;
     let mut warned_policy = false;
@@ -52,7 +57,9 @@ pub async fn monitor(store: Store, publisher: HealthPublisher, interval: Duratio
             (Ok(latency), Some(false) | None) => {
                 tracing::info!(?latency, "backend reachable; serving");
             }
-            (Err(e), Some(true) | None) => tracing::warn!(error = %e, "backend unreachable; not serving"),
+            (Err(e), Some(true) | None) => {
+                tracing::warn!(error = %e, "backend unreachable; not serving")
+            }
             _ => {}
         }
         if ok && !warned_policy && store.kind() == BackendKind::Redis {

@@ -87,8 +87,14 @@ mod tests {
         assert_eq!(ks.user_key(Level::Api, "k*o:cache:api:a:b"), Some("a:b"));
         assert_eq!(ks.user_key(Level::App, "k*o:cache:api:a:b"), None);
         let pattern = ks.level_pattern(Level::App, "*");
-        assert!(glob::matches(pattern.as_bytes(), ks.cache_key(Level::App, "z").as_bytes()));
+        assert!(glob::matches(
+            pattern.as_bytes(),
+            ks.cache_key(Level::App, "z").as_bytes()
+        ));
         assert!(!glob::matches(pattern.as_bytes(), b"kxo:cache:app:z"));
-        assert!(!glob::matches(pattern.as_bytes(), ks.cache_key(Level::Api, "z").as_bytes()));
+        assert!(!glob::matches(
+            pattern.as_bytes(),
+            ks.cache_key(Level::Api, "z").as_bytes()
+        ));
     }
 }

@@ -52,14 +52,15 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops koo");
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops koo");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => tracing::info!("received SIGINT"),
             _ = term.recv() => tracing::info!("received SIGTERM"),
@@ -84,14 +85,18 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(args.timeout)
         .timeout(args.timeout);
-    let channel = endpoint.connect().await.with_context(|| format!("cannot reach koo at {addr}"))?;
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach koo at {addr}"))?;
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: args.service.clone(),
         })
         .await
         .with_context(|| format!("health check of {:?} failed", args.service))?;
-    let status = ServingStatus::try_from(reply.into_inner().status).unwrap_or(ServingStatus::Unknown);
+    let status =
+        ServingStatus::try_from(reply.into_inner().status).unwrap_or(ServingStatus::Unknown);
     println!("{}", status.as_str_name());
     Ok(if status == ServingStatus::Serving {
         ExitCode::SUCCESS

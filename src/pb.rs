@@ -14,4 +14,5 @@ pub mod cache {
 
 /// Every koo proto and its imports (well-known types included), encoded as a
 /// `FileDescriptorSet`, for server reflection and for clients that want it.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/koo_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/koo_descriptor.bin"));

@@ -81,7 +81,9 @@ pub enum ServerError {
 /// Hides the password of a Redis URL for logs.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => format!("{}://***@{}", &url[..scheme], &url[at + 1..]),
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
         _ => url.to_owned(),
     }
 }
@@ -125,11 +127,20 @@ pub async fn run(
     ));
     background.spawn(cache.clone().run_metrics_publisher(stop.clone()));
     if let Store::Memory(memory) = &store {
-        background.spawn(sweep_expired(memory.clone(), settings.memory_sweep_interval, stop.clone()));
+        background.spawn(sweep_expired(
+            memory.clone(),
+            settings.memory_sweep_interval,
+            stop.clone(),
+        ));
     }
 
     let limit = settings.cache.message_limit();
-    let api = CacheApi::new(cache, settings.request_timeout, settings.bulk_timeout, stop.clone());
+    let api = CacheApi::new(
+        cache,
+        settings.request_timeout,
+        settings.bulk_timeout,
+        stop.clone(),
+    );
     // google.rpc types are registered so that grpcurl can print error details.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -213,7 +224,10 @@ mod tests {
     /// Passwords never reach the logs.
     #[test]
     fn redacts_credentials() {
-        assert_eq!(redact("redis://user:secret@host:6379/0"), "redis://***@host:6379/0");
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
         assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

@@ -44,24 +44,43 @@ impl Running {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if !sent && line.contains("koo serving gRPC") {
-                    let addr = line.split("addr=").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+                    let addr = line
+                        .split("addr=")
+                        .nth(1)
+                        .unwrap()
+                        .split_whitespace()
+                        .next()
+                        .unwrap()
+                        .to_owned();
                     let _ = tx.send(addr);
                     sent = true;
                 }
             }
         });
-        let mut running = Running { child, addr: String::new() };
+        let mut running = Running {
+            child,
+            addr: String::new(),
+        };
         // On failure `running` drops here and kills the child.
-        running.addr = rx.recv_timeout(common::EVENT_TIMEOUT).expect("koo announced its address");
+        running.addr = rx
+            .recv_timeout(common::EVENT_TIMEOUT)
+            .expect("koo announced its address");
         running
     }
 
     async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([&format!("-{sig}"), &self.child.id().to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 
@@ -133,7 +152,9 @@ async fn reflection_lists_services_in_v1_and_v1alpha() {
     let channel = server.channel().await;
     let request = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
     let mut stream = v1::server_reflection_client::ServerReflectionClient::new(channel.clone())
         .server_reflection_info(futures::stream::iter([request]))
@@ -151,9 +172,11 @@ async fn reflection_lists_services_in_v1_and_v1alpha() {
     }
     let request = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "koo.cache.v1.CacheService".into(),
-        )),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "koo.cache.v1.CacheService".into(),
+            ),
+        ),
     };
     let mut stream = v1alpha::server_reflection_client::ServerReflectionClient::new(channel)
         .server_reflection_info(futures::stream::iter([request]))
@@ -175,12 +198,28 @@ async fn reflection_lists_services_in_v1_and_v1alpha() {
 async fn health_subcommand_exit_codes() {
     let server = Running::start(&[]);
     server.channel().await;
-    let out = koo().args(["health", "--addr", &server.addr]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = koo()
+        .args(["health", "--addr", &server.addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
     drop(server);
     let port = common::free_port();
-    let out = koo().args(["health", "--addr", &format!("127.0.0.1:{port}"), "--timeout", "1s"]).output().unwrap();
+    let out = koo()
+        .args([
+            "health",
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--timeout",
+            "1s",
+        ])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
 }
 
@@ -192,7 +231,12 @@ async fn sigterm_shuts_down_gracefully() {
     let channel = server.channel().await;
     let mut client = CacheServiceClient::new(channel);
     let mut stream = client
-        .watch_metrics(pb::WatchMetricsRequest { interval: Some(prost_types::Duration { seconds: 0, nanos: 100_000_000 }) })
+        .watch_metrics(pb::WatchMetricsRequest {
+            interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -209,6 +253,8 @@ async fn sigterm_shuts_down_gracefully() {
     .await
     .expect("stream ended");
     assert!(matches!(end, Ok(None)), "stream ended with {end:?}");
-    let status = tokio::task::spawn_blocking(move || server.wait()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
     assert!(status.success(), "{status:?}");
 }

@@ -13,31 +13,59 @@ use tonic::Code;
 use tonic_types::StatusExt;
 
 fn text(s: &str) -> Option<pb::CacheValue> {
-    Some(pb::CacheValue { kind: Some(Kind::Text(s.into())) })
+    Some(pb::CacheValue {
+        kind: Some(Kind::Text(s.into())),
+    })
 }
 
 fn raw(b: &[u8]) -> Option<pb::CacheValue> {
-    Some(pb::CacheValue { kind: Some(Kind::Raw(b.to_vec().into())) })
+    Some(pb::CacheValue {
+        kind: Some(Kind::Raw(b.to_vec().into())),
+    })
 }
 
 fn secs(s: i64) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: s, nanos: 0 })
+    Some(prost_types::Duration {
+        seconds: s,
+        nanos: 0,
+    })
 }
 
 fn millis(ms: i32) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration { seconds: 0, nanos: ms * 1_000_000 })
+    Some(prost_types::Duration {
+        seconds: 0,
+        nanos: ms * 1_000_000,
+    })
 }
 
-fn set_req(level: CacheLevel, key: &str, value: Option<pb::CacheValue>, ttl: Option<prost_types::Duration>) -> pb::SetRequest {
-    pb::SetRequest { level: level as i32, key: key.into(), value, ttl }
+fn set_req(
+    level: CacheLevel,
+    key: &str,
+    value: Option<pb::CacheValue>,
+    ttl: Option<prost_types::Duration>,
+) -> pb::SetRequest {
+    pb::SetRequest {
+        level: level as i32,
+        key: key.into(),
+        value,
+        ttl,
+    }
 }
 
 fn get_req(level: CacheLevel, key: &str) -> pb::GetRequest {
-    pb::GetRequest { level: level as i32, key: key.into() }
+    pb::GetRequest {
+        level: level as i32,
+        key: key.into(),
+    }
 }
 
 fn entry(level: CacheLevel, key: &str, value: Option<pb::CacheValue>) -> pb::CacheEntry {
-    pb::CacheEntry { level: level as i32, key: key.into(), value, ttl: None }
+    pb::CacheEntry {
+        level: level as i32,
+        key: key.into(),
+        value,
+        ttl: None,
+    }
 }
 
 /// The field named by the status's BadRequest detail.
@@ -88,15 +116,26 @@ async fn values_round_trip_in_the_form_they_were_set(env: Env) {
     let json = prost_types::Value {
         kind: Some(JsonKind::StructValue(prost_types::Struct {
             fields: [
-                ("n".to_string(), prost_types::Value { kind: Some(JsonKind::NumberValue(1.5)) }),
+                (
+                    "n".to_string(),
+                    prost_types::Value {
+                        kind: Some(JsonKind::NumberValue(1.5)),
+                    },
+                ),
                 (
                     "l".to_string(),
                     prost_types::Value {
                         kind: Some(JsonKind::ListValue(prost_types::ListValue {
                             values: vec![
-                                prost_types::Value { kind: Some(JsonKind::BoolValue(true)) },
-                                prost_types::Value { kind: Some(JsonKind::NullValue(0)) },
-                                prost_types::Value { kind: Some(JsonKind::StringValue("ü".into())) },
+                                prost_types::Value {
+                                    kind: Some(JsonKind::BoolValue(true)),
+                                },
+                                prost_types::Value {
+                                    kind: Some(JsonKind::NullValue(0)),
+                                },
+                                prost_types::Value {
+                                    kind: Some(JsonKind::StringValue("ü".into())),
+                                },
                             ],
                         })),
                     },
@@ -109,13 +148,26 @@ async fn values_round_trip_in_the_form_they_were_set(env: Env) {
     let cases = vec![
         ("raw", raw(&all_bytes)),
         ("text", text("héllo wörld")),
-        ("json", Some(pb::CacheValue { kind: Some(Kind::Json(json)) })),
+        (
+            "json",
+            Some(pb::CacheValue {
+                kind: Some(Kind::Json(json)),
+            }),
+        ),
         ("empty", raw(b"")),
     ];
     for (key, value) in cases {
-        let set = c.set(set_req(CacheLevel::Db, key, value.clone(), secs(60))).await.unwrap().into_inner();
+        let set = c
+            .set(set_req(CacheLevel::Db, key, value.clone(), secs(60)))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(set.ttl, secs(60));
-        let got = c.get(get_req(CacheLevel::Db, key)).await.unwrap().into_inner();
+        let got = c
+            .get(get_req(CacheLevel::Db, key))
+            .await
+            .unwrap()
+            .into_inner();
         assert!(got.found, "{key}");
         assert_eq!(got.value, value, "{key}");
         assert_eq!(got.size_bytes, set.size_bytes);
@@ -127,7 +179,12 @@ async fn values_round_trip_in_the_form_they_were_set(env: Env) {
 
 /// Reading an absent key answers found=false and nothing else.
 async fn a_miss_is_not_an_error(env: Env) {
-    let got = env.cache().get(get_req(CacheLevel::App, "nope")).await.unwrap().into_inner();
+    let got = env
+        .cache()
+        .get(get_req(CacheLevel::App, "nope"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(got, pb::GetResponse::default());
 }
 
@@ -135,11 +192,23 @@ async fn a_miss_is_not_an_error(env: Env) {
 /// unspecified level is app.
 async fn default_ttls_follow_the_level(env: Env) {
     let mut c = env.cache();
-    let app = c.set(set_req(CacheLevel::Unspecified, "k", text("v"), None)).await.unwrap().into_inner();
+    let app = c
+        .set(set_req(CacheLevel::Unspecified, "k", text("v"), None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(app.ttl, secs(3600));
-    let api = c.set(set_req(CacheLevel::Api, "k", text("v"), None)).await.unwrap().into_inner();
+    let api = c
+        .set(set_req(CacheLevel::Api, "k", text("v"), None))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(api.ttl, secs(300));
-    let got = c.get(get_req(CacheLevel::App, "k")).await.unwrap().into_inner();
+    let got = c
+        .get(get_req(CacheLevel::App, "k"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(got.found, "unspecified level must be app");
     assert!(got.ttl.unwrap().seconds > 3500);
 }
@@ -147,17 +216,58 @@ async fn default_ttls_follow_the_level(env: Env) {
 /// The same key in two levels names two entries.
 async fn levels_are_separate_namespaces(env: Env) {
     let mut c = env.cache();
-    c.set(set_req(CacheLevel::App, "user:1", text("app"), None)).await.unwrap();
-    c.set(set_req(CacheLevel::Session, "user:1", text("session"), None)).await.unwrap();
-    let app = c.get(get_req(CacheLevel::App, "user:1")).await.unwrap().into_inner();
-    let session = c.get(get_req(CacheLevel::Session, "user:1")).await.unwrap().into_inner();
+    c.set(set_req(CacheLevel::App, "user:1", text("app"), None))
+        .await
+        .unwrap();
+    c.set(set_req(
+        CacheLevel::Session,
+        "user:1",
+        text("session"),
+        None,
+    ))
+    .await
+    .unwrap();
+    let app = c
+        .get(get_req(CacheLevel::App, "user:1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let session = c
+        .get(get_req(CacheLevel::Session, "user:1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(app.value, text("app"));
     assert_eq!(session.value, text("session"));
-    assert!(!c.get(get_req(CacheLevel::Db, "user:1")).await.unwrap().into_inner().found);
-    let del = c.delete(pb::DeleteRequest { level: CacheLevel::App as i32, key: "user:1".into() }).await.unwrap();
+    assert!(
+        !c.get(get_req(CacheLevel::Db, "user:1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let del = c
+        .delete(pb::DeleteRequest {
+            level: CacheLevel::App as i32,
+            key: "user:1".into(),
+        })
+        .await
+        .unwrap();
     assert!(del.into_inner().deleted);
-    assert!(c.get(get_req(CacheLevel::Session, "user:1")).await.unwrap().into_inner().found);
-    let again = c.delete(pb::DeleteRequest { level: CacheLevel::App as i32, key: "user:1".into() }).await.unwrap();
+    assert!(
+        c.get(get_req(CacheLevel::Session, "user:1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let again = c
+        .delete(pb::DeleteRequest {
+            level: CacheLevel::App as i32,
+            key: "user:1".into(),
+        })
+        .await
+        .unwrap();
     assert!(!again.into_inner().deleted);
 }
 
@@ -166,22 +276,48 @@ async fn levels_are_separate_namespaces(env: Env) {
 async fn entries_expire_after_their_ttl(env: Env) {
     let mut c = env.cache();
     let set_at = Instant::now();
-    c.set(set_req(CacheLevel::Session, "short", text("v"), millis(300))).await.unwrap();
-    c.set(set_req(CacheLevel::Session, "long", text("v"), secs(60))).await.unwrap();
-    let first = c.get(get_req(CacheLevel::Session, "short")).await.unwrap().into_inner();
+    c.set(set_req(
+        CacheLevel::Session,
+        "short",
+        text("v"),
+        millis(300),
+    ))
+    .await
+    .unwrap();
+    c.set(set_req(CacheLevel::Session, "long", text("v"), secs(60)))
+        .await
+        .unwrap();
+    let first = c
+        .get(get_req(CacheLevel::Session, "short"))
+        .await
+        .unwrap()
+        .into_inner();
     if set_at.elapsed() < Duration::from_millis(250) {
         assert!(first.found, "expired early");
     }
     let gone_at = loop {
-        let got = c.get(get_req(CacheLevel::Session, "short")).await.unwrap().into_inner();
+        let got = c
+            .get(get_req(CacheLevel::Session, "short"))
+            .await
+            .unwrap()
+            .into_inner();
         if !got.found {
             break set_at.elapsed();
         }
         assert!(set_at.elapsed() < Duration::from_secs(10), "never expired");
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
-    assert!(gone_at >= Duration::from_millis(300), "gone after {gone_at:?}");
-    assert!(c.get(get_req(CacheLevel::Session, "long")).await.unwrap().into_inner().found);
+    assert!(
+        gone_at >= Duration::from_millis(300),
+        "gone after {gone_at:?}"
+    );
+    assert!(
+        c.get(get_req(CacheLevel::Session, "long"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
 }
 
 /// Values just below, at and above CACHE_COMPRESSION_THRESHOLD (1024): only
@@ -203,17 +339,31 @@ async fn compression_threshold_boundaries_are_byte_exact(env: Env) {
             v
         };
         let key = format!("v{len}-{compressible}");
-        let set = c.set(set_req(CacheLevel::App, &key, raw(&value), None)).await.unwrap().into_inner();
+        let set = c
+            .set(set_req(CacheLevel::App, &key, raw(&value), None))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(set.compressed, expect_compressed, "{key}");
         assert_eq!(set.size_bytes, len as i64);
         if expect_compressed {
             assert!(set.stored_size_bytes < len as i64, "{key}: {set:?}");
         }
-        let got = c.get(get_req(CacheLevel::App, &key)).await.unwrap().into_inner();
+        let got = c
+            .get(get_req(CacheLevel::App, &key))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(got.compressed, expect_compressed);
         assert_eq!(bytes_of(&got), value, "{key}");
     }
-    let m = c.get_metrics(pb::GetMetricsRequest {}).await.unwrap().into_inner().metrics.unwrap();
+    let m = c
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics
+        .unwrap();
     assert!(m.bytes_saved > 0, "{m:?}");
     assert_eq!(m.bytes_saved, m.bytes_written_raw - m.bytes_written_stored);
 }
@@ -227,22 +377,50 @@ async fn size_limit_boundaries(env: Env) {
     for len in [limit - 1, limit] {
         let mut v = vec![0u8; len];
         rand::Rng::fill(&mut rand::rng(), &mut v[..]);
-        c.set(set_req(CacheLevel::App, "big", raw(&v), None)).await.unwrap();
-        let got = c.get(get_req(CacheLevel::App, "big")).await.unwrap().into_inner();
+        c.set(set_req(CacheLevel::App, "big", raw(&v), None))
+            .await
+            .unwrap();
+        let got = c
+            .get(get_req(CacheLevel::App, "big"))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(got.size_bytes, len as i64);
         assert!(bytes_of(&got) == v, "value of {len} bytes changed");
     }
     let over = vec![7u8; limit + 1];
-    let err = c.set(set_req(CacheLevel::App, "over", raw(&over), None)).await.unwrap_err();
+    let err = c
+        .set(set_req(CacheLevel::App, "over", raw(&over), None))
+        .await
+        .unwrap_err();
     assert_eq!(bad_field(&err), "value");
-    assert!(err.message().contains("10485761 bytes"), "{}", err.message());
-    assert!(!c.get(get_req(CacheLevel::App, "over")).await.unwrap().into_inner().found);
+    assert!(
+        err.message().contains("10485761 bytes"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !c.get(get_req(CacheLevel::App, "over"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
     let huge = vec![7u8; limit + 2 * 1024 * 1024];
-    let err = c.set(set_req(CacheLevel::App, "huge", raw(&huge), None)).await.unwrap_err();
+    let err = c
+        .set(set_req(CacheLevel::App, "huge", raw(&huge), None))
+        .await
+        .unwrap_err();
     // tonic's own refusal of an oversized message
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains("too large"), "{}", err.message());
-    assert!(!c.get(get_req(CacheLevel::App, "huge")).await.unwrap().into_inner().found);
+    assert!(
+        !c.get(get_req(CacheLevel::App, "huge"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
 }
 
 /// Every kind of bad argument is INVALID_ARGUMENT naming its field.
@@ -250,25 +428,46 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
     let mut c = env.cache();
     let long_key = "k".repeat(1025);
     let nan = Some(pb::CacheValue {
-        kind: Some(Kind::Json(prost_types::Value { kind: Some(JsonKind::NumberValue(f64::NAN)) })),
+        kind: Some(Kind::Json(prost_types::Value {
+            kind: Some(JsonKind::NumberValue(f64::NAN)),
+        })),
     });
     let cases: Vec<(pb::SetRequest, &str)> = vec![
         (set_req(CacheLevel::App, "", text("v"), None), "key"),
         (set_req(CacheLevel::App, &long_key, text("v"), None), "key"),
-        (pb::SetRequest { level: 9, ..set_req(CacheLevel::App, "k", text("v"), None) }, "level"),
+        (
+            pb::SetRequest {
+                level: 9,
+                ..set_req(CacheLevel::App, "k", text("v"), None)
+            },
+            "level",
+        ),
         (set_req(CacheLevel::App, "k", None, None), "value"),
-        (set_req(CacheLevel::App, "k", Some(pb::CacheValue { kind: None }), None), "value"),
+        (
+            set_req(
+                CacheLevel::App,
+                "k",
+                Some(pb::CacheValue { kind: None }),
+                None,
+            ),
+            "value",
+        ),
         (set_req(CacheLevel::App, "k", nan, None), "value.json"),
         (set_req(CacheLevel::App, "k", text("v"), secs(-5)), "ttl"),
         (set_req(CacheLevel::App, "k", text("v"), secs(0)), "ttl"),
-        (set_req(CacheLevel::App, "k", text("v"), secs(200 * 365 * 24 * 3600)), "ttl"),
+        (
+            set_req(CacheLevel::App, "k", text("v"), secs(200 * 365 * 24 * 3600)),
+            "ttl",
+        ),
     ];
     for (req, field) in cases {
         let err = c.set(req.clone()).await.unwrap_err();
         assert_eq!(bad_field(&err), field, "{req:?}");
     }
     // a key of exactly KOO_MAX_KEY_SIZE is fine
-    c.set(set_req(CacheLevel::App, &"k".repeat(1024), text("v"), None)).await.unwrap();
+    c.set(set_req(CacheLevel::App, &"k".repeat(1024), text("v"), None))
+        .await
+        .unwrap();
     let err = c.get(get_req(CacheLevel::App, "")).await.unwrap_err();
     assert_eq!(bad_field(&err), "key");
     let list = |pattern: &str, page_size: i32, token: &str| pb::ListKeysRequest {
@@ -288,17 +487,34 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
         assert_eq!(bad_field(&err), field, "{req:?}");
     }
     let too_many: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
-    let err = c.get_many(pb::GetManyRequest { level: 0, keys: too_many.clone() }).await.unwrap_err();
+    let err = c
+        .get_many(pb::GetManyRequest {
+            level: 0,
+            keys: too_many.clone(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(bad_field(&err), "keys");
     let err = c
-        .get_many(pb::GetManyRequest { level: 0, keys: vec!["a".into(), "".into()] })
+        .get_many(pb::GetManyRequest {
+            level: 0,
+            keys: vec!["a".into(), "".into()],
+        })
         .await
         .unwrap_err();
     assert_eq!(bad_field(&err), "keys[1]");
-    let err = c.delete_many(pb::DeleteManyRequest { level: 0, keys: too_many }).await.unwrap_err();
+    let err = c
+        .delete_many(pb::DeleteManyRequest {
+            level: 0,
+            keys: too_many,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(bad_field(&err), "keys");
     let err = c
-        .watch_metrics(pb::WatchMetricsRequest { interval: millis(10) })
+        .watch_metrics(pb::WatchMetricsRequest {
+            interval: millis(10),
+        })
         .await
         .unwrap_err();
     assert_eq!(bad_field(&err), "interval");
@@ -324,18 +540,46 @@ async fn malformed_protobuf_is_invalid_argument_and_server_keeps_serving(env: En
     async fn call<M: prost::Message + Send + Sync + 'static>(env: &Env, msg: M) -> tonic::Status {
         let mut grpc = tonic::client::Grpc::new(env.server.channel.clone());
         grpc.ready().await.unwrap();
-        let path = tonic::codegen::http::uri::PathAndQuery::from_static("/koo.cache.v1.CacheService/Get");
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/koo.cache.v1.CacheService/Get");
         let codec = tonic_prost::ProstCodec::<M, pb::GetResponse>::default();
-        grpc.unary(tonic::Request::new(msg), path, codec).await.unwrap_err()
+        grpc.unary(tonic::Request::new(msg), path, codec)
+            .await
+            .unwrap_err()
     }
-    let err = call(&env, BytesKey { level: 1, key: vec![0xff, 0xfe, b'k'] }).await;
+    let err = call(
+        &env,
+        BytesKey {
+            level: 1,
+            key: vec![0xff, 0xfe, b'k'],
+        },
+    )
+    .await;
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(err.message().contains("not a valid protobuf message"), "{}", err.message());
-    let err = call(&env, WrongWire { level: vec![1, 2, 3] }).await;
+    assert!(
+        err.message().contains("not a valid protobuf message"),
+        "{}",
+        err.message()
+    );
+    let err = call(
+        &env,
+        WrongWire {
+            level: vec![1, 2, 3],
+        },
+    )
+    .await;
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let mut c = env.cache();
-    c.set(set_req(CacheLevel::App, "still", text("here"), None)).await.unwrap();
-    assert!(c.get(get_req(CacheLevel::App, "still")).await.unwrap().into_inner().found);
+    c.set(set_req(CacheLevel::App, "still", text("here"), None))
+        .await
+        .unwrap();
+    assert!(
+        c.get(get_req(CacheLevel::App, "still"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
 }
 
 /// GetMany answers in request order with misses and duplicates; SetMany
@@ -347,7 +591,10 @@ async fn batch_operations(env: Env) {
             entries: vec![
                 entry(CacheLevel::Db, "a", text("1")),
                 entry(CacheLevel::Db, "b", raw(&[2])),
-                pb::CacheEntry { ttl: secs(30), ..entry(CacheLevel::Api, "a", text("api")) },
+                pb::CacheEntry {
+                    ttl: secs(30),
+                    ..entry(CacheLevel::Api, "a", text("api"))
+                },
             ],
         })
         .await
@@ -357,21 +604,53 @@ async fn batch_operations(env: Env) {
     assert_eq!(set.results[0].ttl, secs(3600));
     assert_eq!(set.results[2].ttl, secs(30));
     let keys: Vec<String> = ["b", "missing", "a", "b"].map(String::from).to_vec();
-    let got = c.get_many(pb::GetManyRequest { level: CacheLevel::Db as i32, keys: keys.clone() }).await.unwrap().into_inner();
-    let seen: Vec<(String, bool)> = got.results.iter().map(|r| (r.key.clone(), r.entry.as_ref().unwrap().found)).collect();
+    let got = c
+        .get_many(pb::GetManyRequest {
+            level: CacheLevel::Db as i32,
+            keys: keys.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let seen: Vec<(String, bool)> = got
+        .results
+        .iter()
+        .map(|r| (r.key.clone(), r.entry.as_ref().unwrap().found))
+        .collect();
     assert_eq!(
         seen,
-        vec![("b".into(), true), ("missing".into(), false), ("a".into(), true), ("b".into(), true)]
+        vec![
+            ("b".into(), true),
+            ("missing".into(), false),
+            ("a".into(), true),
+            ("b".into(), true)
+        ]
     );
     assert_eq!(got.results[2].entry.as_ref().unwrap().value, text("1"));
     let del = c
-        .delete_many(pb::DeleteManyRequest { level: CacheLevel::Db as i32, keys: ["a", "b", "zzz"].map(String::from).to_vec() })
+        .delete_many(pb::DeleteManyRequest {
+            level: CacheLevel::Db as i32,
+            keys: ["a", "b", "zzz"].map(String::from).to_vec(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(del.deleted_count, 2);
-    assert!(c.get(get_req(CacheLevel::Api, "a")).await.unwrap().into_inner().found);
-    let empty = c.get_many(pb::GetManyRequest { level: 0, keys: vec![] }).await.unwrap().into_inner();
+    assert!(
+        c.get(get_req(CacheLevel::Api, "a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let empty = c
+        .get_many(pb::GetManyRequest {
+            level: 0,
+            keys: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(empty.results.is_empty());
 }
 
@@ -383,7 +662,10 @@ async fn set_many_is_all_or_nothing(env: Env) {
         .set_many(pb::SetManyRequest {
             entries: vec![
                 entry(CacheLevel::App, "good", text("1")),
-                pb::CacheEntry { ttl: secs(-1), ..entry(CacheLevel::App, "bad", text("2")) },
+                pb::CacheEntry {
+                    ttl: secs(-1),
+                    ..entry(CacheLevel::App, "bad", text("2"))
+                },
             ],
         })
         .await
@@ -391,27 +673,50 @@ async fn set_many_is_all_or_nothing(env: Env) {
     assert_eq!(bad_field(&err), "entries[1].ttl");
     let err = c
         .set_many(pb::SetManyRequest {
-            entries: vec![entry(CacheLevel::App, "good", text("1")), entry(CacheLevel::App, "", text("2"))],
+            entries: vec![
+                entry(CacheLevel::App, "good", text("1")),
+                entry(CacheLevel::App, "", text("2")),
+            ],
         })
         .await
         .unwrap_err();
     assert_eq!(bad_field(&err), "entries[1].key");
-    assert!(!c.get(get_req(CacheLevel::App, "good")).await.unwrap().into_inner().found);
+    assert!(
+        !c.get(get_req(CacheLevel::App, "good"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
 }
 
 /// Paging with small pages returns every key of the level at least once and
 /// nothing else, then an empty token.
 async fn list_keys_pages_through_everything(env: Env) {
     let mut c = env.cache();
-    let entries: Vec<pb::CacheEntry> = (0..250).map(|i| entry(CacheLevel::Db, &format!("item:{i:03}"), text("v"))).collect();
+    let entries: Vec<pb::CacheEntry> = (0..250)
+        .map(|i| entry(CacheLevel::Db, &format!("item:{i:03}"), text("v")))
+        .collect();
     c.set_many(pb::SetManyRequest { entries }).await.unwrap();
-    c.set(set_req(CacheLevel::App, "item:other-level", text("v"), None)).await.unwrap();
+    c.set(set_req(
+        CacheLevel::App,
+        "item:other-level",
+        text("v"),
+        None,
+    ))
+    .await
+    .unwrap();
     let mut seen = BTreeSet::new();
     let mut token = String::new();
     let mut pages = 0;
     loop {
         let page = c
-            .list_keys(pb::ListKeysRequest { level: CacheLevel::Db as i32, pattern: "item:*".into(), page_size: 40, page_token: token })
+            .list_keys(pb::ListKeysRequest {
+                level: CacheLevel::Db as i32,
+                pattern: "item:*".into(),
+                page_size: 40,
+                page_token: token,
+            })
             .await
             .unwrap()
             .into_inner();
@@ -428,13 +733,23 @@ async fn list_keys_pages_through_everything(env: Env) {
     assert_eq!(seen, expected);
     // a token is bound to its level and pattern
     let first = c
-        .list_keys(pb::ListKeysRequest { level: CacheLevel::Db as i32, pattern: "item:*".into(), page_size: 10, page_token: String::new() })
+        .list_keys(pb::ListKeysRequest {
+            level: CacheLevel::Db as i32,
+            pattern: "item:*".into(),
+            page_size: 10,
+            page_token: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(!first.next_page_token.is_empty());
     let err = c
-        .list_keys(pb::ListKeysRequest { level: CacheLevel::Db as i32, pattern: "*".into(), page_size: 10, page_token: first.next_page_token })
+        .list_keys(pb::ListKeysRequest {
+            level: CacheLevel::Db as i32,
+            pattern: "*".into(),
+            page_size: 10,
+            page_token: first.next_page_token,
+        })
         .await
         .unwrap_err();
     assert_eq!(bad_field(&err), "page_token");
@@ -445,9 +760,13 @@ async fn list_keys_pages_through_everything(env: Env) {
 async fn list_keys_patterns_stay_in_the_level(env: Env) {
     let mut c = env.cache();
     for key in ["a*b", "axb", "a?b", "[x]", "user:1", "user:2", "session:9"] {
-        c.set(set_req(CacheLevel::Session, key, text("v"), None)).await.unwrap();
+        c.set(set_req(CacheLevel::Session, key, text("v"), None))
+            .await
+            .unwrap();
     }
-    c.set(set_req(CacheLevel::Api, "user:3", text("v"), None)).await.unwrap();
+    c.set(set_req(CacheLevel::Api, "user:3", text("v"), None))
+        .await
+        .unwrap();
     let list = |pattern: &str| pb::ListKeysRequest {
         level: CacheLevel::Session as i32,
         pattern: pattern.into(),
@@ -459,26 +778,72 @@ async fn list_keys_patterns_stay_in_the_level(env: Env) {
         resp.keys.into_iter().collect::<BTreeSet<_>>()
     };
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-    assert_eq!(keys(c.list_keys(list("a\\*b")).await.unwrap().into_inner()), set(&["a*b"]));
-    assert_eq!(keys(c.list_keys(list("a*b")).await.unwrap().into_inner()), set(&["a*b", "axb", "a?b"]));
-    assert_eq!(keys(c.list_keys(list("\\[x\\]")).await.unwrap().into_inner()), set(&["[x]"]));
-    assert_eq!(keys(c.list_keys(list("user:*")).await.unwrap().into_inner()), set(&["user:1", "user:2"]));
-    assert_eq!(keys(c.list_keys(list("")).await.unwrap().into_inner()).len(), 7);
-    assert_eq!(keys(c.list_keys(list("*:cache:*")).await.unwrap().into_inner()), set(&[]));
+    assert_eq!(
+        keys(c.list_keys(list("a\\*b")).await.unwrap().into_inner()),
+        set(&["a*b"])
+    );
+    assert_eq!(
+        keys(c.list_keys(list("a*b")).await.unwrap().into_inner()),
+        set(&["a*b", "axb", "a?b"])
+    );
+    assert_eq!(
+        keys(c.list_keys(list("\\[x\\]")).await.unwrap().into_inner()),
+        set(&["[x]"])
+    );
+    assert_eq!(
+        keys(c.list_keys(list("user:*")).await.unwrap().into_inner()),
+        set(&["user:1", "user:2"])
+    );
+    assert_eq!(
+        keys(c.list_keys(list("")).await.unwrap().into_inner()).len(),
+        7
+    );
+    assert_eq!(
+        keys(c.list_keys(list("*:cache:*")).await.unwrap().into_inner()),
+        set(&[])
+    );
 }
 
 /// ClearLevel removes the level's keys, reports how many, and leaves other
 /// levels alone.
 async fn clear_level_removes_only_that_level(env: Env) {
     let mut c = env.cache();
-    let entries = (0..30).map(|i| entry(CacheLevel::Api, &format!("k{i}"), text("v"))).collect();
+    let entries = (0..30)
+        .map(|i| entry(CacheLevel::Api, &format!("k{i}"), text("v")))
+        .collect();
     c.set_many(pb::SetManyRequest { entries }).await.unwrap();
-    c.set(set_req(CacheLevel::App, "k1", text("keep"), None)).await.unwrap();
-    let cleared = c.clear_level(pb::ClearLevelRequest { level: CacheLevel::Api as i32 }).await.unwrap().into_inner();
+    c.set(set_req(CacheLevel::App, "k1", text("keep"), None))
+        .await
+        .unwrap();
+    let cleared = c
+        .clear_level(pb::ClearLevelRequest {
+            level: CacheLevel::Api as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(cleared.deleted_count, 30);
-    assert!(!c.get(get_req(CacheLevel::Api, "k1")).await.unwrap().into_inner().found);
-    assert!(c.get(get_req(CacheLevel::App, "k1")).await.unwrap().into_inner().found);
-    let again = c.clear_level(pb::ClearLevelRequest { level: CacheLevel::Api as i32 }).await.unwrap().into_inner();
+    assert!(
+        !c.get(get_req(CacheLevel::Api, "k1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    assert!(
+        c.get(get_req(CacheLevel::App, "k1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    let again = c
+        .clear_level(pb::ClearLevelRequest {
+            level: CacheLevel::Api as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(again.deleted_count, 0);
 }
 
@@ -486,16 +851,40 @@ async fn clear_level_removes_only_that_level(env: Env) {
 /// reported per level and in total.
 async fn metrics_count_per_level(env: Env) {
     let mut c = env.cache();
-    c.set(set_req(CacheLevel::Db, "a", text("v"), None)).await.unwrap();
-    c.set(set_req(CacheLevel::Db, "b", text("v"), None)).await.unwrap();
+    c.set(set_req(CacheLevel::Db, "a", text("v"), None))
+        .await
+        .unwrap();
+    c.set(set_req(CacheLevel::Db, "b", text("v"), None))
+        .await
+        .unwrap();
     for key in ["a", "a", "b", "zz"] {
         c.get(get_req(CacheLevel::Db, key)).await.unwrap();
     }
-    c.delete(pb::DeleteRequest { level: CacheLevel::Db as i32, key: "b".into() }).await.unwrap();
+    c.delete(pb::DeleteRequest {
+        level: CacheLevel::Db as i32,
+        key: "b".into(),
+    })
+    .await
+    .unwrap();
     c.get(get_req(CacheLevel::Session, "x")).await.unwrap();
-    let m = c.get_metrics(pb::GetMetricsRequest {}).await.unwrap().into_inner().metrics.unwrap();
-    let db = m.levels.iter().find(|l| l.level == CacheLevel::Db as i32).unwrap().counters.unwrap();
-    assert_eq!((db.hits, db.misses, db.sets, db.deletes, db.errors, db.keys), (3, 1, 2, 1, 0, 1));
+    let m = c
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics
+        .unwrap();
+    let db = m
+        .levels
+        .iter()
+        .find(|l| l.level == CacheLevel::Db as i32)
+        .unwrap()
+        .counters
+        .unwrap();
+    assert_eq!(
+        (db.hits, db.misses, db.sets, db.deletes, db.errors, db.keys),
+        (3, 1, 2, 1, 0, 1)
+    );
     assert!((db.hit_ratio - 0.75).abs() < 1e-9);
     let total = m.total.unwrap();
     assert_eq!((total.hits, total.misses, total.keys), (3, 2, 1));
@@ -514,7 +903,9 @@ async fn metrics_count_per_level(env: Env) {
 async fn watch_metrics_streams_successive_snapshots(env: Env) {
     let mut c = env.cache();
     let mut stream = c
-        .watch_metrics(pb::WatchMetricsRequest { interval: millis(100) })
+        .watch_metrics(pb::WatchMetricsRequest {
+            interval: millis(100),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -531,17 +922,31 @@ async fn watch_metrics_streams_successive_snapshots(env: Env) {
         if let Some(prev) = last_time.replace(t) {
             assert!((t.seconds, t.nanos) > (prev.seconds, prev.nanos));
         }
-        c.set(set_req(CacheLevel::App, "tick", text("v"), None)).await.unwrap();
+        c.set(set_req(CacheLevel::App, "tick", text("v"), None))
+            .await
+            .unwrap();
     }
 }
 
 /// GetHealth answers healthy with the backend kind and a ping time, and the
 /// standard health service says SERVING for the server and CacheService.
 async fn health_reports_the_backend(env: Env) {
-    env.cache().set(set_req(CacheLevel::App, "k", text("v"), None)).await.unwrap();
-    let h = env.cache().get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    env.cache()
+        .set(set_req(CacheLevel::App, "k", text("v"), None))
+        .await
+        .unwrap();
+    let h = env
+        .cache()
+        .get_health(pb::GetHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(h.healthy);
-    let kind = if env.redis_server().is_some() { pb::BackendKind::Redis } else { pb::BackendKind::Memory };
+    let kind = if env.redis_server().is_some() {
+        pb::BackendKind::Redis
+    } else {
+        pb::BackendKind::Memory
+    };
     assert_eq!(h.backend, kind as i32);
     assert_eq!(h.circuit_state, pb::CircuitState::Closed as i32);
     assert!(h.ping_latency.is_some());
@@ -551,12 +956,18 @@ async fn health_reports_the_backend(env: Env) {
         let status = env
             .server
             .health()
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
             .status;
-        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
     }
 }
 
@@ -587,7 +998,10 @@ async fn warm_loads_request_and_file_entries(env: Env) {
     let mut c = env.cache();
     let report = c
         .warm(pb::WarmRequest {
-            entries: vec![entry(CacheLevel::Api, "r1", text("req")), entry(CacheLevel::Api, "", text("bad"))],
+            entries: vec![
+                entry(CacheLevel::Api, "r1", text("req")),
+                entry(CacheLevel::Api, "", text("bad")),
+            ],
             skip_file: false,
         })
         .await
@@ -597,25 +1011,77 @@ async fn warm_loads_request_and_file_entries(env: Env) {
         .unwrap();
     assert_eq!(report.loaded, 3, "{report:?}");
     assert_eq!(report.file, path.display().to_string());
-    let failures: Vec<(String, i64)> = report.failures.iter().map(|f| (f.source.clone(), f.line)).collect();
+    let failures: Vec<(String, i64)> = report
+        .failures
+        .iter()
+        .map(|f| (f.source.clone(), f.line))
+        .collect();
     assert_eq!(
         failures,
-        vec![("request".into(), 1), (path.display().to_string(), 5), (path.display().to_string(), 6)]
+        vec![
+            ("request".into(), 1),
+            (path.display().to_string(), 5),
+            (path.display().to_string(), 6)
+        ]
     );
-    assert!(report.failures[1].reason.contains("disk"), "{:?}", report.failures[1]);
-    let w1 = c.get(get_req(CacheLevel::Db, "w1")).await.unwrap().into_inner();
+    assert!(
+        report.failures[1].reason.contains("disk"),
+        "{:?}",
+        report.failures[1]
+    );
+    let w1 = c
+        .get(get_req(CacheLevel::Db, "w1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(w1.found && w1.ttl.unwrap().seconds <= 90);
-    assert!(c.get(get_req(CacheLevel::App, "w2")).await.unwrap().into_inner().found);
-    assert!(c.get(get_req(CacheLevel::Api, "r1")).await.unwrap().into_inner().found);
+    assert!(
+        c.get(get_req(CacheLevel::App, "w2"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
+    assert!(
+        c.get(get_req(CacheLevel::Api, "r1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
     // edits take effect on the next warm-up; skip_file skips it
     std::fs::write(&path, "{\"key\":\"w4\",\"text\":\"four\"}\n").unwrap();
-    let again = c.warm(pb::WarmRequest { entries: vec![], skip_file: false }).await.unwrap().into_inner().report.unwrap();
+    let again = c
+        .warm(pb::WarmRequest {
+            entries: vec![],
+            skip_file: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
     assert_eq!((again.loaded, again.failures.len()), (1, 0));
-    let skipped = c.warm(pb::WarmRequest { entries: vec![], skip_file: true }).await.unwrap().into_inner().report.unwrap();
+    let skipped = c
+        .warm(pb::WarmRequest {
+            entries: vec![],
+            skip_file: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
     assert_eq!((skipped.loaded, skipped.file.as_str()), (0, ""));
     // a missing file is a configuration error
     std::fs::remove_file(&path).unwrap();
-    let err = c.warm(pb::WarmRequest { entries: vec![], skip_file: false }).await.unwrap_err();
+    let err = c
+        .warm(pb::WarmRequest {
+            entries: vec![],
+            skip_file: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
 }
 
@@ -624,9 +1090,17 @@ async fn maintenance_reports_largest_keys(env: Env) {
     let mut c = env.cache();
     let mut big = vec![0u8; 64 * 1024];
     rand::Rng::fill(&mut rand::rng(), &mut big[..]);
-    c.set(set_req(CacheLevel::Db, "big", raw(&big), None)).await.unwrap();
-    c.set(set_req(CacheLevel::App, "small", text("s"), None)).await.unwrap();
-    let r = c.start_maintenance(pb::StartMaintenanceRequest {}).await.unwrap().into_inner();
+    c.set(set_req(CacheLevel::Db, "big", raw(&big), None))
+        .await
+        .unwrap();
+    c.set(set_req(CacheLevel::App, "small", text("s"), None))
+        .await
+        .unwrap();
+    let r = c
+        .start_maintenance(pb::StartMaintenanceRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(r.task_id.is_empty());
     let report = r.report.unwrap();
     assert_eq!(report.sampled_keys, 2);

@@ -13,19 +13,33 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 fn text(s: &str) -> Option<pb::CacheValue> {
-    Some(pb::CacheValue { kind: Some(Kind::Text(s.into())) })
+    Some(pb::CacheValue {
+        kind: Some(Kind::Text(s.into())),
+    })
 }
 
 fn set_req(level: CacheLevel, key: &str, value: Option<pb::CacheValue>) -> pb::SetRequest {
-    pb::SetRequest { level: level as i32, key: key.into(), value, ttl: None }
+    pb::SetRequest {
+        level: level as i32,
+        key: key.into(),
+        value,
+        ttl: None,
+    }
 }
 
 fn get_req(key: &str) -> pb::GetRequest {
-    pb::GetRequest { level: CacheLevel::App as i32, key: key.into() }
+    pb::GetRequest {
+        level: CacheLevel::App as i32,
+        key: key.into(),
+    }
 }
 
 /// A Get with a client deadline: returns the status and how long it took.
-async fn timed_get(env: &Env, key: &str, deadline: Duration) -> (Result<pb::GetResponse, tonic::Status>, Duration) {
+async fn timed_get(
+    env: &Env,
+    key: &str,
+    deadline: Duration,
+) -> (Result<pb::GetResponse, tonic::Status>, Duration) {
     let mut req = tonic::Request::new(get_req(key));
     req.set_timeout(deadline);
     let started = Instant::now();
@@ -38,25 +52,44 @@ async fn timed_get(env: &Env, key: &str, deadline: Duration) -> (Result<pb::GetR
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_then_restarted() {
     let mut env = Env::redis().await;
-    env.cache().set(set_req(CacheLevel::App, "k", text("v"))).await.unwrap();
-    let common::Backend::Redis(redis) = &mut env.backend else { unreachable!() };
+    env.cache()
+        .set(set_req(CacheLevel::App, "k", text("v")))
+        .await
+        .unwrap();
+    let common::Backend::Redis(redis) = &mut env.backend else {
+        unreachable!()
+    };
     redis.kill();
     env.server.wait_health("", ServingStatus::NotServing).await;
-    env.server.wait_health("koo.cache.v1.CacheService", ServingStatus::NotServing).await;
+    env.server
+        .wait_health("koo.cache.v1.CacheService", ServingStatus::NotServing)
+        .await;
     for _ in 0..5 {
         let (r, took) = timed_get(&env, "k", Duration::from_secs(1)).await;
         let err = r.unwrap_err();
-        assert!(matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded), "{err:?}");
+        assert!(
+            matches!(err.code(), Code::Unavailable | Code::DeadlineExceeded),
+            "{err:?}"
+        );
         assert!(took < Duration::from_secs(2), "call hung for {took:?}");
     }
-    let h = env.cache().get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    let h = env
+        .cache()
+        .get_health(pb::GetHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!h.healthy);
     assert!(!h.last_error.is_empty());
-    let common::Backend::Redis(redis) = &mut env.backend else { unreachable!() };
+    let common::Backend::Redis(redis) = &mut env.backend else {
+        unreachable!()
+    };
     redis.restart().await;
     env.server.wait_health("", ServingStatus::Serving).await;
     let mut c = env.cache();
-    c.set(set_req(CacheLevel::App, "k2", text("back"))).await.unwrap();
+    c.set(set_req(CacheLevel::App, "k2", text("back")))
+        .await
+        .unwrap();
     let got = c.get(get_req("k2")).await.unwrap().into_inner();
     assert_eq!(got.value, text("back"));
 }
@@ -77,7 +110,11 @@ async fn redis_down_at_startup() {
     assert!(started.elapsed() < Duration::from_secs(2));
     redis.restart().await;
     server.wait_health("", ServingStatus::Serving).await;
-    server.cache().set(set_req(CacheLevel::App, "k", text("v"))).await.unwrap();
+    server
+        .cache()
+        .set(set_req(CacheLevel::App, "k", text("v")))
+        .await
+        .unwrap();
 }
 
 /// Redis paused (SIGSTOP): callers get DEADLINE_EXCEEDED or UNAVAILABLE
@@ -89,14 +126,21 @@ async fn redis_paused_answers_within_the_deadline() {
     redis.signal("STOP");
     let (r, took) = timed_get(&env, "k", Duration::from_millis(500)).await;
     let err = r.unwrap_err();
-    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable), "{err:?}");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Unavailable),
+        "{err:?}"
+    );
     assert!(took < Duration::from_millis(1500), "took {took:?}");
     redis.signal("CONT");
     env.server.wait_health("", ServingStatus::Serving).await;
     let deadline = Instant::now() + common::EVENT_TIMEOUT;
     // the breaker may still be cooling down for a moment
     loop {
-        match env.cache().set(set_req(CacheLevel::App, "k", text("v"))).await {
+        match env
+            .cache()
+            .set(set_req(CacheLevel::App, "k", text("v")))
+            .await
+        {
             Ok(_) => break,
             Err(e) if e.code() == Code::Unavailable && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -110,16 +154,26 @@ async fn redis_paused_answers_within_the_deadline() {
 /// already written is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_full_is_resource_exhausted() {
-    let redis = TestRedis::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]).await;
+    let redis =
+        TestRedis::start_with(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]).await;
     let server = TestServer::spawn(test_settings(redis_settings(&redis.url()))).await;
     server.wait_health("", ServingStatus::Serving).await;
     let mut c = server.cache();
     let mut value = vec![0u8; 256 * 1024];
     rand::Rng::fill(&mut rand::rng(), &mut value[..]);
-    let raw = Some(pb::CacheValue { kind: Some(Kind::Raw(value.into())) });
+    let raw = Some(pb::CacheValue {
+        kind: Some(Kind::Raw(value.into())),
+    });
     let mut written = 0;
     let err = loop {
-        match c.set(set_req(CacheLevel::App, &format!("k{written}"), raw.clone())).await {
+        match c
+            .set(set_req(
+                CacheLevel::App,
+                &format!("k{written}"),
+                raw.clone(),
+            ))
+            .await
+        {
             Ok(_) => written += 1,
             Err(e) => break e,
         }
@@ -128,7 +182,14 @@ async fn redis_full_is_resource_exhausted() {
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(written > 0);
     for i in 0..written {
-        assert!(c.get(get_req(&format!("k{i}"))).await.unwrap().into_inner().found, "k{i} lost");
+        assert!(
+            c.get(get_req(&format!("k{i}")))
+                .await
+                .unwrap()
+                .into_inner()
+                .found,
+            "k{i} lost"
+        );
     }
 }
 
@@ -142,12 +203,18 @@ async fn two_instances_share_values_and_metrics() {
     a.wait_health("", ServingStatus::Serving).await;
     b.wait_health("", ServingStatus::Serving).await;
     for i in 0..3 {
-        a.cache().set(set_req(CacheLevel::Db, &format!("k{i}"), text("v"))).await.unwrap();
+        a.cache()
+            .set(set_req(CacheLevel::Db, &format!("k{i}"), text("v")))
+            .await
+            .unwrap();
     }
     for i in 0..2 {
         let got = b
             .cache()
-            .get(pb::GetRequest { level: CacheLevel::Db as i32, key: format!("k{i}") })
+            .get(pb::GetRequest {
+                level: CacheLevel::Db as i32,
+                key: format!("k{i}"),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -157,7 +224,14 @@ async fn two_instances_share_values_and_metrics() {
     let deadline = Instant::now() + common::EVENT_TIMEOUT;
     for server in [&a, &b] {
         loop {
-            let m = server.cache().get_metrics(pb::GetMetricsRequest {}).await.unwrap().into_inner().metrics.unwrap();
+            let m = server
+                .cache()
+                .get_metrics(pb::GetMetricsRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .metrics
+                .unwrap();
             let t = m.total.unwrap();
             if m.instance_count == 2 && t.sets == 3 && t.hits == 2 {
                 assert_eq!(t.keys, 3);
@@ -175,14 +249,26 @@ async fn two_instances_share_values_and_metrics() {
 async fn every_key_koo_writes_has_a_ttl() {
     let env = Env::redis().await;
     let mut c = env.cache();
-    c.set(set_req(CacheLevel::App, "a", text("v"))).await.unwrap();
+    c.set(set_req(CacheLevel::App, "a", text("v")))
+        .await
+        .unwrap();
     c.set_many(pb::SetManyRequest {
-        entries: vec![pb::CacheEntry { level: CacheLevel::Session as i32, key: "b".into(), value: text("v"), ttl: None }],
+        entries: vec![pb::CacheEntry {
+            level: CacheLevel::Session as i32,
+            key: "b".into(),
+            value: text("v"),
+            ttl: None,
+        }],
     })
     .await
     .unwrap();
     c.warm(pb::WarmRequest {
-        entries: vec![pb::CacheEntry { level: CacheLevel::Api as i32, key: "c".into(), value: text("v"), ttl: None }],
+        entries: vec![pb::CacheEntry {
+            level: CacheLevel::Api as i32,
+            key: "c".into(),
+            value: text("v"),
+            ttl: None,
+        }],
         skip_file: true,
     })
     .await
@@ -191,11 +277,19 @@ async fn every_key_koo_writes_has_a_ttl() {
     let mut conn = env.redis_server().unwrap().conn().await;
     // wait for at least one metrics publication
     let deadline = Instant::now() + common::EVENT_TIMEOUT;
-    while !conn.exists::<_, bool>("koo:stats:cache:instances").await.unwrap() {
+    while !conn
+        .exists::<_, bool>("koo:stats:cache:instances")
+        .await
+        .unwrap()
+    {
         assert!(Instant::now() < deadline, "metrics never published");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(keys.len() >= 5, "{keys:?}");
     for key in keys {
         assert!(key.starts_with("koo:"), "{key}");
@@ -213,19 +307,52 @@ async fn cleanup_removes_only_koos_strays() {
     let mut conn = env.redis_server().unwrap().conn().await;
     let _: () = conn.set("koo:cache:app:orphan", "no ttl").await.unwrap();
     let _: () = conn.set("someone-else:key", "no ttl").await.unwrap();
-    let _: () = conn.zadd("koo:stats:cache:instances", "ghost", 1).await.unwrap();
-    let _: () = conn.set("koo:stats:cache:instance:ghost", "{}").await.unwrap();
+    let _: () = conn
+        .zadd("koo:stats:cache:instances", "ghost", 1)
+        .await
+        .unwrap();
+    let _: () = conn
+        .set("koo:stats:cache:instance:ghost", "{}")
+        .await
+        .unwrap();
     let err = env.cache().get(get_req("orphan")).await.unwrap_err();
     assert_eq!(err.code(), Code::DataLoss, "{err:?}");
-    env.cache().set(set_req(CacheLevel::App, "kept", text("v"))).await.unwrap();
-    let report = env.cache().cleanup(pb::CleanupRequest {}).await.unwrap().into_inner().report.unwrap();
+    env.cache()
+        .set(set_req(CacheLevel::App, "kept", text("v")))
+        .await
+        .unwrap();
+    let report = env
+        .cache()
+        .cleanup(pb::CleanupRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
     assert_eq!(report.removed_without_ttl, 1, "{report:?}");
     assert_eq!(report.removed_stale_instances, 1, "{report:?}");
     assert!(report.scanned_keys >= 2);
-    assert!(!conn.exists::<_, bool>("koo:cache:app:orphan").await.unwrap());
-    assert!(!conn.exists::<_, bool>("koo:stats:cache:instance:ghost").await.unwrap());
+    assert!(
+        !conn
+            .exists::<_, bool>("koo:cache:app:orphan")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !conn
+            .exists::<_, bool>("koo:stats:cache:instance:ghost")
+            .await
+            .unwrap()
+    );
     assert!(conn.exists::<_, bool>("someone-else:key").await.unwrap());
-    assert!(env.cache().get(get_req("kept")).await.unwrap().into_inner().found);
+    assert!(
+        env.cache()
+            .get(get_req("kept"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found
+    );
 }
 
 /// Two deployments with different prefixes share one Redis without seeing or
@@ -242,11 +369,31 @@ async fn prefixes_isolate_deployments() {
     let b = TestServer::spawn(with_prefix("beta")).await;
     a.wait_health("", ServingStatus::Serving).await;
     b.wait_health("", ServingStatus::Serving).await;
-    a.cache().set(set_req(CacheLevel::App, "k", text("a"))).await.unwrap();
-    b.cache().set(set_req(CacheLevel::App, "k", text("b"))).await.unwrap();
-    let cleared = a.cache().clear_level(pb::ClearLevelRequest { level: CacheLevel::App as i32 }).await.unwrap();
+    a.cache()
+        .set(set_req(CacheLevel::App, "k", text("a")))
+        .await
+        .unwrap();
+    b.cache()
+        .set(set_req(CacheLevel::App, "k", text("b")))
+        .await
+        .unwrap();
+    let cleared = a
+        .cache()
+        .clear_level(pb::ClearLevelRequest {
+            level: CacheLevel::App as i32,
+        })
+        .await
+        .unwrap();
     assert_eq!(cleared.into_inner().deleted_count, 1);
-    assert_eq!(b.cache().get(get_req("k")).await.unwrap().into_inner().value, text("b"));
+    assert_eq!(
+        b.cache()
+            .get(get_req("k"))
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+        text("b")
+    );
     let mut conn = redis.conn().await;
     assert!(conn.exists::<_, bool>("beta:cache:app:k").await.unwrap());
 }
@@ -258,15 +405,23 @@ async fn embedded_cleanup_purges_expired_entries() {
     let mut c = env.cache();
     for i in 0..3 {
         let mut req = set_req(CacheLevel::Session, &format!("k{i}"), text("v"));
-        req.ttl = Some(prost_types::Duration { seconds: 0, nanos: 50_000_000 });
+        req.ttl = Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 50_000_000,
+        });
         c.set(req).await.unwrap();
     }
-    c.set(set_req(CacheLevel::Session, "stays", text("v"))).await.unwrap();
+    c.set(set_req(CacheLevel::Session, "stays", text("v")))
+        .await
+        .unwrap();
     // wait until all three read as expired
     let deadline = Instant::now() + common::EVENT_TIMEOUT;
     for i in 0..3 {
         while c
-            .get(pb::GetRequest { level: CacheLevel::Session as i32, key: format!("k{i}") })
+            .get(pb::GetRequest {
+                level: CacheLevel::Session as i32,
+                key: format!("k{i}"),
+            })
             .await
             .unwrap()
             .into_inner()
@@ -276,9 +431,21 @@ async fn embedded_cleanup_purges_expired_entries() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    let report = c.cleanup(pb::CleanupRequest {}).await.unwrap().into_inner().report.unwrap();
+    let report = c
+        .cleanup(pb::CleanupRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
     assert_eq!(report.removed_expired, 3, "{report:?}");
     assert_eq!(report.removed_without_ttl, 0);
-    let again = c.cleanup(pb::CleanupRequest {}).await.unwrap().into_inner().report.unwrap();
+    let again = c
+        .cleanup(pb::CleanupRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
     assert_eq!(again.removed_expired, 0);
 }

@@ -15,7 +15,9 @@ pub enum CacheError {
         reason: String,
     },
     /// A value is over `CACHE_MAX_VALUE_SIZE`.
-    #[error("{field}: value is {size} bytes, over the limit of {limit} bytes (CACHE_MAX_VALUE_SIZE)")]
+    #[error(
+        "{field}: value is {size} bytes, over the limit of {limit} bytes (CACHE_MAX_VALUE_SIZE)"
+    )]
     ValueTooLarge {
         /// Path of the value field.
         field: String,
@@ -25,7 +27,9 @@ pub enum CacheError {
         limit: usize,
     },
     /// A reply would be larger than the gRPC message limit.
-    #[error("the reply would be {size} bytes, over the {limit}-byte message limit; ask for fewer keys")]
+    #[error(
+        "the reply would be {size} bytes, over the {limit}-byte message limit; ask for fewer keys"
+    )]
     ReplyTooLarge {
         /// Size of the reply.
         size: usize,

@@ -252,7 +252,10 @@ mod tests {
         let mut sum = one.clone();
         sum.merge(&back);
         let t = sum.total();
-        assert_eq!((t.hits, t.misses, t.sets, t.errors, t.operations), (6, 2, 2, 2, 4));
+        assert_eq!(
+            (t.hits, t.misses, t.sets, t.errors, t.operations),
+            (6, 2, 2, 2, 4)
+        );
         assert_eq!(sum.bytes_raw - sum.bytes_stored, 120);
         assert_eq!(sum.latencies[Op::Get as usize].count(), 2);
         assert!((sum.levels[Level::Api.index()].hit_ratio() - 0.75).abs() < 1e-9);

@@ -319,7 +319,10 @@ impl Cache {
         if key.len() > max {
             return Err(CacheError::invalid(
                 field,
-                format!("is {} bytes, over the limit of {max} bytes (KOO_MAX_KEY_SIZE)", key.len()),
+                format!(
+                    "is {} bytes, over the limit of {max} bytes (KOO_MAX_KEY_SIZE)",
+                    key.len()
+                ),
             ));
         }
         Ok(())
@@ -348,10 +351,16 @@ impl Cache {
         }
         let ttl = e.ttl.unwrap_or_else(|| self.inner.config.ttl_for(e.level));
         if ttl < Duration::from_millis(1) {
-            return Err(CacheError::invalid(format!("{at}ttl"), "must be at least 1 ms"));
+            return Err(CacheError::invalid(
+                format!("{at}ttl"),
+                "must be at least 1 ms",
+            ));
         }
         if ttl > MAX_TTL {
-            return Err(CacheError::invalid(format!("{at}ttl"), "must be at most 100 years"));
+            return Err(CacheError::invalid(
+                format!("{at}ttl"),
+                "must be at most 100 years",
+            ));
         }
         Ok(ttl)
     }
@@ -389,6 +398,13 @@ impl Cache {
             stored_size,
             compressed: decoded.compressed,
         })
+    }
+
+    /// Counts a write. Compression figures compare payloads, without koo's
+    /// fixed header, so that `bytes_saved` is what compression saved.
+    fn count_write(&self, level: Level, s: &Stored) {
+        let payload = s.stored_size.saturating_sub(value::HEADER as u64);
+        self.inner.metrics.write(level, s.size, payload);
     }
 
     /// Counts an operation, its latency and (if it is the backend's fault)
@@ -437,7 +453,7 @@ impl Cache {
             .map(|()| stored)
             .map_err(CacheError::from);
         if result.is_ok() {
-            self.inner.metrics.write(entry.level, stored.size, stored.stored_size);
+            self.count_write(entry.level, &stored);
         }
         self.observe(entry.level, Op::Set, started, &result);
         result
@@ -446,19 +462,29 @@ impl Cache {
     /// Removes one key; whether it existed.
     pub async fn delete(&self, level: Level, key: &str, deadline: Deadline) -> Result<bool> {
         self.check_key("key", key)?;
-        let n = self.remove(level, Op::Delete, &[key.to_owned()], deadline).await?;
+        let n = self
+            .remove(level, Op::Delete, &[key.to_owned()], deadline)
+            .await?;
         Ok(n > 0)
     }
 
     /// Reads up to [`MAX_BATCH`] keys of one level, answers in order.
-    pub async fn get_many(&self, level: Level, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Hit>>> {
+    pub async fn get_many(
+        &self,
+        level: Level,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<Option<Hit>>> {
         self.check_batch("keys", keys.len())?;
         for (i, k) in keys.iter().enumerate() {
             self.check_key(&format!("keys[{i}]"), k)?;
         }
         let started = Instant::now();
         let result = async {
-            let full: Vec<String> = keys.iter().map(|k| self.inner.keys.cache_key(level, k)).collect();
+            let full: Vec<String> = keys
+                .iter()
+                .map(|k| self.inner.keys.cache_key(level, k))
+                .collect();
             let entries = self.inner.store.get_many(&full, deadline).await?;
             let mut size = 0usize;
             let hits = keys
@@ -482,7 +508,9 @@ impl Cache {
         .await;
         if let Ok(hits) = &result {
             let found = hits.iter().filter(|h| h.is_some()).count() as u64;
-            self.inner.metrics.reads(level, found, hits.len() as u64 - found);
+            self.inner
+                .metrics
+                .reads(level, found, hits.len() as u64 - found);
         }
         self.observe(level, Op::GetMany, started, &result);
         result
@@ -513,18 +541,31 @@ impl Cache {
     }
 
     /// Encodes and writes validated entries in one atomic store call.
-    async fn write_all(&self, entries: &[NewEntry], ttls: &[Duration], deadline: Deadline) -> Result<Vec<Stored>> {
-        let (writes, stored): (Vec<Write>, Vec<Stored>) =
-            entries.iter().zip(ttls).map(|(e, ttl)| self.encode(e, *ttl)).unzip();
+    async fn write_all(
+        &self,
+        entries: &[NewEntry],
+        ttls: &[Duration],
+        deadline: Deadline,
+    ) -> Result<Vec<Stored>> {
+        let (writes, stored): (Vec<Write>, Vec<Stored>) = entries
+            .iter()
+            .zip(ttls)
+            .map(|(e, ttl)| self.encode(e, *ttl))
+            .unzip();
         self.inner.store.set_many(writes, deadline).await?;
         for (e, s) in entries.iter().zip(&stored) {
-            self.inner.metrics.write(e.level, s.size, s.stored_size);
+            self.count_write(e.level, s);
         }
         Ok(stored)
     }
 
     /// Removes up to [`MAX_BATCH`] keys of one level; how many existed.
-    pub async fn delete_many(&self, level: Level, keys: &[String], deadline: Deadline) -> Result<u64> {
+    pub async fn delete_many(
+        &self,
+        level: Level,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<u64> {
         self.check_batch("keys", keys.len())?;
         for (i, k) in keys.iter().enumerate() {
             self.check_key(&format!("keys[{i}]"), k)?;
@@ -532,10 +573,24 @@ impl Cache {
         self.remove(level, Op::DeleteMany, keys, deadline).await
     }
 
-    async fn remove(&self, level: Level, op: Op, keys: &[String], deadline: Deadline) -> Result<u64> {
+    async fn remove(
+        &self,
+        level: Level,
+        op: Op,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<u64> {
         let started = Instant::now();
-        let full: Vec<String> = keys.iter().map(|k| self.inner.keys.cache_key(level, k)).collect();
-        let result = self.inner.store.delete(&full, deadline).await.map_err(CacheError::from);
+        let full: Vec<String> = keys
+            .iter()
+            .map(|k| self.inner.keys.cache_key(level, k))
+            .collect();
+        let result = self
+            .inner
+            .store
+            .delete(&full, deadline)
+            .await
+            .map_err(CacheError::from);
         if let Ok(n) = result {
             self.inner.metrics.deletes(level, n);
         }
@@ -561,7 +616,10 @@ impl Cache {
         if pattern.len() > MAX_PATTERN_LEN {
             return Err(CacheError::invalid(
                 "pattern",
-                format!("is {} bytes, over the limit of {MAX_PATTERN_LEN}", pattern.len()),
+                format!(
+                    "is {} bytes, over the limit of {MAX_PATTERN_LEN}",
+                    pattern.len()
+                ),
             ));
         }
         glob::validate(pattern).map_err(|e| CacheError::invalid("pattern", e.to_string()))?;
@@ -596,7 +654,12 @@ impl Cache {
     pub async fn clear_level(&self, level: Level, deadline: Deadline) -> Result<u64> {
         let started = Instant::now();
         let pattern = self.inner.keys.level_pattern(level, "*");
-        let result = self.inner.store.clear(&pattern, deadline).await.map_err(CacheError::from);
+        let result = self
+            .inner
+            .store
+            .clear(&pattern, deadline)
+            .await
+            .map_err(CacheError::from);
         if let Ok(n) = result {
             self.inner.metrics.deletes(level, n);
         }
@@ -669,7 +732,12 @@ impl Cache {
         let records = self
             .inner
             .store
-            .read_records(&keys.cache_metrics_index(), since, &|m| keys.cache_metrics_record(m), deadline)
+            .read_records(
+                &keys.cache_metrics_index(),
+                since,
+                &|m| keys.cache_metrics_record(m),
+                deadline,
+            )
             .await?;
         Ok(records
             .into_iter()
@@ -738,7 +806,10 @@ impl Cache {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.publish_metrics(Deadline::after(interval.max(Duration::from_secs(1)))).await {
+            match self
+                .publish_metrics(Deadline::after(interval.max(Duration::from_secs(1))))
+                .await
+            {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("publishing cache metrics again");
@@ -756,12 +827,21 @@ impl Cache {
     /// Removes what the backend does not expire by itself.
     pub async fn cleanup(&self, deadline: Deadline) -> Result<CleanupReport> {
         let keys = &self.inner.keys;
-        let counts = self.inner.store.cleanup(&keys.cache_pattern(), deadline).await?;
+        let counts = self
+            .inner
+            .store
+            .cleanup(&keys.cache_pattern(), deadline)
+            .await?;
         let since = SystemTime::now() - self.inner.config.record_ttl();
         let stale = self
             .inner
             .store
-            .remove_stale_records(&keys.cache_metrics_index(), since, &|m| keys.cache_metrics_record(m), deadline)
+            .remove_stale_records(
+                &keys.cache_metrics_index(),
+                since,
+                &|m| keys.cache_metrics_record(m),
+                deadline,
+            )
             .await?;
         Ok(CleanupReport {
             scanned: counts.scanned,
@@ -778,7 +858,12 @@ impl Cache {
         let (sampled_keys, sizes) = self
             .inner
             .store
-            .largest_keys(&self.inner.keys.cache_pattern(), MAINTENANCE_SAMPLE, MAINTENANCE_TOP, deadline)
+            .largest_keys(
+                &self.inner.keys.cache_pattern(),
+                MAINTENANCE_SAMPLE,
+                MAINTENANCE_TOP,
+                deadline,
+            )
             .await?;
         let largest = sizes
             .into_iter()
@@ -802,7 +887,12 @@ impl Cache {
     /// Preloads `entries` and, unless `skip_file`, the configured warm file.
     /// Bad entries are reported, not fatal; a warm file that cannot be read
     /// fails the whole warm-up, since it is a configuration error.
-    pub async fn warm(&self, entries: Vec<NewEntry>, skip_file: bool, deadline: Deadline) -> Result<WarmReport> {
+    pub async fn warm(
+        &self,
+        entries: Vec<NewEntry>,
+        skip_file: bool,
+        deadline: Deadline,
+    ) -> Result<WarmReport> {
         let mut report = WarmReport::default();
         let mut valid = Vec::new();
         for (i, e) in entries.into_iter().enumerate() {
@@ -854,7 +944,12 @@ impl PageToken {
     const VERSION: &'static str = "1";
 
     fn encode(level: Level, pattern: &str, cursor: &str) -> String {
-        let raw = format!("{}.{}.{:016x}.{cursor}", Self::VERSION, level.as_str(), fnv1a(pattern));
+        let raw = format!(
+            "{}.{}.{:016x}.{cursor}",
+            Self::VERSION,
+            level.as_str(),
+            fnv1a(pattern)
+        );
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
@@ -886,7 +981,9 @@ impl PageToken {
 
 /// FNV-1a: a hash that is stable across processes and versions, unlike std's.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -897,7 +994,12 @@ mod tests {
     #[test]
     fn page_tokens() {
         let t = PageToken::encode(Level::Db, "user:*", "r:17:3");
-        assert_eq!(PageToken::decode(&t, Level::Db, "user:*").unwrap().as_deref(), Some("r:17:3"));
+        assert_eq!(
+            PageToken::decode(&t, Level::Db, "user:*")
+                .unwrap()
+                .as_deref(),
+            Some("r:17:3")
+        );
         assert!(PageToken::decode(&t, Level::App, "user:*").is_err());
         assert!(PageToken::decode(&t, Level::Db, "user:?").is_err());
         assert!(PageToken::decode("%%%", Level::Db, "*").is_err());

@@ -14,16 +14,15 @@
 //! value in the form it was set, and so that a later format can be told apart
 //! from this one during a rolling upgrade.
 
-use std::io::{Read, Write};
+use std::cell::RefCell;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use flate2::Compression;
-use flate2::read::ZlibDecoder;
-use flate2::write::ZlibEncoder;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 const MAGIC: u8 = b'K';
 const VERSION: u8 = 1;
-const HEADER: usize = 8;
+/// Bytes of koo's header in front of every stored value.
+pub const HEADER: usize = 8;
 const IDENTITY: u8 = 0;
 const ZLIB: u8 = 1;
 
@@ -75,6 +74,95 @@ pub struct Encoded {
     pub compressed: bool,
 }
 
+thread_local! {
+    /// One zlib compressor and decompressor per thread, reset between uses:
+    /// their state is a few hundred KiB, and allocating and zeroing it on
+    /// every call cost more than compressing a 4 KiB value.
+    static DEFLATE: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+    static INFLATE: RefCell<Option<Decompress>> = const { RefCell::new(None) };
+}
+
+/// Bytes sampled to decide whether a large payload is worth deflating.
+const SAMPLE: usize = 512;
+
+/// zlib-compresses `payload` after `header` into a buffer no larger than
+/// `header + payload`; `None` when compression would not make it smaller
+/// (the compressor stops as soon as the output fills that buffer, so
+/// incompressible data costs at most one pass).
+fn deflate(header: &[u8; HEADER], payload: &[u8], level: Compression) -> Option<Vec<u8>> {
+    DEFLATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compress = match cell.as_mut() {
+            Some((l, c)) if *l == level.level() => {
+                c.reset();
+                c
+            }
+            _ => &mut cell.insert((level.level(), Compress::new(level, true))).1,
+        };
+        // Already-compressed data (images, archives, encrypted blobs) does not
+        // shrink, and deflating it whole costs as much as everything else a
+        // Set does. A sample from the front that does not shrink at all
+        // predicts that well, for an eighth of the work.
+        if payload.len() >= 4 * SAMPLE {
+            let mut probe = Vec::with_capacity(SAMPLE);
+            let shrank = matches!(
+                compress.compress_vec(&payload[..SAMPLE], &mut probe, FlushCompress::Finish),
+                Ok(Status::StreamEnd)
+            );
+            if !shrank {
+                return None;
+            }
+            compress.reset();
+        }
+        let mut out = Vec::with_capacity(HEADER + payload.len());
+        out.extend_from_slice(header);
+        match compress.compress_vec(payload, &mut out, FlushCompress::Finish) {
+            Ok(Status::StreamEnd) if out.len() < HEADER + payload.len() => Some(out),
+            _ => None,
+        }
+    })
+}
+
+/// Inflates exactly `len` bytes; anything else is damage.
+fn inflate(body: &[u8], len: usize) -> Result<Vec<u8>, DecodeError> {
+    // deflate cannot expand data more than ~1032:1; a header claiming more is
+    // damaged, and must not make us allocate what it claims.
+    if len > body.len().saturating_mul(1032).saturating_add(64) {
+        return Err(DecodeError::Damaged(format!(
+            "header says {len} bytes, more than {} compressed bytes can hold",
+            body.len()
+        )));
+    }
+    INFLATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let decompress = match cell.as_mut() {
+            Some(d) => {
+                d.reset(true);
+                d
+            }
+            None => cell.insert(Decompress::new(true)),
+        };
+        // One spare byte, so that a stream longer than the header says is
+        // caught rather than silently cut.
+        let mut out = Vec::with_capacity(len + 1);
+        let status = decompress
+            .decompress_vec(body, &mut out, FlushDecompress::Finish)
+            .map_err(|e| DecodeError::Damaged(format!("zlib stream is damaged: {e}")))?;
+        if status != Status::StreamEnd || out.len() != len {
+            return Err(DecodeError::Damaged(format!(
+                "zlib stream inflates to {}{} bytes, header says {len}",
+                out.len(),
+                if status == Status::StreamEnd {
+                    ""
+                } else {
+                    "+ (incomplete)"
+                }
+            )));
+        }
+        Ok(out)
+    })
+}
+
 /// Encodes a value, compressing it when it is larger than `threshold` bytes
 /// and compression makes it smaller. `value.len()` must fit in a u32 (the
 /// size limit ensures it).
@@ -86,20 +174,13 @@ pub fn encode(value: &Value, threshold: usize, level: Compression) -> Encoded {
         h[4..].copy_from_slice(&len.to_le_bytes());
         h
     };
-    if payload.len() > threshold {
-        let mut out = Vec::with_capacity(HEADER + payload.len() / 2);
-        out.extend_from_slice(&header(ZLIB));
-        let mut z = ZlibEncoder::new(out, level);
-        // Writing into a Vec cannot fail.
-        if z.write_all(payload).is_ok()
-            && let Ok(out) = z.finish()
-            && out.len() < HEADER + payload.len()
-        {
-            return Encoded {
-                bytes: Bytes::from(out),
-                compressed: true,
-            };
-        }
+    if payload.len() > threshold
+        && let Some(out) = deflate(&header(ZLIB), payload, level)
+    {
+        return Encoded {
+            bytes: Bytes::from(out),
+            compressed: true,
+        };
     }
     let mut out = BytesMut::with_capacity(HEADER + payload.len());
     out.put_slice(&header(IDENTITY));
@@ -133,28 +214,18 @@ pub struct Decoded {
 /// Decodes a stored value.
 pub fn decode(stored: &Bytes) -> Result<Decoded, DecodeError> {
     if stored.len() < HEADER || stored[0] != MAGIC || stored[1] != VERSION {
-        return Err(DecodeError::Foreign(stored[..stored.len().min(HEADER)].to_vec()));
+        return Err(DecodeError::Foreign(
+            stored[..stored.len().min(HEADER)].to_vec(),
+        ));
     }
     let kind = stored[2];
     let len = u32::from_le_bytes([stored[4], stored[5], stored[6], stored[7]]) as usize;
     let body = stored.slice(HEADER..);
     let (payload, compressed) = match stored[3] {
         IDENTITY => (body, false),
-        ZLIB => {
-            // Bounded by the recorded length, so a damaged value cannot
-            // inflate without limit.
-            let mut out = Vec::with_capacity(len);
-            let read = ZlibDecoder::new(&body[..])
-                .take(len as u64 + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| DecodeError::Damaged(format!("zlib stream is damaged: {e}")))?;
-            if read != len {
-                return Err(DecodeError::Damaged(format!(
-                    "inflated to {read} bytes, header says {len}"
-                )));
-            }
-            (Bytes::from(out), true)
-        }
+        // Bounded by the recorded length, so a damaged value cannot inflate
+        // without limit.
+        ZLIB => (Bytes::from(inflate(&body, len)?), true),
         other => return Err(DecodeError::Damaged(format!("unknown encoding {other}"))),
     };
     if payload.len() != len {
@@ -199,6 +270,48 @@ mod tests {
         assert!(!round_trip(Value::Raw(Bytes::from(noise)), 1024).compressed);
     }
 
+    /// A large value whose start is incompressible is not compressed, even
+    /// if its tail would be; a compressible start still compresses.
+    #[test]
+    fn incompressible_sample_skips_compression() {
+        let mut noise = vec![0u8; 600];
+        rand::Rng::fill(&mut rand::rng(), &mut noise[..]);
+        let mut mostly_text = noise.clone();
+        mostly_text.extend(std::iter::repeat_n(b'a', 10_000));
+        assert!(
+            !encode(
+                &Value::Raw(Bytes::from(mostly_text)),
+                100,
+                Compression::fast()
+            )
+            .compressed
+        );
+        let mut text_first = vec![b'a'; 600];
+        text_first.extend_from_slice(&noise);
+        text_first.extend(std::iter::repeat_n(b'b', 2000));
+        assert!(
+            encode(
+                &Value::Raw(Bytes::from(text_first)),
+                100,
+                Compression::fast()
+            )
+            .compressed
+        );
+    }
+
+    /// The per-thread compressor is reused across levels and calls without
+    /// leaking state from one value into the next.
+    #[test]
+    fn reused_compressor_is_clean() {
+        for level in [1, 6, 1, 9] {
+            for text in ["a".repeat(3000), "b".repeat(2000), "ab".repeat(4000)] {
+                let e = encode(&Value::Text(text.clone()), 10, Compression::new(level));
+                assert!(e.compressed);
+                assert_eq!(decode(&e.bytes).unwrap().value, Value::Text(text));
+            }
+        }
+    }
+
     /// Every kind round-trips, including empty values.
     #[test]
     fn kinds_round_trip() {
@@ -211,15 +324,53 @@ mod tests {
     /// Foreign and damaged values are reported, never panicked on.
     #[test]
     fn rejects_foreign_and_damaged() {
-        assert!(matches!(decode(&Bytes::from_static(b"hello")), Err(DecodeError::Foreign(_))));
-        assert!(matches!(decode(&Bytes::new()), Err(DecodeError::Foreign(_))));
-        let mut e = encode(&Value::Text("x".repeat(5000)), 10, Compression::fast()).bytes.to_vec();
+        assert!(matches!(
+            decode(&Bytes::from_static(b"hello")),
+            Err(DecodeError::Foreign(_))
+        ));
+        assert!(matches!(
+            decode(&Bytes::new()),
+            Err(DecodeError::Foreign(_))
+        ));
+        let mut e = encode(&Value::Text("x".repeat(5000)), 10, Compression::fast())
+            .bytes
+            .to_vec();
         let last = e.len() - 1;
         e[last] ^= 0xff;
         e.truncate(last - 10);
-        assert!(matches!(decode(&Bytes::from(e)), Err(DecodeError::Damaged(_))));
-        let mut lying = encode(&Value::Raw(Bytes::from_static(b"abc")), 100, Compression::fast()).bytes.to_vec();
+        assert!(matches!(
+            decode(&Bytes::from(e)),
+            Err(DecodeError::Damaged(_))
+        ));
+        let mut lying = encode(
+            &Value::Raw(Bytes::from_static(b"abc")),
+            100,
+            Compression::fast(),
+        )
+        .bytes
+        .to_vec();
         lying[4] = 9;
-        assert!(matches!(decode(&Bytes::from(lying)), Err(DecodeError::Damaged(_))));
+        assert!(matches!(
+            decode(&Bytes::from(lying)),
+            Err(DecodeError::Damaged(_))
+        ));
+        // a compressed value whose header claims 4 GiB is refused without allocating it
+        let mut bomb = encode(&Value::Text("y".repeat(5000)), 10, Compression::fast())
+            .bytes
+            .to_vec();
+        bomb[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode(&Bytes::from(bomb)),
+            Err(DecodeError::Damaged(_))
+        ));
+        // and one that claims fewer bytes than it holds is caught too
+        let mut short = encode(&Value::Text("y".repeat(5000)), 10, Compression::fast())
+            .bytes
+            .to_vec();
+        short[4..8].copy_from_slice(&4999u32.to_le_bytes());
+        assert!(matches!(
+            decode(&Bytes::from(short)),
+            Err(DecodeError::Damaged(_))
+        ));
     }
 }

@@ -33,7 +33,12 @@ pub struct CacheApi {
 impl CacheApi {
     /// Serves `cache`; calls without a deadline get `request_timeout`
     /// (`bulk_timeout` for bulk calls); streams end on `shutdown`.
-    pub fn new(cache: Cache, request_timeout: Duration, bulk_timeout: Duration, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        cache: Cache,
+        request_timeout: Duration,
+        bulk_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             cache,
             request_timeout,
@@ -57,7 +62,10 @@ fn level(field: &str, raw: i32) -> Result<Level, Status> {
         Ok(pb::CacheLevel::Db) => Ok(Level::Db),
         Ok(pb::CacheLevel::Api) => Ok(Level::Api),
         Ok(pb::CacheLevel::Session) => Ok(Level::Session),
-        Err(_) => Err(invalid_argument(field, &format!("{raw} is not a cache level"))),
+        Err(_) => Err(invalid_argument(
+            field,
+            &format!("{raw} is not a cache level"),
+        )),
     }
 }
 
@@ -73,7 +81,10 @@ fn to_pb_level(l: Level) -> pb::CacheLevel {
 fn ttl(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
     d.map(|d| {
         Duration::try_from(d).map_err(|_| {
-            invalid_argument(field, "must be a positive duration (seconds and nanos of the same sign, |nanos| < 1e9)")
+            invalid_argument(
+                field,
+                "must be a positive duration (seconds and nanos of the same sign, |nanos| < 1e9)",
+            )
         })
     })
     .transpose()
@@ -81,7 +92,10 @@ fn ttl(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>
 
 fn value(field: &str, v: Option<pb::CacheValue>) -> Result<Value, Status> {
     match v.and_then(|v| v.kind) {
-        None => Err(invalid_argument(field, "is required (one of raw, text or json)")),
+        None => Err(invalid_argument(
+            field,
+            "is required (one of raw, text or json)",
+        )),
         Some(pb::cache_value::Kind::Raw(b)) => Ok(Value::Raw(b)),
         Some(pb::cache_value::Kind::Text(t)) => Ok(Value::Text(t)),
         Some(pb::cache_value::Kind::Json(j)) => json::to_json(&j)
@@ -115,7 +129,9 @@ fn pb_value(key: &str, v: Value) -> Result<pb::CacheValue, Status> {
         Value::Raw(b) => pb::cache_value::Kind::Raw(b),
         Value::Text(t) => pb::cache_value::Kind::Text(t),
         Value::Json(j) => pb::cache_value::Kind::Json(json::from_json(&j).map_err(|e| {
-            Status::data_loss(format!("the JSON value stored under {key:?} cannot be read: {e}"))
+            Status::data_loss(format!(
+                "the JSON value stored under {key:?} cannot be read: {e}"
+            ))
         })?),
     };
     Ok(pb::CacheValue { kind: Some(kind) })
@@ -220,7 +236,11 @@ fn health(h: HealthReport) -> pb::GetHealthResponse {
         used_memory_bytes: memory.used as i64,
         max_memory_bytes: memory.max as i64,
         eviction_policy: memory.policy,
-        last_error: h.last_error.as_ref().map(|e| e.message.clone()).unwrap_or_default(),
+        last_error: h
+            .last_error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_default(),
         last_error_time: h.last_error.map(|e| pb_time(e.at)),
         uptime: Some(pb_duration(h.uptime)),
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -231,14 +251,23 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchMetricsResponse, St
 
 #[tonic::async_trait]
 impl pb::cache_service_server::CacheService for CacheApi {
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let hit = self.cache.get(level("level", r.level)?, &r.key, deadline).await?;
+        let hit = self
+            .cache
+            .get(level("level", r.level)?, &r.key, deadline)
+            .await?;
         Ok(Response::new(get_response(&r.key, hit)?))
     }
 
-    async fn set(&self, request: Request<pb::SetRequest>) -> Result<Response<pb::SetResponse>, Status> {
+    async fn set(
+        &self,
+        request: Request<pb::SetRequest>,
+    ) -> Result<Response<pb::SetResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
         let entry = NewEntry {
@@ -251,17 +280,29 @@ impl pb::cache_service_server::CacheService for CacheApi {
         Ok(Response::new(set_response(stored)))
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let deleted = self.cache.delete(level("level", r.level)?, &r.key, deadline).await?;
+        let deleted = self
+            .cache
+            .delete(level("level", r.level)?, &r.key, deadline)
+            .await?;
         Ok(Response::new(pb::DeleteResponse { deleted }))
     }
 
-    async fn get_many(&self, request: Request<pb::GetManyRequest>) -> Result<Response<pb::GetManyResponse>, Status> {
+    async fn get_many(
+        &self,
+        request: Request<pb::GetManyRequest>,
+    ) -> Result<Response<pb::GetManyResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let hits = self.cache.get_many(level("level", r.level)?, &r.keys, deadline).await?;
+        let hits = self
+            .cache
+            .get_many(level("level", r.level)?, &r.keys, deadline)
+            .await?;
         let results = r
             .keys
             .into_iter()
@@ -276,7 +317,10 @@ impl pb::cache_service_server::CacheService for CacheApi {
         Ok(Response::new(pb::GetManyResponse { results }))
     }
 
-    async fn set_many(&self, request: Request<pb::SetManyRequest>) -> Result<Response<pb::SetManyResponse>, Status> {
+    async fn set_many(
+        &self,
+        request: Request<pb::SetManyRequest>,
+    ) -> Result<Response<pb::SetManyResponse>, Status> {
         let deadline = self.deadline(&request);
         let entries = request
             .into_inner()
@@ -297,18 +341,30 @@ impl pb::cache_service_server::CacheService for CacheApi {
     ) -> Result<Response<pb::DeleteManyResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let deleted = self.cache.delete_many(level("level", r.level)?, &r.keys, deadline).await?;
+        let deleted = self
+            .cache
+            .delete_many(level("level", r.level)?, &r.keys, deadline)
+            .await?;
         Ok(Response::new(pb::DeleteManyResponse {
             deleted_count: deleted as i64,
         }))
     }
 
-    async fn list_keys(&self, request: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+    async fn list_keys(
+        &self,
+        request: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
         let page = self
             .cache
-            .list_keys(level("level", r.level)?, &r.pattern, r.page_size, &r.page_token, deadline)
+            .list_keys(
+                level("level", r.level)?,
+                &r.pattern,
+                r.page_size,
+                &r.page_token,
+                deadline,
+            )
             .await?;
         Ok(Response::new(pb::ListKeysResponse {
             keys: page.keys,
@@ -328,7 +384,10 @@ impl pb::cache_service_server::CacheService for CacheApi {
         }))
     }
 
-    async fn get_health(&self, request: Request<pb::GetHealthRequest>) -> Result<Response<pb::GetHealthResponse>, Status> {
+    async fn get_health(
+        &self,
+        request: Request<pb::GetHealthRequest>,
+    ) -> Result<Response<pb::GetHealthResponse>, Status> {
         let deadline = self.deadline(&request);
         Ok(Response::new(health(self.cache.health(deadline).await)))
     }
@@ -350,25 +409,32 @@ impl pb::cache_service_server::CacheService for CacheApi {
         &self,
         request: Request<pb::WatchMetricsRequest>,
     ) -> Result<Response<Self::WatchMetricsStream>, Status> {
-        let interval = ttl("interval", request.into_inner().interval)?.unwrap_or(Duration::from_secs(1));
+        let interval =
+            ttl("interval", request.into_inner().interval)?.unwrap_or(Duration::from_secs(1));
         if !(MIN_WATCH_INTERVAL..=MAX_WATCH_INTERVAL).contains(&interval) {
             return Err(invalid_argument("interval", "must be between 100ms and 1h"));
         }
         let mut tick = tokio::time::interval(interval);
         // A slow reader gets fewer snapshots, never a burst of stale ones.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let state = (self.cache.clone(), tick, self.shutdown.clone(), self.request_timeout.min(interval));
-        let stream = futures::stream::unfold(state, |(cache, mut tick, shutdown, budget)| async move {
-            tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                _ = tick.tick() => {}
-            }
-            let report = cache.metrics(Deadline::after(budget)).await;
-            let item = Ok(pb::WatchMetricsResponse {
-                metrics: Some(metrics(report)),
+        let state = (
+            self.cache.clone(),
+            tick,
+            self.shutdown.clone(),
+            self.request_timeout.min(interval),
+        );
+        let stream =
+            futures::stream::unfold(state, |(cache, mut tick, shutdown, budget)| async move {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tick.tick() => {}
+                }
+                let report = cache.metrics(Deadline::after(budget)).await;
+                let item = Ok(pb::WatchMetricsResponse {
+                    metrics: Some(metrics(report)),
+                });
+                Some((item, (cache, tick, shutdown, budget)))
             });
-            Some((item, (cache, tick, shutdown, budget)))
-        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -402,7 +468,10 @@ impl pb::cache_service_server::CacheService for CacheApi {
         }))
     }
 
-    async fn warm(&self, request: Request<pb::WarmRequest>) -> Result<Response<pb::WarmResponse>, Status> {
+    async fn warm(
+        &self,
+        request: Request<pb::WarmRequest>,
+    ) -> Result<Response<pb::WarmResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
         let r = request.into_inner();
         let entries = r
@@ -425,12 +494,18 @@ impl pb::cache_service_server::CacheService for CacheApi {
                         reason: f.reason,
                     })
                     .collect(),
-                file: report.file.map(|p| p.display().to_string()).unwrap_or_default(),
+                file: report
+                    .file
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
             }),
         }))
     }
 
-    async fn cleanup(&self, request: Request<pb::CleanupRequest>) -> Result<Response<pb::CleanupResponse>, Status> {
+    async fn cleanup(
+        &self,
+        request: Request<pb::CleanupRequest>,
+    ) -> Result<Response<pb::CleanupResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
         let report = self.cache.cleanup(deadline).await?;
         Ok(Response::new(pb::CleanupResponse {

@@ -63,13 +63,18 @@ mod tests {
         let text = r#"{"a":[1.5,true,null,"x"],"b":{"c":-2.0}}"#;
         let v = from_json(text).unwrap();
         let back: serde_json::Value = serde_json::from_str(&to_json(&v).unwrap()).unwrap();
-        assert_eq!(back, serde_json::from_str::<serde_json::Value>(text).unwrap());
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(text).unwrap()
+        );
     }
 
     /// Values JSON cannot represent are refused.
     #[test]
     fn refuses_nan_and_empty() {
-        let nan = Value { kind: Some(Kind::NumberValue(f64::NAN)) };
+        let nan = Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
         assert!(to_json(&nan).is_err());
         assert!(to_json(&Value { kind: None }).is_err());
     }

@@ -54,17 +54,48 @@ mod tests {
     #[test]
     fn codes() {
         let cases: Vec<(Status, Code)> = vec![
-            (CacheError::invalid("key", "must not be empty").into(), Code::InvalidArgument),
             (
-                CacheError::ValueTooLarge { field: "value".into(), size: 2, limit: 1 }.into(),
+                CacheError::invalid("key", "must not be empty").into(),
                 Code::InvalidArgument,
             ),
-            (CacheError::ReplyTooLarge { size: 2, limit: 1 }.into(), Code::ResourceExhausted),
-            (CacheError::Corrupt { key: "k".into(), reason: "x".into() }.into(), Code::DataLoss),
-            (CacheError::WarmFile { path: "p".into(), reason: "x".into() }.into(), Code::FailedPrecondition),
-            (StoreError::Unavailable("x".into()).into(), Code::Unavailable),
+            (
+                CacheError::ValueTooLarge {
+                    field: "value".into(),
+                    size: 2,
+                    limit: 1,
+                }
+                .into(),
+                Code::InvalidArgument,
+            ),
+            (
+                CacheError::ReplyTooLarge { size: 2, limit: 1 }.into(),
+                Code::ResourceExhausted,
+            ),
+            (
+                CacheError::Corrupt {
+                    key: "k".into(),
+                    reason: "x".into(),
+                }
+                .into(),
+                Code::DataLoss,
+            ),
+            (
+                CacheError::WarmFile {
+                    path: "p".into(),
+                    reason: "x".into(),
+                }
+                .into(),
+                Code::FailedPrecondition,
+            ),
+            (
+                StoreError::Unavailable("x".into()).into(),
+                Code::Unavailable,
+            ),
             (StoreError::DeadlineExceeded.into(), Code::DeadlineExceeded),
-            (StoreError::OutOfMemory("x".into()).into(), Code::ResourceExhausted),
+            (
+                StoreError::OutOfMemory("x".into()).into(),
+                Code::ResourceExhausted,
+            ),
         ];
         for (status, code) in cases {
             assert_eq!(status.code(), code, "{status:?}");

@@ -149,11 +149,17 @@ impl MemoryStore {
     }
 
     fn read(&self) -> RwLockReadGuard<'_, State> {
-        self.inner.state.read().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, State> {
-        self.inner.state.write().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .state
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn note_peak(&self, bytes: u64) {
@@ -180,7 +186,11 @@ impl MemoryStore {
     pub(super) async fn get(&self, key: &str, _deadline: Deadline) -> Result<Option<Entry>> {
         let now = Instant::now();
         let state = self.read();
-        Ok(state.entries.get(key).filter(|s| s.live(now)).map(|s| entry(s, now)))
+        Ok(state
+            .entries
+            .get(key)
+            .filter(|s| s.live(now))
+            .map(|s| entry(s, now)))
     }
 
     pub(super) async fn get_many(
@@ -192,7 +202,13 @@ impl MemoryStore {
         let state = self.read();
         Ok(keys
             .iter()
-            .map(|k| state.entries.get(k).filter(|s| s.live(now)).map(|s| entry(s, now)))
+            .map(|k| {
+                state
+                    .entries
+                    .get(k)
+                    .filter(|s| s.live(now))
+                    .map(|s| entry(s, now))
+            })
             .collect())
     }
 
@@ -324,7 +340,11 @@ impl MemoryStore {
             .count() as u64)
     }
 
-    pub(super) async fn cleanup(&self, pattern: &str, _deadline: Deadline) -> Result<CleanupCounts> {
+    pub(super) async fn cleanup(
+        &self,
+        pattern: &str,
+        _deadline: Deadline,
+    ) -> Result<CleanupCounts> {
         let now = Instant::now();
         let mut state = self.write();
         let scanned = Self::matching_keys(&state, pattern).len() as u64;
@@ -494,10 +514,18 @@ mod tests {
     async fn evicts_nearest_expiry_first() {
         let s = store(3 * (ENTRY_OVERHEAD + 2 + 10));
         let v = Bytes::from_static(b"0123456789");
-        s.set("a", v.clone(), Duration::from_secs(10), later()).await.unwrap();
-        s.set("b", v.clone(), Duration::from_secs(30), later()).await.unwrap();
-        s.set("c", v.clone(), Duration::from_secs(20), later()).await.unwrap();
-        s.set("d", v.clone(), Duration::from_secs(40), later()).await.unwrap();
+        s.set("a", v.clone(), Duration::from_secs(10), later())
+            .await
+            .unwrap();
+        s.set("b", v.clone(), Duration::from_secs(30), later())
+            .await
+            .unwrap();
+        s.set("c", v.clone(), Duration::from_secs(20), later())
+            .await
+            .unwrap();
+        s.set("d", v.clone(), Duration::from_secs(40), later())
+            .await
+            .unwrap();
         assert!(s.get("a", later()).await.unwrap().is_none());
         for k in ["b", "c", "d"] {
             assert!(s.get(k, later()).await.unwrap().is_some(), "{k} evicted");
@@ -510,7 +538,12 @@ mod tests {
     async fn refuses_entry_larger_than_capacity() {
         let s = store(200);
         let err = s
-            .set("k", Bytes::from(vec![0; 500]), Duration::from_secs(1), later())
+            .set(
+                "k",
+                Bytes::from(vec![0; 500]),
+                Duration::from_secs(1),
+                later(),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::OutOfMemory(_)), "{err:?}");
@@ -521,9 +554,14 @@ mod tests {
     async fn overwrite_keeps_index_consistent() {
         let s = store(1 << 20);
         for ttl in [5, 50, 500] {
-            s.set("k", Bytes::from_static(b"v"), Duration::from_secs(ttl), later())
-                .await
-                .unwrap();
+            s.set(
+                "k",
+                Bytes::from_static(b"v"),
+                Duration::from_secs(ttl),
+                later(),
+            )
+            .await
+            .unwrap();
         }
         let state = s.read();
         assert_eq!(state.entries.len(), 1);
@@ -536,9 +574,14 @@ mod tests {
     async fn scan_pages_resume_after_cursor() {
         let s = store(1 << 20);
         for k in ["p:a", "p:b", "p:c", "q:a"] {
-            s.set(k, Bytes::from_static(b"v"), Duration::from_secs(60), later())
-                .await
-                .unwrap();
+            s.set(
+                k,
+                Bytes::from_static(b"v"),
+                Duration::from_secs(60),
+                later(),
+            )
+            .await
+            .unwrap();
         }
         let first = s.scan("p:*", None, 2, later()).await.unwrap();
         assert_eq!(first.keys, ["p:a", "p:b"]);

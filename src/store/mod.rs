@@ -194,12 +194,22 @@ impl Store {
     }
 
     /// Reads several keys in one round trip, answers in order.
-    pub async fn get_many(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Entry>>> {
+    pub async fn get_many(
+        &self,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<Option<Entry>>> {
         dispatch!(self, s => s.get_many(keys, deadline).await)
     }
 
     /// Writes one key with a TTL.
-    pub async fn set(&self, key: &str, value: Bytes, ttl: Duration, deadline: Deadline) -> Result<()> {
+    pub async fn set(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
         dispatch!(self, s => s.set(key, value, ttl, deadline).await)
     }
 

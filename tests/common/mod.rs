@@ -17,9 +17,9 @@ use koo::server::{Settings, StoreSettings};
 use koo::store::{MemoryConfig, RedisConfig};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 /// How long any awaited event may take before a test fails.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -82,11 +82,18 @@ impl TestRedis {
         let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
         loop {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await
-                && redis::cmd("PING").query_async::<String>(&mut c).await.is_ok()
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
             {
                 return;
             }
-            assert!(tokio::time::Instant::now() < deadline, "redis on port {} did not come up", self.port);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "redis on port {} did not come up",
+                self.port
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -117,7 +124,10 @@ impl TestRedis {
     /// Sends a signal (e.g. "STOP", "CONT") to the server.
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().unwrap();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
 }
@@ -126,7 +136,9 @@ impl Drop for TestRedis {
     fn drop(&mut self) {
         if let Some(c) = &self.child {
             // A stopped process ignores SIGKILL until continued on some kernels' views; be sure.
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &c.id().to_string()])
+                .status();
         }
         self.kill();
     }
@@ -217,7 +229,9 @@ impl TestServer {
     pub async fn wait_health(&self, service: &str, want: ServingStatus) {
         let mut stream = self
             .health()
-            .watch(HealthCheckRequest { service: service.into() })
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .expect("health watch")
             .into_inner();

@@ -119,7 +119,11 @@ impl Breaker {
                     .saturating_sub(now.duration_since(slow.opened_at));
                 Err(StoreError::Unavailable(format!(
                     "Redis circuit breaker is {} after {} consecutive failures (last error: {last}); next trial in {} ms",
-                    if state == OPEN { "open" } else { "half-open with a trial in flight" },
+                    if state == OPEN {
+                        "open"
+                    } else {
+                        "half-open with a trial in flight"
+                    },
                     self.threshold,
                     wait.as_millis()
                 )))

@@ -145,7 +145,9 @@ impl RedisStore {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(100));
         let conns = (0..config.max_connections.max(1))
-            .map(|_| ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone()))
+            .map(|_| {
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+            })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(bad)?;
         Ok(Self {
@@ -175,7 +177,8 @@ impl RedisStore {
         let mut attempt = 0;
         loop {
             self.inner.breaker.admit()?;
-            let message = match tokio::time::timeout_at(deadline.instant(), call(self.conn())).await {
+            let message = match tokio::time::timeout_at(deadline.instant(), call(self.conn())).await
+            {
                 Ok(Ok(value)) => {
                     self.inner.breaker.on_success();
                     return Ok(value);
@@ -188,7 +191,9 @@ impl RedisStore {
                     Failure::Transient(message) => message,
                 },
                 Err(_) => {
-                    self.inner.breaker.on_failure("no answer within the call's deadline");
+                    self.inner
+                        .breaker
+                        .on_failure("no answer within the call's deadline");
                     return Err(StoreError::DeadlineExceeded);
                 }
             };
@@ -206,11 +211,23 @@ impl RedisStore {
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd, deadline: Deadline) -> Result<T> {
-        self.run(deadline, |mut c| async move { cmd.query_async(&mut c).await }).await
+        self.run(
+            deadline,
+            |mut c| async move { cmd.query_async(&mut c).await },
+        )
+        .await
     }
 
-    async fn query_pipe<T: FromRedisValue>(&self, pipe: &Pipeline, deadline: Deadline) -> Result<T> {
-        self.run(deadline, |mut c| async move { pipe.query_async(&mut c).await }).await
+    async fn query_pipe<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run(
+            deadline,
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
+        .await
     }
 
     /// One `SCAN` step.
@@ -222,7 +239,11 @@ impl RedisStore {
         deadline: Deadline,
     ) -> Result<(u64, Vec<String>)> {
         let mut cmd = redis::cmd("SCAN");
-        cmd.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(count);
+        cmd.arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count);
         self.query(&cmd, deadline).await
     }
 
@@ -243,7 +264,11 @@ impl RedisStore {
         Ok(value.map(|v| entry(v, pttl)))
     }
 
-    pub(super) async fn get_many(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Entry>>> {
+    pub(super) async fn get_many(
+        &self,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<Option<Entry>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -252,12 +277,24 @@ impl RedisStore {
             pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
         }
         let replies: Vec<(Option<Vec<u8>>, i64)> = self.query_pipe(&pipe, deadline).await?;
-        Ok(replies.into_iter().map(|(v, pttl)| v.map(|v| entry(v, pttl))).collect())
+        Ok(replies
+            .into_iter()
+            .map(|(v, pttl)| v.map(|v| entry(v, pttl)))
+            .collect())
     }
 
-    pub(super) async fn set(&self, key: &str, value: Bytes, ttl: Duration, deadline: Deadline) -> Result<()> {
+    pub(super) async fn set(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(key).arg(value.as_ref()).arg("PX").arg(ttl_millis(ttl));
+        cmd.arg(key)
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(ttl_millis(ttl));
         self.query::<()>(&cmd, deadline).await
     }
 
@@ -356,7 +393,9 @@ impl RedisStore {
             }
             let invocation = &invocation;
             let removed: u64 = self
-                .run(deadline, |mut c| async move { invocation.invoke_async(&mut c).await })
+                .run(deadline, |mut c| async move {
+                    invocation.invoke_async(&mut c).await
+                })
                 .await?;
             counts.removed_without_ttl += removed;
         }
@@ -373,7 +412,9 @@ impl RedisStore {
         let mut keys = Vec::new();
         let mut cursor = 0;
         while keys.len() < sample {
-            let (next, batch) = self.scan_step(pattern, cursor, BULK_BATCH, deadline).await?;
+            let (next, batch) = self
+                .scan_step(pattern, cursor, BULK_BATCH, deadline)
+                .await?;
             keys.extend(batch);
             if next == 0 {
                 break;
@@ -410,7 +451,12 @@ impl RedisStore {
     pub(super) async fn probe(&self, deadline: Deadline) -> Result<Duration> {
         let started = Instant::now();
         let ping = redis::cmd("PING");
-        match tokio::time::timeout_at(deadline.instant(), ping.query_async::<String>(&mut self.conn())).await {
+        match tokio::time::timeout_at(
+            deadline.instant(),
+            ping.query_async::<String>(&mut self.conn()),
+        )
+        .await
+        {
             Ok(Ok(_)) => {
                 self.inner.breaker.on_success();
                 Ok(started.elapsed())
@@ -418,10 +464,14 @@ impl RedisStore {
             Ok(Err(err)) => {
                 let message = err.to_string();
                 self.inner.breaker.on_failure(&message);
-                Err(StoreError::Unavailable(format!("Redis ping failed: {message}")))
+                Err(StoreError::Unavailable(format!(
+                    "Redis ping failed: {message}"
+                )))
             }
             Err(_) => {
-                self.inner.breaker.on_failure("ping got no answer within its deadline");
+                self.inner
+                    .breaker
+                    .on_failure("ping got no answer within its deadline");
                 Err(StoreError::DeadlineExceeded)
             }
         }
@@ -450,7 +500,12 @@ impl RedisStore {
     ) -> Result<()> {
         let ms = ttl_millis(ttl);
         let mut pipe = redis::pipe();
-        pipe.cmd("SET").arg(key).arg(payload.as_ref()).arg("PX").arg(ms).ignore();
+        pipe.cmd("SET")
+            .arg(key)
+            .arg(payload.as_ref())
+            .arg("PX")
+            .arg(ms)
+            .ignore();
         pipe.cmd("ZADD")
             .arg(index)
             .arg(unix_millis(SystemTime::now()))
@@ -493,7 +548,9 @@ impl RedisStore {
         deadline: Deadline,
     ) -> Result<u64> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(index).arg("-inf").arg(format!("({}", unix_millis(since)));
+        cmd.arg(index)
+            .arg("-inf")
+            .arg(format!("({}", unix_millis(since)));
         let stale: Vec<String> = self.query(&cmd, deadline).await?;
         if stale.is_empty() {
             return Ok(0);
@@ -552,7 +609,10 @@ fn parse_cursor(cursor: &str) -> Result<(u64, usize)> {
     let bad = || StoreError::Backend(format!("cursor {cursor:?} is not a Redis cursor"));
     let rest = cursor.strip_prefix("r:").ok_or_else(bad)?;
     let (c, skip) = rest.split_once(':').ok_or_else(bad)?;
-    Ok((c.parse().map_err(|_| bad())?, skip.parse().map_err(|_| bad())?))
+    Ok((
+        c.parse().map_err(|_| bad())?,
+        skip.parse().map_err(|_| bad())?,
+    ))
 }
 
 fn parse_memory_info(info: &str) -> MemoryReport {
