@@ -228,6 +228,13 @@ pub struct ConfigError {
 /// in 32 bits, and gRPC messages beyond this are impractical anyway.
 const MAX_VALUE_SIZE_CEILING: usize = 1 << 30;
 
+/// Smallest accepted embedded-store capacity (1 MiB).
+const MIN_MEMORY_BYTES: u64 = 1 << 20;
+
+/// Longest accepted duration of any setting: ten years, far beyond any use,
+/// and safe to add to the clock.
+const MAX_SETTING_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl ServeArgs {
     /// Checks cross-field rules and builds the server's settings.
     pub fn into_settings(self) -> Result<Settings, ConfigError> {
@@ -238,6 +245,26 @@ impl ServeArgs {
                 format!(
                     "must be between 1 and {MAX_VALUE_SIZE_CEILING} bytes, got {}",
                     self.cache_max_value_size
+                ),
+            ));
+        }
+        for (variable, ttl) in [
+            ("CACHE_DEFAULT_TTL", self.cache_default_ttl),
+            ("CACHE_API_DEFAULT_TTL", self.cache_api_default_ttl),
+        ] {
+            if ttl < Duration::from_millis(1) || ttl > crate::cache::MAX_TTL {
+                return Err(err(
+                    variable,
+                    format!("must be between 1 ms and 100 years, got {ttl:?}"),
+                ));
+            }
+        }
+        if self.memory_max_bytes < MIN_MEMORY_BYTES {
+            return Err(err(
+                "KOO_MEMORY_MAX_BYTES",
+                format!(
+                    "must be at least {MIN_MEMORY_BYTES} bytes, got {}",
+                    self.memory_max_bytes
                 ),
             ));
         }
@@ -319,12 +346,17 @@ impl ServeArgs {
 /// Seconds (`30`, `0.25`) or a duration with a unit (`250ms`, `10m`, `1h 30m`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs)
-            .map_err(|_| format!("{s:?} is not a non-negative number of seconds"));
+    let d = match s.parse::<f64>() {
+        Ok(secs) => Duration::try_from_secs_f64(secs)
+            .map_err(|_| format!("{s:?} is not a non-negative number of seconds"))?,
+        Err(_) => humantime::parse_duration(s).map_err(|e| {
+            format!("{s:?} is not a duration ({e}); use seconds or e.g. 250ms, 10m")
+        })?,
+    };
+    if d > MAX_SETTING_DURATION {
+        return Err(format!("{s:?} is longer than ten years"));
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{s:?} is not a duration ({e}); use seconds or e.g. 250ms, 10m"))
+    Ok(d)
 }
 
 fn parse_positive_duration(s: &str) -> Result<Duration, String> {

@@ -1,9 +1,10 @@
 //! Drives the standard `grpc.health.v1` status from the backend's real state.
 //!
-//! A probe runs every `REDIS_HEALTH_CHECK_INTERVAL`; between probes, the
-//! circuit breaker's transitions flip the status at once, so that a Redis
-//! outage under traffic shows as NOT_SERVING without waiting for the next
-//! probe, and recovery shows as soon as a call gets through.
+//! A probe runs every `REDIS_HEALTH_CHECK_INTERVAL` (every second at most
+//! while the backend is failing); between probes, the circuit breaker's
+//! transitions flip the status at once, so that a Redis outage under traffic
+//! shows as NOT_SERVING without waiting for the next probe, and a recovery
+//! shows within a second.
 
 use std::time::Duration;
 
@@ -76,10 +77,17 @@ pub async fn monitor(
             publisher.set(ok).await;
             serving = Some(ok);
         }
-        let wait = tokio::time::sleep(interval);
+        // After a failed probe, probe again soon: a recovery that no call
+        // happens to notice should not wait a whole interval to show.
+        let wait = tokio::time::sleep(if ok {
+            interval
+        } else {
+            interval.min(Duration::from_secs(1))
+        });
         tokio::pin!(wait);
         loop {
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
                 _ = &mut wait => break,
                 changed = circuit.changed() => {
@@ -89,7 +97,7 @@ pub async fn monitor(
                         break;
                     }
                     let ok = *circuit.borrow_and_update() == CircuitState::Closed;
-                    if serving != Some(ok) {
+                    if serving != Some(ok) && !stop.is_cancelled() {
                         if ok {
                             tracing::info!("backend answering again; serving");
                         } else {

@@ -20,6 +20,8 @@ use crate::glob;
 pub struct KeySpace {
     prefix: String,
     escaped: String,
+    /// `{prefix}:cache:{level}:` per level, built once.
+    level_prefixes: [String; 4],
 }
 
 impl KeySpace {
@@ -28,28 +30,27 @@ impl KeySpace {
         Self {
             prefix: prefix.to_owned(),
             escaped: glob::escape(prefix),
+            level_prefixes: Level::ALL.map(|l| format!("{prefix}:cache:{}:", l.as_str())),
         }
     }
 
     /// `{prefix}:cache:{level}:` — the start of every key of a level.
-    fn level_prefix(&self, level: Level) -> String {
-        format!("{}:cache:{}:", self.prefix, level.as_str())
+    pub fn level_prefix(&self, level: Level) -> &str {
+        &self.level_prefixes[level.index()]
     }
 
     /// The Redis key of a cache entry.
     pub fn cache_key(&self, level: Level, key: &str) -> String {
-        let mut out = String::with_capacity(self.prefix.len() + 16 + key.len());
-        out.push_str(&self.prefix);
-        out.push_str(":cache:");
-        out.push_str(level.as_str());
-        out.push(':');
+        let prefix = self.level_prefix(level);
+        let mut out = String::with_capacity(prefix.len() + key.len());
+        out.push_str(prefix);
         out.push_str(key);
         out
     }
 
     /// The user's key within a full cache key of `level`.
     pub fn user_key<'a>(&self, level: Level, full: &'a str) -> Option<&'a str> {
-        full.strip_prefix(&self.level_prefix(level))
+        full.strip_prefix(self.level_prefix(level))
     }
 
     /// A `SCAN MATCH` pattern for the keys of `level` that match the user's

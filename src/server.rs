@@ -137,6 +137,7 @@ pub async fn run(
     let limit = settings.cache.message_limit();
     let api = CacheApi::new(
         cache,
+        settings.cache.max_value_size,
         settings.request_timeout,
         settings.bulk_timeout,
         stop.clone(),

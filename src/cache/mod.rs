@@ -27,7 +27,9 @@ use self::metrics::{Counters, Metrics, Op, Snapshot};
 pub use self::value::Value;
 use crate::glob;
 use crate::keys::KeySpace;
-use crate::store::{BackendKind, CircuitState, Deadline, LastError, Store, StoreError, Write};
+use crate::store::{
+    BackendKind, CircuitState, Deadline, LastError, Store, StoreError, Write, fnv1a,
+};
 
 /// The most keys or entries one batch call takes.
 pub const MAX_BATCH: usize = 1000;
@@ -44,6 +46,8 @@ pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 const WARM_CHUNK: usize = 500;
 /// Keys sampled by maintenance to find the largest.
 const MAINTENANCE_SAMPLE: usize = 1000;
+/// Time a key-count walk may take; it runs apart from any caller.
+const KEY_COUNT_BUDGET: Duration = Duration::from_secs(120);
 /// Largest keys reported by maintenance.
 const MAINTENANCE_TOP: usize = 10;
 
@@ -107,7 +111,9 @@ impl CacheConfig {
 
     /// How long a published metrics record counts as live.
     fn record_ttl(&self) -> Duration {
-        (self.metrics_flush_interval * 3).max(Duration::from_secs(10))
+        self.metrics_flush_interval
+            .saturating_mul(3)
+            .max(Duration::from_secs(10))
     }
 }
 
@@ -271,9 +277,19 @@ struct Inner {
     compression: Compression,
     instance: String,
     started: Instant,
-    /// A tokio mutex because it is held across the keyspace walk, so that
-    /// concurrent metrics calls share one walk instead of each starting one.
-    key_counts: tokio::sync::Mutex<Option<KeyCounts>>,
+    /// The latest key counts. A walk runs in a task of its own, one at a
+    /// time (`walking`), so that concurrent metrics calls share it, a slow
+    /// walk outlives the call that started it, and callers wait for it only
+    /// as long as their deadline allows.
+    key_counts: tokio::sync::watch::Sender<KeyCountState>,
+    walking: std::sync::atomic::AtomicBool,
+}
+
+/// The outcome of the latest key-count walk.
+#[derive(Clone, Default)]
+struct KeyCountState {
+    counts: Option<KeyCounts>,
+    error: Option<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -296,29 +312,22 @@ impl Cache {
                 metrics: Metrics::default(),
                 instance: uuid::Uuid::new_v4().simple().to_string(),
                 started: Instant::now(),
-                key_counts: tokio::sync::Mutex::new(None),
+                key_counts: tokio::sync::watch::Sender::new(KeyCountState::default()),
+                walking: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
 
-    /// The settings in force.
-    pub fn config(&self) -> &CacheConfig {
-        &self.inner.config
-    }
-
-    /// This instance's id in shared metrics.
-    pub fn instance_id(&self) -> &str {
-        &self.inner.instance
-    }
-
-    fn check_key(&self, field: &str, key: &str) -> Result<()> {
+    /// Checks a key; `field` names it and is only built when the key is bad
+    /// (this runs on every call).
+    fn check_key(&self, field: impl FnOnce() -> String, key: &str) -> Result<()> {
         if key.is_empty() {
-            return Err(CacheError::invalid(field, "must not be empty"));
+            return Err(CacheError::invalid(field(), "must not be empty"));
         }
         let max = self.inner.config.max_key_size;
         if key.len() > max {
             return Err(CacheError::invalid(
-                field,
+                field(),
                 format!(
                     "is {} bytes, over the limit of {max} bytes (KOO_MAX_KEY_SIZE)",
                     key.len()
@@ -328,6 +337,7 @@ impl Cache {
         Ok(())
     }
 
+    /// Checks the size of a batch named `field`.
     fn check_batch(&self, field: &str, len: usize) -> Result<()> {
         if len > MAX_BATCH {
             return Err(CacheError::invalid(
@@ -338,13 +348,23 @@ impl Cache {
         Ok(())
     }
 
-    /// Validates an entry; `at` prefixes field names (`entries[3].`).
-    fn check_entry(&self, at: &str, e: &NewEntry) -> Result<Duration> {
-        self.check_key(&format!("{at}key"), &e.key)?;
+    /// Checks a batch of keys (`keys`, `keys[3]`).
+    fn check_keys(&self, keys: &[String]) -> Result<()> {
+        self.check_batch("keys", keys.len())?;
+        for (i, k) in keys.iter().enumerate() {
+            self.check_key(|| format!("keys[{i}]"), k)?;
+        }
+        Ok(())
+    }
+
+    /// Validates an entry and returns its TTL; `at` gives the prefix of field
+    /// names (`entries[3].`) and is only called when something is wrong.
+    fn check_entry(&self, at: impl Fn() -> String, e: &NewEntry) -> Result<Duration> {
+        self.check_key(|| format!("{}key", at()), &e.key)?;
         let limit = self.inner.config.max_value_size;
         if e.value.len() > limit {
             return Err(CacheError::ValueTooLarge {
-                field: format!("{at}value"),
+                field: format!("{}value", at()),
                 size: e.value.len(),
                 limit,
             });
@@ -352,13 +372,13 @@ impl Cache {
         let ttl = e.ttl.unwrap_or_else(|| self.inner.config.ttl_for(e.level));
         if ttl < Duration::from_millis(1) {
             return Err(CacheError::invalid(
-                format!("{at}ttl"),
+                format!("{}ttl", at()),
                 "must be at least 1 ms",
             ));
         }
         if ttl > MAX_TTL {
             return Err(CacheError::invalid(
-                format!("{at}ttl"),
+                format!("{}ttl", at()),
                 "must be at most 100 years",
             ));
         }
@@ -422,7 +442,7 @@ impl Cache {
 
     /// Reads one value; `Ok(None)` on a miss.
     pub async fn get(&self, level: Level, key: &str, deadline: Deadline) -> Result<Option<Hit>> {
-        self.check_key("key", key)?;
+        self.check_key(|| "key".into(), key)?;
         let started = Instant::now();
         let result = async {
             let full = self.inner.keys.cache_key(level, key);
@@ -442,7 +462,7 @@ impl Cache {
 
     /// Writes one value.
     pub async fn set(&self, entry: NewEntry, deadline: Deadline) -> Result<Stored> {
-        let ttl = self.check_entry("", &entry)?;
+        let ttl = self.check_entry(String::new, &entry)?;
         let started = Instant::now();
         let (write, stored) = self.encode(&entry, ttl);
         let result = self
@@ -461,49 +481,55 @@ impl Cache {
 
     /// Removes one key; whether it existed.
     pub async fn delete(&self, level: Level, key: &str, deadline: Deadline) -> Result<bool> {
-        self.check_key("key", key)?;
+        self.check_key(|| "key".into(), key)?;
         let n = self
             .remove(level, Op::Delete, &[key.to_owned()], deadline)
             .await?;
         Ok(n > 0)
     }
 
-    /// Reads up to [`MAX_BATCH`] keys of one level, answers in order.
+    /// Reads up to [`MAX_BATCH`] keys of one level, answers in order. A reply
+    /// that would pass the message limit is refused before anything large is
+    /// fetched or inflated.
     pub async fn get_many(
         &self,
         level: Level,
         keys: &[String],
         deadline: Deadline,
     ) -> Result<Vec<Option<Hit>>> {
-        self.check_batch("keys", keys.len())?;
-        for (i, k) in keys.iter().enumerate() {
-            self.check_key(&format!("keys[{i}]"), k)?;
-        }
+        self.check_keys(keys)?;
         let started = Instant::now();
         let result = async {
+            let limit = self.inner.config.message_limit();
+            let key_bytes: usize = keys.iter().map(String::len).sum();
+            let check = |size: usize| {
+                if size + key_bytes > limit {
+                    Err(CacheError::ReplyTooLarge {
+                        size: size + key_bytes,
+                        limit,
+                    })
+                } else {
+                    Ok(())
+                }
+            };
             let full: Vec<String> = keys
                 .iter()
                 .map(|k| self.inner.keys.cache_key(level, k))
                 .collect();
+            let stored: u64 = self.inner.store.sizes(&full, deadline).await?.iter().sum();
+            check(stored as usize)?;
             let entries = self.inner.store.get_many(&full, deadline).await?;
-            let mut size = 0usize;
-            let hits = keys
-                .iter()
+            check(
+                entries
+                    .iter()
+                    .flatten()
+                    .map(|e| value::declared_len(&e.value).unwrap_or(e.value.len()))
+                    .sum(),
+            )?;
+            keys.iter()
                 .zip(entries)
-                .map(|(k, e)| {
-                    e.map(|e| {
-                        let hit = Self::decode(k, e)?;
-                        size += hit.size as usize + k.len();
-                        Ok(hit)
-                    })
-                    .transpose()
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let limit = self.inner.config.message_limit();
-            if size > limit {
-                return Err(CacheError::ReplyTooLarge { size, limit });
-            }
-            Ok(hits)
+                .map(|(k, e)| e.map(|e| Self::decode(k, e)).transpose())
+                .collect::<Result<Vec<_>>>()
         }
         .await;
         if let Ok(hits) = &result {
@@ -523,7 +549,7 @@ impl Cache {
         let ttls = entries
             .iter()
             .enumerate()
-            .map(|(i, e)| self.check_entry(&format!("entries[{i}]."), e))
+            .map(|(i, e)| self.check_entry(|| format!("entries[{i}]."), e))
             .collect::<Result<Vec<_>>>()?;
         let started = Instant::now();
         let result = self.write_all(entries, &ttls, deadline).await;
@@ -566,10 +592,7 @@ impl Cache {
         keys: &[String],
         deadline: Deadline,
     ) -> Result<u64> {
-        self.check_batch("keys", keys.len())?;
-        for (i, k) in keys.iter().enumerate() {
-            self.check_key(&format!("keys[{i}]"), k)?;
-        }
+        self.check_keys(keys)?;
         self.remove(level, Op::DeleteMany, keys, deadline).await
     }
 
@@ -691,21 +714,31 @@ impl Cache {
     /// `partial` saying why.
     pub async fn metrics(&self, deadline: Deadline) -> MetricsReport {
         let mut snapshot = self.inner.metrics.snapshot();
-        let mut instances = 1;
-        let mut partial = None;
-        if self.inner.store.kind() == BackendKind::Redis {
-            match self.peer_snapshots(deadline).await {
-                Ok(peers) => {
-                    for peer in &peers {
-                        snapshot.merge(peer);
-                    }
-                    instances += peers.len() as u32;
-                }
-                Err(e) => partial = Some(format!("other instances' figures are missing: {e}")),
+        let peers = async {
+            if self.inner.store.kind() == BackendKind::Redis {
+                self.peer_snapshots(deadline).await
+            } else {
+                Ok(Vec::new())
             }
-        }
-        let counts = self.key_counts(deadline).await;
-        let memory = self.inner.store.memory(deadline).await;
+        };
+        let (peers, counts, memory) = tokio::join!(
+            peers,
+            self.key_counts(deadline),
+            self.inner.store.memory(deadline)
+        );
+        let mut partial = None;
+        let instances = match peers {
+            Ok(peers) => {
+                for peer in &peers {
+                    snapshot.merge(peer);
+                }
+                1 + peers.len() as u32
+            }
+            Err(e) => {
+                partial = Some(format!("other instances' figures are missing: {e}"));
+                1
+            }
+        };
         if let (Err(e), None) = (&counts, &partial) {
             partial = Some(format!("key counts are missing: {e}"));
         }
@@ -752,25 +785,59 @@ impl Cache {
             .collect())
     }
 
-    async fn key_counts(&self, deadline: Deadline) -> Result<KeyCounts, StoreError> {
-        let mut cached = self.inner.key_counts.lock().await;
-        if let Some(c) = *cached
+    /// Key counts no older than `key_count_interval` when a walk can finish
+    /// within half the caller's time left, else the latest ones.
+    async fn key_counts(&self, deadline: Deadline) -> Result<KeyCounts, String> {
+        use std::sync::atomic::Ordering;
+        let mut latest = self.inner.key_counts.subscribe();
+        let known = latest.borrow_and_update().clone();
+        if let Some(c) = known.counts
             && c.taken.elapsed() < self.inner.config.key_count_interval
         {
             return Ok(c);
         }
-        let mut counts = [0; 4];
-        for level in Level::ALL {
-            let pattern = self.inner.keys.level_pattern(level, "*");
-            counts[level.index()] = self.inner.store.count(&pattern, deadline).await?;
+        if !self.inner.walking.swap(true, Ordering::AcqRel) {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let result = this.count_keys(Deadline::after(KEY_COUNT_BUDGET)).await;
+                this.inner.key_counts.send_modify(|state| match result {
+                    Ok(c) => {
+                        *state = KeyCountState {
+                            counts: Some(c),
+                            error: None,
+                        }
+                    }
+                    Err(e) => state.error = Some(e.to_string()),
+                });
+                this.inner.walking.store(false, Ordering::Release);
+            });
         }
-        let c = KeyCounts {
+        let _ = tokio::time::timeout(deadline.remaining() / 2, latest.changed()).await;
+        let state = latest.borrow().clone();
+        state
+            .counts
+            .ok_or_else(|| state.error.unwrap_or_else(|| "not counted yet".to_owned()))
+    }
+
+    /// Counts every level's keys in one walk of the cache namespace.
+    async fn count_keys(&self, deadline: Deadline) -> Result<KeyCounts, StoreError> {
+        let keys = &self.inner.keys;
+        let prefixes: Vec<String> = Level::ALL
+            .iter()
+            .map(|l| keys.level_prefix(*l).to_owned())
+            .collect();
+        let counted = self
+            .inner
+            .store
+            .count_by_prefix(&keys.cache_pattern(), &prefixes, deadline)
+            .await?;
+        let mut counts = [0; 4];
+        counts.copy_from_slice(&counted);
+        Ok(KeyCounts {
             taken: Instant::now(),
             at: SystemTime::now(),
             counts,
-        };
-        *cached = Some(c);
-        Ok(c)
+        })
     }
 
     /// Publishes this instance's figures for the others to sum.
@@ -896,7 +963,7 @@ impl Cache {
         let mut report = WarmReport::default();
         let mut valid = Vec::new();
         for (i, e) in entries.into_iter().enumerate() {
-            match self.check_entry(&format!("entries[{i}]."), &e) {
+            match self.check_entry(|| format!("entries[{i}]."), &e) {
                 Ok(ttl) => valid.push((e, ttl)),
                 Err(err) => report.failures.push(WarmFailure {
                     source: "request".to_owned(),
@@ -912,7 +979,9 @@ impl Cache {
             })?;
             for (line, parsed) in lines {
                 let checked = parsed.and_then(|e| {
-                    let ttl = self.check_entry("", &e).map_err(|err| err.to_string())?;
+                    let ttl = self
+                        .check_entry(String::new, &e)
+                        .map_err(|err| err.to_string())?;
                     Ok((e, ttl))
                 });
                 match checked {
@@ -926,9 +995,9 @@ impl Cache {
             }
             report.file = Some(path.clone());
         }
-        for chunk in valid.chunks(WARM_CHUNK) {
-            let (entries, ttls): (Vec<NewEntry>, Vec<Duration>) = chunk.iter().cloned().unzip();
-            self.write_all(&entries, &ttls, deadline).await?;
+        let (entries, ttls): (Vec<NewEntry>, Vec<Duration>) = valid.into_iter().unzip();
+        for (entries, ttls) in entries.chunks(WARM_CHUNK).zip(ttls.chunks(WARM_CHUNK)) {
+            self.write_all(entries, ttls, deadline).await?;
             report.loaded += entries.len() as u64;
         }
         Ok(report)
@@ -948,7 +1017,7 @@ impl PageToken {
             "{}.{}.{:016x}.{cursor}",
             Self::VERSION,
             level.as_str(),
-            fnv1a(pattern)
+            fnv1a(pattern.as_bytes())
         );
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
@@ -972,18 +1041,11 @@ impl PageToken {
         if version != Self::VERSION {
             return Err(bad("was issued by an incompatible version of koo"));
         }
-        if lvl != level.as_str() || hash != format!("{:016x}", fnv1a(pattern)) {
+        if lvl != level.as_str() || hash != format!("{:016x}", fnv1a(pattern.as_bytes())) {
             return Err(bad("was issued for a different level or pattern"));
         }
         Ok(Some(cursor.to_owned()))
     }
-}
-
-/// FNV-1a: a hash that is stable across processes and versions, unlike std's.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

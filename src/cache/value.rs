@@ -117,7 +117,12 @@ fn deflate(header: &[u8; HEADER], payload: &[u8], level: Compression) -> Option<
         let mut out = Vec::with_capacity(HEADER + payload.len());
         out.extend_from_slice(header);
         match compress.compress_vec(payload, &mut out, FlushCompress::Finish) {
-            Ok(Status::StreamEnd) if out.len() < HEADER + payload.len() => Some(out),
+            Ok(Status::StreamEnd) if out.len() < HEADER + payload.len() => {
+                // The buffer was sized for the worst case; kept as is, a
+                // stored value would pin its uncompressed size in memory.
+                out.shrink_to_fit();
+                Some(out)
+            }
             _ => None,
         }
     })
@@ -200,6 +205,17 @@ pub enum DecodeError {
     /// The header is koo's but the content does not match it.
     #[error("{0}")]
     Damaged(String),
+}
+
+/// The size of the value as set, read from a stored value's header without
+/// decoding it; `None` for a value koo did not write.
+pub fn declared_len(stored: &[u8]) -> Option<usize> {
+    match stored {
+        [MAGIC, VERSION, _, _, a, b, c, d, ..] => {
+            Some(u32::from_le_bytes([*a, *b, *c, *d]) as usize)
+        }
+        _ => None,
+    }
 }
 
 /// A decoded value with facts about its stored form.

@@ -12,7 +12,8 @@ use super::deadline;
 use super::json;
 use super::status::invalid_argument;
 use crate::cache::{
-    Cache, CleanupReport, HealthReport, Hit, Level, MetricsReport, NewEntry, Stored, Value,
+    Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MetricsReport, NewEntry, Stored,
+    Value,
     metrics::{Counters, Op},
 };
 use crate::pb::cache::v1 as pb;
@@ -25,6 +26,7 @@ const MAX_WATCH_INTERVAL: Duration = Duration::from_secs(3600);
 /// The CacheService implementation.
 pub struct CacheApi {
     cache: Cache,
+    max_value_size: usize,
     request_timeout: Duration,
     bulk_timeout: Duration,
     shutdown: CancellationToken,
@@ -35,12 +37,14 @@ impl CacheApi {
     /// (`bulk_timeout` for bulk calls); streams end on `shutdown`.
     pub fn new(
         cache: Cache,
+        max_value_size: usize,
         request_timeout: Duration,
         bulk_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             cache,
+            max_value_size,
             request_timeout,
             bulk_timeout,
             shutdown,
@@ -90,7 +94,7 @@ fn ttl(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>
     .transpose()
 }
 
-fn value(field: &str, v: Option<pb::CacheValue>) -> Result<Value, Status> {
+fn value(field: &str, v: Option<pb::CacheValue>, max_value_size: usize) -> Result<Value, Status> {
     match v.and_then(|v| v.kind) {
         None => Err(invalid_argument(
             field,
@@ -98,16 +102,30 @@ fn value(field: &str, v: Option<pb::CacheValue>) -> Result<Value, Status> {
         )),
         Some(pb::cache_value::Kind::Raw(b)) => Ok(Value::Raw(b)),
         Some(pb::cache_value::Kind::Text(t)) => Ok(Value::Text(t)),
-        Some(pb::cache_value::Kind::Json(j)) => json::to_json(&j)
-            .map(Value::Json)
-            .map_err(|e| invalid_argument(&format!("{field}.json"), &e)),
+        Some(pb::cache_value::Kind::Json(j)) => {
+            // JSON travels as a protobuf Value, which can be several times
+            // larger than its text; the limit applies to the larger form so
+            // that what is accepted can always be sent back.
+            let encoded = prost::Message::encoded_len(&j);
+            if encoded > max_value_size {
+                return Err(invalid_argument(
+                    &format!("{field}.json"),
+                    &format!(
+                        "encodes to {encoded} bytes of protobuf, over the limit of {max_value_size} bytes (CACHE_MAX_VALUE_SIZE)"
+                    ),
+                ));
+            }
+            json::to_json(&j)
+                .map(Value::Json)
+                .map_err(|e| invalid_argument(&format!("{field}.json"), &e))
+        }
     }
 }
 
-fn entry(at: &str, e: pb::CacheEntry) -> Result<NewEntry, Status> {
+fn entry(at: &str, e: pb::CacheEntry, max_value_size: usize) -> Result<NewEntry, Status> {
     Ok(NewEntry {
         level: level(&format!("{at}level"), e.level)?,
-        value: value(&format!("{at}value"), e.value)?,
+        value: value(&format!("{at}value"), e.value, max_value_size)?,
         ttl: ttl(&format!("{at}ttl"), e.ttl)?,
         key: e.key,
     })
@@ -128,11 +146,12 @@ fn pb_value(key: &str, v: Value) -> Result<pb::CacheValue, Status> {
     let kind = match v {
         Value::Raw(b) => pb::cache_value::Kind::Raw(b),
         Value::Text(t) => pb::cache_value::Kind::Text(t),
-        Value::Json(j) => pb::cache_value::Kind::Json(json::from_json(&j).map_err(|e| {
-            Status::data_loss(format!(
-                "the JSON value stored under {key:?} cannot be read: {e}"
-            ))
-        })?),
+        Value::Json(j) => {
+            pb::cache_value::Kind::Json(json::from_json(&j).map_err(|e| CacheError::Corrupt {
+                key: key.to_owned(),
+                reason: format!("stored JSON does not parse: {e}"),
+            })?)
+        }
     };
     Ok(pb::CacheValue { kind: Some(kind) })
 }
@@ -270,12 +289,16 @@ impl pb::cache_service_server::CacheService for CacheApi {
     ) -> Result<Response<pb::SetResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let entry = NewEntry {
-            level: level("level", r.level)?,
-            value: value("value", r.value)?,
-            ttl: ttl("ttl", r.ttl)?,
-            key: r.key,
-        };
+        let entry = entry(
+            "",
+            pb::CacheEntry {
+                level: r.level,
+                key: r.key,
+                value: r.value,
+                ttl: r.ttl,
+            },
+            self.max_value_size,
+        )?;
         let stored = self.cache.set(entry, deadline).await?;
         Ok(Response::new(set_response(stored)))
     }
@@ -327,7 +350,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
             .entries
             .into_iter()
             .enumerate()
-            .map(|(i, e)| entry(&format!("entries[{i}]."), e))
+            .map(|(i, e)| entry(&format!("entries[{i}]."), e, self.max_value_size))
             .collect::<Result<Vec<_>, _>>()?;
         let stored = self.cache.set_many(&entries, deadline).await?;
         Ok(Response::new(pb::SetManyResponse {
@@ -478,7 +501,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
             .entries
             .into_iter()
             .enumerate()
-            .map(|(i, e)| entry(&format!("entries[{i}]."), e))
+            .map(|(i, e)| entry(&format!("entries[{i}]."), e, self.max_value_size))
             .collect::<Result<Vec<_>, _>>()?;
         let report = self.cache.warm(entries, r.skip_file, deadline).await?;
         Ok(Response::new(pb::WarmResponse {

@@ -26,6 +26,7 @@ impl From<StoreError> for Status {
             StoreError::Unavailable(_) => Status::unavailable(message),
             StoreError::DeadlineExceeded => Status::deadline_exceeded(message),
             StoreError::OutOfMemory(_) => Status::resource_exhausted(message),
+            StoreError::WrongType(_) => Status::data_loss(message),
             StoreError::Backend(_) => Status::internal(message),
             StoreError::InvalidCursor(_) => Status::invalid_argument(message),
             StoreError::InvalidConfig(_) => Status::failed_precondition(message),

@@ -13,7 +13,7 @@
 //! `.await`, every critical section is a few map operations, and a std lock is
 //! several times cheaper to take.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -107,18 +107,56 @@ impl State {
         self.entries.insert(key, Slot { value, expires_at });
     }
 
-    /// Removes entries closest to expiry until `bytes <= max`. Returns how
-    /// many were evicted.
-    fn evict_to(&mut self, max: u64) -> u64 {
-        let mut evicted = 0;
-        while self.bytes > max {
-            let Some((_, key)) = self.expiries.first().cloned() else {
-                break;
-            };
-            self.remove(&key);
-            evicted += 1;
+    /// Applies a batch of writes, first evicting the entries nearest to
+    /// expiry (expired ones come first) until the batch fits, but never an
+    /// entry the batch writes. If it cannot fit, nothing changes.
+    fn write_batch(&mut self, writes: Vec<(String, Bytes, Instant)>, max: u64) -> Result<()> {
+        let written: HashSet<&str> = writes.iter().map(|(k, _, _)| k.as_str()).collect();
+        let incoming: u64 = writes.iter().map(|(k, v, _)| charge(k, v)).sum();
+        let replaced: u64 = written
+            .iter()
+            .filter_map(|k| self.entries.get(*k).map(|s| charge(k, &s.value)))
+            .sum();
+        let after = self.bytes - replaced + incoming;
+        let mut victims = Vec::new();
+        if after > max {
+            let mut freed = 0;
+            for (_, key) in &self.expiries {
+                if freed >= after - max {
+                    break;
+                }
+                if !written.contains(key.as_str()) {
+                    freed += charge(key, &self.entries[key].value);
+                    victims.push(key.clone());
+                }
+            }
+            if freed < after - max {
+                return Err(StoreError::OutOfMemory(format!(
+                    "{incoming} bytes do not fit in the embedded store's capacity of {max} bytes (KOO_MEMORY_MAX_BYTES)"
+                )));
+            }
         }
-        evicted
+        drop(written);
+        for key in victims {
+            self.remove(&key);
+        }
+        for (key, value, expires_at) in writes {
+            self.insert(key, value, expires_at);
+        }
+        Ok(())
+    }
+
+    /// Live keys in the range a pattern's literal prefix selects that match it.
+    fn matching<'a>(
+        &'a self,
+        pattern: &'a str,
+        now: Instant,
+    ) -> impl Iterator<Item = (&'a String, &'a Slot)> + 'a {
+        let prefix = glob::literal_prefix(pattern);
+        self.entries
+            .range(prefix.clone()..)
+            .take_while(move |(k, _)| k.starts_with(&prefix))
+            .filter(move |(k, s)| s.live(now) && glob::matches(pattern.as_bytes(), k.as_bytes()))
     }
 
     fn purge_expired(&mut self, now: Instant) -> u64 {
@@ -172,17 +210,6 @@ impl MemoryStore {
         self.write().purge_expired(Instant::now())
     }
 
-    fn check_fits(&self, key: &str, value: &Bytes) -> Result<()> {
-        let need = charge(key, value);
-        if need > self.inner.max_bytes {
-            return Err(StoreError::OutOfMemory(format!(
-                "an entry of {need} bytes does not fit in the embedded store's capacity of {} bytes (KOO_MEMORY_MAX_BYTES)",
-                self.inner.max_bytes
-            )));
-        }
-        Ok(())
-    }
-
     pub(super) async fn get(&self, key: &str, _deadline: Deadline) -> Result<Option<Entry>> {
         let now = Instant::now();
         let state = self.read();
@@ -219,12 +246,12 @@ impl MemoryStore {
         ttl: Duration,
         _deadline: Deadline,
     ) -> Result<()> {
-        self.check_fits(key, &value)?;
-        let expires_at = expiry(ttl);
         let bytes = {
             let mut state = self.write();
-            state.insert(key.to_owned(), value, expires_at);
-            state.evict_to(self.inner.max_bytes);
+            state.write_batch(
+                vec![(key.to_owned(), value, expiry(ttl))],
+                self.inner.max_bytes,
+            )?;
             state.bytes
         };
         self.note_peak(bytes);
@@ -232,23 +259,32 @@ impl MemoryStore {
     }
 
     pub(super) async fn set_many(&self, writes: Vec<Write>, _deadline: Deadline) -> Result<()> {
-        let total: u64 = writes.iter().map(|w| charge(&w.key, &w.value)).sum();
-        if total > self.inner.max_bytes {
-            return Err(StoreError::OutOfMemory(format!(
-                "a batch of {total} bytes does not fit in the embedded store's capacity of {} bytes (KOO_MEMORY_MAX_BYTES)",
-                self.inner.max_bytes
-            )));
-        }
+        let writes = writes
+            .into_iter()
+            .map(|w| (w.key, w.value, expiry(w.ttl)))
+            .collect();
         let bytes = {
             let mut state = self.write();
-            for w in writes {
-                state.insert(w.key, w.value, expiry(w.ttl));
-            }
-            state.evict_to(self.inner.max_bytes);
+            state.write_batch(writes, self.inner.max_bytes)?;
             state.bytes
         };
         self.note_peak(bytes);
         Ok(())
+    }
+
+    pub(super) async fn sizes(&self, keys: &[String], _deadline: Deadline) -> Result<Vec<u64>> {
+        let now = Instant::now();
+        let state = self.read();
+        Ok(keys
+            .iter()
+            .map(|k| {
+                state
+                    .entries
+                    .get(k)
+                    .filter(|s| s.live(now))
+                    .map_or(0, |s| s.value.len() as u64)
+            })
+            .collect())
     }
 
     pub(super) async fn delete(&self, keys: &[String], _deadline: Deadline) -> Result<u64> {
@@ -304,40 +340,32 @@ impl MemoryStore {
         Ok(page)
     }
 
-    fn matching_keys(state: &State, pattern: &str) -> Vec<String> {
-        let prefix = glob::literal_prefix(pattern);
-        state
-            .entries
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, _)| glob::matches(pattern.as_bytes(), k.as_bytes()))
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
     pub(super) async fn clear(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
         let now = Instant::now();
         let mut state = self.write();
-        let keys = Self::matching_keys(&state, pattern);
-        let mut live = 0;
-        for key in keys {
-            if let Some(slot) = state.remove(&key) {
-                live += u64::from(slot.live(now));
-            }
+        let keys: Vec<String> = state
+            .matching(pattern, now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &keys {
+            state.remove(key);
         }
-        Ok(live)
+        Ok(keys.len() as u64)
     }
 
-    pub(super) async fn count(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
-        let now = Instant::now();
-        let prefix = glob::literal_prefix(pattern);
-        let state = self.read();
-        Ok(state
-            .entries
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, s)| s.live(now) && glob::matches(pattern.as_bytes(), k.as_bytes()))
-            .count() as u64)
+    pub(super) async fn count_by_prefix(
+        &self,
+        pattern: &str,
+        prefixes: &[String],
+        _deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        let mut counts = vec![0; prefixes.len()];
+        for (key, _) in self.read().matching(pattern, Instant::now()) {
+            if let Some(i) = prefixes.iter().position(|p| key.starts_with(p.as_str())) {
+                counts[i] += 1;
+            }
+        }
+        Ok(counts)
     }
 
     pub(super) async fn cleanup(
@@ -347,7 +375,7 @@ impl MemoryStore {
     ) -> Result<CleanupCounts> {
         let now = Instant::now();
         let mut state = self.write();
-        let scanned = Self::matching_keys(&state, pattern).len() as u64;
+        let scanned = state.matching(pattern, now).count() as u64;
         // Every entry here has a TTL; only expired ones can linger.
         let removed_expired = state.purge_expired(now);
         Ok(CleanupCounts {
@@ -364,20 +392,16 @@ impl MemoryStore {
         top: usize,
         _deadline: Deadline,
     ) -> Result<(u64, Vec<KeySize>)> {
-        let now = Instant::now();
-        let prefix = glob::literal_prefix(pattern);
         let state = self.read();
         let mut sizes: Vec<KeySize> = state
-            .entries
-            .range(prefix.clone()..)
-            .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(k, s)| s.live(now) && glob::matches(pattern.as_bytes(), k.as_bytes()))
+            .matching(pattern, Instant::now())
             .take(sample)
             .map(|(k, s)| KeySize {
                 key: k.clone(),
                 bytes: charge(k, &s.value),
             })
             .collect();
+        drop(state);
         let sampled = sizes.len() as u64;
         sizes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
         sizes.truncate(top);
@@ -423,7 +447,10 @@ impl MemoryStore {
         _deadline: Deadline,
     ) -> Result<()> {
         let mut state = self.write();
-        state.insert(key.to_owned(), payload, expiry(ttl));
+        state.write_batch(
+            vec![(key.to_owned(), payload, expiry(ttl))],
+            self.inner.max_bytes,
+        )?;
         state
             .indexes
             .entry(index.to_owned())
@@ -533,20 +560,54 @@ mod tests {
         assert_eq!(s.read().bytes, 3 * (ENTRY_OVERHEAD + 2 + 10));
     }
 
-    /// An entry bigger than the whole store is refused rather than emptying it.
+    /// A write never evicts itself: the new entry survives even when it is
+    /// the one nearest to expiry.
     #[tokio::test]
-    async fn refuses_entry_larger_than_capacity() {
-        let s = store(200);
+    async fn a_write_never_evicts_itself() {
+        let s = store(2 * (ENTRY_OVERHEAD + 2 + 10));
+        let v = Bytes::from_static(b"0123456789");
+        s.set("a", v.clone(), Duration::from_secs(60), later())
+            .await
+            .unwrap();
+        s.set("b", v.clone(), Duration::from_secs(60), later())
+            .await
+            .unwrap();
+        s.set("c", v.clone(), Duration::from_secs(1), later())
+            .await
+            .unwrap();
+        assert!(s.get("c", later()).await.unwrap().is_some());
+        assert!(s.get("a", later()).await.unwrap().is_none());
+    }
+
+    /// A batch that cannot fit changes nothing; one that fits evicts others.
+    #[tokio::test]
+    async fn batches_fit_whole_or_not_at_all() {
+        // two-byte keys: 2 * 2 + 10 value bytes + overhead
+        let one = ENTRY_OVERHEAD + 4 + 10;
+        let s = store(2 * one);
+        let v = Bytes::from_static(b"0123456789");
+        let w = |k: &str| Write {
+            key: k.into(),
+            value: v.clone(),
+            ttl: Duration::from_secs(1),
+        };
+        s.set("xx", v.clone(), Duration::from_secs(60), later())
+            .await
+            .unwrap();
         let err = s
-            .set(
-                "k",
-                Bytes::from(vec![0; 500]),
-                Duration::from_secs(1),
-                later(),
-            )
+            .set_many(vec![w("k1"), w("k2"), w("k3")], later())
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::OutOfMemory(_)), "{err:?}");
+        assert!(
+            s.get("xx", later()).await.unwrap().is_some(),
+            "failed batch evicted xx"
+        );
+        s.set_many(vec![w("k1"), w("k2")], later()).await.unwrap();
+        assert!(s.get("k1", later()).await.unwrap().is_some());
+        assert!(s.get("k2", later()).await.unwrap().is_some());
+        assert!(s.get("xx", later()).await.unwrap().is_none());
+        assert_eq!(s.read().bytes, 2 * one);
     }
 
     /// Overwriting a key replaces its expiry index entry instead of leaking one.

@@ -32,6 +32,9 @@ pub enum StoreError {
     /// The backend answered something koo did not expect.
     #[error("backend error: {0}")]
     Backend(String),
+    /// A key holds a value of another Redis type (not written by koo).
+    #[error("backend holds a value of another type: {0}")]
+    WrongType(String),
     /// A listing cursor that this backend did not issue.
     #[error("invalid cursor: {0}")]
     InvalidCursor(String),
@@ -48,9 +51,11 @@ pub enum StoreError {
 pub struct Deadline(Instant);
 
 impl Deadline {
-    /// A deadline `timeout` from now.
+    /// A deadline `timeout` from now (a year at most: longer is forever).
     pub fn after(timeout: Duration) -> Self {
-        Self(Instant::now() + timeout)
+        let now = Instant::now();
+        let timeout = timeout.min(Duration::from_secs(365 * 24 * 3600));
+        Self(now.checked_add(timeout).unwrap_or(now))
     }
 
     /// The instant itself.
@@ -218,6 +223,11 @@ impl Store {
         dispatch!(self, s => s.set_many(writes, deadline).await)
     }
 
+    /// The stored size of each key (0 when absent), in one round trip.
+    pub async fn sizes(&self, keys: &[String], deadline: Deadline) -> Result<Vec<u64>> {
+        dispatch!(self, s => s.sizes(keys, deadline).await)
+    }
+
     /// Removes keys; returns how many existed.
     pub async fn delete(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
         dispatch!(self, s => s.delete(keys, deadline).await)
@@ -240,9 +250,15 @@ impl Store {
         dispatch!(self, s => s.clear(pattern, deadline).await)
     }
 
-    /// Counts the keys matching a pattern.
-    pub async fn count(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
-        dispatch!(self, s => s.count(pattern, deadline).await)
+    /// Counts the keys matching `pattern` by which of `prefixes` they start
+    /// with, in one walk.
+    pub async fn count_by_prefix(
+        &self,
+        pattern: &str,
+        prefixes: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        dispatch!(self, s => s.count_by_prefix(pattern, prefixes, deadline).await)
     }
 
     /// Removes keys matching a pattern that have no TTL, and (embedded store)
@@ -327,6 +343,14 @@ impl Store {
     ) -> Result<u64> {
         dispatch!(self, s => s.remove_stale_records(index, since, key_of, deadline).await)
     }
+}
+
+/// FNV-1a: a 64-bit hash that is stable across processes and versions
+/// (unlike std's), for page tokens and cursors.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// Milliseconds since the Unix epoch, as Redis scores and records use them.

@@ -19,13 +19,15 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RetryMethod, Script};
+use redis::{
+    Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RetryMethod, Script,
+};
 use tokio::sync::watch;
 
 use self::breaker::Breaker;
 use super::{
     CircuitState, CleanupCounts, Deadline, Entry, KeySize, LastError, MemoryReport, Result,
-    ScanPage, StoreError, Write, unix_millis,
+    ScanPage, StoreError, Write, fnv1a, unix_millis,
 };
 
 /// Keys handed to one `UNLINK` or cleanup script call, and the `COUNT` hint
@@ -37,6 +39,10 @@ const BULK_BATCH: usize = 1000;
 /// (possibly nothing) with a cursor to continue: a sparse pattern over a huge
 /// keyspace must not turn one RPC into a full walk.
 const MAX_SCANS_PER_PAGE: usize = 64;
+
+/// The least time one attempt gets when `REDIS_RETRY_ON_TIMEOUT` splits a
+/// call's deadline between attempts.
+const ATTEMPT_FLOOR: Duration = Duration::from_millis(250);
 
 /// Settings of the Redis backend.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +93,9 @@ struct Inner {
     breaker: Breaker,
     retry_on_timeout: bool,
     retries: u32,
+    /// How long an attempt must have waited in vain before its timeout counts
+    /// against the breaker.
+    timeout_evidence: Duration,
     del_if_persistent: Script,
 }
 
@@ -98,20 +107,31 @@ enum Failure {
     Permanent(StoreError),
 }
 
-fn classify(err: &RedisError, retry_on_timeout: bool) -> Failure {
-    if err.code() == Some("OOM") || err.to_string().contains("OOM ") {
+fn is_oom(err: &RedisError) -> bool {
+    err.code() == Some("OOM")
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "OOM"))
+}
+
+fn classify(err: &RedisError) -> Failure {
+    if is_oom(err) {
         return Failure::Permanent(StoreError::OutOfMemory(err.to_string()));
     }
-    if err.is_timeout() {
-        return if retry_on_timeout {
-            Failure::Transient(format!("Redis timed out: {err}"))
-        } else {
-            Failure::Permanent(StoreError::Unavailable(format!("Redis timed out: {err}")))
-        };
+    if err.code() == Some("WRONGTYPE") {
+        return Failure::Permanent(StoreError::WrongType(err.to_string()));
     }
-    match err.retry_method() {
-        RetryMethod::NoRetry => Failure::Permanent(StoreError::Backend(err.to_string())),
-        _ => Failure::Transient(err.to_string()),
+    match err.kind() {
+        // Redis answered, but not in the shape expected (e.g. a key that is
+        // not UTF-8): retrying cannot help, and Redis is not at fault.
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
+            Failure::Permanent(StoreError::Backend(err.to_string()))
+        }
+        _ => match err.retry_method() {
+            RetryMethod::NoRetry => Failure::Permanent(StoreError::Backend(err.to_string())),
+            _ => Failure::Transient(err.to_string()),
+        },
     }
 }
 
@@ -126,17 +146,17 @@ impl RedisStore {
     /// reports NOT_SERVING) while Redis is down; only a malformed URL fails.
     pub fn connect(config: &RedisConfig) -> Result<Self> {
         let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
-        let mut info = config.url.as_str().into_connection_info().map_err(bad)?;
+        let info = config.url.as_str().into_connection_info().map_err(bad)?;
+        // Small commands should not wait for Nagle, keepalive or not.
+        let mut tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
         if config.keepalive {
-            let keepalive = redis::io::tcp::socket2::TcpKeepalive::new()
-                .with_time(Duration::from_secs(30))
-                .with_interval(Duration::from_secs(10));
-            info = info.set_tcp_settings(
-                redis::io::tcp::TcpSettings::default()
-                    .set_nodelay(true)
-                    .set_keepalive(keepalive),
+            tcp = tcp.set_keepalive(
+                redis::io::tcp::socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(30))
+                    .with_interval(Duration::from_secs(10)),
             );
         }
+        let info = info.set_tcp_settings(tcp);
         let client = redis::Client::open(info).map_err(bad)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
@@ -157,6 +177,7 @@ impl RedisStore {
                 breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
                 retry_on_timeout: config.retry_on_timeout,
                 retries: config.retries,
+                timeout_evidence: config.connect_timeout,
                 del_if_persistent: Script::new(include_str!("lua/del_if_persistent.lua")),
             }),
         })
@@ -169,39 +190,64 @@ impl RedisStore {
 
     /// Runs `call` on a pooled connection under the breaker, the deadline and
     /// the retry policy.
+    ///
+    /// A call keeps its connection across retries after an error: a
+    /// `ConnectionManager` reconnects itself after an I/O error, so the retry
+    /// repairs it, whereas hopping to the next pooled connection after a Redis
+    /// restart would only meet the next broken one. After an attempt that got
+    /// no answer (a half-dead connection), the retry takes another connection.
+    /// A failed call counts once against the breaker, however many attempts it
+    /// made.
     async fn run<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
+        let inner = &self.inner;
+        let mut conn = self.conn();
         let mut attempt = 0;
         loop {
-            self.inner.breaker.admit()?;
-            let message = match tokio::time::timeout_at(deadline.instant(), call(self.conn())).await
-            {
+            inner.breaker.admit()?;
+            let remaining = deadline.remaining();
+            // With REDIS_RETRY_ON_TIMEOUT an attempt gets half the time left
+            // (at least ATTEMPT_FLOOR), leaving room to retry elsewhere.
+            let budget = if inner.retry_on_timeout && attempt < inner.retries {
+                (remaining / 2).max(ATTEMPT_FLOOR).min(remaining)
+            } else {
+                remaining
+            };
+            let failure = match tokio::time::timeout(budget, call(conn.clone())).await {
                 Ok(Ok(value)) => {
-                    self.inner.breaker.on_success();
+                    inner.breaker.on_success();
                     return Ok(value);
                 }
-                Ok(Err(err)) => match classify(&err, self.inner.retry_on_timeout) {
+                Ok(Err(err)) => match classify(&err) {
                     Failure::Permanent(e) => {
-                        self.inner.breaker.on_success();
+                        inner.breaker.on_success();
                         return Err(e);
                     }
                     Failure::Transient(message) => message,
                 },
-                Err(_) => {
-                    self.inner
-                        .breaker
-                        .on_failure("no answer within the call's deadline");
+                Err(_) if deadline.remaining().is_zero() => {
+                    // A caller's own tight deadline says nothing about Redis;
+                    // only a silence longer than a connect timeout does.
+                    if budget >= inner.timeout_evidence {
+                        inner
+                            .breaker
+                            .on_failure(&format!("no answer within {budget:?}"));
+                    }
                     return Err(StoreError::DeadlineExceeded);
                 }
+                Err(_) => {
+                    conn = self.conn();
+                    format!("no answer within {budget:?}")
+                }
             };
-            self.inner.breaker.on_failure(&message);
             let pause = backoff(attempt);
-            if attempt >= self.inner.retries || pause >= deadline.remaining() {
+            if attempt >= inner.retries || pause >= deadline.remaining() {
+                inner.breaker.on_failure(&failure);
                 return Err(StoreError::Unavailable(format!(
-                    "Redis unreachable after {} attempt(s): {message}",
+                    "Redis unreachable after {} attempt(s): {failure}",
                     attempt + 1
                 )));
             }
@@ -230,14 +276,15 @@ impl RedisStore {
         .await
     }
 
-    /// One `SCAN` step.
+    /// One `SCAN` step. Keys come back as bytes: anything can write into a
+    /// shared Redis, and a key that is not UTF-8 must not fail the walk.
     async fn scan_step(
         &self,
         pattern: &str,
         cursor: u64,
         count: usize,
         deadline: Deadline,
-    ) -> Result<(u64, Vec<String>)> {
+    ) -> Result<(u64, Vec<Vec<u8>>)> {
         let mut cmd = redis::cmd("SCAN");
         cmd.arg(cursor)
             .arg("MATCH")
@@ -255,6 +302,13 @@ impl RedisStore {
             cursor: Some(0),
             deadline,
         }
+    }
+
+    /// `UNLINK`s keys given as bytes; how many existed.
+    async fn unlink(&self, keys: &[Vec<u8>], deadline: Deadline) -> Result<u64> {
+        let mut cmd = redis::cmd("UNLINK");
+        cmd.arg(keys);
+        self.query(&cmd, deadline).await
     }
 
     pub(super) async fn get(&self, key: &str, deadline: Deadline) -> Result<Option<Entry>> {
@@ -315,6 +369,17 @@ impl RedisStore {
         self.query_pipe::<()>(&pipe, deadline).await
     }
 
+    pub(super) async fn sizes(&self, keys: &[String], deadline: Deadline) -> Result<Vec<u64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("STRLEN").arg(key);
+        }
+        self.query_pipe(&pipe, deadline).await
+    }
+
     pub(super) async fn delete(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
         if keys.is_empty() {
             return Ok(0);
@@ -331,27 +396,40 @@ impl RedisStore {
         page_size: usize,
         deadline: Deadline,
     ) -> Result<ScanPage> {
-        let (mut cursor, mut skip) = match cursor {
-            None => (0, 0),
+        let (mut cursor, mut after) = match cursor {
+            None => (0, None),
             Some(c) => parse_cursor(c)?,
         };
         let count = page_size.clamp(10, BULK_BATCH);
         let mut page = ScanPage::default();
-        let mut seen = std::collections::HashSet::new();
         for _ in 0..MAX_SCANS_PER_PAGE {
-            let (next, keys) = self.scan_step(pattern, cursor, count, deadline).await?;
-            // A batch larger than the room left is taken in part, and the
-            // cursor remembers how much of it was already returned.
-            for (i, key) in keys.into_iter().enumerate().skip(skip) {
+            let (next, batch) = self.scan_step(pattern, cursor, count, deadline).await?;
+            // A batch larger than the room left is taken in part. Its keys are
+            // ordered by a stable hash and the cursor remembers the last hash
+            // returned, so that resuming skips exactly what was returned even
+            // if keys of the batch expired or were deleted meanwhile (an index
+            // into the batch would shift and skip keys). Keys that are not
+            // UTF-8 cannot be koo's and are left out.
+            let mut keys: Vec<(u64, String)> = batch
+                .into_iter()
+                .filter_map(|k| String::from_utf8(k).ok())
+                .map(|k| (fnv1a(k.as_bytes()), k))
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let mut last = after;
+            for (hash, key) in keys {
+                if after.is_some_and(|a| hash <= a) {
+                    continue;
+                }
                 if page.keys.len() == page_size {
-                    page.cursor = Some(format!("r:{cursor}:{i}"));
+                    page.cursor = Some(format_cursor(cursor, last));
                     return Ok(page);
                 }
-                if seen.insert(key.clone()) {
-                    page.keys.push(key);
-                }
+                last = Some(hash);
+                page.keys.push(key);
             }
-            skip = 0;
+            after = None;
             if next == 0 {
                 return Ok(page);
             }
@@ -360,7 +438,7 @@ impl RedisStore {
                 break;
             }
         }
-        page.cursor = Some(format!("r:{cursor}:0"));
+        page.cursor = Some(format_cursor(cursor, None));
         Ok(page)
     }
 
@@ -368,18 +446,27 @@ impl RedisStore {
         let mut deleted = 0;
         let mut batches = self.batches(pattern, deadline);
         while let Some(keys) = batches.next().await? {
-            deleted += self.delete(&keys, deadline).await?;
+            deleted += self.unlink(&keys, deadline).await?;
         }
         Ok(deleted)
     }
 
-    pub(super) async fn count(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
-        let mut count = 0;
+    pub(super) async fn count_by_prefix(
+        &self,
+        pattern: &str,
+        prefixes: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        let mut counts = vec![0; prefixes.len()];
         let mut batches = self.batches(pattern, deadline);
         while let Some(keys) = batches.next().await? {
-            count += keys.len() as u64;
+            for key in keys {
+                if let Some(i) = prefixes.iter().position(|p| key.starts_with(p.as_bytes())) {
+                    counts[i] += 1;
+                }
+            }
         }
-        Ok(count)
+        Ok(counts)
     }
 
     pub(super) async fn cleanup(&self, pattern: &str, deadline: Deadline) -> Result<CleanupCounts> {
@@ -389,7 +476,7 @@ impl RedisStore {
             counts.scanned += keys.len() as u64;
             let mut invocation = self.inner.del_if_persistent.prepare_invoke();
             for key in &keys {
-                invocation.key(key);
+                invocation.key(key.as_slice());
             }
             let invocation = &invocation;
             let removed: u64 = self
@@ -427,13 +514,18 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for key in &keys {
-            pipe.cmd("MEMORY").arg("USAGE").arg(key);
+            pipe.cmd("MEMORY").arg("USAGE").arg(key.as_slice());
         }
         let usage: Vec<Option<u64>> = self.query_pipe(&pipe, deadline).await?;
         let mut sizes: Vec<KeySize> = keys
             .into_iter()
             .zip(usage)
-            .filter_map(|(key, bytes)| Some(KeySize { key, bytes: bytes? }))
+            .filter_map(|(key, bytes)| {
+                Some(KeySize {
+                    key: String::from_utf8_lossy(&key).into_owned(),
+                    bytes: bytes?,
+                })
+            })
             .collect();
         let sampled = sizes.len() as u64;
         sizes.sort_by(|a, b| b.bytes.cmp(&a.bytes).then_with(|| a.key.cmp(&b.key)));
@@ -448,33 +540,32 @@ impl RedisStore {
         Ok(parse_memory_info(&info))
     }
 
+    /// Pings every pooled connection at once. Redis is reachable when any
+    /// answers; a connection that fails reconnects itself, so a probe also
+    /// repairs the pool after a Redis restart before traffic meets it.
     pub(super) async fn probe(&self, deadline: Deadline) -> Result<Duration> {
         let started = Instant::now();
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout_at(
-            deadline.instant(),
-            ping.query_async::<String>(&mut self.conn()),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {
-                self.inner.breaker.on_success();
-                Ok(started.elapsed())
+        let pings = self.inner.conns.iter().map(|conn| {
+            let mut conn = conn.clone();
+            async move {
+                tokio::time::timeout_at(
+                    deadline.instant(),
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await
             }
-            Ok(Err(err)) => {
-                let message = err.to_string();
-                self.inner.breaker.on_failure(&message);
-                Err(StoreError::Unavailable(format!(
-                    "Redis ping failed: {message}"
-                )))
-            }
-            Err(_) => {
-                self.inner
-                    .breaker
-                    .on_failure("ping got no answer within its deadline");
-                Err(StoreError::DeadlineExceeded)
-            }
+        });
+        let results = futures::future::join_all(pings).await;
+        if results.iter().any(|r| matches!(r, Ok(Ok(_)))) {
+            self.inner.breaker.on_success();
+            return Ok(started.elapsed());
         }
+        let message = match results.into_iter().next() {
+            Some(Ok(Err(err))) => format!("Redis ping failed: {err}"),
+            _ => "Redis ping got no answer within its deadline".to_owned(),
+        };
+        self.inner.breaker.on_failure(&message);
+        Err(StoreError::Unavailable(message))
     }
 
     pub(super) fn circuit_state(&self) -> CircuitState {
@@ -512,6 +603,13 @@ impl RedisStore {
             .arg(member)
             .ignore();
         pipe.cmd("PEXPIRE").arg(index).arg(ms).ignore();
+        // Members that stopped publishing leave the index here, so that it
+        // stays bounded even if no one runs a cleanup; their records expire.
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(index)
+            .arg("-inf")
+            .arg(format!("({}", unix_millis(SystemTime::now()) - ms as i64))
+            .ignore();
         self.query_pipe::<()>(&pipe, deadline).await
     }
 
@@ -524,7 +622,11 @@ impl RedisStore {
     ) -> Result<Vec<(String, Bytes)>> {
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
         cmd.arg(index).arg(unix_millis(since)).arg("+inf");
-        let members: Vec<String> = self.query(&cmd, deadline).await?;
+        let members: Vec<Vec<u8>> = self.query(&cmd, deadline).await?;
+        let members: Vec<String> = members
+            .into_iter()
+            .filter_map(|m| String::from_utf8(m).ok())
+            .collect();
         if members.is_empty() {
             return Ok(Vec::new());
         }
@@ -551,13 +653,15 @@ impl RedisStore {
         cmd.arg(index)
             .arg("-inf")
             .arg(format!("({}", unix_millis(since)));
-        let stale: Vec<String> = self.query(&cmd, deadline).await?;
+        let stale: Vec<Vec<u8>> = self.query(&cmd, deadline).await?;
         if stale.is_empty() {
             return Ok(0);
         }
         let mut pipe = redis::pipe();
         for m in &stale {
-            pipe.cmd("UNLINK").arg(key_of(m)).ignore();
+            if let Ok(member) = std::str::from_utf8(m) {
+                pipe.cmd("UNLINK").arg(key_of(member)).ignore();
+            }
         }
         pipe.cmd("ZREM").arg(index).arg(&stale).ignore();
         self.query_pipe::<()>(&pipe, deadline).await?;
@@ -575,7 +679,7 @@ struct KeyBatches<'a> {
 }
 
 impl KeyBatches<'_> {
-    async fn next(&mut self) -> Result<Option<Vec<String>>> {
+    async fn next(&mut self) -> Result<Option<Vec<Vec<u8>>>> {
         while let Some(cursor) = self.cursor {
             let (next, keys) = self
                 .store
@@ -601,18 +705,30 @@ fn entry(value: Vec<u8>, pttl: i64) -> Entry {
     }
 }
 
+/// Whole milliseconds, rounded up so that Redis never expires a key early.
 fn ttl_millis(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
-fn parse_cursor(cursor: &str) -> Result<(u64, usize)> {
-    let bad = || StoreError::Backend(format!("cursor {cursor:?} is not a Redis cursor"));
+/// `r:{scan cursor}:{hash of the last key returned from that batch, or -}`.
+fn format_cursor(cursor: u64, after: Option<u64>) -> String {
+    match after {
+        Some(h) => format!("r:{cursor}:{h:016x}"),
+        None => format!("r:{cursor}:-"),
+    }
+}
+
+fn parse_cursor(cursor: &str) -> Result<(u64, Option<u64>)> {
+    let bad = || StoreError::InvalidCursor(format!("{cursor:?} is not a Redis cursor"));
     let rest = cursor.strip_prefix("r:").ok_or_else(bad)?;
-    let (c, skip) = rest.split_once(':').ok_or_else(bad)?;
-    Ok((
-        c.parse().map_err(|_| bad())?,
-        skip.parse().map_err(|_| bad())?,
-    ))
+    let (c, after) = rest.split_once(':').ok_or_else(bad)?;
+    let after = match after {
+        "-" => None,
+        h => Some(u64::from_str_radix(h, 16).map_err(|_| bad())?),
+    };
+    Ok((c.parse().map_err(|_| bad())?, after))
 }
 
 fn parse_memory_info(info: &str) -> MemoryReport {
@@ -652,9 +768,17 @@ mod tests {
     /// Cursors round-trip and foreign ones are refused.
     #[test]
     fn cursor_format() {
-        assert_eq!(parse_cursor("r:42:7").unwrap(), (42, 7));
-        assert!(parse_cursor("m:key").is_err());
+        assert_eq!(
+            parse_cursor(&format_cursor(42, Some(7))).unwrap(),
+            (42, Some(7))
+        );
+        assert_eq!(parse_cursor(&format_cursor(0, None)).unwrap(), (0, None));
+        assert!(matches!(
+            parse_cursor("m:key"),
+            Err(StoreError::InvalidCursor(_))
+        ));
         assert!(parse_cursor("r:x:1").is_err());
+        assert!(parse_cursor("r:1:zz").is_err());
     }
 
     /// Backoff grows and stays capped.
