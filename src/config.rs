@@ -212,6 +212,11 @@ pub struct ServeArgs {
     #[arg(long, env = "KOO_SHUTDOWN_GRACE", value_name = "KOO_SHUTDOWN_GRACE", default_value = "30s",
           value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// On SIGTERM/SIGINT, how long koo reports NOT_SERVING (and has ended its
+    /// streams) before it stops accepting connections.
+    #[arg(long, env = "KOO_SHUTDOWN_DRAIN", value_name = "KOO_SHUTDOWN_DRAIN", default_value = "500ms",
+          value_parser = parse_duration)]
+    pub shutdown_drain: Duration,
 }
 
 /// A configuration value that parses but cannot be used.
@@ -339,6 +344,7 @@ impl ServeArgs {
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,
             shutdown_grace: self.shutdown_grace,
+            shutdown_drain: self.shutdown_drain,
         })
     }
 }

@@ -8,35 +8,50 @@
 
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_check_response::ServingStatus;
 
+use crate::grpc::health::Statuses;
 use crate::store::{BackendKind, CircuitState, Deadline, Store};
 
 /// Reports health for a set of services (and the server as a whole, `""`).
 #[derive(Clone)]
 pub struct HealthPublisher {
-    reporter: HealthReporter,
+    statuses: watch::Sender<Statuses>,
     services: Vec<&'static str>,
 }
 
 impl HealthPublisher {
-    /// A publisher for `services`.
-    pub fn new(reporter: HealthReporter, services: Vec<&'static str>) -> Self {
-        Self { reporter, services }
+    /// A publisher for `services`, all NOT_SERVING until told otherwise.
+    pub fn new(services: Vec<&'static str>) -> Self {
+        let statuses = std::iter::once("")
+            .chain(services.iter().copied())
+            .map(|s| (s.to_owned(), ServingStatus::NotServing))
+            .collect();
+        Self {
+            statuses: watch::Sender::new(statuses),
+            services,
+        }
+    }
+
+    /// What the health service reads.
+    pub fn subscribe(&self) -> watch::Receiver<Statuses> {
+        self.statuses.subscribe()
     }
 
     /// Sets every service (and `""`) to `serving` or not.
-    pub async fn set(&self, serving: bool) {
+    pub fn set(&self, serving: bool) {
         let status = if serving {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        for service in std::iter::once("").chain(self.services.iter().copied()) {
-            self.reporter.set_service_status(service, status).await;
-        }
+        self.statuses.send_modify(|statuses| {
+            for service in std::iter::once("").chain(self.services.iter().copied()) {
+                statuses.insert(service.to_owned(), status);
+            }
+        });
     }
 }
 
@@ -74,7 +89,7 @@ pub async fn monitor(
             }
         }
         if serving != Some(ok) {
-            publisher.set(ok).await;
+            publisher.set(ok);
             serving = Some(ok);
         }
         // After a failed probe, probe again soon: a recovery that no call
@@ -103,7 +118,7 @@ pub async fn monitor(
                         } else {
                             tracing::warn!(last_error = ?store.last_error().map(|e| e.message), "circuit breaker opened; not serving");
                         }
-                        publisher.set(ok).await;
+                        publisher.set(ok);
                         serving = Some(ok);
                     }
                 }

@@ -12,9 +12,11 @@ use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
+use tonic_health::pb::health_server::HealthServer;
 
 use crate::cache::{Cache, CacheConfig};
 use crate::grpc::cache::CacheApi;
+use crate::grpc::health::HealthApi;
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
@@ -47,6 +49,8 @@ pub struct Settings {
     pub bulk_timeout: Duration,
     /// Time in-flight calls get to finish on shutdown.
     pub shutdown_grace: Duration,
+    /// Time between reporting NOT_SERVING and closing the listener.
+    pub shutdown_drain: Duration,
 }
 
 impl Default for Settings {
@@ -60,6 +64,7 @@ impl Default for Settings {
             request_timeout: Duration::from_secs(5),
             bulk_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_drain: Duration::from_millis(500),
         }
     }
 }
@@ -112,11 +117,10 @@ pub async fn run(
     let cache = Cache::new(store.clone(), settings.cache.clone());
     let stop = CancellationToken::new();
 
-    let (reporter, health_service) = tonic_health::server::health_reporter();
     let cache_name = <CacheServiceServer<CacheApi> as NamedService>::NAME;
-    let publisher = HealthPublisher::new(reporter, vec![cache_name]);
     // NOT_SERVING until the first probe says otherwise.
-    publisher.set(false).await;
+    let publisher = HealthPublisher::new(vec![cache_name]);
+    let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()));
 
     let mut background = tokio::task::JoinSet::new();
     background.spawn(health::monitor(
@@ -162,15 +166,24 @@ pub async fn run(
         })
     });
     let signalled = Arc::new(Notify::new());
+    let drain = settings.shutdown_drain;
     let on_shutdown = {
         let signalled = signalled.clone();
         let stop = stop.clone();
         let publisher = publisher.clone();
         async move {
             shutdown.await;
-            tracing::info!("shutting down: not serving, finishing in-flight calls");
-            publisher.set(false).await;
+            // NOT_SERVING and the end of every stream come first; the listener
+            // closes `drain` later, so that load balancers stop routing here
+            // and stream clients read their final frames before connections
+            // close.
+            tracing::info!(
+                ?drain,
+                "shutting down: not serving, ending streams, then draining"
+            );
+            publisher.set(false);
             stop.cancel();
+            tokio::time::sleep(drain).await;
             signalled.notify_one();
         }
     };

@@ -223,12 +223,24 @@ async fn health_subcommand_exit_codes() {
     assert!(!out.status.success());
 }
 
-/// SIGTERM ends open WatchMetrics streams cleanly, lets an in-flight call
-/// finish, and exits 0.
+/// SIGTERM first reports NOT_SERVING to health watchers, ends open
+/// WatchMetrics streams cleanly (OK, not an error), and exits 0.
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
     let mut server = Running::start(&[]);
     let channel = server.channel().await;
+    let mut health = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = health.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
     let mut client = CacheServiceClient::new(channel);
     let mut stream = client
         .watch_metrics(pb::WatchMetricsRequest {
@@ -242,6 +254,12 @@ async fn sigterm_shuts_down_gracefully() {
         .into_inner();
     stream.message().await.unwrap().expect("first snapshot");
     server.signal("TERM");
+    let not_serving = tokio::time::timeout(common::EVENT_TIMEOUT, health.message())
+        .await
+        .expect("health update")
+        .unwrap()
+        .expect("health stream open");
+    assert_eq!(not_serving.status, ServingStatus::NotServing as i32);
     let end = tokio::time::timeout(common::EVENT_TIMEOUT, async {
         loop {
             match stream.message().await {
@@ -257,4 +275,27 @@ async fn sigterm_shuts_down_gracefully() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// KOO_LOG_FORMAT=json writes one JSON object per line, and a flag given on
+/// the command line wins over its environment variable.
+#[test]
+fn json_logs_and_flags_override_environment() {
+    let mut child = koo()
+        .args(["serve", "--listen", "127.0.0.1:0", "--prefix", "from-flag"])
+        .env("KOO_LOG_FORMAT", "json")
+        .env("KOO_PREFIX", "bad prefix")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let first = lines.next().expect("a log line").unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let parsed: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("{first}: {e}"));
+    assert!(parsed.get("level").is_some(), "{parsed}");
+    assert!(parsed.get("message").is_some(), "{parsed}");
 }

@@ -1110,3 +1110,133 @@ async fn maintenance_reports_largest_keys(env: Env) {
     assert!(report.used_memory_bytes > 0);
     assert!(report.cleanup.is_some());
 }
+
+on_both_stores!(list_keys_returns_survivors_while_keys_churn);
+
+/// Keys that exist for the whole listing are all returned even when keys
+/// already returned are deleted between pages (a cache churns constantly).
+async fn list_keys_returns_survivors_while_keys_churn(env: Env) {
+    let mut c = env.cache();
+    let entries = (0..60)
+        .map(|i| entry(CacheLevel::Db, &format!("churn:{i:02}"), text("v")))
+        .collect();
+    c.set_many(pb::SetManyRequest { entries }).await.unwrap();
+    let mut seen = BTreeSet::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_keys(pb::ListKeysRequest {
+                level: CacheLevel::Db as i32,
+                pattern: "churn:*".into(),
+                page_size: 7,
+                page_token: token,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // delete what was just returned: the survivors must still all come back
+        c.delete_many(pb::DeleteManyRequest {
+            level: CacheLevel::Db as i32,
+            keys: page.keys.clone(),
+        })
+        .await
+        .unwrap();
+        seen.extend(page.keys);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: BTreeSet<String> = (0..60).map(|i| format!("churn:{i:02}")).collect();
+    assert_eq!(seen, expected);
+}
+
+/// A GetMany whose reply would pass the message limit is RESOURCE_EXHAUSTED;
+/// fewer keys go through. The limit here is small so the test stays quick.
+async fn get_many_reply_limit(env: Env) {
+    let mut c = env.cache();
+    let mut v = vec![0u8; 900 * 1024];
+    rand::Rng::fill(&mut rand::rng(), &mut v[..]);
+    for k in ["a", "b", "c"] {
+        c.set(set_req(CacheLevel::App, k, raw(&v), None))
+            .await
+            .unwrap();
+    }
+    let keys = |n: usize| ["a", "b", "c"][..n].iter().map(|s| s.to_string()).collect();
+    let err = c
+        .get_many(pb::GetManyRequest {
+            level: 0,
+            keys: keys(3),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let ok = c
+        .get_many(pb::GetManyRequest {
+            level: 0,
+            keys: keys(2),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.results.iter().all(|r| r.entry.as_ref().unwrap().found));
+}
+
+fn one_mib_limit(s: &mut koo::server::Settings) {
+    s.cache.max_value_size = 1024 * 1024;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reply_limit_memory() {
+    get_many_reply_limit(Env::memory_with(one_mib_limit).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_many_reply_limit_redis() {
+    get_many_reply_limit(Env::redis_with(one_mib_limit).await).await;
+}
+
+/// A JSON value whose protobuf form passes CACHE_MAX_VALUE_SIZE is refused
+/// on `value.json` (so whatever is accepted can be sent back), even though
+/// its JSON text is smaller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_limit_applies_to_the_protobuf_form() {
+    let env = Env::memory_with(one_mib_limit).await;
+    let numbers = |n: usize| prost_types::Value {
+        kind: Some(JsonKind::ListValue(prost_types::ListValue {
+            values: (0..n)
+                .map(|i| prost_types::Value {
+                    kind: Some(JsonKind::NumberValue(i as f64)),
+                })
+                .collect(),
+        })),
+    };
+    let json = |v| {
+        Some(pb::CacheValue {
+            kind: Some(Kind::Json(v)),
+        })
+    };
+    // ~11 protobuf bytes per number, ~5 bytes of JSON text
+    let err = env
+        .cache()
+        .set(set_req(
+            CacheLevel::App,
+            "big",
+            json(numbers(120_000)),
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad_field(&err), "value.json");
+    env.cache()
+        .set(set_req(CacheLevel::App, "ok", json(numbers(50_000)), None))
+        .await
+        .unwrap();
+    let got = env
+        .cache()
+        .get(get_req(CacheLevel::App, "ok"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, json(numbers(50_000)));
+}

@@ -449,3 +449,217 @@ async fn embedded_cleanup_purges_expired_entries() {
         .unwrap();
     assert_eq!(again.removed_expired, 0);
 }
+
+/// With the default pool (20 connections, 5 s cool-down), killing every
+/// client connection (as a Redis restart or failover does) costs no more than
+/// a retry: calls keep succeeding and the breaker stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_recover_at_once_with_default_pool() {
+    let redis = TestRedis::start().await;
+    let mut settings = test_settings(koo::server::StoreSettings::Redis(
+        koo::store::RedisConfig::new(redis.url()),
+    ));
+    settings.health_check_interval = Duration::from_secs(30);
+    let server = TestServer::spawn(settings).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    let mut c = server.cache();
+    // touch every pooled connection
+    for i in 0..40 {
+        c.set(set_req(CacheLevel::App, &format!("k{i}"), text("v")))
+            .await
+            .unwrap();
+    }
+    let mut conn = redis.conn().await;
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or(0);
+    for i in 0..40 {
+        let mut req = tonic::Request::new(get_req(&format!("k{i}")));
+        req.set_timeout(Duration::from_secs(2));
+        let got = c
+            .get(req)
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after CLIENT KILL: {e:?}"));
+        assert!(got.into_inner().found);
+    }
+    let h = c
+        .get_health(pb::GetHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.circuit_state, pb::CircuitState::Closed as i32);
+}
+
+/// Foreign data in koo's namespace (a key that is not UTF-8, a list under a
+/// cache key) is handled, not mistaken for an outage: bulk calls succeed,
+/// the foreign value reads as DATA_LOSS, and the breaker stays closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_keys_do_not_break_anything() {
+    let env = Env::redis().await;
+    let mut conn = env.redis_server().unwrap().conn().await;
+    let _: () = redis::cmd("SET")
+        .arg(b"koo:cache:app:\xff\xfe".as_slice())
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = conn.rpush("koo:cache:app:list", "x").await.unwrap();
+    let mut c = env.cache();
+    c.set(set_req(CacheLevel::App, "mine", text("v")))
+        .await
+        .unwrap();
+    let err = c.get(get_req("list")).await.unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    let listed = c
+        .list_keys(pb::ListKeysRequest {
+            level: CacheLevel::App as i32,
+            pattern: String::new(),
+            page_size: 100,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.keys.contains(&"mine".to_string()), "{listed:?}");
+    let m = c
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics
+        .unwrap();
+    assert!(!m.partial, "{}", m.partial_reason);
+    // both foreign keys lack a TTL, so cleanup removes them
+    let report = c
+        .cleanup(pb::CleanupRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(report.removed_without_ttl, 2, "{report:?}");
+    let cleared = c
+        .clear_level(pb::ClearLevelRequest {
+            level: CacheLevel::App as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cleared.deleted_count, 1);
+    let h = c
+        .get_health(pb::GetHealthRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.circuit_state, pb::CircuitState::Closed as i32);
+    assert!(h.healthy);
+}
+
+/// Callers with deadlines shorter than a Redis stall get DEADLINE_EXCEEDED,
+/// but their impatience is not taken as an outage: once the stall ends, the
+/// next call succeeds (the breaker did not open).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tight_deadlines_do_not_open_the_breaker() {
+    let redis = TestRedis::start_with(&["--enable-debug-command", "local"]).await;
+    let mut settings = test_settings(redis_settings(&redis.url()));
+    settings.health_check_interval = Duration::from_secs(30);
+    let server = TestServer::spawn(settings).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    let env = Env {
+        server,
+        backend: common::Backend::Redis(redis),
+    };
+    let mut c = env.cache();
+    c.set(set_req(CacheLevel::App, "k", text("v")))
+        .await
+        .unwrap();
+    let mut sleeper = env.redis_server().unwrap().conn().await;
+    let stall = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg("0.5")
+            .query_async(&mut sleeper)
+            .await
+            .unwrap();
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut c = env.cache();
+        tasks.push(tokio::spawn(async move {
+            let mut req = tonic::Request::new(get_req("k"));
+            req.set_timeout(Duration::from_millis(60));
+            c.get(req).await.map(|_| ()).map_err(|e| e.code())
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert!(matches!(r, Ok(()) | Err(Code::DeadlineExceeded)), "{r:?}");
+    }
+    stall.await.unwrap();
+    let got = c
+        .get(get_req("k"))
+        .await
+        .expect("breaker must not have opened");
+    assert!(got.into_inner().found);
+}
+
+/// Redis out of memory during a SetMany is RESOURCE_EXHAUSTED, like a Set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_full_set_many_is_resource_exhausted() {
+    let redis =
+        TestRedis::start_with(&["--maxmemory", "2mb", "--maxmemory-policy", "noeviction"]).await;
+    let server = TestServer::spawn(test_settings(redis_settings(&redis.url()))).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    let mut value = vec![0u8; 512 * 1024];
+    rand::Rng::fill(&mut rand::rng(), &mut value[..]);
+    let raw = Some(pb::CacheValue {
+        kind: Some(Kind::Raw(value.into())),
+    });
+    let entries = (0..8)
+        .map(|i| pb::CacheEntry {
+            level: 0,
+            key: format!("k{i}"),
+            value: raw.clone(),
+            ttl: None,
+        })
+        .collect();
+    let err = server
+        .cache()
+        .set_many(pb::SetManyRequest { entries })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+}
+
+/// While Redis is down, GetMetrics still answers with this instance's own
+/// counters, marked partial with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_partial_while_redis_is_down() {
+    let mut env = Env::redis().await;
+    env.cache()
+        .set(set_req(CacheLevel::App, "k", text("v")))
+        .await
+        .unwrap();
+    let common::Backend::Redis(redis) = &mut env.backend else {
+        unreachable!()
+    };
+    redis.kill();
+    env.server.wait_health("", ServingStatus::NotServing).await;
+    let mut req = tonic::Request::new(pb::GetMetricsRequest {});
+    req.set_timeout(Duration::from_secs(2));
+    let m = env
+        .cache()
+        .get_metrics(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics
+        .unwrap();
+    assert!(m.partial);
+    assert!(!m.partial_reason.is_empty());
+    assert_eq!(m.total.unwrap().sets, 1);
+}

@@ -4,5 +4,6 @@
 pub mod cache;
 pub mod codec;
 mod deadline;
+pub mod health;
 mod json;
 mod status;

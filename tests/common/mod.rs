@@ -159,6 +159,7 @@ pub fn test_settings(store: StoreSettings) -> Settings {
         request_timeout: Duration::from_secs(5),
         bulk_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(5),
+        shutdown_drain: Duration::ZERO,
         ..Settings::default()
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use self::breaker::Breaker;
 use super::{
     CircuitState, CleanupCounts, Deadline, Entry, KeySize, LastError, MemoryReport, Result,
-    ScanPage, StoreError, Write, fnv1a, unix_millis,
+    ScanPage, StoreError, Write, unix_millis,
 };
 
 /// Keys handed to one `UNLINK` or cleanup script call, and the `COUNT` hint
@@ -107,19 +107,21 @@ enum Failure {
     Permanent(StoreError),
 }
 
-fn is_oom(err: &RedisError) -> bool {
-    err.code() == Some("OOM")
+/// Whether Redis answered with error `code`, alone or inside a pipeline or
+/// transaction.
+fn has_code(err: &RedisError, code: &str) -> bool {
+    err.code() == Some(code)
         || err
             .clone()
             .into_server_errors()
-            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == "OOM"))
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == code))
 }
 
 fn classify(err: &RedisError) -> Failure {
-    if is_oom(err) {
+    if has_code(err, "OOM") {
         return Failure::Permanent(StoreError::OutOfMemory(err.to_string()));
     }
-    if err.code() == Some("WRONGTYPE") {
+    if has_code(err, "WRONGTYPE") {
         return Failure::Permanent(StoreError::WrongType(err.to_string()));
     }
     match err.kind() {
@@ -396,49 +398,39 @@ impl RedisStore {
         page_size: usize,
         deadline: Deadline,
     ) -> Result<ScanPage> {
-        let (mut cursor, mut after) = match cursor {
-            None => (0, None),
+        // The listing always continues from the cursor SCAN itself returned,
+        // which is what makes SCAN return every key present for the whole
+        // walk even across rehashing. A batch larger than the room left on
+        // the page is not cut by resuming inside it (a re-scan of the same
+        // cursor may cover other buckets after a resize); its overflow
+        // travels in the cursor and opens the next page.
+        let (mut cursor, mut pending) = match cursor {
+            None => (Some(0), Vec::new()),
             Some(c) => parse_cursor(c)?,
         };
-        let count = page_size.clamp(10, BULK_BATCH);
         let mut page = ScanPage::default();
+        let take = |page: &mut ScanPage, pending: &mut Vec<String>| {
+            let n = pending.len().min(page_size - page.keys.len());
+            page.keys.extend(pending.drain(..n));
+        };
+        take(&mut page, &mut pending);
         for _ in 0..MAX_SCANS_PER_PAGE {
-            let (next, batch) = self.scan_step(pattern, cursor, count, deadline).await?;
-            // A batch larger than the room left is taken in part. Its keys are
-            // ordered by a stable hash and the cursor remembers the last hash
-            // returned, so that resuming skips exactly what was returned even
-            // if keys of the batch expired or were deleted meanwhile (an index
-            // into the batch would shift and skip keys). Keys that are not
-            // UTF-8 cannot be koo's and are left out.
-            let mut keys: Vec<(u64, String)> = batch
-                .into_iter()
-                .filter_map(|k| String::from_utf8(k).ok())
-                .map(|k| (fnv1a(k.as_bytes()), k))
-                .collect();
-            keys.sort_unstable();
-            keys.dedup();
-            let mut last = after;
-            for (hash, key) in keys {
-                if after.is_some_and(|a| hash <= a) {
-                    continue;
-                }
-                if page.keys.len() == page_size {
-                    page.cursor = Some(format_cursor(cursor, last));
-                    return Ok(page);
-                }
-                last = Some(hash);
-                page.keys.push(key);
-            }
-            after = None;
-            if next == 0 {
-                return Ok(page);
-            }
-            cursor = next;
+            let Some(at) = cursor else { break };
             if page.keys.len() == page_size {
                 break;
             }
+            let room = page_size - page.keys.len();
+            let (next, batch) = self
+                .scan_step(pattern, at, room.clamp(10, BULK_BATCH), deadline)
+                .await?;
+            cursor = (next != 0).then_some(next);
+            // Keys that are not UTF-8 cannot be koo's and are left out.
+            pending.extend(batch.into_iter().filter_map(|k| String::from_utf8(k).ok()));
+            take(&mut page, &mut pending);
         }
-        page.cursor = Some(format_cursor(cursor, None));
+        if cursor.is_some() || !pending.is_empty() {
+            page.cursor = Some(format_cursor(cursor, &pending));
+        }
         Ok(page)
     }
 
@@ -712,23 +704,25 @@ fn ttl_millis(ttl: Duration) -> u64 {
         .max(1)
 }
 
-/// `r:{scan cursor}:{hash of the last key returned from that batch, or -}`.
-fn format_cursor(cursor: u64, after: Option<u64>) -> String {
-    match after {
-        Some(h) => format!("r:{cursor}:{h:016x}"),
-        None => format!("r:{cursor}:-"),
+/// `r:{SCAN cursor, or - when SCAN is done}:{JSON array of keys already
+/// scanned but not yet returned}`.
+fn format_cursor(cursor: Option<u64>, pending: &[String]) -> String {
+    let pending = serde_json::to_string(pending).unwrap_or_else(|_| "[]".to_owned());
+    match cursor {
+        Some(c) => format!("r:{c}:{pending}"),
+        None => format!("r:-:{pending}"),
     }
 }
 
-fn parse_cursor(cursor: &str) -> Result<(u64, Option<u64>)> {
+fn parse_cursor(cursor: &str) -> Result<(Option<u64>, Vec<String>)> {
     let bad = || StoreError::InvalidCursor(format!("{cursor:?} is not a Redis cursor"));
     let rest = cursor.strip_prefix("r:").ok_or_else(bad)?;
-    let (c, after) = rest.split_once(':').ok_or_else(bad)?;
-    let after = match after {
+    let (c, pending) = rest.split_once(':').ok_or_else(bad)?;
+    let at = match c {
         "-" => None,
-        h => Some(u64::from_str_radix(h, 16).map_err(|_| bad())?),
+        c => Some(c.parse().map_err(|_| bad())?),
     };
-    Ok((c.parse().map_err(|_| bad())?, after))
+    Ok((at, serde_json::from_str(pending).map_err(|_| bad())?))
 }
 
 fn parse_memory_info(info: &str) -> MemoryReport {
@@ -768,16 +762,20 @@ mod tests {
     /// Cursors round-trip and foreign ones are refused.
     #[test]
     fn cursor_format() {
+        let pending = vec!["a:b".to_owned(), "x\"y".to_owned()];
         assert_eq!(
-            parse_cursor(&format_cursor(42, Some(7))).unwrap(),
-            (42, Some(7))
+            parse_cursor(&format_cursor(Some(42), &pending)).unwrap(),
+            (Some(42), pending.clone())
         );
-        assert_eq!(parse_cursor(&format_cursor(0, None)).unwrap(), (0, None));
+        assert_eq!(
+            parse_cursor(&format_cursor(None, &[])).unwrap(),
+            (None, vec![])
+        );
         assert!(matches!(
             parse_cursor("m:key"),
             Err(StoreError::InvalidCursor(_))
         ));
-        assert!(parse_cursor("r:x:1").is_err());
+        assert!(parse_cursor("r:x:[]").is_err());
         assert!(parse_cursor("r:1:zz").is_err());
     }
 
