@@ -159,11 +159,20 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|c| {
+    let incoming = TcpListenerStream::new(listener).then(|conn| async move {
+        match &conn {
             // Small RPCs should not wait for Nagle.
-            let _ = c.set_nodelay(true);
-        })
+            Ok(c) => {
+                let _ = c.set_nodelay(true);
+            }
+            // Out of file descriptors and the like: say so, and pause rather
+            // than spin on a listener that fails at once.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        conn
     });
     let signalled = Arc::new(Notify::new());
     let drain = settings.shutdown_drain;

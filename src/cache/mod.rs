@@ -46,6 +46,9 @@ pub const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 const WARM_CHUNK: usize = 500;
 /// Keys sampled by maintenance to find the largest.
 const MAINTENANCE_SAMPLE: usize = 1000;
+/// How long other instances' figures and backend memory are reused by
+/// metrics calls (they change once per metrics flush anyway).
+const SHARED_FIGURES_MAX_AGE: Duration = Duration::from_millis(100);
 /// Time a key-count walk may take; it runs apart from any caller.
 const KEY_COUNT_BUDGET: Duration = Duration::from_secs(120);
 /// Largest keys reported by maintenance.
@@ -283,6 +286,19 @@ struct Inner {
     /// as long as their deadline allows.
     key_counts: tokio::sync::watch::Sender<KeyCountState>,
     walking: std::sync::atomic::AtomicBool,
+    /// Other instances' figures and the backend's memory, reused for
+    /// [`SHARED_FIGURES_MAX_AGE`] so that any number of `WatchMetrics`
+    /// streams cost the backend a bounded number of reads. A tokio mutex,
+    /// held while reading, so that concurrent callers share one read.
+    shared: tokio::sync::Mutex<Option<SharedFigures>>,
+}
+
+/// Figures that come from the backend rather than this process.
+#[derive(Clone)]
+struct SharedFigures {
+    taken: Instant,
+    peers: Result<Vec<Snapshot>, String>,
+    memory: Result<u64, String>,
 }
 
 /// The outcome of the latest key-count walk.
@@ -314,6 +330,7 @@ impl Cache {
                 started: Instant::now(),
                 key_counts: tokio::sync::watch::Sender::new(KeyCountState::default()),
                 walking: std::sync::atomic::AtomicBool::new(false),
+                shared: tokio::sync::Mutex::new(None),
             }),
         }
     }
@@ -713,23 +730,14 @@ impl Cache {
     /// backend cannot be read, this instance's own figures are returned with
     /// `partial` saying why.
     pub async fn metrics(&self, deadline: Deadline) -> MetricsReport {
+        let (shared, counts) =
+            tokio::join!(self.shared_figures(deadline), self.key_counts(deadline));
+        // This instance's own figures are always live.
         let mut snapshot = self.inner.metrics.snapshot();
-        let peers = async {
-            if self.inner.store.kind() == BackendKind::Redis {
-                self.peer_snapshots(deadline).await
-            } else {
-                Ok(Vec::new())
-            }
-        };
-        let (peers, counts, memory) = tokio::join!(
-            peers,
-            self.key_counts(deadline),
-            self.inner.store.memory(deadline)
-        );
         let mut partial = None;
-        let instances = match peers {
+        let instances = match &shared.peers {
             Ok(peers) => {
-                for peer in &peers {
+                for peer in peers {
                     snapshot.merge(peer);
                 }
                 1 + peers.len() as u32
@@ -742,7 +750,7 @@ impl Cache {
         if let (Err(e), None) = (&counts, &partial) {
             partial = Some(format!("key counts are missing: {e}"));
         }
-        if let (Err(e), None) = (&memory, &partial) {
+        if let (Err(e), None) = (&shared.memory, &partial) {
             partial = Some(format!("backend memory is missing: {e}"));
         }
         let counts = counts.ok();
@@ -750,12 +758,56 @@ impl Cache {
             snapshot,
             keys: counts.map(|c| c.counts).unwrap_or_default(),
             keys_counted_at: counts.map(|c| c.at),
-            backend_used_memory: memory.map(|m| m.used).unwrap_or(0),
+            backend_used_memory: shared.memory.unwrap_or(0),
             uptime: self.inner.started.elapsed(),
             instances,
             sampled_at: SystemTime::now(),
             partial,
         }
+    }
+
+    /// Other instances' figures and backend memory, at most
+    /// [`SHARED_FIGURES_MAX_AGE`] old.
+    async fn shared_figures(&self, deadline: Deadline) -> SharedFigures {
+        let waited = tokio::time::timeout_at(deadline.instant(), self.inner.shared.lock()).await;
+        let Ok(mut cached) = waited else {
+            let why = "no answer within the deadline".to_owned();
+            return SharedFigures {
+                taken: Instant::now(),
+                peers: Err(why.clone()),
+                memory: Err(why),
+            };
+        };
+        if let Some(figures) = cached.as_ref()
+            && figures.taken.elapsed() < SHARED_FIGURES_MAX_AGE
+        {
+            return figures.clone();
+        }
+        let peers = async {
+            if self.inner.store.kind() == BackendKind::Redis {
+                self.peer_snapshots(deadline)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                Ok(Vec::new())
+            }
+        };
+        let memory = async {
+            self.inner
+                .store
+                .memory(deadline)
+                .await
+                .map(|m| m.used)
+                .map_err(|e| e.to_string())
+        };
+        let (peers, memory) = tokio::join!(peers, memory);
+        let figures = SharedFigures {
+            taken: Instant::now(),
+            peers,
+            memory,
+        };
+        *cached = Some(figures.clone());
+        figures
     }
 
     /// The published snapshots of the other live instances.
