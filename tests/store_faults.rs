@@ -565,7 +565,12 @@ async fn foreign_keys_do_not_break_anything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tight_deadlines_do_not_open_the_breaker() {
     let redis = TestRedis::start_with(&["--enable-debug-command", "local"]).await;
-    let mut settings = test_settings(redis_settings(&redis.url()));
+    // A long cool-down: had the breaker opened, the last call would be refused.
+    let mut settings = test_settings(koo::server::StoreSettings::Redis(koo::store::RedisConfig {
+        breaker_cooldown: Duration::from_secs(60),
+        connect_timeout: Duration::from_millis(500),
+        ..koo::store::RedisConfig::new(redis.url())
+    }));
     settings.health_check_interval = Duration::from_secs(30);
     let server = TestServer::spawn(settings).await;
     server.wait_health("", ServingStatus::Serving).await;

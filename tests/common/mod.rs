@@ -99,10 +99,12 @@ impl TestRedis {
     }
 
     /// A direct connection, for checking what koo wrote.
+    /// (No response timeout: tests send slow commands such as DEBUG SLEEP.)
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         redis::Client::open(self.url())
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
     }
