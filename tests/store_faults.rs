@@ -56,11 +56,7 @@ async fn redis_killed_then_restarted() {
         .set(set_req(CacheLevel::App, "k", text("v")))
         .await
         .unwrap();
-    let common::Backend::Redis(redis) = &mut env.backend else {
-        unreachable!()
-    };
-    redis.kill();
-    env.server.wait_health("", ServingStatus::NotServing).await;
+    env.kill_redis().await;
     env.server
         .wait_health("koo.cache.v1.CacheService", ServingStatus::NotServing)
         .await;
@@ -81,11 +77,7 @@ async fn redis_killed_then_restarted() {
         .into_inner();
     assert!(!h.healthy);
     assert!(!h.last_error.is_empty());
-    let common::Backend::Redis(redis) = &mut env.backend else {
-        unreachable!()
-    };
-    redis.restart().await;
-    env.server.wait_health("", ServingStatus::Serving).await;
+    env.restart_redis().await;
     let mut c = env.cache();
     c.set(set_req(CacheLevel::App, "k2", text("back")))
         .await
@@ -649,11 +641,7 @@ async fn metrics_are_partial_while_redis_is_down() {
         .set(set_req(CacheLevel::App, "k", text("v")))
         .await
         .unwrap();
-    let common::Backend::Redis(redis) = &mut env.backend else {
-        unreachable!()
-    };
-    redis.kill();
-    env.server.wait_health("", ServingStatus::NotServing).await;
+    env.kill_redis().await;
     let mut req = tonic::Request::new(pb::GetMetricsRequest {});
     req.set_timeout(Duration::from_secs(2));
     let m = env

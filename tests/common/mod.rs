@@ -326,6 +326,25 @@ impl Env {
         self.server.cache()
     }
 
+    fn redis_mut(&mut self) -> &mut TestRedis {
+        match &mut self.backend {
+            Backend::Redis(r) => r,
+            Backend::Memory => panic!("this env has no Redis"),
+        }
+    }
+
+    /// Kills the env's Redis and waits until koo reports NOT_SERVING.
+    pub async fn kill_redis(&mut self) {
+        self.redis_mut().kill();
+        self.server.wait_health("", ServingStatus::NotServing).await;
+    }
+
+    /// Restarts the env's Redis (empty) and waits until koo reports SERVING.
+    pub async fn restart_redis(&mut self) {
+        self.redis_mut().restart().await;
+        self.server.wait_health("", ServingStatus::Serving).await;
+    }
+
     /// The test Redis, if this env has one.
     pub fn redis_server(&self) -> Option<&TestRedis> {
         match &self.backend {
