@@ -29,4 +29,5 @@ pub mod keys;
 pub mod pb;
 pub mod server;
 pub mod store;
+pub mod tasks;
 pub mod telemetry;

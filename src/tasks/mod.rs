@@ -1,0 +1,6 @@
+//! The task domain (issue 3, in progress): the vocabulary every task backend
+//! shares. The engine itself (leases, scripts, workers) follows
+//! `docs/design/tasks.md`.
+
+pub mod model;
+pub mod retry;

@@ -1,0 +1,345 @@
+//! Task vocabulary: categories, priorities, states and their transitions,
+//! queue names and task ids.
+//!
+//! These types are shared by every backend, so the rules live here once: a
+//! backend never decides on its own whether a transition is legal, how a
+//! priority orders, or how a task id names its queue.
+
+use std::fmt;
+use std::time::SystemTime;
+
+/// The seed's six task categories. Each routes to its own queue unless a
+/// submit names one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Category {
+    /// AI queries and batch operations.
+    AiService,
+    /// Document processing, text extraction, indexing.
+    PdfProcessing,
+    /// Maintenance, cleanup, optimisation, backups.
+    Database,
+    /// System monitoring.
+    HealthCheck,
+    /// Data synchronisation, knowledge-base updates.
+    Research,
+    /// Cache warming, cleanup, maintenance.
+    Cache,
+}
+
+impl Category {
+    /// Every category.
+    pub const ALL: [Category; 6] = [
+        Category::AiService,
+        Category::PdfProcessing,
+        Category::Database,
+        Category::HealthCheck,
+        Category::Research,
+        Category::Cache,
+    ];
+
+    /// The category's name, which is also its default queue.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Category::AiService => "ai_service",
+            Category::PdfProcessing => "pdf_processing",
+            Category::Database => "database",
+            Category::HealthCheck => "health_check",
+            Category::Research => "research",
+            Category::Cache => "cache",
+        }
+    }
+
+    /// The queue a task of this category goes to when the submit names none.
+    pub fn default_queue(self) -> QueueName {
+        QueueName(self.as_str().to_owned())
+    }
+}
+
+/// How urgent a task is. Within a queue, higher priority runs first and equal
+/// priorities run in submission order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Background work.
+    Low,
+    /// The default.
+    Normal,
+    /// Ahead of normal work.
+    High,
+    /// Ahead of everything.
+    Critical,
+}
+
+impl Priority {
+    /// The sort score of a ready task: lower runs first. The priority band
+    /// sits above the enqueue time in milliseconds, and the sum stays below
+    /// 2^53 so that a Redis sorted-set score (a double) holds it exactly.
+    pub fn ready_score(self, enqueued: SystemTime) -> f64 {
+        let band = 3 - self as u64;
+        let ms = enqueued
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+            .min((1 << 42) - 1);
+        (band * (1 << 42) + ms) as f64
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Waiting for its dependencies.
+    Pending,
+    /// Waiting for its start time (countdown, ETA, or retry backoff).
+    Scheduled,
+    /// Ready to run.
+    Queued,
+    /// Leased by a worker.
+    Running,
+    /// Finished with a result.
+    Succeeded,
+    /// Finished with an error after its retries (dead-lettered).
+    Failed,
+    /// Stopped on request, or because a dependency did not succeed.
+    Cancelled,
+    /// Stopped at its hard time limit.
+    TimedOut,
+}
+
+/// What moves a task from one state to another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// Its dependencies succeeded.
+    Release,
+    /// Its start time came.
+    Due,
+    /// A worker leased it.
+    Lease,
+    /// Its worker completed it.
+    Complete,
+    /// Its worker failed it and it will be retried after a backoff.
+    RetryLater,
+    /// Its worker failed it for good, or its retries are spent.
+    FailFinally,
+    /// Its lease lapsed and it goes back to its queue.
+    Requeue,
+    /// It passed its hard time limit.
+    TimeOut,
+    /// Someone cancelled it, or a dependency did not succeed.
+    Cancel,
+    /// `RetryTask`: run a finished-unsuccessfully task again.
+    Rerun,
+}
+
+impl State {
+    /// Whether the task has ended (a result or error is final until
+    /// `RetryTask`).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            State::Succeeded | State::Failed | State::Cancelled | State::TimedOut
+        )
+    }
+
+    /// The state `t` leads to from this one, or `None` when `t` does not
+    /// apply here. Every backend checks this before it writes.
+    pub fn apply(self, t: Transition) -> Option<State> {
+        use State::*;
+        use Transition::*;
+        Some(match (self, t) {
+            (Pending, Release) => Queued,
+            (Scheduled, Due) => Queued,
+            (Queued, Lease) => Running,
+            (Running, Complete) => Succeeded,
+            (Running, RetryLater) => Scheduled,
+            (Running, FailFinally) => Failed,
+            (Running, Requeue) => Queued,
+            (Running, TimeOut) => TimedOut,
+            (s, Cancel) if !s.is_final() => Cancelled,
+            (Failed | TimedOut | Cancelled, Rerun) => Queued,
+            _ => return None,
+        })
+    }
+
+    /// The state's name in events and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Scheduled => "scheduled",
+            State::Queued => "queued",
+            State::Running => "running",
+            State::Succeeded => "succeeded",
+            State::Failed => "failed",
+            State::Cancelled => "cancelled",
+            State::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// A validated queue name: 1 to 64 of `a-z 0-9 _ . -`, so that it is safe
+/// inside Redis key names, hash tags and task ids.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(String);
+
+/// Why a name or id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// A queue name with characters or a length koo does not accept.
+    #[error("queue name {0:?} must be 1 to 64 of a-z, 0-9, '_', '.', '-'")]
+    Queue(String),
+    /// A string that is not a task id koo issued.
+    #[error("{0:?} is not a task id")]
+    TaskId(String),
+}
+
+impl QueueName {
+    /// Validates a queue name.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_.-".contains(&b));
+        if ok {
+            Ok(QueueName(name.to_owned()))
+        } else {
+            Err(NameError::Queue(name.to_owned()))
+        }
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for QueueName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A task id: `{queue}~{uuid v7}`. The queue is part of the id so that every
+/// key of a task can be derived from its id alone (and so sits in its queue's
+/// Redis Cluster slot); the v7 uuid sorts by creation time. Clients treat it
+/// as opaque.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(String);
+
+impl TaskId {
+    /// A new id in `queue`.
+    pub fn generate(queue: &QueueName) -> Self {
+        TaskId(format!("{}~{}", queue, uuid::Uuid::now_v7().simple()))
+    }
+
+    /// Parses an id a client sent back.
+    pub fn parse(id: &str) -> Result<Self, NameError> {
+        let bad = || NameError::TaskId(id.to_owned());
+        let (queue, unique) = id.rsplit_once('~').ok_or_else(bad)?;
+        QueueName::parse(queue).map_err(|_| bad())?;
+        if unique.len() != 32
+            || !unique
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
+            return Err(bad());
+        }
+        Ok(TaskId(id.to_owned()))
+    }
+
+    /// The queue the task belongs to.
+    pub fn queue(&self) -> QueueName {
+        let (queue, _) = self.0.rsplit_once('~').expect("validated id");
+        QueueName(queue.to_owned())
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The task names the seed uses, which work as written.
+pub mod names {
+    /// The seed's AI query task.
+    pub const AI_QUERY: &str = "koo.tasks.ai_service.process_query";
+    /// The seed's PDF processing task.
+    pub const PDF_PROCESS: &str = "koo.tasks.pdf_processing.process_document";
+    /// The built-in health check.
+    pub const HEALTH_CHECK: &str = "koo.tasks.health_check.run";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Higher priority sorts first; within a priority, earlier first; and the
+    /// score is exact in a double.
+    #[test]
+    fn ready_scores_order_by_priority_then_time() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let t1 = t0 + Duration::from_millis(1);
+        assert!(Priority::Critical.ready_score(t1) < Priority::High.ready_score(t0));
+        assert!(Priority::High.ready_score(t1) < Priority::Normal.ready_score(t0));
+        assert!(Priority::Low.ready_score(t0) < Priority::Low.ready_score(t1));
+        let max = Priority::Low
+            .ready_score(SystemTime::UNIX_EPOCH + Duration::from_secs(u32::MAX as u64 * 1000));
+        assert!(max < (1u64 << 53) as f64);
+        assert_eq!(max as u64 as f64, max);
+    }
+
+    /// The transition table: legal moves land where expected, final states
+    /// only move by Rerun, and nothing else moves.
+    #[test]
+    fn transitions() {
+        use State::*;
+        use Transition::*;
+        assert_eq!(Queued.apply(Lease), Some(Running));
+        assert_eq!(Running.apply(Complete), Some(Succeeded));
+        assert_eq!(Running.apply(RetryLater), Some(Scheduled));
+        assert_eq!(Scheduled.apply(Due), Some(Queued));
+        assert_eq!(Running.apply(Requeue), Some(Queued));
+        assert_eq!(Pending.apply(Cancel), Some(Cancelled));
+        assert_eq!(Failed.apply(Rerun), Some(Queued));
+        assert_eq!(Succeeded.apply(Rerun), None);
+        for s in [Succeeded, Failed, Cancelled, TimedOut] {
+            assert!(s.is_final());
+            assert_eq!(s.apply(Cancel), None, "{s:?}");
+            assert_eq!(s.apply(Complete), None, "{s:?}");
+            assert_eq!(s.apply(Lease), None, "{s:?}");
+        }
+        assert_eq!(Queued.apply(Complete), None);
+        assert_eq!(Scheduled.apply(Lease), None);
+    }
+
+    /// Ids carry their queue, round-trip, and refuse anything else.
+    #[test]
+    fn task_ids() {
+        let q = QueueName::parse("ai_service").unwrap();
+        let id = TaskId::generate(&q);
+        let parsed = TaskId::parse(id.as_str()).unwrap();
+        assert_eq!(parsed, id);
+        assert_eq!(parsed.queue(), q);
+        assert!(TaskId::generate(&q) > id, "v7 ids sort by creation");
+        for bad in [
+            "",
+            "x",
+            "ai_service~",
+            "~0123",
+            "AI~0190aaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            "q~XYZ",
+            "q~0190AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(TaskId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(QueueName::parse("pdf-processing.v2").is_ok());
+        assert!(QueueName::parse("Has Space").is_err());
+        assert!(QueueName::parse(&"q".repeat(65)).is_err());
+        assert_eq!(Category::AiService.default_queue().as_str(), "ai_service");
+    }
+}
