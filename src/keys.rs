@@ -8,12 +8,26 @@
 //! | `koo:stats:cache:instances` | sorted set | koo instances publishing cache metrics, scored by last publish (ms) |
 //! | `koo:stats:cache:instance:{id}` | string | one instance's metrics record (with a TTL) |
 //!
+//! Task keys (data format `v1`) share their queue's hash tag `{t:QUEUE}`, so
+//! that every transition of a task touches one Redis Cluster slot; see
+//! `docs/design/tasks.md`:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `koo:v1:{t:Q}:task:{id}` | hash | a task (expires `result_ttl` after its end) |
+//! | `koo:v1:{t:Q}:task:{id}:log` | list | its ended attempts |
+//! | `koo:v1:{t:Q}:ready` / `:scheduled` / `:leases` | sorted sets | queued, waiting, running ids |
+//! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |
+//! | `koo:v1:{t:Q}:events` | stream | state changes and progress (capped) |
+//! | `koo:v1:{t:Q}:wake` | list | wake-ups for idle workers (capped) |
+//!
 //! The prefix lets several deployments share one Redis; it is escaped in
 //! every `SCAN MATCH` pattern so that a prefix with glob characters cannot
 //! widen a match beyond koo's own keys.
 
 use crate::cache::Level;
 use crate::glob;
+use crate::tasks::model::{QueueName, TaskId};
 
 /// Key names for one prefix.
 #[derive(Debug, Clone)]
@@ -75,9 +89,102 @@ impl KeySpace {
     }
 }
 
+/// Key names of one task queue.
+#[derive(Debug, Clone)]
+pub struct QueueKeys {
+    /// `{prefix}:v1:{t:QUEUE}:`
+    base: String,
+}
+
+impl QueueKeys {
+    /// Keys of `queue` under `prefix`.
+    pub fn new(prefix: &str, queue: &QueueName) -> Self {
+        Self {
+            base: format!("{prefix}:v1:{{t:{queue}}}:"),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.base)
+    }
+
+    /// Prefix of task hashes; scripts append the id.
+    pub fn task_prefix(&self) -> String {
+        self.key("task:")
+    }
+
+    /// A task's hash.
+    pub fn task(&self, id: &TaskId) -> String {
+        format!("{}task:{id}", self.base)
+    }
+
+    /// A task's attempt log.
+    pub fn task_log(&self, id: &TaskId) -> String {
+        format!("{}task:{id}:log", self.base)
+    }
+
+    /// Queued ids, by priority band then enqueue time.
+    pub fn ready(&self) -> String {
+        self.key("ready")
+    }
+
+    /// Waiting ids, by due time.
+    pub fn scheduled(&self) -> String {
+        self.key("scheduled")
+    }
+
+    /// Running ids, by lease (or hard limit) deadline.
+    pub fn leases(&self) -> String {
+        self.key("leases")
+    }
+
+    /// Ended ids, by end time.
+    pub fn history(&self) -> String {
+        self.key("history")
+    }
+
+    /// Summaries of ended tasks, which outlive their results.
+    pub fn history_data(&self) -> String {
+        self.key("history:data")
+    }
+
+    /// Dead-lettered ids, by end time.
+    pub fn dead(&self) -> String {
+        self.key("dead")
+    }
+
+    /// The event stream.
+    pub fn events(&self) -> String {
+        self.key("events")
+    }
+
+    /// Wake-ups for idle workers.
+    pub fn wake(&self) -> String {
+        self.key("wake")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every key of a queue carries the queue's hash tag.
+    #[test]
+    fn queue_keys_share_a_hash_tag() {
+        let q = QueueName::parse("ai_service").unwrap();
+        let keys = QueueKeys::new("koo", &q);
+        let id = TaskId::generate(&q);
+        for key in [
+            keys.task(&id),
+            keys.task_log(&id),
+            keys.ready(),
+            keys.leases(),
+            keys.events(),
+        ] {
+            assert!(key.starts_with("koo:v1:{t:ai_service}:"), "{key}");
+        }
+        assert_eq!(keys.task(&id), format!("{}{id}", keys.task_prefix()));
+    }
 
     /// Keys and patterns keep levels apart and escape the prefix.
     #[test]

@@ -49,6 +49,11 @@ impl Category {
         }
     }
 
+    /// Parses a stored or requested category name.
+    pub fn parse(s: &str) -> Option<Category> {
+        Category::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     /// The queue a task of this category goes to when the submit names none.
     pub fn default_queue(self) -> QueueName {
         QueueName(self.as_str().to_owned())
@@ -70,11 +75,29 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// Every priority, lowest first.
+    pub const ALL: [Priority; 4] = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Critical,
+    ];
+
+    /// Its band in ready-queue scores: 0 for critical, 3 for low.
+    pub fn band(self) -> u64 {
+        3 - self as u64
+    }
+
+    /// Parses a band back.
+    pub fn from_band(band: u64) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.band() == band)
+    }
+
     /// The sort score of a ready task: lower runs first. The priority band
     /// sits above the enqueue time in milliseconds, and the sum stays below
     /// 2^53 so that a Redis sorted-set score (a double) holds it exactly.
     pub fn ready_score(self, enqueued: SystemTime) -> f64 {
-        let band = 3 - self as u64;
+        let band = self.band();
         let ms = enqueued
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
@@ -157,6 +180,16 @@ impl State {
             (Failed | TimedOut | Cancelled, Rerun) => Queued,
             _ => return None,
         })
+    }
+
+    /// Parses a stored state name.
+    pub fn parse(s: &str) -> Option<State> {
+        use State::*;
+        [
+            Pending, Scheduled, Queued, Running, Succeeded, Failed, Cancelled, TimedOut,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
     }
 
     /// The state's name in events and logs.
@@ -263,6 +296,131 @@ impl fmt::Display for TaskId {
     }
 }
 
+/// A task as stored. JSON-valued fields (arguments, progress, result, error)
+/// stay JSON text here: the engine moves them, handlers and clients read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// Its id.
+    pub id: TaskId,
+    /// The handler name, e.g. `koo.tasks.ai_service.process_query`.
+    pub name: String,
+    /// Its category.
+    pub category: Category,
+    /// Its priority.
+    pub priority: Priority,
+    /// Positional arguments, a JSON array.
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    pub kwargs: String,
+    /// Where it is.
+    pub state: State,
+    /// Leases so far (also the fencing token of the latest lease).
+    pub attempts: u32,
+    /// Retries allowed after the first attempt.
+    pub max_retries: u32,
+    /// The worker holding the lease, while running.
+    pub worker: Option<String>,
+    /// Latest progress report, JSON `{percent, message, metadata}`.
+    pub progress: Option<String>,
+    /// The result (JSON), once succeeded.
+    pub result: Option<String>,
+    /// The latest error, JSON `{message, retryable, ...}`.
+    pub error: Option<String>,
+    /// When it was submitted (ms since the epoch).
+    pub created_ms: i64,
+    /// When its latest attempt started.
+    pub started_ms: Option<i64>,
+    /// When it ended.
+    pub finished_ms: Option<i64>,
+    /// Soft time limit in ms (0: none).
+    pub soft_ms: u64,
+    /// Hard time limit in ms (0: none).
+    pub hard_ms: u64,
+    /// How long the result stays readable after the end, ms.
+    pub result_ttl_ms: u64,
+    /// One JSON object per ended attempt.
+    pub log: Vec<String>,
+}
+
+impl Task {
+    /// The stored fields (a Redis hash), without the attempt log.
+    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
+        let mut f = vec![
+            ("id", self.id.to_string()),
+            ("name", self.name.clone()),
+            ("category", self.category.as_str().to_owned()),
+            ("band", self.priority.band().to_string()),
+            ("args", self.args.clone()),
+            ("kwargs", self.kwargs.clone()),
+            ("state", self.state.as_str().to_owned()),
+            ("attempts", self.attempts.to_string()),
+            ("max_retries", self.max_retries.to_string()),
+            ("created_ms", self.created_ms.to_string()),
+            ("soft_ms", self.soft_ms.to_string()),
+            ("hard_ms", self.hard_ms.to_string()),
+            ("result_ttl_ms", self.result_ttl_ms.to_string()),
+            ("token", self.attempts.to_string()),
+        ];
+        for (name, value) in [
+            ("progress", &self.progress),
+            ("result", &self.result),
+            ("error", &self.error),
+        ] {
+            if let Some(v) = value {
+                f.push((name, v.clone()));
+            }
+        }
+        f
+    }
+
+    /// Rebuilds a task from its stored fields and log; says which field is
+    /// missing or malformed otherwise.
+    pub fn from_fields(
+        fields: &std::collections::HashMap<String, String>,
+        log: Vec<String>,
+    ) -> Result<Task, String> {
+        let get = |name: &str| {
+            fields
+                .get(name)
+                .ok_or_else(|| format!("field {name} is missing"))
+        };
+        let num = |name: &str| -> Result<i64, String> {
+            get(name)?
+                .parse()
+                .map_err(|_| format!("field {name} is not a number"))
+        };
+        let opt_num = |name: &str| {
+            fields
+                .get(name)
+                .and_then(|v| v.parse::<i64>().ok())
+                .filter(|v| *v > 0)
+        };
+        let text = |name: &str| fields.get(name).filter(|v| !v.is_empty()).cloned();
+        Ok(Task {
+            id: TaskId::parse(get("id")?).map_err(|e| e.to_string())?,
+            name: get("name")?.clone(),
+            category: Category::parse(get("category")?).ok_or("field category is unknown")?,
+            priority: Priority::from_band(num("band")? as u64).ok_or("field band is unknown")?,
+            args: get("args")?.clone(),
+            kwargs: get("kwargs")?.clone(),
+            state: State::parse(get("state")?).ok_or("field state is unknown")?,
+            attempts: num("attempts")? as u32,
+            max_retries: num("max_retries")? as u32,
+            worker: text("worker"),
+            progress: text("progress"),
+            result: text("result"),
+            error: text("error"),
+            created_ms: num("created_ms")?,
+            started_ms: opt_num("started_ms"),
+            finished_ms: opt_num("finished_ms"),
+            soft_ms: num("soft_ms")? as u64,
+            hard_ms: num("hard_ms")? as u64,
+            result_ttl_ms: num("result_ttl_ms")? as u64,
+            log,
+        })
+    }
+}
+
 /// The task names the seed uses, which work as written.
 pub mod names {
     /// The seed's AI query task.
@@ -315,6 +473,47 @@ mod tests {
         }
         assert_eq!(Queued.apply(Complete), None);
         assert_eq!(Scheduled.apply(Lease), None);
+    }
+
+    /// A task survives the trip through its stored fields.
+    #[test]
+    fn task_fields_round_trip() {
+        let q = QueueName::parse("research").unwrap();
+        let task = Task {
+            id: TaskId::generate(&q),
+            name: "koo.tasks.research.sync".into(),
+            category: Category::Research,
+            priority: Priority::High,
+            args: "[1,\"x\"]".into(),
+            kwargs: "{}".into(),
+            state: State::Queued,
+            attempts: 0,
+            max_retries: 3,
+            worker: None,
+            progress: None,
+            result: None,
+            error: Some("{\"message\":\"boom\"}".into()),
+            created_ms: 1_800_000_000_000,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 1_500_000,
+            hard_ms: 1_800_000,
+            result_ttl_ms: 3_600_000,
+            log: vec![],
+        };
+        let fields = task
+            .to_fields()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(Task::from_fields(&fields, vec![]).unwrap(), task);
+        let mut broken = fields.clone();
+        broken.remove("band");
+        assert!(
+            Task::from_fields(&broken, vec![])
+                .unwrap_err()
+                .contains("band")
+        );
     }
 
     /// Ids carry their queue, round-trip, and refuse anything else.

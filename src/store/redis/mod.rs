@@ -10,6 +10,9 @@
 //! way that matters.
 
 mod breaker;
+mod tasks;
+
+pub use self::tasks::{Outcome, TaskLimits};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -97,6 +100,7 @@ struct Inner {
     /// against the breaker.
     timeout_evidence: Duration,
     del_if_persistent: Script,
+    tasks: tasks::TaskScripts,
 }
 
 /// How a failed call should be handled.
@@ -181,6 +185,7 @@ impl RedisStore {
                 retries: config.retries,
                 timeout_evidence: config.connect_timeout,
                 del_if_persistent: Script::new(include_str!("lua/del_if_persistent.lua")),
+                tasks: tasks::TaskScripts::new(),
             }),
         })
     }

@@ -1,0 +1,49 @@
+-- Leases the first ready task this worker serves: moves due SCHEDULED tasks
+-- to `ready` first, then takes the best-scored task whose name the worker
+-- serves, counts the attempt, and records the lease with its fencing token
+-- (the attempt number). Returns the task hash as a flat list, or nil.
+-- KEYS: 1 ready, 2 scheduled, 3 leases, 4 events
+-- ARGV: 1 task key prefix, 2 lease ms, 3 worker, 4 events cap,
+--       5 how many ready tasks to look at, 6.. task names served ('*' = all)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix = ARGV[1]
+-- due scheduled tasks become ready, keeping their priority band
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('ZADD', KEYS[1], band * 4398046511104 + now, id)
+  redis.call('HSET', prefix .. id, 'state', 'queued')
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'state', 'queued', 'at', now)
+end
+local serves_all, served = false, {}
+for i = 6, #ARGV do
+  if ARGV[i] == '*' then serves_all = true end
+  served[ARGV[i]] = true
+end
+local candidates = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[5]) - 1)
+for _, id in ipairs(candidates) do
+  local key = prefix .. id
+  local name = redis.call('HGET', key, 'name')
+  if not name then
+    -- a ready entry whose task is gone (expired or removed): drop it
+    redis.call('ZREM', KEYS[1], id)
+  elseif serves_all or served[name] then
+    redis.call('ZREM', KEYS[1], id)
+    local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+    local deadline = now + tonumber(ARGV[2])
+    local hard = tonumber(redis.call('HGET', key, 'hard_ms') or '0')
+    local hard_deadline = 0
+    if hard > 0 then hard_deadline = now + hard end
+    redis.call('HSET', key, 'state', 'running', 'token', attempt, 'worker', ARGV[3],
+      'started_ms', now, 'lease_until', deadline, 'hard_until', hard_deadline)
+    local score = deadline
+    if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
+    redis.call('ZADD', KEYS[3], score, id)
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'state', 'running',
+      'attempt', attempt, 'worker', ARGV[3], 'at', now)
+    return redis.call('HGETALL', key)
+  end
+end
+return false

@@ -1,0 +1,54 @@
+-- Recovers tasks whose lease lapsed (worker killed, paused, partitioned):
+-- back to `ready` while retries remain and acks are late, else FAILED
+-- ('worker lost'); past its hard limit, TIMED_OUT. Returns how many.
+-- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 wake
+-- ARGV: 1 task key prefix, 2 events cap, 3 acks late ('1' | '0'), 4 history cap
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local prefix = ARGV[1]
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(lapsed) do
+  local key = prefix .. id
+  redis.call('ZREM', KEYS[1], id)
+  local state, attempts, max_retries, band, hard_until, result_ttl, worker = unpack(redis.call('HMGET', key,
+    'state', 'attempts', 'max_retries', 'band', 'hard_until', 'result_ttl_ms', 'worker'))
+  if state == 'running' then
+    local outcome
+    local hard = tonumber(hard_until or '0')
+    if hard > 0 and hard <= now then
+      outcome = 'timed_out'
+    elseif ARGV[3] == '1' and tonumber(attempts) <= tonumber(max_retries) then
+      outcome = 'queued'
+    else
+      outcome = 'failed'
+    end
+    redis.call('RPUSH', key .. ':log', cjson.encode({ attempt = tonumber(attempts), worker = worker,
+      ended_ms = now, outcome = 'lost', error = 'worker lost: lease lapsed' }))
+    redis.call('HSET', key, 'worker', '', 'lease_until', 0)
+    if outcome == 'queued' then
+      redis.call('HSET', key, 'state', 'queued')
+      redis.call('ZADD', KEYS[2], tonumber(band or '2') * 4398046511104 + now, id)
+      redis.call('LPUSH', KEYS[7], id)
+      redis.call('LTRIM', KEYS[7], 0, 999)
+    else
+      local why = 'worker lost: lease lapsed'
+      if outcome == 'timed_out' then why = 'hard time limit reached' end
+      redis.call('HSET', key, 'state', outcome, 'error', cjson.encode({ message = why, retryable = false }),
+        'finished_ms', now)
+      redis.call('ZADD', KEYS[5], now, id)
+      redis.call('ZADD', KEYS[3], now, id)
+      redis.call('HSET', KEYS[4], id, cjson.encode({ name = redis.call('HGET', key, 'name'), state = outcome,
+        attempts = tonumber(attempts), finished_ms = now, category = redis.call('HGET', key, 'category') }))
+      local excess = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
+      if excess > 0 then
+        local old = redis.call('ZRANGE', KEYS[3], 0, excess - 1)
+        redis.call('ZREMRANGEBYRANK', KEYS[3], 0, excess - 1)
+        redis.call('HDEL', KEYS[4], unpack(old))
+      end
+      redis.call('PEXPIRE', key, result_ttl)
+      redis.call('PEXPIRE', key .. ':log', result_ttl)
+    end
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'state', outcome, 'at', now)
+  end
+end
+return #lapsed

@@ -1,0 +1,292 @@
+//! Task transitions on Redis: one Lua script per transition
+//! (`lua/tasks/*.lua`), each checking state and fencing token before it
+//! writes and appending its event, all on the keys of one queue (one Redis
+//! Cluster slot). Times come from Redis's own clock inside the scripts, so
+//! koo instances with skewed clocks still agree on when a lease lapses.
+//!
+//! These are building blocks of the task engine (issue 3); the engine that
+//! drives them follows `docs/design/tasks.md`.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::Script;
+
+use super::RedisStore;
+use crate::keys::QueueKeys;
+use crate::store::{Deadline, Result, StoreError};
+use crate::tasks::model::{State, Task, TaskId};
+
+/// The compiled task scripts (loaded by SHA, sent in full on a cache miss).
+pub(super) struct TaskScripts {
+    submit: Script,
+    lease: Script,
+    heartbeat: Script,
+    progress: Script,
+    finish: Script,
+    recover: Script,
+}
+
+impl TaskScripts {
+    pub(super) fn new() -> Self {
+        Self {
+            submit: Script::new(include_str!("lua/tasks/submit.lua")),
+            lease: Script::new(include_str!("lua/tasks/lease.lua")),
+            heartbeat: Script::new(include_str!("lua/tasks/heartbeat.lua")),
+            progress: Script::new(include_str!("lua/tasks/progress.lua")),
+            finish: Script::new(include_str!("lua/tasks/finish.lua")),
+            recover: Script::new(include_str!("lua/tasks/recover.lua")),
+        }
+    }
+}
+
+/// Bounds on what the engine keeps in Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// Events kept per queue stream (approximately: `MAXLEN ~`).
+    pub events: u64,
+    /// Ended tasks kept per queue history.
+    pub history: u64,
+    /// Ready tasks a lease looks at to find one whose name the worker serves.
+    pub lease_scan: u64,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        Self {
+            events: 10_000,
+            history: 10_000,
+            lease_scan: 100,
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// With a result (JSON).
+    Succeeded(String),
+    /// With an error (JSON) worth retrying after `delay`, budget permitting.
+    Retry { error: String, delay: Duration },
+    /// With an error (JSON) not worth retrying.
+    Failed(String),
+    /// At its hard time limit (error JSON).
+    TimedOut(String),
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisStore {
+    /// Stores a new task: queued now, or scheduled `delay` from now.
+    pub async fn submit_task(
+        &self,
+        keys: &QueueKeys,
+        task: &Task,
+        delay: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let mut inv = self.inner.tasks.submit.prepare_invoke();
+        inv.key(keys.task(&task.id))
+            .key(keys.ready())
+            .key(keys.scheduled())
+            .key(keys.events())
+            .key(keys.wake());
+        inv.arg(task.id.as_str())
+            .arg(task.priority.band())
+            .arg(millis(delay))
+            .arg(limits.events);
+        for (field, value) in task.to_fields() {
+            inv.arg(field).arg(value);
+        }
+        let inv = &inv;
+        self.run(deadline, |mut c| async move {
+            inv.invoke_async::<i64>(&mut c).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Leases the best ready task of the queue whose name is in `names`
+    /// (`*` serves all), counting the attempt; `None` when there is none.
+    pub async fn lease_task(
+        &self,
+        keys: &QueueKeys,
+        worker: &str,
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<Task>> {
+        let mut inv = self.inner.tasks.lease.prepare_invoke();
+        inv.key(keys.ready())
+            .key(keys.scheduled())
+            .key(keys.leases())
+            .key(keys.events());
+        inv.arg(keys.task_prefix())
+            .arg(millis(lease))
+            .arg(worker)
+            .arg(limits.events)
+            .arg(limits.lease_scan);
+        for name in names {
+            inv.arg(*name);
+        }
+        let inv = &inv;
+        let fields: Option<HashMap<String, String>> = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        fields
+            .map(|f| Task::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
+            .transpose()
+    }
+
+    /// Extends a lease; `false` when the holder of `token` has been fenced.
+    pub async fn heartbeat_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        token: u32,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut inv = self.inner.tasks.heartbeat.prepare_invoke();
+        inv.key(keys.task(id)).key(keys.leases());
+        inv.arg(id.as_str()).arg(token).arg(millis(lease));
+        let inv = &inv;
+        let ok: i64 = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Records progress (JSON); `false` when fenced.
+    pub async fn progress_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        token: u32,
+        progress: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut inv = self.inner.tasks.progress.prepare_invoke();
+        inv.key(keys.task(id)).key(keys.events());
+        inv.arg(id.as_str())
+            .arg(token)
+            .arg(limits.events)
+            .arg(progress);
+        let inv = &inv;
+        let ok: i64 = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Ends the attempt held with `token`; the state the task moved to, or
+    /// `None` when fenced. `log` is the attempt's log entry (a JSON object).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<State>> {
+        let (name, payload, delay) = match outcome {
+            Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
+            Outcome::Retry { error, delay } => ("retry", error, *delay),
+            Outcome::Failed(e) => ("failed", e, Duration::ZERO),
+            Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+        };
+        let mut inv = self.inner.tasks.finish.prepare_invoke();
+        inv.key(keys.task(id))
+            .key(keys.leases())
+            .key(keys.scheduled())
+            .key(keys.history())
+            .key(keys.history_data())
+            .key(keys.dead())
+            .key(keys.events());
+        inv.arg(id.as_str())
+            .arg(token)
+            .arg(limits.events)
+            .arg(name)
+            .arg(payload.as_str())
+            .arg(millis(delay))
+            .arg(limits.history)
+            .arg(log);
+        let inv = &inv;
+        let state: Option<String> = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(state.and_then(|s| State::parse(&s)))
+    }
+
+    /// Recovers the queue's lapsed leases; how many were looked at.
+    pub async fn recover_tasks(
+        &self,
+        keys: &QueueKeys,
+        acks_late: bool,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<u64> {
+        let mut inv = self.inner.tasks.recover.prepare_invoke();
+        inv.key(keys.leases())
+            .key(keys.ready())
+            .key(keys.history())
+            .key(keys.history_data())
+            .key(keys.dead())
+            .key(keys.events())
+            .key(keys.wake());
+        inv.arg(keys.task_prefix())
+            .arg(limits.events)
+            .arg(if acks_late { "1" } else { "0" })
+            .arg(limits.history);
+        let inv = &inv;
+        self.run(
+            deadline,
+            |mut c| async move { inv.invoke_async(&mut c).await },
+        )
+        .await
+    }
+
+    /// Reads a task and its attempt log; `None` once it has expired.
+    pub async fn get_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        deadline: Deadline,
+    ) -> Result<Option<Task>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL")
+            .arg(keys.task(id))
+            .cmd("LRANGE")
+            .arg(keys.task_log(id))
+            .arg(0)
+            .arg(-1);
+        let (fields, log): (HashMap<String, String>, Vec<String>) =
+            self.query_pipe(&pipe, deadline).await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        Task::from_fields(&fields, log)
+            .map(Some)
+            .map_err(StoreError::Backend)
+    }
+}
