@@ -354,7 +354,7 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// Milliseconds since the Unix epoch, as Redis scores and records use them.
-pub(crate) fn unix_millis(t: SystemTime) -> i64 {
+pub fn unix_millis(t: SystemTime) -> i64 {
     match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
         Err(_) => 0,

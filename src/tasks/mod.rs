@@ -2,5 +2,8 @@
 //! shares. The engine itself (leases, scripts, workers) follows
 //! `docs/design/tasks.md`.
 
+pub mod engine;
+pub mod handlers;
 pub mod model;
 pub mod retry;
+pub mod worker;

@@ -1,0 +1,453 @@
+//! The task engine: validates submits and drives the store's transitions.
+//!
+//! A cheap-to-clone handle. It runs on Redis today (`store::redis::tasks`);
+//! the embedded store follows. Workers ([`super::worker`]) and the gRPC
+//! service are its clients; the recovery loop ([`TaskEngine::run_recovery`])
+//! runs on every koo instance, so a dead worker's task comes back within the
+//! lease time plus one sweep wherever it ran.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::model::{Category, Priority, QueueName, State, Task, TaskId};
+use super::retry::Backoff;
+use crate::keys::QueueKeys;
+use crate::store::redis::{Outcome, TaskLimits};
+use crate::store::{Deadline, RedisStore, StoreError};
+
+/// Largest `args` + `kwargs`, in bytes of JSON.
+pub const MAX_ARGUMENTS: usize = 1024 * 1024;
+
+/// Engine settings (the seed's Celery settings and koo's intervals).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskConfig {
+    /// Key prefix.
+    pub prefix: String,
+    /// Lease length; a worker heartbeats at a third of it.
+    pub lease: Duration,
+    /// How often lapsed leases are looked for.
+    pub sweep_interval: Duration,
+    /// Late acknowledgement: a lost worker's task runs again (Celery's
+    /// `acks_late`); off, it ends FAILED ('worker lost').
+    pub acks_late: bool,
+    /// Retries when a submit names none.
+    pub default_max_retries: u32,
+    /// Soft time limit when a submit names none.
+    pub soft_time_limit: Duration,
+    /// Hard time limit when a submit names none.
+    pub time_limit: Duration,
+    /// How long results stay readable after the end.
+    pub result_ttl: Duration,
+    /// Retry spacing.
+    pub backoff: Backoff,
+    /// Caps on events, history and lease scans.
+    pub limits: TaskLimits,
+    /// How long an idle worker waits before looking again (a submit in the
+    /// same process wakes it at once).
+    pub poll_interval: Duration,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "koo".to_owned(),
+            lease: Duration::from_secs(30),
+            sweep_interval: Duration::from_secs(1),
+            acks_late: true,
+            default_max_retries: 3,
+            soft_time_limit: Duration::from_secs(1500),
+            time_limit: Duration::from_secs(1800),
+            result_ttl: Duration::from_secs(3600),
+            backoff: Backoff::default(),
+            limits: TaskLimits::default(),
+            poll_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A task to submit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Handler name.
+    pub name: String,
+    /// Category (and default queue).
+    pub category: Category,
+    /// Queue, when not the category's.
+    pub queue: Option<QueueName>,
+    /// Priority.
+    pub priority: Priority,
+    /// Positional arguments, a JSON array.
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    pub kwargs: String,
+    /// Retries; `None` means the default (zero is a valid choice).
+    pub max_retries: Option<u32>,
+    /// Countdown before it may run.
+    pub delay: Duration,
+    /// Soft time limit; `None` means the default.
+    pub soft_time_limit: Option<Duration>,
+    /// Hard time limit; `None` means the default.
+    pub time_limit: Option<Duration>,
+    /// Result retention; `None` means the default.
+    pub result_ttl: Option<Duration>,
+}
+
+impl NewTask {
+    /// A task with every option at its default.
+    pub fn new(name: &str, category: Category) -> Self {
+        Self {
+            name: name.to_owned(),
+            category,
+            queue: None,
+            priority: Priority::Normal,
+            args: "[]".to_owned(),
+            kwargs: "{}".to_owned(),
+            max_retries: None,
+            delay: Duration::ZERO,
+            soft_time_limit: None,
+            time_limit: None,
+            result_ttl: None,
+        }
+    }
+}
+
+/// Why a task operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TaskError {
+    /// A request field is wrong.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No such task (never existed, or its result expired).
+    #[error("task {0} not found (unknown, or its result expired)")]
+    NotFound(String),
+    /// The caller's lease is no longer valid: another holder has the task,
+    /// or it ended.
+    #[error("the lease on task {0} is no longer yours (it lapsed or the task ended)")]
+    Fenced(String),
+    /// The backend failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
+    TaskError::InvalidArgument {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// How a leased task ended, as its worker reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finish {
+    /// With a result (JSON).
+    Succeeded(String),
+    /// With an error; `retryable` asks for a retry with backoff.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Whether another attempt may succeed.
+        retryable: bool,
+    },
+    /// Stopped at the hard time limit.
+    TimedOut,
+}
+
+/// A handle to the task engine.
+#[derive(Clone)]
+pub struct TaskEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: RedisStore,
+    config: TaskConfig,
+    /// Wakes this process's idle workers when it submits.
+    submitted: Notify,
+}
+
+impl TaskEngine {
+    /// An engine over Redis.
+    pub fn new(store: RedisStore, config: TaskConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                submitted: Notify::new(),
+            }),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &TaskConfig {
+        &self.inner.config
+    }
+
+    fn keys(&self, queue: &QueueName) -> QueueKeys {
+        QueueKeys::new(&self.inner.config.prefix, queue)
+    }
+
+    /// Validates and stores a task; it is queued (or scheduled) when this
+    /// returns.
+    pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
+        let c = &self.inner.config;
+        if new.name.is_empty() || new.name.len() > 256 {
+            return Err(invalid("name", "must be 1 to 256 bytes"));
+        }
+        if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
+            return Err(invalid(
+                "args",
+                format!(
+                    "arguments are {} bytes, over the limit of {MAX_ARGUMENTS}",
+                    new.args.len() + new.kwargs.len()
+                ),
+            ));
+        }
+        match serde_json::from_str::<serde_json::Value>(&new.args) {
+            Ok(serde_json::Value::Array(_)) => {}
+            _ => return Err(invalid("args", "must be a JSON array")),
+        }
+        match serde_json::from_str::<serde_json::Value>(&new.kwargs) {
+            Ok(serde_json::Value::Object(_)) => {}
+            _ => return Err(invalid("kwargs", "must be a JSON object")),
+        }
+        let soft = new.soft_time_limit.unwrap_or(c.soft_time_limit);
+        let hard = new.time_limit.unwrap_or(c.time_limit);
+        if hard.is_zero() || soft > hard {
+            return Err(invalid(
+                "soft_time_limit",
+                "must not exceed the (non-zero) time limit",
+            ));
+        }
+        let queue = new
+            .queue
+            .clone()
+            .unwrap_or_else(|| new.category.default_queue());
+        let task = Task {
+            id: TaskId::generate(&queue),
+            name: new.name,
+            category: new.category,
+            priority: new.priority,
+            args: new.args,
+            kwargs: new.kwargs,
+            state: if new.delay.is_zero() {
+                State::Queued
+            } else {
+                State::Scheduled
+            },
+            attempts: 0,
+            max_retries: new.max_retries.unwrap_or(c.default_max_retries),
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: crate::store::unix_millis(std::time::SystemTime::now()),
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: soft.as_millis() as u64,
+            hard_ms: hard.as_millis() as u64,
+            result_ttl_ms: new.result_ttl.unwrap_or(c.result_ttl).as_millis().max(1) as u64,
+            log: Vec::new(),
+        };
+        self.inner
+            .store
+            .submit_task(&self.keys(&queue), &task, new.delay, c.limits, deadline)
+            .await?;
+        self.inner.submitted.notify_waiters();
+        Ok(task)
+    }
+
+    /// Reads a task.
+    pub async fn get(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
+        let id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+        self.inner
+            .store
+            .get_task(&self.keys(&id.queue()), &id, deadline)
+            .await?
+            .ok_or_else(|| TaskError::NotFound(id.to_string()))
+    }
+
+    /// Leases a task of `queue` whose name is in `names` (`*`: any).
+    pub async fn lease(
+        &self,
+        queue: &QueueName,
+        worker: &str,
+        names: &[&str],
+        deadline: Deadline,
+    ) -> Result<Option<Task>, TaskError> {
+        let c = &self.inner.config;
+        Ok(self
+            .inner
+            .store
+            .lease_task(
+                &self.keys(queue),
+                worker,
+                c.lease,
+                names,
+                c.limits,
+                deadline,
+            )
+            .await?)
+    }
+
+    /// Extends the lease held with `token`.
+    pub async fn heartbeat(
+        &self,
+        id: &TaskId,
+        token: u32,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        let ok = self
+            .inner
+            .store
+            .heartbeat_task(
+                &self.keys(&id.queue()),
+                id,
+                token,
+                self.inner.config.lease,
+                deadline,
+            )
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(TaskError::Fenced(id.to_string()))
+        }
+    }
+
+    /// Records progress (JSON `{percent, message, metadata}`).
+    pub async fn progress(
+        &self,
+        id: &TaskId,
+        token: u32,
+        progress: &str,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        let ok = self
+            .inner
+            .store
+            .progress_task(
+                &self.keys(&id.queue()),
+                id,
+                token,
+                progress,
+                self.inner.config.limits,
+                deadline,
+            )
+            .await?;
+        if ok {
+            Ok(())
+        } else {
+            Err(TaskError::Fenced(id.to_string()))
+        }
+    }
+
+    /// Ends the attempt held with `token`; the state the task moved to.
+    pub async fn finish(
+        &self,
+        task: &Task,
+        token: u32,
+        worker: &str,
+        finish: Finish,
+        deadline: Deadline,
+    ) -> Result<State, TaskError> {
+        let c = &self.inner.config;
+        let error = |message: &str, retryable: bool| {
+            serde_json::json!({ "message": message, "retryable": retryable }).to_string()
+        };
+        let (outcome, log) = match &finish {
+            Finish::Succeeded(result) => (Outcome::Succeeded(result.clone()), "succeeded"),
+            Finish::Failed {
+                message,
+                retryable: true,
+            } => (
+                Outcome::Retry {
+                    error: error(message, true),
+                    delay: c.backoff.delay(token),
+                },
+                "failed",
+            ),
+            Finish::Failed {
+                message,
+                retryable: false,
+            } => (Outcome::Failed(error(message, false)), "failed"),
+            Finish::TimedOut => (
+                Outcome::TimedOut(error("hard time limit reached", false)),
+                "timed_out",
+            ),
+        };
+        let message = match &finish {
+            Finish::Failed { message, .. } => Some(message.as_str()),
+            Finish::TimedOut => Some("hard time limit reached"),
+            Finish::Succeeded(_) => None,
+        };
+        let entry = serde_json::json!({
+            "attempt": token,
+            "worker": worker,
+            "started_ms": task.started_ms,
+            "outcome": log,
+            "error": message,
+        })
+        .to_string();
+        self.inner
+            .store
+            .finish_task(
+                &self.keys(&task.id.queue()),
+                &task.id,
+                token,
+                &outcome,
+                &entry,
+                c.limits,
+                deadline,
+            )
+            .await?
+            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+    }
+
+    /// Waits until this process submits something or `timeout` passes.
+    pub async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.inner.submitted.notified()).await;
+    }
+
+    /// Recovers lapsed leases of `queues` every sweep interval until `stop`.
+    pub async fn run_recovery(self, queues: Vec<QueueName>, stop: CancellationToken) {
+        let c = self.inner.config.clone();
+        let mut tick = tokio::time::interval(c.sweep_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for queue in &queues {
+                let keys = self.keys(queue);
+                match self
+                    .inner
+                    .store
+                    .recover_tasks(
+                        &keys,
+                        c.acks_late,
+                        c.limits,
+                        Deadline::after(c.sweep_interval.max(Duration::from_secs(1))),
+                    )
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(queue = %queue, recovered = n, "recovered tasks whose lease lapsed")
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %queue, error = %e, "cannot recover lapsed leases")
+                    }
+                }
+            }
+        }
+    }
+}

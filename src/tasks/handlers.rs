@@ -1,0 +1,65 @@
+//! Built-in diagnostic handlers, for smoke tests, tests and benchmarks:
+//! a no-op, a sleep that reports progress, and one that fails a given number
+//! of times before it succeeds.
+
+use std::time::Duration;
+
+use super::worker::{HandlerError, Registry, TaskContext};
+
+/// Does nothing and succeeds with `null`.
+pub const NOOP: &str = "koo.diagnostics.noop";
+/// Sleeps `kwargs.seconds` (default 1), reporting progress in `kwargs.steps`
+/// (default 10) steps; stops early, failing retryably, when cancelled.
+pub const SLEEP: &str = "koo.diagnostics.sleep";
+/// Fails (retryably) until attempt `kwargs.failures + 1`, then succeeds with
+/// the attempt number.
+pub const FAIL_TIMES: &str = "koo.diagnostics.fail_times";
+/// Ignores cancellation and blocks a thread for `kwargs.seconds`: shows that
+/// the hard limit still frees the slot.
+pub const STUBBORN: &str = "koo.diagnostics.stubborn";
+
+fn kwarg_f64(ctx: &TaskContext, name: &str, default: f64) -> f64 {
+    serde_json::from_str::<serde_json::Value>(&ctx.task.kwargs)
+        .ok()
+        .and_then(|v| v.get(name).and_then(serde_json::Value::as_f64))
+        .unwrap_or(default)
+}
+
+/// Registers the diagnostic handlers.
+pub fn register_diagnostics(registry: &mut Registry) {
+    registry.register(NOOP, |_ctx| async { Ok(serde_json::Value::Null) });
+    registry.register(SLEEP, |ctx| async move {
+        let total = Duration::try_from_secs_f64(kwarg_f64(&ctx, "seconds", 1.0).max(0.0))
+            .map_err(|_| HandlerError::fatal("seconds must be a finite number"))?;
+        let steps = kwarg_f64(&ctx, "steps", 10.0).clamp(1.0, 10_000.0) as u32;
+        for step in 1..=steps {
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return Err(HandlerError::retry("cancelled at the soft time limit")),
+                _ = tokio::time::sleep(total / steps) => {}
+            }
+            let percent = f64::from(step) * 100.0 / f64::from(steps);
+            ctx.progress(percent, &format!("step {step} of {steps}"), serde_json::json!({ "step": step }))
+                .await
+                .map_err(|e| HandlerError::fatal(e.to_string()))?;
+        }
+        Ok(serde_json::json!({ "slept_seconds": total.as_secs_f64() }))
+    });
+    registry.register(FAIL_TIMES, |ctx| async move {
+        let failures = kwarg_f64(&ctx, "failures", 1.0).max(0.0) as u32;
+        if ctx.task.attempts <= failures {
+            Err(HandlerError::retry(format!(
+                "planned failure {} of {failures}",
+                ctx.task.attempts
+            )))
+        } else {
+            Ok(serde_json::json!({ "attempt": ctx.task.attempts }))
+        }
+    });
+    registry.register(STUBBORN, |ctx| async move {
+        let secs = kwarg_f64(&ctx, "seconds", 5.0).clamp(0.0, 3600.0);
+        tokio::task::spawn_blocking(move || std::thread::sleep(Duration::from_secs_f64(secs)))
+            .await
+            .map_err(|e| HandlerError::fatal(e.to_string()))?;
+        Ok(serde_json::Value::Null)
+    });
+}

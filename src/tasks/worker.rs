@@ -1,0 +1,300 @@
+//! The built-in worker pool: leases tasks, runs their handlers under soft and
+//! hard time limits, heartbeats while they run, and reports how they ended.
+//!
+//! Each handler runs in a task of its own, so that the slot can abandon it:
+//! at the soft limit the handler's cancellation token fires; at the hard
+//! limit the task is aborted (a handler busy on `spawn_blocking` keeps its
+//! thread, but the slot moves on and the task ends TIMED_OUT). If a heartbeat
+//! is refused, the lease is someone else's: the handler is aborted and
+//! nothing is reported, since the new holder owns the outcome.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Finish, TaskEngine, TaskError};
+use super::model::{QueueName, Task};
+use crate::store::Deadline;
+
+/// A handler's failure; `retryable` asks for another attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerError {
+    /// What went wrong.
+    pub message: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    /// A failure worth retrying.
+    pub fn retry(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+
+    /// A failure no retry will fix.
+    pub fn fatal(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+/// What a handler gets: the task, a token that fires at the soft time limit
+/// (or on cancellation), and a way to report progress.
+pub struct TaskContext {
+    /// The task as leased (attempts counts this attempt).
+    pub task: Task,
+    /// Fires when the handler should stop.
+    pub cancel: CancellationToken,
+    engine: TaskEngine,
+}
+
+impl TaskContext {
+    /// Reports progress; an error means the lease is gone and the handler
+    /// should stop.
+    pub async fn progress(
+        &self,
+        percent: f64,
+        message: &str,
+        metadata: serde_json::Value,
+    ) -> Result<(), TaskError> {
+        let progress =
+            serde_json::json!({ "percent": percent, "message": message, "metadata": metadata });
+        self.engine
+            .progress(
+                &self.task.id,
+                self.task.attempts,
+                &progress.to_string(),
+                Deadline::after(Duration::from_secs(5)),
+            )
+            .await
+    }
+}
+
+/// A handler's future.
+pub type HandlerFuture =
+    Pin<Box<dyn Future<Output = Result<serde_json::Value, HandlerError>> + Send>>;
+
+/// A task handler: an async function of the task's context.
+pub type Handler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
+
+/// Handlers by task name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    handlers: HashMap<String, Handler>,
+}
+
+impl Registry {
+    /// Registers `handler` for `name`.
+    pub fn register<F, Fut>(&mut self, name: &str, handler: F)
+    where
+        F: Fn(TaskContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<serde_json::Value, HandlerError>> + Send + 'static,
+    {
+        self.handlers
+            .insert(name.to_owned(), Arc::new(move |ctx| Box::pin(handler(ctx))));
+    }
+
+    /// The names served, for leasing.
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.handlers.keys().cloned().collect();
+        names.sort();
+        names
+    }
+}
+
+/// A pool of worker slots.
+pub struct WorkerPool {
+    engine: TaskEngine,
+    registry: Arc<Registry>,
+    queues: Vec<QueueName>,
+    concurrency: usize,
+    id: String,
+}
+
+impl WorkerPool {
+    /// `concurrency` slots serving `queues` with `registry`'s handlers.
+    pub fn new(
+        engine: TaskEngine,
+        registry: Registry,
+        queues: Vec<QueueName>,
+        concurrency: usize,
+    ) -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "koo".to_owned());
+        Self {
+            engine,
+            registry: Arc::new(registry),
+            queues,
+            concurrency: concurrency.max(1),
+            id: format!(
+                "{host}:{}:{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+        }
+    }
+
+    /// This pool's worker id (slots append their number).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Runs every slot until `stop`; a slot finishes its current task
+    /// first (or hands it back by letting its lease lapse if it must stop
+    /// before the hard limit).
+    pub async fn run(self, stop: CancellationToken) {
+        let mut slots = tokio::task::JoinSet::new();
+        for slot in 0..self.concurrency {
+            let worker = format!("{}/{slot}", self.id);
+            let engine = self.engine.clone();
+            let registry = self.registry.clone();
+            let queues = self.queues.clone();
+            let stop = stop.clone();
+            slots
+                .spawn(async move { run_slot(engine, registry, queues, worker, slot, stop).await });
+        }
+        while slots.join_next().await.is_some() {}
+    }
+}
+
+async fn run_slot(
+    engine: TaskEngine,
+    registry: Arc<Registry>,
+    queues: Vec<QueueName>,
+    worker: String,
+    slot: usize,
+    stop: CancellationToken,
+) {
+    let names = registry.names();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Slots start at different queues and rotate, so that no queue starves.
+    let mut next = slot;
+    while !stop.is_cancelled() {
+        let mut leased = None;
+        for i in 0..queues.len() {
+            let queue = &queues[(next + i) % queues.len()];
+            match engine
+                .lease(
+                    queue,
+                    &worker,
+                    &names,
+                    Deadline::after(Duration::from_secs(5)),
+                )
+                .await
+            {
+                Ok(Some(task)) => {
+                    leased = Some(task);
+                    next = (next + i + 1) % queues.len();
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "cannot lease");
+                    break;
+                }
+            }
+        }
+        match leased {
+            Some(task) => execute(&engine, &registry, &worker, task).await,
+            None => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = engine.wait_for_work(engine.config().poll_interval) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Runs one leased task to its end (or until its lease is lost).
+async fn execute(engine: &TaskEngine, registry: &Registry, worker: &str, task: Task) {
+    let token = task.attempts;
+    let Some(handler) = registry.handlers.get(&task.name).cloned() else {
+        // Leasing filters by name, so this is a registry that changed.
+        let finish = Finish::Failed {
+            message: format!("no handler for {}", task.name),
+            retryable: true,
+        };
+        let _ = engine
+            .finish(
+                &task,
+                token,
+                worker,
+                finish,
+                Deadline::after(Duration::from_secs(5)),
+            )
+            .await;
+        return;
+    };
+    let cancel = CancellationToken::new();
+    let ctx = TaskContext {
+        task: task.clone(),
+        cancel: cancel.clone(),
+        engine: engine.clone(),
+    };
+    let mut running = tokio::spawn(handler(ctx));
+    let soft = tokio::time::sleep(Duration::from_millis(task.soft_ms));
+    let hard = tokio::time::sleep(Duration::from_millis(task.hard_ms));
+    tokio::pin!(soft, hard);
+    let mut soft_fired = task.soft_ms == 0;
+    let mut beat = tokio::time::interval(engine.config().lease / 3);
+    beat.tick().await;
+    let finish = loop {
+        tokio::select! {
+            joined = &mut running => {
+                break match joined {
+                    Ok(Ok(result)) => Finish::Succeeded(result.to_string()),
+                    Ok(Err(e)) => Finish::Failed { message: e.message, retryable: e.retryable },
+                    Err(e) if e.is_panic() => Finish::Failed { message: "the handler panicked".to_owned(), retryable: true },
+                    Err(_) => Finish::Failed { message: "the handler was aborted".to_owned(), retryable: true },
+                };
+            }
+            _ = &mut soft, if !soft_fired => {
+                soft_fired = true;
+                tracing::info!(task = %task.id, "soft time limit reached; asking the handler to stop");
+                cancel.cancel();
+            }
+            _ = &mut hard, if task.hard_ms > 0 => {
+                running.abort();
+                tracing::warn!(task = %task.id, "hard time limit reached; handler abandoned");
+                break Finish::TimedOut;
+            }
+            _ = beat.tick() => {
+                if let Err(e) = engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {
+                    if matches!(e, TaskError::Fenced(_)) {
+                        running.abort();
+                        tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
+                        return;
+                    }
+                    tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry");
+                }
+            }
+        }
+    };
+    match engine
+        .finish(
+            &task,
+            token,
+            worker,
+            finish,
+            Deadline::after(Duration::from_secs(5)),
+        )
+        .await
+    {
+        Ok(state) => tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended"),
+        Err(TaskError::Fenced(_)) => {
+            tracing::warn!(task = %task.id, "completion refused: the lease lapsed")
+        }
+        Err(e) => {
+            tracing::warn!(task = %task.id, error = %e, "cannot report the outcome; the lease will lapse and the task run again")
+        }
+    }
+}

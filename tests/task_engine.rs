@@ -1,0 +1,348 @@
+//! The task engine and built-in worker pool against a real redis-server:
+//! tasks run to an end state, retries follow the backoff, soft and hard time
+//! limits hold (even for a handler that ignores cancellation), a paused
+//! worker is fenced, and two pools drain one queue with every task done once.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestRedis;
+use koo::keys::QueueKeys;
+use koo::store::{Deadline, RedisConfig, RedisStore};
+use koo::tasks::engine::{Finish, NewTask, TaskConfig, TaskEngine, TaskError};
+use koo::tasks::handlers::{self, FAIL_TIMES, NOOP, SLEEP, STUBBORN};
+use koo::tasks::model::{Category, QueueName, State, Task};
+use koo::tasks::retry::Backoff;
+use koo::tasks::worker::{Registry, WorkerPool};
+use tokio_util::sync::CancellationToken;
+
+fn later() -> Deadline {
+    Deadline::after(Duration::from_secs(5))
+}
+
+fn config() -> TaskConfig {
+    TaskConfig {
+        lease: Duration::from_millis(600),
+        sweep_interval: Duration::from_millis(50),
+        poll_interval: Duration::from_millis(20),
+        backoff: Backoff {
+            base: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+        ..TaskConfig::default()
+    }
+}
+
+fn queue() -> QueueName {
+    Category::Research.default_queue()
+}
+
+struct Koo {
+    engine: TaskEngine,
+    stop: CancellationToken,
+    redis: TestRedis,
+}
+
+impl Koo {
+    /// An engine with `pools` worker pools of `concurrency` slots and a
+    /// recovery loop, all on one fresh Redis.
+    async fn start(pools: usize, concurrency: usize) -> Koo {
+        let redis = TestRedis::start().await;
+        let engine = engine(&redis);
+        let stop = CancellationToken::new();
+        for _ in 0..pools {
+            let mut registry = Registry::default();
+            handlers::register_diagnostics(&mut registry);
+            // each pool gets its own engine handle, as separate processes would
+            let pool = WorkerPool::new(self::engine(&redis), registry, vec![queue()], concurrency);
+            tokio::spawn(pool.run(stop.clone()));
+        }
+        tokio::spawn(engine.clone().run_recovery(vec![queue()], stop.clone()));
+        Koo {
+            engine,
+            stop,
+            redis,
+        }
+    }
+
+    async fn submit(
+        &self,
+        name: &str,
+        kwargs: serde_json::Value,
+        adjust: impl FnOnce(&mut NewTask),
+    ) -> Task {
+        let mut new = NewTask::new(name, Category::Research);
+        new.kwargs = kwargs.to_string();
+        adjust(&mut new);
+        self.engine.submit(new, later()).await.unwrap()
+    }
+
+    /// Waits for a task to end by following its queue's event stream (an
+    /// event, not a timer), then returns it.
+    async fn wait_final(&self, task: &Task) -> Task {
+        let keys = QueueKeys::new("koo", &task.id.queue());
+        let mut conn = self.redis.conn().await;
+        let mut last = "0-0".to_owned();
+        let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+        loop {
+            let current = self.engine.get(task.id.as_str(), later()).await.unwrap();
+            if current.state.is_final() {
+                return current;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "task never ended: {current:?}"
+            );
+            type Entries = Vec<(String, Vec<String>)>;
+            let reply: Option<Vec<(String, Entries)>> = redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(500)
+                .arg("STREAMS")
+                .arg(keys.events())
+                .arg(&last)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let seen = reply.into_iter().flatten().flat_map(|(_, entries)| entries);
+            if let Some((id, _)) = seen.last() {
+                last = id;
+            }
+        }
+    }
+}
+
+impl Drop for Koo {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn engine(redis: &TestRedis) -> TaskEngine {
+    TaskEngine::new(
+        RedisStore::connect(&RedisConfig::new(redis.url())).unwrap(),
+        config(),
+    )
+}
+
+/// A no-op runs to SUCCEEDED with one attempt; progress reports land on the
+/// task as the sleep handler goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_to_success_with_progress() {
+    let koo = Koo::start(1, 2).await;
+    let noop = koo.submit(NOOP, serde_json::json!({}), |_| {}).await;
+    let sleep = koo
+        .submit(
+            SLEEP,
+            serde_json::json!({ "seconds": 0.2, "steps": 4 }),
+            |_| {},
+        )
+        .await;
+    let done = koo.wait_final(&noop).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    assert_eq!(done.result.as_deref(), Some("null"));
+    let slept = koo.wait_final(&sleep).await;
+    assert_eq!(slept.state, State::Succeeded);
+    let progress: serde_json::Value =
+        serde_json::from_str(slept.progress.as_deref().unwrap()).unwrap();
+    assert_eq!(progress["percent"], 100.0);
+    assert_eq!(progress["message"], "step 4 of 4");
+}
+
+/// Retryable failures are retried with growing backoff until the handler
+/// succeeds; the log records each failed attempt's retry time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_follow_the_backoff_schedule() {
+    let koo = Koo::start(1, 1).await;
+    let task = koo
+        .submit(FAIL_TIMES, serde_json::json!({ "failures": 3 }), |_| {})
+        .await;
+    let done = koo.wait_final(&task).await;
+    assert_eq!(done.state, State::Succeeded);
+    assert_eq!(done.attempts, 4);
+    assert_eq!(done.result.as_deref(), Some("{\"attempt\":4}"));
+    let log: Vec<serde_json::Value> = done
+        .log
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(log.len(), 4);
+    let waits: Vec<i64> = log[..3]
+        .iter()
+        .map(|e| e["retry_at_ms"].as_i64().unwrap() - e["ended_ms"].as_i64().unwrap())
+        .collect();
+    // base 20 ms doubling, with jitter in [ceiling/2, ceiling]
+    for (i, wait) in waits.iter().enumerate() {
+        let ceiling = 20 << i;
+        assert!(
+            *wait >= ceiling / 2 && *wait <= ceiling,
+            "retry {i}: waited {wait} ms, ceiling {ceiling}"
+        );
+    }
+    // zero retries means one attempt
+    let once = koo
+        .submit(FAIL_TIMES, serde_json::json!({ "failures": 1 }), |t| {
+            t.max_retries = Some(0)
+        })
+        .await;
+    let failed = koo.wait_final(&once).await;
+    assert_eq!((failed.state, failed.attempts), (State::Failed, 1));
+}
+
+/// At the soft limit a cooperative handler is told to stop (and its error is
+/// recorded); a handler that ignores cancellation is abandoned at the hard
+/// limit, the task ends TIMED_OUT, and the slot runs the next task while the
+/// abandoned thread still sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_and_hard_time_limits() {
+    let koo = Koo::start(1, 1).await;
+    let soft = koo
+        .submit(SLEEP, serde_json::json!({ "seconds": 30 }), |t| {
+            t.soft_time_limit = Some(Duration::from_millis(100));
+            t.time_limit = Some(Duration::from_secs(20));
+            t.max_retries = Some(0);
+        })
+        .await;
+    let done = koo.wait_final(&soft).await;
+    assert_eq!(done.state, State::Failed);
+    assert!(done.error.unwrap().contains("soft time limit"));
+    let stubborn = koo
+        .submit(STUBBORN, serde_json::json!({ "seconds": 2 }), |t| {
+            t.soft_time_limit = Some(Duration::from_millis(50));
+            t.time_limit = Some(Duration::from_millis(200));
+        })
+        .await;
+    let next = koo.submit(NOOP, serde_json::json!({}), |_| {}).await;
+    let timed_out = koo.wait_final(&stubborn).await;
+    assert_eq!(timed_out.state, State::TimedOut);
+    assert_eq!(koo.wait_final(&next).await.state, State::Succeeded);
+}
+
+/// A worker paused past its lease (it holds the task but sends no
+/// heartbeats) is fenced: the task is recovered and completed by the pool,
+/// and the paused worker's late completion is refused, so the first result
+/// stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_worker_is_fenced() {
+    let redis = TestRedis::start().await;
+    let engine = engine(&redis);
+    let task = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    let zombie = engine
+        .lease(&queue(), "zombie", &["*"], later())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(zombie.id, task.id);
+    // the pool starts only now, so the zombie's lease is the first
+    let stop = CancellationToken::new();
+    let mut registry = Registry::default();
+    handlers::register_diagnostics(&mut registry);
+    tokio::spawn(WorkerPool::new(engine.clone(), registry, vec![queue()], 1).run(stop.clone()));
+    tokio::spawn(engine.clone().run_recovery(vec![queue()], stop.clone()));
+    let koo = Koo {
+        engine: engine.clone(),
+        stop,
+        redis,
+    };
+    let done = koo.wait_final(&task).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 2));
+    let late = engine
+        .finish(
+            &zombie,
+            1,
+            "zombie",
+            Finish::Succeeded("\"zombie\"".into()),
+            later(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(late, TaskError::Fenced(_)), "{late:?}");
+    assert_eq!(
+        engine
+            .get(task.id.as_str(), later())
+            .await
+            .unwrap()
+            .result
+            .as_deref(),
+        Some("null")
+    );
+}
+
+/// Two worker pools (as two koo processes would) drain one queue of 1000
+/// tasks: every task succeeds, each after exactly one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pools_drain_a_queue_exactly_once() {
+    let koo = Koo::start(2, 4).await;
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        tasks.push(koo.submit(NOOP, serde_json::json!({}), |_| {}).await);
+    }
+    for task in &tasks {
+        let done = koo.wait_final(task).await;
+        assert_eq!(
+            (done.state, done.attempts),
+            (State::Succeeded, 1),
+            "{}",
+            task.id
+        );
+        assert_eq!(done.log.len(), 1);
+    }
+}
+
+/// Bad submits are refused naming the field; unknown and malformed ids are
+/// told apart.
+#[tokio::test]
+async fn bad_submits_and_ids() {
+    let redis = TestRedis::start().await;
+    let engine = engine(&redis);
+    let cases: Vec<(NewTask, &str)> = vec![
+        (NewTask::new("", Category::Cache), "name"),
+        (
+            NewTask {
+                args: "{}".into(),
+                ..NewTask::new("x", Category::Cache)
+            },
+            "args",
+        ),
+        (
+            NewTask {
+                kwargs: "[]".into(),
+                ..NewTask::new("x", Category::Cache)
+            },
+            "kwargs",
+        ),
+        (
+            NewTask {
+                args: "[".into(),
+                ..NewTask::new("x", Category::Cache)
+            },
+            "args",
+        ),
+        (
+            NewTask {
+                soft_time_limit: Some(Duration::from_secs(10)),
+                time_limit: Some(Duration::from_secs(5)),
+                ..NewTask::new("x", Category::Cache)
+            },
+            "soft_time_limit",
+        ),
+    ];
+    for (new, field) in cases {
+        match engine.submit(new.clone(), later()).await {
+            Err(TaskError::InvalidArgument { field: f, .. }) => assert_eq!(f, field, "{new:?}"),
+            other => panic!("{new:?}: {other:?}"),
+        }
+    }
+    assert!(matches!(
+        engine.get("nonsense", later()).await,
+        Err(TaskError::InvalidArgument { .. })
+    ));
+    let unknown = koo::tasks::model::TaskId::generate(&queue());
+    assert!(matches!(
+        engine.get(unknown.as_str(), later()).await,
+        Err(TaskError::NotFound(_))
+    ));
+}
