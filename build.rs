@@ -3,7 +3,10 @@
 
 use std::{env, fs, path::PathBuf};
 
-const PROTOS: &[&str] = &["koo/cache/v1/cache_service.proto"];
+const PROTOS: &[&str] = &[
+    "koo/cache/v1/cache_service.proto",
+    "koo/tasks/v1/task_service.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

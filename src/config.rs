@@ -15,8 +15,10 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::CacheConfig;
-use crate::server::{Settings, StoreSettings};
+use crate::server::{Settings, StoreSettings, TaskSettings};
 use crate::store::{MemoryConfig, RedisConfig};
+use crate::tasks::engine::TaskConfig;
+use crate::tasks::retry::Backoff;
 
 /// koo: a gRPC control plane for caching and background work.
 #[derive(Debug, Parser)]
@@ -59,6 +61,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Serve the gRPC API (CacheService, health, reflection).
     Serve(Box<ServeArgs>),
+    /// Run built-in task workers only (needs Redis), to scale out.
+    Worker(Box<WorkerArgs>),
     /// Ask a running koo for its gRPC health; exits 0 when SERVING.
     Health(HealthArgs),
 }
@@ -82,18 +86,9 @@ pub struct HealthArgs {
     pub timeout: Duration,
 }
 
-/// `koo serve`.
+/// Redis settings shared by `koo serve` and `koo worker`.
 #[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Address to serve gRPC on.
-    #[arg(
-        long,
-        env = "KOO_LISTEN",
-        value_name = "KOO_LISTEN",
-        default_value = "127.0.0.1:50051"
-    )]
-    pub listen: SocketAddr,
-
+pub struct RedisArgs {
     /// Redis URL (`redis://[user:password@]host:port/db`). Without it koo
     /// keeps the cache in process (the embedded store: not shared, not
     /// durable).
@@ -131,6 +126,103 @@ pub struct ServeArgs {
     #[arg(long, env = "KOO_BREAKER_COOLDOWN", value_name = "KOO_BREAKER_COOLDOWN", default_value = "5s",
           value_parser = parse_duration)]
     pub breaker_cooldown: Duration,
+}
+
+/// Task engine settings (the seed's Celery settings under TASK_*, WORKER_*
+/// and RESULT_* names; the CELERY_* names are read too when these are unset).
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// Hard time limit of a task [default: 1800; alias CELERY_TASK_TIME_LIMIT].
+    #[arg(long, env = "TASK_TIME_LIMIT", value_name = "TASK_TIME_LIMIT", value_parser = parse_positive_duration)]
+    pub task_time_limit: Option<Duration>,
+    /// Soft time limit of a task [default: 1500; alias CELERY_TASK_SOFT_TIME_LIMIT].
+    #[arg(long, env = "TASK_SOFT_TIME_LIMIT", value_name = "TASK_SOFT_TIME_LIMIT", value_parser = parse_positive_duration)]
+    pub task_soft_time_limit: Option<Duration>,
+    /// Late acknowledgement: a task whose worker died runs again; off, it ends FAILED
+    /// ('worker lost') [default: true; alias CELERY_TASK_ACKS_LATE].
+    #[arg(long, env = "TASK_ACKS_LATE", value_name = "TASK_ACKS_LATE", value_parser = BoolishValueParser::new())]
+    pub task_acks_late: Option<bool>,
+    /// How long results stay readable after a task ends [default: 3600; alias CELERY_RESULT_EXPIRES].
+    #[arg(long, env = "RESULT_EXPIRES", value_name = "RESULT_EXPIRES", value_parser = parse_positive_duration)]
+    pub result_expires: Option<Duration>,
+    /// Tasks a built-in worker slot takes at a time; only 1 is supported [default: 1; alias
+    /// CELERY_WORKER_PREFETCH_MULTIPLIER].
+    #[arg(
+        long,
+        env = "WORKER_PREFETCH_MULTIPLIER",
+        value_name = "WORKER_PREFETCH_MULTIPLIER"
+    )]
+    pub worker_prefetch_multiplier: Option<u32>,
+    /// Redis holding tasks [default: REDIS_URL; alias CELERY_BROKER_URL].
+    #[arg(long, env = "TASK_BROKER_URL", value_name = "TASK_BROKER_URL")]
+    pub task_broker_url: Option<String>,
+    /// Redis holding results; must be the broker's [default: the broker; alias CELERY_RESULT_BACKEND].
+    #[arg(long, env = "TASK_RESULT_BACKEND", value_name = "TASK_RESULT_BACKEND")]
+    pub task_result_backend: Option<String>,
+    /// Lease of a running task; its worker heartbeats at a third of it.
+    #[arg(long, env = "KOO_TASK_LEASE", value_name = "KOO_TASK_LEASE", default_value = "30s",
+          value_parser = parse_positive_duration)]
+    pub task_lease: Duration,
+    /// How often lapsed leases are looked for.
+    #[arg(long, env = "KOO_TASK_SWEEP_INTERVAL", value_name = "KOO_TASK_SWEEP_INTERVAL", default_value = "1s",
+          value_parser = parse_positive_duration)]
+    pub task_sweep_interval: Duration,
+    /// Delay before the first retry; it doubles each retry (with jitter), up to 10 minutes.
+    #[arg(long, env = "KOO_TASK_RETRY_BACKOFF", value_name = "KOO_TASK_RETRY_BACKOFF", default_value = "1s",
+          value_parser = parse_duration)]
+    pub task_retry_backoff: Duration,
+    /// How long an idle worker waits before looking for work again.
+    #[arg(long, env = "KOO_WORKER_POLL_INTERVAL", value_name = "KOO_WORKER_POLL_INTERVAL", default_value = "100ms",
+          value_parser = parse_positive_duration)]
+    pub worker_poll_interval: Duration,
+}
+
+/// `koo worker`: built-in worker slots only (needs Redis).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Redis connection settings.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Task engine settings.
+    #[command(flatten)]
+    pub tasks: TaskArgs,
+    /// Worker slots.
+    #[arg(long, env = "KOO_WORKER_CONCURRENCY", value_name = "KOO_WORKER_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub concurrency: u32,
+    /// Prefix of every Redis key koo writes.
+    #[arg(
+        long,
+        env = "KOO_PREFIX",
+        value_name = "KOO_PREFIX",
+        default_value = "koo"
+    )]
+    pub prefix: String,
+}
+
+/// `koo serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to serve gRPC on.
+    #[arg(
+        long,
+        env = "KOO_LISTEN",
+        value_name = "KOO_LISTEN",
+        default_value = "127.0.0.1:50051"
+    )]
+    pub listen: SocketAddr,
+
+    /// Redis connection settings.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+
+    /// Task engine settings.
+    #[command(flatten)]
+    pub tasks: TaskArgs,
+    /// Built-in worker slots in this process (0: none; `koo worker` adds more).
+    #[arg(long, env = "KOO_WORKER_CONCURRENCY", value_name = "KOO_WORKER_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(0..=1024))]
+    pub worker_concurrency: u32,
 
     /// Default TTL of the app, db and session levels.
     #[arg(long, env = "CACHE_DEFAULT_TTL", value_name = "CACHE_DEFAULT_TTL", default_value = "3600",
@@ -297,32 +389,16 @@ impl ServeArgs {
                 ),
             ));
         }
-        let store = match self.redis_url {
-            Some(url) if !url.trim().is_empty() => {
-                if !(url.starts_with("redis://")
-                    || url.starts_with("redis+unix://")
-                    || url.starts_with("unix://"))
-                {
-                    return Err(err(
-                        "REDIS_URL",
-                        "must start with redis:// (or redis+unix:// for a socket); TLS (rediss://) is not supported yet"
-                            .to_owned(),
-                    ));
-                }
-                StoreSettings::Redis(RedisConfig {
-                    url,
-                    max_connections: self.redis_max_connections as usize,
-                    retry_on_timeout: self.redis_retry_on_timeout,
-                    keepalive: self.redis_socket_keepalive,
-                    connect_timeout: self.redis_connect_timeout,
-                    retries: self.redis_retries,
-                    breaker_failures: self.breaker_failures,
-                    breaker_cooldown: self.breaker_cooldown,
-                })
-            }
-            _ => StoreSettings::Memory(MemoryConfig {
+        let store = match self.redis.redis_config(self.redis.redis_url.clone())? {
+            Some(redis) => StoreSettings::Redis(redis),
+            None => StoreSettings::Memory(MemoryConfig {
                 max_bytes: self.memory_max_bytes,
             }),
+        };
+        let tasks = TaskSettings {
+            redis: self.tasks.redis_config(&self.redis)?,
+            config: self.tasks.task_config(&self.prefix)?,
+            workers: self.worker_concurrency as usize,
         };
         Ok(Settings {
             listen: self.listen,
@@ -339,12 +415,147 @@ impl ServeArgs {
                 metrics_flush_interval: self.metrics_flush_interval,
                 key_count_interval: self.key_count_interval,
             },
-            health_check_interval: self.redis_health_check_interval,
+            health_check_interval: self.redis.redis_health_check_interval,
+            tasks,
             memory_sweep_interval: self.memory_sweep_interval,
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,
             shutdown_grace: self.shutdown_grace,
             shutdown_drain: self.shutdown_drain,
+        })
+    }
+}
+
+impl RedisArgs {
+    /// The Redis settings for `url`, or `None` without one.
+    pub fn redis_config(&self, url: Option<String>) -> Result<Option<RedisConfig>, ConfigError> {
+        let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+            return Ok(None);
+        };
+        if !(url.starts_with("redis://")
+            || url.starts_with("redis+unix://")
+            || url.starts_with("unix://"))
+        {
+            return Err(ConfigError {
+                variable: "REDIS_URL",
+                reason: "must start with redis:// (or redis+unix:// for a socket); TLS (rediss://) is not supported yet"
+                    .to_owned(),
+            });
+        }
+        Ok(Some(RedisConfig {
+            url,
+            max_connections: self.redis_max_connections as usize,
+            retry_on_timeout: self.redis_retry_on_timeout,
+            keepalive: self.redis_socket_keepalive,
+            connect_timeout: self.redis_connect_timeout,
+            retries: self.redis_retries,
+            breaker_failures: self.breaker_failures,
+            breaker_cooldown: self.breaker_cooldown,
+        }))
+    }
+}
+
+/// A value from its flag or variable, else its CELERY_* alias, else a default.
+fn aliased<T: std::str::FromStr>(
+    value: Option<T>,
+    alias: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    if let Some(v) = value {
+        return Ok(v);
+    }
+    match std::env::var(alias) {
+        Ok(raw) => raw.trim().parse().map_err(|_| ConfigError {
+            variable: alias,
+            reason: format!("{raw:?} is not a valid value"),
+        }),
+        Err(_) => Ok(default),
+    }
+}
+
+fn aliased_duration(
+    value: Option<Duration>,
+    alias: &'static str,
+    default_secs: u64,
+) -> Result<Duration, ConfigError> {
+    let secs = aliased(value.map(|d| d.as_secs_f64()), alias, default_secs as f64)?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero() && *d <= MAX_SETTING_DURATION)
+        .ok_or(ConfigError {
+            variable: alias,
+            reason: format!("{secs} is not a positive number of seconds"),
+        })
+}
+
+impl TaskArgs {
+    /// The Redis that holds tasks: the broker URL, else the result backend,
+    /// else `REDIS_URL`; broker and result backend must be the same.
+    pub fn redis_config(&self, redis: &RedisArgs) -> Result<Option<RedisConfig>, ConfigError> {
+        let broker = self
+            .task_broker_url
+            .clone()
+            .or_else(|| std::env::var("CELERY_BROKER_URL").ok());
+        let results = self
+            .task_result_backend
+            .clone()
+            .or_else(|| std::env::var("CELERY_RESULT_BACKEND").ok());
+        if let (Some(b), Some(r)) = (&broker, &results)
+            && b != r
+        {
+            return Err(ConfigError {
+                variable: "TASK_RESULT_BACKEND",
+                reason: format!(
+                    "task state and results live together on one Redis, but the broker is {b:?} and the result backend {r:?}"
+                ),
+            });
+        }
+        redis.redis_config(broker.or(results).or_else(|| redis.redis_url.clone()))
+    }
+
+    /// The engine settings.
+    pub fn task_config(&self, prefix: &str) -> Result<TaskConfig, ConfigError> {
+        let time_limit = aliased_duration(self.task_time_limit, "CELERY_TASK_TIME_LIMIT", 1800)?;
+        let soft_time_limit = aliased_duration(
+            self.task_soft_time_limit,
+            "CELERY_TASK_SOFT_TIME_LIMIT",
+            1500,
+        )?;
+        if soft_time_limit > time_limit {
+            return Err(ConfigError {
+                variable: "TASK_SOFT_TIME_LIMIT",
+                reason: format!(
+                    "{soft_time_limit:?} is longer than TASK_TIME_LIMIT ({time_limit:?})"
+                ),
+            });
+        }
+        let prefetch = aliased(
+            self.worker_prefetch_multiplier,
+            "CELERY_WORKER_PREFETCH_MULTIPLIER",
+            1,
+        )?;
+        if prefetch != 1 {
+            return Err(ConfigError {
+                variable: "WORKER_PREFETCH_MULTIPLIER",
+                reason: format!(
+                    "built-in workers lease one task per slot; {prefetch} is not supported (use 1)"
+                ),
+            });
+        }
+        Ok(TaskConfig {
+            prefix: prefix.to_owned(),
+            lease: self.task_lease,
+            sweep_interval: self.task_sweep_interval,
+            acks_late: aliased(self.task_acks_late, "CELERY_TASK_ACKS_LATE", true)?,
+            soft_time_limit,
+            time_limit,
+            result_ttl: aliased_duration(self.result_expires, "CELERY_RESULT_EXPIRES", 3600)?,
+            backoff: Backoff {
+                base: self.task_retry_backoff,
+                max: Duration::from_secs(600),
+            },
+            poll_interval: self.worker_poll_interval,
+            ..TaskConfig::default()
         })
     }
 }

@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
+            Command::Worker(args) => worker(*args).await,
             Command::Health(args) => health(args).await,
         }
     });
@@ -44,6 +45,47 @@ async fn serve(args: koo::config::ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("KOO_LISTEN: cannot listen on {}", settings.listen))?;
     koo::server::run(listener, settings, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `koo worker`: worker slots and lease recovery, no gRPC, until a signal.
+async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
+    use koo::tasks::{engine::TaskEngine, handlers, model::Category, worker};
+    let redis = args
+        .tasks
+        .redis_config(&args.redis)?
+        .context("koo worker needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
+    let store = koo::store::RedisStore::connect(&redis)?;
+    let engine = TaskEngine::new(store.clone(), args.tasks.task_config(&args.prefix)?);
+    let queues: Vec<_> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+    let mut registry = worker::Registry::default();
+    handlers::register_diagnostics(&mut registry);
+    let pool = worker::WorkerPool::new(
+        engine.clone(),
+        registry,
+        queues.clone(),
+        args.concurrency as usize,
+    );
+    tracing::info!(
+        worker = pool.id(),
+        slots = args.concurrency,
+        "koo worker running"
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(engine.run_recovery(queues, stop.clone()));
+    tasks.spawn(pool.run(stop.clone()));
+    tasks.spawn(koo::server::warn_if_tasks_can_be_evicted(store));
+    shutdown_signal().await;
+    tracing::info!("stopping: slots finish their current task (30 s at most)");
+    stop.cancel();
+    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("tasks still running go back to their queues when their leases lapse");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -12,6 +12,15 @@ pub mod cache {
     }
 }
 
+/// `koo.tasks.v1`: the TaskService API.
+pub mod tasks {
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    #[rustfmt::skip]
+    pub mod v1 {
+        tonic::include_proto!("koo.tasks.v1");
+    }
+}
+
 /// Every koo proto and its imports (well-known types included), encoded as a
 /// `FileDescriptorSet`, for server reflection and for clients that want it.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -17,9 +17,15 @@ use tonic_health::pb::health_server::HealthServer;
 use crate::cache::{Cache, CacheConfig};
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
+use crate::grpc::tasks::TaskApi;
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
+use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
+use crate::tasks::engine::{TaskConfig, TaskEngine};
+use crate::tasks::handlers;
+use crate::tasks::model::{Category, QueueName};
+use crate::tasks::worker::{Registry, WorkerPool};
 
 /// Which backend to use.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +34,27 @@ pub enum StoreSettings {
     Memory(MemoryConfig),
     /// Redis.
     Redis(RedisConfig),
+}
+
+/// The task engine's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSettings {
+    /// The Redis holding tasks (`None`: no task engine).
+    pub redis: Option<RedisConfig>,
+    /// The engine.
+    pub config: TaskConfig,
+    /// Built-in worker slots in this process.
+    pub workers: usize,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            redis: None,
+            config: TaskConfig::default(),
+            workers: 4,
+        }
+    }
 }
 
 /// Everything `koo serve` needs.
@@ -39,6 +66,8 @@ pub struct Settings {
     pub store: StoreSettings,
     /// The cache.
     pub cache: CacheConfig,
+    /// The task engine.
+    pub tasks: TaskSettings,
     /// How often the backend is probed for gRPC health.
     pub health_check_interval: Duration,
     /// How often the embedded store purges expired entries.
@@ -59,6 +88,7 @@ impl Default for Settings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             store: StoreSettings::Memory(MemoryConfig::default()),
             cache: CacheConfig::default(),
+            tasks: TaskSettings::default(),
             health_check_interval: Duration::from_secs(30),
             memory_sweep_interval: Duration::from_secs(1),
             request_timeout: Duration::from_secs(5),
@@ -138,6 +168,8 @@ pub async fn run(
         ));
     }
 
+    let tasks = start_tasks(&settings, &store, &mut background, &stop)?;
+
     let limit = settings.cache.message_limit();
     let api = CacheApi::new(
         cache,
@@ -205,6 +237,10 @@ pub async fn run(
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )
+        .add_service(TaskServiceServer::new(TaskApi::new(
+            tasks,
+            settings.request_timeout,
+        )))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -219,9 +255,75 @@ pub async fn run(
         }
     };
     stop.cancel();
-    while background.join_next().await.is_some() {}
+    // Worker slots finish their current task; past the grace period a task
+    // still running is left to its lease, and another worker takes it over.
+    let drained = tokio::time::timeout(grace, async {
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            "background work did not stop within the shutdown grace; running tasks go back to their queues when their leases lapse"
+        );
+    }
     tracing::info!("koo stopped");
     result
+}
+
+/// Starts the task engine when there is a Redis for it: recovery of lapsed
+/// leases on every queue, and the built-in worker pool.
+fn start_tasks(
+    settings: &Settings,
+    store: &Store,
+    background: &mut tokio::task::JoinSet<()>,
+    stop: &CancellationToken,
+) -> Result<Option<TaskEngine>, ServerError> {
+    let Some(config) = &settings.tasks.redis else {
+        tracing::info!(
+            "no Redis for tasks: TaskService answers FAILED_PRECONDITION (set REDIS_URL)"
+        );
+        return Ok(None);
+    };
+    // Share the cache's pool when tasks live on the same Redis.
+    let redis = match (store, &settings.store) {
+        (Store::Redis(r), StoreSettings::Redis(c)) if c.url == config.url => r.clone(),
+        _ => RedisStore::connect(config)?,
+    };
+    let engine = TaskEngine::new(redis.clone(), settings.tasks.config.clone());
+    let queues: Vec<QueueName> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+    background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
+    background.spawn(warn_if_tasks_can_be_evicted(redis));
+    if settings.tasks.workers > 0 {
+        let mut registry = Registry::default();
+        handlers::register_diagnostics(&mut registry);
+        let pool = WorkerPool::new(engine.clone(), registry, queues, settings.tasks.workers);
+        tracing::info!(
+            worker = pool.id(),
+            slots = settings.tasks.workers,
+            "built-in workers running"
+        );
+        background.spawn(pool.run(stop.clone()));
+    }
+    Ok(Some(engine))
+}
+
+/// A task Redis must never evict: warn when its policy could.
+pub async fn warn_if_tasks_can_be_evicted(redis: RedisStore) {
+    let store = Store::Redis(redis);
+    for _ in 0..30 {
+        match store
+            .memory(crate::store::Deadline::after(Duration::from_secs(2)))
+            .await
+        {
+            Ok(m) if m.policy != "noeviction" => {
+                tracing::warn!(policy = %m.policy, "the Redis holding tasks has a maxmemory-policy other than noeviction: it may evict task keys when full and lose tasks");
+                return;
+            }
+            Ok(_) => return,
+            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+        }
+    }
 }
 
 async fn sweep_expired(store: MemoryStore, every: Duration, stop: CancellationToken) {

@@ -7,3 +7,4 @@ mod deadline;
 pub mod health;
 mod json;
 mod status;
+pub mod tasks;

@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::cache::CacheError;
 use crate::store::StoreError;
+use crate::tasks::engine::TaskError;
 
 /// `INVALID_ARGUMENT` with a `BadRequest` field violation.
 pub fn invalid_argument(field: &str, reason: &str) -> Status {
@@ -43,6 +44,17 @@ impl From<CacheError> for Status {
             CacheError::Corrupt { .. } => Status::data_loss(e.to_string()),
             CacheError::WarmFile { .. } => Status::failed_precondition(e.to_string()),
             CacheError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<TaskError> for Status {
+    fn from(e: TaskError) -> Self {
+        match e {
+            TaskError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
+            TaskError::NotFound(_) => Status::not_found(e.to_string()),
+            TaskError::Fenced(_) => Status::aborted(e.to_string()),
+            TaskError::Store(store) => store.into(),
         }
     }
 }

@@ -1,0 +1,280 @@
+//! `koo.tasks.v1.TaskService`: converts requests, calls the [`TaskEngine`],
+//! converts replies.
+
+use std::time::{Duration, SystemTime};
+
+use prost_types::value::Kind;
+use tonic::{Request, Response, Status};
+
+use super::deadline;
+use super::json;
+use super::status::invalid_argument;
+use crate::pb::tasks::v1 as pb;
+use crate::store::Deadline;
+use crate::tasks::engine::{NewTask, TaskEngine};
+use crate::tasks::model::{Category, Priority, QueueName, State, Task};
+
+/// The TaskService implementation. Without Redis there is no engine yet, and
+/// every call says so.
+pub struct TaskApi {
+    engine: Option<TaskEngine>,
+    request_timeout: Duration,
+}
+
+impl TaskApi {
+    /// Serves `engine` (or refuses every call when there is none).
+    pub fn new(engine: Option<TaskEngine>, request_timeout: Duration) -> Self {
+        Self {
+            engine,
+            request_timeout,
+        }
+    }
+
+    fn engine(&self) -> Result<&TaskEngine, Status> {
+        self.engine.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "the task engine needs Redis: start koo with REDIS_URL (the embedded store does not run tasks yet)",
+            )
+        })
+    }
+
+    fn deadline<T>(&self, r: &Request<T>) -> Deadline {
+        deadline::from_metadata(r.metadata(), self.request_timeout)
+    }
+}
+
+fn category(raw: i32) -> Result<Category, Status> {
+    use pb::TaskCategory as C;
+    match C::try_from(raw) {
+        Ok(C::AiService) => Ok(Category::AiService),
+        Ok(C::PdfProcessing) => Ok(Category::PdfProcessing),
+        Ok(C::Database) => Ok(Category::Database),
+        Ok(C::HealthCheck) => Ok(Category::HealthCheck),
+        Ok(C::Research) => Ok(Category::Research),
+        Ok(C::Cache) => Ok(Category::Cache),
+        Ok(C::Unspecified) => Err(invalid_argument("category", "is required")),
+        Err(_) => Err(invalid_argument(
+            "category",
+            &format!("{raw} is not a task category"),
+        )),
+    }
+}
+
+fn to_pb_category(c: Category) -> pb::TaskCategory {
+    use pb::TaskCategory as C;
+    match c {
+        Category::AiService => C::AiService,
+        Category::PdfProcessing => C::PdfProcessing,
+        Category::Database => C::Database,
+        Category::HealthCheck => C::HealthCheck,
+        Category::Research => C::Research,
+        Category::Cache => C::Cache,
+    }
+}
+
+fn priority(raw: i32) -> Result<Priority, Status> {
+    use pb::TaskPriority as P;
+    match P::try_from(raw) {
+        Ok(P::Unspecified | P::Normal) => Ok(Priority::Normal),
+        Ok(P::Low) => Ok(Priority::Low),
+        Ok(P::High) => Ok(Priority::High),
+        Ok(P::Critical) => Ok(Priority::Critical),
+        Err(_) => Err(invalid_argument(
+            "priority",
+            &format!("{raw} is not a task priority"),
+        )),
+    }
+}
+
+fn to_pb_priority(p: Priority) -> pb::TaskPriority {
+    match p {
+        Priority::Low => pb::TaskPriority::Low,
+        Priority::Normal => pb::TaskPriority::Normal,
+        Priority::High => pb::TaskPriority::High,
+        Priority::Critical => pb::TaskPriority::Critical,
+    }
+}
+
+fn to_pb_state(s: State) -> pb::TaskState {
+    use pb::TaskState as S;
+    match s {
+        State::Pending => S::Pending,
+        State::Scheduled => S::Scheduled,
+        State::Queued => S::Queued,
+        State::Running => S::Running,
+        State::Succeeded => S::Succeeded,
+        State::Failed => S::Failed,
+        State::Cancelled => S::Cancelled,
+        State::TimedOut => S::TimedOut,
+    }
+}
+
+fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+    d.map(|d| {
+        Duration::try_from(d)
+            .map_err(|_| invalid_argument(field, "must be a non-negative duration"))
+    })
+    .transpose()
+}
+
+fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
+    ms.map(|ms| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+fn pb_duration_ms(ms: u64) -> Option<prost_types::Duration> {
+    (ms > 0).then(|| prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    })
+}
+
+fn json_value(text: &str) -> Option<prost_types::Value> {
+    json::from_json(text).ok()
+}
+
+fn json_struct(text: &str) -> Option<prost_types::Struct> {
+    match json::from_json(text).ok()?.kind? {
+        Kind::StructValue(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// A stored task as the API shows it.
+fn to_pb_task(t: Task) -> pb::Task {
+    let args = match json_value(&t.args).and_then(|v| v.kind) {
+        Some(Kind::ListValue(l)) => l.values,
+        _ => Vec::new(),
+    };
+    let progress = t.progress.as_deref().and_then(|p| {
+        let v: serde_json::Value = serde_json::from_str(p).ok()?;
+        Some(pb::TaskProgress {
+            percent: v["percent"].as_f64().unwrap_or(0.0),
+            message: v["message"].as_str().unwrap_or_default().to_owned(),
+            metadata: json_struct(&v["metadata"].to_string()),
+        })
+    });
+    let error = t.error.as_deref().and_then(|e| {
+        let v: serde_json::Value = serde_json::from_str(e).ok()?;
+        Some(pb::TaskError {
+            message: v["message"].as_str().unwrap_or_default().to_owned(),
+            retryable: v["retryable"].as_bool().unwrap_or(false),
+        })
+    });
+    let attempt_log = t
+        .log
+        .iter()
+        .filter_map(|entry| {
+            let v: serde_json::Value = serde_json::from_str(entry).ok()?;
+            Some(pb::TaskAttempt {
+                attempt: v["attempt"].as_i64().unwrap_or(0) as i32,
+                worker: v["worker"].as_str().unwrap_or_default().to_owned(),
+                outcome: v["outcome"].as_str().unwrap_or_default().to_owned(),
+                error: v["error"].as_str().unwrap_or_default().to_owned(),
+                end_time: timestamp(v["ended_ms"].as_i64()),
+                retry_time: timestamp(v["retry_at_ms"].as_i64()),
+            })
+        })
+        .collect();
+    pb::Task {
+        queue: t.id.queue().to_string(),
+        id: t.id.to_string(),
+        name: t.name,
+        category: to_pb_category(t.category) as i32,
+        priority: to_pb_priority(t.priority) as i32,
+        args,
+        kwargs: json_struct(&t.kwargs),
+        state: to_pb_state(t.state) as i32,
+        attempts: t.attempts as i32,
+        max_retries: t.max_retries as i32,
+        worker: t.worker.unwrap_or_default(),
+        progress,
+        result: t.result.as_deref().and_then(json_value),
+        error,
+        create_time: timestamp(Some(t.created_ms)),
+        start_time: timestamp(t.started_ms),
+        end_time: timestamp(t.finished_ms),
+        soft_time_limit: pb_duration_ms(t.soft_ms),
+        time_limit: pb_duration_ms(t.hard_ms),
+        attempt_log,
+    }
+}
+
+/// A submit request as the engine takes it.
+fn new_task(r: pb::SubmitTaskRequest) -> Result<NewTask, Status> {
+    let args = prost_types::Value {
+        kind: Some(Kind::ListValue(prost_types::ListValue { values: r.args })),
+    };
+    let kwargs = prost_types::Value {
+        kind: Some(Kind::StructValue(r.kwargs.unwrap_or_default())),
+    };
+    let max_retries = match r.max_retries {
+        Some(n) if n < 0 => return Err(invalid_argument("max_retries", "must not be negative")),
+        Some(n) => Some(n as u32),
+        None => None,
+    };
+    let queue = match r.queue.as_str() {
+        "" => None,
+        q => Some(QueueName::parse(q).map_err(|e| invalid_argument("queue", &e.to_string()))?),
+    };
+    let countdown = duration("countdown", r.countdown)?;
+    let delay = match (countdown, r.eta) {
+        (Some(_), Some(_)) => {
+            return Err(invalid_argument(
+                "eta",
+                "give either countdown or eta, not both",
+            ));
+        }
+        (Some(d), None) => d,
+        (None, Some(eta)) => {
+            let eta = SystemTime::try_from(eta)
+                .map_err(|_| invalid_argument("eta", "is not a valid time"))?;
+            eta.duration_since(SystemTime::now()).unwrap_or_default()
+        }
+        (None, None) => Duration::ZERO,
+    };
+    Ok(NewTask {
+        name: r.name,
+        category: category(r.category)?,
+        queue,
+        priority: priority(r.priority)?,
+        args: json::to_json(&args).map_err(|e| invalid_argument("args", &e))?,
+        kwargs: json::to_json(&kwargs).map_err(|e| invalid_argument("kwargs", &e))?,
+        max_retries,
+        delay,
+        soft_time_limit: duration("soft_time_limit", r.soft_time_limit)?,
+        time_limit: duration("time_limit", r.time_limit)?,
+        result_ttl: duration("result_ttl", r.result_ttl)?,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::task_service_server::TaskService for TaskApi {
+    async fn submit_task(
+        &self,
+        request: Request<pb::SubmitTaskRequest>,
+    ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let engine = self.engine()?;
+        let task = engine
+            .submit(new_task(request.into_inner())?, deadline)
+            .await?;
+        Ok(Response::new(pb::SubmitTaskResponse {
+            task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn get_task(
+        &self,
+        request: Request<pb::GetTaskRequest>,
+    ) -> Result<Response<pb::GetTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let engine = self.engine()?;
+        let task = engine.get(&request.into_inner().task_id, deadline).await?;
+        Ok(Response::new(pb::GetTaskResponse {
+            task: Some(to_pb_task(task)),
+        }))
+    }
+}

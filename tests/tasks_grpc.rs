@@ -1,0 +1,315 @@
+//! TaskService end to end (issue 3, in progress): the real koo server on a
+//! real Redis, real `koo worker` processes, calls over real gRPC.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{TestRedis, TestServer, redis_settings, test_settings};
+use koo::keys::QueueKeys;
+use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
+use koo::tasks::model::{Category, TaskId};
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_types::StatusExt;
+
+const KOO: &str = env!("CARGO_BIN_EXE_koo");
+
+/// A koo server on a fresh Redis with short task intervals and `workers`
+/// built-in worker slots.
+async fn start(workers: usize) -> (TestRedis, TestServer) {
+    let redis = TestRedis::start().await;
+    let mut settings = test_settings(redis_settings(&redis.url()));
+    let koo::server::StoreSettings::Redis(r) = &settings.store else {
+        unreachable!()
+    };
+    settings.tasks.redis = Some(r.clone());
+    settings.tasks.workers = workers;
+    settings.tasks.config.lease = Duration::from_millis(1000);
+    settings.tasks.config.sweep_interval = Duration::from_millis(100);
+    settings.tasks.config.poll_interval = Duration::from_millis(20);
+    let server = TestServer::spawn(settings).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    (redis, server)
+}
+
+fn client(server: &TestServer) -> TaskServiceClient<Channel> {
+    TaskServiceClient::new(server.channel.clone())
+}
+
+fn submit(name: &str, kwargs: serde_json::Value) -> pb::SubmitTaskRequest {
+    let kwargs = match koo_json(kwargs).kind {
+        Some(prost_types::value::Kind::StructValue(s)) => Some(s),
+        _ => None,
+    };
+    pb::SubmitTaskRequest {
+        name: name.into(),
+        category: pb::TaskCategory::Research as i32,
+        kwargs,
+        ..Default::default()
+    }
+}
+
+fn koo_json(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(koo_json).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.into_iter().map(|(k, v)| (k, koo_json(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Waits until `check` accepts the task, following the queue's event stream
+/// in Redis between reads (an event, not a timer).
+async fn wait_task(
+    redis: &TestRedis,
+    client: &mut TaskServiceClient<Channel>,
+    id: &str,
+    check: impl Fn(&pb::Task) -> bool,
+) -> pb::Task {
+    let queue = TaskId::parse(id).unwrap().queue();
+    let events = QueueKeys::new("koo", &queue).events();
+    let mut conn = redis.conn().await;
+    let mut last = "0-0".to_owned();
+    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    loop {
+        let task = client
+            .get_task(pb::GetTaskRequest { task_id: id.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        if check(&task) {
+            return task;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "task never got there: {task:?}"
+        );
+        type Entries = Vec<(String, Vec<String>)>;
+        let reply: Option<Vec<(String, Entries)>> = redis::cmd("XREAD")
+            .arg("BLOCK")
+            .arg(500)
+            .arg("STREAMS")
+            .arg(&events)
+            .arg(&last)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if let Some((id, _)) = reply.into_iter().flatten().flat_map(|(_, e)| e).last() {
+            last = id;
+        }
+    }
+}
+
+fn is_final(t: &pb::Task) -> bool {
+    t.state >= pb::TaskState::Succeeded as i32
+}
+
+/// A no-op submitted over gRPC runs on the built-in workers to SUCCEEDED;
+/// a countdown makes a task SCHEDULED first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_tasks_run_to_success() {
+    let (redis, server) = start(2).await;
+    let mut c = client(&server);
+    let task = c
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.queue, "research");
+    assert_eq!(task.max_retries, 3);
+    let done = wait_task(&redis, &mut c, &task.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+    assert_eq!(done.attempts, 1);
+    assert_eq!(done.attempt_log.len(), 1);
+    let later = c
+        .submit_task(pb::SubmitTaskRequest {
+            countdown: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            max_retries: Some(0),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(later.state, pb::TaskState::Scheduled as i32);
+    assert_eq!(later.max_retries, 0, "zero retries is kept, not defaulted");
+}
+
+/// Bad submits and ids are refused with INVALID_ARGUMENT naming the field;
+/// a well-formed unknown id is NOT_FOUND.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused() {
+    let (_redis, server) = start(0).await;
+    let mut c = client(&server);
+    let base = || submit("x", serde_json::json!({}));
+    let cases = vec![
+        (
+            pb::SubmitTaskRequest {
+                category: 0,
+                ..base()
+            },
+            "category",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                category: 99,
+                ..base()
+            },
+            "category",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                name: String::new(),
+                ..base()
+            },
+            "name",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                max_retries: Some(-1),
+                ..base()
+            },
+            "max_retries",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                priority: 42,
+                ..base()
+            },
+            "priority",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                queue: "Bad Queue".into(),
+                ..base()
+            },
+            "queue",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                countdown: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                eta: Some(prost_types::Timestamp {
+                    seconds: 2_000_000_000,
+                    nanos: 0,
+                }),
+                ..base()
+            },
+            "eta",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                args: vec![koo_json(serde_json::json!("x".repeat(1024 * 1024)))],
+                ..base()
+            },
+            "args",
+        ),
+    ];
+    for (req, field) in cases {
+        let err = c.submit_task(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{req:?}: {err:?}");
+        let details = err.get_error_details();
+        let violation = &details.bad_request().unwrap().field_violations[0];
+        assert_eq!(violation.field, field);
+    }
+    let err = c
+        .get_task(pb::GetTaskRequest {
+            task_id: "nonsense".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let unknown = TaskId::generate(&Category::Research.default_queue());
+    let err = c
+        .get_task(pb::GetTaskRequest {
+            task_id: unknown.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+/// On the embedded store the task API says plainly that it needs Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_tasks_are_a_failed_precondition() {
+    let env = common::Env::memory().await;
+    let err = TaskServiceClient::new(env.server.channel.clone())
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("REDIS_URL"), "{}", err.message());
+}
+
+/// A `koo worker` process started against `redis`.
+fn worker(redis: &TestRedis) -> Child {
+    Command::new(KOO)
+        .args(["worker", "--concurrency", "1"])
+        .env("REDIS_URL", redis.url())
+        .env("KOO_TASK_LEASE", "1s")
+        .env("KOO_TASK_SWEEP_INTERVAL", "100ms")
+        .env("KOO_WORKER_POLL_INTERVAL", "20ms")
+        .env("KOO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn koo worker")
+}
+
+/// `kill -9` of a `koo worker` mid-task: the lease lapses, the task goes
+/// back to its queue, a second worker completes it, and its attempt log
+/// shows both attempts, the first one lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_loses_nothing() {
+    let (redis, server) = start(0).await;
+    let mut c = client(&server);
+    let mut first = worker(&redis);
+    let task = c
+        .submit_task(submit(
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 2, "steps": 20 }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let running = wait_task(&redis, &mut c, &task.id, |t| t.progress.is_some()).await;
+    assert_eq!(running.state, pb::TaskState::Running as i32);
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let mut second = worker(&redis);
+    let done = wait_task(&redis, &mut c, &task.id, is_final).await;
+    let _ = second.kill();
+    let _ = second.wait();
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    assert_eq!(done.attempts, 2);
+    let outcomes: Vec<&str> = done
+        .attempt_log
+        .iter()
+        .map(|a| a.outcome.as_str())
+        .collect();
+    assert_eq!(outcomes, ["lost", "succeeded"]);
+    assert_ne!(done.attempt_log[0].worker, done.attempt_log[1].worker);
+}
