@@ -23,6 +23,7 @@ use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
+use crate::tasks::events::EventHub;
 use crate::tasks::handlers;
 use crate::tasks::model::{Category, QueueName};
 use crate::tasks::worker::{Registry, WorkerPool};
@@ -240,6 +241,7 @@ pub async fn run(
         .add_service(TaskServiceServer::new(TaskApi::new(
             tasks,
             settings.request_timeout,
+            stop.clone(),
         )))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -278,7 +280,7 @@ fn start_tasks(
     store: &Store,
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
-) -> Result<Option<TaskEngine>, ServerError> {
+) -> Result<Option<(TaskEngine, EventHub)>, ServerError> {
     let Some(config) = &settings.tasks.redis else {
         tracing::info!(
             "no Redis for tasks: TaskService answers FAILED_PRECONDITION (set REDIS_URL)"
@@ -293,7 +295,7 @@ fn start_tasks(
     let engine = TaskEngine::new(redis.clone(), settings.tasks.config.clone());
     let queues: Vec<QueueName> = Category::ALL.iter().map(|c| c.default_queue()).collect();
     background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
-    background.spawn(warn_if_tasks_can_be_evicted(redis));
+    background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
     if settings.tasks.workers > 0 {
         let mut registry = Registry::default();
         handlers::register_diagnostics(&mut registry);
@@ -305,7 +307,8 @@ fn start_tasks(
         );
         background.spawn(pool.run(stop.clone()));
     }
-    Ok(Some(engine))
+    let hub = EventHub::new(redis, &settings.tasks.config.prefix, stop.clone());
+    Ok(Some((engine, hub)))
 }
 
 /// A task Redis must never evict: warn when its policy could.

@@ -313,3 +313,87 @@ async fn a_killed_worker_process_loses_nothing() {
     assert_eq!(outcomes, ["lost", "succeeded"]);
     assert_ne!(done.attempt_log[0].worker, done.attempt_log[1].worker);
 }
+
+/// WatchTask on an instance other than the one running the task sees the
+/// current state at once, progress as it happens and the final state, then
+/// the stream ends; a late subscriber gets the final state alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_task_follows_work_done_elsewhere() {
+    let (redis, api_only) = start(0).await;
+    let mut settings = test_settings(redis_settings(&redis.url()));
+    let koo::server::StoreSettings::Redis(r) = &settings.store else {
+        unreachable!()
+    };
+    settings.tasks.redis = Some(r.clone());
+    settings.tasks.workers = 1;
+    settings.tasks.config.poll_interval = Duration::from_millis(20);
+    let runner = TestServer::spawn(settings).await;
+    runner.wait_health("", ServingStatus::Serving).await;
+    let mut c = client(&api_only);
+    let task = c
+        .submit_task(submit(
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 0.6, "steps": 3 }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let mut stream = c
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    let ended = tokio::time::timeout(common::EVENT_TIMEOUT, async {
+        while let Some(msg) = stream.message().await.unwrap() {
+            let t = msg.task.unwrap();
+            seen.push((t.state, t.progress.map(|p| p.percent)));
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "stream never ended: {seen:?}");
+    let (last_state, _) = *seen.last().unwrap();
+    assert_eq!(last_state, pb::TaskState::Succeeded as i32, "{seen:?}");
+    let percents: Vec<f64> = seen.iter().filter_map(|(_, p)| *p).collect();
+    assert!(percents.contains(&100.0), "{seen:?}");
+    assert!(
+        percents.windows(2).all(|w| w[0] <= w[1]),
+        "progress went backwards: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|(s, _)| *s == pb::TaskState::Running as i32),
+        "{seen:?}"
+    );
+    // a late subscriber gets the final state and the end
+    let mut late = c
+        .watch_task(pb::WatchTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let only = late.message().await.unwrap().unwrap().task.unwrap();
+    assert_eq!(only.state, pb::TaskState::Succeeded as i32);
+    assert!(late.message().await.unwrap().is_none());
+    // unknown and malformed ids
+    let unknown = TaskId::generate(&Category::Research.default_queue());
+    let err = c
+        .watch_task(pb::WatchTaskRequest {
+            task_id: unknown.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .watch_task(pb::WatchTaskRequest {
+            task_id: "x".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -12,25 +12,38 @@ use super::status::invalid_argument;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
+use crate::tasks::events::EventHub;
 use crate::tasks::model::{Category, Priority, QueueName, State, Task};
+use tokio_util::sync::CancellationToken;
 
 /// The TaskService implementation. Without Redis there is no engine yet, and
 /// every call says so.
 pub struct TaskApi {
-    engine: Option<TaskEngine>,
+    engine: Option<(TaskEngine, EventHub)>,
     request_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 impl TaskApi {
-    /// Serves `engine` (or refuses every call when there is none).
-    pub fn new(engine: Option<TaskEngine>, request_timeout: Duration) -> Self {
+    /// Serves `engine` (or refuses every call when there is none); watch
+    /// streams end on `shutdown`.
+    pub fn new(
+        engine: Option<(TaskEngine, EventHub)>,
+        request_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self {
             engine,
             request_timeout,
+            shutdown,
         }
     }
 
     fn engine(&self) -> Result<&TaskEngine, Status> {
+        self.parts().map(|(engine, _)| engine)
+    }
+
+    fn parts(&self) -> Result<&(TaskEngine, EventHub), Status> {
         self.engine.as_ref().ok_or_else(|| {
             Status::failed_precondition(
                 "the task engine needs Redis: start koo with REDIS_URL (the embedded store does not run tasks yet)",
@@ -250,8 +263,72 @@ fn new_task(r: pb::SubmitTaskRequest) -> Result<NewTask, Status> {
     })
 }
 
+type WatchStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchTaskResponse, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::task_service_server::TaskService for TaskApi {
+    type WatchTaskStream = WatchStream;
+
+    async fn watch_task(
+        &self,
+        request: Request<pb::WatchTaskRequest>,
+    ) -> Result<Response<Self::WatchTaskStream>, Status> {
+        let deadline = self.deadline(&request);
+        let (engine, hub) = self.parts()?.clone();
+        let id = request.into_inner().task_id;
+        let task_id = crate::tasks::model::TaskId::parse(&id)
+            .map_err(|e| invalid_argument("task_id", &e.to_string()))?;
+        // Subscribe first, then read: nothing that happens after the read is
+        // missed.
+        let mut events = hub.subscribe(&task_id.queue(), deadline).await?;
+        let first = engine.get(&id, deadline).await?;
+        let shutdown = self.shutdown.clone();
+        let timeout = self.request_timeout;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut current = first;
+            loop {
+                let done = current.state.is_final();
+                let (state, progress) = (current.state, current.progress.clone());
+                let reply = pb::WatchTaskResponse {
+                    task: Some(to_pb_task(current)),
+                };
+                if tx.send(Ok(reply)).await.is_err() || done {
+                    return;
+                }
+                current = loop {
+                    let relevant = tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = shutdown.cancelled() => return,
+                        event = events.recv() => match event {
+                            Ok(e) => e.id == id,
+                            // Missed some: re-read the task to catch up.
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                                let _ = tx.send(Err(Status::unavailable("task events stopped; watch again"))).await;
+                                return;
+                            }
+                        },
+                    };
+                    if !relevant {
+                        continue;
+                    }
+                    match engine.get(&id, Deadline::after(timeout)).await {
+                        Ok(task) if task.state != state || task.progress != progress => break task,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            let _ = tx.send(Err(Status::from(e))).await;
+                            return;
+                        }
+                    }
+                };
+            }
+        });
+        let stream: WatchStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+        Ok(Response::new(stream))
+    }
+
     async fn submit_task(
         &self,
         request: Request<pb::SubmitTaskRequest>,

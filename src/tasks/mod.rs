@@ -3,6 +3,7 @@
 //! `docs/design/tasks.md`.
 
 pub mod engine;
+pub mod events;
 pub mod handlers;
 pub mod model;
 pub mod retry;

@@ -12,7 +12,7 @@
 mod breaker;
 mod tasks;
 
-pub use self::tasks::{Outcome, TaskLimits};
+pub use self::tasks::{EventReader, Outcome, TaskEvent, TaskLimits};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -101,6 +101,10 @@ struct Inner {
     timeout_evidence: Duration,
     del_if_persistent: Script,
     tasks: tasks::TaskScripts,
+    /// For connections of their own (blocking reads must not hold up the
+    /// pooled, multiplexed connections).
+    client: redis::Client,
+    connect_timeout: Duration,
 }
 
 /// How a failed call should be handled.
@@ -186,6 +190,8 @@ impl RedisStore {
                 timeout_evidence: config.connect_timeout,
                 del_if_persistent: Script::new(include_str!("lua/del_if_persistent.lua")),
                 tasks: tasks::TaskScripts::new(),
+                client: client.clone(),
+                connect_timeout: config.connect_timeout,
             }),
         })
     }

@@ -74,6 +74,83 @@ pub enum Outcome {
     TimedOut(String),
 }
 
+/// One entry of a queue's event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEvent {
+    /// The task.
+    pub id: String,
+    /// Its state after the event (`queued`, `running`, ...).
+    pub state: String,
+    /// Whether the event is a progress report.
+    pub progress: bool,
+}
+
+/// Follows one queue's event stream on a connection of its own, from the
+/// moment it was opened.
+pub struct EventReader {
+    conn: Option<redis::aio::MultiplexedConnection>,
+    store: RedisStore,
+    stream: String,
+    last: String,
+}
+
+impl EventReader {
+    /// The next events, waiting up to `block` for some (empty after that).
+    pub async fn next(&mut self, block: Duration) -> Result<Vec<TaskEvent>> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.store.inner.connect_timeout))
+                    .set_response_timeout(Some(block + Duration::from_secs(5)));
+                let conn = self
+                    .store
+                    .inner
+                    .client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!("cannot open an event connection: {e}"))
+                    })?;
+                self.conn.insert(conn)
+            }
+        };
+        type Entries = Vec<(String, HashMap<String, String>)>;
+        let reply: redis::RedisResult<Option<Vec<(String, Entries)>>> = redis::cmd("XREAD")
+            .arg("BLOCK")
+            .arg(millis(block).max(1))
+            .arg("COUNT")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(&self.last)
+            .query_async(conn)
+            .await;
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                // reconnect on the next call
+                self.conn = None;
+                return Err(StoreError::Unavailable(format!(
+                    "event stream read failed: {e}"
+                )));
+            }
+        };
+        let mut events = Vec::new();
+        for (stream_id, fields) in reply.into_iter().flatten().flat_map(|(_, entries)| entries) {
+            self.last = stream_id;
+            if let (Some(id), Some(state)) = (fields.get("id"), fields.get("state")) {
+                events.push(TaskEvent {
+                    id: id.clone(),
+                    state: state.clone(),
+                    progress: fields.contains_key("progress"),
+                });
+            }
+        }
+        Ok(events)
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -264,6 +341,24 @@ impl RedisStore {
             |mut c| async move { inv.invoke_async(&mut c).await },
         )
         .await
+    }
+
+    /// A reader of the queue's events from now on: every event appended
+    /// after this returns will be read.
+    pub async fn event_reader(&self, keys: &QueueKeys, deadline: Deadline) -> Result<EventReader> {
+        let mut cmd = redis::cmd("XREVRANGE");
+        cmd.arg(keys.events()).arg("+").arg("-").arg("COUNT").arg(1);
+        type Entries = Vec<(String, HashMap<String, String>)>;
+        let newest: Entries = self.query(&cmd, deadline).await?;
+        Ok(EventReader {
+            conn: None,
+            store: self.clone(),
+            stream: keys.events(),
+            last: newest
+                .into_iter()
+                .next()
+                .map_or_else(|| "0-0".to_owned(), |(id, _)| id),
+        })
     }
 
     /// Reads a task and its attempt log; `None` once it has expired.
