@@ -30,6 +30,8 @@ end
 local field = 'result'
 if outcome ~= 'succeeded' then field = 'error' end
 redis.call('HSET', KEYS[1], 'state', outcome, field, ARGV[5], 'finished_ms', now)
+-- a success supersedes the errors of earlier attempts (they stay in the log)
+if outcome == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
 if outcome ~= 'succeeded' then redis.call('ZADD', KEYS[6], now, ARGV[1]) end
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], cjson.encode({
