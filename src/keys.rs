@@ -20,6 +20,7 @@
 //! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |
 //! | `koo:v1:{t:Q}:events` | stream | state changes and progress (capped) |
 //! | `koo:v1:{t:Q}:wake` | list | wake-ups for idle workers (capped) |
+//! | `koo:v1:{t:Q}:stats` | hash | counts per outcome |
 //!
 //! The prefix lets several deployments share one Redis; it is escaped in
 //! every `SCAN MATCH` pattern so that a prefix with glob characters cannot
@@ -161,6 +162,12 @@ impl QueueKeys {
     /// Wake-ups for idle workers.
     pub fn wake(&self) -> String {
         self.key("wake")
+    }
+
+    /// Counters per outcome (submitted, succeeded, failed, timed_out,
+    /// retried, lost): bounded, one small hash per queue.
+    pub fn stats(&self) -> String {
+        self.key("stats")
     }
 }
 

@@ -60,6 +60,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     let queues: Vec<_> = Category::ALL.iter().map(|c| c.default_queue()).collect();
     let mut registry = worker::Registry::default();
     handlers::register_diagnostics(&mut registry);
+    handlers::register_health_check(&mut registry, engine.clone());
     let pool = worker::WorkerPool::new(
         engine.clone(),
         registry,

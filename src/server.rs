@@ -299,6 +299,7 @@ fn start_tasks(
     if settings.tasks.workers > 0 {
         let mut registry = Registry::default();
         handlers::register_diagnostics(&mut registry);
+        handlers::register_health_check(&mut registry, engine.clone());
         let pool = WorkerPool::new(engine.clone(), registry, queues, settings.tasks.workers);
         tracing::info!(
             worker = pool.id(),

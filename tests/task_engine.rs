@@ -161,7 +161,10 @@ async fn retries_follow_the_backoff_schedule() {
     assert_eq!(done.state, State::Succeeded);
     assert_eq!(done.attempts, 4);
     assert_eq!(done.result.as_deref(), Some("{\"attempt\":4}"));
-    assert_eq!(done.error, None, "a success clears the earlier attempts' error");
+    assert_eq!(
+        done.error, None,
+        "a success clears the earlier attempts' error"
+    );
     let log: Vec<serde_json::Value> = done
         .log
         .iter()

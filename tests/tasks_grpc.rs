@@ -397,3 +397,79 @@ async fn watch_task_follows_work_done_elsewhere() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// The seed's convenience RPCs: an AI query waits in `ai_service` (no worker
+/// here serves it) and shows in the queue metrics with its age; the built-in
+/// health check runs and reports Redis and every queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn convenience_rpcs_and_queue_metrics() {
+    let (redis, server) = start(2).await;
+    let mut c = client(&server);
+    let ai = c
+        .submit_ai_query(pb::SubmitAiQueryRequest {
+            provider: "claude".into(),
+            prompt: "What are the latest advances in neurosurgery?".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(ai.name, "koo.tasks.ai_service.process_query");
+    assert_eq!(
+        (ai.queue.as_str(), ai.priority),
+        ("ai_service", pb::TaskPriority::High as i32)
+    );
+    assert_eq!(ai.args.len(), 2);
+    let err = c
+        .submit_ai_query(pb::SubmitAiQueryRequest {
+            provider: "claude".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let check = c
+        .submit_health_check(pb::SubmitHealthCheckRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(check.queue, "health_check");
+    let done = wait_task(&redis, &mut c, &check.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    let report = done.result.unwrap();
+    let Some(prost_types::value::Kind::StructValue(report)) = report.kind else {
+        panic!("{report:?}")
+    };
+    assert!(report.fields.contains_key("redis"));
+    let Some(prost_types::value::Kind::StructValue(queues)) = report.fields["queues"].kind.clone()
+    else {
+        panic!()
+    };
+    assert_eq!(queues.fields.len(), 6);
+    let metrics = c
+        .get_task_metrics(pb::GetTaskMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let queue = |name: &str| {
+        metrics
+            .queues
+            .iter()
+            .find(|q| q.queue == name)
+            .unwrap()
+            .clone()
+    };
+    let ai_queue = queue("ai_service");
+    assert_eq!((ai_queue.queued, ai_queue.submitted), (1, 1));
+    assert!(ai_queue.oldest_wait.is_some());
+    let health = queue("health_check");
+    assert_eq!(
+        (health.submitted, health.succeeded, health.queued),
+        (1, 1, 0)
+    );
+    assert!(health.oldest_wait.is_none());
+}

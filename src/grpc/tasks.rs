@@ -13,7 +13,7 @@ use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::events::EventHub;
-use crate::tasks::model::{Category, Priority, QueueName, State, Task};
+use crate::tasks::model::{Category, Priority, QueueName, State, Task, names};
 use tokio_util::sync::CancellationToken;
 
 /// The TaskService implementation. Without Redis there is no engine yet, and
@@ -339,6 +339,87 @@ impl pb::task_service_server::TaskService for TaskApi {
             .submit(new_task(request.into_inner())?, deadline)
             .await?;
         Ok(Response::new(pb::SubmitTaskResponse {
+            task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn get_task_metrics(
+        &self,
+        request: Request<pb::GetTaskMetricsRequest>,
+    ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let queues: Vec<QueueName> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+        let stats = self.engine()?.queue_stats(&queues, deadline).await?;
+        let count = |s: &crate::store::redis::QueueStats, name: &str| {
+            s.counts.get(name).copied().unwrap_or(0) as i64
+        };
+        let queues = stats
+            .into_iter()
+            .map(|(queue, s)| pb::QueueMetrics {
+                queue: queue.to_string(),
+                queued: s.ready as i64,
+                scheduled: s.scheduled as i64,
+                running: s.running as i64,
+                dead_letters: s.dead as i64,
+                oldest_wait: s
+                    .oldest_wait
+                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                submitted: count(&s, "submitted"),
+                succeeded: count(&s, "succeeded"),
+                failed: count(&s, "failed"),
+                timed_out: count(&s, "timed_out"),
+                retried: count(&s, "retried"),
+                lost: count(&s, "lost"),
+            })
+            .collect();
+        Ok(Response::new(pb::GetTaskMetricsResponse { queues }))
+    }
+
+    async fn submit_ai_query(
+        &self,
+        request: Request<pb::SubmitAiQueryRequest>,
+    ) -> Result<Response<pb::SubmitAiQueryResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        if r.provider.is_empty() {
+            return Err(invalid_argument("provider", "is required"));
+        }
+        if r.prompt.is_empty() {
+            return Err(invalid_argument("prompt", "is required"));
+        }
+        let submit = pb::SubmitTaskRequest {
+            name: names::AI_QUERY.to_owned(),
+            category: pb::TaskCategory::AiService as i32,
+            priority: pb::TaskPriority::High as i32,
+            args: vec![
+                prost_types::Value {
+                    kind: Some(Kind::StringValue(r.provider)),
+                },
+                prost_types::Value {
+                    kind: Some(Kind::StringValue(r.prompt)),
+                },
+            ],
+            kwargs: r.options,
+            max_retries: r.max_retries,
+            ..Default::default()
+        };
+        let task = self.engine()?.submit(new_task(submit)?, deadline).await?;
+        Ok(Response::new(pb::SubmitAiQueryResponse {
+            task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn submit_health_check(
+        &self,
+        request: Request<pb::SubmitHealthCheckRequest>,
+    ) -> Result<Response<pb::SubmitHealthCheckResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let mut new = NewTask::new(names::HEALTH_CHECK, Category::HealthCheck);
+        new.priority = Priority::High;
+        new.time_limit = Some(Duration::from_secs(60));
+        new.soft_time_limit = Some(Duration::from_secs(30));
+        let task = self.engine()?.submit(new, deadline).await?;
+        Ok(Response::new(pb::SubmitHealthCheckResponse {
             task: Some(to_pb_task(task)),
         }))
     }

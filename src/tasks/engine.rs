@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::model::{Category, Priority, QueueName, State, Task, TaskId};
 use super::retry::Backoff;
 use crate::keys::QueueKeys;
-use crate::store::redis::{Outcome, TaskLimits};
+use crate::store::redis::{Outcome, QueueStats, TaskLimits};
 use crate::store::{Deadline, RedisStore, StoreError};
 
 /// Largest `args` + `kwargs`, in bytes of JSON.
@@ -409,6 +409,30 @@ impl TaskEngine {
             )
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+    }
+
+    /// Depths and counters of `queues`.
+    pub async fn queue_stats(
+        &self,
+        queues: &[QueueName],
+        deadline: Deadline,
+    ) -> Result<Vec<(QueueName, QueueStats)>, TaskError> {
+        let stats = queues.iter().map(|q| async move {
+            let keys = self.keys(q);
+            self.inner
+                .store
+                .queue_stats(&keys, deadline)
+                .await
+                .map(|s| (q.clone(), s))
+        });
+        Ok(futures::future::try_join_all(stats).await?)
+    }
+
+    /// Pings the task Redis and returns the round trip.
+    pub async fn ping(&self, deadline: Deadline) -> Result<Duration, TaskError> {
+        Ok(crate::store::Store::Redis(self.inner.store.clone())
+            .probe(deadline)
+            .await?)
     }
 
     /// Waits until this process submits something or `timeout` passes.

@@ -4,7 +4,10 @@
 
 use std::time::Duration;
 
+use super::engine::TaskEngine;
+use super::model::{Category, names};
 use super::worker::{HandlerError, Registry, TaskContext};
+use crate::store::Deadline;
 
 /// Does nothing and succeeds with `null`.
 pub const NOOP: &str = "koo.diagnostics.noop";
@@ -23,6 +26,43 @@ fn kwarg_f64(ctx: &TaskContext, name: &str, default: f64) -> f64 {
         .ok()
         .and_then(|v| v.get(name).and_then(serde_json::Value::as_f64))
         .unwrap_or(default)
+}
+
+/// Registers the built-in health check: Redis latency, and every queue's
+/// depth and oldest wait.
+pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
+    registry.register(names::HEALTH_CHECK, move |_ctx| {
+        let engine = engine.clone();
+        async move {
+            let deadline = Deadline::after(Duration::from_secs(10));
+            let latency = engine
+                .ping(deadline)
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+            let queues: Vec<_> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+            let stats = engine
+                .queue_stats(&queues, deadline)
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+            let queues: serde_json::Map<String, serde_json::Value> = stats
+                .into_iter()
+                .map(|(q, s)| {
+                    let report = serde_json::json!({
+                        "queued": s.ready,
+                        "scheduled": s.scheduled,
+                        "running": s.running,
+                        "dead_letters": s.dead,
+                        "oldest_wait_seconds": s.oldest_wait.map(|d| d.as_secs_f64()),
+                    });
+                    (q.to_string(), report)
+                })
+                .collect();
+            Ok(serde_json::json!({
+                "redis": { "reachable": true, "latency_ms": latency.as_secs_f64() * 1000.0 },
+                "queues": queues,
+            }))
+        }
+    });
 }
 
 /// Registers the diagnostic handlers.

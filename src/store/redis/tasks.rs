@@ -74,6 +74,23 @@ pub enum Outcome {
     TimedOut(String),
 }
 
+/// A queue's depths and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Tasks ready to run.
+    pub ready: u64,
+    /// Tasks waiting for their start time.
+    pub scheduled: u64,
+    /// Tasks running.
+    pub running: u64,
+    /// Dead-lettered tasks.
+    pub dead: u64,
+    /// How long the oldest ready task has waited.
+    pub oldest_wait: Option<Duration>,
+    /// Counts per outcome: submitted, succeeded, failed, timed_out, retried, lost.
+    pub counts: HashMap<String, u64>,
+}
+
 /// One entry of a queue's event stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskEvent {
@@ -170,7 +187,8 @@ impl RedisStore {
             .key(keys.ready())
             .key(keys.scheduled())
             .key(keys.events())
-            .key(keys.wake());
+            .key(keys.wake())
+            .key(keys.stats());
         inv.arg(task.id.as_str())
             .arg(task.priority.band())
             .arg(millis(delay))
@@ -296,7 +314,8 @@ impl RedisStore {
             .key(keys.history())
             .key(keys.history_data())
             .key(keys.dead())
-            .key(keys.events());
+            .key(keys.events())
+            .key(keys.stats());
         inv.arg(id.as_str())
             .arg(token)
             .arg(limits.events)
@@ -330,7 +349,8 @@ impl RedisStore {
             .key(keys.history_data())
             .key(keys.dead())
             .key(keys.events())
-            .key(keys.wake());
+            .key(keys.wake())
+            .key(keys.stats());
         inv.arg(keys.task_prefix())
             .arg(limits.events)
             .arg(if acks_late { "1" } else { "0" })
@@ -341,6 +361,63 @@ impl RedisStore {
             |mut c| async move { inv.invoke_async(&mut c).await },
         )
         .await
+    }
+
+    /// The queue's depths, oldest wait and outcome counters.
+    pub async fn queue_stats(&self, keys: &QueueKeys, deadline: Deadline) -> Result<QueueStats> {
+        let band = 1u64 << 42;
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZCARD").arg(keys.ready());
+        pipe.cmd("ZCARD").arg(keys.scheduled());
+        pipe.cmd("ZCARD").arg(keys.leases());
+        pipe.cmd("ZCARD").arg(keys.dead());
+        pipe.cmd("HGETALL").arg(keys.stats());
+        pipe.cmd("TIME");
+        // the oldest ready task of each priority band
+        for b in 0..4u64 {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(keys.ready())
+                .arg(b * band)
+                .arg(format!("({}", (b + 1) * band))
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1);
+        }
+        type Oldest = Vec<(String, f64)>;
+        #[allow(clippy::type_complexity)]
+        let (ready, scheduled, running, dead, counts, time, b0, b1, b2, b3): (
+            u64,
+            u64,
+            u64,
+            u64,
+            HashMap<String, u64>,
+            (String, String),
+            Oldest,
+            Oldest,
+            Oldest,
+            Oldest,
+        ) = self.query_pipe(&pipe, deadline).await?;
+        let now_ms =
+            time.0.parse::<i64>().unwrap_or(0) * 1000 + time.1.parse::<i64>().unwrap_or(0) / 1000;
+        let oldest = [b0, b1, b2, b3]
+            .into_iter()
+            .enumerate()
+            .filter_map(|(b, entries)| {
+                entries
+                    .first()
+                    .map(|(_, score)| *score as i64 - (b as i64) * band as i64)
+            })
+            .min();
+        Ok(QueueStats {
+            ready,
+            scheduled,
+            running,
+            dead,
+            oldest_wait: oldest
+                .map(|queued| Duration::from_millis((now_ms - queued).max(0) as u64)),
+            counts,
+        })
     }
 
     /// A reader of the queue's events from now on: every event appended

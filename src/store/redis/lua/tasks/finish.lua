@@ -2,7 +2,7 @@
 -- backoff, or failed for good (dead-lettered). Returns the new state, or
 -- false when fenced (the lease is no longer this holder's).
 -- KEYS: 1 task hash, 2 leases, 3 scheduled, 4 history, 5 history data,
---       6 dead, 7 events
+--       6 dead, 7 events, 8 stats (counts per outcome)
 -- ARGV: 1 id, 2 token, 3 events cap, 4 outcome ('succeeded' | 'retry' |
 --       'failed' | 'timed_out'), 5 result or error JSON, 6 retry delay ms,
 --       7 history cap, 8 attempt log entry JSON (ended_ms is added here)
@@ -22,11 +22,13 @@ if outcome == 'retry' then entry['retry_at_ms'] = now + tonumber(ARGV[6]) end
 redis.call('RPUSH', KEYS[1] .. ':log', cjson.encode(entry))
 redis.call('HSET', KEYS[1], 'worker', '', 'lease_until', 0)
 if outcome == 'retry' then
+  redis.call('HINCRBY', KEYS[8], 'retried', 1)
   redis.call('HSET', KEYS[1], 'state', 'scheduled', 'error', ARGV[5])
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
   redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'state', 'scheduled', 'at', now)
   return 'scheduled'
 end
+redis.call('HINCRBY', KEYS[8], outcome, 1)
 local field = 'result'
 if outcome ~= 'succeeded' then field = 'error' end
 redis.call('HSET', KEYS[1], 'state', outcome, field, ARGV[5], 'finished_ms', now)

@@ -1,7 +1,7 @@
 -- Recovers tasks whose lease lapsed (worker killed, paused, partitioned):
 -- back to `ready` while retries remain and acks are late, else FAILED
 -- ('worker lost'); past its hard limit, TIMED_OUT. Returns how many.
--- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 wake
+-- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 wake, 8 stats
 -- ARGV: 1 task key prefix, 2 events cap, 3 acks late ('1' | '0'), 4 history cap
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -25,6 +25,8 @@ for _, id in ipairs(lapsed) do
     redis.call('RPUSH', key .. ':log', cjson.encode({ attempt = tonumber(attempts), worker = worker,
       ended_ms = now, outcome = 'lost', error = 'worker lost: lease lapsed' }))
     redis.call('HSET', key, 'worker', '', 'lease_until', 0)
+    redis.call('HINCRBY', KEYS[8], 'lost', 1)
+    if outcome ~= 'queued' then redis.call('HINCRBY', KEYS[8], outcome, 1) end
     if outcome == 'queued' then
       redis.call('HSET', key, 'state', 'queued')
       redis.call('ZADD', KEYS[2], tonumber(band or '2') * 4398046511104 + now, id)

@@ -1,6 +1,6 @@
 -- Stores a new task and makes it visible: QUEUED in `ready` (and wakes one
 -- idle worker) or SCHEDULED in `scheduled`. One event is appended.
--- KEYS: 1 task hash, 2 ready, 3 scheduled, 4 events, 5 wake
+-- KEYS: 1 task hash, 2 ready, 3 scheduled, 4 events, 5 wake, 6 stats
 -- ARGV: 1 id, 2 priority band (0 critical .. 3 low), 3 delay ms (0: queue now),
 --       4 events cap, 5.. field, value pairs of the task hash
 -- Times come from Redis's clock, the one clock every koo instance shares.
@@ -22,5 +22,6 @@ if state == 'queued' then
 else
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 end
+redis.call('HINCRBY', KEYS[6], 'submitted', 1)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[1], 'state', state, 'at', now)
 return now
