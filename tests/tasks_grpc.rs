@@ -473,3 +473,151 @@ async fn convenience_rpcs_and_queue_metrics() {
     );
     assert!(health.oldest_wait.is_none());
 }
+
+/// ListActiveTasks pages through every active task, filtered by category
+/// or name; ListTaskHistory pages through ended tasks newest first, filtered
+/// by end state; a token is bound to its filters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_active_tasks_and_history() {
+    let (redis, server) = start(2).await;
+    let mut c = client(&server);
+    let hour = Some(prost_types::Duration {
+        seconds: 3600,
+        nanos: 0,
+    });
+    for i in 0..7 {
+        c.submit_task(pb::SubmitTaskRequest {
+            countdown: hour,
+            ..submit(&format!("later.{}", i % 2), serde_json::json!({}))
+        })
+        .await
+        .unwrap();
+    }
+    for _ in 0..3 {
+        c.submit_task(pb::SubmitTaskRequest {
+            countdown: hour,
+            category: pb::TaskCategory::Database as i32,
+            ..submit("later.db", serde_json::json!({}))
+        })
+        .await
+        .unwrap();
+    }
+    let list = |category: pb::TaskCategory, name: &str, token: String| pb::ListActiveTasksRequest {
+        category: category as i32,
+        name: name.into(),
+        page_size: 3,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_active_tasks(list(pb::TaskCategory::Unspecified, "", token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.tasks.len() <= 3);
+        all.extend(page.tasks.into_iter().map(|t| t.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 10);
+    let db = c
+        .list_active_tasks(list(pb::TaskCategory::Database, "", String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(db.tasks.len(), 3);
+    let named = c
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            page_size: 100,
+            ..list(pb::TaskCategory::Research, "later.1", String::new())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(named.tasks.len(), 3);
+    // history: six successes and two failures
+    let mut ended = Vec::new();
+    for i in 0..8 {
+        let failures = if i < 2 { 5 } else { 0 };
+        let t = c
+            .submit_task(pb::SubmitTaskRequest {
+                max_retries: Some(0),
+                ..submit(
+                    "koo.diagnostics.fail_times",
+                    serde_json::json!({ "failures": failures }),
+                )
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        ended.push(wait_task(&redis, &mut c, &t.id, is_final).await.id);
+    }
+    let history = |state: pb::TaskState, token: String| pb::ListTaskHistoryRequest {
+        state: state as i32,
+        page_size: 3,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_task_history(history(pb::TaskState::Unspecified, token))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.tasks);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 8, "{seen:?}");
+    let times: Vec<(i64, i32)> = seen
+        .iter()
+        .map(|t| t.end_time.map(|e| (e.seconds, e.nanos)).unwrap())
+        .collect();
+    assert!(
+        times.windows(2).all(|w| w[0] >= w[1]),
+        "not newest first: {times:?}"
+    );
+    let mut ids: Vec<String> = seen.iter().map(|t| t.id.clone()).collect();
+    ids.sort();
+    ended.sort();
+    assert_eq!(ids, ended);
+    let failed = c
+        .list_task_history(pb::ListTaskHistoryRequest {
+            page_size: 50,
+            ..history(pb::TaskState::Failed, String::new())
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(failed.tasks.len(), 2);
+    assert!(failed.next_page_token.is_empty());
+    // tokens are bound to their filters; non-final states are refused
+    let first = c
+        .list_task_history(history(pb::TaskState::Unspecified, String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = c
+        .list_task_history(history(pb::TaskState::Failed, first.next_page_token))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .list_task_history(history(pb::TaskState::Running, String::new()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

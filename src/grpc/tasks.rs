@@ -13,6 +13,7 @@ use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::events::EventHub;
+use crate::tasks::listing::{ActiveFilter, HistoryFilter};
 use crate::tasks::model::{Category, Priority, QueueName, State, Task, names};
 use tokio_util::sync::CancellationToken;
 
@@ -153,6 +154,31 @@ fn json_struct(text: &str) -> Option<prost_types::Struct> {
         Kind::StructValue(s) => Some(s),
         _ => None,
     }
+}
+
+/// Default and largest list page sizes.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+fn page_size(raw: i32) -> Result<usize, Status> {
+    match raw {
+        n if n < 0 => Err(invalid_argument("page_size", "must not be negative")),
+        0 => Ok(DEFAULT_PAGE),
+        n => Ok((n as usize).min(MAX_PAGE)),
+    }
+}
+
+/// The queues a list request covers: a named queue, a category's, or all.
+fn queues_for(category_raw: i32, queue: &str) -> Result<Vec<QueueName>, Status> {
+    if !queue.is_empty() {
+        return Ok(vec![
+            QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?,
+        ]);
+    }
+    Ok(match category_raw {
+        0 => Category::ALL.iter().map(|c| c.default_queue()).collect(),
+        c => vec![category(c)?.default_queue()],
+    })
 }
 
 /// A stored task as the API shows it.
@@ -421,6 +447,91 @@ impl pb::task_service_server::TaskService for TaskApi {
         let task = self.engine()?.submit(new, deadline).await?;
         Ok(Response::new(pb::SubmitHealthCheckResponse {
             task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn list_active_tasks(
+        &self,
+        request: Request<pb::ListActiveTasksRequest>,
+    ) -> Result<Response<pb::ListActiveTasksResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let filter = ActiveFilter {
+            queues: queues_for(r.category, &r.queue)?,
+            name: (!r.name.is_empty()).then_some(r.name),
+        };
+        let (tasks, next) = self
+            .engine()?
+            .list_active(&filter, page_size(r.page_size)?, &r.page_token, deadline)
+            .await?;
+        Ok(Response::new(pb::ListActiveTasksResponse {
+            tasks: tasks.into_iter().map(to_pb_task).collect(),
+            next_page_token: next,
+        }))
+    }
+
+    async fn list_task_history(
+        &self,
+        request: Request<pb::ListTaskHistoryRequest>,
+    ) -> Result<Response<pb::ListTaskHistoryResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let state = match pb::TaskState::try_from(r.state) {
+            Ok(pb::TaskState::Unspecified) => None,
+            Ok(pb::TaskState::Succeeded) => Some(State::Succeeded),
+            Ok(pb::TaskState::Failed) => Some(State::Failed),
+            Ok(pb::TaskState::Cancelled) => Some(State::Cancelled),
+            Ok(pb::TaskState::TimedOut) => Some(State::TimedOut),
+            _ => {
+                return Err(invalid_argument(
+                    "state",
+                    "history holds only end states (SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)",
+                ));
+            }
+        };
+        let category = match r.category {
+            0 => None,
+            c => Some(category(c)?),
+        };
+        let ms =
+            |field: &str, t: Option<prost_types::Timestamp>, default: i64| -> Result<i64, Status> {
+                match t {
+                    None => Ok(default),
+                    Some(t) => {
+                        let t = SystemTime::try_from(t)
+                            .map_err(|_| invalid_argument(field, "is not a valid time"))?;
+                        Ok(crate::store::unix_millis(t))
+                    }
+                }
+            };
+        let filter = HistoryFilter {
+            queues: match category {
+                Some(c) => vec![c.default_queue()],
+                None => Category::ALL.iter().map(|c| c.default_queue()).collect(),
+            },
+            state,
+            category,
+            name: (!r.name.is_empty()).then_some(r.name),
+            since_ms: ms("start_time", r.start_time, 0)?,
+            before_ms: ms("end_time", r.end_time, i64::MAX / 2)?,
+        };
+        let (entries, next) = self
+            .engine()?
+            .list_history(&filter, page_size(r.page_size)?, &r.page_token, deadline)
+            .await?;
+        Ok(Response::new(pb::ListTaskHistoryResponse {
+            tasks: entries
+                .into_iter()
+                .map(|e| pb::TaskSummary {
+                    id: e.id,
+                    name: e.name,
+                    category: e.category.map_or(0, |c| to_pb_category(c) as i32),
+                    state: e.state.map_or(0, |s| to_pb_state(s) as i32),
+                    attempts: e.attempts as i32,
+                    end_time: timestamp(Some(e.finished_ms)),
+                })
+                .collect(),
+            next_page_token: next,
         }))
     }
 

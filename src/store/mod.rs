@@ -347,7 +347,7 @@ impl Store {
 
 /// FNV-1a: a 64-bit hash that is stable across processes and versions
 /// (unlike std's), for page tokens and cursors.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
     })

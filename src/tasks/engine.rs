@@ -190,6 +190,11 @@ impl TaskEngine {
         &self.inner.config
     }
 
+    /// The task Redis.
+    pub(crate) fn redis(&self) -> &RedisStore {
+        &self.inner.store
+    }
+
     fn keys(&self, queue: &QueueName) -> QueueKeys {
         QueueKeys::new(&self.inner.config.prefix, queue)
     }

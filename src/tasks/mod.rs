@@ -5,6 +5,7 @@
 pub mod engine;
 pub mod events;
 pub mod handlers;
+pub mod listing;
 pub mod model;
 pub mod retry;
 pub mod worker;

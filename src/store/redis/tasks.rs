@@ -363,6 +363,97 @@ impl RedisStore {
         .await
     }
 
+    /// Up to `count` active tasks of the queue from position `offset` of set
+    /// `set` (0 running, 1 queued, 2 scheduled), and where the next call
+    /// should start (`None`: the queue is done).
+    pub async fn list_active(
+        &self,
+        keys: &QueueKeys,
+        mut set: usize,
+        mut offset: u64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<(Vec<Task>, Option<(usize, u64)>)> {
+        let sets = [keys.leases(), keys.ready(), keys.scheduled()];
+        let mut tasks = Vec::new();
+        while set < sets.len() && tasks.len() < count {
+            let want = (count - tasks.len()) as u64;
+            let mut cmd = redis::cmd("ZRANGE");
+            cmd.arg(&sets[set]).arg(offset).arg(offset + want - 1);
+            let ids: Vec<String> = self.query(&cmd, deadline).await?;
+            let got = ids.len() as u64;
+            let mut pipe = redis::pipe();
+            let mut parsed = Vec::new();
+            for id in ids {
+                if let Ok(id) = TaskId::parse(&id) {
+                    pipe.cmd("HGETALL").arg(keys.task(&id));
+                    parsed.push(id);
+                }
+            }
+            if !parsed.is_empty() {
+                let hashes: Vec<HashMap<String, String>> = self.query_pipe(&pipe, deadline).await?;
+                tasks.extend(
+                    hashes
+                        .into_iter()
+                        .filter(|h| !h.is_empty())
+                        .filter_map(|h| Task::from_fields(&h, Vec::new()).ok()),
+                );
+            }
+            if got < want {
+                set += 1;
+                offset = 0;
+            } else {
+                offset += got;
+            }
+        }
+        Ok((tasks, (set < sets.len()).then_some((set, offset))))
+    }
+
+    /// Up to `count` history entries ending at or before `max_ms` (newest
+    /// first, ties by id descending, skipping ids at `max_ms` that are not
+    /// below `below_id`) and at or after `min_ms`: `(id, end ms, summary)`.
+    pub async fn history_page(
+        &self,
+        keys: &QueueKeys,
+        max_ms: i64,
+        below_id: Option<&str>,
+        min_ms: i64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, i64, String)>> {
+        let mut cmd = redis::cmd("ZREVRANGEBYSCORE");
+        // ties at max_ms are few; fetch extra to step over the ones already seen
+        cmd.arg(keys.history())
+            .arg(max_ms)
+            .arg(min_ms)
+            .arg("WITHSCORES")
+            .arg("LIMIT")
+            .arg(0)
+            .arg(count + 64);
+        let entries: Vec<(String, f64)> = self.query(&cmd, deadline).await?;
+        let mut entries: Vec<(String, i64)> = entries
+            .into_iter()
+            .map(|(id, score)| (id, score as i64))
+            .filter(|(id, ms)| *ms < max_ms || below_id.is_none_or(|b| id.as_str() < b))
+            .collect();
+        entries.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+        entries.truncate(count);
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut hmget = redis::cmd("HMGET");
+        hmget.arg(keys.history_data());
+        for (id, _) in &entries {
+            hmget.arg(id);
+        }
+        let summaries: Vec<Option<String>> = self.query(&hmget, deadline).await?;
+        Ok(entries
+            .into_iter()
+            .zip(summaries)
+            .filter_map(|((id, ms), summary)| Some((id, ms, summary?)))
+            .collect())
+    }
+
     /// The queue's depths, oldest wait and outcome counters.
     pub async fn queue_stats(&self, keys: &QueueKeys, deadline: Deadline) -> Result<QueueStats> {
         let band = 1u64 << 42;
