@@ -621,3 +621,113 @@ async fn listing_active_tasks_and_history() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 }
+
+/// SubmitTasks stores a batch in order, refusing the whole batch (naming
+/// the task and field) when one is invalid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_tasks_in_a_batch() {
+    let (_redis, server) = start(0).await;
+    let mut c = client(&server);
+    let batch = |n: usize| pb::SubmitTasksRequest {
+        tasks: (0..n)
+            .map(|i| submit(&format!("t{i}"), serde_json::json!({})))
+            .collect(),
+    };
+    let stored = c.submit_tasks(batch(3)).await.unwrap().into_inner().tasks;
+    let names: Vec<&str> = stored.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["t0", "t1", "t2"]);
+    let mut bad = batch(3);
+    bad.tasks[1].category = 0;
+    let err = c.submit_tasks(bad).await.unwrap_err();
+    let details = err.get_error_details();
+    assert_eq!(
+        details.bad_request().unwrap().field_violations[0].field,
+        "tasks[1].category"
+    );
+    let active = c
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(active.tasks.len(), 3, "the refused batch stored nothing");
+    let err = c.submit_tasks(batch(101)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// WatchTasks streams every matching task's events; after a disconnect, a
+/// new stream with the last resume token continues right after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_tasks_resumes_after_a_disconnect() {
+    let (_redis, server) = start(1).await;
+    let mut c = client(&server);
+    let watch = |token: String| pb::WatchTasksRequest {
+        categories: vec![pb::TaskCategory::Research as i32],
+        name: "koo.diagnostics.noop".into(),
+        resume_token: token,
+    };
+    let mut first = c
+        .watch_tasks(watch(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = c
+        .submit_tasks(pb::SubmitTasksRequest {
+            tasks: vec![
+                submit("koo.diagnostics.noop", serde_json::json!({})),
+                submit("koo.diagnostics.sleep", serde_json::json!({ "seconds": 0 })),
+                submit("koo.diagnostics.noop", serde_json::json!({})),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    let mut events = Vec::new();
+    let succeeded = |events: &[pb::WatchTasksResponse]| {
+        events
+            .iter()
+            .filter(|e| e.state == pb::TaskState::Succeeded as i32)
+            .count()
+    };
+    tokio::time::timeout(common::EVENT_TIMEOUT, async {
+        while succeeded(&events) < 2 {
+            events.push(first.message().await.unwrap().unwrap());
+        }
+    })
+    .await
+    .expect("both no-ops succeeded");
+    assert!(
+        events.iter().all(|e| e.task_id != ids[1]),
+        "name filter let the sleep through"
+    );
+    assert!(events.iter().all(|e| e.queue == "research"));
+    drop(first);
+    // resume after the first event: the second event comes next
+    let mut resumed = c
+        .watch_tasks(watch(events[0].resume_token.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut again = Vec::new();
+    for _ in 1..events.len() {
+        let e = tokio::time::timeout(common::EVENT_TIMEOUT, resumed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        again.push((e.task_id, e.state));
+    }
+    let expected: Vec<(String, i32)> = events[1..]
+        .iter()
+        .map(|e| (e.task_id.clone(), e.state))
+        .collect();
+    assert_eq!(again, expected);
+    let err = c.watch_tasks(watch("garbage".into())).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}

@@ -181,20 +181,23 @@ fn queues_for(category_raw: i32, queue: &str) -> Result<Vec<QueueName>, Status> 
     })
 }
 
+/// A stored progress report as the API shows it.
+fn progress(json: &str) -> Option<pb::TaskProgress> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(pb::TaskProgress {
+        percent: v["percent"].as_f64().unwrap_or(0.0),
+        message: v["message"].as_str().unwrap_or_default().to_owned(),
+        metadata: json_struct(&v["metadata"].to_string()),
+    })
+}
+
 /// A stored task as the API shows it.
 fn to_pb_task(t: Task) -> pb::Task {
     let args = match json_value(&t.args).and_then(|v| v.kind) {
         Some(Kind::ListValue(l)) => l.values,
         _ => Vec::new(),
     };
-    let progress = t.progress.as_deref().and_then(|p| {
-        let v: serde_json::Value = serde_json::from_str(p).ok()?;
-        Some(pb::TaskProgress {
-            percent: v["percent"].as_f64().unwrap_or(0.0),
-            message: v["message"].as_str().unwrap_or_default().to_owned(),
-            metadata: json_struct(&v["metadata"].to_string()),
-        })
-    });
+    let progress = t.progress.as_deref().and_then(progress);
     let error = t.error.as_deref().and_then(|e| {
         let v: serde_json::Value = serde_json::from_str(e).ok()?;
         Some(pb::TaskError {
@@ -288,6 +291,12 @@ fn new_task(r: pb::SubmitTaskRequest) -> Result<NewTask, Status> {
         result_ttl: duration("result_ttl", r.result_ttl)?,
     })
 }
+
+type EventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchTasksResponse, Status>> + Send>>;
+
+/// Most tasks in one SubmitTasks.
+const MAX_BATCH: usize = 100;
 
 type WatchStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchTaskResponse, Status>> + Send>>;
@@ -533,6 +542,166 @@ impl pb::task_service_server::TaskService for TaskApi {
                 .collect(),
             next_page_token: next,
         }))
+    }
+
+    async fn submit_tasks(
+        &self,
+        request: Request<pb::SubmitTasksRequest>,
+    ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let engine = self.engine()?;
+        let requests = request.into_inner().tasks;
+        if requests.len() > MAX_BATCH {
+            return Err(invalid_argument(
+                "tasks",
+                &format!(
+                    "has {} tasks, over the limit of {MAX_BATCH}",
+                    requests.len()
+                ),
+            ));
+        }
+        let news = requests
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                new_task(r).map_err(|s| {
+                    let details = tonic_types::StatusExt::get_error_details(&s);
+                    let field = details
+                        .bad_request()
+                        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+                        .unwrap_or_default();
+                    invalid_argument(&format!("tasks[{i}].{field}"), s.message())
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut tasks = Vec::with_capacity(news.len());
+        for (i, new) in news.into_iter().enumerate() {
+            match engine.submit(new, deadline).await {
+                Ok(task) => tasks.push(to_pb_task(task)),
+                Err(crate::tasks::engine::TaskError::InvalidArgument { field, reason }) => {
+                    return Err(invalid_argument(&format!("tasks[{i}].{field}"), &reason));
+                }
+                Err(e) if tasks.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    let stored: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+                    let status = Status::from(e);
+                    return Err(Status::new(
+                        status.code(),
+                        format!(
+                            "{}; tasks stored before the failure: {}",
+                            status.message(),
+                            stored.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Response::new(pb::SubmitTasksResponse { tasks }))
+    }
+
+    type WatchTasksStream = EventStream;
+
+    async fn watch_tasks(
+        &self,
+        request: Request<pb::WatchTasksRequest>,
+    ) -> Result<Response<Self::WatchTasksStream>, Status> {
+        let deadline = self.deadline(&request);
+        let engine = self.engine()?.clone();
+        let r = request.into_inner();
+        let mut queues = Vec::new();
+        for c in &r.categories {
+            queues.push(category(*c)?.default_queue());
+        }
+        if queues.is_empty() {
+            queues = Category::ALL.iter().map(|c| c.default_queue()).collect();
+        }
+        let mut positions: std::collections::BTreeMap<String, String> = if r.resume_token.is_empty()
+        {
+            Default::default()
+        } else {
+            base64::Engine::decode(
+                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                &r.resume_token,
+            )
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| invalid_argument("resume_token", "is not a token this server issued"))?
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<(
+            String,
+            Result<Vec<crate::store::redis::TaskEvent>, Status>,
+        )>(64);
+        for queue in &queues {
+            let mut reader = crate::tasks::events::reader(
+                engine.redis(),
+                &engine.config().prefix,
+                queue,
+                positions.get(queue.as_str()).map(String::as_str),
+                deadline,
+            )
+            .await
+            .map_err(Status::from)?;
+            positions.insert(queue.to_string(), reader.position().to_owned());
+            let events_tx = events_tx.clone();
+            let queue = queue.to_string();
+            let shutdown = self.shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let read = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = events_tx.closed() => return,
+                        read = reader.next(Duration::from_secs(1)) => read,
+                    };
+                    let failed = read.is_err();
+                    if events_tx
+                        .send((queue.clone(), read.map_err(Status::from)))
+                        .await
+                        .is_err()
+                        || failed
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(events_tx);
+        let name = r.name;
+        tokio::spawn(async move {
+            while let Some((queue, read)) = events_rx.recv().await {
+                let events = match read {
+                    Ok(events) => events,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                for e in events {
+                    positions.insert(queue.clone(), e.stream_id.clone());
+                    if !name.is_empty() && e.name != name {
+                        continue;
+                    }
+                    let token = base64::Engine::encode(
+                        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+                        serde_json::to_vec(&positions).unwrap_or_default(),
+                    );
+                    let reply = pb::WatchTasksResponse {
+                        task_id: e.id,
+                        queue: queue.clone(),
+                        state: State::parse(&e.state).map_or(0, |s| to_pb_state(s) as i32),
+                        progress: e.progress.as_deref().and_then(progress),
+                        event_time: timestamp(Some(e.at_ms)),
+                        resume_token: token,
+                    };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn get_task(

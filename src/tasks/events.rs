@@ -23,6 +23,22 @@ use crate::store::{Deadline, RedisStore, StoreError};
 /// Events kept for slow subscribers before they are told they lagged.
 const CHANNEL: usize = 1024;
 
+/// A reader of one queue's events for one subscriber (dashboards that need
+/// to resume from a position): `after` a resume position, or from now.
+pub async fn reader(
+    store: &RedisStore,
+    prefix: &str,
+    queue: &QueueName,
+    after: Option<&str>,
+    deadline: Deadline,
+) -> Result<crate::store::redis::EventReader, StoreError> {
+    let keys = QueueKeys::new(prefix, queue);
+    match after {
+        Some(position) => Ok(store.event_reader_after(&keys, position)),
+        None => store.event_reader(&keys, deadline).await,
+    }
+}
+
 /// The per-process event hub: a cheap-to-clone handle.
 #[derive(Clone)]
 pub struct EventHub {

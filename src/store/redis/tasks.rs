@@ -94,12 +94,18 @@ pub struct QueueStats {
 /// One entry of a queue's event stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskEvent {
+    /// The stream entry id (a resume position).
+    pub stream_id: String,
     /// The task.
     pub id: String,
+    /// Its name.
+    pub name: String,
     /// Its state after the event (`queued`, `running`, ...).
     pub state: String,
-    /// Whether the event is a progress report.
-    pub progress: bool,
+    /// The progress reported (JSON), for a progress event.
+    pub progress: Option<String>,
+    /// When it happened (Redis's clock, ms).
+    pub at_ms: i64,
 }
 
 /// Follows one queue's event stream on a connection of its own, from the
@@ -112,6 +118,11 @@ pub struct EventReader {
 }
 
 impl EventReader {
+    /// The position after the last event read.
+    pub fn position(&self) -> &str {
+        &self.last
+    }
+
     /// The next events, waiting up to `block` for some (empty after that).
     pub async fn next(&mut self, block: Duration) -> Result<Vec<TaskEvent>> {
         let conn = match &mut self.conn {
@@ -154,13 +165,17 @@ impl EventReader {
             }
         };
         let mut events = Vec::new();
-        for (stream_id, fields) in reply.into_iter().flatten().flat_map(|(_, entries)| entries) {
-            self.last = stream_id;
-            if let (Some(id), Some(state)) = (fields.get("id"), fields.get("state")) {
+        for (stream_id, mut fields) in reply.into_iter().flatten().flat_map(|(_, entries)| entries)
+        {
+            self.last.clone_from(&stream_id);
+            if let (Some(id), Some(state)) = (fields.remove("id"), fields.remove("state")) {
                 events.push(TaskEvent {
-                    id: id.clone(),
-                    state: state.clone(),
-                    progress: fields.contains_key("progress"),
+                    stream_id,
+                    id,
+                    name: fields.remove("name").unwrap_or_default(),
+                    state,
+                    progress: fields.remove("progress"),
+                    at_ms: fields.get("at").and_then(|a| a.parse().ok()).unwrap_or(0),
                 });
             }
         }
@@ -527,6 +542,17 @@ impl RedisStore {
                 .next()
                 .map_or_else(|| "0-0".to_owned(), |(id, _)| id),
         })
+    }
+
+    /// A reader of the queue's events after stream position `after` (a
+    /// resume token's position).
+    pub fn event_reader_after(&self, keys: &QueueKeys, after: &str) -> EventReader {
+        EventReader {
+            conn: None,
+            store: self.clone(),
+            stream: keys.events(),
+            last: after.to_owned(),
+        }
     }
 
     /// Reads a task and its attempt log; `None` once it has expired.

@@ -25,7 +25,7 @@ if outcome == 'retry' then
   redis.call('HINCRBY', KEYS[8], 'retried', 1)
   redis.call('HSET', KEYS[1], 'state', 'scheduled', 'error', ARGV[5])
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[1])
-  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'state', 'scheduled', 'at', now)
+  redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'name', redis.call('HGET', KEYS[1], 'name') or '', 'state', 'scheduled', 'at', now)
   return 'scheduled'
 end
 redis.call('HINCRBY', KEYS[8], outcome, 1)
@@ -47,5 +47,5 @@ if excess > 0 then
 end
 redis.call('PEXPIRE', KEYS[1], result_ttl)
 redis.call('PEXPIRE', KEYS[1] .. ':log', result_ttl)
-redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'state', outcome, 'at', now)
+redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'name', redis.call('HGET', KEYS[1], 'name') or '', 'state', outcome, 'at', now)
 return outcome

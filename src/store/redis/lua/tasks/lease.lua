@@ -15,7 +15,7 @@ for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[2], id)
   redis.call('ZADD', KEYS[1], band * 4398046511104 + now, id)
   redis.call('HSET', prefix .. id, 'state', 'queued')
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'state', 'queued', 'at', now)
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'name', redis.call('HGET', prefix .. id, 'name') or '', 'state', 'queued', 'at', now)
 end
 local serves_all, served = false, {}
 for i = 6, #ARGV do
@@ -41,7 +41,7 @@ for _, id in ipairs(candidates) do
     local score = deadline
     if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
     redis.call('ZADD', KEYS[3], score, id)
-    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'state', 'running',
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'name', name, 'state', 'running',
       'attempt', attempt, 'worker', ARGV[3], 'at', now)
     return redis.call('HGETALL', key)
   end

@@ -50,7 +50,7 @@ for _, id in ipairs(lapsed) do
       redis.call('PEXPIRE', key, result_ttl)
       redis.call('PEXPIRE', key .. ':log', result_ttl)
     end
-    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'state', outcome, 'at', now)
+    redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'name', redis.call('HGET', key, 'name') or '', 'state', outcome, 'at', now)
   end
 end
 return #lapsed

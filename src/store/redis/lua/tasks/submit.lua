@@ -23,5 +23,5 @@ else
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 end
 redis.call('HINCRBY', KEYS[6], 'submitted', 1)
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[1], 'state', state, 'at', now)
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[1], 'name', redis.call('HGET', KEYS[1], 'name'), 'state', state, 'at', now)
 return now
