@@ -150,7 +150,18 @@ pub async fn run(
 
     let cache_name = <CacheServiceServer<CacheApi> as NamedService>::NAME;
     // NOT_SERVING until the first probe says otherwise.
-    let publisher = HealthPublisher::new(vec![cache_name]);
+    // TaskService shares the cache's health when its tasks live on the same
+    // Redis (the usual case); on the embedded store it has no engine.
+    let task_name = <TaskServiceServer<TaskApi> as NamedService>::NAME;
+    let tasks_share_redis = matches!(
+        (&settings.store, &settings.tasks.redis),
+        (StoreSettings::Redis(c), Some(t)) if c.url == t.url
+    );
+    let publisher = if tasks_share_redis {
+        HealthPublisher::new(vec![cache_name, task_name])
+    } else {
+        HealthPublisher::new(vec![cache_name])
+    };
     let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()));
 
     let mut background = tokio::task::JoinSet::new();

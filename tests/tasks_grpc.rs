@@ -122,6 +122,9 @@ fn is_final(t: &pb::Task) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitted_tasks_run_to_success() {
     let (redis, server) = start(2).await;
+    server
+        .wait_health("koo.tasks.v1.TaskService", ServingStatus::Serving)
+        .await;
     let mut c = client(&server);
     let task = c
         .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
@@ -730,4 +733,69 @@ async fn watch_tasks_resumes_after_a_disconnect() {
     assert_eq!(again, expected);
     let err = c.watch_tasks(watch("garbage".into())).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// Two `koo worker` processes drain one queue of 2000 tasks: every task
+/// succeeds after exactly one attempt, and both processes took part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_processes_drain_a_queue_exactly_once() {
+    let (redis, server) = start(0).await;
+    let mut c = client(&server);
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let batch = pb::SubmitTasksRequest {
+            tasks: (0..100)
+                .map(|_| submit("koo.diagnostics.noop", serde_json::json!({})))
+                .collect(),
+        };
+        ids.extend(
+            c.submit_tasks(batch)
+                .await
+                .unwrap()
+                .into_inner()
+                .tasks
+                .into_iter()
+                .map(|t| t.id),
+        );
+    }
+    let mut workers = [worker(&redis), worker(&redis)];
+    let mut by_worker = std::collections::HashMap::<String, usize>::new();
+    for id in &ids {
+        let done = wait_task(&redis, &mut c, id, is_final).await;
+        assert_eq!(
+            (done.state, done.attempts),
+            (pb::TaskState::Succeeded as i32, 1),
+            "{id}"
+        );
+        let process = done.attempt_log[0]
+            .worker
+            .rsplit_once('/')
+            .unwrap()
+            .0
+            .to_owned();
+        *by_worker.entry(process).or_default() += 1;
+    }
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+    assert_eq!(
+        by_worker.len(),
+        2,
+        "both processes should have worked: {by_worker:?}"
+    );
+    let metrics = c
+        .get_task_metrics(pb::GetTaskMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let research = metrics
+        .queues
+        .iter()
+        .find(|q| q.queue == "research")
+        .unwrap();
+    assert_eq!(
+        (research.submitted, research.succeeded, research.lost),
+        (2000, 2000, 0)
+    );
 }
