@@ -358,3 +358,28 @@ async fn scheduling_and_result_expiry() {
     let history_ttl: i64 = conn.pttl(f.keys.history_data()).await.unwrap();
     assert_eq!(history_ttl, -1, "history is bounded by its cap, not a TTL");
 }
+
+/// The recovery sweep also queues due scheduled tasks, so that they show as
+/// queued even when no worker is looking at their queue.
+#[tokio::test]
+async fn sweep_queues_due_scheduled_tasks() {
+    let f = fixture().await;
+    let task = f.task("soon", Priority::Normal, 0);
+    f.store
+        .submit_task(
+            &f.keys,
+            &task,
+            Duration::from_millis(1),
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(f.get(&task.id).await.state, State::Scheduled);
+    f.recover_lapsed(true).await;
+    assert_eq!(f.get(&task.id).await.state, State::Queued);
+    assert_eq!(
+        f.lease("w", Duration::from_secs(1)).await.unwrap().id,
+        task.id
+    );
+}

@@ -457,23 +457,22 @@ impl TaskEngine {
             }
             for queue in &queues {
                 let keys = self.keys(queue);
-                match self
-                    .inner
-                    .store
-                    .recover_tasks(
-                        &keys,
-                        c.acks_late,
-                        c.limits,
-                        Deadline::after(c.sweep_interval.max(Duration::from_secs(1))),
-                    )
-                    .await
-                {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(queue = %queue, recovered = n, "recovered tasks whose lease lapsed")
-                    }
-                    Err(e) => {
-                        tracing::warn!(queue = %queue, error = %e, "cannot recover lapsed leases")
+                // One call handles at most 100 lapsed leases and 100 due
+                // tasks; a backlog is worked off in a few more calls.
+                for _ in 0..50 {
+                    let deadline = Deadline::after(c.sweep_interval.max(Duration::from_secs(1)));
+                    match self
+                        .inner
+                        .store
+                        .recover_tasks(&keys, c.acks_late, c.limits, deadline)
+                        .await
+                    {
+                        Ok(n) if n < 100 => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(queue = %queue, error = %e, "cannot recover lapsed leases");
+                            break;
+                        }
                     }
                 }
             }

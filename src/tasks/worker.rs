@@ -197,7 +197,11 @@ async fn run_slot(
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(queue = %queue, error = %e, "cannot lease");
+                    tracing::warn!(queue = %queue, error = %e, "cannot lease; retrying in a second");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                     break;
                 }
             }

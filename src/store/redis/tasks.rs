@@ -349,7 +349,8 @@ impl RedisStore {
         Ok(state.and_then(|s| State::parse(&s)))
     }
 
-    /// Recovers the queue's lapsed leases; how many were looked at.
+    /// Recovers the queue's lapsed leases and queues its due scheduled tasks
+    /// (at most 100 of each per call); how many were handled.
     pub async fn recover_tasks(
         &self,
         keys: &QueueKeys,
@@ -365,7 +366,8 @@ impl RedisStore {
             .key(keys.dead())
             .key(keys.events())
             .key(keys.wake())
-            .key(keys.stats());
+            .key(keys.stats())
+            .key(keys.scheduled());
         inv.arg(keys.task_prefix())
             .arg(limits.events)
             .arg(if acks_late { "1" } else { "0" })

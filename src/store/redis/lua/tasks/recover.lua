@@ -1,11 +1,23 @@
 -- Recovers tasks whose lease lapsed (worker killed, paused, partitioned):
 -- back to `ready` while retries remain and acks are late, else FAILED
 -- ('worker lost'); past its hard limit, TIMED_OUT. Returns how many.
--- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 wake, 8 stats
+-- Also moves due SCHEDULED tasks to `ready`, so that they show as queued
+-- even when no worker is looking at this queue.
+-- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 wake, 8 stats,
+--       9 scheduled
 -- ARGV: 1 task key prefix, 2 events cap, 3 acks late ('1' | '0'), 4 history cap
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
+local due = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(due) do
+  local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
+  redis.call('ZREM', KEYS[9], id)
+  redis.call('ZADD', KEYS[2], band * 4398046511104 + now, id)
+  redis.call('HSET', prefix .. id, 'state', 'queued')
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'name', redis.call('HGET', prefix .. id, 'name') or '',
+    'state', 'queued', 'at', now)
+end
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
@@ -53,4 +65,4 @@ for _, id in ipairs(lapsed) do
     redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'name', redis.call('HGET', key, 'name') or '', 'state', outcome, 'at', now)
   end
 end
-return #lapsed
+return #lapsed + #due
