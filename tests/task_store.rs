@@ -316,6 +316,11 @@ async fn hard_limit_ends_a_task_timed_out() {
     task.hard_ms = 1;
     f.submit(&task).await;
     f.lease("w", Duration::from_secs(60)).await.unwrap();
+    // heartbeats do not push a lease past the hard limit
+    f.store
+        .heartbeat_task(&f.keys, &task.id, 1, Duration::from_secs(60), later())
+        .await
+        .unwrap();
     f.recover_lapsed(true).await;
     let t = f.get(&task.id).await;
     assert_eq!(t.state, State::TimedOut);

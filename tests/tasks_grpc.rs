@@ -30,6 +30,10 @@ async fn start(workers: usize) -> (TestRedis, TestServer) {
     settings.tasks.config.lease = Duration::from_millis(1000);
     settings.tasks.config.sweep_interval = Duration::from_millis(100);
     settings.tasks.config.poll_interval = Duration::from_millis(20);
+    settings.tasks.config.backoff = koo::tasks::retry::Backoff {
+        base: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+    };
     let server = TestServer::spawn(settings).await;
     server.wait_health("", ServingStatus::Serving).await;
     (redis, server)
@@ -798,4 +802,57 @@ async fn two_worker_processes_drain_a_queue_exactly_once() {
         (research.submitted, research.succeeded, research.lost),
         (2000, 2000, 0)
     );
+}
+
+/// WatchTask shows every state change, including those a single step
+/// passes through: a retried task goes SCHEDULED, QUEUED, RUNNING again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_task_shows_every_state_of_a_retry() {
+    let (_redis, server) = start(1).await;
+    let mut c = client(&server);
+    let task = c
+        .submit_task(pb::SubmitTaskRequest {
+            countdown: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 200_000_000,
+            }),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({ "failures": 1 }),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let mut stream = c
+        .watch_task(pb::WatchTaskRequest { task_id: task.id })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut states = Vec::new();
+    tokio::time::timeout(common::EVENT_TIMEOUT, async {
+        while let Some(msg) = stream.message().await.unwrap() {
+            let state = msg.task.unwrap().state;
+            if states.last() != Some(&state) {
+                states.push(state);
+            }
+        }
+    })
+    .await
+    .expect("stream ended");
+    use pb::TaskState as S;
+    let expected: Vec<i32> = [
+        S::Scheduled,
+        S::Queued,
+        S::Running,
+        S::Scheduled,
+        S::Queued,
+        S::Running,
+        S::Succeeded,
+    ]
+    .map(|s| s as i32)
+    .to_vec();
+    assert_eq!(states, expected);
 }

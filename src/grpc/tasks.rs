@@ -326,6 +326,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             loop {
                 let done = current.state.is_final();
                 let (state, progress) = (current.state, current.progress.clone());
+                let last_sent = current.clone();
                 let reply = pb::WatchTaskResponse {
                     task: Some(to_pb_task(current)),
                 };
@@ -333,25 +334,42 @@ impl pb::task_service_server::TaskService for TaskApi {
                     return;
                 }
                 current = loop {
-                    let relevant = tokio::select! {
+                    let next_state = tokio::select! {
                         _ = tx.closed() => return,
                         _ = shutdown.cancelled() => return,
                         event = events.recv() => match event {
-                            Ok(e) => e.id == id,
+                            Ok(e) if e.id == id => State::parse(&e.state),
+                            Ok(_) => continue,
                             // Missed some: re-read the task to catch up.
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => true,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => {
                                 let _ = tx.send(Err(Status::unavailable("task events stopped; watch again"))).await;
                                 return;
                             }
                         },
                     };
-                    if !relevant {
-                        continue;
-                    }
+                    // Every event is sent with the state it recorded (a
+                    // lease moves a task through QUEUED and RUNNING in one
+                    // step, and both are shown); the other fields come from
+                    // a fresh read.
                     match engine.get(&id, Deadline::after(timeout)).await {
-                        Ok(task) if task.state != state || task.progress != progress => break task,
-                        Ok(_) => continue,
+                        Ok(mut task) => {
+                            if let Some(st) = next_state {
+                                task.state = st;
+                            } else if task.state == state && task.progress == progress {
+                                continue;
+                            }
+                            break task;
+                        }
+                        // The result expired right after the end: the
+                        // final state still goes out.
+                        Err(crate::tasks::engine::TaskError::NotFound(_))
+                            if next_state.is_some_and(State::is_final) =>
+                        {
+                            let mut last = last_sent.clone();
+                            last.state = next_state.unwrap_or(last.state);
+                            break last;
+                        }
                         Err(e) => {
                             let _ = tx.send(Err(Status::from(e))).await;
                             return;
@@ -654,6 +672,9 @@ impl pb::task_service_server::TaskService for TaskApi {
                         read = reader.next(Duration::from_secs(1)) => read,
                     };
                     let failed = read.is_err();
+                    if matches!(&read, Ok(events) if events.is_empty()) {
+                        continue;
+                    }
                     if events_tx
                         .send((queue.clone(), read.map_err(Status::from)))
                         .await
@@ -668,7 +689,16 @@ impl pb::task_service_server::TaskService for TaskApi {
         drop(events_tx);
         let name = r.name;
         tokio::spawn(async move {
-            while let Some((queue, read)) = events_rx.recv().await {
+            loop {
+                // Ends as soon as the client goes away, events or not, which
+                // drops the receiver and so stops the per-queue readers.
+                let (queue, read) = tokio::select! {
+                    _ = tx.closed() => return,
+                    next = events_rx.recv() => match next {
+                        Some(next) => next,
+                        None => return,
+                    },
+                };
                 let events = match read {
                     Ok(events) => events,
                     Err(status) => {

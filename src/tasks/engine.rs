@@ -231,6 +231,13 @@ impl TaskEngine {
                 "must not exceed the (non-zero) time limit",
             ));
         }
+        let result_ttl = new.result_ttl.unwrap_or(c.result_ttl);
+        if result_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "result_ttl",
+                "must be at least 1 s, so that the result can be read",
+            ));
+        }
         let queue = new
             .queue
             .clone()
@@ -242,7 +249,8 @@ impl TaskEngine {
             priority: new.priority,
             args: new.args,
             kwargs: new.kwargs,
-            state: if new.delay.is_zero() {
+            // Redis schedules in whole milliseconds.
+            state: if new.delay < Duration::from_millis(1) {
                 State::Queued
             } else {
                 State::Scheduled
@@ -258,7 +266,7 @@ impl TaskEngine {
             finished_ms: None,
             soft_ms: soft.as_millis() as u64,
             hard_ms: hard.as_millis() as u64,
-            result_ttl_ms: new.result_ttl.unwrap_or(c.result_ttl).as_millis().max(1) as u64,
+            result_ttl_ms: result_ttl.as_millis() as u64,
             log: Vec::new(),
         };
         self.inner

@@ -132,7 +132,10 @@ impl EventHub {
                 }
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "cannot read task events; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    tokio::select! {
+                        _ = self.inner.stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
                 }
             }
         }

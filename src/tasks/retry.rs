@@ -1,4 +1,5 @@
-//! Retry backoff: exponential with full jitter, capped.
+//! Retry backoff: exponential with equal jitter (uniform in the upper half),
+//! capped.
 //!
 //! Jitter spreads the retries of tasks that failed together (say, when a
 //! dependency went down) so that they do not all come back at once.

@@ -269,6 +269,57 @@ impl RedisStore {
         }
     }
 
+    /// Runs a call that must not run twice (a script that moves a task):
+    /// like [`Self::run`], but only a refused connection, where the request
+    /// surely never left, is retried. After a timeout or a dropped
+    /// connection the request may have run, so the caller is told the
+    /// outcome is unknown rather than risk running it again.
+    async fn run_once<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        let conn = self.conn();
+        let mut attempt = 0;
+        loop {
+            inner.breaker.admit()?;
+            let err = match tokio::time::timeout_at(deadline.instant(), call(conn.clone())).await {
+                Ok(Ok(value)) => {
+                    inner.breaker.on_success();
+                    return Ok(value);
+                }
+                Ok(Err(err)) => err,
+                Err(_) => {
+                    inner
+                        .breaker
+                        .on_failure("no answer within the call's deadline");
+                    return Err(StoreError::DeadlineExceeded);
+                }
+            };
+            let message = match classify(&err) {
+                Failure::Permanent(e) => {
+                    inner.breaker.on_success();
+                    return Err(e);
+                }
+                Failure::Transient(message) => message,
+            };
+            let pause = backoff(attempt);
+            if !err.is_connection_refusal()
+                || attempt >= inner.retries
+                || pause >= deadline.remaining()
+            {
+                inner.breaker.on_failure(&message);
+                return Err(StoreError::Unavailable(format!(
+                    "Redis failed after {} attempt(s) (the request may or may not have been applied): {message}",
+                    attempt + 1
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd, deadline: Deadline) -> Result<T> {
         self.run(
             deadline,

@@ -212,7 +212,7 @@ impl RedisStore {
             inv.arg(field).arg(value);
         }
         let inv = &inv;
-        self.run(deadline, |mut c| async move {
+        self.run_once(deadline, |mut c| async move {
             inv.invoke_async::<i64>(&mut c).await
         })
         .await
@@ -245,7 +245,7 @@ impl RedisStore {
         }
         let inv = &inv;
         let fields: Option<HashMap<String, String>> = self
-            .run(
+            .run_once(
                 deadline,
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
@@ -295,7 +295,7 @@ impl RedisStore {
             .arg(progress);
         let inv = &inv;
         let ok: i64 = self
-            .run(
+            .run_once(
                 deadline,
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
@@ -341,7 +341,7 @@ impl RedisStore {
             .arg(log);
         let inv = &inv;
         let state: Option<String> = self
-            .run(
+            .run_once(
                 deadline,
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
@@ -396,7 +396,9 @@ impl RedisStore {
         while set < sets.len() && tasks.len() < count {
             let want = (count - tasks.len()) as u64;
             let mut cmd = redis::cmd("ZRANGE");
-            cmd.arg(&sets[set]).arg(offset).arg(offset + want - 1);
+            cmd.arg(&sets[set])
+                .arg(offset)
+                .arg(offset.saturating_add(want - 1));
             let ids: Vec<String> = self.query(&cmd, deadline).await?;
             let got = ids.len() as u64;
             let mut pipe = redis::pipe();
@@ -438,20 +440,31 @@ impl RedisStore {
         count: usize,
         deadline: Deadline,
     ) -> Result<Vec<(String, i64, String)>> {
-        let mut cmd = redis::cmd("ZREVRANGEBYSCORE");
-        // ties at max_ms are few; fetch extra to step over the ones already seen
-        cmd.arg(keys.history())
+        // All entries ending exactly at max_ms (ties, e.g. one sweep's
+        // recoveries) are read in full and those not yet shown kept; then the
+        // older ones, up to `count`. A limit on the ties could hide some.
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZREVRANGEBYSCORE")
+            .arg(keys.history())
             .arg(max_ms)
+            .arg(max_ms)
+            .arg("WITHSCORES");
+        pipe.cmd("ZREVRANGEBYSCORE")
+            .arg(keys.history())
+            .arg(format!("({max_ms}"))
             .arg(min_ms)
             .arg("WITHSCORES")
             .arg("LIMIT")
             .arg(0)
-            .arg(count + 64);
-        let entries: Vec<(String, f64)> = self.query(&cmd, deadline).await?;
-        let mut entries: Vec<(String, i64)> = entries
+            .arg(count);
+        type Scored = Vec<(String, f64)>;
+        let (ties, older): (Scored, Scored) = self.query_pipe(&pipe, deadline).await?;
+        let mut entries: Vec<(String, i64)> = ties
             .into_iter()
+            .filter(|(id, _)| below_id.is_none_or(|b| id.as_str() < b))
+            .chain(older)
             .map(|(id, score)| (id, score as i64))
-            .filter(|(id, ms)| *ms < max_ms || below_id.is_none_or(|b| id.as_str() < b))
+            .filter(|(_, ms)| *ms >= min_ms)
             .collect();
         entries.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
         entries.truncate(count);

@@ -15,8 +15,10 @@ local outcome = ARGV[4]
 if outcome == 'retry' and tonumber(attempts) > tonumber(max_retries) then
   outcome = 'failed'
 end
-redis.call('ZREM', KEYS[2], ARGV[1])
+-- everything that can fail comes before the first write: Redis does not
+-- roll a script back
 local entry = cjson.decode(ARGV[8])
+redis.call('ZREM', KEYS[2], ARGV[1])
 entry['ended_ms'] = now
 if outcome == 'retry' then entry['retry_at_ms'] = now + tonumber(ARGV[6]) end
 redis.call('RPUSH', KEYS[1] .. ':log', cjson.encode(entry))
@@ -34,7 +36,11 @@ if outcome ~= 'succeeded' then field = 'error' end
 redis.call('HSET', KEYS[1], 'state', outcome, field, ARGV[5], 'finished_ms', now)
 -- a success supersedes the errors of earlier attempts (they stay in the log)
 if outcome == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
-if outcome ~= 'succeeded' then redis.call('ZADD', KEYS[6], now, ARGV[1]) end
+if outcome ~= 'succeeded' then
+  redis.call('ZADD', KEYS[6], now, ARGV[1])
+  -- dead letters are capped like history
+  redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(tonumber(ARGV[7]) + 1))
+end
 redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], cjson.encode({
   name = redis.call('HGET', KEYS[1], 'name'), state = outcome, attempts = tonumber(attempts),
@@ -43,7 +49,10 @@ local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[7])
 if excess > 0 then
   local old = redis.call('ZRANGE', KEYS[4], 0, excess - 1)
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1)
-  redis.call('HDEL', KEYS[5], unpack(old))
+  -- in chunks: unpack has a limit of a few thousand values
+  for i = 1, #old, 1000 do
+    redis.call('HDEL', KEYS[5], unpack(old, i, math.min(i + 999, #old)))
+  end
 end
 redis.call('PEXPIRE', KEYS[1], result_ttl)
 redis.call('PEXPIRE', KEYS[1] .. ':log', result_ttl)

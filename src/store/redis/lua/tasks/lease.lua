@@ -11,11 +11,14 @@ local prefix = ARGV[1]
 -- due scheduled tasks become ready, keeping their priority band
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(due) do
-  local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
   redis.call('ZREM', KEYS[2], id)
-  redis.call('ZADD', KEYS[1], band * 4398046511104 + now, id)
-  redis.call('HSET', prefix .. id, 'state', 'queued')
-  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'name', redis.call('HGET', prefix .. id, 'name') or '', 'state', 'queued', 'at', now)
+  -- only a task still waiting moves (never create a hash for a gone one)
+  if redis.call('HGET', prefix .. id, 'state') == 'scheduled' then
+    local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
+    redis.call('ZADD', KEYS[1], band * 4398046511104 + now, id)
+    redis.call('HSET', prefix .. id, 'state', 'queued')
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', id, 'name', redis.call('HGET', prefix .. id, 'name') or '', 'state', 'queued', 'at', now)
+  end
 end
 local serves_all, served = false, {}
 for i = 6, #ARGV do
@@ -25,9 +28,9 @@ end
 local candidates = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[5]) - 1)
 for _, id in ipairs(candidates) do
   local key = prefix .. id
-  local name = redis.call('HGET', key, 'name')
-  if not name then
-    -- a ready entry whose task is gone (expired or removed): drop it
+  local name, state = unpack(redis.call('HMGET', key, 'name', 'state'))
+  if not name or state ~= 'queued' then
+    -- a ready entry whose task is gone or has moved on: drop it
     redis.call('ZREM', KEYS[1], id)
   elseif serves_all or served[name] then
     redis.call('ZREM', KEYS[1], id)
@@ -38,6 +41,8 @@ for _, id in ipairs(candidates) do
     if hard > 0 then hard_deadline = now + hard end
     redis.call('HSET', key, 'state', 'running', 'token', attempt, 'worker', ARGV[3],
       'started_ms', now, 'lease_until', deadline, 'hard_until', hard_deadline)
+    -- progress belongs to an attempt
+    redis.call('HDEL', key, 'progress')
     local score = deadline
     if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
     redis.call('ZADD', KEYS[3], score, id)

@@ -11,12 +11,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
 local due = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(due) do
-  local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
   redis.call('ZREM', KEYS[9], id)
+  if redis.call('HGET', prefix .. id, 'state') == 'scheduled' then
+  local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
   redis.call('ZADD', KEYS[2], band * 4398046511104 + now, id)
   redis.call('HSET', prefix .. id, 'state', 'queued')
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'name', redis.call('HGET', prefix .. id, 'name') or '',
     'state', 'queued', 'at', now)
+  end
 end
 local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(lapsed) do
@@ -50,6 +52,7 @@ for _, id in ipairs(lapsed) do
       redis.call('HSET', key, 'state', outcome, 'error', cjson.encode({ message = why, retryable = false }),
         'finished_ms', now)
       redis.call('ZADD', KEYS[5], now, id)
+      redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -(tonumber(ARGV[4]) + 1))
       redis.call('ZADD', KEYS[3], now, id)
       redis.call('HSET', KEYS[4], id, cjson.encode({ name = redis.call('HGET', key, 'name'), state = outcome,
         attempts = tonumber(attempts), finished_ms = now, category = redis.call('HGET', key, 'category') }))
@@ -57,7 +60,9 @@ for _, id in ipairs(lapsed) do
       if excess > 0 then
         local old = redis.call('ZRANGE', KEYS[3], 0, excess - 1)
         redis.call('ZREMRANGEBYRANK', KEYS[3], 0, excess - 1)
-        redis.call('HDEL', KEYS[4], unpack(old))
+        for i = 1, #old, 1000 do
+          redis.call('HDEL', KEYS[4], unpack(old, i, math.min(i + 999, #old)))
+        end
       end
       redis.call('PEXPIRE', key, result_ttl)
       redis.call('PEXPIRE', key .. ':log', result_ttl)
