@@ -137,6 +137,15 @@ pub enum TaskError {
     Store(#[from] StoreError),
 }
 
+/// `Ok` when the store accepted a call made under a lease, else `Fenced`.
+fn fenced_unless(accepted: bool, id: &TaskId) -> Result<(), TaskError> {
+    if accepted {
+        Ok(())
+    } else {
+        Err(TaskError::Fenced(id.to_string()))
+    }
+}
+
 fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
     TaskError::InvalidArgument {
         field: field.to_owned(),
@@ -328,11 +337,7 @@ impl TaskEngine {
                 deadline,
             )
             .await?;
-        if ok {
-            Ok(())
-        } else {
-            Err(TaskError::Fenced(id.to_string()))
-        }
+        fenced_unless(ok, id)
     }
 
     /// Records progress (JSON `{percent, message, metadata}`).
@@ -355,11 +360,7 @@ impl TaskEngine {
                 deadline,
             )
             .await?;
-        if ok {
-            Ok(())
-        } else {
-            Err(TaskError::Fenced(id.to_string()))
-        }
+        fenced_unless(ok, id)
     }
 
     /// Ends the attempt held with `token`; the state the task moved to.
