@@ -295,6 +295,9 @@ fn new_task(r: pb::SubmitTaskRequest) -> Result<NewTask, Status> {
 type EventStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchTasksResponse, Status>> + Send>>;
 
+/// How often a WatchTask re-reads its task even without events.
+const WATCH_BACKSTOP: Duration = Duration::from_secs(5);
+
 /// Most tasks in one SubmitTasks.
 const MAX_BATCH: usize = 100;
 
@@ -321,6 +324,9 @@ impl pb::task_service_server::TaskService for TaskApi {
         let shutdown = self.shutdown.clone();
         let timeout = self.request_timeout;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut backstop = tokio::time::interval(WATCH_BACKSTOP);
+        backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        backstop.reset();
         tokio::spawn(async move {
             let mut current = first;
             loop {
@@ -337,6 +343,10 @@ impl pb::task_service_server::TaskService for TaskApi {
                     let next_state = tokio::select! {
                         _ = tx.closed() => return,
                         _ = shutdown.cancelled() => return,
+                        // A backstop: should an event never arrive (trimmed
+                        // from the stream, or lost to a reader error), a
+                        // periodic read still brings the watcher up to date.
+                        _ = backstop.tick() => None,
                         event = events.recv() => match event {
                             Ok(e) if e.id == id => State::parse(&e.state),
                             Ok(_) => continue,
