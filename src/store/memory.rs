@@ -93,6 +93,11 @@ fn charge(key: &str, value: &Bytes) -> u64 {
 }
 
 impl State {
+    /// The entry under `key`, unless it has expired.
+    fn live(&self, key: &str, now: Instant) -> Option<&Slot> {
+        self.entries.get(key).filter(|s| s.live(now))
+    }
+
     fn remove(&mut self, key: &str) -> Option<Slot> {
         let slot = self.entries.remove(key)?;
         self.expiries.remove(&(slot.expires_at, key.to_owned()));
@@ -213,11 +218,7 @@ impl MemoryStore {
     pub(super) async fn get(&self, key: &str, _deadline: Deadline) -> Result<Option<Entry>> {
         let now = Instant::now();
         let state = self.read();
-        Ok(state
-            .entries
-            .get(key)
-            .filter(|s| s.live(now))
-            .map(|s| entry(s, now)))
+        Ok(state.live(key, now).map(|s| entry(s, now)))
     }
 
     pub(super) async fn get_many(
@@ -229,13 +230,7 @@ impl MemoryStore {
         let state = self.read();
         Ok(keys
             .iter()
-            .map(|k| {
-                state
-                    .entries
-                    .get(k)
-                    .filter(|s| s.live(now))
-                    .map(|s| entry(s, now))
-            })
+            .map(|k| state.live(k, now).map(|s| entry(s, now)))
             .collect())
     }
 
@@ -277,13 +272,7 @@ impl MemoryStore {
         let state = self.read();
         Ok(keys
             .iter()
-            .map(|k| {
-                state
-                    .entries
-                    .get(k)
-                    .filter(|s| s.live(now))
-                    .map_or(0, |s| s.value.len() as u64)
-            })
+            .map(|k| state.live(k, now).map_or(0, |s| s.value.len() as u64))
             .collect())
     }
 
@@ -476,7 +465,7 @@ impl MemoryStore {
             .iter()
             .filter(|(_, score)| **score >= since)
             .filter_map(|(member, _)| {
-                let slot = state.entries.get(&key_of(member)).filter(|s| s.live(now))?;
+                let slot = state.live(&key_of(member), now)?;
                 Some((member.clone(), slot.value.clone()))
             })
             .collect())
