@@ -57,7 +57,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
         .context("koo worker needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
     let store = koo::store::RedisStore::connect(&redis)?;
     let engine = TaskEngine::new(store.clone(), args.tasks.task_config(&args.prefix)?);
-    let queues: Vec<_> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+    let queues: Vec<_> = Category::queues();
     let mut registry = worker::Registry::default();
     handlers::register_diagnostics(&mut registry);
     handlers::register_health_check(&mut registry, engine.clone());

@@ -304,7 +304,7 @@ fn start_tasks(
         _ => RedisStore::connect(config)?,
     };
     let engine = TaskEngine::new(redis.clone(), settings.tasks.config.clone());
-    let queues: Vec<QueueName> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+    let queues: Vec<QueueName> = Category::queues();
     background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
     background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
     if settings.tasks.workers > 0 {

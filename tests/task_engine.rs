@@ -81,9 +81,8 @@ impl Koo {
     /// Waits for a task to end by following its queue's event stream (an
     /// event, not a timer), then returns it.
     async fn wait_final(&self, task: &Task) -> Task {
-        let keys = QueueKeys::new("koo", &task.id.queue());
-        let mut conn = self.redis.conn().await;
-        let mut last = "0-0".to_owned();
+        let stream = QueueKeys::new("koo", &task.id.queue()).events();
+        let mut events = common::EventFollower::new(&self.redis, stream).await;
         let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
         loop {
             let current = self.engine.get(task.id.as_str(), later()).await.unwrap();
@@ -94,20 +93,7 @@ impl Koo {
                 tokio::time::Instant::now() < until,
                 "task never ended: {current:?}"
             );
-            type Entries = Vec<(String, Vec<String>)>;
-            let reply: Option<Vec<(String, Entries)>> = redis::cmd("XREAD")
-                .arg("BLOCK")
-                .arg(500)
-                .arg("STREAMS")
-                .arg(keys.events())
-                .arg(&last)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            let seen = reply.into_iter().flatten().flat_map(|(_, entries)| entries);
-            if let Some((id, _)) = seen.last() {
-                last = id;
-            }
+            events.wait().await;
         }
     }
 }

@@ -21,6 +21,12 @@ const KOO: &str = env!("CARGO_BIN_EXE_koo");
 /// built-in worker slots.
 async fn start(workers: usize) -> (TestRedis, TestServer) {
     let redis = TestRedis::start().await;
+    let server = spawn_on(&redis, workers).await;
+    (redis, server)
+}
+
+/// Another koo server on `redis`, running tasks with short intervals.
+async fn spawn_on(redis: &TestRedis, workers: usize) -> TestServer {
     let mut settings = test_settings(redis_settings(&redis.url()));
     let koo::server::StoreSettings::Redis(r) = &settings.store else {
         unreachable!()
@@ -36,7 +42,7 @@ async fn start(workers: usize) -> (TestRedis, TestServer) {
     };
     let server = TestServer::spawn(settings).await;
     server.wait_health("", ServingStatus::Serving).await;
-    (redis, server)
+    server
 }
 
 fn client(server: &TestServer) -> TaskServiceClient<Channel> {
@@ -57,20 +63,7 @@ fn submit(name: &str, kwargs: serde_json::Value) -> pb::SubmitTaskRequest {
 }
 
 fn koo_json(v: serde_json::Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        serde_json::Value::Null => Kind::NullValue(0),
-        serde_json::Value::Bool(b) => Kind::BoolValue(b),
-        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-        serde_json::Value::String(s) => Kind::StringValue(s),
-        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(koo_json).collect(),
-        }),
-        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o.into_iter().map(|(k, v)| (k, koo_json(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
+    koo::grpc::json::from_json(&v.to_string()).expect("valid JSON")
 }
 
 /// Waits until `check` accepts the task, following the queue's event stream
@@ -82,9 +75,8 @@ async fn wait_task(
     check: impl Fn(&pb::Task) -> bool,
 ) -> pb::Task {
     let queue = TaskId::parse(id).unwrap().queue();
-    let events = QueueKeys::new("koo", &queue).events();
-    let mut conn = redis.conn().await;
-    let mut last = "0-0".to_owned();
+    let mut events =
+        common::EventFollower::new(redis, QueueKeys::new("koo", &queue).events()).await;
     let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
     loop {
         let task = client
@@ -101,19 +93,7 @@ async fn wait_task(
             tokio::time::Instant::now() < until,
             "task never got there: {task:?}"
         );
-        type Entries = Vec<(String, Vec<String>)>;
-        let reply: Option<Vec<(String, Entries)>> = redis::cmd("XREAD")
-            .arg("BLOCK")
-            .arg(500)
-            .arg("STREAMS")
-            .arg(&events)
-            .arg(&last)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        if let Some((id, _)) = reply.into_iter().flatten().flat_map(|(_, e)| e).last() {
-            last = id;
-        }
+        events.wait().await;
     }
 }
 
@@ -327,15 +307,7 @@ async fn a_killed_worker_process_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_task_follows_work_done_elsewhere() {
     let (redis, api_only) = start(0).await;
-    let mut settings = test_settings(redis_settings(&redis.url()));
-    let koo::server::StoreSettings::Redis(r) = &settings.store else {
-        unreachable!()
-    };
-    settings.tasks.redis = Some(r.clone());
-    settings.tasks.workers = 1;
-    settings.tasks.config.poll_interval = Duration::from_millis(20);
-    let runner = TestServer::spawn(settings).await;
-    runner.wait_health("", ServingStatus::Serving).await;
+    let _runner = spawn_on(&redis, 1).await;
     let mut c = client(&api_only);
     let task = c
         .submit_task(submit(

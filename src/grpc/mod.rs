@@ -5,6 +5,6 @@ pub mod cache;
 pub mod codec;
 mod deadline;
 pub mod health;
-mod json;
+pub mod json;
 mod status;
 pub mod tasks;

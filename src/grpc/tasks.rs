@@ -176,7 +176,7 @@ fn queues_for(category_raw: i32, queue: &str) -> Result<Vec<QueueName>, Status> 
         ]);
     }
     Ok(match category_raw {
-        0 => Category::ALL.iter().map(|c| c.default_queue()).collect(),
+        0 => Category::queues(),
         c => vec![category(c)?.default_queue()],
     })
 }
@@ -411,7 +411,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskMetricsRequest>,
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let queues: Vec<QueueName> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+        let queues: Vec<QueueName> = Category::queues();
         let stats = self.engine()?.queue_stats(&queues, deadline).await?;
         let count = |s: &crate::store::redis::QueueStats, name: &str| {
             s.counts.get(name).copied().unwrap_or(0) as i64
@@ -544,7 +544,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let filter = HistoryFilter {
             queues: match category {
                 Some(c) => vec![c.default_queue()],
-                None => Category::ALL.iter().map(|c| c.default_queue()).collect(),
+                None => Category::queues(),
             },
             state,
             category,
@@ -641,7 +641,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             queues.push(category(*c)?.default_queue());
         }
         if queues.is_empty() {
-            queues = Category::ALL.iter().map(|c| c.default_queue()).collect();
+            queues = Category::queues();
         }
         let mut positions: std::collections::BTreeMap<String, String> = if r.resume_token.is_empty()
         {

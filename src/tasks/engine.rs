@@ -204,7 +204,8 @@ impl TaskEngine {
         &self.inner.store
     }
 
-    fn keys(&self, queue: &QueueName) -> QueueKeys {
+    /// Key names of `queue`.
+    pub(crate) fn keys(&self, queue: &QueueName) -> QueueKeys {
         QueueKeys::new(&self.inner.config.prefix, queue)
     }
 

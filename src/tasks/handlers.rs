@@ -39,7 +39,7 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                 .ping(deadline)
                 .await
                 .map_err(|e| HandlerError::retry(e.to_string()))?;
-            let queues: Vec<_> = Category::ALL.iter().map(|c| c.default_queue()).collect();
+            let queues: Vec<_> = Category::queues();
             let stats = engine
                 .queue_stats(&queues, deadline)
                 .await

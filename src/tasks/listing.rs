@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use super::engine::{TaskEngine, TaskError};
 use super::model::{Category, QueueName, State, Task};
-use crate::keys::QueueKeys;
 use crate::store::{Deadline, fnv1a};
 
 /// Store round trips one page may take before it returns what it has.
@@ -99,10 +98,6 @@ fn mismatch() -> TaskError {
 }
 
 impl TaskEngine {
-    fn queue_keys(&self, queue: &QueueName) -> QueueKeys {
-        QueueKeys::new(&self.config().prefix, queue)
-    }
-
     /// One page of active tasks.
     pub async fn list_active(
         &self,
@@ -126,7 +121,7 @@ impl TaskEngine {
             if page.len() >= page_size || q >= filter.queues.len() {
                 break;
             }
-            let keys = self.queue_keys(&filter.queues[q]);
+            let keys = self.keys(&filter.queues[q]);
             let (tasks, next) = self
                 .redis()
                 .list_active(&keys, set, offset, page_size - page.len(), deadline)
@@ -185,7 +180,7 @@ impl TaskEngine {
                 let entries = self
                     .redis()
                     .history_page(
-                        &self.queue_keys(queue),
+                        &self.keys(queue),
                         max_ms,
                         below.as_deref(),
                         filter.since_ms,

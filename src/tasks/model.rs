@@ -54,6 +54,11 @@ impl Category {
         Category::ALL.into_iter().find(|c| c.as_str() == s)
     }
 
+    /// Every category's default queue, the queues koo serves and sweeps.
+    pub fn queues() -> Vec<QueueName> {
+        Category::ALL.iter().map(|c| c.default_queue()).collect()
+    }
+
     /// The queue a task of this category goes to when the submit names none.
     pub fn default_queue(self) -> QueueName {
         QueueName(self.as_str().to_owned())

@@ -373,3 +373,51 @@ macro_rules! on_both_stores {
         )*
     };
 }
+
+/// Follows one Redis stream (a task queue's events) from the moment it is
+/// created, so that a test can wait for "something happened" instead of
+/// sleeping: check the condition, then `wait`, then check again.
+pub struct EventFollower {
+    conn: redis::aio::MultiplexedConnection,
+    stream: String,
+    last: String,
+}
+
+impl EventFollower {
+    /// Starts after the stream's newest entry: events appended from now on
+    /// wake `wait`.
+    pub async fn new(redis: &TestRedis, stream: String) -> Self {
+        let mut conn = redis.conn().await;
+        let newest: Vec<(String, Vec<String>)> = redis::cmd("XREVRANGE")
+            .arg(&stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("read the stream head");
+        let last = newest
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id);
+        EventFollower { conn, stream, last }
+    }
+
+    /// Waits for the next events (or half a second), and moves past them.
+    pub async fn wait(&mut self) {
+        type Entries = Vec<(String, Vec<String>)>;
+        let reply: Option<Vec<(String, Entries)>> = redis::cmd("XREAD")
+            .arg("BLOCK")
+            .arg(500)
+            .arg("STREAMS")
+            .arg(&self.stream)
+            .arg(&self.last)
+            .query_async(&mut self.conn)
+            .await
+            .expect("read the stream");
+        if let Some((id, _)) = reply.into_iter().flatten().flat_map(|(_, e)| e).last() {
+            self.last = id;
+        }
+    }
+}
