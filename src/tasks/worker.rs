@@ -227,15 +227,7 @@ async fn execute(engine: &TaskEngine, registry: &Registry, worker: &str, task: T
             message: format!("no handler for {}", task.name),
             retryable: true,
         };
-        let _ = engine
-            .finish(
-                &task,
-                token,
-                worker,
-                finish,
-                Deadline::after(Duration::from_secs(5)),
-            )
-            .await;
+        report(engine, &task, worker, finish).await;
         return;
     };
     let cancel = CancellationToken::new();
@@ -283,22 +275,26 @@ async fn execute(engine: &TaskEngine, registry: &Registry, worker: &str, task: T
             }
         }
     };
+    report(engine, &task, worker, finish).await;
+}
+
+/// Reports how an attempt ended. A refusal means the lease lapsed and the
+/// new holder owns the outcome; any other failure leaves the lease to lapse,
+/// and the task runs again.
+async fn report(engine: &TaskEngine, task: &Task, worker: &str, finish: Finish) {
+    let deadline = Deadline::after(Duration::from_secs(5));
     match engine
-        .finish(
-            &task,
-            token,
-            worker,
-            finish,
-            Deadline::after(Duration::from_secs(5)),
-        )
+        .finish(task, task.attempts, worker, finish, deadline)
         .await
     {
         Ok(state) => tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended"),
         Err(TaskError::Fenced(_)) => {
             tracing::warn!(task = %task.id, "completion refused: the lease lapsed")
         }
-        Err(e) => {
-            tracing::warn!(task = %task.id, error = %e, "cannot report the outcome; the lease will lapse and the task run again")
-        }
+        Err(e) => tracing::warn!(
+            task = %task.id,
+            error = %e,
+            "cannot report the outcome; the lease will lapse and the task run again"
+        ),
     }
 }
