@@ -56,7 +56,10 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
         .redis_config(&args.redis)?
         .context("koo worker needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
     let store = koo::store::RedisStore::connect(&redis)?;
-    let engine = TaskEngine::new(store.clone(), args.tasks.task_config(&args.prefix)?);
+    let engine = TaskEngine::new(
+        koo::store::tasks::TaskStore::redis(store.clone(), &args.prefix),
+        args.tasks.task_config(&args.prefix)?,
+    );
     let queues: Vec<_> = Category::queues();
     let mut registry = worker::Registry::default();
     handlers::register_diagnostics(&mut registry);

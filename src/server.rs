@@ -21,6 +21,7 @@ use crate::grpc::tasks::TaskApi;
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
+use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
 use crate::tasks::events::EventHub;
@@ -150,14 +151,17 @@ pub async fn run(
 
     let cache_name = <CacheServiceServer<CacheApi> as NamedService>::NAME;
     // NOT_SERVING until the first probe says otherwise.
-    // TaskService shares the cache's health when its tasks live on the same
-    // Redis (the usual case); on the embedded store it has no engine.
+    // TaskService shares the cache's health when its tasks live in the same
+    // store (the usual case: one Redis, or both embedded).
     let task_name = <TaskServiceServer<TaskApi> as NamedService>::NAME;
-    let tasks_share_redis = matches!(
+    let tasks_share_store = matches!(
         (&settings.store, &settings.tasks.redis),
         (StoreSettings::Redis(c), Some(t)) if c.url == t.url
+    ) || matches!(
+        (&settings.store, &settings.tasks.redis),
+        (StoreSettings::Memory(_), None)
     );
-    let publisher = if tasks_share_redis {
+    let publisher = if tasks_share_store {
         HealthPublisher::new(vec![cache_name, task_name])
     } else {
         HealthPublisher::new(vec![cache_name])
@@ -284,29 +288,36 @@ pub async fn run(
     result
 }
 
-/// Starts the task engine when there is a Redis for it: recovery of lapsed
-/// leases on every queue, and the built-in worker pool.
+/// Starts the task engine (on the task Redis, or embedded when there is
+/// none): recovery of lapsed leases on every queue, and the built-in worker
+/// pool.
 fn start_tasks(
     settings: &Settings,
     store: &Store,
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
-) -> Result<Option<(TaskEngine, EventHub)>, ServerError> {
-    let Some(config) = &settings.tasks.redis else {
-        tracing::info!(
-            "no Redis for tasks: TaskService answers FAILED_PRECONDITION (set REDIS_URL)"
-        );
-        return Ok(None);
+) -> Result<(TaskEngine, EventHub), ServerError> {
+    let prefix = &settings.tasks.config.prefix;
+    let tasks = match &settings.tasks.redis {
+        None => {
+            tracing::info!(
+                "tasks live in this process (set REDIS_URL to use Redis): not shared with other koo processes, lost on restart"
+            );
+            TaskStore::memory()
+        }
+        Some(config) => {
+            // Share the cache's pool when tasks live on the same Redis.
+            let redis = match (store, &settings.store) {
+                (Store::Redis(r), StoreSettings::Redis(c)) if c.url == config.url => r.clone(),
+                _ => RedisStore::connect(config)?,
+            };
+            background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
+            TaskStore::redis(redis, prefix)
+        }
     };
-    // Share the cache's pool when tasks live on the same Redis.
-    let redis = match (store, &settings.store) {
-        (Store::Redis(r), StoreSettings::Redis(c)) if c.url == config.url => r.clone(),
-        _ => RedisStore::connect(config)?,
-    };
-    let engine = TaskEngine::new(redis.clone(), settings.tasks.config.clone());
+    let engine = TaskEngine::new(tasks.clone(), settings.tasks.config.clone());
     let queues: Vec<QueueName> = Category::queues();
     background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
-    background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
     if settings.tasks.workers > 0 {
         let mut registry = Registry::default();
         handlers::register_diagnostics(&mut registry);
@@ -319,8 +330,8 @@ fn start_tasks(
         );
         background.spawn(pool.run(stop.clone()));
     }
-    let hub = EventHub::new(redis, &settings.tasks.config.prefix, stop.clone());
-    Ok(Some((engine, hub)))
+    let hub = EventHub::new(tasks, stop.clone());
+    Ok((engine, hub))
 }
 
 /// A task Redis must never evict: warn when its policy could.

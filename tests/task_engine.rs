@@ -1,5 +1,5 @@
-//! The task engine and built-in worker pool against a real redis-server:
-//! tasks run to an end state, retries follow the backoff, soft and hard time
+//! The task engine and built-in worker pool, each scenario on a real
+//! redis-server and on the embedded store: tasks run to an end state, retries follow the backoff, soft and hard time
 //! limits hold (even for a handler that ignores cancellation), a paused
 //! worker is fenced, and two pools drain one queue with every task done once.
 
@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::TestRedis;
-use koo::keys::QueueKeys;
+use koo::store::tasks::TaskStore;
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use koo::tasks::engine::{Finish, NewTask, TaskConfig, TaskEngine, TaskError};
 use koo::tasks::handlers::{self, FAIL_TIMES, NOOP, SLEEP, STUBBORN};
@@ -38,31 +38,88 @@ fn queue() -> QueueName {
     Category::Research.default_queue()
 }
 
+/// Where a test's tasks live.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+/// For each `async fn scenario(backend: Backend)`, a test on the embedded
+/// store and one on Redis.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    super::$name(super::Backend::Memory).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$name(super::Backend::Redis).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both!(
+    tasks_run_to_success_with_progress,
+    retries_follow_the_backoff_schedule,
+    soft_and_hard_time_limits,
+    a_paused_worker_is_fenced,
+    two_pools_drain_a_queue_exactly_once,
+    bad_submits_and_ids,
+    history_pages_through_same_millisecond_ties,
+);
+
+/// An engine on `backend`, and its Redis if any.
+async fn engine(backend: Backend) -> (Option<TestRedis>, TaskEngine) {
+    match backend {
+        Backend::Memory => (None, TaskEngine::new(TaskStore::memory(), config())),
+        Backend::Redis => {
+            let redis = TestRedis::start().await;
+            let engine = redis_engine(&redis);
+            (Some(redis), engine)
+        }
+    }
+}
+
+fn redis_engine(redis: &TestRedis) -> TaskEngine {
+    let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
+    TaskEngine::new(TaskStore::redis(store, "koo"), config())
+}
+
 struct Koo {
     engine: TaskEngine,
     stop: CancellationToken,
-    redis: TestRedis,
+    _redis: Option<TestRedis>,
 }
 
 impl Koo {
     /// An engine with `pools` worker pools of `concurrency` slots and a
-    /// recovery loop, all on one fresh Redis.
-    async fn start(pools: usize, concurrency: usize) -> Koo {
-        let redis = TestRedis::start().await;
-        let engine = engine(&redis);
+    /// recovery loop, all on one fresh store.
+    async fn start(backend: Backend, pools: usize, concurrency: usize) -> Koo {
+        let (redis, engine) = self::engine(backend).await;
         let stop = CancellationToken::new();
         for _ in 0..pools {
             let mut registry = Registry::default();
             handlers::register_diagnostics(&mut registry);
-            // each pool gets its own engine handle, as separate processes would
-            let pool = WorkerPool::new(self::engine(&redis), registry, vec![queue()], concurrency);
+            // on Redis each pool gets its own engine and connections, as
+            // separate processes would
+            let pool_engine = match &redis {
+                Some(redis) => redis_engine(redis),
+                None => engine.clone(),
+            };
+            let pool = WorkerPool::new(pool_engine, registry, vec![queue()], concurrency);
             tokio::spawn(pool.run(stop.clone()));
         }
         tokio::spawn(engine.clone().run_recovery(vec![queue()], stop.clone()));
         Koo {
             engine,
             stop,
-            redis,
+            _redis: redis,
         }
     }
 
@@ -78,11 +135,15 @@ impl Koo {
         self.engine.submit(new, later()).await.unwrap()
     }
 
-    /// Waits for a task to end by following its queue's event stream (an
-    /// event, not a timer), then returns it.
+    /// Waits for a task to end by following its queue's events (an event,
+    /// not a timer), then returns it.
     async fn wait_final(&self, task: &Task) -> Task {
-        let stream = QueueKeys::new("koo", &task.id.queue()).events();
-        let mut events = common::EventFollower::new(&self.redis, stream).await;
+        let mut events = self
+            .engine
+            .store()
+            .event_reader(&task.id.queue(), None, later())
+            .await
+            .unwrap();
         let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
         loop {
             let current = self.engine.get(task.id.as_str(), later()).await.unwrap();
@@ -93,7 +154,7 @@ impl Koo {
                 tokio::time::Instant::now() < until,
                 "task never ended: {current:?}"
             );
-            events.wait().await;
+            events.next(Duration::from_millis(500)).await.unwrap();
         }
     }
 }
@@ -104,18 +165,10 @@ impl Drop for Koo {
     }
 }
 
-fn engine(redis: &TestRedis) -> TaskEngine {
-    TaskEngine::new(
-        RedisStore::connect(&RedisConfig::new(redis.url())).unwrap(),
-        config(),
-    )
-}
-
 /// A no-op runs to SUCCEEDED with one attempt; progress reports land on the
 /// task as the sleep handler goes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_run_to_success_with_progress() {
-    let koo = Koo::start(1, 2).await;
+async fn tasks_run_to_success_with_progress(backend: Backend) {
+    let koo = Koo::start(backend, 1, 2).await;
     let noop = koo.submit(NOOP, serde_json::json!({}), |_| {}).await;
     let sleep = koo
         .submit(
@@ -137,9 +190,8 @@ async fn tasks_run_to_success_with_progress() {
 
 /// Retryable failures are retried with growing backoff until the handler
 /// succeeds; the log records each failed attempt's retry time.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retries_follow_the_backoff_schedule() {
-    let koo = Koo::start(1, 1).await;
+async fn retries_follow_the_backoff_schedule(backend: Backend) {
+    let koo = Koo::start(backend, 1, 1).await;
     let task = koo
         .submit(FAIL_TIMES, serde_json::json!({ "failures": 3 }), |_| {})
         .await;
@@ -183,9 +235,8 @@ async fn retries_follow_the_backoff_schedule() {
 /// recorded); a handler that ignores cancellation is abandoned at the hard
 /// limit, the task ends TIMED_OUT, and the slot runs the next task while the
 /// abandoned thread still sleeps.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn soft_and_hard_time_limits() {
-    let koo = Koo::start(1, 1).await;
+async fn soft_and_hard_time_limits(backend: Backend) {
+    let koo = Koo::start(backend, 1, 1).await;
     let soft = koo
         .submit(SLEEP, serde_json::json!({ "seconds": 30 }), |t| {
             t.soft_time_limit = Some(Duration::from_millis(100));
@@ -212,10 +263,8 @@ async fn soft_and_hard_time_limits() {
 /// heartbeats) is fenced: the task is recovered and completed by the pool,
 /// and the paused worker's late completion is refused, so the first result
 /// stays.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_worker_is_fenced() {
-    let redis = TestRedis::start().await;
-    let engine = engine(&redis);
+async fn a_paused_worker_is_fenced(backend: Backend) {
+    let (redis, engine) = engine(backend).await;
     let task = engine
         .submit(NewTask::new(NOOP, Category::Research), later())
         .await
@@ -235,7 +284,7 @@ async fn a_paused_worker_is_fenced() {
     let koo = Koo {
         engine: engine.clone(),
         stop,
-        redis,
+        _redis: redis,
     };
     let done = koo.wait_final(&task).await;
     assert_eq!((done.state, done.attempts), (State::Succeeded, 2));
@@ -263,9 +312,8 @@ async fn a_paused_worker_is_fenced() {
 
 /// Two worker pools (as two koo processes would) drain one queue of 1000
 /// tasks: every task succeeds, each after exactly one attempt.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_pools_drain_a_queue_exactly_once() {
-    let koo = Koo::start(2, 4).await;
+async fn two_pools_drain_a_queue_exactly_once(backend: Backend) {
+    let koo = Koo::start(backend, 2, 4).await;
     let mut tasks = Vec::new();
     for _ in 0..1000 {
         tasks.push(koo.submit(NOOP, serde_json::json!({}), |_| {}).await);
@@ -284,10 +332,8 @@ async fn two_pools_drain_a_queue_exactly_once() {
 
 /// Bad submits are refused naming the field; unknown and malformed ids are
 /// told apart.
-#[tokio::test]
-async fn bad_submits_and_ids() {
-    let redis = TestRedis::start().await;
-    let engine = engine(&redis);
+async fn bad_submits_and_ids(backend: Backend) {
+    let (_redis, engine) = engine(backend).await;
     let cases: Vec<(NewTask, &str)> = vec![
         (NewTask::new("", Category::Cache), "name"),
         (
@@ -339,11 +385,9 @@ async fn bad_submits_and_ids() {
 
 /// History pages exactly even when many tasks ended in the same
 /// millisecond (one recovery sweep ends up to a hundred at once).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn history_pages_through_same_millisecond_ties() {
+async fn history_pages_through_same_millisecond_ties(backend: Backend) {
     use koo::tasks::listing::HistoryFilter;
-    let redis = TestRedis::start().await;
-    let engine = engine(&redis);
+    let (_redis, engine) = engine(backend).await;
     let mut submitted = Vec::new();
     for _ in 0..90 {
         let mut new = NewTask::new(NOOP, Category::Research);
@@ -351,13 +395,13 @@ async fn history_pages_through_same_millisecond_ties() {
         submitted.push(engine.submit(new, later()).await.unwrap().id.to_string());
     }
     // lease everything with leases that lapse at once, then one sweep fails
-    // them all (acks early), in the same Redis millisecond
-    let keys = QueueKeys::new("koo", &queue());
-    let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
+    // them all (acks early), in the same millisecond
+    let store = engine.store();
+    let mut last_started = 0;
     for _ in 0..90 {
-        store
-            .lease_task(
-                &keys,
+        let leased = store
+            .lease(
+                &queue(),
                 "w",
                 Duration::from_millis(1),
                 &["*"],
@@ -367,12 +411,18 @@ async fn history_pages_through_same_millisecond_ties() {
             .await
             .unwrap()
             .unwrap();
+        last_started = leased.started_ms.unwrap();
+    }
+    // every lease has lapsed once the clock passes the last one's end, so
+    // the first sweep finds them all
+    while koo::store::unix_millis(std::time::SystemTime::now()) <= last_started + 1 {
+        tokio::task::yield_now().await;
     }
     let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
     let mut recovered = 0;
     while recovered < 90 {
         recovered += store
-            .recover_tasks(&keys, false, Default::default(), later())
+            .recover(&queue(), false, Default::default(), later())
             .await
             .unwrap();
         assert!(tokio::time::Instant::now() < until, "leases never lapsed");

@@ -1,6 +1,8 @@
-//! The task engine's Redis transitions (issue 3, in progress), against a
-//! real redis-server: priority order, leases and fencing tokens, recovery of
-//! lapsed leases, retries, dead letters, time limits and result expiry.
+//! The task store's transitions, each scenario on a real redis-server (the
+//! Lua scripts) and on the embedded store (its Rust twin), so that both are
+//! held to the same behaviour: priority order, leases and fencing tokens,
+//! recovery of lapsed leases, retries, dead letters, time limits and result
+//! expiry.
 
 mod common;
 
@@ -8,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TestRedis;
 use koo::keys::QueueKeys;
-use koo::store::redis::{Outcome, TaskLimits};
+use koo::store::tasks::{Outcome, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use koo::tasks::model::{Category, Priority, QueueName, State, Task, TaskId};
 use redis::AsyncCommands;
@@ -18,24 +20,67 @@ fn later() -> Deadline {
 }
 
 struct Fixture {
-    redis: TestRedis,
-    store: RedisStore,
+    /// The Redis under the store, when it is Redis.
+    redis: Option<TestRedis>,
+    store: TaskStore,
     keys: QueueKeys,
     queue: QueueName,
 }
 
-async fn fixture() -> Fixture {
-    let redis = TestRedis::start().await;
-    let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
-    let queue = QueueName::parse("research").unwrap();
-    let keys = QueueKeys::new("koo", &queue);
-    Fixture {
-        redis,
-        store,
-        keys,
-        queue,
+impl Fixture {
+    async fn redis() -> Self {
+        let redis = TestRedis::start().await;
+        let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
+        Self::on(Some(redis), TaskStore::redis(store, "koo"))
+    }
+
+    async fn memory() -> Self {
+        Self::on(None, TaskStore::memory())
+    }
+
+    fn on(redis: Option<TestRedis>, store: TaskStore) -> Self {
+        let queue = QueueName::parse("research").unwrap();
+        let keys = QueueKeys::new("koo", &queue);
+        Fixture {
+            redis,
+            store,
+            keys,
+            queue,
+        }
     }
 }
+
+/// For each `async fn scenario(f: Fixture)`, a test on Redis and one on the
+/// embedded store.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn memory() {
+                    super::$name(super::Fixture::memory().await).await;
+                }
+                #[tokio::test]
+                async fn redis() {
+                    super::$name(super::Fixture::redis().await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both!(
+    leases_follow_priority_then_submission_order,
+    lapsed_lease_is_recovered_and_the_old_holder_fenced,
+    poison_task_is_dead_lettered,
+    acks_early_fails_a_lost_task_visibly,
+    retries_then_fails_when_the_budget_is_spent,
+    workers_lease_only_the_names_they_serve,
+    hard_limit_ends_a_task_timed_out,
+    scheduling_and_result_expiry,
+    sweep_queues_due_scheduled_tasks,
+    progress_and_events_are_fenced_and_ordered,
+);
 
 impl Fixture {
     fn task(&self, name: &str, priority: Priority, max_retries: u32) -> Task {
@@ -65,21 +110,15 @@ impl Fixture {
 
     async fn submit(&self, task: &Task) {
         self.store
-            .submit_task(
-                &self.keys,
-                task,
-                Duration::ZERO,
-                TaskLimits::default(),
-                later(),
-            )
+            .submit(task, Duration::ZERO, TaskLimits::default(), later())
             .await
             .unwrap();
     }
 
     async fn lease(&self, worker: &str, lease: Duration) -> Option<Task> {
         self.store
-            .lease_task(
-                &self.keys,
+            .lease(
+                &self.queue,
                 worker,
                 lease,
                 &["*"],
@@ -92,8 +131,7 @@ impl Fixture {
 
     async fn finish(&self, id: &TaskId, token: u32, outcome: Outcome) -> Option<State> {
         self.store
-            .finish_task(
-                &self.keys,
+            .finish(
                 id,
                 token,
                 &outcome,
@@ -107,7 +145,7 @@ impl Fixture {
 
     async fn get(&self, id: &TaskId) -> Task {
         self.store
-            .get_task(&self.keys, id, later())
+            .get(id, later())
             .await
             .unwrap()
             .expect("task exists")
@@ -119,7 +157,7 @@ impl Fixture {
         let until = Instant::now() + common::EVENT_TIMEOUT;
         while self
             .store
-            .recover_tasks(&self.keys, acks_late, TaskLimits::default(), later())
+            .recover(&self.queue, acks_late, TaskLimits::default(), later())
             .await
             .unwrap()
             == 0
@@ -132,9 +170,7 @@ impl Fixture {
 
 /// Within a queue, higher priority runs first and equal priorities in
 /// submission order.
-#[tokio::test]
-async fn leases_follow_priority_then_submission_order() {
-    let f = fixture().await;
+async fn leases_follow_priority_then_submission_order(f: Fixture) {
     let order = [
         ("low", Priority::Low),
         ("normal-1", Priority::Normal),
@@ -159,9 +195,7 @@ async fn leases_follow_priority_then_submission_order() {
 /// A lapsed lease goes back to the queue with its attempt counted; the old
 /// holder is fenced (heartbeat and completion refused) and the new holder's
 /// completion stands, with both attempts in the log.
-#[tokio::test]
-async fn lapsed_lease_is_recovered_and_the_old_holder_fenced() {
-    let f = fixture().await;
+async fn lapsed_lease_is_recovered_and_the_old_holder_fenced(f: Fixture) {
     let task = f.task("t", Priority::Normal, 3);
     f.submit(&task).await;
     let first = f.lease("zombie", Duration::from_millis(1)).await.unwrap();
@@ -170,7 +204,7 @@ async fn lapsed_lease_is_recovered_and_the_old_holder_fenced() {
     assert_eq!(f.get(&task.id).await.state, State::Queued);
     let heartbeat = f
         .store
-        .heartbeat_task(&f.keys, &task.id, 1, Duration::from_secs(60), later())
+        .heartbeat(&task.id, 1, Duration::from_secs(60), later())
         .await
         .unwrap();
     assert!(!heartbeat, "zombie heartbeat accepted");
@@ -201,9 +235,7 @@ async fn lapsed_lease_is_recovered_and_the_old_holder_fenced() {
 
 /// A task that kills its worker every time is dead-lettered after
 /// max_retries + 1 attempts instead of looping.
-#[tokio::test]
-async fn poison_task_is_dead_lettered() {
-    let f = fixture().await;
+async fn poison_task_is_dead_lettered(f: Fixture) {
     let task = f.task("poison", Priority::Normal, 1);
     f.submit(&task).await;
     for attempt in 1..=2 {
@@ -218,16 +250,19 @@ async fn poison_task_is_dead_lettered() {
     assert_eq!(dead.state, State::Failed);
     assert!(dead.error.unwrap().contains("worker lost"));
     assert!(f.lease("w", Duration::from_secs(1)).await.is_none());
-    let mut conn = f.redis.conn().await;
-    let dead_ids: Vec<String> = conn.zrange(f.keys.dead(), 0, -1).await.unwrap();
-    assert_eq!(dead_ids, [task.id.to_string()]);
+    let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
+    assert_eq!(stats.dead, 1);
+    assert_eq!(stats.counts.get("lost"), Some(&2));
+    if let Some(redis) = &f.redis {
+        let mut conn = redis.conn().await;
+        let dead_ids: Vec<String> = conn.zrange(f.keys.dead(), 0, -1).await.unwrap();
+        assert_eq!(dead_ids, [task.id.to_string()]);
+    }
 }
 
 /// With acks late off, a lost worker's task ends FAILED ('worker lost'),
 /// visibly, rather than running again.
-#[tokio::test]
-async fn acks_early_fails_a_lost_task_visibly() {
-    let f = fixture().await;
+async fn acks_early_fails_a_lost_task_visibly(f: Fixture) {
     let task = f.task("t", Priority::Normal, 3);
     f.submit(&task).await;
     f.lease("w", Duration::from_millis(1)).await.unwrap();
@@ -240,9 +275,7 @@ async fn acks_early_fails_a_lost_task_visibly() {
 /// A retryable failure reschedules the task after its backoff and runs it
 /// again; when the budget is spent it fails for good. The log records each
 /// attempt's retry time.
-#[tokio::test]
-async fn retries_then_fails_when_the_budget_is_spent() {
-    let f = fixture().await;
+async fn retries_then_fails_when_the_budget_is_spent(f: Fixture) {
     let task = f.task("flaky", Priority::Normal, 2);
     f.submit(&task).await;
     let retry = || Outcome::Retry {
@@ -273,15 +306,13 @@ async fn retries_then_fails_when_the_budget_is_spent() {
 }
 
 /// A worker gets only tasks whose names it serves; others stay queued.
-#[tokio::test]
-async fn workers_lease_only_the_names_they_serve() {
-    let f = fixture().await;
+async fn workers_lease_only_the_names_they_serve(f: Fixture) {
     let task = f.task("koo.tasks.ai_service.process_query", Priority::Normal, 3);
     f.submit(&task).await;
     let none = f
         .store
-        .lease_task(
-            &f.keys,
+        .lease(
+            &f.queue,
             "w",
             Duration::from_secs(1),
             &["koo.noop"],
@@ -294,8 +325,8 @@ async fn workers_lease_only_the_names_they_serve() {
     assert_eq!(f.get(&task.id).await.state, State::Queued);
     let some = f
         .store
-        .lease_task(
-            &f.keys,
+        .lease(
+            &f.queue,
             "w",
             Duration::from_secs(1),
             &["koo.tasks.ai_service.process_query"],
@@ -309,16 +340,14 @@ async fn workers_lease_only_the_names_they_serve() {
 
 /// A task running past its hard limit ends TIMED_OUT even if its worker
 /// keeps heartbeating.
-#[tokio::test]
-async fn hard_limit_ends_a_task_timed_out() {
-    let f = fixture().await;
+async fn hard_limit_ends_a_task_timed_out(f: Fixture) {
     let mut task = f.task("slow", Priority::Normal, 3);
     task.hard_ms = 1;
     f.submit(&task).await;
     f.lease("w", Duration::from_secs(60)).await.unwrap();
     // heartbeats do not push a lease past the hard limit
     f.store
-        .heartbeat_task(&f.keys, &task.id, 1, Duration::from_secs(60), later())
+        .heartbeat(&task.id, 1, Duration::from_secs(60), later())
         .await
         .unwrap();
     f.recover_lapsed(true).await;
@@ -329,13 +358,10 @@ async fn hard_limit_ends_a_task_timed_out() {
 
 /// A scheduled task is not leased before it is due; an ended task's
 /// result expires after its result TTL, and its history summary stays.
-#[tokio::test]
-async fn scheduling_and_result_expiry() {
-    let f = fixture().await;
+async fn scheduling_and_result_expiry(f: Fixture) {
     let later_task = f.task("later", Priority::Critical, 0);
     f.store
-        .submit_task(
-            &f.keys,
+        .submit(
             &later_task,
             Duration::from_secs(60),
             TaskLimits::default(),
@@ -352,27 +378,51 @@ async fn scheduling_and_result_expiry() {
     assert_eq!(t.id, now_task.id);
     f.finish(&now_task.id, 1, Outcome::Succeeded("42".into()))
         .await;
-    let mut conn = f.redis.conn().await;
-    let ttl: i64 = conn.pttl(f.keys.task(&now_task.id)).await.unwrap();
-    assert!(ttl > 0 && ttl <= 5_000, "{ttl}");
-    let summary: Option<String> = conn
-        .hget(f.keys.history_data(), now_task.id.as_str())
+    let history = f
+        .store
+        .history_page(&f.queue, i64::MAX, None, 0, 10, later())
         .await
         .unwrap();
-    assert!(summary.unwrap().contains("succeeded"));
-    let history_ttl: i64 = conn.pttl(f.keys.history_data()).await.unwrap();
-    assert_eq!(history_ttl, -1, "history is bounded by its cap, not a TTL");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].0, now_task.id.as_str());
+    assert!(history[0].2.contains("succeeded"), "{history:?}");
+    if let Some(redis) = &f.redis {
+        let mut conn = redis.conn().await;
+        let ttl: i64 = conn.pttl(f.keys.task(&now_task.id)).await.unwrap();
+        assert!(ttl > 0 && ttl <= 5_000, "{ttl}");
+        let history_ttl: i64 = conn.pttl(f.keys.history_data()).await.unwrap();
+        assert_eq!(history_ttl, -1, "history is bounded by its cap, not a TTL");
+    }
+    // A result of 1 ms expires: the task reads as gone, its summary stays.
+    let mut brief = f.task("brief", Priority::Normal, 0);
+    brief.result_ttl_ms = 1;
+    f.submit(&brief).await;
+    f.lease("w", Duration::from_secs(60)).await.unwrap();
+    f.finish(&brief.id, 1, Outcome::Succeeded("1".into())).await;
+    let until = Instant::now() + common::EVENT_TIMEOUT;
+    while f.store.get(&brief.id, later()).await.unwrap().is_some() {
+        assert!(Instant::now() < until, "result never expired");
+        // the sweep is what forgets expired results on the embedded store
+        f.store
+            .recover(&f.queue, true, TaskLimits::default(), later())
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+    }
+    let history = f
+        .store
+        .history_page(&f.queue, i64::MAX, None, 0, 10, later())
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 2, "summaries outlive results");
 }
 
 /// The recovery sweep also queues due scheduled tasks, so that they show as
 /// queued even when no worker is looking at their queue.
-#[tokio::test]
-async fn sweep_queues_due_scheduled_tasks() {
-    let f = fixture().await;
+async fn sweep_queues_due_scheduled_tasks(f: Fixture) {
     let task = f.task("soon", Priority::Normal, 0);
     f.store
-        .submit_task(
-            &f.keys,
+        .submit(
             &task,
             Duration::from_millis(1),
             TaskLimits::default(),
@@ -386,5 +436,64 @@ async fn sweep_queues_due_scheduled_tasks() {
     assert_eq!(
         f.lease("w", Duration::from_secs(1)).await.unwrap().id,
         task.id
+    );
+}
+
+/// Progress is recorded only under the current lease; every transition is an
+/// event, in order, and a reader resumed from a position sees exactly what
+/// followed it.
+async fn progress_and_events_are_fenced_and_ordered(f: Fixture) {
+    let mut reader = f.store.event_reader(&f.queue, None, later()).await.unwrap();
+    let task = f.task("t", Priority::Normal, 0);
+    f.submit(&task).await;
+    f.lease("w", Duration::from_secs(60)).await.unwrap();
+    let progress = "{\"percent\":50.0}";
+    assert!(
+        f.store
+            .progress(&task.id, 1, progress, TaskLimits::default(), later())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !f.store
+            .progress(&task.id, 2, progress, TaskLimits::default(), later())
+            .await
+            .unwrap(),
+        "progress under a token never issued"
+    );
+    assert_eq!(f.get(&task.id).await.progress.as_deref(), Some(progress));
+    f.finish(&task.id, 1, Outcome::Succeeded("null".into()))
+        .await
+        .unwrap();
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        let got = reader.next(common::EVENT_TIMEOUT).await.unwrap();
+        assert!(!got.is_empty(), "events stopped after {events:?}");
+        events.extend(got);
+    }
+    let states: Vec<_> = events.iter().map(|e| e.state.as_str()).collect();
+    assert_eq!(states, ["queued", "running", "running", "succeeded"]);
+    assert_eq!(events[2].progress.as_deref(), Some(progress));
+    assert!(
+        events
+            .iter()
+            .all(|e| e.id == task.id.as_str() && e.name == "t")
+    );
+    let mut resumed = f
+        .store
+        .event_reader(&f.queue, Some(&events[1].stream_id), later())
+        .await
+        .unwrap();
+    let rest = resumed.next(common::EVENT_TIMEOUT).await.unwrap();
+    let rest: Vec<_> = rest.iter().map(|e| e.stream_id.as_str()).collect();
+    assert_eq!(rest, [&events[2].stream_id, &events[3].stream_id]);
+    assert_eq!(resumed.position(), events[3].stream_id);
+    // nothing more: the wait ends empty
+    assert!(
+        resumed
+            .next(Duration::from_millis(20))
+            .await
+            .unwrap()
+            .is_empty()
     );
 }

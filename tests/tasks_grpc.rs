@@ -1,14 +1,15 @@
-//! TaskService end to end (issue 3, in progress): the real koo server on a
-//! real Redis, real `koo worker` processes, calls over real gRPC.
+//! TaskService end to end: the real koo server, on a real Redis or on the
+//! embedded store, real `koo worker` processes, calls over real gRPC. Every
+//! scenario that does not need a second process runs on both stores.
 
 mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{TestRedis, TestServer, redis_settings, test_settings};
-use koo::keys::QueueKeys;
+use common::{TestRedis, TestServer, memory_settings, redis_settings, test_settings};
 use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
+use koo::server::Settings;
 use koo::tasks::model::{Category, TaskId};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -17,12 +18,54 @@ use tonic_types::StatusExt;
 
 const KOO: &str = env!("CARGO_BIN_EXE_koo");
 
-/// A koo server on a fresh Redis with short task intervals and `workers`
-/// built-in worker slots.
-async fn start(workers: usize) -> (TestRedis, TestServer) {
-    let redis = TestRedis::start().await;
-    let server = spawn_on(&redis, workers).await;
-    (redis, server)
+/// Where a test's tasks live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+/// A koo server and, on Redis, its Redis.
+struct Koo {
+    redis: Option<TestRedis>,
+    server: TestServer,
+}
+
+impl Koo {
+    fn redis(&self) -> &TestRedis {
+        self.redis.as_ref().expect("a Redis-backed test")
+    }
+}
+
+/// A koo server on `backend` (a fresh Redis, or embedded) with short task
+/// intervals and `workers` built-in worker slots.
+async fn start_on(backend: Backend, workers: usize) -> Koo {
+    match backend {
+        Backend::Redis => {
+            let redis = TestRedis::start().await;
+            let server = spawn_on(&redis, workers).await;
+            Koo {
+                redis: Some(redis),
+                server,
+            }
+        }
+        Backend::Memory => {
+            let mut settings = test_settings(memory_settings());
+            settings.tasks.redis = None;
+            short_intervals(&mut settings, workers);
+            let server = TestServer::spawn(settings).await;
+            server.wait_health("", ServingStatus::Serving).await;
+            Koo {
+                redis: None,
+                server,
+            }
+        }
+    }
+}
+
+/// A koo server on a fresh Redis.
+async fn start(workers: usize) -> Koo {
+    start_on(Backend::Redis, workers).await
 }
 
 /// Another koo server on `redis`, running tasks with short intervals.
@@ -32,6 +75,13 @@ async fn spawn_on(redis: &TestRedis, workers: usize) -> TestServer {
         unreachable!()
     };
     settings.tasks.redis = Some(r.clone());
+    short_intervals(&mut settings, workers);
+    let server = TestServer::spawn(settings).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    server
+}
+
+fn short_intervals(settings: &mut Settings, workers: usize) {
     settings.tasks.workers = workers;
     settings.tasks.config.lease = Duration::from_millis(1000);
     settings.tasks.config.sweep_interval = Duration::from_millis(100);
@@ -40,10 +90,36 @@ async fn spawn_on(redis: &TestRedis, workers: usize) -> TestServer {
         base: Duration::from_millis(50),
         max: Duration::from_millis(500),
     };
-    let server = TestServer::spawn(settings).await;
-    server.wait_health("", ServingStatus::Serving).await;
-    server
 }
+
+/// For each `async fn scenario(backend: Backend)`, a test on the embedded
+/// store and one on Redis.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    super::$name(super::Backend::Memory).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$name(super::Backend::Redis).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both!(
+    submitted_tasks_run_to_success,
+    bad_input_is_refused,
+    convenience_rpcs_and_queue_metrics,
+    listing_active_tasks_and_history,
+    submit_tasks_in_a_batch,
+    watch_tasks_resumes_after_a_disconnect,
+    watch_task_shows_every_state_of_a_retry,
+);
 
 fn client(server: &TestServer) -> TaskServiceClient<Channel> {
     TaskServiceClient::new(server.channel.clone())
@@ -66,18 +142,20 @@ fn koo_json(v: serde_json::Value) -> prost_types::Value {
     koo::grpc::json::from_json(&v.to_string()).expect("valid JSON")
 }
 
-/// Waits until `check` accepts the task, following the queue's event stream
-/// in Redis between reads (an event, not a timer).
+/// Waits until `check` accepts the task, following it with WatchTask
+/// between reads (an event, not a timer; the same on both stores).
 async fn wait_task(
-    redis: &TestRedis,
     client: &mut TaskServiceClient<Channel>,
     id: &str,
     check: impl Fn(&pb::Task) -> bool,
 ) -> pb::Task {
-    let queue = TaskId::parse(id).unwrap().queue();
-    let mut events =
-        common::EventFollower::new(redis, QueueKeys::new("koo", &queue).events()).await;
+    let mut watch = client
+        .watch_task(pb::WatchTaskRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
     let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    let mut ended = false;
     loop {
         let task = client
             .get_task(pb::GetTaskRequest { task_id: id.into() })
@@ -89,11 +167,14 @@ async fn wait_task(
         if check(&task) {
             return task;
         }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "task never got there: {task:?}"
-        );
-        events.wait().await;
+        assert!(!ended, "the task ended without getting there: {task:?}");
+        match tokio::time::timeout_at(until, watch.message()).await {
+            Err(_) => panic!("task never got there: {task:?}"),
+            Ok(Ok(Some(_))) => {}
+            // the stream ends after the final state: one last read
+            Ok(Ok(None)) => ended = true,
+            Ok(Err(e)) => panic!("WatchTask failed: {e}"),
+        }
     }
 }
 
@@ -103,13 +184,13 @@ fn is_final(t: &pb::Task) -> bool {
 
 /// A no-op submitted over gRPC runs on the built-in workers to SUCCEEDED;
 /// a countdown makes a task SCHEDULED first.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submitted_tasks_run_to_success() {
-    let (redis, server) = start(2).await;
+async fn submitted_tasks_run_to_success(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let server = &koo.server;
     server
         .wait_health("koo.tasks.v1.TaskService", ServingStatus::Serving)
         .await;
-    let mut c = client(&server);
+    let mut c = client(server);
     let task = c
         .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
         .await
@@ -119,7 +200,7 @@ async fn submitted_tasks_run_to_success() {
         .unwrap();
     assert_eq!(task.queue, "research");
     assert_eq!(task.max_retries, 3);
-    let done = wait_task(&redis, &mut c, &task.id, is_final).await;
+    let done = wait_task(&mut c, &task.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32);
     assert_eq!(done.attempts, 1);
     assert_eq!(done.attempt_log.len(), 1);
@@ -143,10 +224,10 @@ async fn submitted_tasks_run_to_success() {
 
 /// Bad submits and ids are refused with INVALID_ARGUMENT naming the field;
 /// a well-formed unknown id is NOT_FOUND.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_input_is_refused() {
-    let (_redis, server) = start(0).await;
-    let mut c = client(&server);
+async fn bad_input_is_refused(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let server = &koo.server;
+    let mut c = client(server);
     let base = || submit("x", serde_json::json!({}));
     let cases = vec![
         (
@@ -237,18 +318,6 @@ async fn bad_input_is_refused() {
     assert_eq!(err.code(), Code::NotFound);
 }
 
-/// On the embedded store the task API says plainly that it needs Redis.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_redis_tasks_are_a_failed_precondition() {
-    let env = common::Env::memory().await;
-    let err = TaskServiceClient::new(env.server.channel.clone())
-        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition);
-    assert!(err.message().contains("REDIS_URL"), "{}", err.message());
-}
-
 /// A `koo worker` process started against `redis`.
 fn worker(redis: &TestRedis) -> Child {
     Command::new(KOO)
@@ -269,9 +338,10 @@ fn worker(redis: &TestRedis) -> Child {
 /// shows both attempts, the first one lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_worker_process_loses_nothing() {
-    let (redis, server) = start(0).await;
-    let mut c = client(&server);
-    let mut first = worker(&redis);
+    let koo = start(0).await;
+    let (redis, server) = (koo.redis(), &koo.server);
+    let mut c = client(server);
+    let mut first = worker(redis);
     let task = c
         .submit_task(submit(
             "koo.diagnostics.sleep",
@@ -282,12 +352,12 @@ async fn a_killed_worker_process_loses_nothing() {
         .into_inner()
         .task
         .unwrap();
-    let running = wait_task(&redis, &mut c, &task.id, |t| t.progress.is_some()).await;
+    let running = wait_task(&mut c, &task.id, |t| t.progress.is_some()).await;
     assert_eq!(running.state, pb::TaskState::Running as i32);
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
-    let mut second = worker(&redis);
-    let done = wait_task(&redis, &mut c, &task.id, is_final).await;
+    let mut second = worker(redis);
+    let done = wait_task(&mut c, &task.id, is_final).await;
     let _ = second.kill();
     let _ = second.wait();
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
@@ -306,9 +376,10 @@ async fn a_killed_worker_process_loses_nothing() {
 /// the stream ends; a late subscriber gets the final state alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_task_follows_work_done_elsewhere() {
-    let (redis, api_only) = start(0).await;
-    let _runner = spawn_on(&redis, 1).await;
-    let mut c = client(&api_only);
+    let koo = start(0).await;
+    let (redis, api_only) = (koo.redis(), &koo.server);
+    let _runner = spawn_on(redis, 1).await;
+    let mut c = client(api_only);
     let task = c
         .submit_task(submit(
             "koo.diagnostics.sleep",
@@ -380,10 +451,10 @@ async fn watch_task_follows_work_done_elsewhere() {
 /// The seed's convenience RPCs: an AI query waits in `ai_service` (no worker
 /// here serves it) and shows in the queue metrics with its age; the built-in
 /// health check runs and reports Redis and every queue.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn convenience_rpcs_and_queue_metrics() {
-    let (redis, server) = start(2).await;
-    let mut c = client(&server);
+async fn convenience_rpcs_and_queue_metrics(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let server = &koo.server;
+    let mut c = client(server);
     let ai = c
         .submit_ai_query(pb::SubmitAiQueryRequest {
             provider: "claude".into(),
@@ -417,13 +488,24 @@ async fn convenience_rpcs_and_queue_metrics() {
         .task
         .unwrap();
     assert_eq!(check.queue, "health_check");
-    let done = wait_task(&redis, &mut c, &check.id, is_final).await;
+    let done = wait_task(&mut c, &check.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
     let report = done.result.unwrap();
     let Some(prost_types::value::Kind::StructValue(report)) = report.kind else {
         panic!("{report:?}")
     };
-    assert!(report.fields.contains_key("redis"));
+    let Some(prost_types::value::Kind::StructValue(store)) = report.fields["store"].kind.clone()
+    else {
+        panic!("{report:?}")
+    };
+    let kind = match backend {
+        Backend::Memory => "embedded",
+        Backend::Redis => "redis",
+    };
+    assert_eq!(
+        store.fields["kind"].kind,
+        Some(prost_types::value::Kind::StringValue(kind.into()))
+    );
     let Some(prost_types::value::Kind::StructValue(queues)) = report.fields["queues"].kind.clone()
     else {
         panic!()
@@ -456,10 +538,10 @@ async fn convenience_rpcs_and_queue_metrics() {
 /// ListActiveTasks pages through every active task, filtered by category
 /// or name; ListTaskHistory pages through ended tasks newest first, filtered
 /// by end state; a token is bound to its filters.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn listing_active_tasks_and_history() {
-    let (redis, server) = start(2).await;
-    let mut c = client(&server);
+async fn listing_active_tasks_and_history(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let server = &koo.server;
+    let mut c = client(server);
     let hour = Some(prost_types::Duration {
         seconds: 3600,
         nanos: 0,
@@ -538,7 +620,7 @@ async fn listing_active_tasks_and_history() {
             .into_inner()
             .task
             .unwrap();
-        ended.push(wait_task(&redis, &mut c, &t.id, is_final).await.id);
+        ended.push(wait_task(&mut c, &t.id, is_final).await.id);
     }
     let history = |state: pb::TaskState, token: String| pb::ListTaskHistoryRequest {
         state: state as i32,
@@ -603,10 +685,10 @@ async fn listing_active_tasks_and_history() {
 
 /// SubmitTasks stores a batch in order, refusing the whole batch (naming
 /// the task and field) when one is invalid.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn submit_tasks_in_a_batch() {
-    let (_redis, server) = start(0).await;
-    let mut c = client(&server);
+async fn submit_tasks_in_a_batch(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let server = &koo.server;
+    let mut c = client(server);
     let batch = |n: usize| pb::SubmitTasksRequest {
         tasks: (0..n)
             .map(|i| submit(&format!("t{i}"), serde_json::json!({})))
@@ -638,10 +720,10 @@ async fn submit_tasks_in_a_batch() {
 
 /// WatchTasks streams every matching task's events; after a disconnect, a
 /// new stream with the last resume token continues right after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_tasks_resumes_after_a_disconnect() {
-    let (_redis, server) = start(1).await;
-    let mut c = client(&server);
+async fn watch_tasks_resumes_after_a_disconnect(backend: Backend) {
+    let koo = start_on(backend, 1).await;
+    let server = &koo.server;
+    let mut c = client(server);
     let watch = |token: String| pb::WatchTasksRequest {
         categories: vec![pb::TaskCategory::Research as i32],
         name: "koo.diagnostics.noop".into(),
@@ -715,8 +797,9 @@ async fn watch_tasks_resumes_after_a_disconnect() {
 /// succeeds after exactly one attempt, and both processes took part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_worker_processes_drain_a_queue_exactly_once() {
-    let (redis, server) = start(0).await;
-    let mut c = client(&server);
+    let koo = start(0).await;
+    let (redis, server) = (koo.redis(), &koo.server);
+    let mut c = client(server);
     let mut ids = Vec::new();
     for _ in 0..20 {
         let batch = pb::SubmitTasksRequest {
@@ -734,10 +817,10 @@ async fn two_worker_processes_drain_a_queue_exactly_once() {
                 .map(|t| t.id),
         );
     }
-    let mut workers = [worker(&redis), worker(&redis)];
+    let mut workers = [worker(redis), worker(redis)];
     let mut by_worker = std::collections::HashMap::<String, usize>::new();
     for id in &ids {
-        let done = wait_task(&redis, &mut c, id, is_final).await;
+        let done = wait_task(&mut c, id, is_final).await;
         assert_eq!(
             (done.state, done.attempts),
             (pb::TaskState::Succeeded as i32, 1),
@@ -778,10 +861,10 @@ async fn two_worker_processes_drain_a_queue_exactly_once() {
 
 /// WatchTask shows every state change, including those a single step
 /// passes through: a retried task goes SCHEDULED, QUEUED, RUNNING again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_task_shows_every_state_of_a_retry() {
-    let (_redis, server) = start(1).await;
-    let mut c = client(&server);
+async fn watch_task_shows_every_state_of_a_retry(backend: Backend) {
+    let koo = start_on(backend, 1).await;
+    let server = &koo.server;
+    let mut c = client(server);
     let task = c
         .submit_task(pb::SubmitTaskRequest {
             countdown: Some(prost_types::Duration {

@@ -17,19 +17,17 @@ use crate::tasks::listing::{ActiveFilter, HistoryFilter};
 use crate::tasks::model::{Category, Priority, QueueName, State, Task, names};
 use tokio_util::sync::CancellationToken;
 
-/// The TaskService implementation. Without Redis there is no engine yet, and
-/// every call says so.
+/// The TaskService implementation.
 pub struct TaskApi {
-    engine: Option<(TaskEngine, EventHub)>,
+    engine: (TaskEngine, EventHub),
     request_timeout: Duration,
     shutdown: CancellationToken,
 }
 
 impl TaskApi {
-    /// Serves `engine` (or refuses every call when there is none); watch
-    /// streams end on `shutdown`.
+    /// Serves `engine`; watch streams end on `shutdown`.
     pub fn new(
-        engine: Option<(TaskEngine, EventHub)>,
+        engine: (TaskEngine, EventHub),
         request_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Self {
@@ -40,16 +38,12 @@ impl TaskApi {
         }
     }
 
-    fn engine(&self) -> Result<&TaskEngine, Status> {
-        self.parts().map(|(engine, _)| engine)
+    fn engine(&self) -> &TaskEngine {
+        &self.engine.0
     }
 
-    fn parts(&self) -> Result<&(TaskEngine, EventHub), Status> {
-        self.engine.as_ref().ok_or_else(|| {
-            Status::failed_precondition(
-                "the task engine needs Redis: start koo with REDIS_URL (the embedded store does not run tasks yet)",
-            )
-        })
+    fn parts(&self) -> &(TaskEngine, EventHub) {
+        &self.engine
     }
 
     fn deadline<T>(&self, r: &Request<T>) -> Deadline {
@@ -313,7 +307,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let deadline = self.deadline(&request);
-        let (engine, hub) = self.parts()?.clone();
+        let (engine, hub) = self.parts().clone();
         let id = request.into_inner().task_id;
         let task_id = crate::tasks::model::TaskId::parse(&id)
             .map_err(|e| invalid_argument("task_id", &e.to_string()))?;
@@ -397,7 +391,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitTaskRequest>,
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
         let deadline = self.deadline(&request);
-        let engine = self.engine()?;
+        let engine = self.engine();
         let task = engine
             .submit(new_task(request.into_inner())?, deadline)
             .await?;
@@ -412,8 +406,8 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
         let queues: Vec<QueueName> = Category::queues();
-        let stats = self.engine()?.queue_stats(&queues, deadline).await?;
-        let count = |s: &crate::store::redis::QueueStats, name: &str| {
+        let stats = self.engine().queue_stats(&queues, deadline).await?;
+        let count = |s: &crate::store::tasks::QueueStats, name: &str| {
             s.counts.get(name).copied().unwrap_or(0) as i64
         };
         let queues = stats
@@ -466,7 +460,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             max_retries: r.max_retries,
             ..Default::default()
         };
-        let task = self.engine()?.submit(new_task(submit)?, deadline).await?;
+        let task = self.engine().submit(new_task(submit)?, deadline).await?;
         Ok(Response::new(pb::SubmitAiQueryResponse {
             task: Some(to_pb_task(task)),
         }))
@@ -481,7 +475,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         new.priority = Priority::High;
         new.time_limit = Some(Duration::from_secs(60));
         new.soft_time_limit = Some(Duration::from_secs(30));
-        let task = self.engine()?.submit(new, deadline).await?;
+        let task = self.engine().submit(new, deadline).await?;
         Ok(Response::new(pb::SubmitHealthCheckResponse {
             task: Some(to_pb_task(task)),
         }))
@@ -498,7 +492,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             name: (!r.name.is_empty()).then_some(r.name),
         };
         let (tasks, next) = self
-            .engine()?
+            .engine()
             .list_active(&filter, page_size(r.page_size)?, &r.page_token, deadline)
             .await?;
         Ok(Response::new(pb::ListActiveTasksResponse {
@@ -553,7 +547,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             before_ms: ms("end_time", r.end_time, i64::MAX / 2)?,
         };
         let (entries, next) = self
-            .engine()?
+            .engine()
             .list_history(&filter, page_size(r.page_size)?, &r.page_token, deadline)
             .await?;
         Ok(Response::new(pb::ListTaskHistoryResponse {
@@ -577,7 +571,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitTasksRequest>,
     ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
         let deadline = self.deadline(&request);
-        let engine = self.engine()?;
+        let engine = self.engine();
         let requests = request.into_inner().tasks;
         if requests.len() > MAX_BATCH {
             return Err(invalid_argument(
@@ -634,7 +628,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
         let deadline = self.deadline(&request);
-        let engine = self.engine()?.clone();
+        let engine = self.engine().clone();
         let r = request.into_inner();
         let mut queues = Vec::new();
         for c in &r.categories {
@@ -658,19 +652,19 @@ impl pb::task_service_server::TaskService for TaskApi {
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<(
             String,
-            Result<Vec<crate::store::redis::TaskEvent>, Status>,
+            Result<Vec<crate::store::tasks::TaskEvent>, Status>,
         )>(64);
         for queue in &queues {
-            let mut reader = crate::tasks::events::reader(
-                engine.redis(),
-                &engine.config().prefix,
-                queue,
-                positions.get(queue.as_str()).map(String::as_str),
-                deadline,
-            )
-            .await
-            .map_err(Status::from)?;
-            positions.insert(queue.to_string(), reader.position().to_owned());
+            let mut reader = engine
+                .store()
+                .event_reader(
+                    queue,
+                    positions.get(queue.as_str()).map(String::as_str),
+                    deadline,
+                )
+                .await
+                .map_err(Status::from)?;
+            positions.insert(queue.to_string(), reader.position());
             let events_tx = events_tx.clone();
             let queue = queue.to_string();
             let shutdown = self.shutdown.clone();
@@ -749,7 +743,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskRequest>,
     ) -> Result<Response<pb::GetTaskResponse>, Status> {
         let deadline = self.deadline(&request);
-        let engine = self.engine()?;
+        let engine = self.engine();
         let task = engine.get(&request.into_inner().task_id, deadline).await?;
         Ok(Response::new(pb::GetTaskResponse {
             task: Some(to_pb_task(task)),

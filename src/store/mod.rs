@@ -8,6 +8,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod tasks;
 
 use std::time::{Duration, SystemTime};
 

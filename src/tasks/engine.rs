@@ -1,7 +1,7 @@
 //! The task engine: validates submits and drives the store's transitions.
 //!
-//! A cheap-to-clone handle. It runs on Redis today (`store::redis::tasks`);
-//! the embedded store follows. Workers ([`super::worker`]) and the gRPC
+//! A cheap-to-clone handle over a [`TaskStore`]: Redis (shared by any
+//! number of koo processes) or the embedded store (one `koo serve`). Workers ([`super::worker`]) and the gRPC
 //! service are its clients; the recovery loop ([`TaskEngine::run_recovery`])
 //! runs on every koo instance, so a dead worker's task comes back within the
 //! lease time plus one sweep wherever it ran.
@@ -14,9 +14,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::{Category, Priority, QueueName, State, Task, TaskId};
 use super::retry::Backoff;
-use crate::keys::QueueKeys;
-use crate::store::redis::{Outcome, QueueStats, TaskLimits};
-use crate::store::{Deadline, RedisStore, StoreError};
+use crate::store::tasks::{Outcome, QueueStats, TaskLimits, TaskStore};
+use crate::store::{Deadline, StoreError};
 
 /// Largest `args` + `kwargs`, in bytes of JSON.
 pub const MAX_ARGUMENTS: usize = 1024 * 1024;
@@ -176,15 +175,15 @@ pub struct TaskEngine {
 }
 
 struct Inner {
-    store: RedisStore,
+    store: TaskStore,
     config: TaskConfig,
     /// Wakes this process's idle workers when it submits.
     submitted: Notify,
 }
 
 impl TaskEngine {
-    /// An engine over Redis.
-    pub fn new(store: RedisStore, config: TaskConfig) -> Self {
+    /// An engine over `store`.
+    pub fn new(store: TaskStore, config: TaskConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
@@ -199,14 +198,9 @@ impl TaskEngine {
         &self.inner.config
     }
 
-    /// The task Redis.
-    pub(crate) fn redis(&self) -> &RedisStore {
+    /// Where tasks are kept.
+    pub fn store(&self) -> &TaskStore {
         &self.inner.store
-    }
-
-    /// Key names of `queue`.
-    pub(crate) fn keys(&self, queue: &QueueName) -> QueueKeys {
-        QueueKeys::new(&self.inner.config.prefix, queue)
     }
 
     /// Validates and stores a task; it is queued (or scheduled) when this
@@ -281,7 +275,7 @@ impl TaskEngine {
         };
         self.inner
             .store
-            .submit_task(&self.keys(&queue), &task, new.delay, c.limits, deadline)
+            .submit(&task, new.delay, c.limits, deadline)
             .await?;
         self.inner.submitted.notify_waiters();
         Ok(task)
@@ -292,7 +286,7 @@ impl TaskEngine {
         let id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
         self.inner
             .store
-            .get_task(&self.keys(&id.queue()), &id, deadline)
+            .get(&id, deadline)
             .await?
             .ok_or_else(|| TaskError::NotFound(id.to_string()))
     }
@@ -309,14 +303,7 @@ impl TaskEngine {
         Ok(self
             .inner
             .store
-            .lease_task(
-                &self.keys(queue),
-                worker,
-                c.lease,
-                names,
-                c.limits,
-                deadline,
-            )
+            .lease(queue, worker, c.lease, names, c.limits, deadline)
             .await?)
     }
 
@@ -330,13 +317,7 @@ impl TaskEngine {
         let ok = self
             .inner
             .store
-            .heartbeat_task(
-                &self.keys(&id.queue()),
-                id,
-                token,
-                self.inner.config.lease,
-                deadline,
-            )
+            .heartbeat(id, token, self.inner.config.lease, deadline)
             .await?;
         fenced_unless(ok, id)
     }
@@ -352,14 +333,7 @@ impl TaskEngine {
         let ok = self
             .inner
             .store
-            .progress_task(
-                &self.keys(&id.queue()),
-                id,
-                token,
-                progress,
-                self.inner.config.limits,
-                deadline,
-            )
+            .progress(id, token, progress, self.inner.config.limits, deadline)
             .await?;
         fenced_unless(ok, id)
     }
@@ -413,15 +387,7 @@ impl TaskEngine {
         .to_string();
         self.inner
             .store
-            .finish_task(
-                &self.keys(&task.id.queue()),
-                &task.id,
-                token,
-                &outcome,
-                &entry,
-                c.limits,
-                deadline,
-            )
+            .finish(&task.id, token, &outcome, &entry, c.limits, deadline)
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
     }
@@ -433,21 +399,18 @@ impl TaskEngine {
         deadline: Deadline,
     ) -> Result<Vec<(QueueName, QueueStats)>, TaskError> {
         let stats = queues.iter().map(|q| async move {
-            let keys = self.keys(q);
             self.inner
                 .store
-                .queue_stats(&keys, deadline)
+                .queue_stats(q, deadline)
                 .await
                 .map(|s| (q.clone(), s))
         });
         Ok(futures::future::try_join_all(stats).await?)
     }
 
-    /// Pings the task Redis and returns the round trip.
+    /// Pings the task store and returns the round trip.
     pub async fn ping(&self, deadline: Deadline) -> Result<Duration, TaskError> {
-        Ok(crate::store::Store::Redis(self.inner.store.clone())
-            .probe(deadline)
-            .await?)
+        Ok(self.inner.store.ping(deadline).await?)
     }
 
     /// Waits until this process submits something or `timeout` passes.
@@ -466,7 +429,6 @@ impl TaskEngine {
                 _ = tick.tick() => {}
             }
             for queue in &queues {
-                let keys = self.keys(queue);
                 // One call handles at most 100 lapsed leases and 100 due
                 // tasks; a backlog is worked off in a few more calls.
                 for _ in 0..50 {
@@ -474,7 +436,7 @@ impl TaskEngine {
                     match self
                         .inner
                         .store
-                        .recover_tasks(&keys, c.acks_late, c.limits, deadline)
+                        .recover(queue, c.acks_late, c.limits, deadline)
                         .await
                     {
                         Ok(n) if n < 100 => break,

@@ -1,8 +1,9 @@
 //! Live task events for watchers: one reader per queue per koo process,
 //! fanned out to any number of local subscribers.
 //!
-//! Events travel through Redis (each queue's stream), so a watcher on one
-//! instance sees work done on another. A thousand `WatchTask` streams cost
+//! On Redis, events travel through each queue's stream, so a watcher on one
+//! instance sees work done on another; on the embedded store, through its
+//! in-process event log. A thousand `WatchTask` streams cost
 //! one blocking read per queue, not a thousand. Subscribers get a bounded
 //! broadcast channel: a slow one misses intermediate events (it is told it
 //! lagged and re-reads the task, so it still sees the latest state), and never
@@ -16,28 +17,11 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use super::model::QueueName;
-use crate::keys::QueueKeys;
-use crate::store::redis::TaskEvent;
-use crate::store::{Deadline, RedisStore, StoreError};
+use crate::store::tasks::{EventReader, TaskEvent, TaskStore};
+use crate::store::{Deadline, StoreError};
 
 /// Events kept for slow subscribers before they are told they lagged.
 const CHANNEL: usize = 1024;
-
-/// A reader of one queue's events for one subscriber (dashboards that need
-/// to resume from a position): `after` a resume position, or from now.
-pub async fn reader(
-    store: &RedisStore,
-    prefix: &str,
-    queue: &QueueName,
-    after: Option<&str>,
-    deadline: Deadline,
-) -> Result<crate::store::redis::EventReader, StoreError> {
-    let keys = QueueKeys::new(prefix, queue);
-    match after {
-        Some(position) => Ok(store.event_reader_after(&keys, position)),
-        None => store.event_reader(&keys, deadline).await,
-    }
-}
 
 /// The per-process event hub: a cheap-to-clone handle.
 #[derive(Clone)]
@@ -46,8 +30,7 @@ pub struct EventHub {
 }
 
 struct Inner {
-    store: RedisStore,
-    prefix: String,
+    store: TaskStore,
     /// A std mutex: held only to look up or insert a sender, never across an
     /// `.await`.
     readers: Mutex<HashMap<QueueName, broadcast::Sender<TaskEvent>>>,
@@ -56,11 +39,10 @@ struct Inner {
 
 impl EventHub {
     /// A hub over `store`; readers stop on `stop`.
-    pub fn new(store: RedisStore, prefix: &str, stop: CancellationToken) -> Self {
+    pub fn new(store: TaskStore, stop: CancellationToken) -> Self {
         Self {
             inner: Arc::new(Inner {
                 store,
-                prefix: prefix.to_owned(),
                 readers: Mutex::new(HashMap::new()),
                 stop,
             }),
@@ -77,8 +59,7 @@ impl EventHub {
         if let Some(tx) = self.readers().get(queue) {
             return Ok(tx.subscribe());
         }
-        let keys = QueueKeys::new(&self.inner.prefix, queue);
-        let reader = self.inner.store.event_reader(&keys, deadline).await?;
+        let reader = self.inner.store.event_reader(queue, None, deadline).await?;
         let mut readers = self.readers();
         // Another caller may have started the reader meanwhile.
         if let Some(tx) = readers.get(queue) {
@@ -104,7 +85,7 @@ impl EventHub {
     async fn follow(
         self,
         queue: QueueName,
-        mut reader: crate::store::redis::EventReader,
+        mut reader: EventReader,
         tx: broadcast::Sender<TaskEvent>,
     ) {
         loop {

@@ -28,7 +28,7 @@ fn kwarg_f64(ctx: &TaskContext, name: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
-/// Registers the built-in health check: Redis latency, and every queue's
+/// Registers the built-in health check: the task store's latency, and every queue's
 /// depth and oldest wait.
 pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
     registry.register(names::HEALTH_CHECK, move |_ctx| {
@@ -58,7 +58,11 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                 })
                 .collect();
             Ok(serde_json::json!({
-                "redis": { "reachable": true, "latency_ms": latency.as_secs_f64() * 1000.0 },
+                "store": {
+                    "kind": if engine.store().is_shared() { "redis" } else { "embedded" },
+                    "reachable": true,
+                    "latency_ms": latency.as_secs_f64() * 1000.0,
+                },
                 "queues": queues,
             }))
         }

@@ -121,10 +121,15 @@ impl TaskEngine {
             if page.len() >= page_size || q >= filter.queues.len() {
                 break;
             }
-            let keys = self.keys(&filter.queues[q]);
             let (tasks, next) = self
-                .redis()
-                .list_active(&keys, set, offset, page_size - page.len(), deadline)
+                .store()
+                .list_active(
+                    &filter.queues[q],
+                    set,
+                    offset,
+                    page_size - page.len(),
+                    deadline,
+                )
                 .await?;
             page.extend(
                 tasks
@@ -178,9 +183,9 @@ impl TaskEngine {
             let mut all_short = true;
             for queue in &filter.queues {
                 let entries = self
-                    .redis()
+                    .store()
                     .history_page(
-                        &self.keys(queue),
+                        queue,
                         max_ms,
                         below.as_deref(),
                         filter.since_ms,

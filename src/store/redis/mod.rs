@@ -12,7 +12,7 @@
 mod breaker;
 mod tasks;
 
-pub use self::tasks::{EventReader, Outcome, QueueStats, TaskEvent, TaskLimits};
+pub use self::tasks::StreamReader;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use redis::Script;
 
 use super::RedisStore;
 use crate::keys::QueueKeys;
+use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits};
 use crate::store::{Deadline, Result, StoreError};
 use crate::tasks::model::{State, Task, TaskId};
 
@@ -40,84 +41,16 @@ impl TaskScripts {
     }
 }
 
-/// Bounds on what the engine keeps in Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TaskLimits {
-    /// Events kept per queue stream (approximately: `MAXLEN ~`).
-    pub events: u64,
-    /// Ended tasks kept per queue history.
-    pub history: u64,
-    /// Ready tasks a lease looks at to find one whose name the worker serves.
-    pub lease_scan: u64,
-}
-
-impl Default for TaskLimits {
-    fn default() -> Self {
-        Self {
-            events: 10_000,
-            history: 10_000,
-            lease_scan: 100,
-        }
-    }
-}
-
-/// How an attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// With a result (JSON).
-    Succeeded(String),
-    /// With an error (JSON) worth retrying after `delay`, budget permitting.
-    Retry { error: String, delay: Duration },
-    /// With an error (JSON) not worth retrying.
-    Failed(String),
-    /// At its hard time limit (error JSON).
-    TimedOut(String),
-}
-
-/// A queue's depths and counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Tasks ready to run.
-    pub ready: u64,
-    /// Tasks waiting for their start time.
-    pub scheduled: u64,
-    /// Tasks running.
-    pub running: u64,
-    /// Dead-lettered tasks.
-    pub dead: u64,
-    /// How long the oldest ready task has waited.
-    pub oldest_wait: Option<Duration>,
-    /// Counts per outcome: submitted, succeeded, failed, timed_out, retried, lost.
-    pub counts: HashMap<String, u64>,
-}
-
-/// One entry of a queue's event stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskEvent {
-    /// The stream entry id (a resume position).
-    pub stream_id: String,
-    /// The task.
-    pub id: String,
-    /// Its name.
-    pub name: String,
-    /// Its state after the event (`queued`, `running`, ...).
-    pub state: String,
-    /// The progress reported (JSON), for a progress event.
-    pub progress: Option<String>,
-    /// When it happened (Redis's clock, ms).
-    pub at_ms: i64,
-}
-
 /// Follows one queue's event stream on a connection of its own, from the
 /// moment it was opened.
-pub struct EventReader {
+pub struct StreamReader {
     conn: Option<redis::aio::MultiplexedConnection>,
     store: RedisStore,
     stream: String,
     last: String,
 }
 
-impl EventReader {
+impl StreamReader {
     /// The position after the last event read.
     pub fn position(&self) -> &str {
         &self.last
@@ -543,12 +476,12 @@ impl RedisStore {
 
     /// A reader of the queue's events from now on: every event appended
     /// after this returns will be read.
-    pub async fn event_reader(&self, keys: &QueueKeys, deadline: Deadline) -> Result<EventReader> {
+    pub async fn event_reader(&self, keys: &QueueKeys, deadline: Deadline) -> Result<StreamReader> {
         let mut cmd = redis::cmd("XREVRANGE");
         cmd.arg(keys.events()).arg("+").arg("-").arg("COUNT").arg(1);
         type Entries = Vec<(String, HashMap<String, String>)>;
         let newest: Entries = self.query(&cmd, deadline).await?;
-        Ok(EventReader {
+        Ok(StreamReader {
             conn: None,
             store: self.clone(),
             stream: keys.events(),
@@ -561,8 +494,8 @@ impl RedisStore {
 
     /// A reader of the queue's events after stream position `after` (a
     /// resume token's position).
-    pub fn event_reader_after(&self, keys: &QueueKeys, after: &str) -> EventReader {
-        EventReader {
+    pub fn event_reader_after(&self, keys: &QueueKeys, after: &str) -> StreamReader {
+        StreamReader {
             conn: None,
             store: self.clone(),
             stream: keys.events(),

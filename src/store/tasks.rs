@@ -1,0 +1,368 @@
+//! The task engine's storage: the same transitions on Redis (one Lua script
+//! each, `redis/lua/tasks/`) and on the embedded store (one critical section
+//! each, `memory/tasks.rs`).
+//!
+//! [`TaskStore`] is an enum, like [`super::Store`]: two backends, static
+//! dispatch. Every method names the queue or task it works on; the Redis side
+//! derives its keys (one hash slot per queue) from that.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::memory::tasks::{MemoryEventReader, MemoryTasks};
+use super::redis::StreamReader;
+use super::{Deadline, RedisStore, Result, Store};
+use crate::keys::QueueKeys;
+use crate::tasks::model::{QueueName, State, Task, TaskId};
+
+/// Bounds on what the engine keeps per queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLimits {
+    /// Events kept per queue stream (approximately: `MAXLEN ~`).
+    pub events: u64,
+    /// Ended tasks kept per queue history.
+    pub history: u64,
+    /// Ready tasks a lease looks at to find one whose name the worker serves.
+    pub lease_scan: u64,
+}
+
+impl Default for TaskLimits {
+    fn default() -> Self {
+        Self {
+            events: 10_000,
+            history: 10_000,
+            lease_scan: 100,
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// With a result (JSON).
+    Succeeded(String),
+    /// With an error (JSON) worth retrying after `delay`, budget permitting.
+    Retry { error: String, delay: Duration },
+    /// With an error (JSON) not worth retrying.
+    Failed(String),
+    /// At its hard time limit (error JSON).
+    TimedOut(String),
+}
+
+/// A queue's depths and counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Tasks ready to run.
+    pub ready: u64,
+    /// Tasks waiting for their start time.
+    pub scheduled: u64,
+    /// Tasks running.
+    pub running: u64,
+    /// Dead-lettered tasks.
+    pub dead: u64,
+    /// How long the oldest ready task has waited.
+    pub oldest_wait: Option<Duration>,
+    /// Counts per outcome: submitted, succeeded, failed, timed_out, retried, lost.
+    pub counts: HashMap<String, u64>,
+}
+
+/// One entry of a queue's event stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskEvent {
+    /// The stream entry id (a resume position).
+    pub stream_id: String,
+    /// The task.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its state after the event (`queued`, `running`, ...).
+    pub state: String,
+    /// The progress reported (JSON), for a progress event.
+    pub progress: Option<String>,
+    /// When it happened (Redis's clock, ms).
+    pub at_ms: i64,
+}
+
+/// Where the task engine keeps its state.
+#[derive(Clone)]
+pub enum TaskStore {
+    /// Redis, shared by any number of koo processes; keys under `prefix`.
+    Redis {
+        /// The connection pool.
+        store: RedisStore,
+        /// Key prefix.
+        prefix: String,
+    },
+    /// This process's memory: one `koo serve`, not durable.
+    Memory(MemoryTasks),
+}
+
+impl TaskStore {
+    /// Tasks on Redis under `prefix`.
+    pub fn redis(store: RedisStore, prefix: &str) -> Self {
+        Self::Redis {
+            store,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Tasks in this process's memory.
+    pub fn memory() -> Self {
+        Self::Memory(MemoryTasks::default())
+    }
+
+    /// Whether other koo processes can share these tasks.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Self::Redis { .. })
+    }
+
+    fn keys(prefix: &str, queue: &QueueName) -> QueueKeys {
+        QueueKeys::new(prefix, queue)
+    }
+
+    /// Stores a new task: queued now, or scheduled `delay` from now.
+    pub async fn submit(
+        &self,
+        task: &Task,
+        delay: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &task.id.queue());
+                store
+                    .submit_task(&keys, task, delay, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => m.submit(task, delay, limits),
+        }
+    }
+
+    /// Leases the best ready task of `queue` whose name is in `names` (`*`
+    /// serves all), counting the attempt; `None` when there is none.
+    pub async fn lease(
+        &self,
+        queue: &QueueName,
+        worker: &str,
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<Task>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, queue);
+                store
+                    .lease_task(&keys, worker, lease, names, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.lease(queue, worker, lease, names, limits)),
+        }
+    }
+
+    /// Extends a lease; `false` when the holder of `token` has been fenced.
+    pub async fn heartbeat(
+        &self,
+        id: &TaskId,
+        token: u32,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store
+                    .heartbeat_task(&keys, id, token, lease, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.heartbeat(id, token, lease)),
+        }
+    }
+
+    /// Records progress (JSON); `false` when fenced.
+    pub async fn progress(
+        &self,
+        id: &TaskId,
+        token: u32,
+        progress: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store
+                    .progress_task(&keys, id, token, progress, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.progress(id, token, progress, limits)),
+        }
+    }
+
+    /// Ends the attempt held with `token`; the state the task moved to, or
+    /// `None` when fenced. `log` is the attempt's log entry (a JSON object).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<State>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store
+                    .finish_task(&keys, id, token, outcome, log, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => m.finish(id, token, outcome, log, limits),
+        }
+    }
+
+    /// Recovers `queue`'s lapsed leases and queues its due scheduled tasks
+    /// (at most 100 of each per call); how many were handled.
+    pub async fn recover(
+        &self,
+        queue: &QueueName,
+        acks_late: bool,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<u64> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, queue);
+                store
+                    .recover_tasks(&keys, acks_late, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.recover(queue, acks_late, limits)),
+        }
+    }
+
+    /// Up to `count` active tasks of `queue` from position `offset` of set
+    /// `set` (0 running, 1 queued, 2 scheduled), and where the next call
+    /// should start (`None`: the queue is done).
+    pub async fn list_active(
+        &self,
+        queue: &QueueName,
+        set: usize,
+        offset: u64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<(Vec<Task>, Option<(usize, u64)>)> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, queue);
+                store.list_active(&keys, set, offset, count, deadline).await
+            }
+            Self::Memory(m) => Ok(m.list_active(queue, set, offset, count)),
+        }
+    }
+
+    /// Up to `count` history entries of `queue` ending at or before `max_ms`
+    /// (newest first, ties by id descending, skipping ids at `max_ms` that
+    /// are not below `below_id`) and at or after `min_ms`: `(id, end ms,
+    /// summary JSON)`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn history_page(
+        &self,
+        queue: &QueueName,
+        max_ms: i64,
+        below_id: Option<&str>,
+        min_ms: i64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, i64, String)>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, queue);
+                store
+                    .history_page(&keys, max_ms, below_id, min_ms, count, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.history_page(queue, max_ms, below_id, min_ms, count)),
+        }
+    }
+
+    /// `queue`'s depths, oldest wait and outcome counters.
+    pub async fn queue_stats(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueStats> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .queue_stats(&Self::keys(prefix, queue), deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.queue_stats(queue)),
+        }
+    }
+
+    /// Reads a task and its attempt log; `None` once it has expired.
+    pub async fn get(&self, id: &TaskId, deadline: Deadline) -> Result<Option<Task>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .get_task(&Self::keys(prefix, &id.queue()), id, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.get(id)),
+        }
+    }
+
+    /// A reader of `queue`'s events after position `after` (a resume
+    /// token's), or from now on.
+    pub async fn event_reader(
+        &self,
+        queue: &QueueName,
+        after: Option<&str>,
+        deadline: Deadline,
+    ) -> Result<EventReader> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, queue);
+                Ok(EventReader::Redis(match after {
+                    Some(position) => store.event_reader_after(&keys, position),
+                    None => store.event_reader(&keys, deadline).await?,
+                }))
+            }
+            Self::Memory(m) => Ok(EventReader::Memory(m.event_reader(queue, after)?)),
+        }
+    }
+
+    /// The round trip to the store.
+    pub async fn ping(&self, deadline: Deadline) -> Result<Duration> {
+        match self {
+            Self::Redis { store, .. } => Store::Redis(store.clone()).probe(deadline).await,
+            Self::Memory(_) => Ok(Duration::ZERO),
+        }
+    }
+}
+
+/// Follows one queue's events.
+pub enum EventReader {
+    /// A Redis stream.
+    Redis(StreamReader),
+    /// The embedded store's event log.
+    Memory(MemoryEventReader),
+}
+
+impl EventReader {
+    /// The position after the last event read (a resume position).
+    pub fn position(&self) -> String {
+        match self {
+            Self::Redis(r) => r.position().to_owned(),
+            Self::Memory(r) => r.position(),
+        }
+    }
+
+    /// The next events, waiting up to `block` for some (empty after that).
+    pub async fn next(&mut self, block: Duration) -> Result<Vec<TaskEvent>> {
+        match self {
+            Self::Redis(r) => r.next(block).await,
+            Self::Memory(r) => Ok(r.next(block).await),
+        }
+    }
+}
