@@ -171,6 +171,11 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_TASK_RETRY_BACKOFF", value_name = "KOO_TASK_RETRY_BACKOFF", default_value = "1s",
           value_parser = parse_duration)]
     pub task_retry_backoff: Duration,
+    /// How long ended tasks stay in history; database maintenance removes
+    /// older ones (their summaries and any result still stored).
+    #[arg(long, env = "KOO_TASK_HISTORY_MAX_AGE", value_name = "KOO_TASK_HISTORY_MAX_AGE", default_value = "7d",
+          value_parser = parse_positive_duration)]
+    pub task_history_max_age: Duration,
     /// How long an idle worker waits before looking for work again.
     #[arg(long, env = "KOO_WORKER_POLL_INTERVAL", value_name = "KOO_WORKER_POLL_INTERVAL", default_value = "100ms",
           value_parser = parse_positive_duration)]
@@ -555,6 +560,7 @@ impl TaskArgs {
                 max: Duration::from_secs(600),
             },
             poll_interval: self.worker_poll_interval,
+            history_max_age: self.task_history_max_age,
             ..TaskConfig::default()
         })
     }

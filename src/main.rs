@@ -64,6 +64,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     let mut registry = worker::Registry::default();
     handlers::register_diagnostics(&mut registry);
     handlers::register_health_check(&mut registry, engine.clone());
+    koo::tasks::maintenance::register_database(&mut registry, engine.clone());
     let pool = worker::WorkerPool::new(
         engine.clone(),
         registry,

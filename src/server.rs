@@ -25,9 +25,9 @@ use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
 use crate::tasks::events::EventHub;
-use crate::tasks::handlers;
 use crate::tasks::model::{Category, QueueName};
 use crate::tasks::worker::{Registry, WorkerPool};
+use crate::tasks::{handlers, maintenance};
 
 /// Which backend to use.
 #[derive(Debug, Clone, PartialEq)]
@@ -184,11 +184,12 @@ pub async fn run(
         ));
     }
 
-    let tasks = start_tasks(&settings, &store, &mut background, &stop)?;
+    let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
 
     let limit = settings.cache.message_limit();
     let api = CacheApi::new(
         cache,
+        tasks.clone(),
         settings.cache.max_value_size,
         settings.request_timeout,
         settings.bulk_timeout,
@@ -294,6 +295,7 @@ pub async fn run(
 fn start_tasks(
     settings: &Settings,
     store: &Store,
+    cache: &Cache,
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
 ) -> Result<(TaskEngine, EventHub), ServerError> {
@@ -322,6 +324,8 @@ fn start_tasks(
         let mut registry = Registry::default();
         handlers::register_diagnostics(&mut registry);
         handlers::register_health_check(&mut registry, engine.clone());
+        maintenance::register_cache(&mut registry, cache.clone());
+        maintenance::register_database(&mut registry, engine.clone());
         let pool = WorkerPool::new(engine.clone(), registry, queues, settings.tasks.workers);
         tracing::info!(
             worker = pool.id(),

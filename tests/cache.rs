@@ -1009,6 +1009,7 @@ async fn warm_loads_request_and_file_entries(env: Env) {
                 entry(CacheLevel::Api, "", text("bad")),
             ],
             skip_file: false,
+            wait: true,
         })
         .await
         .unwrap()
@@ -1061,6 +1062,7 @@ async fn warm_loads_request_and_file_entries(env: Env) {
         .warm(pb::WarmRequest {
             entries: vec![],
             skip_file: false,
+            wait: true,
         })
         .await
         .unwrap()
@@ -1072,6 +1074,7 @@ async fn warm_loads_request_and_file_entries(env: Env) {
         .warm(pb::WarmRequest {
             entries: vec![],
             skip_file: true,
+            wait: true,
         })
         .await
         .unwrap()
@@ -1085,6 +1088,7 @@ async fn warm_loads_request_and_file_entries(env: Env) {
         .warm(pb::WarmRequest {
             entries: vec![],
             skip_file: false,
+            wait: true,
         })
         .await
         .unwrap_err();
@@ -1103,11 +1107,11 @@ async fn maintenance_reports_largest_keys(env: Env) {
         .await
         .unwrap();
     let r = c
-        .start_maintenance(pb::StartMaintenanceRequest {})
+        .start_maintenance(pb::StartMaintenanceRequest { wait: true })
         .await
         .unwrap()
         .into_inner();
-    assert!(r.task_id.is_empty());
+    assert!(!r.task_id.is_empty());
     let report = r.report.unwrap();
     assert_eq!(report.sampled_keys, 2);
     assert_eq!(report.largest_keys[0].key, "big");

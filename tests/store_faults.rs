@@ -236,7 +236,8 @@ async fn two_instances_share_values_and_metrics() {
     }
 }
 
-/// Every key koo writes to Redis has a TTL.
+/// Every key koo writes to Redis has a TTL, except the task queues' own
+/// structures, which are bounded by caps instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_key_koo_writes_has_a_ttl() {
     let env = Env::redis().await;
@@ -262,6 +263,7 @@ async fn every_key_koo_writes_has_a_ttl() {
             ttl: None,
         }],
         skip_file: true,
+        wait: true,
     })
     .await
     .unwrap();
@@ -285,6 +287,26 @@ async fn every_key_koo_writes_has_a_ttl() {
     assert!(keys.len() >= 5, "{keys:?}");
     for key in keys {
         assert!(key.starts_with("koo:"), "{key}");
+        // The warm-up ran as a task: a queue's structures are bounded by
+        // caps (history, events, dead letters) or by what is in flight,
+        // not by a TTL; an ended task's hash and log expire.
+        let queue_structure = key.starts_with("koo:v1:{t:")
+            && [
+                ":history",
+                ":history:data",
+                ":dead",
+                ":events",
+                ":stats",
+                ":ready",
+                ":scheduled",
+                ":leases",
+                ":wake",
+            ]
+            .iter()
+            .any(|s| key.ends_with(s));
+        if queue_structure {
+            continue;
+        }
         let ttl: i64 = conn.pttl(&key).await.unwrap();
         assert!(ttl > 0, "{key} has no TTL ({ttl})");
     }
@@ -315,7 +337,7 @@ async fn cleanup_removes_only_koos_strays() {
         .unwrap();
     let report = env
         .cache()
-        .cleanup(pb::CleanupRequest {})
+        .cleanup(pb::CleanupRequest { wait: true })
         .await
         .unwrap()
         .into_inner()
@@ -424,7 +446,7 @@ async fn embedded_cleanup_purges_expired_entries() {
         }
     }
     let report = c
-        .cleanup(pb::CleanupRequest {})
+        .cleanup(pb::CleanupRequest { wait: true })
         .await
         .unwrap()
         .into_inner()
@@ -433,7 +455,7 @@ async fn embedded_cleanup_purges_expired_entries() {
     assert_eq!(report.removed_expired, 3, "{report:?}");
     assert_eq!(report.removed_without_ttl, 0);
     let again = c
-        .cleanup(pb::CleanupRequest {})
+        .cleanup(pb::CleanupRequest { wait: true })
         .await
         .unwrap()
         .into_inner()
@@ -527,7 +549,7 @@ async fn foreign_keys_do_not_break_anything() {
     assert!(!m.partial, "{}", m.partial_reason);
     // both foreign keys lack a TTL, so cleanup removes them
     let report = c
-        .cleanup(pb::CleanupRequest {})
+        .cleanup(pb::CleanupRequest { wait: true })
         .await
         .unwrap()
         .into_inner()

@@ -119,6 +119,7 @@ on_both!(
     submit_tasks_in_a_batch,
     watch_tasks_resumes_after_a_disconnect,
     watch_task_shows_every_state_of_a_retry,
+    upkeep_runs_as_tasks,
 );
 
 fn client(server: &TestServer) -> TaskServiceClient<Channel> {
@@ -910,4 +911,138 @@ async fn watch_task_shows_every_state_of_a_retry(backend: Backend) {
     .map(|s| s as i32)
     .to_vec();
     assert_eq!(states, expected);
+}
+
+/// The cache's Cleanup, Warm and StartMaintenance submit built-in tasks in
+/// the `cache` queue whose results are their reports; database maintenance
+/// removes history older than asked, with the stored results.
+async fn upkeep_runs_as_tasks(backend: Backend) {
+    use koo::pb::cache::v1 as cache;
+    let koo = start_on(backend, 2).await;
+    let mut c = client(&koo.server);
+    let mut cc = koo.server.cache();
+    let cleanup = cc
+        .cleanup(cache::CleanupRequest { wait: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cleanup.report.is_none(), "no report without wait");
+    let done = wait_task(&mut c, &cleanup.task_id, is_final).await;
+    assert_eq!(
+        (done.name.as_str(), done.queue.as_str(), done.state),
+        (
+            "koo.tasks.cache.cleanup",
+            "cache",
+            pb::TaskState::Succeeded as i32
+        )
+    );
+    let Some(prost_types::value::Kind::StructValue(report)) = done.result.unwrap().kind else {
+        panic!("the result is the cleanup report")
+    };
+    assert!(report.fields.contains_key("scanned"), "{report:?}");
+    // Warm carries its entries to the task; with wait, the report comes back
+    let warm = cc
+        .warm(cache::WarmRequest {
+            entries: vec![cache::CacheEntry {
+                level: cache::CacheLevel::Db as i32,
+                key: "k".into(),
+                value: Some(cache::CacheValue {
+                    kind: Some(cache::cache_value::Kind::Raw(vec![0u8, 255].into())),
+                }),
+                ttl: None,
+            }],
+            skip_file: true,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(warm.report.unwrap().loaded, 1);
+    let got = cc
+        .get(cache::GetRequest {
+            level: cache::CacheLevel::Db as i32,
+            key: "k".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.value.unwrap().kind,
+        Some(cache::cache_value::Kind::Raw(vec![0u8, 255].into()))
+    );
+    // more than a task carries is refused up front
+    let big = cache::CacheEntry {
+        level: cache::CacheLevel::Db as i32,
+        key: "big".into(),
+        value: Some(cache::CacheValue {
+            kind: Some(cache::cache_value::Kind::Text("x".repeat(2 * 1024 * 1024))),
+        }),
+        ttl: None,
+    };
+    let err = cc
+        .warm(cache::WarmRequest {
+            entries: vec![big],
+            skip_file: true,
+            wait: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        err.get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "entries"
+    );
+    let maintenance = cc
+        .start_maintenance(cache::StartMaintenanceRequest { wait: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(maintenance.report.unwrap().cleanup.is_some());
+    // database maintenance: everything that ended so far is older than 0 h
+    let trim = c
+        .submit_task(pb::SubmitTaskRequest {
+            category: pb::TaskCategory::Database as i32,
+            ..submit(
+                "koo.tasks.database.maintenance",
+                serde_json::json!({ "older_than_hours": 0 }),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let trimmed = wait_task(&mut c, &trim.id, is_final).await;
+    assert_eq!(
+        trimmed.state,
+        pb::TaskState::Succeeded as i32,
+        "{trimmed:?}"
+    );
+    let report = koo::grpc::json::to_json(&trimmed.result.unwrap()).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(
+        report["queues"]["cache"]["removed_history"], 3.0,
+        "{report}"
+    );
+    let err = c
+        .get_task(pb::GetTaskRequest {
+            task_id: cleanup.task_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "its stored result went too");
+    let history = c
+        .list_task_history(pb::ListTaskHistoryRequest {
+            category: pb::TaskCategory::Cache as i32,
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.tasks.is_empty(), "{history:?}");
 }

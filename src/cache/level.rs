@@ -1,7 +1,10 @@
 //! Cache levels: the four namespaces of the seed's multi-level cache.
 
 /// A cache namespace. The same key in two levels names two entries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     /// Frequently accessed application data.
     App,

@@ -219,7 +219,7 @@ impl MetricsReport {
 }
 
 /// What a cleanup removed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CleanupReport {
     /// Keys examined.
     pub scanned: u64,
@@ -232,7 +232,7 @@ pub struct CleanupReport {
 }
 
 /// What a maintenance run did and found.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct MaintenanceReport {
     /// The cleanup.
     pub cleanup: CleanupReport,
@@ -240,12 +240,23 @@ pub struct MaintenanceReport {
     pub memory: crate::store::MemoryReport,
     /// Keys sampled for sizes.
     pub sampled_keys: u64,
-    /// Largest keys of the sample: level, user key, bytes.
-    pub largest: Vec<(Level, String, u64)>,
+    /// Largest keys of the sample, largest first.
+    pub largest: Vec<LargeKey>,
+}
+
+/// A key of the maintenance sample and its size.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LargeKey {
+    /// Its level.
+    pub level: Level,
+    /// The user key.
+    pub key: String,
+    /// Bytes used by key and value.
+    pub bytes: u64,
 }
 
 /// One entry a warm-up could not load.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WarmFailure {
     /// `request` or the file's path.
     pub source: String,
@@ -256,7 +267,7 @@ pub struct WarmFailure {
 }
 
 /// What a warm-up loaded.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WarmReport {
     /// Entries written.
     pub loaded: u64,
@@ -988,10 +999,11 @@ impl Cache {
             .into_iter()
             .filter_map(|ks| {
                 Level::ALL.into_iter().find_map(|level| {
-                    self.inner
-                        .keys
-                        .user_key(level, &ks.key)
-                        .map(|k| (level, k.to_owned(), ks.bytes))
+                    self.inner.keys.user_key(level, &ks.key).map(|k| LargeKey {
+                        level,
+                        key: k.to_owned(),
+                        bytes: ks.bytes,
+                    })
                 })
             })
             .collect();
@@ -1003,24 +1015,31 @@ impl Cache {
         })
     }
 
-    /// Preloads `entries` and, unless `skip_file`, the configured warm file.
-    /// Bad entries are reported, not fatal; a warm file that cannot be read
-    /// fails the whole warm-up, since it is a configuration error.
+    /// Preloads `entries` (a request's, by index, as parsed from their
+    /// warm lines) and, unless `skip_file`, the configured warm file. Bad
+    /// entries are reported, not fatal; a warm file that cannot be read fails
+    /// the whole warm-up, since it is a configuration error.
     pub async fn warm(
         &self,
-        entries: Vec<NewEntry>,
+        entries: Vec<warm::ParsedLine>,
         skip_file: bool,
         deadline: Deadline,
     ) -> Result<WarmReport> {
         let mut report = WarmReport::default();
         let mut valid = Vec::new();
-        for (i, e) in entries.into_iter().enumerate() {
-            match self.check_entry(|| format!("entries[{i}]."), &e) {
-                Ok(ttl) => valid.push((e, ttl)),
-                Err(err) => report.failures.push(WarmFailure {
+        for (i, e) in entries {
+            let checked = e.and_then(|e| {
+                let ttl = self
+                    .check_entry(|| format!("entries[{i}]."), &e)
+                    .map_err(|err| err.to_string())?;
+                Ok((e, ttl))
+            });
+            match checked {
+                Ok(ok) => valid.push(ok),
+                Err(reason) => report.failures.push(WarmFailure {
                     source: "request".to_owned(),
-                    line: i as u64,
-                    reason: err.to_string(),
+                    line: i,
+                    reason,
                 }),
             }
         }

@@ -12,12 +12,17 @@ use super::deadline;
 use super::json;
 use super::status::invalid_argument;
 use crate::cache::{
-    Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MetricsReport, NewEntry, Stored,
-    Value,
+    Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MaintenanceReport, MetricsReport,
+    NewEntry, Stored, Value, WarmReport,
     metrics::{Counters, Op},
+    warm,
 };
 use crate::pb::cache::v1 as pb;
 use crate::store::{BackendKind, CircuitState, Deadline};
+use crate::tasks::engine::{NewTask, TaskEngine, TaskError};
+use crate::tasks::events::EventHub;
+use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_MAINTENANCE, CACHE_WARM};
+use crate::tasks::model::{Category, Priority, State};
 
 /// Shortest and longest `WatchMetrics` intervals.
 const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
@@ -26,6 +31,8 @@ const MAX_WATCH_INTERVAL: Duration = Duration::from_secs(3600);
 /// The CacheService implementation.
 pub struct CacheApi {
     cache: Cache,
+    /// Where `Cleanup`, `Warm` and `StartMaintenance` submit their tasks.
+    tasks: (TaskEngine, EventHub),
     max_value_size: usize,
     request_timeout: Duration,
     bulk_timeout: Duration,
@@ -37,6 +44,7 @@ impl CacheApi {
     /// (`bulk_timeout` for bulk calls); streams end on `shutdown`.
     pub fn new(
         cache: Cache,
+        tasks: (TaskEngine, EventHub),
         max_value_size: usize,
         request_timeout: Duration,
         bulk_timeout: Duration,
@@ -44,6 +52,7 @@ impl CacheApi {
     ) -> Self {
         Self {
             cache,
+            tasks,
             max_value_size,
             request_timeout,
             bulk_timeout,
@@ -58,6 +67,59 @@ impl CacheApi {
     fn bulk_deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.bulk_timeout)
     }
+
+    /// Submits the upkeep task `name` and returns its id; with `wait`, also
+    /// its result once it succeeds (`None` if it has not ended by the
+    /// deadline). A task that ends otherwise is FAILED_PRECONDITION with its
+    /// error.
+    async fn upkeep(
+        &self,
+        name: &str,
+        kwargs: serde_json::Value,
+        wait: bool,
+        deadline: Deadline,
+    ) -> Result<(String, Option<String>), Status> {
+        let (engine, hub) = &self.tasks;
+        let mut new = NewTask::new(name, Category::Cache);
+        new.priority = Priority::High;
+        new.kwargs = kwargs.to_string();
+        let task = engine.submit(new, deadline).await.map_err(|e| match e {
+            TaskError::InvalidArgument { reason, .. } => invalid_argument("entries", &reason),
+            other => other.into(),
+        })?;
+        let id = task.id.to_string();
+        if !wait {
+            return Ok((id, None));
+        }
+        // leave time to answer before the caller's deadline
+        let until = Deadline::after(
+            deadline
+                .remaining()
+                .saturating_sub(Duration::from_millis(100)),
+        );
+        match hub.wait_final(engine, &task.id, until).await? {
+            None => Ok((id, None)),
+            Some(t) if t.state == State::Succeeded => Ok((id, t.result)),
+            Some(t) => {
+                let error = t
+                    .error
+                    .as_deref()
+                    .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+                    .and_then(|e| e["message"].as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                Err(Status::failed_precondition(format!(
+                    "task {id} ended {}: {error}",
+                    t.state.as_str()
+                )))
+            }
+        }
+    }
+}
+
+/// A task's JSON result as a report, or INTERNAL if it is not one.
+fn parse_report<T: serde::de::DeserializeOwned>(result: &str) -> Result<T, Status> {
+    serde_json::from_str(result)
+        .map_err(|e| Status::internal(format!("the task's report does not parse: {e}")))
 }
 
 fn level(field: &str, raw: i32) -> Result<Level, Status> {
@@ -466,28 +528,34 @@ impl pb::cache_service_server::CacheService for CacheApi {
         request: Request<pb::StartMaintenanceRequest>,
     ) -> Result<Response<pb::StartMaintenanceResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
-        let r = self.cache.maintenance(deadline).await?;
-        let report = pb::MaintenanceReport {
-            cleanup: Some(cleanup_report(r.cleanup)),
-            used_memory_bytes: r.memory.used as i64,
-            peak_memory_bytes: r.memory.peak as i64,
-            fragmentation_ratio: r.memory.fragmentation,
-            max_memory_bytes: r.memory.max as i64,
-            eviction_policy: r.memory.policy,
-            sampled_keys: r.sampled_keys as i64,
-            largest_keys: r
-                .largest
-                .into_iter()
-                .map(|(level, key, bytes)| pb::KeySize {
-                    level: to_pb_level(level) as i32,
-                    key,
-                    size_bytes: bytes as i64,
-                })
-                .collect(),
-        };
+        let wait = request.into_inner().wait;
+        let (task_id, result) = self
+            .upkeep(CACHE_MAINTENANCE, serde_json::json!({}), wait, deadline)
+            .await?;
+        let report = result
+            .map(|r| parse_report::<MaintenanceReport>(&r))
+            .transpose()?
+            .map(|r| pb::MaintenanceReport {
+                cleanup: Some(cleanup_report(r.cleanup)),
+                used_memory_bytes: r.memory.used as i64,
+                peak_memory_bytes: r.memory.peak as i64,
+                fragmentation_ratio: r.memory.fragmentation,
+                max_memory_bytes: r.memory.max as i64,
+                eviction_policy: r.memory.policy,
+                sampled_keys: r.sampled_keys as i64,
+                largest_keys: r
+                    .largest
+                    .into_iter()
+                    .map(|k| pb::KeySize {
+                        level: to_pb_level(k.level) as i32,
+                        key: k.key,
+                        size_bytes: k.bytes as i64,
+                    })
+                    .collect(),
+            });
         Ok(Response::new(pb::StartMaintenanceResponse {
-            task_id: String::new(),
-            report: Some(report),
+            task_id,
+            report,
         }))
     }
 
@@ -501,12 +569,16 @@ impl pb::cache_service_server::CacheService for CacheApi {
             .entries
             .into_iter()
             .enumerate()
-            .map(|(i, e)| entry(&format!("entries[{i}]."), e, self.max_value_size))
+            .map(|(i, e)| {
+                entry(&format!("entries[{i}]."), e, self.max_value_size).map(|e| warm::to_line(&e))
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let report = self.cache.warm(entries, r.skip_file, deadline).await?;
-        Ok(Response::new(pb::WarmResponse {
-            task_id: String::new(),
-            report: Some(pb::WarmReport {
+        let kwargs = serde_json::json!({ "entries": entries, "skip_file": r.skip_file });
+        let (task_id, result) = self.upkeep(CACHE_WARM, kwargs, r.wait, deadline).await?;
+        let report = result
+            .map(|r| parse_report::<WarmReport>(&r))
+            .transpose()?
+            .map(|report| pb::WarmReport {
                 loaded: report.loaded as i64,
                 failures: report
                     .failures
@@ -521,8 +593,8 @@ impl pb::cache_service_server::CacheService for CacheApi {
                     .file
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
-            }),
-        }))
+            });
+        Ok(Response::new(pb::WarmResponse { task_id, report }))
     }
 
     async fn cleanup(
@@ -530,10 +602,14 @@ impl pb::cache_service_server::CacheService for CacheApi {
         request: Request<pb::CleanupRequest>,
     ) -> Result<Response<pb::CleanupResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
-        let report = self.cache.cleanup(deadline).await?;
-        Ok(Response::new(pb::CleanupResponse {
-            task_id: String::new(),
-            report: Some(cleanup_report(report)),
-        }))
+        let wait = request.into_inner().wait;
+        let (task_id, result) = self
+            .upkeep(CACHE_CLEANUP, serde_json::json!({}), wait, deadline)
+            .await?;
+        let report = result
+            .map(|r| parse_report::<CleanupReport>(&r))
+            .transpose()?
+            .map(cleanup_report);
+        Ok(Response::new(pb::CleanupResponse { task_id, report }))
     }
 }

@@ -112,7 +112,7 @@ pub struct CleanupCounts {
 }
 
 /// The backend's memory figures.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct MemoryReport {
     /// Bytes in use.
     pub used: u64,

@@ -83,6 +83,17 @@ pub struct TaskEvent {
     pub at_ms: i64,
 }
 
+/// What one trim removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Trimmed {
+    /// Ended tasks removed from history (with their stored results).
+    pub history: u64,
+    /// Dead letters removed.
+    pub dead: u64,
+    /// Events trimmed from the event log.
+    pub events: u64,
+}
+
 /// Where the task engine keeps its state.
 #[derive(Clone)]
 pub enum TaskStore {
@@ -243,6 +254,25 @@ impl TaskStore {
         }
     }
 
+    /// Removes `queue`'s tasks that ended before `before_ms` (history, dead
+    /// letters, stored results; at most 1000 per call) and trims its events
+    /// to the cap.
+    pub async fn trim(
+        &self,
+        queue: &QueueName,
+        before_ms: i64,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Trimmed> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, queue);
+                store.trim_tasks(&keys, before_ms, limits, deadline).await
+            }
+            Self::Memory(m) => Ok(m.trim(queue, before_ms, limits)),
+        }
+    }
+
     /// Up to `count` active tasks of `queue` from position `offset` of set
     /// `set` (0 running, 1 queued, 2 scheduled), and where the next call
     /// should start (`None`: the queue is done).
@@ -329,6 +359,18 @@ impl TaskStore {
                 }))
             }
             Self::Memory(m) => Ok(EventReader::Memory(m.event_reader(queue, after)?)),
+        }
+    }
+
+    /// What the store holds, for maintenance reports: Redis's memory
+    /// figures, or the embedded store's counts.
+    pub async fn usage(&self, deadline: Deadline) -> Result<serde_json::Value> {
+        match self {
+            Self::Redis { store, .. } => {
+                let m = Store::Redis(store.clone()).memory(deadline).await?;
+                Ok(serde_json::to_value(m).unwrap_or_default())
+            }
+            Self::Memory(m) => Ok(m.usage()),
         }
     }
 

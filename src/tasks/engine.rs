@@ -47,6 +47,8 @@ pub struct TaskConfig {
     /// How long an idle worker waits before looking again (a submit in the
     /// same process wakes it at once).
     pub poll_interval: Duration,
+    /// How long ended tasks stay in history (database maintenance trims).
+    pub history_max_age: Duration,
 }
 
 impl Default for TaskConfig {
@@ -63,6 +65,7 @@ impl Default for TaskConfig {
             backoff: Backoff::default(),
             limits: TaskLimits::default(),
             poll_interval: Duration::from_millis(100),
+            history_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -16,7 +16,8 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::model::QueueName;
+use super::engine::{TaskEngine, TaskError};
+use super::model::{QueueName, Task, TaskId};
 use crate::store::tasks::{EventReader, TaskEvent, TaskStore};
 use crate::store::{Deadline, StoreError};
 
@@ -70,6 +71,38 @@ impl EventHub {
         drop(readers);
         tokio::spawn(self.clone().follow(queue.clone(), reader, tx));
         Ok(rx)
+    }
+
+    /// Waits until task `id` ends: the task in its end state, or `None` if
+    /// it has not ended by `deadline`. Follows the queue's events, so it
+    /// sees the end wherever the task ran.
+    pub async fn wait_final(
+        &self,
+        engine: &TaskEngine,
+        id: &TaskId,
+        deadline: Deadline,
+    ) -> Result<Option<Task>, TaskError> {
+        let mut events = self.subscribe(&id.queue(), deadline).await?;
+        loop {
+            let task = engine.get(id.as_str(), deadline).await?;
+            if task.state.is_final() {
+                return Ok(Some(task));
+            }
+            // the next event of this task (or a lag, after which the task is
+            // read again)
+            loop {
+                match tokio::time::timeout_at(deadline.instant(), events.recv()).await {
+                    Err(_) => return Ok(None),
+                    Ok(Ok(e)) if e.id != id.as_str() => {}
+                    Ok(Ok(_) | Err(broadcast::error::RecvError::Lagged(_))) => break,
+                    // the reader stopped (koo is stopping): follow a new one
+                    Ok(Err(broadcast::error::RecvError::Closed)) => {
+                        events = self.subscribe(&id.queue(), deadline).await?;
+                        break;
+                    }
+                }
+            }
+        }
     }
 
     fn readers(

@@ -1,11 +1,12 @@
-//! The task domain (issue 3, in progress): the vocabulary every task backend
-//! shares. The engine itself (leases, scripts, workers) follows
-//! `docs/design/tasks.md`.
+//! The task domain: the model, the engine over a [`crate::store::tasks::TaskStore`],
+//! the built-in worker pool and its handlers, live events and listing.
+//! `docs/design/tasks.md` is the design.
 
 pub mod engine;
 pub mod events;
 pub mod handlers;
 pub mod listing;
+pub mod maintenance;
 pub mod model;
 pub mod retry;
 pub mod worker;

@@ -149,7 +149,7 @@ impl Drop for TestRedis {
 /// Settings for tests: short intervals so that failures and recoveries are
 /// seen in well under a second.
 pub fn test_settings(store: StoreSettings) -> Settings {
-    Settings {
+    let mut settings = Settings {
         store,
         cache: CacheConfig {
             metrics_flush_interval: Duration::from_millis(100),
@@ -163,7 +163,12 @@ pub fn test_settings(store: StoreSettings) -> Settings {
         shutdown_grace: Duration::from_secs(5),
         shutdown_drain: Duration::ZERO,
         ..Settings::default()
+    };
+    // as in production: tasks live on the cache's Redis when there is one
+    if let StoreSettings::Redis(r) = &settings.store {
+        settings.tasks.redis = Some(r.clone());
     }
+    settings
 }
 
 /// Redis settings for tests: a short breaker cool-down and connect timeout.
@@ -373,4 +378,3 @@ macro_rules! on_both_stores {
         )*
     };
 }
-

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits};
+use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed};
 use crate::store::{Result, StoreError, unix_millis};
 use crate::tasks::model::{QueueName, State, Task, TaskId};
 
@@ -625,6 +625,49 @@ impl MemoryTasks {
         drop(guard);
         self.announce(last);
         lapsed.len() as u64 + due
+    }
+
+    /// Removes `queue`'s tasks that ended before `before_ms` (history, dead
+    /// letters, stored results; at most 1000 per call), and forgets expired
+    /// results. The event log is capped as it is written.
+    pub fn trim(&self, queue: &QueueName, before_ms: i64, _limits: TaskLimits) -> Trimmed {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        s.purge_expired(now_ms());
+        let Some(q) = s.queues.get_mut(queue) else {
+            return Trimmed::default();
+        };
+        let old: Vec<String> = q.history.up_to(before_ms - 1, 1000);
+        for id in &old {
+            q.history.remove(id);
+            q.history_data.remove(id);
+            if s.tasks.get(id).is_some_and(|e| e.task.state.is_final()) {
+                s.tasks.remove(id);
+            }
+        }
+        let dead = q.dead.up_to(before_ms - 1, usize::MAX);
+        for id in &dead {
+            q.dead.remove(id);
+        }
+        Trimmed {
+            history: old.len() as u64,
+            dead: dead.len() as u64,
+            events: 0,
+        }
+    }
+
+    /// Counts of what the store holds.
+    pub fn usage(&self) -> serde_json::Value {
+        let s = self.lock();
+        let events: usize = s.queues.values().map(|q| q.events.len()).sum();
+        let history: u64 = s.queues.values().map(|q| q.history.len()).sum();
+        serde_json::json!({
+            "kind": "embedded",
+            "tasks": s.tasks.len(),
+            "max_tasks": MAX_TASKS,
+            "history_entries": history,
+            "events": events,
+        })
     }
 
     /// Reads a task and its attempt log; `None` once it has expired.

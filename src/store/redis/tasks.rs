@@ -14,7 +14,7 @@ use redis::Script;
 
 use super::RedisStore;
 use crate::keys::QueueKeys;
-use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits};
+use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed};
 use crate::store::{Deadline, Result, StoreError};
 use crate::tasks::model::{State, Task, TaskId};
 
@@ -26,6 +26,7 @@ pub(super) struct TaskScripts {
     progress: Script,
     finish: Script,
     recover: Script,
+    trim: Script,
 }
 
 impl TaskScripts {
@@ -37,6 +38,7 @@ impl TaskScripts {
             progress: Script::new(include_str!("lua/tasks/progress.lua")),
             finish: Script::new(include_str!("lua/tasks/finish.lua")),
             recover: Script::new(include_str!("lua/tasks/recover.lua")),
+            trim: Script::new(include_str!("lua/tasks/trim.lua")),
         }
     }
 }
@@ -311,6 +313,38 @@ impl RedisStore {
             |mut c| async move { inv.invoke_async(&mut c).await },
         )
         .await
+    }
+
+    /// Removes the queue's tasks that ended before `before_ms` (history,
+    /// dead letters, stored results; at most 1000 per call) and trims its
+    /// event stream.
+    pub async fn trim_tasks(
+        &self,
+        keys: &QueueKeys,
+        before_ms: i64,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Trimmed> {
+        let mut inv = self.inner.tasks.trim.prepare_invoke();
+        inv.key(keys.history())
+            .key(keys.history_data())
+            .key(keys.dead())
+            .key(keys.events());
+        inv.arg(before_ms)
+            .arg(limits.events)
+            .arg(keys.task_prefix());
+        let inv = &inv;
+        let (history, dead, events): (u64, u64, u64) = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(Trimmed {
+            history,
+            dead,
+            events,
+        })
     }
 
     /// Up to `count` active tasks of the queue from position `offset` of set

@@ -1,0 +1,161 @@
+//! Built-in handlers for the upkeep koo owns: the cache's cleanup, warming
+//! and maintenance (what CacheService's `Cleanup`, `Warm` and
+//! `StartMaintenance` submit), and database maintenance of koo's own task
+//! data. Their reports (JSON) are the tasks' results.
+//!
+//! They run where a [`Cache`] is at hand: the built-in pool of `koo serve`.
+//! A `koo worker` process does not serve them, so it never leases them.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::engine::TaskEngine;
+use super::model::Category;
+use super::worker::{HandlerError, Registry, TaskContext};
+use crate::cache::{Cache, CacheError, warm};
+use crate::store::{Deadline, StoreError};
+
+/// Removes what the cache backend does not expire by itself.
+pub const CACHE_CLEANUP: &str = "koo.tasks.cache.cleanup";
+/// Preloads `kwargs.entries` (warm-file lines) and, unless
+/// `kwargs.skip_file`, the configured warm file.
+pub const CACHE_WARM: &str = "koo.tasks.cache.warm";
+/// A cleanup, then a memory report with the largest keys.
+pub const CACHE_MAINTENANCE: &str = "koo.tasks.cache.maintenance";
+/// Trims task history older than the retention (or `kwargs.older_than_hours`)
+/// with its stored results, trims event logs, forgets expired results, and
+/// reports the task store's memory and every queue's depths.
+pub const DATABASE_MAINTENANCE: &str = "koo.tasks.database.maintenance";
+
+/// A cache failure as a handler error: an outage is worth retrying, a
+/// configuration error (an unreadable warm file) is not.
+fn cache_error(e: CacheError) -> HandlerError {
+    match e {
+        CacheError::Store(StoreError::Unavailable(_) | StoreError::DeadlineExceeded) => {
+            HandlerError::retry(e.to_string())
+        }
+        other => HandlerError::fatal(other.to_string()),
+    }
+}
+
+/// The deadline of one upkeep step: the task's soft limit.
+fn deadline(ctx: &TaskContext) -> Deadline {
+    Deadline::after(Duration::from_millis(ctx.task.soft_ms.max(1000)))
+}
+
+fn report(value: impl serde::Serialize) -> Result<serde_json::Value, HandlerError> {
+    serde_json::to_value(value).map_err(|e| HandlerError::fatal(e.to_string()))
+}
+
+/// Registers the cache's upkeep handlers.
+pub fn register_cache(registry: &mut Registry, cache: Cache) {
+    let c = cache.clone();
+    registry.register(CACHE_CLEANUP, move |ctx| {
+        let cache = c.clone();
+        async move {
+            let done = cache.cleanup(deadline(&ctx)).await.map_err(cache_error)?;
+            report(done)
+        }
+    });
+    let c = cache.clone();
+    registry.register(CACHE_MAINTENANCE, move |ctx| {
+        let cache = c.clone();
+        async move {
+            let done = cache
+                .maintenance(deadline(&ctx))
+                .await
+                .map_err(cache_error)?;
+            report(done)
+        }
+    });
+    registry.register(CACHE_WARM, move |ctx| {
+        let cache = cache.clone();
+        async move {
+            let kwargs: serde_json::Value = serde_json::from_str(&ctx.task.kwargs)
+                .map_err(|e| HandlerError::fatal(format!("kwargs: {e}")))?;
+            let entries = match &kwargs["entries"] {
+                serde_json::Value::Null => Vec::new(),
+                serde_json::Value::Array(lines) => lines
+                    .iter()
+                    .enumerate()
+                    .map(|(i, line)| (i as u64, warm::parse_line(&line.to_string())))
+                    .collect(),
+                _ => return Err(HandlerError::fatal("kwargs.entries must be a list")),
+            };
+            let skip_file = kwargs["skip_file"].as_bool().unwrap_or(false);
+            let done = cache
+                .warm(entries, skip_file, deadline(&ctx))
+                .await
+                .map_err(cache_error)?;
+            report(done)
+        }
+    });
+}
+
+/// Registers database maintenance of the task store.
+pub fn register_database(registry: &mut Registry, engine: TaskEngine) {
+    registry.register(DATABASE_MAINTENANCE, move |ctx| {
+        let engine = engine.clone();
+        async move {
+            let config = engine.config();
+            let kwargs: serde_json::Value =
+                serde_json::from_str(&ctx.task.kwargs).unwrap_or_default();
+            let max_age = match kwargs.get("older_than_hours") {
+                None | Some(serde_json::Value::Null) => config.history_max_age,
+                Some(h) => h
+                    .as_f64()
+                    .and_then(|h| Duration::try_from_secs_f64(h * 3600.0).ok())
+                    .ok_or_else(|| {
+                        HandlerError::fatal("older_than_hours must be a non-negative number")
+                    })?,
+            };
+            let before_ms = crate::store::unix_millis(std::time::SystemTime::now())
+                .saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+            let store = engine.store();
+            let mut queues = serde_json::Map::new();
+            for queue in Category::queues() {
+                let mut total = crate::store::tasks::Trimmed::default();
+                // at most 1000 history entries per call; a backlog takes a
+                // few more
+                for _ in 0..1000 {
+                    let t = store
+                        .trim(&queue, before_ms, config.limits, deadline(&ctx))
+                        .await
+                        .map_err(|e| HandlerError::retry(e.to_string()))?;
+                    total.history += t.history;
+                    total.dead += t.dead;
+                    total.events += t.events;
+                    if t.history < 1000 {
+                        break;
+                    }
+                }
+                let stats = store
+                    .queue_stats(&queue, deadline(&ctx))
+                    .await
+                    .map_err(|e| HandlerError::retry(e.to_string()))?;
+                queues.insert(
+                    queue.to_string(),
+                    json!({
+                        "removed_history": total.history,
+                        "removed_dead_letters": total.dead,
+                        "trimmed_events": total.events,
+                        "queued": stats.ready,
+                        "scheduled": stats.scheduled,
+                        "running": stats.running,
+                        "dead_letters": stats.dead,
+                    }),
+                );
+            }
+            let memory = store
+                .usage(deadline(&ctx))
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+            Ok(json!({
+                "history_max_age_seconds": max_age.as_secs_f64(),
+                "queues": queues,
+                "memory": memory,
+            }))
+        }
+    });
+}
