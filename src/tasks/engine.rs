@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::model::{Category, Priority, QueueName, State, Task, TaskId};
@@ -180,8 +180,10 @@ pub struct TaskEngine {
 struct Inner {
     store: TaskStore,
     config: TaskConfig,
-    /// Wakes this process's idle workers when it submits.
-    submitted: Notify,
+    /// Wakes this process's idle workers when it submits, naming the queue
+    /// (a watch channel: a wake-up is never lost between a worker's empty
+    /// lease and its wait).
+    submitted: watch::Sender<Option<QueueName>>,
 }
 
 impl TaskEngine {
@@ -191,7 +193,7 @@ impl TaskEngine {
             inner: Arc::new(Inner {
                 store,
                 config,
-                submitted: Notify::new(),
+                submitted: watch::Sender::new(None),
             }),
         }
     }
@@ -280,7 +282,7 @@ impl TaskEngine {
             .store
             .submit(&task, new.delay, c.limits, deadline)
             .await?;
-        self.inner.submitted.notify_waiters();
+        self.inner.submitted.send_replace(Some(queue));
         Ok(task)
     }
 
@@ -416,9 +418,22 @@ impl TaskEngine {
         Ok(self.inner.store.ping(deadline).await?)
     }
 
-    /// Waits until this process submits something or `timeout` passes.
-    pub async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.inner.submitted.notified()).await;
+    /// A worker's subscription to this process's submits.
+    pub fn submits(&self) -> watch::Receiver<Option<QueueName>> {
+        self.inner.submitted.subscribe()
+    }
+
+    /// Waits until this process submits something since `submits` last
+    /// looked, or `timeout` passes: the queue submitted to, if any.
+    pub async fn wait_for_work(
+        &self,
+        submits: &mut watch::Receiver<Option<QueueName>>,
+        timeout: Duration,
+    ) -> Option<QueueName> {
+        match tokio::time::timeout(timeout, submits.changed()).await {
+            Ok(Ok(())) => submits.borrow_and_update().clone(),
+            _ => None,
+        }
     }
 
     /// Recovers lapsed leases of `queues` every sweep interval until `stop`.

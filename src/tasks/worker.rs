@@ -177,10 +177,19 @@ async fn run_slot(
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     // Slots start at different queues and rotate, so that no queue starves.
     let mut next = slot;
+    let mut submits = engine.submits();
+    // The queue a local submit just named: looked at first, so that a task
+    // submitted to an idle process starts after one lease call, not after a
+    // walk through the other queues.
+    let mut hint: Option<usize> = None;
     while !stop.is_cancelled() {
         let mut leased = None;
-        for i in 0..queues.len() {
-            let queue = &queues[(next + i) % queues.len()];
+        let order = hint
+            .take()
+            .into_iter()
+            .chain((0..queues.len()).map(|i| (next + i) % queues.len()));
+        for (i, q) in order.enumerate() {
+            let queue = &queues[q];
             match engine
                 .lease(
                     queue,
@@ -192,7 +201,10 @@ async fn run_slot(
             {
                 Ok(Some(task)) => {
                     leased = Some(task);
-                    next = (next + i + 1) % queues.len();
+                    // a hinted lease does not move the rotation
+                    if i > 0 || q == next {
+                        next = (q + 1) % queues.len();
+                    }
                     break;
                 }
                 Ok(None) => {}
@@ -211,7 +223,9 @@ async fn run_slot(
             None => {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = engine.wait_for_work(engine.config().poll_interval) => {}
+                    woke = engine.wait_for_work(&mut submits, engine.config().poll_interval) => {
+                        hint = woke.and_then(|q| queues.iter().position(|x| *x == q));
+                    }
                 }
             }
         }

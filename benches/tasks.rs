@@ -1,0 +1,338 @@
+//! End-to-end task benchmark: no-op tasks through the real `koo serve` and
+//! its built-in workers, on Redis.
+//!
+//! Measured the strictest way: the client observes every task's completion
+//! (a `WatchTasks` stream opened before the first submit, counting each
+//! submitted id's SUCCEEDED event), rather than polling a counter.
+//!
+//! - **e2e**: submit `BENCH_TASKS` (default 10,000) no-op tasks with
+//!   `SubmitTasks` (batches of 100, 4 in flight) and time from the first
+//!   submit until the last completion is observed.
+//! - **latency**: `BENCH_LATENCY` (default 500) sequential round trips:
+//!   `SubmitTask`, then its SUCCEEDED event; p50/p90/p99.
+//! - **memory**: `BENCH_QUEUED` (default 100,000) tasks parked in a queue no
+//!   worker serves, and `BENCH_WATCHERS` (default 1,000) open `WatchTask`
+//!   streams on them; koo's resident memory (VmRSS) then.
+//!
+//! Redis: its own `redis-server` on a free port, or `KOO_BENCH_REDIS_URL`
+//! (used by `scripts/bench-tasks` to put koo on the same Redis as the
+//! peers, a server that script started); koo's keys there get a prefix of
+//! their own and are deleted afterwards. `BENCH_REPS` (default 1) repeats
+//! e2e and latency. One JSON line per measurement goes to stdout (and
+//! `target/bench-results/tasks.jsonl`); progress to stderr.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use koo::pb::tasks::v1::task_service_client::TaskServiceClient;
+use koo::pb::tasks::v1::{
+    SubmitTaskRequest, SubmitTasksRequest, TaskCategory, TaskState, WatchTaskRequest,
+    WatchTasksRequest,
+};
+use tonic::transport::{Channel, Endpoint};
+
+mod support;
+use support::{read_memory, start_koo, start_redis};
+
+const NOOP: &str = "koo.diagnostics.noop";
+const BATCH: usize = 100;
+const IN_FLIGHT: usize = 4;
+
+fn env_usize(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{name}: {v:?} is not a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn emit(line: serde_json::Value, out: &mut std::fs::File) {
+    println!("{line}");
+    let _ = writeln!(out, "{line}");
+}
+
+fn noop(queue: &str) -> SubmitTaskRequest {
+    SubmitTaskRequest {
+        name: NOOP.into(),
+        category: TaskCategory::Research as i32,
+        queue: queue.into(),
+        ..Default::default()
+    }
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let k = (sorted.len() - 1) as f64 * p / 100.0;
+    let (f, c) = (k.floor() as usize, k.ceil() as usize);
+    sorted[f] + (sorted[c] - sorted[f]) * (k - f as f64)
+}
+
+fn main() -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> Result<()> {
+    let tasks = env_usize("BENCH_TASKS", 10_000)?;
+    let latency_n = env_usize("BENCH_LATENCY", 500)?.max(2);
+    let queued = env_usize("BENCH_QUEUED", 100_000)?;
+    let watchers = env_usize("BENCH_WATCHERS", 1_000)?;
+    let reps = env_usize("BENCH_REPS", 1)?.max(1);
+    let label = std::env::var("BENCH_LABEL").unwrap_or_default();
+    let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let results = tmp.parent().unwrap_or(tmp).join("bench-results");
+    std::fs::create_dir_all(&results)?;
+    let mut out = std::fs::File::create(results.join("tasks.jsonl"))?;
+
+    // A Redis of our own unless told which to use; a queue must never lose
+    // keys to eviction, hence noeviction.
+    let own;
+    let url = match std::env::var("KOO_BENCH_REDIS_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let server =
+                std::env::var("KOO_BENCH_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            own = start_redis(
+                &server,
+                &tmp.join("tmp"),
+                &["--maxmemory-policy", "noeviction"],
+            )
+            .await?;
+            own.url.clone()
+        }
+    };
+    let prefix = format!("kbench{}", std::process::id());
+    let mut koo = start_koo(
+        env!("CARGO_BIN_EXE_koo"),
+        &["--redis-url", &url, "--prefix", &prefix],
+        &[("KOO_LOG", "warn")],
+    )?;
+    let pid = koo.guard.pid();
+    let channel = Endpoint::from_shared(format!("http://{}", koo.addr))?
+        .connect()
+        .await
+        .context("cannot connect to koo")?;
+    let client = TaskServiceClient::new(channel.clone());
+    eprintln!(
+        "koo {} on {url} (prefix {prefix}), built-in workers: the default 4 slots",
+        koo.addr
+    );
+
+    // warm-up: scripts loaded, connections open
+    e2e(&client, 500).await?;
+    for rep in 1..=reps {
+        koo.check_alive()?;
+        let (seconds, submit_seconds) = e2e(&client, tasks).await?;
+        emit(
+            serde_json::json!({
+                "system": "koo", "mode": "e2e", "n": tasks, "rep": rep, "label": label,
+                "seconds": seconds, "tasks_per_s": tasks as f64 / seconds,
+                "submit_tasks_per_s": tasks as f64 / submit_seconds,
+                "observed": "every task's SUCCEEDED event, by WatchTasks",
+            }),
+            &mut out,
+        );
+        let mut lat = latency(&client, latency_n).await?;
+        lat.sort_by(f64::total_cmp);
+        emit(
+            serde_json::json!({
+                "system": "koo", "mode": "latency", "n": latency_n, "rep": rep, "label": label,
+                "p50_ms": pct(&lat, 50.0), "p90_ms": pct(&lat, 90.0), "p99_ms": pct(&lat, 99.0),
+                "max_ms": lat[lat.len() - 1],
+            }),
+            &mut out,
+        );
+    }
+    if queued > 0 {
+        let (rss_before, _) = read_memory(pid).unwrap_or_default();
+        let ids = park(&client, queued).await?;
+        let streams = watch_many(&koo.addr.to_string(), &ids, watchers).await?;
+        koo.check_alive()?;
+        let (rss, hwm) = read_memory(pid).unwrap_or_default();
+        emit(
+            serde_json::json!({
+                "system": "koo", "mode": "memory", "queued": queued, "watchers": streams.len(),
+                "label": label, "rss_mib": rss as f64 / 1048576.0, "peak_mib": hwm as f64 / 1048576.0,
+                "rss_before_mib": rss_before as f64 / 1048576.0,
+            }),
+            &mut out,
+        );
+        drop(streams);
+    }
+    drop(client);
+    drop(koo);
+    // remove what koo wrote (only its own prefix: the Redis may be shared)
+    let redis = redis::Client::open(url.as_str())?;
+    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: () = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    Ok(())
+}
+
+/// Submits `n` no-ops and waits for every one's SUCCEEDED event: (seconds
+/// to the last completion, seconds to the last submit).
+async fn e2e(client: &TaskServiceClient<Channel>, n: usize) -> Result<(f64, f64)> {
+    let mut watch = client
+        .clone()
+        .watch_tasks(WatchTasksRequest {
+            categories: vec![TaskCategory::Research as i32],
+            name: NOOP.into(),
+            resume_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    let started = Instant::now();
+    let submit = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let batches = n.div_ceil(BATCH);
+            let mut ids = Vec::with_capacity(n);
+            let mut pending = futures::stream::iter((0..batches).map(|b| {
+                let mut client = client.clone();
+                let size = BATCH.min(n - b * BATCH);
+                async move {
+                    client
+                        .submit_tasks(SubmitTasksRequest {
+                            tasks: (0..size).map(|_| noop("")).collect(),
+                        })
+                        .await
+                }
+            }))
+            .buffer_unordered(IN_FLIGHT);
+            use futures::StreamExt;
+            while let Some(reply) = pending.next().await {
+                ids.extend(reply?.into_inner().tasks.into_iter().map(|t| t.id));
+            }
+            Ok::<_, tonic::Status>((ids, started.elapsed()))
+        })
+    };
+    // completions may be seen before the submit that made them returns
+    let mut done = HashSet::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while done.len() < n {
+        let event = tokio::time::timeout_at(deadline, watch.message())
+            .await
+            .map_err(|_| anyhow!("only {} of {n} completions seen in 600 s", done.len()))??
+            .ok_or_else(|| anyhow!("WatchTasks ended"))?;
+        if event.state == TaskState::Succeeded as i32 {
+            done.insert(event.task_id);
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let (ids, submit_time) = submit.await??;
+    let missing = ids.iter().filter(|id| !done.contains(*id)).count();
+    if missing > 0 || ids.len() != n {
+        bail!("{missing} submitted tasks were not seen succeeding");
+    }
+    Ok((seconds, submit_time.as_secs_f64()))
+}
+
+/// `n` sequential round trips: submit, then its SUCCEEDED event (ms each).
+async fn latency(client: &TaskServiceClient<Channel>, n: usize) -> Result<Vec<f64>> {
+    let mut c = client.clone();
+    let mut watch = c
+        .watch_tasks(WatchTasksRequest {
+            categories: vec![TaskCategory::Research as i32],
+            name: NOOP.into(),
+            resume_token: String::new(),
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let id = c
+            .submit_task(noop(""))
+            .await?
+            .into_inner()
+            .task
+            .context("no task in the reply")?
+            .id;
+        loop {
+            let e = watch.message().await?.context("WatchTasks ended")?;
+            if e.task_id == id && e.state == TaskState::Succeeded as i32 {
+                break;
+            }
+        }
+        out.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(out)
+}
+
+/// Parks `n` no-ops in a queue no worker serves; their ids.
+async fn park(client: &TaskServiceClient<Channel>, n: usize) -> Result<Vec<String>> {
+    use futures::StreamExt;
+    let batches = n.div_ceil(BATCH);
+    let mut ids = Vec::with_capacity(n);
+    let mut pending = futures::stream::iter((0..batches).map(|b| {
+        let mut client = client.clone();
+        let size = BATCH.min(n - b * BATCH);
+        async move {
+            client
+                .submit_tasks(SubmitTasksRequest {
+                    tasks: (0..size).map(|_| noop("parked")).collect(),
+                })
+                .await
+        }
+    }))
+    .buffer_unordered(IN_FLIGHT);
+    while let Some(reply) = pending.next().await {
+        ids.extend(reply?.into_inner().tasks.into_iter().map(|t| t.id));
+    }
+    Ok(ids)
+}
+
+/// Opens `n` WatchTask streams on parked tasks, 100 per connection (as many
+/// dashboards would; HTTP/2 servers cap streams per connection), and reads
+/// each one's first message.
+async fn watch_many(
+    addr: &str,
+    ids: &[String],
+    n: usize,
+) -> Result<Vec<tonic::Streaming<koo::pb::tasks::v1::WatchTaskResponse>>> {
+    let mut streams = Vec::with_capacity(n);
+    let mut channel = None;
+    for (i, id) in ids.iter().take(n).enumerate() {
+        if i % 100 == 0 {
+            channel = Some(
+                Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await?,
+            );
+        }
+        let mut c = TaskServiceClient::new(channel.clone().expect("set at i = 0"));
+        let mut s = c
+            .watch_task(WatchTaskRequest {
+                task_id: id.clone(),
+            })
+            .await?
+            .into_inner();
+        s.message().await?.context("WatchTask sent nothing")?;
+        streams.push(s);
+    }
+    Ok(streams)
+}
