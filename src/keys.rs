@@ -19,7 +19,6 @@
 //! | `koo:v1:{t:Q}:ready` / `:scheduled` / `:leases` | sorted sets | queued, waiting, running ids |
 //! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |
 //! | `koo:v1:{t:Q}:events` | stream | state changes and progress (capped) |
-//! | `koo:v1:{t:Q}:wake` | list | wake-ups for idle workers (capped) |
 //! | `koo:v1:{t:Q}:stats` | hash | counts per outcome |
 //!
 //! The prefix lets several deployments share one Redis; it is escaped in
@@ -157,11 +156,6 @@ impl QueueKeys {
     /// The event stream.
     pub fn events(&self) -> String {
         self.key("events")
-    }
-
-    /// Wake-ups for idle workers.
-    pub fn wake(&self) -> String {
-        self.key("wake")
     }
 
     /// Counters per outcome (submitted, succeeded, failed, timed_out,

@@ -596,27 +596,40 @@ impl pb::task_service_server::TaskService for TaskApi {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut tasks = Vec::with_capacity(news.len());
-        for (i, new) in news.into_iter().enumerate() {
-            match engine.submit(new, deadline).await {
-                Ok(task) => tasks.push(to_pb_task(task)),
-                Err(crate::tasks::engine::TaskError::InvalidArgument { field, reason }) => {
-                    return Err(invalid_argument(&format!("tasks[{i}].{field}"), &reason));
+        let results = engine
+            .submit_many(news, deadline)
+            .await
+            .map_err(|(i, e)| match e {
+                crate::tasks::engine::TaskError::InvalidArgument { field, reason } => {
+                    invalid_argument(&format!("tasks[{i}].{field}"), &reason)
                 }
-                Err(e) if tasks.is_empty() => return Err(e.into()),
+                other => other.into(),
+            })?;
+        let mut tasks = Vec::with_capacity(results.len());
+        let mut failure = None;
+        for (i, result) in results.into_iter().enumerate() {
+            match result {
+                Ok(task) => tasks.push(to_pb_task(task)),
                 Err(e) => {
-                    let stored: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-                    let status = Status::from(e);
-                    return Err(Status::new(
-                        status.code(),
-                        format!(
-                            "{}; tasks stored before the failure: {}",
-                            status.message(),
-                            stored.join(", ")
-                        ),
-                    ));
+                    failure.get_or_insert((i, e));
                 }
             }
+        }
+        if let Some((i, e)) = failure {
+            let stored: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+            let status = Status::from(e);
+            return Err(Status::new(
+                status.code(),
+                format!(
+                    "tasks[{i}]: {}; tasks stored: {}",
+                    status.message(),
+                    if stored.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        stored.join(", ")
+                    }
+                ),
+            ));
         }
         Ok(Response::new(pb::SubmitTasksResponse { tasks }))
     }

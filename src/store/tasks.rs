@@ -150,6 +150,28 @@ impl TaskStore {
         }
     }
 
+    /// Stores a batch of new tasks (each with its countdown) in one round
+    /// trip: the outcome per task. `Err` when the batch as a whole failed
+    /// (then, as for any ambiguous write, some may have been stored).
+    pub async fn submit_many(
+        &self,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<()>>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .submit_tasks(prefix, tasks, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(tasks
+                .iter()
+                .map(|(task, delay)| m.submit(task, *delay, limits))
+                .collect()),
+        }
+    }
+
     /// Leases the best ready task of `queue` whose name is in `names` (`*`
     /// serves all), counting the attempt; `None` when there is none.
     pub async fn lease(

@@ -212,6 +212,48 @@ impl TaskEngine {
     /// returns.
     pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
         let c = &self.inner.config;
+        let (task, delay) = self.prepare(new)?;
+        self.inner
+            .store
+            .submit(&task, delay, c.limits, deadline)
+            .await?;
+        self.inner.submitted.send_replace(Some(task.id.queue()));
+        Ok(task)
+    }
+
+    /// Validates and stores a batch in one round trip. Every task is
+    /// validated before any is stored (a bad one refuses the batch, naming
+    /// its index); then each is stored on its own: the result per task.
+    pub async fn submit_many(
+        &self,
+        news: Vec<NewTask>,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Task, TaskError>>, (usize, TaskError)> {
+        let c = &self.inner.config;
+        let batch = news
+            .into_iter()
+            .enumerate()
+            .map(|(i, new)| self.prepare(new).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = self
+            .inner
+            .store
+            .submit_many(&batch, c.limits, deadline)
+            .await
+            .map_err(|e| (0, TaskError::from(e)))?;
+        let mut out = Vec::with_capacity(batch.len());
+        for ((task, _), result) in batch.into_iter().zip(stored) {
+            if result.is_ok() {
+                self.inner.submitted.send_replace(Some(task.id.queue()));
+            }
+            out.push(result.map(|()| task).map_err(TaskError::from));
+        }
+        Ok(out)
+    }
+
+    /// A validated task ready to store, and its countdown.
+    fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
+        let c = &self.inner.config;
         if new.name.is_empty() || new.name.len() > 256 {
             return Err(invalid("name", "must be 1 to 256 bytes"));
         }
@@ -278,12 +320,7 @@ impl TaskEngine {
             result_ttl_ms: result_ttl.as_millis() as u64,
             log: Vec::new(),
         };
-        self.inner
-            .store
-            .submit(&task, new.delay, c.limits, deadline)
-            .await?;
-        self.inner.submitted.send_replace(Some(queue));
-        Ok(task)
+        Ok((task, new.delay))
     }
 
     /// Reads a task.

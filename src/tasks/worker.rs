@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -175,20 +175,35 @@ async fn run_slot(
 ) {
     let names = registry.names();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let poll = engine.config().poll_interval;
     // Slots start at different queues and rotate, so that no queue starves.
     let mut next = slot;
     let mut submits = engine.submits();
+    // When each queue was last found empty. It is skipped until the poll
+    // interval has passed or a local submit names it, so that a busy slot
+    // spends one lease call per task rather than one per queue, and still
+    // looks at every queue at least once per poll interval.
+    let mut empty: Vec<Option<Instant>> = vec![None; queues.len()];
     // The queue a local submit just named: looked at first, so that a task
-    // submitted to an idle process starts after one lease call, not after a
-    // walk through the other queues.
+    // submitted to an idle process starts after one lease call.
     let mut hint: Option<usize> = None;
+    let position = |q: Option<QueueName>| q.and_then(|q| queues.iter().position(|x| *x == q));
     while !stop.is_cancelled() {
-        let mut leased = None;
+        if submits.has_changed().unwrap_or(false) {
+            hint = position(submits.borrow_and_update().clone());
+        }
+        if let Some(h) = hint {
+            empty[h] = None;
+        }
         let order = hint
             .take()
             .into_iter()
             .chain((0..queues.len()).map(|i| (next + i) % queues.len()));
+        let mut leased = None;
         for (i, q) in order.enumerate() {
+            if empty[q].is_some_and(|at| at.elapsed() < poll) {
+                continue;
+            }
             let queue = &queues[q];
             match engine
                 .lease(
@@ -207,7 +222,7 @@ async fn run_slot(
                     }
                     break;
                 }
-                Ok(None) => {}
+                Ok(None) => empty[q] = Some(Instant::now()),
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "cannot lease; retrying in a second");
                     tokio::select! {
@@ -221,11 +236,16 @@ async fn run_slot(
         match leased {
             Some(task) => execute(&engine, &registry, &worker, task).await,
             None => {
+                // until the first empty mark expires, unless a submit comes
+                let wait = empty
+                    .iter()
+                    .flatten()
+                    .map(|at| poll.saturating_sub(at.elapsed()))
+                    .min()
+                    .unwrap_or(poll);
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    woke = engine.wait_for_work(&mut submits, engine.config().poll_interval) => {
-                        hint = woke.and_then(|q| queues.iter().position(|x| *x == q));
-                    }
+                    woke = engine.wait_for_work(&mut submits, wait) => hint = position(woke),
                 }
             }
         }
@@ -255,8 +275,11 @@ async fn execute(engine: &TaskEngine, registry: &Registry, worker: &str, task: T
     let hard = tokio::time::sleep(Duration::from_millis(task.hard_ms));
     tokio::pin!(soft, hard);
     let mut soft_fired = task.soft_ms == 0;
-    let mut beat = tokio::time::interval(engine.config().lease / 3);
-    beat.tick().await;
+    // The first heartbeat is due a third of a lease from now. (Not
+    // `interval` + its immediate first tick: a timer due "now" still waits
+    // for the timer wheel's next millisecond, a millisecond per task.)
+    let period = engine.config().lease / 3;
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let finish = loop {
         tokio::select! {
             joined = &mut running => {

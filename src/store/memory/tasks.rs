@@ -400,20 +400,28 @@ impl MemoryTasks {
         s.promote_due(queue, limits, now);
         let q = s.queues.entry(queue.clone()).or_default();
         let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
-        let mut leased = None;
-        for id in q.ready.by_rank(0, limits.lease_scan as usize) {
-            let Some(e) = s
-                .tasks
-                .get_mut(&id)
-                .filter(|e| e.task.state == State::Queued)
-            else {
-                // a ready entry whose task is gone or has moved on
-                q.ready.remove(&id);
-                continue;
-            };
-            if !serves(&e.task.name) {
-                continue;
+        // the first ready task served, in order; stale entries (gone, or
+        // moved on) seen on the way are dropped
+        let mut stale = Vec::new();
+        let mut chosen = None;
+        for (_, id) in q.ready.by_score.iter().take(limits.lease_scan as usize) {
+            match s.tasks.get(id) {
+                Some(e) if e.task.state == State::Queued => {
+                    if serves(&e.task.name) {
+                        chosen = Some(id.clone());
+                        break;
+                    }
+                }
+                _ => stale.push(id.clone()),
             }
+        }
+        for id in &stale {
+            q.ready.remove(id);
+        }
+        let mut leased = None;
+        if let Some(id) = chosen
+            && let Some(e) = s.tasks.get_mut(&id)
+        {
             q.ready.remove(&id);
             e.task.attempts += 1;
             e.token = e.task.attempts;
@@ -431,7 +439,6 @@ impl MemoryTasks {
             q.leases.add(&id, lease_score(e.lease_until, e.hard_until));
             push_event(q, &mut s.last_event, limits, &e.task, None, now);
             leased = Some(e.task.clone());
-            break;
         }
         let last = s.last_event;
         drop(guard);

@@ -132,12 +132,66 @@ impl RedisStore {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
+        let inv = self.submit_invocation(keys, task, delay, limits);
+        let inv = &inv;
+        self.run_once(deadline, |mut c| async move {
+            inv.invoke_async::<i64>(&mut c).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Stores a batch of new tasks in one pipeline (the script is loaded
+    /// first, in the same round trip): the outcome of each.
+    pub async fn submit_tasks(
+        &self,
+        prefix: &str,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<()>>> {
+        let invocations: Vec<_> = tasks
+            .iter()
+            .map(|(task, delay)| {
+                let keys = QueueKeys::new(prefix, &task.id.queue());
+                self.submit_invocation(&keys, task, *delay, limits)
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.load_script(&self.inner.tasks.submit);
+        for inv in &invocations {
+            pipe.invoke_script(inv);
+        }
+        pipe.ignore_errors();
+        let pipe = &pipe;
+        let replies: Vec<redis::RedisResult<redis::Value>> = self
+            .run_once(
+                deadline,
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .skip(1)
+            .map(|r| {
+                r.map(drop)
+                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
+            })
+            .collect())
+    }
+
+    fn submit_invocation(
+        &self,
+        keys: &QueueKeys,
+        task: &Task,
+        delay: Duration,
+        limits: TaskLimits,
+    ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.tasks.submit.prepare_invoke();
         inv.key(keys.task(&task.id))
             .key(keys.ready())
             .key(keys.scheduled())
             .key(keys.events())
-            .key(keys.wake())
             .key(keys.stats());
         inv.arg(task.id.as_str())
             .arg(task.priority.band())
@@ -146,12 +200,7 @@ impl RedisStore {
         for (field, value) in task.to_fields() {
             inv.arg(field).arg(value);
         }
-        let inv = &inv;
-        self.run_once(deadline, |mut c| async move {
-            inv.invoke_async::<i64>(&mut c).await
-        })
-        .await
-        .map(drop)
+        inv
     }
 
     /// Leases the best ready task of the queue whose name is in `names`
@@ -300,7 +349,6 @@ impl RedisStore {
             .key(keys.history_data())
             .key(keys.dead())
             .key(keys.events())
-            .key(keys.wake())
             .key(keys.stats())
             .key(keys.scheduled());
         inv.arg(keys.task_prefix())

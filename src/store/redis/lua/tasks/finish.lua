@@ -45,8 +45,9 @@ redis.call('ZADD', KEYS[4], now, ARGV[1])
 redis.call('HSET', KEYS[5], ARGV[1], cjson.encode({
   name = redis.call('HGET', KEYS[1], 'name'), state = outcome, attempts = tonumber(attempts),
   finished_ms = now, category = redis.call('HGET', KEYS[1], 'category') }))
+-- trimmed a hundred at a time: the cap is approximate, the cost low
 local excess = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[7])
-if excess > 0 then
+if excess >= 100 then
   local old = redis.call('ZRANGE', KEYS[4], 0, excess - 1)
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, excess - 1)
   -- in chunks: unpack has a limit of a few thousand values

@@ -25,13 +25,33 @@ for i = 6, #ARGV do
   if ARGV[i] == '*' then serves_all = true end
   served[ARGV[i]] = true
 end
-local candidates = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[5]) - 1)
-for _, id in ipairs(candidates) do
+-- Candidates are read a few at a time (1, then 16, then the rest of the
+-- scan limit): the head of the queue is almost always the answer, and
+-- reading a hundred ids per lease would cost more than the lease itself.
+local limit, from, chunk = tonumber(ARGV[5]), 0, 1
+local candidates = {}
+local function more()
+  if from >= limit then return false end
+  local upto = math.min(from + chunk, limit) - 1
+  local got = redis.call('ZRANGE', KEYS[1], from, upto)
+  from = upto + 1
+  chunk = 16
+  if #got == 0 then return false end
+  for _, id in ipairs(got) do candidates[#candidates + 1] = id end
+  return true
+end
+local i = 0
+while true do
+  i = i + 1
+  if i > #candidates and not more() then break end
+  local id = candidates[i]
   local key = prefix .. id
   local name, state = unpack(redis.call('HMGET', key, 'name', 'state'))
   if not name or state ~= 'queued' then
-    -- a ready entry whose task is gone or has moved on: drop it
+    -- a ready entry whose task is gone or has moved on: drop it (the
+    -- ranks after it shift down by one)
     redis.call('ZREM', KEYS[1], id)
+    from = from - 1
   elseif serves_all or served[name] then
     redis.call('ZREM', KEYS[1], id)
     local attempt = redis.call('HINCRBY', key, 'attempts', 1)

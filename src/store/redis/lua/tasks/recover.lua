@@ -3,15 +3,15 @@
 -- ('worker lost'); past its hard limit, TIMED_OUT. Returns how many.
 -- Also moves due SCHEDULED tasks to `ready`, so that they show as queued
 -- even when no worker is looking at this queue.
--- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 wake, 8 stats,
---       9 scheduled
+-- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 stats,
+--       8 scheduled
 -- ARGV: 1 task key prefix, 2 events cap, 3 acks late ('1' | '0'), 4 history cap
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
-local due = redis.call('ZRANGEBYSCORE', KEYS[9], '-inf', now, 'LIMIT', 0, 100)
+local due = redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(due) do
-  redis.call('ZREM', KEYS[9], id)
+  redis.call('ZREM', KEYS[8], id)
   if redis.call('HGET', prefix .. id, 'state') == 'scheduled' then
   local band = tonumber(redis.call('HGET', prefix .. id, 'band') or '2')
   redis.call('ZADD', KEYS[2], band * 4398046511104 + now, id)
@@ -39,13 +39,11 @@ for _, id in ipairs(lapsed) do
     redis.call('RPUSH', key .. ':log', cjson.encode({ attempt = tonumber(attempts), worker = worker,
       ended_ms = now, outcome = 'lost', error = 'worker lost: lease lapsed' }))
     redis.call('HSET', key, 'worker', '', 'lease_until', 0)
-    redis.call('HINCRBY', KEYS[8], 'lost', 1)
-    if outcome ~= 'queued' then redis.call('HINCRBY', KEYS[8], outcome, 1) end
+    redis.call('HINCRBY', KEYS[7], 'lost', 1)
+    if outcome ~= 'queued' then redis.call('HINCRBY', KEYS[7], outcome, 1) end
     if outcome == 'queued' then
       redis.call('HSET', key, 'state', 'queued')
       redis.call('ZADD', KEYS[2], tonumber(band or '2') * 4398046511104 + now, id)
-      redis.call('LPUSH', KEYS[7], id)
-      redis.call('LTRIM', KEYS[7], 0, 999)
     else
       local why = 'worker lost: lease lapsed'
       if outcome == 'timed_out' then why = 'hard time limit reached' end
@@ -56,8 +54,9 @@ for _, id in ipairs(lapsed) do
       redis.call('ZADD', KEYS[3], now, id)
       redis.call('HSET', KEYS[4], id, cjson.encode({ name = redis.call('HGET', key, 'name'), state = outcome,
         attempts = tonumber(attempts), finished_ms = now, category = redis.call('HGET', key, 'category') }))
+      -- trimmed a hundred at a time: the cap is approximate, the cost low
       local excess = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
-      if excess > 0 then
+      if excess >= 100 then
         local old = redis.call('ZRANGE', KEYS[3], 0, excess - 1)
         redis.call('ZREMRANGEBYRANK', KEYS[3], 0, excess - 1)
         for i = 1, #old, 1000 do

@@ -1,6 +1,6 @@
--- Stores a new task and makes it visible: QUEUED in `ready` (and wakes one
--- idle worker) or SCHEDULED in `scheduled`. One event is appended.
--- KEYS: 1 task hash, 2 ready, 3 scheduled, 4 events, 5 wake, 6 stats
+-- Stores a new task and makes it visible: QUEUED in `ready` or SCHEDULED in
+-- `scheduled`. One event is appended.
+-- KEYS: 1 task hash, 2 ready, 3 scheduled, 4 events, 5 stats
 -- ARGV: 1 id, 2 priority band (0 critical .. 3 low), 3 delay ms (0: queue now),
 --       4 events cap, 5.. field, value pairs of the task hash
 -- Times come from Redis's clock, the one clock every koo instance shares.
@@ -17,11 +17,9 @@ if tonumber(ARGV[3]) > 0 then state = 'scheduled' end
 redis.call('HSET', KEYS[1], 'created_ms', now, 'state', state)
 if state == 'queued' then
   redis.call('ZADD', KEYS[2], tonumber(ARGV[2]) * 4398046511104 + now, ARGV[1])
-  redis.call('LPUSH', KEYS[5], ARGV[1])
-  redis.call('LTRIM', KEYS[5], 0, 999)
 else
   redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
 end
-redis.call('HINCRBY', KEYS[6], 'submitted', 1)
+redis.call('HINCRBY', KEYS[5], 'submitted', 1)
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'id', ARGV[1], 'name', redis.call('HGET', KEYS[1], 'name'), 'state', state, 'at', now)
 return now
