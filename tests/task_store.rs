@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TestRedis;
 use koo::keys::QueueKeys;
-use koo::store::tasks::{Outcome, TaskLimits, TaskStore};
+use koo::store::tasks::{LeaseAsk, Outcome, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use koo::tasks::model::{Category, Priority, QueueName, State, Task, TaskId};
 use redis::AsyncCommands;
@@ -80,6 +80,7 @@ on_both!(
     scheduling_and_result_expiry,
     sweep_queues_due_scheduled_tasks,
     progress_and_events_are_fenced_and_ordered,
+    finish_and_lease_takes_the_next_task_in_one_step,
 );
 
 impl Fixture {
@@ -496,4 +497,76 @@ async fn progress_and_events_are_fenced_and_ordered(f: Fixture) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// A busy worker's one call: the finish is recorded and the next task of the
+/// queue leased to it; a fenced finish leases nothing.
+async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
+    let first = f.task("a", Priority::High, 0);
+    let second = f.task("b", Priority::Normal, 0);
+    f.submit(&first).await;
+    f.submit(&second).await;
+    let leased = f.lease("w", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(leased.id, first.id);
+    let ask = LeaseAsk {
+        worker: "w",
+        lease: Duration::from_secs(60),
+        names: &["*"],
+    };
+    let fenced = f
+        .store
+        .finish_and_lease(
+            &first.id,
+            7,
+            &Outcome::Succeeded("1".into()),
+            "{}",
+            &ask,
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert!(fenced.is_none());
+    assert_eq!(
+        f.get(&second.id).await.state,
+        State::Queued,
+        "nothing leased"
+    );
+    let (state, next) = f
+        .store
+        .finish_and_lease(
+            &first.id,
+            1,
+            &Outcome::Succeeded("1".into()),
+            "{}",
+            &ask,
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state, State::Succeeded);
+    let next = next.expect("the second task");
+    assert_eq!(
+        (next.id.clone(), next.state, next.attempts),
+        (second.id.clone(), State::Running, 1)
+    );
+    assert_eq!(f.get(&first.id).await.result.as_deref(), Some("1"));
+    let (_, none) = f
+        .store
+        .finish_and_lease(
+            &second.id,
+            1,
+            &Outcome::Succeeded("2".into()),
+            "{}",
+            &ask,
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(none.is_none(), "the queue is empty");
+    assert_eq!(f.get(&second.id).await.state, State::Succeeded);
 }

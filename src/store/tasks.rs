@@ -83,6 +83,17 @@ pub struct TaskEvent {
     pub at_ms: i64,
 }
 
+/// What a worker asks for when it leases.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseAsk<'a> {
+    /// The worker's name.
+    pub worker: &'a str,
+    /// The lease's length.
+    pub lease: Duration,
+    /// The task names it serves (`*`: all).
+    pub names: &'a [&'a str],
+}
+
 /// What one trim removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Trimmed {
@@ -161,9 +172,7 @@ impl TaskStore {
     ) -> Result<Vec<Result<()>>> {
         match self {
             Self::Redis { store, prefix } => {
-                store
-                    .submit_tasks(prefix, tasks, limits, deadline)
-                    .await
+                store.submit_tasks(prefix, tasks, limits, deadline).await
             }
             Self::Memory(m) => Ok(tasks
                 .iter()
@@ -253,6 +262,37 @@ impl TaskStore {
                     .await
             }
             Self::Memory(m) => m.finish(id, token, outcome, log, limits),
+        }
+    }
+
+    /// [`Self::finish`], then, when it was accepted, a lease of the next task
+    /// of the same queue, in one round trip: the new state and the next
+    /// task, or `None` when fenced.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_and_lease(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        next: &LeaseAsk<'_>,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<(State, Option<Task>)>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store
+                    .finish_and_lease_task(&keys, id, token, outcome, log, next, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => {
+                let Some(state) = m.finish(id, token, outcome, log, limits)? else {
+                    return Ok(None);
+                };
+                let task = m.lease(&id.queue(), next.worker, next.lease, next.names, limits);
+                Ok(Some((state, task)))
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::{Category, Priority, QueueName, State, Task, TaskId};
 use super::retry::Backoff;
-use crate::store::tasks::{Outcome, QueueStats, TaskLimits, TaskStore};
+use crate::store::tasks::{LeaseAsk, Outcome, QueueStats, TaskLimits, TaskStore};
 use crate::store::{Deadline, StoreError};
 
 /// Largest `args` + `kwargs`, in bytes of JSON.
@@ -389,11 +389,53 @@ impl TaskEngine {
         finish: Finish,
         deadline: Deadline,
     ) -> Result<State, TaskError> {
+        let (outcome, entry) = self.outcome(task, token, worker, &finish);
+        self.inner
+            .store
+            .finish(
+                &task.id,
+                token,
+                &outcome,
+                &entry,
+                self.inner.config.limits,
+                deadline,
+            )
+            .await?
+            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+    }
+
+    /// [`Self::finish`], then a lease of the next task of the same queue
+    /// whose name is in `names`, in one round trip (a busy worker's path).
+    pub async fn finish_and_lease(
+        &self,
+        task: &Task,
+        token: u32,
+        worker: &str,
+        finish: Finish,
+        names: &[&str],
+        deadline: Deadline,
+    ) -> Result<(State, Option<Task>), TaskError> {
         let c = &self.inner.config;
+        let (outcome, entry) = self.outcome(task, token, worker, &finish);
+        let next = LeaseAsk {
+            worker,
+            lease: c.lease,
+            names,
+        };
+        self.inner
+            .store
+            .finish_and_lease(&task.id, token, &outcome, &entry, &next, c.limits, deadline)
+            .await?
+            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+    }
+
+    /// What the store records for a finish: the outcome and the attempt's
+    /// log entry.
+    fn outcome(&self, task: &Task, token: u32, worker: &str, finish: &Finish) -> (Outcome, String) {
         let error = |message: &str, retryable: bool| {
             serde_json::json!({ "message": message, "retryable": retryable }).to_string()
         };
-        let (outcome, log) = match &finish {
+        let (outcome, log) = match finish {
             Finish::Succeeded(result) => (Outcome::Succeeded(result.clone()), "succeeded"),
             Finish::Failed {
                 message,
@@ -401,7 +443,7 @@ impl TaskEngine {
             } => (
                 Outcome::Retry {
                     error: error(message, true),
-                    delay: c.backoff.delay(token),
+                    delay: self.inner.config.backoff.delay(token),
                 },
                 "failed",
             ),
@@ -414,7 +456,7 @@ impl TaskEngine {
                 "timed_out",
             ),
         };
-        let message = match &finish {
+        let message = match finish {
             Finish::Failed { message, .. } => Some(message.as_str()),
             Finish::TimedOut => Some("hard time limit reached"),
             Finish::Succeeded(_) => None,
@@ -427,11 +469,7 @@ impl TaskEngine {
             "error": message,
         })
         .to_string();
-        self.inner
-            .store
-            .finish(&task.id, token, &outcome, &entry, c.limits, deadline)
-            .await?
-            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+        (outcome, entry)
     }
 
     /// Depths and counters of `queues`.

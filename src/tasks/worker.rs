@@ -187,6 +187,8 @@ async fn run_slot(
     // The queue a local submit just named: looked at first, so that a task
     // submitted to an idle process starts after one lease call.
     let mut hint: Option<usize> = None;
+    // A task leased by the call that reported the previous one.
+    let mut carried: Option<Task> = None;
     let position = |q: Option<QueueName>| q.and_then(|q| queues.iter().position(|x| *x == q));
     while !stop.is_cancelled() {
         if submits.has_changed().unwrap_or(false) {
@@ -195,12 +197,16 @@ async fn run_slot(
         if let Some(h) = hint {
             empty[h] = None;
         }
+        let mut leased = carried.take();
+        let start = next;
         let order = hint
             .take()
             .into_iter()
-            .chain((0..queues.len()).map(|i| (next + i) % queues.len()));
-        let mut leased = None;
+            .chain((0..queues.len()).map(|i| (start + i) % queues.len()));
         for (i, q) in order.enumerate() {
+            if leased.is_some() {
+                break;
+            }
             if empty[q].is_some_and(|at| at.elapsed() < poll) {
                 continue;
             }
@@ -217,10 +223,9 @@ async fn run_slot(
                 Ok(Some(task)) => {
                     leased = Some(task);
                     // a hinted lease does not move the rotation
-                    if i > 0 || q == next {
+                    if i > 0 || q == start {
                         next = (q + 1) % queues.len();
                     }
-                    break;
                 }
                 Ok(None) => empty[q] = Some(Instant::now()),
                 Err(e) => {
@@ -234,7 +239,31 @@ async fn run_slot(
             }
         }
         match leased {
-            Some(task) => execute(&engine, &registry, &worker, task).await,
+            Some(task) => {
+                let Some(finish) = execute(&engine, &registry, &task).await else {
+                    continue;
+                };
+                // When every other queue was just found empty and no local
+                // submit names one, this slot would come back to this queue
+                // anyway: report and take its next task in one call.
+                let q = position(Some(task.id.queue()));
+                let chain = q.is_some_and(|q| {
+                    (0..queues.len())
+                        .filter(|i| *i != q)
+                        .all(|i| empty[i].is_some_and(|at| at.elapsed() < poll))
+                }) && !submits.has_changed().unwrap_or(true)
+                    && !stop.is_cancelled();
+                if chain {
+                    carried = report_and_lease(&engine, &task, &worker, finish, &names).await;
+                    if carried.is_none()
+                        && let Some(q) = q
+                    {
+                        empty[q] = Some(Instant::now());
+                    }
+                } else {
+                    report(&engine, &task, &worker, finish).await;
+                }
+            }
             None => {
                 // until the first empty mark expires, unless a submit comes
                 let wait = empty
@@ -252,17 +281,16 @@ async fn run_slot(
     }
 }
 
-/// Runs one leased task to its end (or until its lease is lost).
-async fn execute(engine: &TaskEngine, registry: &Registry, worker: &str, task: Task) {
+/// Runs one leased task to its end: how it ended, or `None` when its lease
+/// was lost (the new holder owns the outcome).
+async fn execute(engine: &TaskEngine, registry: &Registry, task: &Task) -> Option<Finish> {
     let token = task.attempts;
     let Some(handler) = registry.handlers.get(&task.name).cloned() else {
         // Leasing filters by name, so this is a registry that changed.
-        let finish = Finish::Failed {
+        return Some(Finish::Failed {
             message: format!("no handler for {}", task.name),
             retryable: true,
-        };
-        report(engine, &task, worker, finish).await;
-        return;
+        });
     };
     let cancel = CancellationToken::new();
     let ctx = TaskContext {
@@ -305,14 +333,53 @@ async fn execute(engine: &TaskEngine, registry: &Registry, worker: &str, task: T
                     if matches!(e, TaskError::Fenced(_)) {
                         running.abort();
                         tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
-                        return;
+                        return None;
                     }
                     tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry");
                 }
             }
         }
     };
-    report(engine, &task, worker, finish).await;
+    Some(finish)
+}
+
+/// Reports how an attempt ended and leases the next task of its queue in
+/// the same call; the next task, if there is one. Failures are handled as
+/// by [`report`].
+async fn report_and_lease(
+    engine: &TaskEngine,
+    task: &Task,
+    worker: &str,
+    finish: Finish,
+    names: &[&str],
+) -> Option<Task> {
+    let deadline = Deadline::after(Duration::from_secs(5));
+    match engine
+        .finish_and_lease(task, task.attempts, worker, finish, names, deadline)
+        .await
+    {
+        Ok((state, next)) => {
+            tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended");
+            next
+        }
+        Err(e) => {
+            outcome_not_recorded(task, e);
+            None
+        }
+    }
+}
+
+fn outcome_not_recorded(task: &Task, e: TaskError) {
+    match e {
+        TaskError::Fenced(_) => {
+            tracing::warn!(task = %task.id, "completion refused: the lease lapsed")
+        }
+        e => tracing::warn!(
+            task = %task.id,
+            error = %e,
+            "cannot report the outcome; the lease will lapse and the task run again"
+        ),
+    }
 }
 
 /// Reports how an attempt ended. A refusal means the lease lapsed and the
@@ -325,13 +392,6 @@ async fn report(engine: &TaskEngine, task: &Task, worker: &str, finish: Finish) 
         .await
     {
         Ok(state) => tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended"),
-        Err(TaskError::Fenced(_)) => {
-            tracing::warn!(task = %task.id, "completion refused: the lease lapsed")
-        }
-        Err(e) => tracing::warn!(
-            task = %task.id,
-            error = %e,
-            "cannot report the outcome; the lease will lapse and the task run again"
-        ),
+        Err(e) => outcome_not_recorded(task, e),
     }
 }

@@ -14,7 +14,7 @@ use redis::Script;
 
 use super::RedisStore;
 use crate::keys::QueueKeys;
-use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed};
+use crate::store::tasks::{LeaseAsk, Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed};
 use crate::store::{Deadline, Result, StoreError};
 use crate::tasks::model::{State, Task, TaskId};
 
@@ -27,6 +27,7 @@ pub(super) struct TaskScripts {
     finish: Script,
     recover: Script,
     trim: Script,
+    finish_lease: Script,
 }
 
 impl TaskScripts {
@@ -39,6 +40,12 @@ impl TaskScripts {
             finish: Script::new(include_str!("lua/tasks/finish.lua")),
             recover: Script::new(include_str!("lua/tasks/recover.lua")),
             trim: Script::new(include_str!("lua/tasks/trim.lua")),
+            finish_lease: Script::new(&format!(
+                "local function finish(KEYS, ARGV)\n{}\nend\nlocal function lease(KEYS, ARGV)\n{}\nend\n{}",
+                include_str!("lua/tasks/finish.lua"),
+                include_str!("lua/tasks/lease.lua"),
+                include_str!("lua/tasks/finish_lease.lua"),
+            )),
         }
     }
 }
@@ -116,6 +123,63 @@ impl StreamReader {
         }
         Ok(events)
     }
+}
+
+/// Keys and arguments of lease.lua, appended to `inv`.
+fn lease_params(
+    inv: &mut redis::ScriptInvocation<'_>,
+    keys: &QueueKeys,
+    worker: &str,
+    lease: Duration,
+    names: &[&str],
+    limits: TaskLimits,
+) {
+    inv.key(keys.ready())
+        .key(keys.scheduled())
+        .key(keys.leases())
+        .key(keys.events());
+    inv.arg(keys.task_prefix())
+        .arg(millis(lease))
+        .arg(worker)
+        .arg(limits.events)
+        .arg(limits.lease_scan);
+    for name in names {
+        inv.arg(*name);
+    }
+}
+
+/// Keys and arguments of finish.lua, appended to `inv`.
+fn finish_params(
+    inv: &mut redis::ScriptInvocation<'_>,
+    keys: &QueueKeys,
+    id: &TaskId,
+    token: u32,
+    outcome: &Outcome,
+    log: &str,
+    limits: TaskLimits,
+) {
+    let (name, payload, delay) = match outcome {
+        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
+        Outcome::Retry { error, delay } => ("retry", error, *delay),
+        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
+        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+    };
+    inv.key(keys.task(id))
+        .key(keys.leases())
+        .key(keys.scheduled())
+        .key(keys.history())
+        .key(keys.history_data())
+        .key(keys.dead())
+        .key(keys.events())
+        .key(keys.stats());
+    inv.arg(id.as_str())
+        .arg(token)
+        .arg(limits.events)
+        .arg(name)
+        .arg(payload.as_str())
+        .arg(millis(delay))
+        .arg(limits.history)
+        .arg(log);
 }
 
 fn millis(d: Duration) -> u64 {
@@ -215,18 +279,7 @@ impl RedisStore {
         deadline: Deadline,
     ) -> Result<Option<Task>> {
         let mut inv = self.inner.tasks.lease.prepare_invoke();
-        inv.key(keys.ready())
-            .key(keys.scheduled())
-            .key(keys.leases())
-            .key(keys.events());
-        inv.arg(keys.task_prefix())
-            .arg(millis(lease))
-            .arg(worker)
-            .arg(limits.events)
-            .arg(limits.lease_scan);
-        for name in names {
-            inv.arg(*name);
-        }
+        lease_params(&mut inv, keys, worker, lease, names, limits);
         let inv = &inv;
         let fields: Option<HashMap<String, String>> = self
             .run_once(
@@ -300,29 +353,8 @@ impl RedisStore {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<State>> {
-        let (name, payload, delay) = match outcome {
-            Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
-            Outcome::Retry { error, delay } => ("retry", error, *delay),
-            Outcome::Failed(e) => ("failed", e, Duration::ZERO),
-            Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
-        };
         let mut inv = self.inner.tasks.finish.prepare_invoke();
-        inv.key(keys.task(id))
-            .key(keys.leases())
-            .key(keys.scheduled())
-            .key(keys.history())
-            .key(keys.history_data())
-            .key(keys.dead())
-            .key(keys.events())
-            .key(keys.stats());
-        inv.arg(id.as_str())
-            .arg(token)
-            .arg(limits.events)
-            .arg(name)
-            .arg(payload.as_str())
-            .arg(millis(delay))
-            .arg(limits.history)
-            .arg(log);
+        finish_params(&mut inv, keys, id, token, outcome, log, limits);
         let inv = &inv;
         let state: Option<String> = self
             .run_once(
@@ -331,6 +363,39 @@ impl RedisStore {
             )
             .await?;
         Ok(state.and_then(|s| State::parse(&s)))
+    }
+
+    /// [`Self::finish_task`], then, when it was accepted, a lease of the
+    /// next task of the same queue served by `names`, in one call.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_and_lease_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        next: &LeaseAsk<'_>,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<(State, Option<Task>)>> {
+        let mut inv = self.inner.tasks.finish_lease.prepare_invoke();
+        finish_params(&mut inv, keys, id, token, outcome, log, limits);
+        lease_params(&mut inv, keys, next.worker, next.lease, next.names, limits);
+        let inv = &inv;
+        let (state, fields): (Option<String>, Option<HashMap<String, String>>) = self
+            .run_once(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        let Some(state) = state.and_then(|s| State::parse(&s)) else {
+            return Ok(None);
+        };
+        let next = fields
+            .map(|f| Task::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
+            .transpose()?;
+        Ok(Some((state, next)))
     }
 
     /// Recovers the queue's lapsed leases and queues its due scheduled tasks
