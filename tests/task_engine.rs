@@ -72,6 +72,7 @@ on_both!(
     two_pools_drain_a_queue_exactly_once,
     bad_submits_and_ids,
     history_pages_through_same_millisecond_ties,
+    a_task_outliving_its_lease_with_heartbeats_runs_once,
 );
 
 /// An engine on `backend`, and its Redis if any.
@@ -463,4 +464,26 @@ async fn history_pages_through_same_millisecond_ties(backend: Backend) {
     ids.sort();
     submitted.sort();
     assert_eq!(ids, submitted);
+}
+
+/// A task that runs five times longer than its lease, heartbeating, is
+/// never handed to another worker: one attempt, even with a second pool
+/// looking for work all along.
+async fn a_task_outliving_its_lease_with_heartbeats_runs_once(backend: Backend) {
+    let koo = Koo::start(backend, 2, 1).await;
+    let lease = config().lease;
+    let task = koo
+        .submit(
+            SLEEP,
+            serde_json::json!({ "seconds": (lease * 5).as_secs_f64(), "steps": 5 }),
+            |_| {},
+        )
+        .await;
+    let done = koo.wait_final(&task).await;
+    assert_eq!(
+        (done.state, done.attempts),
+        (State::Succeeded, 1),
+        "{done:?}"
+    );
+    assert_eq!(done.log.len(), 1, "{:?}", done.log);
 }

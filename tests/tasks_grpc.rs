@@ -1046,3 +1046,151 @@ async fn upkeep_runs_as_tasks(backend: Backend) {
         .into_inner();
     assert!(history.tasks.is_empty(), "{history:?}");
 }
+
+/// Redis killed under task load (SIGKILL) and restarted from its AOF
+/// (`appendfsync always`): every submit that returned OK survives and runs to
+/// SUCCEEDED (tasks caught mid-run come back when their leases lapse); the
+/// calls made while Redis was down failed fast with UNAVAILABLE or
+/// DEADLINE_EXCEEDED, and none hung.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_under_load_loses_no_acknowledged_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap().to_owned();
+    let mut redis = TestRedis::start_with(&[
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--dir",
+        &dir_arg,
+    ])
+    .await;
+    let server = spawn_on(&redis, 2).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<String, Code>>();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let submitter = {
+        let mut c = client(&server);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut slowest = Duration::ZERO;
+            while !stop.is_cancelled() {
+                let mut req = tonic::Request::new(submit(
+                    "koo.diagnostics.sleep",
+                    serde_json::json!({ "seconds": 0.01, "steps": 1 }),
+                ));
+                req.set_timeout(Duration::from_secs(2));
+                let started = tokio::time::Instant::now();
+                let reply = c.submit_task(req).await;
+                slowest = slowest.max(started.elapsed());
+                let sent = match reply {
+                    Ok(r) => tx.send(Ok(r.into_inner().task.unwrap().id)),
+                    Err(e) => {
+                        let sent = tx.send(Err(e.code()));
+                        // do not spin while Redis is down
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        sent
+                    }
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+            slowest
+        })
+    };
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    let mut next =
+        async |acked: &mut Vec<String>, refused: &mut Vec<Code>| match tokio::time::timeout(
+            common::EVENT_TIMEOUT,
+            rx.recv(),
+        )
+        .await
+        .expect("the submitter stalled")
+        .expect("the submitter stopped")
+        {
+            Ok(id) => acked.push(id),
+            Err(code) => refused.push(code),
+        };
+    while acked.len() < 200 {
+        next(&mut acked, &mut refused).await;
+    }
+    redis.kill();
+    let before = refused.len();
+    while refused.len() < before + 10 {
+        next(&mut acked, &mut refused).await;
+    }
+    redis.restart().await;
+    let after_restart = acked.len();
+    while acked.len() < after_restart + 200 {
+        next(&mut acked, &mut refused).await;
+    }
+    stop.cancel();
+    let slowest = submitter.await.unwrap();
+    while let Ok(r) = rx.try_recv() {
+        match r {
+            Ok(id) => acked.push(id),
+            Err(code) => refused.push(code),
+        }
+    }
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a submit hung for {slowest:?}"
+    );
+    assert!(
+        refused
+            .iter()
+            .all(|c| matches!(c, Code::Unavailable | Code::DeadlineExceeded)),
+        "{refused:?}"
+    );
+    let mut c = client(&server);
+    for id in &acked {
+        let done = wait_task(&mut c, id, is_final).await;
+        assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    }
+}
+
+/// Redis restarted empty (no persistence): the tasks it held are gone, but
+/// koo notices nothing it cannot handle: submits work again once Redis is
+/// back (scripts are reloaded), and the new tasks run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_again_after_redis_restarts_empty() {
+    let mut koo = start(1).await;
+    let mut c = client(&koo.server);
+    let before = c
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    wait_task(&mut c, &before.id, is_final).await;
+    koo.redis.as_mut().unwrap().restart().await;
+    koo.server.wait_health("", ServingStatus::Serving).await;
+    // the first calls after the restart may still meet the breaker's
+    // cool-down; a submit succeeds within the event timeout
+    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    let after = loop {
+        match c
+            .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+            .await
+        {
+            Ok(r) => break r.into_inner().task.unwrap(),
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "never recovered: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let done = wait_task(&mut c, &after.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+    let err = c
+        .get_task(pb::GetTaskRequest { task_id: before.id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "the empty Redis forgot it");
+}
