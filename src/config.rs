@@ -176,6 +176,11 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_TASK_HISTORY_MAX_AGE", value_name = "KOO_TASK_HISTORY_MAX_AGE", default_value = "7d",
           value_parser = parse_positive_duration)]
     pub task_history_max_age: Duration,
+    /// After SIGTERM, how long a worker lets a running task finish before it
+    /// hands the task back to its queue (to run again elsewhere at once).
+    #[arg(long, env = "KOO_WORKER_SHUTDOWN_GRACE", value_name = "KOO_WORKER_SHUTDOWN_GRACE", default_value = "10s",
+          value_parser = parse_duration)]
+    pub worker_shutdown_grace: Duration,
     /// How long an idle worker waits before looking for work again.
     #[arg(long, env = "KOO_WORKER_POLL_INTERVAL", value_name = "KOO_WORKER_POLL_INTERVAL", default_value = "100ms",
           value_parser = parse_positive_duration)]
@@ -561,6 +566,7 @@ impl TaskArgs {
             },
             poll_interval: self.worker_poll_interval,
             history_max_age: self.task_history_max_age,
+            shutdown_grace: self.worker_shutdown_grace,
             ..TaskConfig::default()
         })
     }

@@ -20,6 +20,8 @@
 //! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |
 //! | `koo:v1:{t:Q}:events` | stream | state changes and progress (capped) |
 //! | `koo:v1:{t:Q}:stats` | hash | counts per outcome |
+//! | `koo:v1:workers` | sorted set | worker pools, scored by when each last said it was alive (ms) |
+//! | `koo:v1:worker:{id}` | string | one pool's record (JSON, with a TTL) |
 //!
 //! The prefix lets several deployments share one Redis; it is escaped in
 //! every `SCAN MATCH` pattern so that a prefix with glob characters cannot
@@ -163,6 +165,16 @@ impl QueueKeys {
     pub fn stats(&self) -> String {
         self.key("stats")
     }
+}
+
+/// The index of live worker pools (not tied to a queue's slot).
+pub fn workers_index(prefix: &str) -> String {
+    format!("{prefix}:v1:workers")
+}
+
+/// One worker pool's record.
+pub fn worker_record(prefix: &str, id: &str) -> String {
+    format!("{prefix}:v1:worker:{id}")
 }
 
 #[cfg(test)]

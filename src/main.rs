@@ -82,7 +82,9 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     tasks.spawn(pool.run(stop.clone()));
     tasks.spawn(koo::server::warn_if_tasks_can_be_evicted(store));
     shutdown_signal().await;
-    tracing::info!("stopping: slots finish their current task (30 s at most)");
+    tracing::info!(
+        "stopping: running tasks get the shutdown grace to end, then go back to their queues"
+    );
     stop.cancel();
     let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         while tasks.join_next().await.is_some() {}

@@ -94,6 +94,7 @@ impl Fixture {
             kwargs: "{}".into(),
             state: State::Queued,
             attempts: 0,
+            token: 0,
             max_retries,
             worker: None,
             progress: None,

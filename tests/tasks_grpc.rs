@@ -120,6 +120,7 @@ on_both!(
     watch_tasks_resumes_after_a_disconnect,
     watch_task_shows_every_state_of_a_retry,
     upkeep_runs_as_tasks,
+    resuming_past_the_kept_events_is_out_of_range,
 );
 
 fn client(server: &TestServer) -> TaskServiceClient<Channel> {
@@ -321,17 +322,129 @@ async fn bad_input_is_refused(backend: Backend) {
 
 /// A `koo worker` process started against `redis`.
 fn worker(redis: &TestRedis) -> Child {
+    worker_with(redis, &[])
+}
+
+/// A `koo worker` process with extra environment (later entries win).
+fn worker_with(redis: &TestRedis, env: &[(&str, &str)]) -> Child {
     Command::new(KOO)
-        .args(["worker", "--concurrency", "1"])
+        .arg("worker")
+        .env("KOO_WORKER_CONCURRENCY", "1")
         .env("REDIS_URL", redis.url())
         .env("KOO_TASK_LEASE", "1s")
         .env("KOO_TASK_SWEEP_INTERVAL", "100ms")
         .env("KOO_WORKER_POLL_INTERVAL", "20ms")
         .env("KOO_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn koo worker")
+}
+
+/// Waits for a child process to exit; false if it is still running after
+/// `limit`.
+async fn exits_within(child: &mut Child, limit: Duration) -> bool {
+    let until = tokio::time::Instant::now() + limit;
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= until {
+            return false;
+        }
+        // a process exit has no event to await here
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// SIGTERM to a `koo worker`: a task that ends within the shutdown grace
+/// finishes; one that does not is handed back to its queue at once (not
+/// after its lease lapses), its attempt given back and logged; the process
+/// exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_or_hands_back_running_tasks() {
+    let koo = start(0).await;
+    let redis = koo.redis();
+    let mut c = client(&koo.server);
+    // a long lease: only a hand-back can requeue the task quickly
+    let long_lease = [("KOO_TASK_LEASE", "60s")];
+    let long = c
+        .submit_task(submit(
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 60, "steps": 60 }),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let mut first = worker_with(
+        redis,
+        &[long_lease[0], ("KOO_WORKER_SHUTDOWN_GRACE", "200ms")],
+    );
+    wait_task(&mut c, &long.id, |t| {
+        t.state == pb::TaskState::Running as i32
+    })
+    .await;
+    signal(&first, "TERM");
+    let back = wait_task(&mut c, &long.id, |t| {
+        t.state == pb::TaskState::Queued as i32
+    })
+    .await;
+    assert_eq!(back.attempts, 0, "the attempt is given back");
+    assert_eq!(
+        back.attempt_log.last().map(|a| a.outcome.as_str()),
+        Some("handed_back")
+    );
+    assert!(exits_within(&mut first, Duration::from_secs(10)).await);
+    // a short task ends within the grace; the long one is handed back again
+    let short = c
+        .submit_task(pb::SubmitTaskRequest {
+            category: pb::TaskCategory::Database as i32,
+            ..submit(
+                "koo.diagnostics.sleep",
+                serde_json::json!({ "seconds": 1, "steps": 2 }),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let mut second = worker_with(
+        redis,
+        &[
+            long_lease[0],
+            ("KOO_WORKER_SHUTDOWN_GRACE", "3s"),
+            ("KOO_WORKER_CONCURRENCY", "2"),
+        ],
+    );
+    wait_task(&mut c, &short.id, |t| {
+        t.state == pb::TaskState::Running as i32
+    })
+    .await;
+    wait_task(&mut c, &long.id, |t| {
+        t.state == pb::TaskState::Running as i32
+    })
+    .await;
+    signal(&second, "TERM");
+    let done = wait_task(&mut c, &short.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    let back = wait_task(&mut c, &long.id, |t| {
+        t.state == pb::TaskState::Queued as i32
+    })
+    .await;
+    assert_eq!(back.attempt_log.len(), 2);
+    assert!(exits_within(&mut second, Duration::from_secs(20)).await);
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
 }
 
 /// `kill -9` of a `koo worker` mid-task: the lease lapses, the task goes
@@ -512,6 +625,11 @@ async fn convenience_rpcs_and_queue_metrics(backend: Backend) {
         panic!()
     };
     assert_eq!(queues.fields.len(), 6);
+    assert_eq!(
+        report.fields["workers_alive"].kind,
+        Some(prost_types::value::Kind::NumberValue(1.0)),
+        "this server's pool announces itself: {report:?}"
+    );
     let metrics = c
         .get_task_metrics(pb::GetTaskMetricsRequest {})
         .await
@@ -1193,4 +1311,80 @@ async fn tasks_run_again_after_redis_restarts_empty() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "the empty Redis forgot it");
+}
+
+/// A WatchTasks resume token older than the events a queue still keeps is
+/// refused with OUT_OF_RANGE, rather than resuming with a silent gap.
+async fn resuming_past_the_kept_events_is_out_of_range(backend: Backend) {
+    let koo = match backend {
+        Backend::Memory => {
+            let mut settings = test_settings(memory_settings());
+            settings.tasks.redis = None;
+            short_intervals(&mut settings, 2);
+            settings.tasks.config.limits.events = 10;
+            let server = TestServer::spawn(settings).await;
+            server.wait_health("", ServingStatus::Serving).await;
+            Koo {
+                redis: None,
+                server,
+            }
+        }
+        Backend::Redis => {
+            let redis = TestRedis::start().await;
+            let mut settings = test_settings(redis_settings(&redis.url()));
+            short_intervals(&mut settings, 2);
+            settings.tasks.config.limits.events = 10;
+            let server = TestServer::spawn(settings).await;
+            server.wait_health("", ServingStatus::Serving).await;
+            Koo {
+                redis: Some(redis),
+                server,
+            }
+        }
+    };
+    let mut c = client(&koo.server);
+    let watch = |token: String| pb::WatchTasksRequest {
+        categories: vec![pb::TaskCategory::Research as i32],
+        name: String::new(),
+        resume_token: token,
+    };
+    let mut stream = c
+        .watch_tasks(watch(String::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = c
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let token = tokio::time::timeout(common::EVENT_TIMEOUT, stream.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .resume_token;
+    drop(stream);
+    wait_task(&mut c, &first.id, is_final).await;
+    // Redis trims whole stream nodes (100 entries): 300 tasks make 900 events
+    let mut last = String::new();
+    for _ in 0..3 {
+        let batch = c
+            .submit_tasks(pb::SubmitTasksRequest {
+                tasks: (0..100)
+                    .map(|_| submit("koo.diagnostics.noop", serde_json::json!({})))
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks;
+        last = batch.last().unwrap().id.clone();
+    }
+    wait_task(&mut c, &last, is_final).await;
+    let err = c.watch_tasks(watch(token)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("without a resume token"), "{err:?}");
 }

@@ -30,6 +30,7 @@ impl From<StoreError> for Status {
             StoreError::WrongType(_) => Status::data_loss(message),
             StoreError::Backend(_) => Status::internal(message),
             StoreError::InvalidCursor(_) => Status::invalid_argument(message),
+            StoreError::Expired(_) => Status::out_of_range(message),
             StoreError::InvalidConfig(_) => Status::failed_precondition(message),
         }
     }

@@ -39,6 +39,9 @@ pub enum StoreError {
     /// A listing cursor that this backend did not issue.
     #[error("invalid cursor: {0}")]
     InvalidCursor(String),
+    /// A resume position older than what the backend still keeps.
+    #[error("{0}")]
+    Expired(String),
     /// The backend's configuration is unusable (for example a malformed URL).
     #[error("invalid backend configuration: {0}")]
     InvalidConfig(String),

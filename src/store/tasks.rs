@@ -94,6 +94,26 @@ pub struct LeaseAsk<'a> {
     pub names: &'a [&'a str],
 }
 
+/// A worker pool's presence record: who it is, what it serves, when it
+/// last said it was alive.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkerRecord {
+    /// The pool's id (`host:pid:random`); its slots are `id/N`.
+    pub id: String,
+    /// Worker slots.
+    pub slots: u32,
+    /// Slots running a task when it last reported.
+    pub running: u32,
+    /// The queues it leases from.
+    pub queues: Vec<String>,
+    /// The task names it serves.
+    pub names: Vec<String>,
+    /// When it started (ms since the epoch).
+    pub started_ms: i64,
+    /// When it last reported (ms since the epoch).
+    pub seen_ms: i64,
+}
+
 /// What one trim removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Trimmed {
@@ -219,6 +239,27 @@ impl TaskStore {
                     .await
             }
             Self::Memory(m) => Ok(m.heartbeat(id, token, lease)),
+        }
+    }
+
+    /// Hands a running task back to its queue at once (its worker is
+    /// stopping), giving its attempt back; `false` when fenced.
+    pub async fn release(
+        &self,
+        id: &TaskId,
+        token: u32,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store
+                    .release_task(&keys, id, token, log, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => m.release(id, token, log, limits),
         }
     }
 
@@ -416,11 +457,48 @@ impl TaskStore {
             Self::Redis { store, prefix } => {
                 let keys = Self::keys(prefix, queue);
                 Ok(EventReader::Redis(match after {
-                    Some(position) => store.event_reader_after(&keys, position),
+                    Some(position) => store.event_reader_after(&keys, position, deadline).await?,
                     None => store.event_reader(&keys, deadline).await?,
                 }))
             }
             Self::Memory(m) => Ok(EventReader::Memory(m.event_reader(queue, after)?)),
+        }
+    }
+
+    /// Records that worker pool `record` is alive, for `ttl`.
+    pub async fn announce_worker(
+        &self,
+        record: &WorkerRecord,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store.announce_worker(prefix, record, ttl, deadline).await
+            }
+            Self::Memory(m) => {
+                m.announce_worker(record, ttl);
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a stopping worker pool's record.
+    pub async fn retire_worker(&self, id: &str, deadline: Deadline) -> Result<()> {
+        match self {
+            Self::Redis { store, prefix } => store.retire_worker(prefix, id, deadline).await,
+            Self::Memory(m) => {
+                m.retire_worker(id);
+                Ok(())
+            }
+        }
+    }
+
+    /// The worker pools alive now (their records have not expired).
+    pub async fn list_workers(&self, deadline: Deadline) -> Result<Vec<WorkerRecord>> {
+        match self {
+            Self::Redis { store, prefix } => store.list_workers(prefix, deadline).await,
+            Self::Memory(m) => Ok(m.list_workers()),
         }
     }
 

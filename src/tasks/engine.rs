@@ -49,6 +49,9 @@ pub struct TaskConfig {
     pub poll_interval: Duration,
     /// How long ended tasks stay in history (database maintenance trims).
     pub history_max_age: Duration,
+    /// How long a stopping worker lets a running task finish before it
+    /// hands the task back to its queue.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for TaskConfig {
@@ -66,6 +69,7 @@ impl Default for TaskConfig {
             limits: TaskLimits::default(),
             poll_interval: Duration::from_millis(100),
             history_max_age: Duration::from_secs(7 * 24 * 3600),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 }
@@ -307,6 +311,7 @@ impl TaskEngine {
                 State::Scheduled
             },
             attempts: 0,
+            token: 0,
             max_retries: new.max_retries.unwrap_or(c.default_max_retries),
             worker: None,
             progress: None,
@@ -389,7 +394,7 @@ impl TaskEngine {
         finish: Finish,
         deadline: Deadline,
     ) -> Result<State, TaskError> {
-        let (outcome, entry) = self.outcome(task, token, worker, &finish);
+        let (outcome, entry) = self.outcome(task, worker, &finish);
         self.inner
             .store
             .finish(
@@ -416,7 +421,7 @@ impl TaskEngine {
         deadline: Deadline,
     ) -> Result<(State, Option<Task>), TaskError> {
         let c = &self.inner.config;
-        let (outcome, entry) = self.outcome(task, token, worker, &finish);
+        let (outcome, entry) = self.outcome(task, worker, &finish);
         let next = LeaseAsk {
             worker,
             lease: c.lease,
@@ -431,7 +436,7 @@ impl TaskEngine {
 
     /// What the store records for a finish: the outcome and the attempt's
     /// log entry.
-    fn outcome(&self, task: &Task, token: u32, worker: &str, finish: &Finish) -> (Outcome, String) {
+    fn outcome(&self, task: &Task, worker: &str, finish: &Finish) -> (Outcome, String) {
         let error = |message: &str, retryable: bool| {
             serde_json::json!({ "message": message, "retryable": retryable }).to_string()
         };
@@ -443,7 +448,7 @@ impl TaskEngine {
             } => (
                 Outcome::Retry {
                     error: error(message, true),
-                    delay: self.inner.config.backoff.delay(token),
+                    delay: self.inner.config.backoff.delay(task.attempts),
                 },
                 "failed",
             ),
@@ -462,7 +467,7 @@ impl TaskEngine {
             Finish::Succeeded(_) => None,
         };
         let entry = serde_json::json!({
-            "attempt": token,
+            "attempt": task.attempts,
             "worker": worker,
             "started_ms": task.started_ms,
             "outcome": log,
@@ -470,6 +475,36 @@ impl TaskEngine {
         })
         .to_string();
         (outcome, entry)
+    }
+
+    /// Hands a running task back to its queue at once, its attempt given
+    /// back (the worker is stopping before the task ended).
+    pub async fn release(
+        &self,
+        task: &Task,
+        worker: &str,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        let entry = serde_json::json!({
+            "attempt": task.attempts,
+            "worker": worker,
+            "started_ms": task.started_ms,
+            "outcome": "handed_back",
+            "error": "the worker stopped before the task ended; it runs again",
+        })
+        .to_string();
+        let ok = self
+            .inner
+            .store
+            .release(
+                &task.id,
+                task.token,
+                &entry,
+                self.inner.config.limits,
+                deadline,
+            )
+            .await?;
+        fenced_unless(ok, &task.id)
     }
 
     /// Depths and counters of `queues`.

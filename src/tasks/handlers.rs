@@ -28,8 +28,8 @@ fn kwarg_f64(ctx: &TaskContext, name: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
-/// Registers the built-in health check: the task store's latency, and every queue's
-/// depth and oldest wait.
+/// Registers the built-in health check: the task store's latency, every
+/// queue's depth and oldest wait, and the worker pools alive.
 pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
     registry.register(names::HEALTH_CHECK, move |_ctx| {
         let engine = engine.clone();
@@ -57,7 +57,26 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                     (q.to_string(), report)
                 })
                 .collect();
+            let now = crate::store::unix_millis(std::time::SystemTime::now());
+            let workers: Vec<serde_json::Value> = engine
+                .store()
+                .list_workers(deadline)
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?
+                .into_iter()
+                .map(|w| {
+                    serde_json::json!({
+                        "id": w.id,
+                        "slots": w.slots,
+                        "running": w.running,
+                        "queues": w.queues,
+                        "last_seen_seconds_ago": (now - w.seen_ms).max(0) as f64 / 1000.0,
+                    })
+                })
+                .collect();
             Ok(serde_json::json!({
+                "workers_alive": workers.len(),
+                "workers": workers,
                 "store": {
                     "kind": if engine.store().is_shared() { "redis" } else { "embedded" },
                     "reachable": true,

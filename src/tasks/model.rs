@@ -319,8 +319,12 @@ pub struct Task {
     pub kwargs: String,
     /// Where it is.
     pub state: State,
-    /// Leases so far (also the fencing token of the latest lease).
+    /// Attempts so far, counted when leased (a hand-back at shutdown
+    /// gives its attempt back).
     pub attempts: u32,
+    /// The fencing token of the latest lease: it grows with every lease, so
+    /// no two leases of a task ever share one.
+    pub token: u32,
     /// Retries allowed after the first attempt.
     pub max_retries: u32,
     /// The worker holding the lease, while running.
@@ -364,7 +368,7 @@ impl Task {
             ("soft_ms", self.soft_ms.to_string()),
             ("hard_ms", self.hard_ms.to_string()),
             ("result_ttl_ms", self.result_ttl_ms.to_string()),
-            ("token", self.attempts.to_string()),
+            ("token", self.token.to_string()),
         ];
         for (name, value) in [
             ("progress", &self.progress),
@@ -410,6 +414,10 @@ impl Task {
             kwargs: get("kwargs")?.clone(),
             state: State::parse(get("state")?).ok_or("field state is unknown")?,
             attempts: num("attempts")? as u32,
+            token: fields
+                .get("token")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(num("attempts")? as u32),
             max_retries: num("max_retries")? as u32,
             worker: text("worker"),
             progress: text("progress"),
@@ -493,6 +501,7 @@ mod tests {
             kwargs: "{}".into(),
             state: State::Queued,
             attempts: 0,
+            token: 0,
             max_retries: 3,
             worker: None,
             progress: None,

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::engine::{Finish, TaskEngine, TaskError};
 use super::model::{QueueName, Task};
 use crate::store::Deadline;
+use crate::store::tasks::WorkerRecord;
 
 /// A handler's failure; `retryable` asks for another attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,7 +73,7 @@ impl TaskContext {
         self.engine
             .progress(
                 &self.task.id,
-                self.task.attempts,
+                self.task.token,
                 &progress.to_string(),
                 Deadline::after(Duration::from_secs(5)),
             )
@@ -147,10 +149,10 @@ impl WorkerPool {
         &self.id
     }
 
-    /// Runs every slot until `stop`; a slot finishes its current task
-    /// first (or hands it back by letting its lease lapse if it must stop
-    /// before the hard limit).
+    /// Runs every slot until `stop`; a slot lets its current task finish
+    /// within the shutdown grace, or hands it back to its queue at once.
     pub async fn run(self, stop: CancellationToken) {
+        let running = Arc::new(AtomicU32::new(0));
         let mut slots = tokio::task::JoinSet::new();
         for slot in 0..self.concurrency {
             let worker = format!("{}/{slot}", self.id);
@@ -158,10 +160,59 @@ impl WorkerPool {
             let registry = self.registry.clone();
             let queues = self.queues.clone();
             let stop = stop.clone();
-            slots
-                .spawn(async move { run_slot(engine, registry, queues, worker, slot, stop).await });
+            let running = running.clone();
+            slots.spawn(async move {
+                run_slot(engine, registry, queues, worker, slot, running, stop).await
+            });
         }
+        let presence = tokio::spawn(self.announce(running, stop.clone()));
         while slots.join_next().await.is_some() {}
+        let _ = presence.await;
+        let deadline = Deadline::after(Duration::from_secs(2));
+        if let Err(e) = self.engine.store().retire_worker(&self.id, deadline).await {
+            tracing::debug!(error = %e, "cannot remove this worker's presence record; it expires");
+        }
+    }
+
+    /// Says this pool is alive every third of a lease (the record lives a
+    /// lease), so that health checks see live workers and lose dead ones
+    /// within a lease.
+    fn announce(
+        &self,
+        running: Arc<AtomicU32>,
+        stop: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let engine = self.engine.clone();
+        let lease = engine.config().lease;
+        let mut record = WorkerRecord {
+            id: self.id.clone(),
+            slots: self.concurrency as u32,
+            running: 0,
+            queues: self.queues.iter().map(|q| q.to_string()).collect(),
+            names: self.registry.names(),
+            started_ms: crate::store::unix_millis(std::time::SystemTime::now()),
+            seen_ms: 0,
+        };
+        async move {
+            let mut tick = tokio::time::interval(lease / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                record.running = running.load(Ordering::Relaxed);
+                record.seen_ms = crate::store::unix_millis(std::time::SystemTime::now());
+                let deadline = Deadline::after(lease / 3);
+                if let Err(e) = engine
+                    .store()
+                    .announce_worker(&record, lease, deadline)
+                    .await
+                {
+                    tracing::debug!(error = %e, "cannot announce this worker");
+                }
+            }
+        }
     }
 }
 
@@ -171,6 +222,7 @@ async fn run_slot(
     queues: Vec<QueueName>,
     worker: String,
     slot: usize,
+    running: Arc<AtomicU32>,
     stop: CancellationToken,
 ) {
     let names = registry.names();
@@ -240,8 +292,22 @@ async fn run_slot(
         }
         match leased {
             Some(task) => {
-                let Some(finish) = execute(&engine, &registry, &task).await else {
-                    continue;
+                running.fetch_add(1, Ordering::Relaxed);
+                let ended = execute(&engine, &registry, &task, &stop).await;
+                running.fetch_sub(1, Ordering::Relaxed);
+                let finish = match ended {
+                    Ended::Finished(finish) => finish,
+                    Ended::Lost => continue,
+                    Ended::HandBack => {
+                        let deadline = Deadline::after(Duration::from_secs(5));
+                        match engine.release(&task, &worker, deadline).await {
+                            Ok(()) => {
+                                tracing::info!(task = %task.id, "stopping: task handed back to its queue")
+                            }
+                            Err(e) => outcome_not_recorded(&task, e),
+                        }
+                        continue;
+                    }
                 };
                 // When every other queue was just found empty and no local
                 // submit names one, this slot would come back to this queue
@@ -281,13 +347,29 @@ async fn run_slot(
     }
 }
 
-/// Runs one leased task to its end: how it ended, or `None` when its lease
-/// was lost (the new holder owns the outcome).
-async fn execute(engine: &TaskEngine, registry: &Registry, task: &Task) -> Option<Finish> {
-    let token = task.attempts;
+/// How a run of a leased task ended.
+enum Ended {
+    /// The handler ended (or hit a time limit): report it.
+    Finished(Finish),
+    /// The lease was lost: the new holder owns the outcome.
+    Lost,
+    /// The worker is stopping and the handler did not end within the
+    /// shutdown grace: hand the task back.
+    HandBack,
+}
+
+/// Runs one leased task to its end. When `stop` fires, the handler gets the
+/// shutdown grace to end, then is abandoned and the task handed back.
+async fn execute(
+    engine: &TaskEngine,
+    registry: &Registry,
+    task: &Task,
+    stop: &CancellationToken,
+) -> Ended {
+    let token = task.token;
     let Some(handler) = registry.handlers.get(&task.name).cloned() else {
         // Leasing filters by name, so this is a registry that changed.
-        return Some(Finish::Failed {
+        return Ended::Finished(Finish::Failed {
             message: format!("no handler for {}", task.name),
             retryable: true,
         });
@@ -301,7 +383,10 @@ async fn execute(engine: &TaskEngine, registry: &Registry, task: &Task) -> Optio
     let mut running = tokio::spawn(handler(ctx));
     let soft = tokio::time::sleep(Duration::from_millis(task.soft_ms));
     let hard = tokio::time::sleep(Duration::from_millis(task.hard_ms));
-    tokio::pin!(soft, hard);
+    // armed when `stop` fires
+    let hand_back = tokio::time::sleep(Duration::ZERO);
+    let mut stopping = false;
+    tokio::pin!(soft, hard, hand_back);
     let mut soft_fired = task.soft_ms == 0;
     // The first heartbeat is due a third of a lease from now. (Not
     // `interval` + its immediate first tick: a timer due "now" still waits
@@ -328,19 +413,28 @@ async fn execute(engine: &TaskEngine, registry: &Registry, task: &Task) -> Optio
                 tracing::warn!(task = %task.id, "hard time limit reached; handler abandoned");
                 break Finish::TimedOut;
             }
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                let grace = engine.config().shutdown_grace;
+                hand_back.as_mut().reset(tokio::time::Instant::now() + grace);
+            }
+            _ = &mut hand_back, if stopping => {
+                running.abort();
+                return Ended::HandBack;
+            }
             _ = beat.tick() => {
                 if let Err(e) = engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {
                     if matches!(e, TaskError::Fenced(_)) {
                         running.abort();
                         tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
-                        return None;
+                        return Ended::Lost;
                     }
                     tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry");
                 }
             }
         }
     };
-    Some(finish)
+    Ended::Finished(finish)
 }
 
 /// Reports how an attempt ended and leases the next task of its queue in
@@ -355,7 +449,7 @@ async fn report_and_lease(
 ) -> Option<Task> {
     let deadline = Deadline::after(Duration::from_secs(5));
     match engine
-        .finish_and_lease(task, task.attempts, worker, finish, names, deadline)
+        .finish_and_lease(task, task.token, worker, finish, names, deadline)
         .await
     {
         Ok((state, next)) => {
@@ -388,7 +482,7 @@ fn outcome_not_recorded(task: &Task, e: TaskError) {
 async fn report(engine: &TaskEngine, task: &Task, worker: &str, finish: Finish) {
     let deadline = Deadline::after(Duration::from_secs(5));
     match engine
-        .finish(task, task.attempts, worker, finish, deadline)
+        .finish(task, task.token, worker, finish, deadline)
         .await
     {
         Ok(state) => tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended"),

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed};
+use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed, WorkerRecord};
 use crate::store::{Result, StoreError, unix_millis};
 use crate::tasks::model::{QueueName, State, Task, TaskId};
 
@@ -141,6 +141,9 @@ struct Queue {
     dead: ZSet,
     /// `(sequence, event)`, oldest first, capped at the events limit.
     events: VecDeque<(u64, TaskEvent)>,
+    /// The newest event dropped by the cap: a reader resuming before it
+    /// would miss events.
+    trimmed_upto: u64,
     counts: HashMap<String, u64>,
 }
 
@@ -153,7 +156,6 @@ impl Queue {
 /// A stored task and its lease.
 struct Entry {
     task: Task,
-    token: u32,
     lease_until: i64,
     hard_until: i64,
     /// When a finished task's result expires (ms).
@@ -162,7 +164,7 @@ struct Entry {
 
 impl Entry {
     fn holds(&self, token: u32) -> bool {
-        self.task.state == State::Running && self.token == token
+        self.task.state == State::Running && self.task.token == token
     }
 
     fn live(&self, now: i64) -> bool {
@@ -178,6 +180,8 @@ struct Tasks {
     expiring: BTreeSet<(i64, String)>,
     /// The sequence number of the newest event (of any queue).
     last_event: u64,
+    /// Worker pools and when their records expire (ms).
+    workers: HashMap<String, (WorkerRecord, i64)>,
 }
 
 struct Shared {
@@ -242,7 +246,9 @@ fn push_event(
         },
     ));
     while queue.events.len() as u64 > limits.events.max(1) {
-        queue.events.pop_front();
+        if let Some((seq, _)) = queue.events.pop_front() {
+            queue.trimmed_upto = seq;
+        }
     }
 }
 
@@ -371,7 +377,6 @@ impl MemoryTasks {
         s.tasks.insert(
             id.to_owned(),
             Entry {
-                token: task.attempts,
                 task,
                 lease_until: 0,
                 hard_until: 0,
@@ -424,7 +429,8 @@ impl MemoryTasks {
         {
             q.ready.remove(&id);
             e.task.attempts += 1;
-            e.token = e.task.attempts;
+            // the fencing token grows with every lease
+            e.task.token += 1;
             e.task.state = State::Running;
             e.task.worker = Some(worker.to_owned());
             e.task.started_ms = Some(now);
@@ -459,6 +465,41 @@ impl MemoryTasks {
             q.leases.update(id.as_str(), score);
         }
         true
+    }
+
+    /// Hands a running task back to its queue at once, giving its attempt
+    /// back; `false` when fenced.
+    pub fn release(&self, id: &TaskId, token: u32, log: &str, limits: TaskLimits) -> Result<bool> {
+        let mut entry: serde_json::Map<String, serde_json::Value> = serde_json::from_str(log)
+            .map_err(|e| {
+                StoreError::Backend(format!("attempt log entry is not a JSON object: {e}"))
+            })?;
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let now = now_ms();
+        let Some(e) = s.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
+            return Ok(false);
+        };
+        let q = s.queues.entry(id.queue()).or_default();
+        q.leases.remove(id.as_str());
+        entry.insert("ended_ms".into(), now.into());
+        e.task
+            .log
+            .push(serde_json::Value::Object(entry).to_string());
+        e.task.attempts = e.task.attempts.saturating_sub(1);
+        e.task.state = State::Queued;
+        e.task.worker = None;
+        e.task.progress = None;
+        e.lease_until = 0;
+        q.ready.add(
+            id.as_str(),
+            e.task.priority.band() as i64 * BAND + e.task.created_ms,
+        );
+        push_event(q, &mut s.last_event, limits, &e.task, None, now);
+        let last = s.last_event;
+        drop(guard);
+        self.announce(last);
+        Ok(true)
     }
 
     /// Records progress (JSON); `false` when fenced.
@@ -663,6 +704,36 @@ impl MemoryTasks {
         }
     }
 
+    /// Records a worker pool as alive for `ttl`.
+    pub fn announce_worker(&self, record: &WorkerRecord, ttl: Duration) {
+        let mut s = self.lock();
+        let now = now_ms();
+        s.workers.retain(|_, (_, until)| *until > now);
+        s.workers.insert(
+            record.id.clone(),
+            (record.clone(), now.saturating_add(millis(ttl))),
+        );
+    }
+
+    /// Removes a stopping worker pool's record.
+    pub fn retire_worker(&self, id: &str) {
+        self.lock().workers.remove(id);
+    }
+
+    /// The worker pools whose records have not expired, oldest report first.
+    pub fn list_workers(&self) -> Vec<WorkerRecord> {
+        let s = self.lock();
+        let now = now_ms();
+        let mut live: Vec<WorkerRecord> = s
+            .workers
+            .values()
+            .filter(|(_, until)| *until > now)
+            .map(|(r, _)| r.clone())
+            .collect();
+        live.sort_by(|a, b| a.seen_ms.cmp(&b.seen_ms).then_with(|| a.id.cmp(&b.id)));
+        live
+    }
+
     /// Counts of what the store holds.
     pub fn usage(&self) -> serde_json::Value {
         let s = self.lock();
@@ -784,11 +855,20 @@ impl MemoryTasks {
         after: Option<&str>,
     ) -> Result<MemoryEventReader> {
         let last = match after {
-            Some(position) => position.parse::<u64>().map_err(|_| {
-                StoreError::InvalidCursor(format!(
-                    "event position {position:?} was not issued by the embedded store"
-                ))
-            })?,
+            Some(position) => {
+                let last = position.parse::<u64>().map_err(|_| {
+                    StoreError::InvalidCursor(format!(
+                        "event position {position:?} was not issued by the embedded store"
+                    ))
+                })?;
+                let trimmed = self.lock().queues.get(queue).map_or(0, |q| q.trimmed_upto);
+                if trimmed > last {
+                    return Err(StoreError::Expired(format!(
+                        "events after position {position} are no longer kept; watch again without a resume token"
+                    )));
+                }
+                last
+            }
             None => self.lock().last_event,
         };
         Ok(MemoryEventReader {

@@ -14,7 +14,9 @@ use redis::Script;
 
 use super::RedisStore;
 use crate::keys::QueueKeys;
-use crate::store::tasks::{LeaseAsk, Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed};
+use crate::store::tasks::{
+    LeaseAsk, Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed, WorkerRecord,
+};
 use crate::store::{Deadline, Result, StoreError};
 use crate::tasks::model::{State, Task, TaskId};
 
@@ -28,6 +30,7 @@ pub(super) struct TaskScripts {
     recover: Script,
     trim: Script,
     finish_lease: Script,
+    release: Script,
 }
 
 impl TaskScripts {
@@ -40,6 +43,7 @@ impl TaskScripts {
             finish: Script::new(include_str!("lua/tasks/finish.lua")),
             recover: Script::new(include_str!("lua/tasks/recover.lua")),
             trim: Script::new(include_str!("lua/tasks/trim.lua")),
+            release: Script::new(include_str!("lua/tasks/release.lua")),
             finish_lease: Script::new(&format!(
                 "local function finish(KEYS, ARGV)\n{}\nend\nlocal function lease(KEYS, ARGV)\n{}\nend\n{}",
                 include_str!("lua/tasks/finish.lua"),
@@ -182,6 +186,12 @@ fn finish_params(
         .arg(log);
 }
 
+/// A stream entry id `ms-seq` as a comparable pair.
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -307,6 +317,33 @@ impl RedisStore {
         let inv = &inv;
         let ok: i64 = self
             .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(ok == 1)
+    }
+
+    /// Hands a running task back to its queue at once, giving its attempt
+    /// back; `false` when fenced. `log` is the attempt's log entry.
+    pub async fn release_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        token: u32,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut inv = self.inner.tasks.release.prepare_invoke();
+        inv.key(keys.task(id))
+            .key(keys.leases())
+            .key(keys.ready())
+            .key(keys.events());
+        inv.arg(id.as_str()).arg(token).arg(limits.events).arg(log);
+        let inv = &inv;
+        let ok: i64 = self
+            .run_once(
                 deadline,
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
@@ -640,14 +677,125 @@ impl RedisStore {
     }
 
     /// A reader of the queue's events after stream position `after` (a
-    /// resume token's position).
-    pub fn event_reader_after(&self, keys: &QueueKeys, after: &str) -> StreamReader {
-        StreamReader {
+    /// resume token's position). `Expired` when the stream has trimmed
+    /// entries and its oldest kept entry is past `after`: resuming would
+    /// silently skip what was trimmed. (Redis does not say which ids it
+    /// trimmed, so a position exactly at the last trimmed entry is refused
+    /// too: a spurious refusal costs a re-watch, a silent gap costs events.)
+    pub async fn event_reader_after(
+        &self,
+        keys: &QueueKeys,
+        after: &str,
+        deadline: Deadline,
+    ) -> Result<StreamReader> {
+        let Some(position) = stream_id(after) else {
+            return Err(StoreError::InvalidCursor(format!(
+                "{after:?} is not an event position"
+            )));
+        };
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("STREAM").arg(keys.events());
+        // no stream yet: nothing was trimmed
+        let info: HashMap<String, redis::Value> =
+            self.query(&cmd, deadline).await.unwrap_or_default();
+        let number = |name: &str| {
+            info.get(name)
+                .and_then(|v| redis::from_redis_value::<u64>(v.clone()).ok())
+        };
+        let first = info
+            .get("recorded-first-entry-id")
+            .and_then(|v| redis::from_redis_value::<String>(v.clone()).ok())
+            .and_then(|id| stream_id(&id));
+        let trimmed = matches!(
+            (number("entries-added"), number("length")),
+            (Some(added), Some(length)) if added > length
+        );
+        if trimmed && first.is_some_and(|first| first > position) {
+            return Err(StoreError::Expired(format!(
+                "events after position {after} are no longer kept (each queue keeps a capped number of recent events); watch again without a resume token"
+            )));
+        }
+        Ok(StreamReader {
             conn: None,
             store: self.clone(),
             stream: keys.events(),
             last: after.to_owned(),
+        })
+    }
+
+    /// Records a worker pool as alive for `ttl`: its record (with that TTL)
+    /// and its place in the index, from which records older than a few
+    /// TTLs are dropped.
+    pub async fn announce_worker(
+        &self,
+        prefix: &str,
+        record: &WorkerRecord,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let index = crate::keys::workers_index(prefix);
+        let json = serde_json::to_string(record)
+            .map_err(|e| StoreError::Backend(format!("worker record: {e}")))?;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(crate::keys::worker_record(prefix, &record.id))
+            .arg(json)
+            .arg("PX")
+            .arg(millis(ttl).max(1))
+            .ignore();
+        pipe.cmd("ZADD")
+            .arg(&index)
+            .arg(record.seen_ms)
+            .arg(&record.id)
+            .ignore();
+        pipe.cmd("ZREMRANGEBYSCORE")
+            .arg(&index)
+            .arg("-inf")
+            .arg(record.seen_ms - 10 * millis(ttl) as i64)
+            .ignore();
+        // the index itself lives as long as some pool keeps announcing
+        pipe.cmd("PEXPIRE")
+            .arg(&index)
+            .arg(10 * millis(ttl).max(1))
+            .ignore();
+        self.query_pipe::<()>(&pipe, deadline).await
+    }
+
+    /// Removes a stopping worker pool's record.
+    pub async fn retire_worker(&self, prefix: &str, id: &str, deadline: Deadline) -> Result<()> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL")
+            .arg(crate::keys::worker_record(prefix, id))
+            .ignore();
+        pipe.cmd("ZREM")
+            .arg(crate::keys::workers_index(prefix))
+            .arg(id)
+            .ignore();
+        self.query_pipe::<()>(&pipe, deadline).await
+    }
+
+    /// The worker pools whose records have not expired.
+    pub async fn list_workers(
+        &self,
+        prefix: &str,
+        deadline: Deadline,
+    ) -> Result<Vec<WorkerRecord>> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(crate::keys::workers_index(prefix)).arg(0).arg(999);
+        let ids: Vec<String> = self.query(&cmd, deadline).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut mget = redis::cmd("MGET");
+        for id in &ids {
+            mget.arg(crate::keys::worker_record(prefix, id));
+        }
+        let records: Vec<Option<String>> = self.query(&mget, deadline).await?;
+        Ok(records
+            .into_iter()
+            .flatten()
+            .filter_map(|r| serde_json::from_str(&r).ok())
+            .collect())
     }
 
     /// Reads a task and its attempt log; `None` once it has expired.

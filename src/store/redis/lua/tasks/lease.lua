@@ -1,7 +1,7 @@
 -- Leases the first ready task this worker serves: moves due SCHEDULED tasks
 -- to `ready` first, then takes the best-scored task whose name the worker
 -- serves, counts the attempt, and records the lease with its fencing token
--- (the attempt number). Returns the task hash as a flat list, or nil.
+-- (one more than the last lease's). Returns the task hash as a flat list, or nil.
 -- KEYS: 1 ready, 2 scheduled, 3 leases, 4 events
 -- ARGV: 1 task key prefix, 2 lease ms, 3 worker, 4 events cap,
 --       5 how many ready tasks to look at, 6.. task names served ('*' = all)
@@ -55,11 +55,13 @@ while true do
   elseif serves_all or served[name] then
     redis.call('ZREM', KEYS[1], id)
     local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+    -- the fencing token grows with every lease (attempts can be given back)
+    local token = redis.call('HINCRBY', key, 'token', 1)
     local deadline = now + tonumber(ARGV[2])
     local hard = tonumber(redis.call('HGET', key, 'hard_ms') or '0')
     local hard_deadline = 0
     if hard > 0 then hard_deadline = now + hard end
-    redis.call('HSET', key, 'state', 'running', 'token', attempt, 'worker', ARGV[3],
+    redis.call('HSET', key, 'state', 'running', 'worker', ARGV[3],
       'started_ms', now, 'lease_until', deadline, 'hard_until', hard_deadline)
     -- progress belongs to an attempt
     redis.call('HDEL', key, 'progress')
