@@ -65,6 +65,22 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     handlers::register_diagnostics(&mut registry);
     handlers::register_health_check(&mut registry, engine.clone());
     koo::tasks::maintenance::register_database(&mut registry, engine.clone());
+    // Results that tasks ask to cache go to the cache's Redis (REDIS_URL),
+    // which stores the encoding header with each value, so any koo reads them.
+    if let Some(cache_redis) = args.redis.redis_config(args.redis.redis_url.clone())? {
+        let store = if cache_redis.url == redis.url {
+            koo::store::Store::Redis(store.clone())
+        } else {
+            koo::store::Store::Redis(koo::store::RedisStore::connect(&cache_redis)?)
+        };
+        registry.set_cache(koo::cache::Cache::new(
+            store,
+            koo::cache::CacheConfig {
+                prefix: args.prefix.clone(),
+                ..koo::cache::CacheConfig::default()
+            },
+        ));
+    }
     let pool = worker::WorkerPool::new(
         engine.clone(),
         registry,

@@ -187,6 +187,7 @@ pub async fn run(
     let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
 
     let limit = settings.cache.message_limit();
+    let task_cache = cache.clone();
     let api = CacheApi::new(
         cache,
         tasks.clone(),
@@ -256,6 +257,7 @@ pub async fn run(
         )
         .add_service(TaskServiceServer::new(TaskApi::new(
             tasks,
+            task_cache,
             settings.request_timeout,
             stop.clone(),
         )))
@@ -324,7 +326,8 @@ fn start_tasks(
         let mut registry = Registry::default();
         handlers::register_diagnostics(&mut registry);
         handlers::register_health_check(&mut registry, engine.clone());
-        maintenance::register_cache(&mut registry, cache.clone());
+        maintenance::register_cache(&mut registry, cache.clone(), engine.clone());
+        registry.set_cache(cache.clone());
         maintenance::register_database(&mut registry, engine.clone());
         let pool = WorkerPool::new(engine.clone(), registry, queues, settings.tasks.workers);
         tracing::info!(

@@ -93,6 +93,7 @@ impl Fixture {
             args: "[]".into(),
             kwargs: "{}".into(),
             state: State::Queued,
+            cache_result: None,
             attempts: 0,
             token: 0,
             max_retries,

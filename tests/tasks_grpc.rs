@@ -40,10 +40,23 @@ impl Koo {
 /// A koo server on `backend` (a fresh Redis, or embedded) with short task
 /// intervals and `workers` built-in worker slots.
 async fn start_on(backend: Backend, workers: usize) -> Koo {
+    start_on_with(backend, workers, |_| {}).await
+}
+
+/// [`start_on`] with adjusted settings.
+async fn start_on_with(
+    backend: Backend,
+    workers: usize,
+    adjust: impl FnOnce(&mut Settings),
+) -> Koo {
     match backend {
         Backend::Redis => {
             let redis = TestRedis::start().await;
-            let server = spawn_on(&redis, workers).await;
+            let mut settings = test_settings(redis_settings(&redis.url()));
+            short_intervals(&mut settings, workers);
+            adjust(&mut settings);
+            let server = TestServer::spawn(settings).await;
+            server.wait_health("", ServingStatus::Serving).await;
             Koo {
                 redis: Some(redis),
                 server,
@@ -53,6 +66,7 @@ async fn start_on(backend: Backend, workers: usize) -> Koo {
             let mut settings = test_settings(memory_settings());
             settings.tasks.redis = None;
             short_intervals(&mut settings, workers);
+            adjust(&mut settings);
             let server = TestServer::spawn(settings).await;
             server.wait_health("", ServingStatus::Serving).await;
             Koo {
@@ -121,6 +135,7 @@ on_both!(
     watch_task_shows_every_state_of_a_retry,
     upkeep_runs_as_tasks,
     resuming_past_the_kept_events_is_out_of_range,
+    results_are_cached_and_warming_computes_values,
 );
 
 fn client(server: &TestServer) -> TaskServiceClient<Channel> {
@@ -652,6 +667,51 @@ async fn convenience_rpcs_and_queue_metrics(backend: Backend) {
         (1, 1, 0)
     );
     assert!(health.oldest_wait.is_none());
+    // the same figures as a stream, for dashboards
+    let mut watch = c
+        .watch_task_metrics(pb::WatchTaskMetricsRequest {
+            interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.queues.len(), 6);
+    c.submit_ai_query(pb::SubmitAiQueryRequest {
+        provider: "claude".into(),
+        prompt: "again".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let seen = tokio::time::timeout(common::EVENT_TIMEOUT, async {
+        loop {
+            let snapshot = watch.message().await.unwrap().unwrap();
+            let ai = snapshot
+                .queues
+                .iter()
+                .find(|q| q.queue == "ai_service")
+                .unwrap();
+            if ai.queued == 2 {
+                return snapshot.time.is_some();
+            }
+        }
+    })
+    .await;
+    assert_eq!(seen, Ok(true), "a later snapshot shows the second query");
+    let err = c
+        .watch_task_metrics(pb::WatchTaskMetricsRequest {
+            interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1_000_000,
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }
 
 /// ListActiveTasks pages through every active task, filtered by category
@@ -1387,4 +1447,113 @@ async fn resuming_past_the_kept_events_is_out_of_range(backend: Backend) {
     let err = c.watch_tasks(watch(token)).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains("without a resume token"), "{err:?}");
+}
+
+/// A task submitted with a cache target has its result cached under that
+/// key by the time it reads SUCCEEDED; a warm file's `task` line submits such
+/// a task, so warming computes the value.
+async fn results_are_cached_and_warming_computes_values(backend: Backend) {
+    use koo::pb::cache::v1 as cache;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("warm.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            "{\"key\":\"plain\",\"text\":\"v\"}\n",
+            "{\"level\":\"api\",\"key\":\"computed\",\"ttl\":\"10m\",",
+            "\"task\":{\"name\":\"koo.diagnostics.fail_times\",\"category\":\"research\",\"kwargs\":{\"failures\":0}}}\n",
+            "{\"key\":\"bad\",\"task\":{\"name\":\"x\",\"category\":\"nope\"}}\n",
+        ),
+    )
+    .unwrap();
+    let warm_file = file.clone();
+    let koo = start_on_with(backend, 2, move |s| s.cache.warm_file = Some(warm_file)).await;
+    let mut c = client(&koo.server);
+    let mut cc = koo.server.cache();
+    let target = |key: &str| pb::CacheTarget {
+        level: cache::CacheLevel::Db as i32,
+        key: key.into(),
+        ttl: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+    };
+    let task = c
+        .submit_task(pb::SubmitTaskRequest {
+            cache_result: Some(target("answer")),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({ "failures": 0 }),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.cache_result.as_ref().unwrap().key, "answer");
+    let done = wait_task(&mut c, &task.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    let get = |level: cache::CacheLevel, key: &str| cache::GetRequest {
+        level: level as i32,
+        key: key.into(),
+    };
+    let cached = cc
+        .get(get(cache::CacheLevel::Db, "answer"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cached.found, "cached by the time it reads SUCCEEDED");
+    let Some(cache::cache_value::Kind::Json(v)) = cached.value.unwrap().kind else {
+        panic!("the result is cached as JSON")
+    };
+    assert_eq!(koo::grpc::json::to_json(&v).unwrap(), "{\"attempt\":1.0}");
+    assert!(cached.ttl.unwrap().seconds <= 60);
+    let err = c
+        .submit_task(pb::SubmitTaskRequest {
+            cache_result: Some(target("")),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations[0]
+            .field,
+        "cache_result"
+    );
+    // warming: the task line is submitted, the bad one reported
+    let report = cc
+        .warm(cache::WarmRequest {
+            entries: vec![],
+            skip_file: false,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert_eq!(report.loaded, 1, "{report:?}");
+    assert_eq!(report.computed.len(), 1, "{report:?}");
+    assert_eq!(report.computed[0].key, "computed");
+    assert_eq!(report.computed[0].line, 2);
+    assert_eq!(report.failures.len(), 1, "{report:?}");
+    assert_eq!(report.failures[0].line, 3);
+    assert!(report.failures[0].reason.contains("nope"), "{report:?}");
+    let computed = wait_task(&mut c, &report.computed[0].task_id, is_final).await;
+    assert_eq!(computed.state, pb::TaskState::Succeeded as i32);
+    let value = cc
+        .get(get(cache::CacheLevel::Api, "computed"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(value.found);
+    assert!(
+        value.ttl.unwrap().seconds > 300,
+        "the line's TTL (10m), not the level's (5m)"
+    );
 }

@@ -105,7 +105,8 @@ impl CacheConfig {
         self.max_value_size + self.max_key_size + 1024 * 1024
     }
 
-    fn ttl_for(&self, level: Level) -> Duration {
+    /// The default TTL of `level`.
+    pub fn ttl_for(&self, level: Level) -> Duration {
         match level {
             Level::Api => self.api_default_ttl,
             _ => self.default_ttl,
@@ -267,7 +268,7 @@ pub struct WarmFailure {
 }
 
 /// What a warm-up loaded.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WarmReport {
     /// Entries written.
     pub loaded: u64,
@@ -275,6 +276,29 @@ pub struct WarmReport {
     pub failures: Vec<WarmFailure>,
     /// The file read, if any.
     pub file: Option<PathBuf>,
+    /// Entries whose value a task computes (the warm file's `task` lines):
+    /// [`Cache::warm`] lists them, the warm task submits them.
+    #[serde(default)]
+    pub computed: Vec<WarmCompute>,
+}
+
+/// An entry whose value a task computes.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct WarmCompute {
+    /// The warm file's path.
+    pub source: String,
+    /// Its line (1-based).
+    pub line: u64,
+    /// The entry's level.
+    pub level: Level,
+    /// The entry's key.
+    pub key: String,
+    /// The entry's TTL (ms); absent means the level's default.
+    pub ttl_ms: Option<u64>,
+    /// The task, as the line gave it.
+    pub task: serde_json::Map<String, serde_json::Value>,
+    /// The submitted task, once submitted.
+    pub task_id: Option<String>,
 }
 
 /// A handle to the cache; clones share everything.
@@ -954,6 +978,11 @@ impl Cache {
         }
     }
 
+    /// The default TTL of `level`, as configured.
+    pub fn default_ttl(&self, level: Level) -> Duration {
+        self.inner.config.ttl_for(level)
+    }
+
     /// Removes what the backend does not expire by itself.
     pub async fn cleanup(&self, deadline: Deadline) -> Result<CleanupReport> {
         let keys = &self.inner.keys;
@@ -1021,7 +1050,7 @@ impl Cache {
     /// the whole warm-up, since it is a configuration error.
     pub async fn warm(
         &self,
-        entries: Vec<warm::ParsedLine>,
+        entries: Vec<(u64, std::result::Result<NewEntry, String>)>,
         skip_file: bool,
         deadline: Deadline,
     ) -> Result<WarmReport> {
@@ -1049,6 +1078,34 @@ impl Cache {
                 reason: e.to_string(),
             })?;
             for (line, parsed) in lines {
+                let parsed = match parsed {
+                    Ok(warm::WarmLine::Task {
+                        level,
+                        key,
+                        ttl,
+                        task,
+                    }) => {
+                        match self.check_key(|| "key".to_owned(), &key) {
+                            Ok(()) => report.computed.push(WarmCompute {
+                                source: path.display().to_string(),
+                                line,
+                                level,
+                                key,
+                                ttl_ms: ttl.map(|t| t.as_millis() as u64),
+                                task,
+                                task_id: None,
+                            }),
+                            Err(e) => report.failures.push(WarmFailure {
+                                source: path.display().to_string(),
+                                line,
+                                reason: e.to_string(),
+                            }),
+                        }
+                        continue;
+                    }
+                    Ok(warm::WarmLine::Entry(e)) => Ok(e),
+                    Err(e) => Err(e),
+                };
                 let checked = parsed.and_then(|e| {
                     let ttl = self
                         .check_entry(String::new, &e)

@@ -5,11 +5,15 @@
 //! {"level": "app", "key": "greeting", "text": "hello", "ttl": "10m"}
 //! {"level": "db", "key": "user:1", "json": {"name": "Ada"}, "ttl": 3600}
 //! {"key": "logo", "base64": "iVBORw0KGgo=", "ttl": "1.5s"}
+//! {"level": "api", "key": "rates", "task": {"name": "app.fetch_rates", "category": "research"}}
 //! ```
 //!
-//! Each line names a `key`, exactly one of `text`, `json` or `base64`, and
-//! optionally a `level` (default `app`) and a `ttl` (seconds as a number, or a
-//! duration such as `"90s"`, `"10m"`, `"1h 30m"`; default: the level's).
+//! Each line names a `key`, exactly one of `text`, `json`, `base64` or
+//! `task`, and optionally a `level` (default `app`) and a `ttl` (seconds as a
+//! number, or a duration such as `"90s"`, `"10m"`, `"1h 30m"`; default: the
+//! level's). A `task` line computes its value: the warm-up submits that task
+//! (`name`, `category`, and optionally `args`, `kwargs`, `queue`,
+//! `priority`), and its result is cached under the key when it succeeds.
 //! The file is re-read on every warm-up, so edits take effect without a restart.
 
 use std::path::Path;
@@ -22,7 +26,26 @@ use tokio::io::AsyncBufReadExt;
 use super::{Level, NewEntry, Value};
 
 /// One line's outcome: the entry, or what is wrong with it.
-pub type ParsedLine = (u64, Result<NewEntry, String>);
+pub type ParsedLine = (u64, Result<WarmLine, String>);
+
+/// One line of a warm file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WarmLine {
+    /// A value to write.
+    Entry(NewEntry),
+    /// A value to compute with a task, cached under the key on success.
+    Task {
+        /// Its level.
+        level: Level,
+        /// Its key.
+        key: String,
+        /// Its TTL; `None` means the level's default.
+        ttl: Option<Duration>,
+        /// The task: `name`, `category`, and optionally `args`, `kwargs`,
+        /// `queue`, `priority`.
+        task: serde_json::Map<String, serde_json::Value>,
+    },
+}
 
 /// Reads a warm file. Fails only when the file cannot be read at all; a bad
 /// line is reported with its (1-based) number.
@@ -49,7 +72,7 @@ pub async fn read(path: &Path) -> std::io::Result<Vec<ParsedLine>> {
 }
 
 /// Parses one line.
-pub fn parse_line(line: &str) -> Result<NewEntry, String> {
+pub fn parse_line(line: &str) -> Result<WarmLine, String> {
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("not valid JSON: {e}"))?;
     let serde_json::Value::Object(mut obj) = value else {
@@ -57,10 +80,10 @@ pub fn parse_line(line: &str) -> Result<NewEntry, String> {
     };
     if let Some(unknown) = obj
         .keys()
-        .find(|k| !["level", "key", "text", "json", "base64", "ttl"].contains(&k.as_str()))
+        .find(|k| !["level", "key", "text", "json", "base64", "task", "ttl"].contains(&k.as_str()))
     {
         return Err(format!(
-            "unknown field {unknown:?} (expected level, key, text, json, base64, ttl)"
+            "unknown field {unknown:?} (expected level, key, text, json, base64, task, ttl)"
         ));
     }
     let level = match obj.remove("level") {
@@ -75,6 +98,26 @@ pub fn parse_line(line: &str) -> Result<NewEntry, String> {
         None => return Err("key is missing".to_owned()),
     };
     let ttl = obj.remove("ttl").map(|t| parse_ttl(&t)).transpose()?;
+    if let Some(task) = obj.remove("task") {
+        if obj
+            .keys()
+            .any(|k| ["text", "json", "base64"].contains(&k.as_str()))
+        {
+            return Err("a task line computes its value: no text, json or base64".to_owned());
+        }
+        let serde_json::Value::Object(task) = task else {
+            return Err("task must be an object with name and category".to_owned());
+        };
+        if !task.get("name").is_some_and(serde_json::Value::is_string) {
+            return Err("task.name is missing".to_owned());
+        }
+        return Ok(WarmLine::Task {
+            level,
+            key,
+            ttl,
+            task,
+        });
+    }
     let mut values = Vec::new();
     if let Some(t) = obj.remove("text") {
         match t {
@@ -96,15 +139,15 @@ pub fn parse_line(line: &str) -> Result<NewEntry, String> {
     }
     let value = match values.len() {
         1 => values.pop().expect("one value"),
-        0 => return Err("one of text, json or base64 is required".to_owned()),
+        0 => return Err("one of text, json, base64 or task is required".to_owned()),
         _ => return Err("only one of text, json or base64 may be given".to_owned()),
     };
-    Ok(NewEntry {
+    Ok(WarmLine::Entry(NewEntry {
         level,
         key,
         value,
         ttl,
-    })
+    }))
 }
 
 /// The warm-file line of an entry: how a `Warm` call's entries travel to
@@ -152,20 +195,47 @@ fn parse_ttl(v: &serde_json::Value) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    fn entry(line: &str) -> NewEntry {
+        match parse_line(line).unwrap() {
+            WarmLine::Entry(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A task line keeps its task for the warm-up to submit.
+    #[test]
+    fn parses_task_lines() {
+        let line = r#"{"level":"api","key":"rates","ttl":"10m","task":{"name":"app.rates","category":"research"}}"#;
+        let WarmLine::Task {
+            level,
+            key,
+            ttl,
+            task,
+        } = parse_line(line).unwrap()
+        else {
+            panic!("a task line")
+        };
+        assert_eq!(
+            (level, key.as_str(), ttl),
+            (Level::Api, "rates", Some(Duration::from_secs(600)))
+        );
+        assert_eq!(task["name"], "app.rates");
+    }
+
     /// Every value form and TTL spelling parses.
     #[test]
     fn parses_good_lines() {
-        let e = parse_line(r#"{"level":"db","key":"k","json":{"a":1},"ttl":"1.5s"}"#).unwrap();
+        let e = entry(r#"{"level":"db","key":"k","json":{"a":1},"ttl":"1.5s"}"#);
         assert_eq!(e.level, Level::Db);
         assert_eq!(e.value, Value::Json(r#"{"a":1}"#.into()));
         assert_eq!(e.ttl, Some(Duration::from_millis(1500)));
-        let e = parse_line(r#"{"key":"k","base64":"AAH/","ttl":90}"#).unwrap();
+        let e = entry(r#"{"key":"k","base64":"AAH/","ttl":90}"#);
         assert_eq!(e.level, Level::App);
         assert_eq!(e.value, Value::Raw(Bytes::from_static(&[0, 1, 255])));
         assert_eq!(e.ttl, Some(Duration::from_secs(90)));
-        let e = parse_line(r#"{"key":"k","text":"hi","ttl":"1h 30m"}"#).unwrap();
+        let e = entry(r#"{"key":"k","text":"hi","ttl":"1h 30m"}"#);
         assert_eq!(e.ttl, Some(Duration::from_secs(5400)));
-        let e = parse_line(r#"{"key":"k","json":null}"#).unwrap();
+        let e = entry(r#"{"key":"k","json":null}"#);
         assert_eq!(e.value, Value::Json("null".into()));
     }
 
@@ -183,7 +253,7 @@ mod tests {
                 value,
                 ttl: Some(Duration::from_millis(1500)),
             };
-            assert_eq!(parse_line(&to_line(&e).to_string()).unwrap(), e);
+            assert_eq!(entry(&to_line(&e).to_string()), e);
         }
     }
 
@@ -193,7 +263,15 @@ mod tests {
         for (line, expect) in [
             ("{", "not valid JSON"),
             ("[1]", "expected a JSON object"),
-            (r#"{"key":"k"}"#, "one of text, json or base64"),
+            (r#"{"key":"k"}"#, "one of text, json, base64 or task"),
+            (
+                r#"{"key":"k","task":{"category":"cache"}}"#,
+                "task.name is missing",
+            ),
+            (
+                r#"{"key":"k","text":"a","task":{"name":"t"}}"#,
+                "no text, json or base64",
+            ),
             (r#"{"key":"k","text":"a","json":1}"#, "only one of"),
             (r#"{"text":"a"}"#, "key is missing"),
             (r#"{"key":"k","text":"a","level":"disk"}"#, "level \"disk\""),

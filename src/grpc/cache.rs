@@ -122,7 +122,7 @@ fn parse_report<T: serde::de::DeserializeOwned>(result: &str) -> Result<T, Statu
         .map_err(|e| Status::internal(format!("the task's report does not parse: {e}")))
 }
 
-fn level(field: &str, raw: i32) -> Result<Level, Status> {
+pub(crate) fn level(field: &str, raw: i32) -> Result<Level, Status> {
     match pb::CacheLevel::try_from(raw) {
         Ok(pb::CacheLevel::Unspecified | pb::CacheLevel::App) => Ok(Level::App),
         Ok(pb::CacheLevel::Db) => Ok(Level::Db),
@@ -135,7 +135,7 @@ fn level(field: &str, raw: i32) -> Result<Level, Status> {
     }
 }
 
-fn to_pb_level(l: Level) -> pb::CacheLevel {
+pub(crate) fn to_pb_level(l: Level) -> pb::CacheLevel {
     match l {
         Level::App => pb::CacheLevel::App,
         Level::Db => pb::CacheLevel::Db,
@@ -593,6 +593,17 @@ impl pb::cache_service_server::CacheService for CacheApi {
                     .file
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
+                computed: report
+                    .computed
+                    .into_iter()
+                    .map(|c| pb::WarmComputed {
+                        source: c.source,
+                        line: c.line as i64,
+                        level: to_pb_level(c.level) as i32,
+                        key: c.key,
+                        task_id: c.task_id.unwrap_or_default(),
+                    })
+                    .collect(),
             });
         Ok(Response::new(pb::WarmResponse { task_id, report }))
     }

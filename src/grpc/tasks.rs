@@ -9,17 +9,20 @@ use tonic::{Request, Response, Status};
 use super::deadline;
 use super::json;
 use super::status::invalid_argument;
+use crate::cache::Cache;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::events::EventHub;
 use crate::tasks::listing::{ActiveFilter, HistoryFilter};
-use crate::tasks::model::{Category, Priority, QueueName, State, Task, names};
+use crate::tasks::model::{CacheTarget, Category, Priority, QueueName, State, Task, names};
 use tokio_util::sync::CancellationToken;
 
 /// The TaskService implementation.
 pub struct TaskApi {
     engine: (TaskEngine, EventHub),
+    /// For the default TTL of a cached result.
+    cache: Cache,
     request_timeout: Duration,
     shutdown: CancellationToken,
 }
@@ -28,11 +31,13 @@ impl TaskApi {
     /// Serves `engine`; watch streams end on `shutdown`.
     pub fn new(
         engine: (TaskEngine, EventHub),
+        cache: Cache,
         request_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
             engine,
+            cache,
             request_timeout,
             shutdown,
         }
@@ -185,6 +190,37 @@ fn progress(json: &str) -> Option<pb::TaskProgress> {
     })
 }
 
+/// Every category queue's figures.
+async fn queue_metrics(
+    engine: &TaskEngine,
+    deadline: Deadline,
+) -> Result<Vec<pb::QueueMetrics>, Status> {
+    let queues: Vec<QueueName> = Category::queues();
+    let stats = engine.queue_stats(&queues, deadline).await?;
+    let count = |s: &crate::store::tasks::QueueStats, name: &str| {
+        s.counts.get(name).copied().unwrap_or(0) as i64
+    };
+    Ok(stats
+        .into_iter()
+        .map(|(queue, s)| pb::QueueMetrics {
+            queue: queue.to_string(),
+            queued: s.ready as i64,
+            scheduled: s.scheduled as i64,
+            running: s.running as i64,
+            dead_letters: s.dead as i64,
+            oldest_wait: s
+                .oldest_wait
+                .and_then(|d| prost_types::Duration::try_from(d).ok()),
+            submitted: count(&s, "submitted"),
+            succeeded: count(&s, "succeeded"),
+            failed: count(&s, "failed"),
+            timed_out: count(&s, "timed_out"),
+            retried: count(&s, "retried"),
+            lost: count(&s, "lost"),
+        })
+        .collect())
+}
+
 /// A stored task as the API shows it.
 fn to_pb_task(t: Task) -> pb::Task {
     let args = match json_value(&t.args).and_then(|v| v.kind) {
@@ -235,11 +271,34 @@ fn to_pb_task(t: Task) -> pb::Task {
         soft_time_limit: pb_duration_ms(t.soft_ms),
         time_limit: pb_duration_ms(t.hard_ms),
         attempt_log,
+        cache_result: t
+            .cache_result
+            .as_deref()
+            .and_then(CacheTarget::from_json)
+            .map(|c| pb::CacheTarget {
+                level: super::cache::to_pb_level(c.level) as i32,
+                key: c.key,
+                ttl: pb_duration_ms(c.ttl_ms),
+            }),
     }
 }
 
 /// A submit request as the engine takes it.
-fn new_task(r: pb::SubmitTaskRequest) -> Result<NewTask, Status> {
+/// A submit as the engine takes it; `cache` resolves a cached result's
+/// default TTL.
+fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> {
+    let cache_result = match r.cache_result {
+        None => None,
+        Some(c) => {
+            let level = super::cache::level("cache_result.level", c.level)?;
+            let ttl = duration("cache_result.ttl", c.ttl)?.unwrap_or(cache.default_ttl(level));
+            Some(CacheTarget {
+                level,
+                key: c.key,
+                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+            })
+        }
+    };
     let args = prost_types::Value {
         kind: Some(Kind::ListValue(prost_types::ListValue { values: r.args })),
     };
@@ -283,6 +342,7 @@ fn new_task(r: pb::SubmitTaskRequest) -> Result<NewTask, Status> {
         soft_time_limit: duration("soft_time_limit", r.soft_time_limit)?,
         time_limit: duration("time_limit", r.time_limit)?,
         result_ttl: duration("result_ttl", r.result_ttl)?,
+        cache_result,
     })
 }
 
@@ -393,7 +453,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let deadline = self.deadline(&request);
         let engine = self.engine();
         let task = engine
-            .submit(new_task(request.into_inner())?, deadline)
+            .submit(new_task(request.into_inner(), &self.cache)?, deadline)
             .await?;
         Ok(Response::new(pb::SubmitTaskResponse {
             task: Some(to_pb_task(task)),
@@ -405,31 +465,54 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskMetricsRequest>,
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let queues: Vec<QueueName> = Category::queues();
-        let stats = self.engine().queue_stats(&queues, deadline).await?;
-        let count = |s: &crate::store::tasks::QueueStats, name: &str| {
-            s.counts.get(name).copied().unwrap_or(0) as i64
-        };
-        let queues = stats
-            .into_iter()
-            .map(|(queue, s)| pb::QueueMetrics {
-                queue: queue.to_string(),
-                queued: s.ready as i64,
-                scheduled: s.scheduled as i64,
-                running: s.running as i64,
-                dead_letters: s.dead as i64,
-                oldest_wait: s
-                    .oldest_wait
-                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
-                submitted: count(&s, "submitted"),
-                succeeded: count(&s, "succeeded"),
-                failed: count(&s, "failed"),
-                timed_out: count(&s, "timed_out"),
-                retried: count(&s, "retried"),
-                lost: count(&s, "lost"),
-            })
-            .collect();
+        let queues = queue_metrics(self.engine(), deadline).await?;
         Ok(Response::new(pb::GetTaskMetricsResponse { queues }))
+    }
+
+    type WatchTaskMetricsStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<pb::WatchTaskMetricsResponse, Status>> + Send>,
+    >;
+
+    async fn watch_task_metrics(
+        &self,
+        request: Request<pb::WatchTaskMetricsRequest>,
+    ) -> Result<Response<Self::WatchTaskMetricsStream>, Status> {
+        let interval =
+            duration("interval", request.into_inner().interval)?.unwrap_or(Duration::from_secs(1));
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
+            return Err(invalid_argument("interval", "must be between 100ms and 1h"));
+        }
+        let mut tick = tokio::time::interval(interval);
+        // A slow reader gets fewer snapshots, never a burst of stale ones.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let state = (
+            self.engine().clone(),
+            tick,
+            self.shutdown.clone(),
+            self.request_timeout.min(interval),
+            false,
+        );
+        let stream = futures::stream::unfold(
+            state,
+            |(engine, mut tick, shutdown, budget, failed)| async move {
+                if failed {
+                    return None;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tick.tick() => {}
+                }
+                let item = queue_metrics(&engine, Deadline::after(budget))
+                    .await
+                    .map(|queues| pb::WatchTaskMetricsResponse {
+                        queues,
+                        time: Some(prost_types::Timestamp::from(SystemTime::now())),
+                    });
+                let failed = item.is_err();
+                Some((item, (engine, tick, shutdown, budget, failed)))
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn submit_ai_query(
@@ -460,7 +543,10 @@ impl pb::task_service_server::TaskService for TaskApi {
             max_retries: r.max_retries,
             ..Default::default()
         };
-        let task = self.engine().submit(new_task(submit)?, deadline).await?;
+        let task = self
+            .engine()
+            .submit(new_task(submit, &self.cache)?, deadline)
+            .await?;
         Ok(Response::new(pb::SubmitAiQueryResponse {
             task: Some(to_pb_task(task)),
         }))
@@ -586,7 +672,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
-                new_task(r).map_err(|s| {
+                new_task(r, &self.cache).map_err(|s| {
                     let details = tonic_types::StatusExt::get_error_details(&s);
                     let field = details
                         .bad_request()

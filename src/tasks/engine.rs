@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{Category, Priority, QueueName, State, Task, TaskId};
+use super::model::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
 use super::retry::Backoff;
 use crate::store::tasks::{LeaseAsk, Outcome, QueueStats, TaskLimits, TaskStore};
 use crate::store::{Deadline, StoreError};
@@ -99,6 +99,8 @@ pub struct NewTask {
     pub time_limit: Option<Duration>,
     /// Result retention; `None` means the default.
     pub result_ttl: Option<Duration>,
+    /// Where a successful result is also cached.
+    pub cache_result: Option<CacheTarget>,
 }
 
 impl NewTask {
@@ -116,6 +118,7 @@ impl NewTask {
             soft_time_limit: None,
             time_limit: None,
             result_ttl: None,
+            cache_result: None,
         }
     }
 }
@@ -293,6 +296,14 @@ impl TaskEngine {
                 "must be at least 1 s, so that the result can be read",
             ));
         }
+        if let Some(target) = &new.cache_result
+            && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
+        {
+            return Err(invalid(
+                "cache_result",
+                "needs a key of 1 to 1024 bytes and a positive TTL",
+            ));
+        }
         let queue = new
             .queue
             .clone()
@@ -312,6 +323,7 @@ impl TaskEngine {
             },
             attempts: 0,
             token: 0,
+            cache_result: new.cache_result.as_ref().map(CacheTarget::to_json),
             max_retries: new.max_retries.unwrap_or(c.default_max_retries),
             worker: None,
             progress: None,

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::engine::TaskEngine;
-use super::model::Category;
+use super::engine::{NewTask, TaskEngine, TaskError};
+use super::model::{CacheTarget, Category, Priority, QueueName};
 use super::worker::{HandlerError, Registry, TaskContext};
-use crate::cache::{Cache, CacheError, warm};
+use crate::cache::{Cache, CacheError, WarmCompute, WarmFailure, WarmReport, warm};
 use crate::store::{Deadline, StoreError};
 
 /// Removes what the cache backend does not expire by itself.
@@ -49,7 +49,7 @@ fn report(value: impl serde::Serialize) -> Result<serde_json::Value, HandlerErro
 }
 
 /// Registers the cache's upkeep handlers.
-pub fn register_cache(registry: &mut Registry, cache: Cache) {
+pub fn register_cache(registry: &mut Registry, cache: Cache, engine: TaskEngine) {
     let c = cache.clone();
     registry.register(CACHE_CLEANUP, move |ctx| {
         let cache = c.clone();
@@ -71,6 +71,7 @@ pub fn register_cache(registry: &mut Registry, cache: Cache) {
     });
     registry.register(CACHE_WARM, move |ctx| {
         let cache = cache.clone();
+        let engine = engine.clone();
         async move {
             let kwargs: serde_json::Value = serde_json::from_str(&ctx.task.kwargs)
                 .map_err(|e| HandlerError::fatal(format!("kwargs: {e}")))?;
@@ -79,18 +80,105 @@ pub fn register_cache(registry: &mut Registry, cache: Cache) {
                 serde_json::Value::Array(lines) => lines
                     .iter()
                     .enumerate()
-                    .map(|(i, line)| (i as u64, warm::parse_line(&line.to_string())))
+                    .map(|(i, line)| {
+                        let entry = match warm::parse_line(&line.to_string()) {
+                            Ok(warm::WarmLine::Entry(e)) => Ok(e),
+                            Ok(warm::WarmLine::Task { .. }) => {
+                                Err("a request entry carries a value".to_owned())
+                            }
+                            Err(e) => Err(e),
+                        };
+                        (i as u64, entry)
+                    })
                     .collect(),
                 _ => return Err(HandlerError::fatal("kwargs.entries must be a list")),
             };
             let skip_file = kwargs["skip_file"].as_bool().unwrap_or(false);
-            let done = cache
+            let mut done = cache
                 .warm(entries, skip_file, deadline(&ctx))
                 .await
                 .map_err(cache_error)?;
+            submit_computed(&engine, &cache, &mut done, deadline(&ctx)).await?;
             report(done)
         }
     });
+}
+
+/// Submits the tasks that compute warm entries, each with its entry as the
+/// result's cache target; a line whose task cannot be submitted becomes a
+/// failure of the report.
+async fn submit_computed(
+    engine: &TaskEngine,
+    cache: &Cache,
+    report: &mut WarmReport,
+    deadline: Deadline,
+) -> Result<(), HandlerError> {
+    let mut kept = Vec::with_capacity(report.computed.len());
+    for mut c in std::mem::take(&mut report.computed) {
+        match computing_task(&c, cache) {
+            Ok(new) => match engine.submit(new, deadline).await {
+                Ok(task) => {
+                    c.task_id = Some(task.id.to_string());
+                    kept.push(c);
+                }
+                Err(TaskError::InvalidArgument { field, reason }) => {
+                    report.failures.push(WarmFailure {
+                        source: c.source,
+                        line: c.line,
+                        reason: format!("task.{field}: {reason}"),
+                    });
+                }
+                // the store is down: the warm-up is worth retrying
+                Err(e) => return Err(HandlerError::retry(e.to_string())),
+            },
+            Err(reason) => report.failures.push(WarmFailure {
+                source: c.source,
+                line: c.line,
+                reason,
+            }),
+        }
+    }
+    report.computed = kept;
+    Ok(())
+}
+
+/// The task a warm `task` line names, with its entry as the cache target.
+fn computing_task(c: &WarmCompute, cache: &Cache) -> Result<NewTask, String> {
+    let text = |name: &str| c.task.get(name).and_then(serde_json::Value::as_str);
+    let name = text("name").ok_or("task.name is missing")?;
+    let category = match text("category") {
+        None => Category::Cache,
+        Some(raw) => {
+            Category::parse(raw).ok_or_else(|| format!("task.category {raw:?} is unknown"))?
+        }
+    };
+    let mut new = NewTask::new(name, category);
+    if let Some(q) = text("queue") {
+        new.queue = Some(QueueName::parse(q).map_err(|e| format!("task.queue: {e}"))?);
+    }
+    if let Some(p) = text("priority") {
+        new.priority =
+            Priority::parse(p).ok_or_else(|| format!("task.priority {p:?} is unknown"))?;
+    }
+    match c.task.get("args") {
+        None => {}
+        Some(a @ serde_json::Value::Array(_)) => new.args = a.to_string(),
+        Some(_) => return Err("task.args must be a list".to_owned()),
+    }
+    match c.task.get("kwargs") {
+        None => {}
+        Some(k @ serde_json::Value::Object(_)) => new.kwargs = k.to_string(),
+        Some(_) => return Err("task.kwargs must be an object".to_owned()),
+    }
+    let ttl = c.ttl_ms.unwrap_or_else(|| {
+        u64::try_from(cache.default_ttl(c.level).as_millis()).unwrap_or(u64::MAX)
+    });
+    new.cache_result = Some(CacheTarget {
+        level: c.level,
+        key: c.key.clone(),
+        ttl_ms: ttl,
+    });
+    Ok(new)
 }
 
 /// Registers database maintenance of the task store.

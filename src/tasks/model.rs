@@ -93,6 +93,19 @@ impl Priority {
         3 - self as u64
     }
 
+    /// Parses `low`, `normal`, `high` or `critical` (any case, with or
+    /// without the `TASK_PRIORITY_` prefix).
+    pub fn parse(s: &str) -> Option<Priority> {
+        let s = s.to_ascii_lowercase();
+        match s.strip_prefix("task_priority_").unwrap_or(&s) {
+            "low" => Some(Priority::Low),
+            "normal" => Some(Priority::Normal),
+            "high" => Some(Priority::High),
+            "critical" => Some(Priority::Critical),
+            _ => None,
+        }
+    }
+
     /// Parses a band back.
     pub fn from_band(band: u64) -> Option<Priority> {
         Priority::ALL.into_iter().find(|p| p.band() == band)
@@ -319,6 +332,9 @@ pub struct Task {
     pub kwargs: String,
     /// Where it is.
     pub state: State,
+    /// Where a successful result is also cached (JSON `{level, key,
+    /// ttl_ms}`), if anywhere.
+    pub cache_result: Option<String>,
     /// Attempts so far, counted when leased (a hand-back at shutdown
     /// gives its attempt back).
     pub attempts: u32,
@@ -371,6 +387,7 @@ impl Task {
             ("token", self.token.to_string()),
         ];
         for (name, value) in [
+            ("cache_result", &self.cache_result),
             ("progress", &self.progress),
             ("result", &self.result),
             ("error", &self.error),
@@ -413,6 +430,7 @@ impl Task {
             args: get("args")?.clone(),
             kwargs: get("kwargs")?.clone(),
             state: State::parse(get("state")?).ok_or("field state is unknown")?,
+            cache_result: text("cache_result"),
             attempts: num("attempts")? as u32,
             token: fields
                 .get("token")
@@ -431,6 +449,29 @@ impl Task {
             result_ttl_ms: num("result_ttl_ms")? as u64,
             log,
         })
+    }
+}
+
+/// Where a successful task's result is also cached.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheTarget {
+    /// The cache level.
+    pub level: crate::cache::Level,
+    /// The key.
+    pub key: String,
+    /// The entry's TTL (ms).
+    pub ttl_ms: u64,
+}
+
+impl CacheTarget {
+    /// The stored form (JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads the stored form.
+    pub fn from_json(json: &str) -> Option<Self> {
+        serde_json::from_str(json).ok()
     }
 }
 
@@ -500,6 +541,7 @@ mod tests {
             args: "[1,\"x\"]".into(),
             kwargs: "{}".into(),
             state: State::Queued,
+            cache_result: None,
             attempts: 0,
             token: 0,
             max_retries: 3,

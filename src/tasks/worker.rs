@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Finish, TaskEngine, TaskError};
-use super::model::{QueueName, Task};
+use super::model::{CacheTarget, QueueName, Task};
+use crate::cache::{Cache, CacheError, NewEntry, Value};
 use crate::store::Deadline;
+use crate::store::StoreError;
 use crate::store::tasks::WorkerRecord;
 
 /// A handler's failure; `retryable` asks for another attempt.
@@ -92,9 +94,16 @@ pub type Handler = Arc<dyn Fn(TaskContext) -> HandlerFuture + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Registry {
     handlers: HashMap<String, Handler>,
+    /// Where results of tasks that ask for it are cached.
+    cache: Option<Cache>,
 }
 
 impl Registry {
+    /// Results of tasks submitted with a cache target go to `cache`.
+    pub fn set_cache(&mut self, cache: Cache) {
+        self.cache = Some(cache);
+    }
+
     /// Registers `handler` for `name`.
     pub fn register<F, Fut>(&mut self, name: &str, handler: F)
     where
@@ -296,7 +305,7 @@ async fn run_slot(
                 let ended = execute(&engine, &registry, &task, &stop).await;
                 running.fetch_sub(1, Ordering::Relaxed);
                 let finish = match ended {
-                    Ended::Finished(finish) => finish,
+                    Ended::Finished(finish) => cache_result(&registry, &task, finish).await,
                     Ended::Lost => continue,
                     Ended::HandBack => {
                         let deadline = Deadline::after(Duration::from_secs(5));
@@ -344,6 +353,48 @@ async fn run_slot(
                 }
             }
         }
+    }
+}
+
+/// Writes a successful result to the cache when the task asks for it,
+/// before the success is reported: a task that reads SUCCEEDED has its
+/// value cached. A cache failure fails the attempt (retryably when the cache
+/// is unreachable).
+async fn cache_result(registry: &Registry, task: &Task, finish: Finish) -> Finish {
+    let (Finish::Succeeded(result), Some(target)) = (
+        &finish,
+        task.cache_result
+            .as_deref()
+            .and_then(CacheTarget::from_json),
+    ) else {
+        return finish;
+    };
+    let Some(cache) = &registry.cache else {
+        return Finish::Failed {
+            message:
+                "this worker has no cache to write the result to (cache_result needs REDIS_URL)"
+                    .to_owned(),
+            retryable: false,
+        };
+    };
+    let entry = NewEntry {
+        level: target.level,
+        key: target.key,
+        value: Value::Json(result.clone()),
+        ttl: Some(Duration::from_millis(target.ttl_ms)),
+    };
+    match cache
+        .set(entry, Deadline::after(Duration::from_secs(5)))
+        .await
+    {
+        Ok(_) => finish,
+        Err(e) => Finish::Failed {
+            message: format!("the result could not be cached: {e}"),
+            retryable: matches!(
+                e,
+                CacheError::Store(StoreError::Unavailable(_) | StoreError::DeadlineExceeded)
+            ),
+        },
     }
 }
 
