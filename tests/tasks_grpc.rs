@@ -136,6 +136,7 @@ on_both!(
     upkeep_runs_as_tasks,
     resuming_past_the_kept_events_is_out_of_range,
     results_are_cached_and_warming_computes_values,
+    a_queue_orders_by_priority_then_submission,
 );
 
 fn client(server: &TestServer) -> TaskServiceClient<Channel> {
@@ -1555,5 +1556,44 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
     assert!(
         value.ttl.unwrap().seconds > 300,
         "the line's TTL (10m), not the level's (5m)"
+    );
+}
+
+/// Within a queue, higher priority comes first and equal priorities in
+/// submission order: the order ListActiveTasks shows is the order workers
+/// lease in (the same sorted set).
+async fn a_queue_orders_by_priority_then_submission(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let mut c = client(&koo.server);
+    use pb::TaskPriority as P;
+    for (name, priority) in [
+        ("low", P::Low),
+        ("normal-1", P::Normal),
+        ("critical", P::Critical),
+        ("unspecified", P::Unspecified),
+        ("high", P::High),
+    ] {
+        c.submit_task(pb::SubmitTaskRequest {
+            priority: priority as i32,
+            queue: "ordered".into(),
+            ..submit(name, serde_json::json!({}))
+        })
+        .await
+        .unwrap();
+    }
+    let listed = c
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            queue: "ordered".into(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    let names: Vec<&str> = listed.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["critical", "high", "normal-1", "unspecified", "low"]
     );
 }
