@@ -181,6 +181,11 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_WORKER_SHUTDOWN_GRACE", value_name = "KOO_WORKER_SHUTDOWN_GRACE", default_value = "10s",
           value_parser = parse_duration)]
     pub worker_shutdown_grace: Duration,
+    /// How long a cancelled running task's handler may take to stop before
+    /// it is abandoned (the task ends CANCELLED either way).
+    #[arg(long, env = "KOO_TASK_CANCEL_GRACE", value_name = "KOO_TASK_CANCEL_GRACE", default_value = "10s",
+          value_parser = parse_duration)]
+    pub task_cancel_grace: Duration,
     /// How long an idle worker waits before looking for work again.
     #[arg(long, env = "KOO_WORKER_POLL_INTERVAL", value_name = "KOO_WORKER_POLL_INTERVAL", default_value = "100ms",
           value_parser = parse_positive_duration)]
@@ -567,6 +572,7 @@ impl TaskArgs {
             poll_interval: self.worker_poll_interval,
             history_max_age: self.task_history_max_age,
             shutdown_grace: self.worker_shutdown_grace,
+            cancel_grace: self.task_cancel_grace,
             ..TaskConfig::default()
         })
     }

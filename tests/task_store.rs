@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TestRedis;
 use koo::keys::QueueKeys;
-use koo::store::tasks::{LeaseAsk, Outcome, TaskLimits, TaskStore};
+use koo::store::tasks::{Beat, LeaseAsk, Outcome, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use koo::tasks::model::{Category, Priority, QueueName, State, Task, TaskId};
 use redis::AsyncCommands;
@@ -210,7 +210,7 @@ async fn lapsed_lease_is_recovered_and_the_old_holder_fenced(f: Fixture) {
         .heartbeat(&task.id, 1, Duration::from_secs(60), later())
         .await
         .unwrap();
-    assert!(!heartbeat, "zombie heartbeat accepted");
+    assert_eq!(heartbeat, Beat::Lost, "zombie heartbeat accepted");
     let second = f.lease("healthy", Duration::from_secs(60)).await.unwrap();
     assert_eq!(second.attempts, 2);
     assert_eq!(

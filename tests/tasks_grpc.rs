@@ -4,126 +4,15 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::tasks::*;
 use common::{TestRedis, TestServer, memory_settings, redis_settings, test_settings};
-use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
-use koo::server::Settings;
+use koo::pb::tasks::v1 as pb;
 use koo::tasks::model::{Category, TaskId};
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
-
-const KOO: &str = env!("CARGO_BIN_EXE_koo");
-
-/// Where a test's tasks live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Backend {
-    Memory,
-    Redis,
-}
-
-/// A koo server and, on Redis, its Redis.
-struct Koo {
-    redis: Option<TestRedis>,
-    server: TestServer,
-}
-
-impl Koo {
-    fn redis(&self) -> &TestRedis {
-        self.redis.as_ref().expect("a Redis-backed test")
-    }
-}
-
-/// A koo server on `backend` (a fresh Redis, or embedded) with short task
-/// intervals and `workers` built-in worker slots.
-async fn start_on(backend: Backend, workers: usize) -> Koo {
-    start_on_with(backend, workers, |_| {}).await
-}
-
-/// [`start_on`] with adjusted settings.
-async fn start_on_with(
-    backend: Backend,
-    workers: usize,
-    adjust: impl FnOnce(&mut Settings),
-) -> Koo {
-    match backend {
-        Backend::Redis => {
-            let redis = TestRedis::start().await;
-            let mut settings = test_settings(redis_settings(&redis.url()));
-            short_intervals(&mut settings, workers);
-            adjust(&mut settings);
-            let server = TestServer::spawn(settings).await;
-            server.wait_health("", ServingStatus::Serving).await;
-            Koo {
-                redis: Some(redis),
-                server,
-            }
-        }
-        Backend::Memory => {
-            let mut settings = test_settings(memory_settings());
-            settings.tasks.redis = None;
-            short_intervals(&mut settings, workers);
-            adjust(&mut settings);
-            let server = TestServer::spawn(settings).await;
-            server.wait_health("", ServingStatus::Serving).await;
-            Koo {
-                redis: None,
-                server,
-            }
-        }
-    }
-}
-
-/// A koo server on a fresh Redis.
-async fn start(workers: usize) -> Koo {
-    start_on(Backend::Redis, workers).await
-}
-
-/// Another koo server on `redis`, running tasks with short intervals.
-async fn spawn_on(redis: &TestRedis, workers: usize) -> TestServer {
-    let mut settings = test_settings(redis_settings(&redis.url()));
-    let koo::server::StoreSettings::Redis(r) = &settings.store else {
-        unreachable!()
-    };
-    settings.tasks.redis = Some(r.clone());
-    short_intervals(&mut settings, workers);
-    let server = TestServer::spawn(settings).await;
-    server.wait_health("", ServingStatus::Serving).await;
-    server
-}
-
-fn short_intervals(settings: &mut Settings, workers: usize) {
-    settings.tasks.workers = workers;
-    settings.tasks.config.lease = Duration::from_millis(1000);
-    settings.tasks.config.sweep_interval = Duration::from_millis(100);
-    settings.tasks.config.poll_interval = Duration::from_millis(20);
-    settings.tasks.config.backoff = koo::tasks::retry::Backoff {
-        base: Duration::from_millis(50),
-        max: Duration::from_millis(500),
-    };
-}
-
-/// For each `async fn scenario(backend: Backend)`, a test on the embedded
-/// store and one on Redis.
-macro_rules! on_both {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn memory() {
-                    super::$name(super::Backend::Memory).await;
-                }
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn redis() {
-                    super::$name(super::Backend::Redis).await;
-                }
-            }
-        )*
-    };
-}
 
 on_both!(
     submitted_tasks_run_to_success,
@@ -138,67 +27,6 @@ on_both!(
     results_are_cached_and_warming_computes_values,
     a_queue_orders_by_priority_then_submission,
 );
-
-fn client(server: &TestServer) -> TaskServiceClient<Channel> {
-    TaskServiceClient::new(server.channel.clone())
-}
-
-fn submit(name: &str, kwargs: serde_json::Value) -> pb::SubmitTaskRequest {
-    let kwargs = match koo_json(kwargs).kind {
-        Some(prost_types::value::Kind::StructValue(s)) => Some(s),
-        _ => None,
-    };
-    pb::SubmitTaskRequest {
-        name: name.into(),
-        category: pb::TaskCategory::Research as i32,
-        kwargs,
-        ..Default::default()
-    }
-}
-
-fn koo_json(v: serde_json::Value) -> prost_types::Value {
-    koo::grpc::json::from_json(&v.to_string()).expect("valid JSON")
-}
-
-/// Waits until `check` accepts the task, following it with WatchTask
-/// between reads (an event, not a timer; the same on both stores).
-async fn wait_task(
-    client: &mut TaskServiceClient<Channel>,
-    id: &str,
-    check: impl Fn(&pb::Task) -> bool,
-) -> pb::Task {
-    let mut watch = client
-        .watch_task(pb::WatchTaskRequest { task_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
-    let mut ended = false;
-    loop {
-        let task = client
-            .get_task(pb::GetTaskRequest { task_id: id.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
-        if check(&task) {
-            return task;
-        }
-        assert!(!ended, "the task ended without getting there: {task:?}");
-        match tokio::time::timeout_at(until, watch.message()).await {
-            Err(_) => panic!("task never got there: {task:?}"),
-            Ok(Ok(Some(_))) => {}
-            // the stream ends after the final state: one last read
-            Ok(Ok(None)) => ended = true,
-            Ok(Err(e)) => panic!("WatchTask failed: {e}"),
-        }
-    }
-}
-
-fn is_final(t: &pb::Task) -> bool {
-    t.state >= pb::TaskState::Succeeded as i32
-}
 
 /// A no-op submitted over gRPC runs on the built-in workers to SUCCEEDED;
 /// a countdown makes a task SCHEDULED first.
@@ -336,44 +164,6 @@ async fn bad_input_is_refused(backend: Backend) {
     assert_eq!(err.code(), Code::NotFound);
 }
 
-/// A `koo worker` process started against `redis`.
-fn worker(redis: &TestRedis) -> Child {
-    worker_with(redis, &[])
-}
-
-/// A `koo worker` process with extra environment (later entries win).
-fn worker_with(redis: &TestRedis, env: &[(&str, &str)]) -> Child {
-    Command::new(KOO)
-        .arg("worker")
-        .env("KOO_WORKER_CONCURRENCY", "1")
-        .env("REDIS_URL", redis.url())
-        .env("KOO_TASK_LEASE", "1s")
-        .env("KOO_TASK_SWEEP_INTERVAL", "100ms")
-        .env("KOO_WORKER_POLL_INTERVAL", "20ms")
-        .env("KOO_LOG", "warn")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn koo worker")
-}
-
-/// Waits for a child process to exit; false if it is still running after
-/// `limit`.
-async fn exits_within(child: &mut Child, limit: Duration) -> bool {
-    let until = tokio::time::Instant::now() + limit;
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= until {
-            return false;
-        }
-        // a process exit has no event to await here
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// SIGTERM to a `koo worker`: a task that ends within the shutdown grace
 /// finishes; one that does not is handed back to its queue at once (not
 /// after its lease lapses), its attempt given back and logged; the process
@@ -453,14 +243,6 @@ async fn sigterm_finishes_or_hands_back_running_tasks() {
     .await;
     assert_eq!(back.attempt_log.len(), 2);
     assert!(exits_within(&mut second, Duration::from_secs(20)).await);
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([&format!("-{sig}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
 }
 
 /// `kill -9` of a `koo worker` mid-task: the lease lapses, the task goes

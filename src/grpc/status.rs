@@ -55,6 +55,7 @@ impl From<TaskError> for Status {
             TaskError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
             TaskError::NotFound(_) => Status::not_found(e.to_string()),
             TaskError::Fenced(_) => Status::aborted(e.to_string()),
+            TaskError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             TaskError::Store(store) => store.into(),
         }
     }

@@ -837,6 +837,107 @@ impl pb::task_service_server::TaskService for TaskApi {
         )))
     }
 
+    async fn cancel_task(
+        &self,
+        request: Request<pb::CancelTaskRequest>,
+    ) -> Result<Response<pb::CancelTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let task = self
+            .engine()
+            .cancel(&r.task_id, &r.reason, deadline)
+            .await?;
+        Ok(Response::new(pb::CancelTaskResponse {
+            task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn retry_task(
+        &self,
+        request: Request<pb::RetryTaskRequest>,
+    ) -> Result<Response<pb::RetryTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let id = request.into_inner().task_id;
+        let task = self.engine().retry(&id, deadline).await?;
+        Ok(Response::new(pb::RetryTaskResponse {
+            task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn cleanup_tasks(
+        &self,
+        request: Request<pb::CleanupTasksRequest>,
+    ) -> Result<Response<pb::CleanupTasksResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let older_than = duration("older_than", request.into_inner().older_than)?
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        let removed = self
+            .engine()
+            .cleanup(&Category::queues(), older_than, deadline)
+            .await?;
+        Ok(Response::new(pb::CleanupTasksResponse {
+            removed_tasks: removed.iter().map(|(_, t)| t.history as i64).sum(),
+            removed_dead_letters: removed.iter().map(|(_, t)| t.dead as i64).sum(),
+        }))
+    }
+
+    async fn requeue_dead_letters(
+        &self,
+        request: Request<pb::RequeueDeadLettersRequest>,
+    ) -> Result<Response<pb::RequeueDeadLettersResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let task_ids = match (r.all, r.task_ids.is_empty()) {
+            (true, true) => {
+                self.engine()
+                    .requeue_dead_letters(&Category::queues(), 1000, deadline)
+                    .await?
+            }
+            (false, false) => {
+                if r.task_ids.len() > MAX_BATCH {
+                    return Err(invalid_argument(
+                        "task_ids",
+                        &format!("at most {MAX_BATCH} per call"),
+                    ));
+                }
+                let mut requeued = Vec::with_capacity(r.task_ids.len());
+                for (i, id) in r.task_ids.iter().enumerate() {
+                    match self.engine().retry(id, deadline).await {
+                        Ok(task) => requeued.push(task.id.to_string()),
+                        Err(crate::tasks::engine::TaskError::InvalidArgument {
+                            reason, ..
+                        }) => {
+                            return Err(invalid_argument(&format!("task_ids[{i}]"), &reason));
+                        }
+                        Err(e) => {
+                            let status = Status::from(e);
+                            return Err(Status::new(
+                                status.code(),
+                                format!(
+                                    "task_ids[{i}]: {}; requeued before it: {}",
+                                    status.message(),
+                                    if requeued.is_empty() {
+                                        "none".to_owned()
+                                    } else {
+                                        requeued.join(", ")
+                                    }
+                                ),
+                            ));
+                        }
+                    }
+                }
+                requeued
+            }
+            _ => {
+                return Err(invalid_argument(
+                    "task_ids",
+                    "name the tasks, or set all (not both)",
+                ));
+            }
+        };
+        Ok(Response::new(pb::RequeueDeadLettersResponse { task_ids }))
+    }
+
     async fn get_task(
         &self,
         request: Request<pb::GetTaskRequest>,

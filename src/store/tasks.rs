@@ -47,6 +47,8 @@ pub enum Outcome {
     Failed(String),
     /// At its hard time limit (error JSON).
     TimedOut(String),
+    /// Stopped because a cancel was asked for (error JSON).
+    Cancelled(String),
 }
 
 /// A queue's depths and counters.
@@ -81,6 +83,68 @@ pub struct TaskEvent {
     pub progress: Option<String>,
     /// When it happened (Redis's clock, ms).
     pub at_ms: i64,
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The lease is still this worker's, extended.
+    Held,
+    /// Still held, and a cancel was asked for: stop the task.
+    CancelRequested,
+    /// Fenced: the lease is someone else's, or the task ended.
+    Lost,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReply {
+    /// The task was waiting and is now CANCELLED.
+    Cancelled,
+    /// The task is running: its worker is told to stop.
+    Requested,
+    /// No such task (or its result expired).
+    Missing,
+    /// The task had already ended, in this state.
+    Ended(State),
+}
+
+impl CancelReply {
+    pub(crate) fn parse(reply: &str) -> Self {
+        match reply {
+            "cancelled" => Self::Cancelled,
+            "cancelling" => Self::Requested,
+            "missing" => Self::Missing,
+            other => other
+                .strip_prefix("ended:")
+                .and_then(State::parse)
+                .map_or(Self::Missing, Self::Ended),
+        }
+    }
+}
+
+/// What a RetryTask did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryReply {
+    /// Queued again.
+    Queued,
+    /// No such task (or its result expired).
+    Missing,
+    /// The task is in this state, which a retry does not apply to.
+    NotEnded(State),
+}
+
+impl RetryReply {
+    pub(crate) fn parse(reply: &str) -> Self {
+        match reply {
+            "queued" => Self::Queued,
+            "missing" => Self::Missing,
+            other => other
+                .strip_prefix("in:")
+                .and_then(State::parse)
+                .map_or(Self::Missing, Self::NotEnded),
+        }
+    }
 }
 
 /// What a worker asks for when it leases.
@@ -223,14 +287,15 @@ impl TaskStore {
         }
     }
 
-    /// Extends a lease; `false` when the holder of `token` has been fenced.
+    /// Extends a lease; whether it is still held, and whether a cancel was
+    /// asked for.
     pub async fn heartbeat(
         &self,
         id: &TaskId,
         token: u32,
         lease: Duration,
         deadline: Deadline,
-    ) -> Result<bool> {
+    ) -> Result<Beat> {
         match self {
             Self::Redis { store, prefix } => {
                 let keys = Self::keys(prefix, &id.queue());
@@ -239,6 +304,59 @@ impl TaskStore {
                     .await
             }
             Self::Memory(m) => Ok(m.heartbeat(id, token, lease)),
+        }
+    }
+
+    /// Cancels a task that has not ended: waiting, it ends CANCELLED now;
+    /// running, its worker is told (and the sweep ends it if the worker is
+    /// gone).
+    pub async fn cancel(
+        &self,
+        id: &TaskId,
+        reason: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<CancelReply> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store.cancel_task(&keys, id, reason, limits, deadline).await
+            }
+            Self::Memory(m) => Ok(m.cancel(id, reason, limits)),
+        }
+    }
+
+    /// Queues a FAILED, TIMED_OUT or CANCELLED task again with a fresh
+    /// retry budget.
+    pub async fn retry(
+        &self,
+        id: &TaskId,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<RetryReply> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store.retry_task(&keys, id, limits, deadline).await
+            }
+            Self::Memory(m) => Ok(m.retry(id, limits)),
+        }
+    }
+
+    /// Up to `count` of `queue`'s dead-lettered ids, oldest first.
+    pub async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<String>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .dead_letters(&Self::keys(prefix, queue), count, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.dead_letters(queue, count)),
         }
     }
 

@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::model::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
 use super::retry::Backoff;
-use crate::store::tasks::{LeaseAsk, Outcome, QueueStats, TaskLimits, TaskStore};
+use crate::store::tasks::{
+    Beat, CancelReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskLimits, TaskStore, Trimmed,
+};
 use crate::store::{Deadline, StoreError};
 
 /// Largest `args` + `kwargs`, in bytes of JSON.
@@ -52,6 +54,9 @@ pub struct TaskConfig {
     /// How long a stopping worker lets a running task finish before it
     /// hands the task back to its queue.
     pub shutdown_grace: Duration,
+    /// How long a cancelled handler may take to stop before it is
+    /// abandoned.
+    pub cancel_grace: Duration,
 }
 
 impl Default for TaskConfig {
@@ -70,6 +75,7 @@ impl Default for TaskConfig {
             poll_interval: Duration::from_millis(100),
             history_max_age: Duration::from_secs(7 * 24 * 3600),
             shutdown_grace: Duration::from_secs(10),
+            cancel_grace: Duration::from_secs(10),
         }
     }
 }
@@ -141,6 +147,9 @@ pub enum TaskError {
     /// or it ended.
     #[error("the lease on task {0} is no longer yours (it lapsed or the task ended)")]
     Fenced(String),
+    /// The task is not in a state the call applies to.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The backend failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -191,6 +200,8 @@ struct Inner {
     /// (a watch channel: a wake-up is never lost between a worker's empty
     /// lease and its wait).
     submitted: watch::Sender<Option<QueueName>>,
+    /// Cancels asked for through this process, for its running handlers.
+    cancels: tokio::sync::broadcast::Sender<TaskId>,
 }
 
 impl TaskEngine {
@@ -201,6 +212,7 @@ impl TaskEngine {
                 store,
                 config,
                 submitted: watch::Sender::new(None),
+                cancels: tokio::sync::broadcast::Sender::new(256),
             }),
         }
     }
@@ -366,19 +378,151 @@ impl TaskEngine {
             .await?)
     }
 
-    /// Extends the lease held with `token`.
+    /// Extends the lease held with `token`; `true` when a cancel was asked
+    /// for (the holder should stop the task).
     pub async fn heartbeat(
         &self,
         id: &TaskId,
         token: u32,
         deadline: Deadline,
-    ) -> Result<(), TaskError> {
-        let ok = self
+    ) -> Result<bool, TaskError> {
+        match self
             .inner
             .store
             .heartbeat(id, token, self.inner.config.lease, deadline)
-            .await?;
-        fenced_unless(ok, id)
+            .await?
+        {
+            Beat::Held => Ok(false),
+            Beat::CancelRequested => Ok(true),
+            Beat::Lost => Err(TaskError::Fenced(id.to_string())),
+        }
+    }
+
+    /// Cancels a task: waiting, it ends CANCELLED at once; running, its
+    /// worker is told to stop (at once in this process, at its next
+    /// heartbeat elsewhere) and the task ends CANCELLED unless it succeeds
+    /// first. The task as it is after the call.
+    pub async fn cancel(
+        &self,
+        id: &str,
+        reason: &str,
+        deadline: Deadline,
+    ) -> Result<Task, TaskError> {
+        let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+        if reason.len() > 1024 {
+            return Err(invalid("reason", "must be at most 1024 bytes"));
+        }
+        let reason = if reason.is_empty() {
+            "cancelled by request"
+        } else {
+            reason
+        };
+        match self
+            .inner
+            .store
+            .cancel(&task_id, reason, self.inner.config.limits, deadline)
+            .await?
+        {
+            CancelReply::Missing => return Err(TaskError::NotFound(id.to_owned())),
+            CancelReply::Ended(state) => {
+                return Err(TaskError::FailedPrecondition(format!(
+                    "task {id} already ended {}",
+                    state.as_str().to_uppercase()
+                )));
+            }
+            CancelReply::Requested => {
+                let _ = self.inner.cancels.send(task_id.clone());
+            }
+            CancelReply::Cancelled => {}
+        }
+        self.get(id, deadline).await
+    }
+
+    /// A subscription to cancels asked for through this process, so that a
+    /// running handler here is told at once.
+    pub fn cancels(&self) -> tokio::sync::broadcast::Receiver<TaskId> {
+        self.inner.cancels.subscribe()
+    }
+
+    /// Runs a FAILED, TIMED_OUT or CANCELLED task again under its id, with
+    /// a fresh retry budget; its attempt log keeps the earlier attempts.
+    pub async fn retry(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
+        let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+        match self
+            .inner
+            .store
+            .retry(&task_id, self.inner.config.limits, deadline)
+            .await?
+        {
+            RetryReply::Missing => Err(TaskError::NotFound(id.to_owned())),
+            RetryReply::NotEnded(state) => Err(TaskError::FailedPrecondition(format!(
+                "task {id} is {}: only FAILED, TIMED_OUT or CANCELLED tasks can be retried",
+                state.as_str().to_uppercase()
+            ))),
+            RetryReply::Queued => {
+                self.inner.submitted.send_replace(Some(task_id.queue()));
+                self.get(id, deadline).await
+            }
+        }
+    }
+
+    /// Queues dead letters again (as [`Self::retry`]): up to `limit` of each
+    /// of `queues`, oldest first. The ids requeued.
+    pub async fn requeue_dead_letters(
+        &self,
+        queues: &[QueueName],
+        limit: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<String>, TaskError> {
+        let mut requeued = Vec::new();
+        for queue in queues {
+            for id in self
+                .inner
+                .store
+                .dead_letters(queue, limit, deadline)
+                .await?
+            {
+                match self.retry(&id, deadline).await {
+                    Ok(_) => requeued.push(id),
+                    // gone or already requeued meanwhile
+                    Err(TaskError::NotFound(_) | TaskError::FailedPrecondition(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(requeued)
+    }
+
+    /// Removes tasks that ended more than `older_than` ago from history and
+    /// storage (with their dead letters) in `queues`; what was removed.
+    pub async fn cleanup(
+        &self,
+        queues: &[QueueName],
+        older_than: Duration,
+        deadline: Deadline,
+    ) -> Result<Vec<(QueueName, Trimmed)>, TaskError> {
+        let before_ms = crate::store::unix_millis(std::time::SystemTime::now())
+            .saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        let mut out = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let mut total = Trimmed::default();
+            // at most 1000 history entries per call; a backlog takes more
+            for _ in 0..1000 {
+                let t = self
+                    .inner
+                    .store
+                    .trim(queue, before_ms, self.inner.config.limits, deadline)
+                    .await?;
+                total.history += t.history;
+                total.dead += t.dead;
+                total.events += t.events;
+                if t.history < 1000 {
+                    break;
+                }
+            }
+            out.push((queue.clone(), total));
+        }
+        Ok(out)
     }
 
     /// Records progress (JSON `{percent, message, metadata}`).

@@ -437,7 +437,21 @@ async fn execute(
     // armed when `stop` fires
     let hand_back = tokio::time::sleep(Duration::ZERO);
     let mut stopping = false;
-    tokio::pin!(soft, hard, hand_back);
+    // armed when a cancel is asked for: the handler's token fires at once,
+    // and a handler still running at the end of the grace is abandoned
+    let cancel_grace = tokio::time::sleep(Duration::ZERO);
+    let mut cancelling = false;
+    let mut cancels = engine.cancels();
+    let mut cancels_open = true;
+    tokio::pin!(soft, hard, hand_back, cancel_grace);
+    let start_cancel = |cancelling: &mut bool, grace: std::pin::Pin<&mut tokio::time::Sleep>| {
+        if !*cancelling {
+            *cancelling = true;
+            tracing::info!(task = %task.id, "cancel asked for; asking the handler to stop");
+            cancel.cancel();
+            grace.reset(tokio::time::Instant::now() + engine.config().cancel_grace);
+        }
+    };
     let mut soft_fired = task.soft_ms == 0;
     // The first heartbeat is due a third of a lease from now. (Not
     // `interval` + its immediate first tick: a timer due "now" still waits
@@ -473,14 +487,30 @@ async fn execute(
                 running.abort();
                 return Ended::HandBack;
             }
+            got = cancels.recv(), if cancels_open && !cancelling => match got {
+                Ok(id) if id == task.id => start_cancel(&mut cancelling, cancel_grace.as_mut()),
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                // the heartbeat still carries cancels
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => cancels_open = false,
+            },
+            _ = &mut cancel_grace, if cancelling => {
+                running.abort();
+                tracing::warn!(task = %task.id, "the handler did not stop after a cancel; abandoned");
+                break Finish::Failed {
+                    message: "the handler did not stop within the cancel grace".to_owned(),
+                    retryable: false,
+                };
+            }
             _ = beat.tick() => {
-                if let Err(e) = engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {
-                    if matches!(e, TaskError::Fenced(_)) {
+                match engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {
+                    Ok(false) => {}
+                    Ok(true) => start_cancel(&mut cancelling, cancel_grace.as_mut()),
+                    Err(TaskError::Fenced(_)) => {
                         running.abort();
                         tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
                         return Ended::Lost;
                     }
-                    tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry");
+                    Err(e) => tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry"),
                 }
             }
         }

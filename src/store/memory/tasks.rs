@@ -20,7 +20,10 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::store::tasks::{Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed, WorkerRecord};
+use crate::store::tasks::{
+    Beat, CancelReply, Outcome, QueueStats, RetryReply, TaskEvent, TaskLimits, Trimmed,
+    WorkerRecord,
+};
 use crate::store::{Result, StoreError, unix_millis};
 use crate::tasks::model::{QueueName, State, Task, TaskId};
 
@@ -156,6 +159,11 @@ impl Queue {
 /// A stored task and its lease.
 struct Entry {
     task: Task,
+    /// Why a cancel was asked for while it ran.
+    cancel: Option<String>,
+    /// Attempts when it was last retried by hand: the retry budget counts
+    /// from there.
+    attempt_base: u32,
     lease_until: i64,
     hard_until: i64,
     /// When a finished task's result expires (ms).
@@ -169,6 +177,10 @@ impl Entry {
 
     fn live(&self, now: i64) -> bool {
         self.expires_at.is_none_or(|at| at > now)
+    }
+
+    fn budget_spent(&self) -> bool {
+        self.task.attempts.saturating_sub(self.attempt_base) > self.task.max_retries
     }
 }
 
@@ -281,7 +293,7 @@ impl Tasks {
             return;
         };
         let state = e.task.state;
-        if state != State::Succeeded {
+        if matches!(state, State::Failed | State::TimedOut) {
             q.dead.add(id, now);
             q.dead.trim(limits.history);
         }
@@ -378,6 +390,8 @@ impl MemoryTasks {
             id.to_owned(),
             Entry {
                 task,
+                cancel: None,
+                attempt_base: 0,
                 lease_until: 0,
                 hard_until: 0,
                 expires_at: None,
@@ -453,18 +467,109 @@ impl MemoryTasks {
     }
 
     /// Extends a lease; `false` when the holder of `token` has been fenced.
-    pub fn heartbeat(&self, id: &TaskId, token: u32, lease: Duration) -> bool {
+    pub fn heartbeat(&self, id: &TaskId, token: u32, lease: Duration) -> Beat {
         let mut guard = self.lock();
         let s = &mut *guard;
         let Some(e) = s.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
-            return false;
+            return Beat::Lost;
         };
         e.lease_until = now_ms().saturating_add(millis(lease));
         let score = lease_score(e.lease_until, e.hard_until);
+        let cancel = e.cancel.is_some();
         if let Some(q) = s.queues.get_mut(&id.queue()) {
             q.leases.update(id.as_str(), score);
         }
-        true
+        if cancel {
+            Beat::CancelRequested
+        } else {
+            Beat::Held
+        }
+    }
+
+    /// Cancels a task that has not ended, as `cancel.lua` does.
+    pub fn cancel(&self, id: &TaskId, reason: &str, limits: TaskLimits) -> CancelReply {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let now = now_ms();
+        let queue = id.queue();
+        let Some(e) = s.tasks.get_mut(id.as_str()).filter(|e| e.live(now)) else {
+            return CancelReply::Missing;
+        };
+        let q = s.queues.entry(queue.clone()).or_default();
+        match e.task.state {
+            State::Running => {
+                if e.cancel.is_none() {
+                    e.cancel = Some(reason.to_owned());
+                    push_event(q, &mut s.last_event, limits, &e.task, None, now);
+                }
+                drop(guard);
+                self.announce(self.lock().last_event);
+                return CancelReply::Requested;
+            }
+            State::Queued | State::Scheduled | State::Pending => {}
+            ended => return CancelReply::Ended(ended),
+        }
+        q.ready.remove(id.as_str());
+        q.scheduled.remove(id.as_str());
+        e.task.state = State::Cancelled;
+        e.task.finished_ms = Some(now);
+        e.task.error = Some(
+            serde_json::json!({ "message": format!("cancelled: {reason}"), "retryable": false })
+                .to_string(),
+        );
+        q.count("cancelled");
+        push_event(q, &mut s.last_event, limits, &e.task, None, now);
+        s.end(&queue, id.as_str(), limits, now);
+        let last = s.last_event;
+        drop(guard);
+        self.announce(last);
+        CancelReply::Cancelled
+    }
+
+    /// Queues an ended task again with a fresh retry budget, as `retry.lua`
+    /// does.
+    pub fn retry(&self, id: &TaskId, limits: TaskLimits) -> RetryReply {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let now = now_ms();
+        let Some(e) = s.tasks.get_mut(id.as_str()).filter(|e| e.live(now)) else {
+            return RetryReply::Missing;
+        };
+        if !matches!(
+            e.task.state,
+            State::Failed | State::TimedOut | State::Cancelled
+        ) {
+            return RetryReply::NotEnded(e.task.state);
+        }
+        let q = s.queues.entry(id.queue()).or_default();
+        q.history.remove(id.as_str());
+        q.history_data.remove(id.as_str());
+        q.dead.remove(id.as_str());
+        e.expires_at = None;
+        e.attempt_base = e.task.attempts;
+        e.cancel = None;
+        e.task.state = State::Queued;
+        e.task.finished_ms = None;
+        e.task.error = None;
+        e.task.result = None;
+        e.task.progress = None;
+        q.ready
+            .add(id.as_str(), e.task.priority.band() as i64 * BAND + now);
+        q.count("requeued");
+        push_event(q, &mut s.last_event, limits, &e.task, None, now);
+        let last = s.last_event;
+        drop(guard);
+        self.announce(last);
+        RetryReply::Queued
+    }
+
+    /// Up to `count` of `queue`'s dead-lettered ids, oldest first.
+    pub fn dead_letters(&self, queue: &QueueName, count: usize) -> Vec<String> {
+        self.lock()
+            .queues
+            .get(queue)
+            .map(|q| q.dead.by_rank(0, count))
+            .unwrap_or_default()
     }
 
     /// Hands a running task back to its queue at once, giving its attempt
@@ -549,10 +654,16 @@ impl MemoryTasks {
         };
         let q = s.queues.entry(queue.clone()).or_default();
         let outcome = match outcome {
-            Outcome::Retry { error, .. } if e.task.attempts > e.task.max_retries => {
-                Outcome::Failed(error.clone())
-            }
+            Outcome::Retry { error, .. } if e.budget_spent() => Outcome::Failed(error.clone()),
             other => other.clone(),
+        };
+        // a cancel asked for while it ran: any end but success is the cancel's
+        let outcome = match (&e.cancel, outcome) {
+            (Some(reason), o) if !matches!(o, Outcome::Succeeded(_)) => Outcome::Cancelled(
+                serde_json::json!({ "message": format!("cancelled: {reason}"), "retryable": false })
+                    .to_string(),
+            ),
+            (_, o) => o,
         };
         q.leases.remove(id.as_str());
         entry.insert("ended_ms".into(), now.into());
@@ -594,6 +705,11 @@ impl MemoryTasks {
                 e.task.error = Some(error);
                 State::TimedOut
             }
+            Outcome::Cancelled(error) => {
+                e.task.state = State::Cancelled;
+                e.task.error = Some(error);
+                State::Cancelled
+            }
         };
         if state.is_final() {
             e.task.finished_ms = Some(now);
@@ -629,9 +745,11 @@ impl MemoryTasks {
             else {
                 continue;
             };
-            let state = if e.hard_until > 0 && e.hard_until <= now {
+            let state = if e.cancel.is_some() {
+                State::Cancelled
+            } else if e.hard_until > 0 && e.hard_until <= now {
                 State::TimedOut
-            } else if acks_late && e.task.attempts <= e.task.max_retries {
+            } else if acks_late && !e.budget_spent() {
                 State::Queued
             } else {
                 State::Failed
@@ -654,10 +772,10 @@ impl MemoryTasks {
                 q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
             } else {
                 q.count(state.as_str());
-                let why = if state == State::TimedOut {
-                    "hard time limit reached"
-                } else {
-                    "worker lost: lease lapsed"
+                let why = match (&e.cancel, state) {
+                    (Some(reason), State::Cancelled) => format!("cancelled: {reason}"),
+                    (_, State::TimedOut) => "hard time limit reached".to_owned(),
+                    _ => "worker lost: lease lapsed".to_owned(),
                 };
                 e.task.error =
                     Some(serde_json::json!({ "message": why, "retryable": false }).to_string());

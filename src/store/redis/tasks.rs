@@ -15,7 +15,8 @@ use redis::Script;
 use super::RedisStore;
 use crate::keys::QueueKeys;
 use crate::store::tasks::{
-    LeaseAsk, Outcome, QueueStats, TaskEvent, TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskEvent, TaskLimits, Trimmed,
+    WorkerRecord,
 };
 use crate::store::{Deadline, Result, StoreError};
 use crate::tasks::model::{State, Task, TaskId};
@@ -31,6 +32,13 @@ pub(super) struct TaskScripts {
     trim: Script,
     finish_lease: Script,
     release: Script,
+    cancel: Script,
+    retry: Script,
+}
+
+/// A script with the shared library (`lua/tasks/lib.lua`) prepended.
+fn with_lib(body: &str) -> Script {
+    Script::new(&format!("{}\n{body}", include_str!("lua/tasks/lib.lua")))
 }
 
 impl TaskScripts {
@@ -40,11 +48,13 @@ impl TaskScripts {
             lease: Script::new(include_str!("lua/tasks/lease.lua")),
             heartbeat: Script::new(include_str!("lua/tasks/heartbeat.lua")),
             progress: Script::new(include_str!("lua/tasks/progress.lua")),
-            finish: Script::new(include_str!("lua/tasks/finish.lua")),
-            recover: Script::new(include_str!("lua/tasks/recover.lua")),
+            finish: with_lib(include_str!("lua/tasks/finish.lua")),
+            recover: with_lib(include_str!("lua/tasks/recover.lua")),
             trim: Script::new(include_str!("lua/tasks/trim.lua")),
             release: Script::new(include_str!("lua/tasks/release.lua")),
-            finish_lease: Script::new(&format!(
+            cancel: with_lib(include_str!("lua/tasks/cancel.lua")),
+            retry: Script::new(include_str!("lua/tasks/retry.lua")),
+            finish_lease: with_lib(&format!(
                 "local function finish(KEYS, ARGV)\n{}\nend\nlocal function lease(KEYS, ARGV)\n{}\nend\n{}",
                 include_str!("lua/tasks/finish.lua"),
                 include_str!("lua/tasks/lease.lua"),
@@ -167,6 +177,7 @@ fn finish_params(
         Outcome::Retry { error, delay } => ("retry", error, *delay),
         Outcome::Failed(e) => ("failed", e, Duration::ZERO),
         Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
     };
     inv.key(keys.task(id))
         .key(keys.leases())
@@ -302,7 +313,8 @@ impl RedisStore {
             .transpose()
     }
 
-    /// Extends a lease; `false` when the holder of `token` has been fenced.
+    /// Extends a lease; whether it is still held, and whether a cancel was
+    /// asked for.
     pub async fn heartbeat_task(
         &self,
         keys: &QueueKeys,
@@ -310,18 +322,94 @@ impl RedisStore {
         token: u32,
         lease: Duration,
         deadline: Deadline,
-    ) -> Result<bool> {
+    ) -> Result<Beat> {
         let mut inv = self.inner.tasks.heartbeat.prepare_invoke();
         inv.key(keys.task(id)).key(keys.leases());
         inv.arg(id.as_str()).arg(token).arg(millis(lease));
         let inv = &inv;
-        let ok: i64 = self
+        let reply: i64 = self
             .run(
                 deadline,
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
             .await?;
-        Ok(ok == 1)
+        Ok(match reply {
+            1 => Beat::Held,
+            2 => Beat::CancelRequested,
+            _ => Beat::Lost,
+        })
+    }
+
+    /// Cancels a task that has not ended (see `cancel.lua`).
+    pub async fn cancel_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        reason: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<CancelReply> {
+        let mut inv = self.inner.tasks.cancel.prepare_invoke();
+        inv.key(keys.task(id))
+            .key(keys.ready())
+            .key(keys.scheduled())
+            .key(keys.history())
+            .key(keys.history_data())
+            .key(keys.dead())
+            .key(keys.events())
+            .key(keys.stats());
+        inv.arg(id.as_str())
+            .arg(limits.events)
+            .arg(limits.history)
+            .arg(reason);
+        let inv = &inv;
+        let reply: String = self
+            .run_once(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(CancelReply::parse(&reply))
+    }
+
+    /// Queues an ended (failed, timed out, cancelled) task again with a
+    /// fresh retry budget (see `retry.lua`).
+    pub async fn retry_task(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<RetryReply> {
+        let mut inv = self.inner.tasks.retry.prepare_invoke();
+        inv.key(keys.task(id))
+            .key(keys.ready())
+            .key(keys.history())
+            .key(keys.history_data())
+            .key(keys.dead())
+            .key(keys.events())
+            .key(keys.stats());
+        inv.arg(id.as_str()).arg(limits.events);
+        let inv = &inv;
+        let reply: String = self
+            .run_once(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(RetryReply::parse(&reply))
+    }
+
+    /// Up to `count` dead-lettered ids of the queue, oldest first.
+    pub async fn dead_letters(
+        &self,
+        keys: &QueueKeys,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<String>> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(keys.dead()).arg(0).arg(count.max(1) - 1);
+        self.query(&cmd, deadline).await
     }
 
     /// Hands a running task back to its queue at once, giving its attempt

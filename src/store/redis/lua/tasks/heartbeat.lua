@@ -1,5 +1,6 @@
--- Extends a lease held with `token`. Returns 1, or 0 when the lease is no
--- longer this holder's (fenced: the caller must stop and report nothing).
+-- Extends a lease held with `token`. Returns 1, 2 when a cancel was asked
+-- for (the worker should stop the task), or 0 when the lease is no longer
+-- this holder's (fenced: the caller must stop and report nothing).
 -- KEYS: 1 task hash, 2 leases
 -- ARGV: 1 id, 2 token, 3 lease ms
 local t = redis.call('TIME')
@@ -12,4 +13,5 @@ local score = deadline
 if hard > 0 and hard < score then score = hard end
 redis.call('HSET', KEYS[1], 'lease_until', deadline)
 redis.call('ZADD', KEYS[2], 'XX', score, ARGV[1])
+if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return 2 end
 return 1

@@ -1,6 +1,7 @@
 -- Recovers tasks whose lease lapsed (worker killed, paused, partitioned):
 -- back to `ready` while retries remain and acks are late, else FAILED
--- ('worker lost'); past its hard limit, TIMED_OUT. Returns how many.
+-- ('worker lost'); past its hard limit, TIMED_OUT; CANCELLED when a cancel
+-- was asked for. Returns how many.
 -- Also moves due SCHEDULED tasks to `ready`, so that they show as queued
 -- even when no worker is looking at this queue.
 -- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 stats,
@@ -24,14 +25,16 @@ local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 100
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
   redis.call('ZREM', KEYS[1], id)
-  local state, attempts, max_retries, band, hard_until, result_ttl, worker = unpack(redis.call('HMGET', key,
-    'state', 'attempts', 'max_retries', 'band', 'hard_until', 'result_ttl_ms', 'worker'))
+  local state, attempts, band, hard_until, worker, cancel = unpack(redis.call('HMGET', key,
+    'state', 'attempts', 'band', 'hard_until', 'worker', 'cancel'))
   if state == 'running' then
     local outcome
     local hard = tonumber(hard_until or '0')
-    if hard > 0 and hard <= now then
+    if cancel then
+      outcome = 'cancelled'
+    elseif hard > 0 and hard <= now then
       outcome = 'timed_out'
-    elseif ARGV[3] == '1' and tonumber(attempts) <= tonumber(max_retries) then
+    elseif ARGV[3] == '1' and not budget_spent(key) then
       outcome = 'queued'
     else
       outcome = 'failed'
@@ -47,24 +50,10 @@ for _, id in ipairs(lapsed) do
     else
       local why = 'worker lost: lease lapsed'
       if outcome == 'timed_out' then why = 'hard time limit reached' end
+      if outcome == 'cancelled' then why = 'cancelled: ' .. cancel end
       redis.call('HSET', key, 'state', outcome, 'error', cjson.encode({ message = why, retryable = false }),
         'finished_ms', now)
-      redis.call('ZADD', KEYS[5], now, id)
-      redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -(tonumber(ARGV[4]) + 1))
-      redis.call('ZADD', KEYS[3], now, id)
-      redis.call('HSET', KEYS[4], id, cjson.encode({ name = redis.call('HGET', key, 'name'), state = outcome,
-        attempts = tonumber(attempts), finished_ms = now, category = redis.call('HGET', key, 'category') }))
-      -- trimmed a hundred at a time: the cap is approximate, the cost low
-      local excess = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[4])
-      if excess >= 100 then
-        local old = redis.call('ZRANGE', KEYS[3], 0, excess - 1)
-        redis.call('ZREMRANGEBYRANK', KEYS[3], 0, excess - 1)
-        for i = 1, #old, 1000 do
-          redis.call('HDEL', KEYS[4], unpack(old, i, math.min(i + 999, #old)))
-        end
-      end
-      redis.call('PEXPIRE', key, result_ttl)
-      redis.call('PEXPIRE', key .. ':log', result_ttl)
+      record_end(key, id, outcome, now, KEYS[3], KEYS[4], KEYS[5], ARGV[4])
     end
     redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'name', redis.call('HGET', key, 'name') or '', 'state', outcome, 'at', now)
   end

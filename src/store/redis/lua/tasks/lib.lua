@@ -1,0 +1,37 @@
+-- Shared by the task scripts that end a task: prepended to them when they
+-- are loaded (see TaskScripts), so the steps live in one place.
+
+-- Records that task `id` (hash `key`) ended in state `outcome` at `now`:
+-- its summary in history (capped, trimmed a hundred at a time), a dead
+-- letter when it failed or timed out, and the expiry of its result and log.
+local function record_end(key, id, outcome, now, history, history_data, dead, cap)
+  cap = tonumber(cap)
+  if outcome == 'failed' or outcome == 'timed_out' then
+    redis.call('ZADD', dead, now, id)
+    redis.call('ZREMRANGEBYRANK', dead, 0, -(cap + 1))
+  end
+  local name, category, attempts, ttl = unpack(redis.call('HMGET', key,
+    'name', 'category', 'attempts', 'result_ttl_ms'))
+  redis.call('ZADD', history, now, id)
+  redis.call('HSET', history_data, id, cjson.encode({ name = name, state = outcome,
+    attempts = tonumber(attempts), finished_ms = now, category = category }))
+  local excess = redis.call('ZCARD', history) - cap
+  if excess >= 100 then
+    local old = redis.call('ZRANGE', history, 0, excess - 1)
+    redis.call('ZREMRANGEBYRANK', history, 0, excess - 1)
+    -- in chunks: unpack has a limit of a few thousand values
+    for i = 1, #old, 1000 do
+      redis.call('HDEL', history_data, unpack(old, i, math.min(i + 999, #old)))
+    end
+  end
+  redis.call('PEXPIRE', key, ttl)
+  redis.call('PEXPIRE', key .. ':log', ttl)
+end
+
+-- Whether the retry budget is spent: attempts since the last RetryTask
+-- (`attempt_base`) beyond `max_retries`.
+local function budget_spent(key)
+  local attempts, max_retries, base = unpack(redis.call('HMGET', key,
+    'attempts', 'max_retries', 'attempt_base'))
+  return tonumber(attempts) - tonumber(base or '0') > tonumber(max_retries)
+end

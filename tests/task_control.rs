@@ -1,0 +1,577 @@
+//! Task control end to end (issue 4): cancel, retry, cleanup and dead
+//! letters through real gRPC, on the embedded store and on a real Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use common::tasks::*;
+use futures::StreamExt;
+use koo::pb::tasks::v1 as pb;
+use tonic::Code;
+
+on_both!(
+    cancel_while_queued_or_scheduled,
+    cancel_while_running,
+    cancel_racing_completion_ends_once,
+    retry_runs_an_ended_task_again_with_a_fresh_budget,
+    cleanup_and_dead_letters,
+);
+
+fn task_of(r: tonic::Response<pb::SubmitTaskResponse>) -> pb::Task {
+    r.into_inner().task.unwrap()
+}
+
+/// A queued or scheduled task never runs once cancelled; cancelling again,
+/// or an ended task, is FAILED_PRECONDITION; unknown ids are NOT_FOUND.
+async fn cancel_while_queued_or_scheduled(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let mut c = client(&koo.server);
+    let queued = task_of(
+        c.submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+            .await
+            .unwrap(),
+    );
+    let scheduled = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            countdown: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    for (task, reason) in [(&queued, "no longer needed"), (&scheduled, "")] {
+        let cancelled = c
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: task.id.clone(),
+                reason: reason.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(cancelled.state, pb::TaskState::Cancelled as i32);
+        assert!(cancelled.end_time.is_some());
+        let expected = if reason.is_empty() {
+            "cancelled: cancelled by request"
+        } else {
+            "cancelled: no longer needed"
+        };
+        assert_eq!(cancelled.error.unwrap().message, expected);
+        let err = c
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: task.id.clone(),
+                reason: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("CANCELLED"), "{err:?}");
+    }
+    let active = c
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(active.tasks.is_empty(), "{active:?}");
+    let cancelled = c
+        .list_task_history(pb::ListTaskHistoryRequest {
+            state: pb::TaskState::Cancelled as i32,
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.tasks.len(), 2);
+    let metrics = c
+        .get_task_metrics(pb::GetTaskMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let research = metrics
+        .queues
+        .iter()
+        .find(|q| q.queue == "research")
+        .unwrap();
+    assert_eq!(research.dead_letters, 0, "a cancel is not a dead letter");
+    let unknown =
+        koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue());
+    let err = c
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: unknown.to_string(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: "garbage".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+/// A running task is told to stop: a handler that cooperates stops at once;
+/// one that ignores its token is abandoned after the cancel grace. Both end
+/// CANCELLED with the reason, and the slot runs the next task.
+async fn cancel_while_running(backend: Backend) {
+    let koo = start_on_with(backend, 1, |s| {
+        s.tasks.config.cancel_grace = Duration::from_millis(300);
+    })
+    .await;
+    let mut c = client(&koo.server);
+    for (name, kwargs) in [
+        (
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 60, "steps": 60 }),
+        ),
+        (
+            "koo.diagnostics.stubborn",
+            serde_json::json!({ "seconds": 3 }),
+        ),
+    ] {
+        let task = task_of(c.submit_task(submit(name, kwargs)).await.unwrap());
+        wait_task(&mut c, &task.id, |t| {
+            t.state == pb::TaskState::Running as i32
+        })
+        .await;
+        let reply = c
+            .cancel_task(pb::CancelTaskRequest {
+                task_id: task.id.clone(),
+                reason: "operator".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        assert_eq!(
+            reply.state,
+            pb::TaskState::Running as i32,
+            "told, not yet stopped"
+        );
+        let done = wait_task(&mut c, &task.id, is_final).await;
+        assert_eq!(
+            done.state,
+            pb::TaskState::Cancelled as i32,
+            "{name}: {done:?}"
+        );
+        assert_eq!(done.error.unwrap().message, "cancelled: operator");
+        assert_eq!(done.attempts, 1, "a cancelled task is not retried");
+    }
+    let next = task_of(
+        c.submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+            .await
+            .unwrap(),
+    );
+    let done = wait_task(&mut c, &next.id, is_final).await;
+    assert_eq!(
+        done.state,
+        pb::TaskState::Succeeded as i32,
+        "the slot is free"
+    );
+}
+
+/// Cancel racing completion, a thousand times: every task ends exactly once,
+/// SUCCEEDED or CANCELLED, consistent with what the cancel answered, and
+/// history holds each task once.
+async fn cancel_racing_completion_ends_once(backend: Backend) {
+    let koo = start_on(backend, 4).await;
+    let mut c = client(&koo.server);
+    // 10 ms tasks, cancelled as soon as each batch is stored, while the
+    // workers run: some are cancelled waiting, some running, some finish
+    // first
+    let mut answers: Vec<(String, Result<i32, Code>)> = Vec::new();
+    for _ in 0..10 {
+        let batch = pb::SubmitTasksRequest {
+            tasks: (0..100)
+                .map(|_| {
+                    submit(
+                        "koo.diagnostics.sleep",
+                        serde_json::json!({ "seconds": 0.01, "steps": 1 }),
+                    )
+                })
+                .collect(),
+        };
+        let ids: Vec<String> = c
+            .submit_tasks(batch)
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks
+            .into_iter()
+            .map(|t| t.id)
+            .collect();
+        let batch_answers: Vec<_> = futures::stream::iter(ids)
+            .map(|id| {
+                let mut c = c.clone();
+                async move {
+                    let reply = c
+                        .cancel_task(pb::CancelTaskRequest {
+                            task_id: id.clone(),
+                            reason: String::new(),
+                        })
+                        .await
+                        .map(|r| r.into_inner().task.unwrap().state)
+                        .map_err(|e| e.code());
+                    (id, reply)
+                }
+            })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        answers.extend(batch_answers);
+    }
+    let (mut succeeded, mut cancelled) = (0, 0);
+    for (id, answer) in answers {
+        let done = wait_task(&mut c, &id, is_final).await;
+        match answer {
+            Err(Code::FailedPrecondition) => {
+                assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{id}")
+            }
+            // the task as the cancel left it, or as it already ended
+            Ok(s) if s >= pb::TaskState::Succeeded as i32 => assert_eq!(done.state, s, "{id}"),
+            Ok(s) if s == pb::TaskState::Running as i32 => assert!(
+                done.state == pb::TaskState::Cancelled as i32
+                    || done.state == pb::TaskState::Succeeded as i32,
+                "{done:?}"
+            ),
+            other => panic!("{id}: unexpected cancel answer {other:?}"),
+        }
+        if done.state == pb::TaskState::Succeeded as i32 {
+            succeeded += 1;
+        } else {
+            cancelled += 1;
+        }
+    }
+    assert_eq!(succeeded + cancelled, 1000);
+    assert!(
+        succeeded > 0 && cancelled > 0,
+        "the race went one way only ({succeeded} succeeded, {cancelled} cancelled)"
+    );
+    let mut seen = std::collections::HashSet::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_task_history(pb::ListTaskHistoryRequest {
+                page_size: 500,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for t in page.tasks {
+            assert!(seen.insert(t.id.clone()), "{} in history twice", t.id);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 1000);
+}
+
+/// RetryTask runs a FAILED, TIMED_OUT or CANCELLED task again under its id
+/// with a fresh retry budget, keeping its earlier attempts; other states are
+/// FAILED_PRECONDITION and unknown ids NOT_FOUND.
+async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let mut c = client(&koo.server);
+    // fails three times; one retry allowed: FAILED after two attempts
+    let task = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            max_retries: Some(1),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({ "failures": 3 }),
+            )
+        })
+        .await
+        .unwrap(),
+    );
+    let failed = wait_task(&mut c, &task.id, is_final).await;
+    assert_eq!(
+        (failed.state, failed.attempts),
+        (pb::TaskState::Failed as i32, 2)
+    );
+    let again = c
+        .retry_task(pb::RetryTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    // queued, or already leased again by a worker
+    assert!(again.state < pb::TaskState::Succeeded as i32, "{again:?}");
+    assert!(again.error.is_none() && again.end_time.is_none());
+    // attempt 3 fails, the fresh budget allows attempt 4, which succeeds
+    let done = wait_task(&mut c, &task.id, is_final).await;
+    assert_eq!(
+        (done.state, done.attempts),
+        (pb::TaskState::Succeeded as i32, 4),
+        "{done:?}"
+    );
+    assert_eq!(done.attempt_log.len(), 4, "earlier attempts are kept");
+    for state_of_refusal in ["succeeded", "queued"] {
+        let id = if state_of_refusal == "succeeded" {
+            task.id.clone()
+        } else {
+            task_of(
+                c.submit_task(pb::SubmitTaskRequest {
+                    countdown: Some(prost_types::Duration {
+                        seconds: 3600,
+                        nanos: 0,
+                    }),
+                    ..submit("koo.diagnostics.noop", serde_json::json!({}))
+                })
+                .await
+                .unwrap(),
+            )
+            .id
+        };
+        let err = c
+            .retry_task(pb::RetryTaskRequest { task_id: id })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{state_of_refusal}");
+    }
+    // a cancelled task runs again too
+    let waiting = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            countdown: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: waiting.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    c.retry_task(pb::RetryTaskRequest {
+        task_id: waiting.id.clone(),
+    })
+    .await
+    .unwrap();
+    let ran = wait_task(&mut c, &waiting.id, is_final).await;
+    assert_eq!(ran.state, pb::TaskState::Succeeded as i32);
+    // and a timed-out one
+    let slow = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            max_retries: Some(0),
+            soft_time_limit: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 50_000_000,
+            }),
+            time_limit: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+            ..submit(
+                "koo.diagnostics.stubborn",
+                serde_json::json!({ "seconds": 1 }),
+            )
+        })
+        .await
+        .unwrap(),
+    );
+    let timed_out = wait_task(&mut c, &slow.id, is_final).await;
+    assert_eq!(timed_out.state, pb::TaskState::TimedOut as i32);
+    let requeued = c
+        .retry_task(pb::RetryTaskRequest {
+            task_id: slow.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert!(
+        requeued.state < pb::TaskState::Succeeded as i32,
+        "{requeued:?}"
+    );
+    let unknown =
+        koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue());
+    let err = c
+        .retry_task(pb::RetryTaskRequest {
+            task_id: unknown.to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+/// Dead letters (FAILED, TIMED_OUT) are listed by ListTaskHistory's state
+/// filter and requeued one by one or all at once; CleanupTasks removes
+/// ended tasks older than asked and counts them.
+async fn cleanup_and_dead_letters(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let mut c = client(&koo.server);
+    let fail = || pb::SubmitTaskRequest {
+        max_retries: Some(0),
+        ..submit(
+            "koo.diagnostics.fail_times",
+            serde_json::json!({ "failures": 1 }),
+        )
+    };
+    let mut dead = Vec::new();
+    for _ in 0..3 {
+        let t = task_of(c.submit_task(fail()).await.unwrap());
+        dead.push(wait_task(&mut c, &t.id, is_final).await.id);
+    }
+    let ok = task_of(
+        c.submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+            .await
+            .unwrap(),
+    );
+    wait_task(&mut c, &ok.id, is_final).await;
+    let listed = c
+        .list_task_history(pb::ListTaskHistoryRequest {
+            state: pb::TaskState::Failed as i32,
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tasks.len(), 3);
+    // one by one: the first; then all: the other two
+    let one = c
+        .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            task_ids: vec![dead[0].clone()],
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.task_ids, [dead[0].clone()]);
+    let rest = c
+        .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            task_ids: vec![],
+            all: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut rest_ids = rest.task_ids.clone();
+    rest_ids.sort();
+    let mut expected = dead[1..].to_vec();
+    expected.sort();
+    assert_eq!(rest_ids, expected);
+    for id in &dead {
+        // fail_times fails once: the requeued run (attempt 2) succeeds
+        let done = wait_task(&mut c, id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+        assert_eq!(done.attempts, 2);
+    }
+    for bad in [
+        pb::RequeueDeadLettersRequest {
+            task_ids: vec![],
+            all: false,
+        },
+        pb::RequeueDeadLettersRequest {
+            task_ids: vec![dead[0].clone()],
+            all: true,
+        },
+    ] {
+        let err = c.requeue_dead_letters(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+    // cleanup: nothing is a day old; everything is older than zero
+    let none = c
+        .cleanup_tasks(pb::CleanupTasksRequest { older_than: None })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.removed_tasks, 0);
+    let all = c
+        .cleanup_tasks(pb::CleanupTasksRequest {
+            older_than: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 0,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.removed_tasks, 4, "{all:?}");
+    let err = c
+        .get_task(pb::GetTaskRequest { task_id: ok.id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let history = c
+        .list_task_history(pb::ListTaskHistoryRequest {
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(history.tasks.is_empty());
+}
+
+/// A cancel is stored, so it survives the loss of every koo process: a task
+/// whose worker was killed mid-run and that was cancelled meanwhile ends
+/// CANCELLED when a new koo starts, and never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_survives_a_restart_of_every_koo_process() {
+    let mut koo = start(0).await;
+    let mut c = client(&koo.server);
+    let mut w = worker(koo.redis());
+    let task = task_of(
+        c.submit_task(submit(
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 60, "steps": 60 }),
+        ))
+        .await
+        .unwrap(),
+    );
+    wait_task(&mut c, &task.id, |t| {
+        t.state == pb::TaskState::Running as i32
+    })
+    .await;
+    w.kill().unwrap(); // SIGKILL: the task stays RUNNING until its lease lapses
+    w.wait().unwrap();
+    let reply = c
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: task.id.clone(),
+            reason: "abandoned".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(reply.state, pb::TaskState::Running as i32);
+    // every koo process goes away; a new server and worker start
+    let redis = koo.redis.take().unwrap();
+    koo.server.shutdown().await;
+    let server = spawn_on(&redis, 0).await;
+    let mut w = worker(&redis);
+    let mut c = client(&server);
+    let done = wait_task(&mut c, &task.id, is_final).await;
+    let _ = w.kill();
+    let _ = w.wait();
+    assert_eq!(done.state, pb::TaskState::Cancelled as i32, "{done:?}");
+    assert_eq!(done.attempts, 1, "it never ran again");
+    assert_eq!(done.error.unwrap().message, "cancelled: abandoned");
+}
