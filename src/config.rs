@@ -186,6 +186,10 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_TASK_CANCEL_GRACE", value_name = "KOO_TASK_CANCEL_GRACE", default_value = "10s",
           value_parser = parse_duration)]
     pub task_cancel_grace: Duration,
+    /// How long an idempotency key is remembered after its submit.
+    #[arg(long, env = "KOO_IDEMPOTENCY_TTL", value_name = "KOO_IDEMPOTENCY_TTL", default_value = "24h",
+          value_parser = parse_positive_duration)]
+    pub idempotency_ttl: Duration,
     /// How long an idle worker waits before looking for work again.
     #[arg(long, env = "KOO_WORKER_POLL_INTERVAL", value_name = "KOO_WORKER_POLL_INTERVAL", default_value = "100ms",
           value_parser = parse_positive_duration)]
@@ -573,6 +577,7 @@ impl TaskArgs {
             history_max_age: self.task_history_max_age,
             shutdown_grace: self.worker_shutdown_grace,
             cancel_grace: self.task_cancel_grace,
+            idempotency_ttl: self.idempotency_ttl,
             ..TaskConfig::default()
         })
     }

@@ -20,6 +20,7 @@
 //! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |
 //! | `koo:v1:{t:Q}:events` | stream | state changes and progress (capped) |
 //! | `koo:v1:{t:Q}:stats` | hash | counts per outcome |
+//! | `koo:v1:idem:{key}` | string | an idempotency key's claim: `fingerprint|task id` (with a TTL) |
 //! | `koo:v1:workers` | sorted set | worker pools, scored by when each last said it was alive (ms) |
 //! | `koo:v1:worker:{id}` | string | one pool's record (JSON, with a TTL) |
 //!
@@ -165,6 +166,12 @@ impl QueueKeys {
     pub fn stats(&self) -> String {
         self.key("stats")
     }
+}
+
+/// An idempotency key's claim (not tied to a queue's slot: a key spans
+/// queues).
+pub fn idempotency(prefix: &str, key: &str) -> String {
+    format!("{prefix}:v1:idem:{key}")
 }
 
 /// The index of live worker pools (not tied to a queue's slot).

@@ -56,6 +56,7 @@ impl From<TaskError> for Status {
             TaskError::NotFound(_) => Status::not_found(e.to_string()),
             TaskError::Fenced(_) => Status::aborted(e.to_string()),
             TaskError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
+            TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
             TaskError::Store(store) => store.into(),
         }
     }

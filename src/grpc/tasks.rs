@@ -343,6 +343,7 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
         time_limit: duration("time_limit", r.time_limit)?,
         result_ttl: duration("result_ttl", r.result_ttl)?,
         cache_result,
+        idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
     })
 }
 
@@ -452,11 +453,12 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
         let deadline = self.deadline(&request);
         let engine = self.engine();
-        let task = engine
-            .submit(new_task(request.into_inner(), &self.cache)?, deadline)
+        let (task, deduplicated) = engine
+            .submit_keyed(new_task(request.into_inner(), &self.cache)?, deadline)
             .await?;
         Ok(Response::new(pb::SubmitTaskResponse {
             task: Some(to_pb_task(task)),
+            deduplicated,
         }))
     }
 
@@ -682,6 +684,12 @@ impl pb::task_service_server::TaskService for TaskApi {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(i) = news.iter().position(|n| n.idempotency_key.is_some()) {
+            return Err(invalid_argument(
+                &format!("tasks[{i}].idempotency_key"),
+                "only SubmitTask takes an idempotency key",
+            ));
+        }
         let results = engine
             .submit_many(news, deadline)
             .await

@@ -343,6 +343,45 @@ impl TaskStore {
         }
     }
 
+    /// Claims idempotency key `key` with `value` for `ttl`: `None` when
+    /// claimed now, else the value of the claim that holds it.
+    pub async fn claim_idempotency(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<Option<String>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .claim_idempotency(prefix, key, value, ttl, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.claim_idempotency(key, value, ttl)),
+        }
+    }
+
+    /// Replaces claim `old` of `key` with `new` (empty: deletes it) if it
+    /// still holds `old`; whether it did.
+    pub async fn swap_idempotency(
+        &self,
+        key: &str,
+        old: &str,
+        new: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .swap_idempotency(prefix, key, old, new, ttl, deadline)
+                    .await
+            }
+            Self::Memory(m) => Ok(m.swap_idempotency(key, old, new, ttl)),
+        }
+    }
+
     /// Up to `count` of `queue`'s dead-lettered ids, oldest first.
     pub async fn dead_letters(
         &self,

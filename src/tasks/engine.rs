@@ -57,6 +57,8 @@ pub struct TaskConfig {
     /// How long a cancelled handler may take to stop before it is
     /// abandoned.
     pub cancel_grace: Duration,
+    /// How long an idempotency key is remembered.
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for TaskConfig {
@@ -76,6 +78,7 @@ impl Default for TaskConfig {
             history_max_age: Duration::from_secs(7 * 24 * 3600),
             shutdown_grace: Duration::from_secs(10),
             cancel_grace: Duration::from_secs(10),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -107,6 +110,8 @@ pub struct NewTask {
     pub result_ttl: Option<Duration>,
     /// Where a successful result is also cached.
     pub cache_result: Option<CacheTarget>,
+    /// Submits with the same key (while its task is known) create one task.
+    pub idempotency_key: Option<String>,
 }
 
 impl NewTask {
@@ -125,6 +130,7 @@ impl NewTask {
             time_limit: None,
             result_ttl: None,
             cache_result: None,
+            idempotency_key: None,
         }
     }
 }
@@ -150,9 +156,32 @@ pub enum TaskError {
     /// The task is not in a state the call applies to.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// An idempotency key already names a different task.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The backend failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// What an idempotent submit compares: everything a submit chose, except
+/// when it may start (a retried submit computes its ETA again) and the id.
+fn fingerprint(task: &Task) -> u64 {
+    let content = format!(
+        "{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{}\0{:?}",
+        task.name,
+        task.category.as_str(),
+        task.id.queue(),
+        task.priority.band(),
+        task.args,
+        task.kwargs,
+        task.max_retries,
+        task.soft_ms,
+        task.hard_ms,
+        task.result_ttl_ms,
+        task.cache_result,
+    );
+    crate::store::fnv1a(content.as_bytes())
 }
 
 /// `Ok` when the store accepted a call made under a lease, else `Fenced`.
@@ -238,6 +267,68 @@ impl TaskEngine {
             .await?;
         self.inner.submitted.send_replace(Some(task.id.queue()));
         Ok(task)
+    }
+
+    /// [`Self::submit`], deduplicated by the task's idempotency key: while
+    /// the task first submitted with the key is known, a submit with the
+    /// same key and content returns it (`true`: deduplicated), and one with
+    /// other content is `AlreadyExists`. Any number of concurrent submits of
+    /// one key, on any number of koo processes, store one task.
+    pub async fn submit_keyed(
+        &self,
+        new: NewTask,
+        deadline: Deadline,
+    ) -> Result<(Task, bool), TaskError> {
+        let Some(key) = new.idempotency_key.clone() else {
+            return self.submit(new, deadline).await.map(|t| (t, false));
+        };
+        if key.is_empty() || key.len() > 256 {
+            return Err(invalid("idempotency_key", "must be 1 to 256 bytes"));
+        }
+        let c = &self.inner.config;
+        let store = &self.inner.store;
+        let (task, delay) = self.prepare(new)?;
+        let ours = format!("{:016x}|{}", fingerprint(&task), task.id);
+        let mut claim = store
+            .claim_idempotency(&key, &ours, c.idempotency_ttl, deadline)
+            .await?;
+        loop {
+            let Some(held) = claim else {
+                // ours: store the task. A failure leaves the claim; a later
+                // submit finds no task behind it and takes it over.
+                store.submit(&task, delay, c.limits, deadline).await?;
+                self.inner.submitted.send_replace(Some(task.id.queue()));
+                return Ok((task, false));
+            };
+            let (theirs, id) = held.split_once('|').unwrap_or(("", ""));
+            if theirs != &ours[..16] {
+                return Err(TaskError::AlreadyExists(format!(
+                    "idempotency key {key:?} was used for a different task ({id})"
+                )));
+            }
+            // The claimant may be between its claim and its submit: give it
+            // a moment to store its task before deciding it never will.
+            for _ in 0..20 {
+                match self.get(id, deadline).await {
+                    Ok(existing) => return Ok((existing, true)),
+                    Err(TaskError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Its task was never stored (or is long gone): take the claim
+            // over, unless another submitter just did.
+            claim = if store
+                .swap_idempotency(&key, &held, &ours, c.idempotency_ttl, deadline)
+                .await?
+            {
+                None
+            } else {
+                store
+                    .claim_idempotency(&key, &ours, c.idempotency_ttl, deadline)
+                    .await?
+            };
+        }
     }
 
     /// Validates and stores a batch in one round trip. Every task is

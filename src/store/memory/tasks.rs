@@ -194,6 +194,8 @@ struct Tasks {
     last_event: u64,
     /// Worker pools and when their records expire (ms).
     workers: HashMap<String, (WorkerRecord, i64)>,
+    /// Idempotency claims and when they expire (ms).
+    claims: HashMap<String, (String, i64)>,
 }
 
 struct Shared {
@@ -561,6 +563,46 @@ impl MemoryTasks {
         drop(guard);
         self.announce(last);
         RetryReply::Queued
+    }
+
+    /// Claims idempotency key `key` with `value` for `ttl`: `None` when
+    /// claimed now, else the claim that holds it.
+    pub fn claim_idempotency(&self, key: &str, value: &str, ttl: Duration) -> Option<String> {
+        let mut s = self.lock();
+        let now = now_ms();
+        if s.claims.len() >= MAX_TASKS {
+            s.claims.retain(|_, (_, until)| *until > now);
+        }
+        match s.claims.get(key) {
+            Some((held, until)) if *until > now => Some(held.clone()),
+            _ => {
+                s.claims.insert(
+                    key.to_owned(),
+                    (value.to_owned(), now.saturating_add(millis(ttl))),
+                );
+                None
+            }
+        }
+    }
+
+    /// Replaces claim `old` of `key` with `new` (empty: deletes it) if it
+    /// still holds `old`.
+    pub fn swap_idempotency(&self, key: &str, old: &str, new: &str, ttl: Duration) -> bool {
+        let mut s = self.lock();
+        let now = now_ms();
+        match s.claims.get(key) {
+            Some((held, until)) if *until > now && held == old => {}
+            _ => return false,
+        }
+        if new.is_empty() {
+            s.claims.remove(key);
+        } else {
+            s.claims.insert(
+                key.to_owned(),
+                (new.to_owned(), now.saturating_add(millis(ttl))),
+            );
+        }
+        true
     }
 
     /// Up to `count` of `queue`'s dead-lettered ids, oldest first.

@@ -34,6 +34,7 @@ pub(super) struct TaskScripts {
     release: Script,
     cancel: Script,
     retry: Script,
+    idem_swap: Script,
 }
 
 /// A script with the shared library (`lua/tasks/lib.lua`) prepended.
@@ -54,6 +55,7 @@ impl TaskScripts {
             release: Script::new(include_str!("lua/tasks/release.lua")),
             cancel: with_lib(include_str!("lua/tasks/cancel.lua")),
             retry: Script::new(include_str!("lua/tasks/retry.lua")),
+            idem_swap: Script::new(include_str!("lua/tasks/idem_swap.lua")),
             finish_lease: with_lib(&format!(
                 "local function finish(KEYS, ARGV)\n{}\nend\nlocal function lease(KEYS, ARGV)\n{}\nend\n{}",
                 include_str!("lua/tasks/finish.lua"),
@@ -398,6 +400,68 @@ impl RedisStore {
             )
             .await?;
         Ok(RetryReply::parse(&reply))
+    }
+
+    /// Claims idempotency key `key` with `value` for `ttl` unless it is
+    /// claimed: `None` when claimed now, else the existing claim.
+    pub async fn claim_idempotency(
+        &self,
+        prefix: &str,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<Option<String>> {
+        let name = crate::keys::idempotency(prefix, key);
+        let mut set = redis::cmd("SET");
+        set.arg(&name)
+            .arg(value)
+            .arg("NX")
+            .arg("PX")
+            .arg(millis(ttl).max(1));
+        let set = &set;
+        // SET NX is safe to retry: a second try finds our own claim
+        let claimed: Option<String> = self
+            .run(
+                deadline,
+                |mut c| async move { set.query_async(&mut c).await },
+            )
+            .await?;
+        if claimed.is_some() {
+            return Ok(None);
+        }
+        let mut get = redis::cmd("GET");
+        get.arg(&name);
+        let existing: Option<String> = self.query(&get, deadline).await?;
+        // expired between the two calls: claim again
+        match existing {
+            Some(v) => Ok(Some(v)),
+            None => Box::pin(self.claim_idempotency(prefix, key, value, ttl, deadline)).await,
+        }
+    }
+
+    /// Replaces claim `old` of `key` with `new` (an empty `new` deletes it)
+    /// if it still holds `old`; whether it did.
+    pub async fn swap_idempotency(
+        &self,
+        prefix: &str,
+        key: &str,
+        old: &str,
+        new: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut inv = self.inner.tasks.idem_swap.prepare_invoke();
+        inv.key(crate::keys::idempotency(prefix, key));
+        inv.arg(old).arg(new).arg(millis(ttl).max(1));
+        let inv = &inv;
+        let swapped: i64 = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(swapped == 1)
     }
 
     /// Up to `count` dead-lettered ids of the queue, oldest first.
