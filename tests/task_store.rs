@@ -81,6 +81,7 @@ on_both!(
     sweep_queues_due_scheduled_tasks,
     progress_and_events_are_fenced_and_ordered,
     finish_and_lease_takes_the_next_task_in_one_step,
+    an_expired_dead_letter_is_dropped_when_requeued,
 );
 
 impl Fixture {
@@ -571,4 +572,38 @@ async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
         .unwrap();
     assert!(none.is_none(), "the queue is empty");
     assert_eq!(f.get(&second.id).await.state, State::Succeeded);
+}
+
+/// A dead letter whose result has expired cannot run again: a requeue finds
+/// it missing and drops it, so it no longer counts or blocks newer ones.
+async fn an_expired_dead_letter_is_dropped_when_requeued(f: Fixture) {
+    let mut task = f.task("doomed", Priority::Normal, 0);
+    task.result_ttl_ms = 1;
+    f.submit(&task).await;
+    f.lease("w", Duration::from_secs(60)).await.unwrap();
+    f.finish(&task.id, 1, Outcome::Failed("{}".into())).await;
+    assert_eq!(
+        f.store.queue_stats(&f.queue, later()).await.unwrap().dead,
+        1
+    );
+    let until = Instant::now() + common::EVENT_TIMEOUT;
+    while f.store.get(&task.id, later()).await.unwrap().is_some() {
+        assert!(Instant::now() < until, "result never expired");
+        f.store
+            .recover(&f.queue, true, TaskLimits::default(), later())
+            .await
+            .unwrap();
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        f.store
+            .retry(&task.id, TaskLimits::default(), later())
+            .await
+            .unwrap(),
+        koo::store::tasks::RetryReply::Missing
+    );
+    assert_eq!(
+        f.store.queue_stats(&f.queue, later()).await.unwrap().dead,
+        0
+    );
 }

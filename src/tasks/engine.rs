@@ -59,6 +59,10 @@ pub struct TaskConfig {
     pub cancel_grace: Duration,
     /// How long an idempotency key is remembered.
     pub idempotency_ttl: Duration,
+    /// How old a claim of an idempotency key whose task was never stored
+    /// must be before another submit takes it over (the claimant's own
+    /// store call gets at most half of it).
+    pub idempotency_takeover: Duration,
 }
 
 impl Default for TaskConfig {
@@ -79,6 +83,7 @@ impl Default for TaskConfig {
             shutdown_grace: Duration::from_secs(10),
             cancel_grace: Duration::from_secs(10),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            idempotency_takeover: Duration::from_secs(15),
         }
     }
 }
@@ -288,26 +293,43 @@ impl TaskEngine {
         let c = &self.inner.config;
         let store = &self.inner.store;
         let (task, delay) = self.prepare(new)?;
-        let ours = format!("{:016x}|{}", fingerprint(&task), task.id);
+        let fp = format!("{:016x}", fingerprint(&task));
+        let now = || crate::store::unix_millis(std::time::SystemTime::now());
+        let mut ours = format!("{fp}|{}|{}", task.id, now());
         let mut claim = store
             .claim_idempotency(&key, &ours, c.idempotency_ttl, deadline)
             .await?;
         loop {
-            let Some(held) = claim else {
-                // ours: store the task. A failure leaves the claim; a later
-                // submit finds no task behind it and takes it over.
-                store.submit(&task, delay, c.limits, deadline).await?;
+            // ours (also when a retried claim call finds its own claim)
+            if claim.as_deref().is_none_or(|held| held == ours) {
+                // A failure leaves the claim; a later submit finds no task
+                // behind it and, once the claim is old enough, takes it over.
+                // The store call gets at most half the takeover age, so that
+                // a claim is never taken over while its submit may land.
+                let submit_deadline = deadline.min(Deadline::after(c.idempotency_takeover / 2));
+                store
+                    .submit(&task, delay, c.limits, submit_deadline)
+                    .await?;
                 self.inner.submitted.send_replace(Some(task.id.queue()));
                 return Ok((task, false));
-            };
-            let (theirs, id) = held.split_once('|').unwrap_or(("", ""));
-            if theirs != &ours[..16] {
+            }
+            let held = claim.unwrap_or_default();
+            let mut parts = held.splitn(3, '|');
+            let (theirs, id, claimed_ms) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts
+                    .next()
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .unwrap_or(0),
+            );
+            if theirs != fp {
                 return Err(TaskError::AlreadyExists(format!(
                     "idempotency key {key:?} was used for a different task ({id})"
                 )));
             }
             // The claimant may be between its claim and its submit: give it
-            // a moment to store its task before deciding it never will.
+            // a moment to store its task.
             for _ in 0..20 {
                 match self.get(id, deadline).await {
                     Ok(existing) => return Ok((existing, true)),
@@ -316,8 +338,15 @@ impl TaskEngine {
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            let age = Duration::from_millis(u64::try_from(now() - claimed_ms).unwrap_or(0));
+            if age < c.idempotency_takeover {
+                return Err(TaskError::Store(StoreError::Unavailable(format!(
+                    "an earlier submit with idempotency key {key:?} (task {id}) has not stored its task yet; retry shortly"
+                ))));
+            }
             // Its task was never stored (or is long gone): take the claim
             // over, unless another submitter just did.
+            ours = format!("{fp}|{}|{}", task.id, now());
             claim = if store
                 .swap_idempotency(&key, &held, &ours, c.idempotency_ttl, deadline)
                 .await?

@@ -265,7 +265,7 @@ async fn run_slot(
             .into_iter()
             .chain((0..queues.len()).map(|i| (start + i) % queues.len()));
         for (i, q) in order.enumerate() {
-            if leased.is_some() {
+            if leased.is_some() || stop.is_cancelled() {
                 break;
             }
             if empty[q].is_some_and(|at| at.elapsed() < poll) {
@@ -352,6 +352,13 @@ async fn run_slot(
                     woke = engine.wait_for_work(&mut submits, wait) => hint = position(woke),
                 }
             }
+        }
+    }
+    // stopping with a task leased by the last report: hand it back at once
+    if let Some(task) = carried {
+        let deadline = Deadline::after(Duration::from_secs(5));
+        if let Err(e) = engine.release(&task, &worker, deadline).await {
+            outcome_not_recorded(&task, e);
         }
     }
 }
@@ -458,6 +465,7 @@ async fn execute(
     // for the timer wheel's next millisecond, a millisecond per task.)
     let period = engine.config().lease / 3;
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let mut last_beat = tokio::time::Instant::now();
     let finish = loop {
         tokio::select! {
             joined = &mut running => {
@@ -485,6 +493,13 @@ async fn execute(
             }
             _ = &mut hand_back, if stopping => {
                 running.abort();
+                if cancelling {
+                    // a cancelled task is not handed back to run again
+                    break Finish::Failed {
+                        message: "the worker stopped while the task was being cancelled".to_owned(),
+                        retryable: false,
+                    };
+                }
                 return Ended::HandBack;
             }
             got = cancels.recv(), if cancels_open && !cancelling => match got {
@@ -503,11 +518,22 @@ async fn execute(
             }
             _ = beat.tick() => {
                 match engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {
-                    Ok(false) => {}
-                    Ok(true) => start_cancel(&mut cancelling, cancel_grace.as_mut()),
+                    Ok(cancel_asked) => {
+                        last_beat = tokio::time::Instant::now();
+                        if cancel_asked {
+                            start_cancel(&mut cancelling, cancel_grace.as_mut());
+                        }
+                    }
                     Err(TaskError::Fenced(_)) => {
                         running.abort();
                         tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
+                        return Ended::Lost;
+                    }
+                    // A whole lease without a heartbeat: the lease has lapsed
+                    // and the task may run elsewhere; stop running it here.
+                    Err(e) if last_beat.elapsed() >= engine.config().lease => {
+                        running.abort();
+                        tracing::warn!(task = %task.id, error = %e, "no heartbeat for a whole lease; handler abandoned");
                         return Ended::Lost;
                     }
                     Err(e) => tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry"),

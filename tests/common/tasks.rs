@@ -96,6 +96,7 @@ pub fn short_intervals(settings: &mut Settings, workers: usize) {
     settings.tasks.config.lease = Duration::from_millis(1000);
     settings.tasks.config.sweep_interval = Duration::from_millis(100);
     settings.tasks.config.poll_interval = Duration::from_millis(20);
+    settings.tasks.config.idempotency_takeover = Duration::from_millis(500);
     settings.tasks.config.backoff = koo::tasks::retry::Backoff {
         base: Duration::from_millis(50),
         max: Duration::from_millis(500),

@@ -535,6 +535,11 @@ impl MemoryTasks {
         let s = &mut *guard;
         let now = now_ms();
         let Some(e) = s.tasks.get_mut(id.as_str()).filter(|e| e.live(now)) else {
+            // its result expired: a dead letter that can no longer run is
+            // dropped
+            if let Some(q) = s.queues.get_mut(&id.queue()) {
+                q.dead.remove(id.as_str());
+            }
             return RetryReply::Missing;
         };
         if !matches!(

@@ -24,10 +24,11 @@ end
 -- everything that can fail comes before the first write: Redis does not
 -- roll a script back
 local entry = cjson.decode(ARGV[8])
-redis.call('ZREM', KEYS[2], ARGV[1])
 entry['ended_ms'] = now
 if outcome == 'retry' then entry['retry_at_ms'] = now + tonumber(ARGV[6]) end
-redis.call('RPUSH', KEYS[1] .. ':log', cjson.encode(entry))
+local logged = cjson.encode(entry)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[1] .. ':log', logged)
 redis.call('HSET', KEYS[1], 'worker', '', 'lease_until', 0)
 if outcome == 'retry' then
   redis.call('HINCRBY', KEYS[8], 'retried', 1)

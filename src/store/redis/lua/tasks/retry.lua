@@ -7,7 +7,11 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state, attempts, band = unpack(redis.call('HMGET', KEYS[1], 'state', 'attempts', 'band'))
-if not state then return 'missing' end
+if not state then
+  -- its result expired: a dead letter that can no longer run is dropped
+  redis.call('ZREM', KEYS[5], ARGV[1])
+  return 'missing'
+end
 if state ~= 'failed' and state ~= 'timed_out' and state ~= 'cancelled' then return 'in:' .. state end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
