@@ -151,6 +151,11 @@ impl QueueKeys {
         self.key("history:data")
     }
 
+    /// PENDING ids (waiting on dependencies), by submit time.
+    pub fn pending(&self) -> String {
+        self.key("pending")
+    }
+
     /// Dead-lettered ids, by end time.
     pub fn dead(&self) -> String {
         self.key("dead")

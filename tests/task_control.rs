@@ -9,6 +9,7 @@ use common::tasks::*;
 use futures::StreamExt;
 use koo::pb::tasks::v1 as pb;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 on_both!(
     cancel_while_queued_or_scheduled,
@@ -17,6 +18,9 @@ on_both!(
     retry_runs_an_ended_task_again_with_a_fresh_budget,
     cleanup_and_dead_letters,
     idempotency_keys,
+    dependencies_release_on_success,
+    dependencies_cancel_on_failure,
+    bad_dependencies_are_refused,
 );
 
 fn task_of(r: tonic::Response<pb::SubmitTaskResponse>) -> pb::Task {
@@ -694,4 +698,251 @@ async fn an_orphaned_idempotency_claim_is_taken_over() {
     let third = c.submit_task(req()).await.unwrap().into_inner();
     assert!(third.deduplicated);
     assert_eq!(third.task.unwrap().id, second_id);
+}
+
+/// Dependencies across queues: the dependent waits PENDING and runs once
+/// both dependencies have SUCCEEDED; its task lists them.
+async fn dependencies_release_on_success(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let mut c = client(&koo.server);
+    let a = task_of(
+        c.submit_task(submit(
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 0.3, "steps": 1 }),
+        ))
+        .await
+        .unwrap(),
+    );
+    let b = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            category: pb::TaskCategory::Database as i32,
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    let dependent = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            category: pb::TaskCategory::Cache as i32,
+            depends_on: vec![a.id.clone(), b.id.clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    assert_eq!(dependent.state, pb::TaskState::Pending as i32);
+    assert_eq!(dependent.depends_on, [a.id.clone(), b.id.clone()]);
+    let listed = c
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            category: pb::TaskCategory::Cache as i32,
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tasks.len(), 1, "PENDING tasks are active");
+    let done = wait_task(&mut c, &dependent.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    let a_done = wait_task(&mut c, &a.id, is_final).await;
+    let (started, a_ended) = (done.start_time.unwrap(), a_done.end_time.unwrap());
+    assert!(
+        (started.seconds, started.nanos) >= (a_ended.seconds, a_ended.nanos),
+        "ran only after its dependency ended"
+    );
+    // all dependencies already succeeded: queued at once
+    let later = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            depends_on: vec![a.id.clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    assert_ne!(later.state, pb::TaskState::Pending as i32);
+}
+
+/// A dependency that ends otherwise than SUCCEEDED (timed out, cancelled)
+/// cancels its dependents, naming it, and theirs in turn.
+async fn dependencies_cancel_on_failure(backend: Backend) {
+    let koo = start_on(backend, 2).await;
+    let mut c = client(&koo.server);
+    let slow = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            max_retries: Some(0),
+            soft_time_limit: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+            time_limit: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 300_000_000,
+            }),
+            ..submit(
+                "koo.diagnostics.stubborn",
+                serde_json::json!({ "seconds": 1 }),
+            )
+        })
+        .await
+        .unwrap(),
+    );
+    let child = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            depends_on: vec![slow.id.clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    let grandchild = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            depends_on: vec![child.id.clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    let done = wait_task(&mut c, &child.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Cancelled as i32, "{done:?}");
+    assert_eq!(
+        done.error.unwrap().message,
+        format!("dependency {} ended TIMED_OUT", slow.id)
+    );
+    let done = wait_task(&mut c, &grandchild.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Cancelled as i32, "{done:?}");
+    assert_eq!(
+        done.error.unwrap().message,
+        format!("dependency {} ended CANCELLED", child.id)
+    );
+    // cancelling the dependency cancels the dependent
+    let long = task_of(
+        c.submit_task(submit(
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 60, "steps": 60 }),
+        ))
+        .await
+        .unwrap(),
+    );
+    let waiting = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            depends_on: vec![long.id.clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: long.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let done = wait_task(&mut c, &waiting.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Cancelled as i32, "{done:?}");
+    // a PENDING task can itself be cancelled
+    let blocker = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            countdown: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    let pending = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            depends_on: vec![blocker.id.clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap(),
+    );
+    let cancelled = c
+        .cancel_task(pb::CancelTaskRequest {
+            task_id: pending.id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(cancelled.state, pb::TaskState::Cancelled as i32);
+}
+
+/// Bad dependencies are refused at submit: unknown, malformed, listed
+/// twice, already failed, with a countdown, or in a batch.
+async fn bad_dependencies_are_refused(backend: Backend) {
+    let koo = start_on(backend, 1).await;
+    let mut c = client(&koo.server);
+    let failed = task_of(
+        c.submit_task(pb::SubmitTaskRequest {
+            max_retries: Some(0),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({ "failures": 1 }),
+            )
+        })
+        .await
+        .unwrap(),
+    );
+    wait_task(&mut c, &failed.id, is_final).await;
+    let unknown =
+        koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue())
+            .to_string();
+    let with = |deps: Vec<String>| pb::SubmitTaskRequest {
+        depends_on: deps,
+        ..submit("koo.diagnostics.noop", serde_json::json!({}))
+    };
+    for (req, code, field) in [
+        (
+            with(vec![unknown.clone()]),
+            Code::InvalidArgument,
+            "depends_on[0]",
+        ),
+        (
+            with(vec!["nonsense".into()]),
+            Code::InvalidArgument,
+            "depends_on[0]",
+        ),
+        (
+            with(vec![failed.id.clone(), failed.id.clone()]),
+            Code::InvalidArgument,
+            "depends_on[1]",
+        ),
+        (with(vec![failed.id.clone()]), Code::FailedPrecondition, ""),
+        (
+            pb::SubmitTaskRequest {
+                countdown: Some(prost_types::Duration {
+                    seconds: 5,
+                    nanos: 0,
+                }),
+                ..with(vec![failed.id.clone()])
+            },
+            Code::InvalidArgument,
+            "countdown",
+        ),
+    ] {
+        let err = c.submit_task(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), code, "{req:?}: {err:?}");
+        if !field.is_empty() {
+            assert_eq!(
+                err.get_error_details()
+                    .bad_request()
+                    .unwrap()
+                    .field_violations[0]
+                    .field,
+                field
+            );
+        }
+    }
+    let err = c
+        .submit_tasks(pb::SubmitTasksRequest {
+            tasks: vec![with(vec![failed.id.clone()])],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }

@@ -73,6 +73,7 @@ on_both!(
     bad_submits_and_ids,
     history_pages_through_same_millisecond_ties,
     a_task_outliving_its_lease_with_heartbeats_runs_once,
+    a_missed_dependency_release_is_repaired_by_the_sweep,
 );
 
 /// An engine on `backend`, and its Redis if any.
@@ -486,4 +487,60 @@ async fn a_task_outliving_its_lease_with_heartbeats_runs_once(backend: Backend) 
         "{done:?}"
     );
     assert_eq!(done.log.len(), 1, "{:?}", done.log);
+}
+
+/// A process that dies between a dependency's success and its dependent's
+/// release (simulated by ending the dependency with the store's own finish,
+/// which releases nothing on Redis) is repaired by the recovery sweep: the
+/// dependent is queued anyway.
+async fn a_missed_dependency_release_is_repaired_by_the_sweep(backend: Backend) {
+    let koo = Koo::start(backend, 0, 1).await;
+    let first = koo.submit(NOOP, serde_json::json!({}), |_| {}).await;
+    let dependent = koo
+        .submit(NOOP, serde_json::json!({}), |t| {
+            t.depends_on = vec![first.id.to_string()];
+        })
+        .await;
+    assert_eq!(dependent.state, State::Pending);
+    let mut events = koo
+        .engine
+        .store()
+        .event_reader(&dependent.id.queue(), None, later())
+        .await
+        .unwrap();
+    let leased = koo
+        .engine
+        .lease(&queue(), "w", &["*"], later())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(leased.id, first.id);
+    let ended = koo
+        .engine
+        .store()
+        .finish(
+            &first.id,
+            leased.token,
+            &koo::store::tasks::Outcome::Succeeded("1".into()),
+            "{}",
+            Default::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ended, Some(State::Succeeded));
+    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    loop {
+        let now = koo
+            .engine
+            .get(dependent.id.as_str(), later())
+            .await
+            .unwrap();
+        if now.state == State::Queued {
+            break;
+        }
+        assert_eq!(now.state, State::Pending);
+        assert!(tokio::time::Instant::now() < until, "never released");
+        events.next(Duration::from_millis(500)).await.unwrap();
+    }
 }

@@ -95,6 +95,7 @@ impl Fixture {
             kwargs: "{}".into(),
             state: State::Queued,
             cache_result: None,
+            depends_on: vec![],
             attempts: 0,
             token: 0,
             max_retries,

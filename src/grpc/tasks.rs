@@ -271,6 +271,7 @@ fn to_pb_task(t: Task) -> pb::Task {
         soft_time_limit: pb_duration_ms(t.soft_ms),
         time_limit: pb_duration_ms(t.hard_ms),
         attempt_log,
+        depends_on: t.depends_on,
         cache_result: t
             .cache_result
             .as_deref()
@@ -344,6 +345,7 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
         result_ttl: duration("result_ttl", r.result_ttl)?,
         cache_result,
         idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
+        depends_on: r.depends_on,
     })
 }
 
@@ -688,6 +690,12 @@ impl pb::task_service_server::TaskService for TaskApi {
             return Err(invalid_argument(
                 &format!("tasks[{i}].idempotency_key"),
                 "only SubmitTask takes an idempotency key",
+            ));
+        }
+        if let Some(i) = news.iter().position(|n| !n.depends_on.is_empty()) {
+            return Err(invalid_argument(
+                &format!("tasks[{i}].depends_on"),
+                "only SubmitTask takes dependencies",
             ));
         }
         let results = engine

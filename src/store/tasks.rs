@@ -123,6 +123,30 @@ impl CancelReply {
     }
 }
 
+/// What registering on a dependency found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DependReply {
+    /// It has not ended: the dependent waits on it.
+    Waiting,
+    /// No such task (or its result expired).
+    Missing,
+    /// It already ended, in this state.
+    Ended(State),
+}
+
+impl DependReply {
+    pub(crate) fn parse(reply: &str) -> Self {
+        match reply {
+            "waiting" => Self::Waiting,
+            "missing" => Self::Missing,
+            other => other
+                .strip_prefix("ended:")
+                .and_then(State::parse)
+                .map_or(Self::Missing, Self::Ended),
+        }
+    }
+}
+
 /// What a RetryTask did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RetryReply {
@@ -340,6 +364,94 @@ impl TaskStore {
                 store.retry_task(&keys, id, limits, deadline).await
             }
             Self::Memory(m) => Ok(m.retry(id, limits)),
+        }
+    }
+
+    /// Stores a new task PENDING on the dependencies in `waiting` (each of
+    /// which already lists it as a dependent).
+    pub async fn submit_pending(
+        &self,
+        task: &Task,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &task.id.queue());
+                store
+                    .submit_pending_task(&keys, task, waiting, limits, deadline)
+                    .await
+            }
+            Self::Memory(m) => m.submit_pending(task, waiting, limits),
+        }
+    }
+
+    /// Registers `dependent` as waiting on `id`, unless `id` has ended.
+    pub async fn depend_on(
+        &self,
+        id: &TaskId,
+        dependent: &TaskId,
+        deadline: Deadline,
+    ) -> Result<DependReply> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store.depend_on(&keys, id, dependent, deadline).await
+            }
+            Self::Memory(m) => Ok(m.depend_on(id, dependent)),
+        }
+    }
+
+    /// The tasks waiting on `id` (on the embedded store, released as `id`
+    /// ends: always empty).
+    pub async fn dependents(&self, id: &TaskId, deadline: Deadline) -> Result<Vec<String>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store.dependents(&keys, id, deadline).await
+            }
+            Self::Memory(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Up to `count` PENDING tasks of `queue` with the dependencies each
+    /// still waits on (on the embedded store: none need repair).
+    pub async fn pending_tasks(
+        &self,
+        queue: &QueueName,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, Vec<String>)>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store
+                    .pending_tasks(&Self::keys(prefix, queue), count, deadline)
+                    .await
+            }
+            Self::Memory(_) => Ok(Vec::new()),
+        }
+    }
+
+    /// Dependency `dependency` of PENDING task `id` ended in `state`: the
+    /// task's state after (the embedded store does this as the dependency
+    /// ends).
+    pub async fn resolve_dependency(
+        &self,
+        id: &TaskId,
+        dependency: &str,
+        state: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<State>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                let keys = Self::keys(prefix, &id.queue());
+                store
+                    .resolve_dependency(&keys, id, dependency, state, limits, deadline)
+                    .await
+            }
+            Self::Memory(_) => Ok(None),
         }
     }
 

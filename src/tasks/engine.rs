@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use super::model::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
 use super::retry::Backoff;
 use crate::store::tasks::{
-    Beat, CancelReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskLimits, TaskStore, Trimmed,
+    Beat, CancelReply, DependReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskLimits,
+    TaskStore, Trimmed,
 };
 use crate::store::{Deadline, StoreError};
 
@@ -117,6 +118,8 @@ pub struct NewTask {
     pub cache_result: Option<CacheTarget>,
     /// Submits with the same key (while its task is known) create one task.
     pub idempotency_key: Option<String>,
+    /// Tasks (ids) that must succeed before this one is queued.
+    pub depends_on: Vec<String>,
 }
 
 impl NewTask {
@@ -136,6 +139,7 @@ impl NewTask {
             result_ttl: None,
             cache_result: None,
             idempotency_key: None,
+            depends_on: Vec::new(),
         }
     }
 }
@@ -264,14 +268,136 @@ impl TaskEngine {
     /// Validates and stores a task; it is queued (or scheduled) when this
     /// returns.
     pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
-        let c = &self.inner.config;
         let (task, delay) = self.prepare(new)?;
-        self.inner
-            .store
-            .submit(&task, delay, c.limits, deadline)
+        self.store_task(task, delay, deadline).await
+    }
+
+    /// Stores a prepared task: queued (or scheduled) now, or PENDING on
+    /// the dependencies that have not ended. The dependencies are
+    /// registered first, so an end after that releases the task; one that
+    /// ended in between is caught by the check after the store.
+    async fn store_task(
+        &self,
+        mut task: Task,
+        delay: Duration,
+        deadline: Deadline,
+    ) -> Result<Task, TaskError> {
+        let c = &self.inner.config;
+        let store = &self.inner.store;
+        let mut waiting = Vec::new();
+        for (i, dep) in task.depends_on.iter().enumerate() {
+            let dep_id = TaskId::parse(dep).map_err(|e| invalid("depends_on", e.to_string()))?;
+            match store.depend_on(&dep_id, &task.id, deadline).await? {
+                DependReply::Waiting => waiting.push(dep_id),
+                DependReply::Ended(State::Succeeded) => {}
+                DependReply::Missing => {
+                    return Err(invalid(
+                        &format!("depends_on[{i}]"),
+                        format!("no task {dep} (unknown, or its result expired)"),
+                    ));
+                }
+                DependReply::Ended(state) => {
+                    return Err(TaskError::FailedPrecondition(format!(
+                        "dependency {dep} already ended {}: the task could never run",
+                        state.as_str().to_uppercase()
+                    )));
+                }
+            }
+        }
+        if waiting.is_empty() {
+            store.submit(&task, delay, c.limits, deadline).await?;
+            self.inner.submitted.send_replace(Some(task.id.queue()));
+            return Ok(task);
+        }
+        store
+            .submit_pending(&task, &waiting, c.limits, deadline)
             .await?;
-        self.inner.submitted.send_replace(Some(task.id.queue()));
+        task.state = State::Pending;
+        for dep in &waiting {
+            if let Ok(d) = self.get(dep.as_str(), deadline).await
+                && d.state.is_final()
+            {
+                self.resolve(&task.id, dep.as_str(), d.state.as_str(), deadline)
+                    .await?;
+            }
+        }
         Ok(task)
+    }
+
+    /// Dependency `dep` of PENDING task `id` ended in `state`: release or
+    /// cancel the task, and, if it was cancelled, its own dependents.
+    async fn resolve(
+        &self,
+        id: &TaskId,
+        dep: &str,
+        state: &str,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        let c = &self.inner.config;
+        match self
+            .inner
+            .store
+            .resolve_dependency(id, dep, state, c.limits, deadline)
+            .await?
+        {
+            Some(State::Queued) => {
+                self.inner.submitted.send_replace(Some(id.queue()));
+            }
+            Some(State::Cancelled) => {
+                Box::pin(self.release_dependents(id, State::Cancelled, deadline)).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Task `id` ended in `state`: its dependents stop waiting on it (on
+    /// Redis; the embedded store does this as the task ends). A process
+    /// that dies before this is covered by the recovery sweep's repair.
+    pub async fn release_dependents(
+        &self,
+        id: &TaskId,
+        state: State,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        for dependent in self.inner.store.dependents(id, deadline).await? {
+            let Ok(dependent) = TaskId::parse(&dependent) else {
+                continue;
+            };
+            self.resolve(&dependent, id.as_str(), state.as_str(), deadline)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Releases a task's dependents after it ended; a failure is left to
+    /// the recovery sweep's repair.
+    async fn release_after_end(&self, id: &TaskId, state: State, deadline: Deadline) {
+        if let Err(e) = self.release_dependents(id, state, deadline).await {
+            tracing::warn!(task = %id, error = %e, "cannot release dependents now; the sweep will");
+        }
+    }
+
+    /// Repairs releases a dead process did not make: every PENDING task of
+    /// `queue` (at most 100 a call) whose dependency has ended is resolved.
+    async fn repair_pending(&self, queue: &QueueName, deadline: Deadline) -> Result<(), TaskError> {
+        for (id, deps) in self.inner.store.pending_tasks(queue, 100, deadline).await? {
+            let Ok(task_id) = TaskId::parse(&id) else {
+                continue;
+            };
+            for dep in deps {
+                let state = match self.get(&dep, deadline).await {
+                    Ok(d) if d.state.is_final() => d.state.as_str().to_owned(),
+                    Ok(_) => continue,
+                    Err(TaskError::NotFound(_) | TaskError::InvalidArgument { .. }) => {
+                        "gone".to_owned()
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.resolve(&task_id, &dep, &state, deadline).await?;
+            }
+        }
+        Ok(())
     }
 
     /// [`Self::submit`], deduplicated by the task's idempotency key: while
@@ -307,11 +433,8 @@ impl TaskEngine {
                 // The store call gets at most half the takeover age, so that
                 // a claim is never taken over while its submit may land.
                 let submit_deadline = deadline.min(Deadline::after(c.idempotency_takeover / 2));
-                store
-                    .submit(&task, delay, c.limits, submit_deadline)
-                    .await?;
-                self.inner.submitted.send_replace(Some(task.id.queue()));
-                return Ok((task, false));
+                let stored = self.store_task(task, delay, submit_deadline).await?;
+                return Ok((stored, false));
             }
             let held = claim.unwrap_or_default();
             let mut parts = held.splitn(3, '|');
@@ -428,6 +551,21 @@ impl TaskEngine {
                 "must be at least 1 s, so that the result can be read",
             ));
         }
+        if new.depends_on.len() > 100 {
+            return Err(invalid("depends_on", "at most 100 dependencies"));
+        }
+        for (i, dep) in new.depends_on.iter().enumerate() {
+            TaskId::parse(dep).map_err(|e| invalid(&format!("depends_on[{i}]"), e.to_string()))?;
+            if new.depends_on[..i].contains(dep) {
+                return Err(invalid(&format!("depends_on[{i}]"), "is listed twice"));
+            }
+        }
+        if !new.depends_on.is_empty() && !new.delay.is_zero() {
+            return Err(invalid(
+                "countdown",
+                "a task with dependencies runs when they succeed: no countdown or ETA",
+            ));
+        }
         if let Some(target) = &new.cache_result
             && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
         {
@@ -456,6 +594,7 @@ impl TaskEngine {
             attempts: 0,
             token: 0,
             cache_result: new.cache_result.as_ref().map(CacheTarget::to_json),
+            depends_on: new.depends_on.clone(),
             max_retries: new.max_retries.unwrap_or(c.default_max_retries),
             worker: None,
             progress: None,
@@ -553,7 +692,10 @@ impl TaskEngine {
             CancelReply::Requested => {
                 let _ = self.inner.cancels.send(task_id.clone());
             }
-            CancelReply::Cancelled => {}
+            CancelReply::Cancelled => {
+                self.release_after_end(&task_id, State::Cancelled, deadline)
+                    .await;
+            }
         }
         self.get(id, deadline).await
     }
@@ -671,7 +813,8 @@ impl TaskEngine {
         deadline: Deadline,
     ) -> Result<State, TaskError> {
         let (outcome, entry) = self.outcome(task, worker, &finish);
-        self.inner
+        let state = self
+            .inner
             .store
             .finish(
                 &task.id,
@@ -682,7 +825,11 @@ impl TaskEngine {
                 deadline,
             )
             .await?
-            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))?;
+        if state.is_final() {
+            self.release_after_end(&task.id, state, deadline).await;
+        }
+        Ok(state)
     }
 
     /// [`Self::finish`], then a lease of the next task of the same queue
@@ -703,11 +850,16 @@ impl TaskEngine {
             lease: c.lease,
             names,
         };
-        self.inner
+        let (state, leased) = self
+            .inner
             .store
             .finish_and_lease(&task.id, token, &outcome, &entry, &next, c.limits, deadline)
             .await?
-            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))
+            .ok_or_else(|| TaskError::Fenced(task.id.to_string()))?;
+        if state.is_final() {
+            self.release_after_end(&task.id, state, deadline).await;
+        }
+        Ok((state, leased))
     }
 
     /// What the store records for a finish: the outcome and the attempt's
@@ -850,6 +1002,10 @@ impl TaskEngine {
                             break;
                         }
                     }
+                }
+                let deadline = Deadline::after(c.sweep_interval.max(Duration::from_secs(1)));
+                if let Err(e) = self.repair_pending(queue, deadline).await {
+                    tracing::warn!(queue = %queue, error = %e, "cannot check pending tasks' dependencies");
                 }
             }
         }

@@ -335,6 +335,8 @@ pub struct Task {
     /// Where a successful result is also cached (JSON `{level, key,
     /// ttl_ms}`), if anywhere.
     pub cache_result: Option<String>,
+    /// The tasks it waited on before it could run.
+    pub depends_on: Vec<String>,
     /// Attempts so far, counted when leased (a hand-back at shutdown
     /// gives its attempt back).
     pub attempts: u32,
@@ -386,6 +388,12 @@ impl Task {
             ("result_ttl_ms", self.result_ttl_ms.to_string()),
             ("token", self.token.to_string()),
         ];
+        if !self.depends_on.is_empty() {
+            f.push((
+                "depends_on",
+                serde_json::to_string(&self.depends_on).unwrap_or_default(),
+            ));
+        }
         for (name, value) in [
             ("cache_result", &self.cache_result),
             ("progress", &self.progress),
@@ -431,6 +439,10 @@ impl Task {
             kwargs: get("kwargs")?.clone(),
             state: State::parse(get("state")?).ok_or("field state is unknown")?,
             cache_result: text("cache_result"),
+            depends_on: fields
+                .get("depends_on")
+                .and_then(|d| serde_json::from_str(d).ok())
+                .unwrap_or_default(),
             attempts: num("attempts")? as u32,
             token: fields
                 .get("token")
@@ -541,6 +553,7 @@ mod tests {
             args: "[1,\"x\"]".into(),
             kwargs: "{}".into(),
             state: State::Queued,
+            depends_on: vec![],
             cache_result: None,
             attempts: 0,
             token: 0,

@@ -81,6 +81,24 @@ impl TaskContext {
             )
             .await
     }
+
+    /// The results of the tasks this one depended on (each SUCCEEDED before
+    /// it was queued), in `depends_on` order: `(id, result JSON)`, the
+    /// result `None` once it has expired (`RESULT_EXPIRES` after its end).
+    pub async fn dependency_results(&self) -> Vec<(String, Option<serde_json::Value>)> {
+        let mut out = Vec::with_capacity(self.task.depends_on.len());
+        for id in &self.task.depends_on {
+            let result = self
+                .engine
+                .get(id, Deadline::after(Duration::from_secs(5)))
+                .await
+                .ok()
+                .and_then(|t| t.result)
+                .and_then(|r| serde_json::from_str(&r).ok());
+            out.push((id.clone(), result));
+        }
+        out
+    }
 }
 
 /// A handler's future.

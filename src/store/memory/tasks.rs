@@ -13,7 +13,7 @@
 //! critical section touches a handful of map entries (at most ~100 lapsed
 //! leases or due tasks per recovery call, as on Redis).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -21,8 +21,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use crate::store::tasks::{
-    Beat, CancelReply, Outcome, QueueStats, RetryReply, TaskEvent, TaskLimits, Trimmed,
-    WorkerRecord,
+    Beat, CancelReply, DependReply, Outcome, QueueStats, RetryReply, TaskEvent, TaskLimits,
+    Trimmed, WorkerRecord,
 };
 use crate::store::{Result, StoreError, unix_millis};
 use crate::tasks::model::{QueueName, State, Task, TaskId};
@@ -138,6 +138,8 @@ struct Queue {
     ready: ZSet,
     scheduled: ZSet,
     leases: ZSet,
+    /// PENDING ids, by submit time.
+    pending: ZSet,
     history: ZSet,
     /// Summaries of ended tasks (JSON), which outlive their results.
     history_data: HashMap<String, String>,
@@ -161,6 +163,8 @@ struct Entry {
     task: Task,
     /// Why a cancel was asked for while it ran.
     cancel: Option<String>,
+    /// The dependencies a PENDING task still waits on.
+    waiting: HashSet<String>,
     /// Attempts when it was last retried by hand: the retry budget counts
     /// from there.
     attempt_base: u32,
@@ -196,6 +200,8 @@ struct Tasks {
     workers: HashMap<String, (WorkerRecord, i64)>,
     /// Idempotency claims and when they expire (ms).
     claims: HashMap<String, (String, i64)>,
+    /// The tasks waiting on each task that has not ended.
+    dependents: HashMap<String, Vec<String>>,
 }
 
 struct Shared {
@@ -317,6 +323,46 @@ impl Tasks {
         let at = now.saturating_add(e.task.result_ttl_ms as i64);
         e.expires_at = Some(at);
         self.expiring.insert((at, id.to_owned()));
+        self.release_dependents(id, state, limits, now);
+    }
+
+    /// Task `id` ended in `state`: its PENDING dependents stop waiting on
+    /// it, and are queued when nothing is left to wait on, or end
+    /// CANCELLED when it did not succeed (which releases theirs in turn).
+    fn release_dependents(&mut self, id: &str, state: State, limits: TaskLimits, now: i64) {
+        for dependent in self.dependents.remove(id).unwrap_or_default() {
+            let Some(e) = self
+                .tasks
+                .get_mut(&dependent)
+                .filter(|e| e.task.state == State::Pending)
+            else {
+                continue;
+            };
+            e.waiting.remove(id);
+            let queue = e.task.id.queue();
+            let q = self.queues.entry(queue.clone()).or_default();
+            if state != State::Succeeded {
+                q.pending.remove(&dependent);
+                e.task.state = State::Cancelled;
+                e.task.finished_ms = Some(now);
+                e.task.error = Some(
+                    serde_json::json!({
+                        "message": format!("dependency {id} ended {}", state.as_str().to_uppercase()),
+                        "retryable": false,
+                    })
+                    .to_string(),
+                );
+                q.count("cancelled");
+                push_event(q, &mut self.last_event, limits, &e.task, None, now);
+                self.end(&queue, &dependent, limits, now);
+            } else if e.waiting.is_empty() {
+                q.pending.remove(&dependent);
+                e.task.state = State::Queued;
+                q.ready
+                    .add(&dependent, e.task.priority.band() as i64 * BAND + now);
+                push_event(q, &mut self.last_event, limits, &e.task, None, now);
+            }
+        }
     }
 
     /// Forgets up to [`PURGE_BATCH`] tasks whose results have expired.
@@ -393,12 +439,91 @@ impl MemoryTasks {
             Entry {
                 task,
                 cancel: None,
+                waiting: HashSet::new(),
                 attempt_base: 0,
                 lease_until: 0,
                 hard_until: 0,
                 expires_at: None,
             },
         );
+        let last = s.last_event;
+        drop(guard);
+        self.announce(last);
+        Ok(())
+    }
+
+    /// Registers `dependent` as waiting on `id`, unless `id` has ended.
+    pub fn depend_on(&self, id: &TaskId, dependent: &TaskId) -> DependReply {
+        let mut s = self.lock();
+        let now = now_ms();
+        let state = match s.tasks.get(id.as_str()).filter(|e| e.live(now)) {
+            None => return DependReply::Missing,
+            Some(e) => e.task.state,
+        };
+        if state.is_final() {
+            return DependReply::Ended(state);
+        }
+        s.dependents
+            .entry(id.to_string())
+            .or_default()
+            .push(dependent.to_string());
+        DependReply::Waiting
+    }
+
+    /// Stores a new task PENDING on `waiting`; if those all ended meanwhile,
+    /// it is released at once.
+    pub fn submit_pending(
+        &self,
+        task: &Task,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+    ) -> Result<()> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let now = now_ms();
+        let id = task.id.as_str();
+        if s.tasks.contains_key(id) {
+            return Err(StoreError::Backend(format!("task {id} already exists")));
+        }
+        if s.tasks.len() >= MAX_TASKS {
+            return Err(StoreError::OutOfMemory(format!(
+                "the embedded store holds {MAX_TASKS} tasks, its limit: wait for results to expire, or use Redis (REDIS_URL)"
+            )));
+        }
+        let mut task = task.clone();
+        task.created_ms = now;
+        task.state = State::Pending;
+        let q = s.queues.entry(task.id.queue()).or_default();
+        q.pending.add(id, now);
+        q.count("submitted");
+        push_event(q, &mut s.last_event, limits, &task, None, now);
+        s.tasks.insert(
+            id.to_owned(),
+            Entry {
+                task,
+                cancel: None,
+                waiting: waiting.iter().map(|w| w.to_string()).collect(),
+                attempt_base: 0,
+                lease_until: 0,
+                hard_until: 0,
+                expires_at: None,
+            },
+        );
+        // a dependency that ended between its registration and now
+        for dep in waiting {
+            if let Some(state) = s
+                .tasks
+                .get(dep.as_str())
+                .map(|e| e.task.state)
+                .filter(|st| st.is_final())
+            {
+                s.dependents
+                    .entry(dep.to_string())
+                    .or_default()
+                    .push(id.to_owned());
+                s.release_dependents(dep.as_str(), state, limits, now);
+            }
+        }
         let last = s.last_event;
         drop(guard);
         self.announce(last);
@@ -513,6 +638,7 @@ impl MemoryTasks {
         }
         q.ready.remove(id.as_str());
         q.scheduled.remove(id.as_str());
+        q.pending.remove(id.as_str());
         e.task.state = State::Cancelled;
         e.task.finished_ms = Some(now);
         e.task.error = Some(
@@ -935,7 +1061,7 @@ impl MemoryTasks {
         let Some(q) = s.queues.get(queue) else {
             return (Vec::new(), None);
         };
-        let sets = [&q.leases, &q.ready, &q.scheduled];
+        let sets = [&q.leases, &q.ready, &q.scheduled, &q.pending];
         let mut tasks = Vec::new();
         while set < sets.len() && tasks.len() < count {
             let want = count - tasks.len();

@@ -15,8 +15,8 @@ use redis::Script;
 use super::RedisStore;
 use crate::keys::QueueKeys;
 use crate::store::tasks::{
-    Beat, CancelReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskEvent, TaskLimits, Trimmed,
-    WorkerRecord,
+    Beat, CancelReply, DependReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskEvent,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result, StoreError};
 use crate::tasks::model::{State, Task, TaskId};
@@ -35,6 +35,8 @@ pub(super) struct TaskScripts {
     cancel: Script,
     retry: Script,
     idem_swap: Script,
+    depend: Script,
+    resolve: Script,
 }
 
 /// A script with the shared library (`lua/tasks/lib.lua`) prepended.
@@ -56,6 +58,8 @@ impl TaskScripts {
             cancel: with_lib(include_str!("lua/tasks/cancel.lua")),
             retry: Script::new(include_str!("lua/tasks/retry.lua")),
             idem_swap: Script::new(include_str!("lua/tasks/idem_swap.lua")),
+            depend: Script::new(include_str!("lua/tasks/depend.lua")),
+            resolve: with_lib(include_str!("lua/tasks/resolve.lua")),
             finish_lease: with_lib(&format!(
                 "local function finish(KEYS, ARGV)\n{}\nend\nlocal function lease(KEYS, ARGV)\n{}\nend\n{}",
                 include_str!("lua/tasks/finish.lua"),
@@ -219,7 +223,7 @@ impl RedisStore {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
-        let inv = self.submit_invocation(keys, task, delay, limits);
+        let inv = self.submit_invocation(keys, task, delay, &[], limits);
         let inv = &inv;
         self.run_once(deadline, |mut c| async move {
             inv.invoke_async::<i64>(&mut c).await
@@ -241,7 +245,7 @@ impl RedisStore {
             .iter()
             .map(|(task, delay)| {
                 let keys = QueueKeys::new(prefix, &task.id.queue());
-                self.submit_invocation(&keys, task, *delay, limits)
+                self.submit_invocation(&keys, task, *delay, &[], limits)
             })
             .collect();
         let mut pipe = redis::pipe();
@@ -267,11 +271,121 @@ impl RedisStore {
             .collect())
     }
 
+    /// Stores a new task PENDING on the dependencies in `waiting`.
+    pub async fn submit_pending_task(
+        &self,
+        keys: &QueueKeys,
+        task: &Task,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let inv = self.submit_invocation(keys, task, Duration::ZERO, waiting, limits);
+        let inv = &inv;
+        self.run_once(deadline, |mut c| async move {
+            inv.invoke_async::<i64>(&mut c).await
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Registers `dependent` on the dependency `id` (see `depend.lua`).
+    pub async fn depend_on(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        dependent: &TaskId,
+        deadline: Deadline,
+    ) -> Result<DependReply> {
+        let mut inv = self.inner.tasks.depend.prepare_invoke();
+        inv.key(keys.task(id));
+        inv.arg(dependent.as_str());
+        let inv = &inv;
+        let reply: String = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(DependReply::parse(&reply))
+    }
+
+    /// The tasks waiting on `id`.
+    pub async fn dependents(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        deadline: Deadline,
+    ) -> Result<Vec<String>> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(format!("{}:dependents", keys.task(id)));
+        self.query(&cmd, deadline).await
+    }
+
+    /// Up to `count` PENDING tasks of the queue with the dependencies each
+    /// still waits on.
+    pub async fn pending_tasks(
+        &self,
+        keys: &QueueKeys,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, Vec<String>)>> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(keys.pending()).arg(0).arg(count.max(1) - 1);
+        let ids: Vec<String> = self.query(&cmd, deadline).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("SMEMBERS")
+                .arg(format!("{}{id}:deps", keys.task_prefix()));
+        }
+        let deps: Vec<Vec<String>> = self.query_pipe(&pipe, deadline).await?;
+        Ok(ids.into_iter().zip(deps).collect())
+    }
+
+    /// A dependency of PENDING task `id` ended in `state` (see
+    /// `resolve.lua`); the task's state after.
+    pub async fn resolve_dependency(
+        &self,
+        keys: &QueueKeys,
+        id: &TaskId,
+        dependency: &str,
+        state: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<State>> {
+        let mut inv = self.inner.tasks.resolve.prepare_invoke();
+        inv.key(keys.task(id))
+            .key(keys.pending())
+            .key(keys.ready())
+            .key(keys.history())
+            .key(keys.history_data())
+            .key(keys.dead())
+            .key(keys.events())
+            .key(keys.stats());
+        inv.arg(id.as_str())
+            .arg(dependency)
+            .arg(state)
+            .arg(limits.events)
+            .arg(limits.history);
+        let inv = &inv;
+        let reply: String = self
+            .run(
+                deadline,
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
+        Ok(State::parse(&reply))
+    }
+
     fn submit_invocation(
         &self,
         keys: &QueueKeys,
         task: &Task,
         delay: Duration,
+        waiting: &[TaskId],
         limits: TaskLimits,
     ) -> redis::ScriptInvocation<'_> {
         let mut inv = self.inner.tasks.submit.prepare_invoke();
@@ -279,11 +393,16 @@ impl RedisStore {
             .key(keys.ready())
             .key(keys.scheduled())
             .key(keys.events())
-            .key(keys.stats());
+            .key(keys.stats())
+            .key(keys.pending());
         inv.arg(task.id.as_str())
             .arg(task.priority.band())
             .arg(millis(delay))
-            .arg(limits.events);
+            .arg(limits.events)
+            .arg(waiting.len());
+        for dep in waiting {
+            inv.arg(dep.as_str());
+        }
         for (field, value) in task.to_fields() {
             inv.arg(field).arg(value);
         }
@@ -359,7 +478,8 @@ impl RedisStore {
             .key(keys.history_data())
             .key(keys.dead())
             .key(keys.events())
-            .key(keys.stats());
+            .key(keys.stats())
+            .key(keys.pending());
         inv.arg(id.as_str())
             .arg(limits.events)
             .arg(limits.history)
@@ -660,7 +780,12 @@ impl RedisStore {
         count: usize,
         deadline: Deadline,
     ) -> Result<(Vec<Task>, Option<(usize, u64)>)> {
-        let sets = [keys.leases(), keys.ready(), keys.scheduled()];
+        let sets = [
+            keys.leases(),
+            keys.ready(),
+            keys.scheduled(),
+            keys.pending(),
+        ];
         let mut tasks = Vec::new();
         while set < sets.len() && tasks.len() < count {
             let want = (count - tasks.len()) as u64;

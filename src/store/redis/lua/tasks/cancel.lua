@@ -5,7 +5,7 @@
 -- Returns 'cancelled', 'cancelling', 'missing', or 'ended:' and the end
 -- state it already has.
 -- KEYS: 1 task hash, 2 ready, 3 scheduled, 4 history, 5 history data, 6 dead,
---       7 events, 8 stats
+--       7 events, 8 stats, 9 pending
 -- ARGV: 1 id, 2 events cap, 3 history cap, 4 reason
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -22,6 +22,7 @@ end
 if state ~= 'queued' and state ~= 'scheduled' and state ~= 'pending' then return 'ended:' .. state end
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[9], ARGV[1])
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_ms', now,
   'error', cjson.encode({ message = 'cancelled: ' .. ARGV[4], retryable = false }))
 redis.call('HINCRBY', KEYS[8], 'cancelled', 1)

@@ -26,6 +26,9 @@ local function record_end(key, id, outcome, now, history, history_data, dead, ca
   end
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':log', ttl)
+  -- dependency bookkeeping goes with the task
+  redis.call('PEXPIRE', key .. ':deps', ttl)
+  redis.call('PEXPIRE', key .. ':dependents', ttl)
 end
 
 -- Whether the retry budget is spent: attempts since the last RetryTask
