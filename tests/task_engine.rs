@@ -528,7 +528,7 @@ async fn a_missed_dependency_release_is_repaired_by_the_sweep(backend: Backend) 
         )
         .await
         .unwrap();
-    assert_eq!(ended, Some(State::Succeeded));
+    assert_eq!(ended.map(|(state, _)| state), Some(State::Succeeded));
     let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
     loop {
         let now = koo

@@ -146,6 +146,7 @@ impl Fixture {
             )
             .await
             .unwrap()
+            .map(|(state, _)| state)
     }
 
     async fn get(&self, id: &TaskId) -> Task {
@@ -536,7 +537,7 @@ async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
         State::Queued,
         "nothing leased"
     );
-    let (state, next) = f
+    let ((state, _), next) = f
         .store
         .finish_and_lease(
             &first.id,

@@ -552,8 +552,10 @@ impl TaskStore {
         }
     }
 
-    /// Ends the attempt held with `token`; the state the task moved to, or
-    /// `None` when fenced. `log` is the attempt's log entry (a JSON object).
+    /// Ends the attempt held with `token`: the state the task moved to and
+    /// whether tasks wait on it (on Redis, releasing them is the caller's
+    /// part), or `None` when fenced. `log` is the attempt's log entry (a
+    /// JSON object).
     #[allow(clippy::too_many_arguments)]
     pub async fn finish(
         &self,
@@ -563,7 +565,7 @@ impl TaskStore {
         log: &str,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<State>> {
+    ) -> Result<Option<(State, bool)>> {
         match self {
             Self::Redis { store, prefix } => {
                 let keys = Self::keys(prefix, &id.queue());
@@ -571,7 +573,10 @@ impl TaskStore {
                     .finish_task(&keys, id, token, outcome, log, limits, deadline)
                     .await
             }
-            Self::Memory(m) => m.finish(id, token, outcome, log, limits),
+            // the embedded store releases dependents as the task ends
+            Self::Memory(m) => Ok(m
+                .finish(id, token, outcome, log, limits)?
+                .map(|s| (s, false))),
         }
     }
 
@@ -588,7 +593,7 @@ impl TaskStore {
         next: &LeaseAsk<'_>,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<(State, Option<Task>)>> {
+    ) -> Result<Option<((State, bool), Option<Task>)>> {
         match self {
             Self::Redis { store, prefix } => {
                 let keys = Self::keys(prefix, &id.queue());
@@ -601,7 +606,7 @@ impl TaskStore {
                     return Ok(None);
                 };
                 let task = m.lease(&id.queue(), next.worker, next.lease, next.names, limits);
-                Ok(Some((state, task)))
+                Ok(Some(((state, false), task)))
             }
         }
     }

@@ -826,7 +826,8 @@ impl TaskEngine {
             )
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.to_string()))?;
-        if state.is_final() {
+        let (state, waited_on) = state;
+        if waited_on {
             self.release_after_end(&task.id, state, deadline).await;
         }
         Ok(state)
@@ -850,13 +851,13 @@ impl TaskEngine {
             lease: c.lease,
             names,
         };
-        let (state, leased) = self
+        let ((state, waited_on), leased) = self
             .inner
             .store
             .finish_and_lease(&task.id, token, &outcome, &entry, &next, c.limits, deadline)
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.to_string()))?;
-        if state.is_final() {
+        if waited_on {
             self.release_after_end(&task.id, state, deadline).await;
         }
         Ok((state, leased))

@@ -203,6 +203,14 @@ fn finish_params(
         .arg(log);
 }
 
+/// finish.lua's reply: the new state, and whether tasks wait on it.
+fn parse_end(reply: &str) -> Option<(State, bool)> {
+    match reply.strip_suffix('+') {
+        Some(state) => State::parse(state).map(|s| (s, true)),
+        None => State::parse(reply).map(|s| (s, false)),
+    }
+}
+
 /// A stream entry id `ms-seq` as a comparable pair.
 fn stream_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
@@ -661,7 +669,7 @@ impl RedisStore {
         log: &str,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<State>> {
+    ) -> Result<Option<(State, bool)>> {
         let mut inv = self.inner.tasks.finish.prepare_invoke();
         finish_params(&mut inv, keys, id, token, outcome, log, limits);
         let inv = &inv;
@@ -671,7 +679,7 @@ impl RedisStore {
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
             .await?;
-        Ok(state.and_then(|s| State::parse(&s)))
+        Ok(state.as_deref().and_then(parse_end))
     }
 
     /// [`Self::finish_task`], then, when it was accepted, a lease of the
@@ -687,7 +695,7 @@ impl RedisStore {
         next: &LeaseAsk<'_>,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<(State, Option<Task>)>> {
+    ) -> Result<Option<((State, bool), Option<Task>)>> {
         let mut inv = self.inner.tasks.finish_lease.prepare_invoke();
         finish_params(&mut inv, keys, id, token, outcome, log, limits);
         lease_params(&mut inv, keys, next.worker, next.lease, next.names, limits);
@@ -698,13 +706,13 @@ impl RedisStore {
                 |mut c| async move { inv.invoke_async(&mut c).await },
             )
             .await?;
-        let Some(state) = state.and_then(|s| State::parse(&s)) else {
+        let Some(ended) = state.as_deref().and_then(parse_end) else {
             return Ok(None);
         };
         let next = fields
             .map(|f| Task::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
             .transpose()?;
-        Ok(Some((state, next)))
+        Ok(Some((ended, next)))
     }
 
     /// Recovers the queue's lapsed leases and queues its due scheduled tasks

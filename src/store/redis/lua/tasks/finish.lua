@@ -1,7 +1,8 @@
 -- Ends an attempt reported under `token`: succeeded, retried after a
 -- backoff, failed for good (dead-lettered), or cancelled when a cancel was
--- asked for while it ran and it did not succeed. Returns the new state, or
--- false when fenced (the lease is no longer this holder's).
+-- asked for while it ran and it did not succeed. Returns the new state
+-- (with '+' appended when the task ended and other tasks wait on it, so
+-- that the caller releases them only then), or false when fenced.
 -- KEYS: 1 task hash, 2 leases, 3 scheduled, 4 history, 5 history data,
 --       6 dead, 7 events, 8 stats (counts per outcome)
 -- ARGV: 1 id, 2 token, 3 events cap, 4 outcome ('succeeded' | 'retry' |
@@ -45,4 +46,5 @@ redis.call('HSET', KEYS[1], 'state', outcome, field, payload, 'finished_ms', now
 if outcome == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
 record_end(KEYS[1], ARGV[1], outcome, now, KEYS[4], KEYS[5], KEYS[6], ARGV[7])
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'name', redis.call('HGET', KEYS[1], 'name') or '', 'state', outcome, 'at', now)
+if redis.call('EXISTS', KEYS[1] .. ':dependents') == 1 then return outcome .. '+' end
 return outcome
