@@ -708,7 +708,7 @@ async fn dependencies_release_on_success(backend: Backend) {
     let a = task_of(
         c.submit_task(submit(
             "koo.diagnostics.sleep",
-            serde_json::json!({ "seconds": 0.3, "steps": 1 }),
+            serde_json::json!({ "seconds": 1, "steps": 1 }),
         ))
         .await
         .unwrap(),
@@ -742,6 +742,13 @@ async fn dependencies_release_on_success(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(listed.tasks.len(), 1, "PENDING tasks are active");
+    let metrics = c
+        .get_task_metrics(pb::GetTaskMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let cache = metrics.queues.iter().find(|q| q.queue == "cache").unwrap();
+    assert_eq!(cache.pending, 1);
     let done = wait_task(&mut c, &dependent.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
     let a_done = wait_task(&mut c, &a.id, is_final).await;

@@ -208,6 +208,7 @@ async fn queue_metrics(
             scheduled: s.scheduled as i64,
             running: s.running as i64,
             dead_letters: s.dead as i64,
+            pending: s.pending as i64,
             oldest_wait: s
                 .oldest_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),

@@ -62,6 +62,8 @@ pub struct QueueStats {
     pub running: u64,
     /// Dead-lettered tasks.
     pub dead: u64,
+    /// Tasks waiting on dependencies.
+    pub pending: u64,
     /// How long the oldest ready task has waited.
     pub oldest_wait: Option<Duration>,
     /// Counts per outcome: submitted, succeeded, failed, timed_out, retried, lost.

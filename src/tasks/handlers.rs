@@ -50,6 +50,7 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                     let report = serde_json::json!({
                         "queued": s.ready,
                         "scheduled": s.scheduled,
+                        "pending": s.pending,
                         "running": s.running,
                         "dead_letters": s.dead,
                         "oldest_wait_seconds": s.oldest_wait.map(|d| d.as_secs_f64()),

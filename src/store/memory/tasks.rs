@@ -1133,6 +1133,7 @@ impl MemoryTasks {
             scheduled: q.scheduled.len(),
             running: q.leases.len(),
             dead: q.dead.len(),
+            pending: q.pending.len(),
             oldest_wait: oldest
                 .map(|queued| Duration::from_millis((now_ms() - queued).max(0) as u64)),
             counts: q.counts.clone(),

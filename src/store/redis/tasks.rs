@@ -894,6 +894,7 @@ impl RedisStore {
         pipe.cmd("ZCARD").arg(keys.scheduled());
         pipe.cmd("ZCARD").arg(keys.leases());
         pipe.cmd("ZCARD").arg(keys.dead());
+        pipe.cmd("ZCARD").arg(keys.pending());
         pipe.cmd("HGETALL").arg(keys.stats());
         pipe.cmd("TIME");
         // the oldest ready task of each priority band
@@ -909,7 +910,8 @@ impl RedisStore {
         }
         type Oldest = Vec<(String, f64)>;
         #[allow(clippy::type_complexity)]
-        let (ready, scheduled, running, dead, counts, time, b0, b1, b2, b3): (
+        let (ready, scheduled, running, dead, pending, counts, time, b0, b1, b2, b3): (
+            u64,
             u64,
             u64,
             u64,
@@ -937,6 +939,7 @@ impl RedisStore {
             scheduled,
             running,
             dead,
+            pending,
             oldest_wait: oldest
                 .map(|queued| Duration::from_millis((now_ms - queued).max(0) as u64)),
             counts,
