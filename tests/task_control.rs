@@ -39,10 +39,7 @@ async fn cancel_while_queued_or_scheduled(backend: Backend) {
     );
     let scheduled = task_of(
         c.submit_task(pb::SubmitTaskRequest {
-            countdown: Some(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            }),
+            countdown: Some(millis(3600000)),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
         })
         .await
@@ -96,22 +93,12 @@ async fn cancel_while_queued_or_scheduled(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(cancelled.tasks.len(), 2);
-    let metrics = c
-        .get_task_metrics(pb::GetTaskMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let research = metrics
-        .queues
-        .iter()
-        .find(|q| q.queue == "research")
-        .unwrap();
+    let research = queue_metrics(&mut c, "research").await;
     assert_eq!(research.dead_letters, 0, "a cancel is not a dead letter");
-    let unknown =
-        koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue());
+    let unknown = unknown_task_id();
     let err = c
         .cancel_task(pb::CancelTaskRequest {
-            task_id: unknown.to_string(),
+            task_id: unknown.clone(),
             reason: String::new(),
         })
         .await
@@ -343,10 +330,7 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
         } else {
             task_of(
                 c.submit_task(pb::SubmitTaskRequest {
-                    countdown: Some(prost_types::Duration {
-                        seconds: 3600,
-                        nanos: 0,
-                    }),
+                    countdown: Some(millis(3600000)),
                     ..submit("koo.diagnostics.noop", serde_json::json!({}))
                 })
                 .await
@@ -363,10 +347,7 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
     // a cancelled task runs again too
     let waiting = task_of(
         c.submit_task(pb::SubmitTaskRequest {
-            countdown: Some(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            }),
+            countdown: Some(millis(3600000)),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
         })
         .await
@@ -389,14 +370,8 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
     let slow = task_of(
         c.submit_task(pb::SubmitTaskRequest {
             max_retries: Some(0),
-            soft_time_limit: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 50_000_000,
-            }),
-            time_limit: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 100_000_000,
-            }),
+            soft_time_limit: Some(millis(50)),
+            time_limit: Some(millis(100)),
             ..submit(
                 "koo.diagnostics.stubborn",
                 serde_json::json!({ "seconds": 1 }),
@@ -420,11 +395,10 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
         requeued.state < pb::TaskState::Succeeded as i32,
         "{requeued:?}"
     );
-    let unknown =
-        koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue());
+    let unknown = unknown_task_id();
     let err = c
         .retry_task(pb::RetryTaskRequest {
-            task_id: unknown.to_string(),
+            task_id: unknown.clone(),
         })
         .await
         .unwrap_err();
@@ -515,10 +489,7 @@ async fn cleanup_and_dead_letters(backend: Backend) {
     assert_eq!(none.removed_tasks, 0);
     let all = c
         .cleanup_tasks(pb::CleanupTasksRequest {
-            older_than: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 0,
-            }),
+            older_than: Some(millis(0)),
         })
         .await
         .unwrap()
@@ -742,12 +713,7 @@ async fn dependencies_release_on_success(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(listed.tasks.len(), 1, "PENDING tasks are active");
-    let metrics = c
-        .get_task_metrics(pb::GetTaskMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let cache = metrics.queues.iter().find(|q| q.queue == "cache").unwrap();
+    let cache = queue_metrics(&mut c, "cache").await;
     assert_eq!(cache.pending, 1);
     let done = wait_task(&mut c, &dependent.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
@@ -777,14 +743,8 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
     let slow = task_of(
         c.submit_task(pb::SubmitTaskRequest {
             max_retries: Some(0),
-            soft_time_limit: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 100_000_000,
-            }),
-            time_limit: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 300_000_000,
-            }),
+            soft_time_limit: Some(millis(100)),
+            time_limit: Some(millis(300)),
             ..submit(
                 "koo.diagnostics.stubborn",
                 serde_json::json!({ "seconds": 1 }),
@@ -849,10 +809,7 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
     // a PENDING task can itself be cancelled
     let blocker = task_of(
         c.submit_task(pb::SubmitTaskRequest {
-            countdown: Some(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            }),
+            countdown: Some(millis(3600000)),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
         })
         .await
@@ -896,9 +853,7 @@ async fn bad_dependencies_are_refused(backend: Backend) {
         .unwrap(),
     );
     wait_task(&mut c, &failed.id, is_final).await;
-    let unknown =
-        koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue())
-            .to_string();
+    let unknown = unknown_task_id();
     let with = |deps: Vec<String>| pb::SubmitTaskRequest {
         depends_on: deps,
         ..submit("koo.diagnostics.noop", serde_json::json!({}))
@@ -922,10 +877,7 @@ async fn bad_dependencies_are_refused(backend: Backend) {
         (with(vec![failed.id.clone()]), Code::FailedPrecondition, ""),
         (
             pb::SubmitTaskRequest {
-                countdown: Some(prost_types::Duration {
-                    seconds: 5,
-                    nanos: 0,
-                }),
+                countdown: Some(millis(5000)),
                 ..with(vec![failed.id.clone()])
             },
             Code::InvalidArgument,

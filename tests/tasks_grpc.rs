@@ -9,7 +9,6 @@ use std::time::Duration;
 use common::tasks::*;
 use common::{TestRedis, TestServer, memory_settings, redis_settings, test_settings};
 use koo::pb::tasks::v1 as pb;
-use koo::tasks::model::{Category, TaskId};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_types::StatusExt;
@@ -52,10 +51,7 @@ async fn submitted_tasks_run_to_success(backend: Backend) {
     assert_eq!(done.attempt_log.len(), 1);
     let later = c
         .submit_task(pb::SubmitTaskRequest {
-            countdown: Some(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            }),
+            countdown: Some(millis(3600000)),
             max_retries: Some(0),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
         })
@@ -120,10 +116,7 @@ async fn bad_input_is_refused(backend: Backend) {
         ),
         (
             pb::SubmitTaskRequest {
-                countdown: Some(prost_types::Duration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
+                countdown: Some(millis(1000)),
                 eta: Some(prost_types::Timestamp {
                     seconds: 2_000_000_000,
                     nanos: 0,
@@ -154,10 +147,10 @@ async fn bad_input_is_refused(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let unknown = TaskId::generate(&Category::Research.default_queue());
+    let unknown = unknown_task_id();
     let err = c
         .get_task(pb::GetTaskRequest {
-            task_id: unknown.to_string(),
+            task_id: unknown.clone(),
         })
         .await
         .unwrap_err();
@@ -343,10 +336,10 @@ async fn watch_task_follows_work_done_elsewhere() {
     assert_eq!(only.state, pb::TaskState::Succeeded as i32);
     assert!(late.message().await.unwrap().is_none());
     // unknown and malformed ids
-    let unknown = TaskId::generate(&Category::Research.default_queue());
+    let unknown = unknown_task_id();
     let err = c
         .watch_task(pb::WatchTaskRequest {
-            task_id: unknown.to_string(),
+            task_id: unknown.clone(),
         })
         .await
         .unwrap_err();
@@ -453,10 +446,7 @@ async fn convenience_rpcs_and_queue_metrics(backend: Backend) {
     // the same figures as a stream, for dashboards
     let mut watch = c
         .watch_task_metrics(pb::WatchTaskMetricsRequest {
-            interval: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 100_000_000,
-            }),
+            interval: Some(millis(100)),
         })
         .await
         .unwrap()
@@ -487,10 +477,7 @@ async fn convenience_rpcs_and_queue_metrics(backend: Backend) {
     assert_eq!(seen, Ok(true), "a later snapshot shows the second query");
     let err = c
         .watch_task_metrics(pb::WatchTaskMetricsRequest {
-            interval: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 1_000_000,
-            }),
+            interval: Some(millis(1)),
         })
         .await
         .unwrap_err();
@@ -504,10 +491,7 @@ async fn listing_active_tasks_and_history(backend: Backend) {
     let koo = start_on(backend, 2).await;
     let server = &koo.server;
     let mut c = client(server);
-    let hour = Some(prost_types::Duration {
-        seconds: 3600,
-        nanos: 0,
-    });
+    let hour = Some(millis(3600000));
     for i in 0..7 {
         c.submit_task(pb::SubmitTaskRequest {
             countdown: hour,
@@ -829,10 +813,7 @@ async fn watch_task_shows_every_state_of_a_retry(backend: Backend) {
     let mut c = client(server);
     let task = c
         .submit_task(pb::SubmitTaskRequest {
-            countdown: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 200_000_000,
-            }),
+            countdown: Some(millis(200)),
             ..submit(
                 "koo.diagnostics.fail_times",
                 serde_json::json!({ "failures": 1 }),
@@ -1256,10 +1237,7 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
     let target = |key: &str| pb::CacheTarget {
         level: cache::CacheLevel::Db as i32,
         key: key.into(),
-        ttl: Some(prost_types::Duration {
-            seconds: 60,
-            nanos: 0,
-        }),
+        ttl: Some(millis(60000)),
     };
     let task = c
         .submit_task(pb::SubmitTaskRequest {

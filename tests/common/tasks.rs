@@ -229,3 +229,29 @@ macro_rules! on_both {
         )*
     };
 }
+
+/// A protobuf duration of `ms` milliseconds.
+pub fn millis(ms: u64) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: (ms / 1000) as i64,
+        nanos: ((ms % 1000) * 1_000_000) as i32,
+    }
+}
+
+/// A well-formed id of a task that does not exist.
+pub fn unknown_task_id() -> String {
+    koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue())
+        .to_string()
+}
+
+/// One queue's figures from GetTaskMetrics.
+pub async fn queue_metrics(c: &mut TaskServiceClient<Channel>, queue: &str) -> pb::QueueMetrics {
+    c.get_task_metrics(pb::GetTaskMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .queues
+        .into_iter()
+        .find(|q| q.queue == queue)
+        .unwrap_or_else(|| panic!("no metrics for queue {queue}"))
+}
