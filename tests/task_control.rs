@@ -23,28 +23,24 @@ on_both!(
     bad_dependencies_are_refused,
 );
 
-fn task_of(r: tonic::Response<pb::SubmitTaskResponse>) -> pb::Task {
-    r.into_inner().task.unwrap()
-}
-
 /// A queued or scheduled task never runs once cancelled; cancelling again,
 /// or an ended task, is FAILED_PRECONDITION; unknown ids are NOT_FOUND.
 async fn cancel_while_queued_or_scheduled(backend: Backend) {
     let koo = start_on(backend, 0).await;
     let mut c = client(&koo.server);
-    let queued = task_of(
-        c.submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-            .await
-            .unwrap(),
-    );
-    let scheduled = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+    let queued = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await;
+    let scheduled = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             countdown: Some(millis(3600000)),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     for (task, reason) in [(&queued, "no longer needed"), (&scheduled, "")] {
         let cancelled = c
             .cancel_task(pb::CancelTaskRequest {
@@ -133,7 +129,7 @@ async fn cancel_while_running(backend: Backend) {
             serde_json::json!({ "seconds": 3 }),
         ),
     ] {
-        let task = task_of(c.submit_task(submit(name, kwargs)).await.unwrap());
+        let task = submit_ok(&mut c, submit(name, kwargs)).await;
         wait_task(&mut c, &task.id, |t| {
             t.state == pb::TaskState::Running as i32
         })
@@ -162,11 +158,11 @@ async fn cancel_while_running(backend: Backend) {
         assert_eq!(done.error.unwrap().message, "cancelled: operator");
         assert_eq!(done.attempts, 1, "a cancelled task is not retried");
     }
-    let next = task_of(
-        c.submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-            .await
-            .unwrap(),
-    );
+    let next = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await;
     let done = wait_task(&mut c, &next.id, is_final).await;
     assert_eq!(
         done.state,
@@ -282,17 +278,7 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
     let koo = start_on(backend, 2).await;
     let mut c = client(&koo.server);
     // fails three times; one retry allowed: FAILED after two attempts
-    let task = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
-            max_retries: Some(1),
-            ..submit(
-                "koo.diagnostics.fail_times",
-                serde_json::json!({ "failures": 3 }),
-            )
-        })
-        .await
-        .unwrap(),
-    );
+    let task = submit_ok(&mut c, failing(3, 1)).await;
     let failed = wait_task(&mut c, &task.id, is_final).await;
     assert_eq!(
         (failed.state, failed.attempts),
@@ -328,14 +314,14 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
         let id = if state_of_refusal == "succeeded" {
             task.id.clone()
         } else {
-            task_of(
-                c.submit_task(pb::SubmitTaskRequest {
+            submit_ok(
+                &mut c,
+                pb::SubmitTaskRequest {
                     countdown: Some(millis(3600000)),
                     ..submit("koo.diagnostics.noop", serde_json::json!({}))
-                })
-                .await
-                .unwrap(),
+                },
             )
+            .await
             .id
         };
         let err = c
@@ -345,14 +331,14 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
         assert_eq!(err.code(), Code::FailedPrecondition, "{state_of_refusal}");
     }
     // a cancelled task runs again too
-    let waiting = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+    let waiting = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             countdown: Some(millis(3600000)),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     c.cancel_task(pb::CancelTaskRequest {
         task_id: waiting.id.clone(),
         reason: String::new(),
@@ -367,8 +353,9 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
     let ran = wait_task(&mut c, &waiting.id, is_final).await;
     assert_eq!(ran.state, pb::TaskState::Succeeded as i32);
     // and a timed-out one
-    let slow = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+    let slow = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             max_retries: Some(0),
             soft_time_limit: Some(millis(50)),
             time_limit: Some(millis(100)),
@@ -376,10 +363,9 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
                 "koo.diagnostics.stubborn",
                 serde_json::json!({ "seconds": 1 }),
             )
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     let timed_out = wait_task(&mut c, &slow.id, is_final).await;
     assert_eq!(timed_out.state, pb::TaskState::TimedOut as i32);
     let requeued = c
@@ -411,23 +397,17 @@ async fn retry_runs_an_ended_task_again_with_a_fresh_budget(backend: Backend) {
 async fn cleanup_and_dead_letters(backend: Backend) {
     let koo = start_on(backend, 2).await;
     let mut c = client(&koo.server);
-    let fail = || pb::SubmitTaskRequest {
-        max_retries: Some(0),
-        ..submit(
-            "koo.diagnostics.fail_times",
-            serde_json::json!({ "failures": 1 }),
-        )
-    };
+    let fail = || failing(1, 0);
     let mut dead = Vec::new();
     for _ in 0..3 {
-        let t = task_of(c.submit_task(fail()).await.unwrap());
+        let t = submit_ok(&mut c, fail()).await;
         dead.push(wait_task(&mut c, &t.id, is_final).await.id);
     }
-    let ok = task_of(
-        c.submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-            .await
-            .unwrap(),
-    );
+    let ok = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await;
     wait_task(&mut c, &ok.id, is_final).await;
     let listed = c
         .list_task_history(pb::ListTaskHistoryRequest {
@@ -519,14 +499,14 @@ async fn a_cancel_survives_a_restart_of_every_koo_process() {
     let mut koo = start(0).await;
     let mut c = client(&koo.server);
     let mut w = worker(koo.redis());
-    let task = task_of(
-        c.submit_task(submit(
+    let task = submit_ok(
+        &mut c,
+        submit(
             "koo.diagnostics.sleep",
             serde_json::json!({ "seconds": 60, "steps": 60 }),
-        ))
-        .await
-        .unwrap(),
-    );
+        ),
+    )
+    .await;
     wait_task(&mut c, &task.id, |t| {
         t.state == pb::TaskState::Running as i32
     })
@@ -676,31 +656,31 @@ async fn an_orphaned_idempotency_claim_is_taken_over() {
 async fn dependencies_release_on_success(backend: Backend) {
     let koo = start_on(backend, 2).await;
     let mut c = client(&koo.server);
-    let a = task_of(
-        c.submit_task(submit(
+    let a = submit_ok(
+        &mut c,
+        submit(
             "koo.diagnostics.sleep",
             serde_json::json!({ "seconds": 1, "steps": 1 }),
-        ))
-        .await
-        .unwrap(),
-    );
-    let b = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+        ),
+    )
+    .await;
+    let b = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             category: pb::TaskCategory::Database as i32,
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
-    let dependent = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+        },
+    )
+    .await;
+    let dependent = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             category: pb::TaskCategory::Cache as i32,
             depends_on: vec![a.id.clone(), b.id.clone()],
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     assert_eq!(dependent.state, pb::TaskState::Pending as i32);
     assert_eq!(dependent.depends_on, [a.id.clone(), b.id.clone()]);
     let listed = c
@@ -724,14 +704,14 @@ async fn dependencies_release_on_success(backend: Backend) {
         "ran only after its dependency ended"
     );
     // all dependencies already succeeded: queued at once
-    let later = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+    let later = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             depends_on: vec![a.id.clone()],
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     assert_ne!(later.state, pb::TaskState::Pending as i32);
 }
 
@@ -740,8 +720,9 @@ async fn dependencies_release_on_success(backend: Backend) {
 async fn dependencies_cancel_on_failure(backend: Backend) {
     let koo = start_on(backend, 2).await;
     let mut c = client(&koo.server);
-    let slow = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+    let slow = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             max_retries: Some(0),
             soft_time_limit: Some(millis(100)),
             time_limit: Some(millis(300)),
@@ -749,26 +730,25 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
                 "koo.diagnostics.stubborn",
                 serde_json::json!({ "seconds": 1 }),
             )
-        })
-        .await
-        .unwrap(),
-    );
-    let child = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+        },
+    )
+    .await;
+    let child = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             depends_on: vec![slow.id.clone()],
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
-    let grandchild = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+        },
+    )
+    .await;
+    let grandchild = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             depends_on: vec![child.id.clone()],
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     let done = wait_task(&mut c, &child.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Cancelled as i32, "{done:?}");
     assert_eq!(
@@ -782,22 +762,22 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
         format!("dependency {} ended CANCELLED", child.id)
     );
     // cancelling the dependency cancels the dependent
-    let long = task_of(
-        c.submit_task(submit(
+    let long = submit_ok(
+        &mut c,
+        submit(
             "koo.diagnostics.sleep",
             serde_json::json!({ "seconds": 60, "steps": 60 }),
-        ))
-        .await
-        .unwrap(),
-    );
-    let waiting = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+        ),
+    )
+    .await;
+    let waiting = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             depends_on: vec![long.id.clone()],
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     c.cancel_task(pb::CancelTaskRequest {
         task_id: long.id.clone(),
         reason: String::new(),
@@ -807,22 +787,22 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
     let done = wait_task(&mut c, &waiting.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Cancelled as i32, "{done:?}");
     // a PENDING task can itself be cancelled
-    let blocker = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+    let blocker = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             countdown: Some(millis(3600000)),
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
-    let pending = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
+        },
+    )
+    .await;
+    let pending = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             depends_on: vec![blocker.id.clone()],
             ..submit("koo.diagnostics.noop", serde_json::json!({}))
-        })
-        .await
-        .unwrap(),
-    );
+        },
+    )
+    .await;
     let cancelled = c
         .cancel_task(pb::CancelTaskRequest {
             task_id: pending.id.clone(),
@@ -841,17 +821,7 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
 async fn bad_dependencies_are_refused(backend: Backend) {
     let koo = start_on(backend, 1).await;
     let mut c = client(&koo.server);
-    let failed = task_of(
-        c.submit_task(pb::SubmitTaskRequest {
-            max_retries: Some(0),
-            ..submit(
-                "koo.diagnostics.fail_times",
-                serde_json::json!({ "failures": 1 }),
-            )
-        })
-        .await
-        .unwrap(),
-    );
+    let failed = submit_ok(&mut c, failing(1, 0)).await;
     wait_task(&mut c, &failed.id, is_final).await;
     let unknown = unknown_task_id();
     let with = |deps: Vec<String>| pb::SubmitTaskRequest {

@@ -255,3 +255,20 @@ pub async fn queue_metrics(c: &mut TaskServiceClient<Channel>, queue: &str) -> p
         .find(|q| q.queue == queue)
         .unwrap_or_else(|| panic!("no metrics for queue {queue}"))
 }
+
+/// Submits and returns the stored task (the submit must succeed).
+pub async fn submit_ok(c: &mut TaskServiceClient<Channel>, req: pb::SubmitTaskRequest) -> pb::Task {
+    c.submit_task(req).await.unwrap().into_inner().task.unwrap()
+}
+
+/// A task that fails (retryably) `failures` times, then succeeds, with
+/// `max_retries` retries allowed.
+pub fn failing(failures: u32, max_retries: i32) -> pb::SubmitTaskRequest {
+    pb::SubmitTaskRequest {
+        max_retries: Some(max_retries),
+        ..submit(
+            "koo.diagnostics.fail_times",
+            serde_json::json!({ "failures": failures }),
+        )
+    }
+}

@@ -222,6 +222,33 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl RedisStore {
+    /// Runs a script that is safe to repeat (it checks before it writes),
+    /// with the retries of [`RedisStore::run`].
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run(
+            deadline,
+            |mut c| async move { inv.invoke_async(&mut c).await },
+        )
+        .await
+    }
+
+    /// Runs a script that moves a task, once: after a lost reply, sending it
+    /// again could apply it twice.
+    async fn invoke_once<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run_once(
+            deadline,
+            |mut c| async move { inv.invoke_async(&mut c).await },
+        )
+        .await
+    }
     /// Stores a new task: queued now, or scheduled `delay` from now.
     pub async fn submit_task(
         &self,
@@ -232,12 +259,7 @@ impl RedisStore {
         deadline: Deadline,
     ) -> Result<()> {
         let inv = self.submit_invocation(keys, task, delay, &[], limits);
-        let inv = &inv;
-        self.run_once(deadline, |mut c| async move {
-            inv.invoke_async::<i64>(&mut c).await
-        })
-        .await
-        .map(drop)
+        self.invoke_once::<i64>(&inv, deadline).await.map(drop)
     }
 
     /// Stores a batch of new tasks in one pipeline (the script is loaded
@@ -289,12 +311,7 @@ impl RedisStore {
         deadline: Deadline,
     ) -> Result<()> {
         let inv = self.submit_invocation(keys, task, Duration::ZERO, waiting, limits);
-        let inv = &inv;
-        self.run_once(deadline, |mut c| async move {
-            inv.invoke_async::<i64>(&mut c).await
-        })
-        .await
-        .map(drop)
+        self.invoke_once::<i64>(&inv, deadline).await.map(drop)
     }
 
     /// Registers `dependent` on the dependency `id` (see `depend.lua`).
@@ -308,13 +325,7 @@ impl RedisStore {
         let mut inv = self.inner.tasks.depend.prepare_invoke();
         inv.key(keys.task(id));
         inv.arg(dependent.as_str());
-        let inv = &inv;
-        let reply: String = self
-            .run(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let reply: String = self.invoke(&inv, deadline).await?;
         Ok(DependReply::parse(&reply))
     }
 
@@ -378,13 +389,7 @@ impl RedisStore {
             .arg(state)
             .arg(limits.events)
             .arg(limits.history);
-        let inv = &inv;
-        let reply: String = self
-            .run(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let reply: String = self.invoke(&inv, deadline).await?;
         Ok(State::parse(&reply))
     }
 
@@ -430,13 +435,7 @@ impl RedisStore {
     ) -> Result<Option<Task>> {
         let mut inv = self.inner.tasks.lease.prepare_invoke();
         lease_params(&mut inv, keys, worker, lease, names, limits);
-        let inv = &inv;
-        let fields: Option<HashMap<String, String>> = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let fields: Option<HashMap<String, String>> = self.invoke_once(&inv, deadline).await?;
         fields
             .map(|f| Task::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
             .transpose()
@@ -455,13 +454,7 @@ impl RedisStore {
         let mut inv = self.inner.tasks.heartbeat.prepare_invoke();
         inv.key(keys.task(id)).key(keys.leases());
         inv.arg(id.as_str()).arg(token).arg(millis(lease));
-        let inv = &inv;
-        let reply: i64 = self
-            .run(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let reply: i64 = self.invoke(&inv, deadline).await?;
         Ok(match reply {
             1 => Beat::Held,
             2 => Beat::CancelRequested,
@@ -492,13 +485,7 @@ impl RedisStore {
             .arg(limits.events)
             .arg(limits.history)
             .arg(reason);
-        let inv = &inv;
-        let reply: String = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let reply: String = self.invoke_once(&inv, deadline).await?;
         Ok(CancelReply::parse(&reply))
     }
 
@@ -520,13 +507,7 @@ impl RedisStore {
             .key(keys.events())
             .key(keys.stats());
         inv.arg(id.as_str()).arg(limits.events);
-        let inv = &inv;
-        let reply: String = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let reply: String = self.invoke_once(&inv, deadline).await?;
         Ok(RetryReply::parse(&reply))
     }
 
@@ -582,13 +563,7 @@ impl RedisStore {
         let mut inv = self.inner.tasks.idem_swap.prepare_invoke();
         inv.key(crate::keys::idempotency(prefix, key));
         inv.arg(old).arg(new).arg(millis(ttl).max(1));
-        let inv = &inv;
-        let swapped: i64 = self
-            .run(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let swapped: i64 = self.invoke(&inv, deadline).await?;
         Ok(swapped == 1)
     }
 
@@ -621,13 +596,7 @@ impl RedisStore {
             .key(keys.ready())
             .key(keys.events());
         inv.arg(id.as_str()).arg(token).arg(limits.events).arg(log);
-        let inv = &inv;
-        let ok: i64 = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let ok: i64 = self.invoke_once(&inv, deadline).await?;
         Ok(ok == 1)
     }
 
@@ -647,13 +616,7 @@ impl RedisStore {
             .arg(token)
             .arg(limits.events)
             .arg(progress);
-        let inv = &inv;
-        let ok: i64 = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let ok: i64 = self.invoke_once(&inv, deadline).await?;
         Ok(ok == 1)
     }
 
@@ -672,13 +635,7 @@ impl RedisStore {
     ) -> Result<Option<(State, bool)>> {
         let mut inv = self.inner.tasks.finish.prepare_invoke();
         finish_params(&mut inv, keys, id, token, outcome, log, limits);
-        let inv = &inv;
-        let state: Option<String> = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let state: Option<String> = self.invoke_once(&inv, deadline).await?;
         Ok(state.as_deref().and_then(parse_end))
     }
 
@@ -699,13 +656,8 @@ impl RedisStore {
         let mut inv = self.inner.tasks.finish_lease.prepare_invoke();
         finish_params(&mut inv, keys, id, token, outcome, log, limits);
         lease_params(&mut inv, keys, next.worker, next.lease, next.names, limits);
-        let inv = &inv;
-        let (state, fields): (Option<String>, Option<HashMap<String, String>>) = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let (state, fields): (Option<String>, Option<HashMap<String, String>>) =
+            self.invoke_once(&inv, deadline).await?;
         let Some(ended) = state.as_deref().and_then(parse_end) else {
             return Ok(None);
         };
@@ -737,12 +689,7 @@ impl RedisStore {
             .arg(limits.events)
             .arg(if acks_late { "1" } else { "0" })
             .arg(limits.history);
-        let inv = &inv;
-        self.run(
-            deadline,
-            |mut c| async move { inv.invoke_async(&mut c).await },
-        )
-        .await
+        self.invoke(&inv, deadline).await
     }
 
     /// Removes the queue's tasks that ended before `before_ms` (history,
@@ -763,13 +710,7 @@ impl RedisStore {
         inv.arg(before_ms)
             .arg(limits.events)
             .arg(keys.task_prefix());
-        let inv = &inv;
-        let (history, dead, events): (u64, u64, u64) = self
-            .run(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
-            .await?;
+        let (history, dead, events): (u64, u64, u64) = self.invoke(&inv, deadline).await?;
         Ok(Trimmed {
             history,
             dead,
