@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Finish, TaskEngine, TaskError};
-use super::model::{CacheTarget, QueueName, Task};
+use super::model::{CacheTarget, QueueName, Task, TaskId};
 use crate::cache::{Cache, CacheError, NewEntry, Value};
 use crate::store::Deadline;
 use crate::store::StoreError;
@@ -268,6 +268,9 @@ async fn run_slot(
     let mut hint: Option<usize> = None;
     // A task leased by the call that reported the previous one.
     let mut carried: Option<Task> = None;
+    // Cancels asked for through this process: one subscription per slot,
+    // not one per task (messages about other tasks are skipped).
+    let mut cancels = engine.cancels();
     let position = |q: Option<QueueName>| q.and_then(|q| queues.iter().position(|x| *x == q));
     while !stop.is_cancelled() {
         if submits.has_changed().unwrap_or(false) {
@@ -320,7 +323,7 @@ async fn run_slot(
         match leased {
             Some(task) => {
                 running.fetch_add(1, Ordering::Relaxed);
-                let ended = execute(&engine, &registry, &task, &stop).await;
+                let ended = execute(&engine, &registry, &task, &mut cancels, &stop).await;
                 running.fetch_sub(1, Ordering::Relaxed);
                 let finish = match ended {
                     Ended::Finished(finish) => cache_result(&registry, &task, finish).await,
@@ -440,9 +443,18 @@ async fn execute(
     engine: &TaskEngine,
     registry: &Registry,
     task: &Task,
+    cancels: &mut tokio::sync::broadcast::Receiver<TaskId>,
     stop: &CancellationToken,
 ) -> Ended {
     let token = task.token;
+    // Cancels sent before this run began are about earlier runs (a cancel
+    // for this one since its lease is also in the store: the heartbeat
+    // carries it).
+    while !matches!(
+        cancels.try_recv(),
+        Err(tokio::sync::broadcast::error::TryRecvError::Empty
+            | tokio::sync::broadcast::error::TryRecvError::Closed)
+    ) {}
     let Some(handler) = registry.handlers.get(&task.name).cloned() else {
         // Leasing filters by name, so this is a registry that changed.
         return Ended::Finished(Finish::Failed {
@@ -466,7 +478,6 @@ async fn execute(
     // and a handler still running at the end of the grace is abandoned
     let cancel_grace = tokio::time::sleep(Duration::ZERO);
     let mut cancelling = false;
-    let mut cancels = engine.cancels();
     let mut cancels_open = true;
     tokio::pin!(soft, hard, hand_back, cancel_grace);
     let start_cancel = |cancelling: &mut bool, grace: std::pin::Pin<&mut tokio::time::Sleep>| {
