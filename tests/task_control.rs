@@ -447,6 +447,21 @@ async fn cleanup_and_dead_letters(backend: Backend) {
         let done = wait_task(&mut c, id, |t| t.state == pb::TaskState::Succeeded as i32).await;
         assert_eq!(done.attempts, 2);
     }
+    // a task that is not a dead letter is refused, naming it and what was
+    // requeued before it
+    let err = c
+        .requeue_dead_letters(pb::RequeueDeadLettersRequest {
+            task_ids: vec![ok.id.clone()],
+            all: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().starts_with("task_ids[0]: ")
+            && err.message().ends_with("requeued before it: none"),
+        "{err:?}"
+    );
     for bad in [
         pb::RequeueDeadLettersRequest {
             task_ids: vec![],
