@@ -177,9 +177,8 @@ async fn cancel_while_running(backend: Backend) {
 async fn cancel_racing_completion_ends_once(backend: Backend) {
     let koo = start_on(backend, 4).await;
     let mut c = client(&koo.server);
-    // 10 ms tasks, cancelled as soon as each batch is stored, while the
-    // workers run: some are cancelled waiting, some running, some finish
-    // first
+    // 10 ms tasks, cancelled while the workers run: some are cancelled
+    // waiting, some running, some finish first
     let mut answers: Vec<(String, Result<i32, Code>)> = Vec::new();
     for _ in 0..10 {
         let batch = pb::SubmitTasksRequest {
@@ -201,6 +200,9 @@ async fn cancel_racing_completion_ends_once(backend: Backend) {
             .into_iter()
             .map(|t| t.id)
             .collect();
+        // cancel once the batch's first task has ended: the rest are then
+        // queued, running or just finishing, so both outcomes occur
+        wait_task(&mut c, &ids[0], is_final).await;
         let batch_answers: Vec<_> = futures::stream::iter(ids)
             .map(|id| {
                 let mut c = c.clone();
