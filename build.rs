@@ -6,6 +6,7 @@ use std::{env, fs, path::PathBuf};
 const PROTOS: &[&str] = &[
     "koo/cache/v1/cache_service.proto",
     "koo/tasks/v1/task_service.proto",
+    "koo/worker/v1/worker_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -328,6 +328,15 @@ pub struct ServeArgs {
     #[arg(long, env = "KOO_SHUTDOWN_DRAIN", value_name = "KOO_SHUTDOWN_DRAIN", default_value = "500ms",
           value_parser = parse_duration)]
     pub shutdown_drain: Duration,
+    /// Shared secret that external workers (WorkerService) must present as
+    /// `authorization: Bearer <token>`; unset, WorkerService is open.
+    #[arg(
+        long,
+        env = "KOO_WORKER_TOKEN",
+        value_name = "KOO_WORKER_TOKEN",
+        hide_env_values = true
+    )]
+    pub worker_token: Option<String>,
 }
 
 /// A configuration value that parses but cannot be used.
@@ -441,6 +450,20 @@ impl ServeArgs {
             bulk_timeout: self.bulk_timeout,
             shutdown_grace: self.shutdown_grace,
             shutdown_drain: self.shutdown_drain,
+            worker_token: match self.worker_token {
+                Some(t)
+                    if t.is_empty()
+                        || t.len() > 4096
+                        || !t.is_ascii()
+                        || t.contains(char::is_whitespace) =>
+                {
+                    return Err(err(
+                        "KOO_WORKER_TOKEN",
+                        "must be 1 to 4096 printable ASCII characters without spaces".to_owned(),
+                    ));
+                }
+                t => t,
+            },
         })
     }
 }

@@ -21,6 +21,15 @@ pub mod tasks {
     }
 }
 
+/// `koo.worker.v1`: the WorkerService API, for external task workers.
+pub mod worker {
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    #[rustfmt::skip]
+    pub mod v1 {
+        tonic::include_proto!("koo.worker.v1");
+    }
+}
+
 /// Every koo proto and its imports (well-known types included), encoded as a
 /// `FileDescriptorSet`, for server reflection and for clients that want it.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -18,9 +18,11 @@ use crate::cache::{Cache, CacheConfig};
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
 use crate::grpc::tasks::TaskApi;
+use crate::grpc::worker::{WorkerApi, WorkerAuth};
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
+use crate::pb::worker::v1::worker_service_server::WorkerServiceServer;
 use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
@@ -82,6 +84,8 @@ pub struct Settings {
     pub shutdown_grace: Duration,
     /// Time between reporting NOT_SERVING and closing the listener.
     pub shutdown_drain: Duration,
+    /// The shared secret external workers must present, if any.
+    pub worker_token: Option<String>,
 }
 
 impl Default for Settings {
@@ -97,6 +101,7 @@ impl Default for Settings {
             bulk_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
             shutdown_drain: Duration::from_millis(500),
+            worker_token: None,
         }
     }
 }
@@ -185,6 +190,7 @@ pub async fn run(
     }
 
     let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
+    let worker_engine = tasks.0.clone();
 
     let limit = settings.cache.message_limit();
     let task_cache = cache.clone();
@@ -257,10 +263,19 @@ pub async fn run(
         )
         .add_service(TaskServiceServer::new(TaskApi::new(
             tasks,
-            task_cache,
+            task_cache.clone(),
             settings.request_timeout,
             stop.clone(),
         )))
+        .add_service(WorkerServiceServer::with_interceptor(
+            WorkerApi::new(
+                worker_engine,
+                task_cache,
+                settings.request_timeout,
+                stop.clone(),
+            ),
+            WorkerAuth::new(settings.worker_token.clone()),
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -10,7 +10,8 @@ pub fn to_json(value: &Value) -> Result<String, String> {
     serde_json::to_string(&json).map_err(|e| e.to_string())
 }
 
-fn to_serde(value: &Value) -> Result<serde_json::Value, String> {
+/// A protobuf `Value` as a serde JSON value (see [`to_json`]).
+pub fn to_serde(value: &Value) -> Result<serde_json::Value, String> {
     Ok(match &value.kind {
         None => return Err("a JSON value has no kind set".to_owned()),
         Some(Kind::NullValue(_)) => serde_json::Value::Null,
@@ -37,7 +38,8 @@ pub fn from_json(text: &str) -> Result<Value, String> {
     Ok(from_serde(json))
 }
 
-fn from_serde(json: serde_json::Value) -> Value {
+/// A serde JSON value as a protobuf `Value`.
+pub fn from_serde(json: serde_json::Value) -> Value {
     let kind = match json {
         serde_json::Value::Null => Kind::NullValue(0),
         serde_json::Value::Bool(b) => Kind::BoolValue(b),

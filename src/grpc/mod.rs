@@ -8,3 +8,4 @@ pub mod health;
 pub mod json;
 mod status;
 pub mod tasks;
+pub mod worker;

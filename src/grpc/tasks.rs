@@ -56,7 +56,7 @@ impl TaskApi {
     }
 }
 
-fn category(raw: i32) -> Result<Category, Status> {
+pub(crate) fn category(raw: i32) -> Result<Category, Status> {
     use pb::TaskCategory as C;
     match C::try_from(raw) {
         Ok(C::AiService) => Ok(Category::AiService),
@@ -190,6 +190,23 @@ fn progress(json: &str) -> Option<pb::TaskProgress> {
     })
 }
 
+/// The live workers, summed.
+async fn worker_metrics(
+    engine: &TaskEngine,
+    deadline: Deadline,
+) -> Result<pb::WorkerMetrics, Status> {
+    let workers = engine.store().list_workers(deadline).await?;
+    Ok(pb::WorkerMetrics {
+        live: workers.len() as i32,
+        external: workers
+            .iter()
+            .filter(|w| matches!(w.kind.as_str(), "stream" | "unary"))
+            .count() as i32,
+        slots: workers.iter().map(|w| w.slots as i32).sum(),
+        busy: workers.iter().map(|w| w.running as i32).sum(),
+    })
+}
+
 /// Every category queue's figures.
 async fn queue_metrics(
     engine: &TaskEngine,
@@ -223,7 +240,7 @@ async fn queue_metrics(
 }
 
 /// A stored task as the API shows it.
-fn to_pb_task(t: Task) -> pb::Task {
+pub(crate) fn to_pb_task(t: Task) -> pb::Task {
     let args = match json_value(&t.args).and_then(|v| v.kind) {
         Some(Kind::ListValue(l)) => l.values,
         _ => Vec::new(),
@@ -234,6 +251,7 @@ fn to_pb_task(t: Task) -> pb::Task {
         Some(pb::TaskError {
             message: v["message"].as_str().unwrap_or_default().to_owned(),
             retryable: v["retryable"].as_bool().unwrap_or(false),
+            details: v.get("details").and_then(|d| json_struct(&d.to_string())),
         })
     });
     let attempt_log = t
@@ -470,8 +488,14 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskMetricsRequest>,
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let queues = queue_metrics(self.engine(), deadline).await?;
-        Ok(Response::new(pb::GetTaskMetricsResponse { queues }))
+        let (queues, workers) = futures::try_join!(
+            queue_metrics(self.engine(), deadline),
+            worker_metrics(self.engine(), deadline)
+        )?;
+        Ok(Response::new(pb::GetTaskMetricsResponse {
+            queues,
+            workers: Some(workers),
+        }))
     }
 
     type WatchTaskMetricsStream = std::pin::Pin<
@@ -507,12 +531,16 @@ impl pb::task_service_server::TaskService for TaskApi {
                     _ = shutdown.cancelled() => return None,
                     _ = tick.tick() => {}
                 }
-                let item = queue_metrics(&engine, Deadline::after(budget))
-                    .await
-                    .map(|queues| pb::WatchTaskMetricsResponse {
-                        queues,
-                        time: Some(prost_types::Timestamp::from(SystemTime::now())),
-                    });
+                let deadline = Deadline::after(budget);
+                let item = futures::try_join!(
+                    queue_metrics(&engine, deadline),
+                    worker_metrics(&engine, deadline)
+                )
+                .map(|(queues, workers)| pb::WatchTaskMetricsResponse {
+                    queues,
+                    time: Some(prost_types::Timestamp::from(SystemTime::now())),
+                    workers: Some(workers),
+                });
                 let failed = item.is_err();
                 Some((item, (engine, tick, shutdown, budget, failed)))
             },

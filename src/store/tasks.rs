@@ -202,6 +202,19 @@ pub struct WorkerRecord {
     pub started_ms: i64,
     /// When it last reported (ms since the epoch).
     pub seen_ms: i64,
+    /// `builtin`, `stream` or `unary` (records from before external workers
+    /// have none: built-in).
+    #[serde(default)]
+    pub kind: String,
+    /// The name an external worker gave.
+    #[serde(default)]
+    pub name: String,
+    /// The tasks it holds (stream workers).
+    #[serde(default)]
+    pub held: Vec<String>,
+    /// Its network address (external workers).
+    #[serde(default)]
+    pub peer: String,
 }
 
 /// What one trim removed.

@@ -220,9 +220,23 @@ pub enum Finish {
         message: String,
         /// Whether another attempt may succeed.
         retryable: bool,
+        /// Anything else the worker reported (a JSON object), kept with the
+        /// error.
+        details: Option<serde_json::Value>,
     },
     /// Stopped at the hard time limit.
     TimedOut,
+}
+
+impl Finish {
+    /// A failure without details.
+    pub fn failed(message: impl Into<String>, retryable: bool) -> Self {
+        Self::Failed {
+            message: message.into(),
+            retryable,
+            details: None,
+        }
+    }
 }
 
 /// A handle to the task engine.
@@ -866,17 +880,22 @@ impl TaskEngine {
     /// What the store records for a finish: the outcome and the attempt's
     /// log entry.
     fn outcome(&self, task: &Task, worker: &str, finish: &Finish) -> (Outcome, String) {
-        let error = |message: &str, retryable: bool| {
-            serde_json::json!({ "message": message, "retryable": retryable }).to_string()
+        let error = |message: &str, retryable: bool, details: Option<&serde_json::Value>| {
+            let mut e = serde_json::json!({ "message": message, "retryable": retryable });
+            if let Some(d) = details {
+                e["details"] = d.clone();
+            }
+            e.to_string()
         };
         let (outcome, log) = match finish {
             Finish::Succeeded(result) => (Outcome::Succeeded(result.clone()), "succeeded"),
             Finish::Failed {
                 message,
                 retryable: true,
+                details,
             } => (
                 Outcome::Retry {
-                    error: error(message, true),
+                    error: error(message, true, details.as_ref()),
                     delay: self.inner.config.backoff.delay(task.attempts),
                 },
                 "failed",
@@ -884,9 +903,13 @@ impl TaskEngine {
             Finish::Failed {
                 message,
                 retryable: false,
-            } => (Outcome::Failed(error(message, false)), "failed"),
+                details,
+            } => (
+                Outcome::Failed(error(message, false, details.as_ref())),
+                "failed",
+            ),
             Finish::TimedOut => (
-                Outcome::TimedOut(error("hard time limit reached", false)),
+                Outcome::TimedOut(error("hard time limit reached", false, None)),
                 "timed_out",
             ),
         };
@@ -934,6 +957,28 @@ impl TaskEngine {
             )
             .await?;
         fenced_unless(ok, &task.id)
+    }
+
+    /// Ends the lease held with `token` now, as if it had lapsed: the
+    /// attempt counts and the task goes back to its queue (or to a final
+    /// state when its retries are spent), logged as lost. For a worker whose
+    /// connection dropped: the recovery sweep would do the same a lease later.
+    pub async fn abandon(
+        &self,
+        id: &TaskId,
+        token: u32,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        let c = &self.inner.config;
+        let store = &self.inner.store;
+        match store.heartbeat(id, token, Duration::ZERO, deadline).await? {
+            Beat::Lost => return Err(TaskError::Fenced(id.to_string())),
+            Beat::Held | Beat::CancelRequested => {}
+        }
+        store
+            .recover(&id.queue(), c.acks_late, c.limits, deadline)
+            .await?;
+        Ok(())
     }
 
     /// Depths and counters of `queues`.

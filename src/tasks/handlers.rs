@@ -68,15 +68,19 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                 .map(|w| {
                     serde_json::json!({
                         "id": w.id,
+                        "kind": if w.kind.is_empty() { "builtin" } else { w.kind.as_str() },
                         "slots": w.slots,
                         "running": w.running,
                         "queues": w.queues,
+                        "task_names": w.names,
                         "last_seen_seconds_ago": (now - w.seen_ms).max(0) as f64 / 1000.0,
                     })
                 })
                 .collect();
+            let external = workers.iter().filter(|w| w["kind"] != "builtin").count();
             Ok(serde_json::json!({
                 "workers_alive": workers.len(),
+                "external_workers_alive": external,
                 "workers": workers,
                 "store": {
                     "kind": if engine.store().is_shared() { "redis" } else { "embedded" },

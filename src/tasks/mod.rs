@@ -8,5 +8,6 @@ pub mod handlers;
 pub mod listing;
 pub mod maintenance;
 pub mod model;
+pub mod remote;
 pub mod retry;
 pub mod worker;

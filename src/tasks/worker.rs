@@ -219,6 +219,10 @@ impl WorkerPool {
             names: self.registry.names(),
             started_ms: crate::store::unix_millis(std::time::SystemTime::now()),
             seen_ms: 0,
+            kind: "builtin".to_owned(),
+            name: String::new(),
+            held: Vec::new(),
+            peer: String::new(),
         };
         async move {
             let mut tick = tokio::time::interval(lease / 3);
@@ -326,7 +330,9 @@ async fn run_slot(
                 let ended = execute(&engine, &registry, &task, &mut cancels, &stop).await;
                 running.fetch_sub(1, Ordering::Relaxed);
                 let finish = match ended {
-                    Ended::Finished(finish) => cache_result(&registry, &task, finish).await,
+                    Ended::Finished(finish) => {
+                        cache_result(registry.cache.as_ref(), &task, finish).await
+                    }
                     Ended::Lost => continue,
                     Ended::HandBack => {
                         let deadline = Deadline::after(Duration::from_secs(5));
@@ -388,7 +394,7 @@ async fn run_slot(
 /// before the success is reported: a task that reads SUCCEEDED has its
 /// value cached. A cache failure fails the attempt (retryably when the cache
 /// is unreachable).
-async fn cache_result(registry: &Registry, task: &Task, finish: Finish) -> Finish {
+pub(crate) async fn cache_result(cache: Option<&Cache>, task: &Task, finish: Finish) -> Finish {
     let (Finish::Succeeded(result), Some(target)) = (
         &finish,
         task.cache_result
@@ -397,13 +403,11 @@ async fn cache_result(registry: &Registry, task: &Task, finish: Finish) -> Finis
     ) else {
         return finish;
     };
-    let Some(cache) = &registry.cache else {
-        return Finish::Failed {
-            message:
-                "this worker has no cache to write the result to (cache_result needs REDIS_URL)"
-                    .to_owned(),
-            retryable: false,
-        };
+    let Some(cache) = cache else {
+        return Finish::failed(
+            "this worker has no cache to write the result to (cache_result needs REDIS_URL)",
+            false,
+        );
     };
     let entry = NewEntry {
         level: target.level,
@@ -416,13 +420,13 @@ async fn cache_result(registry: &Registry, task: &Task, finish: Finish) -> Finis
         .await
     {
         Ok(_) => finish,
-        Err(e) => Finish::Failed {
-            message: format!("the result could not be cached: {e}"),
-            retryable: matches!(
+        Err(e) => Finish::failed(
+            format!("the result could not be cached: {e}"),
+            matches!(
                 e,
                 CacheError::Store(StoreError::Unavailable(_) | StoreError::DeadlineExceeded)
             ),
-        },
+        ),
     }
 }
 
@@ -457,10 +461,10 @@ async fn execute(
     ) {}
     let Some(handler) = registry.handlers.get(&task.name).cloned() else {
         // Leasing filters by name, so this is a registry that changed.
-        return Ended::Finished(Finish::Failed {
-            message: format!("no handler for {}", task.name),
-            retryable: true,
-        });
+        return Ended::Finished(Finish::failed(
+            format!("no handler for {}", task.name),
+            true,
+        ));
     };
     let cancel = CancellationToken::new();
     let ctx = TaskContext {
@@ -500,9 +504,9 @@ async fn execute(
             joined = &mut running => {
                 break match joined {
                     Ok(Ok(result)) => Finish::Succeeded(result.to_string()),
-                    Ok(Err(e)) => Finish::Failed { message: e.message, retryable: e.retryable },
-                    Err(e) if e.is_panic() => Finish::Failed { message: "the handler panicked".to_owned(), retryable: true },
-                    Err(_) => Finish::Failed { message: "the handler was aborted".to_owned(), retryable: true },
+                    Ok(Err(e)) => Finish::failed(e.message, e.retryable),
+                    Err(e) if e.is_panic() => Finish::failed("the handler panicked".to_owned(), true),
+                    Err(_) => Finish::failed("the handler was aborted".to_owned(), true),
                 };
             }
             _ = &mut soft, if !soft_fired => {
@@ -524,10 +528,7 @@ async fn execute(
                 running.abort();
                 if cancelling {
                     // a cancelled task is not handed back to run again
-                    break Finish::Failed {
-                        message: "the worker stopped while the task was being cancelled".to_owned(),
-                        retryable: false,
-                    };
+                    break Finish::failed("the worker stopped while the task was being cancelled".to_owned(), false);
                 }
                 return Ended::HandBack;
             }
@@ -540,10 +541,7 @@ async fn execute(
             _ = &mut cancel_grace, if cancelling => {
                 running.abort();
                 tracing::warn!(task = %task.id, "the handler did not stop after a cancel; abandoned");
-                break Finish::Failed {
-                    message: "the handler did not stop within the cancel grace".to_owned(),
-                    retryable: false,
-                };
+                break Finish::failed("the handler did not stop within the cancel grace".to_owned(), false);
             }
             _ = beat.tick() => {
                 match engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {

@@ -1,0 +1,500 @@
+//! `koo.worker.v1.WorkerService`: converts the worker protocol's messages
+//! to and from the domain calls of [`crate::tasks::remote`], and checks the
+//! workers' shared secret.
+
+use std::pin::Pin;
+use std::time::{Duration, SystemTime};
+
+use futures::{Stream, StreamExt};
+use prost_types::value::Kind;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::deadline;
+use super::json;
+use super::status::invalid_argument;
+use super::tasks::to_pb_task;
+use crate::cache::Cache;
+use crate::pb::tasks::v1::TaskState;
+use crate::pb::worker::v1 as pb;
+use crate::pb::worker::v1::work_request::Message as In;
+use crate::pb::worker::v1::work_response::Message as Out;
+use crate::store::Deadline;
+use crate::tasks::engine::{TaskEngine, TaskError};
+use crate::tasks::model::State;
+use crate::tasks::remote::{self, Failure, Inbound, Outbound, Progress, ReplyKind, Routing};
+
+/// Outbound messages buffered per stream before koo waits for the worker.
+const STREAM_BUFFER: usize = 64;
+/// Default and largest ListWorkers pages.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// The WorkerService implementation.
+pub struct WorkerApi {
+    engine: TaskEngine,
+    cache: Cache,
+    request_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+impl WorkerApi {
+    /// Serves `engine`'s tasks to external workers; streams end on
+    /// `shutdown`. Results that ask to be cached go to `cache`.
+    pub fn new(
+        engine: TaskEngine,
+        cache: Cache,
+        request_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            engine,
+            cache,
+            request_timeout,
+            shutdown,
+        }
+    }
+
+    fn deadline<T>(&self, r: &Request<T>) -> Deadline {
+        deadline::from_metadata(r.metadata(), self.request_timeout)
+    }
+}
+
+/// Checks `authorization: Bearer <token>` on every WorkerService call when
+/// a token is configured. The comparison takes the same time whatever the
+/// first differing byte, so the token cannot be guessed byte by byte.
+#[derive(Clone)]
+pub struct WorkerAuth {
+    token: Option<std::sync::Arc<str>>,
+}
+
+impl WorkerAuth {
+    /// Requires `token` when set.
+    pub fn new(token: Option<String>) -> Self {
+        Self {
+            token: token.map(Into::into),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for WorkerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Ok(request);
+        };
+        let Some(given) = request.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "WorkerService needs `authorization: Bearer <KOO_WORKER_TOKEN>` metadata",
+            ));
+        };
+        let given = given.as_bytes();
+        let token = given.strip_prefix(b"Bearer ").unwrap_or(b"");
+        if token.is_empty() || !constant_time_eq(token, expected.as_bytes()) {
+            return Err(Status::unauthenticated(
+                "the worker token is wrong (expected `authorization: Bearer <KOO_WORKER_TOKEN>`)",
+            ));
+        }
+        Ok(request)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
+}
+
+fn state(s: State) -> i32 {
+    use crate::tasks::model::State as S;
+    (match s {
+        S::Pending => TaskState::Pending,
+        S::Scheduled => TaskState::Scheduled,
+        S::Queued => TaskState::Queued,
+        S::Running => TaskState::Running,
+        S::Succeeded => TaskState::Succeeded,
+        S::Failed => TaskState::Failed,
+        S::Cancelled => TaskState::Cancelled,
+        S::TimedOut => TaskState::TimedOut,
+    }) as i32
+}
+
+fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+fn timestamp_ms(ms: i64) -> Option<prost_types::Timestamp> {
+    (ms > 0).then(|| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+/// A protobuf Struct as a JSON object (`{}` when absent).
+fn struct_json(field: &str, s: Option<prost_types::Struct>) -> Result<serde_json::Value, Status> {
+    let value = prost_types::Value {
+        kind: Some(Kind::StructValue(s.unwrap_or_default())),
+    };
+    json::to_serde(&value).map_err(|e| invalid_argument(field, &e))
+}
+
+/// A protobuf Value as JSON (`null` when absent).
+fn value_json(field: &str, v: Option<prost_types::Value>) -> Result<serde_json::Value, Status> {
+    match v {
+        None | Some(prost_types::Value { kind: None }) => Ok(serde_json::Value::Null),
+        Some(v) => json::to_serde(&v).map_err(|e| invalid_argument(field, &e)),
+    }
+}
+
+/// A protocol message as the session's input.
+fn inbound(msg: Result<pb::WorkRequest, Status>) -> Option<Inbound> {
+    let msg = match msg {
+        Ok(m) => m,
+        // the connection dropped or the worker cancelled the call
+        Err(_) => return None,
+    };
+    let bad = |e: Status| {
+        Inbound::Invalid(TaskError::InvalidArgument {
+            field: "message".to_owned(),
+            reason: e.message().to_owned(),
+        })
+    };
+    Some(match msg.message {
+        None => bad(Status::invalid_argument("a message with nothing set")),
+        Some(In::Hello(_)) => bad(Status::invalid_argument(
+            "hello may only be the stream's first message",
+        )),
+        Some(In::Heartbeat(_)) => Inbound::Heartbeat,
+        Some(In::Progress(p)) => match struct_json("progress.metadata", p.metadata) {
+            Ok(metadata) => Inbound::Progress {
+                id: p.task_id,
+                token: p.lease_token,
+                progress: Progress {
+                    percent: p.percent,
+                    message: p.message,
+                    metadata,
+                },
+            },
+            Err(e) => bad(e),
+        },
+        Some(In::Complete(c)) => match value_json("complete.result", c.result) {
+            Ok(result) => Inbound::Complete {
+                id: c.task_id,
+                token: c.lease_token,
+                result,
+            },
+            Err(e) => bad(e),
+        },
+        Some(In::Fail(f)) => {
+            let details = match f.details {
+                Some(d) => match struct_json("fail.details", Some(d)) {
+                    Ok(d) => Some(d),
+                    Err(e) => return Some(bad(e)),
+                },
+                None => None,
+            };
+            Inbound::Fail {
+                id: f.task_id,
+                token: f.lease_token,
+                failure: Failure {
+                    message: f.message,
+                    retryable: f.retryable,
+                    details,
+                },
+            }
+        }
+    })
+}
+
+/// A session's output as a protocol message.
+fn outbound(msg: Outbound) -> pb::WorkResponse {
+    let message = match msg {
+        Outbound::Task(task) => {
+            let lease_token = task.token;
+            Out::Task(pb::TaskAssignment {
+                task: Some(to_pb_task(*task)),
+                lease_token,
+            })
+        }
+        Outbound::Cancel { id, reason } => Out::Cancel(pb::CancelRequested {
+            task_id: id.to_string(),
+            reason,
+        }),
+        Outbound::SoftLimit(id) => Out::SoftTimeLimit(pb::SoftTimeLimitReached {
+            task_id: id.to_string(),
+        }),
+        Outbound::Revoked { id, reason } => Out::Revoked(pb::LeaseRevoked {
+            task_id: id.to_string(),
+            reason,
+        }),
+        Outbound::Reply { id, kind, outcome } => {
+            let kind = match kind {
+                ReplyKind::Progress => pb::ReplyKind::Progress,
+                ReplyKind::Complete => pb::ReplyKind::Complete,
+                ReplyKind::Fail => pb::ReplyKind::Fail,
+            } as i32;
+            let reply = match outcome {
+                Ok(s) => pb::Reply {
+                    task_id: id,
+                    kind,
+                    code: 0,
+                    message: String::new(),
+                    state: s.map_or(0, state),
+                },
+                Err(e) => {
+                    let status = Status::from(e);
+                    pb::Reply {
+                        task_id: id,
+                        kind,
+                        code: status.code() as i32,
+                        message: status.message().to_owned(),
+                        state: 0,
+                    }
+                }
+            };
+            Out::Reply(reply)
+        }
+    };
+    pb::WorkResponse {
+        message: Some(message),
+    }
+}
+
+type WorkStream = Pin<Box<dyn Stream<Item = Result<pb::WorkResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::worker_service_server::WorkerService for WorkerApi {
+    type WorkStream = WorkStream;
+
+    async fn work(
+        &self,
+        request: Request<Streaming<pb::WorkRequest>>,
+    ) -> Result<Response<Self::WorkStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut messages = request.into_inner();
+        // The hello comes first; a worker that sends nothing within the
+        // request timeout is turned away.
+        let first = tokio::time::timeout(self.request_timeout, messages.next())
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "no hello within {}",
+                    humantime::format_duration(self.request_timeout)
+                ))
+            })?;
+        let hello = match first {
+            Some(Ok(pb::WorkRequest {
+                message: Some(In::Hello(h)),
+            })) => h,
+            Some(Ok(_)) => {
+                return Err(invalid_argument(
+                    "hello",
+                    "the first message of a Work stream must be hello",
+                ));
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(Status::cancelled(
+                    "the worker closed the stream before hello",
+                ));
+            }
+        };
+        let routing = Routing::new(&hello.task_names, &hello.queues).map_err(|e| match e {
+            TaskError::InvalidArgument { field, reason } => {
+                invalid_argument(&format!("hello.{field}"), &reason)
+            }
+            e => e.into(),
+        })?;
+        let concurrency = u32::try_from(hello.concurrency).unwrap_or(0);
+        let session = remote::Session::new(
+            self.engine.clone(),
+            Some(self.cache.clone()),
+            &hello.name,
+            routing,
+            concurrency,
+            peer,
+        )?;
+        let lease = self.engine.config().lease;
+        let welcome = pb::WorkResponse {
+            message: Some(Out::Welcome(pb::Welcome {
+                worker_id: session.id().to_owned(),
+                lease: prost_types::Duration::try_from(lease).ok(),
+                heartbeat_interval: prost_types::Duration::try_from(lease / 3).ok(),
+            })),
+        };
+        tracing::info!(worker = session.id(), "external worker connected");
+        let (tx, rx) = mpsc::channel::<Outbound>(STREAM_BUFFER);
+        let (errors_tx, errors_rx) = tokio::sync::oneshot::channel::<Status>();
+        let id = session.id().to_owned();
+        let input = messages
+            .map(inbound)
+            .take_while(|m| std::future::ready(m.is_some()))
+            .map(|m| m.expect("taken while some"));
+        let stop = self.shutdown.clone();
+        tokio::spawn(async move {
+            let ended = session.run(Box::pin(input), tx, stop).await;
+            tracing::info!(worker = %id, "external worker disconnected");
+            if let Err(e) = ended {
+                let _ = errors_tx.send(e.into());
+            }
+        });
+        // The session's messages, then (when it ended on a protocol error)
+        // that error as the stream's status.
+        let messages = tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok(outbound(m)));
+        let tail = futures::stream::once(async move { errors_rx.await.ok() })
+            .filter_map(|e| std::future::ready(e.map(Err)));
+        let stream = futures::stream::once(std::future::ready(Ok(welcome)))
+            .chain(messages)
+            .chain(tail);
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn lease_task(
+        &self,
+        request: Request<pb::LeaseTaskRequest>,
+    ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        let r = request.into_inner();
+        let routing = Routing::new(&r.task_names, &r.queues)?;
+        let wait = match r.wait {
+            None => Duration::ZERO,
+            Some(d) => Duration::try_from(d)
+                .map_err(|_| invalid_argument("wait", "must not be negative"))?,
+        };
+        let task = remote::lease_once(&self.engine, &r.worker_name, &routing, wait, &self.shutdown)
+            .await?;
+        let lease = self.engine.config().lease;
+        Ok(Response::new(match task {
+            None => pb::LeaseTaskResponse::default(),
+            Some(task) => pb::LeaseTaskResponse {
+                lease_token: task.token,
+                lease_expire_time: Some(timestamp(SystemTime::now() + lease)),
+                task: Some(to_pb_task(task)),
+            },
+        }))
+    }
+
+    async fn heartbeat_task(
+        &self,
+        request: Request<pb::HeartbeatTaskRequest>,
+    ) -> Result<Response<pb::HeartbeatTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let beat = remote::heartbeat(&self.engine, &r.task_id, r.lease_token, deadline).await?;
+        Ok(Response::new(pb::HeartbeatTaskResponse {
+            cancel_requested: beat.cancel_requested,
+            soft_time_limit_exceeded: beat.soft_limit_exceeded,
+            lease_expire_time: Some(timestamp(beat.lease_until)),
+        }))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let progress = Progress {
+            percent: r.percent,
+            message: r.message,
+            metadata: struct_json("metadata", r.metadata)?,
+        };
+        remote::progress_task(&self.engine, &r.task_id, r.lease_token, &progress, deadline).await?;
+        Ok(Response::new(pb::ReportProgressResponse {}))
+    }
+
+    async fn complete_task(
+        &self,
+        request: Request<pb::CompleteTaskRequest>,
+    ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let result = value_json("result", r.result)?;
+        let s = remote::complete(
+            &self.engine,
+            Some(&self.cache),
+            &r.task_id,
+            r.lease_token,
+            result,
+            deadline,
+        )
+        .await?;
+        Ok(Response::new(pb::CompleteTaskResponse { state: state(s) }))
+    }
+
+    async fn fail_task(
+        &self,
+        request: Request<pb::FailTaskRequest>,
+    ) -> Result<Response<pb::FailTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let details = match r.details {
+            Some(d) => Some(struct_json("details", Some(d))?),
+            None => None,
+        };
+        let failure = Failure {
+            message: r.message,
+            retryable: r.retryable,
+            details,
+        };
+        let s = remote::fail(&self.engine, &r.task_id, r.lease_token, failure, deadline).await?;
+        Ok(Response::new(pb::FailTaskResponse { state: state(s) }))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<pb::ListWorkersRequest>,
+    ) -> Result<Response<pb::ListWorkersResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let r = request.into_inner();
+        let size = match r.page_size {
+            n if n < 0 => return Err(invalid_argument("page_size", "must not be negative")),
+            0 => DEFAULT_PAGE,
+            n => (n as usize).min(MAX_PAGE),
+        };
+        let mut records = self
+            .engine
+            .store()
+            .list_workers(deadline)
+            .await
+            .map_err(Status::from)?;
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        // the token is the last id of the previous page
+        let start = if r.page_token.is_empty() {
+            0
+        } else {
+            records.partition_point(|w| w.id.as_str() <= r.page_token.as_str())
+        };
+        let page: Vec<_> = records.iter().skip(start).take(size).cloned().collect();
+        let next_page_token = if start + page.len() < records.len() {
+            page.last().map(|w| w.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        let workers = page
+            .into_iter()
+            .map(|w| pb::Worker {
+                kind: match w.kind.as_str() {
+                    "stream" => pb::WorkerKind::Stream,
+                    "unary" => pb::WorkerKind::Unary,
+                    _ => pb::WorkerKind::Builtin,
+                } as i32,
+                id: w.id,
+                name: w.name,
+                task_names: w.names,
+                queues: w.queues,
+                concurrency: w.slots as i32,
+                running: w.running as i32,
+                task_ids: w.held,
+                peer: w.peer,
+                start_time: timestamp_ms(w.started_ms),
+                last_seen_time: timestamp_ms(w.seen_ms),
+            })
+            .collect();
+        Ok(Response::new(pb::ListWorkersResponse {
+            workers,
+            next_page_token,
+        }))
+    }
+}

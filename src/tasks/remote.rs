@@ -1,0 +1,1065 @@
+//! External workers: processes outside koo that run tasks over gRPC
+//! (`koo.worker.v1.WorkerService`), under the guarantees of the built-in
+//! workers.
+//!
+//! A stream worker is a [`Session`]: koo leases tasks on its behalf (never
+//! more than the concurrency it declared), pushes them, and keeps for each
+//! held task the timers a built-in slot would run — the soft limit (a
+//! notice), the hard limit (koo ends the task TIMED_OUT and revokes it) and
+//! the cancel grace (koo ends a cancelled task the worker did not stop).
+//! The worker's heartbeats extend every lease it holds; without one for a
+//! whole lease, its leases lapse and the recovery sweep takes the tasks
+//! back, as for a built-in worker that hangs. When the stream ends, every
+//! lease it held is ended at once as a lapsed lease would be (the attempt
+//! counts), rather than a lease later.
+//!
+//! The unary calls ([`lease_once`], [`heartbeat`], [`complete`], [`fail`])
+//! are the same steps one at a time, for scripts and for grpcurl.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Finish, TaskEngine, TaskError};
+use super::model::{Category, QueueName, State, Task, TaskId};
+use super::worker::cache_result;
+use crate::cache::Cache;
+use crate::store::Deadline;
+use crate::store::tasks::WorkerRecord;
+
+/// Most task names a worker may serve.
+const MAX_NAMES: usize = 256;
+/// Largest concurrency a stream worker may declare.
+pub const MAX_CONCURRENCY: u32 = 1024;
+/// Largest JSON of progress metadata or failure details.
+const MAX_JSON: usize = 64 * 1024;
+/// Longest error message.
+const MAX_MESSAGE: usize = 4096;
+/// Longest progress message.
+const MAX_PROGRESS_MESSAGE: usize = 1024;
+/// Longest unary lease wait.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// How long each store call of a session may take.
+const CALL: Duration = Duration::from_secs(5);
+
+/// What a worker serves: task names (empty: every name) in queues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    queues: Vec<QueueName>,
+    /// Lease filter: the names, or `*`.
+    names: Vec<String>,
+}
+
+impl Routing {
+    /// Validates a worker's declaration: names (each 1 to 256 bytes) and
+    /// queues; at least one of them. No queues means every category queue.
+    pub fn new(names: &[String], queues: &[String]) -> Result<Self, TaskError> {
+        if names.is_empty() && queues.is_empty() {
+            return Err(invalid(
+                "task_names",
+                "name the task names or the queues served (at least one)",
+            ));
+        }
+        if names.len() > MAX_NAMES {
+            return Err(invalid(
+                "task_names",
+                format!("at most {MAX_NAMES} names, got {}", names.len()),
+            ));
+        }
+        for (i, n) in names.iter().enumerate() {
+            if n.is_empty() || n.len() > 256 || n == "*" {
+                return Err(invalid(
+                    &format!("task_names[{i}]"),
+                    "must be 1 to 256 bytes (and not `*`: leave task_names empty to serve every name)",
+                ));
+            }
+        }
+        let mut parsed = Vec::with_capacity(queues.len());
+        for (i, q) in queues.iter().enumerate() {
+            let q =
+                QueueName::parse(q).map_err(|e| invalid(&format!("queues[{i}]"), e.to_string()))?;
+            if !parsed.contains(&q) {
+                parsed.push(q);
+            }
+        }
+        let mut names: Vec<String> = names.to_vec();
+        names.sort();
+        names.dedup();
+        Ok(Self {
+            queues: if parsed.is_empty() {
+                Category::queues()
+            } else {
+                parsed
+            },
+            names: if names.is_empty() {
+                vec!["*".to_owned()]
+            } else {
+                names
+            },
+        })
+    }
+
+    /// The queues served.
+    pub fn queues(&self) -> &[QueueName] {
+        &self.queues
+    }
+
+    /// The names served, as declared (empty: all).
+    pub fn names(&self) -> Vec<String> {
+        if self.names == ["*"] {
+            Vec::new()
+        } else {
+            self.names.clone()
+        }
+    }
+
+    fn filter(&self) -> Vec<&str> {
+        self.names.iter().map(String::as_str).collect()
+    }
+}
+
+/// Validates a worker's name (1 to 128 bytes, printable).
+pub fn check_name(field: &str, name: &str) -> Result<(), TaskError> {
+    if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
+        return Err(invalid(
+            field,
+            "must be 1 to 128 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// A progress report from a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// 0 to 100.
+    pub percent: f64,
+    /// What it is doing.
+    pub message: String,
+    /// Anything else (a JSON object).
+    pub metadata: serde_json::Value,
+}
+
+impl Progress {
+    fn to_json(&self) -> Result<String, TaskError> {
+        if !self.percent.is_finite() || !(0.0..=100.0).contains(&self.percent) {
+            return Err(invalid(
+                "percent",
+                format!("must be 0 to 100, got {}", self.percent),
+            ));
+        }
+        if self.message.len() > MAX_PROGRESS_MESSAGE {
+            return Err(invalid(
+                "message",
+                format!("at most {MAX_PROGRESS_MESSAGE} bytes"),
+            ));
+        }
+        let metadata = self.metadata.to_string();
+        if metadata.len() > MAX_JSON {
+            return Err(invalid(
+                "metadata",
+                format!("at most {MAX_JSON} bytes as JSON"),
+            ));
+        }
+        Ok(serde_json::json!({
+            "percent": self.percent,
+            "message": self.message,
+            "metadata": self.metadata,
+        })
+        .to_string())
+    }
+}
+
+/// A failure reported by a worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    /// What went wrong.
+    pub message: String,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+    /// Anything else (a JSON object), if given.
+    pub details: Option<serde_json::Value>,
+}
+
+impl Failure {
+    fn into_finish(self) -> Result<Finish, TaskError> {
+        if self.message.is_empty() || self.message.len() > MAX_MESSAGE {
+            return Err(invalid(
+                "message",
+                format!("must be 1 to {MAX_MESSAGE} bytes"),
+            ));
+        }
+        if let Some(d) = &self.details
+            && d.to_string().len() > MAX_JSON
+        {
+            return Err(invalid(
+                "details",
+                format!("at most {MAX_JSON} bytes as JSON"),
+            ));
+        }
+        Ok(Finish::Failed {
+            message: self.message,
+            retryable: self.retryable,
+            details: self.details,
+        })
+    }
+}
+
+/// What a stream worker sends (after its hello).
+#[derive(Debug, Clone)]
+pub enum Inbound {
+    /// Extends every lease the stream holds.
+    Heartbeat,
+    /// Progress of a held task.
+    Progress {
+        /// The task.
+        id: String,
+        /// Its lease token.
+        token: u32,
+        /// The report.
+        progress: Progress,
+    },
+    /// A held task succeeded with this result (JSON).
+    Complete {
+        /// The task.
+        id: String,
+        /// Its lease token.
+        token: u32,
+        /// The result.
+        result: serde_json::Value,
+    },
+    /// A held task failed.
+    Fail {
+        /// The task.
+        id: String,
+        /// Its lease token.
+        token: u32,
+        /// The failure.
+        failure: Failure,
+    },
+    /// The worker sent something that is not a valid message (a second
+    /// hello, an empty message): the stream ends with this error.
+    Invalid(TaskError),
+}
+
+/// Which message a [`Outbound::Reply`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// A progress report (replied to only when refused).
+    Progress,
+    /// A completion.
+    Complete,
+    /// A failure.
+    Fail,
+}
+
+/// What koo sends a stream worker.
+#[derive(Debug)]
+pub enum Outbound {
+    /// A task to run, with its lease token in `task.token`.
+    Task(Box<Task>),
+    /// Stop this task (it was cancelled) and report a failure.
+    Cancel {
+        /// The task.
+        id: TaskId,
+        /// Why.
+        reason: String,
+    },
+    /// This task passed its soft time limit.
+    SoftLimit(TaskId),
+    /// This task is no longer the worker's: stop it, report nothing.
+    Revoked {
+        /// The task.
+        id: TaskId,
+        /// Why.
+        reason: String,
+    },
+    /// The outcome of a report: the state the task moved to (for completes
+    /// and fails), or why it was refused.
+    Reply {
+        /// The task.
+        id: String,
+        /// The message answered.
+        kind: ReplyKind,
+        /// The outcome.
+        outcome: Result<Option<State>, TaskError>,
+    },
+}
+
+/// A connected stream worker.
+pub struct Session {
+    engine: TaskEngine,
+    cache: Option<Cache>,
+    routing: Routing,
+    concurrency: usize,
+    record: WorkerRecord,
+}
+
+/// A task the session holds, with its timers.
+struct Held {
+    task: Task,
+    soft_at: Option<Instant>,
+    hard_at: Option<Instant>,
+    /// Set once a cancel was passed on: when koo ends it if still held.
+    cancel_at: Option<Instant>,
+}
+
+impl Held {
+    fn next_timer(&self) -> Option<Instant> {
+        [self.soft_at, self.hard_at, self.cancel_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// Why a session's loop ended.
+enum Ending {
+    /// The worker hung up or its connection dropped: its leases end now.
+    Gone,
+    /// koo is stopping: tasks go back to their queues, attempts given back.
+    Shutdown,
+}
+
+impl Session {
+    /// A session for a worker that said hello: `name` (validated), what it
+    /// serves and how many tasks it may hold; `peer` is its address.
+    pub fn new(
+        engine: TaskEngine,
+        cache: Option<Cache>,
+        name: &str,
+        routing: Routing,
+        concurrency: u32,
+        peer: String,
+    ) -> Result<Self, TaskError> {
+        check_name("hello.name", name)?;
+        if concurrency == 0 || concurrency > MAX_CONCURRENCY {
+            return Err(invalid(
+                "hello.concurrency",
+                format!("must be 1 to {MAX_CONCURRENCY}, got {concurrency}"),
+            ));
+        }
+        let now = crate::store::unix_millis(SystemTime::now());
+        let id = format!(
+            "{name}/{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let record = WorkerRecord {
+            id,
+            slots: concurrency,
+            running: 0,
+            queues: routing.queues.iter().map(|q| q.to_string()).collect(),
+            names: routing.names(),
+            started_ms: now,
+            seen_ms: now,
+            kind: "stream".to_owned(),
+            name: name.to_owned(),
+            held: Vec::new(),
+            peer,
+        };
+        Ok(Self {
+            engine,
+            cache,
+            routing,
+            concurrency: concurrency as usize,
+            record,
+        })
+    }
+
+    /// The worker id (its name and a unique suffix).
+    pub fn id(&self) -> &str {
+        &self.record.id
+    }
+
+    /// Runs the session until the worker hangs up or `stop` fires, reading
+    /// `inbound` and writing to `out`. Every task held at the end is given
+    /// back: at once, its attempt counted, when the worker is gone; its
+    /// attempt given back when koo is stopping.
+    pub async fn run(
+        mut self,
+        inbound: impl Stream<Item = Inbound> + Unpin,
+        out: mpsc::Sender<Outbound>,
+        stop: CancellationToken,
+    ) -> Result<(), TaskError> {
+        let mut held: HashMap<TaskId, Held> = HashMap::new();
+        let ending = self.serve(inbound, &out, &stop, &mut held).await;
+        let deadline = Deadline::after(CALL);
+        for (id, h) in held {
+            let ended = match ending {
+                Ok(Ending::Shutdown) => {
+                    self.engine
+                        .release(&h.task, &self.record.id, deadline)
+                        .await
+                }
+                Ok(Ending::Gone) | Err(_) => self.engine.abandon(&id, h.task.token, deadline).await,
+            };
+            match ended {
+                Ok(()) => {
+                    tracing::info!(task = %id, worker = %self.record.id, "worker gone: its task goes back to its queue")
+                }
+                Err(TaskError::Fenced(_)) => {}
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "cannot end a gone worker's lease; it lapses")
+                }
+            }
+        }
+        if let Err(e) = self
+            .engine
+            .store()
+            .retire_worker(&self.record.id, deadline)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot remove a worker's presence record; it expires");
+        }
+        ending.map(|_| ())
+    }
+
+    async fn serve(
+        &mut self,
+        mut inbound: impl Stream<Item = Inbound> + Unpin,
+        out: &mpsc::Sender<Outbound>,
+        stop: &CancellationToken,
+        held: &mut HashMap<TaskId, Held>,
+    ) -> Result<Ending, TaskError> {
+        let config = self.engine.config().clone();
+        let queues = self.routing.queues.clone();
+        let filter = self.routing.names.clone();
+        let names: Vec<&str> = filter.iter().map(String::as_str).collect();
+        let mut submits = self.engine.submits();
+        let mut cancels = self.engine.cancels();
+        // When each queue was last found empty: skipped until the poll
+        // interval passes or a local submit names it.
+        let mut empty: Vec<Option<Instant>> = vec![None; queues.len()];
+        let mut next = 0usize;
+        let mut last_beat = Instant::now();
+        let mut announced = Instant::now();
+        let mut dirty = true;
+        let announce_every = (config.lease / 3).min(Duration::from_secs(1));
+        let mut announce = tokio::time::interval(announce_every);
+        announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a store failure, no lease is tried until then.
+        let mut backoff_until: Option<Instant> = None;
+        loop {
+            // Take work while there is room, the worker is alive (a worker
+            // that missed its heartbeats gets nothing more) and koo is not
+            // stopping.
+            let alive = last_beat.elapsed() < config.lease;
+            while held.len() < self.concurrency
+                && alive
+                && !stop.is_cancelled()
+                && backoff_until.is_none_or(|t| Instant::now() >= t)
+            {
+                let mut leased = None;
+                for i in 0..queues.len() {
+                    let q = (next + i) % queues.len();
+                    if empty[q].is_some_and(|at| at.elapsed() < config.poll_interval) {
+                        continue;
+                    }
+                    match self
+                        .engine
+                        .lease(&queues[q], &self.record.id, &names, Deadline::after(CALL))
+                        .await
+                    {
+                        Ok(Some(task)) => {
+                            next = (q + 1) % queues.len();
+                            leased = Some(task);
+                            break;
+                        }
+                        Ok(None) => empty[q] = Some(Instant::now()),
+                        Err(e) => {
+                            tracing::warn!(queue = %queues[q], error = %e, "cannot lease for an external worker; retrying in a second");
+                            backoff_until = Some(Instant::now() + Duration::from_secs(1));
+                            break;
+                        }
+                    }
+                }
+                let Some(task) = leased else { break };
+                if !self.hand_out(task, held, out).await {
+                    return Ok(Ending::Gone);
+                }
+                dirty = true;
+            }
+            let timer = held.values().filter_map(Held::next_timer).min();
+            let room = held.len() < self.concurrency && alive && !stop.is_cancelled();
+            // the earliest moment an empty queue is worth another look
+            let recheck = empty
+                .iter()
+                .flatten()
+                .map(|at| *at + config.poll_interval)
+                .chain(backoff_until)
+                .min();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(Ending::Shutdown),
+                msg = inbound.next() => {
+                    let Some(msg) = msg else { return Ok(Ending::Gone) };
+                    match msg {
+                        Inbound::Invalid(e) => return Err(e),
+                        Inbound::Heartbeat => {
+                            last_beat = Instant::now();
+                            if !self.beat(held, out).await {
+                                return Ok(Ending::Gone);
+                            }
+                        }
+                        other => {
+                            let before = held.len();
+                            if !self.report(other, held, out, &names, &mut empty).await {
+                                return Ok(Ending::Gone);
+                            }
+                            dirty |= held.len() != before;
+                        }
+                    }
+                }
+                _ = sleep_until(timer), if timer.is_some() => {
+                    if !self.fire_timers(held, out).await {
+                        return Ok(Ending::Gone);
+                    }
+                    dirty = true;
+                }
+                got = cancels.recv() => {
+                    if let Ok(id) = got
+                        && let Some(h) = held.get_mut(&id)
+                        && h.cancel_at.is_none()
+                    {
+                        h.cancel_at = Some(Instant::now() + config.cancel_grace);
+                        let reason = "cancelled by request".to_owned();
+                        if out.send(Outbound::Cancel { id, reason }).await.is_err() {
+                            return Ok(Ending::Gone);
+                        }
+                    }
+                }
+                changed = submits.changed(), if room => {
+                    if changed.is_ok() {
+                        let queue = submits.borrow_and_update().clone();
+                        if let Some(q) = queue.and_then(|q| queues.iter().position(|x| *x == q)) {
+                            empty[q] = None;
+                        }
+                    }
+                }
+                _ = sleep_until(recheck), if room && recheck.is_some() => {
+                    backoff_until = None;
+                }
+                _ = announce.tick() => {
+                    if dirty || announced.elapsed() >= config.lease / 3 {
+                        self.announce(held, last_beat).await;
+                        announced = Instant::now();
+                        dirty = false;
+                    }
+                }
+                // a worker silent for a whole lease: its leases have lapsed
+                // (the sweep takes the tasks back); tell it so
+                _ = tokio::time::sleep_until(last_beat + config.lease), if !held.is_empty() => {
+                    for (id, _) in held.drain() {
+                        let reason = "no heartbeat for a whole lease: the lease lapsed".to_owned();
+                        if out.send(Outbound::Revoked { id, reason }).await.is_err() {
+                            return Ok(Ending::Gone);
+                        }
+                    }
+                    dirty = true;
+                }
+            }
+        }
+    }
+
+    /// Pushes a leased task to the worker and starts its timers; `false`
+    /// when the worker is gone (the task is then given back by the caller's
+    /// cleanup, as a held task).
+    async fn hand_out(
+        &self,
+        task: Task,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let now = Instant::now();
+        let after = |ms: u64| (ms > 0).then(|| now + Duration::from_millis(ms));
+        let h = Held {
+            soft_at: after(task.soft_ms),
+            hard_at: after(task.hard_ms),
+            cancel_at: None,
+            task: task.clone(),
+        };
+        held.insert(task.id.clone(), h);
+        out.send(Outbound::Task(Box::new(task))).await.is_ok()
+    }
+
+    /// Extends every held lease; passes on cancels and revokes lost leases.
+    async fn beat(&self, held: &mut HashMap<TaskId, Held>, out: &mpsc::Sender<Outbound>) -> bool {
+        let deadline = Deadline::after(CALL);
+        let beats = futures::future::join_all(held.iter().map(|(id, h)| async move {
+            (
+                id.clone(),
+                self.engine.heartbeat(id, h.task.token, deadline).await,
+            )
+        }))
+        .await;
+        let grace = self.engine.config().cancel_grace;
+        for (id, beat) in beats {
+            let message = match beat {
+                Ok(false) => continue,
+                Ok(true) => match held.get_mut(&id) {
+                    Some(h) if h.cancel_at.is_none() => {
+                        h.cancel_at = Some(Instant::now() + grace);
+                        Outbound::Cancel {
+                            id,
+                            reason: "cancelled by request".to_owned(),
+                        }
+                    }
+                    _ => continue,
+                },
+                Err(TaskError::Fenced(_)) => {
+                    held.remove(&id);
+                    Outbound::Revoked {
+                        id,
+                        reason: "the lease lapsed or the task ended".to_owned(),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "heartbeat for an external worker failed; will retry");
+                    continue;
+                }
+            };
+            if out.send(message).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Handles a progress, complete or fail message; `false` when the worker
+    /// is gone.
+    async fn report(
+        &self,
+        msg: Inbound,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+        names: &[&str],
+        empty: &mut [Option<Instant>],
+    ) -> bool {
+        let deadline = Deadline::after(CALL);
+        let (id, kind, outcome) = match msg {
+            Inbound::Progress {
+                id,
+                token,
+                progress,
+            } => {
+                let outcome = progress_task(&self.engine, &id, token, &progress, deadline).await;
+                if outcome.is_ok() {
+                    return true;
+                }
+                (id, ReplyKind::Progress, outcome.map(|()| None))
+            }
+            Inbound::Complete { id, token, result } => {
+                let finish = Finish::Succeeded(result.to_string());
+                let (outcome, next) = self
+                    .finish_held(&id, token, Ok(finish), held, names, empty, deadline)
+                    .await;
+                let reply = Outbound::Reply {
+                    id,
+                    kind: ReplyKind::Complete,
+                    outcome: outcome.map(Some),
+                };
+                if out.send(reply).await.is_err() {
+                    return false;
+                }
+                return match next {
+                    Some(task) => self.hand_out(task, held, out).await,
+                    None => true,
+                };
+            }
+            Inbound::Fail { id, token, failure } => {
+                let (outcome, next) = self
+                    .finish_held(
+                        &id,
+                        token,
+                        failure.into_finish(),
+                        held,
+                        names,
+                        empty,
+                        deadline,
+                    )
+                    .await;
+                let reply = Outbound::Reply {
+                    id,
+                    kind: ReplyKind::Fail,
+                    outcome: outcome.map(Some),
+                };
+                if out.send(reply).await.is_err() {
+                    return false;
+                }
+                return match next {
+                    Some(task) => self.hand_out(task, held, out).await,
+                    None => true,
+                };
+            }
+            Inbound::Heartbeat | Inbound::Invalid(_) => return true,
+        };
+        out.send(Outbound::Reply { id, kind, outcome })
+            .await
+            .is_ok()
+    }
+
+    /// Ends an attempt the worker reported. A task this session holds is
+    /// ended with its lease, and when every other queue is empty the next
+    /// task of its queue is leased in the same call (a busy worker's path);
+    /// a task leased elsewhere (a unary lease) is read first.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_held(
+        &self,
+        id: &str,
+        token: u32,
+        finish: Result<Finish, TaskError>,
+        held: &mut HashMap<TaskId, Held>,
+        names: &[&str],
+        empty: &mut [Option<Instant>],
+        deadline: Deadline,
+    ) -> (Result<State, TaskError>, Option<Task>) {
+        let finish = match finish {
+            Ok(f) => f,
+            Err(e) => return (Err(e), None),
+        };
+        let task_id = match TaskId::parse(id) {
+            Ok(t) => t,
+            Err(e) => return (Err(invalid("task_id", e.to_string())), None),
+        };
+        let Some(h) = held.get(&task_id).filter(|h| h.task.token == token) else {
+            let ended = finish_leased(
+                &self.engine,
+                self.cache.as_ref(),
+                id,
+                token,
+                finish,
+                deadline,
+            )
+            .await;
+            return (ended, None);
+        };
+        let task = h.task.clone();
+        let finish = cache_result(self.cache.as_ref(), &task, finish).await;
+        held.remove(&task_id);
+        let queue = task.id.queue();
+        let q = self.routing.queues.iter().position(|x| *x == queue);
+        let poll = self.engine.config().poll_interval;
+        let chain = held.len() < self.concurrency
+            && q.is_some_and(|q| {
+                (0..empty.len())
+                    .filter(|i| *i != q)
+                    .all(|i| empty[i].is_some_and(|at| at.elapsed() < poll))
+            });
+        let worker = &self.record.id;
+        if chain {
+            match self
+                .engine
+                .finish_and_lease(&task, token, worker, finish, names, deadline)
+                .await
+            {
+                Ok((state, next)) => {
+                    if next.is_none()
+                        && let Some(q) = q
+                    {
+                        empty[q] = Some(Instant::now());
+                    }
+                    (Ok(state), next)
+                }
+                Err(e) => (Err(e), None),
+            }
+        } else {
+            (
+                self.engine
+                    .finish(&task, token, worker, finish, deadline)
+                    .await,
+                None,
+            )
+        }
+    }
+
+    /// Fires the held tasks' due timers: soft-limit notices, and koo's own
+    /// end of tasks past their hard limit or their cancel grace.
+    async fn fire_timers(
+        &self,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let now = Instant::now();
+        let due: Vec<TaskId> = held
+            .iter()
+            .filter(|(_, h)| h.next_timer().is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(h) = held.get_mut(&id) else { continue };
+            let (finish, reason) = if h.hard_at.is_some_and(|t| t <= now) {
+                (
+                    Finish::TimedOut,
+                    "hard time limit reached: the task ended TIMED_OUT",
+                )
+            } else if h.cancel_at.is_some_and(|t| t <= now) {
+                (
+                    Finish::failed("the worker did not stop within the cancel grace", false),
+                    "the task was cancelled and did not stop within the cancel grace",
+                )
+            } else {
+                h.soft_at = None;
+                if out.send(Outbound::SoftLimit(id)).await.is_err() {
+                    return false;
+                }
+                continue;
+            };
+            let Some(h) = held.remove(&id) else { continue };
+            match self
+                .engine
+                .finish(
+                    &h.task,
+                    h.task.token,
+                    &self.record.id,
+                    finish,
+                    Deadline::after(CALL),
+                )
+                .await
+            {
+                Ok(_) | Err(TaskError::Fenced(_)) => {}
+                // the lease lapses and the sweep ends the task
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "cannot end an external worker's task")
+                }
+            }
+            let reason = reason.to_owned();
+            if out.send(Outbound::Revoked { id, reason }).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Records this worker as alive, with what it holds.
+    async fn announce(&mut self, held: &HashMap<TaskId, Held>, last_beat: Instant) {
+        let record = &mut self.record;
+        record.running = held.len() as u32;
+        record.held = held.keys().map(|id| id.to_string()).collect();
+        record.held.sort();
+        record.seen_ms = crate::store::unix_millis(SystemTime::now())
+            - i64::try_from(last_beat.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let lease = self.engine.config().lease;
+        if let Err(e) = self
+            .engine
+            .store()
+            .announce_worker(record, lease, Deadline::after(CALL))
+            .await
+        {
+            tracing::debug!(error = %e, "cannot announce an external worker");
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Leases one task for a unary caller, waiting up to `wait` (at most
+/// [`MAX_WAIT`]) for one to come; `None` when none came or `stop` fired.
+pub async fn lease_once(
+    engine: &TaskEngine,
+    worker: &str,
+    routing: &Routing,
+    wait: Duration,
+    stop: &CancellationToken,
+) -> Result<Option<Task>, TaskError> {
+    check_name("worker_name", worker)?;
+    if wait > MAX_WAIT {
+        return Err(invalid(
+            "wait",
+            format!("at most {}", humantime::format_duration(MAX_WAIT)),
+        ));
+    }
+    let config = engine.config();
+    let record = WorkerRecord {
+        id: format!("unary:{worker}"),
+        slots: 1,
+        running: 0,
+        queues: routing.queues.iter().map(|q| q.to_string()).collect(),
+        names: routing.names(),
+        started_ms: crate::store::unix_millis(SystemTime::now()),
+        seen_ms: crate::store::unix_millis(SystemTime::now()),
+        kind: "unary".to_owned(),
+        name: worker.to_owned(),
+        held: Vec::new(),
+        peer: String::new(),
+    };
+    // A unary caller is listed for ten leases after its last lease call:
+    // between calls it may be busy running what it leased.
+    if let Err(e) = engine
+        .store()
+        .announce_worker(&record, config.lease * 10, Deadline::after(CALL))
+        .await
+    {
+        tracing::debug!(error = %e, "cannot announce a unary worker");
+    }
+    let until = Instant::now() + wait;
+    let names = routing.filter();
+    let mut submits = engine.submits();
+    loop {
+        for queue in &routing.queues {
+            if let Some(task) = engine
+                .lease(queue, worker, &names, Deadline::after(CALL))
+                .await?
+            {
+                return Ok(Some(task));
+            }
+        }
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || stop.is_cancelled() {
+            return Ok(None);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(None),
+            _ = engine.wait_for_work(&mut submits, left.min(config.poll_interval)) => {}
+        }
+    }
+}
+
+/// How a unary heartbeat went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BeatReply {
+    /// A cancel was asked for.
+    pub cancel_requested: bool,
+    /// The soft time limit has passed.
+    pub soft_limit_exceeded: bool,
+    /// When the lease now lapses.
+    pub lease_until: SystemTime,
+}
+
+/// Extends a lease for a unary caller.
+pub async fn heartbeat(
+    engine: &TaskEngine,
+    id: &str,
+    token: u32,
+    deadline: Deadline,
+) -> Result<BeatReply, TaskError> {
+    let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+    let cancel_requested = engine.heartbeat(&task_id, token, deadline).await?;
+    let lease_until = SystemTime::now() + engine.config().lease;
+    let task = engine.get(id, deadline).await?;
+    let now = crate::store::unix_millis(SystemTime::now());
+    let soft_limit_exceeded = task.soft_ms > 0
+        && task
+            .started_ms
+            .is_some_and(|s| now >= s.saturating_add(task.soft_ms as i64));
+    Ok(BeatReply {
+        cancel_requested,
+        soft_limit_exceeded,
+        lease_until,
+    })
+}
+
+/// Records progress reported under a lease.
+pub async fn progress_task(
+    engine: &TaskEngine,
+    id: &str,
+    token: u32,
+    progress: &Progress,
+    deadline: Deadline,
+) -> Result<(), TaskError> {
+    let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+    let json = progress.to_json()?;
+    engine.progress(&task_id, token, &json, deadline).await
+}
+
+/// Ends an attempt reported under a lease by a caller that holds only the
+/// id and token: reads the task (for its attempt log entry), caches a
+/// result that asks for it, then ends the attempt.
+pub async fn finish_leased(
+    engine: &TaskEngine,
+    cache: Option<&Cache>,
+    id: &str,
+    token: u32,
+    finish: Finish,
+    deadline: Deadline,
+) -> Result<State, TaskError> {
+    let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+    let task = engine.get(id, deadline).await?;
+    if task.state != State::Running || task.token != token {
+        return Err(TaskError::Fenced(task_id.to_string()));
+    }
+    let worker = task.worker.clone().unwrap_or_default();
+    let finish = cache_result(cache, &task, finish).await;
+    engine.finish(&task, token, &worker, finish, deadline).await
+}
+
+/// Completes a task for a unary caller.
+pub async fn complete(
+    engine: &TaskEngine,
+    cache: Option<&Cache>,
+    id: &str,
+    token: u32,
+    result: serde_json::Value,
+    deadline: Deadline,
+) -> Result<State, TaskError> {
+    let finish = Finish::Succeeded(result.to_string());
+    finish_leased(engine, cache, id, token, finish, deadline).await
+}
+
+/// Fails a task for a unary caller.
+pub async fn fail(
+    engine: &TaskEngine,
+    id: &str,
+    token: u32,
+    failure: Failure,
+    deadline: Deadline,
+) -> Result<State, TaskError> {
+    let finish = failure.into_finish()?;
+    finish_leased(engine, None, id, token, finish, deadline).await
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
+    TaskError::InvalidArgument {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker must serve something; names and queues are checked.
+    #[test]
+    fn routing_validates() {
+        assert!(Routing::new(&[], &[]).is_err());
+        assert!(Routing::new(&["*".into()], &[]).is_err());
+        assert!(Routing::new(&[String::new()], &[]).is_err());
+        assert!(Routing::new(&[], &["Bad Queue".into()]).is_err());
+        let r = Routing::new(&["a".into(), "a".into()], &[]).unwrap();
+        assert_eq!(r.queues(), Category::queues().as_slice());
+        assert_eq!(r.names(), vec!["a".to_owned()]);
+        let r = Routing::new(&[], &["pdf_processing".into()]).unwrap();
+        assert_eq!(r.filter(), vec!["*"]);
+        assert!(r.names().is_empty());
+    }
+
+    /// Progress and failures are bounded.
+    #[test]
+    fn reports_validate() {
+        let p = |percent: f64| Progress {
+            percent,
+            message: String::new(),
+            metadata: serde_json::json!({}),
+        };
+        assert!(p(50.0).to_json().is_ok());
+        assert!(p(100.5).to_json().is_err());
+        assert!(p(f64::NAN).to_json().is_err());
+        let f = |message: &str| Failure {
+            message: message.to_owned(),
+            retryable: false,
+            details: None,
+        };
+        assert!(f("boom").into_finish().is_ok());
+        assert!(f("").into_finish().is_err());
+        assert!(f(&"x".repeat(MAX_MESSAGE + 1)).into_finish().is_err());
+    }
+}
