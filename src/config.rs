@@ -18,6 +18,7 @@ use crate::cache::CacheConfig;
 use crate::server::{Settings, StoreSettings, TaskSettings};
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
+use crate::tasks::model::QueueName;
 use crate::tasks::retry::Backoff;
 
 /// koo: a gRPC control plane for caching and background work.
@@ -194,6 +195,15 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_WORKER_POLL_INTERVAL", value_name = "KOO_WORKER_POLL_INTERVAL", default_value = "100ms",
           value_parser = parse_positive_duration)]
     pub worker_poll_interval: Duration,
+    /// Queues beyond the six category queues, comma-separated: tasks may be
+    /// submitted to them and workers may serve them (e.g. `gpu,bulk`).
+    #[arg(
+        long,
+        env = "KOO_TASK_QUEUES",
+        value_name = "KOO_TASK_QUEUES",
+        value_delimiter = ','
+    )]
+    pub task_queues: Vec<String>,
 }
 
 /// `koo worker`: built-in worker slots only (needs Redis).
@@ -601,6 +611,18 @@ impl TaskArgs {
             shutdown_grace: self.worker_shutdown_grace,
             cancel_grace: self.task_cancel_grace,
             idempotency_ttl: self.idempotency_ttl,
+            extra_queues: self
+                .task_queues
+                .iter()
+                .map(|q| q.trim())
+                .filter(|q| !q.is_empty())
+                .map(|q| {
+                    QueueName::parse(q).map_err(|e| ConfigError {
+                        variable: "KOO_TASK_QUEUES",
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<_, _>>()?,
             ..TaskConfig::default()
         })
     }

@@ -50,7 +50,7 @@ async fn serve(args: koo::config::ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// `koo worker`: worker slots and lease recovery, no gRPC, until a signal.
 async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
-    use koo::tasks::{engine::TaskEngine, handlers, model::Category, worker};
+    use koo::tasks::{engine::TaskEngine, handlers, worker};
     let redis = args
         .tasks
         .redis_config(&args.redis)?
@@ -60,7 +60,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
         koo::store::tasks::TaskStore::redis(store.clone(), &args.prefix),
         args.tasks.task_config(&args.prefix)?,
     );
-    let queues: Vec<_> = Category::queues();
+    let queues: Vec<_> = engine.config().queues();
     let mut registry = worker::Registry::default();
     handlers::register_diagnostics(&mut registry);
     handlers::register_health_check(&mut registry, engine.clone());

@@ -27,7 +27,7 @@ use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
 use crate::tasks::events::EventHub;
-use crate::tasks::model::{Category, QueueName};
+use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
 use crate::tasks::{handlers, maintenance};
 
@@ -335,7 +335,7 @@ fn start_tasks(
         }
     };
     let engine = TaskEngine::new(tasks.clone(), settings.tasks.config.clone());
-    let queues: Vec<QueueName> = Category::queues();
+    let queues: Vec<QueueName> = settings.tasks.config.queues();
     background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
     if settings.tasks.workers > 0 {
         let mut registry = Registry::default();

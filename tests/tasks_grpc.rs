@@ -1323,7 +1323,10 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
 /// submission order: the order ListActiveTasks shows is the order workers
 /// lease in (the same sorted set).
 async fn a_queue_orders_by_priority_then_submission(backend: Backend) {
-    let koo = start_on(backend, 0).await;
+    let koo = start_on_with(backend, 0, |s| {
+        s.tasks.config.extra_queues = vec![koo::tasks::model::QueueName::parse("ordered").unwrap()];
+    })
+    .await;
     let mut c = client(&koo.server);
     use pb::TaskPriority as P;
     for (name, priority) in [

@@ -969,3 +969,40 @@ async fn worker_token_is_required_when_set() {
         .await
         .unwrap();
 }
+
+/// Queues beyond the categories must be declared (KOO_TASK_QUEUES), so
+/// that every queue holding tasks is swept for lapsed leases: undeclared,
+/// submits and workers naming them are refused; declared, a worker serving
+/// one gets its tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_queues_must_be_declared() {
+    let undeclared = start_on(Backend::Memory, 0).await;
+    let mut c = client(&undeclared.server);
+    let gpu = pb::SubmitTaskRequest {
+        queue: "gpu".into(),
+        ..task_named("koo.examples.render", pb::TaskCategory::Research)
+    };
+    let err = c.submit_task(gpu.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("unknown queue"), "{err:?}");
+    let mut w = workers(&undeclared.server);
+    let err = match StreamWorker::connect(&mut w, &[], &["gpu"], 1).await {
+        Ok(_) => panic!("a worker for an undeclared queue was accepted"),
+        Err(e) => e,
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("hello.queues[0]"), "{err:?}");
+
+    let declared = start_on_with(Backend::Memory, 0, |s| {
+        s.tasks.config.extra_queues = vec![koo::tasks::model::QueueName::parse("gpu").unwrap()];
+    })
+    .await;
+    let mut c = client(&declared.server);
+    let task = submit_ok(&mut c, gpu).await;
+    assert_eq!(task.queue, "gpu");
+    let mut w = workers(&declared.server);
+    let mut worker = StreamWorker::connect(&mut w, &[], &["gpu"], 1)
+        .await
+        .unwrap();
+    assert_eq!(id(&worker.next_task().await), task.id);
+}

@@ -168,14 +168,18 @@ fn page_size(raw: i32) -> Result<usize, Status> {
 }
 
 /// The queues a list request covers: a named queue, a category's, or all.
-fn queues_for(category_raw: i32, queue: &str) -> Result<Vec<QueueName>, Status> {
+fn queues_for(
+    engine: &TaskEngine,
+    category_raw: i32,
+    queue: &str,
+) -> Result<Vec<QueueName>, Status> {
     if !queue.is_empty() {
         return Ok(vec![
             QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?,
         ]);
     }
     Ok(match category_raw {
-        0 => Category::queues(),
+        0 => engine.config().queues(),
         c => vec![category(c)?.default_queue()],
     })
 }
@@ -212,7 +216,7 @@ async fn queue_metrics(
     engine: &TaskEngine,
     deadline: Deadline,
 ) -> Result<Vec<pb::QueueMetrics>, Status> {
-    let queues: Vec<QueueName> = Category::queues();
+    let queues: Vec<QueueName> = engine.config().queues();
     let stats = engine.queue_stats(&queues, deadline).await?;
     let count = |s: &crate::store::tasks::QueueStats, name: &str| {
         s.counts.get(name).copied().unwrap_or(0) as i64
@@ -607,7 +611,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
         let filter = ActiveFilter {
-            queues: queues_for(r.category, &r.queue)?,
+            queues: queues_for(self.engine(), r.category, &r.queue)?,
             name: (!r.name.is_empty()).then_some(r.name),
         };
         let (tasks, next) = self
@@ -657,7 +661,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let filter = HistoryFilter {
             queues: match category {
                 Some(c) => vec![c.default_queue()],
-                None => Category::queues(),
+                None => self.engine().config().queues(),
             },
             state,
             category,
@@ -779,7 +783,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             queues.push(category(*c)?.default_queue());
         }
         if queues.is_empty() {
-            queues = Category::queues();
+            queues = engine.config().queues();
         }
         let mut positions: std::collections::BTreeMap<String, String> = if r.resume_token.is_empty()
         {
@@ -918,7 +922,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             .unwrap_or(Duration::from_secs(24 * 3600));
         let removed = self
             .engine()
-            .cleanup(&Category::queues(), older_than, deadline)
+            .cleanup(&self.engine().config().queues(), older_than, deadline)
             .await?;
         Ok(Response::new(pb::CleanupTasksResponse {
             removed_tasks: removed.iter().map(|(_, t)| t.history as i64).sum(),
@@ -935,7 +939,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let task_ids = match (r.all, r.task_ids.is_empty()) {
             (true, true) => {
                 self.engine()
-                    .requeue_dead_letters(&Category::queues(), 1000, deadline)
+                    .requeue_dead_letters(&self.engine().config().queues(), 1000, deadline)
                     .await?
             }
             (false, false) => {

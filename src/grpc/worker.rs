@@ -301,12 +301,14 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 ));
             }
         };
-        let routing = Routing::new(&hello.task_names, &hello.queues).map_err(|e| match e {
-            TaskError::InvalidArgument { field, reason } => {
-                invalid_argument(&format!("hello.{field}"), &reason)
-            }
-            e => e.into(),
-        })?;
+        let known = self.engine.config().queues();
+        let routing =
+            Routing::new(&hello.task_names, &hello.queues, &known).map_err(|e| match e {
+                TaskError::InvalidArgument { field, reason } => {
+                    invalid_argument(&format!("hello.{field}"), &reason)
+                }
+                e => e.into(),
+            })?;
         let concurrency = u32::try_from(hello.concurrency).unwrap_or(0);
         let session = remote::Session::new(
             self.engine.clone(),
@@ -356,7 +358,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
         let r = request.into_inner();
-        let routing = Routing::new(&r.task_names, &r.queues)?;
+        let routing = Routing::new(&r.task_names, &r.queues, &self.engine.config().queues())?;
         let wait = match r.wait {
             None => Duration::ZERO,
             Some(d) => Duration::try_from(d)

@@ -64,6 +64,22 @@ pub struct TaskConfig {
     /// must be before another submit takes it over (the claimant's own
     /// store call gets at most half of it).
     pub idempotency_takeover: Duration,
+    /// Queues beyond the six category queues (KOO_TASK_QUEUES). Only known
+    /// queues accept tasks, so that every queue is swept for lapsed leases.
+    pub extra_queues: Vec<QueueName>,
+}
+
+impl TaskConfig {
+    /// Every queue koo serves: the category queues, then the extra ones.
+    pub fn queues(&self) -> Vec<QueueName> {
+        let mut queues = Category::queues();
+        for q in &self.extra_queues {
+            if !queues.contains(q) {
+                queues.push(q.clone());
+            }
+        }
+        queues
+    }
 }
 
 impl Default for TaskConfig {
@@ -85,6 +101,7 @@ impl Default for TaskConfig {
             cancel_grace: Duration::from_secs(10),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             idempotency_takeover: Duration::from_secs(15),
+            extra_queues: Vec::new(),
         }
     }
 }
@@ -592,6 +609,14 @@ impl TaskEngine {
             .queue
             .clone()
             .unwrap_or_else(|| new.category.default_queue());
+        if !Category::queues().contains(&queue) && !c.extra_queues.contains(&queue) {
+            return Err(invalid(
+                "queue",
+                format!(
+                    "unknown queue {queue:?}: tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
+                ),
+            ));
+        }
         let task = Task {
             id: TaskId::generate(&queue),
             name: new.name,

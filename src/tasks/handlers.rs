@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::engine::TaskEngine;
-use super::model::{Category, names};
+use super::model::names;
 use super::worker::{HandlerError, Registry, TaskContext};
 use crate::store::Deadline;
 
@@ -39,7 +39,7 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                 .ping(deadline)
                 .await
                 .map_err(|e| HandlerError::retry(e.to_string()))?;
-            let queues: Vec<_> = Category::queues();
+            let queues: Vec<_> = engine.config().queues();
             let stats = engine
                 .queue_stats(&queues, deadline)
                 .await

@@ -202,7 +202,7 @@ pub fn register_database(registry: &mut Registry, engine: TaskEngine) {
                 .saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
             let store = engine.store();
             let mut queues = serde_json::Map::new();
-            for queue in Category::queues() {
+            for queue in engine.config().queues() {
                 let mut total = crate::store::tasks::Trimmed::default();
                 // at most 1000 history entries per call; a backlog takes a
                 // few more

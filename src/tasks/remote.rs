@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Finish, TaskEngine, TaskError};
-use super::model::{Category, QueueName, State, Task, TaskId};
+use super::model::{QueueName, State, Task, TaskId};
 use super::worker::cache_result;
 use crate::cache::Cache;
 use crate::store::Deadline;
@@ -56,8 +56,13 @@ pub struct Routing {
 
 impl Routing {
     /// Validates a worker's declaration: names (each 1 to 256 bytes) and
-    /// queues; at least one of them. No queues means every category queue.
-    pub fn new(names: &[String], queues: &[String]) -> Result<Self, TaskError> {
+    /// queues (among `known`); at least one of them. No queues means every
+    /// known queue.
+    pub fn new(
+        names: &[String],
+        queues: &[String],
+        known: &[QueueName],
+    ) -> Result<Self, TaskError> {
         if names.is_empty() && queues.is_empty() {
             return Err(invalid(
                 "task_names",
@@ -82,6 +87,14 @@ impl Routing {
         for (i, q) in queues.iter().enumerate() {
             let q =
                 QueueName::parse(q).map_err(|e| invalid(&format!("queues[{i}]"), e.to_string()))?;
+            if !known.contains(&q) {
+                return Err(invalid(
+                    &format!("queues[{i}]"),
+                    format!(
+                        "unknown queue {q:?}: koo serves the category queues and those named in KOO_TASK_QUEUES"
+                    ),
+                ));
+            }
             if !parsed.contains(&q) {
                 parsed.push(q);
             }
@@ -91,7 +104,7 @@ impl Routing {
         names.dedup();
         Ok(Self {
             queues: if parsed.is_empty() {
-                Category::queues()
+                known.to_vec()
             } else {
                 parsed
             },
@@ -1026,18 +1039,21 @@ fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tasks::model::Category;
 
     /// A worker must serve something; names and queues are checked.
     #[test]
     fn routing_validates() {
-        assert!(Routing::new(&[], &[]).is_err());
-        assert!(Routing::new(&["*".into()], &[]).is_err());
-        assert!(Routing::new(&[String::new()], &[]).is_err());
-        assert!(Routing::new(&[], &["Bad Queue".into()]).is_err());
-        let r = Routing::new(&["a".into(), "a".into()], &[]).unwrap();
+        let k = Category::queues();
+        assert!(Routing::new(&[], &["gpu".into()], &k).is_err());
+        assert!(Routing::new(&[], &[], &k).is_err());
+        assert!(Routing::new(&["*".into()], &[], &k).is_err());
+        assert!(Routing::new(&[String::new()], &[], &k).is_err());
+        assert!(Routing::new(&[], &["Bad Queue".into()], &k).is_err());
+        let r = Routing::new(&["a".into(), "a".into()], &[], &k).unwrap();
         assert_eq!(r.queues(), Category::queues().as_slice());
         assert_eq!(r.names(), vec!["a".to_owned()]);
-        let r = Routing::new(&[], &["pdf_processing".into()]).unwrap();
+        let r = Routing::new(&[], &["pdf_processing".into()], &k).unwrap();
         assert_eq!(r.filter(), vec!["*"]);
         assert!(r.names().is_empty());
     }
