@@ -14,6 +14,13 @@
 //!   worker serves, and `BENCH_WATCHERS` (default 1,000) open `WatchTask`
 //!   streams on them; koo's resident memory (VmRSS) then.
 //!
+//! - **external**: the same e2e and latency runs with the no-op served by
+//!   the Python example worker (`examples/python-worker`, over
+//!   WorkerService's Work stream, `BENCH_EXTERNAL_CONCURRENCY` tasks at once,
+//!   default 4 like the built-in slots) against a second `koo serve` with no
+//!   built-in workers: `"system": "koo+python"`. 0 skips it. The Python comes
+//!   from `KOO_BENCH_PYTHON`, else the example's `setup.sh` makes it.
+//!
 //! Redis: its own `redis-server` on a free port, or `KOO_BENCH_REDIS_URL`
 //! (used by `scripts/bench-tasks` to put koo on the same Redis as the
 //! peers, a server that script started); koo's keys there get a prefix of
@@ -166,31 +173,162 @@ async fn run() -> Result<()> {
     }
     drop(client);
     drop(koo);
-    // remove what koo wrote (only its own prefix: the Redis may be shared)
+    let external = env_usize("BENCH_EXTERNAL_CONCURRENCY", 4)?;
+    let external_prefix = format!("{prefix}x");
+    if external > 0 {
+        external_worker(
+            &url,
+            &external_prefix,
+            external,
+            tasks,
+            latency_n,
+            reps,
+            &label,
+            &mut out,
+        )
+        .await?;
+    }
+    // remove what koo wrote (only its own prefixes: the Redis may be shared)
     let redis = redis::Client::open(url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
-    let mut cursor = 0u64;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let _: () = redis::cmd("UNLINK")
-                .arg(&keys)
+    for prefix in [&prefix, &external_prefix] {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
                 .query_async(&mut conn)
                 .await?;
+            if !keys.is_empty() {
+                let _: () = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     Ok(())
+}
+
+/// e2e and latency with the no-op run by the Python example worker over
+/// WorkerService, against a koo with no built-in workers.
+#[allow(clippy::too_many_arguments)]
+async fn external_worker(
+    url: &str,
+    prefix: &str,
+    concurrency: usize,
+    tasks: usize,
+    latency_n: usize,
+    reps: usize,
+    label: &str,
+    out: &mut std::fs::File,
+) -> Result<()> {
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/python-worker");
+    let python = match std::env::var("KOO_BENCH_PYTHON") {
+        Ok(p) => p,
+        Err(_) => {
+            let o = std::process::Command::new(example.join("setup.sh"))
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .context("cannot run examples/python-worker/setup.sh")?;
+            if !o.status.success() {
+                bail!("examples/python-worker/setup.sh failed");
+            }
+            String::from_utf8(o.stdout)?
+                .lines()
+                .last()
+                .context("setup.sh printed no python")?
+                .trim()
+                .to_owned()
+        }
+    };
+    let mut koo = start_koo(
+        env!("CARGO_BIN_EXE_koo"),
+        &[
+            "--redis-url",
+            url,
+            "--prefix",
+            prefix,
+            "--worker-concurrency",
+            "0",
+        ],
+        &[("KOO_LOG", "warn")],
+    )?;
+    let worker = std::process::Command::new(&python)
+        .arg(example.join("worker.py"))
+        .args([
+            "--target",
+            &koo.addr.to_string(),
+            "--serve",
+            "noop",
+            "--noop-name",
+            NOOP,
+        ])
+        .args([
+            "--quiet",
+            "--concurrency",
+            &concurrency.to_string(),
+            "--log-level",
+            "warning",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("cannot start the Python example worker")?;
+    let _worker = KillOnDrop(worker);
+    let channel = Endpoint::from_shared(format!("http://{}", koo.addr))?
+        .connect()
+        .await
+        .context("cannot connect to koo")?;
+    let client = TaskServiceClient::new(channel);
+    eprintln!(
+        "koo {} with no built-in workers; the Python example worker serves the no-op, {concurrency} at a time",
+        koo.addr
+    );
+    // warm-up: the worker connected, scripts loaded
+    e2e(&client, 500).await?;
+    for rep in 1..=reps {
+        koo.check_alive()?;
+        let (seconds, submit_seconds) = e2e(&client, tasks).await?;
+        emit(
+            serde_json::json!({
+                "system": "koo+python", "mode": "e2e", "n": tasks, "rep": rep, "label": label,
+                "seconds": seconds, "tasks_per_s": tasks as f64 / seconds,
+                "submit_tasks_per_s": tasks as f64 / submit_seconds,
+                "worker": format!("examples/python-worker, concurrency {concurrency}"),
+                "observed": "every task's SUCCEEDED event, by WatchTasks",
+            }),
+            out,
+        );
+        let mut lat = latency(&client, latency_n).await?;
+        lat.sort_by(f64::total_cmp);
+        emit(
+            serde_json::json!({
+                "system": "koo+python", "mode": "latency", "n": latency_n, "rep": rep, "label": label,
+                "p50_ms": pct(&lat, 50.0), "p90_ms": pct(&lat, 90.0), "p99_ms": pct(&lat, 99.0),
+                "max_ms": lat[lat.len() - 1],
+            }),
+            out,
+        );
+    }
+    Ok(())
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Submits `n` no-ops and waits for every one's SUCCEEDED event: (seconds
