@@ -7,6 +7,7 @@ const PROTOS: &[&str] = &[
     "koo/cache/v1/cache_service.proto",
     "koo/tasks/v1/task_service.proto",
     "koo/worker/v1/worker_service.proto",
+    "koo/schedule/v1/schedule_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -15,7 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::CacheConfig;
-use crate::server::{Settings, StoreSettings, TaskSettings};
+use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::model::QueueName;
@@ -64,6 +64,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Run built-in task workers only (needs Redis), to scale out.
     Worker(Box<WorkerArgs>),
+    /// Run the scheduler only (needs Redis): fires the periodic schedules.
+    Scheduler(Box<SchedulerArgs>),
     /// Ask a running koo for its gRPC health; exits 0 when SERVING.
     Health(HealthArgs),
 }
@@ -206,6 +208,98 @@ pub struct TaskArgs {
     pub task_queues: Vec<String>,
 }
 
+/// Periodic schedules: the seed's defaults and the scheduler's pace.
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    /// Cache cleanup schedule (cron, five or six fields; `off` to switch it off).
+    #[arg(
+        long,
+        env = "KOO_SCHEDULE_CACHE_CLEANUP",
+        value_name = "KOO_SCHEDULE_CACHE_CLEANUP",
+        default_value = "*/10 * * * *"
+    )]
+    pub schedule_cache_cleanup: String,
+    /// Cache warming schedule (`off` to switch it off).
+    #[arg(
+        long,
+        env = "KOO_SCHEDULE_CACHE_WARM",
+        value_name = "KOO_SCHEDULE_CACHE_WARM",
+        default_value = "*/30 * * * *"
+    )]
+    pub schedule_cache_warm: String,
+    /// Database maintenance schedule (`off` to switch it off).
+    #[arg(
+        long,
+        env = "KOO_SCHEDULE_DATABASE_MAINTENANCE",
+        value_name = "KOO_SCHEDULE_DATABASE_MAINTENANCE",
+        default_value = "0 * * * *"
+    )]
+    pub schedule_database_maintenance: String,
+    /// Health check schedule (`off` to switch it off).
+    #[arg(
+        long,
+        env = "KOO_SCHEDULE_HEALTH_CHECK",
+        value_name = "KOO_SCHEDULE_HEALTH_CHECK",
+        default_value = "*/5 * * * *"
+    )]
+    pub schedule_health_check: String,
+    /// IANA time zone of the default schedules.
+    #[arg(
+        long,
+        env = "KOO_SCHEDULE_TIME_ZONE",
+        value_name = "KOO_SCHEDULE_TIME_ZONE",
+        default_value = "UTC"
+    )]
+    pub schedule_time_zone: String,
+    /// How often the scheduler looks for changes made through other koo instances.
+    #[arg(long, env = "KOO_SCHEDULE_RELOAD_INTERVAL", value_name = "KOO_SCHEDULE_RELOAD_INTERVAL",
+          default_value = "1s", value_parser = parse_positive_duration)]
+    pub schedule_reload_interval: Duration,
+}
+
+impl ScheduleArgs {
+    /// The scheduler's settings (`enabled` says whether this process runs it).
+    pub fn settings(&self, enabled: bool) -> Result<ScheduleSettings, ConfigError> {
+        let defaults = crate::schedule::defaults::from_config(
+            [
+                &self.schedule_cache_cleanup,
+                &self.schedule_cache_warm,
+                &self.schedule_database_maintenance,
+                &self.schedule_health_check,
+            ],
+            &self.schedule_time_zone,
+        )
+        .map_err(|(variable, reason)| ConfigError { variable, reason })?;
+        Ok(ScheduleSettings {
+            enabled,
+            defaults,
+            reload_interval: self.schedule_reload_interval,
+        })
+    }
+}
+
+/// `koo scheduler`: the scheduler only (needs Redis).
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    /// Redis connection settings.
+    #[command(flatten)]
+    pub redis: RedisArgs,
+    /// Task engine settings.
+    #[command(flatten)]
+    pub tasks: TaskArgs,
+    /// Schedules.
+    #[command(flatten)]
+    pub schedules: ScheduleArgs,
+    /// Prefix of every Redis key koo writes.
+    #[arg(
+        long,
+        env = "KOO_PREFIX",
+        value_name = "KOO_PREFIX",
+        default_value = "koo"
+    )]
+    pub prefix: String,
+}
+
 /// `koo worker`: built-in worker slots only (needs Redis).
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
@@ -248,6 +342,15 @@ pub struct ServeArgs {
     /// Task engine settings.
     #[command(flatten)]
     pub tasks: TaskArgs,
+    /// Schedules.
+    #[command(flatten)]
+    pub schedules: ScheduleArgs,
+    /// Do not run the scheduler in this process (schedules are still served
+    /// over gRPC; `koo scheduler` or another `koo serve` fires them).
+    #[arg(long, env = "KOO_NO_SCHEDULER", value_name = "KOO_NO_SCHEDULER",
+          value_parser = BoolishValueParser::new(), default_value = "false", num_args = 0..=1,
+          default_missing_value = "true")]
+    pub no_scheduler: bool,
     /// Built-in worker slots in this process (0: none; `koo worker` adds more).
     #[arg(long, env = "KOO_WORKER_CONCURRENCY", value_name = "KOO_WORKER_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(0..=1024))]
@@ -460,6 +563,7 @@ impl ServeArgs {
             bulk_timeout: self.bulk_timeout,
             shutdown_grace: self.shutdown_grace,
             shutdown_drain: self.shutdown_drain,
+            schedule: self.schedules.settings(!self.no_scheduler)?,
             worker_token: match self.worker_token {
                 Some(t)
                     if t.is_empty()

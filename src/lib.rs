@@ -27,6 +27,7 @@ pub mod grpc;
 pub mod health;
 pub mod keys;
 pub mod pb;
+pub mod schedule;
 pub mod server;
 pub mod store;
 pub mod tasks;

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Worker(args) => worker(*args).await,
+            Command::Scheduler(args) => scheduler(*args).await,
             Command::Health(args) => health(args).await,
         }
     });
@@ -109,6 +110,35 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     if drained.is_err() {
         tracing::warn!("tasks still running go back to their queues when their leases lapse");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `koo scheduler`: fires the periodic schedules (no gRPC, no workers),
+/// until a signal. Any number may run: each tick submits one task.
+async fn scheduler(args: koo::config::SchedulerArgs) -> anyhow::Result<ExitCode> {
+    use koo::schedule::{Schedules, store::ScheduleStore};
+    use koo::tasks::engine::TaskEngine;
+    let redis = args
+        .tasks
+        .redis_config(&args.redis)?
+        .context("koo scheduler needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
+    let settings = args.schedules.settings(true)?;
+    let store = koo::store::RedisStore::connect(&redis)?;
+    let engine = TaskEngine::new(
+        koo::store::tasks::TaskStore::redis(store.clone(), &args.prefix),
+        args.tasks.task_config(&args.prefix)?,
+    );
+    let schedules = Schedules::new(ScheduleStore::redis(store, &args.prefix), engine);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let run = tokio::spawn(koo::schedule::run(
+        schedules,
+        settings.defaults,
+        settings.reload_interval,
+        stop.clone(),
+    ));
+    shutdown_signal().await;
+    stop.cancel();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), run).await;
     Ok(ExitCode::SUCCESS)
 }
 

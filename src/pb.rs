@@ -21,6 +21,15 @@ pub mod tasks {
     }
 }
 
+/// `koo.schedule.v1`: the ScheduleService API, for periodic jobs.
+pub mod schedule {
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    #[rustfmt::skip]
+    pub mod v1 {
+        tonic::include_proto!("koo.schedule.v1");
+    }
+}
+
 /// `koo.worker.v1`: the WorkerService API, for external task workers.
 pub mod worker {
     #[allow(clippy::all, clippy::pedantic, missing_docs)]

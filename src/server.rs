@@ -17,12 +17,16 @@ use tonic_health::pb::health_server::HealthServer;
 use crate::cache::{Cache, CacheConfig};
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
+use crate::grpc::schedule::ScheduleApi;
 use crate::grpc::tasks::TaskApi;
 use crate::grpc::worker::{WorkerApi, WorkerAuth};
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
+use crate::pb::schedule::v1::schedule_service_server::ScheduleServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
 use crate::pb::worker::v1::worker_service_server::WorkerServiceServer;
+use crate::schedule::Schedules;
+use crate::schedule::store::ScheduleStore;
 use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
@@ -86,6 +90,33 @@ pub struct Settings {
     pub shutdown_drain: Duration,
     /// The shared secret external workers must present, if any.
     pub worker_token: Option<String>,
+    /// The scheduler.
+    pub schedule: ScheduleSettings,
+}
+
+/// The scheduler's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleSettings {
+    /// Whether this process runs the scheduler.
+    pub enabled: bool,
+    /// The configuration's default schedules.
+    pub defaults: Vec<crate::schedule::defaults::Default>,
+    /// How often changes made elsewhere are looked for.
+    pub reload_interval: Duration,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            defaults: crate::schedule::defaults::from_config(
+                ["*/10 * * * *", "*/30 * * * *", "0 * * * *", "*/5 * * * *"],
+                "UTC",
+            )
+            .expect("valid defaults"),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
 }
 
 impl Default for Settings {
@@ -102,6 +133,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(30),
             shutdown_drain: Duration::from_millis(500),
             worker_token: None,
+            schedule: ScheduleSettings::default(),
         }
     }
 }
@@ -191,6 +223,7 @@ pub async fn run(
 
     let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
     let worker_engine = tasks.0.clone();
+    let schedules = start_scheduler(&settings, &tasks.0, &mut background, &stop);
 
     let limit = settings.cache.message_limit();
     let task_cache = cache.clone();
@@ -266,6 +299,10 @@ pub async fn run(
             task_cache.clone(),
             settings.request_timeout,
             stop.clone(),
+        )))
+        .add_service(ScheduleServiceServer::new(ScheduleApi::new(
+            schedules,
+            settings.request_timeout,
         )))
         .add_service(WorkerServiceServer::with_interceptor(
             WorkerApi::new(
@@ -354,6 +391,32 @@ fn start_tasks(
     }
     let hub = EventHub::new(tasks, stop.clone());
     Ok((engine, hub))
+}
+
+/// The schedules, kept with the tasks; the scheduler runs here unless
+/// switched off.
+fn start_scheduler(
+    settings: &Settings,
+    engine: &TaskEngine,
+    background: &mut tokio::task::JoinSet<()>,
+    stop: &CancellationToken,
+) -> Schedules {
+    let store = match engine.store() {
+        TaskStore::Redis { store, prefix } => ScheduleStore::redis(store.clone(), prefix),
+        TaskStore::Memory(_) => ScheduleStore::memory(),
+    };
+    let schedules = Schedules::new(store, engine.clone());
+    if settings.schedule.enabled {
+        background.spawn(crate::schedule::run(
+            schedules.clone(),
+            settings.schedule.defaults.clone(),
+            settings.schedule.reload_interval,
+            stop.clone(),
+        ));
+    } else {
+        tracing::info!("scheduler off in this process (--no-scheduler)");
+    }
+    schedules
 }
 
 /// A task Redis must never evict: warn when its policy could.

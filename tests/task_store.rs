@@ -96,6 +96,8 @@ impl Fixture {
             state: State::Queued,
             cache_result: None,
             depends_on: vec![],
+            schedule: None,
+            schedule_tick_ms: None,
             attempts: 0,
             token: 0,
             max_retries,

@@ -6,6 +6,7 @@ pub mod codec;
 mod deadline;
 pub mod health;
 pub mod json;
+pub mod schedule;
 mod status;
 pub mod tasks;
 pub mod worker;

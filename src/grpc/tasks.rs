@@ -73,7 +73,7 @@ pub(crate) fn category(raw: i32) -> Result<Category, Status> {
     }
 }
 
-fn to_pb_category(c: Category) -> pb::TaskCategory {
+pub(crate) fn to_pb_category(c: Category) -> pb::TaskCategory {
     use pb::TaskCategory as C;
     match c {
         Category::AiService => C::AiService,
@@ -85,7 +85,7 @@ fn to_pb_category(c: Category) -> pb::TaskCategory {
     }
 }
 
-fn priority(raw: i32) -> Result<Priority, Status> {
+pub(crate) fn priority(raw: i32) -> Result<Priority, Status> {
     use pb::TaskPriority as P;
     match P::try_from(raw) {
         Ok(P::Unspecified | P::Normal) => Ok(Priority::Normal),
@@ -99,7 +99,7 @@ fn priority(raw: i32) -> Result<Priority, Status> {
     }
 }
 
-fn to_pb_priority(p: Priority) -> pb::TaskPriority {
+pub(crate) fn to_pb_priority(p: Priority) -> pb::TaskPriority {
     match p {
         Priority::Low => pb::TaskPriority::Low,
         Priority::Normal => pb::TaskPriority::Normal,
@@ -108,7 +108,7 @@ fn to_pb_priority(p: Priority) -> pb::TaskPriority {
     }
 }
 
-fn to_pb_state(s: State) -> pb::TaskState {
+pub(crate) fn to_pb_state(s: State) -> pb::TaskState {
     use pb::TaskState as S;
     match s {
         State::Pending => S::Pending,
@@ -122,7 +122,10 @@ fn to_pb_state(s: State) -> pb::TaskState {
     }
 }
 
-fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
+pub(crate) fn duration(
+    field: &str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<Duration>, Status> {
     d.map(|d| {
         Duration::try_from(d)
             .map_err(|_| invalid_argument(field, "must be a non-negative duration"))
@@ -130,14 +133,14 @@ fn duration(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Dura
     .transpose()
 }
 
-fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
+pub(crate) fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
     ms.map(|ms| prost_types::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     })
 }
 
-fn pb_duration_ms(ms: u64) -> Option<prost_types::Duration> {
+pub(crate) fn pb_duration_ms(ms: u64) -> Option<prost_types::Duration> {
     (ms > 0).then(|| prost_types::Duration {
         seconds: (ms / 1000) as i64,
         nanos: ((ms % 1000) * 1_000_000) as i32,
@@ -295,6 +298,8 @@ pub(crate) fn to_pb_task(t: Task) -> pb::Task {
         time_limit: pb_duration_ms(t.hard_ms),
         attempt_log,
         depends_on: t.depends_on,
+        schedule: t.schedule.unwrap_or_default(),
+        schedule_time: timestamp(t.schedule_tick_ms),
         cache_result: t
             .cache_result
             .as_deref()
@@ -369,6 +374,8 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
         cache_result,
         idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
         depends_on: r.depends_on,
+        schedule: None,
+        schedule_tick_ms: None,
     })
 }
 
@@ -683,6 +690,7 @@ impl pb::task_service_server::TaskService for TaskApi {
                     state: e.state.map_or(0, |s| to_pb_state(s) as i32),
                     attempts: e.attempts as i32,
                     end_time: timestamp(Some(e.finished_ms)),
+                    schedule: e.schedule.unwrap_or_default(),
                 })
                 .collect(),
             next_page_token: next,

@@ -137,6 +137,10 @@ pub struct NewTask {
     pub idempotency_key: Option<String>,
     /// Tasks (ids) that must succeed before this one is queued.
     pub depends_on: Vec<String>,
+    /// The schedule submitting it (shown in the task and its history).
+    pub schedule: Option<String>,
+    /// The tick it is submitted for (ms since the epoch).
+    pub schedule_tick_ms: Option<i64>,
 }
 
 impl NewTask {
@@ -157,6 +161,8 @@ impl NewTask {
             cache_result: None,
             idempotency_key: None,
             depends_on: Vec::new(),
+            schedule: None,
+            schedule_tick_ms: None,
         }
     }
 }
@@ -634,6 +640,8 @@ impl TaskEngine {
             token: 0,
             cache_result: new.cache_result.as_ref().map(CacheTarget::to_json),
             depends_on: new.depends_on.clone(),
+            schedule: new.schedule.clone(),
+            schedule_tick_ms: new.schedule_tick_ms,
             max_retries: new.max_retries.unwrap_or(c.default_max_retries),
             worker: None,
             progress: None,

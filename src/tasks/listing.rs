@@ -57,6 +57,8 @@ pub struct Summary {
     pub attempts: u32,
     /// When it ended (ms).
     pub finished_ms: i64,
+    /// The schedule that submitted it, if one did.
+    pub schedule: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -235,5 +237,6 @@ fn parse_summary(id: String, ms: i64, json: &str) -> Summary {
         state: v["state"].as_str().and_then(State::parse),
         attempts: v["attempts"].as_u64().unwrap_or(0) as u32,
         finished_ms: ms,
+        schedule: v["schedule"].as_str().map(str::to_owned),
     }
 }

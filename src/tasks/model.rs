@@ -106,6 +106,16 @@ impl Priority {
         }
     }
 
+    /// The name [`Self::parse`] reads.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
     /// Parses a band back.
     pub fn from_band(band: u64) -> Option<Priority> {
         Priority::ALL.into_iter().find(|p| p.band() == band)
@@ -337,6 +347,11 @@ pub struct Task {
     pub cache_result: Option<String>,
     /// The tasks it waited on before it could run.
     pub depends_on: Vec<String>,
+    /// The schedule that submitted it, if one did.
+    pub schedule: Option<String>,
+    /// The tick it was submitted for (ms since the epoch), if a schedule's
+    /// tick submitted it.
+    pub schedule_tick_ms: Option<i64>,
     /// Attempts so far, counted when leased (a hand-back at shutdown
     /// gives its attempt back).
     pub attempts: u32,
@@ -388,6 +403,9 @@ impl Task {
             ("result_ttl_ms", self.result_ttl_ms.to_string()),
             ("token", self.token.to_string()),
         ];
+        if let Some(t) = self.schedule_tick_ms {
+            f.push(("schedule_tick_ms", t.to_string()));
+        }
         if !self.depends_on.is_empty() {
             f.push((
                 "depends_on",
@@ -396,6 +414,7 @@ impl Task {
         }
         for (name, value) in [
             ("cache_result", &self.cache_result),
+            ("schedule", &self.schedule),
             ("progress", &self.progress),
             ("result", &self.result),
             ("error", &self.error),
@@ -439,6 +458,8 @@ impl Task {
             kwargs: get("kwargs")?.clone(),
             state: State::parse(get("state")?).ok_or("field state is unknown")?,
             cache_result: text("cache_result"),
+            schedule: text("schedule"),
+            schedule_tick_ms: fields.get("schedule_tick_ms").and_then(|v| v.parse().ok()),
             depends_on: fields
                 .get("depends_on")
                 .and_then(|d| serde_json::from_str(d).ok())
@@ -554,6 +575,8 @@ mod tests {
             kwargs: "{}".into(),
             state: State::Queued,
             depends_on: vec![],
+            schedule: Some("nightly".into()),
+            schedule_tick_ms: Some(1_800_000_000_000),
             cache_result: None,
             attempts: 0,
             token: 0,

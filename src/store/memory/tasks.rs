@@ -314,6 +314,7 @@ impl Tasks {
                 "attempts": e.task.attempts,
                 "finished_ms": now,
                 "category": e.task.category.as_str(),
+                "schedule": e.task.schedule,
             })
             .to_string(),
         );

@@ -10,6 +10,7 @@
 //! way that matters.
 
 mod breaker;
+mod schedules;
 mod tasks;
 
 pub use self::tasks::StreamReader;

@@ -10,11 +10,13 @@ local function record_end(key, id, outcome, now, history, history_data, dead, ca
     redis.call('ZADD', dead, now, id)
     redis.call('ZREMRANGEBYRANK', dead, 0, -(cap + 1))
   end
-  local name, category, attempts, ttl = unpack(redis.call('HMGET', key,
-    'name', 'category', 'attempts', 'result_ttl_ms'))
+  local name, category, attempts, ttl, schedule = unpack(redis.call('HMGET', key,
+    'name', 'category', 'attempts', 'result_ttl_ms', 'schedule'))
   redis.call('ZADD', history, now, id)
+  -- a task no schedule submitted has no 'schedule' field (false: left out)
+  if not schedule then schedule = nil end
   redis.call('HSET', history_data, id, cjson.encode({ name = name, state = outcome,
-    attempts = tonumber(attempts), finished_ms = now, category = category }))
+    attempts = tonumber(attempts), finished_ms = now, category = category, schedule = schedule }))
   local excess = redis.call('ZCARD', history) - cap
   if excess >= 100 then
     local old = redis.call('ZRANGE', history, 0, excess - 1)

@@ -1,0 +1,673 @@
+//! Periodic schedules end to end (issue 6): the seed's defaults, the
+//! ScheduleService RPCs and their refusals, exactly one task per tick across
+//! several koo instances (one of them a `koo scheduler` process), changes
+//! made through one instance taking effect on another, and the missed-tick
+//! policy after downtime. Real gRPC, real Redis.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::tasks::*;
+use common::{TestRedis, TestServer};
+use koo::pb::schedule::v1::{self as spb, schedule_service_client::ScheduleServiceClient};
+use koo::pb::tasks::v1 as pb;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn schedules(server: &TestServer) -> ScheduleServiceClient<Channel> {
+    ScheduleServiceClient::new(server.channel.clone())
+}
+
+/// A schedule submitting `task` (a name no worker serves, so its tasks stay
+/// queued and countable) on `cron`.
+fn every(name: &str, cron: &str, task: &str) -> spb::Schedule {
+    spb::Schedule {
+        name: name.into(),
+        cron: cron.into(),
+        task: Some(spb::TaskTemplate {
+            name: task.into(),
+            category: pb::TaskCategory::Research as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn create(c: &mut ScheduleServiceClient<Channel>, s: spb::Schedule) -> spb::Schedule {
+    c.create_schedule(spb::CreateScheduleRequest { schedule: Some(s) })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap()
+}
+
+async fn get(c: &mut ScheduleServiceClient<Channel>, name: &str) -> spb::Schedule {
+    c.get_schedule(spb::GetScheduleRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap()
+}
+
+/// Every queued task named `name`: its schedule tick (ms) → how many.
+async fn ticks(server: &TestServer, name: &str) -> BTreeMap<i64, usize> {
+    let mut c = client(server);
+    let mut out = BTreeMap::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_active_tasks(pb::ListActiveTasksRequest {
+                name: name.into(),
+                page_size: 500,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for t in page.tasks {
+            let at = t.schedule_time.expect("a scheduled task has its tick");
+            *out.entry(at.seconds * 1000 + i64::from(at.nanos) / 1_000_000)
+                .or_insert(0) += 1;
+        }
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Waits until `name` has at least `n` ticks' tasks (a tick is a second: a
+/// bounded read loop, nothing signals it).
+async fn wait_ticks(server: &TestServer, name: &str, n: usize) -> BTreeMap<i64, usize> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = ticks(server, name).await;
+        if t.len() >= n {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "only {} ticks of {name}",
+            t.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn short_defaults(s: &mut koo::server::Settings, crons: [&str; 4]) {
+    s.schedule.defaults = koo::schedule::defaults::from_config(crons, "UTC").unwrap();
+    s.schedule.reload_interval = Duration::from_millis(200);
+}
+
+/// A koo on `redis` with its scheduler on or off.
+async fn instance(redis: &TestRedis, scheduler: bool) -> TestServer {
+    let mut settings = common::test_settings(common::redis_settings(&redis.url()));
+    let koo::server::StoreSettings::Redis(r) = &settings.store else {
+        unreachable!()
+    };
+    settings.tasks.redis = Some(r.clone());
+    short_intervals(&mut settings, 0);
+    short_defaults(&mut settings, ["off"; 4]);
+    settings.schedule.enabled = scheduler;
+    let server = TestServer::spawn(settings).await;
+    server
+        .wait_health(
+            "",
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+        )
+        .await;
+    server
+}
+
+on_both!(defaults_exist_and_fire, rpcs_and_refusals);
+
+/// The seed's four defaults are there out of the box (here with short
+/// intervals), and they fire through the normal task path: each firing is
+/// a task carrying its schedule's name and tick, in history too.
+async fn defaults_exist_and_fire(backend: Backend) {
+    let koo = start_on_with(backend, 2, |s| {
+        short_defaults(s, ["* * * * * *", "*/30 * * * *", "0 * * * *", "off"]);
+    })
+    .await;
+    let mut c = schedules(&koo.server);
+    // the scheduler stores the defaults as it starts
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = c
+            .list_schedules(spb::ListSchedulesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        if list.schedules.len() == 3 {
+            break list;
+        }
+        assert!(tokio::time::Instant::now() < until, "{list:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let names: Vec<&str> = list.schedules.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["cache-cleanup", "cache-warm", "database-maintenance"]
+    );
+    for s in &list.schedules {
+        assert_eq!(s.source, spb::ScheduleSource::Config as i32);
+        assert_eq!(s.time_zone, "UTC");
+        assert_eq!(s.next_fire_times.len(), 5);
+    }
+    assert_eq!(list.schedules[1].cron, "*/30 * * * *");
+    assert_eq!(
+        list.schedules[2].task.as_ref().unwrap().name,
+        "koo.tasks.database.maintenance"
+    );
+    // cache cleanup every second: it runs, and its run is recorded
+    let mut tasks = client(&koo.server);
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let run = loop {
+        let s = get(&mut c, "cache-cleanup").await;
+        if let Some(run) = s
+            .last_run
+            .clone()
+            .filter(|r| r.state == pb::TaskState::Succeeded as i32)
+        {
+            break run;
+        }
+        assert!(tokio::time::Instant::now() < until, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(run.tick_time.is_some() && !run.triggered);
+    let task = tasks
+        .get_task(pb::GetTaskRequest {
+            task_id: run.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.name, "koo.tasks.cache.cleanup");
+    assert_eq!(task.schedule, "cache-cleanup");
+    assert_eq!(task.schedule_time, run.tick_time);
+    let history = tasks
+        .list_task_history(pb::ListTaskHistoryRequest {
+            name: "koo.tasks.cache.cleanup".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        history.tasks.iter().any(|t| t.schedule == "cache-cleanup"),
+        "{history:?}"
+    );
+}
+
+/// Every RPC, and the refusals: invalid cron or zone (quoting the parser),
+/// duplicate names, unknown names, bad masks, deleting a default.
+async fn rpcs_and_refusals(backend: Backend) {
+    let koo = start_on_with(backend, 0, |s| {
+        short_defaults(s, ["*/10 * * * *", "off", "off", "off"]);
+    })
+    .await;
+    let mut c = schedules(&koo.server);
+    let created = create(
+        &mut c,
+        spb::Schedule {
+            time_zone: "Europe/Paris".into(),
+            missed_tick_policy: spb::MissedTickPolicy::RunOnce as i32,
+            ..every("nightly-report", "30 2 * * *", "koo.examples.report")
+        },
+    )
+    .await;
+    assert_eq!(created.source, spb::ScheduleSource::Api as i32);
+    assert_eq!(created.next_fire_times.len(), 5);
+    assert!(created.last_run.is_none());
+    // 02:30 in Paris is 00:30 or 01:30 UTC
+    let first = created.next_fire_times[0].seconds;
+    assert!(matches!((first % 86400) / 60, 30 | 90), "{created:?}");
+    let err = c
+        .create_schedule(spb::CreateScheduleRequest {
+            schedule: Some(every("nightly-report", "* * * * *", "x")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    for (s, field, quote) in [
+        (
+            every("bad-cron", "61 * * * *", "x"),
+            "schedule.cron",
+            "61 * * * *",
+        ),
+        (
+            spb::Schedule {
+                time_zone: "Mars/Olympus".into(),
+                ..every("bad-zone", "* * * * *", "x")
+            },
+            "schedule.time_zone",
+            "Mars/Olympus",
+        ),
+        (
+            every("bad name", "* * * * *", "x"),
+            "schedule.name",
+            "bad name",
+        ),
+        (
+            spb::Schedule {
+                task: None,
+                ..every("no-task", "* * * * *", "x")
+            },
+            "schedule.task",
+            "required",
+        ),
+    ] {
+        let err = c
+            .create_schedule(spb::CreateScheduleRequest { schedule: Some(s) })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{field}: {err:?}");
+        assert!(err.message().contains(quote), "{quote}: {err:?}");
+    }
+    for name in ["nope", ""] {
+        let err = c
+            .get_schedule(spb::GetScheduleRequest { name: name.into() })
+            .await
+            .unwrap_err();
+        let code = if name.is_empty() {
+            Code::InvalidArgument
+        } else {
+            Code::NotFound
+        };
+        assert_eq!(err.code(), code, "{err:?}");
+    }
+    // update only the cron: the zone and the task stay
+    let updated = c
+        .update_schedule(spb::UpdateScheduleRequest {
+            schedule: Some(every("nightly-report", "0 3 * * *", "ignored")),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["cron".into()],
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    assert_eq!(updated.cron, "0 3 * * *");
+    assert_eq!(updated.time_zone, "Europe/Paris");
+    assert_eq!(updated.task.unwrap().name, "koo.examples.report");
+    let err = c
+        .update_schedule(spb::UpdateScheduleRequest {
+            schedule: Some(every("nightly-report", "0 3 * * *", "x")),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["colour".into()],
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = c
+        .update_schedule(spb::UpdateScheduleRequest {
+            schedule: Some(every("missing", "0 3 * * *", "x")),
+            update_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // pause: no next fire times; resume: back
+    let paused = c
+        .pause_schedule(spb::PauseScheduleRequest {
+            name: "nightly-report".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    assert!(paused.paused && paused.next_fire_times.is_empty());
+    let resumed = c
+        .resume_schedule(spb::ResumeScheduleRequest {
+            name: "nightly-report".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    assert!(!resumed.paused && resumed.next_fire_times.len() == 5);
+    // trigger now: a task with the schedule's name, shown as the last run
+    let task = c
+        .trigger_schedule(spb::TriggerScheduleRequest {
+            name: "nightly-report".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.name, "koo.examples.report");
+    assert_eq!(task.schedule, "nightly-report");
+    let run = get(&mut c, "nightly-report").await.last_run.unwrap();
+    assert!(run.triggered);
+    assert_eq!(run.task_id, task.id);
+    assert_eq!(run.state, pb::TaskState::Queued as i32);
+    // list pages
+    create(&mut c, every("a-first", "@daily", "x")).await;
+    let page = c
+        .list_schedules(spb::ListSchedulesRequest {
+            page_size: 1,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.schedules[0].name, "a-first");
+    let rest = c
+        .list_schedules(spb::ListSchedulesRequest {
+            page_size: 10,
+            page_token: page.next_page_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = rest.schedules.iter().map(|s| s.name.as_str()).collect();
+    // the cache-cleanup default may still be on its way in
+    assert!(names.ends_with(&["nightly-report"]), "{names:?}");
+    // delete: gone; a default cannot be deleted (switch it off instead)
+    c.delete_schedule(spb::DeleteScheduleRequest {
+        name: "nightly-report".into(),
+    })
+    .await
+    .unwrap();
+    let err = c
+        .delete_schedule(spb::DeleteScheduleRequest {
+            name: "nightly-report".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    let err = loop {
+        match c
+            .delete_schedule(spb::DeleteScheduleRequest {
+                name: "cache-cleanup".into(),
+            })
+            .await
+        {
+            Err(e) if e.code() == Code::NotFound && tokio::time::Instant::now() < until => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => break e,
+            Ok(_) => panic!("a default was deleted"),
+        }
+    };
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("KOO_SCHEDULE_CACHE_CLEANUP=off"),
+        "{err:?}"
+    );
+}
+
+/// Three schedulers on one Redis — two koo serve instances and a `koo
+/// scheduler` process — fire an every-second schedule for a minute: every
+/// tick has exactly one task, including after one instance is stopped
+/// midway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_one_task_per_tick_across_instances() {
+    let redis = TestRedis::start().await;
+    let a = instance(&redis, true).await;
+    let b = instance(&redis, true).await;
+    let mut process = Command::new(KOO)
+        .arg("scheduler")
+        .env("REDIS_URL", redis.url())
+        .env("KOO_SCHEDULE_RELOAD_INTERVAL", "200ms")
+        .env("KOO_SCHEDULE_CACHE_CLEANUP", "off")
+        .env("KOO_SCHEDULE_CACHE_WARM", "off")
+        .env("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off")
+        .env("KOO_SCHEDULE_HEALTH_CHECK", "off")
+        .env("KOO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start koo scheduler");
+    create(
+        &mut schedules(&a),
+        every("heartbeat", "* * * * * *", "koo.examples.tick"),
+    )
+    .await;
+    // a minute of ticks; the first instance stops after 20 s
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    drop(a);
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    schedules(&b)
+        .pause_schedule(spb::PauseScheduleRequest {
+            name: "heartbeat".into(),
+        })
+        .await
+        .unwrap();
+    // a tick being submitted as the pause lands may still arrive
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = process.kill();
+    let _ = process.wait();
+    let t = ticks(&b, "koo.examples.tick").await;
+    let twice: Vec<_> = t.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "ticks with more than one task: {twice:?}");
+    let (first, last) = (*t.keys().next().unwrap(), *t.keys().last().unwrap());
+    assert_eq!(
+        (last - first) / 1000 + 1,
+        t.len() as i64,
+        "a tick was skipped: {:?}",
+        t.keys().collect::<Vec<_>>()
+    );
+    assert!(t.len() >= 55, "{} ticks in a minute", t.len());
+}
+
+/// Pause, resume, update and delete made through one instance take effect
+/// on another (here the only one running the scheduler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_take_effect_on_another_instance() {
+    let redis = TestRedis::start().await;
+    let api = instance(&redis, false).await;
+    let runner = instance(&redis, true).await;
+    let mut c = schedules(&api);
+    create(&mut c, every("pulse", "* * * * * *", "koo.examples.pulse")).await;
+    let before = wait_ticks(&runner, "koo.examples.pulse", 2).await.len();
+    c.pause_schedule(spb::PauseScheduleRequest {
+        name: "pulse".into(),
+    })
+    .await
+    .unwrap();
+    // the runner reloads within 200 ms; a tick already on its way may land
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let paused = ticks(&runner, "koo.examples.pulse").await.len();
+    assert!(paused <= before + 2, "{before} then {paused}");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        ticks(&runner, "koo.examples.pulse").await.len(),
+        paused,
+        "fired while paused"
+    );
+    // resume through the other instance's API as well
+    schedules(&runner)
+        .resume_schedule(spb::ResumeScheduleRequest {
+            name: "pulse".into(),
+        })
+        .await
+        .unwrap();
+    wait_ticks(&runner, "koo.examples.pulse", paused + 2).await;
+    // update: every other second, and another task name
+    c.update_schedule(spb::UpdateScheduleRequest {
+        schedule: Some(every("pulse", "*/2 * * * * *", "koo.examples.pulse2")),
+        update_mask: None,
+    })
+    .await
+    .unwrap();
+    let even = wait_ticks(&runner, "koo.examples.pulse2", 3).await;
+    assert!(
+        even.keys().all(|ms| (ms / 1000) % 2 == 0),
+        "{:?}",
+        even.keys().collect::<Vec<_>>()
+    );
+    // delete: no more ticks
+    c.delete_schedule(spb::DeleteScheduleRequest {
+        name: "pulse".into(),
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = ticks(&runner, "koo.examples.pulse2").await.len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(ticks(&runner, "koo.examples.pulse2").await.len(), after);
+}
+
+/// After downtime longer than several ticks, a `skip` schedule goes on
+/// from its next tick, a `run once` schedule runs its latest missed tick
+/// once (not a burst), then goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_ticks_follow_the_policy_after_a_restart() {
+    let redis = TestRedis::start().await;
+    let koo = instance(&redis, true).await;
+    let mut c = schedules(&koo);
+    create(&mut c, every("skipper", "* * * * * *", "koo.examples.skip")).await;
+    create(
+        &mut c,
+        spb::Schedule {
+            missed_tick_policy: spb::MissedTickPolicy::RunOnce as i32,
+            ..every("catcher", "* * * * * *", "koo.examples.once")
+        },
+    )
+    .await;
+    wait_ticks(&koo, "koo.examples.skip", 2).await;
+    wait_ticks(&koo, "koo.examples.once", 2).await;
+    drop(c);
+    drop(koo);
+    let stopped = chrono_ms();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // ticks from here on are the new scheduler's regular ones
+    let restarting = chrono_ms();
+    let koo = instance(&redis, true).await;
+    let skip = wait_ticks_after(&koo, "koo.examples.skip", restarting).await;
+    let once = wait_ticks_after(&koo, "koo.examples.once", restarting).await;
+    // ticks of the downtime that ran
+    let skipped = t_between(&skip, stopped, restarting);
+    assert!(skipped.is_empty(), "skip ran missed ticks: {skipped:?}");
+    let caught = t_between(&once, stopped, restarting);
+    assert_eq!(caught.len(), 1, "run once: {caught:?}");
+    assert!(
+        caught[0] >= restarting - 2000,
+        "not the latest missed tick: {caught:?}"
+    );
+}
+
+fn chrono_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// Ticks after the old instance stopped and before the new one started.
+fn t_between(t: &BTreeMap<i64, usize>, stopped: i64, restarting: i64) -> Vec<i64> {
+    t.keys()
+        .copied()
+        .filter(|ms| *ms > stopped && *ms < restarting)
+        .collect()
+}
+
+/// Waits for a tick after `after_ms`; all ticks.
+async fn wait_ticks_after(server: &TestServer, name: &str, after_ms: i64) -> BTreeMap<i64, usize> {
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = ticks(server, name).await;
+        if t.keys().any(|ms| *ms > after_ms) {
+            return t;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no tick of {name} after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Run-time edits to a default survive a restart with the same
+/// configuration; a changed configuration replaces them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_edits_survive_restarts_until_the_configuration_changes() {
+    let redis = TestRedis::start().await;
+    let start = |cron: &'static str| {
+        let redis = &redis;
+        async move {
+            let mut settings = common::test_settings(common::redis_settings(&redis.url()));
+            let koo::server::StoreSettings::Redis(r) = &settings.store else {
+                unreachable!()
+            };
+            settings.tasks.redis = Some(r.clone());
+            short_intervals(&mut settings, 0);
+            short_defaults(&mut settings, [cron, "off", "off", "off"]);
+            let server = TestServer::spawn(settings).await;
+            let mut c = schedules(&server);
+            let until = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                match c
+                    .get_schedule(spb::GetScheduleRequest {
+                        name: "cache-cleanup".into(),
+                    })
+                    .await
+                {
+                    Ok(s) if s.get_ref().schedule.as_ref().unwrap().task.is_some() => break,
+                    _ => {
+                        assert!(tokio::time::Instant::now() < until);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            server
+        }
+    };
+    let koo = start("*/10 * * * *").await;
+    let mut c = schedules(&koo);
+    c.update_schedule(spb::UpdateScheduleRequest {
+        schedule: Some(spb::Schedule {
+            name: "cache-cleanup".into(),
+            cron: "*/15 * * * *".into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["cron".into()],
+        }),
+    })
+    .await
+    .unwrap();
+    c.pause_schedule(spb::PauseScheduleRequest {
+        name: "cache-cleanup".into(),
+    })
+    .await
+    .unwrap();
+    drop(c);
+    drop(koo);
+    // same configuration: the edits stay
+    let koo = start("*/10 * * * *").await;
+    let s = get(&mut schedules(&koo), "cache-cleanup").await;
+    assert_eq!(s.cron, "*/15 * * * *");
+    assert!(s.paused);
+    drop(koo);
+    // the configuration changed: it wins
+    let koo = start("*/20 * * * *").await;
+    let mut c = schedules(&koo);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = get(&mut c, "cache-cleanup").await;
+        if s.cron == "*/20 * * * *" {
+            assert!(!s.paused);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "{s:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
