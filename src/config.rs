@@ -782,6 +782,49 @@ mod tests {
         assert_eq!(s.health_check_interval, Duration::from_secs(30));
     }
 
+    /// The scheduler runs by default; `--no-scheduler` turns it off; the
+    /// default schedules can be changed, switched off, and are validated
+    /// naming their variable.
+    #[test]
+    fn scheduler_flags() {
+        let on = parse(&[]).unwrap().into_settings().unwrap();
+        assert!(on.schedule.enabled);
+        assert_eq!(on.schedule.defaults.len(), 4);
+        assert_eq!(on.schedule.defaults[3].cron.as_deref(), Some("*/5 * * * *"));
+        let off = parse(&["--no-scheduler"]).unwrap().into_settings().unwrap();
+        assert!(!off.schedule.enabled);
+        let off = parse(&["--no-scheduler", "true"])
+            .unwrap()
+            .into_settings()
+            .unwrap();
+        assert!(!off.schedule.enabled);
+        let s = parse(&[
+            "--schedule-cache-warm",
+            "off",
+            "--schedule-health-check",
+            "*/2 * * * * *",
+        ])
+        .unwrap()
+        .into_settings()
+        .unwrap();
+        assert_eq!(s.schedule.defaults[1].cron, None);
+        assert_eq!(
+            s.schedule.defaults[3].cron.as_deref(),
+            Some("*/2 * * * * *")
+        );
+        let err = parse(&["--schedule-cache-cleanup", "every tuesday"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
+        assert_eq!(err.variable, "KOO_SCHEDULE_CACHE_CLEANUP");
+        assert!(err.reason.contains("every tuesday"), "{}", err.reason);
+        let err = parse(&["--schedule-time-zone", "Nowhere/Land"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
+        assert_eq!(err.variable, "KOO_SCHEDULE_TIME_ZONE");
+    }
+
     /// Flags override defaults, and Redis settings are carried over.
     #[test]
     fn redis_flags() {

@@ -53,7 +53,7 @@ impl From<TaskError> for Status {
     fn from(e: TaskError) -> Self {
         match e {
             TaskError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
-            TaskError::NotFound(_) => Status::not_found(e.to_string()),
+            TaskError::NotFound(_) | TaskError::Missing(_) => Status::not_found(e.to_string()),
             TaskError::Fenced(_) => Status::aborted(e.to_string()),
             TaskError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),

@@ -325,7 +325,7 @@ impl Schedules {
 }
 
 fn not_found(name: &str) -> TaskError {
-    TaskError::NotFound(format!("schedule {name:?}"))
+    TaskError::Missing(format!("schedule {name:?} not found"))
 }
 
 /// One schedule as the runner tracks it.

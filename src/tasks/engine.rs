@@ -181,6 +181,9 @@ pub enum TaskError {
     /// No such task (never existed, or its result expired).
     #[error("task {0} not found (unknown, or its result expired)")]
     NotFound(String),
+    /// Something other than a task does not exist (the message says what).
+    #[error("{0}")]
+    Missing(String),
     /// The caller's lease is no longer valid: another holder has the task,
     /// or it ended.
     #[error("the lease on task {0} is no longer yours (it lapsed or the task ended)")]
