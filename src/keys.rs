@@ -22,7 +22,8 @@
 //! | `koo:v1:{t:Q}:stats` | hash | counts per outcome |
 //! | `koo:v1:idem:{key}` | string | an idempotency key's claim: `fingerprint|task id` (with a TTL) |
 //! | `koo:v1:workers` | sorted set | worker pools, scored by when each last said it was alive (ms) |
-//! | `koo:v1:worker:{id}` | string | one pool's record (JSON, with a TTL) |
+//! | `koo:v1:worker:{id}` | string | one pool's or external worker's record (JSON, with a TTL) |
+//! | `koo:v1:{schedules}:defs` / `:runs` / `:version` | hash, hash, string | schedules, their latest runs, a change counter (see `schedule::store`) |
 //!
 //! The prefix lets several deployments share one Redis; it is escaped in
 //! every `SCAN MATCH` pattern so that a prefix with glob characters cannot
