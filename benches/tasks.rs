@@ -132,29 +132,15 @@ async fn run() -> Result<()> {
 
     // warm-up: scripts loaded, connections open
     e2e(&client, 500).await?;
-    for rep in 1..=reps {
-        koo.check_alive()?;
-        let (seconds, submit_seconds) = e2e(&client, tasks).await?;
-        emit(
-            serde_json::json!({
-                "system": "koo", "mode": "e2e", "n": tasks, "rep": rep, "label": label,
-                "seconds": seconds, "tasks_per_s": tasks as f64 / seconds,
-                "submit_tasks_per_s": tasks as f64 / submit_seconds,
-                "observed": "every task's SUCCEEDED event, by WatchTasks",
-            }),
-            &mut out,
-        );
-        let mut lat = latency(&client, latency_n).await?;
-        lat.sort_by(f64::total_cmp);
-        emit(
-            serde_json::json!({
-                "system": "koo", "mode": "latency", "n": latency_n, "rep": rep, "label": label,
-                "p50_ms": pct(&lat, 50.0), "p90_ms": pct(&lat, 90.0), "p99_ms": pct(&lat, 99.0),
-                "max_ms": lat[lat.len() - 1],
-            }),
-            &mut out,
-        );
-    }
+    let run = Run {
+        system: "koo",
+        worker: "the built-in workers (4 slots)".to_owned(),
+        tasks,
+        latency_n,
+        reps,
+        label: &label,
+    };
+    run.measure(&client, &mut koo, &mut out).await?;
     if queued > 0 {
         let (rss_before, _) = read_memory(pid).unwrap_or_default();
         let ids = park(&client, queued).await?;
@@ -294,31 +280,64 @@ async fn external_worker(
     );
     // warm-up: the worker connected, scripts loaded
     e2e(&client, 500).await?;
-    for rep in 1..=reps {
-        koo.check_alive()?;
-        let (seconds, submit_seconds) = e2e(&client, tasks).await?;
-        emit(
-            serde_json::json!({
-                "system": "koo+python", "mode": "e2e", "n": tasks, "rep": rep, "label": label,
-                "seconds": seconds, "tasks_per_s": tasks as f64 / seconds,
-                "submit_tasks_per_s": tasks as f64 / submit_seconds,
-                "worker": format!("examples/python-worker, concurrency {concurrency}"),
-                "observed": "every task's SUCCEEDED event, by WatchTasks",
-            }),
-            out,
-        );
-        let mut lat = latency(&client, latency_n).await?;
-        lat.sort_by(f64::total_cmp);
-        emit(
-            serde_json::json!({
-                "system": "koo+python", "mode": "latency", "n": latency_n, "rep": rep, "label": label,
-                "p50_ms": pct(&lat, 50.0), "p90_ms": pct(&lat, 90.0), "p99_ms": pct(&lat, 99.0),
-                "max_ms": lat[lat.len() - 1],
-            }),
-            out,
-        );
-    }
+    let run = Run {
+        system: "koo+python",
+        worker: format!("examples/python-worker, concurrency {concurrency}"),
+        tasks,
+        latency_n,
+        reps,
+        label,
+    };
+    run.measure(&client, &mut koo, out).await?;
     Ok(())
+}
+
+/// One system's e2e and latency runs.
+struct Run<'a> {
+    system: &'static str,
+    worker: String,
+    tasks: usize,
+    latency_n: usize,
+    reps: usize,
+    label: &'a str,
+}
+
+impl Run<'_> {
+    /// `reps` times: e2e, then latency; one JSON line each.
+    async fn measure(
+        &self,
+        client: &TaskServiceClient<Channel>,
+        koo: &mut support::KooServer,
+        out: &mut std::fs::File,
+    ) -> Result<()> {
+        let (system, tasks, latency_n, label) =
+            (self.system, self.tasks, self.latency_n, self.label);
+        for rep in 1..=self.reps {
+            koo.check_alive()?;
+            let (seconds, submit_seconds) = e2e(client, tasks).await?;
+            emit(
+                serde_json::json!({
+                    "system": system, "mode": "e2e", "n": tasks, "rep": rep, "label": label,
+                    "seconds": seconds, "tasks_per_s": tasks as f64 / seconds,
+                    "submit_tasks_per_s": tasks as f64 / submit_seconds,
+                    "worker": self.worker,
+                    "observed": "every task's SUCCEEDED event, by WatchTasks",
+                }),
+                out,
+            );
+            let mut lat = latency(client, latency_n).await?;
+            lat.sort_by(f64::total_cmp);
+            emit(
+                serde_json::json!({
+                    "system": system, "mode": "latency", "n": latency_n, "rep": rep, "label": label,
+                    "p50_ms": pct(&lat, 50.0), "p90_ms": pct(&lat, 90.0), "p99_ms": pct(&lat, 99.0),
+                    "max_ms": lat[lat.len() - 1],
+                }),
+                out,
+            );
+        }
+        Ok(())
+    }
 }
 
 /// A child process killed when dropped.

@@ -10,3 +10,18 @@ pub mod schedule;
 mod status;
 pub mod tasks;
 pub mod worker;
+
+use tonic::Status;
+
+/// A list request's page size: `default` when 0, at most `max`; negative is
+/// INVALID_ARGUMENT.
+pub(crate) fn page_size(raw: i32, default: usize, max: usize) -> Result<usize, Status> {
+    match raw {
+        n if n < 0 => Err(status::invalid_argument(
+            "page_size",
+            "must not be negative",
+        )),
+        0 => Ok(default),
+        n => Ok((n as usize).min(max)),
+    }
+}

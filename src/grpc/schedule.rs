@@ -243,11 +243,7 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
     ) -> Result<Response<pb::ListSchedulesResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let size = match r.page_size {
-            n if n < 0 => return Err(invalid_argument("page_size", "must not be negative")),
-            0 => DEFAULT_PAGE,
-            n => (n as usize).min(MAX_PAGE),
-        };
+        let size = super::page_size(r.page_size, DEFAULT_PAGE, MAX_PAGE)?;
         // the token is the last name of the previous page
         let (views, more) = self.schedules.list(&r.page_token, size, deadline).await?;
         let next_page_token = if more {

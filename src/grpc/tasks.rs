@@ -163,11 +163,7 @@ const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
 
 fn page_size(raw: i32) -> Result<usize, Status> {
-    match raw {
-        n if n < 0 => Err(invalid_argument("page_size", "must not be negative")),
-        0 => Ok(DEFAULT_PAGE),
-        n => Ok((n as usize).min(MAX_PAGE)),
-    }
+    super::page_size(raw, DEFAULT_PAGE, MAX_PAGE)
 }
 
 /// The queues a list request covers: a named queue, a category's, or all.

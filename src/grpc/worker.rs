@@ -450,11 +450,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let size = match r.page_size {
-            n if n < 0 => return Err(invalid_argument("page_size", "must not be negative")),
-            0 => DEFAULT_PAGE,
-            n => (n as usize).min(MAX_PAGE),
-        };
+        let size = super::page_size(r.page_size, DEFAULT_PAGE, MAX_PAGE)?;
         let mut records = self
             .engine
             .store()

@@ -116,13 +116,21 @@ impl Schedules {
 
     /// Reads a schedule.
     pub async fn get(&self, name: &str, deadline: Deadline) -> Result<View, TaskError> {
+        let (s, run) = self.load(name, deadline).await?;
+        self.view(s, run, deadline).await
+    }
+
+    /// A schedule and its latest run, or NOT_FOUND.
+    async fn load(
+        &self,
+        name: &str,
+        deadline: Deadline,
+    ) -> Result<(Schedule, Option<Run>), TaskError> {
         check_name(name)?;
-        let (s, run) = self
-            .store
+        self.store
             .get(name, deadline)
             .await?
-            .ok_or_else(|| not_found(name))?;
-        self.view(s, run, deadline).await
+            .ok_or_else(|| not_found(name))
     }
 
     /// Schedules by name, after `after` (exclusive), at most `limit`; and
@@ -190,12 +198,7 @@ impl Schedules {
         deadline: Deadline,
         change: impl FnOnce(&mut Schedule),
     ) -> Result<View, TaskError> {
-        check_name(name)?;
-        let (mut s, run) = self
-            .store
-            .get(name, deadline)
-            .await?
-            .ok_or_else(|| not_found(name))?;
+        let (mut s, run) = self.load(name, deadline).await?;
         change(&mut s);
         s.validate()?;
         s.updated_ms = Self::now_ms();
@@ -210,12 +213,7 @@ impl Schedules {
     /// configuration instead (or paused): deleted here, they would come back
     /// at the next start.
     pub async fn delete(&self, name: &str, deadline: Deadline) -> Result<(), TaskError> {
-        check_name(name)?;
-        let (s, _) = self
-            .store
-            .get(name, deadline)
-            .await?
-            .ok_or_else(|| not_found(name))?;
+        let (s, _) = self.load(name, deadline).await?;
         if s.source == Source::Config {
             return Err(TaskError::FailedPrecondition(format!(
                 "schedule {name:?} is a default of the configuration: switch it off there ({}=off) or pause it",
@@ -231,12 +229,7 @@ impl Schedules {
 
     /// Submits a schedule's task now, outside its ticks (paused or not).
     pub async fn trigger(&self, name: &str, deadline: Deadline) -> Result<Task, TaskError> {
-        check_name(name)?;
-        let (s, _) = self
-            .store
-            .get(name, deadline)
-            .await?
-            .ok_or_else(|| not_found(name))?;
+        let (s, _) = self.load(name, deadline).await?;
         let new = s.task.to_new_task(&s.name)?;
         let task = self.engine.submit(new, deadline).await?;
         let run = Run {

@@ -653,66 +653,51 @@ impl Session {
         empty: &mut [Option<Instant>],
     ) -> bool {
         let deadline = Deadline::after(CALL);
-        let (id, kind, outcome) = match msg {
+        let (id, token, kind, finish) = match msg {
             Inbound::Progress {
                 id,
                 token,
                 progress,
             } => {
                 let outcome = progress_task(&self.engine, &id, token, &progress, deadline).await;
-                if outcome.is_ok() {
-                    return true;
-                }
-                (id, ReplyKind::Progress, outcome.map(|()| None))
+                return match outcome {
+                    Ok(()) => true,
+                    Err(e) => {
+                        let kind = ReplyKind::Progress;
+                        out.send(Outbound::Reply {
+                            id,
+                            kind,
+                            outcome: Err(e),
+                        })
+                        .await
+                        .is_ok()
+                    }
+                };
             }
             Inbound::Complete { id, token, result } => {
-                let finish = Finish::Succeeded(result.to_string());
-                let (outcome, next) = self
-                    .finish_held(&id, token, Ok(finish), held, names, empty, deadline)
-                    .await;
-                let reply = Outbound::Reply {
-                    id,
-                    kind: ReplyKind::Complete,
-                    outcome: outcome.map(Some),
-                };
-                if out.send(reply).await.is_err() {
-                    return false;
-                }
-                return match next {
-                    Some(task) => self.hand_out(task, held, out).await,
-                    None => true,
-                };
+                let finish = Ok(Finish::Succeeded(result.to_string()));
+                (id, token, ReplyKind::Complete, finish)
             }
             Inbound::Fail { id, token, failure } => {
-                let (outcome, next) = self
-                    .finish_held(
-                        &id,
-                        token,
-                        failure.into_finish(),
-                        held,
-                        names,
-                        empty,
-                        deadline,
-                    )
-                    .await;
-                let reply = Outbound::Reply {
-                    id,
-                    kind: ReplyKind::Fail,
-                    outcome: outcome.map(Some),
-                };
-                if out.send(reply).await.is_err() {
-                    return false;
-                }
-                return match next {
-                    Some(task) => self.hand_out(task, held, out).await,
-                    None => true,
-                };
+                (id, token, ReplyKind::Fail, failure.into_finish())
             }
             Inbound::Heartbeat | Inbound::Invalid(_) => return true,
         };
-        out.send(Outbound::Reply { id, kind, outcome })
-            .await
-            .is_ok()
+        let (outcome, next) = self
+            .finish_held(&id, token, finish, held, names, empty, deadline)
+            .await;
+        let reply = Outbound::Reply {
+            id,
+            kind,
+            outcome: outcome.map(Some),
+        };
+        if out.send(reply).await.is_err() {
+            return false;
+        }
+        match next {
+            Some(task) => self.hand_out(task, held, out).await,
+            None => true,
+        }
     }
 
     /// Ends an attempt the worker reported. A task this session holds is

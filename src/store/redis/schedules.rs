@@ -92,24 +92,16 @@ impl RedisStore {
         put: Put,
         deadline: Deadline,
     ) -> Result<bool> {
-        let script = Script::new(PUT);
         let mode = match put {
             Put::New => "new",
             Put::Existing => "existing",
             Put::Any => "any",
         };
-        let mut invocation = script.prepare_invoke();
-        let inv = &mut invocation;
-        inv.key(&keys.defs).key(&keys.version);
-        inv.arg(name).arg(json).arg(mode);
-        let inv = &*inv;
         // Not repeated after a lost reply: a repeated create would report
         // its own write as a taken name.
-        let done: i64 = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
+        let keys = [keys.defs.as_str(), keys.version.as_str()];
+        let done = self
+            .schedule_script(PUT, &keys, &[name, json, mode], true, deadline)
             .await?;
         Ok(done == 1)
     }
@@ -120,17 +112,13 @@ impl RedisStore {
         name: &str,
         deadline: Deadline,
     ) -> Result<bool> {
-        let script = Script::new(DELETE);
-        let mut invocation = script.prepare_invoke();
-        let inv = &mut invocation;
-        inv.key(&keys.defs).key(&keys.version).key(&keys.runs);
-        inv.arg(name);
-        let inv = &*inv;
-        let done: i64 = self
-            .run_once(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
+        let keys = [
+            keys.defs.as_str(),
+            keys.version.as_str(),
+            keys.runs.as_str(),
+        ];
+        let done = self
+            .schedule_script(DELETE, &keys, &[name], true, deadline)
             .await?;
         Ok(done == 1)
     }
@@ -143,18 +131,39 @@ impl RedisStore {
         fired_ms: i64,
         deadline: Deadline,
     ) -> Result<()> {
-        let script = Script::new(RECORD_RUN);
-        let mut invocation = script.prepare_invoke();
-        let inv = &mut invocation;
-        inv.key(&keys.defs).key(&keys.runs);
-        inv.arg(name).arg(json).arg(fired_ms);
-        let inv = &*inv;
-        let _: i64 = self
-            .run(
-                deadline,
-                |mut c| async move { inv.invoke_async(&mut c).await },
-            )
+        let keys = [keys.defs.as_str(), keys.runs.as_str()];
+        let fired = fired_ms.to_string();
+        self.schedule_script(RECORD_RUN, &keys, &[name, json, &fired], false, deadline)
             .await?;
         Ok(())
+    }
+
+    /// Runs one of the scripts above: `once` for scripts whose repetition
+    /// after a lost reply would answer wrongly.
+    async fn schedule_script(
+        &self,
+        source: &str,
+        keys: &[&str],
+        args: &[&str],
+        once: bool,
+        deadline: Deadline,
+    ) -> Result<i64> {
+        let script = Script::new(source);
+        let mut invocation = script.prepare_invoke();
+        for k in keys {
+            invocation.key(*k);
+        }
+        for a in args {
+            invocation.arg(*a);
+        }
+        let inv = &invocation;
+        let call = |mut c: redis::aio::ConnectionManager| async move {
+            inv.invoke_async::<i64>(&mut c).await
+        };
+        if once {
+            self.run_once(deadline, call).await
+        } else {
+            self.run(deadline, call).await
+        }
     }
 }
