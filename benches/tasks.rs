@@ -116,7 +116,14 @@ async fn run() -> Result<()> {
     let prefix = format!("kbench{}", std::process::id());
     let mut koo = start_koo(
         env!("CARGO_BIN_EXE_koo"),
-        &["--redis-url", &url, "--prefix", &prefix],
+        &[
+            "--redis-url",
+            &url,
+            "--prefix",
+            &prefix,
+            "--task-queues",
+            "parked",
+        ],
         &[("KOO_LOG", "warn")],
     )?;
     let pid = koo.guard.pid();

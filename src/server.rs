@@ -223,6 +223,9 @@ pub async fn run(
 
     let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
     let worker_engine = tasks.0.clone();
+    // External workers' sessions: on shutdown, each hands its tasks back
+    // before koo exits.
+    let sessions = tokio_util::task::TaskTracker::new();
     let schedules = start_scheduler(&settings, &tasks.0, &mut background, &stop);
 
     let limit = settings.cache.message_limit();
@@ -310,6 +313,7 @@ pub async fn run(
                 task_cache,
                 settings.request_timeout,
                 stop.clone(),
+                sessions.clone(),
             ),
             WorkerAuth::new(settings.worker_token.clone()),
         ))
@@ -329,8 +333,10 @@ pub async fn run(
     stop.cancel();
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
+    sessions.close();
     let drained = tokio::time::timeout(grace, async {
         while background.join_next().await.is_some() {}
+        sessions.wait().await;
     })
     .await;
     if drained.is_err() {

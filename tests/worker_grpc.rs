@@ -1006,3 +1006,54 @@ async fn extra_queues_must_be_declared() {
         .unwrap();
     assert_eq!(id(&worker.next_task().await), task.id);
 }
+
+/// When koo stops, a stream worker's tasks go back to their queue at once
+/// with their attempts given back (the worker did not fail), and another
+/// koo on the same Redis runs them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn koo_stopping_hands_stream_tasks_back() {
+    let koo = start_on_with(Backend::Redis, 0, |s| {
+        // longer than the test: only the hand-back can requeue the task
+        s.tasks.config.lease = Duration::from_secs(60);
+    })
+    .await;
+    let mut c = client(&koo.server);
+    let task = submit_ok(
+        &mut c,
+        task_named("koo.examples.pdf", pb::TaskCategory::PdfProcessing),
+    )
+    .await;
+    let mut w = workers(&koo.server);
+    let mut worker = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)
+        .await
+        .unwrap();
+    assert_eq!(id(&worker.next_task().await), task.id);
+    let Koo { redis, server } = koo;
+    server.shutdown().await;
+    // the stream ends with the server
+    let end = tokio::time::timeout(common::EVENT_TIMEOUT, worker.rx.message())
+        .await
+        .expect("the stream did not end");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    let other = spawn_on(redis.as_ref().unwrap(), 0).await;
+    let mut c = client(&other);
+    let t = c
+        .get_task(pb::GetTaskRequest {
+            task_id: task.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(t.state, pb::TaskState::Queued as i32, "{t:?}");
+    assert_eq!(t.attempts, 0, "the attempt was given back");
+    assert_eq!(t.attempt_log[0].outcome, "handed_back");
+    let mut w = workers(&other);
+    let mut again = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)
+        .await
+        .unwrap();
+    let leased = again.next_task().await;
+    assert_eq!(id(&leased), task.id);
+    assert_eq!(leased.task.unwrap().attempts, 1);
+}

@@ -37,22 +37,28 @@ pub struct WorkerApi {
     cache: Cache,
     request_timeout: Duration,
     shutdown: CancellationToken,
+    /// The sessions' tasks, which koo waits for when it stops.
+    sessions: tokio_util::task::TaskTracker,
 }
 
 impl WorkerApi {
     /// Serves `engine`'s tasks to external workers; streams end on
-    /// `shutdown`. Results that ask to be cached go to `cache`.
+    /// `shutdown`, and their sessions run on `sessions` (so that the server
+    /// can wait for them to hand their tasks back). Results that ask to be
+    /// cached go to `cache`.
     pub fn new(
         engine: TaskEngine,
         cache: Cache,
         request_timeout: Duration,
         shutdown: CancellationToken,
+        sessions: tokio_util::task::TaskTracker,
     ) -> Self {
         Self {
             engine,
             cache,
             request_timeout,
             shutdown,
+            sessions,
         }
     }
 
@@ -335,7 +341,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .take_while(|m| std::future::ready(m.is_some()))
             .map(|m| m.expect("taken while some"));
         let stop = self.shutdown.clone();
-        tokio::spawn(async move {
+        self.sessions.spawn(async move {
             let ended = session.run(Box::pin(input), tx, stop).await;
             tracing::info!(worker = %id, "external worker disconnected");
             if let Err(e) = ended {

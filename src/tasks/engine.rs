@@ -622,7 +622,7 @@ impl TaskEngine {
             return Err(invalid(
                 "queue",
                 format!(
-                    "unknown queue {queue:?}: tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
+                    "unknown queue \"{queue}\": tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
                 ),
             ));
         }

@@ -91,7 +91,7 @@ impl Routing {
                 return Err(invalid(
                     &format!("queues[{i}]"),
                     format!(
-                        "unknown queue {q:?}: koo serves the category queues and those named in KOO_TASK_QUEUES"
+                        "unknown queue \"{q}\": koo serves the category queues and those named in KOO_TASK_QUEUES"
                     ),
                 ));
             }
