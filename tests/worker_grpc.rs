@@ -1057,3 +1057,25 @@ async fn koo_stopping_hands_stream_tasks_back() {
     assert_eq!(id(&leased), task.id);
     assert_eq!(leased.task.unwrap().attempts, 1);
 }
+
+/// A stream that never says hello is turned away after the request
+/// timeout, with DEADLINE_EXCEEDED saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_hello_is_turned_away() {
+    let koo = start_on_with(Backend::Memory, 0, |s| {
+        s.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut w = workers(&koo.server);
+    // the request stream stays open and silent
+    let (_tx, rx) = mpsc::channel::<wpb::WorkRequest>(1);
+    let err = tokio::time::timeout(
+        common::EVENT_TIMEOUT,
+        w.work(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("koo kept a silent stream open")
+    .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("no hello"), "{err:?}");
+}

@@ -505,8 +505,10 @@ impl Session {
                 .map(|at| *at + config.poll_interval)
                 .chain(backoff_until)
                 .min();
+            // Not biased: a worker whose messages arrive back to back must
+            // not starve the timers (hard limits, cancel grace) or the
+            // cancels.
             tokio::select! {
-                biased;
                 _ = stop.cancelled() => return Ok(Ending::Shutdown),
                 msg = inbound.next() => {
                     let Some(msg) = msg else { return Ok(Ending::Gone) };
