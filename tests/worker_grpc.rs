@@ -35,6 +35,21 @@ fn workers(server: &common::TestServer) -> WorkerServiceClient<Channel> {
     WorkerServiceClient::new(server.channel.clone())
 }
 
+/// The task and worker clients of `koo`, and a task named `name` submitted
+/// to `pdf_processing`.
+async fn clients_and_task(
+    koo: &Koo,
+    name: &str,
+) -> (
+    koo::pb::tasks::v1::task_service_client::TaskServiceClient<Channel>,
+    WorkerServiceClient<Channel>,
+    pb::Task,
+) {
+    let mut c = client(&koo.server);
+    let task = submit_ok(&mut c, task_named(name, pb::TaskCategory::PdfProcessing)).await;
+    (c, workers(&koo.server), task)
+}
+
 fn task_named(name: &str, category: pb::TaskCategory) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {
         name: name.into(),
@@ -521,13 +536,7 @@ async fn stream_drop_requeues_and_counts_the_attempt(backend: Backend) {
         s.tasks.config.lease = Duration::from_secs(60);
     })
     .await;
-    let mut c = client(&koo.server);
-    let mut w = workers(&koo.server);
-    let task = submit_ok(
-        &mut c,
-        task_named("koo.examples.pdf", pb::TaskCategory::PdfProcessing),
-    )
-    .await;
+    let (mut c, mut w, task) = clients_and_task(&koo, "koo.examples.pdf").await;
     let mut first = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)
         .await
         .unwrap();
@@ -557,13 +566,7 @@ async fn stream_drop_requeues_and_counts_the_attempt(backend: Backend) {
 /// CANCELLED.
 async fn stream_cancel_reaches_the_worker(backend: Backend) {
     let koo = start_on(backend, 0).await;
-    let mut c = client(&koo.server);
-    let mut w = workers(&koo.server);
-    let task = submit_ok(
-        &mut c,
-        task_named("koo.examples.pdf", pb::TaskCategory::PdfProcessing),
-    )
-    .await;
+    let (mut c, mut w, task) = clients_and_task(&koo, "koo.examples.pdf").await;
     let mut worker = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)
         .await
         .unwrap();
@@ -652,13 +655,7 @@ async fn stream_cancel_grace_and_hard_limit_revoke(backend: Backend) {
 /// completion is ABORTED.
 async fn stream_silent_worker_loses_its_leases(backend: Backend) {
     let koo = start_on(backend, 0).await;
-    let mut c = client(&koo.server);
-    let mut w = workers(&koo.server);
-    let task = submit_ok(
-        &mut c,
-        task_named("koo.examples.pdf", pb::TaskCategory::PdfProcessing),
-    )
-    .await;
+    let (mut c, mut w, task) = clients_and_task(&koo, "koo.examples.pdf").await;
     let mut silent = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)
         .await
         .unwrap();
@@ -816,13 +813,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
 /// hold; GetTaskMetrics counts them; a gone worker disappears.
 async fn workers_are_listed_and_counted(backend: Backend) {
     let koo = start_on(backend, 1).await;
-    let mut c = client(&koo.server);
-    let mut w = workers(&koo.server);
-    let task = submit_ok(
-        &mut c,
-        task_named("koo.examples.pdf", pb::TaskCategory::PdfProcessing),
-    )
-    .await;
+    let (mut c, mut w, task) = clients_and_task(&koo, "koo.examples.pdf").await;
     let mut worker = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 3)
         .await
         .unwrap();
