@@ -415,8 +415,8 @@ async fn rpcs_and_refusals(backend: Backend) {
 
 /// Three schedulers on one Redis — two koo serve instances and a `koo
 /// scheduler` process — fire an every-second schedule for a minute: every
-/// tick has exactly one task, including after one instance is stopped
-/// midway.
+/// tick has exactly one task, through the scheduler process's SIGKILL and
+/// one instance's stop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_task_per_tick_across_instances() {
     let redis = TestRedis::start().await;
@@ -440,10 +440,14 @@ async fn exactly_one_task_per_tick_across_instances() {
         every("heartbeat", "* * * * * *", "koo.examples.tick"),
     )
     .await;
-    // a minute of ticks; the first instance stops after 20 s
+    // a minute of ticks: the scheduler process is killed (SIGKILL) after
+    // 20 s, the first instance stopped after 40 s
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let _ = process.kill();
+    let _ = process.wait();
     tokio::time::sleep(Duration::from_secs(20)).await;
     drop(a);
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
     schedules(&b)
         .pause_schedule(spb::PauseScheduleRequest {
             name: "heartbeat".into(),
@@ -452,8 +456,6 @@ async fn exactly_one_task_per_tick_across_instances() {
         .unwrap();
     // a tick being submitted as the pause lands may still arrive
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = process.kill();
-    let _ = process.wait();
     let t = ticks(&b, "koo.examples.tick").await;
     let twice: Vec<_> = t.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "ticks with more than one task: {twice:?}");
@@ -670,4 +672,42 @@ async fn default_edits_survive_restarts_until_the_configuration_changes() {
         assert!(tokio::time::Instant::now() < until, "{s:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Redis restarted empty: the scheduler notices, stores the configured
+/// defaults again and goes on firing them; nothing panics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn defaults_come_back_after_redis_restarts_empty() {
+    let mut redis = TestRedis::start().await;
+    let mut settings = common::test_settings(common::redis_settings(&redis.url()));
+    let koo::server::StoreSettings::Redis(r) = &settings.store else {
+        unreachable!()
+    };
+    settings.tasks.redis = Some(r.clone());
+    short_intervals(&mut settings, 0);
+    short_defaults(&mut settings, ["off", "off", "off", "* * * * * *"]);
+    let koo = TestServer::spawn(settings).await;
+    wait_ticks(&koo, "koo.tasks.health_check.run", 1).await;
+    redis.restart().await;
+    // the default is stored again and fires again
+    let mut c = schedules(&koo);
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(s) = c
+            .get_schedule(spb::GetScheduleRequest {
+                name: "health-check".into(),
+            })
+            .await
+        {
+            let s = s.into_inner().schedule.unwrap();
+            assert_eq!(s.source, spb::ScheduleSource::Config as i32);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the default never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_ticks(&koo, "koo.tasks.health_check.run", 1).await;
 }

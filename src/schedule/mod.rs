@@ -386,21 +386,42 @@ pub async fn run(
             _ = tokio::time::sleep(until_tick.min(reload)) => {}
             _ = schedules.changed.notified() => {}
         }
-        // a change made anywhere: reload
+        // a change made anywhere (or a store that lost its data): reload
         match schedules.store.version(Deadline::after(CALL)).await {
-            Ok(v) if v != snap.version => {
-                match schedules.store.snapshot(Deadline::after(CALL)).await {
-                    Ok(s) => {
-                        snap = s;
-                        rebuild(&mut entries, &snap);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "scheduler: cannot reload schedules"),
+            Ok(v) if v != snap.version => match load_all(&schedules, &defaults).await {
+                Ok(s) => {
+                    snap = s;
+                    rebuild(&mut entries, &snap);
                 }
-            }
+                Err(e) => tracing::warn!(error = %e, "scheduler: cannot reload schedules"),
+            },
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "scheduler: cannot read the schedules' version"),
         }
     }
+}
+
+/// Reads every schedule. A configured default missing from the store can
+/// only mean the store lost its data (defaults cannot be deleted over the
+/// API; a Redis restarted empty): they are stored again from the
+/// configuration.
+async fn load_all(
+    schedules: &Schedules,
+    defaults: &[defaults::Default],
+) -> Result<Snapshot, TaskError> {
+    let deadline = Deadline::after(CALL);
+    let snap = schedules.store.snapshot(deadline).await?;
+    let lost = defaults
+        .iter()
+        .any(|d| d.cron.is_some() && !snap.schedules.contains_key(&d.name));
+    if !lost {
+        return Ok(snap);
+    }
+    tracing::warn!(
+        "the schedule store has lost the configured default schedules (a Redis restarted empty?): storing them again"
+    );
+    schedules.apply_defaults(defaults, deadline).await?;
+    Ok(schedules.store.snapshot(deadline).await?)
 }
 
 /// Brings the runner's entries up to `snap`: an unchanged schedule keeps its
