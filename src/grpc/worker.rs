@@ -14,9 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::deadline;
 use super::json;
 use super::status::invalid_argument;
-use super::tasks::to_pb_task;
+use super::tasks::{timestamp as ms_timestamp, to_pb_state, to_pb_task};
 use crate::cache::Cache;
-use crate::pb::tasks::v1::TaskState;
 use crate::pb::worker::v1 as pb;
 use crate::pb::worker::v1::work_request::Message as In;
 use crate::pb::worker::v1::work_response::Message as Out;
@@ -111,28 +110,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 fn state(s: State) -> i32 {
-    use crate::tasks::model::State as S;
-    (match s {
-        S::Pending => TaskState::Pending,
-        S::Scheduled => TaskState::Scheduled,
-        S::Queued => TaskState::Queued,
-        S::Running => TaskState::Running,
-        S::Succeeded => TaskState::Succeeded,
-        S::Failed => TaskState::Failed,
-        S::Cancelled => TaskState::Cancelled,
-        S::TimedOut => TaskState::TimedOut,
-    }) as i32
+    to_pb_state(s) as i32
 }
 
 fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
-}
-
-fn timestamp_ms(ms: i64) -> Option<prost_types::Timestamp> {
-    (ms > 0).then(|| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
 }
 
 /// A protobuf Struct as a JSON object (`{}` when absent).
@@ -492,8 +474,8 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
                 running: w.running as i32,
                 task_ids: w.held,
                 peer: w.peer,
-                start_time: timestamp_ms(w.started_ms),
-                last_seen_time: timestamp_ms(w.seen_ms),
+                start_time: ms_timestamp(Some(w.started_ms).filter(|ms| *ms > 0)),
+                last_seen_time: ms_timestamp(Some(w.seen_ms).filter(|ms| *ms > 0)),
             })
             .collect();
         Ok(Response::new(pb::ListWorkersResponse {

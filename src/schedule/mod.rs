@@ -28,7 +28,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use self::model::{MissedPolicy, Run, Schedule, Source, check_name, invalid};
+use self::model::{MissedPolicy, Run, Schedule, Source, check_name};
 use self::spec::{CronSpec, DEFAULT_MISSED_CAP, Tick};
 use self::store::{ScheduleStore, Snapshot};
 use crate::store::Deadline;
@@ -509,10 +509,10 @@ async fn fire(schedules: Schedules, schedule: Schedule, tick: Tick) {
             .submit_keyed(new.clone(), Deadline::after(CALL))
             .await
         {
-            Ok((task, deduplicated)) => {
-                if !deduplicated {
-                    tracing::info!(schedule = %schedule.name, tick = %tick.key, task = %task.id, "scheduled task submitted");
-                }
+            // another instance stored this tick's task (and records its run)
+            Ok((_, true)) => return,
+            Ok((task, false)) => {
+                tracing::info!(schedule = %schedule.name, tick = %tick.key, task = %task.id, "scheduled task submitted");
                 break task;
             }
             // another instance fired this tick from a different version of
@@ -542,14 +542,4 @@ async fn fire(schedules: Schedules, schedule: Schedule, tick: Tick) {
     {
         tracing::debug!(schedule = %schedule.name, error = %e, "cannot record a scheduled run");
     }
-}
-
-/// Validates a schedule a client sent (for the gRPC layer's messages).
-pub fn validate(s: &Schedule) -> Result<(), TaskError> {
-    s.validate().map(|_| ())
-}
-
-/// A field error (for the gRPC layer).
-pub fn field_error(field: &str, reason: impl Into<String>) -> TaskError {
-    invalid(field, reason)
 }

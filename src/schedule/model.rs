@@ -80,12 +80,13 @@ impl Template {
     /// The task to submit for one firing (`schedule` is recorded on it).
     pub fn to_new_task(&self, schedule: &str) -> Result<NewTask, TaskError> {
         let category = Category::parse(&self.category)
-            .ok_or_else(|| invalid("task.category", "is required"))?;
+            .ok_or_else(|| TaskError::invalid("task.category", "is required"))?;
         let mut new = NewTask::new(&self.name, category);
         new.priority = if self.priority.is_empty() {
             Priority::Normal
         } else {
-            Priority::parse(&self.priority).ok_or_else(|| invalid("task.priority", "is unknown"))?
+            Priority::parse(&self.priority)
+                .ok_or_else(|| TaskError::invalid("task.priority", "is unknown"))?
         };
         new.args = if self.args.is_null() {
             "[]".to_owned()
@@ -99,9 +100,9 @@ impl Template {
         };
         new.max_retries = self.max_retries;
         new.queue = match &self.queue {
-            Some(q) if !q.is_empty() => {
-                Some(QueueName::parse(q).map_err(|e| invalid("task.queue", e.to_string()))?)
-            }
+            Some(q) if !q.is_empty() => Some(
+                QueueName::parse(q).map_err(|e| TaskError::invalid("task.queue", e.to_string()))?,
+            ),
             _ => None,
         };
         new.soft_time_limit = self.soft_ms.map(Duration::from_millis);
@@ -147,17 +148,19 @@ impl Schedule {
     pub fn validate(&self) -> Result<CronSpec, TaskError> {
         check_name(&self.name)?;
         let spec = CronSpec::parse(&self.cron, &self.zone).map_err(|e| match e {
-            super::spec::SpecError::UnknownZone(_) => invalid("time_zone", e.to_string()),
-            super::spec::SpecError::InvalidCron { .. } => invalid("cron", e.to_string()),
+            super::spec::SpecError::UnknownZone(_) => {
+                TaskError::invalid("time_zone", e.to_string())
+            }
+            super::spec::SpecError::InvalidCron { .. } => TaskError::invalid("cron", e.to_string()),
         })?;
         if self.task.name.is_empty() || self.task.name.len() > 256 {
-            return Err(invalid("task.name", "must be 1 to 256 bytes"));
+            return Err(TaskError::invalid("task.name", "must be 1 to 256 bytes"));
         }
         if !self.task.args.is_null() && !self.task.args.is_array() {
-            return Err(invalid("task.args", "must be a list"));
+            return Err(TaskError::invalid("task.args", "must be a list"));
         }
         if !self.task.kwargs.is_null() && !self.task.kwargs.is_object() {
-            return Err(invalid("task.kwargs", "must be an object"));
+            return Err(TaskError::invalid("task.kwargs", "must be an object"));
         }
         self.task.to_new_task(&self.name)?;
         Ok(spec)
@@ -186,19 +189,12 @@ pub fn check_name(name: &str) -> Result<(), TaskError> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
     {
-        return Err(invalid(
+        return Err(TaskError::invalid(
             "name",
             format!("must be 1 to 128 letters, digits, '_', '-' or '.', got {name:?}"),
         ));
     }
     Ok(())
-}
-
-pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
-    TaskError::InvalidArgument {
-        field: field.to_owned(),
-        reason: reason.into(),
-    }
 }
 
 #[cfg(test)]

@@ -28,10 +28,6 @@
 //! * names `JAN`–`DEC`, `SUN`–`SAT` (case-insensitive), ranges, lists and steps
 //!   (`MON-FRI`, `1,15`, `*/5`), plus croner's `L`, `W`, `#` and `?`.
 //!
-//! [`CronSpec::six_field_expression`] gives the six-field form that
-//! `tokio-cron-scheduler` (which *requires* seconds) accepts with the same
-//! meaning.
-//!
 //! # Time zones
 //!
 //! Expressions are read in an IANA zone (`Europe/Paris`, `America/New_York`;
@@ -233,30 +229,9 @@ impl CronSpec {
         self.tz.name()
     }
 
-    /// The zone, e.g. for `tokio_cron_scheduler::Job::new_async_tz`.
-    pub fn tz(&self) -> Tz {
-        self.tz
-    }
-
     /// Whether the expression has a seconds field (six fields).
     pub fn has_seconds(&self) -> bool {
         self.has_seconds
-    }
-
-    /// The expression in six-field form with aliases and names expanded
-    /// (`@daily` → `0 0 0 * * *`, `*/5 * * * MON` → `0 */5 * * * 1`): what
-    /// `tokio-cron-scheduler`, which requires a seconds field, accepts with the
-    /// same meaning.
-    pub fn six_field_expression(&self) -> String {
-        let pattern = self.cron.pattern.as_str().split_whitespace();
-        if self.has_seconds {
-            pattern.collect::<Vec<_>>().join(" ")
-        } else {
-            std::iter::once("0")
-                .chain(pattern)
-                .collect::<Vec<_>>()
-                .join(" ")
-        }
     }
 
     /// The next `n` ticks strictly after `after`, in order. A local time
@@ -814,44 +789,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn six_field_form_means_the_same_to_tokio_cron_scheduler() {
-        // tokio-cron-scheduler 0.15's `Job::new*` parser configuration.
-        let scheduler = CronParser::builder()
-            .seconds(Seconds::Required)
-            .dom_and_dow(true)
-            .build();
-        let after = utc("2026-01-01T00:00:00Z").with_timezone(&Tz::Europe__Paris);
-        for expr in [
-            "*/5 9-17 * * MON-FRI",
-            "@daily",
-            "@weekly",
-            "10 0 1 * MON",
-            "0 0 1 JAN *",
-        ] {
-            let s = spec(expr, "Europe/Paris");
-            let six = s.six_field_expression();
-            let theirs = scheduler
-                .parse(&six)
-                .unwrap_or_else(|e| panic!("{six}: {e}"));
-            let ours: Vec<_> = s
-                .next_after(after.with_timezone(&Utc), 5)
-                .into_iter()
-                .map(|t| t.at)
-                .collect();
-            let expected: Vec<_> = theirs
-                .iter_after(after)
-                .take(5)
-                .map(|t| t.with_timezone(&Utc))
-                .collect();
-            assert_eq!(ours, expected, "{expr} -> {six}");
-        }
-        assert_eq!(spec("@daily", "").six_field_expression(), "0 0 0 * * *");
-        assert_eq!(
-            spec("1 2 3 * * *", "").six_field_expression(),
-            "1 2 3 * * *"
-        );
     }
 }

@@ -199,6 +199,16 @@ pub enum TaskError {
     Store(#[from] StoreError),
 }
 
+impl TaskError {
+    /// `field` is wrong, for `reason`.
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
+    }
+}
+
 /// What an idempotent submit compares: everything a submit chose, except
 /// when it may start (a retried submit computes its ETA again) and the id.
 fn fingerprint(task: &Task) -> u64 {
@@ -225,13 +235,6 @@ fn fenced_unless(accepted: bool, id: &TaskId) -> Result<(), TaskError> {
         Ok(())
     } else {
         Err(TaskError::Fenced(id.to_string()))
-    }
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
-    TaskError::InvalidArgument {
-        field: field.to_owned(),
-        reason: reason.into(),
     }
 }
 
@@ -326,12 +329,13 @@ impl TaskEngine {
         let store = &self.inner.store;
         let mut waiting = Vec::new();
         for (i, dep) in task.depends_on.iter().enumerate() {
-            let dep_id = TaskId::parse(dep).map_err(|e| invalid("depends_on", e.to_string()))?;
+            let dep_id =
+                TaskId::parse(dep).map_err(|e| TaskError::invalid("depends_on", e.to_string()))?;
             match store.depend_on(&dep_id, &task.id, deadline).await? {
                 DependReply::Waiting => waiting.push(dep_id),
                 DependReply::Ended(State::Succeeded) => {}
                 DependReply::Missing => {
-                    return Err(invalid(
+                    return Err(TaskError::invalid(
                         &format!("depends_on[{i}]"),
                         format!("no task {dep} (unknown, or its result expired)"),
                     ));
@@ -454,7 +458,10 @@ impl TaskEngine {
             return self.submit(new, deadline).await.map(|t| (t, false));
         };
         if key.is_empty() || key.len() > 256 {
-            return Err(invalid("idempotency_key", "must be 1 to 256 bytes"));
+            return Err(TaskError::invalid(
+                "idempotency_key",
+                "must be 1 to 256 bytes",
+            ));
         }
         let c = &self.inner.config;
         let store = &self.inner.store;
@@ -557,10 +564,10 @@ impl TaskEngine {
     fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
         if new.name.is_empty() || new.name.len() > 256 {
-            return Err(invalid("name", "must be 1 to 256 bytes"));
+            return Err(TaskError::invalid("name", "must be 1 to 256 bytes"));
         }
         if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "args",
                 format!(
                     "arguments are {} bytes, over the limit of {MAX_ARGUMENTS}",
@@ -570,38 +577,42 @@ impl TaskEngine {
         }
         match serde_json::from_str::<serde_json::Value>(&new.args) {
             Ok(serde_json::Value::Array(_)) => {}
-            _ => return Err(invalid("args", "must be a JSON array")),
+            _ => return Err(TaskError::invalid("args", "must be a JSON array")),
         }
         match serde_json::from_str::<serde_json::Value>(&new.kwargs) {
             Ok(serde_json::Value::Object(_)) => {}
-            _ => return Err(invalid("kwargs", "must be a JSON object")),
+            _ => return Err(TaskError::invalid("kwargs", "must be a JSON object")),
         }
         let soft = new.soft_time_limit.unwrap_or(c.soft_time_limit);
         let hard = new.time_limit.unwrap_or(c.time_limit);
         if hard.is_zero() || soft > hard {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "soft_time_limit",
                 "must not exceed the (non-zero) time limit",
             ));
         }
         let result_ttl = new.result_ttl.unwrap_or(c.result_ttl);
         if result_ttl < Duration::from_secs(1) {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "result_ttl",
                 "must be at least 1 s, so that the result can be read",
             ));
         }
         if new.depends_on.len() > 100 {
-            return Err(invalid("depends_on", "at most 100 dependencies"));
+            return Err(TaskError::invalid("depends_on", "at most 100 dependencies"));
         }
         for (i, dep) in new.depends_on.iter().enumerate() {
-            TaskId::parse(dep).map_err(|e| invalid(&format!("depends_on[{i}]"), e.to_string()))?;
+            TaskId::parse(dep)
+                .map_err(|e| TaskError::invalid(&format!("depends_on[{i}]"), e.to_string()))?;
             if new.depends_on[..i].contains(dep) {
-                return Err(invalid(&format!("depends_on[{i}]"), "is listed twice"));
+                return Err(TaskError::invalid(
+                    &format!("depends_on[{i}]"),
+                    "is listed twice",
+                ));
             }
         }
         if !new.depends_on.is_empty() && !new.delay.is_zero() {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "countdown",
                 "a task with dependencies runs when they succeed: no countdown or ETA",
             ));
@@ -609,7 +620,7 @@ impl TaskEngine {
         if let Some(target) = &new.cache_result
             && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
         {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "cache_result",
                 "needs a key of 1 to 1024 bytes and a positive TTL",
             ));
@@ -619,7 +630,7 @@ impl TaskEngine {
             .clone()
             .unwrap_or_else(|| new.category.default_queue());
         if !Category::queues().contains(&queue) && !c.extra_queues.contains(&queue) {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "queue",
                 format!(
                     "unknown queue \"{queue}\": tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
@@ -663,7 +674,7 @@ impl TaskEngine {
 
     /// Reads a task.
     pub async fn get(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
-        let id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+        let id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
         self.inner
             .store
             .get(&id, deadline)
@@ -717,9 +728,10 @@ impl TaskEngine {
         reason: &str,
         deadline: Deadline,
     ) -> Result<Task, TaskError> {
-        let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+        let task_id =
+            TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
         if reason.len() > 1024 {
-            return Err(invalid("reason", "must be at most 1024 bytes"));
+            return Err(TaskError::invalid("reason", "must be at most 1024 bytes"));
         }
         let reason = if reason.is_empty() {
             "cancelled by request"
@@ -759,7 +771,8 @@ impl TaskEngine {
     /// Runs a FAILED, TIMED_OUT or CANCELLED task again under its id, with
     /// a fresh retry budget; its attempt log keeps the earlier attempts.
     pub async fn retry(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
-        let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+        let task_id =
+            TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
         match self
             .inner
             .store

@@ -64,20 +64,20 @@ impl Routing {
         known: &[QueueName],
     ) -> Result<Self, TaskError> {
         if names.is_empty() && queues.is_empty() {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "task_names",
                 "name the task names or the queues served (at least one)",
             ));
         }
         if names.len() > MAX_NAMES {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "task_names",
                 format!("at most {MAX_NAMES} names, got {}", names.len()),
             ));
         }
         for (i, n) in names.iter().enumerate() {
             if n.is_empty() || n.len() > 256 || n == "*" {
-                return Err(invalid(
+                return Err(TaskError::invalid(
                     &format!("task_names[{i}]"),
                     "must be 1 to 256 bytes (and not `*`: leave task_names empty to serve every name)",
                 ));
@@ -85,10 +85,10 @@ impl Routing {
         }
         let mut parsed = Vec::with_capacity(queues.len());
         for (i, q) in queues.iter().enumerate() {
-            let q =
-                QueueName::parse(q).map_err(|e| invalid(&format!("queues[{i}]"), e.to_string()))?;
+            let q = QueueName::parse(q)
+                .map_err(|e| TaskError::invalid(&format!("queues[{i}]"), e.to_string()))?;
             if !known.contains(&q) {
-                return Err(invalid(
+                return Err(TaskError::invalid(
                     &format!("queues[{i}]"),
                     format!(
                         "unknown queue \"{q}\": koo serves the category queues and those named in KOO_TASK_QUEUES"
@@ -138,7 +138,7 @@ impl Routing {
 /// Validates a worker's name (1 to 128 bytes, printable).
 pub fn check_name(field: &str, name: &str) -> Result<(), TaskError> {
     if name.is_empty() || name.len() > 128 || name.chars().any(char::is_control) {
-        return Err(invalid(
+        return Err(TaskError::invalid(
             field,
             "must be 1 to 128 bytes without control characters",
         ));
@@ -160,20 +160,20 @@ pub struct Progress {
 impl Progress {
     fn to_json(&self) -> Result<String, TaskError> {
         if !self.percent.is_finite() || !(0.0..=100.0).contains(&self.percent) {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "percent",
                 format!("must be 0 to 100, got {}", self.percent),
             ));
         }
         if self.message.len() > MAX_PROGRESS_MESSAGE {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "message",
                 format!("at most {MAX_PROGRESS_MESSAGE} bytes"),
             ));
         }
         let metadata = self.metadata.to_string();
         if metadata.len() > MAX_JSON {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "metadata",
                 format!("at most {MAX_JSON} bytes as JSON"),
             ));
@@ -201,7 +201,7 @@ pub struct Failure {
 impl Failure {
     fn into_finish(self) -> Result<Finish, TaskError> {
         if self.message.is_empty() || self.message.len() > MAX_MESSAGE {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "message",
                 format!("must be 1 to {MAX_MESSAGE} bytes"),
             ));
@@ -209,7 +209,7 @@ impl Failure {
         if let Some(d) = &self.details
             && d.to_string().len() > MAX_JSON
         {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "details",
                 format!("at most {MAX_JSON} bytes as JSON"),
             ));
@@ -351,7 +351,7 @@ impl Session {
     ) -> Result<Self, TaskError> {
         check_name("hello.name", name)?;
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
-            return Err(invalid(
+            return Err(TaskError::invalid(
                 "hello.concurrency",
                 format!("must be 1 to {MAX_CONCURRENCY}, got {concurrency}"),
             ));
@@ -723,7 +723,7 @@ impl Session {
         };
         let task_id = match TaskId::parse(id) {
             Ok(t) => t,
-            Err(e) => return (Err(invalid("task_id", e.to_string())), None),
+            Err(e) => return (Err(TaskError::invalid("task_id", e.to_string())), None),
         };
         let Some(h) = held.get(&task_id).filter(|h| h.task.token == token) else {
             let ended = finish_leased(
@@ -872,7 +872,7 @@ pub async fn lease_once(
 ) -> Result<Option<Task>, TaskError> {
     check_name("worker_name", worker)?;
     if wait > MAX_WAIT {
-        return Err(invalid(
+        return Err(TaskError::invalid(
             "wait",
             format!("at most {}", humantime::format_duration(MAX_WAIT)),
         ));
@@ -941,7 +941,7 @@ pub async fn heartbeat(
     token: u32,
     deadline: Deadline,
 ) -> Result<BeatReply, TaskError> {
-    let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+    let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let cancel_requested = engine.heartbeat(&task_id, token, deadline).await?;
     let lease_until = SystemTime::now() + engine.config().lease;
     let task = engine.get(id, deadline).await?;
@@ -965,7 +965,7 @@ pub async fn progress_task(
     progress: &Progress,
     deadline: Deadline,
 ) -> Result<(), TaskError> {
-    let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+    let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let json = progress.to_json()?;
     engine.progress(&task_id, token, &json, deadline).await
 }
@@ -981,7 +981,7 @@ pub async fn finish_leased(
     finish: Finish,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
-    let task_id = TaskId::parse(id).map_err(|e| invalid("task_id", e.to_string()))?;
+    let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let task = engine.get(id, deadline).await?;
     if task.state != State::Running || task.token != token {
         return Err(TaskError::Fenced(task_id.to_string()));
@@ -1014,13 +1014,6 @@ pub async fn fail(
 ) -> Result<State, TaskError> {
     let finish = failure.into_finish()?;
     finish_leased(engine, None, id, token, finish, deadline).await
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> TaskError {
-    TaskError::InvalidArgument {
-        field: field.to_owned(),
-        reason: reason.into(),
-    }
 }
 
 #[cfg(test)]
