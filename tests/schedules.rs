@@ -181,15 +181,7 @@ async fn defaults_exist_and_fire(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(run.tick_time.is_some() && !run.triggered);
-    let task = tasks
-        .get_task(pb::GetTaskRequest {
-            task_id: run.task_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = get_ok(&mut tasks, &run.task_id).await;
     assert_eq!(task.name, "koo.tasks.cache.cleanup");
     assert_eq!(task.schedule, "cache-cleanup");
     assert_eq!(task.schedule_time, run.tick_time);

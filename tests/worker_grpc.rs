@@ -182,18 +182,6 @@ fn id(t: &wpb::TaskAssignment) -> String {
     t.task.as_ref().unwrap().id.clone()
 }
 
-async fn get(
-    c: &mut koo::pb::tasks::v1::task_service_client::TaskServiceClient<Channel>,
-    id: &str,
-) -> pb::Task {
-    c.get_task(pb::GetTaskRequest { task_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-}
-
 /// The unary protocol: nothing to lease, then a task leased, progress seen
 /// by WatchTask, a heartbeat, and a completion.
 async fn unary_lease_progress_complete(backend: Backend) {
@@ -264,7 +252,7 @@ async fn unary_lease_progress_complete(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(done.state, pb::TaskState::Succeeded as i32);
-    let t = get(&mut c, &task.id).await;
+    let t = get_ok(&mut c, &task.id).await;
     assert_eq!(t.state, pb::TaskState::Succeeded as i32);
     assert_eq!(
         koo::grpc::json::to_json(t.result.as_ref().unwrap()).unwrap(),
@@ -280,6 +268,50 @@ async fn unary_lease_progress_complete(backend: Backend) {
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::Aborted, "{again:?}");
+
+    // a cancel reaches a unary worker through its heartbeat; its fail then
+    // ends the task CANCELLED
+    let cancelled = submit_ok(
+        &mut c,
+        task_named("koo.examples.echo", pb::TaskCategory::Research),
+    )
+    .await;
+    let leased = w
+        .lease_task(wpb::LeaseTaskRequest {
+            worker_name: "script".into(),
+            task_names: vec!["koo.examples.echo".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leased.task.unwrap().id, cancelled.id);
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: cancelled.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let beat = w
+        .heartbeat_task(wpb::HeartbeatTaskRequest {
+            task_id: cancelled.id.clone(),
+            lease_token: leased.lease_token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(beat.cancel_requested, "{beat:?}");
+    let failed = w
+        .fail_task(wpb::FailTaskRequest {
+            task_id: cancelled.id.clone(),
+            lease_token: leased.lease_token,
+            message: "stopped".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(failed.state, pb::TaskState::Cancelled as i32);
 }
 
 /// A unary worker that outlives its lease is ABORTED when it reports: the
@@ -353,7 +385,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
     })
     .await
     .unwrap();
-    let t = get(&mut c, &task.id).await;
+    let t = get_ok(&mut c, &task.id).await;
     assert_eq!(t.state, pb::TaskState::Succeeded as i32);
     assert_eq!(t.attempt_log.len(), 2, "{:?}", t.attempt_log);
     assert_eq!(t.attempt_log[0].outcome, "lost");
@@ -512,7 +544,7 @@ async fn stream_respects_concurrency_and_routing(backend: Backend) {
     done.sort();
     ids.sort();
     assert_eq!(done, ids);
-    let t = get(&mut c, &other.id).await;
+    let t = get_ok(&mut c, &other.id).await;
     assert_eq!(
         t.state,
         pb::TaskState::Queued as i32,
@@ -552,7 +584,7 @@ async fn stream_drop_requeues_and_counts_the_attempt(backend: Backend) {
     assert_eq!(again.task.as_ref().unwrap().attempts, 2);
     second.complete(&again, serde_json::json!("done")).await;
     assert_eq!(second.reply().await.code, 0);
-    let t = get(&mut c, &task.id).await;
+    let t = get_ok(&mut c, &task.id).await;
     assert_eq!(t.state, pb::TaskState::Succeeded as i32);
     assert_eq!(t.attempts, 2);
     assert_eq!(t.attempt_log.len(), 2, "{:?}", t.attempt_log);
@@ -586,7 +618,7 @@ async fn stream_cancel_reaches_the_worker(backend: Backend) {
     let reply = worker.reply().await;
     assert_eq!(reply.code, 0, "{reply:?}");
     assert_eq!(reply.state, pb::TaskState::Cancelled as i32);
-    let t = get(&mut c, &task.id).await;
+    let t = get_ok(&mut c, &task.id).await;
     assert_eq!(t.state, pb::TaskState::Cancelled as i32);
     assert_eq!(t.error.unwrap().message, "cancelled: user gave up");
 }
@@ -678,7 +710,7 @@ async fn stream_silent_worker_loses_its_leases(backend: Backend) {
     assert_eq!(reply.code, Code::Aborted as i32, "{reply:?}");
     other.complete(&again, serde_json::json!(2)).await;
     assert_eq!(other.reply().await.code, 0);
-    let t = get(&mut c, &task.id).await;
+    let t = get_ok(&mut c, &task.id).await;
     assert_eq!(t.state, pb::TaskState::Succeeded as i32);
     assert_eq!(
         koo::grpc::json::to_json(t.result.as_ref().unwrap()).unwrap(),
@@ -803,7 +835,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
         .await;
     // the retry budget is spent: FAILED for good
     assert_eq!(worker.reply().await.state, pb::TaskState::Failed as i32);
-    let t = get(&mut c, &task.id).await;
+    let t = get_ok(&mut c, &task.id).await;
     let error = t.error.unwrap();
     assert_eq!(error.message, "still unavailable");
     assert_eq!(error.details, details);
@@ -1028,15 +1060,7 @@ async fn koo_stopping_hands_stream_tasks_back() {
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
     let other = spawn_on(redis.as_ref().unwrap(), 0).await;
     let mut c = client(&other);
-    let t = c
-        .get_task(pb::GetTaskRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let t = get_ok(&mut c, &task.id).await;
     assert_eq!(t.state, pb::TaskState::Queued as i32, "{t:?}");
     assert_eq!(t.attempts, 0, "the attempt was given back");
     assert_eq!(t.attempt_log[0].outcome, "handed_back");

@@ -242,15 +242,7 @@ async fn a_worker_that_outlives_its_lease_is_aborted() {
             .iter()
             .all(|e| !(e["event"] == "completed" && e["task_id"] == task.id.as_str()))
     );
-    let after = c
-        .get_task(pb::GetTaskRequest {
-            task_id: task.id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let after = get_ok(&mut c, &task.id).await;
     assert_eq!(after.attempts, 2);
     assert_eq!(after.attempt_log.len(), 2, "{:?}", after.attempt_log);
     assert_eq!(after.attempt_log[0].outcome, "lost");

@@ -256,6 +256,16 @@ pub async fn queue_metrics(c: &mut TaskServiceClient<Channel>, queue: &str) -> p
         .unwrap_or_else(|| panic!("no metrics for queue {queue}"))
 }
 
+/// Reads a task (it must exist).
+pub async fn get_ok(c: &mut TaskServiceClient<Channel>, id: &str) -> pb::Task {
+    c.get_task(pb::GetTaskRequest { task_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+}
+
 /// Submits and returns the stored task (the submit must succeed).
 pub async fn submit_ok(c: &mut TaskServiceClient<Channel>, req: pb::SubmitTaskRequest) -> pb::Task {
     c.submit_task(req).await.unwrap().into_inner().task.unwrap()
