@@ -16,6 +16,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::CacheConfig;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
+use crate::store::tasks::TaskLimits;
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::model::QueueName;
@@ -179,6 +180,13 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_TASK_HISTORY_MAX_AGE", value_name = "KOO_TASK_HISTORY_MAX_AGE", default_value = "7d",
           value_parser = parse_positive_duration)]
     pub task_history_max_age: Duration,
+    /// How long a dead letter (a task that ended FAILED or TIMED_OUT) keeps
+    /// its task, arguments, error and attempt log, for RequeueDeadLetters
+    /// and GetTask (within the cap per queue; one trimmed by the cap expires
+    /// like a result).
+    #[arg(long, env = "KOO_DEAD_LETTER_TTL", value_name = "KOO_DEAD_LETTER_TTL", default_value = "7d",
+          value_parser = parse_positive_duration)]
+    pub dead_letter_ttl: Duration,
     /// After SIGTERM, how long a worker lets a running task finish before it
     /// hands the task back to its queue (to run again elsewhere at once).
     #[arg(long, env = "KOO_WORKER_SHUTDOWN_GRACE", value_name = "KOO_WORKER_SHUTDOWN_GRACE", default_value = "10s",
@@ -760,6 +768,10 @@ impl TaskArgs {
             shutdown_grace: self.worker_shutdown_grace,
             cancel_grace: self.task_cancel_grace,
             idempotency_ttl: self.idempotency_ttl,
+            limits: TaskLimits {
+                dead_ttl: self.dead_letter_ttl,
+                ..TaskLimits::default()
+            },
             extra_queues: self
                 .task_queues
                 .iter()
