@@ -75,7 +75,7 @@ fn serve(env: &[(&str, &str)]) -> (Guard, String, Vec<String>) {
 
 /// Keys of database `db` of `redis`.
 async fn db_size(redis: &TestRedis, db: u8) -> i64 {
-    let url = format!("{}", redis.url()).replace("/0", &format!("/{db}"));
+    let url = redis.url().replace("/0", &format!("/{db}"));
     let mut conn = redis::Client::open(url)
         .unwrap()
         .get_multiplexed_async_connection()
@@ -158,11 +158,22 @@ async fn worker_applies_cache_settings_from_env() {
             serde_json::json!({ "result": compressible(n) }),
         )
     };
-    let small = c.submit_task(cached("small", 600)).await.unwrap().into_inner();
-    let large = c.submit_task(cached("large", 5000)).await.unwrap().into_inner();
+    let small = c
+        .submit_task(cached("small", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let large = c
+        .submit_task(cached("large", 5000))
+        .await
+        .unwrap()
+        .into_inner();
     let small = small.task.unwrap().id;
     let large = large.task.unwrap().id;
-    wait_task(&mut c, &small, |t| t.state == pb::TaskState::Succeeded as i32).await;
+    wait_task(&mut c, &small, |t| {
+        t.state == pb::TaskState::Succeeded as i32
+    })
+    .await;
     let got = server
         .cache()
         .get(cache_pb::GetRequest {

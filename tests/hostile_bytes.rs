@@ -52,7 +52,10 @@ async fn send_raw(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
     let read = tokio::time::timeout(EVENT_TIMEOUT, tcp.read_to_end(&mut got)).await;
     match read {
         Ok(_) => got,
-        Err(_) => panic!("koo kept a connection open after {} hostile bytes", bytes.len()),
+        Err(_) => panic!(
+            "koo kept a connection open after {} hostile bytes",
+            bytes.len()
+        ),
     }
 }
 
