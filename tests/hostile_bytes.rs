@@ -1,6 +1,6 @@
 //! Hostile bytes on the gRPC port (RELIABILITY fault 14): garbage, an
 //! HTTP/1.1 request, a gRPC message announcing 4 GiB, a truncated gRPC
-//! frame and truncated protobuf. Each gets an error or a closed connection,
+//! frame, truncated protobuf and a value nested 500 deep. Each gets an error or a closed connection,
 //! and koo keeps serving everyone else, also while a hostile connection is
 //! held open. Raw sockets and raw HTTP/2 (the `h2` crate) against a real
 //! koo server.
@@ -185,4 +185,35 @@ async fn truncated_frames_and_protobuf_get_errors() {
     let valid = b"\x08\x01\x12\x03key";
     let (status, _) = raw_grpc(addr, GET, frame(valid.len() as u32, valid), true).await;
     assert_eq!(status, "0");
+}
+
+/// A JSON value nested 500 lists deep (past protobuf's recursion limit)
+/// gets INVALID_ARGUMENT, not a crashed server; a normal call succeeds
+/// after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_nesting_is_refused() {
+    use prost_types::{ListValue, Value, value::Kind};
+    let env = Env::memory().await;
+    let mut deep = Value {
+        kind: Some(Kind::NullValue(0)),
+    };
+    for _ in 0..500 {
+        deep = Value {
+            kind: Some(Kind::ListValue(ListValue { values: vec![deep] })),
+        };
+    }
+    let err = env
+        .cache()
+        .set(pb::SetRequest {
+            level: pb::CacheLevel::App as i32,
+            key: "deep".into(),
+            value: Some(pb::CacheValue {
+                kind: Some(pb::cache_value::Kind::Json(deep)),
+            }),
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    normal_call_succeeds(&env).await;
 }
