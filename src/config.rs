@@ -16,6 +16,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::CacheConfig;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
+use crate::store::tasks::TaskLimits;
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::model::QueueName;
@@ -159,7 +160,7 @@ pub struct TaskArgs {
     /// Redis holding tasks [default: REDIS_URL; alias CELERY_BROKER_URL].
     #[arg(long, env = "TASK_BROKER_URL", value_name = "TASK_BROKER_URL")]
     pub task_broker_url: Option<String>,
-    /// Redis holding results; must be the broker's [default: the broker; alias CELERY_RESULT_BACKEND].
+    /// Redis holding results; read, but results stay beside their tasks on the broker [default: the broker; alias CELERY_RESULT_BACKEND].
     #[arg(long, env = "TASK_RESULT_BACKEND", value_name = "TASK_RESULT_BACKEND")]
     pub task_result_backend: Option<String>,
     /// Lease of a running task; its worker heartbeats at a third of it.
@@ -179,6 +180,13 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_TASK_HISTORY_MAX_AGE", value_name = "KOO_TASK_HISTORY_MAX_AGE", default_value = "7d",
           value_parser = parse_positive_duration)]
     pub task_history_max_age: Duration,
+    /// How long a dead letter (a task that ended FAILED or TIMED_OUT) keeps
+    /// its task, arguments, error and attempt log, for RequeueDeadLetters
+    /// and GetTask (within the cap per queue; one trimmed by the cap expires
+    /// like a result).
+    #[arg(long, env = "KOO_DEAD_LETTER_TTL", value_name = "KOO_DEAD_LETTER_TTL", default_value = "7d",
+          value_parser = parse_positive_duration)]
+    pub dead_letter_ttl: Duration,
     /// After SIGTERM, how long a worker lets a running task finish before it
     /// hands the task back to its queue (to run again elsewhere at once).
     #[arg(long, env = "KOO_WORKER_SHUTDOWN_GRACE", value_name = "KOO_WORKER_SHUTDOWN_GRACE", default_value = "10s",
@@ -309,6 +317,9 @@ pub struct WorkerArgs {
     /// Task engine settings.
     #[command(flatten)]
     pub tasks: TaskArgs,
+    /// Cache settings, applied when a task's result is cached.
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Worker slots.
     #[arg(long, env = "KOO_WORKER_CONCURRENCY", value_name = "KOO_WORKER_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
@@ -356,42 +367,9 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u32).range(0..=1024))]
     pub worker_concurrency: u32,
 
-    /// Default TTL of the app, db and session levels.
-    #[arg(long, env = "CACHE_DEFAULT_TTL", value_name = "CACHE_DEFAULT_TTL", default_value = "3600",
-          value_parser = parse_positive_duration)]
-    pub cache_default_ttl: Duration,
-    /// Default TTL of the api level.
-    #[arg(long, env = "CACHE_API_DEFAULT_TTL", value_name = "CACHE_API_DEFAULT_TTL", default_value = "300",
-          value_parser = parse_positive_duration)]
-    pub cache_api_default_ttl: Duration,
-    /// Values larger than this many bytes are zlib-compressed when that makes them smaller.
-    #[arg(
-        long,
-        env = "CACHE_COMPRESSION_THRESHOLD",
-        value_name = "CACHE_COMPRESSION_THRESHOLD",
-        default_value_t = 1024
-    )]
-    pub cache_compression_threshold: usize,
-    /// zlib level, 0 (store) to 9 (smallest); 1 favours latency.
-    #[arg(long, env = "KOO_COMPRESSION_LEVEL", value_name = "KOO_COMPRESSION_LEVEL", default_value_t = 1,
-          value_parser = clap::value_parser!(u32).range(0..=9))]
-    pub compression_level: u32,
-    /// Largest value accepted, in bytes, before compression (at most 1 GiB).
-    #[arg(
-        long,
-        env = "CACHE_MAX_VALUE_SIZE",
-        value_name = "CACHE_MAX_VALUE_SIZE",
-        default_value_t = 10_485_760
-    )]
-    pub cache_max_value_size: usize,
-    /// Longest key accepted, in bytes.
-    #[arg(
-        long,
-        env = "KOO_MAX_KEY_SIZE",
-        value_name = "KOO_MAX_KEY_SIZE",
-        default_value_t = 1024
-    )]
-    pub max_key_size: usize,
+    /// Cache settings (also read by `koo worker`, which caches task results).
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
     #[arg(
         long,
@@ -477,41 +455,12 @@ impl ServeArgs {
     /// Checks cross-field rules and builds the server's settings.
     pub fn into_settings(self) -> Result<Settings, ConfigError> {
         let err = |variable, reason: String| ConfigError { variable, reason };
-        if self.cache_max_value_size == 0 || self.cache_max_value_size > MAX_VALUE_SIZE_CEILING {
-            return Err(err(
-                "CACHE_MAX_VALUE_SIZE",
-                format!(
-                    "must be between 1 and {MAX_VALUE_SIZE_CEILING} bytes, got {}",
-                    self.cache_max_value_size
-                ),
-            ));
-        }
-        for (variable, ttl) in [
-            ("CACHE_DEFAULT_TTL", self.cache_default_ttl),
-            ("CACHE_API_DEFAULT_TTL", self.cache_api_default_ttl),
-        ] {
-            if ttl < Duration::from_millis(1) || ttl > crate::cache::MAX_TTL {
-                return Err(err(
-                    variable,
-                    format!("must be between 1 ms and 100 years, got {ttl:?}"),
-                ));
-            }
-        }
         if self.memory_max_bytes < MIN_MEMORY_BYTES {
             return Err(err(
                 "KOO_MEMORY_MAX_BYTES",
                 format!(
                     "must be at least {MIN_MEMORY_BYTES} bytes, got {}",
                     self.memory_max_bytes
-                ),
-            ));
-        }
-        if self.max_key_size == 0 || self.max_key_size > 64 * 1024 {
-            return Err(err(
-                "KOO_MAX_KEY_SIZE",
-                format!(
-                    "must be between 1 and 65536 bytes, got {}",
-                    self.max_key_size
                 ),
             ));
         }
@@ -536,6 +485,7 @@ impl ServeArgs {
                 max_bytes: self.memory_max_bytes,
             }),
         };
+        let cache = self.cache.cache_config(&self.prefix)?;
         let tasks = TaskSettings {
             redis: self.tasks.redis_config(&self.redis)?,
             config: self.tasks.task_config(&self.prefix)?,
@@ -545,16 +495,10 @@ impl ServeArgs {
             listen: self.listen,
             store,
             cache: CacheConfig {
-                prefix: self.prefix,
-                default_ttl: self.cache_default_ttl,
-                api_default_ttl: self.cache_api_default_ttl,
-                compression_threshold: self.cache_compression_threshold,
-                compression_level: self.compression_level,
-                max_value_size: self.cache_max_value_size,
-                max_key_size: self.max_key_size,
                 warm_file: self.cache_warm_file,
                 metrics_flush_interval: self.metrics_flush_interval,
                 key_count_interval: self.key_count_interval,
+                ..cache
             },
             health_check_interval: self.redis.redis_health_check_interval,
             tasks,
@@ -578,6 +522,96 @@ impl ServeArgs {
                 }
                 t => t,
             },
+        })
+    }
+}
+
+/// The cache's settings: what `koo serve` serves, and what `koo worker`
+/// applies when it caches a task's result (`cache_result`), so that an
+/// entry is written the same way by either.
+#[derive(Debug, Args)]
+pub struct CacheArgs {
+    /// Default TTL of the app, db and session levels.
+    #[arg(long, env = "CACHE_DEFAULT_TTL", value_name = "CACHE_DEFAULT_TTL", default_value = "3600",
+          value_parser = parse_positive_duration)]
+    pub cache_default_ttl: Duration,
+    /// Default TTL of the api level.
+    #[arg(long, env = "CACHE_API_DEFAULT_TTL", value_name = "CACHE_API_DEFAULT_TTL", default_value = "300",
+          value_parser = parse_positive_duration)]
+    pub cache_api_default_ttl: Duration,
+    /// Values larger than this many bytes are zlib-compressed when that makes them smaller.
+    #[arg(
+        long,
+        env = "CACHE_COMPRESSION_THRESHOLD",
+        value_name = "CACHE_COMPRESSION_THRESHOLD",
+        default_value_t = 1024
+    )]
+    pub cache_compression_threshold: usize,
+    /// zlib level, 0 (store) to 9 (smallest); 1 favours latency.
+    #[arg(long, env = "KOO_COMPRESSION_LEVEL", value_name = "KOO_COMPRESSION_LEVEL", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(0..=9))]
+    pub compression_level: u32,
+    /// Largest value accepted, in bytes, before compression (at most 1 GiB).
+    #[arg(
+        long,
+        env = "CACHE_MAX_VALUE_SIZE",
+        value_name = "CACHE_MAX_VALUE_SIZE",
+        default_value_t = 10_485_760
+    )]
+    pub cache_max_value_size: usize,
+    /// Longest key accepted, in bytes.
+    #[arg(
+        long,
+        env = "KOO_MAX_KEY_SIZE",
+        value_name = "KOO_MAX_KEY_SIZE",
+        default_value_t = 1024
+    )]
+    pub max_key_size: usize,
+}
+
+impl CacheArgs {
+    /// Checks the values and builds the cache settings under `prefix` (the
+    /// serve-only settings at their defaults).
+    pub fn cache_config(&self, prefix: &str) -> Result<CacheConfig, ConfigError> {
+        let err = |variable, reason: String| ConfigError { variable, reason };
+        if self.cache_max_value_size == 0 || self.cache_max_value_size > MAX_VALUE_SIZE_CEILING {
+            return Err(err(
+                "CACHE_MAX_VALUE_SIZE",
+                format!(
+                    "must be between 1 and {MAX_VALUE_SIZE_CEILING} bytes, got {}",
+                    self.cache_max_value_size
+                ),
+            ));
+        }
+        for (variable, ttl) in [
+            ("CACHE_DEFAULT_TTL", self.cache_default_ttl),
+            ("CACHE_API_DEFAULT_TTL", self.cache_api_default_ttl),
+        ] {
+            if ttl < Duration::from_millis(1) || ttl > crate::cache::MAX_TTL {
+                return Err(err(
+                    variable,
+                    format!("must be between 1 ms and 100 years, got {ttl:?}"),
+                ));
+            }
+        }
+        if self.max_key_size == 0 || self.max_key_size > 64 * 1024 {
+            return Err(err(
+                "KOO_MAX_KEY_SIZE",
+                format!(
+                    "must be between 1 and 65536 bytes, got {}",
+                    self.max_key_size
+                ),
+            ));
+        }
+        Ok(CacheConfig {
+            prefix: prefix.to_owned(),
+            default_ttl: self.cache_default_ttl,
+            api_default_ttl: self.cache_api_default_ttl,
+            compression_threshold: self.cache_compression_threshold,
+            compression_level: self.compression_level,
+            max_value_size: self.cache_max_value_size,
+            max_key_size: self.max_key_size,
+            ..CacheConfig::default()
         })
     }
 }
@@ -644,9 +678,27 @@ fn aliased_duration(
         })
 }
 
+/// A Redis URL fit for a log: its password replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
 impl TaskArgs {
     /// The Redis that holds tasks: the broker URL, else the result backend,
-    /// else `REDIS_URL`; broker and result backend must be the same.
+    /// else `REDIS_URL`. A result backend other than the broker is read but
+    /// not used (logged once, here, at start-up): a task's result is a field
+    /// of the task itself, written by the same script that ends it, so that
+    /// no reader ever sees a final state without its result; the seed's
+    /// `.env` (broker on db 1, results on db 2) must still start.
     pub fn redis_config(&self, redis: &RedisArgs) -> Result<Option<RedisConfig>, ConfigError> {
         let broker = self
             .task_broker_url
@@ -659,12 +711,13 @@ impl TaskArgs {
         if let (Some(b), Some(r)) = (&broker, &results)
             && b != r
         {
-            return Err(ConfigError {
-                variable: "TASK_RESULT_BACKEND",
-                reason: format!(
-                    "task state and results live together on one Redis, but the broker is {b:?} and the result backend {r:?}"
-                ),
-            });
+            tracing::warn!(
+                broker = %redact(b),
+                result_backend = %redact(r),
+                "TASK_RESULT_BACKEND (CELERY_RESULT_BACKEND) is read but results are kept beside \
+                 their tasks on the broker's Redis: a result is written by the same script that \
+                 ends its task, so a final state is never seen without its result"
+            );
         }
         redis.redis_config(broker.or(results).or_else(|| redis.redis_url.clone()))
     }
@@ -715,6 +768,10 @@ impl TaskArgs {
             shutdown_grace: self.worker_shutdown_grace,
             cancel_grace: self.task_cancel_grace,
             idempotency_ttl: self.idempotency_ttl,
+            limits: TaskLimits {
+                dead_ttl: self.dead_letter_ttl,
+                ..TaskLimits::default()
+            },
             extra_queues: self
                 .task_queues
                 .iter()
@@ -879,6 +936,14 @@ mod tests {
             .into_settings()
             .unwrap_err();
         assert_eq!(e.variable, "REDIS_URL");
+    }
+
+    /// The result-backend note logs Redis URLs without their password.
+    #[test]
+    fn redacted_urls() {
+        assert_eq!(redact("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
+        assert_eq!(redact("redis://:secret@h/1"), "redis://:***@h/1");
+        assert_eq!(redact("redis://h:6379/2"), "redis://h:6379/2");
     }
 
     /// Durations accept seconds and units, and refuse garbage.

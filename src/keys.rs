@@ -14,7 +14,7 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `koo:v1:{t:Q}:task:{id}` | hash | a task (expires `result_ttl` after its end) |
+//! | `koo:v1:{t:Q}:task:{id}` | hash | a task (expires `result_ttl` after its end; a dead letter `dead_ttl`) |
 //! | `koo:v1:{t:Q}:task:{id}:log` | list | its ended attempts |
 //! | `koo:v1:{t:Q}:ready` / `:scheduled` / `:leases` | sorted sets | queued, waiting, running ids |
 //! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |

@@ -56,6 +56,9 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
         .tasks
         .redis_config(&args.redis)?
         .context("koo worker needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
+    // the cache settings of `koo serve` (CACHE_*), so that a result this
+    // worker caches is written as koo serve would write it
+    let cache_config = args.cache.cache_config(&args.prefix)?;
     let store = koo::store::RedisStore::connect(&redis)?;
     let engine = TaskEngine::new(
         koo::store::tasks::TaskStore::redis(store.clone(), &args.prefix),
@@ -74,13 +77,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
         } else {
             koo::store::Store::Redis(koo::store::RedisStore::connect(&cache_redis)?)
         };
-        registry.set_cache(koo::cache::Cache::new(
-            store,
-            koo::cache::CacheConfig {
-                prefix: args.prefix.clone(),
-                ..koo::cache::CacheConfig::default()
-            },
-        ));
+        registry.set_cache(koo::cache::Cache::new(store, cache_config));
     }
     let pool = worker::WorkerPool::new(
         engine.clone(),

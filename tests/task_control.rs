@@ -477,9 +477,13 @@ async fn cleanup_and_dead_letters(backend: Backend) {
         let err = c.requeue_dead_letters(bad).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
     }
-    // cleanup: nothing is a day old; everything is older than zero
+    // cleanup: nothing is a day old; everything is older than zero (dead
+    // letters too, when asked for)
     let none = c
-        .cleanup_tasks(pb::CleanupTasksRequest { older_than: None })
+        .cleanup_tasks(pb::CleanupTasksRequest {
+            older_than: None,
+            include_dead_letters: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -487,6 +491,7 @@ async fn cleanup_and_dead_letters(backend: Backend) {
     let all = c
         .cleanup_tasks(pb::CleanupTasksRequest {
             older_than: Some(millis(0)),
+            include_dead_letters: true,
         })
         .await
         .unwrap()

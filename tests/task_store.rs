@@ -578,14 +578,24 @@ async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
     assert_eq!(f.get(&second.id).await.state, State::Succeeded);
 }
 
-/// A dead letter whose result has expired cannot run again: a requeue finds
-/// it missing and drops it, so it no longer counts or blocks newer ones.
+/// A dead letter whose retention (result and dead-letter TTL) has passed
+/// cannot run again: a requeue finds it missing and drops it, so it no
+/// longer counts or blocks newer ones.
 async fn an_expired_dead_letter_is_dropped_when_requeued(f: Fixture) {
     let mut task = f.task("doomed", Priority::Normal, 0);
     task.result_ttl_ms = 1;
     f.submit(&task).await;
     f.lease("w", Duration::from_secs(60)).await.unwrap();
-    f.finish(&task.id, 1, Outcome::Failed("{}".into())).await;
+    let brief = TaskLimits {
+        dead_ttl: Duration::from_millis(1),
+        ..TaskLimits::default()
+    };
+    let failed = Outcome::Failed("{}".into());
+    f.store
+        .finish(&task.id, 1, &failed, "{}", brief, later())
+        .await
+        .unwrap()
+        .expect("the lease holder's finish is accepted");
     assert_eq!(
         f.store.queue_stats(&f.queue, later()).await.unwrap().dead,
         1

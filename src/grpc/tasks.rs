@@ -922,11 +922,17 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::CleanupTasksRequest>,
     ) -> Result<Response<pb::CleanupTasksResponse>, Status> {
         let deadline = self.deadline(&request);
-        let older_than = duration("older_than", request.into_inner().older_than)?
-            .unwrap_or(Duration::from_secs(24 * 3600));
+        let r = request.into_inner();
+        let older_than =
+            duration("older_than", r.older_than)?.unwrap_or(Duration::from_secs(24 * 3600));
         let removed = self
             .engine()
-            .cleanup(&self.engine().config().queues(), older_than, deadline)
+            .cleanup(
+                &self.engine().config().queues(),
+                older_than,
+                r.include_dead_letters,
+                deadline,
+            )
             .await?;
         Ok(Response::new(pb::CleanupTasksResponse {
             removed_tasks: removed.iter().map(|(_, t)| t.history as i64).sum(),

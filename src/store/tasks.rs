@@ -24,6 +24,10 @@ pub struct TaskLimits {
     pub history: u64,
     /// Ready tasks a lease looks at to find one whose name the worker serves.
     pub lease_scan: u64,
+    /// How long a dead letter (FAILED or TIMED_OUT, within the cap) keeps
+    /// its task: longer than a result, so that failures found late can
+    /// still be read and requeued.
+    pub dead_ttl: Duration,
 }
 
 impl Default for TaskLimits {
@@ -32,6 +36,7 @@ impl Default for TaskLimits {
             events: 10_000,
             history: 10_000,
             lease_scan: 100,
+            dead_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -646,22 +651,26 @@ impl TaskStore {
         }
     }
 
-    /// Removes `queue`'s tasks that ended before `before_ms` (history, dead
-    /// letters, stored results; at most 1000 per call) and trims its events
-    /// to the cap.
+    /// Removes `queue`'s tasks that ended before `before_ms` (history,
+    /// stored results; at most 1000 per call), except dead letters that
+    /// ended at or after `dead_before_ms` (they stay, in history and
+    /// stored), and trims its events to the cap.
     pub async fn trim(
         &self,
         queue: &QueueName,
         before_ms: i64,
+        dead_before_ms: i64,
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Trimmed> {
         match self {
             Self::Redis { store, prefix } => {
                 let keys = Self::keys(prefix, queue);
-                store.trim_tasks(&keys, before_ms, limits, deadline).await
+                store
+                    .trim_tasks(&keys, before_ms, dead_before_ms, limits, deadline)
+                    .await
             }
-            Self::Memory(m) => Ok(m.trim(queue, before_ms, limits)),
+            Self::Memory(m) => Ok(m.trim(queue, before_ms, dead_before_ms)),
         }
     }
 

@@ -819,15 +819,27 @@ impl TaskEngine {
     }
 
     /// Removes tasks that ended more than `older_than` ago from history and
-    /// storage (with their dead letters) in `queues`; what was removed.
+    /// storage in `queues`; what was removed. Dead letters younger than the
+    /// dead-letter TTL stay unless `include_dead` (older ones have expired:
+    /// their entries go either way).
     pub async fn cleanup(
         &self,
         queues: &[QueueName],
         older_than: Duration,
+        include_dead: bool,
         deadline: Deadline,
     ) -> Result<Vec<(QueueName, Trimmed)>, TaskError> {
-        let before_ms = crate::store::unix_millis(std::time::SystemTime::now())
-            .saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+        let now = crate::store::unix_millis(std::time::SystemTime::now());
+        let ago =
+            |d: Duration| now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        let limits = self.inner.config.limits;
+        let before_ms = ago(older_than);
+        let expired_ms = ago(limits.dead_ttl);
+        let dead_before_ms = if include_dead {
+            before_ms.max(expired_ms)
+        } else {
+            expired_ms
+        };
         let mut out = Vec::with_capacity(queues.len());
         for queue in queues {
             let mut total = Trimmed::default();
@@ -836,7 +848,7 @@ impl TaskEngine {
                 let t = self
                     .inner
                     .store
-                    .trim(queue, before_ms, self.inner.config.limits, deadline)
+                    .trim(queue, before_ms, dead_before_ms, limits, deadline)
                     .await?;
                 total.history += t.history;
                 total.dead += t.dead;

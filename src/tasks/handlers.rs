@@ -1,6 +1,6 @@
 //! Built-in diagnostic handlers, for smoke tests, tests and benchmarks:
-//! a no-op, a sleep that reports progress, and one that fails a given number
-//! of times before it succeeds.
+//! a no-op, an echo, a sleep that reports progress, and one that fails a
+//! given number of times before it succeeds.
 
 use std::time::Duration;
 
@@ -11,6 +11,9 @@ use crate::store::Deadline;
 
 /// Does nothing and succeeds with `null`.
 pub const NOOP: &str = "koo.diagnostics.noop";
+/// Succeeds with `kwargs.result` (`null` when absent): a result of any
+/// size and shape, e.g. to exercise `cache_result`.
+pub const ECHO: &str = "koo.diagnostics.echo";
 /// Sleeps `kwargs.seconds` (default 1), reporting progress in `kwargs.steps`
 /// (default 10) steps; stops early, failing retryably, when cancelled.
 pub const SLEEP: &str = "koo.diagnostics.sleep";
@@ -96,6 +99,14 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
 /// Registers the diagnostic handlers.
 pub fn register_diagnostics(registry: &mut Registry) {
     registry.register(NOOP, |_ctx| async { Ok(serde_json::Value::Null) });
+    registry.register(ECHO, |ctx| async move {
+        let mut kwargs: serde_json::Value =
+            serde_json::from_str(&ctx.task.kwargs).unwrap_or_default();
+        Ok(kwargs
+            .get_mut("result")
+            .map(serde_json::Value::take)
+            .unwrap_or_default())
+    });
     registry.register(SLEEP, |ctx| async move {
         let total = Duration::try_from_secs_f64(kwarg_f64(&ctx, "seconds", 1.0).max(0.0))
             .map_err(|_| HandlerError::fatal("seconds must be a finite number"))?;

@@ -24,8 +24,10 @@ pub const CACHE_WARM: &str = "koo.tasks.cache.warm";
 /// A cleanup, then a memory report with the largest keys.
 pub const CACHE_MAINTENANCE: &str = "koo.tasks.cache.maintenance";
 /// Trims task history older than the retention (or `kwargs.older_than_hours`)
-/// with its stored results, trims event logs, forgets expired results, and
-/// reports the task store's memory and every queue's depths.
+/// with its stored results, keeping dead letters younger than the
+/// dead-letter TTL (unless `kwargs.include_dead_letters`), trims event logs,
+/// forgets expired results, and reports the task store's memory and every
+/// queue's depths.
 pub const DATABASE_MAINTENANCE: &str = "koo.tasks.database.maintenance";
 
 /// A cache failure as a handler error: an outage is worth retrying, a
@@ -198,26 +200,17 @@ pub fn register_database(registry: &mut Registry, engine: TaskEngine) {
                         HandlerError::fatal("older_than_hours must be a non-negative number")
                     })?,
             };
-            let before_ms = crate::store::unix_millis(std::time::SystemTime::now())
-                .saturating_sub(i64::try_from(max_age.as_millis()).unwrap_or(i64::MAX));
+            let include_dead = kwargs
+                .get("include_dead_letters")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
             let store = engine.store();
             let mut queues = serde_json::Map::new();
-            for queue in engine.config().queues() {
-                let mut total = crate::store::tasks::Trimmed::default();
-                // at most 1000 history entries per call; a backlog takes a
-                // few more
-                for _ in 0..1000 {
-                    let t = store
-                        .trim(&queue, before_ms, config.limits, deadline(&ctx))
-                        .await
-                        .map_err(|e| HandlerError::retry(e.to_string()))?;
-                    total.history += t.history;
-                    total.dead += t.dead;
-                    total.events += t.events;
-                    if t.history < 1000 {
-                        break;
-                    }
-                }
+            let trimmed = engine
+                .cleanup(&config.queues(), max_age, include_dead, deadline(&ctx))
+                .await
+                .map_err(|e| HandlerError::retry(e.to_string()))?;
+            for (queue, total) in trimmed {
                 let stats = store
                     .queue_stats(&queue, deadline(&ctx))
                     .await

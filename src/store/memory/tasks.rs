@@ -294,16 +294,21 @@ impl Tasks {
     }
 
     /// Records a final state: history (capped), dead letters for failures,
-    /// and the result's expiry.
+    /// and the result's expiry (a dead letter's: the longer of the result
+    /// TTL and the dead-letter TTL; one trimmed by the cap expires like a
+    /// result), as `record_end` in `lib.lua`.
     fn end(&mut self, queue: &QueueName, id: &str, limits: TaskLimits, now: i64) {
         let q = self.queues.entry(queue.clone()).or_default();
         let Some(e) = self.tasks.get_mut(id) else {
             return;
         };
         let state = e.task.state;
+        let mut ttl = e.task.result_ttl_ms as i64;
+        let mut over = Vec::new();
         if matches!(state, State::Failed | State::TimedOut) {
             q.dead.add(id, now);
-            q.dead.trim(limits.history);
+            over = q.dead.trim(limits.history);
+            ttl = ttl.max(millis(limits.dead_ttl));
         }
         q.history.add(id, now);
         q.history_data.insert(
@@ -321,10 +326,31 @@ impl Tasks {
         for old in q.history.trim(limits.history) {
             q.history_data.remove(&old);
         }
-        let at = now.saturating_add(e.task.result_ttl_ms as i64);
+        let at = now.saturating_add(ttl);
         e.expires_at = Some(at);
         self.expiring.insert((at, id.to_owned()));
+        for old in over {
+            self.expire_as_result(&old);
+        }
         self.release_dependents(id, state, limits, now);
+    }
+
+    /// A dead letter trimmed by the cap expires `result_ttl` after it
+    /// ended (at the next purge when that has passed).
+    fn expire_as_result(&mut self, id: &str) {
+        let Some(e) = self
+            .tasks
+            .get_mut(id)
+            .filter(|e| matches!(e.task.state, State::Failed | State::TimedOut))
+        else {
+            return;
+        };
+        let Some(finished) = e.task.finished_ms else {
+            return;
+        };
+        let at = finished.saturating_add(e.task.result_ttl_ms as i64);
+        e.expires_at = Some(at);
+        self.expiring.insert((at, id.to_owned()));
     }
 
     /// Task `id` ended in `state`: its PENDING dependents stop waiting on
@@ -967,27 +993,44 @@ impl MemoryTasks {
         lapsed.len() as u64 + due
     }
 
-    /// Removes `queue`'s tasks that ended before `before_ms` (history, dead
-    /// letters, stored results; at most 1000 per call), and forgets expired
-    /// results. The event log is capped as it is written.
-    pub fn trim(&self, queue: &QueueName, before_ms: i64, _limits: TaskLimits) -> Trimmed {
+    /// Removes `queue`'s tasks that ended before `before_ms` (history,
+    /// stored results; at most 1000 per call) except dead letters that
+    /// ended at or after `dead_before_ms`, and forgets expired results, as
+    /// `trim.lua` does. The event log is capped as it is written.
+    pub fn trim(&self, queue: &QueueName, before_ms: i64, dead_before_ms: i64) -> Trimmed {
         let mut guard = self.lock();
         let s = &mut *guard;
         s.purge_expired(now_ms());
         let Some(q) = s.queues.get_mut(queue) else {
             return Trimmed::default();
         };
-        let old: Vec<String> = q.history.up_to(before_ms - 1, 1000);
+        let kept = |id: &str| {
+            q.dead
+                .scores
+                .get(id)
+                .is_some_and(|at| *at >= dead_before_ms)
+        };
+        let old: Vec<String> = q
+            .history
+            .by_score
+            .iter()
+            .take_while(|(at, _)| *at < before_ms)
+            .filter(|(_, id)| !kept(id))
+            .take(1000)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let dead = q.dead.up_to(dead_before_ms - 1, usize::MAX);
         for id in &old {
             q.history.remove(id);
             q.history_data.remove(id);
+        }
+        for id in &dead {
+            q.dead.remove(id);
+        }
+        for id in old.iter().chain(&dead) {
             if s.tasks.get(id).is_some_and(|e| e.task.state.is_final()) {
                 s.tasks.remove(id);
             }
-        }
-        let dead = q.dead.up_to(before_ms - 1, usize::MAX);
-        for id in &dead {
-            q.dead.remove(id);
         }
         Trimmed {
             history: old.len() as u64,

@@ -200,7 +200,8 @@ fn finish_params(
         .arg(payload.as_str())
         .arg(millis(delay))
         .arg(limits.history)
-        .arg(log);
+        .arg(log)
+        .arg(millis(limits.dead_ttl));
 }
 
 /// finish.lua's reply: the new state, and whether tasks wait on it.
@@ -688,17 +689,19 @@ impl RedisStore {
         inv.arg(keys.task_prefix())
             .arg(limits.events)
             .arg(if acks_late { "1" } else { "0" })
-            .arg(limits.history);
+            .arg(limits.history)
+            .arg(millis(limits.dead_ttl));
         self.invoke(&inv, deadline).await
     }
 
     /// Removes the queue's tasks that ended before `before_ms` (history,
-    /// dead letters, stored results; at most 1000 per call) and trims its
-    /// event stream.
+    /// stored results; at most 1000 per call), except dead letters that
+    /// ended at or after `dead_before_ms`, and trims its event stream.
     pub async fn trim_tasks(
         &self,
         keys: &QueueKeys,
         before_ms: i64,
+        dead_before_ms: i64,
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Trimmed> {
@@ -709,7 +712,8 @@ impl RedisStore {
             .key(keys.events());
         inv.arg(before_ms)
             .arg(limits.events)
-            .arg(keys.task_prefix());
+            .arg(keys.task_prefix())
+            .arg(dead_before_ms);
         let (history, dead, events): (u64, u64, u64) = self.invoke(&inv, deadline).await?;
         Ok(Trimmed {
             history,

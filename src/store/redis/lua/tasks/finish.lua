@@ -7,7 +7,8 @@
 --       6 dead, 7 events, 8 stats (counts per outcome)
 -- ARGV: 1 id, 2 token, 3 events cap, 4 outcome ('succeeded' | 'retry' |
 --       'failed' | 'timed_out' | 'cancelled'), 5 result or error JSON, 6 retry delay ms,
---       7 history cap, 8 attempt log entry JSON (ended_ms is added here)
+--       7 history cap, 8 attempt log entry JSON (ended_ms is added here),
+--       9 dead-letter TTL ms
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local state, token, cancel = unpack(redis.call('HMGET', KEYS[1], 'state', 'token', 'cancel'))
@@ -44,7 +45,7 @@ if outcome ~= 'succeeded' then field = 'error' end
 redis.call('HSET', KEYS[1], 'state', outcome, field, payload, 'finished_ms', now)
 -- a success supersedes the errors of earlier attempts (they stay in the log)
 if outcome == 'succeeded' then redis.call('HDEL', KEYS[1], 'error') end
-record_end(KEYS[1], ARGV[1], outcome, now, KEYS[4], KEYS[5], KEYS[6], ARGV[7])
+record_end(KEYS[1], ARGV[1], outcome, now, KEYS[4], KEYS[5], KEYS[6], ARGV[7], ARGV[9])
 redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[1], 'name', redis.call('HGET', KEYS[1], 'name') or '', 'state', outcome, 'at', now)
 if redis.call('EXISTS', KEYS[1] .. ':dependents') == 1 then return outcome .. '+' end
 return outcome

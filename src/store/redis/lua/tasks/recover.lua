@@ -6,7 +6,8 @@
 -- even when no worker is looking at this queue.
 -- KEYS: 1 leases, 2 ready, 3 history, 4 history data, 5 dead, 6 events, 7 stats,
 --       8 scheduled
--- ARGV: 1 task key prefix, 2 events cap, 3 acks late ('1' | '0'), 4 history cap
+-- ARGV: 1 task key prefix, 2 events cap, 3 acks late ('1' | '0'), 4 history cap,
+--       5 dead-letter TTL ms
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local prefix = ARGV[1]
@@ -53,7 +54,7 @@ for _, id in ipairs(lapsed) do
       if outcome == 'cancelled' then why = 'cancelled: ' .. cancel end
       redis.call('HSET', key, 'state', outcome, 'error', cjson.encode({ message = why, retryable = false }),
         'finished_ms', now)
-      record_end(key, id, outcome, now, KEYS[3], KEYS[4], KEYS[5], ARGV[4])
+      record_end(key, id, outcome, now, KEYS[3], KEYS[4], KEYS[5], ARGV[4], ARGV[5])
     end
     redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[2], '*', 'id', id, 'name', redis.call('HGET', key, 'name') or '', 'state', outcome, 'at', now)
   end

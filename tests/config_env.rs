@@ -1,0 +1,196 @@
+//! Settings read from the environment by the koo processes themselves: the
+//! seed's Celery `.env` starts `koo serve`, and `koo worker` writes task
+//! results to the cache under the cache settings of its environment.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use common::tasks::{KOO, client, spawn_on, submit, wait_task, worker_with};
+use common::{EVENT_TIMEOUT, TestRedis};
+use koo::pb::cache::v1 as cache_pb;
+use koo::pb::tasks::v1 as pb;
+
+/// Kills the child when the test ends, however it ends.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `koo serve` on an ephemeral port with `env` (and none of the
+/// caller's configuration); its address and the log lines it wrote until it
+/// announced it (panics with them when it exits first).
+fn serve(env: &[(&str, &str)]) -> (Guard, String, Vec<String>) {
+    let mut cmd = Command::new(KOO);
+    for (name, _) in std::env::vars() {
+        if ["REDIS_", "CACHE_", "KOO_", "CELERY_", "TASK_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            cmd.env_remove(name);
+        }
+    }
+    let mut child = cmd
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn koo serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let announced = line.contains("koo serving gRPC");
+            lines.push(line);
+            if announced {
+                break;
+            }
+        }
+        let _ = tx.send(lines);
+    });
+    let guard = Guard(child);
+    let lines = rx.recv_timeout(EVENT_TIMEOUT).expect("koo serve logged");
+    let last = lines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("koo serving gRPC"),
+        "koo serve did not start: {lines:#?}"
+    );
+    let addr = last
+        .split("addr=")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    (guard, addr, lines)
+}
+
+/// Keys of database `db` of `redis`.
+async fn db_size(redis: &TestRedis, db: u8) -> i64 {
+    let url = redis.url().replace("/0", &format!("/{db}"));
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap()
+}
+
+/// The seed's `.env`: CELERY_BROKER_URL on Redis db 1 and
+/// CELERY_RESULT_BACKEND on db 2. koo starts, says once why results stay
+/// beside their tasks, and a task and its result live on the broker (db 1),
+/// nothing on db 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_env_with_separate_result_backend_starts() {
+    let redis = TestRedis::start().await;
+    let base = redis.url();
+    let broker = base.replace("/0", "/1");
+    let results = base.replace("/0", "/2");
+    let (_koo, addr, lines) = serve(&[
+        ("REDIS_URL", &base),
+        ("CELERY_BROKER_URL", &broker),
+        ("CELERY_RESULT_BACKEND", &results),
+        ("KOO_NO_SCHEDULER", "true"),
+    ]);
+    let notes: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("RESULT_BACKEND"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one note on the result backend: {lines:#?}");
+    assert!(notes[0].contains("broker"), "{}", notes[0]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = pb::task_service_client::TaskServiceClient::new(channel);
+    let id = c
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    wait_task(&mut c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+    assert!(db_size(&redis, 1).await > 0, "tasks live on the broker");
+    assert_eq!(db_size(&redis, 2).await, 0, "nothing on the result backend");
+}
+
+/// A JSON result of `n` bytes or so that compresses well.
+fn compressible(n: usize) -> serde_json::Value {
+    serde_json::json!({ "text": "abc".repeat(n / 3) })
+}
+
+/// `koo worker` with CACHE_COMPRESSION_THRESHOLD=64 and
+/// CACHE_MAX_VALUE_SIZE=2000 caches a task's 600-byte result compressed
+/// (read back through a `koo serve` on the same Redis), and fails a task
+/// whose result is larger than its value limit rather than caching it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_applies_cache_settings_from_env() {
+    let redis = TestRedis::start().await;
+    let server = spawn_on(&redis, 0).await;
+    let _worker = Guard(worker_with(
+        &redis,
+        &[
+            ("CACHE_COMPRESSION_THRESHOLD", "64"),
+            ("CACHE_MAX_VALUE_SIZE", "2000"),
+        ],
+    ));
+    let mut c = client(&server);
+    let cached = |key: &str, n: usize| pb::SubmitTaskRequest {
+        cache_result: Some(pb::CacheTarget {
+            level: cache_pb::CacheLevel::App as i32,
+            key: key.into(),
+            ttl: None,
+        }),
+        max_retries: Some(0),
+        ..submit(
+            "koo.diagnostics.echo",
+            serde_json::json!({ "result": compressible(n) }),
+        )
+    };
+    let small = c
+        .submit_task(cached("small", 600))
+        .await
+        .unwrap()
+        .into_inner();
+    let large = c
+        .submit_task(cached("large", 5000))
+        .await
+        .unwrap()
+        .into_inner();
+    let small = small.task.unwrap().id;
+    let large = large.task.unwrap().id;
+    wait_task(&mut c, &small, |t| {
+        t.state == pb::TaskState::Succeeded as i32
+    })
+    .await;
+    let got = server
+        .cache()
+        .get(cache_pb::GetRequest {
+            level: cache_pb::CacheLevel::App as i32,
+            key: "small".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.found);
+    assert!(
+        got.stored_size_bytes < got.size_bytes,
+        "compressed above 64 bytes: {} stored for {}",
+        got.stored_size_bytes,
+        got.size_bytes
+    );
+    let t = wait_task(&mut c, &large, |t| t.state == pb::TaskState::Failed as i32).await;
+    let error = t.error.map(|e| e.message).unwrap_or_default();
+    assert!(error.contains("could not be cached"), "{error}");
+}
