@@ -9,9 +9,29 @@
 //! the cancel grace (koo ends a cancelled task the worker did not stop).
 //! The worker's heartbeats extend every lease it holds; without one for a
 //! whole lease, its leases lapse and the recovery sweep takes the tasks
-//! back, as for a built-in worker that hangs. When the stream ends, every
-//! lease it held is ended at once as a lapsed lease would be (the attempt
-//! counts), rather than a lease later.
+//! back, as for a built-in worker that hangs.
+//!
+//! When the stream ends, every task it held goes back at once rather than
+//! a lease later. A stream is *closing* from the moment its inbound half
+//! ends or breaks or its outbound half is gone; the session looks (without
+//! waiting) before every lease, and takes nothing more once it is: when
+//! many streams close at once, the tasks the first ones hand back must not
+//! be pushed to the others. A task goes back in one of two ways:
+//!
+//! - *never started*, its attempt given back (logged `handed_back`): the
+//!   worker said nothing about it — no progress, complete or fail naming
+//!   it and no heartbeat since it was pushed — and the stream closed less
+//!   than one heartbeat interval (a third of the lease) after the push.
+//!   koo cannot see whether a worker began a task, so silence within the
+//!   first interval is taken as "never started" (a stream closing while
+//!   koo pushed is the usual case). So that a task that kills every worker
+//!   before it can speak still reaches its dead letter, the attempt is
+//!   given back only while the task has been given back fewer than
+//!   [`MAX_GIVEN_BACK`] times (its lease token, which grows with every
+//!   lease, minus its attempts);
+//! - *lost*, the attempt counted, as a lapsed lease would be: every other
+//!   task, and every task of a stream that ended on a message koo could
+//!   not read or that broke the protocol (the worker was talking).
 //!
 //! The unary calls ([`lease_once`], [`heartbeat`], [`complete`], [`fail`])
 //! are the same steps one at a time, for scripts and for grpcurl.
@@ -19,7 +39,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +65,17 @@ const MAX_PROGRESS_MESSAGE: usize = 1024;
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How long each store call of a session may take.
 const CALL: Duration = Duration::from_secs(5);
+/// Most attempts of one task given back (by hand-backs of any kind)
+/// before a never-started task of a vanished stream counts as lost.
+pub const MAX_GIVEN_BACK: u32 = 4;
+/// Hand-backs of one ended session in flight at once.
+const HAND_BACKS: usize = 16;
+
+/// How often a stream worker must send a heartbeat (told in the welcome):
+/// a third of the lease, so that one lost heartbeat does not lapse it.
+pub fn heartbeat_interval(lease: Duration) -> Duration {
+    lease / 3
+}
 
 /// What a worker serves: task names (empty: every name) in queues.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,9 +350,24 @@ struct Held {
     hard_at: Option<Instant>,
     /// Set once a cancel was passed on: when koo ends it if still held.
     cancel_at: Option<Instant>,
+    /// When it was pushed to the worker.
+    pushed_at: Instant,
+    /// Whether the worker said anything since the push: a report naming
+    /// it, or a heartbeat.
+    spoken: bool,
 }
 
 impl Held {
+    /// Whether the task never started on a worker whose stream was seen
+    /// closing at `vanished` (the rule of the module doc): nothing said
+    /// about it, pushed less than `window` before, and given back fewer
+    /// than [`MAX_GIVEN_BACK`] times.
+    fn unstarted(&self, vanished: Instant, window: Duration) -> bool {
+        !self.spoken
+            && vanished.saturating_duration_since(self.pushed_at) < window
+            && self.task.token.saturating_sub(self.task.attempts) < MAX_GIVEN_BACK
+    }
+
     fn next_timer(&self) -> Option<Instant> {
         [self.soft_at, self.hard_at, self.cancel_at]
             .into_iter()
@@ -389,9 +435,9 @@ impl Session {
     }
 
     /// Runs the session until the worker hangs up or `stop` fires, reading
-    /// `inbound` and writing to `out`. Every task held at the end is given
-    /// back: at once, its attempt counted, when the worker is gone; its
-    /// attempt given back when koo is stopping.
+    /// `inbound` and writing to `out`. Every task held at the end goes back
+    /// at once: its attempt given back when koo is stopping or when it
+    /// never started (see the module doc), counted otherwise.
     pub async fn run(
         mut self,
         inbound: impl Stream<Item = Inbound> + Unpin,
@@ -400,44 +446,58 @@ impl Session {
     ) -> Result<(), TaskError> {
         let mut held: HashMap<TaskId, Held> = HashMap::new();
         let ending = self.serve(inbound, &out, &stop, &mut held).await;
-        let deadline = Deadline::after(CALL);
-        for (id, h) in held {
-            let ended = match ending {
-                Ok(Ending::Shutdown) => {
-                    self.engine
-                        .release(&h.task, &self.record.id, deadline)
-                        .await
-                }
-                Ok(Ending::Gone) | Err(_) => self.engine.abandon(&id, h.task.token, deadline).await,
-            };
-            match ended {
-                Ok(()) => {
-                    tracing::info!(task = %id, worker = %self.record.id, "worker gone: its task goes back to its queue")
-                }
-                Err(TaskError::Fenced(_)) => {}
-                Err(e) => {
-                    tracing::warn!(task = %id, error = %e, "cannot end a gone worker's lease; it lapses")
-                }
-            }
-        }
+        let vanished = Instant::now();
+        // The record goes first: a gone worker is not busy, and the tasks
+        // it hands back may be running elsewhere a moment later, where
+        // they are counted.
         if let Err(e) = self
             .engine
             .store()
-            .retire_worker(&self.record.id, deadline)
+            .retire_worker(&self.record.id, Deadline::after(CALL))
             .await
         {
             tracing::debug!(error = %e, "cannot remove a worker's presence record; it expires");
         }
+        let window = heartbeat_interval(self.engine.config().lease);
+        let (engine, worker) = (&self.engine, self.record.id.as_str());
+        let ending_ref = &ending;
+        futures::stream::iter(held)
+            .for_each_concurrent(HAND_BACKS, |(id, h)| async move {
+                let deadline = Deadline::after(CALL);
+                let (ended, how) = match ending_ref {
+                    Ok(Ending::Shutdown) => (
+                        engine.release(&h.task, worker, deadline).await,
+                        "koo is stopping: the task goes back to its queue, its attempt given back",
+                    ),
+                    Ok(Ending::Gone) if h.unstarted(vanished, window) => (
+                        engine.release_unstarted(&h.task, worker, deadline).await,
+                        "worker gone before it said anything about the task: it goes back to its queue, its attempt given back",
+                    ),
+                    Ok(Ending::Gone) | Err(_) => (
+                        engine.abandon(&id, h.task.token, deadline).await,
+                        "worker gone: its task goes back to its queue, the attempt counted",
+                    ),
+                };
+                match ended {
+                    Ok(()) => tracing::info!(task = %id, worker, "{how}"),
+                    Err(TaskError::Fenced(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(task = %id, error = %e, "cannot end a gone worker's lease; it lapses")
+                    }
+                }
+            })
+            .await;
         ending.map(|_| ())
     }
 
     async fn serve(
         &mut self,
-        mut inbound: impl Stream<Item = Inbound> + Unpin,
+        inbound: impl Stream<Item = Inbound> + Unpin,
         out: &mpsc::Sender<Outbound>,
         stop: &CancellationToken,
         held: &mut HashMap<TaskId, Held>,
     ) -> Result<Ending, TaskError> {
+        let mut inbound = inbound.peekable();
         let config = self.engine.config().clone();
         let queues = self.routing.queues.clone();
         let filter = self.routing.names.clone();
@@ -466,6 +526,9 @@ impl Session {
                 && !stop.is_cancelled()
                 && backoff_until.is_none_or(|t| Instant::now() >= t)
             {
+                if closing(&mut inbound, out) {
+                    return Ok(Ending::Gone);
+                }
                 let mut leased = None;
                 for i in 0..queues.len() {
                     let q = (next + i) % queues.len();
@@ -516,13 +579,19 @@ impl Session {
                         Inbound::Invalid(e) => return Err(e),
                         Inbound::Heartbeat => {
                             last_beat = Instant::now();
+                            // the worker is alive with what it was pushed
+                            held.values_mut().for_each(|h| h.spoken = true);
+                            let before = held.len();
                             if !self.beat(held, out).await {
                                 return Ok(Ending::Gone);
                             }
+                            dirty |= held.len() != before;
                         }
                         other => {
                             let before = held.len();
-                            if !self.report(other, held, out, &names, &mut empty).await {
+                            // no next task for a closing stream
+                            let open = !closing(&mut inbound, out);
+                            if !self.report(other, held, out, &names, &mut empty, open).await {
                                 return Ok(Ending::Gone);
                             }
                             dirty |= held.len() != before;
@@ -595,6 +664,8 @@ impl Session {
             soft_at: after(task.soft_ms),
             hard_at: after(task.hard_ms),
             cancel_at: None,
+            pushed_at: now,
+            spoken: false,
             task: task.clone(),
         };
         held.insert(task.id.clone(), h);
@@ -645,7 +716,8 @@ impl Session {
     }
 
     /// Handles a progress, complete or fail message; `false` when the worker
-    /// is gone.
+    /// is gone. The next task is leased with a completion only when the
+    /// stream is `open`.
     async fn report(
         &self,
         msg: Inbound,
@@ -653,6 +725,7 @@ impl Session {
         out: &mpsc::Sender<Outbound>,
         names: &[&str],
         empty: &mut [Option<Instant>],
+        open: bool,
     ) -> bool {
         let deadline = Deadline::after(CALL);
         let (id, token, kind, finish) = match msg {
@@ -661,6 +734,12 @@ impl Session {
                 token,
                 progress,
             } => {
+                if let Ok(task_id) = TaskId::parse(&id)
+                    && let Some(h) = held.get_mut(&task_id)
+                    && h.task.token == token
+                {
+                    h.spoken = true;
+                }
                 let outcome = progress_task(&self.engine, &id, token, &progress, deadline).await;
                 return match outcome {
                     Ok(()) => true,
@@ -686,26 +765,27 @@ impl Session {
             Inbound::Heartbeat | Inbound::Invalid(_) => return true,
         };
         let (outcome, next) = self
-            .finish_held(&id, token, finish, held, names, empty, deadline)
+            .finish_held(&id, token, finish, held, names, empty, deadline, open)
             .await;
         let reply = Outbound::Reply {
             id,
             kind,
             outcome: outcome.map(Some),
         };
-        if out.send(reply).await.is_err() {
-            return false;
-        }
+        let replied = out.send(reply).await.is_ok();
+        // a next task leased with the completion is held even when the
+        // worker is gone, so that it is handed back (never started)
         match next {
-            Some(task) => self.hand_out(task, held, out).await,
-            None => true,
+            Some(task) => self.hand_out(task, held, out).await && replied,
+            None => replied,
         }
     }
 
     /// Ends an attempt the worker reported. A task this session holds is
     /// ended with its lease, and when every other queue is empty the next
-    /// task of its queue is leased in the same call (a busy worker's path);
-    /// a task leased elsewhere (a unary lease) is read first.
+    /// task of its queue is leased in the same call (a busy worker's path)
+    /// while the stream is `open`; a task leased elsewhere (a unary lease)
+    /// is read first.
     #[allow(clippy::too_many_arguments)]
     async fn finish_held(
         &self,
@@ -716,6 +796,7 @@ impl Session {
         names: &[&str],
         empty: &mut [Option<Instant>],
         deadline: Deadline,
+        open: bool,
     ) -> (Result<State, TaskError>, Option<Task>) {
         let finish = match finish {
             Ok(f) => f,
@@ -743,7 +824,8 @@ impl Session {
         let queue = task.id.queue();
         let q = self.routing.queues.iter().position(|x| *x == queue);
         let poll = self.engine.config().poll_interval;
-        let chain = held.len() < self.concurrency
+        let chain = open
+            && held.len() < self.concurrency
             && q.is_some_and(|q| {
                 (0..empty.len())
                     .filter(|i| *i != q)
@@ -852,6 +934,20 @@ impl Session {
             tracing::debug!(error = %e, "cannot announce an external worker");
         }
     }
+}
+
+/// Whether a worker's stream is closing: its inbound half ended (or broke)
+/// or koo's outbound half is gone. Looked at without waiting (a message
+/// that is waiting stays there), before every lease.
+fn closing<S: Stream + Unpin>(
+    inbound: &mut futures::stream::Peekable<S>,
+    out: &mpsc::Sender<Outbound>,
+) -> bool {
+    out.is_closed()
+        || matches!(
+            std::pin::Pin::new(inbound).peek().now_or_never(),
+            Some(None)
+        )
 }
 
 async fn sleep_until(at: Option<Instant>) {
