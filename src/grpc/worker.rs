@@ -556,3 +556,29 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long read error is quoted by its head and its tail (where a
+    /// decode error says why), within the bound, on character boundaries.
+    #[test]
+    fn quotes_are_bounded() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = format!(
+            "{}é{}recursion limit reached",
+            "a".repeat(99),
+            "b".repeat(500)
+        );
+        let q = bounded(&long, MAX_QUOTE);
+        assert!(q.len() <= MAX_QUOTE + '…'.len_utf8() + 1, "{}", q.len());
+        assert!(
+            q.starts_with("aaa") && q.ends_with("recursion limit reached"),
+            "{q}"
+        );
+        assert!(unreadable(&Status::out_of_range("too large")));
+        assert!(!unreadable(&Status::unknown("h2 protocol error")));
+        assert!(!unreadable(&Status::cancelled("gone")));
+    }
+}

@@ -764,3 +764,67 @@ async fn sleep_until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tasks::model::{Category, Priority, QueueName};
+
+    fn held(attempts: u32, token: u32, pushed_at: Instant, spoken: bool) -> Held {
+        let task = Task {
+            id: TaskId::generate(&QueueName::parse("research").unwrap()),
+            name: "koo.examples.job".into(),
+            category: Category::Research,
+            priority: Priority::Normal,
+            args: "[]".into(),
+            kwargs: "{}".into(),
+            state: State::Running,
+            depends_on: vec![],
+            schedule: None,
+            schedule_tick_ms: None,
+            cache_result: None,
+            attempts,
+            token,
+            max_retries: 3,
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 0,
+            hard_ms: 0,
+            result_ttl_ms: 0,
+            log: vec![],
+        };
+        Held {
+            task,
+            soft_at: None,
+            hard_at: None,
+            cancel_at: None,
+            pushed_at,
+            spoken,
+        }
+    }
+
+    /// The never-started rule: silent, within the window, and given back
+    /// fewer than MAX_GIVEN_BACK times; anything else counts.
+    #[test]
+    fn unstarted_rule() {
+        let window = Duration::from_secs(10);
+        let pushed = Instant::now();
+        let soon = pushed + Duration::from_secs(1);
+        assert!(held(1, 1, pushed, false).unstarted(soon, window));
+        // the worker spoke about it (a report or a heartbeat)
+        assert!(!held(1, 1, pushed, true).unstarted(soon, window));
+        // held for a whole heartbeat interval without a word
+        assert!(!held(1, 1, pushed, false).unstarted(pushed + window, window));
+        // given back MAX_GIVEN_BACK - 1 times already: once more
+        let n = MAX_GIVEN_BACK;
+        assert!(held(1, n, pushed, false).unstarted(soon, window));
+        // given back MAX_GIVEN_BACK times: it counts now (a task that kills
+        // every worker before it speaks still reaches its dead letter)
+        assert!(!held(1, n + 1, pushed, false).unstarted(soon, window));
+    }
+}
