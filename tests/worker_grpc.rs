@@ -559,9 +559,11 @@ async fn stream_respects_concurrency_and_routing(backend: Backend) {
     assert_eq!(id(&t), other.id);
 }
 
-/// When a stream worker's connection drops mid-task, the task goes back to
-/// its queue at once with the attempt counted, and another worker
-/// completes it; history shows both attempts.
+/// When a stream worker's connection drops mid-task (it reported
+/// progress, so the task had started), the task goes back to its queue at
+/// once with the attempt counted, and another worker completes it; history
+/// shows both attempts. (A task the worker never spoke about is given back
+/// uncounted: `worker_stream.rs`.)
 async fn stream_drop_requeues_and_counts_the_attempt(backend: Backend) {
     let koo = start_on_with(backend, 0, |s| {
         // longer than the test: only the dropped stream can requeue it
@@ -574,6 +576,15 @@ async fn stream_drop_requeues_and_counts_the_attempt(backend: Backend) {
         .unwrap();
     let held = first.next_task().await;
     assert_eq!(id(&held), task.id);
+    first
+        .send(In::Progress(wpb::Progress {
+            task_id: task.id.clone(),
+            lease_token: held.lease_token,
+            percent: 10.0,
+            ..Default::default()
+        }))
+        .await;
+    wait_task(&mut c, &task.id, |t| t.progress.is_some()).await;
     let first_id = first.id.clone();
     drop(first);
     let mut second = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)

@@ -133,20 +133,63 @@ fn value_json(field: &str, v: Option<prost_types::Value>) -> Result<serde_json::
     }
 }
 
-/// A protocol message as the session's input.
-fn inbound(msg: Result<pb::WorkRequest, Status>) -> Option<Inbound> {
-    let msg = match msg {
-        Ok(m) => m,
-        // the connection dropped or the worker cancelled the call
-        Err(_) => return None,
+/// Longest quote of a read error in the status that ends a stream.
+const MAX_QUOTE: usize = 300;
+
+/// Whether a read error of a Work stream is a message koo could not read
+/// (over the size limit, not valid protobuf, nested too deep: tonic's
+/// OUT_OF_RANGE, koo's codec's INVALID_ARGUMENT, a decompression
+/// RESOURCE_EXHAUSTED) rather than a connection that broke. The worker was
+/// talking, so the stream ends with that status, and its tasks count.
+fn unreadable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::OutOfRange | tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted
+    )
+}
+
+/// `text`, or its head and tail around an ellipsis when longer than
+/// `max` bytes (a decode error ends with its reason, after a field path
+/// that can be long).
+fn bounded(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let floor = |mut i: usize| {
+        while !text.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
     };
+    let head = floor(max / 3);
+    let mut tail = text.len() - (max - head);
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}…{}", &text[..head], &text[tail..])
+}
+
+/// The status that ends a stream whose worker sent a message koo could
+/// not read: the read error's code, and its reason quoted.
+fn unreadable_status(status: &Status) -> Status {
+    Status::new(
+        status.code(),
+        format!(
+            "a message on this Work stream could not be read, so the stream ends (tasks it held go back to their queues): {}",
+            bounded(status.message(), MAX_QUOTE)
+        ),
+    )
+}
+
+/// A protocol message as the session's input.
+fn inbound(msg: pb::WorkRequest) -> Inbound {
     let bad = |e: Status| {
         Inbound::Invalid(TaskError::InvalidArgument {
             field: "message".to_owned(),
             reason: e.message().to_owned(),
         })
     };
-    Some(match msg.message {
+    match msg.message {
         None => bad(Status::invalid_argument("a message with nothing set")),
         Some(In::Hello(_)) => bad(Status::invalid_argument(
             "hello may only be the stream's first message",
@@ -176,7 +219,7 @@ fn inbound(msg: Result<pb::WorkRequest, Status>) -> Option<Inbound> {
             let details = match f.details {
                 Some(d) => match struct_json("fail.details", Some(d)) {
                     Ok(d) => Some(d),
-                    Err(e) => return Some(bad(e)),
+                    Err(e) => return bad(e),
                 },
                 None => None,
             };
@@ -190,7 +233,7 @@ fn inbound(msg: Result<pb::WorkRequest, Status>) -> Option<Inbound> {
                 },
             }
         }
-    })
+    }
 }
 
 /// A session's output as a protocol message.
@@ -311,23 +354,52 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             message: Some(Out::Welcome(pb::Welcome {
                 worker_id: session.id().to_owned(),
                 lease: prost_types::Duration::try_from(lease).ok(),
-                heartbeat_interval: prost_types::Duration::try_from(lease / 3).ok(),
+                heartbeat_interval: prost_types::Duration::try_from(remote::heartbeat_interval(
+                    lease,
+                ))
+                .ok(),
             })),
         };
         tracing::info!(worker = session.id(), "external worker connected");
         let (tx, rx) = mpsc::channel::<Outbound>(STREAM_BUFFER);
         let (errors_tx, errors_rx) = tokio::sync::oneshot::channel::<Status>();
         let id = session.id().to_owned();
-        let input = messages
-            .map(inbound)
-            .take_while(|m| std::future::ready(m.is_some()))
-            .map(|m| m.expect("taken while some"));
+        // A read error ends the session's input; one that is a message koo
+        // could not read is also the stream's final status.
+        let unread = std::sync::Arc::new(std::sync::Mutex::new(None::<Status>));
+        let input = {
+            let (unread, id) = (unread.clone(), id.clone());
+            messages
+                .map(move |m| match m {
+                    Ok(m) => Some(inbound(m)),
+                    Err(status) if unreadable(&status) => {
+                        let reason = bounded(status.message(), MAX_QUOTE);
+                        // std Mutex: held only to swap a value, never across an await
+                        *unread.lock().expect("not poisoned") = Some(unreadable_status(&status));
+                        Some(Inbound::Invalid(TaskError::invalid("message", reason)))
+                    }
+                    Err(status) => {
+                        tracing::info!(worker = %id, code = ?status.code(), reason = status.message(), "external worker's connection broke");
+                        None
+                    }
+                })
+                .take_while(|m| std::future::ready(m.is_some()))
+                .map(|m| m.expect("taken while some"))
+        };
         let stop = self.shutdown.clone();
         self.sessions.spawn(async move {
             let ended = session.run(Box::pin(input), tx, stop).await;
-            tracing::info!(worker = %id, "external worker disconnected");
-            if let Err(e) = ended {
-                let _ = errors_tx.send(e.into());
+            match ended {
+                Ok(()) => tracing::info!(worker = %id, "external worker disconnected"),
+                Err(e) => {
+                    let status = unread
+                        .lock()
+                        .expect("not poisoned")
+                        .take()
+                        .unwrap_or_else(|| e.into());
+                    tracing::warn!(worker = %id, code = ?status.code(), reason = status.message(), "external worker's stream ended with an error");
+                    let _ = errors_tx.send(status);
+                }
             }
         });
         // The session's messages, then (when it ended on a protocol error)
@@ -482,5 +554,31 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             workers,
             next_page_token,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A long read error is quoted by its head and its tail (where a
+    /// decode error says why), within the bound, on character boundaries.
+    #[test]
+    fn quotes_are_bounded() {
+        assert_eq!(bounded("short", 10), "short");
+        let long = format!(
+            "{}é{}recursion limit reached",
+            "a".repeat(99),
+            "b".repeat(500)
+        );
+        let q = bounded(&long, MAX_QUOTE);
+        assert!(q.len() <= MAX_QUOTE + '…'.len_utf8() + 1, "{}", q.len());
+        assert!(
+            q.starts_with("aaa") && q.ends_with("recursion limit reached"),
+            "{q}"
+        );
+        assert!(unreadable(&Status::out_of_range("too large")));
+        assert!(!unreadable(&Status::unknown("h2 protocol error")));
+        assert!(!unreadable(&Status::cancelled("gone")));
     }
 }

@@ -998,12 +998,38 @@ impl TaskEngine {
         worker: &str,
         deadline: Deadline,
     ) -> Result<(), TaskError> {
+        let why = "the worker stopped before the task ended; it runs again";
+        self.give_back(task, worker, why, deadline).await
+    }
+
+    /// Hands back, its attempt given back, a task pushed to an external
+    /// worker whose stream vanished before the worker said a word about it:
+    /// it never started there (see `remote::Session` for the rule).
+    pub async fn release_unstarted(
+        &self,
+        task: &Task,
+        worker: &str,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
+        let why = "pushed to a worker whose stream closed before it said anything about the task: never started; it runs again";
+        self.give_back(task, worker, why, deadline).await
+    }
+
+    /// The `release` transition: queued again in its original place, the
+    /// attempt given back, logged as `handed_back` with `why`.
+    async fn give_back(
+        &self,
+        task: &Task,
+        worker: &str,
+        why: &str,
+        deadline: Deadline,
+    ) -> Result<(), TaskError> {
         let entry = serde_json::json!({
             "attempt": task.attempts,
             "worker": worker,
             "started_ms": task.started_ms,
             "outcome": "handed_back",
-            "error": "the worker stopped before the task ended; it runs again",
+            "error": why,
         })
         .to_string();
         let ok = self
