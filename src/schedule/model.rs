@@ -191,7 +191,10 @@ pub fn check_name(name: &str) -> Result<(), TaskError> {
     {
         return Err(TaskError::invalid(
             "name",
-            format!("must be 1 to 128 letters, digits, '_', '-' or '.', got {name:?}"),
+            format!(
+                "must be 1 to 128 letters, digits, '_', '-' or '.', got {}",
+                crate::quote::quote(name)
+            ),
         ));
     }
     Ok(())

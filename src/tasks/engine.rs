@@ -495,7 +495,8 @@ impl TaskEngine {
             );
             if theirs != fp {
                 return Err(TaskError::AlreadyExists(format!(
-                    "idempotency key {key:?} was used for a different task ({id})"
+                    "idempotency key {} was used for a different task ({id})",
+                    crate::quote::quote(&key)
                 )));
             }
             // The claimant may be between its claim and its submit: give it
@@ -511,7 +512,8 @@ impl TaskEngine {
             let age = Duration::from_millis(u64::try_from(now() - claimed_ms).unwrap_or(0));
             if age < c.idempotency_takeover {
                 return Err(TaskError::Store(StoreError::Unavailable(format!(
-                    "an earlier submit with idempotency key {key:?} (task {id}) has not stored its task yet; retry shortly"
+                    "an earlier submit with idempotency key {} (task {id}) has not stored its task yet; retry shortly",
+                    crate::quote::quote(&key)
                 ))));
             }
             // Its task was never stored (or is long gone): take the claim

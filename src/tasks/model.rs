@@ -244,10 +244,10 @@ pub struct QueueName(String);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// A queue name with characters or a length koo does not accept.
-    #[error("queue name {0:?} must be 1 to 64 of a-z, 0-9, '_', '.', '-'")]
+    #[error("queue name {} must be 1 to 64 of a-z, 0-9, '_', '.', '-'", crate::quote::quote(.0))]
     Queue(String),
     /// A string that is not a task id koo issued.
-    #[error("{0:?} is not a task id")]
+    #[error("{} is not a task id", crate::quote::quote(.0))]
     TaskId(String),
 }
 
