@@ -153,9 +153,8 @@ impl Schedule {
             }
             super::spec::SpecError::InvalidCron { .. } => TaskError::invalid("cron", e.to_string()),
         })?;
-        if self.task.name.is_empty() || self.task.name.len() > 256 {
-            return Err(TaskError::invalid("task.name", "must be 1 to 256 bytes"));
-        }
+        crate::tasks::model::check_task_name(&self.task.name)
+            .map_err(|e| TaskError::invalid("task.name", e))?;
         if !self.task.args.is_null() && !self.task.args.is_array() {
             return Err(TaskError::invalid("task.args", "must be a list"));
         }

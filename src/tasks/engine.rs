@@ -565,9 +565,7 @@ impl TaskEngine {
     /// A validated task ready to store, and its countdown.
     fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
-        if new.name.is_empty() || new.name.len() > 256 {
-            return Err(TaskError::invalid("name", "must be 1 to 256 bytes"));
-        }
+        super::model::check_task_name(&new.name).map_err(|e| TaskError::invalid("name", e))?;
         if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
             return Err(TaskError::invalid(
                 "args",
