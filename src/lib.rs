@@ -16,6 +16,7 @@
 //! - [`keys`]: every Redis key name koo writes.
 //! - [`health`]: drives `grpc.health.v1` from the backend's real state.
 //! - [`pb`]: generated protobuf code and the reflection descriptor set.
+//! - [`quote`]: bounded quoting of user input in messages.
 //!
 //! The domain never sees a `tonic::Status`; the store never sees a protobuf
 //! type.
@@ -27,6 +28,7 @@ pub mod grpc;
 pub mod health;
 pub mod keys;
 pub mod pb;
+pub mod quote;
 pub mod schedule;
 pub mod server;
 pub mod store;

@@ -37,7 +37,10 @@ pub enum CacheError {
         limit: usize,
     },
     /// A stored value cannot be read back.
-    #[error("the value stored under {key:?} cannot be read: {reason}")]
+    #[error(
+        "the value stored under {} cannot be read: {reason}",
+        crate::quote::quote(key)
+    )]
     Corrupt {
         /// The user's key.
         key: String,

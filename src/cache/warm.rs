@@ -24,6 +24,7 @@ use bytes::Bytes;
 use tokio::io::AsyncBufReadExt;
 
 use super::{Level, NewEntry, Value};
+use crate::quote::quote;
 
 /// One line's outcome: the entry, or what is wrong with it.
 pub type ParsedLine = (u64, Result<WarmLine, String>);
@@ -83,18 +84,29 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
         .find(|k| !["level", "key", "text", "json", "base64", "task", "ttl"].contains(&k.as_str()))
     {
         return Err(format!(
-            "unknown field {unknown:?} (expected level, key, text, json, base64, task, ttl)"
+            "unknown field {} (expected level, key, text, json, base64, task, ttl)",
+            quote(unknown)
         ));
     }
     let level = match obj.remove("level") {
         None => Level::App,
         Some(serde_json::Value::String(s)) => Level::parse(&s)
-            .ok_or_else(|| format!("level {s:?} is not one of app, db, api, session"))?,
-        Some(other) => return Err(format!("level must be a string, not {other}")),
+            .ok_or_else(|| format!("level {} is not one of app, db, api, session", quote(&s)))?,
+        Some(other) => {
+            return Err(format!(
+                "level must be a string, not {}",
+                crate::quote::json(&other)
+            ));
+        }
     };
     let key = match obj.remove("key") {
         Some(serde_json::Value::String(s)) => s,
-        Some(other) => return Err(format!("key must be a string, not {other}")),
+        Some(other) => {
+            return Err(format!(
+                "key must be a string, not {}",
+                crate::quote::json(&other)
+            ));
+        }
         None => return Err("key is missing".to_owned()),
     };
     let ttl = obj.remove("ttl").map(|t| parse_ttl(&t)).transpose()?;
@@ -122,7 +134,12 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
     if let Some(t) = obj.remove("text") {
         match t {
             serde_json::Value::String(s) => values.push(Value::Text(s)),
-            other => return Err(format!("text must be a string, not {other}")),
+            other => {
+                return Err(format!(
+                    "text must be a string, not {}",
+                    crate::quote::json(&other)
+                ));
+            }
         }
     }
     if let Some(j) = obj.remove("json") {
@@ -174,7 +191,12 @@ pub fn to_line(e: &NewEntry) -> serde_json::Value {
 }
 
 fn parse_ttl(v: &serde_json::Value) -> Result<Duration, String> {
-    let bad = || format!("ttl {v} is not a positive duration (seconds, or e.g. \"90s\", \"10m\")");
+    let bad = || {
+        format!(
+            "ttl {} is not a positive duration (seconds, or e.g. \"90s\", \"10m\")",
+            crate::quote::json(v)
+        )
+    };
     match v {
         serde_json::Value::Number(n) => {
             let secs = n.as_f64().ok_or_else(bad)?;

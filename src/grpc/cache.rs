@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use super::deadline;
 use super::json;
 use super::status::invalid_argument;
+use super::time;
 use crate::cache::{
     Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MaintenanceReport, MetricsReport,
     NewEntry, Stored, Value, WarmReport,
@@ -23,10 +24,6 @@ use crate::tasks::engine::{NewTask, TaskEngine, TaskError};
 use crate::tasks::events::EventHub;
 use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_MAINTENANCE, CACHE_WARM};
 use crate::tasks::model::{Category, Priority, State};
-
-/// Shortest and longest `WatchMetrics` intervals.
-const MIN_WATCH_INTERVAL: Duration = Duration::from_millis(100);
-const MAX_WATCH_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// The CacheService implementation.
 pub struct CacheApi {
@@ -144,18 +141,6 @@ pub(crate) fn to_pb_level(l: Level) -> pb::CacheLevel {
     }
 }
 
-fn ttl(field: &str, d: Option<prost_types::Duration>) -> Result<Option<Duration>, Status> {
-    d.map(|d| {
-        Duration::try_from(d).map_err(|_| {
-            invalid_argument(
-                field,
-                "must be a positive duration (seconds and nanos of the same sign, |nanos| < 1e9)",
-            )
-        })
-    })
-    .transpose()
-}
-
 fn value(field: &str, v: Option<pb::CacheValue>, max_value_size: usize) -> Result<Value, Status> {
     match v.and_then(|v| v.kind) {
         None => Err(invalid_argument(
@@ -188,7 +173,7 @@ fn entry(at: &str, e: pb::CacheEntry, max_value_size: usize) -> Result<NewEntry,
     Ok(NewEntry {
         level: level(&format!("{at}level"), e.level)?,
         value: value(&format!("{at}value"), e.value, max_value_size)?,
-        ttl: ttl(&format!("{at}ttl"), e.ttl)?,
+        ttl: time::duration(&format!("{at}ttl"), e.ttl, time::CACHE_TTL)?,
         key: e.key,
     })
 }
@@ -494,11 +479,12 @@ impl pb::cache_service_server::CacheService for CacheApi {
         &self,
         request: Request<pb::WatchMetricsRequest>,
     ) -> Result<Response<Self::WatchMetricsStream>, Status> {
-        let interval =
-            ttl("interval", request.into_inner().interval)?.unwrap_or(Duration::from_secs(1));
-        if !(MIN_WATCH_INTERVAL..=MAX_WATCH_INTERVAL).contains(&interval) {
-            return Err(invalid_argument("interval", "must be between 100ms and 1h"));
-        }
+        let interval = time::duration(
+            "interval",
+            request.into_inner().interval,
+            time::WATCH_INTERVAL,
+        )?
+        .unwrap_or(Duration::from_secs(1));
         let mut tick = tokio::time::interval(interval);
         // A slow reader gets fewer snapshots, never a burst of stale ones.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -66,7 +66,10 @@ impl Health for HealthApi {
         let service = request.into_inner().service;
         match self.statuses.borrow().get(&service) {
             Some(status) => Ok(Response::new(reply(*status))),
-            None => Err(Status::not_found(format!("unknown service {service:?}"))),
+            None => Err(Status::not_found(format!(
+                "unknown service {}",
+                crate::quote::quote(&service)
+            ))),
         }
     }
 

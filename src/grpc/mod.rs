@@ -9,6 +9,7 @@ pub mod json;
 pub mod schedule;
 mod status;
 pub mod tasks;
+mod time;
 pub mod worker;
 
 use tonic::Status;

@@ -10,9 +10,10 @@ use super::deadline;
 use super::json;
 use super::status::invalid_argument;
 use super::tasks::{
-    category, duration, pb_duration_ms, priority, timestamp, to_pb_category, to_pb_priority,
-    to_pb_state, to_pb_task,
+    category, pb_duration_ms, priority, timestamp, to_pb_category, to_pb_priority, to_pb_state,
+    to_pb_task,
 };
+use super::time;
 use crate::pb::schedule::v1 as pb;
 use crate::schedule::model::{MissedPolicy, Schedule, Source, Template};
 use crate::schedule::{Patch, Schedules, View};
@@ -56,8 +57,39 @@ fn policy(raw: i32) -> Result<MissedPolicy, Status> {
     }
 }
 
-fn millis(field: &str, d: Option<prost_types::Duration>) -> Result<Option<u64>, Status> {
-    Ok(duration(field, d)?.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
+/// The page token that resumes a listing after schedule `name`: the name
+/// and a checksum of it, so that a token koo did not issue is refused (as
+/// the other listings refuse theirs) rather than silently read as a name.
+fn page_token(name: &str) -> String {
+    format!("{name}~{:016x}", crate::store::fnv1a(name.as_bytes()))
+}
+
+/// The schedule name a page token resumes after (`""`: from the start).
+fn page_after(token: &str) -> Result<&str, Status> {
+    if token.is_empty() {
+        return Ok("");
+    }
+    token
+        .rsplit_once('~')
+        .filter(|(name, sum)| *sum == format!("{:016x}", crate::store::fnv1a(name.as_bytes())))
+        .map(|(name, _)| name)
+        .ok_or_else(|| {
+            invalid_argument(
+                "page_token",
+                &format!(
+                    "{} is not a token ListSchedules issued",
+                    crate::quote::quote(token)
+                ),
+            )
+        })
+}
+
+fn millis(
+    field: &str,
+    d: Option<prost_types::Duration>,
+    range: time::Range,
+) -> Result<Option<u64>, Status> {
+    Ok(time::duration(field, d, range)?.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)))
 }
 
 /// A template as sent, checked field by field.
@@ -91,8 +123,12 @@ fn template(t: Option<pb::TaskTemplate>) -> Result<Template, Status> {
         priority: priority.as_str().to_owned(),
         max_retries: t.max_retries.map(|r| r as u32),
         queue: (!t.queue.is_empty()).then_some(t.queue),
-        soft_ms: millis("schedule.task.soft_time_limit", t.soft_time_limit)?,
-        hard_ms: millis("schedule.task.time_limit", t.time_limit)?,
+        soft_ms: millis(
+            "schedule.task.soft_time_limit",
+            t.soft_time_limit,
+            time::SOFT_TIME_LIMIT,
+        )?,
+        hard_ms: millis("schedule.task.time_limit", t.time_limit, time::TIME_LIMIT)?,
     })
 }
 
@@ -244,12 +280,12 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
         let size = super::page_size(r.page_size, DEFAULT_PAGE, MAX_PAGE)?;
-        // the token is the last name of the previous page
-        let (views, more) = self.schedules.list(&r.page_token, size, deadline).await?;
+        let after = page_after(&r.page_token)?;
+        let (views, more) = self.schedules.list(after, size, deadline).await?;
         let next_page_token = if more {
             views
                 .last()
-                .map(|v| v.schedule.name.clone())
+                .map(|v| page_token(&v.schedule.name))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -11,8 +11,24 @@ use crate::cache::CacheError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
 
+/// Longest status message koo sends. Messages quote input through
+/// [`crate::quote::quote`]; this is the last bound, so that no message can
+/// push the `grpc-message` trailer past a client's metadata limit (the client
+/// would then see RESOURCE_EXHAUSTED instead of the real status).
+const MAX_MESSAGE: usize = 1024;
+
+/// `message`, cut to [`MAX_MESSAGE`].
+fn bounded(message: String) -> String {
+    match crate::quote::clip(&message, MAX_MESSAGE) {
+        std::borrow::Cow::Borrowed(_) => message,
+        std::borrow::Cow::Owned(cut) => cut,
+    }
+}
+
 /// `INVALID_ARGUMENT` with a `BadRequest` field violation.
 pub fn invalid_argument(field: &str, reason: &str) -> Status {
+    let field = crate::quote::clip(field, 256);
+    let reason = crate::quote::clip(reason, MAX_MESSAGE / 2);
     Status::with_error_details(
         Code::InvalidArgument,
         format!("{field}: {reason}"),
@@ -22,7 +38,7 @@ pub fn invalid_argument(field: &str, reason: &str) -> Status {
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
-        let message = e.to_string();
+        let message = bounded(e.to_string());
         match e {
             StoreError::Unavailable(_) => Status::unavailable(message),
             StoreError::DeadlineExceeded => Status::deadline_exceeded(message),
@@ -38,12 +54,13 @@ impl From<StoreError> for Status {
 
 impl From<CacheError> for Status {
     fn from(e: CacheError) -> Self {
+        let message = || bounded(e.to_string());
         match e {
             CacheError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
-            CacheError::ValueTooLarge { ref field, .. } => invalid_argument(field, &e.to_string()),
-            CacheError::ReplyTooLarge { .. } => Status::resource_exhausted(e.to_string()),
-            CacheError::Corrupt { .. } => Status::data_loss(e.to_string()),
-            CacheError::WarmFile { .. } => Status::failed_precondition(e.to_string()),
+            CacheError::ValueTooLarge { ref field, .. } => invalid_argument(field, &message()),
+            CacheError::ReplyTooLarge { .. } => Status::resource_exhausted(message()),
+            CacheError::Corrupt { .. } => Status::data_loss(message()),
+            CacheError::WarmFile { .. } => Status::failed_precondition(message()),
             CacheError::Store(store) => store.into(),
         }
     }
@@ -51,12 +68,13 @@ impl From<CacheError> for Status {
 
 impl From<TaskError> for Status {
     fn from(e: TaskError) -> Self {
+        let message = || bounded(e.to_string());
         match e {
             TaskError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
-            TaskError::NotFound(_) | TaskError::Missing(_) => Status::not_found(e.to_string()),
-            TaskError::Fenced(_) => Status::aborted(e.to_string()),
-            TaskError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-            TaskError::AlreadyExists(_) => Status::already_exists(e.to_string()),
+            TaskError::NotFound(_) | TaskError::Missing(_) => Status::not_found(message()),
+            TaskError::Fenced(_) => Status::aborted(message()),
+            TaskError::FailedPrecondition(_) => Status::failed_precondition(message()),
+            TaskError::AlreadyExists(_) => Status::already_exists(message()),
             TaskError::Store(store) => store.into(),
         }
     }

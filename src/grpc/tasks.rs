@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::deadline;
 use super::json;
 use super::status::invalid_argument;
+use super::time::{self, duration};
 use crate::cache::Cache;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
@@ -120,17 +121,6 @@ pub(crate) fn to_pb_state(s: State) -> pb::TaskState {
         State::Cancelled => S::Cancelled,
         State::TimedOut => S::TimedOut,
     }
-}
-
-pub(crate) fn duration(
-    field: &str,
-    d: Option<prost_types::Duration>,
-) -> Result<Option<Duration>, Status> {
-    d.map(|d| {
-        Duration::try_from(d)
-            .map_err(|_| invalid_argument(field, "must be a non-negative duration"))
-    })
-    .transpose()
 }
 
 pub(crate) fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
@@ -316,7 +306,8 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
         None => None,
         Some(c) => {
             let level = super::cache::level("cache_result.level", c.level)?;
-            let ttl = duration("cache_result.ttl", c.ttl)?.unwrap_or(cache.default_ttl(level));
+            let ttl = duration("cache_result.ttl", c.ttl, time::CACHE_TTL)?
+                .unwrap_or(cache.default_ttl(level));
             Some(CacheTarget {
                 level,
                 key: c.key,
@@ -339,8 +330,9 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
         "" => None,
         q => Some(QueueName::parse(q).map_err(|e| invalid_argument("queue", &e.to_string()))?),
     };
-    let countdown = duration("countdown", r.countdown)?;
-    let delay = match (countdown, r.eta) {
+    let countdown = duration("countdown", r.countdown, time::COUNTDOWN)?;
+    let eta = time::time("eta", r.eta, Some((time::COUNTDOWN.max(), "365 days")))?;
+    let delay = match (countdown, eta) {
         (Some(_), Some(_)) => {
             return Err(invalid_argument(
                 "eta",
@@ -348,11 +340,8 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
             ));
         }
         (Some(d), None) => d,
-        (None, Some(eta)) => {
-            let eta = SystemTime::try_from(eta)
-                .map_err(|_| invalid_argument("eta", "is not a valid time"))?;
-            eta.duration_since(SystemTime::now()).unwrap_or_default()
-        }
+        // an ETA in the past means now
+        (None, Some(eta)) => eta.duration_since(SystemTime::now()).unwrap_or_default(),
         (None, None) => Duration::ZERO,
     };
     Ok(NewTask {
@@ -364,9 +353,9 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
         kwargs: json::to_json(&kwargs).map_err(|e| invalid_argument("kwargs", &e))?,
         max_retries,
         delay,
-        soft_time_limit: duration("soft_time_limit", r.soft_time_limit)?,
-        time_limit: duration("time_limit", r.time_limit)?,
-        result_ttl: duration("result_ttl", r.result_ttl)?,
+        soft_time_limit: duration("soft_time_limit", r.soft_time_limit, time::SOFT_TIME_LIMIT)?,
+        time_limit: duration("time_limit", r.time_limit, time::TIME_LIMIT)?,
+        result_ttl: duration("result_ttl", r.result_ttl, time::RESULT_TTL)?,
         cache_result,
         idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
         depends_on: r.depends_on,
@@ -513,11 +502,12 @@ impl pb::task_service_server::TaskService for TaskApi {
         &self,
         request: Request<pb::WatchTaskMetricsRequest>,
     ) -> Result<Response<Self::WatchTaskMetricsStream>, Status> {
-        let interval =
-            duration("interval", request.into_inner().interval)?.unwrap_or(Duration::from_secs(1));
-        if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&interval) {
-            return Err(invalid_argument("interval", "must be between 100ms and 1h"));
-        }
+        let interval = duration(
+            "interval",
+            request.into_inner().interval,
+            time::WATCH_INTERVAL,
+        )?
+        .unwrap_or(Duration::from_secs(1));
         let mut tick = tokio::time::interval(interval);
         // A slow reader gets fewer snapshots, never a burst of stale ones.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -650,17 +640,9 @@ impl pb::task_service_server::TaskService for TaskApi {
             0 => None,
             c => Some(category(c)?),
         };
-        let ms =
-            |field: &str, t: Option<prost_types::Timestamp>, default: i64| -> Result<i64, Status> {
-                match t {
-                    None => Ok(default),
-                    Some(t) => {
-                        let t = SystemTime::try_from(t)
-                            .map_err(|_| invalid_argument(field, "is not a valid time"))?;
-                        Ok(crate::store::unix_millis(t))
-                    }
-                }
-            };
+        let ms = |field: &str, t: Option<prost_types::Timestamp>, default: i64| {
+            Ok::<_, Status>(time::time(field, t, None)?.map_or(default, crate::store::unix_millis))
+        };
         let filter = HistoryFilter {
             queues: match category {
                 Some(c) => vec![c.default_queue()],
@@ -923,8 +905,8 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::CleanupTasksResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let older_than =
-            duration("older_than", r.older_than)?.unwrap_or(Duration::from_secs(24 * 3600));
+        let older_than = duration("older_than", r.older_than, time::OLDER_THAN)?
+            .unwrap_or(Duration::from_secs(24 * 3600));
         let removed = self
             .engine()
             .cleanup(

@@ -419,11 +419,8 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
         let r = request.into_inner();
         let routing = Routing::new(&r.task_names, &r.queues, &self.engine.config().queues())?;
-        let wait = match r.wait {
-            None => Duration::ZERO,
-            Some(d) => Duration::try_from(d)
-                .map_err(|_| invalid_argument("wait", "must not be negative"))?,
-        };
+        let wait =
+            super::time::duration("wait", r.wait, super::time::LEASE_WAIT)?.unwrap_or_default();
         let task = remote::lease_once(&self.engine, &r.worker_name, &routing, wait, &self.shutdown)
             .await?;
         let lease = self.engine.config().lease;

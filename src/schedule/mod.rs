@@ -106,8 +106,8 @@ impl Schedules {
         s.updated_ms = now;
         if !self.store.create(&s, deadline).await? {
             return Err(TaskError::AlreadyExists(format!(
-                "schedule {:?} already exists",
-                s.name
+                "schedule {} already exists",
+                crate::quote::quote(&s.name)
             )));
         }
         self.changed.notify_waiters();
@@ -216,7 +216,8 @@ impl Schedules {
         let (s, _) = self.load(name, deadline).await?;
         if s.source == Source::Config {
             return Err(TaskError::FailedPrecondition(format!(
-                "schedule {name:?} is a default of the configuration: switch it off there ({}=off) or pause it",
+                "schedule {} is a default of the configuration: switch it off there ({}=off) or pause it",
+                crate::quote::quote(name),
                 defaults::variable_of(name).unwrap_or("KOO_SCHEDULE_*")
             )));
         }
@@ -318,7 +319,7 @@ impl Schedules {
 }
 
 fn not_found(name: &str) -> TaskError {
-    TaskError::Missing(format!("schedule {name:?} not found"))
+    TaskError::Missing(format!("schedule {} not found", crate::quote::quote(name)))
 }
 
 /// One schedule as the runner tracks it.

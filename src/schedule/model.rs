@@ -153,9 +153,8 @@ impl Schedule {
             }
             super::spec::SpecError::InvalidCron { .. } => TaskError::invalid("cron", e.to_string()),
         })?;
-        if self.task.name.is_empty() || self.task.name.len() > 256 {
-            return Err(TaskError::invalid("task.name", "must be 1 to 256 bytes"));
-        }
+        crate::tasks::model::check_task_name(&self.task.name)
+            .map_err(|e| TaskError::invalid("task.name", e))?;
         if !self.task.args.is_null() && !self.task.args.is_array() {
             return Err(TaskError::invalid("task.args", "must be a list"));
         }
@@ -191,7 +190,10 @@ pub fn check_name(name: &str) -> Result<(), TaskError> {
     {
         return Err(TaskError::invalid(
             "name",
-            format!("must be 1 to 128 letters, digits, '_', '-' or '.', got {name:?}"),
+            format!(
+                "must be 1 to 128 letters, digits, '_', '-' or '.', got {}",
+                crate::quote::quote(name)
+            ),
         ));
     }
     Ok(())

@@ -111,6 +111,9 @@ use croner::parser::{CronParser, Seconds, Year};
 /// Classic Vixie cron would fire when *either* matches.
 pub const DOM_AND_DOW: bool = true;
 
+/// Longest cron expression accepted (bytes); real ones are under 100.
+pub const MAX_EXPRESSION: usize = 256;
+
 /// A reasonable cap for [`CronSpec::missed`]'s count.
 pub const DEFAULT_MISSED_CAP: usize = 1000;
 
@@ -120,7 +123,7 @@ pub const DEFAULT_MISSED_CAP: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
     /// The cron expression does not parse, or never matches any date.
-    #[error("invalid cron expression {expr:?}: {reason}")]
+    #[error("invalid cron expression {}: {reason}", crate::quote::quote(expr))]
     InvalidCron {
         /// The expression as given.
         expr: String,
@@ -128,7 +131,7 @@ pub enum SpecError {
         reason: String,
     },
     /// The time zone is not an IANA name known to `chrono-tz`.
-    #[error("unknown time zone {0:?}")]
+    #[error("unknown time zone {}", crate::quote::quote(.0))]
     UnknownZone(String),
 }
 
@@ -183,6 +186,13 @@ impl CronSpec {
             expr: expr.to_string(),
             reason,
         };
+        // croner's own message may quote the expression: keep it short
+        if expression.len() > MAX_EXPRESSION {
+            return Err(invalid(format!(
+                "it is {} bytes, over the limit of {MAX_EXPRESSION}",
+                expression.len()
+            )));
+        }
 
         let tz: Tz = if zone.is_empty() {
             Tz::UTC

@@ -495,7 +495,8 @@ impl TaskEngine {
             );
             if theirs != fp {
                 return Err(TaskError::AlreadyExists(format!(
-                    "idempotency key {key:?} was used for a different task ({id})"
+                    "idempotency key {} was used for a different task ({id})",
+                    crate::quote::quote(&key)
                 )));
             }
             // The claimant may be between its claim and its submit: give it
@@ -511,7 +512,8 @@ impl TaskEngine {
             let age = Duration::from_millis(u64::try_from(now() - claimed_ms).unwrap_or(0));
             if age < c.idempotency_takeover {
                 return Err(TaskError::Store(StoreError::Unavailable(format!(
-                    "an earlier submit with idempotency key {key:?} (task {id}) has not stored its task yet; retry shortly"
+                    "an earlier submit with idempotency key {} (task {id}) has not stored its task yet; retry shortly",
+                    crate::quote::quote(&key)
                 ))));
             }
             // Its task was never stored (or is long gone): take the claim
@@ -563,9 +565,7 @@ impl TaskEngine {
     /// A validated task ready to store, and its countdown.
     fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
-        if new.name.is_empty() || new.name.len() > 256 {
-            return Err(TaskError::invalid("name", "must be 1 to 256 bytes"));
-        }
+        super::model::check_task_name(&new.name).map_err(|e| TaskError::invalid("name", e))?;
         if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
             return Err(TaskError::invalid(
                 "args",

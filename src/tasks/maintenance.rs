@@ -14,6 +14,7 @@ use super::engine::{NewTask, TaskEngine, TaskError};
 use super::model::{CacheTarget, Category, Priority, QueueName};
 use super::worker::{HandlerError, Registry, TaskContext};
 use crate::cache::{Cache, CacheError, WarmCompute, WarmFailure, WarmReport, warm};
+use crate::quote::quote;
 use crate::store::{Deadline, StoreError};
 
 /// Removes what the cache backend does not expire by itself.
@@ -150,9 +151,8 @@ fn computing_task(c: &WarmCompute, cache: &Cache) -> Result<NewTask, String> {
     let name = text("name").ok_or("task.name is missing")?;
     let category = match text("category") {
         None => Category::Cache,
-        Some(raw) => {
-            Category::parse(raw).ok_or_else(|| format!("task.category {raw:?} is unknown"))?
-        }
+        Some(raw) => Category::parse(raw)
+            .ok_or_else(|| format!("task.category {} is unknown", quote(raw)))?,
     };
     let mut new = NewTask::new(name, category);
     if let Some(q) = text("queue") {
@@ -160,7 +160,7 @@ fn computing_task(c: &WarmCompute, cache: &Cache) -> Result<NewTask, String> {
     }
     if let Some(p) = text("priority") {
         new.priority =
-            Priority::parse(p).ok_or_else(|| format!("task.priority {p:?} is unknown"))?;
+            Priority::parse(p).ok_or_else(|| format!("task.priority {} is unknown", quote(p)))?;
     }
     match c.task.get("args") {
         None => {}

@@ -235,6 +235,26 @@ impl State {
     }
 }
 
+/// Checks a task name: 1 to 256 bytes of printable UTF-8, that is without
+/// control characters (U+0000 to U+001F, U+007F to U+009F). Names end up in
+/// logs, metrics labels and dashboards, where a NUL or a newline breaks
+/// lines and labels; the reason says what is wrong.
+pub fn check_task_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 256 {
+        return Err(format!(
+            "must be 1 to 256 bytes, got {}",
+            crate::quote::quote(name)
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "must be printable: no control characters (U+0000 to U+001F, U+007F to U+009F), got {}",
+            crate::quote::quote(name)
+        ));
+    }
+    Ok(())
+}
+
 /// A validated queue name: 1 to 64 of `a-z 0-9 _ . -`, so that it is safe
 /// inside Redis key names, hash tags and task ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -244,10 +264,10 @@ pub struct QueueName(String);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
     /// A queue name with characters or a length koo does not accept.
-    #[error("queue name {0:?} must be 1 to 64 of a-z, 0-9, '_', '.', '-'")]
+    #[error("queue name {} must be 1 to 64 of a-z, 0-9, '_', '.', '-'", crate::quote::quote(.0))]
     Queue(String),
     /// A string that is not a task id koo issued.
-    #[error("{0:?} is not a task id")]
+    #[error("{} is not a task id", crate::quote::quote(.0))]
     TaskId(String),
 }
 

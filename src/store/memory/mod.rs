@@ -301,7 +301,10 @@ impl MemoryStore {
         let start = match cursor {
             Some(c) => {
                 let after = c.strip_prefix("m:").ok_or_else(|| {
-                    StoreError::InvalidCursor(format!("{c:?} is not an embedded-store cursor"))
+                    StoreError::InvalidCursor(format!(
+                        "{} is not an embedded-store cursor",
+                        crate::quote::quote(c)
+                    ))
                 })?;
                 Bound::Excluded(after.to_owned())
             }

@@ -1194,7 +1194,8 @@ impl MemoryTasks {
             Some(position) => {
                 let last = position.parse::<u64>().map_err(|_| {
                     StoreError::InvalidCursor(format!(
-                        "event position {position:?} was not issued by the embedded store"
+                        "event position {} was not issued by the embedded store",
+                        crate::quote::quote(position)
                     ))
                 })?;
                 let trimmed = self.lock().queues.get(queue).map_or(0, |q| q.trimmed_upto);

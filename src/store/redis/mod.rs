@@ -778,7 +778,12 @@ fn format_cursor(cursor: Option<u64>, pending: &[String]) -> String {
 }
 
 fn parse_cursor(cursor: &str) -> Result<(Option<u64>, Vec<String>)> {
-    let bad = || StoreError::InvalidCursor(format!("{cursor:?} is not a Redis cursor"));
+    let bad = || {
+        StoreError::InvalidCursor(format!(
+            "{} is not a Redis cursor",
+            crate::quote::quote(cursor)
+        ))
+    };
     let rest = cursor.strip_prefix("r:").ok_or_else(bad)?;
     let (c, pending) = rest.split_once(':').ok_or_else(bad)?;
     let at = match c {

@@ -923,7 +923,8 @@ impl RedisStore {
     ) -> Result<StreamReader> {
         let Some(position) = stream_id(after) else {
             return Err(StoreError::InvalidCursor(format!(
-                "{after:?} is not an event position"
+                "{} is not an event position",
+                crate::quote::quote(after)
             )));
         };
         let mut cmd = redis::cmd("XINFO");

@@ -1,0 +1,113 @@
+//! Quoting user input in messages, bounded.
+//!
+//! An error message travels in the `grpc-message` trailer, and clients refuse
+//! trailers past their metadata limit (8 KiB to 16 KiB is common): a message
+//! that quotes a 1 MiB queue name whole reaches the caller as
+//! `RESOURCE_EXHAUSTED` ("received metadata size exceeds hard limit")
+//! instead of the refusal it explains. Every message that quotes what a
+//! client (or a file, or a variable) sent goes through [`quote`], so none can
+//! grow with its input. Domain modules use it too, which is why it lives at
+//! the crate root rather than in `grpc`.
+
+use std::fmt;
+
+/// Most characters of an input a message quotes.
+pub const MAX_QUOTED_CHARS: usize = 64;
+
+/// `input` quoted for a message: Rust string syntax (control characters
+/// escaped, so a quoted NUL or newline cannot break a log line), at most
+/// [`MAX_QUOTED_CHARS`] characters of it, and when it is longer an ellipsis
+/// and its length: `"qqqq…" (1048576 bytes)`.
+pub fn quote(input: &str) -> Quoted<'_> {
+    Quoted(input)
+}
+
+/// A bounded quotation of an input; see [`quote`].
+#[derive(Clone, Copy)]
+pub struct Quoted<'a>(&'a str);
+
+impl fmt::Display for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let input = self.0;
+        match input.char_indices().nth(MAX_QUOTED_CHARS) {
+            None => write!(f, "{input:?}"),
+            Some((cut, _)) => {
+                let head = format!("{:?}", &input[..cut]);
+                // the head's closing quote goes after the ellipsis
+                write!(f, "{}…\" ({} bytes)", &head[..head.len() - 1], input.len())
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Quoted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// A JSON value from the input, shown as JSON text (it is already quoted
+/// where it is a string), bounded like [`quote`]: at most
+/// [`MAX_QUOTED_CHARS`] characters, then an ellipsis and the text's length.
+pub fn json(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
+        None => text,
+        Some((cut, _)) => format!("{}… ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
+/// `text` (a message, not an input) cut to at most `max` bytes on a
+/// character boundary, with an ellipsis when cut: the last bound on any
+/// status message, whatever built it.
+pub fn clip(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end]).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Short inputs are quoted whole; long ones keep a prefix and say their
+    /// length; control characters are escaped.
+    #[test]
+    fn bounded_and_escaped() {
+        assert_eq!(quote("abc").to_string(), "\"abc\"");
+        assert_eq!(quote("a\0b\n").to_string(), "\"a\\0b\\n\"");
+        let huge = "q".repeat(1 << 20);
+        let q = quote(&huge).to_string();
+        assert!(q.len() < 100, "{q}");
+        assert!(q.ends_with("…\" (1048576 bytes)"), "{q}");
+        let exact = "é".repeat(MAX_QUOTED_CHARS);
+        assert_eq!(quote(&exact).to_string(), format!("{exact:?}"));
+        let over = "é".repeat(MAX_QUOTED_CHARS + 1);
+        assert!(quote(&over).to_string().contains("(130 bytes)"));
+    }
+
+    /// JSON values are shown as JSON, bounded.
+    #[test]
+    fn json_values() {
+        assert_eq!(json(&serde_json::json!(-1)), "-1");
+        let long = json(&serde_json::json!(vec!["x"; 100000]));
+        assert!(
+            long.len() < 100 && long.ends_with("(400001 bytes)"),
+            "{long}"
+        );
+    }
+
+    /// Clipping keeps whole characters and marks the cut.
+    #[test]
+    fn clip_on_char_boundary() {
+        assert_eq!(clip("short", 10), "short");
+        let long = "é".repeat(100);
+        let c = clip(&long, 11);
+        assert!(c.len() <= 11 && c.ends_with('…'), "{c}");
+    }
+}
