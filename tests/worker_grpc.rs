@@ -929,6 +929,16 @@ async fn workers_are_listed_and_counted(backend: Backend) {
     let mut all: Vec<String> = listed.workers.iter().map(|x| x.id.clone()).collect();
     all.sort();
     assert_eq!(paged, all);
+    // a token ListWorkers did not issue (a bare worker id) is refused
+    let err = w
+        .list_workers(wpb::ListWorkersRequest {
+            page_size: 1,
+            page_token: worker.id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("page_token"), "{err:?}");
     let m = c
         .get_task_metrics(pb::GetTaskMetricsRequest {})
         .await

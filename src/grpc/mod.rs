@@ -26,3 +26,30 @@ pub(crate) fn page_size(raw: i32, default: usize, max: usize) -> Result<usize, S
         n => Ok((n as usize).min(max)),
     }
 }
+
+/// The page token that resumes a listing after the item named `last`: the
+/// name and a checksum of it, so that a token koo did not issue is refused
+/// (as the task listings refuse theirs) rather than silently read as a name.
+pub(crate) fn page_token(last: &str) -> String {
+    format!("{last}~{:016x}", crate::store::fnv1a(last.as_bytes()))
+}
+
+/// The name a page token of `listing` resumes after (`""`: from the start).
+pub(crate) fn page_after<'a>(listing: &str, token: &'a str) -> Result<&'a str, Status> {
+    if token.is_empty() {
+        return Ok("");
+    }
+    token
+        .rsplit_once('~')
+        .filter(|(name, sum)| *sum == format!("{:016x}", crate::store::fnv1a(name.as_bytes())))
+        .map(|(name, _)| name)
+        .ok_or_else(|| {
+            status::invalid_argument(
+                "page_token",
+                &format!(
+                    "{} is not a token {listing} issued",
+                    crate::quote::quote(token)
+                ),
+            )
+        })
+}

@@ -57,33 +57,6 @@ fn policy(raw: i32) -> Result<MissedPolicy, Status> {
     }
 }
 
-/// The page token that resumes a listing after schedule `name`: the name
-/// and a checksum of it, so that a token koo did not issue is refused (as
-/// the other listings refuse theirs) rather than silently read as a name.
-fn page_token(name: &str) -> String {
-    format!("{name}~{:016x}", crate::store::fnv1a(name.as_bytes()))
-}
-
-/// The schedule name a page token resumes after (`""`: from the start).
-fn page_after(token: &str) -> Result<&str, Status> {
-    if token.is_empty() {
-        return Ok("");
-    }
-    token
-        .rsplit_once('~')
-        .filter(|(name, sum)| *sum == format!("{:016x}", crate::store::fnv1a(name.as_bytes())))
-        .map(|(name, _)| name)
-        .ok_or_else(|| {
-            invalid_argument(
-                "page_token",
-                &format!(
-                    "{} is not a token ListSchedules issued",
-                    crate::quote::quote(token)
-                ),
-            )
-        })
-}
-
 fn millis(
     field: &str,
     d: Option<prost_types::Duration>,
@@ -280,12 +253,12 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
         let size = super::page_size(r.page_size, DEFAULT_PAGE, MAX_PAGE)?;
-        let after = page_after(&r.page_token)?;
+        let after = super::page_after("ListSchedules", &r.page_token)?;
         let (views, more) = self.schedules.list(after, size, deadline).await?;
         let next_page_token = if more {
             views
                 .last()
-                .map(|v| page_token(&v.schedule.name))
+                .map(|v| super::page_token(&v.schedule.name))
                 .unwrap_or_default()
         } else {
             String::new()

@@ -515,15 +515,18 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .await
             .map_err(Status::from)?;
         records.sort_by(|a, b| a.id.cmp(&b.id));
-        // the token is the last id of the previous page
-        let start = if r.page_token.is_empty() {
+        // the token names the last id of the previous page
+        let after = super::page_after("ListWorkers", &r.page_token)?;
+        let start = if after.is_empty() {
             0
         } else {
-            records.partition_point(|w| w.id.as_str() <= r.page_token.as_str())
+            records.partition_point(|w| w.id.as_str() <= after)
         };
         let page: Vec<_> = records.iter().skip(start).take(size).cloned().collect();
         let next_page_token = if start + page.len() < records.len() {
-            page.last().map(|w| w.id.clone()).unwrap_or_default()
+            page.last()
+                .map(|w| super::page_token(&w.id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
