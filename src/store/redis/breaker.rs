@@ -90,6 +90,43 @@ impl Drop for Admission<'_> {
     }
 }
 
+/// What a failing call learnt about Redis: whether any attempt showed it
+/// down (refused or broken connection, or silence for koo's own bound). A
+/// call without such evidence failed for want of its caller's time.
+#[derive(Default)]
+pub(super) struct Evidence(Option<String>);
+
+impl Evidence {
+    /// An attempt failed in a way that says Redis is down; its message.
+    pub(super) fn down(&mut self, message: String) -> String {
+        self.0 = Some(message.clone());
+        message
+    }
+
+    /// An attempt got no answer within `waited`: evidence only when that is
+    /// at least `bound`, koo's own (a connect timeout). Its message.
+    pub(super) fn silent(&mut self, waited: Duration, bound: Duration) -> String {
+        let message = format!("no answer within {} ms", waited.as_millis());
+        if waited >= bound {
+            self.0 = Some(message.clone());
+        }
+        message
+    }
+
+    /// Ends a failed call: counts it against the breaker if there is
+    /// evidence; otherwise the call proves nothing and the error is
+    /// `DEADLINE_EXCEEDED` (Redis did not answer in the caller's time).
+    pub(super) fn settle(self, admission: Admission<'_>, err: StoreError) -> StoreError {
+        match self.0 {
+            Some(message) => {
+                admission.failed(&message);
+                err
+            }
+            None => StoreError::DeadlineExceeded,
+        }
+    }
+}
+
 impl Breaker {
     pub(super) fn new(threshold: u32, cooldown: Duration) -> Self {
         let (changes, _) = watch::channel(CircuitState::Closed);
