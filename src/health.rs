@@ -1,10 +1,13 @@
 //! Drives the standard `grpc.health.v1` status from the backend's real state.
 //!
-//! A probe runs every `REDIS_HEALTH_CHECK_INTERVAL` (every second at most
-//! while the backend is failing); between probes, the circuit breaker's
-//! transitions flip the status at once, so that a Redis outage under traffic
-//! shows as NOT_SERVING without waiting for the next probe, and a recovery
-//! shows within a second.
+//! Each backend has its own monitor: the cache's store sets the cache's
+//! services, a separate task Redis sets TaskService, and the server as a
+//! whole (`""`) serves only while every backend does. A probe runs every
+//! `REDIS_HEALTH_CHECK_INTERVAL` (every [`FAILING_PROBE_EVERY`] while the
+//! backend is failing); between probes, the circuit breaker's transitions
+//! flip the status at once, so that a Redis outage under traffic shows as
+//! NOT_SERVING without waiting for the next probe, and a recovery (noticed by
+//! the store's own recovery prober, even without traffic) shows at once.
 
 use std::time::Duration;
 
@@ -13,7 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::grpc::health::Statuses;
+use crate::pb::cache::v1::cache_service_server::SERVICE_NAME as CACHE_SERVICE;
 use crate::store::{BackendKind, CircuitState, Deadline, Store};
+
+/// How soon a failed probe is repeated, so that a backend down at start-up
+/// (whose breaker has not opened yet) is seen back within a fraction of a
+/// second.
+pub const FAILING_PROBE_EVERY: Duration = Duration::from_millis(250);
 
 /// Reports health for a set of services (and the server as a whole, `""`).
 #[derive(Clone)]
@@ -42,26 +51,42 @@ impl HealthPublisher {
 
     /// Sets every service (and `""`) to `serving` or not.
     pub fn set(&self, serving: bool) {
-        let status = if serving {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
+        self.set_services(&self.services, serving);
+    }
+
+    /// Sets `services` to `serving` or not; `""` serves while every service
+    /// does.
+    pub fn set_services(&self, services: &[&'static str], serving: bool) {
+        let status = |serving| {
+            if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            }
         };
         self.statuses.send_modify(|statuses| {
-            for service in std::iter::once("").chain(self.services.iter().copied()) {
-                statuses.insert(service.to_owned(), status);
+            for service in services {
+                statuses.insert((*service).to_owned(), status(serving));
             }
+            let all = self
+                .services
+                .iter()
+                .all(|s| statuses.get(*s) == Some(&ServingStatus::Serving));
+            statuses.insert(String::new(), status(all));
         });
     }
 }
 
-/// Probes `store` until `stop`, publishing the result.
+/// Probes `store` until `stop`, publishing the result for `services`; a
+/// cache store also warns once about an eviction policy that refuses writes.
 pub async fn monitor(
     store: Store,
     publisher: HealthPublisher,
+    services: Vec<&'static str>,
     interval: Duration,
     stop: CancellationToken,
 ) {
+    let is_cache = services.contains(&CACHE_SERVICE);
     let mut circuit = store.watch_circuit();
     let mut serving = None;
     let mut warned_policy = false;
@@ -78,7 +103,7 @@ pub async fn monitor(
             }
             _ => {}
         }
-        if ok && !warned_policy && store.kind() == BackendKind::Redis {
+        if ok && is_cache && !warned_policy && store.kind() == BackendKind::Redis {
             warned_policy = true;
             if let Ok(m) = store.memory(Deadline::after(timeout)).await
                 && m.policy == "noeviction"
@@ -88,8 +113,8 @@ pub async fn monitor(
                 );
             }
         }
-        if serving != Some(ok) {
-            publisher.set(ok);
+        if serving != Some(ok) && !stop.is_cancelled() {
+            publisher.set_services(&services, ok);
             serving = Some(ok);
         }
         // After a failed probe, probe again soon: a recovery that no call
@@ -97,7 +122,7 @@ pub async fn monitor(
         let wait = tokio::time::sleep(if ok {
             interval
         } else {
-            interval.min(Duration::from_secs(1))
+            interval.min(FAILING_PROBE_EVERY)
         });
         tokio::pin!(wait);
         loop {
@@ -118,7 +143,7 @@ pub async fn monitor(
                         } else {
                             tracing::warn!(last_error = ?store.last_error().map(|e| e.message), "circuit breaker opened; not serving");
                         }
-                        publisher.set(ok);
+                        publisher.set_services(&services, ok);
                         serving = Some(ok);
                     }
                 }

@@ -11,8 +11,8 @@
 //!   domain errors to `tonic::Status`, the codec.
 //! - [`cache`]: the cache domain: levels, value encoding and zlib, limits,
 //!   metrics, warming, cleanup and maintenance.
-//! - [`store`]: backends: Redis (pool, breaker, retries, Lua) and the embedded
-//!   in-process store.
+//! - [`store`]: backends: Redis (pool, breaker, recovery prober, retries, Lua)
+//!   and the embedded in-process store.
 //! - [`keys`]: every Redis key name koo writes.
 //! - [`health`]: drives `grpc.health.v1` from the backend's real state.
 //! - [`pb`]: generated protobuf code and the reflection descriptor set.

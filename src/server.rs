@@ -187,10 +187,10 @@ pub async fn run(
     let stop = CancellationToken::new();
 
     let cache_name = <CacheServiceServer<CacheApi> as NamedService>::NAME;
-    // NOT_SERVING until the first probe says otherwise.
-    // TaskService shares the cache's health when its tasks live in the same
-    // store (the usual case: one Redis, or both embedded).
     let task_name = <TaskServiceServer<TaskApi> as NamedService>::NAME;
+    // NOT_SERVING until the first probe says otherwise. TaskService follows
+    // the cache's store when its tasks live there (the usual case: one Redis,
+    // or both embedded), else a monitor of its own (see `start_tasks`).
     let tasks_share_store = matches!(
         (&settings.store, &settings.tasks.redis),
         (StoreSettings::Redis(c), Some(t)) if c.url == t.url
@@ -198,17 +198,19 @@ pub async fn run(
         (&settings.store, &settings.tasks.redis),
         (StoreSettings::Memory(_), None)
     );
-    let publisher = if tasks_share_store {
-        HealthPublisher::new(vec![cache_name, task_name])
-    } else {
-        HealthPublisher::new(vec![cache_name])
-    };
+    let publisher = HealthPublisher::new(vec![cache_name, task_name]);
     let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()));
 
     let mut background = tokio::task::JoinSet::new();
+    let cache_services = if tasks_share_store {
+        vec![cache_name, task_name]
+    } else {
+        vec![cache_name]
+    };
     background.spawn(health::monitor(
         store.clone(),
         publisher.clone(),
+        cache_services,
         settings.health_check_interval,
         stop.clone(),
     ));
@@ -222,6 +224,9 @@ pub async fn run(
     }
 
     let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
+    if !tasks_share_store {
+        watch_task_store(&settings, &tasks.0, &publisher, &mut background, &stop);
+    }
     let worker_engine = tasks.0.clone();
     // External workers' sessions: on shutdown, each hands its tasks back
     // before koo exits.
@@ -397,6 +402,30 @@ fn start_tasks(
     }
     let hub = EventHub::new(tasks, stop.clone());
     Ok((engine, hub))
+}
+
+/// TaskService's health when its tasks do not live in the cache's store:
+/// a monitor of the task Redis, or serving for embedded tasks.
+fn watch_task_store(
+    settings: &Settings,
+    engine: &TaskEngine,
+    publisher: &HealthPublisher,
+    background: &mut tokio::task::JoinSet<()>,
+    stop: &CancellationToken,
+) {
+    let task_name = <TaskServiceServer<TaskApi> as NamedService>::NAME;
+    match engine.store() {
+        TaskStore::Redis { store, .. } => {
+            background.spawn(health::monitor(
+                Store::Redis(store.clone()),
+                publisher.clone(),
+                vec![task_name],
+                settings.health_check_interval,
+                stop.clone(),
+            ));
+        }
+        TaskStore::Memory(_) => publisher.set_services(&[task_name], true),
+    }
 }
 
 /// The schedules, kept with the tasks; the scheduler runs here unless

@@ -617,9 +617,14 @@ async fn tight_deadlines_do_not_open_the_breaker() {
             c.get(req).await.map(|_| ()).map_err(|e| e.code())
         }));
     }
+    // CANCELLED is tonic's own timer on the caller's deadline, which can win
+    // the race with koo's DEADLINE_EXCEEDED on a loaded machine.
     for t in tasks {
         let r = t.await.unwrap();
-        assert!(matches!(r, Ok(()) | Err(Code::DeadlineExceeded)), "{r:?}");
+        assert!(
+            matches!(r, Ok(()) | Err(Code::DeadlineExceeded | Code::Cancelled)),
+            "{r:?}"
+        );
     }
     stall.await.unwrap();
     let got = c

@@ -351,9 +351,11 @@ pub async fn run(
             Ok(s) => break s,
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler: cannot load schedules; retrying in a second");
+                // or as soon as the store answers again after an outage
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = schedules.engine.store().recovered() => {}
                 }
             }
         }
@@ -382,10 +384,12 @@ pub async fn run(
         let until_tick = next_tick
             .map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(reload);
+        // A store back from an outage may have lost its data: reload at once.
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(until_tick.min(reload)) => {}
             _ = schedules.changed.notified() => {}
+            _ = schedules.engine.store().recovered() => {}
         }
         // a change made anywhere (or a store that lost its data): reload
         match schedules.store.version(Deadline::after(CALL)).await {

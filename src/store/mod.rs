@@ -289,7 +289,8 @@ impl Store {
     }
 
     /// Pings the backend, bypassing the circuit breaker, and returns the round
-    /// trip. A successful ping closes the breaker.
+    /// trip. A successful ping closes the breaker; a failed one counts against
+    /// it only when it shows the backend down (not when `deadline` was short).
     pub async fn probe(&self, deadline: Deadline) -> Result<Duration> {
         dispatch!(self, s => s.probe(deadline).await)
     }

@@ -812,6 +812,15 @@ impl TaskStore {
         }
     }
 
+    /// Resolves when the store answers again after an outage (see
+    /// [`RedisStore::recovered`]); never for the embedded store.
+    pub async fn recovered(&self) {
+        match self {
+            Self::Redis { store, .. } => store.recovered().await,
+            Self::Memory(_) => std::future::pending().await,
+        }
+    }
+
     /// The round trip to the store.
     pub async fn ping(&self, deadline: Deadline) -> Result<Duration> {
         match self {

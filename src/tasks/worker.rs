@@ -316,9 +316,11 @@ async fn run_slot(
                 Ok(None) => empty[q] = Some(Instant::now()),
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "cannot lease; retrying in a second");
+                    // or as soon as the store answers again after an outage
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = engine.store().recovered() => {}
                     }
                     break;
                 }

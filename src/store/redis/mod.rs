@@ -10,6 +10,7 @@
 //! way that matters.
 
 mod breaker;
+mod recovery;
 mod schedules;
 mod tasks;
 
@@ -28,7 +29,7 @@ use redis::{
 };
 use tokio::sync::watch;
 
-use self::breaker::Breaker;
+use self::breaker::{Breaker, Evidence};
 use super::{
     CircuitState, CleanupCounts, Deadline, Entry, KeySize, LastError, MemoryReport, Result,
     ScanPage, StoreError, Write, unix_millis,
@@ -155,6 +156,7 @@ fn backoff(attempt: u32) -> Duration {
 impl RedisStore {
     /// Builds the pool. Connections are made lazily, so koo starts (and
     /// reports NOT_SERVING) while Redis is down; only a malformed URL fails.
+    /// Starts the store's recovery prober (see [`recovery`]).
     pub fn connect(config: &RedisConfig) -> Result<Self> {
         let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
         let info = config.url.as_str().into_connection_info().map_err(bad)?;
@@ -181,20 +183,20 @@ impl RedisStore {
             })
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(bad)?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                conns,
-                next: AtomicUsize::new(0),
-                breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
-                retry_on_timeout: config.retry_on_timeout,
-                retries: config.retries,
-                timeout_evidence: config.connect_timeout,
-                del_if_persistent: Script::new(include_str!("lua/del_if_persistent.lua")),
-                tasks: tasks::TaskScripts::new(),
-                client: client.clone(),
-                connect_timeout: config.connect_timeout,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            conns,
+            next: AtomicUsize::new(0),
+            breaker: Breaker::new(config.breaker_failures, config.breaker_cooldown),
+            retry_on_timeout: config.retry_on_timeout,
+            retries: config.retries,
+            timeout_evidence: config.connect_timeout,
+            del_if_persistent: Script::new(include_str!("lua/del_if_persistent.lua")),
+            tasks: tasks::TaskScripts::new(),
+            client: client.clone(),
+            connect_timeout: config.connect_timeout,
+        });
+        recovery::start(Arc::downgrade(&inner), inner.breaker.watch());
+        Ok(Self { inner })
     }
 
     fn conn(&self) -> ConnectionManager {
@@ -211,17 +213,20 @@ impl RedisStore {
     /// restart would only meet the next broken one. After an attempt that got
     /// no answer (a half-dead connection), the retry takes another connection.
     /// A failed call counts once against the breaker, however many attempts it
-    /// made.
+    /// made, and only when one of them showed that Redis is down (see
+    /// [`Evidence`]); a call that merely ran out of its caller's time is
+    /// `DEADLINE_EXCEEDED` and counts for nothing.
     async fn run<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
+        let admission = inner.breaker.admit()?;
+        let mut evidence = Evidence::default();
         let mut conn = self.conn();
         let mut attempt = 0;
         loop {
-            inner.breaker.admit()?;
             let remaining = deadline.remaining();
             // With REDIS_RETRY_ON_TIMEOUT an attempt gets half the time left
             // (at least ATTEMPT_FLOOR), leaving room to retry elsewhere.
@@ -230,40 +235,35 @@ impl RedisStore {
             } else {
                 remaining
             };
+            let started = Instant::now();
             let failure = match tokio::time::timeout(budget, call(conn.clone())).await {
                 Ok(Ok(value)) => {
-                    inner.breaker.on_success();
+                    admission.succeeded();
                     return Ok(value);
                 }
                 Ok(Err(err)) => match classify(&err) {
                     Failure::Permanent(e) => {
-                        inner.breaker.on_success();
+                        admission.succeeded();
                         return Err(e);
                     }
-                    Failure::Transient(message) => message,
+                    Failure::Transient(message) => evidence.down(message),
                 },
-                Err(_) if deadline.remaining().is_zero() => {
-                    // A caller's own tight deadline says nothing about Redis;
-                    // only a silence longer than a connect timeout does.
-                    if budget >= inner.timeout_evidence {
-                        inner
-                            .breaker
-                            .on_failure(&format!("no answer within {budget:?}"));
-                    }
-                    return Err(StoreError::DeadlineExceeded);
-                }
                 Err(_) => {
+                    let message = evidence.silent(started.elapsed(), inner.timeout_evidence);
+                    if deadline.remaining().is_zero() {
+                        return Err(evidence.settle(admission, StoreError::DeadlineExceeded));
+                    }
                     conn = self.conn();
-                    format!("no answer within {budget:?}")
+                    message
                 }
             };
             let pause = backoff(attempt);
-            if attempt >= inner.retries || pause >= deadline.remaining() {
-                inner.breaker.on_failure(&failure);
-                return Err(StoreError::Unavailable(format!(
+            if attempt >= inner.retries || pause >= deadline.remaining() || !admission.may_retry() {
+                let unreachable = StoreError::Unavailable(format!(
                     "Redis unreachable after {} attempt(s): {failure}",
                     attempt + 1
-                )));
+                ));
+                return Err(evidence.settle(admission, unreachable));
             }
             tokio::time::sleep(pause).await;
             attempt += 1;
@@ -274,47 +274,50 @@ impl RedisStore {
     /// like [`Self::run`], but only a refused connection, where the request
     /// surely never left, is retried. After a timeout or a dropped
     /// connection the request may have run, so the caller is told the
-    /// outcome is unknown rather than risk running it again.
+    /// outcome is unknown rather than risk running it again. As in
+    /// [`Self::run`], only evidence that Redis is down counts against the
+    /// breaker.
     async fn run_once<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
     where
         F: FnMut(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
+        let admission = inner.breaker.admit()?;
+        let mut evidence = Evidence::default();
         let conn = self.conn();
         let mut attempt = 0;
         loop {
-            inner.breaker.admit()?;
+            let started = Instant::now();
             let err = match tokio::time::timeout_at(deadline.instant(), call(conn.clone())).await {
                 Ok(Ok(value)) => {
-                    inner.breaker.on_success();
+                    admission.succeeded();
                     return Ok(value);
                 }
                 Ok(Err(err)) => err,
                 Err(_) => {
-                    inner
-                        .breaker
-                        .on_failure("no answer within the call's deadline");
-                    return Err(StoreError::DeadlineExceeded);
+                    evidence.silent(started.elapsed(), inner.timeout_evidence);
+                    return Err(evidence.settle(admission, StoreError::DeadlineExceeded));
                 }
             };
             let message = match classify(&err) {
                 Failure::Permanent(e) => {
-                    inner.breaker.on_success();
+                    admission.succeeded();
                     return Err(e);
                 }
-                Failure::Transient(message) => message,
+                Failure::Transient(message) => evidence.down(message),
             };
             let pause = backoff(attempt);
             if !err.is_connection_refusal()
                 || attempt >= inner.retries
                 || pause >= deadline.remaining()
+                || !admission.may_retry()
             {
-                inner.breaker.on_failure(&message);
-                return Err(StoreError::Unavailable(format!(
+                let unknown = StoreError::Unavailable(format!(
                     "Redis failed after {} attempt(s) (the request may or may not have been applied): {message}",
                     attempt + 1
-                )));
+                ));
+                return Err(evidence.settle(admission, unknown));
             }
             tokio::time::sleep(pause).await;
             attempt += 1;
@@ -593,34 +596,6 @@ impl RedisStore {
         cmd.arg("memory");
         let info: String = self.query(&cmd, deadline).await?;
         Ok(parse_memory_info(&info))
-    }
-
-    /// Pings every pooled connection at once. Redis is reachable when any
-    /// answers; a connection that fails reconnects itself, so a probe also
-    /// repairs the pool after a Redis restart before traffic meets it.
-    pub(super) async fn probe(&self, deadline: Deadline) -> Result<Duration> {
-        let started = Instant::now();
-        let pings = self.inner.conns.iter().map(|conn| {
-            let mut conn = conn.clone();
-            async move {
-                tokio::time::timeout_at(
-                    deadline.instant(),
-                    redis::cmd("PING").query_async::<String>(&mut conn),
-                )
-                .await
-            }
-        });
-        let results = futures::future::join_all(pings).await;
-        if results.iter().any(|r| matches!(r, Ok(Ok(_)))) {
-            self.inner.breaker.on_success();
-            return Ok(started.elapsed());
-        }
-        let message = match results.into_iter().next() {
-            Some(Ok(Err(err))) => format!("Redis ping failed: {err}"),
-            _ => "Redis ping got no answer within its deadline".to_owned(),
-        };
-        self.inner.breaker.on_failure(&message);
-        Err(StoreError::Unavailable(message))
     }
 
     pub(super) fn circuit_state(&self) -> CircuitState {

@@ -1,0 +1,133 @@
+//! Noticing that Redis is back: the probe, and the recovery prober that
+//! runs it while the circuit breaker is not closed.
+//!
+//! Every `RedisStore` (the cache's, a separate task Redis, the one of a
+//! `koo worker` or `koo scheduler` process) has its own breaker, so each
+//! watches its own: as soon as the breaker leaves closed, a prober pings that
+//! Redis every [`PROBE_EVERY`], each ping bounded by koo's own bound
+//! (`KOO_REDIS_CONNECT_TIMEOUT`), and the first answer closes the breaker.
+//! Recovery therefore follows Redis within a fraction of a second, whatever
+//! the cool-down, whether or not any client calls, in every process kind.
+
+use std::sync::Weak;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use tokio::sync::watch;
+
+use super::{Inner, RedisStore};
+use crate::store::{CircuitState, Deadline, Result, StoreError};
+
+/// How often a Redis whose breaker is not closed is pinged.
+pub(super) const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+impl RedisStore {
+    /// Pings every pooled connection at once, within `deadline` and koo's
+    /// own bound. Redis is reachable as soon as one answers (that closes the
+    /// breaker); the other pings finish in the background, so that a probe
+    /// also repairs the whole pool after a restart before traffic meets it.
+    /// As for calls, only evidence counts against the breaker: a refused or
+    /// broken connection, or silence for koo's own bound; a probe cut short by
+    /// its caller's deadline is `DEADLINE_EXCEEDED` and proves nothing.
+    pub(in crate::store) async fn probe(&self, deadline: Deadline) -> Result<Duration> {
+        let started = Instant::now();
+        let evidence = self.inner.timeout_evidence;
+        let bound = deadline.min(Deadline::after(evidence));
+        let mut pings: FuturesUnordered<_> = self
+            .inner
+            .conns
+            .iter()
+            .map(|conn| {
+                let mut conn = conn.clone();
+                async move {
+                    let ping = redis::cmd("PING");
+                    let ping = ping.query_async::<String>(&mut conn);
+                    tokio::time::timeout_at(bound.instant(), ping).await
+                }
+            })
+            .collect();
+        let mut refused = None;
+        while let Some(result) = pings.next().await {
+            match result {
+                Ok(Ok(_)) => {
+                    let latency = started.elapsed();
+                    self.inner.breaker.on_success();
+                    tokio::spawn(async move { while pings.next().await.is_some() {} });
+                    return Ok(latency);
+                }
+                Ok(Err(err)) => {
+                    refused.get_or_insert_with(|| format!("Redis ping failed: {err}"));
+                }
+                Err(_) => {}
+            }
+        }
+        let waited = started.elapsed();
+        let message = match refused {
+            Some(message) => message,
+            None if waited >= evidence => {
+                format!("Redis ping got no answer within {} ms", waited.as_millis())
+            }
+            None => return Err(StoreError::DeadlineExceeded),
+        };
+        self.inner.breaker.on_failure(&message);
+        Err(StoreError::Unavailable(message))
+    }
+}
+
+impl RedisStore {
+    /// Resolves the next time the circuit breaker closes after being open
+    /// (at once if it is open now and closes). Loops that back off after a
+    /// failure (worker slots, the scheduler) also wait on this, so that they
+    /// resume as soon as Redis answers rather than at the end of their pause.
+    pub async fn recovered(&self) {
+        let mut circuit = self.inner.breaker.watch();
+        // Errors only if the breaker is gone, which `self` prevents.
+        let _ = circuit.wait_for(|s| *s != CircuitState::Closed).await;
+        let _ = circuit.wait_for(|s| *s == CircuitState::Closed).await;
+    }
+}
+
+/// Starts the prober of the store behind `inner`, if there is a runtime to
+/// run it on (there always is in koo; a store built outside one recovers
+/// through its calls' trials alone).
+pub(super) fn start(inner: Weak<Inner>, circuit: watch::Receiver<CircuitState>) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(prober(inner, circuit));
+    }
+}
+
+/// Waits for the breaker to leave closed, then probes until it closes
+/// again; ends with the store.
+async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>) {
+    loop {
+        if circuit
+            .wait_for(|s| *s != CircuitState::Closed)
+            .await
+            .is_err()
+        {
+            return; // the store is gone
+        }
+        tracing::warn!(
+            every = ?PROBE_EVERY,
+            "Redis unreachable: circuit breaker open; probing until it answers"
+        );
+        loop {
+            tokio::time::sleep(PROBE_EVERY).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let store = RedisStore { inner };
+            if store.circuit_state() == CircuitState::Closed {
+                tracing::info!("Redis answering again: circuit breaker closed");
+                break;
+            }
+            let deadline = Deadline::after(store.inner.timeout_evidence);
+            if let Ok(latency) = store.probe(deadline).await {
+                tracing::info!(?latency, "Redis answering again: circuit breaker closed");
+                break;
+            }
+        }
+        circuit.mark_unchanged();
+    }
+}
