@@ -703,3 +703,95 @@ async fn defaults_come_back_after_redis_restarts_empty() {
     }
     wait_ticks(&koo, "koo.tasks.health_check.run", 1).await;
 }
+
+/// A tick whose schedulers all died between its idempotency claim and its
+/// task (here: the task removed from Redis after the only scheduler that
+/// fired it stopped) is finished by the next scheduler to start: it finds
+/// the recent claim without a task, takes it over and stores the tick's
+/// task. Before, only the schedulers that fired a tick retried it, so the
+/// tick was lost although a scheduler was alive at every moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_starting_scheduler_finishes_ticks_left_without_a_task() {
+    let redis = TestRedis::start().await;
+    let first = instance(&redis, true).await;
+    let mut c = schedules(&first);
+    create(
+        &mut c,
+        every("orphan", "* * * * * *", "koo.examples.orphan"),
+    )
+    .await;
+    wait_ticks(&first, "koo.examples.orphan", 1).await;
+    drop(c);
+    first.shutdown().await;
+
+    // Pick one fired tick and make it an orphan: its claim stays, its task
+    // goes (as if Redis had restarted between the two writes).
+    let mut r = redis.conn().await;
+    let claims: Vec<String> = redis::cmd("KEYS")
+        .arg("*:v1:idem:schedule:orphan:*")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let claim = claims.first().expect("a fired tick has a claim").clone();
+    let held: String = redis::cmd("GET")
+        .arg(&claim)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let orphaned_id = held.split('|').nth(1).unwrap().to_owned();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{orphaned_id}*"))
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "no keys of task {orphaned_id}");
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let zsets: Vec<String> = redis::cmd("KEYS")
+        .arg("*:v1:{t:*}:*")
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    for z in zsets {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&z)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        if kind == "zset" {
+            let _: () = redis::cmd("ZREM")
+                .arg(&z)
+                .arg(&orphaned_id)
+                .query_async(&mut r)
+                .await
+                .unwrap();
+        }
+    }
+
+    // The next scheduler takes the claim over and stores the tick's task.
+    let second = instance(&redis, true).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    let new_id = loop {
+        let now: Option<String> = redis::cmd("GET")
+            .arg(&claim)
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        if let Some(id) = now.as_deref().and_then(|v| v.split('|').nth(1))
+            && id != orphaned_id
+        {
+            break id.to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "the orphaned tick {claim} was never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let task = get_ok(&mut client(&second), &new_id).await;
+    assert_eq!(task.schedule, "orphan");
+    assert!(task.schedule_time.is_some(), "{task:?}");
+}

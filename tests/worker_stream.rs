@@ -154,7 +154,11 @@ async fn an_unreadable_message_ends_the_stream_with_its_reason(backend: Backend)
     };
     for (result, code, reason) in [
         (huge, Code::OutOfRange, "message length too large"),
-        (nested(200), Code::InvalidArgument, "nests deeper than 32 levels"),
+        (
+            nested(200),
+            Code::InvalidArgument,
+            "nests deeper than 32 levels",
+        ),
     ] {
         let task = submit_ok(&mut c, submit_job()).await;
         let (tx, mut rx, worker) = open(&mut w, 1).await;

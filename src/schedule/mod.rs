@@ -363,6 +363,7 @@ pub async fn run(
     let mut entries = std::collections::HashMap::new();
     rebuild(&mut entries, &snap);
     catch_up(&schedules, &entries, &snap);
+    tokio::spawn(finish_claimed(schedules.clone(), entries_now(&entries)));
     tracing::info!(schedules = entries.len(), "scheduler running");
     loop {
         let now = Utc::now();
@@ -489,6 +490,69 @@ fn catch_up(
         if let Some(tick) = missed.latest {
             tracing::info!(schedule = %name, missed = missed.count, tick = %tick.key, "running the latest missed tick once");
             tokio::spawn(fire(schedules.clone(), e.schedule.clone(), tick));
+        }
+    }
+}
+
+/// How far back a starting scheduler looks for ticks that another
+/// scheduler fired but may not have finished: longer than [`fire`] retries
+/// (a minute) plus the store calls, so that a tick fired by schedulers that
+/// all died is finished by any scheduler started before the last of them
+/// gave up.
+const CLAIMED_WINDOW: Duration = Duration::from_secs(120);
+/// The most recent ticks per schedule that a starting scheduler checks.
+const CLAIMED_CAP: usize = 120;
+
+/// The schedules (not paused) a runner fires, as of now.
+fn entries_now(entries: &std::collections::HashMap<String, Entry>) -> Vec<(Schedule, CronSpec)> {
+    entries
+        .values()
+        .filter(|e| !e.schedule.paused)
+        .map(|e| (e.schedule.clone(), e.spec.clone()))
+        .collect()
+}
+
+/// Finishes ticks that another scheduler fired and may have left without a
+/// task. A tick's idempotency claim is taken before its task is stored; if
+/// every scheduler that fired it dies (or Redis restarts) between the two,
+/// the claim is all that is left, and only those schedulers would have
+/// retried it. So a starting scheduler fires again every recent tick whose
+/// claim exists: the idempotent submit answers at once when the task is
+/// there, and otherwise takes the orphaned claim over and stores the task.
+/// A tick without a claim was never fired and stays the missed-tick
+/// policy's business.
+async fn finish_claimed(schedules: Schedules, entries: Vec<(Schedule, CronSpec)>) {
+    let now = Utc::now();
+    let Ok(window) = chrono::Duration::from_std(CLAIMED_WINDOW) else {
+        return;
+    };
+    for (schedule, spec) in entries {
+        let mut ticks = Vec::new();
+        let mut at = now - window;
+        while let Some(tick) = spec.next_tick(at).filter(|t| t.at < now) {
+            at = tick.at;
+            ticks.push(tick);
+        }
+        let skip = ticks.len().saturating_sub(CLAIMED_CAP);
+        let ticks = ticks.split_off(skip);
+        let keys: Vec<String> = ticks
+            .iter()
+            .map(|t| t.idempotency_key(&schedule.name))
+            .collect();
+        let claimed = match schedules
+            .engine
+            .store()
+            .idempotency_claimed(&keys, Deadline::after(CALL))
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(schedule = %schedule.name, error = %e, "cannot check recent ticks for unfinished claims");
+                continue;
+            }
+        };
+        for (tick, _) in ticks.into_iter().zip(claimed).filter(|(_, c)| *c) {
+            tokio::spawn(fire(schedules.clone(), schedule.clone(), tick));
         }
     }
 }

@@ -514,6 +514,20 @@ impl TaskStore {
         }
     }
 
+    /// Which of `keys` are claimed idempotency keys (one round trip).
+    pub async fn idempotency_claimed(
+        &self,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<bool>> {
+        match self {
+            Self::Redis { store, prefix } => {
+                store.idempotency_claimed(prefix, keys, deadline).await
+            }
+            Self::Memory(m) => Ok(m.idempotency_claimed(keys)),
+        }
+    }
+
     /// Up to `count` of `queue`'s dead-lettered ids, oldest first.
     pub async fn dead_letters(
         &self,

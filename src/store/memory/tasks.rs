@@ -743,6 +743,15 @@ impl MemoryTasks {
         }
     }
 
+    /// Which of `keys` are claimed idempotency keys.
+    pub fn idempotency_claimed(&self, keys: &[String]) -> Vec<bool> {
+        let s = self.lock();
+        let now = now_ms();
+        keys.iter()
+            .map(|k| s.claims.get(k).is_some_and(|(_, until)| *until > now))
+            .collect()
+    }
+
     /// Replaces claim `old` of `key` with `new` (empty: deletes it) if it
     /// still holds `old`.
     pub fn swap_idempotency(&self, key: &str, old: &str, new: &str, ttl: Duration) -> bool {

@@ -550,6 +550,25 @@ impl RedisStore {
         }
     }
 
+    /// Which of `keys` are claimed idempotency keys: one pipelined round
+    /// trip of `EXISTS` (a read, safe to retry).
+    pub async fn idempotency_claimed(
+        &self,
+        prefix: &str,
+        keys: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("EXISTS")
+                .arg(crate::keys::idempotency(prefix, key));
+        }
+        self.query_pipe(&pipe, deadline).await
+    }
+
     /// Replaces claim `old` of `key` with `new` (an empty `new` deletes it)
     /// if it still holds `old`; whether it did.
     pub async fn swap_idempotency(
