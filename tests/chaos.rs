@@ -1,5 +1,6 @@
 //! The chaos suite (issue 11): tasks flow through two `koo serve` processes
-//! (both running the scheduler), a `koo worker` process and the Python
+//! (both running the scheduler), a `koo worker` process, a `koo scheduler`
+//! process (never killed: a scheduler alive at every moment) and the Python
 //! example worker on one Redis (AOF `always`), while faults are injected at
 //! random from a seeded RNG: `kill -9` of any of them (then a restart),
 //! SIGSTOP past the lease then SIGCONT (a zombie, whose late reports koo
