@@ -214,6 +214,16 @@ pub struct TaskArgs {
         value_delimiter = ','
     )]
     pub task_queues: Vec<String>,
+    /// Diagnostics only: a file to which the built-in
+    /// `koo.diagnostics.ledger` handler appends one line per execution (the
+    /// chaos suite's record of what ran). Unset, that handler does not
+    /// exist; the path is the operator's, never a submitter's.
+    #[arg(
+        long,
+        env = "KOO_DIAGNOSTICS_LEDGER",
+        value_name = "KOO_DIAGNOSTICS_LEDGER"
+    )]
+    pub diagnostics_ledger: Option<PathBuf>,
 }
 
 /// Periodic schedules: the seed's defaults and the scheduler's pace.
@@ -490,6 +500,7 @@ impl ServeArgs {
             redis: self.tasks.redis_config(&self.redis)?,
             config: self.tasks.task_config(&self.prefix)?,
             workers: self.worker_concurrency as usize,
+            ledger: self.tasks.diagnostics_ledger.clone(),
         };
         Ok(Settings {
             listen: self.listen,

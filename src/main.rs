@@ -67,6 +67,9 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     let queues: Vec<_> = engine.config().queues();
     let mut registry = worker::Registry::default();
     handlers::register_diagnostics(&mut registry);
+    if let Some(path) = &args.tasks.diagnostics_ledger {
+        handlers::register_ledger(&mut registry, path.clone());
+    }
     handlers::register_health_check(&mut registry, engine.clone());
     koo::tasks::maintenance::register_database(&mut registry, engine.clone());
     // Results that tasks ask to cache go to the cache's Redis (REDIS_URL),

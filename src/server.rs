@@ -53,6 +53,9 @@ pub struct TaskSettings {
     pub config: TaskConfig,
     /// Built-in worker slots in this process.
     pub workers: usize,
+    /// `KOO_DIAGNOSTICS_LEDGER`: where `koo.diagnostics.ledger` records its
+    /// executions (`None`: that handler is not registered).
+    pub ledger: Option<std::path::PathBuf>,
 }
 
 impl Default for TaskSettings {
@@ -61,6 +64,7 @@ impl Default for TaskSettings {
             redis: None,
             config: TaskConfig::default(),
             workers: 4,
+            ledger: None,
         }
     }
 }
@@ -388,6 +392,9 @@ fn start_tasks(
     if settings.tasks.workers > 0 {
         let mut registry = Registry::default();
         handlers::register_diagnostics(&mut registry);
+        if let Some(path) = &settings.tasks.ledger {
+            handlers::register_ledger(&mut registry, path.clone());
+        }
         handlers::register_health_check(&mut registry, engine.clone());
         maintenance::register_cache(&mut registry, cache.clone(), engine.clone());
         registry.set_cache(cache.clone());

@@ -4,7 +4,7 @@
 
 - The handlers, called directly: PDF extraction on testdata/sample.pdf, the AI
   handler against fake_openai (in-process, free port), the no-endpoint
-  failure, and 4xx vs 5xx retryability.
+  failure, 4xx vs 5xx retryability, and the chaos suite's ledger.
 - koo_worker.Worker against a scripted in-process WorkerService (a fake koo):
   hello/welcome, heartbeats, progress, complete, cancel, revoke, reconnect,
   and rejection; and worker.py as a process (exit status 2 on a bad token,
@@ -165,6 +165,31 @@ class PdfHandlerTest(unittest.TestCase):
 # --------------------------------------------------------------------------
 # AI handler against fake_openai
 # --------------------------------------------------------------------------
+
+
+class LedgerHandlerTest(unittest.TestCase):
+    def test_appends_one_line_per_execution(self) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "ledger.jsonl")
+            handler = worker.make_ledger_handler(path)
+            ctx, _ = make_ctx(worker.LEDGER_TASK, [], {"ms": 1})
+            first = handler(ctx)
+            handler(ctx)
+            with open(path, encoding="utf-8") as f:
+                lines = [json.loads(line) for line in f]
+        self.assertEqual(len(lines), 2)
+        self.assertEqual(lines[0], first)
+        self.assertEqual(
+            (first["task_id"], first["attempt"], first["token"], first["pid"]),
+            ("task-1", 1, 1, os.getpid()),
+        )
+
+    def test_needs_the_file_from_the_environment(self) -> None:
+        env = {k: v for k, v in os.environ.items() if k != worker.LEDGER_ENV}
+        cmd = [sys.executable, str(HERE / "worker.py"), "--serve", "ledger"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, env=env)
+        self.assertEqual(out.returncode, 2, out.stderr)
+        self.assertIn(worker.LEDGER_ENV, out.stderr)
 
 
 class AiHandlerTest(unittest.TestCase):

@@ -11,6 +11,11 @@ Connects to koo's WorkerService and serves, depending on --serve:
         page, reporting progress after each page.
   noop  --noop-name (default koo.examples.noop): returns {"ok": true}, for
         throughput benchmarks.
+  ledger koo.examples.ledger kwargs {ms}: only when KOO_LEDGER_FILE names a
+        file; appends one JSON line per execution start (task id, attempt,
+        lease token, pid, time) to it, sleeps ms (at most 10 s) and returns
+        the same facts. The chaos suite's record of what ran, kept outside
+        koo.
 
 Events go to stdout as JSON lines (see README.md); logs go to stderr.
 Exit status: 0 after SIGTERM/SIGINT, 2 when koo rejects the worker
@@ -29,6 +34,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,6 +47,9 @@ log = logging.getLogger("worker")
 AI_TASK = "koo.tasks.ai_service.process_query"
 PDF_TASK = "koo.tasks.pdf_processing.process_document"
 DEFAULT_NOOP_TASK = "koo.examples.noop"
+LEDGER_TASK = "koo.examples.ledger"
+LEDGER_ENV = "KOO_LEDGER_FILE"
+MAX_LEDGER_MS = 10_000
 
 MAX_PAGE_DELAY_SECONDS = 60.0
 TEXT_PREVIEW_CHARS = 200
@@ -247,10 +256,48 @@ def noop(ctx: TaskContext) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------
+# ledger (diagnostics for the chaos suite)
+# --------------------------------------------------------------------------
+
+
+def make_ledger_handler(path: str) -> Callable[[TaskContext], dict[str, Any]]:
+    """Returns a handler that records each execution start in `path`.
+
+    One os.write on an O_APPEND descriptor per line, so lines from several
+    processes never interleave, and the line is on disk (in the page cache)
+    before koo can hear of the execution.
+    """
+
+    def ledger(ctx: TaskContext) -> dict[str, Any]:
+        facts = {
+            "task_id": ctx.task_id,
+            "attempt": ctx.attempt,
+            "token": ctx.lease_token,
+            "pid": os.getpid(),
+            "ms": int(time.time() * 1000),
+        }
+        line = (json.dumps(facts, separators=(",", ":")) + "\n").encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        ms = ctx.kwargs.get("ms", 0) or 0
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)):
+            ms = 0
+        ctx.sleep(min(max(float(ms), 0.0), MAX_LEDGER_MS) / 1000.0)
+        if ctx.should_stop():
+            raise TaskFailed(f"stopped: {ctx.stop_reason}", retryable=True)
+        return facts
+
+    return ledger
+
+
+# --------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------
 
-SERVABLE = ("ai", "pdf", "noop")
+SERVABLE = ("ai", "pdf", "noop", "ledger")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -329,6 +376,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [s for s in args.serve if s not in SERVABLE]
     if unknown or not args.serve:
         parser.error(f"--serve takes a comma list from {','.join(SERVABLE)}, got {args.serve!r}")
+    if "ledger" in args.serve and not os.environ.get(LEDGER_ENV):
+        parser.error(f"--serve ledger needs {LEDGER_ENV} (the file to append to)")
     if not 1 <= args.concurrency <= 1024:
         parser.error("--concurrency must be 1 to 1024")
     if args.ai_timeout <= 0:
@@ -346,6 +395,8 @@ def build_handlers(args: argparse.Namespace) -> dict[str, Callable[[TaskContext]
         handlers[PDF_TASK] = process_document
     if "noop" in args.serve:
         handlers[args.noop_name] = noop
+    if "ledger" in args.serve:
+        handlers[LEDGER_TASK] = make_ledger_handler(os.environ[LEDGER_ENV])
     return handlers
 
 

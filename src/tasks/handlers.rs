@@ -1,7 +1,11 @@
 //! Built-in diagnostic handlers, for smoke tests, tests and benchmarks:
-//! a no-op, an echo, a sleep that reports progress, and one that fails a
-//! given number of times before it succeeds.
+//! a no-op, an echo, a sleep that reports progress, one that fails a given
+//! number of times before it succeeds, and (only when the operator names a
+//! file at start-up) a ledger of executions for the chaos suite.
 
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::TaskEngine;
@@ -23,6 +27,11 @@ pub const FAIL_TIMES: &str = "koo.diagnostics.fail_times";
 /// Ignores cancellation and blocks a thread for `kwargs.seconds`: shows that
 /// the hard limit still frees the slot.
 pub const STUBBORN: &str = "koo.diagnostics.stubborn";
+/// Appends one JSON line per execution start (task id, attempt, lease
+/// token, process id, time) to the file named by `KOO_DIAGNOSTICS_LEDGER`,
+/// then sleeps `kwargs.ms` (default 0, at most 10 s) and succeeds with the
+/// same facts: the chaos suite's record of what ran, kept outside koo.
+pub const LEDGER: &str = "koo.diagnostics.ledger";
 
 fn kwarg_f64(ctx: &TaskContext, name: &str, default: f64) -> f64 {
     serde_json::from_str::<serde_json::Value>(&ctx.task.kwargs)
@@ -140,5 +149,44 @@ pub fn register_diagnostics(registry: &mut Registry) {
             .await
             .map_err(|e| HandlerError::fatal(e.to_string()))?;
         Ok(serde_json::Value::Null)
+    });
+}
+
+/// Registers [`LEDGER`], appending to `path`. Only the operator chooses the
+/// path (at start-up); without one the handler does not exist, so no
+/// submitter can make koo write files.
+pub fn register_ledger(registry: &mut Registry, path: PathBuf) {
+    let path = Arc::new(path);
+    registry.register(LEDGER, move |ctx| {
+        let path = path.clone();
+        async move {
+            let facts = serde_json::json!({
+                "task_id": ctx.task.id.to_string(),
+                "attempt": ctx.task.attempts,
+                "token": ctx.task.token,
+                "pid": std::process::id(),
+                "ms": crate::store::unix_millis(std::time::SystemTime::now()),
+            });
+            let line = format!("{facts}\n");
+            // One write with O_APPEND: lines from several processes never
+            // interleave, and the line is in the file before the handler
+            // can be seen to have run.
+            tokio::task::spawn_blocking(move || {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path.as_ref())?
+                    .write_all(line.as_bytes())
+            })
+            .await
+            .map_err(|e| HandlerError::fatal(e.to_string()))?
+            .map_err(|e| HandlerError::retry(format!("cannot append to the ledger: {e}")))?;
+            let ms = kwarg_f64(&ctx, "ms", 0.0).clamp(0.0, 10_000.0);
+            tokio::select! {
+                _ = ctx.cancel.cancelled() => return Err(HandlerError::retry("cancelled")),
+                _ = tokio::time::sleep(Duration::from_secs_f64(ms / 1000.0)) => {}
+            }
+            Ok(facts)
+        }
     });
 }
