@@ -1,6 +1,7 @@
 //! The chaos suite (issue 11): tasks flow through two `koo serve` processes
 //! (both running the scheduler), a `koo worker` process, a `koo scheduler`
-//! process (never killed: a scheduler alive at every moment) and the Python
+//! process (three schedulers, any of which may be killed, one at a time, so
+//! that a scheduler is alive at every moment) and the Python
 //! example worker on one Redis (AOF `always`), while faults are injected at
 //! random from a seeded RNG: `kill -9` of any of them (then a restart),
 //! SIGSTOP past the lease then SIGCONT (a zombie, whose late reports koo
@@ -53,6 +54,8 @@ const BUILTIN_TASK: &str = "koo.diagnostics.ledger";
 const PYTHON_TASK: &str = "koo.examples.ledger";
 const TICK_TASK: &str = "chaos.tick";
 const TICK_QUEUE: &str = "chaos_ticks";
+/// The processes a kill or stop hits (one at a time).
+const TARGETS: [&str; 5] = ["serve-a", "serve-b", "worker", "scheduler", "python"];
 const TICK_SCHEDULE: &str = "chaos-every-second";
 
 /// Every process of the run, and where they write.
@@ -61,9 +64,9 @@ struct Cluster {
     a: KooProc,
     b: KooProc,
     worker: KooProc,
-    /// A `koo scheduler` process that is never killed: the scheduler alive
-    /// at every moment (serve-a and serve-b run schedulers too, and are).
-    _scheduler: KooProc,
+    /// A `koo scheduler` process (serve-a and serve-b run schedulers too;
+    /// faults never overlap, so two are alive whenever one is down).
+    scheduler: KooProc,
     python: PyWorker,
     /// Events of Python workers already replaced.
     python_events: Vec<serde_json::Value>,
@@ -136,7 +139,7 @@ impl Cluster {
             a,
             b,
             worker,
-            _scheduler: scheduler,
+            scheduler,
             python,
             python_events: Vec::new(),
             dir: dir.to_owned(),
@@ -159,6 +162,7 @@ impl Cluster {
         match target {
             "serve-a" => &mut self.a,
             "serve-b" => &mut self.b,
+            "scheduler" => &mut self.scheduler,
             _ => &mut self.worker,
         }
     }
@@ -170,6 +174,7 @@ impl Cluster {
             "python" => vec![self.python_pid()],
             "serve-a" => vec![self.a.pid(), self.python_pid()],
             "serve-b" => vec![self.b.pid()],
+            "scheduler" => vec![self.scheduler.pid()],
             _ => vec![self.worker.pid()],
         }
     }
@@ -181,13 +186,13 @@ impl Cluster {
         let start_ms = now_ms();
         let (target, pids) = match kind {
             FaultKind::Kill9 => {
-                let target = ["serve-a", "serve-b", "worker", "python"][rng.random_range(0..4)];
+                let target = TARGETS[rng.random_range(0..TARGETS.len())];
                 let pids = self.pids(target);
                 self.kill_and_restart(target).await;
                 (target.to_owned(), pids)
             }
             FaultKind::Stop => {
-                let target = ["serve-a", "serve-b", "worker", "python"][rng.random_range(0..4)];
+                let target = TARGETS[rng.random_range(0..TARGETS.len())];
                 let pids = self.pids(target);
                 self.signal(target, "STOP");
                 tokio::time::sleep(ZOMBIE).await;
