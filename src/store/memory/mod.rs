@@ -13,7 +13,10 @@
 //! `.await`, every critical section is a few map operations, and a std lock is
 //! several times cheaper to take.
 
+mod snapshot;
 pub mod tasks;
+
+pub use snapshot::{CacheEntryImage, CacheImage, CacheLoad};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;

@@ -13,6 +13,10 @@
 //! critical section touches a handful of map entries (at most ~100 lapsed
 //! leases or due tasks per recovery call, as on Redis).
 
+mod snapshot;
+
+pub use snapshot::{EventImage, QueueImage, TaskImage, TasksImage};
+
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
