@@ -29,7 +29,7 @@ struct Koo {
 /// A `koo serve` command with none of the caller's configuration, fast
 /// shutdown, and the default schedules off (so that only the test's tasks
 /// exist).
-fn command(data_dir: Option<&Path>, workers: u32) -> Command {
+fn command(data_dir: Option<&Path>, workers: u32, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(KOO);
     for (name, _) in std::env::vars() {
         if ["REDIS_", "CACHE_", "KOO_", "TASK_", "CELERY_"]
@@ -60,6 +60,7 @@ fn command(data_dir: Option<&Path>, workers: u32) -> Command {
     if let Some(dir) = data_dir {
         cmd.env("KOO_DATA_DIR", dir);
     }
+    cmd.envs(extra.iter().copied());
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     cmd
 }
@@ -67,7 +68,14 @@ fn command(data_dir: Option<&Path>, workers: u32) -> Command {
 impl Koo {
     /// Starts koo and waits until it serves.
     fn start(data_dir: Option<&Path>, workers: u32) -> Koo {
-        let mut child = command(data_dir, workers).spawn().expect("spawn koo");
+        Self::start_with(data_dir, workers, &[])
+    }
+
+    /// [`Koo::start`] with extra environment.
+    fn start_with(data_dir: Option<&Path>, workers: u32, extra: &[(&str, &str)]) -> Koo {
+        let mut child = command(data_dir, workers, extra)
+            .spawn()
+            .expect("spawn koo");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = mpsc::channel();
         std::thread::spawn(move || {
@@ -149,7 +157,7 @@ impl Drop for Koo {
 /// `koo serve` that must refuse to start: its exit status and log. Fails
 /// the test if it serves instead.
 fn refused(data_dir: &Path) -> (std::process::ExitStatus, String) {
-    let mut child = command(Some(data_dir), 0).spawn().unwrap();
+    let mut child = command(Some(data_dir), 0, &[]).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut log = String::new();
     for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -338,7 +346,10 @@ async fn check_kept(koo: &Koo, left: &Left) {
     assert_eq!(count(&active, pb::TaskState::Pending), 1, "{active:?}");
     assert_eq!(count(&active, pb::TaskState::Running), 0, "{active:?}");
     let dependent = get_ok(&mut c, &left.dependent).await;
-    assert_eq!(dependent.depends_on, [left.handed_back.clone()]);
+    assert_eq!(
+        dependent.depends_on,
+        std::slice::from_ref(&left.handed_back)
+    );
     // the idempotency key still answers with the first task
     let again = c
         .submit_task(pb::SubmitTaskRequest {
@@ -490,4 +501,44 @@ async fn second_instance_on_the_same_data_dir_refuses() {
     submit_ok(&mut c, later("koo.diagnostics.noop")).await;
     let (status, _) = first.terminate().await;
     assert!(status.success());
+}
+
+/// With KOO_DATA_SNAPSHOT_INTERVAL, what was saved while serving survives
+/// a `kill -9` (no shutdown save), and the lock dies with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_snapshot_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Koo::start_with(
+        Some(dir.path()),
+        0,
+        &[
+            ("KOO_DATA_SNAPSHOT_INTERVAL", "200ms"),
+            ("KOO_LOG", "info,koo::persist=debug"),
+        ],
+    );
+    let mut c = tasks(&first.channel().await);
+    let queued = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await
+    .id;
+    let scheduled = submit_ok(&mut c, later("koo.diagnostics.noop")).await.id;
+    // a save that began before the submits may end after them: wait for two
+    first.wait_line("embedded store saved");
+    first.wait_line("embedded store saved");
+    let mut first = first;
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+
+    let second = Koo::start(Some(dir.path()), 0);
+    let mut c = tasks(&second.channel().await);
+    assert_eq!(
+        get_ok(&mut c, &queued).await.state,
+        pb::TaskState::Queued as i32
+    );
+    assert_eq!(
+        get_ok(&mut c, &scheduled).await.state,
+        pb::TaskState::Scheduled as i32
+    );
 }

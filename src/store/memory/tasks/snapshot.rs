@@ -158,6 +158,9 @@ fn queue_image(q: &Queue) -> QueueImage {
     }
 }
 
+// The struct update is deliberate: a field added to `Queue` later starts
+// from its default on load instead of failing to compile here.
+#[allow(clippy::needless_update)]
 fn queue_from(image: QueueImage) -> Queue {
     Queue {
         ready: zset_from(image.ready),
@@ -268,33 +271,27 @@ impl MemoryTasks {
     /// does (the attempt is given back, the log says why), so that it runs
     /// again after a restart. How many.
     pub fn hand_back_running(&self, limits: TaskLimits) -> u64 {
-        let running: Vec<(TaskId, u32, Option<String>, u32, Option<i64>)> = {
+        // (id, token, the attempt's log entry)
+        let running: Vec<(TaskId, u32, String)> = {
             let s = self.lock();
             s.tasks
                 .values()
                 .filter(|e| e.task.state == State::Running)
                 .map(|e| {
                     let t = &e.task;
-                    (
-                        t.id.clone(),
-                        t.token,
-                        t.worker.clone(),
-                        t.attempts,
-                        t.started_ms,
-                    )
+                    let entry = serde_json::json!({
+                        "attempt": t.attempts,
+                        "worker": t.worker,
+                        "started_ms": t.started_ms,
+                        "outcome": "handed_back",
+                        "error": "koo stopped before the task ended; it runs again",
+                    });
+                    (t.id.clone(), t.token, entry.to_string())
                 })
                 .collect()
         };
         let mut handed = 0;
-        for (id, token, worker, attempt, started_ms) in running {
-            let entry = serde_json::json!({
-                "attempt": attempt,
-                "worker": worker,
-                "started_ms": started_ms,
-                "outcome": "handed_back",
-                "error": "koo stopped before the task ended; it runs again",
-            })
-            .to_string();
+        for (id, token, entry) in running {
             if matches!(self.release(&id, token, &entry, limits), Ok(true)) {
                 handed += 1;
             }
