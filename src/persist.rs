@@ -31,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::schedule::model::Source;
 use crate::schedule::store::{ScheduleStore, SchedulesImage};
 use crate::server::{Settings, StoreSettings};
 use crate::store::memory::tasks::{MemoryTasks, TasksImage};
@@ -248,10 +249,19 @@ impl Embedded {
     /// What the embedded parts hold: "N tasks (queued A, ...), M cache
     /// entries, S schedules", for the parts that are embedded.
     pub fn summary(&self) -> String {
+        self.census().0
+    }
+
+    /// [`Self::summary`], and whether any of it is the user's: tasks, cache
+    /// entries, or schedules made through the API (the configuration's
+    /// defaults come back by themselves).
+    fn census(&self) -> (String, bool) {
         let mut parts = Vec::new();
+        let mut users = false;
         if let Some(tasks) = &self.tasks {
             let census = tasks.census();
             let total: u64 = census.iter().map(|(_, n)| n).sum();
+            users |= total > 0;
             let states: Vec<String> = census
                 .iter()
                 .map(|(s, n)| format!("{} {n}", s.as_str()))
@@ -263,15 +273,15 @@ impl Embedded {
             });
         }
         if let Some(cache) = &self.cache {
-            parts.push(format!(
-                "{} cache entries",
-                cache.count_live(&self.cache_prefix)
-            ));
+            let entries = cache.count_live(&self.cache_prefix);
+            users |= entries > 0;
+            parts.push(format!("{entries} cache entries"));
         }
         if let Some(image) = self.schedules.as_ref().and_then(|s| s.export_memory()) {
+            users |= image.schedules.values().any(|s| s.source == Source::Api);
             parts.push(format!("{} schedules", image.schedules.len()));
         }
-        parts.join(", ")
+        (parts.join(", "), users)
     }
 
     /// Whether a data directory keeps the embedded parts.
@@ -299,11 +309,11 @@ impl Embedded {
     /// logs what is dropped. Blocking file I/O.
     pub fn shutdown(self) -> Result<(), PersistError> {
         let Some(dir) = &self.dir else {
-            if self.cache.is_some() || self.tasks.is_some() {
-                tracing::warn!(
-                    "embedded store: dropping {}; set KOO_DATA_DIR to keep them",
-                    self.summary()
-                );
+            let (summary, users) = self.census();
+            if users {
+                tracing::warn!("embedded store: dropping {summary}; set KOO_DATA_DIR to keep them");
+            } else if self.cache.is_some() || self.tasks.is_some() {
+                tracing::info!("embedded store: dropping {summary}; set KOO_DATA_DIR to keep them");
             }
             return Ok(());
         };
