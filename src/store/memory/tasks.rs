@@ -163,6 +163,7 @@ impl Queue {
 }
 
 /// A stored task and its lease.
+#[derive(Clone)]
 struct Entry {
     task: Task,
     /// Why a cancel was asked for while it ran.

@@ -213,11 +213,12 @@ impl MemoryTasks {
     pub fn export(&self) -> TasksImage {
         let s = self.lock();
         let now = now_ms();
-        let mut tasks: Vec<TaskImage> = s.tasks.values().map(task_image).collect();
-        tasks.sort_by(|a, b| a.fields.get("id").cmp(&b.fields.get("id")));
-        TasksImage {
+        // Copied under the lock, converted after it: a periodic save holds
+        // up task transitions for the copy only.
+        let entries: Vec<Entry> = s.tasks.values().cloned().collect();
+        let mut image = TasksImage {
             last_event: s.last_event,
-            tasks,
+            tasks: Vec::new(),
             queues: s
                 .queues
                 .iter()
@@ -234,7 +235,13 @@ impl MemoryTasks {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
-        }
+        };
+        drop(s);
+        image.tasks = entries.iter().map(task_image).collect();
+        image
+            .tasks
+            .sort_by(|a, b| a.fields.get("id").cmp(&b.fields.get("id")));
+        image
     }
 
     /// A store holding what `image` saved; an error names the first task or
