@@ -15,6 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::cache::CacheConfig;
+use crate::persist::DataSettings;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
 use crate::store::tasks::TaskLimits;
 use crate::store::{MemoryConfig, RedisConfig};
@@ -407,6 +408,15 @@ pub struct ServeArgs {
         default_value_t = 268_435_456
     )]
     pub memory_max_bytes: u64,
+    /// Directory where the embedded store (cache entries, tasks, schedules) is saved at shutdown
+    /// and loaded at start-up; locked while koo runs. Unset, it is dropped at shutdown.
+    #[arg(long, env = "KOO_DATA_DIR", value_name = "KOO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// With KOO_DATA_DIR, also save this often while serving (0: only at shutdown), so that a
+    /// crash loses at most this much.
+    #[arg(long, env = "KOO_DATA_SNAPSHOT_INTERVAL", value_name = "KOO_DATA_SNAPSHOT_INTERVAL",
+          default_value = "60s", value_parser = parse_duration)]
+    pub data_snapshot_interval: Duration,
     /// How often the embedded store purges expired entries.
     #[arg(long, env = "KOO_MEMORY_SWEEP_INTERVAL", value_name = "KOO_MEMORY_SWEEP_INTERVAL", default_value = "1s",
           value_parser = parse_positive_duration)]
@@ -514,6 +524,10 @@ impl ServeArgs {
             health_check_interval: self.redis.redis_health_check_interval,
             tasks,
             memory_sweep_interval: self.memory_sweep_interval,
+            data: DataSettings {
+                dir: self.data_dir.filter(|d| !d.as_os_str().is_empty()),
+                snapshot_interval: self.data_snapshot_interval,
+            },
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,
             shutdown_grace: self.shutdown_grace,

@@ -14,6 +14,8 @@
 //! - [`store`]: backends: Redis (pool, breaker, recovery prober, retries, Lua)
 //!   and the embedded in-process store.
 //! - [`keys`]: every Redis key name koo writes.
+//! - [`persist`]: the data directory that keeps the embedded store across
+//!   restarts (`KOO_DATA_DIR`).
 //! - [`health`]: drives `grpc.health.v1` from the backend's real state.
 //! - [`pb`]: generated protobuf code and the reflection descriptor set.
 //! - [`quote`]: bounded quoting of user input in messages.
@@ -28,6 +30,7 @@ pub mod grpc;
 pub mod health;
 pub mod keys;
 pub mod pb;
+pub mod persist;
 pub mod quote;
 pub mod schedule;
 pub mod server;

@@ -25,6 +25,7 @@ use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::schedule::v1::schedule_service_server::ScheduleServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
 use crate::pb::worker::v1::worker_service_server::WorkerServiceServer;
+use crate::persist::{DataSettings, Embedded, PersistError};
 use crate::schedule::Schedules;
 use crate::schedule::store::ScheduleStore;
 use crate::store::tasks::TaskStore;
@@ -84,6 +85,8 @@ pub struct Settings {
     pub health_check_interval: Duration,
     /// How often the embedded store purges expired entries.
     pub memory_sweep_interval: Duration,
+    /// Where the embedded store is kept across restarts.
+    pub data: DataSettings,
     /// Deadline of a call without one.
     pub request_timeout: Duration,
     /// Deadline of a bulk call without one.
@@ -132,6 +135,7 @@ impl Default for Settings {
             tasks: TaskSettings::default(),
             health_check_interval: Duration::from_secs(30),
             memory_sweep_interval: Duration::from_secs(1),
+            data: DataSettings::default(),
             request_timeout: Duration::from_secs(5),
             bulk_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(30),
@@ -151,6 +155,9 @@ pub enum ServerError {
     /// Serving failed.
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The data directory cannot be used, or the embedded store not saved.
+    #[error(transparent)]
+    Persist(#[from] PersistError),
     /// Reflection could not load koo's descriptors (a build problem).
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -174,13 +181,21 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // Loaded (and its data directory locked) before anything serves.
+    let embedded = Embedded::open(&settings)?;
     let store = match &settings.store {
         StoreSettings::Memory(config) => {
             tracing::info!(
                 capacity_bytes = config.max_bytes,
-                "using the embedded in-process store (set REDIS_URL to use Redis): not shared between koo instances, not durable"
+                kept = embedded.is_kept(),
+                "using the embedded in-process store (set REDIS_URL to use Redis): not shared between koo instances, kept across restarts only with KOO_DATA_DIR"
             );
-            Store::Memory(MemoryStore::new(config.clone()))
+            Store::Memory(
+                embedded
+                    .cache
+                    .clone()
+                    .unwrap_or_else(|| MemoryStore::new(config.clone())),
+            )
         }
         StoreSettings::Redis(config) => {
             tracing::info!(url = %redact(&config.url), connections = config.max_connections, "using Redis");
@@ -227,7 +242,15 @@ pub async fn run(
         ));
     }
 
-    let tasks = start_tasks(&settings, &store, &cache, &mut background, &stop)?;
+    if embedded.is_kept() {
+        background.spawn(
+            embedded
+                .clone()
+                .run_snapshots(settings.data.snapshot_interval, stop.clone()),
+        );
+    }
+
+    let tasks = start_tasks(&settings, &store, &embedded, &cache, &mut background, &stop)?;
     if !tasks_share_store {
         watch_task_store(&settings, &tasks.0, &publisher, &mut background, &stop);
     }
@@ -235,7 +258,7 @@ pub async fn run(
     // External workers' sessions: on shutdown, each hands its tasks back
     // before koo exits.
     let sessions = tokio_util::task::TaskTracker::new();
-    let schedules = start_scheduler(&settings, &tasks.0, &mut background, &stop);
+    let schedules = start_scheduler(&settings, &tasks.0, &embedded, &mut background, &stop);
 
     let limit = settings.cache.message_limit();
     let task_cache = cache.clone();
@@ -354,6 +377,13 @@ pub async fn run(
             "background work did not stop within the shutdown grace; running tasks go back to their queues when their leases lapse"
         );
     }
+    // Workers have stopped (or are abandoned now) and the server has
+    // drained: what the embedded store holds is final.
+    drop(background);
+    match tokio::task::spawn_blocking(move || embedded.shutdown()).await {
+        Ok(saved) => saved?,
+        Err(e) => tracing::error!(error = %e, "saving the embedded store failed"),
+    }
     tracing::info!("koo stopped");
     result
 }
@@ -364,6 +394,7 @@ pub async fn run(
 fn start_tasks(
     settings: &Settings,
     store: &Store,
+    embedded: &Embedded,
     cache: &Cache,
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
@@ -372,9 +403,10 @@ fn start_tasks(
     let tasks = match &settings.tasks.redis {
         None => {
             tracing::info!(
-                "tasks live in this process (set REDIS_URL to use Redis): not shared with other koo processes, lost on restart"
+                kept = embedded.is_kept(),
+                "tasks live in this process (set REDIS_URL to use Redis): not shared with other koo processes, kept across restarts only with KOO_DATA_DIR"
             );
-            TaskStore::memory()
+            TaskStore::Memory(embedded.tasks.clone().unwrap_or_default())
         }
         Some(config) => {
             // Share the cache's pool when tasks live on the same Redis.
@@ -440,12 +472,16 @@ fn watch_task_store(
 fn start_scheduler(
     settings: &Settings,
     engine: &TaskEngine,
+    embedded: &Embedded,
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
 ) -> Schedules {
     let store = match engine.store() {
         TaskStore::Redis { store, prefix } => ScheduleStore::redis(store.clone(), prefix),
-        TaskStore::Memory(_) => ScheduleStore::memory(),
+        TaskStore::Memory(_) => embedded
+            .schedules
+            .clone()
+            .unwrap_or_else(ScheduleStore::memory),
     };
     let schedules = Schedules::new(store, engine.clone());
     if settings.schedule.enabled {

@@ -247,6 +247,41 @@ impl ScheduleStore {
     }
 }
 
+/// The in-process store's schedules and runs as plain data, for the data
+/// directory (`crate::persist`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SchedulesImage {
+    /// Every schedule, by name.
+    pub schedules: BTreeMap<String, Schedule>,
+    /// Latest runs by schedule name.
+    pub runs: BTreeMap<String, Run>,
+}
+
+impl ScheduleStore {
+    /// Schedules in this process, starting from a saved image.
+    pub fn memory_from(image: SchedulesImage) -> Self {
+        Self::Memory(Arc::new(Mutex::new(Snapshot {
+            version: 1,
+            schedules: image.schedules,
+            runs: image.runs.into_iter().collect(),
+        })))
+    }
+
+    /// The in-process store's content; `None` on Redis.
+    pub fn export_memory(&self) -> Option<SchedulesImage> {
+        match self {
+            Self::Redis { .. } => None,
+            Self::Memory(m) => {
+                let s = Self::lock(m);
+                Some(SchedulesImage {
+                    schedules: s.schedules.clone(),
+                    runs: s.runs.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+                })
+            }
+        }
+    }
+}
+
 fn json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Backend(format!("schedule JSON: {e}")))
 }

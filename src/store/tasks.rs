@@ -243,7 +243,8 @@ pub enum TaskStore {
         /// Key prefix.
         prefix: String,
     },
-    /// This process's memory: one `koo serve`, not durable.
+    /// This process's memory: one `koo serve`, kept across restarts only
+    /// with `KOO_DATA_DIR`.
     Memory(MemoryTasks),
 }
 

@@ -2,7 +2,8 @@
 //!
 //! It gives a single `koo serve` the same cache semantics as Redis (TTL on
 //! every key, glob listing, batch writes all or nothing) without any other
-//! process. It is neither shared between koo instances nor durable.
+//! process. It is not shared between koo instances; with `KOO_DATA_DIR`,
+//! [`crate::persist`] keeps it across restarts (the image: `snapshot`).
 //!
 //! Layout: one ordered map of full keys, so that a listing can resume after the
 //! last key it returned and a level (a key prefix) is a contiguous range; and
@@ -13,7 +14,10 @@
 //! `.await`, every critical section is a few map operations, and a std lock is
 //! several times cheaper to take.
 
+mod snapshot;
 pub mod tasks;
+
+pub use snapshot::{CacheEntryImage, CacheImage, CacheLoad};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;

@@ -1,8 +1,8 @@
 //! Task transitions on the embedded store: the same transitions, checks and
 //! events as the Redis scripts (`../redis/lua/tasks/*.lua`), each one
 //! critical section under one lock, so a single `koo serve` runs tasks with
-//! no other process. Not durable: a restart loses every task, which the
-//! server says when it starts.
+//! no other process. A restart loses every task unless `KOO_DATA_DIR` is
+//! set: then [`crate::persist`] saves and loads them (the image: `snapshot`).
 //!
 //! The shapes mirror Redis on purpose (sorted sets of ids per queue, a capped
 //! event log per queue, counters per outcome), so that the engine, listing
@@ -12,6 +12,10 @@
 //! The lock is a std mutex: it is never held across an `.await`, and every
 //! critical section touches a handful of map entries (at most ~100 lapsed
 //! leases or due tasks per recovery call, as on Redis).
+
+mod snapshot;
+
+pub use snapshot::{EventImage, QueueImage, TaskImage, TasksImage};
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
@@ -159,6 +163,7 @@ impl Queue {
 }
 
 /// A stored task and its lease.
+#[derive(Clone)]
 struct Entry {
     task: Task,
     /// Why a cancel was asked for while it ran.

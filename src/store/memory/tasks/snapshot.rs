@@ -1,0 +1,438 @@
+//! The embedded task store as plain data, for the data directory
+//! (`crate::persist`): every task with its lease bookkeeping, every queue's
+//! indexes, history, dead letters, event log and counters, the idempotency
+//! claims and the dependency links.
+//!
+//! A task is saved as the field map Redis stores (`Task::to_fields`, plus
+//! the fields the Lua scripts write themselves), so that both stores share
+//! one description of a task and a field added for Redis is saved here too.
+//! Worker records are not saved: they describe processes, which a restart
+//! ends. Times are absolute (ms since the Unix epoch) already.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Entry, MemoryTasks, Queue, ZSet, now_ms};
+use crate::store::tasks::{TaskEvent, TaskLimits};
+use crate::tasks::model::{QueueName, State, Task, TaskId};
+
+/// Saved tasks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TasksImage {
+    /// The newest event's sequence number.
+    pub last_event: u64,
+    /// Every task the store holds (results not yet expired).
+    pub tasks: Vec<TaskImage>,
+    /// Per queue.
+    pub queues: BTreeMap<String, QueueImage>,
+    /// Idempotency claims not yet expired: key → (value, expiry ms).
+    pub claims: BTreeMap<String, (String, i64)>,
+    /// The tasks waiting on each task that has not ended.
+    pub dependents: BTreeMap<String, Vec<String>>,
+}
+
+/// One saved task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskImage {
+    /// Its fields, as the Redis hash holds them.
+    pub fields: BTreeMap<String, String>,
+    /// Its attempt log, oldest first.
+    pub log: Vec<String>,
+    /// Why a cancel was asked for while it ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<String>,
+    /// The dependencies a PENDING task still waits on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waiting: Vec<String>,
+    /// Attempts when it was last retried by hand.
+    #[serde(default)]
+    pub attempt_base: u32,
+    /// Lease deadline (ms), while running.
+    #[serde(default)]
+    pub lease_until: i64,
+    /// Hard-limit deadline (ms), while running.
+    #[serde(default)]
+    pub hard_until: i64,
+    /// When its result expires (ms), once ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+/// One saved queue: its sorted sets as `(score, id)` lists.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QueueImage {
+    pub ready: Vec<(i64, String)>,
+    pub scheduled: Vec<(i64, String)>,
+    pub leases: Vec<(i64, String)>,
+    pub pending: Vec<(i64, String)>,
+    pub history: Vec<(i64, String)>,
+    pub history_data: BTreeMap<String, String>,
+    pub dead: Vec<(i64, String)>,
+    /// The event log, oldest first.
+    pub events: Vec<EventImage>,
+    pub trimmed_upto: u64,
+    pub counts: BTreeMap<String, u64>,
+}
+
+/// One saved event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventImage {
+    pub seq: u64,
+    pub id: String,
+    pub name: String,
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+    pub at_ms: i64,
+}
+
+fn zset_image(z: &ZSet) -> Vec<(i64, String)> {
+    z.by_score.iter().cloned().collect()
+}
+
+fn zset_from(members: Vec<(i64, String)>) -> ZSet {
+    let mut z = ZSet::default();
+    for (score, id) in members {
+        z.add(&id, score);
+    }
+    z
+}
+
+fn task_image(e: &Entry) -> TaskImage {
+    let mut fields: BTreeMap<String, String> = e
+        .task
+        .to_fields()
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+    // written by the Lua scripts on Redis, not by `to_fields`
+    if let Some(w) = &e.task.worker {
+        fields.insert("worker".into(), w.clone());
+    }
+    for (name, value) in [
+        ("started_ms", e.task.started_ms),
+        ("finished_ms", e.task.finished_ms),
+    ] {
+        if let Some(v) = value {
+            fields.insert(name.into(), v.to_string());
+        }
+    }
+    let mut waiting: Vec<String> = e.waiting.iter().cloned().collect();
+    waiting.sort();
+    TaskImage {
+        fields,
+        log: e.task.log.clone(),
+        cancel: e.cancel.clone(),
+        waiting,
+        attempt_base: e.attempt_base,
+        lease_until: e.lease_until,
+        hard_until: e.hard_until,
+        expires_at: e.expires_at,
+    }
+}
+
+fn queue_image(q: &Queue) -> QueueImage {
+    QueueImage {
+        ready: zset_image(&q.ready),
+        scheduled: zset_image(&q.scheduled),
+        leases: zset_image(&q.leases),
+        pending: zset_image(&q.pending),
+        history: zset_image(&q.history),
+        history_data: q.history_data.clone().into_iter().collect(),
+        dead: zset_image(&q.dead),
+        events: q
+            .events
+            .iter()
+            .map(|(seq, e)| EventImage {
+                seq: *seq,
+                id: e.id.clone(),
+                name: e.name.clone(),
+                state: e.state.clone(),
+                progress: e.progress.clone(),
+                at_ms: e.at_ms,
+            })
+            .collect(),
+        trimmed_upto: q.trimmed_upto,
+        counts: q.counts.clone().into_iter().collect(),
+    }
+}
+
+// The struct update is deliberate: a field added to `Queue` later starts
+// from its default on load instead of failing to compile here.
+#[allow(clippy::needless_update)]
+fn queue_from(image: QueueImage) -> Queue {
+    Queue {
+        ready: zset_from(image.ready),
+        scheduled: zset_from(image.scheduled),
+        leases: zset_from(image.leases),
+        pending: zset_from(image.pending),
+        history: zset_from(image.history),
+        history_data: image.history_data.into_iter().collect(),
+        dead: zset_from(image.dead),
+        events: image
+            .events
+            .into_iter()
+            .map(|e| {
+                let event = TaskEvent {
+                    stream_id: e.seq.to_string(),
+                    id: e.id,
+                    name: e.name,
+                    state: e.state,
+                    progress: e.progress,
+                    at_ms: e.at_ms,
+                };
+                (e.seq, event)
+            })
+            .collect::<VecDeque<_>>(),
+        trimmed_upto: image.trimmed_upto,
+        counts: image.counts.into_iter().collect(),
+        ..Queue::default()
+    }
+}
+
+fn entry_from(image: TaskImage) -> Result<Entry, String> {
+    let fields: HashMap<String, String> = image.fields.into_iter().collect();
+    let id = fields.get("id").cloned().unwrap_or_default();
+    let task = Task::from_fields(&fields, image.log).map_err(|e| format!("task {id:?}: {e}"))?;
+    Ok(Entry {
+        task,
+        cancel: image.cancel,
+        waiting: image.waiting.into_iter().collect(),
+        attempt_base: image.attempt_base,
+        lease_until: image.lease_until,
+        hard_until: image.hard_until,
+        expires_at: image.expires_at,
+    })
+}
+
+impl MemoryTasks {
+    /// Everything the store holds, as plain data. Running tasks are saved
+    /// as they are: after a crash their leases lapse and the recovery sweep
+    /// treats them as any task whose worker died.
+    pub fn export(&self) -> TasksImage {
+        let s = self.lock();
+        let now = now_ms();
+        // Copied under the lock, converted after it: a periodic save holds
+        // up task transitions for the copy only.
+        let entries: Vec<Entry> = s.tasks.values().cloned().collect();
+        let mut image = TasksImage {
+            last_event: s.last_event,
+            tasks: Vec::new(),
+            queues: s
+                .queues
+                .iter()
+                .map(|(name, q)| (name.to_string(), queue_image(q)))
+                .collect(),
+            claims: s
+                .claims
+                .iter()
+                .filter(|(_, (_, until))| *until > now)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            dependents: s
+                .dependents
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        };
+        drop(s);
+        image.tasks = entries.iter().map(task_image).collect();
+        image
+            .tasks
+            .sort_by(|a, b| a.fields.get("id").cmp(&b.fields.get("id")));
+        image
+    }
+
+    /// A store holding what `image` saved; an error names the first task or
+    /// queue that cannot be read.
+    pub fn import(image: TasksImage) -> Result<Self, String> {
+        let store = Self::default();
+        {
+            let mut s = store.lock();
+            for t in image.tasks {
+                let entry = entry_from(t)?;
+                if let Some(at) = entry.expires_at {
+                    s.expiring.insert((at, entry.task.id.to_string()));
+                }
+                s.tasks.insert(entry.task.id.to_string(), entry);
+            }
+            for (name, q) in image.queues {
+                let queue = QueueName::parse(&name).map_err(|e| e.to_string())?;
+                s.queues.insert(queue, queue_from(q));
+            }
+            let now = now_ms();
+            s.claims = image
+                .claims
+                .into_iter()
+                .filter(|(_, (_, until))| *until > now)
+                .collect();
+            s.dependents = image.dependents.into_iter().collect();
+            s.last_event = image.last_event;
+        }
+        store.shared.events.send_replace(image.last_event);
+        Ok(store)
+    }
+
+    /// Hands every running task back to its queue as a stopping worker
+    /// does (the attempt is given back, the log says why), so that it runs
+    /// again after a restart. How many.
+    pub fn hand_back_running(&self, limits: TaskLimits) -> u64 {
+        // (id, token, the attempt's log entry)
+        let running: Vec<(TaskId, u32, String)> = {
+            let s = self.lock();
+            s.tasks
+                .values()
+                .filter(|e| e.task.state == State::Running)
+                .map(|e| {
+                    let t = &e.task;
+                    let entry = serde_json::json!({
+                        "attempt": t.attempts,
+                        "worker": t.worker,
+                        "started_ms": t.started_ms,
+                        "outcome": "handed_back",
+                        "error": "koo stopped before the task ended; it runs again",
+                    });
+                    (t.id.clone(), t.token, entry.to_string())
+                })
+                .collect()
+        };
+        let mut handed = 0;
+        for (id, token, entry) in running {
+            if matches!(self.release(&id, token, &entry, limits), Ok(true)) {
+                handed += 1;
+            }
+        }
+        handed
+    }
+
+    /// How many tasks are in each state (results not yet expired), in the
+    /// order of a task's life.
+    pub fn census(&self) -> Vec<(State, u64)> {
+        let s = self.lock();
+        let now = now_ms();
+        let mut counts: HashMap<State, u64> = HashMap::new();
+        for e in s.tasks.values().filter(|e| e.live(now)) {
+            *counts.entry(e.task.state).or_default() += 1;
+        }
+        let order = [
+            State::Pending,
+            State::Scheduled,
+            State::Queued,
+            State::Running,
+            State::Succeeded,
+            State::Failed,
+            State::Cancelled,
+            State::TimedOut,
+        ];
+        order
+            .into_iter()
+            .filter_map(|st| counts.get(&st).map(|n| (st, *n)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::tasks::Outcome;
+    use crate::tasks::model::{Category, Priority};
+
+    fn task(queue: &QueueName, name: &str) -> Task {
+        Task {
+            id: TaskId::generate(queue),
+            name: name.into(),
+            category: Category::Research,
+            priority: Priority::High,
+            args: "[1]".into(),
+            kwargs: "{\"a\":1}".into(),
+            state: State::Queued,
+            cache_result: None,
+            depends_on: Vec::new(),
+            schedule: None,
+            schedule_tick_ms: None,
+            attempts: 0,
+            token: 0,
+            max_retries: 0,
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 0,
+            hard_ms: 0,
+            result_ttl_ms: 3_600_000,
+            log: Vec::new(),
+        }
+    }
+
+    /// Queued, scheduled, pending, dead-lettered and running tasks, the
+    /// event log and the claims come back exactly; a running task is handed
+    /// back first, with its attempt given back.
+    #[test]
+    fn tasks_round_trip_through_an_image() {
+        let limits = TaskLimits::default();
+        let q = Category::Research.default_queue();
+        let m = MemoryTasks::default();
+        let queued = task(&q, "n");
+        m.submit(&queued, Duration::ZERO, limits).unwrap();
+        let later = task(&q, "n");
+        m.submit(&later, Duration::from_secs(3600), limits).unwrap();
+        let dead = task(&q, "dead");
+        m.submit(&dead, Duration::ZERO, limits).unwrap();
+        let d = m
+            .lease(&q, "w", Duration::from_secs(30), &["dead"], limits)
+            .unwrap();
+        m.finish(&d.id, d.token, &Outcome::Failed("{}".into()), "{}", limits)
+            .unwrap();
+        let running = task(&q, "run");
+        m.submit(&running, Duration::ZERO, limits).unwrap();
+        let r = m
+            .lease(&q, "w", Duration::from_secs(30), &["run"], limits)
+            .unwrap();
+        let pending = task(&q, "p");
+        m.depend_on(&r.id, &pending.id);
+        m.submit_pending(&pending, std::slice::from_ref(&r.id), limits)
+            .unwrap();
+        assert_eq!(m.claim_idempotency("k", "v", Duration::from_secs(60)), None);
+
+        assert_eq!(m.hand_back_running(limits), 1);
+        let image = m.export();
+        let json = serde_json::to_string(&image).unwrap();
+        let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
+        assert_eq!(back.export(), image);
+
+        let r2 = back.get(&r.id).unwrap();
+        assert_eq!((r2.state, r2.attempts, r2.token), (State::Queued, 0, 1));
+        assert_eq!(back.get(&later.id).unwrap().state, State::Scheduled);
+        assert_eq!(back.get(&pending.id).unwrap().state, State::Pending);
+        assert_eq!(back.dead_letters(&q, 10), [dead.id.to_string()]);
+        assert_eq!(
+            back.claim_idempotency("k", "other", Duration::from_secs(60)),
+            Some("v".into())
+        );
+        let stats = back.queue_stats(&q);
+        assert_eq!((stats.ready, stats.scheduled, stats.pending), (2, 1, 1));
+        // the handed-back task runs, and its dependent is released
+        let again = back
+            .lease(&q, "w2", Duration::from_secs(30), &["run"], limits)
+            .unwrap();
+        assert_eq!((again.attempts, again.token), (1, 2));
+        back.finish(
+            &again.id,
+            again.token,
+            &Outcome::Succeeded("1".into()),
+            "{}",
+            limits,
+        )
+        .unwrap();
+        assert_eq!(back.get(&pending.id).unwrap().state, State::Queued);
+        // event positions go on from where they were
+        let reader = back.event_reader(&q, Some("1")).unwrap();
+        assert_eq!(reader.position(), "1");
+    }
+}
