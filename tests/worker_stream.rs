@@ -368,3 +368,68 @@ async fn closing_streams_spend_no_attempt_on_unstarted_tasks(backend: Backend) {
 fn task_id(t: &wpb::TaskAssignment) -> String {
     t.task.as_ref().unwrap().id.clone()
 }
+
+/// While Redis is down, a stream worker's session retries its lease once a
+/// second, as its log line says, instead of spinning. The chaos suite saw a
+/// session log "cannot lease" about 1,700 times in half a second while a
+/// breaker was half-open: marks of empty queues left from before the outage
+/// could wake the loop before its back-off ended. This pins the pace (it
+/// did not reproduce that exact timing here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_does_not_spin_the_lease_loop() {
+    logs();
+    // The breaker opens at the first failure and stays open: from then on
+    // every lease is refused at once, so nothing but the back-off paces the
+    // retries (as while a half-open breaker's trial is in flight).
+    let mut koo = start_on_with(Backend::Redis, 0, |s| {
+        if let koo::server::StoreSettings::Redis(r) = &mut s.store {
+            r.breaker_failures = 1;
+            r.breaker_cooldown = Duration::from_secs(60);
+        }
+        if let Some(r) = &mut s.tasks.redis {
+            r.breaker_failures = 1;
+            r.breaker_cooldown = Duration::from_secs(60);
+        }
+    })
+    .await;
+    let mut w = WorkerServiceClient::new(koo.server.channel.clone());
+    // the session looks at every queue at once and marks them empty
+    let (tx, _rx, worker) = open(&mut w, 1).await;
+    // a live worker (one that missed its heartbeats would get nothing)
+    let beat = tokio::spawn(async move {
+        loop {
+            if tx
+                .send(msg(In::Heartbeat(wpb::Heartbeat {})))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    koo.redis.as_mut().unwrap().kill();
+    let failing = || {
+        log_lines(&worker)
+            .into_iter()
+            .filter(|l| l.contains("cannot lease"))
+            .count()
+    };
+    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    while failing() == 0 {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no lease failed while Redis was down"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // a window of two seconds: at most a retry a second (plus the first)
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let n = failing();
+    beat.abort();
+    assert!(
+        n <= 4,
+        "{n} failed leases logged in about 2 s: {:#?}",
+        log_lines(&worker)
+    );
+}

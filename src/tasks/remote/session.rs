@@ -355,7 +355,7 @@ impl Session {
                         }
                         Ok(None) => empty[q] = Some(Instant::now()),
                         Err(e) => {
-                            tracing::warn!(queue = %queues[q], error = %e, "cannot lease for an external worker; retrying in a second");
+                            tracing::warn!(worker = %self.record.id, queue = %queues[q], error = %e, "cannot lease for an external worker; retrying in a second");
                             backoff_until = Some(Instant::now() + Duration::from_secs(1));
                             break;
                         }
@@ -369,13 +369,19 @@ impl Session {
             }
             let timer = held.values().filter_map(Held::next_timer).min();
             let room = held.len() < self.concurrency && alive && !stop.is_cancelled();
-            // the earliest moment an empty queue is worth another look
-            let recheck = empty
-                .iter()
-                .flatten()
-                .map(|at| *at + config.poll_interval)
-                .chain(backoff_until)
-                .min();
+            // The earliest moment a lease is worth another try: the end of a
+            // store failure's back-off while it lasts (marks of empty queues
+            // left from before the failure may be long past due, and must
+            // not wake the loop into a busy retry), else when an empty
+            // queue is worth another look.
+            let recheck = match backoff_until {
+                Some(t) if Instant::now() < t => Some(t),
+                _ => empty
+                    .iter()
+                    .flatten()
+                    .map(|at| *at + config.poll_interval)
+                    .min(),
+            };
             // Not biased: a worker whose messages arrive back to back must
             // not starve the timers (hard limits, cancel grace) or the
             // cancels.
