@@ -256,6 +256,33 @@ async fn rpcs_and_refusals(backend: Backend) {
             "schedule.task",
             "required",
         ),
+        // a hard limit under the default soft limit (1500 s): every tick's
+        // submit would be refused, so the template is refused when saved
+        (
+            spb::Schedule {
+                task: Some(spb::TaskTemplate {
+                    time_limit: Some(prost_types::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
+                    ..every("short-limit", "* * * * *", "x").task.unwrap()
+                }),
+                ..every("short-limit", "* * * * *", "x")
+            },
+            "schedule.task.soft_time_limit",
+            "must not exceed",
+        ),
+        (
+            spb::Schedule {
+                task: Some(spb::TaskTemplate {
+                    queue: "nowhere".into(),
+                    ..every("no-queue", "* * * * *", "x").task.unwrap()
+                }),
+                ..every("no-queue", "* * * * *", "x")
+            },
+            "schedule.task.queue",
+            "nowhere",
+        ),
     ] {
         let err = c
             .create_schedule(spb::CreateScheduleRequest { schedule: Some(s) })

@@ -97,7 +97,7 @@ impl Schedules {
 
     /// Creates a schedule (from the API).
     pub async fn create(&self, mut s: Schedule, deadline: Deadline) -> Result<View, TaskError> {
-        s.validate()?;
+        self.validate(&s)?;
         let now = Self::now_ms();
         s.source = Source::Api;
         s.config_hash = None;
@@ -112,6 +112,15 @@ impl Schedules {
         }
         self.changed.notify_waiters();
         self.view(s, None, deadline).await
+    }
+
+    /// A schedule's own checks, and its template checked as the task
+    /// engine would check each tick's submit (the engine's defaults apply:
+    /// a `time_limit` below the default soft limit can never be submitted).
+    fn validate(&self, s: &Schedule) -> Result<(), TaskError> {
+        s.validate()?;
+        self.engine
+            .check(s.task.to_new_task(&s.name)?, "schedule.task")
     }
 
     /// Reads a schedule.
@@ -200,7 +209,7 @@ impl Schedules {
     ) -> Result<View, TaskError> {
         let (mut s, run) = self.load(name, deadline).await?;
         change(&mut s);
-        s.validate()?;
+        self.validate(&s)?;
         s.updated_ms = Self::now_ms();
         if !self.store.replace(&s, deadline).await? {
             return Err(not_found(name));

@@ -562,6 +562,19 @@ impl TaskEngine {
         Ok(out)
     }
 
+    /// Checks `new` as a submit would, without storing anything: a schedule
+    /// template is checked when it is saved, not at every tick, where a
+    /// refusal would only reach a log. Fields are named under `prefix`.
+    pub fn check(&self, new: NewTask, prefix: &str) -> Result<(), TaskError> {
+        self.prepare(new).map(drop).map_err(|e| match e {
+            TaskError::InvalidArgument { field, reason } => TaskError::InvalidArgument {
+                field: format!("{prefix}.{field}"),
+                reason,
+            },
+            other => other,
+        })
+    }
+
     /// A validated task ready to store, and its countdown.
     fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
