@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::tasks::{KOO, client, is_final, short_intervals, submit, wait_task};
+use common::tasks::{KOO, client, is_final, short_intervals, submit, submit_ok, wait_task};
 use common::{EVENT_TIMEOUT, TestRedis, TestServer, test_settings};
 use koo::pb::cache::v1::cache_service_client::CacheServiceClient;
 use koo::pb::cache::v1::{self as pb, CacheLevel, cache_value::Kind};
@@ -283,13 +283,11 @@ async fn worker_recovers_promptly_after_a_redis_restart() {
     ];
     let (mut worker, log) = koo_process("worker", &redis, &worker_env);
     let mut c = client(&server);
-    let first = c
-        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let first = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await;
     wait_task(&mut c, &first.id, is_final).await;
 
     redis.kill();

@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use common::tasks::{KOO, client, spawn_on, submit, wait_task, worker_with};
+use common::tasks::{KOO, client, spawn_on, submit, submit_ok, wait_task, worker_with};
 use common::{EVENT_TIMEOUT, TestRedis};
 use koo::pb::cache::v1 as cache_pb;
 use koo::pb::tasks::v1 as pb;
@@ -112,14 +112,12 @@ async fn seed_env_with_separate_result_backend_starts() {
         .await
         .unwrap();
     let mut c = pb::task_service_client::TaskServiceClient::new(channel);
-    let id = c
-        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+    let id = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await
+    .id;
     wait_task(&mut c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
     assert!(db_size(&redis, 1).await > 0, "tasks live on the broker");
     assert_eq!(db_size(&redis, 2).await, 0, "nothing on the result backend");

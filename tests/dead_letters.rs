@@ -8,7 +8,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::tasks::{Backend, Koo, client, failing, get_ok, start_on_with, submit, wait_task};
+use common::tasks::{
+    Backend, Koo, client, failing, get_ok, start_on_with, submit, submit_ok, wait_task,
+};
 use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
 use koo::server::Settings;
 use tonic::transport::Channel;
@@ -25,14 +27,7 @@ fn short_results(cap: u64) -> impl FnOnce(&mut Settings) {
 
 /// Submits a task that fails for good at its first attempt; waits for FAILED.
 async fn dead_letter(c: &mut TaskServiceClient<Channel>) -> String {
-    let id = c
-        .submit_task(failing(100, 0))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+    let id = submit_ok(c, failing(100, 0)).await.id;
     let t = wait_task(c, &id, |t| t.state == pb::TaskState::Failed as i32).await;
     assert_eq!(t.attempts, 1);
     id
@@ -40,13 +35,8 @@ async fn dead_letter(c: &mut TaskServiceClient<Channel>) -> String {
 
 /// Submits a task that succeeds; waits for SUCCEEDED.
 async fn succeeded(c: &mut TaskServiceClient<Channel>) -> String {
-    let id = c
-        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+    let id = submit_ok(c, submit("koo.diagnostics.noop", serde_json::json!({})))
         .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
         .id;
     wait_task(c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
     id
@@ -191,20 +181,18 @@ async fn cleanup_keeps_dead_letters_unless_asked(backend: Backend) {
     let mut c = client(&koo.server);
     let dead = dead_letter(&mut c).await;
     let done = succeeded(&mut c).await;
-    let maintenance = c
-        .submit_task(pb::SubmitTaskRequest {
+    let maintenance = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
             category: pb::TaskCategory::Database as i32,
             ..submit(
                 "koo.tasks.database.maintenance",
                 serde_json::json!({ "older_than_hours": 0 }),
             )
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+        },
+    )
+    .await
+    .id;
     wait_task(&mut c, &maintenance, |t| {
         t.state == pb::TaskState::Succeeded as i32
     })
