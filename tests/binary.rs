@@ -10,17 +10,9 @@ use std::time::Duration;
 use koo::pb::cache::v1::{self as pb, cache_service_client::CacheServiceClient};
 use tonic::transport::Channel;
 
-const KOO: &str = env!("CARGO_BIN_EXE_koo");
-
 /// A `koo` command with none of the caller's configuration leaking in.
 fn koo() -> Command {
-    let mut cmd = Command::new(KOO);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("REDIS_") || name.starts_with("CACHE_") || name.starts_with("KOO_") {
-            cmd.env_remove(name);
-        }
-    }
-    cmd
+    common::koo_command()
 }
 
 /// A running `koo serve` and the address it announced.

@@ -5,9 +5,9 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
-use common::tasks::{KOO, client, spawn_on, submit, submit_ok, wait_task, worker_with};
+use common::tasks::{client, spawn_on, submit, submit_ok, wait_task, worker_with};
 use common::{EVENT_TIMEOUT, TestRedis};
 use koo::pb::cache::v1 as cache_pb;
 use koo::pb::tasks::v1 as pb;
@@ -26,15 +26,7 @@ impl Drop for Guard {
 /// caller's configuration); its address and the log lines it wrote until it
 /// announced it (panics with them when it exits first).
 fn serve(env: &[(&str, &str)]) -> (Guard, String, Vec<String>) {
-    let mut cmd = Command::new(KOO);
-    for (name, _) in std::env::vars() {
-        if ["REDIS_", "CACHE_", "KOO_", "CELERY_", "TASK_"]
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = common::koo_command();
     let mut child = cmd
         .args(["serve", "--listen", "127.0.0.1:0"])
         .envs(env.iter().copied())

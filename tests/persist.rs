@@ -16,8 +16,6 @@ use koo::pb::schedule::v1::{self as sched_pb, schedule_service_client::ScheduleS
 use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
 use tonic::transport::Channel;
 
-const KOO: &str = env!("CARGO_BIN_EXE_koo");
-
 /// A `koo serve` process on the embedded store, its address, and its log
 /// lines as they come.
 struct Koo {
@@ -30,15 +28,7 @@ struct Koo {
 /// shutdown, and the default schedules off (so that only the test's tasks
 /// exist).
 fn command(data_dir: Option<&Path>, workers: u32, extra: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(KOO);
-    for (name, _) in std::env::vars() {
-        if ["REDIS_", "CACHE_", "KOO_", "TASK_", "CELERY_"]
-            .iter()
-            .any(|p| name.starts_with(p))
-        {
-            cmd.env_remove(name);
-        }
-    }
+    let mut cmd = common::koo_command();
     cmd.args(["serve", "--listen", "127.0.0.1:0"])
         .env("KOO_WORKER_CONCURRENCY", workers.to_string())
         .env("KOO_SHUTDOWN_DRAIN", "0")

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use koo::pb::tasks::v1 as pb;
@@ -15,8 +15,6 @@ use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-use super::tasks::KOO;
 
 /// Wall-clock milliseconds: the unit of the ledger and the fault log (both
 /// written by several processes, so a shared clock, not an `Instant`).
@@ -78,15 +76,7 @@ impl KooProc {
             .append(true)
             .open(&self.log)
             .expect("open the process log");
-        let mut cmd = Command::new(KOO);
-        for (name, _) in std::env::vars() {
-            if ["REDIS_", "CACHE_", "KOO_", "TASK_", "CELERY_"]
-                .iter()
-                .any(|p| name.starts_with(p))
-            {
-                cmd.env_remove(name);
-            }
-        }
+        let mut cmd = super::koo_command();
         let child = cmd
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))

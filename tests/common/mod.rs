@@ -28,6 +28,22 @@ use tonic_health::pb::health_client::HealthClient;
 /// How long any awaited event may take before a test fails.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
+/// The built `koo` binary as a command with none of the caller's
+/// configuration leaking in (`REDIS_*`, `CACHE_*`, `KOO_*`, `TASK_*`,
+/// `CELERY_*` removed), so that a test sets exactly what it means to.
+pub fn koo_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_koo"));
+    for (name, _) in std::env::vars() {
+        if ["REDIS_", "CACHE_", "KOO_", "TASK_", "CELERY_"]
+            .iter()
+            .any(|p| name.starts_with(p))
+        {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// A free loopback port (the OS picks it; we release it for the child).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
