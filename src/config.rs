@@ -15,6 +15,7 @@ use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 pub use self::cache::CacheArgs;
+pub use self::limits::{Limits, LimitsArgs};
 use crate::cache::CacheConfig;
 use crate::persist::DataSettings;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
@@ -25,6 +26,7 @@ use crate::tasks::model::QueueName;
 use crate::tasks::retry::Backoff;
 
 mod cache;
+mod limits;
 
 /// koo: a gRPC control plane for caching and background work.
 #[derive(Debug, Parser)]
@@ -384,6 +386,9 @@ pub struct ServeArgs {
     /// Cache settings (also read by `koo worker`, which caches task results).
     #[command(flatten)]
     pub cache: CacheArgs,
+    /// Limits on what clients may hold open.
+    #[command(flatten)]
+    pub limits: LimitsArgs,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
     #[arg(
         long,
@@ -533,6 +538,7 @@ impl ServeArgs {
             },
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,
+            limits: self.limits.limits(),
             shutdown_grace: self.shutdown_grace,
             shutdown_drain: self.shutdown_drain,
             schedule: self.schedules.settings(!self.no_scheduler)?,

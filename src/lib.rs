@@ -19,6 +19,9 @@
 //! - [`health`]: drives `grpc.health.v1` from the backend's real state.
 //! - [`pb`]: generated protobuf code and the reflection descriptor set.
 //! - [`quote`]: bounded quoting of user input in messages.
+//! - [`watch`]: live streams: one reader per queue per process fanned out
+//!   to every watcher, bounded buffers, shared metrics snapshots, the
+//!   watcher limit.
 //!
 //! The domain never sees a `tonic::Status`; the store never sees a protobuf
 //! type.
@@ -37,3 +40,4 @@ pub mod server;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod watch;

@@ -31,7 +31,7 @@ use crate::schedule::store::ScheduleStore;
 use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
-use crate::tasks::events::EventHub;
+use crate::watch::{Hub, Watchers};
 use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
 use crate::tasks::{handlers, maintenance};
@@ -91,6 +91,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Deadline of a bulk call without one.
     pub bulk_timeout: Duration,
+    /// Watchers, buffers and streams per connection.
+    pub limits: crate::config::Limits,
     /// Time in-flight calls get to finish on shutdown.
     pub shutdown_grace: Duration,
     /// Time between reporting NOT_SERVING and closing the listener.
@@ -142,6 +144,7 @@ impl Default for Settings {
             shutdown_drain: Duration::from_millis(500),
             worker_token: None,
             schedule: ScheduleSettings::default(),
+            limits: crate::config::Limits::default(),
         }
     }
 }
@@ -324,6 +327,7 @@ pub async fn run(
     let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(Some(settings.limits.max_concurrent_streams))
         .add_service(
             CacheServiceServer::new(api)
                 .max_decoding_message_size(limit)
@@ -333,6 +337,7 @@ pub async fn run(
             tasks,
             task_cache.clone(),
             settings.request_timeout,
+            settings.limits.watch_buffer,
             stop.clone(),
         )))
         .add_service(ScheduleServiceServer::new(ScheduleApi::new(
@@ -398,15 +403,17 @@ fn start_tasks(
     cache: &Cache,
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
-) -> Result<(TaskEngine, EventHub), ServerError> {
+) -> Result<(TaskEngine, Hub), ServerError> {
     let prefix = &settings.tasks.config.prefix;
-    let tasks = match &settings.tasks.redis {
+    // Watchers read through connections of their own (see `crate::watch`).
+    let (tasks, watch_store) = match &settings.tasks.redis {
         None => {
             tracing::info!(
                 kept = embedded.is_kept(),
                 "tasks live in this process (set REDIS_URL to use Redis): not shared with other koo processes, kept across restarts only with KOO_DATA_DIR"
             );
-            TaskStore::Memory(embedded.tasks.clone().unwrap_or_default())
+            let tasks = TaskStore::Memory(embedded.tasks.clone().unwrap_or_default());
+            (tasks.clone(), tasks)
         }
         Some(config) => {
             // Share the cache's pool when tasks live on the same Redis.
@@ -415,7 +422,14 @@ fn start_tasks(
                 _ => RedisStore::connect(config)?,
             };
             background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
-            TaskStore::redis(redis, prefix)
+            let watch = RedisStore::connect(&RedisConfig {
+                max_connections: 1,
+                ..config.clone()
+            })?;
+            (
+                TaskStore::redis(redis, prefix),
+                TaskStore::redis(watch, prefix),
+            )
         }
     };
     let engine = TaskEngine::new(tasks.clone(), settings.tasks.config.clone());
@@ -439,7 +453,12 @@ fn start_tasks(
         );
         background.spawn(pool.run(stop.clone()));
     }
-    let hub = EventHub::new(tasks, stop.clone());
+    let hub = Hub::new(
+        TaskEngine::new(watch_store, settings.tasks.config.clone()),
+        Watchers::new(settings.limits.max_watchers),
+        settings.limits.watch_buffer,
+        stop.clone(),
+    );
     Ok((engine, hub))
 }
 

@@ -21,7 +21,7 @@ use crate::cache::{
 use crate::pb::cache::v1 as pb;
 use crate::store::{BackendKind, CircuitState, Deadline};
 use crate::tasks::engine::{NewTask, TaskEngine, TaskError};
-use crate::tasks::events::EventHub;
+use crate::watch::{Hub, Kind as WatchKind, Ticker};
 use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_MAINTENANCE, CACHE_WARM};
 use crate::tasks::model::{Category, Priority, State};
 
@@ -29,11 +29,12 @@ use crate::tasks::model::{Category, Priority, State};
 pub struct CacheApi {
     cache: Cache,
     /// Where `Cleanup`, `Warm` and `StartMaintenance` submit their tasks.
-    tasks: (TaskEngine, EventHub),
+    tasks: (TaskEngine, Hub),
     max_value_size: usize,
     request_timeout: Duration,
     bulk_timeout: Duration,
-    shutdown: CancellationToken,
+    /// `WatchMetrics` snapshots, taken once per interval and shared.
+    metrics: Ticker<pb::WatchMetricsResponse>,
 }
 
 impl CacheApi {
@@ -41,19 +42,32 @@ impl CacheApi {
     /// (`bulk_timeout` for bulk calls); streams end on `shutdown`.
     pub fn new(
         cache: Cache,
-        tasks: (TaskEngine, EventHub),
+        tasks: (TaskEngine, Hub),
         max_value_size: usize,
         request_timeout: Duration,
         bulk_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Self {
+        let source = cache.clone();
+        let metrics = Ticker::new(shutdown.clone(), move |interval: Duration| {
+            let cache = source.clone();
+            let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
+                let report = cache
+                    .metrics(Deadline::after(request_timeout.min(interval)))
+                    .await;
+                pb::WatchMetricsResponse {
+                    metrics: Some(metrics(report)),
+                }
+            });
+            f
+        });
         Self {
             cache,
             tasks,
             max_value_size,
             request_timeout,
             bulk_timeout,
-            shutdown,
+            metrics,
         }
     }
 
@@ -485,27 +499,15 @@ impl pb::cache_service_server::CacheService for CacheApi {
             time::WATCH_INTERVAL,
         )?
         .unwrap_or(Duration::from_secs(1));
-        let mut tick = tokio::time::interval(interval);
-        // A slow reader gets fewer snapshots, never a burst of stale ones.
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let state = (
-            self.cache.clone(),
-            tick,
-            self.shutdown.clone(),
-            self.request_timeout.min(interval),
+        let permit = self.tasks.1.watchers().admit(WatchKind::CacheMetrics)?;
+        // Every watcher of one interval shares one snapshot per tick.
+        let stream = futures::stream::unfold(
+            (self.metrics.follow(interval), permit),
+            |(mut follower, permit)| async move {
+                let snapshot = follower.next().await?;
+                Some((Ok(snapshot.value.clone()), (follower, permit)))
+            },
         );
-        let stream =
-            futures::stream::unfold(state, |(cache, mut tick, shutdown, budget)| async move {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tick.tick() => {}
-                }
-                let report = cache.metrics(Deadline::after(budget)).await;
-                let item = Ok(pb::WatchMetricsResponse {
-                    metrics: Some(metrics(report)),
-                });
-                Some((item, (cache, tick, shutdown, budget)))
-            });
         Ok(Response::new(Box::pin(stream)))
     }
 

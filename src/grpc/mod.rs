@@ -10,6 +10,7 @@ pub mod schedule;
 mod status;
 pub mod tasks;
 mod time;
+mod watch;
 pub mod worker;
 
 use tonic::Status;

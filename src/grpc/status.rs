@@ -10,6 +10,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use crate::cache::CacheError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
+use crate::watch::WatchError;
 
 /// Longest status message koo sends. Messages quote input through
 /// [`crate::quote::quote`]; this is the last bound, so that no message can
@@ -138,5 +139,40 @@ mod tests {
         let details = s.get_error_details();
         let violation = &details.bad_request().unwrap().field_violations[0];
         assert_eq!(violation.field, "entries[1].key");
+    }
+}
+
+impl From<WatchError> for Status {
+    fn from(e: WatchError) -> Self {
+        let message = bounded(e.to_string());
+        match e {
+            WatchError::TooMany { max } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    "TOO_MANY_WATCHERS",
+                    "koo",
+                    [("max_watchers".to_owned(), max.to_string())],
+                ),
+            ),
+            // The token is whole in the details (a client needs all of it);
+            // the message does not quote it.
+            WatchError::FellBehind {
+                buffer,
+                resume_token,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    "WATCHER_FELL_BEHIND",
+                    "koo",
+                    [
+                        ("resume_token".to_owned(), resume_token),
+                        ("watch_buffer".to_owned(), buffer.to_string()),
+                    ],
+                ),
+            ),
+            WatchError::Gap { .. } => Status::out_of_range(message),
+        }
     }
 }

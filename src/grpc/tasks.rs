@@ -14,33 +14,60 @@ use crate::cache::Cache;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
-use crate::tasks::events::EventHub;
 use crate::tasks::listing::{ActiveFilter, HistoryFilter};
 use crate::tasks::model::{CacheTarget, Category, Priority, QueueName, State, Task, names};
+use crate::watch::{Filter, Hub, Kind as WatchKind, Overflow, Ticker};
 use tokio_util::sync::CancellationToken;
+
+use super::watch::{EventStream, TaskStream, TaskWatch, TasksWatch};
 
 /// The TaskService implementation.
 pub struct TaskApi {
-    engine: (TaskEngine, EventHub),
+    engine: (TaskEngine, Hub),
     /// For the default TTL of a cached result.
     cache: Cache,
     request_timeout: Duration,
     shutdown: CancellationToken,
+    /// `WatchTaskMetrics` snapshots, taken once per interval and shared.
+    metrics: Ticker<Result<pb::WatchTaskMetricsResponse, Status>>,
+    watch_buffer: usize,
 }
 
 impl TaskApi {
     /// Serves `engine`; watch streams end on `shutdown`.
     pub fn new(
-        engine: (TaskEngine, EventHub),
+        engine: (TaskEngine, Hub),
         cache: Cache,
         request_timeout: Duration,
+        watch_buffer: usize,
         shutdown: CancellationToken,
     ) -> Self {
+        let (reader, hub) = (engine.1.engine().clone(), engine.1.clone());
+        let budget = request_timeout;
+        let metrics = Ticker::new(shutdown.clone(), move |interval: Duration| {
+            let (engine, hub) = (reader.clone(), hub.clone());
+            let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
+                let deadline = Deadline::after(budget.min(interval));
+                let (queues, workers) = futures::try_join!(
+                    queue_metrics(&engine, deadline),
+                    worker_metrics(&engine, deadline)
+                )?;
+                Ok(pb::WatchTaskMetricsResponse {
+                    queues,
+                    time: Some(prost_types::Timestamp::from(SystemTime::now())),
+                    workers: Some(workers),
+                    streams: Some(stream_metrics(&hub)),
+                })
+            });
+            f
+        });
         Self {
             engine,
             cache,
             request_timeout,
             shutdown,
+            metrics,
+            watch_buffer,
         }
     }
 
@@ -48,8 +75,8 @@ impl TaskApi {
         &self.engine.0
     }
 
-    fn parts(&self) -> &(TaskEngine, EventHub) {
-        &self.engine
+    fn hub(&self) -> &Hub {
+        &self.engine.1
     }
 
     fn deadline<T>(&self, r: &Request<T>) -> Deadline {
@@ -173,8 +200,24 @@ fn queues_for(
     })
 }
 
+/// This process's watch streams.
+fn stream_metrics(hub: &Hub) -> pb::StreamMetrics {
+    let f = hub.watchers().figures();
+    let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::StreamMetrics {
+        watch_task: n(f.by_kind[WatchKind::Task as usize]),
+        watch_tasks: n(f.by_kind[WatchKind::Tasks as usize]),
+        watch_task_metrics: n(f.by_kind[WatchKind::TaskMetrics as usize]),
+        watch_metrics: n(f.by_kind[WatchKind::CacheMetrics as usize]),
+        max_watchers: n(f.max),
+        queue_readers: n(f.readers),
+        events_fanned_out: i64::try_from(f.fanned_out).unwrap_or(i64::MAX),
+        watchers_fallen_behind: i64::try_from(f.fell_behind).unwrap_or(i64::MAX),
+    }
+}
+
 /// A stored progress report as the API shows it.
-fn progress(json: &str) -> Option<pb::TaskProgress> {
+pub(crate) fn progress(json: &str) -> Option<pb::TaskProgress> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     Some(pb::TaskProgress {
         percent: v["percent"].as_f64().unwrap_or(0.0),
@@ -364,104 +407,43 @@ fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> 
     })
 }
 
-type EventStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchTasksResponse, Status>> + Send>>;
-
-/// How often a WatchTask re-reads its task even without events.
-const WATCH_BACKSTOP: Duration = Duration::from_secs(5);
-
 /// Most tasks in one SubmitTasks.
 const MAX_BATCH: usize = 100;
 
-type WatchStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::WatchTaskResponse, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl pb::task_service_server::TaskService for TaskApi {
-    type WatchTaskStream = WatchStream;
+    type WatchTaskStream = TaskStream;
 
     async fn watch_task(
         &self,
         request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let deadline = self.deadline(&request);
-        let (engine, hub) = self.parts().clone();
+        let hub = self.hub().clone();
         let id = request.into_inner().task_id;
         let task_id = crate::tasks::model::TaskId::parse(&id)
             .map_err(|e| invalid_argument("task_id", &e.to_string()))?;
+        let permit = hub.watchers().admit(WatchKind::Task)?;
         // Subscribe first, then read: nothing that happens after the read is
         // missed.
-        let mut events = hub.subscribe(&task_id.queue(), deadline).await?;
-        let first = engine.get(&id, deadline).await?;
-        let shutdown = self.shutdown.clone();
-        let timeout = self.request_timeout;
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let mut backstop = tokio::time::interval(WATCH_BACKSTOP);
-        backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        backstop.reset();
-        tokio::spawn(async move {
-            let mut current = first;
-            loop {
-                let done = current.state.is_final();
-                let (state, progress) = (current.state, current.progress.clone());
-                let last_sent = current.clone();
-                let reply = pb::WatchTaskResponse {
-                    task: Some(to_pb_task(current)),
-                };
-                if tx.send(Ok(reply)).await.is_err() || done {
-                    return;
-                }
-                current = loop {
-                    let next_state = tokio::select! {
-                        _ = tx.closed() => return,
-                        _ = shutdown.cancelled() => return,
-                        // A backstop: should an event never arrive (trimmed
-                        // from the stream, or lost to a reader error), a
-                        // periodic read still brings the watcher up to date.
-                        _ = backstop.tick() => None,
-                        event = events.recv() => match event {
-                            Ok(e) if e.id == id => State::parse(&e.state),
-                            Ok(_) => continue,
-                            // Missed some: re-read the task to catch up.
-                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => None,
-                            Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                                let _ = tx.send(Err(Status::unavailable("task events stopped; watch again"))).await;
-                                return;
-                            }
-                        },
-                    };
-                    // Every event is sent with the state it recorded (a
-                    // lease moves a task through QUEUED and RUNNING in one
-                    // step, and both are shown); the other fields come from
-                    // a fresh read.
-                    match engine.get(&id, Deadline::after(timeout)).await {
-                        Ok(mut task) => {
-                            if let Some(st) = next_state {
-                                task.state = st;
-                            } else if task.state == state && task.progress == progress {
-                                continue;
-                            }
-                            break task;
-                        }
-                        // The result expired right after the end: the
-                        // final state still goes out.
-                        Err(crate::tasks::engine::TaskError::NotFound(_))
-                            if next_state.is_some_and(State::is_final) =>
-                        {
-                            let mut last = last_sent.clone();
-                            last.state = next_state.unwrap_or(last.state);
-                            break last;
-                        }
-                        Err(e) => {
-                            let _ = tx.send(Err(Status::from(e))).await;
-                            return;
-                        }
-                    }
-                };
-            }
-        });
-        let stream: WatchStream = Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
-        Ok(Response::new(stream))
+        let sub = hub
+            .subscribe(
+                &[(task_id.queue(), None)],
+                Filter::Task(id.clone()),
+                Overflow::Resync,
+                deadline,
+            )
+            .await?;
+        let first = hub.engine().get(&id, deadline).await?;
+        let watch = TaskWatch {
+            hub,
+            sub,
+            first: Some(first),
+            shutdown: self.shutdown.clone(),
+            timeout: self.request_timeout,
+            _permit: permit,
+        };
+        Ok(Response::new(watch.into_stream()))
     }
 
     async fn submit_task(
@@ -491,6 +473,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         Ok(Response::new(pb::GetTaskMetricsResponse {
             queues,
             workers: Some(workers),
+            streams: Some(stream_metrics(self.hub())),
         }))
     }
 
@@ -508,38 +491,20 @@ impl pb::task_service_server::TaskService for TaskApi {
             time::WATCH_INTERVAL,
         )?
         .unwrap_or(Duration::from_secs(1));
-        let mut tick = tokio::time::interval(interval);
-        // A slow reader gets fewer snapshots, never a burst of stale ones.
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let state = (
-            self.engine().clone(),
-            tick,
-            self.shutdown.clone(),
-            self.request_timeout.min(interval),
-            false,
-        );
+        let permit = self.hub().watchers().admit(WatchKind::TaskMetrics)?;
+        let follower = self.metrics.follow(interval);
+        // Every watcher of one interval shares one snapshot per tick; the
+        // stream ends after an error, as each watcher's used to.
         let stream = futures::stream::unfold(
-            state,
-            |(engine, mut tick, shutdown, budget, failed)| async move {
+            (follower, permit, false),
+            |(mut follower, permit, failed)| async move {
                 if failed {
                     return None;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return None,
-                    _ = tick.tick() => {}
-                }
-                let deadline = Deadline::after(budget);
-                let item = futures::try_join!(
-                    queue_metrics(&engine, deadline),
-                    worker_metrics(&engine, deadline)
-                )
-                .map(|(queues, workers)| pb::WatchTaskMetricsResponse {
-                    queues,
-                    time: Some(prost_types::Timestamp::from(SystemTime::now())),
-                    workers: Some(workers),
-                });
+                let snapshot = follower.next().await?;
+                let item = snapshot.value.clone();
                 let failed = item.is_err();
-                Some((item, (engine, tick, shutdown, budget, failed)))
+                Some((item, (follower, permit, failed)))
             },
         );
         Ok(Response::new(Box::pin(stream)))
@@ -762,114 +727,28 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::WatchTasksRequest>,
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
         let deadline = self.deadline(&request);
-        let engine = self.engine().clone();
         let r = request.into_inner();
         let mut queues = Vec::new();
         for c in &r.categories {
             queues.push(category(*c)?.default_queue());
         }
         if queues.is_empty() {
-            queues = engine.config().queues();
+            queues = self.engine().config().queues();
         }
-        let mut positions: std::collections::BTreeMap<String, String> = if r.resume_token.is_empty()
-        {
-            Default::default()
-        } else {
-            base64::Engine::decode(
-                &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-                &r.resume_token,
-            )
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| invalid_argument("resume_token", "is not a token this server issued"))?
+        // a category named twice is watched once
+        queues.sort();
+        queues.dedup();
+        let permit = self.hub().watchers().admit(WatchKind::Tasks)?;
+        let (sub, positions) =
+            TasksWatch::subscribe(self.hub(), queues, r.name, &r.resume_token, deadline).await?;
+        let watch = TasksWatch {
+            sub,
+            positions,
+            shutdown: self.shutdown.clone(),
+            buffer: self.watch_buffer,
+            _permit: permit,
         };
-        let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let (events_tx, mut events_rx) = tokio::sync::mpsc::channel::<(
-            String,
-            Result<Vec<crate::store::tasks::TaskEvent>, Status>,
-        )>(64);
-        for queue in &queues {
-            let mut reader = engine
-                .store()
-                .event_reader(
-                    queue,
-                    positions.get(queue.as_str()).map(String::as_str),
-                    deadline,
-                )
-                .await
-                .map_err(Status::from)?;
-            positions.insert(queue.to_string(), reader.position());
-            let events_tx = events_tx.clone();
-            let queue = queue.to_string();
-            let shutdown = self.shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    let read = tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = events_tx.closed() => return,
-                        read = reader.next(Duration::from_secs(1)) => read,
-                    };
-                    let failed = read.is_err();
-                    if matches!(&read, Ok(events) if events.is_empty()) {
-                        continue;
-                    }
-                    if events_tx
-                        .send((queue.clone(), read.map_err(Status::from)))
-                        .await
-                        .is_err()
-                        || failed
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-        drop(events_tx);
-        let name = r.name;
-        tokio::spawn(async move {
-            loop {
-                // Ends as soon as the client goes away, events or not, which
-                // drops the receiver and so stops the per-queue readers.
-                let (queue, read) = tokio::select! {
-                    _ = tx.closed() => return,
-                    next = events_rx.recv() => match next {
-                        Some(next) => next,
-                        None => return,
-                    },
-                };
-                let events = match read {
-                    Ok(events) => events,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
-                    }
-                };
-                for e in events {
-                    positions.insert(queue.clone(), e.stream_id.clone());
-                    if !name.is_empty() && e.name != name {
-                        continue;
-                    }
-                    let token = base64::Engine::encode(
-                        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
-                        serde_json::to_vec(&positions).unwrap_or_default(),
-                    );
-                    let reply = pb::WatchTasksResponse {
-                        task_id: e.id,
-                        queue: queue.clone(),
-                        state: State::parse(&e.state).map_or(0, |s| to_pb_state(s) as i32),
-                        progress: e.progress.as_deref().and_then(progress),
-                        event_time: timestamp(Some(e.at_ms)),
-                        resume_token: token,
-                    };
-                    if tx.send(Ok(reply)).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        Ok(Response::new(watch.into_stream()))
     }
 
     async fn cancel_task(

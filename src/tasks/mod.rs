@@ -1,9 +1,9 @@
 //! The task domain: the model, the engine over a [`crate::store::tasks::TaskStore`],
-//! the built-in worker pool and its handlers, live events and listing.
+//! the built-in worker pool and its handlers, and listing (live events are
+//! [`crate::watch`]).
 //! `docs/design/tasks.md` is the design.
 
 pub mod engine;
-pub mod events;
 pub mod handlers;
 pub mod listing;
 pub mod maintenance;
