@@ -31,10 +31,10 @@ use crate::schedule::store::ScheduleStore;
 use crate::store::tasks::TaskStore;
 use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
-use crate::watch::{Hub, Watchers};
 use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
 use crate::tasks::{handlers, maintenance};
+use crate::watch::{Hub, Watchers};
 
 /// Which backend to use.
 #[derive(Debug, Clone, PartialEq)]

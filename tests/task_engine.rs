@@ -156,7 +156,7 @@ impl Koo {
                 tokio::time::Instant::now() < until,
                 "task never ended: {current:?}"
             );
-            events.next(Duration::from_millis(500)).await.unwrap();
+            events.next(Duration::from_millis(500), 1000).await.unwrap();
         }
     }
 }
@@ -541,6 +541,6 @@ async fn a_missed_dependency_release_is_repaired_by_the_sweep(backend: Backend) 
         }
         assert_eq!(now.state, State::Pending);
         assert!(tokio::time::Instant::now() < until, "never released");
-        events.next(Duration::from_millis(500)).await.unwrap();
+        events.next(Duration::from_millis(500), 1000).await.unwrap();
     }
 }

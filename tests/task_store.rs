@@ -475,7 +475,7 @@ async fn progress_and_events_are_fenced_and_ordered(f: Fixture) {
         .unwrap();
     let mut events = Vec::new();
     while events.len() < 4 {
-        let got = reader.next(common::EVENT_TIMEOUT).await.unwrap();
+        let got = reader.next(common::EVENT_TIMEOUT, 1000).await.unwrap();
         assert!(!got.is_empty(), "events stopped after {events:?}");
         events.extend(got);
     }
@@ -492,7 +492,7 @@ async fn progress_and_events_are_fenced_and_ordered(f: Fixture) {
         .event_reader(&f.queue, Some(&events[1].stream_id), later())
         .await
         .unwrap();
-    let rest = resumed.next(common::EVENT_TIMEOUT).await.unwrap();
+    let rest = resumed.next(common::EVENT_TIMEOUT, 1000).await.unwrap();
     let rest: Vec<_> = rest.iter().map(|e| e.stream_id.as_str()).collect();
     assert_eq!(rest, [&events[2].stream_id, &events[3].stream_id]);
     assert_eq!(resumed.position(), events[3].stream_id);

@@ -117,7 +117,8 @@ impl TaskWatchState {
                 Ok(mut task) => {
                     if let Some(st) = next_state {
                         task.state = st;
-                    } else if last.is_some_and(|l| l.state == task.state && l.progress == task.progress)
+                    } else if last
+                        .is_some_and(|l| l.state == task.state && l.progress == task.progress)
                     {
                         continue;
                     }

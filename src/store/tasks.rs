@@ -862,11 +862,13 @@ impl EventReader {
         }
     }
 
-    /// The next events, waiting up to `block` for some (empty after that).
-    pub async fn next(&mut self, block: Duration) -> Result<Vec<TaskEvent>> {
+    /// The next events, at most `max` (and at most 1,000), waiting up to
+    /// `block` for some (empty after that).
+    pub async fn next(&mut self, block: Duration, max: usize) -> Result<Vec<TaskEvent>> {
+        let max = max.clamp(1, 1000);
         match self {
-            Self::Redis(r) => r.next(block).await,
-            Self::Memory(r) => Ok(r.next(block).await),
+            Self::Redis(r) => r.next(block, max).await,
+            Self::Memory(r) => Ok(r.next(block, max).await),
         }
     }
 }

@@ -31,10 +31,6 @@ use crate::store::{Deadline, StoreError};
 use crate::tasks::engine::{TaskEngine, TaskError};
 use crate::tasks::model::{QueueName, State, Task, TaskId};
 
-/// Recent events each feed keeps, so that a watcher resuming inside them is
-/// served from memory (a reconnecting dashboard costs the store nothing).
-const RING: usize = 4096;
-
 /// How long a read waits for events; also how soon a feed whose last
 /// watcher left stops.
 const BLOCK: Duration = Duration::from_secs(1);
@@ -140,7 +136,12 @@ struct FeedState {
     head: String,
     /// The ring holds every event after this position.
     floor: String,
+    /// The most recent events, so that a watcher resuming inside them is
+    /// served from memory (a reconnecting dashboard costs the store
+    /// nothing). As many as a watcher's buffer holds: a watcher ended for
+    /// falling behind and resuming at once is served from here.
     ring: VecDeque<Arc<Event>>,
+    ring_cap: usize,
     next_key: u64,
     sinks: HashMap<u64, (Arc<Sink>, Filter)>,
     by_id: HashMap<String, Vec<u64>>,
@@ -222,7 +223,7 @@ impl FeedState {
                 }
             }
             self.ring.push_back(event);
-            if self.ring.len() > RING
+            if self.ring.len() > self.ring_cap
                 && let Some(old) = self.ring.pop_front()
             {
                 self.floor.clone_from(&old.event.stream_id);
@@ -329,7 +330,9 @@ impl Hub {
                 )),
             };
             // On failure, `sub` is dropped and leaves the feeds it joined.
-            let (feed, key, start) = self.join(queue, after, &filter, &sub.sink, deadline).await?;
+            let (feed, key, start) = self
+                .join(queue, after, &filter, &sub.sink, deadline)
+                .await?;
             sub.positions.push((feed.queue.clone(), start));
             sub.feeds.push((feed, key));
         }
@@ -361,7 +364,10 @@ impl Hub {
                     Arc::new(Feed {
                         queue: Arc::new(queue.clone()),
                         started: OnceCell::new(),
-                        state: Mutex::new(FeedState::default()),
+                        state: Mutex::new(FeedState {
+                            ring_cap: self.inner.bound,
+                            ..FeedState::default()
+                        }),
                     })
                 })
                 .clone();
@@ -430,12 +436,14 @@ impl Hub {
             .map_err(|_| StoreError::DeadlineExceeded)?
             .map_err(|_| StoreError::Unavailable("koo is stopping".into()))?;
         let store = self.inner.engine.store();
-        let mut reader = store.event_reader(&feed.queue, Some(after), deadline).await?;
+        let mut reader = store
+            .event_reader(&feed.queue, Some(after), deadline)
+            .await?;
         let mut backlog = Vec::new();
         let mut last = position(after).unwrap_or_default();
         loop {
             let batch =
-                tokio::time::timeout_at(deadline.instant(), reader.next(Duration::ZERO))
+                tokio::time::timeout_at(deadline.instant(), reader.next(Duration::ZERO, 1000))
                     .await
                     .map_err(|_| StoreError::DeadlineExceeded)??;
             let done = batch.is_empty();
@@ -477,6 +485,10 @@ impl Hub {
     /// Reads `feed`'s queue until nobody watches it or koo stops.
     async fn follow(self, feed: Arc<Feed>, mut reader: EventReader) {
         let stop = self.inner.stop.clone();
+        // A quarter of a watcher's buffer at a time: one read alone never
+        // fills a buffer, so a watcher is ended only after it has fallen
+        // behind by several reads.
+        let batch = (self.inner.bound / 4).max(1);
         // Set after a failed read: before reading on, check that the store
         // still keeps the events after our position.
         let mut failed = false;
@@ -498,7 +510,7 @@ impl Hub {
             }
             let read = tokio::select! {
                 _ = stop.cancelled() => break,
-                read = reader.next(BLOCK) => read,
+                read = reader.next(BLOCK, batch) => read,
             };
             match read {
                 Ok(events) if events.is_empty() => {}

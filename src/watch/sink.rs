@@ -83,7 +83,10 @@ impl Sink {
     /// behind). Never waits.
     pub fn push(&self, event: &Arc<Event>) -> bool {
         let mut b = self.lock();
-        if matches!(b.signal, Some(Next::FellBehind | Next::Closed | Next::Gap(_))) {
+        if matches!(
+            b.signal,
+            Some(Next::FellBehind | Next::Closed | Next::Gap(_))
+        ) {
             return true;
         }
         let live = b.events.len() - b.backlog;
@@ -91,7 +94,11 @@ impl Sink {
             b.events = VecDeque::new();
             b.backlog = 0;
             let ended = self.overflow == Overflow::End;
-            b.signal = Some(if ended { Next::FellBehind } else { Next::Resync });
+            b.signal = Some(if ended {
+                Next::FellBehind
+            } else {
+                Next::Resync
+            });
             drop(b);
             self.ready.notify_one();
             return !ended;
@@ -119,7 +126,10 @@ impl Sink {
     /// terminal signal drops the buffered events.
     pub fn signal(&self, next: Next) {
         let mut b = self.lock();
-        if matches!(b.signal, Some(Next::FellBehind | Next::Closed | Next::Gap(_))) {
+        if matches!(
+            b.signal,
+            Some(Next::FellBehind | Next::Closed | Next::Gap(_))
+        ) {
             return;
         }
         match next {
@@ -185,7 +195,11 @@ fn coalesce(events: &mut VecDeque<Arc<Event>>, event: &Arc<Event>) -> bool {
     if event.event.progress.is_none() {
         return false;
     }
-    match events.iter_mut().rev().find(|e| e.event.id == event.event.id) {
+    match events
+        .iter_mut()
+        .rev()
+        .find(|e| e.event.id == event.event.id)
+    {
         Some(same) if same.event.progress.is_some() => {
             *same = event.clone();
             true
@@ -258,8 +272,14 @@ mod tests {
     #[test]
     fn prefilled_events_come_first_and_do_not_count_against_the_bound() {
         let sink = Sink::new(1, Overflow::End);
-        sink.prefill([event(1, "a", "queued", None), event(2, "a", "running", None)]);
-        assert!(sink.push(&event(3, "a", "succeeded", None)), "one live event fits");
+        sink.prefill([
+            event(1, "a", "queued", None),
+            event(2, "a", "running", None),
+        ]);
+        assert!(
+            sink.push(&event(3, "a", "succeeded", None)),
+            "one live event fits"
+        );
         assert_eq!(id_of(sink.try_next()), "1");
         assert_eq!(id_of(sink.try_next()), "2");
         assert_eq!(id_of(sink.try_next()), "3");

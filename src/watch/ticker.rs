@@ -171,7 +171,11 @@ mod tests {
         for f in &mut followers {
             assert_eq!(f.next().await.unwrap().value, 1);
         }
-        assert_eq!(runs.load(Ordering::SeqCst), 2, "two ticks, two computations");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "two ticks, two computations"
+        );
         drop(followers);
         // the producer stops at its next tick
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -47,7 +47,6 @@ const BATCH: usize = 100;
 const PURGE_BATCH: usize = 1000;
 
 /// Events one read returns at most, as on Redis (`XREAD COUNT`).
-const READ_BATCH: usize = 1000;
 
 /// A sorted set of task ids (Redis's ZSET): ordered by score then id.
 #[derive(Default)]
@@ -1245,14 +1244,15 @@ impl MemoryEventReader {
         self.last.to_string()
     }
 
-    /// The next events, waiting up to `block` for some (empty after that).
-    pub async fn next(&mut self, block: Duration) -> Vec<TaskEvent> {
+    /// The next events, at most `max`, waiting up to `block` for some
+    /// (empty after that).
+    pub async fn next(&mut self, block: Duration, max: usize) -> Vec<TaskEvent> {
         let until = tokio::time::Instant::now() + block;
         loop {
             // Marked seen before reading, so that an event appended after the
             // read wakes the wait below.
             self.changes.borrow_and_update();
-            let events = self.read();
+            let events = self.read(max);
             if !events.is_empty() {
                 return events;
             }
@@ -1264,7 +1264,7 @@ impl MemoryEventReader {
         }
     }
 
-    fn read(&mut self) -> Vec<TaskEvent> {
+    fn read(&mut self, max: usize) -> Vec<TaskEvent> {
         let s = self.tasks.lock();
         let Some(q) = s.queues.get(&self.queue) else {
             return Vec::new();
@@ -1273,7 +1273,7 @@ impl MemoryEventReader {
         let events: Vec<TaskEvent> = q
             .events
             .range(from..)
-            .take(READ_BATCH)
+            .take(max)
             .map(|(_, e)| e.clone())
             .collect();
         if let Some(e) = events.last() {

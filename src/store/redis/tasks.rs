@@ -85,8 +85,9 @@ impl StreamReader {
         &self.last
     }
 
-    /// The next events, waiting up to `block` for some (empty after that).
-    pub async fn next(&mut self, block: Duration) -> Result<Vec<TaskEvent>> {
+    /// The next events, at most `max`, waiting up to `block` for some
+    /// (empty after that).
+    pub async fn next(&mut self, block: Duration, max: usize) -> Result<Vec<TaskEvent>> {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => {
@@ -110,7 +111,7 @@ impl StreamReader {
             .arg("BLOCK")
             .arg(millis(block).max(1))
             .arg("COUNT")
-            .arg(1000)
+            .arg(max)
             .arg("STREAMS")
             .arg(&self.stream)
             .arg(&self.last)
