@@ -23,6 +23,9 @@ use tonic::transport::Channel;
 pub const ABSENT_NAME: &str = "koo.bench.nobody_runs_this";
 /// Streams being opened at once.
 const OPENING: usize = 64;
+/// How long one stream may take to open. An HTTP/2 client waits for a free
+/// stream slot without a word when a connection is at the server's limit.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 /// A stream's item: (its index, -1 for a message, else the gRPC code it
 /// ended with, 0 for a clean end).
 type Item = (u32, i32);
@@ -40,21 +43,40 @@ impl Counts {
     pub fn total(&self) -> usize {
         self.watch_task + self.watch_tasks + self.metrics + self.task_metrics
     }
+
+    /// The kind of stream `i`: the first `watch_task` are `WatchTask`, and
+    /// so on in the order of the fields.
+    fn kind(&self, i: usize) -> &'static str {
+        let mut end = self.watch_task;
+        for (count, kind) in [
+            (self.watch_tasks, "WatchTask"),
+            (self.metrics, "WatchTasks"),
+            (self.task_metrics, "WatchMetrics"),
+        ] {
+            if i < end {
+                return kind;
+            }
+            end += count;
+        }
+        "WatchTaskMetrics"
+    }
 }
 
 /// What the idle streams received while open.
 pub struct Tally {
     /// How long they were polled.
     pub seconds: f64,
-    /// The fewest messages one metrics watcher (either kind) received.
-    pub metrics_min: u32,
+    /// The fewest messages one `WatchMetrics` received.
+    pub metrics_min: Option<u32>,
+    /// The fewest messages one `WatchTaskMetrics` received.
+    pub task_metrics_min: Option<u32>,
     /// Messages on `WatchTask` and filtered `WatchTasks`, which should get
     /// none (their tasks do not change; nothing matches their filter).
     pub unexpected: u64,
     /// Streams that ended while they should have stayed open.
     pub ended: u64,
-    /// How those ended, by gRPC code.
-    pub endings: BTreeMap<i32, u64>,
+    /// How those ended: by kind, then by gRPC code (0 for a clean end).
+    pub endings: BTreeMap<&'static str, BTreeMap<i32, u64>>,
 }
 
 /// The open idle streams, polled by one task until closed.
@@ -80,13 +102,25 @@ impl IdleStreams {
             );
         }
         let streams: Vec<BoxStream<'static, Item>> = futures::stream::iter(0..total)
-            .map(|i| open_one(channels[i % channels.len()].clone(), i, counts, parked))
+            .map(|i| {
+                let channel = channels[i % channels.len()].clone();
+                async move {
+                    tokio::time::timeout(OPEN_TIMEOUT, open_one(channel, i, counts, parked))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "stream {i} did not open within {OPEN_TIMEOUT:?}: over koo's streams \
+                             per connection (hyper's default is 200; koo's \
+                             KOO_MAX_CONCURRENT_STREAMS)? raise BENCH_STREAM_CONNECTIONS"
+                        )
+                    })?
+                }
+            })
             .buffer_unordered(OPENING)
             .try_collect()
             .await?;
-        let first_metrics = counts.watch_task + counts.watch_tasks;
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(poll_all(streams, stopped, first_metrics));
+        let task = tokio::spawn(poll_all(streams, stopped, counts));
         Ok(Self {
             stop,
             task,
@@ -180,7 +214,7 @@ fn tagged<T: Send + 'static>(s: tonic::Streaming<T>, tag: u32) -> BoxStream<'sta
 async fn poll_all(
     streams: Vec<BoxStream<'static, Item>>,
     mut stopped: oneshot::Receiver<()>,
-    first_metrics: usize,
+    kinds: Counts,
 ) -> Tally {
     let started = Instant::now();
     let n = streams.len();
@@ -195,7 +229,8 @@ async fn poll_all(
                 Some((i, -1)) => counts[i as usize] += 1,
                 // an error is followed by the end marker: count it once
                 Some((i, code)) if !std::mem::replace(&mut ended[i as usize], true) => {
-                    *endings.entry(code).or_insert(0) += 1;
+                    let by_code = endings.entry(kinds.kind(i as usize)).or_insert_with(BTreeMap::new);
+                    *by_code.entry(code).or_insert(0) += 1;
                 }
                 Some(_) => {}
                 None => {}
@@ -204,9 +239,15 @@ async fn poll_all(
     }
     let seconds = started.elapsed().as_secs_f64();
     drop(all);
+    let first_metrics = kinds.watch_task + kinds.watch_tasks;
+    let first_task_metrics = first_metrics + kinds.metrics;
     Tally {
         seconds,
-        metrics_min: counts[first_metrics..].iter().copied().min().unwrap_or(0),
+        metrics_min: counts[first_metrics..first_task_metrics]
+            .iter()
+            .copied()
+            .min(),
+        task_metrics_min: counts[first_task_metrics..].iter().copied().min(),
         unexpected: counts[..first_metrics].iter().map(|&c| u64::from(c)).sum(),
         ended: ended.iter().filter(|&&e| e).count() as u64,
         endings,
