@@ -465,6 +465,8 @@ impl Bench {
         );
         reset_peak(self.pid);
         let t0 = Instant::now();
+        // the client's own CPU over this step: it shares the cores with koo
+        let client_cpu0 = cpu_seconds(std::process::id()).unwrap_or(0.0);
         let channels = idle::connections(&self.koo.addr.to_string(), k.connections).await?;
         let idle = IdleStreams::open(channels, k.counts(), &self.parked).await?;
         let open_seconds = t0.elapsed().as_secs_f64();
@@ -480,6 +482,7 @@ impl Bench {
         let rss_drained = self.rss();
         let peak = read_memory(self.pid).map_or(0, |(_, hwm)| hwm);
         let tally = idle.close().await?;
+        let client_cpu = cpu_seconds(std::process::id()).unwrap_or(0.0) - client_cpu0;
         let rss = rss_open.max(rss_drained) as f64 / MIB;
         let ratio = d.tasks_per_s / base.tasks_per_s;
         let ticks = tally.seconds.floor().max(1.0);
@@ -494,6 +497,7 @@ impl Bench {
             "seconds": d.seconds, "tasks_per_s": d.tasks_per_s, "ratio_vs_baseline": ratio,
             "rss_open_mib": rss_open as f64 / MIB, "rss_after_drain_mib": rss_drained as f64 / MIB,
             "peak_mib": peak as f64 / MIB, "cpu_us_per_task": d.cpu / k.tasks as f64 * 1e6,
+            "bench_client_cpu_s": client_cpu,
             "observers": k.observers, "observer_problems": problems,
             "watch_metrics_min_messages": tally.metrics_min,
             "watch_task_metrics_min_messages": tally.task_metrics_min,
