@@ -381,3 +381,127 @@ pub fn read_memory(pid: u32) -> Option<(u64, u64)> {
 pub fn reset_peak(pid: u32) -> bool {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
 }
+
+/// A whole-number knob from the environment, or `default` when unset.
+pub fn env_usize(name: &str, default: usize) -> Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{name}: {v:?} is not a whole number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// The `p`th percentile of sorted values, interpolated.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let k = (sorted.len() - 1) as f64 * p / 100.0;
+    let (f, c) = (k.floor() as usize, k.ceil() as usize);
+    sorted[f] + (sorted[c] - sorted[f]) * (k - f as f64)
+}
+
+/// A process's CPU time so far (user + system, from `/proc/<pid>/stat`), s.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name (which may hold spaces, hence the last ')'):
+    // state is field 3, utime 14 and stime 15.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / clock_ticks())
+}
+
+/// Clock ticks per second of /proc's CPU times (`getconf CLK_TCK`; 100, the
+/// value on every Linux we run on, if getconf cannot say).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+            .filter(|&t: &f64| t > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// A figure's goal.
+#[derive(Clone, Copy)]
+pub enum Goal {
+    /// Reported only.
+    None,
+    AtLeast(f64),
+    AtMost(f64),
+    Below(f64),
+}
+
+impl Goal {
+    fn text(self) -> Option<String> {
+        match self {
+            Goal::None => None,
+            Goal::AtLeast(g) => Some(format!(">= {g}")),
+            Goal::AtMost(g) => Some(format!("<= {g}")),
+            Goal::Below(g) => Some(format!("< {g}")),
+        }
+    }
+
+    fn met(self, v: f64) -> Option<bool> {
+        match self {
+            Goal::None => None,
+            Goal::AtLeast(g) => Some(v >= g),
+            Goal::AtMost(g) => Some(v <= g),
+            Goal::Below(g) => Some(v < g),
+        }
+    }
+}
+
+/// Figures gathered over repetitions, reported as median and min..max.
+#[derive(Default)]
+pub struct Figures {
+    order: Vec<&'static str>,
+    values: std::collections::HashMap<&'static str, (Vec<f64>, Goal)>,
+}
+
+impl Figures {
+    pub fn add(&mut self, name: &'static str, value: f64, goal: Goal) {
+        let entry = self.values.entry(name).or_insert_with(|| {
+            self.order.push(name);
+            (Vec::new(), goal)
+        });
+        entry.0.push(value);
+    }
+
+    /// One JSON line per figure (median, spread, goal, whether the median
+    /// met it) to stdout and `out`, and a table to stderr.
+    pub fn report(&self, out: &mut File, label: &str) {
+        use std::io::Write as _;
+        eprintln!(
+            "\n{:<40} {:>12} {:>25} {:>8} {:>5}",
+            "figure", "median", "min..max", "goal", "met"
+        );
+        for name in &self.order {
+            let (values, goal) = &self.values[name];
+            let mut sorted = values.clone();
+            sorted.sort_by(f64::total_cmp);
+            let median = percentile(&sorted, 50.0);
+            let (min, max) = (sorted[0], sorted[sorted.len() - 1]);
+            let met = goal.met(median);
+            let line = serde_json::json!({
+                "system": "koo", "mode": "summary", "figure": name, "label": label,
+                "median": median, "min": min, "max": max, "values": values,
+                "goal": goal.text(), "met": met,
+            });
+            println!("{line}");
+            let _ = writeln!(out, "{line}");
+            eprintln!(
+                "{name:<40} {median:>12.3} {:>25} {:>8} {:>5}",
+                format!("{min:.3}..{max:.3}"),
+                goal.text().unwrap_or_default(),
+                met.map_or("", |m| if m { "yes" } else { "NO" })
+            );
+        }
+    }
+}
