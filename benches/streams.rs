@@ -21,9 +21,9 @@
 //!    `BENCH_WATCH_TASK_METRICS` (50) `WatchTaskMetrics` (1 s), over
 //!    `BENCH_STREAM_CONNECTIONS` (4) HTTP/2 connections; every one open
 //!    (first message read, or the reply's headers for `WatchTasks`) before
-//!    the drain. Then the drain, with `BENCH_OBSERVERS` (5) unfiltered
-//!    `WatchTasks` measuring delivery latency, `now - event_time` (Redis's
-//!    clock, same machine).
+//!    the drain. The delivery latency, `now - event_time` (Redis's clock,
+//!    same machine), is the drain's own observer's, in the baseline too: no
+//!    watcher that receives events is added to the 10,000.
 //! 3. **memory return**: every stream and connection closed, koo's RSS
 //!    sampled each second for `BENCH_SETTLE_SECONDS` (60).
 //! 4. **followers**: a drain followed by `BENCH_FOLLOWERS` (10) unfiltered
@@ -55,7 +55,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures::stream::StreamExt;
 use koo::pb::tasks::v1::task_service_client::TaskServiceClient;
 use koo::pb::tasks::v1::{
-    SubmitTaskRequest, SubmitTasksRequest, TaskCategory, TaskState, WatchTasksRequest,
+    GetTaskMetricsRequest, SubmitTaskRequest, SubmitTasksRequest, TaskCategory, TaskState,
+    WatchTasksRequest,
 };
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -63,8 +64,6 @@ use tonic::transport::{Channel, Endpoint};
 #[path = "streams/idle.rs"]
 mod idle;
 mod support;
-#[path = "streams/wire.rs"]
-mod wire;
 use idle::{Counts, IdleStreams};
 use support::{
     Figures, Goal, cpu_seconds, env_usize, percentile, read_memory, reset_peak, start_koo,
@@ -162,7 +161,7 @@ async fn run() -> Result<()> {
     )
     .await?;
     let koo = start_koo(
-        env!("CARGO_BIN_EXE_koo"),
+        &support::koo_bin(),
         &[],
         &[
             ("REDIS_URL", redis.url.as_str()),
@@ -266,6 +265,9 @@ struct Drained {
     tasks_per_s: f64,
     /// koo's CPU time over the drain.
     cpu: f64,
+    /// `now - event_time` of every event the drain's observer got, ms,
+    /// sorted.
+    latencies: Vec<f64>,
 }
 
 /// Submits `n` no-ops and waits for every one's SUCCEEDED event.
@@ -287,6 +289,7 @@ async fn drain(client: &TaskServiceClient<Channel>, n: usize, pid: u32) -> Resul
     };
     // completions may be seen before the submit that made them returns
     let mut done = std::collections::HashSet::with_capacity(n);
+    let mut latencies = Vec::with_capacity(n * 3);
     while done.len() < n {
         let event = tokio::time::timeout(IDLE, watch.message())
             .await
@@ -297,9 +300,16 @@ async fn drain(client: &TaskServiceClient<Channel>, n: usize, pid: u32) -> Resul
                 )
             })??
             .ok_or_else(|| anyhow!("WatchTasks ended"))?;
+        if let Some(t) = event.event_time {
+            latencies.push(since_ms(&t));
+        }
         if event.state == TaskState::Succeeded as i32 {
             done.insert(event.task_id);
         }
+    }
+    latencies.sort_by(f64::total_cmp);
+    if latencies.is_empty() {
+        latencies.push(f64::NAN);
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid).context("cannot read koo's CPU time")? - cpu0;
@@ -312,7 +322,16 @@ async fn drain(client: &TaskServiceClient<Channel>, n: usize, pid: u32) -> Resul
         seconds,
         tasks_per_s: n as f64 / seconds,
         cpu,
+        latencies,
     })
+}
+
+/// Milliseconds from `t` (Redis's clock, this machine) to now.
+fn since_ms(t: &prost_types::Timestamp) -> f64 {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    now.as_secs_f64() * 1000.0 - (t.seconds as f64 * 1000.0 + t.nanos as f64 / 1e6)
 }
 
 /// What an unfiltered watcher saw during a drain.
@@ -364,11 +383,7 @@ async fn observe(
                     }
                 };
                 if let Some(t) = event.event_time {
-                    let now = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .unwrap_or_default();
-                    let at = t.seconds as f64 * 1000.0 + t.nanos as f64 / 1e6;
-                    seen.latencies.push(now.as_secs_f64() * 1000.0 - at);
+                    seen.latencies.push(since_ms(&t));
                 }
                 seen.events += 1;
                 if event.state == TaskState::Succeeded as i32 && event.queue == QUEUE {
@@ -400,7 +415,7 @@ async fn collect(handles: Vec<JoinHandle<Observed>>) -> Result<(u64, Vec<f64>, V
 fn latency_json(lat: &[f64]) -> serde_json::Value {
     serde_json::json!({
         "p50_ms": percentile(lat, 50.0), "p90_ms": percentile(lat, 90.0),
-        "p99_ms": percentile(lat, 99.0), "max_ms": lat[lat.len() - 1],
+        "p99_ms": percentile(lat, 99.0), "max_ms": lat.last().copied().unwrap_or(f64::NAN),
     })
 }
 
@@ -440,7 +455,13 @@ impl Bench {
                 "seconds": d.seconds, "tasks_per_s": d.tasks_per_s,
                 "rss_mib": rss as f64 / MIB, "cpu_s": d.cpu, "cpu_us_per_task": cpu_per_task * 1e6,
                 "streams": "only the drain's own observer (RESEARCH, the no-op's name)",
+                "latency": latency_json(&d.latencies),
             }),
+        );
+        self.figures.add(
+            "baseline_latency_p99_ms",
+            percentile(&d.latencies, 99.0),
+            Goal::None,
         );
         self.figures
             .add("baseline_tasks_per_s", d.tasks_per_s, Goal::None);
@@ -476,9 +497,11 @@ impl Bench {
             k.streams(),
             rss_open as f64 / MIB
         );
-        let observers = observe(&self.channel, k.observers, k.tasks as u64, k.tasks * 3).await?;
+        // The latency is the drain's own observer's, as in the baseline: no
+        // watcher that receives events is added to the 10,000.
         let d = drain(&self.client, k.tasks, self.pid).await?;
-        let (_, lat, problems) = collect(observers).await?;
+        let problems: Vec<String> = Vec::new();
+        let lat = d.latencies.clone();
         let rss_drained = self.rss();
         let peak = read_memory(self.pid).map_or(0, |(_, hwm)| hwm);
         let tally = idle.close().await?;
@@ -498,7 +521,7 @@ impl Bench {
             "rss_open_mib": rss_open as f64 / MIB, "rss_after_drain_mib": rss_drained as f64 / MIB,
             "peak_mib": peak as f64 / MIB, "cpu_us_per_task": d.cpu / k.tasks as f64 * 1e6,
             "bench_client_cpu_s": client_cpu,
-            "observers": k.observers, "observer_problems": problems,
+            "observer_problems": problems,
             "watch_metrics_min_messages": tally.metrics_min,
             "watch_task_metrics_min_messages": tally.task_metrics_min,
             "seconds_open": tally.seconds,
@@ -620,7 +643,23 @@ impl Bench {
         // before the stalled stream is read at last.
         tokio::time::sleep(Duration::from_secs(wait as u64)).await;
         let end = read_to_end(&mut stalled).await;
-        let stream_metrics = wire::raw_stream_metrics(&self.channel).await;
+        let stream_metrics = match self
+            .client
+            .clone()
+            .get_task_metrics(GetTaskMetricsRequest {})
+            .await
+        {
+            Ok(r) => r.into_inner().streams.map_or(serde_json::Value::Null, |s| {
+                serde_json::json!({
+                    "watch_task": s.watch_task, "watch_tasks": s.watch_tasks,
+                    "watch_task_metrics": s.watch_task_metrics, "watch_metrics": s.watch_metrics,
+                    "max_watchers": s.max_watchers, "queue_readers": s.queue_readers,
+                    "events_fanned_out": s.events_fanned_out,
+                    "watchers_fallen_behind": s.watchers_fallen_behind,
+                })
+            }),
+            Err(e) => format!("GetTaskMetrics failed: {e}").into(),
+        };
         let ratio = d.tasks_per_s / base.tasks_per_s;
         let mut line = serde_json::json!({
             "seconds": d.seconds, "tasks_per_s": d.tasks_per_s, "ratio_vs_baseline": ratio,

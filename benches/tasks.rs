@@ -115,7 +115,7 @@ async fn run() -> Result<()> {
     };
     let prefix = format!("kbench{}", std::process::id());
     let mut koo = start_koo(
-        env!("CARGO_BIN_EXE_koo"),
+        &support::koo_bin(),
         &[
             "--redis-url",
             &url,
@@ -243,7 +243,7 @@ async fn external_worker(
         }
     };
     let mut koo = start_koo(
-        env!("CARGO_BIN_EXE_koo"),
+        &support::koo_bin(),
         &[
             "--redis-url",
             url,

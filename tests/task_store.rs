@@ -499,7 +499,7 @@ async fn progress_and_events_are_fenced_and_ordered(f: Fixture) {
     // nothing more: the wait ends empty
     assert!(
         resumed
-            .next(Duration::from_millis(20))
+            .next(Duration::from_millis(20), 1000)
             .await
             .unwrap()
             .is_empty()

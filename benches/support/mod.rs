@@ -505,3 +505,9 @@ impl Figures {
         }
     }
 }
+
+/// The koo binary to measure: `KOO_BENCH_BIN` (another build, e.g. the
+/// previous main's, for a side-by-side comparison), else this build's.
+pub fn koo_bin() -> String {
+    std::env::var("KOO_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_koo").to_owned())
+}

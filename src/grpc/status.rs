@@ -81,6 +81,41 @@ impl From<TaskError> for Status {
     }
 }
 
+impl From<WatchError> for Status {
+    fn from(e: WatchError) -> Self {
+        let message = bounded(e.to_string());
+        match e {
+            WatchError::TooMany { max } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    "TOO_MANY_WATCHERS",
+                    "koo",
+                    [("max_watchers".to_owned(), max.to_string())],
+                ),
+            ),
+            // The token is whole in the details (a client needs all of it);
+            // the message does not quote it.
+            WatchError::FellBehind {
+                buffer,
+                resume_token,
+            } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    "WATCHER_FELL_BEHIND",
+                    "koo",
+                    [
+                        ("resume_token".to_owned(), resume_token),
+                        ("watch_buffer".to_owned(), buffer.to_string()),
+                    ],
+                ),
+            ),
+            WatchError::Gap { .. } => Status::out_of_range(message),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,40 +174,5 @@ mod tests {
         let details = s.get_error_details();
         let violation = &details.bad_request().unwrap().field_violations[0];
         assert_eq!(violation.field, "entries[1].key");
-    }
-}
-
-impl From<WatchError> for Status {
-    fn from(e: WatchError) -> Self {
-        let message = bounded(e.to_string());
-        match e {
-            WatchError::TooMany { max } => Status::with_error_details(
-                Code::ResourceExhausted,
-                message,
-                ErrorDetails::with_error_info(
-                    "TOO_MANY_WATCHERS",
-                    "koo",
-                    [("max_watchers".to_owned(), max.to_string())],
-                ),
-            ),
-            // The token is whole in the details (a client needs all of it);
-            // the message does not quote it.
-            WatchError::FellBehind {
-                buffer,
-                resume_token,
-            } => Status::with_error_details(
-                Code::ResourceExhausted,
-                message,
-                ErrorDetails::with_error_info(
-                    "WATCHER_FELL_BEHIND",
-                    "koo",
-                    [
-                        ("resume_token".to_owned(), resume_token),
-                        ("watch_buffer".to_owned(), buffer.to_string()),
-                    ],
-                ),
-            ),
-            WatchError::Gap { .. } => Status::out_of_range(message),
-        }
     }
 }

@@ -35,6 +35,12 @@ use crate::tasks::model::{QueueName, State, Task, TaskId};
 /// watcher left stops.
 const BLOCK: Duration = Duration::from_secs(1);
 
+/// After a read that found only a few events, how long the reader lets more
+/// gather before the next: under a steady flow every watcher then gets
+/// events in batches (one wake-up and one write for many) at the cost of
+/// this much latency; the first event after a quiet spell goes out at once.
+const GATHER: Duration = Duration::from_millis(2);
+
 /// Back-off after a failed read.
 const RETRY: Duration = Duration::from_millis(500);
 
@@ -492,8 +498,11 @@ impl Hub {
         // Set after a failed read: before reading on, check that the store
         // still keeps the events after our position.
         let mut failed = false;
+        // The first check comes after the first read: the watcher that
+        // started the feed registers just after starting it.
+        let mut first = true;
         loop {
-            if self.retire_if_unwatched(&feed) {
+            if !std::mem::take(&mut first) && self.retire_if_unwatched(&feed) {
                 self.inner.watchers.reader_stopped();
                 return;
             }
@@ -515,11 +524,18 @@ impl Hub {
             match read {
                 Ok(events) if events.is_empty() => {}
                 Ok(events) => {
+                    let few = events.len() < batch;
                     let (fanned, ended) = feed.lock().dispatch(&feed.queue, events);
                     let w = &self.inner.watchers;
                     w.add_fanned_out(fanned);
                     for _ in ended {
                         w.add_fell_behind();
+                    }
+                    if few {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tokio::time::sleep(GATHER) => {}
+                        }
                     }
                 }
                 Err(e) => {

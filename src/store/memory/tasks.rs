@@ -46,8 +46,6 @@ const BATCH: usize = 100;
 /// Expired results purged per recovery call.
 const PURGE_BATCH: usize = 1000;
 
-/// Events one read returns at most, as on Redis (`XREAD COUNT`).
-
 /// A sorted set of task ids (Redis's ZSET): ordered by score then id.
 #[derive(Default)]
 struct ZSet {

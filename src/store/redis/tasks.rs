@@ -106,7 +106,9 @@ impl StreamReader {
                 self.conn.insert(conn)
             }
         };
-        type Entries = Vec<(String, HashMap<String, String>)>;
+        // Field-value pairs as read, not a map: an event has five fields, and
+        // hashing them costs more than a scan.
+        type Entries = Vec<(String, Vec<(String, String)>)>;
         let reply: redis::RedisResult<Option<Vec<(String, Entries)>>> = redis::cmd("XREAD")
             .arg("BLOCK")
             .arg(millis(block).max(1))
@@ -128,17 +130,28 @@ impl StreamReader {
             }
         };
         let mut events = Vec::new();
-        for (stream_id, mut fields) in reply.into_iter().flatten().flat_map(|(_, entries)| entries)
-        {
+        for (stream_id, fields) in reply.into_iter().flatten().flat_map(|(_, entries)| entries) {
             self.last.clone_from(&stream_id);
-            if let (Some(id), Some(state)) = (fields.remove("id"), fields.remove("state")) {
+            let (mut id, mut state, mut name, mut progress, mut at_ms) =
+                (None, None, None, None, 0);
+            for (field, value) in fields {
+                match field.as_str() {
+                    "id" => id = Some(value),
+                    "state" => state = Some(value),
+                    "name" => name = Some(value),
+                    "progress" => progress = Some(value),
+                    "at" => at_ms = value.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            if let (Some(id), Some(state)) = (id, state) {
                 events.push(TaskEvent {
                     stream_id,
                     id,
-                    name: fields.remove("name").unwrap_or_default(),
+                    name: name.unwrap_or_default(),
                     state,
-                    progress: fields.remove("progress"),
-                    at_ms: fields.get("at").and_then(|a| a.parse().ok()).unwrap_or(0),
+                    progress,
+                    at_ms,
                 });
             }
         }
