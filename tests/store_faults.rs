@@ -320,7 +320,9 @@ async fn every_key_koo_writes_has_a_ttl() {
 /// reads as DATA_LOSS, not as garbage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_removes_only_koos_strays() {
-    let env = Env::redis().await;
+    // no scheduler: the default cache cleanup (every 10 minutes) would race
+    // this one for the strays when the test runs on the minute
+    let env = Env::redis_with(|s| s.schedule.enabled = false).await;
     let mut conn = env.redis_server().unwrap().conn().await;
     let _: () = conn.set("koo:cache:app:orphan", "no ttl").await.unwrap();
     let _: () = conn.set("someone-else:key", "no ttl").await.unwrap();
