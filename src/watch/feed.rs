@@ -42,7 +42,7 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// many, where a wake-up per event per watcher would cost koo the CPU its
 /// workers need), for at most this much latency. A sporadic event (a
 /// dashboard following one task at a time) goes out at once.
-const GATHER: Duration = Duration::from_millis(2);
+const GATHER: Duration = Duration::from_millis(5);
 
 /// The delivery rate (events handed to watchers, per second, per queue)
 /// above which the reader gathers. Below it the wake-ups cost little, and a
