@@ -184,31 +184,6 @@ fn encode_token(positions: &BTreeMap<String, String>) -> String {
     token
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tokens_are_what_serde_json_writes_and_decode_back() {
-        let mut p = BTreeMap::new();
-        for (q, pos) in [
-            ("research", "1796435668212-0"),
-            ("ai_service", "0-0"),
-            ("x.y-z", "42"),
-        ] {
-            p.insert(q.to_owned(), pos.to_owned());
-        }
-        let json = serde_json::to_vec(&p).unwrap();
-        let expected =
-            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, json);
-        assert_eq!(encode_token(&p), expected);
-        assert_eq!(decode_token(&encode_token(&p)).unwrap(), p);
-        // a position that needs escaping (kept from a client's token)
-        p.insert("q".into(), "a\"b".into());
-        assert_eq!(decode_token(&encode_token(&p)).unwrap(), p);
-    }
-}
-
 /// One `WatchTasks` watcher.
 pub(crate) struct TasksWatch {
     pub sub: Subscription,
@@ -305,5 +280,30 @@ impl TasksWatch {
             event_time: timestamp(Some(e.event.at_ms)),
             resume_token: encode_token(&self.positions),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_what_serde_json_writes_and_decode_back() {
+        let mut p = BTreeMap::new();
+        for (q, pos) in [
+            ("research", "1796435668212-0"),
+            ("ai_service", "0-0"),
+            ("x.y-z", "42"),
+        ] {
+            p.insert(q.to_owned(), pos.to_owned());
+        }
+        let json = serde_json::to_vec(&p).unwrap();
+        let expected =
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, json);
+        assert_eq!(encode_token(&p), expected);
+        assert_eq!(decode_token(&encode_token(&p)).unwrap(), p);
+        // a position that needs escaping (kept from a client's token)
+        p.insert("q".into(), "a\"b".into());
+        assert_eq!(decode_token(&encode_token(&p)).unwrap(), p);
     }
 }
