@@ -41,21 +41,11 @@ use koo::pb::tasks::v1::{
 use tonic::transport::{Channel, Endpoint};
 
 mod support;
-use support::{read_memory, start_koo, start_redis};
+use support::{env_usize, read_memory, start_koo, start_redis};
 
 const NOOP: &str = "koo.diagnostics.noop";
 const BATCH: usize = 100;
 const IN_FLIGHT: usize = 4;
-
-fn env_usize(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| anyhow!("{name}: {v:?} is not a whole number")),
-        Err(_) => Ok(default),
-    }
-}
 
 fn emit(line: serde_json::Value, out: &mut std::fs::File) {
     println!("{line}");

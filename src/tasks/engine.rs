@@ -765,7 +765,12 @@ impl TaskEngine {
                 )));
             }
             CancelReply::Requested => {
+                // The reply shows the task as the cancel found it (running,
+                // told to stop): read before this process's own worker is
+                // told, which may end the task at once.
+                let task = self.get(id, deadline).await;
                 let _ = self.inner.cancels.send(task_id.clone());
+                return task;
             }
             CancelReply::Cancelled => {
                 self.release_after_end(&task_id, State::Cancelled, deadline)
