@@ -251,8 +251,9 @@ impl FeedState {
     }
 
     /// Hands `events` to the watchers that want them; the number handed
-    /// out, and the watchers this ended (they fell behind).
-    fn dispatch(&mut self, queue: &Arc<QueueName>, events: Vec<TaskEvent>) -> (u64, Vec<u64>) {
+    /// out, and how many watchers this ended (they fell behind; they are
+    /// taken out of the index).
+    fn dispatch(&mut self, queue: &Arc<QueueName>, events: Vec<TaskEvent>) -> (u64, usize) {
         let mut fanned = 0;
         let mut ended = Vec::new();
         for e in events {
@@ -281,7 +282,7 @@ impl FeedState {
         for key in &ended {
             self.unregister(*key);
         }
-        (fanned, ended)
+        (fanned, ended.len())
     }
 }
 
@@ -297,11 +298,6 @@ impl Subscription {
     /// The next event or signal, waiting for one.
     pub async fn next(&self) -> Next {
         self.sink.next().await
-    }
-
-    /// The next event or signal, if one is waiting.
-    pub fn try_next(&self) -> Option<Next> {
-        self.sink.try_next()
     }
 
     /// Where each queue's events begin for this watcher: the position its
@@ -516,12 +512,23 @@ impl Hub {
 
     /// Retires `feed` if nobody watches it; `true` if it did.
     fn retire_if_unwatched(&self, feed: &Arc<Feed>) -> bool {
+        self.retire(feed, false)
+    }
+
+    /// Marks `feed` closed and takes it out of the hub (under both locks,
+    /// so that no watcher joins a feed about to stop); unless `stopping`,
+    /// only when nobody watches it. When koo stops, every watcher is told.
+    /// `true` if it was retired.
+    fn retire(&self, feed: &Arc<Feed>, stopping: bool) -> bool {
         let mut feeds = self.feeds();
         let mut st = feed.lock();
-        if !st.sinks.is_empty() {
+        if !stopping && !st.sinks.is_empty() {
             return false;
         }
         st.closed = true;
+        for (sink, _) in st.sinks.values() {
+            sink.signal(Next::Closed);
+        }
         if feeds
             .get(&*feed.queue)
             .is_some_and(|f| Arc::ptr_eq(f, feed))
@@ -573,9 +580,7 @@ impl Hub {
                     let gather = rate.add(fanned as usize) && few;
                     let w = &self.inner.watchers;
                     w.add_fanned_out(fanned);
-                    for _ in ended {
-                        w.add_fell_behind();
-                    }
+                    w.add_fell_behind(ended);
                     if gather {
                         tokio::select! {
                             _ = stop.cancelled() => break,
@@ -594,20 +599,7 @@ impl Hub {
             }
         }
         // koo is stopping: every watcher is told, and the feed retired.
-        {
-            let mut feeds = self.feeds();
-            let mut st = feed.lock();
-            st.closed = true;
-            for (sink, _) in st.sinks.values() {
-                sink.signal(Next::Closed);
-            }
-            if feeds
-                .get(&*feed.queue)
-                .is_some_and(|f| Arc::ptr_eq(f, &feed))
-            {
-                feeds.remove(&*feed.queue);
-            }
-        }
+        self.retire(&feed, true);
         self.inner.watchers.reader_stopped();
     }
 

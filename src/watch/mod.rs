@@ -149,9 +149,13 @@ impl Watchers {
         }
     }
 
-    /// Counts a watcher ended for falling behind.
-    pub fn add_fell_behind(&self) {
-        self.inner.fell_behind.fetch_add(1, Ordering::Relaxed);
+    /// Counts `n` watchers ended for falling behind.
+    pub(crate) fn add_fell_behind(&self, n: usize) {
+        if n > 0 {
+            self.inner
+                .fell_behind
+                .fetch_add(n as u64, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn reader_started(&self) {

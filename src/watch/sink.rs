@@ -178,13 +178,9 @@ impl Sink {
     }
 
     /// Events waiting to be read.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.lock().events.len()
-    }
-
-    /// Whether no event waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
