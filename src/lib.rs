@@ -19,6 +19,8 @@
 //! - [`health`]: drives `grpc.health.v1` from the backend's real state.
 //! - [`pb`]: generated protobuf code and the reflection descriptor set.
 //! - [`quote`]: bounded quoting of user input in messages.
+//! - [`auth`]: callers, roles, API keys and the method-to-role table.
+//! - [`reload`]: files re-read when they change (certificates, keys).
 //! - [`watch`]: live streams: one reader per queue per process fanned out
 //!   to every watcher, bounded buffers, shared metrics snapshots, the
 //!   watcher limit.
@@ -26,6 +28,7 @@
 //! The domain never sees a `tonic::Status`; the store never sees a protobuf
 //! type.
 
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod glob;
@@ -35,6 +38,7 @@ pub mod keys;
 pub mod pb;
 pub mod persist;
 pub mod quote;
+pub mod reload;
 pub mod schedule;
 pub mod server;
 pub mod store;

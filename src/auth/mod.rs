@@ -1,0 +1,92 @@
+//! Who is calling and what they may do: API keys (`KOO_AUTH_FILE`), mTLS
+//! principals, roles, and the one table that says which role each RPC needs.
+//!
+//! The transport (`crate::transport`) puts the TLS peer's identity in the
+//! request's extensions; the auth layer turns it, or the bearer key, into a
+//! [`Caller`] and stores that in the extensions too, where handlers read it
+//! (a worker key's scope and hold limit are checked where the queue is known).
+
+use std::sync::Arc;
+
+/// What a caller may do. `Reader` < `Writer` < `Admin` each include the ones
+/// before; `Worker` is apart (WorkerService, plus `GetTask`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Gets, lists, watches, metrics.
+    Reader,
+    /// Cache writes, task submits, cancel, retry, warm.
+    Writer,
+    /// Clearing, cleanup, maintenance, schedule writes.
+    Admin,
+    /// WorkerService and `GetTask`.
+    Worker,
+}
+
+impl Role {
+    /// The name used in the keys file and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reader => "reader",
+            Role::Writer => "writer",
+            Role::Admin => "admin",
+            Role::Worker => "worker",
+        }
+    }
+
+    /// Parses a keys file's role.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "reader" => Some(Role::Reader),
+            "writer" => Some(Role::Writer),
+            "admin" => Some(Role::Admin),
+            "worker" => Some(Role::Worker),
+            _ => None,
+        }
+    }
+}
+
+/// What a worker key may lease: queues and task names (empty: no bound of
+/// that kind).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Queues it may lease from (empty: any).
+    pub queues: Vec<String>,
+    /// Task names it may lease (empty: any).
+    pub task_names: Vec<String>,
+}
+
+/// The authenticated caller of one request, in its extensions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's name or the certificate's identity; "anonymous" when koo
+    /// runs open.
+    pub principal: Arc<str>,
+    /// Its role (`None`: koo runs open, every call allowed).
+    pub role: Option<Role>,
+    /// A worker key's scope.
+    pub scope: Scope,
+    /// Most tasks this caller may hold at once over all its streams and
+    /// leases (`None`: the server's default).
+    pub max_held: Option<u32>,
+}
+
+impl Caller {
+    /// The caller of an open server.
+    pub fn anonymous() -> Self {
+        Self {
+            principal: Arc::from("anonymous"),
+            role: None,
+            scope: Scope::default(),
+            max_held: None,
+        }
+    }
+
+    /// The caller recorded in a request's extensions (anonymous when none:
+    /// an open server).
+    pub fn of(extensions: &http::Extensions) -> Caller {
+        extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(Caller::anonymous)
+    }
+}
