@@ -21,6 +21,7 @@
 //! - [`quote`]: bounded quoting of user input in messages.
 //! - [`auth`]: callers, roles, API keys and the method-to-role table.
 //! - [`reload`]: files re-read when they change (certificates, keys).
+//! - [`transport`]: the listener: TCP or TLS, connection limits.
 //! - [`watch`]: live streams: one reader per queue per process fanned out
 //!   to every watcher, bounded buffers, shared metrics snapshots, the
 //!   watcher limit.
@@ -44,4 +45,5 @@ pub mod server;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod transport;
 pub mod watch;
