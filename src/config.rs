@@ -16,9 +16,11 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 pub use self::cache::CacheArgs;
 pub use self::limits::{Limits, LimitsArgs};
+pub use self::redis_tls::RedisTlsArgs;
 use crate::cache::CacheConfig;
 use crate::persist::DataSettings;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
+use crate::store::redis::url as redis_url;
 use crate::store::tasks::TaskLimits;
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
@@ -27,6 +29,7 @@ use crate::tasks::retry::Backoff;
 
 mod cache;
 mod limits;
+mod redis_tls;
 
 /// koo: a gRPC control plane for caching and background work.
 #[derive(Debug, Parser)]
@@ -99,7 +102,8 @@ pub struct HealthArgs {
 /// Redis settings shared by `koo serve` and `koo worker`.
 #[derive(Debug, Args)]
 pub struct RedisArgs {
-    /// Redis URL (`redis://[user:password@]host:port/db`). Without it koo
+    /// Redis URL (`redis[s]://[user:password@]host:port/db`; `rediss://` is
+    /// TLS). Without it koo
     /// keeps the cache in process (the embedded store: not shared, not
     /// durable).
     #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL")]
@@ -136,6 +140,9 @@ pub struct RedisArgs {
     #[arg(long, env = "KOO_BREAKER_COOLDOWN", value_name = "KOO_BREAKER_COOLDOWN", default_value = "5s",
           value_parser = parse_duration)]
     pub breaker_cooldown: Duration,
+    /// TLS for `rediss://` URLs (CA, client certificate).
+    #[command(flatten)]
+    pub tls: RedisTlsArgs,
 }
 
 /// Task engine settings (the seed's Celery settings under TASK_*, WORKER_*
@@ -566,18 +573,34 @@ impl RedisArgs {
         let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
         };
-        if !(url.starts_with("redis://")
+        let bad = |reason: String| ConfigError {
+            variable: "REDIS_URL",
+            reason,
+        };
+        let tls = self.tls.load()?;
+        if redis_url::is_tls(&url) {
+            if url.ends_with("#insecure") {
+                return Err(bad(format!(
+                    "{}: koo always verifies Redis's certificate; drop #insecure and give a private CA in KOO_REDIS_TLS_CA",
+                    redis_url::redact(&url)
+                )));
+            }
+        } else if !(url.starts_with("redis://")
             || url.starts_with("redis+unix://")
             || url.starts_with("unix://"))
         {
-            return Err(ConfigError {
-                variable: "REDIS_URL",
-                reason: "must start with redis:// (or redis+unix:// for a socket); TLS (rediss://) is not supported yet"
-                    .to_owned(),
-            });
+            return Err(bad(
+                "must start with redis://, rediss:// (TLS) or redis+unix:// (a socket)".to_owned(),
+            ));
+        } else if tls.is_some() {
+            return Err(bad(format!(
+                "{} is plaintext but KOO_REDIS_TLS_* files are set; use rediss:// (or unset them)",
+                redis_url::redact(&url)
+            )));
         }
         Ok(Some(RedisConfig {
             url,
+            tls,
             max_connections: self.redis_max_connections as usize,
             retry_on_timeout: self.redis_retry_on_timeout,
             keepalive: self.redis_socket_keepalive,
@@ -622,20 +645,6 @@ fn aliased_duration(
         })
 }
 
-/// A Redis URL fit for a log: its password replaced by `***`.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
 impl TaskArgs {
     /// The Redis that holds tasks: the broker URL, else the result backend,
     /// else `REDIS_URL`. A result backend other than the broker is read but
@@ -656,8 +665,8 @@ impl TaskArgs {
             && b != r
         {
             tracing::warn!(
-                broker = %redact(b),
-                result_backend = %redact(r),
+                broker = %redis_url::redact(b),
+                result_backend = %redis_url::redact(r),
                 "TASK_RESULT_BACKEND (CELERY_RESULT_BACKEND) is read but results are kept beside \
                  their tasks on the broker's Redis: a result is written by the same script that \
                  ends its task, so a final state is never seen without its result"
@@ -882,12 +891,31 @@ mod tests {
         assert_eq!(e.variable, "REDIS_URL");
     }
 
-    /// The result-backend note logs Redis URLs without their password.
+    /// `rediss://` is accepted; TLS files with a plaintext URL, and
+    /// `#insecure`, are refused naming REDIS_URL without its password.
     #[test]
-    fn redacted_urls() {
-        assert_eq!(redact("redis://u:secret@h:1/2"), "redis://u:***@h:1/2");
-        assert_eq!(redact("redis://:secret@h/1"), "redis://:***@h/1");
-        assert_eq!(redact("redis://h:6379/2"), "redis://h:6379/2");
+    fn redis_tls_urls() {
+        let s = parse(&["--redis-url", "rediss://koo:pw@h:6380/0"])
+            .unwrap()
+            .into_settings()
+            .unwrap();
+        assert!(matches!(s.store, StoreSettings::Redis(ref r) if r.tls.is_none()));
+        let e = parse(&["--redis-url", "rediss://koo:pw@h/0#insecure"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
+        assert_eq!(e.variable, "REDIS_URL");
+        assert!(!e.to_string().contains("pw"), "{e}");
+        let e = parse(&[
+            "--redis-url",
+            "redis://koo:pw@h/0",
+            "--redis-tls-ca",
+            "/nonexistent/ca.pem",
+        ])
+        .unwrap()
+        .into_settings()
+        .unwrap_err();
+        assert_eq!(e.variable, "KOO_REDIS_TLS_CA");
     }
 
     /// Durations accept seconds and units, and refuse garbage.

@@ -17,7 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::grpc::health::Statuses;
 use crate::pb::cache::v1::cache_service_server::SERVICE_NAME as CACHE_SERVICE;
-use crate::store::{BackendKind, CircuitState, Deadline, Store};
+use crate::store::{BackendKind, CircuitState, Deadline, MemoryReport, Store};
 
 /// How soon a failed probe is repeated, so that a backend down at start-up
 /// (whose breaker has not opened yet) is seen back within a fraction of a
@@ -105,12 +105,18 @@ pub async fn monitor(
         }
         if ok && is_cache && !warned_policy && store.kind() == BackendKind::Redis {
             warned_policy = true;
-            if let Ok(m) = store.memory(Deadline::after(timeout)).await
-                && m.policy == "noeviction"
-            {
-                tracing::warn!(
+            match store.memory(Deadline::after(timeout)).await {
+                Ok(m) if m.policy == "noeviction" => tracing::warn!(
                     "the cache's Redis has maxmemory-policy noeviction: when it is full, cache writes fail with RESOURCE_EXHAUSTED; a cache Redis usually wants allkeys-lru"
-                );
+                ),
+                Ok(MemoryReport {
+                    unavailable: Some(why),
+                    ..
+                }) => tracing::info!(
+                    reason = %why,
+                    "cannot check the cache Redis's maxmemory-policy (a cache Redis usually wants allkeys-lru)"
+                ),
+                _ => {}
             }
         }
         if serving != Some(ok) && !stop.is_cancelled() {

@@ -28,8 +28,11 @@ use crate::pb::worker::v1::worker_service_server::WorkerServiceServer;
 use crate::persist::{DataSettings, Embedded, PersistError};
 use crate::schedule::Schedules;
 use crate::schedule::store::ScheduleStore;
+use crate::store::redis::redact;
 use crate::store::tasks::TaskStore;
-use crate::store::{MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
+use crate::store::{
+    MemoryConfig, MemoryReport, MemoryStore, RedisConfig, RedisStore, Store, StoreError,
+};
 use crate::tasks::engine::{TaskConfig, TaskEngine};
 use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
@@ -164,16 +167,6 @@ pub enum ServerError {
     /// Reflection could not load koo's descriptors (a build problem).
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-}
-
-/// Hides the password of a Redis URL for logs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
 }
 
 /// Serves koo on `listener` until `shutdown` resolves, then stops accepting,
@@ -524,6 +517,13 @@ pub async fn warn_if_tasks_can_be_evicted(redis: RedisStore) {
             .memory(crate::store::Deadline::after(Duration::from_secs(2)))
             .await
         {
+            Ok(MemoryReport {
+                unavailable: Some(why),
+                ..
+            }) => {
+                tracing::info!(reason = %why, "cannot check that the Redis holding tasks has maxmemory-policy noeviction (any other policy may evict task keys and lose tasks)");
+                return;
+            }
             Ok(m) if m.policy != "noeviction" => {
                 tracing::warn!(policy = %m.policy, "the Redis holding tasks has a maxmemory-policy other than noeviction: it may evict task keys when full and lose tasks");
                 return;
@@ -547,20 +547,5 @@ async fn sweep_expired(store: MemoryStore, every: Duration, stop: CancellationTo
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::redact;
-
-    /// Passwords never reach the logs.
-    #[test]
-    fn redacts_credentials() {
-        assert_eq!(
-            redact("redis://user:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redact("redis://host:6379"), "redis://host:6379");
     }
 }

@@ -832,8 +832,11 @@ impl Cache {
                 .store
                 .memory(deadline)
                 .await
-                .map(|m| m.used)
                 .map_err(|e| e.to_string())
+                .and_then(|m| match m.unavailable {
+                    Some(why) => Err(why),
+                    None => Ok(m.used),
+                })
         };
         let (peers, memory) = tokio::join!(peers, memory);
         let figures = SharedFigures {

@@ -127,6 +127,22 @@ pub struct MemoryReport {
     pub max: u64,
     /// The eviction policy.
     pub policy: String,
+    /// Why the figures are unknown (zeros), when they are: e.g. a Redis
+    /// user not granted `INFO`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<String>,
+}
+
+impl MemoryReport {
+    /// A report whose figures are unknown, saying why; its policy reads
+    /// `unknown (why)` so that a reply showing only the policy says it too.
+    pub fn unknown(why: &str) -> Self {
+        Self {
+            policy: format!("unknown ({why})"),
+            unavailable: Some(why.to_owned()),
+            ..Self::default()
+        }
+    }
 }
 
 /// A key and the memory it takes.

@@ -414,6 +414,7 @@ impl MemoryStore {
             fragmentation: 0.0,
             max: self.inner.max_bytes,
             policy: "volatile-ttl".to_owned(),
+            unavailable: None,
         })
     }
 

@@ -9,12 +9,18 @@
 //! operations here are idempotent, so a retry cannot apply a write twice in a
 //! way that matters.
 
+mod acl;
 mod breaker;
 mod recovery;
 mod schedules;
 mod tasks;
+mod tls;
+pub mod url;
 
+pub use self::acl::REDIS_ACL_RULES;
 pub use self::tasks::StreamReader;
+pub use self::tls::{RedisTls, TlsError, TlsPart};
+pub use self::url::{is_tls, redact};
 
 use std::future::Future;
 use std::sync::Arc;
@@ -50,10 +56,13 @@ const MAX_SCANS_PER_PAGE: usize = 64;
 const ATTEMPT_FLOOR: Duration = Duration::from_millis(250);
 
 /// Settings of the Redis backend.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port/db`.
+    /// `redis[s]://[user:password@]host:port/db`.
     pub url: String,
+    /// CA and client certificate for a `rediss://` URL; `None` trusts the
+    /// system roots and presents no client certificate.
+    pub tls: Option<RedisTls>,
     /// Multiplexed connections in the pool.
     pub max_connections: usize,
     /// Whether a timed-out call is retried (if the deadline allows).
@@ -75,6 +84,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls: None,
             max_connections: 20,
             retry_on_timeout: true,
             keepalive: true,
@@ -83,6 +93,23 @@ impl RedisConfig {
             breaker_failures: 5,
             breaker_cooldown: Duration::from_secs(5),
         }
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    /// The URL without its password (settings may be logged).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &redact(&self.url))
+            .field("tls", &self.tls)
+            .field("max_connections", &self.max_connections)
+            .field("retry_on_timeout", &self.retry_on_timeout)
+            .field("keepalive", &self.keepalive)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("retries", &self.retries)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .finish()
     }
 }
 
@@ -170,7 +197,20 @@ impl RedisStore {
             );
         }
         let info = info.set_tcp_settings(tcp);
-        let client = redis::Client::open(info).map_err(bad)?;
+        let client = match &config.tls {
+            // The one place a Redis client is built: the cache's, the tasks',
+            // the watchers' and those of `koo worker` and `koo scheduler`.
+            Some(tls) if is_tls(&config.url) => {
+                redis::Client::build_with_tls(info, tls.certificates()).map_err(bad)?
+            }
+            Some(_) => {
+                return Err(StoreError::InvalidConfig(format!(
+                    "REDIS_URL: {} is plaintext but TLS files are set; use rediss://",
+                    redact(&config.url)
+                )));
+            }
+            None => redis::Client::open(info).map_err(bad)?,
+        };
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(None)
@@ -591,11 +631,25 @@ impl RedisStore {
         Ok((sampled, sizes))
     }
 
+    /// Redis's memory figures from `INFO memory`. A user whose ACL does not
+    /// grant `INFO` (it is optional, see [`acl`]) gets a report that says
+    /// the figures are unknown instead of an error, so that health, metrics
+    /// and maintenance degrade rather than fail.
     pub(super) async fn memory(&self, deadline: Deadline) -> Result<MemoryReport> {
-        let mut cmd = redis::cmd("INFO");
-        cmd.arg("memory");
-        let info: String = self.query(&cmd, deadline).await?;
-        Ok(parse_memory_info(&info))
+        let info: Option<String> = self
+            .run(deadline, |mut c| async move {
+                let mut cmd = redis::cmd("INFO");
+                cmd.arg("memory");
+                match cmd.query_async(&mut c).await {
+                    Err(e) if has_code(&e, "NOPERM") => Ok(None),
+                    other => other.map(Some),
+                }
+            })
+            .await?;
+        Ok(match info {
+            Some(info) => parse_memory_info(&info),
+            None => MemoryReport::unknown("INFO not permitted for koo's Redis user"),
+        })
     }
 
     pub(super) fn circuit_state(&self) -> CircuitState {
