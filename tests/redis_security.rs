@@ -310,9 +310,9 @@ async fn task_smoke(mut tasks: TaskServiceClient<Channel>) {
 }
 
 /// Scenario: Redis speaks only TLS and requires a client certificate. `koo
-/// serve` and a `koo worker` process, given `rediss://`, the CA file and a
-/// client certificate and key, serve the cache (Set, Get) and run a task to
-/// SUCCEEDED.
+/// serve`, a `koo worker` and a `koo scheduler` process, given `rediss://`,
+/// the CA file and a client certificate and key, serve the cache (Set,
+/// Get), run a task to SUCCEEDED, and fire a schedule.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_redis_with_ca_and_client_certificate_serves_cache_and_tasks() {
     let pki = Pki::new();
@@ -324,6 +324,41 @@ async fn tls_redis_with_ca_and_client_certificate_serves_cache_and_tasks() {
     cache_smoke(serve.cache()).await;
     let _worker = Worker::start(&env);
     task_smoke(serve.tasks()).await;
+    scheduler_fires(&serve, &env).await;
+}
+
+/// Starts `koo scheduler` with `env` and a health check every second, and
+/// waits for the task it submits (the WatchTasks event).
+async fn scheduler_fires(serve: &Serve, env: &[(&str, String)]) {
+    let mut events = serve
+        .tasks()
+        .watch_tasks(koo::pb::tasks::v1::WatchTasksRequest {
+            name: "koo.tasks.health_check.run".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut scheduler = common::koo_command()
+        .arg("scheduler")
+        .env("KOO_LOG", "warn")
+        .env("KOO_SCHEDULE_HEALTH_CHECK", "* * * * * *")
+        .env("KOO_SCHEDULE_CACHE_CLEANUP", "off")
+        .env("KOO_SCHEDULE_CACHE_WARM", "off")
+        .env("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn koo scheduler");
+    let fired = tokio::time::timeout(EVENT_TIMEOUT, events.message()).await;
+    let _ = scheduler.kill();
+    let _ = scheduler.wait();
+    let event = fired
+        .expect("the scheduler never submitted over TLS")
+        .unwrap()
+        .expect("an event");
+    assert_eq!(event.queue, "health_check", "{event:?}");
 }
 
 /// Scenario: koo is given a CA that did not sign Redis's certificate: it
@@ -575,4 +610,45 @@ async fn acl_user_without_info_degrades_memory_reports() {
     );
     assert!(metrics.partial, "{metrics:?}");
     assert!(metrics.partial_reason.contains("INFO"), "{metrics:?}");
+}
+
+/// Scenario: an ACL user's password in REDIS_URL, TASK_BROKER_URL and
+/// TASK_RESULT_BACKEND (each logged at start-up) never reaches koo's logs
+/// (debug level), while the user name does.
+#[test]
+fn redis_passwords_never_reach_the_logs() {
+    let mut child = common::koo_command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KOO_LOG", "debug")
+        .env("REDIS_URL", "redis://koo:hunter2-secret@127.0.0.1:1/0")
+        .env(
+            "TASK_BROKER_URL",
+            "redis://koo:hunter2-secret@127.0.0.1:1/1",
+        )
+        .env(
+            "TASK_RESULT_BACKEND",
+            "redis://koo:hunter2-secret@127.0.0.1:1/2",
+        )
+        .env("KOO_WORKER_CONCURRENCY", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn koo serve");
+    let mut logs = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+    {
+        logs.push_str(&line);
+        logs.push('\n');
+        if line.contains("koo serving gRPC") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(logs.contains("koo serving gRPC"), "{logs}");
+    assert!(!logs.contains("hunter2"), "a password was logged:\n{logs}");
+    assert!(logs.contains("redis://koo:***@127.0.0.1:1/0"), "{logs}");
+    assert!(logs.contains("redis://koo:***@127.0.0.1:1/2"), "{logs}");
 }
