@@ -99,13 +99,12 @@ pub struct HealthArgs {
     pub timeout: Duration,
 }
 
-/// Redis settings shared by `koo serve` and `koo worker`.
+/// Redis settings shared by `koo serve`, `koo worker` and `koo scheduler`.
 #[derive(Debug, Args)]
 pub struct RedisArgs {
     /// Redis URL (`redis[s]://[user:password@]host:port/db`; `rediss://` is
-    /// TLS). Without it koo
-    /// keeps the cache in process (the embedded store: not shared, not
-    /// durable).
+    /// TLS). Without it koo keeps the cache in process (the embedded store:
+    /// not shared, not durable).
     #[arg(long, env = "REDIS_URL", value_name = "REDIS_URL")]
     pub redis_url: Option<String>,
     /// Multiplexed connections to Redis.
