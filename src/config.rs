@@ -23,6 +23,7 @@ use crate::store::tasks::TaskLimits;
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::model::QueueName;
+use crate::tasks::remote::secret::LeaseSecrets;
 use crate::tasks::retry::Backoff;
 
 mod cache;
@@ -456,6 +457,13 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub worker_token: Option<String>,
+    /// Whether reports on a lease (HeartbeatTask, ReportProgress, CompleteTask, FailTask, and a
+    /// Work stream's reports on tasks it does not hold) must carry the lease's secret:
+    /// `required`, `optional` (a report without one is accepted unless a Work stream holds the
+    /// task) or `auto` (`required` when authentication is configured, else `optional`).
+    #[arg(long, env = "KOO_LEASE_SECRETS", value_name = "KOO_LEASE_SECRETS", value_enum,
+          default_value_t = LeaseSecrets::Auto)]
+    pub lease_secrets: LeaseSecrets,
 }
 
 /// A configuration value that parses but cannot be used.
@@ -516,7 +524,12 @@ impl ServeArgs {
         let cache = self.cache.cache_config(&self.prefix)?;
         let tasks = TaskSettings {
             redis: self.tasks.redis_config(&self.redis)?,
-            config: self.tasks.task_config(&self.prefix)?,
+            config: TaskConfig {
+                // `false` until authentication (a keys file, a client CA) is
+                // merged: the merger passes whether either is configured.
+                lease_secrets: self.lease_secrets.resolve(false),
+                ..self.tasks.task_config(&self.prefix)?
+            },
             workers: self.worker_concurrency as usize,
             ledger: self.tasks.diagnostics_ledger.clone(),
         };
