@@ -796,6 +796,24 @@ mod tests {
         assert_eq!(s.health_check_interval, Duration::from_secs(30));
     }
 
+    /// Lease secrets default to `auto` (`optional` while no authentication
+    /// is configured); the hold bound defaults to 1024; both are checked.
+    #[test]
+    fn lease_flags() {
+        use crate::tasks::remote::secret::LeasePolicy;
+        let s = parse(&[]).unwrap().into_settings().unwrap();
+        assert_eq!(s.tasks.config.lease_secrets, LeasePolicy::Optional);
+        assert_eq!(s.limits.max_held_per_worker, 1024);
+        let s = parse(&["--lease-secrets", "required", "--max-held-per-worker", "50"])
+            .unwrap()
+            .into_settings()
+            .unwrap();
+        assert_eq!(s.tasks.config.lease_secrets, LeasePolicy::Required);
+        assert_eq!(s.limits.max_held_per_worker, 50);
+        assert!(parse(&["--lease-secrets", "sometimes"]).is_err());
+        assert!(parse(&["--max-held-per-worker", "0"]).is_err());
+    }
+
     /// The scheduler runs by default; `--no-scheduler` turns it off; the
     /// default schedules can be changed, switched off, and are validated
     /// naming their variable.

@@ -377,3 +377,24 @@ async fn a_greedy_worker_holds_at_most_its_bound(backend: Backend) {
         "no task after a completion"
     );
 }
+
+/// Any koo process of a deployment checks a secret another handed out:
+/// the key is created once in Redis (`SET NX`) and read by each process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_from_one_process_is_good_at_another() {
+    let koo = start_on(Backend::Redis, 0).await;
+    let other = spawn_on(koo.redis(), 0).await;
+    let mut c = client(&koo.server);
+    // the other process reads the key first: both must end up with one
+    let mut w_other = WorkerServiceClient::new(other.channel.clone());
+    let task = submit_ok(&mut c, job()).await;
+    let leased = lease_one(&mut w_other).await;
+    assert_eq!(leased.task.as_ref().unwrap().id, task.id);
+    let mut w = connection(&koo).await;
+    let done = w
+        .complete_task(complete(&task.id, leased.lease_token, &leased.lease_secret, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+}

@@ -93,13 +93,13 @@ impl WorkerApi {
         self.holds.tally(&identity, caller.max_held)
     }
 
-    /// Forgets the unary holding of a task whose report ended its lease
-    /// (or found it ended).
-    fn ended<T>(&self, id: &str, outcome: &Result<T, TaskError>) {
+    /// Forgets the unary holding of a lease that a report ended (or found
+    /// ended).
+    fn ended<T>(&self, id: &str, token: u32, outcome: &Result<T, TaskError>) {
         if matches!(outcome, Ok(_) | Err(TaskError::Fenced(_)))
             && let Ok(id) = TaskId::parse(id)
         {
-            self.holds.end_unary(&id);
+            self.holds.end_unary(&id, token);
         }
     }
 
@@ -580,7 +580,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             deadline,
         )
         .await;
-        self.ended(&r.task_id, &s);
+        self.ended(&r.task_id, r.lease_token, &s);
         Ok(Response::new(pb::CompleteTaskResponse { state: state(s?) }))
     }
 
@@ -609,7 +609,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             deadline,
         )
         .await;
-        self.ended(&r.task_id, &s);
+        self.ended(&r.task_id, r.lease_token, &s);
         Ok(Response::new(pb::FailTaskResponse { state: state(s?) }))
     }
 

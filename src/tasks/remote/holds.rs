@@ -210,9 +210,15 @@ impl Holds {
         }
     }
 
-    /// The unary lease of `id` ended (completed, failed, or fenced).
-    pub fn end_unary(&self, id: &TaskId) {
-        let gone = self.unary().remove(id);
+    /// The unary lease `token` of `id` ended (completed, failed, or found
+    /// fenced); a later lease of the same task keeps its room.
+    pub fn end_unary(&self, id: &TaskId, token: u32) {
+        let mut unary = self.unary();
+        let gone = match unary.get(id) {
+            Some(h) if h.token == token => unary.remove(id),
+            _ => None,
+        };
+        drop(unary);
         drop(gone);
     }
 
@@ -295,8 +301,9 @@ mod tests {
         holds.extend_unary(&id, 1, now + std::time::Duration::from_secs(5));
         holds.sweep(now + std::time::Duration::from_secs(2));
         assert_eq!(tally.held(), 1, "extended by a heartbeat");
-        holds.end_unary(&other);
-        assert_eq!(tally.held(), 1);
+        holds.end_unary(&other, 1);
+        holds.end_unary(&id, 2);
+        assert_eq!(tally.held(), 1, "another task, another lease");
         holds.sweep(now + std::time::Duration::from_secs(6));
         assert_eq!(tally.held(), 0, "lapsed");
         drop(tally);
