@@ -392,7 +392,12 @@ async fn a_secret_from_one_process_is_good_at_another() {
     assert_eq!(leased.task.as_ref().unwrap().id, task.id);
     let mut w = connection(&koo).await;
     let done = w
-        .complete_task(complete(&task.id, leased.lease_token, &leased.lease_secret, "a"))
+        .complete_task(complete(
+            &task.id,
+            leased.lease_token,
+            &leased.lease_secret,
+            "a",
+        ))
         .await
         .unwrap()
         .into_inner();

@@ -366,16 +366,23 @@ impl Session {
                 if closing(&mut inbound, out) {
                     return Ok(Ending::Gone);
                 }
-                freed.borrow_and_update();
-                if !self.taken.take_one() {
-                    full = true;
-                    break;
-                }
                 let mut leased = None;
+                let mut took = false;
                 for i in 0..queues.len() {
                     let q = (next + i) % queues.len();
                     if empty[q].is_some_and(|at| at.elapsed() < config.poll_interval) {
                         continue;
+                    }
+                    // Room is taken on the identity only for a lease that is
+                    // tried (a take given back wakes the identity's waiting
+                    // streams, for nothing when every queue was skipped).
+                    if !took {
+                        freed.borrow_and_update();
+                        if !self.taken.take_one() {
+                            full = true;
+                            break;
+                        }
+                        took = true;
                     }
                     match self
                         .engine
