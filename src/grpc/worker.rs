@@ -80,17 +80,8 @@ impl WorkerApi {
     /// The tally of the worker making `request`: its authenticated
     /// principal (all its streams and leases), else its connection.
     fn tally<T>(&self, request: &Request<T>) -> std::sync::Arc<Tally> {
-        let caller = crate::auth::Caller::of(request.extensions());
-        let identity = if caller.role.is_some() {
-            format!("principal:{}", caller.principal)
-        } else if let Some(peer) = request.extensions().get::<crate::transport::Peer>() {
-            format!("connection:{}", peer.connection)
-        } else if let Some(addr) = request.remote_addr() {
-            format!("address:{addr}")
-        } else {
-            "unknown".to_owned()
-        };
-        self.holds.tally(&identity, caller.max_held)
+        let (identity, bound) = holder(request.extensions(), request.remote_addr());
+        self.holds.tally(&identity, bound)
     }
 
     /// Forgets the unary holding of a lease that a report ended (or found
@@ -121,6 +112,26 @@ impl WorkerApi {
         }
         Ok(taken)
     }
+}
+
+/// Who a request's worker is, for the hold bound, and its own bound if its
+/// key sets one: the authenticated principal (all its streams and leases),
+/// else the connection (as the transport numbers it, else its address).
+fn holder(
+    extensions: &http::Extensions,
+    addr: Option<std::net::SocketAddr>,
+) -> (String, Option<u32>) {
+    let caller = crate::auth::Caller::of(extensions);
+    let identity = if caller.role.is_some() {
+        format!("principal:{}", caller.principal)
+    } else if let Some(peer) = extensions.get::<crate::transport::Peer>() {
+        format!("connection:{}", peer.connection)
+    } else if let Some(addr) = addr {
+        format!("address:{addr}")
+    } else {
+        "unknown".to_owned()
+    };
+    (identity, caller.max_held)
 }
 
 /// Gives back, every `every`, the room of unary leases that lapsed.
@@ -672,6 +683,41 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker is its principal when authenticated (whatever its
+    /// connection, with its key's bound), else its connection.
+    #[test]
+    fn holders() {
+        use crate::auth::{Caller, Role};
+        use crate::transport::Peer;
+        let a: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let b: std::net::SocketAddr = "10.0.0.1:4001".parse().unwrap();
+        let mut open = http::Extensions::new();
+        assert_eq!(
+            holder(&open, Some(a)),
+            ("address:10.0.0.1:4000".into(), None)
+        );
+        assert_ne!(holder(&open, Some(a)), holder(&open, Some(b)));
+        open.insert(Peer {
+            addr: Some(a),
+            identity: None,
+            connection: 7,
+        });
+        assert_eq!(holder(&open, Some(a)).0, "connection:7");
+        let mut keyed = open.clone();
+        keyed.insert(Caller {
+            role: Some(Role::Worker),
+            max_held: Some(3),
+            ..Caller::anonymous()
+        });
+        let mut other_conn = http::Extensions::new();
+        other_conn.insert(keyed.get::<Caller>().unwrap().clone());
+        assert_eq!(
+            holder(&keyed, Some(a)),
+            ("principal:anonymous".into(), Some(3))
+        );
+        assert_eq!(holder(&keyed, Some(a)), holder(&other_conn, Some(b)));
+    }
 
     /// A long read error is quoted by its head and its tail (where a
     /// decode error says why), within the bound, on character boundaries.
