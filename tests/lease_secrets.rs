@@ -403,3 +403,70 @@ async fn a_secret_from_one_process_is_good_at_another() {
         .into_inner();
     assert_eq!(done.state, pb::TaskState::Succeeded as i32);
 }
+
+/// When the key in Redis changes under running processes (Redis lost its
+/// data and another process stored a new key), every process adopts the
+/// stored key within a lease, so a secret from a process started since is
+/// good at one that was running before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_converge_on_the_stored_key() {
+    let koo = start_on(Backend::Redis, 0).await;
+    let mut c = client(&koo.server);
+    let mut w = connection(&koo).await;
+    // this process reads the key (K1)
+    submit_ok(&mut c, job()).await;
+    let first = lease_one(&mut w).await;
+    w.complete_task(complete(
+        &first.task.unwrap().id,
+        first.lease_token,
+        &first.lease_secret,
+        "a",
+    ))
+    .await
+    .unwrap();
+    // another key is stored (K2), and a process started since reads it
+    let mut conn = koo.redis().conn().await;
+    let _: () = redis::cmd("SET")
+        .arg("koo:v1:lease-key")
+        .arg("b".repeat(64))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let later = spawn_on(koo.redis(), 0).await;
+    let mut w_later = WorkerServiceClient::new(later.channel.clone());
+    let task = submit_ok(&mut c, job()).await;
+    let leased = lease_one(&mut w_later).await;
+    let beat = |secret: &str| wpb::HeartbeatTaskRequest {
+        task_id: task.id.clone(),
+        lease_token: leased.lease_token,
+        lease_secret: secret.into(),
+    };
+    // The first process re-checks the key once a lease (1 s here); it
+    // exposes no event for it, so poll, keeping the lease alive meanwhile.
+    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    loop {
+        match w.heartbeat_task(beat(&leased.lease_secret)).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::PermissionDenied => {
+                assert!(tokio::time::Instant::now() < until, "never adopted: {e:?}");
+                w_later
+                    .heartbeat_task(beat(&leased.lease_secret))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    let done = w
+        .complete_task(complete(
+            &task.id,
+            leased.lease_token,
+            &leased.lease_secret,
+            "b",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+}

@@ -60,6 +60,8 @@ impl WorkerApi {
         // unary leases nobody ended go back when they would have lapsed
         let every = (engine.config().lease / 4).max(Duration::from_millis(10));
         tokio::spawn(sweep_holds(holds.clone(), every, shutdown.clone()));
+        // every process converges on the key stored in a shared store
+        tokio::spawn(remote::keep_lease_key(engine.clone(), shutdown.clone()));
         Self {
             engine,
             cache,

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::model::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
-use super::remote::secret::{LeasePolicy, Signer};
+use super::remote::secret::{LeasePolicy, Signer, SignerCell};
 use super::retry::Backoff;
 use crate::store::tasks::{
     Beat, CancelReply, DependReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskLimits,
@@ -303,8 +303,9 @@ struct Inner {
     /// Cancels asked for through this process, for its running handlers.
     cancels: tokio::sync::broadcast::Sender<TaskId>,
     /// The lease secrets' signer, read from the store once (a failed read
-    /// is tried again by the next caller).
-    signer: tokio::sync::OnceCell<Signer>,
+    /// is tried again by the next caller) and re-checked by
+    /// [`TaskEngine::refresh_signer`].
+    signer: SignerCell,
 }
 
 impl TaskEngine {
@@ -316,7 +317,7 @@ impl TaskEngine {
                 config,
                 submitted: watch::Sender::new(None),
                 cancels: tokio::sync::broadcast::Sender::new(256),
-                signer: tokio::sync::OnceCell::new(),
+                signer: SignerCell::default(),
             }),
         }
     }
@@ -720,15 +721,34 @@ impl TaskEngine {
 
     /// The lease secrets' signer: its key read from the store (created
     /// there by the first koo process that needs it) once per process.
-    pub async fn signer(&self, deadline: Deadline) -> Result<&Signer, TaskError> {
-        self.inner
-            .signer
-            .get_or_try_init(|| async {
-                let fresh = Signer::fresh_key()?;
-                let key = self.inner.store.lease_key(&fresh, deadline).await?;
-                Ok(Signer::new(key.as_bytes()))
-            })
-            .await
+    pub async fn signer(&self, deadline: Deadline) -> Result<Arc<Signer>, TaskError> {
+        if let Some(s) = self.inner.signer.get() {
+            return Ok(s);
+        }
+        let key = self
+            .inner
+            .store
+            .lease_key(&Signer::fresh_key()?, deadline)
+            .await?;
+        Ok(self.inner.signer.adopt(&key))
+    }
+
+    /// Writes this process's key of lease secrets back when the shared
+    /// store lost it, or adopts the one stored since: after Redis restarts
+    /// empty, every process converges on one key within one refresh.
+    pub async fn refresh_signer(&self, deadline: Deadline) -> Result<(), TaskError> {
+        let Some(current) = self.inner.signer.get() else {
+            return Ok(());
+        };
+        if self.inner.store.is_shared() {
+            let key = self
+                .inner
+                .store
+                .lease_key(current.stored(), deadline)
+                .await?;
+            self.inner.signer.adopt(&key);
+        }
+        Ok(())
     }
 
     /// The secret of `task`'s current lease (see [`super::remote::secret`]).

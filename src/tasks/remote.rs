@@ -216,6 +216,23 @@ impl Failure {
         })
     }
 }
+/// Re-checks the key of lease secrets every lease until `stop` (see
+/// [`TaskEngine::refresh_signer`]).
+pub async fn keep_lease_key(engine: TaskEngine, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(engine.config().lease);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = engine.refresh_signer(Deadline::after(CALL)).await {
+                    tracing::debug!(error = %e, "cannot re-check the key of lease secrets; next lease");
+                }
+            }
+        }
+    }
+}
+
 /// Leases one task for a unary caller, waiting up to `wait` (at most
 /// [`MAX_WAIT`]) for one to come; `None` when none came or `stop` fired.
 pub async fn lease_once(
@@ -312,7 +329,8 @@ async fn authorize(
         Proof::Secret(Some(_)) => Some(engine.signer(deadline).await?),
         _ => None,
     };
-    secret::authorize(signer, engine.config().lease_secrets, task, token, proof)
+    let policy = engine.config().lease_secrets;
+    secret::authorize(signer.as_deref(), policy, task, token, proof)
 }
 
 /// Extends a lease for a unary caller that proves it holds it.

@@ -20,6 +20,8 @@
 //! old unary scripts keep working on their own leases while nobody can end
 //! a stream worker's task by guessing its token).
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use ring::hmac;
 
@@ -88,6 +90,8 @@ impl<'a> Proof<'a> {
 /// Computes and checks lease secrets under one key.
 pub struct Signer {
     key: hmac::Key,
+    /// The stored key, to tell whether the store now holds another.
+    stored: String,
 }
 
 impl std::fmt::Debug for Signer {
@@ -97,11 +101,17 @@ impl std::fmt::Debug for Signer {
 }
 
 impl Signer {
-    /// A signer over `key` (the stored key's bytes).
-    pub fn new(key: &[u8]) -> Self {
+    /// A signer over `key` (the stored key).
+    pub fn new(key: &str) -> Self {
         Self {
-            key: hmac::Key::new(hmac::HMAC_SHA256, key),
+            key: hmac::Key::new(hmac::HMAC_SHA256, key.as_bytes()),
+            stored: key.to_owned(),
         }
+    }
+
+    /// The stored key this signer uses.
+    pub fn stored(&self) -> &str {
+        &self.stored
     }
 
     /// 32 fresh random bytes, as 64 hex digits (what is stored).
@@ -142,6 +152,42 @@ impl Signer {
         };
         let tag = self.tag(id, token, worker);
         given.len() == SECRET_BYTES && bool::from(given.ct_eq(&tag.as_ref()[..SECRET_BYTES]))
+    }
+}
+
+/// This process's signer, once read from the store; replaced when the
+/// store turns out to hold another key (after Redis lost its data, every
+/// process converges on the key stored first).
+#[derive(Debug, Default)]
+pub struct SignerCell {
+    /// std RwLock: held only to clone or swap an `Arc`, never across an
+    /// await.
+    current: std::sync::RwLock<Option<Arc<Signer>>>,
+}
+
+impl SignerCell {
+    /// The signer, if the key was read.
+    pub fn get(&self) -> Option<Arc<Signer>> {
+        self.current.read().expect("not poisoned").clone()
+    }
+
+    /// The signer of the stored key `key` (the current one when it is the
+    /// same key).
+    pub fn adopt(&self, key: &str) -> Arc<Signer> {
+        let mut current = self.current.write().expect("not poisoned");
+        match current.as_ref() {
+            Some(s) if s.stored == key => s.clone(),
+            before => {
+                if before.is_some() {
+                    tracing::warn!(
+                        "the stored key of lease secrets changed (the task store lost its data?): adopting it; leases signed with the former key must be reported on their stream or lapse"
+                    );
+                }
+                let s = Arc::new(Signer::new(key));
+                *current = Some(s.clone());
+                s
+            }
+        }
     }
 }
 
@@ -200,7 +246,7 @@ mod tests {
     /// whole.
     #[test]
     fn secrets_bind_the_lease() {
-        let s = Signer::new(b"k".repeat(32).as_slice());
+        let s = Signer::new(&"k".repeat(32));
         let secret = s.secret("research~01", 1, "w/0123456789ab");
         assert_eq!(secret.len(), 22);
         assert!(s.verify("research~01", 1, "w/0123456789ab", &secret));
@@ -209,8 +255,20 @@ mod tests {
         assert!(!s.verify("research~01", 1, "x/0123456789ab", &secret));
         assert!(!s.verify("research~01", 1, "w/0123456789ab", &secret[..21]));
         assert!(!s.verify("research~01", 1, "w/0123456789ab", "not base64!"));
-        let other = Signer::new(b"j".repeat(32).as_slice());
+        let other = Signer::new(&"j".repeat(32));
         assert!(!other.verify("research~01", 1, "w/0123456789ab", &secret));
+    }
+
+    /// A cell keeps its signer for the same key and swaps it for another.
+    #[test]
+    fn signer_cell_adopts_the_stored_key() {
+        let cell = SignerCell::default();
+        assert!(cell.get().is_none());
+        let a = cell.adopt(&"a".repeat(64));
+        assert!(Arc::ptr_eq(&a, &cell.adopt(&"a".repeat(64))));
+        let b = cell.adopt(&"b".repeat(64));
+        assert_eq!(b.stored(), "b".repeat(64));
+        assert!(Arc::ptr_eq(&b, &cell.get().unwrap()));
     }
 
     /// The stream worker id shape is recognised exactly.
