@@ -8,8 +8,10 @@
 //! never stored: any koo process of the deployment recomputes it from the
 //! task, so no store round trip is added. The key is 32 random bytes kept
 //! in the task store (created once with `SET NX`, see
-//! [`crate::keys::lease_key`]), or random per process on the embedded
-//! store (whose tasks no other process serves).
+//! [`crate::keys::lease_key`]), read once per process and re-checked once
+//! a lease (so that, after Redis lost its data, every process converges on
+//! the key stored first); or random per process on the embedded store
+//! (whose tasks no other process serves).
 //!
 //! The rules, applied by [`authorize`]: a report naming a stale lease is
 //! fenced (`ABORTED`) whatever it carries; a stream report on a task its
