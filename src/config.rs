@@ -25,6 +25,7 @@ use crate::store::tasks::TaskLimits;
 use crate::store::{MemoryConfig, RedisConfig};
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::model::QueueName;
+use crate::tasks::remote::secret::LeaseSecrets;
 use crate::tasks::retry::Backoff;
 
 mod cache;
@@ -462,6 +463,13 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub worker_token: Option<String>,
+    /// Whether reports on a lease (HeartbeatTask, ReportProgress, CompleteTask, FailTask, and a
+    /// Work stream's reports on tasks it does not hold) must carry the lease's secret:
+    /// `required`, `optional` (a report without one is accepted unless a Work stream holds the
+    /// task) or `auto` (`required` when authentication is configured, else `optional`).
+    #[arg(long, env = "KOO_LEASE_SECRETS", value_name = "KOO_LEASE_SECRETS", value_enum,
+          default_value_t = LeaseSecrets::Auto)]
+    pub lease_secrets: LeaseSecrets,
 }
 
 /// A configuration value that parses but cannot be used.
@@ -522,7 +530,12 @@ impl ServeArgs {
         let cache = self.cache.cache_config(&self.prefix)?;
         let tasks = TaskSettings {
             redis: self.tasks.redis_config(&self.redis)?,
-            config: self.tasks.task_config(&self.prefix)?,
+            config: TaskConfig {
+                // `false` until authentication (a keys file, a client CA) is
+                // merged: the merger passes whether either is configured.
+                lease_secrets: self.lease_secrets.resolve(false),
+                ..self.tasks.task_config(&self.prefix)?
+            },
             workers: self.worker_concurrency as usize,
             ledger: self.tasks.diagnostics_ledger.clone(),
         };
@@ -789,6 +802,24 @@ mod tests {
         assert_eq!(s.cache.compression_threshold, 1024);
         assert_eq!(s.cache.max_value_size, 10_485_760);
         assert_eq!(s.health_check_interval, Duration::from_secs(30));
+    }
+
+    /// Lease secrets default to `auto` (`optional` while no authentication
+    /// is configured); the hold bound defaults to 1024; both are checked.
+    #[test]
+    fn lease_flags() {
+        use crate::tasks::remote::secret::LeasePolicy;
+        let s = parse(&[]).unwrap().into_settings().unwrap();
+        assert_eq!(s.tasks.config.lease_secrets, LeasePolicy::Optional);
+        assert_eq!(s.limits.max_held_per_worker, 1024);
+        let s = parse(&["--lease-secrets", "required", "--max-held-per-worker", "50"])
+            .unwrap()
+            .into_settings()
+            .unwrap();
+        assert_eq!(s.tasks.config.lease_secrets, LeasePolicy::Required);
+        assert_eq!(s.limits.max_held_per_worker, 50);
+        assert!(parse(&["--lease-secrets", "sometimes"]).is_err());
+        assert!(parse(&["--max-held-per-worker", "0"]).is_err());
     }
 
     /// The scheduler runs by default; `--no-scheduler` turns it off; the

@@ -23,6 +23,7 @@
 //! | `koo:v1:idem:{key}` | string | an idempotency key's claim: `fingerprint|task id` (with a TTL) |
 //! | `koo:v1:workers` | sorted set | worker pools, scored by when each last said it was alive (ms) |
 //! | `koo:v1:worker:{id}` | string | one pool's or external worker's record (JSON, with a TTL) |
+//! | `koo:v1:lease-key` | string | the key of lease secrets (64 hex digits, no TTL; see `tasks::remote::secret`) |
 //! | `koo:v1:{schedules}:defs` / `:runs` / `:version` | hash, hash, string | schedules, their latest runs, a change counter (see `schedule::store`) |
 //!
 //! The prefix lets several deployments share one Redis; it is escaped in
@@ -183,6 +184,13 @@ pub fn idempotency(prefix: &str, key: &str) -> String {
 /// The index of live worker pools (not tied to a queue's slot).
 pub fn workers_index(prefix: &str) -> String {
     format!("{prefix}:v1:workers")
+}
+
+/// The key of lease secrets (32 random bytes as hex, written once with
+/// `SET NX` by the first koo process that needs it; no TTL: every lease's
+/// secret depends on it).
+pub fn lease_key(prefix: &str) -> String {
+    format!("{prefix}:v1:lease-key")
 }
 
 /// One worker pool's record.

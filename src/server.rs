@@ -344,7 +344,8 @@ pub async fn run(
                 settings.request_timeout,
                 stop.clone(),
                 sessions.clone(),
-            ),
+            )
+            .max_held_per_worker(settings.limits.max_held_per_worker),
             WorkerAuth::new(settings.worker_token.clone()),
         ))
         .add_service(health_service)

@@ -107,6 +107,7 @@ async fn run_steps(channel: Channel, n: usize) {
         w.complete_task(wpb::CompleteTaskRequest {
             task_id: task.id,
             lease_token: lease.lease_token,
+            lease_secret: lease.lease_secret,
             result: Some(koo_json(serde_json::json!("ok"))),
         })
         .await

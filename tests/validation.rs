@@ -518,6 +518,7 @@ async fn doubles_round_trip_exactly(backend: Backend) {
     w.complete_task(wpb::CompleteTaskRequest {
         task_id: held.id.clone(),
         lease_token: leased.lease_token,
+        lease_secret: String::new(),
         result: Some(prost_types::Value {
             kind: Some(Kind::ListValue(prost_types::ListValue {
                 values: held.args,

@@ -132,6 +132,7 @@ impl StreamWorker {
         self.send(In::Complete(wpb::Complete {
             task_id: id(t),
             lease_token: t.lease_token,
+            lease_secret: String::new(),
             result: Some(koo_json(result)),
         }))
         .await;
@@ -141,6 +142,7 @@ impl StreamWorker {
         self.send(In::Fail(wpb::Fail {
             task_id: id(t),
             lease_token: t.lease_token,
+            lease_secret: String::new(),
             message: message.into(),
             retryable,
             details: None,
@@ -222,6 +224,7 @@ async fn unary_lease_progress_complete(backend: Backend) {
     w.report_progress(wpb::ReportProgressRequest {
         task_id: task.id.clone(),
         lease_token: token,
+        lease_secret: String::new(),
         percent: 40.0,
         message: "page 2 of 5".into(),
         metadata: None,
@@ -237,6 +240,7 @@ async fn unary_lease_progress_complete(backend: Backend) {
         .heartbeat_task(wpb::HeartbeatTaskRequest {
             task_id: task.id.clone(),
             lease_token: token,
+            lease_secret: String::new(),
         })
         .await
         .unwrap()
@@ -246,6 +250,7 @@ async fn unary_lease_progress_complete(backend: Backend) {
         .complete_task(wpb::CompleteTaskRequest {
             task_id: task.id.clone(),
             lease_token: token,
+            lease_secret: String::new(),
             result: Some(koo_json(serde_json::json!({"pages": 5}))),
         })
         .await
@@ -263,6 +268,7 @@ async fn unary_lease_progress_complete(backend: Backend) {
         .complete_task(wpb::CompleteTaskRequest {
             task_id: task.id.clone(),
             lease_token: token,
+            lease_secret: String::new(),
             result: None,
         })
         .await
@@ -296,6 +302,7 @@ async fn unary_lease_progress_complete(backend: Backend) {
         .heartbeat_task(wpb::HeartbeatTaskRequest {
             task_id: cancelled.id.clone(),
             lease_token: leased.lease_token,
+            lease_secret: String::new(),
         })
         .await
         .unwrap()
@@ -344,6 +351,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
                 .complete_task(wpb::CompleteTaskRequest {
                     task_id: task.id.clone(),
                     lease_token: first.lease_token,
+                    lease_secret: String::new(),
                     result: None,
                 })
                 .await
@@ -352,6 +360,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
                 .fail_task(wpb::FailTaskRequest {
                     task_id: task.id.clone(),
                     lease_token: first.lease_token,
+                    lease_secret: String::new(),
                     message: "late".into(),
                     retryable: true,
                     details: None,
@@ -371,6 +380,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
                 .heartbeat_task(wpb::HeartbeatTaskRequest {
                     task_id: task.id.clone(),
                     lease_token: first.lease_token,
+                    lease_secret: String::new(),
                 })
                 .await
                 .map(|_| ()),
@@ -381,6 +391,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
     w.complete_task(wpb::CompleteTaskRequest {
         task_id: task.id.clone(),
         lease_token: second.lease_token,
+        lease_secret: String::new(),
         result: None,
     })
     .await
@@ -441,6 +452,7 @@ async fn unary_refusals(backend: Backend) {
         .complete_task(wpb::CompleteTaskRequest {
             task_id: "nonsense".into(),
             lease_token: 1,
+            lease_secret: String::new(),
             result: None,
         })
         .await
@@ -450,6 +462,7 @@ async fn unary_refusals(backend: Backend) {
         .complete_task(wpb::CompleteTaskRequest {
             task_id: unknown_task_id(),
             lease_token: 1,
+            lease_secret: String::new(),
             result: None,
         })
         .await
@@ -825,6 +838,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
         .send(In::Fail(wpb::Fail {
             task_id: task.id.clone(),
             lease_token: first.lease_token,
+            lease_secret: String::new(),
             message: "upstream unavailable".into(),
             retryable: true,
             details: details.clone(),
@@ -839,6 +853,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
         .send(In::Fail(wpb::Fail {
             task_id: task.id.clone(),
             lease_token: second.lease_token,
+            lease_secret: String::new(),
             message: "still unavailable".into(),
             retryable: true,
             details: details.clone(),

@@ -167,6 +167,7 @@ async fn an_unreadable_message_ends_the_stream_with_its_reason(backend: Backend)
         tx.send(msg(In::Complete(wpb::Complete {
             task_id: task.id.clone(),
             lease_token: held.lease_token,
+            lease_secret: String::new(),
             result: Some(result),
         })))
         .await
@@ -285,6 +286,7 @@ async fn closing_streams_spend_no_attempt_on_unstarted_tasks(backend: Backend) {
             let complete = wpb::Complete {
                 task_id: task_id(t),
                 lease_token: t.lease_token,
+                lease_secret: String::new(),
                 result: None,
             };
             senders[*i].send(msg(In::Complete(complete))).await.unwrap();
@@ -339,6 +341,7 @@ async fn closing_streams_spend_no_attempt_on_unstarted_tasks(backend: Backend) {
                 let complete = wpb::Complete {
                     task_id: task_id(&t),
                     lease_token: t.lease_token,
+                    lease_secret: String::new(),
                     result: None,
                 };
                 if htx.send(msg(In::Complete(complete))).await.is_err() {

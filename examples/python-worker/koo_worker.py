@@ -15,9 +15,12 @@ The protocol, as this module implements it:
 
 * The worker sends `hello {name, task_names, queues, concurrency}`; koo answers
   `welcome {worker_id, lease, heartbeat_interval}`.
-* koo pushes `task {task, lease_token}`, never more held at once than the
-  declared concurrency. Every report on a task quotes its lease token (a
-  fencing token: a report on a lapsed lease is refused with ABORTED).
+* koo pushes `task {task, lease_token, lease_secret}`, never more held at once
+  than the declared concurrency. Every report on a task quotes its lease token
+  (a fencing token: a report on a lapsed lease is refused with ABORTED) and
+  echoes its lease secret (the proof that the report comes from the lease's
+  holder; koo needs it only when the report does not come on the stream that
+  holds the task, but echoing it always costs nothing).
 * The worker sends `heartbeat {}` every `heartbeat_interval`; one heartbeat
   extends every lease held on the stream.
 * The worker sends `progress`, then `complete {result}` or
@@ -339,6 +342,7 @@ class _TaskRun:
         self.session = session
         self.task_id: str = assignment.task.id
         self.lease_token: int = assignment.lease_token
+        self.lease_secret: str = assignment.lease_secret
         self.quiet = assignment.task.name in worker._quiet_names
         self.cancel_requested = False  # koo sent `cancel`: report `fail`
         self.ctx = TaskContext(self, assignment.task, assignment.lease_token)
@@ -358,6 +362,7 @@ class _TaskRun:
         msg = worker_pb2.Progress(
             task_id=self.task_id,
             lease_token=self.lease_token,
+            lease_secret=self.lease_secret,
             percent=pct,
             message=_truncate_utf8(str(message), MAX_PROGRESS_MESSAGE_BYTES),
         )
@@ -743,11 +748,12 @@ class Worker:
             # The result (or the details) was refused, e.g. too large: fail
             # the task with the reason, without the payload.
             what = "result" if msg.HasField("complete") else "failure details"
-            token = msg.complete.lease_token if msg.HasField("complete") else msg.fail.lease_token
+            held = msg.complete if msg.HasField("complete") else msg.fail
             fallback = worker_pb2.WorkRequest(
                 fail=worker_pb2.Fail(
                     task_id=reply.task_id,
-                    lease_token=token,
+                    lease_token=held.lease_token,
+                    lease_secret=held.lease_secret,
                     message=_truncate_utf8(
                         f"koo refused the {what}: {reply.message or f'code {reply.code}'}",
                         MAX_FAIL_MESSAGE_BYTES,
@@ -808,13 +814,17 @@ class Worker:
             else:
                 msg = worker_pb2.WorkRequest(
                     complete=worker_pb2.Complete(
-                        task_id=run.task_id, lease_token=run.lease_token, result=value
+                        task_id=run.task_id,
+                        lease_token=run.lease_token,
+                        lease_secret=run.lease_secret,
+                        result=value,
                     )
                 )
         if failure is not None:
             fail = worker_pb2.Fail(
                 task_id=run.task_id,
                 lease_token=run.lease_token,
+                lease_secret=run.lease_secret,
                 message=_truncate_utf8(failure.message or "task failed", MAX_FAIL_MESSAGE_BYTES),
                 retryable=failure.retryable,
             )

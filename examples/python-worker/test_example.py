@@ -343,7 +343,8 @@ class FakeKoo(worker_grpc.WorkerServiceServicer):
         task.args.extend(koo_worker.python_to_value(a) for a in args)
         if kwargs:
             task.kwargs.CopyFrom(koo_worker.python_to_struct(kwargs))
-        self.push(task=worker_pb2.TaskAssignment(task=task, lease_token=token))
+        secret = f"secret-{task_id}"
+        self.push(task=worker_pb2.TaskAssignment(task=task, lease_token=token, lease_secret=secret))
 
 
 class WorkerProtocolTest(unittest.TestCase):
@@ -396,9 +397,11 @@ class WorkerProtocolTest(unittest.TestCase):
         self.koo.task("a", "t.add", [2, 3], token=7)
         progress = self.koo.expect("progress")
         self.assertEqual((progress.task_id, progress.lease_token, progress.percent), ("a", 7, 50))
+        # the lease secret is echoed in every report
+        self.assertEqual(progress.lease_secret, "secret-a")
         self.assertEqual(progress.metadata["step"], 1)
         complete = self.koo.expect("complete")
-        self.assertEqual((complete.task_id, complete.lease_token), ("a", 7))
+        self.assertEqual((complete.task_id, complete.lease_token, complete.lease_secret), ("a", 7, "secret-a"))
         self.assertEqual(koo_worker.value_to_python(complete.result), {"sum": 5})
         self.koo.push(reply=worker_pb2.Reply(
             task_id="a", kind=worker_pb2.REPLY_KIND_COMPLETE, code=0, state=tasks_pb2.TASK_STATE_SUCCEEDED))
@@ -438,6 +441,7 @@ class WorkerProtocolTest(unittest.TestCase):
         self.koo.push(cancel=worker_pb2.CancelRequested(task_id="k", reason="by request"))
         fail = self.koo.expect("fail")
         self.assertEqual((fail.task_id, fail.lease_token, fail.message, fail.retryable), ("k", 3, "cancelled", False))
+        self.assertEqual(fail.lease_secret, "secret-k")
         self.koo.push(reply=worker_pb2.Reply(
             task_id="k", kind=worker_pb2.REPLY_KIND_FAIL, code=0, state=tasks_pb2.TASK_STATE_CANCELLED))
         self.assertTrue(wait_until(lambda: self.events_of("failed")))

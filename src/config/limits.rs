@@ -21,6 +21,12 @@ pub struct LimitsArgs {
     #[arg(long, env = "KOO_MAX_CONCURRENT_STREAMS", value_name = "KOO_MAX_CONCURRENT_STREAMS",
           default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_streams: u32,
+    /// Most tasks one external worker may hold at once in this process, over all its Work
+    /// streams and unary leases (a worker: an authenticated key or certificate, else a
+    /// connection; a key's `max_held` overrides it). N koo processes allow N times as many.
+    #[arg(long, env = "KOO_MAX_HELD_PER_WORKER", value_name = "KOO_MAX_HELD_PER_WORKER",
+          default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_held_per_worker: u32,
 }
 
 /// The limits, checked.
@@ -32,6 +38,8 @@ pub struct Limits {
     pub watch_buffer: usize,
     /// `KOO_MAX_CONCURRENT_STREAMS`.
     pub max_concurrent_streams: u32,
+    /// `KOO_MAX_HELD_PER_WORKER`.
+    pub max_held_per_worker: u32,
 }
 
 impl Default for Limits {
@@ -40,6 +48,7 @@ impl Default for Limits {
             max_watchers: 20_000,
             watch_buffer: 4096,
             max_concurrent_streams: 4096,
+            max_held_per_worker: 1024,
         }
     }
 }
@@ -51,6 +60,7 @@ impl LimitsArgs {
             max_watchers: self.max_watchers as usize,
             watch_buffer: self.watch_buffer as usize,
             max_concurrent_streams: self.max_concurrent_streams,
+            max_held_per_worker: self.max_held_per_worker,
         }
     }
 }

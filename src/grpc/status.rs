@@ -76,6 +76,19 @@ impl From<TaskError> for Status {
             TaskError::Fenced(_) => Status::aborted(message()),
             TaskError::FailedPrecondition(_) => Status::failed_precondition(message()),
             TaskError::AlreadyExists(_) => Status::already_exists(message()),
+            TaskError::Forbidden(_) => Status::permission_denied(message()),
+            TaskError::TooManyHeld { held, bound } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message(),
+                ErrorDetails::with_error_info(
+                    "TOO_MANY_HELD",
+                    "koo",
+                    [
+                        ("held".to_owned(), held.to_string()),
+                        ("max_held_per_worker".to_owned(), bound.to_string()),
+                    ],
+                ),
+            ),
             TaskError::Store(store) => store.into(),
         }
     }

@@ -22,7 +22,9 @@ use crate::pb::worker::v1::work_response::Message as Out;
 use crate::store::Deadline;
 use crate::tasks::engine::{TaskEngine, TaskError};
 use crate::tasks::model::State;
-use crate::tasks::remote::{self, Failure, Inbound, Outbound, Progress, ReplyKind, Routing};
+use crate::tasks::model::TaskId;
+use crate::tasks::remote::holds::{Holds, Taken, Tally};
+use crate::tasks::remote::{self, Failure, Inbound, Outbound, Progress, Proof, ReplyKind, Routing};
 
 /// Outbound messages buffered per stream before koo waits for the worker.
 const STREAM_BUFFER: usize = 64;
@@ -38,6 +40,8 @@ pub struct WorkerApi {
     shutdown: CancellationToken,
     /// The sessions' tasks, which koo waits for when it stops.
     sessions: tokio_util::task::TaskTracker,
+    /// What each worker holds in this process.
+    holds: Holds,
 }
 
 impl WorkerApi {
@@ -52,17 +56,95 @@ impl WorkerApi {
         shutdown: CancellationToken,
         sessions: tokio_util::task::TaskTracker,
     ) -> Self {
+        let holds = Holds::new(crate::config::Limits::default().max_held_per_worker);
+        // unary leases nobody ended go back when they would have lapsed
+        let every = (engine.config().lease / 4).max(Duration::from_millis(10));
+        tokio::spawn(sweep_holds(holds.clone(), every, shutdown.clone()));
+        // every process converges on the key stored in a shared store
+        tokio::spawn(remote::keep_lease_key(engine.clone(), shutdown.clone()));
         Self {
             engine,
             cache,
             request_timeout,
             shutdown,
             sessions,
+            holds,
+        }
+    }
+
+    /// Bounds what one worker may hold at once in this process
+    /// (`KOO_MAX_HELD_PER_WORKER`; a key's `max_held` overrides it).
+    pub fn max_held_per_worker(self, bound: u32) -> Self {
+        self.holds.set_default_bound(bound);
+        self
+    }
+
+    /// The tally of the worker making `request`: its authenticated
+    /// principal (all its streams and leases), else its connection.
+    fn tally<T>(&self, request: &Request<T>) -> std::sync::Arc<Tally> {
+        let (identity, bound) = holder(request.extensions(), request.remote_addr());
+        self.holds.tally(&identity, bound)
+    }
+
+    /// Forgets the unary holding of a lease that a report ended (or found
+    /// ended).
+    fn ended<T>(&self, id: &str, token: u32, outcome: &Result<T, TaskError>) {
+        if matches!(outcome, Ok(_) | Err(TaskError::Fenced(_)))
+            && let Ok(id) = TaskId::parse(id)
+        {
+            self.holds.end_unary(&id, token);
         }
     }
 
     fn deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.request_timeout)
+    }
+
+    /// Room for one more task of the caller of a unary lease;
+    /// RESOURCE_EXHAUSTED at its bound (after giving back lapsed leases).
+    fn take_room<T>(&self, request: &Request<T>) -> Result<Taken, Status> {
+        let tally = self.tally(request);
+        let mut taken = Taken::none(tally.clone());
+        if !taken.take_one() {
+            self.holds.sweep(tokio::time::Instant::now());
+            if !taken.take_one() {
+                let (held, bound) = (tally.held(), tally.bound());
+                return Err(TaskError::TooManyHeld { held, bound }.into());
+            }
+        }
+        Ok(taken)
+    }
+}
+
+/// Who a request's worker is, for the hold bound, and its own bound if its
+/// key sets one: the authenticated principal (all its streams and leases),
+/// else the connection (as the transport numbers it, else its address).
+fn holder(
+    extensions: &http::Extensions,
+    addr: Option<std::net::SocketAddr>,
+) -> (String, Option<u32>) {
+    let caller = crate::auth::Caller::of(extensions);
+    let identity = if caller.role.is_some() {
+        format!("principal:{}", caller.principal)
+    } else if let Some(peer) = extensions.get::<crate::transport::Peer>() {
+        format!("connection:{}", peer.connection)
+    } else if let Some(addr) = addr {
+        format!("address:{addr}")
+    } else {
+        "unknown".to_owned()
+    };
+    (identity, caller.max_held)
+}
+
+/// Gives back, every `every`, the room of unary leases that lapsed.
+async fn sweep_holds(holds: Holds, every: Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => holds.sweep(tokio::time::Instant::now()),
+        }
     }
 }
 
@@ -199,6 +281,7 @@ fn inbound(msg: pb::WorkRequest) -> Inbound {
             Ok(metadata) => Inbound::Progress {
                 id: p.task_id,
                 token: p.lease_token,
+                secret: p.lease_secret,
                 progress: Progress {
                     percent: p.percent,
                     message: p.message,
@@ -211,6 +294,7 @@ fn inbound(msg: pb::WorkRequest) -> Inbound {
             Ok(result) => Inbound::Complete {
                 id: c.task_id,
                 token: c.lease_token,
+                secret: c.lease_secret,
                 result,
             },
             Err(e) => bad(e),
@@ -226,6 +310,7 @@ fn inbound(msg: pb::WorkRequest) -> Inbound {
             Inbound::Fail {
                 id: f.task_id,
                 token: f.lease_token,
+                secret: f.lease_secret,
                 failure: Failure {
                     message: f.message,
                     retryable: f.retryable,
@@ -239,11 +324,12 @@ fn inbound(msg: pb::WorkRequest) -> Inbound {
 /// A session's output as a protocol message.
 fn outbound(msg: Outbound) -> pb::WorkResponse {
     let message = match msg {
-        Outbound::Task(task) => {
+        Outbound::Task { task, secret } => {
             let lease_token = task.token;
             Out::Task(pb::TaskAssignment {
                 task: Some(to_pb_task(*task)),
                 lease_token,
+                lease_secret: secret,
             })
         }
         Outbound::Cancel { id, reason } => Out::Cancel(pb::CancelRequested {
@@ -304,6 +390,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
+        let tally = self.tally(&request);
         let mut messages = request.into_inner();
         // The hello comes first; a worker that sends nothing within the
         // request timeout is turned away.
@@ -348,6 +435,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             routing,
             concurrency,
             peer,
+            tally,
         )?;
         let lease = self.engine.config().lease;
         let welcome = pb::WorkResponse {
@@ -417,20 +505,30 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         &self,
         request: Request<pb::LeaseTaskRequest>,
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let taken = self.take_room(&request)?;
         let r = request.into_inner();
         let routing = Routing::new(&r.task_names, &r.queues, &self.engine.config().queues())?;
         let wait =
             super::time::duration("wait", r.wait, super::time::LEASE_WAIT)?.unwrap_or_default();
+        // read before the lease, so that a leased task always gets its secret
+        let signer = self.engine.signer(deadline).await?;
         let task = remote::lease_once(&self.engine, &r.worker_name, &routing, wait, &self.shutdown)
             .await?;
         let lease = self.engine.config().lease;
-        Ok(Response::new(match task {
-            None => pb::LeaseTaskResponse::default(),
-            Some(task) => pb::LeaseTaskResponse {
-                lease_token: task.token,
-                lease_expire_time: Some(timestamp(SystemTime::now() + lease)),
-                task: Some(to_pb_task(task)),
-            },
+        let Some(task) = task else {
+            return Ok(Response::new(pb::LeaseTaskResponse::default()));
+        };
+        let worker = task.worker.as_deref().unwrap_or_default();
+        let lease_secret = signer.secret(&task.id.to_string(), task.token, worker);
+        let until = tokio::time::Instant::now() + lease;
+        self.holds
+            .hold_unary(task.id.clone(), task.token, taken, until);
+        Ok(Response::new(pb::LeaseTaskResponse {
+            lease_token: task.token,
+            lease_expire_time: Some(timestamp(SystemTime::now() + lease)),
+            task: Some(to_pb_task(task)),
+            lease_secret,
         }))
     }
 
@@ -440,7 +538,13 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatTaskResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let beat = remote::heartbeat(&self.engine, &r.task_id, r.lease_token, deadline).await?;
+        let proof = Proof::given(&r.lease_secret);
+        let beat =
+            remote::heartbeat(&self.engine, &r.task_id, r.lease_token, proof, deadline).await?;
+        if let Ok(id) = TaskId::parse(&r.task_id) {
+            let until = tokio::time::Instant::now() + self.engine.config().lease;
+            self.holds.extend_unary(&id, r.lease_token, until);
+        }
         Ok(Response::new(pb::HeartbeatTaskResponse {
             cancel_requested: beat.cancel_requested,
             soft_time_limit_exceeded: beat.soft_limit_exceeded,
@@ -459,7 +563,16 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             message: r.message,
             metadata: struct_json("metadata", r.metadata)?,
         };
-        remote::progress_task(&self.engine, &r.task_id, r.lease_token, &progress, deadline).await?;
+        let proof = Proof::given(&r.lease_secret);
+        remote::progress_task(
+            &self.engine,
+            &r.task_id,
+            r.lease_token,
+            &progress,
+            proof,
+            deadline,
+        )
+        .await?;
         Ok(Response::new(pb::ReportProgressResponse {}))
     }
 
@@ -476,10 +589,12 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             &r.task_id,
             r.lease_token,
             result,
+            Proof::given(&r.lease_secret),
             deadline,
         )
-        .await?;
-        Ok(Response::new(pb::CompleteTaskResponse { state: state(s) }))
+        .await;
+        self.ended(&r.task_id, r.lease_token, &s);
+        Ok(Response::new(pb::CompleteTaskResponse { state: state(s?) }))
     }
 
     async fn fail_task(
@@ -497,8 +612,18 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             retryable: r.retryable,
             details,
         };
-        let s = remote::fail(&self.engine, &r.task_id, r.lease_token, failure, deadline).await?;
-        Ok(Response::new(pb::FailTaskResponse { state: state(s) }))
+        let proof = Proof::given(&r.lease_secret);
+        let s = remote::fail(
+            &self.engine,
+            &r.task_id,
+            r.lease_token,
+            failure,
+            proof,
+            deadline,
+        )
+        .await;
+        self.ended(&r.task_id, r.lease_token, &s);
+        Ok(Response::new(pb::FailTaskResponse { state: state(s?) }))
     }
 
     async fn list_workers(
@@ -560,6 +685,41 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worker is its principal when authenticated (whatever its
+    /// connection, with its key's bound), else its connection.
+    #[test]
+    fn holders() {
+        use crate::auth::{Caller, Role};
+        use crate::transport::Peer;
+        let a: std::net::SocketAddr = "10.0.0.1:4000".parse().unwrap();
+        let b: std::net::SocketAddr = "10.0.0.1:4001".parse().unwrap();
+        let mut open = http::Extensions::new();
+        assert_eq!(
+            holder(&open, Some(a)),
+            ("address:10.0.0.1:4000".into(), None)
+        );
+        assert_ne!(holder(&open, Some(a)), holder(&open, Some(b)));
+        open.insert(Peer {
+            addr: Some(a),
+            identity: None,
+            connection: 7,
+        });
+        assert_eq!(holder(&open, Some(a)).0, "connection:7");
+        let mut keyed = open.clone();
+        keyed.insert(Caller {
+            role: Some(Role::Worker),
+            max_held: Some(3),
+            ..Caller::anonymous()
+        });
+        let mut other_conn = http::Extensions::new();
+        other_conn.insert(keyed.get::<Caller>().unwrap().clone());
+        assert_eq!(
+            holder(&keyed, Some(a)),
+            ("principal:anonymous".into(), Some(3))
+        );
+        assert_eq!(holder(&keyed, Some(a)), holder(&other_conn, Some(b)));
+    }
 
     /// A long read error is quoted by its head and its tail (where a
     /// decode error says why), within the bound, on character boundaries.

@@ -796,6 +796,17 @@ impl TaskStore {
         }
     }
 
+    /// The key of lease secrets: the one stored, or `fresh` stored now when
+    /// there is none (`SET NX`, so that every process of a deployment ends
+    /// up with the first one written). The embedded store's is `fresh`: no
+    /// other process serves its tasks.
+    pub async fn lease_key(&self, fresh: &str, deadline: Deadline) -> Result<String> {
+        match self {
+            Self::Redis { store, prefix } => store.lease_key(prefix, fresh, deadline).await,
+            Self::Memory(_) => Ok(fresh.to_owned()),
+        }
+    }
+
     /// Removes a stopping worker pool's record.
     pub async fn retire_worker(&self, id: &str, deadline: Deadline) -> Result<()> {
         match self {

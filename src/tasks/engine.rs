@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::model::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
+use super::remote::secret::{LeasePolicy, Signer, SignerCell};
 use super::retry::Backoff;
 use crate::store::tasks::{
     Beat, CancelReply, DependReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskLimits,
@@ -64,6 +65,9 @@ pub struct TaskConfig {
     /// must be before another submit takes it over (the claimant's own
     /// store call gets at most half of it).
     pub idempotency_takeover: Duration,
+    /// Whether reports without a lease secret are accepted on tasks no
+    /// Work stream holds (`KOO_LEASE_SECRETS`, resolved).
+    pub lease_secrets: LeasePolicy,
     /// Queues beyond the six category queues (KOO_TASK_QUEUES). Only known
     /// queues accept tasks, so that every queue is swept for lapsed leases.
     pub extra_queues: Vec<QueueName>,
@@ -102,6 +106,7 @@ impl Default for TaskConfig {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             idempotency_takeover: Duration::from_secs(15),
             extra_queues: Vec::new(),
+            lease_secrets: LeasePolicy::default(),
         }
     }
 }
@@ -194,6 +199,20 @@ pub enum TaskError {
     /// An idempotency key already names a different task.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The caller may not act on this lease: a report without the lease's
+    /// secret, or with another (the message says which).
+    #[error("{0}")]
+    Forbidden(String),
+    /// A worker holds as many tasks as it may in this process.
+    #[error(
+        "this worker holds {held} tasks in this koo process, its bound (KOO_MAX_HELD_PER_WORKER or its key's max_held is {bound}): complete or fail some first"
+    )]
+    TooManyHeld {
+        /// Tasks it holds.
+        held: u32,
+        /// What it may hold.
+        bound: u32,
+    },
     /// The backend failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -283,6 +302,10 @@ struct Inner {
     submitted: watch::Sender<Option<QueueName>>,
     /// Cancels asked for through this process, for its running handlers.
     cancels: tokio::sync::broadcast::Sender<TaskId>,
+    /// The lease secrets' signer, read from the store once (a failed read
+    /// is tried again by the next caller) and re-checked by
+    /// [`TaskEngine::refresh_signer`].
+    signer: SignerCell,
 }
 
 impl TaskEngine {
@@ -294,6 +317,7 @@ impl TaskEngine {
                 config,
                 submitted: watch::Sender::new(None),
                 cancels: tokio::sync::broadcast::Sender::new(256),
+                signer: SignerCell::default(),
             }),
         }
     }
@@ -693,6 +717,45 @@ impl TaskEngine {
             .get(&id, deadline)
             .await?
             .ok_or_else(|| TaskError::NotFound(id.to_string()))
+    }
+
+    /// The lease secrets' signer: its key read from the store (created
+    /// there by the first koo process that needs it) once per process.
+    pub async fn signer(&self, deadline: Deadline) -> Result<Arc<Signer>, TaskError> {
+        if let Some(s) = self.inner.signer.get() {
+            return Ok(s);
+        }
+        let key = self
+            .inner
+            .store
+            .lease_key(&Signer::fresh_key()?, deadline)
+            .await?;
+        Ok(self.inner.signer.adopt(&key))
+    }
+
+    /// Writes this process's key of lease secrets back when the shared
+    /// store lost it, or adopts the one stored since: after Redis restarts
+    /// empty, every process converges on one key within one refresh.
+    pub async fn refresh_signer(&self, deadline: Deadline) -> Result<(), TaskError> {
+        let Some(current) = self.inner.signer.get() else {
+            return Ok(());
+        };
+        if self.inner.store.is_shared() {
+            let key = self
+                .inner
+                .store
+                .lease_key(current.stored(), deadline)
+                .await?;
+            self.inner.signer.adopt(&key);
+        }
+        Ok(())
+    }
+
+    /// The secret of `task`'s current lease (see [`super::remote::secret`]).
+    pub async fn lease_secret(&self, task: &Task, deadline: Deadline) -> Result<String, TaskError> {
+        let signer = self.signer(deadline).await?;
+        let worker = task.worker.as_deref().unwrap_or_default();
+        Ok(signer.secret(&task.id.to_string(), task.token, worker))
     }
 
     /// Leases a task of `queue` whose name is in `names` (`*`: any).

@@ -7,6 +7,8 @@
 //! steps one at a time, for scripts and for grpcurl. What both share lives
 //! here: routing, report validation, and the steps that end an attempt.
 
+pub mod holds;
+pub mod secret;
 mod session;
 
 use std::time::{Duration, SystemTime};
@@ -14,6 +16,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use secret::Proof;
 pub use session::{Inbound, MAX_GIVEN_BACK, Outbound, ReplyKind, Session, heartbeat_interval};
 
 use super::engine::{Finish, TaskEngine, TaskError};
@@ -213,6 +216,23 @@ impl Failure {
         })
     }
 }
+/// Re-checks the key of lease secrets every lease until `stop` (see
+/// [`TaskEngine::refresh_signer`]).
+pub async fn keep_lease_key(engine: TaskEngine, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(engine.config().lease);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = engine.refresh_signer(Deadline::after(CALL)).await {
+                    tracing::debug!(error = %e, "cannot re-check the key of lease secrets; next lease");
+                }
+            }
+        }
+    }
+}
+
 /// Leases one task for a unary caller, waiting up to `wait` (at most
 /// [`MAX_WAIT`]) for one to come; `None` when none came or `stop` fired.
 pub async fn lease_once(
@@ -223,6 +243,15 @@ pub async fn lease_once(
     stop: &CancellationToken,
 ) -> Result<Option<Task>, TaskError> {
     check_name("worker_name", worker)?;
+    if secret::is_stream_worker(worker) {
+        return Err(TaskError::invalid(
+            "worker_name",
+            format!(
+                "{} ends with `/` and 12 hex digits, the shape koo reserves for Work stream worker ids",
+                crate::quote::quote(worker)
+            ),
+        ));
+    }
     if wait > MAX_WAIT {
         return Err(TaskError::invalid(
             "wait",
@@ -286,17 +315,37 @@ pub struct BeatReply {
     pub lease_until: SystemTime,
 }
 
-/// Extends a lease for a unary caller.
+/// Whether a report with `token` and `proof` may act on `task` (as just
+/// read): see [`secret::authorize`]. The signer is read only to check a
+/// secret the report carries.
+async fn authorize(
+    engine: &TaskEngine,
+    task: &Task,
+    token: u32,
+    proof: Proof<'_>,
+    deadline: Deadline,
+) -> Result<(), TaskError> {
+    let signer = match proof {
+        Proof::Secret(Some(_)) => Some(engine.signer(deadline).await?),
+        _ => None,
+    };
+    let policy = engine.config().lease_secrets;
+    secret::authorize(signer.as_deref(), policy, task, token, proof)
+}
+
+/// Extends a lease for a unary caller that proves it holds it.
 pub async fn heartbeat(
     engine: &TaskEngine,
     id: &str,
     token: u32,
+    proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<BeatReply, TaskError> {
     let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
+    let task = engine.get(id, deadline).await?;
+    authorize(engine, &task, token, proof, deadline).await?;
     let cancel_requested = engine.heartbeat(&task_id, token, deadline).await?;
     let lease_until = SystemTime::now() + engine.config().lease;
-    let task = engine.get(id, deadline).await?;
     let now = crate::store::unix_millis(SystemTime::now());
     let soft_limit_exceeded = task.soft_ms > 0
         && task
@@ -309,35 +358,40 @@ pub async fn heartbeat(
     })
 }
 
-/// Records progress reported under a lease.
+/// Records progress reported under a lease (read first, to check `proof`,
+/// unless it comes from the stream holding it).
 pub async fn progress_task(
     engine: &TaskEngine,
     id: &str,
     token: u32,
     progress: &Progress,
+    proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<(), TaskError> {
     let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let json = progress.to_json()?;
+    if proof != Proof::Stream {
+        let task = engine.get(id, deadline).await?;
+        authorize(engine, &task, token, proof, deadline).await?;
+    }
     engine.progress(&task_id, token, &json, deadline).await
 }
 
-/// Ends an attempt reported under a lease by a caller that holds only the
-/// id and token: reads the task (for its attempt log entry), caches a
-/// result that asks for it, then ends the attempt.
+/// Ends an attempt reported under a lease by a caller that does not hold
+/// the task on a stream: reads the task (for its attempt log entry and to
+/// check `proof`), caches a result that asks for it, then ends the attempt.
 pub async fn finish_leased(
     engine: &TaskEngine,
     cache: Option<&Cache>,
     id: &str,
     token: u32,
     finish: Finish,
+    proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
-    let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
+    TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let task = engine.get(id, deadline).await?;
-    if task.state != State::Running || task.token != token {
-        return Err(TaskError::Fenced(task_id.to_string()));
-    }
+    authorize(engine, &task, token, proof, deadline).await?;
     let worker = task.worker.clone().unwrap_or_default();
     let finish = cache_result(cache, &task, finish).await;
     engine.finish(&task, token, &worker, finish, deadline).await
@@ -350,10 +404,11 @@ pub async fn complete(
     id: &str,
     token: u32,
     result: serde_json::Value,
+    proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
     let finish = Finish::Succeeded(result.to_string());
-    finish_leased(engine, cache, id, token, finish, deadline).await
+    finish_leased(engine, cache, id, token, finish, proof, deadline).await
 }
 
 /// Fails a task for a unary caller.
@@ -362,10 +417,11 @@ pub async fn fail(
     id: &str,
     token: u32,
     failure: Failure,
+    proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
     let finish = failure.into_finish()?;
-    finish_leased(engine, None, id, token, finish, deadline).await
+    finish_leased(engine, None, id, token, finish, proof, deadline).await
 }
 
 #[cfg(test)]

@@ -1028,6 +1028,22 @@ impl RedisStore {
         self.query_pipe::<()>(&pipe, deadline).await
     }
 
+    /// The stored key of lease secrets, after storing `fresh` when there
+    /// was none. Both commands only write a missing key, so a retry is safe.
+    pub async fn lease_key(&self, prefix: &str, fresh: &str, deadline: Deadline) -> Result<String> {
+        let key = crate::keys::lease_key(prefix);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET").arg(&key).arg(fresh).arg("NX").ignore();
+        pipe.cmd("GET").arg(&key);
+        let (stored,): (Option<String>,) = self.query_pipe(&pipe, deadline).await?;
+        match stored {
+            Some(k) if k.len() >= 32 => Ok(k),
+            _ => Err(StoreError::Unavailable(format!(
+                "the key of lease secrets at {key} is missing or shorter than 32 bytes"
+            ))),
+        }
+    }
+
     /// Removes a stopping worker pool's record.
     pub async fn retire_worker(&self, prefix: &str, id: &str, deadline: Deadline) -> Result<()> {
         let mut pipe = redis::pipe();

@@ -32,6 +32,7 @@
 //!   not read or that broke the protocol (the worker was talking).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::{FutureExt, Stream, StreamExt};
@@ -39,8 +40,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::holds::{Taken, Tally};
 use super::{
-    CALL, Failure, MAX_CONCURRENCY, Progress, Routing, check_name, finish_leased, progress_task,
+    CALL, Failure, MAX_CONCURRENCY, Progress, Proof, Routing, check_name, finish_leased,
+    progress_task,
 };
 use crate::cache::Cache;
 use crate::store::Deadline;
@@ -72,6 +75,9 @@ pub enum Inbound {
         id: String,
         /// Its lease token.
         token: u32,
+        /// Its lease secret (empty: none; needed only for a task the
+        /// stream does not hold).
+        secret: String,
         /// The report.
         progress: Progress,
     },
@@ -81,6 +87,8 @@ pub enum Inbound {
         id: String,
         /// Its lease token.
         token: u32,
+        /// Its lease secret (as for progress).
+        secret: String,
         /// The result.
         result: serde_json::Value,
     },
@@ -90,6 +98,8 @@ pub enum Inbound {
         id: String,
         /// Its lease token.
         token: u32,
+        /// Its lease secret (as for progress).
+        secret: String,
         /// The failure.
         failure: Failure,
     },
@@ -113,7 +123,13 @@ pub enum ReplyKind {
 #[derive(Debug)]
 pub enum Outbound {
     /// A task to run, with its lease token in `task.token`.
-    Task(Box<Task>),
+    Task {
+        /// The task.
+        task: Box<Task>,
+        /// Its lease secret (empty when the key could not be read: the
+        /// stream's own reports need none).
+        secret: String,
+    },
     /// Stop this task (it was cancelled) and report a failure.
     Cancel {
         /// The task.
@@ -149,6 +165,9 @@ pub struct Session {
     routing: Routing,
     concurrency: usize,
     record: WorkerRecord,
+    /// Room taken on the worker identity's tally: one per held task, and
+    /// one more while a lease is being tried.
+    taken: Taken,
 }
 
 /// A task the session holds, with its timers.
@@ -194,7 +213,8 @@ enum Ending {
 
 impl Session {
     /// A session for a worker that said hello: `name` (validated), what it
-    /// serves and how many tasks it may hold; `peer` is its address.
+    /// serves and how many tasks it may hold; `peer` is its address, and
+    /// `tally` what its identity holds (which bounds it too).
     pub fn new(
         engine: TaskEngine,
         cache: Option<Cache>,
@@ -202,6 +222,7 @@ impl Session {
         routing: Routing,
         concurrency: u32,
         peer: String,
+        tally: Arc<Tally>,
     ) -> Result<Self, TaskError> {
         check_name("hello.name", name)?;
         if concurrency == 0 || concurrency > MAX_CONCURRENCY {
@@ -234,6 +255,7 @@ impl Session {
             routing,
             concurrency: concurrency as usize,
             record,
+            taken: Taken::none(tally),
         })
     }
 
@@ -324,7 +346,14 @@ impl Session {
         announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // After a store failure, no lease is tried until then.
         let mut backoff_until: Option<Instant> = None;
+        let mut freed = self.taken.tally().freed();
         loop {
+            // Room of tasks that left since the last turn goes back to the
+            // identity (its other streams may be waiting for it).
+            self.taken.keep(held.len() as u32);
+            // Whether the identity holds its bound (this stream waits for
+            // room freed on its tally).
+            let mut full = false;
             // Take work while there is room, the worker is alive (a worker
             // that missed its heartbeats gets nothing more) and koo is not
             // stopping.
@@ -338,10 +367,22 @@ impl Session {
                     return Ok(Ending::Gone);
                 }
                 let mut leased = None;
+                let mut took = false;
                 for i in 0..queues.len() {
                     let q = (next + i) % queues.len();
                     if empty[q].is_some_and(|at| at.elapsed() < config.poll_interval) {
                         continue;
+                    }
+                    // Room is taken on the identity only for a lease that is
+                    // tried (a take given back wakes the identity's waiting
+                    // streams, for nothing when every queue was skipped).
+                    if !took {
+                        freed.borrow_and_update();
+                        if !self.taken.take_one() {
+                            full = true;
+                            break;
+                        }
+                        took = true;
                     }
                     match self
                         .engine
@@ -361,14 +402,17 @@ impl Session {
                         }
                     }
                 }
-                let Some(task) = leased else { break };
+                let Some(task) = leased else {
+                    self.taken.keep(held.len() as u32);
+                    break;
+                };
                 if !self.hand_out(task, held, out).await {
                     return Ok(Ending::Gone);
                 }
                 dirty = true;
             }
             let timer = held.values().filter_map(Held::next_timer).min();
-            let room = held.len() < self.concurrency && alive && !stop.is_cancelled();
+            let room = held.len() < self.concurrency && alive && !stop.is_cancelled() && !full;
             // The earliest moment a lease is worth another try: the end of a
             // store failure's back-off while it lasts (marks of empty queues
             // left from before the failure may be long past due, and must
@@ -441,6 +485,8 @@ impl Session {
                 _ = sleep_until(recheck), if room && recheck.is_some() => {
                     backoff_until = None;
                 }
+                // room freed by the identity's other streams or leases
+                _ = freed.changed(), if full => {}
                 _ = announce.tick() => {
                     if dirty || announced.elapsed() >= config.lease / 3 {
                         self.announce(held, last_beat).await;
@@ -483,7 +529,17 @@ impl Session {
             task: task.clone(),
         };
         held.insert(task.id.clone(), h);
-        out.send(Outbound::Task(Box::new(task))).await.is_ok()
+        // The signer is read once per process; without it the stream still
+        // works (its own reports need no secret).
+        let secret = match self.engine.lease_secret(&task, Deadline::after(CALL)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "cannot compute a lease secret; the task is pushed without one");
+                String::new()
+            }
+        };
+        let task = Box::new(task);
+        out.send(Outbound::Task { task, secret }).await.is_ok()
     }
 
     /// Extends every held lease; passes on cancels and revokes lost leases.
@@ -542,19 +598,23 @@ impl Session {
         open: bool,
     ) -> bool {
         let deadline = Deadline::after(CALL);
-        let (id, token, kind, finish) = match msg {
+        let (id, token, secret, kind, finish) = match msg {
             Inbound::Progress {
                 id,
                 token,
+                secret,
                 progress,
             } => {
+                let mut proof = Proof::given(&secret);
                 if let Ok(task_id) = TaskId::parse(&id)
                     && let Some(h) = held.get_mut(&task_id)
                     && h.task.token == token
                 {
                     h.spoken = true;
+                    proof = Proof::Stream;
                 }
-                let outcome = progress_task(&self.engine, &id, token, &progress, deadline).await;
+                let outcome =
+                    progress_task(&self.engine, &id, token, &progress, proof, deadline).await;
                 return match outcome {
                     Ok(()) => true,
                     Err(e) => {
@@ -569,17 +629,27 @@ impl Session {
                     }
                 };
             }
-            Inbound::Complete { id, token, result } => {
+            Inbound::Complete {
+                id,
+                token,
+                secret,
+                result,
+            } => {
                 let finish = Ok(Finish::Succeeded(result.to_string()));
-                (id, token, ReplyKind::Complete, finish)
+                (id, token, secret, ReplyKind::Complete, finish)
             }
-            Inbound::Fail { id, token, failure } => {
-                (id, token, ReplyKind::Fail, failure.into_finish())
-            }
+            Inbound::Fail {
+                id,
+                token,
+                secret,
+                failure,
+            } => (id, token, secret, ReplyKind::Fail, failure.into_finish()),
             Inbound::Heartbeat | Inbound::Invalid(_) => return true,
         };
         let (outcome, next) = self
-            .finish_held(&id, token, finish, held, names, empty, deadline, open)
+            .finish_held(
+                &id, token, &secret, finish, held, names, empty, deadline, open,
+            )
             .await;
         let reply = Outbound::Reply {
             id,
@@ -598,13 +668,15 @@ impl Session {
     /// Ends an attempt the worker reported. A task this session holds is
     /// ended with its lease, and when every other queue is empty the next
     /// task of its queue is leased in the same call (a busy worker's path)
-    /// while the stream is `open`; a task leased elsewhere (a unary lease)
-    /// is read first.
+    /// while the stream is `open`; a task the session does not hold is
+    /// read first, and ended only with its lease's `secret` (see
+    /// [`super::secret`]).
     #[allow(clippy::too_many_arguments)]
     async fn finish_held(
         &self,
         id: &str,
         token: u32,
+        secret: &str,
         finish: Result<Finish, TaskError>,
         held: &mut HashMap<TaskId, Held>,
         names: &[&str],
@@ -627,6 +699,7 @@ impl Session {
                 id,
                 token,
                 finish,
+                Proof::given(secret),
                 deadline,
             )
             .await;
