@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
 pub use self::limits::{Limits, LimitsArgs};
 use crate::cache::CacheConfig;
@@ -25,6 +26,7 @@ use crate::tasks::engine::TaskConfig;
 use crate::tasks::model::QueueName;
 use crate::tasks::retry::Backoff;
 
+mod auth;
 mod cache;
 mod limits;
 
@@ -75,6 +77,9 @@ pub enum Command {
     Scheduler(Box<SchedulerArgs>),
     /// Ask a running koo for its gRPC health; exits 0 when SERVING.
     Health(HealthArgs),
+    /// API keys: `koo auth new-key`.
+    #[command(subcommand)]
+    Auth(AuthCommand),
 }
 
 /// `koo health`: a probe for container health checks.
@@ -389,6 +394,9 @@ pub struct ServeArgs {
     /// Limits on what clients may hold open.
     #[command(flatten)]
     pub limits: LimitsArgs,
+    /// Authentication: keys file, reflection.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
     #[arg(
         long,
@@ -448,7 +456,8 @@ pub struct ServeArgs {
           value_parser = parse_duration)]
     pub shutdown_drain: Duration,
     /// Shared secret that external workers (WorkerService) must present as
-    /// `authorization: Bearer <token>`; unset, WorkerService is open.
+    /// `authorization: Bearer <token>`; unset, WorkerService is open. With
+    /// KOO_AUTH_FILE it is one more worker key, named KOO_WORKER_TOKEN.
     #[arg(
         long,
         env = "KOO_WORKER_TOKEN",
@@ -539,6 +548,7 @@ impl ServeArgs {
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,
             limits: self.limits.limits(),
+            auth: self.auth.settings(),
             shutdown_grace: self.shutdown_grace,
             shutdown_drain: self.shutdown_drain,
             schedule: self.schedules.settings(!self.no_scheduler)?,

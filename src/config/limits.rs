@@ -21,6 +21,11 @@ pub struct LimitsArgs {
     #[arg(long, env = "KOO_MAX_CONCURRENT_STREAMS", value_name = "KOO_MAX_CONCURRENT_STREAMS",
           default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_concurrent_streams: u32,
+    /// Unary calls in flight at once in this process; one more gets RESOURCE_EXHAUSTED at once
+    /// (health checks are never refused; streams are bounded by the limits above).
+    #[arg(long, env = "KOO_MAX_INFLIGHT_CALLS", value_name = "KOO_MAX_INFLIGHT_CALLS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight_calls: u32,
 }
 
 /// The limits, checked.
@@ -32,6 +37,8 @@ pub struct Limits {
     pub watch_buffer: usize,
     /// `KOO_MAX_CONCURRENT_STREAMS`.
     pub max_concurrent_streams: u32,
+    /// `KOO_MAX_INFLIGHT_CALLS`.
+    pub max_inflight_calls: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +47,7 @@ impl Default for Limits {
             max_watchers: 20_000,
             watch_buffer: 4096,
             max_concurrent_streams: 4096,
+            max_inflight_calls: 10_000,
         }
     }
 }
@@ -51,6 +59,7 @@ impl LimitsArgs {
             max_watchers: self.max_watchers as usize,
             watch_buffer: self.watch_buffer as usize,
             max_concurrent_streams: self.max_concurrent_streams,
+            max_inflight_calls: self.max_inflight_calls as usize,
         }
     }
 }

@@ -7,6 +7,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::auth::AuthError;
 use crate::cache::CacheError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
@@ -112,6 +113,31 @@ impl From<WatchError> for Status {
                 ),
             ),
             WatchError::Gap { .. } => Status::out_of_range(message),
+        }
+    }
+}
+
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        let message = bounded(e.to_string());
+        match e {
+            AuthError::NoCredentials { .. }
+            | AuthError::Malformed
+            | AuthError::UnknownKey
+            | AuthError::UnknownPrincipal { .. } => Status::unauthenticated(message),
+            AuthError::Denied { .. } | AuthError::OutOfScope { .. } => {
+                Status::permission_denied(message)
+            }
+            AuthError::Unimplemented(_) => Status::unimplemented(message),
+            AuthError::Shed { limit } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    "TOO_MANY_INFLIGHT_CALLS",
+                    "koo",
+                    [("KOO_MAX_INFLIGHT_CALLS".to_owned(), limit.to_string())],
+                ),
+            ),
         }
     }
 }
