@@ -513,6 +513,28 @@ async fn new_key_command_makes_a_working_key() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("queues: only a worker key"));
 }
 
+/// A keys file that does not validate stops `koo serve` at start-up with a
+/// message naming the entry and the field.
+#[test]
+fn bad_keys_file_stops_start_up() {
+    let keys = KeysFile::new(&format!(
+        "{}{}",
+        entry("a", "reader", READER, ""),
+        entry("b", "superuser", WRITER, "")
+    ));
+    let out = common::koo_command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KOO_AUTH_FILE", keys.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("KOO_AUTH_FILE: key[1] \"b\": role: \"superuser\" is not a role"),
+        "{stderr}"
+    );
+}
+
 /// grpcurl, as installed by scripts/test (`target/tools-venv`).
 fn grpcurl() -> std::process::Command {
     let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools-venv/bin/grpcurl");
@@ -542,7 +564,7 @@ fn run_grpcurl(server: &TestServer, args: &[&str]) -> (bool, String) {
 }
 
 /// grpcurl with `-H 'authorization: Bearer …'` calls koo (reflection, which
-/// needs a reader, gets the header too); without it, Unauthenticated.
+/// needs a key, gets the header too); without it, Unauthenticated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcurl_with_a_bearer_header() {
     let keys = KeysFile::new(&all_roles());
@@ -559,7 +581,8 @@ async fn grpcurl_with_a_bearer_header() {
 }
 
 /// KOO_REFLECTION: `off` is not served (even to a reader), `on` needs a
-/// reader when a keys file is set, `public` answers anyone.
+/// key (a reader's or a worker's) when a keys file is set, `public` answers
+/// anyone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_follows_its_flag() {
     use koo::auth::Reflection;
@@ -587,6 +610,9 @@ async fn reflection_follows_its_flag() {
         assert!(out.contains(anonymous), "{mode:?} anonymous: {out}");
         let (_, out) = run_grpcurl(&koo.server, &["-H", &header, "list"]);
         assert!(out.contains(reader), "{mode:?} reader: {out}");
+        let worker = format!("authorization: Bearer {WORKER}");
+        let (_, out) = run_grpcurl(&koo.server, &["-H", &worker, "list"]);
+        assert!(out.contains(reader), "{mode:?} worker: {out}");
         koo.server.shutdown().await;
     }
 }
@@ -676,6 +702,7 @@ impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = std::process::Command::new("kill")
             .args(["-KILL", &self.0.to_string()])
+            .stderr(Stdio::null())
             .status();
     }
 }
@@ -683,7 +710,7 @@ impl Drop for KillOnDrop {
 /// Past KOO_MAX_INFLIGHT_CALLS unary calls in flight (here 2 LeaseTask
 /// calls waiting for work), one more unary call is RESOURCE_EXHAUSTED at
 /// once, naming the limit; health checks and streams are still served; once
-/// the held calls end, unary calls succeed again.
+/// the held calls end (their clients cancel them), unary calls succeed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inflight_unary_calls_beyond_the_limit_are_shed() {
     let koo = start_on_with(Backend::Memory, 0, |s| {
@@ -694,14 +721,24 @@ async fn inflight_unary_calls_beyond_the_limit_are_shed() {
     let held: Vec<_> = (0..2)
         .map(|i| {
             let mut w = WorkerServiceClient::new(koo.server.channel.clone());
+            // shed itself while the test's probe holds a slot: again
             tokio::spawn(async move {
-                w.lease_task(wpb::LeaseTaskRequest {
-                    worker_name: format!("holder-{i}"),
-                    queues: vec!["research".into()],
-                    wait: Some(common::tasks::millis(3000)),
-                    ..Default::default()
-                })
-                .await
+                loop {
+                    let r = w
+                        .lease_task(wpb::LeaseTaskRequest {
+                            worker_name: format!("holder-{i}"),
+                            queues: vec!["research".into()],
+                            wait: Some(common::tasks::millis(30_000)),
+                            ..Default::default()
+                        })
+                        .await;
+                    match r {
+                        Err(e) if e.code() == Code::ResourceExhausted => {
+                            tokio::time::sleep(Duration::from_millis(5)).await
+                        }
+                        r => return r,
+                    }
+                }
             })
         })
         .collect();
@@ -712,8 +749,11 @@ async fn inflight_unary_calls_beyond_the_limit_are_shed() {
             Err(e) if e.code() == Code::ResourceExhausted => break e,
             other => {
                 assert!(other.is_ok(), "{other:?}");
+                if let Some(h) = held.iter().find(|h| h.is_finished()) {
+                    panic!("a held call ended early: {h:?}");
+                }
                 assert!(tokio::time::Instant::now() < deadline, "never shed");
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     };
@@ -721,10 +761,7 @@ async fn inflight_unary_calls_beyond_the_limit_are_shed() {
         shed.message().contains("KOO_MAX_INFLIGHT_CALLS"),
         "{shed:?}"
     );
-    assert!(
-        held.iter().all(|h| !h.is_finished()),
-        "shed only while the holders wait"
-    );
+    // (only the two holders can have filled the two slots)
     // everyone else: health, and a stream
     koo.server
         .health()
@@ -737,12 +774,19 @@ async fn inflight_unary_calls_beyond_the_limit_are_shed() {
         .expect("streams are not shed")
         .into_inner();
     assert!(watch.message().await.unwrap().is_some());
-    for h in held {
-        let r = h.await.unwrap().expect("a held call ends normally");
-        assert!(r.into_inner().task.is_none());
-    }
-    tasks
+    let err = tasks
         .get_task_metrics(tpb::GetTaskMetricsRequest {})
         .await
-        .expect("served again once the held calls ended");
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "still held: {err:?}");
+    // the holders' clients give up: their calls end, their slots free up
+    for h in held {
+        h.abort();
+    }
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    while let Err(e) = tasks.get_task_metrics(tpb::GetTaskMetricsRequest {}).await {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+        assert!(tokio::time::Instant::now() < deadline, "still shed: {e:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -19,7 +19,8 @@ use crate::transport::Peer;
 /// `KOO_REFLECTION`: whether server reflection is served, and to whom.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Reflection {
-    /// Served; with a keys file, to readers (and above).
+    /// Served; with a keys file, to any key's holder (reader and above, or
+    /// worker).
     #[default]
     On,
     /// Served to anyone, keys file or not.
@@ -94,7 +95,8 @@ impl Gate {
                 ));
             }
             (Access::Reflection, Reflection::Public) => Access::Open,
-            (Access::Reflection, Reflection::On) => Access::Role(Role::Reader),
+            // any key: a worker may read the schema of what it calls
+            (Access::Reflection, Reflection::On) => Access::ReaderOrWorker,
             (access, _) => access,
         };
         let admitted = |caller| Ok(Admitted { caller, method });

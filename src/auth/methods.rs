@@ -16,7 +16,8 @@ use super::Role;
 pub enum Access {
     /// Anyone (grpc.health.v1: probes carry no credentials).
     Open,
-    /// Server reflection: per `KOO_REFLECTION` (reader, open, or not served).
+    /// Server reflection: per `KOO_REFLECTION` (any key, open, or not
+    /// served).
     Reflection,
     /// This role or one above it (`Worker` only: the worker role).
     Role(Role),
@@ -41,7 +42,9 @@ impl Access {
     pub fn label(self) -> &'static str {
         match self {
             Access::Open => "open",
-            Access::Reflection => "reader (KOO_REFLECTION=on), open (public) or not served (off)",
+            Access::Reflection => {
+                "reader or worker (KOO_REFLECTION=on), open (public) or not served (off)"
+            }
             Access::Role(r) => r.as_str(),
             Access::ReaderOrWorker => "reader or worker",
         }

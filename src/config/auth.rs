@@ -21,8 +21,8 @@ pub struct AuthArgs {
     #[arg(long, env = "KOO_AUTH_RELOAD_INTERVAL", value_name = "KOO_AUTH_RELOAD_INTERVAL",
           default_value = "5s", value_parser = parse_positive_duration)]
     pub auth_reload_interval: Duration,
-    /// Server reflection: `on` (readers, when a keys file is set), `public`
-    /// (anyone), `off` (not served).
+    /// Server reflection: `on` (with a keys file: any key, reader and above or
+    /// worker), `public` (anyone), `off` (not served).
     #[arg(
         long,
         env = "KOO_REFLECTION",
