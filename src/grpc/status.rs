@@ -196,6 +196,24 @@ mod tests {
         for (status, code) in cases {
             assert_eq!(status.code(), code, "{status:?}");
         }
+        let auth: Vec<(AuthError, Code)> = vec![
+            (AuthError::UnknownKey, Code::Unauthenticated),
+            (AuthError::Malformed, Code::Unauthenticated),
+            (
+                AuthError::Denied {
+                    method: "m".into(),
+                    needed: "admin",
+                    principal: "p".into(),
+                    role: "reader",
+                },
+                Code::PermissionDenied,
+            ),
+            (AuthError::Unimplemented("x".into()), Code::Unimplemented),
+            (AuthError::Shed { limit: 1 }, Code::ResourceExhausted),
+        ];
+        for (e, code) in auth {
+            assert_eq!(Status::from(e.clone()).code(), code, "{e:?}");
+        }
         let s = invalid_argument("entries[1].key", "must not be empty");
         let details = s.get_error_details();
         let violation = &details.bad_request().unwrap().field_violations[0];
