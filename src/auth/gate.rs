@@ -88,17 +88,7 @@ impl Gate {
                 crate::quote::quote(path.trim_start_matches('/'))
             ))
         })?;
-        let access = match (method.access, self.reflection) {
-            (Access::Reflection, Reflection::Off) => {
-                return Err(AuthError::Unimplemented(
-                    "server reflection is off (KOO_REFLECTION=off)".to_owned(),
-                ));
-            }
-            (Access::Reflection, Reflection::Public) => Access::Open,
-            // any key: a worker may read the schema of what it calls
-            (Access::Reflection, Reflection::On) => Access::ReaderOrWorker,
-            (access, _) => access,
-        };
+        let access = self.access(method)?;
         let admitted = |caller| Ok(Admitted { caller, method });
         if access == Access::Open || path.starts_with(HEALTH_SERVICE) {
             return admitted(Caller::anonymous());
@@ -118,26 +108,7 @@ impl Gate {
                 admitted(keys.by_key(key).ok_or(AuthError::UnknownKey)?)
             }
             Mode::Keys(ring) => {
-                let keys = ring.keys();
-                let caller = match (bearer(headers)?, identity) {
-                    (Some(key), _) => keys.by_key(key).ok_or(AuthError::UnknownKey)?,
-                    (None, Some(id)) => {
-                        keys.by_principal(&id)
-                            .ok_or_else(|| AuthError::UnknownPrincipal {
-                                identity: crate::quote::quote(&id).to_string(),
-                            })?
-                    }
-                    (None, None) => {
-                        return Err(AuthError::NoCredentials {
-                            method: name(),
-                            how: if keys.len().1 > 0 {
-                                HOW_KEY_OR_CERT
-                            } else {
-                                HOW_KEY
-                            },
-                        });
-                    }
-                };
+                let caller = identify(&ring.keys(), headers, identity, name)?;
                 let role = caller.role.unwrap_or(Role::Reader);
                 if !access.allows(role) {
                     return Err(AuthError::Denied {
@@ -150,6 +121,47 @@ impl Gate {
                 admitted(caller)
             }
         }
+    }
+
+    /// What `method` needs here (reflection per `KOO_REFLECTION`).
+    fn access(&self, method: &Method) -> Result<Access, AuthError> {
+        Ok(match (method.access, self.reflection) {
+            (Access::Reflection, Reflection::Off) => {
+                return Err(AuthError::Unimplemented(
+                    "server reflection is off (KOO_REFLECTION=off)".to_owned(),
+                ));
+            }
+            (Access::Reflection, Reflection::Public) => Access::Open,
+            // any key: a worker may read the schema of what it calls
+            (Access::Reflection, Reflection::On) => Access::ReaderOrWorker,
+            (access, _) => access,
+        })
+    }
+}
+
+/// The caller named by the bearer key, else by the client certificate,
+/// among `keys`.
+fn identify(
+    keys: &Keys,
+    headers: &http::HeaderMap,
+    identity: Option<Arc<str>>,
+    method: impl FnOnce() -> String,
+) -> Result<Caller, AuthError> {
+    match (bearer(headers)?, identity) {
+        (Some(key), _) => keys.by_key(key).ok_or(AuthError::UnknownKey),
+        (None, Some(id)) => keys
+            .by_principal(&id)
+            .ok_or_else(|| AuthError::UnknownPrincipal {
+                identity: crate::quote::quote(&id).to_string(),
+            }),
+        (None, None) => Err(AuthError::NoCredentials {
+            method: method(),
+            how: if keys.len().1 > 0 {
+                HOW_KEY_OR_CERT
+            } else {
+                HOW_KEY
+            },
+        }),
     }
 }
 
