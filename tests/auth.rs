@@ -590,3 +590,47 @@ async fn inflight_unary_calls_beyond_the_limit_are_shed() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The example Python worker with a worker key scoped to pdf_processing:
+/// told to serve the research queue it is refused (PERMISSION_DENIED) and
+/// exits 2 rather than retrying; serving every queue (its default), it is
+/// narrowed to pdf_processing and completes a task there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_worker_with_a_scoped_key() {
+    use common::python::PyWorker;
+    let keys = KeysFile::new(&all_roles());
+    let koo = start(&keys.path(), |_| {}).await;
+    let args = [
+        "--serve",
+        "noop",
+        "--concurrency",
+        "1",
+        "--token",
+        PDF_WORKER,
+    ];
+    let mut refused = PyWorker::start(
+        koo.server.addr,
+        &[&args[..], &["--queues", "research"]].concat(),
+        &[],
+    );
+    assert!(
+        common::tasks::exits_within(&mut refused.child, EVENT_TIMEOUT).await,
+        "the out-of-scope worker kept retrying"
+    );
+    assert_eq!(refused.child.try_wait().unwrap().unwrap().code(), Some(2));
+    let mut worker = PyWorker::start(koo.server.addr, &args, &[]);
+    worker.worker_id().await;
+    let mut writer = clients(&koo.server, Some(WRITER));
+    let task = writer
+        .tasks
+        .submit_task(tpb::SubmitTaskRequest {
+            category: tpb::TaskCategory::PdfProcessing as i32,
+            ..submit("koo.examples.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    worker.wait_task_event("completed", &task.id).await;
+}
