@@ -634,3 +634,29 @@ async fn python_worker_with_a_scoped_key() {
         .unwrap();
     worker.wait_task_event("completed", &task.id).await;
 }
+
+/// With a keys file, KOO_WORKER_TOKEN is one more worker key: it may lease
+/// (WorkerService) but not read metrics (a reader's call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_token_is_a_worker_key_beside_the_keys_file() {
+    let keys = KeysFile::new(&all_roles());
+    let koo = start(&keys.path(), |s| {
+        s.worker_token = Some("s3cret-token".into())
+    })
+    .await;
+    let mut token = clients(&koo.server, Some("s3cret-token"));
+    call(&mut token, "worker.LeaseTask").await.unwrap();
+    let err = call(&mut token, "tasks.GetTaskMetrics").await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .contains("\"KOO_WORKER_TOKEN\" has the worker role"),
+        "{err:?}"
+    );
+    call(
+        &mut clients(&koo.server, Some(READER)),
+        "tasks.GetTaskMetrics",
+    )
+    .await
+    .unwrap();
+}

@@ -5,6 +5,12 @@
 //! request's extensions; the auth layer turns it, or the bearer key, into a
 //! [`Caller`] and stores that in the extensions too, where handlers read it
 //! (a worker key's scope and hold limit are checked where the queue is known).
+//!
+//! `keys` reads and reloads the keys file and finds a key in constant time;
+//! `methods` is the method→role table; `gate` decides one call and `layer`
+//! runs it around the router; `scope` checks a worker key's declarations;
+//! `audit` writes the admin calls' lines; `new_key` makes keys; `error`
+//! names every refusal (mapped to statuses in `crate::grpc::status`).
 
 use std::sync::Arc;
 
