@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
+pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
 pub use self::limits::{Limits, LimitsArgs};
 pub use self::redis_tls::RedisTlsArgs;
@@ -28,6 +29,7 @@ use crate::tasks::model::QueueName;
 use crate::tasks::remote::secret::LeaseSecrets;
 use crate::tasks::retry::Backoff;
 
+mod auth;
 mod cache;
 mod limits;
 mod redis_tls;
@@ -79,6 +81,9 @@ pub enum Command {
     Scheduler(Box<SchedulerArgs>),
     /// Ask a running koo for its gRPC health; exits 0 when SERVING.
     Health(HealthArgs),
+    /// API keys: `koo auth new-key`.
+    #[command(subcommand)]
+    Auth(AuthCommand),
 }
 
 /// `koo health`: a probe for container health checks.
@@ -396,6 +401,9 @@ pub struct ServeArgs {
     /// Limits on what clients may hold open.
     #[command(flatten)]
     pub limits: LimitsArgs,
+    /// Authentication: keys file, reflection.
+    #[command(flatten)]
+    pub auth: AuthArgs,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
     #[arg(
         long,
@@ -455,7 +463,8 @@ pub struct ServeArgs {
           value_parser = parse_duration)]
     pub shutdown_drain: Duration,
     /// Shared secret that external workers (WorkerService) must present as
-    /// `authorization: Bearer <token>`; unset, WorkerService is open.
+    /// `authorization: Bearer <token>`; unset, WorkerService is open. With
+    /// KOO_AUTH_FILE it is one more worker key, named KOO_WORKER_TOKEN.
     #[arg(
         long,
         env = "KOO_WORKER_TOKEN",
@@ -531,9 +540,9 @@ impl ServeArgs {
         let tasks = TaskSettings {
             redis: self.tasks.redis_config(&self.redis)?,
             config: TaskConfig {
-                // `false` until authentication (a keys file, a client CA) is
-                // merged: the merger passes whether either is configured.
-                lease_secrets: self.lease_secrets.resolve(false),
+                // `auto` is `required` once callers are authenticated (a
+                // keys file, or client certificates).
+                lease_secrets: self.lease_secrets.resolve(self.auth.settings().file.is_some()),
                 ..self.tasks.task_config(&self.prefix)?
             },
             workers: self.worker_concurrency as usize,
@@ -558,6 +567,7 @@ impl ServeArgs {
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,
             limits: self.limits.limits(),
+            auth: self.auth.settings(),
             shutdown_grace: self.shutdown_grace,
             shutdown_drain: self.shutdown_drain,
             schedule: self.schedules.settings(!self.no_scheduler)?,

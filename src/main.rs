@@ -45,6 +45,7 @@ fn main() -> ExitCode {
             Command::Worker(args) => worker(*args).await,
             Command::Scheduler(args) => scheduler(*args).await,
             Command::Health(args) => health(args).await,
+            Command::Auth(koo::config::AuthCommand::NewKey(args)) => new_key(&args),
         }
     });
     match result {
@@ -181,6 +182,27 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = ctrl_c.await;
+    }
+}
+
+/// `koo auth new-key`: a fresh key and the entry to paste into the keys
+/// file (2 when the entry would not be valid).
+fn new_key(args: &koo::config::NewKeyArgs) -> anyhow::Result<ExitCode> {
+    match koo::auth::new_key::new_key(&args.request()) {
+        Ok(made) => {
+            println!(
+                "# The key: give it to the client (authorization: Bearer <key>); koo keeps only its digest."
+            );
+            println!("{}", made.key);
+            println!();
+            println!("# The entry to add to the keys file (KOO_AUTH_FILE):");
+            print!("{}", made.entry);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("koo: {e}");
+            Ok(ExitCode::from(2))
+        }
     }
 }
 

@@ -14,12 +14,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::pb::health_server::HealthServer;
 
+use crate::auth::gate::Gate;
+use crate::auth::keys::Keys;
+use crate::auth::layer::AuthLayer;
+use crate::auth::{AuthSettings, Keyring, KeysError};
 use crate::cache::{Cache, CacheConfig};
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
 use crate::grpc::schedule::ScheduleApi;
+use crate::grpc::shed::ShedLayer;
 use crate::grpc::tasks::TaskApi;
-use crate::grpc::worker::{WorkerApi, WorkerAuth};
+use crate::grpc::worker::WorkerApi;
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::schedule::v1::schedule_service_server::ScheduleServiceServer;
@@ -102,6 +107,8 @@ pub struct Settings {
     pub shutdown_drain: Duration,
     /// The shared secret external workers must present, if any.
     pub worker_token: Option<String>,
+    /// Keys file and reflection.
+    pub auth: AuthSettings,
     /// The scheduler.
     pub schedule: ScheduleSettings,
 }
@@ -146,6 +153,7 @@ impl Default for Settings {
             shutdown_grace: Duration::from_secs(30),
             shutdown_drain: Duration::from_millis(500),
             worker_token: None,
+            auth: AuthSettings::default(),
             schedule: ScheduleSettings::default(),
             limits: crate::config::Limits::default(),
         }
@@ -164,6 +172,9 @@ pub enum ServerError {
     /// The data directory cannot be used, or the embedded store not saved.
     #[error(transparent)]
     Persist(#[from] PersistError),
+    /// The keys file cannot be used.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
     /// Reflection could not load koo's descriptors (a build problem).
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -177,6 +188,14 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    // A keys file that does not load stops koo before anything starts.
+    let keyring = match &settings.auth.file {
+        Some(path) => Some(Keyring::new(Keys::load(
+            path,
+            settings.worker_token.as_deref(),
+        )?)),
+        None => None,
+    };
     // Loaded (and its data directory locked) before anything serves.
     let embedded = Embedded::open(&settings)?;
     let store = match &settings.store {
@@ -246,6 +265,19 @@ pub async fn run(
         );
     }
 
+    if let (Some(ring), Some(path)) = (&keyring, &settings.auth.file) {
+        background.spawn(ring.clone().watch(
+            path.clone(),
+            settings.worker_token.clone(),
+            settings.auth.reload_interval,
+            stop.clone(),
+        ));
+    }
+    let gate = Gate::new(
+        keyring,
+        settings.worker_token.as_deref(),
+        settings.auth.reflection,
+    );
     let tasks = start_tasks(&settings, &store, &embedded, &cache, &mut background, &stop)?;
     if !tasks_share_store {
         watch_task_store(&settings, &tasks.0, &publisher, &mut background, &stop);
@@ -273,8 +305,14 @@ pub async fn run(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = if gate.serves_reflection() {
+        (
+            Some(reflection().build_v1()?),
+            Some(reflection().build_v1alpha()?),
+        )
+    } else {
+        (None, None)
+    };
 
     let addr = listener
         .local_addr()
@@ -321,6 +359,9 @@ pub async fn run(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .max_concurrent_streams(Some(settings.limits.max_concurrent_streams))
+        // authentication first, so that refused calls take no in-flight slot
+        .layer(AuthLayer::new(gate))
+        .layer(ShedLayer::new(settings.limits.max_inflight_calls))
         .add_service(
             CacheServiceServer::new(api)
                 .max_decoding_message_size(limit)
@@ -337,20 +378,17 @@ pub async fn run(
             schedules,
             settings.request_timeout,
         )))
-        .add_service(WorkerServiceServer::with_interceptor(
-            WorkerApi::new(
-                worker_engine,
-                task_cache,
-                settings.request_timeout,
-                stop.clone(),
-                sessions.clone(),
-            )
-            .max_held_per_worker(settings.limits.max_held_per_worker),
-            WorkerAuth::new(settings.worker_token.clone()),
-        ))
+        .add_service(WorkerServiceServer::new(WorkerApi::new(
+            worker_engine,
+            task_cache,
+            settings.request_timeout,
+            stop.clone(),
+            sessions.clone(),
+        )
+        .max_held_per_worker(settings.limits.max_held_per_worker)))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, on_shutdown);
     tokio::pin!(serve);
     let grace = settings.shutdown_grace;

@@ -135,9 +135,10 @@ class TaskFailed(Exception):
 
 
 class ConnectRejected(Exception):
-    """koo refused the session for good (UNAUTHENTICATED or INVALID_ARGUMENT).
+    """koo refused the session for good (UNAUTHENTICATED, PERMISSION_DENIED
+    or INVALID_ARGUMENT).
 
-    Retrying cannot help: the token or the hello is wrong.
+    Retrying cannot help: the token, its role or scope, or the hello is wrong.
     """
 
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
@@ -548,7 +549,11 @@ class Worker:
             error = "stream closed by koo"
         except grpc.RpcError as exc:
             code = exc.code()
-            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT):
+            if code in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ):
                 self._end_session(session, f"{code.name}: {exc.details()}")
                 raise ConnectRejected(code, exc.details() or "") from None
             error = f"{code.name}: {exc.details()}"

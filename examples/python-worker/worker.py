@@ -325,7 +325,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--token",
         default=env("KOO_WORKER_TOKEN") or None,
-        help="koo's worker token (env KOO_WORKER_TOKEN)",
+        help="koo's worker token or worker API key (env KOO_WORKER_TOKEN)",
     )
     parser.add_argument(
         "--queues",
@@ -440,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = ""
         if exc.code.name == "UNAUTHENTICATED":
             hint = " (check --token / KOO_WORKER_TOKEN)"
+        elif exc.code.name == "PERMISSION_DENIED":
+            hint = " (the key's role or scope does not allow this: check --token, --queues, --serve)"
         print(f"worker.py: koo rejected the worker: {exc}{hint}", file=sys.stderr)
         return 2
     log.info("stopped")

@@ -5,8 +5,48 @@
 //! request's extensions; the auth layer turns it, or the bearer key, into a
 //! [`Caller`] and stores that in the extensions too, where handlers read it
 //! (a worker key's scope and hold limit are checked where the queue is known).
+//!
+//! `keys` reads and reloads the keys file and finds a key in constant time;
+//! `methods` is the method→role table; `gate` decides one call and `layer`
+//! runs it around the router; `scope` checks a worker key's declarations;
+//! `audit` writes the admin calls' lines; `new_key` makes keys; `error`
+//! names every refusal (mapped to statuses in `crate::grpc::status`).
 
 use std::sync::Arc;
+
+pub mod audit;
+pub mod error;
+pub mod gate;
+pub mod keys;
+pub mod layer;
+pub mod methods;
+pub mod new_key;
+pub mod scope;
+
+pub use error::AuthError;
+pub use gate::Reflection;
+pub use keys::{Keyring, KeysError};
+
+/// How `koo serve` authenticates callers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthSettings {
+    /// `KOO_AUTH_FILE` (`None`: no keys; open, or only `KOO_WORKER_TOKEN`).
+    pub file: Option<std::path::PathBuf>,
+    /// How often the keys file is looked at for changes.
+    pub reload_interval: std::time::Duration,
+    /// `KOO_REFLECTION`.
+    pub reflection: Reflection,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self {
+            file: None,
+            reload_interval: std::time::Duration::from_secs(5),
+            reflection: Reflection::On,
+        }
+    }
+}
 
 /// What a caller may do. `Reader` < `Writer` < `Admin` each include the ones
 /// before; `Worker` is apart (WorkerService, plus `GetTask`).

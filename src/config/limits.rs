@@ -27,6 +27,11 @@ pub struct LimitsArgs {
     #[arg(long, env = "KOO_MAX_HELD_PER_WORKER", value_name = "KOO_MAX_HELD_PER_WORKER",
           default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_held_per_worker: u32,
+    /// Unary calls in flight at once in this process; one more gets RESOURCE_EXHAUSTED at once
+    /// (health checks are never refused; streams are bounded by the limits above).
+    #[arg(long, env = "KOO_MAX_INFLIGHT_CALLS", value_name = "KOO_MAX_INFLIGHT_CALLS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_inflight_calls: u32,
 }
 
 /// The limits, checked.
@@ -40,6 +45,8 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     /// `KOO_MAX_HELD_PER_WORKER`.
     pub max_held_per_worker: u32,
+    /// `KOO_MAX_INFLIGHT_CALLS`.
+    pub max_inflight_calls: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +56,7 @@ impl Default for Limits {
             watch_buffer: 4096,
             max_concurrent_streams: 4096,
             max_held_per_worker: 1024,
+            max_inflight_calls: 10_000,
         }
     }
 }
@@ -61,6 +69,7 @@ impl LimitsArgs {
             watch_buffer: self.watch_buffer as usize,
             max_concurrent_streams: self.max_concurrent_streams,
             max_held_per_worker: self.max_held_per_worker,
+            max_inflight_calls: self.max_inflight_calls as usize,
         }
     }
 }

@@ -12,6 +12,7 @@ use super::deadline;
 use super::json;
 use super::status::invalid_argument;
 use super::time;
+use crate::auth::audit;
 use crate::cache::{
     Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MaintenanceReport, MetricsReport,
     NewEntry, Stored, Value, WarmReport,
@@ -461,6 +462,8 @@ impl pb::cache_service_server::CacheService for CacheApi {
         request: Request<pb::ClearLevelRequest>,
     ) -> Result<Response<pb::ClearLevelResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
+        let raw = request.get_ref().level;
+        audit::target(request.extensions(), || format!("level {raw}"));
         let level = level("level", request.into_inner().level)?;
         let deleted = self.cache.clear_level(level, deadline).await?;
         Ok(Response::new(pb::ClearLevelResponse {

@@ -7,6 +7,7 @@ mod deadline;
 pub mod health;
 pub mod json;
 pub mod schedule;
+pub mod shed;
 mod status;
 pub mod tasks;
 mod time;

@@ -14,6 +14,7 @@ use super::tasks::{
     to_pb_task,
 };
 use super::time;
+use crate::auth::audit;
 use crate::pb::schedule::v1 as pb;
 use crate::schedule::model::{MissedPolicy, Schedule, Source, Template};
 use crate::schedule::{Patch, Schedules, View};
@@ -214,6 +215,11 @@ fn in_schedule(e: crate::tasks::engine::TaskError) -> Status {
     }
 }
 
+/// A schedule as an audit line names it.
+fn schedule_target(name: &str) -> String {
+    format!("schedule {}", crate::quote::quote(name))
+}
+
 #[tonic::async_trait]
 impl pb::schedule_service_server::ScheduleService for ScheduleApi {
     async fn create_schedule(
@@ -221,6 +227,10 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::CreateScheduleRequest>,
     ) -> Result<Response<pb::CreateScheduleResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            let name = request.get_ref().schedule.as_ref().map(|s| s.name.as_str());
+            schedule_target(name.unwrap_or(""))
+        });
         let s = schedule(request.into_inner().schedule)?;
         let view = self
             .schedules
@@ -274,6 +284,10 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::UpdateScheduleRequest>,
     ) -> Result<Response<pb::UpdateScheduleResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            let name = request.get_ref().schedule.as_ref().map(|s| s.name.as_str());
+            schedule_target(name.unwrap_or(""))
+        });
         let r = request.into_inner();
         let s = r
             .schedule
@@ -331,6 +345,9 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::PauseScheduleRequest>,
     ) -> Result<Response<pb::PauseScheduleResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            schedule_target(&request.get_ref().name)
+        });
         let view = self
             .schedules
             .set_paused(&request.into_inner().name, true, deadline)
@@ -345,6 +362,9 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::ResumeScheduleRequest>,
     ) -> Result<Response<pb::ResumeScheduleResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            schedule_target(&request.get_ref().name)
+        });
         let view = self
             .schedules
             .set_paused(&request.into_inner().name, false, deadline)
@@ -359,6 +379,9 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::DeleteScheduleRequest>,
     ) -> Result<Response<pb::DeleteScheduleResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            schedule_target(&request.get_ref().name)
+        });
         self.schedules
             .delete(&request.into_inner().name, deadline)
             .await?;
@@ -370,6 +393,9 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         request: Request<pb::TriggerScheduleRequest>,
     ) -> Result<Response<pb::TriggerScheduleResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            schedule_target(&request.get_ref().name)
+        });
         let task = self
             .schedules
             .trigger(&request.into_inner().name, deadline)

@@ -7,6 +7,7 @@
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::auth::AuthError;
 use crate::cache::CacheError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
@@ -129,6 +130,31 @@ impl From<WatchError> for Status {
     }
 }
 
+impl From<AuthError> for Status {
+    fn from(e: AuthError) -> Self {
+        let message = bounded(e.to_string());
+        match e {
+            AuthError::NoCredentials { .. }
+            | AuthError::Malformed
+            | AuthError::UnknownKey
+            | AuthError::UnknownPrincipal { .. } => Status::unauthenticated(message),
+            AuthError::Denied { .. } | AuthError::OutOfScope { .. } => {
+                Status::permission_denied(message)
+            }
+            AuthError::Unimplemented(_) => Status::unimplemented(message),
+            AuthError::Shed { limit } => Status::with_error_details(
+                Code::ResourceExhausted,
+                message,
+                ErrorDetails::with_error_info(
+                    "TOO_MANY_INFLIGHT_CALLS",
+                    "koo",
+                    [("KOO_MAX_INFLIGHT_CALLS".to_owned(), limit.to_string())],
+                ),
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +208,24 @@ mod tests {
         ];
         for (status, code) in cases {
             assert_eq!(status.code(), code, "{status:?}");
+        }
+        let auth: Vec<(AuthError, Code)> = vec![
+            (AuthError::UnknownKey, Code::Unauthenticated),
+            (AuthError::Malformed, Code::Unauthenticated),
+            (
+                AuthError::Denied {
+                    method: "m".into(),
+                    needed: "admin",
+                    principal: "p".into(),
+                    role: "reader",
+                },
+                Code::PermissionDenied,
+            ),
+            (AuthError::Unimplemented("x".into()), Code::Unimplemented),
+            (AuthError::Shed { limit: 1 }, Code::ResourceExhausted),
+        ];
+        for (e, code) in auth {
+            assert_eq!(Status::from(e.clone()).code(), code, "{e:?}");
         }
         let s = invalid_argument("entries[1].key", "must not be empty");
         let details = s.get_error_details();

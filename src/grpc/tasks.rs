@@ -10,6 +10,7 @@ use super::deadline;
 use super::json;
 use super::status::invalid_argument;
 use super::time::{self, duration};
+use crate::auth::audit;
 use crate::cache::Cache;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
@@ -783,6 +784,13 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::CleanupTasksRequest>,
     ) -> Result<Response<pb::CleanupTasksResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            let r = request.get_ref();
+            format!(
+                "older_than {:?}, dead letters {}",
+                r.older_than, r.include_dead_letters
+            )
+        });
         let r = request.into_inner();
         let older_than = duration("older_than", r.older_than, time::OLDER_THAN)?
             .unwrap_or(Duration::from_secs(24 * 3600));
@@ -806,6 +814,14 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::RequeueDeadLettersRequest>,
     ) -> Result<Response<pb::RequeueDeadLettersResponse>, Status> {
         let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            let r = request.get_ref();
+            if r.all {
+                "all".to_owned()
+            } else {
+                format!("task_ids {}", r.task_ids.join(","))
+            }
+        });
         let r = request.into_inner();
         let task_ids = match (r.all, r.task_ids.is_empty()) {
             (true, true) => {

@@ -1,6 +1,7 @@
 //! `koo.worker.v1.WorkerService`: converts the worker protocol's messages
-//! to and from the domain calls of [`crate::tasks::remote`], and checks the
-//! workers' shared secret.
+//! to and from the domain calls of [`crate::tasks::remote`]. (Who may call
+//! is decided by `crate::auth`; a worker key's scope is checked here, where
+//! the declaration is read.)
 
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
@@ -15,6 +16,8 @@ use super::deadline;
 use super::json;
 use super::status::invalid_argument;
 use super::tasks::{timestamp as ms_timestamp, to_pb_state, to_pb_task};
+use crate::auth::Caller;
+use crate::auth::scope::{self, Declared};
 use crate::cache::Cache;
 use crate::pb::worker::v1 as pb;
 use crate::pb::worker::v1::work_request::Message as In;
@@ -148,47 +151,9 @@ async fn sweep_holds(holds: Holds, every: Duration, stop: CancellationToken) {
     }
 }
 
-/// Checks `authorization: Bearer <token>` on every WorkerService call when
-/// a token is configured. The comparison takes the same time whatever the
-/// first differing byte, so the token cannot be guessed byte by byte.
-#[derive(Clone)]
-pub struct WorkerAuth {
-    token: Option<std::sync::Arc<str>>,
-}
-
-impl WorkerAuth {
-    /// Requires `token` when set.
-    pub fn new(token: Option<String>) -> Self {
-        Self {
-            token: token.map(Into::into),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for WorkerAuth {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(expected) = &self.token else {
-            return Ok(request);
-        };
-        let Some(given) = request.metadata().get("authorization") else {
-            return Err(Status::unauthenticated(
-                "WorkerService needs `authorization: Bearer <KOO_WORKER_TOKEN>` metadata",
-            ));
-        };
-        let given = given.as_bytes();
-        let token = given.strip_prefix(b"Bearer ").unwrap_or(b"");
-        if token.is_empty() || !constant_time_eq(token, expected.as_bytes()) {
-            return Err(Status::unauthenticated(
-                "the worker token is wrong (expected `authorization: Bearer <KOO_WORKER_TOKEN>`)",
-            ));
-        }
-        Ok(request)
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    use subtle::ConstantTimeEq;
-    a.len() == b.len() && bool::from(a.ct_eq(b))
+/// A worker's declaration, for its key's scope.
+fn declared(queues: Vec<String>, task_names: Vec<String>) -> Declared {
+    Declared { queues, task_names }
 }
 
 fn state(s: State) -> i32 {
@@ -391,6 +356,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let tally = self.tally(&request);
+        let caller = Caller::of(request.extensions());
         let mut messages = request.into_inner();
         // The hello comes first; a worker that sends nothing within the
         // request timeout is turned away.
@@ -420,8 +386,9 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             }
         };
         let known = self.engine.config().queues();
+        let declared = scope::narrow(&caller, "hello.", declared(hello.queues, hello.task_names))?;
         let routing =
-            Routing::new(&hello.task_names, &hello.queues, &known).map_err(|e| match e {
+            Routing::new(&declared.task_names, &declared.queues, &known).map_err(|e| match e {
                 TaskError::InvalidArgument { field, reason } => {
                     invalid_argument(&format!("hello.{field}"), &reason)
                 }
@@ -507,8 +474,14 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
     ) -> Result<Response<pb::LeaseTaskResponse>, Status> {
         let deadline = self.deadline(&request);
         let taken = self.take_room(&request)?;
+        let caller = Caller::of(request.extensions());
         let r = request.into_inner();
-        let routing = Routing::new(&r.task_names, &r.queues, &self.engine.config().queues())?;
+        let declared = scope::narrow(&caller, "", declared(r.queues, r.task_names))?;
+        let routing = Routing::new(
+            &declared.task_names,
+            &declared.queues,
+            &self.engine.config().queues(),
+        )?;
         let wait =
             super::time::duration("wait", r.wait, super::time::LEASE_WAIT)?.unwrap_or_default();
         // read before the lease, so that a leased task always gets its secret
