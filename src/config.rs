@@ -16,6 +16,7 @@ use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 pub use self::cache::CacheArgs;
 pub use self::limits::{Limits, LimitsArgs};
+pub use self::transport::TransportArgs;
 use crate::cache::CacheConfig;
 use crate::persist::DataSettings;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
@@ -27,6 +28,7 @@ use crate::tasks::retry::Backoff;
 
 mod cache;
 mod limits;
+mod transport;
 
 /// koo: a gRPC control plane for caching and background work.
 #[derive(Debug, Parser)]
@@ -94,6 +96,36 @@ pub struct HealthArgs {
     /// How long to wait for the answer.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// PEM CA that signed the server's certificate: set, the check uses TLS.
+    #[arg(long, env = "KOO_HEALTH_TLS_CA", value_name = "KOO_HEALTH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mTLS; with --tls-key).
+    #[arg(
+        long,
+        env = "KOO_HEALTH_TLS_CERT",
+        value_name = "KOO_HEALTH_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "KOO_HEALTH_TLS_KEY",
+        value_name = "KOO_HEALTH_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Name to verify the server's certificate against (default: the address' host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+    /// API key sent as `authorization: Bearer <key>`.
+    #[arg(
+        long,
+        env = "KOO_API_KEY",
+        value_name = "KOO_API_KEY",
+        hide_env_values = true
+    )]
+    pub key: Option<String>,
 }
 
 /// Redis settings shared by `koo serve` and `koo worker`.
@@ -389,6 +421,9 @@ pub struct ServeArgs {
     /// Limits on what clients may hold open.
     #[command(flatten)]
     pub limits: LimitsArgs,
+    /// TLS and the plaintext health listener.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
     #[arg(
         long,
@@ -522,6 +557,9 @@ impl ServeArgs {
         };
         Ok(Settings {
             listen: self.listen,
+            tls: self.transport.tls()?,
+            health_listen: self.transport.health_listen,
+            auth_configured: false,
             store,
             cache: CacheConfig {
                 warm_file: self.cache_warm_file,

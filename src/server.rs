@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::pb::health_server::HealthServer;
 
 use crate::cache::{Cache, CacheConfig};
@@ -34,6 +33,9 @@ use crate::tasks::engine::{TaskConfig, TaskEngine};
 use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
 use crate::tasks::{handlers, maintenance};
+use crate::transport::calls::PeerLayer;
+use crate::transport::tls::Tls;
+use crate::transport::{exposure, listener};
 use crate::watch::{Hub, Watchers};
 
 /// Which backend to use.
@@ -101,6 +103,13 @@ pub struct Settings {
     pub worker_token: Option<String>,
     /// The scheduler.
     pub schedule: ScheduleSettings,
+    /// TLS on the gRPC listener (`None`: plaintext).
+    pub tls: Option<crate::transport::tls::TlsSettings>,
+    /// `KOO_HEALTH_LISTEN`: a plaintext listener serving grpc.health.v1 alone.
+    pub health_listen: Option<SocketAddr>,
+    /// Whether callers must authenticate (`KOO_AUTH_FILE`): only silences the
+    /// start-up warning of an exposed listener here.
+    pub auth_configured: bool,
 }
 
 /// The scheduler's settings.
@@ -145,6 +154,9 @@ impl Default for Settings {
             worker_token: None,
             schedule: ScheduleSettings::default(),
             limits: crate::config::Limits::default(),
+            tls: None,
+            health_listen: None,
+            auth_configured: false,
         }
     }
 }
@@ -164,6 +176,17 @@ pub enum ServerError {
     /// Reflection could not load koo's descriptors (a build problem).
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error("KOO_TLS_*: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
+    /// The health listener's address cannot be bound.
+    #[error("KOO_HEALTH_LISTEN: cannot listen on {addr}: {source}")]
+    HealthListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Hides the password of a Redis URL for logs.
@@ -184,6 +207,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    crate::transport::tls::install_default_provider();
     // Loaded (and its data directory locked) before anything serves.
     let embedded = Embedded::open(&settings)?;
     let store = match &settings.store {
@@ -286,21 +310,26 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    let incoming = TcpListenerStream::new(listener).then(|conn| async move {
-        match &conn {
-            // Small RPCs should not wait for Nagle.
-            Ok(c) => {
-                let _ = c.set_nodelay(true);
-            }
-            // Out of file descriptors and the like: say so, and pause rather
-            // than spin on a listener that fails at once.
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        conn
-    });
+    let tls = settings.tls.clone().map(Tls::load).transpose()?;
+    if let Some(tls) = &tls {
+        tls.spawn_reloads(&mut background, &stop);
+    }
+    let listen = listener.local_addr().unwrap_or(settings.listen);
+    exposure::warn_if_exposed(listen, tls.is_some(), settings.auth_configured);
+    let incoming = listener::incoming(
+        listener,
+        tls.clone(),
+        settings.limits.idle_connection_timeout,
+        listener::HANDSHAKE_TIMEOUT,
+    );
+    let health_listener = match settings.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::HealthListen { addr, source })?,
+        ),
+        None => None,
+    };
     let signalled = Arc::new(Notify::new());
     let drain = settings.shutdown_drain;
     let on_shutdown = {
@@ -323,40 +352,56 @@ pub async fn run(
             signalled.notify_one();
         }
     };
-    tracing::info!(%addr, "koo serving gRPC");
-    let serve = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(settings.limits.max_concurrent_streams))
+    tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
+    let health_serve = health_listener
+        .map(|l| serve_health_only(l, health_service.clone(), &settings.limits, stop.clone()));
+    let size = settings.limits.max_message_size;
+    let serve = transport_builder(&settings.limits)
+        .layer(PeerLayer)
         .add_service(
             CacheServiceServer::new(api)
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )
-        .add_service(TaskServiceServer::new(TaskApi::new(
-            tasks,
-            task_cache.clone(),
-            settings.request_timeout,
-            settings.limits.watch_buffer,
-            stop.clone(),
-        )))
-        .add_service(ScheduleServiceServer::new(ScheduleApi::new(
-            schedules,
-            settings.request_timeout,
-        )))
-        .add_service(WorkerServiceServer::with_interceptor(
-            WorkerApi::new(
+        .add_service(
+            TaskServiceServer::new(TaskApi::new(
+                tasks,
+                task_cache.clone(),
+                settings.request_timeout,
+                settings.limits.watch_buffer,
+                stop.clone(),
+            ))
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
+        )
+        .add_service(
+            ScheduleServiceServer::new(ScheduleApi::new(schedules, settings.request_timeout))
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+        )
+        .add_service(InterceptedService::new(
+            WorkerServiceServer::new(WorkerApi::new(
                 worker_engine,
                 task_cache,
                 settings.request_timeout,
                 stop.clone(),
                 sessions.clone(),
-            ),
+            ))
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(size),
             WorkerAuth::new(settings.worker_token.clone()),
         ))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(
+            reflection_v1
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+        )
+        .add_service(
+            reflection_v1alpha
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+        )
         .serve_with_incoming_shutdown(incoming, on_shutdown);
     tokio::pin!(serve);
     let grace = settings.shutdown_grace;
@@ -368,6 +413,9 @@ pub async fn run(
         }
     };
     stop.cancel();
+    if let Some(health) = health_serve {
+        let _ = tokio::time::timeout(grace, health).await;
+    }
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
     sessions.close();
@@ -391,6 +439,59 @@ pub async fn run(
     }
     tracing::info!("koo stopped");
     result
+}
+
+/// The HTTP/2 settings both listeners share: keepalive, streams per
+/// connection, connection age.
+fn transport_builder(limits: &crate::config::Limits) -> tonic::transport::Server {
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(limits.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams));
+    if let Some(age) = limits.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(grace) = limits.max_connection_age_grace {
+        builder = builder.max_connection_age_grace(grace);
+    }
+    builder
+}
+
+/// `KOO_HEALTH_LISTEN`: grpc.health.v1 alone, in plaintext, from the same
+/// publisher as the main listener, until `stop` (the start of shutdown, when
+/// health turns NOT_SERVING: the probe has read it by then).
+fn serve_health_only(
+    listener: TcpListener,
+    health: HealthServer<HealthApi>,
+    limits: &crate::config::Limits,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        ?addr,
+        "serving grpc.health.v1 in plaintext (KOO_HEALTH_LISTEN)"
+    );
+    let size = limits.max_message_size;
+    let serve = transport_builder(limits)
+        .add_service(
+            health
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+        )
+        .serve_with_incoming_shutdown(
+            listener::incoming(
+                listener,
+                None,
+                limits.idle_connection_timeout,
+                listener::HANDSHAKE_TIMEOUT,
+            ),
+            async move { stop.cancelled().await },
+        );
+    tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the health listener failed");
+        }
+    })
 }
 
 /// Starts the task engine (on the task Redis, or embedded when there is
