@@ -7,6 +7,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod certs;
 pub mod chaos;
 pub mod python;
 pub mod tasks;
