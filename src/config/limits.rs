@@ -50,7 +50,8 @@ pub struct LimitsArgs {
           default_value = "10s", value_parser = parse_duration)]
     pub http2_keepalive_timeout: Duration,
     /// Largest message (bytes) TaskService, ScheduleService, WorkerService, health and reflection
-    /// accept or send (CacheService's limit follows CACHE_MAX_VALUE_SIZE).
+    /// accept (and the last three send; task replies carry results accepted under it, so they are
+    /// not cut). CacheService's limit follows CACHE_MAX_VALUE_SIZE.
     #[arg(long, env = "KOO_MAX_MESSAGE_SIZE", value_name = "KOO_MAX_MESSAGE_SIZE",
           default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..=(1 << 30)))]
     pub max_message_size: u32,
