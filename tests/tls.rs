@@ -16,6 +16,7 @@ use bytes::Bytes;
 use common::certs::{Ca, CertDir, Pair};
 use common::{EVENT_TIMEOUT, memory_settings, test_settings};
 use koo::server::Settings;
+use koo::transport::Peer;
 use koo::transport::tls::TlsSettings;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -150,15 +151,32 @@ async fn tls_stream(
     addr: SocketAddr,
     ca: &str,
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
+    tls_stream_as(addr, ca, None).await
+}
+
+/// [`tls_stream`] presenting `client`'s certificate.
+async fn tls_stream_as(
+    addr: SocketAddr,
+    ca: &str,
+    client: Option<&Pair>,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
         .unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(koo::transport::tls::provider())
+    let builder = rustls::ClientConfig::builder_with_provider(koo::transport::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut config = match client {
+        Some(c) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(c.cert.as_bytes()).unwrap()],
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(c.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = TcpStream::connect(addr).await.unwrap();
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -578,4 +596,106 @@ async fn message_size_limit_applies_to_task_service() {
         .map_err(|e| e.code());
     assert_ne!(status, Err(tonic::Code::OutOfRange));
     koo.shutdown().await;
+}
+
+/// Answers any request with what the transport put in its extensions: the
+/// Peer's identity and connection number, and tonic's remote address.
+#[derive(Clone)]
+struct EchoPeer;
+
+impl tonic::server::NamedService for EchoPeer {
+    const NAME: &'static str = "test.EchoPeer";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for EchoPeer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
+        let remote = tonic::Request::from_parts(
+            tonic::metadata::MetadataMap::new(),
+            req.extensions().clone(),
+            (),
+        )
+        .remote_addr();
+        let mut response = http::Response::new(tonic::body::Body::empty());
+        let headers = response.headers_mut();
+        let identity = peer.identity.as_deref().unwrap_or("-").to_owned();
+        headers.insert("x-identity", identity.parse().unwrap());
+        headers.insert("x-connection", peer.connection.to_string().parse().unwrap());
+        headers.insert("x-peer-addr", format!("{:?}", peer.addr).parse().unwrap());
+        headers.insert("x-remote-addr", format!("{remote:?}").parse().unwrap());
+        std::future::ready(Ok(response))
+    }
+}
+
+/// The verified client certificate's identity (its SAN URI), the
+/// connection's number and the client's address reach every request's
+/// extensions through the real TLS listener; tonic's `remote_addr()` still
+/// works; a second connection gets another number.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_identity_reaches_the_request() {
+    use koo::transport::{calls::PeerLayer, listener, tls::Tls};
+    let pki = Pki::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = Tls::load(pki.settings(true)).unwrap();
+    let incoming = listener::incoming(listener, Some(tls), None, listener::HANDSHAKE_TIMEOUT);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(PeerLayer)
+            .add_service(EchoPeer)
+            .serve_with_incoming(incoming),
+    );
+    let client = pki.ca.client("spiffe://prod/api");
+    let ask = |send: &mut h2::client::SendRequest<Bytes>| {
+        let mut send = send.clone();
+        async move {
+            send = send.ready().await.unwrap();
+            let request = http::Request::post("http://koo/test.EchoPeer/Any")
+                .body(())
+                .unwrap();
+            let (response, _) = send.send_request(request, true).unwrap();
+            let response = tokio::time::timeout(EVENT_TIMEOUT, response)
+                .await
+                .expect("an answer")
+                .unwrap();
+            let h = |name: &str| response.headers()[name].to_str().unwrap().to_owned();
+            (
+                h("x-identity"),
+                h("x-connection"),
+                h("x-peer-addr"),
+                h("x-remote-addr"),
+            )
+        }
+    };
+    let (stream, _) = tls_stream_as(addr, &pki.ca.cert, Some(&client)).await;
+    let local = stream.get_ref().0.local_addr().unwrap();
+    let (mut first, _c1) = h2_open(stream).await;
+    let (identity, connection, peer_addr, remote) = ask(&mut first).await;
+    assert_eq!(identity, "spiffe://prod/api");
+    assert_eq!(peer_addr, format!("{:?}", Some(local)));
+    assert_eq!(remote, format!("{:?}", Some(local)), "remote_addr() lost");
+    assert_eq!(
+        ask(&mut first).await.1,
+        connection,
+        "one connection, one number"
+    );
+    let (stream, _) = tls_stream_as(addr, &pki.ca.cert, Some(&client)).await;
+    let (mut second, _c2) = h2_open(stream).await;
+    assert_ne!(
+        ask(&mut second).await.1,
+        connection,
+        "two connections, one number"
+    );
+    server.abort();
 }
