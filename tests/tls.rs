@@ -699,3 +699,24 @@ async fn client_identity_reaches_the_request() {
     );
     server.abort();
 }
+
+/// KOO_MAX_CONNECTION_AGE (+ grace) ends even a busy connection: one with an
+/// open stream and no idle timeout is closed once age and grace have passed.
+#[tokio::test(flavor = "multi_thread")]
+async fn old_connections_are_closed_after_age_and_grace() {
+    let age = Duration::from_millis(300);
+    let koo = Koo::start(|s| {
+        s.limits.idle_connection_timeout = None;
+        s.limits.max_connection_age = Some(age);
+        s.limits.max_connection_age_grace = Some(age);
+    })
+    .await;
+    let (mut send, closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    let (_body, _stream) = h2_health_call(&mut send, "Watch").await;
+    tokio::time::timeout(EVENT_TIMEOUT, closed)
+        .await
+        .expect("a connection outlived its maximum age")
+        .unwrap();
+    drop(send);
+    koo.shutdown().await;
+}
