@@ -5,6 +5,7 @@
 //! shutdown; the idle timeout only fires with no call open, so nothing is
 //! cut).
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -143,5 +144,3 @@ impl AsyncWrite for Conn {
         }
     }
 }
-
-use std::future::Future as _;

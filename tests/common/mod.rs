@@ -11,6 +11,7 @@ pub mod certs;
 pub mod chaos;
 pub mod python;
 pub mod tasks;
+pub mod tls;
 
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};
