@@ -116,7 +116,11 @@ pub struct HealthArgs {
     )]
     pub tls_key: Option<PathBuf>,
     /// Name to verify the server's certificate against (default: the address' host).
-    #[arg(long, value_name = "NAME")]
+    #[arg(
+        long,
+        env = "KOO_HEALTH_TLS_SERVER_NAME",
+        value_name = "KOO_HEALTH_TLS_SERVER_NAME"
+    )]
     pub tls_server_name: Option<String>,
     /// API key sent as `authorization: Bearer <key>`.
     #[arg(
