@@ -334,8 +334,12 @@ pub async fn run(
     };
     let signalled = Arc::new(Notify::new());
     let drain = settings.shutdown_drain;
+    // The health listener closes with the main one, after the drain, so that
+    // probes read NOT_SERVING first.
+    let health_stop = CancellationToken::new();
     let on_shutdown = {
         let signalled = signalled.clone();
+        let health_stop = health_stop.clone();
         let stop = stop.clone();
         let publisher = publisher.clone();
         async move {
@@ -351,12 +355,19 @@ pub async fn run(
             publisher.set(false);
             stop.cancel();
             tokio::time::sleep(drain).await;
+            health_stop.cancel();
             signalled.notify_one();
         }
     };
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
-    let health_serve = health_listener
-        .map(|l| serve_health_only(l, health_service.clone(), &settings.limits, stop.clone()));
+    let health_serve = health_listener.map(|l| {
+        serve_health_only(
+            l,
+            health_service.clone(),
+            &settings.limits,
+            health_stop.clone(),
+        )
+    });
     // What a client sends is bounded by KOO_MAX_MESSAGE_SIZE; TaskService's
     // and WorkerService's replies carry task results accepted under that
     // bound (a GetTask adds the task around one, a list page holds many),
@@ -420,6 +431,7 @@ pub async fn run(
         }
     };
     stop.cancel();
+    health_stop.cancel();
     if let Some(health) = health_serve {
         let _ = tokio::time::timeout(grace, health).await;
     }
@@ -465,8 +477,8 @@ fn transport_builder(limits: &crate::config::Limits) -> tonic::transport::Server
 }
 
 /// `KOO_HEALTH_LISTEN`: grpc.health.v1 alone, in plaintext, from the same
-/// publisher as the main listener, until `stop` (the start of shutdown, when
-/// health turns NOT_SERVING: the probe has read it by then).
+/// publisher as the main listener, until `stop` (the main listener's close,
+/// after the drain, so that probes read NOT_SERVING first).
 fn serve_health_only(
     listener: TcpListener,
     health: HealthServer<HealthApi>,

@@ -25,6 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use tonic::transport::Endpoint;
 use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// A koo server in this process.
@@ -341,9 +342,10 @@ async fn health_listener_is_plaintext_while_main_port_is_tls() {
     let health_addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
         .unwrap();
-    let koo = Koo::start(|s| {
+    let mut koo = Koo::start(|s| {
         s.tls = Some(pki.settings(false));
         s.health_listen = Some(health_addr);
+        s.shutdown_drain = Duration::from_millis(500);
     })
     .await;
     // Serving on the main port means the health listener is bound (it is
@@ -373,7 +375,39 @@ async fn health_listener_is_plaintext_while_main_port_is_tls() {
             .is_err(),
     };
     assert!(refused, "the TLS port answered plaintext");
-    koo.shutdown().await;
+    // On shutdown the health port reports NOT_SERVING through the drain,
+    // then closes with the server. Each check connects anew, as a kubelet
+    // probe does.
+    let _ = koo.stop.take().unwrap().send(());
+    let not_serving = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let Ok(channel) = Endpoint::from_shared(format!("http://{health_addr}"))
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            match HealthClient::new(channel)
+                .check(HealthCheckRequest::default())
+                .await
+            {
+                Ok(r) if r.get_ref().status == ServingStatus::NotServing as i32 => return true,
+                Ok(_) => tokio::task::yield_now().await,
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        not_serving.ok(),
+        Some(true),
+        "the probe never read NOT_SERVING"
+    );
+    tokio::time::timeout(EVENT_TIMEOUT, koo.task)
+        .await
+        .expect("server did not stop")
+        .unwrap();
     assert!(
         TcpStream::connect(health_addr).await.is_err(),
         "the health listener outlived the server"
