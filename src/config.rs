@@ -18,6 +18,7 @@ pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
 pub use self::limits::{Limits, LimitsArgs};
 pub use self::redis_tls::RedisTlsArgs;
+pub use self::transport::TransportArgs;
 use crate::cache::CacheConfig;
 use crate::persist::DataSettings;
 use crate::server::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
@@ -33,6 +34,7 @@ mod auth;
 mod cache;
 mod limits;
 mod redis_tls;
+mod transport;
 
 /// koo: a gRPC control plane for caching and background work.
 #[derive(Debug, Parser)]
@@ -103,6 +105,40 @@ pub struct HealthArgs {
     /// How long to wait for the answer.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// PEM CA that signed the server's certificate: set, the check uses TLS.
+    #[arg(long, env = "KOO_HEALTH_TLS_CA", value_name = "KOO_HEALTH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate, for a server that requires one (mTLS; with --tls-key).
+    #[arg(
+        long,
+        env = "KOO_HEALTH_TLS_CERT",
+        value_name = "KOO_HEALTH_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        env = "KOO_HEALTH_TLS_KEY",
+        value_name = "KOO_HEALTH_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Name to verify the server's certificate against (default: the address' host).
+    #[arg(
+        long,
+        env = "KOO_HEALTH_TLS_SERVER_NAME",
+        value_name = "KOO_HEALTH_TLS_SERVER_NAME"
+    )]
+    pub tls_server_name: Option<String>,
+    /// API key sent as `authorization: Bearer <key>`.
+    #[arg(
+        long,
+        env = "KOO_API_KEY",
+        value_name = "KOO_API_KEY",
+        hide_env_values = true
+    )]
+    pub key: Option<String>,
 }
 
 /// Redis settings shared by `koo serve`, `koo worker` and `koo scheduler`.
@@ -404,6 +440,9 @@ pub struct ServeArgs {
     /// Authentication: keys file, reflection.
     #[command(flatten)]
     pub auth: AuthArgs,
+    /// TLS and the plaintext health listener.
+    #[command(flatten)]
+    pub transport: TransportArgs,
     /// Prefix of every Redis key koo writes (letters, digits, `_`, `-`, `.`).
     #[arg(
         long,
@@ -542,7 +581,14 @@ impl ServeArgs {
             config: TaskConfig {
                 // `auto` is `required` once callers are authenticated (a
                 // keys file, or client certificates).
-                lease_secrets: self.lease_secrets.resolve(self.auth.settings().file.is_some()),
+                lease_secrets: self.lease_secrets.resolve(
+                    self.auth.settings().file.is_some()
+                        || self
+                            .transport
+                            .tls_client_ca
+                            .as_deref()
+                            .is_some_and(|p| !p.as_os_str().is_empty()),
+                ),
                 ..self.tasks.task_config(&self.prefix)?
             },
             workers: self.worker_concurrency as usize,
@@ -550,6 +596,8 @@ impl ServeArgs {
         };
         Ok(Settings {
             listen: self.listen,
+            tls: self.transport.tls()?,
+            health_listen: self.transport.health_listen,
             store,
             cache: CacheConfig {
                 warm_file: self.cache_warm_file,

@@ -27,6 +27,9 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:5000,muzzy_decay_ms:0\0";
 
 fn main() -> ExitCode {
+    // One crypto provider for the binary (tonic's TLS, the listener's, redis'
+    // rustls), chosen before anything builds a TLS config.
+    koo::transport::tls::install_default_provider();
     let cli = Cli::parse();
     if let Err(e) = koo::telemetry::init(cli.log_format, &cli.log) {
         eprintln!("koo: {e:#}");
@@ -206,6 +209,33 @@ fn new_key(args: &koo::config::NewKeyArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `koo health`'s TLS: the CA to trust, and a client certificate for mTLS.
+fn health_tls(args: &HealthArgs) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
+    };
+    let Some(ca) = &args.tls_ca else {
+        anyhow::ensure!(
+            args.tls_cert.is_none() && args.tls_server_name.is_none(),
+            "--tls-cert and --tls-server-name need --tls-ca (the CA of the server's certificate)"
+        );
+        return Ok(None);
+    };
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        tls = tls.identity(Identity::from_pem(
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+        ));
+    }
+    if let Some(name) = &args.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    Ok(Some(tls))
+}
+
 /// `koo health`: exit 0 when the server reports SERVING.
 async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let mut addr = args.addr;
@@ -216,17 +246,32 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let scheme = if args.tls_ca.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(args.timeout)
         .timeout(args.timeout);
+    if let Some(tls) = health_tls(&args)? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
     let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach koo at {addr}"))?;
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: args.service.clone(),
+    });
+    if let Some(key) = &args.key {
+        let bearer = format!("Bearer {key}")
+            .parse()
+            .context("KOO_API_KEY: not a valid header value")?;
+        request.metadata_mut().insert("authorization", bearer);
+    }
     let reply = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: args.service.clone(),
-        })
+        .check(request)
         .await
         .with_context(|| format!("health check of {:?} failed", args.service))?;
     let status =

@@ -6,10 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic_health::pb::health_server::HealthServer;
@@ -42,6 +40,9 @@ use crate::tasks::engine::{TaskConfig, TaskEngine};
 use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
 use crate::tasks::{handlers, maintenance};
+use crate::transport::calls::PeerLayer;
+use crate::transport::tls::Tls;
+use crate::transport::{exposure, listener};
 use crate::watch::{Hub, Watchers};
 
 /// Which backend to use.
@@ -111,6 +112,18 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The scheduler.
     pub schedule: ScheduleSettings,
+    /// TLS on the gRPC listener (`None`: plaintext).
+    pub tls: Option<crate::transport::tls::TlsSettings>,
+    /// `KOO_HEALTH_LISTEN`: a plaintext listener serving grpc.health.v1 alone.
+    pub health_listen: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Whether callers must prove who they are: a keys file, or client
+    /// certificates (mTLS without a keys file trusts every verified one).
+    pub fn authenticates(&self) -> bool {
+        self.auth.file.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
 }
 
 /// The scheduler's settings.
@@ -156,6 +169,8 @@ impl Default for Settings {
             auth: AuthSettings::default(),
             schedule: ScheduleSettings::default(),
             limits: crate::config::Limits::default(),
+            tls: None,
+            health_listen: None,
         }
     }
 }
@@ -178,6 +193,17 @@ pub enum ServerError {
     /// Reflection could not load koo's descriptors (a build problem).
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error("KOO_TLS_*: {0}")]
+    Tls(#[from] crate::transport::tls::TlsError),
+    /// The health listener's address cannot be bound.
+    #[error("KOO_HEALTH_LISTEN: cannot listen on {addr}: {source}")]
+    HealthListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Serves koo on `listener` until `shutdown` resolves, then stops accepting,
@@ -188,6 +214,7 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
+    crate::transport::tls::install_default_provider();
     // A keys file that does not load stops koo before anything starts.
     let keyring = match &settings.auth.file {
         Some(path) => Some(Keyring::new(Keys::load(
@@ -233,7 +260,9 @@ pub async fn run(
         (StoreSettings::Memory(_), None)
     );
     let publisher = HealthPublisher::new(vec![cache_name, task_name]);
-    let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()));
+    let health_service = HealthServer::new(HealthApi::new(publisher.subscribe(), stop.clone()))
+        .max_decoding_message_size(settings.limits.max_message_size)
+        .max_encoding_message_size(settings.limits.max_message_size);
 
     let mut background = tokio::task::JoinSet::new();
     let cache_services = if tasks_share_store {
@@ -317,25 +346,34 @@ pub async fn run(
     let addr = listener
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
-    let incoming = TcpListenerStream::new(listener).then(|conn| async move {
-        match &conn {
-            // Small RPCs should not wait for Nagle.
-            Ok(c) => {
-                let _ = c.set_nodelay(true);
-            }
-            // Out of file descriptors and the like: say so, and pause rather
-            // than spin on a listener that fails at once.
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-        conn
-    });
+    let tls = settings.tls.clone().map(Tls::load).transpose()?;
+    if let Some(tls) = &tls {
+        tls.spawn_reloads(&mut background, &stop);
+    }
+    let listen = listener.local_addr().unwrap_or(settings.listen);
+    exposure::warn_if_exposed(listen, tls.is_some(), settings.authenticates());
+    let incoming = listener::incoming(
+        listener,
+        tls.clone(),
+        settings.limits.idle_connection_timeout,
+        listener::HANDSHAKE_TIMEOUT,
+    );
+    let health_listener = match settings.health_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::HealthListen { addr, source })?,
+        ),
+        None => None,
+    };
     let signalled = Arc::new(Notify::new());
     let drain = settings.shutdown_drain;
+    // The health listener closes with the main one, after the drain, so that
+    // probes read NOT_SERVING first.
+    let health_stop = CancellationToken::new();
     let on_shutdown = {
         let signalled = signalled.clone();
+        let health_stop = health_stop.clone();
         let stop = stop.clone();
         let publisher = publisher.clone();
         async move {
@@ -351,14 +389,27 @@ pub async fn run(
             publisher.set(false);
             stop.cancel();
             tokio::time::sleep(drain).await;
+            health_stop.cancel();
             signalled.notify_one();
         }
     };
-    tracing::info!(%addr, "koo serving gRPC");
-    let serve = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(Some(settings.limits.max_concurrent_streams))
+    tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
+    let health_serve = health_listener.map(|l| {
+        serve_health_only(
+            l,
+            health_service.clone(),
+            &settings.limits,
+            health_stop.clone(),
+        )
+    });
+    // What a client sends is bounded by KOO_MAX_MESSAGE_SIZE; TaskService's
+    // and WorkerService's replies carry task results accepted under that
+    // bound (a GetTask adds the task around one, a list page holds many),
+    // so they are not cut at it.
+    let size = settings.limits.max_message_size;
+    let replies = usize::MAX;
+    let serve = transport_builder(&settings.limits)
+        .layer(PeerLayer)
         // authentication first, so that refused calls take no in-flight slot
         .layer(AuthLayer::new(gate))
         .layer(ShedLayer::new(settings.limits.max_inflight_calls))
@@ -367,28 +418,45 @@ pub async fn run(
                 .max_decoding_message_size(limit)
                 .max_encoding_message_size(limit),
         )
-        .add_service(TaskServiceServer::new(TaskApi::new(
-            tasks,
-            task_cache.clone(),
-            settings.request_timeout,
-            settings.limits.watch_buffer,
-            stop.clone(),
-        )))
-        .add_service(ScheduleServiceServer::new(ScheduleApi::new(
-            schedules,
-            settings.request_timeout,
-        )))
-        .add_service(WorkerServiceServer::new(WorkerApi::new(
-            worker_engine,
-            task_cache,
-            settings.request_timeout,
-            stop.clone(),
-            sessions.clone(),
+        .add_service(
+            TaskServiceServer::new(TaskApi::new(
+                tasks,
+                task_cache.clone(),
+                settings.request_timeout,
+                settings.limits.watch_buffer,
+                stop.clone(),
+            ))
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(replies),
         )
-        .max_held_per_worker(settings.limits.max_held_per_worker)))
+        .add_service(
+            ScheduleServiceServer::new(ScheduleApi::new(schedules, settings.request_timeout))
+                .max_decoding_message_size(size)
+                .max_encoding_message_size(size),
+        )
+        .add_service(
+            WorkerServiceServer::new(
+                WorkerApi::new(
+                    worker_engine,
+                    task_cache,
+                    settings.request_timeout,
+                    stop.clone(),
+                    sessions.clone(),
+                )
+                .max_held_per_worker(settings.limits.max_held_per_worker),
+            )
+            .max_decoding_message_size(size)
+            .max_encoding_message_size(replies),
+        )
         .add_service(health_service)
-        .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1.map(|r| {
+            r.max_decoding_message_size(size)
+                .max_encoding_message_size(size)
+        }))
+        .add_optional_service(reflection_v1alpha.map(|r| {
+            r.max_decoding_message_size(size)
+                .max_encoding_message_size(size)
+        }))
         .serve_with_incoming_shutdown(incoming, on_shutdown);
     tokio::pin!(serve);
     let grace = settings.shutdown_grace;
@@ -400,6 +468,10 @@ pub async fn run(
         }
     };
     stop.cancel();
+    health_stop.cancel();
+    if let Some(health) = health_serve {
+        let _ = tokio::time::timeout(grace, health).await;
+    }
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
     sessions.close();
@@ -423,6 +495,56 @@ pub async fn run(
     }
     tracing::info!("koo stopped");
     result
+}
+
+/// The HTTP/2 settings both listeners share: keepalive, streams per
+/// connection, connection age.
+fn transport_builder(limits: &crate::config::Limits) -> tonic::transport::Server {
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(limits.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
+        .max_concurrent_streams(Some(limits.max_concurrent_streams));
+    if let Some(age) = limits.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    if let Some(grace) = limits.max_connection_age_grace {
+        builder = builder.max_connection_age_grace(grace);
+    }
+    builder
+}
+
+/// `KOO_HEALTH_LISTEN`: grpc.health.v1 alone, in plaintext, from the same
+/// publisher as the main listener, until `stop` (the main listener's close,
+/// after the drain, so that probes read NOT_SERVING first).
+fn serve_health_only(
+    listener: TcpListener,
+    health: HealthServer<HealthApi>,
+    limits: &crate::config::Limits,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let addr = listener
+        .local_addr()
+        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    tracing::info!(
+        %addr,
+        "serving grpc.health.v1 in plaintext (KOO_HEALTH_LISTEN)"
+    );
+    let serve = transport_builder(limits)
+        .add_service(health)
+        .serve_with_incoming_shutdown(
+            listener::incoming(
+                listener,
+                None,
+                limits.idle_connection_timeout,
+                listener::HANDSHAKE_TIMEOUT,
+            ),
+            async move { stop.cancelled().await },
+        );
+    tokio::spawn(async move {
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "the health listener failed");
+        }
+    })
 }
 
 /// Starts the task engine (on the task Redis, or embedded when there is

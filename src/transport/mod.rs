@@ -1,9 +1,28 @@
 //! The gRPC listener: TCP or TLS (rustls, certificates re-read on change,
 //! optional client certificates), and what every request learns about its
 //! connection.
+//!
+//! # Layout
+//! - [`tls`]: the server's certificate and client CA, reloaded when their
+//!   files change.
+//! - [`identity`]: a verified client certificate's identity.
+//! - [`listener`]: the accept loop; TLS handshakes run beside it, bounded
+//!   and timed out.
+//! - [`conn`]: one accepted connection, which idle detection can close.
+//! - [`calls`]: counts a connection's open calls and puts [`Peer`] in every
+//!   request.
+//! - [`exposure`]: the start-up warning for an open, plaintext, non-loopback
+//!   listener.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+pub mod calls;
+pub mod conn;
+pub mod exposure;
+pub mod identity;
+pub mod listener;
+pub mod tls;
 
 /// What a request knows of its connection, in its extensions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -8,9 +8,11 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod auth;
+pub mod certs;
 pub mod chaos;
 pub mod python;
 pub mod tasks;
+pub mod tls;
 
 use std::net::TcpListener as StdListener;
 use std::process::{Child, Command, Stdio};

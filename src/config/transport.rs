@@ -1,0 +1,92 @@
+//! The listener's TLS flags and the plaintext health listener.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{ConfigError, parse_positive_duration};
+use crate::transport::tls::TlsSettings;
+
+/// `koo serve`'s TLS and health-listener flags.
+#[derive(Debug, Args)]
+pub struct TransportArgs {
+    /// PEM certificate chain to serve gRPC over TLS (with KOO_TLS_KEY); re-read when it changes.
+    #[arg(long, env = "KOO_TLS_CERT", value_name = "KOO_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of KOO_TLS_CERT; re-read when it changes.
+    #[arg(long, env = "KOO_TLS_KEY", value_name = "KOO_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM bundle of CAs: set, every client must present a certificate they signed (mTLS), and
+    /// its SAN URI, DNS name or CN becomes the caller's identity; re-read when it changes.
+    #[arg(long, env = "KOO_TLS_CLIENT_CA", value_name = "KOO_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are checked for changes.
+    #[arg(long, env = "KOO_TLS_RELOAD_INTERVAL", value_name = "KOO_TLS_RELOAD_INTERVAL",
+          default_value = "5s", value_parser = parse_positive_duration)]
+    pub tls_reload_interval: Duration,
+    /// Also serve grpc.health.v1 alone, in plaintext, on this address (for probes that cannot
+    /// speak TLS, such as the kubelet's gRPC probe).
+    #[arg(long, env = "KOO_HEALTH_LISTEN", value_name = "KOO_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+}
+
+impl TransportArgs {
+    /// The TLS settings, if TLS is on: certificate and key come together.
+    pub fn tls(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        let empty = |p: &Option<PathBuf>| p.clone().filter(|p| !p.as_os_str().is_empty());
+        match (empty(&self.tls_cert), empty(&self.tls_key)) {
+            (Some(cert), Some(key)) => Ok(Some(TlsSettings {
+                cert,
+                key,
+                client_ca: empty(&self.tls_client_ca),
+                reload_interval: self.tls_reload_interval,
+            })),
+            (None, None) if empty(&self.tls_client_ca).is_some() => Err(ConfigError {
+                variable: "KOO_TLS_CLIENT_CA",
+                reason: "client certificates need TLS: set KOO_TLS_CERT and KOO_TLS_KEY too"
+                    .to_owned(),
+            }),
+            (None, None) => Ok(None),
+            (Some(_), None) | (None, Some(_)) => Err(ConfigError {
+                variable: "KOO_TLS_CERT/KOO_TLS_KEY",
+                reason: "TLS needs both KOO_TLS_CERT and KOO_TLS_KEY; only one is set".to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(cert: Option<&str>, key: Option<&str>, ca: Option<&str>) -> TransportArgs {
+        TransportArgs {
+            tls_cert: cert.map(PathBuf::from),
+            tls_key: key.map(PathBuf::from),
+            tls_client_ca: ca.map(PathBuf::from),
+            tls_reload_interval: Duration::from_secs(5),
+            health_listen: None,
+        }
+    }
+
+    /// No TLS by default; certificate and key come together (one alone is
+    /// an error naming both), and a client CA needs them.
+    #[test]
+    fn certificate_and_key_together() {
+        assert_eq!(args(None, None, None).tls().unwrap(), None);
+        let tls = args(Some("c.pem"), Some("k.pem"), Some("ca.pem"))
+            .tls()
+            .unwrap()
+            .unwrap();
+        assert_eq!(tls.client_ca, Some(PathBuf::from("ca.pem")));
+        for (cert, key) in [(Some("c.pem"), None), (None, Some("k.pem"))] {
+            let e = args(cert, key, None).tls().unwrap_err();
+            assert!(e.to_string().contains("KOO_TLS_CERT"), "{e}");
+            assert!(e.to_string().contains("KOO_TLS_KEY"), "{e}");
+        }
+        let e = args(None, None, Some("ca.pem")).tls().unwrap_err();
+        assert_eq!(e.variable, "KOO_TLS_CLIENT_CA");
+    }
+}

@@ -1,0 +1,280 @@
+//! The server's TLS: its certificate and key, and the CA that client
+//! certificates must chain to (mTLS), each re-read when its files change.
+//!
+//! The certificate lives in a slot that a [`ResolvesServerCert`] reads at
+//! each handshake, so a rotated certificate (cert-manager, Vault) reaches the
+//! next connection while open connections keep the one they negotiated. The
+//! client CA is part of the verifier, which rustls fixes per
+//! [`ServerConfig`]; a new CA therefore builds a new config (sharing the
+//! certificate slot) that the next handshake takes. A new pair or CA that
+//! does not load is logged and the previous one kept: a half-written
+//! rotation must not take koo down. At start-up, the same errors are fatal.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_util::sync::CancellationToken;
+
+/// `KOO_TLS_*`: where the certificate, key and client CA are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of the CAs that sign client certificates; set, a client
+    /// certificate is required.
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
+}
+
+/// Why a certificate, key or CA could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file holds no usable PEM of the kind expected.
+    #[error("{path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// rustls refuses the pair or the CA (a key that does not match its
+    /// certificate, say).
+    #[error("{what}: {reason}")]
+    Rejected {
+        /// Which files.
+        what: String,
+        /// rustls' reason.
+        reason: String,
+    },
+}
+
+/// The ring provider: the one crypto provider of the binary (redis' rustls
+/// and tonic's use the process default, which `main` installs).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(ring_provider())
+}
+
+/// Installs ring as the process default provider, once; later calls (tests
+/// starting several servers) do nothing.
+pub fn install_default_provider() {
+    let _ = ring_provider().install_default();
+}
+
+/// rustls 0.23.48 deprecates ring's provider because it lacks post-quantum
+/// key exchange (aws-lc-rs has it); koo stays on ring, the provider tonic's
+/// `tls-ring` and redis' rustls are built with, so the binary has one.
+#[allow(deprecated)]
+fn ring_provider() -> CryptoProvider {
+    rustls::crypto::ring::default_provider()
+}
+
+/// The certificate handed to the next handshake. A std lock: held only to
+/// clone an `Arc`, never across an await.
+#[derive(Debug)]
+struct CertSlot(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// The server's TLS configuration, reloadable. Cheap to clone.
+#[derive(Clone)]
+pub struct Tls {
+    settings: TlsSettings,
+    certs: Arc<CertSlot>,
+    /// The config the next handshake uses (replaced when the client CA
+    /// changes). A std lock, as above.
+    config: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Tls {
+    /// Loads the files; any error stops start-up.
+    pub fn load(settings: TlsSettings) -> Result<Self, TlsError> {
+        let certs = Arc::new(CertSlot(RwLock::new(Arc::new(load_pair(
+            &settings.cert,
+            &settings.key,
+        )?))));
+        let verifier = settings
+            .client_ca
+            .as_deref()
+            .map(load_verifier)
+            .transpose()?;
+        let config = build_config(certs.clone(), verifier);
+        Ok(Self {
+            settings,
+            certs,
+            config: Arc::new(RwLock::new(config)),
+        })
+    }
+
+    /// Whether client certificates are required.
+    pub fn mutual(&self) -> bool {
+        self.settings.client_ca.is_some()
+    }
+
+    /// The acceptor for the next handshake.
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        tokio_rustls::TlsAcceptor::from(
+            self.config
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Polls the files until `stop`, applying changes (see the module doc).
+    pub fn spawn_reloads(
+        &self,
+        background: &mut tokio::task::JoinSet<()>,
+        stop: &CancellationToken,
+    ) {
+        let every = self.settings.reload_interval;
+        let this = self.clone();
+        background.spawn(crate::reload::watch(
+            "TLS certificate",
+            vec![self.settings.cert.clone(), self.settings.key.clone()],
+            every,
+            stop.clone(),
+            Arc::new(move || this.reload_pair()),
+        ));
+        if let Some(ca) = self.settings.client_ca.clone() {
+            let this = self.clone();
+            background.spawn(crate::reload::watch(
+                "TLS client CA",
+                vec![ca],
+                every,
+                stop.clone(),
+                Arc::new(move || this.reload_client_ca()),
+            ));
+        }
+    }
+
+    fn reload_pair(&self) {
+        match load_pair(&self.settings.cert, &self.settings.key) {
+            Ok(pair) => {
+                *self.certs.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pair);
+                tracing::info!(cert = %self.settings.cert.display(), "TLS certificate reloaded: new connections get it");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS certificate not reloaded: keeping the previous one")
+            }
+        }
+    }
+
+    fn reload_client_ca(&self) {
+        let Some(ca) = &self.settings.client_ca else {
+            return;
+        };
+        match load_verifier(ca) {
+            Ok(verifier) => {
+                let config = build_config(self.certs.clone(), Some(verifier));
+                *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+                tracing::info!(ca = %ca.display(), "TLS client CA reloaded: new connections are verified against it");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "TLS client CA not reloaded: keeping the previous one")
+            }
+        }
+    }
+}
+
+/// TLS 1.2 and 1.3, ALPN `h2` (gRPC), the slot's certificate, and client
+/// certificates required when there is a verifier.
+fn build_config(
+    certs: Arc<CertSlot>,
+    verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Arc<ServerConfig> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .expect("ring supports TLS 1.2 and 1.3");
+    let builder = match verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(certs);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Arc::new(config)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn parse_err(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+    TlsError::Parse {
+        path: path.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// The certificate chain and its key, checked to match.
+fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let chain = load_certs(cert)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
+        .map_err(|e| parse_err(key, format!("no usable PEM private key ({e})")))?;
+    CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| TlsError::Rejected {
+        what: format!("{} with {}", cert.display(), key.display()),
+        reason: e.to_string(),
+    })
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| parse_err(path, format!("bad PEM certificate ({e})")))?;
+    if certs.is_empty() {
+        return Err(parse_err(path, "no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// A verifier requiring a client certificate chained to the CAs of `path`
+/// (and valid now: expired certificates are refused).
+fn load_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| TlsError::Rejected {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::Rejected {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })
+}
