@@ -88,11 +88,43 @@ def check(path: str) -> int:
     return 0
 
 
+SECRET_FILES = ("KOO_TLS_CERT", "KOO_TLS_KEY", "KOO_TLS_CLIENT_CA", "KOO_AUTH_FILE")
+
+
+def check_secure(path: str) -> int:
+    """The secure overlay: TLS, mTLS and a keys file, each a mounted secret,
+    and a probe that does not need TLS."""
+    with open(path, encoding="utf-8") as f:
+        doc: dict[str, Any] = YAML(typ="safe").load(f)
+    services: dict[str, Any] = doc["services"]
+    secrets: dict[str, Any] = doc.get("secrets", {})
+    require("koo" in services, "the overlay does not configure the koo service")
+    koo: dict[str, Any] = services["koo"]
+    env: dict[str, str] = koo.get("environment", {})
+    mounted = [str(s) for s in koo.get("secrets", [])]
+    checks = 0
+    for var in SECRET_FILES:
+        value = env.get(var, "")
+        require(value.startswith("/run/secrets/"), f"{var} is not a mounted secret: {value!r}")
+        name = value.removeprefix("/run/secrets/")
+        require(name in mounted, f"{var}: secret {name} is not mounted in koo")
+        require(name in secrets and "file" in secrets[name], f"{var}: secret {name} has no file")
+        checks += 3
+    listen = env.get("KOO_HEALTH_LISTEN", "")
+    probe = [str(p) for p in koo.get("healthcheck", {}).get("test", [])]
+    require(bool(listen), "TLS on and no plaintext health listener for the probe")
+    require(probe[-2:] == ["--addr", listen], f"the probe does not use {listen}: {probe}")
+    checks += 2
+    print(f"deploy: {checks} checks passed on {path}")
+    return 0
+
+
 if __name__ == "__main__":
     try:
-        sys.exit(
-            check(sys.argv[1] if len(sys.argv) > 1 else "deploy/docker-compose.yml")
-        )
+        target = sys.argv[1] if len(sys.argv) > 1 else "deploy/docker-compose.yml"
+        if target.endswith(".secure.yml"):
+            sys.exit(check_secure(target))
+        sys.exit(check(target))
     except DeployError as e:
         print(f"deploy: {e}", file=sys.stderr)
         sys.exit(1)
