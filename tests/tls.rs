@@ -610,3 +610,82 @@ async fn old_connections_are_closed_after_age_and_grace() {
     drop(send);
     koo.shutdown().await;
 }
+
+/// mTLS and the keys file together, end to end: the client certificate's
+/// SAN URI is a `[[principal]]` with the writer role, so that connection may
+/// `Set` but not `ClearLevel` (PERMISSION_DENIED naming the principal); a
+/// certificate from the same CA that no principal names is UNAUTHENTICATED;
+/// a bearer key on a certificate's connection wins over the certificate;
+/// and mTLS without a keys file trusts every verified certificate as admin.
+#[tokio::test(flavor = "multi_thread")]
+async fn mtls_principals_get_their_roles() {
+    use common::auth::{ADMIN, KeysFile, bearer, entry};
+    use koo::pb::cache::v1::cache_service_client::CacheServiceClient;
+    use koo::pb::cache::v1::{CacheLevel, ClearLevelRequest, SetRequest};
+    let pki = Pki::new();
+    let keys = KeysFile::new(&format!(
+        "{}[[principal]]\nname = \"spiffe://prod/api\"\nrole = \"writer\"\n",
+        entry("ops", "admin", ADMIN, "")
+    ));
+    let path = keys.path();
+    let koo = Koo::start(|s| {
+        s.tls = Some(pki.settings(true));
+        s.auth.file = Some(path);
+    })
+    .await;
+    let api = pki.ca.client("spiffe://prod/api");
+    let stranger = pki.ca.client("spiffe://prod/stranger");
+    let client = |pair: &common::certs::Pair, key: Option<&str>| {
+        let pair = pair.clone();
+        let ca = pki.ca.cert.clone();
+        let key = key.map(str::to_owned);
+        async move {
+            let channel = connect(koo.addr, &ca, Some(&pair)).await.expect("mTLS");
+            CacheServiceClient::with_interceptor(channel, bearer(key.as_deref()))
+        }
+    };
+    let set = SetRequest {
+        key: "k".into(),
+        value: Some(koo::pb::cache::v1::CacheValue {
+            kind: Some(koo::pb::cache::v1::cache_value::Kind::Text("v".into())),
+        }),
+        ..Default::default()
+    };
+    let clear = ClearLevelRequest {
+        level: CacheLevel::Api as i32,
+    };
+    let mut writer = client(&api, None).await;
+    writer
+        .set(set.clone())
+        .await
+        .expect("a writer principal may Set");
+    let denied = writer.clear_level(clear).await.unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert!(
+        denied.message().contains("spiffe://prod/api") && denied.message().contains("admin"),
+        "{}",
+        denied.message()
+    );
+    let refused = client(&stranger, None)
+        .await
+        .set(set.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    client(&api, Some(ADMIN))
+        .await
+        .clear_level(clear)
+        .await
+        .expect("the admin key wins over the writer certificate");
+    koo.shutdown().await;
+
+    let open = Koo::start(|s| s.tls = Some(pki.settings(true))).await;
+    let channel = connect(open.addr, &pki.ca.cert, Some(&stranger))
+        .await
+        .unwrap();
+    CacheServiceClient::new(channel)
+        .clear_level(clear)
+        .await
+        .expect("mTLS without a keys file: a verified certificate is admin");
+    open.shutdown().await;
+}
