@@ -17,6 +17,7 @@
 //!   median throughput and the median koo/Redis ratio over them.
 //! - `BENCH_QUICK=1`: only concurrency 16 with 100 B values (a smoke run).
 //! - `KOO_BENCH_REDIS_SERVER` (default `redis-server`): the Redis binary.
+//! - `KOO_BENCH_BIN` (default: this build): the koo binary to measure.
 //!
 //! It prints a markdown table of throughput and latency, a table of the CPU
 //! each process (this load generator, koo, redis-server) spent per operation,
@@ -1003,7 +1004,10 @@ async fn run(config: &Config) -> Result<()> {
         redis.guard.pid(),
         redis.url
     );
-    let mut koo = start_koo(env!("CARGO_BIN_EXE_koo"), &["--redis-url", &redis.url], &[])?;
+    // KOO_BENCH_BIN: another build of koo (to compare old and new in one run)
+    let bin =
+        std::env::var("KOO_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_koo").to_owned());
+    let mut koo = start_koo(&bin, &["--redis-url", &redis.url], &[])?;
     eprintln!("koo (pid {}) serving at {}", koo.guard.pid(), koo.addr);
     let endpoints = Endpoints::new(koo.addr, &redis.url)?;
     check_koo(&endpoints)

@@ -113,8 +113,10 @@ pub struct Caller {
 impl Caller {
     /// The caller of an open server.
     pub fn anonymous() -> Self {
+        // one shared name: an open server makes one of these per call
+        static ANONYMOUS: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         Self {
-            principal: Arc::from("anonymous"),
+            principal: ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone(),
             role: None,
             scope: Scope::default(),
             max_held: None,
