@@ -12,8 +12,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 /// jemalloc, not glibc's malloc: glibc keeps what thousands of closed
 /// streams freed (koo's RSS stayed at its peak), and mimalloc kept a third of
 /// it; jemalloc's background thread gives unused pages back to the OS within
-/// seconds, even while koo's own threads are idle (`cargo test --test streams
-/// memory_returns_after_streams_close` measures it from /proc). The
+/// seconds, even while koo's own threads are idle (`cargo test --test it
+/// streams::memory_returns_after_streams_close` measures it from /proc). The
 /// `system-allocator` feature builds with glibc's, for comparison.
 #[cfg(not(feature = "system-allocator"))]
 #[global_allocator]

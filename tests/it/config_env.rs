@@ -2,7 +2,7 @@
 //! seed's Celery `.env` starts `koo serve`, and `koo worker` writes task
 //! results to the cache under the cache settings of its environment.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};

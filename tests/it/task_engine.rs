@@ -3,7 +3,7 @@
 //! limits hold (even for a handler that ignores cancellation), a paused
 //! worker is fenced, and two pools drain one queue with every task done once.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! not stall accepts; the idle-connection timeout; the plaintext health
 //! listener; `koo health` over mTLS; message-size limits.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

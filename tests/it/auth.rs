@@ -3,7 +3,7 @@
 //! gRPC calls with `authorization: Bearer` keys, grpcurl, reflection modes,
 //! and the in-flight limit on unary calls.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

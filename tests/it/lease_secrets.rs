@@ -3,7 +3,7 @@
 //! from the lease's holder (its stream, or the lease secret), and one
 //! worker holds at most `KOO_MAX_HELD_PER_WORKER` tasks in a koo process.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! are never pushed tasks, and a task a vanished stream never said a word
 //! about is handed back without spending an attempt.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -3,7 +3,7 @@
 //! through it with live progress; `kill -9` mid-task, a network partition,
 //! cancellation and its declared concurrency behave as promised.
 
-mod common;
+use crate::common;
 
 use common::python::{FakeOpenAi, Proxy, PyWorker};
 use common::tasks::*;

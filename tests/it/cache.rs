@@ -1,7 +1,7 @@
 //! CacheService end to end: every RPC, on the embedded store and on a real
 //! Redis, through a real gRPC channel.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

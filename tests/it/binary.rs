@@ -1,7 +1,7 @@
 //! The `koo` binary as an operator runs it: configuration errors, `--help`,
 //! reflection for grpcurl, `koo health`, and graceful shutdown on SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

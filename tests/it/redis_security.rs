@@ -6,7 +6,7 @@
 //! The TLS tests run the real binaries (`koo serve`, `koo worker`) with the
 //! documented variables, so that the path an operator uses is the one tested.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

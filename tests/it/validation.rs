@@ -4,7 +4,7 @@
 //! come back bit for bit, deep JSON is refused naming the limit, task names
 //! are printable, and ListSchedules refuses a page token it never issued.
 
-mod common;
+use crate::common;
 
 use common::tasks::*;
 use koo::pb::cache::v1 as cpb;

@@ -2,7 +2,7 @@
 //! the cache: Redis killed, down at start-up, paused, full; several koo
 //! instances on one Redis; cleanup; and the embedded store's expiry purge.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

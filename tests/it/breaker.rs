@@ -2,7 +2,7 @@
 //! impatient clients while Redis is slow but up (fault 23), and recovery
 //! after a Redis restart in every process kind (fault 26).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -21,7 +21,7 @@
 //! `KOO_CHAOS_SEED` replays a run; `scripts/chaos --minutes N [--seed S]`
 //! runs a soak in release.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -4,7 +4,7 @@
 //! maintenance leave it alone unless asked. Every scenario runs on both
 //! stores, with a 1 s result TTL so that nothing waits an hour.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

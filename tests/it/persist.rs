@@ -3,7 +3,7 @@
 //! not kept is named in the log, and a data directory that cannot be used
 //! stops start-up with a message naming it.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! embedded store and on a real Redis. (The Python example worker's own
 //! tests are in `worker_python.rs`.)
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

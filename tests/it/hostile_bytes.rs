@@ -5,7 +5,7 @@
 //! held open. Raw sockets and raw HTTP/2 (the `h2` crate) against a real
 //! koo server.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

@@ -2,7 +2,7 @@
 //! embedded store, real `koo worker` processes, calls over real gRPC. Every
 //! scenario that does not need a second process runs on both stores.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

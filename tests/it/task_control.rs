@@ -1,7 +1,7 @@
 //! Task control end to end (issue 4): cancel, retry, cleanup and dead
 //! letters through real gRPC, on the embedded store and on a real Redis.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! made through one instance taking effect on another, and the missed-tick
 //! policy after downtime. Real gRPC, real Redis.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Stdio};

@@ -4,7 +4,7 @@
 //! recovery of lapsed leases, retries, dead letters, time limits and result
 //! expiry.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -4,7 +4,7 @@
 //! when streams close. Real koo servers (in process, and the real binary for
 //! memory), real Redis and the embedded store, real gRPC channels.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

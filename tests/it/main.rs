@@ -1,0 +1,33 @@
+//! koo's end-to-end tests, one test binary: every module starts real
+//! processes (redis-server, koo) or in-process servers on free loopback
+//! ports and calls them over real channels. One binary rather than one per
+//! file: the harness (`common`) and the generated clients are compiled and
+//! linked once, which saved about two minutes of every CI run. Run one
+//! area with `cargo test --test it <module>::` (e.g. `streams::`).
+
+#[macro_use]
+mod common;
+
+mod auth;
+mod binary;
+mod breaker;
+mod cache;
+mod chaos;
+mod config_env;
+mod dead_letters;
+mod hostile_bytes;
+mod lease_secrets;
+mod persist;
+mod redis_security;
+mod schedules;
+mod store_faults;
+mod streams;
+mod task_control;
+mod task_engine;
+mod task_store;
+mod tasks_grpc;
+mod tls;
+mod validation;
+mod worker_grpc;
+mod worker_python;
+mod worker_stream;
