@@ -492,8 +492,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let Some(task) = task else {
             return Ok(Response::new(pb::LeaseTaskResponse::default()));
         };
-        let worker = task.worker.as_deref().unwrap_or_default();
-        let lease_secret = signer.secret(&task.id.to_string(), task.token, worker);
+        let lease_secret = signer.of_lease(&task);
         let until = tokio::time::Instant::now() + lease;
         self.holds
             .hold_unary(task.id.clone(), task.token, taken, until);

@@ -753,9 +753,7 @@ impl TaskEngine {
 
     /// The secret of `task`'s current lease (see [`super::remote::secret`]).
     pub async fn lease_secret(&self, task: &Task, deadline: Deadline) -> Result<String, TaskError> {
-        let signer = self.signer(deadline).await?;
-        let worker = task.worker.as_deref().unwrap_or_default();
-        Ok(signer.secret(&task.id.to_string(), task.token, worker))
+        Ok(self.signer(deadline).await?.of_lease(task))
     }
 
     /// Leases a task of `queue` whose name is in `names` (`*`: any).

@@ -146,6 +146,12 @@ impl Signer {
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&tag.as_ref()[..SECRET_BYTES])
     }
 
+    /// The secret of `task`'s current lease (its token, its worker).
+    pub fn of_lease(&self, task: &Task) -> String {
+        let worker = task.worker.as_deref().unwrap_or_default();
+        self.secret(&task.id.to_string(), task.token, worker)
+    }
+
     /// Whether `given` is that lease's secret (compared in constant time).
     pub fn verify(&self, id: &str, token: u32, worker: &str, given: &str) -> bool {
         use subtle::ConstantTimeEq;
