@@ -15,7 +15,6 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic_health::pb::health_check_response::ServingStatus;
 
-use crate::grpc::health::Statuses;
 use crate::pb::cache::v1::cache_service_server::SERVICE_NAME as CACHE_SERVICE;
 use crate::store::{BackendKind, CircuitState, Deadline, MemoryReport, Store};
 
@@ -23,6 +22,9 @@ use crate::store::{BackendKind, CircuitState, Deadline, MemoryReport, Store};
 /// (whose breaker has not opened yet) is seen back within a fraction of a
 /// second.
 pub const FAILING_PROBE_EVERY: Duration = Duration::from_millis(250);
+
+/// Serving status per service name (`""` is the server as a whole).
+pub type Statuses = std::collections::BTreeMap<String, ServingStatus>;
 
 /// Reports health for a set of services (and the server as a whole, `""`).
 #[derive(Clone)]

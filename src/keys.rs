@@ -30,9 +30,9 @@
 //! every `SCAN MATCH` pattern so that a prefix with glob characters cannot
 //! widen a match beyond koo's own keys.
 
-use crate::cache::Level;
+use crate::domain::Level;
+use crate::domain::task::{QueueName, TaskId};
 use crate::glob;
-use crate::tasks::model::{QueueName, TaskId};
 
 /// Key names for one prefix.
 #[derive(Debug, Clone)]

@@ -32,6 +32,7 @@
 pub mod auth;
 pub mod cache;
 pub mod config;
+pub mod domain;
 pub mod glob;
 pub mod grpc;
 pub mod health;

@@ -17,6 +17,7 @@ use crate::auth::keys::Keys;
 use crate::auth::layer::AuthLayer;
 use crate::auth::{AuthSettings, Keyring, KeysError};
 use crate::cache::{Cache, CacheConfig};
+use crate::domain::task::QueueName;
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
 use crate::grpc::schedule::ScheduleApi;
@@ -37,7 +38,6 @@ use crate::store::{
     MemoryConfig, MemoryReport, MemoryStore, RedisConfig, RedisStore, Store, StoreError,
 };
 use crate::tasks::engine::{TaskConfig, TaskEngine};
-use crate::tasks::model::QueueName;
 use crate::tasks::worker::{Registry, WorkerPool};
 use crate::tasks::{handlers, maintenance};
 use crate::transport::calls::PeerLayer;

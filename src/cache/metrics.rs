@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::histogram::{Histogram, HistogramSnapshot};
-use super::level::Level;
+use crate::domain::level::Level;
 
 /// The timed cache operations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

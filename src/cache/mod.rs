@@ -8,7 +8,6 @@
 
 mod error;
 pub mod histogram;
-mod level;
 pub mod metrics;
 pub mod value;
 pub mod warm;
@@ -22,9 +21,9 @@ use flate2::Compression;
 use tokio_util::sync::CancellationToken;
 
 pub use self::error::CacheError;
-pub use self::level::Level;
 use self::metrics::{Counters, Metrics, Op, Snapshot};
 pub use self::value::Value;
+pub use crate::domain::Level;
 use crate::glob;
 use crate::keys::KeySpace;
 use crate::store::{

@@ -10,11 +10,11 @@ use clap::builder::BoolishValueParser;
 use super::{
     ConfigError, MAX_SETTING_DURATION, RedisArgs, parse_duration, parse_positive_duration,
 };
+use crate::domain::task::QueueName;
 use crate::store::RedisConfig;
 use crate::store::redis::url as redis_url;
 use crate::store::tasks::TaskLimits;
 use crate::tasks::engine::TaskConfig;
-use crate::tasks::model::QueueName;
 use crate::tasks::retry::Backoff;
 
 /// Task engine settings (the seed's Celery settings under TASK_*, WORKER_*

@@ -19,11 +19,11 @@ use crate::cache::{
     metrics::{Counters, Op},
     warm,
 };
+use crate::domain::task::{Category, Priority, State};
 use crate::pb::cache::v1 as pb;
 use crate::store::{BackendKind, CircuitState, Deadline};
 use crate::tasks::engine::{NewTask, TaskEngine, TaskError};
 use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_MAINTENANCE, CACHE_WARM};
-use crate::tasks::model::{Category, Priority, State};
 use crate::watch::{Hub, Kind as WatchKind, Ticker};
 
 /// The CacheService implementation.

@@ -7,7 +7,6 @@
 //! `Watch` stream sends the current status at once and then every change,
 //! and on shutdown sends the last status (NOT_SERVING) and ends cleanly.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use futures::Stream;
@@ -18,8 +17,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_server::Health;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-/// Serving status per service name (`""` is the server as a whole).
-pub type Statuses = BTreeMap<String, ServingStatus>;
+use crate::health::Statuses;
 
 /// The health service.
 pub struct HealthApi {

@@ -15,11 +15,11 @@ use super::tasks::{
 };
 use super::time;
 use crate::auth::audit;
+use crate::domain::task::{Category, Priority};
 use crate::pb::schedule::v1 as pb;
 use crate::schedule::model::{MissedPolicy, Schedule, Source, Template};
 use crate::schedule::{Patch, Schedules, View};
 use crate::store::Deadline;
-use crate::tasks::model::{Category, Priority};
 
 /// Default and largest ListSchedules pages.
 const DEFAULT_PAGE: usize = 100;

@@ -12,11 +12,12 @@ use super::status::invalid_argument;
 use super::time::{self, duration};
 use crate::auth::audit;
 use crate::cache::Cache;
+use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, names};
+use crate::domain::{Count, QueueStats};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::listing::{ActiveFilter, HistoryFilter};
-use crate::tasks::model::{CacheTarget, Category, Priority, QueueName, State, Task, names};
 use crate::watch::{Filter, Hub, Kind as WatchKind, Overflow, Ticker};
 use tokio_util::sync::CancellationToken;
 
@@ -251,9 +252,7 @@ async fn queue_metrics(
 ) -> Result<Vec<pb::QueueMetrics>, Status> {
     let queues: Vec<QueueName> = engine.config().queues();
     let stats = engine.queue_stats(&queues, deadline).await?;
-    let count = |s: &crate::store::tasks::QueueStats, name: &str| {
-        s.counts.get(name).copied().unwrap_or(0) as i64
-    };
+    let count = |s: &QueueStats, c: Count| s.counts.get(c) as i64;
     Ok(stats
         .into_iter()
         .map(|(queue, s)| pb::QueueMetrics {
@@ -266,12 +265,12 @@ async fn queue_metrics(
             oldest_wait: s
                 .oldest_wait
                 .and_then(|d| prost_types::Duration::try_from(d).ok()),
-            submitted: count(&s, "submitted"),
-            succeeded: count(&s, "succeeded"),
-            failed: count(&s, "failed"),
-            timed_out: count(&s, "timed_out"),
-            retried: count(&s, "retried"),
-            lost: count(&s, "lost"),
+            submitted: count(&s, Count::Submitted),
+            succeeded: count(&s, Count::Succeeded),
+            failed: count(&s, Count::Failed),
+            timed_out: count(&s, Count::TimedOut),
+            retried: count(&s, Count::Retried),
+            lost: count(&s, Count::Lost),
         })
         .collect())
 }
@@ -422,7 +421,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let deadline = self.deadline(&request);
         let hub = self.hub().clone();
         let id = request.into_inner().task_id;
-        let task_id = crate::tasks::model::TaskId::parse(&id)
+        let task_id = crate::domain::task::TaskId::parse(&id)
             .map_err(|e| invalid_argument("task_id", &e.to_string()))?;
         let permit = hub.watchers().admit(WatchKind::Task)?;
         // Subscribe first, then read: nothing that happens after the read is

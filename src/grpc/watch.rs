@@ -14,10 +14,10 @@ use tonic::Status;
 
 use super::status::invalid_argument;
 use super::tasks::{progress, timestamp, to_pb_state, to_pb_task};
+use crate::domain::task::{QueueName, State, Task};
 use crate::pb::tasks::v1 as pb;
 use crate::store::{Deadline, StoreError};
 use crate::tasks::engine::TaskError;
-use crate::tasks::model::{QueueName, State, Task};
 use crate::watch::{Event, Hub, Next, Permit, Subscription, WatchError};
 
 /// A `WatchTask` response stream.

@@ -19,13 +19,13 @@ use super::tasks::{timestamp as ms_timestamp, to_pb_state, to_pb_task};
 use crate::auth::Caller;
 use crate::auth::scope::{self, Declared};
 use crate::cache::Cache;
+use crate::domain::task::State;
+use crate::domain::task::TaskId;
 use crate::pb::worker::v1 as pb;
 use crate::pb::worker::v1::work_request::Message as In;
 use crate::pb::worker::v1::work_response::Message as Out;
 use crate::store::Deadline;
 use crate::tasks::engine::{TaskEngine, TaskError};
-use crate::tasks::model::State;
-use crate::tasks::model::TaskId;
 use crate::tasks::remote::holds::{Holds, Taken, Tally};
 use crate::tasks::remote::{self, Failure, Inbound, Outbound, Progress, Proof, ReplyKind, Routing};
 

@@ -4,8 +4,8 @@
 
 use super::model::{MissedPolicy, Schedule, Source, Template};
 use super::spec::CronSpec;
+use crate::domain::task::{Category, names};
 use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_WARM, DATABASE_MAINTENANCE};
-use crate::tasks::model::{Category, names};
 
 /// One default schedule as configured.
 #[derive(Debug, Clone, PartialEq)]

@@ -31,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use self::model::{MissedPolicy, Run, Schedule, Source, check_name};
 use self::spec::{CronSpec, DEFAULT_MISSED_CAP, Tick};
 use self::store::{ScheduleStore, Snapshot};
+use crate::domain::task::Task;
 use crate::store::Deadline;
 use crate::tasks::engine::{TaskEngine, TaskError};
-use crate::tasks::model::Task;
 
 /// How long each store call may take.
 const CALL: Duration = Duration::from_secs(5);

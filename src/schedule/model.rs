@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::spec::CronSpec;
+use crate::domain::task::{Category, Priority, QueueName};
 use crate::tasks::engine::{NewTask, TaskError};
-use crate::tasks::model::{Category, Priority, QueueName};
 
 /// What happens to ticks missed while no scheduler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -153,7 +153,7 @@ impl Schedule {
             }
             super::spec::SpecError::InvalidCron { .. } => TaskError::invalid("cron", e.to_string()),
         })?;
-        crate::tasks::model::check_task_name(&self.task.name)
+        crate::domain::task::check_task_name(&self.task.name)
             .map_err(|e| TaskError::invalid("task.name", e))?;
         if !self.task.args.is_null() && !self.task.args.is_array() {
             return Err(TaskError::invalid("task.args", "must be a list"));

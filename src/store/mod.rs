@@ -6,8 +6,10 @@
 //! [`Store`] is an enum rather than a trait object: there are exactly two
 //! backends, and static dispatch keeps the hot path free of boxing.
 
+pub mod clock;
 pub mod memory;
 pub mod redis;
+pub mod task_fields;
 pub mod tasks;
 
 use std::time::{Duration, SystemTime};

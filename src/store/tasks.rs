@@ -6,14 +6,14 @@
 //! dispatch. Every method names the queue or task it works on; the Redis side
 //! derives its keys (one hash slot per queue) from that.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
 use super::redis::StreamReader;
 use super::{Deadline, RedisStore, Result, Store};
+use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::{Outcome, QueueStats};
 use crate::keys::QueueKeys;
-use crate::tasks::model::{QueueName, State, Task, TaskId};
 
 /// Bounds on what the engine keeps per queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,40 +39,6 @@ impl Default for TaskLimits {
             dead_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
-}
-
-/// How an attempt ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    /// With a result (JSON).
-    Succeeded(String),
-    /// With an error (JSON) worth retrying after `delay`, budget permitting.
-    Retry { error: String, delay: Duration },
-    /// With an error (JSON) not worth retrying.
-    Failed(String),
-    /// At its hard time limit (error JSON).
-    TimedOut(String),
-    /// Stopped because a cancel was asked for (error JSON).
-    Cancelled(String),
-}
-
-/// A queue's depths and counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Tasks ready to run.
-    pub ready: u64,
-    /// Tasks waiting for their start time.
-    pub scheduled: u64,
-    /// Tasks running.
-    pub running: u64,
-    /// Dead-lettered tasks.
-    pub dead: u64,
-    /// Tasks waiting on dependencies.
-    pub pending: u64,
-    /// How long the oldest ready task has waited.
-    pub oldest_wait: Option<Duration>,
-    /// Counts per outcome: submitted, succeeded, failed, timed_out, retried, lost.
-    pub counts: HashMap<String, u64>,
 }
 
 /// One entry of a queue's event stream.

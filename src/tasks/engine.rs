@@ -12,12 +12,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
 use super::remote::secret::{LeasePolicy, Signer, SignerCell};
 use super::retry::Backoff;
+use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
+use crate::domain::{Outcome, QueueStats};
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskLimits,
-    TaskStore, Trimmed,
+    Beat, CancelReply, DependReply, LeaseAsk, RetryReply, TaskLimits, TaskStore, Trimmed,
 };
 use crate::store::{Deadline, StoreError};
 
@@ -602,7 +602,8 @@ impl TaskEngine {
     /// A validated task ready to store, and its countdown.
     fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
-        super::model::check_task_name(&new.name).map_err(|e| TaskError::invalid("name", e))?;
+        crate::domain::task::check_task_name(&new.name)
+            .map_err(|e| TaskError::invalid("name", e))?;
         if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
             return Err(TaskError::invalid(
                 "args",

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::engine::TaskEngine;
-use super::model::names;
 use super::worker::{HandlerError, Registry, TaskContext};
+use crate::domain::task::names;
 use crate::store::Deadline;
 
 /// Does nothing and succeeds with `null`.

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use super::engine::{TaskEngine, TaskError};
-use super::model::{Category, QueueName, State, Task};
+use crate::domain::task::{Category, QueueName, State, Task};
 use crate::store::{Deadline, fnv1a};
 
 /// Store round trips one page may take before it returns what it has.

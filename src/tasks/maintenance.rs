@@ -11,9 +11,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::engine::{NewTask, TaskEngine, TaskError};
-use super::model::{CacheTarget, Category, Priority, QueueName};
 use super::worker::{HandlerError, Registry, TaskContext};
 use crate::cache::{Cache, CacheError, WarmCompute, WarmFailure, WarmReport, warm};
+use crate::domain::task::{CacheTarget, Category, Priority, QueueName};
 use crate::quote::quote;
 use crate::store::{Deadline, StoreError};
 

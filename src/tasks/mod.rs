@@ -7,7 +7,6 @@ pub mod engine;
 pub mod handlers;
 pub mod listing;
 pub mod maintenance;
-pub mod model;
 pub mod remote;
 pub mod retry;
 pub mod worker;

@@ -20,9 +20,9 @@ pub use secret::Proof;
 pub use session::{Inbound, MAX_GIVEN_BACK, Outbound, ReplyKind, Session, heartbeat_interval};
 
 use super::engine::{Finish, TaskEngine, TaskError};
-use super::model::{QueueName, State, Task, TaskId};
 use super::worker::cache_result;
 use crate::cache::Cache;
+use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
 
@@ -427,7 +427,7 @@ pub async fn fail(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::model::Category;
+    use crate::domain::task::Category;
 
     /// A worker must serve something; names and queues are checked.
     #[test]

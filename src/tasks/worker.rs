@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Finish, TaskEngine, TaskError};
-use super::model::{CacheTarget, QueueName, Task, TaskId};
 use crate::cache::{Cache, CacheError, NewEntry, Value};
+use crate::domain::task::{CacheTarget, QueueName, Task, TaskId};
 use crate::store::Deadline;
 use crate::store::StoreError;
 use crate::store::tasks::WorkerRecord;

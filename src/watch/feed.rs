@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Watchers;
 use super::sink::{Next, Overflow, Sink};
+use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::tasks::{EventReader, TaskEvent};
 use crate::store::{Deadline, StoreError};
 use crate::tasks::engine::{TaskEngine, TaskError};
-use crate::tasks::model::{QueueName, State, Task, TaskId};
 
 /// How long a read waits for events; also how soon a feed whose last
 /// watcher left stops.

@@ -207,8 +207,8 @@ fn coalesce(events: &mut VecDeque<Arc<Event>>, event: &Arc<Event>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::task::QueueName;
     use crate::store::tasks::TaskEvent;
-    use crate::tasks::model::QueueName;
 
     fn event(n: u64, id: &str, state: &str, progress: Option<&str>) -> Arc<Event> {
         Arc::new(Event::new(

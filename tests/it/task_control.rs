@@ -656,10 +656,10 @@ async fn an_orphaned_idempotency_claim_is_taken_over() {
     assert!(!first.deduplicated);
     let id = first.task.unwrap().id;
     // the claim stays; the task it names disappears, as if never stored
-    let queue = koo::tasks::model::TaskId::parse(&id).unwrap().queue();
+    let queue = koo::domain::task::TaskId::parse(&id).unwrap().queue();
     let keys = koo::keys::QueueKeys::new("koo", &queue);
     let mut conn = koo.redis().conn().await;
-    let task_key = keys.task(&koo::tasks::model::TaskId::parse(&id).unwrap());
+    let task_key = keys.task(&koo::domain::task::TaskId::parse(&id).unwrap());
     let _: () = redis::cmd("DEL")
         .arg(&task_key)
         .arg(keys.ready())

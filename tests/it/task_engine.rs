@@ -8,11 +8,11 @@ use crate::common;
 use std::time::Duration;
 
 use common::TestRedis;
+use koo::domain::task::{Category, QueueName, State, Task};
 use koo::store::tasks::TaskStore;
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use koo::tasks::engine::{Finish, NewTask, TaskConfig, TaskEngine, TaskError};
 use koo::tasks::handlers::{self, FAIL_TIMES, NOOP, SLEEP, STUBBORN};
-use koo::tasks::model::{Category, QueueName, State, Task};
 use koo::tasks::retry::Backoff;
 use koo::tasks::worker::{Registry, WorkerPool};
 use tokio_util::sync::CancellationToken;
@@ -378,7 +378,7 @@ async fn bad_submits_and_ids(backend: Backend) {
         engine.get("nonsense", later()).await,
         Err(TaskError::InvalidArgument { .. })
     ));
-    let unknown = koo::tasks::model::TaskId::generate(&queue());
+    let unknown = koo::domain::task::TaskId::generate(&queue());
     assert!(matches!(
         engine.get(unknown.as_str(), later()).await,
         Err(TaskError::NotFound(_))
@@ -521,7 +521,7 @@ async fn a_missed_dependency_release_is_repaired_by_the_sweep(backend: Backend) 
         .finish(
             &first.id,
             leased.token,
-            &koo::store::tasks::Outcome::Succeeded("1".into()),
+            &koo::domain::Outcome::Succeeded("1".into()),
             "{}",
             Default::default(),
             later(),

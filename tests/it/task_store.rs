@@ -9,10 +9,11 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::TestRedis;
+use koo::domain::Outcome;
+use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
-use koo::store::tasks::{Beat, LeaseAsk, Outcome, TaskLimits, TaskStore};
+use koo::store::tasks::{Beat, LeaseAsk, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
-use koo::tasks::model::{Category, Priority, QueueName, State, Task, TaskId};
 use redis::AsyncCommands;
 
 fn later() -> Deadline {
@@ -260,7 +261,7 @@ async fn poison_task_is_dead_lettered(f: Fixture) {
     assert!(f.lease("w", Duration::from_secs(1)).await.is_none());
     let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
     assert_eq!(stats.dead, 1);
-    assert_eq!(stats.counts.get("lost"), Some(&2));
+    assert_eq!(stats.counts.get(koo::domain::Count::Lost), 2);
     if let Some(redis) = &f.redis {
         let mut conn = redis.conn().await;
         let dead_ids: Vec<String> = conn.zrange(f.keys.dead(), 0, -1).await.unwrap();

@@ -1324,7 +1324,7 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
 /// lease in (the same sorted set).
 async fn a_queue_orders_by_priority_then_submission(backend: Backend) {
     let koo = start_on_with(backend, 0, |s| {
-        s.tasks.config.extra_queues = vec![koo::tasks::model::QueueName::parse("ordered").unwrap()];
+        s.tasks.config.extra_queues = vec![koo::domain::task::QueueName::parse("ordered").unwrap()];
     })
     .await;
     let mut c = client(&koo.server);

@@ -1053,7 +1053,7 @@ async fn extra_queues_must_be_declared() {
     assert!(err.message().starts_with("hello.queues[0]"), "{err:?}");
 
     let declared = start_on_with(Backend::Memory, 0, |s| {
-        s.tasks.config.extra_queues = vec![koo::tasks::model::QueueName::parse("gpu").unwrap()];
+        s.tasks.config.extra_queues = vec![koo::domain::task::QueueName::parse("gpu").unwrap()];
     })
     .await;
     let mut c = client(&declared.server);

@@ -24,12 +24,12 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
+use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::{Count, Counts, Outcome, QueueStats};
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, Outcome, QueueStats, RetryReply, TaskEvent, TaskLimits,
-    Trimmed, WorkerRecord,
+    Beat, CancelReply, DependReply, RetryReply, TaskEvent, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Result, StoreError, unix_millis};
-use crate::tasks::model::{QueueName, State, Task, TaskId};
 
 /// Width of one priority band in a ready score: `band * BAND + enqueue ms`,
 /// as on Redis (higher priority first, FIFO within one).
@@ -150,12 +150,19 @@ struct Queue {
     /// The newest event dropped by the cap: a reader resuming before it
     /// would miss events.
     trimmed_upto: u64,
-    counts: HashMap<String, u64>,
+    counts: Counts,
 }
 
 impl Queue {
-    fn count(&mut self, outcome: &str) {
-        *self.counts.entry(outcome.to_owned()).or_default() += 1;
+    fn count(&mut self, count: Count) {
+        self.counts.bump(count);
+    }
+
+    /// Counts a task's end in `state`.
+    fn count_end(&mut self, state: State) {
+        if let Some(c) = Count::ended(state) {
+            self.counts.bump(c);
+        }
     }
 }
 
@@ -381,7 +388,7 @@ impl Tasks {
                     })
                     .to_string(),
                 );
-                q.count("cancelled");
+                q.count(Count::Cancelled);
                 push_event(q, &mut self.last_event, limits, &e.task, None, now);
                 self.end(&queue, &dependent, limits, now);
             } else if e.waiting.is_empty() {
@@ -461,7 +468,7 @@ impl MemoryTasks {
         } else {
             q.ready.add(id, task.priority.band() as i64 * BAND + now);
         }
-        q.count("submitted");
+        q.count(Count::Submitted);
         push_event(q, &mut s.last_event, limits, &task, None, now);
         s.tasks.insert(
             id.to_owned(),
@@ -524,7 +531,7 @@ impl MemoryTasks {
         task.state = State::Pending;
         let q = s.queues.entry(task.id.queue()).or_default();
         q.pending.add(id, now);
-        q.count("submitted");
+        q.count(Count::Submitted);
         push_event(q, &mut s.last_event, limits, &task, None, now);
         s.tasks.insert(
             id.to_owned(),
@@ -674,7 +681,7 @@ impl MemoryTasks {
             serde_json::json!({ "message": format!("cancelled: {reason}"), "retryable": false })
                 .to_string(),
         );
-        q.count("cancelled");
+        q.count(Count::Cancelled);
         push_event(q, &mut s.last_event, limits, &e.task, None, now);
         s.end(&queue, id.as_str(), limits, now);
         let last = s.last_event;
@@ -717,7 +724,7 @@ impl MemoryTasks {
         e.task.progress = None;
         q.ready
             .add(id.as_str(), e.task.priority.band() as i64 * BAND + now);
-        q.count("requeued");
+        q.count(Count::Requeued);
         push_event(q, &mut s.last_event, limits, &e.task, None, now);
         let last = s.last_event;
         drop(guard);
@@ -891,7 +898,7 @@ impl MemoryTasks {
         e.lease_until = 0;
         let state = match outcome {
             Outcome::Retry { error, delay } => {
-                q.count("retried");
+                q.count(Count::Retried);
                 e.task.state = State::Scheduled;
                 e.task.error = Some(error);
                 q.scheduled
@@ -924,7 +931,7 @@ impl MemoryTasks {
         };
         if state.is_final() {
             e.task.finished_ms = Some(now);
-            q.count(state.as_str());
+            q.count_end(state);
             push_event(q, &mut s.last_event, limits, &e.task, None, now);
             s.end(&queue, id.as_str(), limits, now);
         }
@@ -978,11 +985,11 @@ impl MemoryTasks {
             e.task.worker = None;
             e.lease_until = 0;
             e.task.state = state;
-            q.count("lost");
+            q.count(Count::Lost);
             if state == State::Queued {
                 q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
             } else {
-                q.count(state.as_str());
+                q.count_end(state);
                 let why = match (&e.cancel, state) {
                     (Some(reason), State::Cancelled) => format!("cancelled: {reason}"),
                     (_, State::TimedOut) => "hard time limit reached".to_owned(),
@@ -1191,7 +1198,7 @@ impl MemoryTasks {
             pending: q.pending.len(),
             oldest_wait: oldest
                 .map(|queued| Duration::from_millis((now_ms() - queued).max(0) as u64)),
-            counts: q.counts.clone(),
+            counts: q.counts,
         }
     }
 

@@ -13,13 +13,15 @@ use std::time::Duration;
 use redis::Script;
 
 use super::RedisStore;
+use crate::domain::task::{State, Task, TaskId};
+use crate::domain::{Counts, Outcome, QueueStats};
 use crate::keys::QueueKeys;
+use crate::store::task_fields;
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, LeaseAsk, Outcome, QueueStats, RetryReply, TaskEvent,
-    TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, DependReply, LeaseAsk, RetryReply, TaskEvent, TaskLimits, Trimmed,
+    WorkerRecord,
 };
 use crate::store::{Deadline, Result, StoreError};
-use crate::tasks::model::{State, Task, TaskId};
 
 /// The compiled task scripts (loaded by SHA, sent in full on a cache miss).
 pub(super) struct TaskScripts {
@@ -431,7 +433,7 @@ impl RedisStore {
         for dep in waiting {
             inv.arg(dep.as_str());
         }
-        for (field, value) in task.to_fields() {
+        for (field, value) in task_fields::to_fields(task) {
             inv.arg(field).arg(value);
         }
         inv
@@ -452,7 +454,7 @@ impl RedisStore {
         lease_params(&mut inv, keys, worker, lease, names, limits);
         let fields: Option<HashMap<String, String>> = self.invoke_once(&inv, deadline).await?;
         fields
-            .map(|f| Task::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
+            .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
             .transpose()
     }
 
@@ -696,7 +698,7 @@ impl RedisStore {
             return Ok(None);
         };
         let next = fields
-            .map(|f| Task::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
+            .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
             .transpose()?;
         Ok(Some((ended, next)))
     }
@@ -795,7 +797,7 @@ impl RedisStore {
                     hashes
                         .into_iter()
                         .filter(|h| !h.is_empty())
-                        .filter_map(|h| Task::from_fields(&h, Vec::new()).ok()),
+                        .filter_map(|h| task_fields::from_fields(&h, Vec::new()).ok()),
                 );
             }
             if got < want {
@@ -920,7 +922,7 @@ impl RedisStore {
             pending,
             oldest_wait: oldest
                 .map(|queued| Duration::from_millis((now_ms - queued).max(0) as u64)),
-            counts,
+            counts: Counts::from_stored(counts),
         })
     }
 
@@ -1100,7 +1102,7 @@ impl RedisStore {
         if fields.is_empty() {
             return Ok(None);
         }
-        Task::from_fields(&fields, log)
+        task_fields::from_fields(&fields, log)
             .map(Some)
             .map_err(StoreError::Backend)
     }

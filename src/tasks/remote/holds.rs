@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::tasks::model::TaskId;
+use crate::domain::task::TaskId;
 
 /// One identity's holdings.
 #[derive(Debug)]
@@ -255,7 +255,7 @@ impl Holds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::model::QueueName;
+    use crate::domain::task::QueueName;
 
     /// Room is taken up to the bound, given back by drop, and a full
     /// tally's waiters are woken when it gets room.

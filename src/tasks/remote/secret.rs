@@ -27,8 +27,8 @@ use std::sync::Arc;
 use base64::Engine as _;
 use ring::hmac;
 
+use crate::domain::task::{State, Task};
 use crate::tasks::engine::TaskError;
-use crate::tasks::model::{State, Task};
 
 /// Bytes of a lease secret (128 bits).
 const SECRET_BYTES: usize = 16;

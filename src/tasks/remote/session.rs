@@ -46,10 +46,10 @@ use super::{
     progress_task,
 };
 use crate::cache::Cache;
+use crate::domain::task::{State, Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
 use crate::tasks::engine::{Finish, TaskEngine, TaskError};
-use crate::tasks::model::{State, Task, TaskId};
 use crate::tasks::worker::cache_result;
 
 /// Most attempts of one task given back (by hand-backs of any kind)
@@ -847,7 +847,7 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::model::{Category, Priority, QueueName};
+    use crate::domain::task::{Category, Priority, QueueName};
 
     fn held(attempts: u32, token: u32, pushed_at: Instant, spoken: bool) -> Held {
         let task = Task {

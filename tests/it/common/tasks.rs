@@ -240,7 +240,7 @@ pub fn millis(ms: u64) -> prost_types::Duration {
 
 /// A well-formed id of a task that does not exist.
 pub fn unknown_task_id() -> String {
-    koo::tasks::model::TaskId::generate(&koo::tasks::model::Category::Research.default_queue())
+    koo::domain::task::TaskId::generate(&koo::domain::task::Category::Research.default_queue())
         .to_string()
 }
 

@@ -3,7 +3,7 @@
 //! indexes, history, dead letters, event log and counters, the idempotency
 //! claims and the dependency links.
 //!
-//! A task is saved as the field map Redis stores (`Task::to_fields`, plus
+//! A task is saved as the field map Redis stores (`task_fields::to_fields`, plus
 //! the fields the Lua scripts write themselves), so that both stores share
 //! one description of a task and a field added for Redis is saved here too.
 //! Worker records are not saved: they describe processes, which a restart
@@ -14,8 +14,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::{Entry, MemoryTasks, Queue, ZSet, now_ms};
+use crate::domain::Counts;
+use crate::domain::task::{QueueName, State, TaskId};
+use crate::store::task_fields;
 use crate::store::tasks::{TaskEvent, TaskLimits};
-use crate::tasks::model::{QueueName, State, Task, TaskId};
 
 /// Saved tasks.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -100,9 +102,7 @@ fn zset_from(members: Vec<(i64, String)>) -> ZSet {
 }
 
 fn task_image(e: &Entry) -> TaskImage {
-    let mut fields: BTreeMap<String, String> = e
-        .task
-        .to_fields()
+    let mut fields: BTreeMap<String, String> = task_fields::to_fields(&e.task)
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect();
@@ -154,7 +154,11 @@ fn queue_image(q: &Queue) -> QueueImage {
             })
             .collect(),
         trimmed_upto: q.trimmed_upto,
-        counts: q.counts.clone().into_iter().collect(),
+        counts: q
+            .counts
+            .to_stored()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
     }
 }
 
@@ -186,7 +190,7 @@ fn queue_from(image: QueueImage) -> Queue {
             })
             .collect::<VecDeque<_>>(),
         trimmed_upto: image.trimmed_upto,
-        counts: image.counts.into_iter().collect(),
+        counts: Counts::from_stored(image.counts),
         ..Queue::default()
     }
 }
@@ -194,7 +198,8 @@ fn queue_from(image: QueueImage) -> Queue {
 fn entry_from(image: TaskImage) -> Result<Entry, String> {
     let fields: HashMap<String, String> = image.fields.into_iter().collect();
     let id = fields.get("id").cloned().unwrap_or_default();
-    let task = Task::from_fields(&fields, image.log).map_err(|e| format!("task {id:?}: {e}"))?;
+    let task =
+        task_fields::from_fields(&fields, image.log).map_err(|e| format!("task {id:?}: {e}"))?;
     Ok(Entry {
         task,
         cancel: image.cancel,
@@ -337,8 +342,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::tasks::Outcome;
-    use crate::tasks::model::{Category, Priority};
+    use crate::domain::Outcome;
+    use crate::domain::task::{Category, Priority, Task};
 
     fn task(queue: &QueueName, name: &str) -> Task {
         Task {

@@ -404,112 +404,11 @@ pub struct Task {
     pub log: Vec<String>,
 }
 
-impl Task {
-    /// The stored fields (a Redis hash), without the attempt log.
-    pub fn to_fields(&self) -> Vec<(&'static str, String)> {
-        let mut f = vec![
-            ("id", self.id.to_string()),
-            ("name", self.name.clone()),
-            ("category", self.category.as_str().to_owned()),
-            ("band", self.priority.band().to_string()),
-            ("args", self.args.clone()),
-            ("kwargs", self.kwargs.clone()),
-            ("state", self.state.as_str().to_owned()),
-            ("attempts", self.attempts.to_string()),
-            ("max_retries", self.max_retries.to_string()),
-            ("created_ms", self.created_ms.to_string()),
-            ("soft_ms", self.soft_ms.to_string()),
-            ("hard_ms", self.hard_ms.to_string()),
-            ("result_ttl_ms", self.result_ttl_ms.to_string()),
-            ("token", self.token.to_string()),
-        ];
-        if let Some(t) = self.schedule_tick_ms {
-            f.push(("schedule_tick_ms", t.to_string()));
-        }
-        if !self.depends_on.is_empty() {
-            f.push((
-                "depends_on",
-                serde_json::to_string(&self.depends_on).unwrap_or_default(),
-            ));
-        }
-        for (name, value) in [
-            ("cache_result", &self.cache_result),
-            ("schedule", &self.schedule),
-            ("progress", &self.progress),
-            ("result", &self.result),
-            ("error", &self.error),
-        ] {
-            if let Some(v) = value {
-                f.push((name, v.clone()));
-            }
-        }
-        f
-    }
-
-    /// Rebuilds a task from its stored fields and log; says which field is
-    /// missing or malformed otherwise.
-    pub fn from_fields(
-        fields: &std::collections::HashMap<String, String>,
-        log: Vec<String>,
-    ) -> Result<Task, String> {
-        let get = |name: &str| {
-            fields
-                .get(name)
-                .ok_or_else(|| format!("field {name} is missing"))
-        };
-        let num = |name: &str| -> Result<i64, String> {
-            get(name)?
-                .parse()
-                .map_err(|_| format!("field {name} is not a number"))
-        };
-        let opt_num = |name: &str| {
-            fields
-                .get(name)
-                .and_then(|v| v.parse::<i64>().ok())
-                .filter(|v| *v > 0)
-        };
-        let text = |name: &str| fields.get(name).filter(|v| !v.is_empty()).cloned();
-        Ok(Task {
-            id: TaskId::parse(get("id")?).map_err(|e| e.to_string())?,
-            name: get("name")?.clone(),
-            category: Category::parse(get("category")?).ok_or("field category is unknown")?,
-            priority: Priority::from_band(num("band")? as u64).ok_or("field band is unknown")?,
-            args: get("args")?.clone(),
-            kwargs: get("kwargs")?.clone(),
-            state: State::parse(get("state")?).ok_or("field state is unknown")?,
-            cache_result: text("cache_result"),
-            schedule: text("schedule"),
-            schedule_tick_ms: fields.get("schedule_tick_ms").and_then(|v| v.parse().ok()),
-            depends_on: fields
-                .get("depends_on")
-                .and_then(|d| serde_json::from_str(d).ok())
-                .unwrap_or_default(),
-            attempts: num("attempts")? as u32,
-            token: fields
-                .get("token")
-                .and_then(|t| t.parse().ok())
-                .unwrap_or(num("attempts")? as u32),
-            max_retries: num("max_retries")? as u32,
-            worker: text("worker"),
-            progress: text("progress"),
-            result: text("result"),
-            error: text("error"),
-            created_ms: num("created_ms")?,
-            started_ms: opt_num("started_ms"),
-            finished_ms: opt_num("finished_ms"),
-            soft_ms: num("soft_ms")? as u64,
-            hard_ms: num("hard_ms")? as u64,
-            result_ttl_ms: num("result_ttl_ms")? as u64,
-            log,
-        })
-    }
-}
-
 /// Where a successful task's result is also cached.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheTarget {
     /// The cache level.
-    pub level: crate::cache::Level,
+    pub level: super::Level,
     /// The key.
     pub key: String,
     /// The entry's TTL (ms).
@@ -580,52 +479,6 @@ mod tests {
         }
         assert_eq!(Queued.apply(Complete), None);
         assert_eq!(Scheduled.apply(Lease), None);
-    }
-
-    /// A task survives the trip through its stored fields.
-    #[test]
-    fn task_fields_round_trip() {
-        let q = QueueName::parse("research").unwrap();
-        let task = Task {
-            id: TaskId::generate(&q),
-            name: "koo.tasks.research.sync".into(),
-            category: Category::Research,
-            priority: Priority::High,
-            args: "[1,\"x\"]".into(),
-            kwargs: "{}".into(),
-            state: State::Queued,
-            depends_on: vec![],
-            schedule: Some("nightly".into()),
-            schedule_tick_ms: Some(1_800_000_000_000),
-            cache_result: None,
-            attempts: 0,
-            token: 0,
-            max_retries: 3,
-            worker: None,
-            progress: None,
-            result: None,
-            error: Some("{\"message\":\"boom\"}".into()),
-            created_ms: 1_800_000_000_000,
-            started_ms: None,
-            finished_ms: None,
-            soft_ms: 1_500_000,
-            hard_ms: 1_800_000,
-            result_ttl_ms: 3_600_000,
-            log: vec![],
-        };
-        let fields = task
-            .to_fields()
-            .into_iter()
-            .map(|(k, v)| (k.to_owned(), v))
-            .collect();
-        assert_eq!(Task::from_fields(&fields, vec![]).unwrap(), task);
-        let mut broken = fields.clone();
-        broken.remove("band");
-        assert!(
-            Task::from_fields(&broken, vec![])
-                .unwrap_err()
-                .contains("band")
-        );
     }
 
     /// Ids carry their queue, round-trip, and refuse anything else.
