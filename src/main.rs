@@ -97,9 +97,9 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     // which stores the encoding header with each value, so any koo reads them.
     if let Some(cache_redis) = args.redis.redis_config(args.redis.redis_url.clone())? {
         let store = if cache_redis.url == redis.url {
-            koo::store::Store::Redis(store.clone())
+            koo::store::Store::from(store.clone())
         } else {
-            koo::store::Store::Redis(koo::store::RedisStore::connect(&cache_redis)?)
+            koo::store::Store::from(koo::store::RedisStore::connect(&cache_redis)?)
         };
         registry.set_cache(koo::cache::Cache::new(store, cache_config));
     }

@@ -232,7 +232,7 @@ pub async fn run(
                 kept = embedded.is_kept(),
                 "using the embedded in-process store (set REDIS_URL to use Redis): not shared between koo instances, kept across restarts only with KOO_DATA_DIR"
             );
-            Store::Memory(
+            Store::from(
                 embedded
                     .cache
                     .clone()
@@ -241,7 +241,7 @@ pub async fn run(
         }
         StoreSettings::Redis(config) => {
             tracing::info!(url = %redact(&config.url), connections = config.max_connections, "using Redis");
-            Store::Redis(RedisStore::connect(config)?)
+            Store::from(RedisStore::connect(config)?)
         }
     };
     let cache = Cache::new(store.clone(), settings.cache.clone());
@@ -278,7 +278,7 @@ pub async fn run(
         stop.clone(),
     ));
     background.spawn(cache.clone().run_metrics_publisher(stop.clone()));
-    if let Store::Memory(memory) = &store {
+    if let Some(memory) = store.as_memory() {
         background.spawn(sweep_expired(
             memory.clone(),
             settings.memory_sweep_interval,
@@ -566,13 +566,13 @@ fn start_tasks(
                 kept = embedded.is_kept(),
                 "tasks live in this process (set REDIS_URL to use Redis): not shared with other koo processes, kept across restarts only with KOO_DATA_DIR"
             );
-            let tasks = TaskStore::Memory(embedded.tasks.clone().unwrap_or_default());
+            let tasks = TaskStore::from_memory(embedded.tasks.clone().unwrap_or_default());
             (tasks.clone(), tasks)
         }
         Some(config) => {
             // Share the cache's pool when tasks live on the same Redis.
-            let redis = match (store, &settings.store) {
-                (Store::Redis(r), StoreSettings::Redis(c)) if c.url == config.url => r.clone(),
+            let redis = match (store.as_redis(), &settings.store) {
+                (Some(r), StoreSettings::Redis(c)) if c.url == config.url => r.clone(),
                 _ => RedisStore::connect(config)?,
             };
             background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
@@ -626,17 +626,17 @@ fn watch_task_store(
     stop: &CancellationToken,
 ) {
     let task_name = <TaskServiceServer<TaskApi> as NamedService>::NAME;
-    match engine.store() {
-        TaskStore::Redis { store, .. } => {
+    match engine.store().redis_parts() {
+        Some((store, _)) => {
             background.spawn(health::monitor(
-                Store::Redis(store.clone()),
+                Store::from(store.clone()),
                 publisher.clone(),
                 vec![task_name],
                 settings.health_check_interval,
                 stop.clone(),
             ));
         }
-        TaskStore::Memory(_) => publisher.set_services(&[task_name], true),
+        None => publisher.set_services(&[task_name], true),
     }
 }
 
@@ -649,9 +649,9 @@ fn start_scheduler(
     background: &mut tokio::task::JoinSet<()>,
     stop: &CancellationToken,
 ) -> Schedules {
-    let store = match engine.store() {
-        TaskStore::Redis { store, prefix } => ScheduleStore::redis(store.clone(), prefix),
-        TaskStore::Memory(_) => embedded
+    let store = match engine.store().redis_parts() {
+        Some((store, prefix)) => ScheduleStore::redis(store.clone(), prefix),
+        None => embedded
             .schedules
             .clone()
             .unwrap_or_else(ScheduleStore::memory),
@@ -672,7 +672,7 @@ fn start_scheduler(
 
 /// A task Redis must never evict: warn when its policy could.
 pub async fn warn_if_tasks_can_be_evicted(redis: RedisStore) {
-    let store = Store::Redis(redis);
+    let store = Store::from(redis);
     for _ in 0..30 {
         match store
             .memory(crate::store::Deadline::after(Duration::from_secs(2)))

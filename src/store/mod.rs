@@ -206,7 +206,35 @@ macro_rules! dispatch {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+impl From<MemoryStore> for Store {
+    fn from(m: MemoryStore) -> Self {
+        Store::Memory(m)
+    }
+}
+
+impl From<RedisStore> for Store {
+    fn from(r: RedisStore) -> Self {
+        Store::Redis(r)
+    }
+}
+
 impl Store {
+    /// The embedded store, when this is one.
+    pub fn as_memory(&self) -> Option<&MemoryStore> {
+        match self {
+            Store::Memory(m) => Some(m),
+            Store::Redis(_) => None,
+        }
+    }
+
+    /// The Redis pool, when this is Redis.
+    pub fn as_redis(&self) -> Option<&RedisStore> {
+        match self {
+            Store::Redis(r) => Some(r),
+            Store::Memory(_) => None,
+        }
+    }
+
     /// Which backend this is.
     pub fn kind(&self) -> BackendKind {
         match self {

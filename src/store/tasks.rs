@@ -228,6 +228,29 @@ impl TaskStore {
         Self::Memory(MemoryTasks::default())
     }
 
+    /// Tasks kept in this process's memory by `tasks` (a restored image).
+    pub fn from_memory(tasks: MemoryTasks) -> Self {
+        Self::Memory(tasks)
+    }
+
+    /// The Redis pool and key prefix, when the tasks live on Redis (the
+    /// composition root shares the pool with the schedules and health).
+    pub fn redis_parts(&self) -> Option<(&RedisStore, &str)> {
+        match self {
+            Self::Redis { store, prefix } => Some((store, prefix)),
+            Self::Memory(_) => None,
+        }
+    }
+
+    /// The embedded tasks, when they live in this process (persistence
+    /// exports their image).
+    pub fn memory_tasks(&self) -> Option<&MemoryTasks> {
+        match self {
+            Self::Memory(m) => Some(m),
+            Self::Redis { .. } => None,
+        }
+    }
+
     /// Whether other koo processes can share these tasks.
     pub fn is_shared(&self) -> bool {
         matches!(self, Self::Redis { .. })
