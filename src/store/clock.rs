@@ -1,11 +1,22 @@
 //! The task store's notion of now.
 //!
 //! On Redis every script reads the server's `TIME` (one clock for every koo
-//! process); the embedded store reads the system clock. Either is shifted by
-//! the clock's offset, zero unless a test moves it ahead with
-//! [`Clock::advance`]: the model-based parity test (`tests/it/parity.rs`)
-//! lets leases lapse and tasks come due on both backends alike without
-//! waiting in real time.
+//! process) plus this clock's offset, which each invocation passes as
+//! `ARGV[1]` (see `redis/script.rs`); the embedded store reads the system
+//! clock plus the offset. The offset is zero unless a test moves it ahead
+//! with [`Clock::advance`]: the model-based parity test
+//! (`tests/it/parity.rs`) lets leases lapse, tasks come due and hard limits
+//! pass on both backends alike without waiting in real time.
+//!
+//! What the offset moves: every time a transition computes from now (lease
+//! and hard deadlines, due times, `created_ms`, `started_ms`,
+//! `finished_ms`, history and event times, a queue's oldest wait) and, on
+//! the embedded store, every expiry (results, idempotency claims, worker
+//! records). What it cannot move: Redis's own key expiry (results, claims
+//! and worker records are keys with a TTL) runs on Redis's real clock, so
+//! a test that advances the clock past such a TTL sees the embedded store
+//! forget and Redis remember; compare expiries with short real TTLs, or
+//! not across a clock jump.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -391,7 +391,7 @@ mod tests {
     fn keys_are_pushed_in_the_declared_order() {
         let queue = QueueName::parse("q").unwrap();
         let keys = QueueKeys::new("koo", &queue);
-        let id = TaskId::parse("q~1").unwrap();
+        let id = TaskId::generate(&queue);
         let composed = Composed::compose(&[A, B], None, "return first()");
         let mut call = composed.call(0);
         call.queue_keys(&keys, Some(&id))

@@ -137,6 +137,7 @@ impl TaskBackend for MemoryTasks {
         self.write(|s, now| s.submit(task, delay, limits, now))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn submit_many(
         &self,
         tasks: &[(Task, Duration)],
@@ -206,11 +207,13 @@ impl TaskBackend for MemoryTasks {
     }
 
     /// Released as `id` ends: none wait.
+    #[instrument(skip_all, level = "debug")]
     async fn dependents(&self, _: &TaskId, _: Deadline) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
 
     /// Releases happen as dependencies end, under the lock: none to repair.
+    #[instrument(skip_all, level = "debug")]
     async fn pending_tasks(
         &self,
         _: &QueueName,
@@ -221,6 +224,7 @@ impl TaskBackend for MemoryTasks {
     }
 
     /// Done as the dependency ends (`Tasks::release_dependents`).
+    #[instrument(skip_all, level = "debug")]
     async fn resolve_dependency(
         &self,
         _: &TaskId,
@@ -232,6 +236,7 @@ impl TaskBackend for MemoryTasks {
         Ok(None)
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn claim_idempotency(
         &self,
         key: &str,
@@ -242,6 +247,7 @@ impl TaskBackend for MemoryTasks {
         Ok(self.write(|s, now| s.claim_idempotency(key, value, ttl, now)))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn swap_idempotency(
         &self,
         key: &str,
@@ -253,10 +259,12 @@ impl TaskBackend for MemoryTasks {
         Ok(self.write(|s, now| s.swap_idempotency(key, old, new, ttl, now)))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn idempotency_claimed(&self, keys: &[String], _: Deadline) -> Result<Vec<bool>> {
         Ok(self.read(|s, now| s.idempotency_claimed(keys, now)))
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn dead_letters(
         &self,
         queue: &QueueName,
@@ -350,6 +358,7 @@ impl TaskBackend for MemoryTasks {
         Ok(self.write(|s, now| s.trim(queue, before_ms, dead_before_ms, now)))
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn list_active(
         &self,
         queue: &QueueName,
@@ -361,6 +370,7 @@ impl TaskBackend for MemoryTasks {
         Ok(self.read(|s, _| s.list_active(queue, set, offset, count)))
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn history_page(
         &self,
         queue: &QueueName,
@@ -373,14 +383,17 @@ impl TaskBackend for MemoryTasks {
         Ok(self.read(|s, _| s.history_page(queue, max_ms, below_id, min_ms, count)))
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn queue_stats(&self, queue: &QueueName, _: Deadline) -> Result<QueueStats> {
         Ok(self.read(|s, now| s.queue_stats(queue, now)))
     }
 
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
     async fn get(&self, id: &TaskId, _: Deadline) -> Result<Option<Task>> {
         Ok(self.read(|s, now| s.get(id, now)))
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn event_reader(
         &self,
         queue: &QueueName,
@@ -390,6 +403,7 @@ impl TaskBackend for MemoryTasks {
         Ok(EventReader::Memory(self.open_reader(queue, after)?))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn announce_worker(
         &self,
         record: &WorkerRecord,
@@ -401,19 +415,23 @@ impl TaskBackend for MemoryTasks {
     }
 
     /// No other process serves these tasks: `fresh`.
+    #[instrument(skip_all, level = "debug")]
     async fn lease_key(&self, fresh: &str, _: Deadline) -> Result<String> {
         Ok(fresh.to_owned())
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn retire_worker(&self, id: &str, _: Deadline) -> Result<()> {
         self.write(|s, _| s.retire_worker(id));
         Ok(())
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn list_workers(&self, _: Deadline) -> Result<Vec<WorkerRecord>> {
         Ok(self.read(|s, now| s.list_workers(now)))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn usage(&self, _: Deadline) -> Result<serde_json::Value> {
         Ok(self.read(|s, _| s.usage()))
     }
@@ -422,6 +440,7 @@ impl TaskBackend for MemoryTasks {
         std::future::pending().await
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn ping(&self, _: Deadline) -> Result<Duration> {
         Ok(Duration::ZERO)
     }

@@ -9,7 +9,7 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use crate::domain::task::{QueueName, State, Task};
-use crate::domain::{Count, Counts};
+use crate::domain::{Count, Counts, Outcome};
 use crate::store::tasks::{BAND_WIDTH, TaskEvent, TaskLimits, WorkerRecord};
 
 /// Width of one priority band in a ready score (see [`BAND_WIDTH`]).
@@ -169,6 +169,23 @@ impl Entry {
 
     pub(super) fn budget_spent(&self) -> bool {
         self.task.attempts.saturating_sub(self.attempt_base) > self.task.max_retries
+    }
+
+    /// What a finish reporting `outcome` ends in: a retry whose budget is
+    /// spent fails; with a cancel asked for, anything but success is the
+    /// cancel's (see `TaskBackend::finish`).
+    pub(super) fn decide(&self, outcome: &Outcome) -> Outcome {
+        let outcome = match outcome {
+            Outcome::Retry { error, .. } if self.budget_spent() => Outcome::Failed(error.clone()),
+            other => other.clone(),
+        };
+        match (&self.cancel, outcome) {
+            (Some(reason), o) if !matches!(o, Outcome::Succeeded(_)) => Outcome::Cancelled(
+                serde_json::json!({ "message": format!("cancelled: {reason}"), "retryable": false })
+                    .to_string(),
+            ),
+            (_, o) => o,
+        }
     }
 }
 

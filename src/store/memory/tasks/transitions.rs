@@ -145,13 +145,19 @@ impl Tasks {
         self.promote_due(queue, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
         let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
-        // the first ready task served, in order; stale entries (gone, or
-        // moved on) seen on the way are dropped
+        // the first ready task served among the first `lease_scan` queued
+        // ones, in order; stale entries (gone, or moved on) seen on the way
+        // are dropped and, as on Redis, do not count against the scan
         let mut stale = Vec::new();
         let mut chosen = None;
-        for (_, id) in q.ready.by_score.iter().take(limits.lease_scan as usize) {
+        let mut looked = 0;
+        for (_, id) in q.ready.by_score.iter() {
+            if looked >= limits.lease_scan {
+                break;
+            }
             match self.tasks.get(id) {
                 Some(e) if e.task.state == State::Queued => {
+                    looked += 1;
                     if serves(&e.task.name) {
                         chosen = Some(id.clone());
                         break;
@@ -358,18 +364,7 @@ impl Tasks {
             return Ok(None);
         };
         let q = self.queues.entry(queue.clone()).or_default();
-        let outcome = match outcome {
-            Outcome::Retry { error, .. } if e.budget_spent() => Outcome::Failed(error.clone()),
-            other => other.clone(),
-        };
-        // a cancel asked for while it ran: any end but success is the cancel's
-        let outcome = match (&e.cancel, outcome) {
-            (Some(reason), o) if !matches!(o, Outcome::Succeeded(_)) => Outcome::Cancelled(
-                serde_json::json!({ "message": format!("cancelled: {reason}"), "retryable": false })
-                    .to_string(),
-            ),
-            (_, o) => o,
-        };
+        let outcome = e.decide(outcome);
         q.leases.remove(id.as_str());
         entry.insert("ended_ms".into(), now.into());
         if let Outcome::Retry { delay, .. } = &outcome {

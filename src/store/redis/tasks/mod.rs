@@ -358,12 +358,14 @@ impl TaskBackend for RedisTasks {
         Ok(DependReply::parse(&reply))
     }
 
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
     async fn dependents(&self, id: &TaskId, deadline: Deadline) -> Result<Vec<String>> {
         let mut cmd = redis::cmd("SMEMBERS");
         cmd.arg(format!("{}:dependents", self.keys(&id.queue()).task(id)));
         self.store.query(&cmd, deadline).await
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn pending_tasks(
         &self,
         queue: &QueueName,
@@ -395,6 +397,7 @@ impl TaskBackend for RedisTasks {
         Ok(State::parse(&reply))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn claim_idempotency(
         &self,
         key: &str,
@@ -407,6 +410,7 @@ impl TaskBackend for RedisTasks {
             .await
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn swap_idempotency(
         &self,
         key: &str,
@@ -427,12 +431,14 @@ impl TaskBackend for RedisTasks {
         Ok(swapped == 1)
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn idempotency_claimed(&self, keys: &[String], deadline: Deadline) -> Result<Vec<bool>> {
         self.store
             .idempotency_claimed(&self.prefix, keys, deadline)
             .await
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn dead_letters(
         &self,
         queue: &QueueName,
@@ -571,6 +577,7 @@ impl TaskBackend for RedisTasks {
         })
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn list_active(
         &self,
         queue: &QueueName,
@@ -585,6 +592,7 @@ impl TaskBackend for RedisTasks {
             .await
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn history_page(
         &self,
         queue: &QueueName,
@@ -600,18 +608,21 @@ impl TaskBackend for RedisTasks {
             .await
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn queue_stats(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueStats> {
         self.store
             .queue_stats(&self.keys(queue), self.offset(), deadline)
             .await
     }
 
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
     async fn get(&self, id: &TaskId, deadline: Deadline) -> Result<Option<Task>> {
         self.store
             .get_task(&self.keys(&id.queue()), id, deadline)
             .await
     }
 
+    #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn event_reader(
         &self,
         queue: &QueueName,
@@ -629,6 +640,7 @@ impl TaskBackend for RedisTasks {
         }))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn announce_worker(
         &self,
         record: &WorkerRecord,
@@ -640,18 +652,22 @@ impl TaskBackend for RedisTasks {
             .await
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn lease_key(&self, fresh: &str, deadline: Deadline) -> Result<String> {
         self.store.lease_key(&self.prefix, fresh, deadline).await
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn retire_worker(&self, id: &str, deadline: Deadline) -> Result<()> {
         self.store.retire_worker(&self.prefix, id, deadline).await
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn list_workers(&self, deadline: Deadline) -> Result<Vec<WorkerRecord>> {
         self.store.list_workers(&self.prefix, deadline).await
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn usage(&self, deadline: Deadline) -> Result<serde_json::Value> {
         let m = self.store.memory(deadline).await?;
         Ok(serde_json::to_value(m).unwrap_or_default())
@@ -661,6 +677,7 @@ impl TaskBackend for RedisTasks {
         self.store.recovered().await;
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn ping(&self, deadline: Deadline) -> Result<Duration> {
         self.store.probe(deadline).await
     }
