@@ -1,22 +1,40 @@
 //! The task store's notion of now.
 //!
 //! On Redis every script reads the server's `TIME` (one clock for every koo
-//! process); the embedded store reads the system clock. A test can instead
-//! hand both backends a **manual** clock that stands still until it is
-//! advanced: the model-based parity test (`tests/it/parity.rs`) lets leases
-//! lapse and tasks come due on both backends at exactly the same instants,
-//! without waiting in real time and without the few milliseconds that pass
-//! between two calls deciding an outcome.
+//! process); the embedded store reads the system clock. Tests move time
+//! without waiting for it in two ways:
+//! - an **offset** ([`Clock::advance`] on [`Clock::system`]): the real clock
+//!   shifted ahead, e.g. past a lease, on one backend at a time;
+//! - a **manual** clock ([`Clock::manual`]) that stands still until it is
+//!   advanced: the model-based parity test (`tests/it/parity.rs`) hands one
+//!   to both backends, so that leases lapse and tasks come due at exactly
+//!   the same instant on both, whatever few milliseconds pass between two
+//!   calls.
+//!
+//! Every script invocation passes the clock as `ARGV[1]` (see
+//! `redis/script.rs`: the offset, `0` in production, or `@` and the pinned
+//! now).
+//!
+//! What the clock moves: every time a transition computes from now (lease
+//! and hard deadlines, due times, `started_ms`, `finished_ms`, history and
+//! event times, a queue's oldest wait) and, on the embedded store, every
+//! expiry (results, idempotency claims, worker records). What it cannot
+//! move: Redis's own key expiry (results, claims and worker records are
+//! keys with a TTL) runs on Redis's real clock, so a test that moves the
+//! clock past such a TTL sees the embedded store forget and Redis remember;
+//! compare expiries with short real TTLs, or not across a clock jump.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
-/// A clock: the real one, or a manual one for tests.
+/// A clock: the real one (shifted by an offset only tests move), or a
+/// manual one for tests.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
-    /// `None`: the real clock. `Some`: the manual clock's now (ms since the
-    /// epoch), shared by every copy.
+    /// How far ahead of the real clock this one is, ms (shared by copies).
+    offset_ms: Arc<AtomicI64>,
+    /// `Some`: a manual clock's now (ms since the epoch), shared by copies.
     manual: Option<Arc<AtomicI64>>,
 }
 
@@ -29,29 +47,37 @@ impl Clock {
     /// A clock that reads `start_ms` until [`Clock::advance`] moves it.
     pub fn manual(start_ms: i64) -> Self {
         Self {
+            offset_ms: Arc::default(),
             manual: Some(Arc::new(AtomicI64::new(start_ms))),
         }
     }
 
-    /// Moves a manual clock (and every copy of it) `by` ahead; the real
-    /// clock cannot be moved (a no-op).
+    /// Moves this clock (and every copy of it) `by` ahead.
     pub fn advance(&self, by: Duration) {
-        if let Some(now) = &self.manual {
-            let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
-            now.fetch_add(ms, Ordering::Relaxed);
-        }
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        match &self.manual {
+            Some(now) => now.fetch_add(ms, Ordering::Relaxed),
+            None => self.offset_ms.fetch_add(ms, Ordering::Relaxed),
+        };
     }
 
-    /// The manual clock's now, which a Redis script must use instead of
-    /// `TIME`; `None` for the real clock (the script reads `TIME`).
+    /// How far ahead of the real clock a real clock is, ms (0 for a
+    /// manual one, whose now is [`Clock::pinned_ms`]).
+    pub fn offset_ms(&self) -> i64 {
+        self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    /// A manual clock's now, which a Redis script must use instead of
+    /// `TIME`; `None` for the real clock.
     pub fn pinned_ms(&self) -> Option<i64> {
         self.manual.as_ref().map(|now| now.load(Ordering::Relaxed))
     }
 
     /// Now, ms since the epoch.
     pub fn now_ms(&self) -> i64 {
-        self.pinned_ms()
-            .unwrap_or_else(|| super::unix_millis(SystemTime::now()))
+        self.pinned_ms().unwrap_or_else(|| {
+            super::unix_millis(SystemTime::now()).saturating_add(self.offset_ms())
+        })
     }
 }
 
@@ -59,8 +85,23 @@ impl Clock {
 mod tests {
     use super::*;
 
-    /// A manual clock stands still until advanced, and copies share it; the
-    /// real clock is not pinned.
+    fn real_now() -> i64 {
+        super::super::unix_millis(SystemTime::now())
+    }
+
+    /// Copies share the offset; the real clock has none.
+    #[test]
+    fn advancing_moves_every_copy() {
+        let clock = Clock::system();
+        let copy = clock.clone();
+        assert_eq!(copy.offset_ms(), 0);
+        assert_eq!(copy.pinned_ms(), None);
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(copy.offset_ms(), 2000);
+        assert!(copy.now_ms() >= real_now() + 1999);
+    }
+
+    /// A manual clock stands still until advanced, and copies share it.
     #[test]
     fn a_manual_clock_moves_only_when_advanced() {
         let clock = Clock::manual(1_000);
@@ -69,9 +110,6 @@ mod tests {
         clock.advance(Duration::from_secs(2));
         assert_eq!(copy.now_ms(), 3_000);
         assert_eq!(copy.pinned_ms(), Some(3_000));
-        let real = Clock::system();
-        assert_eq!(real.pinned_ms(), None);
-        real.advance(Duration::from_secs(60));
-        assert!((real.now_ms() - super::super::unix_millis(SystemTime::now())).abs() < 1_000);
+        assert_eq!(copy.offset_ms(), 0);
     }
 }

@@ -12,6 +12,7 @@ use common::TestRedis;
 use koo::domain::Outcome;
 use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
+use koo::store::clock::Clock;
 use koo::store::tasks::{Beat, LeaseAsk, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use redis::AsyncCommands;
@@ -26,20 +27,26 @@ struct Fixture {
     store: TaskStore,
     keys: QueueKeys,
     queue: QueueName,
+    /// The store's clock: moving it lets leases lapse and tasks come due
+    /// without waiting.
+    clock: Clock,
 }
 
 impl Fixture {
     async fn redis() -> Self {
         let redis = TestRedis::start().await;
         let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
-        Self::on(Some(redis), TaskStore::redis(store, "koo"))
+        let clock = Clock::system();
+        let tasks = TaskStore::redis_with_clock(store, "koo", clock.clone());
+        Self::on(Some(redis), tasks, clock)
     }
 
     async fn memory() -> Self {
-        Self::on(None, TaskStore::memory())
+        let clock = Clock::system();
+        Self::on(None, TaskStore::memory_with_clock(clock.clone()), clock)
     }
 
-    fn on(redis: Option<TestRedis>, store: TaskStore) -> Self {
+    fn on(redis: Option<TestRedis>, store: TaskStore, clock: Clock) -> Self {
         let queue = QueueName::parse("research").unwrap();
         let keys = QueueKeys::new("koo", &queue);
         Fixture {
@@ -47,6 +54,7 @@ impl Fixture {
             store,
             keys,
             queue,
+            clock,
         }
     }
 }
@@ -83,6 +91,8 @@ on_both!(
     progress_and_events_are_fenced_and_ordered,
     finish_and_lease_takes_the_next_task_in_one_step,
     an_expired_dead_letter_is_dropped_when_requeued,
+    history_is_trimmed_at_the_cap,
+    the_store_clock_moves_due_times_and_leases,
 );
 
 impl Fixture {
@@ -621,4 +631,72 @@ async fn an_expired_dead_letter_is_dropped_when_requeued(f: Fixture) {
         f.store.queue_stats(&f.queue, later()).await.unwrap().dead,
         0
     );
+}
+
+/// History keeps exactly its cap on both stores: the oldest entries (and
+/// their summaries) go as soon as it is over, not a hundred at a time.
+async fn history_is_trimmed_at_the_cap(f: Fixture) {
+    let limits = TaskLimits {
+        history: 3,
+        ..TaskLimits::default()
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = f.task(&format!("t{i}"), Priority::Normal, 0);
+        f.submit(&t).await;
+        f.store
+            .cancel(&t.id, "done", limits, later())
+            .await
+            .unwrap();
+        ids.push(t.id.to_string());
+    }
+    let page = f
+        .store
+        .history_page(&f.queue, i64::MAX, None, 0, 100, later())
+        .await
+        .unwrap();
+    let mut kept: Vec<String> = page.into_iter().map(|(id, _, _)| id).collect();
+    kept.sort();
+    assert_eq!(kept, ids[2..], "the newest three stay");
+    if let Some(redis) = &f.redis {
+        let mut conn = redis.conn().await;
+        let summaries: u64 = conn.hlen(f.keys.history_data()).await.unwrap();
+        let entries: u64 = conn.zcard(f.keys.history()).await.unwrap();
+        assert_eq!((entries, summaries), (3, 3));
+    }
+}
+
+/// Moving the store's clock (as the parity test does) brings a scheduled
+/// task due and lets a lease lapse, on Redis (the scripts add the offset to
+/// `TIME`) as on the embedded store; the old holder is fenced.
+async fn the_store_clock_moves_due_times_and_leases(f: Fixture) {
+    let t = f.task("later", Priority::Normal, 3);
+    f.store
+        .submit(&t, Duration::from_secs(60), TaskLimits::default(), later())
+        .await
+        .unwrap();
+    assert!(f.lease("w", Duration::from_secs(30)).await.is_none());
+    f.clock.advance(Duration::from_secs(61));
+    let leased = f.lease("w", Duration::from_secs(30)).await.expect("due");
+    assert_eq!(leased.id, t.id);
+    let recovered = f
+        .store
+        .recover(&f.queue, true, TaskLimits::default(), later())
+        .await
+        .unwrap();
+    assert_eq!(recovered, 0, "the lease still runs");
+    f.clock.advance(Duration::from_secs(31));
+    let recovered = f
+        .store
+        .recover(&f.queue, true, TaskLimits::default(), later())
+        .await
+        .unwrap();
+    assert_eq!(recovered, 1);
+    assert_eq!(f.get(&t.id).await.state, State::Queued);
+    let beat = f
+        .store
+        .heartbeat(&t.id, leased.token, Duration::from_secs(30), later())
+        .await
+        .unwrap();
+    assert_eq!(beat, Beat::Lost);
 }

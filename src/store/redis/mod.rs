@@ -13,12 +13,13 @@ mod acl;
 mod breaker;
 mod recovery;
 mod schedules;
+mod script;
 mod tasks;
 mod tls;
 pub mod url;
 
 pub use self::acl::REDIS_ACL_RULES;
-pub use self::tasks::StreamReader;
+pub use self::tasks::{RedisTasks, StreamReader};
 pub use self::tls::{RedisTls, TlsError, TlsPart};
 pub use self::url::{is_tls, redact};
 

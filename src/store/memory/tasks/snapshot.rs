@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, MemoryTasks, Queue, ZSet, now_ms};
+use super::MemoryTasks;
+use super::state::{Entry, Queue, ZSet};
 use crate::domain::Counts;
 use crate::domain::task::{QueueName, State, TaskId};
 use crate::store::task_fields;
@@ -217,7 +218,7 @@ impl MemoryTasks {
     /// treats them as any task whose worker died.
     pub fn export(&self) -> TasksImage {
         let s = self.lock();
-        let now = now_ms();
+        let now = self.now_ms();
         // Copied under the lock, converted after it: a periodic save holds
         // up task transitions for the copy only.
         let entries: Vec<Entry> = s.tasks.values().cloned().collect();
@@ -266,7 +267,7 @@ impl MemoryTasks {
                 let queue = QueueName::parse(&name).map_err(|e| e.to_string())?;
                 s.queues.insert(queue, queue_from(q));
             }
-            let now = now_ms();
+            let now = store.now_ms();
             s.claims = image
                 .claims
                 .into_iter()
@@ -304,7 +305,8 @@ impl MemoryTasks {
         };
         let mut handed = 0;
         for (id, token, entry) in running {
-            if matches!(self.release(&id, token, &entry, limits), Ok(true)) {
+            let released = self.write(|s, now| s.release(&id, token, &entry, limits, now));
+            if matches!(released, Ok(true)) {
                 handed += 1;
             }
         }
@@ -315,7 +317,7 @@ impl MemoryTasks {
     /// order of a task's life.
     pub fn census(&self) -> Vec<(State, u64)> {
         let s = self.lock();
-        let now = now_ms();
+        let now = self.now_ms();
         let mut counts: HashMap<State, u64> = HashMap::new();
         for e in s.tasks.values().filter(|e| e.live(now)) {
             *counts.entry(e.task.state).or_default() += 1;
@@ -344,6 +346,8 @@ mod tests {
     use super::*;
     use crate::domain::Outcome;
     use crate::domain::task::{Category, Priority, Task};
+    use crate::store::Deadline;
+    use crate::store::tasks::TaskBackend;
 
     fn task(queue: &QueueName, name: &str) -> Task {
         Task {
@@ -375,35 +379,55 @@ mod tests {
         }
     }
 
+    fn dl() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
     /// Queued, scheduled, pending, dead-lettered and running tasks, the
     /// event log and the claims come back exactly; a running task is handed
     /// back first, with its attempt given back.
-    #[test]
-    fn tasks_round_trip_through_an_image() {
+    #[tokio::test]
+    async fn tasks_round_trip_through_an_image() {
         let limits = TaskLimits::default();
         let q = Category::Research.default_queue();
         let m = MemoryTasks::default();
+        let minute = Duration::from_secs(60);
+        let lease = Duration::from_secs(30);
         let queued = task(&q, "n");
-        m.submit(&queued, Duration::ZERO, limits).unwrap();
-        let later = task(&q, "n");
-        m.submit(&later, Duration::from_secs(3600), limits).unwrap();
-        let dead = task(&q, "dead");
-        m.submit(&dead, Duration::ZERO, limits).unwrap();
-        let d = m
-            .lease(&q, "w", Duration::from_secs(30), &["dead"], limits)
+        m.submit(&queued, Duration::ZERO, limits, dl())
+            .await
             .unwrap();
-        m.finish(&d.id, d.token, &Outcome::Failed("{}".into()), "{}", limits)
+        let later = task(&q, "n");
+        m.submit(&later, Duration::from_secs(3600), limits, dl())
+            .await
+            .unwrap();
+        let dead = task(&q, "dead");
+        m.submit(&dead, Duration::ZERO, limits, dl()).await.unwrap();
+        let d = m
+            .lease(&q, "w", lease, &["dead"], limits, dl())
+            .await
+            .unwrap()
+            .unwrap();
+        let failed = Outcome::Failed("{}".into());
+        m.finish(&d.id, d.token, &failed, "{}", limits, dl())
+            .await
             .unwrap();
         let running = task(&q, "run");
-        m.submit(&running, Duration::ZERO, limits).unwrap();
+        m.submit(&running, Duration::ZERO, limits, dl())
+            .await
+            .unwrap();
         let r = m
-            .lease(&q, "w", Duration::from_secs(30), &["run"], limits)
+            .lease(&q, "w", lease, &["run"], limits, dl())
+            .await
+            .unwrap()
             .unwrap();
         let pending = task(&q, "p");
-        m.depend_on(&r.id, &pending.id);
-        m.submit_pending(&pending, std::slice::from_ref(&r.id), limits)
+        m.depend_on(&r.id, &pending.id, dl()).await.unwrap();
+        m.submit_pending(&pending, std::slice::from_ref(&r.id), limits, dl())
+            .await
             .unwrap();
-        assert_eq!(m.claim_idempotency("k", "v", Duration::from_secs(60)), None);
+        let claim = m.claim_idempotency("k", "v", minute, dl()).await.unwrap();
+        assert_eq!(claim, None);
 
         assert_eq!(m.hand_back_running(limits), 1);
         let image = m.export();
@@ -411,33 +435,40 @@ mod tests {
         let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
         assert_eq!(back.export(), image);
 
-        let r2 = back.get(&r.id).unwrap();
+        let get = |id: TaskId| {
+            let back = back.clone();
+            async move { back.get(&id, dl()).await.unwrap().unwrap() }
+        };
+        let r2 = get(r.id.clone()).await;
         assert_eq!((r2.state, r2.attempts, r2.token), (State::Queued, 0, 1));
-        assert_eq!(back.get(&later.id).unwrap().state, State::Scheduled);
-        assert_eq!(back.get(&pending.id).unwrap().state, State::Pending);
-        assert_eq!(back.dead_letters(&q, 10), [dead.id.to_string()]);
+        assert_eq!(get(later.id.clone()).await.state, State::Scheduled);
+        assert_eq!(get(pending.id.clone()).await.state, State::Pending);
         assert_eq!(
-            back.claim_idempotency("k", "other", Duration::from_secs(60)),
+            back.dead_letters(&q, 10, dl()).await.unwrap(),
+            [dead.id.to_string()]
+        );
+        assert_eq!(
+            back.claim_idempotency("k", "other", minute, dl())
+                .await
+                .unwrap(),
             Some("v".into())
         );
-        let stats = back.queue_stats(&q);
+        let stats = back.queue_stats(&q, dl()).await.unwrap();
         assert_eq!((stats.ready, stats.scheduled, stats.pending), (2, 1, 1));
         // the handed-back task runs, and its dependent is released
         let again = back
-            .lease(&q, "w2", Duration::from_secs(30), &["run"], limits)
+            .lease(&q, "w2", lease, &["run"], limits, dl())
+            .await
+            .unwrap()
             .unwrap();
         assert_eq!((again.attempts, again.token), (1, 2));
-        back.finish(
-            &again.id,
-            again.token,
-            &Outcome::Succeeded("1".into()),
-            "{}",
-            limits,
-        )
-        .unwrap();
-        assert_eq!(back.get(&pending.id).unwrap().state, State::Queued);
+        let succeeded = Outcome::Succeeded("1".into());
+        back.finish(&again.id, again.token, &succeeded, "{}", limits, dl())
+            .await
+            .unwrap();
+        assert_eq!(get(pending.id.clone()).await.state, State::Queued);
         // event positions go on from where they were
-        let reader = back.event_reader(&q, Some("1")).unwrap();
+        let reader = back.event_reader(&q, Some("1"), dl()).await.unwrap();
         assert_eq!(reader.position(), "1");
     }
 }

@@ -1,13 +1,13 @@
--- Replaces an idempotency key's claim `ARGV[1]` with `ARGV[2]` (TTL ARGV[3]
--- ms) only if it still holds `ARGV[1]`: taking over a claim whose task never
--- got stored (its submitter died between the claim and the submit), with
--- no race against another submitter doing the same. Returns 1 if replaced.
--- An empty ARGV[2] deletes the claim instead (a submit that failed).
--- KEYS: 1 idempotency key
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1])
+-- Swap an idempotency claim (see TaskBackend::swap_idempotency): replaces
+-- claim `A_old` with `A_new` (TTL `A_ttl_ms`) only if it still holds
+-- `A_old`: taking over a claim whose task never got stored, with no race
+-- against another submitter doing the same. An empty `A_new` deletes the
+-- claim instead. Returns 1 if replaced. KEYS and ARGV: declared in
+-- scripts.rs (IDEM_SWAP).
+if redis.call('GET', K_claim) ~= A_old then return 0 end
+if A_new == '' then
+  redis.call('DEL', K_claim)
 else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  redis.call('SET', K_claim, A_new, 'PX', A_ttl_ms)
 end
 return 1

@@ -1,5 +1,37 @@
--- Shared by the task scripts that end a task: prepended to them when they
--- are loaded (see TaskScripts), so the steps live in one place.
+-- Shared by the task scripts: appended to the generated prelude (`BAND`,
+-- `now`: see src/store/redis/script.rs) when they are loaded, so that each
+-- step lives in one place.
+
+-- A ready score: higher priority bands first, FIFO within one (`band`: the
+-- task hash's field, 2 when it has none).
+local function ready_score(band, at)
+  return tonumber(band or '2') * BAND + at
+end
+
+-- Appends an event about task `id` to stream `events` (capped, roughly, at
+-- `cap`); `...` are more field, value pairs.
+local function add_event(events, cap, id, name, state, ...)
+  redis.call('XADD', events, 'MAXLEN', '~', cap, '*', 'id', id, 'name', name or '', 'state', state, ...)
+end
+
+-- Moves up to 100 due SCHEDULED tasks of a queue (`scheduled`, by due
+-- time) to `ready`, keeping their priority band; each becomes QUEUED with
+-- an event. An entry whose task is gone or has moved on is only dropped
+-- (never create a hash for a gone one). Returns how many entries were due.
+local function promote_due(scheduled, ready, events, prefix, events_cap)
+  local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)
+  for _, id in ipairs(due) do
+    redis.call('ZREM', scheduled, id)
+    local key = prefix .. id
+    local state, band, name = unpack(redis.call('HMGET', key, 'state', 'band', 'name'))
+    if state == 'scheduled' then
+      redis.call('ZADD', ready, ready_score(band, now), id)
+      redis.call('HSET', key, 'state', 'queued')
+      add_event(events, events_cap, id, name, 'queued', 'at', now)
+    end
+  end
+  return #due
+end
 
 -- A dead letter trimmed by the cap (`key`, its hash) expires like a
 -- result: `result_ttl_ms` after it ended (at once when that has passed).
@@ -12,24 +44,37 @@ local function expire_as_result(key)
   end
 end
 
--- Records that task `id` (hash `key`) ended in state `outcome` at `now`:
--- its summary in history (capped, trimmed a hundred at a time), a dead
--- letter when it failed or timed out, and the expiry of its result and log:
--- the result TTL, or for a dead letter the longer of it and `dead_ttl` (ms),
--- so that failures found late can still be read and requeued. Dead letters
--- beyond the cap expire like results.
-local function record_end(key, id, outcome, now, history, history_data, dead, cap, dead_ttl)
+-- Trims sorted set `set` to its newest `cap` members (only when it is
+-- over: one ZCARD otherwise), dropping their entries of hash `data` too
+-- when given. Returns the ids removed.
+local function trim_to_cap(set, cap, data)
+  local excess = redis.call('ZCARD', set) - cap
+  if excess <= 0 then return {} end
+  local old = redis.call('ZRANGE', set, 0, excess - 1)
+  redis.call('ZREMRANGEBYRANK', set, 0, excess - 1)
+  if data then
+    -- in chunks: unpack has a limit of a few thousand values
+    for i = 1, #old, 1000 do
+      redis.call('HDEL', data, unpack(old, i, math.min(i + 999, #old)))
+    end
+  end
+  return old
+end
+
+-- Records that task `id` (hash `key`) ended in state `outcome` at `now`
+-- (see TaskBackend's "Ending" in src/store/tasks/backend.rs): its summary
+-- in history (trimmed at the cap), a dead letter when it failed or timed
+-- out, and the expiry of its result and log: the result TTL, or for a
+-- dead letter the longer of it and `dead_ttl` (ms). Dead letters beyond
+-- the cap expire like results.
+local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl)
   cap = tonumber(cap)
   local name, category, attempts, ttl, schedule = unpack(redis.call('HMGET', key,
     'name', 'category', 'attempts', 'result_ttl_ms', 'schedule'))
   if outcome == 'failed' or outcome == 'timed_out' then
     redis.call('ZADD', dead, now, id)
-    local over = redis.call('ZRANGE', dead, 0, -(cap + 1))
-    if #over > 0 then
-      redis.call('ZREMRANGEBYRANK', dead, 0, -(cap + 1))
-      local prefix = string.sub(key, 1, #key - #id)
-      for _, old in ipairs(over) do expire_as_result(prefix .. old) end
-    end
+    local prefix = string.sub(key, 1, #key - #id)
+    for _, old in ipairs(trim_to_cap(dead, cap)) do expire_as_result(prefix .. old) end
     ttl = math.max(tonumber(ttl), tonumber(dead_ttl or '0'))
   end
   redis.call('ZADD', history, now, id)
@@ -37,15 +82,7 @@ local function record_end(key, id, outcome, now, history, history_data, dead, ca
   if not schedule then schedule = nil end
   redis.call('HSET', history_data, id, cjson.encode({ name = name, state = outcome,
     attempts = tonumber(attempts), finished_ms = now, category = category, schedule = schedule }))
-  local excess = redis.call('ZCARD', history) - cap
-  if excess >= 100 then
-    local old = redis.call('ZRANGE', history, 0, excess - 1)
-    redis.call('ZREMRANGEBYRANK', history, 0, excess - 1)
-    -- in chunks: unpack has a limit of a few thousand values
-    for i = 1, #old, 1000 do
-      redis.call('HDEL', history_data, unpack(old, i, math.min(i + 999, #old)))
-    end
-  end
+  trim_to_cap(history, cap, history_data)
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':log', ttl)
   -- dependency bookkeeping goes with the task

@@ -1,0 +1,540 @@
+//! The embedded store's transitions, each a method on the locked state
+//! ([`Tasks`]) given the store's now: what each does is specified once, on
+//! [`crate::store::tasks::TaskBackend`]; these follow the Redis scripts
+//! (`../../redis/lua/tasks/*.lua`) step for step.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::MAX_TASKS;
+use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
+use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::{Count, Outcome};
+use crate::store::tasks::{Beat, CancelReply, DependReply, RetryReply, TaskLimits, Trimmed};
+use crate::store::{Result, StoreError};
+
+impl Tasks {
+    /// Stores a new task: queued now, or scheduled `delay` from now.
+    pub(super) fn submit(
+        &mut self,
+        task: &Task,
+        delay: Duration,
+        limits: TaskLimits,
+        now: i64,
+    ) -> Result<()> {
+        let id = task.id.as_str();
+        if self.tasks.contains_key(id) {
+            return Err(StoreError::Backend(format!("task {id} already exists")));
+        }
+        if self.tasks.len() >= MAX_TASKS {
+            return Err(StoreError::OutOfMemory(format!(
+                "the embedded store holds {MAX_TASKS} tasks, its limit: wait for results to expire, or use Redis (REDIS_URL)"
+            )));
+        }
+        let delay = millis(delay);
+        let mut task = task.clone();
+        task.created_ms = now;
+        task.state = if delay > 0 {
+            State::Scheduled
+        } else {
+            State::Queued
+        };
+        let queue = task.id.queue();
+        let q = self.queues.entry(queue).or_default();
+        if delay > 0 {
+            q.scheduled.add(id, now.saturating_add(delay));
+        } else {
+            q.ready.add(id, task.priority.band() as i64 * BAND + now);
+        }
+        q.count(Count::Submitted);
+        push_event(q, &mut self.last_event, limits, &task, None, now);
+        self.tasks.insert(
+            id.to_owned(),
+            Entry {
+                task,
+                cancel: None,
+                waiting: HashSet::new(),
+                attempt_base: 0,
+                lease_until: 0,
+                hard_until: 0,
+                expires_at: None,
+            },
+        );
+        Ok(())
+    }
+    /// Stores a new task PENDING on `waiting`; if those all ended meanwhile,
+    /// it is released at once.
+    pub(super) fn submit_pending(
+        &mut self,
+        task: &Task,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+        now: i64,
+    ) -> Result<()> {
+        let id = task.id.as_str();
+        if self.tasks.contains_key(id) {
+            return Err(StoreError::Backend(format!("task {id} already exists")));
+        }
+        if self.tasks.len() >= MAX_TASKS {
+            return Err(StoreError::OutOfMemory(format!(
+                "the embedded store holds {MAX_TASKS} tasks, its limit: wait for results to expire, or use Redis (REDIS_URL)"
+            )));
+        }
+        let mut task = task.clone();
+        task.created_ms = now;
+        task.state = State::Pending;
+        let q = self.queues.entry(task.id.queue()).or_default();
+        q.pending.add(id, now);
+        q.count(Count::Submitted);
+        push_event(q, &mut self.last_event, limits, &task, None, now);
+        self.tasks.insert(
+            id.to_owned(),
+            Entry {
+                task,
+                cancel: None,
+                waiting: waiting.iter().map(|w| w.to_string()).collect(),
+                attempt_base: 0,
+                lease_until: 0,
+                hard_until: 0,
+                expires_at: None,
+            },
+        );
+        // a dependency that ended between its registration and now
+        for dep in waiting {
+            if let Some(state) = self
+                .tasks
+                .get(dep.as_str())
+                .map(|e| e.task.state)
+                .filter(|st| st.is_final())
+            {
+                self.dependents
+                    .entry(dep.to_string())
+                    .or_default()
+                    .push(id.to_owned());
+                self.release_dependents(dep.as_str(), state, limits, now);
+            }
+        }
+        Ok(())
+    }
+    /// Registers `dependent` as waiting on `id`, unless `id` has ended.
+    pub(super) fn depend_on(&mut self, id: &TaskId, dependent: &TaskId, now: i64) -> DependReply {
+        let state = match self.tasks.get(id.as_str()).filter(|e| e.live(now)) {
+            None => return DependReply::Missing,
+            Some(e) => e.task.state,
+        };
+        if state.is_final() {
+            return DependReply::Ended(state);
+        }
+        self.dependents
+            .entry(id.to_string())
+            .or_default()
+            .push(dependent.to_string());
+        DependReply::Waiting
+    }
+    /// Leases the best ready task of `queue` whose name is in `names` (`*`
+    /// serves all), counting the attempt.
+    pub(super) fn lease(
+        &mut self,
+        queue: &QueueName,
+        worker: &str,
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        now: i64,
+    ) -> Option<Task> {
+        self.promote_due(queue, limits, now);
+        let q = self.queues.entry(queue.clone()).or_default();
+        let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
+        // the first ready task served among the first `lease_scan` queued
+        // ones, in order; stale entries (gone, or moved on) seen on the way
+        // are dropped and, as on Redis, do not count against the scan
+        let mut stale = Vec::new();
+        let mut chosen = None;
+        let mut looked = 0;
+        for (_, id) in q.ready.by_score.iter() {
+            if looked >= limits.lease_scan {
+                break;
+            }
+            match self.tasks.get(id) {
+                Some(e) if e.task.state == State::Queued => {
+                    looked += 1;
+                    if serves(&e.task.name) {
+                        chosen = Some(id.clone());
+                        break;
+                    }
+                }
+                _ => stale.push(id.clone()),
+            }
+        }
+        for id in &stale {
+            q.ready.remove(id);
+        }
+        let mut leased = None;
+        if let Some(id) = chosen
+            && let Some(e) = self.tasks.get_mut(&id)
+        {
+            q.ready.remove(&id);
+            e.task.attempts += 1;
+            // the fencing token grows with every lease
+            e.task.token += 1;
+            e.task.state = State::Running;
+            e.task.worker = Some(worker.to_owned());
+            e.task.started_ms = Some(now);
+            // progress belongs to an attempt
+            e.task.progress = None;
+            e.lease_until = now.saturating_add(millis(lease));
+            e.hard_until = if e.task.hard_ms > 0 {
+                now.saturating_add(e.task.hard_ms as i64)
+            } else {
+                0
+            };
+            q.leases.add(&id, lease_score(e.lease_until, e.hard_until));
+            push_event(q, &mut self.last_event, limits, &e.task, None, now);
+            leased = Some(e.task.clone());
+        }
+        leased
+    }
+    /// Extends a lease; `false` when the holder of `token` has been fenced.
+    pub(super) fn heartbeat(&mut self, id: &TaskId, token: u32, lease: Duration, now: i64) -> Beat {
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
+            return Beat::Lost;
+        };
+        e.lease_until = now.saturating_add(millis(lease));
+        let score = lease_score(e.lease_until, e.hard_until);
+        let cancel = e.cancel.is_some();
+        if let Some(q) = self.queues.get_mut(&id.queue()) {
+            q.leases.update(id.as_str(), score);
+        }
+        if cancel {
+            Beat::CancelRequested
+        } else {
+            Beat::Held
+        }
+    }
+    /// Cancels a task that has not ended, as `cancel.lua` does.
+    pub(super) fn cancel(
+        &mut self,
+        id: &TaskId,
+        reason: &str,
+        limits: TaskLimits,
+        now: i64,
+    ) -> CancelReply {
+        let queue = id.queue();
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.live(now)) else {
+            return CancelReply::Missing;
+        };
+        let q = self.queues.entry(queue.clone()).or_default();
+        match e.task.state {
+            State::Running => {
+                if e.cancel.is_none() {
+                    e.cancel = Some(reason.to_owned());
+                    push_event(q, &mut self.last_event, limits, &e.task, None, now);
+                }
+                return CancelReply::Requested;
+            }
+            State::Queued | State::Scheduled | State::Pending => {}
+            ended => return CancelReply::Ended(ended),
+        }
+        q.ready.remove(id.as_str());
+        q.scheduled.remove(id.as_str());
+        q.pending.remove(id.as_str());
+        e.task.state = State::Cancelled;
+        e.task.finished_ms = Some(now);
+        e.task.error = Some(
+            serde_json::json!({ "message": format!("cancelled: {reason}"), "retryable": false })
+                .to_string(),
+        );
+        q.count(Count::Cancelled);
+        push_event(q, &mut self.last_event, limits, &e.task, None, now);
+        self.end(&queue, id.as_str(), limits, now);
+        CancelReply::Cancelled
+    }
+    /// Queues an ended task again with a fresh retry budget, as `retry.lua`
+    /// does.
+    pub(super) fn retry(&mut self, id: &TaskId, limits: TaskLimits, now: i64) -> RetryReply {
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.live(now)) else {
+            // its result expired: a dead letter that can no longer run is
+            // dropped
+            if let Some(q) = self.queues.get_mut(&id.queue()) {
+                q.dead.remove(id.as_str());
+            }
+            return RetryReply::Missing;
+        };
+        if !matches!(
+            e.task.state,
+            State::Failed | State::TimedOut | State::Cancelled
+        ) {
+            return RetryReply::NotEnded(e.task.state);
+        }
+        let q = self.queues.entry(id.queue()).or_default();
+        q.history.remove(id.as_str());
+        q.history_data.remove(id.as_str());
+        q.dead.remove(id.as_str());
+        e.expires_at = None;
+        e.attempt_base = e.task.attempts;
+        e.cancel = None;
+        e.task.state = State::Queued;
+        e.task.finished_ms = None;
+        e.task.error = None;
+        e.task.result = None;
+        e.task.progress = None;
+        q.ready
+            .add(id.as_str(), e.task.priority.band() as i64 * BAND + now);
+        q.count(Count::Requeued);
+        push_event(q, &mut self.last_event, limits, &e.task, None, now);
+        RetryReply::Queued
+    }
+    /// Hands a running task back to its queue at once, giving its attempt
+    /// back; `false` when fenced.
+    pub(super) fn release(
+        &mut self,
+        id: &TaskId,
+        token: u32,
+        log: &str,
+        limits: TaskLimits,
+        now: i64,
+    ) -> Result<bool> {
+        let mut entry: serde_json::Map<String, serde_json::Value> = serde_json::from_str(log)
+            .map_err(|e| {
+                StoreError::Backend(format!("attempt log entry is not a JSON object: {e}"))
+            })?;
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
+            return Ok(false);
+        };
+        let q = self.queues.entry(id.queue()).or_default();
+        q.leases.remove(id.as_str());
+        entry.insert("ended_ms".into(), now.into());
+        e.task
+            .log
+            .push(serde_json::Value::Object(entry).to_string());
+        e.task.attempts = e.task.attempts.saturating_sub(1);
+        e.task.state = State::Queued;
+        e.task.worker = None;
+        e.task.progress = None;
+        e.lease_until = 0;
+        q.ready.add(
+            id.as_str(),
+            e.task.priority.band() as i64 * BAND + e.task.created_ms,
+        );
+        push_event(q, &mut self.last_event, limits, &e.task, None, now);
+        Ok(true)
+    }
+    /// Records progress (JSON); `false` when fenced.
+    pub(super) fn progress(
+        &mut self,
+        id: &TaskId,
+        token: u32,
+        progress: &str,
+        limits: TaskLimits,
+        now: i64,
+    ) -> bool {
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
+            return false;
+        };
+        e.task.progress = Some(progress.to_owned());
+        let q = self.queues.entry(id.queue()).or_default();
+        push_event(
+            q,
+            &mut self.last_event,
+            limits,
+            &e.task,
+            Some(progress),
+            now,
+        );
+        true
+    }
+    /// Ends the attempt held with `token`; the new state, or `None` when
+    /// fenced. `log` is the attempt's log entry (a JSON object).
+    pub(super) fn finish(
+        &mut self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        limits: TaskLimits,
+        now: i64,
+    ) -> Result<Option<State>> {
+        // everything that can fail comes before the first write
+        let mut entry: serde_json::Map<String, serde_json::Value> = serde_json::from_str(log)
+            .map_err(|e| {
+                StoreError::Backend(format!("attempt log entry is not a JSON object: {e}"))
+            })?;
+        let queue = id.queue();
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
+            return Ok(None);
+        };
+        let q = self.queues.entry(queue.clone()).or_default();
+        let outcome = e.decide(outcome);
+        q.leases.remove(id.as_str());
+        entry.insert("ended_ms".into(), now.into());
+        if let Outcome::Retry { delay, .. } = &outcome {
+            entry.insert(
+                "retry_at_ms".into(),
+                now.saturating_add(millis(*delay)).into(),
+            );
+        }
+        e.task
+            .log
+            .push(serde_json::Value::Object(entry).to_string());
+        e.task.worker = None;
+        e.lease_until = 0;
+        let state = match outcome {
+            Outcome::Retry { error, delay } => {
+                q.count(Count::Retried);
+                e.task.state = State::Scheduled;
+                e.task.error = Some(error);
+                q.scheduled
+                    .add(id.as_str(), now.saturating_add(millis(delay)));
+                push_event(q, &mut self.last_event, limits, &e.task, None, now);
+                State::Scheduled
+            }
+            Outcome::Succeeded(result) => {
+                e.task.state = State::Succeeded;
+                e.task.result = Some(result);
+                // a success supersedes the errors of earlier attempts
+                e.task.error = None;
+                State::Succeeded
+            }
+            Outcome::Failed(error) => {
+                e.task.state = State::Failed;
+                e.task.error = Some(error);
+                State::Failed
+            }
+            Outcome::TimedOut(error) => {
+                e.task.state = State::TimedOut;
+                e.task.error = Some(error);
+                State::TimedOut
+            }
+            Outcome::Cancelled(error) => {
+                e.task.state = State::Cancelled;
+                e.task.error = Some(error);
+                State::Cancelled
+            }
+        };
+        if state.is_final() {
+            e.task.finished_ms = Some(now);
+            q.count_end(state);
+            push_event(q, &mut self.last_event, limits, &e.task, None, now);
+            self.end(&queue, id.as_str(), limits, now);
+        }
+        Ok(Some(state))
+    }
+    /// Recovers `queue`'s lapsed leases (back to ready while retries remain
+    /// and acks are late, else FAILED; past the hard limit TIMED_OUT), queues
+    /// its due scheduled tasks, and forgets expired results. How many tasks
+    /// moved.
+    pub(super) fn recover(
+        &mut self,
+        queue: &QueueName,
+        acks_late: bool,
+        limits: TaskLimits,
+        now: i64,
+    ) -> u64 {
+        self.purge_expired(now);
+        let due = self.promote_due(queue, limits, now);
+        let q = self.queues.entry(queue.clone()).or_default();
+        let lapsed = q.leases.up_to(now, BATCH);
+        let mut ended = Vec::new();
+        for id in &lapsed {
+            q.leases.remove(id);
+            let Some(e) = self
+                .tasks
+                .get_mut(id)
+                .filter(|e| e.task.state == State::Running)
+            else {
+                continue;
+            };
+            let state = if e.cancel.is_some() {
+                State::Cancelled
+            } else if e.hard_until > 0 && e.hard_until <= now {
+                State::TimedOut
+            } else if acks_late && !e.budget_spent() {
+                State::Queued
+            } else {
+                State::Failed
+            };
+            e.task.log.push(
+                serde_json::json!({
+                    "attempt": e.task.attempts,
+                    "worker": e.task.worker,
+                    "ended_ms": now,
+                    "outcome": "lost",
+                    "error": "worker lost: lease lapsed",
+                })
+                .to_string(),
+            );
+            e.task.worker = None;
+            e.lease_until = 0;
+            e.task.state = state;
+            q.count(Count::Lost);
+            if state == State::Queued {
+                q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
+            } else {
+                q.count_end(state);
+                let why = match (&e.cancel, state) {
+                    (Some(reason), State::Cancelled) => format!("cancelled: {reason}"),
+                    (_, State::TimedOut) => "hard time limit reached".to_owned(),
+                    _ => "worker lost: lease lapsed".to_owned(),
+                };
+                e.task.error =
+                    Some(serde_json::json!({ "message": why, "retryable": false }).to_string());
+                e.task.finished_ms = Some(now);
+                ended.push(id.clone());
+            }
+            push_event(q, &mut self.last_event, limits, &e.task, None, now);
+        }
+        for id in &ended {
+            self.end(queue, id, limits, now);
+        }
+        lapsed.len() as u64 + due
+    }
+    /// Removes `queue`'s tasks that ended before `before_ms` (history,
+    /// stored results; at most 1000 per call) except dead letters that
+    /// ended at or after `dead_before_ms`, and forgets expired results, as
+    /// `trim.lua` does. The event log is capped as it is written.
+    pub(super) fn trim(
+        &mut self,
+        queue: &QueueName,
+        before_ms: i64,
+        dead_before_ms: i64,
+        now: i64,
+    ) -> Trimmed {
+        self.purge_expired(now);
+        let Some(q) = self.queues.get_mut(queue) else {
+            return Trimmed::default();
+        };
+        let kept = |id: &str| {
+            q.dead
+                .scores
+                .get(id)
+                .is_some_and(|at| *at >= dead_before_ms)
+        };
+        let old: Vec<String> = q
+            .history
+            .by_score
+            .iter()
+            .take_while(|(at, _)| *at < before_ms)
+            .filter(|(_, id)| !kept(id))
+            .take(1000)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let dead = q.dead.up_to(dead_before_ms - 1, usize::MAX);
+        for id in &old {
+            q.history.remove(id);
+            q.history_data.remove(id);
+        }
+        for id in &dead {
+            q.dead.remove(id);
+        }
+        for id in old.iter().chain(&dead) {
+            if self.tasks.get(id).is_some_and(|e| e.task.state.is_final()) {
+                self.tasks.remove(id);
+            }
+        }
+        Trimmed {
+            history: old.len() as u64,
+            dead: dead.len() as u64,
+            events: 0,
+        }
+    }
+}

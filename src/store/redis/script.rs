@@ -1,0 +1,469 @@
+//! Task scripts composed from declared pieces, so that no script counts
+//! positions by hand.
+//!
+//! A [`Spec`] names a script's KEYS and ARGV once, in Rust. From it,
+//! [`Composed`] generates the Lua prelude (`local K_ready = KEYS[2]`,
+//! `local A_worker = ARGV[4]`, ...) and an [`Invocation`] pushes the keys in
+//! the declared order from [`QueueKeys`]: the Lua body and the Rust caller
+//! both go by name, and a script built from two transitions
+//! (finish-then-lease) gets each part's offsets from the declarations rather
+//! than from a hard-coded split.
+//!
+//! Every script starts with the same generated prelude:
+//! - `BAND`, the width of one priority band of a ready score, from
+//!   [`BAND_WIDTH`] (never a literal in Lua);
+//! - `now`: Redis's `TIME` plus the store clock's offset, which the
+//!   invocation passes as `ARGV[1]` (0 in production; tests move it with
+//!   [`crate::store::clock::Clock::advance`]), so that every script of a
+//!   store agrees with the embedded store's notion of now under test;
+//! - then, when asked for, the shared library `lua/tasks/lib.lua`.
+//!
+//! Scripts stay loaded by SHA (`EVALSHA`, the full text on `NOSCRIPT`):
+//! the text is generated once, when the store is built.
+
+use std::fmt::Write as _;
+
+use redis::{Script, ScriptInvocation, ToRedisArgs};
+
+use crate::domain::task::TaskId;
+use crate::keys::QueueKeys;
+use crate::store::clock::Clock;
+use crate::store::tasks::BAND_WIDTH;
+
+/// A key a script works on: one of a queue's keys (see [`QueueKeys`]), or
+/// one the caller names ([`Key::Claim`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Key {
+    /// The task's hash (`:log`, `:deps` and `:dependents` hang off it).
+    Task,
+    /// Ready ids, by band and enqueue time.
+    Ready,
+    /// Scheduled ids, by due time.
+    Scheduled,
+    /// Running ids, by lease deadline.
+    Leases,
+    /// PENDING ids, by submit time.
+    Pending,
+    /// Ended ids, by end time.
+    History,
+    /// Summaries of ended tasks.
+    HistoryData,
+    /// Dead letters, by end time.
+    Dead,
+    /// The event stream.
+    Events,
+    /// Counters per outcome.
+    Stats,
+    /// An idempotency claim (given by the caller).
+    Claim,
+}
+
+impl Key {
+    /// The Lua local the prelude binds it to (`K_` and this).
+    fn name(self) -> &'static str {
+        match self {
+            Self::Task => "task",
+            Self::Ready => "ready",
+            Self::Scheduled => "scheduled",
+            Self::Leases => "leases",
+            Self::Pending => "pending",
+            Self::History => "history",
+            Self::HistoryData => "history_data",
+            Self::Dead => "dead",
+            Self::Events => "events",
+            Self::Stats => "stats",
+            Self::Claim => "claim",
+        }
+    }
+
+    /// The key's name for `keys` (and task `id`, for [`Key::Task`]);
+    /// `None` for a key the caller names.
+    fn resolve(self, keys: &QueueKeys, id: Option<&TaskId>) -> Option<String> {
+        Some(match self {
+            Self::Task => keys.task(id?),
+            Self::Ready => keys.ready(),
+            Self::Scheduled => keys.scheduled(),
+            Self::Leases => keys.leases(),
+            Self::Pending => keys.pending(),
+            Self::History => keys.history(),
+            Self::HistoryData => keys.history_data(),
+            Self::Dead => keys.dead(),
+            Self::Events => keys.events(),
+            Self::Stats => keys.stats(),
+            Self::Claim => return None,
+        })
+    }
+}
+
+/// One script's declaration: its KEYS and ARGV by name, and its body.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Spec {
+    /// Its name (the Lua function it becomes when composed).
+    pub name: &'static str,
+    /// KEYS, in order; the body reads `K_<name>`.
+    pub keys: &'static [Key],
+    /// ARGV after the clock offset, in order; the body reads `A_<name>`.
+    pub args: &'static [&'static str],
+    /// Whether more ARGV follow the declared ones (the body reads them from
+    /// `ARGV[ARGN]` on). Only the last part of a composition may have them.
+    pub variadic: bool,
+    /// The Lua body.
+    pub body: &'static str,
+}
+
+/// Where one part's KEYS and ARGV start in the composed script (1-based,
+/// as Lua counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Offsets {
+    /// Its first key.
+    pub key: usize,
+    /// Its first declared argument.
+    pub arg: usize,
+}
+
+/// A loaded script made of one or more declared parts.
+pub(crate) struct Composed {
+    script: Script,
+    parts: Vec<Spec>,
+    /// The generated text (for tests and debugging).
+    #[cfg_attr(not(test), allow(dead_code))]
+    text: String,
+}
+
+/// How a script learns now (`ARGV[1]`): Redis's `TIME` plus an offset
+/// (`0` in production), or a manual clock's pinned now, sent as `@` and the
+/// ms (see [`Clock`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClockArg {
+    /// `TIME` plus this many ms.
+    Offset(i64),
+    /// This now, ms since the epoch.
+    Pinned(i64),
+}
+
+impl ClockArg {
+    /// The argument for `clock`.
+    pub(crate) fn of(clock: &Clock) -> Self {
+        match clock.pinned_ms() {
+            Some(now) => ClockArg::Pinned(now),
+            None => ClockArg::Offset(clock.offset_ms()),
+        }
+    }
+
+    /// Now on Redis, given Redis's `TIME` in ms.
+    pub(crate) fn now_ms(self, redis_time_ms: i64) -> i64 {
+        match self {
+            ClockArg::Offset(ms) => redis_time_ms + ms,
+            ClockArg::Pinned(now) => now,
+        }
+    }
+}
+
+impl ToRedisArgs for ClockArg {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        match self {
+            ClockArg::Offset(ms) => ms.write_redis_args(out),
+            // tests only: the allocation is not on a production path
+            ClockArg::Pinned(now) => out.write_arg(format!("@{now}").as_bytes()),
+        }
+    }
+}
+
+/// The first ARGV index after the clock offset.
+const FIRST_ARG: usize = 2;
+
+/// The generated prelude every script starts with: the band width and now.
+pub(crate) fn prelude() -> String {
+    format!(
+        "-- generated by src/store/redis/script.rs\n\
+         local BAND = {BAND_WIDTH}\n\
+         local now\n\
+         if string.byte(ARGV[1], 1) == 64 then\n  \
+         now = tonumber(string.sub(ARGV[1], 2))\n\
+         else\n  local t = redis.call('TIME')\n  \
+         now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])\n\
+         end\n"
+    )
+}
+
+/// Where each of `parts` starts.
+pub(crate) fn offsets(parts: &[Spec]) -> Vec<Offsets> {
+    let (mut key, mut arg) = (1, FIRST_ARG);
+    parts
+        .iter()
+        .map(|p| {
+            let at = Offsets { key, arg };
+            key += p.keys.len();
+            arg += p.args.len();
+            at
+        })
+        .collect()
+}
+
+/// The `local K_x = KEYS[i]` and `local A_y = ARGV[j]` lines of a part.
+fn bindings(spec: &Spec, at: Offsets) -> String {
+    let mut out = String::new();
+    for (i, key) in spec.keys.iter().enumerate() {
+        let _ = writeln!(out, "local K_{} = KEYS[{}]", key.name(), at.key + i);
+    }
+    for (i, arg) in spec.args.iter().enumerate() {
+        let _ = writeln!(out, "local A_{arg} = ARGV[{}]", at.arg + i);
+    }
+    if spec.variadic {
+        let _ = writeln!(out, "local ARGN = {}", at.arg + spec.args.len());
+    }
+    out
+}
+
+impl Composed {
+    /// One declared script, after the prelude (and `lib` when given).
+    pub(crate) fn single(spec: Spec, lib: Option<&str>) -> Self {
+        let at = offsets(&[spec])[0];
+        let text = format!(
+            "{}{}\n{}{}",
+            prelude(),
+            lib.unwrap_or(""),
+            bindings(&spec, at),
+            spec.body
+        );
+        Self {
+            script: Script::new(&text),
+            parts: vec![spec],
+            text,
+        }
+    }
+
+    /// Several declared scripts, each a Lua function named after it that
+    /// sees its own KEYS and ARGV by name, then `body`, which calls them.
+    /// The invocation pushes the parts' keys and arguments in order.
+    pub(crate) fn compose(parts: &[Spec], lib: Option<&str>, body: &str) -> Self {
+        debug_assert!(
+            parts.iter().rev().skip(1).all(|p| !p.variadic),
+            "only the last part may take more arguments"
+        );
+        let mut text = prelude();
+        text.push_str(lib.unwrap_or(""));
+        text.push('\n');
+        for (spec, at) in parts.iter().zip(offsets(parts)) {
+            let _ = write!(
+                text,
+                "local function {}()\n{}{}\nend\n",
+                spec.name,
+                bindings(spec, at),
+                spec.body
+            );
+        }
+        text.push_str(body);
+        Self {
+            script: Script::new(&text),
+            parts: parts.to_vec(),
+            text,
+        }
+    }
+
+    /// The script (for pipelines that load it first).
+    pub(crate) fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// The generated text.
+    #[cfg(test)]
+    pub(crate) fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Starts a call: the clock is its first argument.
+    pub(crate) fn call(&self, clock: ClockArg) -> Invocation<'_> {
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(clock);
+        Invocation {
+            inv,
+            parts: &self.parts,
+            part: 0,
+            key: 0,
+            arg: 0,
+            #[cfg(test)]
+            pushed: Vec::new(),
+        }
+    }
+}
+
+/// A call being built: keys and arguments are pushed in the declared
+/// order, and (in debug builds) checked against the declaration by name.
+pub(crate) struct Invocation<'a> {
+    inv: ScriptInvocation<'a>,
+    parts: &'a [Spec],
+    /// The part whose arguments are being pushed.
+    part: usize,
+    /// Keys pushed so far (of all parts).
+    key: usize,
+    /// Declared arguments of `part` pushed so far.
+    arg: usize,
+    /// The queue keys pushed, for tests.
+    #[cfg(test)]
+    pushed: Vec<String>,
+}
+
+impl<'a> Invocation<'a> {
+    /// Pushes every declared key of every part from `keys` (the task hash
+    /// of `id`); a [`Key::Claim`] must be given with [`Self::key`] instead.
+    pub(crate) fn queue_keys(&mut self, keys: &QueueKeys, id: Option<&TaskId>) -> &mut Self {
+        for part in self.parts {
+            for key in part.keys {
+                let name = key
+                    .resolve(keys, id)
+                    .expect("a queue key (and the task id when the task is a key)");
+                #[cfg(test)]
+                self.pushed.push(name.clone());
+                self.inv.key(name);
+                self.key += 1;
+            }
+        }
+        self
+    }
+
+    /// Pushes the next key, which must be declared as `key`.
+    pub(crate) fn key(&mut self, key: Key, name: impl ToRedisArgs) -> &mut Self {
+        debug_assert_eq!(
+            self.parts.iter().flat_map(|p| p.keys).nth(self.key),
+            Some(&key),
+            "keys pushed out of their declared order"
+        );
+        self.inv.key(name);
+        self.key += 1;
+        self
+    }
+
+    /// Pushes the next declared argument, which must be named `name`.
+    pub(crate) fn arg(&mut self, name: &'static str, value: impl ToRedisArgs) -> &mut Self {
+        while self.part < self.parts.len() && self.arg == self.parts[self.part].args.len() {
+            self.part += 1;
+            self.arg = 0;
+        }
+        debug_assert_eq!(
+            self.parts.get(self.part).and_then(|p| p.args.get(self.arg)),
+            Some(&name),
+            "arguments pushed out of their declared order"
+        );
+        self.inv.arg(value);
+        self.arg += 1;
+        self
+    }
+
+    /// Pushes an argument past the declared ones (a variadic tail).
+    pub(crate) fn extra(&mut self, value: impl ToRedisArgs) -> &mut Self {
+        debug_assert!(
+            self.parts.last().is_some_and(|p| p.variadic),
+            "the script takes no more arguments"
+        );
+        self.inv.arg(value);
+        self
+    }
+
+    /// The invocation, to run.
+    pub(crate) fn done(&self) -> &ScriptInvocation<'a> {
+        debug_assert_eq!(
+            self.key,
+            self.parts.iter().map(|p| p.keys.len()).sum::<usize>(),
+            "not every declared key was pushed"
+        );
+        &self.inv
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::task::QueueName;
+
+    const A: Spec = Spec {
+        name: "first",
+        keys: &[Key::Task, Key::Leases, Key::Events],
+        args: &["id", "token"],
+        variadic: false,
+        body: "return 1",
+    };
+    const B: Spec = Spec {
+        name: "second",
+        keys: &[Key::Ready, Key::Events],
+        args: &["worker"],
+        variadic: true,
+        body: "return 2",
+    };
+
+    /// Keys and arguments bind in the declared order, after the clock
+    /// offset (ARGV[1]); a variadic tail starts after the declared ones.
+    #[test]
+    fn bindings_follow_the_declaration() {
+        let text = bindings(&B, offsets(&[B])[0]);
+        assert_eq!(
+            text,
+            "local K_ready = KEYS[1]\nlocal K_events = KEYS[2]\nlocal A_worker = ARGV[2]\nlocal ARGN = 3\n"
+        );
+    }
+
+    /// A composition's second part starts after the first part's keys and
+    /// arguments.
+    #[test]
+    fn composition_offsets_come_from_the_declarations() {
+        assert_eq!(
+            offsets(&[A, B]),
+            [Offsets { key: 1, arg: 2 }, Offsets { key: 4, arg: 4 }]
+        );
+        let text = bindings(&B, offsets(&[A, B])[1]);
+        assert!(text.contains("local K_ready = KEYS[4]"), "{text}");
+        assert!(text.contains("local A_worker = ARGV[4]"), "{text}");
+        assert!(text.contains("local ARGN = 5"), "{text}");
+    }
+
+    /// The prelude's band is the Rust constant.
+    #[test]
+    fn the_band_is_generated_from_rust() {
+        assert_eq!(BAND_WIDTH, 4_398_046_511_104);
+        assert!(prelude().contains(&format!("local BAND = {BAND_WIDTH}\n")));
+        assert!(
+            prelude().contains("tonumber(ARGV[1])"),
+            "now adds the offset"
+        );
+        assert!(
+            prelude().contains("string.sub(ARGV[1], 2)"),
+            "or takes a pinned now"
+        );
+    }
+
+    /// The invocation pushes every part's keys from the queue's keys, in
+    /// the declared order.
+    #[test]
+    fn keys_are_pushed_in_the_declared_order() {
+        let queue = QueueName::parse("q").unwrap();
+        let keys = QueueKeys::new("koo", &queue);
+        let id = TaskId::generate(&queue);
+        let composed = Composed::compose(&[A, B], None, "return first()");
+        let mut call = composed.call(ClockArg::Offset(0));
+        call.queue_keys(&keys, Some(&id))
+            .arg("id", id.as_str())
+            .arg("token", 1)
+            .arg("worker", "w")
+            .extra("*");
+        call.done();
+        assert_eq!(
+            call.pushed,
+            [
+                keys.task(&id),
+                keys.leases(),
+                keys.events(),
+                keys.ready(),
+                keys.events()
+            ]
+        );
+    }
+
+    /// Arguments pushed out of order are caught (in debug builds).
+    #[test]
+    #[should_panic(expected = "declared order")]
+    #[cfg(debug_assertions)]
+    fn arguments_out_of_order_are_caught() {
+        let composed = Composed::single(A, None);
+        composed.call(ClockArg::Offset(0)).arg("token", 1);
+    }
+}

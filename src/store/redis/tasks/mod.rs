@@ -1,0 +1,684 @@
+//! Task transitions on Redis: [`RedisTasks`] implements [`TaskBackend`]
+//! (where each transition is specified) with one Lua script per transition
+//! (`lua/tasks/*.lua`, declared in `scripts.rs`), each checking state and
+//! fencing token before it writes and appending its event, all on the keys
+//! of one queue (one Redis Cluster slot). Times come from Redis's own clock
+//! inside the scripts (plus the store clock's offset, zero but in tests),
+//! so koo instances with skewed clocks still agree on when a lease lapses.
+//!
+//! Reads live in `reads.rs`, the event stream in `events.rs`, worker
+//! records, the lease key and idempotency claims in `registry.rs`.
+
+mod events;
+mod reads;
+mod registry;
+mod scripts;
+
+pub use events::StreamReader;
+pub(crate) use scripts::TaskScripts;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tracing::instrument;
+
+use super::RedisStore;
+use super::script::{ClockArg, Invocation};
+use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::{Outcome, QueueStats};
+use crate::keys::QueueKeys;
+use crate::store::clock::Clock;
+use crate::store::task_fields;
+use crate::store::tasks::{
+    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend, TaskLimits,
+    Trimmed, WorkerRecord,
+};
+use crate::store::{Deadline, Result, StoreError};
+
+/// The task store on Redis: the pool, the key prefix, and the clock whose
+/// offset every script adds to Redis's `TIME`.
+pub struct RedisTasks {
+    store: RedisStore,
+    prefix: String,
+    clock: Clock,
+}
+
+impl RedisTasks {
+    /// Tasks on `store` under `prefix`, on `clock`.
+    pub fn new(store: RedisStore, prefix: &str, clock: Clock) -> Self {
+        Self {
+            store,
+            prefix: prefix.to_owned(),
+            clock,
+        }
+    }
+
+    /// The pool and key prefix.
+    pub fn parts(&self) -> (&RedisStore, &str) {
+        (&self.store, &self.prefix)
+    }
+
+    fn keys(&self, queue: &QueueName) -> QueueKeys {
+        QueueKeys::new(&self.prefix, queue)
+    }
+
+    fn scripts(&self) -> &TaskScripts {
+        &self.store.inner.tasks
+    }
+
+    fn clock(&self) -> ClockArg {
+        ClockArg::of(&self.clock)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Arguments of lease.lua (its keys are pushed with the queue's).
+fn lease_args(
+    call: &mut Invocation<'_>,
+    keys: &QueueKeys,
+    next: &LeaseAsk<'_>,
+    limits: TaskLimits,
+) {
+    call.arg("prefix", keys.task_prefix())
+        .arg("lease_ms", millis(next.lease))
+        .arg("worker", next.worker)
+        .arg("events_cap", limits.events)
+        .arg("scan", limits.lease_scan);
+    for name in next.names {
+        call.extra(*name);
+    }
+}
+
+/// Arguments of finish.lua.
+fn finish_args(
+    call: &mut Invocation<'_>,
+    id: &TaskId,
+    token: u32,
+    outcome: &Outcome,
+    log: &str,
+    limits: TaskLimits,
+) {
+    let (name, payload, delay) = match outcome {
+        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
+        Outcome::Retry { error, delay } => ("retry", error, *delay),
+        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
+        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
+    };
+    call.arg("id", id.as_str())
+        .arg("token", token)
+        .arg("events_cap", limits.events)
+        .arg("outcome", name)
+        .arg("payload", payload.as_str())
+        .arg("delay_ms", millis(delay))
+        .arg("history_cap", limits.history)
+        .arg("log", log)
+        .arg("dead_ttl_ms", millis(limits.dead_ttl));
+}
+
+/// finish.lua's reply: the new state, and whether tasks wait on it.
+fn parse_end(reply: &str) -> Option<(State, bool)> {
+    match reply.strip_suffix('+') {
+        Some(state) => State::parse(state).map(|s| (s, true)),
+        None => State::parse(reply).map(|s| (s, false)),
+    }
+}
+
+/// A leased task's hash, as lease.lua returns it.
+fn leased(fields: Option<HashMap<String, String>>) -> Result<Option<Task>> {
+    fields
+        .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
+        .transpose()
+}
+
+impl RedisStore {
+    /// Runs a script that is safe to repeat (it checks before it writes),
+    /// with the retries of [`RedisStore::run`].
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run(
+            deadline,
+            |mut c| async move { inv.invoke_async(&mut c).await },
+        )
+        .await
+    }
+
+    /// Runs a script that moves a task, once: after a lost reply, sending it
+    /// again could apply it twice.
+    async fn invoke_once<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run_once(
+            deadline,
+            |mut c| async move { inv.invoke_async(&mut c).await },
+        )
+        .await
+    }
+}
+
+impl RedisTasks {
+    /// A submit.lua call for `task` (PENDING on `waiting` when not empty).
+    fn submit_call(
+        &self,
+        task: &Task,
+        delay: Duration,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+    ) -> Invocation<'_> {
+        let keys = self.keys(&task.id.queue());
+        let mut call = self.scripts().submit.call(self.clock());
+        call.queue_keys(&keys, Some(&task.id))
+            .arg("id", task.id.as_str())
+            .arg("band", task.priority.band())
+            .arg("delay_ms", millis(delay))
+            .arg("events_cap", limits.events)
+            .arg("deps", waiting.len());
+        for dep in waiting {
+            call.extra(dep.as_str());
+        }
+        for (field, value) in task_fields::to_fields(task) {
+            call.extra(field).extra(value);
+        }
+        call
+    }
+}
+
+#[async_trait::async_trait]
+impl TaskBackend for RedisTasks {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %task.id))]
+    async fn submit(
+        &self,
+        task: &Task,
+        delay: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let call = self.submit_call(task, delay, &[], limits);
+        self.store
+            .invoke_once::<i64>(call.done(), deadline)
+            .await
+            .map(drop)
+    }
+
+    /// One pipeline, the script loaded first in the same round trip.
+    #[instrument(skip_all, level = "debug", fields(tasks = tasks.len()))]
+    async fn submit_many(
+        &self,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<()>>> {
+        let calls: Vec<_> = tasks
+            .iter()
+            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.load_script(self.scripts().submit.script());
+        for call in &calls {
+            pipe.invoke_script(call.done());
+        }
+        pipe.ignore_errors();
+        let pipe = &pipe;
+        let replies: Vec<redis::RedisResult<redis::Value>> = self
+            .store
+            .run_once(
+                deadline,
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await?;
+        Ok(replies
+            .into_iter()
+            .skip(1)
+            .map(|r| {
+                r.map(drop)
+                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
+            })
+            .collect())
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue, worker))]
+    async fn lease(
+        &self,
+        queue: &QueueName,
+        worker: &str,
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<Task>> {
+        let keys = self.keys(queue);
+        let mut call = self.scripts().lease.call(self.clock());
+        call.queue_keys(&keys, None);
+        let ask = LeaseAsk {
+            worker,
+            lease,
+            names,
+        };
+        lease_args(&mut call, &keys, &ask, limits);
+        leased(self.store.invoke_once(call.done(), deadline).await?)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn heartbeat(
+        &self,
+        id: &TaskId,
+        token: u32,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<Beat> {
+        let mut call = self.scripts().heartbeat.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("token", token)
+            .arg("lease_ms", millis(lease));
+        let reply: i64 = self.store.invoke(call.done(), deadline).await?;
+        Ok(match reply {
+            1 => Beat::Held,
+            2 => Beat::CancelRequested,
+            _ => Beat::Lost,
+        })
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn cancel(
+        &self,
+        id: &TaskId,
+        reason: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<CancelReply> {
+        let mut call = self.scripts().cancel.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("events_cap", limits.events)
+            .arg("history_cap", limits.history)
+            .arg("reason", reason);
+        let reply: String = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(CancelReply::parse(&reply))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn retry(
+        &self,
+        id: &TaskId,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<RetryReply> {
+        let mut call = self.scripts().retry.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("events_cap", limits.events);
+        let reply: String = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(RetryReply::parse(&reply))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %task.id))]
+    async fn submit_pending(
+        &self,
+        task: &Task,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        let call = self.submit_call(task, Duration::ZERO, waiting, limits);
+        self.store
+            .invoke_once::<i64>(call.done(), deadline)
+            .await
+            .map(drop)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn depend_on(
+        &self,
+        id: &TaskId,
+        dependent: &TaskId,
+        deadline: Deadline,
+    ) -> Result<DependReply> {
+        let mut call = self.scripts().depend.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("dependent", dependent.as_str());
+        let reply: String = self.store.invoke(call.done(), deadline).await?;
+        Ok(DependReply::parse(&reply))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn dependents(&self, id: &TaskId, deadline: Deadline) -> Result<Vec<String>> {
+        let mut cmd = redis::cmd("SMEMBERS");
+        cmd.arg(format!("{}:dependents", self.keys(&id.queue()).task(id)));
+        self.store.query(&cmd, deadline).await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn pending_tasks(
+        &self,
+        queue: &QueueName,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, Vec<String>)>> {
+        self.store
+            .pending_tasks(&self.keys(queue), count, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id, dependency))]
+    async fn resolve_dependency(
+        &self,
+        id: &TaskId,
+        dependency: &str,
+        state: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<State>> {
+        let mut call = self.scripts().resolve.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("dependency", dependency)
+            .arg("dependency_state", state)
+            .arg("events_cap", limits.events)
+            .arg("history_cap", limits.history);
+        let reply: String = self.store.invoke(call.done(), deadline).await?;
+        Ok(State::parse(&reply))
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<Option<String>> {
+        self.store
+            .claim_idempotency(&self.prefix, key, value, ttl, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn swap_idempotency(
+        &self,
+        key: &str,
+        old: &str,
+        new: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut call = self.scripts().idem_swap.call(self.clock());
+        call.key(
+            super::script::Key::Claim,
+            crate::keys::idempotency(&self.prefix, key),
+        )
+        .arg("old", old)
+        .arg("new", new)
+        .arg("ttl_ms", millis(ttl).max(1));
+        let swapped: i64 = self.store.invoke(call.done(), deadline).await?;
+        Ok(swapped == 1)
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn idempotency_claimed(&self, keys: &[String], deadline: Deadline) -> Result<Vec<bool>> {
+        self.store
+            .idempotency_claimed(&self.prefix, keys, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<String>> {
+        let mut cmd = redis::cmd("ZRANGE");
+        cmd.arg(self.keys(queue).dead())
+            .arg(0)
+            .arg(count.max(1) - 1);
+        self.store.query(&cmd, deadline).await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn release(
+        &self,
+        id: &TaskId,
+        token: u32,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut call = self.scripts().release.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("token", token)
+            .arg("events_cap", limits.events)
+            .arg("log", log);
+        let ok: i64 = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(ok == 1)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn progress(
+        &self,
+        id: &TaskId,
+        token: u32,
+        progress: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        let mut call = self.scripts().progress.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("token", token)
+            .arg("events_cap", limits.events)
+            .arg("progress", progress);
+        let ok: i64 = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(ok == 1)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn finish(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<(State, bool)>> {
+        let mut call = self.scripts().finish.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id));
+        finish_args(&mut call, id, token, outcome, log, limits);
+        let state: Option<String> = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(state.as_deref().and_then(parse_end))
+    }
+
+    /// finish.lua and lease.lua composed into one script (see
+    /// `finish_lease.lua`).
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn finish_and_lease(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        next: &LeaseAsk<'_>,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<((State, bool), Option<Task>)>> {
+        let keys = self.keys(&id.queue());
+        let mut call = self.scripts().finish_lease.call(self.clock());
+        call.queue_keys(&keys, Some(id));
+        finish_args(&mut call, id, token, outcome, log, limits);
+        lease_args(&mut call, &keys, next, limits);
+        let (state, fields): (Option<String>, Option<HashMap<String, String>>) =
+            self.store.invoke_once(call.done(), deadline).await?;
+        let Some(ended) = state.as_deref().and_then(parse_end) else {
+            return Ok(None);
+        };
+        Ok(Some((ended, leased(fields)?)))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn recover(
+        &self,
+        queue: &QueueName,
+        acks_late: bool,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<u64> {
+        let keys = self.keys(queue);
+        let mut call = self.scripts().recover.call(self.clock());
+        call.queue_keys(&keys, None)
+            .arg("prefix", keys.task_prefix())
+            .arg("events_cap", limits.events)
+            .arg("acks_late", if acks_late { "1" } else { "0" })
+            .arg("history_cap", limits.history)
+            .arg("dead_ttl_ms", millis(limits.dead_ttl));
+        self.store.invoke(call.done(), deadline).await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn trim(
+        &self,
+        queue: &QueueName,
+        before_ms: i64,
+        dead_before_ms: i64,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Trimmed> {
+        let keys = self.keys(queue);
+        let mut call = self.scripts().trim.call(self.clock());
+        call.queue_keys(&keys, None)
+            .arg("before_ms", before_ms)
+            .arg("events_cap", limits.events)
+            .arg("prefix", keys.task_prefix())
+            .arg("dead_before_ms", dead_before_ms);
+        let (history, dead, events): (u64, u64, u64) =
+            self.store.invoke(call.done(), deadline).await?;
+        Ok(Trimmed {
+            history,
+            dead,
+            events,
+        })
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn list_active(
+        &self,
+        queue: &QueueName,
+        set: usize,
+        offset: u64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<(Vec<Task>, Option<(usize, u64)>)> {
+        let keys = self.keys(queue);
+        self.store
+            .list_active(&keys, set, offset, count, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn history_page(
+        &self,
+        queue: &QueueName,
+        max_ms: i64,
+        below_id: Option<&str>,
+        min_ms: i64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, i64, String)>> {
+        let keys = self.keys(queue);
+        self.store
+            .history_page(&keys, max_ms, below_id, min_ms, count, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn queue_stats(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueStats> {
+        self.store
+            .queue_stats(&self.keys(queue), self.clock(), deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn get(&self, id: &TaskId, deadline: Deadline) -> Result<Option<Task>> {
+        self.store
+            .get_task(&self.keys(&id.queue()), id, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn event_reader(
+        &self,
+        queue: &QueueName,
+        after: Option<&str>,
+        deadline: Deadline,
+    ) -> Result<EventReader> {
+        let keys = self.keys(queue);
+        Ok(EventReader::Redis(match after {
+            Some(position) => {
+                self.store
+                    .event_reader_after(&keys, position, deadline)
+                    .await?
+            }
+            None => self.store.event_reader(&keys, deadline).await?,
+        }))
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn announce_worker(
+        &self,
+        record: &WorkerRecord,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
+        self.store
+            .announce_worker(&self.prefix, record, ttl, deadline)
+            .await
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn lease_key(&self, fresh: &str, deadline: Deadline) -> Result<String> {
+        self.store.lease_key(&self.prefix, fresh, deadline).await
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn retire_worker(&self, id: &str, deadline: Deadline) -> Result<()> {
+        self.store.retire_worker(&self.prefix, id, deadline).await
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn list_workers(&self, deadline: Deadline) -> Result<Vec<WorkerRecord>> {
+        self.store.list_workers(&self.prefix, deadline).await
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn usage(&self, deadline: Deadline) -> Result<serde_json::Value> {
+        let m = self.store.memory(deadline).await?;
+        Ok(serde_json::to_value(m).unwrap_or_default())
+    }
+
+    async fn recovered(&self) {
+        self.store.recovered().await;
+    }
+
+    #[instrument(skip_all, level = "debug")]
+    async fn ping(&self, deadline: Deadline) -> Result<Duration> {
+        self.store.probe(deadline).await
+    }
+}

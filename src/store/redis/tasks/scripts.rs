@@ -1,0 +1,277 @@
+//! The task scripts' declarations: each script's KEYS and ARGV by name
+//! (the Lua bodies in `lua/tasks/` read them as `K_<key>` and `A_<arg>`),
+//! and the scripts built from them once per store (see
+//! [`crate::store::redis::script`]).
+
+use crate::store::redis::script::{Composed, Key, Spec};
+
+/// The shared Lua library (`ready_score`, `add_event`, `promote_due`,
+/// `record_end`, ...).
+const LIB: &str = include_str!("../lua/tasks/lib.lua");
+
+use Key::{
+    Claim, Dead, Events, History, HistoryData, Leases, Pending, Ready, Scheduled, Stats, Task,
+};
+
+/// Then the ids waited on (`deps` of them) and the task hash's field,
+/// value pairs.
+pub(super) const SUBMIT: Spec = Spec {
+    name: "submit",
+    keys: &[Task, Ready, Scheduled, Events, Stats, Pending],
+    args: &["id", "band", "delay_ms", "events_cap", "deps"],
+    variadic: true,
+    body: include_str!("../lua/tasks/submit.lua"),
+};
+
+/// Then the task names served (`*`: all).
+pub(super) const LEASE: Spec = Spec {
+    name: "lease",
+    keys: &[Ready, Scheduled, Leases, Events],
+    args: &["prefix", "lease_ms", "worker", "events_cap", "scan"],
+    variadic: true,
+    body: include_str!("../lua/tasks/lease.lua"),
+};
+
+pub(super) const HEARTBEAT: Spec = Spec {
+    name: "heartbeat",
+    keys: &[Task, Leases],
+    args: &["id", "token", "lease_ms"],
+    variadic: false,
+    body: include_str!("../lua/tasks/heartbeat.lua"),
+};
+
+pub(super) const PROGRESS: Spec = Spec {
+    name: "progress",
+    keys: &[Task, Events],
+    args: &["id", "token", "events_cap", "progress"],
+    variadic: false,
+    body: include_str!("../lua/tasks/progress.lua"),
+};
+
+/// `outcome`: `succeeded`, `retry`, `failed`, `timed_out` or `cancelled`;
+/// `payload`: the result or error JSON; `log`: the attempt's log entry.
+pub(super) const FINISH: Spec = Spec {
+    name: "finish",
+    keys: &[
+        Task,
+        Leases,
+        Scheduled,
+        History,
+        HistoryData,
+        Dead,
+        Events,
+        Stats,
+    ],
+    args: &[
+        "id",
+        "token",
+        "events_cap",
+        "outcome",
+        "payload",
+        "delay_ms",
+        "history_cap",
+        "log",
+        "dead_ttl_ms",
+    ],
+    variadic: false,
+    body: include_str!("../lua/tasks/finish.lua"),
+};
+
+/// `acks_late`: `1` or `0`.
+pub(super) const RECOVER: Spec = Spec {
+    name: "recover",
+    keys: &[
+        Leases,
+        Ready,
+        History,
+        HistoryData,
+        Dead,
+        Events,
+        Stats,
+        Scheduled,
+    ],
+    args: &[
+        "prefix",
+        "events_cap",
+        "acks_late",
+        "history_cap",
+        "dead_ttl_ms",
+    ],
+    variadic: false,
+    body: include_str!("../lua/tasks/recover.lua"),
+};
+
+pub(super) const TRIM: Spec = Spec {
+    name: "trim",
+    keys: &[History, HistoryData, Dead, Events],
+    args: &["before_ms", "events_cap", "prefix", "dead_before_ms"],
+    variadic: false,
+    body: include_str!("../lua/tasks/trim.lua"),
+};
+
+pub(super) const RELEASE: Spec = Spec {
+    name: "release",
+    keys: &[Task, Leases, Ready, Events],
+    args: &["id", "token", "events_cap", "log"],
+    variadic: false,
+    body: include_str!("../lua/tasks/release.lua"),
+};
+
+pub(super) const CANCEL: Spec = Spec {
+    name: "cancel",
+    keys: &[
+        Task,
+        Ready,
+        Scheduled,
+        History,
+        HistoryData,
+        Dead,
+        Events,
+        Stats,
+        Pending,
+    ],
+    args: &["id", "events_cap", "history_cap", "reason"],
+    variadic: false,
+    body: include_str!("../lua/tasks/cancel.lua"),
+};
+
+pub(super) const RETRY: Spec = Spec {
+    name: "retry",
+    keys: &[Task, Ready, History, HistoryData, Dead, Events, Stats],
+    args: &["id", "events_cap"],
+    variadic: false,
+    body: include_str!("../lua/tasks/retry.lua"),
+};
+
+pub(super) const IDEM_SWAP: Spec = Spec {
+    name: "idem_swap",
+    keys: &[Claim],
+    args: &["old", "new", "ttl_ms"],
+    variadic: false,
+    body: include_str!("../lua/tasks/idem_swap.lua"),
+};
+
+/// `Task`: the dependency's hash.
+pub(super) const DEPEND: Spec = Spec {
+    name: "depend",
+    keys: &[Task],
+    args: &["dependent"],
+    variadic: false,
+    body: include_str!("../lua/tasks/depend.lua"),
+};
+
+/// `dependency_state`: the state the dependency ended in.
+pub(super) const RESOLVE: Spec = Spec {
+    name: "resolve",
+    keys: &[
+        Task,
+        Pending,
+        Ready,
+        History,
+        HistoryData,
+        Dead,
+        Events,
+        Stats,
+    ],
+    args: &[
+        "id",
+        "dependency",
+        "dependency_state",
+        "events_cap",
+        "history_cap",
+    ],
+    variadic: false,
+    body: include_str!("../lua/tasks/resolve.lua"),
+};
+
+/// The compiled task scripts (loaded by SHA, sent in full on a cache miss).
+pub(crate) struct TaskScripts {
+    pub(super) submit: Composed,
+    pub(super) lease: Composed,
+    pub(super) heartbeat: Composed,
+    pub(super) progress: Composed,
+    pub(super) finish: Composed,
+    pub(super) recover: Composed,
+    pub(super) trim: Composed,
+    pub(super) finish_lease: Composed,
+    pub(super) release: Composed,
+    pub(super) cancel: Composed,
+    pub(super) retry: Composed,
+    pub(super) idem_swap: Composed,
+    pub(super) depend: Composed,
+    pub(super) resolve: Composed,
+}
+
+impl TaskScripts {
+    pub(crate) fn new() -> Self {
+        let with_lib = |spec| Composed::single(spec, Some(LIB));
+        let alone = |spec| Composed::single(spec, None);
+        Self {
+            submit: with_lib(SUBMIT),
+            lease: with_lib(LEASE),
+            heartbeat: alone(HEARTBEAT),
+            progress: with_lib(PROGRESS),
+            finish: with_lib(FINISH),
+            recover: with_lib(RECOVER),
+            trim: alone(TRIM),
+            release: with_lib(RELEASE),
+            cancel: with_lib(CANCEL),
+            retry: with_lib(RETRY),
+            idem_swap: alone(IDEM_SWAP),
+            depend: alone(DEPEND),
+            resolve: with_lib(RESOLVE),
+            finish_lease: Composed::compose(
+                &[FINISH, LEASE],
+                Some(LIB),
+                include_str!("../lua/tasks/finish_lease.lua"),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The band width and the promote-due loop each have one source: no
+    /// script body spells the band's value or moves due tasks itself.
+    #[test]
+    fn scripts_share_the_band_and_promote_due() {
+        let band = crate::store::tasks::BAND_WIDTH.to_string();
+        for spec in [
+            SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
+            IDEM_SWAP, DEPEND, RESOLVE,
+        ] {
+            assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
+            assert!(
+                !spec.body.contains("ZRANGEBYSCORE', K_scheduled"),
+                "{} copies promote_due",
+                spec.name
+            );
+            assert!(!spec.body.contains("KEYS["), "{} counts keys", spec.name);
+        }
+        assert!(!LIB.contains(&band));
+        for spec in [LEASE, RECOVER] {
+            assert!(spec.body.contains("promote_due("), "{}", spec.name);
+        }
+        let scripts = TaskScripts::new();
+        assert!(
+            scripts
+                .lease
+                .text()
+                .contains(&format!("local BAND = {band}"))
+        );
+    }
+
+    /// Finish-then-lease reads lease's keys after finish's eight and its
+    /// arguments after finish's nine (and the clock offset).
+    #[test]
+    fn finish_and_lease_offsets() {
+        let text = TaskScripts::new().finish_lease.text().to_owned();
+        assert!(text.contains("local K_ready = KEYS[9]"), "{text}");
+        assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
+        assert!(text.contains("local ARGN = 16"), "{text}");
+        assert!(text.contains("local function finish()"));
+        assert!(text.contains("local function lease()"));
+    }
+}

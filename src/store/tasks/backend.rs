@@ -1,0 +1,398 @@
+//! The task store's one trait: every transition a task goes through,
+//! specified here once and implemented by both backends
+//! ([`crate::store::redis::RedisTasks`]: a Lua script each;
+//! [`crate::store::memory::tasks::MemoryTasks`]: a critical section each).
+//! The backends' comments refer to these docs rather than repeat them.
+//!
+//! # Conventions of every transition
+//! - **Atomic**: a transition applies whole or not at all (one script on
+//!   the queue's keys, one Redis Cluster slot; one lock on the embedded
+//!   store), and reads its own notion of now: Redis's `TIME`, or the system
+//!   clock, shifted by the store's [`crate::store::clock::Clock`] offset.
+//! - **Fencing**: a transition made on behalf of a lease (heartbeat,
+//!   progress, release, finish) applies only while the task is RUNNING with
+//!   that `token`; every lease increments the token. Fenced, it changes
+//!   nothing and says so (`false`, `None`, [`Beat::Lost`]).
+//! - **Events**: a transition appends one event per task it moves, with the
+//!   task's state after (`queued`, `running`, ...), to its queue's event
+//!   log, capped at `limits.events` (Redis: `MAXLEN ~`, approximately; the
+//!   embedded store: exactly).
+//! - **Ready order**: a QUEUED task is scored `band * BAND_WIDTH + ms`
+//!   ([`super::BAND_WIDTH`]): higher priority first, then FIFO.
+//! - **Ending** (`record_end` in `lib.lua`, `Tasks::end` in memory): a task
+//!   that reaches SUCCEEDED, FAILED, TIMED_OUT or CANCELLED gets its
+//!   `finished_ms`, its summary in the queue's history (trimmed **at** the
+//!   cap `limits.history`, oldest first, with their summaries), and its
+//!   result expires after its `result_ttl_ms`. FAILED and TIMED_OUT also
+//!   become dead letters (capped at `limits.history`; one pushed out by the
+//!   cap expires like a result) and keep their result for the longer of the
+//!   result TTL and `limits.dead_ttl`. The end's [`Count`] is bumped.
+//!   Its PENDING dependents are then released (see [`TaskBackend::finish`]).
+//!
+//! [`Count`]: crate::domain::Count
+
+use std::any::Any;
+use std::time::Duration;
+
+use super::{
+    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskLimits, Trimmed,
+    WorkerRecord,
+};
+use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::{Outcome, QueueStats};
+use crate::store::{Deadline, Result};
+
+/// A task store backend: the transitions and reads of the task engine.
+///
+/// `deadline` bounds the call on Redis; the embedded store never waits on
+/// anything but its lock and ignores it.
+#[async_trait::async_trait]
+pub trait TaskBackend: Send + Sync + 'static {
+    /// The backend itself, for the handle's accessors
+    /// ([`super::TaskStore::redis_parts`], [`super::TaskStore::memory_tasks`]).
+    fn as_any(&self) -> &dyn Any;
+
+    /// Whether other koo processes can share these tasks (Redis).
+    fn is_shared(&self) -> bool;
+
+    /// **Submit.** Pre: no task `task.id`. Post: QUEUED in `ready` (`delay`
+    /// zero) or SCHEDULED, due `delay` from now, with `created_ms` now.
+    /// Event: its state. Counts: `Submitted`. An existing id is an error
+    /// (Redis: `EXISTS`); on the embedded store, so is a store holding
+    /// [`crate::store::memory::tasks::MAX_TASKS`] (`OutOfMemory`).
+    async fn submit(
+        &self,
+        task: &Task,
+        delay: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()>;
+
+    /// [`Self::submit`] for a batch, in one round trip: the outcome per
+    /// task. `Err` when the batch as a whole failed (then, as for any
+    /// ambiguous write, some may have been stored).
+    async fn submit_many(
+        &self,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<()>>>;
+
+    /// **Lease.** First, due SCHEDULED tasks of `queue` become QUEUED
+    /// (at most 100; an event each). Then, among the first
+    /// `limits.lease_scan` QUEUED entries of `ready` (entries whose task is
+    /// gone or moved on are dropped on the way and do not count), the best
+    /// one whose name is in `names` (`*` serves all) becomes RUNNING:
+    /// `attempts` + 1, `token` + 1, `worker`, `started_ms` now, lease until
+    /// now + `lease`, hard deadline now + `hard_ms` (when set); progress is
+    /// cleared. In `leases`, scored by the sooner of the two deadlines.
+    /// Event: `running`. `None` when nothing is served.
+    async fn lease(
+        &self,
+        queue: &QueueName,
+        worker: &str,
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<Task>>;
+
+    /// **Heartbeat.** Fenced by `token`. Post: the lease runs until now +
+    /// `lease` (its score: the sooner of that and the hard deadline). No
+    /// event. [`Beat::CancelRequested`] when a cancel was asked for.
+    async fn heartbeat(
+        &self,
+        id: &TaskId,
+        token: u32,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<Beat>;
+
+    /// **Cancel.** Missing (or expired): [`CancelReply::Missing`]. QUEUED,
+    /// SCHEDULED or PENDING: ends CANCELLED now (error `cancelled:
+    /// <reason>`; "Ending"; counts `Cancelled`; event `cancelled`).
+    /// RUNNING: the reason is recorded for its worker (told at its next
+    /// heartbeat; event `running`, once), and the task ends CANCELLED when
+    /// the worker reports anything but success, or when the sweep finds its
+    /// lease lapsed. Ended: [`CancelReply::Ended`] with its state.
+    async fn cancel(
+        &self,
+        id: &TaskId,
+        reason: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<CancelReply>;
+
+    /// **Retry (RetryTask).** Pre: FAILED, TIMED_OUT or CANCELLED (else
+    /// [`RetryReply::NotEnded`]; missing: [`RetryReply::Missing`], and a
+    /// dead letter whose task expired is dropped). Post: QUEUED (scored
+    /// now), out of history and the dead letters, no longer expiring, a
+    /// fresh retry budget (`attempt_base` = `attempts`), cancel, error,
+    /// result and progress cleared; its log stays. Event: `queued`. Counts:
+    /// `Requeued`.
+    async fn retry(
+        &self,
+        id: &TaskId,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<RetryReply>;
+
+    /// **Submit pending.** As [`Self::submit`], but PENDING (in `pending`,
+    /// by submit time) on the dependencies in `waiting`, each of which
+    /// already lists it as a dependent ([`Self::depend_on`]). Event:
+    /// `pending`. Counts: `Submitted`. The embedded store releases it at
+    /// once from dependencies that ended in between.
+    async fn submit_pending(
+        &self,
+        task: &Task,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()>;
+
+    /// **Depend.** Registers `dependent` as waiting on `id` unless `id` has
+    /// ended ([`DependReply::Ended`]) or is missing. No event.
+    async fn depend_on(
+        &self,
+        id: &TaskId,
+        dependent: &TaskId,
+        deadline: Deadline,
+    ) -> Result<DependReply>;
+
+    /// The tasks waiting on `id` (the embedded store releases them as `id`
+    /// ends: always empty).
+    async fn dependents(&self, id: &TaskId, deadline: Deadline) -> Result<Vec<String>>;
+
+    /// Up to `count` PENDING tasks of `queue` with the dependencies each
+    /// still waits on, for the sweep that repairs releases a dead process
+    /// did not make (the embedded store: none need repair).
+    async fn pending_tasks(
+        &self,
+        queue: &QueueName,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, Vec<String>)>>;
+
+    /// **Resolve a dependency.** Pre: `id` PENDING (else its state, or
+    /// `None` when missing). It stops waiting on `dependency`; if that
+    /// ended other than SUCCEEDED, `id` ends CANCELLED (error `dependency
+    /// <id> ended <STATE>`; "Ending"; counts `Cancelled`; event
+    /// `cancelled`); else, with nothing left to wait on, it becomes QUEUED
+    /// (event `queued`). Idempotent. The embedded store does this as the
+    /// dependency ends: `None`.
+    async fn resolve_dependency(
+        &self,
+        id: &TaskId,
+        dependency: &str,
+        state: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<State>>;
+
+    /// Claims idempotency key `key` with `value` for `ttl`: `None` when
+    /// claimed now, else the value of the claim that holds it.
+    async fn claim_idempotency(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<Option<String>>;
+
+    /// Replaces claim `old` of `key` with `new` (empty: deletes it) if it
+    /// still holds `old`; whether it did.
+    async fn swap_idempotency(
+        &self,
+        key: &str,
+        old: &str,
+        new: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<bool>;
+
+    /// Which of `keys` are claimed idempotency keys (one round trip).
+    async fn idempotency_claimed(&self, keys: &[String], deadline: Deadline) -> Result<Vec<bool>>;
+
+    /// Up to `count` of `queue`'s dead-lettered ids, oldest first.
+    async fn dead_letters(
+        &self,
+        queue: &QueueName,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<String>>;
+
+    /// **Release.** Fenced by `token`; the worker stops before the task
+    /// ended. Post: QUEUED again in its original place (scored by its
+    /// `created_ms`), the attempt given back (`attempts` - 1), `log` (a
+    /// JSON object, `ended_ms` added) appended to its log, worker and
+    /// progress cleared. Event: `queued`. No count.
+    async fn release(
+        &self,
+        id: &TaskId,
+        token: u32,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool>;
+
+    /// **Progress.** Fenced by `token`. Post: `progress` (JSON) stored.
+    /// Event: `running` with the progress.
+    async fn progress(
+        &self,
+        id: &TaskId,
+        token: u32,
+        progress: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<bool>;
+
+    /// **Finish.** Fenced by `token` (`None`). `log` (a JSON object,
+    /// `ended_ms` added; `retry_at_ms` for a retry) is appended to the
+    /// task's log; the lease and worker are cleared. The outcome decides:
+    /// - a retry whose budget is spent (attempts since `attempt_base`
+    ///   beyond `max_retries`) is FAILED instead;
+    /// - with a cancel asked for, anything but success is CANCELLED
+    ///   (error `cancelled: <reason>`);
+    /// - retry: SCHEDULED, due after its delay, its error kept; counts
+    ///   `Retried`; event `scheduled`;
+    /// - else the end state ("Ending"; a success clears earlier errors);
+    ///   event with that state.
+    ///
+    /// Returns the state and whether tasks wait on it: on Redis, releasing
+    /// them ([`Self::resolve_dependency`]) is the caller's part; the
+    /// embedded store releases them here (always `false`).
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<(State, bool)>>;
+
+    /// [`Self::finish`], then, when it was accepted, [`Self::lease`] of the
+    /// next task of the same queue for `next`, atomically and in one round
+    /// trip: the new state and the next task, or `None` when fenced.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_and_lease(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: &Outcome,
+        log: &str,
+        next: &LeaseAsk<'_>,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Option<((State, bool), Option<Task>)>>;
+
+    /// **Recover (the sweep).** First, due SCHEDULED tasks become QUEUED (as
+    /// in [`Self::lease`]). Then each lease of `queue` that lapsed (at most
+    /// 100): its task, if still RUNNING, counts `Lost`, logs a `lost`
+    /// attempt (`worker lost: lease lapsed`), and becomes: CANCELLED when a
+    /// cancel was asked for; TIMED_OUT past its hard deadline; QUEUED again
+    /// (scored now) when `acks_late` and its budget remains; else FAILED.
+    /// An end is "Ending" with its error. Event: the state after. Returns
+    /// how many entries were handled (lapsed and due). The embedded store
+    /// also forgets expired results here.
+    async fn recover(
+        &self,
+        queue: &QueueName,
+        acks_late: bool,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<u64>;
+
+    /// **Trim.** Removes `queue`'s tasks that ended before `before_ms`
+    /// (history entries, summaries, stored results and logs while still
+    /// ended; at most 1000 per call), except dead letters that ended at or
+    /// after `dead_before_ms` (they stay, in history and stored); removes
+    /// dead letters that ended before `dead_before_ms`. Redis also trims
+    /// the event stream to its cap here (the embedded log is capped as it
+    /// is written: `events` is 0). No event.
+    async fn trim(
+        &self,
+        queue: &QueueName,
+        before_ms: i64,
+        dead_before_ms: i64,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Trimmed>;
+
+    /// Up to `count` active tasks of `queue` from position `offset` of set
+    /// `set` (0 running, 1 queued, 2 scheduled, 3 pending), and where the
+    /// next call should start (`None`: the queue is done).
+    async fn list_active(
+        &self,
+        queue: &QueueName,
+        set: usize,
+        offset: u64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<(Vec<Task>, Option<(usize, u64)>)>;
+
+    /// Up to `count` history entries of `queue` ending at or before `max_ms`
+    /// (newest first, ties by id descending, skipping ids at `max_ms` that
+    /// are not below `below_id`) and at or after `min_ms`: `(id, end ms,
+    /// summary JSON)`.
+    #[allow(clippy::too_many_arguments)]
+    async fn history_page(
+        &self,
+        queue: &QueueName,
+        max_ms: i64,
+        below_id: Option<&str>,
+        min_ms: i64,
+        count: usize,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, i64, String)>>;
+
+    /// `queue`'s depths, oldest wait (by the store's now) and outcome
+    /// counters.
+    async fn queue_stats(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueStats>;
+
+    /// Reads a task and its attempt log; `None` once it has expired.
+    async fn get(&self, id: &TaskId, deadline: Deadline) -> Result<Option<Task>>;
+
+    /// A reader of `queue`'s events after position `after` (a resume
+    /// token's), or from now on. `Expired` when events after `after` were
+    /// trimmed; `InvalidCursor` when `after` is not a position of this store.
+    async fn event_reader(
+        &self,
+        queue: &QueueName,
+        after: Option<&str>,
+        deadline: Deadline,
+    ) -> Result<EventReader>;
+
+    /// Records that worker pool `record` is alive, for `ttl`.
+    async fn announce_worker(
+        &self,
+        record: &WorkerRecord,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()>;
+
+    /// The key of lease secrets: the one stored, or `fresh` stored now when
+    /// there is none (`SET NX`, so that every process of a deployment ends
+    /// up with the first one written). The embedded store's is `fresh`: no
+    /// other process serves its tasks.
+    async fn lease_key(&self, fresh: &str, deadline: Deadline) -> Result<String>;
+
+    /// Removes a stopping worker pool's record.
+    async fn retire_worker(&self, id: &str, deadline: Deadline) -> Result<()>;
+
+    /// The worker pools alive now (their records have not expired).
+    async fn list_workers(&self, deadline: Deadline) -> Result<Vec<WorkerRecord>>;
+
+    /// What the store holds, for maintenance reports: Redis's memory
+    /// figures, or the embedded store's counts.
+    async fn usage(&self, deadline: Deadline) -> Result<serde_json::Value>;
+
+    /// Resolves when the store answers again after an outage (see
+    /// [`crate::store::RedisStore::recovered`]); never for the embedded
+    /// store.
+    async fn recovered(&self);
+
+    /// The round trip to the store.
+    async fn ping(&self, deadline: Deadline) -> Result<Duration>;
+}
