@@ -86,7 +86,9 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// `attempts` + 1, `token` + 1, `worker`, `started_ms` now, lease until
     /// now + `lease`, hard deadline now + `hard_ms` (when set); progress is
     /// cleared. In `leases`, scored by the sooner of the two deadlines.
-    /// Event: `running`. `None` when nothing is served.
+    /// Event: `running`. The task is returned without its attempt log (a
+    /// worker does not need it; `get` reads it). `None` when nothing is
+    /// served.
     async fn lease(
         &self,
         queue: &QueueName,
@@ -274,7 +276,11 @@ pub trait TaskBackend: Send + Sync + 'static {
 
     /// [`Self::finish`], then, when it was accepted, [`Self::lease`] of the
     /// next task of the same queue for `next`, atomically and in one round
-    /// trip: the new state and the next task, or `None` when fenced.
+    /// trip: the new state and the next task, or `None` when fenced. The
+    /// lease comes before the finished task's dependents are released (on
+    /// Redis the caller releases them after the call; the embedded store
+    /// defers its release to match), so a dependent this finish frees is
+    /// never leased by the same call.
     #[allow(clippy::too_many_arguments)]
     async fn finish_and_lease(
         &self,

@@ -326,12 +326,14 @@ impl TaskBackend for MemoryTasks {
         _: Deadline,
     ) -> Result<Option<((State, bool), Option<Task>)>> {
         self.write(|s, now| {
-            let Some(state) = s.finish(id, token, outcome, log, limits, now)? else {
-                return Ok(None);
-            };
-            let queue = id.queue();
-            let task = s.lease(&queue, next.worker, next.lease, next.names, limits, now);
-            Ok(Some(((state, false), task)))
+            s.deferring_releases(limits, now, |s| {
+                let Some(state) = s.finish(id, token, outcome, log, limits, now)? else {
+                    return Ok(None);
+                };
+                let queue = id.queue();
+                let task = s.lease(&queue, next.worker, next.lease, next.names, limits, now);
+                Ok(Some(((state, false), task)))
+            })
         })
     }
 

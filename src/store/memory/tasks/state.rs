@@ -203,6 +203,9 @@ pub(super) struct Tasks {
     pub(super) claims: HashMap<String, (String, i64)>,
     /// The tasks waiting on each task that has not ended.
     pub(super) dependents: HashMap<String, Vec<String>>,
+    /// While `Some`, ends are not released to their dependents at once but
+    /// collected here (see [`Tasks::deferring_releases`]).
+    pub(super) deferred_releases: Option<Vec<(String, State)>>,
 }
 
 pub(super) fn millis(d: Duration) -> i64 {
@@ -285,18 +288,18 @@ impl Tasks {
             ttl = ttl.max(millis(limits.dead_ttl));
         }
         q.history.add(id, now);
-        q.history_data.insert(
-            id.to_owned(),
-            serde_json::json!({
-                "name": e.task.name,
-                "state": state.as_str(),
-                "attempts": e.task.attempts,
-                "finished_ms": now,
-                "category": e.task.category.as_str(),
-                "schedule": e.task.schedule,
-            })
-            .to_string(),
-        );
+        let mut summary = serde_json::json!({
+            "name": e.task.name,
+            "state": state.as_str(),
+            "attempts": e.task.attempts,
+            "finished_ms": now,
+            "category": e.task.category.as_str(),
+        });
+        // as on Redis: a task no schedule submitted has no `schedule` key
+        if let Some(schedule) = &e.task.schedule {
+            summary["schedule"] = schedule.as_str().into();
+        }
+        q.history_data.insert(id.to_owned(), summary.to_string());
         for old in q.history.trim(limits.history) {
             q.history_data.remove(&old);
         }
@@ -306,7 +309,29 @@ impl Tasks {
         for old in over {
             self.expire_as_result(&old);
         }
-        self.release_dependents(id, state, limits, now);
+        match &mut self.deferred_releases {
+            Some(later) => later.push((id.to_owned(), state)),
+            None => self.release_dependents(id, state, limits, now),
+        }
+    }
+
+    /// Runs `f` with the release of dependents put off until it returns:
+    /// finish-then-lease leases before the finished task's dependents are
+    /// released, as on Redis (where the caller releases them after the
+    /// call), so that one call never leases a dependent its own finish
+    /// released.
+    pub(super) fn deferring_releases<T>(
+        &mut self,
+        limits: TaskLimits,
+        now: i64,
+        f: impl FnOnce(&mut Self) -> T,
+    ) -> T {
+        self.deferred_releases = Some(Vec::new());
+        let out = f(self);
+        for (id, state) in self.deferred_releases.take().unwrap_or_default() {
+            self.release_dependents(&id, state, limits, now);
+        }
+        out
     }
 
     /// A dead letter trimmed by the cap expires `result_ttl` after it

@@ -190,7 +190,11 @@ impl Tasks {
             };
             q.leases.add(&id, lease_score(e.lease_until, e.hard_until));
             push_event(q, &mut self.last_event, limits, &e.task, None, now);
-            leased = Some(e.task.clone());
+            // as on Redis: the leased task comes without its attempt log
+            leased = Some(Task {
+                log: Vec::new(),
+                ..e.task.clone()
+            });
         }
         leased
     }
