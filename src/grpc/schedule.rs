@@ -15,10 +15,10 @@ use super::tasks::{
 };
 use super::time;
 use crate::auth::audit;
+use crate::domain::schedule::{MissedPolicy, Schedule, Source, Template};
 use crate::domain::task::{Category, Priority};
 use crate::pb::schedule::v1 as pb;
-use crate::schedule::model::{MissedPolicy, Schedule, Source, Template};
-use crate::schedule::{Patch, Schedules, View};
+use crate::schedule::{Patch, ScheduleError, Schedules, View};
 use crate::store::Deadline;
 
 /// Default and largest ListSchedules pages.
@@ -200,19 +200,10 @@ fn schedule(s: Option<pb::Schedule>) -> Result<Schedule, Status> {
     })
 }
 
-/// Adds `schedule.` to a domain error's field.
-fn in_schedule(e: crate::tasks::engine::TaskError) -> Status {
-    match e {
-        crate::tasks::engine::TaskError::InvalidArgument { field, reason } => {
-            let field = if field.starts_with("schedule") {
-                field
-            } else {
-                format!("schedule.{field}")
-            };
-            invalid_argument(&field, &reason)
-        }
-        e => e.into(),
-    }
+/// A domain error about a request's `schedule` message: its fields are
+/// named from there (`schedule.cron`).
+fn in_schedule(e: ScheduleError) -> Status {
+    e.within("schedule").into()
 }
 
 /// A schedule as an audit line names it.

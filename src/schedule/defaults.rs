@@ -2,8 +2,8 @@
 //! or switch off: cache cleanup every 10 minutes, cache warming every 30,
 //! database maintenance every hour, health checks every 5.
 
-use super::model::{MissedPolicy, Schedule, Source, Template};
 use super::spec::CronSpec;
+use crate::domain::schedule::{MissedPolicy, Schedule, Source, Template};
 use crate::domain::task::{Category, names};
 use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_WARM, DATABASE_MAINTENANCE};
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
 use super::redis::StreamReader;
-use super::{Deadline, RedisStore, Result, Store};
+use super::{Deadline, RedisStore, Result};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Outcome, QueueStats};
 use crate::keys::QueueKeys;
@@ -820,7 +820,7 @@ impl TaskStore {
     pub async fn usage(&self, deadline: Deadline) -> Result<serde_json::Value> {
         match self {
             Self::Redis { store, .. } => {
-                let m = Store::Redis(store.clone()).memory(deadline).await?;
+                let m = store.memory(deadline).await?;
                 Ok(serde_json::to_value(m).unwrap_or_default())
             }
             Self::Memory(m) => Ok(m.usage()),
@@ -839,7 +839,7 @@ impl TaskStore {
     /// The round trip to the store.
     pub async fn ping(&self, deadline: Deadline) -> Result<Duration> {
         match self {
-            Self::Redis { store, .. } => Store::Redis(store.clone()).probe(deadline).await,
+            Self::Redis { store, .. } => store.probe(deadline).await,
             Self::Memory(_) => Ok(Duration::ZERO),
         }
     }
