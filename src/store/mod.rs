@@ -8,6 +8,8 @@
 //! for schedules, [`tasks`] for the task queues.
 
 pub mod clock;
+#[cfg(test)]
+mod contract;
 pub mod memory;
 pub mod redis;
 pub mod schedules;
