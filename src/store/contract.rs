@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{
-    BackendKind, CacheBackend, Deadline, MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store,
-    StoreError, Write,
+    BackendKind, Deadline, MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError,
+    Write,
 };
 
 fn later() -> Deadline {
@@ -110,6 +110,11 @@ async fn listing_and_removal(store: &Store) {
         store.get("d:x", d).await.unwrap().is_some(),
         "clear went past its pattern"
     );
+}
+
+/// TTLs end keys; instance records read back.
+async fn expiry_and_records(store: &Store) {
+    let d = later();
     // a key is gone once its TTL has passed
     store
         .set("e:short", v("x"), Duration::from_millis(30), d)
