@@ -89,8 +89,10 @@ impl Schedules {
         }
     }
 
-    /// The same, on `clock`: ticks are computed and fired by its time (tests
-    /// move it ahead instead of waiting for ticks in real time).
+    /// The same, on `clock`: ticks are computed and fired by its time, so
+    /// that tests move it ahead instead of waiting for ticks in real time.
+    /// The runner sees a moved clock at its next wake, within the reload
+    /// interval (a `Clock` has no wake-up of its own to offer).
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self

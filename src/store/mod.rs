@@ -211,6 +211,11 @@ pub type KeyOf<'a> = &'a (dyn Fn(&str) -> String + Sync + 'a);
 /// call that `async_trait` makes, tens of nanoseconds against a call that
 /// takes at least a lock (embedded) or a network round trip (Redis); the
 /// handle adds no other allocation (it derefs to the backend in its `Arc`).
+/// (`tonic::async_trait` is the `async-trait` crate re-exported; the store
+/// takes nothing else from tonic.)
+///
+/// Spans: the implementations open a `debug` span per call, except on the
+/// per-key hot path (`get`, `get_many`, `set`, `set_many`).
 #[tonic::async_trait]
 pub trait CacheBackend: Any + Send + Sync {
     /// Which backend this is.

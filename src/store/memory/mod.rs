@@ -185,7 +185,7 @@ impl CacheBackend for MemoryStore {
         Ok(deleted)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern, page_size))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %page_size))]
     async fn scan(
         &self,
         pattern: &str,
@@ -230,7 +230,7 @@ impl CacheBackend for MemoryStore {
         Ok(page)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
     async fn clear(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
         let now = Instant::now();
         let mut state = self.write();
@@ -244,7 +244,7 @@ impl CacheBackend for MemoryStore {
         Ok(keys.len() as u64)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
     async fn count_by_prefix(
         &self,
         pattern: &str,
@@ -260,7 +260,7 @@ impl CacheBackend for MemoryStore {
         Ok(counts)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
     async fn cleanup(&self, pattern: &str, _deadline: Deadline) -> Result<CleanupCounts> {
         let now = Instant::now();
         let mut state = self.write();
@@ -274,7 +274,7 @@ impl CacheBackend for MemoryStore {
         })
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern, sample, top))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %sample, %top))]
     async fn largest_keys(
         &self,
         pattern: &str,
@@ -330,7 +330,7 @@ impl CacheBackend for MemoryStore {
         None
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(index, member))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%index, %member))]
     async fn publish_record(
         &self,
         index: &str,
@@ -353,7 +353,7 @@ impl CacheBackend for MemoryStore {
         Ok(())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(index))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
     async fn read_records(
         &self,
         index: &str,
@@ -377,7 +377,7 @@ impl CacheBackend for MemoryStore {
             .collect())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(index))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
     async fn remove_stale_records(
         &self,
         index: &str,

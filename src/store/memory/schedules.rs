@@ -45,7 +45,7 @@ impl ScheduleBackend for MemorySchedules {
         Ok(self.lock().clone())
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(name))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn get(
         &self,
         name: &str,
@@ -69,7 +69,7 @@ impl ScheduleBackend for MemorySchedules {
         Ok(true)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(name))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn delete(&self, name: &str, _deadline: Deadline) -> Result<bool> {
         let mut s = self.lock();
         s.runs.remove(name);
@@ -80,7 +80,7 @@ impl ScheduleBackend for MemorySchedules {
         Ok(existed)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(name))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn record_run(&self, name: &str, run: &Run, _deadline: Deadline) -> Result<()> {
         let mut s = self.lock();
         if !s.schedules.contains_key(name) {

@@ -92,7 +92,7 @@ impl CacheBackend for RedisStore {
         self.query(&cmd, deadline).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern, page_size))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %page_size))]
     async fn scan(
         &self,
         pattern: &str,
@@ -103,12 +103,12 @@ impl CacheBackend for RedisStore {
         self.scan_page(pattern, cursor, page_size, deadline).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
     async fn clear(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
         self.clear_matching(pattern, deadline).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
     async fn count_by_prefix(
         &self,
         pattern: &str,
@@ -118,12 +118,12 @@ impl CacheBackend for RedisStore {
         self.count_matching(pattern, prefixes, deadline).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
     async fn cleanup(&self, pattern: &str, deadline: Deadline) -> Result<CleanupCounts> {
         self.cleanup_matching(pattern, deadline).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(pattern, sample, top))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %sample, %top))]
     async fn largest_keys(
         &self,
         pattern: &str,
@@ -156,7 +156,7 @@ impl CacheBackend for RedisStore {
         self.inner.breaker.last_error()
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(index, member))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%index, %member))]
     async fn publish_record(
         &self,
         index: &str,
@@ -170,7 +170,7 @@ impl CacheBackend for RedisStore {
             .await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(index))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
     async fn read_records(
         &self,
         index: &str,
@@ -181,7 +181,7 @@ impl CacheBackend for RedisStore {
         self.read_published(index, since, key_of, deadline).await
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(index))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
     async fn remove_stale_records(
         &self,
         index: &str,

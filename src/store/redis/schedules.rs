@@ -131,7 +131,7 @@ impl ScheduleBackend for RedisSchedules {
         Ok(out)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(name))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn get(&self, name: &str, deadline: Deadline) -> Result<Option<(Schedule, Option<Run>)>> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGET").arg(&self.keys.defs).arg(name);
@@ -162,7 +162,7 @@ impl ScheduleBackend for RedisSchedules {
         Ok(done == 1)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(name))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn delete(&self, name: &str, deadline: Deadline) -> Result<bool> {
         let keys = [
             self.keys.defs.as_str(),
@@ -173,7 +173,7 @@ impl ScheduleBackend for RedisSchedules {
         Ok(done == 1)
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(name))]
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn record_run(&self, name: &str, run: &Run, deadline: Deadline) -> Result<()> {
         let keys = [self.keys.defs.as_str(), self.keys.runs.as_str()];
         let fired = run.fired_ms.to_string();
