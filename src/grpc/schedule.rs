@@ -396,3 +396,62 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use crate::tasks::engine::TaskError;
+    use tonic::Code;
+
+    /// Each schedule error lands on the code and message clients had when
+    /// schedules borrowed the task errors; fields are named from `schedule`
+    /// once.
+    #[test]
+    fn schedule_errors_keep_their_codes_and_messages() {
+        let cases: Vec<(ScheduleError, Code, &str)> = vec![
+            (
+                ScheduleError::invalid("cron", "bad"),
+                Code::InvalidArgument,
+                "schedule.cron: bad",
+            ),
+            (
+                ScheduleError::invalid("schedule.task.time_limit", "too long"),
+                Code::InvalidArgument,
+                "schedule.task.time_limit: too long",
+            ),
+            (
+                ScheduleError::NotFound("nightly".into()),
+                Code::NotFound,
+                "schedule \"nightly\" not found",
+            ),
+            (
+                ScheduleError::AlreadyExists("nightly".into()),
+                Code::AlreadyExists,
+                "schedule \"nightly\" already exists",
+            ),
+            (
+                ScheduleError::ConfigDefault {
+                    name: "cache-cleanup".into(),
+                    variable: "KOO_SCHEDULE_CACHE_CLEANUP",
+                },
+                Code::FailedPrecondition,
+                "schedule \"cache-cleanup\" is a default of the configuration: switch it off there (KOO_SCHEDULE_CACHE_CLEANUP=off) or pause it",
+            ),
+            (
+                StoreError::Unavailable("down".into()).into(),
+                Code::Unavailable,
+                "backend unavailable: down",
+            ),
+            (
+                TaskError::NotFound("t1".into()).into(),
+                Code::NotFound,
+                "task t1 not found (unknown, or its result expired)",
+            ),
+        ];
+        for (e, code, message) in cases {
+            let status = in_schedule(e);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
+    }
+}

@@ -1,6 +1,7 @@
-//! The [`CacheBackend`] contract, run against both backends: the embedded
-//! store and a `redis-server` started for the test. A behaviour the cache
-//! relies on is pinned here once, for every backend.
+//! The [`super::CacheBackend`] and [`ScheduleBackend`] contracts, run
+//! against both backends: the embedded store and a `redis-server` started for
+//! the test. A behaviour the cache or the scheduler relies on is pinned here
+//! once, for every backend.
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
@@ -8,6 +9,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::domain::schedule::{MissedPolicy, Run, Schedule, Source, Template};
+use crate::domain::task::Category;
+
+use super::schedules::{Put, ScheduleStore};
 use super::{
     BackendKind, Deadline, MemoryConfig, MemoryStore, RedisConfig, RedisStore, Store, StoreError,
     Write,
@@ -137,6 +142,77 @@ async fn expiry_and_records(store: &Store) {
     assert!(store.probe(d).await.is_ok());
 }
 
+/// A schedule named `name` created at `ms`.
+fn schedule(name: &str, ms: i64) -> Schedule {
+    Schedule {
+        name: name.to_owned(),
+        cron: "* * * * *".to_owned(),
+        zone: String::new(),
+        task: Template::new("koo.diagnostics.noop", Category::Research),
+        policy: MissedPolicy::Skip,
+        paused: false,
+        source: Source::Api,
+        config_hash: None,
+        created_ms: ms,
+        updated_ms: ms,
+    }
+}
+
+fn run(fired_ms: i64) -> Run {
+    Run {
+        tick_ms: Some(fired_ms),
+        task_id: format!("t{fired_ms}"),
+        triggered: false,
+        fired_ms,
+    }
+}
+
+/// Puts under each condition, the version moving with every change (and
+/// only then), runs recorded newest-wins and only for a stored schedule,
+/// delete taking the run along.
+async fn schedule_contract(store: &ScheduleStore) {
+    let d = later();
+    let v0 = store.version(d).await.unwrap();
+    assert!(
+        !store
+            .put(&schedule("a", 1), Put::Existing, d)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.version(d).await.unwrap(),
+        v0,
+        "a refused put moved it"
+    );
+    assert!(store.put(&schedule("a", 1), Put::New, d).await.unwrap());
+    assert!(!store.put(&schedule("a", 2), Put::New, d).await.unwrap());
+    let v1 = store.version(d).await.unwrap();
+    assert!(v1 > v0);
+    assert!(
+        store
+            .put(&schedule("a", 3), Put::Existing, d)
+            .await
+            .unwrap()
+    );
+    assert!(store.put(&schedule("b", 4), Put::Any, d).await.unwrap());
+    assert!(store.version(d).await.unwrap() > v1);
+    store.record_run("a", &run(20), d).await.unwrap();
+    store.record_run("a", &run(10), d).await.unwrap();
+    store.record_run("gone", &run(30), d).await.unwrap();
+    let (a, a_run) = store.get("a", d).await.unwrap().unwrap();
+    assert_eq!((a.created_ms, a_run), (3, Some(run(20))));
+    assert_eq!(store.get("gone", d).await.unwrap(), None);
+    let snap = store.snapshot(d).await.unwrap();
+    assert_eq!(snap.version, store.version(d).await.unwrap());
+    assert_eq!(snap.schedules.keys().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(snap.runs.len(), 1, "{:?}", snap.runs);
+    let v2 = snap.version;
+    assert!(store.delete("a", d).await.unwrap());
+    assert!(!store.delete("a", d).await.unwrap());
+    assert!(store.version(d).await.unwrap() > v2);
+    assert!(store.snapshot(d).await.unwrap().runs.is_empty());
+}
+
 /// A `redis-server` on a free port, stopped on drop.
 struct Server(Child, u16);
 
@@ -171,20 +247,23 @@ impl Drop for Server {
     }
 }
 
-/// The embedded store keeps the contract.
+/// The embedded stores keep the contracts.
 #[tokio::test]
 async fn the_embedded_store_keeps_the_contract() {
     let store = Store::from(MemoryStore::new(MemoryConfig::default()));
     contract(&store, BackendKind::Memory).await;
     assert!(store.as_memory().is_some() && store.as_redis().is_none());
+    schedule_contract(&ScheduleStore::memory()).await;
 }
 
-/// Redis keeps the same contract.
+/// Redis keeps the same contracts.
 #[tokio::test]
 async fn redis_keeps_the_contract() {
     let server = Server::start().await;
     let url = format!("redis://127.0.0.1:{}/0", server.1);
-    let store = Store::from(RedisStore::connect(&RedisConfig::new(url)).unwrap());
+    let redis = RedisStore::connect(&RedisConfig::new(url)).unwrap();
+    let store = Store::from(redis.clone());
     contract(&store, BackendKind::Redis).await;
     assert!(store.as_redis().is_some() && store.as_memory().is_none());
+    schedule_contract(&ScheduleStore::redis(redis, "koo")).await;
 }

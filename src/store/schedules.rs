@@ -128,7 +128,7 @@ impl ScheduleStore {
 
     /// Schedules in this process.
     pub fn memory() -> Self {
-        Self::memory_from(SchedulesImage::default())
+        Self(Arc::new(super::memory::MemorySchedules::default()))
     }
 
     /// Schedules in this process, starting from a saved image.
