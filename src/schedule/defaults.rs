@@ -67,7 +67,7 @@ pub fn variable_of(name: &str) -> Option<&'static str> {
     TABLE.iter().find(|t| t.0 == name).map(|t| t.1)
 }
 
-/// The defaults from configured expressions, in the order of [`TABLE`]
+/// The defaults from configured expressions, in the order of `TABLE`
 /// (`cache-cleanup`, `cache-warm`, `database-maintenance`, `health-check`);
 /// `off` switches one off. An invalid expression or zone is an error naming
 /// its variable.

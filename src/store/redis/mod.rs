@@ -2,7 +2,7 @@
 //! deadlines, retries with exponential backoff and jitter, and a circuit
 //! breaker.
 //!
-//! Every call is bounded by its [`Deadline`]: a call never waits past it,
+//! Every call is bounded by its [`Deadline`](crate::store::Deadline): a call never waits past it,
 //! whatever Redis does (down, paused, slow). Transient failures (I/O errors,
 //! refused connections, `LOADING`/`BUSY`-style replies, and timeouts when
 //! `REDIS_RETRY_ON_TIMEOUT` is on) are retried while the deadline allows; all

@@ -39,7 +39,7 @@ pub(super) struct Inner {
 impl RedisStore {
     /// Builds the pool. Connections are made lazily, so koo starts (and
     /// reports NOT_SERVING) while Redis is down; only a malformed URL fails.
-    /// Starts the store's recovery prober (see [`recovery`]).
+    /// Starts the store's recovery prober (see `recovery`).
     pub fn connect(config: &RedisConfig) -> Result<Self> {
         let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
         let info = config.url.as_str().into_connection_info().map_err(bad)?;
