@@ -137,7 +137,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
 /// `koo scheduler`: fires the periodic schedules (no gRPC, no workers),
 /// until a signal. Any number may run: each tick submits one task.
 async fn scheduler(args: koo::config::SchedulerArgs) -> anyhow::Result<ExitCode> {
-    use koo::schedule::{Schedules, store::ScheduleStore};
+    use koo::schedule::{ScheduleStore, Schedules};
     use koo::tasks::engine::TaskEngine;
     let redis = args
         .tasks

@@ -31,11 +31,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::schedule::model::Source;
-use crate::schedule::store::{ScheduleStore, SchedulesImage};
-use crate::server::{Settings, StoreSettings};
+use crate::domain::schedule::Source;
 use crate::store::memory::tasks::{MemoryTasks, TasksImage};
-use crate::store::memory::{CacheImage, MemoryStore};
+use crate::store::memory::{CacheImage, MemoryConfig, MemoryStore};
+use crate::store::schedules::{ScheduleStore, SchedulesImage};
 use crate::store::tasks::TaskLimits;
 use crate::store::{fnv1a, unix_millis};
 
@@ -64,6 +63,20 @@ impl Default for DataSettings {
             snapshot_interval: Duration::from_secs(60),
         }
     }
+}
+
+/// Which parts of a `koo serve` live in its process (the others are on
+/// Redis): what [`Embedded::open`] builds and the data directory keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddedParts {
+    /// The embedded cache store's settings; `None` when the cache is on Redis.
+    pub cache: Option<MemoryConfig>,
+    /// The cache's key prefix (`CACHE_PREFIX`): its `{prefix}:cache:` keys
+    /// are the ones saved.
+    pub cache_prefix: String,
+    /// The task store's limits when the tasks (and with them the schedules)
+    /// are embedded; `None` when they are on Redis.
+    pub tasks: Option<TaskLimits>,
 }
 
 /// Why the data directory cannot be used.
@@ -163,26 +176,23 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    /// The embedded parts `settings` ask for, loaded from the data
-    /// directory when there is one (which stays locked while koo runs).
-    pub fn open(settings: &Settings) -> Result<Self, PersistError> {
-        let cache_config = match &settings.store {
-            StoreSettings::Memory(c) => Some(c.clone()),
-            StoreSettings::Redis(_) => None,
-        };
-        let tasks_embedded = settings.tasks.redis.is_none();
+    /// The embedded `parts`, loaded from `data`'s directory when there is
+    /// one (which stays locked while koo runs).
+    pub fn open(parts: EmbeddedParts, data: &DataSettings) -> Result<Self, PersistError> {
+        let tasks_embedded = parts.tasks.is_some();
+        let cache_embedded = parts.cache.is_some();
         let mut embedded = Embedded {
-            cache: cache_config.clone().map(MemoryStore::new),
+            cache: parts.cache.map(MemoryStore::new),
             tasks: tasks_embedded.then(MemoryTasks::default),
             schedules: tasks_embedded.then(ScheduleStore::memory),
-            cache_prefix: format!("{}:cache:", settings.cache.prefix),
-            limits: settings.tasks.config.limits,
+            cache_prefix: format!("{}:cache:", parts.cache_prefix),
+            limits: parts.tasks.unwrap_or_default(),
             dir: None,
         };
-        let Some(path) = &settings.data.dir else {
+        let Some(path) = &data.dir else {
             return Ok(embedded);
         };
-        if cache_config.is_none() && !tasks_embedded {
+        if !cache_embedded && !tasks_embedded {
             tracing::warn!(dir = %path.display(), "KOO_DATA_DIR is ignored: the cache and the tasks live in Redis");
             return Ok(embedded);
         }
@@ -490,14 +500,18 @@ impl DataDir {
 mod tests {
     use super::*;
 
-    fn settings(dir: &Path) -> Settings {
-        Settings {
-            data: DataSettings {
-                dir: Some(dir.to_owned()),
-                ..DataSettings::default()
-            },
-            ..Settings::default()
-        }
+    /// Everything embedded, kept in `dir`.
+    fn open(dir: &Path) -> Result<Embedded, PersistError> {
+        let parts = EmbeddedParts {
+            cache: Some(MemoryConfig::default()),
+            cache_prefix: "koo".to_owned(),
+            tasks: Some(TaskLimits::default()),
+        };
+        let data = DataSettings {
+            dir: Some(dir.to_owned()),
+            ..DataSettings::default()
+        };
+        Embedded::open(parts, &data)
     }
 
     /// A saved file loads back; a flipped byte in the body is caught by the
@@ -505,18 +519,18 @@ mod tests {
     #[test]
     fn save_load_and_corruption_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let a = Embedded::open(&settings(dir.path())).unwrap();
+        let a = open(dir.path()).unwrap();
         a.save().unwrap();
         let file = dir.path().join(FILE_NAME);
         drop(a);
-        let b = Embedded::open(&settings(dir.path())).unwrap();
+        let b = open(dir.path()).unwrap();
         assert_eq!(b.summary(), "0 tasks, 0 cache entries, 0 schedules");
         drop(b);
         let mut data = std::fs::read(&file).unwrap();
         let last = data.len() - 2;
         data[last] ^= 0x01;
         std::fs::write(&file, &data).unwrap();
-        let err = Embedded::open(&settings(dir.path())).err().unwrap();
+        let err = open(dir.path()).err().unwrap();
         assert!(matches!(err, PersistError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains(FILE_NAME), "{err}");
     }

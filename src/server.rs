@@ -29,10 +29,10 @@ use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::schedule::v1::schedule_service_server::ScheduleServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
 use crate::pb::worker::v1::worker_service_server::WorkerServiceServer;
-use crate::persist::{DataSettings, Embedded, PersistError};
+use crate::persist::{DataSettings, Embedded, EmbeddedParts, PersistError};
 use crate::schedule::Schedules;
-use crate::schedule::store::ScheduleStore;
 use crate::store::redis::redact;
+use crate::store::schedules::ScheduleStore;
 use crate::store::tasks::TaskStore;
 use crate::store::{
     MemoryConfig, MemoryReport, MemoryStore, RedisConfig, RedisStore, Store, StoreError,
@@ -224,7 +224,21 @@ pub async fn run(
         None => None,
     };
     // Loaded (and its data directory locked) before anything serves.
-    let embedded = Embedded::open(&settings)?;
+    let embedded = Embedded::open(
+        EmbeddedParts {
+            cache: match &settings.store {
+                StoreSettings::Memory(c) => Some(c.clone()),
+                StoreSettings::Redis(_) => None,
+            },
+            cache_prefix: settings.cache.prefix.clone(),
+            tasks: settings
+                .tasks
+                .redis
+                .is_none()
+                .then_some(settings.tasks.config.limits),
+        },
+        &settings.data,
+    )?;
     let store = match &settings.store {
         StoreSettings::Memory(config) => {
             tracing::info!(

@@ -7,6 +7,7 @@
 
 pub mod level;
 pub mod outcome;
+pub mod schedule;
 pub mod stats;
 pub mod task;
 

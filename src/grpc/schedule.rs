@@ -15,10 +15,10 @@ use super::tasks::{
 };
 use super::time;
 use crate::auth::audit;
+use crate::domain::schedule::{MissedPolicy, Schedule, Source, Template};
 use crate::domain::task::{Category, Priority};
 use crate::pb::schedule::v1 as pb;
-use crate::schedule::model::{MissedPolicy, Schedule, Source, Template};
-use crate::schedule::{Patch, Schedules, View};
+use crate::schedule::{Patch, ScheduleError, Schedules, View};
 use crate::store::Deadline;
 
 /// Default and largest ListSchedules pages.
@@ -200,19 +200,10 @@ fn schedule(s: Option<pb::Schedule>) -> Result<Schedule, Status> {
     })
 }
 
-/// Adds `schedule.` to a domain error's field.
-fn in_schedule(e: crate::tasks::engine::TaskError) -> Status {
-    match e {
-        crate::tasks::engine::TaskError::InvalidArgument { field, reason } => {
-            let field = if field.starts_with("schedule") {
-                field
-            } else {
-                format!("schedule.{field}")
-            };
-            invalid_argument(&field, &reason)
-        }
-        e => e.into(),
-    }
+/// A domain error about a request's `schedule` message: its fields are
+/// named from there (`schedule.cron`).
+fn in_schedule(e: ScheduleError) -> Status {
+    e.within("schedule").into()
 }
 
 /// A schedule as an audit line names it.
@@ -403,5 +394,64 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         Ok(Response::new(pb::TriggerScheduleResponse {
             task: Some(to_pb_task(task)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use crate::tasks::engine::TaskError;
+    use tonic::Code;
+
+    /// Each schedule error lands on the code and message clients had when
+    /// schedules borrowed the task errors; fields are named from `schedule`
+    /// once.
+    #[test]
+    fn schedule_errors_keep_their_codes_and_messages() {
+        let cases: Vec<(ScheduleError, Code, &str)> = vec![
+            (
+                ScheduleError::invalid("cron", "bad"),
+                Code::InvalidArgument,
+                "schedule.cron: bad",
+            ),
+            (
+                ScheduleError::invalid("schedule.task.time_limit", "too long"),
+                Code::InvalidArgument,
+                "schedule.task.time_limit: too long",
+            ),
+            (
+                ScheduleError::NotFound("nightly".into()),
+                Code::NotFound,
+                "schedule \"nightly\" not found",
+            ),
+            (
+                ScheduleError::AlreadyExists("nightly".into()),
+                Code::AlreadyExists,
+                "schedule \"nightly\" already exists",
+            ),
+            (
+                ScheduleError::ConfigDefault {
+                    name: "cache-cleanup".into(),
+                    variable: "KOO_SCHEDULE_CACHE_CLEANUP",
+                },
+                Code::FailedPrecondition,
+                "schedule \"cache-cleanup\" is a default of the configuration: switch it off there (KOO_SCHEDULE_CACHE_CLEANUP=off) or pause it",
+            ),
+            (
+                StoreError::Unavailable("down".into()).into(),
+                Code::Unavailable,
+                "backend unavailable: down",
+            ),
+            (
+                TaskError::NotFound("t1".into()).into(),
+                Code::NotFound,
+                "task t1 not found (unknown, or its result expired)",
+            ),
+        ];
+        for (e, code, message) in cases {
+            let status = in_schedule(e);
+            assert_eq!((status.code(), status.message()), (code, message));
+        }
     }
 }

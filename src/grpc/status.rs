@@ -9,6 +9,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::auth::AuthError;
 use crate::cache::CacheError;
+use crate::schedule::ScheduleError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
 use crate::watch::WatchError;
@@ -151,6 +152,20 @@ impl From<AuthError> for Status {
                     [("KOO_MAX_INFLIGHT_CALLS".to_owned(), limit.to_string())],
                 ),
             ),
+        }
+    }
+}
+
+impl From<ScheduleError> for Status {
+    fn from(e: ScheduleError) -> Self {
+        let message = || bounded(e.to_string());
+        match e {
+            ScheduleError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
+            ScheduleError::NotFound(_) => Status::not_found(message()),
+            ScheduleError::AlreadyExists(_) => Status::already_exists(message()),
+            ScheduleError::ConfigDefault { .. } => Status::failed_precondition(message()),
+            ScheduleError::Store(store) => store.into(),
+            ScheduleError::Task(task) => task.into(),
         }
     }
 }

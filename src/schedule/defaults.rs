@@ -2,8 +2,8 @@
 //! or switch off: cache cleanup every 10 minutes, cache warming every 30,
 //! database maintenance every hour, health checks every 5.
 
-use super::model::{MissedPolicy, Schedule, Source, Template};
 use super::spec::CronSpec;
+use crate::domain::schedule::{MissedPolicy, Schedule, Source, Template};
 use crate::domain::task::{Category, names};
 use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_WARM, DATABASE_MAINTENANCE};
 
@@ -67,7 +67,7 @@ pub fn variable_of(name: &str) -> Option<&'static str> {
     TABLE.iter().find(|t| t.0 == name).map(|t| t.1)
 }
 
-/// The defaults from configured expressions, in the order of [`TABLE`]
+/// The defaults from configured expressions, in the order of `TABLE`
 /// (`cache-cleanup`, `cache-warm`, `database-maintenance`, `health-check`);
 /// `off` switches one off. An invalid expression or zone is an error naming
 /// its variable.

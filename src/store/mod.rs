@@ -3,15 +3,21 @@
 //!
 //! Both backends speak in full key names (built by [`crate::keys`]) and opaque
 //! byte values; they know nothing of cache levels, value encodings or protobuf.
-//! [`Store`] is an enum rather than a trait object: there are exactly two
-//! backends, and static dispatch keeps the hot path free of boxing.
+//! Each store is a trait implemented by both backends: [`CacheBackend`] for
+//! the cache's keys (held as a [`Store`]), [`schedules::ScheduleBackend`]
+//! for schedules, [`tasks`] for the task queues.
 
 pub mod clock;
+#[cfg(test)]
+mod contract;
 pub mod memory;
 pub mod redis;
+pub mod schedules;
 pub mod task_fields;
 pub mod tasks;
 
+use std::any::Any;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -185,181 +191,111 @@ pub struct LastError {
     pub at: SystemTime,
 }
 
-/// A storage backend: a cheap-to-clone handle.
-#[derive(Clone)]
-pub enum Store {
-    /// The embedded store.
-    Memory(MemoryStore),
-    /// Redis.
-    Redis(RedisStore),
-}
-
-/// Forwards a call to whichever backend this is.
-macro_rules! dispatch {
-    ($self:ident, $s:ident => $call:expr) => {
-        match $self {
-            Store::Memory($s) => $call,
-            Store::Redis($s) => $call,
-        }
-    };
-}
-
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-impl From<MemoryStore> for Store {
-    fn from(m: MemoryStore) -> Self {
-        Store::Memory(m)
-    }
-}
+/// Names a record's key from its member (see [`CacheBackend::read_records`]).
+pub type KeyOf<'a> = &'a (dyn Fn(&str) -> String + Sync + 'a);
 
-impl From<RedisStore> for Store {
-    fn from(r: RedisStore) -> Self {
-        Store::Redis(r)
-    }
-}
-
-impl Store {
-    /// The embedded store, when this is one.
-    pub fn as_memory(&self) -> Option<&MemoryStore> {
-        match self {
-            Store::Memory(m) => Some(m),
-            Store::Redis(_) => None,
-        }
-    }
-
-    /// The Redis pool, when this is Redis.
-    pub fn as_redis(&self) -> Option<&RedisStore> {
-        match self {
-            Store::Redis(r) => Some(r),
-            Store::Memory(_) => None,
-        }
-    }
-
+/// The cache's key-value store: what [`crate::cache`], health, metrics
+/// records and maintenance ask of a backend, in full key names and opaque
+/// bytes.
+///
+/// Implemented by [`MemoryStore`] and [`RedisStore`]; callers hold a
+/// [`Store`]. Every call is bounded by its [`Deadline`] (the embedded store
+/// answers at once and ignores it).
+///
+/// Why a trait object rather than generics: the backend is chosen from the
+/// configuration at start-up, and a generic `Cache<S>` would make the cache,
+/// its gRPC service, health, the data directory and every test generic (or
+/// monomorphised twice) for no gain. The cost is the one boxed future per
+/// call that `async_trait` makes, tens of nanoseconds against a call that
+/// takes at least a lock (embedded) or a network round trip (Redis); the
+/// handle adds no other allocation (it derefs to the backend in its `Arc`).
+/// (`tonic::async_trait` is the `async-trait` crate re-exported; the store
+/// takes nothing else from tonic.)
+///
+/// Spans: the implementations open a `debug` span per call, except on the
+/// per-key hot path (`get`, `get_many`, `set`, `set_many`).
+#[tonic::async_trait]
+pub trait CacheBackend: Any + Send + Sync {
     /// Which backend this is.
-    pub fn kind(&self) -> BackendKind {
-        match self {
-            Store::Memory(_) => BackendKind::Memory,
-            Store::Redis(_) => BackendKind::Redis,
-        }
-    }
+    fn kind(&self) -> BackendKind;
 
     /// Reads one key.
-    pub async fn get(&self, key: &str, deadline: Deadline) -> Result<Option<Entry>> {
-        dispatch!(self, s => s.get(key, deadline).await)
-    }
+    async fn get(&self, key: &str, deadline: Deadline) -> Result<Option<Entry>>;
 
     /// Reads several keys in one round trip, answers in order.
-    pub async fn get_many(
-        &self,
-        keys: &[String],
-        deadline: Deadline,
-    ) -> Result<Vec<Option<Entry>>> {
-        dispatch!(self, s => s.get_many(keys, deadline).await)
-    }
+    async fn get_many(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Entry>>>;
 
     /// Writes one key with a TTL.
-    pub async fn set(
-        &self,
-        key: &str,
-        value: Bytes,
-        ttl: Duration,
-        deadline: Deadline,
-    ) -> Result<()> {
-        dispatch!(self, s => s.set(key, value, ttl, deadline).await)
-    }
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration, deadline: Deadline) -> Result<()>;
 
     /// Writes several keys, all or nothing.
-    pub async fn set_many(&self, writes: Vec<Write>, deadline: Deadline) -> Result<()> {
-        dispatch!(self, s => s.set_many(writes, deadline).await)
-    }
+    async fn set_many(&self, writes: Vec<Write>, deadline: Deadline) -> Result<()>;
 
     /// The stored size of each key (0 when absent), in one round trip.
-    pub async fn sizes(&self, keys: &[String], deadline: Deadline) -> Result<Vec<u64>> {
-        dispatch!(self, s => s.sizes(keys, deadline).await)
-    }
+    async fn sizes(&self, keys: &[String], deadline: Deadline) -> Result<Vec<u64>>;
 
     /// Removes keys; returns how many existed.
-    pub async fn delete(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
-        dispatch!(self, s => s.delete(keys, deadline).await)
-    }
+    async fn delete(&self, keys: &[String], deadline: Deadline) -> Result<u64>;
 
     /// Lists up to `page_size` keys matching a (validated) glob pattern,
     /// starting at `cursor`.
-    pub async fn scan(
+    async fn scan(
         &self,
         pattern: &str,
         cursor: Option<&str>,
         page_size: usize,
         deadline: Deadline,
-    ) -> Result<ScanPage> {
-        dispatch!(self, s => s.scan(pattern, cursor, page_size, deadline).await)
-    }
+    ) -> Result<ScanPage>;
 
     /// Removes every key matching a pattern; returns how many.
-    pub async fn clear(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
-        dispatch!(self, s => s.clear(pattern, deadline).await)
-    }
+    async fn clear(&self, pattern: &str, deadline: Deadline) -> Result<u64>;
 
     /// Counts the keys matching `pattern` by which of `prefixes` they start
     /// with, in one walk.
-    pub async fn count_by_prefix(
+    async fn count_by_prefix(
         &self,
         pattern: &str,
         prefixes: &[String],
         deadline: Deadline,
-    ) -> Result<Vec<u64>> {
-        dispatch!(self, s => s.count_by_prefix(pattern, prefixes, deadline).await)
-    }
+    ) -> Result<Vec<u64>>;
 
     /// Removes keys matching a pattern that have no TTL, and (embedded store)
     /// expired entries.
-    pub async fn cleanup(&self, pattern: &str, deadline: Deadline) -> Result<CleanupCounts> {
-        dispatch!(self, s => s.cleanup(pattern, deadline).await)
-    }
+    async fn cleanup(&self, pattern: &str, deadline: Deadline) -> Result<CleanupCounts>;
 
     /// Samples up to `sample` keys matching a pattern and returns how many
     /// were sampled and the `top` largest, largest first.
-    pub async fn largest_keys(
+    async fn largest_keys(
         &self,
         pattern: &str,
         sample: usize,
         top: usize,
         deadline: Deadline,
-    ) -> Result<(u64, Vec<KeySize>)> {
-        dispatch!(self, s => s.largest_keys(pattern, sample, top, deadline).await)
-    }
+    ) -> Result<(u64, Vec<KeySize>)>;
 
     /// The backend's memory figures.
-    pub async fn memory(&self, deadline: Deadline) -> Result<MemoryReport> {
-        dispatch!(self, s => s.memory(deadline).await)
-    }
+    async fn memory(&self, deadline: Deadline) -> Result<MemoryReport>;
 
     /// Pings the backend, bypassing the circuit breaker, and returns the round
     /// trip. A successful ping closes the breaker; a failed one counts against
     /// it only when it shows the backend down (not when `deadline` was short).
-    pub async fn probe(&self, deadline: Deadline) -> Result<Duration> {
-        dispatch!(self, s => s.probe(deadline).await)
-    }
+    async fn probe(&self, deadline: Deadline) -> Result<Duration>;
 
     /// The circuit breaker's state.
-    pub fn circuit_state(&self) -> CircuitState {
-        dispatch!(self, s => s.circuit_state())
-    }
+    fn circuit_state(&self) -> CircuitState;
 
     /// A receiver that sees every circuit state change.
-    pub fn watch_circuit(&self) -> tokio::sync::watch::Receiver<CircuitState> {
-        dispatch!(self, s => s.watch_circuit())
-    }
+    fn watch_circuit(&self) -> tokio::sync::watch::Receiver<CircuitState>;
 
     /// The last backend error seen, if any.
-    pub fn last_error(&self) -> Option<LastError> {
-        dispatch!(self, s => s.last_error())
-    }
+    fn last_error(&self) -> Option<LastError>;
 
     /// Publishes this instance's record (for figures summed across instances):
     /// stores `payload` under `key` for `ttl` and lists `member` in the
     /// `index` sorted set, scored by the current time.
-    pub async fn publish_record(
+    async fn publish_record(
         &self,
         index: &str,
         key: &str,
@@ -367,32 +303,69 @@ impl Store {
         payload: Bytes,
         ttl: Duration,
         deadline: Deadline,
-    ) -> Result<()> {
-        dispatch!(self, s => s.publish_record(index, key, member, payload, ttl, deadline).await)
-    }
+    ) -> Result<()>;
 
     /// Reads the records of every member of `index` published since `since`;
     /// `key_of` names a member's record key.
-    pub async fn read_records(
+    async fn read_records(
         &self,
         index: &str,
         since: SystemTime,
-        key_of: &(dyn Fn(&str) -> String + Sync),
+        key_of: KeyOf<'_>,
         deadline: Deadline,
-    ) -> Result<Vec<(String, Bytes)>> {
-        dispatch!(self, s => s.read_records(index, since, key_of, deadline).await)
-    }
+    ) -> Result<Vec<(String, Bytes)>>;
 
     /// Removes the members of `index` (and their records) not published since
     /// `since`; returns how many.
-    pub async fn remove_stale_records(
+    async fn remove_stale_records(
         &self,
         index: &str,
         since: SystemTime,
-        key_of: &(dyn Fn(&str) -> String + Sync),
+        key_of: KeyOf<'_>,
         deadline: Deadline,
-    ) -> Result<u64> {
-        dispatch!(self, s => s.remove_stale_records(index, since, key_of, deadline).await)
+    ) -> Result<u64>;
+}
+
+/// The cache's store: a cheap-to-clone handle on one [`CacheBackend`].
+///
+/// It derefs to the backend, so callers write `store.get(key, deadline)`;
+/// the composition root reaches a backend's own API (the embedded store's
+/// purge and image, the Redis pool for the task store) through
+/// [`Store::as_memory`] and [`Store::as_redis`] rather than matching.
+#[derive(Clone)]
+pub struct Store(Arc<dyn CacheBackend>);
+
+impl std::ops::Deref for Store {
+    type Target = dyn CacheBackend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl From<MemoryStore> for Store {
+    fn from(m: MemoryStore) -> Self {
+        Self(Arc::new(m))
+    }
+}
+
+impl From<RedisStore> for Store {
+    fn from(r: RedisStore) -> Self {
+        Self(Arc::new(r))
+    }
+}
+
+impl Store {
+    /// The embedded store, when this is one.
+    pub fn as_memory(&self) -> Option<&MemoryStore> {
+        let any: &dyn Any = &*self.0;
+        any.downcast_ref()
+    }
+
+    /// The Redis pool, when this is Redis.
+    pub fn as_redis(&self) -> Option<&RedisStore> {
+        let any: &dyn Any = &*self.0;
+        any.downcast_ref()
     }
 }
 

@@ -1,19 +1,26 @@
 //! Periodic schedules end to end (issue 6): the seed's defaults, the
 //! ScheduleService RPCs and their refusals, exactly one task per tick across
-//! several koo instances (one of them a `koo scheduler` process), changes
-//! made through one instance taking effect on another, and the missed-tick
-//! policy after downtime. Real gRPC, real Redis.
+//! several schedulers, changes made through one instance taking effect on
+//! another, and the missed-tick policy after downtime. Real gRPC, real Redis.
+//!
+//! Tests that count ticks run their schedulers on a clock they move ahead
+//! ([`Scheduler`], [`step`]) instead of waiting for ticks in real time.
 
 use crate::common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::tasks::*;
 use common::{TestRedis, TestServer};
 use koo::pb::schedule::v1::{self as spb, schedule_service_client::ScheduleServiceClient};
 use koo::pb::tasks::v1 as pb;
+use koo::schedule::{ScheduleStore, Schedules};
+use koo::store::RedisStore;
+use koo::store::clock::Clock;
+use koo::store::tasks::TaskStore;
+use koo::tasks::engine::TaskEngine;
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -123,6 +130,119 @@ async fn instance(redis: &TestRedis, scheduler: bool) -> TestServer {
         )
         .await;
     server
+}
+
+/// How often a test's [`Scheduler`] looks for changes (and so how soon it
+/// sees its clock moved).
+const RELOAD: Duration = Duration::from_millis(50);
+
+/// A scheduler as `koo scheduler` composes it (the schedule store and the
+/// task engine on `redis`, no gRPC), on `clock`, in a runtime of its own:
+/// [`Scheduler::kill`] drops everything it was doing where it stands, as
+/// SIGKILL does to the process.
+struct Scheduler {
+    runtime: Option<tokio::runtime::Runtime>,
+    stop: CancellationToken,
+    run: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Scheduler {
+    fn start(redis: &TestRedis, clock: &Clock) -> Self {
+        let mut settings = common::test_settings(common::redis_settings(&redis.url()));
+        short_intervals(&mut settings, 0);
+        let koo::server::StoreSettings::Redis(config) = settings.store.clone() else {
+            unreachable!()
+        };
+        let tasks = settings.tasks.config.clone();
+        let defaults = koo::schedule::defaults::from_config(["off"; 4], "UTC").unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let stop = CancellationToken::new();
+        let (clock, until) = (clock.clone(), stop.clone());
+        let run = runtime.spawn(async move {
+            let store = RedisStore::connect(&config).expect("a Redis URL");
+            let prefix = tasks.prefix.clone();
+            let engine = TaskEngine::new(TaskStore::redis(store.clone(), &prefix), tasks);
+            let schedules =
+                Schedules::new(ScheduleStore::redis(store, &prefix), engine).with_clock(clock);
+            koo::schedule::run(schedules, defaults, RELOAD, until).await;
+        });
+        Self {
+            runtime: Some(runtime),
+            stop,
+            run: Some(run),
+        }
+    }
+
+    /// Kills it: its runtime goes with every task in it (ticks being fired
+    /// included), nothing winds down.
+    fn kill(mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+
+    /// Stops it as a signal stops `koo scheduler`: the loop ends, then the
+    /// process (here its runtime) does.
+    async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(run) = self.run.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+        }
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Moves `clock` a second ahead and waits until the task of the tick of
+/// `witness` (a task name fired every second) now due is stored: the
+/// scheduler has then run its loop past that tick.
+async fn step(clock: &Clock, server: &TestServer, witness: &str) {
+    clock.advance(Duration::from_secs(1));
+    let due = clock.now_ms() / 1000 * 1000;
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !ticks(server, witness).await.keys().any(|ms| *ms >= due) {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "no tick of {witness} at {due}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `n` [`step`]s.
+async fn steps(clock: &Clock, server: &TestServer, witness: &str, n: usize) {
+    for _ in 0..n {
+        step(clock, server, witness).await;
+    }
+}
+
+/// [`step`]s until the ticks of `name` satisfy `done`; those ticks.
+async fn step_until(
+    clock: &Clock,
+    server: &TestServer,
+    witness: &str,
+    name: &str,
+    done: impl Fn(&BTreeMap<i64, usize>) -> bool,
+) -> BTreeMap<i64, usize> {
+    for _ in 0..30 {
+        let t = ticks(server, name).await;
+        if done(&t) {
+            return t;
+        }
+        step(clock, server, witness).await;
+    }
+    panic!("{name}: {:?}", ticks(server, name).await);
 }
 
 on_both!(defaults_exist_and_fire, rpcs_and_refusals);
@@ -432,49 +552,42 @@ async fn rpcs_and_refusals(backend: Backend) {
     );
 }
 
-/// Three schedulers on one Redis — two koo serve instances and a `koo
-/// scheduler` process — fire an every-second schedule for a minute: every
-/// tick has exactly one task, through the scheduler process's SIGKILL and
-/// one instance's stop.
+/// Three schedulers on one Redis fire an every-second schedule for a
+/// minute (of their clock): every tick has exactly one task, through one
+/// scheduler's kill (its runtime dropped mid-tick, as SIGKILL drops a `koo
+/// scheduler`) and another's stop along with the instance serving the API.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_one_task_per_tick_across_instances() {
     let redis = TestRedis::start().await;
-    let a = instance(&redis, true).await;
-    let b = instance(&redis, true).await;
-    let mut process = Command::new(KOO)
-        .arg("scheduler")
-        .env("REDIS_URL", redis.url())
-        .env("KOO_SCHEDULE_RELOAD_INTERVAL", "200ms")
-        .env("KOO_SCHEDULE_CACHE_CLEANUP", "off")
-        .env("KOO_SCHEDULE_CACHE_WARM", "off")
-        .env("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off")
-        .env("KOO_SCHEDULE_HEALTH_CHECK", "off")
-        .env("KOO_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start koo scheduler");
+    let a = instance(&redis, false).await;
+    let b = instance(&redis, false).await;
+    let clock = Clock::system();
+    let first = Scheduler::start(&redis, &clock);
+    let second = Scheduler::start(&redis, &clock);
+    let killed = Scheduler::start(&redis, &clock);
     create(
         &mut schedules(&a),
         every("heartbeat", "* * * * * *", "koo.examples.tick"),
     )
     .await;
-    // a minute of ticks: the scheduler process is killed (SIGKILL) after
-    // 20 s, the first instance stopped after 40 s
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    let _ = process.kill();
-    let _ = process.wait();
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    // a minute of ticks: one scheduler is killed after 20 s, another
+    // stopped (and the first instance with it) after 40 s
+    steps(&clock, &b, "koo.examples.tick", 20).await;
+    killed.kill();
+    steps(&clock, &b, "koo.examples.tick", 20).await;
+    first.stop().await;
     drop(a);
-    tokio::time::sleep(Duration::from_secs(20)).await;
+    steps(&clock, &b, "koo.examples.tick", 20).await;
     schedules(&b)
         .pause_schedule(spb::PauseScheduleRequest {
             name: "heartbeat".into(),
         })
         .await
         .unwrap();
-    // a tick being submitted as the pause lands may still arrive
+    // A negative check: a second task for a tick (a submit still under way
+    // as the pause lands) would show within this; nothing signals its absence.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(second);
     let t = ticks(&b, "koo.examples.tick").await;
     let twice: Vec<_> = t.iter().filter(|(_, n)| **n != 1).collect();
     assert!(twice.is_empty(), "ticks with more than one task: {twice:?}");
@@ -489,27 +602,36 @@ async fn exactly_one_task_per_tick_across_instances() {
 }
 
 /// Pause, resume, update and delete made through one instance take effect
-/// on another (here the only one running the scheduler).
+/// on another (here the only one running the scheduler; the other serves the
+/// API). The scheduler's clock moves a second at a time; a second schedule
+/// (`witness`) shows how far the scheduler has gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_take_effect_on_another_instance() {
     let redis = TestRedis::start().await;
     let api = instance(&redis, false).await;
-    let runner = instance(&redis, true).await;
+    let runner = instance(&redis, false).await;
+    let clock = Clock::system();
+    let _scheduler = Scheduler::start(&redis, &clock);
     let mut c = schedules(&api);
+    const WITNESS: &str = "koo.examples.witness";
+    create(&mut c, every("witness", "* * * * * *", WITNESS)).await;
     create(&mut c, every("pulse", "* * * * * *", "koo.examples.pulse")).await;
-    let before = wait_ticks(&runner, "koo.examples.pulse", 2).await.len();
+    let pulse = "koo.examples.pulse";
+    let before = step_until(&clock, &runner, WITNESS, pulse, |t| t.len() >= 2)
+        .await
+        .len();
     c.pause_schedule(spb::PauseScheduleRequest {
         name: "pulse".into(),
     })
     .await
     .unwrap();
-    // the runner reloads within 200 ms; a tick already on its way may land
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let paused = ticks(&runner, "koo.examples.pulse").await.len();
+    // the runner reloads at its next wake; a tick already on its way may land
+    steps(&clock, &runner, WITNESS, 2).await;
+    let paused = ticks(&runner, pulse).await.len();
     assert!(paused <= before + 2, "{before} then {paused}");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    steps(&clock, &runner, WITNESS, 3).await;
     assert_eq!(
-        ticks(&runner, "koo.examples.pulse").await.len(),
+        ticks(&runner, pulse).await.len(),
         paused,
         "fired while paused"
     );
@@ -520,7 +642,7 @@ async fn changes_take_effect_on_another_instance() {
         })
         .await
         .unwrap();
-    wait_ticks(&runner, "koo.examples.pulse", paused + 2).await;
+    step_until(&clock, &runner, WITNESS, pulse, |t| t.len() >= paused + 2).await;
     // update: every other second, and another task name
     c.update_schedule(spb::UpdateScheduleRequest {
         schedule: Some(every("pulse", "*/2 * * * * *", "koo.examples.pulse2")),
@@ -528,7 +650,8 @@ async fn changes_take_effect_on_another_instance() {
     })
     .await
     .unwrap();
-    let even = wait_ticks(&runner, "koo.examples.pulse2", 3).await;
+    let pulse2 = "koo.examples.pulse2";
+    let even = step_until(&clock, &runner, WITNESS, pulse2, |t| t.len() >= 3).await;
     assert!(
         even.keys().all(|ms| (ms / 1000) % 2 == 0),
         "{:?}",
@@ -540,19 +663,22 @@ async fn changes_take_effect_on_another_instance() {
     })
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let after = ticks(&runner, "koo.examples.pulse2").await.len();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert_eq!(ticks(&runner, "koo.examples.pulse2").await.len(), after);
+    steps(&clock, &runner, WITNESS, 2).await;
+    let after = ticks(&runner, pulse2).await.len();
+    steps(&clock, &runner, WITNESS, 3).await;
+    assert_eq!(ticks(&runner, pulse2).await.len(), after);
 }
 
 /// After downtime longer than several ticks, a `skip` schedule goes on
 /// from its next tick, a `run once` schedule runs its latest missed tick
-/// once (not a burst), then goes on.
+/// once (not a burst), then goes on. The downtime is five seconds of the
+/// schedulers' clock, moved ahead while none runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missed_ticks_follow_the_policy_after_a_restart() {
     let redis = TestRedis::start().await;
-    let koo = instance(&redis, true).await;
+    let koo = instance(&redis, false).await;
+    let clock = Clock::system();
+    let scheduler = Scheduler::start(&redis, &clock);
     let mut c = schedules(&koo);
     create(&mut c, every("skipper", "* * * * * *", "koo.examples.skip")).await;
     create(
@@ -563,33 +689,30 @@ async fn missed_ticks_follow_the_policy_after_a_restart() {
         },
     )
     .await;
-    wait_ticks(&koo, "koo.examples.skip", 2).await;
-    wait_ticks(&koo, "koo.examples.once", 2).await;
+    let (skip, once) = ("koo.examples.skip", "koo.examples.once");
+    step_until(&clock, &koo, skip, skip, |t| t.len() >= 2).await;
+    step_until(&clock, &koo, skip, once, |t| t.len() >= 2).await;
     drop(c);
+    scheduler.stop().await;
     drop(koo);
-    let stopped = chrono_ms();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stopped = clock.now_ms();
+    clock.advance(Duration::from_secs(5));
     // ticks from here on are the new scheduler's regular ones
-    let restarting = chrono_ms();
-    let koo = instance(&redis, true).await;
-    let skip = wait_ticks_after(&koo, "koo.examples.skip", restarting).await;
-    let once = wait_ticks_after(&koo, "koo.examples.once", restarting).await;
+    let restarting = clock.now_ms();
+    let koo = instance(&redis, false).await;
+    let _scheduler = Scheduler::start(&redis, &clock);
+    let after = |t: &BTreeMap<i64, usize>| t.keys().any(|ms| *ms > restarting);
+    let skip_ticks = step_until(&clock, &koo, skip, skip, after).await;
+    let once_ticks = step_until(&clock, &koo, skip, once, after).await;
     // ticks of the downtime that ran
-    let skipped = t_between(&skip, stopped, restarting);
+    let skipped = t_between(&skip_ticks, stopped, restarting);
     assert!(skipped.is_empty(), "skip ran missed ticks: {skipped:?}");
-    let caught = t_between(&once, stopped, restarting);
+    let caught = t_between(&once_ticks, stopped, restarting);
     assert_eq!(caught.len(), 1, "run once: {caught:?}");
     assert!(
         caught[0] >= restarting - 2000,
         "not the latest missed tick: {caught:?}"
     );
-}
-
-fn chrono_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// Ticks after the old instance stopped and before the new one started.
@@ -598,22 +721,6 @@ fn t_between(t: &BTreeMap<i64, usize>, stopped: i64, restarting: i64) -> Vec<i64
         .copied()
         .filter(|ms| *ms > stopped && *ms < restarting)
         .collect()
-}
-
-/// Waits for a tick after `after_ms`; all ticks.
-async fn wait_ticks_after(server: &TestServer, name: &str, after_ms: i64) -> BTreeMap<i64, usize> {
-    let until = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let t = ticks(server, name).await;
-        if t.keys().any(|ms| *ms > after_ms) {
-            return t;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "no tick of {name} after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Run-time edits to a default survive a restart with the same

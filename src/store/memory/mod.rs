@@ -14,12 +14,15 @@
 //! `.await`, every critical section is a few map operations, and a std lock is
 //! several times cheaper to take.
 
+mod schedules;
 mod snapshot;
+mod state;
 pub mod tasks;
+
+pub use schedules::MemorySchedules;
 
 pub use snapshot::{CacheEntryImage, CacheImage, CacheLoad};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -28,16 +31,12 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use self::state::{State, charge, entry, expiry};
 use super::{
-    CircuitState, CleanupCounts, Deadline, Entry, KeySize, LastError, MemoryReport, Result,
-    ScanPage, StoreError, Write, unix_millis,
+    BackendKind, CacheBackend, CircuitState, CleanupCounts, Deadline, Entry, KeyOf, KeySize,
+    LastError, MemoryReport, Result, ScanPage, StoreError, Write, unix_millis,
 };
 use crate::glob;
-
-/// Bookkeeping bytes charged per entry on top of its key and value: map
-/// nodes, the expiry index entry and the `Bytes` header. An estimate, so that
-/// many tiny entries still count against the capacity.
-const ENTRY_OVERHEAD: u64 = 96;
 
 /// The most entries one listing call examines before it returns a partial
 /// page, so that a sparse pattern over a large store cannot hold the lock long.
@@ -72,115 +71,6 @@ struct Inner {
     /// Always `Closed`: there is no connection to break. Kept so that health
     /// reporting treats both backends alike.
     circuit: watch::Sender<CircuitState>,
-}
-
-#[derive(Default)]
-struct State {
-    entries: BTreeMap<String, Slot>,
-    expiries: BTreeSet<(Instant, String)>,
-    bytes: u64,
-    /// Sorted-set-like indexes of published records: index -> member -> score.
-    indexes: HashMap<String, HashMap<String, i64>>,
-}
-
-struct Slot {
-    value: Bytes,
-    expires_at: Instant,
-}
-
-impl Slot {
-    fn live(&self, now: Instant) -> bool {
-        self.expires_at > now
-    }
-}
-
-fn charge(key: &str, value: &Bytes) -> u64 {
-    2 * key.len() as u64 + value.len() as u64 + ENTRY_OVERHEAD
-}
-
-impl State {
-    /// The entry under `key`, unless it has expired.
-    fn live(&self, key: &str, now: Instant) -> Option<&Slot> {
-        self.entries.get(key).filter(|s| s.live(now))
-    }
-
-    fn remove(&mut self, key: &str) -> Option<Slot> {
-        let slot = self.entries.remove(key)?;
-        self.expiries.remove(&(slot.expires_at, key.to_owned()));
-        self.bytes -= charge(key, &slot.value);
-        Some(slot)
-    }
-
-    fn insert(&mut self, key: String, value: Bytes, expires_at: Instant) {
-        self.remove(&key);
-        self.bytes += charge(&key, &value);
-        self.expiries.insert((expires_at, key.clone()));
-        self.entries.insert(key, Slot { value, expires_at });
-    }
-
-    /// Applies a batch of writes, first evicting the entries nearest to
-    /// expiry (expired ones come first) until the batch fits, but never an
-    /// entry the batch writes. If it cannot fit, nothing changes.
-    fn write_batch(&mut self, writes: Vec<(String, Bytes, Instant)>, max: u64) -> Result<()> {
-        let written: HashSet<&str> = writes.iter().map(|(k, _, _)| k.as_str()).collect();
-        let incoming: u64 = writes.iter().map(|(k, v, _)| charge(k, v)).sum();
-        let replaced: u64 = written
-            .iter()
-            .filter_map(|k| self.entries.get(*k).map(|s| charge(k, &s.value)))
-            .sum();
-        let after = self.bytes - replaced + incoming;
-        let mut victims = Vec::new();
-        if after > max {
-            let mut freed = 0;
-            for (_, key) in &self.expiries {
-                if freed >= after - max {
-                    break;
-                }
-                if !written.contains(key.as_str()) {
-                    freed += charge(key, &self.entries[key].value);
-                    victims.push(key.clone());
-                }
-            }
-            if freed < after - max {
-                return Err(StoreError::OutOfMemory(format!(
-                    "{incoming} bytes do not fit in the embedded store's capacity of {max} bytes (KOO_MEMORY_MAX_BYTES)"
-                )));
-            }
-        }
-        drop(written);
-        for key in victims {
-            self.remove(&key);
-        }
-        for (key, value, expires_at) in writes {
-            self.insert(key, value, expires_at);
-        }
-        Ok(())
-    }
-
-    /// Live keys in the range a pattern's literal prefix selects that match it.
-    fn matching<'a>(
-        &'a self,
-        pattern: &'a str,
-        now: Instant,
-    ) -> impl Iterator<Item = (&'a String, &'a Slot)> + 'a {
-        let prefix = glob::literal_prefix(pattern);
-        self.entries
-            .range(prefix.clone()..)
-            .take_while(move |(k, _)| k.starts_with(&prefix))
-            .filter(move |(k, s)| s.live(now) && glob::matches(pattern.as_bytes(), k.as_bytes()))
-    }
-
-    fn purge_expired(&mut self, now: Instant) -> u64 {
-        let mut purged = 0;
-        while let Some((at, key)) = self.expiries.first().cloned() {
-            if at > now {
-                break;
-            }
-            self.remove(&key);
-            purged += 1;
-        }
-        purged
-    }
 }
 
 impl MemoryStore {
@@ -220,18 +110,23 @@ impl MemoryStore {
     pub fn purge_expired(&self) -> u64 {
         self.write().purge_expired(Instant::now())
     }
+}
 
-    pub(super) async fn get(&self, key: &str, _deadline: Deadline) -> Result<Option<Entry>> {
+#[tonic::async_trait]
+impl CacheBackend for MemoryStore {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Memory
+    }
+
+    // No span on the per-key hot path (get, get_many, set, set_many): even a
+    // disabled span costs a callsite check per call, measured on cache Get.
+    async fn get(&self, key: &str, _deadline: Deadline) -> Result<Option<Entry>> {
         let now = Instant::now();
         let state = self.read();
         Ok(state.live(key, now).map(|s| entry(s, now)))
     }
 
-    pub(super) async fn get_many(
-        &self,
-        keys: &[String],
-        _deadline: Deadline,
-    ) -> Result<Vec<Option<Entry>>> {
+    async fn get_many(&self, keys: &[String], _deadline: Deadline) -> Result<Vec<Option<Entry>>> {
         let now = Instant::now();
         let state = self.read();
         Ok(keys
@@ -240,13 +135,7 @@ impl MemoryStore {
             .collect())
     }
 
-    pub(super) async fn set(
-        &self,
-        key: &str,
-        value: Bytes,
-        ttl: Duration,
-        _deadline: Deadline,
-    ) -> Result<()> {
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration, _deadline: Deadline) -> Result<()> {
         let bytes = {
             let mut state = self.write();
             state.write_batch(
@@ -259,7 +148,7 @@ impl MemoryStore {
         Ok(())
     }
 
-    pub(super) async fn set_many(&self, writes: Vec<Write>, _deadline: Deadline) -> Result<()> {
+    async fn set_many(&self, writes: Vec<Write>, _deadline: Deadline) -> Result<()> {
         let writes = writes
             .into_iter()
             .map(|w| (w.key, w.value, expiry(w.ttl)))
@@ -273,7 +162,8 @@ impl MemoryStore {
         Ok(())
     }
 
-    pub(super) async fn sizes(&self, keys: &[String], _deadline: Deadline) -> Result<Vec<u64>> {
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn sizes(&self, keys: &[String], _deadline: Deadline) -> Result<Vec<u64>> {
         let now = Instant::now();
         let state = self.read();
         Ok(keys
@@ -282,7 +172,8 @@ impl MemoryStore {
             .collect())
     }
 
-    pub(super) async fn delete(&self, keys: &[String], _deadline: Deadline) -> Result<u64> {
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn delete(&self, keys: &[String], _deadline: Deadline) -> Result<u64> {
         let now = Instant::now();
         let mut state = self.write();
         let mut deleted = 0;
@@ -294,7 +185,8 @@ impl MemoryStore {
         Ok(deleted)
     }
 
-    pub(super) async fn scan(
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %page_size))]
+    async fn scan(
         &self,
         pattern: &str,
         cursor: Option<&str>,
@@ -338,7 +230,8 @@ impl MemoryStore {
         Ok(page)
     }
 
-    pub(super) async fn clear(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
+    async fn clear(&self, pattern: &str, _deadline: Deadline) -> Result<u64> {
         let now = Instant::now();
         let mut state = self.write();
         let keys: Vec<String> = state
@@ -351,7 +244,8 @@ impl MemoryStore {
         Ok(keys.len() as u64)
     }
 
-    pub(super) async fn count_by_prefix(
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
+    async fn count_by_prefix(
         &self,
         pattern: &str,
         prefixes: &[String],
@@ -366,11 +260,8 @@ impl MemoryStore {
         Ok(counts)
     }
 
-    pub(super) async fn cleanup(
-        &self,
-        pattern: &str,
-        _deadline: Deadline,
-    ) -> Result<CleanupCounts> {
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
+    async fn cleanup(&self, pattern: &str, _deadline: Deadline) -> Result<CleanupCounts> {
         let now = Instant::now();
         let mut state = self.write();
         let scanned = state.matching(pattern, now).count() as u64;
@@ -383,7 +274,8 @@ impl MemoryStore {
         })
     }
 
-    pub(super) async fn largest_keys(
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %sample, %top))]
+    async fn largest_keys(
         &self,
         pattern: &str,
         sample: usize,
@@ -406,7 +298,8 @@ impl MemoryStore {
         Ok((sampled, sizes))
     }
 
-    pub(super) async fn memory(&self, _deadline: Deadline) -> Result<MemoryReport> {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn memory(&self, _deadline: Deadline) -> Result<MemoryReport> {
         let used = self.read().bytes;
         Ok(MemoryReport {
             used,
@@ -418,25 +311,27 @@ impl MemoryStore {
         })
     }
 
-    pub(super) async fn probe(&self, _deadline: Deadline) -> Result<Duration> {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn probe(&self, _deadline: Deadline) -> Result<Duration> {
         let started = Instant::now();
         drop(self.read());
         Ok(started.elapsed())
     }
 
-    pub(super) fn circuit_state(&self) -> CircuitState {
+    fn circuit_state(&self) -> CircuitState {
         CircuitState::Closed
     }
 
-    pub(super) fn watch_circuit(&self) -> watch::Receiver<CircuitState> {
+    fn watch_circuit(&self) -> watch::Receiver<CircuitState> {
         self.inner.circuit.subscribe()
     }
 
-    pub(super) fn last_error(&self) -> Option<LastError> {
+    fn last_error(&self) -> Option<LastError> {
         None
     }
 
-    pub(super) async fn publish_record(
+    #[tracing::instrument(level = "debug", skip_all, fields(%index, %member))]
+    async fn publish_record(
         &self,
         index: &str,
         key: &str,
@@ -458,11 +353,12 @@ impl MemoryStore {
         Ok(())
     }
 
-    pub(super) async fn read_records(
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
+    async fn read_records(
         &self,
         index: &str,
         since: SystemTime,
-        key_of: &(dyn Fn(&str) -> String + Sync),
+        key_of: KeyOf<'_>,
         _deadline: Deadline,
     ) -> Result<Vec<(String, Bytes)>> {
         let now = Instant::now();
@@ -481,11 +377,12 @@ impl MemoryStore {
             .collect())
     }
 
-    pub(super) async fn remove_stale_records(
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
+    async fn remove_stale_records(
         &self,
         index: &str,
         since: SystemTime,
-        key_of: &(dyn Fn(&str) -> String + Sync),
+        key_of: KeyOf<'_>,
         _deadline: Deadline,
     ) -> Result<u64> {
         let since = unix_millis(since);
@@ -508,23 +405,9 @@ impl MemoryStore {
     }
 }
 
-fn expiry(ttl: Duration) -> Instant {
-    let now = Instant::now();
-    // A TTL too large for the clock is as good as forever; cap at 100 years.
-    now.checked_add(ttl)
-        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
-        .unwrap_or(now)
-}
-
-fn entry(slot: &Slot, now: Instant) -> Entry {
-    Entry {
-        value: slot.value.clone(),
-        ttl: Some(slot.expires_at.saturating_duration_since(now)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::state::ENTRY_OVERHEAD;
     use super::*;
 
     fn store(max_bytes: u64) -> MemoryStore {

@@ -109,7 +109,7 @@ impl MemoryStore {
 mod tests {
     use super::super::MemoryConfig;
     use super::*;
-    use crate::store::Deadline;
+    use crate::store::{CacheBackend, Deadline};
 
     /// Entries come back with the TTL they had left; expired ones and keys
     /// outside the prefix are not saved or not loaded.

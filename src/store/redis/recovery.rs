@@ -118,7 +118,7 @@ async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>) 
                 return;
             };
             let store = RedisStore { inner };
-            if store.circuit_state() == CircuitState::Closed {
+            if store.inner.breaker.state() == CircuitState::Closed {
                 tracing::info!("Redis answering again: circuit breaker closed");
                 break;
             }

@@ -1,10 +1,13 @@
-//! The Redis side of the schedule store (see `crate::schedule::store`).
+//! The schedule store on Redis (keys in [`crate::store::schedules`]): two
+//! hashes of JSON documents and a version counter, changed by the scripts
+//! below so that a change and its version bump are one.
 
 use redis::Script;
 
 use super::RedisStore;
-use crate::schedule::store::{Put, ScheduleKeys};
-use crate::store::{Deadline, Result};
+use crate::domain::schedule::{Run, Schedule};
+use crate::store::schedules::{Put, ScheduleBackend, ScheduleKeys, Snapshot};
+use crate::store::{Deadline, Result, StoreError};
 
 /// Writes a definition under a condition and bumps the version, atomically.
 /// ARGV: 1 name, 2 JSON, 3 'new' | 'existing' | 'any'. Returns 1, or 0 when
@@ -46,101 +49,21 @@ return 1
 /// Name → JSON pairs of a hash.
 type Pairs = Vec<(String, String)>;
 
-impl RedisStore {
-    pub(crate) async fn schedule_version(
-        &self,
-        keys: &ScheduleKeys,
-        deadline: Deadline,
-    ) -> Result<i64> {
-        let mut cmd = redis::cmd("GET");
-        cmd.arg(&keys.version);
-        let v: Option<i64> = self.query(&cmd, deadline).await?;
-        Ok(v.unwrap_or(0))
-    }
+/// Schedules in one Redis under one prefix.
+pub struct RedisSchedules {
+    store: RedisStore,
+    keys: ScheduleKeys,
+}
 
-    pub(crate) async fn schedule_snapshot(
-        &self,
-        keys: &ScheduleKeys,
-        deadline: Deadline,
-    ) -> Result<(i64, Pairs, Pairs)> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(&keys.version);
-        pipe.cmd("HGETALL").arg(&keys.defs);
-        pipe.cmd("HGETALL").arg(&keys.runs);
-        let (version, defs, runs): (Option<i64>, Pairs, Pairs) =
-            self.query_pipe(&pipe, deadline).await?;
-        Ok((version.unwrap_or(0), defs, runs))
-    }
-
-    pub(crate) async fn schedule_get(
-        &self,
-        keys: &ScheduleKeys,
-        name: &str,
-        deadline: Deadline,
-    ) -> Result<(Option<String>, Option<String>)> {
-        let mut pipe = redis::pipe();
-        pipe.cmd("HGET").arg(&keys.defs).arg(name);
-        pipe.cmd("HGET").arg(&keys.runs).arg(name);
-        self.query_pipe(&pipe, deadline).await
-    }
-
-    pub(crate) async fn schedule_put(
-        &self,
-        keys: &ScheduleKeys,
-        name: &str,
-        json: &str,
-        put: Put,
-        deadline: Deadline,
-    ) -> Result<bool> {
-        let mode = match put {
-            Put::New => "new",
-            Put::Existing => "existing",
-            Put::Any => "any",
-        };
-        // Not repeated after a lost reply: a repeated create would report
-        // its own write as a taken name.
-        let keys = [keys.defs.as_str(), keys.version.as_str()];
-        let done = self
-            .schedule_script(PUT, &keys, &[name, json, mode], true, deadline)
-            .await?;
-        Ok(done == 1)
-    }
-
-    pub(crate) async fn schedule_delete(
-        &self,
-        keys: &ScheduleKeys,
-        name: &str,
-        deadline: Deadline,
-    ) -> Result<bool> {
-        let keys = [
-            keys.defs.as_str(),
-            keys.version.as_str(),
-            keys.runs.as_str(),
-        ];
-        let done = self
-            .schedule_script(DELETE, &keys, &[name], true, deadline)
-            .await?;
-        Ok(done == 1)
-    }
-
-    pub(crate) async fn schedule_record_run(
-        &self,
-        keys: &ScheduleKeys,
-        name: &str,
-        json: &str,
-        fired_ms: i64,
-        deadline: Deadline,
-    ) -> Result<()> {
-        let keys = [keys.defs.as_str(), keys.runs.as_str()];
-        let fired = fired_ms.to_string();
-        self.schedule_script(RECORD_RUN, &keys, &[name, json, &fired], false, deadline)
-            .await?;
-        Ok(())
+impl RedisSchedules {
+    /// Schedules in `store` under `keys`.
+    pub fn new(store: RedisStore, keys: ScheduleKeys) -> Self {
+        Self { store, keys }
     }
 
     /// Runs one of the scripts above: `once` for scripts whose repetition
     /// after a lost reply would answer wrongly.
-    async fn schedule_script(
+    async fn script(
         &self,
         source: &str,
         keys: &[&str],
@@ -161,9 +84,111 @@ impl RedisStore {
             inv.invoke_async::<i64>(&mut c).await
         };
         if once {
-            self.run_once(deadline, call).await
+            self.store.run_once(deadline, call).await
         } else {
-            self.run(deadline, call).await
+            self.store.run(deadline, call).await
         }
     }
+}
+
+#[tonic::async_trait]
+impl ScheduleBackend for RedisSchedules {
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn version(&self, deadline: Deadline) -> Result<i64> {
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(&self.keys.version);
+        let v: Option<i64> = self.store.query(&cmd, deadline).await?;
+        Ok(v.unwrap_or(0))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn snapshot(&self, deadline: Deadline) -> Result<Snapshot> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(&self.keys.version);
+        pipe.cmd("HGETALL").arg(&self.keys.defs);
+        pipe.cmd("HGETALL").arg(&self.keys.runs);
+        let (version, defs, runs): (Option<i64>, Pairs, Pairs) =
+            self.store.query_pipe(&pipe, deadline).await?;
+        let mut out = Snapshot {
+            version: version.unwrap_or(0),
+            ..Snapshot::default()
+        };
+        for (name, json) in defs {
+            match serde_json::from_str::<Schedule>(&json) {
+                Ok(s) => {
+                    out.schedules.insert(name, s);
+                }
+                Err(e) => {
+                    tracing::warn!(schedule = %name, error = %e, "skipping a stored schedule that does not parse")
+                }
+            }
+        }
+        for (name, json) in runs {
+            if let Ok(r) = serde_json::from_str::<Run>(&json) {
+                out.runs.insert(name, r);
+            }
+        }
+        Ok(out)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
+    async fn get(&self, name: &str, deadline: Deadline) -> Result<Option<(Schedule, Option<Run>)>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(&self.keys.defs).arg(name);
+        pipe.cmd("HGET").arg(&self.keys.runs).arg(name);
+        let (def, run): (Option<String>, Option<String>) =
+            self.store.query_pipe(&pipe, deadline).await?;
+        let Some(def) = def else { return Ok(None) };
+        let def = serde_json::from_str(&def)
+            .map_err(|e| StoreError::Backend(format!("schedule {name}: {e}")))?;
+        let run = run.and_then(|r| serde_json::from_str(&r).ok());
+        Ok(Some((def, run)))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(name = %schedule.name, ?put))]
+    async fn put(&self, schedule: &Schedule, put: Put, deadline: Deadline) -> Result<bool> {
+        let mode = match put {
+            Put::New => "new",
+            Put::Existing => "existing",
+            Put::Any => "any",
+        };
+        let json = json(schedule)?;
+        // Not repeated after a lost reply: a repeated create would report
+        // its own write as a taken name.
+        let keys = [self.keys.defs.as_str(), self.keys.version.as_str()];
+        let done = self
+            .script(PUT, &keys, &[&schedule.name, &json, mode], true, deadline)
+            .await?;
+        Ok(done == 1)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
+    async fn delete(&self, name: &str, deadline: Deadline) -> Result<bool> {
+        let keys = [
+            self.keys.defs.as_str(),
+            self.keys.version.as_str(),
+            self.keys.runs.as_str(),
+        ];
+        let done = self.script(DELETE, &keys, &[name], true, deadline).await?;
+        Ok(done == 1)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%name))]
+    async fn record_run(&self, name: &str, run: &Run, deadline: Deadline) -> Result<()> {
+        let keys = [self.keys.defs.as_str(), self.keys.runs.as_str()];
+        let fired = run.fired_ms.to_string();
+        self.script(
+            RECORD_RUN,
+            &keys,
+            &[name, &json(run)?, &fired],
+            false,
+            deadline,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Backend(format!("schedule JSON: {e}")))
 }

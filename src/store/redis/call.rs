@@ -1,0 +1,223 @@
+//! How one call runs: under the breaker, within its deadline, retried with
+//! exponential backoff and jitter while the failure is transient (or, for a
+//! call that must not run twice, only when the request surely never left).
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use redis::aio::ConnectionManager;
+use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RetryMethod};
+
+use super::RedisStore;
+use super::breaker::Evidence;
+use crate::store::{Deadline, Result, StoreError};
+
+/// The least time one attempt gets when `REDIS_RETRY_ON_TIMEOUT` splits a
+/// call's deadline between attempts.
+const ATTEMPT_FLOOR: Duration = Duration::from_millis(250);
+
+/// How a failed call should be handled.
+enum Failure {
+    /// Redis could not be reached or did not answer; retry if time allows.
+    Transient(String),
+    /// Redis answered with an error that retrying will not fix.
+    Permanent(StoreError),
+}
+
+/// Whether Redis answered with error `code`, alone or inside a pipeline or
+/// transaction.
+pub(super) fn has_code(err: &RedisError, code: &str) -> bool {
+    err.code() == Some(code)
+        || err
+            .clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == code))
+}
+
+fn classify(err: &RedisError) -> Failure {
+    if has_code(err, "OOM") {
+        return Failure::Permanent(StoreError::OutOfMemory(err.to_string()));
+    }
+    if has_code(err, "WRONGTYPE") {
+        return Failure::Permanent(StoreError::WrongType(err.to_string()));
+    }
+    match err.kind() {
+        // Redis answered, but not in the shape expected (e.g. a key that is
+        // not UTF-8): retrying cannot help, and Redis is not at fault.
+        ErrorKind::Parse | ErrorKind::UnexpectedReturnType => {
+            Failure::Permanent(StoreError::Backend(err.to_string()))
+        }
+        _ => match err.retry_method() {
+            RetryMethod::NoRetry => Failure::Permanent(StoreError::Backend(err.to_string())),
+            _ => Failure::Transient(err.to_string()),
+        },
+    }
+}
+
+/// Exponential backoff with full jitter: 10 ms, 20 ms, 40 ms... capped at 1 s.
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_millis(10u64 << attempt.min(7)).min(Duration::from_secs(1));
+    rand::rng().random_range(cap / 2..=cap)
+}
+
+impl RedisStore {
+    /// Runs `call` on a pooled connection under the breaker, the deadline and
+    /// the retry policy.
+    ///
+    /// A call keeps its connection across retries after an error: a
+    /// `ConnectionManager` reconnects itself after an I/O error, so the retry
+    /// repairs it, whereas hopping to the next pooled connection after a Redis
+    /// restart would only meet the next broken one. After an attempt that got
+    /// no answer (a half-dead connection), the retry takes another connection.
+    /// A failed call counts once against the breaker, however many attempts it
+    /// made, and only when one of them showed that Redis is down (see
+    /// [`Evidence`]); a call that merely ran out of its caller's time is
+    /// `DEADLINE_EXCEEDED` and counts for nothing.
+    pub(super) async fn run<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        let admission = inner.breaker.admit()?;
+        let mut evidence = Evidence::default();
+        let mut conn = self.conn();
+        let mut attempt = 0;
+        loop {
+            let remaining = deadline.remaining();
+            // With REDIS_RETRY_ON_TIMEOUT an attempt gets half the time left
+            // (at least ATTEMPT_FLOOR), leaving room to retry elsewhere.
+            let budget = if inner.retry_on_timeout && attempt < inner.retries {
+                (remaining / 2).max(ATTEMPT_FLOOR).min(remaining)
+            } else {
+                remaining
+            };
+            let started = Instant::now();
+            let failure = match tokio::time::timeout(budget, call(conn.clone())).await {
+                Ok(Ok(value)) => {
+                    admission.succeeded();
+                    return Ok(value);
+                }
+                Ok(Err(err)) => match classify(&err) {
+                    Failure::Permanent(e) => {
+                        admission.succeeded();
+                        return Err(e);
+                    }
+                    Failure::Transient(message) => evidence.down(message),
+                },
+                Err(_) => {
+                    let message = evidence.silent(started.elapsed(), inner.timeout_evidence);
+                    if deadline.remaining().is_zero() {
+                        return Err(evidence.settle(admission, StoreError::DeadlineExceeded));
+                    }
+                    conn = self.conn();
+                    message
+                }
+            };
+            let pause = backoff(attempt);
+            if attempt >= inner.retries || pause >= deadline.remaining() || !admission.may_retry() {
+                let unreachable = StoreError::Unavailable(format!(
+                    "Redis unreachable after {} attempt(s): {failure}",
+                    attempt + 1
+                ));
+                return Err(evidence.settle(admission, unreachable));
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    /// Runs a call that must not run twice (a script that moves a task):
+    /// like [`Self::run`], but only a refused connection, where the request
+    /// surely never left, is retried. After a timeout or a dropped
+    /// connection the request may have run, so the caller is told the
+    /// outcome is unknown rather than risk running it again. As in
+    /// [`Self::run`], only evidence that Redis is down counts against the
+    /// breaker.
+    pub(super) async fn run_once<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let inner = &self.inner;
+        let admission = inner.breaker.admit()?;
+        let mut evidence = Evidence::default();
+        let conn = self.conn();
+        let mut attempt = 0;
+        loop {
+            let started = Instant::now();
+            let err = match tokio::time::timeout_at(deadline.instant(), call(conn.clone())).await {
+                Ok(Ok(value)) => {
+                    admission.succeeded();
+                    return Ok(value);
+                }
+                Ok(Err(err)) => err,
+                Err(_) => {
+                    evidence.silent(started.elapsed(), inner.timeout_evidence);
+                    return Err(evidence.settle(admission, StoreError::DeadlineExceeded));
+                }
+            };
+            let message = match classify(&err) {
+                Failure::Permanent(e) => {
+                    admission.succeeded();
+                    return Err(e);
+                }
+                Failure::Transient(message) => evidence.down(message),
+            };
+            let pause = backoff(attempt);
+            if !err.is_connection_refusal()
+                || attempt >= inner.retries
+                || pause >= deadline.remaining()
+                || !admission.may_retry()
+            {
+                let unknown = StoreError::Unavailable(format!(
+                    "Redis failed after {} attempt(s) (the request may or may not have been applied): {message}",
+                    attempt + 1
+                ));
+                return Err(evidence.settle(admission, unknown));
+            }
+            tokio::time::sleep(pause).await;
+            attempt += 1;
+        }
+    }
+
+    pub(super) async fn query<T: FromRedisValue>(
+        &self,
+        cmd: &Cmd,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run(
+            deadline,
+            |mut c| async move { cmd.query_async(&mut c).await },
+        )
+        .await
+    }
+
+    pub(super) async fn query_pipe<T: FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+        deadline: Deadline,
+    ) -> Result<T> {
+        self.run(
+            deadline,
+            |mut c| async move { pipe.query_async(&mut c).await },
+        )
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Backoff grows and stays capped.
+    #[test]
+    fn backoff_is_bounded() {
+        for attempt in 0..40 {
+            let b = backoff(attempt);
+            assert!(b <= Duration::from_secs(1), "{b:?}");
+            assert!(b >= Duration::from_millis(5), "{b:?}");
+        }
+    }
+}

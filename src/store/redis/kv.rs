@@ -1,0 +1,212 @@
+//! The cache's commands on Redis: the [`CacheBackend`] implementation. Per
+//! key calls are one pipelined round trip; the pattern walks live in
+//! [`super::scan`], the memory report in [`super::info`], the instance
+//! records in [`super::records`].
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+
+use super::RedisStore;
+use crate::store::{
+    BackendKind, CacheBackend, CircuitState, CleanupCounts, Deadline, Entry, KeyOf, KeySize,
+    LastError, MemoryReport, Result, ScanPage, Write,
+};
+
+#[tonic::async_trait]
+impl CacheBackend for RedisStore {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Redis
+    }
+
+    // No span on the per-key hot path (get, get_many, set, set_many): even a
+    // disabled span costs a callsite check per call, measured on cache Get.
+    async fn get(&self, key: &str, deadline: Deadline) -> Result<Option<Entry>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+        let (value, pttl): (Option<Vec<u8>>, i64) = self.query_pipe(&pipe, deadline).await?;
+        Ok(value.map(|v| entry(v, pttl)))
+    }
+
+    async fn get_many(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<Entry>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+        }
+        let replies: Vec<(Option<Vec<u8>>, i64)> = self.query_pipe(&pipe, deadline).await?;
+        Ok(replies
+            .into_iter()
+            .map(|(v, pttl)| v.map(|v| entry(v, pttl)))
+            .collect())
+    }
+
+    async fn set(&self, key: &str, value: Bytes, ttl: Duration, deadline: Deadline) -> Result<()> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(value.as_ref())
+            .arg("PX")
+            .arg(ttl_millis(ttl));
+        self.query::<()>(&cmd, deadline).await
+    }
+
+    async fn set_many(&self, writes: Vec<Write>, deadline: Deadline) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for w in &writes {
+            pipe.cmd("SET")
+                .arg(&w.key)
+                .arg(w.value.as_ref())
+                .arg("PX")
+                .arg(ttl_millis(w.ttl))
+                .ignore();
+        }
+        self.query_pipe::<()>(&pipe, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn sizes(&self, keys: &[String], deadline: Deadline) -> Result<Vec<u64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("STRLEN").arg(key);
+        }
+        self.query_pipe(&pipe, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
+    async fn delete(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut cmd = redis::cmd("UNLINK");
+        cmd.arg(keys);
+        self.query(&cmd, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %page_size))]
+    async fn scan(
+        &self,
+        pattern: &str,
+        cursor: Option<&str>,
+        page_size: usize,
+        deadline: Deadline,
+    ) -> Result<ScanPage> {
+        self.scan_page(pattern, cursor, page_size, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
+    async fn clear(&self, pattern: &str, deadline: Deadline) -> Result<u64> {
+        self.clear_matching(pattern, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
+    async fn count_by_prefix(
+        &self,
+        pattern: &str,
+        prefixes: &[String],
+        deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        self.count_matching(pattern, prefixes, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern))]
+    async fn cleanup(&self, pattern: &str, deadline: Deadline) -> Result<CleanupCounts> {
+        self.cleanup_matching(pattern, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%pattern, %sample, %top))]
+    async fn largest_keys(
+        &self,
+        pattern: &str,
+        sample: usize,
+        top: usize,
+        deadline: Deadline,
+    ) -> Result<(u64, Vec<KeySize>)> {
+        self.largest_matching(pattern, sample, top, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn memory(&self, deadline: Deadline) -> Result<MemoryReport> {
+        RedisStore::memory(self, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn probe(&self, deadline: Deadline) -> Result<Duration> {
+        RedisStore::probe(self, deadline).await
+    }
+
+    fn circuit_state(&self) -> CircuitState {
+        self.inner.breaker.state()
+    }
+
+    fn watch_circuit(&self) -> watch::Receiver<CircuitState> {
+        self.inner.breaker.watch()
+    }
+
+    fn last_error(&self) -> Option<LastError> {
+        self.inner.breaker.last_error()
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%index, %member))]
+    async fn publish_record(
+        &self,
+        index: &str,
+        key: &str,
+        member: &str,
+        payload: Bytes,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<()> {
+        self.publish(index, key, member, payload, ttl, deadline)
+            .await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
+    async fn read_records(
+        &self,
+        index: &str,
+        since: SystemTime,
+        key_of: KeyOf<'_>,
+        deadline: Deadline,
+    ) -> Result<Vec<(String, Bytes)>> {
+        self.read_published(index, since, key_of, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(%index))]
+    async fn remove_stale_records(
+        &self,
+        index: &str,
+        since: SystemTime,
+        key_of: KeyOf<'_>,
+        deadline: Deadline,
+    ) -> Result<u64> {
+        self.remove_stale(index, since, key_of, deadline).await
+    }
+}
+
+fn entry(value: Vec<u8>, pttl: i64) -> Entry {
+    Entry {
+        value: Bytes::from(value),
+        // -1: no TTL; -2: gone between GET and PTTL (treated as about to expire).
+        ttl: match pttl {
+            -1 => None,
+            ms => Some(Duration::from_millis(ms.max(0) as u64)),
+        },
+    }
+}
+
+/// Whole milliseconds, rounded up so that Redis never expires a key early.
+pub(super) fn ttl_millis(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_nanos().div_ceil(1_000_000))
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
