@@ -71,6 +71,10 @@ impl Tasks {
         limits: TaskLimits,
         now: i64,
     ) -> Result<()> {
+        // nothing to wait on: queued, as submit.lua does with no dependencies
+        if waiting.is_empty() {
+            return self.submit(task, Duration::ZERO, limits, now);
+        }
         let id = task.id.as_str();
         if self.tasks.contains_key(id) {
             return Err(StoreError::Backend(format!("task {id} already exists")));
