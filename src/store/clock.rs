@@ -10,13 +10,15 @@
 //!
 //! What the offset moves: every time a transition computes from now (lease
 //! and hard deadlines, due times, `created_ms`, `started_ms`,
-//! `finished_ms`, history and event times, a queue's oldest wait) and, on
-//! the embedded store, every expiry (results, idempotency claims, worker
-//! records). What it cannot move: Redis's own key expiry (results, claims
-//! and worker records are keys with a TTL) runs on Redis's real clock, so
-//! a test that advances the clock past such a TTL sees the embedded store
-//! forget and Redis remember; compare expiries with short real TTLs, or
-//! not across a clock jump.
+//! `finished_ms`, history and event times, a queue's oldest wait), the
+//! expiry of idempotency claims on both stores (on Redis a claim's TTL is
+//! stretched by the offset and it counts as live while more than the
+//! offset is left: `idem_claim.lua`), and, on the embedded store, every
+//! other expiry. What it cannot move: Redis's own expiry of task results
+//! and worker records (keys with a TTL) runs on Redis's real clock, so a
+//! test that advances the clock past a result TTL sees the embedded store
+//! forget and Redis remember; compare those with short real TTLs, or not
+//! across a clock jump.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
