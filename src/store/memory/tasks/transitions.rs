@@ -129,10 +129,12 @@ impl Tasks {
         if state.is_final() {
             return DependReply::Ended(state);
         }
-        self.dependents
-            .entry(id.to_string())
-            .or_default()
-            .push(dependent.to_string());
+        // a set, as `:dependents` on Redis: registering twice (a retried
+        // call) lists it once
+        let waiting = self.dependents.entry(id.to_string()).or_default();
+        if !waiting.iter().any(|d| d == dependent.as_str()) {
+            waiting.push(dependent.to_string());
+        }
         DependReply::Waiting
     }
     /// See [`TaskBackend::lease`](crate::store::tasks::TaskBackend::lease).
