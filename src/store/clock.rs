@@ -13,16 +13,19 @@
 //!
 //! Every script invocation passes the clock as `ARGV[1]` (see
 //! `redis/script.rs`: the offset, `0` in production, or `@` and the pinned
-//! now).
+//! now); the generated prelude turns it into `now` and `CLOCK_OFFSET` (how
+//! far the store's now is ahead of Redis's `TIME`).
 //!
 //! What the clock moves: every time a transition computes from now (lease
 //! and hard deadlines, due times, `started_ms`, `finished_ms`, history and
-//! event times, a queue's oldest wait) and, on the embedded store, every
-//! expiry (results, idempotency claims, worker records). What it cannot
-//! move: Redis's own key expiry (results, claims and worker records are
-//! keys with a TTL) runs on Redis's real clock, so a test that moves the
-//! clock past such a TTL sees the embedded store forget and Redis remember;
-//! compare expiries with short real TTLs, or not across a clock jump.
+//! event times, a queue's oldest wait), the expiry of idempotency claims on
+//! both stores (on Redis a claim's TTL is stretched by `CLOCK_OFFSET` and it
+//! counts as live while more than that is left: `idem_claim.lua`) and, on
+//! the embedded store, every other expiry. What it cannot move: Redis's own
+//! expiry of task results and worker records (keys with a TTL) runs on
+//! Redis's real clock, so a test that moves the clock past a result TTL sees
+//! the embedded store forget and Redis remember; compare those with short
+//! real TTLs, or not across a clock jump.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -71,6 +74,16 @@ impl Clock {
     /// `TIME`; `None` for the real clock.
     pub fn pinned_ms(&self) -> Option<i64> {
         self.manual.as_ref().map(|now| now.load(Ordering::Relaxed))
+    }
+
+    /// How far this clock is ahead of the real one, ms: the offset, or for a
+    /// manual clock its now less the real now (negative once real time has
+    /// passed it).
+    pub fn ahead_of_real_ms(&self) -> i64 {
+        match self.pinned_ms() {
+            Some(now) => now - super::unix_millis(SystemTime::now()),
+            None => self.offset_ms(),
+        }
     }
 
     /// Now, ms since the epoch.

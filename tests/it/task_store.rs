@@ -93,6 +93,7 @@ on_both!(
     an_expired_dead_letter_is_dropped_when_requeued,
     history_is_trimmed_at_the_cap,
     the_store_clock_moves_due_times_and_leases,
+    idempotency_claims_expire_on_the_store_clock,
 );
 
 impl Fixture {
@@ -699,4 +700,44 @@ async fn the_store_clock_moves_due_times_and_leases(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(beat, Beat::Lost);
+}
+
+/// An idempotency claim holds for its TTL on the store's clock: on Redis
+/// the key's TTL is stretched by the clock's offset and a claim counts as
+/// live only while more than the offset is left, so moving the clock
+/// expires claims there as on the embedded store.
+async fn idempotency_claims_expire_on_the_store_clock(f: Fixture) {
+    let ttl = Duration::from_secs(60);
+    let s = &f.store;
+    assert_eq!(
+        s.claim_idempotency("k", "a", ttl, later()).await.unwrap(),
+        None
+    );
+    let held = s.claim_idempotency("k", "b", ttl, later()).await.unwrap();
+    assert_eq!(held.as_deref(), Some("a"));
+    let keys = ["k".to_owned(), "other".to_owned()];
+    let claimed = s.idempotency_claimed(&keys, later()).await.unwrap();
+    assert_eq!(claimed, [true, false]);
+    f.clock.advance(Duration::from_secs(30));
+    let held = s.claim_idempotency("k", "b", ttl, later()).await.unwrap();
+    assert_eq!(held.as_deref(), Some("a"), "30 s into 60 it holds");
+    assert!(
+        s.swap_idempotency("k", "a", "c", ttl, later())
+            .await
+            .unwrap()
+    );
+    f.clock.advance(Duration::from_secs(61));
+    let claimed = s.idempotency_claimed(&keys, later()).await.unwrap();
+    assert_eq!(claimed, [false, false], "the swapped claim ran its 60 s");
+    assert!(
+        !s.swap_idempotency("k", "c", "d", ttl, later())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        s.claim_idempotency("k", "e", ttl, later()).await.unwrap(),
+        None
+    );
+    let claimed = s.idempotency_claimed(&keys, later()).await.unwrap();
+    assert_eq!(claimed, [true, false]);
 }

@@ -142,8 +142,10 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// **Submit pending.** As [`Self::submit`], but PENDING (in `pending`,
     /// by submit time) on the dependencies in `waiting`, each of which
     /// already lists it as a dependent ([`Self::depend_on`]). Event:
-    /// `pending`. Counts: `Submitted`. The embedded store releases it at
-    /// once from dependencies that ended in between.
+    /// `pending`. Counts: `Submitted`. With `waiting` empty, it is a plain
+    /// submit (QUEUED). The embedded store releases it at once from
+    /// dependencies that ended in between (Redis leaves that to the
+    /// dependency sweep: [`Self::pending_tasks`]).
     async fn submit_pending(
         &self,
         task: &Task,

@@ -14,7 +14,7 @@ use crate::store::tasks::{Beat, CancelReply, DependReply, RetryReply, TaskLimits
 use crate::store::{Result, StoreError};
 
 impl Tasks {
-    /// Stores a new task: queued now, or scheduled `delay` from now.
+    /// See [`TaskBackend::submit`](crate::store::tasks::TaskBackend::submit).
     pub(super) fn submit(
         &mut self,
         task: &Task,
@@ -62,8 +62,8 @@ impl Tasks {
         );
         Ok(())
     }
-    /// Stores a new task PENDING on `waiting`; if those all ended meanwhile,
-    /// it is released at once.
+    /// See [`TaskBackend::submit_pending`](crate::store::tasks::TaskBackend::submit_pending).
+    /// Dependencies that ended meanwhile release it at once.
     pub(super) fn submit_pending(
         &mut self,
         task: &Task,
@@ -71,6 +71,10 @@ impl Tasks {
         limits: TaskLimits,
         now: i64,
     ) -> Result<()> {
+        // nothing to wait on: queued, as submit.lua does with no dependencies
+        if waiting.is_empty() {
+            return self.submit(task, Duration::ZERO, limits, now);
+        }
         let id = task.id.as_str();
         if self.tasks.contains_key(id) {
             return Err(StoreError::Backend(format!("task {id} already exists")));
@@ -116,7 +120,7 @@ impl Tasks {
         }
         Ok(())
     }
-    /// Registers `dependent` as waiting on `id`, unless `id` has ended.
+    /// See [`TaskBackend::depend_on`](crate::store::tasks::TaskBackend::depend_on).
     pub(super) fn depend_on(&mut self, id: &TaskId, dependent: &TaskId, now: i64) -> DependReply {
         let state = match self.tasks.get(id.as_str()).filter(|e| e.live(now)) {
             None => return DependReply::Missing,
@@ -125,14 +129,15 @@ impl Tasks {
         if state.is_final() {
             return DependReply::Ended(state);
         }
-        self.dependents
-            .entry(id.to_string())
-            .or_default()
-            .push(dependent.to_string());
+        // a set, as `:dependents` on Redis: registering twice (a retried
+        // call) lists it once
+        let waiting = self.dependents.entry(id.to_string()).or_default();
+        if !waiting.iter().any(|d| d == dependent.as_str()) {
+            waiting.push(dependent.to_string());
+        }
         DependReply::Waiting
     }
-    /// Leases the best ready task of `queue` whose name is in `names` (`*`
-    /// serves all), counting the attempt.
+    /// See [`TaskBackend::lease`](crate::store::tasks::TaskBackend::lease).
     pub(super) fn lease(
         &mut self,
         queue: &QueueName,
@@ -198,7 +203,7 @@ impl Tasks {
         }
         leased
     }
-    /// Extends a lease; `false` when the holder of `token` has been fenced.
+    /// See [`TaskBackend::heartbeat`](crate::store::tasks::TaskBackend::heartbeat).
     pub(super) fn heartbeat(&mut self, id: &TaskId, token: u32, lease: Duration, now: i64) -> Beat {
         let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
             return Beat::Lost;
@@ -215,7 +220,7 @@ impl Tasks {
             Beat::Held
         }
     }
-    /// Cancels a task that has not ended, as `cancel.lua` does.
+    /// See [`TaskBackend::cancel`](crate::store::tasks::TaskBackend::cancel).
     pub(super) fn cancel(
         &mut self,
         id: &TaskId,
@@ -253,8 +258,7 @@ impl Tasks {
         self.end(&queue, id.as_str(), limits, now);
         CancelReply::Cancelled
     }
-    /// Queues an ended task again with a fresh retry budget, as `retry.lua`
-    /// does.
+    /// See [`TaskBackend::retry`](crate::store::tasks::TaskBackend::retry).
     pub(super) fn retry(&mut self, id: &TaskId, limits: TaskLimits, now: i64) -> RetryReply {
         let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.live(now)) else {
             // its result expired: a dead letter that can no longer run is
@@ -288,8 +292,7 @@ impl Tasks {
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         RetryReply::Queued
     }
-    /// Hands a running task back to its queue at once, giving its attempt
-    /// back; `false` when fenced.
+    /// See [`TaskBackend::release`](crate::store::tasks::TaskBackend::release).
     pub(super) fn release(
         &mut self,
         id: &TaskId,
@@ -323,7 +326,7 @@ impl Tasks {
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         Ok(true)
     }
-    /// Records progress (JSON); `false` when fenced.
+    /// See [`TaskBackend::progress`](crate::store::tasks::TaskBackend::progress).
     pub(super) fn progress(
         &mut self,
         id: &TaskId,
@@ -347,8 +350,8 @@ impl Tasks {
         );
         true
     }
-    /// Ends the attempt held with `token`; the new state, or `None` when
-    /// fenced. `log` is the attempt's log entry (a JSON object).
+    /// See [`TaskBackend::finish`](crate::store::tasks::TaskBackend::finish).
+    /// Dependents are released here, as the task ends.
     pub(super) fn finish(
         &mut self,
         id: &TaskId,
@@ -423,10 +426,8 @@ impl Tasks {
         }
         Ok(Some(state))
     }
-    /// Recovers `queue`'s lapsed leases (back to ready while retries remain
-    /// and acks are late, else FAILED; past the hard limit TIMED_OUT), queues
-    /// its due scheduled tasks, and forgets expired results. How many tasks
-    /// moved.
+    /// See [`TaskBackend::recover`](crate::store::tasks::TaskBackend::recover).
+    /// Expired results are forgotten here too.
     pub(super) fn recover(
         &mut self,
         queue: &QueueName,
@@ -492,10 +493,9 @@ impl Tasks {
         }
         lapsed.len() as u64 + due
     }
-    /// Removes `queue`'s tasks that ended before `before_ms` (history,
-    /// stored results; at most 1000 per call) except dead letters that
-    /// ended at or after `dead_before_ms`, and forgets expired results, as
-    /// `trim.lua` does. The event log is capped as it is written.
+    /// See [`TaskBackend::trim`](crate::store::tasks::TaskBackend::trim).
+    /// Expired results are forgotten here too; the event log is capped as it is
+    /// written.
     pub(super) fn trim(
         &mut self,
         queue: &QueueName,

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tracing::instrument;
 
 use super::RedisStore;
-use super::script::{ClockArg, Invocation};
+use super::script::{ClockArg, Invocation, Key};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Outcome, QueueStats};
 use crate::keys::QueueKeys;
@@ -405,12 +405,14 @@ impl TaskBackend for RedisTasks {
         ttl: Duration,
         deadline: Deadline,
     ) -> Result<Option<String>> {
-        self.store
-            .claim_idempotency(&self.prefix, key, value, ttl, deadline)
-            .await
+        let mut call = self.scripts().idem_claim.call(self.clock());
+        call.key(Key::Claim, crate::keys::idempotency(&self.prefix, key))
+            .arg("value", value)
+            .arg("ttl_ms", millis(ttl).max(1));
+        // safe to retry: a second try finds our own claim
+        self.store.invoke(call.done(), deadline).await
     }
 
-    #[instrument(skip_all, level = "debug")]
     async fn swap_idempotency(
         &self,
         key: &str,
@@ -420,13 +422,10 @@ impl TaskBackend for RedisTasks {
         deadline: Deadline,
     ) -> Result<bool> {
         let mut call = self.scripts().idem_swap.call(self.clock());
-        call.key(
-            super::script::Key::Claim,
-            crate::keys::idempotency(&self.prefix, key),
-        )
-        .arg("old", old)
-        .arg("new", new)
-        .arg("ttl_ms", millis(ttl).max(1));
+        call.key(Key::Claim, crate::keys::idempotency(&self.prefix, key))
+            .arg("old", old)
+            .arg("new", new)
+            .arg("ttl_ms", millis(ttl).max(1));
         let swapped: i64 = self.store.invoke(call.done(), deadline).await?;
         Ok(swapped == 1)
     }
@@ -434,7 +433,7 @@ impl TaskBackend for RedisTasks {
     #[instrument(skip_all, level = "debug")]
     async fn idempotency_claimed(&self, keys: &[String], deadline: Deadline) -> Result<Vec<bool>> {
         self.store
-            .idempotency_claimed(&self.prefix, keys, deadline)
+            .idempotency_claimed(&self.prefix, keys, self.clock.ahead_of_real_ms(), deadline)
             .await
     }
 

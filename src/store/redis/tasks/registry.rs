@@ -1,6 +1,6 @@
 //! The Redis side of what is shared across a deployment but is no task
 //! transition: worker pools' presence records, the key of lease secrets,
-//! and idempotency claims.
+//! and which idempotency keys are claimed.
 
 use std::time::Duration;
 
@@ -112,50 +112,14 @@ impl RedisStore {
             .collect())
     }
 
-    /// Claims idempotency key `key` with `value` for `ttl` unless it is
-    /// claimed: `None` when claimed now, else the existing claim.
-    pub(super) async fn claim_idempotency(
-        &self,
-        prefix: &str,
-        key: &str,
-        value: &str,
-        ttl: Duration,
-        deadline: Deadline,
-    ) -> Result<Option<String>> {
-        let name = crate::keys::idempotency(prefix, key);
-        let mut set = redis::cmd("SET");
-        set.arg(&name)
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(millis(ttl).max(1));
-        let set = &set;
-        // SET NX is safe to retry: a second try finds our own claim
-        let claimed: Option<String> = self
-            .run(
-                deadline,
-                |mut c| async move { set.query_async(&mut c).await },
-            )
-            .await?;
-        if claimed.is_some() {
-            return Ok(None);
-        }
-        let mut get = redis::cmd("GET");
-        get.arg(&name);
-        let existing: Option<String> = self.query(&get, deadline).await?;
-        // expired between the two calls: claim again
-        match existing {
-            Some(v) => Ok(Some(v)),
-            None => Box::pin(self.claim_idempotency(prefix, key, value, ttl, deadline)).await,
-        }
-    }
-
     /// Which of `keys` are claimed idempotency keys: one pipelined round
-    /// trip of `EXISTS` (a read, safe to retry).
+    /// trip of `PTTL` (a read, safe to retry). A claim is live while more
+    /// of its TTL is left than the clock's offset (see `idem_claim.lua`).
     pub(super) async fn idempotency_claimed(
         &self,
         prefix: &str,
         keys: &[String],
+        clock_offset: i64,
         deadline: Deadline,
     ) -> Result<Vec<bool>> {
         if keys.is_empty() {
@@ -163,9 +127,12 @@ impl RedisStore {
         }
         let mut pipe = redis::pipe();
         for key in keys {
-            pipe.cmd("EXISTS")
-                .arg(crate::keys::idempotency(prefix, key));
+            pipe.cmd("PTTL").arg(crate::keys::idempotency(prefix, key));
         }
-        self.query_pipe(&pipe, deadline).await
+        let left: Vec<i64> = self.query_pipe(&pipe, deadline).await?;
+        Ok(left
+            .into_iter()
+            .map(|ms| ms == -1 || ms > clock_offset)
+            .collect())
     }
 }

@@ -143,6 +143,14 @@ pub(super) const RETRY: Spec = Spec {
     body: include_str!("../lua/tasks/retry.lua"),
 };
 
+pub(super) const IDEM_CLAIM: Spec = Spec {
+    name: "idem_claim",
+    keys: &[Claim],
+    args: &["value", "ttl_ms"],
+    variadic: false,
+    body: include_str!("../lua/tasks/idem_claim.lua"),
+};
+
 pub(super) const IDEM_SWAP: Spec = Spec {
     name: "idem_swap",
     keys: &[Claim],
@@ -197,6 +205,7 @@ pub(crate) struct TaskScripts {
     pub(super) release: Composed,
     pub(super) cancel: Composed,
     pub(super) retry: Composed,
+    pub(super) idem_claim: Composed,
     pub(super) idem_swap: Composed,
     pub(super) depend: Composed,
     pub(super) resolve: Composed,
@@ -217,6 +226,7 @@ impl TaskScripts {
             release: with_lib(RELEASE),
             cancel: with_lib(CANCEL),
             retry: with_lib(RETRY),
+            idem_claim: alone(IDEM_CLAIM),
             idem_swap: alone(IDEM_SWAP),
             depend: alone(DEPEND),
             resolve: with_lib(RESOLVE),
@@ -240,7 +250,7 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_SWAP, DEPEND, RESOLVE,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(
