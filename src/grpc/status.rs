@@ -38,6 +38,20 @@ pub fn invalid_argument(field: &str, reason: &str) -> Status {
     )
 }
 
+/// `status`, an argument error about one element of a batch, as an error of
+/// the whole request: its field named by its place (`tasks[1].category`),
+/// its reason unchanged. The reason is taken from the `BadRequest` detail,
+/// not from the message, which already names the field once
+/// (`category: is required` must not become
+/// `tasks[1].category: category: is required`).
+pub fn at_index(batch: &str, index: usize, status: &Status) -> Status {
+    let details = status.get_error_details();
+    match details.bad_request().and_then(|b| b.field_violations.first()) {
+        Some(v) => invalid_argument(&format!("{batch}[{index}].{}", v.field), &v.description),
+        None => invalid_argument(&format!("{batch}[{index}]"), status.message()),
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         let message = bounded(e.to_string());
@@ -126,6 +140,10 @@ impl From<WatchError> for Status {
                 ),
             ),
             WatchError::Gap { .. } => Status::out_of_range(message),
+            WatchError::ResumeToken { reason } => invalid_argument("resume_token", &reason),
+            WatchError::Stopped => Status::unavailable(message),
+            WatchError::Store(store) => store.into(),
+            WatchError::Task(task) => task.into(),
         }
     }
 }
@@ -227,6 +245,8 @@ mod tests {
         for (e, code) in auth {
             assert_eq!(Status::from(e.clone()).code(), code, "{e:?}");
         }
+        let s = at_index("tasks", 1, &invalid_argument("category", "is required"));
+        assert_eq!(s.message(), "tasks[1].category: is required");
         let s = invalid_argument("entries[1].key", "must not be empty");
         let details = s.get_error_details();
         let violation = &details.bad_request().unwrap().field_violations[0];

@@ -8,20 +8,20 @@ use tonic::{Request, Response, Status};
 
 use super::deadline;
 use super::json;
-use super::status::invalid_argument;
+use super::status::{at_index, invalid_argument};
 use super::time::{self, duration};
 use crate::auth::audit;
 use crate::cache::Cache;
-use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, names};
+use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId, names};
 use crate::domain::{Count, QueueStats};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::listing::{ActiveFilter, HistoryFilter};
-use crate::watch::{Filter, Hub, Kind as WatchKind, Overflow, Ticker};
+use crate::watch::{Hub, Kind as WatchKind, QueuesFilter, Ticker};
 use tokio_util::sync::CancellationToken;
 
-use super::watch::{EventStream, TaskStream, TaskWatch, TasksWatch};
+use super::watch::{EventStream, TaskStream, event_stream, task_stream};
 
 /// The TaskService implementation.
 pub struct TaskApi {
@@ -419,31 +419,13 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::WatchTaskRequest>,
     ) -> Result<Response<Self::WatchTaskStream>, Status> {
         let deadline = self.deadline(&request);
-        let hub = self.hub().clone();
         let id = request.into_inner().task_id;
-        let task_id = crate::domain::task::TaskId::parse(&id)
-            .map_err(|e| invalid_argument("task_id", &e.to_string()))?;
-        let permit = hub.watchers().admit(WatchKind::Task)?;
-        // Subscribe first, then read: nothing that happens after the read is
-        // missed.
-        let sub = hub
-            .subscribe(
-                &[(task_id.queue(), None)],
-                Filter::Task(id.clone()),
-                Overflow::Resync,
-                deadline,
-            )
+        let id = TaskId::parse(&id).map_err(|e| invalid_argument("task_id", &e.to_string()))?;
+        let watch = self
+            .hub()
+            .watch_task(&id, self.shutdown.clone(), self.request_timeout, deadline)
             .await?;
-        let first = hub.engine().get(&id, deadline).await?;
-        let watch = TaskWatch {
-            hub,
-            sub,
-            first: Some(first),
-            shutdown: self.shutdown.clone(),
-            timeout: self.request_timeout,
-            _permit: permit,
-        };
-        Ok(Response::new(watch.into_stream()))
+        Ok(Response::new(task_stream(watch)))
     }
 
     async fn submit_task(
@@ -660,14 +642,7 @@ impl pb::task_service_server::TaskService for TaskApi {
             .into_iter()
             .enumerate()
             .map(|(i, r)| {
-                new_task(r, &self.cache).map_err(|s| {
-                    let details = tonic_types::StatusExt::get_error_details(&s);
-                    let field = details
-                        .bad_request()
-                        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
-                        .unwrap_or_default();
-                    invalid_argument(&format!("tasks[{i}].{field}"), s.message())
-                })
+                new_task(r, &self.cache).map_err(|s| at_index("tasks", i, &s))
             })
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(i) = news.iter().position(|n| n.idempotency_key.is_some()) {
@@ -728,27 +703,25 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<Self::WatchTasksStream>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let mut queues = Vec::new();
-        for c in &r.categories {
-            queues.push(category(*c)?.default_queue());
-        }
-        if queues.is_empty() {
-            queues = self.engine().config().queues();
-        }
-        // a category named twice is watched once
-        queues.sort();
-        queues.dedup();
-        let permit = self.hub().watchers().admit(WatchKind::Tasks)?;
-        let (sub, positions) =
-            TasksWatch::subscribe(self.hub(), queues, r.name, &r.resume_token, deadline).await?;
-        let watch = TasksWatch {
-            sub,
-            positions,
-            shutdown: self.shutdown.clone(),
-            buffer: self.watch_buffer,
-            _permit: permit,
+        let filter = QueuesFilter {
+            queues: r
+                .categories
+                .iter()
+                .map(|c| Ok(category(*c)?.default_queue()))
+                .collect::<Result<_, Status>>()?,
+            name: (!r.name.is_empty()).then_some(r.name),
         };
-        Ok(Response::new(watch.into_stream()))
+        let watch = self
+            .hub()
+            .watch_queues(
+                filter,
+                &r.resume_token,
+                self.watch_buffer,
+                self.shutdown.clone(),
+                deadline,
+            )
+            .await?;
+        Ok(Response::new(event_stream(watch)))
     }
 
     async fn cancel_task(
