@@ -143,3 +143,80 @@ impl QueuesWatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::task::Category;
+    use crate::store::tasks::TaskStore;
+    use crate::tasks::engine::{NewTask, TaskConfig, TaskEngine};
+    use crate::watch::Watchers;
+    use std::time::Duration;
+
+    fn hub(stop: &CancellationToken) -> Hub {
+        let engine = TaskEngine::new(TaskStore::memory(), TaskConfig::default());
+        Hub::new(engine, Watchers::new(8), 64, stop.clone())
+    }
+
+    async fn next(w: &mut QueuesWatch) -> Delivered {
+        tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("an event in time")
+            .expect("the watch goes on")
+            .expect("no error")
+    }
+
+    /// A watcher resuming with the token of an event gets exactly the
+    /// events after it, though they happened while nobody watched.
+    #[tokio::test]
+    async fn a_resume_token_continues_right_after_its_event() {
+        let stop = CancellationToken::new();
+        let hub = hub(&stop);
+        let deadline = || Deadline::after(Duration::from_secs(5));
+        let submit = |name: &str| {
+            let engine = hub.engine().clone();
+            let new = NewTask::new(name, Category::Research);
+            async move { engine.submit(new, deadline()).await.unwrap() }
+        };
+        let filter = QueuesFilter::default();
+        let mut w = hub
+            .watch_queues(filter.clone(), "", 64, stop.clone(), deadline())
+            .await
+            .unwrap();
+        let first = submit("a").await;
+        let seen = next(&mut w).await;
+        assert_eq!(seen.event.event.id, first.id.to_string());
+        drop(w);
+        let second = submit("b").await;
+        let mut resumed = hub
+            .watch_queues(filter, &seen.resume_token, 64, stop.clone(), deadline())
+            .await
+            .unwrap();
+        let after = next(&mut resumed).await;
+        assert_eq!(after.event.event.id, second.id.to_string());
+        let positions = resume::decode(&after.resume_token).unwrap();
+        assert_eq!(
+            positions.get(after.event.queue.as_str()),
+            Some(&after.event.event.stream_id)
+        );
+        stop.cancel();
+    }
+
+    /// A token koo did not issue is refused before anything is subscribed.
+    #[tokio::test]
+    async fn a_foreign_token_is_refused() {
+        let stop = CancellationToken::new();
+        let hub = hub(&stop);
+        let refused = hub
+            .watch_queues(
+                QueuesFilter::default(),
+                "bm90IGEgdG9rZW4",
+                64,
+                stop.clone(),
+                Deadline::after(Duration::from_secs(5)),
+            )
+            .await;
+        assert!(matches!(refused, Err(WatchError::ResumeToken { .. })));
+        assert_eq!(hub.watchers().figures().by_kind, [0, 0, 0, 0]);
+    }
+}
