@@ -13,11 +13,12 @@ use super::time::{self, duration};
 use crate::auth::audit;
 use crate::cache::Cache;
 use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId, names};
-use crate::domain::{Count, QueueStats};
+use crate::domain::Count;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::listing::{ActiveFilter, HistoryFilter};
+use crate::tasks::metrics::TaskMetrics;
 use crate::watch::{Hub, Kind as WatchKind, QueuesFilter, Ticker};
 use tokio_util::sync::CancellationToken;
 
@@ -50,10 +51,7 @@ impl TaskApi {
             let (engine, hub) = (reader.clone(), hub.clone());
             let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
                 let deadline = Deadline::after(budget.min(interval));
-                let (queues, workers) = futures::try_join!(
-                    queue_metrics(&engine, deadline),
-                    worker_metrics(&engine, deadline)
-                )?;
+                let (queues, workers) = pb_metrics(engine.metrics(deadline).await?);
                 Ok(pb::WatchTaskMetricsResponse {
                     queues,
                     time: Some(prost_types::Timestamp::from(SystemTime::now())),
@@ -228,51 +226,41 @@ pub(crate) fn progress(json: &str) -> Option<pb::TaskProgress> {
     })
 }
 
-/// The live workers, summed.
-async fn worker_metrics(
-    engine: &TaskEngine,
-    deadline: Deadline,
-) -> Result<pb::WorkerMetrics, Status> {
-    let workers = engine.store().list_workers(deadline).await?;
-    Ok(pb::WorkerMetrics {
-        live: workers.len() as i32,
-        external: workers
-            .iter()
-            .filter(|w| matches!(w.kind.as_str(), "stream" | "unary"))
-            .count() as i32,
-        slots: workers.iter().map(|w| w.slots as i32).sum(),
-        busy: workers.iter().map(|w| w.running as i32).sum(),
-    })
-}
-
-/// Every category queue's figures.
-async fn queue_metrics(
-    engine: &TaskEngine,
-    deadline: Deadline,
-) -> Result<Vec<pb::QueueMetrics>, Status> {
-    let queues: Vec<QueueName> = engine.config().queues();
-    let stats = engine.queue_stats(&queues, deadline).await?;
-    let count = |s: &QueueStats, c: Count| s.counts.get(c) as i64;
-    Ok(stats
+/// The task figures as `GetTaskMetrics` and `WatchTaskMetrics` show them
+/// (without the process's stream figures).
+fn pb_metrics(m: TaskMetrics) -> (Vec<pb::QueueMetrics>, pb::WorkerMetrics) {
+    let n = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
+    let workers = pb::WorkerMetrics {
+        live: n(m.workers.live),
+        external: n(m.workers.external),
+        slots: n(m.workers.slots),
+        busy: n(m.workers.busy),
+    };
+    let queues = m
+        .queues
         .into_iter()
-        .map(|(queue, s)| pb::QueueMetrics {
-            queue: queue.to_string(),
-            queued: s.ready as i64,
-            scheduled: s.scheduled as i64,
-            running: s.running as i64,
-            dead_letters: s.dead as i64,
-            pending: s.pending as i64,
-            oldest_wait: s
-                .oldest_wait
-                .and_then(|d| prost_types::Duration::try_from(d).ok()),
-            submitted: count(&s, Count::Submitted),
-            succeeded: count(&s, Count::Succeeded),
-            failed: count(&s, Count::Failed),
-            timed_out: count(&s, Count::TimedOut),
-            retried: count(&s, Count::Retried),
-            lost: count(&s, Count::Lost),
+        .map(|(queue, s)| {
+            let count = |c: Count| s.counts.get(c) as i64;
+            pb::QueueMetrics {
+                queue: queue.to_string(),
+                queued: s.ready as i64,
+                scheduled: s.scheduled as i64,
+                running: s.running as i64,
+                dead_letters: s.dead as i64,
+                pending: s.pending as i64,
+                oldest_wait: s
+                    .oldest_wait
+                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                submitted: count(Count::Submitted),
+                succeeded: count(Count::Succeeded),
+                failed: count(Count::Failed),
+                timed_out: count(Count::TimedOut),
+                retried: count(Count::Retried),
+                lost: count(Count::Lost),
+            }
         })
-        .collect())
+        .collect();
+    (queues, workers)
 }
 
 /// A stored task as the API shows it.
@@ -448,10 +436,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskMetricsRequest>,
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let (queues, workers) = futures::try_join!(
-            queue_metrics(self.engine(), deadline),
-            worker_metrics(self.engine(), deadline)
-        )?;
+        let (queues, workers) = pb_metrics(self.engine().metrics(deadline).await?);
         Ok(Response::new(pb::GetTaskMetricsResponse {
             queues,
             workers: Some(workers),

@@ -26,6 +26,7 @@ use crate::pb::worker::v1::work_request::Message as In;
 use crate::pb::worker::v1::work_response::Message as Out;
 use crate::store::Deadline;
 use crate::tasks::engine::{TaskEngine, TaskError};
+use crate::tasks::metrics::WorkerKind;
 use crate::tasks::remote::holds::{Holds, Taken, Tally};
 use crate::tasks::remote::{self, Failure, Inbound, Outbound, Progress, Proof, ReplyKind, Routing};
 
@@ -630,10 +631,10 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         let workers = page
             .into_iter()
             .map(|w| pb::Worker {
-                kind: match w.kind.as_str() {
-                    "stream" => pb::WorkerKind::Stream,
-                    "unary" => pb::WorkerKind::Unary,
-                    _ => pb::WorkerKind::Builtin,
+                kind: match WorkerKind::parse(&w.kind) {
+                    WorkerKind::Stream => pb::WorkerKind::Stream,
+                    WorkerKind::Unary => pb::WorkerKind::Unary,
+                    WorkerKind::Builtin => pb::WorkerKind::Builtin,
                 } as i32,
                 id: w.id,
                 name: w.name,
