@@ -14,23 +14,24 @@ use super::status::invalid_argument;
 use super::time;
 use crate::auth::audit;
 use crate::cache::{
-    Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MaintenanceReport, MetricsReport,
-    NewEntry, Stored, Value, WarmReport,
+    Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MetricsReport, NewEntry, Stored,
+    Value,
     metrics::{Counters, Op},
     warm,
 };
-use crate::domain::task::{Category, Priority, State};
 use crate::pb::cache::v1 as pb;
 use crate::store::{BackendKind, CircuitState, Deadline};
-use crate::tasks::engine::{NewTask, TaskEngine, TaskError};
-use crate::tasks::maintenance::{CACHE_CLEANUP, CACHE_MAINTENANCE, CACHE_WARM};
-use crate::watch::{Hub, Kind as WatchKind, Ticker};
+use crate::tasks::engine::TaskEngine;
+use crate::tasks::maintenance::{CacheUpkeep, Submitted};
+use crate::watch::{Hub, Kind as WatchKind, Ticker, Watchers};
 
 /// The CacheService implementation.
 pub struct CacheApi {
     cache: Cache,
     /// Where `Cleanup`, `Warm` and `StartMaintenance` submit their tasks.
-    tasks: (TaskEngine, Hub),
+    upkeep: CacheUpkeep,
+    /// This process's watch streams (`WatchMetrics` counts against them).
+    watchers: Watchers,
     max_value_size: usize,
     request_timeout: Duration,
     bulk_timeout: Duration,
@@ -64,7 +65,8 @@ impl CacheApi {
         });
         Self {
             cache,
-            tasks,
+            upkeep: CacheUpkeep::new(tasks.0, tasks.1.clone()),
+            watchers: tasks.1.watchers().clone(),
             max_value_size,
             request_timeout,
             bulk_timeout,
@@ -79,59 +81,6 @@ impl CacheApi {
     fn bulk_deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.bulk_timeout)
     }
-
-    /// Submits the upkeep task `name` and returns its id; with `wait`, also
-    /// its result once it succeeds (`None` if it has not ended by the
-    /// deadline). A task that ends otherwise is FAILED_PRECONDITION with its
-    /// error.
-    async fn upkeep(
-        &self,
-        name: &str,
-        kwargs: serde_json::Value,
-        wait: bool,
-        deadline: Deadline,
-    ) -> Result<(String, Option<String>), Status> {
-        let (engine, hub) = &self.tasks;
-        let mut new = NewTask::new(name, Category::Cache);
-        new.priority = Priority::High;
-        new.kwargs = kwargs.to_string();
-        let task = engine.submit(new, deadline).await.map_err(|e| match e {
-            TaskError::InvalidArgument { reason, .. } => invalid_argument("entries", &reason),
-            other => other.into(),
-        })?;
-        let id = task.id.to_string();
-        if !wait {
-            return Ok((id, None));
-        }
-        // leave time to answer before the caller's deadline
-        let until = Deadline::after(
-            deadline
-                .remaining()
-                .saturating_sub(Duration::from_millis(100)),
-        );
-        match hub.wait_final(engine, &task.id, until).await? {
-            None => Ok((id, None)),
-            Some(t) if t.state == State::Succeeded => Ok((id, t.result)),
-            Some(t) => {
-                let error = t
-                    .error
-                    .as_deref()
-                    .and_then(|e| serde_json::from_str::<serde_json::Value>(e).ok())
-                    .and_then(|e| e["message"].as_str().map(str::to_owned))
-                    .unwrap_or_default();
-                Err(Status::failed_precondition(format!(
-                    "task {id} ended {}: {error}",
-                    t.state.as_str()
-                )))
-            }
-        }
-    }
-}
-
-/// A task's JSON result as a report, or INTERNAL if it is not one.
-fn parse_report<T: serde::de::DeserializeOwned>(result: &str) -> Result<T, Status> {
-    serde_json::from_str(result)
-        .map_err(|e| Status::internal(format!("the task's report does not parse: {e}")))
 }
 
 pub(crate) fn level(field: &str, raw: i32) -> Result<Level, Status> {
@@ -502,7 +451,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
             time::WATCH_INTERVAL,
         )?
         .unwrap_or(Duration::from_secs(1));
-        let permit = self.tasks.1.watchers().admit(WatchKind::CacheMetrics)?;
+        let permit = self.watchers.admit(WatchKind::CacheMetrics)?;
         // Every watcher of one interval shares one snapshot per tick.
         let stream = futures::stream::unfold(
             (self.metrics.follow(interval), permit),
@@ -520,30 +469,25 @@ impl pb::cache_service_server::CacheService for CacheApi {
     ) -> Result<Response<pb::StartMaintenanceResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
         let wait = request.into_inner().wait;
-        let (task_id, result) = self
-            .upkeep(CACHE_MAINTENANCE, serde_json::json!({}), wait, deadline)
-            .await?;
-        let report = result
-            .map(|r| parse_report::<MaintenanceReport>(&r))
-            .transpose()?
-            .map(|r| pb::MaintenanceReport {
-                cleanup: Some(cleanup_report(r.cleanup)),
-                used_memory_bytes: r.memory.used as i64,
-                peak_memory_bytes: r.memory.peak as i64,
-                fragmentation_ratio: r.memory.fragmentation,
-                max_memory_bytes: r.memory.max as i64,
-                eviction_policy: r.memory.policy,
-                sampled_keys: r.sampled_keys as i64,
-                largest_keys: r
-                    .largest
-                    .into_iter()
-                    .map(|k| pb::KeySize {
-                        level: to_pb_level(k.level) as i32,
-                        key: k.key,
-                        size_bytes: k.bytes as i64,
-                    })
-                    .collect(),
-            });
+        let Submitted { task_id, report } = self.upkeep.maintenance(wait, deadline).await?;
+        let report = report.map(|r| pb::MaintenanceReport {
+            cleanup: Some(cleanup_report(r.cleanup)),
+            used_memory_bytes: r.memory.used as i64,
+            peak_memory_bytes: r.memory.peak as i64,
+            fragmentation_ratio: r.memory.fragmentation,
+            max_memory_bytes: r.memory.max as i64,
+            eviction_policy: r.memory.policy,
+            sampled_keys: r.sampled_keys as i64,
+            largest_keys: r
+                .largest
+                .into_iter()
+                .map(|k| pb::KeySize {
+                    level: to_pb_level(k.level) as i32,
+                    key: k.key,
+                    size_bytes: k.bytes as i64,
+                })
+                .collect(),
+        });
         Ok(Response::new(pb::StartMaintenanceResponse {
             task_id,
             report,
@@ -564,38 +508,37 @@ impl pb::cache_service_server::CacheService for CacheApi {
                 entry(&format!("entries[{i}]."), e, self.max_value_size).map(|e| warm::to_line(&e))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let kwargs = serde_json::json!({ "entries": entries, "skip_file": r.skip_file });
-        let (task_id, result) = self.upkeep(CACHE_WARM, kwargs, r.wait, deadline).await?;
-        let report = result
-            .map(|r| parse_report::<WarmReport>(&r))
-            .transpose()?
-            .map(|report| pb::WarmReport {
-                loaded: report.loaded as i64,
-                failures: report
-                    .failures
-                    .into_iter()
-                    .map(|f| pb::WarmFailure {
-                        source: f.source,
-                        line: f.line as i64,
-                        reason: f.reason,
-                    })
-                    .collect(),
-                file: report
-                    .file
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                computed: report
-                    .computed
-                    .into_iter()
-                    .map(|c| pb::WarmComputed {
-                        source: c.source,
-                        line: c.line as i64,
-                        level: to_pb_level(c.level) as i32,
-                        key: c.key,
-                        task_id: c.task_id.unwrap_or_default(),
-                    })
-                    .collect(),
-            });
+        let Submitted { task_id, report } = self
+            .upkeep
+            .warm(entries, r.skip_file, r.wait, deadline)
+            .await?;
+        let report = report.map(|report| pb::WarmReport {
+            loaded: report.loaded as i64,
+            failures: report
+                .failures
+                .into_iter()
+                .map(|f| pb::WarmFailure {
+                    source: f.source,
+                    line: f.line as i64,
+                    reason: f.reason,
+                })
+                .collect(),
+            file: report
+                .file
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            computed: report
+                .computed
+                .into_iter()
+                .map(|c| pb::WarmComputed {
+                    source: c.source,
+                    line: c.line as i64,
+                    level: to_pb_level(c.level) as i32,
+                    key: c.key,
+                    task_id: c.task_id.unwrap_or_default(),
+                })
+                .collect(),
+        });
         Ok(Response::new(pb::WarmResponse { task_id, report }))
     }
 
@@ -605,13 +548,8 @@ impl pb::cache_service_server::CacheService for CacheApi {
     ) -> Result<Response<pb::CleanupResponse>, Status> {
         let deadline = self.bulk_deadline(&request);
         let wait = request.into_inner().wait;
-        let (task_id, result) = self
-            .upkeep(CACHE_CLEANUP, serde_json::json!({}), wait, deadline)
-            .await?;
-        let report = result
-            .map(|r| parse_report::<CleanupReport>(&r))
-            .transpose()?
-            .map(cleanup_report);
+        let Submitted { task_id, report } = self.upkeep.cleanup(wait, deadline).await?;
+        let report = report.map(cleanup_report);
         Ok(Response::new(pb::CleanupResponse { task_id, report }))
     }
 }

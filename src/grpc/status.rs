@@ -11,6 +11,7 @@ use crate::auth::AuthError;
 use crate::cache::CacheError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
+use crate::tasks::maintenance::UpkeepError;
 use crate::watch::WatchError;
 
 /// Longest status message koo sends. Messages quote input through
@@ -46,7 +47,10 @@ pub fn invalid_argument(field: &str, reason: &str) -> Status {
 /// `tasks[1].category: category: is required`).
 pub fn at_index(batch: &str, index: usize, status: &Status) -> Status {
     let details = status.get_error_details();
-    match details.bad_request().and_then(|b| b.field_violations.first()) {
+    match details
+        .bad_request()
+        .and_then(|b| b.field_violations.first())
+    {
         Some(v) => invalid_argument(&format!("{batch}[{index}].{}", v.field), &v.description),
         None => invalid_argument(&format!("{batch}[{index}]"), status.message()),
     }
@@ -144,6 +148,18 @@ impl From<WatchError> for Status {
             WatchError::Stopped => Status::unavailable(message),
             WatchError::Store(store) => store.into(),
             WatchError::Task(task) => task.into(),
+        }
+    }
+}
+
+impl From<UpkeepError> for Status {
+    fn from(e: UpkeepError) -> Self {
+        let message = || bounded(e.to_string());
+        match e {
+            UpkeepError::InvalidEntries { reason } => invalid_argument("entries", &reason),
+            UpkeepError::Task(task) => task.into(),
+            UpkeepError::Ended { .. } => Status::failed_precondition(message()),
+            UpkeepError::Report(_) => Status::internal(message()),
         }
     }
 }

@@ -12,8 +12,8 @@ use super::status::{at_index, invalid_argument};
 use super::time::{self, duration};
 use crate::auth::audit;
 use crate::cache::Cache;
-use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId, names};
 use crate::domain::Count;
+use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId, names};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
@@ -626,9 +626,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let news = requests
             .into_iter()
             .enumerate()
-            .map(|(i, r)| {
-                new_task(r, &self.cache).map_err(|s| at_index("tasks", i, &s))
-            })
+            .map(|(i, r)| new_task(r, &self.cache).map_err(|s| at_index("tasks", i, &s)))
             .collect::<Result<Vec<_>, _>>()?;
         if let Some(i) = news.iter().position(|n| n.idempotency_key.is_some()) {
             return Err(invalid_argument(

@@ -23,9 +23,13 @@ pub(crate) type EventStream =
 /// ends.
 pub(crate) fn task_stream(watch: TaskWatch) -> TaskStream {
     Box::pin(futures::stream::unfold(watch, |mut w| async move {
-        let reply = w.next().await?.map_err(Status::from).map(|task| pb::WatchTaskResponse {
-            task: Some(to_pb_task(task)),
-        });
+        let reply = w
+            .next()
+            .await?
+            .map_err(Status::from)
+            .map(|task| pb::WatchTaskResponse {
+                task: Some(to_pb_task(task)),
+            });
         Some((reply, w))
     }))
 }
