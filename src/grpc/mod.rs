@@ -11,7 +11,6 @@ pub mod shed;
 mod status;
 pub mod tasks;
 mod time;
-mod watch;
 pub mod worker;
 
 use tonic::Status;

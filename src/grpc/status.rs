@@ -56,6 +56,151 @@ pub fn at_index(batch: &str, index: usize, status: &Status) -> Status {
     }
 }
 
+/// `e` with an argument error's field placed under `path` (`hello.` +
+/// `queues[0]`): for domain calls that check part of a request.
+pub fn task_error_in(path: &str, e: TaskError) -> Status {
+    match e {
+        TaskError::InvalidArgument { field, reason } => {
+            invalid_argument(&format!("{path}{field}"), &reason)
+        }
+        other => other.into(),
+    }
+}
+
+/// `e`, the error of element `element` of a batch that is applied in order,
+/// as the status of the whole call: its code, its message after the
+/// element's name, and what the call did before it (`done_label`: `done`,
+/// or `none`), so that the caller knows what to retry.
+pub fn after_partial_batch(
+    e: impl Into<Status>,
+    element: &str,
+    done_label: &str,
+    done: &[&str],
+) -> Status {
+    let status = e.into();
+    let done = if done.is_empty() {
+        "none".to_owned()
+    } else {
+        done.join(", ")
+    };
+    Status::new(
+        status.code(),
+        format!("{element}: {}; {done_label}: {done}", status.message()),
+    )
+}
+
+/// The protocol statuses of a `WorkerService.Work` stream: what ends it
+/// before a session starts, or because the worker sent what koo cannot read.
+pub mod work {
+    use std::time::Duration;
+
+    use tonic::{Code, Status};
+
+    /// Longest quote of a read error in the status that ends a stream.
+    pub const MAX_QUOTE: usize = 300;
+
+    /// No hello within `within` (the request timeout).
+    pub fn no_hello(within: Duration) -> Status {
+        Status::deadline_exceeded(format!(
+            "no hello within {}",
+            humantime::format_duration(within)
+        ))
+    }
+
+    /// The first message was not a hello.
+    pub fn hello_not_first() -> Status {
+        super::invalid_argument("hello", "the first message of a Work stream must be hello")
+    }
+
+    /// The worker closed the stream before its hello.
+    pub fn closed_before_hello() -> Status {
+        Status::cancelled("the worker closed the stream before hello")
+    }
+
+    /// Whether a read error of a Work stream is a message koo could not read
+    /// (over the size limit, not valid protobuf, nested too deep: tonic's
+    /// OUT_OF_RANGE, koo's codec's INVALID_ARGUMENT, a decompression
+    /// RESOURCE_EXHAUSTED) rather than a connection that broke. The worker
+    /// was talking, so the stream ends with that status, and its tasks count.
+    pub fn unreadable(status: &Status) -> bool {
+        matches!(
+            status.code(),
+            Code::OutOfRange | Code::InvalidArgument | Code::ResourceExhausted
+        )
+    }
+
+    /// The status that ends a stream whose worker sent a message koo could
+    /// not read: the read error's code, and its reason quoted.
+    pub fn unreadable_status(status: &Status) -> Status {
+        Status::new(
+            status.code(),
+            format!(
+                "a message on this Work stream could not be read, so the stream ends (tasks it held go back to their queues): {}",
+                head_and_tail(status.message(), MAX_QUOTE)
+            ),
+        )
+    }
+
+    /// `text`, or its head and tail around an ellipsis when longer than
+    /// `max` bytes (a decode error ends with its reason, after a field path
+    /// that can be long).
+    pub fn head_and_tail(text: &str, max: usize) -> String {
+        if text.len() <= max {
+            return text.to_owned();
+        }
+        let floor = |mut i: usize| {
+            while !text.is_char_boundary(i) {
+                i -= 1;
+            }
+            i
+        };
+        let head = floor(max / 3);
+        let mut tail = text.len() - (max - head);
+        while !text.is_char_boundary(tail) {
+            tail += 1;
+        }
+        format!("{}…{}", &text[..head], &text[tail..])
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A long read error is quoted by its head and its tail (where a
+        /// decode error says why), within the bound, on character boundaries.
+        #[test]
+        fn quotes_are_bounded() {
+            assert_eq!(head_and_tail("short", 10), "short");
+            let long = format!(
+                "{}é{}recursion limit reached",
+                "a".repeat(99),
+                "b".repeat(500)
+            );
+            let q = head_and_tail(&long, MAX_QUOTE);
+            assert!(q.len() <= MAX_QUOTE + '…'.len_utf8() + 1, "{}", q.len());
+            assert!(
+                q.starts_with("aaa") && q.ends_with("recursion limit reached"),
+                "{q}"
+            );
+            assert!(unreadable(&Status::out_of_range("too large")));
+            assert!(!unreadable(&Status::unknown("h2 protocol error")));
+            assert!(!unreadable(&Status::cancelled("gone")));
+        }
+    }
+}
+
+impl From<UpkeepError> for Status {
+    fn from(e: UpkeepError) -> Self {
+        let message = || bounded(e.to_string());
+        match e {
+            UpkeepError::InvalidEntries { reason } => invalid_argument("entries", &reason),
+            UpkeepError::Task(task) => task.into(),
+            UpkeepError::Ended { .. } => Status::failed_precondition(message()),
+            UpkeepError::Report(_) => Status::internal(message()),
+        }
+    }
+}
+
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
         let message = bounded(e.to_string());
@@ -148,18 +293,6 @@ impl From<WatchError> for Status {
             WatchError::Stopped => Status::unavailable(message),
             WatchError::Store(store) => store.into(),
             WatchError::Task(task) => task.into(),
-        }
-    }
-}
-
-impl From<UpkeepError> for Status {
-    fn from(e: UpkeepError) -> Self {
-        let message = || bounded(e.to_string());
-        match e {
-            UpkeepError::InvalidEntries { reason } => invalid_argument("entries", &reason),
-            UpkeepError::Task(task) => task.into(),
-            UpkeepError::Ended { .. } => Status::failed_precondition(message()),
-            UpkeepError::Report(_) => Status::internal(message()),
         }
     }
 }

@@ -1,28 +1,34 @@
 //! `koo.tasks.v1.TaskService`: converts requests, calls the [`TaskEngine`],
 //! converts replies.
 
-use std::time::{Duration, SystemTime};
+mod metrics;
+mod model;
+mod submit;
+mod watch;
+
+use std::time::Duration;
 
 use prost_types::value::Kind;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+pub(crate) use self::model::{
+    category, pb_duration_ms, priority, timestamp, to_pb_category, to_pb_priority, to_pb_state,
+    to_pb_task,
+};
+use self::submit::{MAX_BATCH, new_task};
+use self::watch::{EventStream, TaskStream, event_stream, task_stream};
 use super::deadline;
-use super::json;
-use super::status::{at_index, invalid_argument};
+use super::status::{after_partial_batch, at_index, invalid_argument, task_error_in};
 use super::time::{self, duration};
 use crate::auth::audit;
 use crate::cache::Cache;
-use crate::domain::Count;
-use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId, names};
+use crate::domain::task::{Category, Priority, QueueName, State, TaskId, names};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
 use crate::tasks::listing::{ActiveFilter, HistoryFilter};
-use crate::tasks::metrics::TaskMetrics;
 use crate::watch::{Hub, Kind as WatchKind, QueuesFilter, Ticker};
-use tokio_util::sync::CancellationToken;
-
-use super::watch::{EventStream, TaskStream, event_stream, task_stream};
 
 /// The TaskService implementation.
 pub struct TaskApi {
@@ -45,22 +51,7 @@ impl TaskApi {
         watch_buffer: usize,
         shutdown: CancellationToken,
     ) -> Self {
-        let (reader, hub) = (engine.1.engine().clone(), engine.1.clone());
-        let budget = request_timeout;
-        let metrics = Ticker::new(shutdown.clone(), move |interval: Duration| {
-            let (engine, hub) = (reader.clone(), hub.clone());
-            let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
-                let deadline = Deadline::after(budget.min(interval));
-                let (queues, workers) = pb_metrics(engine.metrics(deadline).await?);
-                Ok(pb::WatchTaskMetricsResponse {
-                    queues,
-                    time: Some(prost_types::Timestamp::from(SystemTime::now())),
-                    workers: Some(workers),
-                    streams: Some(stream_metrics(&hub)),
-                })
-            });
-            f
-        });
+        let metrics = metrics::ticker(engine.1.clone(), request_timeout, shutdown.clone());
         Self {
             engine,
             cache,
@@ -81,97 +72,6 @@ impl TaskApi {
 
     fn deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.request_timeout)
-    }
-}
-
-pub(crate) fn category(raw: i32) -> Result<Category, Status> {
-    use pb::TaskCategory as C;
-    match C::try_from(raw) {
-        Ok(C::AiService) => Ok(Category::AiService),
-        Ok(C::PdfProcessing) => Ok(Category::PdfProcessing),
-        Ok(C::Database) => Ok(Category::Database),
-        Ok(C::HealthCheck) => Ok(Category::HealthCheck),
-        Ok(C::Research) => Ok(Category::Research),
-        Ok(C::Cache) => Ok(Category::Cache),
-        Ok(C::Unspecified) => Err(invalid_argument("category", "is required")),
-        Err(_) => Err(invalid_argument(
-            "category",
-            &format!("{raw} is not a task category"),
-        )),
-    }
-}
-
-pub(crate) fn to_pb_category(c: Category) -> pb::TaskCategory {
-    use pb::TaskCategory as C;
-    match c {
-        Category::AiService => C::AiService,
-        Category::PdfProcessing => C::PdfProcessing,
-        Category::Database => C::Database,
-        Category::HealthCheck => C::HealthCheck,
-        Category::Research => C::Research,
-        Category::Cache => C::Cache,
-    }
-}
-
-pub(crate) fn priority(raw: i32) -> Result<Priority, Status> {
-    use pb::TaskPriority as P;
-    match P::try_from(raw) {
-        Ok(P::Unspecified | P::Normal) => Ok(Priority::Normal),
-        Ok(P::Low) => Ok(Priority::Low),
-        Ok(P::High) => Ok(Priority::High),
-        Ok(P::Critical) => Ok(Priority::Critical),
-        Err(_) => Err(invalid_argument(
-            "priority",
-            &format!("{raw} is not a task priority"),
-        )),
-    }
-}
-
-pub(crate) fn to_pb_priority(p: Priority) -> pb::TaskPriority {
-    match p {
-        Priority::Low => pb::TaskPriority::Low,
-        Priority::Normal => pb::TaskPriority::Normal,
-        Priority::High => pb::TaskPriority::High,
-        Priority::Critical => pb::TaskPriority::Critical,
-    }
-}
-
-pub(crate) fn to_pb_state(s: State) -> pb::TaskState {
-    use pb::TaskState as S;
-    match s {
-        State::Pending => S::Pending,
-        State::Scheduled => S::Scheduled,
-        State::Queued => S::Queued,
-        State::Running => S::Running,
-        State::Succeeded => S::Succeeded,
-        State::Failed => S::Failed,
-        State::Cancelled => S::Cancelled,
-        State::TimedOut => S::TimedOut,
-    }
-}
-
-pub(crate) fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
-    ms.map(|ms| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
-}
-
-pub(crate) fn pb_duration_ms(ms: u64) -> Option<prost_types::Duration> {
-    (ms > 0).then(|| prost_types::Duration {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    })
-}
-
-fn json_value(text: &str) -> Option<prost_types::Value> {
-    json::from_json(text).ok()
-}
-
-fn json_struct(text: &str) -> Option<prost_types::Struct> {
-    match json::from_json(text).ok()?.kind? {
-        Kind::StructValue(s) => Some(s),
-        _ => None,
     }
 }
 
@@ -199,204 +99,6 @@ fn queues_for(
         c => vec![category(c)?.default_queue()],
     })
 }
-
-/// This process's watch streams.
-fn stream_metrics(hub: &Hub) -> pb::StreamMetrics {
-    let f = hub.watchers().figures();
-    let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
-    pb::StreamMetrics {
-        watch_task: n(f.by_kind[WatchKind::Task as usize]),
-        watch_tasks: n(f.by_kind[WatchKind::Tasks as usize]),
-        watch_task_metrics: n(f.by_kind[WatchKind::TaskMetrics as usize]),
-        watch_metrics: n(f.by_kind[WatchKind::CacheMetrics as usize]),
-        max_watchers: n(f.max),
-        queue_readers: n(f.readers),
-        events_fanned_out: i64::try_from(f.fanned_out).unwrap_or(i64::MAX),
-        watchers_fallen_behind: i64::try_from(f.fell_behind).unwrap_or(i64::MAX),
-    }
-}
-
-/// A stored progress report as the API shows it.
-pub(crate) fn progress(json: &str) -> Option<pb::TaskProgress> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    Some(pb::TaskProgress {
-        percent: v["percent"].as_f64().unwrap_or(0.0),
-        message: v["message"].as_str().unwrap_or_default().to_owned(),
-        metadata: json_struct(&v["metadata"].to_string()),
-    })
-}
-
-/// The task figures as `GetTaskMetrics` and `WatchTaskMetrics` show them
-/// (without the process's stream figures).
-fn pb_metrics(m: TaskMetrics) -> (Vec<pb::QueueMetrics>, pb::WorkerMetrics) {
-    let n = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
-    let workers = pb::WorkerMetrics {
-        live: n(m.workers.live),
-        external: n(m.workers.external),
-        slots: n(m.workers.slots),
-        busy: n(m.workers.busy),
-    };
-    let queues = m
-        .queues
-        .into_iter()
-        .map(|(queue, s)| {
-            let count = |c: Count| s.counts.get(c) as i64;
-            pb::QueueMetrics {
-                queue: queue.to_string(),
-                queued: s.ready as i64,
-                scheduled: s.scheduled as i64,
-                running: s.running as i64,
-                dead_letters: s.dead as i64,
-                pending: s.pending as i64,
-                oldest_wait: s
-                    .oldest_wait
-                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
-                submitted: count(Count::Submitted),
-                succeeded: count(Count::Succeeded),
-                failed: count(Count::Failed),
-                timed_out: count(Count::TimedOut),
-                retried: count(Count::Retried),
-                lost: count(Count::Lost),
-            }
-        })
-        .collect();
-    (queues, workers)
-}
-
-/// A stored task as the API shows it.
-pub(crate) fn to_pb_task(t: Task) -> pb::Task {
-    let args = match json_value(&t.args).and_then(|v| v.kind) {
-        Some(Kind::ListValue(l)) => l.values,
-        _ => Vec::new(),
-    };
-    let progress = t.progress.as_deref().and_then(progress);
-    let error = t.error.as_deref().and_then(|e| {
-        let v: serde_json::Value = serde_json::from_str(e).ok()?;
-        Some(pb::TaskError {
-            message: v["message"].as_str().unwrap_or_default().to_owned(),
-            retryable: v["retryable"].as_bool().unwrap_or(false),
-            details: v.get("details").and_then(|d| json_struct(&d.to_string())),
-        })
-    });
-    let attempt_log = t
-        .log
-        .iter()
-        .filter_map(|entry| {
-            let v: serde_json::Value = serde_json::from_str(entry).ok()?;
-            Some(pb::TaskAttempt {
-                attempt: v["attempt"].as_i64().unwrap_or(0) as i32,
-                worker: v["worker"].as_str().unwrap_or_default().to_owned(),
-                outcome: v["outcome"].as_str().unwrap_or_default().to_owned(),
-                error: v["error"].as_str().unwrap_or_default().to_owned(),
-                end_time: timestamp(v["ended_ms"].as_i64()),
-                retry_time: timestamp(v["retry_at_ms"].as_i64()),
-            })
-        })
-        .collect();
-    pb::Task {
-        queue: t.id.queue().to_string(),
-        id: t.id.to_string(),
-        name: t.name,
-        category: to_pb_category(t.category) as i32,
-        priority: to_pb_priority(t.priority) as i32,
-        args,
-        kwargs: json_struct(&t.kwargs),
-        state: to_pb_state(t.state) as i32,
-        attempts: t.attempts as i32,
-        max_retries: t.max_retries as i32,
-        worker: t.worker.unwrap_or_default(),
-        progress,
-        result: t.result.as_deref().and_then(json_value),
-        error,
-        create_time: timestamp(Some(t.created_ms)),
-        start_time: timestamp(t.started_ms),
-        end_time: timestamp(t.finished_ms),
-        soft_time_limit: pb_duration_ms(t.soft_ms),
-        time_limit: pb_duration_ms(t.hard_ms),
-        attempt_log,
-        depends_on: t.depends_on,
-        schedule: t.schedule.unwrap_or_default(),
-        schedule_time: timestamp(t.schedule_tick_ms),
-        cache_result: t
-            .cache_result
-            .as_deref()
-            .and_then(CacheTarget::from_json)
-            .map(|c| pb::CacheTarget {
-                level: super::cache::to_pb_level(c.level) as i32,
-                key: c.key,
-                ttl: pb_duration_ms(c.ttl_ms),
-            }),
-    }
-}
-
-/// A submit request as the engine takes it.
-/// A submit as the engine takes it; `cache` resolves a cached result's
-/// default TTL.
-fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> {
-    let cache_result = match r.cache_result {
-        None => None,
-        Some(c) => {
-            let level = super::cache::level("cache_result.level", c.level)?;
-            let ttl = duration("cache_result.ttl", c.ttl, time::CACHE_TTL)?
-                .unwrap_or(cache.default_ttl(level));
-            Some(CacheTarget {
-                level,
-                key: c.key,
-                ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-            })
-        }
-    };
-    let args = prost_types::Value {
-        kind: Some(Kind::ListValue(prost_types::ListValue { values: r.args })),
-    };
-    let kwargs = prost_types::Value {
-        kind: Some(Kind::StructValue(r.kwargs.unwrap_or_default())),
-    };
-    let max_retries = match r.max_retries {
-        Some(n) if n < 0 => return Err(invalid_argument("max_retries", "must not be negative")),
-        Some(n) => Some(n as u32),
-        None => None,
-    };
-    let queue = match r.queue.as_str() {
-        "" => None,
-        q => Some(QueueName::parse(q).map_err(|e| invalid_argument("queue", &e.to_string()))?),
-    };
-    let countdown = duration("countdown", r.countdown, time::COUNTDOWN)?;
-    let eta = time::time("eta", r.eta, Some((time::COUNTDOWN.max(), "365 days")))?;
-    let delay = match (countdown, eta) {
-        (Some(_), Some(_)) => {
-            return Err(invalid_argument(
-                "eta",
-                "give either countdown or eta, not both",
-            ));
-        }
-        (Some(d), None) => d,
-        // an ETA in the past means now
-        (None, Some(eta)) => eta.duration_since(SystemTime::now()).unwrap_or_default(),
-        (None, None) => Duration::ZERO,
-    };
-    Ok(NewTask {
-        name: r.name,
-        category: category(r.category)?,
-        queue,
-        priority: priority(r.priority)?,
-        args: json::to_json(&args).map_err(|e| invalid_argument("args", &e))?,
-        kwargs: json::to_json(&kwargs).map_err(|e| invalid_argument("kwargs", &e))?,
-        max_retries,
-        delay,
-        soft_time_limit: duration("soft_time_limit", r.soft_time_limit, time::SOFT_TIME_LIMIT)?,
-        time_limit: duration("time_limit", r.time_limit, time::TIME_LIMIT)?,
-        result_ttl: duration("result_ttl", r.result_ttl, time::RESULT_TTL)?,
-        cache_result,
-        idempotency_key: (!r.idempotency_key.is_empty()).then_some(r.idempotency_key),
-        depends_on: r.depends_on,
-        schedule: None,
-        schedule_tick_ms: None,
-    })
-}
-
-/// Most tasks in one SubmitTasks.
-const MAX_BATCH: usize = 100;
 
 #[tonic::async_trait]
 impl pb::task_service_server::TaskService for TaskApi {
@@ -436,11 +138,11 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskMetricsRequest>,
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let (queues, workers) = pb_metrics(self.engine().metrics(deadline).await?);
+        let (queues, workers) = metrics::pb_metrics(self.engine().metrics(deadline).await?);
         Ok(Response::new(pb::GetTaskMetricsResponse {
             queues,
             workers: Some(workers),
-            streams: Some(stream_metrics(self.hub())),
+            streams: Some(metrics::stream_metrics(self.hub())),
         }))
     }
 
@@ -643,12 +345,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         let results = engine
             .submit_many(news, deadline)
             .await
-            .map_err(|(i, e)| match e {
-                crate::tasks::engine::TaskError::InvalidArgument { field, reason } => {
-                    invalid_argument(&format!("tasks[{i}].{field}"), &reason)
-                }
-                other => other.into(),
-            })?;
+            .map_err(|(i, e)| task_error_in(&format!("tasks[{i}]."), e))?;
         let mut tasks = Vec::with_capacity(results.len());
         let mut failure = None;
         for (i, result) in results.into_iter().enumerate() {
@@ -661,18 +358,11 @@ impl pb::task_service_server::TaskService for TaskApi {
         }
         if let Some((i, e)) = failure {
             let stored: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
-            let status = Status::from(e);
-            return Err(Status::new(
-                status.code(),
-                format!(
-                    "tasks[{i}]: {}; tasks stored: {}",
-                    status.message(),
-                    if stored.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        stored.join(", ")
-                    }
-                ),
+            return Err(after_partial_batch(
+                e,
+                &format!("tasks[{i}]"),
+                "tasks stored",
+                &stored,
             ));
         }
         Ok(Response::new(pb::SubmitTasksResponse { tasks }))
@@ -801,18 +491,12 @@ impl pb::task_service_server::TaskService for TaskApi {
                             return Err(invalid_argument(&format!("task_ids[{i}]"), &reason));
                         }
                         Err(e) => {
-                            let status = Status::from(e);
-                            return Err(Status::new(
-                                status.code(),
-                                format!(
-                                    "task_ids[{i}]: {}; requeued before it: {}",
-                                    status.message(),
-                                    if requeued.is_empty() {
-                                        "none".to_owned()
-                                    } else {
-                                        requeued.join(", ")
-                                    }
-                                ),
+                            let requeued: Vec<&str> = requeued.iter().map(String::as_str).collect();
+                            return Err(after_partial_batch(
+                                e,
+                                &format!("task_ids[{i}]"),
+                                "requeued before it",
+                                &requeued,
                             ));
                         }
                     }

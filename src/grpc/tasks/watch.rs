@@ -7,7 +7,7 @@
 
 use tonic::Status;
 
-use super::tasks::{progress, timestamp, to_pb_state, to_pb_task};
+use super::model::{progress, timestamp, to_pb_state, to_pb_task};
 use crate::pb::tasks::v1 as pb;
 use crate::watch::{Delivered, QueuesWatch, TaskWatch};
 
