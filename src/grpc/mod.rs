@@ -8,6 +8,7 @@ pub mod health;
 pub mod json;
 pub mod schedule;
 pub mod shed;
+pub mod span;
 mod status;
 pub mod tasks;
 mod time;
