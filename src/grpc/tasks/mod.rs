@@ -1,6 +1,7 @@
 //! `koo.tasks.v1.TaskService`: converts requests, calls the [`TaskEngine`],
 //! converts replies.
 
+mod listing;
 mod metrics;
 mod model;
 mod submit;
@@ -19,15 +20,14 @@ pub(crate) use self::model::{
 use self::submit::{MAX_BATCH, new_task};
 use self::watch::{EventStream, TaskStream, event_stream, task_stream};
 use super::deadline;
-use super::status::{after_partial_batch, at_index, invalid_argument, task_error_in};
+use super::status::{after_partial_batch, invalid_argument, task_error_in};
 use super::time::{self, duration};
 use crate::auth::audit;
 use crate::cache::Cache;
-use crate::domain::task::{Category, Priority, QueueName, State, TaskId, names};
+use crate::domain::task::{Category, Priority, TaskId, names};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
-use crate::tasks::listing::{ActiveFilter, HistoryFilter};
 use crate::watch::{Hub, Kind as WatchKind, QueuesFilter, Ticker};
 
 /// The TaskService implementation.
@@ -73,31 +73,6 @@ impl TaskApi {
     fn deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.request_timeout)
     }
-}
-
-/// Default and largest list page sizes.
-const DEFAULT_PAGE: usize = 50;
-const MAX_PAGE: usize = 500;
-
-fn page_size(raw: i32) -> Result<usize, Status> {
-    super::page_size(raw, DEFAULT_PAGE, MAX_PAGE)
-}
-
-/// The queues a list request covers: a named queue, a category's, or all.
-fn queues_for(
-    engine: &TaskEngine,
-    category_raw: i32,
-    queue: &str,
-) -> Result<Vec<QueueName>, Status> {
-    if !queue.is_empty() {
-        return Ok(vec![
-            QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?,
-        ]);
-    }
-    Ok(match category_raw {
-        0 => engine.config().queues(),
-        c => vec![category(c)?.default_queue()],
-    })
 }
 
 #[tonic::async_trait]
@@ -237,13 +212,15 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::ListActiveTasksResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let filter = ActiveFilter {
-            queues: queues_for(self.engine(), r.category, &r.queue)?,
-            name: (!r.name.is_empty()).then_some(r.name),
-        };
+        let filter = listing::active_filter(self.engine(), r.category, &r.queue, r.name)?;
         let (tasks, next) = self
             .engine()
-            .list_active(&filter, page_size(r.page_size)?, &r.page_token, deadline)
+            .list_active(
+                &filter,
+                listing::page_size(r.page_size)?,
+                &r.page_token,
+                deadline,
+            )
             .await?;
         Ok(Response::new(pb::ListActiveTasksResponse {
             tasks: tasks.into_iter().map(to_pb_task).collect(),
@@ -257,54 +234,18 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::ListTaskHistoryResponse>, Status> {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
-        let state = match pb::TaskState::try_from(r.state) {
-            Ok(pb::TaskState::Unspecified) => None,
-            Ok(pb::TaskState::Succeeded) => Some(State::Succeeded),
-            Ok(pb::TaskState::Failed) => Some(State::Failed),
-            Ok(pb::TaskState::Cancelled) => Some(State::Cancelled),
-            Ok(pb::TaskState::TimedOut) => Some(State::TimedOut),
-            _ => {
-                return Err(invalid_argument(
-                    "state",
-                    "history holds only end states (SUCCEEDED, FAILED, CANCELLED, TIMED_OUT)",
-                ));
-            }
-        };
-        let category = match r.category {
-            0 => None,
-            c => Some(category(c)?),
-        };
-        let ms = |field: &str, t: Option<prost_types::Timestamp>, default: i64| {
-            Ok::<_, Status>(time::time(field, t, None)?.map_or(default, crate::store::unix_millis))
-        };
-        let filter = HistoryFilter {
-            queues: match category {
-                Some(c) => vec![c.default_queue()],
-                None => self.engine().config().queues(),
-            },
-            state,
-            category,
-            name: (!r.name.is_empty()).then_some(r.name),
-            since_ms: ms("start_time", r.start_time, 0)?,
-            before_ms: ms("end_time", r.end_time, i64::MAX / 2)?,
-        };
+        let filter = listing::history_filter(self.engine(), &r)?;
         let (entries, next) = self
             .engine()
-            .list_history(&filter, page_size(r.page_size)?, &r.page_token, deadline)
+            .list_history(
+                &filter,
+                listing::page_size(r.page_size)?,
+                &r.page_token,
+                deadline,
+            )
             .await?;
         Ok(Response::new(pb::ListTaskHistoryResponse {
-            tasks: entries
-                .into_iter()
-                .map(|e| pb::TaskSummary {
-                    id: e.id,
-                    name: e.name,
-                    category: e.category.map_or(0, |c| to_pb_category(c) as i32),
-                    state: e.state.map_or(0, |s| to_pb_state(s) as i32),
-                    attempts: e.attempts as i32,
-                    end_time: timestamp(Some(e.finished_ms)),
-                    schedule: e.schedule.unwrap_or_default(),
-                })
-                .collect(),
+            tasks: entries.into_iter().map(listing::to_pb_summary).collect(),
             next_page_token: next,
         }))
     }
@@ -315,33 +256,7 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
         let deadline = self.deadline(&request);
         let engine = self.engine();
-        let requests = request.into_inner().tasks;
-        if requests.len() > MAX_BATCH {
-            return Err(invalid_argument(
-                "tasks",
-                &format!(
-                    "has {} tasks, over the limit of {MAX_BATCH}",
-                    requests.len()
-                ),
-            ));
-        }
-        let news = requests
-            .into_iter()
-            .enumerate()
-            .map(|(i, r)| new_task(r, &self.cache).map_err(|s| at_index("tasks", i, &s)))
-            .collect::<Result<Vec<_>, _>>()?;
-        if let Some(i) = news.iter().position(|n| n.idempotency_key.is_some()) {
-            return Err(invalid_argument(
-                &format!("tasks[{i}].idempotency_key"),
-                "only SubmitTask takes an idempotency key",
-            ));
-        }
-        if let Some(i) = news.iter().position(|n| !n.depends_on.is_empty()) {
-            return Err(invalid_argument(
-                &format!("tasks[{i}].depends_on"),
-                "only SubmitTask takes dependencies",
-            ));
-        }
+        let news = submit::batch(request.into_inner().tasks, &self.cache)?;
         let results = engine
             .submit_many(news, deadline)
             .await

@@ -10,7 +10,7 @@ use super::model::{category, priority};
 use crate::cache::Cache;
 use crate::domain::task::{CacheTarget, QueueName};
 use crate::grpc::json;
-use crate::grpc::status::invalid_argument;
+use crate::grpc::status::{at_index, invalid_argument};
 use crate::grpc::time::{self, duration};
 use crate::pb::tasks::v1 as pb;
 use crate::tasks::engine::NewTask;
@@ -82,3 +82,39 @@ pub(super) fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTas
 
 /// Most tasks in one SubmitTasks.
 pub(super) const MAX_BATCH: usize = 100;
+
+/// A SubmitTasks batch as the engine takes it: at most [`MAX_BATCH`]
+/// tasks, each named by its place when it is wrong, none with an
+/// idempotency key or dependencies (only SubmitTask takes those).
+pub(super) fn batch(
+    requests: Vec<pb::SubmitTaskRequest>,
+    cache: &Cache,
+) -> Result<Vec<NewTask>, Status> {
+    if requests.len() > MAX_BATCH {
+        return Err(invalid_argument(
+            "tasks",
+            &format!(
+                "has {} tasks, over the limit of {MAX_BATCH}",
+                requests.len()
+            ),
+        ));
+    }
+    let news = requests
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| new_task(r, cache).map_err(|s| at_index("tasks", i, &s)))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(i) = news.iter().position(|n| n.idempotency_key.is_some()) {
+        return Err(invalid_argument(
+            &format!("tasks[{i}].idempotency_key"),
+            "only SubmitTask takes an idempotency key",
+        ));
+    }
+    if let Some(i) = news.iter().position(|n| !n.depends_on.is_empty()) {
+        return Err(invalid_argument(
+            &format!("tasks[{i}].depends_on"),
+            "only SubmitTask takes dependencies",
+        ));
+    }
+    Ok(news)
+}
