@@ -1,26 +1,25 @@
 //! `koo.cache.v1.CacheService`: converts requests, calls [`Cache`], converts
 //! replies.
 
+mod entries;
+mod reports;
+
 use std::pin::Pin;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+pub(crate) use self::entries::level;
+pub(crate) use self::entries::to_pb_level;
+use self::entries::{entry, get_response, set_response};
 use super::deadline;
-use super::json;
-use super::status::invalid_argument;
 use super::time;
 use crate::auth::audit;
-use crate::cache::{
-    Cache, CacheError, CleanupReport, HealthReport, Hit, Level, MetricsReport, NewEntry, Stored,
-    Value,
-    metrics::{Counters, Op},
-    warm,
-};
+use crate::cache::{Cache, warm};
 use crate::pb::cache::v1 as pb;
-use crate::store::{BackendKind, CircuitState, Deadline};
+use crate::store::Deadline;
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::maintenance::{CacheUpkeep, Submitted};
 use crate::watch::{Hub, Kind as WatchKind, Ticker, Watchers};
@@ -58,7 +57,7 @@ impl CacheApi {
                     .metrics(Deadline::after(request_timeout.min(interval)))
                     .await;
                 pb::WatchMetricsResponse {
-                    metrics: Some(metrics(report)),
+                    metrics: Some(reports::metrics(report)),
                 }
             });
             f
@@ -80,200 +79,6 @@ impl CacheApi {
 
     fn bulk_deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.bulk_timeout)
-    }
-}
-
-pub(crate) fn level(field: &str, raw: i32) -> Result<Level, Status> {
-    match pb::CacheLevel::try_from(raw) {
-        Ok(pb::CacheLevel::Unspecified | pb::CacheLevel::App) => Ok(Level::App),
-        Ok(pb::CacheLevel::Db) => Ok(Level::Db),
-        Ok(pb::CacheLevel::Api) => Ok(Level::Api),
-        Ok(pb::CacheLevel::Session) => Ok(Level::Session),
-        Err(_) => Err(invalid_argument(
-            field,
-            &format!("{raw} is not a cache level"),
-        )),
-    }
-}
-
-pub(crate) fn to_pb_level(l: Level) -> pb::CacheLevel {
-    match l {
-        Level::App => pb::CacheLevel::App,
-        Level::Db => pb::CacheLevel::Db,
-        Level::Api => pb::CacheLevel::Api,
-        Level::Session => pb::CacheLevel::Session,
-    }
-}
-
-fn value(field: &str, v: Option<pb::CacheValue>, max_value_size: usize) -> Result<Value, Status> {
-    match v.and_then(|v| v.kind) {
-        None => Err(invalid_argument(
-            field,
-            "is required (one of raw, text or json)",
-        )),
-        Some(pb::cache_value::Kind::Raw(b)) => Ok(Value::Raw(b)),
-        Some(pb::cache_value::Kind::Text(t)) => Ok(Value::Text(t)),
-        Some(pb::cache_value::Kind::Json(j)) => {
-            // JSON travels as a protobuf Value, which can be several times
-            // larger than its text; the limit applies to the larger form so
-            // that what is accepted can always be sent back.
-            let encoded = prost::Message::encoded_len(&j);
-            if encoded > max_value_size {
-                return Err(invalid_argument(
-                    &format!("{field}.json"),
-                    &format!(
-                        "encodes to {encoded} bytes of protobuf, over the limit of {max_value_size} bytes (CACHE_MAX_VALUE_SIZE)"
-                    ),
-                ));
-            }
-            json::to_json(&j)
-                .map(Value::Json)
-                .map_err(|e| invalid_argument(&format!("{field}.json"), &e))
-        }
-    }
-}
-
-fn entry(at: &str, e: pb::CacheEntry, max_value_size: usize) -> Result<NewEntry, Status> {
-    Ok(NewEntry {
-        level: level(&format!("{at}level"), e.level)?,
-        value: value(&format!("{at}value"), e.value, max_value_size)?,
-        ttl: time::duration(&format!("{at}ttl"), e.ttl, time::CACHE_TTL)?,
-        key: e.key,
-    })
-}
-
-fn pb_duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
-        seconds: i64::MAX,
-        nanos: 0,
-    })
-}
-
-fn pb_time(t: SystemTime) -> prost_types::Timestamp {
-    prost_types::Timestamp::from(t)
-}
-
-fn pb_value(key: &str, v: Value) -> Result<pb::CacheValue, Status> {
-    let kind = match v {
-        Value::Raw(b) => pb::cache_value::Kind::Raw(b),
-        Value::Text(t) => pb::cache_value::Kind::Text(t),
-        Value::Json(j) => {
-            pb::cache_value::Kind::Json(json::from_json(&j).map_err(|e| CacheError::Corrupt {
-                key: key.to_owned(),
-                reason: format!("stored JSON does not parse: {e}"),
-            })?)
-        }
-    };
-    Ok(pb::CacheValue { kind: Some(kind) })
-}
-
-fn get_response(key: &str, hit: Option<Hit>) -> Result<pb::GetResponse, Status> {
-    let Some(hit) = hit else {
-        return Ok(pb::GetResponse::default());
-    };
-    Ok(pb::GetResponse {
-        found: true,
-        value: Some(pb_value(key, hit.value)?),
-        ttl: hit.ttl.map(pb_duration),
-        size_bytes: hit.size as i64,
-        stored_size_bytes: hit.stored_size as i64,
-        compressed: hit.compressed,
-    })
-}
-
-fn set_response(s: Stored) -> pb::SetResponse {
-    pb::SetResponse {
-        ttl: Some(pb_duration(s.ttl)),
-        size_bytes: s.size as i64,
-        stored_size_bytes: s.stored_size as i64,
-        compressed: s.compressed,
-    }
-}
-
-fn cleanup_report(r: CleanupReport) -> pb::CleanupReport {
-    pb::CleanupReport {
-        scanned_keys: r.scanned as i64,
-        removed_without_ttl: r.removed_without_ttl as i64,
-        removed_expired: r.removed_expired as i64,
-        removed_stale_instances: r.removed_stale_instances as i64,
-    }
-}
-
-fn counters(c: Counters, keys: u64) -> pb::CacheCounters {
-    pb::CacheCounters {
-        hits: c.hits as i64,
-        misses: c.misses as i64,
-        hit_ratio: c.hit_ratio(),
-        sets: c.sets as i64,
-        deletes: c.deletes as i64,
-        errors: c.errors as i64,
-        error_rate: c.error_rate(),
-        keys: keys as i64,
-    }
-}
-
-fn metrics(m: MetricsReport) -> pb::CacheMetrics {
-    let s = &m.snapshot;
-    pb::CacheMetrics {
-        total: Some(counters(m.total(), m.keys.iter().sum())),
-        levels: Level::ALL
-            .iter()
-            .map(|l| pb::LevelMetrics {
-                level: to_pb_level(*l) as i32,
-                counters: Some(counters(s.levels[l.index()], m.keys[l.index()])),
-            })
-            .collect(),
-        latencies: Op::ALL
-            .iter()
-            .map(|op| {
-                let h = &s.latencies[*op as usize];
-                pb::OperationLatency {
-                    operation: op.as_str().to_owned(),
-                    count: h.count() as i64,
-                    p50: Some(pb_duration(h.percentile(0.50))),
-                    p95: Some(pb_duration(h.percentile(0.95))),
-                    p99: Some(pb_duration(h.percentile(0.99))),
-                }
-            })
-            .collect(),
-        bytes_written_raw: s.bytes_raw as i64,
-        bytes_written_stored: s.bytes_stored as i64,
-        bytes_saved: s.bytes_raw as i64 - s.bytes_stored as i64,
-        backend_used_memory_bytes: m.backend_used_memory as i64,
-        uptime: Some(pb_duration(m.uptime)),
-        instance_count: m.instances as i32,
-        keys_counted_at: m.keys_counted_at.map(pb_time),
-        sample_time: Some(pb_time(m.sampled_at)),
-        partial: m.partial.is_some(),
-        partial_reason: m.partial.unwrap_or_default(),
-    }
-}
-
-fn health(h: HealthReport) -> pb::GetHealthResponse {
-    let memory = h.memory.unwrap_or_default();
-    pb::GetHealthResponse {
-        healthy: h.healthy,
-        backend: match h.backend {
-            BackendKind::Memory => pb::BackendKind::Memory,
-            BackendKind::Redis => pb::BackendKind::Redis,
-        } as i32,
-        ping_latency: h.ping_latency.map(pb_duration),
-        circuit_state: match h.circuit {
-            CircuitState::Closed => pb::CircuitState::Closed,
-            CircuitState::Open => pb::CircuitState::Open,
-            CircuitState::HalfOpen => pb::CircuitState::HalfOpen,
-        } as i32,
-        used_memory_bytes: memory.used as i64,
-        max_memory_bytes: memory.max as i64,
-        eviction_policy: memory.policy,
-        last_error: h
-            .last_error
-            .as_ref()
-            .map(|e| e.message.clone())
-            .unwrap_or_default(),
-        last_error_time: h.last_error.map(|e| pb_time(e.at)),
-        uptime: Some(pb_duration(h.uptime)),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
     }
 }
 
@@ -425,7 +230,9 @@ impl pb::cache_service_server::CacheService for CacheApi {
         request: Request<pb::GetHealthRequest>,
     ) -> Result<Response<pb::GetHealthResponse>, Status> {
         let deadline = self.deadline(&request);
-        Ok(Response::new(health(self.cache.health(deadline).await)))
+        Ok(Response::new(reports::health(
+            self.cache.health(deadline).await,
+        )))
     }
 
     async fn get_metrics(
@@ -435,7 +242,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
         let deadline = self.deadline(&request);
         let report = self.cache.metrics(deadline).await;
         Ok(Response::new(pb::GetMetricsResponse {
-            metrics: Some(metrics(report)),
+            metrics: Some(reports::metrics(report)),
         }))
     }
 
@@ -470,24 +277,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
         let deadline = self.bulk_deadline(&request);
         let wait = request.into_inner().wait;
         let Submitted { task_id, report } = self.upkeep.maintenance(wait, deadline).await?;
-        let report = report.map(|r| pb::MaintenanceReport {
-            cleanup: Some(cleanup_report(r.cleanup)),
-            used_memory_bytes: r.memory.used as i64,
-            peak_memory_bytes: r.memory.peak as i64,
-            fragmentation_ratio: r.memory.fragmentation,
-            max_memory_bytes: r.memory.max as i64,
-            eviction_policy: r.memory.policy,
-            sampled_keys: r.sampled_keys as i64,
-            largest_keys: r
-                .largest
-                .into_iter()
-                .map(|k| pb::KeySize {
-                    level: to_pb_level(k.level) as i32,
-                    key: k.key,
-                    size_bytes: k.bytes as i64,
-                })
-                .collect(),
-        });
+        let report = report.map(reports::maintenance_report);
         Ok(Response::new(pb::StartMaintenanceResponse {
             task_id,
             report,
@@ -512,33 +302,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
             .upkeep
             .warm(entries, r.skip_file, r.wait, deadline)
             .await?;
-        let report = report.map(|report| pb::WarmReport {
-            loaded: report.loaded as i64,
-            failures: report
-                .failures
-                .into_iter()
-                .map(|f| pb::WarmFailure {
-                    source: f.source,
-                    line: f.line as i64,
-                    reason: f.reason,
-                })
-                .collect(),
-            file: report
-                .file
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            computed: report
-                .computed
-                .into_iter()
-                .map(|c| pb::WarmComputed {
-                    source: c.source,
-                    line: c.line as i64,
-                    level: to_pb_level(c.level) as i32,
-                    key: c.key,
-                    task_id: c.task_id.unwrap_or_default(),
-                })
-                .collect(),
-        });
+        let report = report.map(reports::warm_report);
         Ok(Response::new(pb::WarmResponse { task_id, report }))
     }
 
@@ -549,7 +313,7 @@ impl pb::cache_service_server::CacheService for CacheApi {
         let deadline = self.bulk_deadline(&request);
         let wait = request.into_inner().wait;
         let Submitted { task_id, report } = self.upkeep.cleanup(wait, deadline).await?;
-        let report = report.map(cleanup_report);
+        let report = report.map(reports::cleanup_report);
         Ok(Response::new(pb::CleanupResponse { task_id, report }))
     }
 }
