@@ -82,9 +82,12 @@ mod tests {
 
     use super::*;
 
+    /// A span's name and its fields.
+    type Seen = (String, Vec<(String, String)>);
+
     /// Records each new span's name and fields.
     #[derive(Clone, Default)]
-    struct Spans(Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>);
+    struct Spans(Arc<Mutex<Vec<Seen>>>);
 
     impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Spans {
         fn on_new_span(
