@@ -12,6 +12,7 @@ use crate::cache::CacheError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
 use crate::tasks::maintenance::UpkeepError;
+use crate::tasks::requeue::RequeueError;
 use crate::watch::WatchError;
 
 /// Longest status message koo sends. Messages quote input through
@@ -197,6 +198,19 @@ impl From<UpkeepError> for Status {
             UpkeepError::Task(task) => task.into(),
             UpkeepError::Ended { .. } => Status::failed_precondition(message()),
             UpkeepError::Report(_) => Status::internal(message()),
+        }
+    }
+}
+
+impl From<RequeueError> for Status {
+    fn from(e: RequeueError) -> Self {
+        let at = format!("task_ids[{}]", e.index);
+        match e.error {
+            TaskError::InvalidArgument { reason, .. } => invalid_argument(&at, &reason),
+            other => {
+                let requeued: Vec<&str> = e.requeued.iter().map(String::as_str).collect();
+                after_partial_batch(other, &at, "requeued before it", &requeued)
+            }
         }
     }
 }

@@ -9,5 +9,6 @@ pub mod listing;
 pub mod maintenance;
 pub mod metrics;
 pub mod remote;
+pub mod requeue;
 pub mod retry;
 pub mod worker;

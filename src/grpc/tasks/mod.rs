@@ -396,27 +396,7 @@ impl pb::task_service_server::TaskService for TaskApi {
                         &format!("at most {MAX_BATCH} per call"),
                     ));
                 }
-                let mut requeued = Vec::with_capacity(r.task_ids.len());
-                for (i, id) in r.task_ids.iter().enumerate() {
-                    match self.engine().retry(id, deadline).await {
-                        Ok(task) => requeued.push(task.id.to_string()),
-                        Err(crate::tasks::engine::TaskError::InvalidArgument {
-                            reason, ..
-                        }) => {
-                            return Err(invalid_argument(&format!("task_ids[{i}]"), &reason));
-                        }
-                        Err(e) => {
-                            let requeued: Vec<&str> = requeued.iter().map(String::as_str).collect();
-                            return Err(after_partial_batch(
-                                e,
-                                &format!("task_ids[{i}]"),
-                                "requeued before it",
-                                &requeued,
-                            ));
-                        }
-                    }
-                }
-                requeued
+                self.engine().retry_each(&r.task_ids, deadline).await?
             }
             _ => {
                 return Err(invalid_argument(
