@@ -411,13 +411,13 @@ mod tests {
         assert_eq!(error_message(Some("not json")), "");
         assert_eq!(error_message(None), "");
         let e = UpkeepError::Ended {
-            id: "cache:1".into(),
+            id: "cache~1".into(),
             state: State::Failed,
             message: "warm file unreadable".into(),
         };
         assert_eq!(
             e.to_string(),
-            "task cache:1 ended failed: warm file unreadable"
+            "task cache~1 ended failed: warm file unreadable"
         );
         let r: Result<CleanupReport, _> = parse_report("[1]");
         assert!(matches!(r, Err(UpkeepError::Report(_))));
