@@ -88,17 +88,7 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
             quote(unknown)
         ));
     }
-    let level = match obj.remove("level") {
-        None => Level::App,
-        Some(serde_json::Value::String(s)) => Level::parse(&s)
-            .ok_or_else(|| format!("level {} is not one of app, db, api, session", quote(&s)))?,
-        Some(other) => {
-            return Err(format!(
-                "level must be a string, not {}",
-                crate::quote::json(&other)
-            ));
-        }
-    };
+    let level = line_level(obj.remove("level"))?;
     let key = match obj.remove("key") {
         Some(serde_json::Value::String(s)) => s,
         Some(other) => {
@@ -111,25 +101,59 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
     };
     let ttl = obj.remove("ttl").map(|t| parse_ttl(&t)).transpose()?;
     if let Some(task) = obj.remove("task") {
-        if obj
-            .keys()
-            .any(|k| ["text", "json", "base64"].contains(&k.as_str()))
-        {
-            return Err("a task line computes its value: no text, json or base64".to_owned());
-        }
-        let serde_json::Value::Object(task) = task else {
-            return Err("task must be an object with name and category".to_owned());
-        };
-        if !task.get("name").is_some_and(serde_json::Value::is_string) {
-            return Err("task.name is missing".to_owned());
-        }
-        return Ok(WarmLine::Task {
-            level,
-            key,
-            ttl,
-            task,
-        });
+        return task_line(&obj, task, level, key, ttl);
     }
+    Ok(WarmLine::Entry(NewEntry {
+        level,
+        key,
+        value: line_value(&mut obj)?,
+        ttl,
+    }))
+}
+
+/// A line's level (`app` when absent).
+fn line_level(raw: Option<serde_json::Value>) -> Result<Level, String> {
+    match raw {
+        None => Ok(Level::App),
+        Some(serde_json::Value::String(s)) => Level::parse(&s)
+            .ok_or_else(|| format!("level {} is not one of app, db, api, session", quote(&s))),
+        Some(other) => Err(format!(
+            "level must be a string, not {}",
+            crate::quote::json(&other)
+        )),
+    }
+}
+
+/// A `task` line (`rest`: its other fields, which must give no value).
+fn task_line(
+    rest: &serde_json::Map<String, serde_json::Value>,
+    task: serde_json::Value,
+    level: Level,
+    key: String,
+    ttl: Option<Duration>,
+) -> Result<WarmLine, String> {
+    if rest
+        .keys()
+        .any(|k| ["text", "json", "base64"].contains(&k.as_str()))
+    {
+        return Err("a task line computes its value: no text, json or base64".to_owned());
+    }
+    let serde_json::Value::Object(task) = task else {
+        return Err("task must be an object with name and category".to_owned());
+    };
+    if !task.get("name").is_some_and(serde_json::Value::is_string) {
+        return Err("task.name is missing".to_owned());
+    }
+    Ok(WarmLine::Task {
+        level,
+        key,
+        ttl,
+        task,
+    })
+}
+
+/// A line's value: exactly one of `text`, `json` or `base64`.
+fn line_value(obj: &mut serde_json::Map<String, serde_json::Value>) -> Result<Value, String> {
     let mut values = Vec::new();
     if let Some(t) = obj.remove("text") {
         match t {
@@ -154,17 +178,11 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
             .map_err(|e| format!("base64 is not valid base64: {e}"))?;
         values.push(Value::Raw(Bytes::from(bytes)));
     }
-    let value = match values.len() {
-        1 => values.pop().expect("one value"),
-        0 => return Err("one of text, json, base64 or task is required".to_owned()),
-        _ => return Err("only one of text, json or base64 may be given".to_owned()),
-    };
-    Ok(WarmLine::Entry(NewEntry {
-        level,
-        key,
-        value,
-        ttl,
-    }))
+    match values.len() {
+        1 => Ok(values.pop().expect("one value")),
+        0 => Err("one of text, json, base64 or task is required".to_owned()),
+        _ => Err("only one of text, json or base64 may be given".to_owned()),
+    }
 }
 
 /// The warm-file line of an entry: how a `Warm` call's entries travel to

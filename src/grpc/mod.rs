@@ -1,5 +1,11 @@
 //! gRPC adapters: turn protobuf requests into domain calls and domain results
 //! (or errors) into protobuf replies (or statuses). No domain logic lives here.
+//!
+//! One module per service ([`cache`], [`tasks`], [`worker`], [`schedule`],
+//! [`health`]); a service's conversions sit in submodules beside its
+//! handlers. Every domain error becomes a `Status` in `status` (one
+//! exhaustive match per error enum), and [`span`] opens one span per RPC
+//! around every service.
 
 pub mod cache;
 pub mod codec;
@@ -8,10 +14,10 @@ pub mod health;
 pub mod json;
 pub mod schedule;
 pub mod shed;
+pub mod span;
 mod status;
 pub mod tasks;
 mod time;
-mod watch;
 pub mod worker;
 
 use tonic::Status;

@@ -12,6 +12,8 @@ use crate::cache::CacheError;
 use crate::schedule::ScheduleError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
+use crate::tasks::maintenance::UpkeepError;
+use crate::tasks::requeue::RequeueError;
 use crate::watch::WatchError;
 
 /// Longest status message koo sends. Messages quote input through
@@ -37,6 +39,181 @@ pub fn invalid_argument(field: &str, reason: &str) -> Status {
         format!("{field}: {reason}"),
         ErrorDetails::with_bad_request_violation(field, reason),
     )
+}
+
+/// `status`, an argument error about one element of a batch, as an error of
+/// the whole request: its field named by its place (`tasks[1].category`),
+/// its reason unchanged. The reason is taken from the `BadRequest` detail,
+/// not from the message, which already names the field once
+/// (`category: is required` must not become
+/// `tasks[1].category: category: is required`).
+pub fn at_index(batch: &str, index: usize, status: &Status) -> Status {
+    let details = status.get_error_details();
+    match details
+        .bad_request()
+        .and_then(|b| b.field_violations.first())
+    {
+        Some(v) => invalid_argument(&format!("{batch}[{index}].{}", v.field), &v.description),
+        None => invalid_argument(&format!("{batch}[{index}]"), status.message()),
+    }
+}
+
+/// `e` with an argument error's field placed under `path` (`hello.` +
+/// `queues[0]`): for domain calls that check part of a request.
+pub fn task_error_in(path: &str, e: TaskError) -> Status {
+    match e {
+        TaskError::InvalidArgument { field, reason } => {
+            invalid_argument(&format!("{path}{field}"), &reason)
+        }
+        other => other.into(),
+    }
+}
+
+/// `e`, the error of element `element` of a batch that is applied in order,
+/// as the status of the whole call: its code, its message after the
+/// element's name, and what the call did before it (`done_label`: `done`,
+/// or `none`), so that the caller knows what to retry.
+pub fn after_partial_batch(
+    e: impl Into<Status>,
+    element: &str,
+    done_label: &str,
+    done: &[&str],
+) -> Status {
+    let status = e.into();
+    let done = if done.is_empty() {
+        "none".to_owned()
+    } else {
+        done.join(", ")
+    };
+    Status::new(
+        status.code(),
+        format!("{element}: {}; {done_label}: {done}", status.message()),
+    )
+}
+
+/// The protocol statuses of a `WorkerService.Work` stream: what ends it
+/// before a session starts, or because the worker sent what koo cannot read.
+pub mod work {
+    use std::time::Duration;
+
+    use tonic::{Code, Status};
+
+    /// Longest quote of a read error in the status that ends a stream.
+    pub const MAX_QUOTE: usize = 300;
+
+    /// No hello within `within` (the request timeout).
+    pub fn no_hello(within: Duration) -> Status {
+        Status::deadline_exceeded(format!(
+            "no hello within {}",
+            humantime::format_duration(within)
+        ))
+    }
+
+    /// The first message was not a hello.
+    pub fn hello_not_first() -> Status {
+        super::invalid_argument("hello", "the first message of a Work stream must be hello")
+    }
+
+    /// The worker closed the stream before its hello.
+    pub fn closed_before_hello() -> Status {
+        Status::cancelled("the worker closed the stream before hello")
+    }
+
+    /// Whether a read error of a Work stream is a message koo could not read
+    /// (over the size limit, not valid protobuf, nested too deep: tonic's
+    /// OUT_OF_RANGE, koo's codec's INVALID_ARGUMENT, a decompression
+    /// RESOURCE_EXHAUSTED) rather than a connection that broke. The worker
+    /// was talking, so the stream ends with that status, and its tasks count.
+    pub fn unreadable(status: &Status) -> bool {
+        matches!(
+            status.code(),
+            Code::OutOfRange | Code::InvalidArgument | Code::ResourceExhausted
+        )
+    }
+
+    /// The status that ends a stream whose worker sent a message koo could
+    /// not read: the read error's code, and its reason quoted.
+    pub fn unreadable_status(status: &Status) -> Status {
+        Status::new(
+            status.code(),
+            format!(
+                "a message on this Work stream could not be read, so the stream ends (tasks it held go back to their queues): {}",
+                head_and_tail(status.message(), MAX_QUOTE)
+            ),
+        )
+    }
+
+    /// `text`, or its head and tail around an ellipsis when longer than
+    /// `max` bytes (a decode error ends with its reason, after a field path
+    /// that can be long).
+    pub fn head_and_tail(text: &str, max: usize) -> String {
+        if text.len() <= max {
+            return text.to_owned();
+        }
+        let floor = |mut i: usize| {
+            while !text.is_char_boundary(i) {
+                i -= 1;
+            }
+            i
+        };
+        let head = floor(max / 3);
+        let mut tail = text.len() - (max - head);
+        while !text.is_char_boundary(tail) {
+            tail += 1;
+        }
+        format!("{}…{}", &text[..head], &text[tail..])
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// A long read error is quoted by its head and its tail (where a
+        /// decode error says why), within the bound, on character boundaries.
+        #[test]
+        fn quotes_are_bounded() {
+            assert_eq!(head_and_tail("short", 10), "short");
+            let long = format!(
+                "{}é{}recursion limit reached",
+                "a".repeat(99),
+                "b".repeat(500)
+            );
+            let q = head_and_tail(&long, MAX_QUOTE);
+            assert!(q.len() <= MAX_QUOTE + '…'.len_utf8() + 1, "{}", q.len());
+            assert!(
+                q.starts_with("aaa") && q.ends_with("recursion limit reached"),
+                "{q}"
+            );
+            assert!(unreadable(&Status::out_of_range("too large")));
+            assert!(!unreadable(&Status::unknown("h2 protocol error")));
+            assert!(!unreadable(&Status::cancelled("gone")));
+        }
+    }
+}
+
+impl From<UpkeepError> for Status {
+    fn from(e: UpkeepError) -> Self {
+        let message = || bounded(e.to_string());
+        match e {
+            UpkeepError::InvalidEntries { reason } => invalid_argument("entries", &reason),
+            UpkeepError::Task(task) => task.into(),
+            UpkeepError::Ended { .. } => Status::failed_precondition(message()),
+            UpkeepError::Report(_) => Status::internal(message()),
+        }
+    }
+}
+
+impl From<RequeueError> for Status {
+    fn from(e: RequeueError) -> Self {
+        let at = format!("task_ids[{}]", e.index);
+        match e.error {
+            TaskError::InvalidArgument { reason, .. } => invalid_argument(&at, &reason),
+            other => {
+                let requeued: Vec<&str> = e.requeued.iter().map(String::as_str).collect();
+                after_partial_batch(other, &at, "requeued before it", &requeued)
+            }
+        }
+    }
 }
 
 impl From<StoreError> for Status {
@@ -127,6 +304,10 @@ impl From<WatchError> for Status {
                 ),
             ),
             WatchError::Gap { .. } => Status::out_of_range(message),
+            WatchError::ResumeToken { reason } => invalid_argument("resume_token", &reason),
+            WatchError::Stopped => Status::unavailable(message),
+            WatchError::Store(store) => store.into(),
+            WatchError::Task(task) => task.into(),
         }
     }
 }
@@ -242,6 +423,8 @@ mod tests {
         for (e, code) in auth {
             assert_eq!(Status::from(e.clone()).code(), code, "{e:?}");
         }
+        let s = at_index("tasks", 1, &invalid_argument("category", "is required"));
+        assert_eq!(s.message(), "tasks[1].category: is required");
         let s = invalid_argument("entries[1].key", "must not be empty");
         let details = s.get_error_details();
         let violation = &details.bad_request().unwrap().field_violations[0];

@@ -7,6 +7,8 @@ pub mod engine;
 pub mod handlers;
 pub mod listing;
 pub mod maintenance;
+pub mod metrics;
 pub mod remote;
+pub mod requeue;
 pub mod retry;
 pub mod worker;

@@ -15,15 +15,23 @@
 //! `GetTaskMetrics` reports.
 
 pub mod feed;
+pub mod queues;
+pub mod resume;
 pub mod sink;
+pub mod task;
 pub mod ticker;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 pub use feed::{Event, Filter, Hub, Subscription};
+pub use queues::{Delivered, QueuesFilter, QueuesWatch};
 pub use sink::{Next, Overflow};
+pub use task::TaskWatch;
 pub use ticker::Ticker;
+
+use crate::store::StoreError;
+use crate::tasks::engine::TaskError;
 
 /// The kinds of watch stream, counted apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +76,23 @@ pub enum WatchError {
         /// The queue.
         queue: String,
     },
+    /// A resume token koo did not issue, or one whose positions the store
+    /// does not know.
+    #[error("resume_token: {reason}")]
+    ResumeToken {
+        /// Why.
+        reason: String,
+    },
+    /// The queue's feed stopped while koo keeps running (its reader
+    /// failed): the client should watch again.
+    #[error("task events stopped; watch again")]
+    Stopped,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Reading the watched task failed.
+    #[error(transparent)]
+    Task(#[from] TaskError),
 }
 
 /// The per-process watcher count and stream figures: a cheap-to-clone

@@ -1093,6 +1093,12 @@ async fn warm_loads_request_and_file_entries(env: Env) {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // the upkeep task's end and its stored error, typed by the domain
+    assert!(
+        err.message().starts_with("task cache~") && err.message().contains(" ended failed: "),
+        "{}",
+        err.message()
+    );
 }
 
 /// Maintenance runs a cleanup and names the largest keys, largest first.

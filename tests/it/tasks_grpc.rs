@@ -651,6 +651,8 @@ async fn submit_tasks_in_a_batch(backend: Backend) {
         details.bad_request().unwrap().field_violations[0].field,
         "tasks[1].category"
     );
+    // the field is named once, with its place in the batch
+    assert_eq!(err.message(), "tasks[1].category: is required");
     let active = c
         .list_active_tasks(pb::ListActiveTasksRequest {
             page_size: 100,

@@ -123,6 +123,21 @@ async fn huge_inputs_get_short_messages(backend: Backend) {
         })
         .await;
     refused("resume_token", r, "resume_token");
+    // a token koo did not issue says so, naming the field once
+    let e = t
+        .watch_tasks(pb::WatchTasksRequest {
+            resume_token: "bm90IGEgdG9rZW4".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a foreign token");
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::InvalidArgument,
+            "resume_token: is not a token this server issued"
+        )
+    );
     let r = c
         .get(cpb::GetRequest {
             key: huge.clone(),

@@ -1,0 +1,57 @@
+//! What the cache's reads and writes take and return: an entry to write,
+//! a value read, what a write stored, a page of keys.
+
+use std::time::Duration;
+
+use super::{Level, Value};
+
+/// An entry to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEntry {
+    /// Its level.
+    pub level: Level,
+    /// Its key.
+    pub key: String,
+    /// Its value.
+    pub value: Value,
+    /// Its TTL; `None` means the level's default.
+    pub ttl: Option<Duration>,
+}
+
+/// A value read from the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit {
+    /// The value as it was set.
+    pub value: Value,
+    /// Time left to live (`None` only for keys written without a TTL by
+    /// something other than koo).
+    pub ttl: Option<Duration>,
+    /// Size as set.
+    pub size: u64,
+    /// Size as stored.
+    pub stored_size: u64,
+    /// Whether it is stored compressed.
+    pub compressed: bool,
+}
+
+/// What a write stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// The TTL applied.
+    pub ttl: Duration,
+    /// Size as set.
+    pub size: u64,
+    /// Size as stored.
+    pub stored_size: u64,
+    /// Whether it is stored compressed.
+    pub compressed: bool,
+}
+
+/// One page of keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    /// User keys.
+    pub keys: Vec<String>,
+    /// Token of the next page; empty on the last.
+    pub next_page_token: String,
+}

@@ -1,0 +1,91 @@
+//! `GetTaskMetrics` and `WatchTaskMetrics`: the domain's task figures
+//! ([`crate::tasks::metrics`]) and this process's stream figures as
+//! protobuf, and the shared ticker that takes one snapshot per interval for
+//! every watcher.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::domain::Count;
+use crate::pb::tasks::v1 as pb;
+use crate::store::Deadline;
+use crate::tasks::metrics::TaskMetrics;
+use crate::watch::{Hub, Kind as WatchKind, Ticker};
+
+/// The `WatchTaskMetrics` snapshots of `hub`'s engine and streams, each
+/// read within `budget` (or its interval, if shorter); stops on `shutdown`.
+pub(super) fn ticker(
+    hub: Hub,
+    budget: Duration,
+    shutdown: CancellationToken,
+) -> Ticker<Result<pb::WatchTaskMetricsResponse, Status>> {
+    Ticker::new(shutdown, move |interval: Duration| {
+        let hub = hub.clone();
+        let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
+            let deadline = Deadline::after(budget.min(interval));
+            let (queues, workers) = pb_metrics(hub.engine().metrics(deadline).await?);
+            Ok(pb::WatchTaskMetricsResponse {
+                queues,
+                time: Some(prost_types::Timestamp::from(SystemTime::now())),
+                workers: Some(workers),
+                streams: Some(stream_metrics(&hub)),
+            })
+        });
+        f
+    })
+}
+
+/// This process's watch streams.
+pub(super) fn stream_metrics(hub: &Hub) -> pb::StreamMetrics {
+    let f = hub.watchers().figures();
+    let n = |v: usize| i32::try_from(v).unwrap_or(i32::MAX);
+    pb::StreamMetrics {
+        watch_task: n(f.by_kind[WatchKind::Task as usize]),
+        watch_tasks: n(f.by_kind[WatchKind::Tasks as usize]),
+        watch_task_metrics: n(f.by_kind[WatchKind::TaskMetrics as usize]),
+        watch_metrics: n(f.by_kind[WatchKind::CacheMetrics as usize]),
+        max_watchers: n(f.max),
+        queue_readers: n(f.readers),
+        events_fanned_out: i64::try_from(f.fanned_out).unwrap_or(i64::MAX),
+        watchers_fallen_behind: i64::try_from(f.fell_behind).unwrap_or(i64::MAX),
+    }
+}
+
+/// The task figures as `GetTaskMetrics` and `WatchTaskMetrics` show them
+/// (without the process's stream figures).
+pub(super) fn pb_metrics(m: TaskMetrics) -> (Vec<pb::QueueMetrics>, pb::WorkerMetrics) {
+    let n = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
+    let workers = pb::WorkerMetrics {
+        live: n(m.workers.live),
+        external: n(m.workers.external),
+        slots: n(m.workers.slots),
+        busy: n(m.workers.busy),
+    };
+    let queues = m
+        .queues
+        .into_iter()
+        .map(|(queue, s)| {
+            let count = |c: Count| s.counts.get(c) as i64;
+            pb::QueueMetrics {
+                queue: queue.to_string(),
+                queued: s.ready as i64,
+                scheduled: s.scheduled as i64,
+                running: s.running as i64,
+                dead_letters: s.dead as i64,
+                pending: s.pending as i64,
+                oldest_wait: s
+                    .oldest_wait
+                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
+                submitted: count(Count::Submitted),
+                succeeded: count(Count::Succeeded),
+                failed: count(Count::Failed),
+                timed_out: count(Count::TimedOut),
+                retried: count(Count::Retried),
+                lost: count(Count::Lost),
+            }
+        })
+        .collect();
+    (queues, workers)
+}

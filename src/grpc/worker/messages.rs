@@ -1,0 +1,193 @@
+//! The worker protocol's messages as the domain's: a `Work` stream's
+//! messages to and from a session's [`Inbound`] and [`Outbound`], and the
+//! JSON a worker reports (progress metadata, results, failure details).
+
+use std::time::SystemTime;
+
+use prost_types::value::Kind;
+use tonic::Status;
+
+use crate::domain::task::State;
+use crate::grpc::json;
+use crate::grpc::tasks::{to_pb_state, to_pb_task};
+use crate::pb::worker::v1 as pb;
+use crate::pb::worker::v1::work_request::Message as In;
+use crate::pb::worker::v1::work_response::Message as Out;
+use crate::tasks::engine::TaskError;
+use crate::tasks::remote::{Failure, Inbound, Outbound, Progress, ReplyKind};
+
+pub(super) fn state(s: State) -> i32 {
+    to_pb_state(s) as i32
+}
+
+pub(super) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+/// A protobuf Struct as a JSON object (`{}` when absent).
+pub(super) fn struct_json(
+    field: &str,
+    s: Option<prost_types::Struct>,
+) -> Result<serde_json::Value, TaskError> {
+    let value = prost_types::Value {
+        kind: Some(Kind::StructValue(s.unwrap_or_default())),
+    };
+    json::to_serde(&value).map_err(|e| TaskError::invalid(field, e))
+}
+
+/// A protobuf Value as JSON (`null` when absent).
+pub(super) fn value_json(
+    field: &str,
+    v: Option<prost_types::Value>,
+) -> Result<serde_json::Value, TaskError> {
+    match v {
+        None | Some(prost_types::Value { kind: None }) => Ok(serde_json::Value::Null),
+        Some(v) => json::to_serde(&v).map_err(|e| TaskError::invalid(field, e)),
+    }
+}
+
+/// A protocol message as the session's input.
+pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
+    // the whole message is what the worker got wrong: its field is named
+    // in the reason
+    let bad = |e: TaskError| Inbound::Invalid(TaskError::invalid("message", e.to_string()));
+    match msg.message {
+        None => Inbound::Invalid(TaskError::invalid("message", "a message with nothing set")),
+        Some(In::Hello(_)) => Inbound::Invalid(TaskError::invalid(
+            "message",
+            "hello may only be the stream's first message",
+        )),
+        Some(In::Heartbeat(_)) => Inbound::Heartbeat,
+        Some(In::Progress(p)) => match struct_json("progress.metadata", p.metadata) {
+            Ok(metadata) => Inbound::Progress {
+                id: p.task_id,
+                token: p.lease_token,
+                secret: p.lease_secret,
+                progress: Progress {
+                    percent: p.percent,
+                    message: p.message,
+                    metadata,
+                },
+            },
+            Err(e) => bad(e),
+        },
+        Some(In::Complete(c)) => match value_json("complete.result", c.result) {
+            Ok(result) => Inbound::Complete {
+                id: c.task_id,
+                token: c.lease_token,
+                secret: c.lease_secret,
+                result,
+            },
+            Err(e) => bad(e),
+        },
+        Some(In::Fail(f)) => {
+            let details = match f.details {
+                Some(d) => match struct_json("fail.details", Some(d)) {
+                    Ok(d) => Some(d),
+                    Err(e) => return bad(e),
+                },
+                None => None,
+            };
+            Inbound::Fail {
+                id: f.task_id,
+                token: f.lease_token,
+                secret: f.lease_secret,
+                failure: Failure {
+                    message: f.message,
+                    retryable: f.retryable,
+                    details,
+                },
+            }
+        }
+    }
+}
+
+/// A session's output as a protocol message.
+pub(super) fn outbound(msg: Outbound) -> pb::WorkResponse {
+    let message = match msg {
+        Outbound::Task { task, secret } => {
+            let lease_token = task.token;
+            Out::Task(pb::TaskAssignment {
+                task: Some(to_pb_task(*task)),
+                lease_token,
+                lease_secret: secret,
+            })
+        }
+        Outbound::Cancel { id, reason } => Out::Cancel(pb::CancelRequested {
+            task_id: id.to_string(),
+            reason,
+        }),
+        Outbound::SoftLimit(id) => Out::SoftTimeLimit(pb::SoftTimeLimitReached {
+            task_id: id.to_string(),
+        }),
+        Outbound::Revoked { id, reason } => Out::Revoked(pb::LeaseRevoked {
+            task_id: id.to_string(),
+            reason,
+        }),
+        Outbound::Reply { id, kind, outcome } => Out::Reply(reply(id, kind, outcome)),
+    };
+    pb::WorkResponse {
+        message: Some(message),
+    }
+}
+
+/// The answer to a report on the stream: the state it moved the task to,
+/// or the status of the error it met (as a unary call would have).
+fn reply(task_id: String, kind: ReplyKind, outcome: Result<Option<State>, TaskError>) -> pb::Reply {
+    let kind = match kind {
+        ReplyKind::Progress => pb::ReplyKind::Progress,
+        ReplyKind::Complete => pb::ReplyKind::Complete,
+        ReplyKind::Fail => pb::ReplyKind::Fail,
+    } as i32;
+    match outcome {
+        Ok(s) => pb::Reply {
+            task_id,
+            kind,
+            code: 0,
+            message: String::new(),
+            state: s.map_or(0, state),
+        },
+        Err(e) => {
+            let status = Status::from(e);
+            pb::Reply {
+                task_id,
+                kind,
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                state: 0,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A report that cannot be read is the session's invalid input, naming
+    /// the field once in its reason; an empty message is one too.
+    #[test]
+    fn unreadable_reports_are_invalid_input() {
+        let reason = |msg| match inbound(msg) {
+            Inbound::Invalid(TaskError::InvalidArgument { field, reason }) => {
+                assert_eq!(field, "message");
+                reason
+            }
+            _ => panic!("not invalid"),
+        };
+        assert_eq!(
+            reason(pb::WorkRequest { message: None }),
+            "a message with nothing set"
+        );
+        let nan = prost_types::Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
+        let r = reason(pb::WorkRequest {
+            message: Some(In::Complete(pb::Complete {
+                result: Some(nan),
+                ..Default::default()
+            })),
+        });
+        assert!(r.starts_with("complete.result: "), "{r}");
+    }
+}

@@ -1,0 +1,158 @@
+//! One `WorkerService.Work` stream: the hello, then a [`Session`] spawned on
+//! the server's session tracker, its messages out as the response stream
+//! and, when it ends on a protocol error, that error as the stream's status.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Status, Streaming};
+
+use super::messages::{inbound, outbound};
+use super::{WorkStream, WorkerApi, declared};
+use crate::auth::Caller;
+use crate::auth::scope;
+use crate::grpc::status::{self, work};
+use crate::pb::worker::v1 as pb;
+use crate::pb::worker::v1::work_request::Message as In;
+use crate::pb::worker::v1::work_response::Message as Out;
+use crate::tasks::engine::TaskError;
+use crate::tasks::remote::{self, Inbound, Outbound, Routing, Session};
+
+/// Outbound messages buffered per stream before koo waits for the worker.
+const STREAM_BUFFER: usize = 64;
+
+/// Where a stream's input keeps the status of a message koo could not
+/// read, for the stream's end. A std Mutex: held only to swap a value,
+/// never across an await.
+type Unread = Arc<Mutex<Option<Status>>>;
+
+impl WorkerApi {
+    /// Opens a Work stream: reads the hello, starts the worker's session.
+    pub(super) async fn open_work(
+        &self,
+        request: Request<Streaming<pb::WorkRequest>>,
+    ) -> Result<WorkStream, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let tally = self.tally(&request);
+        let caller = Caller::of(request.extensions());
+        let mut messages = request.into_inner();
+        let hello = read_hello(&mut messages, self.request_timeout).await?;
+        let known = self.engine.config().queues();
+        let declared = scope::narrow(&caller, "hello.", declared(hello.queues, hello.task_names))?;
+        let routing = Routing::new(&declared.task_names, &declared.queues, &known)
+            .map_err(|e| status::task_error_in("hello.", e))?;
+        let concurrency = u32::try_from(hello.concurrency).unwrap_or(0);
+        let session = Session::new(
+            self.engine.clone(),
+            Some(self.cache.clone()),
+            &hello.name,
+            routing,
+            concurrency,
+            peer,
+            tally,
+        )?;
+        let welcome = welcome(session.id(), self.engine.config().lease);
+        tracing::info!(worker = session.id(), "external worker connected");
+        Ok(self.serve(session, messages, welcome))
+    }
+
+    /// Runs `session` over `messages`; the response stream: `welcome`, the
+    /// session's messages, then its protocol error if it ended on one.
+    fn serve(
+        &self,
+        session: Session,
+        messages: Streaming<pb::WorkRequest>,
+        welcome: pb::WorkResponse,
+    ) -> WorkStream {
+        let (tx, rx) = mpsc::channel::<Outbound>(STREAM_BUFFER);
+        let (errors_tx, errors_rx) = oneshot::channel::<Status>();
+        let id = session.id().to_owned();
+        let unread = Unread::default();
+        let input = input(messages, unread.clone(), id.clone());
+        let stop = self.shutdown.clone();
+        self.sessions.spawn(async move {
+            let ended = session.run(Box::pin(input), tx, stop).await;
+            match ended {
+                Ok(()) => tracing::info!(worker = %id, "external worker disconnected"),
+                Err(e) => {
+                    let status = unread
+                        .lock()
+                        .expect("not poisoned")
+                        .take()
+                        .unwrap_or_else(|| e.into());
+                    tracing::warn!(worker = %id, code = ?status.code(), reason = status.message(), "external worker's stream ended with an error");
+                    let _ = errors_tx.send(status);
+                }
+            }
+        });
+        let messages = tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok(outbound(m)));
+        let tail = futures::stream::once(async move { errors_rx.await.ok() })
+            .filter_map(|e| std::future::ready(e.map(Err)));
+        Box::pin(
+            futures::stream::once(std::future::ready(Ok(welcome)))
+                .chain(messages)
+                .chain(tail),
+        )
+    }
+}
+
+/// The stream's hello: it comes first, and a worker that sends nothing
+/// within `timeout` (the request timeout) is turned away.
+async fn read_hello(
+    messages: &mut Streaming<pb::WorkRequest>,
+    timeout: Duration,
+) -> Result<pb::Hello, Status> {
+    let first = tokio::time::timeout(timeout, messages.next())
+        .await
+        .map_err(|_| work::no_hello(timeout))?;
+    match first {
+        Some(Ok(pb::WorkRequest {
+            message: Some(In::Hello(h)),
+        })) => Ok(h),
+        Some(Ok(_)) => Err(work::hello_not_first()),
+        Some(Err(e)) => Err(e),
+        None => Err(work::closed_before_hello()),
+    }
+}
+
+/// The first message koo sends: the worker's id and its lease terms.
+fn welcome(worker_id: &str, lease: Duration) -> pb::WorkResponse {
+    pb::WorkResponse {
+        message: Some(Out::Welcome(pb::Welcome {
+            worker_id: worker_id.to_owned(),
+            lease: prost_types::Duration::try_from(lease).ok(),
+            heartbeat_interval: prost_types::Duration::try_from(remote::heartbeat_interval(lease))
+                .ok(),
+        })),
+    }
+}
+
+/// The session's input: the stream's messages until a read error. A read
+/// error ends the input; one that is a message koo could not read is also
+/// kept in `unread`, as the stream's final status.
+fn input(
+    messages: Streaming<pb::WorkRequest>,
+    unread: Unread,
+    id: String,
+) -> impl Stream<Item = Inbound> + Send {
+    messages
+        .map(move |m| match m {
+            Ok(m) => Some(inbound(m)),
+            Err(status) if work::unreadable(&status) => {
+                let reason = work::head_and_tail(status.message(), work::MAX_QUOTE);
+                *unread.lock().expect("not poisoned") = Some(work::unreadable_status(&status));
+                Some(Inbound::Invalid(TaskError::invalid("message", reason)))
+            }
+            Err(status) => {
+                tracing::info!(worker = %id, code = ?status.code(), reason = status.message(), "external worker's connection broke");
+                None
+            }
+        })
+        .take_while(|m| std::future::ready(m.is_some()))
+        .map(|m| m.expect("taken while some"))
+}
