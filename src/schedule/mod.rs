@@ -328,7 +328,7 @@ impl Schedules {
 }
 
 fn not_found(name: &str) -> TaskError {
-    TaskError::Missing(format!("schedule {} not found", crate::quote::quote(name)))
+    TaskError::Missing(crate::tasks::error::Missing::Schedule(name.to_owned()))
 }
 
 /// One schedule as the runner tracks it.

@@ -4,6 +4,7 @@
 //! `docs/design/tasks.md` is the design.
 
 pub mod engine;
+pub mod error;
 pub mod handlers;
 pub mod listing;
 pub mod maintenance;
