@@ -8,6 +8,7 @@ pub mod error;
 pub mod handlers;
 pub mod listing;
 pub mod maintenance;
+pub mod poller;
 pub mod remote;
 pub mod retry;
 pub mod worker;

@@ -50,6 +50,7 @@ use crate::domain::task::{State, Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
 use crate::tasks::engine::{Finish, TaskEngine, TaskError};
+use crate::tasks::poller::Poller;
 use crate::tasks::worker::cache_result;
 
 /// Most attempts of one task given back (by hand-backs of any kind)
@@ -329,15 +330,17 @@ impl Session {
     ) -> Result<Ending, TaskError> {
         let mut inbound = inbound.peekable();
         let config = self.engine.config().clone();
-        let queues = self.routing.queues.clone();
         let filter = self.routing.names.clone();
         let names: Vec<&str> = filter.iter().map(String::as_str).collect();
-        let mut submits = self.engine.submits();
         let mut cancels = self.engine.cancels();
-        // When each queue was last found empty: skipped until the poll
-        // interval passes or a local submit names it.
-        let mut empty: Vec<Option<Instant>> = vec![None; queues.len()];
-        let mut next = 0usize;
+        // The rotation and the resting (empty) queues, woken by this
+        // process's submits.
+        let mut poller = Poller::new(
+            self.routing.queues.clone(),
+            config.poll_interval,
+            0,
+            self.engine.submits(),
+        );
         let mut last_beat = Instant::now();
         let mut announced = Instant::now();
         let mut dirty = true;
@@ -368,9 +371,8 @@ impl Session {
                 }
                 let mut leased = None;
                 let mut took = false;
-                for i in 0..queues.len() {
-                    let q = (next + i) % queues.len();
-                    if empty[q].is_some_and(|at| at.elapsed() < config.poll_interval) {
+                for (q, hinted) in poller.order() {
+                    if poller.is_resting(q) {
                         continue;
                     }
                     // Room is taken on the identity only for a lease that is
@@ -384,19 +386,20 @@ impl Session {
                         }
                         took = true;
                     }
+                    let queue = &poller.queues()[q];
                     match self
                         .engine
-                        .lease(&queues[q], &self.record.id, &names, Deadline::after(CALL))
+                        .lease(queue, &self.record.id, &names, Deadline::after(CALL))
                         .await
                     {
                         Ok(Some(task)) => {
-                            next = (q + 1) % queues.len();
+                            poller.leased(q, hinted);
                             leased = Some(task);
                             break;
                         }
-                        Ok(None) => empty[q] = Some(Instant::now()),
+                        Ok(None) => poller.mark_empty(q),
                         Err(e) => {
-                            tracing::warn!(worker = %self.record.id, queue = %queues[q], error = %e, "cannot lease for an external worker; retrying in a second");
+                            tracing::warn!(worker = %self.record.id, queue = %queue, error = %e, "cannot lease for an external worker; retrying in a second");
                             backoff_until = Some(Instant::now() + Duration::from_secs(1));
                             break;
                         }
@@ -420,11 +423,7 @@ impl Session {
             // queue is worth another look.
             let recheck = match backoff_until {
                 Some(t) if Instant::now() < t => Some(t),
-                _ => empty
-                    .iter()
-                    .flatten()
-                    .map(|at| *at + config.poll_interval)
-                    .min(),
+                _ => poller.recheck_at(),
             };
             // Not biased: a worker whose messages arrive back to back must
             // not starve the timers (hard limits, cancel grace) or the
@@ -449,7 +448,7 @@ impl Session {
                             let before = held.len();
                             // no next task for a closing stream
                             let open = !closing(&mut inbound, out);
-                            if !self.report(other, held, out, &names, &mut empty, open).await {
+                            if !self.report(other, held, out, &names, &mut poller, open).await {
                                 return Ok(Ending::Gone);
                             }
                             dirty |= held.len() != before;
@@ -474,14 +473,8 @@ impl Session {
                         }
                     }
                 }
-                changed = submits.changed(), if room => {
-                    if changed.is_ok() {
-                        let queue = submits.borrow_and_update().clone();
-                        if let Some(q) = queue.and_then(|q| queues.iter().position(|x| *x == q)) {
-                            empty[q] = None;
-                        }
-                    }
-                }
+                // a local submit wakes its queue
+                () = poller.woken(), if room => {}
                 _ = sleep_until(recheck), if room && recheck.is_some() => {
                     backoff_until = None;
                 }
@@ -594,7 +587,7 @@ impl Session {
         held: &mut HashMap<TaskId, Held>,
         out: &mpsc::Sender<Outbound>,
         names: &[&str],
-        empty: &mut [Option<Instant>],
+        poller: &mut Poller,
         open: bool,
     ) -> bool {
         let deadline = Deadline::after(CALL);
@@ -648,7 +641,7 @@ impl Session {
         };
         let (outcome, next) = self
             .finish_held(
-                &id, token, &secret, finish, held, names, empty, deadline, open,
+                &id, token, &secret, finish, held, names, poller, deadline, open,
             )
             .await;
         let reply = Outbound::Reply {
@@ -680,7 +673,7 @@ impl Session {
         finish: Result<Finish, TaskError>,
         held: &mut HashMap<TaskId, Held>,
         names: &[&str],
-        empty: &mut [Option<Instant>],
+        poller: &mut Poller,
         deadline: Deadline,
         open: bool,
     ) -> (Result<State, TaskError>, Option<Task>) {
@@ -708,16 +701,9 @@ impl Session {
         let task = h.task.clone();
         let finish = cache_result(self.cache.as_ref(), &task, finish).await;
         held.remove(&task_id);
-        let queue = task.id.queue();
-        let q = self.routing.queues.iter().position(|x| *x == queue);
-        let poll = self.engine.config().poll_interval;
-        let chain = open
-            && held.len() < self.concurrency
-            && q.is_some_and(|q| {
-                (0..empty.len())
-                    .filter(|i| *i != q)
-                    .all(|i| empty[i].is_some_and(|at| at.elapsed() < poll))
-            });
+        let q = poller.position(&task.id.queue());
+        let chain =
+            open && held.len() < self.concurrency && q.is_some_and(|q| poller.others_resting(q));
         let worker = &self.record.id;
         if chain {
             match self
@@ -729,7 +715,7 @@ impl Session {
                     if next.is_none()
                         && let Some(q) = q
                     {
-                        empty[q] = Some(Instant::now());
+                        poller.mark_empty(q);
                     }
                     (Ok(state), next)
                 }
