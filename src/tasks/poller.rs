@@ -291,6 +291,12 @@ mod tests {
         p.idle().await;
         assert_eq!(start.elapsed(), Duration::from_millis(60));
         assert_eq!(order(&mut p)[0], (0, false));
+        // the first mark has expired: no wait until a round marks it again
+        let start = Instant::now();
+        p.idle().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        p.mark_empty(0);
+        p.mark_empty(1);
         let sender = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(10)).await;
             tx.send_replace(Some(QueueName::parse("b").unwrap()));
