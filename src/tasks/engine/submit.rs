@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::TaskEngine;
+use super::{TaskConfig, TaskEngine};
 use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
 use crate::store::Deadline;
 use crate::tasks::error::TaskError;
@@ -123,82 +123,18 @@ impl TaskEngine {
         })
     }
 
-    /// A validated task ready to store, and its countdown.
+    /// A validated task ready to store, and its countdown. Checks run in
+    /// the order of the request's fields, so that the first wrong field is
+    /// the one named.
     pub(super) fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
         crate::domain::task::check_task_name(&new.name)
             .map_err(|e| TaskError::invalid("name", e))?;
-        if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
-            return Err(TaskError::invalid(
-                "args",
-                format!(
-                    "arguments are {} bytes, over the limit of {MAX_ARGUMENTS}",
-                    new.args.len() + new.kwargs.len()
-                ),
-            ));
-        }
-        match serde_json::from_str::<serde_json::Value>(&new.args) {
-            Ok(serde_json::Value::Array(_)) => {}
-            _ => return Err(TaskError::invalid("args", "must be a JSON array")),
-        }
-        match serde_json::from_str::<serde_json::Value>(&new.kwargs) {
-            Ok(serde_json::Value::Object(_)) => {}
-            _ => return Err(TaskError::invalid("kwargs", "must be a JSON object")),
-        }
-        let soft = new.soft_time_limit.unwrap_or(c.soft_time_limit);
-        let hard = new.time_limit.unwrap_or(c.time_limit);
-        if hard.is_zero() || soft > hard {
-            return Err(TaskError::invalid(
-                "soft_time_limit",
-                "must not exceed the (non-zero) time limit",
-            ));
-        }
-        let result_ttl = new.result_ttl.unwrap_or(c.result_ttl);
-        if result_ttl < Duration::from_secs(1) {
-            return Err(TaskError::invalid(
-                "result_ttl",
-                "must be at least 1 s, so that the result can be read",
-            ));
-        }
-        if new.depends_on.len() > 100 {
-            return Err(TaskError::invalid("depends_on", "at most 100 dependencies"));
-        }
-        for (i, dep) in new.depends_on.iter().enumerate() {
-            TaskId::parse(dep)
-                .map_err(|e| TaskError::invalid(&format!("depends_on[{i}]"), e.to_string()))?;
-            if new.depends_on[..i].contains(dep) {
-                return Err(TaskError::invalid(
-                    &format!("depends_on[{i}]"),
-                    "is listed twice",
-                ));
-            }
-        }
-        if !new.depends_on.is_empty() && !new.delay.is_zero() {
-            return Err(TaskError::invalid(
-                "countdown",
-                "a task with dependencies runs when they succeed: no countdown or ETA",
-            ));
-        }
-        if let Some(target) = &new.cache_result
-            && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
-        {
-            return Err(TaskError::invalid(
-                "cache_result",
-                "needs a key of 1 to 1024 bytes and a positive TTL",
-            ));
-        }
-        let queue = new
-            .queue
-            .clone()
-            .unwrap_or_else(|| new.category.default_queue());
-        if !Category::queues().contains(&queue) && !c.extra_queues.contains(&queue) {
-            return Err(TaskError::invalid(
-                "queue",
-                format!(
-                    "unknown queue \"{queue}\": tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
-                ),
-            ));
-        }
+        check_arguments(&new)?;
+        let (soft, hard, result_ttl) = limits(&new, c)?;
+        check_dependencies(&new)?;
+        check_cache_target(new.cache_result.as_ref())?;
+        let queue = queue(&new, c)?;
         let task = Task {
             id: TaskId::generate(&queue),
             name: new.name,
@@ -215,8 +151,8 @@ impl TaskEngine {
             attempts: 0,
             token: 0,
             cache_result: new.cache_result.as_ref().map(CacheTarget::to_json),
-            depends_on: new.depends_on.clone(),
-            schedule: new.schedule.clone(),
+            depends_on: new.depends_on,
+            schedule: new.schedule,
             schedule_tick_ms: new.schedule_tick_ms,
             max_retries: new.max_retries.unwrap_or(c.default_max_retries),
             worker: None,
@@ -233,4 +169,104 @@ impl TaskEngine {
         };
         Ok((task, new.delay))
     }
+}
+
+/// `args` (a JSON array) and `kwargs` (a JSON object), together at most
+/// [`MAX_ARGUMENTS`] bytes.
+fn check_arguments(new: &NewTask) -> Result<(), TaskError> {
+    if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
+        return Err(TaskError::invalid(
+            "args",
+            format!(
+                "arguments are {} bytes, over the limit of {MAX_ARGUMENTS}",
+                new.args.len() + new.kwargs.len()
+            ),
+        ));
+    }
+    match serde_json::from_str::<serde_json::Value>(&new.args) {
+        Ok(serde_json::Value::Array(_)) => {}
+        _ => return Err(TaskError::invalid("args", "must be a JSON array")),
+    }
+    match serde_json::from_str::<serde_json::Value>(&new.kwargs) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return Err(TaskError::invalid("kwargs", "must be a JSON object")),
+    }
+    Ok(())
+}
+
+/// The soft and hard time limits and the result's retention, defaults
+/// applied: the soft limit within a non-zero hard one, a result readable
+/// for at least a second.
+fn limits(new: &NewTask, c: &TaskConfig) -> Result<(Duration, Duration, Duration), TaskError> {
+    let soft = new.soft_time_limit.unwrap_or(c.soft_time_limit);
+    let hard = new.time_limit.unwrap_or(c.time_limit);
+    if hard.is_zero() || soft > hard {
+        return Err(TaskError::invalid(
+            "soft_time_limit",
+            "must not exceed the (non-zero) time limit",
+        ));
+    }
+    let result_ttl = new.result_ttl.unwrap_or(c.result_ttl);
+    if result_ttl < Duration::from_secs(1) {
+        return Err(TaskError::invalid(
+            "result_ttl",
+            "must be at least 1 s, so that the result can be read",
+        ));
+    }
+    Ok((soft, hard, result_ttl))
+}
+
+/// At most 100 dependencies, each a task id listed once; a task with
+/// dependencies has no countdown (it runs when they succeed).
+fn check_dependencies(new: &NewTask) -> Result<(), TaskError> {
+    if new.depends_on.len() > 100 {
+        return Err(TaskError::invalid("depends_on", "at most 100 dependencies"));
+    }
+    for (i, dep) in new.depends_on.iter().enumerate() {
+        TaskId::parse(dep)
+            .map_err(|e| TaskError::invalid(&format!("depends_on[{i}]"), e.to_string()))?;
+        if new.depends_on[..i].contains(dep) {
+            return Err(TaskError::invalid(
+                &format!("depends_on[{i}]"),
+                "is listed twice",
+            ));
+        }
+    }
+    if !new.depends_on.is_empty() && !new.delay.is_zero() {
+        return Err(TaskError::invalid(
+            "countdown",
+            "a task with dependencies runs when they succeed: no countdown or ETA",
+        ));
+    }
+    Ok(())
+}
+
+fn check_cache_target(target: Option<&CacheTarget>) -> Result<(), TaskError> {
+    if let Some(target) = target
+        && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
+    {
+        return Err(TaskError::invalid(
+            "cache_result",
+            "needs a key of 1 to 1024 bytes and a positive TTL",
+        ));
+    }
+    Ok(())
+}
+
+/// The task's queue: the one named, else its category's; only known
+/// queues accept tasks, so that every queue is swept for lapsed leases.
+fn queue(new: &NewTask, c: &TaskConfig) -> Result<QueueName, TaskError> {
+    let queue = new
+        .queue
+        .clone()
+        .unwrap_or_else(|| new.category.default_queue());
+    if !Category::queues().contains(&queue) && !c.extra_queues.contains(&queue) {
+        return Err(TaskError::invalid(
+            "queue",
+            format!(
+                "unknown queue \"{queue}\": tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
+            ),
+        ));
+    }
+    Ok(queue)
 }

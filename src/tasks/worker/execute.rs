@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::registry::{Registry, TaskContext};
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::Instant;
+
+use super::registry::{HandlerError, Registry, TaskContext};
 use crate::domain::task::{Task, TaskId};
 use crate::store::Deadline;
 use crate::tasks::engine::{Finish, TaskEngine, TaskError};
@@ -31,7 +34,6 @@ pub(super) async fn execute(
     cancels: &mut tokio::sync::broadcast::Receiver<TaskId>,
     stop: &CancellationToken,
 ) -> Ended {
-    let token = task.token;
     // Cancels sent before this run began are about earlier runs (a cancel
     // for this one since its lease is also in the store: the heartbeat
     // carries it).
@@ -53,7 +55,24 @@ pub(super) async fn execute(
         cancel: cancel.clone(),
         engine: engine.clone(),
     };
-    let mut running = tokio::spawn(handler(ctx));
+    let running = tokio::spawn(handler(ctx));
+    supervise(engine, task, running, cancel, cancels, stop).await
+}
+
+/// Watches a running handler until it ends or is abandoned. This is one
+/// `select!` over the handler and its five timers (soft and hard limits,
+/// shutdown grace, cancel grace, heartbeat) and the cancels: the arms
+/// share their state (whether a cancel or a stop is under way), so they
+/// stay together here, a little over the usual length, and each arm does
+/// one thing.
+async fn supervise(
+    engine: &TaskEngine,
+    task: &Task,
+    mut running: JoinHandle<Result<serde_json::Value, HandlerError>>,
+    cancel: CancellationToken,
+    cancels: &mut tokio::sync::broadcast::Receiver<TaskId>,
+    stop: &CancellationToken,
+) -> Ended {
     let soft = tokio::time::sleep(Duration::from_millis(task.soft_ms));
     let hard = tokio::time::sleep(Duration::from_millis(task.hard_ms));
     // armed when `stop` fires
@@ -70,7 +89,7 @@ pub(super) async fn execute(
             *cancelling = true;
             tracing::info!(task = %task.id, "cancel asked for; asking the handler to stop");
             cancel.cancel();
-            grace.reset(tokio::time::Instant::now() + engine.config().cancel_grace);
+            grace.reset(Instant::now() + engine.config().cancel_grace);
         }
     };
     let mut soft_fired = task.soft_ms == 0;
@@ -78,18 +97,11 @@ pub(super) async fn execute(
     // `interval` + its immediate first tick: a timer due "now" still waits
     // for the timer wheel's next millisecond, a millisecond per task.)
     let period = engine.config().lease / 3;
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    let mut last_beat = tokio::time::Instant::now();
+    let mut beat = tokio::time::interval_at(Instant::now() + period, period);
+    let mut last_beat = Instant::now();
     let finish = loop {
         tokio::select! {
-            joined = &mut running => {
-                break match joined {
-                    Ok(Ok(result)) => Finish::Succeeded(result.to_string()),
-                    Ok(Err(e)) => Finish::failed(e.message, e.retryable),
-                    Err(e) if e.is_panic() => Finish::failed("the handler panicked".to_owned(), true),
-                    Err(_) => Finish::failed("the handler was aborted".to_owned(), true),
-                };
-            }
+            joined = &mut running => break ended(joined),
             _ = &mut soft, if !soft_fired => {
                 soft_fired = true;
                 tracing::info!(task = %task.id, "soft time limit reached; asking the handler to stop");
@@ -102,8 +114,7 @@ pub(super) async fn execute(
             }
             _ = stop.cancelled(), if !stopping => {
                 stopping = true;
-                let grace = engine.config().shutdown_grace;
-                hand_back.as_mut().reset(tokio::time::Instant::now() + grace);
+                hand_back.as_mut().reset(Instant::now() + engine.config().shutdown_grace);
             }
             _ = &mut hand_back, if stopping => {
                 running.abort();
@@ -124,30 +135,68 @@ pub(super) async fn execute(
                 tracing::warn!(task = %task.id, "the handler did not stop after a cancel; abandoned");
                 break Finish::failed("the handler did not stop within the cancel grace".to_owned(), false);
             }
-            _ = beat.tick() => {
-                match engine.heartbeat(&task.id, token, Deadline::after(engine.config().lease / 3)).await {
-                    Ok(cancel_asked) => {
-                        last_beat = tokio::time::Instant::now();
-                        if cancel_asked {
-                            start_cancel(&mut cancelling, cancel_grace.as_mut());
-                        }
-                    }
-                    Err(TaskError::Fenced(_)) => {
-                        running.abort();
-                        tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
-                        return Ended::Lost;
-                    }
-                    // A whole lease without a heartbeat: the lease has lapsed
-                    // and the task may run elsewhere; stop running it here.
-                    Err(e) if last_beat.elapsed() >= engine.config().lease => {
-                        running.abort();
-                        tracing::warn!(task = %task.id, error = %e, "no heartbeat for a whole lease; handler abandoned");
-                        return Ended::Lost;
-                    }
-                    Err(e) => tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry"),
+            _ = beat.tick() => match heartbeat(engine, task, &mut last_beat).await {
+                Beat::Held => {}
+                Beat::CancelAsked => start_cancel(&mut cancelling, cancel_grace.as_mut()),
+                Beat::Lost => {
+                    running.abort();
+                    return Ended::Lost;
                 }
-            }
+            },
         }
     };
     Ended::Finished(finish)
+}
+
+/// How a handler's task ended, as a finish to report.
+fn ended(joined: Result<Result<serde_json::Value, HandlerError>, JoinError>) -> Finish {
+    match joined {
+        Ok(Ok(result)) => Finish::Succeeded(result.to_string()),
+        Ok(Err(e)) => Finish::failed(e.message, e.retryable),
+        Err(e) if e.is_panic() => Finish::failed("the handler panicked".to_owned(), true),
+        Err(_) => Finish::failed("the handler was aborted".to_owned(), true),
+    }
+}
+
+/// What a slot's heartbeat found.
+enum Beat {
+    /// The lease is extended (or the store failed within the lease: the
+    /// next beat tries again).
+    Held,
+    /// A cancel was asked for.
+    CancelAsked,
+    /// The lease is someone else's, or lapsed: abandon the handler.
+    Lost,
+}
+
+/// Extends the lease of a running task; `last_beat` is when it last was.
+async fn heartbeat(engine: &TaskEngine, task: &Task, last_beat: &mut Instant) -> Beat {
+    let lease = engine.config().lease;
+    match engine
+        .heartbeat(&task.id, task.token, Deadline::after(lease / 3))
+        .await
+    {
+        Ok(cancel_asked) => {
+            *last_beat = Instant::now();
+            if cancel_asked {
+                Beat::CancelAsked
+            } else {
+                Beat::Held
+            }
+        }
+        Err(TaskError::Fenced(_)) => {
+            tracing::warn!(task = %task.id, "lease lost; handler abandoned, the new holder owns the outcome");
+            Beat::Lost
+        }
+        // A whole lease without a heartbeat: the lease has lapsed and the
+        // task may run elsewhere; stop running it here.
+        Err(e) if last_beat.elapsed() >= lease => {
+            tracing::warn!(task = %task.id, error = %e, "no heartbeat for a whole lease; handler abandoned");
+            Beat::Lost
+        }
+        Err(e) => {
+            tracing::warn!(task = %task.id, error = %e, "heartbeat failed; will retry");
+            Beat::Held
+        }
+    }
 }
