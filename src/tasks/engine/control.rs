@@ -14,6 +14,7 @@ impl TaskEngine {
     /// worker is told to stop (at once in this process, at its next
     /// heartbeat elsewhere) and the task ends CANCELLED unless it succeeds
     /// first. The task as it is after the call.
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %id))]
     pub async fn cancel(
         &self,
         id: &str,
@@ -61,6 +62,7 @@ impl TaskEngine {
 
     /// Runs a FAILED, TIMED_OUT or CANCELLED task again under its id, with
     /// a fresh retry budget; its attempt log keeps the earlier attempts.
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %id))]
     pub async fn retry(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
         let task_id =
             TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
@@ -84,6 +86,7 @@ impl TaskEngine {
 
     /// Queues dead letters again (as [`Self::retry`]): up to `limit` of each
     /// of `queues`, oldest first. The ids requeued.
+    #[tracing::instrument(level = "debug", skip_all, fields(queues = queues.len(), limit = limit))]
     pub async fn requeue_dead_letters(
         &self,
         queues: &[QueueName],
@@ -113,6 +116,7 @@ impl TaskEngine {
     /// storage in `queues`; what was removed. Dead letters younger than the
     /// dead-letter TTL stay unless `include_dead` (older ones have expired:
     /// their entries go either way).
+    #[tracing::instrument(level = "debug", skip_all, fields(queues = queues.len(), include_dead = include_dead))]
     pub async fn cleanup(
         &self,
         queues: &[QueueName],

@@ -35,6 +35,7 @@ impl TaskEngine {
     /// same key and content returns it (`true`: deduplicated), and one with
     /// other content is `AlreadyExists`. Any number of concurrent submits of
     /// one key, on any number of koo processes, store one task.
+    #[tracing::instrument(level = "debug", skip_all, fields(name = %new.name))]
     pub async fn submit_keyed(
         &self,
         new: NewTask,
@@ -70,36 +71,23 @@ impl TaskEngine {
                 return Ok((stored, false));
             }
             let held = claim.unwrap_or_default();
-            let mut parts = held.splitn(3, '|');
-            let (theirs, id, claimed_ms) = (
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-                parts
-                    .next()
-                    .and_then(|t| t.parse::<i64>().ok())
-                    .unwrap_or(0),
-            );
-            if theirs != fp {
+            let theirs = Claim::parse(&held);
+            if theirs.fingerprint != fp {
                 return Err(TaskError::AlreadyExists(format!(
-                    "idempotency key {} was used for a different task ({id})",
-                    crate::quote::quote(&key)
+                    "idempotency key {} was used for a different task ({})",
+                    crate::quote::quote(&key),
+                    theirs.id
                 )));
             }
-            // The claimant may be between its claim and its submit: give it
-            // a moment to store its task.
-            for _ in 0..20 {
-                match self.get(id, deadline).await {
-                    Ok(existing) => return Ok((existing, true)),
-                    Err(TaskError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+            if let Some(existing) = self.await_claimant(theirs.id, deadline).await? {
+                return Ok((existing, true));
             }
-            let age = Duration::from_millis(u64::try_from(now() - claimed_ms).unwrap_or(0));
+            let age = Duration::from_millis(u64::try_from(now() - theirs.claimed_ms).unwrap_or(0));
             if age < c.idempotency_takeover {
                 return Err(TaskError::Store(StoreError::Unavailable(format!(
-                    "an earlier submit with idempotency key {} (task {id}) has not stored its task yet; retry shortly",
-                    crate::quote::quote(&key)
+                    "an earlier submit with idempotency key {} (task {}) has not stored its task yet; retry shortly",
+                    crate::quote::quote(&key),
+                    theirs.id
                 ))));
             }
             // Its task was never stored (or is long gone): take the claim
@@ -115,6 +103,47 @@ impl TaskEngine {
                     .claim_idempotency(&key, &ours, c.idempotency_ttl, deadline)
                     .await?
             };
+        }
+    }
+
+    /// The task of a claim with our content: the claimant may be between
+    /// its claim and its submit, so it gets a moment (a second) to store
+    /// it; `None` when it has not.
+    async fn await_claimant(
+        &self,
+        id: &str,
+        deadline: Deadline,
+    ) -> Result<Option<Task>, TaskError> {
+        for _ in 0..20 {
+            match self.get(id, deadline).await {
+                Ok(existing) => return Ok(Some(existing)),
+                Err(TaskError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(None)
+    }
+}
+
+/// A claim of an idempotency key, as stored: `fingerprint|task id|claimed
+/// at (ms)` (a part missing reads empty, or 0).
+struct Claim<'a> {
+    fingerprint: &'a str,
+    id: &'a str,
+    claimed_ms: i64,
+}
+
+impl<'a> Claim<'a> {
+    fn parse(held: &'a str) -> Self {
+        let mut parts = held.splitn(3, '|');
+        Self {
+            fingerprint: parts.next().unwrap_or(""),
+            id: parts.next().unwrap_or(""),
+            claimed_ms: parts
+                .next()
+                .and_then(|t| t.parse::<i64>().ok())
+                .unwrap_or(0),
         }
     }
 }

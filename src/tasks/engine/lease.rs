@@ -90,6 +90,7 @@ impl TaskEngine {
     }
 
     /// Leases a task of `queue` whose name is in `names` (`*`: any).
+    #[tracing::instrument(level = "debug", skip_all, fields(queue = %queue, worker = %worker))]
     pub async fn lease(
         &self,
         queue: &QueueName,
@@ -107,6 +108,7 @@ impl TaskEngine {
 
     /// Extends the lease held with `token`; `true` when a cancel was asked
     /// for (the holder should stop the task).
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %id))]
     pub async fn heartbeat(
         &self,
         id: &TaskId,
@@ -126,6 +128,7 @@ impl TaskEngine {
     }
 
     /// Records progress (JSON `{percent, message, metadata}`).
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %id))]
     pub async fn progress(
         &self,
         id: &TaskId,
@@ -142,6 +145,7 @@ impl TaskEngine {
     }
 
     /// Ends the attempt held with `token`; the state the task moved to.
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %task.id, worker = %worker))]
     pub async fn finish(
         &self,
         task: &Task,
@@ -173,6 +177,7 @@ impl TaskEngine {
 
     /// [`Self::finish`], then a lease of the next task of the same queue
     /// whose name is in `names`, in one round trip (a busy worker's path).
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %task.id, worker = %worker))]
     pub async fn finish_and_lease(
         &self,
         task: &Task,
@@ -255,6 +260,7 @@ impl TaskEngine {
 
     /// Hands a running task back to its queue at once, its attempt given
     /// back (the worker is stopping before the task ended).
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %task.id, worker = %worker))]
     pub async fn release(
         &self,
         task: &Task,
@@ -268,6 +274,7 @@ impl TaskEngine {
     /// Hands back, its attempt given back, a task pushed to an external
     /// worker whose stream vanished before the worker said a word about it:
     /// it never started there (see `remote::Session` for the rule).
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %task.id, worker = %worker))]
     pub async fn release_unstarted(
         &self,
         task: &Task,
@@ -313,6 +320,7 @@ impl TaskEngine {
     /// attempt counts and the task goes back to its queue (or to a final
     /// state when its retries are spent), logged as lost. For a worker whose
     /// connection dropped: the recovery sweep would do the same a lease later.
+    #[tracing::instrument(level = "debug", skip_all, fields(task = %id))]
     pub async fn abandon(
         &self,
         id: &TaskId,

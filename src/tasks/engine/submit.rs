@@ -75,14 +75,17 @@ impl NewTask {
 impl TaskEngine {
     /// Validates and stores a task; it is queued (or scheduled) when this
     /// returns.
+    #[tracing::instrument(level = "debug", skip_all, fields(name = %new.name, task))]
     pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
         let (task, delay) = self.prepare(new)?;
+        tracing::Span::current().record("task", tracing::field::display(&task.id));
         self.store_task(task, delay, deadline).await
     }
 
     /// Validates and stores a batch in one round trip. Every task is
     /// validated before any is stored (a bad one refuses the batch, naming
     /// its index); then each is stored on its own: the result per task.
+    #[tracing::instrument(level = "debug", skip_all, fields(count = news.len()))]
     pub async fn submit_many(
         &self,
         news: Vec<NewTask>,
