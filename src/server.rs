@@ -26,7 +26,6 @@ mod router;
 mod settings;
 
 pub use self::settings::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
-pub use crate::app::warn_if_tasks_can_be_evicted;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
