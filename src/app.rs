@@ -44,7 +44,7 @@ pub const WORKER_STOP_GRACE: Duration = Duration::from_secs(30);
 pub const SCHEDULER_STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// What `koo serve` runs on: built by [`Serve::build`], served by
-/// [`crate::server::run`], stopped by [`Serve::stop`].
+/// [`crate::server::run`], stopped by [`Serve::shut_down`].
 pub struct Serve {
     /// The cache's store.
     pub store: Store,
@@ -133,7 +133,7 @@ impl Serve {
     /// another worker takes it over), then saves the embedded store: what
     /// it holds is final once the workers have stopped and the server has
     /// drained.
-    pub async fn stop(self, grace: Duration) -> Result<(), PersistError> {
+    pub async fn shut_down(self, grace: Duration) -> Result<(), PersistError> {
         let Self {
             mut background,
             sessions,

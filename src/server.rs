@@ -131,7 +131,7 @@ pub async fn run(
     }
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
-    app.stop(grace).await?;
+    app.shut_down(grace).await?;
     tracing::info!("koo stopped");
     result
 }

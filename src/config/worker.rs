@@ -88,3 +88,51 @@ impl SchedulerArgs {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, FromArgMatches};
+
+    use super::*;
+    use crate::config::Cli;
+
+    /// Parses `koo SUB ARGS` ignoring the process environment.
+    fn parse<T: FromArgMatches>(sub: &str, args: &[&str]) -> T {
+        let cmd = Cli::command().mut_subcommand(sub, |c| c.mut_args(|a| a.env(None)));
+        let matches = cmd
+            .try_get_matches_from(["koo", sub].iter().chain(args))
+            .unwrap();
+        let (_, m) = matches.subcommand().expect("subcommand");
+        T::from_arg_matches(m).unwrap()
+    }
+
+    /// Without Redis there is nothing to run; with it, the worker caches
+    /// results on REDIS_URL, and both stop within their named graces.
+    #[test]
+    fn worker_and_scheduler_settings() {
+        let none: WorkerArgs = parse("worker", &[]);
+        assert!(none.into_settings().unwrap().is_none());
+        let url = "redis://127.0.0.1:6379/0";
+        let w: WorkerArgs = parse("worker", &["--redis-url", url, "--concurrency", "3"]);
+        let w = w.into_settings().unwrap().unwrap();
+        assert_eq!(w.redis.url, url);
+        assert_eq!(w.cache_redis.as_ref().map(|r| r.url.as_str()), Some(url));
+        assert_eq!(w.concurrency, 3);
+        assert_eq!(w.stop_grace, WORKER_STOP_GRACE);
+        assert_eq!(w.stop_grace.as_secs(), 30);
+        let broker = "redis://127.0.0.1:6380/0";
+        let w: WorkerArgs = parse("worker", &["--task-broker-url", broker]);
+        let w = w.into_settings().unwrap().unwrap();
+        assert_eq!(w.redis.url, broker);
+        assert!(w.cache_redis.is_none());
+
+        let none: SchedulerArgs = parse("scheduler", &[]);
+        assert!(none.into_settings().unwrap().is_none());
+        let s: SchedulerArgs = parse("scheduler", &["--redis-url", url, "--prefix", "p"]);
+        let s = s.into_settings().unwrap().unwrap();
+        assert_eq!(s.tasks.prefix, "p");
+        assert!(s.schedule.enabled);
+        assert_eq!(s.stop_grace, SCHEDULER_STOP_GRACE);
+        assert_eq!(s.stop_grace.as_secs(), 10);
+    }
+}
