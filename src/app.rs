@@ -573,4 +573,38 @@ mod tests {
         let ledger = registry(&engine, Some(Path::new("/nonexistent")), None, None).names();
         assert_eq!(ledger.len(), worker.len() + 1, "{ledger:?}");
     }
+
+    /// Embedded, the engine, the watch hub and the schedules share one
+    /// task store: a task submitted through the engine is seen by the hub's
+    /// reader; TaskService is serving without a probe of its own.
+    #[tokio::test]
+    async fn embedded_serve_shares_one_task_store() {
+        use crate::domain::task::Category;
+        use crate::store::Deadline;
+        use crate::tasks::engine::NewTask;
+        let settings = Settings {
+            tasks: TaskSettings {
+                workers: 0,
+                ..TaskSettings::default()
+            },
+            schedule: ScheduleSettings {
+                enabled: false,
+                ..ScheduleSettings::default()
+            },
+            ..Settings::default()
+        };
+        let app = Serve::build(&settings).unwrap();
+        let deadline = Deadline::after(Duration::from_secs(5));
+        let new = NewTask::new("koo.examples.job", Category::Research);
+        let task = app.engine.submit(new, deadline).await.unwrap();
+        let seen = app
+            .hub
+            .engine()
+            .get(task.id.as_str(), deadline)
+            .await
+            .unwrap();
+        assert_eq!(seen.id, task.id);
+        assert!(!app.engine.store().is_shared());
+        app.shut_down(Duration::from_secs(5)).await.unwrap();
+    }
 }
