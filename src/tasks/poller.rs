@@ -173,6 +173,12 @@ impl Poller {
         };
     }
 
+    /// Waits up to `max` for a submit of this process (its queue stops
+    /// resting; no hint): a unary lease's wait between its rounds.
+    pub async fn wait(&mut self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.woken()).await;
+    }
+
     /// Waits for a submit of this process; its queue stops resting (no
     /// hint: for a worker that waits on other things too, in a `select!`;
     /// cancel-safe).
@@ -274,6 +280,16 @@ mod tests {
         tx.send_replace(Some(QueueName::parse("zzz").unwrap()));
         p.take_submits();
         assert_eq!(order(&mut p)[0], (0, false));
+
+        // a unary lease's wait: up to its bound, or until a submit
+        let start = Instant::now();
+        p.wait(Duration::from_millis(30)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        p.mark_empty(2);
+        tx.send_replace(Some(QueueName::parse("c").unwrap()));
+        p.wait(Duration::from_millis(30)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        assert!(!p.is_resting(2));
     }
 
     /// An idle worker waits until the first mark expires, or less when a

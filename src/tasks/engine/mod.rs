@@ -116,17 +116,4 @@ impl TaskEngine {
     pub fn submits(&self) -> watch::Receiver<Option<QueueName>> {
         self.inner.submitted.subscribe()
     }
-
-    /// Waits until this process submits something since `submits` last
-    /// looked, or `timeout` passes: the queue submitted to, if any.
-    pub async fn wait_for_work(
-        &self,
-        submits: &mut watch::Receiver<Option<QueueName>>,
-        timeout: Duration,
-    ) -> Option<QueueName> {
-        match tokio::time::timeout(timeout, submits.changed()).await {
-            Ok(Ok(())) => submits.borrow_and_update().clone(),
-            _ => None,
-        }
-    }
 }
