@@ -15,6 +15,7 @@ impl TaskEngine {
     /// the dependencies that have not ended. The dependencies are
     /// registered first, so an end after that releases the task; one that
     /// ended in between is caught by the check after the store.
+    #[tracing::instrument(name = "submit", level = "debug", skip_all, fields(task = %task.id, name = %task.name))]
     pub(super) async fn store_task(
         &self,
         mut task: Task,

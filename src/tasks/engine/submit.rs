@@ -74,11 +74,10 @@ impl NewTask {
 
 impl TaskEngine {
     /// Validates and stores a task; it is queued (or scheduled) when this
-    /// returns.
-    #[tracing::instrument(level = "debug", skip_all, fields(name = %new.name, task))]
+    /// returns. (Its span, named `submit`, is the store step's, which knows
+    /// the task's id.)
     pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
         let (task, delay) = self.prepare(new)?;
-        tracing::Span::current().record("task", tracing::field::display(&task.id));
         self.store_task(task, delay, deadline).await
     }
 
