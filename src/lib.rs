@@ -29,6 +29,7 @@
 //! The domain never sees a `tonic::Status`; the store never sees a protobuf
 //! type.
 
+pub mod app;
 pub mod auth;
 pub mod cache;
 pub mod config;

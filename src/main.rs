@@ -72,94 +72,20 @@ async fn serve(args: koo::config::ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// `koo worker`: worker slots and lease recovery, no gRPC, until a signal.
 async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
-    use koo::tasks::{engine::TaskEngine, handlers, worker};
-    let redis = args
-        .tasks
-        .redis_config(&args.redis)?
+    let settings = args
+        .into_settings()?
         .context("koo worker needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
-    // the cache settings of `koo serve` (CACHE_*), so that a result this
-    // worker caches is written as koo serve would write it
-    let cache_config = args.cache.cache_config(&args.prefix)?;
-    let store = koo::store::RedisStore::connect(&redis)?;
-    let engine = TaskEngine::new(
-        koo::store::tasks::TaskStore::redis(store.clone(), &args.prefix),
-        args.tasks.task_config(&args.prefix)?,
-    );
-    let queues: Vec<_> = engine.config().queues();
-    let mut registry = worker::Registry::default();
-    handlers::register_diagnostics(&mut registry);
-    if let Some(path) = &args.tasks.diagnostics_ledger {
-        handlers::register_ledger(&mut registry, path.clone());
-    }
-    handlers::register_health_check(&mut registry, engine.clone());
-    koo::tasks::maintenance::register_database(&mut registry, engine.clone());
-    // Results that tasks ask to cache go to the cache's Redis (REDIS_URL),
-    // which stores the encoding header with each value, so any koo reads them.
-    if let Some(cache_redis) = args.redis.redis_config(args.redis.redis_url.clone())? {
-        let store = if cache_redis.url == redis.url {
-            koo::store::Store::from(store.clone())
-        } else {
-            koo::store::Store::from(koo::store::RedisStore::connect(&cache_redis)?)
-        };
-        registry.set_cache(koo::cache::Cache::new(store, cache_config));
-    }
-    let pool = worker::WorkerPool::new(
-        engine.clone(),
-        registry,
-        queues.clone(),
-        args.concurrency as usize,
-    );
-    tracing::info!(
-        worker = pool.id(),
-        slots = args.concurrency,
-        "koo worker running"
-    );
-    let stop = tokio_util::sync::CancellationToken::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(engine.run_recovery(queues, stop.clone()));
-    tasks.spawn(pool.run(stop.clone()));
-    tasks.spawn(koo::server::warn_if_tasks_can_be_evicted(store));
-    shutdown_signal().await;
-    tracing::info!(
-        "stopping: running tasks get the shutdown grace to end, then go back to their queues"
-    );
-    stop.cancel();
-    let drained = tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("tasks still running go back to their queues when their leases lapse");
-    }
+    koo::app::run_worker(settings, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `koo scheduler`: fires the periodic schedules (no gRPC, no workers),
 /// until a signal. Any number may run: each tick submits one task.
 async fn scheduler(args: koo::config::SchedulerArgs) -> anyhow::Result<ExitCode> {
-    use koo::schedule::{ScheduleStore, Schedules};
-    use koo::tasks::engine::TaskEngine;
-    let redis = args
-        .tasks
-        .redis_config(&args.redis)?
+    let settings = args
+        .into_settings()?
         .context("koo scheduler needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
-    let settings = args.schedules.settings(true)?;
-    let store = koo::store::RedisStore::connect(&redis)?;
-    let engine = TaskEngine::new(
-        koo::store::tasks::TaskStore::redis(store.clone(), &args.prefix),
-        args.tasks.task_config(&args.prefix)?,
-    );
-    let schedules = Schedules::new(ScheduleStore::redis(store, &args.prefix), engine);
-    let stop = tokio_util::sync::CancellationToken::new();
-    let run = tokio::spawn(koo::schedule::run(
-        schedules,
-        settings.defaults,
-        settings.reload_interval,
-        stop.clone(),
-    ));
-    shutdown_signal().await;
-    stop.cancel();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), run).await;
+    koo::app::run_scheduler(settings, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

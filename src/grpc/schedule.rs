@@ -444,9 +444,13 @@ mod tests {
                 "backend unavailable: down",
             ),
             (
-                TaskError::NotFound("t1".into()).into(),
+                TaskError::NotFound(
+                    crate::domain::task::TaskId::parse("research~0190aaaaaaaaaaaaaaaaaaaaaaaaaaaa")
+                        .unwrap(),
+                )
+                .into(),
                 Code::NotFound,
-                "task t1 not found (unknown, or its result expired)",
+                "task research~0190aaaaaaaaaaaaaaaaaaaaaaaaaaaa not found (unknown, or its result expired)",
             ),
         ];
         for (e, code, message) in cases {

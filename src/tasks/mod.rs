@@ -4,10 +4,12 @@
 //! `docs/design/tasks.md` is the design.
 
 pub mod engine;
+pub mod error;
 pub mod handlers;
 pub mod listing;
 pub mod maintenance;
 pub mod metrics;
+pub mod poller;
 pub mod remote;
 pub mod requeue;
 pub mod retry;

@@ -25,6 +25,7 @@ use crate::cache::Cache;
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
+use crate::tasks::poller::Poller;
 
 /// Most task names a worker may serve.
 const MAX_NAMES: usize = 256;
@@ -283,9 +284,17 @@ pub async fn lease_once(
     }
     let until = Instant::now() + wait;
     let names = routing.filter();
-    let mut submits = engine.submits();
+    // One call, so no rotation carried over and no queue resting: every
+    // round asks every queue, in order.
+    let mut poller = Poller::new(
+        routing.queues.clone(),
+        config.poll_interval,
+        0,
+        engine.submits(),
+    );
     loop {
-        for queue in &routing.queues {
+        for (q, _) in poller.order() {
+            let queue = &poller.queues()[q];
             if let Some(task) = engine
                 .lease(queue, worker, &names, Deadline::after(CALL))
                 .await?
@@ -299,7 +308,7 @@ pub async fn lease_once(
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(None),
-            _ = engine.wait_for_work(&mut submits, left.min(config.poll_interval)) => {}
+            () = poller.wait(left.min(config.poll_interval)) => {}
         }
     }
 }

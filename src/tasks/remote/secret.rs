@@ -220,7 +220,7 @@ pub fn authorize(
     proof: Proof<'_>,
 ) -> Result<(), TaskError> {
     if task.state != State::Running || task.token != token {
-        return Err(TaskError::Fenced(task.id.to_string()));
+        return Err(TaskError::Fenced(task.id.clone()));
     }
     let worker = task.worker.as_deref().unwrap_or_default();
     let id = task.id.to_string();

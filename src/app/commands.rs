@@ -1,0 +1,128 @@
+//! `koo worker` and `koo scheduler`: built-in worker slots, or the
+//! scheduler, on the task Redis, without gRPC.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::{registry, warn_if_tasks_can_be_evicted};
+use crate::cache::{Cache, CacheConfig};
+use crate::schedule::Schedules;
+use crate::server::ScheduleSettings;
+use crate::store::schedules::ScheduleStore;
+use crate::store::tasks::TaskStore;
+use crate::store::{RedisConfig, RedisStore, Store, StoreError};
+use crate::tasks::engine::{TaskConfig, TaskEngine};
+use crate::tasks::worker::WorkerPool;
+
+/// What `koo worker` needs: built-in worker slots on the task Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerSettings {
+    /// The Redis holding tasks.
+    pub redis: RedisConfig,
+    /// The cache's Redis (`REDIS_URL`), where results that ask for it are
+    /// cached (`None`: such tasks fail).
+    pub cache_redis: Option<RedisConfig>,
+    /// The cache settings of `koo serve` (`CACHE_*`), so that a result
+    /// this worker caches is written as `koo serve` would write it.
+    pub cache: CacheConfig,
+    /// The engine.
+    pub tasks: TaskConfig,
+    /// `KOO_DIAGNOSTICS_LEDGER`.
+    pub ledger: Option<std::path::PathBuf>,
+    /// Worker slots.
+    pub concurrency: usize,
+    /// How long, once signalled, the slots and loops get to stop.
+    pub stop_grace: Duration,
+}
+
+/// `koo worker`: worker slots and lease recovery, no gRPC, until
+/// `shutdown`.
+pub async fn run_worker(
+    settings: WorkerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StoreError> {
+    let store = RedisStore::connect(&settings.redis)?;
+    let engine = TaskEngine::new(
+        TaskStore::redis(store.clone(), &settings.tasks.prefix),
+        settings.tasks.clone(),
+    );
+    let queues = engine.config().queues();
+    // Results that tasks ask to cache go to the cache's Redis (REDIS_URL),
+    // which stores the encoding header with each value, so any koo reads them.
+    let results = match &settings.cache_redis {
+        Some(c) if c.url == settings.redis.url => Some(Store::from(store.clone())),
+        Some(c) => Some(Store::from(RedisStore::connect(c)?)),
+        None => None,
+    }
+    .map(|s| Cache::new(s, settings.cache.clone()));
+    let ledger = settings.ledger.as_deref();
+    let registry = registry(&engine, ledger, None, results);
+    let pool = WorkerPool::new(
+        engine.clone(),
+        registry,
+        queues.clone(),
+        settings.concurrency,
+    );
+    tracing::info!(
+        worker = pool.id(),
+        slots = settings.concurrency,
+        "koo worker running"
+    );
+    let stop = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tasks.spawn(engine.run_recovery(queues, stop.clone()));
+    tasks.spawn(pool.run(stop.clone()));
+    tasks.spawn(warn_if_tasks_can_be_evicted(store));
+    shutdown.await;
+    tracing::info!(
+        "stopping: running tasks get the shutdown grace to end, then go back to their queues"
+    );
+    stop.cancel();
+    let drained = tokio::time::timeout(settings.stop_grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("tasks still running go back to their queues when their leases lapse");
+    }
+    Ok(())
+}
+
+/// What `koo scheduler` needs: the schedules on the task Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerSettings {
+    /// The Redis holding tasks and schedules.
+    pub redis: RedisConfig,
+    /// The engine the schedules submit through.
+    pub tasks: TaskConfig,
+    /// The default schedules and the reload pace.
+    pub schedule: ScheduleSettings,
+    /// How long, once signalled, the scheduler gets to stop.
+    pub stop_grace: Duration,
+}
+
+/// `koo scheduler`: fires the periodic schedules (no gRPC, no workers)
+/// until `shutdown`. Any number may run: each tick submits one task.
+pub async fn run_scheduler(
+    settings: SchedulerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StoreError> {
+    let store = RedisStore::connect(&settings.redis)?;
+    let prefix = settings.tasks.prefix.clone();
+    let engine = TaskEngine::new(TaskStore::redis(store.clone(), &prefix), settings.tasks);
+    let schedules = Schedules::new(ScheduleStore::redis(store, &prefix), engine);
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(crate::schedule::run(
+        schedules,
+        settings.schedule.defaults,
+        settings.schedule.reload_interval,
+        stop.clone(),
+    ));
+    shutdown.await;
+    stop.cancel();
+    let _ = tokio::time::timeout(settings.stop_grace, run).await;
+    Ok(())
+}

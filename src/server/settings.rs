@@ -1,0 +1,142 @@
+//! What `koo serve` runs with: the backend, the cache, the task engine,
+//! the scheduler, limits, authentication and the listeners (built from the
+//! command line by [`crate::config`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::auth::AuthSettings;
+use crate::cache::CacheConfig;
+use crate::persist::DataSettings;
+use crate::store::{MemoryConfig, RedisConfig};
+use crate::tasks::engine::TaskConfig;
+
+/// Which backend to use.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreSettings {
+    /// The embedded store.
+    Memory(MemoryConfig),
+    /// Redis.
+    Redis(RedisConfig),
+}
+
+/// The task engine's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskSettings {
+    /// The Redis holding tasks (`None`: no task engine).
+    pub redis: Option<RedisConfig>,
+    /// The engine.
+    pub config: TaskConfig,
+    /// Built-in worker slots in this process.
+    pub workers: usize,
+    /// `KOO_DIAGNOSTICS_LEDGER`: where `koo.diagnostics.ledger` records its
+    /// executions (`None`: that handler is not registered).
+    pub ledger: Option<std::path::PathBuf>,
+}
+
+impl Default for TaskSettings {
+    fn default() -> Self {
+        Self {
+            redis: None,
+            config: TaskConfig::default(),
+            workers: 4,
+            ledger: None,
+        }
+    }
+}
+
+/// Everything `koo serve` needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Where to listen (used by the binary; [`run`] takes a bound listener).
+    pub listen: SocketAddr,
+    /// The backend.
+    pub store: StoreSettings,
+    /// The cache.
+    pub cache: CacheConfig,
+    /// The task engine.
+    pub tasks: TaskSettings,
+    /// How often the backend is probed for gRPC health.
+    pub health_check_interval: Duration,
+    /// How often the embedded store purges expired entries.
+    pub memory_sweep_interval: Duration,
+    /// Where the embedded store is kept across restarts.
+    pub data: DataSettings,
+    /// Deadline of a call without one.
+    pub request_timeout: Duration,
+    /// Deadline of a bulk call without one.
+    pub bulk_timeout: Duration,
+    /// Watchers, buffers and streams per connection.
+    pub limits: crate::config::Limits,
+    /// Time in-flight calls get to finish on shutdown.
+    pub shutdown_grace: Duration,
+    /// Time between reporting NOT_SERVING and closing the listener.
+    pub shutdown_drain: Duration,
+    /// The shared secret external workers must present, if any.
+    pub worker_token: Option<String>,
+    /// Keys file and reflection.
+    pub auth: AuthSettings,
+    /// The scheduler.
+    pub schedule: ScheduleSettings,
+    /// TLS on the gRPC listener (`None`: plaintext).
+    pub tls: Option<crate::transport::tls::TlsSettings>,
+    /// `KOO_HEALTH_LISTEN`: a plaintext listener serving grpc.health.v1 alone.
+    pub health_listen: Option<SocketAddr>,
+}
+
+impl Settings {
+    /// Whether callers must prove who they are: a keys file, or client
+    /// certificates (mTLS without a keys file trusts every verified one).
+    pub fn authenticates(&self) -> bool {
+        self.auth.file.is_some() || self.tls.as_ref().is_some_and(|t| t.client_ca.is_some())
+    }
+}
+
+/// The scheduler's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleSettings {
+    /// Whether this process runs the scheduler.
+    pub enabled: bool,
+    /// The configuration's default schedules.
+    pub defaults: Vec<crate::schedule::defaults::Default>,
+    /// How often changes made elsewhere are looked for.
+    pub reload_interval: Duration,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            defaults: crate::schedule::defaults::from_config(
+                ["*/10 * * * *", "*/30 * * * *", "0 * * * *", "*/5 * * * *"],
+                "UTC",
+            )
+            .expect("valid defaults"),
+            reload_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            store: StoreSettings::Memory(MemoryConfig::default()),
+            cache: CacheConfig::default(),
+            tasks: TaskSettings::default(),
+            health_check_interval: Duration::from_secs(30),
+            memory_sweep_interval: Duration::from_secs(1),
+            data: DataSettings::default(),
+            request_timeout: Duration::from_secs(5),
+            bulk_timeout: Duration::from_secs(300),
+            shutdown_grace: Duration::from_secs(30),
+            shutdown_drain: Duration::from_millis(500),
+            worker_token: None,
+            auth: AuthSettings::default(),
+            schedule: ScheduleSettings::default(),
+            limits: crate::config::Limits::default(),
+            tls: None,
+            health_listen: None,
+        }
+    }
+}

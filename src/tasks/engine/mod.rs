@@ -1,0 +1,119 @@
+//! The task engine: validates submits and drives the store's transitions.
+//!
+//! A cheap-to-clone handle over a [`TaskStore`]: Redis (shared by any
+//! number of koo processes) or the embedded store (one `koo serve`). Workers ([`super::worker`]) and the gRPC
+//! service are its clients; the recovery loop ([`TaskEngine::run_recovery`])
+//! runs on every koo instance, so a dead worker's task comes back within the
+//! lease time plus one sweep wherever it ran.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::domain::QueueStats;
+use crate::domain::task::{QueueName, Task, TaskId};
+use crate::store::Deadline;
+use crate::store::tasks::TaskStore;
+use crate::tasks::remote::secret::SignerCell;
+
+mod config;
+mod control;
+mod dependencies;
+mod idempotency;
+mod lease;
+mod recovery;
+mod submit;
+
+pub use self::config::TaskConfig;
+pub use self::lease::Finish;
+pub use self::submit::{MAX_ARGUMENTS, NewTask};
+pub use crate::tasks::error::{Missing, TaskError};
+
+/// A handle to the task engine.
+#[derive(Clone)]
+pub struct TaskEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: TaskStore,
+    config: TaskConfig,
+    /// Wakes this process's idle workers when it submits, naming the queue
+    /// (a watch channel: a wake-up is never lost between a worker's empty
+    /// lease and its wait).
+    submitted: watch::Sender<Option<QueueName>>,
+    /// Cancels asked for through this process, for its running handlers.
+    cancels: tokio::sync::broadcast::Sender<TaskId>,
+    /// The lease secrets' signer, read from the store once (a failed read
+    /// is tried again by the next caller) and re-checked by
+    /// [`TaskEngine::refresh_signer`].
+    signer: SignerCell,
+}
+
+impl TaskEngine {
+    /// An engine over `store`.
+    pub fn new(store: TaskStore, config: TaskConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                config,
+                submitted: watch::Sender::new(None),
+                cancels: tokio::sync::broadcast::Sender::new(256),
+                signer: SignerCell::default(),
+            }),
+        }
+    }
+
+    /// The settings in force.
+    pub fn config(&self) -> &TaskConfig {
+        &self.inner.config
+    }
+
+    /// Where tasks are kept.
+    pub fn store(&self) -> &TaskStore {
+        &self.inner.store
+    }
+
+    /// Reads a task.
+    pub async fn get(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
+        let id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
+        self.inner
+            .store
+            .get(&id, deadline)
+            .await?
+            .ok_or(TaskError::NotFound(id))
+    }
+
+    /// A subscription to cancels asked for through this process, so that a
+    /// running handler here is told at once.
+    pub fn cancels(&self) -> tokio::sync::broadcast::Receiver<TaskId> {
+        self.inner.cancels.subscribe()
+    }
+
+    /// Depths and counters of `queues`.
+    pub async fn queue_stats(
+        &self,
+        queues: &[QueueName],
+        deadline: Deadline,
+    ) -> Result<Vec<(QueueName, QueueStats)>, TaskError> {
+        let stats = queues.iter().map(|q| async move {
+            self.inner
+                .store
+                .queue_stats(q, deadline)
+                .await
+                .map(|s| (q.clone(), s))
+        });
+        Ok(futures::future::try_join_all(stats).await?)
+    }
+
+    /// Pings the task store and returns the round trip.
+    pub async fn ping(&self, deadline: Deadline) -> Result<Duration, TaskError> {
+        Ok(self.inner.store.ping(deadline).await?)
+    }
+
+    /// A worker's subscription to this process's submits.
+    pub fn submits(&self) -> watch::Receiver<Option<QueueName>> {
+        self.inner.submitted.subscribe()
+    }
+}

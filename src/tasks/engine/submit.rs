@@ -1,0 +1,274 @@
+//! Submits: a new task validated into a stored one (its countdown, its
+//! queue, its limits), one at a time or as a batch.
+
+use std::time::Duration;
+
+use super::{TaskConfig, TaskEngine};
+use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
+use crate::store::Deadline;
+use crate::tasks::error::TaskError;
+
+/// Largest `args` + `kwargs`, in bytes of JSON.
+pub const MAX_ARGUMENTS: usize = 1024 * 1024;
+
+/// A task to submit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    /// Handler name.
+    pub name: String,
+    /// Category (and default queue).
+    pub category: Category,
+    /// Queue, when not the category's.
+    pub queue: Option<QueueName>,
+    /// Priority.
+    pub priority: Priority,
+    /// Positional arguments, a JSON array.
+    pub args: String,
+    /// Keyword arguments, a JSON object.
+    pub kwargs: String,
+    /// Retries; `None` means the default (zero is a valid choice).
+    pub max_retries: Option<u32>,
+    /// Countdown before it may run.
+    pub delay: Duration,
+    /// Soft time limit; `None` means the default.
+    pub soft_time_limit: Option<Duration>,
+    /// Hard time limit; `None` means the default.
+    pub time_limit: Option<Duration>,
+    /// Result retention; `None` means the default.
+    pub result_ttl: Option<Duration>,
+    /// Where a successful result is also cached.
+    pub cache_result: Option<CacheTarget>,
+    /// Submits with the same key (while its task is known) create one task.
+    pub idempotency_key: Option<String>,
+    /// Tasks (ids) that must succeed before this one is queued.
+    pub depends_on: Vec<String>,
+    /// The schedule submitting it (shown in the task and its history).
+    pub schedule: Option<String>,
+    /// The tick it is submitted for (ms since the epoch).
+    pub schedule_tick_ms: Option<i64>,
+}
+
+impl NewTask {
+    /// A task with every option at its default.
+    pub fn new(name: &str, category: Category) -> Self {
+        Self {
+            name: name.to_owned(),
+            category,
+            queue: None,
+            priority: Priority::Normal,
+            args: "[]".to_owned(),
+            kwargs: "{}".to_owned(),
+            max_retries: None,
+            delay: Duration::ZERO,
+            soft_time_limit: None,
+            time_limit: None,
+            result_ttl: None,
+            cache_result: None,
+            idempotency_key: None,
+            depends_on: Vec::new(),
+            schedule: None,
+            schedule_tick_ms: None,
+        }
+    }
+}
+
+impl TaskEngine {
+    /// Validates and stores a task; it is queued (or scheduled) when this
+    /// returns. (Its span, named `submit`, is the store step's, which knows
+    /// the task's id.)
+    pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
+        let (task, delay) = self.prepare(new)?;
+        self.store_task(task, delay, deadline).await
+    }
+
+    /// Validates and stores a batch in one round trip. Every task is
+    /// validated before any is stored (a bad one refuses the batch, naming
+    /// its index); then each is stored on its own: the result per task.
+    #[tracing::instrument(level = "debug", skip_all, fields(count = news.len()))]
+    pub async fn submit_many(
+        &self,
+        news: Vec<NewTask>,
+        deadline: Deadline,
+    ) -> Result<Vec<Result<Task, TaskError>>, (usize, TaskError)> {
+        let c = &self.inner.config;
+        let batch = news
+            .into_iter()
+            .enumerate()
+            .map(|(i, new)| self.prepare(new).map_err(|e| (i, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = self
+            .inner
+            .store
+            .submit_many(&batch, c.limits, deadline)
+            .await
+            .map_err(|e| (0, TaskError::from(e)))?;
+        let mut out = Vec::with_capacity(batch.len());
+        for ((task, _), result) in batch.into_iter().zip(stored) {
+            if result.is_ok() {
+                self.inner.submitted.send_replace(Some(task.id.queue()));
+            }
+            out.push(result.map(|()| task).map_err(TaskError::from));
+        }
+        Ok(out)
+    }
+
+    /// Checks `new` as a submit would, without storing anything: a schedule
+    /// template is checked when it is saved, not at every tick, where a
+    /// refusal would only reach a log. Fields are named under `prefix`.
+    pub fn check(&self, new: NewTask, prefix: &str) -> Result<(), TaskError> {
+        self.prepare(new).map(drop).map_err(|e| match e {
+            TaskError::InvalidArgument { field, reason } => TaskError::InvalidArgument {
+                field: format!("{prefix}.{field}"),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// A validated task ready to store, and its countdown. Checks run in
+    /// the order of the request's fields, so that the first wrong field is
+    /// the one named.
+    pub(super) fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
+        let c = &self.inner.config;
+        crate::domain::task::check_task_name(&new.name)
+            .map_err(|e| TaskError::invalid("name", e))?;
+        check_arguments(&new)?;
+        let (soft, hard, result_ttl) = limits(&new, c)?;
+        check_dependencies(&new)?;
+        check_cache_target(new.cache_result.as_ref())?;
+        let queue = queue(&new, c)?;
+        let task = Task {
+            id: TaskId::generate(&queue),
+            name: new.name,
+            category: new.category,
+            priority: new.priority,
+            args: new.args,
+            kwargs: new.kwargs,
+            // Redis schedules in whole milliseconds.
+            state: if new.delay < Duration::from_millis(1) {
+                State::Queued
+            } else {
+                State::Scheduled
+            },
+            attempts: 0,
+            token: 0,
+            cache_result: new.cache_result.as_ref().map(CacheTarget::to_json),
+            depends_on: new.depends_on,
+            schedule: new.schedule,
+            schedule_tick_ms: new.schedule_tick_ms,
+            max_retries: new.max_retries.unwrap_or(c.default_max_retries),
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: crate::store::unix_millis(std::time::SystemTime::now()),
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: soft.as_millis() as u64,
+            hard_ms: hard.as_millis() as u64,
+            result_ttl_ms: result_ttl.as_millis() as u64,
+            log: Vec::new(),
+        };
+        Ok((task, new.delay))
+    }
+}
+
+/// `args` (a JSON array) and `kwargs` (a JSON object), together at most
+/// [`MAX_ARGUMENTS`] bytes.
+fn check_arguments(new: &NewTask) -> Result<(), TaskError> {
+    if new.args.len() + new.kwargs.len() > MAX_ARGUMENTS {
+        return Err(TaskError::invalid(
+            "args",
+            format!(
+                "arguments are {} bytes, over the limit of {MAX_ARGUMENTS}",
+                new.args.len() + new.kwargs.len()
+            ),
+        ));
+    }
+    match serde_json::from_str::<serde_json::Value>(&new.args) {
+        Ok(serde_json::Value::Array(_)) => {}
+        _ => return Err(TaskError::invalid("args", "must be a JSON array")),
+    }
+    match serde_json::from_str::<serde_json::Value>(&new.kwargs) {
+        Ok(serde_json::Value::Object(_)) => {}
+        _ => return Err(TaskError::invalid("kwargs", "must be a JSON object")),
+    }
+    Ok(())
+}
+
+/// The soft and hard time limits and the result's retention, defaults
+/// applied: the soft limit within a non-zero hard one, a result readable
+/// for at least a second.
+fn limits(new: &NewTask, c: &TaskConfig) -> Result<(Duration, Duration, Duration), TaskError> {
+    let soft = new.soft_time_limit.unwrap_or(c.soft_time_limit);
+    let hard = new.time_limit.unwrap_or(c.time_limit);
+    if hard.is_zero() || soft > hard {
+        return Err(TaskError::invalid(
+            "soft_time_limit",
+            "must not exceed the (non-zero) time limit",
+        ));
+    }
+    let result_ttl = new.result_ttl.unwrap_or(c.result_ttl);
+    if result_ttl < Duration::from_secs(1) {
+        return Err(TaskError::invalid(
+            "result_ttl",
+            "must be at least 1 s, so that the result can be read",
+        ));
+    }
+    Ok((soft, hard, result_ttl))
+}
+
+/// At most 100 dependencies, each a task id listed once; a task with
+/// dependencies has no countdown (it runs when they succeed).
+fn check_dependencies(new: &NewTask) -> Result<(), TaskError> {
+    if new.depends_on.len() > 100 {
+        return Err(TaskError::invalid("depends_on", "at most 100 dependencies"));
+    }
+    for (i, dep) in new.depends_on.iter().enumerate() {
+        TaskId::parse(dep)
+            .map_err(|e| TaskError::invalid(&format!("depends_on[{i}]"), e.to_string()))?;
+        if new.depends_on[..i].contains(dep) {
+            return Err(TaskError::invalid(
+                &format!("depends_on[{i}]"),
+                "is listed twice",
+            ));
+        }
+    }
+    if !new.depends_on.is_empty() && !new.delay.is_zero() {
+        return Err(TaskError::invalid(
+            "countdown",
+            "a task with dependencies runs when they succeed: no countdown or ETA",
+        ));
+    }
+    Ok(())
+}
+
+fn check_cache_target(target: Option<&CacheTarget>) -> Result<(), TaskError> {
+    if let Some(target) = target
+        && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
+    {
+        return Err(TaskError::invalid(
+            "cache_result",
+            "needs a key of 1 to 1024 bytes and a positive TTL",
+        ));
+    }
+    Ok(())
+}
+
+/// The task's queue: the one named, else its category's; only known
+/// queues accept tasks, so that every queue is swept for lapsed leases.
+fn queue(new: &NewTask, c: &TaskConfig) -> Result<QueueName, TaskError> {
+    let queue = new
+        .queue
+        .clone()
+        .unwrap_or_else(|| new.category.default_queue());
+    if !Category::queues().contains(&queue) && !c.extra_queues.contains(&queue) {
+        return Err(TaskError::invalid(
+            "queue",
+            format!(
+                "unknown queue \"{queue}\": tasks go to a category's queue or to one named in KOO_TASK_QUEUES"
+            ),
+        ));
+    }
+    Ok(queue)
+}

@@ -1,0 +1,327 @@
+//! The worker poller: which queue a worker asks for its next task, shared
+//! by the built-in slots ([`super::worker`]) and the stream workers
+//! ([`super::remote`]).
+//!
+//! A worker serves several queues. It looks at them in rotation, starting
+//! after the queue of its last lease, so that no queue starves. A queue
+//! found empty *rests*: it is skipped until the poll interval has passed or
+//! a submit in this process names it (the wake-on-submit), so that a busy
+//! worker spends one lease call per task rather than one per queue, and an
+//! idle one still looks at every queue at least once per poll interval.
+//! A submit names its queue on the engine's watch channel; a built-in slot
+//! also looks at that queue first (the *hint*), so that a task submitted to
+//! an idle process starts after one lease call.
+//!
+//! Times are `tokio::time::Instant`s, so that tests can pause the clock.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::domain::task::QueueName;
+
+/// One worker's view of its queues: the rotation, the resting (empty)
+/// queues, and the submits of this process.
+#[derive(Debug)]
+pub struct Poller {
+    queues: Vec<QueueName>,
+    /// How long a queue found empty rests.
+    poll: Duration,
+    /// When each queue was last found empty.
+    empty: Vec<Option<Instant>>,
+    /// Where the next rotation starts (taken modulo the queue count).
+    next: usize,
+    /// The queue a local submit just named, looked at first once.
+    hint: Option<usize>,
+    submits: watch::Receiver<Option<QueueName>>,
+}
+
+/// The order of one lease round: the hinted queue (if any), then every
+/// queue from the rotation's start. Each item is a queue's index and
+/// whether it is the hint.
+#[derive(Debug, Clone)]
+pub struct Order {
+    hint: Option<usize>,
+    start: usize,
+    len: usize,
+    i: usize,
+}
+
+impl Iterator for Order {
+    type Item = (usize, bool);
+
+    fn next(&mut self) -> Option<(usize, bool)> {
+        if let Some(h) = self.hint.take() {
+            return Some((h, true));
+        }
+        if self.i >= self.len {
+            return None;
+        }
+        let q = (self.start + self.i) % self.len;
+        self.i += 1;
+        Some((q, false))
+    }
+}
+
+impl Poller {
+    /// A poller over `queues` (not empty) whose rotation starts at `start`
+    /// (slots start at different queues), resting empty queues for `poll`,
+    /// woken by `submits` (the engine's [`super::engine::TaskEngine::submits`]).
+    pub fn new(
+        queues: Vec<QueueName>,
+        poll: Duration,
+        start: usize,
+        submits: watch::Receiver<Option<QueueName>>,
+    ) -> Self {
+        let len = queues.len().max(1);
+        Self {
+            empty: vec![None; queues.len()],
+            queues,
+            poll,
+            next: start % len,
+            hint: None,
+            submits,
+        }
+    }
+
+    /// The queues served.
+    pub fn queues(&self) -> &[QueueName] {
+        &self.queues
+    }
+
+    /// The index of `queue`, if served.
+    pub fn position(&self, queue: &QueueName) -> Option<usize> {
+        self.queues.iter().position(|q| q == queue)
+    }
+
+    /// Whether queue `q` was found empty less than a poll interval ago
+    /// (and no submit named it since): a lease round skips it.
+    pub fn is_resting(&self, q: usize) -> bool {
+        self.empty[q].is_some_and(|at| at.elapsed() < self.poll)
+    }
+
+    /// Queue `q` was just found empty.
+    pub fn mark_empty(&mut self, q: usize) {
+        self.empty[q] = Some(Instant::now());
+    }
+
+    /// Takes in a submit of this process seen since the last look (without
+    /// waiting): its queue becomes the hint and stops resting.
+    pub fn take_submits(&mut self) {
+        if self.submits.has_changed().unwrap_or(false) {
+            let queue = self.submits.borrow_and_update().clone();
+            self.hint = queue.and_then(|q| self.position(&q));
+        }
+        if let Some(h) = self.hint {
+            self.empty[h] = None;
+        }
+    }
+
+    /// Whether this process submitted something since the last look (a
+    /// closed channel counts as yes: nothing is assumed quiet).
+    pub fn submitted_since(&self) -> bool {
+        self.submits.has_changed().unwrap_or(true)
+    }
+
+    /// The order of the next lease round (the hint is used up).
+    pub fn order(&mut self) -> Order {
+        Order {
+            hint: self.hint.take(),
+            start: self.next,
+            len: self.queues.len(),
+            i: 0,
+        }
+    }
+
+    /// Queue `q` gave a task: the rotation goes on after it. A lease from
+    /// the hint does not move the rotation (unless the hint is where it
+    /// stood), so that a stream of local submits cannot starve the rest.
+    pub fn leased(&mut self, q: usize, hinted: bool) {
+        if !hinted || q == self.next {
+            self.next = (q + 1) % self.queues.len();
+        }
+    }
+
+    /// Whether every queue but `q` is resting: a worker ending a task of
+    /// `q` would come back to it anyway, so it may report and take the
+    /// next task of `q` in one call.
+    pub fn others_resting(&self, q: usize) -> bool {
+        (0..self.queues.len())
+            .filter(|i| *i != q)
+            .all(|i| self.is_resting(i))
+    }
+
+    /// When the first resting queue is worth another look, if any rests.
+    pub fn recheck_at(&self) -> Option<Instant> {
+        self.empty.iter().flatten().map(|at| *at + self.poll).min()
+    }
+
+    /// An idle worker's wait: until the first resting queue is worth
+    /// another look (a poll interval when none rests), or until this
+    /// process submits, whose queue becomes the hint.
+    pub async fn idle(&mut self) {
+        let wait = self
+            .recheck_at()
+            .map_or(self.poll, |at| at.saturating_duration_since(Instant::now()));
+        self.hint = match tokio::time::timeout(wait, self.submits.changed()).await {
+            Ok(Ok(())) => {
+                let queue = self.submits.borrow_and_update().clone();
+                queue.and_then(|q| self.position(&q))
+            }
+            _ => None,
+        };
+    }
+
+    /// Waits up to `max` for a submit of this process (its queue stops
+    /// resting; no hint): a unary lease's wait between its rounds.
+    pub async fn wait(&mut self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.woken()).await;
+    }
+
+    /// Waits for a submit of this process; its queue stops resting (no
+    /// hint: for a worker that waits on other things too, in a `select!`;
+    /// cancel-safe).
+    pub async fn woken(&mut self) {
+        if self.submits.changed().await.is_ok() {
+            let queue = self.submits.borrow_and_update().clone();
+            if let Some(q) = queue.and_then(|q| self.position(&q)) {
+                self.empty[q] = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queues(n: usize) -> Vec<QueueName> {
+        ["a", "b", "c", "d"][..n]
+            .iter()
+            .map(|q| QueueName::parse(q).unwrap())
+            .collect()
+    }
+
+    const POLL: Duration = Duration::from_millis(100);
+
+    fn poller(n: usize, start: usize) -> (Poller, watch::Sender<Option<QueueName>>) {
+        let (tx, rx) = watch::channel(None);
+        (Poller::new(queues(n), POLL, start, rx), tx)
+    }
+
+    fn order(p: &mut Poller) -> Vec<(usize, bool)> {
+        p.order().collect()
+    }
+
+    /// Slots start at different queues; a lease moves the rotation past
+    /// its queue; a hinted lease does not, unless the rotation stood there.
+    #[tokio::test(start_paused = true)]
+    async fn rotation() {
+        let (mut p, tx) = poller(3, 4);
+        assert_eq!(order(&mut p), vec![(1, false), (2, false), (0, false)]);
+        p.leased(2, false);
+        assert_eq!(order(&mut p), vec![(0, false), (1, false), (2, false)]);
+        tx.send_replace(Some(QueueName::parse("c").unwrap()));
+        p.take_submits();
+        assert_eq!(
+            order(&mut p),
+            vec![(2, true), (0, false), (1, false), (2, false)]
+        );
+        // the hint is used up by one round
+        assert_eq!(order(&mut p).len(), 3);
+        p.leased(2, true);
+        assert_eq!(order(&mut p)[0], (0, false));
+        p.leased(0, true);
+        assert_eq!(order(&mut p)[0], (1, false));
+    }
+
+    /// An empty queue rests for a poll interval; the others resting lets a
+    /// worker chain its next lease; the recheck is the first mark's end.
+    #[tokio::test(start_paused = true)]
+    async fn empty_marks() {
+        let (mut p, _tx) = poller(3, 0);
+        assert_eq!(p.recheck_at(), None);
+        let first = Instant::now();
+        p.mark_empty(1);
+        tokio::time::advance(Duration::from_millis(30)).await;
+        p.mark_empty(2);
+        assert!(p.is_resting(1) && p.is_resting(2) && !p.is_resting(0));
+        assert!(p.others_resting(0));
+        assert!(!p.others_resting(1));
+        assert_eq!(p.recheck_at(), Some(first + POLL));
+        tokio::time::advance(Duration::from_millis(70)).await;
+        assert!(!p.is_resting(1));
+        assert!(p.is_resting(2));
+        assert!(!p.others_resting(0));
+    }
+
+    /// A submit wakes a resting queue: as the hint for a built-in slot,
+    /// without one for a stream worker; a submit to a queue not served
+    /// gives no hint.
+    #[tokio::test(start_paused = true)]
+    async fn wake_on_submit() {
+        let (mut p, tx) = poller(3, 0);
+        p.mark_empty(1);
+        assert!(!p.submitted_since());
+        tx.send_replace(Some(QueueName::parse("b").unwrap()));
+        assert!(p.submitted_since());
+        p.take_submits();
+        assert!(!p.is_resting(1));
+        assert!(!p.submitted_since());
+        assert_eq!(order(&mut p)[0], (1, true));
+
+        p.mark_empty(1);
+        tx.send_replace(Some(QueueName::parse("b").unwrap()));
+        p.woken().await;
+        assert!(!p.is_resting(1));
+        assert_eq!(order(&mut p)[0], (0, false));
+
+        tx.send_replace(Some(QueueName::parse("zzz").unwrap()));
+        p.take_submits();
+        assert_eq!(order(&mut p)[0], (0, false));
+
+        // a unary lease's wait: up to its bound, or until a submit
+        let start = Instant::now();
+        p.wait(Duration::from_millis(30)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        p.mark_empty(2);
+        tx.send_replace(Some(QueueName::parse("c").unwrap()));
+        p.wait(Duration::from_millis(30)).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(30));
+        assert!(!p.is_resting(2));
+    }
+
+    /// An idle worker waits until the first mark expires, or less when a
+    /// submit comes, whose queue becomes the hint.
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits() {
+        let (mut p, tx) = poller(2, 0);
+        let start = Instant::now();
+        p.idle().await;
+        assert_eq!(start.elapsed(), POLL);
+        p.mark_empty(0);
+        tokio::time::advance(Duration::from_millis(40)).await;
+        p.mark_empty(1);
+        let start = Instant::now();
+        p.idle().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(60));
+        assert_eq!(order(&mut p)[0], (0, false));
+        // the first mark has expired: no wait until a round marks it again
+        let start = Instant::now();
+        p.idle().await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        p.mark_empty(0);
+        p.mark_empty(1);
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            tx.send_replace(Some(QueueName::parse("b").unwrap()));
+            tx
+        });
+        let start = Instant::now();
+        p.idle().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(10));
+        assert_eq!(order(&mut p)[0], (1, true));
+        drop(sender.await);
+    }
+}

@@ -1,0 +1,106 @@
+//! A task a stream holds, with its timers, and the rule that says whether
+//! it never started on a worker whose stream vanished.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::MAX_GIVEN_BACK;
+use crate::domain::task::Task;
+
+/// A task the session holds, with its timers.
+pub(super) struct Held {
+    pub(super) task: Task,
+    pub(super) soft_at: Option<Instant>,
+    pub(super) hard_at: Option<Instant>,
+    /// Set once a cancel was passed on: when koo ends it if still held.
+    pub(super) cancel_at: Option<Instant>,
+    /// When it was pushed to the worker.
+    pub(super) pushed_at: Instant,
+    /// Whether the worker said anything since the push: a report naming
+    /// it, or a heartbeat.
+    pub(super) spoken: bool,
+}
+
+impl Held {
+    /// Whether the task never started on a worker whose stream was seen
+    /// closing at `vanished` (the rule of the module doc): nothing said
+    /// about it, pushed less than `window` before, and given back fewer
+    /// than [`MAX_GIVEN_BACK`] times.
+    pub(super) fn unstarted(&self, vanished: Instant, window: Duration) -> bool {
+        !self.spoken
+            && vanished.saturating_duration_since(self.pushed_at) < window
+            && self.task.token.saturating_sub(self.task.attempts) < MAX_GIVEN_BACK
+    }
+
+    pub(super) fn next_timer(&self) -> Option<Instant> {
+        [self.soft_at, self.hard_at, self.cancel_at]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::task::{Category, Priority, QueueName, State, TaskId};
+
+    fn held(attempts: u32, token: u32, pushed_at: Instant, spoken: bool) -> Held {
+        let task = Task {
+            id: TaskId::generate(&QueueName::parse("research").unwrap()),
+            name: "koo.examples.job".into(),
+            category: Category::Research,
+            priority: Priority::Normal,
+            args: "[]".into(),
+            kwargs: "{}".into(),
+            state: State::Running,
+            depends_on: vec![],
+            schedule: None,
+            schedule_tick_ms: None,
+            cache_result: None,
+            attempts,
+            token,
+            max_retries: 3,
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 0,
+            hard_ms: 0,
+            result_ttl_ms: 0,
+            log: vec![],
+        };
+        Held {
+            task,
+            soft_at: None,
+            hard_at: None,
+            cancel_at: None,
+            pushed_at,
+            spoken,
+        }
+    }
+
+    /// The never-started rule: silent, within the window, and given back
+    /// fewer than MAX_GIVEN_BACK times; anything else counts.
+    #[test]
+    fn unstarted_rule() {
+        let window = Duration::from_secs(10);
+        let pushed = Instant::now();
+        let soon = pushed + Duration::from_secs(1);
+        assert!(held(1, 1, pushed, false).unstarted(soon, window));
+        // the worker spoke about it (a report or a heartbeat)
+        assert!(!held(1, 1, pushed, true).unstarted(soon, window));
+        // held for a whole heartbeat interval without a word
+        assert!(!held(1, 1, pushed, false).unstarted(pushed + window, window));
+        // given back MAX_GIVEN_BACK - 1 times already: once more
+        let n = MAX_GIVEN_BACK;
+        assert!(held(1, n, pushed, false).unstarted(soon, window));
+        // given back MAX_GIVEN_BACK times: it counts now (a task that kills
+        // every worker before it speaks still reaches its dead letter)
+        assert!(!held(1, n + 1, pushed, false).unstarted(soon, window));
+    }
+}

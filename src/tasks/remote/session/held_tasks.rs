@@ -1,0 +1,174 @@
+//! What a session does for the tasks it holds: pushes them, extends their
+//! leases on the worker's heartbeats, fires their timers, and records the
+//! worker's presence.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::held::Held;
+use super::{CALL, Outbound, Session};
+use crate::domain::task::{Task, TaskId};
+use crate::store::Deadline;
+use crate::tasks::engine::{Finish, TaskError};
+
+impl Session {
+    /// Pushes a leased task to the worker and starts its timers; `false`
+    /// when the worker is gone (the task is then given back by the caller's
+    /// cleanup, as a held task).
+    pub(super) async fn hand_out(
+        &self,
+        task: Task,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let now = Instant::now();
+        let after = |ms: u64| (ms > 0).then(|| now + Duration::from_millis(ms));
+        let h = Held {
+            soft_at: after(task.soft_ms),
+            hard_at: after(task.hard_ms),
+            cancel_at: None,
+            pushed_at: now,
+            spoken: false,
+            task: task.clone(),
+        };
+        held.insert(task.id.clone(), h);
+        // The signer is read once per process; without it the stream still
+        // works (its own reports need no secret).
+        let secret = match self.engine.lease_secret(&task, Deadline::after(CALL)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(task = %task.id, error = %e, "cannot compute a lease secret; the task is pushed without one");
+                String::new()
+            }
+        };
+        let task = Box::new(task);
+        out.send(Outbound::Task { task, secret }).await.is_ok()
+    }
+
+    /// Extends every held lease; passes on cancels and revokes lost leases.
+    pub(super) async fn beat(
+        &self,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let deadline = Deadline::after(CALL);
+        let beats = futures::future::join_all(held.iter().map(|(id, h)| async move {
+            (
+                id.clone(),
+                self.engine.heartbeat(id, h.task.token, deadline).await,
+            )
+        }))
+        .await;
+        let grace = self.engine.config().cancel_grace;
+        for (id, beat) in beats {
+            let message = match beat {
+                Ok(false) => continue,
+                Ok(true) => match held.get_mut(&id) {
+                    Some(h) if h.cancel_at.is_none() => {
+                        h.cancel_at = Some(Instant::now() + grace);
+                        Outbound::Cancel {
+                            id,
+                            reason: "cancelled by request".to_owned(),
+                        }
+                    }
+                    _ => continue,
+                },
+                Err(TaskError::Fenced(_)) => {
+                    held.remove(&id);
+                    Outbound::Revoked {
+                        id,
+                        reason: "the lease lapsed or the task ended".to_owned(),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "heartbeat for an external worker failed; will retry");
+                    continue;
+                }
+            };
+            if out.send(message).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Fires the held tasks' due timers: soft-limit notices, and koo's own
+    /// end of tasks past their hard limit or their cancel grace.
+    pub(super) async fn fire_timers(
+        &self,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let now = Instant::now();
+        let due: Vec<TaskId> = held
+            .iter()
+            .filter(|(_, h)| h.next_timer().is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(h) = held.get_mut(&id) else { continue };
+            let (finish, reason) = if h.hard_at.is_some_and(|t| t <= now) {
+                (
+                    Finish::TimedOut,
+                    "hard time limit reached: the task ended TIMED_OUT",
+                )
+            } else if h.cancel_at.is_some_and(|t| t <= now) {
+                (
+                    Finish::failed("the worker did not stop within the cancel grace", false),
+                    "the task was cancelled and did not stop within the cancel grace",
+                )
+            } else {
+                h.soft_at = None;
+                if out.send(Outbound::SoftLimit(id)).await.is_err() {
+                    return false;
+                }
+                continue;
+            };
+            let Some(h) = held.remove(&id) else { continue };
+            match self
+                .engine
+                .finish(
+                    &h.task,
+                    h.task.token,
+                    &self.record.id,
+                    finish,
+                    Deadline::after(CALL),
+                )
+                .await
+            {
+                Ok(_) | Err(TaskError::Fenced(_)) => {}
+                // the lease lapses and the sweep ends the task
+                Err(e) => {
+                    tracing::warn!(task = %id, error = %e, "cannot end an external worker's task")
+                }
+            }
+            let reason = reason.to_owned();
+            if out.send(Outbound::Revoked { id, reason }).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Records this worker as alive, with what it holds.
+    pub(super) async fn announce(&mut self, held: &HashMap<TaskId, Held>, last_beat: Instant) {
+        let record = &mut self.record;
+        record.running = held.len() as u32;
+        record.held = held.keys().map(|id| id.to_string()).collect();
+        record.held.sort();
+        record.seen_ms = crate::store::unix_millis(SystemTime::now())
+            - i64::try_from(last_beat.elapsed().as_millis()).unwrap_or(i64::MAX);
+        let lease = self.engine.config().lease;
+        if let Err(e) = self
+            .engine
+            .store()
+            .announce_worker(record, lease, Deadline::after(CALL))
+            .await
+        {
+            tracing::debug!(error = %e, "cannot announce an external worker");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! One built-in worker slot: leases through the [`Poller`], runs the task,
+//! reports it, and, when every other queue rests, takes the next task of
+//! the same queue with the report.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::execute::{Ended, execute};
+use super::registry::Registry;
+use super::report::{cache_result, outcome_not_recorded, report, report_and_lease};
+use crate::domain::task::{QueueName, Task, TaskId};
+use crate::store::Deadline;
+use crate::tasks::engine::TaskEngine;
+use crate::tasks::poller::Poller;
+
+/// How long each lease or hand-back call of a slot may take.
+const CALL: Duration = Duration::from_secs(5);
+
+/// What a lease round found. (Returned once per round and never kept:
+/// boxing the task would cost an allocation per lease.)
+#[allow(clippy::large_enum_variant)]
+enum Round {
+    /// A task to run.
+    Leased(Task),
+    /// Nothing (or the store failed and the slot has waited a moment):
+    /// wait for work.
+    Nothing,
+    /// The slot is stopping.
+    Stopped,
+}
+
+/// A slot's state between tasks.
+pub(super) struct Slot {
+    pub(super) engine: TaskEngine,
+    pub(super) registry: Arc<Registry>,
+    /// This slot's worker id (the pool's id and the slot number).
+    pub(super) worker: String,
+    /// Tasks running in the pool, for its presence record.
+    pub(super) running: Arc<AtomicU32>,
+    pub(super) poller: Poller,
+    /// Cancels asked for through this process: one subscription per slot,
+    /// not one per task (messages about other tasks are skipped).
+    pub(super) cancels: tokio::sync::broadcast::Receiver<TaskId>,
+}
+
+impl Slot {
+    /// A slot of `engine` serving `queues` with `registry`; slots start at
+    /// different queues (`slot`) and rotate, so that no queue starves.
+    pub(super) fn new(
+        engine: TaskEngine,
+        registry: Arc<Registry>,
+        queues: Vec<QueueName>,
+        worker: String,
+        slot: usize,
+        running: Arc<AtomicU32>,
+    ) -> Self {
+        let poll = engine.config().poll_interval;
+        let poller = Poller::new(queues, poll, slot, engine.submits());
+        let cancels = engine.cancels();
+        Self {
+            engine,
+            registry,
+            worker,
+            running,
+            poller,
+            cancels,
+        }
+    }
+
+    /// Runs tasks until `stop`; a task leased by the last report is handed
+    /// back at once.
+    pub(super) async fn run(mut self, stop: CancellationToken) {
+        let names = self.registry.names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        // A task leased by the call that reported the previous one.
+        let mut carried: Option<Task> = None;
+        while !stop.is_cancelled() {
+            self.poller.take_submits();
+            let round = match carried.take() {
+                Some(task) => {
+                    // a carried task uses up the round (and its hint)
+                    self.poller.order();
+                    Round::Leased(task)
+                }
+                None => self.lease_round(&names, &stop).await,
+            };
+            match round {
+                Round::Leased(task) => carried = self.run_task(task, &names, &stop).await,
+                Round::Nothing => {
+                    // until the first resting queue is worth a look, unless
+                    // a submit comes
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        () = self.poller.idle() => {}
+                    }
+                }
+                Round::Stopped => return,
+            }
+        }
+        if let Some(task) = carried
+            && let Err(e) = self
+                .engine
+                .release(&task, &self.worker, Deadline::after(CALL))
+                .await
+        {
+            outcome_not_recorded(&task, e);
+        }
+    }
+
+    /// Asks the queues in the poller's order for a task, skipping resting
+    /// ones. A store failure waits a second (or until the store answers
+    /// again) before the slot waits for work.
+    async fn lease_round(&mut self, names: &[&str], stop: &CancellationToken) -> Round {
+        for (q, hinted) in self.poller.order() {
+            if stop.is_cancelled() {
+                break;
+            }
+            if self.poller.is_resting(q) {
+                continue;
+            }
+            let queue = &self.poller.queues()[q];
+            match self
+                .engine
+                .lease(queue, &self.worker, names, Deadline::after(CALL))
+                .await
+            {
+                Ok(Some(task)) => {
+                    self.poller.leased(q, hinted);
+                    return Round::Leased(task);
+                }
+                Ok(None) => self.poller.mark_empty(q),
+                Err(e) => {
+                    tracing::warn!(queue = %queue, error = %e, "cannot lease; retrying in a second");
+                    // or as soon as the store answers again after an outage
+                    tokio::select! {
+                        _ = stop.cancelled() => return Round::Stopped,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.engine.store().recovered() => {}
+                    }
+                    break;
+                }
+            }
+        }
+        Round::Nothing
+    }
+
+    /// Runs a leased task and reports how it ended; the next task of its
+    /// queue when the report took one.
+    async fn run_task(
+        &mut self,
+        task: Task,
+        names: &[&str],
+        stop: &CancellationToken,
+    ) -> Option<Task> {
+        let engine = &self.engine;
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let ended = execute(engine, &self.registry, &task, &mut self.cancels, stop).await;
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        let finish = match ended {
+            Ended::Finished(finish) => {
+                cache_result(self.registry.cache.as_ref(), &task, finish).await
+            }
+            Ended::Lost => return None,
+            Ended::HandBack => {
+                match engine
+                    .release(&task, &self.worker, Deadline::after(CALL))
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(task = %task.id, "stopping: task handed back to its queue")
+                    }
+                    Err(e) => outcome_not_recorded(&task, e),
+                }
+                return None;
+            }
+        };
+        // When every other queue was just found empty and no local submit
+        // names one, this slot would come back to this queue anyway: report
+        // and take its next task in one call.
+        let q = self.poller.position(&task.id.queue());
+        let chain = q.is_some_and(|q| self.poller.others_resting(q))
+            && !self.poller.submitted_since()
+            && !stop.is_cancelled();
+        if !chain {
+            report(engine, &task, &self.worker, finish).await;
+            return None;
+        }
+        let next = report_and_lease(engine, &task, &self.worker, finish, names).await;
+        if next.is_none()
+            && let Some(q) = q
+        {
+            self.poller.mark_empty(q);
+        }
+        next
+    }
+}
