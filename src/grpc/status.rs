@@ -12,9 +12,9 @@ use crate::cache::CacheError;
 use crate::schedule::ScheduleError;
 use crate::store::StoreError;
 use crate::tasks::engine::TaskError;
-use crate::tasks::maintenance::UpkeepError;
 use crate::tasks::requeue::RequeueError;
 use crate::watch::WatchError;
+use crate::watch::upkeep::UpkeepError;
 
 /// Longest status message koo sends. Messages quote input through
 /// [`crate::quote::quote`]; this is the last bound, so that no message can

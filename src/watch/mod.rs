@@ -20,6 +20,7 @@ pub mod resume;
 pub mod sink;
 pub mod task;
 pub mod ticker;
+pub mod upkeep;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

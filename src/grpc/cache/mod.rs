@@ -21,7 +21,7 @@ use crate::cache::{Cache, warm};
 use crate::pb::cache::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::TaskEngine;
-use crate::tasks::maintenance::{CacheUpkeep, Submitted};
+use crate::watch::upkeep::{CacheUpkeep, Submitted};
 use crate::watch::{Hub, Kind as WatchKind, Ticker, Watchers};
 
 /// The CacheService implementation.
