@@ -1,5 +1,6 @@
-//! The task domain: the model, the engine over a [`crate::store::tasks::TaskStore`],
-//! the built-in worker pool and its handlers, and listing (live events are
+//! The task domain: the engine over a [`crate::store::tasks::TaskStore`]
+//! and its errors, the one worker poller, the built-in worker pool and its
+//! handlers, external workers, and listing (live events are
 //! [`crate::watch`]).
 //! `docs/design/tasks.md` is the design.
 

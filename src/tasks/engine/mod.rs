@@ -1,10 +1,17 @@
 //! The task engine: validates submits and drives the store's transitions.
 //!
 //! A cheap-to-clone handle over a [`TaskStore`]: Redis (shared by any
-//! number of koo processes) or the embedded store (one `koo serve`). Workers ([`super::worker`]) and the gRPC
-//! service are its clients; the recovery loop ([`TaskEngine::run_recovery`])
+//! number of koo processes) or the embedded store (one `koo serve`).
+//! Workers ([`super::worker`]) and the gRPC service are its clients; the recovery loop ([`TaskEngine::run_recovery`])
 //! runs on every koo instance, so a dead worker's task comes back within the
 //! lease time plus one sweep wherever it ran.
+//!
+//! One room per concern, each an `impl TaskEngine` block: `submit`
+//! (validation and submits), `dependencies` (PENDING tasks and their
+//! release), `idempotency` (keyed submits), `lease` (lease, heartbeat,
+//! progress, finish, hand-back, abandon), `control` (cancel, retry, dead
+//! letters, cleanup), `recovery` (the sweep), `config` (the settings).
+//! Errors are [`crate::tasks::error`]'s, re-exported here.
 
 use std::sync::Arc;
 use std::time::Duration;
