@@ -251,7 +251,7 @@ impl From<TaskError> for Status {
         let message = || bounded(e.to_string());
         match e {
             TaskError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
-            TaskError::NotFound(_) | TaskError::Missing(_) => Status::not_found(message()),
+            TaskError::NotFound(_) => Status::not_found(message()),
             TaskError::Fenced(_) => Status::aborted(message()),
             TaskError::FailedPrecondition(_) => Status::failed_precondition(message()),
             TaskError::AlreadyExists(_) => Status::already_exists(message()),

@@ -1,8 +1,6 @@
 //! Why a task operation failed: one enum for the engine, the workers and
 //! the adapters, mapped to gRPC statuses in one place (`grpc/status.rs`).
 
-use std::fmt;
-
 use crate::domain::task::TaskId;
 use crate::store::StoreError;
 
@@ -20,9 +18,6 @@ pub enum TaskError {
     /// No such task (never existed, or its result expired).
     #[error("task {0} not found (unknown, or its result expired)")]
     NotFound(TaskId),
-    /// Something other than a task does not exist.
-    #[error("{0}")]
-    Missing(Missing),
     /// The caller's lease is no longer valid: another holder has the task,
     /// or it ended.
     #[error("the lease on task {0} is no longer yours (it lapsed or the task ended)")]
@@ -62,24 +57,6 @@ impl TaskError {
     }
 }
 
-/// What, other than a task, a call named that does not exist: the thing
-/// itself, so that callers can match on it; the message is built here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Missing {
-    /// A schedule, by name.
-    Schedule(String),
-}
-
-impl fmt::Display for Missing {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Schedule(name) => {
-                write!(f, "schedule {} not found", crate::quote::quote(name))
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,10 +74,6 @@ mod tests {
         assert_eq!(
             TaskError::Fenced(id.clone()).to_string(),
             format!("the lease on task {id} is no longer yours (it lapsed or the task ended)")
-        );
-        assert_eq!(
-            TaskError::Missing(Missing::Schedule("nightly".into())).to_string(),
-            "schedule \"nightly\" not found"
         );
     }
 }

@@ -35,7 +35,7 @@ mod submit;
 pub use self::config::TaskConfig;
 pub use self::lease::Finish;
 pub use self::submit::{MAX_ARGUMENTS, NewTask};
-pub use crate::tasks::error::{Missing, TaskError};
+pub use crate::tasks::error::TaskError;
 
 /// A handle to the task engine.
 #[derive(Clone)]
