@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Top first. A module may use any module in a lower layer; within a layer,
 # only the uses listed in SIDEWAYS.
 LAYERS = [
-    ["config"],  # the command line: parses flags into the settings below
-    ["app"],  # the composition root: builds stores, engine, hub, loops
-    ["server"],  # listener, router, shutdown; Settings
-    ["telemetry"],  # logging set-up (reads config's LogFormat: see SIDEWAYS)
+    ["telemetry"],  # logging set-up, from config's log format (main calls it)
+    ["config"],  # the command line: flags and variables into the settings below
+    ["server"],  # listener, router, shutdown order: serves what app built
+    ["app"],  # the composition root: stores, engine, hub, loops; Settings
     ["grpc"],  # adapters: proto <-> domain, errors -> Status, spans
     ["auth", "transport", "reload"],  # who calls, over what
     ["health"],  # grpc.health.v1 statuses from the backends' state
@@ -37,15 +37,12 @@ LAYERS = [
     ["quote", "glob"],  # leaves
 ]
 
-# Uses within a layer, or up, that are allowed, with the reason.
+# Uses within a layer that are allowed, with the reason.
 SIDEWAYS = {
-    ("telemetry", "config"): "the log format is a config enum; telemetry is set up by main",
     ("auth", "transport"): "the caller's identity comes from the connection's peer",
     ("auth", "reload"): "the keys file is re-read when it changes",
     ("transport", "reload"): "certificates are re-read when they change",
     ("tasks", "cache"): "built-in upkeep handlers and cache targets run on the cache",
-    ("schedule", "watch"): "none today; a schedule run may follow its task",
-    ("config", "app"): "config builds the worker and scheduler settings app defines",
 }
 
 

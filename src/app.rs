@@ -23,9 +23,22 @@ use crate::tasks::{handlers, maintenance};
 
 mod commands;
 mod serve;
+pub mod settings;
 
 pub use self::commands::{SchedulerSettings, WorkerSettings, run_scheduler, run_worker};
 pub use self::serve::{Serve, tasks_share_store};
+pub use self::settings::{Limits, ScheduleSettings, Settings, StoreSettings, TaskSettings};
+
+/// Why the stores, the engine or the loops could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The backend configuration is unusable.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// The data directory cannot be used, or the embedded store not saved.
+    #[error(transparent)]
+    Persist(#[from] crate::persist::PersistError),
+}
 
 /// How long `koo worker` waits, once signalled, for its slots and loops to
 /// stop: its slots give a running task `KOO_WORKER_SHUTDOWN_GRACE` (10 s by

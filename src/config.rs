@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
 pub use self::health::HealthArgs;
-pub use self::limits::{Limits, LimitsArgs};
+pub use self::limits::LimitsArgs;
 pub use self::redis::RedisArgs;
 pub use self::redis_tls::RedisTlsArgs;
 pub use self::schedule::ScheduleArgs;

@@ -23,13 +23,16 @@ use crate::transport::tls::Tls;
 use crate::transport::{exposure, listener};
 
 mod router;
-mod settings;
 
-pub use self::settings::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
+// The settings `run` takes are the composition root's.
+pub use crate::app::settings::{ScheduleSettings, Settings, StoreSettings, TaskSettings};
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The stores, the engine or the loops could not be built.
+    #[error(transparent)]
+    App(#[from] crate::app::AppError),
     /// The backend configuration is unusable.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -7,10 +7,10 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::settings::ScheduleSettings;
 use super::{registry, warn_if_tasks_can_be_evicted};
 use crate::cache::{Cache, CacheConfig};
 use crate::schedule::Schedules;
-use crate::server::ScheduleSettings;
 use crate::store::schedules::ScheduleStore;
 use crate::store::tasks::TaskStore;
 use crate::store::{RedisConfig, RedisStore, Store, StoreError};

@@ -8,6 +8,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::AppError;
+use super::settings::{ScheduleSettings, Settings, StoreSettings};
 use super::{registry, warn_if_tasks_can_be_evicted};
 use crate::cache::Cache;
 use crate::health::{self, HealthPublisher};
@@ -15,7 +17,6 @@ use crate::pb::cache::v1::cache_service_server::SERVICE_NAME as CACHE_SERVICE;
 use crate::pb::tasks::v1::task_service_server::SERVICE_NAME as TASK_SERVICE;
 use crate::persist::{Embedded, EmbeddedParts, PersistError};
 use crate::schedule::Schedules;
-use crate::server::{ScheduleSettings, ServerError, Settings, StoreSettings};
 use crate::store::redis::redact;
 use crate::store::schedules::ScheduleStore;
 use crate::store::tasks::TaskStore;
@@ -52,7 +53,7 @@ pub struct Serve {
 impl Serve {
     /// Opens the stores (the embedded one loaded, and its data directory
     /// locked, before anything serves) and starts the background loops.
-    pub fn build(settings: &Settings) -> Result<Self, ServerError> {
+    pub fn build(settings: &Settings) -> Result<Self, AppError> {
         let embedded = Embedded::open(embedded_parts(settings), &settings.data)?;
         let store = open_store(settings, &embedded)?;
         let cache = Cache::new(store.clone(), settings.cache.clone());
@@ -333,7 +334,7 @@ async fn sweep_expired(store: MemoryStore, every: Duration, stop: CancellationTo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::TaskSettings;
+    use crate::app::settings::TaskSettings;
 
     fn redis(url: &str) -> RedisConfig {
         RedisConfig::new(url)

@@ -3,6 +3,7 @@
 //! transport's limits (idle connections, connection age, keepalive, message
 //! sizes). (The in-flight unary load-shedding limit joins them here.)
 
+use crate::app::Limits;
 use std::time::Duration;
 
 use clap::Args;
@@ -66,51 +67,6 @@ pub struct LimitsArgs {
     #[arg(long, env = "KOO_MAX_MESSAGE_SIZE", value_name = "KOO_MAX_MESSAGE_SIZE",
           default_value_t = 4 * 1024 * 1024, value_parser = clap::value_parser!(u32).range(1024..=(1 << 30)))]
     pub max_message_size: u32,
-}
-
-/// The limits, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    /// `KOO_MAX_WATCHERS`.
-    pub max_watchers: usize,
-    /// `KOO_WATCH_BUFFER`.
-    pub watch_buffer: usize,
-    /// `KOO_MAX_CONCURRENT_STREAMS`.
-    pub max_concurrent_streams: u32,
-    /// `KOO_MAX_HELD_PER_WORKER`.
-    pub max_held_per_worker: u32,
-    /// `KOO_MAX_INFLIGHT_CALLS`.
-    pub max_inflight_calls: usize,
-    /// `KOO_IDLE_CONNECTION_TIMEOUT` (`None`: never).
-    pub idle_connection_timeout: Option<Duration>,
-    /// `KOO_MAX_CONNECTION_AGE` (`None`: never).
-    pub max_connection_age: Option<Duration>,
-    /// `KOO_MAX_CONNECTION_AGE_GRACE` (`None`: unbounded).
-    pub max_connection_age_grace: Option<Duration>,
-    /// `KOO_HTTP2_KEEPALIVE_INTERVAL` (`None`: no pings).
-    pub http2_keepalive_interval: Option<Duration>,
-    /// `KOO_HTTP2_KEEPALIVE_TIMEOUT`.
-    pub http2_keepalive_timeout: Duration,
-    /// `KOO_MAX_MESSAGE_SIZE`, bytes.
-    pub max_message_size: usize,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            max_watchers: 20_000,
-            watch_buffer: 4096,
-            max_concurrent_streams: 4096,
-            max_held_per_worker: 1024,
-            max_inflight_calls: 10_000,
-            idle_connection_timeout: Some(Duration::from_secs(600)),
-            max_connection_age: None,
-            max_connection_age_grace: None,
-            http2_keepalive_interval: Some(Duration::from_secs(30)),
-            http2_keepalive_timeout: Duration::from_secs(10),
-            max_message_size: 4 * 1024 * 1024,
-        }
-    }
 }
 
 /// Zero means off.

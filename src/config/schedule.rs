@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{ConfigError, parse_positive_duration};
-use crate::server::ScheduleSettings;
+use crate::app::settings::ScheduleSettings;
 
 /// Periodic schedules: the seed's defaults and the scheduler's pace.
 #[derive(Debug, Args)]

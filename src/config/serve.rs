@@ -12,9 +12,9 @@ use super::{
     AuthArgs, CacheArgs, ConfigError, LimitsArgs, RedisArgs, ScheduleArgs, TaskArgs, TransportArgs,
     parse_duration, parse_positive_duration,
 };
+use crate::app::settings::{Settings, StoreSettings, TaskSettings};
 use crate::cache::CacheConfig;
 use crate::persist::DataSettings;
-use crate::server::{Settings, StoreSettings, TaskSettings};
 use crate::store::MemoryConfig;
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::remote::secret::LeaseSecrets;

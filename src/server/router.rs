@@ -134,7 +134,7 @@ fn worker_service(app: &Serve, settings: &Settings) -> WorkerServiceServer<Worke
 
 /// The HTTP/2 settings both listeners share: keepalive, streams per
 /// connection, connection age.
-pub(super) fn transport_builder(limits: &crate::config::Limits) -> tonic::transport::Server {
+pub(super) fn transport_builder(limits: &crate::app::Limits) -> tonic::transport::Server {
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(limits.http2_keepalive_interval)
         .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout))
@@ -154,7 +154,7 @@ pub(super) fn transport_builder(limits: &crate::config::Limits) -> tonic::transp
 pub(super) fn serve_health_only(
     listener: TcpListener,
     health: HealthServer<HealthApi>,
-    limits: &crate::config::Limits,
+    limits: &crate::app::Limits,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let addr = listener

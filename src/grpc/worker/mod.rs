@@ -57,7 +57,7 @@ impl WorkerApi {
         shutdown: CancellationToken,
         sessions: tokio_util::task::TaskTracker,
     ) -> Self {
-        let holds = Holds::new(crate::config::Limits::default().max_held_per_worker);
+        let holds = Holds::new(crate::tasks::remote::holds::DEFAULT_MAX_HELD);
         // unary leases nobody ended go back when they would have lapsed
         let every = (engine.config().lease / 4).max(Duration::from_millis(10));
         tokio::spawn(sweep_holds(holds.clone(), every, shutdown.clone()));

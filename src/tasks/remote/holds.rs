@@ -22,6 +22,10 @@ use tokio::time::Instant;
 
 use crate::domain::task::TaskId;
 
+/// Tasks one worker may hold at once unless configured otherwise
+/// (`KOO_MAX_HELD_PER_WORKER`).
+pub const DEFAULT_MAX_HELD: u32 = 1024;
+
 /// One identity's holdings.
 #[derive(Debug)]
 pub struct Tally {

@@ -1,6 +1,6 @@
 //! What `koo serve` runs with: the backend, the cache, the task engine,
 //! the scheduler, limits, authentication and the listeners (built from the
-//! command line by [`crate::config`]).
+//! command line by [`crate::config`]; `crate::server` takes them).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -67,7 +67,7 @@ pub struct Settings {
     /// Deadline of a bulk call without one.
     pub bulk_timeout: Duration,
     /// Watchers, buffers and streams per connection.
-    pub limits: crate::config::Limits,
+    pub limits: Limits,
     /// Time in-flight calls get to finish on shutdown.
     pub shutdown_grace: Duration,
     /// Time between reporting NOT_SERVING and closing the listener.
@@ -134,9 +134,54 @@ impl Default for Settings {
             worker_token: None,
             auth: AuthSettings::default(),
             schedule: ScheduleSettings::default(),
-            limits: crate::config::Limits::default(),
+            limits: Limits::default(),
             tls: None,
             health_listen: None,
+        }
+    }
+}
+
+/// The limits, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// `KOO_MAX_WATCHERS`.
+    pub max_watchers: usize,
+    /// `KOO_WATCH_BUFFER`.
+    pub watch_buffer: usize,
+    /// `KOO_MAX_CONCURRENT_STREAMS`.
+    pub max_concurrent_streams: u32,
+    /// `KOO_MAX_HELD_PER_WORKER`.
+    pub max_held_per_worker: u32,
+    /// `KOO_MAX_INFLIGHT_CALLS`.
+    pub max_inflight_calls: usize,
+    /// `KOO_IDLE_CONNECTION_TIMEOUT` (`None`: never).
+    pub idle_connection_timeout: Option<Duration>,
+    /// `KOO_MAX_CONNECTION_AGE` (`None`: never).
+    pub max_connection_age: Option<Duration>,
+    /// `KOO_MAX_CONNECTION_AGE_GRACE` (`None`: unbounded).
+    pub max_connection_age_grace: Option<Duration>,
+    /// `KOO_HTTP2_KEEPALIVE_INTERVAL` (`None`: no pings).
+    pub http2_keepalive_interval: Option<Duration>,
+    /// `KOO_HTTP2_KEEPALIVE_TIMEOUT`.
+    pub http2_keepalive_timeout: Duration,
+    /// `KOO_MAX_MESSAGE_SIZE`, bytes.
+    pub max_message_size: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_watchers: 20_000,
+            watch_buffer: 4096,
+            max_concurrent_streams: 4096,
+            max_held_per_worker: crate::tasks::remote::holds::DEFAULT_MAX_HELD,
+            max_inflight_calls: 10_000,
+            idle_connection_timeout: Some(Duration::from_secs(600)),
+            max_connection_age: None,
+            max_connection_age_grace: None,
+            http2_keepalive_interval: Some(Duration::from_secs(30)),
+            http2_keepalive_timeout: Duration::from_secs(10),
+            max_message_size: 4 * 1024 * 1024,
         }
     }
 }
