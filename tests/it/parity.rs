@@ -15,10 +15,10 @@
 //! scripts take the pinned now instead of `TIME`; see `store::clock`.)
 //!
 //! **Engine steps**: where the engine, not the store, completes a
-//! transition on Redis (releasing a task's dependents after it ends, the
-//! sweep's repair of pending tasks), the test runs the engine's own code on
-//! both (`TaskEngine::release_dependents`; the embedded store has already
-//! done it and finds no dependents).
+//! transition on Redis (releasing a task's dependents after it ends; the
+//! sweep, which repairs pending tasks), the test runs the engine's own code
+//! on both (`TaskEngine::release_dependents`, `TaskEngine::sweep`; the
+//! embedded store has already released them and finds no dependents).
 //!
 //! Bounded in `scripts/test` (`PARITY_CASES` cases, 48 by default, of up to
 //! 60 steps); a longer run: `PARITY_CASES=2000 cargo test --test it
@@ -175,6 +175,8 @@ fn step() -> impl Strategy<Value = Step> {
 struct Side {
     store: TaskStore,
     engine: TaskEngine,
+    /// The same store with `acks_late` (a lapsed lease requeues).
+    engine_late: TaskEngine,
     readers: Vec<EventReader>,
 }
 
@@ -184,7 +186,14 @@ impl Side {
             limits: limits(),
             ..TaskConfig::default()
         };
-        let engine = TaskEngine::new(store.clone(), config);
+        let engine = TaskEngine::new(store.clone(), config.clone());
+        let engine_late = TaskEngine::new(
+            store.clone(),
+            TaskConfig {
+                acks_late: true,
+                ..config
+            },
+        );
         let mut readers = Vec::new();
         for q in QUEUES {
             let queue = QueueName::parse(q).unwrap();
@@ -193,6 +202,7 @@ impl Side {
         Side {
             store,
             engine,
+            engine_late,
             readers,
         }
     }
@@ -501,21 +511,15 @@ impl World {
             }
             Step::Advance { .. } => "advanced".into(),
             Step::Sweep { acks_late } => {
-                let mut handled = Vec::new();
-                // every queue's lapsed leases first, then every queue's
-                // pending tasks: a dependency in one queue ended by this
-                // sweep releases its dependents in another in the same pass
-                for q in 0..QUEUES.len() {
-                    let n = store
-                        .recover(&queue(q), *acks_late, limits(), later())
-                        .await
-                        .unwrap();
-                    handled.push(n);
-                }
-                for q in 0..QUEUES.len() {
-                    self.repair(side, &queue(q)).await;
-                }
-                format!("recovered {handled:?}")
+                // the engine's own sweep: every queue's lapsed leases and
+                // due tasks, then every queue's pending tasks
+                let engine = if *acks_late {
+                    &s.engine_late
+                } else {
+                    &s.engine
+                };
+                let queues: Vec<QueueName> = (0..QUEUES.len()).map(queue).collect();
+                format!("recovered {:?}", engine.sweep(&queues).await)
             }
             Step::Trim { age_s, dead_age_s } => {
                 let now = self.clock.now_ms();
@@ -603,33 +607,6 @@ impl World {
                 comparable(&t)
             ),
             None => format!("ended {state:?}"),
-        }
-    }
-
-    /// The sweep's repair of PENDING tasks whose dependency ended while no
-    /// process released them (the engine's `repair_pending`).
-    async fn repair(&self, side: usize, q: &QueueName) {
-        let s = &self.sides[side];
-        for (id, deps) in s.store.pending_tasks(q, 100, later()).await.unwrap() {
-            let id = TaskId::parse(&id).unwrap();
-            for dep in deps {
-                let state = match s.store.get(&TaskId::parse(&dep).unwrap(), later()).await {
-                    Ok(Some(d)) if d.state.is_final() => d.state.as_str().to_owned(),
-                    Ok(Some(_)) => continue,
-                    _ => "gone".to_owned(),
-                };
-                let resolved = s
-                    .store
-                    .resolve_dependency(&id, &dep, &state, limits(), later())
-                    .await
-                    .unwrap();
-                if resolved == Some(State::Cancelled) {
-                    s.engine
-                        .release_dependents(&id, State::Cancelled, later())
-                        .await
-                        .unwrap();
-                }
-            }
         }
     }
 

@@ -24,34 +24,46 @@ impl TaskEngine {
     }
 
     /// One recovery sweep of `queues`: lapsed leases back to their queues
-    /// (or to a final state), due tasks promoted, and the dependency
-    /// releases a dead process did not make.
+    /// (or to a final state) and due tasks promoted, in every queue first;
+    /// then the dependency releases nobody made (a dead process, or an end
+    /// this sweep made: a dependency in one queue that lapsed into FAILED
+    /// frees its dependents in another in the same pass). Returns how many
+    /// leases and due tasks each queue's recovery handled.
     #[tracing::instrument(level = "debug", skip_all, fields(queues = queues.len()))]
-    async fn sweep(&self, queues: &[QueueName]) {
+    pub async fn sweep(&self, queues: &[QueueName]) -> Vec<u64> {
         let c = &self.inner.config;
+        let deadline = || Deadline::after(c.sweep_interval.max(Duration::from_secs(1)));
+        let mut handled = Vec::with_capacity(queues.len());
         for queue in queues {
             // One call handles at most 100 lapsed leases and 100 due
             // tasks; a backlog is worked off in a few more calls.
+            let mut total = 0;
             for _ in 0..50 {
-                let deadline = Deadline::after(c.sweep_interval.max(Duration::from_secs(1)));
                 match self
                     .inner
                     .store
-                    .recover(queue, c.acks_late, c.limits, deadline)
+                    .recover(queue, c.acks_late, c.limits, deadline())
                     .await
                 {
-                    Ok(n) if n < 100 => break,
-                    Ok(_) => {}
+                    Ok(n) => {
+                        total += n;
+                        if n < 100 {
+                            break;
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(queue = %queue, error = %e, "cannot recover lapsed leases");
                         break;
                     }
                 }
             }
-            let deadline = Deadline::after(c.sweep_interval.max(Duration::from_secs(1)));
-            if let Err(e) = self.repair_pending(queue, deadline).await {
+            handled.push(total);
+        }
+        for queue in queues {
+            if let Err(e) = self.repair_pending(queue, deadline()).await {
                 tracing::warn!(queue = %queue, error = %e, "cannot check pending tasks' dependencies");
             }
         }
+        handled
     }
 }
