@@ -65,6 +65,12 @@ impl Category {
     }
 }
 
+/// Width of one priority band of a ready score: a ready task's score is
+/// `band * BAND_WIDTH + enqueue ms` (higher priority first, FIFO within a
+/// band), on both backends and in the Lua scripts. 2^42 ms is some 139
+/// years: no enqueue time spills into the next band.
+pub const BAND_WIDTH: u64 = 1 << 42;
+
 /// How urgent a task is. Within a queue, higher priority runs first and equal
 /// priorities run in submission order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -121,7 +127,8 @@ impl Priority {
         Priority::ALL.into_iter().find(|p| p.band() == band)
     }
 
-    /// The sort score of a ready task: lower runs first. The priority band
+    /// The sort score of a ready task: lower runs first (see
+    /// [`BAND_WIDTH`]). The priority band
     /// sits above the enqueue time in milliseconds, and the sum stays below
     /// 2^53 so that a Redis sorted-set score (a double) holds it exactly.
     pub fn ready_score(self, enqueued: SystemTime) -> f64 {
@@ -129,8 +136,8 @@ impl Priority {
         let ms = enqueued
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64)
-            .min((1 << 42) - 1);
-        (band * (1 << 42) + ms) as f64
+            .min(BAND_WIDTH - 1);
+        (band * BAND_WIDTH + ms) as f64
     }
 }
 

@@ -24,12 +24,9 @@ use super::redis::{RedisTasks, StreamReader};
 use super::{RedisStore, Result};
 use crate::domain::task::State;
 
-/// Width of one priority band of a ready score: a ready task's score is
-/// `band * BAND_WIDTH + enqueue ms` (higher priority first, FIFO within a
-/// band), on both backends. 2^42 ms is some 139 years: no enqueue time
-/// spills into the next band. The Lua scripts get it from here, through
-/// the generated prelude (`local BAND = ...`).
-pub const BAND_WIDTH: u64 = 1 << 42;
+/// The width of a priority band of a ready score; the Lua scripts get it
+/// through the generated prelude (`local BAND = ...`).
+pub use crate::domain::task::BAND_WIDTH;
 
 /// Bounds on what the engine keeps per queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -93,6 +93,12 @@ impl MemoryTasks {
     /// readers if it appended events.
     fn write<T>(&self, f: impl FnOnce(&mut Tasks, i64) -> T) -> T {
         let mut guard = self.lock();
+        // A transition that panicked inside `deferring_releases` (the lock
+        // survives a panic) left its releases undone: they must not stay
+        // deferred, or no dependent would be released again.
+        if guard.deferred_releases.is_some() {
+            guard.release_deferred(TaskLimits::default(), self.now_ms());
+        }
         let out = f(&mut guard, self.now_ms());
         let last = guard.last_event;
         drop(guard);

@@ -239,7 +239,7 @@ impl MemoryTasks {
             dependents: s
                 .dependents
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
                 .collect(),
         };
         drop(s);
@@ -273,7 +273,11 @@ impl MemoryTasks {
                 .into_iter()
                 .filter(|(_, (_, until))| *until > now)
                 .collect();
-            s.dependents = image.dependents.into_iter().collect();
+            s.dependents = image
+                .dependents
+                .into_iter()
+                .map(|(k, v)| (k, v.into_iter().collect()))
+                .collect();
             s.last_event = image.last_event;
         }
         store.shared.events.send_replace(image.last_event);

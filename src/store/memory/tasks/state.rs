@@ -4,6 +4,7 @@
 //! the steps the transitions share (promoting due tasks, ending a task,
 //! releasing its dependents, forgetting expired results).
 
+use indexmap::IndexSet;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::ops::Bound;
 use std::time::Duration;
@@ -202,7 +203,9 @@ pub(super) struct Tasks {
     /// Idempotency claims and when they expire (ms).
     pub(super) claims: HashMap<String, (String, i64)>,
     /// The tasks waiting on each task that has not ended.
-    pub(super) dependents: HashMap<String, Vec<String>>,
+    /// A set in registration order, as `:dependents` on Redis (a set):
+    /// registering twice lists a dependent once, in O(1).
+    pub(super) dependents: HashMap<String, IndexSet<String>>,
     /// While `Some`, ends are not released to their dependents at once but
     /// collected here (see [`Tasks::deferring_releases`]).
     pub(super) deferred_releases: Option<Vec<(String, State)>>,
@@ -328,10 +331,16 @@ impl Tasks {
     ) -> T {
         self.deferred_releases = Some(Vec::new());
         let out = f(self);
+        self.release_deferred(limits, now);
+        out
+    }
+
+    /// Releases the dependents of the ends [`Self::deferring_releases`]
+    /// put off, and stops deferring.
+    pub(super) fn release_deferred(&mut self, limits: TaskLimits, now: i64) {
         for (id, state) in self.deferred_releases.take().unwrap_or_default() {
             self.release_dependents(&id, state, limits, now);
         }
-        out
     }
 
     /// A dead letter trimmed by the cap expires `result_ttl` after it

@@ -114,7 +114,7 @@ impl Tasks {
                 self.dependents
                     .entry(dep.to_string())
                     .or_default()
-                    .push(id.to_owned());
+                    .insert(id.to_owned());
                 self.release_dependents(dep.as_str(), state, limits, now);
             }
         }
@@ -131,10 +131,10 @@ impl Tasks {
         }
         // a set, as `:dependents` on Redis: registering twice (a retried
         // call) lists it once
-        let waiting = self.dependents.entry(id.to_string()).or_default();
-        if !waiting.iter().any(|d| d == dependent.as_str()) {
-            waiting.push(dependent.to_string());
-        }
+        self.dependents
+            .entry(id.to_string())
+            .or_default()
+            .insert(dependent.to_string());
         DependReply::Waiting
     }
     /// See [`TaskBackend::lease`](crate::store::tasks::TaskBackend::lease).

@@ -12,5 +12,5 @@ if left == -1 or left > offset then
   local held = redis.call('GET', K_claim)
   if held then return held end
 end
-redis.call('SET', K_claim, A_value, 'PX', tonumber(A_ttl_ms) + offset)
+redis.call('SET', K_claim, A_value, 'PX', math.max(1, tonumber(A_ttl_ms) + offset))
 return false

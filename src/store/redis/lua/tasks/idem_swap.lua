@@ -11,6 +11,6 @@ if redis.call('GET', K_claim) ~= A_old then return 0 end
 if A_new == '' then
   redis.call('DEL', K_claim)
 else
-  redis.call('SET', K_claim, A_new, 'PX', tonumber(A_ttl_ms) + offset)
+  redis.call('SET', K_claim, A_new, 'PX', math.max(1, tonumber(A_ttl_ms) + offset))
 end
 return 1
