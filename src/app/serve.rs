@@ -331,6 +331,23 @@ async fn sweep_expired(store: MemoryStore, every: Duration, stop: CancellationTo
     }
 }
 
+/// What of the embedded store `KOO_DATA_DIR` keeps: the cache when it is
+/// embedded, the tasks (and schedules) when they are.
+fn embedded_parts(settings: &Settings) -> EmbeddedParts {
+    EmbeddedParts {
+        cache: match &settings.store {
+            StoreSettings::Memory(c) => Some(c.clone()),
+            StoreSettings::Redis(_) => None,
+        },
+        cache_prefix: settings.cache.prefix.clone(),
+        tasks: settings
+            .tasks
+            .redis
+            .is_none()
+            .then_some(settings.tasks.config.limits),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,22 +420,5 @@ mod tests {
         assert_eq!(seen.id, task.id);
         assert!(!app.engine.store().is_shared());
         app.shut_down(Duration::from_secs(5)).await.unwrap();
-    }
-}
-
-/// What of the embedded store `KOO_DATA_DIR` keeps: the cache when it is
-/// embedded, the tasks (and schedules) when they are.
-fn embedded_parts(settings: &Settings) -> EmbeddedParts {
-    EmbeddedParts {
-        cache: match &settings.store {
-            StoreSettings::Memory(c) => Some(c.clone()),
-            StoreSettings::Redis(_) => None,
-        },
-        cache_prefix: settings.cache.prefix.clone(),
-        tasks: settings
-            .tasks
-            .redis
-            .is_none()
-            .then_some(settings.tasks.config.limits),
     }
 }
