@@ -733,7 +733,7 @@ fn redis_and_embedded_task_stores_agree_on_every_sequence() {
         Ok(()) => {}
         Err(TestError::Fail(why, steps)) => {
             panic!(
-                "the stores disagree: {why}\nshrunk steps ({}):\n{steps:#?}",
+                "the stores disagree (PARITY_SEED={seed}): {why}\nshrunk steps ({}):\n{steps:#?}",
                 steps.len()
             )
         }
