@@ -1,0 +1,51 @@
+"""koo's Python SDK: the cache and the task queue of a koo server.
+
+Layout:
+
+- `koo.redis_cache`: the seed's cache names (`redis_cache`, `CacheLevel`,
+  `cached`, `cache_api_response`, `get_cached_api_response`).
+- `koo.task_manager`: the seed's task names (`task_manager`, `TaskCategory`,
+  `TaskPriority`, `submit_ai_task`, `submit_pdf_processing_task`).
+- `koo.configure(...)`: where the default clients connect.
+- `koo.cache.v1`, `koo.tasks.v1`, `koo.worker.v1`, `koo.schedule.v1`: the
+  generated gRPC stubs (from koo's `proto/`).
+"""
+
+from koo._cache import CacheHit, CacheLevel, KooCache, SyncKooCache
+from koo._cached import cache_key, cached
+from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
+from koo._tasks import (
+    SyncTaskManager,
+    TaskCategory,
+    TaskFailed,
+    TaskInfo,
+    TaskManager,
+    TaskPriority,
+    TaskProgress,
+    TaskState,
+    TaskSummary,
+    TaskTimeout,
+)
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "CacheHit",
+    "CacheLevel",
+    "KooCache",
+    "KooError",
+    "Settings",
+    "SyncKooCache",
+    "SyncTaskManager",
+    "TaskCategory",
+    "TaskFailed",
+    "TaskInfo",
+    "TaskManager",
+    "TaskPriority",
+    "TaskProgress",
+    "TaskState",
+    "TaskSummary",
+    "TaskTimeout",
+    "cache_key",
+    "cached",
+    "configure",
+]

@@ -1,0 +1,285 @@
+"""The cache client: `KooCache` (asyncio) and `SyncKooCache` (its facade)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+
+import grpc
+
+from koo._connection import Connection, Settings, rpc, shared_loop
+from koo._values import Seconds, from_cache_value, from_duration, to_cache_value, to_duration
+from koo.cache.v1 import cache_service_pb2 as pb
+from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
+
+
+class CacheLevel(str, Enum):
+    """The seed's four cache levels; each is a separate namespace in koo."""
+
+    APPLICATION = "app"
+    DATABASE = "db"
+    API = "api"
+    SESSION = "session"
+
+    @property
+    def proto(self) -> pb.CacheLevel.ValueType:
+        """The level as koo's protobuf enum."""
+        return _LEVELS[self]
+
+
+_LEVELS: dict[CacheLevel, pb.CacheLevel.ValueType] = {
+    CacheLevel.APPLICATION: pb.CACHE_LEVEL_APP,
+    CacheLevel.DATABASE: pb.CACHE_LEVEL_DB,
+    CacheLevel.API: pb.CACHE_LEVEL_API,
+    CacheLevel.SESSION: pb.CACHE_LEVEL_SESSION,
+}
+
+
+@dataclass(frozen=True)
+class CacheHit:
+    """A found entry: its value, the time it has left, and its sizes."""
+
+    value: Any
+    ttl: timedelta
+    size_bytes: int
+    stored_size_bytes: int
+    compressed: bool
+
+
+def _hit(r: pb.GetResponse) -> CacheHit | None:
+    if not r.found:
+        return None
+    return CacheHit(
+        value=from_cache_value(r.value),
+        ttl=from_duration(r.ttl),
+        size_bytes=r.size_bytes,
+        stored_size_bytes=r.stored_size_bytes,
+        compressed=r.compressed,
+    )
+
+
+class KooCache:
+    """koo's cache, asyncio-first, with the seed's method names.
+
+    `KooCache()` (no target) follows `koo.configure(...)` / `KOO_TARGET`.
+    Values keep their type: see `koo._values`. A `ttl` is seconds or a
+    `timedelta`; None means the level's default (koo's `CACHE_DEFAULT_TTL`,
+    `CACHE_API_DEFAULT_TTL` for the API level). Failed calls raise `KooError`.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+    ) -> None:
+        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls))
+        self._sync: SyncKooCache | None = None
+
+    def _stub(self) -> pb_grpc.CacheServiceAsyncStub:
+        return pb_grpc.CacheServiceStub(self._conn.channel())
+
+    @property
+    def sync(self) -> SyncKooCache:
+        """The same client with blocking methods (for code without a loop)."""
+        if self._sync is None:
+            self._sync = SyncKooCache(self)
+        return self._sync
+
+    async def close(self) -> None:
+        """Closes this loop's channel; the next call reconnects."""
+        await self._conn.close()
+
+    async def get(self, key: str, level: CacheLevel = CacheLevel.APPLICATION, default: Any = None) -> Any:
+        """The value under `key`, or `default` on a miss."""
+        hit = await self.get_entry(key, level)
+        return default if hit is None else hit.value
+
+    async def get_entry(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> CacheHit | None:
+        """The entry under `key` with its TTL and sizes, or None on a miss.
+
+        Tells a stored `None` (JSON null) from a miss.
+        """
+        r = await rpc(
+            self._stub().Get(pb.GetRequest(level=level.proto, key=key), metadata=self._conn.metadata())
+        )
+        return _hit(r)
+
+    async def set(
+        self,
+        key: str,
+        value: Any,
+        ttl: Seconds | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+    ) -> bool:
+        """Writes `value` under `key`; True once stored (errors raise)."""
+        req = pb.SetRequest(level=level.proto, key=key, value=to_cache_value(value))
+        if ttl is not None:
+            req.ttl.CopyFrom(to_duration(ttl))
+        await rpc(self._stub().Set(req, metadata=self._conn.metadata()))
+        return True
+
+    async def delete(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
+        """Removes `key`; True when it existed."""
+        r = await rpc(
+            self._stub().Delete(pb.DeleteRequest(level=level.proto, key=key), metadata=self._conn.metadata())
+        )
+        return r.deleted
+
+    async def exists(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
+        """Whether `key` holds a value now."""
+        return await self.get_entry(key, level) is not None
+
+    async def get_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> dict[str, Any]:
+        """The found keys and their values (up to 1000 keys per call)."""
+        req = pb.GetManyRequest(level=level.proto, keys=list(keys))
+        r = await rpc(self._stub().GetMany(req, metadata=self._conn.metadata()))
+        return {x.key: from_cache_value(x.entry.value) for x in r.results if x.entry.found}
+
+    async def set_many(
+        self,
+        items: Mapping[str, Any],
+        ttl: Seconds | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+    ) -> int:
+        """Writes every entry, all or nothing; returns how many."""
+        entries = []
+        for key, value in items.items():
+            e = pb.CacheEntry(level=level.proto, key=key, value=to_cache_value(value))
+            if ttl is not None:
+                e.ttl.CopyFrom(to_duration(ttl))
+            entries.append(e)
+        r = await rpc(self._stub().SetMany(pb.SetManyRequest(entries=entries), metadata=self._conn.metadata()))
+        return len(r.results)
+
+    async def delete_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> int:
+        """Removes the keys; returns how many existed."""
+        req = pb.DeleteManyRequest(level=level.proto, keys=list(keys))
+        r = await rpc(self._stub().DeleteMany(req, metadata=self._conn.metadata()))
+        return r.deleted_count
+
+    async def iter_keys(
+        self, pattern: str = "*", level: CacheLevel = CacheLevel.APPLICATION, page_size: int = 1000
+    ) -> AsyncIterator[str]:
+        """Every key of `level` matching the glob `pattern`, page by page.
+
+        SCAN semantics: a key present throughout is listed at least once.
+        """
+        token = ""
+        while True:
+            req = pb.ListKeysRequest(level=level.proto, pattern=pattern, page_size=page_size, page_token=token)
+            r = await rpc(self._stub().ListKeys(req, metadata=self._conn.metadata()))
+            for key in r.keys:
+                yield key
+            token = r.next_page_token
+            if not token:
+                return
+
+    async def list_keys(self, pattern: str = "*", level: CacheLevel = CacheLevel.APPLICATION) -> list[str]:
+        """The keys of `level` matching `pattern`, sorted and without repeats."""
+        return sorted({k async for k in self.iter_keys(pattern, level)})
+
+    async def clear_level(self, level: CacheLevel) -> int:
+        """Removes every key of `level`; returns how many."""
+        req = pb.ClearLevelRequest(level=level.proto)
+        r = await rpc(self._stub().ClearLevel(req, metadata=self._conn.metadata()))
+        return r.deleted_count
+
+    async def get_metrics(self) -> pb.CacheMetrics:
+        """Hit/miss, latency, compression and memory figures (all instances)."""
+        req = pb.GetMetricsRequest()
+        r = await rpc(self._stub().GetMetrics(req, metadata=self._conn.metadata()))
+        return r.metrics
+
+    async def health_check(self) -> pb.GetHealthResponse:
+        """Whether the backend answers, its kind, latency and breaker state."""
+        req = pb.GetHealthRequest()
+        return await rpc(self._stub().GetHealth(req, metadata=self._conn.metadata()))
+
+    async def cache_api_response(self, key: str, data: Any, ttl: Seconds | None = 300) -> bool:
+        """The seed's helper: caches an API response at the API level."""
+        return await self.set(key, data, ttl=ttl, level=CacheLevel.API)
+
+    async def get_cached_api_response(self, key: str) -> Any:
+        """The seed's helper: a cached API response, or None."""
+        return await self.get(key, CacheLevel.API)
+
+
+class SyncKooCache:
+    """Blocking twins of `KooCache`'s methods, for code without an event loop.
+
+    Calls run on a private loop thread; don't call them from a coroutine
+    (use the async client there).
+    """
+
+    def __init__(self, cache: KooCache | None = None) -> None:
+        self._cache = cache if cache is not None else KooCache()
+
+    @property
+    def aio(self) -> KooCache:
+        """The async client behind this facade."""
+        return self._cache
+
+    def get(self, key: str, level: CacheLevel = CacheLevel.APPLICATION, default: Any = None) -> Any:
+        """See `KooCache.get`."""
+        return shared_loop().run(self._cache.get(key, level, default))
+
+    def get_entry(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> CacheHit | None:
+        """See `KooCache.get_entry`."""
+        return shared_loop().run(self._cache.get_entry(key, level))
+
+    def set(
+        self, key: str, value: Any, ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION
+    ) -> bool:
+        """See `KooCache.set`."""
+        return shared_loop().run(self._cache.set(key, value, ttl, level))
+
+    def delete(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
+        """See `KooCache.delete`."""
+        return shared_loop().run(self._cache.delete(key, level))
+
+    def exists(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
+        """See `KooCache.exists`."""
+        return shared_loop().run(self._cache.exists(key, level))
+
+    def get_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> dict[str, Any]:
+        """See `KooCache.get_many`."""
+        return shared_loop().run(self._cache.get_many(keys, level))
+
+    def set_many(
+        self, items: Mapping[str, Any], ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION
+    ) -> int:
+        """See `KooCache.set_many`."""
+        return shared_loop().run(self._cache.set_many(items, ttl, level))
+
+    def delete_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> int:
+        """See `KooCache.delete_many`."""
+        return shared_loop().run(self._cache.delete_many(keys, level))
+
+    def list_keys(self, pattern: str = "*", level: CacheLevel = CacheLevel.APPLICATION) -> list[str]:
+        """See `KooCache.list_keys`."""
+        return shared_loop().run(self._cache.list_keys(pattern, level))
+
+    def clear_level(self, level: CacheLevel) -> int:
+        """See `KooCache.clear_level`."""
+        return shared_loop().run(self._cache.clear_level(level))
+
+    def get_metrics(self) -> pb.CacheMetrics:
+        """See `KooCache.get_metrics`."""
+        return shared_loop().run(self._cache.get_metrics())
+
+    def health_check(self) -> pb.GetHealthResponse:
+        """See `KooCache.health_check`."""
+        return shared_loop().run(self._cache.health_check())
+
+    def cache_api_response(self, key: str, data: Any, ttl: Seconds | None = 300) -> bool:
+        """See `KooCache.cache_api_response`."""
+        return shared_loop().run(self._cache.cache_api_response(key, data, ttl))
+
+    def get_cached_api_response(self, key: str) -> Any:
+        """See `KooCache.get_cached_api_response`."""
+        return shared_loop().run(self._cache.get_cached_api_response(key))

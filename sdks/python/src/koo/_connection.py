@@ -1,0 +1,165 @@
+"""Where koo is and how to reach it: settings, channels, errors.
+
+A client holds `Settings` and opens its gRPC channel lazily, one per asyncio
+event loop (a `grpc.aio` channel belongs to the loop it was made in), so a
+module-level client such as `koo.redis_cache.redis_cache` works from any loop,
+including the fresh ones `asyncio.run` makes. Clients made without a target
+read the process-wide defaults (`koo.configure(...)`, else `KOO_TARGET`, else
+`127.0.0.1:50051`) when they first connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import weakref
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+"""Where clients connect when neither `configure` nor `KOO_TARGET` says."""
+
+T = TypeVar("T")
+
+
+class KooError(Exception):
+    """A call to koo failed; `code` is the gRPC status code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to reach koo.
+
+    `tls`: False for plaintext, True for TLS with the system's roots, or
+    `grpc.ChannelCredentials` of your own (e.g. with a private CA).
+    `api_key` is sent as `authorization: Bearer <key>` on every call.
+    """
+
+    target: str | None = None
+    api_key: str | None = None
+    tls: bool | grpc.ChannelCredentials = False
+
+    def resolved(self) -> Settings:
+        """These settings with the process-wide defaults filled in."""
+        base = _defaults
+        target = self.target or base.target or os.environ.get("KOO_TARGET") or DEFAULT_TARGET
+        api_key = self.api_key if self.api_key is not None else base.api_key
+        if api_key is None:
+            api_key = os.environ.get("KOO_API_KEY") or None
+        tls = self.tls if self.target else base.tls
+        return Settings(target=target, api_key=api_key, tls=tls)
+
+
+_defaults = Settings()
+_generation = 0
+
+
+def configure(
+    target: str | None = None,
+    *,
+    api_key: str | None = None,
+    tls: bool | grpc.ChannelCredentials = False,
+) -> None:
+    """Sets where the default clients (`redis_cache`, `task_manager`) connect.
+
+    Call it before their first use, or again to move them: they reconnect on
+    their next call.
+    """
+    global _defaults, _generation
+    _defaults = Settings(target=target, api_key=api_key, tls=tls)
+    _generation += 1
+
+
+class Connection:
+    """Lazily opened channels (one per event loop) and the call metadata."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._channels: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int, grpc.aio.Channel]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def settings(self) -> Settings:
+        """The settings as they apply now (defaults filled in)."""
+        return self._settings.resolved()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries."""
+        key = self.settings.api_key
+        return (("authorization", f"Bearer {key}"),) if key else ()
+
+    def channel(self) -> grpc.aio.Channel:
+        """The running loop's channel, opened on first use."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            held = self._channels.get(loop)
+            if held is not None and held[0] == _generation:
+                return held[1]
+            s = self.settings
+            assert s.target is not None
+            if s.tls is False:
+                ch = grpc.aio.insecure_channel(s.target)
+            else:
+                creds = grpc.ssl_channel_credentials() if s.tls is True else s.tls
+                ch = grpc.aio.secure_channel(s.target, creds)
+            self._channels[loop] = (_generation, ch)
+            return ch
+
+    async def close(self) -> None:
+        """Closes the running loop's channel (a later call opens a new one)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            held = self._channels.pop(loop, None)
+        if held is not None:
+            await held[1].close()
+
+
+async def rpc(call: Awaitable[T]) -> T:
+    """Awaits one unary call, turning gRPC errors into `KooError`."""
+    try:
+        return await call
+    except grpc.aio.AioRpcError as e:
+        raise KooError(e.code(), e.details() or "") from None
+
+
+class LoopThread:
+    """A private event loop on a daemon thread, behind the sync facades.
+
+    One per process (`shared_loop()`); the clients open their own channel on
+    it, as on any loop.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="koo-sync", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Runs a coroutine on the private loop and waits for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+
+_shared: LoopThread | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_loop() -> LoopThread:
+    """The process's loop thread for sync calls, started on first use."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            _shared = LoopThread()
+        return _shared

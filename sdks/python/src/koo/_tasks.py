@@ -1,0 +1,454 @@
+"""The tasks client: `TaskManager` (asyncio) and `SyncTaskManager`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import IntEnum
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from koo._connection import Connection, KooError, Settings, rpc, shared_loop
+from koo._values import (
+    Seconds,
+    from_duration,
+    from_proto_value,
+    from_struct,
+    from_timestamp,
+    to_duration,
+    to_proto_value,
+    to_struct,
+    to_timestamp,
+)
+from koo.tasks.v1 import task_service_pb2 as pb
+from koo.tasks.v1 import task_service_pb2_grpc as pb_grpc
+
+
+class TaskCategory(IntEnum):
+    """The seed's six categories; each has its own queue."""
+
+    AI_SERVICE = pb.TASK_CATEGORY_AI_SERVICE
+    PDF_PROCESSING = pb.TASK_CATEGORY_PDF_PROCESSING
+    DATABASE = pb.TASK_CATEGORY_DATABASE
+    HEALTH_CHECK = pb.TASK_CATEGORY_HEALTH_CHECK
+    RESEARCH = pb.TASK_CATEGORY_RESEARCH
+    CACHE = pb.TASK_CATEGORY_CACHE
+
+
+class TaskPriority(IntEnum):
+    """Higher runs first within a queue; FIFO within one priority."""
+
+    LOW = pb.TASK_PRIORITY_LOW
+    NORMAL = pb.TASK_PRIORITY_NORMAL
+    HIGH = pb.TASK_PRIORITY_HIGH
+    CRITICAL = pb.TASK_PRIORITY_CRITICAL
+
+
+class TaskState(IntEnum):
+    """Where a task is in its life."""
+
+    UNKNOWN = pb.TASK_STATE_UNSPECIFIED
+    PENDING = pb.TASK_STATE_PENDING
+    SCHEDULED = pb.TASK_STATE_SCHEDULED
+    QUEUED = pb.TASK_STATE_QUEUED
+    RUNNING = pb.TASK_STATE_RUNNING
+    SUCCEEDED = pb.TASK_STATE_SUCCEEDED
+    FAILED = pb.TASK_STATE_FAILED
+    CANCELLED = pb.TASK_STATE_CANCELLED
+    TIMED_OUT = pb.TASK_STATE_TIMED_OUT
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the task has ended (it changes again only on retry)."""
+        return self in _FINAL
+
+
+_FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT})
+
+
+@dataclass(frozen=True)
+class TaskProgress:
+    """A handler's latest progress report."""
+
+    percent: float = 0.0
+    message: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as koo reports it (`get_task_status`, `watch`, listings)."""
+
+    id: str
+    name: str
+    state: TaskState
+    category: TaskCategory | None
+    queue: str
+    priority: int
+    args: list[Any]
+    kwargs: dict[str, Any]
+    attempts: int
+    max_retries: int
+    worker: str
+    progress: TaskProgress
+    result: Any
+    error: str | None
+    error_retryable: bool
+    depends_on: list[str]
+    create_time: datetime | None
+    start_time: datetime | None
+    end_time: datetime | None
+
+    @property
+    def status(self) -> str:
+        """The state's name in lower case (`succeeded`), as the seed's dicts had it."""
+        return self.state.name.lower()
+
+    @classmethod
+    def from_proto(cls, t: pb.Task) -> TaskInfo:
+        """Converts koo's `Task` message."""
+        return cls(
+            id=t.id,
+            name=t.name,
+            state=TaskState(t.state),
+            category=TaskCategory(t.category) if t.category else None,
+            queue=t.queue,
+            priority=int(t.priority),
+            args=[from_proto_value(v) for v in t.args],
+            kwargs=from_struct(t.kwargs),
+            attempts=t.attempts,
+            max_retries=t.max_retries,
+            worker=t.worker,
+            progress=TaskProgress(t.progress.percent, t.progress.message, from_struct(t.progress.metadata)),
+            result=from_proto_value(t.result) if t.HasField("result") else None,
+            error=t.error.message if t.HasField("error") else None,
+            error_retryable=t.error.retryable,
+            depends_on=list(t.depends_on),
+            create_time=from_timestamp(t.create_time),
+            start_time=from_timestamp(t.start_time),
+            end_time=from_timestamp(t.end_time),
+        )
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """What history keeps of an ended task."""
+
+    id: str
+    name: str
+    category: TaskCategory | None
+    state: TaskState
+    attempts: int
+    end_time: datetime | None
+
+
+class TaskFailed(Exception):
+    """`result()` of a task that ended without succeeding."""
+
+    def __init__(self, task: TaskInfo) -> None:
+        super().__init__(f"task {task.id} ({task.name}) ended {task.state.name}: {task.error or ''}")
+        self.task = task
+
+
+class TaskTimeout(TimeoutError):
+    """`result()` gave up waiting; the task goes on."""
+
+
+class TaskManager:
+    """koo's background tasks, asyncio-first, with the seed's method names.
+
+    `TaskManager()` (no target) follows `koo.configure(...)` / `KOO_TARGET`.
+    Failed calls raise `KooError`.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+    ) -> None:
+        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls))
+        self._sync: SyncTaskManager | None = None
+
+    def _stub(self) -> pb_grpc.TaskServiceAsyncStub:
+        return pb_grpc.TaskServiceStub(self._conn.channel())
+
+    @property
+    def sync(self) -> SyncTaskManager:
+        """The same client with blocking methods."""
+        if self._sync is None:
+            self._sync = SyncTaskManager(self)
+        return self._sync
+
+    async def close(self) -> None:
+        """Closes this loop's channel; the next call reconnects."""
+        await self._conn.close()
+
+    async def submit(
+        self,
+        task_name: str,
+        category: TaskCategory,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        priority: TaskPriority = TaskPriority.NORMAL,
+        max_retries: int | None = None,
+        *,
+        countdown: Seconds | None = None,
+        eta: datetime | None = None,
+        depends_on: Iterable[str] = (),
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        soft_time_limit: Seconds | None = None,
+        time_limit: Seconds | None = None,
+        result_ttl: Seconds | None = None,
+    ) -> tuple[TaskInfo, bool]:
+        """Submits a task; returns it and whether an earlier submit with the
+        same idempotency key had stored it (`deduplicated`)."""
+        req = pb.SubmitTaskRequest(
+            name=task_name,
+            category=pb.TaskCategory.ValueType(category.value),
+            args=[to_proto_value(a) for a in args],
+            priority=pb.TaskPriority.ValueType(priority.value),
+            queue=queue or "",
+            idempotency_key=idempotency_key or "",
+            depends_on=list(depends_on),
+        )
+        if kwargs:
+            req.kwargs.CopyFrom(to_struct(kwargs))
+        if max_retries is not None:
+            req.max_retries = max_retries
+        if countdown is not None:
+            req.countdown.CopyFrom(to_duration(countdown))
+        if eta is not None:
+            req.eta.CopyFrom(to_timestamp(eta))
+        if soft_time_limit is not None:
+            req.soft_time_limit.CopyFrom(to_duration(soft_time_limit))
+        if time_limit is not None:
+            req.time_limit.CopyFrom(to_duration(time_limit))
+        if result_ttl is not None:
+            req.result_ttl.CopyFrom(to_duration(result_ttl))
+        r = await rpc(self._stub().SubmitTask(req, metadata=self._conn.metadata()))
+        return TaskInfo.from_proto(r.task), r.deduplicated
+
+    async def submit_task(
+        self,
+        task_name: str,
+        category: TaskCategory,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        priority: TaskPriority = TaskPriority.NORMAL,
+        max_retries: int | None = None,
+        *,
+        countdown: Seconds | None = None,
+        eta: datetime | None = None,
+        depends_on: Iterable[str] = (),
+        idempotency_key: str | None = None,
+        queue: str | None = None,
+        soft_time_limit: Seconds | None = None,
+        time_limit: Seconds | None = None,
+        result_ttl: Seconds | None = None,
+    ) -> str:
+        """The seed's call: submits a task and returns its id.
+
+        `max_retries` None means koo's default (3); `countdown` (seconds or
+        timedelta) or `eta` delays it; `depends_on` names tasks that must
+        succeed first; `idempotency_key` makes a repeated submit return the
+        first task's id.
+        """
+        task, _ = await self.submit(
+            task_name,
+            category,
+            args,
+            kwargs,
+            priority,
+            max_retries,
+            countdown=countdown,
+            eta=eta,
+            depends_on=depends_on,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+            result_ttl=result_ttl,
+        )
+        return task.id
+
+    async def get_task_status(self, task_id: str) -> TaskInfo:
+        """The task now: state, progress, attempts, result or error."""
+        r = await rpc(self._stub().GetTask(pb.GetTaskRequest(task_id=task_id), metadata=self._conn.metadata()))
+        return TaskInfo.from_proto(r.task)
+
+    async def watch(self, task_id: str) -> AsyncIterator[TaskInfo]:
+        """The task now, then at every state change and progress report; ends
+        after its final state. A slow reader may miss intermediate updates,
+        never the final one."""
+        call = self._stub().WatchTask(pb.WatchTaskRequest(task_id=task_id), metadata=self._conn.metadata())
+        try:
+            async for r in call:
+                info = TaskInfo.from_proto(r.task)
+                yield info
+                if info.state.is_final:
+                    return
+        except grpc.aio.AioRpcError as e:
+            raise KooError(e.code(), e.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def result(self, task_id: str, timeout: Seconds | None = None) -> Any:
+        """Waits for the task to end and returns its result.
+
+        Raises `TaskFailed` when it ends otherwise, `TaskTimeout` after
+        `timeout` (seconds or timedelta; None waits as long as it takes).
+        """
+
+        async def final() -> TaskInfo:
+            last: TaskInfo | None = None
+            async for info in self.watch(task_id):
+                last = info
+            if last is None or not last.state.is_final:
+                last = await self.get_task_status(task_id)
+            return last
+
+        secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        try:
+            info = await asyncio.wait_for(final(), secs)
+        except asyncio.TimeoutError:
+            raise TaskTimeout(f"task {task_id} did not end within {secs} s") from None
+        if info.state is not TaskState.SUCCEEDED:
+            raise TaskFailed(info)
+        return info.result
+
+    async def cancel(self, task_id: str, reason: str = "") -> TaskInfo:
+        """Cancels a task that has not ended (a running one is told to stop)."""
+        req = pb.CancelTaskRequest(task_id=task_id, reason=reason)
+        r = await rpc(self._stub().CancelTask(req, metadata=self._conn.metadata()))
+        return TaskInfo.from_proto(r.task)
+
+    async def cancel_task(self, task_id: str) -> bool:
+        """The seed's name: cancels a task; True when it is (being) cancelled."""
+        info = await self.cancel(task_id)
+        return info.state in (TaskState.CANCELLED, TaskState.RUNNING)
+
+    async def retry(self, task_id: str) -> TaskInfo:
+        """Runs a FAILED, TIMED_OUT or CANCELLED task again, same id."""
+        r = await rpc(self._stub().RetryTask(pb.RetryTaskRequest(task_id=task_id), metadata=self._conn.metadata()))
+        return TaskInfo.from_proto(r.task)
+
+    async def retry_task(self, task_id: str) -> str:
+        """The seed's name: retries a task and returns its id."""
+        return (await self.retry(task_id)).id
+
+    async def get_active_tasks(
+        self,
+        category: TaskCategory | None = None,
+        *,
+        queue: str | None = None,
+        name: str | None = None,
+        limit: int = 500,
+    ) -> list[TaskInfo]:
+        """Running, queued and scheduled tasks (up to `limit`)."""
+        out: list[TaskInfo] = []
+        token = ""
+        while len(out) < limit:
+            req = pb.ListActiveTasksRequest(
+                category=pb.TaskCategory.ValueType(category.value if category else 0),
+                queue=queue or "",
+                name=name or "",
+                page_size=min(500, limit - len(out)),
+                page_token=token,
+            )
+            r = await rpc(self._stub().ListActiveTasks(req, metadata=self._conn.metadata()))
+            out.extend(TaskInfo.from_proto(t) for t in r.tasks)
+            token = r.next_page_token
+            if not token:
+                break
+        return out
+
+    async def get_task_history(
+        self,
+        state: TaskState | None = None,
+        category: TaskCategory | None = None,
+        *,
+        name: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskSummary]:
+        """Ended tasks, newest first (up to `limit`)."""
+        out: list[TaskSummary] = []
+        token = ""
+        while len(out) < limit:
+            req = pb.ListTaskHistoryRequest(
+                state=pb.TaskState.ValueType(state.value if state else 0),
+                category=pb.TaskCategory.ValueType(category.value if category else 0),
+                name=name or "",
+                page_size=min(500, limit - len(out)),
+                page_token=token,
+            )
+            r = await rpc(self._stub().ListTaskHistory(req, metadata=self._conn.metadata()))
+            out.extend(
+                TaskSummary(
+                    id=t.id,
+                    name=t.name,
+                    category=TaskCategory(t.category) if t.category else None,
+                    state=TaskState(t.state),
+                    attempts=t.attempts,
+                    end_time=from_timestamp(t.end_time),
+                )
+                for t in r.tasks
+            )
+            token = r.next_page_token
+            if not token:
+                break
+        return out
+
+    async def get_task_metrics(self) -> pb.GetTaskMetricsResponse:
+        """Each queue's depth, oldest wait and outcome counts; live workers."""
+        req = pb.GetTaskMetricsRequest()
+        return await rpc(self._stub().GetTaskMetrics(req, metadata=self._conn.metadata()))
+
+    async def cleanup_old_tasks(self, hours_old: float = 24, include_dead_letters: bool = False) -> int:
+        """Removes tasks that ended more than `hours_old` hours ago; returns how many."""
+        req = pb.CleanupTasksRequest(
+            older_than=to_duration(timedelta(hours=hours_old)), include_dead_letters=include_dead_letters
+        )
+        r = await rpc(self._stub().CleanupTasks(req, metadata=self._conn.metadata()))
+        return r.removed_tasks + r.removed_dead_letters
+
+    async def submit_ai_task(self, task_name: str, *args: Any, **kwargs: Any) -> str:
+        """The seed's helper: an AI_SERVICE task at HIGH priority."""
+        return await self.submit_task(task_name, TaskCategory.AI_SERVICE, args, kwargs, TaskPriority.HIGH)
+
+    async def submit_pdf_processing_task(self, task_name: str, *args: Any, **kwargs: Any) -> str:
+        """The seed's helper: a PDF_PROCESSING task at NORMAL priority."""
+        return await self.submit_task(task_name, TaskCategory.PDF_PROCESSING, args, kwargs, TaskPriority.NORMAL)
+
+
+class SyncTaskManager:
+    """Blocking twins of `TaskManager`'s main methods (not from a coroutine)."""
+
+    def __init__(self, manager: TaskManager | None = None) -> None:
+        self._m = manager if manager is not None else TaskManager()
+
+    def submit_task(self, task_name: str, category: TaskCategory, *args: Any, **kwargs: Any) -> str:
+        """See `TaskManager.submit_task`."""
+        return shared_loop().run(self._m.submit_task(task_name, category, *args, **kwargs))
+
+    def get_task_status(self, task_id: str) -> TaskInfo:
+        """See `TaskManager.get_task_status`."""
+        return shared_loop().run(self._m.get_task_status(task_id))
+
+    def result(self, task_id: str, timeout: Seconds | None = None) -> Any:
+        """See `TaskManager.result`."""
+        return shared_loop().run(self._m.result(task_id, timeout))
+
+    def cancel(self, task_id: str, reason: str = "") -> TaskInfo:
+        """See `TaskManager.cancel`."""
+        return shared_loop().run(self._m.cancel(task_id, reason))
+
+    def retry(self, task_id: str) -> TaskInfo:
+        """See `TaskManager.retry`."""
+        return shared_loop().run(self._m.retry(task_id))

@@ -1,0 +1,142 @@
+"""Python values to koo's protobuf values and back.
+
+The cache keeps a value in one of three kinds (`CacheValue.kind`): `str` is
+stored as text, `bytes` (and `bytearray`, `memoryview`) as raw bytes, and
+anything else JSON can hold (dict, list, tuple, int, float, bool, None) as a
+`google.protobuf.Value`. A read gives back the kind that was written.
+
+JSON numbers travel as IEEE doubles: a whole number within +-2**53 comes back
+as `int` (so `3` and `3.0` both read back as `3`), other numbers as `float`.
+Tuples come back as lists. NaN and infinities are refused, by koo and here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeAlias
+
+from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
+
+from koo.cache.v1 import cache_service_pb2 as cache_pb
+
+Seconds: TypeAlias = int | float | timedelta
+"""A duration: seconds as a number, or a `timedelta`."""
+
+_EXACT = 2**53
+
+
+def to_proto_value(obj: object) -> struct_pb2.Value:
+    """Converts a JSON-able Python object to a `google.protobuf.Value`."""
+    v = struct_pb2.Value()
+    if obj is None:
+        v.null_value = struct_pb2.NULL_VALUE
+    elif isinstance(obj, bool):
+        v.bool_value = obj
+    elif isinstance(obj, (int, float)):
+        f = float(obj)
+        if not math.isfinite(f):
+            raise ValueError(f"JSON numbers must be finite, not {obj!r}")
+        v.number_value = f
+    elif isinstance(obj, str):
+        v.string_value = obj
+    elif isinstance(obj, Mapping):
+        struct = v.struct_value
+        struct.SetInParent()
+        for key, item in obj.items():
+            if not isinstance(key, str):
+                raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
+            struct.fields[key].CopyFrom(to_proto_value(item))
+    elif isinstance(obj, (list, tuple)):
+        values = v.list_value
+        values.SetInParent()
+        for item in obj:
+            values.values.append(to_proto_value(item))
+    else:
+        raise TypeError(f"{type(obj).__name__} is not JSON-able (use str, bytes or JSON types)")
+    return v
+
+
+def from_proto_value(v: struct_pb2.Value) -> Any:
+    """Converts a `google.protobuf.Value` back to plain Python."""
+    kind = v.WhichOneof("kind")
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "number_value":
+        n = v.number_value
+        if n.is_integer() and -_EXACT <= n <= _EXACT:
+            return int(n)
+        return n
+    if kind == "string_value":
+        return v.string_value
+    if kind == "struct_value":
+        return {k: from_proto_value(item) for k, item in v.struct_value.fields.items()}
+    if kind == "list_value":
+        return [from_proto_value(item) for item in v.list_value.values]
+    return None
+
+
+def to_cache_value(obj: object) -> cache_pb.CacheValue:
+    """Chooses the cache value kind for a Python value (see the module doc)."""
+    if isinstance(obj, str):
+        return cache_pb.CacheValue(text=obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return cache_pb.CacheValue(raw=bytes(obj))
+    return cache_pb.CacheValue(json=to_proto_value(obj))
+
+
+def from_cache_value(v: cache_pb.CacheValue) -> Any:
+    """The Python value of a cache value, in the kind it was written."""
+    kind = v.WhichOneof("kind")
+    if kind == "text":
+        return v.text
+    if kind == "raw":
+        return v.raw
+    if kind == "json":
+        return from_proto_value(v.json)
+    return None
+
+
+def to_struct(mapping: Mapping[str, object]) -> struct_pb2.Struct:
+    """A `google.protobuf.Struct` from a mapping of JSON-able values."""
+    s = struct_pb2.Struct()
+    for key, item in mapping.items():
+        s.fields[key].CopyFrom(to_proto_value(item))
+    return s
+
+
+def from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
+    """Plain Python from a `google.protobuf.Struct`."""
+    return {k: from_proto_value(item) for k, item in s.fields.items()}
+
+
+def to_duration(value: int | float | timedelta) -> duration_pb2.Duration:
+    """A protobuf Duration from seconds or a timedelta."""
+    d = duration_pb2.Duration()
+    if isinstance(value, timedelta):
+        d.FromTimedelta(value)
+    else:
+        d.FromNanoseconds(round(value * 1_000_000_000))
+    return d
+
+
+def from_duration(d: duration_pb2.Duration) -> timedelta:
+    """A timedelta from a protobuf Duration."""
+    return timedelta(seconds=d.seconds, microseconds=d.nanos // 1000)
+
+
+def to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp; a naive datetime is taken as UTC."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    t = timestamp_pb2.Timestamp()
+    t.FromDatetime(value)
+    return t
+
+
+def from_timestamp(t: timestamp_pb2.Timestamp) -> datetime | None:
+    """An aware UTC datetime, or None for an unset (zero) timestamp."""
+    if t.seconds == 0 and t.nanos == 0:
+        return None
+    return t.ToDatetime(tzinfo=timezone.utc)
