@@ -1,0 +1,208 @@
+"""`@cached` against a real koo: keys, single-flight, None, bypass, invalidate."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from koo import CacheLevel, KooCache, cache_key, cached
+from koo.redis_cache import redis_cache
+
+
+def test_the_key_is_the_documented_one(ns: str) -> None:
+    """prefix:module.qualname:sha256 of the canonical JSON of [args, kwargs]."""
+
+    @cached(key_prefix=ns)
+    def lookup(query: str, limit: int = 10, *, tags: list[str] | None = None) -> str:
+        return query
+
+    canonical = '[["brain ü",5],{"tags":["a","b"]}]'
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    name = f"{__name__}.test_the_key_is_the_documented_one.<locals>.lookup"
+    assert lookup.cache_key("brain ü", 5, tags=["a", "b"]) == f"{ns}:{name}:{digest}"
+    # kwargs order does not matter; the key is the same in another interpreter.
+    assert cache_key(lookup.__wrapped__, ns, ("x",), {"b": 1, "a": 2}) == cache_key(
+        lookup.__wrapped__, ns, ("x",), {"a": 2, "b": 1}
+    )
+    code = (
+        "import hashlib, json;"
+        "print(hashlib.sha256(json.dumps([['brain ü',5],{'tags':['a','b']}],"
+        "sort_keys=True,separators=(',',':'),ensure_ascii=False).encode()).hexdigest())"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other.stdout.strip() == digest
+
+
+def test_twenty_concurrent_async_callers_compute_once(cache_target: str, ns: str) -> None:
+    """20 callers of one cold key in one process: one computation, one value for all."""
+    cache = KooCache(cache_target)
+    calls = 0
+
+    @cached(ttl=60, level=CacheLevel.DATABASE, key_prefix=ns, cache=cache)
+    async def research(query: str) -> dict[str, object]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.2)
+        return {"query": query, "hits": [1, 2, 3]}
+
+    async def scenario() -> None:
+        results = await asyncio.gather(*(research("neurosurgery") for _ in range(20)))
+        assert all(r == {"query": "neurosurgery", "hits": [1, 2, 3]} for r in results)
+        assert calls == 1
+        assert await research("neurosurgery") == results[0]
+        assert calls == 1
+        key = research.cache_key("neurosurgery")
+        assert await cache.get(key, CacheLevel.DATABASE) == results[0]
+
+    asyncio.run(scenario())
+
+
+def test_twenty_concurrent_threads_compute_once(cache_target: str, ns: str) -> None:
+    """A plain function called from 20 threads at once is computed once."""
+    calls = 0
+    guard = threading.Lock()
+
+    @cached(ttl=60, key_prefix=ns, cache=KooCache(cache_target))
+    def report(n: int) -> list[int]:
+        nonlocal calls
+        with guard:
+            calls += 1
+        time.sleep(0.2)
+        return list(range(n))
+
+    results: list[list[int]] = []
+    threads = [threading.Thread(target=lambda: results.append(report(3))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[0, 1, 2]] * 20
+    assert calls == 1
+
+
+def test_two_processes_compute_at_most_once_each(target: str, ns: str) -> None:
+    """Across processes koo 1.x has only Get/Set (no set-if-absent), so two
+    processes that miss a cold key together may each compute it once, never more."""
+    child = Path(__file__).with_name("cached_child.py")
+    start_at = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(child), target, ns, str(start_at)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    counts = []
+    for p in procs:
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0
+        counts.append(int(out.strip()))
+    assert all(c <= 1 for c in counts), counts
+    assert 1 <= sum(counts) <= 2, counts
+
+
+def test_none_is_cached_only_when_asked(target: str, ns: str) -> None:
+    """cache_none=False recomputes a None result; cache_none=True keeps it."""
+    cache = KooCache(target)
+    calls = {"skip": 0, "keep": 0}
+
+    @cached(key_prefix=ns, cache=cache)
+    async def skip() -> None:
+        calls["skip"] += 1
+
+    @cached(key_prefix=ns, cache=cache, cache_none=True)
+    async def keep() -> None:
+        calls["keep"] += 1
+
+    async def scenario() -> None:
+        for _ in range(2):
+            assert await skip() is None
+            assert await keep() is None
+        assert calls == {"skip": 2, "keep": 1}
+
+    asyncio.run(scenario())
+
+
+def test_bypass_and_invalidate(target: str, ns: str) -> None:
+    """bypass calls the function without the cache; invalidate drops one call's entry."""
+    cache = KooCache(target)
+    calls = 0
+
+    @cached(key_prefix=ns, cache=cache)
+    async def value(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x + calls
+
+    @cached(key_prefix=ns, cache=cache)
+    def plain(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        return x
+
+    async def scenario() -> None:
+        assert await value(10) == 11
+        assert await value(10) == 11
+        assert await value.bypass(10) == 12
+        assert await value(10) == 11
+        assert await value.invalidate(10) is True
+        assert await value(10) == 13
+
+    asyncio.run(scenario())
+    assert plain(1) == 1 and plain(1) == 1
+    before = calls
+    assert plain.invalidate(1) is True
+    assert plain(1) == 1 and calls == before + 1
+
+
+def test_failures_reach_every_waiter_and_are_not_cached(target: str, ns: str) -> None:
+    """An exception goes to all concurrent callers; the next call computes again."""
+    calls = 0
+
+    @cached(key_prefix=ns, cache=KooCache(target))
+    async def flaky() -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.05)
+        if calls == 1:
+            raise RuntimeError("boom")
+        return "ok"
+
+    async def scenario() -> None:
+        results = await asyncio.gather(*(flaky() for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        assert await flaky() == "ok"
+        assert calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_unreachable_cache_computes_uncached(caplog: pytest.LogCaptureFixture) -> None:
+    """With koo down the function still answers, and the failure is logged."""
+
+    @cached(cache=KooCache("127.0.0.1:1"))
+    async def f(x: int) -> int:
+        return x * 2
+
+    assert asyncio.run(f(4)) == 8
+    assert "computing uncached" in caplog.text
+
+
+def test_default_client_follows_configure(default_clients: str, ns: str) -> None:
+    """@cached without cache= uses koo.redis_cache.redis_cache, wherever configure points it."""
+
+    @cached(ttl=30, level=CacheLevel.API, key_prefix=ns)
+    async def f() -> str:
+        return "v"
+
+    async def scenario() -> None:
+        assert await f() == "v"
+        assert await redis_cache.get(f.cache_key(), CacheLevel.API) == "v"
+
+    asyncio.run(scenario())
