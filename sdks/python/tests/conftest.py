@@ -121,7 +121,7 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def koo_memory() -> Iterator[KooServer]:
     """One koo on the embedded store for the whole session."""
-    server = KooServer({})
+    server = KooServer({"KOO_TASK_QUEUES": "sdk-extra"})
     yield server
     server.stop()
 

@@ -1,0 +1,192 @@
+"""The tasks client against a real koo (embedded store, built-in workers only).
+
+Tasks with a name no built-in worker serves stay QUEUED, which is what the
+cancel, dependency and listing tests need; the built-in health check and
+cache cleanup run to SUCCEEDED for `result` and `watch`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from koo import (
+    KooError,
+    TaskCategory,
+    TaskFailed,
+    TaskManager,
+    TaskPriority,
+    TaskState,
+    TaskTimeout,
+)
+
+
+def test_submit_with_every_option_and_read_it_back(target: str, ns: str) -> None:
+    """args, kwargs, priority, max_retries, queue and limits arrive as given."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        task_id = await tm.submit_task(
+            f"sdk.{ns}.echo",
+            TaskCategory.RESEARCH,
+            args=("claude", 3, [1.5, None]),
+            kwargs={"deep": True, "tags": ["a"]},
+            priority=TaskPriority.CRITICAL,
+            max_retries=0,
+            queue="sdk-extra",
+            soft_time_limit=30,
+            time_limit=timedelta(minutes=1),
+        )
+        info = await tm.get_task_status(task_id)
+        assert info.id == task_id
+        assert info.name == f"sdk.{ns}.echo"
+        assert info.state is TaskState.QUEUED and info.status == "queued"
+        assert info.category is TaskCategory.RESEARCH
+        assert info.queue == "sdk-extra"
+        assert info.priority == TaskPriority.CRITICAL
+        assert info.args == ["claude", 3, [1.5, None]]
+        assert info.kwargs == {"deep": True, "tags": ["a"]}
+        assert info.max_retries == 0
+        assert info.create_time is not None and info.end_time is None
+        await tm.cancel(task_id)
+
+    asyncio.run(scenario())
+
+
+def test_result_and_watch_of_a_built_in_task(target: str) -> None:
+    """watch yields states up to SUCCEEDED; result returns the task's result."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        task_id = await tm.submit_task("koo.tasks.cache.cleanup", TaskCategory.CACHE)
+        states = [info.state async for info in tm.watch(task_id)]
+        assert states[-1] is TaskState.SUCCEEDED
+        assert all(not s.is_final for s in states[:-1])
+        other = await tm.submit_task("koo.tasks.health_check.run", TaskCategory.HEALTH_CHECK)
+        result = await tm.result(other, timeout=30)
+        assert isinstance(result, dict) and result
+        assert (await tm.get_task_status(other)).result == result
+
+    asyncio.run(scenario())
+
+
+def test_result_times_out_and_fails(target: str, ns: str) -> None:
+    """result gives up with TaskTimeout; a cancelled task raises TaskFailed."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        task_id = await tm.submit_task(f"sdk.{ns}.never", TaskCategory.RESEARCH)
+        with pytest.raises(TaskTimeout):
+            await tm.result(task_id, timeout=0.3)
+        cancelled = await tm.cancel(task_id, reason="not today")
+        assert cancelled.state is TaskState.CANCELLED
+        with pytest.raises(TaskFailed) as err:
+            await tm.result(task_id, timeout=5)
+        assert err.value.task.state is TaskState.CANCELLED
+        assert "not today" in (err.value.task.error or "")
+
+    asyncio.run(scenario())
+
+
+def test_cancel_and_retry(target: str, ns: str) -> None:
+    """A cancelled task can be retried under its id; an ended one cannot be cancelled again."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        task_id = await tm.submit_task(f"sdk.{ns}.job", TaskCategory.DATABASE)
+        assert await tm.cancel_task(task_id)
+        with pytest.raises(KooError) as err:
+            await tm.cancel(task_id)
+        assert err.value.code.name == "FAILED_PRECONDITION"
+        again = await tm.retry(task_id)
+        assert again.id == task_id and again.state is TaskState.QUEUED
+        await tm.cancel(task_id)
+        assert await tm.retry_task(task_id) == task_id
+        await tm.cancel(task_id)
+
+    asyncio.run(scenario())
+
+
+def test_countdown_eta_and_dependencies(target: str, ns: str) -> None:
+    """countdown and eta schedule; depends_on waits PENDING and ends with its dependency."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        later = await tm.submit_task(f"sdk.{ns}.later", TaskCategory.RESEARCH, countdown=3600)
+        eta = await tm.submit_task(
+            f"sdk.{ns}.eta", TaskCategory.RESEARCH, eta=datetime.now(timezone.utc) + timedelta(hours=1)
+        )
+        assert (await tm.get_task_status(later)).state is TaskState.SCHEDULED
+        assert (await tm.get_task_status(eta)).state is TaskState.SCHEDULED
+        first = await tm.submit_task(f"sdk.{ns}.first", TaskCategory.RESEARCH)
+        second = await tm.submit_task(f"sdk.{ns}.second", TaskCategory.RESEARCH, depends_on=[first])
+        info = await tm.get_task_status(second)
+        assert info.state is TaskState.PENDING and info.depends_on == [first]
+        await tm.cancel(first)
+        final = [i async for i in tm.watch(second)][-1]
+        assert final.state is TaskState.CANCELLED
+        for t in (later, eta):
+            await tm.cancel(t)
+
+    asyncio.run(scenario())
+
+
+def test_idempotency_key(target: str, ns: str) -> None:
+    """The same key and content returns the first task; other content is refused."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        one = await tm.submit_task(f"sdk.{ns}.once", TaskCategory.RESEARCH, args=(1,), idempotency_key=ns)
+        info, dedup = await tm.submit(f"sdk.{ns}.once", TaskCategory.RESEARCH, args=(1,), idempotency_key=ns)
+        assert info.id == one and dedup
+        with pytest.raises(KooError) as err:
+            await tm.submit_task(f"sdk.{ns}.once", TaskCategory.RESEARCH, args=(2,), idempotency_key=ns)
+        assert err.value.code.name == "ALREADY_EXISTS"
+        await tm.cancel(one)
+
+    asyncio.run(scenario())
+
+
+def test_listing_metrics_and_cleanup(target: str, ns: str) -> None:
+    """Active tasks and history filter by name; metrics list the queues."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        ids = [await tm.submit_task(f"sdk.{ns}.list", TaskCategory.RESEARCH, args=(i,)) for i in range(3)]
+        active = await tm.get_active_tasks(TaskCategory.RESEARCH, name=f"sdk.{ns}.list")
+        assert sorted(t.id for t in active) == sorted(ids)
+        assert await tm.get_active_tasks(name=f"sdk.{ns}.list", limit=2) != []
+        for t in ids:
+            await tm.cancel(t)
+        history = await tm.get_task_history(TaskState.CANCELLED, name=f"sdk.{ns}.list")
+        assert sorted(h.id for h in history) == sorted(ids)
+        assert all(h.state is TaskState.CANCELLED and h.end_time for h in history)
+        metrics = await tm.get_task_metrics()
+        research = [q for q in metrics.queues if q.queue == "research"]
+        assert research and research[0].submitted >= 3
+        assert await tm.cleanup_old_tasks(hours_old=24) >= 0
+
+    asyncio.run(scenario())
+
+
+def test_seed_helpers_and_sync_facade(target: str, ns: str) -> None:
+    """submit_ai_task is AI_SERVICE at HIGH; submit_pdf_processing_task is PDF_PROCESSING; sync twins work."""
+    tm = TaskManager(target)
+    sync = tm.sync
+    ai = sync.get_task_status(
+        asyncio.run(tm.submit_ai_task("koo.tasks.ai_service.process_query", "claude", "Explain brain anatomy"))
+    )
+    assert ai.category is TaskCategory.AI_SERVICE and ai.priority == TaskPriority.HIGH
+    assert ai.args == ["claude", "Explain brain anatomy"] and ai.queue == "ai_service"
+    pdf = sync.get_task_status(
+        asyncio.run(tm.submit_pdf_processing_task(f"sdk.{ns}.pdf", "/path/to/document.pdf", "doc_123"))
+    )
+    assert pdf.category is TaskCategory.PDF_PROCESSING and pdf.priority == TaskPriority.NORMAL
+    task_id = sync.submit_task("koo.tasks.health_check.run", TaskCategory.HEALTH_CHECK)
+    assert isinstance(sync.result(task_id, timeout=30), dict)
+    for t in (ai.id, pdf.id):
+        assert sync.cancel(t).state is TaskState.CANCELLED
+    assert sync.retry(ai.id).state is TaskState.QUEUED
+    sync.cancel(ai.id)
