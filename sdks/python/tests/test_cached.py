@@ -93,9 +93,7 @@ def test_two_processes_compute_at_most_once_each(target: str, ns: str) -> None:
     child = Path(__file__).with_name("cached_child.py")
     start_at = time.time() + 1.0
     procs = [
-        subprocess.Popen(
-            [sys.executable, str(child), target, ns, str(start_at)], stdout=subprocess.PIPE, text=True
-        )
+        subprocess.Popen([sys.executable, str(child), target, ns, str(start_at)], stdout=subprocess.PIPE, text=True)
         for _ in range(2)
     ]
     counts = []
@@ -113,12 +111,14 @@ def test_none_is_cached_only_when_asked(target: str, ns: str) -> None:
     calls = {"skip": 0, "keep": 0}
 
     @cached(key_prefix=ns, cache=cache)
-    async def skip() -> None:
+    async def skip() -> str | None:
         calls["skip"] += 1
+        return None
 
     @cached(key_prefix=ns, cache=cache, cache_none=True)
-    async def keep() -> None:
+    async def keep() -> str | None:
         calls["keep"] += 1
+        return None
 
     async def scenario() -> None:
         for _ in range(2):

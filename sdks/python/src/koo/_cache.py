@@ -104,9 +104,7 @@ class KooCache:
 
         Tells a stored `None` (JSON null) from a miss.
         """
-        r = await rpc(
-            self._stub().Get(pb.GetRequest(level=level.proto, key=key), metadata=self._conn.metadata())
-        )
+        r = await rpc(self._stub().Get(pb.GetRequest(level=level.proto, key=key), metadata=self._conn.metadata()))
         return _hit(r)
 
     async def set(
@@ -125,9 +123,7 @@ class KooCache:
 
     async def delete(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
         """Removes `key`; True when it existed."""
-        r = await rpc(
-            self._stub().Delete(pb.DeleteRequest(level=level.proto, key=key), metadata=self._conn.metadata())
-        )
+        r = await rpc(self._stub().Delete(pb.DeleteRequest(level=level.proto, key=key), metadata=self._conn.metadata()))
         return r.deleted
 
     async def exists(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
@@ -232,9 +228,7 @@ class SyncKooCache:
         """See `KooCache.get_entry`."""
         return shared_loop().run(self._cache.get_entry(key, level))
 
-    def set(
-        self, key: str, value: Any, ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION
-    ) -> bool:
+    def set(self, key: str, value: Any, ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
         """See `KooCache.set`."""
         return shared_loop().run(self._cache.set(key, value, ttl, level))
 

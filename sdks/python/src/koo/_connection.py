@@ -151,7 +151,6 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
 
-
 _shared: LoopThread | None = None
 _shared_lock = threading.Lock()
 

@@ -15,7 +15,6 @@ import grpc.aio
 from koo._connection import Connection, KooError, Settings, rpc, shared_loop
 from koo._values import (
     Seconds,
-    from_duration,
     from_proto_value,
     from_struct,
     from_timestamp,

@@ -111,7 +111,7 @@ def from_struct(s: struct_pb2.Struct) -> dict[str, Any]:
     return {k: from_proto_value(item) for k, item in s.fields.items()}
 
 
-def to_duration(value: int | float | timedelta) -> duration_pb2.Duration:
+def to_duration(value: float | timedelta) -> duration_pb2.Duration:
     """A protobuf Duration from seconds or a timedelta."""
     d = duration_pb2.Duration()
     if isinstance(value, timedelta):
