@@ -1,0 +1,78 @@
+"""Connection settings: API keys, configure() and KOO_TARGET, against a koo with a keys file."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import koo
+from koo import KooCache, KooError, TaskCategory, TaskManager
+from koo._connection import Settings
+from koo.redis_cache import redis_cache
+
+from .conftest import KooServer, koo_binary
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KooServer, str]]:
+    """A koo that needs an API key (KOO_AUTH_FILE), and an admin key for it."""
+    out = subprocess.run(
+        [koo_binary(), "auth", "new-key", "--name", "sdk-test", "--role", "admin"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    key = next(line for line in out.splitlines() if line.startswith("koo_"))
+    keys: Path = tmp_path_factory.mktemp("auth") / "keys.toml"
+    keys.write_text(out[out.index("[[key]]") :])
+    server = KooServer({"KOO_AUTH_FILE": str(keys)})
+    yield server, key
+    server.stop()
+
+
+def test_api_key_is_sent(secured: tuple[KooServer, str]) -> None:
+    """Without the key koo refuses (UNAUTHENTICATED); with it the cache and tasks answer."""
+    server, key = secured
+    with pytest.raises(KooError) as err:
+        KooCache(server.target).sync.get("k")
+    assert err.value.code.name == "UNAUTHENTICATED"
+    cache = KooCache(server.target, api_key=key).sync
+    assert cache.set("k", "v") and cache.get("k") == "v"
+    tm = TaskManager(server.target, api_key=key)
+    task_id = tm.sync.submit_task("koo.tasks.health_check.run", TaskCategory.HEALTH_CHECK)
+    assert isinstance(tm.sync.result(task_id, timeout=30), dict)
+
+
+def test_configure_moves_the_default_clients(secured: tuple[KooServer, str], target: str) -> None:
+    """configure() reconnects redis_cache on its next call, with the new key."""
+    server, key = secured
+
+    async def scenario() -> None:
+        koo.configure(target)
+        await redis_cache.set("where", "memory")
+        koo.configure(server.target, api_key=key)
+        assert await redis_cache.get("where") is None
+        await redis_cache.set("where", "secured")
+        koo.configure(target)
+        assert await redis_cache.get("where") == "memory"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        koo.configure(None)
+
+
+def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """KOO_TARGET and KOO_API_KEY apply when configure() said nothing; else 127.0.0.1:50051."""
+    monkeypatch.delenv("KOO_TARGET", raising=False)
+    monkeypatch.delenv("KOO_API_KEY", raising=False)
+    assert Settings().resolved().target == koo.DEFAULT_TARGET
+    monkeypatch.setenv("KOO_TARGET", "koo.internal:7000")
+    monkeypatch.setenv("KOO_API_KEY", "koo_secret")
+    s = Settings().resolved()
+    assert (s.target, s.api_key, s.tls) == ("koo.internal:7000", "koo_secret", False)
+    assert Settings(target="other:1", api_key="mine").resolved().api_key == "mine"
