@@ -75,4 +75,9 @@ def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KOO_API_KEY", "koo_secret")
     s = Settings().resolved()
     assert (s.target, s.api_key, s.tls) == ("koo.internal:7000", "koo_secret", False)
-    assert Settings(target="other:1", api_key="mine").resolved().api_key == "mine"
+    assert Settings(target="other:1").resolved().api_key is None
+    koo.configure("configured:1", api_key="conf")
+    try:
+        assert Settings().resolved() == Settings("configured:1", "conf")
+    finally:
+        koo.configure(None)

@@ -8,6 +8,7 @@ cache cleanup run to SUCCEEDED for `result` and `watch`.
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -50,6 +51,10 @@ def test_submit_with_every_option_and_read_it_back(target: str, ns: str) -> None
         assert info.kwargs == {"deep": True, "tags": ["a"]}
         assert info.max_retries == 0
         assert info.create_time is not None and info.end_time is None
+        d = info.to_dict()
+        assert d["state"] == "queued" and d["category"] == "RESEARCH" and d["priority"] == "CRITICAL"
+        assert d["kwargs"] == {"deep": True, "tags": ["a"]} and d["end_time"] is None
+        assert json.loads(json.dumps(d)) == d
         await tm.cancel(task_id)
 
     asyncio.run(scenario())

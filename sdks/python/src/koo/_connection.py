@@ -50,14 +50,21 @@ class Settings:
     tls: bool | grpc.ChannelCredentials = False
 
     def resolved(self) -> Settings:
-        """These settings with the process-wide defaults filled in."""
+        """These settings with the process-wide defaults filled in.
+
+        A client given its own target uses only its own key and TLS choice, so
+        the default key is never sent to another server.
+        """
+        if self.target:
+            return self
         base = _defaults
-        target = self.target or base.target or os.environ.get("KOO_TARGET") or DEFAULT_TARGET
-        api_key = self.api_key if self.api_key is not None else base.api_key
-        if api_key is None:
-            api_key = os.environ.get("KOO_API_KEY") or None
-        tls = self.tls if self.target else base.tls
-        return Settings(target=target, api_key=api_key, tls=tls)
+        if base.target:
+            return base
+        return Settings(
+            target=os.environ.get("KOO_TARGET") or DEFAULT_TARGET,
+            api_key=base.api_key if base.api_key is not None else os.environ.get("KOO_API_KEY") or None,
+            tls=base.tls,
+        )
 
 
 _defaults = Settings()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import IntEnum
 from typing import Any
@@ -106,6 +106,21 @@ class TaskInfo:
     def status(self) -> str:
         """The state's name in lower case (`succeeded`), as the seed's dicts had it."""
         return self.state.name.lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (enums by name, times in ISO 8601), e.g. for an API response."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, IntEnum):
+                v = v.name.lower() if isinstance(v, TaskState) else v.name
+            elif isinstance(v, datetime):
+                v = v.isoformat()
+            elif isinstance(v, TaskProgress):
+                v = {"percent": v.percent, "message": v.message, "metadata": v.metadata}
+            out[f.name] = v
+        out["priority"] = TaskPriority(self.priority).name if self.priority else None
+        return out
 
     @classmethod
     def from_proto(cls, t: pb.Task) -> TaskInfo:
