@@ -85,6 +85,7 @@ def test_twenty_concurrent_threads_compute_once(cache_target: str, ns: str) -> N
         t.join()
     assert results == [[0, 1, 2]] * 20
     assert calls == 1
+    assert report._locks == {}
 
 
 def test_two_processes_compute_at_most_once_each(target: str, ns: str) -> None:

@@ -80,7 +80,7 @@ class _Cached(Generic[P, R]):
         # In-process single-flight: one in-flight computation per key. Async
         # callers share a future per (loop, key); sync callers a lock per key.
         self._inflight: dict[tuple[int, str], asyncio.Future[Any]] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}  # lock, its users
         self._locks_guard = threading.Lock()
 
     def cache_key(self, *args: P.args, **kwargs: P.kwargs) -> str:
@@ -157,14 +157,22 @@ class _Cached(Generic[P, R]):
         if found:
             return cast(R, value)
         with self._locks_guard:
-            lock = self._locks.setdefault(key, threading.Lock())
-        with lock:
-            found, value = sync_run(self._read(key))
-            if found:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                found, value = sync_run(self._read(key))
+                if not found:
+                    value = self.__wrapped__(*args, **kwargs)
+                    sync_run(self._write(key, value))
                 return cast(R, value)
-            value = self.__wrapped__(*args, **kwargs)
-            sync_run(self._write(key, value))
-        return cast(R, value)
+        finally:
+            with self._locks_guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Removes this call's cached result.
