@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Generates the koo package's gRPC stubs from ../../proto into src/ (or $1).
 #
-# Usage: ./generate.sh            (uses $PYTHON, else python3; needs
-#                                  grpcio-tools and mypy-protobuf)
+# Usage: ./generate.sh            (uses $PYTHON, else python3; needs the
+#                                  grpcio-tools and mypy-protobuf versions
+#                                  pinned in requirements-dev.txt)
 #        ./generate.sh /tmp/out   (scripts/test diffs that against src/)
 #
 # The stubs are checked in, so `pip install sdks/python` needs neither protoc
