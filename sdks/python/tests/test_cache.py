@@ -182,6 +182,9 @@ def test_sync_facade(cache_target: str, ns: str) -> None:
     assert cache.get_metrics().total.sets > 0
     assert cache.health_check().healthy
     assert cache.clear_level(CacheLevel.API) >= 1
+    assert cache.warm({f"{ns}:w": 1}, wait=True).report.loaded >= 1
+    assert cache.cleanup().task_id
+    assert cache.start_maintenance().task_id
 
 
 def test_errors_carry_the_status(cache_target: str) -> None:
@@ -202,3 +205,28 @@ def test_unreachable_koo_is_unavailable() -> None:
     with pytest.raises(KooError) as err:
         cache.get("k")
     assert err.value.code.name == "UNAVAILABLE"
+
+
+def test_maintenance_warm_cleanup_and_watch_metrics(cache_target: str, ns: str) -> None:
+    """The maintenance tasks report back with wait; warm loads its entries; metrics stream."""
+
+    async def scenario() -> None:
+        cache = KooCache(cache_target)
+        warm = await cache.warm({f"{ns}:w1": "one", f"{ns}:w2": [2]}, CacheLevel.DATABASE, ttl=60, wait=True)
+        assert warm.task_id and warm.report.loaded >= 2
+        assert await cache.get_many([f"{ns}:w1", f"{ns}:w2"], CacheLevel.DATABASE) == {
+            f"{ns}:w1": "one",
+            f"{ns}:w2": [2],
+        }
+        cleanup = await cache.cleanup(wait=True)
+        assert cleanup.task_id and cleanup.HasField("report")
+        maintenance = await cache.start_maintenance(wait=True)
+        assert maintenance.task_id and maintenance.report.used_memory_bytes > 0
+        snapshots = []
+        async for m in cache.watch_metrics(interval=0.1):
+            snapshots.append(m)
+            if len(snapshots) == 2:
+                break
+        assert all(s.HasField("sample_time") for s in snapshots)
+
+    asyncio.run(scenario())

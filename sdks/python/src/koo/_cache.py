@@ -9,8 +9,9 @@ from enum import Enum
 from typing import Any
 
 import grpc
+import grpc.aio
 
-from koo._connection import Connection, Settings, rpc, shared_loop
+from koo._connection import Connection, KooError, Settings, rpc, shared_loop
 from koo._values import Seconds, from_cache_value, from_duration, to_cache_value, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
@@ -196,6 +197,49 @@ class KooCache:
         req = pb.GetHealthRequest()
         return await rpc(self._stub().GetHealth(req, metadata=self._conn.metadata()))
 
+    async def watch_metrics(self, interval: Seconds = 1.0) -> AsyncIterator[pb.CacheMetrics]:
+        """A metrics snapshot every `interval` (100 ms to 1 h) until you stop iterating."""
+        req = pb.WatchMetricsRequest(interval=to_duration(interval))
+        call = self._stub().WatchMetrics(req, metadata=self._conn.metadata())
+        try:
+            async for r in call:
+                yield r.metrics
+        except grpc.aio.AioRpcError as e:
+            raise KooError(e.code(), e.details() or "") from None
+        finally:
+            call.cancel()
+
+    async def start_maintenance(self, wait: bool = False, timeout: float = 60) -> pb.StartMaintenanceResponse:
+        """Runs koo's maintenance task (cleanup, memory use, largest keys).
+
+        Returns its task id, and with `wait` its report (within `timeout` s).
+        """
+        req = pb.StartMaintenanceRequest(wait=wait)
+        return await rpc(self._stub().StartMaintenance(req, metadata=self._conn.metadata(), timeout=timeout))
+
+    async def warm(
+        self,
+        entries: Mapping[str, Any] | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        ttl: Seconds | None = None,
+        *,
+        skip_file: bool = False,
+        wait: bool = False,
+        timeout: float = 60,
+    ) -> pb.WarmResponse:
+        """Runs koo's warm task with these entries (and koo's warm file unless `skip_file`)."""
+        req = pb.WarmRequest(skip_file=skip_file, wait=wait)
+        for key, value in (entries or {}).items():
+            e = req.entries.add(level=level.proto, key=key, value=to_cache_value(value))
+            if ttl is not None:
+                e.ttl.CopyFrom(to_duration(ttl))
+        return await rpc(self._stub().Warm(req, metadata=self._conn.metadata(), timeout=timeout))
+
+    async def cleanup(self, wait: bool = False, timeout: float = 60) -> pb.CleanupResponse:
+        """Runs koo's cleanup task (what the backend does not expire itself)."""
+        req = pb.CleanupRequest(wait=wait)
+        return await rpc(self._stub().Cleanup(req, metadata=self._conn.metadata(), timeout=timeout))
+
     async def cache_api_response(self, key: str, data: Any, ttl: Seconds | None = 300) -> bool:
         """The seed's helper: caches an API response at the API level."""
         return await self.set(key, data, ttl=ttl, level=CacheLevel.API)
@@ -269,6 +313,27 @@ class SyncKooCache:
     def health_check(self) -> pb.GetHealthResponse:
         """See `KooCache.health_check`."""
         return shared_loop().run(self._cache.health_check())
+
+    def start_maintenance(self, wait: bool = False, timeout: float = 60) -> pb.StartMaintenanceResponse:
+        """See `KooCache.start_maintenance`."""
+        return shared_loop().run(self._cache.start_maintenance(wait, timeout))
+
+    def warm(
+        self,
+        entries: Mapping[str, Any] | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        ttl: Seconds | None = None,
+        *,
+        skip_file: bool = False,
+        wait: bool = False,
+        timeout: float = 60,
+    ) -> pb.WarmResponse:
+        """See `KooCache.warm`."""
+        return shared_loop().run(self._cache.warm(entries, level, ttl, skip_file=skip_file, wait=wait, timeout=timeout))
+
+    def cleanup(self, wait: bool = False, timeout: float = 60) -> pb.CleanupResponse:
+        """See `KooCache.cleanup`."""
+        return shared_loop().run(self._cache.cleanup(wait, timeout))
 
     def cache_api_response(self, key: str, data: Any, ttl: Seconds | None = 300) -> bool:
         """See `KooCache.cache_api_response`."""
