@@ -207,3 +207,34 @@ def test_default_client_follows_configure(default_clients: str, ns: str) -> None
         assert await redis_cache.get(f.cache_key(), CacheLevel.API) == "v"
 
     asyncio.run(scenario())
+
+
+def test_key_builder_for_methods(target: str, ns: str) -> None:
+    """A method's `self` is not JSON-able: without key_builder the call says so; with one it caches."""
+    cache = KooCache(target)
+
+    class Repo:
+        calls = 0
+
+        @cached(key_prefix=ns, cache=cache)
+        async def plain(self, q: str) -> str:
+            return q
+
+        @cached(key_prefix=ns, cache=cache, key_builder=lambda self, q: q)
+        async def find(self, q: str) -> str:
+            Repo.calls += 1
+            return q.upper()
+
+    async def scenario() -> None:
+        with pytest.raises(TypeError):
+            await Repo().plain("x")
+        assert await Repo().find("x") == "X"
+        assert await Repo().find("x") == "X"
+        assert Repo.calls == 1
+        digest = hashlib.sha256(b"x").hexdigest()
+        assert Repo.find.cache_key(Repo(), "x").endswith(f".Repo.find:{digest}")
+        assert Repo().find.cache_key("x") == Repo.find.cache_key(Repo(), "x")
+        assert await Repo().find.bypass("y") == "Y" and Repo.calls == 2
+        assert await Repo().find.invalidate("x") is True
+
+    asyncio.run(scenario())

@@ -95,6 +95,12 @@ class _Cached(Generic[P, R]):
             return cast(R, self._call_async(args, kwargs))
         return self._call_sync(args, kwargs)
 
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
+        """On an instance, a method: `self` is passed on (and is part of the key)."""
+        if obj is None:
+            return self
+        return _Bound(self, obj)
+
     def bypass(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Calls the function itself: no read, no write."""
         return cast(R, self.__wrapped__(*args, **kwargs))
@@ -183,6 +189,30 @@ class _Cached(Generic[P, R]):
         if self._is_async:
             return self.invalidate_async(*args, **kwargs)
         return sync_run(self.invalidate_async(*args, **kwargs))
+
+
+class _Bound:
+    """A `@cached` method bound to its instance."""
+
+    def __init__(self, cached: _Cached[Any, Any], obj: object) -> None:
+        self._cached = cached
+        self._obj = obj
+        functools.update_wrapper(self, cached.__wrapped__)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._cached(self._obj, *args, **kwargs)
+
+    def cache_key(self, *args: Any, **kwargs: Any) -> str:
+        """See `_Cached.cache_key`."""
+        return self._cached.cache_key(self._obj, *args, **kwargs)
+
+    def bypass(self, *args: Any, **kwargs: Any) -> Any:
+        """See `_Cached.bypass`."""
+        return self._cached.bypass(self._obj, *args, **kwargs)
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
+        """See `_Cached.invalidate`."""
+        return self._cached.invalidate(self._obj, *args, **kwargs)
 
 
 def sync_run(coro: Any) -> Any:
