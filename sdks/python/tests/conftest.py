@@ -130,10 +130,14 @@ def koo_memory() -> Iterator[KooServer]:
 def koo_redis() -> Iterator[KooServer]:
     """One koo on a fresh redis-server for the whole session."""
     redis = RedisServer()
-    server = KooServer({"REDIS_URL": redis.url})
-    yield server
-    server.stop()
-    redis.stop()
+    try:
+        server = KooServer({"REDIS_URL": redis.url})
+        try:
+            yield server
+        finally:
+            server.stop()
+    finally:
+        redis.stop()
 
 
 @pytest.fixture(params=["memory", "redis"])
