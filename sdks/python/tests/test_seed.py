@@ -2,9 +2,11 @@
 
 Each example's code is copied from ../../../../shared/seed (the "Usage
 Examples" of the caching and task sections) with only its import line
-changed (`core.` -> `koo.`); the names the seed leaves undefined (`user_data`,
-`database`, `results`) are stubbed around it. The seed writes top-level
-`await`, so each example sits in a coroutine.
+changed (`core.` -> `koo.`). Around it: the seed writes top-level `await`, so
+each example sits in a coroutine that returns what the test asserts on; the
+names the seed leaves undefined (`user_data`, `database`, `results`) are
+stubbed; and the seed's unannotated `get_research_results` carries a
+`type: ignore` for mypy --strict.
 """
 
 from __future__ import annotations
@@ -33,27 +35,34 @@ database = _Database()
 def test_basic_cache_operations(default_clients: str) -> None:
     """set, get and delete at the APPLICATION level, as the seed calls them."""
 
-    async def example() -> Any:
-        from koo.redis_cache import CacheLevel, redis_cache
+    async def example(user_data: dict[str, Any]) -> Any:
+        from koo.redis_cache import redis_cache, CacheLevel
 
         # Set cache value
         await redis_cache.set("user_preferences", user_data, ttl=3600, level=CacheLevel.APPLICATION)
 
         # Get cache value
-        user_data_read = await redis_cache.get("user_preferences", CacheLevel.APPLICATION)
-        assert user_data_read == user_data
+        user_data = await redis_cache.get("user_preferences", CacheLevel.APPLICATION)
 
         # Delete cache value
         await redis_cache.delete("user_preferences", CacheLevel.APPLICATION)
+        return user_data
 
-        return await redis_cache.get("user_preferences", CacheLevel.APPLICATION)
+    assert asyncio.run(example(user_data)) == user_data
+    assert asyncio.run(read_app_key("user_preferences")) is None
 
-    assert asyncio.run(example()) is None
+
+async def read_app_key(key: str) -> Any:
+    """Reads an APPLICATION-level key with the default client."""
+    from koo.redis_cache import redis_cache
+
+    return await redis_cache.get(key)
 
 
 def test_cache_decorator(default_clients: str) -> None:
     """@cached(ttl=1800, level=CacheLevel.DATABASE, key_prefix="research") runs the query once."""
-    from koo.redis_cache import CacheLevel, cached, redis_cache
+    from koo.redis_cache import cached, CacheLevel
+    from koo.redis_cache import redis_cache
 
     @cached(ttl=1800, level=CacheLevel.DATABASE, key_prefix="research")
     async def get_research_results(query: str):  # type: ignore[no-untyped-def]
@@ -94,7 +103,7 @@ def test_submitting_tasks(default_clients: str) -> None:
     """submit_task with the seed's keywords, then get_task_status."""
 
     async def example() -> Any:
-        from koo.task_manager import TaskCategory, TaskPriority, task_manager
+        from koo.task_manager import task_manager, TaskCategory, TaskPriority
 
         # Submit AI processing task
         task_id = await task_manager.submit_task(
@@ -120,26 +129,27 @@ def test_submitting_tasks(default_clients: str) -> None:
 def test_task_convenience_functions(default_clients: str) -> None:
     """submit_ai_task and submit_pdf_processing_task."""
 
-    async def example() -> tuple[str, str]:
+    async def example() -> str:
         from koo.task_manager import submit_ai_task, submit_pdf_processing_task
 
         # Submit AI task
         task_id = await submit_ai_task("koo.tasks.ai_service.process_query", "claude", "Explain brain anatomy")
-        ai = task_id
 
         # Submit PDF processing task
         task_id = await submit_pdf_processing_task(
             "koo.tasks.pdf_processing.process_document", "/path/to/document.pdf", "doc_123"
         )
-        return ai, task_id
+        return task_id
 
     async def check() -> None:
-        ai, pdf = await example()
-        ai_info = await tasks.get_task_status(ai)
+        pdf = await example()
         pdf_info = await tasks.get_task_status(pdf)
-        assert ai_info.queue == "ai_service" and ai_info.args == ["claude", "Explain brain anatomy"]
         assert pdf_info.queue == "pdf_processing" and pdf_info.args == ["/path/to/document.pdf", "doc_123"]
-        await tasks.cancel(ai)
-        await tasks.cancel(pdf)
+        # The AI task is the only one of its name still active (the other tests cancel theirs).
+        active = await tasks.get_active_tasks(name="koo.tasks.ai_service.process_query")
+        mine = [t for t in active if t.args == ["claude", "Explain brain anatomy"]]
+        assert len(mine) == 1 and mine[0].queue == "ai_service" and mine[0].priority == 3
+        for t in (pdf, mine[0].id):
+            await tasks.cancel(t)
 
     asyncio.run(check())
