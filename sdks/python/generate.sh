@@ -41,3 +41,6 @@ for p in "${protos[@]}"; do
     d="$(dirname "$d")"
   done
 done
+
+# `python -m koo.worker module:worker` (the code is in koo/_worker_main.py).
+printf '"""Runs a koo worker: python -m koo.worker module:worker."""\n\nfrom koo._worker_main import main\n\nmain()\n' >"$out/koo/worker/__main__.py"

@@ -6,6 +6,8 @@ Layout:
   `cached`, `cache_api_response`, `get_cached_api_response`).
 - `koo.task_manager`: the seed's task names (`task_manager`, `TaskCategory`,
   `TaskPriority`, `submit_ai_task`, `submit_pdf_processing_task`).
+- `koo.Worker`, `TaskContext`, `Retry`, `Fatal`: task workers
+  (`@worker.task("name")`, `python -m koo.worker module:worker`).
 - `koo.configure(...)`: where the default clients connect.
 - `koo.cache.v1`, `koo.tasks.v1`, `koo.worker.v1`, `koo.schedule.v1`: the
   generated gRPC stubs (from koo's `proto/`).
@@ -26,17 +28,21 @@ from koo._tasks import (
     TaskSummary,
     TaskTimeout,
 )
+from koo._worker import Fatal, Retry, TaskContext, Worker, WorkerRejected
 
 __all__ = [
     "DEFAULT_TARGET",
     "CacheHit",
     "CacheLevel",
+    "Fatal",
     "KooCache",
     "KooError",
+    "Retry",
     "Settings",
     "SyncKooCache",
     "SyncTaskManager",
     "TaskCategory",
+    "TaskContext",
     "TaskFailed",
     "TaskInfo",
     "TaskManager",
@@ -45,6 +51,8 @@ __all__ = [
     "TaskState",
     "TaskSummary",
     "TaskTimeout",
+    "Worker",
+    "WorkerRejected",
     "cache_key",
     "cached",
     "configure",

@@ -1,0 +1,477 @@
+"""Task workers: `Worker`, `@worker.task`, `TaskContext`, `Retry`, `Fatal`.
+
+A `Worker` holds one `koo.worker.v1.WorkerService.Work` stream: it says
+hello (its task names, queues and concurrency), heartbeats, runs the tasks
+koo pushes (async handlers on its event loop, plain ones on threads of their
+own), and reports progress and outcomes quoting each lease's token and
+secret. When the stream breaks it reconnects with capped exponential backoff
+(0.2 s doubling to 5 s); tasks of the lost stream are abandoned (koo gives
+them to another worker).
+
+Failure rule: `Fatal` fails the task for good; `Retry` and any other
+exception fail it retryably (koo retries while the task's retries last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+
+from koo._connection import Connection, Settings, rpc
+from koo._values import from_proto_value, from_struct, to_proto_value, to_struct
+from koo.tasks.v1 import task_service_pb2 as tasks_pb
+from koo.tasks.v1 import task_service_pb2_grpc as tasks_grpc
+from koo.worker.v1 import worker_service_pb2 as wpb
+from koo.worker.v1 import worker_service_pb2_grpc as wgrpc
+
+log = logging.getLogger("koo.worker")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+BACKOFF_INITIAL = 0.2
+BACKOFF_MAX = 5.0
+MAX_PROGRESS_MESSAGE_BYTES = 1024
+MAX_FAIL_MESSAGE_BYTES = 4096
+_FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class Retry(Exception):
+    """Raise to fail this attempt retryably (koo retries while retries last)."""
+
+    def __init__(self, message: str = "retry", details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details) if details else None
+
+
+class Fatal(Exception):
+    """Raise to fail the task for good (no retry), with optional details."""
+
+    def __init__(self, message: str = "failed", details: Mapping[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = dict(details) if details else None
+
+
+class WorkerRejected(Exception):
+    """koo refused the worker for good (bad key, scope or hello)."""
+
+
+def _cut(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+class TaskContext:
+    """What a handler gets besides its arguments.
+
+    `cancelled` (a `threading.Event`, usable from threads and, via
+    `await ctx.wait_cancelled()`, from coroutines) is set when koo cancels
+    the task, at its soft time limit (`soft_limit_reached` tells which), when
+    koo revokes it, and when the worker loses its stream.
+    """
+
+    def __init__(self, run: _Run, task: tasks_pb.Task) -> None:
+        self._run = run
+        self.task = task
+        self.task_id: str = task.id
+        self.name: str = task.name
+        self.attempt: int = task.attempts
+        self.queue: str = task.queue
+        self.depends_on: list[str] = list(task.depends_on)
+        self.cancelled = threading.Event()
+        self.soft_limit_reached = False
+        self.cancel_reason = ""
+
+    def progress(self, percent: float, message: str = "", metadata: Mapping[str, Any] | None = None) -> None:
+        """Reports progress (0 to 100); callable from any thread."""
+        self._run.progress(percent, message, metadata)
+
+    async def wait_cancelled(self) -> None:
+        """Returns once `cancelled` is set."""
+        await self._run.cancelled_async.wait()
+
+    async def dependency_results(self) -> dict[str, Any]:
+        """The results of the tasks this one depended on, by id."""
+        return await self._run.worker._dependency_results(self.depends_on)
+
+    def _signal(self, reason: str, soft: bool = False) -> None:
+        if not self.cancel_reason:
+            self.cancel_reason = reason
+        self.soft_limit_reached = self.soft_limit_reached or soft
+        self.cancelled.set()
+        self._run.loop.call_soon_threadsafe(self._run.cancelled_async.set)
+
+
+@dataclass
+class _Registered:
+    fn: Callable[..., Any]
+    is_async: bool
+    wants_ctx: bool
+    queue: str | None
+
+
+@dataclass(eq=False)
+class _Run:
+    worker: Worker
+    session: _Session
+    assignment: wpb.TaskAssignment
+    loop: asyncio.AbstractEventLoop
+    cancelled_async: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested: bool = False
+    ctx: TaskContext = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ctx = TaskContext(self, self.assignment.task)
+
+    @property
+    def task_id(self) -> str:
+        return self.assignment.task.id
+
+    def progress(self, percent: float, message: str, metadata: Mapping[str, Any] | None) -> None:
+        pct = float(percent)
+        if math.isnan(pct):
+            raise ValueError("progress percent must be a number")
+        msg = wpb.Progress(
+            task_id=self.task_id,
+            lease_token=self.assignment.lease_token,
+            lease_secret=self.assignment.lease_secret,
+            percent=min(100.0, max(0.0, pct)),
+            message=_cut(str(message), MAX_PROGRESS_MESSAGE_BYTES),
+        )
+        if metadata:
+            msg.metadata.CopyFrom(to_struct(metadata))
+        if self.session.held.get(self.task_id) is self:
+            self.session.send_threadsafe(wpb.WorkRequest(progress=msg))
+
+
+class _Session:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.outbox: asyncio.Queue[wpb.WorkRequest | None] = asyncio.Queue()
+        self.held: dict[str, _Run] = {}
+        self.closed = False
+
+    def send(self, msg: wpb.WorkRequest) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(msg)
+
+    def send_threadsafe(self, msg: wpb.WorkRequest) -> None:
+        self.loop.call_soon_threadsafe(self.send, msg)
+
+    async def requests(self, hello: wpb.WorkRequest) -> AsyncIterator[wpb.WorkRequest]:
+        yield hello
+        while True:
+            item = await self.outbox.get()
+            if item is None:
+                return
+            yield item
+
+
+class Worker:
+    """Runs koo tasks with your functions.
+
+    ```python
+    worker = Worker("127.0.0.1:50051", concurrency=8)
+
+    @worker.task("reports.build", queue="reports")
+    async def build(report_id: str, *, ctx: TaskContext) -> dict:
+        ctx.progress(50, "halfway")
+        return {"id": report_id}
+
+    worker.run()  # or: python -m koo.worker mymodule:worker
+    ```
+
+    `target`, `api_key` (koo's worker key or token) and `tls` work as for the
+    other clients (`None`: `koo.configure`, `KOO_TARGET`, `KOO_API_KEY`).
+    `queues`: the queues to serve (none: every queue, plus those of the
+    tasks' `queue=`). `grace`: on SIGTERM, how long running tasks may take to
+    finish before the worker hands them back by closing its stream.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+        concurrency: int = 4,
+        queues: Iterable[str] = (),
+        name: str | None = None,
+        grace: float = 10.0,
+    ) -> None:
+        if not 1 <= concurrency <= 1024:
+            raise ValueError("concurrency must be 1 to 1024")
+        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls))
+        self.concurrency = concurrency
+        self.queues = [q for q in queues if q]
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.grace = grace
+        self.handlers: dict[str, _Registered] = {}
+        self._stopping: asyncio.Event | None = None
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._call: Any = None
+        self.worker_id = ""
+        self.connected = threading.Event()
+        self._started: set[_Run] = set()
+
+    def task(self, name: str, *, queue: str | None = None) -> Callable[[F], F]:
+        """Registers a handler for the task name (its queue, when given, is served)."""
+
+        def register(fn: F) -> F:
+            params = inspect.signature(fn).parameters
+            self.handlers[name] = _Registered(fn, inspect.iscoroutinefunction(fn), "ctx" in params, queue)
+            return fn
+
+        return register
+
+    # -- running ------------------------------------------------------------
+
+    def run(self, *, handle_signals: bool = True) -> None:
+        """Runs until SIGTERM/SIGINT (or `stop()`)."""
+        asyncio.run(self.serve(handle_signals=handle_signals))
+
+    def stop(self) -> None:
+        """Stops taking tasks; running ones get `grace` to finish. Thread-safe."""
+        loop, ev = self._loop, self._stopping
+        if loop is not None and ev is not None:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # the loop has already ended
+                pass
+
+    async def serve(self, *, handle_signals: bool = False) -> None:
+        """Runs on the current loop until `stop()` (or SIGTERM/SIGINT)."""
+        if not self.handlers:
+            raise ValueError("no tasks registered (@worker.task)")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopping = asyncio.Event()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self._stopping.set)
+        backoff = BACKOFF_INITIAL
+        while not self._stopping.is_set():
+            welcomed = await self._session(loop)
+            if self._stopping.is_set():
+                break
+            if welcomed:
+                backoff = BACKOFF_INITIAL
+            try:
+                await asyncio.wait_for(self._stopping.wait(), backoff)
+            except asyncio.TimeoutError:
+                pass
+            backoff = min(backoff * 2, BACKOFF_MAX)
+        await self._conn.close()
+
+    async def _session(self, loop: asyncio.AbstractEventLoop) -> bool:
+        assert self._stopping is not None
+        session = _Session(loop)
+        queues = set(self.queues)
+        if queues:
+            queues |= {h.queue for h in self.handlers.values() if h.queue}
+        hello = wpb.WorkRequest(
+            hello=wpb.Hello(
+                name=_cut(self.name, 128),
+                task_names=sorted(self.handlers),
+                queues=sorted(queues),
+                concurrency=self.concurrency,
+            )
+        )
+        stub = wgrpc.WorkerServiceStub(self._conn.channel())
+        call = stub.Work(session.requests(hello), metadata=self._conn.metadata())
+        welcomed = False
+        hb: asyncio.Task[None] | None = None
+        stopper = asyncio.ensure_future(self._drain_then_close(session, call))
+        try:
+            async for resp in call:
+                kind = resp.WhichOneof("message")
+                if kind == "welcome":
+                    welcomed = True
+                    self.worker_id = resp.welcome.worker_id
+                    self.connected.set()
+                    iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
+                    hb = asyncio.ensure_future(self._heartbeats(session, iv))
+                elif kind == "task":
+                    self._on_task(session, resp.task, loop)
+                elif kind == "cancel":
+                    run = session.held.get(resp.cancel.task_id)
+                    if run is not None:
+                        run.cancel_requested = True
+                        run.ctx._signal(resp.cancel.reason or "cancelled")
+                elif kind == "soft_time_limit":
+                    run = session.held.get(resp.soft_time_limit.task_id)
+                    if run is not None:
+                        run.ctx._signal("soft time limit", soft=True)
+                elif kind == "revoked":
+                    run = session.held.pop(resp.revoked.task_id, None)
+                    if run is not None:
+                        run.ctx._signal("revoked: " + resp.revoked.reason)
+                elif kind == "reply" and resp.reply.code not in (0,):
+                    log.warning("koo refused a report on %s: %s", resp.reply.task_id, resp.reply.message)
+        except asyncio.CancelledError:
+            if not self._stopping.is_set():
+                raise  # not our call.cancel(): someone cancels serve()
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _FOR_GOOD:
+                raise WorkerRejected(f"{e.code().name}: {e.details()}") from None
+            if not self._stopping.is_set():
+                log.warning("stream ended: %s: %s", e.code().name, e.details())
+        finally:
+            self.connected.clear()
+            session.closed = True
+            session.outbox.put_nowait(None)
+            stopper.cancel()
+            if hb is not None:
+                hb.cancel()
+            for run in list(session.held.values()):
+                run.ctx._signal("stream lost")
+            session.held.clear()
+        return welcomed
+
+    async def _drain_then_close(self, session: _Session, call: Any) -> None:
+        """On stop: start nothing new, let running tasks finish within the
+        grace, then close the stream (koo takes back what is left)."""
+        assert self._stopping is not None
+        await self._stopping.wait()
+        self._draining = True
+        deadline = asyncio.get_running_loop().time() + self.grace
+        while any(r in self._started for r in session.held.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        call.cancel()
+
+    async def _heartbeats(self, session: _Session, interval: float) -> None:
+        while not session.closed:
+            await asyncio.sleep(interval)
+            session.send(wpb.WorkRequest(heartbeat=wpb.Heartbeat()))
+
+    def _on_task(self, session: _Session, a: wpb.TaskAssignment, loop: asyncio.AbstractEventLoop) -> None:
+        run = _Run(self, session, a, loop)
+        old = session.held.get(run.task_id)
+        if old is not None:
+            old.ctx._signal("leased again")
+        session.held[run.task_id] = run
+        if self._draining:
+            return  # not started: handed back when the stream closes
+        self._started.add(run)
+        asyncio.ensure_future(self._execute(run))
+
+    async def _execute(self, run: _Run) -> None:
+        reg = self.handlers.get(run.ctx.name)
+        t = run.assignment.task
+        args = [from_proto_value(v) for v in t.args]
+        kwargs = from_struct(t.kwargs)
+        result: Any = None
+        failure: tuple[str, bool, dict[str, Any] | None] | None = None
+        try:
+            if reg is None:
+                raise Fatal(f"no handler for {run.ctx.name!r}")
+            if reg.wants_ctx:
+                kwargs["ctx"] = run.ctx
+            if reg.is_async:
+                result = await reg.fn(*args, **kwargs)
+            else:
+                result = await _in_thread(lambda: reg.fn(*args, **kwargs))
+        except Fatal as e:
+            failure = (e.message, False, e.details)
+        except Retry as e:
+            failure = (e.message, True, e.details)
+        except asyncio.CancelledError:
+            failure = ("cancelled", False, None)
+        except Exception as e:
+            if not run.ctx.cancelled.is_set():
+                log.exception("task %s (%s) raised", run.task_id, run.ctx.name)
+            failure = (f"{type(e).__name__}: {e}", True, {"exception": type(e).__name__})
+        finally:
+            self._started.discard(run)
+        session = run.session
+        if session.held.get(run.task_id) is not run or session.closed:
+            return  # revoked, leased again, or the stream is gone
+        del session.held[run.task_id]
+        if run.cancel_requested:
+            failure = (run.ctx.cancel_reason or "cancelled", False, None)
+        tok, sec = run.assignment.lease_token, run.assignment.lease_secret
+        if failure is None:
+            try:
+                value = to_proto_value(result)
+            except (TypeError, ValueError) as e:
+                failure = (f"result is not JSON: {e}", False, None)
+            else:
+                session.send(
+                    wpb.WorkRequest(
+                        complete=wpb.Complete(task_id=run.task_id, lease_token=tok, lease_secret=sec, result=value)
+                    )
+                )
+                return
+        msg, retryable, details = failure
+        fail = wpb.Fail(
+            task_id=run.task_id,
+            lease_token=tok,
+            lease_secret=sec,
+            message=_cut(msg or "failed", MAX_FAIL_MESSAGE_BYTES),
+            retryable=retryable,
+        )
+        if details:
+            try:
+                fail.details.CopyFrom(to_struct(details))
+            except (TypeError, ValueError):
+                pass
+        session.send(wpb.WorkRequest(fail=fail))
+
+    async def _dependency_results(self, ids: Sequence[str]) -> dict[str, Any]:
+        stub = tasks_grpc.TaskServiceStub(self._conn.channel())
+        out: dict[str, Any] = {}
+        for i in ids:
+            r = await rpc(stub.GetTask(tasks_pb.GetTaskRequest(task_id=i), metadata=self._conn.metadata()))
+            out[i] = from_proto_value(r.task.result)
+        return out
+
+
+T = TypeVar("T")
+
+
+def _in_thread(fn: Callable[[], T]) -> Awaitable[T]:
+    """Runs `fn` on a daemon thread of its own, so that a handler that never
+    returns is abandoned (its thread lives on) without taking a pool slot."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def done_ok(v: T) -> None:
+        if not fut.done():
+            fut.set_result(v)
+
+    def done_err(e: BaseException) -> None:
+        if not fut.done():
+            fut.set_exception(e)
+
+    def target() -> None:
+        try:
+            v = fn()
+        except BaseException as e:  # noqa: BLE001 (delivered to the awaiting coroutine)
+            deliver(done_err, e)
+        else:
+            deliver(done_ok, v)
+
+    def deliver(how: Callable[[Any], None], what: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(how, what)
+        except RuntimeError:  # the worker's loop has ended: nobody waits
+            pass
+
+    threading.Thread(target=target, name="koo-task", daemon=True).start()
+    return fut

@@ -1,0 +1,38 @@
+"""`python -m koo.worker module:worker`: runs a `Worker` defined in a module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from koo._worker import Worker
+
+
+def load(spec: str) -> Worker:
+    """Imports `module:attribute` (the attribute defaults to `worker`)."""
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, ".")
+    module = importlib.import_module(module_name)
+    obj = getattr(module, attr or "worker")
+    if not isinstance(obj, Worker):
+        raise SystemExit(f"{spec} is not a koo Worker")
+    return obj
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parses the command line and runs the worker until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m koo.worker", description="Runs a koo task worker.")
+    parser.add_argument("worker", help="module:attribute of a koo.Worker, e.g. myapp.tasks:worker")
+    parser.add_argument("--concurrency", type=int, help="tasks run at once (overrides the Worker's)")
+    parser.add_argument("--grace", type=float, help="seconds running tasks get on SIGTERM")
+    parser.add_argument("--log-level", default="INFO")
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = load(ns.worker)
+    if ns.concurrency:
+        worker.concurrency = ns.concurrency
+    if ns.grace is not None:
+        worker.grace = ns.grace
+    worker.run()

@@ -1,0 +1,298 @@
+"""Workers against a real koo: `Worker`, `@worker.task`, `python -m koo.worker`.
+
+In-process workers run on a thread of their own (`running`); the SIGKILL and
+SIGTERM tests run `python -m koo.worker tests.worker_app:worker` processes.
+Every wait is on an event or a poll with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from koo import Fatal, Retry, TaskCategory, TaskContext, TaskFailed, TaskManager, TaskState, Worker
+
+SDK_DIR = Path(__file__).resolve().parents[1]
+
+
+@contextmanager
+def running(worker: Worker) -> Iterator[Worker]:
+    """Runs the worker on a thread until the block ends."""
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        try:
+            worker.run(handle_signals=False)
+        except BaseException as e:  # noqa: BLE001 (surfaced below)
+            errors.append(e)
+
+    t = threading.Thread(target=main, daemon=True)
+    t.start()
+    assert worker.connected.wait(10) or errors, "the worker did not connect"
+    assert not errors, errors
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        t.join(15)
+        assert not t.is_alive(), "the worker did not stop"
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10, what: str = "condition") -> None:
+    """Polls `cond` until true or fails after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_async_and_sync_handlers_return_results(target: str, ns: str) -> None:
+    """Both kinds of handler get args, kwargs and a context; results read back."""
+    w = Worker(target, concurrency=4)
+    seen: dict[str, Any] = {}
+
+    @w.task(f"sdk.{ns}.add")
+    async def add(a: int, b: int, *, scale: int = 1, ctx: TaskContext) -> dict[str, Any]:
+        seen["attempt"] = ctx.attempt
+        seen["task_id"] = ctx.task_id
+        return {"sum": (a + b) * scale}
+
+    @w.task(f"sdk.{ns}.upper")
+    def upper(text: str) -> str:
+        seen["thread"] = threading.current_thread().name
+        return text.upper()
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        t1 = await tm.submit_task(f"sdk.{ns}.add", TaskCategory.RESEARCH, args=(2, 3), kwargs={"scale": 10})
+        t2 = await tm.submit_task(f"sdk.{ns}.upper", TaskCategory.RESEARCH, args=("koo",))
+        assert await tm.result(t1, timeout=15) == {"sum": 50}
+        assert await tm.result(t2, timeout=15) == "KOO"
+        assert seen["attempt"] == 1 and seen["task_id"] == t1
+        assert seen["thread"] == "koo-task"
+
+    with running(w):
+        asyncio.run(scenario())
+
+
+def test_progress_reaches_watch(target: str, ns: str) -> None:
+    """`ctx.progress` shows in `watch` while the handler still runs."""
+    w = Worker(target)
+    release = threading.Event()
+
+    @w.task(f"sdk.{ns}.prog")
+    def prog(*, ctx: TaskContext) -> str:
+        ctx.progress(42, "halfway", {"step": 2})
+        release.wait(15)
+        return "ok"
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        tid = await tm.submit_task(f"sdk.{ns}.prog", TaskCategory.RESEARCH)
+        async for info in tm.watch(tid):
+            if info.progress.percent == 42:
+                assert info.state is TaskState.RUNNING
+                assert info.progress.message == "halfway"
+                assert info.progress.metadata == {"step": 2}
+                release.set()
+                break
+        assert await tm.result(tid, timeout=15) == "ok"
+
+    with running(w):
+        try:
+            asyncio.run(asyncio.wait_for(scenario(), 20))
+        finally:
+            release.set()
+
+
+def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
+    """`Retry` fails the attempt retryably; `Fatal` (with details) ends FAILED at once."""
+    w = Worker(target)
+    attempts: list[int] = []
+
+    @w.task(f"sdk.{ns}.flaky")
+    async def flaky(*, ctx: TaskContext) -> str:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise Retry("not yet")
+        return "second time"
+
+    @w.task(f"sdk.{ns}.doomed")
+    def doomed() -> None:
+        raise Fatal("bad input", details={"field": "x"})
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        t1 = await tm.submit_task(f"sdk.{ns}.flaky", TaskCategory.RESEARCH, max_retries=3)
+        t2 = await tm.submit_task(f"sdk.{ns}.doomed", TaskCategory.RESEARCH, max_retries=3)
+        assert await tm.result(t1, timeout=20) == "second time"
+        assert attempts == [1, 2]
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(t2, timeout=15)
+        assert e.value.task.state is TaskState.FAILED
+        assert e.value.task.attempts == 1
+        assert "bad input" in (e.value.task.error or "")
+
+    with running(w):
+        asyncio.run(scenario())
+
+
+def test_cancel_reaches_running_sync_and_async_handlers(target: str, ns: str) -> None:
+    """A cancel sets the context's event in a thread and in a coroutine; both end CANCELLED."""
+    w = Worker(target)
+    started = {"sync": threading.Event(), "async": threading.Event()}
+    stopped: dict[str, str] = {}
+
+    @w.task(f"sdk.{ns}.sync")
+    def sync_h(*, ctx: TaskContext) -> str:
+        started["sync"].set()
+        if ctx.cancelled.wait(15):
+            stopped["sync"] = ctx.cancel_reason
+        return "finished anyway"
+
+    @w.task(f"sdk.{ns}.async")
+    async def async_h(*, ctx: TaskContext) -> str:
+        started["async"].set()
+        await asyncio.wait_for(ctx.wait_cancelled(), 15)
+        stopped["async"] = ctx.cancel_reason
+        return "finished anyway"
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        for kind in ("sync", "async"):
+            tid = await tm.submit_task(f"sdk.{ns}.{kind}", TaskCategory.RESEARCH)
+            assert await asyncio.to_thread(started[kind].wait, 10)
+            await tm.cancel(tid, reason="user gave up")
+            with pytest.raises(TaskFailed) as e:
+                await tm.result(tid, timeout=15)
+            assert e.value.task.state is TaskState.CANCELLED
+            assert stopped[kind]  # koo's reason, e.g. "cancelled by request"
+
+    with running(w):
+        asyncio.run(scenario())
+
+
+def test_sync_handler_past_hard_limit_is_abandoned(target: str, ns: str) -> None:
+    """A blocked thread past `time_limit`: TIMED_OUT, and its slot serves the next task."""
+    w = Worker(target, concurrency=1)
+    block = threading.Event()
+    started = threading.Event()
+
+    @w.task(f"sdk.{ns}.stuck")
+    def stuck() -> str:
+        started.set()
+        block.wait(30)  # ignores every signal
+        return "too late"
+
+    @w.task(f"sdk.{ns}.next")
+    def next_h() -> str:
+        return "next"
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        tid = await tm.submit_task(
+            f"sdk.{ns}.stuck", TaskCategory.RESEARCH, soft_time_limit=0.5, time_limit=1, max_retries=0
+        )
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(tid, timeout=15)
+        assert e.value.task.state is TaskState.TIMED_OUT
+        assert started.is_set()
+        t2 = await tm.submit_task(f"sdk.{ns}.next", TaskCategory.RESEARCH)
+        assert await tm.result(t2, timeout=15) == "next"
+
+    try:
+        with running(w):
+            asyncio.run(scenario())
+    finally:
+        block.set()
+
+
+def spawn(target: str, ns: str, tmp: Path, grace: float = 10) -> subprocess.Popen[str]:
+    """`python -m koo.worker tests.worker_app:worker` against `target`."""
+    env = dict(os.environ, KOO_TARGET=target, KOO_TEST_NS=ns, KOO_TEST_DIR=str(tmp), KOO_TEST_GRACE=str(grace))
+    return subprocess.Popen(
+        [sys.executable, "-m", "koo.worker", "tests.worker_app:worker"],
+        cwd=SDK_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def started_files(tmp: Path) -> list[Path]:
+    """The marker files handlers wrote when they started."""
+    return sorted(tmp.glob("started-*"))
+
+
+def test_sigkill_mid_task_loses_nothing(target: str, ns: str, tmp_path: Path) -> None:
+    """A worker process killed mid-task: the task finishes on another worker process."""
+    tm = TaskManager(target).sync
+    tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(7,), max_retries=3)
+    first = spawn(target, ns, tmp_path)
+    second: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: (tmp_path / f"started-{tid}").exists(), 15, "the first worker to start the task")
+        first.kill()
+        first.wait(10)
+        (tmp_path / "release").write_text("")
+        second = spawn(target, ns, tmp_path)
+        result = tm.result(tid, timeout=20)
+        assert result["n"] == 7 and result["pid"] == second.pid
+        info = tm.get_task_status(tid)
+        assert info.state is TaskState.SUCCEEDED
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path) -> None:
+    """SIGTERM: the running task may finish within the grace; then the process exits 0."""
+    tm = TaskManager(target).sync
+    tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(1,))
+    proc = spawn(target, ns, tmp_path, grace=15)
+    try:
+        wait_for(lambda: (tmp_path / f"started-{tid}").exists(), 15, "the worker to start the task")
+        proc.send_signal(signal.SIGTERM)
+        (tmp_path / "release").write_text("")
+        assert proc.wait(15) == 0
+        assert tm.result(tid, timeout=5)["pid"] == proc.pid
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_hands_back_after_the_grace(target: str, ns: str, tmp_path: Path) -> None:
+    """SIGTERM with a task that outlasts the grace: the process exits and the task runs elsewhere."""
+    tm = TaskManager(target).sync
+    tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(2,), max_retries=3)
+    proc = spawn(target, ns, tmp_path, grace=0.5)
+    other: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: (tmp_path / f"started-{tid}").exists(), 15, "the worker to start the task")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert tm.get_task_status(tid).state is not TaskState.SUCCEEDED
+        (tmp_path / "release").write_text("")
+        other = spawn(target, ns, tmp_path)
+        assert tm.result(tid, timeout=20)["pid"] == other.pid
+    finally:
+        for p in (proc, other):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
