@@ -296,3 +296,48 @@ def test_sigterm_hands_back_after_the_grace(target: str, ns: str, tmp_path: Path
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
+
+
+def test_dependency_results_and_async_hard_limit(target: str, ns: str) -> None:
+    """A dependent task reads its dependencies' results (async and in a thread);
+    an async handler past its hard limit is cancelled and the task ends TIMED_OUT."""
+    w = Worker(target)
+    cancelled = threading.Event()
+
+    @w.task(f"sdk.{ns}.first")
+    def first(x: int) -> int:
+        return x * 2
+
+    @w.task(f"sdk.{ns}.then")
+    async def then(*, ctx: TaskContext) -> Any:
+        return await ctx.dependency_results()
+
+    @w.task(f"sdk.{ns}.then_sync")
+    def then_sync(*, ctx: TaskContext) -> Any:
+        return ctx.dependency_results_sync()
+
+    @w.task(f"sdk.{ns}.hang")
+    async def hang() -> None:
+        try:
+            await asyncio.Event().wait()  # ignores ctx.cancelled
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        a = await tm.submit_task(f"sdk.{ns}.first", TaskCategory.RESEARCH, args=(21,))
+        b = await tm.submit_task(f"sdk.{ns}.then", TaskCategory.RESEARCH, depends_on=[a])
+        c = await tm.submit_task(f"sdk.{ns}.then_sync", TaskCategory.RESEARCH, depends_on=[a])
+        assert await tm.result(b, timeout=15) == {a: 42}
+        assert await tm.result(c, timeout=15) == {a: 42}
+        h = await tm.submit_task(
+            f"sdk.{ns}.hang", TaskCategory.RESEARCH, soft_time_limit=0.5, time_limit=1, max_retries=0
+        )
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(h, timeout=15)
+        assert e.value.task.state is TaskState.TIMED_OUT
+        assert await asyncio.to_thread(cancelled.wait, 5)
+
+    with running(w):
+        asyncio.run(scenario())

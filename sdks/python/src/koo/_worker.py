@@ -44,6 +44,9 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 MAX_PROGRESS_MESSAGE_BYTES = 1024
 MAX_FAIL_MESSAGE_BYTES = 4096
+MAX_OUTCOME_SENDS = 5
+CODE_ABORTED = 10
+CODE_UNAVAILABLE = 14
 _FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
@@ -104,8 +107,14 @@ class TaskContext:
         await self._run.cancelled_async.wait()
 
     async def dependency_results(self) -> dict[str, Any]:
-        """The results of the tasks this one depended on, by id."""
+        """The results of the tasks this one depended on, by id (read with
+        `GetTask`, so the worker's key needs the reader role)."""
         return await self._run.worker._dependency_results(self.depends_on)
+
+    def dependency_results_sync(self) -> dict[str, Any]:
+        """`dependency_results()` for plain handlers (not from the worker's loop)."""
+        fut = asyncio.run_coroutine_threadsafe(self.dependency_results(), self._run.loop)
+        return fut.result()
 
     def _signal(self, reason: str, soft: bool = False) -> None:
         if not self.cancel_reason:
@@ -113,6 +122,14 @@ class TaskContext:
         self.soft_limit_reached = self.soft_limit_reached or soft
         self.cancelled.set()
         self._run.loop.call_soon_threadsafe(self._run.cancelled_async.set)
+
+    def _abandon(self, reason: str) -> None:
+        """The task is no longer ours: signal it, and cancel a coroutine
+        (a thread cannot be stopped; its outcome is dropped)."""
+        self._signal(reason)
+        run = self._run
+        if run.is_async and run.handle is not None and not run.handle.done():
+            run.loop.call_soon_threadsafe(run.handle.cancel)
 
 
 @dataclass
@@ -130,6 +147,8 @@ class _Run:
     assignment: wpb.TaskAssignment
     loop: asyncio.AbstractEventLoop
     cancelled_async: asyncio.Event = field(default_factory=asyncio.Event)
+    handle: asyncio.Task[None] | None = None
+    is_async: bool = False
     cancel_requested: bool = False
     ctx: TaskContext = field(init=False)
 
@@ -162,6 +181,7 @@ class _Session:
         self.loop = loop
         self.outbox: asyncio.Queue[wpb.WorkRequest | None] = asyncio.Queue()
         self.held: dict[str, _Run] = {}
+        self.unacked: dict[str, tuple[wpb.WorkRequest, int]] = {}
         self.closed = False
 
     def send(self, msg: wpb.WorkRequest) -> None:
@@ -318,10 +338,11 @@ class Worker:
                         run.ctx._signal("soft time limit", soft=True)
                 elif kind == "revoked":
                     run = session.held.pop(resp.revoked.task_id, None)
+                    session.unacked.pop(resp.revoked.task_id, None)
                     if run is not None:
-                        run.ctx._signal("revoked: " + resp.revoked.reason)
-                elif kind == "reply" and resp.reply.code not in (0,):
-                    log.warning("koo refused a report on %s: %s", resp.reply.task_id, resp.reply.message)
+                        run.ctx._abandon("revoked: " + resp.revoked.reason)
+                elif kind == "reply":
+                    self._on_reply(session, resp.reply)
         except asyncio.CancelledError:
             if not self._stopping.is_set():
                 raise  # not our call.cancel(): someone cancels serve()
@@ -338,7 +359,7 @@ class Worker:
             if hb is not None:
                 hb.cancel()
             for run in list(session.held.values()):
-                run.ctx._signal("stream lost")
+                run.ctx._abandon("stream lost")
             session.held.clear()
         return welcomed
 
@@ -364,12 +385,53 @@ class Worker:
         run = _Run(self, session, a, loop)
         old = session.held.get(run.task_id)
         if old is not None:
-            old.ctx._signal("leased again")
+            old.ctx._abandon("leased again")
         session.held[run.task_id] = run
         if self._draining:
             return  # not started: handed back when the stream closes
         self._started.add(run)
-        asyncio.ensure_future(self._execute(run))
+        reg = self.handlers.get(run.ctx.name)
+        run.is_async = reg is not None and reg.is_async
+        run.handle = asyncio.ensure_future(self._execute(run))
+
+    def _on_reply(self, session: _Session, reply: wpb.Reply) -> None:
+        """koo's answer to a complete or fail (or a refused progress)."""
+        if reply.kind == wpb.REPLY_KIND_PROGRESS:
+            if reply.code == CODE_ABORTED:
+                run = session.held.pop(reply.task_id, None)
+                if run is not None:
+                    run.ctx._abandon("lease lapsed")
+            return
+        sent = session.unacked.pop(reply.task_id, None)
+        if reply.code == 0 or reply.code == CODE_ABORTED or sent is None:
+            if reply.code:
+                log.warning("koo refused the outcome of %s: %s", reply.task_id, reply.message)
+            return
+        msg, sends = sent
+        if reply.code == CODE_UNAVAILABLE and sends < MAX_OUTCOME_SENDS:
+            delay = min(BACKOFF_INITIAL * 2**sends, BACKOFF_MAX)
+            session.loop.call_later(delay, self._send_outcome, session, reply.task_id, msg, sends + 1)
+            return
+        log.warning("koo refused the outcome of %s (code %d): %s", reply.task_id, reply.code, reply.message)
+        held = msg.complete if msg.HasField("complete") else msg.fail
+        if msg.HasField("complete") or msg.fail.HasField("details"):
+            # The result (or the details) was refused, e.g. too large: fail
+            # without the payload, so that the task still ends.
+            fallback = wpb.Fail(
+                task_id=reply.task_id,
+                lease_token=held.lease_token,
+                lease_secret=held.lease_secret,
+                message=_cut(f"koo refused the outcome: {reply.message or reply.code}", MAX_FAIL_MESSAGE_BYTES),
+                retryable=False,
+            )
+            self._send_outcome(session, reply.task_id, wpb.WorkRequest(fail=fallback), MAX_OUTCOME_SENDS)
+
+    @staticmethod
+    def _send_outcome(session: _Session, task_id: str, msg: wpb.WorkRequest, sends: int) -> None:
+        if session.closed:
+            return
+        session.unacked[task_id] = (msg, sends)
+        session.send(msg)
 
     async def _execute(self, run: _Run) -> None:
         reg = self.handlers.get(run.ctx.name)
@@ -412,10 +474,13 @@ class Worker:
             except (TypeError, ValueError) as e:
                 failure = (f"result is not JSON: {e}", False, None)
             else:
-                session.send(
+                self._send_outcome(
+                    session,
+                    run.task_id,
                     wpb.WorkRequest(
                         complete=wpb.Complete(task_id=run.task_id, lease_token=tok, lease_secret=sec, result=value)
-                    )
+                    ),
+                    1,
                 )
                 return
         msg, retryable, details = failure
@@ -431,7 +496,7 @@ class Worker:
                 fail.details.CopyFrom(to_struct(details))
             except (TypeError, ValueError):
                 pass
-        session.send(wpb.WorkRequest(fail=fail))
+        self._send_outcome(session, run.task_id, wpb.WorkRequest(fail=fail), 1)
 
     async def _dependency_results(self, ids: Sequence[str]) -> dict[str, Any]:
         stub = tasks_grpc.TaskServiceStub(self._conn.channel())
