@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -341,3 +342,33 @@ def test_dependency_results_and_async_hard_limit(target: str, ns: str) -> None:
 
     with running(w):
         asyncio.run(scenario())
+
+
+def test_reconnects_when_koo_comes_back() -> None:
+    """koo restarted on the same address: the worker reconnects (backoff) and runs new tasks."""
+    from tests.conftest import KooServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    addr = f"127.0.0.1:{port}"
+    server = KooServer({"KOO_LISTEN": addr})
+    w = Worker(addr)
+
+    @w.task("sdk.reconnect.ping")
+    def ping() -> str:
+        return "pong"
+
+    try:
+        with running(w):
+            first_id = w.worker_id
+            server.stop()
+            wait_for(lambda: not w.connected.is_set(), 10, "the worker to see koo gone")
+            server = KooServer({"KOO_LISTEN": addr})
+            assert w.connected.wait(15), "the worker did not reconnect"
+            assert w.worker_id != first_id
+            tm = TaskManager(addr).sync
+            tid = tm.submit_task("sdk.reconnect.ping", TaskCategory.RESEARCH)
+            assert tm.result(tid, timeout=15) == "pong"
+    finally:
+        server.stop()

@@ -219,6 +219,7 @@ class Worker:
     `queues`: the queues to serve (none: every queue, plus those of the
     tasks' `queue=`). `grace`: on SIGTERM, how long running tasks may take to
     finish before the worker hands them back by closing its stream.
+    `token` is another name for `api_key` (koo's `KOO_WORKER_TOKEN`).
     """
 
     def __init__(
@@ -231,10 +232,11 @@ class Worker:
         queues: Iterable[str] = (),
         name: str | None = None,
         grace: float = 10.0,
+        token: str | None = None,
     ) -> None:
         if not 1 <= concurrency <= 1024:
             raise ValueError("concurrency must be 1 to 1024")
-        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls))
+        self._conn = Connection(Settings(target=target, api_key=api_key or token, tls=tls))
         self.concurrency = concurrency
         self.queues = [q for q in queues if q]
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -280,6 +282,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
+        self._draining = False
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stopping.set)
@@ -369,6 +372,7 @@ class Worker:
         assert self._stopping is not None
         await self._stopping.wait()
         self._draining = True
+        log.info("stopping: no new tasks; running ones get %.1f s", self.grace)
         deadline = asyncio.get_running_loop().time() + self.grace
         while any(r in self._started for r in session.held.values()):
             if asyncio.get_running_loop().time() > deadline:
