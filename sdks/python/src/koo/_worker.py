@@ -374,7 +374,9 @@ class Worker:
         self._draining = True
         log.info("stopping: no new tasks; running ones get %.1f s", self.grace)
         deadline = asyncio.get_running_loop().time() + self.grace
-        while any(r in self._started for r in session.held.values()):
+        # Running tasks, and outcomes koo has not answered yet (closing the
+        # stream earlier could drop a `complete` still in the outbox).
+        while session.unacked or any(r in self._started for r in session.held.values()):
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
