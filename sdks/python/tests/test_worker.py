@@ -223,7 +223,7 @@ def test_sync_handler_past_hard_limit_is_abandoned(target: str, ns: str) -> None
 def spawn(target: str, ns: str, tmp: Path, grace: float = 10) -> subprocess.Popen[str]:
     """`python -m koo.worker tests.worker_app:worker` against `target`."""
     env = dict(os.environ, KOO_TARGET=target, KOO_TEST_NS=ns, KOO_TEST_DIR=str(tmp), KOO_TEST_GRACE=str(grace))
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "koo.worker", "tests.worker_app:worker"],
         cwd=SDK_DIR,
         env=env,
@@ -231,6 +231,20 @@ def spawn(target: str, ns: str, tmp: Path, grace: float = 10) -> subprocess.Pope
         stderr=subprocess.STDOUT,
         text=True,
     )
+    lines: list[str] = []
+    OUTPUT[proc.pid] = lines
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        while line := proc.stdout.readline():
+            lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc
+
+
+OUTPUT: dict[int, list[str]] = {}
+"""What each spawned worker process wrote (its log), by pid."""
 
 
 def started_files(tmp: Path) -> list[Path]:
@@ -262,20 +276,30 @@ def test_sigkill_mid_task_loses_nothing(target: str, ns: str, tmp_path: Path) ->
 
 
 def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path) -> None:
-    """SIGTERM: the running task may finish within the grace; then the process exits 0."""
+    """SIGTERM: the running task finishes within the grace, a task pushed after
+    the signal is not started but handed back, and the process exits 0."""
     tm = TaskManager(target).sync
     tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(1,))
     proc = spawn(target, ns, tmp_path, grace=15)
+    other: subprocess.Popen[str] | None = None
     try:
         wait_for(lambda: (tmp_path / f"started-{tid}").exists(), 15, "the worker to start the task")
         proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: any("stopping:" in line for line in OUTPUT[proc.pid]), 10, "the worker to log its stop")
+        late = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(2,), max_retries=3)
+        wait_for(lambda: tm.get_task_status(late).state is TaskState.RUNNING, 10, "koo to push the late task")
         (tmp_path / "release").write_text("")
-        assert proc.wait(15) == 0
+        assert proc.wait(15) == 0, "".join(OUTPUT[proc.pid])
         assert tm.result(tid, timeout=5)["pid"] == proc.pid
+        assert not (tmp_path / f"started-{late}").exists()
+        assert tm.get_task_status(late).state is not TaskState.SUCCEEDED
+        other = spawn(target, ns, tmp_path)
+        assert tm.result(late, timeout=15)["pid"] == other.pid
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        for p in (proc, other):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
 
 
 def test_sigterm_hands_back_after_the_grace(target: str, ns: str, tmp_path: Path) -> None:
