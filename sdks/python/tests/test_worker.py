@@ -145,6 +145,10 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
         assert e.value.task.state is TaskState.FAILED
         assert e.value.task.attempts == 1
         assert "bad input" in (e.value.task.error or "")
+        t3 = await tm.submit_task(f"sdk.{ns}.doomed", TaskCategory.RESEARCH, args=(1,), max_retries=3)
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(t3, timeout=15)
+        assert e.value.task.attempts == 1 and "do not fit" in (e.value.task.error or "")
 
     with running(w):
         asyncio.run(scenario())

@@ -451,6 +451,10 @@ class Worker:
                 raise Fatal(f"no handler for {run.ctx.name!r}")
             if reg.wants_ctx:
                 kwargs["ctx"] = run.ctx
+            try:
+                inspect.signature(reg.fn).bind(*args, **kwargs)
+            except TypeError as e:
+                raise Fatal(f"the task's arguments do not fit {run.ctx.name!r}: {e}") from None
             if reg.is_async:
                 result = await reg.fn(*args, **kwargs)
             else:
