@@ -400,3 +400,25 @@ def test_reconnects_when_koo_comes_back() -> None:
             assert tm.result(tid, timeout=15) == "pong"
     finally:
         server.stop()
+
+
+def test_heartbeats_keep_a_long_task_leased() -> None:
+    """With a 1 s lease, a task that runs 2.5 s (its workload, not a wait for
+    anything) keeps its lease through the SDK's heartbeats: one attempt."""
+    from tests.conftest import KooServer
+
+    server = KooServer({"KOO_TASK_LEASE": "1s", "KOO_TASK_SWEEP_INTERVAL": "100ms"})
+    w = Worker(server.target)
+
+    @w.task("sdk.heartbeat.long")
+    def long(*, ctx: TaskContext) -> str:
+        return "interrupted" if ctx.cancelled.wait(2.5) else "done"
+
+    try:
+        with running(w):
+            tm = TaskManager(server.target).sync
+            tid = tm.submit_task("sdk.heartbeat.long", TaskCategory.RESEARCH, max_retries=2)
+            assert tm.result(tid, timeout=15) == "done"
+            assert tm.get_task_status(tid).attempts == 1
+    finally:
+        server.stop()
