@@ -422,3 +422,22 @@ def test_heartbeats_keep_a_long_task_leased() -> None:
             assert tm.get_task_status(tid).attempts == 1
     finally:
         server.stop()
+
+
+def test_worker_token_is_sent_and_a_wrong_one_is_rejected() -> None:
+    """With `KOO_WORKER_TOKEN`, `token=` gets the worker in; no token raises `WorkerRejected`."""
+    from koo import WorkerRejected
+    from tests.conftest import KooServer
+
+    server = KooServer({"KOO_WORKER_TOKEN": "sdk-secret"})
+    try:
+        bad = Worker(server.target)
+        bad.task("sdk.auth.x")(lambda: None)
+        with pytest.raises(WorkerRejected, match="UNAUTHENTICATED"):
+            bad.run(handle_signals=False)
+        good = Worker(server.target, token="sdk-secret")
+        good.task("sdk.auth.x")(lambda: None)
+        with running(good):
+            assert good.worker_id
+    finally:
+        server.stop()

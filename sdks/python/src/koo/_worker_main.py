@@ -7,7 +7,7 @@ import importlib
 import logging
 import sys
 
-from koo._worker import Worker
+from koo._worker import Worker, WorkerRejected
 
 
 def load(spec: str) -> Worker:
@@ -22,7 +22,8 @@ def load(spec: str) -> Worker:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parses the command line and runs the worker until SIGTERM/SIGINT."""
+    """Parses the command line and runs the worker until SIGTERM/SIGINT; exits 2
+    when koo refuses the worker for good."""
     parser = argparse.ArgumentParser(prog="python -m koo.worker", description="Runs a koo task worker.")
     parser.add_argument("worker", help="module:attribute of a koo.Worker, e.g. myapp.tasks:worker")
     parser.add_argument("--concurrency", type=int, help="tasks run at once (overrides the Worker's)")
@@ -35,4 +36,8 @@ def main(argv: list[str] | None = None) -> None:
         worker.concurrency = ns.concurrency
     if ns.grace is not None:
         worker.grace = ns.grace
-    worker.run()
+    try:
+        worker.run()
+    except WorkerRejected as e:  # retrying cannot help: the key, its scope or the hello is wrong
+        logging.getLogger("koo.worker").error("koo refused this worker: %s", e)
+        raise SystemExit(2) from None
