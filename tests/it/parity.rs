@@ -421,7 +421,6 @@ impl World {
                         }
                         _ => return format!("refused: {reply:?}"),
                     };
-                    // as the engine does: a dependency that ended meanwhile
                     format!("stored {:?} after {reply:?}", stored.is_ok())
                 } else {
                     let stored = store.submit(&task, delay, limits(), later()).await;

@@ -96,10 +96,9 @@ impl MemoryTasks {
         // A transition that panicked inside `deferring_releases` (the lock
         // survives a panic) left its releases undone: they must not stay
         // deferred, or no dependent would be released again.
-        if guard.deferred_releases.is_some() {
-            guard.release_deferred(TaskLimits::default(), self.now_ms());
-        }
-        let out = f(&mut guard, self.now_ms());
+        let now = self.now_ms();
+        guard.release_deferred(now);
+        let out = f(&mut guard, now);
         let last = guard.last_event;
         drop(guard);
         self.announce(last);

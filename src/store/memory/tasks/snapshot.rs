@@ -387,6 +387,51 @@ mod tests {
         Deadline::after(Duration::from_secs(5))
     }
 
+    /// Ends whose release to their dependents was deferred by a transition
+    /// that never got to make it (it panicked: the lock survives a panic)
+    /// are released by the next write, not left deferred for good.
+    #[tokio::test]
+    async fn releases_left_deferred_are_made_at_the_next_write() {
+        let limits = TaskLimits::default();
+        let q = Category::Research.default_queue();
+        let m = MemoryTasks::default();
+        let a = task(&q, "a");
+        let mut b = task(&q, "b");
+        b.state = State::Pending;
+        m.submit(&a, Duration::ZERO, limits, dl()).await.unwrap();
+        assert_eq!(
+            m.depend_on(&a.id, &b.id, dl()).await.unwrap(),
+            crate::store::tasks::DependReply::Waiting
+        );
+        m.submit_pending(&b, std::slice::from_ref(&a.id), limits, dl())
+            .await
+            .unwrap();
+        let lease = Duration::from_secs(30);
+        let leased = m
+            .lease(&q, "w", lease, &["a"], limits, dl())
+            .await
+            .unwrap()
+            .unwrap();
+        // a finish inside a deferral that is never completed
+        let ended = m.write(|s, now| {
+            s.deferred_releases = Some((limits, Vec::new()));
+            let done = Outcome::Succeeded("1".into());
+            s.finish(&a.id, leased.token, &done, "{}", limits, now)
+        });
+        assert_eq!(ended.unwrap(), Some(State::Succeeded));
+        let state = |t: Option<Task>| t.map(|t| t.state);
+        assert_eq!(
+            state(m.get(&b.id, dl()).await.unwrap()),
+            Some(State::Pending)
+        );
+        // any next write makes the release
+        m.cancel(&a.id, "late", limits, dl()).await.unwrap();
+        assert_eq!(
+            state(m.get(&b.id, dl()).await.unwrap()),
+            Some(State::Queued)
+        );
+    }
+
     /// Queued, scheduled, pending, dead-lettered and running tasks, the
     /// event log and the claims come back exactly; a running task is handed
     /// back first, with its attempt given back.

@@ -207,8 +207,9 @@ pub(super) struct Tasks {
     /// registering twice lists a dependent once, in O(1).
     pub(super) dependents: HashMap<String, IndexSet<String>>,
     /// While `Some`, ends are not released to their dependents at once but
-    /// collected here (see [`Tasks::deferring_releases`]).
-    pub(super) deferred_releases: Option<Vec<(String, State)>>,
+    /// collected here, with the caps to release them under (see
+    /// [`Tasks::deferring_releases`]).
+    pub(super) deferred_releases: Option<(TaskLimits, Vec<(String, State)>)>,
 }
 
 pub(super) fn millis(d: Duration) -> i64 {
@@ -313,7 +314,7 @@ impl Tasks {
             self.expire_as_result(&old);
         }
         match &mut self.deferred_releases {
-            Some(later) => later.push((id.to_owned(), state)),
+            Some((_, later)) => later.push((id.to_owned(), state)),
             None => self.release_dependents(id, state, limits, now),
         }
     }
@@ -329,17 +330,19 @@ impl Tasks {
         now: i64,
         f: impl FnOnce(&mut Self) -> T,
     ) -> T {
-        self.deferred_releases = Some(Vec::new());
+        self.deferred_releases = Some((limits, Vec::new()));
         let out = f(self);
-        self.release_deferred(limits, now);
+        self.release_deferred(now);
         out
     }
 
     /// Releases the dependents of the ends [`Self::deferring_releases`]
-    /// put off, and stops deferring.
-    pub(super) fn release_deferred(&mut self, limits: TaskLimits, now: i64) {
-        for (id, state) in self.deferred_releases.take().unwrap_or_default() {
-            self.release_dependents(&id, state, limits, now);
+    /// put off (under the caps it was given), and stops deferring.
+    pub(super) fn release_deferred(&mut self, now: i64) {
+        if let Some((limits, ends)) = self.deferred_releases.take() {
+            for (id, state) in ends {
+                self.release_dependents(&id, state, limits, now);
+            }
         }
     }
 
