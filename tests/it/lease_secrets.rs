@@ -54,6 +54,7 @@ impl Stream {
             task_names: vec![NAME.into()],
             queues: vec![],
             concurrency,
+            accept_batches: false,
         })))
         .await
         .unwrap();

@@ -79,6 +79,7 @@ impl StreamWorker {
             task_names: names.iter().map(|s| s.to_string()).collect(),
             queues: queues.iter().map(|s| s.to_string()).collect(),
             concurrency,
+            accept_batches: false,
         })))
         .await
         .unwrap();
@@ -146,6 +147,7 @@ impl StreamWorker {
             message: message.into(),
             retryable,
             details: None,
+            retry_delay: None,
         }))
         .await;
     }
@@ -364,6 +366,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
                     message: "late".into(),
                     retryable: true,
                     details: None,
+                    retry_delay: None,
                 })
                 .await
                 .map(|_| ()),
@@ -802,6 +805,7 @@ async fn stream_protocol_errors(backend: Backend) {
             task_names: vec!["x".into()],
             queues: vec![],
             concurrency: 1,
+            accept_batches: false,
         }))
         .await;
     let end = tokio::time::timeout(common::EVENT_TIMEOUT, worker.rx.message())
@@ -842,6 +846,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
             message: "upstream unavailable".into(),
             retryable: true,
             details: details.clone(),
+            retry_delay: None,
         }))
         .await;
     let reply = worker.reply().await;
@@ -857,6 +862,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
             message: "still unavailable".into(),
             retryable: true,
             details: details.clone(),
+            retry_delay: None,
         }))
         .await;
     // the retry budget is spent: FAILED for good

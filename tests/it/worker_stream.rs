@@ -87,6 +87,7 @@ async fn open(
         task_names: vec![NAME.into()],
         queues: vec![],
         concurrency,
+        accept_batches: false,
     })))
     .await
     .unwrap();

@@ -57,6 +57,9 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
             "message",
             "hello may only be the stream's first message",
         )),
+        Some(In::Batch(_)) => {
+            Inbound::Invalid(TaskError::invalid("message", "batch is not supported yet"))
+        }
         Some(In::Heartbeat(_)) => Inbound::Heartbeat,
         Some(In::Progress(p)) => match struct_json("progress.metadata", p.metadata) {
             Ok(metadata) => Inbound::Progress {

@@ -156,6 +156,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             cancel_requested: beat.cancel_requested,
             soft_time_limit_exceeded: beat.soft_limit_exceeded,
             lease_expire_time: Some(timestamp(beat.lease_until)),
+            cancel_reason: String::new(),
         }))
     }
 

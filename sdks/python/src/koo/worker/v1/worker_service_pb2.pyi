@@ -93,6 +93,7 @@ class WorkRequest(google.protobuf.message.Message):
     PROGRESS_FIELD_NUMBER: builtins.int
     COMPLETE_FIELD_NUMBER: builtins.int
     FAIL_FIELD_NUMBER: builtins.int
+    BATCH_FIELD_NUMBER: builtins.int
     @property
     def hello(self) -> Global___Hello:
         """First message: who the worker is and what it serves."""
@@ -115,6 +116,14 @@ class WorkRequest(google.protobuf.message.Message):
     def fail(self) -> Global___Fail:
         """A held task failed (or stopped after a cancel or soft time limit)."""
 
+    @property
+    def batch(self) -> Global___WorkRequestBatch:
+        """Several of the messages above (never `hello` or another `batch`), in
+        order, in one message: as if sent one by one, except that koo may end
+        the reported attempts concurrently. A worker that finishes several
+        tasks at once saves a message per task. Up to 4096 messages.
+        """
+
     def __init__(
         self,
         *,
@@ -123,12 +132,33 @@ class WorkRequest(google.protobuf.message.Message):
         progress: Global___Progress | None = ...,
         complete: Global___Complete | None = ...,
         fail: Global___Fail | None = ...,
+        batch: Global___WorkRequestBatch | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["message", b"message"]) -> typing.Literal["hello", "heartbeat", "progress", "complete", "fail"] | None: ...
+    def HasField(self, field_name: typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["message", b"message"]) -> typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch"] | None: ...
 
 Global___WorkRequest: typing_extensions.TypeAlias = WorkRequest
+
+@typing.final
+class WorkRequestBatch(google.protobuf.message.Message):
+    """WorkRequestBatch carries several worker messages at once."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    REQUESTS_FIELD_NUMBER: builtins.int
+    @property
+    def requests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___WorkRequest]:
+        """The messages, in order: heartbeats, progress, complete and fail."""
+
+    def __init__(
+        self,
+        *,
+        requests: collections.abc.Iterable[Global___WorkRequest] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["requests", b"requests"]) -> None: ...
+
+Global___WorkRequestBatch: typing_extensions.TypeAlias = WorkRequestBatch
 
 @typing.final
 class Hello(google.protobuf.message.Message):
@@ -140,6 +170,7 @@ class Hello(google.protobuf.message.Message):
     TASK_NAMES_FIELD_NUMBER: builtins.int
     QUEUES_FIELD_NUMBER: builtins.int
     CONCURRENCY_FIELD_NUMBER: builtins.int
+    ACCEPT_BATCHES_FIELD_NUMBER: builtins.int
     name: builtins.str
     """A name for people (1 to 128 bytes), e.g. `pdf-worker@host-1`; koo adds
     a unique suffix to form the worker id.
@@ -148,6 +179,11 @@ class Hello(google.protobuf.message.Message):
     """Tasks held at once, 1 to 1024. koo never pushes more, nor more than
     the worker's remaining room under KOO_MAX_HELD_PER_WORKER (shared by all
     its streams and unary leases in one koo process).
+    """
+    accept_batches: builtins.bool
+    """The worker reads `batch` messages: koo may then send several messages
+    that are ready at once (tasks, replies, ...) as one `batch`. Workers
+    that leave it unset get one message at a time, as before.
     """
     @property
     def task_names(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
@@ -167,8 +203,9 @@ class Hello(google.protobuf.message.Message):
         task_names: collections.abc.Iterable[builtins.str] | None = ...,
         queues: collections.abc.Iterable[builtins.str] | None = ...,
         concurrency: builtins.int = ...,
+        accept_batches: builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["concurrency", b"concurrency", "name", b"name", "queues", b"queues", "task_names", b"task_names"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["accept_batches", b"accept_batches", "concurrency", b"concurrency", "name", b"name", "queues", b"queues", "task_names", b"task_names"]) -> None: ...
 
 Global___Hello: typing_extensions.TypeAlias = Hello
 
@@ -276,6 +313,7 @@ class Fail(google.protobuf.message.Message):
     RETRYABLE_FIELD_NUMBER: builtins.int
     DETAILS_FIELD_NUMBER: builtins.int
     LEASE_SECRET_FIELD_NUMBER: builtins.int
+    RETRY_DELAY_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """The task."""
     lease_token: builtins.int
@@ -293,6 +331,13 @@ class Fail(google.protobuf.message.Message):
     def details(self) -> google.protobuf.struct_pb2.Struct:
         """Anything else (up to 64 KiB as JSON), kept with the error."""
 
+    @property
+    def retry_delay(self) -> google.protobuf.duration_pb2.Duration:
+        """For a retryable failure: how long to wait before the next attempt,
+        instead of the task's backoff (0 s to 24 h; absent means the backoff).
+        Ignored when no retry remains.
+        """
+
     def __init__(
         self,
         *,
@@ -302,9 +347,10 @@ class Fail(google.protobuf.message.Message):
         retryable: builtins.bool = ...,
         details: google.protobuf.struct_pb2.Struct | None = ...,
         lease_secret: builtins.str = ...,
+        retry_delay: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["details", b"details", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["details", b"details", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
 
 Global___Fail: typing_extensions.TypeAlias = Fail
 
@@ -320,6 +366,7 @@ class WorkResponse(google.protobuf.message.Message):
     SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
     REVOKED_FIELD_NUMBER: builtins.int
     REPLY_FIELD_NUMBER: builtins.int
+    BATCH_FIELD_NUMBER: builtins.int
     @property
     def welcome(self) -> Global___Welcome:
         """The answer to hello."""
@@ -349,6 +396,13 @@ class WorkResponse(google.protobuf.message.Message):
     def reply(self) -> Global___Reply:
         """The outcome of a progress, complete or fail message."""
 
+    @property
+    def batch(self) -> Global___WorkResponseBatch:
+        """Several of the messages above (never `welcome` or another `batch`),
+        in order, in one message; sent only to a worker whose hello set
+        `accept_batches`.
+        """
+
     def __init__(
         self,
         *,
@@ -358,12 +412,33 @@ class WorkResponse(google.protobuf.message.Message):
         soft_time_limit: Global___SoftTimeLimitReached | None = ...,
         revoked: Global___LeaseRevoked | None = ...,
         reply: Global___Reply | None = ...,
+        batch: Global___WorkResponseBatch | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["message", b"message"]) -> typing.Literal["welcome", "task", "cancel", "soft_time_limit", "revoked", "reply"] | None: ...
+    def HasField(self, field_name: typing.Literal["batch", b"batch", "cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["batch", b"batch", "cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]) -> None: ...
+    def WhichOneof(self, oneof_group: typing.Literal["message", b"message"]) -> typing.Literal["welcome", "task", "cancel", "soft_time_limit", "revoked", "reply", "batch"] | None: ...
 
 Global___WorkResponse: typing_extensions.TypeAlias = WorkResponse
+
+@typing.final
+class WorkResponseBatch(google.protobuf.message.Message):
+    """WorkResponseBatch carries several messages from koo at once."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RESPONSES_FIELD_NUMBER: builtins.int
+    @property
+    def responses(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___WorkResponse]:
+        """The messages, in the order koo would have sent them one by one."""
+
+    def __init__(
+        self,
+        *,
+        responses: collections.abc.Iterable[Global___WorkResponse] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["responses", b"responses"]) -> None: ...
+
+Global___WorkResponseBatch: typing_extensions.TypeAlias = WorkResponseBatch
 
 @typing.final
 class Welcome(google.protobuf.message.Message):
@@ -438,7 +513,7 @@ class CancelRequested(google.protobuf.message.Message):
     task_id: builtins.str
     """The task."""
     reason: builtins.str
-    """Why."""
+    """Why: the reason given to CancelTask (or `cancelled by request`)."""
     def __init__(
         self,
         *,
@@ -639,12 +714,17 @@ class HeartbeatTaskResponse(google.protobuf.message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: builtins.int
     SOFT_TIME_LIMIT_EXCEEDED_FIELD_NUMBER: builtins.int
     LEASE_EXPIRE_TIME_FIELD_NUMBER: builtins.int
+    CANCEL_REASON_FIELD_NUMBER: builtins.int
     cancel_requested: builtins.bool
     """A cancel was asked for: stop and call FailTask (the task ends
     CANCELLED).
     """
     soft_time_limit_exceeded: builtins.bool
     """The soft time limit has passed: stop soon."""
+    cancel_reason: builtins.str
+    """When cancel_requested: the reason given to CancelTask (or `cancelled
+    by request`).
+    """
     @property
     def lease_expire_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
         """When the lease now lapses."""
@@ -655,9 +735,10 @@ class HeartbeatTaskResponse(google.protobuf.message.Message):
         cancel_requested: builtins.bool = ...,
         soft_time_limit_exceeded: builtins.bool = ...,
         lease_expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        cancel_reason: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["lease_expire_time", b"lease_expire_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cancel_requested", b"cancel_requested", "lease_expire_time", b"lease_expire_time", "soft_time_limit_exceeded", b"soft_time_limit_exceeded"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "lease_expire_time", b"lease_expire_time", "soft_time_limit_exceeded", b"soft_time_limit_exceeded"]) -> None: ...
 
 Global___HeartbeatTaskResponse: typing_extensions.TypeAlias = HeartbeatTaskResponse
 
@@ -777,6 +858,7 @@ class FailTaskRequest(google.protobuf.message.Message):
     RETRYABLE_FIELD_NUMBER: builtins.int
     DETAILS_FIELD_NUMBER: builtins.int
     LEASE_SECRET_FIELD_NUMBER: builtins.int
+    RETRY_DELAY_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """The task."""
     lease_token: builtins.int
@@ -791,6 +873,13 @@ class FailTaskRequest(google.protobuf.message.Message):
     def details(self) -> google.protobuf.struct_pb2.Struct:
         """Anything else (up to 64 KiB as JSON)."""
 
+    @property
+    def retry_delay(self) -> google.protobuf.duration_pb2.Duration:
+        """For a retryable failure: how long to wait before the next attempt,
+        instead of the task's backoff (0 s to 24 h; absent means the backoff).
+        Ignored when no retry remains.
+        """
+
     def __init__(
         self,
         *,
@@ -800,9 +889,10 @@ class FailTaskRequest(google.protobuf.message.Message):
         retryable: builtins.bool = ...,
         details: google.protobuf.struct_pb2.Struct | None = ...,
         lease_secret: builtins.str = ...,
+        retry_delay: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["details", b"details", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["details", b"details", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
 
 Global___FailTaskRequest: typing_extensions.TypeAlias = FailTaskRequest
 

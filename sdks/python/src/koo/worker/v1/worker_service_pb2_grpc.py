@@ -40,6 +40,9 @@ class WorkerServiceStub:
     heartbeat interval before the stream vanished: it never started, and
     goes back with its attempt given back (a few times per task at most).
     A message koo cannot read ends the stream with a status saying why.
+    Either side may carry several messages in one `batch` (koo only to a
+    worker whose hello set `accept_batches`): a busy worker then spends
+    one message on several tasks, outcomes and replies.
     - Unary calls (`LeaseTask`, `HeartbeatTask`, `ReportProgress`,
     `CompleteTask`, `FailTask`), one task at a time, for scripts and for
     people debugging with grpcurl.
@@ -128,6 +131,9 @@ class WorkerServiceServicer:
     heartbeat interval before the stream vanished: it never started, and
     goes back with its attempt given back (a few times per task at most).
     A message koo cannot read ends the stream with a status saying why.
+    Either side may carry several messages in one `batch` (koo only to a
+    worker whose hello set `accept_batches`): a busy worker then spends
+    one message on several tasks, outcomes and replies.
     - Unary calls (`LeaseTask`, `HeartbeatTask`, `ReportProgress`,
     `CompleteTask`, `FailTask`), one task at a time, for scripts and for
     people debugging with grpcurl.
@@ -275,6 +281,9 @@ class WorkerService:
     heartbeat interval before the stream vanished: it never started, and
     goes back with its attempt given back (a few times per task at most).
     A message koo cannot read ends the stream with a status saying why.
+    Either side may carry several messages in one `batch` (koo only to a
+    worker whose hello set `accept_batches`): a busy worker then spends
+    one message on several tasks, outcomes and replies.
     - Unary calls (`LeaseTask`, `HeartbeatTask`, `ReportProgress`,
     `CompleteTask`, `FailTask`), one task at a time, for scripts and for
     people debugging with grpcurl.

@@ -155,6 +155,9 @@ class WorkerServiceStub(typing.Generic[_WorkerServiceWorkType, _WorkerServiceLea
       heartbeat interval before the stream vanished: it never started, and
       goes back with its attempt given back (a few times per task at most).
       A message koo cannot read ends the stream with a status saying why.
+      Either side may carry several messages in one `batch` (koo only to a
+      worker whose hello set `accept_batches`): a busy worker then spends
+      one message on several tasks, outcomes and replies.
     - Unary calls (`LeaseTask`, `HeartbeatTask`, `ReportProgress`,
       `CompleteTask`, `FailTask`), one task at a time, for scripts and for
       people debugging with grpcurl.
@@ -328,6 +331,9 @@ class WorkerServiceServicer(metaclass=abc.ABCMeta):
       heartbeat interval before the stream vanished: it never started, and
       goes back with its attempt given back (a few times per task at most).
       A message koo cannot read ends the stream with a status saying why.
+      Either side may carry several messages in one `batch` (koo only to a
+      worker whose hello set `accept_batches`): a busy worker then spends
+      one message on several tasks, outcomes and replies.
     - Unary calls (`LeaseTask`, `HeartbeatTask`, `ReportProgress`,
       `CompleteTask`, `FailTask`), one task at a time, for scripts and for
       people debugging with grpcurl.
