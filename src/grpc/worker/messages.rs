@@ -57,9 +57,7 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
             "message",
             "hello may only be the stream's first message",
         )),
-        Some(In::Batch(_)) => {
-            Inbound::Invalid(TaskError::invalid("message", "batch is not supported yet"))
-        }
+        Some(In::Batch(b)) => batch(b.requests),
         Some(In::Heartbeat(_)) => Inbound::Heartbeat,
         Some(In::Progress(p)) => match struct_json("progress.metadata", p.metadata) {
             Ok(metadata) => Inbound::Progress {
@@ -105,6 +103,49 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
     }
 }
 
+/// Most messages in one batch, either way.
+pub(super) const MAX_BATCH: usize = 4096;
+
+/// A worker's batch as the session's input: its messages in order, or
+/// the first one koo cannot read (named by its index) as the reason the
+/// stream ends.
+fn batch(requests: Vec<pb::WorkRequest>) -> Inbound {
+    let invalid = |reason: String| Inbound::Invalid(TaskError::invalid("message", reason));
+    if requests.is_empty() {
+        return invalid("batch.requests: an empty batch".to_owned());
+    }
+    if requests.len() > MAX_BATCH {
+        return invalid(format!(
+            "batch.requests: {} messages, at most {MAX_BATCH}",
+            requests.len()
+        ));
+    }
+    let mut items = Vec::with_capacity(requests.len());
+    for (i, r) in requests.into_iter().enumerate() {
+        let item = match r.message {
+            Some(In::Hello(_)) => {
+                return invalid(format!(
+                    "batch.requests[{i}]: hello may only be the stream's first message"
+                ));
+            }
+            Some(In::Batch(_)) => {
+                return invalid(format!(
+                    "batch.requests[{i}]: a batch may not hold another batch"
+                ));
+            }
+            message => inbound(pb::WorkRequest { message }),
+        };
+        match item {
+            Inbound::Invalid(TaskError::InvalidArgument { reason, .. }) => {
+                return invalid(format!("batch.requests[{i}]: {reason}"));
+            }
+            Inbound::Invalid(e) => return Inbound::Invalid(e),
+            item => items.push(item),
+        }
+    }
+    Inbound::Batch(items)
+}
+
 /// A session's output as a protocol message.
 pub(super) fn outbound(msg: Outbound) -> pb::WorkResponse {
     let message = match msg {
@@ -128,10 +169,23 @@ pub(super) fn outbound(msg: Outbound) -> pb::WorkResponse {
             reason,
         }),
         Outbound::Reply { id, kind, outcome } => Out::Reply(reply(id, kind, outcome)),
+        Outbound::Batch(messages) => Out::Batch(pb::WorkResponseBatch {
+            responses: messages.into_iter().map(outbound).collect(),
+        }),
     };
     pb::WorkResponse {
         message: Some(message),
     }
+}
+
+/// A session's output as protocol messages, one per message a batch holds
+/// (for workers that read no batches, and for koo's own batching).
+pub(super) fn outbound_each(msg: Outbound) -> impl Iterator<Item = pb::WorkResponse> {
+    let messages = match msg {
+        Outbound::Batch(messages) => messages,
+        one => vec![one],
+    };
+    messages.into_iter().map(outbound)
 }
 
 /// The answer to a report on the stream: the state it moved the task to,

@@ -2,6 +2,7 @@
 //! the server's session tracker, its messages out as the response stream
 //! and, when it ends on a protocol error, that error as the stream's status.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Status, Streaming};
 
-use super::messages::{inbound, outbound};
+use super::messages::{MAX_BATCH, inbound, outbound_each};
 use super::{WorkStream, WorkerApi, declared};
 use crate::auth::Caller;
 use crate::auth::scope;
@@ -19,6 +20,7 @@ use crate::pb::worker::v1::work_request::Message as In;
 use crate::pb::worker::v1::work_response::Message as Out;
 use crate::tasks::engine::TaskError;
 use crate::tasks::remote::{self, Inbound, Outbound, Routing, Session};
+use prost::Message as _;
 
 /// Outbound messages buffered per stream before koo waits for the worker.
 const STREAM_BUFFER: usize = 64;
@@ -58,7 +60,7 @@ impl WorkerApi {
         )?;
         let welcome = welcome(session.id(), self.engine.config().lease);
         tracing::info!(worker = session.id(), "external worker connected");
-        Ok(self.serve(session, messages, welcome))
+        Ok(self.serve(session, messages, welcome, hello.accept_batches))
     }
 
     /// Runs `session` over `messages`; the response stream: `welcome`, the
@@ -68,6 +70,7 @@ impl WorkerApi {
         session: Session,
         messages: Streaming<pb::WorkRequest>,
         welcome: pb::WorkResponse,
+        batches: bool,
     ) -> WorkStream {
         let (tx, rx) = mpsc::channel::<Outbound>(STREAM_BUFFER);
         let (errors_tx, errors_rx) = oneshot::channel::<Status>();
@@ -90,7 +93,13 @@ impl WorkerApi {
                 }
             }
         });
-        let messages = tokio_stream::wrappers::ReceiverStream::new(rx).map(|m| Ok(outbound(m)));
+        let messages = if batches {
+            batched(rx).map(Ok).boxed()
+        } else {
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .flat_map(|m| futures::stream::iter(outbound_each(m).map(Ok)))
+                .boxed()
+        };
         let tail = futures::stream::once(async move { errors_rx.await.ok() })
             .filter_map(|e| std::future::ready(e.map(Err)));
         Box::pin(
@@ -99,6 +108,50 @@ impl WorkerApi {
                 .chain(tail),
         )
     }
+}
+
+/// Bytes of messages koo gathers into one batch: the message that would
+/// pass the bound goes into the next one (alone if it is larger), so that
+/// a batch stays far below a worker's receive limit (gRPC's default is
+/// 4 MiB) whatever the tasks' sizes.
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// A session's messages for a worker that accepts batches: the messages
+/// ready at once (those the session made together, and any others already
+/// waiting) go out as one `batch` of at most [`MAX_BATCH`] messages and
+/// about [`BATCH_BYTES`]; a message alone goes out as itself. Nothing waits
+/// for a batch to fill.
+fn batched(rx: mpsc::Receiver<Outbound>) -> impl Stream<Item = pb::WorkResponse> + Send {
+    let pending: VecDeque<pb::WorkResponse> = VecDeque::new();
+    futures::stream::unfold((rx, pending), |(mut rx, mut pending)| async move {
+        if pending.is_empty() {
+            pending.extend(outbound_each(rx.recv().await?));
+        }
+        while pending.len() < MAX_BATCH {
+            let Ok(m) = rx.try_recv() else { break };
+            pending.extend(outbound_each(m));
+        }
+        let first = pending.pop_front().expect("not empty");
+        let mut bytes = first.encoded_len();
+        let mut batch = vec![first];
+        while let Some(next) = pending.front()
+            && batch.len() < MAX_BATCH
+        {
+            bytes += next.encoded_len();
+            if bytes > BATCH_BYTES {
+                break;
+            }
+            batch.extend(pending.pop_front());
+        }
+        let message = if batch.len() == 1 {
+            batch.pop().expect("one")
+        } else {
+            pb::WorkResponse {
+                message: Some(Out::Batch(pb::WorkResponseBatch { responses: batch })),
+            }
+        };
+        Some((message, (rx, pending)))
+    })
 }
 
 /// The stream's hello: it comes first, and a worker that sends nothing
@@ -128,6 +181,7 @@ fn welcome(worker_id: &str, lease: Duration) -> pb::WorkResponse {
             lease: prost_types::Duration::try_from(lease).ok(),
             heartbeat_interval: prost_types::Duration::try_from(remote::heartbeat_interval(lease))
                 .ok(),
+            accepts_batches: true,
         })),
     }
 }

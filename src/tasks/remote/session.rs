@@ -302,6 +302,9 @@ impl Session {
         alive: bool,
     ) -> Option<bool> {
         let mut full = false;
+        // the tasks leased in one fill go out together (one message to a
+        // worker that accepts batches)
+        let mut pushes = Vec::new();
         while held.len() < self.concurrency
             && alive
             && !stop.is_cancelled()
@@ -314,12 +317,10 @@ impl Session {
                 self.taken.keep(held.len() as u32);
                 break;
             };
-            if !self.hand_out(task, held, out).await {
-                return None;
-            }
+            pushes.push(self.hold(task, held).await);
             pace.dirty = true;
         }
-        Some(full)
+        reports::send_all(out, pushes).await.then_some(full)
     }
 
     /// One lease round over the poller's queues, skipping resting ones.
@@ -366,7 +367,8 @@ impl Session {
         None
     }
 
-    /// A heartbeat or a report from the worker; `false` when it is gone.
+    /// A heartbeat, a report or a batch of them from the worker; `false`
+    /// when it is gone.
     async fn on_message(
         &mut self,
         msg: Inbound,
@@ -378,19 +380,77 @@ impl Session {
     ) -> bool {
         let before = held.len();
         let went_on = match msg {
-            Inbound::Heartbeat => {
-                pace.last_beat = Instant::now();
-                // the worker is alive with what it was pushed
-                held.values_mut().for_each(|h| h.spoken = true);
-                self.beat(held, out).await
-            }
-            other => {
-                self.report(other, held, out, names, &mut pace.poller, open)
+            Inbound::Heartbeat => self.heartbeat(held, out, pace).await,
+            msg @ Inbound::Progress { .. } => self.progress(msg, held, out).await,
+            msg @ (Inbound::Complete { .. } | Inbound::Fail { .. }) => {
+                self.outcomes(vec![msg], held, out, names, &mut pace.poller, open)
                     .await
             }
+            Inbound::Batch(msgs) => self.batch(msgs, held, out, names, pace, open).await,
+            Inbound::Invalid(_) => true,
         };
         pace.dirty |= held.len() != before;
         went_on
+    }
+
+    /// A batch's messages in order, as if sent one by one, except that each
+    /// run of complete and fail messages is ended concurrently, and a
+    /// heartbeat is acted on once per batch; `false` when the worker is
+    /// gone.
+    async fn batch(
+        &mut self,
+        msgs: Vec<Inbound>,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+        names: &[&str],
+        pace: &mut Pace,
+        open: bool,
+    ) -> bool {
+        let mut run = Vec::new();
+        let mut beaten = false;
+        for msg in msgs {
+            if matches!(msg, Inbound::Complete { .. } | Inbound::Fail { .. }) {
+                run.push(msg);
+                continue;
+            }
+            if !run.is_empty() {
+                let run = std::mem::take(&mut run);
+                if !self
+                    .outcomes(run, held, out, names, &mut pace.poller, open)
+                    .await
+                {
+                    return false;
+                }
+            }
+            let went_on = match msg {
+                Inbound::Heartbeat if beaten => true,
+                Inbound::Heartbeat => {
+                    beaten = true;
+                    self.heartbeat(held, out, pace).await
+                }
+                msg => self.progress(msg, held, out).await,
+            };
+            if !went_on {
+                return false;
+            }
+        }
+        run.is_empty()
+            || self
+                .outcomes(run, held, out, names, &mut pace.poller, open)
+                .await
+    }
+
+    /// A heartbeat: the worker is alive with what it was pushed; every
+    /// lease it holds is extended. `false` when it is gone.
+    async fn heartbeat(
+        &self,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+        pace: &mut Pace,
+    ) -> bool {
+        pace.last_beat = Instant::now();
+        held.values_mut().for_each(|h| h.spoken = true);
+        self.beat(held, out).await
     }
 }
 

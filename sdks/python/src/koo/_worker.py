@@ -45,6 +45,11 @@ BACKOFF_MAX = 5.0
 MAX_PROGRESS_MESSAGE_BYTES = 1024
 MAX_FAIL_MESSAGE_BYTES = 4096
 MAX_OUTCOME_SENDS = 5
+# A batch of messages to koo: at most this many, and about this many bytes
+# (a message that would pass the bound waits for the next batch), far below
+# koo's receive limit whatever the results' sizes.
+MAX_BATCH = 4096
+BATCH_BYTES = 256 * 1024
 CODE_ABORTED = 10
 CODE_UNAVAILABLE = 14
 _FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
@@ -138,6 +143,7 @@ class _Registered:
     is_async: bool
     wants_ctx: bool
     queue: str | None
+    signature: inspect.Signature
 
 
 @dataclass(eq=False)
@@ -183,6 +189,8 @@ class _Session:
         self.held: dict[str, _Run] = {}
         self.unacked: dict[str, tuple[wpb.WorkRequest, int]] = {}
         self.closed = False
+        # koo said (in its welcome) that it reads batch messages
+        self.batches = False
 
     def send(self, msg: wpb.WorkRequest) -> None:
         if not self.closed:
@@ -192,12 +200,35 @@ class _Session:
         self.loop.call_soon_threadsafe(self.send, msg)
 
     async def requests(self, hello: wpb.WorkRequest) -> AsyncIterator[wpb.WorkRequest]:
+        """The stream's messages: the hello, then the outbox. Messages that
+        are ready together (the outcomes of tasks that ended in the same
+        turn of the loop) go out as one batch when koo reads batches."""
         yield hello
+        waiting: wpb.WorkRequest | None = None
         while True:
-            item = await self.outbox.get()
+            item = waiting if waiting is not None else await self.outbox.get()
+            waiting = None
             if item is None:
                 return
-            yield item
+            if not self.batches or self.outbox.empty():
+                yield item
+                continue
+            batch = [item]
+            size = item.ByteSize()
+            end = False
+            while len(batch) < MAX_BATCH and not self.outbox.empty():
+                nxt = self.outbox.get_nowait()
+                if nxt is None:
+                    end = True
+                    break
+                size += nxt.ByteSize()
+                if size > BATCH_BYTES:
+                    waiting = nxt
+                    break
+                batch.append(nxt)
+            yield batch[0] if len(batch) == 1 else wpb.WorkRequest(batch=wpb.WorkRequestBatch(requests=batch))
+            if end:
+                return
 
 
 class Worker:
@@ -254,8 +285,8 @@ class Worker:
         """Registers a handler for the task name (its queue, when given, is served)."""
 
         def register(fn: F) -> F:
-            params = inspect.signature(fn).parameters
-            self.handlers[name] = _Registered(fn, inspect.iscoroutinefunction(fn), "ctx" in params, queue)
+            sig = inspect.signature(fn)
+            self.handlers[name] = _Registered(fn, inspect.iscoroutinefunction(fn), "ctx" in sig.parameters, queue, sig)
             return fn
 
         return register
@@ -312,6 +343,7 @@ class Worker:
                 task_names=sorted(self.handlers),
                 queues=sorted(queues),
                 concurrency=self.concurrency,
+                accept_batches=True,
             )
         )
         stub = wgrpc.WorkerServiceStub(self._conn.channel())
@@ -325,27 +357,15 @@ class Worker:
                 if kind == "welcome":
                     welcomed = True
                     self.worker_id = resp.welcome.worker_id
+                    session.batches = resp.welcome.accepts_batches
                     self.connected.set()
                     iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
                     hb = asyncio.ensure_future(self._heartbeats(session, iv))
-                elif kind == "task":
-                    self._on_task(session, resp.task, loop)
-                elif kind == "cancel":
-                    run = session.held.get(resp.cancel.task_id)
-                    if run is not None:
-                        run.cancel_requested = True
-                        run.ctx._signal(resp.cancel.reason or "cancelled")
-                elif kind == "soft_time_limit":
-                    run = session.held.get(resp.soft_time_limit.task_id)
-                    if run is not None:
-                        run.ctx._signal("soft time limit", soft=True)
-                elif kind == "revoked":
-                    run = session.held.pop(resp.revoked.task_id, None)
-                    session.unacked.pop(resp.revoked.task_id, None)
-                    if run is not None:
-                        run.ctx._abandon("revoked: " + resp.revoked.reason)
-                elif kind == "reply":
-                    self._on_reply(session, resp.reply)
+                elif kind == "batch":
+                    for one in resp.batch.responses:
+                        self._on_message(session, one, loop)
+                else:
+                    self._on_message(session, resp, loop)
         except asyncio.CancelledError:
             if not self._stopping.is_set():
                 raise  # not our call.cancel(): someone cancels serve()
@@ -365,6 +385,28 @@ class Worker:
                 run.ctx._abandon("stream lost")
             session.held.clear()
         return welcomed
+
+    def _on_message(self, session: _Session, resp: wpb.WorkResponse, loop: asyncio.AbstractEventLoop) -> None:
+        """One of koo's messages after the welcome (alone or from a batch)."""
+        kind = resp.WhichOneof("message")
+        if kind == "task":
+            self._on_task(session, resp.task, loop)
+        elif kind == "reply":
+            self._on_reply(session, resp.reply)
+        elif kind == "cancel":
+            run = session.held.get(resp.cancel.task_id)
+            if run is not None:
+                run.cancel_requested = True
+                run.ctx._signal(resp.cancel.reason or "cancelled")
+        elif kind == "soft_time_limit":
+            run = session.held.get(resp.soft_time_limit.task_id)
+            if run is not None:
+                run.ctx._signal("soft time limit", soft=True)
+        elif kind == "revoked":
+            run = session.held.pop(resp.revoked.task_id, None)
+            session.unacked.pop(resp.revoked.task_id, None)
+            if run is not None:
+                run.ctx._abandon("revoked: " + resp.revoked.reason)
 
     async def _drain_then_close(self, session: _Session, call: Any) -> None:
         """On stop: start nothing new, let running tasks finish within the
@@ -452,7 +494,7 @@ class Worker:
             if reg.wants_ctx:
                 kwargs["ctx"] = run.ctx
             try:
-                inspect.signature(reg.fn).bind(*args, **kwargs)
+                reg.signature.bind(*args, **kwargs)
             except TypeError as e:
                 raise Fatal(f"the task's arguments do not fit {run.ctx.name!r}: {e}") from None
             if reg.is_async:

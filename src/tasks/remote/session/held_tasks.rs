@@ -15,15 +15,11 @@ use crate::store::Deadline;
 use crate::tasks::engine::{Finish, TaskError};
 
 impl Session {
-    /// Pushes a leased task to the worker and starts its timers; `false`
-    /// when the worker is gone (the task is then given back by the caller's
-    /// cleanup, as a held task).
-    pub(super) async fn hand_out(
-        &self,
-        task: Task,
-        held: &mut HashMap<TaskId, Held>,
-        out: &mpsc::Sender<Outbound>,
-    ) -> bool {
+    /// Holds a leased task (its timers start) and makes the message that
+    /// pushes it to the worker, for the caller to send (alone or in a
+    /// batch). From here the task is the session's: a worker gone before
+    /// the message goes out gets it handed back with the others.
+    pub(super) async fn hold(&self, task: Task, held: &mut HashMap<TaskId, Held>) -> Outbound {
         let now = Instant::now();
         let after = |ms: u64| (ms > 0).then(|| now + Duration::from_millis(ms));
         let h = Held {
@@ -45,7 +41,7 @@ impl Session {
             }
         };
         let task = Box::new(task);
-        out.send(Outbound::Task { task, secret }).await.is_ok()
+        Outbound::Task { task, secret }
     }
 
     /// Extends every held lease; passes on cancels and revokes lost leases.

@@ -44,6 +44,9 @@ pub enum Inbound {
         /// The failure.
         failure: Failure,
     },
+    /// Several of the messages above, in order (never a hello, a batch or
+    /// an invalid one: the adapter refuses those before).
+    Batch(Vec<Inbound>),
     /// The worker sent something that is not a valid message (a second
     /// hello, an empty message): the stream ends with this error.
     Invalid(TaskError),
@@ -87,6 +90,9 @@ pub enum Outbound {
         /// Why.
         reason: String,
     },
+    /// Several of these, in order, ready together (never nested): the
+    /// adapter sends them as one message to a worker that accepts batches.
+    Batch(Vec<Outbound>),
     /// The outcome of a report: the state the task moved to (for completes
     /// and fails), or why it was refused.
     Reply {

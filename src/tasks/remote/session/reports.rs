@@ -1,5 +1,12 @@
-//! A stream worker's reports: progress, and the end of an attempt (with
+//! A stream worker's reports: progress, and the ends of attempts (with
 //! the next task of the same queue on a busy worker's path).
+//!
+//! Outcomes are ended in two steps: [`Session::plan`] settles, without
+//! waiting, what each one needs (the held task leaves `held`, and whether
+//! the next task of its queue is leased in the same store call), and
+//! [`Session::end`] makes the store calls. A batch's run of outcomes is
+//! planned one by one and then ended concurrently: a worker that finishes
+//! several tasks at once waits for one store round trip, not several.
 
 use std::collections::HashMap;
 
@@ -14,13 +21,85 @@ use crate::tasks::engine::{Finish, TaskError};
 use crate::tasks::poller::Poller;
 use crate::tasks::worker::cache_result;
 
+/// How one reported outcome ends.
+enum Plan {
+    /// A task this session holds (already out of `held`): ended with its
+    /// lease; `chain` is the poller position of its queue when the next
+    /// task of that queue is leased in the same call.
+    Held {
+        task: Box<Task>,
+        token: u32,
+        finish: Finish,
+        chain: Option<usize>,
+    },
+    /// A task the session does not hold: read first, and ended only with
+    /// its lease's secret (see [`super::super::secret`]).
+    Foreign {
+        token: u32,
+        secret: String,
+        finish: Finish,
+    },
+    /// Refused before any store call.
+    Refused(TaskError),
+}
+
+/// What ending a planned outcome gave: the reply's outcome, the next task
+/// leased with it, and the queue that lease found empty.
+struct Ended {
+    outcome: Result<State, TaskError>,
+    next: Option<Task>,
+    empty: Option<usize>,
+}
+
 impl Session {
-    /// Handles a progress, complete or fail message; `false` when the worker
-    /// is gone. The next task is leased with a completion only when the
-    /// stream is `open`.
-    pub(super) async fn report(
+    /// Records a progress report; `false` when the worker is gone (a
+    /// refused report is answered with a reply).
+    pub(super) async fn progress(
         &self,
         msg: Inbound,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let Inbound::Progress {
+            id,
+            token,
+            secret,
+            progress,
+        } = msg
+        else {
+            return true;
+        };
+        let mut proof = Proof::given(&secret);
+        if let Ok(task_id) = TaskId::parse(&id)
+            && let Some(h) = held.get_mut(&task_id)
+            && h.task.token == token
+        {
+            h.spoken = true;
+            proof = Proof::Stream;
+        }
+        let deadline = Deadline::after(CALL);
+        match progress_task(&self.engine, &id, token, &progress, proof, deadline).await {
+            Ok(()) => true,
+            Err(e) => {
+                let kind = ReplyKind::Progress;
+                out.send(Outbound::Reply {
+                    id,
+                    kind,
+                    outcome: Err(e),
+                })
+                .await
+                .is_ok()
+            }
+        }
+    }
+
+    /// Ends the attempts a run of complete and fail messages reported, and
+    /// answers each with a reply (in order, each followed by the next task
+    /// leased with it); `false` when the worker is gone. The next tasks are
+    /// leased with the completions only while the stream is `open`.
+    pub(super) async fn outcomes(
+        &self,
+        msgs: Vec<Inbound>,
         held: &mut HashMap<TaskId, Held>,
         out: &mpsc::Sender<Outbound>,
         names: &[&str],
@@ -28,37 +107,52 @@ impl Session {
         open: bool,
     ) -> bool {
         let deadline = Deadline::after(CALL);
-        let (id, token, secret, kind, finish) = match msg {
-            Inbound::Progress {
-                id,
-                token,
-                secret,
-                progress,
-            } => {
-                let mut proof = Proof::given(&secret);
-                if let Ok(task_id) = TaskId::parse(&id)
-                    && let Some(h) = held.get_mut(&task_id)
-                    && h.task.token == token
-                {
-                    h.spoken = true;
-                    proof = Proof::Stream;
-                }
-                let outcome =
-                    progress_task(&self.engine, &id, token, &progress, proof, deadline).await;
-                return match outcome {
-                    Ok(()) => true,
-                    Err(e) => {
-                        let kind = ReplyKind::Progress;
-                        out.send(Outbound::Reply {
-                            id,
-                            kind,
-                            outcome: Err(e),
-                        })
-                        .await
-                        .is_ok()
-                    }
-                };
+        let planned: Vec<(String, ReplyKind, Plan)> = msgs
+            .into_iter()
+            .filter_map(|m| self.plan(m, held, poller, open))
+            .collect();
+        let one = planned.len() == 1;
+        let mut ends = planned.into_iter().map(|(id, kind, plan)| async move {
+            let ended = self.end(plan, &id, names, deadline).await;
+            (id, kind, ended)
+        });
+        // one outcome (a worker sending them one by one): no join's
+        // bookkeeping on the busy path
+        let ended = match ends.next() {
+            Some(first) if one => vec![first.await],
+            Some(first) => futures::future::join_all(std::iter::once(first).chain(ends)).await,
+            None => Vec::new(),
+        };
+        // the replies and the next tasks go out together: one message to a
+        // worker that accepts batches; a next task leased with a completion
+        // is held even when the worker is gone, so that it is handed back
+        // (never started)
+        let mut messages = Vec::with_capacity(2 * ended.len());
+        for (id, kind, ended) in ended {
+            if let Some(q) = ended.empty {
+                poller.mark_empty(q);
             }
+            let outcome = ended.outcome.map(Some);
+            messages.push(Outbound::Reply { id, kind, outcome });
+            if let Some(task) = ended.next {
+                messages.push(self.hold(task, held).await);
+            }
+        }
+        send_all(out, messages).await
+    }
+
+    /// Settles how a complete or fail message ends its attempt, without
+    /// waiting: a held task leaves `held` now, and when every other queue
+    /// is empty and the stream is `open` the next task of its queue is to
+    /// be leased in the same call (a busy worker's path).
+    fn plan(
+        &self,
+        msg: Inbound,
+        held: &mut HashMap<TaskId, Held>,
+        poller: &Poller,
+        open: bool,
+    ) -> Option<(String, ReplyKind, Plan)> {
+        let (id, token, secret, kind, finish) = match msg {
             Inbound::Complete {
                 id,
                 token,
@@ -74,97 +168,111 @@ impl Session {
                 secret,
                 failure,
             } => (id, token, secret, ReplyKind::Fail, failure.into_finish()),
-            Inbound::Heartbeat | Inbound::Invalid(_) => return true,
+            _ => return None,
         };
-        let (outcome, next) = self
-            .finish_held(
-                &id, token, &secret, finish, held, names, poller, deadline, open,
-            )
-            .await;
-        let reply = Outbound::Reply {
-            id,
-            kind,
-            outcome: outcome.map(Some),
-        };
-        let replied = out.send(reply).await.is_ok();
-        // a next task leased with the completion is held even when the
-        // worker is gone, so that it is handed back (never started)
-        match next {
-            Some(task) => self.hand_out(task, held, out).await && replied,
-            None => replied,
-        }
-    }
-
-    /// Ends an attempt the worker reported. A task this session holds is
-    /// ended with its lease, and when every other queue is empty the next
-    /// task of its queue is leased in the same call (a busy worker's path)
-    /// while the stream is `open`; a task the session does not hold is
-    /// read first, and ended only with its lease's `secret` (see
-    /// [`super::secret`]).
-    #[allow(clippy::too_many_arguments)]
-    async fn finish_held(
-        &self,
-        id: &str,
-        token: u32,
-        secret: &str,
-        finish: Result<Finish, TaskError>,
-        held: &mut HashMap<TaskId, Held>,
-        names: &[&str],
-        poller: &mut Poller,
-        deadline: Deadline,
-        open: bool,
-    ) -> (Result<State, TaskError>, Option<Task>) {
         let finish = match finish {
             Ok(f) => f,
-            Err(e) => return (Err(e), None),
+            Err(e) => return Some((id, kind, Plan::Refused(e))),
         };
-        let task_id = match TaskId::parse(id) {
+        let task_id = match TaskId::parse(&id) {
             Ok(t) => t,
-            Err(e) => return (Err(TaskError::invalid("task_id", e.to_string())), None),
+            Err(e) => {
+                let e = TaskError::invalid("task_id", e.to_string());
+                return Some((id, kind, Plan::Refused(e)));
+            }
         };
-        let Some(h) = held.get(&task_id).filter(|h| h.task.token == token) else {
-            let ended = finish_leased(
-                &self.engine,
-                self.cache.as_ref(),
-                id,
+        let plan = match held.remove(&task_id) {
+            Some(h) if h.task.token == token => {
+                let q = poller.position(&h.task.id.queue());
+                let chain = (open && held.len() < self.concurrency)
+                    .then_some(q)
+                    .flatten()
+                    .filter(|&q| poller.others_resting(q));
+                Plan::Held {
+                    task: Box::new(h.task),
+                    token,
+                    finish,
+                    chain,
+                }
+            }
+            other => {
+                // an older lease of a task held again: it stays held
+                if let Some(h) = other {
+                    held.insert(task_id, h);
+                }
+                Plan::Foreign {
+                    token,
+                    secret,
+                    finish,
+                }
+            }
+        };
+        Some((id, kind, plan))
+    }
+
+    /// Makes the store calls a planned outcome needs.
+    async fn end(&self, plan: Plan, id: &str, names: &[&str], deadline: Deadline) -> Ended {
+        let (task, token, finish, chain) = match plan {
+            Plan::Refused(e) => return Ended::only(Err(e)),
+            Plan::Foreign {
+                token,
+                secret,
+                finish,
+            } => {
+                let proof = Proof::given(&secret);
+                let cache = self.cache.as_ref();
+                return Ended::only(
+                    finish_leased(&self.engine, cache, id, token, finish, proof, deadline).await,
+                );
+            }
+            Plan::Held {
+                task,
                 token,
                 finish,
-                Proof::given(secret),
-                deadline,
-            )
-            .await;
-            return (ended, None);
+                chain,
+            } => (task, token, finish, chain),
         };
-        let task = h.task.clone();
         let finish = cache_result(self.cache.as_ref(), &task, finish).await;
-        held.remove(&task_id);
-        let q = poller.position(&task.id.queue());
-        let chain =
-            open && held.len() < self.concurrency && q.is_some_and(|q| poller.others_resting(q));
         let worker = &self.record.id;
-        if chain {
-            match self
+        let Some(q) = chain else {
+            let ended = self
                 .engine
-                .finish_and_lease(&task, token, worker, finish, names, deadline)
-                .await
-            {
-                Ok((state, next)) => {
-                    if next.is_none()
-                        && let Some(q) = q
-                    {
-                        poller.mark_empty(q);
-                    }
-                    (Ok(state), next)
-                }
-                Err(e) => (Err(e), None),
-            }
-        } else {
-            (
-                self.engine
-                    .finish(&task, token, worker, finish, deadline)
-                    .await,
-                None,
-            )
+                .finish(&task, token, worker, finish, deadline)
+                .await;
+            return Ended::only(ended);
+        };
+        match self
+            .engine
+            .finish_and_lease(&task, token, worker, finish, names, deadline)
+            .await
+        {
+            Ok((state, next)) => Ended {
+                outcome: Ok(state),
+                empty: next.is_none().then_some(q),
+                next,
+            },
+            Err(e) => Ended::only(Err(e)),
+        }
+    }
+}
+
+/// Sends `messages` as one batch (a lone message as itself); `false` when
+/// the worker is gone.
+pub(super) async fn send_all(out: &mpsc::Sender<Outbound>, mut messages: Vec<Outbound>) -> bool {
+    let message = match messages.len() {
+        0 => return true,
+        1 => messages.pop().expect("one"),
+        _ => Outbound::Batch(messages),
+    };
+    out.send(message).await.is_ok()
+}
+
+impl Ended {
+    fn only(outcome: Result<State, TaskError>) -> Self {
+        Self {
+            outcome,
+            next: None,
+            empty: None,
         }
     }
 }

@@ -449,8 +449,13 @@ class Welcome(google.protobuf.message.Message):
     WORKER_ID_FIELD_NUMBER: builtins.int
     LEASE_FIELD_NUMBER: builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: builtins.int
     worker_id: builtins.str
     """This session's worker id (the name and a unique suffix)."""
+    accepts_batches: builtins.bool
+    """koo reads `batch` messages (koo releases before batches leave this
+    unset, and end the stream on one): send them only when set.
+    """
     @property
     def lease(self) -> google.protobuf.duration_pb2.Duration:
         """How long a lease lasts without a heartbeat."""
@@ -465,9 +470,10 @@ class Welcome(google.protobuf.message.Message):
         worker_id: builtins.str = ...,
         lease: google.protobuf.duration_pb2.Duration | None = ...,
         heartbeat_interval: google.protobuf.duration_pb2.Duration | None = ...,
+        accepts_batches: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "worker_id", b"worker_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "worker_id", b"worker_id"]) -> None: ...
 
 Global___Welcome: typing_extensions.TypeAlias = Welcome
 
