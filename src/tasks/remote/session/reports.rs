@@ -73,7 +73,13 @@ impl Session {
                 token,
                 secret,
                 failure,
-            } => (id, token, secret, ReplyKind::Fail, failure.into_finish()),
+            } => (
+                id,
+                token,
+                secret,
+                ReplyKind::Fail,
+                failure.into_finish("fail."),
+            ),
             Inbound::Heartbeat | Inbound::Invalid(_) => return true,
         };
         let (outcome, next) = self
