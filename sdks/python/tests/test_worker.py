@@ -163,10 +163,12 @@ def test_retry_countdown_replaces_the_backoff(target: str, ns: str) -> None:
     outside 0 to 24 h is refused where it is raised."""
     w = Worker(target)
     attempts: list[int] = []
+    began: list[float] = []
 
     @w.task(f"sdk.{ns}.soon")
     async def soon(*, ctx: TaskContext) -> str:
         attempts.append(ctx.attempt)
+        began.append(time.monotonic())
         if ctx.attempt == 1:
             raise Retry("busy", countdown=0.2)
         return "second time"
@@ -180,6 +182,7 @@ def test_retry_countdown_replaces_the_backoff(target: str, ns: str) -> None:
         t1 = await tm.submit_task(f"sdk.{ns}.soon", TaskCategory.RESEARCH, max_retries=3)
         assert await tm.result(t1, timeout=15) == "second time"
         assert attempts == [1, 2]
+        assert began[1] - began[0] >= 0.2, "attempt 2 came before its countdown"
         t2 = await tm.submit_task(f"sdk.{ns}.later", TaskCategory.RESEARCH, max_retries=3)
         async for info in tm.watch(t2):
             if info.state is TaskState.SCHEDULED:
