@@ -9,6 +9,11 @@
 //! protobuf spec calls invalid, were silently folded into another value
 //! (`{1 s, 2e9 ns}` became 3 s). A field added later gets the same checks by
 //! naming its [`Range`] here. The README's table lists the ranges.
+//!
+//! One exception, under the same rules: a failure's `retry_delay` is
+//! checked with the rest of the failure
+//! (`crate::tasks::remote::RetryDelay`), so that on a `Work` stream a bad
+//! one is refused in the `fail`'s reply instead of ending the stream.
 
 use std::time::{Duration, SystemTime};
 

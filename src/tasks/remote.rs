@@ -192,13 +192,60 @@ pub struct Failure {
     pub retryable: bool,
     /// Anything else (a JSON object), if given.
     pub details: Option<serde_json::Value>,
+    /// How long to wait before the next attempt instead of the backoff, as
+    /// the worker sent it (checked by [`Failure::into_finish`]).
+    pub retry_delay: Option<RetryDelay>,
+}
+
+/// A retry delay as sent (a protobuf `Duration`'s two parts), unchecked:
+/// the stream's reply and `FailTask` refuse a bad one the same way, in
+/// [`Failure::into_finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryDelay {
+    /// Whole seconds.
+    pub seconds: i64,
+    /// Nanoseconds, of the sign of `seconds`.
+    pub nanos: i32,
+}
+
+/// Longest retry delay a worker may ask for.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(24 * 3600);
+
+impl RetryDelay {
+    /// The delay, when normalised and 0 s to 24 h; else why not, quoting
+    /// the value.
+    fn check(self) -> Result<Duration, String> {
+        let Self { seconds, nanos } = self;
+        let refuse = |why: &str| {
+            format!("{why}: must be 0 s to 24 h (got seconds {seconds}, nanos {nanos})")
+        };
+        if !(-999_999_999..=999_999_999).contains(&nanos)
+            || (seconds > 0 && nanos < 0)
+            || (seconds < 0 && nanos > 0)
+        {
+            return Err(refuse(
+                "is not a normalised duration (|nanos| at most 999,999,999, of the sign of seconds)",
+            ));
+        }
+        if seconds < 0 || nanos < 0 {
+            return Err(refuse("is negative"));
+        }
+        // compared in seconds first, so that i64::MAX never reaches Duration
+        let max = MAX_RETRY_DELAY;
+        if seconds as u64 > max.as_secs() || Duration::new(seconds as u64, nanos as u32) > max {
+            return Err(refuse("is out of range"));
+        }
+        Ok(Duration::new(seconds as u64, nanos as u32))
+    }
 }
 
 impl Failure {
-    fn into_finish(self) -> Result<Finish, TaskError> {
+    /// The failure as a finish, once checked; an argument error names its
+    /// field under `path` (`fail.` on a stream, nothing for `FailTask`).
+    fn into_finish(self, path: &str) -> Result<Finish, TaskError> {
         if self.message.is_empty() || self.message.len() > MAX_MESSAGE {
             return Err(TaskError::invalid(
-                "message",
+                &format!("{path}message"),
                 format!("must be 1 to {MAX_MESSAGE} bytes"),
             ));
         }
@@ -206,14 +253,24 @@ impl Failure {
             && d.to_string().len() > MAX_JSON
         {
             return Err(TaskError::invalid(
-                "details",
+                &format!("{path}details"),
                 format!("at most {MAX_JSON} bytes as JSON"),
             ));
         }
+        // checked even for a failure that is not retryable: a bad value is
+        // the worker's bug either way
+        let delay = match self.retry_delay {
+            Some(d) => Some(
+                d.check()
+                    .map_err(|why| TaskError::invalid(&format!("{path}retry_delay"), why))?,
+            ),
+            None => None,
+        };
         Ok(Finish::Failed {
             message: self.message,
             retryable: self.retryable,
             details: self.details,
+            delay,
         })
     }
 }
@@ -314,10 +371,12 @@ pub async fn lease_once(
 }
 
 /// How a unary heartbeat went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BeatReply {
     /// A cancel was asked for.
     pub cancel_requested: bool,
+    /// Its reason (empty when none was asked for).
+    pub cancel_reason: String,
     /// The soft time limit has passed.
     pub soft_limit_exceeded: bool,
     /// When the lease now lapses.
@@ -353,7 +412,7 @@ pub async fn heartbeat(
     let task_id = TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let task = engine.get(id, deadline).await?;
     authorize(engine, &task, token, proof, deadline).await?;
-    let cancel_requested = engine.heartbeat(&task_id, token, deadline).await?;
+    let cancel = engine.heartbeat(&task_id, token, deadline).await?;
     let lease_until = SystemTime::now() + engine.config().lease;
     let now = crate::store::unix_millis(SystemTime::now());
     let soft_limit_exceeded = task.soft_ms > 0
@@ -361,7 +420,8 @@ pub async fn heartbeat(
             .started_ms
             .is_some_and(|s| now >= s.saturating_add(task.soft_ms as i64));
     Ok(BeatReply {
-        cancel_requested,
+        cancel_requested: cancel.is_some(),
+        cancel_reason: cancel.unwrap_or_default(),
         soft_limit_exceeded,
         lease_until,
     })
@@ -429,7 +489,7 @@ pub async fn fail(
     proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
-    let finish = failure.into_finish()?;
+    let finish = failure.into_finish("")?;
     finish_leased(engine, None, id, token, finish, proof, deadline).await
 }
 
@@ -470,9 +530,50 @@ mod tests {
             message: message.to_owned(),
             retryable: false,
             details: None,
+            retry_delay: None,
         };
-        assert!(f("boom").into_finish().is_ok());
-        assert!(f("").into_finish().is_err());
-        assert!(f(&"x".repeat(MAX_MESSAGE + 1)).into_finish().is_err());
+        assert!(f("boom").into_finish("").is_ok());
+        assert!(f("").into_finish("").is_err());
+        assert!(f(&"x".repeat(MAX_MESSAGE + 1)).into_finish("").is_err());
+    }
+
+    /// A retry delay is 0 s to 24 h, normalised; a bad one is refused
+    /// naming the field under the caller's path and quoting the value.
+    #[test]
+    fn retry_delays_validate() {
+        let f = |seconds, nanos| Failure {
+            message: "busy".to_owned(),
+            retryable: true,
+            details: None,
+            retry_delay: Some(RetryDelay { seconds, nanos }),
+        };
+        let delay = |seconds, nanos| match f(seconds, nanos).into_finish("fail.") {
+            Ok(Finish::Failed { delay, .. }) => delay,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(delay(0, 0), Some(Duration::ZERO));
+        assert_eq!(delay(86_400, 0), Some(MAX_RETRY_DELAY));
+        assert_eq!(delay(1, 500_000_000), Some(Duration::from_millis(1500)));
+        for (seconds, nanos) in [
+            (-1, 0),
+            (0, -1),
+            (86_400, 1),
+            (86_401, 0),
+            (i64::MAX, 0),
+            (i64::MIN, 0),
+            (1, 1_000_000_000),
+            (1, -1),
+        ] {
+            match f(seconds, nanos).into_finish("fail.") {
+                Err(TaskError::InvalidArgument { field, reason }) => {
+                    assert_eq!(field, "fail.retry_delay");
+                    assert!(
+                        reason.contains(&format!("got seconds {seconds}, nanos {nanos}")),
+                        "{reason}"
+                    );
+                }
+                other => panic!("{seconds} {nanos}: {other:?}"),
+            }
+        }
     }
 }

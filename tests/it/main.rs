@@ -31,4 +31,5 @@ mod tls;
 mod validation;
 mod worker_grpc;
 mod worker_python;
+mod worker_retry;
 mod worker_stream;

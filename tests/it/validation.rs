@@ -297,6 +297,17 @@ async fn extreme_durations_are_refused(backend: Backend) {
             })
             .await;
         refused(&label, r, "wait");
+        // checked before the task is looked for: no lease needed
+        let r = w
+            .fail_task(wpb::FailTaskRequest {
+                task_id: unknown_task_id(),
+                message: "busy".into(),
+                retryable: true,
+                retry_delay: d,
+                ..Default::default()
+            })
+            .await;
+        refused(&label, r, "retry_delay");
         for field in ["task.soft_time_limit", "task.time_limit"] {
             let mut task = spb::TaskTemplate {
                 name: "x".into(),

@@ -20,9 +20,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc.aio
 import pytest
 
 from koo import Fatal, Retry, TaskCategory, TaskContext, TaskFailed, TaskManager, TaskState, Worker
+from koo.tasks.v1 import task_service_pb2 as tasks_pb
+from koo.tasks.v1 import task_service_pb2_grpc as tasks_grpc
 
 SDK_DIR = Path(__file__).resolve().parents[1]
 
@@ -154,6 +157,51 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
         asyncio.run(scenario())
 
 
+def test_retry_countdown_replaces_the_backoff(target: str, ns: str) -> None:
+    """`Retry(countdown=0.2)` runs attempt 2 after its countdown; a countdown of an hour leaves the
+    task SCHEDULED with its next attempt due about an hour out (read, not waited for); a countdown
+    outside 0 to 24 h is refused where it is raised."""
+    w = Worker(target)
+    attempts: list[int] = []
+    began: list[float] = []
+
+    @w.task(f"sdk.{ns}.soon")
+    async def soon(*, ctx: TaskContext) -> str:
+        attempts.append(ctx.attempt)
+        began.append(time.monotonic())
+        if ctx.attempt == 1:
+            raise Retry("busy", countdown=0.2)
+        return "second time"
+
+    @w.task(f"sdk.{ns}.later")
+    def later() -> None:
+        raise Retry("rate limited", details={"retry_after": 3600}, countdown=3600)
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        t1 = await tm.submit_task(f"sdk.{ns}.soon", TaskCategory.RESEARCH, max_retries=3)
+        assert await tm.result(t1, timeout=15) == "second time"
+        assert attempts == [1, 2]
+        assert began[1] - began[0] >= 0.2, "attempt 2 came before its countdown"
+        t2 = await tm.submit_task(f"sdk.{ns}.later", TaskCategory.RESEARCH, max_retries=3)
+        async for info in tm.watch(t2):
+            if info.state is TaskState.SCHEDULED:
+                break
+        raised = time.time()
+        async with grpc.aio.insecure_channel(target) as ch:
+            raw = await tasks_grpc.TaskServiceStub(ch).GetTask(tasks_pb.GetTaskRequest(task_id=t2))
+        assert raw.task.state == tasks_pb.TASK_STATE_SCHEDULED
+        assert raw.task.attempts == 1 and "rate limited" in raw.task.error.message
+        due = raw.task.attempt_log[-1].retry_time.ToMilliseconds() / 1000
+        assert raised + 3600 - 60 < due <= raised + 3600, (due, raised)
+
+    with running(w):
+        asyncio.run(scenario())
+    for bad in (-1, 24 * 3600 + 1, float("nan")):
+        with pytest.raises(ValueError, match="countdown"):
+            Retry("busy", countdown=bad)
+
+
 def test_cancel_reaches_running_sync_and_async_handlers(target: str, ns: str) -> None:
     """A cancel sets the context's event in a thread and in a coroutine; both end CANCELLED."""
     w = Worker(target)
@@ -183,7 +231,7 @@ def test_cancel_reaches_running_sync_and_async_handlers(target: str, ns: str) ->
             with pytest.raises(TaskFailed) as e:
                 await tm.result(tid, timeout=15)
             assert e.value.task.state is TaskState.CANCELLED
-            assert stopped[kind]  # koo's reason, e.g. "cancelled by request"
+            assert stopped[kind] == "user gave up"  # the caller's reason
 
     with running(w):
         asyncio.run(scenario())

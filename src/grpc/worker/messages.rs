@@ -14,7 +14,7 @@ use crate::pb::worker::v1 as pb;
 use crate::pb::worker::v1::work_request::Message as In;
 use crate::pb::worker::v1::work_response::Message as Out;
 use crate::tasks::engine::TaskError;
-use crate::tasks::remote::{Failure, Inbound, Outbound, Progress, ReplyKind};
+use crate::tasks::remote::{Failure, Inbound, Outbound, Progress, ReplyKind, RetryDelay};
 
 pub(super) fn state(s: State) -> i32 {
     to_pb_state(s) as i32
@@ -43,6 +43,16 @@ pub(super) fn value_json(
     match v {
         None | Some(prost_types::Value { kind: None }) => Ok(serde_json::Value::Null),
         Some(v) => json::to_serde(&v).map_err(|e| TaskError::invalid(field, e)),
+    }
+}
+
+/// A failure's retry delay as sent: checked with the rest of the failure
+/// (`Failure::into_finish`), so that a bad one is the report's refusal on a
+/// stream, not the stream's end.
+pub(super) fn retry_delay(d: prost_types::Duration) -> RetryDelay {
+    RetryDelay {
+        seconds: d.seconds,
+        nanos: d.nanos,
     }
 }
 
@@ -97,6 +107,7 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
                     message: f.message,
                     retryable: f.retryable,
                     details,
+                    retry_delay: f.retry_delay.map(retry_delay),
                 },
             }
         }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use self::holds::sweep_holds;
-use self::messages::{state, struct_json, timestamp, value_json};
+use self::messages::{retry_delay, state, struct_json, timestamp, value_json};
 use super::deadline;
 use super::tasks::{timestamp as ms_timestamp, to_pb_task};
 use crate::auth::Caller;
@@ -156,7 +156,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             cancel_requested: beat.cancel_requested,
             soft_time_limit_exceeded: beat.soft_limit_exceeded,
             lease_expire_time: Some(timestamp(beat.lease_until)),
-            cancel_reason: String::new(),
+            cancel_reason: beat.cancel_reason,
         }))
     }
 
@@ -219,6 +219,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             message: r.message,
             retryable: r.retryable,
             details,
+            retry_delay: r.retry_delay.map(retry_delay),
         };
         let proof = Proof::given(&r.lease_secret);
         let s = remote::fail(

@@ -101,7 +101,8 @@ pub trait TaskBackend: Send + Sync + 'static {
 
     /// **Heartbeat.** Fenced by `token`. Post: the lease runs until now +
     /// `lease` (its score: the sooner of that and the hard deadline). No
-    /// event. [`Beat::CancelRequested`] when a cancel was asked for.
+    /// event. [`Beat::CancelRequested`] with the cancel's reason when a
+    /// cancel was asked for.
     async fn heartbeat(
         &self,
         id: &TaskId,

@@ -72,12 +72,15 @@ pub struct TaskEvent {
 }
 
 /// What a heartbeat learned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Beat {
     /// The lease is still this worker's, extended.
     Held,
-    /// Still held, and a cancel was asked for: stop the task.
-    CancelRequested,
+    /// Still held, and a cancel was asked for, with the reason its caller
+    /// gave: stop the task. The reason comes with the heartbeat itself, so
+    /// that a worker told of a cancel made through another koo process
+    /// learns why without another round trip.
+    CancelRequested(String),
     /// Fenced: the lease is someone else's, or the task ended.
     Lost,
 }

@@ -49,7 +49,10 @@ impl TaskEngine {
                 // told to stop): read before this process's own worker is
                 // told, which may end the task at once.
                 let task = self.get(id, deadline).await;
-                let _ = self.inner.cancels.send(task_id.clone());
+                let _ = self.inner.cancels.send(super::CancelAsked {
+                    id: task_id.clone(),
+                    reason: reason.into(),
+                });
                 return task;
             }
             CancelReply::Cancelled => {

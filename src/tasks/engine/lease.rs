@@ -26,7 +26,8 @@ fn fenced_unless(accepted: bool, id: &TaskId) -> Result<(), TaskError> {
 pub enum Finish {
     /// With a result (JSON).
     Succeeded(String),
-    /// With an error; `retryable` asks for a retry with backoff.
+    /// With an error; `retryable` asks for a retry, after `delay` or else
+    /// the task's backoff.
     Failed {
         /// What went wrong.
         message: String,
@@ -35,6 +36,10 @@ pub enum Finish {
         /// Anything else the worker reported (a JSON object), kept with the
         /// error.
         details: Option<serde_json::Value>,
+        /// How long to wait before the next attempt, when the worker knows
+        /// better than the backoff (a rate limit's `Retry-After`); ignored
+        /// when no retry remains.
+        delay: Option<Duration>,
     },
     /// Stopped at the hard time limit.
     TimedOut,
@@ -47,6 +52,7 @@ impl Finish {
             message: message.into(),
             retryable,
             details: None,
+            delay: None,
         }
     }
 }
@@ -106,23 +112,23 @@ impl TaskEngine {
             .await?)
     }
 
-    /// Extends the lease held with `token`; `true` when a cancel was asked
-    /// for (the holder should stop the task).
+    /// Extends the lease held with `token`; the cancel's reason when a
+    /// cancel was asked for (the holder should stop the task).
     #[tracing::instrument(level = "debug", skip_all, fields(task = %id))]
     pub async fn heartbeat(
         &self,
         id: &TaskId,
         token: u32,
         deadline: Deadline,
-    ) -> Result<bool, TaskError> {
+    ) -> Result<Option<String>, TaskError> {
         match self
             .inner
             .store
             .heartbeat(id, token, self.inner.config.lease, deadline)
             .await?
         {
-            Beat::Held => Ok(false),
-            Beat::CancelRequested => Ok(true),
+            Beat::Held => Ok(None),
+            Beat::CancelRequested(reason) => Ok(Some(reason)),
             Beat::Lost => Err(TaskError::Fenced(id.clone())),
         }
     }
@@ -222,10 +228,11 @@ impl TaskEngine {
                 message,
                 retryable: true,
                 details,
+                delay,
             } => (
                 Outcome::Retry {
                     error: error(message, true, details.as_ref()),
-                    delay: self.inner.config.backoff.delay(task.attempts),
+                    delay: delay.unwrap_or_else(|| self.inner.config.backoff.delay(task.attempts)),
                 },
                 "failed",
             ),
@@ -233,6 +240,7 @@ impl TaskEngine {
                 message,
                 retryable: false,
                 details,
+                ..
             } => (
                 Outcome::Failed(error(message, false, details.as_ref())),
                 "failed",
@@ -331,7 +339,7 @@ impl TaskEngine {
         let store = &self.inner.store;
         match store.heartbeat(id, token, Duration::ZERO, deadline).await? {
             Beat::Lost => return Err(TaskError::Fenced(id.clone())),
-            Beat::Held | Beat::CancelRequested => {}
+            Beat::Held | Beat::CancelRequested(_) => {}
         }
         store
             .recover(&id.queue(), c.acks_late, c.limits, deadline)

@@ -37,6 +37,17 @@ pub use self::lease::Finish;
 pub use self::submit::{MAX_ARGUMENTS, NewTask};
 pub use crate::tasks::error::TaskError;
 
+/// A cancel asked for through this process: the task, and the reason its
+/// caller gave (or `cancelled by request`), which a worker passes on to the
+/// handler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CancelAsked {
+    /// The task to stop.
+    pub id: TaskId,
+    /// Why (shared: every subscriber gets a clone).
+    pub reason: Arc<str>,
+}
+
 /// A handle to the task engine.
 #[derive(Clone)]
 pub struct TaskEngine {
@@ -51,7 +62,7 @@ struct Inner {
     /// lease and its wait).
     submitted: watch::Sender<Option<QueueName>>,
     /// Cancels asked for through this process, for its running handlers.
-    cancels: tokio::sync::broadcast::Sender<TaskId>,
+    cancels: tokio::sync::broadcast::Sender<CancelAsked>,
     /// The lease secrets' signer, read from the store once (a failed read
     /// is tried again by the next caller) and re-checked by
     /// [`TaskEngine::refresh_signer`].
@@ -94,7 +105,7 @@ impl TaskEngine {
 
     /// A subscription to cancels asked for through this process, so that a
     /// running handler here is told at once.
-    pub fn cancels(&self) -> tokio::sync::broadcast::Receiver<TaskId> {
+    pub fn cancels(&self) -> tokio::sync::broadcast::Receiver<CancelAsked> {
         self.inner.cancels.subscribe()
     }
 

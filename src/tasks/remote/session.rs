@@ -50,7 +50,7 @@ use crate::cache::Cache;
 use crate::domain::task::{Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
-use crate::tasks::engine::{TaskEngine, TaskError};
+use crate::tasks::engine::{CancelAsked, TaskEngine, TaskError};
 use crate::tasks::poller::Poller;
 
 mod held;
@@ -253,7 +253,7 @@ impl Session {
                     self.fire_timers(held, out).await
                 }
                 got = cancels.recv() => match got {
-                    Ok(id) => pass_cancel(id, held, out, config.cancel_grace).await,
+                    Ok(asked) => pass_cancel(asked, held, out, config.cancel_grace).await,
                     Err(_) => true,
                 },
                 // a local submit wakes its queue
@@ -500,19 +500,19 @@ impl Pace {
 /// Passes on a cancel asked for through this process, for a task the
 /// stream holds; `false` when the worker is gone.
 async fn pass_cancel(
-    id: TaskId,
+    asked: CancelAsked,
     held: &mut HashMap<TaskId, Held>,
     out: &mpsc::Sender<Outbound>,
     grace: Duration,
 ) -> bool {
-    let Some(h) = held.get_mut(&id) else {
+    let Some(h) = held.get_mut(&asked.id) else {
         return true;
     };
     if h.cancel_at.is_some() {
         return true;
     }
     h.cancel_at = Some(Instant::now() + grace);
-    let reason = "cancelled by request".to_owned();
+    let (id, reason) = (asked.id, asked.reason.to_string());
     out.send(Outbound::Cancel { id, reason }).await.is_ok()
 }
 

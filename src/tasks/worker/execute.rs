@@ -10,9 +10,9 @@ use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 use super::registry::{HandlerError, Registry, TaskContext};
-use crate::domain::task::{Task, TaskId};
+use crate::domain::task::Task;
 use crate::store::Deadline;
-use crate::tasks::engine::{Finish, TaskEngine, TaskError};
+use crate::tasks::engine::{CancelAsked, Finish, TaskEngine, TaskError};
 
 /// How a run of a leased task ended.
 pub(super) enum Ended {
@@ -31,7 +31,7 @@ pub(super) async fn execute(
     engine: &TaskEngine,
     registry: &Registry,
     task: &Task,
-    cancels: &mut tokio::sync::broadcast::Receiver<TaskId>,
+    cancels: &mut tokio::sync::broadcast::Receiver<CancelAsked>,
     stop: &CancellationToken,
 ) -> Ended {
     // Cancels sent before this run began are about earlier runs (a cancel
@@ -70,7 +70,7 @@ async fn supervise(
     task: &Task,
     mut running: JoinHandle<Result<serde_json::Value, HandlerError>>,
     cancel: CancellationToken,
-    cancels: &mut tokio::sync::broadcast::Receiver<TaskId>,
+    cancels: &mut tokio::sync::broadcast::Receiver<CancelAsked>,
     stop: &CancellationToken,
 ) -> Ended {
     let soft = tokio::time::sleep(Duration::from_millis(task.soft_ms));
@@ -125,7 +125,9 @@ async fn supervise(
                 return Ended::HandBack;
             }
             got = cancels.recv(), if cancels_open && !cancelling => match got {
-                Ok(id) if id == task.id => start_cancel(&mut cancelling, cancel_grace.as_mut()),
+                // built-in handlers see the cancel, not its reason (their
+                // context has a token, not a message)
+                Ok(asked) if asked.id == task.id => start_cancel(&mut cancelling, cancel_grace.as_mut()),
                 Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 // the heartbeat still carries cancels
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => cancels_open = false,
@@ -178,7 +180,7 @@ async fn heartbeat(engine: &TaskEngine, task: &Task, last_beat: &mut Instant) ->
     {
         Ok(cancel_asked) => {
             *last_beat = Instant::now();
-            if cancel_asked {
+            if cancel_asked.is_some() {
                 Beat::CancelAsked
             } else {
                 Beat::Held

@@ -11,9 +11,9 @@ use tokio_util::sync::CancellationToken;
 use super::execute::{Ended, execute};
 use super::registry::Registry;
 use super::report::{cache_result, outcome_not_recorded, report, report_and_lease};
-use crate::domain::task::{QueueName, Task, TaskId};
+use crate::domain::task::{QueueName, Task};
 use crate::store::Deadline;
-use crate::tasks::engine::TaskEngine;
+use crate::tasks::engine::{CancelAsked, TaskEngine};
 use crate::tasks::poller::Poller;
 
 /// How long each lease or hand-back call of a slot may take.
@@ -43,7 +43,7 @@ pub(super) struct Slot {
     pub(super) poller: Poller,
     /// Cancels asked for through this process: one subscription per slot,
     /// not one per task (messages about other tasks are skipped).
-    pub(super) cancels: tokio::sync::broadcast::Receiver<TaskId>,
+    pub(super) cancels: tokio::sync::broadcast::Receiver<CancelAsked>,
 }
 
 impl Slot {

@@ -9,7 +9,8 @@ secret. When the stream breaks it reconnects with capped exponential backoff
 them to another worker).
 
 Failure rule: `Fatal` fails the task for good; `Retry` and any other
-exception fail it retryably (koo retries while the task's retries last).
+exception fail it retryably (koo retries while the task's retries last,
+after the task's backoff or after `Retry(..., countdown=seconds)`).
 """
 
 from __future__ import annotations
@@ -55,13 +56,29 @@ CODE_UNAVAILABLE = 14
 _FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
-class Retry(Exception):
-    """Raise to fail this attempt retryably (koo retries while retries last)."""
+MAX_RETRY_COUNTDOWN = 24 * 3600.0
 
-    def __init__(self, message: str = "retry", details: Mapping[str, Any] | None = None) -> None:
+
+class Retry(Exception):
+    """Raise to fail this attempt retryably (koo retries while retries last).
+
+    `countdown` (seconds, 0 to 24 h, like Celery's `self.retry(countdown=...)`)
+    is how long koo waits before the next attempt, instead of the task's
+    backoff: e.g. a rate limit's `Retry-After`. It is ignored when no retry
+    remains (the task then ends FAILED). A countdown outside 0 to 24 h is a
+    `ValueError` here, where the handler raises it, rather than a report koo
+    refuses later.
+    """
+
+    def __init__(
+        self, message: str = "retry", details: Mapping[str, Any] | None = None, *, countdown: float | None = None
+    ) -> None:
         super().__init__(message)
+        if countdown is not None and not 0 <= countdown <= MAX_RETRY_COUNTDOWN:
+            raise ValueError(f"Retry countdown must be 0 to {MAX_RETRY_COUNTDOWN:g} seconds, got {countdown!r}")
         self.message = message
         self.details = dict(details) if details else None
+        self.countdown = countdown
 
 
 class Fatal(Exception):
@@ -88,7 +105,9 @@ class TaskContext:
     `cancelled` (a `threading.Event`, usable from threads and, via
     `await ctx.wait_cancelled()`, from coroutines) is set when koo cancels
     the task, at its soft time limit (`soft_limit_reached` tells which), when
-    koo revokes it, and when the worker loses its stream.
+    koo revokes it, and when the worker loses its stream. `cancel_reason`
+    then says why: for a cancel, the reason its caller gave
+    (`TaskManager.cancel(id, reason=...)`, else `cancelled by request`).
     """
 
     def __init__(self, run: _Run, task: tasks_pb.Task) -> None:
@@ -487,7 +506,8 @@ class Worker:
         args = [from_proto_value(v) for v in t.args]
         kwargs = from_struct(t.kwargs)
         result: Any = None
-        failure: tuple[str, bool, dict[str, Any] | None] | None = None
+        # message, retryable, details, retry countdown (seconds; None: the backoff)
+        failure: tuple[str, bool, dict[str, Any] | None, float | None] | None = None
         try:
             if reg is None:
                 raise Fatal(f"no handler for {run.ctx.name!r}")
@@ -502,15 +522,15 @@ class Worker:
             else:
                 result = await _in_thread(lambda: reg.fn(*args, **kwargs))
         except Fatal as e:
-            failure = (e.message, False, e.details)
+            failure = (e.message, False, e.details, None)
         except Retry as e:
-            failure = (e.message, True, e.details)
+            failure = (e.message, True, e.details, e.countdown)
         except asyncio.CancelledError:
-            failure = ("cancelled", False, None)
+            failure = ("cancelled", False, None, None)
         except Exception as e:
             if not run.ctx.cancelled.is_set():
                 log.exception("task %s (%s) raised", run.task_id, run.ctx.name)
-            failure = (f"{type(e).__name__}: {e}", True, {"exception": type(e).__name__})
+            failure = (f"{type(e).__name__}: {e}", True, {"exception": type(e).__name__}, None)
         finally:
             self._started.discard(run)
         session = run.session
@@ -518,13 +538,13 @@ class Worker:
             return  # revoked, leased again, or the stream is gone
         del session.held[run.task_id]
         if run.cancel_requested:
-            failure = (run.ctx.cancel_reason or "cancelled", False, None)
+            failure = (run.ctx.cancel_reason or "cancelled", False, None, None)
         tok, sec = run.assignment.lease_token, run.assignment.lease_secret
         if failure is None:
             try:
                 value = to_proto_value(result)
             except (TypeError, ValueError) as e:
-                failure = (f"result is not JSON: {e}", False, None)
+                failure = (f"result is not JSON: {e}", False, None, None)
             else:
                 self._send_outcome(
                     session,
@@ -535,7 +555,7 @@ class Worker:
                     1,
                 )
                 return
-        msg, retryable, details = failure
+        msg, retryable, details, countdown = failure
         fail = wpb.Fail(
             task_id=run.task_id,
             lease_token=tok,
@@ -543,6 +563,8 @@ class Worker:
             message=_cut(msg or "failed", MAX_FAIL_MESSAGE_BYTES),
             retryable=retryable,
         )
+        if countdown is not None:
+            fail.retry_delay.FromNanoseconds(round(countdown * 1e9))
         if details:
             try:
                 fail.details.CopyFrom(to_struct(details))

@@ -210,14 +210,13 @@ impl Tasks {
         };
         e.lease_until = now.saturating_add(millis(lease));
         let score = lease_score(e.lease_until, e.hard_until);
-        let cancel = e.cancel.is_some();
+        let cancel = e.cancel.clone();
         if let Some(q) = self.queues.get_mut(&id.queue()) {
             q.leases.update(id.as_str(), score);
         }
-        if cancel {
-            Beat::CancelRequested
-        } else {
-            Beat::Held
+        match cancel {
+            Some(reason) => Beat::CancelRequested(reason),
+            None => Beat::Held,
         }
     }
     /// See [`TaskBackend::cancel`](crate::store::tasks::TaskBackend::cancel).

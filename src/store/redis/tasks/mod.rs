@@ -288,10 +288,13 @@ impl TaskBackend for RedisTasks {
             .arg("id", id.as_str())
             .arg("token", token)
             .arg("lease_ms", millis(lease));
-        let reply: i64 = self.store.invoke(call.done(), deadline).await?;
+        // 1, 0, or the cancel's reason: one reply, no second read
+        let reply: redis::Value = self.store.invoke(call.done(), deadline).await?;
         Ok(match reply {
-            1 => Beat::Held,
-            2 => Beat::CancelRequested,
+            redis::Value::Int(1) => Beat::Held,
+            redis::Value::BulkString(reason) => {
+                Beat::CancelRequested(String::from_utf8_lossy(&reason).into_owned())
+            }
             _ => Beat::Lost,
         })
     }

@@ -61,14 +61,12 @@ impl Session {
         let grace = self.engine.config().cancel_grace;
         for (id, beat) in beats {
             let message = match beat {
-                Ok(false) => continue,
-                Ok(true) => match held.get_mut(&id) {
+                Ok(None) => continue,
+                // a cancel made through another koo process on this store
+                Ok(Some(reason)) => match held.get_mut(&id) {
                     Some(h) if h.cancel_at.is_none() => {
                         h.cancel_at = Some(Instant::now() + grace);
-                        Outbound::Cancel {
-                            id,
-                            reason: "cancelled by request".to_owned(),
-                        }
+                        Outbound::Cancel { id, reason }
                     }
                     _ => continue,
                 },

@@ -167,7 +167,13 @@ impl Session {
                 token,
                 secret,
                 failure,
-            } => (id, token, secret, ReplyKind::Fail, failure.into_finish()),
+            } => (
+                id,
+                token,
+                secret,
+                ReplyKind::Fail,
+                failure.into_finish("fail."),
+            ),
             _ => return None,
         };
         let finish = match finish {

@@ -1,6 +1,6 @@
--- Heartbeat (see TaskBackend::heartbeat). Returns 1, 2 when a cancel was
--- asked for (the worker should stop the task), or 0 when fenced. KEYS and
--- ARGV: declared in scripts.rs (HEARTBEAT).
+-- Heartbeat (see TaskBackend::heartbeat). Returns 1, the cancel's reason
+-- (a string) when a cancel was asked for (the worker should stop the task),
+-- or 0 when fenced. KEYS and ARGV: declared in scripts.rs (HEARTBEAT).
 local state, token = unpack(redis.call('HMGET', K_task, 'state', 'token'))
 if state ~= 'running' or token ~= A_token then return 0 end
 local deadline = now + tonumber(A_lease_ms)
@@ -9,5 +9,6 @@ local score = deadline
 if hard > 0 and hard < score then score = hard end
 redis.call('HSET', K_task, 'lease_until', deadline)
 redis.call('ZADD', K_leases, 'XX', score, A_id)
-if redis.call('HEXISTS', K_task, 'cancel') == 1 then return 2 end
+local reason = redis.call('HGET', K_task, 'cancel')
+if reason then return reason end
 return 1
