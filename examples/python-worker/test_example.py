@@ -2,17 +2,22 @@
 
     cd examples/python-worker && ./setup.sh && .venv/bin/python -m unittest -v
 
-- The handlers, called directly: PDF extraction on testdata/sample.pdf, the AI
-  handler against fake_openai (in-process, free port), the no-endpoint
-  failure, 4xx vs 5xx retryability, and the chaos suite's ledger.
-- koo_worker.Worker against a scripted in-process WorkerService (a fake koo):
-  hello/welcome, heartbeats, progress, complete, cancel, revoke, reconnect,
-  and rejection; and worker.py as a process (exit status 2 on a bad token,
-  0 on SIGTERM).
+- The handlers, called directly with a stand-in context: PDF extraction on
+  testdata/sample.pdf, the AI handler against fake_openai (in-process, free
+  port), the no-endpoint failure, 4xx vs 5xx retryability, and the chaos
+  suite's ledger.
+- The event lines: the SDK's `WorkerEvent`s printed as the JSON lines the
+  Rust tests read.
+- worker.py as a process against a scripted WorkerService: exit status 2 on
+  a bad token, 0 on SIGTERM.
+
+The worker itself (the protocol, heartbeats, reconnects, cancel, revoke) is
+the SDK's, tested against real koo processes in sdks/python/tests.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -29,14 +34,15 @@ from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
+from koo import Fatal, Retry, WorkerEvent
+from koo.worker.v1 import worker_service_pb2 as worker_pb2
+from koo.worker.v1 import worker_service_pb2_grpc as worker_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import fake_openai  # noqa: E402
-import koo_worker  # noqa: E402
 import worker  # noqa: E402
-from koo_worker import TaskContext, TaskFailed, tasks_pb2, worker_grpc, worker_pb2  # noqa: E402
 
 SAMPLE_PDF = HERE / "testdata" / "sample.pdf"
 PAGE_TEXTS = [
@@ -51,57 +57,30 @@ PAGE_TEXTS = [
 # --------------------------------------------------------------------------
 
 
-class _RecordingRun:
-    """Stands in for the worker's per-task state: records progress reports."""
+class FakeContext:
+    """Stands in for the SDK's `TaskContext` (what the handlers use of it):
+    records progress reports; `_signal` sets `cancelled` as koo's cancel does."""
 
     def __init__(self) -> None:
-        self.progress: list[tuple[float, str, dict | None]] = []
+        self.task_id = "task-1"
+        self.attempt = 1
+        self.lease_token = 1
+        self.cancelled = threading.Event()
+        self.cancel_reason = ""
+        self.progress_reports: list[tuple[float, str, dict | None]] = []
 
-    def report_progress(self, percent: float, message: str, metadata: Any) -> None:
-        self.progress.append((percent, message, metadata))
+    def progress(self, percent: float, message: str = "", metadata: dict | None = None) -> None:
+        self.progress_reports.append((percent, message, metadata))
 
-
-def make_ctx(name: str, args: list, kwargs: dict | None = None) -> tuple[TaskContext, _RecordingRun]:
-    """A real TaskContext over a real Task message (so Value conversion is
-    exercised too)."""
-    task = tasks_pb2.Task(id="task-1", name=name, attempts=1)
-    task.args.extend(koo_worker.python_to_value(a) for a in args)
-    if kwargs:
-        task.kwargs.CopyFrom(koo_worker.python_to_struct(kwargs))
-    run = _RecordingRun()
-    return TaskContext(run, task, lease_token=1), run  # type: ignore[arg-type]
+    def _signal(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self.cancelled.set()
 
 
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-# --------------------------------------------------------------------------
-# Conversions
-# --------------------------------------------------------------------------
-
-
-class ConversionTest(unittest.TestCase):
-    def test_values_round_trip_with_ints(self) -> None:
-        ctx, _ = make_ctx("x", [3, 2.5, "s", None, True, [1, {"a": 2}]], {"n": 4, "f": 0.5})
-        self.assertEqual(ctx.args, [3, 2.5, "s", None, True, [1, {"a": 2}]])
-        self.assertIsInstance(ctx.args[0], int)
-        self.assertEqual(ctx.kwargs, {"n": 4, "f": 0.5})
-        self.assertEqual(ctx.attempt, 1)
-
-    def test_non_json_result_is_refused(self) -> None:
-        with self.assertRaises(ValueError):
-            koo_worker.python_to_value({1, 2})
-        with self.assertRaises(ValueError):
-            koo_worker.python_to_value(float("nan"))
-        self.assertEqual(
-            koo_worker.python_to_value((1, 2)).list_value.values[1].number_value, 2
-        )
+def call(handler: Any, args: list, kwargs: dict | None = None) -> tuple[Any, FakeContext]:
+    """Calls a handler as the SDK does: the task's args and kwargs, plus ctx."""
+    ctx = FakeContext()
+    return handler(*args, ctx=ctx, **(kwargs or {})), ctx
 
 
 # --------------------------------------------------------------------------
@@ -111,55 +90,48 @@ class ConversionTest(unittest.TestCase):
 
 class PdfHandlerTest(unittest.TestCase):
     def test_extracts_every_page_with_progress(self) -> None:
-        ctx, run = make_ctx(worker.PDF_TASK, [str(SAMPLE_PDF), "doc_1"])
-        result = worker.process_document(ctx)
+        result, ctx = call(worker.process_document, [str(SAMPLE_PDF), "doc_1"])
         self.assertEqual(result["document_id"], "doc_1")
         self.assertEqual(result["pages"], 3)
         self.assertEqual(result["characters"], sum(len(t) for t in PAGE_TEXTS))
         self.assertTrue(result["text_preview"].startswith(PAGE_TEXTS[0]))
         for text in PAGE_TEXTS:
             self.assertIn(text, result["text_preview"])
-        self.assertEqual([p[1] for p in run.progress], ["page 1 of 3", "page 2 of 3", "page 3 of 3"])
-        self.assertAlmostEqual(run.progress[0][0], 100 / 3)
-        self.assertEqual(run.progress[-1][0], 100.0)
-        self.assertEqual(run.progress[0][2], {"page": 1, "pages": 3, "chars": len(PAGE_TEXTS[0])})
-        koo_worker.python_to_value(result)  # the result is JSON-able
+        self.assertEqual([p[1] for p in ctx.progress_reports], ["page 1 of 3", "page 2 of 3", "page 3 of 3"])
+        self.assertAlmostEqual(ctx.progress_reports[0][0], 100 / 3)
+        self.assertEqual(ctx.progress_reports[-1][0], 100.0)
+        self.assertEqual(ctx.progress_reports[0][2], {"page": 1, "pages": 3, "chars": len(PAGE_TEXTS[0])})
+        json.dumps(result, allow_nan=False)  # the result is JSON-able
 
     def test_missing_file_is_not_retryable(self) -> None:
-        ctx, _ = make_ctx(worker.PDF_TASK, ["/path/to/document.pdf", "doc_123"])
-        with self.assertRaises(TaskFailed) as caught:
-            worker.process_document(ctx)
-        self.assertFalse(caught.exception.retryable)
+        with self.assertRaises(Fatal) as caught:
+            call(worker.process_document, ["/path/to/document.pdf", "doc_123"])
         self.assertIn("does not exist", caught.exception.message)
 
     def test_not_a_pdf_is_not_retryable(self) -> None:
         with tempfile.NamedTemporaryFile("w", suffix=".pdf", delete=False) as f:
             f.write("hello, I am not a PDF\n")
         self.addCleanup(os.unlink, f.name)
-        ctx, _ = make_ctx(worker.PDF_TASK, [f.name, "doc_2"])
-        with self.assertRaises(TaskFailed) as caught:
-            worker.process_document(ctx)
-        self.assertFalse(caught.exception.retryable)
+        with self.assertRaises(Fatal) as caught:
+            call(worker.process_document, [f.name, "doc_2"])
         self.assertIn("not a readable PDF", caught.exception.message)
 
     def test_bad_page_delay_is_refused(self) -> None:
-        ctx, _ = make_ctx(worker.PDF_TASK, [str(SAMPLE_PDF), "d"], {"page_delay_seconds": 61})
-        with self.assertRaises(TaskFailed):
-            worker.process_document(ctx)
+        with self.assertRaises(Fatal):
+            call(worker.process_document, [str(SAMPLE_PDF), "d"], {"page_delay_seconds": 61})
 
     def test_stops_mid_document_when_cancelled(self) -> None:
         # 0.5 s before each page; cancelled during the wait before page 2.
-        ctx, run = make_ctx(worker.PDF_TASK, [str(SAMPLE_PDF), "d"], {"page_delay_seconds": 0.5})
+        ctx = FakeContext()
         timer = threading.Timer(0.75, ctx._signal, args=("cancelled",))
         started = time.monotonic()
         timer.start()
         self.addCleanup(timer.cancel)
-        with self.assertRaises(TaskFailed) as caught:
-            worker.process_document(ctx)
+        with self.assertRaises(Fatal) as caught:
+            worker.process_document(str(SAMPLE_PDF), "d", ctx=ctx, page_delay_seconds=0.5)
         self.assertLess(time.monotonic() - started, 1.4)  # the sleep was interrupted
         self.assertRegex(caught.exception.message, r"^stopped at page [23] of 3: cancelled$")
-        self.assertFalse(caught.exception.retryable)
-        self.assertLess(len(run.progress), 3)
+        self.assertLess(len(ctx.progress_reports), 3)
 
 
 # --------------------------------------------------------------------------
@@ -172,9 +144,8 @@ class LedgerHandlerTest(unittest.TestCase):
         with tempfile.TemporaryDirectory() as d:
             path = os.path.join(d, "ledger.jsonl")
             handler = worker.make_ledger_handler(path)
-            ctx, _ = make_ctx(worker.LEDGER_TASK, [], {"ms": 1})
-            first = handler(ctx)
-            handler(ctx)
+            first, _ = call(handler, [], {"ms": 1})
+            call(handler, [], {"ms": 1})
             with open(path, encoding="utf-8") as f:
                 lines = [json.loads(line) for line in f]
         self.assertEqual(len(lines), 2)
@@ -205,46 +176,41 @@ class AiHandlerTest(unittest.TestCase):
         return worker.make_ai_handler(base_url or self.server.base_url, api_key, "gpt-4o-mini", 5.0)
 
     def test_round_trip(self) -> None:
-        ctx, run = make_ctx(
-            worker.AI_TASK,
+        result, ctx = call(
+            self.handler(),
             ["openai", "what is the hippocampus?"],
             {"model": "fake-large", "temperature": 0.2, "system": "be brief"},
         )
-        result = self.handler()(ctx)
         self.assertEqual(result["provider"], "openai")
         self.assertEqual(result["model"], "fake-large")
         self.assertEqual(result["answer"], "echo: what is the hippocampus?")
         self.assertEqual(result["finish_reason"], "stop")
         self.assertEqual(result["usage"]["completion_tokens"], 5)
-        self.assertEqual([(p[0], p[1]) for p in run.progress], [(10, "calling fake-large"), (100, "done")])
+        self.assertEqual([(p[0], p[1]) for p in ctx.progress_reports], [(10, "calling fake-large"), (100, "done")])
         sent = self.server.requests[-1]
         self.assertEqual(sent["messages"][0], {"role": "system", "content": "be brief"})
         self.assertEqual(sent["temperature"], 0.2)
 
     def test_default_model_and_max_tokens(self) -> None:
-        ctx, _ = make_ctx(worker.AI_TASK, ["claude", "one two three four"], {"max_tokens": 2})
-        result = self.handler()(ctx)
+        result, _ = call(self.handler(), ["claude", "one two three four"], {"max_tokens": 2})
         self.assertEqual(result["model"], "gpt-4o-mini")
         self.assertEqual(result["answer"], "echo: one")
         self.assertEqual(result["finish_reason"], "length")
 
     def test_no_endpoint(self) -> None:
-        ctx, _ = make_ctx(worker.AI_TASK, ["openai", "hi"])
         handler = worker.make_ai_handler(None, None, "gpt-4o-mini")
-        with self.assertRaises(TaskFailed) as caught:
-            handler(ctx)
+        with self.assertRaises(Fatal) as caught:
+            call(handler, ["openai", "hi"])
         self.assertEqual(
             caught.exception.message,
             "no AI endpoint configured: set OPENAI_BASE_URL or --ai-base-url",
         )
-        self.assertFalse(caught.exception.retryable)
 
     def assert_fails(self, prompt: str, retryable: bool, api_key: str | None = "sk-test",
-                     base_url: str | None = None) -> TaskFailed:
-        ctx, _ = make_ctx(worker.AI_TASK, ["openai", prompt])
-        with self.assertRaises(TaskFailed) as caught:
-            self.handler(api_key, base_url)(ctx)
-        self.assertEqual(caught.exception.retryable, retryable, caught.exception.message)
+                     base_url: str | None = None) -> Fatal | Retry:
+        with self.assertRaises((Fatal, Retry)) as caught:
+            call(self.handler(api_key, base_url), ["openai", prompt])
+        self.assertIsInstance(caught.exception, Retry if retryable else Fatal, caught.exception)
         return caught.exception
 
     def test_4xx_is_not_retryable(self) -> None:
@@ -278,9 +244,65 @@ class AiHandlerTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 404)
         self.assertIn("Unknown request URL", json.load(caught.exception)["error"]["message"])
 
+# --------------------------------------------------------------------------
+# Event lines
+# --------------------------------------------------------------------------
+
+
+class EventLinesTest(unittest.TestCase):
+    def lines(self, events: list[WorkerEvent], quiet: set[str] = frozenset()) -> list[dict]:
+        out = io.StringIO()
+        sink = worker.EventLines(quiet, out)
+        for e in events:
+            sink(e)
+        return [json.loads(line) for line in out.getvalue().splitlines()]
+
+    def test_the_sdk_events_print_as_the_documented_lines(self) -> None:
+        E = WorkerEvent
+        got = self.lines([
+            E("welcome", "", {"worker_id": "w-1", "lease_seconds": 30.0, "heartbeat_seconds": 10.0}),
+            E("task", "a", {"name": "t.add", "attempt": 1, "held": 1}),
+            E("progress", "a", {"percent": 50.0, "message": "adding"}),
+            E("reported", "a", {"outcome": "complete"}),
+            E("accepted", "a", {"outcome": "complete", "state": "TASK_STATE_SUCCEEDED", "held": 0}),
+            E("accepted", "b", {"outcome": "fail", "state": "TASK_STATE_CANCELLED", "held": 0}),
+            E("refused", "c", {"outcome": "complete", "code": 10, "message": "lease lapsed", "held": 0}),
+            E("refused", "d", {"outcome": "fail", "code": 3, "message": "too large", "held": 0}),
+            E("cancel", "b", {"reason": "by request"}),
+            E("soft_time_limit", "e", {}),
+            E("revoked", "e", {"reason": "hard time limit reached", "held": 0}),
+            E("disconnected", "", {"error": "UNAVAILABLE: gone"}),
+        ])
+        self.assertEqual(got, [
+            {"event": "welcome", "worker_id": "w-1", "lease_seconds": 30.0, "heartbeat_seconds": 10.0},
+            {"event": "task", "task_id": "a", "name": "t.add", "attempt": 1, "held": 1},
+            {"event": "progress", "task_id": "a", "percent": 50.0},
+            {"event": "reported", "task_id": "a", "kind": "complete"},
+            {"event": "completed", "task_id": "a", "state": "TASK_STATE_SUCCEEDED", "held": 0},
+            {"event": "failed", "task_id": "b", "state": "TASK_STATE_CANCELLED", "held": 0},
+            {"event": "aborted", "task_id": "c", "kind": "complete", "message": "lease lapsed", "held": 0},
+            {"event": "reply_error", "task_id": "d", "kind": "fail", "code": 3, "message": "too large", "held": 0},
+            {"event": "cancel", "task_id": "b", "reason": "by request"},
+            {"event": "soft_time_limit", "task_id": "e"},
+            {"event": "revoked", "task_id": "e", "reason": "hard time limit reached", "held": 0},
+            {"event": "disconnected", "error": "UNAVAILABLE: gone"},
+        ])
+
+    def test_quiet_names_print_only_errors(self) -> None:
+        E = WorkerEvent
+        got = self.lines([
+            E("task", "n", {"name": "noop", "attempt": 1, "held": 1}),
+            E("reported", "n", {"outcome": "complete"}),
+            E("accepted", "n", {"outcome": "complete", "state": "TASK_STATE_SUCCEEDED", "held": 0}),
+            E("task", "m", {"name": "noop", "attempt": 1, "held": 1}),
+            E("refused", "m", {"outcome": "complete", "code": 10, "message": "lapsed", "held": 0}),
+            E("task", "o", {"name": "other", "attempt": 1, "held": 1}),
+        ], quiet={"noop"})
+        self.assertEqual([(e["event"], e["task_id"]) for e in got], [("aborted", "m"), ("task", "o")])
+
 
 # --------------------------------------------------------------------------
-# Worker against a scripted fake koo
+# worker.py as a process, against a scripted WorkerService
 # --------------------------------------------------------------------------
 
 _END = object()
@@ -338,16 +360,8 @@ class FakeKoo(worker_grpc.WorkerServiceServicer):
         lease = duration_pb2.Duration(seconds=30)
         self.push(welcome=worker_pb2.Welcome(worker_id="w-1", lease=lease, heartbeat_interval=interval))
 
-    def task(self, task_id: str, name: str, args: list, token: int, kwargs: dict | None = None) -> None:
-        task = tasks_pb2.Task(id=task_id, name=name, attempts=1)
-        task.args.extend(koo_worker.python_to_value(a) for a in args)
-        if kwargs:
-            task.kwargs.CopyFrom(koo_worker.python_to_struct(kwargs))
-        secret = f"secret-{task_id}"
-        self.push(task=worker_pb2.TaskAssignment(task=task, lease_token=token, lease_secret=secret))
 
-
-class WorkerProtocolTest(unittest.TestCase):
+class CliTest(unittest.TestCase):
     def setUp(self) -> None:
         self.koo = FakeKoo(token="secret")
         self.grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -355,136 +369,6 @@ class WorkerProtocolTest(unittest.TestCase):
         self.port = self.grpc_server.add_insecure_port("127.0.0.1:0")
         self.grpc_server.start()
         self.addCleanup(self.grpc_server.stop, None)
-        self.events: list[dict] = []
-
-    def start_worker(self, handlers: dict, token: str = "secret", concurrency: int = 2) -> koo_worker.Worker:
-        w = koo_worker.Worker(
-            f"127.0.0.1:{self.port}", "test-worker", handlers, concurrency=concurrency,
-            token=token, events=self.events.append,
-        )
-        self.errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                w.run()
-            except BaseException as exc:  # noqa: BLE001 - reported by the test
-                self.errors.append(exc)
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            w.stop()
-            thread.join(5)
-            self.assertFalse(thread.is_alive(), "worker did not stop")
-
-        self.addCleanup(stop)
-        self.worker_thread = thread
-        return w
-
-    def events_of(self, kind: str) -> list[dict]:
-        return [e for e in self.events if e["event"] == kind]
-
-    def test_task_progress_complete(self) -> None:
-        def add(ctx: TaskContext) -> dict:
-            ctx.progress(50, "adding", {"step": 1})
-            return {"sum": ctx.args[0] + ctx.args[1]}
-
-        self.start_worker({"t.add": add})
-        hello = self.koo.expect("hello")
-        self.assertEqual((hello.name, list(hello.task_names), hello.concurrency), ("test-worker", ["t.add"], 2))
-        self.koo.welcome()
-        self.koo.task("a", "t.add", [2, 3], token=7)
-        progress = self.koo.expect("progress")
-        self.assertEqual((progress.task_id, progress.lease_token, progress.percent), ("a", 7, 50))
-        # the lease secret is echoed in every report
-        self.assertEqual(progress.lease_secret, "secret-a")
-        self.assertEqual(progress.metadata["step"], 1)
-        complete = self.koo.expect("complete")
-        self.assertEqual((complete.task_id, complete.lease_token, complete.lease_secret), ("a", 7, "secret-a"))
-        self.assertEqual(koo_worker.value_to_python(complete.result), {"sum": 5})
-        self.koo.push(reply=worker_pb2.Reply(
-            task_id="a", kind=worker_pb2.REPLY_KIND_COMPLETE, code=0, state=tasks_pb2.TASK_STATE_SUCCEEDED))
-        self.assertTrue(wait_until(lambda: self.events_of("completed")))
-        self.assertTrue(wait_until(lambda: self.koo.heartbeats >= 2), "no heartbeats")
-        self.assertEqual(self.events_of("welcome")[0]["worker_id"], "w-1")
-        self.assertEqual(self.events_of("task")[0],
-                         {"event": "task", "task_id": "a", "name": "t.add", "attempt": 1, "held": 1})
-        self.assertEqual(self.events_of("progress")[0], {"event": "progress", "task_id": "a", "percent": 50.0})
-        self.assertEqual(self.events_of("completed")[0],
-                         {"event": "completed", "task_id": "a", "state": "TASK_STATE_SUCCEEDED", "held": 0})
-
-    def test_failures_cancel_and_revoke(self) -> None:
-        def handler(ctx: TaskContext) -> Any:
-            if ctx.args[0] == "fail":
-                raise TaskFailed("bad input", retryable=False, details={"field": "x"})
-            if ctx.args[0] == "crash":
-                raise RuntimeError("boom")
-            ctx.sleep(10)  # until cancelled or revoked
-            return {"done": True}
-
-        self.start_worker({"t.h": handler}, concurrency=4)
-        self.koo.expect("hello")
-        self.koo.welcome()
-
-        self.koo.task("f", "t.h", ["fail"], token=1)
-        fail = self.koo.expect("fail")
-        self.assertEqual((fail.task_id, fail.message, fail.retryable), ("f", "bad input", False))
-        self.assertEqual(fail.details["field"], "x")
-
-        self.koo.task("c", "t.h", ["crash"], token=2)
-        fail = self.koo.expect("fail")
-        self.assertEqual((fail.task_id, fail.message, fail.retryable), ("c", "RuntimeError: boom", True))
-
-        self.koo.task("k", "t.h", ["wait"], token=3)
-        self.assertTrue(wait_until(lambda: any(e["task_id"] == "k" for e in self.events_of("task"))))
-        self.koo.push(cancel=worker_pb2.CancelRequested(task_id="k", reason="by request"))
-        fail = self.koo.expect("fail")
-        self.assertEqual((fail.task_id, fail.lease_token, fail.message, fail.retryable), ("k", 3, "cancelled", False))
-        self.assertEqual(fail.lease_secret, "secret-k")
-        self.koo.push(reply=worker_pb2.Reply(
-            task_id="k", kind=worker_pb2.REPLY_KIND_FAIL, code=0, state=tasks_pb2.TASK_STATE_CANCELLED))
-        self.assertTrue(wait_until(lambda: self.events_of("failed")))
-        self.assertEqual(self.events_of("failed")[0]["state"], "TASK_STATE_CANCELLED")
-
-        self.koo.task("r", "t.h", ["wait"], token=4)
-        self.assertTrue(wait_until(lambda: any(e["task_id"] == "r" for e in self.events_of("task"))))
-        self.koo.push(revoked=worker_pb2.LeaseRevoked(task_id="r", reason="hard time limit reached"))
-        with self.assertRaises(queue.Empty):
-            self.koo.inbox.get(timeout=0.5)  # nothing reported
-        self.assertEqual(self.events_of("revoked")[0]["reason"], "hard time limit reached")
-
-        self.koo.push(reply=worker_pb2.Reply(
-            task_id="x", kind=worker_pb2.REPLY_KIND_COMPLETE, code=10, message="lease lapsed"))
-        self.assertTrue(wait_until(lambda: self.events_of("aborted")))
-        self.assertEqual(self.events_of("aborted")[0]["message"], "lease lapsed")
-
-    def test_reconnects_and_abandons_running_tasks(self) -> None:
-        release = threading.Event()
-
-        def slow(ctx: TaskContext) -> dict:
-            release.wait(5)
-            return {"late": True}
-
-        self.start_worker({"t.slow": slow})
-        self.koo.expect("hello")
-        self.koo.welcome()
-        self.koo.task("s", "t.slow", [], token=1)
-        self.assertTrue(wait_until(lambda: self.events_of("task")))
-        self.koo.outbox.put(_END)  # koo ends the stream
-        hello = self.koo.expect("hello")  # the worker reconnects
-        self.assertEqual(hello.name, "test-worker")
-        self.assertEqual(len(self.events_of("disconnected")), 1)
-        release.set()  # the abandoned task finishes: nothing is reported
-        with self.assertRaises(queue.Empty):
-            self.koo.inbox.get(timeout=0.3)
-
-    def test_wrong_token_is_fatal(self) -> None:
-        self.start_worker({"t.x": lambda ctx: None}, token="wrong")
-        self.worker_thread.join(5)
-        self.assertEqual(len(self.errors), 1)
-        self.assertIsInstance(self.errors[0], koo_worker.ConnectRejected)
-        self.assertEqual(self.errors[0].code, grpc.StatusCode.UNAUTHENTICATED)
 
     def test_cli_exit_statuses(self) -> None:
         cmd = [sys.executable, str(HERE / "worker.py"), "--target", f"127.0.0.1:{self.port}", "--serve", "noop"]
@@ -502,6 +386,7 @@ class WorkerProtocolTest(unittest.TestCase):
         finally:
             proc.kill()
             proc.stdout.close()
+
 
 
 if __name__ == "__main__":

@@ -153,9 +153,9 @@ fn grpcurl() -> std::path::PathBuf {
     path
 }
 
-/// The Python example's generated TaskService client connects with
-/// `grpc.ssl_channel_credentials` over TLS and mTLS, and the mTLS server
-/// refuses it without a certificate.
+/// The Python SDK's `TaskManager` (installed in the example's virtualenv,
+/// `tls=` with `grpc.ssl_channel_credentials`) connects over TLS and mTLS,
+/// and the mTLS server refuses it without a certificate.
 #[tokio::test(flavor = "multi_thread")]
 async fn python_client_over_tls_and_mtls() {
     let pki = Pki::new();
@@ -168,7 +168,6 @@ async fn python_client_over_tls_and_mtls() {
     let run = |addr: SocketAddr, client: Option<(&Path, &Path)>| {
         let mut cmd = Command::new(&python);
         cmd.args(["-c", PY_CLIENT])
-            .env("GEN", common::python::example_dir().join("gen"))
             .env("TARGET", addr.to_string())
             .env("CA", pki.ca_path());
         if let Some((cert, key)) = client {
@@ -184,22 +183,25 @@ async fn python_client_over_tls_and_mtls() {
     mtls.shutdown().await;
 }
 
-/// A TaskService call through the example's stubs; prints OK or ERR <code>.
+/// A TaskService call through the SDK's client; prints OK or ERR <code>.
 const PY_CLIENT: &str = r#"
-import os, sys, grpc
-sys.path.insert(0, os.environ["GEN"])
-from koo.tasks.v1 import task_service_pb2 as pb, task_service_pb2_grpc as rpc
+import asyncio, os, grpc
+from koo import KooError, TaskManager
 def read(name):
     path = os.environ.get(name)
     return open(path, "rb").read() if path else None
-creds = grpc.ssl_channel_credentials(
-    root_certificates=read("CA"), private_key=read("KEY"), certificate_chain=read("CERT"))
-channel = grpc.secure_channel(os.environ["TARGET"], creds)
-try:
-    rpc.TaskServiceStub(channel).ListActiveTasks(pb.ListActiveTasksRequest(), timeout=10)
-    print("OK")
-except grpc.RpcError as e:
-    print("ERR", e.code().name)
+async def main():
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=read("CA"), private_key=read("KEY"), certificate_chain=read("CERT"))
+    tasks = TaskManager(os.environ["TARGET"], tls=creds)
+    try:
+        await asyncio.wait_for(tasks.get_active_tasks(), 10)
+        print("OK")
+    except KooError as e:
+        print("ERR", e.code.name)
+    finally:
+        await tasks.close()
+asyncio.run(main())
 "#;
 
 /// Under mTLS, a client without a certificate, with one from another CA,

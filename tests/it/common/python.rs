@@ -15,9 +15,9 @@ pub fn example_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python-worker")
 }
 
-/// The Python with the example's requirements: `KOO_TEST_PYTHON` (set by
-/// `scripts/test`), else the example's `setup.sh` is run once (creating its
-/// virtualenv and stubs).
+/// The Python with the example's requirements (the SDK, installed from the
+/// repo, and pypdf): `KOO_TEST_PYTHON` (set by `scripts/test`), else the
+/// example's `setup.sh` is run once (creating or refreshing its virtualenv).
 pub fn python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
     PYTHON

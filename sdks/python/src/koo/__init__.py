@@ -7,7 +7,8 @@ Layout:
 - `koo.task_manager`: the seed's task names (`task_manager`, `TaskCategory`,
   `TaskPriority`, `submit_ai_task`, `submit_pdf_processing_task`).
 - `koo.Worker`, `TaskContext`, `Retry`, `Fatal`: task workers
-  (`@worker.task("name")`, `python -m koo.worker module:worker`).
+  (`@worker.task("name")`, `python -m koo.worker module:worker`);
+  `WorkerEvent`: what a worker's `on_event` hook sees.
 - `koo.configure(...)`: where the default clients connect.
 - `koo.cache.v1`, `koo.tasks.v1`, `koo.worker.v1`, `koo.schedule.v1`: the
   generated gRPC stubs (from koo's `proto/`).
@@ -16,6 +17,7 @@ Layout:
 from koo._cache import CacheHit, CacheLevel, KooCache, SyncKooCache
 from koo._cached import cache_key, cached
 from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
+from koo._events import EventHook, WorkerEvent
 from koo._tasks import (
     SyncTaskManager,
     TaskCategory,
@@ -34,6 +36,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "CacheHit",
     "CacheLevel",
+    "EventHook",
     "Fatal",
     "KooCache",
     "KooError",
@@ -52,6 +55,7 @@ __all__ = [
     "TaskSummary",
     "TaskTimeout",
     "Worker",
+    "WorkerEvent",
     "WorkerRejected",
     "cache_key",
     "cached",

@@ -31,6 +31,7 @@ import grpc
 import grpc.aio
 
 from koo._connection import Connection, Settings, rpc
+from koo._events import EventHook, EventHooks
 from koo._values import from_proto_value, from_struct, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
 from koo.tasks.v1 import task_service_pb2_grpc as tasks_grpc
@@ -121,6 +122,9 @@ class TaskContext:
         self.cancelled = threading.Event()
         self.soft_limit_reached = False
         self.cancel_reason = ""
+        # The attempt's fencing token: for records kept outside koo (an
+        # audit ledger) that must tell two attempts of one task apart.
+        self.lease_token: int = run.assignment.lease_token
 
     def progress(self, percent: float, message: str = "", metadata: Mapping[str, Any] | None = None) -> None:
         """Reports progress (0 to 100); callable from any thread."""
@@ -199,6 +203,9 @@ class _Run:
             msg.metadata.CopyFrom(to_struct(metadata))
         if self.session.held.get(self.task_id) is self:
             self.session.send_threadsafe(wpb.WorkRequest(progress=msg))
+            self.worker._events.emit_threadsafe(
+                self.loop, "progress", self.task_id, percent=msg.percent, message=msg.message
+            )
 
 
 class _Session:
@@ -270,6 +277,9 @@ class Worker:
     tasks' `queue=`). `grace`: on SIGTERM, how long running tasks may take to
     finish before the worker hands them back by closing its stream.
     `token` is another name for `api_key` (koo's `KOO_WORKER_TOKEN`).
+    `on_event`: a hook called with a `WorkerEvent` for what the worker does
+    (welcome, task, progress, outcomes, cancel...; see `koo._events`); more
+    with `@worker.on_event`.
     """
 
     def __init__(
@@ -283,6 +293,7 @@ class Worker:
         name: str | None = None,
         grace: float = 10.0,
         token: str | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         if not 1 <= concurrency <= 1024:
             raise ValueError("concurrency must be 1 to 1024")
@@ -299,6 +310,7 @@ class Worker:
         self.worker_id = ""
         self.connected = threading.Event()
         self._started: set[_Run] = set()
+        self._events = EventHooks(on_event)
 
     def task(self, name: str, *, queue: str | None = None) -> Callable[[F], F]:
         """Registers a handler for the task name (its queue, when given, is served)."""
@@ -309,6 +321,11 @@ class Worker:
             return fn
 
         return register
+
+    def on_event(self, hook: EventHook) -> EventHook:
+        """Adds an event hook (usable as a decorator); see `WorkerEvent`."""
+        self._events.add(hook)
+        return hook
 
     # -- running ------------------------------------------------------------
 
@@ -380,11 +397,18 @@ class Worker:
                     self.connected.set()
                     iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
                     hb = asyncio.ensure_future(self._heartbeats(session, iv))
+                    self._events.emit(
+                        "welcome",
+                        worker_id=self.worker_id,
+                        lease_seconds=resp.welcome.lease.ToTimedelta().total_seconds(),
+                        heartbeat_seconds=iv,
+                    )
                 elif kind == "batch":
                     for one in resp.batch.responses:
                         self._on_message(session, one, loop)
                 else:
                     self._on_message(session, resp, loop)
+            self._events.emit("disconnected", error="stream closed by koo")
         except asyncio.CancelledError:
             if not self._stopping.is_set():
                 raise  # not our call.cancel(): someone cancels serve()
@@ -393,6 +417,7 @@ class Worker:
                 raise WorkerRejected(f"{e.code().name}: {e.details()}") from None
             if not self._stopping.is_set():
                 log.warning("stream ended: %s: %s", e.code().name, e.details())
+                self._events.emit("disconnected", error=f"{e.code().name}: {e.details()}")
         finally:
             self.connected.clear()
             session.closed = True
@@ -414,16 +439,19 @@ class Worker:
             self._on_reply(session, resp.reply)
         elif kind == "cancel":
             run = session.held.get(resp.cancel.task_id)
+            self._events.emit("cancel", resp.cancel.task_id, reason=resp.cancel.reason)
             if run is not None:
                 run.cancel_requested = True
                 run.ctx._signal(resp.cancel.reason or "cancelled")
         elif kind == "soft_time_limit":
             run = session.held.get(resp.soft_time_limit.task_id)
+            self._events.emit("soft_time_limit", resp.soft_time_limit.task_id)
             if run is not None:
                 run.ctx._signal("soft time limit", soft=True)
         elif kind == "revoked":
             run = session.held.pop(resp.revoked.task_id, None)
             session.unacked.pop(resp.revoked.task_id, None)
+            self._events.emit("revoked", resp.revoked.task_id, reason=resp.revoked.reason, held=len(session.held))
             if run is not None:
                 run.ctx._abandon("revoked: " + resp.revoked.reason)
 
@@ -454,6 +482,7 @@ class Worker:
         if old is not None:
             old.ctx._abandon("leased again")
         session.held[run.task_id] = run
+        self._events.emit("task", run.task_id, name=run.ctx.name, attempt=run.ctx.attempt, held=len(session.held))
         if self._draining:
             return  # not started: handed back when the stream closes
         self._started.add(run)
@@ -463,6 +492,7 @@ class Worker:
 
     def _on_reply(self, session: _Session, reply: wpb.Reply) -> None:
         """koo's answer to a complete or fail (or a refused progress)."""
+        self._events.reply(reply, held=len(session.held))
         if reply.kind == wpb.REPLY_KIND_PROGRESS:
             if reply.code == CODE_ABORTED:
                 run = session.held.pop(reply.task_id, None)
@@ -546,6 +576,7 @@ class Worker:
             except (TypeError, ValueError) as e:
                 failure = (f"result is not JSON: {e}", False, None, None)
             else:
+                self._events.emit("reported", run.task_id, outcome="complete")
                 self._send_outcome(
                     session,
                     run.task_id,
@@ -570,6 +601,7 @@ class Worker:
                 fail.details.CopyFrom(to_struct(details))
             except (TypeError, ValueError):
                 pass
+        self._events.emit("reported", run.task_id, outcome="fail", message=fail.message, retryable=retryable)
         self._send_outcome(session, run.task_id, wpb.WorkRequest(fail=fail), 1)
 
     async def _dependency_results(self, ids: Sequence[str]) -> dict[str, Any]:
