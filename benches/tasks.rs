@@ -15,11 +15,16 @@
 //!   streams on them; koo's resident memory (VmRSS) then.
 //!
 //! - **external**: the same e2e and latency runs with the no-op served by
-//!   the Python example worker (`examples/python-worker`, over
-//!   WorkerService's Work stream, `BENCH_EXTERNAL_CONCURRENCY` tasks at once,
-//!   default 4 like the built-in slots) against a second `koo serve` with no
-//!   built-in workers: `"system": "koo+python"`. 0 skips it. The Python comes
-//!   from `KOO_BENCH_PYTHON`, else the example's `setup.sh` makes it.
+//!   the Python example worker (`examples/python-worker`, on the Python SDK,
+//!   over WorkerService's Work stream, `BENCH_EXTERNAL_CONCURRENCY` tasks at
+//!   once, default 16) against a second `koo serve` with no built-in
+//!   workers: `"system": "koo+python"`. 0 skips it. 16 because the SDK
+//!   sends batches of half its concurrency, so that two groups of tasks
+//!   alternate (one in Python while koo and Redis end the other); with 4 the
+//!   groups are too small to hide the round trip (about half the
+//!   throughput). The no-op is a coroutine: a slot costs no thread. The
+//!   Python comes from `KOO_BENCH_PYTHON`, else the example's `setup.sh`
+//!   makes it.
 //!
 //! Redis: its own `redis-server` on a free port, or `KOO_BENCH_REDIS_URL`
 //! (used by `scripts/bench-tasks` to put koo on the same Redis as the
@@ -156,7 +161,7 @@ async fn run() -> Result<()> {
     }
     drop(client);
     drop(koo);
-    let external = env_usize("BENCH_EXTERNAL_CONCURRENCY", 4)?;
+    let external = env_usize("BENCH_EXTERNAL_CONCURRENCY", 16)?;
     let external_prefix = format!("{prefix}x");
     if external > 0 {
         external_worker(

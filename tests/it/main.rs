@@ -29,6 +29,7 @@ mod task_store;
 mod tasks_grpc;
 mod tls;
 mod validation;
+mod worker_batch;
 mod worker_grpc;
 mod worker_python;
 mod worker_retry;

@@ -217,6 +217,8 @@ class _Session:
         self.closed = False
         # koo said (in its welcome) that it reads batch messages
         self.batches = False
+        # Messages per batch: half the worker's concurrency (see `requests`).
+        self.batch_size = MAX_BATCH
 
     def send(self, msg: wpb.WorkRequest) -> None:
         if not self.closed:
@@ -228,7 +230,14 @@ class _Session:
     async def requests(self, hello: wpb.WorkRequest) -> AsyncIterator[wpb.WorkRequest]:
         """The stream's messages: the hello, then the outbox. Messages that
         are ready together (the outcomes of tasks that ended in the same
-        turn of the loop) go out as one batch when koo reads batches."""
+        turn of the loop) go out as one batch when koo reads batches.
+
+        A batch holds at most half the worker's concurrency: koo answers a
+        batch of outcomes with one batch of replies and next tasks, so the
+        held tasks travel in groups, and two groups alternate, one running
+        here while koo and its store end the other. Batches of every held
+        task would stop and go instead (measured: 16 held tasks in batches
+        of 8 ran 25% more no-op tasks per second than in batches of 16)."""
         yield hello
         waiting: wpb.WorkRequest | None = None
         while True:
@@ -242,7 +251,7 @@ class _Session:
             batch = [item]
             size = item.ByteSize()
             end = False
-            while len(batch) < MAX_BATCH and not self.outbox.empty():
+            while len(batch) < self.batch_size and not self.outbox.empty():
                 nxt = self.outbox.get_nowait()
                 if nxt is None:
                     end = True
@@ -370,6 +379,7 @@ class Worker:
     async def _session(self, loop: asyncio.AbstractEventLoop) -> bool:
         assert self._stopping is not None
         session = _Session(loop)
+        session.batch_size = max(1, self.concurrency // 2)
         queues = set(self.queues)
         if queues:
             queues |= {h.queue for h in self.handlers.values() if h.queue}

@@ -1,0 +1,353 @@
+//! Batch messages on Work streams (issue 15): a worker whose hello sets
+//! `accept_batches` gets the tasks, replies and next tasks koo makes
+//! together as one `batch`; any worker may send a batch of reports, ended
+//! concurrently and answered in order; workers that do not ask get one
+//! message at a time, as before; bad batches end the stream with a status
+//! naming the message.
+
+use crate::common;
+
+use common::tasks::*;
+use koo::pb::tasks::v1 as pb;
+use koo::pb::worker::v1::{
+    self as wpb, work_request::Message as In, work_response::Message as Out,
+    worker_service_client::WorkerServiceClient,
+};
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tonic::Code;
+
+on_both!(
+    batches_both_ways,
+    workers_that_do_not_ask_get_single_messages
+);
+
+const NAME: &str = "koo.examples.batched";
+const QUEUE: &str = "pdf_processing";
+
+/// A worker on a Work stream that serves [`NAME`] from [`QUEUE`].
+struct Worker {
+    tx: mpsc::Sender<wpb::WorkRequest>,
+    rx: tonic::Streaming<wpb::WorkResponse>,
+    welcome: wpb::Welcome,
+}
+
+impl Worker {
+    async fn connect(koo: &Koo, concurrency: i32, accept_batches: bool) -> Self {
+        let mut client = WorkerServiceClient::new(koo.server.channel.clone());
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(msg(In::Hello(wpb::Hello {
+            name: "batcher".into(),
+            task_names: vec![NAME.into()],
+            queues: vec![QUEUE.into()],
+            concurrency,
+            accept_batches,
+        })))
+        .await
+        .unwrap();
+        let mut rx = client
+            .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let welcome = match rx.message().await.unwrap().and_then(|m| m.message) {
+            Some(Out::Welcome(w)) => w,
+            other => panic!("expected welcome, got {other:?}"),
+        };
+        Self { tx, rx, welcome }
+    }
+
+    /// The next message from koo, whole (a batch stays a batch).
+    async fn next(&mut self) -> wpb::WorkResponse {
+        match tokio::time::timeout(common::EVENT_TIMEOUT, self.rx.message()).await {
+            Err(_) => panic!("no message from koo"),
+            Ok(Ok(Some(m))) => m,
+            Ok(other) => panic!("the stream ended: {other:?}"),
+        }
+    }
+
+    /// How the stream ended: its status.
+    async fn ended(&mut self) -> tonic::Status {
+        loop {
+            match tokio::time::timeout(common::EVENT_TIMEOUT, self.rx.message()).await {
+                Err(_) => panic!("the stream did not end"),
+                Ok(Ok(Some(_))) => continue,
+                Ok(Ok(None)) => panic!("the stream ended without a status"),
+                Ok(Err(status)) => return status,
+            }
+        }
+    }
+
+    async fn send(&self, m: In) {
+        self.tx.send(msg(m)).await.unwrap();
+    }
+}
+
+fn msg(m: In) -> wpb::WorkRequest {
+    wpb::WorkRequest { message: Some(m) }
+}
+
+/// The messages `m` holds: a batch's, in order, or itself.
+fn items(m: wpb::WorkResponse) -> Vec<Out> {
+    match m.message.expect("a message") {
+        Out::Batch(b) => b
+            .responses
+            .into_iter()
+            .map(|r| r.message.unwrap())
+            .collect(),
+        one => vec![one],
+    }
+}
+
+fn tasks_of(items: &[Out]) -> Vec<wpb::TaskAssignment> {
+    items
+        .iter()
+        .filter_map(|m| match m {
+            Out::Task(t) => Some(t.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn complete(t: &wpb::TaskAssignment) -> wpb::WorkRequest {
+    msg(In::Complete(wpb::Complete {
+        task_id: t.task.as_ref().unwrap().id.clone(),
+        lease_token: t.lease_token,
+        lease_secret: String::new(),
+        result: Some(koo_json(serde_json::json!({ "ok": true }))),
+    }))
+}
+
+async fn submit_n(koo: &Koo, n: usize, args: serde_json::Value) -> Vec<String> {
+    let mut c = client(&koo.server);
+    let mut ids = Vec::new();
+    for _ in 0..n {
+        let req = pb::SubmitTaskRequest {
+            name: NAME.into(),
+            category: pb::TaskCategory::PdfProcessing as i32,
+            args: match &args {
+                serde_json::Value::Array(a) => a.iter().cloned().map(koo_json).collect(),
+                _ => vec![],
+            },
+            ..Default::default()
+        };
+        ids.push(submit_ok(&mut c, req).await.id);
+    }
+    ids
+}
+
+/// Eight tasks, a worker of concurrency 4 that accepts batches: the four
+/// it is pushed come as one batch; its batch of four completions is
+/// answered by one batch, each reply followed by the next task leased with
+/// it; the last four end the same way; all eight SUCCEEDED.
+async fn batches_both_ways(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let ids = submit_n(&koo, 8, serde_json::json!([])).await;
+    let mut w = Worker::connect(&koo, 4, true).await;
+    assert!(w.welcome.accepts_batches, "{:?}", w.welcome);
+
+    let first = items(w.next().await);
+    let pushed = tasks_of(&first);
+    assert_eq!(
+        (first.len(), pushed.len()),
+        (4, 4),
+        "one batch of 4 tasks: {first:?}"
+    );
+
+    let batch = |ts: &[wpb::TaskAssignment]| {
+        In::Batch(wpb::WorkRequestBatch {
+            requests: ts.iter().map(complete).collect(),
+        })
+    };
+    w.send(batch(&pushed)).await;
+    let answer = items(w.next().await);
+    assert_eq!(
+        answer.len(),
+        8,
+        "4 replies and 4 next tasks in one batch: {answer:?}"
+    );
+    for (i, pair) in answer.chunks(2).enumerate() {
+        match pair {
+            [Out::Reply(r), Out::Task(_)] => {
+                assert_eq!(r.task_id, pushed[i].task.as_ref().unwrap().id);
+                assert_eq!(
+                    (r.code, r.state),
+                    (0, pb::TaskState::Succeeded as i32),
+                    "{r:?}"
+                );
+                assert_eq!(r.kind, wpb::ReplyKind::Complete as i32);
+            }
+            other => panic!("expected a reply then a task: {other:?}"),
+        }
+    }
+    let next = tasks_of(&answer);
+    w.send(batch(&next)).await;
+    let last = items(w.next().await);
+    assert_eq!(last.len(), 4, "4 replies, nothing left to lease: {last:?}");
+    assert!(
+        last.iter()
+            .all(|m| matches!(m, Out::Reply(r) if r.code == 0)),
+        "{last:?}"
+    );
+
+    let mut c = client(&koo.server);
+    for id in &ids {
+        assert_eq!(
+            get_ok(&mut c, id).await.state,
+            pb::TaskState::Succeeded as i32
+        );
+    }
+}
+
+/// A worker whose hello does not set `accept_batches` gets no batch, one
+/// message per task and per reply, as before; the batch it sends is read.
+async fn workers_that_do_not_ask_get_single_messages(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let ids = submit_n(&koo, 4, serde_json::json!([])).await;
+    let mut w = Worker::connect(&koo, 2, false).await;
+    let mut pushed = Vec::new();
+    for _ in 0..2 {
+        let m = w.next().await;
+        match m.message {
+            Some(Out::Task(t)) => pushed.push(t),
+            other => panic!("expected a single task message, got {other:?}"),
+        }
+    }
+    w.send(In::Batch(wpb::WorkRequestBatch {
+        requests: pushed.iter().map(complete).collect(),
+    }))
+    .await;
+    let mut kinds = Vec::new();
+    for _ in 0..4 {
+        match w.next().await.message {
+            Some(Out::Reply(r)) => {
+                assert_eq!(r.code, 0, "{r:?}");
+                kinds.push("reply");
+            }
+            Some(Out::Task(_)) => kinds.push("task"),
+            other => panic!("expected a single reply or task message, got {other:?}"),
+        }
+    }
+    assert_eq!(kinds, ["reply", "task", "reply", "task"]);
+    let mut c = client(&koo.server);
+    for id in &ids[..2] {
+        assert_eq!(
+            get_ok(&mut c, id).await.state,
+            pb::TaskState::Succeeded as i32
+        );
+    }
+}
+
+/// A batch's messages act in order: a heartbeat, progress, then the
+/// completion of the same task; the progress is recorded and the task
+/// SUCCEEDED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_acts_in_order() {
+    let koo = start_on(Backend::Memory, 0).await;
+    let ids = submit_n(&koo, 1, serde_json::json!([])).await;
+    let mut w = Worker::connect(&koo, 1, true).await;
+    let t = tasks_of(&items(w.next().await)).remove(0);
+    let progress = In::Progress(wpb::Progress {
+        task_id: ids[0].clone(),
+        lease_token: t.lease_token,
+        percent: 50.0,
+        message: "halfway".into(),
+        ..Default::default()
+    });
+    w.send(In::Batch(wpb::WorkRequestBatch {
+        requests: vec![
+            msg(In::Heartbeat(wpb::Heartbeat {})),
+            msg(progress),
+            complete(&t),
+        ],
+    }))
+    .await;
+    match items(w.next().await).as_slice() {
+        [Out::Reply(r)] => assert_eq!((r.code, r.state), (0, pb::TaskState::Succeeded as i32)),
+        other => panic!("expected one reply: {other:?}"),
+    }
+    let task = get_ok(&mut client(&koo.server), &ids[0]).await;
+    let p = task.progress.expect("progress recorded");
+    assert_eq!((p.percent, p.message.as_str()), (50.0, "halfway"));
+}
+
+/// The tasks pushed together are split so that no batch passes about
+/// 256 KiB: four tasks of ~100 KiB arguments come in more than one
+/// message, none over 256 KiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_stay_under_their_byte_bound() {
+    let koo = start_on(Backend::Memory, 0).await;
+    let big = "x".repeat(100 * 1024);
+    submit_n(&koo, 4, serde_json::json!([big])).await;
+    let mut w = Worker::connect(&koo, 4, true).await;
+    let mut got = 0;
+    let mut messages = 0;
+    while got < 4 {
+        let m = w.next().await;
+        assert!(
+            m.encoded_len() <= 256 * 1024,
+            "a message of {} bytes",
+            m.encoded_len()
+        );
+        got += tasks_of(&items(m)).len();
+        messages += 1;
+    }
+    assert_eq!(got, 4);
+    assert!(
+        messages >= 2,
+        "four ~100 KiB tasks in {messages} message(s)"
+    );
+}
+
+/// Batches koo cannot read end the stream with INVALID_ARGUMENT naming the
+/// message: an empty batch, a hello or a batch inside a batch, and a bad
+/// report inside one (by its index).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_batches_end_the_stream() {
+    let koo = start_on(Backend::Memory, 0).await;
+    let hello = msg(In::Hello(wpb::Hello {
+        name: "x".into(),
+        task_names: vec![NAME.into()],
+        concurrency: 1,
+        ..Default::default()
+    }));
+    let nested = msg(In::Batch(wpb::WorkRequestBatch::default()));
+    let nan = prost_types::Value {
+        kind: Some(prost_types::value::Kind::NumberValue(f64::NAN)),
+    };
+    let bad_result = msg(In::Complete(wpb::Complete {
+        result: Some(nan),
+        ..Default::default()
+    }));
+    let heartbeat = msg(In::Heartbeat(wpb::Heartbeat {}));
+    let cases = [
+        (vec![], "batch.requests: an empty batch"),
+        (
+            vec![heartbeat.clone(), hello],
+            "batch.requests[1]: hello may only be the stream's first message",
+        ),
+        (
+            vec![nested],
+            "batch.requests[0]: a batch may not hold another batch",
+        ),
+        (
+            vec![heartbeat.clone(), heartbeat, bad_result],
+            "batch.requests[2]: ",
+        ),
+        (
+            vec![wpb::WorkRequest { message: None }],
+            "batch.requests[0]: a message with nothing set",
+        ),
+    ];
+    for (requests, want) in cases {
+        let mut w = Worker::connect(&koo, 1, true).await;
+        w.send(In::Batch(wpb::WorkRequestBatch { requests })).await;
+        let status = w.ended().await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().contains(want),
+            "{want:?} not in {:?}",
+            status.message()
+        );
+    }
+}
