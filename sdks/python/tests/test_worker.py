@@ -157,6 +157,40 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
         asyncio.run(scenario())
 
 
+def test_results_koo_cannot_take_fail_the_task_not_the_worker(target: str, ns: str) -> None:
+    """A result nested deeper than koo accepts, or not JSON at all, fails
+    its task for good; the worker stays connected and runs the next task."""
+    w = Worker(target)
+
+    @w.task(f"sdk.{ns}.deep")
+    async def deep(levels: int) -> Any:
+        v: Any = "bottom"
+        for _ in range(levels):
+            v = [v]
+        return v
+
+    @w.task(f"sdk.{ns}.opaque")
+    def opaque() -> object:
+        return object()
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        too_deep = await tm.submit_task(f"sdk.{ns}.deep", TaskCategory.RESEARCH, args=[40], max_retries=3)
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(too_deep, timeout=15)
+        assert e.value.task.attempts == 1 and "nests deeper than 32" in (e.value.task.error or "")
+        not_json = await tm.submit_task(f"sdk.{ns}.opaque", TaskCategory.RESEARCH, max_retries=3)
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(not_json, timeout=15)
+        assert "result is not JSON" in (e.value.task.error or "")
+        ok = await tm.submit_task(f"sdk.{ns}.deep", TaskCategory.RESEARCH, args=[31])
+        assert await tm.result(ok, timeout=15) is not None
+
+    with running(w):
+        asyncio.run(scenario())
+        assert w.connected.is_set()
+
+
 def test_retry_countdown_replaces_the_backoff(target: str, ns: str) -> None:
     """`Retry(countdown=0.2)` runs attempt 2 after its countdown; a countdown of an hour leaves the
     task SCHEDULED with its next attempt due about an hour out (read, not waited for); a countdown

@@ -25,10 +25,19 @@ Seconds: TypeAlias = int | float | timedelta
 """A duration: seconds as a number, or a `timedelta`."""
 
 _EXACT = 2**53
+MAX_DEPTH = 32
+"""Arrays and objects nest at most this deep in a JSON value (koo's limit)."""
 
 
-def to_proto_value(obj: object) -> struct_pb2.Value:
-    """Converts a JSON-able Python object to a `google.protobuf.Value`."""
+def to_proto_value(obj: object, _depth: int = 0) -> struct_pb2.Value:
+    """Converts a JSON-able Python object to a `google.protobuf.Value`.
+
+    Raises `TypeError` for what JSON cannot hold and `ValueError` for NaN,
+    infinities and values nested deeper than koo accepts (`MAX_DEPTH`):
+    koo would refuse them anyway, and a worker's stream would end on one.
+    """
+    if _depth >= MAX_DEPTH and isinstance(obj, (Mapping, list, tuple)):
+        raise ValueError(f"nests deeper than {MAX_DEPTH} levels of arrays and objects (koo's limit for JSON values)")
     v = struct_pb2.Value()
     if obj is None:
         v.null_value = struct_pb2.NULL_VALUE
@@ -47,12 +56,12 @@ def to_proto_value(obj: object) -> struct_pb2.Value:
         for key, item in obj.items():
             if not isinstance(key, str):
                 raise TypeError(f"JSON object keys must be str, not {type(key).__name__}")
-            struct.fields[key].CopyFrom(to_proto_value(item))
+            struct.fields[key].CopyFrom(to_proto_value(item, _depth + 1))
     elif isinstance(obj, (list, tuple)):
         values = v.list_value
         values.SetInParent()
         for item in obj:
-            values.values.append(to_proto_value(item))
+            values.values.append(to_proto_value(item, _depth + 1))
     else:
         raise TypeError(f"{type(obj).__name__} is not JSON-able (use str, bytes or JSON types)")
     return v

@@ -423,7 +423,10 @@ class Worker:
             if not self._stopping.is_set():
                 raise  # not our call.cancel(): someone cancels serve()
         except grpc.aio.AioRpcError as e:
-            if e.code() in _FOR_GOOD:
+            # refused at hello: for good; a stream koo ends later (a key
+            # revoked, a message it could not read) is opened again, and
+            # a refused hello then ends the worker
+            if e.code() in _FOR_GOOD and not welcomed:
                 raise WorkerRejected(f"{e.code().name}: {e.details()}") from None
             if not self._stopping.is_set():
                 log.warning("stream ended: %s: %s", e.code().name, e.details())
