@@ -126,7 +126,8 @@ fn worker_service(app: &Serve, settings: &Settings) -> WorkerServiceServer<Worke
         app.stop.clone(),
         app.sessions.clone(),
     )
-    .max_held_per_worker(settings.limits.max_held_per_worker);
+    .max_held_per_worker(settings.limits.max_held_per_worker)
+    .max_message_size(settings.limits.max_message_size);
     WorkerServiceServer::new(api)
         .max_decoding_message_size(settings.limits.max_message_size)
         .max_encoding_message_size(usize::MAX)

@@ -138,13 +138,20 @@ async fn submit_n(koo: &Koo, n: usize, args: serde_json::Value) -> Vec<String> {
 
 /// Eight tasks, a worker of concurrency 4 that accepts batches: the four
 /// it is pushed come as one batch; its batch of four completions is
-/// answered by one batch, each reply followed by the next task leased with
-/// it; the last four end the same way; all eight SUCCEEDED.
+/// answered by one batch, the four replies in order and then the next
+/// tasks leased with them; the last four end the same way; all eight
+/// SUCCEEDED. The welcome says koo reads batches, and its message limit.
 async fn batches_both_ways(backend: Backend) {
     let koo = start_on(backend, 0).await;
     let ids = submit_n(&koo, 8, serde_json::json!([])).await;
     let mut w = Worker::connect(&koo, 4, true).await;
     assert!(w.welcome.accepts_batches, "{:?}", w.welcome);
+    assert_eq!(
+        w.welcome.max_message_size,
+        4 * 1024 * 1024,
+        "{:?}",
+        w.welcome
+    );
 
     let first = items(w.next().await);
     let pushed = tasks_of(&first);
@@ -166,9 +173,10 @@ async fn batches_both_ways(backend: Backend) {
         8,
         "4 replies and 4 next tasks in one batch: {answer:?}"
     );
-    for (i, pair) in answer.chunks(2).enumerate() {
-        match pair {
-            [Out::Reply(r), Out::Task(_)] => {
+    // the replies first, in order, then the next tasks
+    for (i, m) in answer[..4].iter().enumerate() {
+        match m {
+            Out::Reply(r) => {
                 assert_eq!(r.task_id, pushed[i].task.as_ref().unwrap().id);
                 assert_eq!(
                     (r.code, r.state),
@@ -177,9 +185,13 @@ async fn batches_both_ways(backend: Backend) {
                 );
                 assert_eq!(r.kind, wpb::ReplyKind::Complete as i32);
             }
-            other => panic!("expected a reply then a task: {other:?}"),
+            other => panic!("expected a reply, got {other:?}"),
         }
     }
+    assert!(
+        answer[4..].iter().all(|m| matches!(m, Out::Task(_))),
+        "{answer:?}"
+    );
     let next = tasks_of(&answer);
     w.send(batch(&next)).await;
     let last = items(w.next().await);
@@ -228,7 +240,7 @@ async fn workers_that_do_not_ask_get_single_messages(backend: Backend) {
             other => panic!("expected a single reply or task message, got {other:?}"),
         }
     }
-    assert_eq!(kinds, ["reply", "task", "reply", "task"]);
+    assert_eq!(kinds, ["reply", "reply", "task", "task"]);
     let mut c = client(&koo.server);
     for id in &ids[..2] {
         assert_eq!(
@@ -350,4 +362,100 @@ async fn bad_batches_end_the_stream() {
             status.message()
         );
     }
+}
+
+/// Two outcomes for one task in one batch end one after the other, as
+/// they would one by one: the first counts, the second is ABORTED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outcome_in_a_batch_is_fenced() {
+    let koo = start_on(Backend::Memory, 0).await;
+    let ids = submit_n(&koo, 1, serde_json::json!([])).await;
+    let mut w = Worker::connect(&koo, 1, true).await;
+    let t = tasks_of(&items(w.next().await)).remove(0);
+    let fail = msg(In::Fail(wpb::Fail {
+        task_id: ids[0].clone(),
+        lease_token: t.lease_token,
+        message: "second thoughts".into(),
+        ..Default::default()
+    }));
+    w.send(In::Batch(wpb::WorkRequestBatch {
+        requests: vec![complete(&t), fail],
+    }))
+    .await;
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        for m in items(w.next().await) {
+            if let Out::Reply(r) = m {
+                replies.push(r.code);
+            }
+        }
+    }
+    assert_eq!(replies, [0, Code::Aborted as i32]);
+    let task = get_ok(&mut client(&koo.server), &ids[0]).await;
+    assert_eq!(task.state, pb::TaskState::Succeeded as i32);
+}
+
+/// A task whose last failure kept details nested as deep as koo allows
+/// goes out alone, never in a batch (whose two extra levels would pass
+/// protobuf's decoding limit): the worker reads it again with its details.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_with_deep_error_details_goes_alone() {
+    let koo = start_on(Backend::Memory, 0).await;
+    let mut c = client(&koo.server);
+    let deep_task = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            name: NAME.into(),
+            category: pb::TaskCategory::PdfProcessing as i32,
+            max_retries: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    submit_n(&koo, 1, serde_json::json!([])).await;
+    let mut w = Worker::connect(&koo, 2, true).await;
+    let both = tasks_of(&items(w.next().await));
+    assert_eq!(both.len(), 2);
+    let (a, b) = match both[0].task.as_ref().unwrap().id == deep_task.id {
+        true => (&both[0], &both[1]),
+        false => (&both[1], &both[0]),
+    };
+    // 31 objects inside the details object: 32 levels, koo's limit
+    let mut inner = serde_json::json!("bottom");
+    for _ in 0..31 {
+        inner = serde_json::json!({ "a": inner });
+    }
+    let details = match koo_json(serde_json::json!({ "a": inner })).kind {
+        Some(prost_types::value::Kind::StructValue(s)) => s,
+        other => panic!("not a struct: {other:?}"),
+    };
+    // the retried task may be leased again by the other's completion, in
+    // the same run as the replies
+    let fail = msg(In::Fail(wpb::Fail {
+        task_id: deep_task.id.clone(),
+        lease_token: a.lease_token,
+        message: "deep".into(),
+        retryable: true,
+        details: Some(details),
+        retry_delay: Some(prost_types::Duration::default()),
+        ..Default::default()
+    }));
+    w.send(In::Batch(wpb::WorkRequestBatch {
+        requests: vec![fail, complete(b)],
+    }))
+    .await;
+    let mut again = None;
+    while again.is_none() {
+        let m = w.next().await;
+        let batched = matches!(m.message, Some(Out::Batch(_)));
+        for t in tasks_of(&items(m)) {
+            if t.task.as_ref().unwrap().id == deep_task.id {
+                assert!(!batched, "the task with deep details came in a batch");
+                again = Some(t);
+            }
+        }
+    }
+    let task = again.unwrap().task.unwrap();
+    assert_eq!(task.attempts, 2);
+    assert!(task.error.and_then(|e| e.details).is_some());
 }

@@ -28,11 +28,14 @@ def complete(i: int, size: int = 0) -> wpb.WorkRequest:
     return wpb.WorkRequest(complete=c)
 
 
-async def sent(batches: bool, batch_size: int, queued: list[wpb.WorkRequest]) -> list[wpb.WorkRequest]:
+async def sent(
+    batches: bool, batch_size: int, queued: list[wpb.WorkRequest], batch_bytes: int = worker_module.BATCH_BYTES
+) -> list[wpb.WorkRequest]:
     """What the stream sends for `queued` (then the end of the outbox)."""
     session = worker_module._Session(asyncio.get_running_loop())
     session.batches = batches
     session.batch_size = batch_size
+    session.batch_bytes = batch_bytes
     for m in queued:
         session.send(m)
     session.outbox.put_nowait(None)
@@ -69,6 +72,27 @@ def test_a_batch_stays_under_its_byte_bound() -> None:
     msgs = asyncio.run(sent(True, 100, [complete(i, 100 * 1024) for i in range(4)]))
     assert shape(msgs) == ["hello", ["t0", "t1"], ["t2", "t3"]]
     assert all(m.ByteSize() <= worker_module.BATCH_BYTES for m in msgs)
+
+
+def test_a_smaller_koo_message_limit_makes_smaller_batches() -> None:
+    # koo told 64 KiB: batches stay under half of it
+    msgs = asyncio.run(sent(True, 100, [complete(i, 20 * 1024) for i in range(4)], batch_bytes=32 * 1024))
+    assert shape(msgs) == ["hello", "t0", "t1", "t2", "t3"]
+
+
+def test_struct_values_count_the_struct_as_a_level() -> None:
+    """koo counts a Struct (details, metadata) as the first of 32 levels."""
+    from koo._values import to_struct
+
+    def nested(levels: int) -> object:
+        v: object = "bottom"
+        for _ in range(levels):
+            v = [v]
+        return v
+
+    to_struct({"a": nested(31)})
+    with pytest.raises(ValueError, match="nests deeper than 32"):
+        to_struct({"a": nested(32)})
 
 
 def test_a_busy_worker_sends_batches_of_half_its_concurrency(

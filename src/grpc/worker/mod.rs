@@ -43,6 +43,9 @@ pub struct WorkerApi {
     sessions: tokio_util::task::TaskTracker,
     /// What each worker holds in this process.
     holds: Holds,
+    /// The largest message koo reads (told to stream workers, who size
+    /// their batches under it).
+    max_message_size: usize,
 }
 
 impl WorkerApi {
@@ -70,7 +73,15 @@ impl WorkerApi {
             shutdown,
             sessions,
             holds,
+            max_message_size: 4 * 1024 * 1024,
         }
+    }
+
+    /// The largest message koo reads from a worker (`KOO_MAX_MESSAGE_SIZE`;
+    /// the service's decoding limit must be the same), told in the welcome.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
     }
 
     /// Bounds what one worker may hold at once in this process

@@ -58,7 +58,11 @@ impl WorkerApi {
             peer,
             tally,
         )?;
-        let welcome = welcome(session.id(), self.engine.config().lease);
+        let welcome = welcome(
+            session.id(),
+            self.engine.config().lease,
+            self.max_message_size,
+        );
         tracing::info!(worker = session.id(), "external worker connected");
         Ok(self.serve(session, messages, welcome, hello.accept_batches))
     }
@@ -133,9 +137,12 @@ fn batched(rx: mpsc::Receiver<Outbound>) -> impl Stream<Item = pb::WorkResponse>
         }
         let first = pending.pop_front().expect("not empty");
         let mut bytes = first.encoded_len();
+        let alone = nests_deep(&first);
         let mut batch = vec![first];
         while let Some(next) = pending.front()
             && batch.len() < MAX_BATCH
+            && !alone
+            && !nests_deep(next)
         {
             bytes += next.encoded_len();
             if bytes > BATCH_BYTES {
@@ -152,6 +159,15 @@ fn batched(rx: mpsc::Receiver<Outbound>) -> impl Stream<Item = pb::WorkResponse>
         };
         Some((message, (rx, pending)))
     })
+}
+
+/// Whether a message must go alone: a task whose last error kept details
+/// (a JSON object up to 32 levels deep) sits one protobuf level deeper
+/// than any other JSON koo sends, and the two levels a batch adds would
+/// take it past protobuf's decoding limit of 100 nested messages.
+fn nests_deep(m: &pb::WorkResponse) -> bool {
+    matches!(&m.message, Some(Out::Task(t))
+        if t.task.as_ref().and_then(|t| t.error.as_ref()).is_some_and(|e| e.details.is_some()))
 }
 
 /// The stream's hello: it comes first, and a worker that sends nothing
@@ -174,7 +190,7 @@ async fn read_hello(
 }
 
 /// The first message koo sends: the worker's id and its lease terms.
-fn welcome(worker_id: &str, lease: Duration) -> pb::WorkResponse {
+fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::WorkResponse {
     pb::WorkResponse {
         message: Some(Out::Welcome(pb::Welcome {
             worker_id: worker_id.to_owned(),
@@ -182,6 +198,7 @@ fn welcome(worker_id: &str, lease: Duration) -> pb::WorkResponse {
             heartbeat_interval: prost_types::Duration::try_from(remote::heartbeat_interval(lease))
                 .ok(),
             accepts_batches: true,
+            max_message_size: i32::try_from(max_message_size).unwrap_or(i32::MAX),
         })),
     }
 }

@@ -61,6 +61,9 @@ mod reports;
 /// Most attempts of one task given back (by hand-backs of any kind)
 /// before a never-started task of a vanished stream counts as lost.
 pub const MAX_GIVEN_BACK: u32 = 4;
+/// Tasks of one fill sent together at most (each lease is a store call of
+/// its own).
+const FILL_BATCH: usize = 32;
 /// Hand-backs of one ended session in flight at once.
 const HAND_BACKS: usize = 16;
 
@@ -319,6 +322,12 @@ impl Session {
             };
             pushes.push(self.hold(task, held).await);
             pace.dirty = true;
+            // a big fill does not keep its first tasks waiting for the last
+            if pushes.len() == FILL_BATCH
+                && !reports::send_all(out, std::mem::take(&mut pushes)).await
+            {
+                return None;
+            }
         }
         reports::send_all(out, pushes).await.then_some(full)
     }
@@ -406,10 +415,14 @@ impl Session {
         pace: &mut Pace,
         open: bool,
     ) -> bool {
-        let mut run = Vec::new();
+        let mut run: Vec<Inbound> = Vec::new();
         let mut beaten = false;
         for msg in msgs {
-            if matches!(msg, Inbound::Complete { .. } | Inbound::Fail { .. }) {
+            let outcome = matches!(msg, Inbound::Complete { .. } | Inbound::Fail { .. });
+            // a second outcome for a task of the run ends after the first,
+            // as it would have one by one (it is then fenced)
+            let again = outcome && run.iter().any(|r| outcome_id(r) == outcome_id(&msg));
+            if outcome && !again {
                 run.push(msg);
                 continue;
             }
@@ -421,6 +434,10 @@ impl Session {
                 {
                     return false;
                 }
+            }
+            if again {
+                run.push(msg);
+                continue;
             }
             let went_on = match msg {
                 Inbound::Heartbeat if beaten => true,
@@ -451,6 +468,14 @@ impl Session {
         pace.last_beat = Instant::now();
         held.values_mut().for_each(|h| h.spoken = true);
         self.beat(held, out).await
+    }
+}
+
+/// The task a complete or fail message names.
+fn outcome_id(msg: &Inbound) -> Option<&str> {
+    match msg {
+        Inbound::Complete { id, .. } | Inbound::Fail { id, .. } => Some(id),
+        _ => None,
     }
 }
 

@@ -111,7 +111,8 @@ def to_struct(mapping: Mapping[str, object]) -> struct_pb2.Struct:
     """A `google.protobuf.Struct` from a mapping of JSON-able values."""
     s = struct_pb2.Struct()
     for key, item in mapping.items():
-        s.fields[key].CopyFrom(to_proto_value(item))
+        # the Struct is the first level of the value koo counts
+        s.fields[key].CopyFrom(to_proto_value(item, 1))
     return s
 
 

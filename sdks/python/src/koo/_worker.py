@@ -219,6 +219,8 @@ class _Session:
         self.batches = False
         # Messages per batch: half the worker's concurrency (see `requests`).
         self.batch_size = MAX_BATCH
+        # Bytes per batch: under half of koo's message limit, when told.
+        self.batch_bytes = BATCH_BYTES
 
     def send(self, msg: wpb.WorkRequest) -> None:
         if not self.closed:
@@ -257,7 +259,7 @@ class _Session:
                     end = True
                     break
                 size += nxt.ByteSize()
-                if size > BATCH_BYTES:
+                if size > self.batch_bytes:
                     waiting = nxt
                     break
                 batch.append(nxt)
@@ -404,6 +406,8 @@ class Worker:
                     welcomed = True
                     self.worker_id = resp.welcome.worker_id
                     session.batches = resp.welcome.accepts_batches
+                    if resp.welcome.max_message_size > 0:
+                        session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
                     self.connected.set()
                     iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
                     hb = asyncio.ensure_future(self._heartbeats(session, iv))

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::super::{Proof, finish_leased, progress_task};
@@ -20,6 +21,9 @@ use crate::store::Deadline;
 use crate::tasks::engine::{Finish, TaskError};
 use crate::tasks::poller::Poller;
 use crate::tasks::worker::cache_result;
+
+/// Store calls of one batch's outcomes in flight at once.
+const STORE_CALLS: usize = 64;
 
 /// How one reported outcome ends.
 enum Plan {
@@ -112,31 +116,39 @@ impl Session {
             .filter_map(|m| self.plan(m, held, poller, open))
             .collect();
         let one = planned.len() == 1;
-        let mut ends = planned.into_iter().map(|(id, kind, plan)| async move {
+        let ends = planned.into_iter().map(|(id, kind, plan)| async move {
             let ended = self.end(plan, &id, names, deadline).await;
             (id, kind, ended)
         });
-        // one outcome (a worker sending them one by one): no join's
-        // bookkeeping on the busy path
-        let ended = match ends.next() {
-            Some(first) if one => vec![first.await],
-            Some(first) => futures::future::join_all(std::iter::once(first).chain(ends)).await,
-            None => Vec::new(),
+        // one outcome (a worker sending them one by one): no stream's
+        // bookkeeping on the busy path; a batch's store calls overlap, at
+        // most STORE_CALLS at once
+        let ended: Vec<_> = if one {
+            futures::future::join_all(ends).await
+        } else {
+            futures::stream::iter(ends)
+                .buffered(STORE_CALLS)
+                .collect()
+                .await
         };
-        // the replies and the next tasks go out together: one message to a
-        // worker that accepts batches; a next task leased with a completion
-        // is held even when the worker is gone, so that it is handed back
-        // (never started)
+        // the replies first, then the next tasks leased with them, all in
+        // one message to a worker that accepts batches: a task ended in
+        // this run and leased again by another of its completions must
+        // not reach the worker before the reply to its last attempt; a
+        // next task is held even when the worker is gone, so that it is
+        // handed back (never started)
         let mut messages = Vec::with_capacity(2 * ended.len());
+        let mut next = Vec::new();
         for (id, kind, ended) in ended {
             if let Some(q) = ended.empty {
                 poller.mark_empty(q);
             }
             let outcome = ended.outcome.map(Some);
             messages.push(Outbound::Reply { id, kind, outcome });
-            if let Some(task) = ended.next {
-                messages.push(self.hold(task, held).await);
-            }
+            next.extend(ended.next);
+        }
+        for task in next {
+            messages.push(self.hold(task, held).await);
         }
         send_all(out, messages).await
     }

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from koo.tasks.v1 import task_service_pb2 as koo_dot_tasks_dot_v1_dot_task__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"koo/worker/v1/worker_service.proto\x12\rkoo.worker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fkoo/tasks/v1/task_service.proto\"\x9f\x02\n\x0bWorkRequest\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.koo.worker.v1.HelloH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.koo.worker.v1.HeartbeatH\x00\x12+\n\x08progress\x18\x03 \x01(\x0b\x32\x17.koo.worker.v1.ProgressH\x00\x12+\n\x08\x63omplete\x18\x04 \x01(\x0b\x32\x17.koo.worker.v1.CompleteH\x00\x12#\n\x04\x66\x61il\x18\x05 \x01(\x0b\x32\x13.koo.worker.v1.FailH\x00\x12\x30\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x1f.koo.worker.v1.WorkRequestBatchH\x00\x42\t\n\x07message\"@\n\x10WorkRequestBatch\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.koo.worker.v1.WorkRequest\"f\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntask_names\x18\x02 \x03(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63\x63\x65pt_batches\x18\x05 \x01(\x08\"\x0b\n\tHeartbeat\"\x93\x01\n\x08Progress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\"n\n\x08\x43omplete\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x0clease_secret\x18\x04 \x01(\t\"\xc0\x01\n\x04\x46\x61il\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\x12.\n\x0bretry_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xef\x02\n\x0cWorkResponse\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.koo.worker.v1.WelcomeH\x00\x12-\n\x04task\x18\x02 \x01(\x0b\x32\x1d.koo.worker.v1.TaskAssignmentH\x00\x12\x30\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1e.koo.worker.v1.CancelRequestedH\x00\x12>\n\x0fsoft_time_limit\x18\x04 \x01(\x0b\x32#.koo.worker.v1.SoftTimeLimitReachedH\x00\x12.\n\x07revoked\x18\x05 \x01(\x0b\x32\x1b.koo.worker.v1.LeaseRevokedH\x00\x12%\n\x05reply\x18\x06 \x01(\x0b\x32\x14.koo.worker.v1.ReplyH\x00\x12\x31\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32 .koo.worker.v1.WorkResponseBatchH\x00\x42\t\n\x07message\"C\n\x11WorkResponseBatch\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.koo.worker.v1.WorkResponse\"\x96\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x04 \x01(\x08\"]\n\x0eTaskAssignment\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.koo.tasks.v1.Task\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x14\n\x0clease_secret\x18\x03 \x01(\t\"2\n\x0f\x43\x61ncelRequested\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x14SoftTimeLimitReached\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"/\n\x0cLeaseRevoked\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x87\x01\n\x05Reply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.koo.worker.v1.ReplyKind\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\"t\n\x10LeaseTaskRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x12\n\ntask_names\x18\x02 \x03(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x97\x01\n\x11LeaseTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.koo.tasks.v1.Task\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clease_secret\x18\x04 \x01(\t\"R\n\x14HeartbeatTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x14\n\x0clease_secret\x18\x03 \x01(\t\"\xa1\x01\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12 \n\x18soft_time_limit_exceeded\x18\x02 \x01(\x08\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcancel_reason\x18\x04 \x01(\t\"\xa0\x01\n\x15ReportProgressRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\"\x18\n\x16ReportProgressResponse\"y\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x0clease_secret\x18\x04 \x01(\t\">\n\x14\x43ompleteTaskResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\"\xcb\x01\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\x12.\n\x0bretry_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x10\x46\x61ilTaskResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\";\n\x12ListWorkersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.koo.worker.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x02\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.koo.worker.v1.WorkerKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\ntask_names\x18\x04 \x03(\t\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x10\n\x08task_ids\x18\x08 \x03(\t\x12\x0c\n\x04peer\x18\t \x01(\t\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*n\n\tReplyKind\x12\x1a\n\x16REPLY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLY_KIND_PROGRESS\x10\x01\x12\x17\n\x13REPLY_KIND_COMPLETE\x10\x02\x12\x13\n\x0fREPLY_KIND_FAIL\x10\x03*q\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_KIND_BUILTIN\x10\x01\x12\x16\n\x12WORKER_KIND_STREAM\x10\x02\x12\x15\n\x11WORKER_KIND_UNARY\x10\x03\x32\xdb\x04\n\rWorkerService\x12\x43\n\x04Work\x12\x1a.koo.worker.v1.WorkRequest\x1a\x1b.koo.worker.v1.WorkResponse(\x01\x30\x01\x12N\n\tLeaseTask\x12\x1f.koo.worker.v1.LeaseTaskRequest\x1a .koo.worker.v1.LeaseTaskResponse\x12Z\n\rHeartbeatTask\x12#.koo.worker.v1.HeartbeatTaskRequest\x1a$.koo.worker.v1.HeartbeatTaskResponse\x12]\n\x0eReportProgress\x12$.koo.worker.v1.ReportProgressRequest\x1a%.koo.worker.v1.ReportProgressResponse\x12W\n\x0c\x43ompleteTask\x12\".koo.worker.v1.CompleteTaskRequest\x1a#.koo.worker.v1.CompleteTaskResponse\x12K\n\x08\x46\x61ilTask\x12\x1e.koo.worker.v1.FailTaskRequest\x1a\x1f.koo.worker.v1.FailTaskResponse\x12T\n\x0bListWorkers\x12!.koo.worker.v1.ListWorkersRequest\x1a\".koo.worker.v1.ListWorkersResponseBG\n\x11\x64\x65v.koo.worker.v1P\x01Z0github.com/koo/koo/gen/go/koo/worker/v1;workerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"koo/worker/v1/worker_service.proto\x12\rkoo.worker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fkoo/tasks/v1/task_service.proto\"\x9f\x02\n\x0bWorkRequest\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.koo.worker.v1.HelloH\x00\x12-\n\theartbeat\x18\x02 \x01(\x0b\x32\x18.koo.worker.v1.HeartbeatH\x00\x12+\n\x08progress\x18\x03 \x01(\x0b\x32\x17.koo.worker.v1.ProgressH\x00\x12+\n\x08\x63omplete\x18\x04 \x01(\x0b\x32\x17.koo.worker.v1.CompleteH\x00\x12#\n\x04\x66\x61il\x18\x05 \x01(\x0b\x32\x13.koo.worker.v1.FailH\x00\x12\x30\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x1f.koo.worker.v1.WorkRequestBatchH\x00\x42\t\n\x07message\"@\n\x10WorkRequestBatch\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.koo.worker.v1.WorkRequest\"f\n\x05Hello\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ntask_names\x18\x02 \x03(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63\x63\x65pt_batches\x18\x05 \x01(\x08\"\x0b\n\tHeartbeat\"\x93\x01\n\x08Progress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\"n\n\x08\x43omplete\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x0clease_secret\x18\x04 \x01(\t\"\xc0\x01\n\x04\x46\x61il\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\x12.\n\x0bretry_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xef\x02\n\x0cWorkResponse\x12)\n\x07welcome\x18\x01 \x01(\x0b\x32\x16.koo.worker.v1.WelcomeH\x00\x12-\n\x04task\x18\x02 \x01(\x0b\x32\x1d.koo.worker.v1.TaskAssignmentH\x00\x12\x30\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x1e.koo.worker.v1.CancelRequestedH\x00\x12>\n\x0fsoft_time_limit\x18\x04 \x01(\x0b\x32#.koo.worker.v1.SoftTimeLimitReachedH\x00\x12.\n\x07revoked\x18\x05 \x01(\x0b\x32\x1b.koo.worker.v1.LeaseRevokedH\x00\x12%\n\x05reply\x18\x06 \x01(\x0b\x32\x14.koo.worker.v1.ReplyH\x00\x12\x31\n\x05\x62\x61tch\x18\x07 \x01(\x0b\x32 .koo.worker.v1.WorkResponseBatchH\x00\x42\t\n\x07message\"C\n\x11WorkResponseBatch\x12.\n\tresponses\x18\x01 \x03(\x0b\x32\x1b.koo.worker.v1.WorkResponse\"\xb0\x01\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12(\n\x05lease\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0f\x61\x63\x63\x65pts_batches\x18\x04 \x01(\x08\x12\x18\n\x10max_message_size\x18\x05 \x01(\x05\"]\n\x0eTaskAssignment\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.koo.tasks.v1.Task\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x14\n\x0clease_secret\x18\x03 \x01(\t\"2\n\x0f\x43\x61ncelRequested\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x14SoftTimeLimitReached\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"/\n\x0cLeaseRevoked\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x87\x01\n\x05Reply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x04kind\x18\x02 \x01(\x0e\x32\x18.koo.worker.v1.ReplyKind\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12&\n\x05state\x18\x05 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\"t\n\x10LeaseTaskRequest\x12\x13\n\x0bworker_name\x18\x01 \x01(\t\x12\x12\n\ntask_names\x18\x02 \x03(\t\x12\x0e\n\x06queues\x18\x03 \x03(\t\x12\'\n\x04wait\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x97\x01\n\x11LeaseTaskResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.koo.tasks.v1.Task\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clease_secret\x18\x04 \x01(\t\"R\n\x14HeartbeatTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x14\n\x0clease_secret\x18\x03 \x01(\t\"\xa1\x01\n\x15HeartbeatTaskResponse\x12\x18\n\x10\x63\x61ncel_requested\x18\x01 \x01(\x08\x12 \n\x18soft_time_limit_exceeded\x18\x02 \x01(\x08\x12\x35\n\x11lease_expire_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rcancel_reason\x18\x04 \x01(\t\"\xa0\x01\n\x15ReportProgressRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07percent\x18\x03 \x01(\x01\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\x08metadata\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\"\x18\n\x16ReportProgressResponse\"y\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12&\n\x06result\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x0clease_secret\x18\x04 \x01(\t\">\n\x14\x43ompleteTaskResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\"\xcb\x01\n\x0f\x46\x61ilTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0blease_token\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\tretryable\x18\x04 \x01(\x08\x12(\n\x07\x64\x65tails\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x14\n\x0clease_secret\x18\x06 \x01(\t\x12.\n\x0bretry_delay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\":\n\x10\x46\x61ilTaskResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\";\n\x12ListWorkersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"V\n\x13ListWorkersResponse\x12&\n\x07workers\x18\x01 \x03(\x0b\x32\x15.koo.worker.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x99\x02\n\x06Worker\x12\n\n\x02id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.koo.worker.v1.WorkerKind\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x12\n\ntask_names\x18\x04 \x03(\t\x12\x0e\n\x06queues\x18\x05 \x03(\t\x12\x13\n\x0b\x63oncurrency\x18\x06 \x01(\x05\x12\x0f\n\x07running\x18\x07 \x01(\x05\x12\x10\n\x08task_ids\x18\x08 \x03(\t\x12\x0c\n\x04peer\x18\t \x01(\t\x12.\n\nstart_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_seen_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*n\n\tReplyKind\x12\x1a\n\x16REPLY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13REPLY_KIND_PROGRESS\x10\x01\x12\x17\n\x13REPLY_KIND_COMPLETE\x10\x02\x12\x13\n\x0fREPLY_KIND_FAIL\x10\x03*q\n\nWorkerKind\x12\x1b\n\x17WORKER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_KIND_BUILTIN\x10\x01\x12\x16\n\x12WORKER_KIND_STREAM\x10\x02\x12\x15\n\x11WORKER_KIND_UNARY\x10\x03\x32\xdb\x04\n\rWorkerService\x12\x43\n\x04Work\x12\x1a.koo.worker.v1.WorkRequest\x1a\x1b.koo.worker.v1.WorkResponse(\x01\x30\x01\x12N\n\tLeaseTask\x12\x1f.koo.worker.v1.LeaseTaskRequest\x1a .koo.worker.v1.LeaseTaskResponse\x12Z\n\rHeartbeatTask\x12#.koo.worker.v1.HeartbeatTaskRequest\x1a$.koo.worker.v1.HeartbeatTaskResponse\x12]\n\x0eReportProgress\x12$.koo.worker.v1.ReportProgressRequest\x1a%.koo.worker.v1.ReportProgressResponse\x12W\n\x0c\x43ompleteTask\x12\".koo.worker.v1.CompleteTaskRequest\x1a#.koo.worker.v1.CompleteTaskResponse\x12K\n\x08\x46\x61ilTask\x12\x1e.koo.worker.v1.FailTaskRequest\x1a\x1f.koo.worker.v1.FailTaskResponse\x12T\n\x0bListWorkers\x12!.koo.worker.v1.ListWorkersRequest\x1a\".koo.worker.v1.ListWorkersResponseBG\n\x11\x64\x65v.koo.worker.v1P\x01Z0github.com/koo/koo/gen/go/koo/worker/v1;workerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'koo.worker.v1.worker_servic
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\021dev.koo.worker.v1P\001Z0github.com/koo/koo/gen/go/koo/worker/v1;workerv1'
-  _globals['_REPLYKIND']._serialized_start=3673
-  _globals['_REPLYKIND']._serialized_end=3783
-  _globals['_WORKERKIND']._serialized_start=3785
-  _globals['_WORKERKIND']._serialized_end=3898
+  _globals['_REPLYKIND']._serialized_start=3699
+  _globals['_REPLYKIND']._serialized_end=3809
+  _globals['_WORKERKIND']._serialized_start=3811
+  _globals['_WORKERKIND']._serialized_end=3924
   _globals['_WORKREQUEST']._serialized_start=182
   _globals['_WORKREQUEST']._serialized_end=469
   _globals['_WORKREQUESTBATCH']._serialized_start=471
@@ -59,43 +59,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKRESPONSEBATCH']._serialized_start=1481
   _globals['_WORKRESPONSEBATCH']._serialized_end=1548
   _globals['_WELCOME']._serialized_start=1551
-  _globals['_WELCOME']._serialized_end=1701
-  _globals['_TASKASSIGNMENT']._serialized_start=1703
-  _globals['_TASKASSIGNMENT']._serialized_end=1796
-  _globals['_CANCELREQUESTED']._serialized_start=1798
-  _globals['_CANCELREQUESTED']._serialized_end=1848
-  _globals['_SOFTTIMELIMITREACHED']._serialized_start=1850
-  _globals['_SOFTTIMELIMITREACHED']._serialized_end=1889
-  _globals['_LEASEREVOKED']._serialized_start=1891
-  _globals['_LEASEREVOKED']._serialized_end=1938
-  _globals['_REPLY']._serialized_start=1941
-  _globals['_REPLY']._serialized_end=2076
-  _globals['_LEASETASKREQUEST']._serialized_start=2078
-  _globals['_LEASETASKREQUEST']._serialized_end=2194
-  _globals['_LEASETASKRESPONSE']._serialized_start=2197
-  _globals['_LEASETASKRESPONSE']._serialized_end=2348
-  _globals['_HEARTBEATTASKREQUEST']._serialized_start=2350
-  _globals['_HEARTBEATTASKREQUEST']._serialized_end=2432
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=2435
-  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=2596
-  _globals['_REPORTPROGRESSREQUEST']._serialized_start=2599
-  _globals['_REPORTPROGRESSREQUEST']._serialized_end=2759
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=2761
-  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=2785
-  _globals['_COMPLETETASKREQUEST']._serialized_start=2787
-  _globals['_COMPLETETASKREQUEST']._serialized_end=2908
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=2910
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=2972
-  _globals['_FAILTASKREQUEST']._serialized_start=2975
-  _globals['_FAILTASKREQUEST']._serialized_end=3178
-  _globals['_FAILTASKRESPONSE']._serialized_start=3180
-  _globals['_FAILTASKRESPONSE']._serialized_end=3238
-  _globals['_LISTWORKERSREQUEST']._serialized_start=3240
-  _globals['_LISTWORKERSREQUEST']._serialized_end=3299
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=3301
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=3387
-  _globals['_WORKER']._serialized_start=3390
-  _globals['_WORKER']._serialized_end=3671
-  _globals['_WORKERSERVICE']._serialized_start=3901
-  _globals['_WORKERSERVICE']._serialized_end=4504
+  _globals['_WELCOME']._serialized_end=1727
+  _globals['_TASKASSIGNMENT']._serialized_start=1729
+  _globals['_TASKASSIGNMENT']._serialized_end=1822
+  _globals['_CANCELREQUESTED']._serialized_start=1824
+  _globals['_CANCELREQUESTED']._serialized_end=1874
+  _globals['_SOFTTIMELIMITREACHED']._serialized_start=1876
+  _globals['_SOFTTIMELIMITREACHED']._serialized_end=1915
+  _globals['_LEASEREVOKED']._serialized_start=1917
+  _globals['_LEASEREVOKED']._serialized_end=1964
+  _globals['_REPLY']._serialized_start=1967
+  _globals['_REPLY']._serialized_end=2102
+  _globals['_LEASETASKREQUEST']._serialized_start=2104
+  _globals['_LEASETASKREQUEST']._serialized_end=2220
+  _globals['_LEASETASKRESPONSE']._serialized_start=2223
+  _globals['_LEASETASKRESPONSE']._serialized_end=2374
+  _globals['_HEARTBEATTASKREQUEST']._serialized_start=2376
+  _globals['_HEARTBEATTASKREQUEST']._serialized_end=2458
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_start=2461
+  _globals['_HEARTBEATTASKRESPONSE']._serialized_end=2622
+  _globals['_REPORTPROGRESSREQUEST']._serialized_start=2625
+  _globals['_REPORTPROGRESSREQUEST']._serialized_end=2785
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_start=2787
+  _globals['_REPORTPROGRESSRESPONSE']._serialized_end=2811
+  _globals['_COMPLETETASKREQUEST']._serialized_start=2813
+  _globals['_COMPLETETASKREQUEST']._serialized_end=2934
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=2936
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=2998
+  _globals['_FAILTASKREQUEST']._serialized_start=3001
+  _globals['_FAILTASKREQUEST']._serialized_end=3204
+  _globals['_FAILTASKRESPONSE']._serialized_start=3206
+  _globals['_FAILTASKRESPONSE']._serialized_end=3264
+  _globals['_LISTWORKERSREQUEST']._serialized_start=3266
+  _globals['_LISTWORKERSREQUEST']._serialized_end=3325
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=3327
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=3413
+  _globals['_WORKER']._serialized_start=3416
+  _globals['_WORKER']._serialized_end=3697
+  _globals['_WORKERSERVICE']._serialized_start=3927
+  _globals['_WORKERSERVICE']._serialized_end=4530
 # @@protoc_insertion_point(module_scope)

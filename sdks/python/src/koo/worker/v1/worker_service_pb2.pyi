@@ -450,11 +450,17 @@ class Welcome(google.protobuf.message.Message):
     LEASE_FIELD_NUMBER: builtins.int
     HEARTBEAT_INTERVAL_FIELD_NUMBER: builtins.int
     ACCEPTS_BATCHES_FIELD_NUMBER: builtins.int
+    MAX_MESSAGE_SIZE_FIELD_NUMBER: builtins.int
     worker_id: builtins.str
     """This session's worker id (the name and a unique suffix)."""
     accepts_batches: builtins.bool
     """koo reads `batch` messages (koo releases before batches leave this
     unset, and end the stream on one): send them only when set.
+    """
+    max_message_size: builtins.int
+    """The largest message koo reads from a worker, in bytes
+    (KOO_MAX_MESSAGE_SIZE; 0 from releases before it was told): keep
+    batches well under it.
     """
     @property
     def lease(self) -> google.protobuf.duration_pb2.Duration:
@@ -471,9 +477,10 @@ class Welcome(google.protobuf.message.Message):
         lease: google.protobuf.duration_pb2.Duration | None = ...,
         heartbeat_interval: google.protobuf.duration_pb2.Duration | None = ...,
         accepts_batches: builtins.bool = ...,
+        max_message_size: builtins.int = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "worker_id", b"worker_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]) -> None: ...
 
 Global___Welcome: typing_extensions.TypeAlias = Welcome
 
