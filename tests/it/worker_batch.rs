@@ -7,14 +7,13 @@
 
 use crate::common;
 
+use common::stream::{StreamWorker, hello, msg};
 use common::tasks::*;
 use koo::pb::tasks::v1 as pb;
 use koo::pb::worker::v1::{
     self as wpb, work_request::Message as In, work_response::Message as Out,
-    worker_service_client::WorkerServiceClient,
 };
 use prost::Message as _;
-use tokio::sync::mpsc;
 use tonic::Code;
 
 on_both!(
@@ -26,65 +25,12 @@ const NAME: &str = "koo.examples.batched";
 const QUEUE: &str = "pdf_processing";
 
 /// A worker on a Work stream that serves [`NAME`] from [`QUEUE`].
-struct Worker {
-    tx: mpsc::Sender<wpb::WorkRequest>,
-    rx: tonic::Streaming<wpb::WorkResponse>,
-    welcome: wpb::Welcome,
-}
-
-impl Worker {
-    async fn connect(koo: &Koo, concurrency: i32, accept_batches: bool) -> Self {
-        let mut client = WorkerServiceClient::new(koo.server.channel.clone());
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(msg(In::Hello(wpb::Hello {
-            name: "batcher".into(),
-            task_names: vec![NAME.into()],
-            queues: vec![QUEUE.into()],
-            concurrency,
-            accept_batches,
-        })))
-        .await
-        .unwrap();
-        let mut rx = client
-            .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let welcome = match rx.message().await.unwrap().and_then(|m| m.message) {
-            Some(Out::Welcome(w)) => w,
-            other => panic!("expected welcome, got {other:?}"),
-        };
-        Self { tx, rx, welcome }
-    }
-
-    /// The next message from koo, whole (a batch stays a batch).
-    async fn next(&mut self) -> wpb::WorkResponse {
-        match tokio::time::timeout(common::EVENT_TIMEOUT, self.rx.message()).await {
-            Err(_) => panic!("no message from koo"),
-            Ok(Ok(Some(m))) => m,
-            Ok(other) => panic!("the stream ended: {other:?}"),
-        }
-    }
-
-    /// How the stream ended: its status.
-    async fn ended(&mut self) -> tonic::Status {
-        loop {
-            match tokio::time::timeout(common::EVENT_TIMEOUT, self.rx.message()).await {
-                Err(_) => panic!("the stream did not end"),
-                Ok(Ok(Some(_))) => continue,
-                Ok(Ok(None)) => panic!("the stream ended without a status"),
-                Ok(Err(status)) => return status,
-            }
-        }
-    }
-
-    async fn send(&self, m: In) {
-        self.tx.send(msg(m)).await.unwrap();
-    }
-}
-
-fn msg(m: In) -> wpb::WorkRequest {
-    wpb::WorkRequest { message: Some(m) }
+async fn connect(koo: &Koo, concurrency: i32, accept_batches: bool) -> StreamWorker {
+    let hello = wpb::Hello {
+        accept_batches,
+        ..hello("batcher", &[NAME], &[QUEUE], concurrency)
+    };
+    StreamWorker::open(&koo.server, hello).await
 }
 
 /// The messages `m` holds: a batch's, in order, or itself.
@@ -144,7 +90,7 @@ async fn submit_n(koo: &Koo, n: usize, args: serde_json::Value) -> Vec<String> {
 async fn batches_both_ways(backend: Backend) {
     let koo = start_on(backend, 0).await;
     let ids = submit_n(&koo, 8, serde_json::json!([])).await;
-    let mut w = Worker::connect(&koo, 4, true).await;
+    let mut w = connect(&koo, 4, true).await;
     assert!(w.welcome.accepts_batches, "{:?}", w.welcome);
     assert_eq!(
         w.welcome.max_message_size,
@@ -153,7 +99,7 @@ async fn batches_both_ways(backend: Backend) {
         w.welcome
     );
 
-    let first = items(w.next().await);
+    let first = items(w.next_message().await);
     let pushed = tasks_of(&first);
     assert_eq!(
         (first.len(), pushed.len()),
@@ -167,7 +113,7 @@ async fn batches_both_ways(backend: Backend) {
         })
     };
     w.send(batch(&pushed)).await;
-    let answer = items(w.next().await);
+    let answer = items(w.next_message().await);
     assert_eq!(
         answer.len(),
         8,
@@ -194,7 +140,7 @@ async fn batches_both_ways(backend: Backend) {
     );
     let next = tasks_of(&answer);
     w.send(batch(&next)).await;
-    let last = items(w.next().await);
+    let last = items(w.next_message().await);
     assert_eq!(last.len(), 4, "4 replies, nothing left to lease: {last:?}");
     assert!(
         last.iter()
@@ -216,10 +162,10 @@ async fn batches_both_ways(backend: Backend) {
 async fn workers_that_do_not_ask_get_single_messages(backend: Backend) {
     let koo = start_on(backend, 0).await;
     let ids = submit_n(&koo, 4, serde_json::json!([])).await;
-    let mut w = Worker::connect(&koo, 2, false).await;
+    let mut w = connect(&koo, 2, false).await;
     let mut pushed = Vec::new();
     for _ in 0..2 {
-        let m = w.next().await;
+        let m = w.next_message().await;
         match m.message {
             Some(Out::Task(t)) => pushed.push(t),
             other => panic!("expected a single task message, got {other:?}"),
@@ -231,7 +177,7 @@ async fn workers_that_do_not_ask_get_single_messages(backend: Backend) {
     .await;
     let mut kinds = Vec::new();
     for _ in 0..4 {
-        match w.next().await.message {
+        match w.next_message().await.message {
             Some(Out::Reply(r)) => {
                 assert_eq!(r.code, 0, "{r:?}");
                 kinds.push("reply");
@@ -257,8 +203,8 @@ async fn workers_that_do_not_ask_get_single_messages(backend: Backend) {
 async fn a_batch_acts_in_order() {
     let koo = start_on(Backend::Memory, 0).await;
     let ids = submit_n(&koo, 1, serde_json::json!([])).await;
-    let mut w = Worker::connect(&koo, 1, true).await;
-    let t = tasks_of(&items(w.next().await)).remove(0);
+    let mut w = connect(&koo, 1, true).await;
+    let t = tasks_of(&items(w.next_message().await)).remove(0);
     let progress = In::Progress(wpb::Progress {
         task_id: ids[0].clone(),
         lease_token: t.lease_token,
@@ -274,7 +220,7 @@ async fn a_batch_acts_in_order() {
         ],
     }))
     .await;
-    match items(w.next().await).as_slice() {
+    match items(w.next_message().await).as_slice() {
         [Out::Reply(r)] => assert_eq!((r.code, r.state), (0, pb::TaskState::Succeeded as i32)),
         other => panic!("expected one reply: {other:?}"),
     }
@@ -291,11 +237,11 @@ async fn batches_stay_under_their_byte_bound() {
     let koo = start_on(Backend::Memory, 0).await;
     let big = "x".repeat(100 * 1024);
     submit_n(&koo, 4, serde_json::json!([big])).await;
-    let mut w = Worker::connect(&koo, 4, true).await;
+    let mut w = connect(&koo, 4, true).await;
     let mut got = 0;
     let mut messages = 0;
     while got < 4 {
-        let m = w.next().await;
+        let m = w.next_message().await;
         assert!(
             m.encoded_len() <= 256 * 1024,
             "a message of {} bytes",
@@ -352,7 +298,7 @@ async fn bad_batches_end_the_stream() {
         ),
     ];
     for (requests, want) in cases {
-        let mut w = Worker::connect(&koo, 1, true).await;
+        let mut w = connect(&koo, 1, true).await;
         w.send(In::Batch(wpb::WorkRequestBatch { requests })).await;
         let status = w.ended().await;
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -370,8 +316,8 @@ async fn bad_batches_end_the_stream() {
 async fn a_second_outcome_in_a_batch_is_fenced() {
     let koo = start_on(Backend::Memory, 0).await;
     let ids = submit_n(&koo, 1, serde_json::json!([])).await;
-    let mut w = Worker::connect(&koo, 1, true).await;
-    let t = tasks_of(&items(w.next().await)).remove(0);
+    let mut w = connect(&koo, 1, true).await;
+    let t = tasks_of(&items(w.next_message().await)).remove(0);
     let fail = msg(In::Fail(wpb::Fail {
         task_id: ids[0].clone(),
         lease_token: t.lease_token,
@@ -384,7 +330,7 @@ async fn a_second_outcome_in_a_batch_is_fenced() {
     .await;
     let mut replies = Vec::new();
     while replies.len() < 2 {
-        for m in items(w.next().await) {
+        for m in items(w.next_message().await) {
             if let Out::Reply(r) = m {
                 replies.push(r.code);
             }
@@ -413,8 +359,8 @@ async fn a_task_with_deep_error_details_goes_alone() {
     )
     .await;
     submit_n(&koo, 1, serde_json::json!([])).await;
-    let mut w = Worker::connect(&koo, 2, true).await;
-    let both = tasks_of(&items(w.next().await));
+    let mut w = connect(&koo, 2, true).await;
+    let both = tasks_of(&items(w.next_message().await));
     assert_eq!(both.len(), 2);
     let (a, b) = match both[0].task.as_ref().unwrap().id == deep_task.id {
         true => (&both[0], &both[1]),
@@ -446,7 +392,7 @@ async fn a_task_with_deep_error_details_goes_alone() {
     .await;
     let mut again = None;
     while again.is_none() {
-        let m = w.next().await;
+        let m = w.next_message().await;
         let batched = matches!(m.message, Some(Out::Batch(_)));
         for t in tasks_of(&items(m)) {
             if t.task.as_ref().unwrap().id == deep_task.id {

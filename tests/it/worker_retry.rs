@@ -10,13 +10,13 @@ use crate::common;
 
 use std::time::{Duration, SystemTime};
 
+use common::stream::{StreamWorker, hello};
 use common::tasks::*;
 use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
 use koo::pb::worker::v1::{
     self as wpb, work_request::Message as In, work_response::Message as Out,
     worker_service_client::WorkerServiceClient,
 };
-use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -56,82 +56,27 @@ fn secs(seconds: i64, nanos: i32) -> Option<prost_types::Duration> {
 }
 
 /// A Work stream serving [`NAME`], one task at a time.
-struct Stream {
-    tx: mpsc::Sender<wpb::WorkRequest>,
-    rx: tonic::Streaming<wpb::WorkResponse>,
+async fn open(server: &common::TestServer) -> StreamWorker {
+    StreamWorker::open(server, hello("retry-test", &[NAME], &[], 1)).await
 }
 
-impl Stream {
-    async fn open(server: &common::TestServer) -> Self {
-        let mut w = WorkerServiceClient::new(server.channel.clone());
-        let (tx, rx) = mpsc::channel(16);
-        let hello = In::Hello(wpb::Hello {
-            name: "retry-test".into(),
-            task_names: vec![NAME.into()],
-            queues: vec![],
-            concurrency: 1,
-            accept_batches: false,
-        });
-        tx.send(msg(hello)).await.unwrap();
-        let mut rx = w
-            .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        match rx.message().await.unwrap().and_then(|m| m.message) {
-            Some(Out::Welcome(_)) => Self { tx, rx },
-            other => panic!("expected welcome, got {other:?}"),
-        }
-    }
-
-    /// The next message (the test fails after EVENT_TIMEOUT).
-    async fn next(&mut self) -> Out {
-        match tokio::time::timeout(common::EVENT_TIMEOUT, self.rx.message()).await {
-            Ok(Ok(Some(m))) => m.message.expect("a message"),
-            other => panic!("no message from koo: {other:?}"),
-        }
-    }
-
-    async fn task(&mut self) -> wpb::TaskAssignment {
-        match self.next().await {
-            Out::Task(t) => t,
-            other => panic!("expected a task, got {other:?}"),
-        }
-    }
-
-    async fn reply(&mut self) -> wpb::Reply {
-        match self.next().await {
-            Out::Reply(r) => r,
-            other => panic!("expected a reply, got {other:?}"),
-        }
-    }
-
-    async fn send(&self, m: In) {
-        self.tx.send(msg(m)).await.unwrap();
-    }
-
-    /// Fails `t` retryably, asking for `delay`; koo's reply.
-    async fn fail(
-        &mut self,
-        t: &wpb::TaskAssignment,
-        delay: Option<prost_types::Duration>,
-    ) -> wpb::Reply {
-        self.send(In::Fail(wpb::Fail {
-            task_id: id(t),
-            lease_token: t.lease_token,
-            lease_secret: String::new(),
-            message: "busy".into(),
-            retryable: true,
-            details: None,
-            retry_delay: delay,
-        }))
-        .await;
-        self.reply().await
-    }
-}
-
-fn msg(m: In) -> wpb::WorkRequest {
-    wpb::WorkRequest { message: Some(m) }
+/// Fails `t` retryably, asking for `delay`; koo's reply.
+async fn fail(
+    s: &mut StreamWorker,
+    t: &wpb::TaskAssignment,
+    delay: Option<prost_types::Duration>,
+) -> wpb::Reply {
+    s.send(In::Fail(wpb::Fail {
+        task_id: id(t),
+        lease_token: t.lease_token,
+        lease_secret: String::new(),
+        message: "busy".into(),
+        retryable: true,
+        details: None,
+        retry_delay: delay,
+    }))
+    .await;
+    s.reply().await
 }
 
 fn id(t: &wpb::TaskAssignment) -> String {
@@ -167,10 +112,10 @@ async fn stream_fail_retry_delay_replaces_the_backoff(backend: Backend) {
     let koo = start(backend).await;
     let mut c = client(&koo.server);
     let task = submit_ok(&mut c, job(2)).await;
-    let mut s = Stream::open(&koo.server).await;
+    let mut s = open(&koo.server).await;
     let first = s.task().await;
     assert_eq!(id(&first), task.id);
-    let r = s.fail(&first, secs(0, 0)).await;
+    let r = fail(&mut s, &first, secs(0, 0)).await;
     assert_eq!(
         (r.code, r.state),
         (0, pb::TaskState::Scheduled as i32),
@@ -187,7 +132,7 @@ async fn stream_fail_retry_delay_replaces_the_backoff(backend: Backend) {
         (86_400, 1, "is out of range"),
         (1, 1_000_000_000, "is not a normalised duration"),
     ] {
-        let r = s.fail(&second, secs(seconds, nanos)).await;
+        let r = fail(&mut s, &second, secs(seconds, nanos)).await;
         assert_eq!(r.code, Code::InvalidArgument as i32, "{r:?}");
         assert!(r.message.starts_with("fail.retry_delay: "), "{r:?}");
         assert!(r.message.contains(why), "{r:?}");
@@ -197,7 +142,7 @@ async fn stream_fail_retry_delay_replaces_the_backoff(backend: Backend) {
     let held = get_ok(&mut c, &task.id).await;
     assert_eq!(held.state, pb::TaskState::Running as i32, "{held:?}");
 
-    let r = s.fail(&second, secs(30, 0)).await;
+    let r = fail(&mut s, &second, secs(30, 0)).await;
     assert_eq!(
         (r.code, r.state),
         (0, pb::TaskState::Scheduled as i32),
@@ -208,7 +153,7 @@ async fn stream_fail_retry_delay_replaces_the_backoff(backend: Backend) {
     let last = submit_ok(&mut c, job(0)).await;
     let t = s.task().await;
     assert_eq!(id(&t), last.id);
-    let r = s.fail(&t, secs(0, 0)).await;
+    let r = fail(&mut s, &t, secs(0, 0)).await;
     assert_eq!(
         (r.code, r.state),
         (0, pb::TaskState::Failed as i32),
@@ -280,7 +225,7 @@ async fn unary_fail_retry_delay_replaces_the_backoff(backend: Backend) {
 async fn cancel_reason_reaches_stream_and_unary_workers(backend: Backend) {
     let koo = start(backend).await;
     let mut c = client(&koo.server);
-    let mut s = Stream::open(&koo.server).await;
+    let mut s = open(&koo.server).await;
     for (given, told) in [
         ("the user closed the tab", "the user closed the tab"),
         ("", "cancelled by request"),
@@ -352,7 +297,7 @@ async fn cancel_through_another_process_carries_its_reason() {
     let koo = start(Backend::Redis).await;
     let other = spawn_on(koo.redis(), 0).await;
     let mut c = client(&koo.server);
-    let mut s = Stream::open(&koo.server).await;
+    let mut s = open(&koo.server).await;
     let task = submit_ok(&mut c, job(0)).await;
     assert_eq!(id(&s.task().await), task.id);
     cancel(

@@ -10,7 +10,6 @@ outcomes went out in batches of at most half its concurrency.
 from __future__ import annotations
 
 import asyncio
-import threading
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from koo import TaskCategory, TaskManager, Worker
 from koo import _worker as worker_module
 from koo.worker.v1 import worker_service_pb2 as wpb
+from tests.test_worker import running
 
 HELLO = wpb.WorkRequest(hello=wpb.Hello(name="t", task_names=["x"], concurrency=4))
 
@@ -122,22 +122,7 @@ def test_a_busy_worker_sends_batches_of_half_its_concurrency(
         ids = [await tm.submit_task(name, TaskCategory.RESEARCH, args=[i]) for i in range(200)]
         return [await tm.result(t, timeout=30) for t in ids]
 
-    errors: list[BaseException] = []
-
-    def main() -> None:
-        try:
-            w.run(handle_signals=False)
-        except BaseException as e:  # noqa: BLE001 (surfaced below)
-            errors.append(e)
-
-    t = threading.Thread(target=main, daemon=True)
-    t.start()
-    try:
-        assert w.connected.wait(10), errors
+    with running(w):
         assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(range(200))
-    finally:
-        w.stop()
-        t.join(15)
-    assert not errors, errors
     assert sizes, "no batch was sent"
     assert max(sizes) <= 4, sizes

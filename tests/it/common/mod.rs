@@ -11,6 +11,7 @@ pub mod auth;
 pub mod certs;
 pub mod chaos;
 pub mod python;
+pub mod stream;
 #[macro_use]
 pub mod tasks;
 pub mod tls;
