@@ -23,7 +23,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -32,6 +32,7 @@ import grpc.aio
 
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
+from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
 from koo.tasks.v1 import task_service_pb2_grpc as tasks_grpc
@@ -322,6 +323,8 @@ class Worker:
         self.connected = threading.Event()
         self._started: set[_Run] = set()
         self._events = EventHooks(on_event)
+        # plain handlers' threads, kept for the next task (see koo._threads)
+        self._threads = Threads(concurrency)
 
     def task(self, name: str, *, queue: str | None = None) -> Callable[[F], F]:
         """Registers a handler for the task name (its queue, when given, is served)."""
@@ -567,7 +570,7 @@ class Worker:
             if reg.is_async:
                 result = await reg.fn(*args, **kwargs)
             else:
-                result = await _in_thread(lambda: reg.fn(*args, **kwargs))
+                result = await self._threads.run(lambda: reg.fn(*args, **kwargs))
         except Fatal as e:
             failure = (e.message, False, e.details, None)
         except Retry as e:
@@ -628,38 +631,3 @@ class Worker:
             r = await rpc(stub.GetTask(tasks_pb.GetTaskRequest(task_id=i), metadata=self._conn.metadata()))
             out[i] = from_proto_value(r.task.result)
         return out
-
-
-T = TypeVar("T")
-
-
-def _in_thread(fn: Callable[[], T]) -> Awaitable[T]:
-    """Runs `fn` on a daemon thread of its own, so that a handler that never
-    returns is abandoned (its thread lives on) without taking a pool slot."""
-    loop = asyncio.get_running_loop()
-    fut: asyncio.Future[T] = loop.create_future()
-
-    def done_ok(v: T) -> None:
-        if not fut.done():
-            fut.set_result(v)
-
-    def done_err(e: BaseException) -> None:
-        if not fut.done():
-            fut.set_exception(e)
-
-    def target() -> None:
-        try:
-            v = fn()
-        except BaseException as e:  # noqa: BLE001 (delivered to the awaiting coroutine)
-            deliver(done_err, e)
-        else:
-            deliver(done_ok, v)
-
-    def deliver(how: Callable[[Any], None], what: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(how, what)
-        except RuntimeError:  # the worker's loop has ended: nobody waits
-            pass
-
-    threading.Thread(target=target, name="koo-task", daemon=True).start()
-    return fut
