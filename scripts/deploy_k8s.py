@@ -13,8 +13,9 @@ the strict core check):
   dropped, resource requests and limits, a PodDisruptionBudget and a
   NetworkPolicy selecting its pods, and a termination grace longer than
   koo's own shutdown grace for that role (read from src/ and the env);
-- `koo serve`: gRPC liveness and readiness probes on the plaintext health
-  port (KOO_HEALTH_LISTEN) when TLS is on, KOO_LISTEN and KOO_HTTP_LISTEN on
+- `koo serve`: gRPC liveness (service `liveness`, which Redis outages do
+  not fail) and readiness (`""`, every backend) probes on the plaintext
+  health port (KOO_HEALTH_LISTEN) when TLS is on, KOO_LISTEN and KOO_HTTP_LISTEN on
   all interfaces at the named container ports, every file koo reads inside a
   mounted Secret that has that key;
 - every Secret and ConfigMap named exists (with the key named); the Service
@@ -187,6 +188,16 @@ def koo_constant(name: str) -> float:
     return float(m.group(1))
 
 
+def koo_liveness() -> str:
+    """The health service name koo keeps SERVING for liveness probes
+    (`LIVENESS` in src/health.rs)."""
+    source = (ROOT / "src" / "health.rs").read_text()
+    m = re.search(r'pub const LIVENESS: &str = "([^"]+)";', source)
+    require(m is not None, "src/health.rs no longer defines LIVENESS")
+    assert m is not None
+    return m.group(1)
+
+
 def default_of(variable: str) -> float:
     """The default of a duration setting of `koo serve`, from src/config/."""
     for path in (ROOT / "src" / "config").glob("*.rs"):
@@ -295,9 +306,14 @@ def check_serve(m: Manifests, deployment: Obj) -> None:
     )
     tls = "KOO_TLS_CERT" in env
     probe_port = port_of(env["KOO_HEALTH_LISTEN"], "KOO_HEALTH_LISTEN") if tls else ports["grpc"]
-    for probe in ("livenessProbe", "readinessProbe"):
+    wanted = {"livenessProbe": koo_liveness(), "readinessProbe": ""}
+    for probe, service in wanted.items():
         grpc = c.get(probe, {}).get("grpc")
         m.ok(grpc is not None, f"{name}: no gRPC {probe}")
+        m.ok(
+            grpc.get("service", "") == service,
+            f"{name}: {probe} asks service {grpc.get('service')!r}, not {service!r}",
+        )
         m.ok(
             grpc["port"] in (probe_port, "health" if tls else "grpc"),
             f"{name}: {probe} asks port {grpc['port']}, not the "
