@@ -16,6 +16,7 @@ Usage: python scripts/check_deploy.py deploy/docker-compose.yml
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -156,7 +157,48 @@ def check_monitoring(path: str, services: dict[str, Any]) -> int:
         any(os.path.isfile(d / "koo-dashboard.json") for d in dashboards),
         f"no dashboard provider loads koo-dashboard.json: {dashboards}",
     )
-    return 4
+    uids = {str(d.get("uid")) for d in sources}
+    for d in dashboards:
+        for f in sorted(d.glob("*.json")):
+            check_datasources(f, uids)
+    return 5
+
+
+def datasource_refs(node: Any) -> list[str]:
+    """The uid (or name) of every `datasource` a dashboard's panels and
+    targets name, outside its variables."""
+    if isinstance(node, list):
+        return [r for v in node for r in datasource_refs(v)]
+    if not isinstance(node, dict):
+        return []
+    found = []
+    for key, value in node.items():
+        if key == "datasource" and value:
+            found.append(str(value.get("uid") if isinstance(value, dict) else value))
+        elif key != "templating":
+            found += datasource_refs(value)
+    return found
+
+
+def check_datasources(path: Path, uids: set[str]) -> None:
+    """Every datasource a provisioned dashboard names is one Grafana has: a
+    provisioned uid, or a variable of the dashboard's own of type datasource.
+    (A dashboard exported "for sharing" names `${DS_PROMETHEUS}`, an input
+    that only the import dialog fills in, never provisioning.)"""
+    with open(path, encoding="utf-8") as f:
+        dashboard: dict[str, Any] = json.load(f)
+    variables = {
+        str(v["name"])
+        for v in dashboard.get("templating", {}).get("list", [])
+        if v.get("type") == "datasource"
+    }
+    for ref in datasource_refs(dashboard):
+        variable = ref.startswith("$") and ref.strip("${}") in variables
+        require(
+            ref in uids or variable or ref == "-- Grafana --",
+            f"{path}: datasource {ref!r} is neither a provisioned uid {sorted(uids)} "
+            "nor a datasource variable of the dashboard",
+        )
 
 
 SECRET_FILES = ("KOO_TLS_CERT", "KOO_TLS_KEY", "KOO_TLS_CLIENT_CA", "KOO_AUTH_FILE")
