@@ -3,15 +3,23 @@
 The schema says the file is a valid compose file; this says it is the
 deployment the README describes: the cache on a Redis that evicts, the tasks
 on a Redis that never evicts and persists every write, and the seed's three
-roles (API, workers, beat) as separate services. Run by scripts/test with the
-tools virtualenv's Python (ruamel.yaml comes with check-jsonschema).
+roles (API, workers, beat) as separate services, scraped by the prometheus
+service (its configuration names koo's metrics port) and shown by a grafana
+provisioned with that Prometheus and the dashboards of deploy/grafana/. Run by
+scripts/test with the tools virtualenv's Python (ruamel.yaml and jsonschema
+come with check-jsonschema).
 
 Usage: python scripts/check_deploy.py deploy/docker-compose.yml
+       python scripts/check_deploy.py deploy/docker-compose.secure.yml
+       python scripts/check_deploy.py deploy/kubernetes   (see deploy_k8s.py)
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -84,8 +92,113 @@ def check(path: str) -> int:
             (f"{name}: cache and tasks share one Redis"),
         )
         checks += 4
+    checks += check_monitoring(path, services)
     print(f"deploy: {checks} checks passed on {path}")
     return 0
+
+
+def mounted(service: dict[str, Any], target: str, base: Path) -> Path:
+    """The host path a service mounts at `target` (short syntax)."""
+    for volume in service.get("volumes", []):
+        source, _, rest = str(volume).partition(":")
+        if rest.split(":")[0] == target:
+            return base / source
+    raise DeployError(f"nothing is mounted at {target}: {service.get('volumes')}")
+
+
+def scrape_targets(config: dict[str, Any]) -> list[tuple[str, str, int]]:
+    """(metrics path, host, port) of every scrape target the config names."""
+    targets = []
+    for job in config.get("scrape_configs", []):
+        path = job.get("metrics_path", "/metrics")
+        for sd in job.get("dns_sd_configs", []):
+            targets += [(path, str(n), int(sd["port"])) for n in sd.get("names", [])]
+        for sc in job.get("static_configs", []):
+            for t in sc.get("targets", []):
+                host, _, port = str(t).rpartition(":")
+                targets.append((path, host, int(port)))
+    return targets
+
+
+def check_monitoring(path: str, services: dict[str, Any]) -> int:
+    """Prometheus scrapes `koo serve`'s metrics listener; Grafana reads that
+    Prometheus and loads deploy/grafana/koo-dashboard.json."""
+    base = Path(path).parent
+    require("prometheus" in services, "no prometheus service")
+    require("grafana" in services, "no grafana service")
+    serve = [n for n, s in services.items() if [str(c) for c in s.get("command", [])][:1] == ["serve"]]
+    http = str(services[serve[0]].get("environment", {}).get("KOO_HTTP_LISTEN", ""))
+    host, _, port = http.rpartition(":")
+    require(host == "0.0.0.0", f"{serve[0]}: KOO_HTTP_LISTEN={http!r} is not reachable from prometheus")
+    prom_config = mounted(services["prometheus"], "/etc/prometheus/prometheus.yml", base)
+    with open(prom_config, encoding="utf-8") as f:
+        config: dict[str, Any] = YAML(typ="safe").load(f)
+    require(
+        ("/metrics", serve[0], int(port)) in scrape_targets(config),
+        f"{prom_config} does not scrape {serve[0]}:{port}/metrics: {scrape_targets(config)}",
+    )
+    provisioning = mounted(services["grafana"], "/etc/grafana/provisioning", base)
+    sources = [
+        d
+        for f in sorted((provisioning / "datasources").glob("*.yml"))
+        for d in YAML(typ="safe").load(f.read_text()).get("datasources", [])
+    ]
+    require(
+        any(d["type"] == "prometheus" and urlparse(d["url"]).hostname == "prometheus" for d in sources),
+        f"grafana has no datasource for the prometheus service: {sources}",
+    )
+    providers = [
+        p
+        for f in sorted((provisioning / "dashboards").glob("*.yml"))
+        for p in YAML(typ="safe").load(f.read_text()).get("providers", [])
+    ]
+    dashboards = [mounted(services["grafana"], p["options"]["path"], base) for p in providers]
+    require(
+        any(os.path.isfile(d / "koo-dashboard.json") for d in dashboards),
+        f"no dashboard provider loads koo-dashboard.json: {dashboards}",
+    )
+    uids = {str(d.get("uid")) for d in sources}
+    for d in dashboards:
+        for f in sorted(d.glob("*.json")):
+            check_datasources(f, uids)
+    return 5
+
+
+def datasource_refs(node: Any) -> list[str]:
+    """The uid (or name) of every `datasource` a dashboard's panels and
+    targets name, outside its variables."""
+    if isinstance(node, list):
+        return [r for v in node for r in datasource_refs(v)]
+    if not isinstance(node, dict):
+        return []
+    found = []
+    for key, value in node.items():
+        if key == "datasource" and value:
+            found.append(str(value.get("uid") if isinstance(value, dict) else value))
+        elif key != "templating":
+            found += datasource_refs(value)
+    return found
+
+
+def check_datasources(path: Path, uids: set[str]) -> None:
+    """Every datasource a provisioned dashboard names is one Grafana has: a
+    provisioned uid, or a variable of the dashboard's own of type datasource.
+    (A dashboard exported "for sharing" names `${DS_PROMETHEUS}`, an input
+    that only the import dialog fills in, never provisioning.)"""
+    with open(path, encoding="utf-8") as f:
+        dashboard: dict[str, Any] = json.load(f)
+    variables = {
+        str(v["name"])
+        for v in dashboard.get("templating", {}).get("list", [])
+        if v.get("type") == "datasource"
+    }
+    for ref in datasource_refs(dashboard):
+        variable = ref.startswith("$") and ref.strip("${}") in variables
+        require(
+            ref in uids or variable or ref == "-- Grafana --",
+            f"{path}: datasource {ref!r} is neither a provisioned uid {sorted(uids)} "
+            "nor a datasource variable of the dashboard",
+        )
 
 
 SECRET_FILES = ("KOO_TLS_CERT", "KOO_TLS_KEY", "KOO_TLS_CLIENT_CA", "KOO_AUTH_FILE")
@@ -115,13 +228,45 @@ def check_secure(path: str) -> int:
     require(bool(listen), "TLS on and no plaintext health listener for the probe")
     require(probe[-2:] == ["--addr", listen], f"the probe does not use {listen}: {probe}")
     checks += 2
+    checks += check_secure_prometheus(path, services, secrets)
     print(f"deploy: {checks} checks passed on {path}")
     return 0
+
+
+def check_secure_prometheus(
+    path: str, services: dict[str, Any], secrets: dict[str, Any]
+) -> int:
+    """Under TLS, Prometheus scrapes over https with every file its
+    configuration names mounted as a secret of its service."""
+    require("prometheus" in services, "the overlay does not configure prometheus")
+    prometheus: dict[str, Any] = services["prometheus"]
+    config_path = mounted(prometheus, "/etc/prometheus/prometheus.yml", Path(path).parent)
+    with open(config_path, encoding="utf-8") as f:
+        config: dict[str, Any] = YAML(typ="safe").load(f)
+    koo_jobs = [j for j in config["scrape_configs"] if j["job_name"] == "koo"]
+    require(len(koo_jobs) == 1 and koo_jobs[0].get("scheme") == "https", f"{config_path}: koo not scraped over https")
+    job = koo_jobs[0]
+    files = [v for k, v in job.get("tls_config", {}).items() if k.endswith("_file")]
+    files.append(job.get("authorization", {}).get("credentials_file", ""))
+    mounted_secrets = [str(s) for s in prometheus.get("secrets", [])]
+    for file in files:
+        name = file.removeprefix("/run/secrets/")
+        require(file.startswith("/run/secrets/"), f"{config_path}: {file!r} is not a mounted secret")
+        require(name in mounted_secrets, f"prometheus: secret {name} is not mounted")
+        require(name in secrets and "file" in secrets[name], f"prometheus: secret {name} has no file")
+    return 1 + len(files)
 
 
 if __name__ == "__main__":
     try:
         target = sys.argv[1] if len(sys.argv) > 1 else "deploy/docker-compose.yml"
+        if os.path.isdir(target):
+            from deploy_k8s import K8sError, check_k8s
+
+            try:
+                sys.exit(check_k8s(target))
+            except K8sError as e:
+                raise DeployError(str(e)) from None
         if target.endswith(".secure.yml"):
             sys.exit(check_secure(target))
         sys.exit(check(target))

@@ -26,6 +26,14 @@ pub const FAILING_PROBE_EVERY: Duration = Duration::from_millis(250);
 /// Serving status per service name (`""` is the server as a whole).
 pub type Statuses = std::collections::BTreeMap<String, ServingStatus>;
 
+/// A health service name that is SERVING for as long as the process answers
+/// health checks at all, whatever its backends: for liveness probes, which
+/// restart a process that fails them. A Redis outage makes every koo
+/// NOT_SERVING (`""`), and restarting them would not bring Redis back, so a
+/// liveness probe on `""` would only add restarts to an outage; readiness
+/// probes ask `""`.
+pub const LIVENESS: &str = "liveness";
+
 /// Reports health for a set of services (and the server as a whole, `""`).
 #[derive(Clone)]
 pub struct HealthPublisher {
@@ -34,11 +42,13 @@ pub struct HealthPublisher {
 }
 
 impl HealthPublisher {
-    /// A publisher for `services`, all NOT_SERVING until told otherwise.
+    /// A publisher for `services`, all NOT_SERVING until told otherwise
+    /// ([`LIVENESS`] SERVING, always).
     pub fn new(services: Vec<&'static str>) -> Self {
         let statuses = std::iter::once("")
             .chain(services.iter().copied())
             .map(|s| (s.to_owned(), ServingStatus::NotServing))
+            .chain([(LIVENESS.to_owned(), ServingStatus::Serving)])
             .collect();
         Self {
             statuses: watch::Sender::new(statuses),
@@ -157,5 +167,28 @@ pub async fn monitor(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Liveness stays SERVING while the backends come and go and while koo
+    /// shuts down (`set(false)`); `""` follows every service.
+    #[test]
+    fn liveness_serves_whatever_the_backends() {
+        let publisher = HealthPublisher::new(vec!["a", "b"]);
+        let statuses = publisher.subscribe();
+        let status = |name: &str| statuses.borrow()[name];
+        assert_eq!(status(LIVENESS), ServingStatus::Serving);
+        assert_eq!(status(""), ServingStatus::NotServing);
+        publisher.set(true);
+        assert_eq!(status(""), ServingStatus::Serving);
+        publisher.set_services(&["a"], false);
+        assert_eq!(status(""), ServingStatus::NotServing);
+        assert_eq!(status(LIVENESS), ServingStatus::Serving);
+        publisher.set(false);
+        assert_eq!(status(LIVENESS), ServingStatus::Serving);
     }
 }

@@ -198,6 +198,12 @@ async fn serve_recovers_promptly_after_a_redis_restart() {
 
     redis.kill();
     server.wait_health("", ServingStatus::NotServing).await;
+    // Liveness probes (Kubernetes) ask "liveness": an outage of Redis is no
+    // reason to restart koo.
+    assert_eq!(
+        health_now(&server, koo::health::LIVENESS).await,
+        ServingStatus::Serving as i32
+    );
     // Down long enough for calls to meet the open breaker.
     let mut req = tonic::Request::new(get_req("k"));
     req.set_timeout(Duration::from_secs(1));

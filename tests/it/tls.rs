@@ -359,6 +359,14 @@ async fn health_listener_is_plaintext_while_main_port_is_tls() {
         .await
         .expect("plaintext health listener");
     wait_serving(plain.clone()).await;
+    // What a Kubernetes liveness probe asks (deploy/kubernetes/serve.yaml).
+    let liveness = HealthClient::new(plain.clone())
+        .check(HealthCheckRequest {
+            service: koo::health::LIVENESS.into(),
+        })
+        .await
+        .expect("liveness on the health listener");
+    assert_eq!(liveness.get_ref().status, ServingStatus::Serving as i32);
     let other = koo::pb::tasks::v1::task_service_client::TaskServiceClient::new(plain)
         .list_active_tasks(koo::pb::tasks::v1::ListActiveTasksRequest::default())
         .await
