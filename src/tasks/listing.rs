@@ -57,6 +57,9 @@ pub struct Summary {
     pub attempts: u32,
     /// When it ended (ms).
     pub finished_ms: i64,
+    /// When its last attempt started (ms), if one did: its run time is
+    /// `finished_ms - started_ms`.
+    pub started_ms: Option<i64>,
     /// The schedule that submitted it, if one did.
     pub schedule: Option<String>,
 }
@@ -237,6 +240,7 @@ fn parse_summary(id: String, ms: i64, json: &str) -> Summary {
         state: v["state"].as_str().and_then(State::parse),
         attempts: v["attempts"].as_u64().unwrap_or(0) as u32,
         finished_ms: ms,
+        started_ms: v["started_ms"].as_i64(),
         schedule: v["schedule"].as_str().map(str::to_owned),
     }
 }

@@ -89,6 +89,14 @@ async fn cancel_while_queued_or_scheduled(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(cancelled.tasks.len(), 2);
+    // cancelled before they ran: no start, no run time
+    assert!(
+        cancelled
+            .tasks
+            .iter()
+            .all(|t| t.start_time.is_none() && t.run_duration.is_none()),
+        "{cancelled:?}"
+    );
     let research = queue_metrics(&mut c, "research").await;
     assert_eq!(research.dead_letters, 0, "a cancel is not a dead letter");
     let unknown = unknown_task_id();

@@ -601,6 +601,18 @@ async fn listing_active_tasks_and_history(backend: Backend) {
     ids.sort();
     ended.sort();
     assert_eq!(ids, ended);
+    // each entry carries its last attempt's start and run time
+    let ms = |t: prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+    for t in &seen {
+        let (start, end) = (ms(t.start_time.unwrap()), ms(t.end_time.unwrap()));
+        let run = t.run_duration.unwrap();
+        assert!(start <= end, "{t:?}");
+        assert_eq!(
+            run.seconds * 1000 + i64::from(run.nanos) / 1_000_000,
+            end - start,
+            "{t:?}"
+        );
+    }
     let failed = c
         .list_task_history(pb::ListTaskHistoryRequest {
             page_size: 50,

@@ -168,6 +168,8 @@ def test_listing_metrics_and_cleanup(target: str, ns: str) -> None:
         history = await tm.get_task_history(TaskState.CANCELLED, name=f"sdk.{ns}.list")
         assert sorted(h.id for h in history) == sorted(ids)
         assert all(h.state is TaskState.CANCELLED and h.end_time for h in history)
+        # cancelled while queued: they never ran
+        assert all(h.start_time is None and h.run_time is None for h in history)
         metrics = await tm.get_task_metrics()
         research = [q for q in metrics.queues if q.queue == "research"]
         assert research and research[0].submitted >= 3

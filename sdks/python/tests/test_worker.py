@@ -86,6 +86,10 @@ def test_async_and_sync_handlers_return_results(target: str, ns: str) -> None:
         assert await tm.result(t2, timeout=15) == "KOO"
         assert seen["attempt"] == 1 and seen["task_id"] == t1
         assert seen["thread"] == "koo-task"
+        # history keeps when the attempt started and how long it ran
+        (h,) = await tm.get_task_history(TaskState.SUCCEEDED, name=f"sdk.{ns}.add")
+        assert h.id == t1 and h.start_time and h.end_time and h.run_time is not None
+        assert h.start_time + h.run_time == h.end_time
 
     with running(w):
         asyncio.run(scenario())

@@ -97,5 +97,13 @@ pub(super) fn to_pb_summary(e: Summary) -> pb::TaskSummary {
         attempts: e.attempts as i32,
         end_time: timestamp(Some(e.finished_ms)),
         schedule: e.schedule.unwrap_or_default(),
+        start_time: timestamp(e.started_ms),
+        run_duration: e.started_ms.map(|s| {
+            let ms = e.finished_ms.saturating_sub(s).max(0);
+            prost_types::Duration {
+                seconds: ms / 1000,
+                nanos: ((ms % 1000) * 1_000_000) as i32,
+            }
+        }),
     }
 }

@@ -158,6 +158,10 @@ class TaskSummary:
     state: TaskState
     attempts: int
     end_time: datetime | None
+    start_time: datetime | None = None
+    """When its last attempt started (None: it never ran)."""
+    run_time: timedelta | None = None
+    """How long its last attempt ran (`end_time - start_time`)."""
 
 
 class TaskFailed(Exception):
@@ -411,6 +415,8 @@ class TaskManager:
                     state=TaskState(t.state),
                     attempts=t.attempts,
                     end_time=from_timestamp(t.end_time),
+                    start_time=from_timestamp(t.start_time) if t.HasField("start_time") else None,
+                    run_time=t.run_duration.ToTimedelta() if t.HasField("run_duration") else None,
                 )
                 for t in r.tasks
             )

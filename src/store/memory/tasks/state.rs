@@ -303,6 +303,10 @@ impl Tasks {
         if let Some(schedule) = &e.task.schedule {
             summary["schedule"] = schedule.as_str().into();
         }
+        // nor one that never started a `started_ms`
+        if let Some(started) = e.task.started_ms {
+            summary["started_ms"] = started.into();
+        }
         q.history_data.insert(id.to_owned(), summary.to_string());
         for old in q.history.trim(limits.history) {
             q.history_data.remove(&old);

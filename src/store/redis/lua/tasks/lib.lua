@@ -69,8 +69,8 @@ end
 -- the cap expire like results.
 local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl)
   cap = tonumber(cap)
-  local name, category, attempts, ttl, schedule = unpack(redis.call('HMGET', key,
-    'name', 'category', 'attempts', 'result_ttl_ms', 'schedule'))
+  local name, category, attempts, ttl, schedule, started = unpack(redis.call('HMGET', key,
+    'name', 'category', 'attempts', 'result_ttl_ms', 'schedule', 'started_ms'))
   if outcome == 'failed' or outcome == 'timed_out' then
     redis.call('ZADD', dead, now, id)
     local prefix = string.sub(key, 1, #key - #id)
@@ -80,8 +80,11 @@ local function record_end(key, id, outcome, history, history_data, dead, cap, de
   redis.call('ZADD', history, now, id)
   -- a task no schedule submitted has no 'schedule' field (false: left out)
   if not schedule then schedule = nil end
+  -- nor one that never started a 'started_ms' (its last attempt's start)
+  if started then started = tonumber(started) else started = nil end
   redis.call('HSET', history_data, id, cjson.encode({ name = name, state = outcome,
-    attempts = tonumber(attempts), finished_ms = now, category = category, schedule = schedule }))
+    attempts = tonumber(attempts), finished_ms = now, category = category, schedule = schedule,
+    started_ms = started }))
   trim_to_cap(history, cap, history_data)
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':log', ttl)

@@ -1307,6 +1307,8 @@ class TaskSummary(google.protobuf.message.Message):
     ATTEMPTS_FIELD_NUMBER: builtins.int
     END_TIME_FIELD_NUMBER: builtins.int
     SCHEDULE_FIELD_NUMBER: builtins.int
+    START_TIME_FIELD_NUMBER: builtins.int
+    RUN_DURATION_FIELD_NUMBER: builtins.int
     id: builtins.str
     """The task id (GetTask works while its result is kept)."""
     name: builtins.str
@@ -1323,6 +1325,18 @@ class TaskSummary(google.protobuf.message.Message):
     def end_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
         """When it ended."""
 
+    @property
+    def start_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+        """When its last attempt started (absent when it never ran, e.g. a task
+        cancelled while queued).
+        """
+
+    @property
+    def run_duration(self) -> google.protobuf.duration_pb2.Duration:
+        """How long its last attempt ran: end_time - start_time (absent with
+        start_time).
+        """
+
     def __init__(
         self,
         *,
@@ -1333,9 +1347,11 @@ class TaskSummary(google.protobuf.message.Message):
         attempts: builtins.int = ...,
         end_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
         schedule: builtins.str = ...,
+        start_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        run_duration: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["end_time", b"end_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "category", b"category", "end_time", b"end_time", "id", b"id", "name", b"name", "schedule", b"schedule", "state", b"state"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["end_time", b"end_time", "run_duration", b"run_duration", "start_time", b"start_time"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "category", b"category", "end_time", b"end_time", "id", b"id", "name", b"name", "run_duration", b"run_duration", "schedule", b"schedule", "start_time", b"start_time", "state", b"state"]) -> None: ...
 
 Global___TaskSummary: typing_extensions.TypeAlias = TaskSummary
 
