@@ -14,6 +14,7 @@ pub mod health;
 pub mod json;
 pub mod schedule;
 pub mod shed;
+pub mod metrics;
 pub mod span;
 mod status;
 pub mod tasks;
