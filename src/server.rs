@@ -22,6 +22,8 @@ use crate::store::StoreError;
 use crate::transport::tls::Tls;
 use crate::transport::{exposure, listener};
 
+mod http;
+mod metrics;
 mod router;
 
 // The settings `run` takes are the composition root's.
@@ -51,6 +53,14 @@ pub enum ServerError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error("KOO_TLS_*: {0}")]
     Tls(#[from] crate::transport::tls::TlsError),
+    /// The HTTP listener's address cannot be bound.
+    #[error("KOO_HTTP_LISTEN: cannot listen on {addr}: {source}")]
+    HttpListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The health listener's address cannot be bound.
     #[error("KOO_HEALTH_LISTEN: cannot listen on {addr}: {source}")]
     HealthListen {
@@ -118,19 +128,46 @@ pub async fn run(
         ),
         None => None,
     };
+    let http_listener = match settings.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::HttpListen { addr, source })?,
+        ),
+        None => None,
+    };
+    let grpc_metrics = crate::grpc::metrics::GrpcMetrics::for_koo();
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
     let health_serve = health_listener.map(|l| {
         router::serve_health_only(l, health.clone(), &settings.limits, stopping.health.clone())
     });
-    let serve = router::serve(&app, &settings, gate, health, incoming, on_shutdown)?;
+    let http_serve = http_listener.map(|l| {
+        let exporter =
+            metrics::Exporter::new(grpc_metrics.clone(), app.cache.clone(), app.engine.clone());
+        http::serve_http(
+            l,
+            tls.clone(),
+            &settings.limits,
+            Arc::new(exporter),
+            stopping.health.clone(),
+        )
+    });
+    let serve = router::serve(
+        &app,
+        &settings,
+        (gate, grpc_metrics),
+        health,
+        incoming,
+        on_shutdown,
+    )?;
     let grace = settings.shutdown_grace;
     let result = stopping.within_grace(serve, grace).await;
     app.stop.cancel();
     stopping.health.cancel();
-    if let Some(health) = health_serve {
-        let _ = tokio::time::timeout(grace, health).await;
+    for listener in [health_serve, http_serve].into_iter().flatten() {
+        let _ = tokio::time::timeout(grace, listener).await;
     }
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
@@ -146,8 +183,8 @@ pub async fn run(
 struct Stopping {
     /// Told once the listeners close, when the grace starts.
     signalled: Arc<Notify>,
-    /// Closes the health listener with the main one, after the drain, so
-    /// that probes read NOT_SERVING first.
+    /// Closes the health and HTTP listeners with the main one, after the
+    /// drain, so that probes read NOT_SERVING first.
     health: CancellationToken,
 }
 

@@ -185,8 +185,12 @@ impl Collector for GrpcMetrics {
         let all = self.all();
         {
             let help = "Total number of RPCs started on the server (per instance).";
-            let mut family =
-                encoder.encode_descriptor("grpc_server_started", help, None, MetricType::Counter)?;
+            let mut family = encoder.encode_descriptor(
+                "grpc_server_started",
+                help,
+                None,
+                MetricType::Counter,
+            )?;
             for m in &all {
                 let started = m.started.load(Relaxed);
                 counter(&mut family.encode_family(&labels(m))?, started)?;
@@ -194,8 +198,12 @@ impl Collector for GrpcMetrics {
         }
         {
             let help = "Total number of RPCs completed on the server, by gRPC code (per instance).";
-            let mut family =
-                encoder.encode_descriptor("grpc_server_handled", help, None, MetricType::Counter)?;
+            let mut family = encoder.encode_descriptor(
+                "grpc_server_handled",
+                help,
+                None,
+                MetricType::Counter,
+            )?;
             for m in &all {
                 for (code, name) in CODE_NAMES.iter().enumerate() {
                     let n = m.handled[code].load(Relaxed);
@@ -217,7 +225,10 @@ impl Collector for GrpcMetrics {
                 MetricType::Histogram,
             )?;
             for m in all.iter().filter(|m| m.started.load(Relaxed) > 0) {
-                encode_seconds(&mut family.encode_family(&labels(m))?, &m.seconds.snapshot())?;
+                encode_seconds(
+                    &mut family.encode_family(&labels(m))?,
+                    &m.seconds.snapshot(),
+                )?;
             }
         }
         let help = "Streaming RPCs open now, by RPC (per instance).";
@@ -437,9 +448,15 @@ mod tests {
     fn methods_from_descriptors_and_unknown_paths_bounded() {
         let m = GrpcMetrics::for_koo();
         let get = m.method("/koo.cache.v1.CacheService/Get");
-        assert_eq!((get.service.as_str(), get.name.as_str()), ("koo.cache.v1.CacheService", "Get"));
+        assert_eq!(
+            (get.service.as_str(), get.name.as_str()),
+            ("koo.cache.v1.CacheService", "Get")
+        );
         assert_eq!(get.kind, "unary");
-        assert_eq!(m.method("/grpc.health.v1.Health/Watch").kind, "server_stream");
+        assert_eq!(
+            m.method("/grpc.health.v1.Health/Watch").kind,
+            "server_stream"
+        );
         let a = m.method("/evil/one");
         let b = m.method("/evil/two");
         assert!(Arc::ptr_eq(a, b));
