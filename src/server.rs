@@ -16,6 +16,7 @@ use crate::auth::gate::Gate;
 use crate::auth::keys::Keys;
 use crate::auth::{Keyring, KeysError};
 use crate::grpc::health::HealthApi;
+use crate::grpc::metrics::GrpcMetrics;
 use crate::health::HealthPublisher;
 use crate::persist::PersistError;
 use crate::store::StoreError;
@@ -120,40 +121,17 @@ pub async fn run(
         settings.limits.idle_connection_timeout,
         listener::HANDSHAKE_TIMEOUT,
     );
-    let health_listener = match settings.health_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::HealthListen { addr, source })?,
-        ),
-        None => None,
-    };
-    let http_listener = match settings.http_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::HttpListen { addr, source })?,
-        ),
-        None => None,
-    };
-    let grpc_metrics = crate::grpc::metrics::GrpcMetrics::for_koo();
+    let side = SideListeners::bind(&settings).await?;
+    let grpc_metrics = GrpcMetrics::for_koo();
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
-    let health_serve = health_listener.map(|l| {
-        router::serve_health_only(l, health.clone(), &settings.limits, stopping.health.clone())
-    });
-    let http_serve = http_listener.map(|l| {
-        let exporter =
-            metrics::Exporter::new(grpc_metrics.clone(), app.cache.clone(), app.engine.clone());
-        http::serve_http(
-            l,
-            tls.clone(),
-            &settings.limits,
-            Arc::new(exporter),
-            stopping.health.clone(),
-        )
-    });
+    let side = side.serve(
+        &app,
+        &settings,
+        (health.clone(), tls.clone(), grpc_metrics.clone()),
+        &stopping.health,
+    );
     let serve = router::serve(
         &app,
         &settings,
@@ -166,7 +144,7 @@ pub async fn run(
     let result = stopping.within_grace(serve, grace).await;
     app.stop.cancel();
     stopping.health.cancel();
-    for listener in [health_serve, http_serve].into_iter().flatten() {
+    for listener in side {
         let _ = tokio::time::timeout(grace, listener).await;
     }
     // Worker slots finish their current task; past the grace period a task
@@ -174,6 +152,66 @@ pub async fn run(
     app.shut_down(grace).await?;
     tracing::info!("koo stopped");
     result
+}
+
+/// The listeners beside the gRPC one: `KOO_HEALTH_LISTEN`'s and
+/// `KOO_HTTP_LISTEN`'s, bound before anything serves so that a bad address
+/// stops koo with the setting's name.
+struct SideListeners {
+    health: Option<TcpListener>,
+    http: Option<TcpListener>,
+}
+
+impl SideListeners {
+    async fn bind(settings: &Settings) -> Result<Self, ServerError> {
+        let health = match settings.health_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::HealthListen { addr, source })?,
+            ),
+            None => None,
+        };
+        let http = match settings.http_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::HttpListen { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(Self { health, http })
+    }
+
+    /// Serves both until `stop`; their tasks, to wait for.
+    fn serve(
+        self,
+        app: &Serve,
+        settings: &Settings,
+        (health, tls, grpc): (HealthServer<HealthApi>, Option<Tls>, GrpcMetrics),
+        stop: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut served = Vec::new();
+        if let Some(l) = self.health {
+            served.push(router::serve_health_only(
+                l,
+                health,
+                &settings.limits,
+                stop.clone(),
+            ));
+        }
+        if let Some(l) = self.http {
+            let exporter = metrics::Exporter::new(grpc, app.cache.clone(), app.engine.clone());
+            served.push(http::serve_http(
+                l,
+                tls,
+                &settings.limits,
+                Arc::new(exporter),
+                stop.clone(),
+            ));
+        }
+        served
+    }
 }
 
 /// The order of a stop: NOT_SERVING and the end of every stream first,

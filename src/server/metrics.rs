@@ -249,33 +249,39 @@ impl Collector for TaskCollector {
                 }
             }
         }
-        let w = m.workers;
-        let workers = [
-            (
-                "koo_workers",
-                "Live workers: built-in pools, stream workers and recent unary callers.",
-                w.live,
-            ),
-            (
-                "koo_workers_external",
-                "Live external workers (WorkerService).",
-                w.external,
-            ),
-            (
-                "koo_worker_slots",
-                "Tasks the live workers may hold at once, in all.",
-                w.slots,
-            ),
-            (
-                "koo_worker_slots_busy",
-                "Tasks the live workers hold now.",
-                w.busy,
-            ),
-        ];
-        for (name, help, n) in workers {
-            let help = format!("{help} {SHARED}");
-            gauge(n).encode(encoder.encode_descriptor(name, &help, None, MetricType::Gauge)?)?;
-        }
-        Ok(())
+        encode_workers(&mut encoder, &m)
     }
+}
+
+/// The live workers' figures.
+fn encode_workers(encoder: &mut DescriptorEncoder, m: &TaskMetrics) -> Result<(), std::fmt::Error> {
+    let gauge = |v: u64| ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    let w = m.workers;
+    let workers = [
+        (
+            "koo_workers",
+            "Live workers: built-in pools, stream workers and recent unary callers.",
+            w.live,
+        ),
+        (
+            "koo_workers_external",
+            "Live external workers (WorkerService).",
+            w.external,
+        ),
+        (
+            "koo_worker_slots",
+            "Tasks the live workers may hold at once, in all.",
+            w.slots,
+        ),
+        (
+            "koo_worker_slots_busy",
+            "Tasks the live workers hold now.",
+            w.busy,
+        ),
+    ];
+    for (name, help, n) in workers {
+        let help = format!("{help} {SHARED}");
+        gauge(n).encode(encoder.encode_descriptor(name, &help, None, MetricType::Gauge)?)?;
+    }
+    Ok(())
 }
