@@ -125,13 +125,14 @@ pub async fn run(
     let grpc_metrics = GrpcMetrics::for_koo();
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
-    tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
     let side = side.serve(
         &app,
         &settings,
         (health.clone(), tls.clone(), grpc_metrics.clone()),
         &stopping.health,
     );
+    // last: when this line shows, the side listeners have said theirs
+    tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
     let serve = router::serve(
         &app,
         &settings,

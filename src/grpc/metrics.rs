@@ -176,7 +176,7 @@ pub fn encode_seconds(
         buckets.push((*bound, cumulative - below));
         below = cumulative;
     }
-    buckets.push((f64::MAX, count.saturating_sub(below)));
+    buckets.push((f64::INFINITY, count.saturating_sub(below)));
     encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
 }
 

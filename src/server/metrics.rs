@@ -122,7 +122,7 @@ impl Collector for CacheCollector {
             }),
         ];
         for (name, help, value) in per_level {
-            let help = format!("{help} (per instance)");
+            let help = format!("{help} Per instance.");
             let mut family = encoder.encode_descriptor(name, &help, None, MetricType::Counter)?;
             for level in Level::ALL {
                 let n = value(&s.levels[level.index()]);
