@@ -232,6 +232,113 @@ async fn prometheus_scrapes_grpc_cache_and_task_figures() {
         query_until(&prom, "koo_worker_slots", |v| v > 0.0).await,
         4.0
     );
+    dashboard_queries_name_exported_metrics(&text, &prom).await;
+}
+
+/// Every PromQL expression of deploy/grafana/koo-dashboard.json names only
+/// metrics of `scrape` (a real one), and Prometheus accepts each.
+async fn dashboard_queries_name_exported_metrics(scrape: &str, prom: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/koo-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(str::to_owned))
+        .collect();
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let exported = |name: &str| {
+        scrape
+            .lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+    };
+    for expr in &exprs {
+        let names = metric_names(expr);
+        assert!(!names.is_empty(), "{expr}: no metric found");
+        for name in names {
+            assert!(exported(&name), "{expr}: koo exports no {name}");
+        }
+        let promql = expr.replace("$__rate_interval", "10s");
+        let path = format!("/api/v1/query?query={}", encode(&promql));
+        let (status, body) = http_get(prom, &path).await;
+        assert_eq!(status, 200, "{expr}: {body}");
+    }
+}
+
+/// The metric names of a PromQL expression: its identifiers, less label
+/// matchers (`{..}`), ranges (`[..]`), strings, `by (..)`/`without (..)`
+/// lists, function names (followed by `(`), keywords and numbers.
+fn metric_names(expr: &str) -> Vec<String> {
+    const KEYWORDS: [&str; 9] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "bool",
+        "and",
+        "or",
+    ];
+    // what closes the matcher, range or string being skipped
+    let mut closer: Option<char> = None;
+    let mut plain = String::new();
+    for c in expr.chars() {
+        match (closer, c) {
+            (None, '{') => closer = Some('}'),
+            (None, '[') => closer = Some(']'),
+            (None, '"') => closer = Some('"'),
+            (None, _) => plain.push(c),
+            // a string inside a matcher: its braces are text
+            (Some('}'), '"') => closer = Some('\u{1}'),
+            (Some('\u{1}'), '"') => closer = Some('}'),
+            (Some(end), _) if c == end => {
+                closer = None;
+                plain.push(' ');
+            }
+            _ => {}
+        }
+    }
+    let mut names = Vec::new();
+    let mut skip_list = false;
+    let mut rest = plain.as_str();
+    while let Some(start) = rest.find(|c: char| c.is_ascii_alphabetic() || c == '_' || c == '(') {
+        rest = &rest[start..];
+        if rest.starts_with('(') {
+            rest = &rest[1..];
+            if skip_list {
+                // the label list of `by (..)`: up to its `)`
+                rest = &rest[rest.find(')').map_or(rest.len(), |i| i + 1)..];
+                skip_list = false;
+            }
+            continue;
+        }
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let word = &rest[..end];
+        rest = &rest[end..];
+        let next = rest.trim_start();
+        let call = next.starts_with('(') || next.starts_with("by ") || next.starts_with("without ");
+        if word == "by" || word == "without" {
+            skip_list = true;
+        } else if !call && !KEYWORDS.contains(&word) {
+            names.push(word.to_owned());
+        }
+    }
+    names
+}
+
+/// Names come out of functions, aggregations and selectors; labels,
+/// ranges and keywords do not.
+#[test]
+fn metric_names_of_promql() {
+    let names = metric_names(
+        r#"histogram_quantile(0.99, sum by (le, op) (rate(koo_cache_operation_seconds_bucket{op="get"}[$__rate_interval]))) / max(koo_workers)"#,
+    );
+    assert_eq!(names, ["koo_cache_operation_seconds_bucket", "koo_workers"]);
 }
 
 /// The listening TCP sockets of process `pid` (from /proc).
