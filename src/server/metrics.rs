@@ -18,11 +18,13 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
 use crate::cache::Cache;
+use crate::cache::histogram::HistogramSnapshot;
 use crate::cache::metrics::Op;
 use crate::domain::level::Level;
 use crate::domain::stats::Count;
 use crate::grpc::metrics::{GrpcMetrics, encode_seconds};
 use crate::store::Deadline;
+use crate::tasks::counters::{OUTCOMES, QueueFigures, TaskCounters};
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::metrics::TaskMetrics;
 
@@ -50,6 +52,9 @@ impl Exporter {
         registry.register_collector(Box::new(CacheCollector { cache }));
         registry.register_collector(Box::new(TaskCollector {
             latest: tasks.clone(),
+        }));
+        registry.register_collector(Box::new(OwnTasks {
+            counters: engine.counters().clone(),
         }));
         Self {
             registry,
@@ -250,6 +255,51 @@ impl Collector for TaskCollector {
             }
         }
         encode_workers(&mut encoder, &m)
+    }
+}
+
+/// This instance's task counters and histograms, per queue.
+#[derive(Debug)]
+struct OwnTasks {
+    counters: TaskCounters,
+}
+
+impl Collector for OwnTasks {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let figures = self.counters.read();
+        {
+            let help = "Tasks this instance submitted, and attempts it finished, by queue and outcome (submitted, succeeded, failed, timed_out, retried; per instance; queues outside the configuration count as `other`).";
+            let mut family =
+                encoder.encode_descriptor("koo_tasks", help, None, MetricType::Counter)?;
+            for f in &figures {
+                for (outcome, n) in OUTCOMES.iter().zip(f.counts) {
+                    let labels = [("queue", f.queue.as_str()), ("outcome", *outcome)];
+                    counter(&mut family.encode_family(&labels)?, n)?;
+                }
+            }
+        }
+        let histograms: [(&str, &str, fn(&QueueFigures) -> &HistogramSnapshot); 2] = [
+            (
+                "koo_task_run_seconds",
+                "Seconds an attempt ran, from its lease to its end, by queue (per instance).",
+                |f| &f.run,
+            ),
+            (
+                "koo_task_wait_seconds",
+                "Seconds a task waited from its submit to its first start, by queue (per instance).",
+                |f| &f.wait,
+            ),
+        ];
+        for (name, help, of) in histograms {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for f in &figures {
+                encode_seconds(
+                    &mut family.encode_family(&[("queue", f.queue.as_str())])?,
+                    of(f),
+                )?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -227,6 +227,10 @@ async fn prometheus_scrapes_grpc_cache_and_task_figures() {
     assert_eq!(query_until(&prom, misses, |v| v >= 2.0).await, 2.0);
     let succeeded = r#"koo_tasks_outcomes_total{queue="research",outcome="succeeded"}"#;
     assert_eq!(query_until(&prom, succeeded, |v| v >= 1.0).await, 1.0);
+    let own = r#"koo_tasks_total{queue="research",outcome="succeeded"}"#;
+    assert_eq!(query_until(&prom, own, |v| v >= 1.0).await, 1.0);
+    let ran = r#"koo_task_run_seconds_count{queue="research"}"#;
+    assert_eq!(query_until(&prom, ran, |v| v >= 1.0).await, 1.0);
     // the built-in pool: 4 slots by default
     assert_eq!(
         query_until(&prom, "koo_worker_slots", |v| v > 0.0).await,
