@@ -202,7 +202,12 @@ impl SideListeners {
             ));
         }
         if let Some(l) = self.http {
-            let exporter = metrics::Exporter::new(grpc, app.cache.clone(), app.engine.clone());
+            let exporter = metrics::Exporter::new(
+                grpc,
+                app.cache.clone(),
+                app.engine.clone(),
+                app.schedules.clone(),
+            );
             served.push(http::serve_http(
                 l,
                 tls,

@@ -23,6 +23,7 @@ use crate::cache::metrics::Op;
 use crate::domain::level::Level;
 use crate::domain::stats::Count;
 use crate::grpc::metrics::{GrpcMetrics, encode_seconds};
+use crate::schedule::Schedules;
 use crate::store::Deadline;
 use crate::tasks::counters::{OUTCOMES, QueueFigures, TaskCounters};
 use crate::tasks::engine::TaskEngine;
@@ -45,7 +46,7 @@ pub struct Exporter {
 
 impl Exporter {
     /// The exporter of `grpc`, `cache` and the queues of `engine`.
-    pub fn new(grpc: GrpcMetrics, cache: Cache, engine: TaskEngine) -> Self {
+    pub fn new(grpc: GrpcMetrics, cache: Cache, engine: TaskEngine, schedules: Schedules) -> Self {
         let tasks = Arc::new(Mutex::new(None));
         let mut registry = Registry::default();
         registry.register_collector(Box::new(grpc));
@@ -53,6 +54,7 @@ impl Exporter {
         registry.register_collector(Box::new(TaskCollector {
             latest: tasks.clone(),
         }));
+        registry.register_collector(Box::new(ScheduleCollector { schedules }));
         registry.register_collector(Box::new(OwnTasks {
             counters: engine.counters().clone(),
         }));
@@ -298,6 +300,48 @@ impl Collector for OwnTasks {
                     of(f),
                 )?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// The scheduler's ticks of this instance.
+struct ScheduleCollector {
+    schedules: Schedules,
+}
+
+impl std::fmt::Debug for ScheduleCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScheduleCollector")
+    }
+}
+
+impl Collector for ScheduleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let f = self.schedules.figures();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let all = [
+            (
+                "koo_schedule_fires",
+                "Schedule ticks whose task this instance submitted (per instance).",
+                load(&f.fired),
+            ),
+            (
+                "koo_schedule_missed_ticks",
+                "Schedule ticks this instance found missed after downtime (per instance; the schedule's policy decides whether the latest still runs).",
+                load(&f.missed),
+            ),
+            (
+                "koo_schedule_fire_errors",
+                "Schedule ticks whose task could not be submitted (per instance).",
+                load(&f.failed),
+            ),
+        ];
+        for (name, help, n) in all {
+            counter(
+                &mut encoder.encode_descriptor(name, help, None, MetricType::Counter)?,
+                n,
+            )?;
         }
         Ok(())
     }
