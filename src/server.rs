@@ -128,7 +128,12 @@ pub async fn run(
     let side = side.serve(
         &app,
         &settings,
-        (health.clone(), tls.clone(), grpc_metrics.clone()),
+        (
+            health.clone(),
+            tls.clone(),
+            grpc_metrics.clone(),
+            gate.clone(),
+        ),
         &stopping.health,
     );
     // last: when this line shows, the side listeners have said theirs
@@ -189,7 +194,7 @@ impl SideListeners {
         self,
         app: &Serve,
         settings: &Settings,
-        (health, tls, grpc): (HealthServer<HealthApi>, Option<Tls>, GrpcMetrics),
+        (health, tls, grpc, gate): (HealthServer<HealthApi>, Option<Tls>, GrpcMetrics, Gate),
         stop: &CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut served = Vec::new();
@@ -212,7 +217,7 @@ impl SideListeners {
                 l,
                 tls,
                 &settings.limits,
-                Arc::new(exporter),
+                (Arc::new(exporter), gate),
                 stop.clone(),
             ));
         }

@@ -4,16 +4,22 @@
 //!
 //! Connections come from the same accept loop as the gRPC port's (TLS with
 //! the same certificate when `KOO_TLS_*` is set, bounded handshakes, the
-//! idle timeout), and the listener closes with the gRPC one.
+//! idle timeout), and the listener closes with the gRPC one. Requests pass
+//! the same [`Gate`] as calls: `/metrics` needs what `GetMetrics` needs
+//! (any reader key when keys are configured; a client certificate a
+//! principal names under mTLS).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::http::header::CONTENT_TYPE;
-use axum::response::IntoResponse;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::serve::IncomingStream;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected as _;
 
 use super::metrics::Exporter;
+use crate::auth::AuthError;
+use crate::auth::gate::Gate;
+use crate::transport::Peer;
 use crate::transport::conn::Conn;
 use crate::transport::listener;
 use crate::transport::tls::Tls;
@@ -28,15 +37,62 @@ use crate::transport::tls::Tls;
 /// The OpenMetrics text format, which Prometheus negotiates.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// Every HTTP route.
-fn router(exporter: Arc<Exporter>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .with_state(exporter)
+/// The RPC whose access `/metrics` has: reading metrics.
+const METRICS_ACCESS: &str = "/koo.cache.v1.CacheService/GetMetrics";
+
+/// What every route reads.
+#[derive(Clone)]
+struct HttpState {
+    exporter: Arc<Exporter>,
+    gate: Gate,
 }
 
-async fn metrics(State(exporter): State<Arc<Exporter>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, OPENMETRICS)], exporter.scrape().await)
+/// Every HTTP route.
+fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn metrics(
+    State(state): State<HttpState>,
+    ConnectInfo(peer): ConnectInfo<PeerOf>,
+    headers: HeaderMap,
+) -> Response {
+    let mut extensions = axum::http::Extensions::new();
+    if let Some(peer) = peer.0 {
+        extensions.insert(peer);
+    }
+    if let Err(e) = state.gate.admit(METRICS_ACCESS, &headers, &extensions) {
+        return refusal(&e).into_response();
+    }
+    ([(CONTENT_TYPE, OPENMETRICS)], state.exporter.scrape().await).into_response()
+}
+
+/// A refused request: 401 without (good) credentials, 403 with a key
+/// whose role or scope does not reach, as gRPC's Unauthenticated and
+/// PermissionDenied.
+fn refusal(e: &AuthError) -> (StatusCode, String) {
+    let status = match e {
+        AuthError::NoCredentials { .. }
+        | AuthError::Malformed
+        | AuthError::UnknownKey
+        | AuthError::UnknownPrincipal { .. } => StatusCode::UNAUTHORIZED,
+        _ => StatusCode::FORBIDDEN,
+    };
+    (status, format!("{e}\n"))
+}
+
+/// The connection's peer (its certificate's identity, under mTLS), for the
+/// gate.
+#[derive(Clone)]
+struct PeerOf(Option<Peer>);
+
+impl Connected<IncomingStream<'_, Conns>> for PeerOf {
+    fn connect_info(stream: IncomingStream<'_, Conns>) -> Self {
+        use tonic::transport::server::Connected as _;
+        Self(Some(stream.io().connect_info().peer))
+    }
 }
 
 /// Serves HTTP on `listener` until `stop`, then lets requests under way
@@ -45,7 +101,7 @@ pub(super) fn serve_http(
     listener: TcpListener,
     tls: Option<Tls>,
     limits: &crate::app::Limits,
-    exporter: Arc<Exporter>,
+    (exporter, gate): (Arc<Exporter>, Gate),
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let addr = listener
@@ -63,7 +119,8 @@ pub(super) fn serve_http(
         local,
     };
     tokio::spawn(async move {
-        let served = axum::serve(conns, router(exporter))
+        let app = router(HttpState { exporter, gate });
+        let served = axum::serve(conns, app.into_make_service_with_connect_info::<PeerOf>())
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(e) = served {

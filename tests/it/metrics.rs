@@ -73,8 +73,14 @@ fn serve(env: &[(&str, &str)]) -> (Guard, String, Option<String>, Vec<String>) {
 /// The body of `GET http://{addr}{path}` (HTTP/1.1, one request per
 /// connection: all these tests need of a client).
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    http_get_as(addr, path, None).await
+}
+
+/// [`http_get`] with `Authorization: Bearer <key>` when `key` is set.
+async fn http_get_as(addr: &str, path: &str, key: Option<&str>) -> (u16, String) {
     let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n");
     conn.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     conn.read_to_end(&mut answer).await.unwrap();
@@ -395,4 +401,28 @@ async fn bad_http_listen_fails_startup_naming_the_setting() {
         assert!(!out.status.success(), "{value}: koo started");
         assert!(stderr.contains("KOO_HTTP_LISTEN"), "{value}: {stderr}");
     }
+}
+
+/// With a keys file, `/metrics` needs what GetMetrics needs: no key is
+/// 401, a worker key 403, a reader key the metrics.
+#[tokio::test]
+async fn metrics_need_a_reader_key_when_keys_are_configured() {
+    use common::auth::{KeysFile, READER, WORKER, all_roles};
+    let keys = KeysFile::new(&all_roles());
+    let path = keys.path();
+    let (_koo, _, http, _) = serve(&[
+        ("KOO_HTTP_LISTEN", "127.0.0.1:0"),
+        ("KOO_AUTH_FILE", path.to_str().unwrap()),
+    ]);
+    let http = http.expect("koo announced its HTTP address");
+    let (status, body) = http_get_as(&http, "/metrics", None).await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("needs credentials"), "{body}");
+    let (status, body) = http_get_as(&http, "/metrics", Some("koo_not-a-key")).await;
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = http_get_as(&http, "/metrics", Some(WORKER)).await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = http_get_as(&http, "/metrics", Some(READER)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("grpc_server_started_total"), "{body}");
 }
