@@ -82,27 +82,9 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     crate::transport::tls::install_default_provider();
     // A keys file that does not load stops koo before anything starts.
-    let keyring = match &settings.auth.file {
-        Some(path) => Some(Keyring::new(Keys::load(
-            path,
-            settings.worker_token.as_deref(),
-        )?)),
-        None => None,
-    };
+    let keyring = load_keys(&settings)?;
     let mut app = Serve::build(&settings)?;
-    if let (Some(ring), Some(path)) = (&keyring, &settings.auth.file) {
-        app.background.spawn(ring.clone().watch(
-            path.clone(),
-            settings.worker_token.clone(),
-            settings.auth.reload_interval,
-            app.stop.clone(),
-        ));
-    }
-    let gate = Gate::new(
-        keyring,
-        settings.worker_token.as_deref(),
-        settings.auth.reflection,
-    );
+    let gate = gate(&settings, keyring, &mut app);
     let health = HealthServer::new(HealthApi::new(app.publisher.subscribe(), app.stop.clone()))
         .max_decoding_message_size(settings.limits.max_message_size)
         .max_encoding_message_size(settings.limits.max_message_size);
@@ -158,6 +140,34 @@ pub async fn run(
     app.shut_down(grace).await?;
     tracing::info!("koo stopped");
     result
+}
+
+/// The keys file's keys, if one is set.
+fn load_keys(settings: &Settings) -> Result<Option<Keyring>, ServerError> {
+    Ok(match &settings.auth.file {
+        Some(path) => Some(Keyring::new(Keys::load(
+            path,
+            settings.worker_token.as_deref(),
+        )?)),
+        None => None,
+    })
+}
+
+/// The auth gate of every listener; the keys file is watched for changes.
+fn gate(settings: &Settings, keyring: Option<Keyring>, app: &mut Serve) -> Gate {
+    if let (Some(ring), Some(path)) = (&keyring, &settings.auth.file) {
+        app.background.spawn(ring.clone().watch(
+            path.clone(),
+            settings.worker_token.clone(),
+            settings.auth.reload_interval,
+            app.stop.clone(),
+        ));
+    }
+    Gate::new(
+        keyring,
+        settings.worker_token.as_deref(),
+        settings.auth.reflection,
+    )
 }
 
 /// The listeners beside the gRPC one: `KOO_HEALTH_LISTEN`'s and

@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cache::Cache;
 use crate::cache::histogram::HistogramSnapshot;
-use crate::cache::metrics::Op;
+use crate::cache::metrics::{Counters, Op};
 use crate::domain::level::Level;
 use crate::domain::stats::Count;
 use crate::grpc::metrics::{GrpcMetrics, encode_seconds};
@@ -92,6 +92,11 @@ fn counter(
     encoder.encode_counter::<NoLabelSet, u64, u64>(&n, None)
 }
 
+/// A metric's name, help and how to read it.
+type Described<F> = (&'static str, &'static str, F);
+type ReadCount = fn(&Counters) -> u64;
+type ReadHistogram = fn(&QueueFigures) -> &HistogramSnapshot;
+
 /// The cache's figures of this instance.
 struct CacheCollector {
     cache: Cache,
@@ -106,7 +111,7 @@ impl std::fmt::Debug for CacheCollector {
 impl Collector for CacheCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let s = self.cache.own_metrics();
-        let per_level: [(&str, &str, fn(&crate::cache::metrics::Counters) -> u64); 6] = [
+        let per_level: [Described<ReadCount>; 6] = [
             (
                 "koo_cache_hits",
                 "Reads that found a value, by level.",
@@ -280,7 +285,7 @@ impl Collector for OwnTasks {
                 }
             }
         }
-        let histograms: [(&str, &str, fn(&QueueFigures) -> &HistogramSnapshot); 2] = [
+        let histograms: [Described<ReadHistogram>; 2] = [
             (
                 "koo_task_run_seconds",
                 "Seconds an attempt ran, from its lease to its end, by queue (per instance).",
