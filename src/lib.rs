@@ -7,15 +7,17 @@
 //!
 //! - [`config`]: clap flags and environment variables (the seed's names)
 //!   into the settings [`app`] defines; [`telemetry`]: logging set-up.
-//! - [`server`]: the listener, the router (one span per call, peer, auth,
-//!   load shedding), the shutdown order: serves what `app` built.
+//! - [`server`]: the listener, the router (gRPC metrics, one span per call,
+//!   peer, auth, load shedding), the HTTP listener (`/metrics`, read at
+//!   scrape time), the shutdown order: serves what `app` built.
 //! - [`app`]: the composition root: `Settings`, the stores and whether they
 //!   are one, the engine, the handler registry, schedules, the watch hub,
 //!   health publishing and the background loops for `koo serve`, `koo
 //!   worker` and `koo scheduler`.
 //! - [`grpc`]: transport adapters only: each service converts requests to
 //!   domain calls and results to protobuf; `grpc::status` is the one mapping
-//!   of domain errors to `tonic::Status`; `grpc::span` the per-RPC span.
+//!   of domain errors to `tonic::Status`; `grpc::span` the per-RPC span;
+//!   `grpc::metrics` the per-RPC Prometheus figures.
 //! - [`auth`], [`transport`], [`reload`]: callers, roles, keys and audit;
 //!   TCP or TLS, connection limits; files re-read when they change.
 //! - [`health`]: drives `grpc.health.v1` from the backends' real state.

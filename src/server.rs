@@ -16,12 +16,15 @@ use crate::auth::gate::Gate;
 use crate::auth::keys::Keys;
 use crate::auth::{Keyring, KeysError};
 use crate::grpc::health::HealthApi;
+use crate::grpc::metrics::GrpcMetrics;
 use crate::health::HealthPublisher;
 use crate::persist::PersistError;
 use crate::store::StoreError;
 use crate::transport::tls::Tls;
 use crate::transport::{exposure, listener};
 
+mod http;
+mod metrics;
 mod router;
 
 // The settings `run` takes are the composition root's.
@@ -51,6 +54,14 @@ pub enum ServerError {
     /// The TLS certificate, key or client CA cannot be used.
     #[error("KOO_TLS_*: {0}")]
     Tls(#[from] crate::transport::tls::TlsError),
+    /// The HTTP listener's address cannot be bound.
+    #[error("KOO_HTTP_LISTEN: cannot listen on {addr}: {source}")]
+    HttpListen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The health listener's address cannot be bound.
     #[error("KOO_HEALTH_LISTEN: cannot listen on {addr}: {source}")]
     HealthListen {
@@ -71,27 +82,9 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     crate::transport::tls::install_default_provider();
     // A keys file that does not load stops koo before anything starts.
-    let keyring = match &settings.auth.file {
-        Some(path) => Some(Keyring::new(Keys::load(
-            path,
-            settings.worker_token.as_deref(),
-        )?)),
-        None => None,
-    };
+    let keyring = load_keys(&settings)?;
     let mut app = Serve::build(&settings)?;
-    if let (Some(ring), Some(path)) = (&keyring, &settings.auth.file) {
-        app.background.spawn(ring.clone().watch(
-            path.clone(),
-            settings.worker_token.clone(),
-            settings.auth.reload_interval,
-            app.stop.clone(),
-        ));
-    }
-    let gate = Gate::new(
-        keyring,
-        settings.worker_token.as_deref(),
-        settings.auth.reflection,
-    );
+    let gate = gate(&settings, keyring, &mut app);
     let health = HealthServer::new(HealthApi::new(app.publisher.subscribe(), app.stop.clone()))
         .max_decoding_message_size(settings.limits.max_message_size)
         .max_encoding_message_size(settings.limits.max_message_size);
@@ -110,33 +103,136 @@ pub async fn run(
         settings.limits.idle_connection_timeout,
         listener::HANDSHAKE_TIMEOUT,
     );
-    let health_listener = match settings.health_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ServerError::HealthListen { addr, source })?,
-        ),
-        None => None,
-    };
+    let side = SideListeners::bind(&settings).await?;
+    let grpc_metrics = GrpcMetrics::for_koo();
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
+    let side = side.serve(
+        &app,
+        &settings,
+        (
+            health.clone(),
+            tls.clone(),
+            grpc_metrics.clone(),
+            gate.clone(),
+        ),
+        &stopping.health,
+    );
+    // last: when this line shows, the side listeners have said theirs
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
-    let health_serve = health_listener.map(|l| {
-        router::serve_health_only(l, health.clone(), &settings.limits, stopping.health.clone())
-    });
-    let serve = router::serve(&app, &settings, gate, health, incoming, on_shutdown)?;
+    let serve = router::serve(
+        &app,
+        &settings,
+        (gate, grpc_metrics),
+        health,
+        incoming,
+        on_shutdown,
+    )?;
     let grace = settings.shutdown_grace;
     let result = stopping.within_grace(serve, grace).await;
     app.stop.cancel();
     stopping.health.cancel();
-    if let Some(health) = health_serve {
-        let _ = tokio::time::timeout(grace, health).await;
+    for listener in side {
+        let _ = tokio::time::timeout(grace, listener).await;
     }
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
     app.shut_down(grace).await?;
     tracing::info!("koo stopped");
     result
+}
+
+/// The keys file's keys, if one is set.
+fn load_keys(settings: &Settings) -> Result<Option<Keyring>, ServerError> {
+    Ok(match &settings.auth.file {
+        Some(path) => Some(Keyring::new(Keys::load(
+            path,
+            settings.worker_token.as_deref(),
+        )?)),
+        None => None,
+    })
+}
+
+/// The auth gate of every listener; the keys file is watched for changes.
+fn gate(settings: &Settings, keyring: Option<Keyring>, app: &mut Serve) -> Gate {
+    if let (Some(ring), Some(path)) = (&keyring, &settings.auth.file) {
+        app.background.spawn(ring.clone().watch(
+            path.clone(),
+            settings.worker_token.clone(),
+            settings.auth.reload_interval,
+            app.stop.clone(),
+        ));
+    }
+    Gate::new(
+        keyring,
+        settings.worker_token.as_deref(),
+        settings.auth.reflection,
+    )
+}
+
+/// The listeners beside the gRPC one: `KOO_HEALTH_LISTEN`'s and
+/// `KOO_HTTP_LISTEN`'s, bound before anything serves so that a bad address
+/// stops koo with the setting's name.
+struct SideListeners {
+    health: Option<TcpListener>,
+    http: Option<TcpListener>,
+}
+
+impl SideListeners {
+    async fn bind(settings: &Settings) -> Result<Self, ServerError> {
+        let health = match settings.health_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::HealthListen { addr, source })?,
+            ),
+            None => None,
+        };
+        let http = match settings.http_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServerError::HttpListen { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(Self { health, http })
+    }
+
+    /// Serves both until `stop`; their tasks, to wait for.
+    fn serve(
+        self,
+        app: &Serve,
+        settings: &Settings,
+        (health, tls, grpc, gate): (HealthServer<HealthApi>, Option<Tls>, GrpcMetrics, Gate),
+        stop: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut served = Vec::new();
+        if let Some(l) = self.health {
+            served.push(router::serve_health_only(
+                l,
+                health,
+                &settings.limits,
+                stop.clone(),
+            ));
+        }
+        if let Some(l) = self.http {
+            let exporter = metrics::Exporter::new(
+                grpc,
+                app.cache.clone(),
+                app.engine.clone(),
+                app.schedules.clone(),
+            );
+            served.push(http::serve_http(
+                l,
+                tls,
+                &settings.limits,
+                (Arc::new(exporter), gate),
+                stop.clone(),
+            ));
+        }
+        served
+    }
 }
 
 /// The order of a stop: NOT_SERVING and the end of every stream first,
@@ -146,8 +242,8 @@ pub async fn run(
 struct Stopping {
     /// Told once the listeners close, when the grace starts.
     signalled: Arc<Notify>,
-    /// Closes the health listener with the main one, after the drain, so
-    /// that probes read NOT_SERVING first.
+    /// Closes the health and HTTP listeners with the main one, after the
+    /// drain, so that probes read NOT_SERVING first.
     health: CancellationToken,
 }
 

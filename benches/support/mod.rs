@@ -237,6 +237,9 @@ pub fn start_koo(bin: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<KooS
         .args(args)
         .envs(envs.iter().copied())
         .env("KOO_LOG", "info")
+        // the HTTP listener's default port would collide between servers
+        // (an older binary ignores the variable)
+        .env("KOO_HTTP_LISTEN", "off")
         // The address is parsed from the text log; keep it plain text.
         .env("KOO_LOG_FORMAT", "text")
         .env("NO_COLOR", "1")

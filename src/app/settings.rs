@@ -82,6 +82,8 @@ pub struct Settings {
     pub tls: Option<crate::transport::tls::TlsSettings>,
     /// `KOO_HEALTH_LISTEN`: a plaintext listener serving grpc.health.v1 alone.
     pub health_listen: Option<SocketAddr>,
+    /// `KOO_HTTP_LISTEN`: the HTTP listener (`/metrics`); `None`: off.
+    pub http_listen: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -137,6 +139,7 @@ impl Default for Settings {
             limits: Limits::default(),
             tls: None,
             health_listen: None,
+            http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
         }
     }
 }

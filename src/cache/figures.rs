@@ -58,6 +58,11 @@ impl Cache {
         }
     }
 
+    /// This instance's own figures (Prometheus sums the instances itself).
+    pub fn own_metrics(&self) -> super::metrics::Snapshot {
+        self.inner.metrics.snapshot()
+    }
+
     /// Metrics summed over every instance sharing the backend. When the
     /// backend cannot be read, this instance's own figures are returned with
     /// `partial` saying why.

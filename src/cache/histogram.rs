@@ -119,6 +119,31 @@ impl From<WireSnapshot> for HistogramSnapshot {
 }
 
 impl HistogramSnapshot {
+    /// The Prometheus form: for each of `bounds` (ascending), how many
+    /// durations fell at or below it, and an estimate of their sum in
+    /// seconds. Each fine bucket counts under the first bound its upper
+    /// edge fits (so a duration may be counted one bound late, by at most
+    /// a ninth of its value), and the sum takes each bucket's upper edge:
+    /// the fine buckets hold no exact sum, and exporting all 257 of them
+    /// would be heavy for Prometheus.
+    pub fn cumulative(&self, bounds: &[Duration]) -> (Vec<u64>, f64) {
+        let mut counts = vec![0u64; bounds.len()];
+        let mut sum = 0.0;
+        for &(index, n) in &self.b {
+            let edge = upper_bound(usize::from(index));
+            sum += edge.as_secs_f64() * n as f64;
+            if let Some(first) = bounds.iter().position(|b| edge <= *b) {
+                counts[first] = counts[first].saturating_add(n);
+            }
+        }
+        let mut running = 0u64;
+        for c in &mut counts {
+            running = running.saturating_add(*c);
+            *c = running;
+        }
+        (counts, sum)
+    }
+
     /// Total number of recorded durations (saturating).
     pub fn count(&self) -> u64 {
         self.b
@@ -212,6 +237,23 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::thread;
+
+    /// Prometheus buckets are cumulative; a duration counts under the
+    /// first bound its fine bucket fits, one past the last bound counts
+    /// only in the total.
+    #[test]
+    fn cumulative_buckets_for_prometheus() {
+        let h = Histogram::new();
+        h.record(Duration::from_micros(100));
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_millis(3));
+        h.record(Duration::from_secs(100));
+        let bounds = [Duration::from_millis(1), Duration::from_millis(10)];
+        let (counts, sum) = h.snapshot().cumulative(&bounds);
+        assert_eq!(counts, vec![1, 3]);
+        assert_eq!(h.snapshot().count(), 4);
+        assert!((100.0..115.0).contains(&sum), "{sum}");
+    }
 
     fn lower_bound(index: usize) -> Duration {
         if index == 0 {

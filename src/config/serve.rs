@@ -161,6 +161,7 @@ impl ServeArgs {
             listen: self.listen,
             tls: self.transport.tls()?,
             health_listen: self.transport.health_listen,
+            http_listen: self.transport.http_listen.0,
             store,
             cache: CacheConfig {
                 warm_file: self.cache_warm_file,

@@ -30,6 +30,26 @@ pub struct TransportArgs {
     /// speak TLS, such as the kubelet's gRPC probe).
     #[arg(long, env = "KOO_HEALTH_LISTEN", value_name = "KOO_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Serve HTTP (Prometheus metrics at /metrics) on this address, with the same TLS as gRPC;
+    /// `off` turns it off.
+    #[arg(long, env = "KOO_HTTP_LISTEN", value_name = "KOO_HTTP_LISTEN",
+          default_value = "127.0.0.1:50052", value_parser = parse_http_listen)]
+    pub http_listen: HttpListen,
+}
+
+/// `KOO_HTTP_LISTEN`: an address, or `off` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpListen(pub Option<SocketAddr>);
+
+/// An address (`127.0.0.1:50052`, `[::]:0`) or `off`.
+fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(HttpListen(None));
+    }
+    s.trim()
+        .parse()
+        .map(|a| HttpListen(Some(a)))
+        .map_err(|_| format!("{s:?} is neither an address such as 127.0.0.1:50052 nor `off`"))
 }
 
 impl TransportArgs {
@@ -68,7 +88,22 @@ mod tests {
             tls_client_ca: ca.map(PathBuf::from),
             tls_reload_interval: Duration::from_secs(5),
             health_listen: None,
+            http_listen: HttpListen(None),
         }
+    }
+
+    /// `off` turns the HTTP listener off; an address is taken as it is;
+    /// anything else is refused with what was expected.
+    #[test]
+    fn http_listen_is_an_address_or_off() {
+        assert_eq!(parse_http_listen("off"), Ok(HttpListen(None)));
+        assert_eq!(parse_http_listen("OFF"), Ok(HttpListen(None)));
+        assert_eq!(
+            parse_http_listen("0.0.0.0:9090"),
+            Ok(HttpListen(Some(SocketAddr::from(([0, 0, 0, 0], 9090)))))
+        );
+        let e = parse_http_listen("localhost").unwrap_err();
+        assert!(e.contains("off"), "{e}");
     }
 
     /// No TLS by default; certificate and key come together (one alone is

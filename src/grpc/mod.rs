@@ -12,6 +12,7 @@ pub mod codec;
 mod deadline;
 pub mod health;
 pub mod json;
+pub mod metrics;
 pub mod schedule;
 pub mod shed;
 pub mod span;

@@ -23,6 +23,7 @@ mod runner;
 pub mod spec;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::Notify;
@@ -76,6 +77,21 @@ pub struct Schedules {
     changed: Arc<Notify>,
     /// The scheduler's now: the real clock, unless a test moves it ahead.
     clock: Clock,
+    /// What this process's runner did, for `/metrics`.
+    figures: Arc<ScheduleFigures>,
+}
+
+/// Ticks this process's scheduler handled (per instance; not by schedule:
+/// schedule names are the users', and would make the label set unbounded).
+#[derive(Debug, Default)]
+pub struct ScheduleFigures {
+    /// Ticks whose task this process submitted.
+    pub fired: AtomicU64,
+    /// Ticks found missed after downtime (each policy decides whether the
+    /// latest one still runs).
+    pub missed: AtomicU64,
+    /// Ticks whose task could not be submitted.
+    pub failed: AtomicU64,
 }
 
 impl Schedules {
@@ -86,7 +102,13 @@ impl Schedules {
             engine,
             changed: Arc::new(Notify::new()),
             clock: Clock::system(),
+            figures: Arc::default(),
         }
+    }
+
+    /// What this process's scheduler did.
+    pub fn figures(&self) -> &ScheduleFigures {
+        &self.figures
     }
 
     /// The same, on `clock`: ticks are computed and fired by its time, so

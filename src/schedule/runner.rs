@@ -4,6 +4,7 @@
 //! which died left without a task.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -180,6 +181,8 @@ fn catch_up(schedules: &Schedules, entries: &HashMap<String, Entry>, snap: &Snap
             continue;
         }
         let missed = e.spec.missed(since, until, DEFAULT_MISSED_CAP);
+        let counted = &schedules.figures().missed;
+        counted.fetch_add(missed.count as u64, Relaxed);
         if let Some(tick) = missed.latest {
             tracing::info!(schedule = %name, missed = missed.count, tick = %tick.key, "running the latest missed tick once");
             tokio::spawn(fire(schedules.clone(), e.schedule.clone(), tick));
@@ -274,6 +277,7 @@ async fn fire(schedules: Schedules, schedule: Schedule, tick: Tick) {
             // another instance stored this tick's task (and records its run)
             Ok((_, true)) => return,
             Ok((task, false)) => {
+                schedules.figures().fired.fetch_add(1, Relaxed);
                 tracing::info!(schedule = %schedule.name, tick = %tick.key, task = %task.id, "scheduled task submitted");
                 break task;
             }
@@ -286,6 +290,7 @@ async fn fire(schedules: Schedules, schedule: Schedule, tick: Tick) {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(e) => {
+                schedules.figures().failed.fetch_add(1, Relaxed);
                 tracing::warn!(schedule = %schedule.name, tick = %tick.key, error = %e, "scheduled task not submitted");
                 return;
             }

@@ -16,6 +16,7 @@ use crate::auth::gate::Gate;
 use crate::auth::layer::AuthLayer;
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
+use crate::grpc::metrics::{GrpcMetrics, MetricsLayer};
 use crate::grpc::schedule::ScheduleApi;
 use crate::grpc::shed::ShedLayer;
 use crate::grpc::span::SpanLayer;
@@ -34,7 +35,7 @@ use crate::transport::listener;
 pub(super) fn serve(
     app: &Serve,
     settings: &Settings,
-    gate: Gate,
+    (gate, metrics): (Gate, GrpcMetrics),
     health: HealthServer<HealthApi>,
     incoming: ReceiverStream<Result<Conn, std::io::Error>>,
     signal: impl Future<Output = ()> + Send + 'static,
@@ -56,7 +57,9 @@ pub(super) fn serve(
         (None, None)
     };
     Ok(transport_builder(&settings.limits)
-        // outermost: one span per call (debug level), refused calls included
+        // outermost: counted and one span per call (debug level), refused
+        // calls included
+        .layer(MetricsLayer::new(metrics))
         .layer(SpanLayer)
         .layer(PeerLayer)
         // authentication first, so that refused calls take no in-flight slot

@@ -4,6 +4,7 @@
 //! [`crate::watch`]).
 //! `docs/design/tasks.md` is the design.
 
+pub mod counters;
 pub mod engine;
 pub mod error;
 pub mod handlers;

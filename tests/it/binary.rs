@@ -130,6 +130,7 @@ fn help_lists_every_variable() {
         "CACHE_COMPRESSION_THRESHOLD",
         "CACHE_MAX_VALUE_SIZE",
         "KOO_CACHE_WARM_FILE",
+        "KOO_HTTP_LISTEN",
     ] {
         assert!(help.contains(var), "--help lacks {var}");
     }

@@ -17,6 +17,7 @@ mod config_env;
 mod dead_letters;
 mod hostile_bytes;
 mod lease_secrets;
+mod metrics;
 mod parity;
 mod persist;
 mod redis_security;

@@ -42,6 +42,8 @@ class KooServer:
         env.update(
             {
                 "KOO_LISTEN": "127.0.0.1:0",
+                # the HTTP listener's default port would collide between servers
+                "KOO_HTTP_LISTEN": "off",
                 "KOO_LOG_FORMAT": "text",
                 "KOO_SHUTDOWN_DRAIN": "10ms",
                 "KOO_SHUTDOWN_GRACE": "1s",

@@ -48,11 +48,13 @@ impl TaskEngine {
         if waiting.is_empty() {
             store.submit(&task, delay, c.limits, deadline).await?;
             self.inner.submitted.send_replace(Some(task.id.queue()));
+            self.inner.counters.submitted(&task.id.queue());
             return Ok(task);
         }
         store
             .submit_pending(&task, &waiting, c.limits, deadline)
             .await?;
+        self.inner.counters.submitted(&task.id.queue());
         task.state = State::Pending;
         for dep in &waiting {
             if let Ok(d) = self.get(dep.as_str(), deadline).await

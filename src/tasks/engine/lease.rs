@@ -105,11 +105,15 @@ impl TaskEngine {
         deadline: Deadline,
     ) -> Result<Option<Task>, TaskError> {
         let c = &self.inner.config;
-        Ok(self
+        let leased = self
             .inner
             .store
             .lease(queue, worker, c.lease, names, c.limits, deadline)
-            .await?)
+            .await?;
+        if let Some(task) = &leased {
+            self.inner.counters.leased(task);
+        }
+        Ok(leased)
     }
 
     /// Extends the lease held with `token`; the cancel's reason when a
@@ -175,6 +179,7 @@ impl TaskEngine {
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.clone()))?;
         let (state, waited_on) = state;
+        self.inner.counters.finished(task, state);
         if waited_on {
             self.release_after_end(&task.id, state, deadline).await;
         }
@@ -206,6 +211,10 @@ impl TaskEngine {
             .finish_and_lease(&task.id, token, &outcome, &entry, &next, c.limits, deadline)
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.clone()))?;
+        self.inner.counters.finished(task, state);
+        if let Some(next) = &leased {
+            self.inner.counters.leased(next);
+        }
         if waited_on {
             self.release_after_end(&task.id, state, deadline).await;
         }

@@ -22,6 +22,7 @@ use crate::domain::QueueStats;
 use crate::domain::task::{QueueName, Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::TaskStore;
+use crate::tasks::counters::TaskCounters;
 use crate::tasks::remote::secret::SignerCell;
 
 mod config;
@@ -67,6 +68,8 @@ struct Inner {
     /// is tried again by the next caller) and re-checked by
     /// [`TaskEngine::refresh_signer`].
     signer: SignerCell,
+    /// This process's figures per queue, for `/metrics`.
+    counters: TaskCounters,
 }
 
 impl TaskEngine {
@@ -75,10 +78,11 @@ impl TaskEngine {
         Self {
             inner: Arc::new(Inner {
                 store,
-                config,
                 submitted: watch::Sender::new(None),
                 cancels: tokio::sync::broadcast::Sender::new(256),
                 signer: SignerCell::default(),
+                counters: TaskCounters::new(&config.queues()),
+                config,
             }),
         }
     }
@@ -86,6 +90,11 @@ impl TaskEngine {
     /// The settings in force.
     pub fn config(&self) -> &TaskConfig {
         &self.inner.config
+    }
+
+    /// This process's own task figures.
+    pub fn counters(&self) -> &TaskCounters {
+        &self.inner.counters
     }
 
     /// Where tasks are kept.

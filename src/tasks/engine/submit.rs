@@ -106,6 +106,7 @@ impl TaskEngine {
         for ((task, _), result) in batch.into_iter().zip(stored) {
             if result.is_ok() {
                 self.inner.submitted.send_replace(Some(task.id.queue()));
+                self.inner.counters.submitted(&task.id.queue());
             }
             out.push(result.map(|()| task).map_err(TaskError::from));
         }

@@ -46,6 +46,9 @@ pub fn koo_command() -> Command {
             cmd.env_remove(name);
         }
     }
+    // KOO_HTTP_LISTEN's default port would collide between tests running
+    // at once; a test that wants it sets its own.
+    cmd.env("KOO_HTTP_LISTEN", "off");
     cmd
 }
 
@@ -187,6 +190,8 @@ pub fn test_settings(store: StoreSettings) -> Settings {
         bulk_timeout: Duration::from_secs(30),
         shutdown_grace: Duration::from_secs(5),
         shutdown_drain: Duration::ZERO,
+        // the HTTP listener's default port would collide between tests
+        http_listen: None,
         ..Settings::default()
     };
     // as in production: tasks live on the cache's Redis when there is one
