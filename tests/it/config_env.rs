@@ -4,65 +4,19 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-
 use common::tasks::{client, spawn_on, submit, submit_ok, wait_task, worker_with};
-use common::{EVENT_TIMEOUT, TestRedis};
+use common::{ChildGuard as Guard, TestRedis, logged_addr, serve_logged};
 use koo::pb::cache::v1 as cache_pb;
 use koo::pb::tasks::v1 as pb;
 
-/// Kills the child when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `koo serve` on an ephemeral port with `env` (and none of the
 /// caller's configuration); its address and the log lines it wrote until it
-/// announced it (panics with them when it exits first).
+/// announced it.
 fn serve(env: &[(&str, &str)]) -> (Guard, String, Vec<String>) {
-    let mut cmd = common::koo_command();
-    let mut child = cmd
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn koo serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let announced = line.contains("koo serving gRPC");
-            lines.push(line);
-            if announced {
-                break;
-            }
-        }
-        let _ = tx.send(lines);
-    });
-    let guard = Guard(child);
-    let lines = rx.recv_timeout(EVENT_TIMEOUT).expect("koo serve logged");
-    let last = lines.last().cloned().unwrap_or_default();
-    assert!(
-        last.contains("koo serving gRPC"),
-        "koo serve did not start: {lines:#?}"
-    );
-    let addr = last
-        .split("addr=")
-        .nth(1)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned();
-    (guard, addr, lines)
+    let (served, lines) = serve_logged(env);
+    let addr = logged_addr(&lines, "koo serving gRPC")
+        .unwrap_or_else(|| panic!("koo serve did not start: {lines:#?}"));
+    (served, addr, lines)
 }
 
 /// Keys of database `db` of `redis`.

@@ -6,13 +6,12 @@
 
 use crate::common;
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::tasks::{is_final, submit, wait_task};
-use common::{EVENT_TIMEOUT, free_port};
+use common::{ChildGuard as Guard, free_port, logged_addr, serve_logged};
 use koo::pb::cache::v1::{self as cache_pb, CacheLevel, cache_value::Kind};
 use koo::pb::tasks::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -21,53 +20,19 @@ use tonic::transport::Channel;
 /// How long Prometheus may take to show a value.
 const QUERY_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Kills the child when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `koo serve` on ephemeral ports with `env`: the process, the gRPC
 /// address, the HTTP address if it announced one (it does so before the
 /// gRPC line), and the lines logged until then.
 fn serve(env: &[(&str, &str)]) -> (Guard, String, Option<String>, Vec<String>) {
-    let mut child = common::koo_command()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KOO_LOG", "info")
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn koo serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let announced = line.contains("koo serving gRPC");
-            lines.push(line);
-            if announced {
-                break;
-            }
-        }
-        let _ = tx.send(lines);
-    });
-    let guard = Guard(child);
-    let lines = rx.recv_timeout(EVENT_TIMEOUT).expect("koo serve logged");
-    let addr_in = |needle: &str| {
-        lines.iter().find(|l| l.contains(needle)).map(|l| {
-            let after = l.split("addr=").nth(1).expect("an addr field");
-            after.split_whitespace().next().unwrap().to_owned()
-        })
-    };
-    let grpc =
-        addr_in("koo serving gRPC").unwrap_or_else(|| panic!("koo did not start: {lines:#?}"));
-    let http = addr_in("koo serving HTTP");
-    (guard, grpc, http, lines)
+    let env: Vec<(&str, &str)> = [("KOO_LOG", "info")]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let (served, lines) = serve_logged(&env);
+    let grpc = logged_addr(&lines, "koo serving gRPC")
+        .unwrap_or_else(|| panic!("koo did not start: {lines:#?}"));
+    let http = logged_addr(&lines, "koo serving HTTP");
+    (served, grpc, http, lines)
 }
 
 /// The body of `GET http://{addr}{path}` (HTTP/1.1, one request per

@@ -52,6 +52,58 @@ pub fn koo_command() -> Command {
     cmd
 }
 
+/// A child process, killed (and reaped) when the test ends, however it
+/// ends.
+pub struct ChildGuard(pub std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `koo serve` on an ephemeral gRPC port with `env` (and none of the
+/// caller's configuration), and reads its log until it announced its gRPC
+/// address (or stopped): the process and the lines it wrote.
+pub fn serve_logged(env: &[(&str, &str)]) -> (ChildGuard, Vec<String>) {
+    use std::io::BufRead as _;
+    let mut child = koo_command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn koo serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let announced = line.contains("koo serving gRPC");
+            lines.push(line);
+            if announced {
+                break;
+            }
+        }
+        let _ = tx.send(lines);
+    });
+    let served = ChildGuard(child);
+    let lines = rx.recv_timeout(EVENT_TIMEOUT).expect("koo serve logged");
+    (served, lines)
+}
+
+/// The `addr=` field of the first of `lines` that contains `needle`.
+pub fn logged_addr(lines: &[String], needle: &str) -> Option<String> {
+    lines.iter().find(|l| l.contains(needle)).map(|l| {
+        let after = l.split("addr=").nth(1).expect("an addr field");
+        after.split_whitespace().next().unwrap().to_owned()
+    })
+}
+
 /// A free loopback port (the OS picks it; we release it for the child).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
