@@ -112,7 +112,7 @@ pub(super) fn serve_http(
     let conns = Conns {
         incoming: listener::incoming(
             listener,
-            tls,
+            tls.map(|t| t.for_http()),
             limits.idle_connection_timeout,
             listener::HANDSHAKE_TIMEOUT,
         ),

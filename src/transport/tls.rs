@@ -103,9 +103,27 @@ impl ResolvesServerCert for CertSlot {
 pub struct Tls {
     settings: TlsSettings,
     certs: Arc<CertSlot>,
-    /// The config the next handshake uses (replaced when the client CA
-    /// changes). A std lock, as above.
-    config: Arc<RwLock<Arc<ServerConfig>>>,
+    /// The configs the next handshake uses, for gRPC (ALPN `h2`) and for
+    /// the HTTP listener (`h2` and `http/1.1`), replaced together when the
+    /// client CA changes. A std lock, as above.
+    config: Arc<RwLock<Configs>>,
+    /// Whether this handle serves the HTTP listener's ALPN.
+    http1: bool,
+}
+
+/// The gRPC and HTTP configs of one certificate and client CA.
+struct Configs {
+    grpc: Arc<ServerConfig>,
+    http: Arc<ServerConfig>,
+}
+
+impl Configs {
+    fn build(certs: &Arc<CertSlot>, verifier: Option<Arc<dyn ClientCertVerifier>>) -> Self {
+        Self {
+            grpc: build_config(certs.clone(), verifier.clone(), &[b"h2"]),
+            http: build_config(certs.clone(), verifier, &[b"h2", b"http/1.1"]),
+        }
+    }
 }
 
 impl std::fmt::Debug for Tls {
@@ -128,12 +146,23 @@ impl Tls {
             .as_deref()
             .map(load_verifier)
             .transpose()?;
-        let config = build_config(certs.clone(), verifier);
+        let config = Configs::build(&certs, verifier);
         Ok(Self {
             settings,
             certs,
             config: Arc::new(RwLock::new(config)),
+            http1: false,
         })
+    }
+
+    /// The same certificate and client CA (and their reloads) for the HTTP
+    /// listener, whose clients (Prometheus, curl, browsers) may speak only
+    /// HTTP/1.1: ALPN offers `http/1.1` besides `h2`.
+    pub fn for_http(&self) -> Self {
+        Self {
+            http1: true,
+            ..self.clone()
+        }
     }
 
     /// Whether client certificates are required.
@@ -143,12 +172,13 @@ impl Tls {
 
     /// The acceptor for the next handshake.
     pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
-        tokio_rustls::TlsAcceptor::from(
-            self.config
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-        )
+        let configs = self.config.read().unwrap_or_else(|e| e.into_inner());
+        let config = if self.http1 {
+            &configs.http
+        } else {
+            &configs.grpc
+        };
+        tokio_rustls::TlsAcceptor::from(config.clone())
     }
 
     /// Polls the files until `stop`, applying changes (see the module doc).
@@ -196,8 +226,8 @@ impl Tls {
         };
         match load_verifier(ca) {
             Ok(verifier) => {
-                let config = build_config(self.certs.clone(), Some(verifier));
-                *self.config.write().unwrap_or_else(|e| e.into_inner()) = config;
+                let configs = Configs::build(&self.certs, Some(verifier));
+                *self.config.write().unwrap_or_else(|e| e.into_inner()) = configs;
                 tracing::info!(ca = %ca.display(), "TLS client CA reloaded: new connections are verified against it");
             }
             Err(e) => {
@@ -207,11 +237,12 @@ impl Tls {
     }
 }
 
-/// TLS 1.2 and 1.3, ALPN `h2` (gRPC), the slot's certificate, and client
-/// certificates required when there is a verifier.
+/// TLS 1.2 and 1.3, the ALPN protocols `alpn`, the slot's certificate, and
+/// client certificates required when there is a verifier.
 fn build_config(
     certs: Arc<CertSlot>,
     verifier: Option<Arc<dyn ClientCertVerifier>>,
+    alpn: &[&[u8]],
 ) -> Arc<ServerConfig> {
     let builder = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -221,7 +252,7 @@ fn build_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(certs);
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 

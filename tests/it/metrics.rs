@@ -394,7 +394,8 @@ async fn metrics_need_a_reader_key_when_keys_are_configured() {
 }
 
 /// With KOO_TLS_*, the HTTP listener speaks HTTPS with the gRPC port's
-/// certificate, and a plaintext request gets no answer.
+/// certificate to a client that offers only HTTP/1.1 (as curl --http1.1 and
+/// Python's urllib3 do), and a plaintext request gets no answer.
 #[tokio::test]
 async fn metrics_over_https_with_the_grpc_certificate() {
     use common::certs::{Ca, CertDir};
@@ -408,7 +409,9 @@ async fn metrics_over_https_with_the_grpc_certificate() {
         ("KOO_TLS_KEY", key.to_str().unwrap()),
     ]);
     let http: std::net::SocketAddr = http.expect("an HTTP address").parse().unwrap();
-    let (mut tls, presented) = common::tls::tls_stream(http, &ca.cert).await;
+    let (mut tls, presented) =
+        common::tls::tls_stream_alpn(http, &ca.cert, None, &[b"http/1.1"]).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     assert_eq!(presented, server.der());
     let request = format!("GET /metrics HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).await.unwrap();

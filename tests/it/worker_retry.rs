@@ -149,6 +149,32 @@ async fn stream_fail_retry_delay_replaces_the_backoff(backend: Backend) {
         "{r:?}"
     );
     assert_due_in(&mut c, &task.id, Duration::from_secs(30)).await;
+    // cancelled while it waits for its retry: its history names no start
+    // (the attempts that ran are in its attempt log)
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: task.id.clone(),
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let history = c
+        .list_task_history(pb::ListTaskHistoryRequest {
+            state: pb::TaskState::Cancelled as i32,
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    let entry = history
+        .iter()
+        .find(|h| h.id == task.id)
+        .expect("in history");
+    assert!(
+        entry.start_time.is_none() && entry.run_duration.is_none(),
+        "{entry:?}"
+    );
 
     let last = submit_ok(&mut c, job(0)).await;
     let t = s.task().await;
@@ -253,10 +279,13 @@ async fn cancel_reason_reaches_stream_and_unary_workers(backend: Backend) {
 
     let mut w = WorkerServiceClient::new(koo.server.channel.clone());
     let task = submit_ok(&mut c, job(0)).await;
+    // waiting: the dropped stream's session may lease the task before it
+    // sees the stream closed, and then hands it back
     let leased = w
         .lease_task(wpb::LeaseTaskRequest {
             worker_name: "script".into(),
             task_names: vec![NAME.into()],
+            wait: secs(10, 0),
             ..Default::default()
         })
         .await

@@ -83,6 +83,16 @@ pub async fn tls_stream_as(
     ca: &str,
     client: Option<&Pair>,
 ) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
+    tls_stream_alpn(addr, ca, client, &[b"h2"]).await
+}
+
+/// [`tls_stream_as`] offering the ALPN protocols `alpn`.
+pub async fn tls_stream_alpn(
+    addr: SocketAddr,
+    ca: &str,
+    client: Option<&Pair>,
+    alpn: &[&[u8]],
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Vec<u8>) {
     let mut roots = rustls::RootCertStore::empty();
     roots
         .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
@@ -100,7 +110,7 @@ pub async fn tls_stream_as(
             .unwrap(),
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let tcp = TcpStream::connect(addr).await.unwrap();
     let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").unwrap(), tcp)

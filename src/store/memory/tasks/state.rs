@@ -278,7 +278,16 @@ impl Tasks {
     /// and the result's expiry (a dead letter's: the longer of the result
     /// TTL and the dead-letter TTL; one trimmed by the cap expires like a
     /// result), as `record_end` in `lib.lua`.
-    pub(super) fn end(&mut self, queue: &QueueName, id: &str, limits: TaskLimits, now: i64) {
+    /// `ran`: whether the task ran since it was last queued (not so for a
+    /// cancel or a failed dependency), else its history names no start.
+    pub(super) fn end(
+        &mut self,
+        queue: &QueueName,
+        id: &str,
+        limits: TaskLimits,
+        now: i64,
+        ran: bool,
+    ) {
         let q = self.queues.entry(queue.clone()).or_default();
         let Some(e) = self.tasks.get_mut(id) else {
             return;
@@ -304,7 +313,7 @@ impl Tasks {
             summary["schedule"] = schedule.as_str().into();
         }
         // nor one that never started a `started_ms`
-        if let Some(started) = e.task.started_ms {
+        if let Some(started) = e.task.started_ms.filter(|_| ran) {
             summary["started_ms"] = started.into();
         }
         q.history_data.insert(id.to_owned(), summary.to_string());
@@ -402,7 +411,7 @@ impl Tasks {
                 );
                 q.count(Count::Cancelled);
                 push_event(q, &mut self.last_event, limits, &e.task, None, now);
-                self.end(&queue, &dependent, limits, now);
+                self.end(&queue, &dependent, limits, now, false);
             } else if e.waiting.is_empty() {
                 q.pending.remove(&dependent);
                 e.task.state = State::Queued;

@@ -254,7 +254,7 @@ impl Tasks {
         );
         q.count(Count::Cancelled);
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
-        self.end(&queue, id.as_str(), limits, now);
+        self.end(&queue, id.as_str(), limits, now, false);
         CancelReply::Cancelled
     }
     /// See [`TaskBackend::retry`](crate::store::tasks::TaskBackend::retry).
@@ -421,7 +421,7 @@ impl Tasks {
             e.task.finished_ms = Some(now);
             q.count_end(state);
             push_event(q, &mut self.last_event, limits, &e.task, None, now);
-            self.end(&queue, id.as_str(), limits, now);
+            self.end(&queue, id.as_str(), limits, now, true);
         }
         Ok(Some(state))
     }
@@ -488,7 +488,7 @@ impl Tasks {
             push_event(q, &mut self.last_event, limits, &e.task, None, now);
         }
         for id in &ended {
-            self.end(queue, id, limits, now);
+            self.end(queue, id, limits, now, true);
         }
         lapsed.len() as u64 + due
     }

@@ -18,6 +18,6 @@ redis.call('ZREM', K_pending, A_id)
 redis.call('HSET', K_task, 'state', 'cancelled', 'finished_ms', now,
   'error', cjson.encode({ message = 'cancelled: ' .. A_reason, retryable = false }))
 redis.call('HINCRBY', K_stats, 'cancelled', 1)
-record_end(K_task, A_id, 'cancelled', K_history, K_history_data, K_dead, A_history_cap)
+record_end(K_task, A_id, 'cancelled', K_history, K_history_data, K_dead, A_history_cap, nil, true)
 add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'cancelled', 'at', now)
 return 'cancelled'

@@ -67,7 +67,10 @@ end
 -- out, and the expiry of its result and log: the result TTL, or for a
 -- dead letter the longer of it and `dead_ttl` (ms). Dead letters beyond
 -- the cap expire like results.
-local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl)
+-- `unrun`: the task ends without running since it was last queued (a
+-- cancel or a failed dependency): its history names no start, whatever an
+-- earlier attempt's `started_ms` says.
+local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl, unrun)
   cap = tonumber(cap)
   local name, category, attempts, ttl, schedule, started = unpack(redis.call('HMGET', key,
     'name', 'category', 'attempts', 'result_ttl_ms', 'schedule', 'started_ms'))
@@ -81,7 +84,7 @@ local function record_end(key, id, outcome, history, history_data, dead, cap, de
   -- a task no schedule submitted has no 'schedule' field (false: left out)
   if not schedule then schedule = nil end
   -- nor one that never started a 'started_ms' (its last attempt's start)
-  if started then started = tonumber(started) else started = nil end
+  if started and not unrun then started = tonumber(started) else started = nil end
   redis.call('HSET', history_data, id, cjson.encode({ name = name, state = outcome,
     attempts = tonumber(attempts), finished_ms = now, category = category, schedule = schedule,
     started_ms = started }))

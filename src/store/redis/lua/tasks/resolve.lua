@@ -11,7 +11,7 @@ if A_dependency_state ~= 'succeeded' then
   redis.call('HSET', K_task, 'state', 'cancelled', 'finished_ms', now,
     'error', cjson.encode({ message = why, retryable = false }))
   redis.call('HINCRBY', K_stats, 'cancelled', 1)
-  record_end(K_task, A_id, 'cancelled', K_history, K_history_data, K_dead, A_history_cap)
+  record_end(K_task, A_id, 'cancelled', K_history, K_history_data, K_dead, A_history_cap, nil, true)
   add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'cancelled', 'at', now)
   return 'cancelled'
 end
