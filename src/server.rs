@@ -132,8 +132,11 @@ pub async fn run(
     let result = stopping.within_grace(serve, grace).await;
     app.stop.cancel();
     stopping.health.cancel();
+    // one deadline for all of them: a stop takes the grace once, not once
+    // per listener
+    let deadline = tokio::time::Instant::now() + grace;
     for listener in side {
-        let _ = tokio::time::timeout(grace, listener).await;
+        let _ = tokio::time::timeout_at(deadline, listener).await;
     }
     // Worker slots finish their current task; past the grace period a task
     // still running is left to its lease, and another worker takes it over.
