@@ -227,3 +227,82 @@ fn input(
         .take_while(|m| std::future::ready(m.is_some()))
         .map(|m| m.expect("taken while some"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
+    use crate::tasks::remote::ReplyKind;
+
+    fn task(error: Option<&str>) -> Outbound {
+        let task = Task {
+            id: TaskId::generate(&QueueName::parse("research").unwrap()),
+            name: "koo.examples.job".into(),
+            category: Category::Research,
+            priority: Priority::Normal,
+            args: "[]".into(),
+            kwargs: "{}".into(),
+            state: State::Running,
+            depends_on: vec![],
+            schedule: None,
+            schedule_tick_ms: None,
+            cache_result: None,
+            attempts: 2,
+            token: 2,
+            max_retries: 3,
+            worker: None,
+            progress: None,
+            result: None,
+            error: error.map(str::to_owned),
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 0,
+            hard_ms: 0,
+            result_ttl_ms: 0,
+            log: vec![],
+        };
+        Outbound::Task {
+            task: Box::new(task),
+            secret: String::new(),
+        }
+    }
+
+    fn reply() -> Outbound {
+        Outbound::Reply {
+            id: "t".into(),
+            kind: ReplyKind::Complete,
+            outcome: Ok(Some(State::Succeeded)),
+        }
+    }
+
+    /// How many messages each batch `batched` sends holds (1: alone).
+    async fn shapes(sent: Vec<Outbound>) -> Vec<usize> {
+        let (tx, rx) = mpsc::channel(8);
+        for m in sent {
+            tx.send(m).await.unwrap();
+        }
+        drop(tx);
+        batched(rx)
+            .map(|m| match m.message {
+                Some(Out::Batch(b)) => b.responses.len(),
+                _ => 1,
+            })
+            .collect()
+            .await
+    }
+
+    /// Messages ready together go out as one batch; a task whose last error
+    /// kept details goes alone, before and after it the others batch.
+    #[tokio::test]
+    async fn a_task_with_error_details_is_never_batched() {
+        let details = r#"{"message":"x","retryable":true,"details":{"a":1}}"#;
+        let plain = r#"{"message":"x","retryable":true}"#;
+        let together = vec![reply(), task(None), reply(), task(Some(plain))];
+        assert_eq!(shapes(together).await, [4]);
+        let split = vec![reply(), task(Some(details)), reply(), task(None)];
+        assert_eq!(shapes(split).await, [1, 1, 2]);
+        let batch = Outbound::Batch(vec![reply(), reply(), task(Some(details))]);
+        assert_eq!(shapes(vec![batch]).await, [2, 1]);
+    }
+}
