@@ -105,29 +105,31 @@ pub async fn run(
     );
     let side = SideListeners::bind(&settings).await?;
     let grpc_metrics = GrpcMetrics::for_koo();
+    let routes = router::routes(&app, &settings, &gate, health.clone())?;
+    let layers = || {
+        router::call_layers(
+            gate.clone(),
+            grpc_metrics.clone(),
+            settings.limits.max_inflight_calls,
+        )
+    };
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
     let side = side.serve(
         &app,
         &settings,
-        (
-            health.clone(),
-            tls.clone(),
-            grpc_metrics.clone(),
-            gate.clone(),
-        ),
+        Sides {
+            health,
+            tls: tls.clone(),
+            metrics: grpc_metrics.clone(),
+            gate: gate.clone(),
+            calls: layers().service(routes.clone()),
+        },
         &stopping.health,
     );
     // last: when this line shows, the side listeners have said theirs
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
-    let serve = router::serve(
-        &app,
-        &settings,
-        (gate, grpc_metrics),
-        health,
-        incoming,
-        on_shutdown,
-    )?;
+    let serve = router::serve(&settings, (routes, layers()), incoming, on_shutdown);
     let grace = settings.shutdown_grace;
     let result = stopping.within_grace(serve, grace).await;
     app.stop.cancel();
@@ -207,35 +209,49 @@ impl SideListeners {
         self,
         app: &Serve,
         settings: &Settings,
-        (health, tls, grpc, gate): (HealthServer<HealthApi>, Option<Tls>, GrpcMetrics, Gate),
+        sides: Sides,
         stop: &CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut served = Vec::new();
         if let Some(l) = self.health {
             served.push(router::serve_health_only(
                 l,
-                health,
+                sides.health,
                 &settings.limits,
                 stop.clone(),
             ));
         }
         if let Some(l) = self.http {
             let exporter = metrics::Exporter::new(
-                grpc,
+                sides.metrics,
                 app.cache.clone(),
                 app.engine.clone(),
                 app.schedules.clone(),
             );
             served.push(http::serve_http(
                 l,
-                tls,
-                &settings.limits,
-                (Arc::new(exporter), gate),
+                (sides.tls, &settings.limits, &settings.cors_origins),
+                http::Routes {
+                    exporter: Arc::new(exporter),
+                    gate: sides.gate,
+                    calls: sides.calls,
+                },
                 stop.clone(),
             ));
         }
         served
     }
+}
+
+/// What the side listeners serve.
+struct Sides {
+    health: HealthServer<HealthApi>,
+    tls: Option<Tls>,
+    metrics: GrpcMetrics,
+    gate: Gate,
+    /// Every service behind the call layers: grpc-web (and REST) on the
+    /// HTTP listener.
+    calls: router::Calls,
 }
 
 /// The order of a stop: NOT_SERVING and the end of every stream first,

@@ -84,6 +84,8 @@ pub struct Settings {
     pub health_listen: Option<SocketAddr>,
     /// `KOO_HTTP_LISTEN`: the HTTP listener (`/metrics`); `None`: off.
     pub http_listen: Option<SocketAddr>,
+    /// `KOO_CORS_ORIGINS`: pages on other origins that may call koo from a browser.
+    pub cors_origins: crate::transport::cors::CorsOrigins,
 }
 
 impl Settings {
@@ -140,6 +142,7 @@ impl Default for Settings {
             tls: None,
             health_listen: None,
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
+            cors_origins: crate::transport::cors::CorsOrigins::None,
         }
     }
 }

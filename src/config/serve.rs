@@ -162,6 +162,7 @@ impl ServeArgs {
             tls: self.transport.tls()?,
             health_listen: self.transport.health_listen,
             http_listen: self.transport.http_listen.0,
+            cors_origins: self.transport.cors_origins,
             store,
             cache: CacheConfig {
                 warm_file: self.cache_warm_file,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{ConfigError, parse_positive_duration};
+use crate::transport::cors::CorsOrigins;
 use crate::transport::tls::TlsSettings;
 
 /// `koo serve`'s TLS and health-listener flags.
@@ -35,6 +36,12 @@ pub struct TransportArgs {
     #[arg(long, env = "KOO_HTTP_LISTEN", value_name = "KOO_HTTP_LISTEN",
           default_value = "127.0.0.1:50052", value_parser = parse_http_listen)]
     pub http_listen: HttpListen,
+    /// Web pages on other origins that may call koo from a browser (grpc-web on both listeners,
+    /// REST on the HTTP one): origins separated by commas (`https://app.example.com`), or `*` for
+    /// any; unset, no CORS headers (pages koo serves itself only).
+    #[arg(long, env = "KOO_CORS_ORIGINS", value_name = "KOO_CORS_ORIGINS", default_value = "",
+          hide_default_value = true, value_parser = CorsOrigins::parse)]
+    pub cors_origins: CorsOrigins,
 }
 
 /// `KOO_HTTP_LISTEN`: an address, or `off` (`None`).
@@ -89,6 +96,7 @@ mod tests {
             tls_reload_interval: Duration::from_secs(5),
             health_listen: None,
             http_listen: HttpListen(None),
+            cors_origins: CorsOrigins::None,
         }
     }
 

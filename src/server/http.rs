@@ -1,6 +1,8 @@
 //! The HTTP listener (`KOO_HTTP_LISTEN`): an axum router (axum 0.8 is
-//! already in the tree through tonic) serving `/metrics` now; grpc-web, the
-//! REST paths and the dashboard are meant to be routes added here.
+//! already in the tree through tonic) serving `/metrics`, and every
+//! service over grpc-web (and gRPC) through the same call layers as the
+//! gRPC listener's (metrics, span, peer, authentication, load shedding);
+//! the REST paths and the dashboard are routes added here.
 //!
 //! Connections come from the same accept loop as the gRPC port's (TLS with
 //! the same certificate when `KOO_TLS_*` is set, bounded handshakes, the
@@ -26,11 +28,15 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected as _;
 
+use tonic_web::GrpcWebLayer;
+use tower::{Layer as _, ServiceExt as _};
+
 use super::metrics::Exporter;
+use super::router::Calls;
 use crate::auth::AuthError;
 use crate::auth::gate::Gate;
-use crate::transport::Peer;
-use crate::transport::conn::Conn;
+use crate::transport::conn::{Conn, ConnInfo};
+use crate::transport::cors::CorsOrigins;
 use crate::transport::listener;
 use crate::transport::tls::Tls;
 
@@ -40,28 +46,68 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// The RPC whose access `/metrics` has: reading metrics.
 const METRICS_ACCESS: &str = "/koo.cache.v1.CacheService/GetMetrics";
 
-/// What every route reads.
+/// What the routes serve.
 #[derive(Clone)]
-struct HttpState {
-    exporter: Arc<Exporter>,
-    gate: Gate,
+pub(super) struct Routes {
+    /// `/metrics`.
+    pub exporter: Arc<Exporter>,
+    /// Who may read `/metrics`.
+    pub gate: Gate,
+    /// Every service behind the call layers.
+    pub calls: Calls,
 }
 
-/// Every HTTP route.
-fn router(state: HttpState) -> Router {
-    Router::new()
+/// Every HTTP route; CORS (when `KOO_CORS_ORIGINS` allows other origins)
+/// around all of them.
+fn router(routes: Routes, cors: &CorsOrigins) -> Router {
+    let router = Router::new()
         .route("/metrics", get(metrics))
-        .with_state(state)
+        .fallback(grpc)
+        .with_state(routes);
+    match cors.layer() {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// A gRPC or grpc-web call (tonic-web turns grpc-web into gRPC, then the
+/// call layers and the services see a call like any other); anything else
+/// that matched no route is not found.
+async fn grpc(
+    State(routes): State<Routes>,
+    ConnectInfo(conn): ConnectInfo<ConnOf>,
+    mut request: axum::extract::Request,
+) -> Response {
+    let grpc = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if !grpc {
+        return (StatusCode::NOT_FOUND, "not found\n").into_response();
+    }
+    // the peer layer reads the connection from here, as on the gRPC port
+    if let Some(info) = conn.0 {
+        request.extensions_mut().insert(info);
+    }
+    match GrpcWebLayer::new()
+        .layer(routes.calls)
+        .oneshot(request.map(tonic::body::Body::new))
+        .await
+    {
+        Ok(response) => response.into_response(),
+        Err(never) => match never {},
+    }
 }
 
 async fn metrics(
-    State(state): State<HttpState>,
-    ConnectInfo(peer): ConnectInfo<PeerOf>,
+    State(state): State<Routes>,
+    ConnectInfo(conn): ConnectInfo<ConnOf>,
     headers: HeaderMap,
 ) -> Response {
     let mut extensions = axum::http::Extensions::new();
-    if let Some(peer) = peer.0 {
-        extensions.insert(peer);
+    if let Some(info) = conn.0 {
+        extensions.insert(info.peer);
     }
     if let Err(e) = state.gate.admit(METRICS_ACCESS, &headers, &extensions) {
         return refusal(&e).into_response();
@@ -83,15 +129,14 @@ fn refusal(e: &AuthError) -> (StatusCode, String) {
     (status, format!("{e}\n"))
 }
 
-/// The connection's peer (its certificate's identity, under mTLS), for the
-/// gate.
+/// The connection (its peer, with its certificate's identity under mTLS;
+/// its open calls), for the gate and the call layers.
 #[derive(Clone)]
-struct PeerOf(Option<Peer>);
+struct ConnOf(Option<ConnInfo>);
 
-impl Connected<IncomingStream<'_, Conns>> for PeerOf {
+impl Connected<IncomingStream<'_, Conns>> for ConnOf {
     fn connect_info(stream: IncomingStream<'_, Conns>) -> Self {
-        use tonic::transport::server::Connected as _;
-        Self(Some(stream.io().connect_info().peer))
+        Self(Some(stream.io().connect_info()))
     }
 }
 
@@ -99,9 +144,8 @@ impl Connected<IncomingStream<'_, Conns>> for PeerOf {
 /// finish.
 pub(super) fn serve_http(
     listener: TcpListener,
-    tls: Option<Tls>,
-    limits: &crate::app::Limits,
-    (exporter, gate): (Arc<Exporter>, Gate),
+    (tls, limits, cors): (Option<Tls>, &crate::app::Limits, &CorsOrigins),
+    routes: Routes,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let addr = listener
@@ -118,9 +162,9 @@ pub(super) fn serve_http(
         ),
         local,
     };
+    let app = router(routes, cors);
     tokio::spawn(async move {
-        let app = router(HttpState { exporter, gate });
-        let served = axum::serve(conns, app.into_make_service_with_connect_info::<PeerOf>())
+        let served = axum::serve(conns, app.into_make_service_with_connect_info::<ConnOf>())
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(e) = served {

@@ -1,14 +1,19 @@
-//! The tonic router: koo's services with their message bounds, health and
-//! reflection, behind the span, peer, authentication and load-shedding
-//! layers;
-//! and the plaintext health-only listener.
+//! The tonic routes: koo's services with their message bounds, health and
+//! reflection; the layers every call passes (metrics, span, peer,
+//! authentication, load shedding), shared by both listeners; the gRPC
+//! listener (gRPC and grpc-web); and the plaintext health-only listener.
 
 use std::future::Future;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::{Routes, RoutesBuilder};
 use tonic_health::pb::health_server::HealthServer;
+use tonic_web::GrpcWebLayer;
+use tower::ServiceBuilder;
+use tower::layer::util::{Identity, Stack};
+use tower::util::option_layer;
 
 use super::{ServerError, Settings};
 use crate::app::Serve;
@@ -30,16 +35,38 @@ use crate::transport::calls::PeerLayer;
 use crate::transport::conn::Conn;
 use crate::transport::listener;
 
-/// Serves every service on `incoming` until `signal` resolves (tonic then
-/// stops accepting and waits for in-flight calls).
-pub(super) fn serve(
+/// The layers every call passes, outermost first: counted (refused calls
+/// included), one span (debug level), the peer, authentication (first, so
+/// that refused calls take no in-flight slot), load shedding.
+pub(super) type CallLayers = Stack<
+    ShedLayer,
+    Stack<AuthLayer, Stack<PeerLayer, Stack<SpanLayer, Stack<MetricsLayer, Identity>>>>,
+>;
+
+/// See [`CallLayers`]: one definition for the gRPC listener and for the
+/// grpc-web and REST calls of the HTTP listener, so that no way in can skip
+/// a layer.
+pub(super) fn call_layers(
+    gate: Gate,
+    metrics: GrpcMetrics,
+    max_inflight: usize,
+) -> ServiceBuilder<CallLayers> {
+    ServiceBuilder::new()
+        .layer(MetricsLayer::new(metrics))
+        .layer(SpanLayer)
+        .layer(PeerLayer)
+        .layer(AuthLayer::new(gate))
+        .layer(ShedLayer::new(max_inflight))
+}
+
+/// koo's services with their message bounds, health and (unless the gate
+/// forbids it) reflection, as tonic routes: what both listeners serve.
+pub(super) fn routes(
     app: &Serve,
     settings: &Settings,
-    (gate, metrics): (Gate, GrpcMetrics),
+    gate: &Gate,
     health: HealthServer<HealthApi>,
-    incoming: ReceiverStream<Result<Conn, std::io::Error>>,
-    signal: impl Future<Output = ()> + Send + 'static,
-) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServerError> {
+) -> Result<Routes, ServerError> {
     let size = settings.limits.max_message_size;
     // google.rpc types are registered so that grpcurl can print error details.
     let reflection = || {
@@ -48,23 +75,8 @@ pub(super) fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
-    let (reflection_v1, reflection_v1alpha) = if gate.serves_reflection() {
-        (
-            Some(reflection().build_v1()?),
-            Some(reflection().build_v1alpha()?),
-        )
-    } else {
-        (None, None)
-    };
-    Ok(transport_builder(&settings.limits)
-        // outermost: counted and one span per call (debug level), refused
-        // calls included
-        .layer(MetricsLayer::new(metrics))
-        .layer(SpanLayer)
-        .layer(PeerLayer)
-        // authentication first, so that refused calls take no in-flight slot
-        .layer(AuthLayer::new(gate))
-        .layer(ShedLayer::new(settings.limits.max_inflight_calls))
+    let mut routes = RoutesBuilder::default();
+    routes
         .add_service(cache_service(app, settings))
         .add_service(task_service(app, settings))
         .add_service(
@@ -76,16 +88,45 @@ pub(super) fn serve(
             .max_encoding_message_size(size),
         )
         .add_service(worker_service(app, settings))
-        .add_service(health)
-        .add_optional_service(reflection_v1.map(|r| {
-            r.max_decoding_message_size(size)
-                .max_encoding_message_size(size)
-        }))
-        .add_optional_service(reflection_v1alpha.map(|r| {
-            r.max_decoding_message_size(size)
-                .max_encoding_message_size(size)
-        }))
-        .serve_with_incoming_shutdown(incoming, signal))
+        .add_service(health);
+    if gate.serves_reflection() {
+        routes
+            .add_service(
+                reflection()
+                    .build_v1()?
+                    .max_decoding_message_size(size)
+                    .max_encoding_message_size(size),
+            )
+            .add_service(
+                reflection()
+                    .build_v1alpha()?
+                    .max_decoding_message_size(size)
+                    .max_encoding_message_size(size),
+            );
+    }
+    Ok(routes.routes())
+}
+
+/// Serves `routes` on `incoming` until `signal` resolves (tonic then stops
+/// accepting and waits for in-flight calls): gRPC, and grpc-web from
+/// browsers (HTTP/1.1 is accepted for it; tonic-web answers a plain
+/// HTTP/1.1 request that is not grpc-web with 400), with CORS as
+/// `KOO_CORS_ORIGINS` says.
+pub(super) fn serve(
+    settings: &Settings,
+    (routes, layers): (Routes, ServiceBuilder<CallLayers>),
+    incoming: ReceiverStream<Result<Conn, std::io::Error>>,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> impl Future<Output = Result<(), tonic::transport::Error>> {
+    transport_builder(&settings.limits)
+        .accept_http1(true)
+        // a preflight is answered before anything else: it has no credentials
+        .layer(option_layer(settings.cors_origins.layer()))
+        // grpc-web becomes gRPC before the call's layers see it
+        .layer(GrpcWebLayer::new())
+        .layer(layers.into_inner())
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal)
 }
 
 /// What a client sends is bounded by the cache's message limit.
@@ -185,3 +226,6 @@ pub(super) fn serve_health_only(
         }
     })
 }
+
+/// Every service behind [`CallLayers`], as one tower service.
+pub(super) type Calls = <CallLayers as tower::Layer<Routes>>::Service;

@@ -11,6 +11,8 @@
 //! - [`conn`]: one accepted connection, which idle detection can close.
 //! - [`calls`]: counts a connection's open calls and puts [`Peer`] in every
 //!   request.
+//! - [`cors`]: `KOO_CORS_ORIGINS`, which pages on other origins may call
+//!   koo from a browser.
 //! - [`exposure`]: the start-up warning for an open, plaintext, non-loopback
 //!   listener.
 
@@ -19,6 +21,7 @@ use std::sync::Arc;
 
 pub mod calls;
 pub mod conn;
+pub mod cors;
 pub mod exposure;
 pub mod identity;
 pub mod listener;

@@ -129,14 +129,31 @@ async fn garbage_bytes_close_the_connection() {
     normal_call_succeeds(&env).await;
 }
 
-/// An HTTP/1.1 request on the gRPC port gets an answer or a closed
-/// connection, never a hang; koo serves a normal call after.
+/// An HTTP/1.1 request on the gRPC port that is not grpc-web gets an
+/// answer (400; HTTP/1.1 is accepted for grpc-web), never a hang; koo
+/// serves a normal call after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http1_request_is_turned_away() {
     let env = Env::memory().await;
     let request =
         b"POST /koo.cache.v1.CacheService/Get HTTP/1.1\r\nHost: koo\r\nContent-Length: 0\r\n\r\n";
-    send_raw(env.server.addr, request).await;
+    let mut tcp = TcpStream::connect(env.server.addr).await.unwrap();
+    tcp.write_all(request).await.unwrap();
+    // the connection stays open (HTTP/1.1 keep-alive): read the answer's head
+    let mut got = Vec::new();
+    let head = tokio::time::timeout(EVENT_TIMEOUT, async {
+        let mut buf = [0u8; 512];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    })
+    .await
+    .expect("koo answered an HTTP/1.1 request");
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     normal_call_succeeds(&env).await;
 }
 

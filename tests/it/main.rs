@@ -15,6 +15,7 @@ mod cache;
 mod chaos;
 mod config_env;
 mod dead_letters;
+mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;
 mod metrics;
