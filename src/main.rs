@@ -75,7 +75,7 @@ async fn worker(args: koo::config::WorkerArgs) -> anyhow::Result<ExitCode> {
     let settings = args
         .into_settings()?
         .context("koo worker needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
-    koo::app::run_worker(settings, shutdown_signal()).await?;
+    koo::server::run_worker(settings, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -85,7 +85,7 @@ async fn scheduler(args: koo::config::SchedulerArgs) -> anyhow::Result<ExitCode>
     let settings = args
         .into_settings()?
         .context("koo scheduler needs Redis: set REDIS_URL (or TASK_BROKER_URL)")?;
-    koo::app::run_scheduler(settings, shutdown_signal()).await?;
+    koo::server::run_scheduler(settings, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -25,7 +25,10 @@ use crate::transport::{exposure, listener};
 
 mod http;
 mod metrics;
+mod processes;
 mod router;
+
+pub use self::processes::{run_scheduler, run_worker};
 
 // The settings `run` takes are the composition root's.
 pub use crate::app::settings::{ScheduleSettings, Settings, StoreSettings, TaskSettings};

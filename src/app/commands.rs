@@ -2,6 +2,7 @@
 //! scheduler, on the task Redis, without gRPC.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::task::JoinSet;
@@ -36,19 +37,25 @@ pub struct WorkerSettings {
     pub concurrency: usize,
     /// How long, once signalled, the slots and loops get to stop.
     pub stop_grace: Duration,
+    /// `KOO_HTTP_LISTEN`: where this process's `/metrics` is served
+    /// (`None`: off, the default of `koo worker`).
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// `koo worker`: worker slots and lease recovery, no gRPC, until
-/// `shutdown`.
+/// `shutdown`; `started` is given the engine once built (the metrics
+/// listener reads its figures).
 pub async fn run_worker(
     settings: WorkerSettings,
     shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(&TaskEngine),
 ) -> Result<(), StoreError> {
     let store = RedisStore::connect(&settings.redis)?;
     let engine = TaskEngine::new(
         TaskStore::redis(store.clone(), &settings.tasks.prefix),
         settings.tasks.clone(),
     );
+    started(&engine);
     let queues = engine.config().queues();
     // Results that tasks ask to cache go to the cache's Redis (REDIS_URL),
     // which stores the encoding header with each value, so any koo reads them.
@@ -102,18 +109,24 @@ pub struct SchedulerSettings {
     pub schedule: ScheduleSettings,
     /// How long, once signalled, the scheduler gets to stop.
     pub stop_grace: Duration,
+    /// `KOO_HTTP_LISTEN`: where this process's `/metrics` is served
+    /// (`None`: off, the default of `koo scheduler`).
+    pub http_listen: Option<SocketAddr>,
 }
 
 /// `koo scheduler`: fires the periodic schedules (no gRPC, no workers)
 /// until `shutdown`. Any number may run: each tick submits one task.
+/// `started` is given the engine and the schedules once built.
 pub async fn run_scheduler(
     settings: SchedulerSettings,
     shutdown: impl Future<Output = ()>,
+    started: impl FnOnce(&TaskEngine, &Schedules),
 ) -> Result<(), StoreError> {
     let store = RedisStore::connect(&settings.redis)?;
     let prefix = settings.tasks.prefix.clone();
     let engine = TaskEngine::new(TaskStore::redis(store.clone(), &prefix), settings.tasks);
-    let schedules = Schedules::new(ScheduleStore::redis(store, &prefix), engine);
+    let schedules = Schedules::new(ScheduleStore::redis(store, &prefix), engine.clone());
+    started(&engine, &schedules);
     let stop = CancellationToken::new();
     let run = tokio::spawn(crate::schedule::run(
         schedules,

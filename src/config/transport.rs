@@ -49,7 +49,7 @@ pub struct TransportArgs {
 pub struct HttpListen(pub Option<SocketAddr>);
 
 /// An address (`127.0.0.1:50052`, `[::]:0`) or `off`.
-fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+pub(super) fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
     if s.trim().eq_ignore_ascii_case("off") {
         return Ok(HttpListen(None));
     }

@@ -3,6 +3,7 @@
 
 use clap::Args;
 
+use super::transport::{HttpListen, parse_http_listen};
 use super::{CacheArgs, ConfigError, RedisArgs, ScheduleArgs, TaskArgs};
 use crate::app::{SCHEDULER_STOP_GRACE, SchedulerSettings, WORKER_STOP_GRACE, WorkerSettings};
 
@@ -18,6 +19,11 @@ pub struct SchedulerArgs {
     /// Schedules.
     #[command(flatten)]
     pub schedules: ScheduleArgs,
+    /// Serve this process's Prometheus metrics at /metrics on this address (plaintext, no
+    /// keys: bind it where only Prometheus reaches); `off` (the default) turns it off.
+    #[arg(long, env = "KOO_HTTP_LISTEN", value_name = "KOO_HTTP_LISTEN", default_value = "off",
+          value_parser = parse_http_listen)]
+    pub http_listen: HttpListen,
     /// Prefix of every Redis key koo writes.
     #[arg(
         long,
@@ -44,6 +50,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "KOO_WORKER_CONCURRENCY", value_name = "KOO_WORKER_CONCURRENCY", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub concurrency: u32,
+    /// Serve this process's Prometheus metrics at /metrics on this address (plaintext, no
+    /// keys: bind it where only Prometheus reaches); `off` (the default) turns it off.
+    #[arg(long, env = "KOO_HTTP_LISTEN", value_name = "KOO_HTTP_LISTEN", default_value = "off",
+          value_parser = parse_http_listen)]
+    pub http_listen: HttpListen,
     /// Prefix of every Redis key koo writes.
     #[arg(
         long,
@@ -69,6 +80,7 @@ impl WorkerArgs {
             ledger: self.tasks.diagnostics_ledger.clone(),
             concurrency: self.concurrency as usize,
             stop_grace: WORKER_STOP_GRACE,
+            http_listen: self.http_listen.0,
         }))
     }
 }
@@ -85,6 +97,7 @@ impl SchedulerArgs {
             schedule: self.schedules.settings(true)?,
             tasks: self.tasks.task_config(&self.prefix)?,
             stop_grace: SCHEDULER_STOP_GRACE,
+            http_listen: self.http_listen.0,
         }))
     }
 }

@@ -41,7 +41,7 @@ use crate::transport::listener;
 use crate::transport::tls::Tls;
 
 /// The OpenMetrics text format, which Prometheus negotiates.
-const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub(super) const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The RPC whose access `/metrics` has: reading metrics.
 const METRICS_ACCESS: &str = "/koo.cache.v1.CacheService/GetMetrics";

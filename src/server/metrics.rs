@@ -45,16 +45,29 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    /// The exporter of `grpc`, `cache` and the queues of `engine`.
+    /// The exporter of `koo serve`: `grpc`, `cache`, the queues of
+    /// `engine` and the scheduler's `schedules`.
     pub fn new(grpc: GrpcMetrics, cache: Cache, engine: TaskEngine, schedules: Schedules) -> Self {
+        let mut exporter = Self::of_tasks(engine, Some(schedules));
+        exporter.registry.register_collector(Box::new(grpc));
+        exporter
+            .registry
+            .register_collector(Box::new(CacheCollector { cache }));
+        exporter
+    }
+
+    /// The exporter of `koo worker` (the tasks its slots ran, and the
+    /// queues) and of `koo scheduler` (with its `schedules`' fires): no
+    /// gRPC and no cache figures, which such a process does not have.
+    pub fn of_tasks(engine: TaskEngine, schedules: Option<Schedules>) -> Self {
         let tasks = Arc::new(Mutex::new(None));
         let mut registry = Registry::default();
-        registry.register_collector(Box::new(grpc));
-        registry.register_collector(Box::new(CacheCollector { cache }));
         registry.register_collector(Box::new(TaskCollector {
             latest: tasks.clone(),
         }));
-        registry.register_collector(Box::new(ScheduleCollector { schedules }));
+        if let Some(schedules) = schedules {
+            registry.register_collector(Box::new(ScheduleCollector { schedules }));
+        }
         registry.register_collector(Box::new(OwnTasks {
             counters: engine.counters().clone(),
         }));

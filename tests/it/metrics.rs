@@ -424,3 +424,126 @@ async fn metrics_over_https_with_the_grpc_certificate() {
     let (status, _) = http_get(&http.to_string(), "/metrics").await;
     assert_eq!(status, 0, "a plaintext request was answered");
 }
+
+/// The sum of the samples of `name` with every label in `labels` (`k="v"`
+/// strings) in an OpenMetrics text; `None` when there is none.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+        })
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(|a, b| a + b)
+}
+
+/// `/metrics` of a process started with KOO_HTTP_LISTEN=`addr`, once it
+/// answers with a sample of `name` that `want` accepts.
+async fn scrape_until(
+    addr: &str,
+    name: &str,
+    labels: &[&str],
+    want: impl Fn(f64) -> bool,
+) -> String {
+    let until = Instant::now() + QUERY_DEADLINE;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            let (status, text) = http_get(addr, "/metrics").await;
+            if status == 200 && sample(&text, name, labels).is_some_and(&want) {
+                return text;
+            }
+        }
+        assert!(
+            Instant::now() < until,
+            "{addr}: no {name} {labels:?} in time"
+        );
+        // the process's counters have no event a test can await
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `koo worker` serves its own `/metrics` when KOO_HTTP_LISTEN is set: the
+/// task its slot ran is counted there (koo serve, with no slots, counts
+/// only the submit), with the queues' shared figures and no gRPC or cache
+/// series. `koo scheduler` counts its fires. Off by default: no listener.
+#[tokio::test]
+async fn worker_and_scheduler_serve_their_own_metrics() {
+    use common::tasks::{is_final, worker_with};
+    let redis = common::TestRedis::start().await;
+    let url = redis.url();
+    let (_koo, grpc, _, _) = serve(&[
+        ("REDIS_URL", url.as_str()),
+        ("KOO_WORKER_CONCURRENCY", "0"),
+        ("KOO_NO_SCHEDULER", "true"),
+    ]);
+    let worker_http = format!("127.0.0.1:{}", free_port());
+    let worker = Guard(worker_with(
+        &redis,
+        &[("KOO_HTTP_LISTEN", worker_http.as_str())],
+    ));
+    let quiet = Guard(worker_with(&redis, &[]));
+    let channel = Channel::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut tasks = pb::task_service_client::TaskServiceClient::new(channel);
+    let task = tasks
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let done = wait_task(&mut tasks, &task.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+    // one of the two workers ran it; submit more until the scraped one has
+    let mut text = String::new();
+    for _ in 0..50 {
+        let (_, t) = http_get(&worker_http, "/metrics").await;
+        text = t;
+        if sample(&text, "koo_tasks_total", &[r#"outcome="succeeded""#]).is_some_and(|n| n >= 1.0) {
+            break;
+        }
+        let t = tasks
+            .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        wait_task(&mut tasks, &t.id, is_final).await;
+    }
+    assert!(
+        sample(&text, "koo_tasks_total", &[r#"outcome="succeeded""#]).is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
+    assert!(sample(&text, "koo_worker_slots", &[]).is_some(), "{text}");
+    assert!(!text.contains("grpc_server_"), "{text}");
+    assert!(!text.contains("koo_cache_"), "{text}");
+    assert_eq!(
+        listening_sockets(quiet.0.id()),
+        0,
+        "a worker listened by default"
+    );
+    drop(worker);
+
+    let scheduler_http = format!("127.0.0.1:{}", free_port());
+    let scheduler = std::process::Command::new(env!("CARGO_BIN_EXE_koo"))
+        .arg("scheduler")
+        .env("REDIS_URL", &url)
+        .env("KOO_HTTP_LISTEN", &scheduler_http)
+        // every second (six fields), so that a fire comes at once
+        .env("KOO_SCHEDULE_HEALTH_CHECK", "* * * * * *")
+        .env("KOO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn koo scheduler");
+    let _scheduler = Guard(scheduler);
+    scrape_until(&scheduler_http, "koo_schedule_fires_total", &[], |n| {
+        n >= 1.0
+    })
+    .await;
+}
