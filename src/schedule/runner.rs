@@ -157,13 +157,14 @@ fn rebuild(entries: &mut HashMap<String, Entry>, snap: &Snapshot, now: DateTime<
     }
 }
 
-/// After downtime: for each schedule whose policy is to run once, the
-/// latest tick missed since its last run (or its last change) fires now.
-/// Keyed like any tick, so instances starting together submit it once.
+/// After downtime: the ticks missed since each schedule's last run (or its
+/// last change) are counted, whatever the policy; for a schedule whose
+/// policy is to run once, the latest fires now. Keyed like any tick, so
+/// instances starting together submit it once.
 fn catch_up(schedules: &Schedules, entries: &HashMap<String, Entry>, snap: &Snapshot) {
     let now = schedules.now();
     for (name, e) in entries {
-        if e.schedule.paused || e.schedule.policy != MissedPolicy::RunOnce {
+        if e.schedule.paused {
             continue;
         }
         let last = snap
@@ -183,6 +184,9 @@ fn catch_up(schedules: &Schedules, entries: &HashMap<String, Entry>, snap: &Snap
         let missed = e.spec.missed(since, until, DEFAULT_MISSED_CAP);
         let counted = &schedules.figures().missed;
         counted.fetch_add(missed.count as u64, Relaxed);
+        if e.schedule.policy != MissedPolicy::RunOnce {
+            continue;
+        }
         if let Some(tick) = missed.latest {
             tracing::info!(schedule = %name, missed = missed.count, tick = %tick.key, "running the latest missed tick once");
             tokio::spawn(fire(schedules.clone(), e.schedule.clone(), tick));

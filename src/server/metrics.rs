@@ -346,7 +346,7 @@ impl Collector for ScheduleCollector {
             ),
             (
                 "koo_schedule_missed_ticks",
-                "Schedule ticks this instance found missed after downtime (per instance; the schedule's policy decides whether the latest still runs).",
+                "Schedule ticks this instance found missed after downtime, under every policy (per instance; the schedule's policy decides whether the latest still runs; schedulers that start together each count the same ticks).",
                 load(&f.missed),
             ),
             (
