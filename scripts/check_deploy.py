@@ -152,7 +152,12 @@ def load_prometheus(services: dict[str, Any], base: Path) -> tuple[Path, dict[st
     return prom_config, config
 
 
-def check_scraped(prom_config: Path, config: dict[str, Any], ports: dict[str, tuple[str, int]], serve_scheme: str) -> int:
+def check_scraped(
+    prom_config: Path,
+    config: dict[str, Any],
+    ports: dict[str, tuple[str, int]],
+    serve_scheme: str,
+) -> int:
     """Prometheus scrapes every koo service at its metrics port: `koo serve`
     with `serve_scheme`, `koo worker` and `koo scheduler` in plain http
     (they have no TLS settings); the latter two publish no port."""
@@ -178,7 +183,10 @@ def check_monitoring(path: str, services: dict[str, Any]) -> int:
     checks = check_scraped(prom_config, config, metrics_ports(services), "http")
     for name, (role, _) in metrics_ports(services).items():
         published = services[name].get("ports", [])
-        require(role == "serve" or not published, f"{name}: koo {role}'s plaintext /metrics must not be published: {published}")
+        require(
+            role == "serve" or not published,
+            f"{name}: koo {role}'s plaintext /metrics must not be published: {published}",
+        )
     provisioning = mounted(services["grafana"], "/etc/grafana/provisioning", base)
     sources = [
         d
@@ -273,7 +281,10 @@ def check_secure(path: str) -> int:
     checks += check_secure_prometheus(path, services, secrets)
     for name in ("worker", "scheduler"):
         overlay = services.get(name, {})
-        require(not overlay.get("ports"), f"the overlay publishes {name}'s plaintext /metrics: {overlay.get('ports')}")
+        require(
+            not overlay.get("ports"),
+            f"the overlay publishes {name}'s plaintext /metrics: {overlay.get('ports')}",
+        )
         checks += 1
     print(f"deploy: {checks} checks passed on {path}")
     return 0

@@ -438,11 +438,17 @@ def check_pod_monitor(m: Manifests, deployments: dict[str, Obj]) -> None:
         if not wanted:
             continue
         if "jobLabel" in spec:
-            m.ok(spec["jobLabel"] in labels, f"PodMonitor jobLabel {spec['jobLabel']}: not a label of koo {role}'s pods")
+            m.ok(
+                spec["jobLabel"] in labels,
+                f"PodMonitor jobLabel {spec['jobLabel']}: not a label of koo {role}'s pods",
+            )
         c = d["spec"]["template"]["spec"]["containers"][0]
         names = {p["name"] for p in c.get("ports", [])}
         for ep in spec["podMetricsEndpoints"]:
-            m.ok(ep.get("port") == "http" and "http" in names, f"PodMonitor port {ep.get('port')}: not koo {role}'s http")
+            m.ok(
+                ep.get("port") == "http" and "http" in names,
+                f"PodMonitor port {ep.get('port')}: not koo {role}'s http",
+            )
     for ep in spec["podMetricsEndpoints"]:
         m.ok(ep.get("path", "/metrics") == "/metrics", f"PodMonitor path {ep.get('path')}")
         plain = ep.get("scheme", "http") == "http" and not ep.get("tlsConfig") and not ep.get("authorization")
@@ -461,16 +467,26 @@ def check_ingress(m: Manifests, role: str, labels: dict[str, str]) -> None:
     for policy in policies:
         name = policy["metadata"]["name"]
         spec = policy["spec"]
-        m.ok("Ingress" in spec.get("policyTypes", []), f"NetworkPolicy {name}: no Ingress policy type (all ingress allowed)")
+        m.ok(
+            "Ingress" in spec.get("policyTypes", []),
+            f"NetworkPolicy {name}: no Ingress policy type (all ingress allowed)",
+        )
         rules = spec.get("ingress", [])
         if only_metrics:
             m.ok(bool(rules), f"NetworkPolicy {name}: admits no scraper of koo {role}'s http port")
         for rule in rules:
             ports = [str(p.get("port")) for p in rule.get("ports", [])]
             if only_metrics:
-                m.ok(ports == ["http"], f"NetworkPolicy {name}: koo {role} admits ports {ports or 'all'}, only http expected")
+                m.ok(
+                    ports == ["http"],
+                    f"NetworkPolicy {name}: koo {role} admits ports {ports or 'all'}, only http expected",
+                )
             if "http" in ports or not ports:
-                m.ok(rule.get("from") == [MONITORING], f"NetworkPolicy {name}: koo {role}'s http port admitted from {rule.get('from', 'anywhere')}")
+                m.ok(
+                    rule.get("from") == [MONITORING],
+                    f"NetworkPolicy {name}: koo {role}'s http port admitted from "
+                    f"{rule.get('from', 'anywhere')}",
+                )
 
 
 def check_k8s(directory: str) -> int:
