@@ -180,8 +180,9 @@ def check_monitoring(path: str, services: dict[str, Any]) -> int:
     require("prometheus" in services, "no prometheus service")
     require("grafana" in services, "no grafana service")
     prom_config, config = load_prometheus(services, base)
-    checks = check_scraped(prom_config, config, metrics_ports(services), "http")
-    for name, (role, _) in metrics_ports(services).items():
+    ports = metrics_ports(services)
+    checks = check_scraped(prom_config, config, ports, "http")
+    for name, (role, _) in ports.items():
         published = services[name].get("ports", [])
         require(
             role == "serve" or not published,
