@@ -3,9 +3,10 @@
 The schema says the file is a valid compose file; this says it is the
 deployment the README describes: the cache on a Redis that evicts, the tasks
 on a Redis that never evicts and persists every write, and the seed's three
-roles (API, workers, beat) as separate services, scraped by the prometheus
-service (its configuration names koo's metrics port) and shown by a grafana
-provisioned with that Prometheus and the dashboards of deploy/grafana/. Run by
+roles (API, workers, beat) as separate services, each scraped by the
+prometheus service at its metrics port (KOO_HTTP_LISTEN: the workers and the
+scheduler count what they did themselves) and shown by a grafana provisioned
+with that Prometheus and the dashboards of deploy/grafana/. Run by
 scripts/test with the tools virtualenv's Python (ruamel.yaml and jsonschema
 come with check-jsonschema).
 
@@ -106,37 +107,87 @@ def mounted(service: dict[str, Any], target: str, base: Path) -> Path:
     raise DeployError(f"nothing is mounted at {target}: {service.get('volumes')}")
 
 
-def scrape_targets(config: dict[str, Any]) -> list[tuple[str, str, int]]:
-    """(metrics path, host, port) of every scrape target the config names."""
+def scrape_targets(config: dict[str, Any]) -> list[tuple[str, str, str, int]]:
+    """(scheme, metrics path, host, port) of every scrape target the config
+    names."""
     targets = []
     for job in config.get("scrape_configs", []):
+        scheme = job.get("scheme", "http")
         path = job.get("metrics_path", "/metrics")
         for sd in job.get("dns_sd_configs", []):
-            targets += [(path, str(n), int(sd["port"])) for n in sd.get("names", [])]
+            targets += [(scheme, path, str(n), int(sd["port"])) for n in sd.get("names", [])]
         for sc in job.get("static_configs", []):
             for t in sc.get("targets", []):
                 host, _, port = str(t).rpartition(":")
-                targets.append((path, host, int(port)))
+                targets.append((scheme, path, host, int(port)))
     return targets
 
 
-def check_monitoring(path: str, services: dict[str, Any]) -> int:
-    """Prometheus scrapes `koo serve`'s metrics listener; Grafana reads that
-    Prometheus and loads deploy/grafana/koo-dashboard.json."""
-    base = Path(path).parent
-    require("prometheus" in services, "no prometheus service")
-    require("grafana" in services, "no grafana service")
-    serve = [n for n, s in services.items() if [str(c) for c in s.get("command", [])][:1] == ["serve"]]
-    http = str(services[serve[0]].get("environment", {}).get("KOO_HTTP_LISTEN", ""))
-    host, _, port = http.rpartition(":")
-    require(host == "0.0.0.0", f"{serve[0]}: KOO_HTTP_LISTEN={http!r} is not reachable from prometheus")
+ROLES = ("serve", "worker", "scheduler")
+
+
+def metrics_ports(services: dict[str, Any]) -> dict[str, tuple[str, int]]:
+    """The role and metrics port of every koo service (KOO_HTTP_LISTEN, on
+    all interfaces so that the prometheus service reaches it)."""
+    ports = {}
+    for name, svc in services.items():
+        role = [str(c) for c in svc.get("command", [])][:1]
+        if "build" not in svc or not role or role[0] not in ROLES:
+            continue
+        http = str(svc.get("environment", {}).get("KOO_HTTP_LISTEN", ""))
+        host, _, port = http.rpartition(":")
+        require(
+            host == "0.0.0.0" and port.isdigit(),
+            f"{name} (koo {role[0]}): KOO_HTTP_LISTEN={http!r} is not reachable from prometheus",
+        )
+        ports[name] = (role[0], int(port))
+    return ports
+
+
+def load_prometheus(services: dict[str, Any], base: Path) -> tuple[Path, dict[str, Any]]:
+    """The configuration the prometheus service mounts, and its path."""
     prom_config = mounted(services["prometheus"], "/etc/prometheus/prometheus.yml", base)
     with open(prom_config, encoding="utf-8") as f:
         config: dict[str, Any] = YAML(typ="safe").load(f)
-    require(
-        ("/metrics", serve[0], int(port)) in scrape_targets(config),
-        f"{prom_config} does not scrape {serve[0]}:{port}/metrics: {scrape_targets(config)}",
-    )
+    return prom_config, config
+
+
+def check_scraped(
+    prom_config: Path,
+    config: dict[str, Any],
+    ports: dict[str, tuple[str, int]],
+    serve_scheme: str,
+) -> int:
+    """Prometheus scrapes every koo service at its metrics port: `koo serve`
+    with `serve_scheme`, `koo worker` and `koo scheduler` in plain http
+    (they have no TLS settings); the latter two publish no port."""
+    targets = scrape_targets(config)
+    for name, (role, port) in ports.items():
+        scheme = serve_scheme if role == "serve" else "http"
+        require(
+            (scheme, "/metrics", name, port) in targets,
+            f"{prom_config} does not scrape {scheme}://{name}:{port}/metrics (koo {role}): {targets}",
+        )
+    for role in ROLES:
+        require(role in {r for r, _ in ports.values()}, f"no koo {role} service has a metrics port: {ports}")
+    return len(ports) + len(ROLES)
+
+
+def check_monitoring(path: str, services: dict[str, Any]) -> int:
+    """Prometheus scrapes the metrics listener of every koo service; Grafana
+    reads that Prometheus and loads deploy/grafana/koo-dashboard.json."""
+    base = Path(path).parent
+    require("prometheus" in services, "no prometheus service")
+    require("grafana" in services, "no grafana service")
+    prom_config, config = load_prometheus(services, base)
+    ports = metrics_ports(services)
+    checks = check_scraped(prom_config, config, ports, "http")
+    for name, (role, _) in ports.items():
+        published = services[name].get("ports", [])
+        require(
+            role == "serve" or not published,
+            f"{name}: koo {role}'s plaintext /metrics must not be published: {published}",
+        )
     provisioning = mounted(services["grafana"], "/etc/grafana/provisioning", base)
     sources = [
         d
@@ -161,7 +212,7 @@ def check_monitoring(path: str, services: dict[str, Any]) -> int:
     for d in dashboards:
         for f in sorted(d.glob("*.json")):
             check_datasources(f, uids)
-    return 5
+    return checks + 4
 
 
 def datasource_refs(node: Any) -> list[str]:
@@ -229,6 +280,13 @@ def check_secure(path: str) -> int:
     require(probe[-2:] == ["--addr", listen], f"the probe does not use {listen}: {probe}")
     checks += 2
     checks += check_secure_prometheus(path, services, secrets)
+    for name in ("worker", "scheduler"):
+        overlay = services.get(name, {})
+        require(
+            not overlay.get("ports"),
+            f"the overlay publishes {name}'s plaintext /metrics: {overlay.get('ports')}",
+        )
+        checks += 1
     print(f"deploy: {checks} checks passed on {path}")
     return 0
 
@@ -236,13 +294,16 @@ def check_secure(path: str) -> int:
 def check_secure_prometheus(
     path: str, services: dict[str, Any], secrets: dict[str, Any]
 ) -> int:
-    """Under TLS, Prometheus scrapes over https with every file its
-    configuration names mounted as a secret of its service."""
+    """Under TLS, Prometheus scrapes `koo serve` over https with every file
+    its configuration names mounted as a secret of its service, and still
+    scrapes the worker and scheduler (over http) of the base file that the
+    overlay is layered on."""
     require("prometheus" in services, "the overlay does not configure prometheus")
     prometheus: dict[str, Any] = services["prometheus"]
-    config_path = mounted(prometheus, "/etc/prometheus/prometheus.yml", Path(path).parent)
-    with open(config_path, encoding="utf-8") as f:
-        config: dict[str, Any] = YAML(typ="safe").load(f)
+    config_path, config = load_prometheus(services, Path(path).parent)
+    with open(Path(path).parent / "docker-compose.yml", encoding="utf-8") as f:
+        base_services: dict[str, Any] = YAML(typ="safe").load(f)["services"]
+    scraped = check_scraped(config_path, config, metrics_ports(base_services), "https")
     koo_jobs = [j for j in config["scrape_configs"] if j["job_name"] == "koo"]
     require(len(koo_jobs) == 1 and koo_jobs[0].get("scheme") == "https", f"{config_path}: koo not scraped over https")
     job = koo_jobs[0]
@@ -254,7 +315,7 @@ def check_secure_prometheus(
         require(file.startswith("/run/secrets/"), f"{config_path}: {file!r} is not a mounted secret")
         require(name in mounted_secrets, f"prometheus: secret {name} is not mounted")
         require(name in secrets and "file" in secrets[name], f"prometheus: secret {name} has no file")
-    return 1 + len(files)
+    return 1 + len(files) + scraped
 
 
 if __name__ == "__main__":

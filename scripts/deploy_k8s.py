@@ -2,8 +2,8 @@
 
 kubernetes-validate says each core object is valid for the Kubernetes version
 scripts/test names; this says the objects fit together as the deployment the
-README describes, and checks the one custom resource (the ServiceMonitor),
-which no Kubernetes schema covers, against a schema of the
+README describes, and checks the custom resources (the ServiceMonitor and
+the PodMonitor), which no Kubernetes schema covers, against a schema of the
 prometheus-operator CRD fields used here (unknown fields are errors, as in
 the strict core check):
 
@@ -18,9 +18,17 @@ the strict core check):
   health port (KOO_HEALTH_LISTEN) when TLS is on, KOO_LISTEN and KOO_HTTP_LISTEN on
   all interfaces at the named container ports, every file koo reads inside a
   mounted Secret that has that key;
+- `koo worker`, `koo scheduler`: KOO_HTTP_LISTEN on all interfaces at the
+  container port `http`, their only port;
 - every Secret and ConfigMap named exists (with the key named); the Service
   selects the serve pods; the ServiceMonitor selects the Service, scrapes its
-  port `http` at /metrics, over https when koo serves TLS.
+  port `http` at /metrics, over https when koo serves TLS; the PodMonitor
+  selects the worker and scheduler pods (not the serve pods, which the
+  ServiceMonitor scrapes), scrapes their port `http` at /metrics in plain
+  http (they have no TLS or keys settings), its job label is a label of
+  theirs;
+- port `http` (/metrics) of every role is admitted from the monitoring
+  namespace only, and the worker and scheduler pods admit nothing else.
 
 Used by scripts/check_deploy.py (`check_deploy.py deploy/kubernetes`).
 """
@@ -66,85 +74,108 @@ _SECRET_OR_CONFIGMAP = {
 }
 _DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"}
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
-
-# The fields of monitoring.coreos.com/v1 ServiceMonitor (prometheus-operator's
-# CRD) that deploy/kubernetes uses, with the CRD's types and enums; any other
-# field is an error here, so a typo cannot pass unnoticed.
-SERVICE_MONITOR_SCHEMA: Obj = {
+# A metav1.LabelSelector, as both CRDs take it.
+_SELECTOR = {
     "type": "object",
     "additionalProperties": False,
-    "required": ["apiVersion", "kind", "metadata", "spec"],
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"},
-        "kind": {"const": "ServiceMonitor"},
-        "metadata": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["name"],
-            "properties": {
-                "name": {"type": "string", "minLength": 1},
-                "namespace": {"type": "string"},
-                "labels": _LABELS,
-            },
-        },
-        "spec": {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["selector", "endpoints"],
-            "properties": {
-                "jobLabel": {"type": "string"},
-                "selector": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {"matchLabels": _LABELS},
-                },
-                "namespaceSelector": {
-                    "type": "object",
-                    "additionalProperties": False,
-                    "properties": {
-                        "any": {"type": "boolean"},
-                        "matchNames": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-                "endpoints": {
-                    "type": "array",
-                    "minItems": 1,
-                    "items": {
-                        "type": "object",
-                        "additionalProperties": False,
-                        "properties": {
-                            "port": {"type": "string"},
-                            "path": {"type": "string"},
-                            "scheme": {"enum": ["http", "https"]},
-                            "interval": _DURATION,
-                            "scrapeTimeout": _DURATION,
-                            "honorLabels": {"type": "boolean"},
-                            "tlsConfig": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {
-                                    "ca": _SECRET_OR_CONFIGMAP,
-                                    "cert": _SECRET_OR_CONFIGMAP,
-                                    "keySecret": _SECRET_KEY_SELECTOR,
-                                    "serverName": {"type": "string"},
-                                    "insecureSkipVerify": {"type": "boolean"},
-                                },
-                            },
-                            "authorization": {
-                                "type": "object",
-                                "additionalProperties": False,
-                                "properties": {
-                                    "type": {"type": "string"},
-                                    "credentials": _SECRET_KEY_SELECTOR,
-                                },
-                            },
-                        },
-                    },
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string", "minLength": 1},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
                 },
             },
         },
     },
 }
+# A ServiceMonitor's `endpoints[]` and a PodMonitor's `podMetricsEndpoints[]`
+# share these fields (the CRDs' Endpoint and PodMetricsEndpoint).
+_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string"},
+        "scheme": {"enum": ["http", "https"]},
+        "interval": _DURATION,
+        "scrapeTimeout": _DURATION,
+        "honorLabels": {"type": "boolean"},
+        "tlsConfig": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "ca": _SECRET_OR_CONFIGMAP,
+                "cert": _SECRET_OR_CONFIGMAP,
+                "keySecret": _SECRET_KEY_SELECTOR,
+                "serverName": {"type": "string"},
+                "insecureSkipVerify": {"type": "boolean"},
+            },
+        },
+        "authorization": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string"},
+                "credentials": _SECRET_KEY_SELECTOR,
+            },
+        },
+    },
+}
+
+
+def monitor_schema(kind: str, endpoints: str) -> Obj:
+    """The fields of a monitoring.coreos.com/v1 `kind` (prometheus-operator's
+    CRD) that deploy/kubernetes uses, with the CRD's types and enums, its
+    endpoints under the key `endpoints`; any other field is an error here, so
+    a typo cannot pass unnoticed."""
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": kind},
+            "metadata": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string", "minLength": 1},
+                    "namespace": {"type": "string"},
+                    "labels": _LABELS,
+                },
+            },
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", endpoints],
+                "properties": {
+                    "jobLabel": {"type": "string"},
+                    "selector": _SELECTOR,
+                    "namespaceSelector": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "any": {"type": "boolean"},
+                            "matchNames": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                    endpoints: {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                },
+            },
+        },
+    }
+
+
+SERVICE_MONITOR_SCHEMA = monitor_schema("ServiceMonitor", "endpoints")
+POD_MONITOR_SCHEMA = monitor_schema("PodMonitor", "podMetricsEndpoints")
 
 
 def load_dir(directory: Path) -> list[Obj]:
@@ -343,16 +374,22 @@ def check_serve(m: Manifests, deployment: Obj) -> None:
     check_service_monitor(m, service, tls)
 
 
-def check_service_monitor(m: Manifests, service: Obj, tls: bool) -> None:
-    monitors = m.of("ServiceMonitor")
-    m.ok(len(monitors) == 1, f"{len(monitors)} ServiceMonitors, one expected")
-    sm = {k: v for k, v in monitors[0].items() if k != "_file"}
+def the_monitor(m: Manifests, kind: str, schema: Obj) -> Obj:
+    """The one object of `kind`, valid against `schema`."""
+    monitors = m.of(kind)
+    m.ok(len(monitors) == 1, f"{len(monitors)} {kind}s, one expected")
+    monitor = {k: v for k, v in monitors[0].items() if k != "_file"}
     try:
-        jsonschema.validate(sm, SERVICE_MONITOR_SCHEMA)
+        jsonschema.validate(monitor, schema)
     except jsonschema.ValidationError as e:
         path = ".".join(str(p) for p in e.absolute_path)
-        raise K8sError(f"ServiceMonitor {path or '(root)'}: {e.message}") from None
+        raise K8sError(f"{kind} {path or '(root)'}: {e.message}") from None
     m.checks += 1
+    return monitor
+
+
+def check_service_monitor(m: Manifests, service: Obj, tls: bool) -> None:
+    sm = the_monitor(m, "ServiceMonitor", SERVICE_MONITOR_SCHEMA)
     m.ok(selects(sm["spec"]["selector"], service["metadata"]["labels"]), "the ServiceMonitor misses the Service")
     service_ports = {p["name"] for p in service["spec"]["ports"]}
     for ep in sm["spec"]["endpoints"]:
@@ -368,6 +405,90 @@ def check_service_monitor(m: Manifests, service: Obj, tls: bool) -> None:
                 m.secret_has(ref["name"], ref["key"], "ServiceMonitor")
 
 
+def check_process(m: Manifests, deployment: Obj, role: str, constant: str) -> Obj:
+    """`koo worker` or `koo scheduler`: grace, and /metrics at port `http`
+    (its only port); its container."""
+    pod, c = check_pod(m, deployment)
+    need = koo_constant(constant)
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    m.ok(grace > need, f"koo {role}: terminationGracePeriodSeconds {grace} <= koo's {constant} {need}")
+    env = env_of(c)
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    m.ok(list(ports) == ["http"], f"koo {role}: container ports {sorted(ports)}, only http expected")
+    m.ok(
+        port_of(env.get("KOO_HTTP_LISTEN", ""), "KOO_HTTP_LISTEN") == ports["http"],
+        f"koo {role}: KOO_HTTP_LISTEN={env.get('KOO_HTTP_LISTEN')!r} is not port http "
+        f"({ports['http']}, which the PodMonitor scrapes)",
+    )
+    return c
+
+
+def check_pod_monitor(m: Manifests, deployments: dict[str, Obj]) -> None:
+    """The PodMonitor scrapes the worker and scheduler pods' port `http` at
+    /metrics in plain http, and not the serve pods (the ServiceMonitor's)."""
+    pm = the_monitor(m, "PodMonitor", POD_MONITOR_SCHEMA)
+    spec = pm["spec"]
+    for role, d in deployments.items():
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        wanted = role in ("worker", "scheduler")
+        m.ok(
+            selects(spec["selector"], labels) == wanted,
+            f"the PodMonitor {'misses' if wanted else 'selects'} the koo {role} pods",
+        )
+        if not wanted:
+            continue
+        if "jobLabel" in spec:
+            m.ok(
+                spec["jobLabel"] in labels,
+                f"PodMonitor jobLabel {spec['jobLabel']}: not a label of koo {role}'s pods",
+            )
+        c = d["spec"]["template"]["spec"]["containers"][0]
+        names = {p["name"] for p in c.get("ports", [])}
+        for ep in spec["podMetricsEndpoints"]:
+            m.ok(
+                ep.get("port") == "http" and "http" in names,
+                f"PodMonitor port {ep.get('port')}: not koo {role}'s http",
+            )
+    for ep in spec["podMetricsEndpoints"]:
+        m.ok(ep.get("path", "/metrics") == "/metrics", f"PodMonitor path {ep.get('path')}")
+        plain = ep.get("scheme", "http") == "http" and not ep.get("tlsConfig") and not ep.get("authorization")
+        m.ok(plain, f"PodMonitor: {ep}: koo worker and koo scheduler serve plain http without keys")
+
+
+MONITORING = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
+
+def check_ingress(m: Manifests, role: str, labels: dict[str, str]) -> None:
+    """Port `http` (/metrics) is admitted from the monitoring namespace only
+    (a rule without `from` admits every source); the worker and scheduler
+    pods admit nothing else."""
+    policies = [p for p in m.of("NetworkPolicy") if selects(p["spec"]["podSelector"], labels)]
+    only_metrics = role != "serve"
+    for policy in policies:
+        name = policy["metadata"]["name"]
+        spec = policy["spec"]
+        m.ok(
+            "Ingress" in spec.get("policyTypes", []),
+            f"NetworkPolicy {name}: no Ingress policy type (all ingress allowed)",
+        )
+        rules = spec.get("ingress", [])
+        if only_metrics:
+            m.ok(bool(rules), f"NetworkPolicy {name}: admits no scraper of koo {role}'s http port")
+        for rule in rules:
+            ports = [str(p.get("port")) for p in rule.get("ports", [])]
+            if only_metrics:
+                m.ok(
+                    ports == ["http"],
+                    f"NetworkPolicy {name}: koo {role} admits ports {ports or 'all'}, only http expected",
+                )
+            if "http" in ports or not ports:
+                m.ok(
+                    rule.get("from") == [MONITORING],
+                    f"NetworkPolicy {name}: koo {role}'s http port admitted from "
+                    f"{rule.get('from', 'anywhere')}",
+                )
+
+
 def check_k8s(directory: str) -> int:
     m = Manifests(load_dir(Path(directory)))
     m.checks += 1
@@ -379,9 +500,9 @@ def check_k8s(directory: str) -> int:
         require(role in deployments, f"no Deployment runs `koo {role}`: {sorted(deployments)}")
     check_serve(m, deployments["serve"])
     for role, constant in (("worker", "WORKER_STOP_GRACE"), ("scheduler", "SCHEDULER_STOP_GRACE")):
-        pod, _ = check_pod(m, deployments[role])
-        need = koo_constant(constant)
-        grace = pod.get("terminationGracePeriodSeconds", 30)
-        m.ok(grace > need, f"koo {role}: terminationGracePeriodSeconds {grace} <= koo's {constant} {need}")
+        check_process(m, deployments[role], role, constant)
+    check_pod_monitor(m, deployments)
+    for role, d in deployments.items():
+        check_ingress(m, role, d["spec"]["template"]["metadata"]["labels"])
     print(f"deploy: {m.checks} checks passed on {directory} ({len(m.objects)} objects)")
     return 0
