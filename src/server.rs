@@ -109,13 +109,13 @@ pub async fn run(
     let side = SideListeners::bind(&settings).await?;
     let grpc_metrics = GrpcMetrics::for_koo();
     let routes = router::routes(&app, &settings, &gate, health.clone())?;
-    let layers = || {
-        router::call_layers(
-            gate.clone(),
-            grpc_metrics.clone(),
-            settings.limits.max_inflight_calls,
-        )
-    };
+    // one set of layers for both listeners: one in-flight bound, one set
+    // of counters
+    let layers = router::call_layers(
+        gate.clone(),
+        grpc_metrics.clone(),
+        settings.limits.max_inflight_calls,
+    );
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
     let side = side.serve(
@@ -126,13 +126,13 @@ pub async fn run(
             tls: tls.clone(),
             metrics: grpc_metrics.clone(),
             gate: gate.clone(),
-            calls: layers().service(routes.clone()),
+            calls: layers.clone().service(routes.clone()),
         },
         &stopping.health,
     );
     // last: when this line shows, the side listeners have said theirs
     tracing::info!(%addr, tls = tls.is_some(), mtls = tls.as_ref().is_some_and(Tls::mutual), "koo serving gRPC");
-    let serve = router::serve(&settings, (routes, layers()), incoming, on_shutdown);
+    let serve = router::serve(&settings, (routes, layers), incoming, on_shutdown);
     let grace = settings.shutdown_grace;
     let result = stopping.within_grace(serve, grace).await;
     app.stop.cancel();
