@@ -25,6 +25,7 @@ use crate::transport::{exposure, listener};
 
 mod http;
 mod metrics;
+mod rest;
 mod router;
 
 // The settings `run` takes are the composition root's.
@@ -220,6 +221,7 @@ impl SideListeners {
             ));
         }
         if let Some(l) = self.http {
+            let rest = http::rest_calls(app, settings, (gate.clone(), grpc.clone()));
             let exporter = metrics::Exporter::new(
                 grpc,
                 app.cache.clone(),
@@ -230,7 +232,7 @@ impl SideListeners {
                 l,
                 tls,
                 &settings.limits,
-                (Arc::new(exporter), gate),
+                (Arc::new(exporter), gate, rest),
                 stop.clone(),
             ));
         }

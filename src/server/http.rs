@@ -1,6 +1,7 @@
 //! The HTTP listener (`KOO_HTTP_LISTEN`): an axum router (axum 0.8 is
-//! already in the tree through tonic) serving `/metrics` now; grpc-web, the
-//! REST paths and the dashboard are meant to be routes added here.
+//! already in the tree through tonic) serving `/metrics` and the seed's REST
+//! paths ([`super::rest`]); grpc-web and the dashboard are meant to be
+//! routes added here.
 //!
 //! Connections come from the same accept loop as the gRPC port's (TLS with
 //! the same certificate when `KOO_TLS_*` is set, bounded handshakes, the
@@ -29,8 +30,12 @@ use tonic::transport::server::Connected as _;
 use super::metrics::Exporter;
 use crate::auth::AuthError;
 use crate::auth::gate::Gate;
-use crate::transport::Peer;
-use crate::transport::conn::Conn;
+use crate::auth::layer::AuthLayer;
+use crate::grpc::metrics::{GrpcMetrics, MetricsLayer};
+use crate::grpc::shed::ShedLayer;
+use crate::grpc::span::SpanLayer;
+use crate::transport::calls::PeerLayer;
+use crate::transport::conn::{Conn, ConnInfo};
 use crate::transport::listener;
 use crate::transport::tls::Tls;
 
@@ -48,10 +53,43 @@ struct HttpState {
 }
 
 /// Every HTTP route.
-fn router(state: HttpState) -> Router {
+fn router(state: HttpState, rest: Router) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(rest)
+}
+
+/// koo's gRPC service as REST calls reach it: the cache and task services
+/// (the two with REST paths) behind the same layers as the gRPC port's
+/// (metrics, span, peer, auth, load shedding), so that a REST call is
+/// counted, authenticated and shed as any call.
+///
+/// The one place to swap for the gRPC port's own stack once there is one.
+pub(super) fn rest_calls(
+    app: &crate::app::Serve,
+    settings: &super::Settings,
+    (gate, metrics): (Gate, GrpcMetrics),
+) -> Router {
+    let routes = tonic::service::Routes::new(super::router::cache_service(app, settings))
+        .add_service(super::router::task_service(app, settings));
+    let grpc = tower::ServiceBuilder::new()
+        .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
+        .layer(MetricsLayer::new(metrics))
+        .layer(SpanLayer)
+        // the accept loop's connection (under mTLS, its identity) where
+        // PeerLayer looks for it
+        .map_request(|mut r: http::Request<tonic::body::Body>| {
+            if let Some(ConnectInfo(PeerOf(Some(conn)))) = r.extensions().get().cloned() {
+                r.extensions_mut().insert::<ConnInfo>(conn);
+            }
+            r
+        })
+        .layer(PeerLayer)
+        .layer(AuthLayer::new(gate))
+        .layer(ShedLayer::new(settings.limits.max_inflight_calls))
+        .service(routes);
+    super::rest::router(grpc, settings.limits.max_message_size)
 }
 
 async fn metrics(
@@ -60,8 +98,8 @@ async fn metrics(
     headers: HeaderMap,
 ) -> Response {
     let mut extensions = axum::http::Extensions::new();
-    if let Some(peer) = peer.0 {
-        extensions.insert(peer);
+    if let Some(conn) = peer.0 {
+        extensions.insert(conn.peer);
     }
     if let Err(e) = state.gate.admit(METRICS_ACCESS, &headers, &extensions) {
         return refusal(&e).into_response();
@@ -83,15 +121,15 @@ fn refusal(e: &AuthError) -> (StatusCode, String) {
     (status, format!("{e}\n"))
 }
 
-/// The connection's peer (its certificate's identity, under mTLS), for the
-/// gate.
+/// The connection (its peer, with its certificate's identity under mTLS),
+/// for the gate.
 #[derive(Clone)]
-struct PeerOf(Option<Peer>);
+struct PeerOf(Option<ConnInfo>);
 
 impl Connected<IncomingStream<'_, Conns>> for PeerOf {
     fn connect_info(stream: IncomingStream<'_, Conns>) -> Self {
         use tonic::transport::server::Connected as _;
-        Self(Some(stream.io().connect_info().peer))
+        Self(Some(stream.io().connect_info()))
     }
 }
 
@@ -101,7 +139,7 @@ pub(super) fn serve_http(
     listener: TcpListener,
     tls: Option<Tls>,
     limits: &crate::app::Limits,
-    (exporter, gate): (Arc<Exporter>, Gate),
+    (exporter, gate, rest): (Arc<Exporter>, Gate, Router),
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let addr = listener
@@ -119,7 +157,7 @@ pub(super) fn serve_http(
         local,
     };
     tokio::spawn(async move {
-        let app = router(HttpState { exporter, gate });
+        let app = router(HttpState { exporter, gate }, rest);
         let served = axum::serve(conns, app.into_make_service_with_connect_info::<PeerOf>())
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;

@@ -89,7 +89,7 @@ pub(super) fn serve(
 }
 
 /// What a client sends is bounded by the cache's message limit.
-fn cache_service(app: &Serve, settings: &Settings) -> CacheServiceServer<CacheApi> {
+pub(super) fn cache_service(app: &Serve, settings: &Settings) -> CacheServiceServer<CacheApi> {
     let limit = settings.cache.message_limit();
     let api = CacheApi::new(
         app.cache.clone(),
@@ -109,7 +109,7 @@ fn cache_service(app: &Serve, settings: &Settings) -> CacheServiceServer<CacheAp
 // GetTask adds the task around one, a list page holds many), so they are
 // not cut at it.
 
-fn task_service(app: &Serve, settings: &Settings) -> TaskServiceServer<TaskApi> {
+pub(super) fn task_service(app: &Serve, settings: &Settings) -> TaskServiceServer<TaskApi> {
     TaskServiceServer::new(TaskApi::new(
         (app.engine.clone(), app.hub.clone()),
         app.cache.clone(),
