@@ -21,6 +21,7 @@ mod metrics;
 mod parity;
 mod persist;
 mod redis_security;
+mod rest;
 mod schedules;
 mod store_faults;
 mod streams;
