@@ -66,7 +66,14 @@ impl Call {
             .collect();
         let body = axum::body::to_bytes(body, self.max_body)
             .await
-            .map_err(|_| RestError::too_large(self.max_body))?;
+            .map_err(|e| {
+                let e = e.into_inner();
+                if e.is::<http_body_util::LengthLimitError>() {
+                    RestError::too_large(self.max_body)
+                } else {
+                    RestError::bad_request(format!("reading the body: {e}"))
+                }
+            })?;
         let message = transcode::request(&self.route, &path, parts.uri.query(), &body)?;
         let mut call = http::Request::builder()
             .method(http::Method::POST)

@@ -218,7 +218,11 @@ mod tests {
     /// write it.
     fn row(r: &Route) -> String {
         let service = r.method.parent_service().name().to_owned();
-        let path = if r.template.contains('{') { "path, " } else { "" };
+        let path = if r.template.contains('{') {
+            "path, "
+        } else {
+            ""
+        };
         let fields = match r.body {
             BodyRule::All => "JSON body or query",
             BodyRule::None => "query",
@@ -245,10 +249,19 @@ mod tests {
     fn the_documented_tables_match_the_protos() {
         let want: Vec<String> = koo_routes().iter().map(row).collect();
         let doc = include_str!("../../../docs/rest-curl.md");
-        assert_eq!(rows_of(doc), want, "docs/rest-curl.md: the table should be\n{}", want.join("\n"));
+        assert_eq!(
+            rows_of(doc),
+            want,
+            "docs/rest-curl.md: the table should be\n{}",
+            want.join("\n")
+        );
         let readme = include_str!("../../../README.md");
         let rows = rows_of(readme);
-        assert!(rows.is_empty() || rows == want, "README.md: the table should be\n{}", want.join("\n"));
+        assert!(
+            rows.is_empty() || rows == want,
+            "README.md: the table should be\n{}",
+            want.join("\n")
+        );
     }
 
     /// A template variable that names no field is refused, naming it.

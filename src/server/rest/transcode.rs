@@ -58,7 +58,7 @@ pub(crate) fn request(
         let json: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
             RestError::bad_request(format!(
                 "the body is not JSON ({e}): {}",
-                quote(&String::from_utf8_lossy(body))
+                quote(&String::from_utf8_lossy(&body[..body.len().min(1024)]))
             ))
         })?;
         let serde_json::Value::Object(fields) = json else {
@@ -178,9 +178,10 @@ fn set(
     )
     .map_err(|e| {
         RestError::bad_request(format!(
-            "{} {}: {e} (got {})",
+            "{} {}: {} (got {})",
             source.name(),
             quote(name),
+            bounded(&e.to_string()),
             quote(&quoted)
         ))
     })?;
@@ -188,6 +189,18 @@ fn set(
         message.set_field(&field, value.clone());
     }
     Ok(())
+}
+
+/// The most characters of a parser's message an error keeps: serde's
+/// messages quote the input they refuse (`invalid type: string "…"`), whole.
+const MAX_PARSER_MESSAGE: usize = 160;
+
+/// `message` cut to [`MAX_PARSER_MESSAGE`] characters.
+fn bounded(message: &str) -> String {
+    match message.char_indices().nth(MAX_PARSER_MESSAGE) {
+        None => message.to_owned(),
+        Some((cut, _)) => format!("{}…", &message[..cut]),
+    }
 }
 
 /// `message` as one gRPC length-prefixed message (uncompressed).
@@ -294,6 +307,15 @@ mod tests {
         let long = format!("{{\"name\": \"{}", "x".repeat(10_000));
         let e = request(&r, &[], None, long.as_bytes()).unwrap_err();
         assert!(e.message.contains("not JSON"), "{e:?}");
+        assert!(e.message.len() < 400, "{e:?}");
+        let e = request(
+            &r,
+            &[],
+            None,
+            format!("{{\"kwargs\": \"{}\"}}", "y".repeat(10_000)).as_bytes(),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("the body's field \"kwargs\""), "{e:?}");
         assert!(e.message.len() < 400, "{e:?}");
         let e = request(&r, &[], None, b"[1]").unwrap_err();
         assert!(e.message.contains("must be a JSON object"), "{e:?}");
