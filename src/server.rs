@@ -17,6 +17,7 @@ use crate::auth::keys::Keys;
 use crate::auth::{Keyring, KeysError};
 use crate::grpc::health::HealthApi;
 use crate::grpc::metrics::GrpcMetrics;
+use crate::grpc::shed::ShedLayer;
 use crate::health::HealthPublisher;
 use crate::persist::PersistError;
 use crate::store::StoreError;
@@ -106,6 +107,8 @@ pub async fn run(
     );
     let side = SideListeners::bind(&settings).await?;
     let grpc_metrics = GrpcMetrics::for_koo();
+    // one in-flight bound for every call, whichever listener it came in on
+    let shed = ShedLayer::new(settings.limits.max_inflight_calls);
     let stopping = Stopping::default();
     let on_shutdown = stopping.after(shutdown, settings.shutdown_drain, &app.stop, &app.publisher);
     let side = side.serve(
@@ -116,6 +119,7 @@ pub async fn run(
             tls.clone(),
             grpc_metrics.clone(),
             gate.clone(),
+            shed.clone(),
         ),
         &stopping.health,
     );
@@ -124,7 +128,7 @@ pub async fn run(
     let serve = router::serve(
         &app,
         &settings,
-        (gate, grpc_metrics),
+        (gate, grpc_metrics, shed),
         health,
         incoming,
         on_shutdown,
@@ -208,7 +212,13 @@ impl SideListeners {
         self,
         app: &Serve,
         settings: &Settings,
-        (health, tls, grpc, gate): (HealthServer<HealthApi>, Option<Tls>, GrpcMetrics, Gate),
+        (health, tls, grpc, gate, shed): (
+            HealthServer<HealthApi>,
+            Option<Tls>,
+            GrpcMetrics,
+            Gate,
+            ShedLayer,
+        ),
         stop: &CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut served = Vec::new();
@@ -221,7 +231,7 @@ impl SideListeners {
             ));
         }
         if let Some(l) = self.http {
-            let rest = http::rest_calls(app, settings, (gate.clone(), grpc.clone()));
+            let rest = http::rest_calls(app, settings, (gate.clone(), grpc.clone(), shed));
             let exporter = metrics::Exporter::new(
                 grpc,
                 app.cache.clone(),

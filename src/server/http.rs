@@ -62,14 +62,15 @@ fn router(state: HttpState, rest: Router) -> Router {
 
 /// koo's gRPC service as REST calls reach it: the cache and task services
 /// (the two with REST paths) behind the same layers as the gRPC port's
-/// (metrics, span, peer, auth, load shedding), so that a REST call is
-/// counted, authenticated and shed as any call.
+/// (metrics, span, peer, auth, load shedding: the same figures, gate and
+/// in-flight permits), so that a REST call is counted, authenticated and
+/// shed as any call.
 ///
 /// The one place to swap for the gRPC port's own stack once there is one.
 pub(super) fn rest_calls(
     app: &crate::app::Serve,
     settings: &super::Settings,
-    (gate, metrics): (Gate, GrpcMetrics),
+    (gate, metrics, shed): (Gate, GrpcMetrics, ShedLayer),
 ) -> Router {
     let routes = tonic::service::Routes::new(super::router::cache_service(app, settings))
         .add_service(super::router::task_service(app, settings));
@@ -87,7 +88,7 @@ pub(super) fn rest_calls(
         })
         .layer(PeerLayer)
         .layer(AuthLayer::new(gate))
-        .layer(ShedLayer::new(settings.limits.max_inflight_calls))
+        .layer(shed)
         .service(routes);
     super::rest::router(grpc, settings.limits.max_message_size)
 }

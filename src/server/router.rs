@@ -35,7 +35,7 @@ use crate::transport::listener;
 pub(super) fn serve(
     app: &Serve,
     settings: &Settings,
-    (gate, metrics): (Gate, GrpcMetrics),
+    (gate, metrics, shed): (Gate, GrpcMetrics, ShedLayer),
     health: HealthServer<HealthApi>,
     incoming: ReceiverStream<Result<Conn, std::io::Error>>,
     signal: impl Future<Output = ()> + Send + 'static,
@@ -64,7 +64,7 @@ pub(super) fn serve(
         .layer(PeerLayer)
         // authentication first, so that refused calls take no in-flight slot
         .layer(AuthLayer::new(gate))
-        .layer(ShedLayer::new(settings.limits.max_inflight_calls))
+        .layer(shed)
         .add_service(cache_service(app, settings))
         .add_service(task_service(app, settings))
         .add_service(

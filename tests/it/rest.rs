@@ -8,7 +8,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::rest::{curl, seed_maintenance, serve_http};
+use common::rest::{curl, curl_text, seed_maintenance, serve_http};
 use common::{EVENT_TIMEOUT, TestRedis};
 use serde_json::{Value, json};
 
@@ -201,6 +201,26 @@ fn errors(http: &str) {
         body["message"].as_str().unwrap().contains("\"colour\""),
         "{body}"
     );
+    // the seed's hours_old, checked by the RPC as older_than is
+    let cleanup = |query: &str| {
+        curl(&[
+            "-X",
+            "POST",
+            &format!("http://{http}/api/v1/tasks/cleanup?{query}"),
+        ])
+    };
+    let (code, body) = cleanup("hours_old=-1");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("hours_old"),
+        "{body}"
+    );
+    let (code, body) = cleanup("hours_old=2&older_than=60s");
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("older_than"),
+        "{body}"
+    );
     // the RPC's own validation, with its details
     let (code, body) = post(
         http,
@@ -241,7 +261,8 @@ async fn the_seeds_lines_on_redis() {
 
 /// With keys, a REST call is authenticated as a gRPC call: 401 without a
 /// key, 403 for a reader on a write path, 200 with the right key (as a
-/// bearer token); a body over KOO_MAX_MESSAGE_SIZE is 413.
+/// bearer token); a body over KOO_MAX_MESSAGE_SIZE is 413; `/metrics`
+/// counts the calls.
 #[test]
 fn keys_roles_and_the_body_limit() {
     use common::auth::{KeysFile, READER, WRITER, all_roles};
@@ -275,4 +296,16 @@ fn keys_roles_and_the_body_limit() {
             .contains("KOO_MAX_MESSAGE_SIZE"),
         "{body}"
     );
+    // counted as the gRPC port's calls are, refusals included
+    let metrics = format!("http://{http}/metrics");
+    let (code, text) = curl_text(&["-H", &reader, &metrics]);
+    assert_eq!(code, 200, "{text}");
+    for counted in [
+        r#"grpc_method="GetHealth",grpc_code="Unauthenticated"} 1"#,
+        r#"grpc_method="GetHealth",grpc_code="OK"} 1"#,
+        r#"grpc_method="Warm",grpc_code="PermissionDenied"} 1"#,
+        r#"grpc_method="Warm",grpc_code="OK"} 1"#,
+    ] {
+        assert!(text.contains(counted), "{counted} in\n{text}");
+    }
 }

@@ -24,6 +24,12 @@ pub fn serve_http(env: &[(&str, &str)]) -> (ChildGuard, String) {
 /// Runs `curl` with `args` (plus `-sS` and a status line): the HTTP status
 /// and the body as JSON (`Value::Null` when it is not JSON).
 pub fn curl(args: &[&str]) -> (u16, Value) {
+    let (status, body) = curl_text(args);
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// [`curl`] with the body as text.
+pub fn curl_text(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl")
         .args(["-sS", "-w", "\n%{http_code}"])
         .args(args)
@@ -37,7 +43,7 @@ pub fn curl(args: &[&str]) -> (u16, Value) {
     );
     let (body, status) = text.rsplit_once('\n').expect("curl printed the status");
     let status = status.trim().parse().expect("an HTTP status");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    (status, body.to_owned())
 }
 
 /// Runs a shell line (a curl command as the seed's README writes it): its
