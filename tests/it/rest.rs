@@ -201,6 +201,15 @@ fn errors(http: &str) {
         body["message"].as_str().unwrap().contains("\"colour\""),
         "{body}"
     );
+    let (code, body) = get(http, "/api/v1/cache/nothing");
+    assert_eq!((code, &body["code"]), (404, &json!(5)), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("GET \"/api/v1/cache/nothing\""),
+        "{body}"
+    );
     // the seed's hours_old, checked by the RPC as older_than is
     let cleanup = |query: &str| {
         curl(&[

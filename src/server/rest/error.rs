@@ -44,6 +44,11 @@ impl RestError {
         }
     }
 
+    /// 404, NOT_FOUND: a path under `/api/` that no rule declares.
+    pub(crate) fn not_found(message: String) -> Self {
+        Self::from_code(Code::NotFound, message)
+    }
+
     /// 500, INTERNAL: a reply koo could not read (a bug).
     pub(crate) fn internal(message: String) -> Self {
         Self::from_code(Code::Internal, message)

@@ -79,9 +79,19 @@ where
         let methods = paths.remove(&template).unwrap_or_default();
         paths.insert(template, methods.merge(on(filter, handle)));
     }
+    let unknown = move |request: axum::extract::Request| async move {
+        error::RestError::not_found(format!(
+            "no REST path {} {}",
+            request.method(),
+            crate::quote::quote(request.uri().path())
+        ))
+        .into_response(&pool)
+    };
     paths
         .into_iter()
         .fold(Router::new(), |router, (path, methods)| {
             router.route(&path, methods)
         })
+        // a JSON 404 under /api/, in the errors' shape, rather than an empty one
+        .route("/api/{*rest}", axum::routing::any(unknown))
 }
