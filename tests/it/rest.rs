@@ -201,6 +201,7 @@ fn errors(http: &str) {
         body["message"].as_str().unwrap().contains("\"colour\""),
         "{body}"
     );
+    assert_eq!(get(http, "/api/v1/cache/set").0, 405, "set is a POST");
     let (code, body) = get(http, "/api/v1/cache/nothing");
     assert_eq!((code, &body["code"]), (404, &json!(5)), "{body}");
     assert!(
