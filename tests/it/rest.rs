@@ -319,3 +319,69 @@ fn keys_roles_and_the_body_limit() {
         assert!(text.contains(counted), "{counted} in\n{text}");
     }
 }
+
+/// REST calls and gRPC calls share one KOO_MAX_INFLIGHT_CALLS bound: with
+/// one slot held by a gRPC LeaseTask waiting for work, a REST call is 429
+/// (code 8) naming the limit; once the lease call ends, REST is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_and_grpc_share_the_inflight_bound() {
+    use koo::pb::worker::v1::{LeaseTaskRequest, worker_service_client::WorkerServiceClient};
+    let (_koo, http, grpc) = common::rest::serve_both(&[("KOO_MAX_INFLIGHT_CALLS", "1")]);
+    let mut worker = WorkerServiceClient::connect(format!("http://{grpc}"))
+        .await
+        .expect("connect");
+    let holder = tokio::spawn(async move {
+        worker
+            .lease_task(LeaseTaskRequest {
+                worker_name: "holder".into(),
+                queues: vec!["research".into()],
+                wait: Some(common::tasks::millis(30_000)),
+                ..Default::default()
+            })
+            .await
+    });
+    let started = Instant::now();
+    let refused = loop {
+        let (code, body) = tokio::task::spawn_blocking({
+            let http = http.clone();
+            move || get(&http, "/api/v1/tasks/metrics")
+        })
+        .await
+        .unwrap();
+        if code == 429 {
+            break body;
+        }
+        assert_eq!(code, 200, "{body}");
+        assert!(!holder.is_finished(), "the held call ended early");
+        assert!(started.elapsed() < EVENT_TIMEOUT, "never shed");
+        // no event to await: the lease call takes its slot on koo's side
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert_eq!(refused["code"], 8, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("KOO_MAX_INFLIGHT_CALLS"),
+        "{refused}"
+    );
+    holder.abort();
+    let started = Instant::now();
+    loop {
+        let (code, body) = tokio::task::spawn_blocking({
+            let http = http.clone();
+            move || get(&http, "/api/v1/tasks/metrics")
+        })
+        .await
+        .unwrap();
+        if code == 200 {
+            break;
+        }
+        assert_eq!(code, 429, "{body}");
+        assert!(
+            started.elapsed() < EVENT_TIMEOUT,
+            "the slot was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -11,6 +11,12 @@ use super::{ChildGuard, logged_addr, serve_logged};
 /// `koo serve` with `env` and the HTTP listener on an ephemeral port: the
 /// process and the HTTP address.
 pub fn serve_http(env: &[(&str, &str)]) -> (ChildGuard, String) {
+    let (served, http, _) = serve_both(env);
+    (served, http)
+}
+
+/// [`serve_http`], and the gRPC address.
+pub fn serve_both(env: &[(&str, &str)]) -> (ChildGuard, String, String) {
     let env: Vec<(&str, &str)> = [("KOO_LOG", "info"), ("KOO_HTTP_LISTEN", "127.0.0.1:0")]
         .into_iter()
         .chain(env.iter().copied())
@@ -18,7 +24,8 @@ pub fn serve_http(env: &[(&str, &str)]) -> (ChildGuard, String) {
     let (served, lines) = serve_logged(&env);
     let http = logged_addr(&lines, "koo serving HTTP")
         .unwrap_or_else(|| panic!("koo announced no HTTP address: {lines:#?}"));
-    (served, http)
+    let grpc = logged_addr(&lines, "koo serving gRPC").expect("a gRPC address");
+    (served, http, grpc)
 }
 
 /// Runs `curl` with `args` (plus `-sS` and a status line): the HTTP status
