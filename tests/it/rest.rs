@@ -385,3 +385,71 @@ async fn rest_and_grpc_share_the_inflight_bound() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// Under mTLS a REST call's principal is its connection's certificate, as
+/// for gRPC: a writer principal may set but not clear (403 naming it), a
+/// certificate no principal names is 401.
+#[test]
+fn mtls_principals_over_rest() {
+    use common::auth::{ADMIN, KeysFile, entry};
+    use common::certs::{Ca, CertDir};
+    let dir = CertDir::new();
+    let ca = Ca::new("rest-test-ca");
+    let (cert, key) = dir.write_pair("server", &ca.server("localhost"));
+    let ca_file = dir.write("ca.pem", &ca.cert);
+    let (api_cert, api_key) = dir.write_pair("api", &ca.client("spiffe://prod/api"));
+    let (other_cert, other_key) = dir.write_pair("other", &ca.client("spiffe://prod/other"));
+    let keys = KeysFile::new(&format!(
+        "{}[[principal]]\nname = \"spiffe://prod/api\"\nrole = \"writer\"\n",
+        entry("ops", "admin", ADMIN, "")
+    ));
+    let path = keys.path();
+    let (_koo, http) = serve_http(&[
+        ("KOO_TLS_CERT", cert.to_str().unwrap()),
+        ("KOO_TLS_KEY", key.to_str().unwrap()),
+        ("KOO_TLS_CLIENT_CA", ca_file.to_str().unwrap()),
+        ("KOO_AUTH_FILE", path.to_str().unwrap()),
+    ]);
+    let port = http.rsplit_once(':').unwrap().1;
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let url = |path: &str| format!("https://localhost:{port}{path}");
+    let as_client = |cert: &std::path::Path, key: &std::path::Path, args: &[&str]| {
+        let mut all = vec![
+            "--resolve",
+            &resolve,
+            "--cacert",
+            ca_file.to_str().unwrap(),
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        curl(&all)
+    };
+    let set = url("/api/v1/cache/set");
+    let (code, body) = as_client(
+        &api_cert,
+        &api_key,
+        &[
+            "-X",
+            "POST",
+            "--data",
+            r#"{"key": "k", "value": {"text": "v"}}"#,
+            &set,
+        ],
+    );
+    assert_eq!(code, 200, "{body}");
+    let clear = url("/api/v1/cache/clear");
+    let (code, body) = as_client(&api_cert, &api_key, &["-X", "POST", &clear]);
+    assert_eq!((code, &body["code"]), (403, &json!(7)), "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("spiffe://prod/api"),
+        "{body}"
+    );
+    let (code, body) = as_client(&other_cert, &other_key, &[&url("/api/v1/cache/health")]);
+    assert_eq!((code, &body["code"]), (401, &json!(16)), "{body}");
+}
