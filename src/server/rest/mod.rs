@@ -28,21 +28,11 @@ use axum::Router;
 use axum::routing::{MethodFilter, MethodRouter, on};
 use prost_reflect::{DescriptorError, DescriptorPool};
 
-pub(crate) use routes::Route;
-
 /// koo's descriptors and the google.rpc types (for error details).
 fn pool() -> Result<DescriptorPool, DescriptorError> {
     let mut pool = DescriptorPool::decode(crate::pb::FILE_DESCRIPTOR_SET)?;
     pool.decode_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)?;
     Ok(pool)
-}
-
-/// Every route of the protos' `google.api.http` rules.
-pub(crate) fn route_table() -> Vec<Route> {
-    // the descriptors are compiled in and the rules checked by this
-    // module's tests: a failure here is a build's bug
-    let pool = pool().expect("koo's compiled descriptors decode");
-    routes::routes(&pool).expect("koo's google.api.http rules are servable (see the unit tests)")
 }
 
 /// The REST paths, answered by calls to `grpc` (koo's layered gRPC service);
@@ -59,9 +49,13 @@ where
         + 'static,
     S::Future: Send,
 {
+    // the descriptors are compiled in and the rules checked by this
+    // module's tests: a failure here is a build's bug
     let pool = Arc::new(pool().expect("koo's compiled descriptors decode"));
+    let table = routes::routes(&pool)
+        .expect("koo's google.api.http rules are servable (see the unit tests)");
     let mut paths: BTreeMap<String, MethodRouter> = BTreeMap::new();
-    for route in route_table() {
+    for route in table {
         let template = route.template.clone();
         let filter = MethodFilter::try_from(route.verb.clone())
             .expect("the route table holds get, put, post, delete and patch only");
