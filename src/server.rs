@@ -26,6 +26,7 @@ use crate::transport::{exposure, listener};
 mod http;
 mod metrics;
 mod processes;
+mod rest;
 mod router;
 
 pub use self::processes::{run_scheduler, run_worker};

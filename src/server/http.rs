@@ -59,11 +59,13 @@ pub(super) struct Routes {
 
 /// Every HTTP route; CORS (when `KOO_CORS_ORIGINS` allows other origins)
 /// around all of them.
-fn router(routes: Routes, cors: &CorsOrigins) -> Router {
+fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
+    let rest = super::rest::router(rest_calls(routes.calls.clone()), max_body);
     let router = Router::new()
         .route("/metrics", get(metrics))
         .fallback(grpc)
-        .with_state(routes);
+        .with_state(routes)
+        .merge(rest);
     match cors.layer() {
         Some(cors) => router.layer(cors),
         None => router,
@@ -98,6 +100,31 @@ async fn grpc(
         Ok(response) => response.into_response(),
         Err(never) => match never {},
     }
+}
+
+/// The call layers as REST calls reach them: the connection (under mTLS,
+/// its identity) moved where the peer layer looks for it, as on the gRPC
+/// port, and the reply's body as tonic's.
+fn rest_calls(
+    calls: Calls,
+) -> impl tower::Service<
+    http::Request<tonic::body::Body>,
+    Response = http::Response<tonic::body::Body>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    tower::ServiceBuilder::new()
+        .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
+        .map_request(|mut r: http::Request<tonic::body::Body>| {
+            if let Some(ConnectInfo(ConnOf(Some(conn)))) = r.extensions().get().cloned() {
+                r.extensions_mut().insert::<ConnInfo>(conn);
+            }
+            r
+        })
+        .service(calls)
 }
 
 async fn metrics(
@@ -162,7 +189,7 @@ pub(super) fn serve_http(
         ),
         local,
     };
-    let app = router(routes, cors);
+    let app = router(routes, cors, limits.max_message_size);
     tokio::spawn(async move {
         let served = axum::serve(conns, app.into_make_service_with_connect_info::<ConnOf>())
             .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -203,6 +203,7 @@ async fn cleanup_keeps_dead_letters_unless_asked(backend: Backend) {
         .cleanup_tasks(pb::CleanupTasksRequest {
             older_than: Some(prost_types::Duration::default()),
             include_dead_letters: false,
+            hours_old: 0,
         })
         .await
         .unwrap()
@@ -213,6 +214,7 @@ async fn cleanup_keeps_dead_letters_unless_asked(backend: Backend) {
         .cleanup_tasks(pb::CleanupTasksRequest {
             older_than: Some(prost_types::Duration::default()),
             include_dead_letters: true,
+            hours_old: 0,
         })
         .await
         .unwrap()

@@ -22,6 +22,7 @@ mod metrics;
 mod parity;
 mod persist;
 mod redis_security;
+mod rest;
 mod schedules;
 mod store_faults;
 mod streams;

@@ -493,6 +493,7 @@ async fn cleanup_and_dead_letters(backend: Backend) {
         .cleanup_tasks(pb::CleanupTasksRequest {
             older_than: None,
             include_dead_letters: true,
+            hours_old: 0,
         })
         .await
         .unwrap()
@@ -502,6 +503,7 @@ async fn cleanup_and_dead_letters(backend: Backend) {
         .cleanup_tasks(pb::CleanupTasksRequest {
             older_than: Some(millis(0)),
             include_dead_letters: true,
+            hours_old: 0,
         })
         .await
         .unwrap()

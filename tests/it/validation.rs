@@ -244,6 +244,7 @@ async fn extreme_durations_are_refused(backend: Backend) {
             .cleanup_tasks(pb::CleanupTasksRequest {
                 older_than: d,
                 include_dead_letters: false,
+                hours_old: 0,
             })
             .await;
         refused(&label, r, "older_than");

@@ -347,13 +347,24 @@ impl pb::task_service_server::TaskService for TaskApi {
         audit::target(request.extensions(), || {
             let r = request.get_ref();
             format!(
-                "older_than {:?}, dead letters {}",
-                r.older_than, r.include_dead_letters
+                "older_than {:?}, hours_old {}, dead letters {}",
+                r.older_than, r.hours_old, r.include_dead_letters
             )
         });
         let r = request.into_inner();
-        let older_than = duration("older_than", r.older_than, time::OLDER_THAN)?
-            .unwrap_or(Duration::from_secs(24 * 3600));
+        let older_than = match (
+            duration("older_than", r.older_than, time::OLDER_THAN)?,
+            r.hours_old,
+        ) {
+            (Some(_), h) if h != 0 => {
+                return Err(invalid_argument(
+                    "hours_old",
+                    "set with older_than: give one of them",
+                ));
+            }
+            (Some(d), _) => d,
+            (None, h) => hours_old(h)?,
+        };
         let removed = self
             .engine()
             .cleanup(
@@ -418,5 +429,21 @@ impl pb::task_service_server::TaskService for TaskApi {
         Ok(Response::new(pb::GetTaskResponse {
             task: Some(to_pb_task(task)),
         }))
+    }
+}
+
+/// The most `hours_old` a cleanup takes: ten years, as `older_than`.
+const MAX_HOURS_OLD: i32 = 87_600;
+
+/// `CleanupTasks`'s `hours_old` (the seed's query parameter) as an age; 0
+/// (absent) is the default, 24 h.
+fn hours_old(hours: i32) -> Result<Duration, Status> {
+    match hours {
+        0 => Ok(Duration::from_secs(24 * 3600)),
+        h @ 1..=MAX_HOURS_OLD => Ok(Duration::from_secs(u64::from(h.unsigned_abs()) * 3600)),
+        h => Err(invalid_argument(
+            "hours_old",
+            &format!("must be 0 to {MAX_HOURS_OLD} (got {h})"),
+        )),
     }
 }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod certs;
 pub mod chaos;
 pub mod python;
+pub mod rest;
 pub mod stream;
 #[macro_use]
 pub mod tasks;
@@ -79,10 +80,10 @@ pub fn serve_logged(env: &[(&str, &str)]) -> (ChildGuard, Vec<String>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = Vec::new();
-        for line in std::io::BufReader::new(stderr)
+        let mut read = std::io::BufReader::new(stderr)
             .lines()
-            .map_while(Result::ok)
-        {
+            .map_while(Result::ok);
+        for line in read.by_ref() {
             let announced = line.contains("koo serving gRPC");
             lines.push(line);
             if announced {
@@ -90,6 +91,10 @@ pub fn serve_logged(env: &[(&str, &str)]) -> (ChildGuard, Vec<String>) {
             }
         }
         let _ = tx.send(lines);
+        // keep draining: a closed stderr makes koo's next log line panic
+        // (tracing-subscriber reports a failed write with eprintln!), and
+        // the call that logged it (an audited admin call) ends with no reply
+        read.for_each(drop);
     });
     let served = ChildGuard(child);
     let lines = rx.recv_timeout(EVENT_TIMEOUT).expect("koo serve logged");

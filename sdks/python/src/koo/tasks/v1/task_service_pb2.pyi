@@ -736,9 +736,15 @@ class CleanupTasksRequest(google.protobuf.message.Message):
 
     OLDER_THAN_FIELD_NUMBER: builtins.int
     INCLUDE_DEAD_LETTERS_FIELD_NUMBER: builtins.int
+    HOURS_OLD_FIELD_NUMBER: builtins.int
     include_dead_letters: builtins.bool
     """Also remove dead letters (FAILED, TIMED_OUT) younger than the dead
     letter retention (KOO_DEAD_LETTER_TTL); without it they are kept.
+    """
+    hours_old: builtins.int
+    """The seed's form of `older_than`, in hours (its REST call
+    `POST /api/v1/tasks/cleanup?hours_old=24`): 0 to 87600; 0 means
+    absent. Setting both is INVALID_ARGUMENT.
     """
     @property
     def older_than(self) -> google.protobuf.duration_pb2.Duration:
@@ -751,9 +757,10 @@ class CleanupTasksRequest(google.protobuf.message.Message):
         *,
         older_than: google.protobuf.duration_pb2.Duration | None = ...,
         include_dead_letters: builtins.bool = ...,
+        hours_old: builtins.int = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["older_than", b"older_than"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["include_dead_letters", b"include_dead_letters", "older_than", b"older_than"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["hours_old", b"hours_old", "include_dead_letters", b"include_dead_letters", "older_than", b"older_than"]) -> None: ...
 
 Global___CleanupTasksRequest: typing_extensions.TypeAlias = CleanupTasksRequest
 
