@@ -264,6 +264,7 @@ fn new_task(
         hard_ms: hard_s as u64 * 1000,
         result_ttl_ms: KEPT_MS,
         log: vec![],
+        trace: None,
     }
 }
 
