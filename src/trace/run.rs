@@ -32,6 +32,21 @@ pub fn start(task: &Task) -> Option<Context> {
     Some(parent.with_span(span))
 }
 
+/// The span of a schedule's tick submitting its task: the root of that
+/// task's trace (`None` when traces are not exported). It ends when dropped.
+pub fn fire(schedule: &str, tick_ms: i64) -> Option<Context> {
+    let tracer = super::tracer()?;
+    let span = tracer
+        .span_builder(format!("schedule.fire {schedule}"))
+        .with_kind(SpanKind::Producer)
+        .with_attributes([
+            KeyValue::new("koo.schedule", schedule.to_owned()),
+            KeyValue::new("koo.schedule.tick_ms", tick_ms),
+        ])
+        .start_with_context(tracer, &Context::new());
+    Some(Context::new().with_span(span))
+}
+
 /// Ends a run span with the run's outcome (`succeeded`, `failed`,
 /// `timed_out`, `lost`, `handed_back`); a failure also sets the span's
 /// error status.
