@@ -18,7 +18,6 @@ pub(crate) use self::model::{
     to_pb_task,
 };
 use self::submit::{MAX_BATCH, new_task};
-use crate::trace::Carried;
 use self::watch::{EventStream, TaskStream, event_stream, task_stream};
 use super::deadline;
 use super::status::{after_partial_batch, invalid_argument, task_error_in};
@@ -29,6 +28,7 @@ use crate::domain::task::{Category, Priority, TaskId, names};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
+use crate::trace::Carried;
 use crate::watch::{Hub, Kind as WatchKind, QueuesFilter, Ticker};
 
 /// The TaskService implementation.
@@ -102,7 +102,10 @@ impl pb::task_service_server::TaskService for TaskApi {
         let trace = Carried::of_call(request.metadata());
         let engine = self.engine();
         let (task, deduplicated) = engine
-            .submit_keyed(new_task(request.into_inner(), &self.cache, trace)?, deadline)
+            .submit_keyed(
+                new_task(request.into_inner(), &self.cache, trace)?,
+                deadline,
+            )
             .await?;
         Ok(Response::new(pb::SubmitTaskResponse {
             task: Some(to_pb_task(task)),

@@ -12,8 +12,8 @@ use tokio::time::Instant;
 use super::registry::{HandlerError, Registry, TaskContext};
 use crate::domain::task::Task;
 use crate::store::Deadline;
-use crate::trace;
 use crate::tasks::engine::{CancelAsked, Finish, TaskEngine, TaskError};
+use crate::trace;
 
 /// How a run of a leased task ended.
 pub(super) enum Ended {
