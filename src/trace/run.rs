@@ -47,6 +47,31 @@ pub fn fire(schedule: &str, tick_ms: i64) -> Option<Context> {
     Some(Context::new().with_span(span))
 }
 
+/// The span of an external worker's report (a Complete or Fail on the Work
+/// stream) of a held task: a child of the span that submitted the task,
+/// beside the worker's own run span (`None` when traces are not exported).
+/// It ends when dropped.
+pub fn report(task: &Task, worker: &str, outcome: &'static str) -> Option<Context> {
+    let tracer = super::tracer()?;
+    let parent = task
+        .trace
+        .as_ref()
+        .map(super::Carried::context)
+        .unwrap_or_default();
+    let span = tracer
+        .span_builder(format!("task.report {}", task.name))
+        .with_kind(SpanKind::Server)
+        .with_attributes([
+            KeyValue::new("koo.task.id", task.id.to_string()),
+            KeyValue::new("koo.task.name", task.name.clone()),
+            KeyValue::new("koo.task.attempt", i64::from(task.attempts)),
+            KeyValue::new("koo.task.outcome", outcome),
+            KeyValue::new("koo.worker", worker.to_owned()),
+        ])
+        .start_with_context(tracer, &parent);
+    Some(parent.with_span(span))
+}
+
 /// Ends a run span with the run's outcome (`succeeded`, `failed`,
 /// `timed_out`, `lost`, `handed_back`); a failure also sets the span's
 /// error status.

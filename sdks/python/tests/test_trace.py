@@ -3,7 +3,8 @@ OTLP/gRPC receiver run here (opentelemetry-proto's servicer), this process
 as the submitter and as the worker (the OpenTelemetry SDK recording its spans).
 
 The chain: the caller's span -> koo's SubmitTask server span (exported by
-koo) -> the worker's `task.run` span, all of one trace.
+koo) -> the worker's `task.run` span, and koo's `task.report` span of the
+worker's Complete, all of one trace.
 """
 
 from __future__ import annotations
@@ -131,3 +132,6 @@ def test_worker_span_joins_the_submitters_trace(
     assert run.attributes is not None and run.attributes["koo.task.outcome"] == "succeeded"
     # the handler ran inside it (a sync handler, on a thread of its own)
     assert inside["trace_id"] == trace_id
+    # koo's span of the worker's Complete joins the same trace
+    report = receiver.wait_for(f"task.report {name}")
+    assert report.trace_id == submit.trace_id and report.parent_span_id == submit.span_id
