@@ -55,9 +55,10 @@ fn main() -> ExitCode {
             cli.command,
             Command::Serve(_) | Command::Worker(_) | Command::Scheduler(_)
         );
-        let guard = match exports {
-            true => koo::trace::install(&traces)?,
-            false => koo::trace::TraceGuard::default(),
+        let guard = if exports {
+            koo::trace::install(&traces)?
+        } else {
+            koo::trace::TraceGuard::default()
         };
         let result = match cli.command {
             Command::Serve(args) => serve(*args).await,
