@@ -11,8 +11,8 @@ use crate::trace::settings::{Sampling, TraceSettings, parse_resource};
 /// OpenTelemetry trace export (off unless an OTLP endpoint is set).
 #[derive(Debug, Args, Default)]
 pub struct OtelArgs {
-    /// OTLP/gRPC collector endpoint (e.g. `http://127.0.0.1:4317`): set, koo
-    /// exports traces.
+    /// OTLP/gRPC collector endpoint (e.g. `http://127.0.0.1:4317`; plaintext
+    /// only): set, koo exports traces.
     #[arg(
         long,
         env = "OTEL_EXPORTER_OTLP_ENDPOINT",
@@ -109,13 +109,23 @@ impl OtelArgs {
             .flatten()
             .map(|e| e.trim().to_owned())
             .find(|e| !e.is_empty());
-        if let Some(e) = &endpoint
-            && !(e.starts_with("http://") || e.starts_with("https://"))
-        {
-            return Err(invalid(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                format!("{e:?} is not an http:// or https:// URL"),
-            ));
+        if let Some(e) = &endpoint {
+            if e.starts_with("https://") {
+                // the exporter is built without a TLS stack of its own
+                return Err(invalid(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!(
+                        "{e:?}: TLS to the collector is not supported; export over http:// to an \
+                         OpenTelemetry Collector beside koo, which forwards over TLS"
+                    ),
+                ));
+            }
+            if !e.starts_with("http://") {
+                return Err(invalid(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    format!("{e:?} is not an http:// URL (e.g. http://127.0.0.1:4317)"),
+                ));
+            }
         }
         let sampling = Sampling::parse(
             self.otel_traces_sampler.as_deref().unwrap_or(""),
@@ -190,6 +200,11 @@ mod tests {
         assert_eq!(e, "OTEL_EXPORTER_OTLP_PROTOCOL");
         let e = bad(OtelArgs {
             otlp_endpoint: Some("collector:4317".into()),
+            ..OtelArgs::default()
+        });
+        assert_eq!(e, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        let e = bad(OtelArgs {
+            otlp_traces_endpoint: Some("https://tempo:4317".into()),
             ..OtelArgs::default()
         });
         assert_eq!(e, "OTEL_EXPORTER_OTLP_ENDPOINT");
