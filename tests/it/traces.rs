@@ -199,6 +199,34 @@ async fn submit_to_run(redis: Option<&TestRedis>) {
     assert_eq!(attr(run, "koo.task.id"), Some(task.id.clone()));
     assert_eq!(attr(run, "koo.task.outcome").as_deref(), Some("succeeded"));
     assert_eq!(attr(run, "koo.task.attempt").as_deref(), Some("1"));
+    // an error's status is on its span
+    let mut missing = Request::new(pb::GetTaskRequest {
+        task_id: common::tasks::unknown_task_id(),
+    });
+    missing
+        .metadata_mut()
+        .insert("traceparent", traceparent().parse().unwrap());
+    assert_eq!(
+        c.get_task(missing).await.unwrap_err().code(),
+        tonic::Code::NotFound
+    );
+    let spans = receiver
+        .wait_for("the failed GetTask's span", |spans| {
+            spans.iter().any(|s| {
+                s.name == "koo.tasks.v1.TaskService/GetTask" && hex(&s.parent_span_id) == CALLER
+            })
+        })
+        .await;
+    let failed = spans
+        .iter()
+        .find(|s| s.name == "koo.tasks.v1.TaskService/GetTask" && hex(&s.parent_span_id) == CALLER)
+        .unwrap();
+    assert_eq!(attr(failed, "rpc.grpc.status_code").as_deref(), Some("5"));
+    assert_eq!(
+        failed.status.as_ref().map(|s| s.code),
+        Some(2),
+        "error status"
+    );
     assert!(
         receiver
             .services
