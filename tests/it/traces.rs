@@ -129,6 +129,7 @@ async fn koo_exporting(
 ) -> (
     common::ChildGuard,
     TaskServiceClient<tonic::transport::Channel>,
+    String,
 ) {
     let endpoint = format!("http://{receiver}");
     let mut all = vec![
@@ -143,7 +144,7 @@ async fn koo_exporting(
     let client = TaskServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    (koo, client)
+    (koo, client, format!("http://{addr}"))
 }
 
 /// A SubmitTask of the no-op handler, with `traceparent` metadata.
@@ -162,7 +163,7 @@ async fn submit_to_run(redis: Option<&TestRedis>) {
     let (receiver, at) = Receiver::start().await;
     let url = redis.map(TestRedis::url);
     let env: Vec<(&str, &str)> = url.iter().map(|u| ("REDIS_URL", u.as_str())).collect();
-    let (_koo, mut c) = koo_exporting(at, &env).await;
+    let (_koo, mut c, _) = koo_exporting(at, &env).await;
     let task = c
         .submit_task(traced_submit(&traceparent()))
         .await
@@ -255,7 +256,7 @@ async fn submit_to_run_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_traceparent_starts_a_new_trace() {
     let (receiver, at) = Receiver::start().await;
-    let (_koo, mut c) = koo_exporting(at, &[]).await;
+    let (_koo, mut c, _) = koo_exporting(at, &[]).await;
     let bad = format!("00-{TRACE_ID}-zz-01");
     let task = c
         .submit_task(traced_submit(&bad))
@@ -287,7 +288,7 @@ async fn bad_traceparent_starts_a_new_trace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disabled_exports_nothing_but_carries_the_callers_context() {
     let (receiver, at) = Receiver::start().await;
-    let (koo, mut c) = koo_exporting(at, &[("OTEL_SDK_DISABLED", "true")]).await;
+    let (koo, mut c, _) = koo_exporting(at, &[("OTEL_SDK_DISABLED", "true")]).await;
     let task = c
         .submit_task(traced_submit(&traceparent()))
         .await
@@ -303,4 +304,63 @@ async fn disabled_exports_nothing_but_carries_the_callers_context() {
     common::tasks::signal(&koo.0, "TERM");
     assert!(common::tasks::exits_within(&mut koo.0, Duration::from_secs(10)).await);
     assert_eq!(receiver.count(), 0, "nothing exported");
+}
+
+/// TriggerSchedule carries its call's context: the triggered task's run is
+/// a child of the TriggerSchedule server span, in the caller's trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggered_schedule_joins_the_callers_trace() {
+    use koo::pb::schedule::v1::{self as spb, schedule_service_client::ScheduleServiceClient};
+    let (receiver, at) = Receiver::start().await;
+    // quiet: serve_logged stops reading koo's log after start-up, and a
+    // later log line (CreateSchedule logs at info) would find no reader
+    let (_koo, mut c, url) = koo_exporting(at, &[("KOO_LOG", "warn,koo::server=info")]).await;
+    let mut schedules = ScheduleServiceClient::connect(url).await.unwrap();
+    let schedule = spb::Schedule {
+        name: "traced".into(),
+        cron: "@daily".into(),
+        task: Some(spb::TaskTemplate {
+            name: "koo.diagnostics.noop".into(),
+            category: pb::TaskCategory::Research as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    schedules
+        .create_schedule(spb::CreateScheduleRequest {
+            schedule: Some(schedule),
+        })
+        .await
+        .unwrap();
+    let mut trigger = Request::new(spb::TriggerScheduleRequest {
+        name: "traced".into(),
+    });
+    trigger
+        .metadata_mut()
+        .insert("traceparent", traceparent().parse().unwrap());
+    let task = schedules
+        .trigger_schedule(trigger)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    wait_task(&mut c, &task.id, is_final).await;
+    let trigger_name = "koo.schedule.v1.ScheduleService/TriggerSchedule";
+    let spans = receiver
+        .wait_for("the trigger's and the run's spans", |spans| {
+            spans.iter().any(|s| s.name == trigger_name)
+                && spans
+                    .iter()
+                    .any(|s| attr(s, "koo.task.id").as_deref() == Some(task.id.as_str()))
+        })
+        .await;
+    let server = spans.iter().find(|s| s.name == trigger_name).unwrap();
+    assert_eq!(hex(&server.parent_span_id), CALLER);
+    let run = spans
+        .iter()
+        .find(|s| attr(s, "koo.task.id").as_deref() == Some(task.id.as_str()))
+        .unwrap();
+    assert_eq!(hex(&run.trace_id), TRACE_ID);
+    assert_eq!(run.parent_span_id, server.span_id);
 }
