@@ -266,9 +266,9 @@ fn new_task(
         log: vec![],
         // half the tasks carry a trace context (some with a tracestate),
         // which both stores keep through every transition
-        trace: (name % 2 == 0).then(|| TraceContext {
+        trace: name.is_multiple_of(2).then(|| TraceContext {
             parent: format!("00-{:032x}-{:016x}-01", created_ms + 1, name + 1),
-            state: (name % 4 == 0).then(|| "vendor=x".to_owned()),
+            state: name.is_multiple_of(4).then(|| "vendor=x".to_owned()),
         }),
     }
 }
