@@ -30,6 +30,7 @@ LAYERS = [
     ["health"],  # grpc.health.v1 statuses from the backends' state
     ["schedule", "watch"],  # domain services over the engine
     ["tasks", "cache"],  # the task engine, the cache
+    ["trace"],  # OpenTelemetry spans, and the trace context tasks carry
     ["persist"],  # KOO_DATA_DIR: the embedded store's files
     ["store"],  # one trait per store; redis/ and memory/
     ["keys"],  # every Redis key name

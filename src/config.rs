@@ -15,6 +15,7 @@ pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
 pub use self::health::HealthArgs;
 pub use self::limits::LimitsArgs;
+pub use self::otel::OtelArgs;
 pub use self::redis::RedisArgs;
 pub use self::redis_tls::RedisTlsArgs;
 pub use self::schedule::ScheduleArgs;
@@ -27,6 +28,7 @@ mod auth;
 mod cache;
 mod health;
 mod limits;
+mod otel;
 mod redis;
 mod redis_tls;
 mod schedule;
@@ -57,6 +59,9 @@ pub struct Cli {
         global = true
     )]
     pub log: String,
+    /// Trace export (the standard `OTEL_*` variables).
+    #[command(flatten)]
+    pub otel: OtelArgs,
     /// What to run.
     #[command(subcommand)]
     pub command: Command,

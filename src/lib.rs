@@ -63,5 +63,6 @@ pub mod server;
 pub mod store;
 pub mod tasks;
 pub mod telemetry;
+pub mod trace;
 pub mod transport;
 pub mod watch;

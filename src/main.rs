@@ -30,11 +30,18 @@ fn main() -> ExitCode {
     // One crypto provider for the binary (tonic's TLS, the listener's, redis'
     // rustls), chosen before anything builds a TLS config.
     koo::transport::tls::install_default_provider();
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
     if let Err(e) = koo::telemetry::init(cli.log_format, &cli.log) {
         eprintln!("koo: {e:#}");
         return ExitCode::from(2);
     }
+    let traces = match std::mem::take(&mut cli.otel).into_settings() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("koo: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -43,13 +50,25 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match cli.command {
+        // the probes and key tool export nothing
+        let exports = matches!(
+            cli.command,
+            Command::Serve(_) | Command::Worker(_) | Command::Scheduler(_)
+        );
+        let guard = if exports {
+            koo::trace::install(&traces)?
+        } else {
+            koo::trace::TraceGuard::default()
+        };
+        let result = match cli.command {
             Command::Serve(args) => serve(*args).await,
             Command::Worker(args) => worker(*args).await,
             Command::Scheduler(args) => scheduler(*args).await,
             Command::Health(args) => health(args).await,
             Command::Auth(koo::config::AuthCommand::NewKey(args)) => new_key(&args),
-        }
+        };
+        guard.shutdown().await;
+        result
     });
     match result {
         Ok(code) => code,

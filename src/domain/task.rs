@@ -409,6 +409,19 @@ pub struct Task {
     pub result_ttl_ms: u64,
     /// One JSON object per ended attempt.
     pub log: Vec<String>,
+    /// The trace context of the span that submitted it, if any.
+    pub trace: Option<TraceContext>,
+}
+
+/// The W3C trace context a task carries from the call that submitted it to
+/// whoever runs it (`crate::trace` reads and writes it; here it is text, as
+/// stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// `traceparent` (`00-<trace id>-<span id>-<flags>`).
+    pub parent: String,
+    /// `tracestate`, when the caller sent one.
+    pub state: Option<String>,
 }
 
 /// Where a successful task's result is also cached.

@@ -10,12 +10,19 @@
 //!
 //! The span covers the handler up to its response headers; a streaming
 //! response's later messages are produced outside it (tonic polls them).
+//!
+//! When traces are exported ([`crate::trace`]), the same layer opens the
+//! call's OpenTelemetry server span, a child of the caller's `traceparent`,
+//! and the handler runs inside its context (submits read it to carry it
+//! in the task). When not, that costs one atomic load.
 
 use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
 use tracing::Instrument;
 use tracing::instrument::Instrumented;
+
+use crate::trace::rpc::Traced;
 
 /// Opens a span per call.
 #[derive(Debug, Clone, Copy, Default)]
@@ -35,13 +42,13 @@ pub struct Spanned<S> {
     inner: S,
 }
 
-impl<S, B> Service<http::Request<B>> for Spanned<S>
+impl<S, B, RB> Service<http::Request<B>> for Spanned<S>
 where
-    S: Service<http::Request<B>>,
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Instrumented<S::Future>;
+    type Future = Traced<Instrumented<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -49,9 +56,13 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let span = span_of(request.uri().path());
+        let traced = crate::trace::rpc::start(&request);
         // entered while the handler's future is created, as well as polled
-        let answer = span.in_scope(|| self.inner.call(request));
-        answer.instrument(span)
+        let answer = {
+            let _attached = traced.as_ref().map(|cx| cx.clone().attach());
+            span.in_scope(|| self.inner.call(request))
+        };
+        Traced::new(answer.instrument(span), traced)
     }
 }
 
@@ -116,10 +127,13 @@ mod tests {
         let mut svc = SpanLayer.layer(tower::service_fn(|_: http::Request<()>| async {
             // the handler runs inside the call's span
             let inside = !tracing::Span::current().is_disabled();
-            Ok::<_, std::convert::Infallible>(if inside { "in span" } else { "no span" })
+            let answer = if inside { "in span" } else { "no span" };
+            Ok::<_, std::convert::Infallible>(http::Response::new(answer))
         }));
         let request = http::Request::builder().uri(path).body(()).unwrap();
-        futures::executor::block_on(svc.call(request)).unwrap()
+        futures::executor::block_on(svc.call(request))
+            .unwrap()
+            .into_body()
     }
 
     /// A call runs in a span named by its path, service and method.

@@ -276,7 +276,11 @@ impl Schedules {
     /// Submits a schedule's task now, outside its ticks (paused or not).
     pub async fn trigger(&self, name: &str, deadline: Deadline) -> Result<Task, ScheduleError> {
         let (s, _) = self.load(name, deadline).await?;
-        let new = new_task(&s.task, &s.name)?;
+        let mut new = new_task(&s.task, &s.name)?;
+        // a trigger joins the trace of its call (exported traces only)
+        if crate::trace::tracer().is_some() {
+            new.trace = crate::trace::Carried::of_context(&opentelemetry::Context::current());
+        }
         let task = self.engine.submit(new, deadline).await?;
         let run = Run {
             tick_ms: None,

@@ -270,6 +270,9 @@ async fn fire(schedules: Schedules, schedule: Schedule, tick: Tick) {
     };
     new.schedule_tick_ms = Some(tick_ms);
     new.idempotency_key = Some(tick.idempotency_key(&schedule.name));
+    // the fire's span (exported traces only), ended when this returns
+    let span = crate::trace::run::fire(&schedule.name, tick_ms);
+    new.trace = span.as_ref().and_then(crate::trace::Carried::of_context);
     let give_up = tokio::time::Instant::now() + Duration::from_secs(60);
     let mut backoff = Duration::from_millis(200);
     let task = loop {

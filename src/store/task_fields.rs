@@ -3,7 +3,7 @@
 //! format (`v1`). It lives in the store, not in the domain model: the domain
 //! does not know how it is kept.
 
-use crate::domain::task::{Category, Priority, State, Task, TaskId};
+use crate::domain::task::{Category, Priority, State, Task, TaskId, TraceContext};
 
 /// The stored fields (a Redis hash), without the attempt log.
 pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
@@ -31,6 +31,12 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
             "depends_on",
             serde_json::to_string(&task.depends_on).unwrap_or_default(),
         ));
+    }
+    if let Some(trace) = &task.trace {
+        f.push(("trace_parent", trace.parent.clone()));
+        if let Some(state) = &trace.state {
+            f.push(("trace_state", state.clone()));
+        }
     }
     for (name, value) in [
         ("cache_result", &task.cache_result),
@@ -101,6 +107,11 @@ pub fn from_fields(
         hard_ms: num("hard_ms")? as u64,
         result_ttl_ms: num("result_ttl_ms")? as u64,
         log,
+        // absent from records written before traces were carried
+        trace: text("trace_parent").map(|parent| TraceContext {
+            parent,
+            state: text("trace_state"),
+        }),
     })
 }
 
@@ -139,6 +150,10 @@ mod tests {
             hard_ms: 1_800_000,
             result_ttl_ms: 3_600_000,
             log: vec![],
+            trace: Some(TraceContext {
+                parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+                state: Some("vendor=x".into()),
+            }),
         };
         let fields = to_fields(&task)
             .into_iter()

@@ -31,6 +31,7 @@ mod task_engine;
 mod task_store;
 mod tasks_grpc;
 mod tls;
+mod traces;
 mod validation;
 mod worker_batch;
 mod worker_grpc;

@@ -34,7 +34,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, Test
 
 use crate::common::TestRedis;
 use koo::domain::Outcome;
-use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
+use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId, TraceContext};
 use koo::store::clock::Clock;
 use koo::store::tasks::{EventReader, LeaseAsk, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
@@ -264,6 +264,12 @@ fn new_task(
         hard_ms: hard_s as u64 * 1000,
         result_ttl_ms: KEPT_MS,
         log: vec![],
+        // half the tasks carry a trace context (some with a tracestate),
+        // which both stores keep through every transition
+        trace: name.is_multiple_of(2).then(|| TraceContext {
+            parent: format!("00-{:032x}-{:016x}-01", created_ms + 1, name + 1),
+            state: name.is_multiple_of(4).then(|| "vendor=x".to_owned()),
+        }),
     }
 }
 

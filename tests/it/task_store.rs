@@ -124,6 +124,7 @@ impl Fixture {
             hard_ms: 0,
             result_ttl_ms: 60_000,
             log: vec![],
+            trace: None,
         }
     }
 

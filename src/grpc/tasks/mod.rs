@@ -28,6 +28,7 @@ use crate::domain::task::{Category, Priority, TaskId, names};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::{NewTask, TaskEngine};
+use crate::trace::Carried;
 use crate::watch::{Hub, Kind as WatchKind, QueuesFilter, Ticker};
 
 /// The TaskService implementation.
@@ -98,9 +99,13 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitTaskRequest>,
     ) -> Result<Response<pb::SubmitTaskResponse>, Status> {
         let deadline = self.deadline(&request);
+        let trace = Carried::of_call(request.metadata());
         let engine = self.engine();
         let (task, deduplicated) = engine
-            .submit_keyed(new_task(request.into_inner(), &self.cache)?, deadline)
+            .submit_keyed(
+                new_task(request.into_inner(), &self.cache, trace)?,
+                deadline,
+            )
             .await?;
         Ok(Response::new(pb::SubmitTaskResponse {
             task: Some(to_pb_task(task)),
@@ -159,6 +164,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::SubmitAiQueryRequest>,
     ) -> Result<Response<pb::SubmitAiQueryResponse>, Status> {
         let deadline = self.deadline(&request);
+        let trace = Carried::of_call(request.metadata());
         let r = request.into_inner();
         if r.provider.is_empty() {
             return Err(invalid_argument("provider", "is required"));
@@ -184,7 +190,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         };
         let task = self
             .engine()
-            .submit(new_task(submit, &self.cache)?, deadline)
+            .submit(new_task(submit, &self.cache, trace)?, deadline)
             .await?;
         Ok(Response::new(pb::SubmitAiQueryResponse {
             task: Some(to_pb_task(task)),
@@ -200,6 +206,7 @@ impl pb::task_service_server::TaskService for TaskApi {
         new.priority = Priority::High;
         new.time_limit = Some(Duration::from_secs(60));
         new.soft_time_limit = Some(Duration::from_secs(30));
+        new.trace = Carried::of_call(request.metadata());
         let task = self.engine().submit(new, deadline).await?;
         Ok(Response::new(pb::SubmitHealthCheckResponse {
             task: Some(to_pb_task(task)),
@@ -256,7 +263,8 @@ impl pb::task_service_server::TaskService for TaskApi {
     ) -> Result<Response<pb::SubmitTasksResponse>, Status> {
         let deadline = self.deadline(&request);
         let engine = self.engine();
-        let news = submit::batch(request.into_inner().tasks, &self.cache)?;
+        let trace = Carried::of_call(request.metadata());
+        let news = submit::batch(request.into_inner().tasks, &self.cache, trace)?;
         let results = engine
             .submit_many(news, deadline)
             .await

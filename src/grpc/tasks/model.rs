@@ -141,7 +141,13 @@ pub(crate) fn to_pb_task(t: Task) -> pb::Task {
             })
         })
         .collect();
+    let (trace_parent, trace_state) = t
+        .trace
+        .map(|c| (c.parent, c.state.unwrap_or_default()))
+        .unwrap_or_default();
     pb::Task {
+        trace_parent,
+        trace_state,
         queue: t.id.queue().to_string(),
         id: t.id.to_string(),
         name: t.name,

@@ -8,7 +8,7 @@ use tonic::Status;
 
 use super::model::{category, priority};
 use crate::cache::Cache;
-use crate::domain::task::{CacheTarget, QueueName};
+use crate::domain::task::{CacheTarget, QueueName, TraceContext};
 use crate::grpc::json;
 use crate::grpc::status::{at_index, invalid_argument};
 use crate::grpc::time::{self, duration};
@@ -16,8 +16,12 @@ use crate::pb::tasks::v1 as pb;
 use crate::tasks::engine::NewTask;
 
 /// A submit as the engine takes it; `cache` resolves a cached result's
-/// default TTL.
-pub(super) fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTask, Status> {
+/// default TTL; `trace` is the submitting call's trace context.
+pub(super) fn new_task(
+    r: pb::SubmitTaskRequest,
+    cache: &Cache,
+    trace: Option<TraceContext>,
+) -> Result<NewTask, Status> {
     let cache_result = match r.cache_result {
         None => None,
         Some(c) => {
@@ -77,6 +81,7 @@ pub(super) fn new_task(r: pb::SubmitTaskRequest, cache: &Cache) -> Result<NewTas
         depends_on: r.depends_on,
         schedule: None,
         schedule_tick_ms: None,
+        trace,
     })
 }
 
@@ -89,6 +94,7 @@ pub(super) const MAX_BATCH: usize = 100;
 pub(super) fn batch(
     requests: Vec<pb::SubmitTaskRequest>,
     cache: &Cache,
+    trace: Option<TraceContext>,
 ) -> Result<Vec<NewTask>, Status> {
     if requests.len() > MAX_BATCH {
         return Err(invalid_argument(
@@ -102,7 +108,7 @@ pub(super) fn batch(
     let news = requests
         .into_iter()
         .enumerate()
-        .map(|(i, r)| new_task(r, cache).map_err(|s| at_index("tasks", i, &s)))
+        .map(|(i, r)| new_task(r, cache, trace.clone()).map_err(|s| at_index("tasks", i, &s)))
         .collect::<Result<Vec<_>, _>>()?;
     if let Some(i) = news.iter().position(|n| n.idempotency_key.is_some()) {
         return Err(invalid_argument(

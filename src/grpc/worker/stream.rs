@@ -261,6 +261,7 @@ mod tests {
             hard_ms: 0,
             result_ttl_ms: 0,
             log: vec![],
+            trace: None,
         };
         Outbound::Task {
             task: Box::new(task),

@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use super::{TaskConfig, TaskEngine};
-use crate::domain::task::{CacheTarget, Category, Priority, QueueName, State, Task, TaskId};
+use crate::domain::task::{
+    CacheTarget, Category, Priority, QueueName, State, Task, TaskId, TraceContext,
+};
 use crate::store::Deadline;
 use crate::tasks::error::TaskError;
 
@@ -46,6 +48,8 @@ pub struct NewTask {
     pub schedule: Option<String>,
     /// The tick it is submitted for (ms since the epoch).
     pub schedule_tick_ms: Option<i64>,
+    /// The submitting span's trace context, carried to whoever runs it.
+    pub trace: Option<TraceContext>,
 }
 
 impl NewTask {
@@ -68,6 +72,7 @@ impl NewTask {
             depends_on: Vec::new(),
             schedule: None,
             schedule_tick_ms: None,
+            trace: None,
         }
     }
 }
@@ -169,6 +174,7 @@ impl TaskEngine {
             hard_ms: hard.as_millis() as u64,
             result_ttl_ms: result_ttl.as_millis() as u64,
             log: Vec::new(),
+            trace: new.trace,
         };
         Ok((task, new.delay))
     }

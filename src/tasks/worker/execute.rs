@@ -13,6 +13,7 @@ use super::registry::{HandlerError, Registry, TaskContext};
 use crate::domain::task::Task;
 use crate::store::Deadline;
 use crate::tasks::engine::{CancelAsked, Finish, TaskEngine, TaskError};
+use crate::trace;
 
 /// How a run of a leased task ended.
 pub(super) enum Ended {
@@ -55,8 +56,20 @@ pub(super) async fn execute(
         cancel: cancel.clone(),
         engine: engine.clone(),
     };
-    let running = tokio::spawn(handler(ctx));
-    supervise(engine, task, running, cancel, cancels, stop).await
+    // the handler runs in the task's `task.run` span (when traces are
+    // exported), a child of the span that submitted the task
+    let run = trace::run::start(task);
+    let running = tokio::spawn(trace::run::InContext::new(handler(ctx), run.clone()));
+    let ended = supervise(engine, task, running, cancel, cancels, stop).await;
+    let (outcome, error) = match &ended {
+        Ended::Finished(Finish::Succeeded(_)) => ("succeeded", None),
+        Ended::Finished(Finish::Failed { message, .. }) => ("failed", Some(message.as_str())),
+        Ended::Finished(Finish::TimedOut) => ("timed_out", Some("hard time limit reached")),
+        Ended::Lost => ("lost", None),
+        Ended::HandBack => ("handed_back", None),
+    };
+    trace::run::finish(run, outcome, error);
+    ended
 }
 
 /// Watches a running handler until it ends or is abandoned. This is one

@@ -35,12 +35,12 @@ use tonic_health::pb::health_client::HealthClient;
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The built `koo` binary as a command with none of the caller's
-/// configuration leaking in (`REDIS_*`, `CACHE_*`, `KOO_*`, `TASK_*`,
+/// configuration leaking in (`REDIS_*`, `CACHE_*`, `KOO_*`, `TASK_*`, `OTEL_*`,
 /// `CELERY_*` removed), so that a test sets exactly what it means to.
 pub fn koo_command() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_koo"));
     for (name, _) in std::env::vars() {
-        if ["REDIS_", "CACHE_", "KOO_", "TASK_", "CELERY_"]
+        if ["REDIS_", "CACHE_", "KOO_", "TASK_", "CELERY_", "OTEL_"]
             .iter()
             .any(|p| name.starts_with(p))
         {

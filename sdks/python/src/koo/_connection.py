@@ -11,6 +11,8 @@ read the process-wide defaults (`koo.configure(...)`, else `KOO_TARGET`, else
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import os
 import threading
 import weakref
@@ -20,6 +22,9 @@ from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
+
+from koo import _otel
+from koo._otel import trace_metadata
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 """Where clients connect when neither `configure` nor `KOO_TARGET` says."""
@@ -105,7 +110,9 @@ class Connection:
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata every call carries."""
         key = self.settings.api_key
-        return (("authorization", f"Bearer {key}"),) if key else ()
+        auth = (("authorization", f"Bearer {key}"),) if key else ()
+        # the caller's trace context, when opentelemetry-api is installed
+        return auth + trace_metadata() if _otel.ENABLED else auth
 
     def channel(self) -> grpc.aio.Channel:
         """The running loop's channel, opened on first use."""
@@ -154,8 +161,30 @@ class LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Runs a coroutine on the private loop and waits for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        """Runs a coroutine on the private loop and waits for its result.
+
+        With OpenTelemetry, the coroutine runs in the caller's context (its
+        current span), which a plain `run_coroutine_threadsafe` would lose.
+        """
+        if not _otel.ENABLED:
+            return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def start() -> None:
+            task = self._loop.create_task(coro)  # in the caller's context
+
+            def finished(t: asyncio.Task[T]) -> None:
+                if t.cancelled():
+                    done.cancel()
+                elif (e := t.exception()) is not None:
+                    done.set_exception(e)
+                else:
+                    done.set_result(t.result())
+
+            task.add_done_callback(finished)
+
+        self._loop.call_soon_threadsafe(start, context=contextvars.copy_context())
+        return done.result()
 
 
 _shared: LoopThread | None = None

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from koo import _otel
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
 from koo._threads import Threads
@@ -558,6 +559,9 @@ class Worker:
         result: Any = None
         # message, retryable, details, retry countdown (seconds; None: the backoff)
         failure: tuple[str, bool, dict[str, Any] | None, float | None] | None = None
+        # the handler's span (with opentelemetry-api): a child of the submitter's
+        span = _otel.task_span(t)
+        traced = span.__enter__()
         try:
             if reg is None:
                 raise Fatal(f"no handler for {run.ctx.name!r}")
@@ -570,7 +574,7 @@ class Worker:
             if reg.is_async:
                 result = await reg.fn(*args, **kwargs)
             else:
-                result = await self._threads.run(lambda: reg.fn(*args, **kwargs))
+                result = await self._threads.run(_otel.in_current_context(lambda: reg.fn(*args, **kwargs)))
         except Fatal as e:
             failure = (e.message, False, e.details, None)
         except Retry as e:
@@ -583,6 +587,8 @@ class Worker:
             failure = (f"{type(e).__name__}: {e}", True, {"exception": type(e).__name__}, None)
         finally:
             self._started.discard(run)
+            traced.outcome("succeeded" if failure is None else "failed", None if failure is None else failure[0])
+            span.__exit__(None, None, None)
         session = run.session
         if session.held.get(run.task_id) is not run or session.closed:
             return  # revoked, leased again, or the stream is gone

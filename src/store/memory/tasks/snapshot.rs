@@ -380,6 +380,7 @@ mod tests {
             hard_ms: 0,
             result_ttl_ms: 3_600_000,
             log: Vec::new(),
+            trace: None,
         }
     }
 

@@ -73,6 +73,7 @@ mod tests {
             hard_ms: 0,
             result_ttl_ms: 0,
             log: vec![],
+            trace: None,
         };
         Held {
             task,

@@ -252,6 +252,13 @@ impl Session {
         };
         let finish = cache_result(self.cache.as_ref(), &task, finish).await;
         let worker = &self.record.id;
+        // the report's span (exported traces only), ended when this returns
+        let outcome = match &finish {
+            Finish::Succeeded(_) => "succeeded",
+            Finish::Failed { .. } => "failed",
+            Finish::TimedOut => "timed_out",
+        };
+        let _span = crate::trace::run::report(&task, worker, outcome);
         let Some(q) = chain else {
             let ended = self
                 .engine
