@@ -14,6 +14,10 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A write that fails (stderr closed: the reader of a pipe gone)
+        // loses that line; by default the logger would report it with
+        // eprintln!, which panics the task that logged when stderr is gone.
+        .log_internal_errors(false)
         .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => builder.try_init(),

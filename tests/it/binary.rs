@@ -292,3 +292,30 @@ fn json_logs_and_flags_override_environment() {
     assert!(parsed.get("level").is_some(), "{parsed}");
     assert!(parsed.get("message").is_some(), "{parsed}");
 }
+
+/// koo whose stderr is closed (the reader of its log pipe gone) goes on
+/// serving: a log line it cannot write is lost, never a panic of the call
+/// that logged it (an admin call's audit line here).
+#[tokio::test]
+async fn a_closed_stderr_loses_log_lines_not_calls() {
+    let (mut guard, lines) = common::serve_logged_then_close(&[("KOO_LOG", "debug")]);
+    let addr = common::logged_addr(&lines, "koo serving gRPC").expect("an address");
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut cache = CacheServiceClient::new(channel);
+    for _ in 0..3 {
+        cache
+            .clear_level(pb::ClearLevelRequest {
+                level: pb::CacheLevel::App as i32,
+            })
+            .await
+            .expect("an audited admin call answered with stderr closed");
+    }
+    assert!(
+        guard.0.try_wait().unwrap().is_none(),
+        "koo exited with stderr closed"
+    );
+}

@@ -68,6 +68,16 @@ impl Drop for ChildGuard {
 /// caller's configuration), and reads its log until it announced its gRPC
 /// address (or stopped): the process and the lines it wrote.
 pub fn serve_logged(env: &[(&str, &str)]) -> (ChildGuard, Vec<String>) {
+    serve_logged_draining(env, true)
+}
+
+/// [`serve_logged`], then closes koo's stderr (the reader of its log pipe
+/// gone).
+pub fn serve_logged_then_close(env: &[(&str, &str)]) -> (ChildGuard, Vec<String>) {
+    serve_logged_draining(env, false)
+}
+
+fn serve_logged_draining(env: &[(&str, &str)], drain: bool) -> (ChildGuard, Vec<String>) {
     use std::io::BufRead as _;
     let mut child = koo_command()
         .args(["serve", "--listen", "127.0.0.1:0"])
@@ -91,10 +101,11 @@ pub fn serve_logged(env: &[(&str, &str)]) -> (ChildGuard, Vec<String>) {
             }
         }
         let _ = tx.send(lines);
-        // keep draining: a closed stderr makes koo's next log line panic
-        // (tracing-subscriber reports a failed write with eprintln!), and
-        // the call that logged it (an audited admin call) ends with no reply
-        read.for_each(drop);
+        // keep draining, so that the tests read koo's log lines as written
+        // (a closed stderr loses them: tests/it/binary.rs)
+        if drain {
+            read.for_each(drop);
+        }
     });
     let served = ChildGuard(child);
     let lines = rx.recv_timeout(EVENT_TIMEOUT).expect("koo serve logged");
