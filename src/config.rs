@@ -85,6 +85,16 @@ pub enum Command {
     /// API keys: `koo auth new-key`.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Client: cache entries of a running koo (get, set, del, keys, clear, stats).
+    Cache(Box<crate::cli::cache::CacheCli>),
+    /// Client: tasks (submit, get, watch, ls, history, cancel, retry, dead, requeue).
+    Task(Box<crate::cli::task::TaskCli>),
+    /// Client: periodic schedules (ls, get, create, pause, resume, trigger, rm).
+    Cron(Box<crate::cli::cron::CronCli>),
+    /// Client: the workers koo knows.
+    Ps(Box<crate::cli::ps::PsCli>),
+    /// Client: a live view of queues and workers (q quits).
+    Top(Box<crate::cli::top::TopCli>),
 }
 
 /// A configuration value that parses but cannot be used.
