@@ -113,27 +113,31 @@ pub(crate) fn pb_duration(d: Option<Duration>) -> Option<prost_types::Duration> 
     d.and_then(|d| prost_types::Duration::try_from(d).ok())
 }
 
+/// `koo task submit`.
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    /// The handler's name (e.g. `koo.diagnostics.sleep`).
+    name: String,
+    #[command(flatten)]
+    spec: TaskSpec,
+    /// Run it after this delay (`10s`).
+    #[arg(long, value_parser = super::connect::parse_duration)]
+    countdown: Option<Duration>,
+    /// Submitting the same key again returns the first task.
+    #[arg(long, default_value = "")]
+    idempotency_key: String,
+    /// Tasks that must succeed first.
+    #[arg(long = "depends-on", value_name = "TASK_ID")]
+    depends_on: Vec<String>,
+    /// Follow the task to its end, as `koo task watch`.
+    #[arg(long)]
+    wait: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum TaskCommand {
     /// Submit a task; prints its id (with --wait, follows it to its end).
-    Submit {
-        /// The handler's name (e.g. `koo.diagnostics.sleep`).
-        name: String,
-        #[command(flatten)]
-        spec: TaskSpec,
-        /// Run it after this delay (`10s`).
-        #[arg(long, value_parser = super::connect::parse_duration)]
-        countdown: Option<Duration>,
-        /// Submitting the same key again returns the first task.
-        #[arg(long, default_value = "")]
-        idempotency_key: String,
-        /// Tasks that must succeed first.
-        #[arg(long = "depends-on", value_name = "TASK_ID")]
-        depends_on: Vec<String>,
-        /// Follow the task to its end, as `koo task watch`.
-        #[arg(long)]
-        wait: bool,
-    },
+    Submit(SubmitArgs),
     /// One task, in full.
     Get { task_id: String },
     /// Follow a task to its end (a progress bar on a terminal); exit 0 when it succeeded, 1 otherwise.
@@ -189,49 +193,7 @@ pub async fn run(cli: TaskCli) -> Result<ExitStatus, CliError> {
     let conn = Conn::open(&cli.conn).await?;
     let mut client = TaskServiceClient::new(conn.channel());
     match cli.command {
-        TaskCommand::Submit {
-            name,
-            spec,
-            countdown,
-            idempotency_key,
-            depends_on,
-            wait,
-        } => {
-            let request = pb::SubmitTaskRequest {
-                name,
-                category: spec.category.pb(),
-                args: spec.args.unwrap_or_default(),
-                kwargs: spec.kwargs,
-                priority: spec.priority.map_or(0, Priority::pb),
-                max_retries: spec.max_retries,
-                queue: spec.queue,
-                countdown: pb_duration(countdown),
-                soft_time_limit: pb_duration(spec.soft_time_limit),
-                time_limit: pb_duration(spec.time_limit),
-                idempotency_key,
-                depends_on,
-                ..Default::default()
-            };
-            let reply = client
-                .submit_task(conn.unary(request))
-                .await
-                .map_err(|s| conn.failed(s))?
-                .into_inner();
-            let id = reply
-                .task
-                .as_ref()
-                .map(|t| t.id.clone())
-                .unwrap_or_default();
-            if conn.json {
-                print_json("koo.tasks.v1.SubmitTaskResponse", &reply);
-            } else {
-                println!("{id}");
-            }
-            if wait {
-                return watch::follow(&conn, &mut client, id).await;
-            }
-            Ok(ExitStatus::Ok)
-        }
+        TaskCommand::Submit(args) => submit(&conn, &mut client, args).await,
         TaskCommand::Get { task_id } => {
             let task = one(
                 &conn,
@@ -291,37 +253,90 @@ pub async fn run(cli: TaskCli) -> Result<ExitStatus, CliError> {
             print_changed(&conn, task.unwrap_or_default());
             Ok(ExitStatus::Ok)
         }
-        TaskCommand::Dead { limit } => {
-            let mut tasks = Vec::new();
-            for state in [pb::TaskState::Failed, pb::TaskState::TimedOut] {
-                let filter = pb::ListTaskHistoryRequest {
-                    state: state as i32,
-                    ..Default::default()
-                };
-                tasks.extend(history(&conn, &mut client, filter, limit).await?);
-            }
-            tasks.sort_by_key(|t| std::cmp::Reverse(t.end_time.map(|e| (e.seconds, e.nanos))));
-            tasks.truncate(limit);
-            print_history(&conn, tasks);
-            Ok(ExitStatus::Ok)
-        }
+        TaskCommand::Dead { limit } => dead(&conn, &mut client, limit).await,
         TaskCommand::Requeue { task_ids, all } => {
             let request = pb::RequeueDeadLettersRequest { task_ids, all };
             let reply = one(
                 &conn,
                 client.requeue_dead_letters(conn.unary(request)).await,
             )?;
-            if conn.json {
-                print_json("koo.tasks.v1.RequeueDeadLettersResponse", &reply);
-            } else {
-                for id in &reply.task_ids {
-                    println!("{id}");
-                }
-                eprintln!("requeued {}", reply.task_ids.len());
-            }
+            print_requeued(&conn, &reply);
             Ok(ExitStatus::Ok)
         }
     }
+}
+
+async fn submit(
+    conn: &Conn,
+    client: &mut Client,
+    args: SubmitArgs,
+) -> Result<ExitStatus, CliError> {
+    let SubmitArgs {
+        name,
+        spec,
+        countdown,
+        idempotency_key,
+        depends_on,
+        wait,
+    } = args;
+    let request = pb::SubmitTaskRequest {
+        name,
+        category: spec.category.pb(),
+        args: spec.args.unwrap_or_default(),
+        kwargs: spec.kwargs,
+        priority: spec.priority.map_or(0, Priority::pb),
+        max_retries: spec.max_retries,
+        queue: spec.queue,
+        countdown: pb_duration(countdown),
+        soft_time_limit: pb_duration(spec.soft_time_limit),
+        time_limit: pb_duration(spec.time_limit),
+        idempotency_key,
+        depends_on,
+        ..Default::default()
+    };
+    let reply = one(conn, client.submit_task(conn.unary(request)).await)?;
+    let id = reply
+        .task
+        .as_ref()
+        .map(|t| t.id.clone())
+        .unwrap_or_default();
+    if conn.json {
+        print_json("koo.tasks.v1.SubmitTaskResponse", &reply);
+    } else {
+        println!("{id}");
+    }
+    if wait {
+        return watch::follow(conn, client, id).await;
+    }
+    Ok(ExitStatus::Ok)
+}
+
+/// The requeued ids, one a line (the count on stderr), or the reply as JSON.
+fn print_requeued(conn: &Conn, reply: &pb::RequeueDeadLettersResponse) {
+    if conn.json {
+        print_json("koo.tasks.v1.RequeueDeadLettersResponse", reply);
+    } else {
+        for id in &reply.task_ids {
+            println!("{id}");
+        }
+        eprintln!("requeued {}", reply.task_ids.len());
+    }
+}
+
+/// Dead letters (FAILED and TIMED_OUT), newest first.
+async fn dead(conn: &Conn, client: &mut Client, limit: usize) -> Result<ExitStatus, CliError> {
+    let mut tasks = Vec::new();
+    for state in [pb::TaskState::Failed, pb::TaskState::TimedOut] {
+        let filter = pb::ListTaskHistoryRequest {
+            state: state as i32,
+            ..Default::default()
+        };
+        tasks.extend(history(conn, client, filter, limit).await?);
+    }
+    tasks.sort_by_key(|t| std::cmp::Reverse(t.end_time.map(|e| (e.seconds, e.nanos))));
+    tasks.truncate(limit);
+    print_history(conn, tasks);
+    Ok(ExitStatus::Ok)
 }
 
 /// A unary reply, or the call's failure as the command's error.

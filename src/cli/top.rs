@@ -95,7 +95,7 @@ impl View {
                 q.scheduled.to_string(),
                 q.pending.to_string(),
                 q.dead_letters.to_string(),
-                format!("{rate:.1}/s"),
+                format!("{rate:.1}"),
                 q.succeeded.to_string(),
                 q.failed.to_string(),
                 output::duration(q.oldest_wait.as_ref()),
@@ -108,15 +108,15 @@ impl View {
             "SCHEDULED",
             "PENDING",
             "DEAD",
-            "DONE",
+            "DONE/S",
             "SUCCEEDED",
             "FAILED",
             "OLDEST WAIT",
         ];
-        let widths = [Constraint::Min(12)].into_iter().chain(std::iter::repeat_n(
-            Constraint::Length(10),
-            header.len() - 1,
-        ));
+        let widths = [Constraint::Length(16)]
+            .into_iter()
+            .chain(std::iter::repeat_n(Constraint::Length(9), header.len() - 2))
+            .chain([Constraint::Min(11)]);
         frame.render_widget(
             Table::new(rows, widths)
                 .header(Row::new(header).style(bold))

@@ -10,20 +10,40 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use common::auth::{KeysFile, READER, all_roles};
-use common::{
-    ChildGuard as Guard, EVENT_TIMEOUT, free_port, koo_command, logged_addr, serve_logged,
-};
+use common::{ChildGuard as Guard, EVENT_TIMEOUT, free_port, koo_command, logged_addr};
 
 /// `koo serve` (embedded store) on an ephemeral port: the process and its
-/// gRPC address.
+/// gRPC address. Its log is read to the end (by a thread), not only until
+/// the address: koo writes audit lines to stderr on admin calls, and a
+/// closed pipe there fails those calls (`common::serve_logged` stops
+/// reading).
 fn serve(env: &[(&str, &str)]) -> (Guard, String) {
-    let env: Vec<(&str, &str)> = [("KOO_LOG", "info")]
-        .into_iter()
-        .chain(env.iter().copied())
-        .collect();
-    let (served, lines) = serve_logged(&env);
-    let addr = logged_addr(&lines, "koo serving gRPC")
-        .unwrap_or_else(|| panic!("koo did not start: {lines:#?}"));
+    use std::io::BufRead as _;
+    let mut child = koo_command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("KOO_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn koo serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("koo serving gRPC") {
+                let _ = tx.send(logged_addr(&[line], "koo serving gRPC"));
+            }
+        }
+    });
+    let served = Guard(child);
+    let addr = rx
+        .recv_timeout(EVENT_TIMEOUT)
+        .expect("koo serve announced its address")
+        .expect("an addr field");
     (served, addr)
 }
 
@@ -186,7 +206,7 @@ fn task_commands() {
         "--category",
         "research",
         "--kwargs",
-        r#"{"seconds":0.3,"steps":3}"#,
+        r#"{"seconds":1.2,"steps":3}"#,
         "--wait",
     ]);
     let out = ok.ok();
@@ -199,7 +219,7 @@ fn task_commands() {
     );
     let task = koo(&["task", "get", &id, "--json"]).json();
     assert_eq!(task["state"], "TASK_STATE_SUCCEEDED");
-    assert_eq!(task["result"]["slept_seconds"], 0.3);
+    assert_eq!(task["result"]["slept_seconds"], 1.2);
     assert!(
         koo(&["task", "get", &id])
             .ok()
@@ -292,7 +312,7 @@ fn task_commands() {
     let bad = koo(&["task", "submit", "x"]);
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("--category"), "{}", bad.stderr);
-    let gone = koo(&["task", "get", "00000000-0000-7000-8000-000000000000"]);
+    let gone = koo(&["task", "get", &common::tasks::unknown_task_id()]);
     assert_eq!(gone.code, 3);
     assert!(gone.stderr.contains("NOT_FOUND"), "{}", gone.stderr);
 }
@@ -341,7 +361,8 @@ fn cron_commands() {
     let task_id = koo(&["cron", "trigger", "nightly"]).ok().trim().to_owned();
     let watched = koo(&["task", "watch", &task_id, "--json"]).json_lines();
     assert_eq!(watched.last().unwrap()["result"], "hi");
-    assert_eq!(koo(&["cron", "ls", "--json"]).json_lines().len(), 1);
+    let listed = koo(&["cron", "ls", "--json"]).json_lines();
+    assert!(listed.iter().any(|s| s["name"] == "nightly"), "{listed:?}");
     koo(&["cron", "rm", "nightly"]).ok();
     let gone = koo(&["cron", "get", "nightly"]);
     assert_eq!(gone.code, 3);
@@ -429,10 +450,11 @@ impl Drop for Tmux {
 
 /// The SCHEDULED column of `queue`'s row on `koo top`'s screen.
 fn scheduled(screen: &str, queue: &str) -> Option<i64> {
+    let screen = screen.replace('│', " ");
     let row = screen
         .lines()
         .find(|l| l.split_whitespace().any(|w| w == queue))?;
-    let cells: Vec<&str> = row.split_whitespace().filter(|w| *w != "│").collect();
+    let cells: Vec<&str> = row.split_whitespace().collect();
     let at = cells.iter().position(|c| *c == queue)?;
     cells.get(at + 3)?.parse().ok()
 }
