@@ -10,6 +10,18 @@
 //! `scheduler`): every client command is a noun group (`cache`, `task`,
 //! `cron`) or a read-only view (`ps`, `top`).
 
+/// `println!` for the client's output, through [`output::line`]: a reader
+/// that went away (`koo task dead --json | head -1`) ends the command
+/// quietly instead of a panic.
+macro_rules! outln {
+    () => {
+        $crate::cli::output::line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::output::line(format_args!($($arg)*))
+    };
+}
+
 pub mod cache;
 pub mod connect;
 pub mod cron;

@@ -122,7 +122,7 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             if conn.json {
                 print_json("koo.cache.v1.SetResponse", &reply);
             } else {
-                println!(
+                outln!(
                     "stored ({} bytes, ttl {})",
                     reply.size_bytes,
                     output::duration(reply.ttl.as_ref())
@@ -143,7 +143,7 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             if conn.json {
                 print_json("koo.cache.v1.DeleteManyResponse", &reply);
             } else {
-                println!("deleted {}", reply.deleted_count);
+                outln!("deleted {}", reply.deleted_count);
             }
             Ok(ExitStatus::Ok)
         }
@@ -162,7 +162,7 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             if conn.json {
                 print_json("koo.cache.v1.ClearLevelResponse", &reply);
             } else {
-                println!("deleted {}", reply.deleted_count);
+                outln!("deleted {}", reply.deleted_count);
             }
             Ok(ExitStatus::Ok)
         }
@@ -191,22 +191,23 @@ async fn get(
         print_json("koo.cache.v1.GetResponse", &reply);
     } else if reply.found {
         match reply.value.and_then(|v| v.kind) {
-            Some(Kind::Text(text)) => println!("{text}"),
+            Some(Kind::Text(text)) => outln!("{text}"),
             Some(Kind::Json(value)) => {
-                println!("{}", output::to_json("google.protobuf.Value", &value));
+                outln!("{}", output::to_json("google.protobuf.Value", &value));
             }
             Some(Kind::Raw(bytes)) => {
                 use std::io::Write as _;
                 std::io::stdout().write_all(&bytes)?;
             }
-            None => println!(),
+            None => outln!(),
         }
     }
     if reply.found {
         Ok(ExitStatus::Ok)
     } else {
         Err(CliError::No(format!(
-            "{key:?}: not found at level {level:?}"
+            "{key:?}: not found at level {}",
+            format!("{level:?}").to_lowercase()
         )))
     }
 }
@@ -247,7 +248,7 @@ async fn keys(
         print_json("koo.cache.v1.ListKeysResponse", &reply);
     } else {
         for key in found {
-            println!("{key}");
+            outln!("{key}");
         }
     }
     Ok(ExitStatus::Ok)
@@ -288,7 +289,7 @@ async fn stats(conn: &Conn, client: &mut Client) -> Result<ExitStatus, CliError>
         })
         .collect();
     rows.push(row("total".to_owned(), &metrics.total.unwrap_or_default()));
-    println!(
+    outln!(
         "{}",
         table(
             &[
@@ -305,7 +306,7 @@ async fn stats(conn: &Conn, client: &mut Client) -> Result<ExitStatus, CliError>
         )
     );
     if metrics.partial {
-        println!("(partial: {})", metrics.partial_reason);
+        outln!("(partial: {})", metrics.partial_reason);
     }
     Ok(ExitStatus::Ok)
 }

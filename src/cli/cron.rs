@@ -122,7 +122,7 @@ pub async fn run(cli: CronCli) -> Result<ExitStatus, CliError> {
             if conn.json {
                 print_json("koo.tasks.v1.Task", &task);
             } else {
-                println!("{}", task.id);
+                outln!("{}", task.id);
             }
             return Ok(ExitStatus::Ok);
         }
@@ -130,9 +130,9 @@ pub async fn run(cli: CronCli) -> Result<ExitStatus, CliError> {
             let request = pb::DeleteScheduleRequest { name: name.clone() };
             one(&conn, client.delete_schedule(conn.unary(request)).await)?;
             if !conn.json {
-                println!("deleted {name}");
+                outln!("deleted {name}");
             } else {
-                println!("{{}}");
+                outln!("{{}}");
             }
             return Ok(ExitStatus::Ok);
         }
@@ -203,7 +203,7 @@ fn print_schedule(s: &pb::Schedule) {
         ("last run", last_run(s)),
     ];
     for (name, value) in lines {
-        println!(
+        outln!(
             "{:<10} {}",
             format!("{name}:"),
             if value.is_empty() { "-".into() } else { value }
@@ -242,7 +242,7 @@ async fn ls(conn: &Conn, client: &mut Client) -> Result<ExitStatus, CliError> {
             last_run(s),
         ]
     });
-    println!(
+    outln!(
         "{}",
         table(
             &["NAME", "CRON", "TASK", "STATUS", "NEXT", "LAST RUN"],

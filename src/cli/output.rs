@@ -30,12 +30,49 @@ pub fn to_json<M: Message>(full_name: &str, message: &M) -> serde_json::Value {
     dynamic
         .serialize_with_options(&mut out, &SerializeOptions::new())
         .expect("JSON serialization of a decoded message");
-    serde_json::from_slice(&out.into_inner()).expect("serde_json reads its own output")
+    let mut json =
+        serde_json::from_slice(&out.into_inner()).expect("serde_json reads its own output");
+    integral(&mut json);
+    json
+}
+
+/// protobuf's `Value` holds every number as a double, so `42` would print
+/// as `42.0`; whole numbers that a double holds exactly are written as
+/// integers (the same JSON number).
+fn integral(json: &mut serde_json::Value) {
+    const EXACT: f64 = 9_007_199_254_740_992.0; // 2^53
+    match json {
+        serde_json::Value::Number(n) => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() <= EXACT)
+                && n.is_f64()
+            {
+                *n = serde_json::Number::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(integral),
+        serde_json::Value::Object(fields) => fields.values_mut().for_each(integral),
+        _ => {}
+    }
+}
+
+/// Writes one line to standard output. When the reader has gone (a closed
+/// pipe) the command ends here with exit code 0: it got what it wanted, and
+/// a panic message would be noise; any other write error exits 3.
+pub fn line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("koo: cannot write to standard output: {e}");
+        std::process::exit(super::ExitStatus::Rpc as i32);
+    }
 }
 
 /// Prints `message` as one line of JSON (`--json`).
 pub fn print_json<M: Message>(full_name: &str, message: &M) {
-    println!("{}", to_json(full_name, message));
+    outln!("{}", to_json(full_name, message));
 }
 
 /// A table without borders: a header row and aligned columns.
@@ -117,6 +154,16 @@ mod tests {
         assert_eq!(json["state"], "TASK_STATE_RUNNING");
         assert_eq!(json["maxRetries"], 3);
         assert_eq!(json["createTime"], "1970-01-01T00:00:00Z");
+        let value = crate::pb::tasks::v1::Task {
+            result: Some(prost_types::Value {
+                kind: Some(prost_types::value::Kind::NumberValue(42.0)),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            to_json("koo.tasks.v1.Task", &value)["result"].to_string(),
+            "42"
+        );
     }
 
     #[test]

@@ -80,7 +80,7 @@ pub async fn run(cli: PsCli) -> Result<ExitStatus, CliError> {
             print_json("koo.worker.v1.Worker", w);
         }
     } else {
-        println!("{}", table(&HEADER, rows(&workers)));
+        outln!("{}", table(&HEADER, rows(&workers)));
     }
     Ok(ExitStatus::Ok)
 }

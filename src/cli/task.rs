@@ -303,7 +303,7 @@ async fn submit(
     if conn.json {
         print_json("koo.tasks.v1.SubmitTaskResponse", &reply);
     } else {
-        println!("{id}");
+        outln!("{id}");
     }
     if wait {
         return watch::follow(conn, client, id).await;
@@ -317,7 +317,7 @@ fn print_requeued(conn: &Conn, reply: &pb::RequeueDeadLettersResponse) {
         print_json("koo.tasks.v1.RequeueDeadLettersResponse", reply);
     } else {
         for id in &reply.task_ids {
-            println!("{id}");
+            outln!("{id}");
         }
         eprintln!("requeued {}", reply.task_ids.len());
     }
@@ -368,7 +368,7 @@ fn print_changed(conn: &Conn, task: pb::Task) {
     if conn.json {
         print_json("koo.tasks.v1.Task", &task);
     } else {
-        println!("{} {}", task.id, state_name(task.state));
+        outln!("{} {}", task.id, state_name(task.state));
     }
 }
 
@@ -407,7 +407,7 @@ pub(crate) fn print_task(t: &pb::Task) {
         lines.push(("error", e.message.clone()));
     }
     for (name, value) in lines {
-        println!(
+        outln!(
             "{:<9} {}",
             format!("{name}:"),
             if value.is_empty() { "-".into() } else { value }
@@ -453,7 +453,7 @@ async fn ls(
             output::time(t.create_time.as_ref()),
         ]
     });
-    println!(
+    outln!(
         "{}",
         table(
             &[
@@ -506,7 +506,7 @@ fn print_history(conn: &Conn, tasks: Vec<pb::TaskSummary>) {
             output::time(t.end_time.as_ref()),
         ]
     });
-    println!(
+    outln!(
         "{}",
         table(&["ID", "NAME", "STATE", "ATTEMPTS", "RAN", "ENDED"], rows)
     );

@@ -52,15 +52,16 @@ impl View {
                 bar.set_message(progress.message);
             }
             View::Lines { last } => {
-                let line = format!("{:.0}% {}", progress.percent, progress.message);
+                let mut line = String::new();
+                if progress.percent > 0.0 || !progress.message.is_empty() {
+                    line = format!(" {:.0}% {}", progress.percent, progress.message);
+                }
+                if outcome(task.state).is_some() {
+                    line.push_str(&ended(task));
+                }
                 let now = (task.state, line);
                 if last.as_ref() != Some(&now) {
-                    println!(
-                        "{} {} {}",
-                        task.id,
-                        state_name(task.state),
-                        now.1.trim_end()
-                    );
+                    outln!("{} {}{}", task.id, state_name(task.state), now.1.trim_end());
                     *last = Some(now);
                 }
             }
@@ -71,15 +72,17 @@ impl View {
     fn end(self, task: &pb::Task) {
         if let View::Bar(bar) = self {
             bar.finish_and_clear();
-            let outcome = match (&task.error, &task.result) {
-                (Some(e), _) => format!(": {}", e.message),
-                (None, Some(r)) => {
-                    format!(": {}", super::output::to_json("google.protobuf.Value", r))
-                }
-                _ => String::new(),
-            };
-            println!("{} {}{outcome}", task.id, state_name(task.state));
+            outln!("{} {}{}", task.id, state_name(task.state), ended(task));
         }
+    }
+}
+
+/// How a task ended, for its last line: `: <error>` or `: <result>`.
+fn ended(task: &pb::Task) -> String {
+    match (&task.error, &task.result) {
+        (Some(e), _) => format!(": {}", e.message),
+        (None, Some(r)) => format!(": {}", super::output::to_json("google.protobuf.Value", r)),
+        _ => String::new(),
     }
 }
 
