@@ -19,11 +19,34 @@ pub struct CronCli {
 
 /// What a schedule does with ticks missed while no scheduler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
 enum Missed {
     /// Forget them.
     Skip,
     /// Run once for all of them.
     RunOnce,
+}
+
+/// `koo cron create`.
+#[derive(Debug, Args)]
+struct CreateArgs {
+    name: String,
+    /// Cron expression (`*/5 * * * *`; six fields for seconds).
+    #[arg(long)]
+    cron: String,
+    /// The task's handler name.
+    #[arg(long)]
+    task: String,
+    #[command(flatten)]
+    spec: TaskSpec,
+    /// IANA time zone of the expression (default UTC).
+    #[arg(long, default_value = "")]
+    time_zone: String,
+    #[arg(long, value_enum)]
+    missed: Option<Missed>,
+    /// Create it paused.
+    #[arg(long)]
+    paused: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -33,25 +56,7 @@ enum CronCommand {
     /// One schedule, in full.
     Get { name: String },
     /// Create a schedule that submits TASK at each CRON tick.
-    Create {
-        name: String,
-        /// Cron expression (`*/5 * * * *`; six fields for seconds).
-        #[arg(long)]
-        cron: String,
-        /// The task's handler name.
-        #[arg(long)]
-        task: String,
-        #[command(flatten)]
-        spec: TaskSpec,
-        /// IANA time zone of the expression (default UTC).
-        #[arg(long, default_value = "")]
-        time_zone: String,
-        #[arg(long, value_enum)]
-        missed: Option<Missed>,
-        /// Create it paused.
-        #[arg(long)]
-        paused: bool,
-    },
+    Create(Box<CreateArgs>),
     /// Stop firing (kept, can be resumed).
     Pause { name: String },
     /// Fire again.
@@ -79,33 +84,7 @@ pub async fn run(cli: CronCli) -> Result<ExitStatus, CliError> {
             )?
             .schedule
         }
-        CronCommand::Create {
-            name,
-            cron,
-            task,
-            spec,
-            time_zone,
-            missed,
-            paused,
-        } => {
-            let schedule = pb::Schedule {
-                name,
-                cron,
-                time_zone,
-                task: Some(template(task, spec)),
-                missed_tick_policy: match missed {
-                    None => 0,
-                    Some(Missed::Skip) => pb::MissedTickPolicy::Skip as i32,
-                    Some(Missed::RunOnce) => pb::MissedTickPolicy::RunOnce as i32,
-                },
-                paused,
-                ..Default::default()
-            };
-            let request = pb::CreateScheduleRequest {
-                schedule: Some(schedule),
-            };
-            one(&conn, client.create_schedule(conn.unary(request)).await)?.schedule
-        }
+        CronCommand::Create(args) => create(&conn, &mut client, *args).await?,
         CronCommand::Pause { name } => {
             let request = pb::PauseScheduleRequest { name };
             one(&conn, client.pause_schedule(conn.unary(request)).await)?.schedule
@@ -144,6 +123,40 @@ pub async fn run(cli: CronCli) -> Result<ExitStatus, CliError> {
         print_schedule(&schedule);
     }
     Ok(ExitStatus::Ok)
+}
+
+/// `koo cron create`: the schedule koo stored.
+async fn create(
+    conn: &Conn,
+    client: &mut Client,
+    args: CreateArgs,
+) -> Result<Option<pb::Schedule>, CliError> {
+    let CreateArgs {
+        name,
+        cron,
+        task,
+        spec,
+        time_zone,
+        missed,
+        paused,
+    } = args;
+    let schedule = pb::Schedule {
+        name,
+        cron,
+        time_zone,
+        task: Some(template(task, spec)),
+        missed_tick_policy: match missed {
+            None => 0,
+            Some(Missed::Skip) => pb::MissedTickPolicy::Skip as i32,
+            Some(Missed::RunOnce) => pb::MissedTickPolicy::RunOnce as i32,
+        },
+        paused,
+        ..Default::default()
+    };
+    let request = pb::CreateScheduleRequest {
+        schedule: Some(schedule),
+    };
+    Ok(one(conn, client.create_schedule(conn.unary(request)).await)?.schedule)
 }
 
 fn template(name: String, spec: TaskSpec) -> pb::TaskTemplate {

@@ -18,8 +18,9 @@ pub struct TaskCli {
     command: TaskCommand,
 }
 
-/// A task category, by its short name.
+/// A task category, by koo's name for it (also its default queue's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
 pub enum Category {
     AiService,
     PdfProcessing,
@@ -64,6 +65,7 @@ impl Priority {
 
 /// A task state, by its short name (for `history --state`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
 enum State {
     Succeeded,
     Failed,
@@ -137,7 +139,7 @@ struct SubmitArgs {
 #[derive(Debug, Subcommand)]
 enum TaskCommand {
     /// Submit a task; prints its id (with --wait, follows it to its end).
-    Submit(SubmitArgs),
+    Submit(Box<SubmitArgs>),
     /// One task, in full.
     Get { task_id: String },
     /// Follow a task to its end (a progress bar on a terminal); exit 0 when it succeeded, 1 otherwise.
@@ -193,7 +195,7 @@ pub async fn run(cli: TaskCli) -> Result<ExitStatus, CliError> {
     let conn = Conn::open(&cli.conn).await?;
     let mut client = TaskServiceClient::new(conn.channel());
     match cli.command {
-        TaskCommand::Submit(args) => submit(&conn, &mut client, args).await,
+        TaskCommand::Submit(args) => submit(&conn, &mut client, *args).await,
         TaskCommand::Get { task_id } => {
             let task = one(
                 &conn,

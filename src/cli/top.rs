@@ -125,7 +125,7 @@ impl View {
         );
         let rows = ps::rows(&self.workers).into_iter().map(Row::new);
         let widths = [
-            Constraint::Min(14),
+            Constraint::Length(20),
             Constraint::Length(8),
             Constraint::Min(10),
             Constraint::Min(10),

@@ -273,6 +273,9 @@ fn task_commands() {
         "1h",
     ]);
     let later_id = later.ok().trim().to_owned();
+    // categories by koo's own names (also the queues')
+    let none = koo(&["task", "ls", "--category", "pdf_processing", "--json"]);
+    assert_eq!(none.ok(), "");
     let listed = koo(&["task", "ls", "--queue", "database", "--json"]).json_lines();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["state"], "TASK_STATE_SCHEDULED");
