@@ -530,3 +530,51 @@ fn top_in_a_terminal() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// TLS and mTLS: `https://` with `--tls-ca` and a client certificate
+/// (`--tls-cert`, `--tls-key`) reaches a koo that requires one; without
+/// the certificate, or in plaintext, it cannot (exit 3).
+#[test]
+fn tls_and_client_certificates() {
+    use common::certs::{Ca, CertDir};
+    let dir = CertDir::new();
+    let ca = Ca::new("cli-test-ca");
+    let (cert, key) = dir.write_pair("server", &ca.server("localhost"));
+    let (client_cert, client_key) = dir.write_pair("client", &ca.client("spiffe://koo.test/cli"));
+    let ca_path = dir.write("ca.crt", &ca.cert);
+    let (_koo, addr) = serve(&[
+        ("KOO_TLS_CERT", cert.to_str().unwrap()),
+        ("KOO_TLS_KEY", key.to_str().unwrap()),
+        ("KOO_TLS_CLIENT_CA", ca_path.to_str().unwrap()),
+    ]);
+    let https = format!("https://{addr}");
+    let tls = [
+        "--tls-ca",
+        ca_path.to_str().unwrap(),
+        "--tls-cert",
+        client_cert.to_str().unwrap(),
+        "--tls-key",
+        client_key.to_str().unwrap(),
+    ];
+    let with_cert: Vec<&str> = ["ps", "--json"].into_iter().chain(tls).collect();
+    assert!(!koo_at(&https, &[], &with_cert).json_lines().is_empty());
+    // the same through the variables, and --tls instead of https://
+    let env = [
+        ("KOO_CLIENT_TLS_CA", ca_path.to_str().unwrap()),
+        ("KOO_CLIENT_TLS_CERT", client_cert.to_str().unwrap()),
+        ("KOO_CLIENT_TLS_KEY", client_key.to_str().unwrap()),
+    ];
+    koo_at(&addr, &env, &["cache", "stats", "--tls"]).ok();
+
+    let no_cert = koo_at(&https, &[], &["ps", "--tls-ca", ca_path.to_str().unwrap()]);
+    assert_eq!(no_cert.code, 3, "{}", no_cert.stderr);
+    let plain = koo_at(&addr, &[], &["ps", "--timeout", "2s"]);
+    assert_eq!(plain.code, 3, "{}", plain.stderr);
+    let half = koo_at(
+        &https,
+        &[],
+        &["ps", "--tls-cert", client_cert.to_str().unwrap()],
+    );
+    assert_eq!(half.code, 2, "{}", half.stderr);
+    assert!(half.stderr.contains("--tls-key"), "{}", half.stderr);
+}
