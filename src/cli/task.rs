@@ -374,6 +374,17 @@ fn print_changed(conn: &Conn, task: pb::Task) {
     }
 }
 
+/// `42% message`, or nothing before any progress was reported.
+fn progress_text(p: &pb::TaskProgress) -> String {
+    if p.percent > 0.0 || !p.message.is_empty() {
+        format!("{:.0}% {}", p.percent, p.message)
+            .trim_end()
+            .to_owned()
+    } else {
+        String::new()
+    }
+}
+
 /// A task as `field: value` lines.
 pub(crate) fn print_task(t: &pb::Task) {
     let json = output::to_json("koo.tasks.v1.Task", t);
@@ -388,10 +399,7 @@ pub(crate) fn print_task(t: &pb::Task) {
             "attempts",
             format!("{} (max retries {})", t.attempts, t.max_retries),
         ),
-        (
-            "progress",
-            format!("{:.0}% {}", progress.percent, progress.message),
-        ),
+        ("progress", progress_text(&progress)),
         ("worker", t.worker.clone()),
         ("created", output::time(t.create_time.as_ref())),
         ("started", output::time(t.start_time.as_ref())),
