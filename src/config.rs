@@ -141,6 +141,16 @@ pub(crate) fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
+    /// The whole command line (daemons and client commands) is consistent:
+    /// no clashing flags, every `requires` names a real argument.
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["koo", "task", "ls", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Task(_)));
+    }
+
     /// Durations accept seconds and units, and refuse garbage.
     #[test]
     fn durations() {

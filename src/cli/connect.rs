@@ -23,7 +23,7 @@ pub struct ConnectArgs {
     #[arg(long, env = "KOO_TARGET", default_value = DEFAULT_TARGET, global = true)]
     pub target: String,
     /// Use TLS (the system's roots unless --tls-ca) even without `https://`.
-    #[arg(long, global = true)]
+    #[arg(long, env = "KOO_CLIENT_TLS", global = true)]
     pub tls: bool,
     /// API key, sent as `authorization: Bearer <key>`.
     #[arg(long, env = "KOO_API_KEY", hide_env_values = true, global = true)]
@@ -42,7 +42,13 @@ pub struct ConnectArgs {
     pub tls_server_name: Option<String>,
     /// How long to wait for the connection and for each answer (not for
     /// streams: `watch`, `top`).
-    #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
+    #[arg(
+        long,
+        env = "KOO_CLIENT_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration,
+        global = true
+    )]
     pub timeout: Duration,
     /// Print the replies as JSON (the proto3 JSON mapping; one object per
     /// line for streams) instead of tables.
@@ -265,6 +271,19 @@ mod tests {
         assert_eq!((uri.as_str(), tls.is_some()), ("https://h:3", true));
         assert!(endpoint_uri(&args(&["--target", "http://h:4", "--tls"])).is_err());
         assert!(endpoint_uri(&args(&["--target", "ftp://h:4"])).is_err());
+    }
+
+    /// With nothing set, the SDK's default target, plaintext, 10 s.
+    #[test]
+    fn defaults_parse() {
+        let a = args(&[]);
+        assert_eq!(a.target, DEFAULT_TARGET);
+        assert_eq!(a.timeout, Duration::from_secs(10));
+        let (uri, tls) = endpoint_uri(&a).unwrap();
+        assert_eq!(
+            (uri.as_str(), tls.is_none()),
+            ("http://127.0.0.1:50051", true)
+        );
     }
 
     #[test]
