@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = [
     ["telemetry"],  # logging set-up, from config's log format (main calls it)
     ["config"],  # the command line: flags and variables into the settings below
+    ["cli"],  # the client commands (koo cache|task|cron|ps|top): pb only
     ["server"],  # listener, router, shutdown order: serves what app built
     ["app"],  # the composition root: stores, engine, hub, loops; Settings
     ["grpc"],  # adapters: proto <-> domain, errors -> Status, spans

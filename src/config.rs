@@ -90,6 +90,16 @@ pub enum Command {
     /// API keys: `koo auth new-key`.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Client: cache entries of a running koo (get, set, del, keys, clear, stats).
+    Cache(Box<crate::cli::cache::CacheCli>),
+    /// Client: tasks (submit, get, watch, ls, history, cancel, retry, dead, requeue).
+    Task(Box<crate::cli::task::TaskCli>),
+    /// Client: periodic schedules (ls, get, create, pause, resume, trigger, rm).
+    Cron(Box<crate::cli::cron::CronCli>),
+    /// Client: the workers koo knows.
+    Ps(Box<crate::cli::ps::PsCli>),
+    /// Client: a live view of queues and workers (q quits).
+    Top(Box<crate::cli::top::TopCli>),
 }
 
 /// A configuration value that parses but cannot be used.
@@ -135,6 +145,16 @@ pub(crate) fn parse_positive_duration(s: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The whole command line (daemons and client commands) is consistent:
+    /// no clashing flags, every `requires` names a real argument.
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["koo", "task", "ls", "--json"]).unwrap();
+        assert!(matches!(cli.command, Command::Task(_)));
+    }
 
     /// Durations accept seconds and units, and refuse garbage.
     #[test]

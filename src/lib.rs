@@ -7,6 +7,8 @@
 //!
 //! - [`config`]: clap flags and environment variables (the seed's names)
 //!   into the settings [`app`] defines; [`telemetry`]: logging set-up.
+//! - [`cli`]: the client commands (`koo cache|task|cron|ps|top`): a running
+//!   koo's API through the generated clients of [`pb`], tables or JSON.
 //! - [`server`]: the listener, the router (gRPC metrics, one span per call,
 //!   peer, auth, load shedding), the HTTP listener (`/metrics`, read at
 //!   scrape time), the shutdown order: serves what `app` built.
@@ -48,6 +50,7 @@
 pub mod app;
 pub mod auth;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod glob;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use koo::cli::finish;
 use koo::config::{Cli, Command, HealthArgs};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -66,6 +67,13 @@ fn main() -> ExitCode {
             Command::Scheduler(args) => scheduler(*args).await,
             Command::Health(args) => health(args).await,
             Command::Auth(koo::config::AuthCommand::NewKey(args)) => new_key(&args),
+            // The client commands print their own errors and choose their
+            // exit codes (koo::cli::ExitStatus).
+            Command::Cache(args) => Ok(finish(koo::cli::cache::run(*args).await)),
+            Command::Task(args) => Ok(finish(koo::cli::task::run(*args).await)),
+            Command::Cron(args) => Ok(finish(koo::cli::cron::run(*args).await)),
+            Command::Ps(args) => Ok(finish(koo::cli::ps::run(*args).await)),
+            Command::Top(args) => Ok(finish(koo::cli::top::run(*args).await)),
         };
         guard.shutdown().await;
         result

@@ -13,6 +13,7 @@ mod binary;
 mod breaker;
 mod cache;
 mod chaos;
+mod cli;
 mod config_env;
 mod dead_letters;
 mod grpc_web;

@@ -1,0 +1,312 @@
+//! `koo cache get|set|del|keys|clear|stats`: cache entries on a running koo.
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::output::{self, print_json, table};
+use super::{CliError, Conn, ConnectArgs, ExitStatus, values};
+use crate::pb::cache::v1 as pb;
+use crate::pb::cache::v1::cache_service_client::CacheServiceClient;
+use crate::pb::cache::v1::cache_value::Kind;
+
+/// `koo cache ...`.
+#[derive(Debug, Args)]
+pub struct CacheCli {
+    #[command(flatten)]
+    conn: ConnectArgs,
+    #[command(subcommand)]
+    command: CacheCommand,
+}
+
+/// A cache level, by its short name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Level {
+    /// `CACHE_LEVEL_APP`.
+    App,
+    /// `CACHE_LEVEL_DB`.
+    Db,
+    /// `CACHE_LEVEL_API`.
+    Api,
+    /// `CACHE_LEVEL_SESSION`.
+    Session,
+}
+
+impl Level {
+    fn pb(self) -> i32 {
+        (match self {
+            Level::App => pb::CacheLevel::App,
+            Level::Db => pb::CacheLevel::Db,
+            Level::Api => pb::CacheLevel::Api,
+            Level::Session => pb::CacheLevel::Session,
+        }) as i32
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum CacheCommand {
+    /// Print a value (exit 1 when the key is not there).
+    Get {
+        key: String,
+        #[arg(long, value_enum, default_value = "app")]
+        level: Level,
+    },
+    /// Store a value: JSON text (`'{"a":1}'`, `42`, `'"text"'`), or with --text the text as is.
+    Set {
+        key: String,
+        value: String,
+        #[arg(long, value_enum, default_value = "app")]
+        level: Level,
+        /// Time to live (`60s`, `1h`); default: the level's TTL.
+        #[arg(long, value_parser = super::connect::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        /// Store VALUE as text, not JSON.
+        #[arg(long)]
+        text: bool,
+    },
+    /// Delete keys; prints how many were there.
+    Del {
+        #[arg(required = true)]
+        keys: Vec<String>,
+        #[arg(long, value_enum, default_value = "app")]
+        level: Level,
+    },
+    /// List keys matching a glob pattern (default `*`).
+    Keys {
+        #[arg(default_value = "*")]
+        pattern: String,
+        #[arg(long, value_enum, default_value = "app")]
+        level: Level,
+        /// At most this many keys.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Delete every key of a level (the level must be named).
+    Clear {
+        #[arg(long, value_enum)]
+        level: Level,
+    },
+    /// Hits, misses and keys per level.
+    Stats,
+}
+
+/// Runs a `koo cache` command.
+pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
+    let conn = Conn::open(&cli.conn).await?;
+    let mut client = CacheServiceClient::new(conn.channel());
+    match cli.command {
+        CacheCommand::Get { key, level } => get(&conn, &mut client, key, level).await,
+        CacheCommand::Set {
+            key,
+            value,
+            level,
+            ttl,
+            text,
+        } => {
+            let kind = if text {
+                Kind::Text(value)
+            } else {
+                Kind::Json(values::json_value(&value).map_err(|e| {
+                    CliError::Usage(format!("VALUE {value:?}: {e} (or use --text)"))
+                })?)
+            };
+            let request = pb::SetRequest {
+                level: level.pb(),
+                key,
+                value: Some(pb::CacheValue { kind: Some(kind) }),
+                ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+            };
+            let reply = client
+                .set(conn.unary(request))
+                .await
+                .map_err(|s| conn.failed(s))?
+                .into_inner();
+            if conn.json {
+                print_json("koo.cache.v1.SetResponse", &reply);
+            } else {
+                outln!(
+                    "stored ({} bytes, ttl {})",
+                    reply.size_bytes,
+                    output::duration(reply.ttl.as_ref())
+                );
+            }
+            Ok(ExitStatus::Ok)
+        }
+        CacheCommand::Del { keys, level } => {
+            let request = pb::DeleteManyRequest {
+                level: level.pb(),
+                keys,
+            };
+            let reply = client
+                .delete_many(conn.unary(request))
+                .await
+                .map_err(|s| conn.failed(s))?
+                .into_inner();
+            if conn.json {
+                print_json("koo.cache.v1.DeleteManyResponse", &reply);
+            } else {
+                outln!("deleted {}", reply.deleted_count);
+            }
+            Ok(ExitStatus::Ok)
+        }
+        CacheCommand::Keys {
+            pattern,
+            level,
+            limit,
+        } => keys(&conn, &mut client, pattern, level, limit).await,
+        CacheCommand::Clear { level } => {
+            let request = pb::ClearLevelRequest { level: level.pb() };
+            let reply = client
+                .clear_level(conn.unary(request))
+                .await
+                .map_err(|s| conn.failed(s))?
+                .into_inner();
+            if conn.json {
+                print_json("koo.cache.v1.ClearLevelResponse", &reply);
+            } else {
+                outln!("deleted {}", reply.deleted_count);
+            }
+            Ok(ExitStatus::Ok)
+        }
+        CacheCommand::Stats => stats(&conn, &mut client).await,
+    }
+}
+
+type Client = CacheServiceClient<tonic::transport::Channel>;
+
+async fn get(
+    conn: &Conn,
+    client: &mut Client,
+    key: String,
+    level: Level,
+) -> Result<ExitStatus, CliError> {
+    let request = pb::GetRequest {
+        level: level.pb(),
+        key: key.clone(),
+    };
+    let reply = client
+        .get(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.GetResponse", &reply);
+    } else if reply.found {
+        match reply.value.and_then(|v| v.kind) {
+            Some(Kind::Text(text)) => outln!("{text}"),
+            Some(Kind::Json(value)) => {
+                outln!("{}", output::to_json("google.protobuf.Value", &value));
+            }
+            Some(Kind::Raw(bytes)) => {
+                use std::io::Write as _;
+                std::io::stdout().write_all(&bytes)?;
+            }
+            None => outln!(),
+        }
+    }
+    if reply.found {
+        Ok(ExitStatus::Ok)
+    } else {
+        Err(CliError::No(format!(
+            "{key:?}: not found at level {}",
+            format!("{level:?}").to_lowercase()
+        )))
+    }
+}
+
+async fn keys(
+    conn: &Conn,
+    client: &mut Client,
+    pattern: String,
+    level: Level,
+    limit: usize,
+) -> Result<ExitStatus, CliError> {
+    let mut found = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let request = pb::ListKeysRequest {
+            level: level.pb(),
+            pattern: pattern.clone(),
+            page_size: (limit - found.len()).min(1000) as i32,
+            page_token,
+        };
+        let reply = client
+            .list_keys(conn.unary(request))
+            .await
+            .map_err(|s| conn.failed(s))?
+            .into_inner();
+        found.extend(reply.keys);
+        page_token = reply.next_page_token;
+        if page_token.is_empty() || found.len() >= limit {
+            break;
+        }
+    }
+    found.truncate(limit);
+    if conn.json {
+        let reply = pb::ListKeysResponse {
+            keys: found,
+            next_page_token: page_token,
+        };
+        print_json("koo.cache.v1.ListKeysResponse", &reply);
+    } else {
+        for key in found {
+            outln!("{key}");
+        }
+    }
+    Ok(ExitStatus::Ok)
+}
+
+async fn stats(conn: &Conn, client: &mut Client) -> Result<ExitStatus, CliError> {
+    let reply = client
+        .get_metrics(conn.unary(pb::GetMetricsRequest {}))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.GetMetricsResponse", &reply);
+        return Ok(ExitStatus::Ok);
+    }
+    let metrics = reply.metrics.unwrap_or_default();
+    let row = |name: String, c: &pb::CacheCounters| {
+        vec![
+            name,
+            c.keys.to_string(),
+            c.hits.to_string(),
+            c.misses.to_string(),
+            format!("{:.1}%", c.hit_ratio * 100.0),
+            c.sets.to_string(),
+            c.deletes.to_string(),
+            c.errors.to_string(),
+        ]
+    };
+    let mut rows: Vec<Vec<String>> = metrics
+        .levels
+        .iter()
+        .map(|l| {
+            let name = pb::CacheLevel::try_from(l.level).map_or_else(
+                |_| l.level.to_string(),
+                |v| output::short(v.as_str_name(), "CACHE_LEVEL_"),
+            );
+            row(name, &l.counters.unwrap_or_default())
+        })
+        .collect();
+    rows.push(row("total".to_owned(), &metrics.total.unwrap_or_default()));
+    outln!(
+        "{}",
+        table(
+            &[
+                "LEVEL",
+                "KEYS",
+                "HITS",
+                "MISSES",
+                "HIT RATIO",
+                "SETS",
+                "DELETES",
+                "ERRORS"
+            ],
+            rows
+        )
+    );
+    if metrics.partial {
+        outln!("(partial: {})", metrics.partial_reason);
+    }
+    Ok(ExitStatus::Ok)
+}
