@@ -23,6 +23,7 @@ local logged = cjson.encode(entry)
 redis.call('ZREM', K_leases, A_id)
 redis.call('RPUSH', K_task .. ':log', logged)
 redis.call('HSET', K_task, 'worker', '', 'lease_until', 0)
+record_times(K_task, K_times, true)
 if outcome == 'retry' then
   redis.call('HINCRBY', K_stats, 'retried', 1)
   redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload)

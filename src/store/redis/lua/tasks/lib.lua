@@ -103,3 +103,45 @@ local function budget_spent(key)
     'attempts', 'max_retries', 'attempt_base'))
   return tonumber(attempts) - tonumber(base or '0') > tonumber(max_retries)
 end
+
+-- Adds `ms` (clamped at 0) to time `kind` ('r' run, 'w' wait) of task
+-- `name` in sub-window hash `slot`: its bucket's count, the sum and the
+-- largest (see src/domain/times.rs: the bucket recurrence is the same).
+local function add_time(slot, kind, name, ms)
+  if ms < 0 then ms = 0 end
+  local b, t = 0, 1
+  while b < TIMES_LAST and ms >= t do
+    b = b + 1
+    t = math.max(t + 1, math.floor((t * 5 + 3) / 4))
+  end
+  redis.call('HINCRBY', slot, kind .. ':' .. b .. ':' .. name, 1)
+  redis.call('HINCRBY', slot, kind .. 's:' .. name, ms)
+  local max = redis.call('HGET', slot, kind .. 'm:' .. name)
+  if not max or tonumber(max) < ms then redis.call('HSET', slot, kind .. 'm:' .. name, ms) end
+end
+
+-- Records the times of the attempt of task `key` that ends now in the
+-- current sub-window under `times` (the queue's prefix of them): its run
+-- when `ran` (it finished; a lost attempt has no observed end), and the
+-- task's wait from submit to start when it is its first attempt. A
+-- sub-window keeps TIMES_NAMES names; the rest count as 'other'. It
+-- expires once the window has moved past it (in real time: `now` may be
+-- shifted under test).
+local function record_times(key, times, ran)
+  local name, attempts, created, started = unpack(redis.call('HMGET', key,
+    'name', 'attempts', 'created_ms', 'started_ms'))
+  local first = attempts == '1'
+  if not started or not (ran or first) then return end
+  started = tonumber(started)
+  local n = math.floor(now / TIMES_SLOT_MS)
+  local slot = times .. n
+  name = name or ''
+  if name ~= 'other' and redis.call('HEXISTS', slot, 'c:' .. name) == 0
+      and redis.call('HINCRBY', slot, 'names', 1) > TIMES_NAMES then
+    name = 'other'
+  end
+  redis.call('HINCRBY', slot, 'c:' .. name, 1)
+  if ran then add_time(slot, 'r', name, now - started) end
+  if first and created then add_time(slot, 'w', name, started - tonumber(created)) end
+  redis.call('PEXPIREAT', slot, (n + TIMES_SLOTS + 1) * TIMES_SLOT_MS - CLOCK_OFFSET)
+end

@@ -24,6 +24,7 @@ for _, id in ipairs(lapsed) do
     redis.call('RPUSH', key .. ':log', cjson.encode({ attempt = tonumber(attempts), worker = worker,
       ended_ms = now, outcome = 'lost', error = 'worker lost: lease lapsed' }))
     redis.call('HSET', key, 'worker', '', 'lease_until', 0)
+    record_times(key, K_times, false)
     redis.call('HINCRBY', K_stats, 'lost', 1)
     if outcome ~= 'queued' then redis.call('HINCRBY', K_stats, outcome, 1) end
     if outcome == 'queued' then
