@@ -244,7 +244,7 @@ impl QueueTimes {
             .unwrap_or_else(|| NameTimes::named(OTHER));
         let mut names: Vec<NameTimes> = merged.into_values().collect();
         // stable: equal counts stay in name order
-        names.sort_by(|a, b| b.recorded.cmp(&a.recorded));
+        names.sort_by_key(|n| std::cmp::Reverse(n.recorded));
         for rest in names.split_off(names.len().min(NAME_CAP)) {
             other.merge(&rest);
         }

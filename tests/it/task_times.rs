@@ -170,7 +170,10 @@ fn assert_close(h: &TimeHistogram, truth: &mut [u64]) {
     assert_eq!(s.count, truth.len() as u64);
     assert_eq!(s.max, Duration::from_millis(*truth.last().unwrap()));
     let sum: u64 = truth.iter().sum();
-    assert_eq!(s.mean, Duration::from_micros(sum * 1000 / truth.len() as u64));
+    assert_eq!(
+        s.mean,
+        Duration::from_micros(sum * 1000 / truth.len() as u64)
+    );
     for (got, q) in [(s.p50, 0.5), (s.p90, 0.9), (s.p95, 0.95), (s.p99, 0.99)] {
         let (got, want) = (got.as_secs_f64() * 1000.0, exact(truth, q));
         assert!(
@@ -197,11 +200,17 @@ async fn known_times_give_their_percentiles(f: Fixture) {
     }
     let t = f.times().await;
     assert_eq!(t.by_name.len(), 1);
-    assert_eq!((t.by_name[0].name.as_str(), t.by_name[0].recorded), ("a", 100));
+    assert_eq!(
+        (t.by_name[0].name.as_str(), t.by_name[0].recorded),
+        ("a", 100)
+    );
     assert_close(&t.by_name[0].run, &mut runs);
     assert_close(&t.by_name[0].wait, &mut waits);
     let (run, wait) = t.totals();
-    assert_eq!((run, wait), (t.by_name[0].run.clone(), t.by_name[0].wait.clone()));
+    assert_eq!(
+        (run, wait),
+        (t.by_name[0].run.clone(), t.by_name[0].wait.clone())
+    );
     let minutes = t.window.as_secs() / 60;
     assert!((55..=60).contains(&minutes), "{:?}", t.window);
 }
@@ -222,7 +231,9 @@ async fn retries_add_runs_and_lost_attempts_their_wait(f: Fixture) {
     f.advance(30);
     f.lease(Duration::from_millis(100)).await;
     f.advance(200);
-    let recovered = f.store.recover(&f.queue, false, TaskLimits::default(), later());
+    let recovered = f
+        .store
+        .recover(&f.queue, false, TaskLimits::default(), later());
     assert_eq!(recovered.await.unwrap(), 1);
 
     let t = f.times().await;
@@ -245,7 +256,10 @@ async fn names_beyond_the_cap_fold_into_other(f: Fixture) {
     f.run(5, succeeded()).await;
     let t = f.times().await;
     assert_eq!(t.by_name.len(), NAME_CAP + 1, "{:?}", t.by_name);
-    assert_eq!((t.by_name[0].name.as_str(), t.by_name[0].recorded), ("n07", 2));
+    assert_eq!(
+        (t.by_name[0].name.as_str(), t.by_name[0].recorded),
+        ("n07", 2)
+    );
     let other = t.by_name.last().unwrap();
     assert_eq!((other.name.as_str(), other.run.count()), (OTHER, 5));
     assert!(!t.by_name.iter().any(|n| n.name == "n20"));
@@ -278,13 +292,18 @@ async fn research_times(
         .await
         .unwrap()
         .into_inner();
-    let q = m.queues.into_iter().find(|q| q.queue == "research").unwrap();
+    let q = m
+        .queues
+        .into_iter()
+        .find(|q| q.queue == "research")
+        .unwrap();
     (m.times_window, q)
 }
 
 /// Tasks run by one koo process are timed in the shared store: another
 /// koo on the same Redis answers GetTaskMetrics with the same run and wait
-/// times, per queue and per name, and the sleeps show in the run times.
+/// times, per queue and per name (WatchTaskMetrics too), and the sleeps
+/// show in the run times.
 #[tokio::test]
 async fn two_koo_processes_on_one_redis_answer_the_same_times() {
     let redis = TestRedis::start().await;
@@ -292,12 +311,23 @@ async fn two_koo_processes_on_one_redis_answer_the_same_times() {
     let mut ca = client(&a);
     let mut ids = Vec::new();
     for (name, kwargs) in [
-        ("koo.diagnostics.sleep", serde_json::json!({ "seconds": 0.2 })),
+        (
+            "koo.diagnostics.sleep",
+            serde_json::json!({ "seconds": 0.2 }),
+        ),
         ("koo.diagnostics.noop", serde_json::json!({})),
     ] {
         for _ in 0..3 {
             let req = submit(name, kwargs.clone());
-            ids.push(ca.submit_task(req).await.unwrap().into_inner().task.unwrap().id);
+            ids.push(
+                ca.submit_task(req)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .task
+                    .unwrap()
+                    .id,
+            );
         }
     }
     for id in &ids {
@@ -308,6 +338,20 @@ async fn two_koo_processes_on_one_redis_answer_the_same_times() {
     assert_eq!(qa.run_time, qb.run_time);
     assert_eq!(qa.wait_time, qb.wait_time);
     assert_eq!(qa.by_name, qb.by_name);
+    // WatchTaskMetrics carries the same figures
+    let mut watch = client(&b)
+        .watch_task_metrics(pb::WatchTaskMetricsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let snapshot = watch.message().await.unwrap().unwrap();
+    let qw = snapshot
+        .queues
+        .iter()
+        .find(|q| q.queue == "research")
+        .unwrap();
+    assert_eq!((&qw.run_time, &qw.by_name), (&qa.run_time, &qa.by_name));
+    assert!(snapshot.times_window.is_some());
     assert_eq!(qa.run_time.as_ref().unwrap().count, 6);
     assert_eq!(qa.wait_time.as_ref().unwrap().count, 6);
     let sleep = qa
