@@ -30,7 +30,8 @@
 //! current one and the [`SLOTS`]` - 1` before it (the last 55 to 60
 //! minutes) and say since when. Each sub-window keeps at most [`NAME_CAP`]
 //! task names per queue (the first seen; later ones count as [`OTHER`]),
-//! and the read keeps the [`NAME_CAP`] busiest over the window, folding
+//! and the read keeps the [`NAME_CAP`] busiest (most times recorded) over
+//! the window, folding
 //! the rest into [`OTHER`]: memory stays bounded whatever the names.
 
 use std::time::Duration;
@@ -191,9 +192,6 @@ pub struct DurationStats {
 pub struct NameTimes {
     /// The task name.
     pub name: String,
-    /// Attempts recorded (a run, a first wait, or both): the busiest names
-    /// are kept.
-    pub recorded: u64,
     /// Run times.
     pub run: TimeHistogram,
     /// Wait times (of first attempts).
@@ -209,9 +207,13 @@ impl NameTimes {
         }
     }
 
+    /// Times recorded, runs and waits: the busiest names are kept.
+    pub fn recorded(&self) -> u64 {
+        self.run.count() + self.wait.count()
+    }
+
     /// Adds `other`'s times.
     pub fn merge(&mut self, other: &NameTimes) {
-        self.recorded = self.recorded.saturating_add(other.recorded);
         self.run.merge(&other.run);
         self.wait.merge(&other.wait);
     }
@@ -244,11 +246,11 @@ impl QueueTimes {
             .unwrap_or_else(|| NameTimes::named(OTHER));
         let mut names: Vec<NameTimes> = merged.into_values().collect();
         // stable: equal counts stay in name order
-        names.sort_by_key(|n| std::cmp::Reverse(n.recorded));
+        names.sort_by_key(|n| std::cmp::Reverse(n.recorded()));
         for rest in names.split_off(names.len().min(NAME_CAP)) {
             other.merge(&rest);
         }
-        if other.recorded > 0 {
+        if other.recorded() > 0 {
             names.push(other);
         }
         Self {
@@ -361,7 +363,6 @@ mod tests {
         let entry = |name: &str, n: u64| {
             let mut e = NameTimes::named(name);
             for _ in 0..n {
-                e.recorded += 1;
                 e.run.record(10);
             }
             e
@@ -375,12 +376,12 @@ mod tests {
         let t = QueueTimes::folded(Duration::from_secs(60), entries);
         assert_eq!(t.by_name.len(), NAME_CAP + 1);
         assert_eq!(
-            (t.by_name[0].name.as_str(), t.by_name[0].recorded),
+            (t.by_name[0].name.as_str(), t.by_name[0].recorded()),
             ("busy", 6)
         );
         let other = t.by_name.last().unwrap();
         // 4 of its own, and the 4 names of 2 beyond the cap (cap - 1 kept)
-        assert_eq!((other.name.as_str(), other.recorded), (OTHER, 4 + 4 * 2));
+        assert_eq!((other.name.as_str(), other.recorded()), (OTHER, 4 + 4 * 2));
         assert_eq!(t.totals().0.count(), 6 + (NAME_CAP as u64 + 3) * 2 + 4);
     }
 

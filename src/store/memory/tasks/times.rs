@@ -45,7 +45,6 @@ impl Times {
             .by_name
             .entry(name.to_owned())
             .or_insert_with(|| NameTimes::named(name));
-        e.recorded += 1;
         let ms = |from: i64, to: i64| u64::try_from(to - from).unwrap_or(0);
         if ran {
             e.run.record(ms(started, now));

@@ -105,9 +105,11 @@ local function budget_spent(key)
 end
 
 -- Adds `ms` (clamped at 0) to time `kind` ('r' run, 'w' wait) of task
--- `name` in sub-window hash `slot`: its bucket's count, the sum and the
--- largest (see src/domain/times.rs: the bucket recurrence is the same).
-local function add_time(slot, kind, name, ms)
+-- `name` in sub-window hash `slot`: its bucket's count and the sum (see
+-- src/domain/times.rs: the bucket recurrence is the same). When it beats
+-- `max` (the stored largest, or false), appends the new largest's field and
+-- value to `maxima` (written with one HSET).
+local function add_time(slot, kind, name, ms, max, maxima)
   if ms < 0 then ms = 0 end
   local b, t = 0, 1
   while b < TIMES_LAST and ms >= t do
@@ -116,8 +118,10 @@ local function add_time(slot, kind, name, ms)
   end
   redis.call('HINCRBY', slot, kind .. ':' .. b .. ':' .. name, 1)
   redis.call('HINCRBY', slot, kind .. 's:' .. name, ms)
-  local max = redis.call('HGET', slot, kind .. 'm:' .. name)
-  if not max or tonumber(max) < ms then redis.call('HSET', slot, kind .. 'm:' .. name, ms) end
+  if not max or tonumber(max) < ms then
+    maxima[#maxima + 1] = kind .. 'm:' .. name
+    maxima[#maxima + 1] = ms
+  end
 end
 
 -- Records the times of the attempt of task `key` that ends now in the
@@ -126,7 +130,9 @@ end
 -- task's wait from submit to start when it is its first attempt. A
 -- sub-window keeps TIMES_NAMES names; the rest count as 'other'. It
 -- expires once the window has moved past it (in real time: `now` may be
--- shifted under test).
+-- shifted under test). This is on every task's path: a name already in the
+-- sub-window costs one HMGET and two or four HINCRBYs (and an HSET when a
+-- largest time grows).
 local function record_times(key, times, ran)
   local name, attempts, created, started = unpack(redis.call('HMGET', key,
     'name', 'attempts', 'created_ms', 'started_ms'))
@@ -136,12 +142,17 @@ local function record_times(key, times, ran)
   local n = math.floor(now / TIMES_SLOT_MS)
   local slot = times .. n
   name = name or ''
-  if name ~= 'other' and redis.call('HEXISTS', slot, 'c:' .. name) == 0
-      and redis.call('HINCRBY', slot, 'names', 1) > TIMES_NAMES then
-    name = 'other'
+  local rm, wm = unpack(redis.call('HMGET', slot, 'rm:' .. name, 'wm:' .. name))
+  if not rm and not wm then
+    -- a name new to the sub-window (every entry has a largest time)
+    redis.call('PEXPIREAT', slot, (n + TIMES_SLOTS + 1) * TIMES_SLOT_MS - CLOCK_OFFSET)
+    if name ~= 'other' and redis.call('HINCRBY', slot, 'names', 1) > TIMES_NAMES then
+      name = 'other'
+      rm, wm = unpack(redis.call('HMGET', slot, 'rm:other', 'wm:other'))
+    end
   end
-  redis.call('HINCRBY', slot, 'c:' .. name, 1)
-  if ran then add_time(slot, 'r', name, now - started) end
-  if first and created then add_time(slot, 'w', name, started - tonumber(created)) end
-  redis.call('PEXPIREAT', slot, (n + TIMES_SLOTS + 1) * TIMES_SLOT_MS - CLOCK_OFFSET)
+  local maxima = {}
+  if ran then add_time(slot, 'r', name, now - started, rm, maxima) end
+  if first and created then add_time(slot, 'w', name, started - tonumber(created), wm, maxima) end
+  if #maxima > 0 then redis.call('HSET', slot, unpack(maxima)) end
 end
