@@ -20,10 +20,12 @@
 //! and `B(i+1) = max(B(i) + 1, ceil(1.25 B(i)))`; the last bucket,
 //! [`LAST`], takes everything from `B(LAST - 1)` (about 27 h) up. The
 //! recurrence is in integers so that the Lua scripts (`record_times` in
-//! `lua/tasks/lib.lua`) and Rust put a duration in the same bucket. A
-//! percentile is the middle of its bucket (clamped to the largest time
-//! seen): at most 12.5% (and 0.5 ms) from the exact figure; the count,
-//! mean and max are exact.
+//! `lua/tasks/lib.lua`) and Rust put a duration in the same bucket. Only
+//! the bucket counts are kept (one `HINCRBY` per time on the task path):
+//! a percentile and the max are the middle of their bucket, the mean that
+//! of the buckets' middles, so each is at most 12.5% (and 0.5 ms) from the
+//! exact figure (the open last bucket reports its lower bound); the count
+//! is exact.
 //!
 //! # Window and names
 //! Times are kept in sub-windows of [`SLOT_MS`]; the figures sum the
@@ -80,21 +82,18 @@ pub fn bucket_range(i: usize) -> (u64, Option<u64>) {
 }
 
 /// One kind of time (run or wait) of one task name or queue: counts per
-/// bucket, their sum and the largest, all in ms.
+/// bucket (the sums and maxima are not kept: they would cost the task path
+/// more writes, and the buckets give them within the same error).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TimeHistogram {
     /// Per bucket; empty until something is recorded.
     counts: Vec<u64>,
-    sum_ms: u64,
-    max_ms: u64,
 }
 
 impl TimeHistogram {
     /// Counts one time of `ms`.
     pub fn record(&mut self, ms: u64) {
         self.add_bucket(bucket_of(ms), 1);
-        self.sum_ms = self.sum_ms.saturating_add(ms);
-        self.max_ms = self.max_ms.max(ms);
     }
 
     /// Adds `n` to bucket `i` (as stored; an index beyond the last counts
@@ -107,23 +106,11 @@ impl TimeHistogram {
         *slot = slot.saturating_add(n);
     }
 
-    /// Adds a stored sum of times.
-    pub fn add_sum(&mut self, ms: u64) {
-        self.sum_ms = self.sum_ms.saturating_add(ms);
-    }
-
-    /// Takes a stored largest time into account.
-    pub fn add_max(&mut self, ms: u64) {
-        self.max_ms = self.max_ms.max(ms);
-    }
-
     /// Adds `other`'s times (buckets line up: the layout is fixed).
     pub fn merge(&mut self, other: &TimeHistogram) {
         for (i, n) in other.counts.iter().enumerate().filter(|(_, n)| **n > 0) {
             self.add_bucket(i, *n);
         }
-        self.add_sum(other.sum_ms);
-        self.add_max(other.max_ms);
     }
 
     /// How many times were counted.
@@ -137,38 +124,46 @@ impl TimeHistogram {
         if count == 0 {
             return None;
         }
-        let at = |q: f64| self.percentile(count, q);
+        let at = |q: f64| middle(self.bucket_at(count, q));
+        let last = self.counts.iter().rposition(|n| *n > 0).unwrap_or(0);
+        let sum_us: u128 = (self.counts.iter().enumerate())
+            .map(|(i, n)| u128::from(*n) * middle(i).as_micros())
+            .sum();
         Some(DurationStats {
             count,
             p50: at(0.50),
             p90: at(0.90),
             p95: at(0.95),
             p99: at(0.99),
-            max: Duration::from_millis(self.max_ms),
-            mean: Duration::from_micros(self.sum_ms.saturating_mul(1000) / count),
+            max: middle(last),
+            mean: Duration::from_micros(
+                u64::try_from(sum_us / u128::from(count)).unwrap_or(u64::MAX),
+            ),
         })
     }
 
-    /// The `q` quantile of `count` times: the middle of the bucket holding
-    /// the `ceil(q * count)`th smallest, at most the largest time seen.
-    fn percentile(&self, count: u64, q: f64) -> Duration {
+    /// The bucket holding the `ceil(q * count)`th smallest of `count` times.
+    fn bucket_at(&self, count: u64, q: f64) -> usize {
         let rank = ((q * count as f64).ceil() as u64).clamp(1, count);
         let mut seen = 0;
-        let bucket = self
-            .counts
+        self.counts
             .iter()
             .position(|n| {
                 seen += n;
                 seen >= rank
             })
-            .unwrap_or(LAST);
-        let middle_us = match bucket_range(bucket) {
-            // times are whole ms: the bucket holds `low..=high - 1`
-            (low, Some(high)) => (low + high - 1) * 500,
-            (_, None) => self.max_ms * 1000,
-        };
-        Duration::from_micros(middle_us.min(self.max_ms * 1000))
+            .unwrap_or(LAST)
     }
+}
+
+/// The figure reported for a time in bucket `i`: the middle of the whole
+/// ms it holds (`low..=high - 1`); the open last bucket's lower bound.
+fn middle(i: usize) -> Duration {
+    let us = match bucket_range(i) {
+        (low, Some(high)) => (low + high - 1) * 500,
+        (low, None) => low * 1000,
+    };
+    Duration::from_micros(us)
 }
 
 /// A time's figures over the window.
@@ -181,9 +176,9 @@ pub struct DurationStats {
     pub p90: Duration,
     pub p95: Duration,
     pub p99: Duration,
-    /// Exact.
+    /// The longest (its bucket's middle).
     pub max: Duration,
-    /// Exact (to the ms of the stored times).
+    /// The mean of the times' buckets' middles.
     pub mean: Duration,
 }
 
@@ -312,8 +307,8 @@ mod tests {
         assert_eq!(bucket_of(u64::MAX), LAST);
     }
 
-    /// Percentiles of a known spread are within the bucket error; count,
-    /// mean and max are exact.
+    /// Percentiles, max and mean of a known spread are within the bucket
+    /// error; the count is exact.
     #[test]
     fn percentiles_are_within_a_bucket() {
         let mut h = TimeHistogram::default();
@@ -322,9 +317,9 @@ mod tests {
         }
         let s = h.stats().unwrap();
         assert_eq!(s.count, 1000);
-        assert_eq!(s.max, Duration::from_millis(1000));
-        assert_eq!(s.mean, Duration::from_micros(500_500));
         for (got, exact) in [
+            (s.max, 1000.0),
+            (s.mean, 500.5),
             (s.p50, 500.0),
             (s.p90, 900.0),
             (s.p95, 950.0),

@@ -4,7 +4,7 @@
 //! [`QueueTimes`].
 
 use crate::domain::task::QueueName;
-use crate::domain::times::{NameTimes, QueueTimes, TimeHistogram, window_at};
+use crate::domain::times::{NameTimes, QueueTimes, window_at};
 use crate::store::{Deadline, Result, StoreError};
 
 use super::RedisTasks;
@@ -38,47 +38,21 @@ fn decode(reply: Vec<Vec<String>>) -> std::result::Result<QueueTimes, String> {
             let value: u64 = pair[1]
                 .parse()
                 .map_err(|_| format!("field {} is not a count", pair[0]))?;
-            let Some((kind, rest)) = pair[0].split_once(':') else {
-                continue; // `names`
+            // `names` and `n:NAME` only bound the names
+            let Some((kind @ ("r" | "w"), rest)) = pair[0].split_once(':') else {
+                continue;
             };
-            let (kind, name) = match kind {
-                "r" | "w" => {
-                    let (bucket, name) = rest.split_once(':').ok_or("a bucket without a name")?;
-                    let b: usize = bucket.parse().map_err(|_| "a bucket is not a number")?;
-                    let e = entry(&mut by_name, name);
-                    histogram(e, kind).add_bucket(b, value);
-                    continue;
-                }
-                _ => (kind, rest),
-            };
-            let e = entry(&mut by_name, name);
-            match kind {
-                "rs" | "ws" => histogram(e, kind).add_sum(value),
-                "rm" | "wm" => histogram(e, kind).add_max(value),
-                _ => {} // a field of a later version
-            }
+            let (bucket, name) = rest.split_once(':').ok_or("a bucket without a name")?;
+            let b: usize = bucket.parse().map_err(|_| "a bucket is not a number")?;
+            let e = by_name
+                .entry(name.to_owned())
+                .or_insert_with(|| NameTimes::named(name));
+            let h = if kind == "r" { &mut e.run } else { &mut e.wait };
+            h.add_bucket(b, value);
         }
         entries.extend(by_name.into_values());
     }
     Ok(QueueTimes::folded(window_at(now), entries))
-}
-
-fn entry<'a>(
-    by_name: &'a mut std::collections::HashMap<String, NameTimes>,
-    name: &str,
-) -> &'a mut NameTimes {
-    by_name
-        .entry(name.to_owned())
-        .or_insert_with(|| NameTimes::named(name))
-}
-
-/// The run (`r…`) or wait (`w…`) histogram of `e`.
-fn histogram<'a>(e: &'a mut NameTimes, kind: &str) -> &'a mut TimeHistogram {
-    if kind.starts_with('r') {
-        &mut e.run
-    } else {
-        &mut e.wait
-    }
 }
 
 #[cfg(test)]
@@ -108,9 +82,10 @@ mod tests {
             a.run.stats().unwrap().max,
             std::time::Duration::from_millis(3)
         );
+        // bucket 5 holds 5 and 6 ms
         assert_eq!(
             a.wait.stats().unwrap().mean,
-            std::time::Duration::from_millis(6)
+            std::time::Duration::from_micros(5500)
         );
         assert!(decode(vec![s(&["x"])]).is_err());
     }

@@ -104,12 +104,10 @@ local function budget_spent(key)
   return tonumber(attempts) - tonumber(base or '0') > tonumber(max_retries)
 end
 
--- Adds `ms` (clamped at 0) to time `kind` ('r' run, 'w' wait) of task
--- `name` in sub-window hash `slot`: its bucket's count and the sum (see
--- src/domain/times.rs: the bucket recurrence is the same). When it beats
--- `max` (the stored largest, or false), appends the new largest's field and
--- value to `maxima` (written with one HSET).
-local function add_time(slot, kind, name, ms, max, maxima)
+-- Counts `ms` (clamped at 0) under time `kind` ('r' run, 'w' wait) of
+-- task `name` in sub-window hash `slot`: one HINCRBY of its bucket's field
+-- (src/domain/times.rs: the bucket recurrence is the same).
+local function add_time(slot, kind, name, ms)
   if ms < 0 then ms = 0 end
   local b, t = 0, 1
   while b < TIMES_LAST and ms >= t do
@@ -117,22 +115,18 @@ local function add_time(slot, kind, name, ms, max, maxima)
     t = math.max(t + 1, math.floor((t * 5 + 3) / 4))
   end
   redis.call('HINCRBY', slot, kind .. ':' .. b .. ':' .. name, 1)
-  redis.call('HINCRBY', slot, kind .. 's:' .. name, ms)
-  if not max or tonumber(max) < ms then
-    maxima[#maxima + 1] = kind .. 'm:' .. name
-    maxima[#maxima + 1] = ms
-  end
 end
 
 -- Records the times of the attempt of task `key` that ends now in the
 -- current sub-window under `times` (the queue's prefix of them): its run
 -- when `ran` (it finished; a lost attempt has no observed end), and the
 -- task's wait from submit to start when it is its first attempt. A
--- sub-window keeps TIMES_NAMES names; the rest count as 'other'. It
--- expires once the window has moved past it (in real time: `now` may be
--- shifted under test). This is on every task's path: a name already in the
--- sub-window costs one HMGET and two or four HINCRBYs (and an HSET when a
--- largest time grows).
+-- sub-window keeps TIMES_NAMES names (`n:NAME` marks one, `names` counts
+-- those offered); the rest count as 'other'. It expires once the window
+-- has moved past it (in real time: `now` may be shifted under test).
+-- This is on every task's path, so it is kept to one HMGET and two or
+-- three HINCRBYs for a name already in the sub-window: means and maxima
+-- come from the buckets at read time.
 local function record_times(key, times, ran)
   local name, attempts, created, started = unpack(redis.call('HMGET', key,
     'name', 'attempts', 'created_ms', 'started_ms'))
@@ -142,17 +136,14 @@ local function record_times(key, times, ran)
   local n = math.floor(now / TIMES_SLOT_MS)
   local slot = times .. n
   name = name or ''
-  local rm, wm = unpack(redis.call('HMGET', slot, 'rm:' .. name, 'wm:' .. name))
-  if not rm and not wm then
-    -- a name new to the sub-window (every entry has a largest time)
+  if redis.call('HINCRBY', slot, 'n:' .. name, 1) == 1 then
+    -- a name new to the sub-window
     redis.call('PEXPIREAT', slot, (n + TIMES_SLOTS + 1) * TIMES_SLOT_MS - CLOCK_OFFSET)
     if name ~= 'other' and redis.call('HINCRBY', slot, 'names', 1) > TIMES_NAMES then
+      redis.call('HDEL', slot, 'n:' .. name)
       name = 'other'
-      rm, wm = unpack(redis.call('HMGET', slot, 'rm:other', 'wm:other'))
     end
   end
-  local maxima = {}
-  if ran then add_time(slot, 'r', name, now - started, rm, maxima) end
-  if first and created then add_time(slot, 'w', name, started - tonumber(created), wm, maxima) end
-  if #maxima > 0 then redis.call('HSET', slot, unpack(maxima)) end
+  if ran then add_time(slot, 'r', name, now - started) end
+  if first and created then add_time(slot, 'w', name, started - tonumber(created)) end
 end

@@ -1149,9 +1149,10 @@ Global___TaskNameMetrics: typing_extensions.TypeAlias = TaskNameMetrics
 
 @typing.final
 class DurationStats(google.protobuf.message.Message):
-    """DurationStats summarise a set of durations. The percentiles come from
-    log-scale buckets 25% wide (1 ms resolution): each is within 12.5% (or
-    0.5 ms) of the exact figure; count, mean and max are exact.
+    """DurationStats summarise a set of durations, from log-scale buckets 25%
+    wide (1 ms resolution; only the buckets are kept, so that recording costs
+    the task path one counter): each percentile, the max and the mean are
+    within 12.5% (or 0.5 ms) of the exact figure; the count is exact.
     """
 
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
@@ -1183,11 +1184,11 @@ class DurationStats(google.protobuf.message.Message):
 
     @property
     def max(self) -> google.protobuf.duration_pb2.Duration:
-        """The longest."""
+        """The longest (the middle of its bucket)."""
 
     @property
     def mean(self) -> google.protobuf.duration_pb2.Duration:
-        """The mean."""
+        """The mean (of the buckets' middles)."""
 
     def __init__(
         self,
