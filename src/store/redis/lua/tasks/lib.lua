@@ -117,19 +117,19 @@ local function add_time(slot, kind, name, ms)
   redis.call('HINCRBY', slot, kind .. ':' .. b .. ':' .. name, 1)
 end
 
--- Records the times of the attempt of task `key` that ends now in the
--- current sub-window under `times` (the queue's prefix of them): its run
+-- Records the times of the attempt that ends now of a task (its `name`,
+-- `attempts`, `created` and `started` ms, as stored: the caller has read
+-- them already) in the current sub-window under `times` (the queue's
+-- prefix of them): its run
 -- when `ran` (it finished; a lost attempt has no observed end), and the
 -- task's wait from submit to start when it is its first attempt. A
 -- sub-window keeps TIMES_NAMES names (`n:NAME` marks one, `names` counts
 -- those offered); the rest count as 'other'. It expires once the window
 -- has moved past it (in real time: `now` may be shifted under test).
--- This is on every task's path, so it is kept to one HMGET and two or
--- three HINCRBYs for a name already in the sub-window: means and maxima
--- come from the buckets at read time.
-local function record_times(key, times, ran)
-  local name, attempts, created, started = unpack(redis.call('HMGET', key,
-    'name', 'attempts', 'created_ms', 'started_ms'))
+-- This is on every task's path, so it is kept to two or three HINCRBYs
+-- for a name already in the sub-window: means and maxima come from the
+-- buckets at read time.
+local function record_times(times, name, attempts, created, started, ran)
   local first = attempts == '1'
   if not started or not (ran or first) then return end
   started = tonumber(started)
