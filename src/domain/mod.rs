@@ -10,6 +10,7 @@ pub mod outcome;
 pub mod schedule;
 pub mod stats;
 pub mod task;
+pub mod times;
 
 pub use level::Level;
 pub use outcome::Outcome;

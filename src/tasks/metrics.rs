@@ -1,12 +1,15 @@
 //! The task figures `GetTaskMetrics` and `WatchTaskMetrics` report: every
-//! queue's depths and counts, their totals, and the live workers summed, as
-//! typed values (the adapter only converts them).
+//! queue's depths and counts, their totals, the live workers summed, and
+//! each queue's run and wait times per task name over the last hour
+//! ([`crate::domain::times`]), as typed values (the adapter only converts
+//! them).
 
 use std::time::Duration;
 
 use super::engine::{TaskEngine, TaskError};
 use crate::domain::QueueStats;
 use crate::domain::task::QueueName;
+use crate::domain::times::QueueTimes;
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
 
@@ -87,6 +90,9 @@ pub struct TaskMetrics {
     pub totals: QueueStats,
     /// The live workers.
     pub workers: WorkerFigures,
+    /// Each queue's run and wait times, in `queues`' order (empty until
+    /// [`Self::with_times`]).
+    pub times: Vec<QueueTimes>,
 }
 
 impl TaskMetrics {
@@ -99,7 +105,13 @@ impl TaskMetrics {
             queues,
             totals,
             workers: WorkerFigures::of(workers),
+            times: Vec::new(),
         }
+    }
+
+    /// With the queues' times (one per queue, in order).
+    pub fn with_times(self, times: Vec<QueueTimes>) -> Self {
+        Self { times, ..self }
     }
 }
 
@@ -118,13 +130,19 @@ fn plus(sum: QueueStats, s: &QueueStats) -> QueueStats {
 }
 
 impl TaskEngine {
-    /// Every configured queue's figures and the live workers', read at once.
+    /// Every configured queue's figures and times, and the live workers',
+    /// read at once.
     pub async fn metrics(&self, deadline: Deadline) -> Result<TaskMetrics, TaskError> {
         let queues = self.config().queues();
-        let (stats, workers) = futures::try_join!(self.queue_stats(&queues, deadline), async {
-            Ok::<_, TaskError>(self.store().list_workers(deadline).await?)
-        })?;
-        Ok(TaskMetrics::summing(stats, &workers))
+        let times = futures::future::try_join_all(
+            queues.iter().map(|q| self.store().task_times(q, deadline)),
+        );
+        let (stats, workers, times) = futures::try_join!(
+            self.queue_stats(&queues, deadline),
+            async { Ok::<_, TaskError>(self.store().list_workers(deadline).await?) },
+            async { Ok::<_, TaskError>(times.await?) },
+        )?;
+        Ok(TaskMetrics::summing(stats, &workers).with_times(times))
     }
 }
 

@@ -30,6 +30,7 @@ mod streams;
 mod task_control;
 mod task_engine;
 mod task_store;
+mod task_times;
 mod tasks_grpc;
 mod tls;
 mod traces;

@@ -633,6 +633,8 @@ impl World {
             let queue = queue(q);
             let stats = s.store.queue_stats(&queue, later()).await.unwrap();
             seen.insert(format!("{queue} stats"), format!("{stats:?}"));
+            let times = s.store.task_times(&queue, later()).await.unwrap();
+            seen.insert(format!("{queue} times"), format!("{times:?}"));
             let history = s
                 .store
                 .history_page(&queue, i64::MAX, None, 0, 1000, later())

@@ -173,6 +173,9 @@ def test_listing_metrics_and_cleanup(target: str, ns: str) -> None:
         metrics = await tm.get_task_metrics()
         research = [q for q in metrics.queues if q.queue == "research"]
         assert research and research[0].submitted >= 3
+        # run and wait-time percentiles cover the last hour (55 to 60 min)
+        assert 55 * 60 <= metrics.times_window.ToTimedelta().total_seconds() <= 3600
+        assert all(n.name for n in research[0].by_name)
         assert await tm.cleanup_old_tasks(hours_old=24) >= 0
 
     asyncio.run(scenario())

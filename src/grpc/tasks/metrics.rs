@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::domain::Count;
+use crate::domain::times::TimeHistogram;
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::metrics::TaskMetrics;
@@ -25,12 +26,13 @@ pub(super) fn ticker(
         let hub = hub.clone();
         let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
             let deadline = Deadline::after(budget.min(interval));
-            let (queues, workers) = pb_metrics(hub.engine().metrics(deadline).await?);
+            let (queues, workers, times_window) = pb_metrics(hub.engine().metrics(deadline).await?);
             Ok(pb::WatchTaskMetricsResponse {
                 queues,
                 time: Some(prost_types::Timestamp::from(SystemTime::now())),
                 workers: Some(workers),
                 streams: Some(stream_metrics(&hub)),
+                times_window,
             })
         });
         f
@@ -54,8 +56,15 @@ pub(super) fn stream_metrics(hub: &Hub) -> pb::StreamMetrics {
 }
 
 /// The task figures as `GetTaskMetrics` and `WatchTaskMetrics` show them
-/// (without the process's stream figures).
-pub(super) fn pb_metrics(m: TaskMetrics) -> (Vec<pb::QueueMetrics>, pb::WorkerMetrics) {
+/// (without the process's stream figures): the queues, the workers, and
+/// how far back the times reach.
+pub(super) fn pb_metrics(
+    m: TaskMetrics,
+) -> (
+    Vec<pb::QueueMetrics>,
+    pb::WorkerMetrics,
+    Option<prost_types::Duration>,
+) {
     let n = |v: u64| i32::try_from(v).unwrap_or(i32::MAX);
     let workers = pb::WorkerMetrics {
         live: n(m.workers.live),
@@ -63,11 +72,15 @@ pub(super) fn pb_metrics(m: TaskMetrics) -> (Vec<pb::QueueMetrics>, pb::WorkerMe
         slots: n(m.workers.slots),
         busy: n(m.workers.busy),
     };
+    let times_window = m.times.iter().map(|t| t.window).max().map(pb_duration);
+    let mut times = m.times.into_iter();
     let queues = m
         .queues
         .into_iter()
         .map(|(queue, s)| {
             let count = |c: Count| s.counts.get(c) as i64;
+            let times = times.next().unwrap_or_default();
+            let (run, wait) = times.totals();
             pb::QueueMetrics {
                 queue: queue.to_string(),
                 queued: s.ready as i64,
@@ -84,8 +97,37 @@ pub(super) fn pb_metrics(m: TaskMetrics) -> (Vec<pb::QueueMetrics>, pb::WorkerMe
                 timed_out: count(Count::TimedOut),
                 retried: count(Count::Retried),
                 lost: count(Count::Lost),
+                run_time: pb_stats(&run),
+                wait_time: pb_stats(&wait),
+                by_name: times
+                    .by_name
+                    .iter()
+                    .map(|n| pb::TaskNameMetrics {
+                        name: n.name.clone(),
+                        run_time: pb_stats(&n.run),
+                        wait_time: pb_stats(&n.wait),
+                    })
+                    .collect(),
             }
         })
         .collect();
-    (queues, workers)
+    (queues, workers, times_window)
+}
+
+/// A histogram's figures; `None` when it counted nothing.
+fn pb_stats(h: &TimeHistogram) -> Option<pb::DurationStats> {
+    h.stats().map(|s| pb::DurationStats {
+        count: i64::try_from(s.count).unwrap_or(i64::MAX),
+        p50: Some(pb_duration(s.p50)),
+        p90: Some(pb_duration(s.p90)),
+        p95: Some(pb_duration(s.p95)),
+        p99: Some(pb_duration(s.p99)),
+        max: Some(pb_duration(s.max)),
+        mean: Some(pb_duration(s.mean)),
+    })
+}
+
+/// Durations here are at most days: always representable.
+fn pb_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or_default()
 }

@@ -118,11 +118,13 @@ impl pb::task_service_server::TaskService for TaskApi {
         request: Request<pb::GetTaskMetricsRequest>,
     ) -> Result<Response<pb::GetTaskMetricsResponse>, Status> {
         let deadline = self.deadline(&request);
-        let (queues, workers) = metrics::pb_metrics(self.engine().metrics(deadline).await?);
+        let (queues, workers, times_window) =
+            metrics::pb_metrics(self.engine().metrics(deadline).await?);
         Ok(Response::new(pb::GetTaskMetricsResponse {
             queues,
             workers: Some(workers),
             streams: Some(metrics::stream_metrics(self.hub())),
+            times_window,
         }))
     }
 

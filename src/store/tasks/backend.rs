@@ -39,6 +39,7 @@ use super::{
     WorkerRecord,
 };
 use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, QueueStats};
 use crate::store::{Deadline, Result};
 
@@ -359,6 +360,13 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// `queue`'s depths, oldest wait (by the store's now) and outcome
     /// counters.
     async fn queue_stats(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueStats>;
+
+    /// **Times.** The run and wait times of `queue`'s attempts over the
+    /// window, per task name (see [`crate::domain::times`]). They are
+    /// recorded by the transitions that end an attempt: **finish** (its run;
+    /// and, on a first attempt, the task's wait from submit to start) and
+    /// **recover** of a lapsed lease (the first attempt's wait only).
+    async fn task_times(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueTimes>;
 
     /// Reads a task and its attempt log; `None` once it has expired.
     async fn get(&self, id: &TaskId, deadline: Deadline) -> Result<Option<Task>>;

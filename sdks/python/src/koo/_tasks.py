@@ -426,7 +426,8 @@ class TaskManager:
         return out
 
     async def get_task_metrics(self) -> pb.GetTaskMetricsResponse:
-        """Each queue's depth, oldest wait and outcome counts; live workers."""
+        """Each queue's depth, oldest wait and outcome counts, its run and wait-time
+        percentiles over `times_window` (per task name in `by_name`); live workers."""
         req = pb.GetTaskMetricsRequest()
         return await rpc(self._stub().GetTaskMetrics(req, metadata=self._conn.metadata()))
 

@@ -19,6 +19,7 @@ mod events;
 mod reads;
 mod snapshot;
 mod state;
+mod times;
 mod transitions;
 
 pub use events::MemoryEventReader;
@@ -33,6 +34,7 @@ use tracing::instrument;
 
 use self::state::Tasks;
 use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, QueueStats};
 use crate::store::clock::Clock;
 use crate::store::tasks::{
@@ -393,6 +395,11 @@ impl TaskBackend for MemoryTasks {
     #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn queue_stats(&self, queue: &QueueName, _: Deadline) -> Result<QueueStats> {
         Ok(self.read(|s, now| s.queue_stats(queue, now)))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn task_times(&self, queue: &QueueName, _: Deadline) -> Result<QueueTimes> {
+        Ok(self.read(|s, now| s.queue_times(queue, now)))
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]

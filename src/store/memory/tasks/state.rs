@@ -127,6 +127,8 @@ pub(super) struct Queue {
     /// would miss events.
     pub(super) trimmed_upto: u64,
     pub(super) counts: Counts,
+    /// Run and wait times of the window (not kept in snapshots).
+    pub(super) times: super::times::Times,
 }
 
 impl Queue {

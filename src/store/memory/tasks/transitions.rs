@@ -384,6 +384,7 @@ impl Tasks {
             .push(serde_json::Value::Object(entry).to_string());
         e.task.worker = None;
         e.lease_until = 0;
+        q.times.record(&e.task, true, now);
         let state = match outcome {
             Outcome::Retry { error, delay } => {
                 q.count(Count::Retried);
@@ -469,6 +470,7 @@ impl Tasks {
             );
             e.task.worker = None;
             e.lease_until = 0;
+            q.times.record(&e.task, false, now);
             e.task.state = state;
             q.count(Count::Lost);
             if state == State::Queued {

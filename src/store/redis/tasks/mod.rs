@@ -6,13 +6,15 @@
 //! inside the scripts (plus the store clock's offset, zero but in tests),
 //! so koo instances with skewed clocks still agree on when a lease lapses.
 //!
-//! Reads live in `reads.rs`, the event stream in `events.rs`, worker
+//! Reads live in `reads.rs` (run and wait times in `times.rs`), the event
+//! stream in `events.rs`, worker
 //! records, the lease key and idempotency claims in `registry.rs`.
 
 mod events;
 mod reads;
 mod registry;
 mod scripts;
+mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
@@ -26,6 +28,7 @@ use tracing::instrument;
 use super::RedisStore;
 use super::script::{ClockArg, Invocation, Key};
 use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, QueueStats};
 use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
@@ -615,6 +618,11 @@ impl TaskBackend for RedisTasks {
         self.store
             .queue_stats(&self.keys(queue), self.clock(), deadline)
             .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn task_times(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueTimes> {
+        self.read_times(queue, deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]

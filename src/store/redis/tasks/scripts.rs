@@ -11,6 +11,7 @@ const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
     Claim, Dead, Events, History, HistoryData, Leases, Pending, Ready, Scheduled, Stats, Task,
+    Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
@@ -61,6 +62,7 @@ pub(super) const FINISH: Spec = Spec {
         Dead,
         Events,
         Stats,
+        Times,
     ],
     args: &[
         "id",
@@ -89,6 +91,7 @@ pub(super) const RECOVER: Spec = Spec {
         Events,
         Stats,
         Scheduled,
+        Times,
     ],
     args: &[
         "prefix",
@@ -192,6 +195,15 @@ pub(super) const RESOLVE: Spec = Spec {
     body: include_str!("../lua/tasks/resolve.lua"),
 };
 
+/// A read: the window's sub-windows of run and wait times.
+pub(super) const TIMES: Spec = Spec {
+    name: "times",
+    keys: &[Times],
+    args: &[],
+    variadic: false,
+    body: include_str!("../lua/tasks/times.lua"),
+};
+
 /// The compiled task scripts (loaded by SHA, sent in full on a cache miss).
 pub(crate) struct TaskScripts {
     pub(super) submit: Composed,
@@ -209,6 +221,7 @@ pub(crate) struct TaskScripts {
     pub(super) idem_swap: Composed,
     pub(super) depend: Composed,
     pub(super) resolve: Composed,
+    pub(super) times: Composed,
 }
 
 impl TaskScripts {
@@ -230,6 +243,7 @@ impl TaskScripts {
             idem_swap: alone(IDEM_SWAP),
             depend: alone(DEPEND),
             resolve: with_lib(RESOLVE),
+            times: alone(TIMES),
             finish_lease: Composed::compose(
                 &[FINISH, LEASE],
                 Some(LIB),
@@ -250,7 +264,7 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(
@@ -273,12 +287,12 @@ mod tests {
         );
     }
 
-    /// Finish-then-lease reads lease's keys after finish's eight and its
+    /// Finish-then-lease reads lease's keys after finish's nine and its
     /// arguments after finish's nine (and the clock offset).
     #[test]
     fn finish_and_lease_offsets() {
         let text = TaskScripts::new().finish_lease.text().to_owned();
-        assert!(text.contains("local K_ready = KEYS[9]"), "{text}");
+        assert!(text.contains("local K_ready = KEYS[10]"), "{text}");
         assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
         assert!(text.contains("local ARGN = 16"), "{text}");
         assert!(text.contains("local function finish()"));

@@ -2,7 +2,8 @@
 -- appended when the task ended and other tasks wait on it, so that the
 -- caller releases them only then), or false when fenced. KEYS and ARGV:
 -- declared in scripts.rs (FINISH).
-local state, token, cancel = unpack(redis.call('HMGET', K_task, 'state', 'token', 'cancel'))
+local state, token, cancel, name, attempts, created, started = unpack(redis.call('HMGET', K_task,
+  'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms'))
 if state ~= 'running' or token ~= A_token then return false end
 local outcome = A_outcome
 if outcome == 'retry' and budget_spent(K_task) then
@@ -23,11 +24,12 @@ local logged = cjson.encode(entry)
 redis.call('ZREM', K_leases, A_id)
 redis.call('RPUSH', K_task .. ':log', logged)
 redis.call('HSET', K_task, 'worker', '', 'lease_until', 0)
+record_times(K_times, name, attempts, created, started, true)
 if outcome == 'retry' then
   redis.call('HINCRBY', K_stats, 'retried', 1)
   redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload)
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
-  add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'scheduled', 'at', now)
+  add_event(K_events, A_events_cap, A_id, name, 'scheduled', 'at', now)
   return 'scheduled'
 end
 redis.call('HINCRBY', K_stats, outcome, 1)
@@ -37,6 +39,6 @@ redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', now)
 -- a success supersedes the errors of earlier attempts (they stay in the log)
 if outcome == 'succeeded' then redis.call('HDEL', K_task, 'error') end
 record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms)
-add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), outcome, 'at', now)
+add_event(K_events, A_events_cap, A_id, name, outcome, 'at', now)
 if redis.call('EXISTS', K_task .. ':dependents') == 1 then return outcome .. '+' end
 return outcome

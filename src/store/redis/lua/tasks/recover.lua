@@ -7,8 +7,9 @@ local lapsed = redis.call('ZRANGEBYSCORE', K_leases, '-inf', now, 'LIMIT', 0, 10
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
   redis.call('ZREM', K_leases, id)
-  local state, attempts, band, hard_until, worker, cancel = unpack(redis.call('HMGET', key,
-    'state', 'attempts', 'band', 'hard_until', 'worker', 'cancel'))
+  local state, attempts, band, hard_until, worker, cancel, name, created, started = unpack(
+    redis.call('HMGET', key, 'state', 'attempts', 'band', 'hard_until', 'worker', 'cancel', 'name',
+      'created_ms', 'started_ms'))
   if state == 'running' then
     local outcome
     local hard = tonumber(hard_until or '0')
@@ -24,6 +25,7 @@ for _, id in ipairs(lapsed) do
     redis.call('RPUSH', key .. ':log', cjson.encode({ attempt = tonumber(attempts), worker = worker,
       ended_ms = now, outcome = 'lost', error = 'worker lost: lease lapsed' }))
     redis.call('HSET', key, 'worker', '', 'lease_until', 0)
+    record_times(K_times, name, attempts, created, started, false)
     redis.call('HINCRBY', K_stats, 'lost', 1)
     if outcome ~= 'queued' then redis.call('HINCRBY', K_stats, outcome, 1) end
     if outcome == 'queued' then
@@ -37,7 +39,7 @@ for _, id in ipairs(lapsed) do
         'finished_ms', now)
       record_end(key, id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms)
     end
-    add_event(K_events, A_events_cap, id, redis.call('HGET', key, 'name'), outcome, 'at', now)
+    add_event(K_events, A_events_cap, id, name, outcome, 'at', now)
   end
 end
 return #lapsed + due

@@ -1,0 +1,92 @@
+//! The run and wait times' read on Redis: `times.lua` returns the window's
+//! sub-window hashes (written by `record_times` in `lib.lua`; the field
+//! layout is in [`crate::keys`]), decoded here into the domain's
+//! [`QueueTimes`].
+
+use crate::domain::task::QueueName;
+use crate::domain::times::{NameTimes, QueueTimes, window_at};
+use crate::store::{Deadline, Result, StoreError};
+
+use super::RedisTasks;
+
+impl RedisTasks {
+    /// See [`crate::store::tasks::TaskBackend::task_times`].
+    pub(super) async fn read_times(
+        &self,
+        queue: &QueueName,
+        deadline: Deadline,
+    ) -> Result<QueueTimes> {
+        let keys = self.keys(queue);
+        let mut call = self.scripts().times.call(self.clock());
+        call.queue_keys(&keys, None);
+        let reply: Vec<Vec<String>> = self.store.invoke(call.done(), deadline).await?;
+        decode(reply).map_err(|e| StoreError::Backend(format!("times of queue {queue}: {e}")))
+    }
+}
+
+/// `times.lua`'s reply: `[now]`, then each sub-window's field, value list.
+fn decode(reply: Vec<Vec<String>>) -> std::result::Result<QueueTimes, String> {
+    let mut slots = reply.into_iter();
+    let now: i64 = slots
+        .next()
+        .and_then(|n| n.first()?.parse().ok())
+        .ok_or("no time")?;
+    let mut entries = Vec::new();
+    for fields in slots {
+        let mut by_name = std::collections::HashMap::<String, NameTimes>::new();
+        for pair in fields.chunks_exact(2) {
+            let value: u64 = pair[1]
+                .parse()
+                .map_err(|_| format!("field {} is not a count", pair[0]))?;
+            // `names` and `n:NAME` only bound the names
+            let Some((kind @ ("r" | "w"), rest)) = pair[0].split_once(':') else {
+                continue;
+            };
+            let (bucket, name) = rest.split_once(':').ok_or("a bucket without a name")?;
+            let b: usize = bucket.parse().map_err(|_| "a bucket is not a number")?;
+            let e = by_name
+                .entry(name.to_owned())
+                .or_insert_with(|| NameTimes::named(name));
+            let h = if kind == "r" { &mut e.run } else { &mut e.wait };
+            h.add_bucket(b, value);
+        }
+        entries.extend(by_name.into_values());
+    }
+    Ok(QueueTimes::folded(window_at(now), entries))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two sub-windows of one name add up; a name's fields may hold `:`.
+    #[test]
+    fn sub_windows_of_a_name_add_up() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let reply = vec![
+            s(&["3600000"]),
+            s(&[
+                "names", "1", "c:a:b", "1", "r:3:a:b", "1", "rs:a:b", "3", "rm:a:b", "3",
+            ]),
+            s(&[]),
+            s(&[
+                "c:a:b", "2", "r:0:a:b", "2", "w:5:a:b", "1", "ws:a:b", "6", "wm:a:b", "6",
+            ]),
+        ];
+        let t = decode(reply).unwrap();
+        assert_eq!(t.by_name.len(), 1);
+        let a = &t.by_name[0];
+        assert_eq!((a.name.as_str(), a.recorded()), ("a:b", 4));
+        assert_eq!(a.run.count(), 3);
+        assert_eq!(
+            a.run.stats().unwrap().max,
+            std::time::Duration::from_millis(3)
+        );
+        // bucket 5 holds 5 and 6 ms
+        assert_eq!(
+            a.wait.stats().unwrap().mean,
+            std::time::Duration::from_micros(5500)
+        );
+        assert!(decode(vec![s(&["x"])]).is_err());
+    }
+}
