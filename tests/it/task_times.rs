@@ -86,6 +86,7 @@ impl Fixture {
             hard_ms: 0,
             result_ttl_ms: 60_000,
             log: vec![],
+            trace: None,
         };
         let limits = TaskLimits::default();
         self.store
