@@ -117,12 +117,19 @@ def test_a_busy_worker_sends_batches_of_half_its_concurrency(
     async def noop(i: int) -> int:
         return i
 
-    async def scenario() -> list[Any]:
+    async def submit() -> list[str]:
         tm = TaskManager(target)
-        ids = [await tm.submit_task(name, TaskCategory.RESEARCH, args=[i]) for i in range(200)]
+        return [await tm.submit_task(name, TaskCategory.RESEARCH, args=[i]) for i in range(200)]
+
+    async def results(ids: list[str]) -> list[Any]:
+        tm = TaskManager(target)
         return [await tm.result(t, timeout=30) for t in ids]
 
+    # queued before the worker connects, so that its first leases come
+    # together and their outcomes are ready together: submitted one by one
+    # to a worker that keeps up, they would never meet in a batch
+    ids = asyncio.run(submit())
     with running(w):
-        assert asyncio.run(asyncio.wait_for(scenario(), 60)) == list(range(200))
+        assert asyncio.run(asyncio.wait_for(results(ids), 60)) == list(range(200))
     assert sizes, "no batch was sent"
     assert max(sizes) <= 4, sizes
