@@ -14,6 +14,7 @@ mod events;
 mod reads;
 mod registry;
 mod scripts;
+mod tally;
 mod times;
 
 pub use events::StreamReader;
@@ -45,6 +46,8 @@ pub struct RedisTasks {
     store: RedisStore,
     prefix: String,
     clock: Clock,
+    /// The run and wait times ended here since the last flush.
+    tally: tally::Tally,
 }
 
 impl RedisTasks {
@@ -54,6 +57,7 @@ impl RedisTasks {
             store,
             prefix: prefix.to_owned(),
             clock,
+            tally: tally::Tally::default(),
         }
     }
 
@@ -123,7 +127,7 @@ fn finish_args(
         .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
 
-/// finish.lua's reply: the new state, and whether tasks wait on it.
+/// finish.lua's reply's state: the new state, and whether tasks wait on it.
 fn parse_end(reply: &str) -> Option<(State, bool)> {
     match reply.strip_suffix('+') {
         Some(state) => State::parse(state).map(|s| (s, true)),
@@ -508,8 +512,8 @@ impl TaskBackend for RedisTasks {
         let mut call = self.scripts().finish.call(self.clock());
         call.queue_keys(&self.keys(&id.queue()), Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
-        let state: Option<String> = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(state.as_deref().and_then(parse_end))
+        let reply: Option<Vec<String>> = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(reply.and_then(|r| self.ended(&id.queue(), &r)))
     }
 
     /// finish.lua and lease.lua composed into one script (see
@@ -530,9 +534,9 @@ impl TaskBackend for RedisTasks {
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
         lease_args(&mut call, &keys, next, limits);
-        let (state, fields): (Option<String>, Option<HashMap<String, String>>) =
+        let (reply, fields): (Option<Vec<String>>, Option<HashMap<String, String>>) =
             self.store.invoke_once(call.done(), deadline).await?;
-        let Some(ended) = state.as_deref().and_then(parse_end) else {
+        let Some(ended) = reply.and_then(|r| self.ended(&id.queue(), &r)) else {
             return Ok(None);
         };
         Ok(Some((ended, leased(fields)?)))
@@ -554,7 +558,11 @@ impl TaskBackend for RedisTasks {
             .arg("acks_late", if acks_late { "1" } else { "0" })
             .arg("history_cap", limits.history)
             .arg("dead_ttl_ms", millis(limits.dead_ttl));
-        self.store.invoke(call.done(), deadline).await
+        let reply: Vec<String> = self.store.invoke(call.done(), deadline).await?;
+        let handled = reply.first().and_then(|n| n.parse().ok());
+        let handled = handled.ok_or_else(|| StoreError::Backend("recover: no count".into()))?;
+        self.tally_times(queue, &reply[1..]);
+        Ok(handled)
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]
@@ -623,6 +631,10 @@ impl TaskBackend for RedisTasks {
     #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn task_times(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueTimes> {
         self.read_times(queue, deadline).await
+    }
+
+    async fn flush_times(&self, deadline: Deadline) -> Result<()> {
+        self.flush_tally(deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
