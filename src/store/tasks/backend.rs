@@ -365,7 +365,9 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// window, per task name (see [`crate::domain::times`]). They are
     /// recorded by the transitions that end an attempt: **finish** (its run;
     /// and, on a first attempt, the task's wait from submit to start) and
-    /// **recover** of a lapsed lease (the first attempt's wait only).
+    /// **recover** of a lapsed lease (the first attempt's wait only); on
+    /// Redis they are written by [`Self::flush_times`], so another
+    /// process's show up to a flush interval later.
     async fn task_times(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueTimes>;
 
     /// Applies the times this process recorded but has not written yet.
