@@ -115,7 +115,11 @@ impl TimeHistogram {
 
     /// The buckets counted in, as (index, count).
     pub fn buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        self.counts.iter().copied().enumerate().filter(|(_, n)| *n > 0)
+        self.counts
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, n)| *n > 0)
     }
 
     /// How many times were counted.

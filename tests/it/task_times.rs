@@ -318,7 +318,10 @@ async fn runs_seen(
             return (window, q);
         }
         assert!(seen < runs, "{seen} runs counted, {runs} ran");
-        assert!(tokio::time::Instant::now() < until, "{seen} of {runs} runs after 10 s");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{seen} of {runs} runs after 10 s"
+        );
         // a flush in another process has no event to await here
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -331,7 +334,14 @@ async fn run_noops(
 ) {
     for _ in 0..n {
         let req = submit("koo.diagnostics.noop", serde_json::json!({}));
-        let id = c.submit_task(req).await.unwrap().into_inner().task.unwrap().id;
+        let id = c
+            .submit_task(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap()
+            .id;
         wait_task(c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
     }
 }

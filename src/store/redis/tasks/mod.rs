@@ -127,14 +127,6 @@ fn finish_args(
         .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
 
-/// finish.lua's reply's state: the new state, and whether tasks wait on it.
-fn parse_end(reply: &str) -> Option<(State, bool)> {
-    match reply.strip_suffix('+') {
-        Some(state) => State::parse(state).map(|s| (s, true)),
-        None => State::parse(reply).map(|s| (s, false)),
-    }
-}
-
 /// A leased task's hash, as lease.lua returns it.
 fn leased(fields: Option<HashMap<String, String>>) -> Result<Option<Task>> {
     fields
@@ -509,11 +501,12 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<(State, bool)>> {
+        let queue = id.queue();
         let mut call = self.scripts().finish.call(self.clock());
-        call.queue_keys(&self.keys(&id.queue()), Some(id));
+        call.queue_keys(&self.keys(&queue), Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
         let reply: Option<Vec<String>> = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(reply.and_then(|r| self.ended(&id.queue(), &r)))
+        Ok(reply.and_then(|r| self.ended(&queue, &r)))
     }
 
     /// finish.lua and lease.lua composed into one script (see
@@ -529,14 +522,15 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<((State, bool), Option<Task>)>> {
-        let keys = self.keys(&id.queue());
+        let queue = id.queue();
+        let keys = self.keys(&queue);
         let mut call = self.scripts().finish_lease.call(self.clock());
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
         lease_args(&mut call, &keys, next, limits);
         let (reply, fields): (Option<Vec<String>>, Option<HashMap<String, String>>) =
             self.store.invoke_once(call.done(), deadline).await?;
-        let Some(ended) = reply.and_then(|r| self.ended(&id.queue(), &r)) else {
+        let Some(ended) = reply.and_then(|r| self.ended(&queue, &r)) else {
             return Ok(None);
         };
         Ok(Some((ended, leased(fields)?)))
@@ -559,10 +553,7 @@ impl TaskBackend for RedisTasks {
             .arg("history_cap", limits.history)
             .arg("dead_ttl_ms", millis(limits.dead_ttl));
         let reply: Vec<String> = self.store.invoke(call.done(), deadline).await?;
-        let handled = reply.first().and_then(|n| n.parse().ok());
-        let handled = handled.ok_or_else(|| StoreError::Backend("recover: no count".into()))?;
-        self.tally_times(queue, &reply[1..]);
-        Ok(handled)
+        self.recovered(queue, &reply)
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

@@ -4,12 +4,21 @@
 //! layout is in [`crate::keys`]), decoded here into the domain's
 //! [`QueueTimes`].
 
-use crate::domain::task::State;
 use crate::domain::task::QueueName;
+use crate::domain::task::State;
 use crate::domain::times::{NameTimes, QueueTimes, window_at};
 use crate::store::{Deadline, Result, StoreError};
 
-use super::{RedisTasks, parse_end, tally};
+use super::{RedisTasks, tally};
+
+/// The state in finish.lua's reply: the new state, and whether tasks wait
+/// on it.
+fn parse_end(reply: &str) -> Option<(State, bool)> {
+    match reply.strip_suffix('+') {
+        Some(state) => State::parse(state).map(|s| (s, true)),
+        None => State::parse(reply).map(|s| (s, false)),
+    }
+}
 
 impl RedisTasks {
     /// finish.lua's reply: the new state (and whether tasks wait on it);
@@ -18,6 +27,19 @@ impl RedisTasks {
         let (state, times) = reply.split_first()?;
         self.tally_times(queue, times);
         parse_end(state)
+    }
+
+    /// recover.lua's reply: how many entries it handled; the lost
+    /// attempts' times that follow are added to the tally.
+    pub(super) fn recovered(&self, queue: &QueueName, reply: &[String]) -> Result<u64> {
+        let (handled, times) = reply
+            .split_first()
+            .ok_or_else(|| StoreError::Backend("recover: an empty reply".into()))?;
+        let handled = handled
+            .parse()
+            .map_err(|_| StoreError::Backend(format!("recover: {handled:?} is not a count")))?;
+        self.tally_times(queue, times);
+        Ok(handled)
     }
 
     /// Adds the times an ending script returned for `queue` to the tally
@@ -53,13 +75,14 @@ impl RedisTasks {
     }
 
     /// See [`crate::store::tasks::TaskBackend::task_times`]: this process's
-    /// own times are flushed first.
+    /// own times are flushed first (a failed flush is logged there; the
+    /// read still answers with what the store has).
     pub(super) async fn read_times(
         &self,
         queue: &QueueName,
         deadline: Deadline,
     ) -> Result<QueueTimes> {
-        self.flush_tally(deadline).await?;
+        let _ = self.flush_tally(deadline).await;
         let keys = self.keys(queue);
         let mut call = self.scripts().times.call(self.clock());
         call.queue_keys(&keys, None);
