@@ -42,7 +42,7 @@ impl Tally {
     /// name, sub-window, run ms, wait ms (-1: none). No allocation but for
     /// a queue, sub-window or name new since the last flush.
     pub(super) fn add(&self, queue: &QueueName, reply: &[String]) -> Result<(), String> {
-        if reply.len() % 4 != 0 {
+        if !reply.len().is_multiple_of(4) {
             return Err(format!("{} values are not groups of 4", reply.len()));
         }
         let ms = |v: &str| -> Result<Option<u64>, String> {
