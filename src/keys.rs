@@ -20,7 +20,7 @@
 //! | `koo:v1:{t:Q}:history` / `:history:data` / `:dead` | sorted set, hash, sorted set | ended tasks (capped), dead letters |
 //! | `koo:v1:{t:Q}:events` | stream | state changes and progress (capped) |
 //! | `koo:v1:{t:Q}:stats` | hash | counts per outcome |
-//! | `koo:v1:{t:Q}:times:{n}` | hash | run and wait times of 5-minute sub-window `n` per task name: `r:{bucket}:{name}` / `w:{bucket}:{name}` counts, `n:{name}` markers of the names kept (20, then `other`), `names` (names offered); expires an hour after it closes |
+//! | `koo:v1:{t:Q}:times:{n}` | hash | run and wait times of 5-minute sub-window `n` per task name: `r:{bucket}:{name}` / `w:{bucket}:{name}` counts, `n:{name}` markers of the names kept (20, then `other`), `names` (names offered); written by `times_add.lua` from each koo's in-process tally, about once a second; expires an hour after it closes |
 //! | `koo:v1:idem:{key}` | string | an idempotency key's claim: `fingerprint|task id` (with a TTL) |
 //! | `koo:v1:workers` | sorted set | worker pools, scored by when each last said it was alive (ms) |
 //! | `koo:v1:worker:{id}` | string | one pool's or external worker's record (JSON, with a TTL) |

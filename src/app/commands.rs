@@ -80,7 +80,8 @@ pub async fn run_worker(
     );
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(engine.run_recovery(queues, stop.clone()));
+    tasks.spawn(engine.clone().run_recovery(queues, stop.clone()));
+    tasks.spawn(engine.clone().run_times_flush(stop.clone()));
     tasks.spawn(pool.run(stop.clone()));
     tasks.spawn(warn_if_tasks_can_be_evicted(store));
     shutdown.await;
@@ -95,6 +96,8 @@ pub async fn run_worker(
     if drained.is_err() {
         tracing::warn!("tasks still running go back to their queues when their leases lapse");
     }
+    // what the workers ended during the grace
+    engine.flush_times().await;
     Ok(())
 }
 

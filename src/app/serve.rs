@@ -121,6 +121,7 @@ impl Serve {
             sessions,
             stop,
             embedded,
+            engine,
             ..
         } = self;
         stop.cancel();
@@ -137,6 +138,8 @@ impl Serve {
             );
         }
         drop(background);
+        // what the workers ended during the grace
+        engine.flush_times().await;
         match tokio::task::spawn_blocking(move || embedded.shutdown()).await {
             Ok(saved) => saved,
             Err(e) => {
@@ -221,6 +224,7 @@ fn start_tasks(
     let engine = TaskEngine::new(tasks, settings.tasks.config.clone());
     let queues = settings.tasks.config.queues();
     background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
+    background.spawn(engine.clone().run_times_flush(stop.clone()));
     if settings.tasks.workers > 0 {
         let ledger = settings.tasks.ledger.as_deref();
         let registry = registry(&engine, ledger, Some(cache), Some(cache.clone()));

@@ -18,11 +18,11 @@
 //! The store's clocks are in milliseconds, so the histograms are too.
 //! Bucket 0 is `[0, 1)` ms; bucket `i` is `[B(i-1), B(i))` with `B(0) = 1`
 //! and `B(i+1) = max(B(i) + 1, ceil(1.25 B(i)))`; the last bucket,
-//! [`LAST`], takes everything from `B(LAST - 1)` (about 27 h) up. The
-//! recurrence is in integers so that the Lua scripts (`record_times` in
-//! `lua/tasks/lib.lua`) and Rust put a duration in the same bucket. Only
-//! the bucket counts are kept (one `HINCRBY` per time on the task path):
-//! a percentile and the max are the middle of their bucket, the mean that
+//! [`LAST`], takes everything from `B(LAST - 1)` (about 27 h) up (in
+//! integers: [`bucket_of`] is the only place a duration gets its bucket;
+//! the Redis scripts return milliseconds). Only the bucket counts are kept
+//! (on Redis, added up in each koo process and written about once a
+//! second: `store/redis/tasks/tally.rs`): a percentile and the max are the middle of their bucket, the mean that
 //! of the buckets' middles, so each is at most 12.5% (and 0.5 ms) from the
 //! exact figure (the open last bucket reports its lower bound); the count
 //! is exact.
@@ -111,6 +111,15 @@ impl TimeHistogram {
         for (i, n) in other.counts.iter().enumerate().filter(|(_, n)| **n > 0) {
             self.add_bucket(i, *n);
         }
+    }
+
+    /// The buckets counted in, as (index, count).
+    pub fn buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.counts
+            .iter()
+            .copied()
+            .enumerate()
+            .filter(|(_, n)| *n > 0)
     }
 
     /// How many times were counted.

@@ -3,14 +3,15 @@
 //! (the store's manual clock sets them exactly) give percentiles within the
 //! bucket error, names beyond the cap fold into `other`, and old times
 //! leave the window; over gRPC, two koo processes on one Redis answer the
-//! same figures.
+//! same figures once the process that ran the tasks has flushed them (about
+//! once a second, and when it stops), `koo worker` processes too.
 
 use crate::common;
 
 use std::time::Duration;
 
 use common::TestRedis;
-use common::tasks::{client, spawn_on, submit, wait_task};
+use common::tasks::{client, exits_within, signal, spawn_on, submit, wait_task, worker};
 use koo::domain::Outcome;
 use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
 use koo::domain::times::{NAME_CAP, OTHER, QueueTimes, SLOT_MS, TimeHistogram};
@@ -303,6 +304,72 @@ async fn research_times(
     (m.times_window, q)
 }
 
+/// Polls `c`'s GetTaskMetrics until the research queue counts `runs` run
+/// times (the process that ran them flushes about once a second).
+async fn runs_seen(
+    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+    runs: i64,
+) -> (Option<prost_types::Duration>, pb::QueueMetrics) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (window, q) = research_times(c).await;
+        let seen = q.run_time.as_ref().map_or(0, |r| r.count);
+        if seen == runs {
+            return (window, q);
+        }
+        assert!(seen < runs, "{seen} runs counted, {runs} ran");
+        assert!(
+            tokio::time::Instant::now() < until,
+            "{seen} of {runs} runs after 10 s"
+        );
+        // a flush in another process has no event to await here
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Submits `n` no-op tasks through `c` and waits until they succeeded.
+async fn run_noops(
+    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+    n: usize,
+) {
+    for _ in 0..n {
+        let req = submit("koo.diagnostics.noop", serde_json::json!({}));
+        let id = c
+            .submit_task(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap()
+            .id;
+        wait_task(c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+    }
+}
+
+/// A `koo worker` process adds up the times of the tasks it runs and
+/// flushes them too: another koo sees them about a second later, and the
+/// ones it ran just before it was stopped (SIGTERM) once it has exited.
+#[tokio::test]
+async fn a_koo_worker_flushes_its_times_and_at_shutdown() {
+    let redis = TestRedis::start().await;
+    let serve = spawn_on(&redis, 0).await;
+    let mut c = client(&serve);
+    let mut w = worker(&redis);
+    run_noops(&mut c, 2).await;
+    let (_, q) = runs_seen(&mut c, 2).await;
+    assert_eq!(q.wait_time.unwrap().count, 2);
+    run_noops(&mut c, 3).await;
+    signal(&w, "TERM");
+    let exited = exits_within(&mut w, Duration::from_secs(10)).await;
+    if !exited {
+        let _ = w.kill();
+    }
+    assert!(exited, "koo worker did not stop");
+    let (_, q) = research_times(&mut c).await;
+    assert_eq!(q.run_time.unwrap().count, 5);
+    assert_eq!(q.by_name.len(), 1);
+}
+
 /// Tasks run by one koo process are timed in the shared store: another
 /// koo on the same Redis answers GetTaskMetrics with the same run and wait
 /// times, per queue and per name (WatchTaskMetrics too), and the sleeps
@@ -336,8 +403,9 @@ async fn two_koo_processes_on_one_redis_answer_the_same_times() {
     for id in &ids {
         wait_task(&mut ca, id, |t| t.state == pb::TaskState::Succeeded as i32).await;
     }
+    // b sees them once a has flushed (a's own reads flush first)
+    let (_, qb) = runs_seen(&mut client(&b), 6).await;
     let (window, qa) = research_times(&mut ca).await;
-    let (_, qb) = research_times(&mut client(&b)).await;
     assert_eq!(qa.run_time, qb.run_time);
     assert_eq!(qa.wait_time, qb.wait_time);
     assert_eq!(qa.by_name, qb.by_name);

@@ -32,6 +32,7 @@ mod idempotency;
 mod lease;
 mod recovery;
 mod submit;
+mod times;
 
 pub use self::config::TaskConfig;
 pub use self::lease::Finish;

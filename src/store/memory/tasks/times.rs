@@ -1,6 +1,8 @@
-//! The embedded store's run and wait times: `record_times` and
-//! `times.lua` of the Redis store mirrored (see [`crate::domain::times`]),
-//! one sub-window per [`SLOT_MS`], the oldest dropped as the window moves.
+//! The embedded store's run and wait times: the Redis store's (its
+//! in-process tally, `times_add.lua` and `times.lua`) mirrored (see
+//! [`crate::domain::times`]), one sub-window per [`SLOT_MS`], the oldest
+//! dropped as the window moves. Recorded directly as each attempt ends:
+//! the store is in this process, there is nothing to flush.
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -14,6 +14,7 @@ mod events;
 mod reads;
 mod registry;
 mod scripts;
+mod tally;
 mod times;
 
 pub use events::StreamReader;
@@ -45,6 +46,8 @@ pub struct RedisTasks {
     store: RedisStore,
     prefix: String,
     clock: Clock,
+    /// The run and wait times ended here since the last flush.
+    tally: tally::Tally,
 }
 
 impl RedisTasks {
@@ -54,6 +57,7 @@ impl RedisTasks {
             store,
             prefix: prefix.to_owned(),
             clock,
+            tally: tally::Tally::default(),
         }
     }
 
@@ -121,14 +125,6 @@ fn finish_args(
         .arg("history_cap", limits.history)
         .arg("log", log)
         .arg("dead_ttl_ms", millis(limits.dead_ttl));
-}
-
-/// finish.lua's reply: the new state, and whether tasks wait on it.
-fn parse_end(reply: &str) -> Option<(State, bool)> {
-    match reply.strip_suffix('+') {
-        Some(state) => State::parse(state).map(|s| (s, true)),
-        None => State::parse(reply).map(|s| (s, false)),
-    }
 }
 
 /// A leased task's hash, as lease.lua returns it.
@@ -505,11 +501,12 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<(State, bool)>> {
+        let queue = id.queue();
         let mut call = self.scripts().finish.call(self.clock());
-        call.queue_keys(&self.keys(&id.queue()), Some(id));
+        call.queue_keys(&self.keys(&queue), Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
-        let state: Option<String> = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(state.as_deref().and_then(parse_end))
+        let reply: Option<Vec<String>> = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(reply.and_then(|r| self.ended(&queue, &r)))
     }
 
     /// finish.lua and lease.lua composed into one script (see
@@ -525,14 +522,15 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<((State, bool), Option<Task>)>> {
-        let keys = self.keys(&id.queue());
+        let queue = id.queue();
+        let keys = self.keys(&queue);
         let mut call = self.scripts().finish_lease.call(self.clock());
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
         lease_args(&mut call, &keys, next, limits);
-        let (state, fields): (Option<String>, Option<HashMap<String, String>>) =
+        let (reply, fields): (Option<Vec<String>>, Option<HashMap<String, String>>) =
             self.store.invoke_once(call.done(), deadline).await?;
-        let Some(ended) = state.as_deref().and_then(parse_end) else {
+        let Some(ended) = reply.and_then(|r| self.ended(&queue, &r)) else {
             return Ok(None);
         };
         Ok(Some((ended, leased(fields)?)))
@@ -554,7 +552,8 @@ impl TaskBackend for RedisTasks {
             .arg("acks_late", if acks_late { "1" } else { "0" })
             .arg("history_cap", limits.history)
             .arg("dead_ttl_ms", millis(limits.dead_ttl));
-        self.store.invoke(call.done(), deadline).await
+        let reply: Vec<String> = self.store.invoke(call.done(), deadline).await?;
+        self.recovered(queue, &reply)
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]
@@ -623,6 +622,10 @@ impl TaskBackend for RedisTasks {
     #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn task_times(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueTimes> {
         self.read_times(queue, deadline).await
+    }
+
+    async fn flush_times(&self, deadline: Deadline) -> Result<()> {
+        self.flush_tally(deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]

@@ -204,6 +204,16 @@ pub(super) const TIMES: Spec = Spec {
     body: include_str!("../lua/tasks/times.lua"),
 };
 
+/// One koo process's run and wait times of a queue since its last flush
+/// (the tail: see `times_add.lua`).
+pub(super) const TIMES_ADD: Spec = Spec {
+    name: "times_add",
+    keys: &[Times],
+    args: &[],
+    variadic: true,
+    body: include_str!("../lua/tasks/times_add.lua"),
+};
+
 /// The compiled task scripts (loaded by SHA, sent in full on a cache miss).
 pub(crate) struct TaskScripts {
     pub(super) submit: Composed,
@@ -222,6 +232,7 @@ pub(crate) struct TaskScripts {
     pub(super) depend: Composed,
     pub(super) resolve: Composed,
     pub(super) times: Composed,
+    pub(super) times_add: Composed,
 }
 
 impl TaskScripts {
@@ -244,6 +255,7 @@ impl TaskScripts {
             depend: alone(DEPEND),
             resolve: with_lib(RESOLVE),
             times: alone(TIMES),
+            times_add: alone(TIMES_ADD),
             finish_lease: Composed::compose(
                 &[FINISH, LEASE],
                 Some(LIB),
@@ -264,7 +276,7 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(

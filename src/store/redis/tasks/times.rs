@@ -1,21 +1,88 @@
-//! The run and wait times' read on Redis: `times.lua` returns the window's
-//! sub-window hashes (written by `record_times` in `lib.lua`; the field
+//! The run and wait times on Redis: the ending scripts' replies added up
+//! in the process ([`super::tally`]), their flush (`times_add.lua`), and
+//! the read: `times.lua` returns the window's sub-window hashes (the field
 //! layout is in [`crate::keys`]), decoded here into the domain's
 //! [`QueueTimes`].
 
 use crate::domain::task::QueueName;
+use crate::domain::task::State;
 use crate::domain::times::{NameTimes, QueueTimes, window_at};
 use crate::store::{Deadline, Result, StoreError};
 
-use super::RedisTasks;
+use super::{RedisTasks, tally};
+
+/// The state in finish.lua's reply: the new state, and whether tasks wait
+/// on it.
+fn parse_end(reply: &str) -> Option<(State, bool)> {
+    match reply.strip_suffix('+') {
+        Some(state) => State::parse(state).map(|s| (s, true)),
+        None => State::parse(reply).map(|s| (s, false)),
+    }
+}
 
 impl RedisTasks {
-    /// See [`crate::store::tasks::TaskBackend::task_times`].
+    /// finish.lua's reply: the new state (and whether tasks wait on it);
+    /// the attempt's times that follow it are added to the tally.
+    pub(super) fn ended(&self, queue: &QueueName, reply: &[String]) -> Option<(State, bool)> {
+        let (state, times) = reply.split_first()?;
+        self.tally_times(queue, times);
+        parse_end(state)
+    }
+
+    /// recover.lua's reply: how many entries it handled; the lost
+    /// attempts' times that follow are added to the tally.
+    pub(super) fn recovered(&self, queue: &QueueName, reply: &[String]) -> Result<u64> {
+        let (handled, times) = reply
+            .split_first()
+            .ok_or_else(|| StoreError::Backend("recover: an empty reply".into()))?;
+        let handled = handled
+            .parse()
+            .map_err(|_| StoreError::Backend(format!("recover: {handled:?} is not a count")))?;
+        self.tally_times(queue, times);
+        Ok(handled)
+    }
+
+    /// Adds the times an ending script returned for `queue` to the tally
+    /// (a malformed reply loses its figures, never the transition).
+    pub(super) fn tally_times(&self, queue: &QueueName, times: &[String]) {
+        if times.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tally.add(queue, times) {
+            tracing::warn!(%queue, error = %e, "run and wait times not counted");
+        }
+    }
+
+    /// See [`crate::store::tasks::TaskBackend::flush_times`]: one
+    /// `times_add.lua` call per queue. A call that fails loses that queue's
+    /// figures of the interval (sent again, a lost reply would count them
+    /// twice).
+    pub(super) async fn flush_tally(&self, deadline: Deadline) -> Result<()> {
+        let mut failed = None;
+        for (queue, slots) in self.tally.take() {
+            let mut call = self.scripts().times_add.call(self.clock());
+            call.queue_keys(&self.keys(&queue), None);
+            for a in tally::add_args(&slots) {
+                call.extra(a);
+            }
+            let done: Result<i64> = self.store.invoke_once(call.done(), deadline).await;
+            if let Err(e) = done {
+                tracing::warn!(%queue, error = %e, "run and wait times of the last interval lost");
+                failed = Some(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
+    /// See [`crate::store::tasks::TaskBackend::task_times`]: this process's
+    /// own times are flushed first (a failed flush is logged there; the
+    /// read still answers with what the store has).
     pub(super) async fn read_times(
         &self,
         queue: &QueueName,
         deadline: Deadline,
     ) -> Result<QueueTimes> {
+        let _ = self.flush_tally(deadline).await;
         let keys = self.keys(queue);
         let mut call = self.scripts().times.call(self.clock());
         call.queue_keys(&keys, None);

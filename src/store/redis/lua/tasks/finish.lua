@@ -1,6 +1,7 @@
--- Finish (see TaskBackend::finish). Returns the new state (with '+'
+-- Finish (see TaskBackend::finish). Returns { the new state (with '+'
 -- appended when the task ended and other tasks wait on it, so that the
--- caller releases them only then), or false when fenced. KEYS and ARGV:
+-- caller releases them only then), then the attempt's times (times_of in
+-- lib.lua: none, or name, sub-window, run, wait) }, or false when fenced. KEYS and ARGV:
 -- declared in scripts.rs (FINISH).
 local state, token, cancel, name, attempts, created, started = unpack(redis.call('HMGET', K_task,
   'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms'))
@@ -24,13 +25,13 @@ local logged = cjson.encode(entry)
 redis.call('ZREM', K_leases, A_id)
 redis.call('RPUSH', K_task .. ':log', logged)
 redis.call('HSET', K_task, 'worker', '', 'lease_until', 0)
-record_times(K_times, name, attempts, created, started, true)
+local times = times_of(name, attempts, created, started, true) or {}
 if outcome == 'retry' then
   redis.call('HINCRBY', K_stats, 'retried', 1)
   redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload)
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
   add_event(K_events, A_events_cap, A_id, name, 'scheduled', 'at', now)
-  return 'scheduled'
+  return { 'scheduled', unpack(times) }
 end
 redis.call('HINCRBY', K_stats, outcome, 1)
 local field = 'result'
@@ -40,5 +41,5 @@ redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', now)
 if outcome == 'succeeded' then redis.call('HDEL', K_task, 'error') end
 record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms)
 add_event(K_events, A_events_cap, A_id, name, outcome, 'at', now)
-if redis.call('EXISTS', K_task .. ':dependents') == 1 then return outcome .. '+' end
-return outcome
+if redis.call('EXISTS', K_task .. ':dependents') == 1 then outcome = outcome .. '+' end
+return { outcome, unpack(times) }

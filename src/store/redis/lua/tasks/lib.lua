@@ -104,56 +104,22 @@ local function budget_spent(key)
   return tonumber(attempts) - tonumber(base or '0') > tonumber(max_retries)
 end
 
--- The field prefix of time `kind` ('r' run, 'w' wait) of `ms` (clamped at
--- 0): the kind and its bucket (src/domain/times.rs: the bucket recurrence
--- is the same).
-local function time_field(kind, ms)
-  local b, t = 0, 1
-  while b < TIMES_LAST and ms >= t do
-    b = b + 1
-    t = math.max(t + 1, math.floor((t * 5 + 3) / 4))
-  end
-  return kind .. ':' .. b .. ':'
-end
-
--- Records the times of the attempt that ends now of a task (its `name`,
+-- The times of the attempt that ends now of a task (its `name`,
 -- `attempts`, `created` and `started` ms, as stored: the caller has read
--- them already) in the current sub-window under `times` (the queue's
--- prefix of them): its run when `ran` (it finished; a lost attempt has no
--- observed end), and the task's wait from submit to start when it is its
--- first attempt. Each is one HINCRBY of its bucket's field: this is on
--- every task's path. Only a field new to the sub-window asks whether the
--- name is (its `n:NAME` marker): a sub-window keeps TIMES_NAMES names
--- (`names` counts those offered) and counts the rest as 'other'; it
--- expires once the window has moved past it (in real time: `now` may be
--- shifted under test).
-local function record_times(times, name, attempts, created, started, ran)
+-- them already), for the caller's reply: nothing is written here (this is
+-- on every task's path; the koo process that ends the attempt adds them up
+-- and applies them with times_add.lua about once a second). Its run when
+-- `ran` (it finished; a lost attempt has no observed end), and the task's
+-- wait from submit to start when it is its first attempt, in ms; -1 for
+-- either when there is none. Returns { name, sub-window, run, wait }, or
+-- nothing when there is neither.
+local function times_of(name, attempts, created, started, ran)
   local first = attempts == '1'
-  if not started or not (ran or first) then return end
+  if not started or not (ran or first) then return nil end
   started = tonumber(started)
-  local n = math.floor(now / TIMES_SLOT_MS)
-  local slot = times .. n
-  name = name or ''
-  local fields = {}
-  if ran then fields[#fields + 1] = time_field('r', math.max(now - started, 0)) end
-  if first and created then
-    fields[#fields + 1] = time_field('w', math.max(started - tonumber(created), 0))
-  end
-  for i, field in ipairs(fields) do
-    if redis.call('HINCRBY', slot, field .. name, 1) == 1
-        and redis.call('HSETNX', slot, 'n:' .. name, 1) == 1 then
-      -- a name new to the sub-window
-      redis.call('PEXPIREAT', slot, (n + TIMES_SLOTS + 1) * TIMES_SLOT_MS - CLOCK_OFFSET)
-      if name ~= 'other' and redis.call('HINCRBY', slot, 'names', 1) > TIMES_NAMES then
-        -- beyond the cap: what was just counted moves to 'other', and the
-        -- name stays unmarked so that it is asked about again
-        redis.call('HDEL', slot, 'n:' .. name)
-        for j = 1, i do
-          redis.call('HDEL', slot, fields[j] .. name)
-          redis.call('HINCRBY', slot, fields[j] .. 'other', 1)
-        end
-        name = 'other'
-      end
-    end
-  end
+  local run, wait = -1, -1
+  if ran then run = math.max(now - started, 0) end
+  if first and created then wait = math.max(started - tonumber(created), 0) end
+  if run < 0 and wait < 0 then return nil end
+  return { name or '', tostring(math.floor(now / TIMES_SLOT_MS)), tostring(run), tostring(wait) }
 end

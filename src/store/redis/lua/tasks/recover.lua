@@ -1,8 +1,10 @@
--- Recover (see TaskBackend::recover). Returns how many entries were
--- handled (lapsed leases and due scheduled tasks). KEYS and ARGV: declared
+-- Recover (see TaskBackend::recover). Returns { how many entries were
+-- handled (lapsed leases and due scheduled tasks), then each lost first
+-- attempt's times (times_of in lib.lua: name, sub-window, run, wait) }. KEYS and ARGV: declared
 -- in scripts.rs (RECOVER).
 local prefix = A_prefix
 local due = promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
+local out = { '' }
 local lapsed = redis.call('ZRANGEBYSCORE', K_leases, '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
@@ -25,7 +27,9 @@ for _, id in ipairs(lapsed) do
     redis.call('RPUSH', key .. ':log', cjson.encode({ attempt = tonumber(attempts), worker = worker,
       ended_ms = now, outcome = 'lost', error = 'worker lost: lease lapsed' }))
     redis.call('HSET', key, 'worker', '', 'lease_until', 0)
-    record_times(K_times, name, attempts, created, started, false)
+    for _, v in ipairs(times_of(name, attempts, created, started, false) or {}) do
+      out[#out + 1] = v
+    end
     redis.call('HINCRBY', K_stats, 'lost', 1)
     if outcome ~= 'queued' then redis.call('HINCRBY', K_stats, outcome, 1) end
     if outcome == 'queued' then
@@ -42,4 +46,5 @@ for _, id in ipairs(lapsed) do
     add_event(K_events, A_events_cap, id, name, outcome, 'at', now)
   end
 end
-return #lapsed + due
+out[1] = tostring(#lapsed + due)
+return out
