@@ -6,8 +6,6 @@
 
 use crate::common;
 
-use std::process::Stdio;
-
 use common::tasks::submit;
 use common::{ChildGuard as Guard, logged_addr, serve_logged};
 use hyper_util::client::legacy::Client;
@@ -258,15 +256,7 @@ async fn what_is_not_grpc_web() {
 #[tokio::test]
 async fn bad_cors_origins_fail_startup_naming_the_setting() {
     for value in ["app.example.com", "https://app.example.com/path"] {
-        let out = common::koo_command()
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("KOO_CORS_ORIGINS", value)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run koo serve");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{value}: koo started");
-        assert!(stderr.contains("KOO_CORS_ORIGINS"), "{value}: {stderr}");
+        let stderr = common::serve_refused("KOO_CORS_ORIGINS", value);
         assert!(stderr.contains(value), "{value}: {stderr}");
     }
 }

@@ -357,15 +357,7 @@ async fn bad_http_listen_fails_startup_naming_the_setting() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let in_use = taken.local_addr().unwrap().to_string();
     for value in ["localhost", "127.0.0.1", in_use.as_str()] {
-        let out = common::koo_command()
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .env("KOO_HTTP_LISTEN", value)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run koo serve");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{value}: koo started");
-        assert!(stderr.contains("KOO_HTTP_LISTEN"), "{value}: {stderr}");
+        common::serve_refused("KOO_HTTP_LISTEN", value);
     }
 }
 
@@ -498,6 +490,8 @@ async fn worker_and_scheduler_serve_their_own_metrics() {
         .unwrap();
     let done = wait_task(&mut tasks, &task.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32);
+    // the worker's listener may still be coming up: wait until it answers
+    scrape_until(&worker_http, "koo_worker_slots", &[], |_| true).await;
     // one of the two workers ran it; submit more until the scraped one has
     let mut text = String::new();
     for _ in 0..50 {

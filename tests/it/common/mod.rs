@@ -64,6 +64,21 @@ impl Drop for ChildGuard {
     }
 }
 
+/// `koo serve` with `variable=value`, which must stop it at start-up: its
+/// standard error, which must name the variable.
+pub fn serve_refused(variable: &str, value: &str) -> String {
+    let out = koo_command()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env(variable, value)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run koo serve");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{variable}={value}: koo started");
+    assert!(stderr.contains(variable), "{variable}={value}: {stderr}");
+    stderr
+}
+
 /// Starts `koo serve` on an ephemeral gRPC port with `env` (and none of the
 /// caller's configuration), and reads its log until it announced its gRPC
 /// address (or stopped): the process and the lines it wrote.
