@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::TestRedis;
 use koo::domain::Outcome;
-use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
+use koo::domain::task::{Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
 use koo::store::clock::Clock;
 use koo::store::tasks::{Beat, LeaseAsk, TaskLimits, TaskStore};
@@ -98,34 +98,7 @@ on_both!(
 
 impl Fixture {
     fn task(&self, name: &str, priority: Priority, max_retries: u32) -> Task {
-        Task {
-            id: TaskId::generate(&self.queue),
-            name: name.into(),
-            category: Category::Research,
-            priority,
-            args: "[]".into(),
-            kwargs: "{}".into(),
-            state: State::Queued,
-            cache_result: None,
-            depends_on: vec![],
-            schedule: None,
-            schedule_tick_ms: None,
-            attempts: 0,
-            token: 0,
-            max_retries,
-            worker: None,
-            progress: None,
-            result: None,
-            error: None,
-            created_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            soft_ms: 0,
-            hard_ms: 0,
-            result_ttl_ms: 60_000,
-            log: vec![],
-            trace: None,
-        }
+        common::tasks::queued_task(&self.queue, name, priority, max_retries)
     }
 
     async fn submit(&self, task: &Task) {

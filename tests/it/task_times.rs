@@ -13,7 +13,7 @@ use std::time::Duration;
 use common::TestRedis;
 use common::tasks::{client, exits_within, signal, spawn_on, submit, wait_task, worker};
 use koo::domain::Outcome;
-use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
+use koo::domain::task::{Priority, QueueName, State, TaskId};
 use koo::domain::times::{NAME_CAP, OTHER, QueueTimes, SLOT_MS, TimeHistogram};
 use koo::pb::tasks::v1 as pb;
 use koo::store::clock::Clock;
@@ -61,34 +61,7 @@ impl Fixture {
 
     /// Submits a task named `name` (no retries unless `max_retries`).
     async fn submit(&self, name: &str, max_retries: u32) -> TaskId {
-        let task = Task {
-            id: TaskId::generate(&self.queue),
-            name: name.into(),
-            category: Category::Research,
-            priority: Priority::Normal,
-            args: "[]".into(),
-            kwargs: "{}".into(),
-            state: State::Queued,
-            cache_result: None,
-            depends_on: vec![],
-            schedule: None,
-            schedule_tick_ms: None,
-            attempts: 0,
-            token: 0,
-            max_retries,
-            worker: None,
-            progress: None,
-            result: None,
-            error: None,
-            created_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            soft_ms: 0,
-            hard_ms: 0,
-            result_ttl_ms: 60_000,
-            log: vec![],
-            trace: None,
-        };
+        let task = common::tasks::queued_task(&self.queue, name, Priority::Normal, max_retries);
         let limits = TaskLimits::default();
         self.store
             .submit(&task, Duration::ZERO, limits, later())

@@ -5,6 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use koo::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
 use koo::pb::tasks::v1::{self as pb, task_service_client::TaskServiceClient};
 use koo::server::Settings;
 use tonic::transport::Channel;
@@ -280,5 +281,38 @@ pub fn failing(failures: u32, max_retries: i32) -> pb::SubmitTaskRequest {
             "koo.diagnostics.fail_times",
             serde_json::json!({ "failures": failures }),
         )
+    }
+}
+
+/// A task of `queue` as a store takes it at submit: queued, no arguments,
+/// nothing run yet (for the tests that drive a task store directly).
+pub fn queued_task(queue: &QueueName, name: &str, priority: Priority, max_retries: u32) -> Task {
+    Task {
+        id: TaskId::generate(queue),
+        name: name.into(),
+        category: Category::Research,
+        priority,
+        args: "[]".into(),
+        kwargs: "{}".into(),
+        state: State::Queued,
+        cache_result: None,
+        depends_on: vec![],
+        schedule: None,
+        schedule_tick_ms: None,
+        attempts: 0,
+        token: 0,
+        max_retries,
+        worker: None,
+        progress: None,
+        result: None,
+        error: None,
+        created_ms: 0,
+        started_ms: None,
+        finished_ms: None,
+        soft_ms: 0,
+        hard_ms: 0,
+        result_ttl_ms: 60_000,
+        log: vec![],
+        trace: None,
     }
 }
