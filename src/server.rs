@@ -197,14 +197,7 @@ impl SideListeners {
             ),
             None => None,
         };
-        let http = match settings.http_listen {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| ServerError::HttpListen { addr, source })?,
-            ),
-            None => None,
-        };
+        let http = processes::bind(settings.http_listen).await?;
         Ok(Self { health, http })
     }
 

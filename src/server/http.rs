@@ -1,8 +1,9 @@
 //! The HTTP listener (`KOO_HTTP_LISTEN`): an axum router (axum 0.8 is
 //! already in the tree through tonic) serving `/metrics`, and every
 //! service over grpc-web (and gRPC) through the same call layers as the
-//! gRPC listener's (metrics, span, peer, authentication, load shedding);
-//! the REST paths and the dashboard are routes added here.
+//! gRPC listener's (metrics, span, peer, authentication, load shedding),
+//! and the seed's REST paths ([`super::rest`]), whose calls pass the same
+//! layers; the dashboard is a route to add here.
 //!
 //! Connections come from the same accept loop as the gRPC port's (TLS with
 //! the same certificate when `KOO_TLS_*` is set, bounded handshakes, the
@@ -17,8 +18,8 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
-use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::serve::IncomingStream;
@@ -65,7 +66,10 @@ fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
         .route("/metrics", get(metrics))
         .fallback(grpc)
         .with_state(routes)
-        .merge(rest);
+        .merge(rest)
+        // every route finds the connection where the gate and the peer
+        // layer look for it, as on the gRPC port
+        .layer(tower::util::MapRequestLayer::new(with_conn));
     match cors.layer() {
         Some(cors) => router.layer(cors),
         None => router,
@@ -75,11 +79,7 @@ fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
 /// A gRPC or grpc-web call (tonic-web turns grpc-web into gRPC, then the
 /// call layers and the services see a call like any other); anything else
 /// that matched no route is not found.
-async fn grpc(
-    State(routes): State<Routes>,
-    ConnectInfo(conn): ConnectInfo<ConnOf>,
-    mut request: axum::extract::Request,
-) -> Response {
+async fn grpc(State(routes): State<Routes>, request: axum::extract::Request) -> Response {
     let grpc = request
         .headers()
         .get(CONTENT_TYPE)
@@ -87,10 +87,6 @@ async fn grpc(
         .is_some_and(|v| v.starts_with("application/grpc"));
     if !grpc {
         return (StatusCode::NOT_FOUND, "not found\n").into_response();
-    }
-    // the peer layer reads the connection from here, as on the gRPC port
-    if let Some(info) = conn.0 {
-        request.extensions_mut().insert(info);
     }
     match GrpcWebLayer::new()
         .layer(routes.calls)
@@ -102,9 +98,7 @@ async fn grpc(
     }
 }
 
-/// The call layers as REST calls reach them: the connection (under mTLS,
-/// its identity) moved where the peer layer looks for it, as on the gRPC
-/// port, and the reply's body as tonic's.
+/// The call layers as REST calls reach them, the reply's body as tonic's.
 fn rest_calls(
     calls: Calls,
 ) -> impl tower::Service<
@@ -118,42 +112,38 @@ fn rest_calls(
 + 'static {
     tower::ServiceBuilder::new()
         .map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))
-        .map_request(|mut r: http::Request<tonic::body::Body>| {
-            if let Some(ConnectInfo(ConnOf(Some(conn)))) = r.extensions().get().cloned() {
-                r.extensions_mut().insert::<ConnInfo>(conn);
-            }
-            r
-        })
         .service(calls)
 }
 
-async fn metrics(
-    State(state): State<Routes>,
-    ConnectInfo(conn): ConnectInfo<ConnOf>,
-    headers: HeaderMap,
-) -> Response {
-    let mut extensions = axum::http::Extensions::new();
-    if let Some(info) = conn.0 {
-        extensions.insert(info.peer);
+/// `request` with its connection's [`ConnInfo`] (its peer, with the
+/// certificate's identity under mTLS; its open calls) in its extensions.
+fn with_conn(mut request: axum::extract::Request) -> axum::extract::Request {
+    if let Some(ConnectInfo(ConnOf(Some(conn)))) = request.extensions().get().cloned() {
+        request.extensions_mut().insert::<ConnInfo>(conn);
     }
-    if let Err(e) = state.gate.admit(METRICS_ACCESS, &headers, &extensions) {
+    request
+}
+
+async fn metrics(State(state): State<Routes>, request: axum::extract::Request) -> Response {
+    let mut extensions = axum::http::Extensions::new();
+    if let Some(info) = request.extensions().get::<ConnInfo>() {
+        extensions.insert(info.peer.clone());
+    }
+    if let Err(e) = state
+        .gate
+        .admit(METRICS_ACCESS, request.headers(), &extensions)
+    {
         return refusal(&e).into_response();
     }
     ([(CONTENT_TYPE, OPENMETRICS)], state.exporter.scrape().await).into_response()
 }
 
-/// A refused request: 401 without (good) credentials, 403 with a key
-/// whose role or scope does not reach, as gRPC's Unauthenticated and
-/// PermissionDenied.
+/// A refused request: the HTTP status of the gRPC code the same refusal
+/// gets on a call (401 without good credentials, 403 when the role or
+/// scope does not reach), with the reason.
 fn refusal(e: &AuthError) -> (StatusCode, String) {
-    let status = match e {
-        AuthError::NoCredentials { .. }
-        | AuthError::Malformed
-        | AuthError::UnknownKey
-        | AuthError::UnknownPrincipal { .. } => StatusCode::UNAUTHORIZED,
-        _ => StatusCode::FORBIDDEN,
-    };
-    (status, format!("{e}\n"))
+    let code = tonic::Status::from(e.clone()).code();
+    (super::rest::http_status(code), format!("{e}\n"))
 }
 
 /// The connection (its peer, with its certificate's identity under mTLS;

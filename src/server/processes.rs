@@ -62,7 +62,9 @@ pub async fn run_scheduler(
     Ok(served?)
 }
 
-async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServerError> {
+/// `KOO_HTTP_LISTEN`'s listener, if set; a bad address is an error
+/// naming the setting.
+pub(super) async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, ServerError> {
     match addr {
         Some(addr) => TcpListener::bind(addr)
             .await

@@ -461,7 +461,7 @@ async fn scrape_until(
 /// series. `koo scheduler` counts its fires. Off by default: no listener.
 #[tokio::test]
 async fn worker_and_scheduler_serve_their_own_metrics() {
-    use common::tasks::{is_final, worker_with};
+    use common::tasks::{is_final, submit_ok, worker_with};
     let redis = common::TestRedis::start().await;
     let url = redis.url();
     let (_koo, grpc, _, _) = serve(&[
@@ -481,13 +481,8 @@ async fn worker_and_scheduler_serve_their_own_metrics() {
         .await
         .unwrap();
     let mut tasks = pb::task_service_client::TaskServiceClient::new(channel);
-    let task = tasks
-        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let noop = || submit("koo.diagnostics.noop", serde_json::json!({}));
+    let task = submit_ok(&mut tasks, noop()).await;
     let done = wait_task(&mut tasks, &task.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32);
     // the worker's listener may still be coming up: wait until it answers
@@ -500,13 +495,7 @@ async fn worker_and_scheduler_serve_their_own_metrics() {
         if sample(&text, "koo_tasks_total", &[r#"outcome="succeeded""#]).is_some_and(|n| n >= 1.0) {
             break;
         }
-        let t = tasks
-            .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap();
+        let t = submit_ok(&mut tasks, noop()).await;
         wait_task(&mut tasks, &t.id, is_final).await;
     }
     assert!(

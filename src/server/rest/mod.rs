@@ -20,6 +20,8 @@ mod handler;
 mod routes;
 mod transcode;
 
+pub(crate) use self::error::http_status;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
