@@ -411,3 +411,44 @@ async fn two_koo_processes_on_one_redis_answer_the_same_times() {
     let window = Duration::try_from(window.unwrap()).unwrap();
     assert!(window > Duration::from_secs(55 * 60) && window <= Duration::from_secs(3600));
 }
+
+/// A process reads its own times of every queue at once: GetTaskMetrics,
+/// right after tasks of two queues ended, counts both (each queue's read
+/// flushes that queue's times; one read taking them all used to leave the
+/// other queues reading before their times were written).
+#[tokio::test]
+async fn a_process_reads_its_own_times_of_every_queue() {
+    let redis = TestRedis::start().await;
+    let koo = spawn_on(&redis, 2).await;
+    let mut c = client(&koo);
+    let categories = [pb::TaskCategory::Research, pb::TaskCategory::Database];
+    let mut ids = Vec::new();
+    for category in categories {
+        for _ in 0..2 {
+            let mut req = submit("koo.diagnostics.noop", serde_json::json!({}));
+            req.category = category as i32;
+            ids.push(
+                c.submit_task(req)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .task
+                    .unwrap()
+                    .id,
+            );
+        }
+    }
+    for id in &ids {
+        wait_task(&mut c, id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+    }
+    let metrics = c
+        .get_task_metrics(pb::GetTaskMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for queue in ["research", "database"] {
+        let q = metrics.queues.iter().find(|q| q.queue == queue).unwrap();
+        let runs = q.run_time.as_ref().map_or(0, |r| r.count);
+        assert_eq!(runs, 2, "{queue}: {q:?}");
+    }
+}

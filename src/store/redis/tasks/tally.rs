@@ -82,6 +82,13 @@ impl Tally {
     pub(super) fn take(&self) -> Added {
         std::mem::take(&mut *self.added.lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    /// Takes one queue's times only (a read of that queue flushes them
+    /// first; reads of other queues running at once flush their own).
+    pub(super) fn take_queue(&self, queue: &QueueName) -> Added {
+        let mut added = self.added.lock().unwrap_or_else(|e| e.into_inner());
+        added.remove_entry(queue).into_iter().collect()
+    }
 }
 
 /// `times_add.lua`'s variadic tail for one queue's sub-windows: per name,

@@ -58,8 +58,13 @@ impl RedisTasks {
     /// figures of the interval (sent again, a lost reply would count them
     /// twice).
     pub(super) async fn flush_tally(&self, deadline: Deadline) -> Result<()> {
+        self.flush(self.tally.take(), deadline).await
+    }
+
+    /// Writes `added` (one `times_add.lua` call per queue).
+    async fn flush(&self, added: tally::Added, deadline: Deadline) -> Result<()> {
         let mut failed = None;
-        for (queue, slots) in self.tally.take() {
+        for (queue, slots) in added {
             let mut call = self.scripts().times_add.call(self.clock());
             call.queue_keys(&self.keys(&queue), None);
             for a in tally::add_args(&slots) {
@@ -75,14 +80,16 @@ impl RedisTasks {
     }
 
     /// See [`crate::store::tasks::TaskBackend::task_times`]: this process's
-    /// own times are flushed first (a failed flush is logged there; the
-    /// read still answers with what the store has).
+    /// own times of `queue` are flushed first (a failed flush is logged
+    /// there; the read still answers with what the store has). Only that
+    /// queue's: reads of every queue run at once, and one taking all would
+    /// leave the others reading before their times were written.
     pub(super) async fn read_times(
         &self,
         queue: &QueueName,
         deadline: Deadline,
     ) -> Result<QueueTimes> {
-        let _ = self.flush_tally(deadline).await;
+        let _ = self.flush(self.tally.take_queue(queue), deadline).await;
         let keys = self.keys(queue);
         let mut call = self.scripts().times.call(self.clock());
         call.queue_keys(&keys, None);
