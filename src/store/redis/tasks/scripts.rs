@@ -62,7 +62,6 @@ pub(super) const FINISH: Spec = Spec {
         Dead,
         Events,
         Stats,
-        Times,
     ],
     args: &[
         "id",
@@ -91,7 +90,6 @@ pub(super) const RECOVER: Spec = Spec {
         Events,
         Stats,
         Scheduled,
-        Times,
     ],
     args: &[
         "prefix",
@@ -299,12 +297,12 @@ mod tests {
         );
     }
 
-    /// Finish-then-lease reads lease's keys after finish's nine and its
+    /// Finish-then-lease reads lease's keys after finish's eight and its
     /// arguments after finish's nine (and the clock offset).
     #[test]
     fn finish_and_lease_offsets() {
         let text = TaskScripts::new().finish_lease.text().to_owned();
-        assert!(text.contains("local K_ready = KEYS[10]"), "{text}");
+        assert!(text.contains("local K_ready = KEYS[9]"), "{text}");
         assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
         assert!(text.contains("local ARGN = 16"), "{text}");
         assert!(text.contains("local function finish()"));

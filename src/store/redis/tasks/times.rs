@@ -139,13 +139,10 @@ mod tests {
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         let reply = vec![
             s(&["3600000"]),
-            s(&[
-                "names", "1", "c:a:b", "1", "r:3:a:b", "1", "rs:a:b", "3", "rm:a:b", "3",
-            ]),
+            // the fields times_add.lua writes: `names`, `n:NAME`, buckets
+            s(&["names", "1", "n:a:b", "1", "r:3:a:b", "1"]),
             s(&[]),
-            s(&[
-                "c:a:b", "2", "r:0:a:b", "2", "w:5:a:b", "1", "ws:a:b", "6", "wm:a:b", "6",
-            ]),
+            s(&["names", "1", "n:a:b", "1", "r:0:a:b", "2", "w:5:a:b", "1"]),
         ];
         let t = decode(reply).unwrap();
         assert_eq!(t.by_name.len(), 1);
