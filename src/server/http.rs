@@ -61,7 +61,11 @@ pub(super) struct Routes {
 /// Every HTTP route; CORS (when `KOO_CORS_ORIGINS` allows other origins)
 /// around all of them.
 fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
-    let rest = super::rest::router(rest_calls(routes.calls.clone()), max_body);
+    let rest = super::rest::router(
+        rest_calls(routes.calls.clone()),
+        max_body,
+        routes.gate.clone(),
+    );
     let router = Router::new()
         .route("/metrics", get(metrics))
         .fallback(grpc)

@@ -271,8 +271,8 @@ async fn the_seeds_lines_on_redis() {
 
 /// With keys, a REST call is authenticated as a gRPC call: 401 without a
 /// key, 403 for a reader on a write path, 200 with the right key (as a
-/// bearer token); a body over KOO_MAX_MESSAGE_SIZE is 413; `/metrics`
-/// counts the calls.
+/// bearer token); a body over KOO_MAX_MESSAGE_SIZE is 413, but a refused
+/// caller's body is not read; `/metrics` counts the calls.
 #[test]
 fn keys_roles_and_the_body_limit() {
     use common::auth::{KeysFile, READER, WRITER, all_roles};
@@ -306,6 +306,12 @@ fn keys_roles_and_the_body_limit() {
             .contains("KOO_MAX_MESSAGE_SIZE"),
         "{body}"
     );
+    // a caller the gate refuses is refused before its body is read: no
+    // key, or a reader's write, gets 401 / 403 whatever it sends
+    let (code, body) = curl(&["-X", "POST", "--data", &big, &set]);
+    assert_eq!((code, &body["code"]), (401, &json!(16)), "{body}");
+    let (code, body) = curl(&["-X", "POST", "-H", &reader, "--data", "{not json", &set]);
+    assert_eq!((code, &body["code"]), (403, &json!(7)), "{body}");
     // counted as the gRPC port's calls are, refusals included
     let metrics = format!("http://{http}/metrics");
     let (code, text) = curl_text(&["-H", &reader, &metrics]);

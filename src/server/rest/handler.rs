@@ -16,10 +16,19 @@ use tower::ServiceExt as _;
 use super::error::RestError;
 use super::routes::Route;
 use super::transcode;
+use crate::auth::gate::Gate;
+use crate::transport::conn::ConnInfo;
 
-/// The headers a REST request hands on to its call: credentials and the
-/// deadline, exactly as a gRPC client would send them.
-const PASSED_HEADERS: [&str; 3] = ["authorization", "x-api-key", "grpc-timeout"];
+/// The headers a REST request hands on to its call: credentials, the
+/// deadline and the caller's trace context, exactly as a gRPC client would
+/// send them.
+const PASSED_HEADERS: [&str; 5] = [
+    "authorization",
+    "x-api-key",
+    "grpc-timeout",
+    "traceparent",
+    "tracestate",
+];
 
 /// What every request of one route needs.
 #[derive(Clone)]
@@ -27,6 +36,8 @@ pub(super) struct Call {
     pub route: Arc<Route>,
     pub pool: Arc<DescriptorPool>,
     pub max_body: usize,
+    /// Looked at before the body is read: see [`Call::message`].
+    pub gate: Gate,
 }
 
 impl Call {
@@ -48,6 +59,38 @@ impl Call {
         }
     }
 
+    /// The call's request message. A caller the gate refuses gets an empty
+    /// one: the call layers then refuse it as any call (audited, counted),
+    /// and koo never reads or parses a body for someone it would refuse.
+    async fn message(
+        &self,
+        parts: &http::request::Parts,
+        path: &[(String, String)],
+        body: axum::body::Body,
+    ) -> Result<prost_reflect::DynamicMessage, RestError> {
+        let mut peer = http::Extensions::new();
+        if let Some(info) = parts.extensions.get::<ConnInfo>() {
+            peer.insert(info.peer.clone());
+        }
+        let grpc_path = self.route.grpc_path.as_str();
+        if self.gate.admit(grpc_path, &parts.headers, &peer).is_err() {
+            return Ok(prost_reflect::DynamicMessage::new(
+                self.route.method.input(),
+            ));
+        }
+        let body = axum::body::to_bytes(body, self.max_body)
+            .await
+            .map_err(|e| {
+                let e = e.into_inner();
+                if e.is::<http_body_util::LengthLimitError>() {
+                    RestError::too_large(self.max_body)
+                } else {
+                    RestError::bad_request(format!("reading the body: {e}"))
+                }
+            })?;
+        transcode::request(&self.route, path, parts.uri.query(), &body)
+    }
+
     async fn answer<S>(&self, grpc: S, request: Request) -> Result<Vec<u8>, RestError>
     where
         S: tower::Service<
@@ -64,17 +107,7 @@ impl Call {
             .iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
-        let body = axum::body::to_bytes(body, self.max_body)
-            .await
-            .map_err(|e| {
-                let e = e.into_inner();
-                if e.is::<http_body_util::LengthLimitError>() {
-                    RestError::too_large(self.max_body)
-                } else {
-                    RestError::bad_request(format!("reading the body: {e}"))
-                }
-            })?;
-        let message = transcode::request(&self.route, &path, parts.uri.query(), &body)?;
+        let message = self.message(&parts, &path, body).await?;
         let mut call = http::Request::builder()
             .method(http::Method::POST)
             .uri(self.route.grpc_path.as_str())

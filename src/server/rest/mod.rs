@@ -23,6 +23,8 @@ mod transcode;
 pub(crate) use self::error::http_status;
 
 use std::collections::BTreeMap;
+
+use crate::auth::gate::Gate;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -38,8 +40,9 @@ fn pool() -> Result<DescriptorPool, DescriptorError> {
 }
 
 /// The REST paths, answered by calls to `grpc` (koo's layered gRPC service);
-/// request bodies over `max_body` bytes are refused with 413.
-pub(crate) fn router<S>(grpc: S, max_body: usize) -> Router
+/// request bodies over `max_body` bytes are refused with 413. `gate` is the
+/// call layers' own: a request it refuses is not read (the call refuses it).
+pub(crate) fn router<S>(grpc: S, max_body: usize, gate: Gate) -> Router
 where
     S: tower::Service<
             http::Request<tonic::body::Body>,
@@ -65,6 +68,7 @@ where
             route: Arc::new(route),
             pool: pool.clone(),
             max_body,
+            gate: gate.clone(),
         };
         let grpc = grpc.clone();
         let handle = move |request: axum::extract::Request| {
