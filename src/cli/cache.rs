@@ -195,10 +195,7 @@ async fn get(
             Some(Kind::Json(value)) => {
                 outln!("{}", output::to_json("google.protobuf.Value", &value));
             }
-            Some(Kind::Raw(bytes)) => {
-                use std::io::Write as _;
-                std::io::stdout().write_all(&bytes)?;
-            }
+            Some(Kind::Raw(bytes)) => output::raw(&bytes),
             None => outln!(),
         }
     }

@@ -61,7 +61,20 @@ fn integral(json: &mut serde_json::Value) {
 pub fn line(args: std::fmt::Arguments<'_>) {
     use std::io::Write as _;
     let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_fmt(args).and_then(|()| out.write_all(b"\n")) {
+    written(out.write_fmt(args).and_then(|()| out.write_all(b"\n")));
+}
+
+/// Writes `bytes` to standard output as they are (a raw cache value),
+/// ending the command as [`line`] does when it cannot.
+pub fn raw(bytes: &[u8]) {
+    use std::io::Write as _;
+    written(std::io::stdout().lock().write_all(bytes));
+}
+
+/// What a write to standard output did: a closed pipe ends the command with
+/// exit code 0, any other error with 3.
+fn written(result: std::io::Result<()>) {
+    if let Err(e) = result {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(0);
         }

@@ -13,37 +13,16 @@ use common::auth::{KeysFile, READER, all_roles};
 use common::{ChildGuard as Guard, EVENT_TIMEOUT, free_port, koo_command, logged_addr};
 
 /// `koo serve` (embedded store) on an ephemeral port: the process and its
-/// gRPC address. Its log is read to the end (by a thread), not only until
-/// the address: koo writes audit lines to stderr on admin calls, and a
-/// closed pipe there fails those calls (`common::serve_logged` stops
-/// reading).
+/// gRPC address (its log is drained to the end: koo writes audit lines on
+/// admin calls).
 fn serve(env: &[(&str, &str)]) -> (Guard, String) {
-    use std::io::BufRead as _;
-    let mut child = koo_command()
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("KOO_LOG", "info")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn koo serve");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.contains("koo serving gRPC") {
-                let _ = tx.send(logged_addr(&[line], "koo serving gRPC"));
-            }
-        }
-    });
-    let served = Guard(child);
-    let addr = rx
-        .recv_timeout(EVENT_TIMEOUT)
-        .expect("koo serve announced its address")
-        .expect("an addr field");
+    let env: Vec<(&str, &str)> = [("KOO_LOG", "info")]
+        .into_iter()
+        .chain(env.iter().copied())
+        .collect();
+    let (served, lines) = common::serve_logged(&env);
+    let addr = logged_addr(&lines, "koo serving gRPC")
+        .unwrap_or_else(|| panic!("koo serve did not start: {lines:#?}"));
     (served, addr)
 }
 
@@ -577,4 +556,48 @@ fn tls_and_client_certificates() {
     );
     assert_eq!(half.code, 2, "{}", half.stderr);
     assert!(half.stderr.contains("--tls-key"), "{}", half.stderr);
+}
+
+/// `koo cache get` of a raw value whose reader goes away after one byte
+/// (`| head -c1`) ends quietly with exit 0, as text output does.
+#[test]
+fn a_closed_pipe_ends_a_raw_get_quietly() {
+    use koo::pb::cache::v1::{self as cpb, cache_service_client::CacheServiceClient};
+    use std::io::Read as _;
+    let (_koo, addr) = serve(&[]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut cache = CacheServiceClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        // far more than a pipe's buffer, so that the write meets the closed pipe
+        let value = cpb::CacheValue {
+            kind: Some(cpb::cache_value::Kind::Raw(vec![b'x'; 1 << 20].into())),
+        };
+        cache
+            .set(cpb::SetRequest {
+                level: cpb::CacheLevel::App as i32,
+                key: "big".into(),
+                value: Some(value),
+                ttl: None,
+            })
+            .await
+            .unwrap();
+    });
+    let mut child = koo_command()
+        .env("KOO_TARGET", &addr)
+        .args(["cache", "get", "big"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run koo cache get");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"x");
+    drop(stdout);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }

@@ -191,16 +191,13 @@ fn set(
     Ok(())
 }
 
-/// The most characters of a parser's message an error keeps: serde's
+/// The most bytes of a parser's message an error keeps: serde's
 /// messages quote the input they refuse (`invalid type: string "…"`), whole.
 const MAX_PARSER_MESSAGE: usize = 160;
 
-/// `message` cut to [`MAX_PARSER_MESSAGE`] characters.
+/// `message` cut to [`MAX_PARSER_MESSAGE`] bytes.
 fn bounded(message: &str) -> String {
-    match message.char_indices().nth(MAX_PARSER_MESSAGE) {
-        None => message.to_owned(),
-        Some((cut, _)) => format!("{}…", &message[..cut]),
-    }
+    crate::quote::clip(message, MAX_PARSER_MESSAGE).into_owned()
 }
 
 /// `message` as one gRPC length-prefixed message (uncompressed).
