@@ -66,6 +66,7 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                         "running": s.running,
                         "dead_letters": s.dead,
                         "oldest_wait_seconds": s.oldest_wait.map(|d| d.as_secs_f64()),
+                        "paused": s.paused.is_some(),
                     });
                     (q.to_string(), report)
                 })
