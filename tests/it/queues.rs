@@ -47,7 +47,10 @@ fn pause(queue: &str, reason: &str) -> pb::PauseQueueRequest {
     }
 }
 
-async fn queue(c: &mut koo::pb::tasks::v1::task_service_client::TaskServiceClient<Channel>, name: &str) -> pb::Queue {
+async fn queue(
+    c: &mut koo::pb::tasks::v1::task_service_client::TaskServiceClient<Channel>,
+    name: &str,
+) -> pb::Queue {
     let all = c
         .list_queues(pb::ListQueuesRequest {})
         .await
@@ -73,29 +76,54 @@ async fn a_paused_queue_hands_out_nothing_while_others_run(backend: Backend) {
     assert_eq!(paused.state(), pb::QueueState::Paused);
     assert_eq!(paused.category(), pb::TaskCategory::Research);
     let p = paused.pause.clone().unwrap();
-    assert_eq!((p.principal.as_str(), p.reason.as_str()), ("anonymous", "provider outage"));
+    assert_eq!(
+        (p.principal.as_str(), p.reason.as_str()),
+        ("anonymous", "provider outage")
+    );
     assert!(p.pause_time.is_some());
     // a second pause changes nothing: the first reason stays
-    let again = c.pause_queue(pause("research", "other")).await.unwrap().into_inner();
-    assert_eq!(again.queue.unwrap().pause.unwrap().reason, "provider outage");
+    let again = c
+        .pause_queue(pause("research", "other"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.queue.unwrap().pause.unwrap().reason,
+        "provider outage"
+    );
 
     // submits are accepted; only the running queue's task is handed out
     let held = submit_ok(&mut c, job(pb::TaskCategory::Research)).await;
     let other = submit_ok(&mut c, job(pb::TaskCategory::Cache)).await;
     assert_eq!(held.state(), pb::TaskState::Queued);
-    assert_eq!(lease_id(&mut w, 0).await.as_deref(), Some(other.id.as_str()));
-    assert_eq!(lease_id(&mut w, 0).await, None, "a paused queue hands out nothing");
+    assert_eq!(
+        lease_id(&mut w, 0).await.as_deref(),
+        Some(other.id.as_str())
+    );
+    assert_eq!(
+        lease_id(&mut w, 0).await,
+        None,
+        "a paused queue hands out nothing"
+    );
     let research = queue(&mut c, "research").await;
     assert_eq!(research.state(), pb::QueueState::Paused);
     let m = research.metrics.unwrap();
     assert_eq!((m.queued, m.paused), (1, true));
-    assert_eq!(queue(&mut c, "cache").await.state(), pb::QueueState::Running);
+    assert_eq!(
+        queue(&mut c, "cache").await.state(),
+        pb::QueueState::Running
+    );
     let metrics = c
         .get_task_metrics(pb::GetTaskMetricsRequest {})
         .await
         .unwrap()
         .into_inner();
-    let paused_now: Vec<_> = metrics.queues.iter().filter(|q| q.paused).map(|q| q.queue.as_str()).collect();
+    let paused_now: Vec<_> = metrics
+        .queues
+        .iter()
+        .filter(|q| q.paused)
+        .map(|q| q.queue.as_str())
+        .collect();
     assert_eq!(paused_now, ["research"]);
 
     // a lease waiting on the paused queue gets its task once it resumes
@@ -120,7 +148,10 @@ async fn a_paused_queue_hands_out_nothing_while_others_run(backend: Backend) {
         })
         .await
         .unwrap();
-    assert_eq!(twice.into_inner().queue.unwrap().state(), pb::QueueState::Running);
+    assert_eq!(
+        twice.into_inner().queue.unwrap().state(),
+        pb::QueueState::Running
+    );
     koo.server.shutdown().await;
 }
 
@@ -133,17 +164,30 @@ async fn bad_requests_name_the_field() {
     let long = "x".repeat(5000);
     let e = c.pause_queue(pause(&long, "")).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().starts_with("queue: unknown queue"), "{}", e.message());
-    assert!(e.message().contains("ai_service") && e.message().len() < 400, "{}", e.message());
+    assert!(
+        e.message().starts_with("queue: unknown queue"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        e.message().contains("ai_service") && e.message().len() < 400,
+        "{}",
+        e.message()
+    );
     let e = c
-        .resume_queue(pb::ResumeQueueRequest { queue: String::new() })
+        .resume_queue(pb::ResumeQueueRequest {
+            queue: String::new(),
+        })
         .await
         .unwrap_err();
     assert!(e.message().starts_with("queue:"), "{}", e.message());
     let e = c.pause_queue(pause("cache", &long)).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().starts_with("reason:"), "{}", e.message());
-    assert_eq!(queue(&mut c, "cache").await.state(), pb::QueueState::Running);
+    assert_eq!(
+        queue(&mut c, "cache").await.state(),
+        pb::QueueState::Running
+    );
     koo.server.shutdown().await;
 }
 
@@ -156,7 +200,9 @@ async fn a_pause_outlives_the_process_that_made_it() {
     let mut c = client(&koo.server);
     c.pause_queue(pause("research", "deploy")).await.unwrap();
     let held = submit_ok(&mut c, job(pb::TaskCategory::Research)).await;
-    let Some(redis) = koo.redis else { unreachable!() };
+    let Some(redis) = koo.redis else {
+        unreachable!()
+    };
     koo.server.shutdown().await;
 
     let second = spawn_on(&redis, 0).await;
@@ -171,6 +217,9 @@ async fn a_pause_outlives_the_process_that_made_it() {
     })
     .await
     .unwrap();
-    assert_eq!(lease_id(&mut w, 5_000).await.as_deref(), Some(held.id.as_str()));
+    assert_eq!(
+        lease_id(&mut w, 5_000).await.as_deref(),
+        Some(held.id.as_str())
+    );
     second.shutdown().await;
 }

@@ -579,13 +579,21 @@ async fn a_paused_queue_leases_nothing_until_resumed(f: Fixture) {
         reason: "outage".into(),
         at_ms: 1,
     };
-    let now = f.store.set_pause(&f.queue, Some(&pause), later()).await.unwrap();
+    let now = f
+        .store
+        .set_pause(&f.queue, Some(&pause), later())
+        .await
+        .unwrap();
     assert_eq!(now.as_ref(), Some(&pause));
     let other = koo::domain::Pause {
         by: "someone".into(),
         ..pause.clone()
     };
-    let kept = f.store.set_pause(&f.queue, Some(&other), later()).await.unwrap();
+    let kept = f
+        .store
+        .set_pause(&f.queue, Some(&other), later())
+        .await
+        .unwrap();
     assert_eq!(kept.as_ref(), Some(&pause), "the first pause stays");
     assert_eq!(f.lease("w", Duration::from_secs(60)).await, None);
     let ask = LeaseAsk {
@@ -611,11 +619,20 @@ async fn a_paused_queue_leases_nothing_until_resumed(f: Fixture) {
     assert!(next.is_none(), "no chained lease from a paused queue");
     let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
     assert_eq!((stats.ready, stats.paused), (1, Some(pause)));
-    assert_eq!(f.store.set_pause(&f.queue, None, later()).await.unwrap(), None);
-    assert_eq!(f.store.set_pause(&f.queue, None, later()).await.unwrap(), None);
+    assert_eq!(
+        f.store.set_pause(&f.queue, None, later()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        f.store.set_pause(&f.queue, None, later()).await.unwrap(),
+        None
+    );
     let resumed = f.lease("w", Duration::from_secs(60)).await.unwrap();
     assert_eq!(resumed.id, second.id);
-    assert_eq!(f.store.queue_stats(&f.queue, later()).await.unwrap().paused, None);
+    assert_eq!(
+        f.store.queue_stats(&f.queue, later()).await.unwrap().paused,
+        None
+    );
 }
 
 /// A dead letter whose retention (result and dead-letter TTL) has passed

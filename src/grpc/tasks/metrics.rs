@@ -84,7 +84,11 @@ pub(super) fn pb_metrics(
 }
 
 /// One queue's figures (and times, when read) as protobuf.
-pub(super) fn queue_metrics(queue: &QueueName, s: &QueueStats, times: &QueueTimes) -> pb::QueueMetrics {
+pub(super) fn queue_metrics(
+    queue: &QueueName,
+    s: &QueueStats,
+    times: &QueueTimes,
+) -> pb::QueueMetrics {
     let count = |c: Count| s.counts.get(c) as i64;
     let (run, wait) = times.totals();
     pb::QueueMetrics {

@@ -555,9 +555,17 @@ mod tests {
         let stats = back.queue_stats(&q, dl()).await.unwrap();
         assert_eq!((stats.ready, stats.paused), (1, Some(pause)));
         let lease = Duration::from_secs(60);
-        assert_eq!(back.lease(&q, "w", lease, &["*"], limits, dl()).await.unwrap(), None);
+        assert_eq!(
+            back.lease(&q, "w", lease, &["*"], limits, dl())
+                .await
+                .unwrap(),
+            None
+        );
         back.set_pause(&q, None, dl()).await.unwrap();
-        let leased = back.lease(&q, "w", lease, &["*"], limits, dl()).await.unwrap();
+        let leased = back
+            .lease(&q, "w", lease, &["*"], limits, dl())
+            .await
+            .unwrap();
         assert_eq!(leased.map(|l| l.id), Some(t.id));
     }
 }
