@@ -123,7 +123,7 @@ pub fn register_diagnostics(registry: &mut Registry) {
         let steps = kwarg_f64(&ctx, "steps", 10.0).clamp(1.0, 10_000.0) as u32;
         for step in 1..=steps {
             tokio::select! {
-                _ = ctx.cancel.cancelled() => return Err(HandlerError::retry("cancelled at the soft time limit")),
+                _ = ctx.cancel.cancelled() => return Err(HandlerError::retry("stopped when asked (a cancel, or the soft time limit)")),
                 _ = tokio::time::sleep(total / steps) => {}
             }
             let percent = f64::from(step) * 100.0 / f64::from(steps);
