@@ -69,6 +69,7 @@ export function Chart({
   height = 160,
   unit = "",
   decimals = 2,
+  span,
 }: {
   rolling: Rolling;
   series: SeriesSpec[];
@@ -77,6 +78,8 @@ export function Chart({
   /** Appended to values in the legend, e.g. "/s" or " ms". */
   unit?: string;
   decimals?: number;
+  /** Show the last this many seconds (the x axis does not stretch while the window fills). */
+  span?: number;
 }) {
   const box = useRef<HTMLDivElement>(null);
 
@@ -91,7 +94,10 @@ export function Chart({
       height,
       legend: { live: true },
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true }, y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      scales: {
+        x: { time: true, range: span ? (_u, _min, max) => [max - span, max] : undefined },
+        y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] },
+      },
       axes: [
         { stroke: axisColor, grid: { stroke: gridColor, width: 1 }, ticks: { stroke: gridColor, width: 1 } },
         {
@@ -130,7 +136,7 @@ export function Chart({
     };
     // The series' labels define the chart: a change builds a new one.
     // eslint-disable-next-line react-hooks/exhaustive-deps
-  }, [rolling, height, series.map((s) => s.label).join("\n")]);
+  }, [rolling, height, span, series.map((s) => s.label).join("\n")]);
 
   return <div class="chart" ref={box} data-testid={testid} data-samples="0" />;
 }
