@@ -47,7 +47,9 @@ export function TaskView({ id }: { id: string }) {
     setNotice(null);
     try {
       const r = await tasks.cancelTask({ taskId: id });
-      if (r.task) setTask(r.task);
+      // The watch may have brought the end already: a RUNNING reply is older.
+      const after = r.task;
+      if (after) setTask((cur) => (cur && isEnded(cur.state) ? cur : after));
       setNotice(r.task?.state === TaskState.RUNNING ? "cancel requested: its worker is stopping it" : "cancelled");
     } catch (e) {
       setActionError(errorMessage(e));
@@ -89,7 +91,7 @@ export function TaskView({ id }: { id: string }) {
         )}
       </PageHead>
       <ErrorBanner error={actionError} testid="action-error" />
-      {notice && <Notice tone="ok">{notice}</Notice>}
+      {notice && !(t && isEnded(t.state) && notice.startsWith("cancel requested")) && <Notice tone="ok">{notice}</Notice>}
       <ErrorBanner error={stream.error && (stream.status !== "live" || !t) ? stream.error : null} testid="task-error" />
       {!t && !stream.error && <p class="muted">loading…</p>}
       {t && <TaskBody t={t} />}
