@@ -62,6 +62,13 @@ function cssVar(name: string, fallback: string): string {
   return v || fallback;
 }
 
+/** 16:38:05 for seconds since the epoch. */
+function clock(x: number): string {
+  const d = new Date(x * 1000);
+  const p = (n: number) => String(n).padStart(2, "0");
+  return `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
 export function Chart({
   rolling,
   series,
@@ -95,11 +102,21 @@ export function Chart({
       legend: { live: true },
       cursor: { drag: { x: false, y: false } },
       scales: {
-        x: { time: true, range: span ? (_u, _min, max) => [max - span, max] : undefined },
+        // At most `span` seconds back; while fewer samples exist, the ones there fill the width.
+        x: {
+          time: true,
+          range: span ? (_u, min, max) => (min < max ? [Math.max(min, max - span), max] : [max - 1, max]) : undefined,
+        },
         y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] },
       },
       axes: [
-        { stroke: axisColor, grid: { stroke: gridColor, width: 1 }, ticks: { stroke: gridColor, width: 1 } },
+        {
+          stroke: axisColor,
+          grid: { stroke: gridColor, width: 1 },
+          ticks: { stroke: gridColor, width: 1 },
+          space: 70,
+          values: (_u, splits) => splits.map((x) => clock(x)),
+        },
         {
           stroke: axisColor,
           grid: { stroke: gridColor, width: 1 },
