@@ -216,10 +216,14 @@ const QUIET_LIVE_MS = 1500;
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     const t = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(t);
-      resolve();
-    });
+    signal.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(t);
+        resolve();
+      },
+      { once: true },
+    );
   });
 }
 
@@ -262,6 +266,7 @@ export function useStream<T>(
         const markLive = () => {
           if (isLive || ac.signal.aborted) return;
           isLive = true;
+          backoff = 500;
           set({ status: "live", error: null, code: null });
         };
         // grpc-web over HTTP/1.1 gets the response headers only with the
@@ -272,7 +277,6 @@ export function useStream<T>(
           for await (const m of open({ signal: ac.signal, onHeader: markLive, timeoutMs: 0 })) {
             if (ac.signal.aborted) return;
             markLive();
-            backoff = 500;
             handler.current(m);
           }
         } catch (e) {
