@@ -269,6 +269,33 @@ impl TaskScripts {
     }
 }
 
+/// Arguments of finish.lua.
+pub(super) fn finish_args(
+    call: &mut Invocation<'_>,
+    id: &TaskId,
+    token: u32,
+    outcome: &Outcome,
+    log: &str,
+    limits: TaskLimits,
+) {
+    let (name, payload, delay) = match outcome {
+        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
+        Outcome::Retry { error, delay } => ("retry", error, *delay),
+        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
+        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
+    };
+    call.arg("id", id.as_str())
+        .arg("token", token)
+        .arg("events_cap", limits.events)
+        .arg("outcome", name)
+        .arg("payload", payload.as_str())
+        .arg("delay_ms", millis(delay))
+        .arg("history_cap", limits.history)
+        .arg("log", log)
+        .arg("dead_ttl_ms", millis(limits.dead_ttl));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -314,31 +341,4 @@ mod tests {
         assert!(text.contains("local function finish()"));
         assert!(text.contains("local function lease()"));
     }
-}
-
-/// Arguments of finish.lua.
-pub(super) fn finish_args(
-    call: &mut Invocation<'_>,
-    id: &TaskId,
-    token: u32,
-    outcome: &Outcome,
-    log: &str,
-    limits: TaskLimits,
-) {
-    let (name, payload, delay) = match outcome {
-        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
-        Outcome::Retry { error, delay } => ("retry", error, *delay),
-        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
-        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
-        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
-    };
-    call.arg("id", id.as_str())
-        .arg("token", token)
-        .arg("events_cap", limits.events)
-        .arg("outcome", name)
-        .arg("payload", payload.as_str())
-        .arg("delay_ms", millis(delay))
-        .arg("history_cap", limits.history)
-        .arg("log", log)
-        .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
