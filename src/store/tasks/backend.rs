@@ -35,8 +35,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskLimits, Trimmed,
-    WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskLimits,
+    Trimmed, WorkerRecord,
 };
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
@@ -155,6 +155,25 @@ pub trait TaskBackend: Send + Sync + 'static {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()>;
+
+    /// **Submit debounced.** `task` carries its `debounce_key`. When an
+    /// unstarted (SCHEDULED or QUEUED) task of its queue holds the key: with
+    /// the same name and category, that task takes `task`'s arguments,
+    /// priority and options (keeping its id and `created_ms`) and becomes
+    /// SCHEDULED, due `window` from now ([`DebounceReply::Replaced`]; event
+    /// `scheduled`; no count); else nothing changes
+    /// ([`DebounceReply::Conflict`]). Otherwise `task` is stored SCHEDULED,
+    /// due `window` from now, and holds the key ([`DebounceReply::Created`];
+    /// event `scheduled`; counts `Submitted`). The key is per queue (Redis:
+    /// a hash in the queue's slot); a task lets go of it when it is leased
+    /// or ends ("Ending"), so it holds only unstarted tasks.
+    async fn submit_debounced(
+        &self,
+        task: &Task,
+        window: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<DebounceReply>;
 
     /// **Depend.** Registers `dependent` as waiting on `id` unless `id` has
     /// ended ([`DependReply::Ended`]) or is missing. No event.

@@ -131,6 +131,9 @@ pub(super) struct Queue {
     pub(super) times: super::times::Times,
     /// Set while the queue is paused (kept in snapshots).
     pub(super) paused: Option<crate::domain::Pause>,
+    /// Debounce keys and the unstarted task holding each (kept in
+    /// snapshots; see `debounce.rs`).
+    pub(super) debounce: HashMap<String, String>,
 }
 
 impl Queue {
@@ -292,6 +295,9 @@ impl Tasks {
         now: i64,
         ran: bool,
     ) {
+        if let Ok(task_id) = crate::domain::task::TaskId::parse(id) {
+            self.forget_debounce(&task_id);
+        }
         let q = self.queues.entry(queue.clone()).or_default();
         let Some(e) = self.tasks.get_mut(id) else {
             return;
