@@ -15,6 +15,7 @@ use tonic::Code;
 
 on_both!(
     a_burst_runs_once_with_the_last_arguments,
+    a_queued_task_is_replaced_and_scheduled_again,
     a_started_or_ended_task_lets_go_of_its_key,
     keys_are_per_key_and_per_queue,
     concurrent_submits_make_one_task,
@@ -139,6 +140,58 @@ async fn a_burst_runs_once_with_the_last_arguments(backend: Backend) {
     let m = queue_metrics(&mut c, "research").await;
     assert_eq!(m.submitted, 1, "one task: {m:?}");
     assert_eq!(m.succeeded, 1, "{m:?}");
+}
+
+/// A debounced task that is due but not leased (QUEUED: its queue is
+/// paused) still takes a submit: it is SCHEDULED again at the end of the
+/// new window, and runs the last arguments once the queue resumes.
+async fn a_queued_task_is_replaced_and_scheduled_again(backend: Backend) {
+    let koo = start_on(backend, 1).await;
+    let mut c = client(&koo.server);
+    c.pause_queue(pb::PauseQueueRequest {
+        queue: "research".into(),
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
+    let (first, _) = submit_reply(
+        &mut c,
+        debounced("q", 10, serde_json::json!({ "result": 1 })),
+    )
+    .await;
+    wait_task(&mut c, &first.id, |t| {
+        t.state == pb::TaskState::Queued as i32
+    })
+    .await;
+    let (again, dedup) = submit_reply(
+        &mut c,
+        debounced("q", 60_000, serde_json::json!({ "result": 2 })),
+    )
+    .await;
+    assert!(dedup);
+    assert_eq!(again.id, first.id);
+    assert_eq!(again.state, pb::TaskState::Scheduled as i32, "{again:?}");
+    let m = queue_metrics(&mut c, "research").await;
+    assert_eq!(
+        (m.queued, m.scheduled),
+        (0, 1),
+        "out of the ready set: {m:?}"
+    );
+    // a short window again: due soon, and the queue resumes
+    submit_reply(
+        &mut c,
+        debounced("q", 10, serde_json::json!({ "result": 3 })),
+    )
+    .await;
+    c.resume_queue(pb::ResumeQueueRequest {
+        queue: "research".into(),
+    })
+    .await
+    .unwrap();
+    let done = wait_task(&mut c, &first.id, is_final).await;
+    let result = koo::grpc::json::to_json(done.result.as_ref().unwrap()).unwrap();
+    assert_eq!(result.parse::<f64>().ok(), Some(3.0), "{done:?}");
+    assert_eq!(done.attempts, 1);
 }
 
 /// Once its task has started, the key makes a new task (the running one
