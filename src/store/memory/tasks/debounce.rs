@@ -82,3 +82,86 @@ impl Tasks {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::super::MemoryTasks;
+    use crate::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
+    use crate::store::Deadline;
+    use crate::store::tasks::{DebounceReply, TaskBackend, TaskLimits};
+
+    fn debounced(queue: &QueueName, kwargs: &str) -> Task {
+        Task {
+            id: TaskId::generate(queue),
+            name: "koo.diagnostics.echo".into(),
+            category: Category::Research,
+            priority: Priority::Normal,
+            args: "[]".into(),
+            kwargs: kwargs.into(),
+            state: State::Scheduled,
+            cache_result: None,
+            depends_on: Vec::new(),
+            schedule: None,
+            schedule_tick_ms: None,
+            attempts: 0,
+            token: 0,
+            max_retries: 0,
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 0,
+            hard_ms: 60_000,
+            result_ttl_ms: 3_600_000,
+            log: Vec::new(),
+            trace: None,
+            debounce_key: Some("doc-7".into()),
+        }
+    }
+
+    fn dl() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    /// The key survives a save and load (a queue without keys saves no
+    /// field): the loaded store replaces the same task, and lets go of the
+    /// key when it is leased.
+    #[tokio::test]
+    async fn a_debounce_key_survives_a_snapshot() {
+        let q = Category::Research.default_queue();
+        let limits = TaskLimits::default();
+        let window = Duration::from_secs(3600);
+        let m = MemoryTasks::default();
+        let first = debounced(&q, "{\"n\":1}");
+        let reply = m.submit_debounced(&first, window, limits, dl()).await;
+        assert_eq!(reply.unwrap(), DebounceReply::Created);
+        let json = serde_json::to_string(&m.export()).unwrap();
+        assert_eq!(json.matches("\"debounce\"").count(), 1, "{json}");
+        let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
+        let second = debounced(&q, "{\"n\":2}");
+        let reply = back.submit_debounced(&second, Duration::ZERO, limits, dl());
+        assert_eq!(
+            reply.await.unwrap(),
+            DebounceReply::Replaced(first.id.clone())
+        );
+        let leased = back
+            .lease(&q, "w", window, &["*"], limits, dl())
+            .await
+            .unwrap()
+            .expect("due at once: a window of zero");
+        assert_eq!(
+            (leased.id, leased.kwargs.as_str()),
+            (first.id.clone(), "{\"n\":2}")
+        );
+        let json = serde_json::to_string(&back.export()).unwrap();
+        assert!(!json.contains("\"debounce\""), "let go at lease: {json}");
+        let third = debounced(&q, "{\"n\":3}");
+        let reply = back.submit_debounced(&third, window, limits, dl());
+        assert_eq!(reply.await.unwrap(), DebounceReply::Created);
+    }
+}
