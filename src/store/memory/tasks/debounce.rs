@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use super::state::{Tasks, millis, push_event};
-use crate::domain::task::{State, Task, TaskId};
+use crate::domain::task::{QueueName, State, Task};
 use crate::store::Result;
 use crate::store::tasks::{DebounceReply, TaskLimits};
 
@@ -67,18 +67,20 @@ impl Tasks {
 
     /// Task `id` starts or ends: the debounce key it holds, if any, is free
     /// again (as `forget_debounce` in `lib.lua`).
-    pub(super) fn forget_debounce(&mut self, id: &TaskId) {
+    /// (One map look-up on every start and end: a task without a key
+    /// costs nothing more.)
+    pub(super) fn forget_debounce(&mut self, queue: &QueueName, id: &str) {
         let Some(key) = self
             .tasks
-            .get(id.as_str())
-            .and_then(|e| e.task.debounce_key.clone())
+            .get(id)
+            .and_then(|e| e.task.debounce_key.as_ref())
         else {
             return;
         };
-        if let Some(q) = self.queues.get_mut(&id.queue())
-            && q.debounce.get(&key).is_some_and(|held| held == id.as_str())
+        if let Some(q) = self.queues.get_mut(queue)
+            && q.debounce.get(key).is_some_and(|held| held == id)
         {
-            q.debounce.remove(&key);
+            q.debounce.remove(key);
         }
     }
 }

@@ -295,9 +295,7 @@ impl Tasks {
         now: i64,
         ran: bool,
     ) {
-        if let Ok(task_id) = crate::domain::task::TaskId::parse(id) {
-            self.forget_debounce(&task_id);
-        }
+        self.forget_debounce(queue, id);
         let q = self.queues.entry(queue.clone()).or_default();
         let Some(e) = self.tasks.get_mut(id) else {
             return;

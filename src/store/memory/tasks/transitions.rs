@@ -180,8 +180,8 @@ impl Tasks {
         }
         let mut leased = None;
         // started: a later submit with its debounce key makes a new task
-        if let Some(id) = chosen.as_ref().and_then(|id| TaskId::parse(id).ok()) {
-            self.forget_debounce(&id);
+        if let Some(id) = &chosen {
+            self.forget_debounce(queue, id);
         }
         let q = self.queues.entry(queue.clone()).or_default();
         if let Some(id) = chosen
