@@ -427,3 +427,33 @@ async fn bad_debounced_submits_are_refused(backend: Backend) {
     let m = queue_metrics(&mut c, "research").await;
     assert_eq!(m.submitted, 1, "only the good one was stored: {m:?}");
 }
+
+/// Fifty submits of one key through two koo processes on one Redis make
+/// one task (the key lives in the queue's slot, read and written by one
+/// script).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_across_two_instances_makes_one_task() {
+    let koo = start(0).await;
+    let other = spawn_on(koo.redis(), 0).await;
+    let clients = [client(&koo.server), client(&other)];
+    let answers: Vec<(pb::Task, bool)> = futures::stream::iter(0..50)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            async move {
+                submit_reply(
+                    &mut c,
+                    debounced("shared", 60_000, serde_json::json!({ "result": i })),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let ids: HashSet<_> = answers.iter().map(|(t, _)| t.id.clone()).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(answers.iter().filter(|(_, d)| !d).count(), 1);
+    let mut c = clients[0].clone();
+    let m = queue_metrics(&mut c, "research").await;
+    assert_eq!((m.submitted, m.scheduled), (1, 1), "{m:?}");
+}

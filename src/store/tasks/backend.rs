@@ -28,6 +28,7 @@
 //!   cap expires like a result) and keep their result for the longer of the
 //!   result TTL and `limits.dead_ttl`. The end's [`Count`] is bumped.
 //!   Its PENDING dependents are then released (see [`TaskBackend::finish`]).
+//!   A debounce key it holds is let go (see [`TaskBackend::submit_debounced`]).
 //!
 //! [`Count`]: crate::domain::Count
 
@@ -86,7 +87,8 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// one whose name is in `names` (`*` serves all) becomes RUNNING:
     /// `attempts` + 1, `token` + 1, `worker`, `started_ms` now, lease until
     /// now + `lease`, hard deadline now + `hard_ms` (when set); progress is
-    /// cleared. In `leases`, scored by the sooner of the two deadlines.
+    /// cleared; a debounce key it holds is let go. In `leases`, scored by
+    /// the sooner of the two deadlines.
     /// Event: `running`. The task is returned without its attempt log (a
     /// worker does not need it; `get` reads it). `None` when nothing is
     /// served.
