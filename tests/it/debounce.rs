@@ -457,3 +457,125 @@ async fn one_key_across_two_instances_makes_one_task() {
     let m = queue_metrics(&mut c, "research").await;
     assert_eq!((m.submitted, m.scheduled), (1, 1), "{m:?}");
 }
+
+mod store {
+    //! The debounced submit transition itself, on a real Redis (the Lua
+    //! script) and on the embedded store (its twin), step by step.
+
+    use std::time::Duration;
+
+    use crate::common::TestRedis;
+    use crate::common::tasks::queued_task;
+    use koo::domain::task::{Priority, QueueName, State, Task};
+    use koo::store::clock::Clock;
+    use koo::store::tasks::{DebounceReply, TaskLimits, TaskStore};
+    use koo::store::{Deadline, RedisConfig, RedisStore};
+
+    fn later() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    fn keyed(queue: &QueueName, name: &str, kwargs: &str) -> Task {
+        Task {
+            kwargs: kwargs.into(),
+            state: State::Scheduled,
+            debounce_key: Some("k".into()),
+            ..queued_task(queue, name, Priority::Normal, 0)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory() {
+        let clock = Clock::system();
+        scenario(TaskStore::memory_with_clock(clock.clone()), clock, None).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis() {
+        let redis = TestRedis::start().await;
+        let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
+        let clock = Clock::system();
+        let tasks = TaskStore::redis_with_clock(store, "koo", clock.clone());
+        scenario(tasks, clock, Some(&redis)).await;
+    }
+
+    /// Created, replaced (arguments and due time, the new id never
+    /// stored), refused for another name, let go at lease (created
+    /// again) and at a cancel (created again); on Redis the queue's hash
+    /// holds only the last unstarted task.
+    async fn scenario(s: TaskStore, clock: Clock, redis: Option<&TestRedis>) {
+        let q = QueueName::parse("research").unwrap();
+        let (limits, hour) = (TaskLimits::default(), Duration::from_secs(3600));
+        let name = "koo.diagnostics.echo";
+        let a = keyed(&q, name, r#"{"n":1}"#);
+        let reply = s.submit_debounced(&a, hour, limits, later()).await.unwrap();
+        assert_eq!(reply, DebounceReply::Created);
+        let b = keyed(&q, name, r#"{"n":2}"#);
+        let reply = s.submit_debounced(&b, hour, limits, later()).await.unwrap();
+        assert_eq!(reply, DebounceReply::Replaced(a.id.clone()));
+        let held = s.get(&a.id, later()).await.unwrap().unwrap();
+        assert_eq!(
+            (held.state, held.kwargs.as_str()),
+            (State::Scheduled, r#"{"n":2}"#)
+        );
+        assert!(
+            s.get(&b.id, later()).await.unwrap().is_none(),
+            "b was not stored"
+        );
+        let other = keyed(&q, "koo.diagnostics.noop", "{}");
+        match s
+            .submit_debounced(&other, hour, limits, later())
+            .await
+            .unwrap()
+        {
+            DebounceReply::Conflict {
+                id,
+                name: held_name,
+                category,
+            } => {
+                assert_eq!(
+                    (id, held_name, category.as_str()),
+                    (a.id.to_string(), name.to_owned(), "research")
+                );
+            }
+            reply => panic!("{reply:?}"),
+        }
+        // not due before the window's end; then leased with the last arguments
+        let lease = Duration::from_secs(60);
+        assert!(
+            s.lease(&q, "w", lease, &["*"], limits, later())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        clock.advance(hour + Duration::from_secs(1));
+        let leased = s
+            .lease(&q, "w", lease, &["*"], limits, later())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (leased.id.clone(), leased.kwargs.as_str()),
+            (a.id.clone(), r#"{"n":2}"#)
+        );
+        let c = keyed(&q, name, "{}");
+        let reply = s.submit_debounced(&c, hour, limits, later()).await.unwrap();
+        assert_eq!(reply, DebounceReply::Created, "started: a new task");
+        s.cancel(&c.id, "test", limits, later()).await.unwrap();
+        let d = keyed(&q, name, "{}");
+        let reply = s.submit_debounced(&d, hour, limits, later()).await.unwrap();
+        assert_eq!(reply, DebounceReply::Created, "ended: a new task");
+        let stats = s.queue_stats(&q, later()).await.unwrap();
+        assert_eq!((stats.scheduled, stats.running), (1, 1), "{stats:?}");
+        if let Some(redis) = redis {
+            let mut conn = redis.conn().await;
+            let keys = koo::keys::QueueKeys::new("koo", &q);
+            let held: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(keys.debounce())
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(held, [("k".to_owned(), d.id.to_string())].into(), "only d");
+        }
+    }
+}
