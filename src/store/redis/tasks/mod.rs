@@ -10,6 +10,7 @@
 //! stream in `events.rs`, worker
 //! records, the lease key and idempotency claims in `registry.rs`.
 
+mod debounce;
 mod events;
 mod reads;
 mod registry;
@@ -36,8 +37,8 @@ use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
 use crate::store::task_fields;
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend, TaskLimits,
-    Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result, StoreError};
 
@@ -188,6 +189,17 @@ impl TaskBackend for RedisTasks {
             .invoke_once::<i64>(call.done(), deadline)
             .await
             .map(drop)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %task.id))]
+    async fn submit_debounced(
+        &self,
+        task: &Task,
+        window: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<DebounceReply> {
+        self.debounced(task, window, limits, deadline).await
     }
 
     /// One pipeline, the script loaded first in the same round trip.

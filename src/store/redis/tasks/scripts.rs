@@ -16,8 +16,8 @@ use crate::store::tasks::TaskLimits;
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled, Stats,
-    Task, Times,
+    Claim, Dead, Debounce, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled,
+    Stats, Task, Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
@@ -28,6 +28,25 @@ pub(super) const SUBMIT: Spec = Spec {
     args: &["id", "band", "delay_ms", "events_cap", "deps"],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
+};
+
+/// `Task`: the new task's hash (used when no unstarted task holds `key`);
+/// `prefix`: of task hashes; `name`, `category`: the new task's, which the
+/// held task must share. Then the new task hash's field, value pairs.
+pub(super) const DEBOUNCE: Spec = Spec {
+    name: "debounce",
+    keys: &[Task, Ready, Scheduled, Events, Stats, Debounce],
+    args: &[
+        "id",
+        "prefix",
+        "key",
+        "window_ms",
+        "name",
+        "category",
+        "events_cap",
+    ],
+    variadic: true,
+    body: include_str!("../lua/tasks/debounce.lua"),
 };
 
 /// Then the task names served (`*`: all).
@@ -237,6 +256,7 @@ pub(crate) struct TaskScripts {
     pub(super) resolve: Composed,
     pub(super) times: Composed,
     pub(super) times_add: Composed,
+    pub(super) debounce: Composed,
 }
 
 impl TaskScripts {
@@ -260,6 +280,7 @@ impl TaskScripts {
             resolve: with_lib(RESOLVE),
             times: alone(TIMES),
             times_add: alone(TIMES_ADD),
+            debounce: with_lib(DEBOUNCE),
             finish_lease: Composed::compose(
                 &[FINISH, LEASE],
                 Some(LIB),
@@ -307,7 +328,7 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD, DEBOUNCE,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(
