@@ -170,6 +170,7 @@ fn template(name: String, spec: TaskSpec) -> pb::TaskTemplate {
         queue: spec.queue,
         soft_time_limit: pb_duration(spec.soft_time_limit),
         time_limit: pb_duration(spec.time_limit),
+        expire_after: None,
     }
 }
 

@@ -411,6 +411,9 @@ pub struct Task {
     pub log: Vec<String>,
     /// The trace context of the span that submitted it, if any.
     pub trace: Option<TraceContext>,
+    /// When it expires (ms since the epoch), if it does: still waiting then,
+    /// it ends CANCELLED ("cancelled: expired") instead of running late.
+    pub expire_ms: Option<i64>,
 }
 
 /// The W3C trace context a task carries from the call that submitted it to

@@ -23,6 +23,9 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
         ("result_ttl_ms", task.result_ttl_ms.to_string()),
         ("token", task.token.to_string()),
     ];
+    if let Some(t) = task.expire_ms {
+        f.push(("expire_ms", t.to_string()));
+    }
     if let Some(t) = task.schedule_tick_ms {
         f.push(("schedule_tick_ms", t.to_string()));
     }
@@ -112,6 +115,7 @@ pub fn from_fields(
             parent,
             state: text("trace_state"),
         }),
+        expire_ms: opt_num("expire_ms"),
     })
 }
 
@@ -154,6 +158,7 @@ mod tests {
                 parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
                 state: Some("vendor=x".into()),
             }),
+            expire_ms: Some(1_800_000_060_000),
         };
         let fields = to_fields(&task)
             .into_iter()

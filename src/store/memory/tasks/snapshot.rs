@@ -391,6 +391,7 @@ mod tests {
             result_ttl_ms: 3_600_000,
             log: Vec::new(),
             trace: None,
+            expire_ms: None,
         }
     }
 

@@ -74,6 +74,7 @@ mod tests {
             result_ttl_ms: 0,
             log: vec![],
             trace: None,
+            expire_ms: None,
         };
         Held {
             task,
