@@ -28,6 +28,26 @@
 //!   cap expires like a result) and keep their result for the longer of the
 //!   result TTL and `limits.dead_ttl`. The end's [`Count`] is bumped.
 //!   Its PENDING dependents are then released (see [`TaskBackend::finish`]).
+//! - **Expiry** (`expire_ms`, Celery's `expires`): a task with one is in
+//!   its queue's expiring set (by expiry, in the queue's slot) while it
+//!   waits (QUEUED, SCHEDULED, PENDING, or a retry's backoff): **submit**
+//!   adds it, **lease** takes it out as it starts, **finish** (a retry),
+//!   **release** and **recover** (a requeue) put it back, and every end of
+//!   a waiting task takes it out, so the set holds only tasks that may
+//!   still expire. A waiting task past its expiry ends CANCELLED (error
+//!   `cancelled: expired`; "Ending"; counts `Cancelled`; event
+//!   `cancelled`): **recover** ends those of the set (at most 100 a call),
+//!   so they show up within a sweep even in a paused or idle queue;
+//!   **lease** never hands one out, whatever the sweep's timing: an expired
+//!   candidate is ended on the way (the first 100 of a call do not count
+//!   against the scan limit, like stale entries, so a pile of them cannot
+//!   hide the live tasks behind it; more do, which bounds the call), and a
+//!   **finish** whose retry would start past the expiry ends CANCELLED
+//!   (expired) instead. A RUNNING task is never stopped by expiry. The
+//!   dependents of a task ended by lease or recover are released by the
+//!   embedded store as it ends, and on Redis by the recovery sweep's
+//!   repair (the same sweep, for recover's). **Retry** (RetryTask) drops
+//!   the expiry.
 //!
 //! [`Count`]: crate::domain::Count
 

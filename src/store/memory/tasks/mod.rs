@@ -16,6 +16,7 @@
 //! leases or due tasks per recovery call, as on Redis).
 
 mod events;
+mod expiry;
 mod reads;
 mod snapshot;
 mod state;

@@ -79,6 +79,9 @@ pub struct QueueImage {
     /// The queue's pause (`by`, `reason`, `at`), absent when it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<BTreeMap<String, String>>,
+    /// Waiting ids that expire, by expiry (absent from older snapshots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expiring: Vec<(i64, String)>,
 }
 
 /// One saved event.
@@ -169,6 +172,7 @@ fn queue_image(q: &Queue) -> QueueImage {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect()
         }),
+        expiring: zset_image(&q.expiring),
     }
 }
 
@@ -202,6 +206,7 @@ fn queue_from(image: QueueImage) -> Queue {
         trimmed_upto: image.trimmed_upto,
         counts: Counts::from_stored(image.counts),
         paused: image.paused.and_then(crate::domain::Pause::from_stored),
+        expiring: zset_from(image.expiring),
         ..Queue::default()
     }
 }

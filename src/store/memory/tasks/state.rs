@@ -131,6 +131,9 @@ pub(super) struct Queue {
     pub(super) times: super::times::Times,
     /// Set while the queue is paused (kept in snapshots).
     pub(super) paused: Option<crate::domain::Pause>,
+    /// Waiting ids that expire, by expiry (ms), as `expiring` on Redis
+    /// (not [`Tasks::expiring`], which is about ended tasks' results).
+    pub(super) expiring: ZSet,
 }
 
 impl Queue {
@@ -404,6 +407,7 @@ impl Tasks {
             let q = self.queues.entry(queue.clone()).or_default();
             if state != State::Succeeded {
                 q.pending.remove(&dependent);
+                q.expiring.remove(&dependent);
                 e.task.state = State::Cancelled;
                 e.task.finished_ms = Some(now);
                 e.task.error = Some(

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::MAX_TASKS;
+use super::expiry::expire_retry;
 use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
@@ -45,6 +46,9 @@ impl Tasks {
             q.scheduled.add(id, now.saturating_add(delay));
         } else {
             q.ready.add(id, task.priority.band() as i64 * BAND + now);
+        }
+        if let Some(at) = task.expire_ms {
+            q.expiring.add(id, at);
         }
         q.count(Count::Submitted);
         push_event(q, &mut self.last_event, limits, &task, None, now);
@@ -89,6 +93,9 @@ impl Tasks {
         task.state = State::Pending;
         let q = self.queues.entry(task.id.queue()).or_default();
         q.pending.add(id, now);
+        if let Some(at) = task.expire_ms {
+            q.expiring.add(id, at);
+        }
         q.count(Count::Submitted);
         push_event(q, &mut self.last_event, limits, &task, None, now);
         self.tasks.insert(
@@ -157,7 +164,10 @@ impl Tasks {
         // the first ready task served among the first `lease_scan` queued
         // ones, in order; stale entries (gone, or moved on) seen on the way
         // are dropped and, as on Redis, do not count against the scan
+        // (and, as on Redis, expired ones are ended on the way, the first
+        // [`BATCH`] without counting)
         let mut stale = Vec::new();
+        let mut expired = Vec::new();
         let mut chosen = None;
         let mut looked = 0;
         for (_, id) in q.ready.by_score.iter() {
@@ -165,6 +175,15 @@ impl Tasks {
                 break;
             }
             match self.tasks.get(id) {
+                Some(e)
+                    if e.task.state == State::Queued
+                        && e.task.expire_ms.is_some_and(|at| at <= now) =>
+                {
+                    expired.push(id.clone());
+                    if expired.len() > BATCH {
+                        looked += 1;
+                    }
+                }
                 Some(e) if e.task.state == State::Queued => {
                     looked += 1;
                     if serves(&e.task.name) {
@@ -178,6 +197,14 @@ impl Tasks {
         for id in &stale {
             q.ready.remove(id);
         }
+        if let Some(id) = &chosen {
+            // it starts in time: it no longer expires (until it waits again)
+            q.expiring.remove(id);
+        }
+        for id in &expired {
+            self.end_expired(queue, id, limits, now);
+        }
+        let q = self.queues.entry(queue.clone()).or_default();
         let mut leased = None;
         if let Some(id) = chosen
             && let Some(e) = self.tasks.get_mut(&id)
@@ -250,6 +277,7 @@ impl Tasks {
         q.ready.remove(id.as_str());
         q.scheduled.remove(id.as_str());
         q.pending.remove(id.as_str());
+        q.expiring.remove(id.as_str());
         e.task.state = State::Cancelled;
         e.task.finished_ms = Some(now);
         e.task.error = Some(
@@ -289,6 +317,8 @@ impl Tasks {
         e.task.error = None;
         e.task.result = None;
         e.task.progress = None;
+        // an operator's requeue runs it whenever it can: its expiry is dropped
+        e.task.expire_ms = None;
         q.ready
             .add(id.as_str(), e.task.priority.band() as i64 * BAND + now);
         q.count(Count::Requeued);
@@ -326,6 +356,10 @@ impl Tasks {
             id.as_str(),
             e.task.priority.band() as i64 * BAND + e.task.created_ms,
         );
+        // waiting again: it may expire again (the lease ends it if it has)
+        if let Some(at) = e.task.expire_ms {
+            q.expiring.add(id.as_str(), at);
+        }
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         Ok(true)
     }
@@ -374,7 +408,7 @@ impl Tasks {
             return Ok(None);
         };
         let q = self.queues.entry(queue.clone()).or_default();
-        let outcome = e.decide(outcome);
+        let outcome = expire_retry(e.decide(outcome), e.task.expire_ms, now);
         q.leases.remove(id.as_str());
         entry.insert("ended_ms".into(), now.into());
         if let Outcome::Retry { delay, .. } = &outcome {
@@ -396,6 +430,10 @@ impl Tasks {
                 e.task.error = Some(error);
                 q.scheduled
                     .add(id.as_str(), now.saturating_add(millis(delay)));
+                // waiting out its backoff, it may expire again
+                if let Some(at) = e.task.expire_ms {
+                    q.expiring.add(id.as_str(), at);
+                }
                 push_event(q, &mut self.last_event, limits, &e.task, None, now);
                 State::Scheduled
             }
@@ -441,6 +479,7 @@ impl Tasks {
     ) -> u64 {
         self.purge_expired(now);
         let due = self.promote_due(queue, limits, now);
+        let expired = self.sweep_expired(queue, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
         let lapsed = q.leases.up_to(now, BATCH);
         let mut ended = Vec::new();
@@ -479,6 +518,10 @@ impl Tasks {
             q.count(Count::Lost);
             if state == State::Queued {
                 q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
+                // waiting again, it may expire again (the lease ends it if it has)
+                if let Some(at) = e.task.expire_ms {
+                    q.expiring.add(id, at);
+                }
             } else {
                 q.count_end(state);
                 let why = match (&e.cancel, state) {
@@ -496,7 +539,7 @@ impl Tasks {
         for id in &ended {
             self.end(queue, id, limits, now, true);
         }
-        lapsed.len() as u64 + due
+        lapsed.len() as u64 + due + expired
     }
     /// See [`TaskBackend::trim`](crate::store::tasks::TaskBackend::trim).
     /// Expired results are forgotten here too; the event log is capped as it is

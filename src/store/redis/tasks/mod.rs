@@ -94,7 +94,8 @@ fn lease_args(
         .arg("lease_ms", millis(next.lease))
         .arg("worker", next.worker)
         .arg("events_cap", limits.events)
-        .arg("scan", limits.lease_scan);
+        .arg("scan", limits.lease_scan)
+        .arg("history_cap", limits.history);
     for name in next.names {
         call.extra(*name);
     }
@@ -180,7 +181,8 @@ impl RedisTasks {
             .arg("band", task.priority.band())
             .arg("delay_ms", millis(delay))
             .arg("events_cap", limits.events)
-            .arg("deps", waiting.len());
+            .arg("deps", waiting.len())
+            .arg("expire_ms", task.expire_ms.unwrap_or(0));
         for dep in waiting {
             call.extra(dep.as_str());
         }

@@ -10,16 +10,16 @@ use crate::store::redis::script::{Composed, Key, Spec};
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled, Stats,
-    Task, Times,
+    Claim, Dead, Events, Expiring, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled,
+    Stats, Task, Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
 /// value pairs.
 pub(super) const SUBMIT: Spec = Spec {
     name: "submit",
-    keys: &[Task, Ready, Scheduled, Events, Stats, Pending],
-    args: &["id", "band", "delay_ms", "events_cap", "deps"],
+    keys: &[Task, Ready, Scheduled, Events, Stats, Pending, Expiring],
+    args: &["id", "band", "delay_ms", "events_cap", "deps", "expire_ms"],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
 };
@@ -27,8 +27,26 @@ pub(super) const SUBMIT: Spec = Spec {
 /// Then the task names served (`*`: all).
 pub(super) const LEASE: Spec = Spec {
     name: "lease",
-    keys: &[Ready, Scheduled, Leases, Events, Paused],
-    args: &["prefix", "lease_ms", "worker", "events_cap", "scan"],
+    keys: &[
+        Ready,
+        Scheduled,
+        Leases,
+        Events,
+        Paused,
+        History,
+        HistoryData,
+        Dead,
+        Stats,
+        Expiring,
+    ],
+    args: &[
+        "prefix",
+        "lease_ms",
+        "worker",
+        "events_cap",
+        "scan",
+        "history_cap",
+    ],
     variadic: true,
     body: include_str!("../lua/tasks/lease.lua"),
 };
@@ -62,6 +80,7 @@ pub(super) const FINISH: Spec = Spec {
         Dead,
         Events,
         Stats,
+        Expiring,
     ],
     args: &[
         "id",
@@ -90,6 +109,8 @@ pub(super) const RECOVER: Spec = Spec {
         Events,
         Stats,
         Scheduled,
+        Expiring,
+        Pending,
     ],
     args: &[
         "prefix",
@@ -112,7 +133,7 @@ pub(super) const TRIM: Spec = Spec {
 
 pub(super) const RELEASE: Spec = Spec {
     name: "release",
-    keys: &[Task, Leases, Ready, Events],
+    keys: &[Task, Leases, Ready, Events, Expiring],
     args: &["id", "token", "events_cap", "log"],
     variadic: false,
     body: include_str!("../lua/tasks/release.lua"),
@@ -130,6 +151,7 @@ pub(super) const CANCEL: Spec = Spec {
         Events,
         Stats,
         Pending,
+        Expiring,
     ],
     args: &["id", "events_cap", "history_cap", "reason"],
     variadic: false,
@@ -181,6 +203,7 @@ pub(super) const RESOLVE: Spec = Spec {
         Dead,
         Events,
         Stats,
+        Expiring,
     ],
     args: &[
         "id",
@@ -297,14 +320,14 @@ mod tests {
         );
     }
 
-    /// Finish-then-lease reads lease's keys after finish's eight and its
+    /// Finish-then-lease reads lease's keys after finish's nine and its
     /// arguments after finish's nine (and the clock offset).
     #[test]
     fn finish_and_lease_offsets() {
         let text = TaskScripts::new().finish_lease.text().to_owned();
-        assert!(text.contains("local K_ready = KEYS[9]"), "{text}");
+        assert!(text.contains("local K_ready = KEYS[10]"), "{text}");
         assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
-        assert!(text.contains("local ARGN = 16"), "{text}");
+        assert!(text.contains("local ARGN = 17"), "{text}");
         assert!(text.contains("local function finish()"));
         assert!(text.contains("local function lease()"));
     }

@@ -25,20 +25,33 @@ local function more()
   for _, id in ipairs(got) do candidates[#candidates + 1] = id end
   return true
 end
-local i = 0
+-- expired candidates are ended on the way; the first 100 of a call do not
+-- count against the scan limit (so a pile of them cannot hide the live
+-- tasks behind it), and more count, which bounds a call's work
+local i, ended = 0, 0
 while true do
   i = i + 1
   if i > #candidates and not more() then break end
   local id = candidates[i]
   local key = prefix .. id
-  local name, state = unpack(redis.call('HMGET', key, 'name', 'state'))
+  local name, state, expire_ms = unpack(redis.call('HMGET', key, 'name', 'state', 'expire_ms'))
   if not name or state ~= 'queued' then
     -- a ready entry whose task is gone or has moved on: drop it (the
     -- ranks after it shift down by one)
     redis.call('ZREM', K_ready, id)
     from = from - 1
+  elseif expired(expire_ms) then
+    -- never hand out a task past its expiry, whatever the sweep's timing
+    redis.call('ZREM', K_ready, id)
+    redis.call('ZREM', K_expiring, id)
+    end_expired(key, id, name, K_history, K_history_data, K_dead, K_stats, K_events,
+      A_history_cap, A_events_cap)
+    ended = ended + 1
+    if ended <= 100 then from = from - 1 end
   elseif serves_all or served[name] then
     redis.call('ZREM', K_ready, id)
+    -- it starts in time: it no longer expires (until it waits again)
+    if expire_ms then redis.call('ZREM', K_expiring, id) end
     local attempt = redis.call('HINCRBY', key, 'attempts', 1)
     -- the fencing token grows with every lease (attempts can be given back)
     redis.call('HINCRBY', key, 'token', 1)

@@ -7,6 +7,7 @@ if state ~= 'pending' then return state end
 redis.call('SREM', K_task .. ':deps', A_dependency)
 if A_dependency_state ~= 'succeeded' then
   redis.call('ZREM', K_pending, A_id)
+  redis.call('ZREM', K_expiring, A_id)
   local why = 'dependency ' .. A_dependency .. ' ended ' .. string.upper(A_dependency_state)
   redis.call('HSET', K_task, 'state', 'cancelled', 'finished_ms', now,
     'error', cjson.encode({ message = why, retryable = false }))
