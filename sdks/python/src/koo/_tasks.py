@@ -101,6 +101,8 @@ class TaskInfo:
     create_time: datetime | None
     start_time: datetime | None
     end_time: datetime | None
+    # When it expires if not started by then (`expires=` on submit), if it does.
+    expire_time: datetime | None = None
 
     @property
     def status(self) -> str:
@@ -145,7 +147,19 @@ class TaskInfo:
             create_time=from_timestamp(t.create_time),
             start_time=from_timestamp(t.start_time),
             end_time=from_timestamp(t.end_time),
+            expire_time=from_timestamp(t.expire_time) if t.HasField("expire_time") else None,
         )
+
+
+def _set_expiry(req: pb.SubmitTaskRequest, expires: datetime | Seconds | None) -> None:
+    """Sets the submit's expiry as Celery's `expires` takes it: a datetime is
+    `expire_time`; seconds or a timedelta from now are `expire_after`."""
+    if expires is None:
+        return
+    if isinstance(expires, datetime):
+        req.expire_time.CopyFrom(to_timestamp(expires))
+    else:
+        req.expire_after.CopyFrom(to_duration(expires))
 
 
 @dataclass(frozen=True)
@@ -262,6 +276,7 @@ class TaskManager:
         soft_time_limit: Seconds | None = None,
         time_limit: Seconds | None = None,
         result_ttl: Seconds | None = None,
+        expires: datetime | Seconds | None = None,
     ) -> tuple[TaskInfo, bool]:
         """Submits a task; returns it and whether an earlier submit with the
         same idempotency key had stored it (`deduplicated`)."""
@@ -288,6 +303,7 @@ class TaskManager:
             req.time_limit.CopyFrom(to_duration(time_limit))
         if result_ttl is not None:
             req.result_ttl.CopyFrom(to_duration(result_ttl))
+        _set_expiry(req, expires)
         r = await rpc(self._stub().SubmitTask(req, metadata=self._conn.metadata()))
         return TaskInfo.from_proto(r.task), r.deduplicated
 
@@ -308,13 +324,16 @@ class TaskManager:
         soft_time_limit: Seconds | None = None,
         time_limit: Seconds | None = None,
         result_ttl: Seconds | None = None,
+        expires: datetime | Seconds | None = None,
     ) -> str:
         """The seed's call: submits a task and returns its id.
 
         `max_retries` None means koo's default (3); `countdown` (seconds or
         timedelta) or `eta` delays it; `depends_on` names tasks that must
         succeed first; `idempotency_key` makes a repeated submit return the
-        first task's id.
+        first task's id; `expires` (a datetime, or seconds or a timedelta
+        from now: Celery's `expires`) ends it CANCELLED ("cancelled:
+        expired") if it has not started by then instead of running late.
         """
         task, _ = await self.submit(
             task_name,
@@ -331,6 +350,7 @@ class TaskManager:
             soft_time_limit=soft_time_limit,
             time_limit=time_limit,
             result_ttl=result_ttl,
+            expires=expires,
         )
         return task.id
 
