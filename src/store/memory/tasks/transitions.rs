@@ -3,12 +3,12 @@
 //! [`crate::store::tasks::TaskBackend`]; these follow the Redis scripts
 //! (`../../redis/lua/tasks/*.lua`) step for step.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use super::MAX_TASKS;
 use super::expiry::expire_retry;
-use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
+use super::state::{BAND, BATCH, Entry, Queue, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
 use crate::store::tasks::{Beat, CancelReply, DependReply, RetryReply, TaskLimits, Trimmed};
@@ -160,40 +160,11 @@ impl Tasks {
         if q.paused.is_some() {
             return None;
         }
-        let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
-        // the first ready task served among the first `lease_scan` queued
-        // ones, in order; stale entries (gone, or moved on) seen on the way
-        // are dropped and, as on Redis, do not count against the scan
-        // (and, as on Redis, expired ones are ended on the way, the first
-        // [`BATCH`] without counting)
-        let mut stale = Vec::new();
-        let mut expired = Vec::new();
-        let mut chosen = None;
-        let mut looked = 0;
-        for (_, id) in q.ready.by_score.iter() {
-            if looked >= limits.lease_scan {
-                break;
-            }
-            match self.tasks.get(id) {
-                Some(e)
-                    if e.task.state == State::Queued
-                        && e.task.expire_ms.is_some_and(|at| at <= now) =>
-                {
-                    expired.push(id.clone());
-                    if expired.len() > BATCH {
-                        looked += 1;
-                    }
-                }
-                Some(e) if e.task.state == State::Queued => {
-                    looked += 1;
-                    if serves(&e.task.name) {
-                        chosen = Some(id.clone());
-                        break;
-                    }
-                }
-                _ => stale.push(id.clone()),
-            }
-        }
+        let Scan {
+            chosen,
+            stale,
+            expired,
+        } = scan_ready(&self.tasks, q, names, limits, now);
         for id in &stale {
             q.ready.remove(id);
         }
@@ -589,4 +560,58 @@ impl Tasks {
             events: 0,
         }
     }
+}
+
+/// What a lease's scan of the ready set found.
+struct Scan {
+    /// The task to lease.
+    chosen: Option<String>,
+    /// Entries whose task is gone or moved on: dropped.
+    stale: Vec<String>,
+    /// Queued tasks past their expiry: ended, never leased.
+    expired: Vec<String>,
+}
+
+/// The first ready task served among the first `lease_scan` queued ones,
+/// in order. Stale entries (gone, or moved on) seen on the way do not count
+/// against the scan, as on Redis; nor do the first [`BATCH`] expired ones
+/// (more do, which bounds the call's work), so a pile of them cannot hide
+/// the live tasks behind it.
+fn scan_ready(
+    tasks: &HashMap<String, Entry>,
+    q: &Queue,
+    names: &[&str],
+    limits: TaskLimits,
+    now: i64,
+) -> Scan {
+    let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
+    let mut scan = Scan {
+        chosen: None,
+        stale: Vec::new(),
+        expired: Vec::new(),
+    };
+    let mut looked = 0;
+    for (_, id) in q.ready.by_score.iter() {
+        if looked >= limits.lease_scan {
+            break;
+        }
+        match tasks.get(id) {
+            Some(e) if e.task.state != State::Queued => scan.stale.push(id.clone()),
+            None => scan.stale.push(id.clone()),
+            Some(e) if e.task.expire_ms.is_some_and(|at| at <= now) => {
+                scan.expired.push(id.clone());
+                if scan.expired.len() > BATCH {
+                    looked += 1;
+                }
+            }
+            Some(e) => {
+                looked += 1;
+                if serves(&e.task.name) {
+                    scan.chosen = Some(id.clone());
+                    break;
+                }
+            }
+        }
+    }
+    scan
 }
