@@ -13,6 +13,8 @@ use crate::common;
 use common::tasks::{
     Backend, client, millis, start_on, start_on_with, submit, submit_ok, wait_task,
 };
+use koo::pb::schedule::v1 as spb;
+use koo::pb::schedule::v1::schedule_service_client::ScheduleServiceClient;
 use koo::pb::tasks::v1 as pb;
 use koo::pb::tasks::v1::task_service_client::TaskServiceClient;
 use koo::pb::worker::v1 as wpb;
@@ -29,6 +31,7 @@ on_both!(
     a_pending_dependent_of_an_expired_task_is_cancelled_naming_it,
     a_running_task_is_never_stopped_by_its_expiry,
     bad_expiries_are_refused_naming_the_field,
+    a_schedule_s_fired_tasks_expire_after_their_submit,
 );
 
 fn job(name: &str, category: pb::TaskCategory) -> pb::SubmitTaskRequest {
@@ -107,8 +110,9 @@ async fn an_expired_task_in_a_paused_queue_never_starts(backend: Backend) {
     let created = short.create_time.clone().unwrap();
     let expire_ms = expire.seconds * 1000 + i64::from(expire.nanos / 1_000_000);
     let created_ms = created.seconds * 1000 + i64::from(created.nanos / 1_000_000);
+    // koo's clock at the submit; the store's stamps create_time a little later
     assert!(
-        (expire_ms - created_ms - 300).abs() <= 5,
+        (250..=305).contains(&(expire_ms - created_ms)),
         "expires 300 ms after its submit: {created:?} {expire:?}"
     );
 
@@ -398,4 +402,66 @@ async fn bad_expiries_are_refused_naming_the_field(backend: Backend) {
         m.queues.iter().all(|q| q.queued == 0 && q.scheduled == 0),
         "nothing stored: {m:?}"
     );
+}
+
+fn ms_of(t: &prost_types::Timestamp) -> i64 {
+    t.seconds * 1000 + i64::from(t.nanos / 1_000_000)
+}
+
+/// A schedule's `expire_after` (Celery beat's `expires`) is kept and shown,
+/// and each task it fires expires that long after its submit: one no
+/// worker serves ends CANCELLED ("cancelled: expired").
+async fn a_schedule_s_fired_tasks_expire_after_their_submit(backend: Backend) {
+    const FIRED: &str = "test.expiry.fired";
+    let koo = start_on(backend, 0).await;
+    let mut c = client(&koo.server);
+    let mut events = c
+        .watch_tasks(pb::WatchTasksRequest {
+            name: FIRED.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut s = ScheduleServiceClient::new(koo.server.channel.clone());
+    let schedule = spb::Schedule {
+        name: "expiring".into(),
+        cron: "* * * * * *".into(),
+        task: Some(spb::TaskTemplate {
+            name: FIRED.into(),
+            category: pb::TaskCategory::Research as i32,
+            expire_after: Some(millis(300)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let created = s
+        .create_schedule(spb::CreateScheduleRequest {
+            schedule: Some(schedule),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    assert_eq!(created.task.unwrap().expire_after, Some(millis(300)));
+    let first = tokio::time::timeout(common::EVENT_TIMEOUT, events.message())
+        .await
+        .expect("a tick fires")
+        .unwrap()
+        .unwrap();
+    s.pause_schedule(spb::PauseScheduleRequest {
+        name: "expiring".into(),
+    })
+    .await
+    .unwrap();
+    let t = wait_task(&mut c, &first.task_id, cancelled).await;
+    assert_eq!(error_message(&t), "cancelled: expired");
+    let after = ms_of(t.expire_time.as_ref().unwrap()) - ms_of(t.create_time.as_ref().unwrap());
+    // koo's clock at the submit; the store's stamps create_time a little later
+    assert!(
+        (250..=305).contains(&after),
+        "expires {after} ms after its submit"
+    );
+    assert_eq!(t.schedule, "expiring");
 }
