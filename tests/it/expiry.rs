@@ -345,7 +345,7 @@ async fn bad_expiries_are_refused_naming_the_field(backend: Backend) {
                 ..job(JOB, pb::TaskCategory::Research)
             },
             "expire_time",
-            "may start at",
+            "may start 20",
         ),
         (
             pb::SubmitTaskRequest {

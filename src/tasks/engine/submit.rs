@@ -285,11 +285,19 @@ fn expire_ms(
         ),
     };
     let start_ms = now_ms.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX));
+    let time = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+            || format!("{ms} ms since the epoch"),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        )
+    };
     if at_ms <= now_ms {
         return Err(TaskError::invalid(
             field,
             format!(
-                "is in the past ({at_ms} ms since the epoch, now {now_ms}): the task could never run"
+                "is in the past (expires {}, now {}): the task could never run",
+                time(at_ms),
+                time(now_ms)
             ),
         ));
     }
@@ -297,7 +305,9 @@ fn expire_ms(
         return Err(TaskError::invalid(
             field,
             format!(
-                "is not after the countdown or ETA (expires at {at_ms} ms since the epoch, may start at {start_ms}): the task could never run"
+                "is not after the countdown or ETA (expires {}, may start {}): the task could never run",
+                time(at_ms),
+                time(start_ms)
             ),
         ));
     }
