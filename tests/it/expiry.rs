@@ -106,8 +106,8 @@ async fn an_expired_task_in_a_paused_queue_never_starts(backend: Backend) {
     .unwrap();
     let short = submit_ok(&mut c, expiring_after(JOB, 300)).await;
     let long = submit_ok(&mut c, expiring_after(JOB, 60_000)).await;
-    let expire = short.expire_time.clone().expect("expire_time is shown");
-    let created = short.create_time.clone().unwrap();
+    let expire = short.expire_time.expect("expire_time is shown");
+    let created = short.create_time.unwrap();
     let expire_ms = expire.seconds * 1000 + i64::from(expire.nanos / 1_000_000);
     let created_ms = created.seconds * 1000 + i64::from(created.nanos / 1_000_000);
     // koo's clock at the submit; the store's stamps create_time a little later
@@ -120,7 +120,7 @@ async fn an_expired_task_in_a_paused_queue_never_starts(backend: Backend) {
     assert_eq!(error_message(&ended), "cancelled: expired");
     assert_eq!(ended.attempts, 0, "it never started");
     assert!(ended.start_time.is_none(), "{ended:?}");
-    let end = ended.end_time.clone().unwrap();
+    let end = ended.end_time.unwrap();
     let end_ms = end.seconds * 1000 + i64::from(end.nanos / 1_000_000);
     assert!(end_ms >= expire_ms, "ended at {end_ms}, expiry {expire_ms}");
     assert_eq!(ended.expire_time, Some(expire));
@@ -340,7 +340,7 @@ async fn bad_expiries_are_refused_naming_the_field(backend: Backend) {
         ),
         (
             pb::SubmitTaskRequest {
-                expire_time: Some(soon.clone()),
+                expire_time: Some(soon),
                 eta: Some(prost_types::Timestamp::from(now + Duration::from_secs(10))),
                 ..job(JOB, pb::TaskCategory::Research)
             },
