@@ -538,6 +538,33 @@ mod tests {
         assert_eq!(reader.position(), "1");
     }
 
+    /// A waiting task's expiry survives a save and load (its queue's
+    /// expiring set with it): the loaded store's sweep ends it CANCELLED
+    /// ("cancelled: expired") once it has passed, and not before.
+    #[tokio::test]
+    async fn an_expiry_survives_a_snapshot() {
+        let m = MemoryTasks::default();
+        let q = Category::Research.default_queue();
+        let limits = TaskLimits::default();
+        let mut t = task(&q, "t");
+        let at = crate::store::unix_millis(std::time::SystemTime::now()) + 60_000;
+        t.expire_ms = Some(at);
+        m.submit(&t, Duration::ZERO, limits, dl()).await.unwrap();
+        let json = serde_json::to_string(&m.export()).unwrap();
+        assert_eq!(json.matches("\"expiring\"").count(), 1, "{json}");
+        let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
+        let swept = |shift: i64| back.write(|s, now| s.recover(&q, false, limits, now + shift));
+        assert_eq!(swept(0), 0, "not yet");
+        assert_eq!(swept(61_000), 1);
+        let ended = back.get(&t.id, dl()).await.unwrap().unwrap();
+        assert_eq!(ended.state, State::Cancelled);
+        assert_eq!(ended.expire_ms, Some(at));
+        assert!(
+            ended.error.unwrap().contains("cancelled: expired"),
+            "the cancel's form"
+        );
+    }
+
     /// A paused queue is still paused after a save and load (a queue that
     /// runs saves no pause field); the loaded store leases nothing from it.
     #[tokio::test]
