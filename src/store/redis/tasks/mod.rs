@@ -8,8 +8,10 @@
 //!
 //! Reads live in `reads.rs` (run and wait times in `times.rs`), the event
 //! stream in `events.rs`, worker
-//! records, the lease key and idempotency claims in `registry.rs`.
+//! records, the lease key and idempotency claims in `registry.rs`, the
+//! arguments and replies of the lease and finish scripts in `args.rs`.
 
+mod args;
 mod events;
 mod reads;
 mod registry;
@@ -19,6 +21,8 @@ mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
+
+use args::{finish_args, lease_args, leased};
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -81,58 +85,6 @@ impl RedisTasks {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Arguments of lease.lua (its keys are pushed with the queue's).
-fn lease_args(
-    call: &mut Invocation<'_>,
-    keys: &QueueKeys,
-    next: &LeaseAsk<'_>,
-    limits: TaskLimits,
-) {
-    call.arg("prefix", keys.task_prefix())
-        .arg("lease_ms", millis(next.lease))
-        .arg("worker", next.worker)
-        .arg("events_cap", limits.events)
-        .arg("scan", limits.lease_scan)
-        .arg("history_cap", limits.history);
-    for name in next.names {
-        call.extra(*name);
-    }
-}
-
-/// Arguments of finish.lua.
-fn finish_args(
-    call: &mut Invocation<'_>,
-    id: &TaskId,
-    token: u32,
-    outcome: &Outcome,
-    log: &str,
-    limits: TaskLimits,
-) {
-    let (name, payload, delay) = match outcome {
-        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
-        Outcome::Retry { error, delay } => ("retry", error, *delay),
-        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
-        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
-        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
-    };
-    call.arg("id", id.as_str())
-        .arg("token", token)
-        .arg("events_cap", limits.events)
-        .arg("outcome", name)
-        .arg("payload", payload.as_str())
-        .arg("delay_ms", millis(delay))
-        .arg("history_cap", limits.history)
-        .arg("log", log)
-        .arg("dead_ttl_ms", millis(limits.dead_ttl));
-}
-
-/// A leased task's hash, as lease.lua returns it.
-fn leased(fields: Option<HashMap<String, String>>) -> Result<Option<Task>> {
-    fields
-        .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
-        .transpose()
 }
 
 impl RedisStore {
