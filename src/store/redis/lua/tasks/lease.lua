@@ -46,8 +46,11 @@ while true do
     redis.call('ZREM', K_expiring, id)
     end_expired(key, id, name, K_history, K_history_data, K_dead, K_stats, K_events,
       A_history_cap, A_events_cap)
+    -- the ranks after it shift down by one; past the first 100, it takes
+    -- a place of the scan
+    from = from - 1
     ended = ended + 1
-    if ended <= 100 then from = from - 1 end
+    if ended > 100 then limit = limit - 1 end
   elseif serves_all or served[name] then
     redis.call('ZREM', K_ready, id)
     -- it starts in time: it no longer expires (until it waits again)
