@@ -39,15 +39,17 @@
 //!   `cancelled`): **recover** ends those of the set (at most 100 a call),
 //!   so they show up within a sweep even in a paused or idle queue;
 //!   **lease** never hands one out, whatever the sweep's timing: an expired
-//!   candidate is ended on the way (the first 100 of a call do not count
-//!   against the scan limit, like stale entries, so a pile of them cannot
-//!   hide the live tasks behind it; more do, which bounds the call), and a
-//!   **finish** whose retry would start past the expiry ends CANCELLED
-//!   (expired) instead. A RUNNING task is never stopped by expiry. The
-//!   dependents of a task ended by lease or recover are released by the
-//!   embedded store as it ends, and on Redis by the recovery sweep's
-//!   repair (the same sweep, for recover's). **Retry** (RetryTask) drops
-//!   the expiry.
+//!   candidate no task waits on is ended on the way, one that others wait
+//!   on is skipped and left to **recover** (which ends it; the embedded
+//!   store releases its dependents as it ends, and on Redis the same
+//!   sweep's repair does, so both stores agree at every step). The first
+//!   100 expired candidates of a lease call do not count against the scan
+//!   limit, like stale entries, so a pile of them cannot hide the live
+//!   tasks behind it; more do, which bounds the call. A **finish** whose
+//!   retry would start past the expiry ends CANCELLED (expired) instead.
+//!   A RUNNING task is never stopped by expiry. **Retry** (RetryTask)
+//!   drops the expiry (and, on Redis, the task's list of dependents, all
+//!   released as it ended, as the embedded store forgets them).
 //!
 //! [`Count`]: crate::domain::Count
 

@@ -3,12 +3,12 @@
 //! [`crate::store::tasks::TaskBackend`]; these follow the Redis scripts
 //! (`../../redis/lua/tasks/*.lua`) step for step.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::MAX_TASKS;
 use super::expiry::expire_retry;
-use super::state::{BAND, BATCH, Entry, Queue, Tasks, lease_score, millis, push_event};
+use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
 use crate::store::tasks::{Beat, CancelReply, DependReply, RetryReply, TaskLimits, Trimmed};
@@ -155,16 +155,16 @@ impl Tasks {
         now: i64,
     ) -> Option<Task> {
         self.promote_due(queue, limits, now);
-        let q = self.queues.entry(queue.clone()).or_default();
         // a paused queue hands out nothing (due tasks still became QUEUED)
-        if q.paused.is_some() {
+        if self.queues.get(queue).is_some_and(|q| q.paused.is_some()) {
             return None;
         }
         let Scan {
             chosen,
             stale,
             expired,
-        } = scan_ready(&self.tasks, q, names, limits, now);
+        } = scan_ready(self, queue, names, limits, now);
+        let q = self.queues.entry(queue.clone()).or_default();
         for id in &stale {
             q.ready.remove(id);
         }
@@ -573,34 +573,36 @@ struct Scan {
 }
 
 /// The first ready task served among the first `lease_scan` queued ones,
-/// in order. Stale entries (gone, or moved on) seen on the way do not count
-/// against the scan, as on Redis; nor do the first [`BATCH`] expired ones
-/// (more do, which bounds the call's work), so a pile of them cannot hide
-/// the live tasks behind it.
-fn scan_ready(
-    tasks: &HashMap<String, Entry>,
-    q: &Queue,
-    names: &[&str],
-    limits: TaskLimits,
-    now: i64,
-) -> Scan {
+/// in order, as lease.lua scans. Stale entries (gone, or moved on) seen on
+/// the way do not count against the scan; nor do the first [`BATCH`]
+/// expired ones (more do, which bounds the call's work), so a pile of them
+/// cannot hide the live tasks behind it. An expired task is never chosen:
+/// one that no task waits on is to be ended; one that others wait on is
+/// left to the sweep (as on Redis, where the sweep's repair releases them).
+fn scan_ready(s: &Tasks, queue: &QueueName, names: &[&str], limits: TaskLimits, now: i64) -> Scan {
     let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
     let mut scan = Scan {
         chosen: None,
         stale: Vec::new(),
         expired: Vec::new(),
     };
-    let mut looked = 0;
+    let Some(q) = s.queues.get(queue) else {
+        return scan;
+    };
+    let (mut looked, mut expired_seen) = (0, 0);
     for (_, id) in q.ready.by_score.iter() {
         if looked >= limits.lease_scan {
             break;
         }
-        match tasks.get(id) {
+        match s.tasks.get(id) {
             Some(e) if e.task.state != State::Queued => scan.stale.push(id.clone()),
             None => scan.stale.push(id.clone()),
             Some(e) if e.task.expire_ms.is_some_and(|at| at <= now) => {
-                scan.expired.push(id.clone());
-                if scan.expired.len() > BATCH {
+                expired_seen += 1;
+                if !s.dependents.contains_key(id) {
+                    scan.expired.push(id.clone());
+                }
+                if expired_seen > BATCH {
                     looked += 1;
                 }
             }

@@ -12,6 +12,9 @@ redis.call('HDEL', K_history_data, A_id)
 redis.call('ZREM', K_dead, A_id)
 redis.call('PERSIST', K_task)
 redis.call('PERSIST', K_task .. ':log')
+-- its dependents were released as it ended (the embedded store forgets
+-- them then): waiting on it is over
+redis.call('DEL', K_task .. ':dependents')
 redis.call('HSET', K_task, 'state', 'queued', 'attempt_base', attempts)
 -- an operator's requeue runs it whenever it can: its expiry is dropped
 redis.call('HDEL', K_task, 'cancel', 'finished_ms', 'error', 'result', 'progress', 'expire_ms')
