@@ -59,16 +59,21 @@ impl Tasks {
 
     /// The sweep's part: ends up to [`BATCH`] waiting tasks of `queue`
     /// whose expiry has passed (an entry of a task that started or ended
-    /// is only dropped). Returns how many entries were handled.
+    /// is only dropped), then releases their dependents. Returns how many
+    /// entries were handled.
     pub(super) fn sweep_expired(&mut self, queue: &QueueName, limits: TaskLimits, now: i64) -> u64 {
         let due = self
             .queues
             .get(queue)
             .map(|q| q.expiring.up_to(now, BATCH))
             .unwrap_or_default();
-        for id in &due {
-            self.end_expired(queue, id, limits, now);
-        }
+        // as on Redis, where the engine releases dependents after the call:
+        // a dependent that expires in the same batch ends "expired" too
+        self.deferring_releases(limits, now, |s| {
+            for id in &due {
+                s.end_expired(queue, id, limits, now);
+            }
+        });
         due.len() as u64
     }
 }
