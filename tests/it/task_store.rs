@@ -835,13 +835,10 @@ async fn expired_tasks_never_lease_nor_exhaust_the_scan(f: Fixture) {
     }
     let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
     assert_eq!((stats.ready, stats.scheduled), (0, 1));
-    assert_eq!(
-        f.store
-            .recover(&f.queue, false, limits, later())
-            .await
-            .unwrap(),
-        1
-    );
+    f.store
+        .recover(&f.queue, false, limits, later())
+        .await
+        .unwrap();
     let t = f.store.get(&due.id, later()).await.unwrap().unwrap();
     assert_eq!(
         t.state,

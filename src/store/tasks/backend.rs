@@ -325,8 +325,11 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// attempt (`worker lost: lease lapsed`), and becomes: CANCELLED when a
     /// cancel was asked for; TIMED_OUT past its hard deadline; QUEUED again
     /// (scored now) when `acks_late` and its budget remains; else FAILED.
-    /// An end is "Ending" with its error. Event: the state after. Returns
-    /// how many entries were handled (lapsed and due). The embedded store
+    /// An end is "Ending" with its error. Event: the state after. Waiting
+    /// tasks past their expiry end (at most 100; see "Expiry"). Returns
+    /// how many entries were handled (lapsed and due; expired ones are not
+    /// counted, so that a dependent another queue's release ended first
+    /// on the embedded store does not tell the stores apart). The embedded store
     /// also forgets expired results here.
     async fn recover(
         &self,

@@ -59,9 +59,8 @@ impl Tasks {
 
     /// The sweep's part: ends up to [`BATCH`] waiting tasks of `queue`
     /// whose expiry has passed (an entry of a task that started or ended
-    /// is only dropped), then releases their dependents. Returns how many
-    /// entries were handled.
-    pub(super) fn sweep_expired(&mut self, queue: &QueueName, limits: TaskLimits, now: i64) -> u64 {
+    /// is only dropped), then releases their dependents.
+    pub(super) fn sweep_expired(&mut self, queue: &QueueName, limits: TaskLimits, now: i64) {
         let due = self
             .queues
             .get(queue)
@@ -74,6 +73,5 @@ impl Tasks {
                 s.end_expired(queue, id, limits, now);
             }
         });
-        due.len() as u64
     }
 }

@@ -553,9 +553,11 @@ mod tests {
         let json = serde_json::to_string(&m.export()).unwrap();
         assert_eq!(json.matches("\"expiring\"").count(), 1, "{json}");
         let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
-        let swept = |shift: i64| back.write(|s, now| s.recover(&q, false, limits, now + shift));
-        assert_eq!(swept(0), 0, "not yet");
-        assert_eq!(swept(61_000), 1);
+        let state =
+            |b: &MemoryTasks| b.read(|s, _| s.tasks.get(t.id.as_str()).map(|e| e.task.state));
+        back.write(|s, now| s.recover(&q, false, limits, now));
+        assert_eq!(state(&back), Some(State::Queued), "not yet");
+        back.write(|s, now| s.recover(&q, false, limits, now + 61_000));
         let ended = back.get(&t.id, dl()).await.unwrap().unwrap();
         assert_eq!(ended.state, State::Cancelled);
         assert_eq!(ended.expire_ms, Some(at));

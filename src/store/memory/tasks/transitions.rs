@@ -450,7 +450,8 @@ impl Tasks {
     ) -> u64 {
         self.purge_expired(now);
         let due = self.promote_due(queue, limits, now);
-        let expired = self.sweep_expired(queue, limits, now);
+        // not counted, as on Redis (see recover.lua)
+        self.sweep_expired(queue, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
         let lapsed = q.leases.up_to(now, BATCH);
         let mut ended = Vec::new();
@@ -510,7 +511,7 @@ impl Tasks {
         for id in &ended {
             self.end(queue, id, limits, now, true);
         }
-        lapsed.len() as u64 + due + expired
+        lapsed.len() as u64 + due
     }
     /// See [`TaskBackend::trim`](crate::store::tasks::TaskBackend::trim).
     /// Expired results are forgotten here too; the event log is capped as it is
