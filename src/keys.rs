@@ -181,6 +181,13 @@ impl QueueKeys {
         self.key("paused")
     }
 
+    /// Waiting ids that expire, by expiry (ms): entries leave when their
+    /// task starts or ends, so it holds only tasks that may still expire.
+    /// In the queue's slot, so that the recovery sweep ends them.
+    pub fn expiring(&self) -> String {
+        self.key("expiring")
+    }
+
     /// Prefix of the run and wait times' sub-windows (hashes; scripts
     /// append the sub-window's number: see [`crate::domain::times`]).
     pub fn times(&self) -> String {

@@ -47,6 +47,10 @@ struct CreateArgs {
     /// Create it paused.
     #[arg(long)]
     paused: bool,
+    /// Each fired task is cancelled ("expired") if it has not started this
+    /// long after its tick's submit (`5m`).
+    #[arg(long, value_parser = super::connect::parse_duration)]
+    expires: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -139,12 +143,16 @@ async fn create(
         time_zone,
         missed,
         paused,
+        expires,
     } = args;
     let schedule = pb::Schedule {
         name,
         cron,
         time_zone,
-        task: Some(template(task, spec)),
+        task: Some(pb::TaskTemplate {
+            expire_after: pb_duration(expires),
+            ..template(task, spec)
+        }),
         missed_tick_policy: match missed {
             None => 0,
             Some(Missed::Skip) => pb::MissedTickPolicy::Skip as i32,
@@ -170,6 +178,7 @@ fn template(name: String, spec: TaskSpec) -> pb::TaskTemplate {
         queue: spec.queue,
         soft_time_limit: pb_duration(spec.soft_time_limit),
         time_limit: pb_duration(spec.time_limit),
+        expire_after: None,
     }
 }
 

@@ -111,6 +111,25 @@ pub struct TaskSpec {
     pub time_limit: Option<Duration>,
 }
 
+/// `--expires`: when a task not started by then is cancelled instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expires {
+    /// This long after the submit (`expire_after`).
+    After(Duration),
+    /// At this time (`expire_time`).
+    At(std::time::SystemTime),
+}
+
+/// A duration (`10m`, `30`) or an RFC 3339 time with its offset.
+pub fn parse_expiry(s: &str) -> Result<Expires, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(Expires::At(at.into()));
+    }
+    super::connect::parse_duration(s)
+        .map(Expires::After)
+        .map_err(|e| format!("{e}, or an RFC 3339 time (2026-12-05T18:00:00Z)"))
+}
+
 pub(crate) fn pb_duration(d: Option<Duration>) -> Option<prost_types::Duration> {
     d.and_then(|d| prost_types::Duration::try_from(d).ok())
 }
@@ -125,6 +144,10 @@ struct SubmitArgs {
     /// Run it after this delay (`10s`).
     #[arg(long, value_parser = super::connect::parse_duration)]
     countdown: Option<Duration>,
+    /// Cancel it ("expired") if it has not started by then: a duration
+    /// from now (`10m`) or an RFC 3339 time (`2026-12-05T18:00:00Z`).
+    #[arg(long, value_name = "DURATION|RFC3339", value_parser = parse_expiry)]
+    expires: Option<Expires>,
     /// Submitting the same key again returns the first task.
     #[arg(long, default_value = "")]
     idempotency_key: String,
@@ -284,6 +307,7 @@ async fn submit(
         name,
         spec,
         countdown,
+        expires,
         idempotency_key,
         depends_on,
         debounce_key,
@@ -305,6 +329,14 @@ async fn submit(
         depends_on,
         debounce_key,
         debounce_window: pb_duration(debounce_window),
+        expire_after: match expires {
+            Some(Expires::After(d)) => pb_duration(Some(d)),
+            _ => None,
+        },
+        expire_time: match expires {
+            Some(Expires::At(at)) => Some(prost_types::Timestamp::from(at)),
+            _ => None,
+        },
         ..Default::default()
     };
     let reply = one(conn, client.submit_task(conn.unary(request)).await)?;
@@ -418,6 +450,9 @@ pub(crate) fn print_task(t: &pb::Task) {
     ];
     if !t.schedule.is_empty() {
         lines.push(("schedule", t.schedule.clone()));
+    }
+    if t.expire_time.is_some() {
+        lines.push(("expires", output::time(t.expire_time.as_ref())));
     }
     for field in ["args", "kwargs", "result"] {
         if let Some(v) = json.get(field) {

@@ -58,6 +58,10 @@ pub struct Template {
     /// Hard time limit (ms); `None` means the default.
     #[serde(default)]
     pub hard_ms: Option<u64>,
+    /// Each fired task expires this long (ms) after its submit if not
+    /// started by then; `None`: it does not expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expire_after_ms: Option<u64>,
 }
 
 impl Template {
@@ -73,6 +77,7 @@ impl Template {
             queue: None,
             soft_ms: None,
             hard_ms: None,
+            expire_after_ms: None,
         }
     }
 }

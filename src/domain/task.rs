@@ -414,6 +414,9 @@ pub struct Task {
     /// The debounce key it was submitted with: while it has not started,
     /// a submit with the key to its queue replaces it.
     pub debounce_key: Option<String>,
+    /// When it expires (ms since the epoch), if it does: still waiting then,
+    /// it ends CANCELLED ("cancelled: expired") instead of running late.
+    pub expire_ms: Option<i64>,
 }
 
 /// The W3C trace context a task carries from the call that submitted it to

@@ -103,6 +103,11 @@ fn template(t: Option<pb::TaskTemplate>) -> Result<Template, Status> {
             time::SOFT_TIME_LIMIT,
         )?,
         hard_ms: millis("schedule.task.time_limit", t.time_limit, time::TIME_LIMIT)?,
+        expire_after_ms: millis(
+            "schedule.task.expire_after",
+            t.expire_after,
+            time::EXPIRE_AFTER,
+        )?,
     })
 }
 
@@ -131,6 +136,7 @@ fn to_pb_template(t: &Template) -> pb::TaskTemplate {
         queue: t.queue.clone().unwrap_or_default(),
         soft_time_limit: t.soft_ms.and_then(pb_duration_ms),
         time_limit: t.hard_ms.and_then(pb_duration_ms),
+        expire_after: t.expire_after_ms.and_then(pb_duration_ms),
     }
 }
 

@@ -67,6 +67,15 @@ pub(crate) const DEBOUNCE_WINDOW: Range = Range {
     text: "1 ms to 24 h",
 };
 
+/// How long after its submit a task not started expires (`expire_after`;
+/// and `expire_time` from now): past the longest countdown, so that a task
+/// scheduled that far can still expire after its start.
+pub(crate) const EXPIRE_AFTER: Range = Range {
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(366 * DAY),
+    text: "1 ms to 366 days",
+};
+
 /// A task's hard time limit (`time_limit`).
 pub(crate) const TIME_LIMIT: Range = Range {
     min: Duration::from_millis(1),

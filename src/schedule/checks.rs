@@ -8,7 +8,7 @@ use super::error::ScheduleError;
 use super::spec::{CronSpec, SpecError};
 use crate::domain::schedule::{Schedule, Template};
 use crate::domain::task::{Category, Priority, QueueName};
-use crate::tasks::engine::NewTask;
+use crate::tasks::engine::{Expiry, NewTask};
 
 /// Checks everything a client chose of `schedule`; the parsed expression.
 pub fn validate(schedule: &Schedule) -> Result<CronSpec, ScheduleError> {
@@ -59,6 +59,9 @@ pub fn new_task(template: &Template, schedule: &str) -> Result<NewTask, Schedule
     };
     new.soft_time_limit = template.soft_ms.map(Duration::from_millis);
     new.time_limit = template.hard_ms.map(Duration::from_millis);
+    new.expires = template
+        .expire_after_ms
+        .map(|ms| Expiry::After(Duration::from_millis(ms)));
     new.schedule = Some(schedule.to_owned());
     Ok(new)
 }

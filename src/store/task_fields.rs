@@ -23,6 +23,9 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
         ("result_ttl_ms", task.result_ttl_ms.to_string()),
         ("token", task.token.to_string()),
     ];
+    if let Some(t) = task.expire_ms {
+        f.push(("expire_ms", t.to_string()));
+    }
     if let Some(t) = task.schedule_tick_ms {
         f.push(("schedule_tick_ms", t.to_string()));
     }
@@ -114,6 +117,7 @@ pub fn from_fields(
             state: text("trace_state"),
         }),
         debounce_key: text("debounce_key"),
+        expire_ms: opt_num("expire_ms"),
     })
 }
 
@@ -157,6 +161,7 @@ mod tests {
                 state: Some("vendor=x".into()),
             }),
             debounce_key: Some("doc-7".into()),
+            expire_ms: Some(1_800_000_060_000),
         };
         let fields = to_fields(&task)
             .into_iter()

@@ -351,6 +351,74 @@ fn cron_commands() {
     assert!(gone.stderr.contains("NOT_FOUND"), "{}", gone.stderr);
 }
 
+/// `task submit --expires`: a duration (the task, held in a paused queue,
+/// ends CANCELLED "expired" and `task watch` exits 1) or an RFC 3339 time
+/// (shown by `task get`); a malformed value exits 2 naming the flag, an
+/// expiry before the countdown exits 3 naming the field.
+#[test]
+fn task_expiry_commands() {
+    let (_koo, addr) = serve(&[("KOO_TASK_SWEEP_INTERVAL", "100ms")]);
+    let koo = |args: &[&str]| koo_at(&addr, &[], args);
+    koo(&["queue", "pause", "research"]).ok();
+    let submit = |extra: &[&str]| {
+        let mut args = vec![
+            "task",
+            "submit",
+            "koo.diagnostics.noop",
+            "--category",
+            "research",
+        ];
+        args.extend_from_slice(extra);
+        koo(&args)
+    };
+    let stale = submit(&["--expires", "300ms"]).ok().trim().to_owned();
+    let watched = koo(&["task", "watch", &stale, "--json"]);
+    assert_eq!(watched.code, 1, "{}{}", watched.stdout, watched.stderr);
+    let last = watched
+        .stdout
+        .lines()
+        .last()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .unwrap();
+    assert_eq!(last["state"], "TASK_STATE_CANCELLED", "{last}");
+    let task = koo(&["task", "get", &stale, "--json"]).json();
+    assert_eq!(task["error"]["message"], "cancelled: expired", "{task}");
+
+    // a day ahead, in whole seconds, given with an offset
+    let at = chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() + 86_400, 0).unwrap();
+    let offset = chrono::FixedOffset::east_opt(3600).unwrap();
+    let given = at
+        .with_timezone(&offset)
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false);
+    let utc = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let fresh = submit(&["--expires", &given]).ok().trim().to_owned();
+    let task = koo(&["task", "get", &fresh, "--json"]).json();
+    let shown = task.get("expireTime").or_else(|| task.get("expire_time"));
+    assert_eq!(shown.and_then(|v| v.as_str()), Some(utc.as_str()), "{task}");
+    assert!(
+        koo(&["task", "get", &fresh])
+            .ok()
+            .lines()
+            .any(|l| l.starts_with("expires:") && l.contains(&utc[..10])),
+        "task get shows the expiry"
+    );
+
+    let bad = submit(&["--expires", "soon"]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("--expires") && bad.stderr.contains("RFC 3339"),
+        "{}",
+        bad.stderr
+    );
+    let never = submit(&["--expires", "1s", "--countdown", "1m"]);
+    assert_eq!(never.code, 3, "{}", never.stderr);
+    assert!(
+        never.stderr.contains("INVALID_ARGUMENT") && never.stderr.contains("expire_after"),
+        "{}",
+        never.stderr
+    );
+}
+
 /// Queues: pause (a task submitted then stays queued), ls shows who and
 /// why, resume (the task runs); an unknown queue exits 3 naming the field.
 #[test]

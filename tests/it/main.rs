@@ -18,6 +18,7 @@ mod config_env;
 mod dashboard;
 mod dead_letters;
 mod debounce;
+mod expiry;
 mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;

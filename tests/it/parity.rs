@@ -1,9 +1,9 @@
 //! The model-based parity test of the two task stores.
 //!
-//! Random sequences of operations (submits with and without dependencies,
-//! leases, heartbeats, progress, finishes of every kind, finish-and-lease,
-//! give-backs, cancels, retries by hand, the passing of time, recovery
-//! sweeps and trims) are applied to the Redis backend (the Lua scripts, on a
+//! Random sequences of operations (submits with and without dependencies
+//! or an expiry, leases, heartbeats, progress, finishes of every kind,
+//! finish-and-lease, give-backs, cancels, retries by hand, the passing of
+//! time, recovery sweeps and trims) are applied to the Redis backend (the Lua scripts, on a
 //! real redis-server) and to the embedded one, step by step. Every step's
 //! result must be the same on both, and so must the final state: every task
 //! as stored, each queue's figures, history (with its cap), dead letters,
@@ -89,6 +89,8 @@ enum Step {
         hard_s: u8,
         /// A dependency: an index into the tasks submitted so far.
         after: Option<usize>,
+        /// Expires this long after its countdown (0: never).
+        expire_s: u8,
     },
     Lease {
         queue: usize,
@@ -148,9 +150,10 @@ fn end() -> impl Strategy<Value = End> {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => (0..2usize, 0..2usize, 0..4u8, prop_oneof![3 => Just(0u8), 1 => 1u8..40], 0..3u8,
-              prop_oneof![2 => Just(0u8), 1 => 5u8..60], prop::option::weighted(0.25, 0..64usize))
-            .prop_map(|(queue, name, priority, delay_s, max_retries, hard_s, after)| Step::Submit {
-                queue, name, priority, delay_s, max_retries, hard_s, after,
+              prop_oneof![2 => Just(0u8), 1 => 5u8..60], prop::option::weighted(0.25, 0..64usize),
+              prop_oneof![3 => Just(0u8), 1 => 1u8..90])
+            .prop_map(|(queue, name, priority, delay_s, max_retries, hard_s, after, expire_s)| Step::Submit {
+                queue, name, priority, delay_s, max_retries, hard_s, after, expire_s,
             }),
         6 => (0..2usize, 0..3usize, prop_oneof![Just(10u8), Just(45u8)])
             .prop_map(|(queue, serves, lease_s)| Step::Lease { queue, serves, lease_s }),
@@ -271,6 +274,7 @@ fn new_task(
             state: name.is_multiple_of(4).then(|| "vendor=x".to_owned()),
         }),
         debounce_key: None,
+        expire_ms: None,
     }
 }
 
@@ -396,6 +400,7 @@ impl World {
                 delay_s,
                 max_retries,
                 hard_s,
+                expire_s,
                 ..
             } => {
                 let submit = submit.expect("a submit's id is chosen in apply");
@@ -408,6 +413,11 @@ impl World {
                     *hard_s,
                 );
                 let delay = Duration::from_secs(*delay_s as u64);
+                if *expire_s > 0 {
+                    // after its countdown, as the engine requires
+                    let after_ms = (u64::from(*delay_s) + u64::from(*expire_s)) * 1000;
+                    task.expire_ms = Some(self.clock.now_ms() + after_ms as i64);
+                }
                 if let Some(dep) = submit.after.clone() {
                     task.depends_on = vec![dep.to_string()];
                     let reply = store.depend_on(&dep, &task.id, later()).await.unwrap();

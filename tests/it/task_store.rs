@@ -95,6 +95,7 @@ on_both!(
     history_is_trimmed_at_the_cap,
     the_store_clock_moves_due_times_and_leases,
     idempotency_claims_expire_on_the_store_clock,
+    expired_tasks_never_lease_nor_exhaust_the_scan,
 );
 
 impl Fixture {
@@ -785,4 +786,65 @@ async fn idempotency_claims_expire_on_the_store_clock(f: Fixture) {
     );
     let claimed = s.idempotency_claimed(&keys, later()).await.unwrap();
     assert_eq!(claimed, [true, false]);
+}
+
+/// A pile of expired tasks ahead of a live one (more than the scan limit)
+/// does not hide it: the lease ends them on the way (CANCELLED, "cancelled:
+/// expired", no attempt), hands out the live one, and never an expired one;
+/// the sweep ends a scheduled task past its expiry.
+async fn expired_tasks_never_lease_nor_exhaust_the_scan(f: Fixture) {
+    let limits = TaskLimits {
+        lease_scan: 10,
+        ..TaskLimits::default()
+    };
+    let now = koo::store::unix_millis(std::time::SystemTime::now());
+    let mut expired = Vec::new();
+    for _ in 0..105 {
+        let mut t = f.task("job", Priority::Normal, 3);
+        t.expire_ms = Some(now + 1_000);
+        f.submit(&t).await;
+        expired.push(t.id);
+    }
+    let live = f.task("job", Priority::Normal, 3);
+    f.submit(&live).await;
+    let mut due = f.task("job", Priority::Normal, 3);
+    due.expire_ms = Some(now + 1_000);
+    f.store
+        .submit(&due, Duration::from_secs(600), limits, later())
+        .await
+        .unwrap();
+    f.clock.advance(Duration::from_secs(2));
+    let leased = f
+        .store
+        .lease(
+            &f.queue,
+            "w",
+            Duration::from_secs(30),
+            &["*"],
+            limits,
+            later(),
+        )
+        .await
+        .unwrap()
+        .expect("the live task, behind 105 expired ones");
+    assert_eq!(leased.id, live.id);
+    for id in [&expired[0], &expired[104]] {
+        let t = f.store.get(id, later()).await.unwrap().unwrap();
+        assert_eq!((t.state, t.attempts), (State::Cancelled, 0));
+        assert!(t.error.unwrap().contains("cancelled: expired"));
+    }
+    let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
+    assert_eq!((stats.ready, stats.scheduled), (0, 1));
+    f.store
+        .recover(&f.queue, false, limits, later())
+        .await
+        .unwrap();
+    let t = f.store.get(&due.id, later()).await.unwrap().unwrap();
+    assert_eq!(
+        t.state,
+        State::Cancelled,
+        "the sweep ends a due-later task past its expiry"
+    );
+    let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
+    assert_eq!(stats.scheduled, 0);
 }

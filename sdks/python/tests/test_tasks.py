@@ -139,6 +139,37 @@ def test_countdown_eta_and_dependencies(target: str, ns: str) -> None:
     asyncio.run(scenario())
 
 
+def test_expires_as_celery_takes_it(target: str, ns: str) -> None:
+    """expires= takes seconds, a timedelta or a datetime; a task not started by
+    then ends CANCELLED ("cancelled: expired"); a bad expiry is refused."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        before = datetime.now(timezone.utc)
+        soon = await tm.submit_task(f"sdk.{ns}.stale", TaskCategory.RESEARCH, expires=0.3)
+        later, _ = await tm.submit(f"sdk.{ns}.fresh", TaskCategory.RESEARCH, expires=timedelta(hours=1))
+        at = before + timedelta(hours=2)
+        fixed, _ = await tm.submit(f"sdk.{ns}.fixed", TaskCategory.RESEARCH, expires=at)
+        assert later.expire_time is not None
+        assert timedelta(minutes=59) < later.expire_time - before < timedelta(minutes=61)
+        assert fixed.expire_time is not None and abs(fixed.expire_time - at) < timedelta(milliseconds=2)
+        assert later.to_dict()["expire_time"] == later.expire_time.isoformat()
+        final = [i async for i in tm.watch(soon)][-1]
+        assert final.state is TaskState.CANCELLED and final.error == "cancelled: expired"
+        assert final.attempts == 0 and final.start_time is None
+        assert (await tm.get_task_status(later.id)).state is TaskState.QUEUED
+        with pytest.raises(KooError) as err:
+            await tm.submit_task(f"sdk.{ns}.late", TaskCategory.RESEARCH, countdown=60, expires=30)
+        assert err.value.code.name == "INVALID_ARGUMENT" and "expire_after" in err.value.message
+        with pytest.raises(KooError) as err:
+            await tm.submit_task(f"sdk.{ns}.past", TaskCategory.RESEARCH, expires=before - timedelta(minutes=1))
+        assert err.value.code.name == "INVALID_ARGUMENT" and "expire_time" in err.value.message
+        for t in (later.id, fixed.id):
+            await tm.cancel(t)
+
+    asyncio.run(scenario())
+
+
 def test_idempotency_key(target: str, ns: str) -> None:
     """The same key and content returns the first task; other content is refused."""
 

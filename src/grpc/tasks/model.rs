@@ -172,6 +172,7 @@ pub(crate) fn to_pb_task(t: Task) -> pb::Task {
         depends_on: t.depends_on,
         schedule: t.schedule.unwrap_or_default(),
         schedule_time: timestamp(t.schedule_tick_ms),
+        expire_time: timestamp(t.expire_ms),
         cache_result: t
             .cache_result
             .as_deref()

@@ -13,7 +13,7 @@ use crate::grpc::json;
 use crate::grpc::status::{at_index, invalid_argument};
 use crate::grpc::time::{self, duration};
 use crate::pb::tasks::v1 as pb;
-use crate::tasks::engine::{Debounce, NewTask};
+use crate::tasks::engine::{Debounce, Expiry, NewTask};
 
 /// A submit as the engine takes it; `cache` resolves a cached result's
 /// default TTL; `trace` is the submitting call's trace context.
@@ -65,6 +65,7 @@ pub(super) fn new_task(
         (None, None) => Duration::ZERO,
     };
     let debounce = debounce(&r.debounce_key, r.debounce_window)?;
+    let expires = expires(r.expire_time, r.expire_after)?;
     Ok(NewTask {
         debounce,
         name: r.name,
@@ -84,6 +85,7 @@ pub(super) fn new_task(
         schedule: None,
         schedule_tick_ms: None,
         trace,
+        expires,
     })
 }
 
@@ -105,6 +107,29 @@ fn debounce(key: &str, window: Option<prost_types::Duration>) -> Result<Option<D
             key: key.to_owned(),
             window,
         })),
+    }
+}
+
+/// The submit's expiry: `expire_time` or `expire_after`, not both (their
+/// relation to now and to the countdown is the engine's check).
+fn expires(
+    at: Option<prost_types::Timestamp>,
+    after: Option<prost_types::Duration>,
+) -> Result<Option<Expiry>, Status> {
+    let at = time::time(
+        "expire_time",
+        at,
+        Some((time::EXPIRE_AFTER.max(), "366 days")),
+    )?;
+    let after = duration("expire_after", after, time::EXPIRE_AFTER)?;
+    match (at, after) {
+        (Some(_), Some(_)) => Err(invalid_argument(
+            "expire_after",
+            "give either expire_time or expire_after, not both",
+        )),
+        (Some(at), None) => Ok(Some(Expiry::At(at))),
+        (None, Some(d)) => Ok(Some(Expiry::After(d))),
+        (None, None) => Ok(None),
     }
 }
 

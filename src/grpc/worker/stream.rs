@@ -263,6 +263,7 @@ mod tests {
             log: vec![],
             trace: None,
             debounce_key: None,
+            expire_ms: None,
         };
         Outbound::Task {
             task: Box::new(task),

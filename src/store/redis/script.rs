@@ -64,6 +64,8 @@ pub(crate) enum Key {
     Paused,
     /// The queue's debounce keys (key -> unstarted task id).
     Debounce,
+    /// Waiting ids that expire, by expiry.
+    Expiring,
 }
 
 impl Key {
@@ -84,6 +86,7 @@ impl Key {
             Self::Times => "times",
             Self::Paused => "paused",
             Self::Debounce => "debounce",
+            Self::Expiring => "expiring",
         }
     }
 
@@ -104,6 +107,7 @@ impl Key {
             Self::Times => keys.times(),
             Self::Paused => keys.paused(),
             Self::Debounce => keys.debounce(),
+            Self::Expiring => keys.expiring(),
             Self::Claim => return None,
         })
     }

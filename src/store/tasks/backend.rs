@@ -29,6 +29,28 @@
 //!   result TTL and `limits.dead_ttl`. The end's [`Count`] is bumped.
 //!   Its PENDING dependents are then released (see [`TaskBackend::finish`]).
 //!   A debounce key it holds is let go (see [`TaskBackend::submit_debounced`]).
+//! - **Expiry** (`expire_ms`, Celery's `expires`): a task with one is in
+//!   its queue's expiring set (by expiry, in the queue's slot) while it
+//!   waits (QUEUED, SCHEDULED, PENDING, or a retry's backoff): **submit**
+//!   adds it, **lease** takes it out as it starts, **finish** (a retry),
+//!   **release** and **recover** (a requeue) put it back, and every end of
+//!   a waiting task takes it out, so the set holds only tasks that may
+//!   still expire. A waiting task past its expiry ends CANCELLED (error
+//!   `cancelled: expired`; "Ending"; counts `Cancelled`; event
+//!   `cancelled`): **recover** ends those of the set (at most 100 a call),
+//!   so they show up within a sweep even in a paused or idle queue;
+//!   **lease** never hands one out, whatever the sweep's timing: an expired
+//!   candidate no task waits on is ended on the way, one that others wait
+//!   on is skipped and left to **recover** (which ends it; the embedded
+//!   store releases its dependents as it ends, and on Redis the same
+//!   sweep's repair does, so both stores agree at every step). The first
+//!   100 expired candidates of a lease call do not count against the scan
+//!   limit, like stale entries, so a pile of them cannot hide the live
+//!   tasks behind it; more do, which bounds the call. A **finish** whose
+//!   retry would start past the expiry ends CANCELLED (expired) instead.
+//!   A RUNNING task is never stopped by expiry. **Retry** (RetryTask)
+//!   drops the expiry (and, on Redis, the task's list of dependents, all
+//!   released as it ended, as the embedded store forgets them).
 //!
 //! [`Count`]: crate::domain::Count
 
@@ -324,8 +346,11 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// attempt (`worker lost: lease lapsed`), and becomes: CANCELLED when a
     /// cancel was asked for; TIMED_OUT past its hard deadline; QUEUED again
     /// (scored now) when `acks_late` and its budget remains; else FAILED.
-    /// An end is "Ending" with its error. Event: the state after. Returns
-    /// how many entries were handled (lapsed and due). The embedded store
+    /// An end is "Ending" with its error. Event: the state after. Waiting
+    /// tasks past their expiry end (at most 100; see "Expiry"). Returns
+    /// how many entries were handled (lapsed and due; expired ones are not
+    /// counted, so that a dependent another queue's release ended first
+    /// on the embedded store does not tell the stores apart). The embedded store
     /// also forgets expired results here.
     async fn recover(
         &self,

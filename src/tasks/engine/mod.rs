@@ -39,7 +39,7 @@ mod times;
 pub use self::config::TaskConfig;
 pub use self::debounce::{Debounce, MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_WINDOW};
 pub use self::lease::Finish;
-pub use self::submit::{MAX_ARGUMENTS, NewTask};
+pub use self::submit::{Expiry, MAX_ARGUMENTS, NewTask};
 pub use crate::tasks::error::TaskError;
 
 /// A cancel asked for through this process: the task, and the reason its

@@ -1,5 +1,8 @@
 //! The recovery sweep: lapsed leases back to their queues, due tasks
-//! promoted, and dependency releases a dead process did not make.
+//! promoted, waiting tasks past their expiry ended (so that they show up
+//! CANCELLED within a sweep even in a paused or idle queue), and dependency
+//! releases a dead process did not make (or that an expiry in a lease
+//! call left to it, on Redis).
 
 use std::time::Duration;
 

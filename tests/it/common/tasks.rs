@@ -315,5 +315,6 @@ pub fn queued_task(queue: &QueueName, name: &str, priority: Priority, max_retrie
         log: vec![],
         trace: None,
         debounce_key: None,
+        expire_ms: None,
     }
 }

@@ -103,6 +103,8 @@ class TaskInfo:
     end_time: datetime | None
     debounce_key: str = ""
     """The debounce key it was submitted with ("" for none)."""
+    # When it expires if not started by then (`expires=` on submit), if it does.
+    expire_time: datetime | None = None
 
     @property
     def status(self) -> str:
@@ -148,7 +150,19 @@ class TaskInfo:
             start_time=from_timestamp(t.start_time),
             end_time=from_timestamp(t.end_time),
             debounce_key=t.debounce_key,
+            expire_time=from_timestamp(t.expire_time) if t.HasField("expire_time") else None,
         )
+
+
+def _set_expiry(req: pb.SubmitTaskRequest, expires: datetime | Seconds | None) -> None:
+    """Sets the submit's expiry as Celery's `expires` takes it: a datetime is
+    `expire_time`; seconds or a timedelta from now are `expire_after`."""
+    if expires is None:
+        return
+    if isinstance(expires, datetime):
+        req.expire_time.CopyFrom(to_timestamp(expires))
+    else:
+        req.expire_after.CopyFrom(to_duration(expires))
 
 
 @dataclass(frozen=True)
@@ -267,6 +281,7 @@ class TaskManager:
         result_ttl: Seconds | None = None,
         debounce_key: str | None = None,
         debounce_window: Seconds | None = None,
+        expires: datetime | Seconds | None = None,
     ) -> tuple[TaskInfo, bool]:
         """Submits a task; returns it and whether an earlier submit took it
         (`deduplicated`): the task first stored with the same idempotency key,
@@ -300,6 +315,7 @@ class TaskManager:
             req.time_limit.CopyFrom(to_duration(time_limit))
         if result_ttl is not None:
             req.result_ttl.CopyFrom(to_duration(result_ttl))
+        _set_expiry(req, expires)
         r = await rpc(self._stub().SubmitTask(req, metadata=self._conn.metadata()))
         return TaskInfo.from_proto(r.task), r.deduplicated
 
@@ -322,6 +338,7 @@ class TaskManager:
         result_ttl: Seconds | None = None,
         debounce_key: str | None = None,
         debounce_window: Seconds | None = None,
+        expires: datetime | Seconds | None = None,
     ) -> str:
         """The seed's call: submits a task and returns its id.
 
@@ -331,6 +348,9 @@ class TaskManager:
         first task's id; `debounce_key` with `debounce_window` makes a burst
         of submits one task, which runs once with the last one's arguments
         (see `submit`).
+        first task's id; `expires` (a datetime, or seconds or a timedelta
+        from now: Celery's `expires`) ends it CANCELLED ("cancelled:
+        expired") if it has not started by then instead of running late.
         """
         task, _ = await self.submit(
             task_name,
@@ -349,6 +369,7 @@ class TaskManager:
             result_ttl=result_ttl,
             debounce_key=debounce_key,
             debounce_window=debounce_window,
+            expires=expires,
         )
         return task.id
 

@@ -123,6 +123,7 @@ mod tests {
             log: Vec::new(),
             trace: None,
             debounce_key: Some("doc-7".into()),
+            expire_ms: None,
         }
     }
 

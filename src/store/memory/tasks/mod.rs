@@ -17,6 +17,7 @@
 
 mod debounce;
 mod events;
+mod expiry;
 mod reads;
 mod snapshot;
 mod state;

@@ -83,6 +83,9 @@ pub struct QueueImage {
     /// `debounce` hash).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub debounce: BTreeMap<String, String>,
+    /// Waiting ids that expire, by expiry (absent from older snapshots).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expiring: Vec<(i64, String)>,
 }
 
 /// One saved event.
@@ -178,6 +181,7 @@ fn queue_image(q: &Queue) -> QueueImage {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
+        expiring: zset_image(&q.expiring),
     }
 }
 
@@ -212,6 +216,7 @@ fn queue_from(image: QueueImage) -> Queue {
         counts: Counts::from_stored(image.counts),
         paused: image.paused.and_then(crate::domain::Pause::from_stored),
         debounce: image.debounce.into_iter().collect(),
+        expiring: zset_from(image.expiring),
         ..Queue::default()
     }
 }
@@ -402,6 +407,7 @@ mod tests {
             log: Vec::new(),
             trace: None,
             debounce_key: None,
+            expire_ms: None,
         }
     }
 
@@ -541,6 +547,35 @@ mod tests {
         // event positions go on from where they were
         let reader = back.event_reader(&q, Some("1"), dl()).await.unwrap();
         assert_eq!(reader.position(), "1");
+    }
+
+    /// A waiting task's expiry survives a save and load (its queue's
+    /// expiring set with it): the loaded store's sweep ends it CANCELLED
+    /// ("cancelled: expired") once it has passed, and not before.
+    #[tokio::test]
+    async fn an_expiry_survives_a_snapshot() {
+        let m = MemoryTasks::default();
+        let q = Category::Research.default_queue();
+        let limits = TaskLimits::default();
+        let mut t = task(&q, "t");
+        let at = crate::store::unix_millis(std::time::SystemTime::now()) + 60_000;
+        t.expire_ms = Some(at);
+        m.submit(&t, Duration::ZERO, limits, dl()).await.unwrap();
+        let json = serde_json::to_string(&m.export()).unwrap();
+        assert_eq!(json.matches("\"expiring\"").count(), 1, "{json}");
+        let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
+        let state =
+            |b: &MemoryTasks| b.read(|s, _| s.tasks.get(t.id.as_str()).map(|e| e.task.state));
+        back.write(|s, now| s.recover(&q, false, limits, now));
+        assert_eq!(state(&back), Some(State::Queued), "not yet");
+        back.write(|s, now| s.recover(&q, false, limits, now + 61_000));
+        let ended = back.get(&t.id, dl()).await.unwrap().unwrap();
+        assert_eq!(ended.state, State::Cancelled);
+        assert_eq!(ended.expire_ms, Some(at));
+        assert!(
+            ended.error.unwrap().contains("cancelled: expired"),
+            "the cancel's form"
+        );
     }
 
     /// A paused queue is still paused after a save and load (a queue that

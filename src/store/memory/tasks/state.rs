@@ -134,6 +134,9 @@ pub(super) struct Queue {
     /// Debounce keys and the unstarted task holding each (kept in
     /// snapshots; see `debounce.rs`).
     pub(super) debounce: HashMap<String, String>,
+    /// Waiting ids that expire, by expiry (ms), as `expiring` on Redis
+    /// (not [`Tasks::expiring`], which is about ended tasks' results).
+    pub(super) expiring: ZSet,
 }
 
 impl Queue {
@@ -408,15 +411,18 @@ impl Tasks {
             let q = self.queues.entry(queue.clone()).or_default();
             if state != State::Succeeded {
                 q.pending.remove(&dependent);
+                q.expiring.remove(&dependent);
+                // past its own expiry it ends as expired, whichever of the
+                // two ends it first (as resolve.lua)
+                let message = if e.task.expire_ms.is_some_and(|at| at <= now) {
+                    "cancelled: expired".to_owned()
+                } else {
+                    format!("dependency {id} ended {}", state.as_str().to_uppercase())
+                };
                 e.task.state = State::Cancelled;
                 e.task.finished_ms = Some(now);
-                e.task.error = Some(
-                    serde_json::json!({
-                        "message": format!("dependency {id} ended {}", state.as_str().to_uppercase()),
-                        "retryable": false,
-                    })
-                    .to_string(),
-                );
+                e.task.error =
+                    Some(serde_json::json!({ "message": message, "retryable": false }).to_string());
                 q.count(Count::Cancelled);
                 push_event(q, &mut self.last_event, limits, &e.task, None, now);
                 self.end(&queue, &dependent, limits, now, false);

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::MAX_TASKS;
+use super::expiry::expire_retry;
 use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
@@ -45,6 +46,9 @@ impl Tasks {
             q.scheduled.add(id, now.saturating_add(delay));
         } else {
             q.ready.add(id, task.priority.band() as i64 * BAND + now);
+        }
+        if let Some(at) = task.expire_ms {
+            q.expiring.add(id, at);
         }
         q.count(Count::Submitted);
         push_event(q, &mut self.last_event, limits, &task, None, now);
@@ -89,6 +93,9 @@ impl Tasks {
         task.state = State::Pending;
         let q = self.queues.entry(task.id.queue()).or_default();
         q.pending.add(id, now);
+        if let Some(at) = task.expire_ms {
+            q.expiring.add(id, at);
+        }
         q.count(Count::Submitted);
         push_event(q, &mut self.last_event, limits, &task, None, now);
         self.tasks.insert(
@@ -148,35 +155,25 @@ impl Tasks {
         now: i64,
     ) -> Option<Task> {
         self.promote_due(queue, limits, now);
-        let q = self.queues.entry(queue.clone()).or_default();
         // a paused queue hands out nothing (due tasks still became QUEUED)
-        if q.paused.is_some() {
+        if self.queues.get(queue).is_some_and(|q| q.paused.is_some()) {
             return None;
         }
-        let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
-        // the first ready task served among the first `lease_scan` queued
-        // ones, in order; stale entries (gone, or moved on) seen on the way
-        // are dropped and, as on Redis, do not count against the scan
-        let mut stale = Vec::new();
-        let mut chosen = None;
-        let mut looked = 0;
-        for (_, id) in q.ready.by_score.iter() {
-            if looked >= limits.lease_scan {
-                break;
-            }
-            match self.tasks.get(id) {
-                Some(e) if e.task.state == State::Queued => {
-                    looked += 1;
-                    if serves(&e.task.name) {
-                        chosen = Some(id.clone());
-                        break;
-                    }
-                }
-                _ => stale.push(id.clone()),
-            }
-        }
+        let Scan {
+            chosen,
+            stale,
+            expired,
+        } = scan_ready(self, queue, names, limits, now);
+        let q = self.queues.entry(queue.clone()).or_default();
         for id in &stale {
             q.ready.remove(id);
+        }
+        if let Some(id) = &chosen {
+            // it starts in time: it no longer expires (until it waits again)
+            q.expiring.remove(id);
+        }
+        for id in &expired {
+            self.end_expired(queue, id, limits, now);
         }
         let mut leased = None;
         // started: a later submit with its debounce key makes a new task
@@ -255,6 +252,7 @@ impl Tasks {
         q.ready.remove(id.as_str());
         q.scheduled.remove(id.as_str());
         q.pending.remove(id.as_str());
+        q.expiring.remove(id.as_str());
         e.task.state = State::Cancelled;
         e.task.finished_ms = Some(now);
         e.task.error = Some(
@@ -294,6 +292,8 @@ impl Tasks {
         e.task.error = None;
         e.task.result = None;
         e.task.progress = None;
+        // an operator's requeue runs it whenever it can: its expiry is dropped
+        e.task.expire_ms = None;
         q.ready
             .add(id.as_str(), e.task.priority.band() as i64 * BAND + now);
         q.count(Count::Requeued);
@@ -331,6 +331,10 @@ impl Tasks {
             id.as_str(),
             e.task.priority.band() as i64 * BAND + e.task.created_ms,
         );
+        // waiting again: it may expire again (the lease ends it if it has)
+        if let Some(at) = e.task.expire_ms {
+            q.expiring.add(id.as_str(), at);
+        }
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         Ok(true)
     }
@@ -379,7 +383,7 @@ impl Tasks {
             return Ok(None);
         };
         let q = self.queues.entry(queue.clone()).or_default();
-        let outcome = e.decide(outcome);
+        let outcome = expire_retry(e.decide(outcome), e.task.expire_ms, now);
         q.leases.remove(id.as_str());
         entry.insert("ended_ms".into(), now.into());
         if let Outcome::Retry { delay, .. } = &outcome {
@@ -401,6 +405,10 @@ impl Tasks {
                 e.task.error = Some(error);
                 q.scheduled
                     .add(id.as_str(), now.saturating_add(millis(delay)));
+                // waiting out its backoff, it may expire again
+                if let Some(at) = e.task.expire_ms {
+                    q.expiring.add(id.as_str(), at);
+                }
                 push_event(q, &mut self.last_event, limits, &e.task, None, now);
                 State::Scheduled
             }
@@ -446,6 +454,8 @@ impl Tasks {
     ) -> u64 {
         self.purge_expired(now);
         let due = self.promote_due(queue, limits, now);
+        // not counted, as on Redis (see recover.lua)
+        self.sweep_expired(queue, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
         let lapsed = q.leases.up_to(now, BATCH);
         let mut ended = Vec::new();
@@ -484,6 +494,10 @@ impl Tasks {
             q.count(Count::Lost);
             if state == State::Queued {
                 q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
+                // waiting again, it may expire again (the lease ends it if it has)
+                if let Some(at) = e.task.expire_ms {
+                    q.expiring.add(id, at);
+                }
             } else {
                 q.count_end(state);
                 let why = match (&e.cancel, state) {
@@ -551,4 +565,60 @@ impl Tasks {
             events: 0,
         }
     }
+}
+
+/// What a lease's scan of the ready set found.
+struct Scan {
+    /// The task to lease.
+    chosen: Option<String>,
+    /// Entries whose task is gone or moved on: dropped.
+    stale: Vec<String>,
+    /// Queued tasks past their expiry: ended, never leased.
+    expired: Vec<String>,
+}
+
+/// The first ready task served among the first `lease_scan` queued ones,
+/// in order, as lease.lua scans. Stale entries (gone, or moved on) seen on
+/// the way do not count against the scan; nor do the first [`BATCH`]
+/// expired ones (more do, which bounds the call's work), so a pile of them
+/// cannot hide the live tasks behind it. An expired task is never chosen:
+/// one that no task waits on is to be ended; one that others wait on is
+/// left to the sweep (as on Redis, where the sweep's repair releases them).
+fn scan_ready(s: &Tasks, queue: &QueueName, names: &[&str], limits: TaskLimits, now: i64) -> Scan {
+    let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
+    let mut scan = Scan {
+        chosen: None,
+        stale: Vec::new(),
+        expired: Vec::new(),
+    };
+    let Some(q) = s.queues.get(queue) else {
+        return scan;
+    };
+    let (mut looked, mut expired_seen) = (0, 0);
+    for (_, id) in q.ready.by_score.iter() {
+        if looked >= limits.lease_scan {
+            break;
+        }
+        match s.tasks.get(id) {
+            Some(e) if e.task.state != State::Queued => scan.stale.push(id.clone()),
+            None => scan.stale.push(id.clone()),
+            Some(e) if e.task.expire_ms.is_some_and(|at| at <= now) => {
+                expired_seen += 1;
+                if !s.dependents.contains_key(id) {
+                    scan.expired.push(id.clone());
+                }
+                if expired_seen > BATCH {
+                    looked += 1;
+                }
+            }
+            Some(e) => {
+                looked += 1;
+                if serves(&e.task.name) {
+                    scan.chosen = Some(id.clone());
+                    break;
+                }
+            }
+        }
+    }
+    scan
 }

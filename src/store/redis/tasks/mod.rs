@@ -8,8 +8,10 @@
 //!
 //! Reads live in `reads.rs` (run and wait times in `times.rs`), the event
 //! stream in `events.rs`, worker
-//! records, the lease key and idempotency claims in `registry.rs`.
+//! records, the lease key and idempotency claims in `registry.rs`, the
+//! arguments and replies of the lease and finish scripts in `args.rs`.
 
+mod args;
 mod debounce;
 mod events;
 mod reads;
@@ -20,7 +22,8 @@ mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
-use scripts::finish_args;
+
+use args::{finish_args, lease_args, leased};
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -85,30 +88,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Arguments of lease.lua (its keys are pushed with the queue's).
-fn lease_args(
-    call: &mut Invocation<'_>,
-    keys: &QueueKeys,
-    next: &LeaseAsk<'_>,
-    limits: TaskLimits,
-) {
-    call.arg("prefix", keys.task_prefix())
-        .arg("lease_ms", millis(next.lease))
-        .arg("worker", next.worker)
-        .arg("events_cap", limits.events)
-        .arg("scan", limits.lease_scan);
-    for name in next.names {
-        call.extra(*name);
-    }
-}
-
-/// A leased task's hash, as lease.lua returns it.
-fn leased(fields: Option<HashMap<String, String>>) -> Result<Option<Task>> {
-    fields
-        .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
-        .transpose()
-}
-
 impl RedisStore {
     /// Runs a script that is safe to repeat (it checks before it writes),
     /// with the retries of [`RedisStore::run`].
@@ -155,7 +134,8 @@ impl RedisTasks {
             .arg("band", task.priority.band())
             .arg("delay_ms", millis(delay))
             .arg("events_cap", limits.events)
-            .arg("deps", waiting.len());
+            .arg("deps", waiting.len())
+            .arg("expire_ms", task.expire_ms.unwrap_or(0));
         for dep in waiting {
             call.extra(dep.as_str());
         }

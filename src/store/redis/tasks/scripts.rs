@@ -3,20 +3,15 @@
 //! and the scripts built from them once per store (see
 //! [`crate::store::redis::script`]).
 
-use std::time::Duration;
-
-use super::millis;
-use crate::domain::Outcome;
-use crate::domain::task::TaskId;
-use crate::store::redis::script::{Composed, Invocation, Key, Spec};
-use crate::store::tasks::TaskLimits;
+use crate::store::redis::script::{Composed, Key, Spec};
 
 /// The shared Lua library (`ready_score`, `add_event`, `promote_due`,
 /// `record_end`, ...).
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Debounce, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled,
+    Claim, Dead, Debounce, Events, Expiring, History, HistoryData, Leases, Paused, Pending, Ready,
+    Scheduled,
     Stats, Task, Times,
 };
 
@@ -24,8 +19,8 @@ use Key::{
 /// value pairs.
 pub(super) const SUBMIT: Spec = Spec {
     name: "submit",
-    keys: &[Task, Ready, Scheduled, Events, Stats, Pending],
-    args: &["id", "band", "delay_ms", "events_cap", "deps"],
+    keys: &[Task, Ready, Scheduled, Events, Stats, Pending, Expiring],
+    args: &["id", "band", "delay_ms", "events_cap", "deps", "expire_ms"],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
 };
@@ -52,8 +47,26 @@ pub(super) const DEBOUNCE: Spec = Spec {
 /// Then the task names served (`*`: all).
 pub(super) const LEASE: Spec = Spec {
     name: "lease",
-    keys: &[Ready, Scheduled, Leases, Events, Paused],
-    args: &["prefix", "lease_ms", "worker", "events_cap", "scan"],
+    keys: &[
+        Ready,
+        Scheduled,
+        Leases,
+        Events,
+        Paused,
+        History,
+        HistoryData,
+        Dead,
+        Stats,
+        Expiring,
+    ],
+    args: &[
+        "prefix",
+        "lease_ms",
+        "worker",
+        "events_cap",
+        "scan",
+        "history_cap",
+    ],
     variadic: true,
     body: include_str!("../lua/tasks/lease.lua"),
 };
@@ -87,6 +100,7 @@ pub(super) const FINISH: Spec = Spec {
         Dead,
         Events,
         Stats,
+        Expiring,
     ],
     args: &[
         "id",
@@ -115,6 +129,8 @@ pub(super) const RECOVER: Spec = Spec {
         Events,
         Stats,
         Scheduled,
+        Expiring,
+        Pending,
     ],
     args: &[
         "prefix",
@@ -137,7 +153,7 @@ pub(super) const TRIM: Spec = Spec {
 
 pub(super) const RELEASE: Spec = Spec {
     name: "release",
-    keys: &[Task, Leases, Ready, Events],
+    keys: &[Task, Leases, Ready, Events, Expiring],
     args: &["id", "token", "events_cap", "log"],
     variadic: false,
     body: include_str!("../lua/tasks/release.lua"),
@@ -155,6 +171,7 @@ pub(super) const CANCEL: Spec = Spec {
         Events,
         Stats,
         Pending,
+        Expiring,
     ],
     args: &["id", "events_cap", "history_cap", "reason"],
     variadic: false,
@@ -206,6 +223,7 @@ pub(super) const RESOLVE: Spec = Spec {
         Dead,
         Events,
         Stats,
+        Expiring,
     ],
     args: &[
         "id",
@@ -290,33 +308,6 @@ impl TaskScripts {
     }
 }
 
-/// Arguments of finish.lua.
-pub(super) fn finish_args(
-    call: &mut Invocation<'_>,
-    id: &TaskId,
-    token: u32,
-    outcome: &Outcome,
-    log: &str,
-    limits: TaskLimits,
-) {
-    let (name, payload, delay) = match outcome {
-        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
-        Outcome::Retry { error, delay } => ("retry", error, *delay),
-        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
-        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
-        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
-    };
-    call.arg("id", id.as_str())
-        .arg("token", token)
-        .arg("events_cap", limits.events)
-        .arg("outcome", name)
-        .arg("payload", payload.as_str())
-        .arg("delay_ms", millis(delay))
-        .arg("history_cap", limits.history)
-        .arg("log", log)
-        .arg("dead_ttl_ms", millis(limits.dead_ttl));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,14 +342,14 @@ mod tests {
         );
     }
 
-    /// Finish-then-lease reads lease's keys after finish's eight and its
+    /// Finish-then-lease reads lease's keys after finish's nine and its
     /// arguments after finish's nine (and the clock offset).
     #[test]
     fn finish_and_lease_offsets() {
         let text = TaskScripts::new().finish_lease.text().to_owned();
-        assert!(text.contains("local K_ready = KEYS[9]"), "{text}");
+        assert!(text.contains("local K_ready = KEYS[10]"), "{text}");
         assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
-        assert!(text.contains("local ARGN = 16"), "{text}");
+        assert!(text.contains("local ARGN = 17"), "{text}");
         assert!(text.contains("local function finish()"));
         assert!(text.contains("local function lease()"));
     }

@@ -75,6 +75,7 @@ mod tests {
             log: vec![],
             trace: None,
             debounce_key: None,
+            expire_ms: None,
         };
         Held {
             task,

@@ -15,6 +15,7 @@ if state ~= 'queued' and state ~= 'scheduled' and state ~= 'pending' then return
 redis.call('ZREM', K_ready, A_id)
 redis.call('ZREM', K_scheduled, A_id)
 redis.call('ZREM', K_pending, A_id)
+redis.call('ZREM', K_expiring, A_id)
 redis.call('HSET', K_task, 'state', 'cancelled', 'finished_ms', now,
   'error', cjson.encode({ message = 'cancelled: ' .. A_reason, retryable = false }))
 redis.call('HINCRBY', K_stats, 'cancelled', 1)

@@ -3,8 +3,8 @@
 -- caller releases them only then), then the attempt's times (times_of in
 -- lib.lua: none, or name, sub-window, run, wait) }, or false when fenced. KEYS and ARGV:
 -- declared in scripts.rs (FINISH).
-local state, token, cancel, name, attempts, created, started = unpack(redis.call('HMGET', K_task,
-  'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms'))
+local state, token, cancel, name, attempts, created, started, expire_ms = unpack(redis.call('HMGET',
+  K_task, 'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms', 'expire_ms'))
 if state ~= 'running' or token ~= A_token then return false end
 local outcome = A_outcome
 if outcome == 'retry' and budget_spent(K_task) then
@@ -15,6 +15,11 @@ local payload = A_payload
 if cancel and outcome ~= 'succeeded' then
   outcome = 'cancelled'
   payload = cjson.encode({ message = 'cancelled: ' .. cancel, retryable = false })
+end
+-- a retry past the task's expiry would wait for nothing: it ends now
+if outcome == 'retry' and expired(expire_ms) then
+  outcome = 'cancelled'
+  payload = cjson.encode({ message = 'cancelled: expired', retryable = false })
 end
 -- everything that can fail comes before the first write: Redis does not
 -- roll a script back
@@ -30,6 +35,8 @@ if outcome == 'retry' then
   redis.call('HINCRBY', K_stats, 'retried', 1)
   redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload)
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
+  -- waiting out its backoff, it may expire again
+  if expire_ms then redis.call('ZADD', K_expiring, expire_ms, A_id) end
   add_event(K_events, A_events_cap, A_id, name, 'scheduled', 'at', now)
   return { 'scheduled', unpack(times) }
 end

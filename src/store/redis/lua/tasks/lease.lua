@@ -25,22 +25,46 @@ local function more()
   for _, id in ipairs(got) do candidates[#candidates + 1] = id end
   return true
 end
-local i = 0
+-- expired candidates are never handed out: one that no task waits on is
+-- ended on the way; one that others wait on is left to the sweep, which
+-- ends it and releases them in the same pass (as the embedded store does).
+-- The first 100 of a call do not count against the scan limit (so a pile
+-- of them cannot hide the live tasks behind it); more take a place each,
+-- which bounds a call's work.
+local i, expired_seen = 0, 0
 while true do
   i = i + 1
   if i > #candidates and not more() then break end
   local id = candidates[i]
   local key = prefix .. id
-  local name, state, dkey = unpack(redis.call('HMGET', key, 'name', 'state', 'debounce_key'))
+  local name, state, expire_ms, dkey =
+    unpack(redis.call('HMGET', key, 'name', 'state', 'expire_ms', 'debounce_key'))
   if not name or state ~= 'queued' then
     -- a ready entry whose task is gone or has moved on: drop it (the
     -- ranks after it shift down by one)
     redis.call('ZREM', K_ready, id)
     from = from - 1
+  elseif expired(expire_ms) then
+    -- never hand out a task past its expiry, whatever the sweep's timing
+    expired_seen = expired_seen + 1
+    if redis.call('EXISTS', key .. ':dependents') == 0 then
+      redis.call('ZREM', K_ready, id)
+      redis.call('ZREM', K_expiring, id)
+      end_expired(key, id, name, K_history, K_history_data, K_dead, K_stats, K_events,
+        A_history_cap, A_events_cap)
+      -- the ranks after it shift down by one
+      from = from - 1
+      if expired_seen > 100 then limit = limit - 1 end
+    elseif expired_seen <= 100 then
+      -- skipped: its place is given back to the scan
+      limit = limit + 1
+    end
   elseif serves_all or served[name] then
     redis.call('ZREM', K_ready, id)
     -- started: a later submit with its debounce key makes a new task
     forget_debounce(key, id, dkey)
+    -- it starts in time: it no longer expires (until it waits again)
+    if expire_ms then redis.call('ZREM', K_expiring, id) end
     local attempt = redis.call('HINCRBY', key, 'attempts', 1)
     -- the fencing token grows with every lease (attempts can be given back)
     redis.call('HINCRBY', key, 'token', 1)

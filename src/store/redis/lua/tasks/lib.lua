@@ -109,6 +109,25 @@ local function record_end(key, id, outcome, history, history_data, dead, cap, de
   redis.call('PEXPIRE', key .. ':dependents', ttl)
 end
 
+-- Whether a task's expiry (its `expire_ms` field, as read: false when it
+-- has none) has passed: then, still waiting, it must never start.
+local function expired(expire_ms)
+  return expire_ms and tonumber(expire_ms) <= now
+end
+
+-- Ends waiting task `id` (hash `key`, named `name`) CANCELLED because its
+-- expiry passed, in the cancel's form ("cancelled: expired"; see
+-- TaskBackend's "Expiry" in src/store/tasks/backend.rs). The caller has
+-- taken it out of its waiting set and the expiring set. Its dependents
+-- are released by the caller, or by the sweep's repair.
+local function end_expired(key, id, name, history, history_data, dead, stats, events, history_cap, events_cap)
+  redis.call('HSET', key, 'state', 'cancelled', 'finished_ms', now,
+    'error', cjson.encode({ message = 'cancelled: expired', retryable = false }))
+  redis.call('HINCRBY', stats, 'cancelled', 1)
+  record_end(key, id, 'cancelled', history, history_data, dead, history_cap, nil, true)
+  add_event(events, events_cap, id, name, 'cancelled', 'at', now)
+end
+
 -- Whether the retry budget is spent: attempts since the last RetryTask
 -- (`attempt_base`) beyond `max_retries`.
 local function budget_spent(key)

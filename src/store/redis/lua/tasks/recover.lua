@@ -4,14 +4,29 @@
 -- in scripts.rs (RECOVER).
 local prefix = A_prefix
 local due = promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
+-- waiting tasks past their expiry end CANCELLED, even in a paused or idle
+-- queue (an entry of a task that started or ended is only dropped)
+local expiring = redis.call('ZRANGEBYSCORE', K_expiring, '-inf', now, 'LIMIT', 0, 100)
+for _, id in ipairs(expiring) do
+  redis.call('ZREM', K_expiring, id)
+  local key = prefix .. id
+  local state, name = unpack(redis.call('HMGET', key, 'state', 'name'))
+  if state == 'queued' or state == 'scheduled' or state == 'pending' then
+    redis.call('ZREM', K_ready, id)
+    redis.call('ZREM', K_scheduled, id)
+    redis.call('ZREM', K_pending, id)
+    end_expired(key, id, name, K_history, K_history_data, K_dead, K_stats, K_events,
+      A_history_cap, A_events_cap)
+  end
+end
 local out = { '' }
 local lapsed = redis.call('ZRANGEBYSCORE', K_leases, '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
   redis.call('ZREM', K_leases, id)
-  local state, attempts, band, hard_until, worker, cancel, name, created, started = unpack(
+  local state, attempts, band, hard_until, worker, cancel, name, created, started, expire_ms = unpack(
     redis.call('HMGET', key, 'state', 'attempts', 'band', 'hard_until', 'worker', 'cancel', 'name',
-      'created_ms', 'started_ms'))
+      'created_ms', 'started_ms', 'expire_ms'))
   if state == 'running' then
     local outcome
     local hard = tonumber(hard_until or '0')
@@ -35,6 +50,8 @@ for _, id in ipairs(lapsed) do
     if outcome == 'queued' then
       redis.call('HSET', key, 'state', 'queued')
       redis.call('ZADD', K_ready, ready_score(band, now), id)
+      -- waiting again, it may expire again (the lease ends it if it has)
+      if expire_ms then redis.call('ZADD', K_expiring, expire_ms, id) end
     else
       local why = 'worker lost: lease lapsed'
       if outcome == 'timed_out' then why = 'hard time limit reached' end
@@ -46,5 +63,8 @@ for _, id in ipairs(lapsed) do
     add_event(K_events, A_events_cap, id, name, outcome, 'at', now)
   end
 end
+-- expired entries are not counted: a dependent in another queue may have
+-- been ended by its dependency's release before this call on the embedded
+-- store, and the count must not tell the stores apart
 out[1] = tostring(#lapsed + due)
 return out

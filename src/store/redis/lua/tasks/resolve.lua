@@ -1,13 +1,17 @@
 -- Resolve a dependency (see TaskBackend::resolve_dependency). Idempotent.
 -- Returns the task's state after, or 'missing'. KEYS and ARGV: declared in
 -- scripts.rs (RESOLVE).
-local state, band = unpack(redis.call('HMGET', K_task, 'state', 'band'))
+local state, band, expire_ms = unpack(redis.call('HMGET', K_task, 'state', 'band', 'expire_ms'))
 if not state then return 'missing' end
 if state ~= 'pending' then return state end
 redis.call('SREM', K_task .. ':deps', A_dependency)
 if A_dependency_state ~= 'succeeded' then
   redis.call('ZREM', K_pending, A_id)
+  redis.call('ZREM', K_expiring, A_id)
   local why = 'dependency ' .. A_dependency .. ' ended ' .. string.upper(A_dependency_state)
+  -- past its own expiry it ends as expired, whichever of the two ends it
+  -- first (the sweep's order across queues must not matter)
+  if expired(expire_ms) then why = 'cancelled: expired' end
   redis.call('HSET', K_task, 'state', 'cancelled', 'finished_ms', now,
     'error', cjson.encode({ message = why, retryable = false }))
   redis.call('HINCRBY', K_stats, 'cancelled', 1)

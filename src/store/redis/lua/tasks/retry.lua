@@ -12,8 +12,12 @@ redis.call('HDEL', K_history_data, A_id)
 redis.call('ZREM', K_dead, A_id)
 redis.call('PERSIST', K_task)
 redis.call('PERSIST', K_task .. ':log')
+-- its dependents were released as it ended (the embedded store forgets
+-- them then): waiting on it is over
+redis.call('DEL', K_task .. ':dependents')
 redis.call('HSET', K_task, 'state', 'queued', 'attempt_base', attempts)
-redis.call('HDEL', K_task, 'cancel', 'finished_ms', 'error', 'result', 'progress')
+-- an operator's requeue runs it whenever it can: its expiry is dropped
+redis.call('HDEL', K_task, 'cancel', 'finished_ms', 'error', 'result', 'progress', 'expire_ms')
 redis.call('ZADD', K_ready, ready_score(band, now), A_id)
 redis.call('HINCRBY', K_stats, 'requeued', 1)
 add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)

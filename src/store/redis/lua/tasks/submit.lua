@@ -23,6 +23,7 @@ elseif state == 'queued' then
 else
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
 end
+if tonumber(A_expire_ms) > 0 then redis.call('ZADD', K_expiring, A_expire_ms, A_id) end
 redis.call('HINCRBY', K_stats, 'submitted', 1)
 add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), state, 'at', now)
 return now

@@ -169,6 +169,7 @@ class TaskTemplate(google.protobuf.message.Message):
     QUEUE_FIELD_NUMBER: builtins.int
     SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
     TIME_LIMIT_FIELD_NUMBER: builtins.int
+    EXPIRE_AFTER_FIELD_NUMBER: builtins.int
     name: builtins.str
     """Handler name."""
     category: koo.tasks.v1.task_service_pb2.TaskCategory.ValueType
@@ -195,6 +196,14 @@ class TaskTemplate(google.protobuf.message.Message):
     def time_limit(self) -> google.protobuf.duration_pb2.Duration:
         """Hard time limit; absent means TASK_TIME_LIMIT."""
 
+    @property
+    def expire_after(self) -> google.protobuf.duration_pb2.Duration:
+        """Each fired task expires this long after its tick's submit if not
+        started by then (SubmitTaskRequest.expire_after; Celery beat's
+        `expires` on a periodic task): a backlog never runs stale ticks late.
+        Absent: fired tasks do not expire.
+        """
+
     def __init__(
         self,
         *,
@@ -207,9 +216,10 @@ class TaskTemplate(google.protobuf.message.Message):
         queue: builtins.str = ...,
         soft_time_limit: google.protobuf.duration_pb2.Duration | None = ...,
         time_limit: google.protobuf.duration_pb2.Duration | None = ...,
+        expire_after: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "kwargs", b"kwargs", "max_retries", b"max_retries", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "category", b"category", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "category", b"category", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
     def WhichOneof(self, oneof_group: typing.Literal["_max_retries", b"_max_retries"]) -> typing.Literal["max_retries"] | None: ...
 
 Global___TaskTemplate: typing_extensions.TypeAlias = TaskTemplate

@@ -1,0 +1,77 @@
+//! Expiry on the embedded store: a waiting task past its `expire_ms` ends
+//! CANCELLED ("cancelled: expired") instead of running late, as
+//! `end_expired` and the expiring set do on Redis (`lib.lua`,
+//! `recover.lua`, `lease.lua`); see `TaskBackend`'s "Expiry".
+
+use super::state::{BATCH, Tasks, push_event};
+use crate::domain::task::{QueueName, State};
+use crate::domain::{Count, Outcome};
+use crate::store::tasks::TaskLimits;
+
+/// The error a task that expired ends with: the cancel's form.
+fn expired_error() -> String {
+    serde_json::json!({ "message": "cancelled: expired", "retryable": false }).to_string()
+}
+
+/// A finish's outcome after the task's expiry: a retry past it would wait
+/// for nothing, so it ends CANCELLED ("cancelled: expired") now.
+pub(super) fn expire_retry(outcome: Outcome, expire_ms: Option<i64>, now: i64) -> Outcome {
+    match outcome {
+        Outcome::Retry { .. } if expire_ms.is_some_and(|at| at <= now) => {
+            Outcome::Cancelled(expired_error())
+        }
+        other => other,
+    }
+}
+
+impl Tasks {
+    /// Ends waiting task `id` of `queue` as expired: out of its waiting
+    /// set and the expiring set, CANCELLED, counted and ended as a cancel
+    /// (its dependents are released as it ends). A task not waiting is
+    /// left alone: one that started in time is never stopped by expiry.
+    pub(super) fn end_expired(
+        &mut self,
+        queue: &QueueName,
+        id: &str,
+        limits: TaskLimits,
+        now: i64,
+    ) {
+        let q = self.queues.entry(queue.clone()).or_default();
+        q.expiring.remove(id);
+        let Some(e) = self.tasks.get_mut(id).filter(|e| {
+            matches!(
+                e.task.state,
+                State::Queued | State::Scheduled | State::Pending
+            )
+        }) else {
+            return;
+        };
+        q.ready.remove(id);
+        q.scheduled.remove(id);
+        q.pending.remove(id);
+        e.task.state = State::Cancelled;
+        e.task.finished_ms = Some(now);
+        e.task.error = Some(expired_error());
+        q.count(Count::Cancelled);
+        push_event(q, &mut self.last_event, limits, &e.task, None, now);
+        self.end(queue, id, limits, now, false);
+    }
+
+    /// The sweep's part: ends up to [`BATCH`] waiting tasks of `queue`
+    /// whose expiry has passed (an entry of a task that started or ended
+    /// is only dropped), then releases their dependents.
+    pub(super) fn sweep_expired(&mut self, queue: &QueueName, limits: TaskLimits, now: i64) {
+        let due = self
+            .queues
+            .get(queue)
+            .map(|q| q.expiring.up_to(now, BATCH))
+            .unwrap_or_default();
+        // as on Redis, where the engine releases dependents after the call:
+        // a dependent that expires in the same batch ends "expired" too
+        self.deferring_releases(limits, now, |s| {
+            for id in &due {
+                s.end_expired(queue, id, limits, now);
+            }
+        });
+    }
+}

@@ -1,0 +1,67 @@
+//! The arguments task scripts take and the replies they give, shared by
+//! the transitions that run the same script alone or composed (lease, and
+//! finish-then-lease).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::millis;
+use crate::domain::Outcome;
+use crate::domain::task::{Task, TaskId};
+use crate::keys::QueueKeys;
+use crate::store::redis::script::Invocation;
+use crate::store::task_fields;
+use crate::store::tasks::{LeaseAsk, TaskLimits};
+use crate::store::{Result, StoreError};
+
+/// Arguments of lease.lua (its keys are pushed with the queue's).
+pub(super) fn lease_args(
+    call: &mut Invocation<'_>,
+    keys: &QueueKeys,
+    next: &LeaseAsk<'_>,
+    limits: TaskLimits,
+) {
+    call.arg("prefix", keys.task_prefix())
+        .arg("lease_ms", millis(next.lease))
+        .arg("worker", next.worker)
+        .arg("events_cap", limits.events)
+        .arg("scan", limits.lease_scan)
+        .arg("history_cap", limits.history);
+    for name in next.names {
+        call.extra(*name);
+    }
+}
+
+/// Arguments of finish.lua.
+pub(super) fn finish_args(
+    call: &mut Invocation<'_>,
+    id: &TaskId,
+    token: u32,
+    outcome: &Outcome,
+    log: &str,
+    limits: TaskLimits,
+) {
+    let (name, payload, delay) = match outcome {
+        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
+        Outcome::Retry { error, delay } => ("retry", error, *delay),
+        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
+        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
+    };
+    call.arg("id", id.as_str())
+        .arg("token", token)
+        .arg("events_cap", limits.events)
+        .arg("outcome", name)
+        .arg("payload", payload.as_str())
+        .arg("delay_ms", millis(delay))
+        .arg("history_cap", limits.history)
+        .arg("log", log)
+        .arg("dead_ttl_ms", millis(limits.dead_ttl));
+}
+
+/// A leased task's hash, as lease.lua returns it.
+pub(super) fn leased(fields: Option<HashMap<String, String>>) -> Result<Option<Task>> {
+    fields
+        .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
+        .transpose()
+}
