@@ -1,0 +1,401 @@
+//! The browser tests' harness: a real `koo serve` (embedded store, built-in
+//! workers, scheduler) on ephemeral loopback ports, Debian's Chromium driven
+//! by playwright-core, and grpcurl to act on koo as a user would.
+//!
+//! Nothing is mocked. koo is started with port 0 for both listeners and the
+//! harness reads the bound addresses from its log; readiness is a health
+//! check polled against a deadline. Every process started here is killed
+//! when the test process ends, however it ends.
+
+import { spawn, execFile, type ChildProcess } from "node:child_process";
+import { createRequire } from "node:module";
+import { createInterface } from "node:readline";
+import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer, request as httpRequest, type Server } from "node:http";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { AddressInfo } from "node:net";
+import type { Browser, BrowserContext, ConsoleMessage, Page } from "playwright-core";
+
+/** How long any awaited event may take before a test fails. */
+export const EVENT_TIMEOUT_MS = 15_000;
+
+/** The repository's root: the tests run from target/web-test/ (KOO_ROOT overrides). */
+export const ROOT = process.env.KOO_ROOT
+  ? resolve(process.env.KOO_ROOT)
+  : fileURLToPath(new URL("../../", import.meta.url));
+const WEB = join(ROOT, "web");
+
+export const KOO_BIN = process.env.KOO_BIN ?? join(ROOT, "target/debug/koo");
+export const GRPCURL = process.env.GRPCURL ?? join(ROOT, "target/tools-venv/bin/grpcurl");
+export const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
+export const SCREENSHOTS = join(ROOT, "target/dashboard-screenshots");
+
+/** The flags every launch of Chromium gets (the common brief's list). */
+const CHROMIUM_FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+
+/** The viewport of every page, and so of every screenshot. */
+export const VIEWPORT = { width: 1280, height: 900 };
+
+// ---------------------------------------------------------------------------
+// Cleanup: every child is killed when this process ends, however it ends.
+
+const children = new Set<ChildProcess>();
+const tempDirs = new Set<string>();
+
+function killAll(): void {
+  for (const child of children) {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  }
+  children.clear();
+  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
+  tempDirs.clear();
+}
+process.on("exit", killAll);
+for (const signal of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+  process.on(signal, () => {
+    killAll();
+    process.exit(128 + (signal === "SIGINT" ? 2 : signal === "SIGTERM" ? 15 : 1));
+  });
+}
+
+export function tempDir(prefix: string): string {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  tempDirs.add(dir);
+  return dir;
+}
+
+/** Resolves when `check` returns a value other than undefined, polling every `everyMs`; rejects at the deadline. */
+export async function waitUntil<T>(
+  what: string,
+  check: () => Promise<T | undefined> | T | undefined,
+  timeoutMs = EVENT_TIMEOUT_MS,
+  everyMs = 100,
+): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  let last: unknown;
+  for (;;) {
+    try {
+      const value = await check();
+      if (value !== undefined) return value;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last ? `: ${String(last)}` : ""}`);
+    }
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// koo
+
+export interface Koo {
+  /** gRPC address, host:port. */
+  grpc: string;
+  /** HTTP listener address, host:port. */
+  http: string;
+  /** The page's address (koo's own `/`, or the harness's dist server in front of koo). */
+  base: string;
+  /** A key sent by `grpcurl` calls unless one is given (auth on). */
+  adminKey?: string;
+  /** koo's log lines so far (stderr). */
+  log: string[];
+  stop(): Promise<void>;
+}
+
+export interface KooOptions {
+  env?: Record<string, string>;
+  adminKey?: string;
+  /** A name for log messages. */
+  name?: string;
+}
+
+/** The environment of koo's process: the caller's own koo settings removed, so a test sets exactly what it means to. */
+function kooEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (!/^(REDIS_|CACHE_|KOO_|TASK_|CELERY_|OTEL_)/.test(k)) env[k] = v;
+  }
+  return {
+    ...env,
+    KOO_LISTEN: "127.0.0.1:0",
+    KOO_HTTP_LISTEN: "127.0.0.1:0",
+    KOO_LOG: "info",
+    // quick key counts, so the cache page's figures follow the test's Sets
+    KOO_KEY_COUNT_INTERVAL: "0",
+    ...extra,
+  };
+}
+
+/** Starts `koo serve` and waits until it is healthy and its page can be loaded. */
+export async function startKoo(opts: KooOptions = {}): Promise<Koo> {
+  const name = opts.name ?? "koo";
+  const child = spawn(KOO_BIN, ["serve"], {
+    env: kooEnv(opts.env ?? {}),
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  children.add(child);
+  const log: string[] = [];
+  let grpc: string | undefined;
+  let http: string | undefined;
+  let exited: string | undefined;
+  child.on("error", (e) => (exited = `cannot start ${KOO_BIN}: ${e.message}`));
+  child.on("exit", (code, signal) => {
+    exited ??= `${name} exited (${signal ?? code})`;
+    children.delete(child);
+  });
+  // Drained to the end, so koo never blocks on a full pipe.
+  createInterface({ input: child.stderr! }).on("line", (line) => {
+    log.push(line);
+    if (process.env.KOO_TEST_LOG) process.stderr.write(`[${name}] ${line}\n`);
+    const addr = / addr=(\S+)/.exec(line)?.[1];
+    if (addr && line.includes("koo serving gRPC")) grpc = addr;
+    if (addr && line.includes("koo serving HTTP")) http = addr;
+  });
+  const fail = (why: string) => new Error(`${why}\n--- ${name}'s log:\n${log.slice(-30).join("\n")}`);
+  try {
+    await waitUntil(`${name} to announce its addresses`, () => {
+      if (exited) throw fail(exited);
+      return grpc && http ? true : undefined;
+    });
+  } catch (e) {
+    child.kill("SIGKILL");
+    throw e instanceof Error && e.message.includes("log:") ? e : fail(String(e));
+  }
+  const koo: Koo = {
+    grpc: grpc!,
+    http: http!,
+    base: "",
+    adminKey: opts.adminKey,
+    log,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      const gone = new Promise((r) => child.once("exit", r));
+      child.kill("SIGKILL");
+      await gone;
+    },
+  };
+  await waitUntil(
+    `${name}'s health check to answer SERVING`,
+    async () => {
+      if (exited) throw fail(exited);
+      const out = await grpcurl(koo, "grpc.health.v1.Health/Check", {});
+      return out.status === "SERVING" ? true : undefined;
+    },
+    EVENT_TIMEOUT_MS,
+    100,
+  );
+  koo.base = await pageBase(koo);
+  return koo;
+}
+
+// ---------------------------------------------------------------------------
+// The page's origin
+
+/** The headers koo sends with the dashboard (so the dist server enforces the same policy). */
+const CSP =
+  "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
+
+const DIST_TYPES: Record<string, string> = {
+  "/": "text/html; charset=utf-8",
+  "/index.html": "text/html; charset=utf-8",
+  "/app.js": "text/javascript; charset=utf-8",
+  "/app.css": "text/css; charset=utf-8",
+};
+
+/**
+ * Where the page is loaded from. koo serves the dashboard at `/` of its HTTP
+ * listener; a koo built before that (or `KOO_WEB_DIST=<dir>`, to try a fresh
+ * `npm run build` without rebuilding koo) gets a small server in front of it,
+ * on a port of its own, that serves the dist files and passes every other
+ * request (grpc-web, REST) to koo: the page and its calls keep one origin.
+ */
+async function pageBase(koo: Koo): Promise<string> {
+  const own = `http://${koo.http}/`;
+  if (!process.env.KOO_WEB_DIST) {
+    const res = await fetch(own).catch(() => undefined);
+    const body = res?.ok ? await res.text() : "";
+    if (body.includes("app.js") && !body.includes("placeholder")) return own;
+  }
+  const dist = resolve(process.env.KOO_WEB_DIST ?? join(WEB, "dist"));
+  const server = await distServer(dist, koo.http);
+  const port = (server.address() as AddressInfo).port;
+  const stop = koo.stop;
+  koo.stop = async () => {
+    server.closeAllConnections();
+    server.close();
+    await stop();
+  };
+  return `http://127.0.0.1:${port}/`;
+}
+
+function distServer(dist: string, upstream: string): Promise<Server> {
+  const [host, port] = [upstream.slice(0, upstream.lastIndexOf(":")), upstream.slice(upstream.lastIndexOf(":") + 1)];
+  const server = createServer((req, res) => {
+    const path = (req.url ?? "/").split("?")[0];
+    const type = DIST_TYPES[path];
+    if (req.method === "GET" && type) {
+      const file = path === "/" ? "index.html" : path.slice(1);
+      res.writeHead(200, {
+        "content-type": type,
+        "content-security-policy": CSP,
+        "cache-control": "no-store",
+        "x-content-type-options": "nosniff",
+      });
+      res.end(readFileSync(join(dist, file)));
+      return;
+    }
+    const up = httpRequest(
+      { host, port: Number(port), method: req.method, path: req.url, headers: req.headers },
+      (upRes) => {
+        res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+        upRes.pipe(res);
+      },
+    );
+    up.on("error", () => res.destroy());
+    res.on("close", () => up.destroy());
+    req.pipe(up);
+  });
+  return new Promise((ok, err) => {
+    server.once("error", err);
+    server.listen(0, "127.0.0.1", () => ok(server));
+  });
+}
+
+// ---------------------------------------------------------------------------
+// grpcurl, as a user would call koo
+
+/** Calls `method` with the JSON `body` through grpcurl (reflection, plaintext) and returns the JSON reply. */
+export function grpcurl(
+  koo: Koo,
+  method: string,
+  body: unknown,
+  opts: { key?: string | null } = {},
+): Promise<any> {
+  const key = opts.key === undefined ? koo.adminKey : opts.key;
+  const args = ["-plaintext", "-max-time", "10"];
+  if (key) args.push("-H", `authorization: Bearer ${key}`);
+  args.push("-d", JSON.stringify(body), koo.grpc, method);
+  return new Promise((ok, err) => {
+    execFile(GRPCURL, args, { timeout: 15_000, maxBuffer: 16 << 20 }, (e, stdout, stderr) => {
+      if (e) {
+        err(new Error(`grpcurl ${method} ${JSON.stringify(body)}: ${stderr.trim() || e.message}`));
+        return;
+      }
+      try {
+        ok(stdout.trim() ? JSON.parse(stdout) : {});
+      } catch {
+        err(new Error(`grpcurl ${method}: not JSON: ${stdout}`));
+      }
+    });
+  });
+}
+
+/** Submits a task with grpcurl and returns its id. */
+export async function submitTask(koo: Koo, task: Record<string, unknown>, key?: string): Promise<string> {
+  const reply = await grpcurl(koo, "koo.tasks.v1.TaskService/SubmitTask", task, { key });
+  const id = reply?.task?.id;
+  if (typeof id !== "string") throw new Error(`SubmitTask answered ${JSON.stringify(reply)}`);
+  return id;
+}
+
+/** `koo auth new-key`: the key and its keys-file entry. */
+export function newKey(name: string, role: string): Promise<{ key: string; entry: string }> {
+  return new Promise((ok, err) => {
+    execFile(KOO_BIN, ["auth", "new-key", "--name", name, "--role", role], (e, stdout, stderr) => {
+      if (e) return err(new Error(`koo auth new-key: ${stderr || e.message}`));
+      const key = stdout.split("\n").find((l) => l.startsWith("koo_"));
+      const at = stdout.indexOf("[[key]]");
+      if (!key || at < 0) return err(new Error(`koo auth new-key printed ${stdout}`));
+      ok({ key: key.trim(), entry: stdout.slice(at) });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The browser
+
+/** playwright-core from web/node_modules (the tests run from target/web-test/). */
+function loadPlaywright(): typeof import("playwright-core") {
+  return createRequire(join(WEB, "package.json"))("playwright-core");
+}
+
+export async function launchBrowser(): Promise<Browser> {
+  const { chromium } = loadPlaywright();
+  return chromium.launch({
+    executablePath: CHROMIUM,
+    args: CHROMIUM_FLAGS,
+    timeout: 30_000,
+  });
+}
+
+/** A page with its console errors and uncaught exceptions collected. */
+export interface WatchedPage {
+  page: Page;
+  context: BrowserContext;
+  /** Every console error and page error so far. */
+  errors: string[];
+  close(): Promise<void>;
+}
+
+/** Opens a fresh context (its own sessionStorage) and page, collecting every console error and page error. */
+export async function openPage(browser: Browser, koo: Koo, route = ""): Promise<WatchedPage> {
+  const context = await browser.newContext({ viewport: VIEWPORT, baseURL: koo.base });
+  context.setDefaultTimeout(EVENT_TIMEOUT_MS);
+  const page = await context.newPage();
+  const errors: string[] = [];
+  page.on("console", (m: ConsoleMessage) => {
+    if (m.type() === "error") {
+      const from = m.location().url;
+      errors.push(`console.error at ${page.url()}: ${m.text()}${from ? ` (${from})` : ""}`);
+    }
+  });
+  page.on("pageerror", (e: Error) => errors.push(`uncaught at ${page.url()}: ${e.message}`));
+  page.on("crash", () => errors.push(`the page crashed at ${page.url()}`));
+  await page.goto(koo.base + route);
+  return {
+    page,
+    context,
+    errors,
+    close: () => context.close(),
+  };
+}
+
+/** Goes to `#/<route>` within the app (no reload). */
+export async function goRoute(page: Page, route: string): Promise<void> {
+  await page.evaluate((r) => (location.hash = r), `#/${route}`);
+}
+
+/** A full-page screenshot at target/dashboard-screenshots/<name>.png. */
+export async function screenshot(page: Page, name: string): Promise<string> {
+  mkdirSync(SCREENSHOTS, { recursive: true });
+  const path = join(SCREENSHOTS, `${name}.png`);
+  await page.screenshot({ path, fullPage: true, animations: "disabled" });
+  return path;
+}
+
+/** The number in an element's text (thousands separators and units ignored); NaN when none. */
+export function numberIn(text: string | null): number {
+  const m = /-?\d[\d,]*(\.\d+)?/.exec((text ?? "").replace(/\u202f|\u00a0/g, ""));
+  return m ? Number(m[0].replace(/,/g, "")) : NaN;
+}
+
+/** Writes a keys file holding the entries and returns its path. */
+export function keysFile(entries: string[]): string {
+  const dir = tempDir("koo-web-test-");
+  const path = join(dir, "keys.toml");
+  writeFileSync(path, entries.join("\n"));
+  return path;
+}
