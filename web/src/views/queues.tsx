@@ -1,0 +1,6 @@
+// Queues (in progress).
+import { PageHead } from "../ui/components";
+
+export function QueuesView() {
+  return <PageHead title="Queues" />;
+}
