@@ -382,6 +382,8 @@ export async function goRoute(page: Page, route: string): Promise<void> {
 export async function screenshot(page: Page, name: string): Promise<string> {
   mkdirSync(SCREENSHOTS, { recursive: true });
   const path = join(SCREENSHOTS, `${name}.png`);
+  // from the top, so the sticky header sits where it belongs in the full page
+  await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path, fullPage: true, animations: "disabled" });
   return path;
 }

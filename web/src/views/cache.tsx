@@ -66,13 +66,9 @@ function Metrics() {
       const t = (tsMs(snap.sampleTime) ?? Date.now()) / 1000;
       const total = snap.total;
       const byLevel = new Map(snap.levels.map((l) => [l.level, l.counters]));
-      hitRatio.push(t, [
-        total ? total.hitRatio * 100 : null,
-        ...LEVELS.map((l) => {
-          const c = byLevel.get(l);
-          return c ? c.hitRatio * 100 : null;
-        }),
-      ]);
+      // a level nobody read has no ratio (a gap, not a line at 0%)
+      const ratio = (c: CacheCounters | undefined) => (c && c.hits + c.misses > 0n ? c.hitRatio * 100 : null);
+      hitRatio.push(t, [ratio(total), ...LEVELS.map((l) => ratio(byLevel.get(l)))]);
       if (total) {
         const p = prev.current;
         if (p && t > p.t) {
@@ -87,7 +83,7 @@ function Metrics() {
         }
         prev.current = { t, c: total };
       }
-      const lat = snap.latencies.find((l) => l.operation === opRef.current);
+      const lat = snap.latencies.find((l) => l.operation === opRef.current && l.count > 0n);
       latency.push(t, [durationMs(lat?.p50), durationMs(lat?.p95), durationMs(lat?.p99)]);
     },
     [],
@@ -216,9 +212,9 @@ function Metrics() {
               <tr key={l.operation}>
                 <td>{l.operation}</td>
                 <td class="num">{formatCount(l.count)}</td>
-                <td class="num">{formatLatency(l.p50)}</td>
-                <td class="num">{formatLatency(l.p95)}</td>
-                <td class="num">{formatLatency(l.p99)}</td>
+                <td class="num">{l.count > 0n ? formatLatency(l.p50) : "–"}</td>
+                <td class="num">{l.count > 0n ? formatLatency(l.p95) : "–"}</td>
+                <td class="num">{l.count > 0n ? formatLatency(l.p99) : "–"}</td>
               </tr>
             ))}
           </Table>

@@ -104,7 +104,7 @@ export function SchedulesView() {
       <Card class="flush">
         <Table
           testid="schedules-table"
-          head={["name", "cron", "task", "next fire", "last run", "state", ""]}
+          head={["name", "cron", "task", "next fire (local time)", "last run", "state", ""]}
           empty={poll.data ? "no schedules" : "loading…"}
         >
           {list.map((s) => (
