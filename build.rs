@@ -4,6 +4,7 @@
 use std::{env, fs, path::PathBuf};
 
 const PROTOS: &[&str] = &[
+    "koo/auth/v1/auth_service.proto",
     "koo/cache/v1/cache_service.proto",
     "koo/tasks/v1/task_service.proto",
     "koo/worker/v1/worker_service.proto",

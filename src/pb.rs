@@ -3,6 +3,15 @@
 //! `build.rs` compiles `proto/` with protox; this module includes the output and
 //! the encoded descriptor set that server reflection serves.
 
+/// `koo.auth.v1`: the AuthService API (who the caller is).
+pub mod auth {
+    #[allow(clippy::all, clippy::pedantic, missing_docs)]
+    #[rustfmt::skip]
+    pub mod v1 {
+        tonic::include_proto!("koo.auth.v1");
+    }
+}
+
 /// `koo.cache.v1`: the CacheService API.
 pub mod cache {
     #[allow(clippy::all, clippy::pedantic, missing_docs)]

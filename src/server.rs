@@ -23,6 +23,7 @@ use crate::store::StoreError;
 use crate::transport::tls::Tls;
 use crate::transport::{exposure, listener};
 
+mod dashboard;
 mod http;
 mod metrics;
 mod processes;
@@ -232,6 +233,7 @@ impl SideListeners {
                     exporter: Arc::new(exporter),
                     gate: sides.gate,
                     calls: sides.calls,
+                    dashboard: settings.dashboard,
                 },
                 stop.clone(),
             ));

@@ -86,6 +86,8 @@ pub struct Settings {
     pub http_listen: Option<SocketAddr>,
     /// `KOO_CORS_ORIGINS`: pages on other origins that may call koo from a browser.
     pub cors_origins: crate::transport::cors::CorsOrigins,
+    /// `KOO_DASHBOARD`: the web dashboard at `/` of the HTTP listener.
+    pub dashboard: bool,
 }
 
 impl Settings {
@@ -143,6 +145,7 @@ impl Default for Settings {
             health_listen: None,
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
             cors_origins: crate::transport::cors::CorsOrigins::None,
+            dashboard: true,
         }
     }
 }

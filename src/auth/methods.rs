@@ -22,7 +22,7 @@ pub enum Access {
     /// This role or one above it (`Worker` only: the worker role).
     Role(Role),
     /// A reader (or above) or a worker: `GetTask` (a worker reads its
-    /// dependencies' results) and `ListWorkers`.
+    /// dependencies' results), `ListWorkers` and `GetCaller`.
     ReaderOrWorker,
 }
 
@@ -149,6 +149,7 @@ pub const METHODS: &[Method] = &[
     row("/koo.worker.v1.WorkerService/CompleteTask", WORKER, Unary),
     row("/koo.worker.v1.WorkerService/FailTask", WORKER, Unary),
     row("/koo.worker.v1.WorkerService/ListWorkers", ReaderOrWorker, Unary),
+    row("/koo.auth.v1.AuthService/GetCaller", ReaderOrWorker, Unary),
     row("/grpc.health.v1.Health/Check", Open, Unary),
     row("/grpc.health.v1.Health/Watch", Open, Stream),
     row("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", Reflection, Bidi),

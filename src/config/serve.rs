@@ -163,6 +163,7 @@ impl ServeArgs {
             health_listen: self.transport.health_listen,
             http_listen: self.transport.http_listen.0,
             cors_origins: self.transport.cors_origins,
+            dashboard: self.transport.dashboard,
             store,
             cache: CacheConfig {
                 warm_file: self.cache_warm_file,

@@ -42,6 +42,24 @@ pub struct TransportArgs {
     #[arg(long, env = "KOO_CORS_ORIGINS", value_name = "KOO_CORS_ORIGINS", default_value = "",
           hide_default_value = true, value_parser = CorsOrigins::parse)]
     pub cors_origins: CorsOrigins,
+    /// The web dashboard at `/` of the HTTP listener: `on` or `off` (the page and its two files
+    /// answer 404; grpc-web, REST and /metrics stay). The page holds no data: every figure it
+    /// shows comes from calls that pass authentication like any other.
+    #[arg(long, env = "KOO_DASHBOARD", value_name = "KOO_DASHBOARD", default_value = "on",
+          value_parser = parse_dashboard)]
+    pub dashboard: bool,
+}
+
+/// `KOO_DASHBOARD`: `on` (true) or `off` (false), in any case.
+pub(super) fn parse_dashboard(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!(
+            "KOO_DASHBOARD: {:?} is neither `on` nor `off`",
+            crate::quote::clip(s, 64)
+        )),
+    }
 }
 
 /// `KOO_HTTP_LISTEN`: an address, or `off` (`None`).
@@ -97,6 +115,7 @@ mod tests {
             health_listen: None,
             http_listen: HttpListen(None),
             cors_origins: CorsOrigins::None,
+            dashboard: true,
         }
     }
 
@@ -112,6 +131,16 @@ mod tests {
         );
         let e = parse_http_listen("localhost").unwrap_err();
         assert!(e.contains("off"), "{e}");
+    }
+
+    /// `KOO_DASHBOARD` is `on` or `off`; anything else is refused with a
+    /// bounded quote of it.
+    #[test]
+    fn dashboard_is_on_or_off() {
+        assert_eq!(parse_dashboard("on"), Ok(true));
+        assert_eq!(parse_dashboard(" OFF "), Ok(false));
+        let e = parse_dashboard(&"yes".repeat(100)).unwrap_err();
+        assert!(e.contains("`on`") && e.len() < 160, "{e}");
     }
 
     /// No TLS by default; certificate and key come together (one alone is

@@ -1,12 +1,13 @@
 //! gRPC adapters: turn protobuf requests into domain calls and domain results
 //! (or errors) into protobuf replies (or statuses). No domain logic lives here.
 //!
-//! One module per service ([`cache`], [`tasks`], [`worker`], [`schedule`],
+//! One module per service ([`auth`], [`cache`], [`tasks`], [`worker`], [`schedule`],
 //! [`health`]); a service's conversions sit in submodules beside its
 //! handlers. Every domain error becomes a `Status` in `status` (one
 //! exhaustive match per error enum), and [`span`] opens one span per RPC
 //! around every service.
 
+pub mod auth;
 pub mod cache;
 pub mod codec;
 mod deadline;

@@ -3,7 +3,7 @@
 //! service over grpc-web (and gRPC) through the same call layers as the
 //! gRPC listener's (metrics, span, peer, authentication, load shedding),
 //! and the seed's REST paths ([`super::rest`]), whose calls pass the same
-//! layers; the dashboard is a route to add here.
+//! layers; and the web dashboard ([`super::dashboard`]) at `/`.
 //!
 //! Connections come from the same accept loop as the gRPC port's (TLS with
 //! the same certificate when `KOO_TLS_*` is set, bounded handshakes, the
@@ -56,6 +56,8 @@ pub(super) struct Routes {
     pub gate: Gate,
     /// Every service behind the call layers.
     pub calls: Calls,
+    /// Whether the dashboard is served (`KOO_DASHBOARD`).
+    pub dashboard: bool,
 }
 
 /// Every HTTP route; CORS (when `KOO_CORS_ORIGINS` allows other origins)
@@ -66,8 +68,14 @@ fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
         max_body,
         routes.gate.clone(),
     );
+    let pages = if routes.dashboard {
+        super::dashboard::routes()
+    } else {
+        Router::new()
+    };
     let router = Router::new()
         .route("/metrics", get(metrics))
+        .merge(pages)
         .fallback(grpc)
         .with_state(routes)
         .merge(rest)

@@ -19,6 +19,7 @@ use super::{ServerError, Settings};
 use crate::app::Serve;
 use crate::auth::gate::Gate;
 use crate::auth::layer::AuthLayer;
+use crate::grpc::auth::AuthApi;
 use crate::grpc::cache::CacheApi;
 use crate::grpc::health::HealthApi;
 use crate::grpc::metrics::{GrpcMetrics, MetricsLayer};
@@ -27,6 +28,7 @@ use crate::grpc::shed::ShedLayer;
 use crate::grpc::span::SpanLayer;
 use crate::grpc::tasks::TaskApi;
 use crate::grpc::worker::WorkerApi;
+use crate::pb::auth::v1::auth_service_server::AuthServiceServer;
 use crate::pb::cache::v1::cache_service_server::CacheServiceServer;
 use crate::pb::schedule::v1::schedule_service_server::ScheduleServiceServer;
 use crate::pb::tasks::v1::task_service_server::TaskServiceServer;
@@ -88,6 +90,7 @@ pub(super) fn routes(
             .max_encoding_message_size(size),
         )
         .add_service(worker_service(app, settings))
+        .add_service(AuthServiceServer::new(AuthApi::new(settings.authenticates())))
         .add_service(health);
     if gate.serves_reflection() {
         routes

@@ -15,6 +15,7 @@ mod cache;
 mod chaos;
 mod cli;
 mod config_env;
+mod dashboard;
 mod dead_letters;
 mod grpc_web;
 mod hostile_bytes;

@@ -143,17 +143,27 @@ let nextConnId = 1;
 const conns = new Map<number, ConnState>();
 const connListeners = new Set<() => void>();
 
-function reportConn(id: number, state: ConnState | null): void {
+/** A new id for reportConn. */
+export function connId(): number {
+  return nextConnId++;
+}
+
+/** Sets (or with null, removes) one stream's or poll's state for the header's badge. */
+export function reportConn(id: number, state: ConnState | null): void {
   if (state === null) conns.delete(id);
   else conns.set(id, state);
   connListeners.forEach((l) => l());
 }
 
-/** The page's connection as one word: `reconnecting` when any stream or poll is, else `live` once one is. */
+/**
+ * The page's connection as one word: `reconnecting` when any stream or poll
+ * is, `connecting` while one has not answered yet, else `live` (a stream that
+ * ended on purpose, or on an error its view shows, counts as live).
+ */
 export function overallConn(): ConnState {
   const states = [...conns.values()];
   if (states.includes("reconnecting")) return "reconnecting";
-  if (states.includes("live")) return "live";
+  if (states.includes("live") || states.includes("stopped")) return "live";
   return "connecting";
 }
 

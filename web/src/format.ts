@@ -70,7 +70,10 @@ export function tsMs(t: Timestamp | undefined): number | null {
 
 /** Local time, with the date when not today. */
 export function formatTime(t: Timestamp | undefined): string {
-  const ms = tsMs(t);
+  return formatTimeMs(tsMs(t));
+}
+
+export function formatTimeMs(ms: number | null): string {
   if (ms == null) return "–";
   const d = new Date(ms);
   const now = new Date();
@@ -81,7 +84,10 @@ export function formatTime(t: Timestamp | undefined): string {
 
 /** "12 s ago" for a past time, "in 12 s" for a future one. */
 export function formatAgo(t: Timestamp | undefined, now = Date.now()): string {
-  const ms = tsMs(t);
+  return formatAgoMs(tsMs(t), now);
+}
+
+export function formatAgoMs(ms: number | null, now = Date.now()): string {
   if (ms == null) return "–";
   const diff = now - ms;
   return diff >= 0 ? `${formatMs(diff)} ago` : `in ${formatMs(-diff)}`;

@@ -22,7 +22,8 @@ interface Route {
 }
 
 export function parseHash(hash: string): Route {
-  const path = hash.replace(/^#\/?/, "");
+  // A view's own parameters follow a "?" (the feed's filters).
+  const path = hash.replace(/^#\/?/, "").split("?")[0];
   const [name, ...rest] = path.split("/");
   const arg = rest.length ? decodeURIComponent(rest.join("/")) : "";
   switch (name) {

@@ -5,7 +5,7 @@
 import { Code } from "@connectrpc/connect";
 import { createContext, type ComponentChildren } from "preact";
 import { useContext, useEffect, useRef, useState } from "preact/hooks";
-import { authn, errorMessage, errorCode, getApiKey, onUnauthenticated, setApiKey, useKeyVersion } from "./api";
+import { authn, connId, errorMessage, errorCode, getApiKey, onUnauthenticated, reportConn, setApiKey, useKeyVersion } from "./api";
 import { Role } from "./gen/koo/auth/v1/auth_service_pb";
 
 export interface Caller {
@@ -74,14 +74,18 @@ export function SessionProvider({ children }: { children: ComponentChildren }) {
 
   useEffect(() => {
     const ac = new AbortController();
+    // GetCaller counts for the header's badge too (a view may have no stream).
+    const id = connId();
     let timer: ReturnType<typeof setTimeout> | undefined;
     const ask = async () => {
       try {
         const r = await authn.getCaller({}, { signal: ac.signal });
+        reportConn(id, "stopped");
         setSession({ caller: callerOf(r.role, r.principal, r.authRequired, r.serverVersion), needKey: false, error: null });
       } catch (e) {
         if (ac.signal.aborted) return;
         const code = errorCode(e);
+        reportConn(id, code === Code.Unimplemented || code === Code.Unauthenticated ? "stopped" : "reconnecting");
         if (code === Code.Unimplemented) {
           // A koo without AuthService runs open: everyone is an admin.
           setSession({ caller: callerOf(Role.ADMIN, "anonymous", false, ""), needKey: false, error: null });
@@ -98,6 +102,7 @@ export function SessionProvider({ children }: { children: ComponentChildren }) {
     return () => {
       ac.abort();
       clearTimeout(timer);
+      reportConn(id, null);
     };
   }, [kv]);
 

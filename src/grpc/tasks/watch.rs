@@ -52,5 +52,6 @@ fn reply(d: Delivered) -> pb::WatchTasksResponse {
         progress: e.event.progress.as_deref().and_then(progress),
         event_time: timestamp(Some(e.event.at_ms)),
         resume_token: d.resume_token,
+        name: e.event.name.clone(),
     }
 }

@@ -62,6 +62,13 @@ function cssVar(name: string, fallback: string): string {
   return v || fallback;
 }
 
+/** 16:38:05 for seconds since the epoch. */
+function clock(x: number): string {
+  const d = new Date(x * 1000);
+  const p = (n: number) => String(n).padStart(2, "0");
+  return `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
+}
+
 export function Chart({
   rolling,
   series,
@@ -69,6 +76,7 @@ export function Chart({
   height = 160,
   unit = "",
   decimals = 2,
+  span,
 }: {
   rolling: Rolling;
   series: SeriesSpec[];
@@ -77,6 +85,8 @@ export function Chart({
   /** Appended to values in the legend, e.g. "/s" or " ms". */
   unit?: string;
   decimals?: number;
+  /** Show the last this many seconds (the x axis does not stretch while the window fills). */
+  span?: number;
 }) {
   const box = useRef<HTMLDivElement>(null);
 
@@ -91,9 +101,22 @@ export function Chart({
       height,
       legend: { live: true },
       cursor: { drag: { x: false, y: false } },
-      scales: { x: { time: true }, y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] } },
+      scales: {
+        // At most `span` seconds back; while fewer samples exist, the ones there fill the width.
+        x: {
+          time: true,
+          range: span ? (_u, min, max) => (min < max ? [Math.max(min, max - span), max] : [max - 1, max]) : undefined,
+        },
+        y: { range: (_u, _min, max) => [0, max > 0 ? max * 1.1 : 1] },
+      },
       axes: [
-        { stroke: axisColor, grid: { stroke: gridColor, width: 1 }, ticks: { stroke: gridColor, width: 1 } },
+        {
+          stroke: axisColor,
+          grid: { stroke: gridColor, width: 1 },
+          ticks: { stroke: gridColor, width: 1 },
+          space: 70,
+          values: (_u, splits) => splits.map((x) => clock(x)),
+        },
         {
           stroke: axisColor,
           grid: { stroke: gridColor, width: 1 },
@@ -130,7 +153,7 @@ export function Chart({
     };
     // The series' labels define the chart: a change builds a new one.
     // eslint-disable-next-line react-hooks/exhaustive-deps
-  }, [rolling, height, series.map((s) => s.label).join("\n")]);
+  }, [rolling, height, span, series.map((s) => s.label).join("\n")]);
 
   return <div class="chart" ref={box} data-testid={testid} data-samples="0" />;
 }

@@ -1587,6 +1587,7 @@ class WatchTasksResponse(google.protobuf.message.Message):
     PROGRESS_FIELD_NUMBER: builtins.int
     EVENT_TIME_FIELD_NUMBER: builtins.int
     RESUME_TOKEN_FIELD_NUMBER: builtins.int
+    NAME_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """The task."""
     queue: builtins.str
@@ -1595,6 +1596,10 @@ class WatchTasksResponse(google.protobuf.message.Message):
     """Its state after the event."""
     resume_token: builtins.str
     """Pass to WatchTasks to continue after this event."""
+    name: builtins.str
+    """The task's name (so that a live feed can show it without a GetTask per
+    task).
+    """
     @property
     def progress(self) -> Global___TaskProgress:
         """The progress reported, for a progress event."""
@@ -1612,8 +1617,9 @@ class WatchTasksResponse(google.protobuf.message.Message):
         progress: Global___TaskProgress | None = ...,
         event_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
         resume_token: builtins.str = ...,
+        name: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["event_time", b"event_time", "progress", b"progress"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["event_time", b"event_time", "progress", b"progress", "queue", b"queue", "resume_token", b"resume_token", "state", b"state", "task_id", b"task_id"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["event_time", b"event_time", "name", b"name", "progress", b"progress", "queue", b"queue", "resume_token", b"resume_token", "state", b"state", "task_id", b"task_id"]) -> None: ...
 
 Global___WatchTasksResponse: typing_extensions.TypeAlias = WatchTasksResponse
