@@ -8,10 +8,11 @@
 //! One koo (open) and one browser serve every test but the auth ones, which
 //! share a second koo started with KOO_AUTH_FILE.
 
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, describe, test } from "node:test";
 import assert from "node:assert/strict";
 import type { Browser, Page } from "playwright-core";
 import {
+  closeLeftPages,
   grpcurl,
   keysFile,
   launchBrowser,
@@ -35,14 +36,36 @@ before(async () => {
   [koo, browser] = await Promise.all([startKoo({ name: "koo" }), launchBrowser()]);
 });
 
+afterEach(async (t) => {
+  await closeLeftPages(t.name);
+});
+
 after(async () => {
   await browser?.close();
   await koo?.stop();
 });
 
+/** Resolves once the first element's text (trimmed) satisfies `ok`; a timeout names the last text seen. */
+async function textUntil(page: Page, selector: string, ok: (text: string) => boolean, what: string): Promise<string> {
+  let last: string | null = null;
+  try {
+    return await waitUntil(what, async () => {
+      last = (await page.locator(selector).first().textContent({ timeout: 1000 }).catch(() => null))?.trim() ?? null;
+      return last !== null && ok(last) ? last : undefined;
+    });
+  } catch (e) {
+    throw new Error(`${(e as Error).message} (${selector} last said ${JSON.stringify(last)})`);
+  }
+}
+
 /** Waits until the header's connection badge says `live` (a stream or poll answered). */
 async function live(page: Page): Promise<void> {
-  await page.waitForFunction(() => document.querySelector('[data-testid="conn-status"]')?.textContent?.trim() === "live");
+  await textUntil(page, '[data-testid="conn-status"]', (t) => t === "live", "the connection badge to say live");
+}
+
+/** Waits until the task page's state says `state`. */
+async function taskState(page: Page, state: string): Promise<void> {
+  await textUntil(page, '[data-testid="task-state"]', (t) => t === state, `the task page to say ${state}`);
 }
 
 /** The test's page must not have logged a console error or thrown. */
@@ -52,17 +75,23 @@ function assertNoErrors(p: WatchedPage): void {
 
 /** Clicks a button; a confirming one (data-armed) is clicked a second time. */
 async function clickConfirmed(page: Page, selector: string): Promise<void> {
-  const button = page.locator(selector);
-  await button.click();
-  if ((await button.getAttribute("data-armed")) === "true") await button.click();
+  await page.locator(selector).click();
+  // a confirming button is armed now; a plain one may already be gone
+  const armed = page.locator(`${selector}[data-armed="true"]`);
+  if ((await armed.count()) > 0) await armed.click();
 }
 
 /** Resolves with the attribute's value once `ok` accepts it. */
 async function attrUntil(page: Page, selector: string, attr: string, ok: (v: string) => boolean, what: string): Promise<string> {
-  return waitUntil(what, async () => {
-    const v = await page.locator(selector).first().getAttribute(attr, { timeout: 1000 }).catch(() => null);
-    return v !== null && ok(v) ? v : undefined;
-  });
+  let last: string | null = null;
+  try {
+    return await waitUntil(what, async () => {
+      last = await page.locator(selector).first().getAttribute(attr, { timeout: 1000 }).catch(() => null);
+      return last !== null && ok(last) ? last : undefined;
+    });
+  } catch (e) {
+    throw new Error(`${(e as Error).message} (${selector} ${attr} was ${JSON.stringify(last)})`);
+  }
 }
 
 async function textNumber(page: Page, testid: string): Promise<number> {
@@ -123,7 +152,7 @@ describe("the open dashboard", () => {
     await screenshot(page, "task");
 
     await clickConfirmed(page, '[data-testid="task-cancel"]');
-    await page.waitForFunction(() => document.querySelector('[data-testid="task-state"]')?.textContent?.trim() === "CANCELLED");
+    await taskState(page, "CANCELLED");
     const got = await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: id });
     assert.equal(got.task.state, "TASK_STATE_CANCELLED");
 
@@ -256,7 +285,7 @@ describe("the open dashboard", () => {
     // The last run links to its task's page.
     await link.click();
     await page.waitForURL(`**#/tasks/${taskId}`);
-    await page.waitForFunction(() => document.querySelector('[data-testid="task-state"]')?.textContent?.trim() === "SUCCEEDED");
+    await taskState(page, "SUCCEEDED");
     assertNoErrors(p);
     await p.close();
   });
@@ -291,7 +320,7 @@ describe("the open dashboard", () => {
     await screenshot(page, "queues");
 
     await page.getByTestId("nav-workers").click();
-    await page.getByText("builtin").first().waitFor();
+    await page.getByText(/^koo:\d+:[0-9a-f]+$/).first().waitFor(); // the built-in pool's worker id
     await screenshot(page, "workers");
 
     await page.getByTestId("nav-tasks").click();
@@ -367,7 +396,7 @@ describe("the dashboard with API keys (KOO_AUTH_FILE)", () => {
     await page.locator('[data-testid="cache-key-row"][data-key="web-test:auth"]').waitFor();
     out.cache = await count();
     await page.evaluate((id) => (location.hash = `#/tasks/${id}`), deadTask);
-    await page.waitForFunction(() => document.querySelector('[data-testid="task-state"]')?.textContent?.trim() === "FAILED");
+    await taskState(page, "FAILED");
     out.task = await count();
     for (const route of ["queues", "workers", "tasks"]) {
       await page.getByTestId(`nav-${route}`).click();

@@ -13,7 +13,7 @@ import { createInterface } from "node:readline";
 import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer, request as httpRequest, type Server } from "node:http";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import type { AddressInfo } from "node:net";
 import type { Browser, BrowserContext, ConsoleMessage, Page } from "playwright-core";
@@ -350,6 +350,25 @@ export interface WatchedPage {
   close(): Promise<void>;
 }
 
+/** Pages not closed yet: a test that failed leaves its page here (see `closeLeftPages`). */
+const openPages = new Set<WatchedPage>();
+
+/**
+ * Closes the pages a failed test left open, first saving a screenshot of each
+ * under target/dashboard-screenshots/failed/ and printing what they logged.
+ */
+export async function closeLeftPages(testName: string): Promise<void> {
+  let i = 0;
+  for (const p of [...openPages]) {
+    const slug = testName.toLowerCase().replace(/[^a-z0-9]+/g, "-").slice(0, 60);
+    const path = await screenshot(p.page, `failed/${slug}-${i++}`).catch(() => "(no screenshot)");
+    process.stderr.write(
+      `left open by "${testName}": ${p.page.url()}, screenshot ${path}\n${p.errors.map((e) => `  ${e}\n`).join("")}`,
+    );
+    await p.close();
+  }
+}
+
 /** Opens a fresh context (its own sessionStorage) and page, collecting every console error and page error. */
 export async function openPage(browser: Browser, koo: Koo, route = ""): Promise<WatchedPage> {
   const context = await browser.newContext({ viewport: VIEWPORT, baseURL: koo.base });
@@ -364,13 +383,18 @@ export async function openPage(browser: Browser, koo: Koo, route = ""): Promise<
   });
   page.on("pageerror", (e: Error) => errors.push(`uncaught at ${page.url()}: ${e.message}`));
   page.on("crash", () => errors.push(`the page crashed at ${page.url()}`));
-  await page.goto(koo.base + route);
-  return {
+  const watched: WatchedPage = {
     page,
     context,
     errors,
-    close: () => context.close(),
+    close: async () => {
+      openPages.delete(watched);
+      await context.close();
+    },
   };
+  openPages.add(watched);
+  await page.goto(koo.base + route);
+  return watched;
 }
 
 /** Goes to `#/<route>` within the app (no reload). */
@@ -380,8 +404,8 @@ export async function goRoute(page: Page, route: string): Promise<void> {
 
 /** A full-page screenshot at target/dashboard-screenshots/<name>.png. */
 export async function screenshot(page: Page, name: string): Promise<string> {
-  mkdirSync(SCREENSHOTS, { recursive: true });
   const path = join(SCREENSHOTS, `${name}.png`);
+  mkdirSync(dirname(path), { recursive: true });
   // from the top, so the sticky header sits where it belongs in the full page
   await page.evaluate(() => window.scrollTo(0, 0));
   await page.screenshot({ path, fullPage: true, animations: "disabled" });
