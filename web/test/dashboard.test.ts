@@ -149,6 +149,7 @@ describe("the open dashboard", () => {
     }
     assert.ok(seen[2] > seen[1] && seen[1] > seen[0] && seen[2] < 100, `progress rose twice while running: ${seen}`);
     assert.equal((await page.getByTestId("task-state").textContent())?.trim(), "RUNNING");
+    await attrUntil(page, bar, "data-percent", (v) => Number(v) >= 30, "the progress bar to pass 30%"); // for the picture
     await screenshot(page, "task");
 
     await clickConfirmed(page, '[data-testid="task-cancel"]');
@@ -159,6 +160,15 @@ describe("the open dashboard", () => {
     // The feed saw the end too.
     await page.getByTestId("nav-tasks").click();
     await attrUntil(page, row, "data-state", (s) => s === "CANCELLED", `the feed row of ${id} to say CANCELLED`);
+
+    // Retry runs it again under the same id.
+    await page.goBack();
+    await page.waitForURL(`**#/tasks/${id}`);
+    await page.getByTestId("task-retry").click();
+    await textUntil(page, '[data-testid="task-state"]', (t) => t === "RUNNING" || t === "QUEUED", "the retried task to run again");
+    const retried = await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: id });
+    assert.notEqual(retried.task.state, "TASK_STATE_CANCELLED");
+    await grpcurl(koo, "koo.tasks.v1.TaskService/CancelTask", { taskId: id });
     assertNoErrors(p);
     await p.close();
   });
@@ -333,6 +343,54 @@ describe("the open dashboard", () => {
     assertNoErrors(p);
     await p.close();
     for (const id of running) await grpcurl(koo, "koo.tasks.v1.TaskService/CancelTask", { taskId: id });
+  });
+
+  test("dead letters: Requeue runs one again, Requeue all (confirmed) runs the rest", async () => {
+    const failing = { name: "koo.diagnostics.fail_times", category: "TASK_CATEGORY_RESEARCH", kwargs: { failures: 100 }, maxRetries: 0 };
+    const [one, other] = [await submitTask(koo, failing), await submitTask(koo, failing)];
+    const attempts = async (id: string) => (await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: id })).task;
+    for (const id of [one, other]) {
+      await waitUntil(`${id} to fail`, async () => ((await attempts(id)).state === "TASK_STATE_FAILED" ? true : undefined));
+    }
+    const p = await openPage(browser, koo, "#/dead");
+    const { page } = p;
+    const row = (id: string) => `[data-testid="dead-row"][data-task-id="${id}"]`;
+    await page.locator(row(one)).waitFor();
+    await page.locator(row(other)).waitFor();
+
+    await page.locator(`${row(one)} [data-testid="dead-requeue"]`).click();
+    await waitUntil(`${one} to run and fail again`, async () => {
+      const t = await attempts(one);
+      return t.attempts === 2 && t.state === "TASK_STATE_FAILED" ? true : undefined;
+    });
+    assert.equal((await attempts(other)).attempts, 1, "only the one requeued ran again");
+
+    await clickConfirmed(page, '[data-testid="dead-requeue-all"]');
+    await waitUntil(`${other} to run again`, async () => ((await attempts(other)).attempts >= 2 ? true : undefined));
+    assertNoErrors(p);
+    await p.close();
+  });
+
+  test("a koo restart: the page says reconnecting, then live again, and the feed follows the new koo", async () => {
+    const restarted = await startKoo({ name: "koo-restart" });
+    try {
+      const p = await openPage(browser, restarted, "#/tasks");
+      const { page } = p;
+      await live(page);
+      await restarted.kill();
+      await textUntil(page, '[data-testid="conn-status"]', (t) => t === "reconnecting", "the badge to say reconnecting");
+      await restarted.restart();
+      await live(page);
+      const id = await submitTask(restarted, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_RESEARCH" });
+      await page.locator(`[data-testid="feed-row"][data-task-id="${id}"]`).waitFor();
+      // While koo was down the browser itself logs the refused connections;
+      // anything else is the page's own error.
+      const own = p.errors.filter((e) => !/Failed to load resource: net::ERR_(CONNECTION_REFUSED|EMPTY_RESPONSE|CONNECTION_RESET|INCOMPLETE_CHUNKED_ENCODING)/.test(e));
+      assert.deepEqual(own, []);
+      await p.close();
+    } finally {
+      await restarted.stop();
+    }
   });
 });
 

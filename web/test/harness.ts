@@ -32,6 +32,9 @@ export const GRPCURL = process.env.GRPCURL ?? join(ROOT, "target/tools-venv/bin/
 export const CHROMIUM = process.env.CHROMIUM ?? "/usr/bin/chromium";
 export const SCREENSHOTS = join(ROOT, "target/dashboard-screenshots");
 
+// a previous run's failures are not this run's
+rmSync(join(SCREENSHOTS, "failed"), { recursive: true, force: true });
+
 /** The flags every launch of Chromium gets (the common brief's list). */
 const CHROMIUM_FLAGS = [
   "--headless",
@@ -110,8 +113,13 @@ export interface Koo {
   base: string;
   /** A key sent by `grpcurl` calls unless one is given (auth on). */
   adminKey?: string;
-  /** koo's log lines so far (stderr). */
+  /** koo's log lines so far (stderr), over restarts. */
   log: string[];
+  /** Kills koo (SIGKILL: nothing to keep, the store is in memory). */
+  kill(): Promise<void>;
+  /** Starts koo again on the same addresses (after `kill`), and waits until it serves. */
+  restart(): Promise<void>;
+  /** Kills koo and whatever the harness runs in front of it. */
   stop(): Promise<void>;
 }
 
@@ -139,15 +147,16 @@ function kooEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   };
 }
 
-/** Starts `koo serve` and waits until it is healthy and its page can be loaded. */
-export async function startKoo(opts: KooOptions = {}): Promise<Koo> {
-  const name = opts.name ?? "koo";
-  const child = spawn(KOO_BIN, ["serve"], {
-    env: kooEnv(opts.env ?? {}),
-    stdio: ["ignore", "ignore", "pipe"],
-  });
+interface Process {
+  child: ChildProcess;
+  grpc: string;
+  http: string;
+}
+
+/** Spawns `koo serve` and reads its log until it announced both listeners' addresses. */
+async function spawnKoo(name: string, env: NodeJS.ProcessEnv, log: string[]): Promise<Process> {
+  const child = spawn(KOO_BIN, ["serve"], { env, stdio: ["ignore", "ignore", "pipe"] });
   children.add(child);
-  const log: string[] = [];
   let grpc: string | undefined;
   let http: string | undefined;
   let exited: string | undefined;
@@ -164,40 +173,65 @@ export async function startKoo(opts: KooOptions = {}): Promise<Koo> {
     if (addr && line.includes("koo serving gRPC")) grpc = addr;
     if (addr && line.includes("koo serving HTTP")) http = addr;
   });
-  const fail = (why: string) => new Error(`${why}\n--- ${name}'s log:\n${log.slice(-30).join("\n")}`);
   try {
     await waitUntil(`${name} to announce its addresses`, () => {
-      if (exited) throw fail(exited);
+      if (exited) throw new Error(exited);
       return grpc && http ? true : undefined;
     });
   } catch (e) {
     child.kill("SIGKILL");
-    throw e instanceof Error && e.message.includes("log:") ? e : fail(String(e));
+    throw new Error(`${(e as Error).message}\n--- ${name}'s log:\n${log.slice(-30).join("\n")}`);
   }
+  return { child, grpc: grpc!, http: http! };
+}
+
+async function killProcess(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const gone = new Promise((r) => child.once("exit", r));
+  child.kill("SIGKILL");
+  await gone;
+}
+
+/** Polls grpc.health.v1 until koo answers SERVING. */
+async function waitServing(koo: Koo, name: string, proc: Process): Promise<void> {
+  await waitUntil(`${name}'s health check to answer SERVING`, async () => {
+    if (proc.child.exitCode !== null || proc.child.signalCode !== null) {
+      throw new Error(`${name} exited\n--- its log:\n${koo.log.slice(-30).join("\n")}`);
+    }
+    const out = await grpcurl(koo, "grpc.health.v1.Health/Check", {});
+    return out.status === "SERVING" ? true : undefined;
+  });
+}
+
+/** Starts `koo serve` on ephemeral ports and waits until it is healthy and its page can be loaded. */
+export async function startKoo(opts: KooOptions = {}): Promise<Koo> {
+  const name = opts.name ?? "koo";
+  const log: string[] = [];
+  let proc = await spawnKoo(name, kooEnv(opts.env ?? {}), log);
+  let front: Server | undefined;
   const koo: Koo = {
-    grpc: grpc!,
-    http: http!,
+    grpc: proc.grpc,
+    http: proc.http,
     base: "",
     adminKey: opts.adminKey,
     log,
+    kill: () => killProcess(proc.child),
+    async restart() {
+      await killProcess(proc.child);
+      const env = kooEnv({ ...opts.env, KOO_LISTEN: koo.grpc, KOO_HTTP_LISTEN: koo.http });
+      proc = await spawnKoo(name, env, log);
+      await waitServing(koo, name, proc);
+    },
     async stop() {
-      if (child.exitCode !== null || child.signalCode !== null) return;
-      const gone = new Promise((r) => child.once("exit", r));
-      child.kill("SIGKILL");
-      await gone;
+      front?.closeAllConnections();
+      front?.close();
+      await killProcess(proc.child);
     },
   };
-  await waitUntil(
-    `${name}'s health check to answer SERVING`,
-    async () => {
-      if (exited) throw fail(exited);
-      const out = await grpcurl(koo, "grpc.health.v1.Health/Check", {});
-      return out.status === "SERVING" ? true : undefined;
-    },
-    EVENT_TIMEOUT_MS,
-    100,
-  );
-  koo.base = await pageBase(koo);
+  await waitServing(koo, name, proc);
+  const page = await pageBase(koo);
+  koo.base = page.base;
+  front = page.server;
   return koo;
 }
 
@@ -222,23 +256,17 @@ const DIST_TYPES: Record<string, string> = {
  * on a port of its own, that serves the dist files and passes every other
  * request (grpc-web, REST) to koo: the page and its calls keep one origin.
  */
-async function pageBase(koo: Koo): Promise<string> {
+async function pageBase(koo: Koo): Promise<{ base: string; server?: Server }> {
   const own = `http://${koo.http}/`;
   if (!process.env.KOO_WEB_DIST) {
     const res = await fetch(own).catch(() => undefined);
     const body = res?.ok ? await res.text() : "";
-    if (body.includes("app.js") && !body.includes("placeholder")) return own;
+    if (body.includes("app.js") && !body.includes("placeholder")) return { base: own };
   }
   const dist = resolve(process.env.KOO_WEB_DIST ?? join(WEB, "dist"));
   const server = await distServer(dist, koo.http);
   const port = (server.address() as AddressInfo).port;
-  const stop = koo.stop;
-  koo.stop = async () => {
-    server.closeAllConnections();
-    server.close();
-    await stop();
-  };
-  return `http://127.0.0.1:${port}/`;
+  return { base: `http://127.0.0.1:${port}/`, server };
 }
 
 function distServer(dist: string, upstream: string): Promise<Server> {
