@@ -1,0 +1,114 @@
+//! Every page: loads without console errors, moves by its nav, survives a koo
+//! restart (reconnecting, then live); the screenshots of the pages that no
+//! other suite takes.
+
+import assert from "node:assert/strict";
+import { before, test } from "node:test";
+import type { Browser } from "playwright-core";
+import { grpcurl, openPage, screenshot, startKoo, submitTask, waitUntil, type Koo } from "./harness";
+import { assertNoErrors, live, shared, textUntil } from "./helpers";
+
+const ROUTES = ["queues", "workers", "tasks", "dead", "schedules", "cache"] as const;
+const SLEEP = "koo.diagnostics.sleep";
+
+/** Registers the tests (inside the caller's describe). */
+export function pageTests(): void {
+  let koo: Koo;
+  let browser: Browser;
+  before(() => ({ koo, browser } = shared()));
+
+  test("every page loads with no console errors, and the nav moves between them", async () => {
+    for (const route of ROUTES) {
+      const p = await openPage(browser, koo, `#/${route}`);
+      await p.page.locator(`[data-testid="nav-${route}"][aria-current="page"]`).waitFor();
+      await live(p.page);
+      await p.page.locator("main h1").first().waitFor();
+      assertNoErrors(p);
+      await p.close();
+    }
+    // One page through the nav: each view's streams stop and start without errors.
+    const p = await openPage(browser, koo, "");
+    await live(p.page);
+    for (const route of [...ROUTES, "queues"]) {
+      await p.page.getByTestId(`nav-${route}`).click();
+      await p.page.locator(`[data-testid="nav-${route}"][aria-current="page"]`).waitFor();
+      await live(p.page);
+    }
+    assertNoErrors(p);
+    await p.close();
+  });
+}
+
+/** Registers the screenshots of the queues, workers, feed and dead letters pages, and the restart test. */
+export function screenshotTests(): void {
+  let koo: Koo;
+  let browser: Browser;
+  before(() => ({ koo, browser } = shared()));
+
+  test("screenshots of the queues, workers, task feed and dead letters pages, with work in them", async () => {
+    const running: string[] = [];
+    for (const category of ["TASK_CATEGORY_AI_SERVICE", "TASK_CATEGORY_PDF_PROCESSING", "TASK_CATEGORY_RESEARCH"]) {
+      running.push(await submitTask(koo, { name: SLEEP, category, kwargs: { seconds: 30, steps: 60 }, maxRetries: 0 }));
+    }
+    for (let i = 0; i < 3; i++) {
+      await submitTask(koo, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_DATABASE", kwargs: { result: i } });
+    }
+    const dead = await submitTask(koo, {
+      name: "koo.diagnostics.fail_times",
+      category: "TASK_CATEGORY_PDF_PROCESSING",
+      kwargs: { failures: 100 },
+      maxRetries: 0,
+    });
+    await waitUntil(`${dead} to fail`, async () => {
+      const t = await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: dead });
+      return t.task.state === "TASK_STATE_FAILED" ? true : undefined;
+    });
+
+    const p = await openPage(browser, koo, "#/queues");
+    const { page } = p;
+    await live(page);
+    // charts with a few samples, so they show lines
+    await waitUntil("the queue charts to hold 3 samples", async () => {
+      const counts = await page.locator("[data-samples]").evaluateAll((els) => els.map((e) => Number(e.getAttribute("data-samples"))));
+      return counts.length > 0 && counts.every((n) => n >= 3) ? true : undefined;
+    });
+    await screenshot(page, "queues");
+
+    await page.getByTestId("nav-workers").click();
+    await page.getByText(/^koo:\d+:[0-9a-f]+$/).first().waitFor(); // the built-in pool's worker id
+    await screenshot(page, "workers");
+
+    await page.getByTestId("nav-tasks").click();
+    for (const id of [...running, dead]) await page.locator(`[data-testid="feed-row"][data-task-id="${id}"]`).waitFor();
+    await screenshot(page, "tasks");
+
+    await page.getByTestId("nav-dead").click();
+    await page.getByText(dead).first().waitFor();
+    await screenshot(page, "dead");
+    assertNoErrors(p);
+    await p.close();
+    for (const id of running) await grpcurl(koo, "koo.tasks.v1.TaskService/CancelTask", { taskId: id });
+  });
+
+  test("a koo restart: the page says reconnecting, then live again, and the feed follows the new koo", async () => {
+    const restarted = await startKoo({ name: "koo-restart" });
+    try {
+      const p = await openPage(browser, restarted, "#/tasks");
+      const { page } = p;
+      await live(page);
+      await restarted.kill();
+      await textUntil(page, '[data-testid="conn-status"]', (t) => t === "reconnecting", "the badge to say reconnecting");
+      await restarted.restart();
+      await live(page);
+      const id = await submitTask(restarted, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_RESEARCH" });
+      await page.locator(`[data-testid="feed-row"][data-task-id="${id}"]`).waitFor();
+      // While koo was down the browser itself logs the refused connections;
+      // anything else is the page's own error.
+      const own = p.errors.filter((e) => !/Failed to load resource: net::ERR_(CONNECTION_REFUSED|EMPTY_RESPONSE|CONNECTION_RESET|INCOMPLETE_CHUNKED_ENCODING)/.test(e));
+      assert.deepEqual(own, []);
+      await p.close();
+    } finally {
+      await restarted.stop();
+    }
+  });
+}
