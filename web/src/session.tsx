@@ -28,6 +28,8 @@ interface Session {
   needKey: boolean;
   /** GetCaller's error other than UNAUTHENTICATED (koo unreachable, say). */
   error: string | null;
+  /** koo's refusal of the key (or of no key), while needKey. */
+  authError: string | null;
 }
 
 const NOBODY: Caller = {
@@ -39,7 +41,9 @@ const NOBODY: Caller = {
   serverVersion: "",
 };
 
-const SessionContext = createContext<Session>({ caller: NOBODY, needKey: false, error: null });
+const SIGNED_OUT: Session = { caller: NOBODY, needKey: false, error: null, authError: null };
+
+const SessionContext = createContext<Session>(SIGNED_OUT);
 
 export function useCaller(): Caller {
   return useContext(SessionContext).caller;
@@ -61,13 +65,15 @@ function callerOf(role: Role, principal: string, authRequired: boolean, serverVe
 }
 
 export function SessionProvider({ children }: { children: ComponentChildren }) {
-  const [session, setSession] = useState<Session>({ caller: NOBODY, needKey: false, error: null });
+  const [session, setSession] = useState<Session>(SIGNED_OUT);
   const kv = useKeyVersion();
 
   useEffect(
     () =>
-      onUnauthenticated(() =>
-        setSession((s) => (s.needKey ? s : { caller: NOBODY, needKey: true, error: null })),
+      onUnauthenticated((e) =>
+        setSession((s) =>
+          s.needKey && s.authError ? s : { caller: NOBODY, needKey: true, error: null, authError: errorMessage(e) },
+        ),
       ),
     [],
   );
@@ -81,16 +87,21 @@ export function SessionProvider({ children }: { children: ComponentChildren }) {
       try {
         const r = await authn.getCaller({}, { signal: ac.signal });
         reportConn(id, "stopped");
-        setSession({ caller: callerOf(r.role, r.principal, r.authRequired, r.serverVersion), needKey: false, error: null });
+        setSession({
+          caller: callerOf(r.role, r.principal, r.authRequired, r.serverVersion),
+          needKey: false,
+          error: null,
+          authError: null,
+        });
       } catch (e) {
         if (ac.signal.aborted) return;
         const code = errorCode(e);
         reportConn(id, code === Code.Unimplemented || code === Code.Unauthenticated ? "stopped" : "reconnecting");
         if (code === Code.Unimplemented) {
           // A koo without AuthService runs open: everyone is an admin.
-          setSession({ caller: callerOf(Role.ADMIN, "anonymous", false, ""), needKey: false, error: null });
+          setSession({ ...SIGNED_OUT, caller: callerOf(Role.ADMIN, "anonymous", false, "") });
         } else if (code === Code.Unauthenticated) {
-          setSession({ caller: NOBODY, needKey: true, error: null });
+          setSession({ ...SIGNED_OUT, needKey: true, authError: errorMessage(e) });
         } else {
           setSession((s) => ({ ...s, error: errorMessage(e) }));
           // koo unreachable: ask again shortly, so the buttons come back with it.

@@ -115,6 +115,8 @@ export function Chart({
           grid: { stroke: gridColor, width: 1 },
           ticks: { stroke: gridColor, width: 1 },
           space: 70,
+          // Whole seconds at least: samples come a second apart.
+          incrs: [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600],
           values: (_u, splits) => splits.map((x) => clock(x)),
         },
         {

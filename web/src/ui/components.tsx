@@ -22,7 +22,7 @@ export const NAV: NavItem[] = [
 ];
 
 export function Layout({ route, children }: { route: string; children: ComponentChildren }) {
-  const { needKey, error } = useSession();
+  const { needKey, error, authError } = useSession();
   return (
     <div class="app">
       <header class="top">
@@ -49,6 +49,7 @@ export function Layout({ route, children }: { route: string; children: Component
       {needKey && (
         <div class="banner warn" data-testid="key-prompt" role="alert">
           koo requires an API key: enter one above (it stays in this tab only).
+          {authError && <div class="small" data-testid="key-error">{authError}</div>}
         </div>
       )}
       {error && !needKey && <ErrorBanner error={`koo is not answering: ${error}`} />}

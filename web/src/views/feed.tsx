@@ -143,55 +143,6 @@ export function TaskFeedView() {
     return () => ac.abort();
   }, [filters.category, filters.name, filters.state, epoch, kv]);
 
-  // Events carry no name: fill in the names of tasks first seen through an
-  // event from the lists (two calls, at most every 5 s, never one per task).
-  const missing = useMemo(() => [...rows.values()].filter((r) => !r.name).length, [rows]);
-  const fill = useRef<{ timer: ReturnType<typeof setTimeout> | null; last: number; ac: AbortController }>({
-    timer: null,
-    last: 0,
-    ac: new AbortController(),
-  });
-  const filtersRef = useRef(filters);
-  filtersRef.current = filters;
-  useEffect(() => {
-    const f = fill.current;
-    return () => {
-      f.ac.abort();
-      if (f.timer) clearTimeout(f.timer);
-    };
-  }, []);
-  useEffect(() => {
-    const f = fill.current;
-    if (missing === 0 || f.timer) return;
-    f.timer = setTimeout(async () => {
-      f.timer = null;
-      f.last = Date.now();
-      try {
-        const { category, name } = filtersRef.current;
-        const [active, history] = await Promise.all([
-          tasks.listActiveTasks({ category, name, pageSize: 500 }, { signal: f.ac.signal }),
-          tasks.listTaskHistory({ category, name, pageSize: 200 }, { signal: f.ac.signal }),
-        ]);
-        const names = new Map<string, { name: string; category: TaskCategory }>();
-        for (const x of [...active.tasks, ...history.tasks]) names.set(x.id, { name: x.name, category: x.category });
-        setRows((cur) => {
-          let changed = false;
-          const next = new Map(cur);
-          for (const [id, r] of next) {
-            const n = names.get(id);
-            if (!r.name && n) {
-              next.set(id, { ...r, name: n.name, category: n.category });
-              changed = true;
-            }
-          }
-          return changed ? next : cur;
-        });
-      } catch {
-        // The names are a nicety; the next unnamed task tries again.
-      }
-    }, Math.max(1000, 5000 - (Date.now() - f.last)));
-  }, [missing]);
-
   const onEvent = (e: WatchTasksResponse) => {
     resume.current = e.resumeToken;
     if (paused) return;
@@ -201,11 +152,11 @@ export function TaskFeedView() {
       const old = next.get(e.taskId);
       next.set(e.taskId, {
         id: e.taskId,
-        name: old?.name || (filters.name ? filters.name : ""),
+        name: e.name || old?.name || filters.name,
         queue: e.queue || old?.queue || "",
         category: old?.category ?? filters.category,
         state: e.state,
-        percent: e.progress ? e.progress.percent : e.state === TaskState.RUNNING ? old?.percent ?? null : old?.percent ?? null,
+        percent: e.progress ? e.progress.percent : old?.percent ?? null,
         message: e.progress ? e.progress.message : old?.message ?? "",
         since: old?.since ?? at,
         updated: at,

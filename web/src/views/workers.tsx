@@ -12,7 +12,7 @@ import { Card, ErrorBanner, PageHead, Progress, Stat, Stats, Table } from "../ui
 const POLL_MS = 3000;
 const KIND: Record<WorkerKind, string> = {
   [WorkerKind.UNSPECIFIED]: "?",
-  [WorkerKind.BUILTIN]: "built-in",
+  [WorkerKind.BUILTIN]: "builtin",
   [WorkerKind.STREAM]: "stream",
   [WorkerKind.UNARY]: "unary",
 };
