@@ -285,14 +285,27 @@ function distServer(dist: string, upstream: string): Promise<Server> {
       res.end(readFileSync(join(dist, file)));
       return;
     }
+    const trace = (what: string) => {
+      if (process.env.KOO_TEST_LOG) process.stderr.write(`[dist server] ${req.method} ${req.url}: ${what}\n`);
+    };
+    trace("->");
     const up = httpRequest(
       { host, port: Number(port), method: req.method, path: req.url, headers: req.headers },
       (upRes) => {
+        trace(`<- ${upRes.statusCode} grpc-status ${upRes.headers["grpc-status"] ?? "(in trailers)"} ${upRes.headers["grpc-message"] ?? ""}`);
         res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+        res.flushHeaders(); // a stream's headers reach the page before its first message, as from koo
         upRes.pipe(res);
+        // koo gone mid-stream: the browser must see the stream break, as without this server
+        upRes.on("close", () => {
+          if (!upRes.complete) res.destroy();
+        });
       },
     );
-    up.on("error", () => res.destroy());
+    up.on("error", (e) => {
+      trace(`upstream error ${e.message}`);
+      res.destroy();
+    });
     res.on("close", () => up.destroy());
     req.pipe(up);
   });
