@@ -98,4 +98,36 @@ export function cacheTests(): void {
     assertNoErrors(p);
     await p.close();
   });
+
+  test("the key browser pages through a level: Next until the last page, Previous back", async () => {
+    const keys = Array.from({ length: 120 }, (_, i) => `web-page:${String(i).padStart(3, "0")}`);
+    await grpcurl(koo, "koo.cache.v1.CacheService/SetMany", {
+      entries: keys.map((key) => ({ level: "CACHE_LEVEL_DB", key, value: { text: key } })),
+    });
+    const p = await openPage(browser, koo, "#/cache");
+    const { page } = p;
+    await page.getByTestId("cache-level").selectOption({ label: "db" });
+    await page.getByTestId("cache-pattern").fill("web-page:*");
+    await page.getByTestId("cache-search").click();
+    const info = page.getByTestId("cache-page-info");
+    const seen = new Set<string>();
+    let pages = 0;
+    for (;;) {
+      pages++;
+      await info.filter({ hasText: `page ${pages} of db` }).waitFor();
+      const listed = await page.locator('[data-testid="cache-key-row"]').evaluateAll((rows) => rows.map((r) => r.getAttribute("data-key") ?? ""));
+      assert.ok(listed.length <= 50, `a page holds at most 50 keys (${listed.length})`);
+      listed.forEach((k) => seen.add(k));
+      const next = page.getByTestId("cache-next");
+      if (await next.isDisabled()) break;
+      assert.ok(pages < 20, "the listing ends");
+      await next.click();
+    }
+    assert.deepEqual([...seen].sort(), keys, "every key listed once the pages are walked");
+    assert.ok(pages >= 3, `120 keys take at least 3 pages of 50 (${pages})`);
+    await page.getByTestId("cache-prev").click();
+    await info.filter({ hasText: `page ${pages - 1} of db` }).waitFor();
+    assertNoErrors(p);
+    await p.close();
+  });
 }
