@@ -51,6 +51,15 @@ export function cacheTests(): void {
     assert.ok(samples1 > samples0);
     assert.ok(numberIn(await page.getByTestId("cache-hit-ratio").textContent()) > 0, "a hit ratio above 0%");
 
+    // Some traffic while the key browser is used, so the charts have lines to show.
+    let traffic = true;
+    const trafficDone = (async () => {
+      for (let i = 0; traffic; i++) {
+        await grpcurl(koo, "koo.cache.v1.CacheService/Get", { key: i % 3 ? "web-test:json" : "web-test:nothing" });
+        if (i % 4 === 0) await set(`web-test:load-${i % 3}`, { text: "x".repeat(100 * i) }, "CACHE_LEVEL_API");
+      }
+    })();
+
     // The key browser: pattern, list, view each form.
     await page.getByTestId("cache-pattern").fill("web-test:*");
     await page.getByTestId("cache-search").click();
@@ -71,6 +80,9 @@ export function cacheTests(): void {
     assert.equal(await page.getByTestId("cache-value").getAttribute("data-kind"), "bytes");
     assert.equal(await view("web-test:text"), "hello from the browser tests");
     assert.match(await view("web-test:json"), /"answer": 42/);
+    await attrUntil(page, hitsChart, "data-samples", (v) => Number(v) >= samples1 + 6, "a few more samples, for the picture");
+    traffic = false;
+    await trafficDone;
     await screenshot(page, "cache");
 
     // Delete (a writer's button), seen by a Get.

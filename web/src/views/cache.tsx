@@ -105,7 +105,17 @@ function Metrics() {
       )}
       <ErrorBanner error={stream.status === "stopped" ? stream.error : null} />
       {m?.partial && <Notice tone="warn">Some figures are missing: {m.partialReason || "the backend could not be read"}</Notice>}
-      <Card title="Cache">
+      <Card
+        title="Cache"
+        actions={
+          m && (
+            <span class="muted small" data-testid="cache-instances">
+              {m.instanceCount === 1 ? "1 koo instance" : `${m.instanceCount} koo instances`}
+              {m.uptime ? `, this one up ${formatDuration(m.uptime)}` : ""}
+            </span>
+          )
+        }
+      >
         <Stats>
           <Stat label="hit ratio" value={formatPercent(total?.hitRatio)} testid="cache-hit-ratio" />
           <Stat label="hits" value={formatCount(total?.hits)} testid="cache-hits" />
@@ -126,16 +136,10 @@ function Metrics() {
           />
           <Stat label="backend memory" value={formatBytes(m?.backendUsedMemoryBytes)} testid="cache-memory" />
           <Stat
-            label="compression saved"
+            label={savedPercent === undefined ? "compression saved" : `compression saved (${formatPercent(savedPercent)})`}
             value={formatBytes(m?.bytesSaved)}
             hint={m ? `${formatBytes(m.bytesWrittenRaw)} written, ${formatBytes(m.bytesWrittenStored)} stored` : undefined}
             testid="cache-saved"
-          />
-          <Stat label="saved of written" value={formatPercent(savedPercent)} />
-          <Stat
-            label="instances"
-            value={m ? String(m.instanceCount) : "–"}
-            hint={m?.uptime ? `this instance up ${formatDuration(m.uptime)}` : undefined}
           />
         </Stats>
       </Card>
@@ -157,6 +161,8 @@ function Metrics() {
             series={[{ label: "hits" }, { label: "misses" }, { label: "sets" }, { label: "deletes" }]}
           />
         </Card>
+      </div>
+      <div class="grid">
         <Card
           title="Latency (ms)"
           actions={
@@ -184,28 +190,6 @@ function Metrics() {
             series={[{ label: `${op} p50` }, { label: `${op} p95` }, { label: `${op} p99` }]}
           />
         </Card>
-      </div>
-      <div class="grid">
-        <Card title="Levels" class="flush">
-          <Table
-            testid="cache-levels"
-            head={["level", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "errors"]}
-            empty="no figures yet"
-          >
-            {(m?.levels ?? []).map((l) => (
-              <tr key={l.level}>
-                <td>{levelName(l.level)}</td>
-                <td class="num">{formatCount(l.counters?.keys)}</td>
-                <td class="num">{formatCount(l.counters?.hits)}</td>
-                <td class="num">{formatCount(l.counters?.misses)}</td>
-                <td class="num">{formatPercent(l.counters?.hitRatio)}</td>
-                <td class="num">{formatCount(l.counters?.sets)}</td>
-                <td class="num">{formatCount(l.counters?.deletes)}</td>
-                <td class="num">{formatCount(l.counters?.errors)}</td>
-              </tr>
-            ))}
-          </Table>
-        </Card>
         <Card title="Latency per operation" class="flush">
           <Table testid="cache-latencies" head={["operation", "count", "p50", "p95", "p99"]} empty="no operations yet">
             {(m?.latencies ?? []).map((l) => (
@@ -220,6 +204,26 @@ function Metrics() {
           </Table>
         </Card>
       </div>
+      <Card title="Levels" class="flush">
+        <Table
+          testid="cache-levels"
+          head={["level", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "errors"]}
+          empty="no figures yet"
+        >
+          {(m?.levels ?? []).map((l) => (
+            <tr key={l.level}>
+              <td>{levelName(l.level)}</td>
+              <td class="num">{formatCount(l.counters?.keys)}</td>
+              <td class="num">{formatCount(l.counters?.hits)}</td>
+              <td class="num">{formatCount(l.counters?.misses)}</td>
+              <td class="num">{formatPercent(l.counters?.hitRatio)}</td>
+              <td class="num">{formatCount(l.counters?.sets)}</td>
+              <td class="num">{formatCount(l.counters?.deletes)}</td>
+              <td class="num">{formatCount(l.counters?.errors)}</td>
+            </tr>
+          ))}
+        </Table>
+      </Card>
     </>
   );
 }
