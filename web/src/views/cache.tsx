@@ -216,7 +216,9 @@ function Metrics() {
               <td class="num">{formatCount(l.counters?.keys)}</td>
               <td class="num">{formatCount(l.counters?.hits)}</td>
               <td class="num">{formatCount(l.counters?.misses)}</td>
-              <td class="num">{formatPercent(l.counters?.hitRatio)}</td>
+              <td class="num">
+                {l.counters && l.counters.hits + l.counters.misses > 0n ? formatPercent(l.counters.hitRatio) : "–"}
+              </td>
               <td class="num">{formatCount(l.counters?.sets)}</td>
               <td class="num">{formatCount(l.counters?.deletes)}</td>
               <td class="num">{formatCount(l.counters?.errors)}</td>
