@@ -210,13 +210,20 @@ export interface StreamOptions {
   enabled?: boolean;
 }
 
+/** How long a stream must stay open without an error to count as live before its first message. */
+const QUIET_LIVE_MS = 1500;
+
 function sleep(ms: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
     const t = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(t);
-      resolve();
-    });
+    signal.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(t);
+        resolve();
+      },
+      { once: true },
+    );
   });
 }
 
@@ -255,17 +262,27 @@ export function useStream<T>(
       let backoff = 500;
       for (;;) {
         let err: ConnectError | null = null;
+        let isLive = false;
+        const markLive = () => {
+          if (isLive || ac.signal.aborted) return;
+          isLive = true;
+          backoff = 500;
+          set({ status: "live", error: null, code: null });
+        };
+        // grpc-web over HTTP/1.1 gets the response headers only with the
+        // first message (koo's streams may stay quiet for long): a stream
+        // still open without an error after a moment counts as live.
+        const quiet = setTimeout(markLive, QUIET_LIVE_MS);
         try {
-          const onHeader = () => {
-            set({ status: "live", error: null, code: null });
-          };
-          for await (const m of open({ signal: ac.signal, onHeader, timeoutMs: 0 })) {
+          for await (const m of open({ signal: ac.signal, onHeader: markLive, timeoutMs: 0 })) {
             if (ac.signal.aborted) return;
-            backoff = 500;
+            markLive();
             handler.current(m);
           }
         } catch (e) {
           err = ConnectError.from(e);
+        } finally {
+          clearTimeout(quiet);
         }
         if (ac.signal.aborted) return;
         if (err === null) {

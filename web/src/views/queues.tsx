@@ -6,15 +6,26 @@
 import { useRef, useState } from "preact/hooks";
 import { tasks, useStream } from "../api";
 import { durationMs, formatCount, formatDuration, formatMs, formatRate, tsMs } from "../format";
-import type {
-  DurationStats,
-  QueueMetrics,
-  WatchTaskMetricsResponse,
+import {
+  TaskCategory,
+  type DurationStats,
+  type QueueMetrics,
+  type WatchTaskMetricsResponse,
 } from "../gen/koo/tasks/v1/task_service_pb";
 import { Chart, Rolling, type SeriesSpec } from "../ui/chart";
 import { Card, ErrorBanner, PageHead, Stat, Stats, Table } from "../ui/components";
 
 const ALL = "";
+
+/** The categories' own queues, for a link to the feed filtered on that category. */
+const CATEGORY_OF_QUEUE: Record<string, TaskCategory> = {
+  ai_service: TaskCategory.AI_SERVICE,
+  pdf_processing: TaskCategory.PDF_PROCESSING,
+  database: TaskCategory.DATABASE,
+  health_check: TaskCategory.HEALTH_CHECK,
+  research: TaskCategory.RESEARCH,
+  cache: TaskCategory.CACHE,
+};
 const WINDOW = 180; // samples (one a second)
 
 /** The counters a rate is computed from. */
@@ -182,7 +193,19 @@ export function QueuesView() {
                 class={selected === q.queue ? "sel" : ""}
                 onClick={() => setSelected(selected === q.queue ? ALL : q.queue)}
               >
-                <td class="mono">{q.queue}</td>
+                <td class="mono">
+                  {q.queue}
+                  {CATEGORY_OF_QUEUE[q.queue] && (
+                    <a
+                      class="small row-link"
+                      href={`#/tasks?category=${CATEGORY_OF_QUEUE[q.queue]}`}
+                      title="its tasks in the feed"
+                      onClick={(e) => e.stopPropagation()}
+                    >
+                      tasks
+                    </a>
+                  )}
+                </td>
                 <td class="num">{formatCount(q.queued)}</td>
                 <td class="num">{formatCount(q.running)}</td>
                 <td class="num">{formatCount(q.scheduled)}</td>
