@@ -27,6 +27,7 @@ pub mod connect;
 pub mod cron;
 pub mod output;
 pub mod ps;
+pub mod queue;
 pub mod task;
 pub mod top;
 pub mod values;

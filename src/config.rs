@@ -96,6 +96,8 @@ pub enum Command {
     Task(Box<crate::cli::task::TaskCli>),
     /// Client: periodic schedules (ls, get, create, pause, resume, trigger, rm).
     Cron(Box<crate::cli::cron::CronCli>),
+    /// Client: task queues (ls, pause, resume).
+    Queue(Box<crate::cli::queue::QueueCli>),
     /// Client: the workers koo knows.
     Ps(Box<crate::cli::ps::PsCli>),
     /// Client: a live view of queues and workers (q quits).

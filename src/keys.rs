@@ -175,6 +175,12 @@ impl QueueKeys {
         self.key("stats")
     }
 
+    /// The queue's pause (a hash: `by`, `reason`, `at`), present while it
+    /// is paused; in the queue's slot, so that the lease script reads it.
+    pub fn paused(&self) -> String {
+        self.key("paused")
+    }
+
     /// Prefix of the run and wait times' sub-windows (hashes; scripts
     /// append the sub-window's number: see [`crate::domain::times`]).
     pub fn times(&self) -> String {

@@ -14,4 +14,4 @@ pub mod times;
 
 pub use level::Level;
 pub use outcome::Outcome;
-pub use stats::{Count, Counts, QueueStats};
+pub use stats::{Count, Counts, Pause, QueueStats};

@@ -139,11 +139,67 @@ pub struct QueueStats {
     pub oldest_wait: Option<Duration>,
     /// Counts per outcome.
     pub counts: Counts,
+    /// Set while the queue is paused: it accepts submits and hands out
+    /// nothing until resumed.
+    pub paused: Option<Pause>,
+}
+
+/// Who paused a queue, when and why. Stored with the queue (Redis: a hash
+/// in the queue's slot; the embedded store: with the queue, in snapshots),
+/// so a pause outlives every koo process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Pause {
+    /// The principal that paused it.
+    pub by: String,
+    /// The reason given (may be empty).
+    pub reason: String,
+    /// When (ms since the epoch, the store's clock).
+    pub at_ms: i64,
+}
+
+impl Pause {
+    /// The stored `(field, value)` pairs.
+    pub fn to_stored(&self) -> [(&'static str, String); 3] {
+        [
+            ("by", self.by.clone()),
+            ("reason", self.reason.clone()),
+            ("at", self.at_ms.to_string()),
+        ]
+    }
+
+    /// From stored pairs; `None` when there are none (not paused).
+    pub fn from_stored<K: AsRef<str>, V: AsRef<str>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Option<Pause> {
+        let mut pause = None::<Pause>;
+        for (k, v) in pairs {
+            let p = pause.get_or_insert_with(Pause::default);
+            match k.as_ref() {
+                "by" => p.by = v.as_ref().to_owned(),
+                "reason" => p.reason = v.as_ref().to_owned(),
+                "at" => p.at_ms = v.as_ref().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        pause
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pause round-trips through its stored pairs; none stored is none.
+    #[test]
+    fn pause_round_trips() {
+        let p = Pause {
+            by: "ops".into(),
+            reason: "provider outage".into(),
+            at_ms: 1_700_000_000_000,
+        };
+        assert_eq!(Pause::from_stored(p.to_stored()), Some(p));
+        assert_eq!(Pause::from_stored(Vec::<(String, String)>::new()), None);
+    }
 
     /// Stored names round-trip, unknown ones are ignored, ends map to counts.
     #[test]

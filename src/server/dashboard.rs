@@ -60,9 +60,18 @@ static STYLE: LazyLock<Asset> = asset!("app.css", "text/css; charset=utf-8");
 pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|h: HeaderMap| async move { serve(&INDEX, &h) }))
-        .route("/index.html", get(|h: HeaderMap| async move { serve(&INDEX, &h) }))
-        .route("/app.js", get(|h: HeaderMap| async move { serve(&SCRIPT, &h) }))
-        .route("/app.css", get(|h: HeaderMap| async move { serve(&STYLE, &h) }))
+        .route(
+            "/index.html",
+            get(|h: HeaderMap| async move { serve(&INDEX, &h) }),
+        )
+        .route(
+            "/app.js",
+            get(|h: HeaderMap| async move { serve(&SCRIPT, &h) }),
+        )
+        .route(
+            "/app.css",
+            get(|h: HeaderMap| async move { serve(&STYLE, &h) }),
+        )
 }
 
 /// `asset` for a request with `headers`: 304 when the browser's copy is
@@ -156,7 +165,10 @@ mod tests {
     #[test]
     fn gzip_is_taken_when_accepted() {
         assert!(takes_gzip(&headers(ACCEPT_ENCODING, "gzip, deflate, br")));
-        assert!(takes_gzip(&headers(ACCEPT_ENCODING, "br;q=1.0, GZIP;q=0.5")));
+        assert!(takes_gzip(&headers(
+            ACCEPT_ENCODING,
+            "br;q=1.0, GZIP;q=0.5"
+        )));
         assert!(takes_gzip(&headers(ACCEPT_ENCODING, "*")));
         assert!(!takes_gzip(&headers(ACCEPT_ENCODING, "gzip;q=0, br")));
         assert!(!takes_gzip(&headers(ACCEPT_ENCODING, "identity")));
@@ -171,7 +183,8 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(IF_NONE_MATCH, tag.clone());
         assert!(fresh(&h, &tag));
-        let weak = HeaderValue::from_str(&format!("\"other\", W/{}", tag.to_str().unwrap())).unwrap();
+        let weak =
+            HeaderValue::from_str(&format!("\"other\", W/{}", tag.to_str().unwrap())).unwrap();
         h.insert(IF_NONE_MATCH, weak);
         assert!(fresh(&h, &tag));
         assert!(fresh(&headers(IF_NONE_MATCH, "*"), &tag));

@@ -258,6 +258,16 @@ impl Collector for TaskCollector {
             }
         }
         {
+            let help =
+                format!("1 while the queue is paused (PauseQueue: it hands out nothing). {SHARED}");
+            let mut family =
+                encoder.encode_descriptor("koo_queue_paused", &help, None, MetricType::Gauge)?;
+            for (queue, s) in &m.queues {
+                gauge(u64::from(s.paused.is_some()))
+                    .encode(family.encode_family(&[("queue", queue.as_str())])?)?;
+            }
+        }
+        {
             let help = format!(
                 "Tasks by queue and outcome (submitted, succeeded, failed, timed_out, cancelled, retried, lost, requeued), as the store counts them for every instance. {SHARED}"
             );

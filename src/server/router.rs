@@ -90,7 +90,9 @@ pub(super) fn routes(
             .max_encoding_message_size(size),
         )
         .add_service(worker_service(app, settings))
-        .add_service(AuthServiceServer::new(AuthApi::new(settings.authenticates())))
+        .add_service(AuthServiceServer::new(AuthApi::new(
+            settings.authenticates(),
+        )))
         .add_service(health);
     if gate.serves_reflection() {
         routes

@@ -66,6 +66,7 @@ pub fn register_health_check(registry: &mut Registry, engine: TaskEngine) {
                         "running": s.running,
                         "dead_letters": s.dead,
                         "oldest_wait_seconds": s.oldest_wait.map(|d| d.as_secs_f64()),
+                        "paused": s.paused.is_some(),
                     });
                     (q.to_string(), report)
                 })
@@ -122,7 +123,7 @@ pub fn register_diagnostics(registry: &mut Registry) {
         let steps = kwarg_f64(&ctx, "steps", 10.0).clamp(1.0, 10_000.0) as u32;
         for step in 1..=steps {
             tokio::select! {
-                _ = ctx.cancel.cancelled() => return Err(HandlerError::retry("cancelled at the soft time limit")),
+                _ = ctx.cancel.cancelled() => return Err(HandlerError::retry("stopped when asked (a cancel, or the soft time limit)")),
                 _ = tokio::time::sleep(total / steps) => {}
             }
             let percent = f64::from(step) * 100.0 / f64::from(steps);

@@ -126,6 +126,8 @@ fn plus(sum: QueueStats, s: &QueueStats) -> QueueStats {
         pending: sum.pending + s.pending,
         oldest_wait: longest(sum.oldest_wait, s.oldest_wait),
         counts: sum.counts.plus(&s.counts),
+        // a sum of queues is no queue: each queue's pause is its own
+        paused: None,
     }
 }
 

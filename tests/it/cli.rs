@@ -1,4 +1,4 @@
-//! The client commands (`koo cache|task|cron|ps|top`) as real processes:
+//! The client commands (`koo cache|task|cron|queue|ps|top`) as real processes:
 //! the built `koo` binary run against a `koo serve` the test starts (the
 //! embedded store, built-in workers), its exit codes, tables and `--json`
 //! output (parsed with serde_json); bad input, an unreachable target, auth;
@@ -349,6 +349,54 @@ fn cron_commands() {
     let gone = koo(&["cron", "get", "nightly"]);
     assert_eq!(gone.code, 3);
     assert!(gone.stderr.contains("NOT_FOUND"), "{}", gone.stderr);
+}
+
+/// Queues: pause (a task submitted then stays queued), ls shows who and
+/// why, resume (the task runs); an unknown queue exits 3 naming the field.
+#[test]
+fn queue_commands() {
+    let (_koo, addr) = serve(&[]);
+    let koo = |args: &[&str]| koo_at(&addr, &[], args);
+    let paused = koo(&[
+        "queue", "pause", "research", "--reason", "upgrade", "--json",
+    ])
+    .json();
+    assert_eq!(paused["state"], "QUEUE_STATE_PAUSED");
+    assert_eq!(paused["pause"]["reason"], "upgrade");
+    let task_id = koo(&[
+        "task",
+        "submit",
+        "koo.diagnostics.noop",
+        "--category",
+        "research",
+    ])
+    .ok()
+    .trim()
+    .to_owned();
+    let listed = koo(&["queue", "ls"]);
+    let row = listed
+        .ok()
+        .lines()
+        .find(|l| l.starts_with("research"))
+        .unwrap_or_default();
+    assert!(
+        row.contains("paused") && row.contains("upgrade"),
+        "{}",
+        listed.stdout
+    );
+    let metrics = koo(&["queue", "ls", "--json"]).json_lines();
+    let research = metrics.iter().find(|q| q["name"] == "research").unwrap();
+    assert_eq!(research["metrics"]["queued"], "1", "{research}");
+    koo(&["queue", "resume", "research"]).ok();
+    let watched = koo(&["task", "watch", &task_id, "--json"]).json_lines();
+    assert_eq!(watched.last().unwrap()["state"], "TASK_STATE_SUCCEEDED");
+    let unknown = koo(&["queue", "pause", "nope"]);
+    assert_eq!(unknown.code, 3);
+    assert!(
+        unknown.stderr.contains("queue: unknown queue \"nope\""),
+        "{}",
+        unknown.stderr
+    );
 }
 
 /// `koo ps` lists the built-in workers; an unreachable target exits 3

@@ -186,15 +186,14 @@ async fn get_caller_over_grpc_web() {
     let origin: http::Uri = format!("http://{http}").parse().unwrap();
     let mut client = AuthServiceClient::with_origin(web, origin);
     let mut request = tonic::Request::new(GetCallerRequest {});
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {READER}").parse().unwrap(),
-    );
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {READER}").parse().unwrap());
     let me = client.get_caller(request).await.unwrap().into_inner();
-    assert_eq!((me.principal.as_str(), me.role()), ("ci-reader", Role::Reader));
-    let refused = client
-        .get_caller(GetCallerRequest {})
-        .await
-        .unwrap_err();
+    assert_eq!(
+        (me.principal.as_str(), me.role()),
+        ("ci-reader", Role::Reader)
+    );
+    let refused = client.get_caller(GetCallerRequest {}).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
 }

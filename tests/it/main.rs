@@ -23,6 +23,7 @@ mod lease_secrets;
 mod metrics;
 mod parity;
 mod persist;
+mod queues;
 mod redis_security;
 mod rest;
 mod schedules;

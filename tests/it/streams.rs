@@ -279,7 +279,10 @@ async fn resuming_gets_every_event_once_from_the_ring_or_the_store(backend: Back
     );
     // every event names its task (a live feed shows names without GetTask)
     let unnamed: Vec<_> = all.iter().filter(|e| e.name != NAME).map(key).collect();
-    assert!(unnamed.is_empty(), "events without the task's name: {unnamed:?}");
+    assert!(
+        unnamed.is_empty(),
+        "events without the task's name: {unnamed:?}"
+    );
     for round in 0..2 {
         // first older than the ring (256 events), then inside it
         let from = if round == 0 { 4 } else { all.len() - 5 };

@@ -90,6 +90,7 @@ on_both!(
     sweep_queues_due_scheduled_tasks,
     progress_and_events_are_fenced_and_ordered,
     finish_and_lease_takes_the_next_task_in_one_step,
+    a_paused_queue_leases_nothing_until_resumed,
     an_expired_dead_letter_is_dropped_when_requeued,
     history_is_trimmed_at_the_cap,
     the_store_clock_moves_due_times_and_leases,
@@ -562,6 +563,76 @@ async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
         .unwrap();
     assert!(none.is_none(), "the queue is empty");
     assert_eq!(f.get(&second.id).await.state, State::Succeeded);
+}
+
+/// A paused queue: lease and the chained lease of finish-and-lease hand out
+/// nothing (the finish itself applies); a second pause keeps the first's
+/// who and why; the stats show it; resumed, the next lease gets the task.
+async fn a_paused_queue_leases_nothing_until_resumed(f: Fixture) {
+    let first = f.task("a", Priority::High, 0);
+    let second = f.task("b", Priority::Normal, 0);
+    f.submit(&first).await;
+    f.submit(&second).await;
+    let leased = f.lease("w", Duration::from_secs(60)).await.unwrap();
+    let pause = koo::domain::Pause {
+        by: "ops".into(),
+        reason: "outage".into(),
+        at_ms: 1,
+    };
+    let now = f
+        .store
+        .set_pause(&f.queue, Some(&pause), later())
+        .await
+        .unwrap();
+    assert_eq!(now.as_ref(), Some(&pause));
+    let other = koo::domain::Pause {
+        by: "someone".into(),
+        ..pause.clone()
+    };
+    let kept = f
+        .store
+        .set_pause(&f.queue, Some(&other), later())
+        .await
+        .unwrap();
+    assert_eq!(kept.as_ref(), Some(&pause), "the first pause stays");
+    assert_eq!(f.lease("w", Duration::from_secs(60)).await, None);
+    let ask = LeaseAsk {
+        worker: "w",
+        lease: Duration::from_secs(60),
+        names: &["*"],
+    };
+    let ((state, _), next) = f
+        .store
+        .finish_and_lease(
+            &leased.id,
+            leased.token,
+            &Outcome::Succeeded("1".into()),
+            "{}",
+            &ask,
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(state, State::Succeeded, "the finish applies");
+    assert!(next.is_none(), "no chained lease from a paused queue");
+    let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
+    assert_eq!((stats.ready, stats.paused), (1, Some(pause)));
+    assert_eq!(
+        f.store.set_pause(&f.queue, None, later()).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        f.store.set_pause(&f.queue, None, later()).await.unwrap(),
+        None
+    );
+    let resumed = f.lease("w", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(resumed.id, second.id);
+    assert_eq!(
+        f.store.queue_stats(&f.queue, later()).await.unwrap().paused,
+        None
+    );
 }
 
 /// A dead letter whose retention (result and dead-letter TTL) has passed

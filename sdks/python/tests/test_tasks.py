@@ -15,6 +15,7 @@ import pytest
 
 from koo import (
     KooError,
+    QueueInfo,
     TaskCategory,
     TaskFailed,
     TaskManager,
@@ -200,3 +201,29 @@ def test_seed_helpers_and_sync_facade(target: str, ns: str) -> None:
         assert sync.cancel(t).state is TaskState.CANCELLED
     assert sync.retry(ai.id).state is TaskState.QUEUED
     sync.cancel(ai.id)
+
+
+def test_pause_list_and_resume_a_queue(target: str) -> None:
+    """A paused queue is listed with who paused it and why, keeps a submitted task, and runs it once
+    resumed; an unknown queue is INVALID_ARGUMENT."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        try:
+            paused = await tm.pause_queue("research", reason="sdk test")
+            assert isinstance(paused, QueueInfo)
+            assert paused.paused and paused.pause_reason == "sdk test" and paused.paused_by == "anonymous"
+            assert paused.category is TaskCategory.RESEARCH and paused.pause_time is not None
+            task_id = await tm.submit_task("koo.diagnostics.noop", TaskCategory.RESEARCH)
+            listed = {q.name: q for q in await tm.list_queues()}
+            assert listed["research"].paused and listed["research"].queued >= 1
+            assert not listed["cache"].paused and listed["cache"].paused_by is None
+        finally:
+            resumed = await tm.resume_queue("research")
+        assert not resumed.paused
+        assert await tm.result(task_id, timeout=20) is None
+        with pytest.raises(KooError) as err:
+            await tm.pause_queue("nope")
+        assert err.value.code.name == "INVALID_ARGUMENT" and "queue" in str(err.value)
+
+    asyncio.run(scenario())

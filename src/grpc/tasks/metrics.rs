@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use crate::domain::Count;
-use crate::domain::times::TimeHistogram;
+use crate::domain::task::QueueName;
+use crate::domain::times::{QueueTimes, TimeHistogram};
+use crate::domain::{Count, QueueStats};
 use crate::pb::tasks::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::metrics::TaskMetrics;
@@ -77,41 +78,48 @@ pub(super) fn pb_metrics(
     let queues = m
         .queues
         .into_iter()
-        .map(|(queue, s)| {
-            let count = |c: Count| s.counts.get(c) as i64;
-            let times = times.next().unwrap_or_default();
-            let (run, wait) = times.totals();
-            pb::QueueMetrics {
-                queue: queue.to_string(),
-                queued: s.ready as i64,
-                scheduled: s.scheduled as i64,
-                running: s.running as i64,
-                dead_letters: s.dead as i64,
-                pending: s.pending as i64,
-                oldest_wait: s
-                    .oldest_wait
-                    .and_then(|d| prost_types::Duration::try_from(d).ok()),
-                submitted: count(Count::Submitted),
-                succeeded: count(Count::Succeeded),
-                failed: count(Count::Failed),
-                timed_out: count(Count::TimedOut),
-                retried: count(Count::Retried),
-                lost: count(Count::Lost),
-                run_time: pb_stats(&run),
-                wait_time: pb_stats(&wait),
-                by_name: times
-                    .by_name
-                    .iter()
-                    .map(|n| pb::TaskNameMetrics {
-                        name: n.name.clone(),
-                        run_time: pb_stats(&n.run),
-                        wait_time: pb_stats(&n.wait),
-                    })
-                    .collect(),
-            }
-        })
+        .map(|(queue, s)| queue_metrics(&queue, &s, &times.next().unwrap_or_default()))
         .collect();
     (queues, workers, times_window)
+}
+
+/// One queue's figures (and times, when read) as protobuf.
+pub(super) fn queue_metrics(
+    queue: &QueueName,
+    s: &QueueStats,
+    times: &QueueTimes,
+) -> pb::QueueMetrics {
+    let count = |c: Count| s.counts.get(c) as i64;
+    let (run, wait) = times.totals();
+    pb::QueueMetrics {
+        queue: queue.to_string(),
+        queued: s.ready as i64,
+        scheduled: s.scheduled as i64,
+        running: s.running as i64,
+        dead_letters: s.dead as i64,
+        pending: s.pending as i64,
+        oldest_wait: s
+            .oldest_wait
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        submitted: count(Count::Submitted),
+        succeeded: count(Count::Succeeded),
+        failed: count(Count::Failed),
+        timed_out: count(Count::TimedOut),
+        retried: count(Count::Retried),
+        lost: count(Count::Lost),
+        run_time: pb_stats(&run),
+        wait_time: pb_stats(&wait),
+        by_name: times
+            .by_name
+            .iter()
+            .map(|n| pb::TaskNameMetrics {
+                name: n.name.clone(),
+                run_time: pb_stats(&n.run),
+                wait_time: pb_stats(&n.wait),
+            })
+            .collect(),
+        paused: s.paused.is_some(),
+    }
 }
 
 /// A histogram's figures; `None` when it counted nothing.

@@ -4,6 +4,7 @@
 mod listing;
 mod metrics;
 mod model;
+mod queues;
 mod submit;
 mod watch;
 
@@ -438,6 +439,53 @@ impl pb::task_service_server::TaskService for TaskApi {
         let task = engine.get(&request.into_inner().task_id, deadline).await?;
         Ok(Response::new(pb::GetTaskResponse {
             task: Some(to_pb_task(task)),
+        }))
+    }
+
+    async fn pause_queue(
+        &self,
+        request: Request<pb::PauseQueueRequest>,
+    ) -> Result<Response<pb::PauseQueueResponse>, Status> {
+        let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            format!("queue {}", request.get_ref().queue)
+        });
+        let by = crate::auth::Caller::of(request.extensions()).principal;
+        let r = request.into_inner();
+        let queue = self
+            .engine()
+            .pause_queue(&r.queue, &by, &r.reason, deadline)
+            .await?;
+        Ok(Response::new(pb::PauseQueueResponse {
+            queue: Some(queues::pb_queue(queue)),
+        }))
+    }
+
+    async fn resume_queue(
+        &self,
+        request: Request<pb::ResumeQueueRequest>,
+    ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
+        let deadline = self.deadline(&request);
+        audit::target(request.extensions(), || {
+            format!("queue {}", request.get_ref().queue)
+        });
+        let queue = self
+            .engine()
+            .resume_queue(&request.into_inner().queue, deadline)
+            .await?;
+        Ok(Response::new(pb::ResumeQueueResponse {
+            queue: Some(queues::pb_queue(queue)),
+        }))
+    }
+
+    async fn list_queues(
+        &self,
+        request: Request<pb::ListQueuesRequest>,
+    ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let deadline = self.deadline(&request);
+        let queues = self.engine().list_queues(deadline).await?;
+        Ok(Response::new(pb::ListQueuesResponse {
+            queues: queues.into_iter().map(queues::pb_queue).collect(),
         }))
     }
 }

@@ -60,6 +60,8 @@ pub(crate) enum Key {
     /// The prefix of the run and wait times' sub-windows (scripts append
     /// the sub-window's number).
     Times,
+    /// The queue's pause (present while paused).
+    Paused,
 }
 
 impl Key {
@@ -78,6 +80,7 @@ impl Key {
             Self::Stats => "stats",
             Self::Claim => "claim",
             Self::Times => "times",
+            Self::Paused => "paused",
         }
     }
 
@@ -96,6 +99,7 @@ impl Key {
             Self::Events => keys.events(),
             Self::Stats => keys.stats(),
             Self::Times => keys.times(),
+            Self::Paused => keys.paused(),
             Self::Claim => return None,
         })
     }

@@ -40,7 +40,7 @@ use super::{
 };
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
-use crate::domain::{Outcome, QueueStats};
+use crate::domain::{Outcome, Pause, QueueStats};
 use crate::store::{Deadline, Result};
 
 /// A task store backend: the transitions and reads of the task engine.
@@ -357,9 +357,22 @@ pub trait TaskBackend: Send + Sync + 'static {
         deadline: Deadline,
     ) -> Result<Vec<(String, i64, String)>>;
 
-    /// `queue`'s depths, oldest wait (by the store's now) and outcome
-    /// counters.
+    /// `queue`'s depths, oldest wait (by the store's now), outcome
+    /// counters and pause.
     async fn queue_stats(&self, queue: &QueueName, deadline: Deadline) -> Result<QueueStats>;
+
+    /// **Pause / resume.** `Some(pause)`: `queue` is paused from now on
+    /// (already paused: unchanged, the first pause's who, why and when
+    /// stay); `None`: resumed. Returns the pause in force after the call.
+    /// While paused, **lease** (and the lease of **finish and lease**)
+    /// hands out nothing from the queue; every other transition goes on
+    /// (submits queue, running tasks finish, due tasks become QUEUED).
+    async fn set_pause(
+        &self,
+        queue: &QueueName,
+        pause: Option<&Pause>,
+        deadline: Deadline,
+    ) -> Result<Option<Pause>>;
 
     /// **Times.** The run and wait times of `queue`'s attempts over the
     /// window, per task name (see [`crate::domain::times`]). They are

@@ -30,6 +30,7 @@ mod control;
 mod dependencies;
 mod idempotency;
 mod lease;
+mod queues;
 mod recovery;
 mod submit;
 mod times;

@@ -2,9 +2,10 @@
 // letters and oldest wait, live from WatchTaskMetrics; throughput and outcome
 // rates (from the counters' deltas between snapshots) and depths as live
 // charts, for all queues or the one selected; run and wait times where koo
-// has them.
+// has them. Admins pause and resume a queue (PauseQueue, ResumeQueue); the
+// state column follows the stream's `paused`.
 import { useRef, useState } from "preact/hooks";
-import { tasks, useStream } from "../api";
+import { errorMessage, tasks, useStream } from "../api";
 import { durationMs, formatCount, formatDuration, formatMs, formatRate, tsMs } from "../format";
 import {
   TaskCategory,
@@ -13,7 +14,7 @@ import {
   type WatchTaskMetricsResponse,
 } from "../gen/koo/tasks/v1/task_service_pb";
 import { Chart, Rolling, type SeriesSpec } from "../ui/chart";
-import { Card, ErrorBanner, PageHead, Stat, Stats, Table } from "../ui/components";
+import { Button, Card, ErrorBanner, PageHead, Stat, Stats, Table } from "../ui/components";
 
 const ALL = "";
 
@@ -103,6 +104,21 @@ export function QueuesView() {
   const prev = useRef<{ t: number; counts: Map<string, Record<string, number>> } | null>(null);
   // Rates per queue of the latest snapshot, for the table.
   const [rates, setRates] = useState(new Map<string, Record<Counter, number>>());
+  const [actionError, setActionError] = useState<string | null>(null);
+  // The state a pause or resume just set, until the next snapshot shows it.
+  const [pending, setPending] = useState(new Map<string, boolean>());
+
+  const setPaused = async (queue: string, paused: boolean) => {
+    setActionError(null);
+    try {
+      const r = paused
+        ? await tasks.pauseQueue({ queue, reason: "paused from the dashboard" })
+        : await tasks.resumeQueue({ queue });
+      setPending((p) => new Map(p).set(queue, r.queue?.metrics?.paused ?? paused));
+    } catch (e) {
+      setActionError(errorMessage(e));
+    }
+  };
 
   const stream = useStream(
     (opts) => tasks.watchTaskMetrics({}, opts),
@@ -133,6 +149,7 @@ export function QueuesView() {
       }
       prev.current = { t, counts };
       setRates(newRates);
+      setPending(new Map());
       setSnap(m);
     },
     [],
@@ -154,7 +171,7 @@ export function QueuesView() {
           {snap ? `updated ${new Date((tsMs(snap.time) ?? 0)).toLocaleTimeString(undefined, { hour12: false })}` : ""}
         </span>
       </PageHead>
-      <ErrorBanner error={stream.status !== "live" ? stream.error : null} />
+      <ErrorBanner error={stream.status !== "live" ? stream.error : actionError} />
 
       <Card>
         <Stats>
@@ -180,16 +197,18 @@ export function QueuesView() {
       >
         <Table
           testid="queues-table"
-          head={["queue", "queued", "running", "scheduled", "pending", "dead", "oldest wait", "in/s", "done/s", "submitted", "succeeded", "failed", "run p50 / p95", "wait p50 / p95"]}
+          head={["queue", "state", "queued", "running", "scheduled", "pending", "dead", "oldest wait", "in/s", "done/s", "submitted", "succeeded", "failed", "run p50 / p95", "wait p50 / p95"]}
           empty={snap ? "no queues" : "waiting for koo…"}
         >
           {queues.map((q) => {
             const r = rates.get(q.queue);
+            const paused = pending.get(q.queue) ?? q.paused;
             return (
               <tr
                 key={q.queue}
                 data-testid="queue-row"
                 data-queue={q.queue}
+                data-paused={paused ? "true" : "false"}
                 class={selected === q.queue ? "sel" : ""}
                 onClick={() => setSelected(selected === q.queue ? ALL : q.queue)}
               >
@@ -204,6 +223,20 @@ export function QueuesView() {
                     >
                       tasks
                     </a>
+                  )}
+                </td>
+                <td class="nowrap" onClick={(e) => e.stopPropagation()}>
+                  <span class={`pill ${paused ? "wait" : "good"}`} data-testid="queue-state">
+                    {paused ? "paused" : "running"}
+                  </span>{" "}
+                  {paused ? (
+                    <Button small write="admin" testid="queue-resume" title="hand out this queue's tasks again" onClick={() => setPaused(q.queue, false)}>
+                      Resume
+                    </Button>
+                  ) : (
+                    <Button small write="admin" testid="queue-pause" title="hand out nothing from this queue (submits are still accepted; running tasks finish)" onClick={() => setPaused(q.queue, true)}>
+                      Pause
+                    </Button>
                   )}
                 </td>
                 <td class="num">{formatCount(q.queued)}</td>
@@ -224,7 +257,7 @@ export function QueuesView() {
           })}
         </Table>
         <div class="card-foot placeholder small" data-testid="flow-control-placeholder">
-          Pause / resume and rate limits per queue: not in koo yet (they come with the flow-control issue).
+          A paused queue accepts submits and hands out nothing until resumed. Rate limits per queue: not in koo yet (they come with the flow-control issue).
         </div>
       </Card>
 

@@ -19,6 +19,7 @@ from koo._cached import cache_key, cached
 from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
 from koo._tasks import (
+    QueueInfo,
     SyncTaskManager,
     TaskCategory,
     TaskFailed,
@@ -40,6 +41,7 @@ __all__ = [
     "Fatal",
     "KooCache",
     "KooError",
+    "QueueInfo",
     "Retry",
     "Settings",
     "SyncKooCache",

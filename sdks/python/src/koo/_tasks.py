@@ -164,6 +164,44 @@ class TaskSummary:
     """How long its last attempt ran (`end_time - start_time`)."""
 
 
+@dataclass(frozen=True)
+class QueueInfo:
+    """A task queue, its state and depths (`TaskManager.list_queues`)."""
+
+    name: str
+    category: TaskCategory | None
+    """The category whose queue it is (None: a configured extra queue)."""
+    paused: bool
+    """Paused queues accept submits and hand out nothing until resumed."""
+    paused_by: str | None
+    pause_reason: str | None
+    pause_time: datetime | None
+    queued: int
+    running: int
+    scheduled: int
+    pending: int
+    dead_letters: int
+
+    @classmethod
+    def from_proto(cls, q: pb.Queue) -> QueueInfo:
+        """Converts koo's `Queue` message."""
+        paused = q.state == pb.QUEUE_STATE_PAUSED
+        m = q.metrics
+        return cls(
+            name=q.name,
+            category=TaskCategory(q.category) if q.category else None,
+            paused=paused,
+            paused_by=q.pause.principal if paused else None,
+            pause_reason=q.pause.reason if paused else None,
+            pause_time=from_timestamp(q.pause.pause_time) if paused else None,
+            queued=m.queued,
+            running=m.running,
+            scheduled=m.scheduled,
+            pending=m.pending,
+            dead_letters=m.dead_letters,
+        )
+
+
 class TaskFailed(Exception):
     """`result()` of a task that ended without succeeding."""
 
@@ -431,6 +469,24 @@ class TaskManager:
         req = pb.GetTaskMetricsRequest()
         return await rpc(self._stub().GetTaskMetrics(req, metadata=self._conn.metadata()))
 
+    async def list_queues(self) -> list[QueueInfo]:
+        """Every queue with its state (running or paused) and depths."""
+        r = await rpc(self._stub().ListQueues(pb.ListQueuesRequest(), metadata=self._conn.metadata()))
+        return [QueueInfo.from_proto(q) for q in r.queues]
+
+    async def pause_queue(self, queue: str, reason: str = "") -> QueueInfo:
+        """Pauses `queue` (e.g. "ai_service"): it accepts submits and hands out nothing until
+        `resume_queue`; running tasks finish. Needs the admin role."""
+        req = pb.PauseQueueRequest(queue=queue, reason=reason)
+        r = await rpc(self._stub().PauseQueue(req, metadata=self._conn.metadata()))
+        return QueueInfo.from_proto(r.queue)
+
+    async def resume_queue(self, queue: str) -> QueueInfo:
+        """Resumes a paused `queue`. Needs the admin role."""
+        req = pb.ResumeQueueRequest(queue=queue)
+        r = await rpc(self._stub().ResumeQueue(req, metadata=self._conn.metadata()))
+        return QueueInfo.from_proto(r.queue)
+
     async def cleanup_old_tasks(self, hours_old: float = 24, include_dead_letters: bool = False) -> int:
         """Removes tasks that ended more than `hours_old` hours ago; returns how many."""
         req = pb.CleanupTasksRequest(
@@ -473,3 +529,15 @@ class SyncTaskManager:
     def retry(self, task_id: str) -> TaskInfo:
         """See `TaskManager.retry`."""
         return shared_loop().run(self._m.retry(task_id))
+
+    def list_queues(self) -> list[QueueInfo]:
+        """See `TaskManager.list_queues`."""
+        return shared_loop().run(self._m.list_queues())
+
+    def pause_queue(self, queue: str, reason: str = "") -> QueueInfo:
+        """See `TaskManager.pause_queue`."""
+        return shared_loop().run(self._m.pause_queue(queue, reason))
+
+    def resume_queue(self, queue: str) -> QueueInfo:
+        """See `TaskManager.resume_queue`."""
+        return shared_loop().run(self._m.resume_queue(queue))

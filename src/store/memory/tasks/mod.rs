@@ -35,7 +35,7 @@ use tracing::instrument;
 use self::state::Tasks;
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
-use crate::domain::{Outcome, QueueStats};
+use crate::domain::{Outcome, Pause, QueueStats};
 use crate::store::clock::Clock;
 use crate::store::tasks::{
     Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend, TaskLimits,
@@ -395,6 +395,25 @@ impl TaskBackend for MemoryTasks {
     #[instrument(skip_all, level = "debug", fields(%queue))]
     async fn queue_stats(&self, queue: &QueueName, _: Deadline) -> Result<QueueStats> {
         Ok(self.read(|s, now| s.queue_stats(queue, now)))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn set_pause(
+        &self,
+        queue: &QueueName,
+        pause: Option<&Pause>,
+        _: Deadline,
+    ) -> Result<Option<Pause>> {
+        Ok(self.write(|s, _| {
+            let q = s.queues.entry(queue.clone()).or_default();
+            match pause {
+                Some(p) => Some(q.paused.get_or_insert_with(|| p.clone()).clone()),
+                None => {
+                    q.paused = None;
+                    None
+                }
+            }
+        }))
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

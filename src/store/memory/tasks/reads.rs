@@ -196,6 +196,7 @@ impl Tasks {
             pending: q.pending.len(),
             oldest_wait: oldest.map(|queued| Duration::from_millis((now - queued).max(0) as u64)),
             counts: q.counts,
+            paused: q.paused.clone(),
         }
     }
 }

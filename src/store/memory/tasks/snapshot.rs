@@ -76,6 +76,9 @@ pub struct QueueImage {
     pub events: Vec<EventImage>,
     pub trimmed_upto: u64,
     pub counts: BTreeMap<String, u64>,
+    /// The queue's pause (`by`, `reason`, `at`), absent when it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<BTreeMap<String, String>>,
 }
 
 /// One saved event.
@@ -160,6 +163,12 @@ fn queue_image(q: &Queue) -> QueueImage {
             .to_stored()
             .map(|(k, v)| (k.to_owned(), v))
             .collect(),
+        paused: q.paused.as_ref().map(|p| {
+            p.to_stored()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()
+        }),
     }
 }
 
@@ -192,6 +201,7 @@ fn queue_from(image: QueueImage) -> Queue {
             .collect::<VecDeque<_>>(),
         trimmed_upto: image.trimmed_upto,
         counts: Counts::from_stored(image.counts),
+        paused: image.paused.and_then(crate::domain::Pause::from_stored),
         ..Queue::default()
     }
 }
@@ -520,5 +530,42 @@ mod tests {
         // event positions go on from where they were
         let reader = back.event_reader(&q, Some("1"), dl()).await.unwrap();
         assert_eq!(reader.position(), "1");
+    }
+
+    /// A paused queue is still paused after a save and load (a queue that
+    /// runs saves no pause field); the loaded store leases nothing from it.
+    #[tokio::test]
+    async fn a_pause_survives_a_snapshot() {
+        let m = MemoryTasks::default();
+        let queue = |name: &str| QueueName::parse(name).unwrap();
+        let (q, other) = (queue("research"), queue("cache"));
+        let limits = TaskLimits::default();
+        let pause = crate::domain::Pause {
+            by: "ops".into(),
+            reason: "outage".into(),
+            at_ms: 42,
+        };
+        m.set_pause(&q, Some(&pause), dl()).await.unwrap();
+        m.set_pause(&other, None, dl()).await.unwrap();
+        let t = task(&q, "t");
+        m.submit(&t, Duration::ZERO, limits, dl()).await.unwrap();
+        let json = serde_json::to_string(&m.export()).unwrap();
+        assert_eq!(json.matches("\"paused\"").count(), 1, "{json}");
+        let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();
+        let stats = back.queue_stats(&q, dl()).await.unwrap();
+        assert_eq!((stats.ready, stats.paused), (1, Some(pause)));
+        let lease = Duration::from_secs(60);
+        assert_eq!(
+            back.lease(&q, "w", lease, &["*"], limits, dl())
+                .await
+                .unwrap(),
+            None
+        );
+        back.set_pause(&q, None, dl()).await.unwrap();
+        let leased = back
+            .lease(&q, "w", lease, &["*"], limits, dl())
+            .await
+            .unwrap();
+        assert_eq!(leased.map(|l| l.id), Some(t.id));
     }
 }

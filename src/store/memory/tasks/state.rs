@@ -129,6 +129,8 @@ pub(super) struct Queue {
     pub(super) counts: Counts,
     /// Run and wait times of the window (not kept in snapshots).
     pub(super) times: super::times::Times,
+    /// Set while the queue is paused (kept in snapshots).
+    pub(super) paused: Option<crate::domain::Pause>,
 }
 
 impl Queue {

@@ -149,6 +149,10 @@ impl Tasks {
     ) -> Option<Task> {
         self.promote_due(queue, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
+        // a paused queue hands out nothing (due tasks still became QUEUED)
+        if q.paused.is_some() {
+            return None;
+        }
         let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
         // the first ready task served among the first `lease_scan` queued
         // ones, in order; stale entries (gone, or moved on) seen on the way

@@ -30,7 +30,7 @@ use super::RedisStore;
 use super::script::{ClockArg, Invocation, Key};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
-use crate::domain::{Outcome, QueueStats};
+use crate::domain::{Outcome, Pause, QueueStats};
 use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
 use crate::store::task_fields;
@@ -617,6 +617,33 @@ impl TaskBackend for RedisTasks {
         self.store
             .queue_stats(&self.keys(queue), self.clock(), deadline)
             .await
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue))]
+    async fn set_pause(
+        &self,
+        queue: &QueueName,
+        pause: Option<&Pause>,
+        deadline: Deadline,
+    ) -> Result<Option<Pause>> {
+        let key = self.keys(queue).paused();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match pause {
+            // field by field, only where absent: a second pause changes
+            // nothing (the three fields are always written together)
+            Some(p) => {
+                for (field, value) in p.to_stored() {
+                    pipe.cmd("HSETNX").arg(&key).arg(field).arg(value).ignore();
+                }
+            }
+            None => {
+                pipe.cmd("DEL").arg(&key).ignore();
+            }
+        }
+        pipe.cmd("HGETALL").arg(&key);
+        let (fields,): (HashMap<String, String>,) = self.store.query_pipe(&pipe, deadline).await?;
+        Ok(Pause::from_stored(fields))
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

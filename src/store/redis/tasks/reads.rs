@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::domain::task::{Task, TaskId};
-use crate::domain::{Counts, QueueStats};
+use crate::domain::{Counts, Pause, QueueStats};
 use crate::keys::QueueKeys;
 use crate::store::redis::RedisStore;
 use crate::store::redis::script::ClockArg;
@@ -163,6 +163,7 @@ impl RedisStore {
         pipe.cmd("ZCARD").arg(keys.pending());
         pipe.cmd("HGETALL").arg(keys.stats());
         pipe.cmd("TIME");
+        pipe.cmd("HGETALL").arg(keys.paused());
         // the oldest ready task of each priority band
         for b in 0..4u64 {
             pipe.cmd("ZRANGEBYSCORE")
@@ -176,7 +177,7 @@ impl RedisStore {
         }
         type Oldest = Vec<(String, f64)>;
         #[allow(clippy::type_complexity)]
-        let (ready, scheduled, running, dead, pending, counts, time, b0, b1, b2, b3): (
+        let (ready, scheduled, running, dead, pending, counts, time, paused, b0, b1, b2, b3): (
             u64,
             u64,
             u64,
@@ -184,6 +185,7 @@ impl RedisStore {
             u64,
             HashMap<String, u64>,
             (String, String),
+            HashMap<String, String>,
             Oldest,
             Oldest,
             Oldest,
@@ -211,6 +213,7 @@ impl RedisStore {
             oldest_wait: oldest
                 .map(|queued| Duration::from_millis((now_ms - queued).max(0) as u64)),
             counts: Counts::from_stored(counts),
+            paused: Pause::from_stored(paused),
         })
     }
 

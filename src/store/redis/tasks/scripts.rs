@@ -10,8 +10,8 @@ use crate::store::redis::script::{Composed, Key, Spec};
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Events, History, HistoryData, Leases, Pending, Ready, Scheduled, Stats, Task,
-    Times,
+    Claim, Dead, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled, Stats,
+    Task, Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
@@ -27,7 +27,7 @@ pub(super) const SUBMIT: Spec = Spec {
 /// Then the task names served (`*`: all).
 pub(super) const LEASE: Spec = Spec {
     name: "lease",
-    keys: &[Ready, Scheduled, Leases, Events],
+    keys: &[Ready, Scheduled, Leases, Events, Paused],
     args: &["prefix", "lease_ms", "worker", "events_cap", "scan"],
     variadic: true,
     body: include_str!("../lua/tasks/lease.lua"),

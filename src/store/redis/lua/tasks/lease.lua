@@ -3,6 +3,8 @@
 -- ARGV, the task names served ('*' = all).
 local prefix = A_prefix
 promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
+-- a paused queue hands out nothing (due tasks still become QUEUED)
+if redis.call('EXISTS', K_paused) == 1 then return false end
 local serves_all, served = false, {}
 for i = ARGN, #ARGV do
   if ARGV[i] == '*' then serves_all = true end

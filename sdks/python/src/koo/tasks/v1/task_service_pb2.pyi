@@ -25,6 +25,30 @@ else:
 
 DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
+class _QueueState:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _QueueStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_QueueState.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    QUEUE_STATE_UNSPECIFIED: _QueueState.ValueType  # 0
+    """Not used."""
+    QUEUE_STATE_RUNNING: _QueueState.ValueType  # 1
+    """Hands out tasks."""
+    QUEUE_STATE_PAUSED: _QueueState.ValueType  # 2
+    """Accepts submits, hands out nothing (PauseQueue)."""
+
+class QueueState(_QueueState, metaclass=_QueueStateEnumTypeWrapper):
+    """QueueState says whether a queue hands out tasks."""
+
+QUEUE_STATE_UNSPECIFIED: QueueState.ValueType  # 0
+"""Not used."""
+QUEUE_STATE_RUNNING: QueueState.ValueType  # 1
+"""Hands out tasks."""
+QUEUE_STATE_PAUSED: QueueState.ValueType  # 2
+"""Accepts submits, hands out nothing (PauseQueue)."""
+Global___QueueState: typing_extensions.TypeAlias = QueueState
+
 class _TaskCategory:
     ValueType = typing.NewType("ValueType", builtins.int)
     V: typing_extensions.TypeAlias = ValueType
@@ -144,6 +168,190 @@ TASK_STATE_CANCELLED: TaskState.ValueType  # 7
 TASK_STATE_TIMED_OUT: TaskState.ValueType  # 8
 """Stopped at its hard time limit."""
 Global___TaskState: typing_extensions.TypeAlias = TaskState
+
+@typing.final
+class PauseQueueRequest(google.protobuf.message.Message):
+    """PauseQueueRequest names the queue to pause."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    queue: builtins.str
+    """The queue, e.g. `ai_service` (ListQueues names them)."""
+    reason: builtins.str
+    """Why, for the other operators (at most 1024 bytes; may be empty)."""
+    def __init__(
+        self,
+        *,
+        queue: builtins.str = ...,
+        reason: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["queue", b"queue", "reason", b"reason"]) -> None: ...
+
+Global___PauseQueueRequest: typing_extensions.TypeAlias = PauseQueueRequest
+
+@typing.final
+class PauseQueueResponse(google.protobuf.message.Message):
+    """PauseQueueResponse is the queue after the call."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: builtins.int
+    @property
+    def queue(self) -> Global___Queue:
+        """The queue, paused."""
+
+    def __init__(
+        self,
+        *,
+        queue: Global___Queue | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["queue", b"queue"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["queue", b"queue"]) -> None: ...
+
+Global___PauseQueueResponse: typing_extensions.TypeAlias = PauseQueueResponse
+
+@typing.final
+class ResumeQueueRequest(google.protobuf.message.Message):
+    """ResumeQueueRequest names the queue to resume."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: builtins.int
+    queue: builtins.str
+    """The queue, e.g. `ai_service`."""
+    def __init__(
+        self,
+        *,
+        queue: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["queue", b"queue"]) -> None: ...
+
+Global___ResumeQueueRequest: typing_extensions.TypeAlias = ResumeQueueRequest
+
+@typing.final
+class ResumeQueueResponse(google.protobuf.message.Message):
+    """ResumeQueueResponse is the queue after the call."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUEUE_FIELD_NUMBER: builtins.int
+    @property
+    def queue(self) -> Global___Queue:
+        """The queue, running."""
+
+    def __init__(
+        self,
+        *,
+        queue: Global___Queue | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["queue", b"queue"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["queue", b"queue"]) -> None: ...
+
+Global___ResumeQueueResponse: typing_extensions.TypeAlias = ResumeQueueResponse
+
+@typing.final
+class ListQueuesRequest(google.protobuf.message.Message):
+    """ListQueuesRequest has no fields: every queue is listed."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___ListQueuesRequest: typing_extensions.TypeAlias = ListQueuesRequest
+
+@typing.final
+class ListQueuesResponse(google.protobuf.message.Message):
+    """ListQueuesResponse lists the queues."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    QUEUES_FIELD_NUMBER: builtins.int
+    @property
+    def queues(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Queue]:
+        """Every queue."""
+
+    def __init__(
+        self,
+        *,
+        queues: collections.abc.Iterable[Global___Queue] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["queues", b"queues"]) -> None: ...
+
+Global___ListQueuesResponse: typing_extensions.TypeAlias = ListQueuesResponse
+
+@typing.final
+class Queue(google.protobuf.message.Message):
+    """Queue is a task queue, its state and its figures."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    CATEGORY_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: builtins.int
+    PAUSE_FIELD_NUMBER: builtins.int
+    METRICS_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """Its name, e.g. `ai_service`."""
+    category: Global___TaskCategory.ValueType
+    """The category whose queue it is (unspecified for a configured extra
+    queue).
+    """
+    state: Global___QueueState.ValueType
+    """Running or paused."""
+    @property
+    def pause(self) -> Global___QueuePause:
+        """Who paused it, why and when; set while paused."""
+
+    @property
+    def metrics(self) -> Global___QueueMetrics:
+        """Its depths and counters, as GetTaskMetrics."""
+
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        category: Global___TaskCategory.ValueType = ...,
+        state: Global___QueueState.ValueType = ...,
+        pause: Global___QueuePause | None = ...,
+        metrics: Global___QueueMetrics | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["metrics", b"metrics", "pause", b"pause"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["category", b"category", "metrics", b"metrics", "name", b"name", "pause", b"pause", "state", b"state"]) -> None: ...
+
+Global___Queue: typing_extensions.TypeAlias = Queue
+
+@typing.final
+class QueuePause(google.protobuf.message.Message):
+    """QueuePause records a pause."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: builtins.int
+    REASON_FIELD_NUMBER: builtins.int
+    PAUSE_TIME_FIELD_NUMBER: builtins.int
+    principal: builtins.str
+    """The principal that paused the queue (`anonymous` on an open koo)."""
+    reason: builtins.str
+    """The reason given."""
+    @property
+    def pause_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        principal: builtins.str = ...,
+        reason: builtins.str = ...,
+        pause_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["pause_time", b"pause_time"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["pause_time", b"pause_time", "principal", b"principal", "reason", b"reason"]) -> None: ...
+
+Global___QueuePause: typing_extensions.TypeAlias = QueuePause
 
 @typing.final
 class Task(google.protobuf.message.Message):
@@ -1062,6 +1270,7 @@ class QueueMetrics(google.protobuf.message.Message):
     RUN_TIME_FIELD_NUMBER: builtins.int
     WAIT_TIME_FIELD_NUMBER: builtins.int
     BY_NAME_FIELD_NUMBER: builtins.int
+    PAUSED_FIELD_NUMBER: builtins.int
     queue: builtins.str
     """The queue."""
     queued: builtins.int
@@ -1086,6 +1295,8 @@ class QueueMetrics(google.protobuf.message.Message):
     """Attempts lost with their worker (lease lapsed)."""
     pending: builtins.int
     """Tasks waiting on dependencies (PENDING)."""
+    paused: builtins.bool
+    """Whether the queue is paused (PauseQueue): it hands out nothing."""
     @property
     def oldest_wait(self) -> google.protobuf.duration_pb2.Duration:
         """How long the oldest ready task has waited (absent when none waits)."""
@@ -1129,9 +1340,10 @@ class QueueMetrics(google.protobuf.message.Message):
         run_time: Global___DurationStats | None = ...,
         wait_time: Global___DurationStats | None = ...,
         by_name: collections.abc.Iterable[Global___TaskNameMetrics] | None = ...,
+        paused: builtins.bool = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["oldest_wait", b"oldest_wait", "run_time", b"run_time", "wait_time", b"wait_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["by_name", b"by_name", "dead_letters", b"dead_letters", "failed", b"failed", "lost", b"lost", "oldest_wait", b"oldest_wait", "pending", b"pending", "queue", b"queue", "queued", b"queued", "retried", b"retried", "run_time", b"run_time", "running", b"running", "scheduled", b"scheduled", "submitted", b"submitted", "succeeded", b"succeeded", "timed_out", b"timed_out", "wait_time", b"wait_time"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["by_name", b"by_name", "dead_letters", b"dead_letters", "failed", b"failed", "lost", b"lost", "oldest_wait", b"oldest_wait", "paused", b"paused", "pending", b"pending", "queue", b"queue", "queued", b"queued", "retried", b"retried", "run_time", b"run_time", "running", b"running", "scheduled", b"scheduled", "submitted", b"submitted", "succeeded", b"succeeded", "timed_out", b"timed_out", "wait_time", b"wait_time"]) -> None: ...
 
 Global___QueueMetrics: typing_extensions.TypeAlias = QueueMetrics
 

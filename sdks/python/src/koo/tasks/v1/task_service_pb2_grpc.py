@@ -112,6 +112,21 @@ class TaskServiceStub:
                 request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.RequeueDeadLettersRequest.SerializeToString,
                 response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.RequeueDeadLettersResponse.FromString,
                 _registered_method=True)
+        self.PauseQueue = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/PauseQueue',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.PauseQueueRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.PauseQueueResponse.FromString,
+                _registered_method=True)
+        self.ResumeQueue = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/ResumeQueue',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ResumeQueueRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ResumeQueueResponse.FromString,
+                _registered_method=True)
+        self.ListQueues = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/ListQueues',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -263,6 +278,36 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseQueue(self, request, context):
+        """PauseQueue pauses a queue: it still accepts submits (and due tasks
+        still become QUEUED) but hands out nothing, to built-in or external
+        workers of any koo process, until ResumeQueue; running tasks finish.
+        The pause is stored with the queue (Redis, or the embedded store's
+        snapshots), so it survives restarts of every koo process. Pausing a
+        paused queue changes nothing (the first pause's principal, reason and
+        time stay). An unknown queue is INVALID_ARGUMENT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeQueue(self, request, context):
+        """ResumeQueue resumes a paused queue: its tasks are handed out again at
+        once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+        the others. Resuming a running queue changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListQueues(self, request, context):
+        """ListQueues lists every queue (the six category queues, then any
+        configured extra queue) with its state and figures, in one page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +385,21 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.RequeueDeadLetters,
                     request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.RequeueDeadLettersRequest.FromString,
                     response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.RequeueDeadLettersResponse.SerializeToString,
+            ),
+            'PauseQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseQueue,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.PauseQueueRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.PauseQueueResponse.SerializeToString,
+            ),
+            'ResumeQueue': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeQueue,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ResumeQueueRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ResumeQueueResponse.SerializeToString,
+            ),
+            'ListQueues': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQueues,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -750,6 +810,87 @@ class TaskService:
             '/koo.tasks.v1.TaskService/RequeueDeadLetters',
             koo_dot_tasks_dot_v1_dot_task__service__pb2.RequeueDeadLettersRequest.SerializeToString,
             koo_dot_tasks_dot_v1_dot_task__service__pb2.RequeueDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/PauseQueue',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.PauseQueueRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.PauseQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeQueue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/ResumeQueue',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ResumeQueueRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ResumeQueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQueues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/ListQueues',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
             options,
             channel_credentials,
             insecure,

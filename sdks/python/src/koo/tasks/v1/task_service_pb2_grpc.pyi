@@ -267,7 +267,55 @@ _TaskServiceRequeueDeadLettersType = typing_extensions.TypeVar(
     ],
 )
 
-class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSubmitTasksType, _TaskServiceGetTaskType, _TaskServiceWatchTaskType, _TaskServiceGetTaskMetricsType, _TaskServiceWatchTaskMetricsType, _TaskServiceSubmitAiQueryType, _TaskServiceSubmitHealthCheckType, _TaskServiceListActiveTasksType, _TaskServiceListTaskHistoryType, _TaskServiceWatchTasksType, _TaskServiceCancelTaskType, _TaskServiceRetryTaskType, _TaskServiceCleanupTasksType, _TaskServiceRequeueDeadLettersType]):
+_TaskServicePauseQueueType = typing_extensions.TypeVar(
+    '_TaskServicePauseQueueType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
+    ],
+)
+
+_TaskServiceResumeQueueType = typing_extensions.TypeVar(
+    '_TaskServiceResumeQueueType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
+    ],
+)
+
+_TaskServiceListQueuesType = typing_extensions.TypeVar(
+    '_TaskServiceListQueuesType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
+    ],
+)
+
+class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSubmitTasksType, _TaskServiceGetTaskType, _TaskServiceWatchTaskType, _TaskServiceGetTaskMetricsType, _TaskServiceWatchTaskMetricsType, _TaskServiceSubmitAiQueryType, _TaskServiceSubmitHealthCheckType, _TaskServiceListActiveTasksType, _TaskServiceListTaskHistoryType, _TaskServiceWatchTasksType, _TaskServiceCancelTaskType, _TaskServiceRetryTaskType, _TaskServiceCleanupTasksType, _TaskServiceRequeueDeadLettersType, _TaskServicePauseQueueType, _TaskServiceResumeQueueType, _TaskServiceListQueuesType]):
     """TaskService submits background tasks and reports on them. Tasks live in
     Redis: an accepted task runs to an end state (or is dead-lettered) even if
     workers or koo processes die.
@@ -335,6 +383,18 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
             koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
             koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
         ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+            koo.tasks.v1.task_service_pb2.PauseQueueResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+            koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+            koo.tasks.v1.task_service_pb2.ListQueuesResponse,
+        ],
     ], channel: grpc.Channel) -> None: ...
 
     @typing.overload
@@ -398,6 +458,18 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
         grpc.aio.UnaryUnaryMultiCallable[
             koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
             koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+            koo.tasks.v1.task_service_pb2.PauseQueueResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+            koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+            koo.tasks.v1.task_service_pb2.ListQueuesResponse,
         ],
     ], channel: grpc.aio.Channel) -> None: ...
 
@@ -498,6 +570,27 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
     per call).
     """
 
+    PauseQueue: _TaskServicePauseQueueType
+    """PauseQueue pauses a queue: it still accepts submits (and due tasks
+    still become QUEUED) but hands out nothing, to built-in or external
+    workers of any koo process, until ResumeQueue; running tasks finish.
+    The pause is stored with the queue (Redis, or the embedded store's
+    snapshots), so it survives restarts of every koo process. Pausing a
+    paused queue changes nothing (the first pause's principal, reason and
+    time stay). An unknown queue is INVALID_ARGUMENT.
+    """
+
+    ResumeQueue: _TaskServiceResumeQueueType
+    """ResumeQueue resumes a paused queue: its tasks are handed out again at
+    once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+    the others. Resuming a running queue changes nothing.
+    """
+
+    ListQueues: _TaskServiceListQueuesType
+    """ListQueues lists every queue (the six category queues, then any
+    configured extra queue) with its state and figures, in one page.
+    """
+
 TaskServiceAsyncStub: typing_extensions.TypeAlias = TaskServiceStub[
     grpc.aio.UnaryUnaryMultiCallable[
         koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
@@ -558,6 +651,18 @@ TaskServiceAsyncStub: typing_extensions.TypeAlias = TaskServiceStub[
     grpc.aio.UnaryUnaryMultiCallable[
         koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
         koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
     ],
 ]
 
@@ -737,6 +842,42 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         them with ListTaskHistory and a state filter) again, as RetryTask does:
         the ones named, or with `all`, every dead letter (up to 1000 per queue
         per call).
+        """
+
+    @abc.abstractmethod
+    def PauseQueue(
+        self,
+        request: koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.PauseQueueResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.PauseQueueResponse]]:
+        """PauseQueue pauses a queue: it still accepts submits (and due tasks
+        still become QUEUED) but hands out nothing, to built-in or external
+        workers of any koo process, until ResumeQueue; running tasks finish.
+        The pause is stored with the queue (Redis, or the embedded store's
+        snapshots), so it survives restarts of every koo process. Pausing a
+        paused queue changes nothing (the first pause's principal, reason and
+        time stay). An unknown queue is INVALID_ARGUMENT.
+        """
+
+    @abc.abstractmethod
+    def ResumeQueue(
+        self,
+        request: koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ResumeQueueResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ResumeQueueResponse]]:
+        """ResumeQueue resumes a paused queue: its tasks are handed out again at
+        once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+        the others. Resuming a running queue changes nothing.
+        """
+
+    @abc.abstractmethod
+    def ListQueues(
+        self,
+        request: koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListQueuesResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListQueuesResponse]]:
+        """ListQueues lists every queue (the six category queues, then any
+        configured extra queue) with its state and figures, in one page.
         """
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
