@@ -113,7 +113,7 @@ export function authTests(): void {
     const admin = await openPage(browser, secure, "#/queues");
     await signIn(admin, keys.admin, "admin");
     const all = await writeButtons(admin.page);
-    for (const page of ["schedules", "dead", "cache", "task"]) {
+    for (const page of ["queues", "schedules", "dead", "cache", "task"]) {
       assert.ok(all[page] > 0, `an admin sees write buttons on ${page}: ${JSON.stringify(all)}`);
     }
     assertNoErrors(admin);

@@ -66,6 +66,31 @@ export function taskTests(): void {
     await p.close();
   });
 
+  test("queues: Pause holds a queue's new tasks until Resume", async () => {
+    const p = await openPage(browser, koo, "#/queues");
+    const { page } = p;
+    const row = '[data-testid="queue-row"][data-queue="health_check"]';
+    const state = async () =>
+      (await grpcurl(koo, "koo.tasks.v1.TaskService/ListQueues", {})).queues.find((q: { name: string }) => q.name === "health_check")?.state;
+    await page.locator(`${row} [data-testid="queue-pause"]`).click();
+    await page.locator(`${row}[data-paused="true"]`).waitFor();
+    await waitUntil("health_check to be paused", async () => ((await state()) === "QUEUE_STATE_PAUSED" ? true : undefined));
+    const held = await submitTask(koo, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_HEALTH_CHECK", kwargs: { result: "held" } });
+
+    await page.locator(`${row} [data-testid="queue-resume"]`).waitFor();
+    const resumedAt = Date.now();
+    await page.locator(`${row} [data-testid="queue-resume"]`).click();
+    await page.locator(`${row}[data-paused="false"]`).waitFor();
+    const task = await waitUntil(`${held} to run once resumed`, async () => {
+      const t = (await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: held })).task;
+      return t.state === "TASK_STATE_SUCCEEDED" ? t : undefined;
+    });
+    assert.ok(Date.parse(task.startTime) >= resumedAt - 50, `it started (${task.startTime}) after the resume (${new Date(resumedAt).toISOString()})`);
+    assert.equal(await state(), "QUEUE_STATE_RUNNING");
+    assertNoErrors(p);
+    await p.close();
+  });
+
   test("dead letters: Requeue runs one again, Requeue all (confirmed) runs the rest", async () => {
     const failing = { name: "koo.diagnostics.fail_times", category: "TASK_CATEGORY_RESEARCH", kwargs: { failures: 100 }, maxRetries: 0 };
     const [one, other] = [await submitTask(koo, failing), await submitTask(koo, failing)];
