@@ -46,12 +46,16 @@ export function screenshotTests(): void {
   before(() => ({ koo, browser } = shared()));
 
   test("screenshots of the queues, workers, task feed and dead letters pages, with work in them", async () => {
+    const p = await openPage(browser, koo, "#/queues");
+    const { page } = p;
+    await live(page);
+    const samples = async () => Number(await page.getByTestId("chart-throughput").getAttribute("data-samples"));
+
+    // Work arriving over a few seconds, so the charts have something to show:
+    // three long sleeps (running), echoes each second, and a dead letter.
     const running: string[] = [];
     for (const category of ["TASK_CATEGORY_AI_SERVICE", "TASK_CATEGORY_PDF_PROCESSING", "TASK_CATEGORY_RESEARCH"]) {
       running.push(await submitTask(koo, { name: SLEEP, category, kwargs: { seconds: 30, steps: 60 }, maxRetries: 0 }));
-    }
-    for (let i = 0; i < 3; i++) {
-      await submitTask(koo, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_DATABASE", kwargs: { result: i } });
     }
     const dead = await submitTask(koo, {
       name: "koo.diagnostics.fail_times",
@@ -59,18 +63,16 @@ export function screenshotTests(): void {
       kwargs: { failures: 100 },
       maxRetries: 0,
     });
+    for (let i = 0; i < 5; i++) {
+      const before = await samples();
+      for (let j = 0; j <= i % 3; j++) {
+        await submitTask(koo, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_DATABASE", kwargs: { result: i } });
+      }
+      await waitUntil("the next throughput sample", async () => ((await samples()) > before ? true : undefined));
+    }
     await waitUntil(`${dead} to fail`, async () => {
       const t = await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: dead });
       return t.task.state === "TASK_STATE_FAILED" ? true : undefined;
-    });
-
-    const p = await openPage(browser, koo, "#/queues");
-    const { page } = p;
-    await live(page);
-    // charts with a few samples, so they show lines
-    await waitUntil("the queue charts to hold 3 samples", async () => {
-      const counts = await page.locator("[data-samples]").evaluateAll((els) => els.map((e) => Number(e.getAttribute("data-samples"))));
-      return counts.length > 0 && counts.every((n) => n >= 3) ? true : undefined;
     });
     await screenshot(page, "queues");
 
