@@ -65,10 +65,16 @@ export function authTests(): void {
     await page.evaluate((id) => (location.hash = `#/tasks/${id}`), deadTask);
     await taskState(page, "FAILED");
     out.task = await count();
-    for (const route of ["queues", "workers", "tasks"]) {
+    // each with its content in: the rows that carry (or would carry) buttons
+    const content: Record<string, string> = {
+      queues: '[data-testid="queue-row"][data-queue="research"]',
+      workers: "main table tbody tr:not(.empty)",
+      tasks: `[data-testid="feed-row"][data-task-id="${deadTask}"]`,
+    };
+    for (const [route, rows] of Object.entries(content)) {
       await page.getByTestId(`nav-${route}`).click();
       await page.locator(`[data-testid="nav-${route}"][aria-current="page"]`).waitFor();
-      await live(page);
+      await page.locator(rows).first().waitFor();
       out[route] = await count();
     }
     return out;
