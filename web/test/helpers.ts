@@ -19,7 +19,9 @@ export function shared(): { koo: Koo; browser: Browser } {
 /** Starts the shared koo and browser before the tests, stops them after; a failed test's pages are saved and closed. */
 export function useShared(): void {
   before(async () => {
-    [koo, browser] = await Promise.all([startKoo({ name: "koo" }), launchBrowser()]);
+    // A short lease: the built-in pool announces what it runs every third of
+    // one, so the workers page's figures follow the tests' tasks within a second.
+    [koo, browser] = await Promise.all([startKoo({ name: "koo", env: { KOO_TASK_LEASE: "3s" } }), launchBrowser()]);
   });
   afterEach(async (t) => {
     await closeLeftPages(t.name);

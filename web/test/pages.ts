@@ -78,6 +78,11 @@ export function screenshotTests(): void {
 
     await page.getByTestId("nav-workers").click();
     await page.getByText(/^koo:\d+:[0-9a-f]+$/).first().waitFor(); // the built-in pool's worker id
+    await page.getByText("3/4").first().waitFor(); // the three sleeps hold three of the pool's four slots
+    await waitUntil("the workers chart to hold 3 samples", async () => {
+      const counts = await page.locator("main [data-samples]").evaluateAll((els) => els.map((e) => Number(e.getAttribute("data-samples"))));
+      return counts.length > 0 && counts.every((n) => n >= 3) ? true : undefined;
+    });
     await screenshot(page, "workers");
 
     await page.getByTestId("nav-tasks").click();
