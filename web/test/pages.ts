@@ -37,6 +37,19 @@ export function pageTests(): void {
     assertNoErrors(p);
     await p.close();
   });
+
+  test("a task id koo does not know shows koo's status, not a blank page", async () => {
+    for (const [id, code] of [
+      ["research~01a0000000000000000000000000dead", /NOT_FOUND/],
+      ["no-such-task", /INVALID_ARGUMENT|NOT_FOUND/],
+    ] as const) {
+      const p = await openPage(browser, koo, `#/tasks/${id}`);
+      await p.page.getByTestId("task-error").filter({ hasText: code }).waitFor();
+      await p.page.getByTestId("nav-tasks").waitFor();
+      assertNoErrors(p);
+      await p.close();
+    }
+  });
 }
 
 /** Registers the screenshots of the queues, workers, feed and dead letters pages, and the restart test. */
