@@ -5,7 +5,7 @@ import { useState } from "preact/hooks";
 import { errorMessage, schedules, usePoll } from "../api";
 import { Button, Card, ErrorBanner, Notice, PageHead, Table } from "../ui/components";
 import { categoryName, formatAgo, formatTime, stateName, stateTone } from "../format";
-import { ScheduleSource, type Schedule } from "../gen/koo/schedule/v1/schedule_service_pb";
+import { MissedTickPolicy, ScheduleSource, type Schedule } from "../gen/koo/schedule/v1/schedule_service_pb";
 import { TaskState } from "../gen/koo/tasks/v1/task_service_pb";
 
 const POLL_MS = 5000;
@@ -109,13 +109,16 @@ export function SchedulesView() {
         >
           {list.map((s) => (
             <tr key={s.name} data-testid="schedule-row" data-name={s.name} data-paused={s.paused ? "true" : "false"}>
-              <td>
+              <td title={s.updateTime ? `changed ${formatTime(s.updateTime)}` : undefined}>
                 <strong>{s.name}</strong>
                 {sourceName(s.source) && <div class="muted small">from {sourceName(s.source)}</div>}
               </td>
               <td class="nowrap">
                 <code>{s.cron}</code>
-                <div class="muted small">{s.timeZone || "UTC"}</div>
+                <div class="muted small">
+                  {s.timeZone || "UTC"}
+                  {s.missedTickPolicy === MissedTickPolicy.RUN_ONCE ? ", runs a missed tick once" : ""}
+                </div>
               </td>
               <td>
                 <code>{s.task?.name ?? "–"}</code>
