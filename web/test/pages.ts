@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { before, test } from "node:test";
 import type { Browser } from "playwright-core";
 import { grpcurl, openPage, screenshot, startKoo, submitTask, waitUntil, type Koo } from "./harness";
-import { assertNoErrors, live, shared, textUntil } from "./helpers";
+import { assertNoErrors, attrUntil, live, shared, textUntil } from "./helpers";
 
 const ROUTES = ["queues", "workers", "tasks", "dead", "schedules", "cache"] as const;
 const SLEEP = "koo.diagnostics.sleep";
@@ -110,23 +110,39 @@ export function screenshotTests(): void {
     for (const id of running) await grpcurl(koo, "koo.tasks.v1.TaskService/CancelTask", { taskId: id });
   });
 
-  test("a koo restart: the page says reconnecting, then live again, and the feed follows the new koo", async () => {
+  test("a koo restart: the pages say reconnecting, then live again; the feed and the cache charts follow the new koo", async () => {
     const restarted = await startKoo({ name: "koo-restart" });
     try {
-      const p = await openPage(browser, restarted, "#/tasks");
-      const { page } = p;
-      await live(page);
+      const feed = await openPage(browser, restarted, "#/tasks");
+      const metrics = await openPage(browser, restarted, "#/cache");
+      await live(feed.page);
+      await live(metrics.page);
+      const chart = '[data-testid="cache-chart-hits"]';
+      await attrUntil(metrics.page, chart, "data-samples", (v) => Number(v) >= 1, "a first metrics sample");
+
       await restarted.kill();
-      await textUntil(page, '[data-testid="conn-status"]', (t) => t === "reconnecting", "the badge to say reconnecting");
+      for (const p of [feed, metrics]) {
+        await textUntil(p.page, '[data-testid="conn-status"]', (t) => t === "reconnecting", "the badge to say reconnecting");
+      }
+      await metrics.page.getByText(/reconnecting to the metrics stream/).waitFor();
+      const before = Number(await metrics.page.locator(chart).getAttribute("data-samples"));
       await restarted.restart();
-      await live(page);
+
+      await live(feed.page);
       const id = await submitTask(restarted, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_RESEARCH" });
-      await page.locator(`[data-testid="feed-row"][data-task-id="${id}"]`).waitFor();
-      // While koo was down the browser itself logs the refused connections;
-      // anything else is the page's own error.
-      const own = p.errors.filter((e) => !/Failed to load resource: net::ERR_(CONNECTION_REFUSED|EMPTY_RESPONSE|CONNECTION_RESET|INCOMPLETE_CHUNKED_ENCODING)/.test(e));
-      assert.deepEqual(own, []);
-      await p.close();
+      await feed.page.locator(`[data-testid="feed-row"][data-task-id="${id}"]`).waitFor();
+      await live(metrics.page);
+      await attrUntil(metrics.page, chart, "data-samples", (v) => Number(v) > before + 1, "the hit ratio chart to take samples from the new koo");
+      await metrics.page.getByText(/reconnecting to the metrics stream/).waitFor({ state: "detached" });
+      for (const p of [feed, metrics]) {
+        // While koo was down the browser itself logs the refused connections;
+        // anything else is the page's own error.
+        const own = p.errors.filter(
+          (e) => !/Failed to load resource: net::ERR_(CONNECTION_REFUSED|EMPTY_RESPONSE|CONNECTION_RESET|INCOMPLETE_CHUNKED_ENCODING)/.test(e),
+        );
+        assert.deepEqual(own, []);
+        await p.close();
+      }
     } finally {
       await restarted.stop();
     }
