@@ -11,7 +11,7 @@ import { spawn, execFile, type ChildProcess } from "node:child_process";
 import { createRequire } from "node:module";
 import { createInterface } from "node:readline";
 import { mkdtempSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { createServer, request as httpRequest, type Server } from "node:http";
+import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -270,49 +270,86 @@ async function pageBase(koo: Koo): Promise<{ base: string; server?: Server }> {
 }
 
 function distServer(dist: string, upstream: string): Promise<Server> {
-  const [host, port] = [upstream.slice(0, upstream.lastIndexOf(":")), upstream.slice(upstream.lastIndexOf(":") + 1)];
-  const server = createServer((req, res) => {
-    const path = (req.url ?? "/").split("?")[0];
-    const type = DIST_TYPES[path];
-    if (req.method === "GET" && type) {
-      const file = path === "/" ? "index.html" : path.slice(1);
-      res.writeHead(200, {
-        "content-type": type,
-        "content-security-policy": CSP,
-        "cache-control": "no-store",
-        "x-content-type-options": "nosniff",
-      });
-      res.end(readFileSync(join(dist, file)));
-      return;
-    }
-    const trace = (what: string) => {
-      if (process.env.KOO_TEST_LOG) process.stderr.write(`[dist server] ${req.method} ${req.url}: ${what}\n`);
-    };
-    trace("->");
-    const up = httpRequest(
-      { host, port: Number(port), method: req.method, path: req.url, headers: req.headers },
-      (upRes) => {
-        trace(`<- ${upRes.statusCode} grpc-status ${upRes.headers["grpc-status"] ?? "(in trailers)"} ${upRes.headers["grpc-message"] ?? ""}`);
-        res.writeHead(upRes.statusCode ?? 502, upRes.headers);
-        res.flushHeaders(); // a stream's headers reach the page before its first message, as from koo
-        upRes.pipe(res);
-        // koo gone mid-stream: the browser must see the stream break, as without this server
-        upRes.on("close", () => {
-          if (!upRes.complete) res.destroy();
+  return listen(
+    createServer((req, res) => {
+      const path = (req.url ?? "/").split("?")[0];
+      const type = DIST_TYPES[path];
+      if (req.method === "GET" && type) {
+        const file = path === "/" ? "index.html" : path.slice(1);
+        res.writeHead(200, {
+          "content-type": type,
+          "content-security-policy": CSP,
+          "cache-control": "no-store",
+          "x-content-type-options": "nosniff",
         });
-      },
-    );
-    up.on("error", (e) => {
-      trace(`upstream error ${e.message}`);
-      res.destroy();
-    });
-    res.on("close", () => up.destroy());
-    req.pipe(up);
-  });
+        res.end(readFileSync(join(dist, file)));
+        return;
+      }
+      forward(req, res, upstream, req.url ?? "/");
+    }),
+  );
+}
+
+/**
+ * A reverse proxy that serves koo's HTTP listener under `prefix` (e.g.
+ * `/ops/koo/`), as a site might: the page must load its files and make its
+ * calls relative to where it sits. Stopped with the test process.
+ */
+export async function prefixServer(koo: Koo, prefix: string): Promise<{ base: string; close: () => void }> {
+  const upstream = new URL(koo.base).host;
+  const server = await listen(
+    createServer((req, res) => {
+      const url = req.url ?? "/";
+      if (!url.startsWith(prefix)) {
+        res.writeHead(404).end();
+        return;
+      }
+      forward(req, res, upstream, `/${url.slice(prefix.length)}`);
+    }),
+  );
+  const port = (server.address() as AddressInfo).port;
+  return {
+    base: `http://127.0.0.1:${port}${prefix}`,
+    close: () => {
+      server.closeAllConnections();
+      server.close();
+    },
+  };
+}
+
+function listen(server: Server): Promise<Server> {
   return new Promise((ok, err) => {
     server.once("error", err);
     server.listen(0, "127.0.0.1", () => ok(server));
   });
+}
+
+/** Passes one request to `upstream` (host:port) as `path`, streaming both ways. */
+function forward(req: IncomingMessage, res: ServerResponse, upstream: string, path: string): void {
+  const at = upstream.lastIndexOf(":");
+  const trace = (what: string) => {
+    if (process.env.KOO_TEST_LOG) process.stderr.write(`[proxy] ${req.method} ${req.url}: ${what}\n`);
+  };
+  trace("->");
+  const up = httpRequest(
+    { host: upstream.slice(0, at), port: Number(upstream.slice(at + 1)), method: req.method, path, headers: req.headers },
+    (upRes) => {
+      trace(`<- ${upRes.statusCode} grpc-status ${upRes.headers["grpc-status"] ?? "(in trailers)"} ${upRes.headers["grpc-message"] ?? ""}`);
+      res.writeHead(upRes.statusCode ?? 502, upRes.headers);
+      res.flushHeaders(); // a stream's headers reach the page before its first message, as from koo
+      upRes.pipe(res);
+      // koo gone mid-stream: the browser must see the stream break, as without this server
+      upRes.on("close", () => {
+        if (!upRes.complete) res.destroy();
+      });
+    },
+  );
+  up.on("error", (e) => {
+    trace(`upstream error ${e.message}`);
+    res.destroy();
+  });
+  res.on("close", () => up.destroy());
+  req.pipe(up);
 }
 
 // ---------------------------------------------------------------------------

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { before, test } from "node:test";
 import type { Browser } from "playwright-core";
-import { grpcurl, openPage, screenshot, startKoo, submitTask, waitUntil, type Koo } from "./harness";
+import { grpcurl, openPage, prefixServer, screenshot, startKoo, submitTask, waitUntil, type Koo } from "./harness";
 import { assertNoErrors, attrUntil, live, shared, textUntil } from "./helpers";
 
 const ROUTES = ["queues", "workers", "tasks", "dead", "schedules", "cache"] as const;
@@ -36,6 +36,27 @@ export function pageTests(): void {
     }
     assertNoErrors(p);
     await p.close();
+  });
+
+  test("behind a path prefix (a reverse proxy's /ops/koo/), the page loads its files and calls koo relative to it", async () => {
+    const front = await prefixServer(koo, "/ops/koo/");
+    try {
+      const context = await browser.newContext();
+      const page = await context.newPage();
+      const errors: string[] = [];
+      page.on("console", (m) => m.type() === "error" && errors.push(m.text()));
+      page.on("pageerror", (e) => errors.push(e.message));
+      await page.goto(`${front.base}#/cache`);
+      await live(page);
+      await attrUntil(page, '[data-testid="cache-chart-hits"]', "data-samples", (v) => Number(v) >= 1, "a metrics sample through the prefix");
+      await page.getByTestId("nav-schedules").click();
+      await page.locator('[data-testid="schedule-row"][data-name="health-check"]').waitFor();
+      assert.ok(page.url().startsWith(`${front.base}#/schedules`), page.url());
+      assert.deepEqual(errors, []);
+      await context.close();
+    } finally {
+      front.close();
+    }
   });
 
   test("a task id koo does not know shows koo's status, not a blank page", async () => {
