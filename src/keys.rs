@@ -186,7 +186,20 @@ impl QueueKeys {
     pub fn times(&self) -> String {
         self.key("times:")
     }
+
+    /// The queue's debounce keys (a hash: key -> the id of the unstarted
+    /// task holding it). The scripts that start or end a task find it from
+    /// the task's hash by [`DEBOUNCE_FROM_TASK`], so it must stay beside
+    /// `task:` under the queue's base (a test pins that).
+    pub fn debounce(&self) -> String {
+        self.key("debounce")
+    }
 }
+
+/// How `lib.lua`'s `forget_debounce` derives [`QueueKeys::debounce`] from a
+/// task's hash: drop the id and this many bytes (`task:`), append
+/// `debounce`.
+pub const DEBOUNCE_FROM_TASK: usize = "task:".len();
 
 /// An idempotency key's claim (not tied to a queue's slot: a key spans
 /// queues).
@@ -231,6 +244,10 @@ mod tests {
             assert!(key.starts_with("koo:v1:{t:ai_service}:"), "{key}");
         }
         assert_eq!(keys.task(&id), format!("{}{id}", keys.task_prefix()));
+        // lib.lua's forget_debounce derives the debounce hash this way
+        let task = keys.task(&id);
+        let base = &task[..task.len() - id.as_str().len() - DEBOUNCE_FROM_TASK];
+        assert_eq!(format!("{base}debounce"), keys.debounce());
     }
 
     /// Keys and patterns keep levels apart and escape the prefix.

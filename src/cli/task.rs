@@ -131,6 +131,13 @@ struct SubmitArgs {
     /// Tasks that must succeed first.
     #[arg(long = "depends-on", value_name = "TASK_ID")]
     depends_on: Vec<String>,
+    /// Debounce key: while the task submitted with it (to this queue) has
+    /// not started, this submit replaces it and prints its id.
+    #[arg(long, default_value = "", requires = "debounce_window")]
+    debounce_key: String,
+    /// How long a debounced task waits for a newer submit (`5s`).
+    #[arg(long, value_parser = super::connect::parse_duration, requires = "debounce_key")]
+    debounce_window: Option<Duration>,
     /// Follow the task to its end, as `koo task watch`.
     #[arg(long)]
     wait: bool,
@@ -279,6 +286,8 @@ async fn submit(
         countdown,
         idempotency_key,
         depends_on,
+        debounce_key,
+        debounce_window,
         wait,
     } = args;
     let request = pb::SubmitTaskRequest {
@@ -294,6 +303,8 @@ async fn submit(
         time_limit: pb_duration(spec.time_limit),
         idempotency_key,
         depends_on,
+        debounce_key,
+        debounce_window: pb_duration(debounce_window),
         ..Default::default()
     };
     let reply = one(conn, client.submit_task(conn.unary(request)).await)?;

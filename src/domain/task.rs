@@ -411,6 +411,9 @@ pub struct Task {
     pub log: Vec<String>,
     /// The trace context of the span that submitted it, if any.
     pub trace: Option<TraceContext>,
+    /// The debounce key it was submitted with: while it has not started,
+    /// a submit with the key to its queue replaces it.
+    pub debounce_key: Option<String>,
 }
 
 /// The W3C trace context a task carries from the call that submitted it to

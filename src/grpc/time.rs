@@ -59,6 +59,14 @@ pub(crate) const COUNTDOWN: Range = Range {
     text: "0 to 365 days",
 };
 
+/// How long a debounced task waits for a newer submit
+/// (`debounce_window`).
+pub(crate) const DEBOUNCE_WINDOW: Range = Range {
+    min: Duration::from_millis(1),
+    max: crate::tasks::engine::MAX_DEBOUNCE_WINDOW,
+    text: "1 ms to 24 h",
+};
+
 /// A task's hard time limit (`time_limit`).
 pub(crate) const TIME_LIMIT: Range = Range {
     min: Duration::from_millis(1),

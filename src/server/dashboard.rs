@@ -29,12 +29,15 @@ const CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self'; \
                    script-src 'self'; connect-src 'self'; frame-ancestors 'none'; \
                    base-uri 'none'; form-action 'none'";
 
+/// Bytes computed once, on first use.
+type Once<T> = LazyLock<T, fn() -> T>;
+
 /// One embedded file, with its validator and its gzipped bytes.
 struct Asset {
     body: &'static [u8],
     content_type: &'static str,
     etag: HeaderValue,
-    gzipped: LazyLock<Option<Vec<u8>>, fn() -> Option<Vec<u8>>>,
+    gzipped: Once<Option<Vec<u8>>>,
 }
 
 macro_rules! asset {

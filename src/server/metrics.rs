@@ -257,16 +257,7 @@ impl Collector for TaskCollector {
                     .encode_gauge(&wait)?;
             }
         }
-        {
-            let help =
-                format!("1 while the queue is paused (PauseQueue: it hands out nothing). {SHARED}");
-            let mut family =
-                encoder.encode_descriptor("koo_queue_paused", &help, None, MetricType::Gauge)?;
-            for (queue, s) in &m.queues {
-                gauge(u64::from(s.paused.is_some()))
-                    .encode(family.encode_family(&[("queue", queue.as_str())])?)?;
-            }
-        }
+        encode_paused(&mut encoder, &m)?;
         {
             let help = format!(
                 "Tasks by queue and outcome (submitted, succeeded, failed, timed_out, cancelled, retried, lost, requeued), as the store counts them for every instance. {SHARED}"
@@ -286,6 +277,18 @@ impl Collector for TaskCollector {
         }
         encode_workers(&mut encoder, &m)
     }
+}
+
+/// `koo_queue_paused`: 1 per paused queue, 0 per running one.
+fn encode_paused(encoder: &mut DescriptorEncoder, m: &TaskMetrics) -> Result<(), std::fmt::Error> {
+    let help = format!("1 while the queue is paused (PauseQueue: it hands out nothing). {SHARED}");
+    let mut family =
+        encoder.encode_descriptor("koo_queue_paused", &help, None, MetricType::Gauge)?;
+    for (queue, s) in &m.queues {
+        ConstGauge::new(i64::from(s.paused.is_some()))
+            .encode(family.encode_family(&[("queue", queue.as_str())])?)?;
+    }
+    Ok(())
 }
 
 /// This instance's task counters and histograms, per queue.

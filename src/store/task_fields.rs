@@ -41,6 +41,7 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
     for (name, value) in [
         ("cache_result", &task.cache_result),
         ("schedule", &task.schedule),
+        ("debounce_key", &task.debounce_key),
         ("progress", &task.progress),
         ("result", &task.result),
         ("error", &task.error),
@@ -112,6 +113,7 @@ pub fn from_fields(
             parent,
             state: text("trace_state"),
         }),
+        debounce_key: text("debounce_key"),
     })
 }
 
@@ -154,6 +156,7 @@ mod tests {
                 parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
                 state: Some("vendor=x".into()),
             }),
+            debounce_key: Some("doc-7".into()),
         };
         let fields = to_fields(&task)
             .into_iter()

@@ -649,3 +649,50 @@ fn a_closed_pipe_ends_a_raw_get_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }
+
+/// Debounced submits: `--debounce-key` with `--debounce-window`; a second
+/// submit inside the window names the same task (deduplicated) and the
+/// task runs once with its arguments; a key without a window exits 2.
+#[test]
+fn debounced_submits() {
+    let (_koo, addr) = serve(&[]);
+    let koo = |args: &[&str]| koo_at(&addr, &[], args);
+    let submit = |result: u32| {
+        koo(&[
+            "task",
+            "submit",
+            "koo.diagnostics.echo",
+            "--category",
+            "research",
+            "--kwargs",
+            &format!(r#"{{"result":{result}}}"#),
+            "--debounce-key",
+            "doc-7",
+            "--debounce-window",
+            "1s",
+            "--json",
+        ])
+        .json()
+    };
+    let first = submit(1);
+    let second = submit(2);
+    let id = first["task"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(second["task"]["id"], id.as_str(), "{second}");
+    assert_eq!(second["deduplicated"], true, "{second}");
+    assert_eq!(second["task"]["debounceKey"], "doc-7", "{second}");
+    assert_eq!(koo(&["task", "watch", &id]).code, 0);
+    let task = koo(&["task", "get", &id, "--json"]).json();
+    assert_eq!(task["result"], 2.0, "{task}");
+    assert_eq!(task["attempts"], 1, "{task}");
+    let bad = koo(&[
+        "task",
+        "submit",
+        "x",
+        "--category",
+        "research",
+        "--debounce-key",
+        "k",
+    ]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("--debounce-window"), "{}", bad.stderr);
+}

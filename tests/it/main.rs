@@ -17,6 +17,7 @@ mod cli;
 mod config_env;
 mod dashboard;
 mod dead_letters;
+mod debounce;
 mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;

@@ -270,6 +270,7 @@ fn new_task(
             parent: format!("00-{:032x}-{:016x}-01", created_ms + 1, name + 1),
             state: name.is_multiple_of(4).then(|| "vendor=x".to_owned()),
         }),
+        debounce_key: None,
     }
 }
 

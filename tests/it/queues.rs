@@ -6,7 +6,6 @@
 //! `store::memory::tasks::snapshot`'s tests).
 
 use crate::common;
-use crate::on_both;
 
 use common::tasks::{Backend, client, millis, spawn_on, start_on, submit, submit_ok};
 use koo::pb::tasks::v1 as pb;

@@ -155,6 +155,46 @@ def test_idempotency_key(target: str, ns: str) -> None:
     asyncio.run(scenario())
 
 
+def test_debounce_key(target: str, ns: str) -> None:
+    """Submits with one debounce key make one task, run once with the last
+    submit's arguments; a key without a window, or with an idempotency key,
+    is refused."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        key, window = f"doc-{ns}", timedelta(milliseconds=300)
+        answers = [
+            await tm.submit(
+                "koo.diagnostics.echo",
+                TaskCategory.RESEARCH,
+                kwargs={"result": i},
+                debounce_key=key,
+                debounce_window=window,
+            )
+            for i in range(3)
+        ]
+        assert len({info.id for info, _ in answers}) == 1
+        assert [dedup for _, dedup in answers] == [False, True, True]
+        first = answers[0][0]
+        assert first.state is TaskState.SCHEDULED and first.debounce_key == key
+        assert answers[-1][0].kwargs == {"result": 2}
+        assert await tm.result(first.id, timeout=20) == 2
+        done = await tm.get_task_status(first.id)
+        assert done.attempts == 1
+        # started, so the key makes a new task
+        again = await tm.submit_task(
+            "koo.diagnostics.echo", TaskCategory.RESEARCH, debounce_key=key, debounce_window=0.3
+        )
+        assert again != first.id
+        for bad in ({"debounce_key": key}, {"debounce_key": key, "debounce_window": 1, "idempotency_key": ns}):
+            with pytest.raises(KooError) as err:
+                await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, **bad)
+            assert err.value.code.name == "INVALID_ARGUMENT"
+        await tm.cancel(again)
+
+    asyncio.run(scenario())
+
+
 def test_listing_metrics_and_cleanup(target: str, ns: str) -> None:
     """Active tasks and history filter by name; metrics list the queues."""
 

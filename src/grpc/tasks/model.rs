@@ -148,6 +148,7 @@ pub(crate) fn to_pb_task(t: Task) -> pb::Task {
     pb::Task {
         trace_parent,
         trace_state,
+        debounce_key: t.debounce_key.unwrap_or_default(),
         queue: t.id.queue().to_string(),
         id: t.id.to_string(),
         name: t.name,

@@ -13,7 +13,7 @@ use crate::grpc::json;
 use crate::grpc::status::{at_index, invalid_argument};
 use crate::grpc::time::{self, duration};
 use crate::pb::tasks::v1 as pb;
-use crate::tasks::engine::NewTask;
+use crate::tasks::engine::{Debounce, NewTask};
 
 /// A submit as the engine takes it; `cache` resolves a cached result's
 /// default TTL; `trace` is the submitting call's trace context.
@@ -64,7 +64,9 @@ pub(super) fn new_task(
         (None, Some(eta)) => eta.duration_since(SystemTime::now()).unwrap_or_default(),
         (None, None) => Duration::ZERO,
     };
+    let debounce = debounce(&r.debounce_key, r.debounce_window)?;
     Ok(NewTask {
+        debounce,
         name: r.name,
         category: category(r.category)?,
         queue,
@@ -83,6 +85,27 @@ pub(super) fn new_task(
         schedule_tick_ms: None,
         trace,
     })
+}
+
+/// A debounced submit's key and window: both or neither (the engine
+/// checks the key's length and what may come with it).
+fn debounce(key: &str, window: Option<prost_types::Duration>) -> Result<Option<Debounce>, Status> {
+    let window = duration("debounce_window", window, time::DEBOUNCE_WINDOW)?;
+    match (key.is_empty(), window) {
+        (true, None) => Ok(None),
+        (true, Some(_)) => Err(invalid_argument(
+            "debounce_window",
+            "is only taken with a debounce_key",
+        )),
+        (false, None) => Err(invalid_argument(
+            "debounce_window",
+            "is required with a debounce_key (1 ms to 24 h)",
+        )),
+        (false, Some(window)) => Ok(Some(Debounce {
+            key: key.to_owned(),
+            window,
+        })),
+    }
 }
 
 /// Most tasks in one SubmitTasks.
@@ -114,6 +137,12 @@ pub(super) fn batch(
         return Err(invalid_argument(
             &format!("tasks[{i}].idempotency_key"),
             "only SubmitTask takes an idempotency key",
+        ));
+    }
+    if let Some(i) = news.iter().position(|n| n.debounce.is_some()) {
+        return Err(invalid_argument(
+            &format!("tasks[{i}].debounce_key"),
+            "only SubmitTask takes a debounce key",
         ));
     }
     if let Some(i) = news.iter().position(|n| !n.depends_on.is_empty()) {

@@ -262,6 +262,7 @@ mod tests {
             result_ttl_ms: 0,
             log: vec![],
             trace: None,
+            debounce_key: None,
         };
         Outbound::Task {
             task: Box::new(task),

@@ -62,6 +62,8 @@ pub(crate) enum Key {
     Times,
     /// The queue's pause (present while paused).
     Paused,
+    /// The queue's debounce keys (key -> unstarted task id).
+    Debounce,
 }
 
 impl Key {
@@ -81,6 +83,7 @@ impl Key {
             Self::Claim => "claim",
             Self::Times => "times",
             Self::Paused => "paused",
+            Self::Debounce => "debounce",
         }
     }
 
@@ -100,6 +103,7 @@ impl Key {
             Self::Stats => keys.stats(),
             Self::Times => keys.times(),
             Self::Paused => keys.paused(),
+            Self::Debounce => keys.debounce(),
             Self::Claim => return None,
         })
     }

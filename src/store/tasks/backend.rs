@@ -28,6 +28,7 @@
 //!   cap expires like a result) and keep their result for the longer of the
 //!   result TTL and `limits.dead_ttl`. The end's [`Count`] is bumped.
 //!   Its PENDING dependents are then released (see [`TaskBackend::finish`]).
+//!   A debounce key it holds is let go (see [`TaskBackend::submit_debounced`]).
 //!
 //! [`Count`]: crate::domain::Count
 
@@ -35,8 +36,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskLimits, Trimmed,
-    WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskLimits,
+    Trimmed, WorkerRecord,
 };
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
@@ -86,7 +87,8 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// one whose name is in `names` (`*` serves all) becomes RUNNING:
     /// `attempts` + 1, `token` + 1, `worker`, `started_ms` now, lease until
     /// now + `lease`, hard deadline now + `hard_ms` (when set); progress is
-    /// cleared. In `leases`, scored by the sooner of the two deadlines.
+    /// cleared; a debounce key it holds is let go. In `leases`, scored by
+    /// the sooner of the two deadlines.
     /// Event: `running`. The task is returned without its attempt log (a
     /// worker does not need it; `get` reads it). `None` when nothing is
     /// served.
@@ -155,6 +157,25 @@ pub trait TaskBackend: Send + Sync + 'static {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()>;
+
+    /// **Submit debounced.** `task` carries its `debounce_key`. When an
+    /// unstarted (SCHEDULED or QUEUED) task of its queue holds the key: with
+    /// the same name and category, that task takes `task`'s arguments,
+    /// priority and options (keeping its id and `created_ms`) and becomes
+    /// SCHEDULED, due `window` from now ([`DebounceReply::Replaced`]; event
+    /// `scheduled`; no count); else nothing changes
+    /// ([`DebounceReply::Conflict`]). Otherwise `task` is stored SCHEDULED,
+    /// due `window` from now, and holds the key ([`DebounceReply::Created`];
+    /// event `scheduled`; counts `Submitted`). The key is per queue (Redis:
+    /// a hash in the queue's slot); a task lets go of it when it is leased
+    /// or ends ("Ending"), so it holds only unstarted tasks.
+    async fn submit_debounced(
+        &self,
+        task: &Task,
+        window: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<DebounceReply>;
 
     /// **Depend.** Registers `dependent` as waiting on `id` unless `id` has
     /// ended ([`DependReply::Ended`]) or is missing. No event.

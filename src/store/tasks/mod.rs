@@ -10,8 +10,10 @@
 //! slot per queue) from that.
 
 mod backend;
+mod debounce;
 
 pub use backend::TaskBackend;
+pub use debounce::DebounceReply;
 
 use std::any::Any;
 use std::ops::Deref;

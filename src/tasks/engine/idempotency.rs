@@ -41,6 +41,10 @@ impl TaskEngine {
         new: NewTask,
         deadline: Deadline,
     ) -> Result<(Task, bool), TaskError> {
+        if new.debounce.is_some() {
+            let (task, window) = self.prepare(new)?;
+            return self.store_debounced(task, window, deadline).await;
+        }
         let Some(key) = new.idempotency_key.clone() else {
             return self.submit(new, deadline).await.map(|t| (t, false));
         };

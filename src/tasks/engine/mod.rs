@@ -27,6 +27,7 @@ use crate::tasks::remote::secret::SignerCell;
 
 mod config;
 mod control;
+mod debounce;
 mod dependencies;
 mod idempotency;
 mod lease;
@@ -36,6 +37,7 @@ mod submit;
 mod times;
 
 pub use self::config::TaskConfig;
+pub use self::debounce::{Debounce, MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_WINDOW};
 pub use self::lease::Finish;
 pub use self::submit::{MAX_ARGUMENTS, NewTask};
 pub use crate::tasks::error::TaskError;

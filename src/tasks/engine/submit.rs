@@ -50,6 +50,9 @@ pub struct NewTask {
     pub schedule_tick_ms: Option<i64>,
     /// The submitting span's trace context, carried to whoever runs it.
     pub trace: Option<TraceContext>,
+    /// Debounced: while the task holding the key has not started, this
+    /// submit replaces it (see `debounce.rs`).
+    pub debounce: Option<super::Debounce>,
 }
 
 impl NewTask {
@@ -73,6 +76,7 @@ impl NewTask {
             schedule: None,
             schedule_tick_ms: None,
             trace: None,
+            debounce: None,
         }
     }
 }
@@ -83,6 +87,9 @@ impl TaskEngine {
     /// the task's id.)
     pub async fn submit(&self, new: NewTask, deadline: Deadline) -> Result<Task, TaskError> {
         let (task, delay) = self.prepare(new)?;
+        if task.debounce_key.is_some() {
+            return Ok(self.store_debounced(task, delay, deadline).await?.0);
+        }
         self.store_task(task, delay, deadline).await
     }
 
@@ -99,7 +106,13 @@ impl TaskEngine {
         let batch = news
             .into_iter()
             .enumerate()
-            .map(|(i, new)| self.prepare(new).map_err(|e| (i, e)))
+            .map(|(i, new)| match new.debounce {
+                Some(_) => Err((
+                    i,
+                    TaskError::invalid("debounce_key", "only SubmitTask takes a debounce key"),
+                )),
+                None => self.prepare(new).map_err(|e| (i, e)),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let stored = self
             .inner
@@ -131,9 +144,9 @@ impl TaskEngine {
         })
     }
 
-    /// A validated task ready to store, and its countdown. Checks run in
-    /// the order of the request's fields, so that the first wrong field is
-    /// the one named.
+    /// A validated task ready to store, and its countdown (a debounced
+    /// task's: its window). Checks run in the order of the request's
+    /// fields, so that the first wrong field is the one named.
     pub(super) fn prepare(&self, new: NewTask) -> Result<(Task, Duration), TaskError> {
         let c = &self.inner.config;
         crate::domain::task::check_task_name(&new.name)
@@ -143,6 +156,8 @@ impl TaskEngine {
         check_dependencies(&new)?;
         check_cache_target(new.cache_result.as_ref())?;
         let queue = queue(&new, c)?;
+        let debounce = super::debounce::check(&new)?.cloned();
+        let delay = debounce.as_ref().map_or(new.delay, |d| d.window);
         let task = Task {
             id: TaskId::generate(&queue),
             name: new.name,
@@ -151,7 +166,7 @@ impl TaskEngine {
             args: new.args,
             kwargs: new.kwargs,
             // Redis schedules in whole milliseconds.
-            state: if new.delay < Duration::from_millis(1) {
+            state: if delay < Duration::from_millis(1) {
                 State::Queued
             } else {
                 State::Scheduled
@@ -175,8 +190,9 @@ impl TaskEngine {
             result_ttl_ms: result_ttl.as_millis() as u64,
             log: Vec::new(),
             trace: new.trace,
+            debounce_key: debounce.map(|d| d.key),
         };
-        Ok((task, new.delay))
+        Ok((task, delay))
     }
 }
 

@@ -314,5 +314,6 @@ pub fn queued_task(queue: &QueueName, name: &str, priority: Priority, max_retrie
         result_ttl_ms: 60_000,
         log: vec![],
         trace: None,
+        debounce_key: None,
     }
 }

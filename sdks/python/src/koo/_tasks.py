@@ -101,6 +101,8 @@ class TaskInfo:
     create_time: datetime | None
     start_time: datetime | None
     end_time: datetime | None
+    debounce_key: str = ""
+    """The debounce key it was submitted with ("" for none)."""
 
     @property
     def status(self) -> str:
@@ -145,6 +147,7 @@ class TaskInfo:
             create_time=from_timestamp(t.create_time),
             start_time=from_timestamp(t.start_time),
             end_time=from_timestamp(t.end_time),
+            debounce_key=t.debounce_key,
         )
 
 
@@ -262,9 +265,15 @@ class TaskManager:
         soft_time_limit: Seconds | None = None,
         time_limit: Seconds | None = None,
         result_ttl: Seconds | None = None,
+        debounce_key: str | None = None,
+        debounce_window: Seconds | None = None,
     ) -> tuple[TaskInfo, bool]:
-        """Submits a task; returns it and whether an earlier submit with the
-        same idempotency key had stored it (`deduplicated`)."""
+        """Submits a task; returns it and whether an earlier submit took it
+        (`deduplicated`): the task first stored with the same idempotency key,
+        or the unstarted task holding the same `debounce_key`, which this
+        submit replaced (its arguments win; it starts `debounce_window`
+        from now). A debounce key needs a window (more than 0, at most 24 h)
+        and takes no countdown, eta, dependencies or idempotency key."""
         req = pb.SubmitTaskRequest(
             name=task_name,
             category=pb.TaskCategory.ValueType(category.value),
@@ -273,7 +282,10 @@ class TaskManager:
             queue=queue or "",
             idempotency_key=idempotency_key or "",
             depends_on=list(depends_on),
+            debounce_key=debounce_key or "",
         )
+        if debounce_window is not None:
+            req.debounce_window.CopyFrom(to_duration(debounce_window))
         if kwargs:
             req.kwargs.CopyFrom(to_struct(kwargs))
         if max_retries is not None:
@@ -308,13 +320,17 @@ class TaskManager:
         soft_time_limit: Seconds | None = None,
         time_limit: Seconds | None = None,
         result_ttl: Seconds | None = None,
+        debounce_key: str | None = None,
+        debounce_window: Seconds | None = None,
     ) -> str:
         """The seed's call: submits a task and returns its id.
 
         `max_retries` None means koo's default (3); `countdown` (seconds or
         timedelta) or `eta` delays it; `depends_on` names tasks that must
         succeed first; `idempotency_key` makes a repeated submit return the
-        first task's id.
+        first task's id; `debounce_key` with `debounce_window` makes a burst
+        of submits one task, which runs once with the last one's arguments
+        (see `submit`).
         """
         task, _ = await self.submit(
             task_name,
@@ -331,6 +347,8 @@ class TaskManager:
             soft_time_limit=soft_time_limit,
             time_limit=time_limit,
             result_ttl=result_ttl,
+            debounce_key=debounce_key,
+            debounce_window=debounce_window,
         )
         return task.id
 

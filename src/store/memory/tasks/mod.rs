@@ -15,6 +15,7 @@
 //! critical section touches a handful of map entries (at most ~100 lapsed
 //! leases or due tasks per recovery call, as on Redis).
 
+mod debounce;
 mod events;
 mod reads;
 mod snapshot;
@@ -38,8 +39,8 @@ use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, Pause, QueueStats};
 use crate::store::clock::Clock;
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend, TaskLimits,
-    Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result};
 
@@ -142,6 +143,17 @@ impl TaskBackend for MemoryTasks {
         _: Deadline,
     ) -> Result<()> {
         self.write(|s, now| s.submit(task, delay, limits, now))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %task.id))]
+    async fn submit_debounced(
+        &self,
+        task: &Task,
+        window: Duration,
+        limits: TaskLimits,
+        _: Deadline,
+    ) -> Result<DebounceReply> {
+        self.write(|s, now| s.submit_debounced(task, window, limits, now))
     }
 
     #[instrument(skip_all, level = "debug")]

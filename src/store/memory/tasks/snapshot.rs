@@ -79,6 +79,10 @@ pub struct QueueImage {
     /// The queue's pause (`by`, `reason`, `at`), absent when it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<BTreeMap<String, String>>,
+    /// Debounce keys and the unstarted task holding each (Redis's
+    /// `debounce` hash).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub debounce: BTreeMap<String, String>,
 }
 
 /// One saved event.
@@ -169,6 +173,11 @@ fn queue_image(q: &Queue) -> QueueImage {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect()
         }),
+        debounce: q
+            .debounce
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
     }
 }
 
@@ -202,6 +211,7 @@ fn queue_from(image: QueueImage) -> Queue {
         trimmed_upto: image.trimmed_upto,
         counts: Counts::from_stored(image.counts),
         paused: image.paused.and_then(crate::domain::Pause::from_stored),
+        debounce: image.debounce.into_iter().collect(),
         ..Queue::default()
     }
 }
@@ -391,6 +401,7 @@ mod tests {
             result_ttl_ms: 3_600_000,
             log: Vec::new(),
             trace: None,
+            debounce_key: None,
         }
     }
 

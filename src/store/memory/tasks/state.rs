@@ -131,6 +131,9 @@ pub(super) struct Queue {
     pub(super) times: super::times::Times,
     /// Set while the queue is paused (kept in snapshots).
     pub(super) paused: Option<crate::domain::Pause>,
+    /// Debounce keys and the unstarted task holding each (kept in
+    /// snapshots; see `debounce.rs`).
+    pub(super) debounce: HashMap<String, String>,
 }
 
 impl Queue {
@@ -292,6 +295,7 @@ impl Tasks {
         now: i64,
         ran: bool,
     ) {
+        self.forget_debounce(queue, id);
         let q = self.queues.entry(queue.clone()).or_default();
         let Some(e) = self.tasks.get_mut(id) else {
             return;

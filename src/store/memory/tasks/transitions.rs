@@ -179,6 +179,11 @@ impl Tasks {
             q.ready.remove(id);
         }
         let mut leased = None;
+        // started: a later submit with its debounce key makes a new task
+        if let Some(id) = &chosen {
+            self.forget_debounce(queue, id);
+        }
+        let q = self.queues.entry(queue.clone()).or_default();
         if let Some(id) = chosen
             && let Some(e) = self.tasks.get_mut(&id)
         {

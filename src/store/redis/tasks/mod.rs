@@ -10,6 +10,7 @@
 //! stream in `events.rs`, worker
 //! records, the lease key and idempotency claims in `registry.rs`.
 
+mod debounce;
 mod events;
 mod reads;
 mod registry;
@@ -19,6 +20,7 @@ mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
+use scripts::finish_args;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -35,8 +37,8 @@ use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
 use crate::store::task_fields;
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend, TaskLimits,
-    Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result, StoreError};
 
@@ -98,33 +100,6 @@ fn lease_args(
     for name in next.names {
         call.extra(*name);
     }
-}
-
-/// Arguments of finish.lua.
-fn finish_args(
-    call: &mut Invocation<'_>,
-    id: &TaskId,
-    token: u32,
-    outcome: &Outcome,
-    log: &str,
-    limits: TaskLimits,
-) {
-    let (name, payload, delay) = match outcome {
-        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
-        Outcome::Retry { error, delay } => ("retry", error, *delay),
-        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
-        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
-        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
-    };
-    call.arg("id", id.as_str())
-        .arg("token", token)
-        .arg("events_cap", limits.events)
-        .arg("outcome", name)
-        .arg("payload", payload.as_str())
-        .arg("delay_ms", millis(delay))
-        .arg("history_cap", limits.history)
-        .arg("log", log)
-        .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
 
 /// A leased task's hash, as lease.lua returns it.
@@ -214,6 +189,17 @@ impl TaskBackend for RedisTasks {
             .invoke_once::<i64>(call.done(), deadline)
             .await
             .map(drop)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %task.id))]
+    async fn submit_debounced(
+        &self,
+        task: &Task,
+        window: Duration,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<DebounceReply> {
+        self.debounced(task, window, limits, deadline).await
     }
 
     /// One pipeline, the script loaded first in the same round trip.
@@ -626,24 +612,9 @@ impl TaskBackend for RedisTasks {
         pause: Option<&Pause>,
         deadline: Deadline,
     ) -> Result<Option<Pause>> {
-        let key = self.keys(queue).paused();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match pause {
-            // field by field, only where absent: a second pause changes
-            // nothing (the three fields are always written together)
-            Some(p) => {
-                for (field, value) in p.to_stored() {
-                    pipe.cmd("HSETNX").arg(&key).arg(field).arg(value).ignore();
-                }
-            }
-            None => {
-                pipe.cmd("DEL").arg(&key).ignore();
-            }
-        }
-        pipe.cmd("HGETALL").arg(&key);
-        let (fields,): (HashMap<String, String>,) = self.store.query_pipe(&pipe, deadline).await?;
-        Ok(Pause::from_stored(fields))
+        self.store
+            .set_pause(&self.keys(queue), pause, deadline)
+            .await
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

@@ -217,6 +217,35 @@ impl RedisStore {
         })
     }
 
+    /// Pauses (`Some`) or resumes (`None`) the queue of `keys` (see
+    /// [`crate::store::tasks::TaskBackend::set_pause`]): the pause in force
+    /// after, in one atomic round trip.
+    pub(super) async fn set_pause(
+        &self,
+        keys: &QueueKeys,
+        pause: Option<&Pause>,
+        deadline: Deadline,
+    ) -> Result<Option<Pause>> {
+        let key = keys.paused();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match pause {
+            // field by field, only where absent: a second pause changes
+            // nothing (the three fields are always written together)
+            Some(p) => {
+                for (field, value) in p.to_stored() {
+                    pipe.cmd("HSETNX").arg(&key).arg(field).arg(value).ignore();
+                }
+            }
+            None => {
+                pipe.cmd("DEL").arg(&key).ignore();
+            }
+        }
+        pipe.cmd("HGETALL").arg(&key);
+        let (fields,): (HashMap<String, String>,) = self.query_pipe(&pipe, deadline).await?;
+        Ok(Pause::from_stored(fields))
+    }
+
     /// Reads a task and its attempt log; `None` once it has expired.
     pub(super) async fn get_task(
         &self,

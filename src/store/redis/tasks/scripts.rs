@@ -3,15 +3,21 @@
 //! and the scripts built from them once per store (see
 //! [`crate::store::redis::script`]).
 
-use crate::store::redis::script::{Composed, Key, Spec};
+use std::time::Duration;
+
+use super::millis;
+use crate::domain::Outcome;
+use crate::domain::task::TaskId;
+use crate::store::redis::script::{Composed, Invocation, Key, Spec};
+use crate::store::tasks::TaskLimits;
 
 /// The shared Lua library (`ready_score`, `add_event`, `promote_due`,
 /// `record_end`, ...).
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled, Stats,
-    Task, Times,
+    Claim, Dead, Debounce, Events, History, HistoryData, Leases, Paused, Pending, Ready, Scheduled,
+    Stats, Task, Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
@@ -22,6 +28,25 @@ pub(super) const SUBMIT: Spec = Spec {
     args: &["id", "band", "delay_ms", "events_cap", "deps"],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
+};
+
+/// `Task`: the new task's hash (used when no unstarted task holds `key`);
+/// `prefix`: of task hashes; `name`, `category`: the new task's, which the
+/// held task must share. Then the new task hash's field, value pairs.
+pub(super) const DEBOUNCE: Spec = Spec {
+    name: "debounce",
+    keys: &[Task, Ready, Scheduled, Events, Stats, Debounce],
+    args: &[
+        "id",
+        "prefix",
+        "key",
+        "window_ms",
+        "name",
+        "category",
+        "events_cap",
+    ],
+    variadic: true,
+    body: include_str!("../lua/tasks/debounce.lua"),
 };
 
 /// Then the task names served (`*`: all).
@@ -231,6 +256,7 @@ pub(crate) struct TaskScripts {
     pub(super) resolve: Composed,
     pub(super) times: Composed,
     pub(super) times_add: Composed,
+    pub(super) debounce: Composed,
 }
 
 impl TaskScripts {
@@ -254,6 +280,7 @@ impl TaskScripts {
             resolve: with_lib(RESOLVE),
             times: alone(TIMES),
             times_add: alone(TIMES_ADD),
+            debounce: with_lib(DEBOUNCE),
             finish_lease: Composed::compose(
                 &[FINISH, LEASE],
                 Some(LIB),
@@ -261,6 +288,33 @@ impl TaskScripts {
             ),
         }
     }
+}
+
+/// Arguments of finish.lua.
+pub(super) fn finish_args(
+    call: &mut Invocation<'_>,
+    id: &TaskId,
+    token: u32,
+    outcome: &Outcome,
+    log: &str,
+    limits: TaskLimits,
+) {
+    let (name, payload, delay) = match outcome {
+        Outcome::Succeeded(r) => ("succeeded", r, Duration::ZERO),
+        Outcome::Retry { error, delay } => ("retry", error, *delay),
+        Outcome::Failed(e) => ("failed", e, Duration::ZERO),
+        Outcome::TimedOut(e) => ("timed_out", e, Duration::ZERO),
+        Outcome::Cancelled(e) => ("cancelled", e, Duration::ZERO),
+    };
+    call.arg("id", id.as_str())
+        .arg("token", token)
+        .arg("events_cap", limits.events)
+        .arg("outcome", name)
+        .arg("payload", payload.as_str())
+        .arg("delay_ms", millis(delay))
+        .arg("history_cap", limits.history)
+        .arg("log", log)
+        .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
 
 #[cfg(test)]
@@ -274,7 +328,7 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD, DEBOUNCE,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(

@@ -74,6 +74,7 @@ mod tests {
             result_ttl_ms: 0,
             log: vec![],
             trace: None,
+            debounce_key: None,
         };
         Held {
             task,

@@ -31,7 +31,7 @@ while true do
   if i > #candidates and not more() then break end
   local id = candidates[i]
   local key = prefix .. id
-  local name, state = unpack(redis.call('HMGET', key, 'name', 'state'))
+  local name, state, dkey = unpack(redis.call('HMGET', key, 'name', 'state', 'debounce_key'))
   if not name or state ~= 'queued' then
     -- a ready entry whose task is gone or has moved on: drop it (the
     -- ranks after it shift down by one)
@@ -39,6 +39,8 @@ while true do
     from = from - 1
   elseif serves_all or served[name] then
     redis.call('ZREM', K_ready, id)
+    -- started: a later submit with its debounce key makes a new task
+    forget_debounce(key, id, dkey)
     local attempt = redis.call('HINCRBY', key, 'attempts', 1)
     -- the fencing token grows with every lease (attempts can be given back)
     redis.call('HINCRBY', key, 'token', 1)

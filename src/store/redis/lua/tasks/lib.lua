@@ -33,6 +33,18 @@ local function promote_due(scheduled, ready, events, prefix, events_cap)
   return #due
 end
 
+-- Task `id` (hash `key`) starts or ends: the debounce key `dkey` it holds
+-- (its hash's `debounce_key`; nothing to do without one) lets go of it, so
+-- that the next submit with the key creates a new task and the queue's
+-- debounce hash holds only unstarted tasks. The hash is the queue's
+-- `debounce`, beside `task:<id>` (keys.rs, DEBOUNCE_FROM_TASK), in the
+-- queue's slot.
+local function forget_debounce(key, id, dkey)
+  if not dkey then return end
+  local hash = string.sub(key, 1, #key - #id - 5) .. 'debounce'
+  if redis.call('HGET', hash, dkey) == id then redis.call('HDEL', hash, dkey) end
+end
+
 -- A dead letter trimmed by the cap (`key`, its hash) expires like a
 -- result: `result_ttl_ms` after it ended (at once when that has passed).
 local function expire_as_result(key)
@@ -72,8 +84,9 @@ end
 -- earlier attempt's `started_ms` says.
 local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl, unrun)
   cap = tonumber(cap)
-  local name, category, attempts, ttl, schedule, started = unpack(redis.call('HMGET', key,
-    'name', 'category', 'attempts', 'result_ttl_ms', 'schedule', 'started_ms'))
+  local name, category, attempts, ttl, schedule, started, dkey = unpack(redis.call('HMGET', key,
+    'name', 'category', 'attempts', 'result_ttl_ms', 'schedule', 'started_ms', 'debounce_key'))
+  forget_debounce(key, id, dkey)
   if outcome == 'failed' or outcome == 'timed_out' then
     redis.call('ZADD', dead, now, id)
     local prefix = string.sub(key, 1, #key - #id)
