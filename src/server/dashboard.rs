@@ -36,7 +36,10 @@ type Once<T> = LazyLock<T, fn() -> T>;
 struct Asset {
     body: &'static [u8],
     content_type: &'static str,
+    /// The body's validator; the gzipped body's is another (`-gz`), as a
+    /// strong validator names one representation.
     etag: HeaderValue,
+    etag_gz: HeaderValue,
     gzipped: Once<Option<Vec<u8>>>,
 }
 
@@ -47,7 +50,8 @@ macro_rules! asset {
             Asset {
                 body: BODY,
                 content_type: $type,
-                etag: etag(BODY),
+                etag: etag(BODY, ""),
+                etag_gz: etag(BODY, "-gz"),
                 gzipped: LazyLock::new(|| gzip(BODY)),
             }
         })
@@ -80,10 +84,16 @@ pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 /// `asset` for a request with `headers`: 304 when the browser's copy is
 /// current, gzipped when it takes gzip.
 fn serve(asset: &Asset, headers: &HeaderMap) -> Response {
-    let mut response = if fresh(headers, &asset.etag) {
+    let gzipped = asset.gzipped.as_deref().filter(|_| takes_gzip(headers));
+    let etag = if gzipped.is_some() {
+        &asset.etag_gz
+    } else {
+        &asset.etag
+    };
+    let mut response = if fresh(headers, etag) {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
-        match asset.gzipped.as_deref().filter(|_| takes_gzip(headers)) {
+        match gzipped {
             Some(gz) => (
                 [(CONTENT_ENCODING, HeaderValue::from_static("gzip"))],
                 gz.to_vec(),
@@ -94,7 +104,7 @@ fn serve(asset: &Asset, headers: &HeaderMap) -> Response {
     };
     let h = response.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static(asset.content_type));
-    h.insert(ETAG, asset.etag.clone());
+    h.insert(ETAG, etag.clone());
     h.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     h.insert(VARY, HeaderValue::from_static("accept-encoding"));
     h.insert(CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
@@ -135,14 +145,15 @@ fn takes_gzip(headers: &HeaderMap) -> bool {
         })
 }
 
-/// A strong validator: the first 16 bytes of the body's SHA-256, in hex.
-fn etag(body: &[u8]) -> HeaderValue {
+/// A strong validator: the first 16 bytes of the body's SHA-256, in hex,
+/// then `suffix` (the coding's).
+fn etag(body: &[u8], suffix: &str) -> HeaderValue {
     let digest = ring::digest::digest(&ring::digest::SHA256, body);
     let hex: String = digest.as_ref()[..16]
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
-    HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header value")
+    HeaderValue::from_str(&format!("\"{hex}{suffix}\"")).expect("hex is a valid header value")
 }
 
 /// `body` gzipped at the best level (once per process), or `None` when
@@ -182,7 +193,7 @@ mod tests {
     /// another tag is not.
     #[test]
     fn if_none_match_compares_tags() {
-        let tag = etag(b"x");
+        let tag = etag(b"x", "");
         let mut h = HeaderMap::new();
         h.insert(IF_NONE_MATCH, tag.clone());
         assert!(fresh(&h, &tag));
@@ -202,7 +213,8 @@ mod tests {
         let gz = gzip(&body).expect("a repetitive body compresses");
         assert!(gz.len() < body.len() / 10);
         assert_eq!(gzip(b""), None);
-        assert_ne!(etag(b"a"), etag(b"b"));
-        assert_eq!(etag(b"a"), etag(b"a"));
+        assert_ne!(etag(b"a", ""), etag(b"b", ""));
+        assert_ne!(etag(b"a", ""), etag(b"a", "-gz"));
+        assert_eq!(etag(b"a", ""), etag(b"a", ""));
     }
 }

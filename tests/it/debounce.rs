@@ -227,8 +227,8 @@ async fn a_started_or_ended_task_lets_go_of_its_key(backend: Backend) {
     .await
     .unwrap();
     wait_task(&mut c, &next.id, is_final).await;
-    // ended: a new task again
-    let (third, dedup) = submit_reply(&mut c, debounced("k2", 60_000, serde_json::json!({}))).await;
+    // ended: a new task again (with the same key)
+    let (third, dedup) = submit_reply(&mut c, debounced("k", 60_000, serde_json::json!({}))).await;
     assert!(!dedup);
     // cancelled before it started: the key is free
     c.cancel_task(pb::CancelTaskRequest {
@@ -237,8 +237,7 @@ async fn a_started_or_ended_task_lets_go_of_its_key(backend: Backend) {
     })
     .await
     .unwrap();
-    let (fourth, dedup) =
-        submit_reply(&mut c, debounced("k2", 60_000, serde_json::json!({}))).await;
+    let (fourth, dedup) = submit_reply(&mut c, debounced("k", 60_000, serde_json::json!({}))).await;
     assert!(!dedup);
     assert_ne!(fourth.id, third.id);
     c.cancel_task(pb::CancelTaskRequest {
@@ -341,6 +340,13 @@ async fn bad_debounced_submits_are_refused(backend: Backend) {
                 ..ok()
             },
             "idempotency_key",
+        ),
+        (
+            pb::SubmitTaskRequest {
+                expire_after: Some(common::tasks::millis(60_000)),
+                ..ok()
+            },
+            "expire_after",
         ),
         (
             pb::SubmitTaskRequest {

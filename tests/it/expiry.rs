@@ -210,6 +210,19 @@ async fn a_pending_dependent_of_an_expired_task_is_cancelled_naming_it(backend: 
     .unwrap();
     let first = submit_ok(&mut c, expiring_after(JOB, 300)).await;
     let blocker = submit_ok(&mut c, job(JOB, pb::TaskCategory::Research)).await;
+    // 100 older PENDING tasks in the dependent's queue: its release must not
+    // wait for the sweep's repair of pending tasks, which looks at the 100
+    // oldest of a queue
+    for _ in 0..100 {
+        submit_ok(
+            &mut c,
+            pb::SubmitTaskRequest {
+                depends_on: vec![blocker.id.clone()],
+                ..job(JOB, pb::TaskCategory::Cache)
+            },
+        )
+        .await;
+    }
     let dependent = submit_ok(
         &mut c,
         pb::SubmitTaskRequest {
@@ -292,6 +305,34 @@ async fn a_running_task_is_never_stopped_by_its_expiry(backend: Backend) {
     assert_eq!(failed.state(), pb::TaskState::Cancelled);
     assert_eq!(
         error_message(&get(&mut c, &b.id).await),
+        "cancelled: expired"
+    );
+    // before its expiry: a retry due before it is scheduled, one due after
+    // it would wait for nothing and ends the task now
+    let soon = submit_ok(&mut c, expiring_after(JOB, 60_000)).await;
+    let late = submit_ok(&mut c, expiring_after(JOB, 60_000)).await;
+    for (task, delay_ms, want) in [
+        (&soon, 1_000, pb::TaskState::Scheduled),
+        (&late, 120_000, pb::TaskState::Cancelled),
+    ] {
+        let (leased, token) = lease_one(&mut w, &[JOB], 0).await.unwrap();
+        assert_eq!(leased.id, task.id);
+        let failed = w
+            .fail_task(wpb::FailTaskRequest {
+                task_id: leased.id.clone(),
+                lease_token: token,
+                message: "rate limited".into(),
+                retryable: true,
+                retry_delay: Some(millis(delay_ms)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(failed.state(), want, "retry in {delay_ms} ms");
+    }
+    assert_eq!(
+        error_message(&get(&mut c, &late.id).await),
         "cancelled: expired"
     );
 }

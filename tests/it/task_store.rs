@@ -156,6 +156,7 @@ impl Fixture {
             .recover(&self.queue, acks_late, TaskLimits::default(), later())
             .await
             .unwrap()
+            .handled
             == 0
         {
             assert!(Instant::now() < until, "lease never lapsed");
@@ -730,14 +731,16 @@ async fn the_store_clock_moves_due_times_and_leases(f: Fixture) {
         .store
         .recover(&f.queue, true, TaskLimits::default(), later())
         .await
-        .unwrap();
+        .unwrap()
+        .handled;
     assert_eq!(recovered, 0, "the lease still runs");
     f.clock.advance(Duration::from_secs(31));
     let recovered = f
         .store
         .recover(&f.queue, true, TaskLimits::default(), later())
         .await
-        .unwrap();
+        .unwrap()
+        .handled;
     assert_eq!(recovered, 1);
     assert_eq!(f.get(&t.id).await.state, State::Queued);
     let beat = f

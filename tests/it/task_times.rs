@@ -211,7 +211,7 @@ async fn retries_add_runs_and_lost_attempts_their_wait(f: Fixture) {
     let recovered = f
         .store
         .recover(&f.queue, false, TaskLimits::default(), later());
-    assert_eq!(recovered.await.unwrap(), 1);
+    assert_eq!(recovered.await.unwrap().handled, 1);
 
     let t = f.times().await;
     let by = |name: &str| t.by_name.iter().find(|n| n.name == name).unwrap();

@@ -76,6 +76,16 @@ export function taskTests(): void {
     await page.locator(`${row}[data-paused="true"]`).waitFor();
     await waitUntil("health_check to be paused", async () => ((await state()) === "QUEUE_STATE_PAUSED" ? true : undefined));
     const held = await submitTask(koo, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_HEALTH_CHECK", kwargs: { result: "held" } });
+    // The submit woke a built-in slot on health_check at once (koo's
+    // wake-on-submit); a task of another queue submitted after it and run to
+    // its end is the barrier: had the pause not held, the held task would
+    // have started before it.
+    const barrier = await submitTask(koo, { name: "koo.diagnostics.echo", category: "TASK_CATEGORY_RESEARCH", kwargs: { result: "barrier" } });
+    await waitUntil(`${barrier} to succeed`, async () =>
+      (await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: barrier })).task.state === "TASK_STATE_SUCCEEDED" ? true : undefined,
+    );
+    const waiting = (await grpcurl(koo, "koo.tasks.v1.TaskService/GetTask", { taskId: held })).task;
+    assert.equal(waiting.state, "TASK_STATE_QUEUED", "the paused queue's task waits");
 
     await page.locator(`${row} [data-testid="queue-resume"]`).waitFor();
     const resumedAt = Date.now();

@@ -58,8 +58,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskLimits,
-    Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
@@ -348,17 +348,19 @@ pub trait TaskBackend: Send + Sync + 'static {
     /// (scored now) when `acks_late` and its budget remains; else FAILED.
     /// An end is "Ending" with its error. Event: the state after. Waiting
     /// tasks past their expiry end (at most 100; see "Expiry"). Returns
-    /// how many entries were handled (lapsed and due; expired ones are not
-    /// counted, so that a dependent another queue's release ended first
-    /// on the embedded store does not tell the stores apart). The embedded store
-    /// also forgets expired results here.
+    /// how many entries were handled (lapsed and due; expired ones are
+    /// counted apart, in `expired`, so that a dependent another queue's
+    /// release ended first on the embedded store does not tell the stores
+    /// apart), and, on Redis, the expired tasks whose dependents the caller
+    /// must release (the embedded store releases them after its batch). The
+    /// embedded store also forgets expired results here.
     async fn recover(
         &self,
         queue: &QueueName,
         acks_late: bool,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<u64>;
+    ) -> Result<Recovered>;
 
     /// **Trim.** Removes `queue`'s tasks that ended before `before_ms`
     /// (history entries, summaries, stored results and logs while still

@@ -24,7 +24,7 @@ use super::clock::Clock;
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
 use super::redis::{RedisTasks, StreamReader};
 use super::{RedisStore, Result};
-use crate::domain::task::State;
+use crate::domain::task::{State, TaskId};
 
 /// The width of a priority band of a ready score; the Lua scripts get it
 /// through the generated prelude (`local BAND = ...`).
@@ -204,6 +204,20 @@ pub struct WorkerRecord {
     /// Its network address (external workers).
     #[serde(default)]
     pub peer: String,
+}
+
+/// What one recovery call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Entries handled: lapsed leases and due scheduled tasks.
+    pub handled: u64,
+    /// Waiting tasks past their expiry that were ended (at most 100 a call:
+    /// the sweep calls again while a call ends 100).
+    pub expired: u64,
+    /// Tasks ended expired whose dependents the caller must release (on
+    /// Redis, where they may live in other queues' slots; the embedded store
+    /// releases them itself).
+    pub release: Vec<TaskId>,
 }
 
 /// What one trim removed.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::TaskEngine;
-use crate::domain::task::QueueName;
+use crate::domain::task::{QueueName, State};
 use crate::store::Deadline;
 
 impl TaskEngine {
@@ -48,9 +48,16 @@ impl TaskEngine {
                     .recover(queue, c.acks_late, c.limits, deadline())
                     .await
                 {
-                    Ok(n) => {
-                        total += n;
-                        if n < 100 {
+                    Ok(r) => {
+                        total += r.handled;
+                        // an expired task others wait on: released now (on
+                        // Redis they may be in other queues' slots), not
+                        // left to the bounded pending repair below
+                        for id in &r.release {
+                            self.release_after_end(id, State::Cancelled, deadline())
+                                .await;
+                        }
+                        if r.handled < 100 && r.expired < 100 {
                             break;
                         }
                     }

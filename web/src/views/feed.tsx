@@ -17,6 +17,8 @@ import {
 import { Card, ErrorBanner, PageHead, Progress, Table } from "../ui/components";
 
 const MAX_ROWS = 500;
+/** Events kept while the feed is paused (beyond: the resume reloads). */
+const BUFFERED = 5000;
 
 export interface FeedRow {
   id: string;
@@ -143,9 +145,35 @@ export function TaskFeedView() {
     return () => ac.abort();
   }, [filters.category, filters.name, filters.state, epoch, kv]);
 
+  // While the feed is paused, events are kept (up to BUFFERED) and applied
+  // on resume, so that no row stays in a state it has left; past the bound
+  // the resume reloads the lists instead.
+  const buffered = useRef<WatchTasksResponse[]>([]);
+  const overflowed = useRef(false);
   const onEvent = (e: WatchTasksResponse) => {
     resume.current = e.resumeToken;
-    if (paused) return;
+    if (paused) {
+      if (buffered.current.length < BUFFERED) buffered.current.push(e);
+      else overflowed.current = true;
+      return;
+    }
+    apply(e);
+  };
+  const togglePause = () => {
+    if (paused) {
+      const kept = buffered.current;
+      buffered.current = [];
+      if (overflowed.current) {
+        overflowed.current = false;
+        setEpoch((n) => n + 1);
+      } else {
+        kept.forEach(apply);
+      }
+    }
+    setPaused(!paused);
+  };
+
+  const apply = (e: WatchTasksResponse) => {
     const at = tsMs(e.eventTime) ?? Date.now();
     setRows((cur) => {
       const next = new Map(cur);
@@ -242,7 +270,7 @@ export function TaskFeedView() {
             ))}
           </select>
         </label>
-        <button type="button" class="btn small" data-testid="feed-pause" onClick={() => setPaused(!paused)}>
+        <button type="button" class="btn small" data-testid="feed-pause" onClick={togglePause}>
           {paused ? "Resume feed" : "Pause feed"}
         </button>
       </PageHead>

@@ -149,7 +149,13 @@ export function QueuesView() {
       }
       prev.current = { t, counts };
       setRates(newRates);
-      setPending(new Map());
+      // a click's state holds until a snapshot shows it (one read before
+      // the click would flip the pill back for a second)
+      setPending((p) => {
+        const left = new Map(p);
+        for (const q of m.queues) if (left.get(q.queue) === q.paused) left.delete(q.queue);
+        return left.size === p.size ? p : left;
+      });
       setSnap(m);
     },
     [],

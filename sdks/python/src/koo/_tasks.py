@@ -347,10 +347,10 @@ class TaskManager:
         succeed first; `idempotency_key` makes a repeated submit return the
         first task's id; `debounce_key` with `debounce_window` makes a burst
         of submits one task, which runs once with the last one's arguments
-        (see `submit`).
-        first task's id; `expires` (a datetime, or seconds or a timedelta
+        (see `submit`); `expires` (a datetime, or seconds or a timedelta
         from now: Celery's `expires`) ends it CANCELLED ("cancelled:
-        expired") if it has not started by then instead of running late.
+        expired") if it has not started by then instead of running late (not
+        with a debounce key).
         """
         task, _ = await self.submit(
             task_name,

@@ -3,7 +3,7 @@
 //! `end_expired` and the expiring set do on Redis (`lib.lua`,
 //! `recover.lua`, `lease.lua`); see `TaskBackend`'s "Expiry".
 
-use super::state::{BATCH, Tasks, push_event};
+use super::state::{BATCH, Tasks, millis, push_event};
 use crate::domain::task::{QueueName, State};
 use crate::domain::{Count, Outcome};
 use crate::store::tasks::TaskLimits;
@@ -13,11 +13,14 @@ fn expired_error() -> String {
     serde_json::json!({ "message": "cancelled: expired", "retryable": false }).to_string()
 }
 
-/// A finish's outcome after the task's expiry: a retry past it would wait
-/// for nothing, so it ends CANCELLED ("cancelled: expired") now.
+/// A finish's outcome after the task's expiry: a retry that would start at
+/// or past it would wait for nothing, so it ends CANCELLED ("cancelled:
+/// expired") now.
 pub(super) fn expire_retry(outcome: Outcome, expire_ms: Option<i64>, now: i64) -> Outcome {
     match outcome {
-        Outcome::Retry { .. } if expire_ms.is_some_and(|at| at <= now) => {
+        Outcome::Retry { delay, .. }
+            if expire_ms.is_some_and(|at| now.saturating_add(millis(delay)) >= at) =>
+        {
             Outcome::Cancelled(expired_error())
         }
         other => other,
@@ -35,7 +38,7 @@ impl Tasks {
         id: &str,
         limits: TaskLimits,
         now: i64,
-    ) {
+    ) -> bool {
         let q = self.queues.entry(queue.clone()).or_default();
         q.expiring.remove(id);
         let Some(e) = self.tasks.get_mut(id).filter(|e| {
@@ -44,7 +47,7 @@ impl Tasks {
                 State::Queued | State::Scheduled | State::Pending
             )
         }) else {
-            return;
+            return false;
         };
         q.ready.remove(id);
         q.scheduled.remove(id);
@@ -55,12 +58,13 @@ impl Tasks {
         q.count(Count::Cancelled);
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         self.end(queue, id, limits, now, false);
+        true
     }
 
     /// The sweep's part: ends up to [`BATCH`] waiting tasks of `queue`
     /// whose expiry has passed (an entry of a task that started or ended
     /// is only dropped), then releases their dependents.
-    pub(super) fn sweep_expired(&mut self, queue: &QueueName, limits: TaskLimits, now: i64) {
+    pub(super) fn sweep_expired(&mut self, queue: &QueueName, limits: TaskLimits, now: i64) -> u64 {
         let due = self
             .queues
             .get(queue)
@@ -69,9 +73,9 @@ impl Tasks {
         // as on Redis, where the engine releases dependents after the call:
         // a dependent that expires in the same batch ends "expired" too
         self.deferring_releases(limits, now, |s| {
-            for id in &due {
-                s.end_expired(queue, id, limits, now);
-            }
-        });
+            due.iter()
+                .filter(|id| s.end_expired(queue, id, limits, now))
+                .count() as u64
+        })
     }
 }

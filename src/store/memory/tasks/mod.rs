@@ -40,8 +40,8 @@ use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, Pause, QueueStats};
 use crate::store::clock::Clock;
 use crate::store::tasks::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend,
-    TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
+    TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result};
 
@@ -364,7 +364,7 @@ impl TaskBackend for MemoryTasks {
         acks_late: bool,
         limits: TaskLimits,
         _: Deadline,
-    ) -> Result<u64> {
+    ) -> Result<Recovered> {
         Ok(self.write(|s, now| s.recover(queue, acks_late, limits, now)))
     }
 

@@ -11,7 +11,9 @@ use super::expiry::expire_retry;
 use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
-use crate::store::tasks::{Beat, CancelReply, DependReply, RetryReply, TaskLimits, Trimmed};
+use crate::store::tasks::{
+    Beat, CancelReply, DependReply, Recovered, RetryReply, TaskLimits, Trimmed,
+};
 use crate::store::{Result, StoreError};
 
 impl Tasks {
@@ -451,11 +453,12 @@ impl Tasks {
         acks_late: bool,
         limits: TaskLimits,
         now: i64,
-    ) -> u64 {
+    ) -> Recovered {
         self.purge_expired(now);
         let due = self.promote_due(queue, limits, now);
-        // not counted, as on Redis (see recover.lua)
-        self.sweep_expired(queue, limits, now);
+        // counted apart, as on Redis (see recover.lua); their dependents are
+        // released after the batch, here
+        let expired = self.sweep_expired(queue, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
         let lapsed = q.leases.up_to(now, BATCH);
         let mut ended = Vec::new();
@@ -515,7 +518,11 @@ impl Tasks {
         for id in &ended {
             self.end(queue, id, limits, now, true);
         }
-        lapsed.len() as u64 + due
+        Recovered {
+            handled: lapsed.len() as u64 + due,
+            expired,
+            release: Vec::new(),
+        }
     }
     /// See [`TaskBackend::trim`](crate::store::tasks::TaskBackend::trim).
     /// Expired results are forgotten here too; the event log is capped as it is

@@ -40,8 +40,8 @@ use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
 use crate::store::task_fields;
 use crate::store::tasks::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, RetryReply, TaskBackend,
-    TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
+    TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result, StoreError};
 
@@ -509,7 +509,7 @@ impl TaskBackend for RedisTasks {
         acks_late: bool,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<u64> {
+    ) -> Result<Recovered> {
         let keys = self.keys(queue);
         let mut call = self.scripts().recover.call(self.clock());
         call.queue_keys(&keys, None)

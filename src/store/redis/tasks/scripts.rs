@@ -11,8 +11,7 @@ const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
     Claim, Dead, Debounce, Events, Expiring, History, HistoryData, Leases, Paused, Pending, Ready,
-    Scheduled,
-    Stats, Task, Times,
+    Scheduled, Stats, Task, Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,

@@ -4,9 +4,10 @@
 //! layout is in [`crate::keys`]), decoded here into the domain's
 //! [`QueueTimes`].
 
-use crate::domain::task::QueueName;
 use crate::domain::task::State;
+use crate::domain::task::{QueueName, TaskId};
 use crate::domain::times::{NameTimes, QueueTimes, window_at};
+use crate::store::tasks::Recovered;
 use crate::store::{Deadline, Result, StoreError};
 
 use super::{RedisTasks, tally};
@@ -31,15 +32,27 @@ impl RedisTasks {
 
     /// recover.lua's reply: how many entries it handled; the lost
     /// attempts' times that follow are added to the tally.
-    pub(super) fn recovered(&self, queue: &QueueName, reply: &[String]) -> Result<u64> {
-        let (handled, times) = reply
-            .split_first()
-            .ok_or_else(|| StoreError::Backend("recover: an empty reply".into()))?;
-        let handled = handled
-            .parse()
-            .map_err(|_| StoreError::Backend(format!("recover: {handled:?} is not a count")))?;
+    pub(super) fn recovered(&self, queue: &QueueName, reply: &[String]) -> Result<Recovered> {
+        let [handled, expired, waited_on, times @ ..] = reply else {
+            return Err(StoreError::Backend(format!(
+                "recover: a reply of {} entries, not at least 3",
+                reply.len()
+            )));
+        };
+        let count = |v: &String| {
+            v.parse()
+                .map_err(|_| StoreError::Backend(format!("recover: {v:?} is not a count")))
+        };
+        let release = waited_on
+            .split_whitespace()
+            .map(|id| TaskId::parse(id).map_err(|e| StoreError::Backend(format!("recover: {e}"))))
+            .collect::<Result<Vec<_>>>()?;
         self.tally_times(queue, times);
-        Ok(handled)
+        Ok(Recovered {
+            handled: count(handled)?,
+            expired: count(expired)?,
+            release,
+        })
     }
 
     /// Adds the times an ending script returned for `queue` to the tally

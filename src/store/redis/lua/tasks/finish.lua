@@ -16,8 +16,9 @@ if cancel and outcome ~= 'succeeded' then
   outcome = 'cancelled'
   payload = cjson.encode({ message = 'cancelled: ' .. cancel, retryable = false })
 end
--- a retry past the task's expiry would wait for nothing: it ends now
-if outcome == 'retry' and expired(expire_ms) then
+-- a retry that would start at or past the task's expiry would wait for
+-- nothing: it ends now
+if outcome == 'retry' and expire_ms and now + tonumber(A_delay_ms) >= tonumber(expire_ms) then
   outcome = 'cancelled'
   payload = cjson.encode({ message = 'cancelled: expired', retryable = false })
 end

@@ -1,12 +1,16 @@
 -- Recover (see TaskBackend::recover). Returns { how many entries were
--- handled (lapsed leases and due scheduled tasks), then each lost first
--- attempt's times (times_of in lib.lua: name, sub-window, run, wait) }. KEYS and ARGV: declared
--- in scripts.rs (RECOVER).
+-- handled (lapsed leases and due scheduled tasks), how many waiting tasks
+-- were ended expired, the ids of those that other tasks wait on (separated
+-- by spaces: the engine releases their dependents, which may be in other
+-- queues' slots), then each lost first attempt's times (times_of in
+-- lib.lua: name, sub-window, run, wait) }. KEYS and ARGV: declared in
+-- scripts.rs (RECOVER).
 local prefix = A_prefix
 local due = promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
 -- waiting tasks past their expiry end CANCELLED, even in a paused or idle
 -- queue (an entry of a task that started or ended is only dropped)
 local expiring = redis.call('ZRANGEBYSCORE', K_expiring, '-inf', now, 'LIMIT', 0, 100)
+local expired, waited_on = 0, {}
 for _, id in ipairs(expiring) do
   redis.call('ZREM', K_expiring, id)
   local key = prefix .. id
@@ -17,9 +21,11 @@ for _, id in ipairs(expiring) do
     redis.call('ZREM', K_pending, id)
     end_expired(key, id, name, K_history, K_history_data, K_dead, K_stats, K_events,
       A_history_cap, A_events_cap)
+    expired = expired + 1
+    if redis.call('EXISTS', key .. ':dependents') == 1 then waited_on[#waited_on + 1] = id end
   end
 end
-local out = { '' }
+local out = { '', tostring(expired), table.concat(waited_on, ' ') }
 local lapsed = redis.call('ZRANGEBYSCORE', K_leases, '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
@@ -63,8 +69,8 @@ for _, id in ipairs(lapsed) do
     add_event(K_events, A_events_cap, id, name, outcome, 'at', now)
   end
 end
--- expired entries are not counted: a dependent in another queue may have
--- been ended by its dependency's release before this call on the embedded
--- store, and the count must not tell the stores apart
+-- expired entries are counted apart (out[2]): a dependent in another queue
+-- may have been ended by its dependency's release before this call on the
+-- embedded store, and the handled count must not tell the stores apart
 out[1] = tostring(#lapsed + due)
 return out

@@ -713,8 +713,8 @@ class SubmitTaskRequest(google.protobuf.message.Message):
     The key is per queue, kept in the queue's Redis slot, and forgotten when
     its task starts or ends. The same key for another task name or category
     is INVALID_ARGUMENT. A debounced submit takes no countdown, ETA,
-    dependencies or idempotency key (INVALID_ARGUMENT). Only SubmitTask
-    takes one.
+    dependencies, idempotency key or expiry (INVALID_ARGUMENT). Only
+    SubmitTask takes one.
     """
     @property
     def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
