@@ -79,6 +79,8 @@ struct LevelCounters {
 pub struct Metrics {
     levels: [LevelCounters; 4],
     latencies: [Histogram; 8],
+    /// Per level, the latency of the operations that name that one level.
+    level_latencies: [Histogram; 4],
     bytes_raw: AtomicU64,
     bytes_stored: AtomicU64,
 }
@@ -88,6 +90,7 @@ impl Default for Metrics {
         Self {
             levels: Default::default(),
             latencies: std::array::from_fn(|_| Histogram::new()),
+            level_latencies: std::array::from_fn(|_| Histogram::new()),
             bytes_raw: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
         }
@@ -103,6 +106,13 @@ impl Metrics {
     /// Records how long an operation took.
     pub fn latency(&self, op: Op, elapsed: Duration) {
         self.latencies[op as usize].record(elapsed);
+    }
+
+    /// Records how long an operation on one `level` took, per operation
+    /// and per level.
+    pub fn level_latency(&self, level: Level, op: Op, elapsed: Duration) {
+        self.latencies[op as usize].record(elapsed);
+        self.level_latencies[level.index()].record(elapsed);
     }
 
     /// Counts reads.
@@ -144,6 +154,7 @@ impl Metrics {
                 }
             }),
             latencies: std::array::from_fn(|i| self.latencies[i].snapshot()),
+            level_latencies: std::array::from_fn(|i| self.level_latencies[i].snapshot()),
             bytes_raw: self.bytes_raw.load(Relaxed),
             bytes_stored: self.bytes_stored.load(Relaxed),
         }
@@ -201,6 +212,10 @@ pub struct Snapshot {
     pub levels: [Counters; 4],
     /// Per operation, in [`Op::ALL`] order.
     pub latencies: [HistogramSnapshot; 8],
+    /// Per level, in [`Level::ALL`] order: the operations that name one
+    /// level (absent from the records of older instances).
+    #[serde(default)]
+    pub level_latencies: [HistogramSnapshot; 4],
     /// Bytes written before compression.
     pub bytes_raw: u64,
     /// Bytes written as stored.
@@ -214,6 +229,9 @@ impl Snapshot {
             a.add(b);
         }
         for (a, b) in self.latencies.iter_mut().zip(&other.latencies) {
+            a.merge(b);
+        }
+        for (a, b) in self.level_latencies.iter_mut().zip(&other.level_latencies) {
             a.merge(b);
         }
         self.bytes_raw += other.bytes_raw;
@@ -258,7 +276,30 @@ mod tests {
         );
         assert_eq!(sum.bytes_raw - sum.bytes_stored, 120);
         assert_eq!(sum.latencies[Op::Get as usize].count(), 2);
+        assert_eq!(sum.level_latencies[Level::Api.index()].count(), 0);
         assert!((sum.levels[Level::Api.index()].hit_ratio() - 0.75).abs() < 1e-9);
         assert!((sum.levels[Level::Db.index()].error_rate() - 1.0).abs() < 1e-9);
+    }
+
+    /// A level's latency counts the operations that named it (and each one
+    /// also counts per operation); an older instance's record, without
+    /// level latencies, still reads and merges.
+    #[test]
+    fn level_latencies_count_and_merge_with_older_records() {
+        let m = Metrics::default();
+        m.level_latency(Level::Session, Op::Get, Duration::from_micros(100));
+        m.level_latency(Level::Session, Op::Set, Duration::from_micros(300));
+        m.level_latency(Level::Db, Op::Get, Duration::from_micros(200));
+        let mut s = m.snapshot();
+        assert_eq!(s.level_latencies[Level::Session.index()].count(), 2);
+        assert_eq!(s.level_latencies[Level::Db.index()].count(), 1);
+        assert_eq!(s.latencies[Op::Get as usize].count(), 2);
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("level_latencies");
+        let old: Snapshot = serde_json::from_value(old).unwrap();
+        assert_eq!(old.level_latencies[Level::Session.index()].count(), 0);
+        s.merge(&old);
+        assert_eq!(s.level_latencies[Level::Session.index()].count(), 2);
+        assert_eq!(s.latencies[Op::Get as usize].count(), 4);
     }
 }

@@ -202,7 +202,7 @@ impl Cache {
     fn observe<T>(&self, level: Level, op: Op, started: Instant, result: &Result<T>) {
         let m = &self.inner.metrics;
         m.operation(level);
-        m.latency(op, started.elapsed());
+        m.level_latency(level, op, started.elapsed());
         if let Err(e) = result
             && e.is_backend()
         {

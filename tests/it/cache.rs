@@ -891,6 +891,18 @@ async fn metrics_count_per_level(env: Env) {
     assert!((total.hit_ratio - 0.6).abs() < 1e-9);
     let get = m.latencies.iter().find(|l| l.operation == "get").unwrap();
     assert_eq!(get.count, 5);
+    // per level: every operation that named that one level
+    let level_count = |level: CacheLevel| {
+        let l = m.levels.iter().find(|l| l.level == level as i32).unwrap();
+        let latency = l.latency.clone().unwrap();
+        assert_eq!(latency.operation, "all");
+        latency.count
+    };
+    assert_eq!(
+        [CacheLevel::Db, CacheLevel::Session, CacheLevel::App].map(level_count),
+        [7, 1, 0],
+        "db: 2 sets, 4 gets, 1 delete; session: 1 get"
+    );
     let (p50, p99) = (get.p50.unwrap(), get.p99.unwrap());
     assert!((p50.seconds, p50.nanos) <= (p99.seconds, p99.nanos));
     assert_eq!(m.instance_count, 1);

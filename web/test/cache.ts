@@ -48,6 +48,13 @@ export function cacheTests(): void {
       await attrUntil(page, hitsChart, "data-samples", (v) => Number(v) >= samples0 + 2, "the hit ratio chart to take new samples"),
     );
     await attrUntil(page, latencyChart, "data-samples", (v) => Number(v) > latency0, "the latency chart to take new samples");
+    // per level: the session level's one Set shows in the levels table's operation count
+    await waitUntil("the levels table to count the session level's operation", async () => {
+      const row = page.locator('[data-testid="cache-levels"] tr', { hasText: "session" });
+      const cells = await row.locator("td").allTextContents();
+      return cells.length >= 9 && numberIn(cells[8]) >= 1 ? true : undefined;
+    });
+    assert.ok(Number(await page.locator('[data-testid="cache-chart-level-latency"]').getAttribute("data-samples")) >= 1);
     assert.ok(samples1 > samples0);
     assert.ok(numberIn(await page.getByTestId("cache-hit-ratio").textContent()) > 0, "a hit ratio above 0%");
 

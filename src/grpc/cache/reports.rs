@@ -4,6 +4,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::entries::to_pb_level;
+use crate::cache::histogram::HistogramSnapshot;
 use crate::cache::metrics::{Counters, Op};
 use crate::cache::{
     CleanupReport, HealthReport, Level, MaintenanceReport, MetricsReport, WarmReport,
@@ -44,6 +45,17 @@ fn counters(c: Counters, keys: u64) -> pb::CacheCounters {
     }
 }
 
+/// A histogram's count and percentiles, named `operation`.
+fn latency(operation: &str, h: &HistogramSnapshot) -> pb::OperationLatency {
+    pb::OperationLatency {
+        operation: operation.to_owned(),
+        count: h.count() as i64,
+        p50: Some(pb_duration(h.percentile(0.50))),
+        p95: Some(pb_duration(h.percentile(0.95))),
+        p99: Some(pb_duration(h.percentile(0.99))),
+    }
+}
+
 pub(super) fn metrics(m: MetricsReport) -> pb::CacheMetrics {
     let s = &m.snapshot;
     pb::CacheMetrics {
@@ -53,20 +65,12 @@ pub(super) fn metrics(m: MetricsReport) -> pb::CacheMetrics {
             .map(|l| pb::LevelMetrics {
                 level: to_pb_level(*l) as i32,
                 counters: Some(counters(s.levels[l.index()], m.keys[l.index()])),
+                latency: Some(latency("all", &s.level_latencies[l.index()])),
             })
             .collect(),
         latencies: Op::ALL
             .iter()
-            .map(|op| {
-                let h = &s.latencies[*op as usize];
-                pb::OperationLatency {
-                    operation: op.as_str().to_owned(),
-                    count: h.count() as i64,
-                    p50: Some(pb_duration(h.percentile(0.50))),
-                    p95: Some(pb_duration(h.percentile(0.95))),
-                    p99: Some(pb_duration(h.percentile(0.99))),
-                }
-            })
+            .map(|op| latency(op.as_str(), &s.latencies[*op as usize]))
             .collect(),
         bytes_written_raw: s.bytes_raw as i64,
         bytes_written_stored: s.bytes_stored as i64,

@@ -53,6 +53,8 @@ function Metrics() {
   const ops = useRolling(4, 180);
   // the chosen operation's p50, p95, p99 (ms)
   const latency = useRolling(3, 180, op);
+  // each level's p95 (ms) over the operations that named it
+  const levelLatency = useRolling(LEVELS.length, 180);
   const prev = useRef<{ t: number; c: CacheCounters } | null>(null);
   const opRef = useRef(op);
   opRef.current = op;
@@ -85,6 +87,14 @@ function Metrics() {
       }
       const lat = snap.latencies.find((l) => l.operation === opRef.current && l.count > 0n);
       latency.push(t, [durationMs(lat?.p50), durationMs(lat?.p95), durationMs(lat?.p99)]);
+      const levelLat = new Map(snap.levels.map((l) => [l.level, l.latency]));
+      levelLatency.push(
+        t,
+        LEVELS.map((l) => {
+          const x = levelLat.get(l);
+          return x && x.count > 0n ? durationMs(x.p95) : null;
+        }),
+      );
     },
     [],
   );
@@ -190,6 +200,17 @@ function Metrics() {
             series={[{ label: `${op} p50` }, { label: `${op} p95` }, { label: `${op} p99` }]}
           />
         </Card>
+        <Card title="Latency per level, p95 (ms)">
+          <Chart
+            rolling={levelLatency}
+            testid="cache-chart-level-latency"
+            unit=" ms"
+            decimals={3}
+            series={LEVELS.map((l) => ({ label: levelName(l) }))}
+          />
+        </Card>
+      </div>
+      <div class="grid">
         <Card title="Latency per operation" class="flush">
           <Table testid="cache-latencies" head={["operation", "count", "p50", "p95", "p99"]} empty="no operations yet">
             {(m?.latencies ?? []).map((l) => (
@@ -207,7 +228,7 @@ function Metrics() {
       <Card title="Levels" class="flush">
         <Table
           testid="cache-levels"
-          head={["level", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "errors"]}
+          head={["level", "keys", "hits", "misses", "hit ratio", "sets", "deletes", "errors", "ops", "p50", "p95", "p99"]}
           empty="no figures yet"
         >
           {(m?.levels ?? []).map((l) => (
@@ -222,6 +243,10 @@ function Metrics() {
               <td class="num">{formatCount(l.counters?.sets)}</td>
               <td class="num">{formatCount(l.counters?.deletes)}</td>
               <td class="num">{formatCount(l.counters?.errors)}</td>
+              <td class="num">{formatCount(l.latency?.count)}</td>
+              <td class="num">{l.latency && l.latency.count > 0n ? formatLatency(l.latency.p50) : "–"}</td>
+              <td class="num">{l.latency && l.latency.count > 0n ? formatLatency(l.latency.p95) : "–"}</td>
+              <td class="num">{l.latency && l.latency.count > 0n ? formatLatency(l.latency.p99) : "–"}</td>
             </tr>
           ))}
         </Table>

@@ -809,20 +809,30 @@ class LevelMetrics(google.protobuf.message.Message):
 
     LEVEL_FIELD_NUMBER: builtins.int
     COUNTERS_FIELD_NUMBER: builtins.int
+    LATENCY_FIELD_NUMBER: builtins.int
     level: Global___CacheLevel.ValueType
     """The level."""
     @property
     def counters(self) -> Global___CacheCounters:
         """Its counters."""
 
+    @property
+    def latency(self) -> Global___OperationLatency:
+        """The latency of the operations that name this one level (get, set,
+        delete, list_keys and clear_level together; `operation` is `all`):
+        what a caller of this level waits. Batches, whose keys span levels,
+        are only in CacheMetrics.latencies.
+        """
+
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
         counters: Global___CacheCounters | None = ...,
+        latency: Global___OperationLatency | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["counters", b"counters"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["counters", b"counters", "level", b"level"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["counters", b"counters", "latency", b"latency"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["counters", b"counters", "latency", b"latency", "level", b"level"]) -> None: ...
 
 Global___LevelMetrics: typing_extensions.TypeAlias = LevelMetrics
 
