@@ -7,7 +7,10 @@
 
 use crate::common;
 
-use common::tasks::{Backend, client, millis, spawn_on, start_on, submit, submit_ok};
+use common::tasks::{
+    Backend, client, is_final, millis, spawn_on, start_on, start_on_with, submit, submit_ok,
+    wait_task,
+};
 use koo::pb::tasks::v1 as pb;
 use koo::pb::worker::v1 as wpb;
 use koo::pb::worker::v1::worker_service_client::WorkerServiceClient;
@@ -16,7 +19,10 @@ use tonic::transport::Channel;
 
 const JOB: &str = "test.queues.job";
 
-on_both!(a_paused_queue_hands_out_nothing_while_others_run);
+on_both!(
+    a_paused_queue_hands_out_nothing_while_others_run,
+    a_resume_wakes_the_workers_at_once,
+);
 
 fn job(category: pb::TaskCategory) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {
@@ -221,4 +227,56 @@ async fn a_pause_outlives_the_process_that_made_it() {
         Some(held.id.as_str())
     );
     second.shutdown().await;
+}
+
+/// A built-in worker that found the paused queue empty rests it for its
+/// poll interval (a minute here); the resume wakes it, so the held task
+/// runs at once: it ends well within the event timeout (20 s), which it
+/// could not without the wake.
+async fn a_resume_wakes_the_workers_at_once(backend: Backend) {
+    let koo = start_on_with(backend, 1, |s| {
+        s.tasks.config.poll_interval = std::time::Duration::from_secs(60);
+    })
+    .await;
+    let mut c = client(&koo.server);
+    c.pause_queue(pause("research", "")).await.unwrap();
+    // the submit wakes the worker on research (found paused: it rests it)
+    let held = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            category: pb::TaskCategory::Research as i32,
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        },
+    )
+    .await;
+    // a task of another queue run to its end: the worker has looked since
+    let other = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            category: pb::TaskCategory::Cache as i32,
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        },
+    )
+    .await;
+    wait_task(&mut c, &other.id, is_final).await;
+    assert_eq!(
+        (c.get_task(pb::GetTaskRequest {
+            task_id: held.id.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .state()),
+        pb::TaskState::Queued
+    );
+    c.resume_queue(pb::ResumeQueueRequest {
+        queue: "research".into(),
+    })
+    .await
+    .unwrap();
+    let done = wait_task(&mut c, &held.id, is_final).await;
+    assert_eq!(done.state(), pb::TaskState::Succeeded);
+    koo.server.shutdown().await;
 }

@@ -66,6 +66,29 @@ export function taskTests(): void {
     await p.close();
   });
 
+  test("the task page shows a task's expiry and debounce key", async () => {
+    const expiring = await submitTask(koo, {
+      name: "test.web.never-served",
+      category: "TASK_CATEGORY_DATABASE",
+      expireAfter: "3600s",
+    });
+    const debounced = await submitTask(koo, {
+      name: "test.web.never-served",
+      category: "TASK_CATEGORY_DATABASE",
+      debounceKey: "report-42",
+      debounceWindow: "3600s",
+    });
+    const p = await openPage(browser, koo, `#/tasks/${expiring}`);
+    const { page } = p;
+    await textUntil(page, '[data-testid="task-expires"]', (t) => t.includes("CANCELLED"), "the expiry on the task page");
+    assert.equal(await page.getByTestId("task-debounce-key").count(), 0);
+    await page.goto(new URL(`#/tasks/${debounced}`, page.url()).toString());
+    await textUntil(page, '[data-testid="task-debounce-key"]', (t) => t === "report-42", "the debounce key on the task page");
+    for (const id of [expiring, debounced]) await grpcurl(koo, "koo.tasks.v1.TaskService/CancelTask", { taskId: id });
+    assertNoErrors(p);
+    await p.close();
+  });
+
   test("queues: Pause holds a queue's new tasks until Resume", async () => {
     const p = await openPage(browser, koo, "#/queues");
     const { page } = p;

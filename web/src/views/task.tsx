@@ -147,6 +147,22 @@ function TaskBody({ t }: { t: Task }) {
             <dd>
               soft {formatDuration(t.softTimeLimit)}, hard {formatDuration(t.timeLimit)}
             </dd>
+            {t.expireTime && (
+              <>
+                <dt>expires</dt>
+                <dd data-testid="task-expires">
+                  {formatTime(t.expireTime)} <span class="muted">(not started by then, it ends CANCELLED)</span>
+                </dd>
+              </>
+            )}
+            {t.debounceKey && (
+              <>
+                <dt>debounce key</dt>
+                <dd class="mono" data-testid="task-debounce-key">
+                  {t.debounceKey}
+                </dd>
+              </>
+            )}
             {t.schedule && (
               <>
                 <dt>schedule</dt>
