@@ -66,6 +66,26 @@ fn role(role: Option<Role>) -> pb::Role {
 mod tests {
     use super::*;
 
+    /// A call the auth layer did not see (no caller recorded) is refused on
+    /// a koo that requires keys, and anonymous admin on an open one.
+    #[tokio::test]
+    async fn no_recorded_caller() {
+        let refused = AuthApi::new(true)
+            .get_caller(Request::new(pb::GetCallerRequest {}))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let open = AuthApi::new(false)
+            .get_caller(Request::new(pb::GetCallerRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (open.principal.as_str(), open.role(), open.auth_required),
+            ("anonymous", pb::Role::Admin, false)
+        );
+    }
+
     /// Every role maps to its own wire value; open is an admin's.
     #[test]
     fn roles_map_one_to_one() {

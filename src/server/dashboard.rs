@@ -82,8 +82,9 @@ pub(super) fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
 }
 
 /// `asset` for a request with `headers`: 304 when the browser's copy is
-/// current, gzipped when it takes gzip.
-fn serve(asset: &Asset, headers: &HeaderMap) -> Response {
+/// current, gzipped when it takes gzip. The bodies are `'static` (embedded,
+/// or gzipped once): served without a copy per request.
+fn serve(asset: &'static Asset, headers: &HeaderMap) -> Response {
     let gzipped = asset.gzipped.as_deref().filter(|_| takes_gzip(headers));
     let etag = if gzipped.is_some() {
         &asset.etag_gz
@@ -96,7 +97,7 @@ fn serve(asset: &Asset, headers: &HeaderMap) -> Response {
         match gzipped {
             Some(gz) => (
                 [(CONTENT_ENCODING, HeaderValue::from_static("gzip"))],
-                gz.to_vec(),
+                bytes::Bytes::from_static(gz),
             )
                 .into_response(),
             None => asset.body.into_response(),

@@ -10,7 +10,8 @@ use crate::common;
 
 use bytes::Bytes;
 use common::auth::{ADMIN, KeysFile, READER, WORKER, WRITER, all_roles, bearer, start};
-use common::{ChildGuard as Guard, logged_addr, serve_logged, serve_refused};
+use common::rest::serve_http;
+use common::serve_refused;
 use http_body_util::{BodyExt as _, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -18,19 +19,6 @@ use koo::pb::auth::v1::auth_service_client::AuthServiceClient;
 use koo::pb::auth::v1::{GetCallerRequest, GetCallerResponse, Role};
 use tonic::Code;
 use tower::Layer as _;
-
-/// `koo serve` with its HTTP listener on an ephemeral port and `env`: the
-/// process and the HTTP address.
-fn serve(env: &[(&str, &str)]) -> (Guard, String) {
-    let env: Vec<(&str, &str)> = [("KOO_LOG", "info"), ("KOO_HTTP_LISTEN", "127.0.0.1:0")]
-        .into_iter()
-        .chain(env.iter().copied())
-        .collect();
-    let (served, lines) = serve_logged(&env);
-    let http = logged_addr(&lines, "koo serving HTTP")
-        .unwrap_or_else(|| panic!("koo did not start: {lines:#?}"));
-    (served, http)
-}
 
 /// `GET http://{addr}{path}` with `headers`: the response, its body read.
 async fn get(addr: &str, path: &str, headers: &[(&str, &str)]) -> http::Response<Bytes> {
@@ -70,7 +58,7 @@ fn dist(file: &str) -> Vec<u8> {
 async fn files_are_served_with_their_headers() {
     let keys = KeysFile::new(&all_roles());
     let path = keys.path();
-    let (_koo, http) = serve(&[("KOO_AUTH_FILE", path.to_str().unwrap())]);
+    let (_koo, http) = serve_http(&[("KOO_AUTH_FILE", path.to_str().unwrap())]);
     for (path, file, kind) in [
         ("/", "index.html", "text/html"),
         ("/index.html", "index.html", "text/html"),
@@ -127,7 +115,7 @@ async fn files_are_served_with_their_headers() {
 /// a value other than on/off stops koo naming the setting.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_off_and_bad_values() {
-    let (_koo, http) = serve(&[("KOO_DASHBOARD", "off")]);
+    let (_koo, http) = serve_http(&[("KOO_DASHBOARD", "off")]);
     for path in ["/", "/index.html", "/app.js", "/app.css"] {
         assert_eq!(get(&http, path, &[]).await.status(), 404, "{path}");
     }
@@ -189,7 +177,7 @@ async fn get_caller_names_principal_and_role() {
 async fn get_caller_over_grpc_web() {
     let keys = KeysFile::new(&all_roles());
     let path = keys.path();
-    let (_koo, http) = serve(&[("KOO_AUTH_FILE", path.to_str().unwrap())]);
+    let (_koo, http) = serve_http(&[("KOO_AUTH_FILE", path.to_str().unwrap())]);
     let web = tonic_web::GrpcWebClientLayer::new()
         .layer(Client::builder(TokioExecutor::new()).build_http());
     let origin: http::Uri = format!("http://{http}").parse().unwrap();

@@ -11,12 +11,11 @@ use std::time::{Duration, SystemTime};
 use crate::common;
 
 use common::tasks::{
-    Backend, client, millis, start_on, start_on_with, submit, submit_ok, wait_task,
+    Backend, client, get_ok, millis, start_on, start_on_with, submit, submit_ok, wait_task,
 };
 use koo::pb::schedule::v1 as spb;
 use koo::pb::schedule::v1::schedule_service_client::ScheduleServiceClient;
 use koo::pb::tasks::v1 as pb;
-use koo::pb::tasks::v1::task_service_client::TaskServiceClient;
 use koo::pb::worker::v1 as wpb;
 use koo::pb::worker::v1::worker_service_client::WorkerServiceClient;
 use tonic::Code;
@@ -70,15 +69,6 @@ async fn lease_one(
     r.task.map(|t| (t, r.lease_token))
 }
 
-async fn get(c: &mut TaskServiceClient<Channel>, id: &str) -> pb::Task {
-    c.get_task(pb::GetTaskRequest { task_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-}
-
 fn error_message(t: &pb::Task) -> String {
     t.error
         .as_ref()
@@ -124,7 +114,7 @@ async fn an_expired_task_in_a_paused_queue_never_starts(backend: Backend) {
     let end_ms = end.seconds * 1000 + i64::from(end.nanos / 1_000_000);
     assert!(end_ms >= expire_ms, "ended at {end_ms}, expiry {expire_ms}");
     assert_eq!(ended.expire_time, Some(expire));
-    let queued = get(&mut c, &long.id).await;
+    let queued = get_ok(&mut c, &long.id).await;
     assert_eq!(queued.state(), pb::TaskState::Queued);
     let metrics = c
         .get_task_metrics(pb::GetTaskMetricsRequest {})
@@ -155,7 +145,7 @@ async fn an_expired_task_in_a_paused_queue_never_starts(backend: Backend) {
     .await
     .unwrap();
     assert_eq!(
-        get(&mut c, &long.id).await.state(),
+        get_ok(&mut c, &long.id).await.state(),
         pb::TaskState::Succeeded
     );
     assert!(lease_one(&mut w, &[JOB], 0).await.is_none());
@@ -190,7 +180,7 @@ async fn the_lease_ends_an_expired_task_without_a_sweep(backend: Backend) {
         lease_one(&mut w, &[JOB], 0).await.is_none(),
         "an expired task is never handed out"
     );
-    let t = get(&mut c, &expiring.id).await;
+    let t = get_ok(&mut c, &expiring.id).await;
     assert_eq!(
         (t.state(), error_message(&t).as_str(), t.attempts),
         (pb::TaskState::Cancelled, "cancelled: expired", 0)
@@ -249,7 +239,7 @@ async fn a_pending_dependent_of_an_expired_task_is_cancelled_naming_it(backend: 
     let t = wait_task(&mut c, &waits_too_long.id, cancelled).await;
     assert_eq!(error_message(&t), "cancelled: expired");
     assert_eq!(
-        get(&mut c, &blocker.id).await.state(),
+        get_ok(&mut c, &blocker.id).await.state(),
         pb::TaskState::Queued
     );
 }
@@ -280,7 +270,7 @@ async fn a_running_task_is_never_stopped_by_its_expiry(backend: Backend) {
     )
     .await;
     wait_task(&mut c, &marker.id, |t| t.state() == pb::TaskState::Queued).await;
-    assert_eq!(get(&mut c, &a.id).await.state(), pb::TaskState::Running);
+    assert_eq!(get_ok(&mut c, &a.id).await.state(), pb::TaskState::Running);
     let done = w
         .complete_task(wpb::CompleteTaskRequest {
             task_id: a.id.clone(),
@@ -304,7 +294,7 @@ async fn a_running_task_is_never_stopped_by_its_expiry(backend: Backend) {
         .into_inner();
     assert_eq!(failed.state(), pb::TaskState::Cancelled);
     assert_eq!(
-        error_message(&get(&mut c, &b.id).await),
+        error_message(&get_ok(&mut c, &b.id).await),
         "cancelled: expired"
     );
     // before its expiry: a retry due before it is scheduled, one due after
@@ -332,7 +322,7 @@ async fn a_running_task_is_never_stopped_by_its_expiry(backend: Backend) {
         assert_eq!(failed.state(), want, "retry in {delay_ms} ms");
     }
     assert_eq!(
-        error_message(&get(&mut c, &late.id).await),
+        error_message(&get_ok(&mut c, &late.id).await),
         "cancelled: expired"
     );
 }
