@@ -95,6 +95,15 @@ impl KeySpace {
     }
 }
 
+/// Flow control's keys, shared by every queue (see
+/// `docs/design/flow-control.md`): `{prefix}:v1:` then `limits` (a hash,
+/// field → limit), `limits:version`, `rl:<scope>` (a rate bucket's TAT),
+/// `backoff:<key>` (a key's back-off) and `cc:<key>` (a concurrency key's
+/// running tasks). The lease script builds the last three from this base.
+pub fn flow_base(prefix: &str) -> String {
+    format!("{prefix}:v1:")
+}
+
 /// Key names of one task queue.
 #[derive(Debug, Clone)]
 pub struct QueueKeys {

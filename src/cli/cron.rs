@@ -179,6 +179,8 @@ fn template(name: String, spec: TaskSpec) -> pb::TaskTemplate {
         soft_time_limit: pb_duration(spec.soft_time_limit),
         time_limit: pb_duration(spec.time_limit),
         expire_after: None,
+        rate_limit_key: String::new(),
+        concurrency_key: String::new(),
     }
 }
 

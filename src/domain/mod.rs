@@ -5,6 +5,7 @@
 //! Nothing here does I/O or knows how it is stored: `store` depends on this
 //! module (and on `keys`), never the other way round.
 
+pub mod flow;
 pub mod level;
 pub mod outcome;
 pub mod schedule;

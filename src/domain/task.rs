@@ -417,6 +417,12 @@ pub struct Task {
     /// When it expires (ms since the epoch), if it does: still waiting then,
     /// it ends CANCELLED ("cancelled: expired") instead of running late.
     pub expire_ms: Option<i64>,
+    /// Its rate-limit key (a provider, a tenant): it starts only when the
+    /// key's rate limit has a token and no back-off holds the key.
+    pub rate_limit_key: Option<String>,
+    /// Its concurrency key: at most the key's cap of its tasks run at
+    /// once, and a queue serves its keys round robin.
+    pub concurrency_key: Option<String>,
 }
 
 /// The W3C trace context a task carries from the call that submitted it to

@@ -137,6 +137,8 @@ fn to_pb_template(t: &Template) -> pb::TaskTemplate {
         soft_time_limit: t.soft_ms.and_then(pb_duration_ms),
         time_limit: t.hard_ms.and_then(pb_duration_ms),
         expire_after: t.expire_after_ms.and_then(pb_duration_ms),
+        rate_limit_key: String::new(),
+        concurrency_key: String::new(),
     }
 }
 

@@ -253,6 +253,7 @@ impl From<TaskError> for Status {
             TaskError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
             TaskError::NotFound(_) => Status::not_found(message()),
             TaskError::Fenced(_) => Status::aborted(message()),
+            TaskError::Missing(_) => Status::not_found(message()),
             TaskError::FailedPrecondition(_) => Status::failed_precondition(message()),
             TaskError::AlreadyExists(_) => Status::already_exists(message()),
             TaskError::Forbidden(_) => Status::permission_denied(message()),

@@ -45,6 +45,8 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
         ("cache_result", &task.cache_result),
         ("schedule", &task.schedule),
         ("debounce_key", &task.debounce_key),
+        ("rate_limit_key", &task.rate_limit_key),
+        ("concurrency_key", &task.concurrency_key),
         ("progress", &task.progress),
         ("result", &task.result),
         ("error", &task.error),
@@ -118,6 +120,8 @@ pub fn from_fields(
         }),
         debounce_key: text("debounce_key"),
         expire_ms: opt_num("expire_ms"),
+        rate_limit_key: text("rate_limit_key"),
+        concurrency_key: text("concurrency_key"),
     })
 }
 
@@ -162,6 +166,8 @@ mod tests {
             }),
             debounce_key: Some("doc-7".into()),
             expire_ms: Some(1_800_000_060_000),
+            rate_limit_key: Some("openai".into()),
+            concurrency_key: Some("tenant-1".into()),
         };
         let fields = to_fields(&task)
             .into_iter()

@@ -22,6 +22,9 @@ pub enum TaskError {
     /// or it ended.
     #[error("the lease on task {0} is no longer yours (it lapsed or the task ended)")]
     Fenced(TaskId),
+    /// No such thing other than a task (a limit); the message names it.
+    #[error("{0}")]
+    Missing(String),
     /// The task is not in a state the call applies to.
     #[error("{0}")]
     FailedPrecondition(String),

@@ -275,6 +275,8 @@ fn new_task(
         }),
         debounce_key: None,
         expire_ms: None,
+        rate_limit_key: None,
+        concurrency_key: None,
     }
 }
 

@@ -488,6 +488,62 @@ impl pb::task_service_server::TaskService for TaskApi {
             queues: queues.into_iter().map(queues::pb_queue).collect(),
         }))
     }
+
+    async fn set_rate_limit(
+        &self,
+        _request: Request<pb::SetRateLimitRequest>,
+    ) -> Result<Response<pb::SetRateLimitResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn get_rate_limit(
+        &self,
+        _request: Request<pb::GetRateLimitRequest>,
+    ) -> Result<Response<pb::GetRateLimitResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn list_rate_limits(
+        &self,
+        _request: Request<pb::ListRateLimitsRequest>,
+    ) -> Result<Response<pb::ListRateLimitsResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn delete_rate_limit(
+        &self,
+        _request: Request<pb::DeleteRateLimitRequest>,
+    ) -> Result<Response<pb::DeleteRateLimitResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn set_concurrency_limit(
+        &self,
+        _request: Request<pb::SetConcurrencyLimitRequest>,
+    ) -> Result<Response<pb::SetConcurrencyLimitResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn get_concurrency_limit(
+        &self,
+        _request: Request<pb::GetConcurrencyLimitRequest>,
+    ) -> Result<Response<pb::GetConcurrencyLimitResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn list_concurrency_limits(
+        &self,
+        _request: Request<pb::ListConcurrencyLimitsRequest>,
+    ) -> Result<Response<pb::ListConcurrencyLimitsResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
+
+    async fn delete_concurrency_limit(
+        &self,
+        _request: Request<pb::DeleteConcurrencyLimitRequest>,
+    ) -> Result<Response<pb::DeleteConcurrencyLimitResponse>, Status> {
+        Err(Status::unimplemented("TODO"))
+    }
 }
 
 /// The most `hours_old` a cleanup takes: ten years, as `older_than`.

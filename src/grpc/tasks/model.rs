@@ -149,6 +149,8 @@ pub(crate) fn to_pb_task(t: Task) -> pb::Task {
         trace_parent,
         trace_state,
         debounce_key: t.debounce_key.unwrap_or_default(),
+        rate_limit_key: t.rate_limit_key.unwrap_or_default(),
+        concurrency_key: t.concurrency_key.unwrap_or_default(),
         queue: t.id.queue().to_string(),
         id: t.id.to_string(),
         name: t.name,

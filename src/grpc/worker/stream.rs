@@ -264,6 +264,8 @@ mod tests {
             trace: None,
             debounce_key: None,
             expire_ms: None,
+            rate_limit_key: None,
+            concurrency_key: None,
         };
         Outbound::Task {
             task: Box::new(task),

@@ -51,6 +51,41 @@
 //!   A RUNNING task is never stopped by expiry. **Retry** (RetryTask)
 //!   drops the expiry (and, on Redis, the task's list of dependents, all
 //!   released as it ended, as the embedded store forgets them).
+//! - **Flow control** (see `docs/design/flow-control.md`): the lease
+//!   decides, in the same atomic step that would hand a task out, whether a
+//!   limit holds it back. After the pause and expiry checks, and only when
+//!   `limits.flow`: the queue's rate limit (`r:queues/<queue>`), once per
+//!   call (no token: the call ends `Held`). Then per candidate the worker
+//!   serves: its name's rate limit (`r:tasks/<name>`, only when
+//!   `limits.flow`); with a `rate_limit_key` K, K's back-off
+//!   ([`TaskBackend::back_off`]) and K's rate limit (`r:keys/K`, else
+//!   `r:keys/*`, each key its own bucket); with a `concurrency_key` C, C's
+//!   cap (`c:keys/C`, else `c:keys/*`) against C's running set. A candidate
+//!   held by any of them stays QUEUED (no attempt, no event) and the scan
+//!   goes on; a scope found held is held for the rest of the call. A
+//!   candidate that passes takes one token from each of its buckets (GCRA:
+//!   interval `T = period / limit`, tolerance `(burst - 1) T`; allowed when
+//!   `TAT - tolerance <= now`, then `TAT = max(TAT, now) + T`) and joins
+//!   C's running set. A call that leases nothing but held a candidate
+//!   returns [`Leased::Held`]: the earliest time a held rate limit or
+//!   back-off frees, `None` when only caps held. Past a cap, C's policy:
+//!   `wait` holds; `cancel_newest` ends the candidate CANCELLED (error
+//!   `cancelled: concurrency cap of C reached`; "Ending" as never run;
+//!   counts `Cancelled`; event `cancelled`; its dependents are released as
+//!   an expired task's are) and the scan goes on; `cancel_oldest` asks C's
+//!   longest-running task to cancel (as **cancel** does for a running task,
+//!   once; reason `concurrency cap of C: superseded by <id>`) and holds.
+//!   The running set loses a task at every end of its attempt: **finish**
+//!   (any outcome), **release**, **recover** of a lapsed lease.
+//! - **Fair order**: a task with a `concurrency_key` C enters `ready`
+//!   scored `band * BAND_WIDTH + vt` instead of its submit time, where
+//!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue), and the
+//!   queue's `clock` is the `vt` of the last keyed task leased from it (now
+//!   while none was): each key's tasks take turns (start-time fair
+//!   queuing), so within a priority the keys are served round robin.
+//!   Every entry into `ready` draws a turn (submit, a due task, a requeue,
+//!   a dependency met, RetryTask), except **release**, which puts the task
+//!   back at the turn it had. Unkeyed tasks keep their submit time.
 //!
 //! [`Count`]: crate::domain::Count
 
@@ -58,9 +93,11 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
+    Leased,
     Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
     TaskLimits, Trimmed, WorkerRecord,
 };
+use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, Pause, QueueStats};
@@ -122,7 +159,45 @@ pub trait TaskBackend: Send + Sync + 'static {
         names: &[&str],
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<Task>>;
+    ) -> Result<Option<Task>> {
+        self.lease_or_hold(queue, worker, lease, names, limits, deadline)
+            .await
+            .map(Leased::task)
+    }
+
+    /// [`Self::lease`], saying why nothing was leased: nothing waits
+    /// ([`Leased::Empty`]), or limits hold what waits ([`Leased::Held`];
+    /// see "Flow control").
+    async fn lease_or_hold(
+        &self,
+        queue: &QueueName,
+        worker: &str,
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Leased>;
+
+    /// **Set a limit** (creates or replaces the one of its scope) and
+    /// changes the limits' version. A bucket's state (its TAT) is kept.
+    async fn set_limit(&self, limit: &Limit, deadline: Deadline) -> Result<()>;
+
+    /// **Delete a limit** by its field ([`Limit::field`]): whether there
+    /// was one. Changes the limits' version when there was.
+    async fn delete_limit(&self, field: &str, deadline: Deadline) -> Result<bool>;
+
+    /// Every limit (by field) with its live state, and the limits'
+    /// version. Stored values that do not parse are skipped.
+    async fn limits(&self, deadline: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)>;
+
+    /// The limits' version: it changes at every set and delete, so that a
+    /// process polling it knows when to read them again.
+    async fn limits_version(&self, deadline: Deadline) -> Result<u64>;
+
+    /// **Back off a key**: no task with rate-limit key `key` starts until
+    /// `wait` from now (or a later back-off already set; a shorter one does
+    /// not shorten it). Returns when it ends (ms since the epoch).
+    async fn back_off(&self, key: &str, wait: Duration, deadline: Deadline) -> Result<i64>;
 
     /// **Heartbeat.** Fenced by `token`. Post: the lease runs until now +
     /// `lease` (its score: the sooner of that and the hard deadline). No

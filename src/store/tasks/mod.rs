@@ -24,7 +24,7 @@ use super::clock::Clock;
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
 use super::redis::{RedisTasks, StreamReader};
 use super::{RedisStore, Result};
-use crate::domain::task::{State, TaskId};
+use crate::domain::task::{State, Task, TaskId};
 
 /// The width of a priority band of a ready score; the Lua scripts get it
 /// through the generated prelude (`local BAND = ...`).
@@ -43,6 +43,11 @@ pub struct TaskLimits {
     /// its task: longer than a result, so that failures found late can
     /// still be read and requeued.
     pub dead_ttl: Duration,
+    /// Whether a queue's or a task name's rate limit may exist (the engine
+    /// knows, within a second): then the lease looks them up; without, the
+    /// plain path costs nothing more. Key limits, back-offs and concurrency
+    /// caps are looked up for tasks that carry a key, whatever this says.
+    pub flow: bool,
 }
 
 impl Default for TaskLimits {
@@ -52,6 +57,7 @@ impl Default for TaskLimits {
             history: 10_000,
             lease_scan: 100,
             dead_ttl: Duration::from_secs(7 * 24 * 3600),
+            flow: false,
         }
     }
 }
@@ -204,6 +210,30 @@ pub struct WorkerRecord {
     /// Its network address (external workers).
     #[serde(default)]
     pub peer: String,
+}
+
+/// What a lease call found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Leased {
+    /// A task, now RUNNING.
+    Task(Box<Task>),
+    /// Nothing the worker serves is QUEUED (or the queue is paused).
+    Empty,
+    /// Tasks wait, but every one looked at is held by a rate limit or a
+    /// key's back-off until at least this time (ms since the epoch), or
+    /// by a concurrency cap (then `None`: until one of the key's tasks
+    /// ends): the worker can rest the queue until then.
+    Held(Option<i64>),
+}
+
+impl Leased {
+    /// The task, if one was leased.
+    pub fn task(self) -> Option<Task> {
+        match self {
+            Self::Task(t) => Some(*t),
+            Self::Empty | Self::Held(_) => None,
+        }
+    }
 }
 
 /// What one recovery call did.

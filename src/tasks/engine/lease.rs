@@ -8,7 +8,7 @@ use super::TaskEngine;
 use crate::domain::Outcome;
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Deadline;
-use crate::store::tasks::{Beat, LeaseAsk};
+use crate::store::tasks::{Beat, LeaseAsk, Leased};
 use crate::tasks::error::TaskError;
 use crate::tasks::remote::secret::Signer;
 
@@ -104,13 +104,29 @@ impl TaskEngine {
         names: &[&str],
         deadline: Deadline,
     ) -> Result<Option<Task>, TaskError> {
+        Ok(self
+            .lease_or_hold(queue, worker, names, deadline)
+            .await?
+            .task())
+    }
+
+    /// [`Self::lease`], saying why nothing was leased: nothing waits, or
+    /// limits hold what waits (until when, when a time frees it), so that
+    /// a worker rests the queue until then rather than polling it.
+    pub async fn lease_or_hold(
+        &self,
+        queue: &QueueName,
+        worker: &str,
+        names: &[&str],
+        deadline: Deadline,
+    ) -> Result<Leased, TaskError> {
         let c = &self.inner.config;
         let leased = self
             .inner
             .store
-            .lease(queue, worker, c.lease, names, c.limits, deadline)
+            .lease_or_hold(queue, worker, c.lease, names, self.lease_limits(), deadline)
             .await?;
-        if let Some(task) = &leased {
+        if let Leased::Task(task) = &leased {
             self.inner.counters.leased(task);
         }
         Ok(leased)
@@ -208,7 +224,15 @@ impl TaskEngine {
         let ((state, waited_on), leased) = self
             .inner
             .store
-            .finish_and_lease(&task.id, token, &outcome, &entry, &next, c.limits, deadline)
+            .finish_and_lease(
+                &task.id,
+                token,
+                &outcome,
+                &entry,
+                &next,
+                self.lease_limits(),
+                deadline,
+            )
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.clone()))?;
         self.inner.counters.finished(task, state);

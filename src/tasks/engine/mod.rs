@@ -29,6 +29,7 @@ mod config;
 mod control;
 mod debounce;
 mod dependencies;
+mod flow;
 mod idempotency;
 mod lease;
 mod queues;
@@ -37,6 +38,7 @@ mod submit;
 mod times;
 
 pub use self::config::TaskConfig;
+pub use self::flow::MAX_BACKOFF;
 pub use self::debounce::{Debounce, MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_WINDOW};
 pub use self::lease::Finish;
 pub use self::submit::{Expiry, MAX_ARGUMENTS, NewTask};
@@ -74,6 +76,8 @@ struct Inner {
     signer: SignerCell,
     /// This process's figures per queue, for `/metrics`.
     counters: TaskCounters,
+    /// What this process knows of the limits (see `flow`).
+    flow: flow::FlowState,
 }
 
 impl TaskEngine {
@@ -86,6 +90,7 @@ impl TaskEngine {
                 cancels: tokio::sync::broadcast::Sender::new(256),
                 signer: SignerCell::default(),
                 counters: TaskCounters::new(&config.queues()),
+                flow: flow::FlowState::default(),
                 config,
             }),
         }

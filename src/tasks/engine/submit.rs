@@ -55,6 +55,10 @@ pub struct NewTask {
     pub debounce: Option<super::Debounce>,
     /// When it expires if not started by then (Celery's `expires`).
     pub expires: Option<Expiry>,
+    /// Its rate-limit key, if any (see `crate::domain::flow`).
+    pub rate_limit_key: Option<String>,
+    /// Its concurrency key, if any.
+    pub concurrency_key: Option<String>,
 }
 
 /// When a task not started in time expires instead of running late: at a
@@ -91,6 +95,8 @@ impl NewTask {
             trace: None,
             debounce: None,
             expires: None,
+            rate_limit_key: None,
+            concurrency_key: None,
         }
     }
 }
@@ -174,6 +180,8 @@ impl TaskEngine {
         let delay = debounce.as_ref().map_or(new.delay, |d| d.window);
         let created_ms = crate::store::unix_millis(SystemTime::now());
         let expire_ms = expire_ms(new.expires, created_ms, new.delay)?;
+        check_key("rate_limit_key", new.rate_limit_key.as_deref())?;
+        check_key("concurrency_key", new.concurrency_key.as_deref())?;
         let task = Task {
             id: TaskId::generate(&queue),
             name: new.name,
@@ -208,6 +216,8 @@ impl TaskEngine {
             trace: new.trace,
             debounce_key: debounce.map(|d| d.key),
             expire_ms,
+            rate_limit_key: new.rate_limit_key,
+            concurrency_key: new.concurrency_key,
         };
         Ok((task, delay))
     }
@@ -328,6 +338,27 @@ fn expire_ms(
         ));
     }
     Ok(Some(at_ms))
+}
+
+/// A rate-limit or concurrency key: 1 to [`MAX_KEY`] bytes, no control
+/// characters, and not `*` (which names every key's default limit).
+///
+/// [`MAX_KEY`]: crate::domain::flow::MAX_KEY
+fn check_key(field: &str, key: Option<&str>) -> Result<(), TaskError> {
+    let Some(key) = key else { return Ok(()) };
+    let max = crate::domain::flow::MAX_KEY;
+    let reason = if key.is_empty() {
+        "must not be empty (leave it out for no key)".to_owned()
+    } else if key.len() > max {
+        format!("is {} bytes, over the limit of {max}", key.len())
+    } else if key == "*" {
+        "\"*\" names every key's default limit; it cannot be a task's key".to_owned()
+    } else if key.chars().any(char::is_control) {
+        "must not hold control characters".to_owned()
+    } else {
+        return Ok(());
+    };
+    Err(TaskError::invalid(field, reason))
 }
 
 fn check_cache_target(target: Option<&CacheTarget>) -> Result<(), TaskError> {

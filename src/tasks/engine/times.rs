@@ -30,6 +30,10 @@ impl TaskEngine {
                 _ = tick.tick() => {}
             }
             self.flush_times().await;
+            // a limit set through another koo process
+            if let Err(e) = self.refresh_flow(Deadline::after(FLUSH_BOUND)).await {
+                tracing::debug!(error = %e, "cannot read the limits' version");
+            }
         }
         self.flush_times().await;
     }

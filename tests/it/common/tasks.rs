@@ -316,5 +316,7 @@ pub fn queued_task(queue: &QueueName, name: &str, priority: Priority, max_retrie
         trace: None,
         debounce_key: None,
         expire_ms: None,
+        rate_limit_key: None,
+        concurrency_key: None,
     }
 }

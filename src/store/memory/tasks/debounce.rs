@@ -124,6 +124,8 @@ mod tests {
             trace: None,
             debounce_key: Some("doc-7".into()),
             expire_ms: None,
+            rate_limit_key: None,
+            concurrency_key: None,
         }
     }
 

@@ -27,6 +27,8 @@ mod transitions;
 pub use events::MemoryEventReader;
 pub use snapshot::{EventImage, QueueImage, TaskImage, TasksImage};
 
+use crate::domain::flow::{Limit, LimitState};
+use crate::store::tasks::Leased;
 use std::any::Any;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -171,7 +173,7 @@ impl TaskBackend for MemoryTasks {
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue, worker))]
-    async fn lease(
+    async fn lease_or_hold(
         &self,
         queue: &QueueName,
         worker: &str,
@@ -179,8 +181,33 @@ impl TaskBackend for MemoryTasks {
         names: &[&str],
         limits: TaskLimits,
         _: Deadline,
-    ) -> Result<Option<Task>> {
-        Ok(self.write(|s, now| s.lease(queue, worker, lease, names, limits, now)))
+    ) -> Result<Leased> {
+        Ok(
+            match self.write(|s, now| s.lease(queue, worker, lease, names, limits, now)) {
+                Some(t) => Leased::Task(Box::new(t)),
+                None => Leased::Empty,
+            },
+        )
+    }
+
+    async fn set_limit(&self, _limit: &Limit, _: Deadline) -> Result<()> {
+        Err(crate::store::StoreError::Backend("TODO memory flow".into()))
+    }
+
+    async fn delete_limit(&self, _field: &str, _: Deadline) -> Result<bool> {
+        Ok(false)
+    }
+
+    async fn limits(&self, _: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
+        Ok((0, Vec::new()))
+    }
+
+    async fn limits_version(&self, _: Deadline) -> Result<u64> {
+        Ok(0)
+    }
+
+    async fn back_off(&self, _key: &str, _wait: Duration, _: Deadline) -> Result<i64> {
+        Ok(0)
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]

@@ -408,6 +408,8 @@ mod tests {
             trace: None,
             debounce_key: None,
             expire_ms: None,
+            rate_limit_key: None,
+            concurrency_key: None,
         }
     }
 

@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use super::millis;
 use crate::domain::Outcome;
-use crate::domain::task::{Task, TaskId};
+use crate::domain::task::TaskId;
 use crate::keys::QueueKeys;
 use crate::store::redis::script::Invocation;
 use crate::store::task_fields;
-use crate::store::tasks::{LeaseAsk, TaskLimits};
+use crate::store::tasks::{LeaseAsk, Leased, TaskLimits};
 use crate::store::{Result, StoreError};
 
 /// Arguments of lease.lua (its keys are pushed with the queue's).
@@ -59,9 +59,19 @@ pub(super) fn finish_args(
         .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
 
-/// A leased task's hash, as lease.lua returns it.
-pub(super) fn leased(fields: Option<HashMap<String, String>>) -> Result<Option<Task>> {
-    fields
-        .map(|f| task_fields::from_fields(&f, Vec::new()).map_err(StoreError::Backend))
-        .transpose()
+/// What lease.lua returns: the leased task's hash, nothing (nil), or the
+/// time limits hold the queue until (an integer: ms, or 0 when only
+/// concurrency caps hold it).
+pub(super) fn leased(reply: redis::Value) -> Result<Leased> {
+    match reply {
+        redis::Value::Nil => Ok(Leased::Empty),
+        redis::Value::Int(at) => Ok(Leased::Held((at > 0).then_some(at))),
+        other => {
+            let fields: HashMap<String, String> = redis::FromRedisValue::from_redis_value(other)
+                .map_err(|e| StoreError::Backend(format!("a leased task's hash: {e}")))?;
+            task_fields::from_fields(&fields, Vec::new())
+                .map(|t| Leased::Task(Box::new(t)))
+                .map_err(StoreError::Backend)
+        }
+    }
 }

@@ -14,6 +14,7 @@
 mod args;
 mod debounce;
 mod events;
+mod flow;
 mod reads;
 mod registry;
 mod scripts;
@@ -26,7 +27,6 @@ pub(crate) use scripts::TaskScripts;
 use args::{finish_args, lease_args, leased};
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use tracing::instrument;
@@ -40,9 +40,10 @@ use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
 use crate::store::task_fields;
 use crate::store::tasks::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
-    TaskBackend, TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
+    RetryReply, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
+use crate::domain::flow::{Limit, LimitState};
 use crate::store::{Deadline, Result, StoreError};
 
 /// The task store on Redis: the pool, the key prefix, and the clock whose
@@ -219,7 +220,7 @@ impl TaskBackend for RedisTasks {
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue, worker))]
-    async fn lease(
+    async fn lease_or_hold(
         &self,
         queue: &QueueName,
         worker: &str,
@@ -227,7 +228,7 @@ impl TaskBackend for RedisTasks {
         names: &[&str],
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<Task>> {
+    ) -> Result<Leased> {
         let keys = self.keys(queue);
         let mut call = self.scripts().lease.call(self.clock());
         call.queue_keys(&keys, None);
@@ -238,6 +239,26 @@ impl TaskBackend for RedisTasks {
         };
         lease_args(&mut call, &keys, &ask, limits);
         leased(self.store.invoke_once(call.done(), deadline).await?)
+    }
+
+    async fn set_limit(&self, limit: &Limit, deadline: Deadline) -> Result<()> {
+        self.store.set_limit(&self.prefix, limit, deadline).await
+    }
+
+    async fn delete_limit(&self, field: &str, deadline: Deadline) -> Result<bool> {
+        self.store.delete_limit(&self.prefix, field, deadline).await
+    }
+
+    async fn limits(&self, deadline: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
+        self.store.limits(&self.prefix, deadline).await
+    }
+
+    async fn limits_version(&self, deadline: Deadline) -> Result<u64> {
+        self.store.limits_version(&self.prefix, deadline).await
+    }
+
+    async fn back_off(&self, key: &str, wait: Duration, deadline: Deadline) -> Result<i64> {
+        self.store.back_off(&self.prefix, key, wait, deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
@@ -494,12 +515,12 @@ impl TaskBackend for RedisTasks {
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
         lease_args(&mut call, &keys, next, limits);
-        let (reply, fields): (Option<Vec<String>>, Option<HashMap<String, String>>) =
+        let (reply, fields): (Option<Vec<String>>, redis::Value) =
             self.store.invoke_once(call.done(), deadline).await?;
         let Some(ended) = reply.and_then(|r| self.ended(&queue, &r)) else {
             return Ok(None);
         };
-        Ok(Some((ended, leased(fields)?)))
+        Ok(Some((ended, leased(fields)?.task())))
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]
