@@ -19,7 +19,12 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::domain::task::QueueName;
+use crate::domain::task::{QueueName, Task};
+use crate::store::tasks::Leased;
+
+/// The longest a held queue rests before it is looked at again (a new
+/// limit, or one deleted, is seen within this).
+const MAX_HELD_REST: Duration = Duration::from_secs(1);
 
 /// One worker's view of its queues: the rotation, the resting (empty)
 /// queues, and the submits of this process.
@@ -28,7 +33,8 @@ pub struct Poller {
     queues: Vec<QueueName>,
     /// How long a queue found empty rests.
     poll: Duration,
-    /// When each queue was last found empty.
+    /// Until when each queue rests: a poll interval after it was found
+    /// empty, or until the time limits hold its tasks (flow control).
     empty: Vec<Option<Instant>>,
     /// Where the next rotation starts (taken modulo the queue count).
     next: usize,
@@ -98,12 +104,43 @@ impl Poller {
     /// Whether queue `q` was found empty less than a poll interval ago
     /// (and no submit named it since): a lease round skips it.
     pub fn is_resting(&self, q: usize) -> bool {
-        self.empty[q].is_some_and(|at| at.elapsed() < self.poll)
+        self.empty[q].is_some_and(|until| Instant::now() < until)
     }
 
     /// Queue `q` was just found empty.
     pub fn mark_empty(&mut self, q: usize) {
-        self.empty[q] = Some(Instant::now());
+        self.empty[q] = Some(Instant::now() + self.poll);
+    }
+
+    /// Limits hold every task of queue `q` the lease looked at, until
+    /// `until_ms` (ms since the epoch; `None`: until a task ends, which
+    /// this worker cannot see coming, so a poll interval): it rests until
+    /// then, and is looked at again at once after, so a rate-limited
+    /// queue costs no lease calls while it waits and loses no token.
+    pub fn mark_held(&mut self, q: usize, until_ms: Option<i64>) {
+        let Some(until_ms) = until_ms else {
+            return self.mark_empty(q);
+        };
+        let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
+        // at least a millisecond: never a busy loop on a clock skew
+        let wait = Duration::from_millis(until_ms.saturating_sub(now_ms).max(1) as u64);
+        self.empty[q] = Some(Instant::now() + wait.min(MAX_HELD_REST));
+    }
+
+    /// What a lease found in queue `q`: the task, if any; an empty or
+    /// held queue rests.
+    pub fn took(&mut self, q: usize, leased: Leased) -> Option<Task> {
+        match leased {
+            Leased::Task(t) => Some(*t),
+            Leased::Empty => {
+                self.mark_empty(q);
+                None
+            }
+            Leased::Held(until) => {
+                self.mark_held(q, until);
+                None
+            }
+        }
     }
 
     /// Takes in a submit of this process seen since the last look (without
@@ -154,7 +191,7 @@ impl Poller {
 
     /// When the first resting queue is worth another look, if any rests.
     pub fn recheck_at(&self) -> Option<Instant> {
-        self.empty.iter().flatten().map(|at| *at + self.poll).min()
+        self.empty.iter().flatten().copied().min()
     }
 
     /// An idle worker's wait: until the first resting queue is worth

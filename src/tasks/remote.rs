@@ -11,6 +11,7 @@ pub mod holds;
 pub mod secret;
 mod session;
 
+use crate::store::tasks::Leased;
 use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
@@ -350,13 +351,22 @@ pub async fn lease_once(
         engine.submits(),
     );
     loop {
+        // the next round comes after a poll interval, or sooner when a
+        // rate limit holding a queue frees a token before
+        let mut next = config.poll_interval;
         for (q, _) in poller.order() {
             let queue = &poller.queues()[q];
-            if let Some(task) = engine
-                .lease(queue, worker, &names, Deadline::after(CALL))
+            match engine
+                .lease_or_hold(queue, worker, &names, Deadline::after(CALL))
                 .await?
             {
-                return Ok(Some(task));
+                Leased::Task(task) => return Ok(Some(*task)),
+                Leased::Held(Some(at_ms)) => {
+                    let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
+                    let wait = Duration::from_millis(at_ms.saturating_sub(now_ms).max(1) as u64);
+                    next = next.min(wait);
+                }
+                Leased::Held(None) | Leased::Empty => {}
             }
         }
         let left = until.saturating_duration_since(Instant::now());
@@ -365,7 +375,7 @@ pub async fn lease_once(
         }
         tokio::select! {
             _ = stop.cancelled() => return Ok(None),
-            () = poller.wait(left.min(config.poll_interval)) => {}
+            () = poller.wait(left.min(next)) => {}
         }
     }
 }

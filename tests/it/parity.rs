@@ -59,6 +59,7 @@ fn limits() -> TaskLimits {
         history: 4,
         lease_scan: 3,
         dead_ttl: Duration::from_millis(KEPT_MS),
+        flow: false,
     }
 }
 
@@ -599,7 +600,7 @@ impl World {
                 .await
                 .unwrap()
             {
-                Some((ended, next)) => (Some(ended), next),
+                Some((ended, next)) => (Some(ended), next.task()),
                 None => (None, None),
             }
         } else {

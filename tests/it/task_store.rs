@@ -543,7 +543,7 @@ async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
         .unwrap()
         .unwrap();
     assert_eq!(state, State::Succeeded);
-    let next = next.expect("the second task");
+    let next = next.task().expect("the second task");
     assert_eq!(
         (next.id.clone(), next.state, next.attempts),
         (second.id.clone(), State::Running, 1)
@@ -563,7 +563,7 @@ async fn finish_and_lease_takes_the_next_task_in_one_step(f: Fixture) {
         .await
         .unwrap()
         .unwrap();
-    assert!(none.is_none(), "the queue is empty");
+    assert!(none.task().is_none(), "the queue is empty");
     assert_eq!(f.get(&second.id).await.state, State::Succeeded);
 }
 
@@ -618,7 +618,7 @@ async fn a_paused_queue_leases_nothing_until_resumed(f: Fixture) {
         .unwrap()
         .unwrap();
     assert_eq!(state, State::Succeeded, "the finish applies");
-    assert!(next.is_none(), "no chained lease from a paused queue");
+    assert!(next.task().is_none(), "no chained lease from a paused queue");
     let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
     assert_eq!((stats.ready, stats.paused), (1, Some(pause)));
     assert_eq!(

@@ -74,6 +74,7 @@ async fn fail(
         retryable: true,
         details: None,
         retry_delay: delay,
+        key_retry_after: None,
     }))
     .await;
     s.reply().await
@@ -211,6 +212,7 @@ async fn unary_fail_retry_delay_replaces_the_backoff(backend: Backend) {
         message: "busy".into(),
         retryable: true,
         retry_delay: delay,
+        key_retry_after: None,
         ..Default::default()
     };
     let leased = lease(w.clone()).await;

@@ -66,6 +66,9 @@ pub(crate) enum Key {
     Debounce,
     /// Waiting ids that expire, by expiry.
     Expiring,
+    /// A flow-control key outside any queue (given by the caller: a key's
+    /// back-off).
+    Flow,
 }
 
 impl Key {
@@ -83,6 +86,7 @@ impl Key {
             Self::Events => "events",
             Self::Stats => "stats",
             Self::Claim => "claim",
+            Self::Flow => "flow",
             Self::Times => "times",
             Self::Paused => "paused",
             Self::Debounce => "debounce",
@@ -108,7 +112,7 @@ impl Key {
             Self::Paused => keys.paused(),
             Self::Debounce => keys.debounce(),
             Self::Expiring => keys.expiring(),
-            Self::Claim => return None,
+            Self::Claim | Self::Flow => return None,
         })
     }
 }

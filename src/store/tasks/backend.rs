@@ -77,12 +77,15 @@
 //!   once; reason `concurrency cap of C: superseded by <id>`) and holds.
 //!   The running set loses a task at every end of its attempt: **finish**
 //!   (any outcome), **release**, **recover** of a lapsed lease.
-//! - **Fair order**: a task with a `concurrency_key` C enters `ready`
+//! - **Fair order**: a task with a fair key C (its `concurrency_key`, else
+//!   its `rate_limit_key`) enters `ready`
 //!   scored `band * BAND_WIDTH + vt` instead of its submit time, where
 //!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue), and the
-//!   queue's `clock` is the `vt` of the last keyed task leased from it (now
-//!   while none was): each key's tasks take turns (start-time fair
-//!   queuing), so within a priority the keys are served round robin.
+//!   queue's `clock` is the `vt` of the last keyed task leased from it (set
+//!   to now by the first keyed task to enter, so that keys arriving later
+//!   start level with the first; it never moves back): each key's tasks
+//!   take turns (start-time fair queuing), so within a priority the keys
+//!   are served round robin, ties going to the older task.
 //!   Every entry into `ready` draws a turn (submit, a due task, a requeue,
 //!   a dependency met, RetryTask), except **release**, which puts the task
 //!   back at the turn it had. Unkeyed tasks keep their submit time.
@@ -413,7 +416,7 @@ pub trait TaskBackend: Send + Sync + 'static {
         next: &LeaseAsk<'_>,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<((State, bool), Option<Task>)>>;
+    ) -> Result<Option<((State, bool), Leased)>>;
 
     /// **Recover (the sweep).** First, due SCHEDULED tasks become QUEUED (as
     /// in [`Self::lease`]). Then each lease of `queue` that lapsed (at most

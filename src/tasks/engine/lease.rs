@@ -213,7 +213,7 @@ impl TaskEngine {
         finish: Finish,
         names: &[&str],
         deadline: Deadline,
-    ) -> Result<(State, Option<Task>), TaskError> {
+    ) -> Result<(State, Leased), TaskError> {
         let c = &self.inner.config;
         let (outcome, entry) = self.outcome(task, worker, &finish);
         let next = LeaseAsk {
@@ -236,7 +236,7 @@ impl TaskEngine {
             .await?
             .ok_or_else(|| TaskError::Fenced(task.id.clone()))?;
         self.inner.counters.finished(task, state);
-        if let Some(next) = &leased {
+        if let Leased::Task(next) = &leased {
             self.inner.counters.leased(next);
         }
         if waited_on {

@@ -358,14 +358,15 @@ impl Session {
             let queue = &pace.poller.queues()[q];
             match self
                 .engine
-                .lease(queue, &self.record.id, names, Deadline::after(CALL))
+                .lease_or_hold(queue, &self.record.id, names, Deadline::after(CALL))
                 .await
             {
-                Ok(Some(task)) => {
-                    pace.poller.leased(q, hinted);
-                    return Some(task);
+                Ok(leased) => {
+                    if let Some(task) = pace.poller.took(q, leased) {
+                        pace.poller.leased(q, hinted);
+                        return Some(task);
+                    }
                 }
-                Ok(None) => pace.poller.mark_empty(q),
                 Err(e) => {
                     tracing::warn!(worker = %self.record.id, queue = %queue, error = %e, "cannot lease for an external worker; retrying in a second");
                     pace.backoff_until = Some(Instant::now() + Duration::from_secs(1));

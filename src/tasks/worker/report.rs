@@ -2,6 +2,7 @@
 //! first when the task asks for it, then the outcome (with the next lease
 //! of the same queue on a busy slot's path).
 
+use crate::store::tasks::Leased;
 use std::time::Duration;
 
 use crate::cache::{Cache, CacheError, NewEntry, Value};
@@ -57,7 +58,7 @@ pub(super) async fn report_and_lease(
     worker: &str,
     finish: Finish,
     names: &[&str],
-) -> Option<Task> {
+) -> Leased {
     let deadline = Deadline::after(Duration::from_secs(5));
     match engine
         .finish_and_lease(task, task.token, worker, finish, names, deadline)
@@ -69,7 +70,7 @@ pub(super) async fn report_and_lease(
         }
         Err(e) => {
             outcome_not_recorded(task, e);
-            None
+            Leased::Empty
         }
     }
 }

@@ -124,14 +124,15 @@ impl Slot {
             let queue = &self.poller.queues()[q];
             match self
                 .engine
-                .lease(queue, &self.worker, names, Deadline::after(CALL))
+                .lease_or_hold(queue, &self.worker, names, Deadline::after(CALL))
                 .await
             {
-                Ok(Some(task)) => {
-                    self.poller.leased(q, hinted);
-                    return Round::Leased(task);
+                Ok(leased) => {
+                    if let Some(task) = self.poller.took(q, leased) {
+                        self.poller.leased(q, hinted);
+                        return Round::Leased(task);
+                    }
                 }
-                Ok(None) => self.poller.mark_empty(q),
                 Err(e) => {
                     tracing::warn!(queue = %queue, error = %e, "cannot lease; retrying in a second");
                     // or as soon as the store answers again after an outage
@@ -189,11 +190,9 @@ impl Slot {
             return None;
         }
         let next = report_and_lease(engine, &task, &self.worker, finish, names).await;
-        if next.is_none()
-            && let Some(q) = q
-        {
-            self.poller.mark_empty(q);
+        match q {
+            Some(q) => self.poller.took(q, next),
+            None => next.task(),
         }
-        next
     }
 }

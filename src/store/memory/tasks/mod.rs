@@ -371,7 +371,7 @@ impl TaskBackend for MemoryTasks {
         next: &LeaseAsk<'_>,
         limits: TaskLimits,
         _: Deadline,
-    ) -> Result<Option<((State, bool), Option<Task>)>> {
+    ) -> Result<Option<((State, bool), Leased)>> {
         self.write(|s, now| {
             s.deferring_releases(limits, now, |s| {
                 let Some(state) = s.finish(id, token, outcome, log, limits, now)? else {
@@ -379,7 +379,10 @@ impl TaskBackend for MemoryTasks {
                 };
                 let queue = id.queue();
                 let task = s.lease(&queue, next.worker, next.lease, next.names, limits, now);
-                Ok(Some(((state, false), task)))
+                Ok(Some((
+                    (state, false),
+                    task.map_or(Leased::Empty, |t| Leased::Task(Box::new(t))),
+                )))
             })
         })
     }

@@ -7,16 +7,18 @@ use std::time::Duration;
 
 use super::millis;
 use crate::domain::Outcome;
-use crate::domain::task::TaskId;
+use crate::domain::task::{QueueName, TaskId};
 use crate::keys::QueueKeys;
 use crate::store::redis::script::Invocation;
 use crate::store::task_fields;
 use crate::store::tasks::{LeaseAsk, Leased, TaskLimits};
 use crate::store::{Result, StoreError};
 
-/// Arguments of lease.lua (its keys are pushed with the queue's).
+/// Arguments of lease.lua (its keys are pushed with the queue's), for
+/// `queue`, flow control's keys under `flow_base` ([`crate::keys::flow_base`]).
 pub(super) fn lease_args(
     call: &mut Invocation<'_>,
+    (flow_base, queue): (&str, &QueueName),
     keys: &QueueKeys,
     next: &LeaseAsk<'_>,
     limits: TaskLimits,
@@ -26,7 +28,10 @@ pub(super) fn lease_args(
         .arg("worker", next.worker)
         .arg("events_cap", limits.events)
         .arg("scan", limits.lease_scan)
-        .arg("history_cap", limits.history);
+        .arg("history_cap", limits.history)
+        .arg("flow", u8::from(limits.flow))
+        .arg("flow_base", flow_base)
+        .arg("queue", queue.as_str());
     for name in next.names {
         call.extra(*name);
     }

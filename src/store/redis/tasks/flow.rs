@@ -3,9 +3,6 @@
 //! GetRateLimit and GetConcurrencyLimit show. The lease script enforces
 //! them (`lease.lua`).
 
-use std::time::Duration;
-
-use super::millis;
 use crate::domain::flow::{Limit, LimitState, Scope};
 use crate::store::redis::RedisStore;
 use crate::store::{Deadline, Result};
@@ -57,6 +54,7 @@ impl RedisStore {
     pub(super) async fn limits(
         &self,
         prefix: &str,
+        offset_ms: i64,
         deadline: Deadline,
     ) -> Result<(u64, Vec<(Limit, LimitState)>)> {
         let base = crate::keys::flow_base(prefix);
@@ -69,7 +67,8 @@ impl RedisStore {
             .cmd("TIME");
         let (version, fields, (secs, micros)): (Option<u64>, Vec<(String, String)>, (i64, i64)) =
             self.query_pipe(&pipe, deadline).await?;
-        let now_ms = secs * 1000 + micros / 1000;
+        // on the store's clock, as the scripts see it
+        let now_ms = secs * 1000 + micros / 1000 + offset_ms;
         let limits: Vec<Limit> = fields
             .iter()
             .filter_map(|(f, v)| Limit::decode(f, v))
@@ -82,7 +81,7 @@ impl RedisStore {
                     pipe.cmd("GET").arg(format!("{base}rl:{}", r.scope.name()));
                     match &r.scope {
                         Scope::Key(k) if k != "*" => {
-                            pipe.cmd("PTTL").arg(format!("{base}backoff:{k}"));
+                            pipe.cmd("GET").arg(format!("{base}backoff:{k}"));
                         }
                         _ => {
                             pipe.cmd("ECHO").arg(-2);
@@ -121,7 +120,7 @@ impl RedisStore {
                         let free_ms = first.map(|tat| (tat - tolerance as i64) / 1000);
                         LimitState {
                             next_free_ms: free_ms.filter(|&ms| ms > now_ms),
-                            backoff_until_ms: second.filter(|&p| p > 0).map(|p| now_ms + p),
+                            backoff_until_ms: second.filter(|&until| until > now_ms),
                             running: 0,
                         }
                     }
@@ -143,38 +142,5 @@ impl RedisStore {
         pipe.cmd("GET").arg(key);
         let (version,): (Option<u64>,) = self.query_pipe(&pipe, deadline).await?;
         Ok(version.unwrap_or(0))
-    }
-
-    /// Backs off `key` for `wait` from Redis's now, keeping a later
-    /// back-off: when it ends (ms).
-    pub(super) async fn back_off(
-        &self,
-        prefix: &str,
-        key: &str,
-        wait: Duration,
-        deadline: Deadline,
-    ) -> Result<i64> {
-        let name = format!("{}backoff:{key}", crate::keys::flow_base(prefix));
-        let wait_ms = millis(wait).max(1);
-        // GT keeps the longer of the two expiries; NX sets a new one
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("SET")
-            .arg(&name)
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(wait_ms)
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&name)
-            .arg(wait_ms)
-            .arg("GT")
-            .ignore()
-            .cmd("PTTL")
-            .arg(&name)
-            .cmd("TIME");
-        let (left, (secs, micros)): (i64, (i64, i64)) = self.query_pipe(&pipe, deadline).await?;
-        Ok(secs * 1000 + micros / 1000 + left.max(0))
     }
 }

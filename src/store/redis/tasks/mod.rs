@@ -51,6 +51,8 @@ use crate::store::{Deadline, Result, StoreError};
 pub struct RedisTasks {
     store: RedisStore,
     prefix: String,
+    /// Flow control's keys' base, `{prefix}:v1:` (each lease passes it).
+    flow_base: String,
     clock: Clock,
     /// The run and wait times ended here since the last flush.
     tally: tally::Tally,
@@ -62,6 +64,7 @@ impl RedisTasks {
         Self {
             store,
             prefix: prefix.to_owned(),
+            flow_base: crate::keys::flow_base(prefix),
             clock,
             tally: tally::Tally::default(),
         }
@@ -136,7 +139,16 @@ impl RedisTasks {
             .arg("delay_ms", millis(delay))
             .arg("events_cap", limits.events)
             .arg("deps", waiting.len())
-            .arg("expire_ms", task.expire_ms.unwrap_or(0));
+            .arg("expire_ms", task.expire_ms.unwrap_or(0))
+            // the fair key (see "Fair order"): the concurrency key, else the
+            // rate-limit key; empty for none
+            .arg(
+                "fkey",
+                task.concurrency_key
+                    .as_deref()
+                    .or(task.rate_limit_key.as_deref())
+                    .unwrap_or(""),
+            );
         for dep in waiting {
             call.extra(dep.as_str());
         }
@@ -237,7 +249,7 @@ impl TaskBackend for RedisTasks {
             lease,
             names,
         };
-        lease_args(&mut call, &keys, &ask, limits);
+        lease_args(&mut call, (&self.flow_base, queue), &keys, &ask, limits);
         leased(self.store.invoke_once(call.done(), deadline).await?)
     }
 
@@ -250,7 +262,9 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn limits(&self, deadline: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
-        self.store.limits(&self.prefix, deadline).await
+        self.store
+            .limits(&self.prefix, self.clock.offset_ms(), deadline)
+            .await
     }
 
     async fn limits_version(&self, deadline: Deadline) -> Result<u64> {
@@ -258,7 +272,11 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn back_off(&self, key: &str, wait: Duration, deadline: Deadline) -> Result<i64> {
-        self.store.back_off(&self.prefix, key, wait, deadline).await
+        let mut call = self.scripts().backoff.call(self.clock());
+        call.key(Key::Flow, format!("{}backoff:{key}", self.flow_base))
+            .arg("wait_ms", millis(wait).max(1));
+        // safe to repeat: it keeps the later end
+        self.store.invoke(call.done(), deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
@@ -508,19 +526,19 @@ impl TaskBackend for RedisTasks {
         next: &LeaseAsk<'_>,
         limits: TaskLimits,
         deadline: Deadline,
-    ) -> Result<Option<((State, bool), Option<Task>)>> {
+    ) -> Result<Option<((State, bool), Leased)>> {
         let queue = id.queue();
         let keys = self.keys(&queue);
         let mut call = self.scripts().finish_lease.call(self.clock());
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
-        lease_args(&mut call, &keys, next, limits);
+        lease_args(&mut call, (&self.flow_base, &queue), &keys, next, limits);
         let (reply, fields): (Option<Vec<String>>, redis::Value) =
             self.store.invoke_once(call.done(), deadline).await?;
         let Some(ended) = reply.and_then(|r| self.ended(&queue, &r)) else {
             return Ok(None);
         };
-        Ok(Some((ended, leased(fields)?.task())))
+        Ok(Some((ended, leased(fields)?)))
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

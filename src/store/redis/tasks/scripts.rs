@@ -10,7 +10,7 @@ use crate::store::redis::script::{Composed, Key, Spec};
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Debounce, Events, Expiring, History, HistoryData, Leases, Paused, Pending, Ready,
+    Claim, Dead, Debounce, Events, Expiring, Flow, History, HistoryData, Leases, Paused, Pending, Ready,
     Scheduled, Stats, Task, Times,
 };
 
@@ -19,7 +19,7 @@ use Key::{
 pub(super) const SUBMIT: Spec = Spec {
     name: "submit",
     keys: &[Task, Ready, Scheduled, Events, Stats, Pending, Expiring],
-    args: &["id", "band", "delay_ms", "events_cap", "deps", "expire_ms"],
+    args: &["id", "band", "delay_ms", "events_cap", "deps", "expire_ms", "fkey"],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
 };
@@ -65,6 +65,9 @@ pub(super) const LEASE: Spec = Spec {
         "events_cap",
         "scan",
         "history_cap",
+        "flow",
+        "flow_base",
+        "queue",
     ],
     variadic: true,
     body: include_str!("../lua/tasks/lease.lua"),
@@ -193,6 +196,15 @@ pub(super) const IDEM_CLAIM: Spec = Spec {
     body: include_str!("../lua/tasks/idem_claim.lua"),
 };
 
+/// `Flow`: the key's back-off (`{prefix}:v1:backoff:<key>`).
+pub(super) const BACKOFF: Spec = Spec {
+    name: "backoff",
+    keys: &[Flow],
+    args: &["wait_ms"],
+    variadic: false,
+    body: include_str!("../lua/tasks/backoff.lua"),
+};
+
 pub(super) const IDEM_SWAP: Spec = Spec {
     name: "idem_swap",
     keys: &[Claim],
@@ -274,6 +286,7 @@ pub(crate) struct TaskScripts {
     pub(super) times: Composed,
     pub(super) times_add: Composed,
     pub(super) debounce: Composed,
+    pub(super) backoff: Composed,
 }
 
 impl TaskScripts {
@@ -298,6 +311,7 @@ impl TaskScripts {
             times: alone(TIMES),
             times_add: alone(TIMES_ADD),
             debounce: with_lib(DEBOUNCE),
+            backoff: alone(BACKOFF),
             finish_lease: Composed::compose(
                 &[FINISH, LEASE],
                 Some(LIB),
@@ -318,7 +332,7 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD, DEBOUNCE,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD, DEBOUNCE, BACKOFF,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(

@@ -8,6 +8,7 @@
 //! planned one by one and then ended concurrently: a worker that finishes
 //! several tasks at once waits for one store round trip, not several.
 
+use crate::store::tasks::Leased;
 use std::collections::HashMap;
 
 use futures::StreamExt;
@@ -48,11 +49,12 @@ enum Plan {
 }
 
 /// What ending a planned outcome gave: the reply's outcome, the next task
-/// leased with it, and the queue that lease found empty.
+/// leased with it, and the queue that lease found empty or held (until
+/// when, if a time frees it: see [`Poller::mark_held`]).
 struct Ended {
     outcome: Result<State, TaskError>,
     next: Option<Task>,
-    empty: Option<usize>,
+    empty: Option<(usize, Option<i64>)>,
 }
 
 impl Session {
@@ -140,8 +142,8 @@ impl Session {
         let mut messages = Vec::with_capacity(2 * ended.len());
         let mut next = Vec::new();
         for (id, kind, ended) in ended {
-            if let Some(q) = ended.empty {
-                poller.mark_empty(q);
+            if let Some((q, until)) = ended.empty {
+                poller.mark_held(q, until);
             }
             let outcome = ended.outcome.map(Some);
             messages.push(Outbound::Reply { id, kind, outcome });
@@ -271,11 +273,18 @@ impl Session {
             .finish_and_lease(&task, token, worker, finish, names, deadline)
             .await
         {
-            Ok((state, next)) => Ended {
-                outcome: Ok(state),
-                empty: next.is_none().then_some(q),
-                next,
-            },
+            Ok((state, leased)) => {
+                let empty = match &leased {
+                    Leased::Task(_) => None,
+                    Leased::Empty => Some((q, None)),
+                    Leased::Held(until) => Some((q, *until)),
+                };
+                Ended {
+                    outcome: Ok(state),
+                    empty,
+                    next: leased.task(),
+                }
+            }
             Err(e) => Ended::only(Err(e)),
         }
     }

@@ -26,7 +26,7 @@ if held then
     end
     -- the last submit wins: its optional fields replace the held task's too
     redis.call('HDEL', key, 'cache_result', 'schedule', 'schedule_tick_ms', 'trace_parent',
-      'trace_state')
+      'trace_state', 'rate_limit_key', 'concurrency_key')
     redis.call('HSET', key, unpack(fields_from(ARGN)))
     redis.call('HSET', key, 'state', 'scheduled')
     redis.call('ZREM', K_ready, held)

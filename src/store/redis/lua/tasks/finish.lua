@@ -3,8 +3,9 @@
 -- caller releases them only then), then the attempt's times (times_of in
 -- lib.lua: none, or name, sub-window, run, wait) }, or false when fenced. KEYS and ARGV:
 -- declared in scripts.rs (FINISH).
-local state, token, cancel, name, attempts, created, started, expire_ms = unpack(redis.call('HMGET',
-  K_task, 'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms', 'expire_ms'))
+local state, token, cancel, name, attempts, created, started, expire_ms, cc = unpack(redis.call(
+  'HMGET', K_task, 'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms',
+  'expire_ms', 'cc'))
 if state ~= 'running' or token ~= A_token then return false end
 local outcome = A_outcome
 if outcome == 'retry' and budget_spent(K_task) then
@@ -29,6 +30,7 @@ entry['ended_ms'] = now
 if outcome == 'retry' then entry['retry_at_ms'] = now + tonumber(A_delay_ms) end
 local logged = cjson.encode(entry)
 redis.call('ZREM', K_leases, A_id)
+leave_running(K_task, cc)
 redis.call('RPUSH', K_task .. ':log', logged)
 redis.call('HSET', K_task, 'worker', '', 'lease_until', 0)
 local times = times_of(name, attempts, created, started, true) or {}

@@ -1,6 +1,9 @@
--- Lease (see TaskBackend::lease). Returns the task hash as a flat list, or
--- false. KEYS and ARGV: declared in scripts.rs (LEASE); after the declared
--- ARGV, the task names served ('*' = all).
+-- Lease (see TaskBackend::lease_or_hold). Returns the task hash as a flat
+-- list; false when nothing waits; or, when limits hold every candidate
+-- looked at, an integer: the earliest time (ms) a held rate limit or
+-- back-off frees, 0 when only concurrency caps held. KEYS and ARGV:
+-- declared in scripts.rs (LEASE); after the declared ARGV, the task names
+-- served ('*' = all).
 local prefix = A_prefix
 promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
 -- a paused queue hands out nothing (due tasks still become QUEUED)
@@ -10,6 +13,110 @@ for i = ARGN, #ARGV do
   if ARGV[i] == '*' then serves_all = true end
   served[ARGV[i]] = true
 end
+
+-- Flow control (see TaskBackend's "Flow control"). Limits are read from
+-- the limits hash only for what a candidate needs: nothing for an unkeyed
+-- task of a process that knows no queue or name limit (A_flow '0').
+local fb = A_flow_base
+local per_call = A_flow == '1'
+local specs = {}
+local function spec(field)
+  local s = specs[field]
+  if s == nil then
+    s = redis.call('HGET', fb .. 'limits', field) or false
+    specs[field] = s
+  end
+  return s
+end
+local now_us = now * 1000
+-- GCRA on `bucket` (its TAT in µs) under limit `s` ('limit period_ms burst
+-- ...'): true and the TAT after taking a token, or false and when the next
+-- token frees (ms).
+local function gcra(s, bucket)
+  local limit, period, burst = string.match(s, '^(%d+) (%d+) (%d+)')
+  local interval = math.max(math.floor(tonumber(period) * 1000 / tonumber(limit)), 1)
+  local tolerance = interval * (tonumber(burst) - 1)
+  local tat = tonumber(redis.call('GET', bucket) or '0')
+  if tat < now_us then tat = now_us end
+  if tat - tolerance > now_us then return false, math.ceil((tat - tolerance) / 1000) end
+  return true, tat + interval
+end
+-- Scopes found held stay held for the rest of the call; `held_until`: the
+-- earliest time one frees (false while only caps hold).
+local held, held_until, held_any = {}, false, false
+local function hold(scope, until_ms)
+  held[scope] = true
+  held_any = true
+  if until_ms and (not held_until or until_ms < held_until) then held_until = until_ms end
+end
+-- Whether rate scope `scope` (or, with no limit of its own, `fallback`'s
+-- limit in its own bucket) has a token: its bucket's new TAT is pushed on
+-- `writes`, applied only if the candidate is leased.
+local function rate(scope, fallback, writes)
+  if held[scope] then return false end
+  local s = spec('r:' .. scope)
+  if not s and fallback then s = spec('r:' .. fallback) end
+  if not s then return true end
+  local bucket = fb .. 'rl:' .. scope
+  local ok, v = gcra(s, bucket)
+  if not ok then
+    hold(scope, v)
+    return false
+  end
+  writes[#writes + 1] = bucket
+  writes[#writes + 1] = v
+  return true
+end
+-- Whether a back-off (a worker's 429 for the key) holds rate-limit key `rkey`.
+local function backed_off(rkey)
+  if held['b:' .. rkey] then return true end
+  local until_ms = tonumber(redis.call('GET', fb .. 'backoff:' .. rkey) or '0')
+  if until_ms > now then
+    hold('b:' .. rkey, until_ms)
+    return true
+  end
+  return false
+end
+-- cancel_oldest: the key's longest-running task is asked to cancel (as
+-- cancel.lua asks a running task), unless one of them already was.
+local function ask_oldest(cc, ckey, newcomer)
+  local running = redis.call('ZRANGE', cc, 0, -1)
+  for _, member in ipairs(running) do
+    if redis.call('HEXISTS', member, 'cancel') == 1 then return end
+  end
+  local oldest = running[1]
+  if not oldest then return end
+  local oid, oname = unpack(redis.call('HMGET', oldest, 'id', 'name'))
+  local reason = 'concurrency cap of ' .. ckey .. ': superseded by ' .. newcomer
+  redis.call('HSET', oldest, 'cancel', reason)
+  local events = string.sub(oldest, 1, #oldest - #oid - 5) .. 'events'
+  add_event(events, A_events_cap, oid, oname, 'running', 'cancel', reason, 'at', now)
+end
+-- Concurrency key `ckey`'s verdict for candidate `id`: 'go', 'hold' or
+-- 'cancel' (cancel_newest), and the key's running set.
+local function cap(ckey, id)
+  local cc = fb .. 'cc:' .. ckey
+  if held['c:' .. ckey] then return 'hold', cc end
+  local s = spec('c:keys/' .. ckey) or spec('c:keys/*')
+  if not s then return 'go', cc end
+  local max, policy = string.match(s, '^(%d+) (%S+)')
+  max = tonumber(max)
+  if redis.call('ZCARD', cc) >= max then
+    -- at the cap: first drop entries of tasks that no longer run under the
+    -- key (a repair; every end of an attempt removes its own)
+    for _, member in ipairs(redis.call('ZRANGE', cc, 0, -1)) do
+      if redis.call('HGET', member, 'cc') ~= cc then redis.call('ZREM', cc, member) end
+    end
+    if redis.call('ZCARD', cc) >= max then
+      if policy == 'cancel_newest' then return 'cancel', cc end
+      if policy == 'cancel_oldest' then ask_oldest(cc, ckey, id) end
+      hold('c:' .. ckey, nil)
+      return 'hold', cc
+    end
+  end
+  return 'go', cc
+end
+
 -- Candidates are read a few at a time (1, then 16, then the rest of the
 -- scan limit): the head of the queue is almost always the answer, and
 -- reading a hundred ids per lease would cost more than the lease itself.
@@ -30,15 +137,15 @@ end
 -- ends it and releases them in the same pass (as the embedded store does).
 -- The first 100 of a call do not count against the scan limit (so a pile
 -- of them cannot hide the live tasks behind it); more take a place each,
--- which bounds a call's work.
-local i, expired_seen = 0, 0
+-- which bounds a call's work. Held candidates are counted the same way.
+local i, expired_seen, held_seen = 0, 0, 0
 while true do
   i = i + 1
   if i > #candidates and not more() then break end
   local id = candidates[i]
   local key = prefix .. id
-  local name, state, expire_ms, dkey =
-    unpack(redis.call('HMGET', key, 'name', 'state', 'expire_ms', 'debounce_key'))
+  local name, state, expire_ms, dkey, rkey, ckey = unpack(redis.call('HMGET', key, 'name', 'state',
+    'expire_ms', 'debounce_key', 'rate_limit_key', 'concurrency_key'))
   if not name or state ~= 'queued' then
     -- a ready entry whose task is gone or has moved on: drop it (the
     -- ranks after it shift down by one)
@@ -60,27 +167,68 @@ while true do
       limit = limit + 1
     end
   elseif serves_all or served[name] then
-    redis.call('ZREM', K_ready, id)
-    -- started: a later submit with its debounce key makes a new task
-    forget_debounce(key, id, dkey)
-    -- it starts in time: it no longer expires (until it waits again)
-    if expire_ms then redis.call('ZREM', K_expiring, id) end
-    local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-    -- the fencing token grows with every lease (attempts can be given back)
-    redis.call('HINCRBY', key, 'token', 1)
-    local deadline = now + tonumber(A_lease_ms)
-    local hard = tonumber(redis.call('HGET', key, 'hard_ms') or '0')
-    local hard_deadline = 0
-    if hard > 0 then hard_deadline = now + hard end
-    redis.call('HSET', key, 'state', 'running', 'worker', A_worker,
-      'started_ms', now, 'lease_until', deadline, 'hard_until', hard_deadline)
-    -- progress belongs to an attempt
-    redis.call('HDEL', key, 'progress')
-    local score = deadline
-    if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
-    redis.call('ZADD', K_leases, score, id)
-    add_event(K_events, A_events_cap, id, name, 'running', 'attempt', attempt, 'worker', A_worker, 'at', now)
-    return redis.call('HGETALL', key)
+    local verdict, writes, cc = 'go', {}, false
+    if per_call then
+      -- no token for the queue: nothing of it starts in this call
+      if not rate('queues/' .. A_queue, nil, writes) then return held_until end
+      if not rate('tasks/' .. name, nil, writes) then verdict = 'hold' end
+    end
+    if verdict == 'go' and rkey and (backed_off(rkey) or not rate('keys/' .. rkey, 'keys/*', writes)) then
+      verdict = 'hold'
+    end
+    if verdict == 'go' and ckey then verdict, cc = cap(ckey, id) end
+    if verdict == 'hold' then
+      -- it stays QUEUED, untouched; the scan goes on
+      held_seen = held_seen + 1
+      if held_seen <= 100 then limit = limit + 1 end
+    elseif verdict == 'cancel' then
+      -- cancel_newest: it ends without running (its dependents are
+      -- released by the sweep's repair, as an expired task's)
+      redis.call('ZREM', K_ready, id)
+      if expire_ms then redis.call('ZREM', K_expiring, id) end
+      end_unrun(key, id, name, 'cancelled: concurrency cap of ' .. ckey .. ' reached', K_history,
+        K_history_data, K_dead, K_stats, K_events, A_history_cap, A_events_cap)
+      from = from - 1
+    else
+      for w = 1, #writes, 2 do
+        local tat = writes[w + 1]
+        redis.call('SET', writes[w], string.format('%d', tat), 'PX', math.ceil((tat - now_us) / 1000) + 1)
+      end
+      redis.call('ZREM', K_ready, id)
+      if cc then
+        redis.call('ZADD', cc, now, key)
+        redis.call('HSET', key, 'cc', cc)
+      end
+      if rkey or ckey then
+        -- the queue's fair clock moves to this task's turn
+        local fair = fair_hash(K_ready)
+        local vt, clock = redis.call('HGET', key, 'vt'), redis.call('HGET', fair, 'clock')
+        if vt and (not clock or tonumber(vt) > tonumber(clock)) then
+          redis.call('HSET', fair, 'clock', vt)
+        end
+      end
+      -- started: a later submit with its debounce key makes a new task
+      forget_debounce(key, id, dkey)
+      -- it starts in time: it no longer expires (until it waits again)
+      if expire_ms then redis.call('ZREM', K_expiring, id) end
+      local attempt = redis.call('HINCRBY', key, 'attempts', 1)
+      -- the fencing token grows with every lease (attempts can be given back)
+      redis.call('HINCRBY', key, 'token', 1)
+      local deadline = now + tonumber(A_lease_ms)
+      local hard = tonumber(redis.call('HGET', key, 'hard_ms') or '0')
+      local hard_deadline = 0
+      if hard > 0 then hard_deadline = now + hard end
+      redis.call('HSET', key, 'state', 'running', 'worker', A_worker,
+        'started_ms', now, 'lease_until', deadline, 'hard_until', hard_deadline)
+      -- progress belongs to an attempt
+      redis.call('HDEL', key, 'progress')
+      local score = deadline
+      if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
+      redis.call('ZADD', K_leases, score, id)
+      add_event(K_events, A_events_cap, id, name, 'running', 'attempt', attempt, 'worker', A_worker, 'at', now)
+      return redis.call('HGETALL', key)
+    end
   end
 end
+if held_any then return held_until or 0 end
 return false

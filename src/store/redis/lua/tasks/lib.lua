@@ -8,6 +8,47 @@ local function ready_score(band, at)
   return tonumber(band or '2') * BAND + at
 end
 
+-- The fair-order hash of the queue whose ready set is `ready` (beside it,
+-- in the queue's slot): 'clock' and 'k:<key>' -> the key's last turn.
+local function fair_hash(ready)
+  return string.sub(ready, 1, #ready - 5) .. 'fair'
+end
+
+-- The ready score of task hash `key` entering `ready` in band `band` at
+-- `at` (see TaskBackend's "Fair order"): a task with a fair key `fkey`
+-- (its concurrency key, else its rate-limit key; false when none) draws
+-- its key's next turn, max(last + 1, the queue's clock), kept in its hash
+-- as 'vt'; others keep `at`. The clock starts at now with the first keyed
+-- task (so that keys arriving later start level with it).
+local function enter_score(ready, key, band, at, fkey)
+  if not fkey then return ready_score(band, at) end
+  local fair = fair_hash(ready)
+  local clock, last = unpack(redis.call('HMGET', fair, 'clock', 'k:' .. fkey))
+  if not clock then
+    clock = now
+    redis.call('HSET', fair, 'clock', string.format('%d', now))
+  end
+  local vt = tonumber(clock)
+  if last and tonumber(last) + 1 > vt then vt = tonumber(last) + 1 end
+  redis.call('HSET', fair, 'k:' .. fkey, string.format('%d', vt))
+  redis.call('HSET', key, 'vt', string.format('%d', vt))
+  return ready_score(band, vt)
+end
+
+-- The fair key of a task whose concurrency and rate-limit keys were read
+-- (false when it has neither).
+local function fair_key(ckey, rkey)
+  return ckey or rkey or false
+end
+
+-- Task hash `key` ends its attempt: it leaves its concurrency key's
+-- running set (the set's name is kept in its hash as 'cc' while it runs).
+local function leave_running(key, cc)
+  if not cc then return end
+  redis.call('ZREM', cc, key)
+  redis.call('HDEL', key, 'cc')
+end
+
 -- Appends an event about task `id` to stream `events` (capped, roughly, at
 -- `cap`); `...` are more field, value pairs.
 local function add_event(events, cap, id, name, state, ...)
@@ -23,9 +64,10 @@ local function promote_due(scheduled, ready, events, prefix, events_cap)
   for _, id in ipairs(due) do
     redis.call('ZREM', scheduled, id)
     local key = prefix .. id
-    local state, band, name = unpack(redis.call('HMGET', key, 'state', 'band', 'name'))
+    local state, band, name, ckey, rkey = unpack(redis.call('HMGET', key, 'state', 'band', 'name',
+      'concurrency_key', 'rate_limit_key'))
     if state == 'scheduled' then
-      redis.call('ZADD', ready, ready_score(band, now), id)
+      redis.call('ZADD', ready, enter_score(ready, key, band, now, fair_key(ckey, rkey)), id)
       redis.call('HSET', key, 'state', 'queued')
       add_event(events, events_cap, id, name, 'queued', 'at', now)
     end
@@ -115,17 +157,24 @@ local function expired(expire_ms)
   return expire_ms and tonumber(expire_ms) <= now
 end
 
--- Ends waiting task `id` (hash `key`, named `name`) CANCELLED because its
--- expiry passed, in the cancel's form ("cancelled: expired"; see
--- TaskBackend's "Expiry" in src/store/tasks/backend.rs). The caller has
+-- Ends waiting task `id` (hash `key`, named `name`) CANCELLED without
+-- running, with error `message` in the cancel's form: its expiry passed
+-- ("cancelled: expired"; see TaskBackend's "Expiry" in
+-- src/store/tasks/backend.rs), or its key's cap cancels it. The caller has
 -- taken it out of its waiting set and the expiring set. Its dependents
 -- are released by the caller, or by the sweep's repair.
-local function end_expired(key, id, name, history, history_data, dead, stats, events, history_cap, events_cap)
+local function end_unrun(key, id, name, message, history, history_data, dead, stats, events,
+    history_cap, events_cap)
   redis.call('HSET', key, 'state', 'cancelled', 'finished_ms', now,
-    'error', cjson.encode({ message = 'cancelled: expired', retryable = false }))
+    'error', cjson.encode({ message = message, retryable = false }))
   redis.call('HINCRBY', stats, 'cancelled', 1)
   record_end(key, id, 'cancelled', history, history_data, dead, history_cap, nil, true)
   add_event(events, events_cap, id, name, 'cancelled', 'at', now)
+end
+
+local function end_expired(key, id, name, history, history_data, dead, stats, events, history_cap, events_cap)
+  end_unrun(key, id, name, 'cancelled: expired', history, history_data, dead, stats, events,
+    history_cap, events_cap)
 end
 
 -- Whether the retry budget is spent: attempts since the last RetryTask

@@ -30,10 +30,12 @@ local lapsed = redis.call('ZRANGEBYSCORE', K_leases, '-inf', now, 'LIMIT', 0, 10
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
   redis.call('ZREM', K_leases, id)
-  local state, attempts, band, hard_until, worker, cancel, name, created, started, expire_ms = unpack(
-    redis.call('HMGET', key, 'state', 'attempts', 'band', 'hard_until', 'worker', 'cancel', 'name',
-      'created_ms', 'started_ms', 'expire_ms'))
+  local state, attempts, band, hard_until, worker, cancel, name, created, started, expire_ms, cc,
+    ckey, rkey = unpack(redis.call('HMGET', key, 'state', 'attempts', 'band', 'hard_until', 'worker',
+      'cancel', 'name', 'created_ms', 'started_ms', 'expire_ms', 'cc', 'concurrency_key',
+      'rate_limit_key'))
   if state == 'running' then
+    leave_running(key, cc)
     local outcome
     local hard = tonumber(hard_until or '0')
     if cancel then
@@ -55,7 +57,7 @@ for _, id in ipairs(lapsed) do
     if outcome ~= 'queued' then redis.call('HINCRBY', K_stats, outcome, 1) end
     if outcome == 'queued' then
       redis.call('HSET', key, 'state', 'queued')
-      redis.call('ZADD', K_ready, ready_score(band, now), id)
+      redis.call('ZADD', K_ready, enter_score(K_ready, key, band, now, fair_key(ckey, rkey)), id)
       -- waiting again, it may expire again (the lease ends it if it has)
       if expire_ms then redis.call('ZADD', K_expiring, expire_ms, id) end
     else

@@ -1,7 +1,8 @@
 -- Resolve a dependency (see TaskBackend::resolve_dependency). Idempotent.
 -- Returns the task's state after, or 'missing'. KEYS and ARGV: declared in
 -- scripts.rs (RESOLVE).
-local state, band, expire_ms = unpack(redis.call('HMGET', K_task, 'state', 'band', 'expire_ms'))
+local state, band, expire_ms, ckey, rkey = unpack(redis.call('HMGET', K_task, 'state', 'band',
+  'expire_ms', 'concurrency_key', 'rate_limit_key'))
 if not state then return 'missing' end
 if state ~= 'pending' then return state end
 redis.call('SREM', K_task .. ':deps', A_dependency)
@@ -22,6 +23,6 @@ end
 if redis.call('SCARD', K_task .. ':deps') > 0 then return 'pending' end
 redis.call('ZREM', K_pending, A_id)
 redis.call('HSET', K_task, 'state', 'queued')
-redis.call('ZADD', K_ready, ready_score(band, now), A_id)
+redis.call('ZADD', K_ready, enter_score(K_ready, K_task, band, now, fair_key(ckey, rkey)), A_id)
 add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)
 return 'queued'

@@ -1,6 +1,7 @@
 -- Retry (see TaskBackend::retry). Returns 'queued', 'missing', or 'in:'
 -- and the state it is in. KEYS and ARGV: declared in scripts.rs (RETRY).
-local state, attempts, band = unpack(redis.call('HMGET', K_task, 'state', 'attempts', 'band'))
+local state, attempts, band, ckey, rkey = unpack(redis.call('HMGET', K_task, 'state', 'attempts',
+  'band', 'concurrency_key', 'rate_limit_key'))
 if not state then
   -- its result expired: a dead letter that can no longer run is dropped
   redis.call('ZREM', K_dead, A_id)
@@ -18,7 +19,7 @@ redis.call('DEL', K_task .. ':dependents')
 redis.call('HSET', K_task, 'state', 'queued', 'attempt_base', attempts)
 -- an operator's requeue runs it whenever it can: its expiry is dropped
 redis.call('HDEL', K_task, 'cancel', 'finished_ms', 'error', 'result', 'progress', 'expire_ms')
-redis.call('ZADD', K_ready, ready_score(band, now), A_id)
+redis.call('ZADD', K_ready, enter_score(K_ready, K_task, band, now, fair_key(ckey, rkey)), A_id)
 redis.call('HINCRBY', K_stats, 'requeued', 1)
 add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)
 return 'queued'

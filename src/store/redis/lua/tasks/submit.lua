@@ -19,7 +19,9 @@ if state == 'pending' then
   redis.call('SADD', K_task .. ':deps', unpack(ARGV, ARGN, ARGN + deps - 1))
   redis.call('ZADD', K_pending, now, A_id)
 elseif state == 'queued' then
-  redis.call('ZADD', K_ready, ready_score(A_band, now), A_id)
+  local fkey = false
+  if A_fkey ~= '' then fkey = A_fkey end
+  redis.call('ZADD', K_ready, enter_score(K_ready, K_task, A_band, now, fkey), A_id)
 else
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
 end

@@ -1,0 +1,399 @@
+//! Flow control in the task store's lease transition, each scenario on a
+//! real redis-server (lease.lua) and on the embedded store, held to the
+//! same rules (`TaskBackend`'s "Flow control" and "Fair order"): GCRA
+//! buckets by queue, name and key, a key's back-off, concurrency caps with
+//! their three policies, and round robin across keys. The store clock is
+//! moved instead of waiting for tokens.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::TestRedis;
+use koo::domain::Outcome;
+use koo::domain::flow::{ConcurrencyLimit, Limit, Policy, RateLimit, Scope, Source};
+use koo::domain::task::{Priority, QueueName, State, Task};
+use koo::store::clock::Clock;
+use koo::store::tasks::{Beat, Leased, TaskLimits, TaskStore};
+use koo::store::{Deadline, RedisConfig, RedisStore};
+
+fn later() -> Deadline {
+    Deadline::after(Duration::from_secs(5))
+}
+
+struct Fixture {
+    _redis: Option<TestRedis>,
+    store: TaskStore,
+    queue: QueueName,
+    clock: Clock,
+}
+
+impl Fixture {
+    async fn redis() -> Self {
+        let redis = TestRedis::start().await;
+        let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
+        let clock = Clock::system();
+        let tasks = TaskStore::redis_with_clock(store, "koo", clock.clone());
+        Self::on(Some(redis), tasks, clock)
+    }
+
+    async fn memory() -> Self {
+        let clock = Clock::system();
+        Self::on(None, TaskStore::memory_with_clock(clock.clone()), clock)
+    }
+
+    fn on(redis: Option<TestRedis>, store: TaskStore, clock: Clock) -> Self {
+        Fixture {
+            _redis: redis,
+            store,
+            queue: QueueName::parse("research").unwrap(),
+            clock,
+        }
+    }
+
+    fn task(&self, name: &str, rate_key: Option<&str>, concurrency_key: Option<&str>) -> Task {
+        let mut t = common::tasks::queued_task(&self.queue, name, Priority::Normal, 0);
+        t.rate_limit_key = rate_key.map(str::to_owned);
+        t.concurrency_key = concurrency_key.map(str::to_owned);
+        t
+    }
+
+    async fn submit(&self, task: &Task) {
+        self.store
+            .submit(task, Duration::ZERO, TaskLimits::default(), later())
+            .await
+            .unwrap();
+    }
+
+    /// A lease with queue and name limits looked up (`flow`).
+    async fn lease(&self) -> Leased {
+        let limits = TaskLimits {
+            flow: true,
+            ..TaskLimits::default()
+        };
+        self.store
+            .lease_or_hold(
+                &self.queue,
+                "w",
+                Duration::from_secs(60),
+                &["*"],
+                limits,
+                later(),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn leased(&self) -> Task {
+        match self.lease().await {
+            Leased::Task(t) => *t,
+            other => panic!("expected a task, got {other:?}"),
+        }
+    }
+
+    async fn finish(&self, t: &Task) -> State {
+        self.store
+            .finish(
+                &t.id,
+                t.token,
+                &Outcome::Succeeded("null".into()),
+                "{\"worker\":\"w\"}",
+                TaskLimits::default(),
+                later(),
+            )
+            .await
+            .unwrap()
+            .expect("not fenced")
+            .0
+    }
+
+    async fn set(&self, limit: Limit) {
+        self.store.set_limit(&limit, later()).await.unwrap();
+    }
+
+    fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+}
+
+fn rate(scope: Scope, limit: u32, period_ms: u64, burst: u32) -> Limit {
+    Limit::Rate(RateLimit {
+        scope,
+        limit,
+        period: Duration::from_millis(period_ms),
+        burst,
+        source: Source::Api,
+    })
+}
+
+fn cap(key: &str, max_running: u32, policy: Policy) -> Limit {
+    Limit::Concurrency(ConcurrencyLimit {
+        key: key.into(),
+        max_running,
+        policy,
+        source: Source::Api,
+    })
+}
+
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn memory() {
+                    super::$name(super::Fixture::memory().await).await;
+                }
+                #[tokio::test]
+                async fn redis() {
+                    super::$name(super::Fixture::redis().await).await;
+                }
+            }
+        )*
+    };
+}
+
+on_both!(
+    a_key_limit_admits_its_burst_then_holds_until_a_token_frees,
+    queue_and_name_limits_hold_only_when_looked_up,
+    a_back_off_holds_its_key_and_only_it,
+    a_cap_of_two_waits_and_frees_at_each_end,
+    cancel_newest_ends_the_task_past_the_cap,
+    cancel_oldest_asks_the_longest_running_to_stop_once,
+    keys_take_turns_within_a_priority,
+    limits_are_listed_with_their_state_and_versioned,
+);
+
+/// 10 per second with a burst of 2 on `keys/*`: two start at once, the
+/// third is held until the bucket frees a token 100 ms later (the lease
+/// says when), and the tasks of another key and unkeyed ones are not held.
+async fn a_key_limit_admits_its_burst_then_holds_until_a_token_frees(f: Fixture) {
+    f.set(rate(Scope::Key("*".into()), 10, 1000, 2)).await;
+    for _ in 0..3 {
+        f.submit(&f.task("t", Some("p"), None)).await;
+    }
+    f.leased().await;
+    f.leased().await;
+    let before = f.now_ms();
+    let Leased::Held(Some(at)) = f.lease().await else {
+        panic!("the third start must be held with a time");
+    };
+    assert!(
+        at > before && at <= before + 200,
+        "frees at {at}, now {before}"
+    );
+    // another key has its own bucket; an unkeyed task none
+    f.submit(&f.task("other", Some("q"), None)).await;
+    assert_eq!(f.leased().await.name, "other");
+    f.clock.advance(Duration::from_millis(250));
+    assert_eq!(f.leased().await.rate_limit_key.as_deref(), Some("p"));
+    assert!(matches!(f.lease().await, Leased::Empty));
+}
+
+/// A queue's and a task name's limits are looked up only when the caller
+/// says some may exist (`TaskLimits::flow`); then a name limit holds only
+/// that name, and a queue limit the whole queue.
+async fn queue_and_name_limits_hold_only_when_looked_up(f: Fixture) {
+    f.set(rate(Scope::Task("slow".into()), 1, 60_000, 1)).await;
+    for name in ["slow", "slow", "fast"] {
+        f.submit(&f.task(name, None, None)).await;
+    }
+    assert_eq!(f.leased().await.name, "slow");
+    // the second "slow" is held; "fast" behind it starts
+    assert_eq!(f.leased().await.name, "fast");
+    assert!(matches!(f.lease().await, Leased::Held(Some(_))));
+    // unlooked-up, the name limit does not apply (a process that knows of
+    // no such limit pays nothing for it)
+    let plain = f
+        .store
+        .lease(
+            &f.queue,
+            "w",
+            Duration::from_secs(60),
+            &["*"],
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(plain.map(|t| t.name).as_deref(), Some("slow"));
+    // a queue limit holds everything in the queue
+    f.set(rate(Scope::Queue("research".into()), 1, 60_000, 1)).await;
+    f.submit(&f.task("fast", None, None)).await;
+    f.submit(&f.task("fast", None, None)).await;
+    assert_eq!(f.leased().await.name, "fast");
+    assert!(matches!(f.lease().await, Leased::Held(Some(_))));
+}
+
+/// A worker's 429 for key `a` holds every task of `a` for its back-off and
+/// no other task; a shorter back-off does not shorten it.
+async fn a_back_off_holds_its_key_and_only_it(f: Fixture) {
+    f.submit(&f.task("a1", Some("a"), None)).await;
+    f.submit(&f.task("b1", Some("b"), None)).await;
+    let until = f
+        .store
+        .back_off("a", Duration::from_secs(10), later())
+        .await
+        .unwrap();
+    let shorter = f
+        .store
+        .back_off("a", Duration::from_secs(1), later())
+        .await
+        .unwrap();
+    assert!(shorter >= until - 50, "{shorter} < {until}");
+    assert_eq!(f.leased().await.name, "b1");
+    let Leased::Held(Some(at)) = f.lease().await else {
+        panic!("a is backed off");
+    };
+    assert!(at >= f.now_ms() + 8_000, "held until {at}");
+    f.clock.advance(Duration::from_secs(11));
+    assert_eq!(f.leased().await.name, "a1");
+}
+
+/// At most two of key `c` run: the third waits (held, no time: a cap frees
+/// when a task ends), and each end of an attempt (finish, release) lets
+/// the next one start.
+async fn a_cap_of_two_waits_and_frees_at_each_end(f: Fixture) {
+    f.set(cap("c", 2, Policy::Wait)).await;
+    for i in 0..4 {
+        f.submit(&f.task(&format!("c{i}"), None, Some("c"))).await;
+    }
+    let first = f.leased().await;
+    let second = f.leased().await;
+    assert_eq!(f.lease().await, Leased::Held(None));
+    assert_eq!(f.finish(&first).await, State::Succeeded);
+    let third = f.leased().await;
+    assert_eq!(f.lease().await, Leased::Held(None));
+    let released = f
+        .store
+        .release(&third.id, third.token, "{}", TaskLimits::default(), later())
+        .await
+        .unwrap();
+    assert!(released);
+    // the released task is back at its turn, ahead of the fourth
+    assert_eq!(f.leased().await.id, third.id);
+    assert_eq!(f.lease().await, Leased::Held(None));
+    f.finish(&second).await;
+    assert_eq!(f.leased().await.name, "c3");
+}
+
+/// cancel_newest: a task that would start past the cap ends CANCELLED
+/// without running, naming the key; the running one is untouched.
+async fn cancel_newest_ends_the_task_past_the_cap(f: Fixture) {
+    f.set(cap("c", 1, Policy::CancelNewest)).await;
+    let a = f.task("a", None, Some("c"));
+    let b = f.task("b", None, Some("c"));
+    f.submit(&a).await;
+    f.submit(&b).await;
+    let running = f.leased().await;
+    assert_eq!(running.id, a.id);
+    assert_eq!(f.lease().await, Leased::Empty);
+    let ended = f.store.get(&b.id, later()).await.unwrap().unwrap();
+    assert_eq!(ended.state, State::Cancelled);
+    assert_eq!(ended.attempts, 0);
+    assert!(
+        ended
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("cancelled: concurrency cap of c reached"),
+        "{:?}",
+        ended.error
+    );
+    assert_eq!(
+        f.store.get(&a.id, later()).await.unwrap().unwrap().state,
+        State::Running
+    );
+}
+
+/// cancel_oldest: the longest-running task of the key is asked to cancel
+/// (its heartbeat says so, naming the newcomer), once; the newcomer starts
+/// when it has ended.
+async fn cancel_oldest_asks_the_longest_running_to_stop_once(f: Fixture) {
+    f.set(cap("c", 1, Policy::CancelOldest)).await;
+    let old = f.task("old", None, Some("c"));
+    let new = f.task("new", None, Some("c"));
+    f.submit(&old).await;
+    let running = f.leased().await;
+    f.submit(&new).await;
+    assert_eq!(f.lease().await, Leased::Held(None));
+    assert_eq!(f.lease().await, Leased::Held(None));
+    let beat = f
+        .store
+        .heartbeat(&running.id, running.token, Duration::from_secs(60), later())
+        .await
+        .unwrap();
+    assert_eq!(
+        beat,
+        Beat::CancelRequested(format!("concurrency cap of c: superseded by {}", new.id))
+    );
+    // the worker stops it: a failure under a cancel ends it CANCELLED
+    let state = f
+        .store
+        .finish(
+            &running.id,
+            running.token,
+            &Outcome::Failed("{\"message\":\"stopped\"}".into()),
+            "{}",
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .0;
+    assert_eq!(state, State::Cancelled);
+    assert_eq!(f.leased().await.id, new.id);
+}
+
+/// Ten of key A, then two each of B and C, in one priority: the keys take
+/// turns (A B C A B C A ...) instead of A's ten going first; a higher
+/// priority still goes before every turn.
+async fn keys_take_turns_within_a_priority(f: Fixture) {
+    for i in 0..6 {
+        f.submit(&f.task(&format!("A{i}"), None, Some("A"))).await;
+    }
+    for key in ["B", "C"] {
+        for i in 0..2 {
+            f.submit(&f.task(&format!("{key}{i}"), None, Some(key)))
+                .await;
+        }
+    }
+    let mut urgent = f.task("urgent", None, Some("A"));
+    urgent.priority = Priority::Critical;
+    f.submit(&urgent).await;
+    let mut order = Vec::new();
+    while let Leased::Task(t) = f.lease().await {
+        order.push(t.name);
+    }
+    assert_eq!(
+        order,
+        ["urgent", "A0", "B0", "C0", "A1", "B1", "C1", "A2", "A3", "A4", "A5"]
+    );
+}
+
+/// Limits are listed by field with their live state; a delete says whether
+/// there was one; every change moves the version.
+async fn limits_are_listed_with_their_state_and_versioned(f: Fixture) {
+    let v0 = f.store.limits_version(later()).await.unwrap();
+    f.set(rate(Scope::Key("p".into()), 1, 60_000, 1)).await;
+    f.set(cap("c", 3, Policy::Wait)).await;
+    let v1 = f.store.limits_version(later()).await.unwrap();
+    assert_ne!(v0, v1);
+    f.submit(&f.task("t", Some("p"), Some("c"))).await;
+    f.leased().await;
+    let (version, limits) = f.store.limits(later()).await.unwrap();
+    assert_eq!(version, v1);
+    let find = |field: &str| {
+        limits
+            .iter()
+            .find(|(l, _)| l.field() == field)
+            .unwrap_or_else(|| panic!("{field} listed"))
+            .1
+    };
+    let bucket = find("r:keys/p");
+    assert!(bucket.next_free_ms.unwrap() > f.now_ms() + 50_000);
+    assert_eq!(find("c:keys/c").running, 1);
+    assert!(f.store.delete_limit("c:keys/c", later()).await.unwrap());
+    assert!(!f.store.delete_limit("c:keys/c", later()).await.unwrap());
+    assert_ne!(f.store.limits_version(later()).await.unwrap(), v1);
+}
