@@ -236,10 +236,21 @@ fn check_concurrency_limit(limit: ConcurrencyLimit) -> Result<ConcurrencyLimit, 
 }
 
 /// What a process knows of the limits for its leases.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct FlowState {
     /// Whether a queue's or a task name's rate limit exists.
     per_call: std::sync::atomic::AtomicBool,
     /// The store's limits version when last read.
     version: std::sync::atomic::AtomicU64,
+}
+
+impl Default for FlowState {
+    /// Until the limits are first read, leases look them up: a process
+    /// that starts while a queue's limit is in force never leases past it.
+    fn default() -> Self {
+        Self {
+            per_call: true.into(),
+            version: u64::MAX.into(),
+        }
+    }
 }

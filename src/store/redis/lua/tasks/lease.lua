@@ -14,107 +14,133 @@ for i = ARGN, #ARGV do
   served[ARGV[i]] = true
 end
 
--- Flow control (see TaskBackend's "Flow control"). Limits are read from
--- the limits hash only for what a candidate needs: nothing for an unkeyed
--- task of a process that knows no queue or name limit (A_flow '0').
-local fb = A_flow_base
+-- Flow control (see TaskBackend's "Flow control"): its state and checks,
+-- made only when a candidate needs them (a keyed task, or a process that
+-- knows of a queue or name limit: A_flow '1'), so that a plain lease pays
+-- for none of it. Limits are read from the limits hash only for what a
+-- candidate needs.
 local per_call = A_flow == '1'
-local specs = {}
-local function spec(field)
-  local s = specs[field]
-  if s == nil then
-    s = redis.call('HGET', fb .. 'limits', field) or false
-    specs[field] = s
+local function make_flow()
+  local fb = A_flow_base
+  local specs = {}
+  local function spec(field)
+    local s = specs[field]
+    if s == nil then
+      s = redis.call('HGET', fb .. 'limits', field) or false
+      specs[field] = s
+    end
+    return s
   end
-  return s
-end
-local now_us = now * 1000
--- GCRA on `bucket` (its TAT in µs) under limit `s` ('limit period_ms burst
--- ...'): true and the TAT after taking a token, or false and when the next
--- token frees (ms).
-local function gcra(s, bucket)
-  local limit, period, burst = string.match(s, '^(%d+) (%d+) (%d+)')
-  local interval = math.max(math.floor(tonumber(period) * 1000 / tonumber(limit)), 1)
-  local tolerance = interval * (tonumber(burst) - 1)
-  local tat = tonumber(redis.call('GET', bucket) or '0')
-  if tat < now_us then tat = now_us end
-  if tat - tolerance > now_us then return false, math.ceil((tat - tolerance) / 1000) end
-  return true, tat + interval
-end
--- Scopes found held stay held for the rest of the call; `held_until`: the
--- earliest time one frees (false while only caps hold).
-local held, held_until, held_any = {}, false, false
-local function hold(scope, until_ms)
-  held[scope] = true
-  held_any = true
-  if until_ms and (not held_until or until_ms < held_until) then held_until = until_ms end
-end
--- Whether rate scope `scope` (or, with no limit of its own, `fallback`'s
--- limit in its own bucket) has a token: its bucket's new TAT is pushed on
--- `writes`, applied only if the candidate is leased.
-local function rate(scope, fallback, writes)
-  if held[scope] then return false end
-  local s = spec('r:' .. scope)
-  if not s and fallback then s = spec('r:' .. fallback) end
-  if not s then return true end
-  local bucket = fb .. 'rl:' .. scope
-  local ok, v = gcra(s, bucket)
-  if not ok then
-    hold(scope, v)
-    return false
+  local now_us = now * 1000
+  -- GCRA on `bucket` (its TAT in µs) under limit `s` ('limit period_ms burst
+  -- ...'): true and the TAT after taking a token, or false and when the next
+  -- token frees (ms).
+  local function gcra(s, bucket)
+    local limit, period, burst = string.match(s, '^(%d+) (%d+) (%d+)')
+    local interval = math.max(math.floor(tonumber(period) * 1000 / tonumber(limit)), 1)
+    local tolerance = interval * (tonumber(burst) - 1)
+    local tat = tonumber(redis.call('GET', bucket) or '0')
+    if tat < now_us then tat = now_us end
+    if tat - tolerance > now_us then return false, math.ceil((tat - tolerance) / 1000) end
+    return true, tat + interval
   end
-  writes[#writes + 1] = bucket
-  writes[#writes + 1] = v
-  return true
-end
--- Whether a back-off (a worker's 429 for the key) holds rate-limit key `rkey`.
-local function backed_off(rkey)
-  if held['b:' .. rkey] then return true end
-  local until_ms = tonumber(redis.call('GET', fb .. 'backoff:' .. rkey) or '0')
-  if until_ms > now then
-    hold('b:' .. rkey, until_ms)
+  -- Scopes found held stay held for the rest of the call; `held_until`: the
+  -- earliest time one frees (false while only caps hold).
+  local held, held_until, held_any = {}, false, false
+  local function hold(scope, until_ms)
+    held[scope] = true
+    held_any = true
+    if until_ms and (not held_until or until_ms < held_until) then held_until = until_ms end
+  end
+  -- Whether rate scope `scope` (or, with no limit of its own, `fallback`'s
+  -- limit in its own bucket) has a token: its bucket's new TAT is pushed on
+  -- `writes`, applied only if the candidate is leased.
+  local function rate(scope, fallback, writes)
+    if held[scope] then return false end
+    local s = spec('r:' .. scope)
+    if not s and fallback then s = spec('r:' .. fallback) end
+    if not s then return true end
+    local bucket = fb .. 'rl:' .. scope
+    local ok, v = gcra(s, bucket)
+    if not ok then
+      hold(scope, v)
+      return false
+    end
+    writes[#writes + 1] = bucket
+    writes[#writes + 1] = v
     return true
   end
-  return false
-end
--- cancel_oldest: the key's longest-running task is asked to cancel (as
--- cancel.lua asks a running task), unless one of them already was.
-local function ask_oldest(cc, ckey, newcomer)
-  local running = redis.call('ZRANGE', cc, 0, -1)
-  for _, member in ipairs(running) do
-    if redis.call('HEXISTS', member, 'cancel') == 1 then return end
-  end
-  local oldest = running[1]
-  if not oldest then return end
-  local oid, oname = unpack(redis.call('HMGET', oldest, 'id', 'name'))
-  local reason = 'concurrency cap of ' .. ckey .. ': superseded by ' .. newcomer
-  redis.call('HSET', oldest, 'cancel', reason)
-  local events = string.sub(oldest, 1, #oldest - #oid - 5) .. 'events'
-  add_event(events, A_events_cap, oid, oname, 'running', 'cancel', reason, 'at', now)
-end
--- Concurrency key `ckey`'s verdict for candidate `id`: 'go', 'hold' or
--- 'cancel' (cancel_newest), and the key's running set.
-local function cap(ckey, id)
-  local cc = fb .. 'cc:' .. ckey
-  if held['c:' .. ckey] then return 'hold', cc end
-  local s = spec('c:keys/' .. ckey) or spec('c:keys/*')
-  if not s then return 'go', cc end
-  local max, policy = string.match(s, '^(%d+) (%S+)')
-  max = tonumber(max)
-  if redis.call('ZCARD', cc) >= max then
-    -- at the cap: first drop entries of tasks that no longer run under the
-    -- key (a repair; every end of an attempt removes its own)
-    for _, member in ipairs(redis.call('ZRANGE', cc, 0, -1)) do
-      if redis.call('HGET', member, 'cc') ~= cc then redis.call('ZREM', cc, member) end
+  -- Whether a back-off (a worker's 429 for the key) holds rate-limit key `rkey`.
+  local function backed_off(rkey)
+    if held['b:' .. rkey] then return true end
+    local until_ms = tonumber(redis.call('GET', fb .. 'backoff:' .. rkey) or '0')
+    if until_ms > now then
+      hold('b:' .. rkey, until_ms)
+      return true
     end
+    return false
+  end
+  -- cancel_oldest: the key's longest-running task is asked to cancel (as
+  -- cancel.lua asks a running task), unless one of them already was.
+  local function ask_oldest(cc, ckey, newcomer)
+    local running = redis.call('ZRANGE', cc, 0, -1)
+    for _, member in ipairs(running) do
+      if redis.call('HEXISTS', member, 'cancel') == 1 then return end
+    end
+    local oldest = running[1]
+    if not oldest then return end
+    local oid, oname = unpack(redis.call('HMGET', oldest, 'id', 'name'))
+    local reason = 'concurrency cap of ' .. ckey .. ': superseded by ' .. newcomer
+    redis.call('HSET', oldest, 'cancel', reason)
+    local events = string.sub(oldest, 1, #oldest - #oid - 5) .. 'events'
+    add_event(events, A_events_cap, oid, oname, 'running', 'cancel', reason, 'at', now)
+  end
+  -- Concurrency key `ckey`'s verdict for candidate `id`: 'go', 'hold' or
+  -- 'cancel' (cancel_newest), and the key's running set.
+  local function cap(ckey, id)
+    local cc = fb .. 'cc:' .. ckey
+    if held['c:' .. ckey] then return 'hold', cc end
+    local s = spec('c:keys/' .. ckey) or spec('c:keys/*')
+    if not s then return 'go', cc end
+    local max, policy = string.match(s, '^(%d+) (%S+)')
+    max = tonumber(max)
     if redis.call('ZCARD', cc) >= max then
-      if policy == 'cancel_newest' then return 'cancel', cc end
-      if policy == 'cancel_oldest' then ask_oldest(cc, ckey, id) end
-      hold('c:' .. ckey, nil)
-      return 'hold', cc
+      -- at the cap: first drop entries of tasks that no longer run under the
+      -- key (a repair; every end of an attempt removes its own)
+      for _, member in ipairs(redis.call('ZRANGE', cc, 0, -1)) do
+        if redis.call('HGET', member, 'cc') ~= cc then redis.call('ZREM', cc, member) end
+      end
+      if redis.call('ZCARD', cc) >= max then
+        if policy == 'cancel_newest' then return 'cancel', cc end
+        if policy == 'cancel_oldest' then ask_oldest(cc, ckey, id) end
+        hold('c:' .. ckey, nil)
+        return 'hold', cc
+      end
     end
+    return 'go', cc
   end
-  return 'go', cc
+  return {
+    rate = rate,
+    backed_off = backed_off,
+    cap = cap,
+    -- what the call returns when it leased nothing: held until, or nil
+    held = function()
+      if held_any then return held_until or 0 end
+      return nil
+    end,
+    -- the writes of an admitted candidate's buckets
+    apply = function(writes)
+      for w = 1, #writes, 2 do
+        local tat = writes[w + 1]
+        redis.call('SET', writes[w], string.format('%d', tat), 'PX', math.ceil((tat - now_us) / 1000) + 1)
+      end
+    end,
+  }
+end
+local F = false
+local function flow()
+  if not F then F = make_flow() end
+  return F
 end
 
 -- Candidates are read a few at a time (1, then 16, then the rest of the
@@ -167,16 +193,21 @@ while true do
       limit = limit + 1
     end
   elseif serves_all or served[name] then
-    local verdict, writes, cc = 'go', {}, false
-    if per_call then
-      -- no token for the queue: nothing of it starts in this call
-      if not rate('queues/' .. A_queue, nil, writes) then return held_until end
-      if not rate('tasks/' .. name, nil, writes) then verdict = 'hold' end
+    local verdict, writes, cc = 'go', false, false
+    if per_call or rkey or ckey then
+      local f = flow()
+      writes = {}
+      if per_call then
+        -- no token for the queue: nothing of it starts in this call
+        if not f.rate('queues/' .. A_queue, nil, writes) then return f.held() end
+        if not f.rate('tasks/' .. name, nil, writes) then verdict = 'hold' end
+      end
+      if verdict == 'go' and rkey
+          and (f.backed_off(rkey) or not f.rate('keys/' .. rkey, 'keys/*', writes)) then
+        verdict = 'hold'
+      end
+      if verdict == 'go' and ckey then verdict, cc = f.cap(ckey, id) end
     end
-    if verdict == 'go' and rkey and (backed_off(rkey) or not rate('keys/' .. rkey, 'keys/*', writes)) then
-      verdict = 'hold'
-    end
-    if verdict == 'go' and ckey then verdict, cc = cap(ckey, id) end
     if verdict == 'hold' then
       -- it stays QUEUED, untouched; the scan goes on
       held_seen = held_seen + 1
@@ -190,10 +221,7 @@ while true do
         K_history_data, K_dead, K_stats, K_events, A_history_cap, A_events_cap)
       from = from - 1
     else
-      for w = 1, #writes, 2 do
-        local tat = writes[w + 1]
-        redis.call('SET', writes[w], string.format('%d', tat), 'PX', math.ceil((tat - now_us) / 1000) + 1)
-      end
+      if writes then F.apply(writes) end
       redis.call('ZREM', K_ready, id)
       if cc then
         redis.call('ZADD', cc, now, key)
@@ -230,5 +258,5 @@ while true do
     end
   end
 end
-if held_any then return held_until or 0 end
+if F then return F.held() or false end
 return false
