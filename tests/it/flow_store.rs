@@ -217,7 +217,8 @@ async fn queue_and_name_limits_hold_only_when_looked_up(f: Fixture) {
         .unwrap();
     assert_eq!(plain.map(|t| t.name).as_deref(), Some("slow"));
     // a queue limit holds everything in the queue
-    f.set(rate(Scope::Queue("research".into()), 1, 60_000, 1)).await;
+    f.set(rate(Scope::Queue("research".into()), 1, 60_000, 1))
+        .await;
     f.submit(&f.task("fast", None, None)).await;
     f.submit(&f.task("fast", None, None)).await;
     assert_eq!(f.leased().await.name, "fast");
@@ -367,7 +368,9 @@ async fn keys_take_turns_within_a_priority(f: Fixture) {
     }
     assert_eq!(
         order,
-        ["urgent", "A0", "B0", "C0", "A1", "B1", "C1", "A2", "A3", "A4", "A5"]
+        [
+            "urgent", "A0", "B0", "C0", "A1", "B1", "C1", "A2", "A3", "A4", "A5"
+        ]
     );
 }
 
@@ -396,4 +399,42 @@ async fn limits_are_listed_with_their_state_and_versioned(f: Fixture) {
     assert!(f.store.delete_limit("c:keys/c", later()).await.unwrap());
     assert!(!f.store.delete_limit("c:keys/c", later()).await.unwrap());
     assert_ne!(f.store.limits_version(later()).await.unwrap(), v1);
+}
+
+/// Redis keeps each key's last turn in the queue's fair hash; turns behind
+/// the queue's clock change nothing, and the sweep drops them once the hash
+/// holds over 1,000 keys, a bounded slice per call, so that a key per
+/// tenant or document does not grow it for ever.
+#[tokio::test]
+async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
+    use redis::AsyncCommands;
+    let f = Fixture::redis().await;
+    let keys: Vec<Task> = (0..1_200)
+        .map(|i| f.task("t", None, Some(&format!("k{i}"))))
+        .collect();
+    for t in &keys {
+        f.submit(t).await;
+    }
+    // two more turns for the last key: every key's first turn is the
+    // clock's start, the last key's next two come after; leasing all but
+    // one moves the clock past every first turn, and the last is ahead
+    f.submit(&f.task("t", None, Some("k1199"))).await;
+    f.submit(&f.task("t", None, Some("k1199"))).await;
+    for _ in 0..1_201 {
+        f.leased().await;
+    }
+    let mut conn = f._redis.as_ref().unwrap().conn().await;
+    let hash = "koo:v1:{t:research}:fair";
+    let before: usize = conn.hlen(hash).await.unwrap();
+    assert!(before > 1_200, "{before} fields");
+    for _ in 0..20 {
+        f.store
+            .recover(&f.queue, true, TaskLimits::default(), later())
+            .await
+            .unwrap();
+    }
+    let after: usize = conn.hlen(hash).await.unwrap();
+    assert!(after < 100, "{after} fields left of {before}");
+    let kept: Option<String> = conn.hget(hash, "k:k1199").await.unwrap();
+    assert!(kept.is_some(), "a turn ahead of the clock is kept");
 }

@@ -618,7 +618,10 @@ async fn a_paused_queue_leases_nothing_until_resumed(f: Fixture) {
         .unwrap()
         .unwrap();
     assert_eq!(state, State::Succeeded, "the finish applies");
-    assert!(next.task().is_none(), "no chained lease from a paused queue");
+    assert!(
+        next.task().is_none(),
+        "no chained lease from a paused queue"
+    );
     let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
     assert_eq!((stats.ready, stats.paused), (1, Some(pause)));
     assert_eq!(

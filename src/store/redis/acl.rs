@@ -19,7 +19,7 @@ pub const REDIS_ACL_RULES: &str = "-@all \
 +ping +select +info +time \
 +get +set +mget +strlen +incr \
 +exists +del +unlink +pttl +pexpire +pexpireat +persist +scan +memory|usage \
-+hget +hgetall +hmget +hset +hsetnx +hdel +hexists +hincrby \
++hget +hgetall +hmget +hset +hsetnx +hdel +hexists +hincrby +hlen +hscan \
 +lrange +rpush +smembers +sadd +srem +scard \
 +zadd +zcard +zrange +zrangebyscore +zrevrangebyscore +zrem +zremrangebyscore +zremrangebyrank +zscore \
 +xadd +xtrim +xread +xrevrange +xinfo|stream \

@@ -39,18 +39,21 @@ impl RedisStore {
     ) -> Result<bool> {
         let base = crate::keys::flow_base(prefix);
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("HDEL")
-            .arg(format!("{base}limits"))
-            .arg(field)
-            .cmd("INCR")
-            .arg(format!("{base}limits:version"))
-            .ignore();
+        pipe.cmd("HDEL").arg(format!("{base}limits")).arg(field);
         let (removed,): (u32,) = self.query_pipe(&pipe, deadline).await?;
+        if removed > 0 {
+            let mut pipe = redis::pipe();
+            pipe.cmd("INCR")
+                .arg(format!("{base}limits:version"))
+                .ignore();
+            self.query_pipe::<()>(&pipe, deadline).await?;
+        }
         Ok(removed > 0)
     }
 
-    /// Every limit with its state, and the version they were read at.
+    /// Every limit with its state, and the version they were read at;
+    /// `offset_ms`: the store clock's, so that times compare with the
+    /// scripts' now.
     pub(super) async fn limits(
         &self,
         prefix: &str,
@@ -65,70 +68,28 @@ impl RedisStore {
             .cmd("HGETALL")
             .arg(format!("{base}limits"))
             .cmd("TIME");
-        let (version, fields, (secs, micros)): (Option<u64>, Vec<(String, String)>, (i64, i64)) =
-            self.query_pipe(&pipe, deadline).await?;
-        // on the store's clock, as the scripts see it
-        let now_ms = secs * 1000 + micros / 1000 + offset_ms;
+        let (version, fields, now): Listing = self.query_pipe(&pipe, deadline).await?;
+        let now_ms = now.0 * 1000 + now.1 / 1000 + offset_ms;
         let limits: Vec<Limit> = fields
             .iter()
             .filter_map(|(f, v)| Limit::decode(f, v))
             .collect();
-        // each limit's live state, in one more round trip
+        if limits.is_empty() {
+            return Ok((version.unwrap_or(0), Vec::new()));
+        }
+        // each limit's live state, in one more round trip: two replies each
         let mut pipe = redis::pipe();
         for limit in &limits {
-            match limit {
-                Limit::Rate(r) => {
-                    pipe.cmd("GET").arg(format!("{base}rl:{}", r.scope.name()));
-                    match &r.scope {
-                        Scope::Key(k) if k != "*" => {
-                            pipe.cmd("GET").arg(format!("{base}backoff:{k}"));
-                        }
-                        _ => {
-                            pipe.cmd("ECHO").arg(-2);
-                        }
-                    }
-                }
-                Limit::Concurrency(c) => {
-                    pipe.cmd("ZCARD").arg(format!("{base}cc:{}", c.key));
-                    pipe.cmd("ECHO").arg(-2);
-                }
-            }
+            let (first, second) = state_keys(&base, limit);
+            pipe.cmd(first.0).arg(first.1);
+            pipe.cmd("GET").arg(second);
         }
-        let states: Vec<redis::Value> = if limits.is_empty() {
-            Vec::new()
-        } else {
-            self.query_pipe(&pipe, deadline).await?
-        };
-        let int = |v: &redis::Value| -> Option<i64> {
-            match v {
-                redis::Value::Int(n) => Some(*n),
-                redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-                _ => None,
-            }
-        };
+        let replies: Vec<Option<i64>> = self.query_pipe(&pipe, deadline).await?;
         let out = limits
             .into_iter()
-            .enumerate()
-            .map(|(i, limit)| {
-                let first = states.get(2 * i).and_then(int);
-                let second = states.get(2 * i + 1).and_then(int);
-                let state = match &limit {
-                    Limit::Rate(r) => {
-                        // the bucket's TAT, in µs: its next token frees at
-                        // TAT - tolerance
-                        let tolerance = r.interval_us() * u64::from(r.burst.saturating_sub(1));
-                        let free_ms = first.map(|tat| (tat - tolerance as i64) / 1000);
-                        LimitState {
-                            next_free_ms: free_ms.filter(|&ms| ms > now_ms),
-                            backoff_until_ms: second.filter(|&until| until > now_ms),
-                            running: 0,
-                        }
-                    }
-                    Limit::Concurrency(_) => LimitState {
-                        running: first.unwrap_or(0) as u32,
-                        ..LimitState::default()
-                    },
-                };
+            .zip(replies.chunks(2))
+            .map(|(limit, r)| {
+                let state = state_of(&limit, r[0], r[1], now_ms);
                 (limit, state)
             })
             .collect();
@@ -142,5 +103,49 @@ impl RedisStore {
         pipe.cmd("GET").arg(key);
         let (version,): (Option<u64>,) = self.query_pipe(&pipe, deadline).await?;
         Ok(version.unwrap_or(0))
+    }
+}
+
+/// What the listing's transaction replies: the version, the limits hash,
+/// and Redis's `TIME` (seconds, microseconds).
+type Listing = (Option<u64>, Vec<(String, String)>, (i64, i64));
+
+/// The two reads of a limit's state: a rate limit's bucket (`GET`, its
+/// TAT in µs) and its key's back-off (its end in ms); a cap's running set
+/// (`ZCARD`) and nothing (a key no limit uses).
+fn state_keys(base: &str, limit: &Limit) -> ((&'static str, String), String) {
+    match limit {
+        Limit::Rate(r) => {
+            let backoff = match &r.scope {
+                Scope::Key(k) if k != "*" => format!("{base}backoff:{k}"),
+                _ => format!("{base}backoff:"),
+            };
+            (("GET", format!("{base}rl:{}", r.scope.name())), backoff)
+        }
+        Limit::Concurrency(c) => (
+            ("ZCARD", format!("{base}cc:{}", c.key)),
+            format!("{base}backoff:"),
+        ),
+    }
+}
+
+/// A limit's state from its two reads at `now_ms`.
+fn state_of(limit: &Limit, first: Option<i64>, second: Option<i64>, now_ms: i64) -> LimitState {
+    match limit {
+        Limit::Rate(r) => {
+            // the next token frees at TAT - tolerance
+            let tolerance = (r.interval_us() * u64::from(r.burst.saturating_sub(1))) as i64;
+            LimitState {
+                next_free_ms: first
+                    .map(|tat| (tat - tolerance) / 1000)
+                    .filter(|&ms| ms > now_ms),
+                backoff_until_ms: second.filter(|&until| until > now_ms),
+                running: 0,
+            }
+        }
+        Limit::Concurrency(_) => LimitState {
+            running: first.unwrap_or(0) as u32,
+            ..LimitState::default()
+        },
     }
 }

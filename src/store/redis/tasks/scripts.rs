@@ -10,8 +10,8 @@ use crate::store::redis::script::{Composed, Key, Spec};
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Debounce, Events, Expiring, Flow, History, HistoryData, Leases, Paused, Pending, Ready,
-    Scheduled, Stats, Task, Times,
+    Claim, Dead, Debounce, Events, Expiring, Flow, History, HistoryData, Leases, Paused, Pending,
+    Ready, Scheduled, Stats, Task, Times,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
@@ -19,7 +19,15 @@ use Key::{
 pub(super) const SUBMIT: Spec = Spec {
     name: "submit",
     keys: &[Task, Ready, Scheduled, Events, Stats, Pending, Expiring],
-    args: &["id", "band", "delay_ms", "events_cap", "deps", "expire_ms", "fkey"],
+    args: &[
+        "id",
+        "band",
+        "delay_ms",
+        "events_cap",
+        "deps",
+        "expire_ms",
+        "fkey",
+    ],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
 };

@@ -9,7 +9,8 @@ local function ready_score(band, at)
 end
 
 -- The fair-order hash of the queue whose ready set is `ready` (beside it,
--- in the queue's slot): 'clock' and 'k:<key>' -> the key's last turn.
+-- in the queue's slot): 'clock', 'k:<key>' -> the key's last turn, and
+-- the trimming sweep's 'cursor' (recover.lua).
 local function fair_hash(ready)
   return string.sub(ready, 1, #ready - 5) .. 'fair'
 end

@@ -71,6 +71,23 @@ for _, id in ipairs(lapsed) do
     add_event(K_events, A_events_cap, id, name, outcome, 'at', now)
   end
 end
+-- the fair order's turns behind the queue's clock change nothing (a new
+-- task of such a key starts at the clock): past 1,000 keys, drop those of
+-- one bounded slice per sweep, so that a key per tenant or per document
+-- does not grow the hash for ever
+local fair = fair_hash(K_ready)
+if redis.call('HLEN', fair) > 1000 then
+  local clock = tonumber(redis.call('HGET', fair, 'clock') or '0')
+  local slice = redis.call('HSCAN', fair, redis.call('HGET', fair, 'cursor') or '0', 'COUNT', 500)
+  local entries = slice[2]
+  for j = 1, #entries, 2 do
+    local field = entries[j]
+    if string.sub(field, 1, 2) == 'k:' and tonumber(entries[j + 1]) < clock then
+      redis.call('HDEL', fair, field)
+    end
+  end
+  redis.call('HSET', fair, 'cursor', slice[1])
+end
 -- expired entries are counted apart (out[2]): a dependent in another queue
 -- may have been ended by its dependency's release before this call on the
 -- embedded store, and the handled count must not tell the stores apart
