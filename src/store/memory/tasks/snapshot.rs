@@ -14,6 +14,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::MemoryTasks;
+use super::flow::{Fair, Flow};
+use crate::domain::flow::Limit;
 use super::state::{Entry, Queue, ZSet};
 use crate::domain::Counts;
 use crate::domain::task::{QueueName, State, TaskId};
@@ -33,6 +35,48 @@ pub struct TasksImage {
     pub claims: BTreeMap<String, (String, i64)>,
     /// The tasks waiting on each task that has not ended.
     pub dependents: BTreeMap<String, Vec<String>>,
+    /// Flow control's limits and live state (absent from older snapshots;
+    /// running sets are rebuilt from the RUNNING tasks).
+    #[serde(default, skip_serializing_if = "FlowImage::is_empty")]
+    pub flow: FlowImage,
+}
+
+/// Saved flow control: limits as stored on Redis (field → encoded value),
+/// buckets, back-offs and each queue's fair order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowImage {
+    /// The limits' version.
+    #[serde(default)]
+    pub version: u64,
+    /// Every limit: field → stored value ([`crate::domain::flow::Limit::encode`]).
+    #[serde(default)]
+    pub limits: BTreeMap<String, String>,
+    /// GCRA buckets: scope name → theoretical arrival time (µs).
+    #[serde(default)]
+    pub buckets: BTreeMap<String, i64>,
+    /// Backed-off rate-limit keys → until (ms).
+    #[serde(default)]
+    pub backoffs: BTreeMap<String, i64>,
+    /// Per queue: its fair clock and each key's last turn.
+    #[serde(default)]
+    pub fair: BTreeMap<String, FairImage>,
+}
+
+impl FlowImage {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One queue's saved fair order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FairImage {
+    /// The turn of the last keyed task leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<i64>,
+    /// Each key's last turn.
+    #[serde(default)]
+    pub last: BTreeMap<String, i64>,
 }
 
 /// One saved task.
@@ -124,6 +168,7 @@ fn task_image(e: &Entry) -> TaskImage {
     for (name, value) in [
         ("started_ms", e.task.started_ms),
         ("finished_ms", e.task.finished_ms),
+        ("vt", e.vt),
     ] {
         if let Some(v) = value {
             fields.insert(name.into(), v.to_string());
@@ -234,7 +279,67 @@ fn entry_from(image: TaskImage) -> Result<Entry, String> {
         lease_until: image.lease_until,
         hard_until: image.hard_until,
         expires_at: image.expires_at,
+        vt: fields.get("vt").and_then(|v| v.parse().ok()),
     })
+}
+
+fn flow_image(f: &Flow, now: i64) -> FlowImage {
+    let now_us = now.saturating_mul(1000);
+    FlowImage {
+        version: f.version,
+        limits: f.limits.iter().map(|(k, l)| (k.clone(), l.encode())).collect(),
+        buckets: f
+            .buckets
+            .iter()
+            .filter(|(_, tat)| **tat > now_us)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        backoffs: f
+            .backoffs
+            .iter()
+            .filter(|(_, until)| **until > now)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        fair: f
+            .fair
+            .iter()
+            .map(|(q, fair)| {
+                let last = fair.last.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                let clock = fair.clock;
+                (q.to_string(), FairImage { clock, last })
+            })
+            .collect(),
+    }
+}
+
+/// Flow control as saved; a limit that does not decode is skipped (as
+/// Redis's listing skips it), and the running sets are rebuilt from the
+/// RUNNING tasks.
+fn flow_from(image: FlowImage, tasks: &HashMap<String, Entry>) -> Flow {
+    let mut flow = Flow {
+        version: image.version,
+        limits: image
+            .limits
+            .iter()
+            .filter_map(|(k, v)| Limit::decode(k, v).map(|l| (k.clone(), l)))
+            .collect(),
+        buckets: image.buckets.into_iter().collect(),
+        backoffs: image.backoffs.into_iter().collect(),
+        ..Flow::default()
+    };
+    for (queue, fair) in image.fair {
+        if let Ok(queue) = QueueName::parse(&queue) {
+            let last = fair.last.into_iter().collect();
+            flow.fair.insert(queue, Fair { clock: fair.clock, last });
+        }
+    }
+    for e in tasks.values().filter(|e| e.task.state == State::Running) {
+        if let (Some(key), Some(started)) = (&e.task.concurrency_key, e.task.started_ms) {
+            let set = flow.running.entry(key.clone()).or_default();
+            set.insert(e.task.id.to_string(), started);
+        }
+    }
+    flow
 }
 
 impl MemoryTasks {
@@ -266,6 +371,7 @@ impl MemoryTasks {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
                 .collect(),
+            flow: flow_image(&s.flow, now),
         };
         drop(s);
         image.tasks = entries.iter().map(task_image).collect();
@@ -304,6 +410,7 @@ impl MemoryTasks {
                 .map(|(k, v)| (k, v.into_iter().collect()))
                 .collect();
             s.last_event = image.last_event;
+            s.flow = flow_from(image.flow, &s.tasks);
         }
         store.shared.events.send_replace(image.last_event);
         Ok(store)
