@@ -77,7 +77,8 @@
 //!   once; reason `concurrency cap of C: superseded by <id>`) and holds.
 //!   The running set loses a task at every end of its attempt: **finish**
 //!   (any outcome), **release**, **recover** of a lapsed lease.
-//! - **Fair order**: a task with a `concurrency_key` C enters `ready`
+//! - **Fair order**: a task with a fair key C (fair key: `concurrency_key`,
+//!   else `rate_limit_key`) enters `ready`
 //!   scored `band * BAND_WIDTH + vt` instead of its submit time, where
 //!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue), and the
 //!   queue's `clock` is the `vt` of the last keyed task leased from it (now
@@ -93,9 +94,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Leased,
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
-    TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
+    RetryReply, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};

@@ -153,7 +153,10 @@ impl Flow {
     ) {
         let now_us = now.saturating_mul(1000);
         if limits.flow {
-            for scope in [Scope::Queue(queue.to_string()), Scope::Task(task.name.clone())] {
+            for scope in [
+                Scope::Queue(queue.to_string()),
+                Scope::Task(task.name.clone()),
+            ] {
                 if let Some(rl) = self.rate(&RateLimit::field_of(&scope)).cloned() {
                     self.take(&scope.name(), &rl, now_us);
                 }
@@ -395,12 +398,11 @@ impl Tasks {
             }
             Policy::CancelOldest => {
                 let running = running.into_iter().flatten();
-                let asked = running.clone().any(|(id, _)| {
-                    self.tasks.get(id).is_some_and(|e| e.cancel.is_some())
-                });
+                let asked = running
+                    .clone()
+                    .any(|(id, _)| self.tasks.get(id).is_some_and(|e| e.cancel.is_some()));
                 if !asked
-                    && let Some((oldest, _)) =
-                        running.min_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
+                    && let Some((oldest, _)) = running.min_by(|a, b| (a.1, a.0).cmp(&(b.1, b.0)))
                 {
                     let why = format!("concurrency cap of {key}: superseded by {}", task.id);
                     call.supersede.push((oldest.clone(), why));

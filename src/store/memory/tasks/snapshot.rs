@@ -15,9 +15,9 @@ use serde::{Deserialize, Serialize};
 
 use super::MemoryTasks;
 use super::flow::{Fair, Flow};
-use crate::domain::flow::Limit;
 use super::state::{Entry, Queue, ZSet};
 use crate::domain::Counts;
+use crate::domain::flow::Limit;
 use crate::domain::task::{QueueName, State, TaskId};
 use crate::store::task_fields;
 use crate::store::tasks::{TaskEvent, TaskLimits};
@@ -287,7 +287,11 @@ fn flow_image(f: &Flow, now: i64) -> FlowImage {
     let now_us = now.saturating_mul(1000);
     FlowImage {
         version: f.version,
-        limits: f.limits.iter().map(|(k, l)| (k.clone(), l.encode())).collect(),
+        limits: f
+            .limits
+            .iter()
+            .map(|(k, l)| (k.clone(), l.encode()))
+            .collect(),
         buckets: f
             .buckets
             .iter()
@@ -330,7 +334,13 @@ fn flow_from(image: FlowImage, tasks: &HashMap<String, Entry>) -> Flow {
     for (queue, fair) in image.fair {
         if let Ok(queue) = QueueName::parse(&queue) {
             let last = fair.last.into_iter().collect();
-            flow.fair.insert(queue, Fair { clock: fair.clock, last });
+            flow.fair.insert(
+                queue,
+                Fair {
+                    clock: fair.clock,
+                    last,
+                },
+            );
         }
     }
     for e in tasks.values().filter(|e| e.task.state == State::Running) {

@@ -49,7 +49,8 @@ impl Tasks {
         if delay > 0 {
             q.scheduled.add(id, now.saturating_add(delay));
         } else {
-            q.ready.add(id, self.flow.enter_ready(&queue, &mut entry, now));
+            q.ready
+                .add(id, self.flow.enter_ready(&queue, &mut entry, now));
         }
         if let Some(at) = entry.task.expire_ms {
             q.expiring.add(id, at);
