@@ -78,8 +78,8 @@
 //!   The running set loses a task at every end of its attempt: **finish**
 //!   (any outcome), **release**, **recover** of a lapsed lease.
 //! - **Fair order**: a task with a fair key C (fair key: `concurrency_key`,
-//!   else `rate_limit_key`) enters `ready`
-//!   scored `band * BAND_WIDTH + vt` instead of its submit time, where
+//!   else `rate_limit_key`) enters `ready` scored `band * BAND_WIDTH + vt`
+//!   instead of its submit time, where
 //!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue), and the
 //!   queue's `clock` is the `vt` of the last keyed task leased from it (now
 //!   while none was): each key's tasks take turns (start-time fair
@@ -94,8 +94,9 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
-    RetryReply, TaskLimits, Trimmed, WorkerRecord,
+    Leased,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};

@@ -447,7 +447,9 @@ async fn keys_are_served_round_robin_with_priorities_first() {
     assert_eq!(fx.leased().await.id, again.id);
     let rest = round(2).await;
     assert_eq!(rest.len(), 2);
-    // D's first turn is the clock's: next, before A's backlog
+    // D, submitted a minute later, draws its first turn at the clock (the
+    // turn last served), not at now: next, before A's backlog
+    fx.advance_ms(60_000);
     let late = fx.submit("n", None, Some("D")).await;
     assert_eq!(fx.leased().await.id, late);
     fx.leased().await;
