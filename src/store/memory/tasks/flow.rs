@@ -12,13 +12,17 @@
 //!
 //! Buckets, back-offs and fair turns that can no longer hold anything are
 //! dropped by the sweep ([`Flow::prune`]), as their keys expire on Redis:
-//! a million distinct keys over a day do not stay in memory.
+//! a million distinct keys over a day do not stay in memory. Snapshots save
+//! the rest ([`FlowImage`]); running sets are rebuilt from the RUNNING
+//! tasks instead, so that they can never disagree with them.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+use serde::{Deserialize, Serialize};
+
 use super::state::{BAND, BATCH, Entry, Tasks, push_event};
 use crate::domain::flow::{ConcurrencyLimit, Limit, LimitState, Policy, RateLimit, Scope};
-use crate::domain::task::{QueueName, Task};
+use crate::domain::task::{QueueName, State, Task};
 use crate::store::tasks::{Leased, TaskLimits};
 
 /// The limits, their live state and the fair order's clocks.
@@ -432,7 +436,7 @@ impl Tasks {
             let Some(e) = self
                 .tasks
                 .get_mut(id)
-                .filter(|e| e.task.state == crate::domain::task::State::Running)
+                .filter(|e| e.task.state == State::Running)
             else {
                 continue;
             };
@@ -460,4 +464,114 @@ fn held_bucket(
     }
     let free = f.next_token_us(bucket, rl, now_us)?;
     Some(call.hold(scope, Some(ceil_ms(free))))
+}
+
+/// Saved flow control: limits as stored on Redis (field → encoded value),
+/// buckets, back-offs and each queue's fair order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FlowImage {
+    /// The limits' version.
+    #[serde(default)]
+    pub version: u64,
+    /// Every limit: field → stored value ([`crate::domain::flow::Limit::encode`]).
+    #[serde(default)]
+    pub limits: BTreeMap<String, String>,
+    /// GCRA buckets: scope name → theoretical arrival time (µs).
+    #[serde(default)]
+    pub buckets: BTreeMap<String, i64>,
+    /// Backed-off rate-limit keys → until (ms).
+    #[serde(default)]
+    pub backoffs: BTreeMap<String, i64>,
+    /// Per queue: its fair clock and each key's last turn.
+    #[serde(default)]
+    pub fair: BTreeMap<String, FairImage>,
+}
+
+impl FlowImage {
+    pub(super) fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// One queue's saved fair order.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FairImage {
+    /// The turn of the last keyed task leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<i64>,
+    /// Each key's last turn.
+    #[serde(default)]
+    pub last: BTreeMap<String, i64>,
+}
+
+impl Flow {
+    /// What a snapshot saves: buckets and back-offs that still hold.
+    pub(super) fn image(&self, now: i64) -> FlowImage {
+        let now_us = now.saturating_mul(1000);
+        FlowImage {
+            version: self.version,
+            limits: self
+                .limits
+                .iter()
+                .map(|(k, l)| (k.clone(), l.encode()))
+                .collect(),
+            buckets: self
+                .buckets
+                .iter()
+                .filter(|(_, tat)| **tat > now_us)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            backoffs: self
+                .backoffs
+                .iter()
+                .filter(|(_, until)| **until > now)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
+            fair: self
+                .fair
+                .iter()
+                .map(|(q, fair)| {
+                    let last = fair.last.iter().map(|(k, v)| (k.clone(), *v)).collect();
+                    let clock = fair.clock;
+                    (q.to_string(), FairImage { clock, last })
+                })
+                .collect(),
+        }
+    }
+
+    /// Flow control as saved; a limit that does not decode is skipped (as
+    /// Redis's listing skips it), and the running sets are rebuilt from the
+    /// RUNNING tasks.
+    pub(super) fn from_image(image: FlowImage, tasks: &HashMap<String, Entry>) -> Self {
+        let mut flow = Self {
+            version: image.version,
+            limits: image
+                .limits
+                .iter()
+                .filter_map(|(k, v)| Limit::decode(k, v).map(|l| (k.clone(), l)))
+                .collect(),
+            buckets: image.buckets.into_iter().collect(),
+            backoffs: image.backoffs.into_iter().collect(),
+            ..Self::default()
+        };
+        for (queue, fair) in image.fair {
+            if let Ok(queue) = QueueName::parse(&queue) {
+                let last = fair.last.into_iter().collect();
+                flow.fair.insert(
+                    queue,
+                    Fair {
+                        clock: fair.clock,
+                        last,
+                    },
+                );
+            }
+        }
+        for e in tasks.values().filter(|e| e.task.state == State::Running) {
+            if let (Some(key), Some(started)) = (&e.task.concurrency_key, e.task.started_ms) {
+                let set = flow.running.entry(key.clone()).or_default();
+                set.insert(e.task.id.to_string(), started);
+            }
+        }
+        flow
+    }
 }

@@ -28,7 +28,8 @@ mod times;
 mod transitions;
 
 pub use events::MemoryEventReader;
-pub use snapshot::{EventImage, FairImage, FlowImage, QueueImage, TaskImage, TasksImage};
+pub use flow::{FairImage, FlowImage};
+pub use snapshot::{EventImage, QueueImage, TaskImage, TasksImage};
 
 use crate::domain::flow::{Limit, LimitState};
 use crate::store::tasks::Leased;

@@ -14,10 +14,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::MemoryTasks;
-use super::flow::{Fair, Flow};
+use super::flow::{Flow, FlowImage};
 use super::state::{Entry, Queue, ZSet};
 use crate::domain::Counts;
-use crate::domain::flow::Limit;
 use crate::domain::task::{QueueName, State, TaskId};
 use crate::store::task_fields;
 use crate::store::tasks::{TaskEvent, TaskLimits};
@@ -39,44 +38,6 @@ pub struct TasksImage {
     /// running sets are rebuilt from the RUNNING tasks).
     #[serde(default, skip_serializing_if = "FlowImage::is_empty")]
     pub flow: FlowImage,
-}
-
-/// Saved flow control: limits as stored on Redis (field → encoded value),
-/// buckets, back-offs and each queue's fair order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FlowImage {
-    /// The limits' version.
-    #[serde(default)]
-    pub version: u64,
-    /// Every limit: field → stored value ([`crate::domain::flow::Limit::encode`]).
-    #[serde(default)]
-    pub limits: BTreeMap<String, String>,
-    /// GCRA buckets: scope name → theoretical arrival time (µs).
-    #[serde(default)]
-    pub buckets: BTreeMap<String, i64>,
-    /// Backed-off rate-limit keys → until (ms).
-    #[serde(default)]
-    pub backoffs: BTreeMap<String, i64>,
-    /// Per queue: its fair clock and each key's last turn.
-    #[serde(default)]
-    pub fair: BTreeMap<String, FairImage>,
-}
-
-impl FlowImage {
-    fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
-}
-
-/// One queue's saved fair order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct FairImage {
-    /// The turn of the last keyed task leased.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clock: Option<i64>,
-    /// Each key's last turn.
-    #[serde(default)]
-    pub last: BTreeMap<String, i64>,
 }
 
 /// One saved task.
@@ -283,75 +244,6 @@ fn entry_from(image: TaskImage) -> Result<Entry, String> {
     })
 }
 
-fn flow_image(f: &Flow, now: i64) -> FlowImage {
-    let now_us = now.saturating_mul(1000);
-    FlowImage {
-        version: f.version,
-        limits: f
-            .limits
-            .iter()
-            .map(|(k, l)| (k.clone(), l.encode()))
-            .collect(),
-        buckets: f
-            .buckets
-            .iter()
-            .filter(|(_, tat)| **tat > now_us)
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-        backoffs: f
-            .backoffs
-            .iter()
-            .filter(|(_, until)| **until > now)
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-        fair: f
-            .fair
-            .iter()
-            .map(|(q, fair)| {
-                let last = fair.last.iter().map(|(k, v)| (k.clone(), *v)).collect();
-                let clock = fair.clock;
-                (q.to_string(), FairImage { clock, last })
-            })
-            .collect(),
-    }
-}
-
-/// Flow control as saved; a limit that does not decode is skipped (as
-/// Redis's listing skips it), and the running sets are rebuilt from the
-/// RUNNING tasks.
-fn flow_from(image: FlowImage, tasks: &HashMap<String, Entry>) -> Flow {
-    let mut flow = Flow {
-        version: image.version,
-        limits: image
-            .limits
-            .iter()
-            .filter_map(|(k, v)| Limit::decode(k, v).map(|l| (k.clone(), l)))
-            .collect(),
-        buckets: image.buckets.into_iter().collect(),
-        backoffs: image.backoffs.into_iter().collect(),
-        ..Flow::default()
-    };
-    for (queue, fair) in image.fair {
-        if let Ok(queue) = QueueName::parse(&queue) {
-            let last = fair.last.into_iter().collect();
-            flow.fair.insert(
-                queue,
-                Fair {
-                    clock: fair.clock,
-                    last,
-                },
-            );
-        }
-    }
-    for e in tasks.values().filter(|e| e.task.state == State::Running) {
-        if let (Some(key), Some(started)) = (&e.task.concurrency_key, e.task.started_ms) {
-            let set = flow.running.entry(key.clone()).or_default();
-            set.insert(e.task.id.to_string(), started);
-        }
-    }
-    flow
-}
-
 impl MemoryTasks {
     /// Everything the store holds, as plain data. Running tasks are saved
     /// as they are: after a crash their leases lapse and the recovery sweep
@@ -381,7 +273,7 @@ impl MemoryTasks {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
                 .collect(),
-            flow: flow_image(&s.flow, now),
+            flow: s.flow.image(now),
         };
         drop(s);
         image.tasks = entries.iter().map(task_image).collect();
@@ -420,7 +312,7 @@ impl MemoryTasks {
                 .map(|(k, v)| (k, v.into_iter().collect()))
                 .collect();
             s.last_event = image.last_event;
-            s.flow = flow_from(image.flow, &s.tasks);
+            s.flow = Flow::from_image(image.flow, &s.tasks);
         }
         store.shared.events.send_replace(image.last_event);
         Ok(store)
