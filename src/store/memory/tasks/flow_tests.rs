@@ -200,6 +200,9 @@ async fn gcra_admits_the_burst_then_spaces_evenly() {
     assert_eq!(fx.lease().await, Leased::Held(Some(t0 + 100)));
     let held = fx.get(&ids[3]).await;
     assert_eq!((held.state, held.attempts), (State::Queued, 0));
+    // another name is not held: the scan goes on past the held ones
+    let other = fx.submit("m", None, None).await;
+    assert_eq!(fx.leased().await.id, other);
     fx.advance_ms(99);
     assert_eq!(fx.lease().await, Leased::Held(Some(t0 + 100)));
     fx.advance_ms(1);
