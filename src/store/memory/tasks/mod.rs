@@ -7,7 +7,8 @@
 //!
 //! The state and the steps transitions share are in `state.rs`, the
 //! transitions in `transitions.rs`, reads and the registry (claims, worker
-//! records) in `reads.rs`, event readers in `events.rs`. Here each trait
+//! records) in `reads.rs`, event readers in `events.rs`, flow control
+//! (limits, buckets, back-offs, caps, fair order) in `flow.rs`. Here each trait
 //! method takes the lock, reads the store's clock, runs one of those, and
 //! wakes event readers.
 //!

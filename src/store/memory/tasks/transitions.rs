@@ -581,6 +581,10 @@ struct Scan {
 /// cannot hide the live tasks behind it. An expired task is never chosen:
 /// one that no task waits on is to be ended; one that others wait on is
 /// left to the sweep (as on Redis, where the sweep's repair releases them).
+/// A candidate the worker serves is then put to the limits
+/// ([`Tasks::verdict`]): one they hold (or a cap ends) is passed over, and
+/// like expired ones the first [`BATCH`] of those take no place of the
+/// scan; the queue's own rate limit ends the scan.
 fn scan_ready(s: &Tasks, queue: &QueueName, names: &[&str], limits: TaskLimits, now: i64) -> Scan {
     let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
     let mut scan = Scan {
