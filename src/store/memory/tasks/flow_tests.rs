@@ -577,3 +577,34 @@ async fn flow_control_survives_a_snapshot() {
     let old = MemoryTasks::import(serde_json::from_value(old).unwrap()).unwrap();
     assert_eq!(old.limits(dl()).await.unwrap().0, 0);
 }
+
+/// Every entry into `ready` draws a turn, not only a submit: a task that
+/// comes due and one requeued by RetryTask take the next turn of their
+/// key, not a place behind another key's backlog, however late they come.
+#[tokio::test]
+async fn a_due_task_and_a_retried_one_draw_turns() {
+    let fx = Fx::new();
+    for _ in 0..4 {
+        fx.submit("n", None, Some("A")).await;
+    }
+    fx.leased().await;
+    fx.advance_ms(10_000);
+    // due in a second
+    let b = task(&fx.q, "n", None, Some("B"), Priority::Normal);
+    let second = Duration::from_secs(1);
+    fx.m.submit(&b, second, flow_limits(), dl()).await.unwrap();
+    fx.advance_ms(1_000);
+    assert_eq!(fx.leased().await.id, b.id);
+    // failed, then retried by hand
+    let failed = Outcome::Failed("{}".into());
+    fx.m.finish(&b.id, 1, &failed, "{}", flow_limits(), dl())
+        .await
+        .unwrap();
+    fx.advance_ms(10_000);
+    let retried = fx.m.retry(&b.id, flow_limits(), dl()).await.unwrap();
+    assert_eq!(retried, crate::store::tasks::RetryReply::Queued);
+    // its key's second turn ties with A's second: one of the next two,
+    // not behind A's backlog as a retry at now would be
+    let next = [fx.leased().await.id, fx.leased().await.id];
+    assert!(next.contains(&b.id), "{next:?}");
+}
