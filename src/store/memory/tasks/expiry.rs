@@ -39,6 +39,20 @@ impl Tasks {
         limits: TaskLimits,
         now: i64,
     ) -> bool {
+        self.end_waiting(queue, id, "cancelled: expired".to_owned(), limits, now)
+    }
+
+    /// Ends waiting task `id` of `queue` CANCELLED with error `message`,
+    /// as never run (an expiry, or a cap's `cancel_newest`): see
+    /// [`Self::end_expired`].
+    pub(super) fn end_waiting(
+        &mut self,
+        queue: &QueueName,
+        id: &str,
+        message: String,
+        limits: TaskLimits,
+        now: i64,
+    ) -> bool {
         let q = self.queues.entry(queue.clone()).or_default();
         q.expiring.remove(id);
         let Some(e) = self.tasks.get_mut(id).filter(|e| {
@@ -54,7 +68,8 @@ impl Tasks {
         q.pending.remove(id);
         e.task.state = State::Cancelled;
         e.task.finished_ms = Some(now);
-        e.task.error = Some(expired_error());
+        e.task.error =
+            Some(serde_json::json!({ "message": message, "retryable": false }).to_string());
         q.count(Count::Cancelled);
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         self.end(queue, id, limits, now, false);

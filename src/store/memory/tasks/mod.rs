@@ -7,7 +7,8 @@
 //!
 //! The state and the steps transitions share are in `state.rs`, the
 //! transitions in `transitions.rs`, reads and the registry (claims, worker
-//! records) in `reads.rs`, event readers in `events.rs`. Here each trait
+//! records) in `reads.rs`, event readers in `events.rs`, flow control
+//! (limits, buckets, back-offs, caps, fair order) in `flow.rs`. Here each trait
 //! method takes the lock, reads the store's clock, runs one of those, and
 //! wakes event readers.
 //!
@@ -18,6 +19,9 @@
 mod debounce;
 mod events;
 mod expiry;
+mod flow;
+#[cfg(test)]
+mod flow_tests;
 mod reads;
 mod snapshot;
 mod state;
@@ -25,6 +29,7 @@ mod times;
 mod transitions;
 
 pub use events::MemoryEventReader;
+pub use flow::{FairImage, FlowImage};
 pub use snapshot::{EventImage, QueueImage, TaskImage, TasksImage};
 
 use crate::domain::flow::{Limit, LimitState};
@@ -182,32 +187,34 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<Leased> {
-        Ok(
-            match self.write(|s, now| s.lease(queue, worker, lease, names, limits, now)) {
-                Some(t) => Leased::Task(Box::new(t)),
-                None => Leased::Empty,
-            },
-        )
+        Ok(self.write(|s, now| s.lease(queue, worker, lease, names, limits, now)))
     }
 
-    async fn set_limit(&self, _limit: &Limit, _: Deadline) -> Result<()> {
-        Err(crate::store::StoreError::Backend("TODO memory flow".into()))
+    #[instrument(skip_all, level = "debug", fields(limit = %limit.field()))]
+    async fn set_limit(&self, limit: &Limit, _: Deadline) -> Result<()> {
+        self.write(|s, _| s.flow.set(limit));
+        Ok(())
     }
 
-    async fn delete_limit(&self, _field: &str, _: Deadline) -> Result<bool> {
-        Ok(false)
+    #[instrument(skip_all, level = "debug", fields(limit = %field))]
+    async fn delete_limit(&self, field: &str, _: Deadline) -> Result<bool> {
+        Ok(self.write(|s, _| s.flow.delete(field)))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn limits(&self, _: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
-        Ok((0, Vec::new()))
+        Ok(self.read(|s, now| (s.flow.version, s.flow.states(now))))
     }
 
+    #[instrument(skip_all, level = "debug")]
     async fn limits_version(&self, _: Deadline) -> Result<u64> {
-        Ok(0)
+        Ok(self.read(|s, _| s.flow.version))
     }
 
-    async fn back_off(&self, _key: &str, _wait: Duration, _: Deadline) -> Result<i64> {
-        Ok(0)
+    #[instrument(skip_all, level = "debug", fields(key))]
+    async fn back_off(&self, key: &str, wait: Duration, _: Deadline) -> Result<i64> {
+        let wait_ms = state::millis(wait).max(1);
+        Ok(self.write(|s, now| s.flow.back_off(key, now.saturating_add(wait_ms))))
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
@@ -379,10 +386,7 @@ impl TaskBackend for MemoryTasks {
                 };
                 let queue = id.queue();
                 let task = s.lease(&queue, next.worker, next.lease, next.names, limits, now);
-                Ok(Some((
-                    (state, false),
-                    task.map_or(Leased::Empty, |t| Leased::Task(Box::new(t))),
-                )))
+                Ok(Some(((state, false), task.task())))
             })
         })
     }

@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::MemoryTasks;
+use super::flow::{Flow, FlowImage};
 use super::state::{Entry, Queue, ZSet};
 use crate::domain::Counts;
 use crate::domain::task::{QueueName, State, TaskId};
@@ -33,6 +34,10 @@ pub struct TasksImage {
     pub claims: BTreeMap<String, (String, i64)>,
     /// The tasks waiting on each task that has not ended.
     pub dependents: BTreeMap<String, Vec<String>>,
+    /// Flow control's limits and live state (absent from older snapshots;
+    /// running sets are rebuilt from the RUNNING tasks).
+    #[serde(default, skip_serializing_if = "FlowImage::is_empty")]
+    pub flow: FlowImage,
 }
 
 /// One saved task.
@@ -124,6 +129,7 @@ fn task_image(e: &Entry) -> TaskImage {
     for (name, value) in [
         ("started_ms", e.task.started_ms),
         ("finished_ms", e.task.finished_ms),
+        ("vt", e.vt),
     ] {
         if let Some(v) = value {
             fields.insert(name.into(), v.to_string());
@@ -234,6 +240,7 @@ fn entry_from(image: TaskImage) -> Result<Entry, String> {
         lease_until: image.lease_until,
         hard_until: image.hard_until,
         expires_at: image.expires_at,
+        vt: fields.get("vt").and_then(|v| v.parse().ok()),
     })
 }
 
@@ -266,6 +273,7 @@ impl MemoryTasks {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
                 .collect(),
+            flow: s.flow.image(now),
         };
         drop(s);
         image.tasks = entries.iter().map(task_image).collect();
@@ -304,6 +312,7 @@ impl MemoryTasks {
                 .map(|(k, v)| (k, v.into_iter().collect()))
                 .collect();
             s.last_event = image.last_event;
+            s.flow = Flow::from_image(image.flow, &s.tasks);
         }
         store.shared.events.send_replace(image.last_event);
         Ok(store)

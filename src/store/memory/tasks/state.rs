@@ -167,9 +167,26 @@ pub(super) struct Entry {
     pub(super) hard_until: i64,
     /// When a finished task's result expires (ms).
     pub(super) expires_at: Option<i64>,
+    /// A task with a fair key: the turn it last drew (see `flow.rs`), to
+    /// go back to on a release.
+    pub(super) vt: Option<i64>,
 }
 
 impl Entry {
+    /// A new task's record, waiting on `waiting`.
+    pub(super) fn new(task: Task, waiting: HashSet<String>) -> Self {
+        Self {
+            task,
+            cancel: None,
+            waiting,
+            attempt_base: 0,
+            lease_until: 0,
+            hard_until: 0,
+            expires_at: None,
+            vt: None,
+        }
+    }
+
     pub(super) fn holds(&self, token: u32) -> bool {
         self.task.state == State::Running && self.task.token == token
     }
@@ -220,6 +237,8 @@ pub(super) struct Tasks {
     /// collected here, with the caps to release them under (see
     /// [`Tasks::deferring_releases`]).
     pub(super) deferred_releases: Option<(TaskLimits, Vec<(String, State)>)>,
+    /// Limits, their buckets, back-offs, running sets and fair turns.
+    pub(super) flow: super::flow::Flow,
 }
 
 pub(super) fn millis(d: Duration) -> i64 {
@@ -278,7 +297,7 @@ impl Tasks {
                 continue;
             }
             e.task.state = State::Queued;
-            q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
+            q.ready.add(id, self.flow.enter_ready(queue, e, now));
             push_event(q, &mut self.last_event, limits, &e.task, None, now);
         }
         due.len() as u64
@@ -430,7 +449,7 @@ impl Tasks {
                 q.pending.remove(&dependent);
                 e.task.state = State::Queued;
                 q.ready
-                    .add(&dependent, e.task.priority.band() as i64 * BAND + now);
+                    .add(&dependent, self.flow.enter_ready(&queue, e, now));
                 push_event(q, &mut self.last_event, limits, &e.task, None, now);
             }
         }

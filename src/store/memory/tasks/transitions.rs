@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use super::MAX_TASKS;
 use super::expiry::expire_retry;
-use super::state::{BAND, BATCH, Entry, Tasks, lease_score, millis, push_event};
+use super::flow::{Call, Flow, Verdict};
+use super::state::{BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, Recovered, RetryReply, TaskLimits, Trimmed,
+    Beat, CancelReply, DependReply, Leased, Recovered, RetryReply, TaskLimits, Trimmed,
 };
 use crate::store::{Result, StoreError};
 
@@ -43,29 +44,20 @@ impl Tasks {
             State::Queued
         };
         let queue = task.id.queue();
-        let q = self.queues.entry(queue).or_default();
+        let mut entry = Entry::new(task, HashSet::new());
+        let q = self.queues.entry(queue.clone()).or_default();
         if delay > 0 {
             q.scheduled.add(id, now.saturating_add(delay));
         } else {
-            q.ready.add(id, task.priority.band() as i64 * BAND + now);
+            q.ready
+                .add(id, self.flow.enter_ready(&queue, &mut entry, now));
         }
-        if let Some(at) = task.expire_ms {
+        if let Some(at) = entry.task.expire_ms {
             q.expiring.add(id, at);
         }
         q.count(Count::Submitted);
-        push_event(q, &mut self.last_event, limits, &task, None, now);
-        self.tasks.insert(
-            id.to_owned(),
-            Entry {
-                task,
-                cancel: None,
-                waiting: HashSet::new(),
-                attempt_base: 0,
-                lease_until: 0,
-                hard_until: 0,
-                expires_at: None,
-            },
-        );
+        push_event(q, &mut self.last_event, limits, &entry.task, None, now);
+        self.tasks.insert(id.to_owned(), entry);
         Ok(())
     }
     /// See [`TaskBackend::submit_pending`](crate::store::tasks::TaskBackend::submit_pending).
@@ -100,18 +92,9 @@ impl Tasks {
         }
         q.count(Count::Submitted);
         push_event(q, &mut self.last_event, limits, &task, None, now);
-        self.tasks.insert(
-            id.to_owned(),
-            Entry {
-                task,
-                cancel: None,
-                waiting: waiting.iter().map(|w| w.to_string()).collect(),
-                attempt_base: 0,
-                lease_until: 0,
-                hard_until: 0,
-                expires_at: None,
-            },
-        );
+        let waiting_on = waiting.iter().map(|w| w.to_string()).collect();
+        self.tasks
+            .insert(id.to_owned(), Entry::new(task, waiting_on));
         // a dependency that ended between its registration and now
         for dep in waiting {
             if let Some(state) = self
@@ -155,16 +138,17 @@ impl Tasks {
         names: &[&str],
         limits: TaskLimits,
         now: i64,
-    ) -> Option<Task> {
+    ) -> Leased {
         self.promote_due(queue, limits, now);
         // a paused queue hands out nothing (due tasks still became QUEUED)
         if self.queues.get(queue).is_some_and(|q| q.paused.is_some()) {
-            return None;
+            return Leased::Empty;
         }
         let Scan {
             chosen,
             stale,
             expired,
+            call,
         } = scan_ready(self, queue, names, limits, now);
         let q = self.queues.entry(queue.clone()).or_default();
         for id in &stale {
@@ -177,7 +161,8 @@ impl Tasks {
         for id in &expired {
             self.end_expired(queue, id, limits, now);
         }
-        let mut leased = None;
+        self.apply_flow(queue, &call, limits, now);
+        let mut leased = call.outcome();
         // started: a later submit with its debounce key makes a new task
         if let Some(id) = &chosen {
             self.forget_debounce(queue, id);
@@ -203,11 +188,12 @@ impl Tasks {
             };
             q.leases.add(&id, lease_score(e.lease_until, e.hard_until));
             push_event(q, &mut self.last_event, limits, &e.task, None, now);
+            self.flow.admit(queue, &e.task, e.vt, limits, now);
             // as on Redis: the leased task comes without its attempt log
-            leased = Some(Task {
+            leased = Leased::Task(Box::new(Task {
                 log: Vec::new(),
                 ..e.task.clone()
-            });
+            }));
         }
         leased
     }
@@ -297,7 +283,7 @@ impl Tasks {
         // an operator's requeue runs it whenever it can: its expiry is dropped
         e.task.expire_ms = None;
         q.ready
-            .add(id.as_str(), e.task.priority.band() as i64 * BAND + now);
+            .add(id.as_str(), self.flow.enter_ready(&id.queue(), e, now));
         q.count(Count::Requeued);
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         RetryReply::Queued
@@ -320,6 +306,7 @@ impl Tasks {
         };
         let q = self.queues.entry(id.queue()).or_default();
         q.leases.remove(id.as_str());
+        self.flow.stop(&e.task);
         entry.insert("ended_ms".into(), now.into());
         e.task
             .log
@@ -329,10 +316,8 @@ impl Tasks {
         e.task.worker = None;
         e.task.progress = None;
         e.lease_until = 0;
-        q.ready.add(
-            id.as_str(),
-            e.task.priority.band() as i64 * BAND + e.task.created_ms,
-        );
+        // back at its place: its turn, or its submit time
+        q.ready.add(id.as_str(), Flow::back_in_ready(e));
         // waiting again: it may expire again (the lease ends it if it has)
         if let Some(at) = e.task.expire_ms {
             q.expiring.add(id.as_str(), at);
@@ -387,6 +372,7 @@ impl Tasks {
         let q = self.queues.entry(queue.clone()).or_default();
         let outcome = expire_retry(e.decide(outcome), e.task.expire_ms, now);
         q.leases.remove(id.as_str());
+        self.flow.stop(&e.task);
         entry.insert("ended_ms".into(), now.into());
         if let Outcome::Retry { delay, .. } = &outcome {
             entry.insert(
@@ -455,6 +441,7 @@ impl Tasks {
         now: i64,
     ) -> Recovered {
         self.purge_expired(now);
+        self.flow.prune(queue, now);
         let due = self.promote_due(queue, limits, now);
         // counted apart, as on Redis (see recover.lua); their dependents are
         // released after the batch, here
@@ -492,11 +479,12 @@ impl Tasks {
             );
             e.task.worker = None;
             e.lease_until = 0;
+            self.flow.stop(&e.task);
             q.times.record(&e.task, false, now);
             e.task.state = state;
             q.count(Count::Lost);
             if state == State::Queued {
-                q.ready.add(id, e.task.priority.band() as i64 * BAND + now);
+                q.ready.add(id, self.flow.enter_ready(queue, e, now));
                 // waiting again, it may expire again (the lease ends it if it has)
                 if let Some(at) = e.task.expire_ms {
                     q.expiring.add(id, at);
@@ -582,6 +570,8 @@ struct Scan {
     stale: Vec<String>,
     /// Queued tasks past their expiry: ended, never leased.
     expired: Vec<String>,
+    /// What the limits held or ended on the way.
+    call: Call,
 }
 
 /// The first ready task served among the first `lease_scan` queued ones,
@@ -591,12 +581,17 @@ struct Scan {
 /// cannot hide the live tasks behind it. An expired task is never chosen:
 /// one that no task waits on is to be ended; one that others wait on is
 /// left to the sweep (as on Redis, where the sweep's repair releases them).
+/// A candidate the worker serves is then put to the limits
+/// ([`Tasks::verdict`]): one they hold (or a cap ends) is passed over, and
+/// like expired ones the first [`BATCH`] of those take no place of the
+/// scan; the queue's own rate limit ends the scan.
 fn scan_ready(s: &Tasks, queue: &QueueName, names: &[&str], limits: TaskLimits, now: i64) -> Scan {
     let serves = |name: &str| names.iter().any(|n| *n == "*" || *n == name);
     let mut scan = Scan {
         chosen: None,
         stale: Vec::new(),
         expired: Vec::new(),
+        call: Call::default(),
     };
     let Some(q) = s.queues.get(queue) else {
         return scan;
@@ -618,13 +613,18 @@ fn scan_ready(s: &Tasks, queue: &QueueName, names: &[&str], limits: TaskLimits, 
                     looked += 1;
                 }
             }
-            Some(e) => {
-                looked += 1;
-                if serves(&e.task.name) {
+            Some(e) if !serves(&e.task.name) => looked += 1,
+            // held by a limit (or ended by a cap): the scan goes on
+            Some(e) => match s.verdict(&mut scan.call, queue, &e.task, limits, now) {
+                Verdict::Admit => {
                     scan.chosen = Some(id.clone());
                     break;
                 }
-            }
+                Verdict::QueueHeld => break,
+                Verdict::Hold | Verdict::Cancel => {
+                    looked += u64::from(scan.call.counts_against_scan());
+                }
+            },
         }
     }
     scan
