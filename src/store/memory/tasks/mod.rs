@@ -386,7 +386,7 @@ impl TaskBackend for MemoryTasks {
                 };
                 let queue = id.queue();
                 let task = s.lease(&queue, next.worker, next.lease, next.names, limits, now);
-                Ok(Some(((state, false), task.task())))
+                Ok(Some(((state, false), task)))
             })
         })
     }
