@@ -19,6 +19,7 @@ mod dashboard;
 mod dead_letters;
 mod debounce;
 mod expiry;
+mod flow;
 mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;
