@@ -93,8 +93,9 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
-    RetryReply, TaskLimits, Trimmed, WorkerRecord,
+    Leased,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
+    TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};
