@@ -806,3 +806,71 @@ async fn cancel_oldest_supersedes_the_longest_running(backend: Backend) {
         "the new task started before the old one ended"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Pause and expiry, across processes
+// ---------------------------------------------------------------------------
+
+/// The pause and expiry on two koo processes and an external
+/// worker, with keyed tasks (`queues.rs` and `expiry.rs` cover each in one
+/// process): `research` paused through one process hands the external
+/// worker nothing through the other while `pdf_processing` runs on the
+/// built-in workers; its task that expires meanwhile ends CANCELLED
+/// ("cancelled: expired") without an attempt; resumed, the live one runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_queue_and_an_expiry_across_two_processes() {
+    let cluster = Cluster::two_binaries(2).await;
+    let (mut a, mut b) = (cluster.tasks(0), cluster.tasks(1));
+    let mut w = cluster.workers();
+    a.pause_queue(pb::PauseQueueRequest {
+        queue: "research".into(),
+        reason: "provider outage".into(),
+    })
+    .await
+    .expect("PauseQueue");
+    let short = submit_ok(
+        &mut b,
+        pb::SubmitTaskRequest {
+            expire_after: Some(millis(400)),
+            ..keyed(EXT, "p", "t", serde_json::json!({}))
+        },
+    )
+    .await;
+    let live = submit_ok(&mut b, keyed(EXT, "p", "t", serde_json::json!({}))).await;
+    let other = submit_ok(
+        &mut a,
+        pb::SubmitTaskRequest {
+            category: pb::TaskCategory::PdfProcessing as i32,
+            ..keyed(NOOP, "p", "t", serde_json::json!({}))
+        },
+    )
+    .await;
+    let ran = wait_task(&mut a, &other.id, is_final).await;
+    assert_eq!(ran.state, pb::TaskState::Succeeded as i32, "{ran:?}");
+    assert!(
+        lease(&mut w, &[EXT], 300).await.is_none(),
+        "a paused queue handed out a task"
+    );
+    let ended = wait_task(&mut a, &short.id, is_final).await;
+    assert_eq!(ended.state, pb::TaskState::Cancelled as i32, "{ended:?}");
+    assert_eq!(error_message(&ended), "cancelled: expired");
+    assert_eq!(ended.attempts, 0, "it never started: {ended:?}");
+    assert_eq!(
+        get_ok(&mut b, &live.id).await.state,
+        pb::TaskState::Queued as i32
+    );
+    b.resume_queue(pb::ResumeQueueRequest {
+        queue: "research".into(),
+    })
+    .await
+    .expect("ResumeQueue");
+    let r = lease(&mut w, &[EXT], 5000)
+        .await
+        .expect("the live task after the resume");
+    assert_eq!(r.task.as_ref().unwrap().id, live.id);
+    complete(&mut w, &r).await;
+    assert_eq!(
+        get_ok(&mut a, &live.id).await.state,
+        pb::TaskState::Succeeded as i32
+    );
+}
