@@ -695,8 +695,7 @@ async fn round_robin_scenario(cluster: &Cluster) {
         order.push_str(&r.task.as_ref().unwrap().concurrency_key);
         complete(&mut w, &r).await;
     }
-    let rounds: Vec<String> = order[..15]
-        .as_bytes()
+    let rounds: Vec<String> = order.as_bytes()[..15]
         .chunks(3)
         .map(|r| {
             let mut r = r.to_vec();
