@@ -3,7 +3,10 @@
 //!
 //! - **flow_rate**: two `koo serve` processes on one Redis (4 built-in
 //!   slots each), a rate limit of `BENCH_FLOW_RATE` per second (default
-//!   1,000; burst 1) on `keys/bench`, and `BENCH_FLOW_RATE_TASKS` (default
+//!   1,000) on `keys/bench`, once per burst of `BENCH_FLOW_BURSTS` (default
+//!   `1,10`: with a burst of 1 every lease that comes late by d stretches
+//!   the spacing to `T + d`, as GCRA's `TAT = max(TAT, now) + T` says;
+//!   a burst absorbs that lateness), and `BENCH_FLOW_RATE_TASKS` (default
 //!   1.3 × 10 s of tokens) no-ops with rate-limit key `bench`, submitted
 //!   through both. The starts (every task's RUNNING event, by WatchTasks,
 //!   stamped with the store's clock) are counted over the
@@ -93,9 +96,18 @@ async fn run() -> Result<()> {
     };
     let mut prefixes = Vec::new();
     if modes.split(',').any(|m| m.trim() == "rate") {
-        let prefix = format!("kflowr{}", std::process::id());
-        prefixes.push(prefix.clone());
-        rate_mode(&url, &prefix, &label, &mut out).await?;
+        let bursts = std::env::var("BENCH_FLOW_BURSTS").unwrap_or_else(|_| "1,10".into());
+        for burst in bursts.split(',') {
+            let burst: u32 = burst
+                .trim()
+                .parse()
+                .with_context(|| format!("BENCH_FLOW_BURSTS: {burst:?} is not a number"))?;
+            // fresh processes and keys for each: no task of a run is left
+            // to compete with the next
+            let prefix = format!("kflowr{}b{burst}", std::process::id());
+            prefixes.push(prefix.clone());
+            rate_mode(&url, &prefix, burst, &label, &mut out).await?;
+        }
     }
     if modes.split(',').any(|m| m.trim() == "keys") {
         let prefix = format!("kflowk{}", std::process::id());
@@ -163,7 +175,13 @@ fn ms_of(t: &Option<prost_types::Timestamp>) -> Option<i64> {
 }
 
 /// The rate limit across two processes: starts over the window.
-async fn rate_mode(url: &str, prefix: &str, label: &str, out: &mut std::fs::File) -> Result<()> {
+async fn rate_mode(
+    url: &str,
+    prefix: &str,
+    burst: u32,
+    label: &str,
+    out: &mut std::fs::File,
+) -> Result<()> {
     let rate = env_usize("BENCH_FLOW_RATE", 1000)? as u32;
     let window_s = env_usize("BENCH_FLOW_WINDOW", 10)? as i64;
     let n = env_usize(
@@ -174,7 +192,7 @@ async fn rate_mode(url: &str, prefix: &str, label: &str, out: &mut std::fs::File
     let mut b = serve(url, prefix)?;
     let clients = [connect(&a).await?, connect(&b).await?];
     eprintln!(
-        "flow_rate: koo {} and {} on {url} (prefix {prefix}), {rate}/s on keys/{RATE_KEY}, {n} tasks",
+        "flow_rate: koo {} and {} on {url} (prefix {prefix}), {rate}/s (burst {burst}) on keys/{RATE_KEY}, {n} tasks",
         a.addr, b.addr
     );
     clients[0]
@@ -187,7 +205,7 @@ async fn rate_mode(url: &str, prefix: &str, label: &str, out: &mut std::fs::File
                     seconds: 1,
                     nanos: 0,
                 }),
-                burst: 1,
+                burst,
                 ..Default::default()
             }),
         })
@@ -239,7 +257,7 @@ async fn rate_mode(url: &str, prefix: &str, label: &str, out: &mut std::fs::File
     emit(
         serde_json::json!({
             "system": "koo", "mode": "flow_rate", "label": label, "processes": 2,
-            "limit_per_s": rate, "burst": 1, "window_s": window_s, "submitted": ids.len(),
+            "limit_per_s": rate, "burst": burst, "window_s": window_s, "submitted": ids.len(),
             "started_in_window": started, "rate_per_s": achieved, "error_pct": error_pct,
             "max_in_one_s": most, "goal": "within 5 % of the limit",
             "met": error_pct.abs() <= 5.0,

@@ -303,7 +303,13 @@ fn external_worker(
                 continue;
             };
             let r = r.into_inner();
-            let Some(task) = &r.task else { continue };
+            let Some(task) = &r.task else {
+                // the wait ran out (or koo answered at once, held): a
+                // short pause, so that a koo that does not wait is not
+                // polled in a busy loop
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
             record.lock().unwrap().push((task.id.clone(), now_ms()));
             let secs = task
                 .kwargs
