@@ -491,7 +491,8 @@ async fn a_small_rate_limit_spaces_its_starts(backend: Backend) {
 const BACK_OFF_MS: i64 = 2000;
 
 /// A worker fails a task of key `a` with `key_retry_after` = 2 s (a
-/// provider's 429): no task with key `a`, in any queue or process, starts
+/// provider's 429): no task with key `a`, in any queue, process or worker
+/// (built-in or external), starts
 /// within the 2 s (they stay QUEUED, no attempt counted), while key `b`'s
 /// tasks run meanwhile; then `a`'s run.
 async fn a_key_backs_off_alone(backend: Backend) {
@@ -530,6 +531,8 @@ async fn back_off_scenario(cluster: &Cluster) {
         .expect("FailTask with a key back-off")
         .into_inner();
     assert_eq!(failed.state, pb::TaskState::Failed as i32);
+    // from now on an external worker competes with the built-in ones
+    let (ext, _) = external_worker(cluster, &[NOOP]);
     // key a in two queues, key b beside it, through every process
     let mut reqs = Vec::new();
     for i in 0..4 {
@@ -577,6 +580,7 @@ async fn back_off_scenario(cluster: &Cluster) {
             start - t0
         );
     }
+    ext.abort();
 }
 
 // ---------------------------------------------------------------------------
