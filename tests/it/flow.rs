@@ -47,6 +47,8 @@ const SLEEP: &str = "koo.diagnostics.sleep";
 /// koo processes sharing one task store, each reached by its own channel.
 struct Cluster {
     channels: Vec<Channel>,
+    /// The shared Redis, if the store is one.
+    redis_url: Option<String>,
     /// What must live as long as the test: an in-process koo, or the
     /// binaries with their Redis and log directory.
     _keep: Keep,
@@ -70,6 +72,7 @@ impl Cluster {
         let koo = start_on(backend, workers).await;
         Self {
             channels: vec![koo.server.channel.clone()],
+            redis_url: koo.redis.as_ref().map(common::TestRedis::url),
             _keep: Keep::InProcess {
                 _koo: Box::new(koo),
             },
@@ -110,6 +113,7 @@ impl Cluster {
             .collect();
         Self {
             channels,
+            redis_url: Some(redis.url()),
             _keep: Keep::Binaries {
                 _procs: procs,
                 _redis: redis,
@@ -134,58 +138,134 @@ impl Cluster {
 // Setting limits
 // ---------------------------------------------------------------------------
 //
-// SWITCH POINT for the integrator: the limits are set through the API
-// (SetRateLimit, SetConcurrencyLimit), as the final version must. While the
-// handlers were stubs, the Redis runs could write them in their stored form
-// instead (`HSET koo:v1:limits r:keys/p "50 1000 1 api"` then
-// `INCR koo:v1:limits:version`, the value being `Limit::encode()`); the
-// embedded store has no such back door. Only these two functions change.
+// SWITCH POINT for the integrator: [`LIMITS_VIA`]. The final version sets
+// limits through the API (SetRateLimit, SetConcurrencyLimit). While those
+// handlers are stubs, `Via::Redis` writes them straight into Redis in their
+// stored form (`HSET koo:v1:limits r:keys/p "50 1000 1 api"`, then `INCR
+// koo:v1:limits:version`; the value is `Limit::encode()`), so that the
+// enforcement can be tried on Redis alone: the embedded store has no such
+// back door (its runs then fail at the first limit).
+
+/// How the tests set limits.
+#[derive(PartialEq)]
+enum Via {
+    Api,
+    #[allow(dead_code)] // the switch's other position
+    Redis,
+}
+
+const LIMITS_VIA: Via = Via::Api;
+
+/// Writes `limit` into the cluster's Redis as the store keeps it.
+async fn store_in_redis(cluster: &Cluster, limit: &koo::domain::flow::Limit) {
+    let url = cluster
+        .redis_url
+        .as_deref()
+        .expect("Via::Redis needs a Redis: the embedded store has no back door");
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to the test Redis");
+    let base = koo::keys::flow_base("koo");
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("HSET")
+        .arg(format!("{base}limits"))
+        .arg(limit.field())
+        .arg(limit.encode())
+        .ignore()
+        .cmd("INCR")
+        .arg(format!("{base}limits:version"))
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("HSET the limit");
+}
 
 /// Sets the rate limit `name` (e.g. `keys/p`): `limit` per `period_ms`,
 /// `burst` at once. Returns it as stored.
 async fn set_rate_limit(
-    c: &mut TaskServiceClient<Channel>,
+    cluster: &Cluster,
     name: &str,
     limit: u32,
     period_ms: u64,
     burst: u32,
 ) -> pb::RateLimit {
-    c.set_rate_limit(pb::SetRateLimitRequest {
-        rate_limit: Some(pb::RateLimit {
-            name: name.into(),
+    let asked = pb::RateLimit {
+        name: name.into(),
+        limit,
+        period: Some(millis(period_ms)),
+        burst,
+        ..Default::default()
+    };
+    if LIMITS_VIA == Via::Redis {
+        use koo::domain::flow::{Limit, RateLimit, Scope, Source};
+        let stored = Limit::Rate(RateLimit {
+            scope: Scope::parse(name).expect("a limit name"),
             limit,
-            period: Some(millis(period_ms)),
-            burst,
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("SetRateLimit {name}: {e:?}"))
-    .into_inner()
-    .rate_limit
-    .expect("the limit as stored")
+            period: Duration::from_millis(period_ms),
+            burst: burst.max(1),
+            source: Source::Api,
+        });
+        store_in_redis(cluster, &stored).await;
+        return pb::RateLimit {
+            burst: burst.max(1),
+            ..asked
+        };
+    }
+    cluster
+        .tasks(0)
+        .set_rate_limit(pb::SetRateLimitRequest {
+            rate_limit: Some(asked),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("SetRateLimit {name}: {e:?}"))
+        .into_inner()
+        .rate_limit
+        .expect("the limit as stored")
 }
 
 /// Sets the concurrency cap `name` (e.g. `keys/*`).
 async fn set_cap(
-    c: &mut TaskServiceClient<Channel>,
+    cluster: &Cluster,
     name: &str,
     max_running: u32,
     policy: pb::ConcurrencyPolicy,
 ) -> pb::ConcurrencyLimit {
-    c.set_concurrency_limit(pb::SetConcurrencyLimitRequest {
-        concurrency_limit: Some(pb::ConcurrencyLimit {
-            name: name.into(),
+    let asked = pb::ConcurrencyLimit {
+        name: name.into(),
+        max_running,
+        policy: policy as i32,
+        ..Default::default()
+    };
+    if LIMITS_VIA == Via::Redis {
+        use koo::domain::flow::{ConcurrencyLimit, Limit, Policy, Source};
+        let policy = match policy {
+            pb::ConcurrencyPolicy::CancelNewest => Policy::CancelNewest,
+            pb::ConcurrencyPolicy::CancelOldest => Policy::CancelOldest,
+            _ => Policy::Wait,
+        };
+        let key = name.strip_prefix("keys/").expect("a cap is on keys/");
+        let stored = Limit::Concurrency(ConcurrencyLimit {
+            key: key.into(),
             max_running,
-            policy: policy as i32,
-            ..Default::default()
-        }),
-    })
-    .await
-    .unwrap_or_else(|e| panic!("SetConcurrencyLimit {name}: {e:?}"))
-    .into_inner()
-    .concurrency_limit
-    .expect("the cap as stored")
+            policy,
+            source: Source::Api,
+        });
+        store_in_redis(cluster, &stored).await;
+        return asked;
+    }
+    cluster
+        .tasks(0)
+        .set_concurrency_limit(pb::SetConcurrencyLimitRequest {
+            concurrency_limit: Some(asked),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("SetConcurrencyLimit {name}: {e:?}"))
+        .into_inner()
+        .concurrency_limit
+        .expect("the cap as stored")
 }
 
 // ---------------------------------------------------------------------------
@@ -385,7 +465,7 @@ struct RateRun {
 /// shows it closed (a bounded poll of the history).
 async fn run_rate_limit(cluster: &Cluster, rate: u32, window_s: i64, n: usize) -> RateRun {
     let mut c = cluster.tasks(0);
-    let stored = set_rate_limit(&mut c, "keys/p", rate, 1000, 1).await;
+    let stored = set_rate_limit(cluster, "keys/p", rate, 1000, 1).await;
     assert_eq!((stored.limit, stored.burst), (rate, 1), "{stored:?}");
     let (ext, ran) = external_worker(cluster, &[NOOP]);
     let reqs = (0..n)
@@ -620,8 +700,8 @@ async fn a_cap_holds_across_two_processes() {
 
 async fn cap_scenario(cluster: &Cluster) {
     let mut c = cluster.tasks(0);
-    set_cap(&mut c, "keys/*", 2, pb::ConcurrencyPolicy::Wait).await;
-    let own = set_cap(&mut c, "keys/k0", 2, pb::ConcurrencyPolicy::Unspecified).await;
+    set_cap(cluster, "keys/*", 2, pb::ConcurrencyPolicy::Wait).await;
+    let own = set_cap(cluster, "keys/k0", 2, pb::ConcurrencyPolicy::Unspecified).await;
     assert_eq!(own.max_running, 2, "{own:?}");
     let (ext, _) = external_worker(cluster, &[SLEEP]);
     let reqs = (0..24)
@@ -728,7 +808,7 @@ async fn cancel_newest_ends_the_newcomer(backend: Backend) {
     let cluster = Cluster::single(backend, 0).await;
     let mut c = cluster.tasks(0);
     let mut w = cluster.workers();
-    set_cap(&mut c, "keys/k", 1, pb::ConcurrencyPolicy::CancelNewest).await;
+    set_cap(&cluster, "keys/k", 1, pb::ConcurrencyPolicy::CancelNewest).await;
     let running = submit_ok(&mut c, keyed(EXT, "", "k", serde_json::json!({}))).await;
     let first = lease(&mut w, &[EXT], 5000).await.expect("the first task");
     assert_eq!(first.task.as_ref().unwrap().id, running.id);
@@ -767,7 +847,7 @@ async fn cancel_oldest_supersedes_the_longest_running(backend: Backend) {
     let cluster = Cluster::single(backend, 0).await;
     let mut c = cluster.tasks(0);
     let mut w = cluster.workers();
-    set_cap(&mut c, "keys/k", 1, pb::ConcurrencyPolicy::CancelOldest).await;
+    set_cap(&cluster, "keys/k", 1, pb::ConcurrencyPolicy::CancelOldest).await;
     let old = submit_ok(&mut c, keyed(EXT, "", "k", serde_json::json!({}))).await;
     let held = lease(&mut w, &[EXT], 5000).await.expect("the old task");
     assert_eq!(held.task.as_ref().unwrap().id, old.id);
