@@ -20,6 +20,7 @@ mod dead_letters;
 mod debounce;
 mod expiry;
 mod flow_store;
+mod flow;
 mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;
