@@ -42,9 +42,9 @@ impl Scope {
                 name.len()
             ));
         }
-        let (kind, rest) = name.split_once('/').ok_or_else(|| {
-            "must be queues/<queue>, tasks/<task name> or keys/<key>".to_owned()
-        })?;
+        let (kind, rest) = name
+            .split_once('/')
+            .ok_or_else(|| "must be queues/<queue>, tasks/<task name> or keys/<key>".to_owned())?;
         if rest.is_empty() {
             return Err(format!("names no {kind} after the slash"));
         }
@@ -96,7 +96,11 @@ impl Source {
 
     /// From its stored form (anything else reads as `Api`).
     pub fn parse(s: &str) -> Self {
-        if s == "config" { Self::Config } else { Self::Api }
+        if s == "config" {
+            Self::Config
+        } else {
+            Self::Api
+        }
     }
 }
 

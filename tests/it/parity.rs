@@ -59,6 +59,7 @@ fn limits() -> TaskLimits {
         history: 4,
         lease_scan: 3,
         dead_ttl: Duration::from_millis(KEPT_MS),
+        flow: false,
     }
 }
 

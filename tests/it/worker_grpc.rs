@@ -148,6 +148,7 @@ impl StreamWorker {
             retryable,
             details: None,
             retry_delay: None,
+            key_retry_after: None,
         }))
         .await;
     }
@@ -367,6 +368,7 @@ async fn unary_late_report_is_aborted(backend: Backend) {
                     retryable: true,
                     details: None,
                     retry_delay: None,
+                    key_retry_after: None,
                 })
                 .await
                 .map(|_| ()),
@@ -847,6 +849,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
             retryable: true,
             details: details.clone(),
             retry_delay: None,
+            key_retry_after: None,
         }))
         .await;
     let reply = worker.reply().await;
@@ -863,6 +866,7 @@ async fn fail_with_details_and_retry(backend: Backend) {
             retryable: true,
             details: details.clone(),
             retry_delay: None,
+            key_retry_after: None,
         }))
         .await;
     // the retry budget is spent: FAILED for good

@@ -74,6 +74,7 @@ async fn fail(
         retryable: true,
         details: None,
         retry_delay: delay,
+        key_retry_after: None,
     }))
     .await;
     s.reply().await

@@ -93,9 +93,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Leased,
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
-    TaskLimits, Trimmed, WorkerRecord,
+    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
+    RetryReply, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};

@@ -124,7 +124,11 @@ impl TaskEngine {
             ));
         }
         let until = self.inner.store.back_off(key, wait, deadline).await?;
-        tracing::info!(key, wait_ms = wait.as_millis() as u64, "rate-limit key backed off");
+        tracing::info!(
+            key,
+            wait_ms = wait.as_millis() as u64,
+            "rate-limit key backed off"
+        );
         Ok(until)
     }
 

@@ -38,8 +38,8 @@ mod submit;
 mod times;
 
 pub use self::config::TaskConfig;
-pub use self::flow::MAX_BACKOFF;
 pub use self::debounce::{Debounce, MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_WINDOW};
+pub use self::flow::MAX_BACKOFF;
 pub use self::lease::Finish;
 pub use self::submit::{Expiry, MAX_ARGUMENTS, NewTask};
 pub use crate::tasks::error::TaskError;

@@ -33,6 +33,7 @@ use tracing::instrument;
 
 use super::RedisStore;
 use super::script::{ClockArg, Invocation, Key};
+use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, Pause, QueueStats};
@@ -43,7 +44,6 @@ use crate::store::tasks::{
     Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
     RetryReply, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
-use crate::domain::flow::{Limit, LimitState};
 use crate::store::{Deadline, Result, StoreError};
 
 /// The task store on Redis: the pool, the key prefix, and the clock whose
