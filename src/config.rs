@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
+pub use self::flow::FlowArgs;
 pub use self::health::HealthArgs;
 pub use self::limits::LimitsArgs;
 pub use self::otel::OtelArgs;
@@ -26,6 +27,7 @@ pub use self::worker::{SchedulerArgs, WorkerArgs};
 
 mod auth;
 mod cache;
+mod flow;
 mod health;
 mod limits;
 mod otel;
