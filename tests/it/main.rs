@@ -22,6 +22,7 @@ mod expiry;
 mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;
+mod limits_api;
 mod metrics;
 mod parity;
 mod persist;

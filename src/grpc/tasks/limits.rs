@@ -191,10 +191,11 @@ fn concurrency_key(field: &str, name: &str) -> Result<String, Status> {
 /// A rate limit as set; the engine checks the numbers.
 fn rate_limit_in(r: Option<pb::RateLimit>) -> Result<RateLimit, Status> {
     let r = r.ok_or_else(|| invalid_argument("rate_limit", "is required"))?;
+    let scope = scope("rate_limit.name", &r.name)?;
     let period = time::duration("rate_limit.period", r.period, LIMIT_PERIOD)?
         .ok_or_else(|| invalid_argument("rate_limit.period", "is required (e.g. 1s)"))?;
     Ok(RateLimit {
-        scope: scope("rate_limit.name", &r.name)?,
+        scope,
         limit: r.limit,
         period,
         burst: r.burst,
@@ -205,6 +206,7 @@ fn rate_limit_in(r: Option<pb::RateLimit>) -> Result<RateLimit, Status> {
 /// A concurrency cap as set; the engine checks the count.
 fn concurrency_limit_in(c: Option<pb::ConcurrencyLimit>) -> Result<ConcurrencyLimit, Status> {
     let c = c.ok_or_else(|| invalid_argument("concurrency_limit", "is required"))?;
+    let key = concurrency_key("concurrency_limit.name", &c.name)?;
     use pb::ConcurrencyPolicy as P;
     let policy = match P::try_from(c.policy) {
         Ok(P::Unspecified | P::Wait) => Policy::Wait,
@@ -218,7 +220,7 @@ fn concurrency_limit_in(c: Option<pb::ConcurrencyLimit>) -> Result<ConcurrencyLi
         }
     };
     Ok(ConcurrencyLimit {
-        key: concurrency_key("concurrency_limit.name", &c.name)?,
+        key,
         max_running: c.max_running,
         policy,
         source: Source::Api,
