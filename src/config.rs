@@ -100,6 +100,8 @@ pub enum Command {
     Cron(Box<crate::cli::cron::CronCli>),
     /// Client: task queues (ls, pause, resume).
     Queue(Box<crate::cli::queue::QueueCli>),
+    /// Client: rate limits and concurrency caps (ls, get, set-rate, set-concurrency, rm).
+    Limit(Box<crate::cli::limit::LimitCli>),
     /// Client: the workers koo knows.
     Ps(Box<crate::cli::ps::PsCli>),
     /// Client: a live view of queues and workers (q quits).
