@@ -1,4 +1,4 @@
-//! The client commands (`koo cache|task|cron|queue|ps|top`) as real processes:
+//! The client commands (`koo cache|task|cron|queue|limit|ps|top`) as real processes:
 //! the built `koo` binary run against a `koo serve` the test starts (the
 //! embedded store, built-in workers), its exit codes, tables and `--json`
 //! output (parsed with serde_json); bad input, an unreachable target, auth;
