@@ -25,6 +25,7 @@ macro_rules! outln {
 pub mod cache;
 pub mod connect;
 pub mod cron;
+pub mod limit;
 pub mod output;
 pub mod ps;
 pub mod queue;

@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 pub use self::auth::{AuthArgs, AuthCommand, NewKeyArgs};
 pub use self::cache::CacheArgs;
+pub use self::flow::FlowArgs;
 pub use self::health::HealthArgs;
 pub use self::limits::LimitsArgs;
 pub use self::otel::OtelArgs;
@@ -26,6 +27,7 @@ pub use self::worker::{SchedulerArgs, WorkerArgs};
 
 mod auth;
 mod cache;
+mod flow;
 mod health;
 mod limits;
 mod otel;
@@ -98,6 +100,8 @@ pub enum Command {
     Cron(Box<crate::cli::cron::CronCli>),
     /// Client: task queues (ls, pause, resume).
     Queue(Box<crate::cli::queue::QueueCli>),
+    /// Client: rate limits and concurrency caps (ls, get, set-rate, set-concurrency, rm).
+    Limit(Box<crate::cli::limit::LimitCli>),
     /// Client: the workers koo knows.
     Ps(Box<crate::cli::ps::PsCli>),
     /// Client: a live view of queues and workers (q quits).

@@ -74,6 +74,7 @@ fn main() -> ExitCode {
             Command::Cron(args) => Ok(finish(koo::cli::cron::run(*args).await)),
             Command::Ps(args) => Ok(finish(koo::cli::ps::run(*args).await)),
             Command::Queue(args) => Ok(finish(koo::cli::queue::run(*args).await)),
+            Command::Limit(args) => Ok(finish(koo::cli::limit::run(*args).await)),
             Command::Top(args) => Ok(finish(koo::cli::top::run(*args).await)),
         };
         guard.shutdown().await;

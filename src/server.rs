@@ -89,6 +89,8 @@ pub async fn run(
     // A keys file that does not load stops koo before anything starts.
     let keyring = load_keys(&settings)?;
     let mut app = Serve::build(&settings)?;
+    app.apply_configured_limits(settings.tasks.flow_limits.clone())
+        .await;
     let gate = gate(&settings, keyring, &mut app);
     let health = HealthServer::new(HealthApi::new(app.publisher.subscribe(), app.stop.clone()))
         .max_decoding_message_size(settings.limits.max_message_size)

@@ -12,6 +12,7 @@ use super::AppError;
 use super::settings::{ScheduleSettings, Settings, StoreSettings};
 use super::{registry, warn_if_tasks_can_be_evicted};
 use crate::cache::Cache;
+use crate::domain::flow::Limit;
 use crate::health::{self, HealthPublisher};
 use crate::pb::cache::v1::cache_service_server::SERVICE_NAME as CACHE_SERVICE;
 use crate::pb::tasks::v1::task_service_server::SERVICE_NAME as TASK_SERVICE;
@@ -20,7 +21,7 @@ use crate::schedule::Schedules;
 use crate::store::redis::redact;
 use crate::store::schedules::ScheduleStore;
 use crate::store::tasks::TaskStore;
-use crate::store::{MemoryStore, RedisConfig, RedisStore, Store, StoreError};
+use crate::store::{Deadline, MemoryStore, RedisConfig, RedisStore, Store, StoreError};
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::worker::WorkerPool;
 use crate::watch::{Hub, Watchers};
@@ -108,6 +109,45 @@ impl Serve {
             stop,
             embedded,
         })
+    }
+
+    /// Sets the configured limits (`KOO_RATE_LIMITS`,
+    /// `KOO_CONCURRENCY_LIMITS`): once now, within a second, so that a koo
+    /// that starts serving has them; while the task store cannot be
+    /// reached, again in the background until it can (koo serves
+    /// meanwhile, as it does when Redis is down at start-up).
+    pub async fn apply_configured_limits(&mut self, limits: Vec<Limit>) {
+        if limits.is_empty() {
+            return;
+        }
+        let engine = self.engine.clone();
+        let first = engine
+            .apply_configured_limits(&limits, Deadline::after(Duration::from_secs(1)))
+            .await;
+        match first {
+            Ok(()) => return tracing::info!(limits = limits.len(), "configured limits set"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set the configured limits yet; trying again")
+            }
+        }
+        let stop = self.stop.clone();
+        self.background.spawn(async move {
+            let mut wait = Duration::from_millis(250);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                let deadline = Deadline::after(Duration::from_secs(5));
+                match engine.apply_configured_limits(&limits, deadline).await {
+                    Ok(()) => {
+                        return tracing::info!(limits = limits.len(), "configured limits set");
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot set the configured limits yet"),
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// Stops the background loops and the worker sessions, waiting up to

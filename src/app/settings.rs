@@ -32,6 +32,8 @@ pub struct TaskSettings {
     /// `KOO_DIAGNOSTICS_LEDGER`: where `koo.diagnostics.ledger` records its
     /// executions (`None`: that handler is not registered).
     pub ledger: Option<std::path::PathBuf>,
+    /// `KOO_RATE_LIMITS` and `KOO_CONCURRENCY_LIMITS`, set at every start.
+    pub flow_limits: Vec<crate::domain::flow::Limit>,
 }
 
 impl Default for TaskSettings {
@@ -41,6 +43,7 @@ impl Default for TaskSettings {
             config: TaskConfig::default(),
             workers: 4,
             ledger: None,
+            flow_limits: Vec::new(),
         }
     }
 }

@@ -161,6 +161,14 @@ struct SubmitArgs {
     /// How long a debounced task waits for a newer submit (`5s`).
     #[arg(long, value_parser = super::connect::parse_duration, requires = "debounce_key")]
     debounce_window: Option<Duration>,
+    /// Rate-limit key (a provider, a tenant): it starts only when the key's
+    /// rate limit has a token and no worker's back-off holds the key.
+    #[arg(long, default_value = "")]
+    rate_limit_key: String,
+    /// Concurrency key: at most the key's cap of its tasks run at once
+    /// (`koo limit set-concurrency`); keys are served round robin.
+    #[arg(long, default_value = "")]
+    concurrency_key: String,
     /// Follow the task to its end, as `koo task watch`.
     #[arg(long)]
     wait: bool,
@@ -312,6 +320,8 @@ async fn submit(
         depends_on,
         debounce_key,
         debounce_window,
+        rate_limit_key,
+        concurrency_key,
         wait,
     } = args;
     let request = pb::SubmitTaskRequest {
@@ -337,6 +347,8 @@ async fn submit(
             Some(Expires::At(at)) => Some(prost_types::Timestamp::from(at)),
             _ => None,
         },
+        rate_limit_key,
+        concurrency_key,
         ..Default::default()
     };
     let reply = one(conn, client.submit_task(conn.unary(request)).await)?;

@@ -9,8 +9,8 @@ use clap::Args;
 use clap::builder::BoolishValueParser;
 
 use super::{
-    AuthArgs, CacheArgs, ConfigError, LimitsArgs, RedisArgs, ScheduleArgs, TaskArgs, TransportArgs,
-    parse_duration, parse_positive_duration,
+    AuthArgs, CacheArgs, ConfigError, FlowArgs, LimitsArgs, RedisArgs, ScheduleArgs, TaskArgs,
+    TransportArgs, parse_duration, parse_positive_duration,
 };
 use crate::app::settings::{Settings, StoreSettings, TaskSettings};
 use crate::cache::CacheConfig;
@@ -41,6 +41,9 @@ pub struct ServeArgs {
     /// Task engine settings.
     #[command(flatten)]
     pub tasks: TaskArgs,
+    /// Flow control: rate limits and concurrency caps set at start-up.
+    #[command(flatten)]
+    pub flow: FlowArgs,
     /// Schedules.
     #[command(flatten)]
     pub schedules: ScheduleArgs,
@@ -199,12 +202,14 @@ impl ServeArgs {
                 .tls_client_ca
                 .as_deref()
                 .is_some_and(|p| !p.as_os_str().is_empty());
+        let config = TaskConfig {
+            lease_secrets: self.lease_secrets.resolve(authenticated),
+            ..self.tasks.task_config(&self.prefix)?
+        };
         Ok(TaskSettings {
             redis: self.tasks.redis_config(&self.redis)?,
-            config: TaskConfig {
-                lease_secrets: self.lease_secrets.resolve(authenticated),
-                ..self.tasks.task_config(&self.prefix)?
-            },
+            flow_limits: self.flow.limits(&config.extra_queues)?,
+            config,
             workers: self.worker_concurrency as usize,
             ledger: self.tasks.diagnostics_ledger.clone(),
         })

@@ -62,6 +62,12 @@ pub struct Template {
     /// started by then; `None`: it does not expire.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expire_after_ms: Option<u64>,
+    /// Each fired task's rate-limit key; `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_key: Option<String>,
+    /// Each fired task's concurrency key; `None`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
 }
 
 impl Template {
@@ -78,6 +84,8 @@ impl Template {
             soft_ms: None,
             hard_ms: None,
             expire_after_ms: None,
+            rate_limit_key: None,
+            concurrency_key: None,
         }
     }
 }

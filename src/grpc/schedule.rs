@@ -108,6 +108,9 @@ fn template(t: Option<pb::TaskTemplate>) -> Result<Template, Status> {
             t.expire_after,
             time::EXPIRE_AFTER,
         )?,
+        // empty means none; the engine checks the rest (as a submit's)
+        rate_limit_key: (!t.rate_limit_key.is_empty()).then_some(t.rate_limit_key),
+        concurrency_key: (!t.concurrency_key.is_empty()).then_some(t.concurrency_key),
     })
 }
 
@@ -137,8 +140,8 @@ fn to_pb_template(t: &Template) -> pb::TaskTemplate {
         soft_time_limit: t.soft_ms.and_then(pb_duration_ms),
         time_limit: t.hard_ms.and_then(pb_duration_ms),
         expire_after: t.expire_after_ms.and_then(pb_duration_ms),
-        rate_limit_key: String::new(),
-        concurrency_key: String::new(),
+        rate_limit_key: t.rate_limit_key.clone().unwrap_or_default(),
+        concurrency_key: t.concurrency_key.clone().unwrap_or_default(),
     }
 }
 

@@ -111,6 +111,13 @@ pub(crate) const LEASE_WAIT: Range = Range {
     text: "0 to 60 s",
 };
 
+/// A rate limit's period (`rate_limit.period`).
+pub(crate) const LIMIT_PERIOD: Range = Range {
+    min: Duration::from_millis(1),
+    max: crate::domain::flow::MAX_PERIOD,
+    text: "1 ms to 24 h",
+};
+
 /// The latest time any timestamp field may name: 9999-12-31T23:59:59Z, the
 /// end of `google.protobuf.Timestamp`'s own range.
 const LATEST_SECONDS: i64 = 253_402_300_799;

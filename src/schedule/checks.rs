@@ -62,6 +62,8 @@ pub fn new_task(template: &Template, schedule: &str) -> Result<NewTask, Schedule
     new.expires = template
         .expire_after_ms
         .map(|ms| Expiry::After(Duration::from_millis(ms)));
+    new.rate_limit_key = template.rate_limit_key.clone();
+    new.concurrency_key = template.concurrency_key.clone();
     new.schedule = Some(schedule.to_owned());
     Ok(new)
 }
@@ -134,5 +136,22 @@ mod tests {
         assert_eq!(new.schedule.as_deref(), Some("cache-cleanup"));
         assert_eq!(new.kwargs, r#"{"level":"api"}"#);
         assert_eq!(new.category, Category::Cache);
+        assert_eq!((new.rate_limit_key, new.concurrency_key), (None, None));
+        t.rate_limit_key = Some("openai".into());
+        t.concurrency_key = Some("tenant-1".into());
+        let new = new_task(&t, "cache-cleanup").unwrap();
+        assert_eq!(new.rate_limit_key.as_deref(), Some("openai"));
+        assert_eq!(new.concurrency_key.as_deref(), Some("tenant-1"));
+    }
+
+    /// A template stored before flow control reads without keys, and one
+    /// without keys is stored without them (additive).
+    #[test]
+    fn keys_are_additive_in_the_stored_template() {
+        let t = Template::new("koo.tasks.cache.cleanup", Category::Cache);
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(!json.contains("rate_limit_key"), "{json}");
+        let back: Template = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
     }
 }

@@ -196,6 +196,29 @@ pub struct Failure {
     /// How long to wait before the next attempt instead of the backoff, as
     /// the worker sent it (checked by [`Failure::into_finish`]).
     pub retry_delay: Option<RetryDelay>,
+    /// How long every task of the task's rate-limit key waits (a
+    /// provider's 429 `Retry-After`), as sent; checked like `retry_delay`
+    /// (by [`Failure::into_ending`]).
+    pub key_retry_after: Option<RetryDelay>,
+}
+
+/// How a worker's report ends an attempt: the finish, and for a failure
+/// the back-off of the task's rate-limit key it asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    /// The attempt's end.
+    pub finish: Finish,
+    /// `key_retry_after`, checked.
+    pub key_backoff: Option<Duration>,
+}
+
+impl From<Finish> for Ending {
+    fn from(finish: Finish) -> Self {
+        Self {
+            finish,
+            key_backoff: None,
+        }
+    }
 }
 
 /// A retry delay as sent (a protobuf `Duration`'s two parts), unchecked:
@@ -241,6 +264,22 @@ impl RetryDelay {
 }
 
 impl Failure {
+    /// The failure as an ending: [`Failure::into_finish`] and its key
+    /// back-off, both checked, named under `path`.
+    pub(crate) fn into_ending(self, path: &str) -> Result<Ending, TaskError> {
+        let key_backoff = match self.key_retry_after {
+            Some(d) => Some(
+                d.check()
+                    .map_err(|why| TaskError::invalid(&format!("{path}key_retry_after"), why))?,
+            ),
+            None => None,
+        };
+        Ok(Ending {
+            finish: self.into_finish(path)?,
+            key_backoff,
+        })
+    }
+
     /// The failure as a finish, once checked; an argument error names its
     /// field under `path` (`fail.` on a stream, nothing for `FailTask`).
     fn into_finish(self, path: &str) -> Result<Finish, TaskError> {
@@ -464,16 +503,49 @@ pub async fn finish_leased(
     cache: Option<&Cache>,
     id: &str,
     token: u32,
-    finish: Finish,
+    ending: Ending,
     proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
     TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
     let task = engine.get(id, deadline).await?;
     authorize(engine, &task, token, proof, deadline).await?;
+    check_key_backoff(&task, ending.key_backoff, "")?;
+    back_off_key(engine, &task, ending.key_backoff, deadline).await?;
     let worker = task.worker.clone().unwrap_or_default();
-    let finish = cache_result(cache, &task, finish).await;
+    let finish = cache_result(cache, &task, ending.finish).await;
     engine.finish(&task, token, &worker, finish, deadline).await
+}
+
+/// A key back-off needs a task with a rate-limit key: refused before
+/// anything is recorded (FAILED_PRECONDITION naming the field under
+/// `path`).
+pub(crate) fn check_key_backoff(
+    task: &Task,
+    backoff: Option<Duration>,
+    path: &str,
+) -> Result<(), TaskError> {
+    if backoff.is_some() && task.rate_limit_key.is_none() {
+        return Err(TaskError::FailedPrecondition(format!(
+            "{path}key_retry_after: task {} has no rate_limit_key to back off",
+            task.id
+        )));
+    }
+    Ok(())
+}
+
+/// Backs off the task's rate-limit key as its failure asks, before the
+/// failure is recorded: a retry of it then waits with the rest of the key.
+pub(crate) async fn back_off_key(
+    engine: &TaskEngine,
+    task: &Task,
+    backoff: Option<Duration>,
+    deadline: Deadline,
+) -> Result<(), TaskError> {
+    if let (Some(wait), Some(key)) = (backoff, task.rate_limit_key.as_deref()) {
+        engine.back_off(key, wait, deadline).await?;
+    }
+    Ok(())
 }
 
 /// Completes a task for a unary caller.
@@ -487,7 +559,7 @@ pub async fn complete(
     deadline: Deadline,
 ) -> Result<State, TaskError> {
     let finish = Finish::Succeeded(result.to_string());
-    finish_leased(engine, cache, id, token, finish, proof, deadline).await
+    finish_leased(engine, cache, id, token, finish.into(), proof, deadline).await
 }
 
 /// Fails a task for a unary caller.
@@ -499,8 +571,8 @@ pub async fn fail(
     proof: Proof<'_>,
     deadline: Deadline,
 ) -> Result<State, TaskError> {
-    let finish = failure.into_finish("")?;
-    finish_leased(engine, None, id, token, finish, proof, deadline).await
+    let ending = failure.into_ending("")?;
+    finish_leased(engine, None, id, token, ending, proof, deadline).await
 }
 
 #[cfg(test)]
@@ -541,6 +613,7 @@ mod tests {
             retryable: false,
             details: None,
             retry_delay: None,
+            key_retry_after: None,
         };
         assert!(f("boom").into_finish("").is_ok());
         assert!(f("").into_finish("").is_err());
@@ -556,6 +629,7 @@ mod tests {
             retryable: true,
             details: None,
             retry_delay: Some(RetryDelay { seconds, nanos }),
+            key_retry_after: None,
         };
         let delay = |seconds, nanos| match f(seconds, nanos).into_finish("fail.") {
             Ok(Finish::Failed { delay, .. }) => delay,
@@ -581,6 +655,30 @@ mod tests {
                         reason.contains(&format!("got seconds {seconds}, nanos {nanos}")),
                         "{reason}"
                     );
+                }
+                other => panic!("{seconds} {nanos}: {other:?}"),
+            }
+        }
+    }
+
+    /// A key back-off is checked like a retry delay and named under the
+    /// caller's path (its precondition, a task with a rate-limit key, is
+    /// tested over gRPC in tests/it/limits_api.rs).
+    #[test]
+    fn key_backoffs_validate() {
+        let f = |seconds, nanos| Failure {
+            message: "429".to_owned(),
+            retryable: true,
+            details: None,
+            retry_delay: None,
+            key_retry_after: Some(RetryDelay { seconds, nanos }),
+        };
+        let ending = f(30, 0).into_ending("fail.").unwrap();
+        assert_eq!(ending.key_backoff, Some(Duration::from_secs(30)));
+        for (seconds, nanos) in [(-1, 0), (86_401, 0), (i64::MAX, 0), (1, -1)] {
+            match f(seconds, nanos).into_ending("fail.") {
+                Err(TaskError::InvalidArgument { field, .. }) => {
+                    assert_eq!(field, "fail.key_retry_after");
                 }
                 other => panic!("{seconds} {nanos}: {other:?}"),
             }

@@ -1,4 +1,4 @@
-//! The client commands (`koo cache|task|cron|queue|ps|top`) as real processes:
+//! The client commands (`koo cache|task|cron|queue|limit|ps|top`) as real processes:
 //! the built `koo` binary run against a `koo serve` the test starts (the
 //! embedded store, built-in workers), its exit codes, tables and `--json`
 //! output (parsed with serde_json); bad input, an unreachable target, auth;
@@ -763,4 +763,102 @@ fn debounced_submits() {
     ]);
     assert_eq!(bad.code, 2);
     assert!(bad.stderr.contains("--debounce-window"), "{}", bad.stderr);
+}
+
+/// Limits (`koo limit`), on Redis: set-rate and set-concurrency print the
+/// limit as stored, ls lists both kinds (the configured cap with source
+/// config), get of a key shows its rate limit and its cap, rm removes
+/// both, and then get is NOT_FOUND; a bad name exits 3 naming the field;
+/// `koo task submit --rate-limit-key --concurrency-key` stores both keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_commands() {
+    let redis = common::TestRedis::start().await;
+    let url = redis.url();
+    let (_koo, addr) = serve(&[("REDIS_URL", &url), ("KOO_CONCURRENCY_LIMITS", "keys/*=4")]);
+    let koo = |args: &[&str]| koo_at(&addr, &[], args);
+    let set = koo(&[
+        "limit",
+        "set-rate",
+        "keys/openai",
+        "--limit",
+        "50",
+        "--per",
+        "1s",
+        "--burst",
+        "5",
+        "--json",
+    ])
+    .json();
+    assert_eq!(set["name"], "keys/openai", "{set}");
+    assert_eq!(
+        (set["limit"].clone(), set["burst"].clone()),
+        (50.into(), 5.into()),
+        "{set}"
+    );
+    assert_eq!(set["period"], "1s", "{set}");
+    assert_eq!(set["source"], "LIMIT_SOURCE_API", "{set}");
+    let cap = koo(&[
+        "limit",
+        "set-concurrency",
+        "keys/openai",
+        "--max",
+        "2",
+        "--policy",
+        "cancel-oldest",
+        "--json",
+    ])
+    .json();
+    assert_eq!(cap["policy"], "CONCURRENCY_POLICY_CANCEL_OLDEST", "{cap}");
+    let listed = koo(&["limit", "ls"]);
+    let rows: Vec<&str> = listed.ok().lines().collect();
+    assert!(rows[0].starts_with("NAME"), "{}", listed.stdout);
+    assert!(
+        rows.iter().any(|r| r.starts_with("keys/openai")
+            && r.contains("rate")
+            && r.contains("50/1s burst 5")),
+        "{}",
+        listed.stdout
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("keys/*") && r.contains("concurrency") && r.contains("config")),
+        "{}",
+        listed.stdout
+    );
+    let both = koo(&["limit", "get", "keys/openai", "--json"]).json_lines();
+    assert_eq!(both.len(), 2, "{both:?}");
+    assert_eq!(both[1]["maxRunning"], 2, "{both:?}");
+    let only = koo(&["limit", "get", "keys/openai", "--concurrency", "--json"]).json_lines();
+    assert_eq!(only.len(), 1, "{only:?}");
+    let removed = koo(&["limit", "rm", "keys/openai"]);
+    assert!(
+        removed.ok().contains("rate limit and concurrency limit"),
+        "{}",
+        removed.stdout
+    );
+    let gone = koo(&["limit", "get", "keys/openai"]);
+    assert_ne!(gone.code, 0);
+    assert!(gone.stderr.contains("NOT_FOUND"), "{}", gone.stderr);
+    let bad = koo(&["limit", "set-rate", "openai", "--limit", "5", "--per", "1s"]);
+    assert_eq!(bad.code, 3, "{}", bad.stderr);
+    assert!(bad.stderr.contains("rate_limit.name"), "{}", bad.stderr);
+
+    let submitted = koo(&[
+        "task",
+        "submit",
+        "koo.diagnostics.noop",
+        "--category",
+        "research",
+        "--rate-limit-key",
+        "openai",
+        "--concurrency-key",
+        "tenant-1",
+        "--json",
+    ])
+    .json();
+    assert_eq!(submitted["task"]["rateLimitKey"], "openai", "{submitted}");
+    assert_eq!(
+        submitted["task"]["concurrencyKey"], "tenant-1",
+        "{submitted}"
+    );
 }

@@ -24,6 +24,7 @@ mod flow;
 mod grpc_web;
 mod hostile_bytes;
 mod lease_secrets;
+mod limits_api;
 mod metrics;
 mod parity;
 mod persist;

@@ -1,6 +1,7 @@
 //! `koo.tasks.v1.TaskService`: converts requests, calls the [`TaskEngine`],
 //! converts replies.
 
+mod limits;
 mod listing;
 mod metrics;
 mod model;
@@ -491,58 +492,58 @@ impl pb::task_service_server::TaskService for TaskApi {
 
     async fn set_rate_limit(
         &self,
-        _request: Request<pb::SetRateLimitRequest>,
+        request: Request<pb::SetRateLimitRequest>,
     ) -> Result<Response<pb::SetRateLimitResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::set_rate_limit(self, request).await
     }
 
     async fn get_rate_limit(
         &self,
-        _request: Request<pb::GetRateLimitRequest>,
+        request: Request<pb::GetRateLimitRequest>,
     ) -> Result<Response<pb::GetRateLimitResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::get_rate_limit(self, request).await
     }
 
     async fn list_rate_limits(
         &self,
-        _request: Request<pb::ListRateLimitsRequest>,
+        request: Request<pb::ListRateLimitsRequest>,
     ) -> Result<Response<pb::ListRateLimitsResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::list_rate_limits(self, request).await
     }
 
     async fn delete_rate_limit(
         &self,
-        _request: Request<pb::DeleteRateLimitRequest>,
+        request: Request<pb::DeleteRateLimitRequest>,
     ) -> Result<Response<pb::DeleteRateLimitResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::delete_rate_limit(self, request).await
     }
 
     async fn set_concurrency_limit(
         &self,
-        _request: Request<pb::SetConcurrencyLimitRequest>,
+        request: Request<pb::SetConcurrencyLimitRequest>,
     ) -> Result<Response<pb::SetConcurrencyLimitResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::set_concurrency_limit(self, request).await
     }
 
     async fn get_concurrency_limit(
         &self,
-        _request: Request<pb::GetConcurrencyLimitRequest>,
+        request: Request<pb::GetConcurrencyLimitRequest>,
     ) -> Result<Response<pb::GetConcurrencyLimitResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::get_concurrency_limit(self, request).await
     }
 
     async fn list_concurrency_limits(
         &self,
-        _request: Request<pb::ListConcurrencyLimitsRequest>,
+        request: Request<pb::ListConcurrencyLimitsRequest>,
     ) -> Result<Response<pb::ListConcurrencyLimitsResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::list_concurrency_limits(self, request).await
     }
 
     async fn delete_concurrency_limit(
         &self,
-        _request: Request<pb::DeleteConcurrencyLimitRequest>,
+        request: Request<pb::DeleteConcurrencyLimitRequest>,
     ) -> Result<Response<pb::DeleteConcurrencyLimitResponse>, Status> {
-        Err(Status::unimplemented("TODO"))
+        limits::delete_concurrency_limit(self, request).await
     }
 }
 

@@ -108,6 +108,7 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
                     retryable: f.retryable,
                     details,
                     retry_delay: f.retry_delay.map(retry_delay),
+                    key_retry_after: f.key_retry_after.map(retry_delay),
                 },
             }
         }

@@ -231,6 +231,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             retryable: r.retryable,
             details,
             retry_delay: r.retry_delay.map(retry_delay),
+            key_retry_after: r.key_retry_after.map(retry_delay),
         };
         let proof = Proof::given(&r.lease_secret);
         let s = remote::fail(

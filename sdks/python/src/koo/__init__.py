@@ -6,7 +6,7 @@ Layout:
   `cached`, `cache_api_response`, `get_cached_api_response`).
 - `koo.task_manager`: the seed's task names (`task_manager`, `TaskCategory`,
   `TaskPriority`, `submit_ai_task`, `submit_pdf_processing_task`).
-- `koo.Worker`, `TaskContext`, `Retry`, `Fatal`: task workers
+- `koo.Worker`, `TaskContext`, `Retry`, `RateLimited`, `Fatal`: task workers
   (`@worker.task("name")`, `python -m koo.worker module:worker`);
   `WorkerEvent`: what a worker's `on_event` hook sees.
 - `koo.configure(...)`: where the default clients connect.
@@ -18,6 +18,7 @@ from koo._cache import CacheHit, CacheLevel, KooCache, SyncKooCache
 from koo._cached import cache_key, cached
 from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
+from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._tasks import (
     QueueInfo,
     SyncTaskManager,
@@ -31,17 +32,21 @@ from koo._tasks import (
     TaskSummary,
     TaskTimeout,
 )
-from koo._worker import Fatal, Retry, TaskContext, Worker, WorkerRejected
+from koo._worker import Fatal, RateLimited, Retry, TaskContext, Worker, WorkerRejected
 
 __all__ = [
     "DEFAULT_TARGET",
     "CacheHit",
     "CacheLevel",
+    "ConcurrencyLimitInfo",
+    "ConcurrencyPolicy",
     "EventHook",
     "Fatal",
     "KooCache",
     "KooError",
     "QueueInfo",
+    "RateLimitInfo",
+    "RateLimited",
     "Retry",
     "Settings",
     "SyncKooCache",

@@ -13,6 +13,7 @@ import grpc
 import grpc.aio
 
 from koo._connection import Connection, KooError, Settings, rpc, shared_loop
+from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._values import (
     Seconds,
     from_proto_value,
@@ -105,6 +106,10 @@ class TaskInfo:
     """The debounce key it was submitted with ("" for none)."""
     # When it expires if not started by then (`expires=` on submit), if it does.
     expire_time: datetime | None = None
+    rate_limit_key: str = ""
+    """The rate-limit key it was submitted with ("" for none)."""
+    concurrency_key: str = ""
+    """The concurrency key it was submitted with ("" for none)."""
 
     @property
     def status(self) -> str:
@@ -151,6 +156,8 @@ class TaskInfo:
             end_time=from_timestamp(t.end_time),
             debounce_key=t.debounce_key,
             expire_time=from_timestamp(t.expire_time) if t.HasField("expire_time") else None,
+            rate_limit_key=t.rate_limit_key,
+            concurrency_key=t.concurrency_key,
         )
 
 
@@ -282,13 +289,21 @@ class TaskManager:
         debounce_key: str | None = None,
         debounce_window: Seconds | None = None,
         expires: datetime | Seconds | None = None,
+        rate_limit_key: str | None = None,
+        concurrency_key: str | None = None,
     ) -> tuple[TaskInfo, bool]:
         """Submits a task; returns it and whether an earlier submit took it
         (`deduplicated`): the task first stored with the same idempotency key,
         or the unstarted task holding the same `debounce_key`, which this
         submit replaced (its arguments win; it starts `debounce_window`
         from now). A debounce key needs a window (more than 0, at most 24 h)
-        and takes no countdown, eta, dependencies or idempotency key."""
+        and takes no countdown, eta, dependencies or idempotency key.
+
+        `rate_limit_key` (a provider, a tenant): the task starts only when the
+        key's rate limit (`keys/<key>`, else `keys/*`) has a token and no
+        worker's `RateLimited` back-off holds the key. `concurrency_key`: at
+        most the key's cap of its tasks run at once, and a queue serves its
+        keys round robin."""
         req = pb.SubmitTaskRequest(
             name=task_name,
             category=pb.TaskCategory.ValueType(category.value),
@@ -298,6 +313,8 @@ class TaskManager:
             idempotency_key=idempotency_key or "",
             depends_on=list(depends_on),
             debounce_key=debounce_key or "",
+            rate_limit_key=rate_limit_key or "",
+            concurrency_key=concurrency_key or "",
         )
         if debounce_window is not None:
             req.debounce_window.CopyFrom(to_duration(debounce_window))
@@ -339,6 +356,8 @@ class TaskManager:
         debounce_key: str | None = None,
         debounce_window: Seconds | None = None,
         expires: datetime | Seconds | None = None,
+        rate_limit_key: str | None = None,
+        concurrency_key: str | None = None,
     ) -> str:
         """The seed's call: submits a task and returns its id.
 
@@ -350,7 +369,8 @@ class TaskManager:
         (see `submit`); `expires` (a datetime, or seconds or a timedelta
         from now: Celery's `expires`) ends it CANCELLED ("cancelled:
         expired") if it has not started by then instead of running late (not
-        with a debounce key).
+        with a debounce key); `rate_limit_key` and `concurrency_key` put it
+        under the keys' rate limit and concurrency cap (see `submit`).
         """
         task, _ = await self.submit(
             task_name,
@@ -370,6 +390,8 @@ class TaskManager:
             debounce_key=debounce_key,
             debounce_window=debounce_window,
             expires=expires,
+            rate_limit_key=rate_limit_key,
+            concurrency_key=concurrency_key,
         )
         return task.id
 
@@ -526,6 +548,61 @@ class TaskManager:
         r = await rpc(self._stub().ResumeQueue(req, metadata=self._conn.metadata()))
         return QueueInfo.from_proto(r.queue)
 
+    async def set_rate_limit(self, name: str, limit: int, per: Seconds, burst: int = 1) -> RateLimitInfo:
+        """Creates or replaces a global rate limit: at most `limit` tasks of `name`
+        (`queues/<queue>`, `tasks/<task name>`, `keys/<key>`, `keys/*`) start per `per`
+        (seconds or a timedelta), `burst` at once, across every koo process and worker.
+        Needs the admin role."""
+        rl = pb.RateLimit(name=name, limit=limit, period=to_duration(per), burst=burst)
+        r = await rpc(self._stub().SetRateLimit(pb.SetRateLimitRequest(rate_limit=rl), metadata=self._conn.metadata()))
+        return RateLimitInfo.from_proto(r.rate_limit)
+
+    async def get_rate_limit(self, name: str) -> RateLimitInfo:
+        """One rate limit with its state (KooError NOT_FOUND when there is none)."""
+        req = pb.GetRateLimitRequest(name=name)
+        r = await rpc(self._stub().GetRateLimit(req, metadata=self._conn.metadata()))
+        return RateLimitInfo.from_proto(r.rate_limit)
+
+    async def list_rate_limits(self) -> list[RateLimitInfo]:
+        """Every rate limit, by name."""
+        req = pb.ListRateLimitsRequest()
+        r = await rpc(self._stub().ListRateLimits(req, metadata=self._conn.metadata()))
+        return [RateLimitInfo.from_proto(x) for x in r.rate_limits]
+
+    async def delete_rate_limit(self, name: str) -> None:
+        """Removes a rate limit (KooError NOT_FOUND when there is none). Needs the admin role."""
+        req = pb.DeleteRateLimitRequest(name=name)
+        await rpc(self._stub().DeleteRateLimit(req, metadata=self._conn.metadata()))
+
+    async def set_concurrency_limit(
+        self, name: str, max_running: int, policy: ConcurrencyPolicy = ConcurrencyPolicy.WAIT
+    ) -> ConcurrencyLimitInfo:
+        """Creates or replaces a cap: at most `max_running` tasks with the concurrency key of
+        `name` (`keys/<key>`, `keys/*`) run at once, cluster-wide. Needs the admin role."""
+        cap = pb.ConcurrencyLimit(
+            name=name, max_running=max_running, policy=pb.ConcurrencyPolicy.ValueType(policy.value)
+        )
+        req = pb.SetConcurrencyLimitRequest(concurrency_limit=cap)
+        r = await rpc(self._stub().SetConcurrencyLimit(req, metadata=self._conn.metadata()))
+        return ConcurrencyLimitInfo.from_proto(r.concurrency_limit)
+
+    async def get_concurrency_limit(self, name: str) -> ConcurrencyLimitInfo:
+        """One cap with its key's running count (KooError NOT_FOUND when there is none)."""
+        req = pb.GetConcurrencyLimitRequest(name=name)
+        r = await rpc(self._stub().GetConcurrencyLimit(req, metadata=self._conn.metadata()))
+        return ConcurrencyLimitInfo.from_proto(r.concurrency_limit)
+
+    async def list_concurrency_limits(self) -> list[ConcurrencyLimitInfo]:
+        """Every cap, by name."""
+        req = pb.ListConcurrencyLimitsRequest()
+        r = await rpc(self._stub().ListConcurrencyLimits(req, metadata=self._conn.metadata()))
+        return [ConcurrencyLimitInfo.from_proto(x) for x in r.concurrency_limits]
+
+    async def delete_concurrency_limit(self, name: str) -> None:
+        """Removes a cap (KooError NOT_FOUND when there is none). Needs the admin role."""
+        req = pb.DeleteConcurrencyLimitRequest(name=name)
+        await rpc(self._stub().DeleteConcurrencyLimit(req, metadata=self._conn.metadata()))
+
     async def cleanup_old_tasks(self, hours_old: float = 24, include_dead_letters: bool = False) -> int:
         """Removes tasks that ended more than `hours_old` hours ago; returns how many."""
         req = pb.CleanupTasksRequest(
@@ -580,3 +657,21 @@ class SyncTaskManager:
     def resume_queue(self, queue: str) -> QueueInfo:
         """See `TaskManager.resume_queue`."""
         return shared_loop().run(self._m.resume_queue(queue))
+
+    def set_rate_limit(self, name: str, limit: int, per: Seconds, burst: int = 1) -> RateLimitInfo:
+        """See `TaskManager.set_rate_limit`."""
+        return shared_loop().run(self._m.set_rate_limit(name, limit, per, burst))
+
+    def list_rate_limits(self) -> list[RateLimitInfo]:
+        """See `TaskManager.list_rate_limits`."""
+        return shared_loop().run(self._m.list_rate_limits())
+
+    def set_concurrency_limit(
+        self, name: str, max_running: int, policy: ConcurrencyPolicy = ConcurrencyPolicy.WAIT
+    ) -> ConcurrencyLimitInfo:
+        """See `TaskManager.set_concurrency_limit`."""
+        return shared_loop().run(self._m.set_concurrency_limit(name, max_running, policy))
+
+    def list_concurrency_limits(self) -> list[ConcurrencyLimitInfo]:
+        """See `TaskManager.list_concurrency_limits`."""
+        return shared_loop().run(self._m.list_concurrency_limits())

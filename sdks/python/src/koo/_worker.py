@@ -25,6 +25,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -82,6 +83,36 @@ class Retry(Exception):
         self.message = message
         self.details = dict(details) if details else None
         self.countdown = countdown
+
+
+class RateLimited(Retry):
+    """Raise when the provider said "too many requests" (an HTTP 429): every task
+    with this task's `rate_limit_key`, in every queue and on every worker, waits
+    `retry_after` (seconds or a timedelta, 0 to 24 h: the response's
+    `Retry-After`) before it starts, and this attempt fails retryably, as
+    `Retry` (its own `countdown`, if given; else the backoff, and its retry
+    waits with the rest of the key).
+
+    On a task submitted without a `rate_limit_key` there is no key to back
+    off: the task alone waits `retry_after` (as `Retry(countdown=...)`), and a
+    warning is logged.
+    """
+
+    def __init__(
+        self,
+        retry_after: float | timedelta,
+        message: str = "rate limited",
+        details: Mapping[str, Any] | None = None,
+        *,
+        countdown: float | None = None,
+    ) -> None:
+        seconds = retry_after.total_seconds() if isinstance(retry_after, timedelta) else float(retry_after)
+        if not 0 <= seconds <= MAX_RETRY_COUNTDOWN:
+            raise ValueError(
+                f"RateLimited retry_after must be 0 to {MAX_RETRY_COUNTDOWN:g} seconds, got {retry_after!r}"
+            )
+        super().__init__(message, details, countdown=countdown)
+        self.retry_after = seconds
 
 
 class Fatal(Exception):
@@ -532,9 +563,9 @@ class Worker:
             return
         log.warning("koo refused the outcome of %s (code %d): %s", reply.task_id, reply.code, reply.message)
         held = msg.complete if msg.HasField("complete") else msg.fail
-        if msg.HasField("complete") or msg.fail.HasField("details"):
-            # The result (or the details) was refused, e.g. too large: fail
-            # without the payload, so that the task still ends.
+        if msg.HasField("complete") or msg.fail.HasField("details") or msg.fail.HasField("key_retry_after"):
+            # The result (or the details, or the key's back-off) was refused,
+            # e.g. too large: fail without it, so that the task still ends.
             fallback = wpb.Fail(
                 task_id=reply.task_id,
                 lease_token=held.lease_token,
@@ -559,6 +590,8 @@ class Worker:
         result: Any = None
         # message, retryable, details, retry countdown (seconds; None: the backoff)
         failure: tuple[str, bool, dict[str, Any] | None, float | None] | None = None
+        # a RateLimited's back-off of the task's rate-limit key (seconds)
+        key_retry_after: float | None = None
         # the handler's span (with opentelemetry-api): a child of the submitter's
         span = _otel.task_span(t)
         traced = span.__enter__()
@@ -577,6 +610,14 @@ class Worker:
                 result = await self._threads.run(_otel.in_current_context(lambda: reg.fn(*args, **kwargs)))
         except Fatal as e:
             failure = (e.message, False, e.details, None)
+        except RateLimited as e:
+            if t.rate_limit_key:
+                key_retry_after = e.retry_after
+                failure = (e.message, True, e.details, e.countdown)
+            else:
+                log.warning("task %s raised RateLimited without a rate_limit_key: it alone waits", run.task_id)
+                countdown = e.retry_after if e.countdown is None else e.countdown
+                failure = (e.message, True, e.details, countdown)
         except Retry as e:
             failure = (e.message, True, e.details, e.countdown)
         except asyncio.CancelledError:
@@ -622,6 +663,8 @@ class Worker:
         )
         if countdown is not None:
             fail.retry_delay.FromNanoseconds(round(countdown * 1e9))
+        if key_retry_after is not None and not run.cancel_requested:
+            fail.key_retry_after.FromNanoseconds(round(key_retry_after * 1e9))
         if details:
             try:
                 fail.details.CopyFrom(to_struct(details))

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 
-use super::super::{Proof, finish_leased, progress_task};
+use super::super::{Ending, Proof, back_off_key, check_key_backoff, finish_leased, progress_task};
 use super::held::Held;
 use super::{CALL, Inbound, Outbound, ReplyKind, Session};
 use crate::domain::task::{State, Task, TaskId};
@@ -34,7 +34,7 @@ enum Plan {
     Held {
         task: Box<Task>,
         token: u32,
-        finish: Finish,
+        ending: Ending,
         chain: Option<usize>,
     },
     /// A task the session does not hold: read first, and ended only with
@@ -42,7 +42,7 @@ enum Plan {
     Foreign {
         token: u32,
         secret: String,
-        finish: Finish,
+        ending: Ending,
     },
     /// Refused before any store call.
     Refused(TaskError),
@@ -173,7 +173,7 @@ impl Session {
                 secret,
                 result,
             } => {
-                let finish = Ok(Finish::Succeeded(result.to_string()));
+                let finish = Ok(Finish::Succeeded(result.to_string()).into());
                 (id, token, secret, ReplyKind::Complete, finish)
             }
             Inbound::Fail {
@@ -186,11 +186,11 @@ impl Session {
                 token,
                 secret,
                 ReplyKind::Fail,
-                failure.into_finish("fail."),
+                failure.into_ending("fail."),
             ),
             _ => return None,
         };
-        let finish = match finish {
+        let ending: Ending = match finish {
             Ok(f) => f,
             Err(e) => return Some((id, kind, Plan::Refused(e))),
         };
@@ -201,6 +201,13 @@ impl Session {
                 return Some((id, kind, Plan::Refused(e)));
             }
         };
+        if let Some(h) = held.get(&task_id)
+            && h.task.token == token
+            && let Err(e) = check_key_backoff(&h.task, ending.key_backoff, "fail.")
+        {
+            // refused before anything is recorded: the task stays held
+            return Some((id, kind, Plan::Refused(e)));
+        }
         let plan = match held.remove(&task_id) {
             Some(h) if h.task.token == token => {
                 let q = poller.position(&h.task.id.queue());
@@ -211,7 +218,7 @@ impl Session {
                 Plan::Held {
                     task: Box::new(h.task),
                     token,
-                    finish,
+                    ending,
                     chain,
                 }
             }
@@ -223,7 +230,7 @@ impl Session {
                 Plan::Foreign {
                     token,
                     secret,
-                    finish,
+                    ending,
                 }
             }
         };
@@ -232,27 +239,30 @@ impl Session {
 
     /// Makes the store calls a planned outcome needs.
     async fn end(&self, plan: Plan, id: &str, names: &[&str], deadline: Deadline) -> Ended {
-        let (task, token, finish, chain) = match plan {
+        let (task, token, ending, chain) = match plan {
             Plan::Refused(e) => return Ended::only(Err(e)),
             Plan::Foreign {
                 token,
                 secret,
-                finish,
+                ending,
             } => {
                 let proof = Proof::given(&secret);
                 let cache = self.cache.as_ref();
                 return Ended::only(
-                    finish_leased(&self.engine, cache, id, token, finish, proof, deadline).await,
+                    finish_leased(&self.engine, cache, id, token, ending, proof, deadline).await,
                 );
             }
             Plan::Held {
                 task,
                 token,
-                finish,
+                ending,
                 chain,
-            } => (task, token, finish, chain),
+            } => (task, token, ending, chain),
         };
-        let finish = cache_result(self.cache.as_ref(), &task, finish).await;
+        if let Err(e) = back_off_key(&self.engine, &task, ending.key_backoff, deadline).await {
+            return Ended::only(Err(e));
+        }
+        let finish = cache_result(self.cache.as_ref(), &task, ending.finish).await;
         let worker = &self.record.id;
         // the report's span (exported traces only), ended when this returns
         let outcome = match &finish {

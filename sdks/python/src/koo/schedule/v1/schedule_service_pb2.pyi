@@ -170,6 +170,8 @@ class TaskTemplate(google.protobuf.message.Message):
     SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
     TIME_LIMIT_FIELD_NUMBER: builtins.int
     EXPIRE_AFTER_FIELD_NUMBER: builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: builtins.int
     name: builtins.str
     """Handler name."""
     category: koo.tasks.v1.task_service_pb2.TaskCategory.ValueType
@@ -180,6 +182,10 @@ class TaskTemplate(google.protobuf.message.Message):
     """Retries after the first attempt; absent means the default."""
     queue: builtins.str
     """Queue; empty means the category's."""
+    rate_limit_key: builtins.str
+    """Each fired task's rate-limit key (SubmitTaskRequest.rate_limit_key)."""
+    concurrency_key: builtins.str
+    """Each fired task's concurrency key (SubmitTaskRequest.concurrency_key)."""
     @property
     def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
         """Positional arguments."""
@@ -217,9 +223,11 @@ class TaskTemplate(google.protobuf.message.Message):
         soft_time_limit: google.protobuf.duration_pb2.Duration | None = ...,
         time_limit: google.protobuf.duration_pb2.Duration | None = ...,
         expire_after: google.protobuf.duration_pb2.Duration | None = ...,
+        rate_limit_key: builtins.str = ...,
+        concurrency_key: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "category", b"category", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "category", b"category", "concurrency_key", b"concurrency_key", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
     def WhichOneof(self, oneof_group: typing.Literal["_max_retries", b"_max_retries"]) -> typing.Literal["max_retries"] | None: ...
 
 Global___TaskTemplate: typing_extensions.TypeAlias = TaskTemplate

@@ -25,6 +25,76 @@ else:
 
 DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
+class _ConcurrencyPolicy:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _ConcurrencyPolicyEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ConcurrencyPolicy.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    CONCURRENCY_POLICY_UNSPECIFIED: _ConcurrencyPolicy.ValueType  # 0
+    """Not used; means WAIT."""
+    CONCURRENCY_POLICY_WAIT: _ConcurrencyPolicy.ValueType  # 1
+    """It stays QUEUED until one of the key's running tasks ends (Hatchet's
+    GROUP_ROUND_ROBIN).
+    """
+    CONCURRENCY_POLICY_CANCEL_NEWEST: _ConcurrencyPolicy.ValueType  # 2
+    """It ends CANCELLED ("cancelled: concurrency cap of <key> reached")
+    instead of starting (Hatchet's CANCEL_NEWEST).
+    """
+    CONCURRENCY_POLICY_CANCEL_OLDEST: _ConcurrencyPolicy.ValueType  # 3
+    """The key's oldest running task is asked to cancel (as CancelTask asks:
+    its worker is told at its next heartbeat), and the new one starts when
+    it has ended (Hatchet's CANCEL_IN_PROGRESS).
+    """
+
+class ConcurrencyPolicy(_ConcurrencyPolicy, metaclass=_ConcurrencyPolicyEnumTypeWrapper):
+    """ConcurrencyPolicy says what a task does when its key is at its cap."""
+
+CONCURRENCY_POLICY_UNSPECIFIED: ConcurrencyPolicy.ValueType  # 0
+"""Not used; means WAIT."""
+CONCURRENCY_POLICY_WAIT: ConcurrencyPolicy.ValueType  # 1
+"""It stays QUEUED until one of the key's running tasks ends (Hatchet's
+GROUP_ROUND_ROBIN).
+"""
+CONCURRENCY_POLICY_CANCEL_NEWEST: ConcurrencyPolicy.ValueType  # 2
+"""It ends CANCELLED ("cancelled: concurrency cap of <key> reached")
+instead of starting (Hatchet's CANCEL_NEWEST).
+"""
+CONCURRENCY_POLICY_CANCEL_OLDEST: ConcurrencyPolicy.ValueType  # 3
+"""The key's oldest running task is asked to cancel (as CancelTask asks:
+its worker is told at its next heartbeat), and the new one starts when
+it has ended (Hatchet's CANCEL_IN_PROGRESS).
+"""
+Global___ConcurrencyPolicy: typing_extensions.TypeAlias = ConcurrencyPolicy
+
+class _LimitSource:
+    ValueType = typing.NewType("ValueType", builtins.int)
+    V: typing_extensions.TypeAlias = ValueType
+
+class _LimitSourceEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_LimitSource.ValueType], builtins.type):
+    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+    LIMIT_SOURCE_UNSPECIFIED: _LimitSource.ValueType  # 0
+    """Not used."""
+    LIMIT_SOURCE_CONFIG: _LimitSource.ValueType  # 1
+    """koo's configuration (KOO_RATE_LIMITS, KOO_CONCURRENCY_LIMITS), set
+    again at every start.
+    """
+    LIMIT_SOURCE_API: _LimitSource.ValueType  # 2
+    """SetRateLimit or SetConcurrencyLimit."""
+
+class LimitSource(_LimitSource, metaclass=_LimitSourceEnumTypeWrapper):
+    """LimitSource says where a limit came from."""
+
+LIMIT_SOURCE_UNSPECIFIED: LimitSource.ValueType  # 0
+"""Not used."""
+LIMIT_SOURCE_CONFIG: LimitSource.ValueType  # 1
+"""koo's configuration (KOO_RATE_LIMITS, KOO_CONCURRENCY_LIMITS), set
+again at every start.
+"""
+LIMIT_SOURCE_API: LimitSource.ValueType  # 2
+"""SetRateLimit or SetConcurrencyLimit."""
+Global___LimitSource: typing_extensions.TypeAlias = LimitSource
+
 class _QueueState:
     ValueType = typing.NewType("ValueType", builtins.int)
     V: typing_extensions.TypeAlias = ValueType
@@ -168,6 +238,385 @@ TASK_STATE_CANCELLED: TaskState.ValueType  # 7
 TASK_STATE_TIMED_OUT: TaskState.ValueType  # 8
 """Stopped at its hard time limit."""
 Global___TaskState: typing_extensions.TypeAlias = TaskState
+
+@typing.final
+class RateLimit(google.protobuf.message.Message):
+    """RateLimit is a global rate limit on a queue, a task name or a key."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    LIMIT_FIELD_NUMBER: builtins.int
+    PERIOD_FIELD_NUMBER: builtins.int
+    BURST_FIELD_NUMBER: builtins.int
+    SOURCE_FIELD_NUMBER: builtins.int
+    NEXT_FREE_TIME_FIELD_NUMBER: builtins.int
+    BACKOFF_UNTIL_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """The scope: `queues/<queue>`, `tasks/<task name>`, `keys/<key>` or
+    `keys/*` (1 to 300 bytes).
+    """
+    limit: builtins.int
+    """Tasks per period (1 to 1,000,000)."""
+    burst: builtins.int
+    """How many may start at once after a quiet spell (0 or absent means 1:
+    evenly spaced, at most limit + 1 in any period; at most 1,000,000).
+    """
+    source: Global___LimitSource.ValueType
+    """Output only: where it came from (KOO_RATE_LIMITS or the API)."""
+    @property
+    def period(self) -> google.protobuf.duration_pb2.Duration:
+        """The period (1 ms to 24 h)."""
+
+    @property
+    def next_free_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+        """Output only: when its next task may start (its bucket's next free
+        token; now or earlier when one is free).
+        """
+
+    @property
+    def backoff_until(self) -> google.protobuf.timestamp_pb2.Timestamp:
+        """Output only, for a key: until when a worker's FailTask back-off
+        (`key_retry_after`) holds it; absent when none holds.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        limit: builtins.int = ...,
+        period: google.protobuf.duration_pb2.Duration | None = ...,
+        burst: builtins.int = ...,
+        source: Global___LimitSource.ValueType = ...,
+        next_free_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        backoff_until: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["backoff_until", b"backoff_until", "next_free_time", b"next_free_time", "period", b"period"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["backoff_until", b"backoff_until", "burst", b"burst", "limit", b"limit", "name", b"name", "next_free_time", b"next_free_time", "period", b"period", "source", b"source"]) -> None: ...
+
+Global___RateLimit: typing_extensions.TypeAlias = RateLimit
+
+@typing.final
+class ConcurrencyLimit(google.protobuf.message.Message):
+    """ConcurrencyLimit caps the tasks of one concurrency key running at once."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    MAX_RUNNING_FIELD_NUMBER: builtins.int
+    POLICY_FIELD_NUMBER: builtins.int
+    SOURCE_FIELD_NUMBER: builtins.int
+    RUNNING_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """`keys/<concurrency_key>` or `keys/*` (1 to 300 bytes)."""
+    max_running: builtins.int
+    """At most this many run at once (1 to 1,000,000)."""
+    policy: Global___ConcurrencyPolicy.ValueType
+    """What a task that would start past the cap does; unspecified means
+    WAIT.
+    """
+    source: Global___LimitSource.ValueType
+    """Output only: where it came from."""
+    running: builtins.int
+    """Output only: how many of the key's tasks run now (for `keys/*`: 0)."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+        max_running: builtins.int = ...,
+        policy: Global___ConcurrencyPolicy.ValueType = ...,
+        source: Global___LimitSource.ValueType = ...,
+        running: builtins.int = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["max_running", b"max_running", "name", b"name", "policy", b"policy", "running", b"running", "source", b"source"]) -> None: ...
+
+Global___ConcurrencyLimit: typing_extensions.TypeAlias = ConcurrencyLimit
+
+@typing.final
+class SetRateLimitRequest(google.protobuf.message.Message):
+    """SetRateLimitRequest carries the limit to set."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RATE_LIMIT_FIELD_NUMBER: builtins.int
+    @property
+    def rate_limit(self) -> Global___RateLimit:
+        """The limit (name, limit, period, burst; the output fields are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        rate_limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> None: ...
+
+Global___SetRateLimitRequest: typing_extensions.TypeAlias = SetRateLimitRequest
+
+@typing.final
+class SetRateLimitResponse(google.protobuf.message.Message):
+    """SetRateLimitResponse is the limit as stored."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RATE_LIMIT_FIELD_NUMBER: builtins.int
+    @property
+    def rate_limit(self) -> Global___RateLimit:
+        """The limit."""
+
+    def __init__(
+        self,
+        *,
+        rate_limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> None: ...
+
+Global___SetRateLimitResponse: typing_extensions.TypeAlias = SetRateLimitResponse
+
+@typing.final
+class GetRateLimitRequest(google.protobuf.message.Message):
+    """GetRateLimitRequest names a limit."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """E.g. `keys/openai`."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+Global___GetRateLimitRequest: typing_extensions.TypeAlias = GetRateLimitRequest
+
+@typing.final
+class GetRateLimitResponse(google.protobuf.message.Message):
+    """GetRateLimitResponse is the limit."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RATE_LIMIT_FIELD_NUMBER: builtins.int
+    @property
+    def rate_limit(self) -> Global___RateLimit:
+        """The limit and its state."""
+
+    def __init__(
+        self,
+        *,
+        rate_limit: Global___RateLimit | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> None: ...
+
+Global___GetRateLimitResponse: typing_extensions.TypeAlias = GetRateLimitResponse
+
+@typing.final
+class ListRateLimitsRequest(google.protobuf.message.Message):
+    """ListRateLimitsRequest has no fields."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___ListRateLimitsRequest: typing_extensions.TypeAlias = ListRateLimitsRequest
+
+@typing.final
+class ListRateLimitsResponse(google.protobuf.message.Message):
+    """ListRateLimitsResponse lists the limits."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RATE_LIMITS_FIELD_NUMBER: builtins.int
+    @property
+    def rate_limits(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """Every limit, by name."""
+
+    def __init__(
+        self,
+        *,
+        rate_limits: collections.abc.Iterable[Global___RateLimit] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["rate_limits", b"rate_limits"]) -> None: ...
+
+Global___ListRateLimitsResponse: typing_extensions.TypeAlias = ListRateLimitsResponse
+
+@typing.final
+class DeleteRateLimitRequest(google.protobuf.message.Message):
+    """DeleteRateLimitRequest names a limit."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """E.g. `keys/openai`."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+Global___DeleteRateLimitRequest: typing_extensions.TypeAlias = DeleteRateLimitRequest
+
+@typing.final
+class DeleteRateLimitResponse(google.protobuf.message.Message):
+    """DeleteRateLimitResponse is empty."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___DeleteRateLimitResponse: typing_extensions.TypeAlias = DeleteRateLimitResponse
+
+@typing.final
+class SetConcurrencyLimitRequest(google.protobuf.message.Message):
+    """SetConcurrencyLimitRequest carries the cap to set."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CONCURRENCY_LIMIT_FIELD_NUMBER: builtins.int
+    @property
+    def concurrency_limit(self) -> Global___ConcurrencyLimit:
+        """The cap (name, max_running, policy; the output fields are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        concurrency_limit: Global___ConcurrencyLimit | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> None: ...
+
+Global___SetConcurrencyLimitRequest: typing_extensions.TypeAlias = SetConcurrencyLimitRequest
+
+@typing.final
+class SetConcurrencyLimitResponse(google.protobuf.message.Message):
+    """SetConcurrencyLimitResponse is the cap as stored."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CONCURRENCY_LIMIT_FIELD_NUMBER: builtins.int
+    @property
+    def concurrency_limit(self) -> Global___ConcurrencyLimit:
+        """The cap."""
+
+    def __init__(
+        self,
+        *,
+        concurrency_limit: Global___ConcurrencyLimit | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> None: ...
+
+Global___SetConcurrencyLimitResponse: typing_extensions.TypeAlias = SetConcurrencyLimitResponse
+
+@typing.final
+class GetConcurrencyLimitRequest(google.protobuf.message.Message):
+    """GetConcurrencyLimitRequest names a cap."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """E.g. `keys/tenant-42`."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+Global___GetConcurrencyLimitRequest: typing_extensions.TypeAlias = GetConcurrencyLimitRequest
+
+@typing.final
+class GetConcurrencyLimitResponse(google.protobuf.message.Message):
+    """GetConcurrencyLimitResponse is the cap."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CONCURRENCY_LIMIT_FIELD_NUMBER: builtins.int
+    @property
+    def concurrency_limit(self) -> Global___ConcurrencyLimit:
+        """The cap and its key's running count."""
+
+    def __init__(
+        self,
+        *,
+        concurrency_limit: Global___ConcurrencyLimit | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> None: ...
+
+Global___GetConcurrencyLimitResponse: typing_extensions.TypeAlias = GetConcurrencyLimitResponse
+
+@typing.final
+class ListConcurrencyLimitsRequest(google.protobuf.message.Message):
+    """ListConcurrencyLimitsRequest has no fields."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___ListConcurrencyLimitsRequest: typing_extensions.TypeAlias = ListConcurrencyLimitsRequest
+
+@typing.final
+class ListConcurrencyLimitsResponse(google.protobuf.message.Message):
+    """ListConcurrencyLimitsResponse lists the caps."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    CONCURRENCY_LIMITS_FIELD_NUMBER: builtins.int
+    @property
+    def concurrency_limits(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___ConcurrencyLimit]:
+        """Every cap, by name."""
+
+    def __init__(
+        self,
+        *,
+        concurrency_limits: collections.abc.Iterable[Global___ConcurrencyLimit] | None = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["concurrency_limits", b"concurrency_limits"]) -> None: ...
+
+Global___ListConcurrencyLimitsResponse: typing_extensions.TypeAlias = ListConcurrencyLimitsResponse
+
+@typing.final
+class DeleteConcurrencyLimitRequest(google.protobuf.message.Message):
+    """DeleteConcurrencyLimitRequest names a cap."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    """E.g. `keys/tenant-42`."""
+    def __init__(
+        self,
+        *,
+        name: builtins.str = ...,
+    ) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+
+Global___DeleteConcurrencyLimitRequest: typing_extensions.TypeAlias = DeleteConcurrencyLimitRequest
+
+@typing.final
+class DeleteConcurrencyLimitResponse(google.protobuf.message.Message):
+    """DeleteConcurrencyLimitResponse is empty."""
+
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+
+Global___DeleteConcurrencyLimitResponse: typing_extensions.TypeAlias = DeleteConcurrencyLimitResponse
 
 @typing.final
 class PauseQueueRequest(google.protobuf.message.Message):
@@ -387,6 +836,8 @@ class Task(google.protobuf.message.Message):
     TRACE_STATE_FIELD_NUMBER: builtins.int
     DEBOUNCE_KEY_FIELD_NUMBER: builtins.int
     EXPIRE_TIME_FIELD_NUMBER: builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: builtins.int
     id: builtins.str
     """Opaque id, generated by koo."""
     name: builtins.str
@@ -419,6 +870,10 @@ class Task(google.protobuf.message.Message):
     """The debounce key it was submitted with, if any (see
     SubmitTaskRequest.debounce_key).
     """
+    rate_limit_key: builtins.str
+    """The rate-limit key it was submitted with, if any."""
+    concurrency_key: builtins.str
+    """The concurrency key it was submitted with, if any."""
     @property
     def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
         """Positional arguments."""
@@ -519,9 +974,11 @@ class Task(google.protobuf.message.Message):
         trace_state: builtins.str = ...,
         debounce_key: builtins.str = ...,
         expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        rate_limit_key: builtins.str = ...,
+        concurrency_key: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["cache_result", b"cache_result", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "kwargs", b"kwargs", "progress", b"progress", "result", b"result", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["args", b"args", "attempt_log", b"attempt_log", "attempts", b"attempts", "cache_result", b"cache_result", "category", b"category", "create_time", b"create_time", "debounce_key", b"debounce_key", "depends_on", b"depends_on", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "progress", b"progress", "queue", b"queue", "result", b"result", "schedule", b"schedule", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "trace_parent", b"trace_parent", "trace_state", b"trace_state", "worker", b"worker"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["args", b"args", "attempt_log", b"attempt_log", "attempts", b"attempts", "cache_result", b"cache_result", "category", b"category", "concurrency_key", b"concurrency_key", "create_time", b"create_time", "debounce_key", b"debounce_key", "depends_on", b"depends_on", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "progress", b"progress", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "result", b"result", "schedule", b"schedule", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "trace_parent", b"trace_parent", "trace_state", b"trace_state", "worker", b"worker"]) -> None: ...
 
 Global___Task: typing_extensions.TypeAlias = Task
 
@@ -683,6 +1140,8 @@ class SubmitTaskRequest(google.protobuf.message.Message):
     DEBOUNCE_WINDOW_FIELD_NUMBER: builtins.int
     EXPIRE_TIME_FIELD_NUMBER: builtins.int
     EXPIRE_AFTER_FIELD_NUMBER: builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: builtins.int
     name: builtins.str
     """Handler name (1 to 256 bytes)."""
     category: Global___TaskCategory.ValueType
@@ -715,6 +1174,20 @@ class SubmitTaskRequest(google.protobuf.message.Message):
     is INVALID_ARGUMENT. A debounced submit takes no countdown, ETA,
     dependencies, idempotency key or expiry (INVALID_ARGUMENT). Only
     SubmitTask takes one.
+    """
+    rate_limit_key: builtins.str
+    """Rate-limit key (1 to 256 bytes), e.g. the AI provider or a tenant: the
+    task starts only when the key's rate limit (`keys/<key>`, else
+    `keys/*`) has a token, and not while a worker's FailTask back-off
+    (`key_retry_after`) holds the key. Without a limit or back-off for it,
+    it changes nothing.
+    """
+    concurrency_key: builtins.str
+    """Concurrency key (1 to 256 bytes), e.g. a tenant or a document: at most
+    the key's cap (`keys/<key>`, else `keys/*`; SetConcurrencyLimit) of its
+    tasks run at once, cluster-wide. Within one priority, a queue serves
+    its keys' tasks round robin (one tenant's thousands do not starve
+    another's few), cap or none.
     """
     @property
     def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
@@ -803,9 +1276,11 @@ class SubmitTaskRequest(google.protobuf.message.Message):
         debounce_window: google.protobuf.duration_pb2.Duration | None = ...,
         expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
         expire_after: google.protobuf.duration_pb2.Duration | None = ...,
+        rate_limit_key: builtins.str = ...,
+        concurrency_key: builtins.str = ...,
     ) -> None: ...
     def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "cache_result", b"cache_result", "countdown", b"countdown", "debounce_window", b"debounce_window", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "kwargs", b"kwargs", "max_retries", b"max_retries", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "cache_result", b"cache_result", "category", b"category", "countdown", b"countdown", "debounce_key", b"debounce_key", "debounce_window", b"debounce_window", "depends_on", b"depends_on", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "cache_result", b"cache_result", "category", b"category", "concurrency_key", b"concurrency_key", "countdown", b"countdown", "debounce_key", b"debounce_key", "debounce_window", b"debounce_window", "depends_on", b"depends_on", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
     def WhichOneof(self, oneof_group: typing.Literal["_max_retries", b"_max_retries"]) -> typing.Literal["max_retries"] | None: ...
 
 Global___SubmitTaskRequest: typing_extensions.TypeAlias = SubmitTaskRequest

@@ -127,6 +127,46 @@ class TaskServiceStub:
                 request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
                 response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
                 _registered_method=True)
+        self.SetRateLimit = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/SetRateLimit',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetRateLimitRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.GetRateLimit = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/GetRateLimit',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetRateLimitRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetRateLimitResponse.FromString,
+                _registered_method=True)
+        self.ListRateLimits = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/ListRateLimits',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListRateLimitsRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListRateLimitsResponse.FromString,
+                _registered_method=True)
+        self.DeleteRateLimit = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/DeleteRateLimit',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.FromString,
+                _registered_method=True)
+        self.SetConcurrencyLimit = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/SetConcurrencyLimit',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetConcurrencyLimitRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetConcurrencyLimitResponse.FromString,
+                _registered_method=True)
+        self.GetConcurrencyLimit = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/GetConcurrencyLimit',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetConcurrencyLimitRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetConcurrencyLimitResponse.FromString,
+                _registered_method=True)
+        self.ListConcurrencyLimits = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/ListConcurrencyLimits',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListConcurrencyLimitsRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListConcurrencyLimitsResponse.FromString,
+                _registered_method=True)
+        self.DeleteConcurrencyLimit = channel.unary_unary(
+                '/koo.tasks.v1.TaskService/DeleteConcurrencyLimit',
+                request_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteConcurrencyLimitRequest.SerializeToString,
+                response_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteConcurrencyLimitResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -308,6 +348,77 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRateLimit(self, request, context):
+        """SetRateLimit creates or replaces a global rate limit: at most `limit`
+        tasks of its scope start per `period` (GCRA: evenly spaced, `burst` at
+        once), counted across every koo process and worker, built-in or
+        external. A task over its limit stays QUEUED (no attempt counted, not
+        failed) until a token frees; tasks behind it of other scopes are
+        handed out meanwhile. The scope is the name: `queues/<queue>`,
+        `tasks/<task name>`, `keys/<rate_limit_key>`, or `keys/*` (every key
+        without a limit of its own). Admin. A limit set here applies at once
+        in this process and within a second in the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRateLimit(self, request, context):
+        """GetRateLimit returns one rate limit with its state. Unknown: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRateLimits(self, request, context):
+        """ListRateLimits lists every rate limit (by name), in one page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRateLimit(self, request, context):
+        """DeleteRateLimit removes a rate limit; its tasks are no longer held
+        (a key's back-off from a worker's FailTask stays until it ends).
+        Unknown: NOT_FOUND. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetConcurrencyLimit(self, request, context):
+        """SetConcurrencyLimit creates or replaces a cap on how many tasks with
+        one `concurrency_key` run at once, cluster-wide, and what happens to a
+        task that would start past it (ConcurrencyPolicy). The name is
+        `keys/<concurrency_key>` or `keys/*` (every key without a cap of its
+        own). Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConcurrencyLimit(self, request, context):
+        """GetConcurrencyLimit returns one cap with the key's running count.
+        Unknown: NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListConcurrencyLimits(self, request, context):
+        """ListConcurrencyLimits lists every cap (by name), in one page.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteConcurrencyLimit(self, request, context):
+        """DeleteConcurrencyLimit removes a cap. Unknown: NOT_FOUND. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -400,6 +511,46 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ListQueues,
                     request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesRequest.FromString,
                     response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesResponse.SerializeToString,
+            ),
+            'SetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRateLimit,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetRateLimitRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetRateLimitResponse.SerializeToString,
+            ),
+            'GetRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRateLimit,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetRateLimitRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetRateLimitResponse.SerializeToString,
+            ),
+            'ListRateLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRateLimits,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListRateLimitsRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListRateLimitsResponse.SerializeToString,
+            ),
+            'DeleteRateLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRateLimit,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.SerializeToString,
+            ),
+            'SetConcurrencyLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetConcurrencyLimit,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetConcurrencyLimitRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.SetConcurrencyLimitResponse.SerializeToString,
+            ),
+            'GetConcurrencyLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConcurrencyLimit,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetConcurrencyLimitRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.GetConcurrencyLimitResponse.SerializeToString,
+            ),
+            'ListConcurrencyLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListConcurrencyLimits,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListConcurrencyLimitsRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.ListConcurrencyLimitsResponse.SerializeToString,
+            ),
+            'DeleteConcurrencyLimit': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConcurrencyLimit,
+                    request_deserializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteConcurrencyLimitRequest.FromString,
+                    response_serializer=koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteConcurrencyLimitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -891,6 +1042,222 @@ class TaskService:
             '/koo.tasks.v1.TaskService/ListQueues',
             koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesRequest.SerializeToString,
             koo_dot_tasks_dot_v1_dot_task__service__pb2.ListQueuesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/SetRateLimit',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.SetRateLimitRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.SetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/GetRateLimit',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.GetRateLimitRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.GetRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRateLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/ListRateLimits',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ListRateLimitsRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ListRateLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRateLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/DeleteRateLimit',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteRateLimitRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteRateLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetConcurrencyLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/SetConcurrencyLimit',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.SetConcurrencyLimitRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.SetConcurrencyLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConcurrencyLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/GetConcurrencyLimit',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.GetConcurrencyLimitRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.GetConcurrencyLimitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListConcurrencyLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/ListConcurrencyLimits',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ListConcurrencyLimitsRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.ListConcurrencyLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConcurrencyLimit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.tasks.v1.TaskService/DeleteConcurrencyLimit',
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteConcurrencyLimitRequest.SerializeToString,
+            koo_dot_tasks_dot_v1_dot_task__service__pb2.DeleteConcurrencyLimitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -315,7 +315,135 @@ _TaskServiceListQueuesType = typing_extensions.TypeVar(
     ],
 )
 
-class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSubmitTasksType, _TaskServiceGetTaskType, _TaskServiceWatchTaskType, _TaskServiceGetTaskMetricsType, _TaskServiceWatchTaskMetricsType, _TaskServiceSubmitAiQueryType, _TaskServiceSubmitHealthCheckType, _TaskServiceListActiveTasksType, _TaskServiceListTaskHistoryType, _TaskServiceWatchTasksType, _TaskServiceCancelTaskType, _TaskServiceRetryTaskType, _TaskServiceCleanupTasksType, _TaskServiceRequeueDeadLettersType, _TaskServicePauseQueueType, _TaskServiceResumeQueueType, _TaskServiceListQueuesType]):
+_TaskServiceSetRateLimitType = typing_extensions.TypeVar(
+    '_TaskServiceSetRateLimitType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
+    ],
+)
+
+_TaskServiceGetRateLimitType = typing_extensions.TypeVar(
+    '_TaskServiceGetRateLimitType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
+    ],
+)
+
+_TaskServiceListRateLimitsType = typing_extensions.TypeVar(
+    '_TaskServiceListRateLimitsType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
+    ],
+)
+
+_TaskServiceDeleteRateLimitType = typing_extensions.TypeVar(
+    '_TaskServiceDeleteRateLimitType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
+    ],
+)
+
+_TaskServiceSetConcurrencyLimitType = typing_extensions.TypeVar(
+    '_TaskServiceSetConcurrencyLimitType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
+    ],
+)
+
+_TaskServiceGetConcurrencyLimitType = typing_extensions.TypeVar(
+    '_TaskServiceGetConcurrencyLimitType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
+    ],
+)
+
+_TaskServiceListConcurrencyLimitsType = typing_extensions.TypeVar(
+    '_TaskServiceListConcurrencyLimitsType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
+    ],
+)
+
+_TaskServiceDeleteConcurrencyLimitType = typing_extensions.TypeVar(
+    '_TaskServiceDeleteConcurrencyLimitType',
+    grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
+    ],
+    default=grpc.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
+    ],
+)
+
+class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSubmitTasksType, _TaskServiceGetTaskType, _TaskServiceWatchTaskType, _TaskServiceGetTaskMetricsType, _TaskServiceWatchTaskMetricsType, _TaskServiceSubmitAiQueryType, _TaskServiceSubmitHealthCheckType, _TaskServiceListActiveTasksType, _TaskServiceListTaskHistoryType, _TaskServiceWatchTasksType, _TaskServiceCancelTaskType, _TaskServiceRetryTaskType, _TaskServiceCleanupTasksType, _TaskServiceRequeueDeadLettersType, _TaskServicePauseQueueType, _TaskServiceResumeQueueType, _TaskServiceListQueuesType, _TaskServiceSetRateLimitType, _TaskServiceGetRateLimitType, _TaskServiceListRateLimitsType, _TaskServiceDeleteRateLimitType, _TaskServiceSetConcurrencyLimitType, _TaskServiceGetConcurrencyLimitType, _TaskServiceListConcurrencyLimitsType, _TaskServiceDeleteConcurrencyLimitType]):
     """TaskService submits background tasks and reports on them. Tasks live in
     Redis: an accepted task runs to an end state (or is dead-lettered) even if
     workers or koo processes die.
@@ -395,6 +523,38 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
             koo.tasks.v1.task_service_pb2.ListQueuesRequest,
             koo.tasks.v1.task_service_pb2.ListQueuesResponse,
         ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+            koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+            koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+            koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+            koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
+        ],
+        grpc.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
+        ],
     ], channel: grpc.Channel) -> None: ...
 
     @typing.overload
@@ -470,6 +630,38 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
         grpc.aio.UnaryUnaryMultiCallable[
             koo.tasks.v1.task_service_pb2.ListQueuesRequest,
             koo.tasks.v1.task_service_pb2.ListQueuesResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+            koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+            koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+            koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+            koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
+        ],
+        grpc.aio.UnaryUnaryMultiCallable[
+            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
         ],
     ], channel: grpc.aio.Channel) -> None: ...
 
@@ -591,6 +783,49 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
     configured extra queue) with its state and figures, in one page.
     """
 
+    SetRateLimit: _TaskServiceSetRateLimitType
+    """SetRateLimit creates or replaces a global rate limit: at most `limit`
+    tasks of its scope start per `period` (GCRA: evenly spaced, `burst` at
+    once), counted across every koo process and worker, built-in or
+    external. A task over its limit stays QUEUED (no attempt counted, not
+    failed) until a token frees; tasks behind it of other scopes are
+    handed out meanwhile. The scope is the name: `queues/<queue>`,
+    `tasks/<task name>`, `keys/<rate_limit_key>`, or `keys/*` (every key
+    without a limit of its own). Admin. A limit set here applies at once
+    in this process and within a second in the others.
+    """
+
+    GetRateLimit: _TaskServiceGetRateLimitType
+    """GetRateLimit returns one rate limit with its state. Unknown: NOT_FOUND."""
+
+    ListRateLimits: _TaskServiceListRateLimitsType
+    """ListRateLimits lists every rate limit (by name), in one page."""
+
+    DeleteRateLimit: _TaskServiceDeleteRateLimitType
+    """DeleteRateLimit removes a rate limit; its tasks are no longer held
+    (a key's back-off from a worker's FailTask stays until it ends).
+    Unknown: NOT_FOUND. Admin.
+    """
+
+    SetConcurrencyLimit: _TaskServiceSetConcurrencyLimitType
+    """SetConcurrencyLimit creates or replaces a cap on how many tasks with
+    one `concurrency_key` run at once, cluster-wide, and what happens to a
+    task that would start past it (ConcurrencyPolicy). The name is
+    `keys/<concurrency_key>` or `keys/*` (every key without a cap of its
+    own). Admin.
+    """
+
+    GetConcurrencyLimit: _TaskServiceGetConcurrencyLimitType
+    """GetConcurrencyLimit returns one cap with the key's running count.
+    Unknown: NOT_FOUND.
+    """
+
+    ListConcurrencyLimits: _TaskServiceListConcurrencyLimitsType
+    """ListConcurrencyLimits lists every cap (by name), in one page."""
+
+    DeleteConcurrencyLimit: _TaskServiceDeleteConcurrencyLimitType
+    """DeleteConcurrencyLimit removes a cap. Unknown: NOT_FOUND. Admin."""
+
 TaskServiceAsyncStub: typing_extensions.TypeAlias = TaskServiceStub[
     grpc.aio.UnaryUnaryMultiCallable[
         koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
@@ -663,6 +898,38 @@ TaskServiceAsyncStub: typing_extensions.TypeAlias = TaskServiceStub[
     grpc.aio.UnaryUnaryMultiCallable[
         koo.tasks.v1.task_service_pb2.ListQueuesRequest,
         koo.tasks.v1.task_service_pb2.ListQueuesResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
+    ],
+    grpc.aio.UnaryUnaryMultiCallable[
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
     ],
 ]
 
@@ -879,5 +1146,88 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         """ListQueues lists every queue (the six category queues, then any
         configured extra queue) with its state and figures, in one page.
         """
+
+    @abc.abstractmethod
+    def SetRateLimit(
+        self,
+        request: koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SetRateLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SetRateLimitResponse]]:
+        """SetRateLimit creates or replaces a global rate limit: at most `limit`
+        tasks of its scope start per `period` (GCRA: evenly spaced, `burst` at
+        once), counted across every koo process and worker, built-in or
+        external. A task over its limit stays QUEUED (no attempt counted, not
+        failed) until a token frees; tasks behind it of other scopes are
+        handed out meanwhile. The scope is the name: `queues/<queue>`,
+        `tasks/<task name>`, `keys/<rate_limit_key>`, or `keys/*` (every key
+        without a limit of its own). Admin. A limit set here applies at once
+        in this process and within a second in the others.
+        """
+
+    @abc.abstractmethod
+    def GetRateLimit(
+        self,
+        request: koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.GetRateLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.GetRateLimitResponse]]:
+        """GetRateLimit returns one rate limit with its state. Unknown: NOT_FOUND."""
+
+    @abc.abstractmethod
+    def ListRateLimits(
+        self,
+        request: koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListRateLimitsResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListRateLimitsResponse]]:
+        """ListRateLimits lists every rate limit (by name), in one page."""
+
+    @abc.abstractmethod
+    def DeleteRateLimit(
+        self,
+        request: koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse]]:
+        """DeleteRateLimit removes a rate limit; its tasks are no longer held
+        (a key's back-off from a worker's FailTask stays until it ends).
+        Unknown: NOT_FOUND. Admin.
+        """
+
+    @abc.abstractmethod
+    def SetConcurrencyLimit(
+        self,
+        request: koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse]]:
+        """SetConcurrencyLimit creates or replaces a cap on how many tasks with
+        one `concurrency_key` run at once, cluster-wide, and what happens to a
+        task that would start past it (ConcurrencyPolicy). The name is
+        `keys/<concurrency_key>` or `keys/*` (every key without a cap of its
+        own). Admin.
+        """
+
+    @abc.abstractmethod
+    def GetConcurrencyLimit(
+        self,
+        request: koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse]]:
+        """GetConcurrencyLimit returns one cap with the key's running count.
+        Unknown: NOT_FOUND.
+        """
+
+    @abc.abstractmethod
+    def ListConcurrencyLimits(
+        self,
+        request: koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse]]:
+        """ListConcurrencyLimits lists every cap (by name), in one page."""
+
+    @abc.abstractmethod
+    def DeleteConcurrencyLimit(
+        self,
+        request: koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+        context: _ServicerContext,
+    ) -> typing.Union[koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse]]:
+        """DeleteConcurrencyLimit removes a cap. Unknown: NOT_FOUND. Admin."""
 
 def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

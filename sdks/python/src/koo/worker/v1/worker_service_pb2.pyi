@@ -314,6 +314,7 @@ class Fail(google.protobuf.message.Message):
     DETAILS_FIELD_NUMBER: builtins.int
     LEASE_SECRET_FIELD_NUMBER: builtins.int
     RETRY_DELAY_FIELD_NUMBER: builtins.int
+    KEY_RETRY_AFTER_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """The task."""
     lease_token: builtins.int
@@ -338,6 +339,16 @@ class Fail(google.protobuf.message.Message):
         Ignored when no retry remains.
         """
 
+    @property
+    def key_retry_after(self) -> google.protobuf.duration_pb2.Duration:
+        """The provider said "too many requests" for the task's rate-limit key
+        (an HTTP 429's Retry-After): every task with that key, in every queue,
+        waits this long before it starts (0 s to 24 h; BullMQ's manual rate
+        limit, but global). Needs a task with a rate_limit_key
+        (FAILED_PRECONDITION otherwise). Independent of retry_delay, which is
+        this task's own wait.
+        """
+
     def __init__(
         self,
         *,
@@ -348,9 +359,10 @@ class Fail(google.protobuf.message.Message):
         details: google.protobuf.struct_pb2.Struct | None = ...,
         lease_secret: builtins.str = ...,
         retry_delay: google.protobuf.duration_pb2.Duration | None = ...,
+        key_retry_after: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
 
 Global___Fail: typing_extensions.TypeAlias = Fail
 
@@ -872,6 +884,7 @@ class FailTaskRequest(google.protobuf.message.Message):
     DETAILS_FIELD_NUMBER: builtins.int
     LEASE_SECRET_FIELD_NUMBER: builtins.int
     RETRY_DELAY_FIELD_NUMBER: builtins.int
+    KEY_RETRY_AFTER_FIELD_NUMBER: builtins.int
     task_id: builtins.str
     """The task."""
     lease_token: builtins.int
@@ -893,6 +906,16 @@ class FailTaskRequest(google.protobuf.message.Message):
         Ignored when no retry remains.
         """
 
+    @property
+    def key_retry_after(self) -> google.protobuf.duration_pb2.Duration:
+        """The provider said "too many requests" for the task's rate-limit key
+        (an HTTP 429's Retry-After): every task with that key, in every queue,
+        waits this long before it starts (0 s to 24 h; BullMQ's manual rate
+        limit, but global). Needs a task with a rate_limit_key
+        (FAILED_PRECONDITION otherwise). Independent of retry_delay, which is
+        this task's own wait.
+        """
+
     def __init__(
         self,
         *,
@@ -903,9 +926,10 @@ class FailTaskRequest(google.protobuf.message.Message):
         details: google.protobuf.struct_pb2.Struct | None = ...,
         lease_secret: builtins.str = ...,
         retry_delay: google.protobuf.duration_pb2.Duration | None = ...,
+        key_retry_after: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
 
 Global___FailTaskRequest: typing_extensions.TypeAlias = FailTaskRequest
 
