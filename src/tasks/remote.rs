@@ -357,19 +357,7 @@ pub async fn lease_once(
         ));
     }
     let config = engine.config();
-    let record = WorkerRecord {
-        id: format!("unary:{worker}"),
-        slots: 1,
-        running: 0,
-        queues: routing.queues.iter().map(|q| q.to_string()).collect(),
-        names: routing.names(),
-        started_ms: crate::store::unix_millis(SystemTime::now()),
-        seen_ms: crate::store::unix_millis(SystemTime::now()),
-        kind: "unary".to_owned(),
-        name: worker.to_owned(),
-        held: Vec::new(),
-        peer: String::new(),
-    };
+    let record = unary_record(worker, routing);
     // A unary caller is listed for ten leases after its last lease call:
     // between calls it may be busy running what it leased.
     if let Err(e) = engine
@@ -400,11 +388,7 @@ pub async fn lease_once(
                 .await?
             {
                 Leased::Task(task) => return Ok(Some(*task)),
-                Leased::Held(Some(at_ms)) => {
-                    let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
-                    let wait = Duration::from_millis(at_ms.saturating_sub(now_ms).max(1) as u64);
-                    next = next.min(wait);
-                }
+                Leased::Held(Some(at_ms)) => next = next.min(time_until(at_ms)),
                 Leased::Held(None) | Leased::Empty => {}
             }
         }
@@ -684,4 +668,28 @@ mod tests {
             }
         }
     }
+}
+
+/// The presence record of unary worker `worker`.
+fn unary_record(worker: &str, routing: &Routing) -> WorkerRecord {
+    WorkerRecord {
+        id: format!("unary:{worker}"),
+        slots: 1,
+        running: 0,
+        queues: routing.queues.iter().map(|q| q.to_string()).collect(),
+        names: routing.names(),
+        started_ms: crate::store::unix_millis(SystemTime::now()),
+        seen_ms: crate::store::unix_millis(SystemTime::now()),
+        kind: "unary".to_owned(),
+        name: worker.to_owned(),
+        held: Vec::new(),
+        peer: String::new(),
+    }
+}
+
+/// How long from now until `at_ms` (ms since the epoch), at least a
+/// millisecond: a held queue's token frees then.
+fn time_until(at_ms: i64) -> Duration {
+    let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
+    Duration::from_millis(at_ms.saturating_sub(now_ms).max(1) as u64)
 }

@@ -434,7 +434,8 @@ async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
             .unwrap();
     }
     let after: usize = conn.hlen(hash).await.unwrap();
-    assert!(after < 100, "{after} fields left of {before}");
+    // down to the bound (stale turns under it cost a field each, no more)
+    assert!(after <= 1_000, "{after} fields left of {before}");
     let kept: Option<String> = conn.hget(hash, "k:k1199").await.unwrap();
     assert!(kept.is_some(), "a turn ahead of the clock is kept");
 }

@@ -616,8 +616,8 @@ class Worker:
                 failure = (e.message, True, e.details, e.countdown)
             else:
                 log.warning("task %s raised RateLimited without a rate_limit_key: it alone waits", run.task_id)
-                countdown = e.retry_after if e.countdown is None else e.countdown
-                failure = (e.message, True, e.details, countdown)
+                wait = e.retry_after if e.countdown is None else e.countdown
+                failure = (e.message, True, e.details, wait)
         except Retry as e:
             failure = (e.message, True, e.details, e.countdown)
         except asyncio.CancelledError:

@@ -15,6 +15,7 @@ mod args;
 mod debounce;
 mod events;
 mod flow;
+mod invoke;
 mod reads;
 mod registry;
 mod scripts;
@@ -90,36 +91,6 @@ impl RedisTasks {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl RedisStore {
-    /// Runs a script that is safe to repeat (it checks before it writes),
-    /// with the retries of [`RedisStore::run`].
-    async fn invoke<T: redis::FromRedisValue>(
-        &self,
-        inv: &redis::ScriptInvocation<'_>,
-        deadline: Deadline,
-    ) -> Result<T> {
-        self.run(
-            deadline,
-            |mut c| async move { inv.invoke_async(&mut c).await },
-        )
-        .await
-    }
-
-    /// Runs a script that moves a task, once: after a lost reply, sending it
-    /// again could apply it twice.
-    async fn invoke_once<T: redis::FromRedisValue>(
-        &self,
-        inv: &redis::ScriptInvocation<'_>,
-        deadline: Deadline,
-    ) -> Result<T> {
-        self.run_once(
-            deadline,
-            |mut c| async move { inv.invoke_async(&mut c).await },
-        )
-        .await
-    }
 }
 
 impl RedisTasks {

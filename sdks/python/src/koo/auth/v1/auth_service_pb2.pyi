@@ -5,26 +5,26 @@ Who koo takes a caller to be: the dashboard and the command-line client
 ask, so that they offer only the actions the caller's role allows.
 """
 
-import builtins
-import google.protobuf.descriptor
-import google.protobuf.internal.enum_type_wrapper
-import google.protobuf.message
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+import builtins as _builtins
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 10):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    import typing_extensions
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
-DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+DESCRIPTOR: _descriptor.FileDescriptor
 
 class _Role:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _RoleEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     ROLE_UNSPECIFIED: _Role.ValueType  # 0
     """Not used."""
     ROLE_READER: _Role.ValueType  # 1
@@ -56,33 +56,38 @@ requeues and schedule writes.
 """
 ROLE_WORKER: Role.ValueType  # 4
 """WorkerService, GetTask and ListWorkers."""
-Global___Role: typing_extensions.TypeAlias = Role
+Global___Role: _TypeAlias = Role  # noqa: Y015
 
-@typing.final
-class GetCallerRequest(google.protobuf.message.Message):
+@_typing.final
+class GetCallerRequest(_message.Message):
     """GetCallerRequest has no fields: the caller is named by the call's
     credentials.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetCallerRequest: typing_extensions.TypeAlias = GetCallerRequest
+Global___GetCallerRequest: _TypeAlias = GetCallerRequest  # noqa: Y015
 
-@typing.final
-class GetCallerResponse(google.protobuf.message.Message):
+@_typing.final
+class GetCallerResponse(_message.Message):
     """GetCallerResponse names the caller."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    PRINCIPAL_FIELD_NUMBER: builtins.int
-    ROLE_FIELD_NUMBER: builtins.int
-    AUTH_REQUIRED_FIELD_NUMBER: builtins.int
-    SERVER_VERSION_FIELD_NUMBER: builtins.int
-    principal: builtins.str
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    AUTH_REQUIRED_FIELD_NUMBER: _builtins.int
+    SERVER_VERSION_FIELD_NUMBER: _builtins.int
+    principal: _builtins.str
     """The key's name or the certificate's identity; `anonymous` when koo runs
     open.
     """
@@ -90,20 +95,24 @@ class GetCallerResponse(google.protobuf.message.Message):
     """The caller's role. When koo runs open (no KOO_AUTH_FILE) every call is
     allowed, as an admin's: ROLE_ADMIN, with `auth_required` false.
     """
-    auth_required: builtins.bool
+    auth_required: _builtins.bool
     """Whether koo requires credentials (KOO_AUTH_FILE is set). False: koo
     runs open and allows every call.
     """
-    server_version: builtins.str
+    server_version: _builtins.str
     """koo's version (the `koo --version` of the process that answered)."""
     def __init__(
         self,
         *,
-        principal: builtins.str = ...,
+        principal: _builtins.str = ...,
         role: Global___Role.ValueType = ...,
-        auth_required: builtins.bool = ...,
-        server_version: builtins.str = ...,
+        auth_required: _builtins.bool = ...,
+        server_version: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["auth_required", b"auth_required", "principal", b"principal", "role", b"role", "server_version", b"server_version"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_required", b"auth_required", "principal", b"principal", "role", b"role", "server_version", b"server_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetCallerResponse: typing_extensions.TypeAlias = GetCallerResponse
+Global___GetCallerResponse: _TypeAlias = GetCallerResponse  # noqa: Y015

@@ -5,64 +5,37 @@ Who koo takes a caller to be: the dashboard and the command-line client
 ask, so that they offer only the actions the caller's role allows.
 """
 
-import abc
-import collections.abc
-import grpc
-import grpc.aio
-import koo.auth.v1.auth_service_pb2
+from collections import abc as _abc
+from grpc import aio as _aio
+from koo.auth.v1 import auth_service_pb2 as _auth_service_pb2
+import abc as _abc_1
+import grpc as _grpc
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 13):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
 else:
-    import typing_extensions
+    from typing_extensions import Self as _Self
 
-_T = typing.TypeVar("_T")
+_T = _typing.TypeVar("_T")
 
-class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
+class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
 
-class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
-_AuthServiceGetCallerType = typing_extensions.TypeVar(
-    '_AuthServiceGetCallerType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.auth.v1.auth_service_pb2.GetCallerRequest,
-        koo.auth.v1.auth_service_pb2.GetCallerResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.auth.v1.auth_service_pb2.GetCallerRequest,
-        koo.auth.v1.auth_service_pb2.GetCallerResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.auth.v1.auth_service_pb2.GetCallerRequest,
-        koo.auth.v1.auth_service_pb2.GetCallerResponse,
-    ],
-)
 
-class AuthServiceStub(typing.Generic[_AuthServiceGetCallerType]):
+class AuthServiceStub:
     """AuthService tells a caller what koo knows of it."""
 
-    @typing.overload
-    def __init__(self: AuthServiceStub[
-        grpc.UnaryUnaryMultiCallable[
-            koo.auth.v1.auth_service_pb2.GetCallerRequest,
-            koo.auth.v1.auth_service_pb2.GetCallerResponse,
-        ],
-    ], channel: grpc.Channel) -> None: ...
-
-    @typing.overload
-    def __init__(self: AuthServiceStub[
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.auth.v1.auth_service_pb2.GetCallerRequest,
-            koo.auth.v1.auth_service_pb2.GetCallerResponse,
-        ],
-    ], channel: grpc.aio.Channel) -> None: ...
-
-    GetCaller: _AuthServiceGetCallerType
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> AuthServiceAsyncStub: ...
+    GetCaller: _grpc.UnaryUnaryMultiCallable[_auth_service_pb2.GetCallerRequest, _auth_service_pb2.GetCallerResponse]
     """GetCaller returns the principal and role that the call's credentials
     name (an API key of KOO_AUTH_FILE, a client certificate that a
     [[principal]] names, or KOO_WORKER_TOKEN). Any authenticated caller may
@@ -71,22 +44,29 @@ class AuthServiceStub(typing.Generic[_AuthServiceGetCallerType]):
     to test a key.
     """
 
-AuthServiceAsyncStub: typing_extensions.TypeAlias = AuthServiceStub[
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.auth.v1.auth_service_pb2.GetCallerRequest,
-        koo.auth.v1.auth_service_pb2.GetCallerResponse,
-    ],
-]
-
-class AuthServiceServicer(metaclass=abc.ABCMeta):
+@_typing.type_check_only
+class AuthServiceAsyncStub(AuthServiceStub):
     """AuthService tells a caller what koo knows of it."""
 
-    @abc.abstractmethod
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    GetCaller: _aio.UnaryUnaryMultiCallable[_auth_service_pb2.GetCallerRequest, _auth_service_pb2.GetCallerResponse]  # type: ignore[assignment]
+    """GetCaller returns the principal and role that the call's credentials
+    name (an API key of KOO_AUTH_FILE, a client certificate that a
+    [[principal]] names, or KOO_WORKER_TOKEN). Any authenticated caller may
+    ask, a worker too; without credentials on a server that requires them,
+    UNAUTHENTICATED, as for every other call, so a client can also use it
+    to test a key.
+    """
+
+class AuthServiceServicer(metaclass=_abc_1.ABCMeta):
+    """AuthService tells a caller what koo knows of it."""
+
+    @_abc_1.abstractmethod
     def GetCaller(
         self,
-        request: koo.auth.v1.auth_service_pb2.GetCallerRequest,
+        request: _auth_service_pb2.GetCallerRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.auth.v1.auth_service_pb2.GetCallerResponse, collections.abc.Awaitable[koo.auth.v1.auth_service_pb2.GetCallerResponse]]:
+    ) -> _typing.Union[_auth_service_pb2.GetCallerResponse, _abc.Awaitable[_auth_service_pb2.GetCallerResponse]]:
         """GetCaller returns the principal and role that the call's credentials
         name (an API key of KOO_AUTH_FILE, a client certificate that a
         [[principal]] names, or KOO_WORKER_TOKEN). Any authenticated caller may
@@ -95,4 +75,4 @@ class AuthServiceServicer(metaclass=abc.ABCMeta):
         to test a key.
         """
 
-def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
+def add_AuthServiceServicer_to_server(servicer: AuthServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -7,31 +7,31 @@ Every RPC works against Redis (when koo is started with REDIS_URL) or the
 embedded in-process store (the default), with the same semantics.
 """
 
-import builtins
-import collections.abc
-import google.protobuf.descriptor
-import google.protobuf.duration_pb2
-import google.protobuf.internal.containers
-import google.protobuf.internal.enum_type_wrapper
-import google.protobuf.message
-import google.protobuf.struct_pb2
-import google.protobuf.timestamp_pb2
+from collections import abc as _abc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+import builtins as _builtins
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 10):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    import typing_extensions
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
-DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+DESCRIPTOR: _descriptor.FileDescriptor
 
 class _CacheLevel:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _CacheLevelEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_CacheLevel.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _CacheLevelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CacheLevel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     CACHE_LEVEL_UNSPECIFIED: _CacheLevel.ValueType  # 0
     """Treated as CACHE_LEVEL_APP."""
     CACHE_LEVEL_APP: _CacheLevel.ValueType  # 1
@@ -58,14 +58,14 @@ CACHE_LEVEL_API: CacheLevel.ValueType  # 3
 """API responses (default TTL 300 s)."""
 CACHE_LEVEL_SESSION: CacheLevel.ValueType  # 4
 """Session data and temporary storage."""
-Global___CacheLevel: typing_extensions.TypeAlias = CacheLevel
+Global___CacheLevel: _TypeAlias = CacheLevel  # noqa: Y015
 
 class _BackendKind:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _BackendKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_BackendKind.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _BackendKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BackendKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     BACKEND_KIND_UNSPECIFIED: _BackendKind.ValueType  # 0
     """Not used."""
     BACKEND_KIND_MEMORY: _BackendKind.ValueType  # 1
@@ -82,14 +82,14 @@ BACKEND_KIND_MEMORY: BackendKind.ValueType  # 1
 """The embedded in-process store (not shared, not durable)."""
 BACKEND_KIND_REDIS: BackendKind.ValueType  # 2
 """A Redis server."""
-Global___BackendKind: typing_extensions.TypeAlias = BackendKind
+Global___BackendKind: _TypeAlias = BackendKind  # noqa: Y015
 
 class _CircuitState:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _CircuitStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_CircuitState.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _CircuitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     CIRCUIT_STATE_UNSPECIFIED: _CircuitState.ValueType  # 0
     """Not used."""
     CIRCUIT_STATE_CLOSED: _CircuitState.ValueType  # 1
@@ -110,25 +110,25 @@ CIRCUIT_STATE_OPEN: CircuitState.ValueType  # 2
 """Calls are refused at once with UNAVAILABLE until the cool-down ends."""
 CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 3
 """One trial call is allowed through to see whether the backend is back."""
-Global___CircuitState: typing_extensions.TypeAlias = CircuitState
+Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
 
-@typing.final
-class CacheValue(google.protobuf.message.Message):
+@_typing.final
+class CacheValue(_message.Message):
     """CacheValue is a cached value in one of three forms. Get returns it in the
     form it was set.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RAW_FIELD_NUMBER: builtins.int
-    TEXT_FIELD_NUMBER: builtins.int
-    JSON_FIELD_NUMBER: builtins.int
-    raw: builtins.bytes
+    RAW_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    JSON_FIELD_NUMBER: _builtins.int
+    raw: _builtins.bytes
     """Arbitrary bytes (base64 in JSON)."""
-    text: builtins.str
+    text: _builtins.str
     """UTF-8 text."""
-    @property
-    def json(self) -> google.protobuf.struct_pb2.Value:
+    @_builtins.property
+    def json(self) -> _struct_pb2.Value:
         """A JSON value. Stored as JSON text; numbers are IEEE doubles, and NaN
         or infinities are refused.
         """
@@ -136,444 +136,507 @@ class CacheValue(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        raw: builtins.bytes = ...,
-        text: builtins.str = ...,
-        json: google.protobuf.struct_pb2.Value | None = ...,
+        raw: _builtins.bytes = ...,
+        text: _builtins.str = ...,
+        json: _struct_pb2.Value | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["json", b"json", "kind", b"kind", "raw", b"raw", "text", b"text"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["json", b"json", "kind", b"kind", "raw", b"raw", "text", b"text"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["kind", b"kind"]) -> typing.Literal["raw", "text", "json"] | None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "kind", b"kind", "raw", b"raw", "text", b"text"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["json", b"json", "kind", b"kind", "raw", b"raw", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["raw", "text", "json"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
-Global___CacheValue: typing_extensions.TypeAlias = CacheValue
+Global___CacheValue: _TypeAlias = CacheValue  # noqa: Y015
 
-@typing.final
-class CacheEntry(google.protobuf.message.Message):
+@_typing.final
+class CacheEntry(_message.Message):
     """CacheEntry is one entry to write."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
-    VALUE_FIELD_NUMBER: builtins.int
-    TTL_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    key: builtins.str
+    key: _builtins.str
     """The key: 1 to KOO_MAX_KEY_SIZE (default 1024) bytes of UTF-8."""
-    @property
+    @_builtins.property
     def value(self) -> Global___CacheValue:
         """The value: at most CACHE_MAX_VALUE_SIZE bytes before compression."""
 
-    @property
-    def ttl(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
         """Time to live, from 1 ms to 100 years. Absent means the level's default."""
 
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
+        key: _builtins.str = ...,
         value: Global___CacheValue | None = ...,
-        ttl: google.protobuf.duration_pb2.Duration | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["ttl", b"ttl", "value", b"value"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl", "value", b"value"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CacheEntry: typing_extensions.TypeAlias = CacheEntry
+Global___CacheEntry: _TypeAlias = CacheEntry  # noqa: Y015
 
-@typing.final
-class GetRequest(google.protobuf.message.Message):
+@_typing.final
+class GetRequest(_message.Message):
     """GetRequest names the entry to read."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    key: builtins.str
+    key: _builtins.str
     """The key."""
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
+        key: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetRequest: typing_extensions.TypeAlias = GetRequest
+Global___GetRequest: _TypeAlias = GetRequest  # noqa: Y015
 
-@typing.final
-class GetResponse(google.protobuf.message.Message):
+@_typing.final
+class GetResponse(_message.Message):
     """GetResponse is the result of a read."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    FOUND_FIELD_NUMBER: builtins.int
-    VALUE_FIELD_NUMBER: builtins.int
-    TTL_FIELD_NUMBER: builtins.int
-    SIZE_BYTES_FIELD_NUMBER: builtins.int
-    STORED_SIZE_BYTES_FIELD_NUMBER: builtins.int
-    COMPRESSED_FIELD_NUMBER: builtins.int
-    found: builtins.bool
+    FOUND_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    STORED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    COMPRESSED_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
     """False on a miss; then no other field is set."""
-    size_bytes: builtins.int
+    size_bytes: _builtins.int
     """Size of the value as set, in bytes."""
-    stored_size_bytes: builtins.int
+    stored_size_bytes: _builtins.int
     """Size of the value as stored (after compression), in bytes."""
-    compressed: builtins.bool
+    compressed: _builtins.bool
     """Whether the stored form is zlib-compressed."""
-    @property
+    @_builtins.property
     def value(self) -> Global___CacheValue:
         """The value, exactly as it was set."""
 
-    @property
-    def ttl(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
         """The time left before the entry expires."""
 
     def __init__(
         self,
         *,
-        found: builtins.bool = ...,
+        found: _builtins.bool = ...,
         value: Global___CacheValue | None = ...,
-        ttl: google.protobuf.duration_pb2.Duration | None = ...,
-        size_bytes: builtins.int = ...,
-        stored_size_bytes: builtins.int = ...,
-        compressed: builtins.bool = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        size_bytes: _builtins.int = ...,
+        stored_size_bytes: _builtins.int = ...,
+        compressed: _builtins.bool = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["ttl", b"ttl", "value", b"value"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["compressed", b"compressed", "found", b"found", "size_bytes", b"size_bytes", "stored_size_bytes", b"stored_size_bytes", "ttl", b"ttl", "value", b"value"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed", b"compressed", "found", b"found", "size_bytes", b"size_bytes", "stored_size_bytes", b"stored_size_bytes", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetResponse: typing_extensions.TypeAlias = GetResponse
+Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
 
-@typing.final
-class SetRequest(google.protobuf.message.Message):
+@_typing.final
+class SetRequest(_message.Message):
     """SetRequest is one write."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
-    VALUE_FIELD_NUMBER: builtins.int
-    TTL_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    key: builtins.str
+    key: _builtins.str
     """The key."""
-    @property
+    @_builtins.property
     def value(self) -> Global___CacheValue:
         """The value."""
 
-    @property
-    def ttl(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
         """Time to live; absent means the level's default."""
 
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
+        key: _builtins.str = ...,
         value: Global___CacheValue | None = ...,
-        ttl: google.protobuf.duration_pb2.Duration | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["ttl", b"ttl", "value", b"value"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl", "value", b"value"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetRequest: typing_extensions.TypeAlias = SetRequest
+Global___SetRequest: _TypeAlias = SetRequest  # noqa: Y015
 
-@typing.final
-class SetResponse(google.protobuf.message.Message):
+@_typing.final
+class SetResponse(_message.Message):
     """SetResponse describes what was stored."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TTL_FIELD_NUMBER: builtins.int
-    SIZE_BYTES_FIELD_NUMBER: builtins.int
-    STORED_SIZE_BYTES_FIELD_NUMBER: builtins.int
-    COMPRESSED_FIELD_NUMBER: builtins.int
-    size_bytes: builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    STORED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    COMPRESSED_FIELD_NUMBER: _builtins.int
+    size_bytes: _builtins.int
     """Size of the value as set, in bytes."""
-    stored_size_bytes: builtins.int
+    stored_size_bytes: _builtins.int
     """Size of the value as stored, in bytes."""
-    compressed: builtins.bool
+    compressed: _builtins.bool
     """Whether the stored form is zlib-compressed."""
-    @property
-    def ttl(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
         """The TTL that was applied."""
 
     def __init__(
         self,
         *,
-        ttl: google.protobuf.duration_pb2.Duration | None = ...,
-        size_bytes: builtins.int = ...,
-        stored_size_bytes: builtins.int = ...,
-        compressed: builtins.bool = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        size_bytes: _builtins.int = ...,
+        stored_size_bytes: _builtins.int = ...,
+        compressed: _builtins.bool = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["ttl", b"ttl"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["compressed", b"compressed", "size_bytes", b"size_bytes", "stored_size_bytes", b"stored_size_bytes", "ttl", b"ttl"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed", b"compressed", "size_bytes", b"size_bytes", "stored_size_bytes", b"stored_size_bytes", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetResponse: typing_extensions.TypeAlias = SetResponse
+Global___SetResponse: _TypeAlias = SetResponse  # noqa: Y015
 
-@typing.final
-class DeleteRequest(google.protobuf.message.Message):
+@_typing.final
+class DeleteRequest(_message.Message):
     """DeleteRequest names the entry to remove."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    key: builtins.str
+    key: _builtins.str
     """The key."""
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
+        key: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteRequest: typing_extensions.TypeAlias = DeleteRequest
+Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
 
-@typing.final
-class DeleteResponse(google.protobuf.message.Message):
+@_typing.final
+class DeleteResponse(_message.Message):
     """DeleteResponse says whether an entry was removed."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    DELETED_FIELD_NUMBER: builtins.int
-    deleted: builtins.bool
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
     """True when the key existed."""
     def __init__(
         self,
         *,
-        deleted: builtins.bool = ...,
+        deleted: _builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["deleted", b"deleted"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteResponse: typing_extensions.TypeAlias = DeleteResponse
+Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
 
-@typing.final
-class GetManyRequest(google.protobuf.message.Message):
+@_typing.final
+class GetManyRequest(_message.Message):
     """GetManyRequest names up to 1000 keys of one level."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEYS_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    @property
-    def keys(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The keys; duplicates are answered once per occurrence."""
 
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        keys: collections.abc.Iterable[builtins.str] | None = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["keys", b"keys", "level", b"level"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetManyRequest: typing_extensions.TypeAlias = GetManyRequest
+Global___GetManyRequest: _TypeAlias = GetManyRequest  # noqa: Y015
 
-@typing.final
-class GetManyResponse(google.protobuf.message.Message):
+@_typing.final
+class GetManyResponse(_message.Message):
     """GetManyResponse answers a GetManyRequest, in request order."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RESULTS_FIELD_NUMBER: builtins.int
-    @property
-    def results(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___GetManyResult]:
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GetManyResult]:
         """One result per requested key, in request order."""
 
     def __init__(
         self,
         *,
-        results: collections.abc.Iterable[Global___GetManyResult] | None = ...,
+        results: _abc.Iterable[Global___GetManyResult] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["results", b"results"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetManyResponse: typing_extensions.TypeAlias = GetManyResponse
+Global___GetManyResponse: _TypeAlias = GetManyResponse  # noqa: Y015
 
-@typing.final
-class GetManyResult(google.protobuf.message.Message):
+@_typing.final
+class GetManyResult(_message.Message):
     """GetManyResult is the answer for one key of a GetMany."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    KEY_FIELD_NUMBER: builtins.int
-    ENTRY_FIELD_NUMBER: builtins.int
-    key: builtins.str
+    KEY_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
     """The key."""
-    @property
+    @_builtins.property
     def entry(self) -> Global___GetResponse:
         """The read, as for Get."""
 
     def __init__(
         self,
         *,
-        key: builtins.str = ...,
+        key: _builtins.str = ...,
         entry: Global___GetResponse | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["entry", b"entry"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["entry", b"entry", "key", b"key"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetManyResult: typing_extensions.TypeAlias = GetManyResult
+Global___GetManyResult: _TypeAlias = GetManyResult  # noqa: Y015
 
-@typing.final
-class SetManyRequest(google.protobuf.message.Message):
+@_typing.final
+class SetManyRequest(_message.Message):
     """SetManyRequest holds up to 1000 entries. Every entry is validated before
     anything is written, and the entries are written all or nothing.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    ENTRIES_FIELD_NUMBER: builtins.int
-    @property
-    def entries(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___CacheEntry]:
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___CacheEntry]:
         """The entries."""
 
     def __init__(
         self,
         *,
-        entries: collections.abc.Iterable[Global___CacheEntry] | None = ...,
+        entries: _abc.Iterable[Global___CacheEntry] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["entries", b"entries"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetManyRequest: typing_extensions.TypeAlias = SetManyRequest
+Global___SetManyRequest: _TypeAlias = SetManyRequest  # noqa: Y015
 
-@typing.final
-class SetManyResponse(google.protobuf.message.Message):
+@_typing.final
+class SetManyResponse(_message.Message):
     """SetManyResponse answers a SetManyRequest, in request order."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RESULTS_FIELD_NUMBER: builtins.int
-    @property
-    def results(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___SetResponse]:
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SetResponse]:
         """One result per entry, in request order."""
 
     def __init__(
         self,
         *,
-        results: collections.abc.Iterable[Global___SetResponse] | None = ...,
+        results: _abc.Iterable[Global___SetResponse] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["results", b"results"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetManyResponse: typing_extensions.TypeAlias = SetManyResponse
+Global___SetManyResponse: _TypeAlias = SetManyResponse  # noqa: Y015
 
-@typing.final
-class DeleteManyRequest(google.protobuf.message.Message):
+@_typing.final
+class DeleteManyRequest(_message.Message):
     """DeleteManyRequest names up to 1000 keys of one level."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEYS_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    @property
-    def keys(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The keys."""
 
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        keys: collections.abc.Iterable[builtins.str] | None = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["keys", b"keys", "level", b"level"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteManyRequest: typing_extensions.TypeAlias = DeleteManyRequest
+Global___DeleteManyRequest: _TypeAlias = DeleteManyRequest  # noqa: Y015
 
-@typing.final
-class DeleteManyResponse(google.protobuf.message.Message):
+@_typing.final
+class DeleteManyResponse(_message.Message):
     """DeleteManyResponse reports how many keys were removed."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    DELETED_COUNT_FIELD_NUMBER: builtins.int
-    deleted_count: builtins.int
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    deleted_count: _builtins.int
     """How many of the keys existed and were removed."""
     def __init__(
         self,
         *,
-        deleted_count: builtins.int = ...,
+        deleted_count: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["deleted_count", b"deleted_count"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_count", b"deleted_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteManyResponse: typing_extensions.TypeAlias = DeleteManyResponse
+Global___DeleteManyResponse: _TypeAlias = DeleteManyResponse  # noqa: Y015
 
-@typing.final
-class ListKeysRequest(google.protobuf.message.Message):
+@_typing.final
+class ListKeysRequest(_message.Message):
     """ListKeysRequest asks for one page of a level's keys."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    PATTERN_FIELD_NUMBER: builtins.int
-    PAGE_SIZE_FIELD_NUMBER: builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    PATTERN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
-    pattern: builtins.str
+    pattern: _builtins.str
     """A glob pattern over keys, with Redis MATCH syntax: `*`, `?`, `[abc]`,
     `[^a-z]` and `\\` to escape. Empty means `*`. The pattern applies within
     the level only.
     """
-    page_size: builtins.int
+    page_size: _builtins.int
     """The most keys to return: default 100, at most 1000 (larger values are
     treated as 1000). A page may hold fewer keys, even none, and still have
     a next page.
     """
-    page_token: builtins.str
+    page_token: _builtins.str
     """The next_page_token of the previous page, with the same level and pattern."""
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        pattern: builtins.str = ...,
-        page_size: builtins.int = ...,
-        page_token: builtins.str = ...,
+        pattern: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["level", b"level", "page_size", b"page_size", "page_token", b"page_token", "pattern", b"pattern"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "page_size", b"page_size", "page_token", b"page_token", "pattern", b"pattern"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListKeysRequest: typing_extensions.TypeAlias = ListKeysRequest
+Global___ListKeysRequest: _TypeAlias = ListKeysRequest  # noqa: Y015
 
-@typing.final
-class ListKeysResponse(google.protobuf.message.Message):
+@_typing.final
+class ListKeysResponse(_message.Message):
     """ListKeysResponse is one page of keys."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    KEYS_FIELD_NUMBER: builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    next_page_token: builtins.str
+    KEYS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     """Empty on the last page."""
-    @property
-    def keys(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The keys, without koo's prefix or level."""
 
     def __init__(
         self,
         *,
-        keys: collections.abc.Iterable[builtins.str] | None = ...,
-        next_page_token: builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListKeysResponse: typing_extensions.TypeAlias = ListKeysResponse
+Global___ListKeysResponse: _TypeAlias = ListKeysResponse  # noqa: Y015
 
-@typing.final
-class ClearLevelRequest(google.protobuf.message.Message):
+@_typing.final
+class ClearLevelRequest(_message.Message):
     """ClearLevelRequest names the level to clear."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
     def __init__(
@@ -581,125 +644,146 @@ class ClearLevelRequest(google.protobuf.message.Message):
         *,
         level: Global___CacheLevel.ValueType = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["level", b"level"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ClearLevelRequest: typing_extensions.TypeAlias = ClearLevelRequest
+Global___ClearLevelRequest: _TypeAlias = ClearLevelRequest  # noqa: Y015
 
-@typing.final
-class ClearLevelResponse(google.protobuf.message.Message):
+@_typing.final
+class ClearLevelResponse(_message.Message):
     """ClearLevelResponse reports how many keys were removed."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    DELETED_COUNT_FIELD_NUMBER: builtins.int
-    deleted_count: builtins.int
+    DELETED_COUNT_FIELD_NUMBER: _builtins.int
+    deleted_count: _builtins.int
     """The number of keys removed."""
     def __init__(
         self,
         *,
-        deleted_count: builtins.int = ...,
+        deleted_count: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["deleted_count", b"deleted_count"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted_count", b"deleted_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ClearLevelResponse: typing_extensions.TypeAlias = ClearLevelResponse
+Global___ClearLevelResponse: _TypeAlias = ClearLevelResponse  # noqa: Y015
 
-@typing.final
-class GetHealthRequest(google.protobuf.message.Message):
+@_typing.final
+class GetHealthRequest(_message.Message):
     """GetHealthRequest has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetHealthRequest: typing_extensions.TypeAlias = GetHealthRequest
+Global___GetHealthRequest: _TypeAlias = GetHealthRequest  # noqa: Y015
 
-@typing.final
-class GetHealthResponse(google.protobuf.message.Message):
+@_typing.final
+class GetHealthResponse(_message.Message):
     """GetHealthResponse describes the backend as seen just now."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    HEALTHY_FIELD_NUMBER: builtins.int
-    BACKEND_FIELD_NUMBER: builtins.int
-    PING_LATENCY_FIELD_NUMBER: builtins.int
-    CIRCUIT_STATE_FIELD_NUMBER: builtins.int
-    USED_MEMORY_BYTES_FIELD_NUMBER: builtins.int
-    MAX_MEMORY_BYTES_FIELD_NUMBER: builtins.int
-    EVICTION_POLICY_FIELD_NUMBER: builtins.int
-    LAST_ERROR_FIELD_NUMBER: builtins.int
-    LAST_ERROR_TIME_FIELD_NUMBER: builtins.int
-    UPTIME_FIELD_NUMBER: builtins.int
-    VERSION_FIELD_NUMBER: builtins.int
-    healthy: builtins.bool
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    BACKEND_FIELD_NUMBER: _builtins.int
+    PING_LATENCY_FIELD_NUMBER: _builtins.int
+    CIRCUIT_STATE_FIELD_NUMBER: _builtins.int
+    USED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    EVICTION_POLICY_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    UPTIME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    healthy: _builtins.bool
     """True when the backend answered a ping just now."""
     backend: Global___BackendKind.ValueType
     """The kind of backend."""
     circuit_state: Global___CircuitState.ValueType
     """The circuit breaker's state."""
-    used_memory_bytes: builtins.int
+    used_memory_bytes: _builtins.int
     """Memory used by the backend, in bytes."""
-    max_memory_bytes: builtins.int
+    max_memory_bytes: _builtins.int
     """The backend's memory limit in bytes; 0 means none."""
-    eviction_policy: builtins.str
+    eviction_policy: _builtins.str
     """The backend's eviction policy (Redis `maxmemory-policy`)."""
-    last_error: builtins.str
+    last_error: _builtins.str
     """The last backend error this instance saw, if any."""
-    version: builtins.str
+    version: _builtins.str
     """koo's version."""
-    @property
-    def ping_latency(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def ping_latency(self) -> _duration_pb2.Duration:
         """The round-trip time of that ping."""
 
-    @property
-    def last_error_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def last_error_time(self) -> _timestamp_pb2.Timestamp:
         """When that error happened."""
 
-    @property
-    def uptime(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def uptime(self) -> _duration_pb2.Duration:
         """How long this koo instance has been up."""
 
     def __init__(
         self,
         *,
-        healthy: builtins.bool = ...,
+        healthy: _builtins.bool = ...,
         backend: Global___BackendKind.ValueType = ...,
-        ping_latency: google.protobuf.duration_pb2.Duration | None = ...,
+        ping_latency: _duration_pb2.Duration | None = ...,
         circuit_state: Global___CircuitState.ValueType = ...,
-        used_memory_bytes: builtins.int = ...,
-        max_memory_bytes: builtins.int = ...,
-        eviction_policy: builtins.str = ...,
-        last_error: builtins.str = ...,
-        last_error_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        uptime: google.protobuf.duration_pb2.Duration | None = ...,
-        version: builtins.str = ...,
+        used_memory_bytes: _builtins.int = ...,
+        max_memory_bytes: _builtins.int = ...,
+        eviction_policy: _builtins.str = ...,
+        last_error: _builtins.str = ...,
+        last_error_time: _timestamp_pb2.Timestamp | None = ...,
+        uptime: _duration_pb2.Duration | None = ...,
+        version: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["last_error_time", b"last_error_time", "ping_latency", b"ping_latency", "uptime", b"uptime"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["backend", b"backend", "circuit_state", b"circuit_state", "eviction_policy", b"eviction_policy", "healthy", b"healthy", "last_error", b"last_error", "last_error_time", b"last_error_time", "max_memory_bytes", b"max_memory_bytes", "ping_latency", b"ping_latency", "uptime", b"uptime", "used_memory_bytes", b"used_memory_bytes", "version", b"version"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error_time", b"last_error_time", "ping_latency", b"ping_latency", "uptime", b"uptime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "circuit_state", b"circuit_state", "eviction_policy", b"eviction_policy", "healthy", b"healthy", "last_error", b"last_error", "last_error_time", b"last_error_time", "max_memory_bytes", b"max_memory_bytes", "ping_latency", b"ping_latency", "uptime", b"uptime", "used_memory_bytes", b"used_memory_bytes", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetHealthResponse: typing_extensions.TypeAlias = GetHealthResponse
+Global___GetHealthResponse: _TypeAlias = GetHealthResponse  # noqa: Y015
 
-@typing.final
-class GetMetricsRequest(google.protobuf.message.Message):
+@_typing.final
+class GetMetricsRequest(_message.Message):
     """GetMetricsRequest has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetMetricsRequest: typing_extensions.TypeAlias = GetMetricsRequest
+Global___GetMetricsRequest: _TypeAlias = GetMetricsRequest  # noqa: Y015
 
-@typing.final
-class GetMetricsResponse(google.protobuf.message.Message):
+@_typing.final
+class GetMetricsResponse(_message.Message):
     """GetMetricsResponse holds one metrics snapshot."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    METRICS_FIELD_NUMBER: builtins.int
-    @property
+    METRICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def metrics(self) -> Global___CacheMetrics:
         """The snapshot."""
 
@@ -708,40 +792,46 @@ class GetMetricsResponse(google.protobuf.message.Message):
         *,
         metrics: Global___CacheMetrics | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["metrics", b"metrics"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["metrics", b"metrics"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetMetricsResponse: typing_extensions.TypeAlias = GetMetricsResponse
+Global___GetMetricsResponse: _TypeAlias = GetMetricsResponse  # noqa: Y015
 
-@typing.final
-class WatchMetricsRequest(google.protobuf.message.Message):
+@_typing.final
+class WatchMetricsRequest(_message.Message):
     """WatchMetricsRequest sets the interval between snapshots."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    INTERVAL_FIELD_NUMBER: builtins.int
-    @property
-    def interval(self) -> google.protobuf.duration_pb2.Duration:
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
         """From 100 ms to 1 hour; absent means 1 s."""
 
     def __init__(
         self,
         *,
-        interval: google.protobuf.duration_pb2.Duration | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["interval", b"interval"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["interval", b"interval"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchMetricsRequest: typing_extensions.TypeAlias = WatchMetricsRequest
+Global___WatchMetricsRequest: _TypeAlias = WatchMetricsRequest  # noqa: Y015
 
-@typing.final
-class WatchMetricsResponse(google.protobuf.message.Message):
+@_typing.final
+class WatchMetricsResponse(_message.Message):
     """WatchMetricsResponse is one snapshot of the stream."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    METRICS_FIELD_NUMBER: builtins.int
-    @property
+    METRICS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def metrics(self) -> Global___CacheMetrics:
         """The snapshot."""
 
@@ -750,73 +840,80 @@ class WatchMetricsResponse(google.protobuf.message.Message):
         *,
         metrics: Global___CacheMetrics | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["metrics", b"metrics"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["metrics", b"metrics"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchMetricsResponse: typing_extensions.TypeAlias = WatchMetricsResponse
+Global___WatchMetricsResponse: _TypeAlias = WatchMetricsResponse  # noqa: Y015
 
-@typing.final
-class CacheCounters(google.protobuf.message.Message):
+@_typing.final
+class CacheCounters(_message.Message):
     """CacheCounters are the counters of one level, or of all levels together."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    HITS_FIELD_NUMBER: builtins.int
-    MISSES_FIELD_NUMBER: builtins.int
-    HIT_RATIO_FIELD_NUMBER: builtins.int
-    SETS_FIELD_NUMBER: builtins.int
-    DELETES_FIELD_NUMBER: builtins.int
-    ERRORS_FIELD_NUMBER: builtins.int
-    ERROR_RATE_FIELD_NUMBER: builtins.int
-    KEYS_FIELD_NUMBER: builtins.int
-    hits: builtins.int
+    HITS_FIELD_NUMBER: _builtins.int
+    MISSES_FIELD_NUMBER: _builtins.int
+    HIT_RATIO_FIELD_NUMBER: _builtins.int
+    SETS_FIELD_NUMBER: _builtins.int
+    DELETES_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    ERROR_RATE_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    hits: _builtins.int
     """Reads that found a value."""
-    misses: builtins.int
+    misses: _builtins.int
     """Reads that found nothing."""
-    hit_ratio: builtins.float
+    hit_ratio: _builtins.float
     """hits / (hits + misses); 0 when there were no reads."""
-    sets: builtins.int
+    sets: _builtins.int
     """Values written."""
-    deletes: builtins.int
+    deletes: _builtins.int
     """Keys removed by Delete, DeleteMany and ClearLevel."""
-    errors: builtins.int
+    errors: _builtins.int
     """Operations that failed because of the backend (not because of bad input)."""
-    error_rate: builtins.float
+    error_rate: _builtins.float
     """errors / operations; 0 when there were no operations."""
-    keys: builtins.int
+    keys: _builtins.int
     """Keys currently stored (see CacheMetrics.keys_counted_at)."""
     def __init__(
         self,
         *,
-        hits: builtins.int = ...,
-        misses: builtins.int = ...,
-        hit_ratio: builtins.float = ...,
-        sets: builtins.int = ...,
-        deletes: builtins.int = ...,
-        errors: builtins.int = ...,
-        error_rate: builtins.float = ...,
-        keys: builtins.int = ...,
+        hits: _builtins.int = ...,
+        misses: _builtins.int = ...,
+        hit_ratio: _builtins.float = ...,
+        sets: _builtins.int = ...,
+        deletes: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        error_rate: _builtins.float = ...,
+        keys: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["deletes", b"deletes", "error_rate", b"error_rate", "errors", b"errors", "hit_ratio", b"hit_ratio", "hits", b"hits", "keys", b"keys", "misses", b"misses", "sets", b"sets"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deletes", b"deletes", "error_rate", b"error_rate", "errors", b"errors", "hit_ratio", b"hit_ratio", "hits", b"hits", "keys", b"keys", "misses", b"misses", "sets", b"sets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CacheCounters: typing_extensions.TypeAlias = CacheCounters
+Global___CacheCounters: _TypeAlias = CacheCounters  # noqa: Y015
 
-@typing.final
-class LevelMetrics(google.protobuf.message.Message):
+@_typing.final
+class LevelMetrics(_message.Message):
     """LevelMetrics are the counters of one level."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    COUNTERS_FIELD_NUMBER: builtins.int
-    LATENCY_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    COUNTERS_FIELD_NUMBER: _builtins.int
+    LATENCY_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level."""
-    @property
+    @_builtins.property
     def counters(self) -> Global___CacheCounters:
         """Its counters."""
 
-    @property
+    @_builtins.property
     def latency(self) -> Global___OperationLatency:
         """The latency of the operations that name this one level (get, set,
         delete, list_keys and clear_level together; `operation` is `all`):
@@ -831,154 +928,163 @@ class LevelMetrics(google.protobuf.message.Message):
         counters: Global___CacheCounters | None = ...,
         latency: Global___OperationLatency | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["counters", b"counters", "latency", b"latency"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["counters", b"counters", "latency", b"latency", "level", b"level"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "latency", b"latency"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "latency", b"latency", "level", b"level"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___LevelMetrics: typing_extensions.TypeAlias = LevelMetrics
+Global___LevelMetrics: _TypeAlias = LevelMetrics  # noqa: Y015
 
-@typing.final
-class OperationLatency(google.protobuf.message.Message):
+@_typing.final
+class OperationLatency(_message.Message):
     """OperationLatency is the latency distribution of one operation, measured
     inside koo from request to reply. Percentiles come from a histogram with
     buckets about 9% wide, so each is accurate to within 9%.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    OPERATION_FIELD_NUMBER: builtins.int
-    COUNT_FIELD_NUMBER: builtins.int
-    P50_FIELD_NUMBER: builtins.int
-    P95_FIELD_NUMBER: builtins.int
-    P99_FIELD_NUMBER: builtins.int
-    operation: builtins.str
+    OPERATION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    operation: _builtins.str
     """The operation: get, set, delete, get_many, set_many, delete_many,
     list_keys or clear_level.
     """
-    count: builtins.int
+    count: _builtins.int
     """How many times it ran."""
-    @property
-    def p50(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p50(self) -> _duration_pb2.Duration:
         """Median latency."""
 
-    @property
-    def p95(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p95(self) -> _duration_pb2.Duration:
         """95th percentile."""
 
-    @property
-    def p99(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p99(self) -> _duration_pb2.Duration:
         """99th percentile."""
 
     def __init__(
         self,
         *,
-        operation: builtins.str = ...,
-        count: builtins.int = ...,
-        p50: google.protobuf.duration_pb2.Duration | None = ...,
-        p95: google.protobuf.duration_pb2.Duration | None = ...,
-        p99: google.protobuf.duration_pb2.Duration | None = ...,
+        operation: _builtins.str = ...,
+        count: _builtins.int = ...,
+        p50: _duration_pb2.Duration | None = ...,
+        p95: _duration_pb2.Duration | None = ...,
+        p99: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["p50", b"p50", "p95", b"p95", "p99", b"p99"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["count", b"count", "operation", b"operation", "p50", b"p50", "p95", b"p95", "p99", b"p99"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "operation", b"operation", "p50", b"p50", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___OperationLatency: typing_extensions.TypeAlias = OperationLatency
+Global___OperationLatency: _TypeAlias = OperationLatency  # noqa: Y015
 
-@typing.final
-class CacheMetrics(google.protobuf.message.Message):
+@_typing.final
+class CacheMetrics(_message.Message):
     """CacheMetrics is a metrics snapshot. Counters and latencies are summed over
     every koo instance that reported in the last stale period (see
     KOO_METRICS_FLUSH_INTERVAL); other instances' figures are at most one flush
     interval old.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TOTAL_FIELD_NUMBER: builtins.int
-    LEVELS_FIELD_NUMBER: builtins.int
-    LATENCIES_FIELD_NUMBER: builtins.int
-    BYTES_WRITTEN_RAW_FIELD_NUMBER: builtins.int
-    BYTES_WRITTEN_STORED_FIELD_NUMBER: builtins.int
-    BYTES_SAVED_FIELD_NUMBER: builtins.int
-    BACKEND_USED_MEMORY_BYTES_FIELD_NUMBER: builtins.int
-    UPTIME_FIELD_NUMBER: builtins.int
-    INSTANCE_COUNT_FIELD_NUMBER: builtins.int
-    KEYS_COUNTED_AT_FIELD_NUMBER: builtins.int
-    SAMPLE_TIME_FIELD_NUMBER: builtins.int
-    PARTIAL_FIELD_NUMBER: builtins.int
-    PARTIAL_REASON_FIELD_NUMBER: builtins.int
-    bytes_written_raw: builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    LATENCIES_FIELD_NUMBER: _builtins.int
+    BYTES_WRITTEN_RAW_FIELD_NUMBER: _builtins.int
+    BYTES_WRITTEN_STORED_FIELD_NUMBER: _builtins.int
+    BYTES_SAVED_FIELD_NUMBER: _builtins.int
+    BACKEND_USED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    UPTIME_FIELD_NUMBER: _builtins.int
+    INSTANCE_COUNT_FIELD_NUMBER: _builtins.int
+    KEYS_COUNTED_AT_FIELD_NUMBER: _builtins.int
+    SAMPLE_TIME_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    PARTIAL_REASON_FIELD_NUMBER: _builtins.int
+    bytes_written_raw: _builtins.int
     """Bytes of values written, before compression."""
-    bytes_written_stored: builtins.int
+    bytes_written_stored: _builtins.int
     """Bytes of values written, as stored (after compression, without koo's
     8-byte header).
     """
-    bytes_saved: builtins.int
+    bytes_saved: _builtins.int
     """bytes_written_raw - bytes_written_stored."""
-    backend_used_memory_bytes: builtins.int
+    backend_used_memory_bytes: _builtins.int
     """Memory used by the backend, in bytes."""
-    instance_count: builtins.int
+    instance_count: _builtins.int
     """How many koo instances these figures sum."""
-    partial: builtins.bool
+    partial: _builtins.bool
     """True when some figures are missing because the backend could not be
     read; this instance's own counters are still reported.
     """
-    partial_reason: builtins.str
+    partial_reason: _builtins.str
     """Why the snapshot is partial."""
-    @property
+    @_builtins.property
     def total(self) -> Global___CacheCounters:
         """All levels together."""
 
-    @property
-    def levels(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___LevelMetrics]:
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LevelMetrics]:
         """Each level."""
 
-    @property
-    def latencies(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___OperationLatency]:
+    @_builtins.property
+    def latencies(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationLatency]:
         """Latency per operation."""
 
-    @property
-    def uptime(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def uptime(self) -> _duration_pb2.Duration:
         """How long the instance that answered has been up."""
 
-    @property
-    def keys_counted_at(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def keys_counted_at(self) -> _timestamp_pb2.Timestamp:
         """When the key counts were taken (they are refreshed at most every
         KOO_KEY_COUNT_INTERVAL, as counting walks the keyspace).
         """
 
-    @property
-    def sample_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def sample_time(self) -> _timestamp_pb2.Timestamp:
         """When this snapshot was taken."""
 
     def __init__(
         self,
         *,
         total: Global___CacheCounters | None = ...,
-        levels: collections.abc.Iterable[Global___LevelMetrics] | None = ...,
-        latencies: collections.abc.Iterable[Global___OperationLatency] | None = ...,
-        bytes_written_raw: builtins.int = ...,
-        bytes_written_stored: builtins.int = ...,
-        bytes_saved: builtins.int = ...,
-        backend_used_memory_bytes: builtins.int = ...,
-        uptime: google.protobuf.duration_pb2.Duration | None = ...,
-        instance_count: builtins.int = ...,
-        keys_counted_at: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        sample_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        partial: builtins.bool = ...,
-        partial_reason: builtins.str = ...,
+        levels: _abc.Iterable[Global___LevelMetrics] | None = ...,
+        latencies: _abc.Iterable[Global___OperationLatency] | None = ...,
+        bytes_written_raw: _builtins.int = ...,
+        bytes_written_stored: _builtins.int = ...,
+        bytes_saved: _builtins.int = ...,
+        backend_used_memory_bytes: _builtins.int = ...,
+        uptime: _duration_pb2.Duration | None = ...,
+        instance_count: _builtins.int = ...,
+        keys_counted_at: _timestamp_pb2.Timestamp | None = ...,
+        sample_time: _timestamp_pb2.Timestamp | None = ...,
+        partial: _builtins.bool = ...,
+        partial_reason: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["keys_counted_at", b"keys_counted_at", "sample_time", b"sample_time", "total", b"total", "uptime", b"uptime"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["backend_used_memory_bytes", b"backend_used_memory_bytes", "bytes_saved", b"bytes_saved", "bytes_written_raw", b"bytes_written_raw", "bytes_written_stored", b"bytes_written_stored", "instance_count", b"instance_count", "keys_counted_at", b"keys_counted_at", "latencies", b"latencies", "levels", b"levels", "partial", b"partial", "partial_reason", b"partial_reason", "sample_time", b"sample_time", "total", b"total", "uptime", b"uptime"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["keys_counted_at", b"keys_counted_at", "sample_time", b"sample_time", "total", b"total", "uptime", b"uptime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_used_memory_bytes", b"backend_used_memory_bytes", "bytes_saved", b"bytes_saved", "bytes_written_raw", b"bytes_written_raw", "bytes_written_stored", b"bytes_written_stored", "instance_count", b"instance_count", "keys_counted_at", b"keys_counted_at", "latencies", b"latencies", "levels", b"levels", "partial", b"partial", "partial_reason", b"partial_reason", "sample_time", b"sample_time", "total", b"total", "uptime", b"uptime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CacheMetrics: typing_extensions.TypeAlias = CacheMetrics
+Global___CacheMetrics: _TypeAlias = CacheMetrics  # noqa: Y015
 
-@typing.final
-class StartMaintenanceRequest(google.protobuf.message.Message):
+@_typing.final
+class StartMaintenanceRequest(_message.Message):
     """StartMaintenanceRequest starts a maintenance task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WAIT_FIELD_NUMBER: builtins.int
-    wait: builtins.bool
+    WAIT_FIELD_NUMBER: _builtins.int
+    wait: _builtins.bool
     """Wait (within the call's deadline) for the task to end and return its
     report. A task that ends in failure is answered with its error; one
     still running at the deadline is answered with its id alone.
@@ -986,25 +1092,29 @@ class StartMaintenanceRequest(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        wait: builtins.bool = ...,
+        wait: _builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["wait", b"wait"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StartMaintenanceRequest: typing_extensions.TypeAlias = StartMaintenanceRequest
+Global___StartMaintenanceRequest: _TypeAlias = StartMaintenanceRequest  # noqa: Y015
 
-@typing.final
-class StartMaintenanceResponse(google.protobuf.message.Message):
+@_typing.final
+class StartMaintenanceResponse(_message.Message):
     """StartMaintenanceResponse names the maintenance task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    REPORT_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The background task (follow it with TaskService.GetTask or WatchTask;
     its result is the report).
     """
-    @property
+    @_builtins.property
     def report(self) -> Global___MaintenanceReport:
         """What the maintenance did and found: set when `wait` was asked and the
         task ended in time.
@@ -1013,169 +1123,186 @@ class StartMaintenanceResponse(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
         report: Global___MaintenanceReport | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["report", b"report"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["report", b"report", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StartMaintenanceResponse: typing_extensions.TypeAlias = StartMaintenanceResponse
+Global___StartMaintenanceResponse: _TypeAlias = StartMaintenanceResponse  # noqa: Y015
 
-@typing.final
-class MaintenanceReport(google.protobuf.message.Message):
+@_typing.final
+class MaintenanceReport(_message.Message):
     """MaintenanceReport is the result of a maintenance run."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CLEANUP_FIELD_NUMBER: builtins.int
-    USED_MEMORY_BYTES_FIELD_NUMBER: builtins.int
-    PEAK_MEMORY_BYTES_FIELD_NUMBER: builtins.int
-    FRAGMENTATION_RATIO_FIELD_NUMBER: builtins.int
-    MAX_MEMORY_BYTES_FIELD_NUMBER: builtins.int
-    EVICTION_POLICY_FIELD_NUMBER: builtins.int
-    SAMPLED_KEYS_FIELD_NUMBER: builtins.int
-    LARGEST_KEYS_FIELD_NUMBER: builtins.int
-    used_memory_bytes: builtins.int
+    CLEANUP_FIELD_NUMBER: _builtins.int
+    USED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    FRAGMENTATION_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    EVICTION_POLICY_FIELD_NUMBER: _builtins.int
+    SAMPLED_KEYS_FIELD_NUMBER: _builtins.int
+    LARGEST_KEYS_FIELD_NUMBER: _builtins.int
+    used_memory_bytes: _builtins.int
     """Memory used by the backend, in bytes."""
-    peak_memory_bytes: builtins.int
+    peak_memory_bytes: _builtins.int
     """The backend's peak memory use, in bytes (0 when unknown)."""
-    fragmentation_ratio: builtins.float
+    fragmentation_ratio: _builtins.float
     """Redis `mem_fragmentation_ratio` (0 for the embedded store)."""
-    max_memory_bytes: builtins.int
+    max_memory_bytes: _builtins.int
     """The backend's memory limit in bytes; 0 means none."""
-    eviction_policy: builtins.str
+    eviction_policy: _builtins.str
     """The eviction policy."""
-    sampled_keys: builtins.int
+    sampled_keys: _builtins.int
     """How many keys were sampled to find the largest."""
-    @property
+    @_builtins.property
     def cleanup(self) -> Global___CleanupReport:
         """The cleanup that ran first."""
 
-    @property
-    def largest_keys(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___KeySize]:
+    @_builtins.property
+    def largest_keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___KeySize]:
         """The largest keys in the sample, largest first."""
 
     def __init__(
         self,
         *,
         cleanup: Global___CleanupReport | None = ...,
-        used_memory_bytes: builtins.int = ...,
-        peak_memory_bytes: builtins.int = ...,
-        fragmentation_ratio: builtins.float = ...,
-        max_memory_bytes: builtins.int = ...,
-        eviction_policy: builtins.str = ...,
-        sampled_keys: builtins.int = ...,
-        largest_keys: collections.abc.Iterable[Global___KeySize] | None = ...,
+        used_memory_bytes: _builtins.int = ...,
+        peak_memory_bytes: _builtins.int = ...,
+        fragmentation_ratio: _builtins.float = ...,
+        max_memory_bytes: _builtins.int = ...,
+        eviction_policy: _builtins.str = ...,
+        sampled_keys: _builtins.int = ...,
+        largest_keys: _abc.Iterable[Global___KeySize] | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["cleanup", b"cleanup"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cleanup", b"cleanup", "eviction_policy", b"eviction_policy", "fragmentation_ratio", b"fragmentation_ratio", "largest_keys", b"largest_keys", "max_memory_bytes", b"max_memory_bytes", "peak_memory_bytes", b"peak_memory_bytes", "sampled_keys", b"sampled_keys", "used_memory_bytes", b"used_memory_bytes"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cleanup", b"cleanup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cleanup", b"cleanup", "eviction_policy", b"eviction_policy", "fragmentation_ratio", b"fragmentation_ratio", "largest_keys", b"largest_keys", "max_memory_bytes", b"max_memory_bytes", "peak_memory_bytes", b"peak_memory_bytes", "sampled_keys", b"sampled_keys", "used_memory_bytes", b"used_memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___MaintenanceReport: typing_extensions.TypeAlias = MaintenanceReport
+Global___MaintenanceReport: _TypeAlias = MaintenanceReport  # noqa: Y015
 
-@typing.final
-class KeySize(google.protobuf.message.Message):
+@_typing.final
+class KeySize(_message.Message):
     """KeySize is one key and the memory it uses."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
-    SIZE_BYTES_FIELD_NUMBER: builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level."""
-    key: builtins.str
+    key: _builtins.str
     """The key."""
-    size_bytes: builtins.int
+    size_bytes: _builtins.int
     """Memory used by the key and its value, in bytes."""
     def __init__(
         self,
         *,
         level: Global___CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
-        size_bytes: builtins.int = ...,
+        key: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level", "size_bytes", b"size_bytes"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___KeySize: typing_extensions.TypeAlias = KeySize
+Global___KeySize: _TypeAlias = KeySize  # noqa: Y015
 
-@typing.final
-class WarmRequest(google.protobuf.message.Message):
+@_typing.final
+class WarmRequest(_message.Message):
     """WarmRequest lists entries to preload."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    ENTRIES_FIELD_NUMBER: builtins.int
-    SKIP_FILE_FIELD_NUMBER: builtins.int
-    WAIT_FIELD_NUMBER: builtins.int
-    skip_file: builtins.bool
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    SKIP_FILE_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    skip_file: _builtins.bool
     """When true, the configured warm file (KOO_CACHE_WARM_FILE) is not read.
     The file is re-read on every warm-up, so edits take effect without a
     restart.
     """
-    wait: builtins.bool
+    wait: _builtins.bool
     """Wait (within the call's deadline) for the task to end and return its
     report, as for StartMaintenance.
     """
-    @property
-    def entries(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___CacheEntry]:
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___CacheEntry]:
         """Entries to write, in addition to those of the warm file."""
 
     def __init__(
         self,
         *,
-        entries: collections.abc.Iterable[Global___CacheEntry] | None = ...,
-        skip_file: builtins.bool = ...,
-        wait: builtins.bool = ...,
+        entries: _abc.Iterable[Global___CacheEntry] | None = ...,
+        skip_file: _builtins.bool = ...,
+        wait: _builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["entries", b"entries", "skip_file", b"skip_file", "wait", b"wait"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "skip_file", b"skip_file", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WarmRequest: typing_extensions.TypeAlias = WarmRequest
+Global___WarmRequest: _TypeAlias = WarmRequest  # noqa: Y015
 
-@typing.final
-class WarmResponse(google.protobuf.message.Message):
+@_typing.final
+class WarmResponse(_message.Message):
     """WarmResponse names the warm-up task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    REPORT_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The background task (its result is the report)."""
-    @property
+    @_builtins.property
     def report(self) -> Global___WarmReport:
         """What was loaded: set when `wait` was asked and the task ended in time."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
         report: Global___WarmReport | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["report", b"report"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["report", b"report", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WarmResponse: typing_extensions.TypeAlias = WarmResponse
+Global___WarmResponse: _TypeAlias = WarmResponse  # noqa: Y015
 
-@typing.final
-class WarmReport(google.protobuf.message.Message):
+@_typing.final
+class WarmReport(_message.Message):
     """WarmReport is the result of a warm-up."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LOADED_FIELD_NUMBER: builtins.int
-    FAILURES_FIELD_NUMBER: builtins.int
-    FILE_FIELD_NUMBER: builtins.int
-    COMPUTED_FIELD_NUMBER: builtins.int
-    loaded: builtins.int
+    LOADED_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    COMPUTED_FIELD_NUMBER: _builtins.int
+    loaded: _builtins.int
     """Entries written."""
-    file: builtins.str
+    file: _builtins.str
     """The warm file that was read, if any."""
-    @property
-    def failures(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___WarmFailure]:
+    @_builtins.property
+    def failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmFailure]:
         """Entries refused, with the reason."""
 
-    @property
-    def computed(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___WarmComputed]:
+    @_builtins.property
+    def computed(self) -> _containers.RepeatedCompositeFieldContainer[Global___WarmComputed]:
         """Entries whose value a task computes (the warm file's `task` lines): the
         task submitted for each; its result is cached under the key when it
         succeeds.
@@ -1184,146 +1311,169 @@ class WarmReport(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        loaded: builtins.int = ...,
-        failures: collections.abc.Iterable[Global___WarmFailure] | None = ...,
-        file: builtins.str = ...,
-        computed: collections.abc.Iterable[Global___WarmComputed] | None = ...,
+        loaded: _builtins.int = ...,
+        failures: _abc.Iterable[Global___WarmFailure] | None = ...,
+        file: _builtins.str = ...,
+        computed: _abc.Iterable[Global___WarmComputed] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["computed", b"computed", "failures", b"failures", "file", b"file", "loaded", b"loaded"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computed", b"computed", "failures", b"failures", "file", b"file", "loaded", b"loaded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WarmReport: typing_extensions.TypeAlias = WarmReport
+Global___WarmReport: _TypeAlias = WarmReport  # noqa: Y015
 
-@typing.final
-class WarmComputed(google.protobuf.message.Message):
+@_typing.final
+class WarmComputed(_message.Message):
     """WarmComputed is one entry a task computes."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SOURCE_FIELD_NUMBER: builtins.int
-    LINE_FIELD_NUMBER: builtins.int
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
-    TASK_ID_FIELD_NUMBER: builtins.int
-    source: builtins.str
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
     """The warm file's path."""
-    line: builtins.int
+    line: _builtins.int
     """The line (1-based)."""
     level: Global___CacheLevel.ValueType
     """The entry's level."""
-    key: builtins.str
+    key: _builtins.str
     """The entry's key."""
-    task_id: builtins.str
+    task_id: _builtins.str
     """The task computing it (TaskService.GetTask)."""
     def __init__(
         self,
         *,
-        source: builtins.str = ...,
-        line: builtins.int = ...,
+        source: _builtins.str = ...,
+        line: _builtins.int = ...,
         level: Global___CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
-        task_id: builtins.str = ...,
+        key: _builtins.str = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level", "line", b"line", "source", b"source", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "line", b"line", "source", b"source", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WarmComputed: typing_extensions.TypeAlias = WarmComputed
+Global___WarmComputed: _TypeAlias = WarmComputed  # noqa: Y015
 
-@typing.final
-class WarmFailure(google.protobuf.message.Message):
+@_typing.final
+class WarmFailure(_message.Message):
     """WarmFailure is one entry that could not be loaded."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SOURCE_FIELD_NUMBER: builtins.int
-    LINE_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    source: builtins.str
+    SOURCE_FIELD_NUMBER: _builtins.int
+    LINE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
     """Where the entry came from: `request` or the warm file's path."""
-    line: builtins.int
+    line: _builtins.int
     """The line of the warm file (1-based), or the index in the request (0-based)."""
-    reason: builtins.str
+    reason: _builtins.str
     """What was wrong."""
     def __init__(
         self,
         *,
-        source: builtins.str = ...,
-        line: builtins.int = ...,
-        reason: builtins.str = ...,
+        source: _builtins.str = ...,
+        line: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["line", b"line", "reason", b"reason", "source", b"source"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "reason", b"reason", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WarmFailure: typing_extensions.TypeAlias = WarmFailure
+Global___WarmFailure: _TypeAlias = WarmFailure  # noqa: Y015
 
-@typing.final
-class CleanupRequest(google.protobuf.message.Message):
+@_typing.final
+class CleanupRequest(_message.Message):
     """CleanupRequest starts a cleanup task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WAIT_FIELD_NUMBER: builtins.int
-    wait: builtins.bool
+    WAIT_FIELD_NUMBER: _builtins.int
+    wait: _builtins.bool
     """Wait (within the call's deadline) for the task to end and return its
     report, as for StartMaintenance.
     """
     def __init__(
         self,
         *,
-        wait: builtins.bool = ...,
+        wait: _builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["wait", b"wait"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CleanupRequest: typing_extensions.TypeAlias = CleanupRequest
+Global___CleanupRequest: _TypeAlias = CleanupRequest  # noqa: Y015
 
-@typing.final
-class CleanupResponse(google.protobuf.message.Message):
+@_typing.final
+class CleanupResponse(_message.Message):
     """CleanupResponse names the cleanup task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    REPORT_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The background task (its result is the report)."""
-    @property
+    @_builtins.property
     def report(self) -> Global___CleanupReport:
         """What was removed: set when `wait` was asked and the task ended in time."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
         report: Global___CleanupReport | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["report", b"report"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["report", b"report", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CleanupResponse: typing_extensions.TypeAlias = CleanupResponse
+Global___CleanupResponse: _TypeAlias = CleanupResponse  # noqa: Y015
 
-@typing.final
-class CleanupReport(google.protobuf.message.Message):
+@_typing.final
+class CleanupReport(_message.Message):
     """CleanupReport is the result of a cleanup."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCANNED_KEYS_FIELD_NUMBER: builtins.int
-    REMOVED_WITHOUT_TTL_FIELD_NUMBER: builtins.int
-    REMOVED_EXPIRED_FIELD_NUMBER: builtins.int
-    REMOVED_STALE_INSTANCES_FIELD_NUMBER: builtins.int
-    scanned_keys: builtins.int
+    SCANNED_KEYS_FIELD_NUMBER: _builtins.int
+    REMOVED_WITHOUT_TTL_FIELD_NUMBER: _builtins.int
+    REMOVED_EXPIRED_FIELD_NUMBER: _builtins.int
+    REMOVED_STALE_INSTANCES_FIELD_NUMBER: _builtins.int
+    scanned_keys: _builtins.int
     """Keys examined."""
-    removed_without_ttl: builtins.int
+    removed_without_ttl: _builtins.int
     """Keys in koo's cache namespace that had no TTL and were removed."""
-    removed_expired: builtins.int
+    removed_expired: _builtins.int
     """Expired entries removed (embedded store)."""
-    removed_stale_instances: builtins.int
+    removed_stale_instances: _builtins.int
     """Stale metrics records of koo instances that stopped reporting."""
     def __init__(
         self,
         *,
-        scanned_keys: builtins.int = ...,
-        removed_without_ttl: builtins.int = ...,
-        removed_expired: builtins.int = ...,
-        removed_stale_instances: builtins.int = ...,
+        scanned_keys: _builtins.int = ...,
+        removed_without_ttl: _builtins.int = ...,
+        removed_expired: _builtins.int = ...,
+        removed_stale_instances: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["removed_expired", b"removed_expired", "removed_stale_instances", b"removed_stale_instances", "removed_without_ttl", b"removed_without_ttl", "scanned_keys", b"scanned_keys"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_expired", b"removed_expired", "removed_stale_instances", b"removed_stale_instances", "removed_without_ttl", b"removed_without_ttl", "scanned_keys", b"scanned_keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CleanupReport: typing_extensions.TypeAlias = CleanupReport
+Global___CleanupReport: _TypeAlias = CleanupReport  # noqa: Y015

@@ -7,629 +7,272 @@ Every RPC works against Redis (when koo is started with REDIS_URL) or the
 embedded in-process store (the default), with the same semantics.
 """
 
-import abc
-import collections.abc
-import grpc
-import grpc.aio
-import koo.cache.v1.cache_service_pb2
+from collections import abc as _abc
+from grpc import aio as _aio
+from koo.cache.v1 import cache_service_pb2 as _cache_service_pb2
+import abc as _abc_1
+import grpc as _grpc
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 13):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
 else:
-    import typing_extensions
+    from typing_extensions import Self as _Self
 
-_T = typing.TypeVar("_T")
+_T = _typing.TypeVar("_T")
 
-class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
+class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
 
-class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
-_CacheServiceGetType = typing_extensions.TypeVar(
-    '_CacheServiceGetType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetRequest,
-        koo.cache.v1.cache_service_pb2.GetResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetRequest,
-        koo.cache.v1.cache_service_pb2.GetResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetRequest,
-        koo.cache.v1.cache_service_pb2.GetResponse,
-    ],
-)
 
-_CacheServiceSetType = typing_extensions.TypeVar(
-    '_CacheServiceSetType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetRequest,
-        koo.cache.v1.cache_service_pb2.SetResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetRequest,
-        koo.cache.v1.cache_service_pb2.SetResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetRequest,
-        koo.cache.v1.cache_service_pb2.SetResponse,
-    ],
-)
-
-_CacheServiceDeleteType = typing_extensions.TypeVar(
-    '_CacheServiceDeleteType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteRequest,
-        koo.cache.v1.cache_service_pb2.DeleteResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteRequest,
-        koo.cache.v1.cache_service_pb2.DeleteResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteRequest,
-        koo.cache.v1.cache_service_pb2.DeleteResponse,
-    ],
-)
-
-_CacheServiceGetManyType = typing_extensions.TypeVar(
-    '_CacheServiceGetManyType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetManyRequest,
-        koo.cache.v1.cache_service_pb2.GetManyResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetManyRequest,
-        koo.cache.v1.cache_service_pb2.GetManyResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetManyRequest,
-        koo.cache.v1.cache_service_pb2.GetManyResponse,
-    ],
-)
-
-_CacheServiceSetManyType = typing_extensions.TypeVar(
-    '_CacheServiceSetManyType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetManyRequest,
-        koo.cache.v1.cache_service_pb2.SetManyResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetManyRequest,
-        koo.cache.v1.cache_service_pb2.SetManyResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetManyRequest,
-        koo.cache.v1.cache_service_pb2.SetManyResponse,
-    ],
-)
-
-_CacheServiceDeleteManyType = typing_extensions.TypeVar(
-    '_CacheServiceDeleteManyType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteManyRequest,
-        koo.cache.v1.cache_service_pb2.DeleteManyResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteManyRequest,
-        koo.cache.v1.cache_service_pb2.DeleteManyResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteManyRequest,
-        koo.cache.v1.cache_service_pb2.DeleteManyResponse,
-    ],
-)
-
-_CacheServiceListKeysType = typing_extensions.TypeVar(
-    '_CacheServiceListKeysType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ListKeysRequest,
-        koo.cache.v1.cache_service_pb2.ListKeysResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ListKeysRequest,
-        koo.cache.v1.cache_service_pb2.ListKeysResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ListKeysRequest,
-        koo.cache.v1.cache_service_pb2.ListKeysResponse,
-    ],
-)
-
-_CacheServiceClearLevelType = typing_extensions.TypeVar(
-    '_CacheServiceClearLevelType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ClearLevelRequest,
-        koo.cache.v1.cache_service_pb2.ClearLevelResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ClearLevelRequest,
-        koo.cache.v1.cache_service_pb2.ClearLevelResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ClearLevelRequest,
-        koo.cache.v1.cache_service_pb2.ClearLevelResponse,
-    ],
-)
-
-_CacheServiceGetHealthType = typing_extensions.TypeVar(
-    '_CacheServiceGetHealthType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetHealthRequest,
-        koo.cache.v1.cache_service_pb2.GetHealthResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetHealthRequest,
-        koo.cache.v1.cache_service_pb2.GetHealthResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetHealthRequest,
-        koo.cache.v1.cache_service_pb2.GetHealthResponse,
-    ],
-)
-
-_CacheServiceGetMetricsType = typing_extensions.TypeVar(
-    '_CacheServiceGetMetricsType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetMetricsRequest,
-        koo.cache.v1.cache_service_pb2.GetMetricsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetMetricsRequest,
-        koo.cache.v1.cache_service_pb2.GetMetricsResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetMetricsRequest,
-        koo.cache.v1.cache_service_pb2.GetMetricsResponse,
-    ],
-)
-
-_CacheServiceWatchMetricsType = typing_extensions.TypeVar(
-    '_CacheServiceWatchMetricsType',
-    grpc.UnaryStreamMultiCallable[
-        koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
-        koo.cache.v1.cache_service_pb2.WatchMetricsResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
-        koo.cache.v1.cache_service_pb2.WatchMetricsResponse,
-    ],
-    default=grpc.UnaryStreamMultiCallable[
-        koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
-        koo.cache.v1.cache_service_pb2.WatchMetricsResponse,
-    ],
-)
-
-_CacheServiceStartMaintenanceType = typing_extensions.TypeVar(
-    '_CacheServiceStartMaintenanceType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
-        koo.cache.v1.cache_service_pb2.StartMaintenanceResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
-        koo.cache.v1.cache_service_pb2.StartMaintenanceResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
-        koo.cache.v1.cache_service_pb2.StartMaintenanceResponse,
-    ],
-)
-
-_CacheServiceWarmType = typing_extensions.TypeVar(
-    '_CacheServiceWarmType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.WarmRequest,
-        koo.cache.v1.cache_service_pb2.WarmResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.WarmRequest,
-        koo.cache.v1.cache_service_pb2.WarmResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.WarmRequest,
-        koo.cache.v1.cache_service_pb2.WarmResponse,
-    ],
-)
-
-_CacheServiceCleanupType = typing_extensions.TypeVar(
-    '_CacheServiceCleanupType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.CleanupRequest,
-        koo.cache.v1.cache_service_pb2.CleanupResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.CleanupRequest,
-        koo.cache.v1.cache_service_pb2.CleanupResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.CleanupRequest,
-        koo.cache.v1.cache_service_pb2.CleanupResponse,
-    ],
-)
-
-class CacheServiceStub(typing.Generic[_CacheServiceGetType, _CacheServiceSetType, _CacheServiceDeleteType, _CacheServiceGetManyType, _CacheServiceSetManyType, _CacheServiceDeleteManyType, _CacheServiceListKeysType, _CacheServiceClearLevelType, _CacheServiceGetHealthType, _CacheServiceGetMetricsType, _CacheServiceWatchMetricsType, _CacheServiceStartMaintenanceType, _CacheServiceWarmType, _CacheServiceCleanupType]):
+class CacheServiceStub:
     """CacheService is a multi-level cache with TTLs, compression, size limits,
     metrics, warming and maintenance.
     """
 
-    @typing.overload
-    def __init__(self: CacheServiceStub[
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetRequest,
-            koo.cache.v1.cache_service_pb2.GetResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.SetRequest,
-            koo.cache.v1.cache_service_pb2.SetResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.DeleteRequest,
-            koo.cache.v1.cache_service_pb2.DeleteResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetManyRequest,
-            koo.cache.v1.cache_service_pb2.GetManyResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.SetManyRequest,
-            koo.cache.v1.cache_service_pb2.SetManyResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.DeleteManyRequest,
-            koo.cache.v1.cache_service_pb2.DeleteManyResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.ListKeysRequest,
-            koo.cache.v1.cache_service_pb2.ListKeysResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.ClearLevelRequest,
-            koo.cache.v1.cache_service_pb2.ClearLevelResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetHealthRequest,
-            koo.cache.v1.cache_service_pb2.GetHealthResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetMetricsRequest,
-            koo.cache.v1.cache_service_pb2.GetMetricsResponse,
-        ],
-        grpc.UnaryStreamMultiCallable[
-            koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
-            koo.cache.v1.cache_service_pb2.WatchMetricsResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
-            koo.cache.v1.cache_service_pb2.StartMaintenanceResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.WarmRequest,
-            koo.cache.v1.cache_service_pb2.WarmResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.CleanupRequest,
-            koo.cache.v1.cache_service_pb2.CleanupResponse,
-        ],
-    ], channel: grpc.Channel) -> None: ...
-
-    @typing.overload
-    def __init__(self: CacheServiceStub[
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetRequest,
-            koo.cache.v1.cache_service_pb2.GetResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.SetRequest,
-            koo.cache.v1.cache_service_pb2.SetResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.DeleteRequest,
-            koo.cache.v1.cache_service_pb2.DeleteResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetManyRequest,
-            koo.cache.v1.cache_service_pb2.GetManyResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.SetManyRequest,
-            koo.cache.v1.cache_service_pb2.SetManyResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.DeleteManyRequest,
-            koo.cache.v1.cache_service_pb2.DeleteManyResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.ListKeysRequest,
-            koo.cache.v1.cache_service_pb2.ListKeysResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.ClearLevelRequest,
-            koo.cache.v1.cache_service_pb2.ClearLevelResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetHealthRequest,
-            koo.cache.v1.cache_service_pb2.GetHealthResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.GetMetricsRequest,
-            koo.cache.v1.cache_service_pb2.GetMetricsResponse,
-        ],
-        grpc.aio.UnaryStreamMultiCallable[
-            koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
-            koo.cache.v1.cache_service_pb2.WatchMetricsResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
-            koo.cache.v1.cache_service_pb2.StartMaintenanceResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.WarmRequest,
-            koo.cache.v1.cache_service_pb2.WarmResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.cache.v1.cache_service_pb2.CleanupRequest,
-            koo.cache.v1.cache_service_pb2.CleanupResponse,
-        ],
-    ], channel: grpc.aio.Channel) -> None: ...
-
-    Get: _CacheServiceGetType
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> CacheServiceAsyncStub: ...
+    Get: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetRequest, _cache_service_pb2.GetResponse]
     """Get reads one value. A miss is not an error: `found` is false."""
-
-    Set: _CacheServiceSetType
+    Set: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.SetRequest, _cache_service_pb2.SetResponse]
     """Set writes one value with a TTL (the level's default when absent)."""
-
-    Delete: _CacheServiceDeleteType
+    Delete: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.DeleteRequest, _cache_service_pb2.DeleteResponse]
     """Delete removes one key; deleting a missing key succeeds with `deleted` false."""
-
-    GetMany: _CacheServiceGetManyType
+    GetMany: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetManyRequest, _cache_service_pb2.GetManyResponse]
     """GetMany reads up to 1000 keys of one level in one round trip."""
-
-    SetMany: _CacheServiceSetManyType
+    SetMany: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.SetManyRequest, _cache_service_pb2.SetManyResponse]
     """SetMany writes up to 1000 entries, all or nothing."""
-
-    DeleteMany: _CacheServiceDeleteManyType
+    DeleteMany: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.DeleteManyRequest, _cache_service_pb2.DeleteManyResponse]
     """DeleteMany removes up to 1000 keys of one level."""
-
-    ListKeys: _CacheServiceListKeysType
+    ListKeys: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.ListKeysRequest, _cache_service_pb2.ListKeysResponse]
     """ListKeys lists the keys of a level that match a glob pattern, a page at a
     time. It iterates with SCAN semantics (never KEYS): a key present for the
     whole listing is returned at least once; keys written or removed while
     listing may or may not appear.
     """
-
-    ClearLevel: _CacheServiceClearLevelType
+    ClearLevel: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.ClearLevelRequest, _cache_service_pb2.ClearLevelResponse]
     """ClearLevel removes every key of one level and reports how many."""
-
-    GetHealth: _CacheServiceGetHealthType
+    GetHealth: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetHealthRequest, _cache_service_pb2.GetHealthResponse]
     """GetHealth reports whether the backend is reachable and how it is doing."""
-
-    GetMetrics: _CacheServiceGetMetricsType
+    GetMetrics: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetMetricsRequest, _cache_service_pb2.GetMetricsResponse]
     """GetMetrics reports hit/miss, latency, compression and memory figures,
     summed over every koo instance that shares the backend.
     """
-
-    WatchMetrics: _CacheServiceWatchMetricsType
+    WatchMetrics: _grpc.UnaryStreamMultiCallable[_cache_service_pb2.WatchMetricsRequest, _cache_service_pb2.WatchMetricsResponse]
     """WatchMetrics sends a metrics snapshot every `interval` until the client
     goes away or the server shuts down.
     """
-
-    StartMaintenance: _CacheServiceStartMaintenanceType
+    StartMaintenance: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.StartMaintenanceRequest, _cache_service_pb2.StartMaintenanceResponse]
     """StartMaintenance submits the built-in task `koo.tasks.cache.maintenance`
     (a cleanup, then memory use and the largest keys) and returns its id;
     with `wait`, also its report once it ends.
     """
-
-    Warm: _CacheServiceWarmType
+    Warm: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.WarmRequest, _cache_service_pb2.WarmResponse]
     """Warm submits the built-in task `koo.tasks.cache.warm`, which preloads
     critical entries given in the request and/or read from the configured
     warm file (KOO_CACHE_WARM_FILE), and returns its id; with `wait`, also
     its report once it ends.
     """
-
-    Cleanup: _CacheServiceCleanupType
+    Cleanup: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.CleanupRequest, _cache_service_pb2.CleanupResponse]
     """Cleanup submits the built-in task `koo.tasks.cache.cleanup`, which
     removes what the backend does not expire by itself, and returns its id;
     with `wait`, also its report once it ends.
     """
 
-CacheServiceAsyncStub: typing_extensions.TypeAlias = CacheServiceStub[
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetRequest,
-        koo.cache.v1.cache_service_pb2.GetResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetRequest,
-        koo.cache.v1.cache_service_pb2.SetResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteRequest,
-        koo.cache.v1.cache_service_pb2.DeleteResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetManyRequest,
-        koo.cache.v1.cache_service_pb2.GetManyResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.SetManyRequest,
-        koo.cache.v1.cache_service_pb2.SetManyResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.DeleteManyRequest,
-        koo.cache.v1.cache_service_pb2.DeleteManyResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ListKeysRequest,
-        koo.cache.v1.cache_service_pb2.ListKeysResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.ClearLevelRequest,
-        koo.cache.v1.cache_service_pb2.ClearLevelResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetHealthRequest,
-        koo.cache.v1.cache_service_pb2.GetHealthResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.GetMetricsRequest,
-        koo.cache.v1.cache_service_pb2.GetMetricsResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
-        koo.cache.v1.cache_service_pb2.WatchMetricsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
-        koo.cache.v1.cache_service_pb2.StartMaintenanceResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.WarmRequest,
-        koo.cache.v1.cache_service_pb2.WarmResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.cache.v1.cache_service_pb2.CleanupRequest,
-        koo.cache.v1.cache_service_pb2.CleanupResponse,
-    ],
-]
-
-class CacheServiceServicer(metaclass=abc.ABCMeta):
+@_typing.type_check_only
+class CacheServiceAsyncStub(CacheServiceStub):
     """CacheService is a multi-level cache with TTLs, compression, size limits,
     metrics, warming and maintenance.
     """
 
-    @abc.abstractmethod
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Get: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetRequest, _cache_service_pb2.GetResponse]  # type: ignore[assignment]
+    """Get reads one value. A miss is not an error: `found` is false."""
+    Set: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.SetRequest, _cache_service_pb2.SetResponse]  # type: ignore[assignment]
+    """Set writes one value with a TTL (the level's default when absent)."""
+    Delete: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.DeleteRequest, _cache_service_pb2.DeleteResponse]  # type: ignore[assignment]
+    """Delete removes one key; deleting a missing key succeeds with `deleted` false."""
+    GetMany: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetManyRequest, _cache_service_pb2.GetManyResponse]  # type: ignore[assignment]
+    """GetMany reads up to 1000 keys of one level in one round trip."""
+    SetMany: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.SetManyRequest, _cache_service_pb2.SetManyResponse]  # type: ignore[assignment]
+    """SetMany writes up to 1000 entries, all or nothing."""
+    DeleteMany: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.DeleteManyRequest, _cache_service_pb2.DeleteManyResponse]  # type: ignore[assignment]
+    """DeleteMany removes up to 1000 keys of one level."""
+    ListKeys: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.ListKeysRequest, _cache_service_pb2.ListKeysResponse]  # type: ignore[assignment]
+    """ListKeys lists the keys of a level that match a glob pattern, a page at a
+    time. It iterates with SCAN semantics (never KEYS): a key present for the
+    whole listing is returned at least once; keys written or removed while
+    listing may or may not appear.
+    """
+    ClearLevel: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.ClearLevelRequest, _cache_service_pb2.ClearLevelResponse]  # type: ignore[assignment]
+    """ClearLevel removes every key of one level and reports how many."""
+    GetHealth: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetHealthRequest, _cache_service_pb2.GetHealthResponse]  # type: ignore[assignment]
+    """GetHealth reports whether the backend is reachable and how it is doing."""
+    GetMetrics: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetMetricsRequest, _cache_service_pb2.GetMetricsResponse]  # type: ignore[assignment]
+    """GetMetrics reports hit/miss, latency, compression and memory figures,
+    summed over every koo instance that shares the backend.
+    """
+    WatchMetrics: _aio.UnaryStreamMultiCallable[_cache_service_pb2.WatchMetricsRequest, _cache_service_pb2.WatchMetricsResponse]  # type: ignore[assignment]
+    """WatchMetrics sends a metrics snapshot every `interval` until the client
+    goes away or the server shuts down.
+    """
+    StartMaintenance: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.StartMaintenanceRequest, _cache_service_pb2.StartMaintenanceResponse]  # type: ignore[assignment]
+    """StartMaintenance submits the built-in task `koo.tasks.cache.maintenance`
+    (a cleanup, then memory use and the largest keys) and returns its id;
+    with `wait`, also its report once it ends.
+    """
+    Warm: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.WarmRequest, _cache_service_pb2.WarmResponse]  # type: ignore[assignment]
+    """Warm submits the built-in task `koo.tasks.cache.warm`, which preloads
+    critical entries given in the request and/or read from the configured
+    warm file (KOO_CACHE_WARM_FILE), and returns its id; with `wait`, also
+    its report once it ends.
+    """
+    Cleanup: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.CleanupRequest, _cache_service_pb2.CleanupResponse]  # type: ignore[assignment]
+    """Cleanup submits the built-in task `koo.tasks.cache.cleanup`, which
+    removes what the backend does not expire by itself, and returns its id;
+    with `wait`, also its report once it ends.
+    """
+
+class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
+    """CacheService is a multi-level cache with TTLs, compression, size limits,
+    metrics, warming and maintenance.
+    """
+
+    @_abc_1.abstractmethod
     def Get(
         self,
-        request: koo.cache.v1.cache_service_pb2.GetRequest,
+        request: _cache_service_pb2.GetRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.GetResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.GetResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.GetResponse, _abc.Awaitable[_cache_service_pb2.GetResponse]]:
         """Get reads one value. A miss is not an error: `found` is false."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def Set(
         self,
-        request: koo.cache.v1.cache_service_pb2.SetRequest,
+        request: _cache_service_pb2.SetRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.SetResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.SetResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.SetResponse, _abc.Awaitable[_cache_service_pb2.SetResponse]]:
         """Set writes one value with a TTL (the level's default when absent)."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def Delete(
         self,
-        request: koo.cache.v1.cache_service_pb2.DeleteRequest,
+        request: _cache_service_pb2.DeleteRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.DeleteResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.DeleteResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.DeleteResponse, _abc.Awaitable[_cache_service_pb2.DeleteResponse]]:
         """Delete removes one key; deleting a missing key succeeds with `deleted` false."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetMany(
         self,
-        request: koo.cache.v1.cache_service_pb2.GetManyRequest,
+        request: _cache_service_pb2.GetManyRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.GetManyResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.GetManyResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.GetManyResponse, _abc.Awaitable[_cache_service_pb2.GetManyResponse]]:
         """GetMany reads up to 1000 keys of one level in one round trip."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def SetMany(
         self,
-        request: koo.cache.v1.cache_service_pb2.SetManyRequest,
+        request: _cache_service_pb2.SetManyRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.SetManyResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.SetManyResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.SetManyResponse, _abc.Awaitable[_cache_service_pb2.SetManyResponse]]:
         """SetMany writes up to 1000 entries, all or nothing."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def DeleteMany(
         self,
-        request: koo.cache.v1.cache_service_pb2.DeleteManyRequest,
+        request: _cache_service_pb2.DeleteManyRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.DeleteManyResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.DeleteManyResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.DeleteManyResponse, _abc.Awaitable[_cache_service_pb2.DeleteManyResponse]]:
         """DeleteMany removes up to 1000 keys of one level."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListKeys(
         self,
-        request: koo.cache.v1.cache_service_pb2.ListKeysRequest,
+        request: _cache_service_pb2.ListKeysRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.ListKeysResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.ListKeysResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.ListKeysResponse, _abc.Awaitable[_cache_service_pb2.ListKeysResponse]]:
         """ListKeys lists the keys of a level that match a glob pattern, a page at a
         time. It iterates with SCAN semantics (never KEYS): a key present for the
         whole listing is returned at least once; keys written or removed while
         listing may or may not appear.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ClearLevel(
         self,
-        request: koo.cache.v1.cache_service_pb2.ClearLevelRequest,
+        request: _cache_service_pb2.ClearLevelRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.ClearLevelResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.ClearLevelResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.ClearLevelResponse, _abc.Awaitable[_cache_service_pb2.ClearLevelResponse]]:
         """ClearLevel removes every key of one level and reports how many."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetHealth(
         self,
-        request: koo.cache.v1.cache_service_pb2.GetHealthRequest,
+        request: _cache_service_pb2.GetHealthRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.GetHealthResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.GetHealthResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.GetHealthResponse, _abc.Awaitable[_cache_service_pb2.GetHealthResponse]]:
         """GetHealth reports whether the backend is reachable and how it is doing."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetMetrics(
         self,
-        request: koo.cache.v1.cache_service_pb2.GetMetricsRequest,
+        request: _cache_service_pb2.GetMetricsRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.GetMetricsResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.GetMetricsResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.GetMetricsResponse, _abc.Awaitable[_cache_service_pb2.GetMetricsResponse]]:
         """GetMetrics reports hit/miss, latency, compression and memory figures,
         summed over every koo instance that shares the backend.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def WatchMetrics(
         self,
-        request: koo.cache.v1.cache_service_pb2.WatchMetricsRequest,
+        request: _cache_service_pb2.WatchMetricsRequest,
         context: _ServicerContext,
-    ) -> typing.Union[collections.abc.Iterator[koo.cache.v1.cache_service_pb2.WatchMetricsResponse], collections.abc.AsyncIterator[koo.cache.v1.cache_service_pb2.WatchMetricsResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_cache_service_pb2.WatchMetricsResponse], _abc.AsyncIterator[_cache_service_pb2.WatchMetricsResponse]]:
         """WatchMetrics sends a metrics snapshot every `interval` until the client
         goes away or the server shuts down.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def StartMaintenance(
         self,
-        request: koo.cache.v1.cache_service_pb2.StartMaintenanceRequest,
+        request: _cache_service_pb2.StartMaintenanceRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.StartMaintenanceResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.StartMaintenanceResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.StartMaintenanceResponse, _abc.Awaitable[_cache_service_pb2.StartMaintenanceResponse]]:
         """StartMaintenance submits the built-in task `koo.tasks.cache.maintenance`
         (a cleanup, then memory use and the largest keys) and returns its id;
         with `wait`, also its report once it ends.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def Warm(
         self,
-        request: koo.cache.v1.cache_service_pb2.WarmRequest,
+        request: _cache_service_pb2.WarmRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.WarmResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.WarmResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.WarmResponse, _abc.Awaitable[_cache_service_pb2.WarmResponse]]:
         """Warm submits the built-in task `koo.tasks.cache.warm`, which preloads
         critical entries given in the request and/or read from the configured
         warm file (KOO_CACHE_WARM_FILE), and returns its id; with `wait`, also
         its report once it ends.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def Cleanup(
         self,
-        request: koo.cache.v1.cache_service_pb2.CleanupRequest,
+        request: _cache_service_pb2.CleanupRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.cache.v1.cache_service_pb2.CleanupResponse, collections.abc.Awaitable[koo.cache.v1.cache_service_pb2.CleanupResponse]]:
+    ) -> _typing.Union[_cache_service_pb2.CleanupResponse, _abc.Awaitable[_cache_service_pb2.CleanupResponse]]:
         """Cleanup submits the built-in task `koo.tasks.cache.cleanup`, which
         removes what the backend does not expire by itself, and returns its id;
         with `wait`, also its report once it ends.
         """
 
-def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
+def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

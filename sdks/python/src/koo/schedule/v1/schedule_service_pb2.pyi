@@ -6,33 +6,33 @@ TaskService's normal path, exactly once per tick across any number of koo
 instances.
 """
 
-import builtins
-import collections.abc
-import google.protobuf.descriptor
-import google.protobuf.duration_pb2
-import google.protobuf.field_mask_pb2
-import google.protobuf.internal.containers
-import google.protobuf.internal.enum_type_wrapper
-import google.protobuf.message
-import google.protobuf.struct_pb2
-import google.protobuf.timestamp_pb2
-import koo.tasks.v1.task_service_pb2
+from collections import abc as _abc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
+from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from koo.tasks.v1 import task_service_pb2 as _task_service_pb2
+import builtins as _builtins
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 10):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    import typing_extensions
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
-DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+DESCRIPTOR: _descriptor.FileDescriptor
 
 class _MissedTickPolicy:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _MissedTickPolicyEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_MissedTickPolicy.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _MissedTickPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MissedTickPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     MISSED_TICK_POLICY_UNSPECIFIED: _MissedTickPolicy.ValueType  # 0
     """Not used; means SKIP."""
     MISSED_TICK_POLICY_SKIP: _MissedTickPolicy.ValueType  # 1
@@ -55,14 +55,14 @@ MISSED_TICK_POLICY_RUN_ONCE: MissedTickPolicy.ValueType  # 2
 """The latest missed tick runs once when a scheduler comes back (never a
 burst), then the schedule goes on.
 """
-Global___MissedTickPolicy: typing_extensions.TypeAlias = MissedTickPolicy
+Global___MissedTickPolicy: _TypeAlias = MissedTickPolicy  # noqa: Y015
 
 class _ScheduleSource:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _ScheduleSourceEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ScheduleSource.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _ScheduleSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ScheduleSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     SCHEDULE_SOURCE_UNSPECIFIED: _ScheduleSource.ValueType  # 0
     """Not used."""
     SCHEDULE_SOURCE_CONFIG: _ScheduleSource.ValueType  # 1
@@ -79,131 +79,134 @@ SCHEDULE_SOURCE_CONFIG: ScheduleSource.ValueType  # 1
 """A default of koo's configuration (KOO_SCHEDULE_*)."""
 SCHEDULE_SOURCE_API: ScheduleSource.ValueType  # 2
 """Created through the API."""
-Global___ScheduleSource: typing_extensions.TypeAlias = ScheduleSource
+Global___ScheduleSource: _TypeAlias = ScheduleSource  # noqa: Y015
 
-@typing.final
-class Schedule(google.protobuf.message.Message):
+@_typing.final
+class Schedule(_message.Message):
     """Schedule is a cron schedule and the task it submits."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    CRON_FIELD_NUMBER: builtins.int
-    TIME_ZONE_FIELD_NUMBER: builtins.int
-    TASK_FIELD_NUMBER: builtins.int
-    MISSED_TICK_POLICY_FIELD_NUMBER: builtins.int
-    PAUSED_FIELD_NUMBER: builtins.int
-    SOURCE_FIELD_NUMBER: builtins.int
-    NEXT_FIRE_TIMES_FIELD_NUMBER: builtins.int
-    LAST_RUN_FIELD_NUMBER: builtins.int
-    CREATE_TIME_FIELD_NUMBER: builtins.int
-    UPDATE_TIME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    CRON_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    MISSED_TICK_POLICY_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    NEXT_FIRE_TIMES_FIELD_NUMBER: _builtins.int
+    LAST_RUN_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Unique name: 1 to 128 letters, digits, `_`, `-`, `.`."""
-    cron: builtins.str
+    cron: _builtins.str
     """Cron expression: five fields (minute hour day-of-month month
     day-of-week) or six (seconds first); `@hourly`, `@daily`... also work.
     """
-    time_zone: builtins.str
+    time_zone: _builtins.str
     """IANA time zone the expression is read in, e.g. `Europe/Paris`; empty
     means UTC.
     """
     missed_tick_policy: Global___MissedTickPolicy.ValueType
     """What to do about ticks missed while no scheduler ran."""
-    paused: builtins.bool
+    paused: _builtins.bool
     """Paused schedules do not fire (output only; see Pause/ResumeSchedule)."""
     source: Global___ScheduleSource.ValueType
     """Where the schedule came from (output only)."""
-    @property
+    @_builtins.property
     def task(self) -> Global___TaskTemplate:
         """The task each tick submits."""
 
-    @property
-    def next_fire_times(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.timestamp_pb2.Timestamp]:
+    @_builtins.property
+    def next_fire_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
         """The next fire times (output only, up to 5; none while paused)."""
 
-    @property
+    @_builtins.property
     def last_run(self) -> Global___ScheduleRun:
         """The latest run (output only)."""
 
-    @property
-    def create_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was created (output only)."""
 
-    @property
-    def update_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last changed (output only)."""
 
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
-        cron: builtins.str = ...,
-        time_zone: builtins.str = ...,
+        name: _builtins.str = ...,
+        cron: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
         task: Global___TaskTemplate | None = ...,
         missed_tick_policy: Global___MissedTickPolicy.ValueType = ...,
-        paused: builtins.bool = ...,
+        paused: _builtins.bool = ...,
         source: Global___ScheduleSource.ValueType = ...,
-        next_fire_times: collections.abc.Iterable[google.protobuf.timestamp_pb2.Timestamp] | None = ...,
+        next_fire_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
         last_run: Global___ScheduleRun | None = ...,
-        create_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        update_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["create_time", b"create_time", "last_run", b"last_run", "task", b"task", "update_time", b"update_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["create_time", b"create_time", "cron", b"cron", "last_run", b"last_run", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_times", b"next_fire_times", "paused", b"paused", "source", b"source", "task", b"task", "time_zone", b"time_zone", "update_time", b"update_time"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_run", b"last_run", "task", b"task", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "cron", b"cron", "last_run", b"last_run", "missed_tick_policy", b"missed_tick_policy", "name", b"name", "next_fire_times", b"next_fire_times", "paused", b"paused", "source", b"source", "task", b"task", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Schedule: typing_extensions.TypeAlias = Schedule
+Global___Schedule: _TypeAlias = Schedule  # noqa: Y015
 
-@typing.final
-class TaskTemplate(google.protobuf.message.Message):
+@_typing.final
+class TaskTemplate(_message.Message):
     """TaskTemplate is the task a schedule submits, as SubmitTask takes it."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    CATEGORY_FIELD_NUMBER: builtins.int
-    ARGS_FIELD_NUMBER: builtins.int
-    KWARGS_FIELD_NUMBER: builtins.int
-    PRIORITY_FIELD_NUMBER: builtins.int
-    MAX_RETRIES_FIELD_NUMBER: builtins.int
-    QUEUE_FIELD_NUMBER: builtins.int
-    SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
-    TIME_LIMIT_FIELD_NUMBER: builtins.int
-    EXPIRE_AFTER_FIELD_NUMBER: builtins.int
-    RATE_LIMIT_KEY_FIELD_NUMBER: builtins.int
-    CONCURRENCY_KEY_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Handler name."""
-    category: koo.tasks.v1.task_service_pb2.TaskCategory.ValueType
+    category: _task_service_pb2.TaskCategory.ValueType
     """Category (required)."""
-    priority: koo.tasks.v1.task_service_pb2.TaskPriority.ValueType
+    priority: _task_service_pb2.TaskPriority.ValueType
     """Priority; unspecified means normal."""
-    max_retries: builtins.int
+    max_retries: _builtins.int
     """Retries after the first attempt; absent means the default."""
-    queue: builtins.str
+    queue: _builtins.str
     """Queue; empty means the category's."""
-    rate_limit_key: builtins.str
+    rate_limit_key: _builtins.str
     """Each fired task's rate-limit key (SubmitTaskRequest.rate_limit_key)."""
-    concurrency_key: builtins.str
+    concurrency_key: _builtins.str
     """Each fired task's concurrency key (SubmitTaskRequest.concurrency_key)."""
-    @property
-    def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
         """Positional arguments."""
 
-    @property
-    def kwargs(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def kwargs(self) -> _struct_pb2.Struct:
         """Keyword arguments."""
 
-    @property
-    def soft_time_limit(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
         """Soft time limit; absent means TASK_SOFT_TIME_LIMIT."""
 
-    @property
-    def time_limit(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
         """Hard time limit; absent means TASK_TIME_LIMIT."""
 
-    @property
-    def expire_after(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def expire_after(self) -> _duration_pb2.Duration:
         """Each fired task expires this long after its tick's submit if not
         started by then (SubmitTaskRequest.expire_after; Celery beat's
         `expires` on a periodic task): a backlog never runs stale ticks late.
@@ -213,78 +216,85 @@ class TaskTemplate(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
-        category: koo.tasks.v1.task_service_pb2.TaskCategory.ValueType = ...,
-        args: collections.abc.Iterable[google.protobuf.struct_pb2.Value] | None = ...,
-        kwargs: google.protobuf.struct_pb2.Struct | None = ...,
-        priority: koo.tasks.v1.task_service_pb2.TaskPriority.ValueType = ...,
-        max_retries: builtins.int | None = ...,
-        queue: builtins.str = ...,
-        soft_time_limit: google.protobuf.duration_pb2.Duration | None = ...,
-        time_limit: google.protobuf.duration_pb2.Duration | None = ...,
-        expire_after: google.protobuf.duration_pb2.Duration | None = ...,
-        rate_limit_key: builtins.str = ...,
-        concurrency_key: builtins.str = ...,
+        name: _builtins.str = ...,
+        category: _task_service_pb2.TaskCategory.ValueType = ...,
+        args: _abc.Iterable[_struct_pb2.Value] | None = ...,
+        kwargs: _struct_pb2.Struct | None = ...,
+        priority: _task_service_pb2.TaskPriority.ValueType = ...,
+        max_retries: _builtins.int | None = ...,
+        queue: _builtins.str = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        expire_after: _duration_pb2.Duration | None = ...,
+        rate_limit_key: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "category", b"category", "concurrency_key", b"concurrency_key", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["_max_retries", b"_max_retries"]) -> typing.Literal["max_retries"] | None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "args", b"args", "category", b"category", "concurrency_key", b"concurrency_key", "expire_after", b"expire_after", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
 
-Global___TaskTemplate: typing_extensions.TypeAlias = TaskTemplate
+Global___TaskTemplate: _TypeAlias = TaskTemplate  # noqa: Y015
 
-@typing.final
-class ScheduleRun(google.protobuf.message.Message):
+@_typing.final
+class ScheduleRun(_message.Message):
     """ScheduleRun is one firing of a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TICK_TIME_FIELD_NUMBER: builtins.int
-    TASK_ID_FIELD_NUMBER: builtins.int
-    STATE_FIELD_NUMBER: builtins.int
-    END_TIME_FIELD_NUMBER: builtins.int
-    ERROR_FIELD_NUMBER: builtins.int
-    TRIGGERED_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TICK_TIME_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TRIGGERED_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task it submitted."""
-    state: koo.tasks.v1.task_service_pb2.TaskState.ValueType
+    state: _task_service_pb2.TaskState.ValueType
     """That task's state now (unspecified once its record expired)."""
-    error: builtins.str
+    error: _builtins.str
     """Its error, if it failed."""
-    triggered: builtins.bool
+    triggered: _builtins.bool
     """Whether it came from TriggerSchedule."""
-    @property
-    def tick_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def tick_time(self) -> _timestamp_pb2.Timestamp:
         """The tick it ran for (the scheduled time, not when it fired); absent
         for a TriggerSchedule run.
         """
 
-    @property
-    def end_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """When the task ended, if it has."""
 
     def __init__(
         self,
         *,
-        tick_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        task_id: builtins.str = ...,
-        state: koo.tasks.v1.task_service_pb2.TaskState.ValueType = ...,
-        end_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        error: builtins.str = ...,
-        triggered: builtins.bool = ...,
+        tick_time: _timestamp_pb2.Timestamp | None = ...,
+        task_id: _builtins.str = ...,
+        state: _task_service_pb2.TaskState.ValueType = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        error: _builtins.str = ...,
+        triggered: _builtins.bool = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["end_time", b"end_time", "tick_time", b"tick_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["end_time", b"end_time", "error", b"error", "state", b"state", "task_id", b"task_id", "tick_time", b"tick_time", "triggered", b"triggered"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "tick_time", b"tick_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "state", b"state", "task_id", b"task_id", "tick_time", b"tick_time", "triggered", b"triggered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ScheduleRun: typing_extensions.TypeAlias = ScheduleRun
+Global___ScheduleRun: _TypeAlias = ScheduleRun  # noqa: Y015
 
-@typing.final
-class CreateScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class CreateScheduleRequest(_message.Message):
     """CreateScheduleRequest creates a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule: name, cron, time_zone, task, missed_tick_policy."""
 
@@ -293,19 +303,22 @@ class CreateScheduleRequest(google.protobuf.message.Message):
         *,
         schedule: Global___Schedule | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateScheduleRequest: typing_extensions.TypeAlias = CreateScheduleRequest
+Global___CreateScheduleRequest: _TypeAlias = CreateScheduleRequest  # noqa: Y015
 
-@typing.final
-class CreateScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class CreateScheduleResponse(_message.Message):
     """CreateScheduleResponse returns the stored schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule."""
 
@@ -314,37 +327,44 @@ class CreateScheduleResponse(google.protobuf.message.Message):
         *,
         schedule: Global___Schedule | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateScheduleResponse: typing_extensions.TypeAlias = CreateScheduleResponse
+Global___CreateScheduleResponse: _TypeAlias = CreateScheduleResponse  # noqa: Y015
 
-@typing.final
-class GetScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class GetScheduleRequest(_message.Message):
     """GetScheduleRequest names a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Its name."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetScheduleRequest: typing_extensions.TypeAlias = GetScheduleRequest
+Global___GetScheduleRequest: _TypeAlias = GetScheduleRequest  # noqa: Y015
 
-@typing.final
-class GetScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class GetScheduleResponse(_message.Message):
     """GetScheduleResponse returns it."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule."""
 
@@ -353,71 +373,82 @@ class GetScheduleResponse(google.protobuf.message.Message):
         *,
         schedule: Global___Schedule | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetScheduleResponse: typing_extensions.TypeAlias = GetScheduleResponse
+Global___GetScheduleResponse: _TypeAlias = GetScheduleResponse  # noqa: Y015
 
-@typing.final
-class ListSchedulesRequest(google.protobuf.message.Message):
+@_typing.final
+class ListSchedulesRequest(_message.Message):
     """ListSchedulesRequest pages through schedules by name."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    PAGE_SIZE_FIELD_NUMBER: builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    page_size: builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
     """At most this many (default 100, at most 1000)."""
-    page_token: builtins.str
+    page_token: _builtins.str
     """From a previous response's next_page_token."""
     def __init__(
         self,
         *,
-        page_size: builtins.int = ...,
-        page_token: builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["page_size", b"page_size", "page_token", b"page_token"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListSchedulesRequest: typing_extensions.TypeAlias = ListSchedulesRequest
+Global___ListSchedulesRequest: _TypeAlias = ListSchedulesRequest  # noqa: Y015
 
-@typing.final
-class ListSchedulesResponse(google.protobuf.message.Message):
+@_typing.final
+class ListSchedulesResponse(_message.Message):
     """ListSchedulesResponse is one page."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULES_FIELD_NUMBER: builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    next_page_token: builtins.str
+    SCHEDULES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     """Empty on the last page."""
-    @property
-    def schedules(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Schedule]:
+    @_builtins.property
+    def schedules(self) -> _containers.RepeatedCompositeFieldContainer[Global___Schedule]:
         """The schedules."""
 
     def __init__(
         self,
         *,
-        schedules: collections.abc.Iterable[Global___Schedule] | None = ...,
-        next_page_token: builtins.str = ...,
+        schedules: _abc.Iterable[Global___Schedule] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["next_page_token", b"next_page_token", "schedules", b"schedules"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "schedules", b"schedules"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListSchedulesResponse: typing_extensions.TypeAlias = ListSchedulesResponse
+Global___ListSchedulesResponse: _TypeAlias = ListSchedulesResponse  # noqa: Y015
 
-@typing.final
-class UpdateScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class UpdateScheduleRequest(_message.Message):
     """UpdateScheduleRequest changes a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    UPDATE_MASK_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule (by name) with the new values."""
 
-    @property
-    def update_mask(self) -> google.protobuf.field_mask_pb2.FieldMask:
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
         """The fields to change: `cron`, `time_zone`, `task`,
         `missed_tick_policy`; empty means all of them.
         """
@@ -426,21 +457,24 @@ class UpdateScheduleRequest(google.protobuf.message.Message):
         self,
         *,
         schedule: Global___Schedule | None = ...,
-        update_mask: google.protobuf.field_mask_pb2.FieldMask | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UpdateScheduleRequest: typing_extensions.TypeAlias = UpdateScheduleRequest
+Global___UpdateScheduleRequest: _TypeAlias = UpdateScheduleRequest  # noqa: Y015
 
-@typing.final
-class UpdateScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class UpdateScheduleResponse(_message.Message):
     """UpdateScheduleResponse returns the stored schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule."""
 
@@ -449,37 +483,44 @@ class UpdateScheduleResponse(google.protobuf.message.Message):
         *,
         schedule: Global___Schedule | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___UpdateScheduleResponse: typing_extensions.TypeAlias = UpdateScheduleResponse
+Global___UpdateScheduleResponse: _TypeAlias = UpdateScheduleResponse  # noqa: Y015
 
-@typing.final
-class PauseScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class PauseScheduleRequest(_message.Message):
     """PauseScheduleRequest names a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Its name."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PauseScheduleRequest: typing_extensions.TypeAlias = PauseScheduleRequest
+Global___PauseScheduleRequest: _TypeAlias = PauseScheduleRequest  # noqa: Y015
 
-@typing.final
-class PauseScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class PauseScheduleResponse(_message.Message):
     """PauseScheduleResponse returns it."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule."""
 
@@ -488,37 +529,44 @@ class PauseScheduleResponse(google.protobuf.message.Message):
         *,
         schedule: Global___Schedule | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PauseScheduleResponse: typing_extensions.TypeAlias = PauseScheduleResponse
+Global___PauseScheduleResponse: _TypeAlias = PauseScheduleResponse  # noqa: Y015
 
-@typing.final
-class ResumeScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class ResumeScheduleRequest(_message.Message):
     """ResumeScheduleRequest names a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Its name."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ResumeScheduleRequest: typing_extensions.TypeAlias = ResumeScheduleRequest
+Global___ResumeScheduleRequest: _TypeAlias = ResumeScheduleRequest  # noqa: Y015
 
-@typing.final
-class ResumeScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class ResumeScheduleResponse(_message.Message):
     """ResumeScheduleResponse returns it."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    @property
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule."""
 
@@ -527,76 +575,95 @@ class ResumeScheduleResponse(google.protobuf.message.Message):
         *,
         schedule: Global___Schedule | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["schedule", b"schedule"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["schedule", b"schedule"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ResumeScheduleResponse: typing_extensions.TypeAlias = ResumeScheduleResponse
+Global___ResumeScheduleResponse: _TypeAlias = ResumeScheduleResponse  # noqa: Y015
 
-@typing.final
-class DeleteScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class DeleteScheduleRequest(_message.Message):
     """DeleteScheduleRequest names a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Its name."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteScheduleRequest: typing_extensions.TypeAlias = DeleteScheduleRequest
+Global___DeleteScheduleRequest: _TypeAlias = DeleteScheduleRequest  # noqa: Y015
 
-@typing.final
-class DeleteScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class DeleteScheduleResponse(_message.Message):
     """DeleteScheduleResponse has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteScheduleResponse: typing_extensions.TypeAlias = DeleteScheduleResponse
+Global___DeleteScheduleResponse: _TypeAlias = DeleteScheduleResponse  # noqa: Y015
 
-@typing.final
-class TriggerScheduleRequest(google.protobuf.message.Message):
+@_typing.final
+class TriggerScheduleRequest(_message.Message):
     """TriggerScheduleRequest names a schedule."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Its name."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TriggerScheduleRequest: typing_extensions.TypeAlias = TriggerScheduleRequest
+Global___TriggerScheduleRequest: _TypeAlias = TriggerScheduleRequest  # noqa: Y015
 
-@typing.final
-class TriggerScheduleResponse(google.protobuf.message.Message):
+@_typing.final
+class TriggerScheduleResponse(_message.Message):
     """TriggerScheduleResponse returns the submitted task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
-    def task(self) -> koo.tasks.v1.task_service_pb2.Task:
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> _task_service_pb2.Task:
         """The task."""
 
     def __init__(
         self,
         *,
-        task: koo.tasks.v1.task_service_pb2.Task | None = ...,
+        task: _task_service_pb2.Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TriggerScheduleResponse: typing_extensions.TypeAlias = TriggerScheduleResponse
+Global___TriggerScheduleResponse: _TypeAlias = TriggerScheduleResponse  # noqa: Y015

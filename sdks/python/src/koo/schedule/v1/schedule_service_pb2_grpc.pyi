@@ -6,157 +6,30 @@ TaskService's normal path, exactly once per tick across any number of koo
 instances.
 """
 
-import abc
-import collections.abc
-import grpc
-import grpc.aio
-import koo.schedule.v1.schedule_service_pb2
+from collections import abc as _abc
+from grpc import aio as _aio
+from koo.schedule.v1 import schedule_service_pb2 as _schedule_service_pb2
+import abc as _abc_1
+import grpc as _grpc
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 13):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
 else:
-    import typing_extensions
+    from typing_extensions import Self as _Self
 
-_T = typing.TypeVar("_T")
+_T = _typing.TypeVar("_T")
 
-class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
+class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
 
-class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
-_ScheduleServiceCreateScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServiceCreateScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse,
-    ],
-)
 
-_ScheduleServiceGetScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServiceGetScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.GetScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.GetScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.GetScheduleResponse,
-    ],
-)
-
-_ScheduleServiceListSchedulesType = typing_extensions.TypeVar(
-    '_ScheduleServiceListSchedulesType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse,
-    ],
-)
-
-_ScheduleServiceUpdateScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServiceUpdateScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse,
-    ],
-)
-
-_ScheduleServicePauseScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServicePauseScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse,
-    ],
-)
-
-_ScheduleServiceResumeScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServiceResumeScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse,
-    ],
-)
-
-_ScheduleServiceDeleteScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServiceDeleteScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse,
-    ],
-)
-
-_ScheduleServiceTriggerScheduleType = typing_extensions.TypeVar(
-    '_ScheduleServiceTriggerScheduleType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse,
-    ],
-)
-
-class ScheduleServiceStub(typing.Generic[_ScheduleServiceCreateScheduleType, _ScheduleServiceGetScheduleType, _ScheduleServiceListSchedulesType, _ScheduleServiceUpdateScheduleType, _ScheduleServicePauseScheduleType, _ScheduleServiceResumeScheduleType, _ScheduleServiceDeleteScheduleType, _ScheduleServiceTriggerScheduleType]):
+class ScheduleServiceStub:
     """ScheduleService manages periodic schedules. Schedules are data, stored
     with the tasks (Redis, or the embedded store); a change made through one
     koo instance takes effect on every instance within a second.
@@ -168,142 +41,33 @@ class ScheduleServiceStub(typing.Generic[_ScheduleServiceCreateScheduleType, _Sc
     task, and a local time that repeats when clocks go back fires once.
     """
 
-    @typing.overload
-    def __init__(self: ScheduleServiceStub[
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.GetScheduleResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
-            koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse,
-        ],
-    ], channel: grpc.Channel) -> None: ...
-
-    @typing.overload
-    def __init__(self: ScheduleServiceStub[
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.GetScheduleResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
-            koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
-            koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse,
-        ],
-    ], channel: grpc.aio.Channel) -> None: ...
-
-    CreateSchedule: _ScheduleServiceCreateScheduleType
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ScheduleServiceAsyncStub: ...
+    CreateSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.CreateScheduleRequest, _schedule_service_pb2.CreateScheduleResponse]
     """CreateSchedule adds a schedule; ALREADY_EXISTS if the name is taken."""
-
-    GetSchedule: _ScheduleServiceGetScheduleType
+    GetSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.GetScheduleRequest, _schedule_service_pb2.GetScheduleResponse]
     """GetSchedule returns a schedule with its next fire times and last run."""
-
-    ListSchedules: _ScheduleServiceListSchedulesType
+    ListSchedules: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.ListSchedulesRequest, _schedule_service_pb2.ListSchedulesResponse]
     """ListSchedules lists schedules by name."""
-
-    UpdateSchedule: _ScheduleServiceUpdateScheduleType
+    UpdateSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.UpdateScheduleRequest, _schedule_service_pb2.UpdateScheduleResponse]
     """UpdateSchedule changes the fields named in `update_mask` (all mutable
     fields when it is empty).
     """
-
-    PauseSchedule: _ScheduleServicePauseScheduleType
+    PauseSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.PauseScheduleRequest, _schedule_service_pb2.PauseScheduleResponse]
     """PauseSchedule stops a schedule firing until it is resumed."""
-
-    ResumeSchedule: _ScheduleServiceResumeScheduleType
+    ResumeSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.ResumeScheduleRequest, _schedule_service_pb2.ResumeScheduleResponse]
     """ResumeSchedule lets a paused schedule fire again from its next tick
     (ticks missed while paused are not run).
     """
-
-    DeleteSchedule: _ScheduleServiceDeleteScheduleType
+    DeleteSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.DeleteScheduleRequest, _schedule_service_pb2.DeleteScheduleResponse]
     """DeleteSchedule removes a schedule (its tasks stay in history)."""
-
-    TriggerSchedule: _ScheduleServiceTriggerScheduleType
+    TriggerSchedule: _grpc.UnaryUnaryMultiCallable[_schedule_service_pb2.TriggerScheduleRequest, _schedule_service_pb2.TriggerScheduleResponse]
     """TriggerSchedule submits the schedule's task now, outside its ticks."""
 
-ScheduleServiceAsyncStub: typing_extensions.TypeAlias = ScheduleServiceStub[
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.GetScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
-        koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
-        koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse,
-    ],
-]
-
-class ScheduleServiceServicer(metaclass=abc.ABCMeta):
+@_typing.type_check_only
+class ScheduleServiceAsyncStub(ScheduleServiceStub):
     """ScheduleService manages periodic schedules. Schedules are data, stored
     with the tasks (Redis, or the embedded store); a change made through one
     koo instance takes effect on every instance within a second.
@@ -315,72 +79,106 @@ class ScheduleServiceServicer(metaclass=abc.ABCMeta):
     task, and a local time that repeats when clocks go back fires once.
     """
 
-    @abc.abstractmethod
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.CreateScheduleRequest, _schedule_service_pb2.CreateScheduleResponse]  # type: ignore[assignment]
+    """CreateSchedule adds a schedule; ALREADY_EXISTS if the name is taken."""
+    GetSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.GetScheduleRequest, _schedule_service_pb2.GetScheduleResponse]  # type: ignore[assignment]
+    """GetSchedule returns a schedule with its next fire times and last run."""
+    ListSchedules: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.ListSchedulesRequest, _schedule_service_pb2.ListSchedulesResponse]  # type: ignore[assignment]
+    """ListSchedules lists schedules by name."""
+    UpdateSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.UpdateScheduleRequest, _schedule_service_pb2.UpdateScheduleResponse]  # type: ignore[assignment]
+    """UpdateSchedule changes the fields named in `update_mask` (all mutable
+    fields when it is empty).
+    """
+    PauseSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.PauseScheduleRequest, _schedule_service_pb2.PauseScheduleResponse]  # type: ignore[assignment]
+    """PauseSchedule stops a schedule firing until it is resumed."""
+    ResumeSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.ResumeScheduleRequest, _schedule_service_pb2.ResumeScheduleResponse]  # type: ignore[assignment]
+    """ResumeSchedule lets a paused schedule fire again from its next tick
+    (ticks missed while paused are not run).
+    """
+    DeleteSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.DeleteScheduleRequest, _schedule_service_pb2.DeleteScheduleResponse]  # type: ignore[assignment]
+    """DeleteSchedule removes a schedule (its tasks stay in history)."""
+    TriggerSchedule: _aio.UnaryUnaryMultiCallable[_schedule_service_pb2.TriggerScheduleRequest, _schedule_service_pb2.TriggerScheduleResponse]  # type: ignore[assignment]
+    """TriggerSchedule submits the schedule's task now, outside its ticks."""
+
+class ScheduleServiceServicer(metaclass=_abc_1.ABCMeta):
+    """ScheduleService manages periodic schedules. Schedules are data, stored
+    with the tasks (Redis, or the embedded store); a change made through one
+    koo instance takes effect on every instance within a second.
+
+    Every koo instance that runs the scheduler computes each schedule's ticks
+    from its cron expression and submits the tick's task under the
+    idempotency key `schedule:{name}:{tick}`, where `tick` is the scheduled
+    local time: whichever instances are alive, each tick submits exactly one
+    task, and a local time that repeats when clocks go back fires once.
+    """
+
+    @_abc_1.abstractmethod
     def CreateSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.CreateScheduleRequest,
+        request: _schedule_service_pb2.CreateScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.CreateScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.CreateScheduleResponse, _abc.Awaitable[_schedule_service_pb2.CreateScheduleResponse]]:
         """CreateSchedule adds a schedule; ALREADY_EXISTS if the name is taken."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.GetScheduleRequest,
+        request: _schedule_service_pb2.GetScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.GetScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.GetScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.GetScheduleResponse, _abc.Awaitable[_schedule_service_pb2.GetScheduleResponse]]:
         """GetSchedule returns a schedule with its next fire times and last run."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListSchedules(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.ListSchedulesRequest,
+        request: _schedule_service_pb2.ListSchedulesRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.ListSchedulesResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.ListSchedulesResponse, _abc.Awaitable[_schedule_service_pb2.ListSchedulesResponse]]:
         """ListSchedules lists schedules by name."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def UpdateSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.UpdateScheduleRequest,
+        request: _schedule_service_pb2.UpdateScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.UpdateScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.UpdateScheduleResponse, _abc.Awaitable[_schedule_service_pb2.UpdateScheduleResponse]]:
         """UpdateSchedule changes the fields named in `update_mask` (all mutable
         fields when it is empty).
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def PauseSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.PauseScheduleRequest,
+        request: _schedule_service_pb2.PauseScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.PauseScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.PauseScheduleResponse, _abc.Awaitable[_schedule_service_pb2.PauseScheduleResponse]]:
         """PauseSchedule stops a schedule firing until it is resumed."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ResumeSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.ResumeScheduleRequest,
+        request: _schedule_service_pb2.ResumeScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.ResumeScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.ResumeScheduleResponse, _abc.Awaitable[_schedule_service_pb2.ResumeScheduleResponse]]:
         """ResumeSchedule lets a paused schedule fire again from its next tick
         (ticks missed while paused are not run).
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def DeleteSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.DeleteScheduleRequest,
+        request: _schedule_service_pb2.DeleteScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.DeleteScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.DeleteScheduleResponse, _abc.Awaitable[_schedule_service_pb2.DeleteScheduleResponse]]:
         """DeleteSchedule removes a schedule (its tasks stay in history)."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def TriggerSchedule(
         self,
-        request: koo.schedule.v1.schedule_service_pb2.TriggerScheduleRequest,
+        request: _schedule_service_pb2.TriggerScheduleRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse, collections.abc.Awaitable[koo.schedule.v1.schedule_service_pb2.TriggerScheduleResponse]]:
+    ) -> _typing.Union[_schedule_service_pb2.TriggerScheduleResponse, _abc.Awaitable[_schedule_service_pb2.TriggerScheduleResponse]]:
         """TriggerSchedule submits the schedule's task now, outside its ticks."""
 
-def add_ScheduleServiceServicer_to_server(servicer: ScheduleServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
+def add_ScheduleServiceServicer_to_server(servicer: ScheduleServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

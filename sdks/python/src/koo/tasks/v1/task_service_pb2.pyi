@@ -5,32 +5,32 @@ koo's background task system (in progress: submission and status; the
 rest of the seed's task API follows).
 """
 
-import builtins
-import collections.abc
-import google.protobuf.descriptor
-import google.protobuf.duration_pb2
-import google.protobuf.internal.containers
-import google.protobuf.internal.enum_type_wrapper
-import google.protobuf.message
-import google.protobuf.struct_pb2
-import google.protobuf.timestamp_pb2
-import koo.cache.v1.cache_service_pb2
+from collections import abc as _abc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from koo.cache.v1 import cache_service_pb2 as _cache_service_pb2
+import builtins as _builtins
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 10):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    import typing_extensions
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
-DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+DESCRIPTOR: _descriptor.FileDescriptor
 
 class _ConcurrencyPolicy:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _ConcurrencyPolicyEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ConcurrencyPolicy.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _ConcurrencyPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ConcurrencyPolicy.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     CONCURRENCY_POLICY_UNSPECIFIED: _ConcurrencyPolicy.ValueType  # 0
     """Not used; means WAIT."""
     CONCURRENCY_POLICY_WAIT: _ConcurrencyPolicy.ValueType  # 1
@@ -65,14 +65,14 @@ CONCURRENCY_POLICY_CANCEL_OLDEST: ConcurrencyPolicy.ValueType  # 3
 its worker is told at its next heartbeat), and the new one starts when
 it has ended (Hatchet's CANCEL_IN_PROGRESS).
 """
-Global___ConcurrencyPolicy: typing_extensions.TypeAlias = ConcurrencyPolicy
+Global___ConcurrencyPolicy: _TypeAlias = ConcurrencyPolicy  # noqa: Y015
 
 class _LimitSource:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _LimitSourceEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_LimitSource.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _LimitSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LimitSource.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     LIMIT_SOURCE_UNSPECIFIED: _LimitSource.ValueType  # 0
     """Not used."""
     LIMIT_SOURCE_CONFIG: _LimitSource.ValueType  # 1
@@ -93,14 +93,14 @@ again at every start.
 """
 LIMIT_SOURCE_API: LimitSource.ValueType  # 2
 """SetRateLimit or SetConcurrencyLimit."""
-Global___LimitSource: typing_extensions.TypeAlias = LimitSource
+Global___LimitSource: _TypeAlias = LimitSource  # noqa: Y015
 
 class _QueueState:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _QueueStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_QueueState.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _QueueStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QueueState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     QUEUE_STATE_UNSPECIFIED: _QueueState.ValueType  # 0
     """Not used."""
     QUEUE_STATE_RUNNING: _QueueState.ValueType  # 1
@@ -117,14 +117,14 @@ QUEUE_STATE_RUNNING: QueueState.ValueType  # 1
 """Hands out tasks."""
 QUEUE_STATE_PAUSED: QueueState.ValueType  # 2
 """Accepts submits, hands out nothing (PauseQueue)."""
-Global___QueueState: typing_extensions.TypeAlias = QueueState
+Global___QueueState: _TypeAlias = QueueState  # noqa: Y015
 
 class _TaskCategory:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _TaskCategoryEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_TaskCategory.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _TaskCategoryEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskCategory.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     TASK_CATEGORY_UNSPECIFIED: _TaskCategory.ValueType  # 0
     """Not allowed in a submit."""
     TASK_CATEGORY_AI_SERVICE: _TaskCategory.ValueType  # 1
@@ -157,14 +157,14 @@ TASK_CATEGORY_RESEARCH: TaskCategory.ValueType  # 5
 """Research and synchronisation (queue `research`)."""
 TASK_CATEGORY_CACHE: TaskCategory.ValueType  # 6
 """Cache warming and cleanup (queue `cache`)."""
-Global___TaskCategory: typing_extensions.TypeAlias = TaskCategory
+Global___TaskCategory: _TypeAlias = TaskCategory  # noqa: Y015
 
 class _TaskPriority:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _TaskPriorityEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_TaskPriority.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _TaskPriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskPriority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     TASK_PRIORITY_UNSPECIFIED: _TaskPriority.ValueType  # 0
     """Treated as NORMAL."""
     TASK_PRIORITY_LOW: _TaskPriority.ValueType  # 1
@@ -189,14 +189,14 @@ TASK_PRIORITY_HIGH: TaskPriority.ValueType  # 3
 """Ahead of normal work."""
 TASK_PRIORITY_CRITICAL: TaskPriority.ValueType  # 4
 """Ahead of everything."""
-Global___TaskPriority: typing_extensions.TypeAlias = TaskPriority
+Global___TaskPriority: _TypeAlias = TaskPriority  # noqa: Y015
 
 class _TaskState:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _TaskStateEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_TaskState.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _TaskStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     TASK_STATE_UNSPECIFIED: _TaskState.ValueType  # 0
     """Not used."""
     TASK_STATE_PENDING: _TaskState.ValueType  # 1
@@ -237,45 +237,45 @@ TASK_STATE_CANCELLED: TaskState.ValueType  # 7
 """Cancelled."""
 TASK_STATE_TIMED_OUT: TaskState.ValueType  # 8
 """Stopped at its hard time limit."""
-Global___TaskState: typing_extensions.TypeAlias = TaskState
+Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
-@typing.final
-class RateLimit(google.protobuf.message.Message):
+@_typing.final
+class RateLimit(_message.Message):
     """RateLimit is a global rate limit on a queue, a task name or a key."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    LIMIT_FIELD_NUMBER: builtins.int
-    PERIOD_FIELD_NUMBER: builtins.int
-    BURST_FIELD_NUMBER: builtins.int
-    SOURCE_FIELD_NUMBER: builtins.int
-    NEXT_FREE_TIME_FIELD_NUMBER: builtins.int
-    BACKOFF_UNTIL_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    PERIOD_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    NEXT_FREE_TIME_FIELD_NUMBER: _builtins.int
+    BACKOFF_UNTIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """The scope: `queues/<queue>`, `tasks/<task name>`, `keys/<key>` or
     `keys/*` (1 to 300 bytes).
     """
-    limit: builtins.int
+    limit: _builtins.int
     """Tasks per period (1 to 1,000,000)."""
-    burst: builtins.int
+    burst: _builtins.int
     """How many may start at once after a quiet spell (0 or absent means 1:
     evenly spaced, at most limit + 1 in any period; at most 1,000,000).
     """
     source: Global___LimitSource.ValueType
     """Output only: where it came from (KOO_RATE_LIMITS or the API)."""
-    @property
-    def period(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def period(self) -> _duration_pb2.Duration:
         """The period (1 ms to 24 h)."""
 
-    @property
-    def next_free_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def next_free_time(self) -> _timestamp_pb2.Timestamp:
         """Output only: when its next task may start (its bucket's next free
         token; now or earlier when one is free).
         """
 
-    @property
-    def backoff_until(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def backoff_until(self) -> _timestamp_pb2.Timestamp:
         """Output only, for a key: until when a worker's FailTask back-off
         (`key_retry_after`) holds it; absent when none holds.
         """
@@ -283,33 +283,36 @@ class RateLimit(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
-        limit: builtins.int = ...,
-        period: google.protobuf.duration_pb2.Duration | None = ...,
-        burst: builtins.int = ...,
+        name: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        period: _duration_pb2.Duration | None = ...,
+        burst: _builtins.int = ...,
         source: Global___LimitSource.ValueType = ...,
-        next_free_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        backoff_until: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        next_free_time: _timestamp_pb2.Timestamp | None = ...,
+        backoff_until: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["backoff_until", b"backoff_until", "next_free_time", b"next_free_time", "period", b"period"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["backoff_until", b"backoff_until", "burst", b"burst", "limit", b"limit", "name", b"name", "next_free_time", b"next_free_time", "period", b"period", "source", b"source"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "next_free_time", b"next_free_time", "period", b"period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "burst", b"burst", "limit", b"limit", "name", b"name", "next_free_time", b"next_free_time", "period", b"period", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RateLimit: typing_extensions.TypeAlias = RateLimit
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
 
-@typing.final
-class ConcurrencyLimit(google.protobuf.message.Message):
+@_typing.final
+class ConcurrencyLimit(_message.Message):
     """ConcurrencyLimit caps the tasks of one concurrency key running at once."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    MAX_RUNNING_FIELD_NUMBER: builtins.int
-    POLICY_FIELD_NUMBER: builtins.int
-    SOURCE_FIELD_NUMBER: builtins.int
-    RUNNING_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """`keys/<concurrency_key>` or `keys/*` (1 to 300 bytes)."""
-    max_running: builtins.int
+    max_running: _builtins.int
     """At most this many run at once (1 to 1,000,000)."""
     policy: Global___ConcurrencyPolicy.ValueType
     """What a task that would start past the cap does; unspecified means
@@ -317,29 +320,33 @@ class ConcurrencyLimit(google.protobuf.message.Message):
     """
     source: Global___LimitSource.ValueType
     """Output only: where it came from."""
-    running: builtins.int
+    running: _builtins.int
     """Output only: how many of the key's tasks run now (for `keys/*`: 0)."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
-        max_running: builtins.int = ...,
+        name: _builtins.str = ...,
+        max_running: _builtins.int = ...,
         policy: Global___ConcurrencyPolicy.ValueType = ...,
         source: Global___LimitSource.ValueType = ...,
-        running: builtins.int = ...,
+        running: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["max_running", b"max_running", "name", b"name", "policy", b"policy", "running", b"running", "source", b"source"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_running", b"max_running", "name", b"name", "policy", b"policy", "running", b"running", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ConcurrencyLimit: typing_extensions.TypeAlias = ConcurrencyLimit
+Global___ConcurrencyLimit: _TypeAlias = ConcurrencyLimit  # noqa: Y015
 
-@typing.final
-class SetRateLimitRequest(google.protobuf.message.Message):
+@_typing.final
+class SetRateLimitRequest(_message.Message):
     """SetRateLimitRequest carries the limit to set."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RATE_LIMIT_FIELD_NUMBER: builtins.int
-    @property
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def rate_limit(self) -> Global___RateLimit:
         """The limit (name, limit, period, burst; the output fields are ignored)."""
 
@@ -348,19 +355,22 @@ class SetRateLimitRequest(google.protobuf.message.Message):
         *,
         rate_limit: Global___RateLimit | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetRateLimitRequest: typing_extensions.TypeAlias = SetRateLimitRequest
+Global___SetRateLimitRequest: _TypeAlias = SetRateLimitRequest  # noqa: Y015
 
-@typing.final
-class SetRateLimitResponse(google.protobuf.message.Message):
+@_typing.final
+class SetRateLimitResponse(_message.Message):
     """SetRateLimitResponse is the limit as stored."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RATE_LIMIT_FIELD_NUMBER: builtins.int
-    @property
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def rate_limit(self) -> Global___RateLimit:
         """The limit."""
 
@@ -369,37 +379,44 @@ class SetRateLimitResponse(google.protobuf.message.Message):
         *,
         rate_limit: Global___RateLimit | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetRateLimitResponse: typing_extensions.TypeAlias = SetRateLimitResponse
+Global___SetRateLimitResponse: _TypeAlias = SetRateLimitResponse  # noqa: Y015
 
-@typing.final
-class GetRateLimitRequest(google.protobuf.message.Message):
+@_typing.final
+class GetRateLimitRequest(_message.Message):
     """GetRateLimitRequest names a limit."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """E.g. `keys/openai`."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetRateLimitRequest: typing_extensions.TypeAlias = GetRateLimitRequest
+Global___GetRateLimitRequest: _TypeAlias = GetRateLimitRequest  # noqa: Y015
 
-@typing.final
-class GetRateLimitResponse(google.protobuf.message.Message):
+@_typing.final
+class GetRateLimitResponse(_message.Message):
     """GetRateLimitResponse is the limit."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RATE_LIMIT_FIELD_NUMBER: builtins.int
-    @property
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def rate_limit(self) -> Global___RateLimit:
         """The limit and its state."""
 
@@ -408,81 +425,102 @@ class GetRateLimitResponse(google.protobuf.message.Message):
         *,
         rate_limit: Global___RateLimit | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["rate_limit", b"rate_limit"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetRateLimitResponse: typing_extensions.TypeAlias = GetRateLimitResponse
+Global___GetRateLimitResponse: _TypeAlias = GetRateLimitResponse  # noqa: Y015
 
-@typing.final
-class ListRateLimitsRequest(google.protobuf.message.Message):
+@_typing.final
+class ListRateLimitsRequest(_message.Message):
     """ListRateLimitsRequest has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListRateLimitsRequest: typing_extensions.TypeAlias = ListRateLimitsRequest
+Global___ListRateLimitsRequest: _TypeAlias = ListRateLimitsRequest  # noqa: Y015
 
-@typing.final
-class ListRateLimitsResponse(google.protobuf.message.Message):
+@_typing.final
+class ListRateLimitsResponse(_message.Message):
     """ListRateLimitsResponse lists the limits."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RATE_LIMITS_FIELD_NUMBER: builtins.int
-    @property
-    def rate_limits(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+    RATE_LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rate_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
         """Every limit, by name."""
 
     def __init__(
         self,
         *,
-        rate_limits: collections.abc.Iterable[Global___RateLimit] | None = ...,
+        rate_limits: _abc.Iterable[Global___RateLimit] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["rate_limits", b"rate_limits"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rate_limits", b"rate_limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListRateLimitsResponse: typing_extensions.TypeAlias = ListRateLimitsResponse
+Global___ListRateLimitsResponse: _TypeAlias = ListRateLimitsResponse  # noqa: Y015
 
-@typing.final
-class DeleteRateLimitRequest(google.protobuf.message.Message):
+@_typing.final
+class DeleteRateLimitRequest(_message.Message):
     """DeleteRateLimitRequest names a limit."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """E.g. `keys/openai`."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteRateLimitRequest: typing_extensions.TypeAlias = DeleteRateLimitRequest
+Global___DeleteRateLimitRequest: _TypeAlias = DeleteRateLimitRequest  # noqa: Y015
 
-@typing.final
-class DeleteRateLimitResponse(google.protobuf.message.Message):
+@_typing.final
+class DeleteRateLimitResponse(_message.Message):
     """DeleteRateLimitResponse is empty."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteRateLimitResponse: typing_extensions.TypeAlias = DeleteRateLimitResponse
+Global___DeleteRateLimitResponse: _TypeAlias = DeleteRateLimitResponse  # noqa: Y015
 
-@typing.final
-class SetConcurrencyLimitRequest(google.protobuf.message.Message):
+@_typing.final
+class SetConcurrencyLimitRequest(_message.Message):
     """SetConcurrencyLimitRequest carries the cap to set."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CONCURRENCY_LIMIT_FIELD_NUMBER: builtins.int
-    @property
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def concurrency_limit(self) -> Global___ConcurrencyLimit:
         """The cap (name, max_running, policy; the output fields are ignored)."""
 
@@ -491,19 +529,22 @@ class SetConcurrencyLimitRequest(google.protobuf.message.Message):
         *,
         concurrency_limit: Global___ConcurrencyLimit | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency_limit", b"concurrency_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_limit", b"concurrency_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetConcurrencyLimitRequest: typing_extensions.TypeAlias = SetConcurrencyLimitRequest
+Global___SetConcurrencyLimitRequest: _TypeAlias = SetConcurrencyLimitRequest  # noqa: Y015
 
-@typing.final
-class SetConcurrencyLimitResponse(google.protobuf.message.Message):
+@_typing.final
+class SetConcurrencyLimitResponse(_message.Message):
     """SetConcurrencyLimitResponse is the cap as stored."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CONCURRENCY_LIMIT_FIELD_NUMBER: builtins.int
-    @property
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def concurrency_limit(self) -> Global___ConcurrencyLimit:
         """The cap."""
 
@@ -512,37 +553,44 @@ class SetConcurrencyLimitResponse(google.protobuf.message.Message):
         *,
         concurrency_limit: Global___ConcurrencyLimit | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency_limit", b"concurrency_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_limit", b"concurrency_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SetConcurrencyLimitResponse: typing_extensions.TypeAlias = SetConcurrencyLimitResponse
+Global___SetConcurrencyLimitResponse: _TypeAlias = SetConcurrencyLimitResponse  # noqa: Y015
 
-@typing.final
-class GetConcurrencyLimitRequest(google.protobuf.message.Message):
+@_typing.final
+class GetConcurrencyLimitRequest(_message.Message):
     """GetConcurrencyLimitRequest names a cap."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """E.g. `keys/tenant-42`."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetConcurrencyLimitRequest: typing_extensions.TypeAlias = GetConcurrencyLimitRequest
+Global___GetConcurrencyLimitRequest: _TypeAlias = GetConcurrencyLimitRequest  # noqa: Y015
 
-@typing.final
-class GetConcurrencyLimitResponse(google.protobuf.message.Message):
+@_typing.final
+class GetConcurrencyLimitResponse(_message.Message):
     """GetConcurrencyLimitResponse is the cap."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CONCURRENCY_LIMIT_FIELD_NUMBER: builtins.int
-    @property
+    CONCURRENCY_LIMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def concurrency_limit(self) -> Global___ConcurrencyLimit:
         """The cap and its key's running count."""
 
@@ -551,103 +599,128 @@ class GetConcurrencyLimitResponse(google.protobuf.message.Message):
         *,
         concurrency_limit: Global___ConcurrencyLimit | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["concurrency_limit", b"concurrency_limit"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["concurrency_limit", b"concurrency_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_limit", b"concurrency_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetConcurrencyLimitResponse: typing_extensions.TypeAlias = GetConcurrencyLimitResponse
+Global___GetConcurrencyLimitResponse: _TypeAlias = GetConcurrencyLimitResponse  # noqa: Y015
 
-@typing.final
-class ListConcurrencyLimitsRequest(google.protobuf.message.Message):
+@_typing.final
+class ListConcurrencyLimitsRequest(_message.Message):
     """ListConcurrencyLimitsRequest has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListConcurrencyLimitsRequest: typing_extensions.TypeAlias = ListConcurrencyLimitsRequest
+Global___ListConcurrencyLimitsRequest: _TypeAlias = ListConcurrencyLimitsRequest  # noqa: Y015
 
-@typing.final
-class ListConcurrencyLimitsResponse(google.protobuf.message.Message):
+@_typing.final
+class ListConcurrencyLimitsResponse(_message.Message):
     """ListConcurrencyLimitsResponse lists the caps."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CONCURRENCY_LIMITS_FIELD_NUMBER: builtins.int
-    @property
-    def concurrency_limits(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___ConcurrencyLimit]:
+    CONCURRENCY_LIMITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def concurrency_limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConcurrencyLimit]:
         """Every cap, by name."""
 
     def __init__(
         self,
         *,
-        concurrency_limits: collections.abc.Iterable[Global___ConcurrencyLimit] | None = ...,
+        concurrency_limits: _abc.Iterable[Global___ConcurrencyLimit] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["concurrency_limits", b"concurrency_limits"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency_limits", b"concurrency_limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListConcurrencyLimitsResponse: typing_extensions.TypeAlias = ListConcurrencyLimitsResponse
+Global___ListConcurrencyLimitsResponse: _TypeAlias = ListConcurrencyLimitsResponse  # noqa: Y015
 
-@typing.final
-class DeleteConcurrencyLimitRequest(google.protobuf.message.Message):
+@_typing.final
+class DeleteConcurrencyLimitRequest(_message.Message):
     """DeleteConcurrencyLimitRequest names a cap."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """E.g. `keys/tenant-42`."""
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteConcurrencyLimitRequest: typing_extensions.TypeAlias = DeleteConcurrencyLimitRequest
+Global___DeleteConcurrencyLimitRequest: _TypeAlias = DeleteConcurrencyLimitRequest  # noqa: Y015
 
-@typing.final
-class DeleteConcurrencyLimitResponse(google.protobuf.message.Message):
+@_typing.final
+class DeleteConcurrencyLimitResponse(_message.Message):
     """DeleteConcurrencyLimitResponse is empty."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeleteConcurrencyLimitResponse: typing_extensions.TypeAlias = DeleteConcurrencyLimitResponse
+Global___DeleteConcurrencyLimitResponse: _TypeAlias = DeleteConcurrencyLimitResponse  # noqa: Y015
 
-@typing.final
-class PauseQueueRequest(google.protobuf.message.Message):
+@_typing.final
+class PauseQueueRequest(_message.Message):
     """PauseQueueRequest names the queue to pause."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUE_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    queue: builtins.str
+    QUEUE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
     """The queue, e.g. `ai_service` (ListQueues names them)."""
-    reason: builtins.str
+    reason: _builtins.str
     """Why, for the other operators (at most 1024 bytes; may be empty)."""
     def __init__(
         self,
         *,
-        queue: builtins.str = ...,
-        reason: builtins.str = ...,
+        queue: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["queue", b"queue", "reason", b"reason"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PauseQueueRequest: typing_extensions.TypeAlias = PauseQueueRequest
+Global___PauseQueueRequest: _TypeAlias = PauseQueueRequest  # noqa: Y015
 
-@typing.final
-class PauseQueueResponse(google.protobuf.message.Message):
+@_typing.final
+class PauseQueueResponse(_message.Message):
     """PauseQueueResponse is the queue after the call."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUE_FIELD_NUMBER: builtins.int
-    @property
+    QUEUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def queue(self) -> Global___Queue:
         """The queue, paused."""
 
@@ -656,37 +729,44 @@ class PauseQueueResponse(google.protobuf.message.Message):
         *,
         queue: Global___Queue | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["queue", b"queue"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["queue", b"queue"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___PauseQueueResponse: typing_extensions.TypeAlias = PauseQueueResponse
+Global___PauseQueueResponse: _TypeAlias = PauseQueueResponse  # noqa: Y015
 
-@typing.final
-class ResumeQueueRequest(google.protobuf.message.Message):
+@_typing.final
+class ResumeQueueRequest(_message.Message):
     """ResumeQueueRequest names the queue to resume."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUE_FIELD_NUMBER: builtins.int
-    queue: builtins.str
+    QUEUE_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
     """The queue, e.g. `ai_service`."""
     def __init__(
         self,
         *,
-        queue: builtins.str = ...,
+        queue: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["queue", b"queue"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ResumeQueueRequest: typing_extensions.TypeAlias = ResumeQueueRequest
+Global___ResumeQueueRequest: _TypeAlias = ResumeQueueRequest  # noqa: Y015
 
-@typing.final
-class ResumeQueueResponse(google.protobuf.message.Message):
+@_typing.final
+class ResumeQueueResponse(_message.Message):
     """ResumeQueueResponse is the queue after the call."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUE_FIELD_NUMBER: builtins.int
-    @property
+    QUEUE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def queue(self) -> Global___Queue:
         """The queue, running."""
 
@@ -695,55 +775,67 @@ class ResumeQueueResponse(google.protobuf.message.Message):
         *,
         queue: Global___Queue | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["queue", b"queue"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["queue", b"queue"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ResumeQueueResponse: typing_extensions.TypeAlias = ResumeQueueResponse
+Global___ResumeQueueResponse: _TypeAlias = ResumeQueueResponse  # noqa: Y015
 
-@typing.final
-class ListQueuesRequest(google.protobuf.message.Message):
+@_typing.final
+class ListQueuesRequest(_message.Message):
     """ListQueuesRequest has no fields: every queue is listed."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListQueuesRequest: typing_extensions.TypeAlias = ListQueuesRequest
+Global___ListQueuesRequest: _TypeAlias = ListQueuesRequest  # noqa: Y015
 
-@typing.final
-class ListQueuesResponse(google.protobuf.message.Message):
+@_typing.final
+class ListQueuesResponse(_message.Message):
     """ListQueuesResponse lists the queues."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUES_FIELD_NUMBER: builtins.int
-    @property
-    def queues(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Queue]:
+    QUEUES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___Queue]:
         """Every queue."""
 
     def __init__(
         self,
         *,
-        queues: collections.abc.Iterable[Global___Queue] | None = ...,
+        queues: _abc.Iterable[Global___Queue] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["queues", b"queues"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListQueuesResponse: typing_extensions.TypeAlias = ListQueuesResponse
+Global___ListQueuesResponse: _TypeAlias = ListQueuesResponse  # noqa: Y015
 
-@typing.final
-class Queue(google.protobuf.message.Message):
+@_typing.final
+class Queue(_message.Message):
     """Queue is a task queue, its state and its figures."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    CATEGORY_FIELD_NUMBER: builtins.int
-    STATE_FIELD_NUMBER: builtins.int
-    PAUSE_FIELD_NUMBER: builtins.int
-    METRICS_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAUSE_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Its name, e.g. `ai_service`."""
     category: Global___TaskCategory.ValueType
     """The category whose queue it is (unspecified for a configured extra
@@ -751,191 +843,197 @@ class Queue(google.protobuf.message.Message):
     """
     state: Global___QueueState.ValueType
     """Running or paused."""
-    @property
+    @_builtins.property
     def pause(self) -> Global___QueuePause:
         """Who paused it, why and when; set while paused."""
 
-    @property
+    @_builtins.property
     def metrics(self) -> Global___QueueMetrics:
         """Its depths and counters, as GetTaskMetrics."""
 
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
         category: Global___TaskCategory.ValueType = ...,
         state: Global___QueueState.ValueType = ...,
         pause: Global___QueuePause | None = ...,
         metrics: Global___QueueMetrics | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["metrics", b"metrics", "pause", b"pause"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["category", b"category", "metrics", b"metrics", "name", b"name", "pause", b"pause", "state", b"state"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "pause", b"pause"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "metrics", b"metrics", "name", b"name", "pause", b"pause", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Queue: typing_extensions.TypeAlias = Queue
+Global___Queue: _TypeAlias = Queue  # noqa: Y015
 
-@typing.final
-class QueuePause(google.protobuf.message.Message):
+@_typing.final
+class QueuePause(_message.Message):
     """QueuePause records a pause."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    PRINCIPAL_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    PAUSE_TIME_FIELD_NUMBER: builtins.int
-    principal: builtins.str
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PAUSE_TIME_FIELD_NUMBER: _builtins.int
+    principal: _builtins.str
     """The principal that paused the queue (`anonymous` on an open koo)."""
-    reason: builtins.str
+    reason: _builtins.str
     """The reason given."""
-    @property
-    def pause_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def pause_time(self) -> _timestamp_pb2.Timestamp:
         """When."""
 
     def __init__(
         self,
         *,
-        principal: builtins.str = ...,
-        reason: builtins.str = ...,
-        pause_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        principal: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        pause_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["pause_time", b"pause_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["pause_time", b"pause_time", "principal", b"principal", "reason", b"reason"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pause_time", b"pause_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pause_time", b"pause_time", "principal", b"principal", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___QueuePause: typing_extensions.TypeAlias = QueuePause
+Global___QueuePause: _TypeAlias = QueuePause  # noqa: Y015
 
-@typing.final
-class Task(google.protobuf.message.Message):
+@_typing.final
+class Task(_message.Message):
     """Task is a background task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    CATEGORY_FIELD_NUMBER: builtins.int
-    QUEUE_FIELD_NUMBER: builtins.int
-    PRIORITY_FIELD_NUMBER: builtins.int
-    ARGS_FIELD_NUMBER: builtins.int
-    KWARGS_FIELD_NUMBER: builtins.int
-    STATE_FIELD_NUMBER: builtins.int
-    ATTEMPTS_FIELD_NUMBER: builtins.int
-    MAX_RETRIES_FIELD_NUMBER: builtins.int
-    WORKER_FIELD_NUMBER: builtins.int
-    PROGRESS_FIELD_NUMBER: builtins.int
-    RESULT_FIELD_NUMBER: builtins.int
-    ERROR_FIELD_NUMBER: builtins.int
-    CREATE_TIME_FIELD_NUMBER: builtins.int
-    START_TIME_FIELD_NUMBER: builtins.int
-    END_TIME_FIELD_NUMBER: builtins.int
-    SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
-    TIME_LIMIT_FIELD_NUMBER: builtins.int
-    ATTEMPT_LOG_FIELD_NUMBER: builtins.int
-    CACHE_RESULT_FIELD_NUMBER: builtins.int
-    DEPENDS_ON_FIELD_NUMBER: builtins.int
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    SCHEDULE_TIME_FIELD_NUMBER: builtins.int
-    TRACE_PARENT_FIELD_NUMBER: builtins.int
-    TRACE_STATE_FIELD_NUMBER: builtins.int
-    DEBOUNCE_KEY_FIELD_NUMBER: builtins.int
-    EXPIRE_TIME_FIELD_NUMBER: builtins.int
-    RATE_LIMIT_KEY_FIELD_NUMBER: builtins.int
-    CONCURRENCY_KEY_FIELD_NUMBER: builtins.int
-    id: builtins.str
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_LOG_FIELD_NUMBER: _builtins.int
+    CACHE_RESULT_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TIME_FIELD_NUMBER: _builtins.int
+    TRACE_PARENT_FIELD_NUMBER: _builtins.int
+    TRACE_STATE_FIELD_NUMBER: _builtins.int
+    DEBOUNCE_KEY_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
     """Opaque id, generated by koo."""
-    name: builtins.str
+    name: _builtins.str
     """Handler name, e.g. `koo.tasks.ai_service.process_query`."""
     category: Global___TaskCategory.ValueType
     """Category."""
-    queue: builtins.str
+    queue: _builtins.str
     """Queue."""
     priority: Global___TaskPriority.ValueType
     """Priority."""
     state: Global___TaskState.ValueType
     """State."""
-    attempts: builtins.int
+    attempts: _builtins.int
     """Attempts so far (counted when a worker leases the task)."""
-    max_retries: builtins.int
+    max_retries: _builtins.int
     """Retries allowed after the first attempt."""
-    worker: builtins.str
+    worker: _builtins.str
     """The worker running it, while running."""
-    schedule: builtins.str
+    schedule: _builtins.str
     """The schedule that submitted it (ScheduleService), if one did."""
-    trace_parent: builtins.str
+    trace_parent: _builtins.str
     """The W3C trace context of the span that submitted it (the submit's
     `traceparent` metadata, or koo's span of that call when koo exports
     traces): a worker runs the task in a child span of it, so that the run
     joins the submitter's trace. Empty when the submit had none.
     """
-    trace_state: builtins.str
+    trace_state: _builtins.str
     """The W3C `tracestate` that goes with trace_parent, if any."""
-    debounce_key: builtins.str
+    debounce_key: _builtins.str
     """The debounce key it was submitted with, if any (see
     SubmitTaskRequest.debounce_key).
     """
-    rate_limit_key: builtins.str
+    rate_limit_key: _builtins.str
     """The rate-limit key it was submitted with, if any."""
-    concurrency_key: builtins.str
+    concurrency_key: _builtins.str
     """The concurrency key it was submitted with, if any."""
-    @property
-    def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
         """Positional arguments."""
 
-    @property
-    def kwargs(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def kwargs(self) -> _struct_pb2.Struct:
         """Keyword arguments."""
 
-    @property
+    @_builtins.property
     def progress(self) -> Global___TaskProgress:
         """Latest progress report."""
 
-    @property
-    def result(self) -> google.protobuf.struct_pb2.Value:
+    @_builtins.property
+    def result(self) -> _struct_pb2.Value:
         """The result, once succeeded."""
 
-    @property
+    @_builtins.property
     def error(self) -> Global___TaskError:
         """The latest error."""
 
-    @property
-    def create_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was submitted."""
 
-    @property
-    def start_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """When its latest attempt started."""
 
-    @property
-    def end_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it ended."""
 
-    @property
-    def soft_time_limit(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
         """Soft time limit: the handler is asked to stop."""
 
-    @property
-    def time_limit(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
         """Hard time limit: the attempt is abandoned and the task ends TIMED_OUT."""
 
-    @property
-    def attempt_log(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___TaskAttempt]:
+    @_builtins.property
+    def attempt_log(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskAttempt]:
         """Each ended attempt, oldest first."""
 
-    @property
+    @_builtins.property
     def cache_result(self) -> Global___CacheTarget:
         """Where a successful result is also cached, if anywhere."""
 
-    @property
-    def depends_on(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tasks it waited on before it could run; read their results with
         GetTask.
         """
 
-    @property
-    def schedule_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def schedule_time(self) -> _timestamp_pb2.Timestamp:
         """The schedule's tick it ran for (the scheduled time, not when it was
         submitted).
         """
 
-    @property
-    def expire_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the task expires (Celery's `expires`), if its submit set an
         expiry: a task still waiting then (QUEUED, SCHEDULED, PENDING, or
         waiting out a retry's backoff) ends CANCELLED with the error
@@ -946,222 +1044,237 @@ class Task(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        id: builtins.str = ...,
-        name: builtins.str = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
         category: Global___TaskCategory.ValueType = ...,
-        queue: builtins.str = ...,
+        queue: _builtins.str = ...,
         priority: Global___TaskPriority.ValueType = ...,
-        args: collections.abc.Iterable[google.protobuf.struct_pb2.Value] | None = ...,
-        kwargs: google.protobuf.struct_pb2.Struct | None = ...,
+        args: _abc.Iterable[_struct_pb2.Value] | None = ...,
+        kwargs: _struct_pb2.Struct | None = ...,
         state: Global___TaskState.ValueType = ...,
-        attempts: builtins.int = ...,
-        max_retries: builtins.int = ...,
-        worker: builtins.str = ...,
+        attempts: _builtins.int = ...,
+        max_retries: _builtins.int = ...,
+        worker: _builtins.str = ...,
         progress: Global___TaskProgress | None = ...,
-        result: google.protobuf.struct_pb2.Value | None = ...,
+        result: _struct_pb2.Value | None = ...,
         error: Global___TaskError | None = ...,
-        create_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        start_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        end_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        soft_time_limit: google.protobuf.duration_pb2.Duration | None = ...,
-        time_limit: google.protobuf.duration_pb2.Duration | None = ...,
-        attempt_log: collections.abc.Iterable[Global___TaskAttempt] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        attempt_log: _abc.Iterable[Global___TaskAttempt] | None = ...,
         cache_result: Global___CacheTarget | None = ...,
-        depends_on: collections.abc.Iterable[builtins.str] | None = ...,
-        schedule: builtins.str = ...,
-        schedule_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        trace_parent: builtins.str = ...,
-        trace_state: builtins.str = ...,
-        debounce_key: builtins.str = ...,
-        expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        rate_limit_key: builtins.str = ...,
-        concurrency_key: builtins.str = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        schedule: _builtins.str = ...,
+        schedule_time: _timestamp_pb2.Timestamp | None = ...,
+        trace_parent: _builtins.str = ...,
+        trace_state: _builtins.str = ...,
+        debounce_key: _builtins.str = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        rate_limit_key: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["cache_result", b"cache_result", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "kwargs", b"kwargs", "progress", b"progress", "result", b"result", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["args", b"args", "attempt_log", b"attempt_log", "attempts", b"attempts", "cache_result", b"cache_result", "category", b"category", "concurrency_key", b"concurrency_key", "create_time", b"create_time", "debounce_key", b"debounce_key", "depends_on", b"depends_on", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "progress", b"progress", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "result", b"result", "schedule", b"schedule", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "trace_parent", b"trace_parent", "trace_state", b"trace_state", "worker", b"worker"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_result", b"cache_result", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "kwargs", b"kwargs", "progress", b"progress", "result", b"result", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "time_limit", b"time_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "attempt_log", b"attempt_log", "attempts", b"attempts", "cache_result", b"cache_result", "category", b"category", "concurrency_key", b"concurrency_key", "create_time", b"create_time", "debounce_key", b"debounce_key", "depends_on", b"depends_on", "end_time", b"end_time", "error", b"error", "expire_time", b"expire_time", "id", b"id", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "progress", b"progress", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "result", b"result", "schedule", b"schedule", "schedule_time", b"schedule_time", "soft_time_limit", b"soft_time_limit", "start_time", b"start_time", "state", b"state", "time_limit", b"time_limit", "trace_parent", b"trace_parent", "trace_state", b"trace_state", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Task: typing_extensions.TypeAlias = Task
+Global___Task: _TypeAlias = Task  # noqa: Y015
 
-@typing.final
-class CacheTarget(google.protobuf.message.Message):
+@_typing.final
+class CacheTarget(_message.Message):
     """CacheTarget names a cache entry that receives a task's result: when the
     task succeeds, its result (as JSON) is written there before the task is
     reported SUCCEEDED. This is how warming computes a value with a task.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LEVEL_FIELD_NUMBER: builtins.int
-    KEY_FIELD_NUMBER: builtins.int
-    TTL_FIELD_NUMBER: builtins.int
-    level: koo.cache.v1.cache_service_pb2.CacheLevel.ValueType
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    level: _cache_service_pb2.CacheLevel.ValueType
     """The level; unspecified means app."""
-    key: builtins.str
+    key: _builtins.str
     """The key (1 byte up to KOO_MAX_KEY_SIZE)."""
-    @property
-    def ttl(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
         """The entry's TTL; absent means the level's default."""
 
     def __init__(
         self,
         *,
-        level: koo.cache.v1.cache_service_pb2.CacheLevel.ValueType = ...,
-        key: builtins.str = ...,
-        ttl: google.protobuf.duration_pb2.Duration | None = ...,
+        level: _cache_service_pb2.CacheLevel.ValueType = ...,
+        key: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["ttl", b"ttl"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CacheTarget: typing_extensions.TypeAlias = CacheTarget
+Global___CacheTarget: _TypeAlias = CacheTarget  # noqa: Y015
 
-@typing.final
-class TaskProgress(google.protobuf.message.Message):
+@_typing.final
+class TaskProgress(_message.Message):
     """TaskProgress is a handler's latest report."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    PERCENT_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    METADATA_FIELD_NUMBER: builtins.int
-    percent: builtins.float
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    percent: _builtins.float
     """0 to 100."""
-    message: builtins.str
+    message: _builtins.str
     """What it is doing."""
-    @property
-    def metadata(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
         """Anything else."""
 
     def __init__(
         self,
         *,
-        percent: builtins.float = ...,
-        message: builtins.str = ...,
-        metadata: google.protobuf.struct_pb2.Struct | None = ...,
+        percent: _builtins.float = ...,
+        message: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["metadata", b"metadata"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["message", b"message", "metadata", b"metadata", "percent", b"percent"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "metadata", b"metadata", "percent", b"percent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TaskProgress: typing_extensions.TypeAlias = TaskProgress
+Global___TaskProgress: _TypeAlias = TaskProgress  # noqa: Y015
 
-@typing.final
-class TaskError(google.protobuf.message.Message):
+@_typing.final
+class TaskError(_message.Message):
     """TaskError describes a failure."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    MESSAGE_FIELD_NUMBER: builtins.int
-    RETRYABLE_FIELD_NUMBER: builtins.int
-    DETAILS_FIELD_NUMBER: builtins.int
-    message: builtins.str
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRYABLE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
     """What went wrong."""
-    retryable: builtins.bool
+    retryable: _builtins.bool
     """Whether the handler asked for a retry."""
-    @property
-    def details(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
         """Anything else the handler reported with it (external workers' FailTask)."""
 
     def __init__(
         self,
         *,
-        message: builtins.str = ...,
-        retryable: builtins.bool = ...,
-        details: google.protobuf.struct_pb2.Struct | None = ...,
+        message: _builtins.str = ...,
+        retryable: _builtins.bool = ...,
+        details: _struct_pb2.Struct | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "message", b"message", "retryable", b"retryable"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "message", b"message", "retryable", b"retryable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TaskError: typing_extensions.TypeAlias = TaskError
+Global___TaskError: _TypeAlias = TaskError  # noqa: Y015
 
-@typing.final
-class TaskAttempt(google.protobuf.message.Message):
+@_typing.final
+class TaskAttempt(_message.Message):
     """TaskAttempt is one ended attempt."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    ATTEMPT_FIELD_NUMBER: builtins.int
-    WORKER_FIELD_NUMBER: builtins.int
-    OUTCOME_FIELD_NUMBER: builtins.int
-    ERROR_FIELD_NUMBER: builtins.int
-    END_TIME_FIELD_NUMBER: builtins.int
-    RETRY_TIME_FIELD_NUMBER: builtins.int
-    attempt: builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    RETRY_TIME_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
     """1-based attempt number."""
-    worker: builtins.str
+    worker: _builtins.str
     """The worker that ran it."""
-    outcome: builtins.str
+    outcome: _builtins.str
     """How it ended: succeeded, failed, timed_out, or lost (lease lapsed)."""
-    error: builtins.str
+    error: _builtins.str
     """Its error, if any."""
-    @property
-    def end_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it ended."""
 
-    @property
-    def retry_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def retry_time(self) -> _timestamp_pb2.Timestamp:
         """When the next attempt was due, for an attempt that was retried."""
 
     def __init__(
         self,
         *,
-        attempt: builtins.int = ...,
-        worker: builtins.str = ...,
-        outcome: builtins.str = ...,
-        error: builtins.str = ...,
-        end_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        retry_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
+        worker: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        error: _builtins.str = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        retry_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["end_time", b"end_time", "retry_time", b"retry_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["attempt", b"attempt", "end_time", b"end_time", "error", b"error", "outcome", b"outcome", "retry_time", b"retry_time", "worker", b"worker"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "retry_time", b"retry_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "end_time", b"end_time", "error", b"error", "outcome", b"outcome", "retry_time", b"retry_time", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TaskAttempt: typing_extensions.TypeAlias = TaskAttempt
+Global___TaskAttempt: _TypeAlias = TaskAttempt  # noqa: Y015
 
-@typing.final
-class SubmitTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class SubmitTaskRequest(_message.Message):
     """SubmitTaskRequest describes a task to run."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    CATEGORY_FIELD_NUMBER: builtins.int
-    ARGS_FIELD_NUMBER: builtins.int
-    KWARGS_FIELD_NUMBER: builtins.int
-    PRIORITY_FIELD_NUMBER: builtins.int
-    MAX_RETRIES_FIELD_NUMBER: builtins.int
-    QUEUE_FIELD_NUMBER: builtins.int
-    COUNTDOWN_FIELD_NUMBER: builtins.int
-    ETA_FIELD_NUMBER: builtins.int
-    SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
-    TIME_LIMIT_FIELD_NUMBER: builtins.int
-    RESULT_TTL_FIELD_NUMBER: builtins.int
-    CACHE_RESULT_FIELD_NUMBER: builtins.int
-    IDEMPOTENCY_KEY_FIELD_NUMBER: builtins.int
-    DEPENDS_ON_FIELD_NUMBER: builtins.int
-    DEBOUNCE_KEY_FIELD_NUMBER: builtins.int
-    DEBOUNCE_WINDOW_FIELD_NUMBER: builtins.int
-    EXPIRE_TIME_FIELD_NUMBER: builtins.int
-    EXPIRE_AFTER_FIELD_NUMBER: builtins.int
-    RATE_LIMIT_KEY_FIELD_NUMBER: builtins.int
-    CONCURRENCY_KEY_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    COUNTDOWN_FIELD_NUMBER: _builtins.int
+    ETA_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    RESULT_TTL_FIELD_NUMBER: _builtins.int
+    CACHE_RESULT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    DEPENDS_ON_FIELD_NUMBER: _builtins.int
+    DEBOUNCE_KEY_FIELD_NUMBER: _builtins.int
+    DEBOUNCE_WINDOW_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_KEY_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_KEY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Handler name (1 to 256 bytes)."""
     category: Global___TaskCategory.ValueType
     """Category (required)."""
     priority: Global___TaskPriority.ValueType
     """Priority; unspecified means normal."""
-    max_retries: builtins.int
+    max_retries: _builtins.int
     """Retries after the first attempt; absent means the default (3). Zero is
     a valid choice.
     """
-    queue: builtins.str
+    queue: _builtins.str
     """Queue; empty means the category's."""
-    idempotency_key: builtins.str
+    idempotency_key: _builtins.str
     """Idempotency key (1 to 256 bytes): while the task first submitted with
     this key is known (and the key is kept, KOO_IDEMPOTENCY_TTL), a submit
     with the same key and the same content returns that task with
     `deduplicated` set; the same key with other content is ALREADY_EXISTS.
     Only SubmitTask takes one.
     """
-    debounce_key: builtins.str
+    debounce_key: _builtins.str
     """Debounce key (1 to 256 bytes; needs `debounce_window`): while a task
     submitted with this key to the same queue has not started (SCHEDULED or
     QUEUED), a submit with the key replaces it (the last submit wins: its
@@ -1175,54 +1288,54 @@ class SubmitTaskRequest(google.protobuf.message.Message):
     dependencies, idempotency key or expiry (INVALID_ARGUMENT). Only
     SubmitTask takes one.
     """
-    rate_limit_key: builtins.str
+    rate_limit_key: _builtins.str
     """Rate-limit key (1 to 256 bytes), e.g. the AI provider or a tenant: the
     task starts only when the key's rate limit (`keys/<key>`, else
     `keys/*`) has a token, and not while a worker's FailTask back-off
     (`key_retry_after`) holds the key. Without a limit or back-off for it,
     it changes nothing.
     """
-    concurrency_key: builtins.str
+    concurrency_key: _builtins.str
     """Concurrency key (1 to 256 bytes), e.g. a tenant or a document: at most
     the key's cap (`keys/<key>`, else `keys/*`; SetConcurrencyLimit) of its
     tasks run at once, cluster-wide. Within one priority, a queue serves
     its keys' tasks round robin (one tenant's thousands do not starve
     another's few), cap or none.
     """
-    @property
-    def args(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.struct_pb2.Value]:
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
         """Positional arguments."""
 
-    @property
-    def kwargs(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def kwargs(self) -> _struct_pb2.Struct:
         """Keyword arguments."""
 
-    @property
-    def countdown(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def countdown(self) -> _duration_pb2.Duration:
         """Run no earlier than this long from now."""
 
-    @property
-    def eta(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def eta(self) -> _timestamp_pb2.Timestamp:
         """Run no earlier than this time (instead of countdown)."""
 
-    @property
-    def soft_time_limit(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def soft_time_limit(self) -> _duration_pb2.Duration:
         """Soft time limit; absent means TASK_SOFT_TIME_LIMIT."""
 
-    @property
-    def time_limit(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def time_limit(self) -> _duration_pb2.Duration:
         """Hard time limit; absent means TASK_TIME_LIMIT."""
 
-    @property
-    def result_ttl(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def result_ttl(self) -> _duration_pb2.Duration:
         """How long the result stays readable; absent means RESULT_EXPIRES."""
 
-    @property
+    @_builtins.property
     def cache_result(self) -> Global___CacheTarget:
         """Also cache a successful result under this level and key."""
 
-    @property
-    def depends_on(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def depends_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tasks (ids) that must succeed first: the task waits PENDING and is
         queued when every one has SUCCEEDED; when one ends otherwise, it ends
         CANCELLED naming it. Unknown ids are INVALID_ARGUMENT; a dependency
@@ -1232,14 +1345,14 @@ class SubmitTaskRequest(google.protobuf.message.Message):
         before it, and its own id is new.)
         """
 
-    @property
-    def debounce_window(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def debounce_window(self) -> _duration_pb2.Duration:
         """How long a debounced task waits for a newer submit before it starts:
         more than 0, at most 24 h; required with `debounce_key`.
         """
 
-    @property
-    def expire_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
         """Expire at this time if not started by then (Celery's `expires` as a
         datetime): the task ends CANCELLED ("cancelled: expired") instead of
         running late. It must be in the future and after the countdown or ETA
@@ -1247,8 +1360,8 @@ class SubmitTaskRequest(google.protobuf.message.Message):
         expire_after.
         """
 
-    @property
-    def expire_after(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def expire_after(self) -> _duration_pb2.Duration:
         """Expire this long after the submit if not started by then (Celery's
         `expires` in seconds); as expire_time, which it sets. Not with
         expire_time.
@@ -1257,48 +1370,52 @@ class SubmitTaskRequest(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
         category: Global___TaskCategory.ValueType = ...,
-        args: collections.abc.Iterable[google.protobuf.struct_pb2.Value] | None = ...,
-        kwargs: google.protobuf.struct_pb2.Struct | None = ...,
+        args: _abc.Iterable[_struct_pb2.Value] | None = ...,
+        kwargs: _struct_pb2.Struct | None = ...,
         priority: Global___TaskPriority.ValueType = ...,
-        max_retries: builtins.int | None = ...,
-        queue: builtins.str = ...,
-        countdown: google.protobuf.duration_pb2.Duration | None = ...,
-        eta: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        soft_time_limit: google.protobuf.duration_pb2.Duration | None = ...,
-        time_limit: google.protobuf.duration_pb2.Duration | None = ...,
-        result_ttl: google.protobuf.duration_pb2.Duration | None = ...,
+        max_retries: _builtins.int | None = ...,
+        queue: _builtins.str = ...,
+        countdown: _duration_pb2.Duration | None = ...,
+        eta: _timestamp_pb2.Timestamp | None = ...,
+        soft_time_limit: _duration_pb2.Duration | None = ...,
+        time_limit: _duration_pb2.Duration | None = ...,
+        result_ttl: _duration_pb2.Duration | None = ...,
         cache_result: Global___CacheTarget | None = ...,
-        idempotency_key: builtins.str = ...,
-        depends_on: collections.abc.Iterable[builtins.str] | None = ...,
-        debounce_key: builtins.str = ...,
-        debounce_window: google.protobuf.duration_pb2.Duration | None = ...,
-        expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        expire_after: google.protobuf.duration_pb2.Duration | None = ...,
-        rate_limit_key: builtins.str = ...,
-        concurrency_key: builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
+        depends_on: _abc.Iterable[_builtins.str] | None = ...,
+        debounce_key: _builtins.str = ...,
+        debounce_window: _duration_pb2.Duration | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_after: _duration_pb2.Duration | None = ...,
+        rate_limit_key: _builtins.str = ...,
+        concurrency_key: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "cache_result", b"cache_result", "countdown", b"countdown", "debounce_window", b"debounce_window", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "kwargs", b"kwargs", "max_retries", b"max_retries", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "args", b"args", "cache_result", b"cache_result", "category", b"category", "concurrency_key", b"concurrency_key", "countdown", b"countdown", "debounce_key", b"debounce_key", "debounce_window", b"debounce_window", "depends_on", b"depends_on", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["_max_retries", b"_max_retries"]) -> typing.Literal["max_retries"] | None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "cache_result", b"cache_result", "countdown", b"countdown", "debounce_window", b"debounce_window", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "kwargs", b"kwargs", "max_retries", b"max_retries", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "args", b"args", "cache_result", b"cache_result", "category", b"category", "concurrency_key", b"concurrency_key", "countdown", b"countdown", "debounce_key", b"debounce_key", "debounce_window", b"debounce_window", "depends_on", b"depends_on", "eta", b"eta", "expire_after", b"expire_after", "expire_time", b"expire_time", "idempotency_key", b"idempotency_key", "kwargs", b"kwargs", "max_retries", b"max_retries", "name", b"name", "priority", b"priority", "queue", b"queue", "rate_limit_key", b"rate_limit_key", "result_ttl", b"result_ttl", "soft_time_limit", b"soft_time_limit", "time_limit", b"time_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
 
-Global___SubmitTaskRequest: typing_extensions.TypeAlias = SubmitTaskRequest
+Global___SubmitTaskRequest: _TypeAlias = SubmitTaskRequest  # noqa: Y015
 
-@typing.final
-class SubmitTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class SubmitTaskResponse(_message.Message):
     """SubmitTaskResponse returns the stored task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    DEDUPLICATED_FIELD_NUMBER: builtins.int
-    deduplicated: builtins.bool
+    TASK_FIELD_NUMBER: _builtins.int
+    DEDUPLICATED_FIELD_NUMBER: _builtins.int
+    deduplicated: _builtins.bool
     """True when an earlier submit with the same idempotency key stored it,
     or when an earlier debounced task (same `debounce_key`, not started)
     took this submit's arguments.
     """
-    @property
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task, QUEUED or SCHEDULED (or, when deduplicated, as it is now)."""
 
@@ -1306,39 +1423,46 @@ class SubmitTaskResponse(google.protobuf.message.Message):
         self,
         *,
         task: Global___Task | None = ...,
-        deduplicated: builtins.bool = ...,
+        deduplicated: _builtins.bool = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["deduplicated", b"deduplicated", "task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deduplicated", b"deduplicated", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitTaskResponse: typing_extensions.TypeAlias = SubmitTaskResponse
+Global___SubmitTaskResponse: _TypeAlias = SubmitTaskResponse  # noqa: Y015
 
-@typing.final
-class GetTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class GetTaskRequest(_message.Message):
     """GetTaskRequest names a task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The id SubmitTask returned."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetTaskRequest: typing_extensions.TypeAlias = GetTaskRequest
+Global___GetTaskRequest: _TypeAlias = GetTaskRequest  # noqa: Y015
 
-@typing.final
-class GetTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class GetTaskResponse(_message.Message):
     """GetTaskResponse returns the task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
 
@@ -1347,37 +1471,44 @@ class GetTaskResponse(google.protobuf.message.Message):
         *,
         task: Global___Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetTaskResponse: typing_extensions.TypeAlias = GetTaskResponse
+Global___GetTaskResponse: _TypeAlias = GetTaskResponse  # noqa: Y015
 
-@typing.final
-class WatchTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class WatchTaskRequest(_message.Message):
     """WatchTaskRequest names the task to follow."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The id SubmitTask returned."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchTaskRequest: typing_extensions.TypeAlias = WatchTaskRequest
+Global___WatchTaskRequest: _TypeAlias = WatchTaskRequest  # noqa: Y015
 
-@typing.final
-class WatchTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class WatchTaskResponse(_message.Message):
     """WatchTaskResponse is one update."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task as it is now."""
 
@@ -1386,55 +1517,67 @@ class WatchTaskResponse(google.protobuf.message.Message):
         *,
         task: Global___Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchTaskResponse: typing_extensions.TypeAlias = WatchTaskResponse
+Global___WatchTaskResponse: _TypeAlias = WatchTaskResponse  # noqa: Y015
 
-@typing.final
-class GetTaskMetricsRequest(google.protobuf.message.Message):
+@_typing.final
+class GetTaskMetricsRequest(_message.Message):
     """GetTaskMetricsRequest has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetTaskMetricsRequest: typing_extensions.TypeAlias = GetTaskMetricsRequest
+Global___GetTaskMetricsRequest: _TypeAlias = GetTaskMetricsRequest  # noqa: Y015
 
-@typing.final
-class CancelTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class CancelTaskRequest(_message.Message):
     """CancelTaskRequest names the task to cancel."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The id SubmitTask returned."""
-    reason: builtins.str
+    reason: _builtins.str
     """Why (recorded in the task's error); empty means "cancelled by request"."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        reason: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["reason", b"reason", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CancelTaskRequest: typing_extensions.TypeAlias = CancelTaskRequest
+Global___CancelTaskRequest: _TypeAlias = CancelTaskRequest  # noqa: Y015
 
-@typing.final
-class CancelTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class CancelTaskResponse(_message.Message):
     """CancelTaskResponse returns the task after the cancel: CANCELLED, or still
     RUNNING while its worker stops it.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
 
@@ -1443,37 +1586,44 @@ class CancelTaskResponse(google.protobuf.message.Message):
         *,
         task: Global___Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CancelTaskResponse: typing_extensions.TypeAlias = CancelTaskResponse
+Global___CancelTaskResponse: _TypeAlias = CancelTaskResponse  # noqa: Y015
 
-@typing.final
-class RetryTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class RetryTaskRequest(_message.Message):
     """RetryTaskRequest names the task to run again."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The id SubmitTask returned."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RetryTaskRequest: typing_extensions.TypeAlias = RetryTaskRequest
+Global___RetryTaskRequest: _TypeAlias = RetryTaskRequest  # noqa: Y015
 
-@typing.final
-class RetryTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class RetryTaskResponse(_message.Message):
     """RetryTaskResponse returns the task, QUEUED again."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
 
@@ -1482,31 +1632,34 @@ class RetryTaskResponse(google.protobuf.message.Message):
         *,
         task: Global___Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RetryTaskResponse: typing_extensions.TypeAlias = RetryTaskResponse
+Global___RetryTaskResponse: _TypeAlias = RetryTaskResponse  # noqa: Y015
 
-@typing.final
-class CleanupTasksRequest(google.protobuf.message.Message):
+@_typing.final
+class CleanupTasksRequest(_message.Message):
     """CleanupTasksRequest sets the age of the tasks to remove."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    OLDER_THAN_FIELD_NUMBER: builtins.int
-    INCLUDE_DEAD_LETTERS_FIELD_NUMBER: builtins.int
-    HOURS_OLD_FIELD_NUMBER: builtins.int
-    include_dead_letters: builtins.bool
+    OLDER_THAN_FIELD_NUMBER: _builtins.int
+    INCLUDE_DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    HOURS_OLD_FIELD_NUMBER: _builtins.int
+    include_dead_letters: _builtins.bool
     """Also remove dead letters (FAILED, TIMED_OUT) younger than the dead
     letter retention (KOO_DEAD_LETTER_TTL); without it they are kept.
     """
-    hours_old: builtins.int
+    hours_old: _builtins.int
     """The seed's form of `older_than`, in hours (its REST call
     `POST /api/v1/tasks/cleanup?hours_old=24`): 0 to 87600; 0 means
     absent. Setting both is INVALID_ARGUMENT.
     """
-    @property
-    def older_than(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def older_than(self) -> _duration_pb2.Duration:
         """Tasks that ended more than this long ago are removed (the seed's
         `hours_old`); absent means 24 h.
         """
@@ -1514,173 +1667,194 @@ class CleanupTasksRequest(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        older_than: google.protobuf.duration_pb2.Duration | None = ...,
-        include_dead_letters: builtins.bool = ...,
-        hours_old: builtins.int = ...,
+        older_than: _duration_pb2.Duration | None = ...,
+        include_dead_letters: _builtins.bool = ...,
+        hours_old: _builtins.int = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["older_than", b"older_than"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["hours_old", b"hours_old", "include_dead_letters", b"include_dead_letters", "older_than", b"older_than"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["older_than", b"older_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hours_old", b"hours_old", "include_dead_letters", b"include_dead_letters", "older_than", b"older_than"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CleanupTasksRequest: typing_extensions.TypeAlias = CleanupTasksRequest
+Global___CleanupTasksRequest: _TypeAlias = CleanupTasksRequest  # noqa: Y015
 
-@typing.final
-class CleanupTasksResponse(google.protobuf.message.Message):
+@_typing.final
+class CleanupTasksResponse(_message.Message):
     """CleanupTasksResponse says what was removed."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    REMOVED_TASKS_FIELD_NUMBER: builtins.int
-    REMOVED_DEAD_LETTERS_FIELD_NUMBER: builtins.int
-    removed_tasks: builtins.int
+    REMOVED_TASKS_FIELD_NUMBER: _builtins.int
+    REMOVED_DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    removed_tasks: _builtins.int
     """Ended tasks removed from history (and their stored results), all queues."""
-    removed_dead_letters: builtins.int
+    removed_dead_letters: _builtins.int
     """Dead letters removed."""
     def __init__(
         self,
         *,
-        removed_tasks: builtins.int = ...,
-        removed_dead_letters: builtins.int = ...,
+        removed_tasks: _builtins.int = ...,
+        removed_dead_letters: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["removed_dead_letters", b"removed_dead_letters", "removed_tasks", b"removed_tasks"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_dead_letters", b"removed_dead_letters", "removed_tasks", b"removed_tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CleanupTasksResponse: typing_extensions.TypeAlias = CleanupTasksResponse
+Global___CleanupTasksResponse: _TypeAlias = CleanupTasksResponse  # noqa: Y015
 
-@typing.final
-class RequeueDeadLettersRequest(google.protobuf.message.Message):
+@_typing.final
+class RequeueDeadLettersRequest(_message.Message):
     """RequeueDeadLettersRequest names the dead letters to run again."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_IDS_FIELD_NUMBER: builtins.int
-    ALL_FIELD_NUMBER: builtins.int
-    all: builtins.bool
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
     """Or every dead letter (up to 1000 per queue per call)."""
-    @property
-    def task_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """These tasks (each must be FAILED or TIMED_OUT)."""
 
     def __init__(
         self,
         *,
-        task_ids: collections.abc.Iterable[builtins.str] | None = ...,
-        all: builtins.bool = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        all: _builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["all", b"all", "task_ids", b"task_ids"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RequeueDeadLettersRequest: typing_extensions.TypeAlias = RequeueDeadLettersRequest
+Global___RequeueDeadLettersRequest: _TypeAlias = RequeueDeadLettersRequest  # noqa: Y015
 
-@typing.final
-class RequeueDeadLettersResponse(google.protobuf.message.Message):
+@_typing.final
+class RequeueDeadLettersResponse(_message.Message):
     """RequeueDeadLettersResponse lists what was queued again."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_IDS_FIELD_NUMBER: builtins.int
-    @property
-    def task_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tasks queued again."""
 
     def __init__(
         self,
         *,
-        task_ids: collections.abc.Iterable[builtins.str] | None = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["task_ids", b"task_ids"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RequeueDeadLettersResponse: typing_extensions.TypeAlias = RequeueDeadLettersResponse
+Global___RequeueDeadLettersResponse: _TypeAlias = RequeueDeadLettersResponse  # noqa: Y015
 
-@typing.final
-class WatchTaskMetricsRequest(google.protobuf.message.Message):
+@_typing.final
+class WatchTaskMetricsRequest(_message.Message):
     """WatchTaskMetricsRequest sets how often figures are sent."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    INTERVAL_FIELD_NUMBER: builtins.int
-    @property
-    def interval(self) -> google.protobuf.duration_pb2.Duration:
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def interval(self) -> _duration_pb2.Duration:
         """Between snapshots; absent means 1 s."""
 
     def __init__(
         self,
         *,
-        interval: google.protobuf.duration_pb2.Duration | None = ...,
+        interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["interval", b"interval"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["interval", b"interval"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchTaskMetricsRequest: typing_extensions.TypeAlias = WatchTaskMetricsRequest
+Global___WatchTaskMetricsRequest: _TypeAlias = WatchTaskMetricsRequest  # noqa: Y015
 
-@typing.final
-class WatchTaskMetricsResponse(google.protobuf.message.Message):
+@_typing.final
+class WatchTaskMetricsResponse(_message.Message):
     """WatchTaskMetricsResponse is one snapshot."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUES_FIELD_NUMBER: builtins.int
-    TIME_FIELD_NUMBER: builtins.int
-    WORKERS_FIELD_NUMBER: builtins.int
-    STREAMS_FIELD_NUMBER: builtins.int
-    TIMES_WINDOW_FIELD_NUMBER: builtins.int
-    @property
-    def queues(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___QueueMetrics]:
+    QUEUES_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    TIMES_WINDOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueMetrics]:
         """One entry per category queue, as GetTaskMetrics."""
 
-    @property
-    def time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
         """When the snapshot was taken."""
 
-    @property
+    @_builtins.property
     def workers(self) -> Global___WorkerMetrics:
         """The live workers, as GetTaskMetrics."""
 
-    @property
+    @_builtins.property
     def streams(self) -> Global___StreamMetrics:
         """This koo process's watch streams, as GetTaskMetrics."""
 
-    @property
-    def times_window(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def times_window(self) -> _duration_pb2.Duration:
         """How far back the run and wait times reach, as GetTaskMetrics."""
 
     def __init__(
         self,
         *,
-        queues: collections.abc.Iterable[Global___QueueMetrics] | None = ...,
-        time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        queues: _abc.Iterable[Global___QueueMetrics] | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
         workers: Global___WorkerMetrics | None = ...,
         streams: Global___StreamMetrics | None = ...,
-        times_window: google.protobuf.duration_pb2.Duration | None = ...,
+        times_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["streams", b"streams", "time", b"time", "times_window", b"times_window", "workers", b"workers"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["queues", b"queues", "streams", b"streams", "time", b"time", "times_window", b"times_window", "workers", b"workers"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["streams", b"streams", "time", b"time", "times_window", b"times_window", "workers", b"workers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues", "streams", b"streams", "time", b"time", "times_window", b"times_window", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchTaskMetricsResponse: typing_extensions.TypeAlias = WatchTaskMetricsResponse
+Global___WatchTaskMetricsResponse: _TypeAlias = WatchTaskMetricsResponse  # noqa: Y015
 
-@typing.final
-class GetTaskMetricsResponse(google.protobuf.message.Message):
+@_typing.final
+class GetTaskMetricsResponse(_message.Message):
     """GetTaskMetricsResponse holds every queue's figures."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUES_FIELD_NUMBER: builtins.int
-    WORKERS_FIELD_NUMBER: builtins.int
-    STREAMS_FIELD_NUMBER: builtins.int
-    TIMES_WINDOW_FIELD_NUMBER: builtins.int
-    @property
-    def queues(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___QueueMetrics]:
+    QUEUES_FIELD_NUMBER: _builtins.int
+    WORKERS_FIELD_NUMBER: _builtins.int
+    STREAMS_FIELD_NUMBER: _builtins.int
+    TIMES_WINDOW_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedCompositeFieldContainer[Global___QueueMetrics]:
         """One entry per category queue."""
 
-    @property
+    @_builtins.property
     def workers(self) -> Global___WorkerMetrics:
         """The live workers: built-in pools and external workers."""
 
-    @property
+    @_builtins.property
     def streams(self) -> Global___StreamMetrics:
         """The watch streams of the koo process that answered (each process
         counts its own).
         """
 
-    @property
-    def times_window(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def times_window(self) -> _duration_pb2.Duration:
         """How far back every queue's `run_time`, `wait_time` and `by_name`
         reach: the last hour, in 5-minute sub-windows (so between 55 and 60
         minutes, from the start of the oldest sub-window to now).
@@ -1689,173 +1863,184 @@ class GetTaskMetricsResponse(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        queues: collections.abc.Iterable[Global___QueueMetrics] | None = ...,
+        queues: _abc.Iterable[Global___QueueMetrics] | None = ...,
         workers: Global___WorkerMetrics | None = ...,
         streams: Global___StreamMetrics | None = ...,
-        times_window: google.protobuf.duration_pb2.Duration | None = ...,
+        times_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["streams", b"streams", "times_window", b"times_window", "workers", b"workers"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["queues", b"queues", "streams", b"streams", "times_window", b"times_window", "workers", b"workers"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["streams", b"streams", "times_window", b"times_window", "workers", b"workers"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues", "streams", b"streams", "times_window", b"times_window", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetTaskMetricsResponse: typing_extensions.TypeAlias = GetTaskMetricsResponse
+Global___GetTaskMetricsResponse: _TypeAlias = GetTaskMetricsResponse  # noqa: Y015
 
-@typing.final
-class StreamMetrics(google.protobuf.message.Message):
+@_typing.final
+class StreamMetrics(_message.Message):
     """StreamMetrics are one koo process's watch streams: how many are open, by
     RPC, and what fanning events out to them has cost. Each process reads
     each watched queue once and hands every event to the watchers that want
     it.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WATCH_TASK_FIELD_NUMBER: builtins.int
-    WATCH_TASKS_FIELD_NUMBER: builtins.int
-    WATCH_TASK_METRICS_FIELD_NUMBER: builtins.int
-    WATCH_METRICS_FIELD_NUMBER: builtins.int
-    MAX_WATCHERS_FIELD_NUMBER: builtins.int
-    QUEUE_READERS_FIELD_NUMBER: builtins.int
-    EVENTS_FANNED_OUT_FIELD_NUMBER: builtins.int
-    WATCHERS_FALLEN_BEHIND_FIELD_NUMBER: builtins.int
-    watch_task: builtins.int
+    WATCH_TASK_FIELD_NUMBER: _builtins.int
+    WATCH_TASKS_FIELD_NUMBER: _builtins.int
+    WATCH_TASK_METRICS_FIELD_NUMBER: _builtins.int
+    WATCH_METRICS_FIELD_NUMBER: _builtins.int
+    MAX_WATCHERS_FIELD_NUMBER: _builtins.int
+    QUEUE_READERS_FIELD_NUMBER: _builtins.int
+    EVENTS_FANNED_OUT_FIELD_NUMBER: _builtins.int
+    WATCHERS_FALLEN_BEHIND_FIELD_NUMBER: _builtins.int
+    watch_task: _builtins.int
     """Open WatchTask streams."""
-    watch_tasks: builtins.int
+    watch_tasks: _builtins.int
     """Open WatchTasks streams."""
-    watch_task_metrics: builtins.int
+    watch_task_metrics: _builtins.int
     """Open WatchTaskMetrics streams."""
-    watch_metrics: builtins.int
+    watch_metrics: _builtins.int
     """Open CacheService.WatchMetrics streams."""
-    max_watchers: builtins.int
+    max_watchers: _builtins.int
     """The most streams this process serves at once (KOO_MAX_WATCHERS); one
     more gets RESOURCE_EXHAUSTED.
     """
-    queue_readers: builtins.int
+    queue_readers: _builtins.int
     """Queue readers running: one per queue that somebody watches."""
-    events_fanned_out: builtins.int
+    events_fanned_out: _builtins.int
     """Events handed to watchers since this process started (an event that
     goes to three watchers counts three times).
     """
-    watchers_fallen_behind: builtins.int
+    watchers_fallen_behind: _builtins.int
     """Watchers ended with RESOURCE_EXHAUSTED since this process started,
     because they left KOO_WATCH_BUFFER events unread.
     """
     def __init__(
         self,
         *,
-        watch_task: builtins.int = ...,
-        watch_tasks: builtins.int = ...,
-        watch_task_metrics: builtins.int = ...,
-        watch_metrics: builtins.int = ...,
-        max_watchers: builtins.int = ...,
-        queue_readers: builtins.int = ...,
-        events_fanned_out: builtins.int = ...,
-        watchers_fallen_behind: builtins.int = ...,
+        watch_task: _builtins.int = ...,
+        watch_tasks: _builtins.int = ...,
+        watch_task_metrics: _builtins.int = ...,
+        watch_metrics: _builtins.int = ...,
+        max_watchers: _builtins.int = ...,
+        queue_readers: _builtins.int = ...,
+        events_fanned_out: _builtins.int = ...,
+        watchers_fallen_behind: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["events_fanned_out", b"events_fanned_out", "max_watchers", b"max_watchers", "queue_readers", b"queue_readers", "watch_metrics", b"watch_metrics", "watch_task", b"watch_task", "watch_task_metrics", b"watch_task_metrics", "watch_tasks", b"watch_tasks", "watchers_fallen_behind", b"watchers_fallen_behind"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events_fanned_out", b"events_fanned_out", "max_watchers", b"max_watchers", "queue_readers", b"queue_readers", "watch_metrics", b"watch_metrics", "watch_task", b"watch_task", "watch_task_metrics", b"watch_task_metrics", "watch_tasks", b"watch_tasks", "watchers_fallen_behind", b"watchers_fallen_behind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StreamMetrics: typing_extensions.TypeAlias = StreamMetrics
+Global___StreamMetrics: _TypeAlias = StreamMetrics  # noqa: Y015
 
-@typing.final
-class WorkerMetrics(google.protobuf.message.Message):
+@_typing.final
+class WorkerMetrics(_message.Message):
     """WorkerMetrics sum up the workers alive now (each reports itself every
     third of a lease; one silent for a lease is dropped).
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    LIVE_FIELD_NUMBER: builtins.int
-    EXTERNAL_FIELD_NUMBER: builtins.int
-    SLOTS_FIELD_NUMBER: builtins.int
-    BUSY_FIELD_NUMBER: builtins.int
-    live: builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    EXTERNAL_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
+    live: _builtins.int
     """Workers alive: built-in pools, stream workers and recent unary callers."""
-    external: builtins.int
+    external: _builtins.int
     """Of which external (WorkerService)."""
-    slots: builtins.int
+    slots: _builtins.int
     """Tasks they may hold at once, in all."""
-    busy: builtins.int
+    busy: _builtins.int
     """Tasks they hold now."""
     def __init__(
         self,
         *,
-        live: builtins.int = ...,
-        external: builtins.int = ...,
-        slots: builtins.int = ...,
-        busy: builtins.int = ...,
+        live: _builtins.int = ...,
+        external: _builtins.int = ...,
+        slots: _builtins.int = ...,
+        busy: _builtins.int = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["busy", b"busy", "external", b"external", "live", b"live", "slots", b"slots"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["busy", b"busy", "external", b"external", "live", b"live", "slots", b"slots"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WorkerMetrics: typing_extensions.TypeAlias = WorkerMetrics
+Global___WorkerMetrics: _TypeAlias = WorkerMetrics  # noqa: Y015
 
-@typing.final
-class QueueMetrics(google.protobuf.message.Message):
+@_typing.final
+class QueueMetrics(_message.Message):
     """QueueMetrics are one queue's figures, shared by every koo instance."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    QUEUE_FIELD_NUMBER: builtins.int
-    QUEUED_FIELD_NUMBER: builtins.int
-    SCHEDULED_FIELD_NUMBER: builtins.int
-    RUNNING_FIELD_NUMBER: builtins.int
-    DEAD_LETTERS_FIELD_NUMBER: builtins.int
-    OLDEST_WAIT_FIELD_NUMBER: builtins.int
-    SUBMITTED_FIELD_NUMBER: builtins.int
-    SUCCEEDED_FIELD_NUMBER: builtins.int
-    FAILED_FIELD_NUMBER: builtins.int
-    TIMED_OUT_FIELD_NUMBER: builtins.int
-    RETRIED_FIELD_NUMBER: builtins.int
-    LOST_FIELD_NUMBER: builtins.int
-    PENDING_FIELD_NUMBER: builtins.int
-    RUN_TIME_FIELD_NUMBER: builtins.int
-    WAIT_TIME_FIELD_NUMBER: builtins.int
-    BY_NAME_FIELD_NUMBER: builtins.int
-    PAUSED_FIELD_NUMBER: builtins.int
-    queue: builtins.str
+    QUEUE_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    OLDEST_WAIT_FIELD_NUMBER: _builtins.int
+    SUBMITTED_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    TIMED_OUT_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    LOST_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    RUN_TIME_FIELD_NUMBER: _builtins.int
+    WAIT_TIME_FIELD_NUMBER: _builtins.int
+    BY_NAME_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    queue: _builtins.str
     """The queue."""
-    queued: builtins.int
+    queued: _builtins.int
     """Tasks ready to run."""
-    scheduled: builtins.int
+    scheduled: _builtins.int
     """Tasks waiting for their start time (countdown, ETA, retry backoff)."""
-    running: builtins.int
+    running: _builtins.int
     """Tasks running."""
-    dead_letters: builtins.int
+    dead_letters: _builtins.int
     """Dead-lettered tasks."""
-    submitted: builtins.int
+    submitted: _builtins.int
     """Tasks submitted."""
-    succeeded: builtins.int
+    succeeded: _builtins.int
     """Tasks succeeded."""
-    failed: builtins.int
+    failed: _builtins.int
     """Tasks failed for good."""
-    timed_out: builtins.int
+    timed_out: _builtins.int
     """Tasks stopped at their hard time limit."""
-    retried: builtins.int
+    retried: _builtins.int
     """Attempts that failed and were retried."""
-    lost: builtins.int
+    lost: _builtins.int
     """Attempts lost with their worker (lease lapsed)."""
-    pending: builtins.int
+    pending: _builtins.int
     """Tasks waiting on dependencies (PENDING)."""
-    paused: builtins.bool
+    paused: _builtins.bool
     """Whether the queue is paused (PauseQueue): it hands out nothing."""
-    @property
-    def oldest_wait(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def oldest_wait(self) -> _duration_pb2.Duration:
         """How long the oldest ready task has waited (absent when none waits)."""
 
-    @property
+    @_builtins.property
     def run_time(self) -> Global___DurationStats:
         """How long attempts ran (lease to finish, any outcome, retries included;
         attempts lost with their worker are not counted) over the window
         (`times_window`), every instance's attempts; absent when none ended.
         """
 
-    @property
+    @_builtins.property
     def wait_time(self) -> Global___DurationStats:
         """How long tasks waited from their submit to their first start
         (a countdown, ETA or dependency wait included; retries' backoff not),
         over the window; absent when none started and ended.
         """
 
-    @property
-    def by_name(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___TaskNameMetrics]:
+    @_builtins.property
+    def by_name(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskNameMetrics]:
         """The same per task name: the 20 busiest names of the window, busiest
         first, then `other` for the rest.
         """
@@ -1863,161 +2048,174 @@ class QueueMetrics(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        queue: builtins.str = ...,
-        queued: builtins.int = ...,
-        scheduled: builtins.int = ...,
-        running: builtins.int = ...,
-        dead_letters: builtins.int = ...,
-        oldest_wait: google.protobuf.duration_pb2.Duration | None = ...,
-        submitted: builtins.int = ...,
-        succeeded: builtins.int = ...,
-        failed: builtins.int = ...,
-        timed_out: builtins.int = ...,
-        retried: builtins.int = ...,
-        lost: builtins.int = ...,
-        pending: builtins.int = ...,
+        queue: _builtins.str = ...,
+        queued: _builtins.int = ...,
+        scheduled: _builtins.int = ...,
+        running: _builtins.int = ...,
+        dead_letters: _builtins.int = ...,
+        oldest_wait: _duration_pb2.Duration | None = ...,
+        submitted: _builtins.int = ...,
+        succeeded: _builtins.int = ...,
+        failed: _builtins.int = ...,
+        timed_out: _builtins.int = ...,
+        retried: _builtins.int = ...,
+        lost: _builtins.int = ...,
+        pending: _builtins.int = ...,
         run_time: Global___DurationStats | None = ...,
         wait_time: Global___DurationStats | None = ...,
-        by_name: collections.abc.Iterable[Global___TaskNameMetrics] | None = ...,
-        paused: builtins.bool = ...,
+        by_name: _abc.Iterable[Global___TaskNameMetrics] | None = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["oldest_wait", b"oldest_wait", "run_time", b"run_time", "wait_time", b"wait_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["by_name", b"by_name", "dead_letters", b"dead_letters", "failed", b"failed", "lost", b"lost", "oldest_wait", b"oldest_wait", "paused", b"paused", "pending", b"pending", "queue", b"queue", "queued", b"queued", "retried", b"retried", "run_time", b"run_time", "running", b"running", "scheduled", b"scheduled", "submitted", b"submitted", "succeeded", b"succeeded", "timed_out", b"timed_out", "wait_time", b"wait_time"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_wait", b"oldest_wait", "run_time", b"run_time", "wait_time", b"wait_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_name", b"by_name", "dead_letters", b"dead_letters", "failed", b"failed", "lost", b"lost", "oldest_wait", b"oldest_wait", "paused", b"paused", "pending", b"pending", "queue", b"queue", "queued", b"queued", "retried", b"retried", "run_time", b"run_time", "running", b"running", "scheduled", b"scheduled", "submitted", b"submitted", "succeeded", b"succeeded", "timed_out", b"timed_out", "wait_time", b"wait_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___QueueMetrics: typing_extensions.TypeAlias = QueueMetrics
+Global___QueueMetrics: _TypeAlias = QueueMetrics  # noqa: Y015
 
-@typing.final
-class TaskNameMetrics(google.protobuf.message.Message):
+@_typing.final
+class TaskNameMetrics(_message.Message):
     """TaskNameMetrics are one task name's times within a queue."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    RUN_TIME_FIELD_NUMBER: builtins.int
-    WAIT_TIME_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    RUN_TIME_FIELD_NUMBER: _builtins.int
+    WAIT_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """The task name, or `other` for the names beyond the busiest 20."""
-    @property
+    @_builtins.property
     def run_time(self) -> Global___DurationStats:
         """How long its attempts ran, as QueueMetrics.run_time."""
 
-    @property
+    @_builtins.property
     def wait_time(self) -> Global___DurationStats:
         """How long it waited to start, as QueueMetrics.wait_time."""
 
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
+        name: _builtins.str = ...,
         run_time: Global___DurationStats | None = ...,
         wait_time: Global___DurationStats | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["run_time", b"run_time", "wait_time", b"wait_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["name", b"name", "run_time", b"run_time", "wait_time", b"wait_time"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run_time", b"run_time", "wait_time", b"wait_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "run_time", b"run_time", "wait_time", b"wait_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TaskNameMetrics: typing_extensions.TypeAlias = TaskNameMetrics
+Global___TaskNameMetrics: _TypeAlias = TaskNameMetrics  # noqa: Y015
 
-@typing.final
-class DurationStats(google.protobuf.message.Message):
+@_typing.final
+class DurationStats(_message.Message):
     """DurationStats summarise a set of durations, from log-scale buckets 25%
     wide (1 ms resolution; only the buckets are kept, so that recording costs
     the task path one counter): each percentile, the max and the mean are
     within 12.5% (or 0.5 ms) of the exact figure; the count is exact.
     """
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    COUNT_FIELD_NUMBER: builtins.int
-    P50_FIELD_NUMBER: builtins.int
-    P90_FIELD_NUMBER: builtins.int
-    P95_FIELD_NUMBER: builtins.int
-    P99_FIELD_NUMBER: builtins.int
-    MAX_FIELD_NUMBER: builtins.int
-    MEAN_FIELD_NUMBER: builtins.int
-    count: builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    P50_FIELD_NUMBER: _builtins.int
+    P90_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    P99_FIELD_NUMBER: _builtins.int
+    MAX_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
     """Durations counted."""
-    @property
-    def p50(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p50(self) -> _duration_pb2.Duration:
         """The median."""
 
-    @property
-    def p90(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p90(self) -> _duration_pb2.Duration:
         """The 90th percentile."""
 
-    @property
-    def p95(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p95(self) -> _duration_pb2.Duration:
         """The 95th percentile."""
 
-    @property
-    def p99(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def p99(self) -> _duration_pb2.Duration:
         """The 99th percentile."""
 
-    @property
-    def max(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def max(self) -> _duration_pb2.Duration:
         """The longest (the middle of its bucket)."""
 
-    @property
-    def mean(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def mean(self) -> _duration_pb2.Duration:
         """The mean (of the buckets' middles)."""
 
     def __init__(
         self,
         *,
-        count: builtins.int = ...,
-        p50: google.protobuf.duration_pb2.Duration | None = ...,
-        p90: google.protobuf.duration_pb2.Duration | None = ...,
-        p95: google.protobuf.duration_pb2.Duration | None = ...,
-        p99: google.protobuf.duration_pb2.Duration | None = ...,
-        max: google.protobuf.duration_pb2.Duration | None = ...,
-        mean: google.protobuf.duration_pb2.Duration | None = ...,
+        count: _builtins.int = ...,
+        p50: _duration_pb2.Duration | None = ...,
+        p90: _duration_pb2.Duration | None = ...,
+        p95: _duration_pb2.Duration | None = ...,
+        p99: _duration_pb2.Duration | None = ...,
+        max: _duration_pb2.Duration | None = ...,
+        mean: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["max", b"max", "mean", b"mean", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["count", b"count", "max", b"max", "mean", b"mean", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max", b"max", "mean", b"mean", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "max", b"max", "mean", b"mean", "p50", b"p50", "p90", b"p90", "p95", b"p95", "p99", b"p99"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DurationStats: typing_extensions.TypeAlias = DurationStats
+Global___DurationStats: _TypeAlias = DurationStats  # noqa: Y015
 
-@typing.final
-class SubmitAiQueryRequest(google.protobuf.message.Message):
+@_typing.final
+class SubmitAiQueryRequest(_message.Message):
     """SubmitAiQueryRequest is the seed's AI query."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    PROVIDER_FIELD_NUMBER: builtins.int
-    PROMPT_FIELD_NUMBER: builtins.int
-    OPTIONS_FIELD_NUMBER: builtins.int
-    MAX_RETRIES_FIELD_NUMBER: builtins.int
-    provider: builtins.str
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    MAX_RETRIES_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
     """The provider, e.g. `claude`."""
-    prompt: builtins.str
+    prompt: _builtins.str
     """The prompt."""
-    max_retries: builtins.int
+    max_retries: _builtins.int
     """Retries; absent means the default."""
-    @property
-    def options(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def options(self) -> _struct_pb2.Struct:
         """Extra options for the handler (model, max_tokens...)."""
 
     def __init__(
         self,
         *,
-        provider: builtins.str = ...,
-        prompt: builtins.str = ...,
-        options: google.protobuf.struct_pb2.Struct | None = ...,
-        max_retries: builtins.int | None = ...,
+        provider: _builtins.str = ...,
+        prompt: _builtins.str = ...,
+        options: _struct_pb2.Struct | None = ...,
+        max_retries: _builtins.int | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "options", b"options"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "options", b"options", "prompt", b"prompt", "provider", b"provider"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["_max_retries", b"_max_retries"]) -> typing.Literal["max_retries"] | None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "options", b"options"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries", "max_retries", b"max_retries", "options", b"options", "prompt", b"prompt", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_retries: _TypeAlias = _typing.Literal["max_retries"]  # noqa: Y015
+    _WhichOneofArgType__max_retries: _TypeAlias = _typing.Literal["_max_retries", b"_max_retries"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_retries) -> _WhichOneofReturnType__max_retries | None: ...
 
-Global___SubmitAiQueryRequest: typing_extensions.TypeAlias = SubmitAiQueryRequest
+Global___SubmitAiQueryRequest: _TypeAlias = SubmitAiQueryRequest  # noqa: Y015
 
-@typing.final
-class SubmitAiQueryResponse(google.protobuf.message.Message):
+@_typing.final
+class SubmitAiQueryResponse(_message.Message):
     """SubmitAiQueryResponse returns the stored task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
 
@@ -2026,31 +2224,39 @@ class SubmitAiQueryResponse(google.protobuf.message.Message):
         *,
         task: Global___Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitAiQueryResponse: typing_extensions.TypeAlias = SubmitAiQueryResponse
+Global___SubmitAiQueryResponse: _TypeAlias = SubmitAiQueryResponse  # noqa: Y015
 
-@typing.final
-class SubmitHealthCheckRequest(google.protobuf.message.Message):
+@_typing.final
+class SubmitHealthCheckRequest(_message.Message):
     """SubmitHealthCheckRequest has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitHealthCheckRequest: typing_extensions.TypeAlias = SubmitHealthCheckRequest
+Global___SubmitHealthCheckRequest: _TypeAlias = SubmitHealthCheckRequest  # noqa: Y015
 
-@typing.final
-class SubmitHealthCheckResponse(google.protobuf.message.Message):
+@_typing.final
+class SubmitHealthCheckResponse(_message.Message):
     """SubmitHealthCheckResponse returns the stored task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    @property
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
 
@@ -2059,100 +2265,111 @@ class SubmitHealthCheckResponse(google.protobuf.message.Message):
         *,
         task: Global___Task | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitHealthCheckResponse: typing_extensions.TypeAlias = SubmitHealthCheckResponse
+Global___SubmitHealthCheckResponse: _TypeAlias = SubmitHealthCheckResponse  # noqa: Y015
 
-@typing.final
-class ListActiveTasksRequest(google.protobuf.message.Message):
+@_typing.final
+class ListActiveTasksRequest(_message.Message):
     """ListActiveTasksRequest filters and pages the active tasks."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CATEGORY_FIELD_NUMBER: builtins.int
-    QUEUE_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    PAGE_SIZE_FIELD_NUMBER: builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     category: Global___TaskCategory.ValueType
     """Only this category; unspecified means all."""
-    queue: builtins.str
+    queue: _builtins.str
     """Only this queue; empty means all."""
-    name: builtins.str
+    name: _builtins.str
     """Only tasks with this name; empty means all."""
-    page_size: builtins.int
+    page_size: _builtins.int
     """At most this many (default 50, at most 500)."""
-    page_token: builtins.str
+    page_token: _builtins.str
     """The previous page's next_page_token, with the same filters."""
     def __init__(
         self,
         *,
         category: Global___TaskCategory.ValueType = ...,
-        queue: builtins.str = ...,
-        name: builtins.str = ...,
-        page_size: builtins.int = ...,
-        page_token: builtins.str = ...,
+        queue: _builtins.str = ...,
+        name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["category", b"category", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "queue", b"queue"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListActiveTasksRequest: typing_extensions.TypeAlias = ListActiveTasksRequest
+Global___ListActiveTasksRequest: _TypeAlias = ListActiveTasksRequest  # noqa: Y015
 
-@typing.final
-class ListActiveTasksResponse(google.protobuf.message.Message):
+@_typing.final
+class ListActiveTasksResponse(_message.Message):
     """ListActiveTasksResponse is one page."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASKS_FIELD_NUMBER: builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    next_page_token: builtins.str
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     """Empty on the last page."""
-    @property
-    def tasks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Task]:
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
         """The tasks."""
 
     def __init__(
         self,
         *,
-        tasks: collections.abc.Iterable[Global___Task] | None = ...,
-        next_page_token: builtins.str = ...,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListActiveTasksResponse: typing_extensions.TypeAlias = ListActiveTasksResponse
+Global___ListActiveTasksResponse: _TypeAlias = ListActiveTasksResponse  # noqa: Y015
 
-@typing.final
-class ListTaskHistoryRequest(google.protobuf.message.Message):
+@_typing.final
+class ListTaskHistoryRequest(_message.Message):
     """ListTaskHistoryRequest filters and pages the history."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    STATE_FIELD_NUMBER: builtins.int
-    CATEGORY_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    START_TIME_FIELD_NUMBER: builtins.int
-    END_TIME_FIELD_NUMBER: builtins.int
-    PAGE_SIZE_FIELD_NUMBER: builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: Global___TaskState.ValueType
     """Only this end state (SUCCEEDED, FAILED, CANCELLED, TIMED_OUT);
     unspecified means all.
     """
     category: Global___TaskCategory.ValueType
     """Only this category; unspecified means all."""
-    name: builtins.str
+    name: _builtins.str
     """Only tasks with this name; empty means all."""
-    page_size: builtins.int
+    page_size: _builtins.int
     """At most this many (default 50, at most 500)."""
-    page_token: builtins.str
+    page_token: _builtins.str
     """The previous page's next_page_token, with the same filters."""
-    @property
-    def start_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """Only tasks that ended at or after this time."""
 
-    @property
-    def end_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """Only tasks that ended before this time."""
 
     def __init__(
@@ -2160,80 +2377,87 @@ class ListTaskHistoryRequest(google.protobuf.message.Message):
         *,
         state: Global___TaskState.ValueType = ...,
         category: Global___TaskCategory.ValueType = ...,
-        name: builtins.str = ...,
-        start_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        end_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        page_size: builtins.int = ...,
-        page_token: builtins.str = ...,
+        name: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["end_time", b"end_time", "start_time", b"start_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["category", b"category", "end_time", b"end_time", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "state", b"state"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "end_time", b"end_time", "name", b"name", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListTaskHistoryRequest: typing_extensions.TypeAlias = ListTaskHistoryRequest
+Global___ListTaskHistoryRequest: _TypeAlias = ListTaskHistoryRequest  # noqa: Y015
 
-@typing.final
-class ListTaskHistoryResponse(google.protobuf.message.Message):
+@_typing.final
+class ListTaskHistoryResponse(_message.Message):
     """ListTaskHistoryResponse is one page."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASKS_FIELD_NUMBER: builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    next_page_token: builtins.str
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     """Empty on the last page."""
-    @property
-    def tasks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___TaskSummary]:
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSummary]:
         """Ended tasks, newest first."""
 
     def __init__(
         self,
         *,
-        tasks: collections.abc.Iterable[Global___TaskSummary] | None = ...,
-        next_page_token: builtins.str = ...,
+        tasks: _abc.Iterable[Global___TaskSummary] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListTaskHistoryResponse: typing_extensions.TypeAlias = ListTaskHistoryResponse
+Global___ListTaskHistoryResponse: _TypeAlias = ListTaskHistoryResponse  # noqa: Y015
 
-@typing.final
-class TaskSummary(google.protobuf.message.Message):
+@_typing.final
+class TaskSummary(_message.Message):
     """TaskSummary is what history keeps of an ended task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    CATEGORY_FIELD_NUMBER: builtins.int
-    STATE_FIELD_NUMBER: builtins.int
-    ATTEMPTS_FIELD_NUMBER: builtins.int
-    END_TIME_FIELD_NUMBER: builtins.int
-    SCHEDULE_FIELD_NUMBER: builtins.int
-    START_TIME_FIELD_NUMBER: builtins.int
-    RUN_DURATION_FIELD_NUMBER: builtins.int
-    id: builtins.str
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    SCHEDULE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    RUN_DURATION_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
     """The task id (GetTask works while its result is kept)."""
-    name: builtins.str
+    name: _builtins.str
     """Handler name."""
     category: Global___TaskCategory.ValueType
     """Category."""
     state: Global___TaskState.ValueType
     """End state."""
-    attempts: builtins.int
+    attempts: _builtins.int
     """Attempts made."""
-    schedule: builtins.str
+    schedule: _builtins.str
     """The schedule that submitted it, if one did."""
-    @property
-    def end_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it ended."""
 
-    @property
-    def start_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """When its last attempt started (absent when it never ran, e.g. a task
         cancelled while queued).
         """
 
-    @property
-    def run_duration(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def run_duration(self) -> _duration_pb2.Duration:
         """How long its last attempt ran: end_time - start_time (absent with
         start_time).
         """
@@ -2241,136 +2465,154 @@ class TaskSummary(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        id: builtins.str = ...,
-        name: builtins.str = ...,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
         category: Global___TaskCategory.ValueType = ...,
         state: Global___TaskState.ValueType = ...,
-        attempts: builtins.int = ...,
-        end_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        schedule: builtins.str = ...,
-        start_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        run_duration: google.protobuf.duration_pb2.Duration | None = ...,
+        attempts: _builtins.int = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        schedule: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        run_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["end_time", b"end_time", "run_duration", b"run_duration", "start_time", b"start_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["attempts", b"attempts", "category", b"category", "end_time", b"end_time", "id", b"id", "name", b"name", "run_duration", b"run_duration", "schedule", b"schedule", "start_time", b"start_time", "state", b"state"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "run_duration", b"run_duration", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "category", b"category", "end_time", b"end_time", "id", b"id", "name", b"name", "run_duration", b"run_duration", "schedule", b"schedule", "start_time", b"start_time", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TaskSummary: typing_extensions.TypeAlias = TaskSummary
+Global___TaskSummary: _TypeAlias = TaskSummary  # noqa: Y015
 
-@typing.final
-class SubmitTasksRequest(google.protobuf.message.Message):
+@_typing.final
+class SubmitTasksRequest(_message.Message):
     """SubmitTasksRequest is a batch of submits."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASKS_FIELD_NUMBER: builtins.int
-    @property
-    def tasks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___SubmitTaskRequest]:
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitTaskRequest]:
         """The tasks, at most 100."""
 
     def __init__(
         self,
         *,
-        tasks: collections.abc.Iterable[Global___SubmitTaskRequest] | None = ...,
+        tasks: _abc.Iterable[Global___SubmitTaskRequest] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["tasks", b"tasks"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitTasksRequest: typing_extensions.TypeAlias = SubmitTasksRequest
+Global___SubmitTasksRequest: _TypeAlias = SubmitTasksRequest  # noqa: Y015
 
-@typing.final
-class SubmitTasksResponse(google.protobuf.message.Message):
+@_typing.final
+class SubmitTasksResponse(_message.Message):
     """SubmitTasksResponse returns the stored tasks, in request order."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASKS_FIELD_NUMBER: builtins.int
-    @property
-    def tasks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Task]:
+    TASKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
         """The tasks."""
 
     def __init__(
         self,
         *,
-        tasks: collections.abc.Iterable[Global___Task] | None = ...,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["tasks", b"tasks"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SubmitTasksResponse: typing_extensions.TypeAlias = SubmitTasksResponse
+Global___SubmitTasksResponse: _TypeAlias = SubmitTasksResponse  # noqa: Y015
 
-@typing.final
-class WatchTasksRequest(google.protobuf.message.Message):
+@_typing.final
+class WatchTasksRequest(_message.Message):
     """WatchTasksRequest selects what to watch."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CATEGORIES_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    RESUME_TOKEN_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    CATEGORIES_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """Only tasks with this name; empty means all."""
-    resume_token: builtins.str
+    resume_token: _builtins.str
     """The resume_token of the last event received, to continue after it;
     empty starts with events from now on.
     """
-    @property
-    def categories(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[Global___TaskCategory.ValueType]:
+    @_builtins.property
+    def categories(self) -> _containers.RepeatedScalarFieldContainer[Global___TaskCategory.ValueType]:
         """Only these categories; empty means all."""
 
     def __init__(
         self,
         *,
-        categories: collections.abc.Iterable[Global___TaskCategory.ValueType] | None = ...,
-        name: builtins.str = ...,
-        resume_token: builtins.str = ...,
+        categories: _abc.Iterable[Global___TaskCategory.ValueType] | None = ...,
+        name: _builtins.str = ...,
+        resume_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["categories", b"categories", "name", b"name", "resume_token", b"resume_token"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["categories", b"categories", "name", b"name", "resume_token", b"resume_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchTasksRequest: typing_extensions.TypeAlias = WatchTasksRequest
+Global___WatchTasksRequest: _TypeAlias = WatchTasksRequest  # noqa: Y015
 
-@typing.final
-class WatchTasksResponse(google.protobuf.message.Message):
+@_typing.final
+class WatchTasksResponse(_message.Message):
     """WatchTasksResponse is one event."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    QUEUE_FIELD_NUMBER: builtins.int
-    STATE_FIELD_NUMBER: builtins.int
-    PROGRESS_FIELD_NUMBER: builtins.int
-    EVENT_TIME_FIELD_NUMBER: builtins.int
-    RESUME_TOKEN_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    RESUME_TOKEN_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    queue: builtins.str
+    queue: _builtins.str
     """Its queue."""
     state: Global___TaskState.ValueType
     """Its state after the event."""
-    resume_token: builtins.str
+    resume_token: _builtins.str
     """Pass to WatchTasks to continue after this event."""
-    name: builtins.str
+    name: _builtins.str
     """The task's name (so that a live feed can show it without a GetTask per
     task).
     """
-    @property
+    @_builtins.property
     def progress(self) -> Global___TaskProgress:
         """The progress reported, for a progress event."""
 
-    @property
-    def event_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
         """When the event happened (Redis's clock)."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        queue: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        queue: _builtins.str = ...,
         state: Global___TaskState.ValueType = ...,
         progress: Global___TaskProgress | None = ...,
-        event_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        resume_token: builtins.str = ...,
-        name: builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        resume_token: _builtins.str = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["event_time", b"event_time", "progress", b"progress"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["event_time", b"event_time", "name", b"name", "progress", b"progress", "queue", b"queue", "resume_token", b"resume_token", "state", b"state", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "name", b"name", "progress", b"progress", "queue", b"queue", "resume_token", b"resume_token", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchTasksResponse: typing_extensions.TypeAlias = WatchTasksResponse
+Global___WatchTasksResponse: _TypeAlias = WatchTasksResponse  # noqa: Y015

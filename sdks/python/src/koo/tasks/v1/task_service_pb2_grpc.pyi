@@ -5,723 +5,86 @@ koo's background task system (in progress: submission and status; the
 rest of the seed's task API follows).
 """
 
-import abc
-import collections.abc
-import grpc
-import grpc.aio
-import koo.tasks.v1.task_service_pb2
+from collections import abc as _abc
+from grpc import aio as _aio
+from koo.tasks.v1 import task_service_pb2 as _task_service_pb2
+import abc as _abc_1
+import grpc as _grpc
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 13):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
 else:
-    import typing_extensions
+    from typing_extensions import Self as _Self
 
-_T = typing.TypeVar("_T")
+_T = _typing.TypeVar("_T")
 
-class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
+class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
 
-class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
-_TaskServiceSubmitTaskType = typing_extensions.TypeVar(
-    '_TaskServiceSubmitTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTaskResponse,
-    ],
-)
 
-_TaskServiceSubmitTasksType = typing_extensions.TypeVar(
-    '_TaskServiceSubmitTasksType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTasksResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTasksResponse,
-    ],
-)
-
-_TaskServiceGetTaskType = typing_extensions.TypeVar(
-    '_TaskServiceGetTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskResponse,
-    ],
-)
-
-_TaskServiceWatchTaskType = typing_extensions.TypeVar(
-    '_TaskServiceWatchTaskType',
-    grpc.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskResponse,
-    ],
-    default=grpc.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskResponse,
-    ],
-)
-
-_TaskServiceGetTaskMetricsType = typing_extensions.TypeVar(
-    '_TaskServiceGetTaskMetricsType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse,
-    ],
-)
-
-_TaskServiceWatchTaskMetricsType = typing_extensions.TypeVar(
-    '_TaskServiceWatchTaskMetricsType',
-    grpc.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse,
-    ],
-    default=grpc.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse,
-    ],
-)
-
-_TaskServiceSubmitAiQueryType = typing_extensions.TypeVar(
-    '_TaskServiceSubmitAiQueryType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse,
-    ],
-)
-
-_TaskServiceSubmitHealthCheckType = typing_extensions.TypeVar(
-    '_TaskServiceSubmitHealthCheckType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse,
-    ],
-)
-
-_TaskServiceListActiveTasksType = typing_extensions.TypeVar(
-    '_TaskServiceListActiveTasksType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
-        koo.tasks.v1.task_service_pb2.ListActiveTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
-        koo.tasks.v1.task_service_pb2.ListActiveTasksResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
-        koo.tasks.v1.task_service_pb2.ListActiveTasksResponse,
-    ],
-)
-
-_TaskServiceListTaskHistoryType = typing_extensions.TypeVar(
-    '_TaskServiceListTaskHistoryType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse,
-    ],
-)
-
-_TaskServiceWatchTasksType = typing_extensions.TypeVar(
-    '_TaskServiceWatchTasksType',
-    grpc.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTasksRequest,
-        koo.tasks.v1.task_service_pb2.WatchTasksResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTasksRequest,
-        koo.tasks.v1.task_service_pb2.WatchTasksResponse,
-    ],
-    default=grpc.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTasksRequest,
-        koo.tasks.v1.task_service_pb2.WatchTasksResponse,
-    ],
-)
-
-_TaskServiceCancelTaskType = typing_extensions.TypeVar(
-    '_TaskServiceCancelTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CancelTaskRequest,
-        koo.tasks.v1.task_service_pb2.CancelTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CancelTaskRequest,
-        koo.tasks.v1.task_service_pb2.CancelTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CancelTaskRequest,
-        koo.tasks.v1.task_service_pb2.CancelTaskResponse,
-    ],
-)
-
-_TaskServiceRetryTaskType = typing_extensions.TypeVar(
-    '_TaskServiceRetryTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RetryTaskRequest,
-        koo.tasks.v1.task_service_pb2.RetryTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RetryTaskRequest,
-        koo.tasks.v1.task_service_pb2.RetryTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RetryTaskRequest,
-        koo.tasks.v1.task_service_pb2.RetryTaskResponse,
-    ],
-)
-
-_TaskServiceCleanupTasksType = typing_extensions.TypeVar(
-    '_TaskServiceCleanupTasksType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
-        koo.tasks.v1.task_service_pb2.CleanupTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
-        koo.tasks.v1.task_service_pb2.CleanupTasksResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
-        koo.tasks.v1.task_service_pb2.CleanupTasksResponse,
-    ],
-)
-
-_TaskServiceRequeueDeadLettersType = typing_extensions.TypeVar(
-    '_TaskServiceRequeueDeadLettersType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
-    ],
-)
-
-_TaskServicePauseQueueType = typing_extensions.TypeVar(
-    '_TaskServicePauseQueueType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
-        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
-        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
-        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
-    ],
-)
-
-_TaskServiceResumeQueueType = typing_extensions.TypeVar(
-    '_TaskServiceResumeQueueType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
-        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
-        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
-        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
-    ],
-)
-
-_TaskServiceListQueuesType = typing_extensions.TypeVar(
-    '_TaskServiceListQueuesType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
-        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
-        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
-        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
-    ],
-)
-
-_TaskServiceSetRateLimitType = typing_extensions.TypeVar(
-    '_TaskServiceSetRateLimitType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
-    ],
-)
-
-_TaskServiceGetRateLimitType = typing_extensions.TypeVar(
-    '_TaskServiceGetRateLimitType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
-    ],
-)
-
-_TaskServiceListRateLimitsType = typing_extensions.TypeVar(
-    '_TaskServiceListRateLimitsType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
-    ],
-)
-
-_TaskServiceDeleteRateLimitType = typing_extensions.TypeVar(
-    '_TaskServiceDeleteRateLimitType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
-    ],
-)
-
-_TaskServiceSetConcurrencyLimitType = typing_extensions.TypeVar(
-    '_TaskServiceSetConcurrencyLimitType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
-    ],
-)
-
-_TaskServiceGetConcurrencyLimitType = typing_extensions.TypeVar(
-    '_TaskServiceGetConcurrencyLimitType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
-    ],
-)
-
-_TaskServiceListConcurrencyLimitsType = typing_extensions.TypeVar(
-    '_TaskServiceListConcurrencyLimitsType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
-    ],
-)
-
-_TaskServiceDeleteConcurrencyLimitType = typing_extensions.TypeVar(
-    '_TaskServiceDeleteConcurrencyLimitType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
-    ],
-)
-
-class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSubmitTasksType, _TaskServiceGetTaskType, _TaskServiceWatchTaskType, _TaskServiceGetTaskMetricsType, _TaskServiceWatchTaskMetricsType, _TaskServiceSubmitAiQueryType, _TaskServiceSubmitHealthCheckType, _TaskServiceListActiveTasksType, _TaskServiceListTaskHistoryType, _TaskServiceWatchTasksType, _TaskServiceCancelTaskType, _TaskServiceRetryTaskType, _TaskServiceCleanupTasksType, _TaskServiceRequeueDeadLettersType, _TaskServicePauseQueueType, _TaskServiceResumeQueueType, _TaskServiceListQueuesType, _TaskServiceSetRateLimitType, _TaskServiceGetRateLimitType, _TaskServiceListRateLimitsType, _TaskServiceDeleteRateLimitType, _TaskServiceSetConcurrencyLimitType, _TaskServiceGetConcurrencyLimitType, _TaskServiceListConcurrencyLimitsType, _TaskServiceDeleteConcurrencyLimitType]):
+class TaskServiceStub:
     """TaskService submits background tasks and reports on them. Tasks live in
     Redis: an accepted task runs to an end state (or is dead-lettered) even if
     workers or koo processes die.
     """
 
-    @typing.overload
-    def __init__(self: TaskServiceStub[
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
-            koo.tasks.v1.task_service_pb2.SubmitTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
-            koo.tasks.v1.task_service_pb2.SubmitTasksResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetTaskRequest,
-            koo.tasks.v1.task_service_pb2.GetTaskResponse,
-        ],
-        grpc.UnaryStreamMultiCallable[
-            koo.tasks.v1.task_service_pb2.WatchTaskRequest,
-            koo.tasks.v1.task_service_pb2.WatchTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
-            koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse,
-        ],
-        grpc.UnaryStreamMultiCallable[
-            koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
-            koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
-            koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
-            koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
-            koo.tasks.v1.task_service_pb2.ListActiveTasksResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
-            koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse,
-        ],
-        grpc.UnaryStreamMultiCallable[
-            koo.tasks.v1.task_service_pb2.WatchTasksRequest,
-            koo.tasks.v1.task_service_pb2.WatchTasksResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.CancelTaskRequest,
-            koo.tasks.v1.task_service_pb2.CancelTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.RetryTaskRequest,
-            koo.tasks.v1.task_service_pb2.RetryTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
-            koo.tasks.v1.task_service_pb2.CleanupTasksResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
-            koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.PauseQueueRequest,
-            koo.tasks.v1.task_service_pb2.PauseQueueResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
-            koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListQueuesRequest,
-            koo.tasks.v1.task_service_pb2.ListQueuesResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
-            koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
-            koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
-            koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
-            koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
-            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
-            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
-            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
-            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
-        ],
-    ], channel: grpc.Channel) -> None: ...
-
-    @typing.overload
-    def __init__(self: TaskServiceStub[
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
-            koo.tasks.v1.task_service_pb2.SubmitTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
-            koo.tasks.v1.task_service_pb2.SubmitTasksResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetTaskRequest,
-            koo.tasks.v1.task_service_pb2.GetTaskResponse,
-        ],
-        grpc.aio.UnaryStreamMultiCallable[
-            koo.tasks.v1.task_service_pb2.WatchTaskRequest,
-            koo.tasks.v1.task_service_pb2.WatchTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
-            koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse,
-        ],
-        grpc.aio.UnaryStreamMultiCallable[
-            koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
-            koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
-            koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
-            koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
-            koo.tasks.v1.task_service_pb2.ListActiveTasksResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
-            koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse,
-        ],
-        grpc.aio.UnaryStreamMultiCallable[
-            koo.tasks.v1.task_service_pb2.WatchTasksRequest,
-            koo.tasks.v1.task_service_pb2.WatchTasksResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.CancelTaskRequest,
-            koo.tasks.v1.task_service_pb2.CancelTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.RetryTaskRequest,
-            koo.tasks.v1.task_service_pb2.RetryTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
-            koo.tasks.v1.task_service_pb2.CleanupTasksResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
-            koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.PauseQueueRequest,
-            koo.tasks.v1.task_service_pb2.PauseQueueResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
-            koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListQueuesRequest,
-            koo.tasks.v1.task_service_pb2.ListQueuesResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
-            koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
-            koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
-            koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
-            koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
-            koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
-            koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
-            koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
-            koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
-        ],
-    ], channel: grpc.aio.Channel) -> None: ...
-
-    SubmitTask: _TaskServiceSubmitTaskType
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
+    SubmitTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SubmitTaskRequest, _task_service_pb2.SubmitTaskResponse]
     """SubmitTask queues one task and returns it (with its id)."""
-
-    SubmitTasks: _TaskServiceSubmitTasksType
+    SubmitTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SubmitTasksRequest, _task_service_pb2.SubmitTasksResponse]
     """SubmitTasks queues up to 100 tasks. Each is validated before any is
     stored; then they are stored one by one, so a failure part-way (Redis
     down) leaves the earlier ones queued: the reply lists those stored.
     """
-
-    GetTask: _TaskServiceGetTaskType
+    GetTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskRequest, _task_service_pb2.GetTaskResponse]
     """GetTask reports a task's state, progress, attempts and result. A task
     whose result expired (RESULT_EXPIRES after its end) is NOT_FOUND.
     """
-
-    WatchTask: _TaskServiceWatchTaskType
+    WatchTask: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]
     """WatchTask streams a task: its current state at once, then every state
     change and progress report, wherever it runs; the stream ends after the
     final state. A slow reader may miss intermediate states and progress
     (it gets the latest instead), never the final state.
     """
-
-    GetTaskMetrics: _TaskServiceGetTaskMetricsType
+    GetTaskMetrics: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskMetricsRequest, _task_service_pb2.GetTaskMetricsResponse]
     """GetTaskMetrics reports each queue's depth, the wait of its oldest ready
     task, and counts per outcome.
     """
-
-    WatchTaskMetrics: _TaskServiceWatchTaskMetricsType
+    WatchTaskMetrics: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskMetricsRequest, _task_service_pb2.WatchTaskMetricsResponse]
     """WatchTaskMetrics sends the same figures every `interval` (default 1 s,
     100 ms to 1 h) until the client goes away or the server shuts down; a
     slow reader gets fewer snapshots, never a backlog. If the task store
     cannot be read, the stream ends with UNAVAILABLE.
     """
-
-    SubmitAiQuery: _TaskServiceSubmitAiQueryType
+    SubmitAiQuery: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SubmitAiQueryRequest, _task_service_pb2.SubmitAiQueryResponse]
     """SubmitAiQuery submits the seed's `koo.tasks.ai_service.process_query`
     (category AI_SERVICE, priority HIGH). It waits in queue `ai_service` for
     a worker that serves it.
     """
-
-    SubmitHealthCheck: _TaskServiceSubmitHealthCheckType
+    SubmitHealthCheck: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SubmitHealthCheckRequest, _task_service_pb2.SubmitHealthCheckResponse]
     """SubmitHealthCheck submits the built-in health check (Redis latency,
     queue depths and ages), category HEALTH_CHECK.
     """
-
-    ListActiveTasks: _TaskServiceListActiveTasksType
+    ListActiveTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListActiveTasksRequest, _task_service_pb2.ListActiveTasksResponse]
     """ListActiveTasks lists running, queued and scheduled tasks (in that
     order, queue by queue), a page at a time. Tasks move while you list: one
     that changes state between pages may be missed or listed twice.
     """
-
-    ListTaskHistory: _TaskServiceListTaskHistoryType
+    ListTaskHistory: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskHistoryRequest, _task_service_pb2.ListTaskHistoryResponse]
     """ListTaskHistory lists ended tasks, newest first, across queues, a page
     at a time. Entries outlive their results (see RESULT_EXPIRES) until the
     per-queue history cap.
     """
-
-    WatchTasks: _TaskServiceWatchTasksType
+    WatchTasks: _grpc.UnaryStreamMultiCallable[_task_service_pb2.WatchTasksRequest, _task_service_pb2.WatchTasksResponse]
     """WatchTasks streams the events of every matching task (state changes and
     progress), for dashboards. Each event carries a resume token: a new
     WatchTasks with it continues after that event, missing nothing that is
@@ -733,8 +96,7 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
     received, so that it can continue. More than KOO_MAX_WATCHERS open
     streams of any Watch RPC: RESOURCE_EXHAUSTED.
     """
-
-    CancelTask: _TaskServiceCancelTaskType
+    CancelTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CancelTaskRequest, _task_service_pb2.CancelTaskResponse]
     """CancelTask cancels a task that has not ended: a queued or scheduled one
     ends CANCELLED at once and never runs; a running one is told to stop
     (built-in handlers through their cancellation token) and abandoned after
@@ -742,27 +104,23 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
     ended task is FAILED_PRECONDITION. The cancel is stored, so it survives
     a restart of every koo process.
     """
-
-    RetryTask: _TaskServiceRetryTaskType
+    RetryTask: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]
     """RetryTask runs a FAILED, TIMED_OUT or CANCELLED task again under the
     same id with a fresh retry budget; its attempt log keeps the earlier
     attempts. Any other state is FAILED_PRECONDITION.
     """
-
-    CleanupTasks: _TaskServiceCleanupTasksType
+    CleanupTasks: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.CleanupTasksRequest, _task_service_pb2.CleanupTasksResponse]
     """CleanupTasks removes tasks that ended more than `older_than` ago from
     history and storage and says how many; dead letters younger than the
     dead-letter retention only with `include_dead_letters`.
     """
-
-    RequeueDeadLetters: _TaskServiceRequeueDeadLettersType
+    RequeueDeadLetters: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.RequeueDeadLettersRequest, _task_service_pb2.RequeueDeadLettersResponse]
     """RequeueDeadLetters runs dead-lettered tasks (FAILED or TIMED_OUT; list
     them with ListTaskHistory and a state filter) again, as RetryTask does:
     the ones named, or with `all`, every dead letter (up to 1000 per queue
     per call).
     """
-
-    PauseQueue: _TaskServicePauseQueueType
+    PauseQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.PauseQueueRequest, _task_service_pb2.PauseQueueResponse]
     """PauseQueue pauses a queue: it still accepts submits (and due tasks
     still become QUEUED) but hands out nothing, to built-in or external
     workers of any koo process, until ResumeQueue; running tasks finish.
@@ -771,19 +129,16 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
     paused queue changes nothing (the first pause's principal, reason and
     time stay). An unknown queue is INVALID_ARGUMENT.
     """
-
-    ResumeQueue: _TaskServiceResumeQueueType
+    ResumeQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]
     """ResumeQueue resumes a paused queue: its tasks are handed out again at
     once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
     the others. Resuming a running queue changes nothing.
     """
-
-    ListQueues: _TaskServiceListQueuesType
+    ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
     """ListQueues lists every queue (the six category queues, then any
     configured extra queue) with its state and figures, in one page.
     """
-
-    SetRateLimit: _TaskServiceSetRateLimitType
+    SetRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SetRateLimitRequest, _task_service_pb2.SetRateLimitResponse]
     """SetRateLimit creates or replaces a global rate limit: at most `limit`
     tasks of its scope start per `period` (GCRA: evenly spaced, `burst` at
     once), counted across every koo process and worker, built-in or
@@ -794,263 +149,293 @@ class TaskServiceStub(typing.Generic[_TaskServiceSubmitTaskType, _TaskServiceSub
     without a limit of its own). Admin. A limit set here applies at once
     in this process and within a second in the others.
     """
-
-    GetRateLimit: _TaskServiceGetRateLimitType
+    GetRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetRateLimitRequest, _task_service_pb2.GetRateLimitResponse]
     """GetRateLimit returns one rate limit with its state. Unknown: NOT_FOUND."""
-
-    ListRateLimits: _TaskServiceListRateLimitsType
+    ListRateLimits: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListRateLimitsRequest, _task_service_pb2.ListRateLimitsResponse]
     """ListRateLimits lists every rate limit (by name), in one page."""
-
-    DeleteRateLimit: _TaskServiceDeleteRateLimitType
+    DeleteRateLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]
     """DeleteRateLimit removes a rate limit; its tasks are no longer held
     (a key's back-off from a worker's FailTask stays until it ends).
     Unknown: NOT_FOUND. Admin.
     """
-
-    SetConcurrencyLimit: _TaskServiceSetConcurrencyLimitType
+    SetConcurrencyLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.SetConcurrencyLimitRequest, _task_service_pb2.SetConcurrencyLimitResponse]
     """SetConcurrencyLimit creates or replaces a cap on how many tasks with
     one `concurrency_key` run at once, cluster-wide, and what happens to a
     task that would start past it (ConcurrencyPolicy). The name is
     `keys/<concurrency_key>` or `keys/*` (every key without a cap of its
     own). Admin.
     """
-
-    GetConcurrencyLimit: _TaskServiceGetConcurrencyLimitType
+    GetConcurrencyLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetConcurrencyLimitRequest, _task_service_pb2.GetConcurrencyLimitResponse]
     """GetConcurrencyLimit returns one cap with the key's running count.
     Unknown: NOT_FOUND.
     """
-
-    ListConcurrencyLimits: _TaskServiceListConcurrencyLimitsType
+    ListConcurrencyLimits: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListConcurrencyLimitsRequest, _task_service_pb2.ListConcurrencyLimitsResponse]
     """ListConcurrencyLimits lists every cap (by name), in one page."""
-
-    DeleteConcurrencyLimit: _TaskServiceDeleteConcurrencyLimitType
+    DeleteConcurrencyLimit: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.DeleteConcurrencyLimitRequest, _task_service_pb2.DeleteConcurrencyLimitResponse]
     """DeleteConcurrencyLimit removes a cap. Unknown: NOT_FOUND. Admin."""
 
-TaskServiceAsyncStub: typing_extensions.TypeAlias = TaskServiceStub[
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
-        koo.tasks.v1.task_service_pb2.SubmitTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
-        koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
-        koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
-        koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
-        koo.tasks.v1.task_service_pb2.ListActiveTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
-        koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse,
-    ],
-    grpc.aio.UnaryStreamMultiCallable[
-        koo.tasks.v1.task_service_pb2.WatchTasksRequest,
-        koo.tasks.v1.task_service_pb2.WatchTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CancelTaskRequest,
-        koo.tasks.v1.task_service_pb2.CancelTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RetryTaskRequest,
-        koo.tasks.v1.task_service_pb2.RetryTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
-        koo.tasks.v1.task_service_pb2.CleanupTasksResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
-        koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.PauseQueueRequest,
-        koo.tasks.v1.task_service_pb2.PauseQueueResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
-        koo.tasks.v1.task_service_pb2.ResumeQueueResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListQueuesRequest,
-        koo.tasks.v1.task_service_pb2.ListQueuesResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetRateLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetRateLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListRateLimitsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
-        koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
-        koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse,
-    ],
-]
-
-class TaskServiceServicer(metaclass=abc.ABCMeta):
+@_typing.type_check_only
+class TaskServiceAsyncStub(TaskServiceStub):
     """TaskService submits background tasks and reports on them. Tasks live in
     Redis: an accepted task runs to an end state (or is dead-lettered) even if
     workers or koo processes die.
     """
 
-    @abc.abstractmethod
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    SubmitTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SubmitTaskRequest, _task_service_pb2.SubmitTaskResponse]  # type: ignore[assignment]
+    """SubmitTask queues one task and returns it (with its id)."""
+    SubmitTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SubmitTasksRequest, _task_service_pb2.SubmitTasksResponse]  # type: ignore[assignment]
+    """SubmitTasks queues up to 100 tasks. Each is validated before any is
+    stored; then they are stored one by one, so a failure part-way (Redis
+    down) leaves the earlier ones queued: the reply lists those stored.
+    """
+    GetTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskRequest, _task_service_pb2.GetTaskResponse]  # type: ignore[assignment]
+    """GetTask reports a task's state, progress, attempts and result. A task
+    whose result expired (RESULT_EXPIRES after its end) is NOT_FOUND.
+    """
+    WatchTask: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskRequest, _task_service_pb2.WatchTaskResponse]  # type: ignore[assignment]
+    """WatchTask streams a task: its current state at once, then every state
+    change and progress report, wherever it runs; the stream ends after the
+    final state. A slow reader may miss intermediate states and progress
+    (it gets the latest instead), never the final state.
+    """
+    GetTaskMetrics: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskMetricsRequest, _task_service_pb2.GetTaskMetricsResponse]  # type: ignore[assignment]
+    """GetTaskMetrics reports each queue's depth, the wait of its oldest ready
+    task, and counts per outcome.
+    """
+    WatchTaskMetrics: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTaskMetricsRequest, _task_service_pb2.WatchTaskMetricsResponse]  # type: ignore[assignment]
+    """WatchTaskMetrics sends the same figures every `interval` (default 1 s,
+    100 ms to 1 h) until the client goes away or the server shuts down; a
+    slow reader gets fewer snapshots, never a backlog. If the task store
+    cannot be read, the stream ends with UNAVAILABLE.
+    """
+    SubmitAiQuery: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SubmitAiQueryRequest, _task_service_pb2.SubmitAiQueryResponse]  # type: ignore[assignment]
+    """SubmitAiQuery submits the seed's `koo.tasks.ai_service.process_query`
+    (category AI_SERVICE, priority HIGH). It waits in queue `ai_service` for
+    a worker that serves it.
+    """
+    SubmitHealthCheck: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SubmitHealthCheckRequest, _task_service_pb2.SubmitHealthCheckResponse]  # type: ignore[assignment]
+    """SubmitHealthCheck submits the built-in health check (Redis latency,
+    queue depths and ages), category HEALTH_CHECK.
+    """
+    ListActiveTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListActiveTasksRequest, _task_service_pb2.ListActiveTasksResponse]  # type: ignore[assignment]
+    """ListActiveTasks lists running, queued and scheduled tasks (in that
+    order, queue by queue), a page at a time. Tasks move while you list: one
+    that changes state between pages may be missed or listed twice.
+    """
+    ListTaskHistory: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListTaskHistoryRequest, _task_service_pb2.ListTaskHistoryResponse]  # type: ignore[assignment]
+    """ListTaskHistory lists ended tasks, newest first, across queues, a page
+    at a time. Entries outlive their results (see RESULT_EXPIRES) until the
+    per-queue history cap.
+    """
+    WatchTasks: _aio.UnaryStreamMultiCallable[_task_service_pb2.WatchTasksRequest, _task_service_pb2.WatchTasksResponse]  # type: ignore[assignment]
+    """WatchTasks streams the events of every matching task (state changes and
+    progress), for dashboards. Each event carries a resume token: a new
+    WatchTasks with it continues after that event, missing nothing that is
+    still in the retained event window (about 10,000 events per queue);
+    older than that, OUT_OF_RANGE. A watcher that leaves KOO_WATCH_BUFFER
+    events unread (progress reports of one task are merged first) is ended
+    with RESOURCE_EXHAUSTED whose google.rpc.ErrorInfo (reason
+    WATCHER_FELL_BEHIND) carries the resume_token of the last event it
+    received, so that it can continue. More than KOO_MAX_WATCHERS open
+    streams of any Watch RPC: RESOURCE_EXHAUSTED.
+    """
+    CancelTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CancelTaskRequest, _task_service_pb2.CancelTaskResponse]  # type: ignore[assignment]
+    """CancelTask cancels a task that has not ended: a queued or scheduled one
+    ends CANCELLED at once and never runs; a running one is told to stop
+    (built-in handlers through their cancellation token) and abandoned after
+    KOO_TASK_CANCEL_GRACE, ending CANCELLED unless it succeeded first. An
+    ended task is FAILED_PRECONDITION. The cancel is stored, so it survives
+    a restart of every koo process.
+    """
+    RetryTask: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RetryTaskRequest, _task_service_pb2.RetryTaskResponse]  # type: ignore[assignment]
+    """RetryTask runs a FAILED, TIMED_OUT or CANCELLED task again under the
+    same id with a fresh retry budget; its attempt log keeps the earlier
+    attempts. Any other state is FAILED_PRECONDITION.
+    """
+    CleanupTasks: _aio.UnaryUnaryMultiCallable[_task_service_pb2.CleanupTasksRequest, _task_service_pb2.CleanupTasksResponse]  # type: ignore[assignment]
+    """CleanupTasks removes tasks that ended more than `older_than` ago from
+    history and storage and says how many; dead letters younger than the
+    dead-letter retention only with `include_dead_letters`.
+    """
+    RequeueDeadLetters: _aio.UnaryUnaryMultiCallable[_task_service_pb2.RequeueDeadLettersRequest, _task_service_pb2.RequeueDeadLettersResponse]  # type: ignore[assignment]
+    """RequeueDeadLetters runs dead-lettered tasks (FAILED or TIMED_OUT; list
+    them with ListTaskHistory and a state filter) again, as RetryTask does:
+    the ones named, or with `all`, every dead letter (up to 1000 per queue
+    per call).
+    """
+    PauseQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.PauseQueueRequest, _task_service_pb2.PauseQueueResponse]  # type: ignore[assignment]
+    """PauseQueue pauses a queue: it still accepts submits (and due tasks
+    still become QUEUED) but hands out nothing, to built-in or external
+    workers of any koo process, until ResumeQueue; running tasks finish.
+    The pause is stored with the queue (Redis, or the embedded store's
+    snapshots), so it survives restarts of every koo process. Pausing a
+    paused queue changes nothing (the first pause's principal, reason and
+    time stay). An unknown queue is INVALID_ARGUMENT.
+    """
+    ResumeQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
+    """ResumeQueue resumes a paused queue: its tasks are handed out again at
+    once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+    the others. Resuming a running queue changes nothing.
+    """
+    ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
+    """ListQueues lists every queue (the six category queues, then any
+    configured extra queue) with its state and figures, in one page.
+    """
+    SetRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SetRateLimitRequest, _task_service_pb2.SetRateLimitResponse]  # type: ignore[assignment]
+    """SetRateLimit creates or replaces a global rate limit: at most `limit`
+    tasks of its scope start per `period` (GCRA: evenly spaced, `burst` at
+    once), counted across every koo process and worker, built-in or
+    external. A task over its limit stays QUEUED (no attempt counted, not
+    failed) until a token frees; tasks behind it of other scopes are
+    handed out meanwhile. The scope is the name: `queues/<queue>`,
+    `tasks/<task name>`, `keys/<rate_limit_key>`, or `keys/*` (every key
+    without a limit of its own). Admin. A limit set here applies at once
+    in this process and within a second in the others.
+    """
+    GetRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetRateLimitRequest, _task_service_pb2.GetRateLimitResponse]  # type: ignore[assignment]
+    """GetRateLimit returns one rate limit with its state. Unknown: NOT_FOUND."""
+    ListRateLimits: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListRateLimitsRequest, _task_service_pb2.ListRateLimitsResponse]  # type: ignore[assignment]
+    """ListRateLimits lists every rate limit (by name), in one page."""
+    DeleteRateLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteRateLimitRequest, _task_service_pb2.DeleteRateLimitResponse]  # type: ignore[assignment]
+    """DeleteRateLimit removes a rate limit; its tasks are no longer held
+    (a key's back-off from a worker's FailTask stays until it ends).
+    Unknown: NOT_FOUND. Admin.
+    """
+    SetConcurrencyLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.SetConcurrencyLimitRequest, _task_service_pb2.SetConcurrencyLimitResponse]  # type: ignore[assignment]
+    """SetConcurrencyLimit creates or replaces a cap on how many tasks with
+    one `concurrency_key` run at once, cluster-wide, and what happens to a
+    task that would start past it (ConcurrencyPolicy). The name is
+    `keys/<concurrency_key>` or `keys/*` (every key without a cap of its
+    own). Admin.
+    """
+    GetConcurrencyLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetConcurrencyLimitRequest, _task_service_pb2.GetConcurrencyLimitResponse]  # type: ignore[assignment]
+    """GetConcurrencyLimit returns one cap with the key's running count.
+    Unknown: NOT_FOUND.
+    """
+    ListConcurrencyLimits: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListConcurrencyLimitsRequest, _task_service_pb2.ListConcurrencyLimitsResponse]  # type: ignore[assignment]
+    """ListConcurrencyLimits lists every cap (by name), in one page."""
+    DeleteConcurrencyLimit: _aio.UnaryUnaryMultiCallable[_task_service_pb2.DeleteConcurrencyLimitRequest, _task_service_pb2.DeleteConcurrencyLimitResponse]  # type: ignore[assignment]
+    """DeleteConcurrencyLimit removes a cap. Unknown: NOT_FOUND. Admin."""
+
+class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
+    """TaskService submits background tasks and reports on them. Tasks live in
+    Redis: an accepted task runs to an end state (or is dead-lettered) even if
+    workers or koo processes die.
+    """
+
+    @_abc_1.abstractmethod
     def SubmitTask(
         self,
-        request: koo.tasks.v1.task_service_pb2.SubmitTaskRequest,
+        request: _task_service_pb2.SubmitTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SubmitTaskResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SubmitTaskResponse]]:
+    ) -> _typing.Union[_task_service_pb2.SubmitTaskResponse, _abc.Awaitable[_task_service_pb2.SubmitTaskResponse]]:
         """SubmitTask queues one task and returns it (with its id)."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def SubmitTasks(
         self,
-        request: koo.tasks.v1.task_service_pb2.SubmitTasksRequest,
+        request: _task_service_pb2.SubmitTasksRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SubmitTasksResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SubmitTasksResponse]]:
+    ) -> _typing.Union[_task_service_pb2.SubmitTasksResponse, _abc.Awaitable[_task_service_pb2.SubmitTasksResponse]]:
         """SubmitTasks queues up to 100 tasks. Each is validated before any is
         stored; then they are stored one by one, so a failure part-way (Redis
         down) leaves the earlier ones queued: the reply lists those stored.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetTask(
         self,
-        request: koo.tasks.v1.task_service_pb2.GetTaskRequest,
+        request: _task_service_pb2.GetTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.GetTaskResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.GetTaskResponse]]:
+    ) -> _typing.Union[_task_service_pb2.GetTaskResponse, _abc.Awaitable[_task_service_pb2.GetTaskResponse]]:
         """GetTask reports a task's state, progress, attempts and result. A task
         whose result expired (RESULT_EXPIRES after its end) is NOT_FOUND.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def WatchTask(
         self,
-        request: koo.tasks.v1.task_service_pb2.WatchTaskRequest,
+        request: _task_service_pb2.WatchTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[collections.abc.Iterator[koo.tasks.v1.task_service_pb2.WatchTaskResponse], collections.abc.AsyncIterator[koo.tasks.v1.task_service_pb2.WatchTaskResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTaskResponse], _abc.AsyncIterator[_task_service_pb2.WatchTaskResponse]]:
         """WatchTask streams a task: its current state at once, then every state
         change and progress report, wherever it runs; the stream ends after the
         final state. A slow reader may miss intermediate states and progress
         (it gets the latest instead), never the final state.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetTaskMetrics(
         self,
-        request: koo.tasks.v1.task_service_pb2.GetTaskMetricsRequest,
+        request: _task_service_pb2.GetTaskMetricsRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.GetTaskMetricsResponse]]:
+    ) -> _typing.Union[_task_service_pb2.GetTaskMetricsResponse, _abc.Awaitable[_task_service_pb2.GetTaskMetricsResponse]]:
         """GetTaskMetrics reports each queue's depth, the wait of its oldest ready
         task, and counts per outcome.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def WatchTaskMetrics(
         self,
-        request: koo.tasks.v1.task_service_pb2.WatchTaskMetricsRequest,
+        request: _task_service_pb2.WatchTaskMetricsRequest,
         context: _ServicerContext,
-    ) -> typing.Union[collections.abc.Iterator[koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse], collections.abc.AsyncIterator[koo.tasks.v1.task_service_pb2.WatchTaskMetricsResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTaskMetricsResponse], _abc.AsyncIterator[_task_service_pb2.WatchTaskMetricsResponse]]:
         """WatchTaskMetrics sends the same figures every `interval` (default 1 s,
         100 ms to 1 h) until the client goes away or the server shuts down; a
         slow reader gets fewer snapshots, never a backlog. If the task store
         cannot be read, the stream ends with UNAVAILABLE.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def SubmitAiQuery(
         self,
-        request: koo.tasks.v1.task_service_pb2.SubmitAiQueryRequest,
+        request: _task_service_pb2.SubmitAiQueryRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SubmitAiQueryResponse]]:
+    ) -> _typing.Union[_task_service_pb2.SubmitAiQueryResponse, _abc.Awaitable[_task_service_pb2.SubmitAiQueryResponse]]:
         """SubmitAiQuery submits the seed's `koo.tasks.ai_service.process_query`
         (category AI_SERVICE, priority HIGH). It waits in queue `ai_service` for
         a worker that serves it.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def SubmitHealthCheck(
         self,
-        request: koo.tasks.v1.task_service_pb2.SubmitHealthCheckRequest,
+        request: _task_service_pb2.SubmitHealthCheckRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SubmitHealthCheckResponse]]:
+    ) -> _typing.Union[_task_service_pb2.SubmitHealthCheckResponse, _abc.Awaitable[_task_service_pb2.SubmitHealthCheckResponse]]:
         """SubmitHealthCheck submits the built-in health check (Redis latency,
         queue depths and ages), category HEALTH_CHECK.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListActiveTasks(
         self,
-        request: koo.tasks.v1.task_service_pb2.ListActiveTasksRequest,
+        request: _task_service_pb2.ListActiveTasksRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListActiveTasksResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListActiveTasksResponse]]:
+    ) -> _typing.Union[_task_service_pb2.ListActiveTasksResponse, _abc.Awaitable[_task_service_pb2.ListActiveTasksResponse]]:
         """ListActiveTasks lists running, queued and scheduled tasks (in that
         order, queue by queue), a page at a time. Tasks move while you list: one
         that changes state between pages may be missed or listed twice.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListTaskHistory(
         self,
-        request: koo.tasks.v1.task_service_pb2.ListTaskHistoryRequest,
+        request: _task_service_pb2.ListTaskHistoryRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListTaskHistoryResponse]]:
+    ) -> _typing.Union[_task_service_pb2.ListTaskHistoryResponse, _abc.Awaitable[_task_service_pb2.ListTaskHistoryResponse]]:
         """ListTaskHistory lists ended tasks, newest first, across queues, a page
         at a time. Entries outlive their results (see RESULT_EXPIRES) until the
         per-queue history cap.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def WatchTasks(
         self,
-        request: koo.tasks.v1.task_service_pb2.WatchTasksRequest,
+        request: _task_service_pb2.WatchTasksRequest,
         context: _ServicerContext,
-    ) -> typing.Union[collections.abc.Iterator[koo.tasks.v1.task_service_pb2.WatchTasksResponse], collections.abc.AsyncIterator[koo.tasks.v1.task_service_pb2.WatchTasksResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_task_service_pb2.WatchTasksResponse], _abc.AsyncIterator[_task_service_pb2.WatchTasksResponse]]:
         """WatchTasks streams the events of every matching task (state changes and
         progress), for dashboards. Each event carries a resume token: a new
         WatchTasks with it continues after that event, missing nothing that is
@@ -1063,12 +448,12 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         streams of any Watch RPC: RESOURCE_EXHAUSTED.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def CancelTask(
         self,
-        request: koo.tasks.v1.task_service_pb2.CancelTaskRequest,
+        request: _task_service_pb2.CancelTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.CancelTaskResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.CancelTaskResponse]]:
+    ) -> _typing.Union[_task_service_pb2.CancelTaskResponse, _abc.Awaitable[_task_service_pb2.CancelTaskResponse]]:
         """CancelTask cancels a task that has not ended: a queued or scheduled one
         ends CANCELLED at once and never runs; a running one is told to stop
         (built-in handlers through their cancellation token) and abandoned after
@@ -1077,46 +462,46 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         a restart of every koo process.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def RetryTask(
         self,
-        request: koo.tasks.v1.task_service_pb2.RetryTaskRequest,
+        request: _task_service_pb2.RetryTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.RetryTaskResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.RetryTaskResponse]]:
+    ) -> _typing.Union[_task_service_pb2.RetryTaskResponse, _abc.Awaitable[_task_service_pb2.RetryTaskResponse]]:
         """RetryTask runs a FAILED, TIMED_OUT or CANCELLED task again under the
         same id with a fresh retry budget; its attempt log keeps the earlier
         attempts. Any other state is FAILED_PRECONDITION.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def CleanupTasks(
         self,
-        request: koo.tasks.v1.task_service_pb2.CleanupTasksRequest,
+        request: _task_service_pb2.CleanupTasksRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.CleanupTasksResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.CleanupTasksResponse]]:
+    ) -> _typing.Union[_task_service_pb2.CleanupTasksResponse, _abc.Awaitable[_task_service_pb2.CleanupTasksResponse]]:
         """CleanupTasks removes tasks that ended more than `older_than` ago from
         history and storage and says how many; dead letters younger than the
         dead-letter retention only with `include_dead_letters`.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def RequeueDeadLetters(
         self,
-        request: koo.tasks.v1.task_service_pb2.RequeueDeadLettersRequest,
+        request: _task_service_pb2.RequeueDeadLettersRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.RequeueDeadLettersResponse]]:
+    ) -> _typing.Union[_task_service_pb2.RequeueDeadLettersResponse, _abc.Awaitable[_task_service_pb2.RequeueDeadLettersResponse]]:
         """RequeueDeadLetters runs dead-lettered tasks (FAILED or TIMED_OUT; list
         them with ListTaskHistory and a state filter) again, as RetryTask does:
         the ones named, or with `all`, every dead letter (up to 1000 per queue
         per call).
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def PauseQueue(
         self,
-        request: koo.tasks.v1.task_service_pb2.PauseQueueRequest,
+        request: _task_service_pb2.PauseQueueRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.PauseQueueResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.PauseQueueResponse]]:
+    ) -> _typing.Union[_task_service_pb2.PauseQueueResponse, _abc.Awaitable[_task_service_pb2.PauseQueueResponse]]:
         """PauseQueue pauses a queue: it still accepts submits (and due tasks
         still become QUEUED) but hands out nothing, to built-in or external
         workers of any koo process, until ResumeQueue; running tasks finish.
@@ -1126,33 +511,33 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         time stay). An unknown queue is INVALID_ARGUMENT.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ResumeQueue(
         self,
-        request: koo.tasks.v1.task_service_pb2.ResumeQueueRequest,
+        request: _task_service_pb2.ResumeQueueRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ResumeQueueResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ResumeQueueResponse]]:
+    ) -> _typing.Union[_task_service_pb2.ResumeQueueResponse, _abc.Awaitable[_task_service_pb2.ResumeQueueResponse]]:
         """ResumeQueue resumes a paused queue: its tasks are handed out again at
         once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
         the others. Resuming a running queue changes nothing.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListQueues(
         self,
-        request: koo.tasks.v1.task_service_pb2.ListQueuesRequest,
+        request: _task_service_pb2.ListQueuesRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListQueuesResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListQueuesResponse]]:
+    ) -> _typing.Union[_task_service_pb2.ListQueuesResponse, _abc.Awaitable[_task_service_pb2.ListQueuesResponse]]:
         """ListQueues lists every queue (the six category queues, then any
         configured extra queue) with its state and figures, in one page.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def SetRateLimit(
         self,
-        request: koo.tasks.v1.task_service_pb2.SetRateLimitRequest,
+        request: _task_service_pb2.SetRateLimitRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SetRateLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SetRateLimitResponse]]:
+    ) -> _typing.Union[_task_service_pb2.SetRateLimitResponse, _abc.Awaitable[_task_service_pb2.SetRateLimitResponse]]:
         """SetRateLimit creates or replaces a global rate limit: at most `limit`
         tasks of its scope start per `period` (GCRA: evenly spaced, `burst` at
         once), counted across every koo process and worker, built-in or
@@ -1164,39 +549,39 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         in this process and within a second in the others.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetRateLimit(
         self,
-        request: koo.tasks.v1.task_service_pb2.GetRateLimitRequest,
+        request: _task_service_pb2.GetRateLimitRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.GetRateLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.GetRateLimitResponse]]:
+    ) -> _typing.Union[_task_service_pb2.GetRateLimitResponse, _abc.Awaitable[_task_service_pb2.GetRateLimitResponse]]:
         """GetRateLimit returns one rate limit with its state. Unknown: NOT_FOUND."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListRateLimits(
         self,
-        request: koo.tasks.v1.task_service_pb2.ListRateLimitsRequest,
+        request: _task_service_pb2.ListRateLimitsRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListRateLimitsResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListRateLimitsResponse]]:
+    ) -> _typing.Union[_task_service_pb2.ListRateLimitsResponse, _abc.Awaitable[_task_service_pb2.ListRateLimitsResponse]]:
         """ListRateLimits lists every rate limit (by name), in one page."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def DeleteRateLimit(
         self,
-        request: koo.tasks.v1.task_service_pb2.DeleteRateLimitRequest,
+        request: _task_service_pb2.DeleteRateLimitRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.DeleteRateLimitResponse]]:
+    ) -> _typing.Union[_task_service_pb2.DeleteRateLimitResponse, _abc.Awaitable[_task_service_pb2.DeleteRateLimitResponse]]:
         """DeleteRateLimit removes a rate limit; its tasks are no longer held
         (a key's back-off from a worker's FailTask stays until it ends).
         Unknown: NOT_FOUND. Admin.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def SetConcurrencyLimit(
         self,
-        request: koo.tasks.v1.task_service_pb2.SetConcurrencyLimitRequest,
+        request: _task_service_pb2.SetConcurrencyLimitRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.SetConcurrencyLimitResponse]]:
+    ) -> _typing.Union[_task_service_pb2.SetConcurrencyLimitResponse, _abc.Awaitable[_task_service_pb2.SetConcurrencyLimitResponse]]:
         """SetConcurrencyLimit creates or replaces a cap on how many tasks with
         one `concurrency_key` run at once, cluster-wide, and what happens to a
         task that would start past it (ConcurrencyPolicy). The name is
@@ -1204,30 +589,30 @@ class TaskServiceServicer(metaclass=abc.ABCMeta):
         own). Admin.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def GetConcurrencyLimit(
         self,
-        request: koo.tasks.v1.task_service_pb2.GetConcurrencyLimitRequest,
+        request: _task_service_pb2.GetConcurrencyLimitRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.GetConcurrencyLimitResponse]]:
+    ) -> _typing.Union[_task_service_pb2.GetConcurrencyLimitResponse, _abc.Awaitable[_task_service_pb2.GetConcurrencyLimitResponse]]:
         """GetConcurrencyLimit returns one cap with the key's running count.
         Unknown: NOT_FOUND.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListConcurrencyLimits(
         self,
-        request: koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsRequest,
+        request: _task_service_pb2.ListConcurrencyLimitsRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.ListConcurrencyLimitsResponse]]:
+    ) -> _typing.Union[_task_service_pb2.ListConcurrencyLimitsResponse, _abc.Awaitable[_task_service_pb2.ListConcurrencyLimitsResponse]]:
         """ListConcurrencyLimits lists every cap (by name), in one page."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def DeleteConcurrencyLimit(
         self,
-        request: koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitRequest,
+        request: _task_service_pb2.DeleteConcurrencyLimitRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse, collections.abc.Awaitable[koo.tasks.v1.task_service_pb2.DeleteConcurrencyLimitResponse]]:
+    ) -> _typing.Union[_task_service_pb2.DeleteConcurrencyLimitResponse, _abc.Awaitable[_task_service_pb2.DeleteConcurrencyLimitResponse]]:
         """DeleteConcurrencyLimit removes a cap. Unknown: NOT_FOUND. Admin."""
 
-def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
+def add_TaskServiceServicer_to_server(servicer: TaskServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

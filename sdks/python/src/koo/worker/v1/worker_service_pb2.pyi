@@ -6,32 +6,32 @@ gRPC, under the same guarantees as the built-in workers (leases, fencing
 tokens, retries, time limits, cancellation), without access to Redis.
 """
 
-import builtins
-import collections.abc
-import google.protobuf.descriptor
-import google.protobuf.duration_pb2
-import google.protobuf.internal.containers
-import google.protobuf.internal.enum_type_wrapper
-import google.protobuf.message
-import google.protobuf.struct_pb2
-import google.protobuf.timestamp_pb2
-import koo.tasks.v1.task_service_pb2
+from collections import abc as _abc
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import message as _message
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from koo.tasks.v1 import task_service_pb2 as _task_service_pb2
+import builtins as _builtins
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 10):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    import typing_extensions
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
-DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
+DESCRIPTOR: _descriptor.FileDescriptor
 
 class _ReplyKind:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _ReplyKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_ReplyKind.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _ReplyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     REPLY_KIND_UNSPECIFIED: _ReplyKind.ValueType  # 0
     """Not used."""
     REPLY_KIND_PROGRESS: _ReplyKind.ValueType  # 1
@@ -52,14 +52,14 @@ REPLY_KIND_COMPLETE: ReplyKind.ValueType  # 2
 """A complete message."""
 REPLY_KIND_FAIL: ReplyKind.ValueType  # 3
 """A fail message."""
-Global___ReplyKind: typing_extensions.TypeAlias = ReplyKind
+Global___ReplyKind: _TypeAlias = ReplyKind  # noqa: Y015
 
 class _WorkerKind:
-    ValueType = typing.NewType("ValueType", builtins.int)
-    V: typing_extensions.TypeAlias = ValueType
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
 
-class _WorkerKindEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[_WorkerKind.ValueType], builtins.type):
-    DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
+class _WorkerKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WorkerKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
     WORKER_KIND_UNSPECIFIED: _WorkerKind.ValueType  # 0
     """Not used."""
     WORKER_KIND_BUILTIN: _WorkerKind.ValueType  # 1
@@ -80,43 +80,43 @@ WORKER_KIND_STREAM: WorkerKind.ValueType  # 2
 """An external worker on a Work stream."""
 WORKER_KIND_UNARY: WorkerKind.ValueType  # 3
 """An external worker using the unary calls."""
-Global___WorkerKind: typing_extensions.TypeAlias = WorkerKind
+Global___WorkerKind: _TypeAlias = WorkerKind  # noqa: Y015
 
-@typing.final
-class WorkRequest(google.protobuf.message.Message):
+@_typing.final
+class WorkRequest(_message.Message):
     """WorkRequest is one message from a worker on its stream."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    HELLO_FIELD_NUMBER: builtins.int
-    HEARTBEAT_FIELD_NUMBER: builtins.int
-    PROGRESS_FIELD_NUMBER: builtins.int
-    COMPLETE_FIELD_NUMBER: builtins.int
-    FAIL_FIELD_NUMBER: builtins.int
-    BATCH_FIELD_NUMBER: builtins.int
-    @property
+    HELLO_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    COMPLETE_FIELD_NUMBER: _builtins.int
+    FAIL_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def hello(self) -> Global___Hello:
         """First message: who the worker is and what it serves."""
 
-    @property
+    @_builtins.property
     def heartbeat(self) -> Global___Heartbeat:
         """"Still alive": extends the lease of every task the stream holds.
         Send one every `heartbeat_interval` of the welcome.
         """
 
-    @property
+    @_builtins.property
     def progress(self) -> Global___Progress:
         """Progress of a held task."""
 
-    @property
+    @_builtins.property
     def complete(self) -> Global___Complete:
         """A held task succeeded."""
 
-    @property
+    @_builtins.property
     def fail(self) -> Global___Fail:
         """A held task failed (or stopped after a cancel or soft time limit)."""
 
-    @property
+    @_builtins.property
     def batch(self) -> Global___WorkRequestBatch:
         """Several of the messages above (never `hello` or another `batch`), in
         order, in one message: as if sent one by one, except that koo may end
@@ -134,63 +134,71 @@ class WorkRequest(google.protobuf.message.Message):
         fail: Global___Fail | None = ...,
         batch: Global___WorkRequestBatch | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["message", b"message"]) -> typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch"] | None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
-Global___WorkRequest: typing_extensions.TypeAlias = WorkRequest
+Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
 
-@typing.final
-class WorkRequestBatch(google.protobuf.message.Message):
+@_typing.final
+class WorkRequestBatch(_message.Message):
     """WorkRequestBatch carries several worker messages at once."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    REQUESTS_FIELD_NUMBER: builtins.int
-    @property
-    def requests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___WorkRequest]:
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkRequest]:
         """The messages, in order: heartbeats, progress, complete and fail."""
 
     def __init__(
         self,
         *,
-        requests: collections.abc.Iterable[Global___WorkRequest] | None = ...,
+        requests: _abc.Iterable[Global___WorkRequest] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["requests", b"requests"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["requests", b"requests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WorkRequestBatch: typing_extensions.TypeAlias = WorkRequestBatch
+Global___WorkRequestBatch: _TypeAlias = WorkRequestBatch  # noqa: Y015
 
-@typing.final
-class Hello(google.protobuf.message.Message):
+@_typing.final
+class Hello(_message.Message):
     """Hello introduces a worker."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: builtins.int
-    TASK_NAMES_FIELD_NUMBER: builtins.int
-    QUEUES_FIELD_NUMBER: builtins.int
-    CONCURRENCY_FIELD_NUMBER: builtins.int
-    ACCEPT_BATCHES_FIELD_NUMBER: builtins.int
-    name: builtins.str
+    NAME_FIELD_NUMBER: _builtins.int
+    TASK_NAMES_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    ACCEPT_BATCHES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
     """A name for people (1 to 128 bytes), e.g. `pdf-worker@host-1`; koo adds
     a unique suffix to form the worker id.
     """
-    concurrency: builtins.int
+    concurrency: _builtins.int
     """Tasks held at once, 1 to 1024. koo never pushes more, nor more than
     the worker's remaining room under KOO_MAX_HELD_PER_WORKER (shared by all
     its streams and unary leases in one koo process).
     """
-    accept_batches: builtins.bool
+    accept_batches: _builtins.bool
     """The worker reads `batch` messages: koo may then send several messages
     that are ready at once (tasks, replies, ...) as one `batch`. Workers
     that leave it unset get one message at a time, as before.
     """
-    @property
-    def task_names(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def task_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task names served. Empty means every name in `queues`."""
 
-    @property
-    def queues(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues served. Empty means every category queue (with `task_names`
         naming what is taken from them). At least one of `task_names` and
         `queues` is required.
@@ -199,148 +207,163 @@ class Hello(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        name: builtins.str = ...,
-        task_names: collections.abc.Iterable[builtins.str] | None = ...,
-        queues: collections.abc.Iterable[builtins.str] | None = ...,
-        concurrency: builtins.int = ...,
-        accept_batches: builtins.bool = ...,
+        name: _builtins.str = ...,
+        task_names: _abc.Iterable[_builtins.str] | None = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        concurrency: _builtins.int = ...,
+        accept_batches: _builtins.bool = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["accept_batches", b"accept_batches", "concurrency", b"concurrency", "name", b"name", "queues", b"queues", "task_names", b"task_names"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "concurrency", b"concurrency", "name", b"name", "queues", b"queues", "task_names", b"task_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Hello: typing_extensions.TypeAlias = Hello
+Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
-@typing.final
-class Heartbeat(google.protobuf.message.Message):
+@_typing.final
+class Heartbeat(_message.Message):
     """Heartbeat has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Heartbeat: typing_extensions.TypeAlias = Heartbeat
+Global___Heartbeat: _TypeAlias = Heartbeat  # noqa: Y015
 
-@typing.final
-class Progress(google.protobuf.message.Message):
+@_typing.final
+class Progress(_message.Message):
     """Progress reports a held task's progress."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    PERCENT_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    METADATA_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token, from the task message."""
-    percent: builtins.float
+    percent: _builtins.float
     """0 to 100."""
-    message: builtins.str
+    message: _builtins.str
     """What it is doing (up to 1024 bytes)."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from the lease (TaskAssignment or LeaseTaskResponse).
     Optional for a report on a task this stream holds; otherwise see
     "Lease secrets" above.
     """
-    @property
-    def metadata(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
         """Anything else (up to 64 KiB as JSON)."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        percent: builtins.float = ...,
-        message: builtins.str = ...,
-        metadata: google.protobuf.struct_pb2.Struct | None = ...,
-        lease_secret: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        percent: _builtins.float = ...,
+        message: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["metadata", b"metadata"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "metadata", b"metadata", "percent", b"percent", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "metadata", b"metadata", "percent", b"percent", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Progress: typing_extensions.TypeAlias = Progress
+Global___Progress: _TypeAlias = Progress  # noqa: Y015
 
-@typing.final
-class Complete(google.protobuf.message.Message):
+@_typing.final
+class Complete(_message.Message):
     """Complete reports a held task's success."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    RESULT_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from the lease (TaskAssignment or LeaseTaskResponse).
     Optional for a report on a task this stream holds; otherwise see
     "Lease secrets" above.
     """
-    @property
-    def result(self) -> google.protobuf.struct_pb2.Value:
+    @_builtins.property
+    def result(self) -> _struct_pb2.Value:
         """The result (any JSON value; null when absent)."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        result: google.protobuf.struct_pb2.Value | None = ...,
-        lease_secret: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        result: _struct_pb2.Value | None = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["result", b"result"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "result", b"result", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Complete: typing_extensions.TypeAlias = Complete
+Global___Complete: _TypeAlias = Complete  # noqa: Y015
 
-@typing.final
-class Fail(google.protobuf.message.Message):
+@_typing.final
+class Fail(_message.Message):
     """Fail reports a held task's failure."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    RETRYABLE_FIELD_NUMBER: builtins.int
-    DETAILS_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    RETRY_DELAY_FIELD_NUMBER: builtins.int
-    KEY_RETRY_AFTER_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRYABLE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    KEY_RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token."""
-    message: builtins.str
+    message: _builtins.str
     """What went wrong (1 to 4096 bytes)."""
-    retryable: builtins.bool
+    retryable: _builtins.bool
     """Whether another attempt may succeed."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from the lease (TaskAssignment or LeaseTaskResponse).
     Optional for a report on a task this stream holds; otherwise see
     "Lease secrets" above.
     """
-    @property
-    def details(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
         """Anything else (up to 64 KiB as JSON), kept with the error."""
 
-    @property
-    def retry_delay(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
         """For a retryable failure: how long to wait before the next attempt,
         instead of the task's backoff (0 s to 24 h; absent means the backoff).
         Ignored when no retry remains.
         """
 
-    @property
-    def key_retry_after(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def key_retry_after(self) -> _duration_pb2.Duration:
         """The provider said "too many requests" for the task's rate-limit key
         (an HTTP 429's Retry-After): every task with that key, in every queue,
         waits this long before it starts (0 s to 24 h; BullMQ's manual rate
@@ -352,63 +375,66 @@ class Fail(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        message: builtins.str = ...,
-        retryable: builtins.bool = ...,
-        details: google.protobuf.struct_pb2.Struct | None = ...,
-        lease_secret: builtins.str = ...,
-        retry_delay: google.protobuf.duration_pb2.Duration | None = ...,
-        key_retry_after: google.protobuf.duration_pb2.Duration | None = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        message: _builtins.str = ...,
+        retryable: _builtins.bool = ...,
+        details: _struct_pb2.Struct | None = ...,
+        lease_secret: _builtins.str = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
+        key_retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "retry_delay", b"retry_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Fail: typing_extensions.TypeAlias = Fail
+Global___Fail: _TypeAlias = Fail  # noqa: Y015
 
-@typing.final
-class WorkResponse(google.protobuf.message.Message):
+@_typing.final
+class WorkResponse(_message.Message):
     """WorkResponse is one message from koo to a worker."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WELCOME_FIELD_NUMBER: builtins.int
-    TASK_FIELD_NUMBER: builtins.int
-    CANCEL_FIELD_NUMBER: builtins.int
-    SOFT_TIME_LIMIT_FIELD_NUMBER: builtins.int
-    REVOKED_FIELD_NUMBER: builtins.int
-    REPLY_FIELD_NUMBER: builtins.int
-    BATCH_FIELD_NUMBER: builtins.int
-    @property
+    WELCOME_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    REPLY_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
     def welcome(self) -> Global___Welcome:
         """The answer to hello."""
 
-    @property
+    @_builtins.property
     def task(self) -> Global___TaskAssignment:
         """A task to run."""
 
-    @property
+    @_builtins.property
     def cancel(self) -> Global___CancelRequested:
         """A held task was cancelled: stop it and send `fail` (it ends
         CANCELLED). A task still held at the end of the cancel grace is
         ended by koo and revoked.
         """
 
-    @property
+    @_builtins.property
     def soft_time_limit(self) -> Global___SoftTimeLimitReached:
         """A held task reached its soft time limit: stop soon. At its hard
         limit it is revoked and ends TIMED_OUT.
         """
 
-    @property
+    @_builtins.property
     def revoked(self) -> Global___LeaseRevoked:
         """A held task is no longer the worker's: stop it and report nothing."""
 
-    @property
+    @_builtins.property
     def reply(self) -> Global___Reply:
         """The outcome of a progress, complete or fail message."""
 
-    @property
+    @_builtins.property
     def batch(self) -> Global___WorkResponseBatch:
         """Several of the messages above (never `welcome` or another `batch`),
         in order, in one message; sent only to a worker whose hello set
@@ -426,488 +452,546 @@ class WorkResponse(google.protobuf.message.Message):
         reply: Global___Reply | None = ...,
         batch: Global___WorkResponseBatch | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["batch", b"batch", "cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["batch", b"batch", "cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]) -> None: ...
-    def WhichOneof(self, oneof_group: typing.Literal["message", b"message"]) -> typing.Literal["welcome", "task", "cancel", "soft_time_limit", "revoked", "reply", "batch"] | None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "cancel", b"cancel", "message", b"message", "reply", b"reply", "revoked", b"revoked", "soft_time_limit", b"soft_time_limit", "task", b"task", "welcome", b"welcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "task", "cancel", "soft_time_limit", "revoked", "reply", "batch"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
-Global___WorkResponse: typing_extensions.TypeAlias = WorkResponse
+Global___WorkResponse: _TypeAlias = WorkResponse  # noqa: Y015
 
-@typing.final
-class WorkResponseBatch(google.protobuf.message.Message):
+@_typing.final
+class WorkResponseBatch(_message.Message):
     """WorkResponseBatch carries several messages from koo at once."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    RESPONSES_FIELD_NUMBER: builtins.int
-    @property
-    def responses(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___WorkResponse]:
+    RESPONSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkResponse]:
         """The messages, in the order koo would have sent them one by one."""
 
     def __init__(
         self,
         *,
-        responses: collections.abc.Iterable[Global___WorkResponse] | None = ...,
+        responses: _abc.Iterable[Global___WorkResponse] | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["responses", b"responses"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WorkResponseBatch: typing_extensions.TypeAlias = WorkResponseBatch
+Global___WorkResponseBatch: _TypeAlias = WorkResponseBatch  # noqa: Y015
 
-@typing.final
-class Welcome(google.protobuf.message.Message):
+@_typing.final
+class Welcome(_message.Message):
     """Welcome answers hello."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WORKER_ID_FIELD_NUMBER: builtins.int
-    LEASE_FIELD_NUMBER: builtins.int
-    HEARTBEAT_INTERVAL_FIELD_NUMBER: builtins.int
-    ACCEPTS_BATCHES_FIELD_NUMBER: builtins.int
-    MAX_MESSAGE_SIZE_FIELD_NUMBER: builtins.int
-    worker_id: builtins.str
+    WORKER_ID_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
+    MAX_MESSAGE_SIZE_FIELD_NUMBER: _builtins.int
+    worker_id: _builtins.str
     """This session's worker id (the name and a unique suffix)."""
-    accepts_batches: builtins.bool
+    accepts_batches: _builtins.bool
     """koo reads `batch` messages (koo releases before batches leave this
     unset, and end the stream on one): send them only when set.
     """
-    max_message_size: builtins.int
+    max_message_size: _builtins.int
     """The largest message koo reads from a worker, in bytes
     (KOO_MAX_MESSAGE_SIZE; 0 from releases before it was told): keep
     batches well under it.
     """
-    @property
-    def lease(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
         """How long a lease lasts without a heartbeat."""
 
-    @property
-    def heartbeat_interval(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to send heartbeats (a third of the lease)."""
 
     def __init__(
         self,
         *,
-        worker_id: builtins.str = ...,
-        lease: google.protobuf.duration_pb2.Duration | None = ...,
-        heartbeat_interval: google.protobuf.duration_pb2.Duration | None = ...,
-        accepts_batches: builtins.bool = ...,
-        max_message_size: builtins.int = ...,
+        worker_id: _builtins.str = ...,
+        lease: _duration_pb2.Duration | None = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        accepts_batches: _builtins.bool = ...,
+        max_message_size: _builtins.int = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Welcome: typing_extensions.TypeAlias = Welcome
+Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
-@typing.final
-class TaskAssignment(google.protobuf.message.Message):
+@_typing.final
+class TaskAssignment(_message.Message):
     """TaskAssignment hands a task to a worker."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    lease_token: builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    lease_token: _builtins.int
     """The fencing token to quote in every report on this attempt."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease's secret: needed to report on this attempt other than on
     this stream (e.g. with the unary calls).
     """
-    @property
-    def task(self) -> koo.tasks.v1.task_service_pb2.Task:
+    @_builtins.property
+    def task(self) -> _task_service_pb2.Task:
         """The task: name, args, kwargs, attempts (this one included), time limits."""
 
     def __init__(
         self,
         *,
-        task: koo.tasks.v1.task_service_pb2.Task | None = ...,
-        lease_token: builtins.int = ...,
-        lease_secret: builtins.str = ...,
+        task: _task_service_pb2.Task | None = ...,
+        lease_token: _builtins.int = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___TaskAssignment: typing_extensions.TypeAlias = TaskAssignment
+Global___TaskAssignment: _TypeAlias = TaskAssignment  # noqa: Y015
 
-@typing.final
-class CancelRequested(google.protobuf.message.Message):
+@_typing.final
+class CancelRequested(_message.Message):
     """CancelRequested asks the worker to stop a task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    reason: builtins.str
+    reason: _builtins.str
     """Why: the reason given to CancelTask (or `cancelled by request`)."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        reason: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["reason", b"reason", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CancelRequested: typing_extensions.TypeAlias = CancelRequested
+Global___CancelRequested: _TypeAlias = CancelRequested  # noqa: Y015
 
-@typing.final
-class SoftTimeLimitReached(google.protobuf.message.Message):
+@_typing.final
+class SoftTimeLimitReached(_message.Message):
     """SoftTimeLimitReached says a task has run past its soft time limit."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SoftTimeLimitReached: typing_extensions.TypeAlias = SoftTimeLimitReached
+Global___SoftTimeLimitReached: _TypeAlias = SoftTimeLimitReached  # noqa: Y015
 
-@typing.final
-class LeaseRevoked(google.protobuf.message.Message):
+@_typing.final
+class LeaseRevoked(_message.Message):
     """LeaseRevoked says a task is no longer held by this worker."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    REASON_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    reason: builtins.str
+    reason: _builtins.str
     """Why, e.g. `hard time limit reached`."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        reason: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["reason", b"reason", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___LeaseRevoked: typing_extensions.TypeAlias = LeaseRevoked
+Global___LeaseRevoked: _TypeAlias = LeaseRevoked  # noqa: Y015
 
-@typing.final
-class Reply(google.protobuf.message.Message):
+@_typing.final
+class Reply(_message.Message):
     """Reply is koo's answer to a progress, complete or fail message."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    KIND_FIELD_NUMBER: builtins.int
-    CODE_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    STATE_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task the message was about."""
     kind: Global___ReplyKind.ValueType
     """What the message was."""
-    code: builtins.int
+    code: _builtins.int
     """A google.rpc.Code: 0 (OK), 10 (ABORTED: the lease is no longer this
     worker's), 3 (INVALID_ARGUMENT), 7 (PERMISSION_DENIED: a task this
     stream does not hold, without its lease secret), 14 (UNAVAILABLE: try
     again)...
     """
-    message: builtins.str
+    message: _builtins.str
     """What went wrong, when code is not 0."""
-    state: koo.tasks.v1.task_service_pb2.TaskState.ValueType
+    state: _task_service_pb2.TaskState.ValueType
     """For complete and fail: the state the task moved to."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
+        task_id: _builtins.str = ...,
         kind: Global___ReplyKind.ValueType = ...,
-        code: builtins.int = ...,
-        message: builtins.str = ...,
-        state: koo.tasks.v1.task_service_pb2.TaskState.ValueType = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        state: _task_service_pb2.TaskState.ValueType = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["code", b"code", "kind", b"kind", "message", b"message", "state", b"state", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "kind", b"kind", "message", b"message", "state", b"state", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Reply: typing_extensions.TypeAlias = Reply
+Global___Reply: _TypeAlias = Reply  # noqa: Y015
 
-@typing.final
-class LeaseTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class LeaseTaskRequest(_message.Message):
     """LeaseTaskRequest asks for one task."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WORKER_NAME_FIELD_NUMBER: builtins.int
-    TASK_NAMES_FIELD_NUMBER: builtins.int
-    QUEUES_FIELD_NUMBER: builtins.int
-    WAIT_FIELD_NUMBER: builtins.int
-    worker_name: builtins.str
+    WORKER_NAME_FIELD_NUMBER: _builtins.int
+    TASK_NAMES_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    worker_name: _builtins.str
     """The caller's name (1 to 128 bytes), recorded as the task's worker. A
     name ending in `/` and 12 hex digits is refused (reserved for Work
     stream worker ids).
     """
-    @property
-    def task_names(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def task_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task names served (as in Hello)."""
 
-    @property
-    def queues(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues served (as in Hello)."""
 
-    @property
-    def wait(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
         """How long to wait for a task, up to 60 s; absent means not at all."""
 
     def __init__(
         self,
         *,
-        worker_name: builtins.str = ...,
-        task_names: collections.abc.Iterable[builtins.str] | None = ...,
-        queues: collections.abc.Iterable[builtins.str] | None = ...,
-        wait: google.protobuf.duration_pb2.Duration | None = ...,
+        worker_name: _builtins.str = ...,
+        task_names: _abc.Iterable[_builtins.str] | None = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        wait: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["wait", b"wait"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["queues", b"queues", "task_names", b"task_names", "wait", b"wait", "worker_name", b"worker_name"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["queues", b"queues", "task_names", b"task_names", "wait", b"wait", "worker_name", b"worker_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___LeaseTaskRequest: typing_extensions.TypeAlias = LeaseTaskRequest
+Global___LeaseTaskRequest: _TypeAlias = LeaseTaskRequest  # noqa: Y015
 
-@typing.final
-class LeaseTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class LeaseTaskResponse(_message.Message):
     """LeaseTaskResponse holds the leased task, if any."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    LEASE_EXPIRE_TIME_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    lease_token: builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    lease_token: _builtins.int
     """Its fencing token."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease's secret: quote it in every report on this attempt (see
     "Lease secrets" above).
     """
-    @property
-    def task(self) -> koo.tasks.v1.task_service_pb2.Task:
+    @_builtins.property
+    def task(self) -> _task_service_pb2.Task:
         """The task; absent when none came within `wait`."""
 
-    @property
-    def lease_expire_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the lease lapses unless extended with HeartbeatTask."""
 
     def __init__(
         self,
         *,
-        task: koo.tasks.v1.task_service_pb2.Task | None = ...,
-        lease_token: builtins.int = ...,
-        lease_expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        lease_secret: builtins.str = ...,
+        task: _task_service_pb2.Task | None = ...,
+        lease_token: _builtins.int = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["lease_expire_time", b"lease_expire_time", "task", b"task"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["lease_expire_time", b"lease_expire_time", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "task", b"task"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___LeaseTaskResponse: typing_extensions.TypeAlias = LeaseTaskResponse
+Global___LeaseTaskResponse: _TypeAlias = LeaseTaskResponse  # noqa: Y015
 
-@typing.final
-class HeartbeatTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class HeartbeatTaskRequest(_message.Message):
     """HeartbeatTaskRequest extends a lease."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from LeaseTaskResponse (see "Lease secrets" above)."""
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        lease_secret: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___HeartbeatTaskRequest: typing_extensions.TypeAlias = HeartbeatTaskRequest
+Global___HeartbeatTaskRequest: _TypeAlias = HeartbeatTaskRequest  # noqa: Y015
 
-@typing.final
-class HeartbeatTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class HeartbeatTaskResponse(_message.Message):
     """HeartbeatTaskResponse says how the lease stands."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    CANCEL_REQUESTED_FIELD_NUMBER: builtins.int
-    SOFT_TIME_LIMIT_EXCEEDED_FIELD_NUMBER: builtins.int
-    LEASE_EXPIRE_TIME_FIELD_NUMBER: builtins.int
-    CANCEL_REASON_FIELD_NUMBER: builtins.int
-    cancel_requested: builtins.bool
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    SOFT_TIME_LIMIT_EXCEEDED_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    CANCEL_REASON_FIELD_NUMBER: _builtins.int
+    cancel_requested: _builtins.bool
     """A cancel was asked for: stop and call FailTask (the task ends
     CANCELLED).
     """
-    soft_time_limit_exceeded: builtins.bool
+    soft_time_limit_exceeded: _builtins.bool
     """The soft time limit has passed: stop soon."""
-    cancel_reason: builtins.str
+    cancel_reason: _builtins.str
     """When cancel_requested: the reason given to CancelTask (or `cancelled
     by request`).
     """
-    @property
-    def lease_expire_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def lease_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the lease now lapses."""
 
     def __init__(
         self,
         *,
-        cancel_requested: builtins.bool = ...,
-        soft_time_limit_exceeded: builtins.bool = ...,
-        lease_expire_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        cancel_reason: builtins.str = ...,
+        cancel_requested: _builtins.bool = ...,
+        soft_time_limit_exceeded: _builtins.bool = ...,
+        lease_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        cancel_reason: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["lease_expire_time", b"lease_expire_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "lease_expire_time", b"lease_expire_time", "soft_time_limit_exceeded", b"soft_time_limit_exceeded"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease_expire_time", b"lease_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "lease_expire_time", b"lease_expire_time", "soft_time_limit_exceeded", b"soft_time_limit_exceeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___HeartbeatTaskResponse: typing_extensions.TypeAlias = HeartbeatTaskResponse
+Global___HeartbeatTaskResponse: _TypeAlias = HeartbeatTaskResponse  # noqa: Y015
 
-@typing.final
-class ReportProgressRequest(google.protobuf.message.Message):
+@_typing.final
+class ReportProgressRequest(_message.Message):
     """ReportProgressRequest records progress."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    PERCENT_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    METADATA_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    PERCENT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token."""
-    percent: builtins.float
+    percent: _builtins.float
     """0 to 100."""
-    message: builtins.str
+    message: _builtins.str
     """What it is doing (up to 1024 bytes)."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from LeaseTaskResponse (see "Lease secrets" above)."""
-    @property
-    def metadata(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
         """Anything else (up to 64 KiB as JSON)."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        percent: builtins.float = ...,
-        message: builtins.str = ...,
-        metadata: google.protobuf.struct_pb2.Struct | None = ...,
-        lease_secret: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        percent: _builtins.float = ...,
+        message: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["metadata", b"metadata"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "metadata", b"metadata", "percent", b"percent", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "metadata", b"metadata", "percent", b"percent", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ReportProgressRequest: typing_extensions.TypeAlias = ReportProgressRequest
+Global___ReportProgressRequest: _TypeAlias = ReportProgressRequest  # noqa: Y015
 
-@typing.final
-class ReportProgressResponse(google.protobuf.message.Message):
+@_typing.final
+class ReportProgressResponse(_message.Message):
     """ReportProgressResponse has no fields."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
         self,
     ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ReportProgressResponse: typing_extensions.TypeAlias = ReportProgressResponse
+Global___ReportProgressResponse: _TypeAlias = ReportProgressResponse  # noqa: Y015
 
-@typing.final
-class CompleteTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class CompleteTaskRequest(_message.Message):
     """CompleteTaskRequest reports a success."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    RESULT_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from LeaseTaskResponse (see "Lease secrets" above)."""
-    @property
-    def result(self) -> google.protobuf.struct_pb2.Value:
+    @_builtins.property
+    def result(self) -> _struct_pb2.Value:
         """The result."""
 
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        result: google.protobuf.struct_pb2.Value | None = ...,
-        lease_secret: builtins.str = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        result: _struct_pb2.Value | None = ...,
+        lease_secret: _builtins.str = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["result", b"result"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "result", b"result", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CompleteTaskRequest: typing_extensions.TypeAlias = CompleteTaskRequest
+Global___CompleteTaskRequest: _TypeAlias = CompleteTaskRequest  # noqa: Y015
 
-@typing.final
-class CompleteTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class CompleteTaskResponse(_message.Message):
     """CompleteTaskResponse says where the task went."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    STATE_FIELD_NUMBER: builtins.int
-    state: koo.tasks.v1.task_service_pb2.TaskState.ValueType
+    STATE_FIELD_NUMBER: _builtins.int
+    state: _task_service_pb2.TaskState.ValueType
     """SUCCEEDED."""
     def __init__(
         self,
         *,
-        state: koo.tasks.v1.task_service_pb2.TaskState.ValueType = ...,
+        state: _task_service_pb2.TaskState.ValueType = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["state", b"state"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CompleteTaskResponse: typing_extensions.TypeAlias = CompleteTaskResponse
+Global___CompleteTaskResponse: _TypeAlias = CompleteTaskResponse  # noqa: Y015
 
-@typing.final
-class FailTaskRequest(google.protobuf.message.Message):
+@_typing.final
+class FailTaskRequest(_message.Message):
     """FailTaskRequest reports a failure."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    TASK_ID_FIELD_NUMBER: builtins.int
-    LEASE_TOKEN_FIELD_NUMBER: builtins.int
-    MESSAGE_FIELD_NUMBER: builtins.int
-    RETRYABLE_FIELD_NUMBER: builtins.int
-    DETAILS_FIELD_NUMBER: builtins.int
-    LEASE_SECRET_FIELD_NUMBER: builtins.int
-    RETRY_DELAY_FIELD_NUMBER: builtins.int
-    KEY_RETRY_AFTER_FIELD_NUMBER: builtins.int
-    task_id: builtins.str
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    RETRYABLE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    RETRY_DELAY_FIELD_NUMBER: _builtins.int
+    KEY_RETRY_AFTER_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
     """The task."""
-    lease_token: builtins.int
+    lease_token: _builtins.int
     """Its lease token."""
-    message: builtins.str
+    message: _builtins.str
     """What went wrong (1 to 4096 bytes)."""
-    retryable: builtins.bool
+    retryable: _builtins.bool
     """Whether another attempt may succeed."""
-    lease_secret: builtins.str
+    lease_secret: _builtins.str
     """The lease secret from LeaseTaskResponse (see "Lease secrets" above)."""
-    @property
-    def details(self) -> google.protobuf.struct_pb2.Struct:
+    @_builtins.property
+    def details(self) -> _struct_pb2.Struct:
         """Anything else (up to 64 KiB as JSON)."""
 
-    @property
-    def retry_delay(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def retry_delay(self) -> _duration_pb2.Duration:
         """For a retryable failure: how long to wait before the next attempt,
         instead of the task's backoff (0 s to 24 h; absent means the backoff).
         Ignored when no retry remains.
         """
 
-    @property
-    def key_retry_after(self) -> google.protobuf.duration_pb2.Duration:
+    @_builtins.property
+    def key_retry_after(self) -> _duration_pb2.Duration:
         """The provider said "too many requests" for the task's rate-limit key
         (an HTTP 429's Retry-After): every task with that key, in every queue,
         waits this long before it starts (0 s to 24 h; BullMQ's manual rate
@@ -919,149 +1003,167 @@ class FailTaskRequest(google.protobuf.message.Message):
     def __init__(
         self,
         *,
-        task_id: builtins.str = ...,
-        lease_token: builtins.int = ...,
-        message: builtins.str = ...,
-        retryable: builtins.bool = ...,
-        details: google.protobuf.struct_pb2.Struct | None = ...,
-        lease_secret: builtins.str = ...,
-        retry_delay: google.protobuf.duration_pb2.Duration | None = ...,
-        key_retry_after: google.protobuf.duration_pb2.Duration | None = ...,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        message: _builtins.str = ...,
+        retryable: _builtins.bool = ...,
+        details: _struct_pb2.Struct | None = ...,
+        lease_secret: _builtins.str = ...,
+        retry_delay: _duration_pb2.Duration | None = ...,
+        key_retry_after: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "retry_delay", b"retry_delay"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "retry_delay", b"retry_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "key_retry_after", b"key_retry_after", "lease_secret", b"lease_secret", "lease_token", b"lease_token", "message", b"message", "retry_delay", b"retry_delay", "retryable", b"retryable", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___FailTaskRequest: typing_extensions.TypeAlias = FailTaskRequest
+Global___FailTaskRequest: _TypeAlias = FailTaskRequest  # noqa: Y015
 
-@typing.final
-class FailTaskResponse(google.protobuf.message.Message):
+@_typing.final
+class FailTaskResponse(_message.Message):
     """FailTaskResponse says where the task went."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    STATE_FIELD_NUMBER: builtins.int
-    state: koo.tasks.v1.task_service_pb2.TaskState.ValueType
+    STATE_FIELD_NUMBER: _builtins.int
+    state: _task_service_pb2.TaskState.ValueType
     """SCHEDULED (to be retried after a backoff), FAILED or CANCELLED."""
     def __init__(
         self,
         *,
-        state: koo.tasks.v1.task_service_pb2.TaskState.ValueType = ...,
+        state: _task_service_pb2.TaskState.ValueType = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["state", b"state"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___FailTaskResponse: typing_extensions.TypeAlias = FailTaskResponse
+Global___FailTaskResponse: _TypeAlias = FailTaskResponse  # noqa: Y015
 
-@typing.final
-class ListWorkersRequest(google.protobuf.message.Message):
+@_typing.final
+class ListWorkersRequest(_message.Message):
     """ListWorkersRequest pages through live workers."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    PAGE_SIZE_FIELD_NUMBER: builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    page_size: builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
     """At most this many (default 100, at most 1000)."""
-    page_token: builtins.str
+    page_token: _builtins.str
     """From a previous response's next_page_token."""
     def __init__(
         self,
         *,
-        page_size: builtins.int = ...,
-        page_token: builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["page_size", b"page_size", "page_token", b"page_token"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListWorkersRequest: typing_extensions.TypeAlias = ListWorkersRequest
+Global___ListWorkersRequest: _TypeAlias = ListWorkersRequest  # noqa: Y015
 
-@typing.final
-class ListWorkersResponse(google.protobuf.message.Message):
+@_typing.final
+class ListWorkersResponse(_message.Message):
     """ListWorkersResponse is one page of workers, by id."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    WORKERS_FIELD_NUMBER: builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
-    next_page_token: builtins.str
+    WORKERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
     """Empty on the last page."""
-    @property
-    def workers(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[Global___Worker]:
+    @_builtins.property
+    def workers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Worker]:
         """The workers."""
 
     def __init__(
         self,
         *,
-        workers: collections.abc.Iterable[Global___Worker] | None = ...,
-        next_page_token: builtins.str = ...,
+        workers: _abc.Iterable[Global___Worker] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["next_page_token", b"next_page_token", "workers", b"workers"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "workers", b"workers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListWorkersResponse: typing_extensions.TypeAlias = ListWorkersResponse
+Global___ListWorkersResponse: _TypeAlias = ListWorkersResponse  # noqa: Y015
 
-@typing.final
-class Worker(google.protobuf.message.Message):
+@_typing.final
+class Worker(_message.Message):
     """Worker is a live worker."""
 
-    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+    DESCRIPTOR: _descriptor.Descriptor
 
-    ID_FIELD_NUMBER: builtins.int
-    KIND_FIELD_NUMBER: builtins.int
-    NAME_FIELD_NUMBER: builtins.int
-    TASK_NAMES_FIELD_NUMBER: builtins.int
-    QUEUES_FIELD_NUMBER: builtins.int
-    CONCURRENCY_FIELD_NUMBER: builtins.int
-    RUNNING_FIELD_NUMBER: builtins.int
-    TASK_IDS_FIELD_NUMBER: builtins.int
-    PEER_FIELD_NUMBER: builtins.int
-    START_TIME_FIELD_NUMBER: builtins.int
-    LAST_SEEN_TIME_FIELD_NUMBER: builtins.int
-    id: builtins.str
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TASK_NAMES_FIELD_NUMBER: _builtins.int
+    QUEUES_FIELD_NUMBER: _builtins.int
+    CONCURRENCY_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
     """Unique id."""
     kind: Global___WorkerKind.ValueType
     """How it talks to koo."""
-    name: builtins.str
+    name: _builtins.str
     """The name it gave (external workers)."""
-    concurrency: builtins.int
+    concurrency: _builtins.int
     """Tasks it may hold at once."""
-    running: builtins.int
+    running: _builtins.int
     """Tasks it holds now."""
-    peer: builtins.str
+    peer: _builtins.str
     """Its network address as koo saw it (external workers)."""
-    @property
-    def task_names(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def task_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task names served; empty means all names of its queues."""
 
-    @property
-    def queues(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def queues(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Queues served."""
 
-    @property
-    def task_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Ids of the tasks it holds (stream workers)."""
 
-    @property
-    def start_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
         """When it started."""
 
-    @property
-    def last_seen_time(self) -> google.protobuf.timestamp_pb2.Timestamp:
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last heard from."""
 
     def __init__(
         self,
         *,
-        id: builtins.str = ...,
+        id: _builtins.str = ...,
         kind: Global___WorkerKind.ValueType = ...,
-        name: builtins.str = ...,
-        task_names: collections.abc.Iterable[builtins.str] | None = ...,
-        queues: collections.abc.Iterable[builtins.str] | None = ...,
-        concurrency: builtins.int = ...,
-        running: builtins.int = ...,
-        task_ids: collections.abc.Iterable[builtins.str] | None = ...,
-        peer: builtins.str = ...,
-        start_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
-        last_seen_time: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        name: _builtins.str = ...,
+        task_names: _abc.Iterable[_builtins.str] | None = ...,
+        queues: _abc.Iterable[_builtins.str] | None = ...,
+        concurrency: _builtins.int = ...,
+        running: _builtins.int = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        peer: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    def HasField(self, field_name: typing.Literal["last_seen_time", b"last_seen_time", "start_time", b"start_time"]) -> builtins.bool: ...
-    def ClearField(self, field_name: typing.Literal["concurrency", b"concurrency", "id", b"id", "kind", b"kind", "last_seen_time", b"last_seen_time", "name", b"name", "peer", b"peer", "queues", b"queues", "running", b"running", "start_time", b"start_time", "task_ids", b"task_ids", "task_names", b"task_names"]) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["concurrency", b"concurrency", "id", b"id", "kind", b"kind", "last_seen_time", b"last_seen_time", "name", b"name", "peer", b"peer", "queues", b"queues", "running", b"running", "start_time", b"start_time", "task_ids", b"task_ids", "task_names", b"task_names"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Worker: typing_extensions.TypeAlias = Worker
+Global___Worker: _TypeAlias = Worker  # noqa: Y015

@@ -6,141 +6,30 @@ gRPC, under the same guarantees as the built-in workers (leases, fencing
 tokens, retries, time limits, cancellation), without access to Redis.
 """
 
-import abc
-import collections.abc
-import grpc
-import grpc.aio
-import koo.worker.v1.worker_service_pb2
+from collections import abc as _abc
+from grpc import aio as _aio
+from koo.worker.v1 import worker_service_pb2 as _worker_service_pb2
+import abc as _abc_1
+import grpc as _grpc
 import sys
-import typing
+import typing as _typing
 
-if sys.version_info >= (3, 13):
-    import typing as typing_extensions
+if sys.version_info >= (3, 11):
+    from typing import Self as _Self
 else:
-    import typing_extensions
+    from typing_extensions import Self as _Self
 
-_T = typing.TypeVar("_T")
+_T = _typing.TypeVar("_T")
 
-class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
+class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
 
-class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
 GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
-_WorkerServiceWorkType = typing_extensions.TypeVar(
-    '_WorkerServiceWorkType',
-    grpc.StreamStreamMultiCallable[
-        koo.worker.v1.worker_service_pb2.WorkRequest,
-        koo.worker.v1.worker_service_pb2.WorkResponse,
-    ],
-    grpc.aio.StreamStreamMultiCallable[
-        koo.worker.v1.worker_service_pb2.WorkRequest,
-        koo.worker.v1.worker_service_pb2.WorkResponse,
-    ],
-    default=grpc.StreamStreamMultiCallable[
-        koo.worker.v1.worker_service_pb2.WorkRequest,
-        koo.worker.v1.worker_service_pb2.WorkResponse,
-    ],
-)
 
-_WorkerServiceLeaseTaskType = typing_extensions.TypeVar(
-    '_WorkerServiceLeaseTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
-        koo.worker.v1.worker_service_pb2.LeaseTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
-        koo.worker.v1.worker_service_pb2.LeaseTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
-        koo.worker.v1.worker_service_pb2.LeaseTaskResponse,
-    ],
-)
-
-_WorkerServiceHeartbeatTaskType = typing_extensions.TypeVar(
-    '_WorkerServiceHeartbeatTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse,
-    ],
-)
-
-_WorkerServiceReportProgressType = typing_extensions.TypeVar(
-    '_WorkerServiceReportProgressType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ReportProgressRequest,
-        koo.worker.v1.worker_service_pb2.ReportProgressResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ReportProgressRequest,
-        koo.worker.v1.worker_service_pb2.ReportProgressResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ReportProgressRequest,
-        koo.worker.v1.worker_service_pb2.ReportProgressResponse,
-    ],
-)
-
-_WorkerServiceCompleteTaskType = typing_extensions.TypeVar(
-    '_WorkerServiceCompleteTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
-        koo.worker.v1.worker_service_pb2.CompleteTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
-        koo.worker.v1.worker_service_pb2.CompleteTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
-        koo.worker.v1.worker_service_pb2.CompleteTaskResponse,
-    ],
-)
-
-_WorkerServiceFailTaskType = typing_extensions.TypeVar(
-    '_WorkerServiceFailTaskType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.FailTaskRequest,
-        koo.worker.v1.worker_service_pb2.FailTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.FailTaskRequest,
-        koo.worker.v1.worker_service_pb2.FailTaskResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.FailTaskRequest,
-        koo.worker.v1.worker_service_pb2.FailTaskResponse,
-    ],
-)
-
-_WorkerServiceListWorkersType = typing_extensions.TypeVar(
-    '_WorkerServiceListWorkersType',
-    grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ListWorkersRequest,
-        koo.worker.v1.worker_service_pb2.ListWorkersResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ListWorkersRequest,
-        koo.worker.v1.worker_service_pb2.ListWorkersResponse,
-    ],
-    default=grpc.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ListWorkersRequest,
-        koo.worker.v1.worker_service_pb2.ListWorkersResponse,
-    ],
-)
-
-class WorkerServiceStub(typing.Generic[_WorkerServiceWorkType, _WorkerServiceLeaseTaskType, _WorkerServiceHeartbeatTaskType, _WorkerServiceReportProgressType, _WorkerServiceCompleteTaskType, _WorkerServiceFailTaskType, _WorkerServiceListWorkersType]):
+class WorkerServiceStub:
     """WorkerService lets processes outside koo take and run tasks.
 
     Two shapes of the same protocol:
@@ -188,135 +77,39 @@ class WorkerServiceStub(typing.Generic[_WorkerServiceWorkType, _WorkerServiceLea
     call fails with UNAUTHENTICATED.
     """
 
-    @typing.overload
-    def __init__(self: WorkerServiceStub[
-        grpc.StreamStreamMultiCallable[
-            koo.worker.v1.worker_service_pb2.WorkRequest,
-            koo.worker.v1.worker_service_pb2.WorkResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
-            koo.worker.v1.worker_service_pb2.LeaseTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
-            koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.ReportProgressRequest,
-            koo.worker.v1.worker_service_pb2.ReportProgressResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
-            koo.worker.v1.worker_service_pb2.CompleteTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.FailTaskRequest,
-            koo.worker.v1.worker_service_pb2.FailTaskResponse,
-        ],
-        grpc.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.ListWorkersRequest,
-            koo.worker.v1.worker_service_pb2.ListWorkersResponse,
-        ],
-    ], channel: grpc.Channel) -> None: ...
-
-    @typing.overload
-    def __init__(self: WorkerServiceStub[
-        grpc.aio.StreamStreamMultiCallable[
-            koo.worker.v1.worker_service_pb2.WorkRequest,
-            koo.worker.v1.worker_service_pb2.WorkResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
-            koo.worker.v1.worker_service_pb2.LeaseTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
-            koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.ReportProgressRequest,
-            koo.worker.v1.worker_service_pb2.ReportProgressResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
-            koo.worker.v1.worker_service_pb2.CompleteTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.FailTaskRequest,
-            koo.worker.v1.worker_service_pb2.FailTaskResponse,
-        ],
-        grpc.aio.UnaryUnaryMultiCallable[
-            koo.worker.v1.worker_service_pb2.ListWorkersRequest,
-            koo.worker.v1.worker_service_pb2.ListWorkersResponse,
-        ],
-    ], channel: grpc.aio.Channel) -> None: ...
-
-    Work: _WorkerServiceWorkType
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> WorkerServiceAsyncStub: ...
+    Work: _grpc.StreamStreamMultiCallable[_worker_service_pb2.WorkRequest, _worker_service_pb2.WorkResponse]
     """Work opens a worker session. The first message must be `hello`; koo
     answers `welcome`, then pushes `task` messages as work arrives.
     """
-
-    LeaseTask: _WorkerServiceLeaseTaskType
+    LeaseTask: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.LeaseTaskRequest, _worker_service_pb2.LeaseTaskResponse]
     """LeaseTask leases one task the caller serves, waiting up to `wait` for
     one; the response has no task when none came. RESOURCE_EXHAUSTED when
     the caller already holds KOO_MAX_HELD_PER_WORKER tasks in this process.
     """
-
-    HeartbeatTask: _WorkerServiceHeartbeatTaskType
+    HeartbeatTask: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.HeartbeatTaskRequest, _worker_service_pb2.HeartbeatTaskResponse]
     """HeartbeatTask extends a lease, and says whether the task was cancelled
     or passed its soft time limit.
     """
-
-    ReportProgress: _WorkerServiceReportProgressType
+    ReportProgress: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.ReportProgressRequest, _worker_service_pb2.ReportProgressResponse]
     """ReportProgress records progress, visible in WatchTask and GetTask."""
-
-    CompleteTask: _WorkerServiceCompleteTaskType
+    CompleteTask: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.CompleteTaskRequest, _worker_service_pb2.CompleteTaskResponse]
     """CompleteTask ends the attempt with a result: the task SUCCEEDED."""
-
-    FailTask: _WorkerServiceFailTaskType
+    FailTask: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.FailTaskRequest, _worker_service_pb2.FailTaskResponse]
     """FailTask ends the attempt with an error: retried after a backoff when
     retryable and retries remain, FAILED otherwise (CANCELLED when a cancel
     was asked for).
     """
-
-    ListWorkers: _WorkerServiceListWorkersType
+    ListWorkers: _grpc.UnaryUnaryMultiCallable[_worker_service_pb2.ListWorkersRequest, _worker_service_pb2.ListWorkersResponse]
     """ListWorkers lists live workers: built-in pools, connected streams and
     recent unary callers, with what they serve and hold.
     """
 
-WorkerServiceAsyncStub: typing_extensions.TypeAlias = WorkerServiceStub[
-    grpc.aio.StreamStreamMultiCallable[
-        koo.worker.v1.worker_service_pb2.WorkRequest,
-        koo.worker.v1.worker_service_pb2.WorkResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
-        koo.worker.v1.worker_service_pb2.LeaseTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
-        koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ReportProgressRequest,
-        koo.worker.v1.worker_service_pb2.ReportProgressResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
-        koo.worker.v1.worker_service_pb2.CompleteTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.FailTaskRequest,
-        koo.worker.v1.worker_service_pb2.FailTaskResponse,
-    ],
-    grpc.aio.UnaryUnaryMultiCallable[
-        koo.worker.v1.worker_service_pb2.ListWorkersRequest,
-        koo.worker.v1.worker_service_pb2.ListWorkersResponse,
-    ],
-]
-
-class WorkerServiceServicer(metaclass=abc.ABCMeta):
+@_typing.type_check_only
+class WorkerServiceAsyncStub(WorkerServiceStub):
     """WorkerService lets processes outside koo take and run tasks.
 
     Two shapes of the same protocol:
@@ -364,72 +157,148 @@ class WorkerServiceServicer(metaclass=abc.ABCMeta):
     call fails with UNAUTHENTICATED.
     """
 
-    @abc.abstractmethod
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Work: _aio.StreamStreamMultiCallable[_worker_service_pb2.WorkRequest, _worker_service_pb2.WorkResponse]  # type: ignore[assignment]
+    """Work opens a worker session. The first message must be `hello`; koo
+    answers `welcome`, then pushes `task` messages as work arrives.
+    """
+    LeaseTask: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.LeaseTaskRequest, _worker_service_pb2.LeaseTaskResponse]  # type: ignore[assignment]
+    """LeaseTask leases one task the caller serves, waiting up to `wait` for
+    one; the response has no task when none came. RESOURCE_EXHAUSTED when
+    the caller already holds KOO_MAX_HELD_PER_WORKER tasks in this process.
+    """
+    HeartbeatTask: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.HeartbeatTaskRequest, _worker_service_pb2.HeartbeatTaskResponse]  # type: ignore[assignment]
+    """HeartbeatTask extends a lease, and says whether the task was cancelled
+    or passed its soft time limit.
+    """
+    ReportProgress: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.ReportProgressRequest, _worker_service_pb2.ReportProgressResponse]  # type: ignore[assignment]
+    """ReportProgress records progress, visible in WatchTask and GetTask."""
+    CompleteTask: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.CompleteTaskRequest, _worker_service_pb2.CompleteTaskResponse]  # type: ignore[assignment]
+    """CompleteTask ends the attempt with a result: the task SUCCEEDED."""
+    FailTask: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.FailTaskRequest, _worker_service_pb2.FailTaskResponse]  # type: ignore[assignment]
+    """FailTask ends the attempt with an error: retried after a backoff when
+    retryable and retries remain, FAILED otherwise (CANCELLED when a cancel
+    was asked for).
+    """
+    ListWorkers: _aio.UnaryUnaryMultiCallable[_worker_service_pb2.ListWorkersRequest, _worker_service_pb2.ListWorkersResponse]  # type: ignore[assignment]
+    """ListWorkers lists live workers: built-in pools, connected streams and
+    recent unary callers, with what they serve and hold.
+    """
+
+class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
+    """WorkerService lets processes outside koo take and run tasks.
+
+    Two shapes of the same protocol:
+    - `Work`, a bidirectional stream for long-running workers: koo pushes
+      tasks (never more than the concurrency the worker declared),
+      cancellations and soft-time-limit notices; the worker sends heartbeats,
+      progress and outcomes. When the stream ends, every lease it held ends
+      as a lapsed lease does: the attempt counts and the task goes back to
+      its queue (or to a final state when its retries are spent); except a
+      task the worker said nothing about (no progress, complete or fail
+      naming it, no heartbeat since it was pushed) pushed less than one
+      heartbeat interval before the stream vanished: it never started, and
+      goes back with its attempt given back (a few times per task at most).
+      A message koo cannot read ends the stream with a status saying why.
+      Either side may carry several messages in one `batch` (koo only to a
+      worker whose hello set `accept_batches`): a busy worker then spends
+      one message on several tasks, outcomes and replies.
+    - Unary calls (`LeaseTask`, `HeartbeatTask`, `ReportProgress`,
+      `CompleteTask`, `FailTask`), one task at a time, for scripts and for
+      people debugging with grpcurl.
+
+    Every call that reports on a task carries the task's `lease_token`. A
+    report whose lease has lapsed (the task went back to its queue, maybe to
+    another worker) is refused with ABORTED: the new holder owns the outcome.
+
+    Lease secrets: every lease also comes with a `lease_secret` (128 bits,
+    base64url), unguessable where the lease token is not. A report that
+    carries a secret must carry its lease's, else PERMISSION_DENIED. A stream
+    report on a task its own stream holds needs none. Any other report (the
+    unary calls, or a stream report on a task the stream does not hold)
+    without a secret is refused with PERMISSION_DENIED when koo requires
+    secrets (KOO_LEASE_SECRETS=required, the default when authentication is
+    configured), or when a Work stream holds the task; otherwise it is
+    accepted, so that older unary scripts keep working. Worker ids of the
+    shape `name/<12 hex digits>` are reserved for Work streams. A report on
+    a lapsed lease is ABORTED whatever it carries.
+
+    Each worker (an authenticated principal, else a connection) holds at most
+    KOO_MAX_HELD_PER_WORKER tasks at once in one koo process (a key may set
+    its own bound): a stream is pushed no more than its worker's remaining
+    room, and LeaseTask at the bound fails with RESOURCE_EXHAUSTED.
+
+    When koo runs with KOO_WORKER_TOKEN set, every call needs the metadata
+    `authorization: Bearer <token>`; without it, or with another token, the
+    call fails with UNAUTHENTICATED.
+    """
+
+    @_abc_1.abstractmethod
     def Work(
         self,
-        request_iterator: _MaybeAsyncIterator[koo.worker.v1.worker_service_pb2.WorkRequest],
+        request_iterator: _MaybeAsyncIterator[_worker_service_pb2.WorkRequest],
         context: _ServicerContext,
-    ) -> typing.Union[collections.abc.Iterator[koo.worker.v1.worker_service_pb2.WorkResponse], collections.abc.AsyncIterator[koo.worker.v1.worker_service_pb2.WorkResponse]]:
+    ) -> _typing.Union[_abc.Iterator[_worker_service_pb2.WorkResponse], _abc.AsyncIterator[_worker_service_pb2.WorkResponse]]:
         """Work opens a worker session. The first message must be `hello`; koo
         answers `welcome`, then pushes `task` messages as work arrives.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def LeaseTask(
         self,
-        request: koo.worker.v1.worker_service_pb2.LeaseTaskRequest,
+        request: _worker_service_pb2.LeaseTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.worker.v1.worker_service_pb2.LeaseTaskResponse, collections.abc.Awaitable[koo.worker.v1.worker_service_pb2.LeaseTaskResponse]]:
+    ) -> _typing.Union[_worker_service_pb2.LeaseTaskResponse, _abc.Awaitable[_worker_service_pb2.LeaseTaskResponse]]:
         """LeaseTask leases one task the caller serves, waiting up to `wait` for
         one; the response has no task when none came. RESOURCE_EXHAUSTED when
         the caller already holds KOO_MAX_HELD_PER_WORKER tasks in this process.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def HeartbeatTask(
         self,
-        request: koo.worker.v1.worker_service_pb2.HeartbeatTaskRequest,
+        request: _worker_service_pb2.HeartbeatTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse, collections.abc.Awaitable[koo.worker.v1.worker_service_pb2.HeartbeatTaskResponse]]:
+    ) -> _typing.Union[_worker_service_pb2.HeartbeatTaskResponse, _abc.Awaitable[_worker_service_pb2.HeartbeatTaskResponse]]:
         """HeartbeatTask extends a lease, and says whether the task was cancelled
         or passed its soft time limit.
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ReportProgress(
         self,
-        request: koo.worker.v1.worker_service_pb2.ReportProgressRequest,
+        request: _worker_service_pb2.ReportProgressRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.worker.v1.worker_service_pb2.ReportProgressResponse, collections.abc.Awaitable[koo.worker.v1.worker_service_pb2.ReportProgressResponse]]:
+    ) -> _typing.Union[_worker_service_pb2.ReportProgressResponse, _abc.Awaitable[_worker_service_pb2.ReportProgressResponse]]:
         """ReportProgress records progress, visible in WatchTask and GetTask."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def CompleteTask(
         self,
-        request: koo.worker.v1.worker_service_pb2.CompleteTaskRequest,
+        request: _worker_service_pb2.CompleteTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.worker.v1.worker_service_pb2.CompleteTaskResponse, collections.abc.Awaitable[koo.worker.v1.worker_service_pb2.CompleteTaskResponse]]:
+    ) -> _typing.Union[_worker_service_pb2.CompleteTaskResponse, _abc.Awaitable[_worker_service_pb2.CompleteTaskResponse]]:
         """CompleteTask ends the attempt with a result: the task SUCCEEDED."""
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def FailTask(
         self,
-        request: koo.worker.v1.worker_service_pb2.FailTaskRequest,
+        request: _worker_service_pb2.FailTaskRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.worker.v1.worker_service_pb2.FailTaskResponse, collections.abc.Awaitable[koo.worker.v1.worker_service_pb2.FailTaskResponse]]:
+    ) -> _typing.Union[_worker_service_pb2.FailTaskResponse, _abc.Awaitable[_worker_service_pb2.FailTaskResponse]]:
         """FailTask ends the attempt with an error: retried after a backoff when
         retryable and retries remain, FAILED otherwise (CANCELLED when a cancel
         was asked for).
         """
 
-    @abc.abstractmethod
+    @_abc_1.abstractmethod
     def ListWorkers(
         self,
-        request: koo.worker.v1.worker_service_pb2.ListWorkersRequest,
+        request: _worker_service_pb2.ListWorkersRequest,
         context: _ServicerContext,
-    ) -> typing.Union[koo.worker.v1.worker_service_pb2.ListWorkersResponse, collections.abc.Awaitable[koo.worker.v1.worker_service_pb2.ListWorkersResponse]]:
+    ) -> _typing.Union[_worker_service_pb2.ListWorkersResponse, _abc.Awaitable[_worker_service_pb2.ListWorkersResponse]]:
         """ListWorkers lists live workers: built-in pools, connected streams and
         recent unary callers, with what they serve and hold.
         """
 
-def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
+def add_WorkerServiceServicer_to_server(servicer: WorkerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
