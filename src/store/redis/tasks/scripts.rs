@@ -370,7 +370,7 @@ mod tests {
         let text = TaskScripts::new().finish_lease.text().to_owned();
         assert!(text.contains("local K_ready = KEYS[10]"), "{text}");
         assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
-        assert!(text.contains("local ARGN = 17"), "{text}");
+        assert!(text.contains("local ARGN = 20"), "{text}");
         assert!(text.contains("local function finish()"));
         assert!(text.contains("local function lease()"));
     }

@@ -1293,7 +1293,8 @@ class SubmitTaskRequest(_message.Message):
     task starts only when the key's rate limit (`keys/<key>`, else
     `keys/*`) has a token, and not while a worker's FailTask back-off
     (`key_retry_after`) holds the key. Without a limit or back-off for it,
-    it changes nothing.
+    it changes nothing but the order: a queue serves its keys' tasks in
+    turn (see concurrency_key, which takes precedence as the turn's key).
     """
     concurrency_key: _builtins.str
     """Concurrency key (1 to 256 bytes), e.g. a tenant or a document: at most
