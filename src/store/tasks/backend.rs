@@ -71,8 +71,9 @@
 //!   back-off frees, `None` when only caps held. Past a cap, C's policy:
 //!   `wait` holds; `cancel_newest` ends the candidate CANCELLED (error
 //!   `cancelled: concurrency cap of C reached`; "Ending" as never run;
-//!   counts `Cancelled`; event `cancelled`; its dependents are released as
-//!   an expired task's are) and the scan goes on; `cancel_oldest` asks C's
+//!   counts `Cancelled`; event `cancelled`; counted against the scan with
+//!   the held ones) and the scan goes on — but a candidate other tasks
+//!   wait on waits instead, as under `wait`; `cancel_oldest` asks C's
 //!   longest-running task to cancel (as **cancel** does for a running task,
 //!   once; reason `concurrency cap of C: superseded by <id>`) and holds.
 //!   The running set loses a task at every end of its attempt: **finish**
@@ -80,8 +81,10 @@
 //! - **Fair order**: a task with a fair key C (its `concurrency_key`, else
 //!   its `rate_limit_key`) enters `ready`
 //!   scored `band * BAND_WIDTH + vt` instead of its submit time, where
-//!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue), and the
-//!   queue's `clock` is the `vt` of the last keyed task leased from it (set
+//!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue and priority
+//!   band: a high-priority task's turn must not move the normal band's
+//!   clock), and the band's `clock` is the `vt` of the last keyed task of
+//!   the band leased from it (set
 //!   to now by the first keyed task to enter, so that keys arriving later
 //!   start level with the first; it never moves back): each key's tasks
 //!   take turns (start-time fair queuing), so within a priority the keys

@@ -43,13 +43,15 @@ pub(super) struct Flow {
     pub(super) fair: HashMap<QueueName, Fair>,
 }
 
-/// One queue's fair order (start-time fair queuing over its keys).
+/// One queue's fair order (start-time fair queuing over its keys), per
+/// priority band: a high-priority task's turn must not move the clock of
+/// the normal band (new keys there would wait behind every backlog).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(super) struct Fair {
-    /// The turn (`vt`) of the last keyed task leased; `None` until one was
-    /// (then a turn is drawn from now).
-    pub(super) clock: Option<i64>,
-    /// The last turn each key drew.
+    /// Per band: the latest turn (`vt`) of a keyed task leased, started at
+    /// now by the band's first keyed task.
+    pub(super) clock: BTreeMap<u64, i64>,
+    /// The last turn each key drew, by `<band>:<key>`.
     pub(super) last: HashMap<String, i64>,
 }
 
@@ -124,12 +126,16 @@ impl Flow {
         let Some(fair) = self.fair.get_mut(queue) else {
             return band + now;
         };
-        let base = fair.clock.unwrap_or(now);
+        // the band's clock starts at its first keyed task's entry (so that
+        // keys arriving later start level with it)
+        let b = e.task.priority.band();
+        let base = *fair.clock.entry(b).or_insert(now);
+        let lane = format!("{b}:{key}");
         let vt = fair
             .last
-            .get(key)
+            .get(&lane)
             .map_or(base, |last| last.saturating_add(1).max(base));
-        fair.last.insert(key.to_owned(), vt);
+        fair.last.insert(lane, vt);
         e.vt = Some(vt);
         band + vt
     }
@@ -178,7 +184,10 @@ impl Flow {
                 .insert(task.id.to_string(), now);
         }
         if let (Some(_), Some(vt)) = (fair_key(task), vt) {
-            self.fair.entry(queue.clone()).or_default().clock = Some(vt);
+            // it never moves back (a released task keeps its old turn)
+            let fair = self.fair.entry(queue.clone()).or_default();
+            let clock = fair.clock.entry(task.priority.band()).or_insert(vt);
+            *clock = (*clock).max(vt);
         }
     }
 
@@ -204,8 +213,12 @@ impl Flow {
         self.buckets.retain(|_, tat| *tat > now_us);
         self.backoffs.retain(|_, until| *until > now);
         if let Some(fair) = self.fair.get_mut(queue) {
-            let base = fair.clock.unwrap_or(now);
-            fair.last.retain(|_, last| *last >= base);
+            let clocks = &fair.clock;
+            fair.last.retain(|lane, last| {
+                let band = lane.split(':').next().and_then(|b| b.parse().ok());
+                band.and_then(|b| clocks.get(&b))
+                    .is_none_or(|c| *last >= *c)
+            });
         }
     }
 
@@ -396,6 +409,11 @@ impl Tasks {
         }
         match cap.policy {
             Policy::Wait => call.hold(scope, None),
+            // a task others wait on waits instead (as on Redis, where its
+            // dependents could not be released in the lease)
+            Policy::CancelNewest if self.dependents.contains_key(task.id.as_str()) => {
+                call.hold(scope, None)
+            }
             Policy::CancelNewest => {
                 call.capped.push((task.id.to_string(), key.to_owned()));
                 Verdict::Cancel
@@ -496,10 +514,10 @@ impl FlowImage {
 /// One queue's saved fair order.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FairImage {
-    /// The turn of the last keyed task leased.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub clock: Option<i64>,
-    /// Each key's last turn.
+    /// Per band: its clock.
+    #[serde(default)]
+    pub clock: BTreeMap<u64, i64>,
+    /// Each key's last turn, by `<band>:<key>`.
     #[serde(default)]
     pub last: BTreeMap<String, i64>,
 }
@@ -532,7 +550,7 @@ impl Flow {
                 .iter()
                 .map(|(q, fair)| {
                     let last = fair.last.iter().map(|(k, v)| (k.clone(), *v)).collect();
-                    let clock = fair.clock;
+                    let clock = fair.clock.clone();
                     (q.to_string(), FairImage { clock, last })
                 })
                 .collect(),

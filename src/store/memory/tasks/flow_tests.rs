@@ -319,22 +319,36 @@ async fn a_cap_waits() {
     assert_eq!(fx.lease().await, Leased::Empty);
 }
 
-/// A cap with `cancel_newest`: a task that finds the cap reached ends
-/// CANCELLED as never run, with the cap's reason, and its dependents are
-/// released (cancelled) as an expired task's are.
+/// A cap with `cancel_newest`: a task that finds the cap reached and that
+/// others wait on waits (its dependents could not be released by a lease
+/// on Redis); one that none waits on ends CANCELLED as never run, with the
+/// cap's reason.
 #[tokio::test]
 async fn a_cap_cancels_the_newest() {
     let fx = Fx::new();
     fx.set(cap("doc", 1, Policy::CancelNewest)).await;
-    fx.submit("n", None, Some("doc")).await;
-    let late = fx.submit("n", None, Some("doc")).await;
+    let first = fx.submit("n", None, Some("doc")).await;
+    let waited_on = fx.submit("n", None, Some("doc")).await;
     let dependent = task(&fx.q, "d", None, None, Priority::Normal);
-    fx.m.depend_on(&late, &dependent.id, dl()).await.unwrap();
-    let waiting = std::slice::from_ref(&late);
+    fx.m.depend_on(&waited_on, &dependent.id, dl())
+        .await
+        .unwrap();
+    let waiting = std::slice::from_ref(&waited_on);
     fx.m.submit_pending(&dependent, waiting, flow_limits(), dl())
         .await
         .unwrap();
-    fx.leased().await;
+    let running = fx.leased().await;
+    assert_eq!(running.id, first);
+    assert_eq!(fx.lease().await, Leased::Held(None));
+    assert_eq!(fx.get(&waited_on).await.state, State::Queued);
+    // once it runs, a newcomer no task waits on is cancelled
+    let token = running.token;
+    let ok = Outcome::Succeeded("1".into());
+    fx.m.finish(&first, token, &ok, "{}", flow_limits(), dl())
+        .await
+        .unwrap();
+    assert_eq!(fx.leased().await.id, waited_on);
+    let late = fx.submit("n", None, Some("doc")).await;
     assert_eq!(fx.lease().await, Leased::Empty);
     let ended = fx.get(&late).await;
     assert_eq!((ended.state, ended.attempts), (State::Cancelled, 0));
@@ -343,9 +357,6 @@ async fn a_cap_cancels_the_newest() {
         error.contains("cancelled: concurrency cap of doc reached"),
         "{error}"
     );
-    assert_eq!(fx.get(&dependent.id).await.state, State::Cancelled);
-    let stats = fx.m.queue_stats(&fx.q, dl()).await.unwrap();
-    assert_eq!(stats.ready, 0);
 }
 
 /// A cap with `cancel_oldest`: the key's longest-running task is asked to
@@ -451,11 +462,12 @@ async fn keys_are_served_round_robin_with_priorities_first() {
     let rest = round(2).await;
     assert_eq!(rest.len(), 2);
     // D, submitted a minute later, draws its first turn at the clock (the
-    // turn last served), not at now: next, before A's backlog
+    // latest turn served), not at now: within the next two (the third key
+    // of that turn may go first: it is older), before A's backlog
     fx.advance_ms(60_000);
     let late = fx.submit("n", None, Some("D")).await;
-    assert_eq!(fx.leased().await.id, late);
-    fx.leased().await;
+    let next = [fx.leased().await.id, fx.leased().await.id];
+    assert!(next.contains(&late), "{next:?}");
     // a rate-limit key is the fair key of a task without a concurrency key
     let r = task(&fx.q, "n", Some("R"), None, Priority::Normal);
     fx.m.submit(&r, Duration::ZERO, flow_limits(), dl())

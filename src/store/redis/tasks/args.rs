@@ -64,13 +64,20 @@ pub(super) fn finish_args(
         .arg("dead_ttl_ms", millis(limits.dead_ttl));
 }
 
-/// What lease.lua returns: the leased task's hash, nothing (nil), or the
-/// time limits hold the queue until (an integer: ms, or 0 when only
+/// What lease.lua returns: the leased task's hash, nothing (nil), or how
+/// long limits hold the queue (an integer: ms from now, or 0 when only
 /// concurrency caps hold it).
-pub(super) fn leased(reply: redis::Value) -> Result<Leased> {
+/// `sent_ms`: when the call was sent, on this process's clock: the wait
+/// counts from then (the script ran after it), so that the reply's own
+/// latency does not make a worker late for a token.
+pub(super) fn leased(reply: redis::Value, sent_ms: i64) -> Result<Leased> {
     match reply {
         redis::Value::Nil => Ok(Leased::Empty),
-        redis::Value::Int(at) => Ok(Leased::Held((at > 0).then_some(at))),
+        // a wait from the script's now: on this process's clock, so that a
+        // skew between it and Redis's cannot make a worker spin or oversleep
+        redis::Value::Int(wait) => Ok(Leased::Held(
+            (wait > 0).then(|| sent_ms.saturating_add(wait)),
+        )),
         other => {
             let fields: HashMap<String, String> = redis::FromRedisValue::from_redis_value(other)
                 .map_err(|e| StoreError::Backend(format!("a leased task's hash: {e}")))?;

@@ -221,7 +221,11 @@ impl TaskBackend for RedisTasks {
             names,
         };
         lease_args(&mut call, (&self.flow_base, queue), &keys, &ask, limits);
-        leased(self.store.invoke_once(call.done(), deadline).await?)
+        let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
+        leased(
+            self.store.invoke_once(call.done(), deadline).await?,
+            sent_ms,
+        )
     }
 
     async fn set_limit(&self, limit: &Limit, deadline: Deadline) -> Result<()> {
@@ -504,12 +508,13 @@ impl TaskBackend for RedisTasks {
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
         lease_args(&mut call, (&self.flow_base, &queue), &keys, next, limits);
+        let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         let (reply, fields): (Option<Vec<String>>, redis::Value) =
             self.store.invoke_once(call.done(), deadline).await?;
         let Some(ended) = reply.and_then(|r| self.ended(&queue, &r)) else {
             return Ok(None);
         };
-        Ok(Some((ended, leased(fields)?)))
+        Ok(Some((ended, leased(fields, sent_ms)?)))
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

@@ -1,7 +1,8 @@
 -- Lease (see TaskBackend::lease_or_hold). Returns the task hash as a flat
 -- list; false when nothing waits; or, when limits hold every candidate
--- looked at, an integer: the earliest time (ms) a held rate limit or
--- back-off frees, 0 when only concurrency caps held. KEYS and ARGV:
+-- looked at, an integer: how long from now (ms, at least 1) until the
+-- first held rate limit or back-off frees, 0 when only concurrency caps
+-- held. KEYS and ARGV:
 -- declared in scripts.rs (LEASE); after the declared ARGV, the task names
 -- served ('*' = all).
 local prefix = A_prefix
@@ -83,7 +84,7 @@ local function make_flow()
   -- cancel_oldest: the key's longest-running task is asked to cancel (as
   -- cancel.lua asks a running task), unless one of them already was.
   local function ask_oldest(cc, ckey, newcomer)
-    local running = redis.call('ZRANGE', cc, 0, -1)
+    local running = redis.call('ZRANGE', cc, 0, 99)
     for _, member in ipairs(running) do
       if redis.call('HEXISTS', member, 'cancel') == 1 then return end
     end
@@ -97,6 +98,7 @@ local function make_flow()
   end
   -- Concurrency key `ckey`'s verdict for candidate `id`: 'go', 'hold' or
   -- 'cancel' (cancel_newest), and the key's running set.
+  local repaired = {}
   local function cap(ckey, id)
     local cc = fb .. 'cc:' .. ckey
     if held['c:' .. ckey] then return 'hold', cc end
@@ -106,12 +108,20 @@ local function make_flow()
     max = tonumber(max)
     if redis.call('ZCARD', cc) >= max then
       -- at the cap: first drop entries of tasks that no longer run under the
-      -- key (a repair; every end of an attempt removes its own)
-      for _, member in ipairs(redis.call('ZRANGE', cc, 0, -1)) do
-        if redis.call('HGET', member, 'cc') ~= cc then redis.call('ZREM', cc, member) end
+      -- key (a repair, of the 100 oldest, once per key per call; every end
+      -- of an attempt removes its own)
+      if not repaired[cc] then
+        repaired[cc] = true
+        for _, member in ipairs(redis.call('ZRANGE', cc, 0, 99)) do
+          if redis.call('HGET', member, 'cc') ~= cc then redis.call('ZREM', cc, member) end
+        end
       end
       if redis.call('ZCARD', cc) >= max then
-        if policy == 'cancel_newest' then return 'cancel', cc end
+        -- a task others wait on waits instead: its dependents could not be
+        -- released here (the lease's reply cannot name them)
+        if policy == 'cancel_newest' and redis.call('EXISTS', prefix .. id .. ':dependents') == 0 then
+          return 'cancel', cc
+        end
         if policy == 'cancel_oldest' then ask_oldest(cc, ckey, id) end
         hold('c:' .. ckey, nil)
         return 'hold', cc
@@ -124,9 +134,12 @@ local function make_flow()
     backed_off = backed_off,
     cap = cap,
     -- what the call returns when it leased nothing: held until, or nil
+    -- (the wait from now, at least 1 ms: the caller's clock may differ
+    -- from this one; 0 when only caps hold)
     held = function()
-      if held_any then return held_until or 0 end
-      return nil
+      if not held_any then return nil end
+      if not held_until then return 0 end
+      return math.max(held_until - now, 1)
     end,
     -- the writes of an admitted candidate's buckets
     apply = function(writes)
@@ -220,6 +233,9 @@ while true do
       end_unrun(key, id, name, 'cancelled: concurrency cap of ' .. ckey .. ' reached', K_history,
         K_history_data, K_dead, K_stats, K_events, A_history_cap, A_events_cap)
       from = from - 1
+      -- counted with the held ones: past 100, each takes a place
+      held_seen = held_seen + 1
+      if held_seen > 100 then limit = limit - 1 end
     else
       if writes then F.apply(writes) end
       redis.call('ZREM', K_ready, id)
@@ -230,9 +246,11 @@ while true do
       if rkey or ckey then
         -- the queue's fair clock moves to this task's turn
         local fair = fair_hash(K_ready)
-        local vt, clock = redis.call('HGET', key, 'vt'), redis.call('HGET', fair, 'clock')
+        local vt, band = unpack(redis.call('HMGET', key, 'vt', 'band'))
+        local field = 'clock:' .. (band or '2')
+        local clock = redis.call('HGET', fair, field)
         if vt and (not clock or tonumber(vt) > tonumber(clock)) then
-          redis.call('HSET', fair, 'clock', vt)
+          redis.call('HSET', fair, field, vt)
         end
       end
       -- started: a later submit with its debounce key makes a new task

@@ -9,8 +9,9 @@ local function ready_score(band, at)
 end
 
 -- The fair-order hash of the queue whose ready set is `ready` (beside it,
--- in the queue's slot): 'clock', 'k:<key>' -> the key's last turn, and
--- the trimming sweep's 'cursor' (recover.lua).
+-- in the queue's slot), per priority band (a high-priority task's turn
+-- must not move the normal band's clock): 'clock:<band>', 'k:<band>:<key>'
+-- -> the key's last turn, and the trimming sweep's 'cursor' (recover.lua).
 local function fair_hash(ready)
   return string.sub(ready, 1, #ready - 5) .. 'fair'
 end
@@ -24,14 +25,16 @@ end
 local function enter_score(ready, key, band, at, fkey)
   if not fkey then return ready_score(band, at) end
   local fair = fair_hash(ready)
-  local clock, last = unpack(redis.call('HMGET', fair, 'clock', 'k:' .. fkey))
+  local b = band or '2'
+  local lane = 'k:' .. b .. ':' .. fkey
+  local clock, last = unpack(redis.call('HMGET', fair, 'clock:' .. b, lane))
   if not clock then
     clock = now
-    redis.call('HSET', fair, 'clock', string.format('%d', now))
+    redis.call('HSET', fair, 'clock:' .. b, string.format('%d', now))
   end
   local vt = tonumber(clock)
   if last and tonumber(last) + 1 > vt then vt = tonumber(last) + 1 end
-  redis.call('HSET', fair, 'k:' .. fkey, string.format('%d', vt))
+  redis.call('HSET', fair, lane, string.format('%d', vt))
   redis.call('HSET', key, 'vt', string.format('%d', vt))
   return ready_score(band, vt)
 end

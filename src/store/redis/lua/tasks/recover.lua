@@ -77,13 +77,14 @@ end
 -- does not grow the hash for ever
 local fair = fair_hash(K_ready)
 if redis.call('HLEN', fair) > 1000 then
-  local clock = tonumber(redis.call('HGET', fair, 'clock') or '0')
+  local clocks = {}
   local slice = redis.call('HSCAN', fair, redis.call('HGET', fair, 'cursor') or '0', 'COUNT', 500)
   local entries = slice[2]
   for j = 1, #entries, 2 do
-    local field = entries[j]
-    if string.sub(field, 1, 2) == 'k:' and tonumber(entries[j + 1]) < clock then
-      redis.call('HDEL', fair, field)
+    local b = string.match(entries[j], '^k:(%d+):')
+    if b then
+      if clocks[b] == nil then clocks[b] = tonumber(redis.call('HGET', fair, 'clock:' .. b) or '0') end
+      if tonumber(entries[j + 1]) < clocks[b] then redis.call('HDEL', fair, entries[j]) end
     end
   end
   redis.call('HSET', fair, 'cursor', slice[1])
