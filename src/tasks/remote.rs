@@ -559,6 +559,30 @@ pub async fn fail(
     finish_leased(engine, None, id, token, ending, proof, deadline).await
 }
 
+/// The presence record of unary worker `worker`.
+fn unary_record(worker: &str, routing: &Routing) -> WorkerRecord {
+    WorkerRecord {
+        id: format!("unary:{worker}"),
+        slots: 1,
+        running: 0,
+        queues: routing.queues.iter().map(|q| q.to_string()).collect(),
+        names: routing.names(),
+        started_ms: crate::store::unix_millis(SystemTime::now()),
+        seen_ms: crate::store::unix_millis(SystemTime::now()),
+        kind: "unary".to_owned(),
+        name: worker.to_owned(),
+        held: Vec::new(),
+        peer: String::new(),
+    }
+}
+
+/// How long from now until `at_ms` (ms since the epoch), at least a
+/// millisecond: a held queue's token frees then.
+fn time_until(at_ms: i64) -> Duration {
+    let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
+    Duration::from_millis(at_ms.saturating_sub(now_ms).max(1) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -668,28 +692,4 @@ mod tests {
             }
         }
     }
-}
-
-/// The presence record of unary worker `worker`.
-fn unary_record(worker: &str, routing: &Routing) -> WorkerRecord {
-    WorkerRecord {
-        id: format!("unary:{worker}"),
-        slots: 1,
-        running: 0,
-        queues: routing.queues.iter().map(|q| q.to_string()).collect(),
-        names: routing.names(),
-        started_ms: crate::store::unix_millis(SystemTime::now()),
-        seen_ms: crate::store::unix_millis(SystemTime::now()),
-        kind: "unary".to_owned(),
-        name: worker.to_owned(),
-        held: Vec::new(),
-        peer: String::new(),
-    }
-}
-
-/// How long from now until `at_ms` (ms since the epoch), at least a
-/// millisecond: a held queue's token frees then.
-fn time_until(at_ms: i64) -> Duration {
-    let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
-    Duration::from_millis(at_ms.saturating_sub(now_ms).max(1) as u64)
 }
