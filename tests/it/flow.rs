@@ -472,9 +472,15 @@ async fn run_rate_limit(
     let mut c = cluster.tasks(0);
     let stored = set_rate_limit(cluster, "keys/p", rate, 1000, burst).await;
     assert_eq!((stored.limit, stored.burst), (rate, burst), "{stored:?}");
-    let (ext, ran) = external_worker(cluster, &[NOOP]);
+    let (ext, ran) = external_worker(cluster, &[NOOP, EXT]);
+    // every tenth task is one only the external worker serves, so that it
+    // runs some whoever wins the races for tokens; the key's limit holds
+    // across both names
     let reqs = (0..n)
-        .map(|i| keyed(NOOP, "p", "", serde_json::json!({ "i": i })))
+        .map(|i| {
+            let name = if i % 10 == 0 { EXT } else { NOOP };
+            keyed(name, "p", "", serde_json::json!({ "i": i }))
+        })
         .collect();
     let submitted = submit_all(cluster, reqs).await;
     assert_eq!(submitted.len(), n);
@@ -484,7 +490,8 @@ async fn run_rate_limit(
     let margin_ms = 300;
     let until = tokio::time::Instant::now() + Duration::from_secs(window_s as u64 + 30);
     let starts = loop {
-        let starts = history_starts(&mut c, NOOP).await;
+        let mut starts = history_starts(&mut c, NOOP).await;
+        starts.extend(history_starts(&mut c, EXT).await);
         if let Some(first) = starts.values().min()
             && starts.values().any(|&s| s >= first + window_ms + margin_ms)
         {
