@@ -15,7 +15,7 @@ use koo::domain::flow::{ConcurrencyLimit, Limit, Policy, RateLimit, Scope, Sourc
 use koo::domain::task::{Priority, QueueName, State, Task};
 use koo::store::clock::Clock;
 use koo::store::tasks::{Beat, Leased, TaskLimits, TaskStore};
-use koo::store::{Deadline, RedisConfig, RedisStore};
+use koo::store::Deadline;
 
 fn later() -> Deadline {
     Deadline::after(Duration::from_secs(5))
@@ -30,19 +30,15 @@ struct Fixture {
 
 impl Fixture {
     async fn redis() -> Self {
-        let redis = TestRedis::start().await;
-        let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
-        let clock = Clock::system();
-        let tasks = TaskStore::redis_with_clock(store, "koo", clock.clone());
-        Self::on(Some(redis), tasks, clock)
+        Self::on(common::tasks::Backend::Redis).await
     }
 
     async fn memory() -> Self {
-        let clock = Clock::system();
-        Self::on(None, TaskStore::memory_with_clock(clock.clone()), clock)
+        Self::on(common::tasks::Backend::Memory).await
     }
 
-    fn on(redis: Option<TestRedis>, store: TaskStore, clock: Clock) -> Self {
+    async fn on(backend: common::tasks::Backend) -> Self {
+        let (redis, store, clock) = common::tasks::clocked_store(backend).await;
         Fixture {
             _redis: redis,
             store,

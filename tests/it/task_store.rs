@@ -14,7 +14,7 @@ use koo::domain::task::{Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
 use koo::store::clock::Clock;
 use koo::store::tasks::{Beat, LeaseAsk, TaskLimits, TaskStore};
-use koo::store::{Deadline, RedisConfig, RedisStore};
+use koo::store::Deadline;
 use redis::AsyncCommands;
 
 fn later() -> Deadline {
@@ -34,16 +34,15 @@ struct Fixture {
 
 impl Fixture {
     async fn redis() -> Self {
-        let redis = TestRedis::start().await;
-        let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
-        let clock = Clock::system();
-        let tasks = TaskStore::redis_with_clock(store, "koo", clock.clone());
-        Self::on(Some(redis), tasks, clock)
+        let (redis, store, clock) =
+            common::tasks::clocked_store(common::tasks::Backend::Redis).await;
+        Self::on(redis, store, clock)
     }
 
     async fn memory() -> Self {
-        let clock = Clock::system();
-        Self::on(None, TaskStore::memory_with_clock(clock.clone()), clock)
+        let (redis, store, clock) =
+            common::tasks::clocked_store(common::tasks::Backend::Memory).await;
+        Self::on(redis, store, clock)
     }
 
     fn on(redis: Option<TestRedis>, store: TaskStore, clock: Clock) -> Self {

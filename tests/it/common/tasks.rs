@@ -22,6 +22,31 @@ pub enum Backend {
     Redis,
 }
 
+/// A task store on `backend` with a clock the test can move (leases lapse
+/// and tokens free without waiting), for the store-level suites
+/// (`task_store`, `flow_store`): the Redis under it (kept as long as the
+/// store), the store, and its clock.
+pub async fn clocked_store(
+    backend: Backend,
+) -> (
+    Option<TestRedis>,
+    koo::store::tasks::TaskStore,
+    koo::store::clock::Clock,
+) {
+    use koo::store::tasks::TaskStore;
+    let clock = koo::store::clock::Clock::system();
+    match backend {
+        Backend::Memory => (None, TaskStore::memory_with_clock(clock.clone()), clock),
+        Backend::Redis => {
+            let redis = TestRedis::start().await;
+            let config = koo::store::RedisConfig::new(redis.url());
+            let store = koo::store::RedisStore::connect(&config).unwrap();
+            let tasks = TaskStore::redis_with_clock(store, "koo", clock.clone());
+            (Some(redis), tasks, clock)
+        }
+    }
+}
+
 /// A koo server and, on Redis, its Redis.
 pub struct Koo {
     pub redis: Option<TestRedis>,
