@@ -13,9 +13,9 @@ use common::TestRedis;
 use koo::domain::Outcome;
 use koo::domain::flow::{ConcurrencyLimit, Limit, Policy, RateLimit, Scope, Source};
 use koo::domain::task::{Priority, QueueName, State, Task};
+use koo::store::Deadline;
 use koo::store::clock::Clock;
 use koo::store::tasks::{Beat, Leased, TaskLimits, TaskStore};
-use koo::store::Deadline;
 
 fn later() -> Deadline {
     Deadline::after(Duration::from_secs(5))

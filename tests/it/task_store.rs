@@ -12,9 +12,9 @@ use common::TestRedis;
 use koo::domain::Outcome;
 use koo::domain::task::{Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
+use koo::store::Deadline;
 use koo::store::clock::Clock;
 use koo::store::tasks::{Beat, LeaseAsk, TaskLimits, TaskStore};
-use koo::store::Deadline;
 use redis::AsyncCommands;
 
 fn later() -> Deadline {
