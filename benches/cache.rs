@@ -406,6 +406,7 @@ async fn one_op(conn: &mut Conn, op: Op, key: String, value: &Bytes) -> Result<O
                 key,
                 value: Some(raw_value(value)),
                 ttl: Some(ttl_proto()),
+                ..Default::default()
             };
             client.set(request).await.map_err(|s| s.to_string())?;
             Ok(Outcome::Ok)
@@ -627,6 +628,7 @@ async fn preload(endpoints: &Endpoints, target: Target, value: &Bytes, tasks: us
                             key: format!("bench:{task}:{i}"),
                             value: Some(raw_value(value)),
                             ttl: Some(ttl_proto()),
+                            ..Default::default()
                         })
                         .collect();
                     async move { client.set_many(SetManyRequest { entries }).await }
@@ -673,6 +675,7 @@ async fn check_koo(endpoints: &Endpoints) -> Result<()> {
                     key: key.clone(),
                     value: Some(raw_value(&value)),
                     ttl: Some(ttl_proto()),
+                    ..Default::default()
                 })
                 .await?;
             let reply = client

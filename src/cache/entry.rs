@@ -16,6 +16,10 @@ pub struct NewEntry {
     pub value: Value,
     /// Its TTL; `None` means the level's default.
     pub ttl: Option<Duration>,
+    /// Its tags, for `InvalidateTags` (validated by the cache).
+    pub tags: Vec<String>,
+    /// Its soft TTL (stale-while-revalidate); `None` means none.
+    pub soft_ttl: Option<Duration>,
 }
 
 /// A value read from the cache.
@@ -32,6 +36,12 @@ pub struct Hit {
     pub stored_size: u64,
     /// Whether it is stored compressed.
     pub compressed: bool,
+    /// The tags it was set with.
+    pub tags: Vec<String>,
+    /// Whether it is past its soft TTL.
+    pub stale: bool,
+    /// Time left before it turns stale (`None`: no soft TTL, or stale).
+    pub soft_ttl: Option<Duration>,
 }
 
 /// What a write stored.

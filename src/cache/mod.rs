@@ -187,6 +187,9 @@ impl Cache {
             ttl: entry.ttl,
             stored_size,
             compressed: decoded.compressed,
+            tags: Vec::new(),
+            stale: false,
+            soft_ttl: None,
         })
     }
 

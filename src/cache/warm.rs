@@ -108,6 +108,8 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
         key,
         value: line_value(&mut obj)?,
         ttl,
+        tags: Vec::new(),
+        soft_ttl: None,
     }))
 }
 
@@ -292,6 +294,8 @@ mod tests {
                 key: "k:1".into(),
                 value,
                 ttl: Some(Duration::from_millis(1500)),
+                tags: Vec::new(),
+                soft_ttl: None,
             };
             assert_eq!(entry(&to_line(&e).to_string()), e);
         }

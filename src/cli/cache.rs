@@ -113,6 +113,8 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
                 key,
                 value: Some(pb::CacheValue { kind: Some(kind) }),
                 ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+                tags: Vec::new(),
+                soft_ttl: None,
             };
             let reply = client
                 .set(conn.unary(request))

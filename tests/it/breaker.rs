@@ -34,6 +34,7 @@ fn set_req(key: &str, text: &str) -> pb::SetRequest {
             kind: Some(Kind::Text(text.into())),
         }),
         ttl: None,
+        ..Default::default()
     }
 }
 

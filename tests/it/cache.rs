@@ -49,6 +49,7 @@ fn set_req(
         key: key.into(),
         value,
         ttl,
+        ..Default::default()
     }
 }
 
@@ -65,6 +66,7 @@ fn entry(level: CacheLevel, key: &str, value: Option<pb::CacheValue>) -> pb::Cac
         key: key.into(),
         value,
         ttl: None,
+        ..Default::default()
     }
 }
 

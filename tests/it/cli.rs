@@ -696,6 +696,7 @@ fn a_closed_pipe_ends_a_raw_get_quietly() {
                 key: "big".into(),
                 value: Some(value),
                 ttl: None,
+                ..Default::default()
             })
             .await
             .unwrap();

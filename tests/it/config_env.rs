@@ -95,6 +95,7 @@ async fn worker_applies_cache_settings_from_env() {
             level: cache_pb::CacheLevel::App as i32,
             key: key.into(),
             ttl: None,
+            ..Default::default()
         }),
         max_retries: Some(0),
         ..submit(

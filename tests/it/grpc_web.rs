@@ -66,6 +66,7 @@ fn set(key: &str, text: &str) -> cache_pb::SetRequest {
             kind: Some(Kind::Text(text.into())),
         }),
         ttl: None,
+        ..Default::default()
     }
 }
 

@@ -28,6 +28,7 @@ async fn normal_call_succeeds(env: &Env) {
                 kind: Some(pb::cache_value::Kind::Text("yes".into())),
             }),
             ttl: None,
+            ..Default::default()
         })
         .await
         .expect("a normal call succeeds");
@@ -228,6 +229,7 @@ async fn deep_nesting_is_refused() {
                 kind: Some(pb::cache_value::Kind::Json(deep)),
             }),
             ttl: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();

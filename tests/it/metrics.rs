@@ -153,6 +153,7 @@ async fn some_calls(grpc: &str) {
                 kind: Some(Kind::Text("v".into())),
             }),
             ttl: None,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -24,6 +24,7 @@ fn set_req(level: CacheLevel, key: &str, value: Option<pb::CacheValue>) -> pb::S
         key: key.into(),
         value,
         ttl: None,
+        ..Default::default()
     }
 }
 
@@ -251,6 +252,7 @@ async fn every_key_koo_writes_has_a_ttl() {
             key: "b".into(),
             value: text("v"),
             ttl: None,
+            ..Default::default()
         }],
     })
     .await
@@ -261,6 +263,7 @@ async fn every_key_koo_writes_has_a_ttl() {
             key: "c".into(),
             value: text("v"),
             ttl: None,
+            ..Default::default()
         }],
         skip_file: true,
         wait: true,
@@ -654,6 +657,7 @@ async fn redis_full_set_many_is_resource_exhausted() {
             key: format!("k{i}"),
             value: raw.clone(),
             ttl: None,
+            ..Default::default()
         })
         .collect();
     let err = server

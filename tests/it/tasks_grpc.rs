@@ -906,6 +906,7 @@ async fn upkeep_runs_as_tasks(backend: Backend) {
                     kind: Some(cache::cache_value::Kind::Raw(vec![0u8, 255].into())),
                 }),
                 ttl: None,
+                ..Default::default()
             }],
             skip_file: true,
             wait: true,
@@ -934,6 +935,7 @@ async fn upkeep_runs_as_tasks(backend: Backend) {
             kind: Some(cache::cache_value::Kind::Text("x".repeat(2 * 1024 * 1024))),
         }),
         ttl: None,
+        ..Default::default()
     };
     let err = cc
         .warm(cache::WarmRequest {
@@ -1252,6 +1254,7 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
         level: cache::CacheLevel::Db as i32,
         key: key.into(),
         ttl: Some(millis(60000)),
+        ..Default::default()
     };
     let task = c
         .submit_task(pb::SubmitTaskRequest {

@@ -74,6 +74,8 @@ pub(super) fn entry(
         level: level(&format!("{at}level"), e.level)?,
         value: value(&format!("{at}value"), e.value, max_value_size)?,
         ttl: time::duration(&format!("{at}ttl"), e.ttl, time::CACHE_TTL)?,
+        soft_ttl: time::duration(&format!("{at}soft_ttl"), e.soft_ttl, time::CACHE_TTL)?,
+        tags: e.tags,
         key: e.key,
     })
 }
@@ -103,6 +105,9 @@ pub(super) fn get_response(key: &str, hit: Option<Hit>) -> Result<pb::GetRespons
         size_bytes: hit.size as i64,
         stored_size_bytes: hit.stored_size as i64,
         compressed: hit.compressed,
+        tags: hit.tags,
+        stale: hit.stale,
+        soft_ttl: hit.soft_ttl.map(pb_duration),
     })
 }
 

@@ -1,8 +1,11 @@
 //! `koo.cache.v1.CacheService`: converts requests, calls [`Cache`], converts
 //! replies.
 
+mod compute;
 mod entries;
+mod invalidations;
 mod reports;
+mod tags;
 
 use std::pin::Pin;
 use std::time::Duration;
@@ -112,6 +115,8 @@ impl pb::cache_service_server::CacheService for CacheApi {
                 key: r.key,
                 value: r.value,
                 ttl: r.ttl,
+                tags: r.tags,
+                soft_ttl: r.soft_ttl,
             },
             self.max_value_size,
         )?;
@@ -315,5 +320,42 @@ impl pb::cache_service_server::CacheService for CacheApi {
         let Submitted { task_id, report } = self.upkeep.cleanup(wait, deadline).await?;
         let report = report.map(reports::cleanup_report);
         Ok(Response::new(pb::CleanupResponse { task_id, report }))
+    }
+
+    async fn invalidate_tags(
+        &self,
+        request: Request<pb::InvalidateTagsRequest>,
+    ) -> Result<Response<pb::InvalidateTagsResponse>, Status> {
+        self.invalidate_tags_rpc(request).await
+    }
+
+    async fn get_or_lock(
+        &self,
+        request: Request<pb::GetOrLockRequest>,
+    ) -> Result<Response<pb::GetOrLockResponse>, Status> {
+        self.get_or_lock_rpc(request).await
+    }
+
+    async fn fill(
+        &self,
+        request: Request<pb::FillRequest>,
+    ) -> Result<Response<pb::FillResponse>, Status> {
+        self.fill_rpc(request).await
+    }
+
+    async fn get_or_compute(
+        &self,
+        request: Request<pb::GetOrComputeRequest>,
+    ) -> Result<Response<pb::GetOrComputeResponse>, Status> {
+        self.get_or_compute_rpc(request).await
+    }
+
+    type WatchInvalidationsStream = invalidations::InvalidationStream;
+
+    async fn watch_invalidations(
+        &self,
+        request: Request<pb::WatchInvalidationsRequest>,
+    ) -> Result<Response<Self::WatchInvalidationsStream>, Status> {
+        self.watch_invalidations_rpc(request).await
     }
 }

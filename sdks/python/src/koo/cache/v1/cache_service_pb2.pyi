@@ -112,6 +112,54 @@ CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 3
 """One trial call is allowed through to see whether the backend is back."""
 Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
 
+class _InvalidationKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _InvalidationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_InvalidationKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    INVALIDATION_KIND_UNSPECIFIED: _InvalidationKind.ValueType  # 0
+    """Not used."""
+    INVALIDATION_KIND_READY: _InvalidationKind.ValueType  # 1
+    """The stream is live: every change after this message is delivered."""
+    INVALIDATION_KIND_SET: _InvalidationKind.ValueType  # 2
+    """Keys were written (Set, SetMany, Fill, a task's cache_result)."""
+    INVALIDATION_KIND_DELETE: _InvalidationKind.ValueType  # 3
+    """Keys were deleted."""
+    INVALIDATION_KIND_CLEAR_LEVEL: _InvalidationKind.ValueType  # 4
+    """Every key of the level was removed."""
+    INVALIDATION_KIND_TAGS: _InvalidationKind.ValueType  # 5
+    """Every entry carrying one of `tags` now misses."""
+    INVALIDATION_KIND_EXPIRED: _InvalidationKind.ValueType  # 6
+    """Keys expired or were evicted (only with Redis keyspace notifications)."""
+    INVALIDATION_KIND_RESET: _InvalidationKind.ValueType  # 7
+    """Changes may have been lost (the consumer fell behind, or koo lost its
+    subscription): drop everything cached from this stream's levels.
+    """
+
+class InvalidationKind(_InvalidationKind, metaclass=_InvalidationKindEnumTypeWrapper):
+    """InvalidationKind says what changed."""
+
+INVALIDATION_KIND_UNSPECIFIED: InvalidationKind.ValueType  # 0
+"""Not used."""
+INVALIDATION_KIND_READY: InvalidationKind.ValueType  # 1
+"""The stream is live: every change after this message is delivered."""
+INVALIDATION_KIND_SET: InvalidationKind.ValueType  # 2
+"""Keys were written (Set, SetMany, Fill, a task's cache_result)."""
+INVALIDATION_KIND_DELETE: InvalidationKind.ValueType  # 3
+"""Keys were deleted."""
+INVALIDATION_KIND_CLEAR_LEVEL: InvalidationKind.ValueType  # 4
+"""Every key of the level was removed."""
+INVALIDATION_KIND_TAGS: InvalidationKind.ValueType  # 5
+"""Every entry carrying one of `tags` now misses."""
+INVALIDATION_KIND_EXPIRED: InvalidationKind.ValueType  # 6
+"""Keys expired or were evicted (only with Redis keyspace notifications)."""
+INVALIDATION_KIND_RESET: InvalidationKind.ValueType  # 7
+"""Changes may have been lost (the consumer fell behind, or koo lost its
+subscription): drop everything cached from this stream's levels.
+"""
+Global___InvalidationKind: _TypeAlias = InvalidationKind  # noqa: Y015
+
 @_typing.final
 class CacheValue(_message.Message):
     """CacheValue is a cached value in one of three forms. Get returns it in the
@@ -160,6 +208,8 @@ class CacheEntry(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SOFT_TTL_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
     key: _builtins.str
@@ -172,6 +222,17 @@ class CacheEntry(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Time to live, from 1 ms to 100 years. Absent means the level's default."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags, for InvalidateTags: at most 32, each 1 to 256 bytes of UTF-8."""
+
+    @_builtins.property
+    def soft_ttl(self) -> _duration_pb2.Duration:
+        """Soft TTL: after it, reads still answer the value but mark it `stale`,
+        and GetOrLock elects one caller to refresh it. Absent means none; when
+        set, shorter than `ttl`.
+        """
+
     def __init__(
         self,
         *,
@@ -179,10 +240,12 @@ class CacheEntry(_message.Message):
         key: _builtins.str = ...,
         value: Global___CacheValue | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        soft_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["soft_ttl", b"soft_ttl", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "soft_ttl", b"soft_ttl", "tags", b"tags", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -226,6 +289,9 @@ class GetResponse(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     STORED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
     COMPRESSED_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    SOFT_TTL_FIELD_NUMBER: _builtins.int
     found: _builtins.bool
     """False on a miss; then no other field is set."""
     size_bytes: _builtins.int
@@ -234,6 +300,8 @@ class GetResponse(_message.Message):
     """Size of the value as stored (after compression), in bytes."""
     compressed: _builtins.bool
     """Whether the stored form is zlib-compressed."""
+    stale: _builtins.bool
+    """Whether it is past its soft TTL (still served; due for a refresh)."""
     @_builtins.property
     def value(self) -> Global___CacheValue:
         """The value, exactly as it was set."""
@@ -241,6 +309,16 @@ class GetResponse(_message.Message):
     @_builtins.property
     def ttl(self) -> _duration_pb2.Duration:
         """The time left before the entry expires."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tags it was set with."""
+
+    @_builtins.property
+    def soft_ttl(self) -> _duration_pb2.Duration:
+        """Time left before it turns stale; absent when it has no soft TTL or is
+        already stale.
+        """
 
     def __init__(
         self,
@@ -251,10 +329,13 @@ class GetResponse(_message.Message):
         size_bytes: _builtins.int = ...,
         stored_size_bytes: _builtins.int = ...,
         compressed: _builtins.bool = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        stale: _builtins.bool = ...,
+        soft_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["soft_ttl", b"soft_ttl", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed", b"compressed", "found", b"found", "size_bytes", b"size_bytes", "stored_size_bytes", b"stored_size_bytes", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["compressed", b"compressed", "found", b"found", "size_bytes", b"size_bytes", "soft_ttl", b"soft_ttl", "stale", b"stale", "stored_size_bytes", b"stored_size_bytes", "tags", b"tags", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -270,6 +351,8 @@ class SetRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SOFT_TTL_FIELD_NUMBER: _builtins.int
     level: Global___CacheLevel.ValueType
     """The level; unspecified means app."""
     key: _builtins.str
@@ -282,6 +365,14 @@ class SetRequest(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """Time to live; absent means the level's default."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags, for InvalidateTags: at most 32, each 1 to 256 bytes of UTF-8."""
+
+    @_builtins.property
+    def soft_ttl(self) -> _duration_pb2.Duration:
+        """Soft TTL (stale-while-revalidate); absent means none; shorter than `ttl`."""
+
     def __init__(
         self,
         *,
@@ -289,10 +380,12 @@ class SetRequest(_message.Message):
         key: _builtins.str = ...,
         value: Global___CacheValue | None = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        soft_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["soft_ttl", b"soft_ttl", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "soft_ttl", b"soft_ttl", "tags", b"tags", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1477,3 +1570,417 @@ class CleanupReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CleanupReport: _TypeAlias = CleanupReport  # noqa: Y015
+
+@_typing.final
+class InvalidateTagsRequest(_message.Message):
+    """InvalidateTagsRequest names the tags to invalidate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    level: Global___CacheLevel.ValueType
+    """The level; unspecified invalidates the tags in every level."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 1000 tags, each 1 to 256 bytes of UTF-8."""
+
+    def __init__(
+        self,
+        *,
+        level: Global___CacheLevel.ValueType = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidateTagsRequest: _TypeAlias = InvalidateTagsRequest  # noqa: Y015
+
+@_typing.final
+class InvalidateTagsResponse(_message.Message):
+    """InvalidateTagsResponse reports what was invalidated."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KNOWN_COUNT_FIELD_NUMBER: _builtins.int
+    known_count: _builtins.int
+    """How many of the (level, tag) pairs had live entries when invalidated."""
+    def __init__(
+        self,
+        *,
+        known_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["known_count", b"known_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvalidateTagsResponse: _TypeAlias = InvalidateTagsResponse  # noqa: Y015
+
+@_typing.final
+class GetOrLockRequest(_message.Message):
+    """GetOrLockRequest names the entry to read or compute."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    LOCK_TTL_FIELD_NUMBER: _builtins.int
+    WAIT_FIELD_NUMBER: _builtins.int
+    level: Global___CacheLevel.ValueType
+    """The level; unspecified means app."""
+    key: _builtins.str
+    """The key."""
+    @_builtins.property
+    def lock_ttl(self) -> _duration_pb2.Duration:
+        """How long the elected caller holds the key before a waiter may take it
+        over: 1 ms to 1 hour; absent means 30 s.
+        """
+
+    @_builtins.property
+    def wait(self) -> _duration_pb2.Duration:
+        """How long to wait for another caller's value before answering neither
+        value nor token; absent means until the call's deadline (at most 1 hour).
+        """
+
+    def __init__(
+        self,
+        *,
+        level: Global___CacheLevel.ValueType = ...,
+        key: _builtins.str = ...,
+        lock_ttl: _duration_pb2.Duration | None = ...,
+        wait: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lock_ttl", b"lock_ttl", "wait", b"wait"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "lock_ttl", b"lock_ttl", "wait", b"wait"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrLockRequest: _TypeAlias = GetOrLockRequest  # noqa: Y015
+
+@_typing.final
+class GetOrLockResponse(_message.Message):
+    """GetOrLockResponse is a value, a lock token, or (after `wait`) neither."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    ENTRY_FIELD_NUMBER: _builtins.int
+    LOCK_TOKEN_FIELD_NUMBER: _builtins.int
+    LOCK_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """Whether `entry` holds a value (possibly stale)."""
+    lock_token: _builtins.str
+    """Set when this caller must compute the value (or refresh a stale one)
+    and store it with Fill before `lock_expire_time`.
+    """
+    @_builtins.property
+    def entry(self) -> Global___GetResponse:
+        """The value, when found."""
+
+    @_builtins.property
+    def lock_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the lock lapses and a waiter may take over."""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        entry: Global___GetResponse | None = ...,
+        lock_token: _builtins.str = ...,
+        lock_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "lock_expire_time", b"lock_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry", "found", b"found", "lock_expire_time", b"lock_expire_time", "lock_token", b"lock_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrLockResponse: _TypeAlias = GetOrLockResponse  # noqa: Y015
+
+@_typing.final
+class FillRequest(_message.Message):
+    """FillRequest stores a computed value under a lock token."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    LOCK_TOKEN_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SOFT_TTL_FIELD_NUMBER: _builtins.int
+    level: Global___CacheLevel.ValueType
+    """The level; unspecified means app."""
+    key: _builtins.str
+    """The key."""
+    lock_token: _builtins.str
+    """The token GetOrLock handed out."""
+    @_builtins.property
+    def value(self) -> Global___CacheValue:
+        """The value; absent gives the lock up without storing anything."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time to live; absent means the level's default."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags, for InvalidateTags."""
+
+    @_builtins.property
+    def soft_ttl(self) -> _duration_pb2.Duration:
+        """Soft TTL (stale-while-revalidate); absent means none."""
+
+    def __init__(
+        self,
+        *,
+        level: Global___CacheLevel.ValueType = ...,
+        key: _builtins.str = ...,
+        lock_token: _builtins.str = ...,
+        value: Global___CacheValue | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        soft_ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["soft_ttl", b"soft_ttl", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "lock_token", b"lock_token", "soft_ttl", b"soft_ttl", "tags", b"tags", "ttl", b"ttl", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FillRequest: _TypeAlias = FillRequest  # noqa: Y015
+
+@_typing.final
+class FillResponse(_message.Message):
+    """FillResponse describes what was stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STORED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def stored(self) -> Global___SetResponse:
+        """What was stored; unset when the lock was given up."""
+
+    def __init__(
+        self,
+        *,
+        stored: Global___SetResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["stored", b"stored"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FillResponse: _TypeAlias = FillResponse  # noqa: Y015
+
+@_typing.final
+class ComputeTask(_message.Message):
+    """ComputeTask is the koo task that computes a missing value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    KWARGS_FIELD_NUMBER: _builtins.int
+    QUEUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The task's name (registered with a worker or built in)."""
+    queue: _builtins.str
+    """The queue; empty means the name's default."""
+    @_builtins.property
+    def args(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
+        """Positional arguments."""
+
+    @_builtins.property
+    def kwargs(self) -> _struct_pb2.Struct:
+        """Keyword arguments."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        args: _abc.Iterable[_struct_pb2.Value] | None = ...,
+        kwargs: _struct_pb2.Struct | None = ...,
+        queue: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kwargs", b"kwargs"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "kwargs", b"kwargs", "name", b"name", "queue", b"queue"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ComputeTask: _TypeAlias = ComputeTask  # noqa: Y015
+
+@_typing.final
+class GetOrComputeRequest(_message.Message):
+    """GetOrComputeRequest names the entry and the task that computes it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SOFT_TTL_FIELD_NUMBER: _builtins.int
+    LOCK_TTL_FIELD_NUMBER: _builtins.int
+    level: Global___CacheLevel.ValueType
+    """The level; unspecified means app."""
+    key: _builtins.str
+    """The key."""
+    @_builtins.property
+    def task(self) -> Global___ComputeTask:
+        """The task that computes the value on a miss."""
+
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time to live of the computed entry; absent means the level's default."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags of the computed entry."""
+
+    @_builtins.property
+    def soft_ttl(self) -> _duration_pb2.Duration:
+        """Soft TTL of the computed entry; absent means none."""
+
+    @_builtins.property
+    def lock_ttl(self) -> _duration_pb2.Duration:
+        """How long the computation may take before another caller submits it
+        again: 1 s to 1 day; absent means 5 minutes.
+        """
+
+    def __init__(
+        self,
+        *,
+        level: Global___CacheLevel.ValueType = ...,
+        key: _builtins.str = ...,
+        task: Global___ComputeTask | None = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        soft_ttl: _duration_pb2.Duration | None = ...,
+        lock_ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lock_ttl", b"lock_ttl", "soft_ttl", b"soft_ttl", "task", b"task", "ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "lock_ttl", b"lock_ttl", "soft_ttl", b"soft_ttl", "tags", b"tags", "task", b"task", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrComputeRequest: _TypeAlias = GetOrComputeRequest  # noqa: Y015
+
+@_typing.final
+class GetOrComputeResponse(_message.Message):
+    """GetOrComputeResponse is the value, computed or read."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    COMPUTED_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    computed: _builtins.bool
+    """Whether this call submitted the task that computed it."""
+    task_id: _builtins.str
+    """The id of the task that computed it, when it was computed for a caller
+    that waited on it.
+    """
+    @_builtins.property
+    def entry(self) -> Global___GetResponse:
+        """The value."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___GetResponse | None = ...,
+        computed: _builtins.bool = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["computed", b"computed", "entry", b"entry", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOrComputeResponse: _TypeAlias = GetOrComputeResponse  # noqa: Y015
+
+@_typing.final
+class WatchInvalidationsRequest(_message.Message):
+    """WatchInvalidationsRequest selects the changes to stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEVELS_FIELD_NUMBER: _builtins.int
+    KEY_PREFIX_FIELD_NUMBER: _builtins.int
+    key_prefix: _builtins.str
+    """Only keys starting with this prefix (tag and level-wide changes are
+    always sent); empty means every key.
+    """
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedScalarFieldContainer[Global___CacheLevel.ValueType]:
+        """The levels; empty means every level."""
+
+    def __init__(
+        self,
+        *,
+        levels: _abc.Iterable[Global___CacheLevel.ValueType] | None = ...,
+        key_prefix: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_prefix", b"key_prefix", "levels", b"levels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInvalidationsRequest: _TypeAlias = WatchInvalidationsRequest  # noqa: Y015
+
+@_typing.final
+class WatchInvalidationsResponse(_message.Message):
+    """WatchInvalidationsResponse is one change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___InvalidationKind.ValueType
+    """What changed."""
+    level: Global___CacheLevel.ValueType
+    """The level; unspecified with RESET and TAGS across every level."""
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys, for SET, DELETE and EXPIRED."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tags, for TAGS."""
+
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the change was made, by the clock of the koo that made it."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___InvalidationKind.ValueType = ...,
+        level: Global___CacheLevel.ValueType = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "kind", b"kind", "level", b"level", "tags", b"tags", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchInvalidationsResponse: _TypeAlias = WatchInvalidationsResponse  # noqa: Y015

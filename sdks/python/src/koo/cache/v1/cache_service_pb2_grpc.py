@@ -106,6 +106,31 @@ class CacheServiceStub:
                 request_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.CleanupRequest.SerializeToString,
                 response_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.CleanupResponse.FromString,
                 _registered_method=True)
+        self.InvalidateTags = channel.unary_unary(
+                '/koo.cache.v1.CacheService/InvalidateTags',
+                request_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateTagsRequest.SerializeToString,
+                response_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateTagsResponse.FromString,
+                _registered_method=True)
+        self.GetOrLock = channel.unary_unary(
+                '/koo.cache.v1.CacheService/GetOrLock',
+                request_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrLockRequest.SerializeToString,
+                response_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrLockResponse.FromString,
+                _registered_method=True)
+        self.Fill = channel.unary_unary(
+                '/koo.cache.v1.CacheService/Fill',
+                request_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.FillRequest.SerializeToString,
+                response_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.FillResponse.FromString,
+                _registered_method=True)
+        self.GetOrCompute = channel.unary_unary(
+                '/koo.cache.v1.CacheService/GetOrCompute',
+                request_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrComputeRequest.SerializeToString,
+                response_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrComputeResponse.FromString,
+                _registered_method=True)
+        self.WatchInvalidations = channel.unary_stream(
+                '/koo.cache.v1.CacheService/WatchInvalidations',
+                request_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.WatchInvalidationsRequest.SerializeToString,
+                response_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.WatchInvalidationsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -223,6 +248,61 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InvalidateTags(self, request, context):
+        """InvalidateTags makes every entry that carries any of `tags` miss from
+        now on, on every koo instance that shares the backend. It costs one
+        write per tag, however many entries carry it (tags are versioned: an
+        entry records its tags' versions when it is written, and a read whose
+        versions are no longer current is a miss).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrLock(self, request, context):
+        """GetOrLock reads a value, or elects this caller to compute it: of any
+        number of concurrent callers of a missing key, on any number of koo
+        instances, exactly one receives a `lock_token` and the others wait (up
+        to `wait`, within their deadline) for the value it stores with Fill. A
+        holder that never fills loses the key after `lock_ttl`, and a waiter
+        takes over. An entry past its soft TTL is answered stale, and one caller
+        also receives a token to refresh it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fill(self, request, context):
+        """Fill stores the value computed under a lock token from GetOrLock and
+        wakes the callers waiting for it. A Fill without a value gives the lock
+        up, so that a waiter takes over at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOrCompute(self, request, context):
+        """GetOrCompute reads a value; on a miss, exactly one caller across every
+        koo instance submits the koo task `task`, whose result (as JSON) becomes
+        the entry, and every caller receives it. The task is durable: the koo
+        that submitted it may die and its result still fills the entry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchInvalidations(self, request, context):
+        """WatchInvalidations streams the keys and tags that change (Set, Delete,
+        ClearLevel, InvalidateTags, and expiries where the operator enabled
+        Redis keyspace notifications), made on any koo instance, so that a
+        client can keep a near cache. The first message is READY: anything
+        changed after it is delivered. A consumer that falls behind receives
+        RESET and must drop what it cached; it is never left silently stale.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -295,6 +375,31 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Cleanup,
                     request_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.CleanupRequest.FromString,
                     response_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.CleanupResponse.SerializeToString,
+            ),
+            'InvalidateTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.InvalidateTags,
+                    request_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateTagsRequest.FromString,
+                    response_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateTagsResponse.SerializeToString,
+            ),
+            'GetOrLock': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrLock,
+                    request_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrLockRequest.FromString,
+                    response_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrLockResponse.SerializeToString,
+            ),
+            'Fill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fill,
+                    request_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.FillRequest.FromString,
+                    response_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.FillResponse.SerializeToString,
+            ),
+            'GetOrCompute': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOrCompute,
+                    request_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrComputeRequest.FromString,
+                    response_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrComputeResponse.SerializeToString,
+            ),
+            'WatchInvalidations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchInvalidations,
+                    request_deserializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.WatchInvalidationsRequest.FromString,
+                    response_serializer=koo_dot_cache_dot_v1_dot_cache__service__pb2.WatchInvalidationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -677,6 +782,141 @@ class CacheService:
             '/koo.cache.v1.CacheService/Cleanup',
             koo_dot_cache_dot_v1_dot_cache__service__pb2.CleanupRequest.SerializeToString,
             koo_dot_cache_dot_v1_dot_cache__service__pb2.CleanupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InvalidateTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.cache.v1.CacheService/InvalidateTags',
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateTagsRequest.SerializeToString,
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrLock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.cache.v1.CacheService/GetOrLock',
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrLockRequest.SerializeToString,
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrLockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.cache.v1.CacheService/Fill',
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.FillRequest.SerializeToString,
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.FillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOrCompute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/koo.cache.v1.CacheService/GetOrCompute',
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrComputeRequest.SerializeToString,
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.GetOrComputeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchInvalidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/koo.cache.v1.CacheService/WatchInvalidations',
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.WatchInvalidationsRequest.SerializeToString,
+            koo_dot_cache_dot_v1_dot_cache__service__pb2.WatchInvalidationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,6 +85,41 @@ class CacheServiceStub:
     removes what the backend does not expire by itself, and returns its id;
     with `wait`, also its report once it ends.
     """
+    InvalidateTags: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.InvalidateTagsRequest, _cache_service_pb2.InvalidateTagsResponse]
+    """InvalidateTags makes every entry that carries any of `tags` miss from
+    now on, on every koo instance that shares the backend. It costs one
+    write per tag, however many entries carry it (tags are versioned: an
+    entry records its tags' versions when it is written, and a read whose
+    versions are no longer current is a miss).
+    """
+    GetOrLock: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrLockRequest, _cache_service_pb2.GetOrLockResponse]
+    """GetOrLock reads a value, or elects this caller to compute it: of any
+    number of concurrent callers of a missing key, on any number of koo
+    instances, exactly one receives a `lock_token` and the others wait (up
+    to `wait`, within their deadline) for the value it stores with Fill. A
+    holder that never fills loses the key after `lock_ttl`, and a waiter
+    takes over. An entry past its soft TTL is answered stale, and one caller
+    also receives a token to refresh it.
+    """
+    Fill: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.FillRequest, _cache_service_pb2.FillResponse]
+    """Fill stores the value computed under a lock token from GetOrLock and
+    wakes the callers waiting for it. A Fill without a value gives the lock
+    up, so that a waiter takes over at once.
+    """
+    GetOrCompute: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrComputeRequest, _cache_service_pb2.GetOrComputeResponse]
+    """GetOrCompute reads a value; on a miss, exactly one caller across every
+    koo instance submits the koo task `task`, whose result (as JSON) becomes
+    the entry, and every caller receives it. The task is durable: the koo
+    that submitted it may die and its result still fills the entry.
+    """
+    WatchInvalidations: _grpc.UnaryStreamMultiCallable[_cache_service_pb2.WatchInvalidationsRequest, _cache_service_pb2.WatchInvalidationsResponse]
+    """WatchInvalidations streams the keys and tags that change (Set, Delete,
+    ClearLevel, InvalidateTags, and expiries where the operator enabled
+    Redis keyspace notifications), made on any koo instance, so that a
+    client can keep a near cache. The first message is READY: anything
+    changed after it is delivered. A consumer that falls behind receives
+    RESET and must drop what it cached; it is never left silently stale.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -138,6 +173,41 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """Cleanup submits the built-in task `koo.tasks.cache.cleanup`, which
     removes what the backend does not expire by itself, and returns its id;
     with `wait`, also its report once it ends.
+    """
+    InvalidateTags: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.InvalidateTagsRequest, _cache_service_pb2.InvalidateTagsResponse]  # type: ignore[assignment]
+    """InvalidateTags makes every entry that carries any of `tags` miss from
+    now on, on every koo instance that shares the backend. It costs one
+    write per tag, however many entries carry it (tags are versioned: an
+    entry records its tags' versions when it is written, and a read whose
+    versions are no longer current is a miss).
+    """
+    GetOrLock: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrLockRequest, _cache_service_pb2.GetOrLockResponse]  # type: ignore[assignment]
+    """GetOrLock reads a value, or elects this caller to compute it: of any
+    number of concurrent callers of a missing key, on any number of koo
+    instances, exactly one receives a `lock_token` and the others wait (up
+    to `wait`, within their deadline) for the value it stores with Fill. A
+    holder that never fills loses the key after `lock_ttl`, and a waiter
+    takes over. An entry past its soft TTL is answered stale, and one caller
+    also receives a token to refresh it.
+    """
+    Fill: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.FillRequest, _cache_service_pb2.FillResponse]  # type: ignore[assignment]
+    """Fill stores the value computed under a lock token from GetOrLock and
+    wakes the callers waiting for it. A Fill without a value gives the lock
+    up, so that a waiter takes over at once.
+    """
+    GetOrCompute: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrComputeRequest, _cache_service_pb2.GetOrComputeResponse]  # type: ignore[assignment]
+    """GetOrCompute reads a value; on a miss, exactly one caller across every
+    koo instance submits the koo task `task`, whose result (as JSON) becomes
+    the entry, and every caller receives it. The task is durable: the koo
+    that submitted it may die and its result still fills the entry.
+    """
+    WatchInvalidations: _aio.UnaryStreamMultiCallable[_cache_service_pb2.WatchInvalidationsRequest, _cache_service_pb2.WatchInvalidationsResponse]  # type: ignore[assignment]
+    """WatchInvalidations streams the keys and tags that change (Set, Delete,
+    ClearLevel, InvalidateTags, and expiries where the operator enabled
+    Redis keyspace notifications), made on any koo instance, so that a
+    client can keep a near cache. The first message is READY: anything
+    changed after it is delivered. A consumer that falls behind receives
+    RESET and must drop what it cached; it is never left silently stale.
     """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -273,6 +343,71 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         """Cleanup submits the built-in task `koo.tasks.cache.cleanup`, which
         removes what the backend does not expire by itself, and returns its id;
         with `wait`, also its report once it ends.
+        """
+
+    @_abc_1.abstractmethod
+    def InvalidateTags(
+        self,
+        request: _cache_service_pb2.InvalidateTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_service_pb2.InvalidateTagsResponse, _abc.Awaitable[_cache_service_pb2.InvalidateTagsResponse]]:
+        """InvalidateTags makes every entry that carries any of `tags` miss from
+        now on, on every koo instance that shares the backend. It costs one
+        write per tag, however many entries carry it (tags are versioned: an
+        entry records its tags' versions when it is written, and a read whose
+        versions are no longer current is a miss).
+        """
+
+    @_abc_1.abstractmethod
+    def GetOrLock(
+        self,
+        request: _cache_service_pb2.GetOrLockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_service_pb2.GetOrLockResponse, _abc.Awaitable[_cache_service_pb2.GetOrLockResponse]]:
+        """GetOrLock reads a value, or elects this caller to compute it: of any
+        number of concurrent callers of a missing key, on any number of koo
+        instances, exactly one receives a `lock_token` and the others wait (up
+        to `wait`, within their deadline) for the value it stores with Fill. A
+        holder that never fills loses the key after `lock_ttl`, and a waiter
+        takes over. An entry past its soft TTL is answered stale, and one caller
+        also receives a token to refresh it.
+        """
+
+    @_abc_1.abstractmethod
+    def Fill(
+        self,
+        request: _cache_service_pb2.FillRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_service_pb2.FillResponse, _abc.Awaitable[_cache_service_pb2.FillResponse]]:
+        """Fill stores the value computed under a lock token from GetOrLock and
+        wakes the callers waiting for it. A Fill without a value gives the lock
+        up, so that a waiter takes over at once.
+        """
+
+    @_abc_1.abstractmethod
+    def GetOrCompute(
+        self,
+        request: _cache_service_pb2.GetOrComputeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_service_pb2.GetOrComputeResponse, _abc.Awaitable[_cache_service_pb2.GetOrComputeResponse]]:
+        """GetOrCompute reads a value; on a miss, exactly one caller across every
+        koo instance submits the koo task `task`, whose result (as JSON) becomes
+        the entry, and every caller receives it. The task is durable: the koo
+        that submitted it may die and its result still fills the entry.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchInvalidations(
+        self,
+        request: _cache_service_pb2.WatchInvalidationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cache_service_pb2.WatchInvalidationsResponse], _abc.AsyncIterator[_cache_service_pb2.WatchInvalidationsResponse]]:
+        """WatchInvalidations streams the keys and tags that change (Set, Delete,
+        ClearLevel, InvalidateTags, and expiries where the operator enabled
+        Redis keyspace notifications), made on any koo instance, so that a
+        client can keep a near cache. The first message is READY: anything
+        changed after it is delivered. A consumer that falls behind receives
+        RESET and must drop what it cached; it is never left silently stale.
         """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1095,6 +1095,8 @@ class CacheTarget(_message.Message):
     LEVEL_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
     TTL_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    SOFT_TTL_FIELD_NUMBER: _builtins.int
     level: _cache_service_pb2.CacheLevel.ValueType
     """The level; unspecified means app."""
     key: _builtins.str
@@ -1103,16 +1105,26 @@ class CacheTarget(_message.Message):
     def ttl(self) -> _duration_pb2.Duration:
         """The entry's TTL; absent means the level's default."""
 
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The entry's tags, for InvalidateTags."""
+
+    @_builtins.property
+    def soft_ttl(self) -> _duration_pb2.Duration:
+        """The entry's soft TTL (stale-while-revalidate); absent means none."""
+
     def __init__(
         self,
         *,
         level: _cache_service_pb2.CacheLevel.ValueType = ...,
         key: _builtins.str = ...,
         ttl: _duration_pb2.Duration | None = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        soft_ttl: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["soft_ttl", b"soft_ttl", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "level", b"level", "soft_ttl", b"soft_ttl", "tags", b"tags", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
