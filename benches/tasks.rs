@@ -94,6 +94,7 @@ async fn run() -> Result<()> {
     // A Redis of our own unless told which to use; a queue must never lose
     // keys to eviction, hence noeviction.
     let own;
+    let mut redis_pid = None;
     let url = match std::env::var("KOO_BENCH_REDIS_URL") {
         Ok(url) => url,
         Err(_) => {
@@ -105,6 +106,7 @@ async fn run() -> Result<()> {
                 &["--maxmemory-policy", "noeviction"],
             )
             .await?;
+            redis_pid = Some(own.guard.pid());
             own.url.clone()
         }
     };
@@ -141,6 +143,7 @@ async fn run() -> Result<()> {
         latency_n,
         reps,
         label: &label,
+        redis_pid,
     };
     run.measure(&client, &mut koo, &mut out).await?;
     if queued > 0 {
@@ -289,6 +292,7 @@ async fn external_worker(
         latency_n,
         reps,
         label,
+        redis_pid: None,
     };
     run.measure(&client, &mut koo, out).await?;
     Ok(())
@@ -302,6 +306,9 @@ struct Run<'a> {
     latency_n: usize,
     reps: usize,
     label: &'a str,
+    /// The bench's own redis-server, whose CPU per task is reported (none
+    /// when the bench runs against a Redis it did not start).
+    redis_pid: Option<u32>,
 }
 
 impl Run<'_> {
@@ -316,7 +323,15 @@ impl Run<'_> {
             (self.system, self.tasks, self.latency_n, self.label);
         for rep in 1..=self.reps {
             koo.check_alive()?;
+            // CPU per task (koo, Redis): steadier than throughput on a
+            // shared machine, and what "no slowdown" costs in hardware
+            let cpu = |pid: Option<u32>| pid.and_then(support::cpu_seconds);
+            let before = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid));
             let (seconds, submit_seconds) = e2e(client, tasks).await?;
+            let after = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid));
+            let per_task = |b: Option<f64>, a: Option<f64>| {
+                a.zip(b).map(|(a, b)| (a - b) * 1e6 / tasks as f64)
+            };
             emit(
                 serde_json::json!({
                     "system": system, "mode": "e2e", "n": tasks, "rep": rep, "label": label,
@@ -324,6 +339,10 @@ impl Run<'_> {
                     "submit_tasks_per_s": tasks as f64 / submit_seconds,
                     "worker": self.worker,
                     "observed": "every task's SUCCEEDED event, by WatchTasks",
+                    "cpu_us_per_task": {
+                        "koo": per_task(before.0, after.0),
+                        "redis": per_task(before.1, after.1),
+                    },
                 }),
                 out,
             );

@@ -354,6 +354,27 @@ mod tests {
         for spec in [LEASE, RECOVER] {
             assert!(spec.body.contains("promote_due("), "{}", spec.name);
         }
+        // each script carries what it calls of the library, and only that
+        let scripts_ = TaskScripts::new();
+        let lease = scripts_.lease.text();
+        assert!(
+            lease.contains("local function promote_due(")
+                && lease.contains("local function add_event(")
+        );
+        assert!(!lease.contains("local function budget_spent("));
+        let finish = scripts_.finish.text();
+        for f in [
+            "budget_spent",
+            "record_end",
+            "trim_to_cap",
+            "forget_debounce",
+            "times_of",
+        ] {
+            assert!(
+                finish.contains(&format!("local function {f}(")),
+                "finish lacks {f}"
+            );
+        }
         let scripts = TaskScripts::new();
         assert!(
             scripts

@@ -32,11 +32,10 @@ local logged = cjson.encode(entry)
 redis.call('ZREM', K_leases, A_id)
 leave_running(K_task, cc)
 redis.call('RPUSH', K_task .. ':log', logged)
-redis.call('HSET', K_task, 'worker', '', 'lease_until', 0)
 local times = times_of(name, attempts, created, started, true) or {}
 if outcome == 'retry' then
   redis.call('HINCRBY', K_stats, 'retried', 1)
-  redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload)
+  redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload, 'worker', '', 'lease_until', 0)
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
   -- waiting out its backoff, it may expire again
   if expire_ms then redis.call('ZADD', K_expiring, expire_ms, A_id) end
@@ -46,7 +45,8 @@ end
 redis.call('HINCRBY', K_stats, outcome, 1)
 local field = 'result'
 if outcome ~= 'succeeded' then field = 'error' end
-redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', now)
+redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', now, 'worker', '',
+  'lease_until', 0)
 -- a success supersedes the errors of earlier attempts (they stay in the log)
 if outcome == 'succeeded' then redis.call('HDEL', K_task, 'error') end
 record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms)

@@ -183,8 +183,11 @@ while true do
   if i > #candidates and not more() then break end
   local id = candidates[i]
   local key = prefix .. id
-  local name, state, expire_ms, dkey, rkey, ckey = unpack(redis.call('HMGET', key, 'name', 'state',
-    'expire_ms', 'debounce_key', 'rate_limit_key', 'concurrency_key'))
+  -- one read for everything the lease needs (each redis.call costs about
+  -- as much as the fields it reads: the counters and hard limit come with it)
+  local name, state, expire_ms, dkey, rkey, ckey, hard_ms, attempts, token = unpack(redis.call(
+    'HMGET', key, 'name', 'state', 'expire_ms', 'debounce_key', 'rate_limit_key',
+    'concurrency_key', 'hard_ms', 'attempts', 'token'))
   if not name or state ~= 'queued' then
     -- a ready entry whose task is gone or has moved on: drop it (the
     -- ranks after it shift down by one)
@@ -257,15 +260,15 @@ while true do
       forget_debounce(key, id, dkey)
       -- it starts in time: it no longer expires (until it waits again)
       if expire_ms then redis.call('ZREM', K_expiring, id) end
-      local attempt = redis.call('HINCRBY', key, 'attempts', 1)
-      -- the fencing token grows with every lease (attempts can be given back)
-      redis.call('HINCRBY', key, 'token', 1)
+      local attempt = (tonumber(attempts) or 0) + 1
       local deadline = now + tonumber(A_lease_ms)
-      local hard = tonumber(redis.call('HGET', key, 'hard_ms') or '0')
+      local hard = tonumber(hard_ms or '0')
       local hard_deadline = 0
       if hard > 0 then hard_deadline = now + hard end
-      redis.call('HSET', key, 'state', 'running', 'worker', A_worker,
-        'started_ms', now, 'lease_until', deadline, 'hard_until', hard_deadline)
+      -- the fencing token grows with every lease (attempts can be given back)
+      redis.call('HSET', key, 'state', 'running', 'worker', A_worker, 'attempts', attempt,
+        'token', (tonumber(token) or 0) + 1, 'started_ms', now, 'lease_until', deadline,
+        'hard_until', hard_deadline)
       -- progress belongs to an attempt
       redis.call('HDEL', key, 'progress')
       local score = deadline
