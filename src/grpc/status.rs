@@ -241,6 +241,8 @@ impl From<CacheError> for Status {
             CacheError::ReplyTooLarge { .. } => Status::resource_exhausted(message()),
             CacheError::Corrupt { .. } => Status::data_loss(message()),
             CacheError::WarmFile { .. } => Status::failed_precondition(message()),
+            CacheError::LockLost => Status::failed_precondition(message()),
+            CacheError::DeadlineExceeded => Status::deadline_exceeded(message()),
             CacheError::Store(store) => store.into(),
         }
     }
