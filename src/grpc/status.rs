@@ -248,6 +248,19 @@ impl From<CacheError> for Status {
     }
 }
 
+impl From<crate::watch::compute::ComputeError> for Status {
+    fn from(e: crate::watch::compute::ComputeError) -> Self {
+        use crate::watch::compute::ComputeError as E;
+        match e {
+            E::Cache(e) => e.into(),
+            E::Task(e) => e.into(),
+            E::Failed { .. } | E::Vanished { .. } => {
+                Status::failed_precondition(bounded(e.to_string()))
+            }
+        }
+    }
+}
+
 impl From<TaskError> for Status {
     fn from(e: TaskError) -> Self {
         let message = || bounded(e.to_string());
