@@ -339,7 +339,8 @@ pub trait CacheBackend: Any + Send + Sync {
     ) -> Result<LockState>;
 
     /// The value of `lock` and its time left, if it is held.
-    async fn lock_read(&self, lock: &str, deadline: Deadline) -> Result<Option<(String, Duration)>>;
+    async fn lock_read(&self, lock: &str, deadline: Deadline)
+    -> Result<Option<(String, Duration)>>;
 
     /// Replaces the value of `lock`, keeping its expiry, if `token` holds
     /// it; whether it did.

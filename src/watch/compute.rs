@@ -148,7 +148,13 @@ impl ComputeOnMiss {
             }
         };
         self.cache
-            .tag_lock(req.level, &req.key, &lease.token, task.id.as_str(), deadline)
+            .tag_lock(
+                req.level,
+                &req.key,
+                &lease.token,
+                task.id.as_str(),
+                deadline,
+            )
             .await?;
         Ok(task.id)
     }
@@ -164,7 +170,11 @@ impl ComputeOnMiss {
         let id = task_id.to_string();
         // Past the deadline the task still runs and fills the entry; the
         // lock stays, so that nobody submits it again meanwhile.
-        let Some(ended) = self.hub.wait_final(&self.engine, &task_id, deadline).await? else {
+        let Some(ended) = self
+            .hub
+            .wait_final(&self.engine, &task_id, deadline)
+            .await?
+        else {
             return Err(CacheError::DeadlineExceeded.into());
         };
         if ended.state != State::Succeeded {

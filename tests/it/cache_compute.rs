@@ -113,8 +113,14 @@ async fn a_holder_that_never_fills_hands_over_after_lock_ttl(env: Env) {
     assert!(!second.found);
     assert_eq!(second.lock_token.len(), 32, "{second:?}");
     assert_ne!(second.lock_token, first.lock_token);
-    assert!(waited >= Duration::from_millis(200), "took over after {waited:?}");
-    assert!(waited < Duration::from_secs(3), "took over after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "took over after {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "took over after {waited:?}"
+    );
     let late = c
         .fill(fill_req("slow", &first.lock_token, Some("late")))
         .await
@@ -128,7 +134,11 @@ async fn a_holder_that_never_fills_hands_over_after_lock_ttl(env: Env) {
         .into_inner();
     assert!(stored.stored.is_some());
     if let Some(url) = redis_url(&env) {
-        assert_eq!(lock_pttl(&url, "slow").await, -2, "a fill releases the lock");
+        assert_eq!(
+            lock_pttl(&url, "slow").await,
+            -2,
+            "a fill releases the lock"
+        );
     }
     let hit = get_or_lock(&mut c, lock_req("slow", 300, None)).await;
     assert!(hit.found && hit.lock_token.is_empty(), "{hit:?}");
@@ -160,7 +170,11 @@ async fn a_fill_without_value_hands_over_at_once(env: Env) {
     assert_eq!(given.stored, None);
     let second = waiting.await.unwrap();
     assert_eq!(second.lock_token.len(), 32, "{second:?}");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     let miss = c
         .get(pb::GetRequest {
             level: pb::CacheLevel::App as i32,
@@ -180,7 +194,10 @@ async fn wait_and_deadline_end_a_wait(env: Env) {
     assert!(!held.lock_token.is_empty());
     let started = Instant::now();
     let neither = get_or_lock(&mut c, lock_req("held", 30_000, Some(200))).await;
-    assert!(!neither.found && neither.lock_token.is_empty(), "{neither:?}");
+    assert!(
+        !neither.found && neither.lock_token.is_empty(),
+        "{neither:?}"
+    );
     assert!(neither.entry.is_none());
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(190), "{waited:?}");
@@ -220,7 +237,10 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
     no_ttl.ttl = ms(0);
     assert_eq!(bad_field(&c.fill(no_ttl).await.unwrap_err()), "ttl");
     // well-formed, but no lock is held under it
-    let e = c.fill(fill_req("k", &"a".repeat(32), Some("v"))).await.unwrap_err();
+    let e = c
+        .fill(fill_req("k", &"a".repeat(32), Some("v")))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     let compute = |task: Option<pb::ComputeTask>, lock_ttl| pb::GetOrComputeRequest {
         key: "k".into(),
@@ -353,7 +373,10 @@ async fn kill_9_of_the_holders_koo_hands_over_to_the_other() {
     assert_ne!(taken.lock_token, held.lock_token);
     assert!(waited < Duration::from_secs(4), "{waited:?}");
     let pttl = lock_pttl(&pair.redis.url(), "dies").await;
-    assert!((1..=5_000).contains(&pttl), "the new lock expires: PTTL {pttl}");
+    assert!(
+        (1..=5_000).contains(&pttl),
+        "the new lock expires: PTTL {pttl}"
+    );
 }
 
 /// A task name no built-in worker serves: only the test's worker runs it.
@@ -382,7 +405,12 @@ async fn get_or_compute_runs_one_task_for_twenty_callers_and_outlives_its_koo() 
     let callers = (0..20).map(|i| {
         let mut c = pair.cache(i);
         let r = req("report");
-        tokio::spawn(async move { c.get_or_compute(r).await.expect("GetOrCompute").into_inner() })
+        tokio::spawn(async move {
+            c.get_or_compute(r)
+                .await
+                .expect("GetOrCompute")
+                .into_inner()
+        })
     });
     let replies = futures::future::join_all(callers).await;
     assert_eq!(ran.load(Ordering::SeqCst), 1, "tasks run");
@@ -392,7 +420,10 @@ async fn get_or_compute_runs_one_task_for_twenty_callers_and_outlives_its_koo() 
         computed += usize::from(r.computed);
         let entry = r.entry.expect("an entry");
         assert!(entry.found);
-        assert!(matches!(entry.value.and_then(|v| v.kind), Some(Kind::Json(_))));
+        assert!(matches!(
+            entry.value.and_then(|v| v.kind),
+            Some(Kind::Json(_))
+        ));
     }
     assert_eq!(computed, 1, "one caller submitted the task");
 
@@ -406,7 +437,11 @@ async fn get_or_compute_runs_one_task_for_twenty_callers_and_outlives_its_koo() 
     pair.procs[0].kill9();
     assert!(submitting.await.unwrap().is_err(), "its koo died");
     let mut b = pair.cache(1);
-    let r = b.get_or_compute(req("orphan")).await.expect("GetOrCompute").into_inner();
+    let r = b
+        .get_or_compute(req("orphan"))
+        .await
+        .expect("GetOrCompute")
+        .into_inner();
     assert!(r.entry.unwrap().found);
     assert!(!r.computed, "the first task's result, not a second task");
     assert_eq!(ran.load(Ordering::SeqCst), 2, "tasks run");

@@ -159,7 +159,8 @@ impl Cache {
             None => Locked::Compute(lease),
             Some(hit) if hit.stale => Locked::Refresh { hit, lease },
             Some(hit) => {
-                self.release_lock(level, key, &lease.token, deadline).await?;
+                self.release_lock(level, key, &lease.token, deadline)
+                    .await?;
                 Locked::Value {
                     hit,
                     waited_on: None,
@@ -208,7 +209,10 @@ impl Cache {
         deadline: Deadline,
     ) -> Result<bool> {
         let lock = self.inner.keys.lock_key(level, key);
-        let value = format!("{token}{}{task_id}", crate::store::lock::LOCK_TASK_SEPARATOR);
+        let value = format!(
+            "{token}{}{task_id}",
+            crate::store::lock::LOCK_TASK_SEPARATOR
+        );
         Ok(self
             .inner
             .store
@@ -226,7 +230,10 @@ impl Cache {
         deadline: Deadline,
     ) -> Result<()> {
         let lock = self.inner.keys.lock_key(level, key);
-        self.inner.store.lock_release(&lock, token, deadline).await?;
+        self.inner
+            .store
+            .lock_release(&lock, token, deadline)
+            .await?;
         self.inner.fills.filled(level, key);
         Ok(())
     }

@@ -10,15 +10,15 @@ use super::CacheApi;
 use super::entries::{get_response, level, set_response, value};
 use prost_types::value::Kind;
 
+use crate::cache::compute::{Lease, Locked};
 use crate::cache::{Cache, NewEntry};
 use crate::domain::task::QueueName;
 use crate::grpc::json;
 use crate::grpc::status::invalid_argument;
-use crate::watch::compute::{ComputeRequest, compute_task};
-use crate::cache::compute::{Lease, Locked};
 use crate::grpc::time;
 use crate::pb::cache::v1 as pb;
 use crate::store::Deadline;
+use crate::watch::compute::{ComputeRequest, compute_task};
 
 /// GetOrLock's lock when the request names none.
 const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(30);
@@ -33,8 +33,8 @@ impl CacheApi {
         let deadline = self.deadline(&request);
         let r = request.into_inner();
         let level = level("level", r.level)?;
-        let lock_ttl = time::duration("lock_ttl", r.lock_ttl, time::LOCK_TTL)?
-            .unwrap_or(DEFAULT_LOCK_TTL);
+        let lock_ttl =
+            time::duration("lock_ttl", r.lock_ttl, time::LOCK_TTL)?.unwrap_or(DEFAULT_LOCK_TTL);
         let wait = time::duration("wait", r.wait, time::LOCK_WAIT)?.map(Deadline::after);
         let locked = self
             .cache
@@ -97,7 +97,9 @@ fn compute_request(r: pb::GetOrComputeRequest, cache: &Cache) -> Result<ComputeR
         return Err(invalid_argument("task.name", "must not be empty"));
     }
     let args = prost_types::Value {
-        kind: Some(Kind::ListValue(prost_types::ListValue { values: task.args })),
+        kind: Some(Kind::ListValue(prost_types::ListValue {
+            values: task.args,
+        })),
     };
     let kwargs = prost_types::Value {
         kind: Some(Kind::StructValue(task.kwargs.unwrap_or_default())),

@@ -419,7 +419,11 @@ impl CacheBackend for MemoryStore {
         Ok(self.inner.locks.take(lock, token, ttl))
     }
 
-    async fn lock_read(&self, lock: &str, _deadline: Deadline) -> Result<Option<(String, Duration)>> {
+    async fn lock_read(
+        &self,
+        lock: &str,
+        _deadline: Deadline,
+    ) -> Result<Option<(String, Duration)>> {
         Ok(self.inner.locks.peek(lock))
     }
 

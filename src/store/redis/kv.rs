@@ -203,7 +203,11 @@ impl CacheBackend for RedisStore {
         self.lock_take(lock, token, ttl, deadline).await
     }
 
-    async fn lock_read(&self, lock: &str, deadline: Deadline) -> Result<Option<(String, Duration)>> {
+    async fn lock_read(
+        &self,
+        lock: &str,
+        deadline: Deadline,
+    ) -> Result<Option<(String, Duration)>> {
         self.lock_peek(lock, deadline).await
     }
 

@@ -75,7 +75,12 @@ impl RedisStore {
     }
 
     /// Deletes `lock` if `token` holds it; whether it did.
-    pub(super) async fn lock_drop(&self, lock: &str, token: &str, deadline: Deadline) -> Result<bool> {
+    pub(super) async fn lock_drop(
+        &self,
+        lock: &str,
+        token: &str,
+        deadline: Deadline,
+    ) -> Result<bool> {
         let mut invocation = RELEASE.prepare_invoke();
         invocation.key(lock).arg(token);
         let invocation = &invocation;
