@@ -24,7 +24,22 @@ on_both_stores!(
     a_fill_without_value_hands_over_at_once,
     wait_and_deadline_end_a_wait,
     bad_input_is_refused_naming_the_field,
+    get_or_compute_runs_one_task_for_ten_callers,
 );
+
+// SWITCH POINT for the integrator: un-ignore once the tags slice's soft TTL
+// (Set.soft_ttl, Hit.stale) is merged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the tags slice's soft TTL (Hit.stale)"]
+async fn stale_entries_are_served_to_all_and_refreshed_once_memory() {
+    stale_entries_are_served_to_all_and_refreshed_once(Env::memory().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the tags slice's soft TTL (Hit.stale)"]
+async fn stale_entries_are_served_to_all_and_refreshed_once_redis() {
+    stale_entries_are_served_to_all_and_refreshed_once(Env::redis().await).await;
+}
 
 fn ms(n: u64) -> Option<prost_types::Duration> {
     Some(prost_types::Duration {
@@ -206,6 +221,91 @@ async fn wait_and_deadline_end_a_wait(env: Env) {
     req.set_timeout(Duration::from_millis(300));
     let e = c.get_or_lock(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+}
+
+/// An entry past its soft TTL (200 ms) is answered, stale, to each of 20
+/// concurrent callers, and exactly one of them also gets a token; its Fill
+/// makes the entry fresh again.
+async fn stale_entries_are_served_to_all_and_refreshed_once(env: Env) {
+    let mut c = env.cache();
+    c.set(pb::SetRequest {
+        level: pb::CacheLevel::App as i32,
+        key: "soft".into(),
+        value: text("old"),
+        ttl: ms(60_000),
+        soft_ttl: ms(200),
+        ..Default::default()
+    })
+    .await
+    .expect("Set");
+    // the soft TTL passing is the scenario
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let callers = (0..20).map(|_| {
+        let mut c = env.cache();
+        tokio::spawn(async move { get_or_lock(&mut c, lock_req("soft", 10_000, None)).await })
+    });
+    let replies: Vec<_> = futures::future::join_all(callers)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let tokens: Vec<_> = replies
+        .iter()
+        .filter(|r| !r.lock_token.is_empty())
+        .collect();
+    assert_eq!(tokens.len(), 1, "refreshes: {replies:?}");
+    for r in &replies {
+        assert!(r.found, "{r:?}");
+        let entry = r.entry.as_ref().unwrap();
+        assert!(entry.stale, "{r:?}");
+        assert_eq!(text_of(entry), "old");
+    }
+    c.fill(fill_req("soft", &tokens[0].lock_token, Some("new")))
+        .await
+        .expect("Fill");
+    let fresh = get_or_lock(&mut c, lock_req("soft", 10_000, None)).await;
+    assert!(fresh.lock_token.is_empty(), "{fresh:?}");
+    let entry = fresh.entry.unwrap();
+    assert!(!entry.stale);
+    assert_eq!(text_of(&entry), "new");
+}
+
+/// GetOrCompute in one koo (each store): 10 concurrent callers, one task
+/// (run by the test's external worker), its result for all.
+async fn get_or_compute_runs_one_task_for_ten_callers(env: Env) {
+    let ran = Arc::new(AtomicUsize::new(0));
+    let worker = external_worker(env.server.channel.clone(), ran.clone());
+    let callers = (0..10).map(|_| {
+        let mut c = env.cache();
+        tokio::spawn(async move {
+            c.get_or_compute(pb::GetOrComputeRequest {
+                key: "single".into(),
+                task: Some(pb::ComputeTask {
+                    name: EXT.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .expect("GetOrCompute")
+            .into_inner()
+        })
+    });
+    let replies = futures::future::join_all(callers).await;
+    worker.abort();
+    assert_eq!(ran.load(Ordering::SeqCst), 1, "tasks run");
+    let mut submitted = 0;
+    for r in replies {
+        let r = r.unwrap();
+        submitted += usize::from(r.computed);
+        assert!(!r.task_id.is_empty(), "every caller names the task: {r:?}");
+        let value = r.entry.unwrap().value.and_then(|v| v.kind);
+        let Some(Kind::Json(v)) = value else {
+            panic!("{value:?}")
+        };
+        assert_eq!(v.kind, Some(prost_types::value::Kind::NumberValue(1.0)));
+    }
+    assert_eq!(submitted, 1);
 }
 
 fn bad_field(status: &tonic::Status) -> String {
