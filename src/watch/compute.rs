@@ -30,6 +30,10 @@ pub struct ComputeRequest {
     pub task: NewTask,
     /// The entry's TTL.
     pub ttl: Duration,
+    /// The entry's tags.
+    pub tags: Vec<String>,
+    /// The entry's soft TTL.
+    pub soft_ttl: Option<Duration>,
     /// How long the computing task holds the key before another caller
     /// submits again.
     pub lock_ttl: Duration,
@@ -127,6 +131,9 @@ impl ComputeOnMiss {
         deadline: Deadline,
     ) -> Result<TaskId, ComputeError> {
         let mut new = req.task.clone();
+        // SWITCH POINT for the integrator: once the tags slice gives
+        // `CacheTarget` its tags and soft TTL, pass `req.tags` and
+        // `req.soft_ttl` here (the request already carries them).
         new.cache_result = Some(CacheTarget {
             level: req.level,
             key: req.key.clone(),

@@ -119,6 +119,8 @@ fn compute_request(r: pb::GetOrComputeRequest, cache: &Cache) -> Result<ComputeR
         level,
         task: new,
         ttl: time::duration("ttl", r.ttl, time::CACHE_TTL)?.unwrap_or(cache.default_ttl(level)),
+        soft_ttl: time::duration("soft_ttl", r.soft_ttl, time::CACHE_TTL)?,
+        tags: r.tags,
         lock_ttl: time::duration("lock_ttl", r.lock_ttl, time::COMPUTE_LOCK_TTL)?
             .unwrap_or(DEFAULT_COMPUTE_LOCK_TTL),
         key: r.key,
