@@ -5,6 +5,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `koo:cache:{level}:{key}` | string | a cached value (always with a TTL) |
+//! | `koo:v1:clock:{level}:{key}` | string | a compute lock (GetOrLock): its holder's token, and `\|task id` for GetOrCompute (always with a TTL, the lease) |
 //! | `koo:stats:cache:instances` | sorted set | koo instances publishing cache metrics, scored by last publish (ms) |
 //! | `koo:stats:cache:instance:{id}` | string | one instance's metrics record (with a TTL) |
 //!
@@ -82,6 +83,13 @@ impl KeySpace {
     /// A pattern for every cache key of every level.
     pub fn cache_pattern(&self) -> String {
         format!("{}:cache:*", self.escaped)
+    }
+
+    /// The compute lock of a cache entry (GetOrLock, GetOrCompute): outside
+    /// `:cache:`, so that listing, clearing and counting a level never meet
+    /// it.
+    pub fn lock_key(&self, level: Level, key: &str) -> String {
+        format!("{}:v1:clock:{}:{key}", self.prefix, level.as_str())
     }
 
     /// The sorted set of instances publishing cache metrics.

@@ -55,6 +55,14 @@ pub enum CacheError {
         /// What is wrong.
         reason: String,
     },
+    /// A `Fill` whose token no longer holds the entry's lock.
+    #[error(
+        "the lock was lost: lock_ttl passed and another caller took over (or the token is not this key's)"
+    )]
+    LockLost,
+    /// The call's deadline passed while it waited for another caller's value.
+    #[error("the deadline passed while waiting for another caller to fill the entry")]
+    DeadlineExceeded,
     /// The backend failed.
     #[error(transparent)]
     Store(#[from] StoreError),

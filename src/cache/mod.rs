@@ -6,6 +6,7 @@
 //! store once, and records metrics ([`metrics`]). Nothing here knows about
 //! gRPC.
 
+pub mod compute;
 mod config;
 mod entry;
 mod error;
@@ -66,6 +67,8 @@ struct Inner {
     /// streams cost the backend a bounded number of reads. A tokio mutex,
     /// held while reading, so that concurrent callers share one read.
     shared: tokio::sync::Mutex<Option<SharedFigures>>,
+    /// Wakes GetOrLock's waiters when an entry is filled (see `compute`).
+    fills: Box<dyn compute::FillSignal>,
 }
 
 impl Cache {
@@ -84,6 +87,7 @@ impl Cache {
                 key_counts: tokio::sync::watch::Sender::new(KeyCountState::default()),
                 walking: std::sync::atomic::AtomicBool::new(false),
                 shared: tokio::sync::Mutex::new(None),
+                fills: Box::new(compute::LocalFills::default()),
             }),
         }
     }

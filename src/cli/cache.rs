@@ -1,4 +1,6 @@
-//! `koo cache get|set|del|keys|clear|stats`: cache entries on a running koo.
+//! `koo cache get|set|del|keys|clear|stats|get-or-compute`: cache entries on a running koo.
+
+mod compute;
 
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -86,6 +88,8 @@ enum CacheCommand {
     },
     /// Hits, misses and keys per level.
     Stats,
+    /// Print a value; on a miss, koo runs --task once (for every caller) and caches its result.
+    GetOrCompute(compute::GetOrComputeArgs),
 }
 
 /// Runs a `koo cache` command.
@@ -169,6 +173,7 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             Ok(ExitStatus::Ok)
         }
         CacheCommand::Stats => stats(&conn, &mut client).await,
+        CacheCommand::GetOrCompute(a) => compute::run(&conn, &mut client, a).await,
     }
 }
 

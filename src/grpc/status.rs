@@ -241,7 +241,22 @@ impl From<CacheError> for Status {
             CacheError::ReplyTooLarge { .. } => Status::resource_exhausted(message()),
             CacheError::Corrupt { .. } => Status::data_loss(message()),
             CacheError::WarmFile { .. } => Status::failed_precondition(message()),
+            CacheError::LockLost => Status::failed_precondition(message()),
+            CacheError::DeadlineExceeded => Status::deadline_exceeded(message()),
             CacheError::Store(store) => store.into(),
+        }
+    }
+}
+
+impl From<crate::watch::compute::ComputeError> for Status {
+    fn from(e: crate::watch::compute::ComputeError) -> Self {
+        use crate::watch::compute::ComputeError as E;
+        match e {
+            E::Cache(e) => e.into(),
+            E::Task(e) => e.into(),
+            E::Failed { .. } | E::Vanished { .. } => {
+                Status::failed_precondition(bounded(e.to_string()))
+            }
         }
     }
 }

@@ -118,6 +118,27 @@ pub(crate) const LIMIT_PERIOD: Range = Range {
     text: "1 ms to 24 h",
 };
 
+/// GetOrLock's `lock_ttl`.
+pub(crate) const LOCK_TTL: Range = Range {
+    min: Duration::from_millis(1),
+    max: Duration::from_secs(3600),
+    text: "1 ms to 1 h",
+};
+
+/// GetOrLock's `wait`.
+pub(crate) const LOCK_WAIT: Range = Range {
+    min: Duration::ZERO,
+    max: Duration::from_secs(3600),
+    text: "0 to 1 h",
+};
+
+/// GetOrCompute's `lock_ttl` (how long a computing task holds the key).
+pub(crate) const COMPUTE_LOCK_TTL: Range = Range {
+    min: Duration::from_secs(1),
+    max: Duration::from_secs(DAY),
+    text: "1 s to 1 day",
+};
+
 /// The latest time any timestamp field may name: 9999-12-31T23:59:59Z, the
 /// end of `google.protobuf.Timestamp`'s own range.
 const LATEST_SECONDS: i64 = 253_402_300_799;

@@ -34,6 +34,7 @@ async fn contract(store: &Store, kind: BackendKind) {
     keys_and_batches(store).await;
     listing_and_removal(store).await;
     expiry_and_records(store).await;
+    compute_locks(store).await;
 }
 
 /// Reads and writes, one key and in batches.
@@ -143,6 +144,54 @@ async fn expiry_and_records(store: &Store) {
 }
 
 /// A schedule named `name` created at `ms`.
+/// Compute locks: one holder until its TTL passes; only the holder's token
+/// replaces or releases it; a released or lapsed lock can be taken again.
+async fn compute_locks(store: &Store) {
+    use super::LockState;
+    let d = later();
+    let short = Duration::from_millis(200);
+    assert_eq!(
+        store.lock_acquire("l:a", "tok1", short, d).await.unwrap(),
+        LockState::Acquired
+    );
+    match store.lock_acquire("l:a", "tok2", MINUTE, d).await.unwrap() {
+        LockState::Held { value, left } => {
+            assert_eq!(value, "tok1");
+            assert!(left <= short && left > Duration::ZERO, "{left:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!store.lock_update("l:a", "tok2", "tok2|x", d).await.unwrap());
+    assert!(
+        store
+            .lock_update("l:a", "tok1", "tok1|t~1", d)
+            .await
+            .unwrap()
+    );
+    let (value, left) = store.lock_read("l:a", d).await.unwrap().unwrap();
+    assert_eq!(value, "tok1|t~1");
+    assert!(left <= short, "an update keeps the expiry: {left:?}");
+    assert!(!store.lock_release("l:a", "tok2", d).await.unwrap());
+    assert!(
+        !store.lock_release("l:a", "tok", d).await.unwrap(),
+        "a prefix is not the token"
+    );
+    // the lease passing is the scenario
+    tokio::time::sleep(short + Duration::from_millis(50)).await;
+    assert_eq!(store.lock_read("l:a", d).await.unwrap(), None);
+    assert_eq!(
+        store.lock_acquire("l:a", "tok2", MINUTE, d).await.unwrap(),
+        LockState::Acquired
+    );
+    assert!(store.lock_release("l:a", "tok2", d).await.unwrap());
+    assert_eq!(store.lock_read("l:a", d).await.unwrap(), None);
+    assert_eq!(
+        store.get("l:a", d).await.unwrap(),
+        None,
+        "locks are not entries"
+    );
+}
+
 fn schedule(name: &str, ms: i64) -> Schedule {
     Schedule {
         name: name.to_owned(),

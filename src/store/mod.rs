@@ -10,6 +10,7 @@
 pub mod clock;
 #[cfg(test)]
 mod contract;
+pub mod lock;
 pub mod memory;
 pub mod redis;
 pub mod schedules;
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use tokio::time::Instant;
 
+pub use self::lock::{LockState, held_by, lock_task};
 pub use self::memory::{MemoryConfig, MemoryStore};
 pub use self::redis::{RedisConfig, RedisStore};
 
@@ -324,6 +326,34 @@ pub trait CacheBackend: Any + Send + Sync {
         key_of: KeyOf<'_>,
         deadline: Deadline,
     ) -> Result<u64>;
+
+    // --- compute: the locks of GetOrLock and GetOrCompute (see [`lock`])
+
+    /// Takes `lock` under `token` for `ttl` unless someone holds it.
+    async fn lock_acquire(
+        &self,
+        lock: &str,
+        token: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<LockState>;
+
+    /// The value of `lock` and its time left, if it is held.
+    async fn lock_read(&self, lock: &str, deadline: Deadline)
+    -> Result<Option<(String, Duration)>>;
+
+    /// Replaces the value of `lock`, keeping its expiry, if `token` holds
+    /// it; whether it did.
+    async fn lock_update(
+        &self,
+        lock: &str,
+        token: &str,
+        value: &str,
+        deadline: Deadline,
+    ) -> Result<bool>;
+
+    /// Deletes `lock` if `token` holds it; whether it did.
+    async fn lock_release(&self, lock: &str, token: &str, deadline: Deadline) -> Result<bool>;
 }
 
 /// The cache's store: a cheap-to-clone handle on one [`CacheBackend`].

@@ -14,6 +14,7 @@
 //! ([`Watchers`]): the `KOO_MAX_WATCHERS` limit and the stream figures that
 //! `GetTaskMetrics` reports.
 
+pub mod compute;
 pub mod feed;
 pub mod queues;
 pub mod resume;

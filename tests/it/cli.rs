@@ -172,6 +172,44 @@ fn cache_commands() {
     assert_eq!(bad.code, 2, "clear needs its level named");
 }
 
+/// `koo cache get-or-compute`: a miss runs the task (the built-in echo)
+/// once and prints its result, which is then cached; a bad `--arg` exits 2
+/// naming it.
+#[test]
+fn cache_get_or_compute() {
+    let (_koo, addr) = serve(&[]);
+    let koo = |args: &[&str]| koo_at(&addr, &[], args);
+    let compute = [
+        "cache",
+        "get-or-compute",
+        "stats:today",
+        "--task",
+        "koo.diagnostics.echo",
+        "--kwargs",
+        r#"{"result":{"visits":7}}"#,
+        "--ttl",
+        "60s",
+    ];
+    assert_eq!(koo(&compute).ok().trim(), r#"{"visits":7}"#);
+    assert_eq!(
+        koo(&["cache", "get", "stats:today"]).ok().trim(),
+        r#"{"visits":7}"#
+    );
+    let again = koo(&[&compute[..], &["--json"]].concat()).json();
+    assert_eq!(again["computed"], serde_json::Value::Null, "{again}");
+    let bad = koo(&[
+        "cache",
+        "get-or-compute",
+        "k",
+        "--task",
+        "t",
+        "--arg",
+        "{nope",
+    ]);
+    assert_eq!(bad.code, 2);
+    assert!(bad.stderr.contains("--arg"), "{}", bad.stderr);
+}
+
 /// Task commands: submit --wait (exit 0 on success, 1 on failure), get,
 /// ls, history, dead, requeue, watch, cancel, retry; bad kwargs exit 2.
 #[test]

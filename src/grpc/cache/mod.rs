@@ -24,6 +24,7 @@ use crate::cache::{Cache, warm};
 use crate::pb::cache::v1 as pb;
 use crate::store::Deadline;
 use crate::tasks::engine::TaskEngine;
+use crate::watch::compute::ComputeOnMiss;
 use crate::watch::upkeep::{CacheUpkeep, Submitted};
 use crate::watch::{Hub, Kind as WatchKind, Ticker, Watchers};
 
@@ -32,6 +33,8 @@ pub struct CacheApi {
     cache: Cache,
     /// Where `Cleanup`, `Warm` and `StartMaintenance` submit their tasks.
     upkeep: CacheUpkeep,
+    /// Where `GetOrCompute` submits its tasks.
+    compute: ComputeOnMiss,
     /// This process's watch streams (`WatchMetrics` counts against them).
     watchers: Watchers,
     max_value_size: usize,
@@ -66,6 +69,7 @@ impl CacheApi {
             f
         });
         Self {
+            compute: ComputeOnMiss::new(cache.clone(), tasks.0.clone(), tasks.1.clone()),
             cache,
             upkeep: CacheUpkeep::new(tasks.0, tasks.1.clone()),
             watchers: tasks.1.watchers().clone(),

@@ -14,6 +14,7 @@
 //! `.await`, every critical section is a few map operations, and a std lock is
 //! several times cheaper to take.
 
+mod locks;
 mod schedules;
 mod snapshot;
 mod state;
@@ -34,7 +35,7 @@ use tokio::sync::watch;
 use self::state::{State, charge, entry, expiry};
 use super::{
     BackendKind, CacheBackend, CircuitState, CleanupCounts, Deadline, Entry, KeyOf, KeySize,
-    LastError, MemoryReport, Result, ScanPage, StoreError, Write, unix_millis,
+    LastError, LockState, MemoryReport, Result, ScanPage, StoreError, Write, unix_millis,
 };
 use crate::glob;
 
@@ -71,6 +72,8 @@ struct Inner {
     /// Always `Closed`: there is no connection to break. Kept so that health
     /// reporting treats both backends alike.
     circuit: watch::Sender<CircuitState>,
+    /// Compute locks (GetOrLock), apart from the entries.
+    locks: locks::Locks,
 }
 
 impl MemoryStore {
@@ -83,6 +86,7 @@ impl MemoryStore {
                 max_bytes: config.max_bytes,
                 peak: AtomicU64::new(0),
                 circuit,
+                locks: locks::Locks::default(),
             }),
         }
     }
@@ -402,6 +406,39 @@ impl CacheBackend for MemoryStore {
             }
         }
         Ok(stale.len() as u64)
+    }
+
+    // --- compute: locks, in `locks`
+    async fn lock_acquire(
+        &self,
+        lock: &str,
+        token: &str,
+        ttl: Duration,
+        _deadline: Deadline,
+    ) -> Result<LockState> {
+        Ok(self.inner.locks.take(lock, token, ttl))
+    }
+
+    async fn lock_read(
+        &self,
+        lock: &str,
+        _deadline: Deadline,
+    ) -> Result<Option<(String, Duration)>> {
+        Ok(self.inner.locks.peek(lock))
+    }
+
+    async fn lock_update(
+        &self,
+        lock: &str,
+        token: &str,
+        value: &str,
+        _deadline: Deadline,
+    ) -> Result<bool> {
+        Ok(self.inner.locks.replace(lock, token, value))
+    }
+
+    async fn lock_release(&self, lock: &str, token: &str, _deadline: Deadline) -> Result<bool> {
+        Ok(self.inner.locks.drop_if(lock, token))
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use super::RedisStore;
 use crate::store::{
     BackendKind, CacheBackend, CircuitState, CleanupCounts, Deadline, Entry, KeyOf, KeySize,
-    LastError, MemoryReport, Result, ScanPage, Write,
+    LastError, LockState, MemoryReport, Result, ScanPage, Write,
 };
 
 #[tonic::async_trait]
@@ -190,6 +190,39 @@ impl CacheBackend for RedisStore {
         deadline: Deadline,
     ) -> Result<u64> {
         self.remove_stale(index, since, key_of, deadline).await
+    }
+
+    // --- compute: locks, in `super::lock`
+    async fn lock_acquire(
+        &self,
+        lock: &str,
+        token: &str,
+        ttl: Duration,
+        deadline: Deadline,
+    ) -> Result<LockState> {
+        self.lock_take(lock, token, ttl, deadline).await
+    }
+
+    async fn lock_read(
+        &self,
+        lock: &str,
+        deadline: Deadline,
+    ) -> Result<Option<(String, Duration)>> {
+        self.lock_peek(lock, deadline).await
+    }
+
+    async fn lock_update(
+        &self,
+        lock: &str,
+        token: &str,
+        value: &str,
+        deadline: Deadline,
+    ) -> Result<bool> {
+        self.lock_replace(lock, token, value, deadline).await
+    }
+
+    async fn lock_release(&self, lock: &str, token: &str, deadline: Deadline) -> Result<bool> {
+        self.lock_drop(lock, token, deadline).await
     }
 }
 

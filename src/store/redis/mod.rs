@@ -14,6 +14,7 @@ mod breaker;
 mod call;
 mod info;
 mod kv;
+mod lock;
 mod pool;
 mod records;
 mod recovery;

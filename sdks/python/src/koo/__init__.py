@@ -16,6 +16,7 @@ Layout:
 
 from koo._cache import CacheHit, CacheLevel, KooCache, SyncKooCache
 from koo._cached import cache_key, cached
+from koo._compute import Computed, Locked
 from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
@@ -38,12 +39,14 @@ __all__ = [
     "DEFAULT_TARGET",
     "CacheHit",
     "CacheLevel",
+    "Computed",
     "ConcurrencyLimitInfo",
     "ConcurrencyPolicy",
     "EventHook",
     "Fatal",
     "KooCache",
     "KooError",
+    "Locked",
     "QueueInfo",
     "RateLimitInfo",
     "RateLimited",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from koo._compute import Computed, Locked, compute_request, computed, fill_request, lock_request, locked
 from koo._connection import Connection, KooError, Settings, rpc, shared_loop
 from koo._values import Seconds, from_cache_value, from_duration, to_cache_value, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
@@ -248,6 +249,80 @@ class KooCache:
         """The seed's helper: a cached API response, or None."""
         return await self.get(key, CacheLevel.API)
 
+    # ----- compute on miss, once (see `koo._compute`) ---------------------
+
+    async def get_or_lock(
+        self,
+        key: str,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        lock_ttl: Seconds | None = None,
+        wait: Seconds | None = None,
+        timeout: float | None = None,
+    ) -> Locked:
+        """The value, or a token to compute it (see `Locked`).
+
+        `lock_ttl` (default 30 s) is how long the token holds the key before a
+        waiter takes over; `wait` how long to wait for another caller's value
+        (default: `timeout`, the call's deadline).
+        """
+        req = lock_request(key, level.proto, lock_ttl, wait)
+        return locked(await rpc(self._stub().GetOrLock(req, metadata=self._conn.metadata(), timeout=timeout)))
+
+    async def fill(
+        self,
+        key: str,
+        token: str,
+        value: Any,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        ttl: Seconds | None = None,
+        soft_ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+    ) -> bool:
+        """Stores the value computed under `token` and wakes the waiters.
+
+        Raises `KooError` (FAILED_PRECONDITION) when the lock was lost.
+        """
+        req = fill_request(key, level.proto, token, value=value, ttl=ttl, soft_ttl=soft_ttl, tags=tags)
+        await rpc(self._stub().Fill(req, metadata=self._conn.metadata()))
+        return True
+
+    async def give_up(self, key: str, token: str, level: CacheLevel = CacheLevel.APPLICATION) -> None:
+        """Gives the lock of `token` up without a value: a waiter takes over at once."""
+        req = fill_request(key, level.proto, token, store=False)
+        await rpc(self._stub().Fill(req, metadata=self._conn.metadata()))
+
+    async def get_or_compute(
+        self,
+        key: str,
+        task: str,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str = "",
+        ttl: Seconds | None = None,
+        soft_ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+        lock_ttl: Seconds | None = None,
+        timeout: float | None = None,
+    ) -> Computed:
+        """The value; on a miss, koo runs `task` once (for every caller) and caches its result."""
+        req = compute_request(
+            key,
+            level.proto,
+            task,
+            args=args,
+            kwargs=kwargs,
+            queue=queue,
+            ttl=ttl,
+            soft_ttl=soft_ttl,
+            tags=tags,
+            lock_ttl=lock_ttl,
+        )
+        return computed(await rpc(self._stub().GetOrCompute(req, metadata=self._conn.metadata(), timeout=timeout)))
+
 
 class SyncKooCache:
     """Blocking twins of `KooCache`'s methods, for code without an event loop.
@@ -342,3 +417,65 @@ class SyncKooCache:
     def get_cached_api_response(self, key: str) -> Any:
         """See `KooCache.get_cached_api_response`."""
         return shared_loop().run(self._cache.get_cached_api_response(key))
+
+    def get_or_lock(
+        self,
+        key: str,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        lock_ttl: Seconds | None = None,
+        wait: Seconds | None = None,
+        timeout: float | None = None,
+    ) -> Locked:
+        """See `KooCache.get_or_lock`."""
+        return shared_loop().run(self._cache.get_or_lock(key, level, lock_ttl=lock_ttl, wait=wait, timeout=timeout))
+
+    def fill(
+        self,
+        key: str,
+        token: str,
+        value: Any,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        ttl: Seconds | None = None,
+        soft_ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+    ) -> bool:
+        """See `KooCache.fill`."""
+        return shared_loop().run(self._cache.fill(key, token, value, level, ttl=ttl, soft_ttl=soft_ttl, tags=tags))
+
+    def give_up(self, key: str, token: str, level: CacheLevel = CacheLevel.APPLICATION) -> None:
+        """See `KooCache.give_up`."""
+        shared_loop().run(self._cache.give_up(key, token, level))
+
+    def get_or_compute(
+        self,
+        key: str,
+        task: str,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        queue: str = "",
+        ttl: Seconds | None = None,
+        soft_ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+        lock_ttl: Seconds | None = None,
+        timeout: float | None = None,
+    ) -> Computed:
+        """See `KooCache.get_or_compute`."""
+        return shared_loop().run(
+            self._cache.get_or_compute(
+                key,
+                task,
+                level,
+                args=args,
+                kwargs=kwargs,
+                queue=queue,
+                ttl=ttl,
+                soft_ttl=soft_ttl,
+                tags=tags,
+                lock_ttl=lock_ttl,
+                timeout=timeout,
+            )
+        )

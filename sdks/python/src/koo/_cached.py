@@ -11,12 +11,16 @@ SHA-256 (hex). It is the same in every process and Python version. Arguments
 must be JSON-able (a `TypeError` says which is not); pass `key_builder` to
 build the argument part yourself (e.g. to leave out `self` or a session).
 
-Only one computation per key runs at a time *in one process*: concurrent
-callers of a cold key wait for the first one's result. Across processes, koo
-1.x offers plain `Get`/`Set` only (no set-if-absent, no lock), so every
-process that misses a cold key at the same time computes it once; server-side
-single-flight comes with koo's cache issue 19. If koo cannot be reached, the
-function runs uncached (the error is logged, not raised).
+One computation per key runs at a time across every process and koo
+instance: a call reads with koo's `GetOrLock`; of the callers of a cold key,
+the one that gets the lock token computes and stores the result with `Fill`,
+and the others wait for it (in one process they also share one in-flight
+call). A computation that raises gives the lock up (so that a waiter takes
+over at once) and re-raises; one that never finishes (the process died)
+loses the key after `lock_ttl`. With `soft_ttl`, an entry past it is served
+stale to every caller while the one caller that gets the token computes a
+fresh value (that caller waits for it). If koo cannot be reached, or nobody
+filled within `lock_ttl`, the function runs uncached (logged, not raised).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from koo._cache import CacheLevel, KooCache
@@ -67,10 +71,16 @@ class _Cached(Generic[P, R]):
         cache_none: bool,
         key_builder: KeyBuilder | None,
         cache: Callable[[], KooCache],
+        soft_ttl: Seconds | None = None,
+        tags: Iterable[str] = (),
+        lock_ttl: float = 30.0,
     ) -> None:
         self.__wrapped__ = func
         functools.update_wrapper(self, func)
         self.ttl = ttl
+        self.soft_ttl = soft_ttl
+        self.tags = tuple(tags)
+        self.lock_ttl = lock_ttl
         self.level = level
         self.key_prefix = key_prefix
         self.cache_none = cache_none
@@ -107,23 +117,50 @@ class _Cached(Generic[P, R]):
 
     # ----- async functions -------------------------------------------------
 
-    async def _read(self, key: str) -> tuple[bool, Any]:
+    async def _read(self, key: str) -> tuple[bool, Any, str]:
+        """(found, value, token): a fresh value, or the token to compute it.
+
+        No token and no value (koo unreachable, or nobody filled within
+        `lock_ttl`) means: compute uncached.
+        """
         try:
-            hit = await self._cache().get_entry(key, self.level)
+            r = await self._cache().get_or_lock(
+                key, self.level, lock_ttl=self.lock_ttl, wait=self.lock_ttl, timeout=self.lock_ttl + 5
+            )
         except KooError as e:
             log.warning("cache read of %s failed, computing uncached: %s", key, e)
-            return False, None
-        if hit is None or (hit.value is None and not self.cache_none):
-            return False, None
-        return True, hit.value
+            return False, None, ""
+        if r.token:
+            return False, None, r.token
+        if not r.found:
+            log.warning("nobody filled %s within %s s, computing uncached", key, self.lock_ttl)
+            return False, None, ""
+        if r.value is None and not self.cache_none:
+            return False, None, ""
+        return True, r.value, ""
 
-    async def _write(self, key: str, value: Any) -> None:
-        if value is None and not self.cache_none:
+    async def _write(self, key: str, token: str, value: Any) -> None:
+        """Stores `value` under the lock of `token` (or gives the lock up for an uncached None)."""
+        if not token:
             return
         try:
-            await self._cache().set(key, value, ttl=self.ttl, level=self.level)
+            if value is None and not self.cache_none:
+                await self._cache().give_up(key, token, self.level)
+            else:
+                await self._cache().fill(
+                    key, token, value, self.level, ttl=self.ttl, soft_ttl=self.soft_ttl, tags=self.tags
+                )
         except (KooError, TypeError, ValueError) as e:
             log.warning("cache write of %s failed: %s", key, e)
+
+    async def _give_up(self, key: str, token: str) -> None:
+        """After a failed computation: a waiter takes over at once."""
+        if not token:
+            return
+        try:
+            await self._cache().give_up(key, token, self.level)
+        except KooError as e:
+            log.warning("giving up the lock of %s failed (it lapses after lock_ttl): %s", key, e)
 
     async def _call_async(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = self.cache_key(*args, **kwargs)
@@ -137,11 +174,15 @@ class _Cached(Generic[P, R]):
         fut: asyncio.Future[Any] = loop.create_future()
         self._inflight[slot] = fut
         try:
-            found, value = await self._read(key)
+            found, value, token = await self._read(key)
             if not found:
                 func = cast(Callable[..., Awaitable[Any]], self.__wrapped__)
-                value = await func(*args, **kwargs)
-                await self._write(key, value)
+                try:
+                    value = await func(*args, **kwargs)
+                except BaseException:
+                    await self._give_up(key, token)
+                    raise
+                await self._write(key, token, value)
             fut.set_result(value)
             return value
         except BaseException as e:
@@ -159,18 +200,19 @@ class _Cached(Generic[P, R]):
 
     def _call_sync(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
         key = self.cache_key(*args, **kwargs)
-        found, value = sync_run(self._read(key))
-        if found:
-            return cast(R, value)
         with self._locks_guard:
             lock, users = self._locks.get(key, (threading.Lock(), 0))
             self._locks[key] = (lock, users + 1)
         try:
             with lock:
-                found, value = sync_run(self._read(key))
+                found, value, token = sync_run(self._read(key))
                 if not found:
-                    value = self.__wrapped__(*args, **kwargs)
-                    sync_run(self._write(key, value))
+                    try:
+                        value = self.__wrapped__(*args, **kwargs)
+                    except BaseException:
+                        sync_run(self._give_up(key, token))
+                        raise
+                    sync_run(self._write(key, token, value))
                 return cast(R, value)
         finally:
             with self._locks_guard:
@@ -235,6 +277,9 @@ def cached(
     cache_none: bool = ...,
     key_builder: KeyBuilder | None = ...,
     cache: KooCache | None = ...,
+    soft_ttl: Seconds | None = ...,
+    tags: Iterable[str] = ...,
+    lock_ttl: float = ...,
 ) -> Callable[[Callable[P, R]], _Cached[P, R]]: ...
 
 
@@ -248,12 +293,18 @@ def cached(
     cache_none: bool = False,
     key_builder: KeyBuilder | None = None,
     cache: KooCache | None = None,
+    soft_ttl: Seconds | None = None,
+    tags: Iterable[str] = (),
+    lock_ttl: float = 30.0,
 ) -> _Cached[P, R] | Callable[[Callable[P, R]], _Cached[P, R]]:
     """Caches a function's results in koo (async and plain functions alike).
 
     `ttl` None means the level's default. `cache_none=False` (the default)
     leaves `None` results uncached. `cache` defaults to
-    `koo.redis_cache.redis_cache`. The decorated function gains
+    `koo.redis_cache.redis_cache`. `soft_ttl` (shorter than `ttl`) serves
+    a stale value while one caller refreshes it; `tags` are the entries'
+    tags (for `InvalidateTags`); `lock_ttl` (seconds) is how long one
+    computation holds the key. The decorated function gains
     `cache_key(...)`, `bypass(...)` (call without the cache) and
     `invalidate(...)` (drop one call's entry; awaitable for async functions).
     """
@@ -274,6 +325,9 @@ def cached(
             cache_none=cache_none,
             key_builder=key_builder,
             cache=default_cache,
+            soft_ttl=soft_ttl,
+            tags=tags,
+            lock_ttl=lock_ttl,
         )
 
     if func is not None:
