@@ -5,6 +5,7 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `koo:cache:{level}:{key}` | string | a cached value (always with a TTL) |
+//! | `koo:v1:ctag:{level}:{tag}` | string | a cache tag's version (a random u64, decimal; expires with the last entry that carries it; see `cache::tags`) |
 //! | `koo:stats:cache:instances` | sorted set | koo instances publishing cache metrics, scored by last publish (ms) |
 //! | `koo:stats:cache:instance:{id}` | string | one instance's metrics record (with a TTL) |
 //!
@@ -82,6 +83,18 @@ impl KeySpace {
     /// A pattern for every cache key of every level.
     pub fn cache_pattern(&self) -> String {
         format!("{}:cache:*", self.escaped)
+    }
+
+    /// The version key of a cache tag: outside `:cache:`, so that listing
+    /// and clearing a level never see it.
+    pub fn tag_key(&self, level: Level, tag: &str) -> String {
+        format!("{}:v1:ctag:{}:{tag}", self.prefix, level.as_str())
+    }
+
+    /// `{prefix}:v1:ctag:` — the start of every tag key (the embedded
+    /// store's image keeps them with the entries).
+    pub fn tag_prefix(&self) -> String {
+        format!("{}:v1:ctag:", self.prefix)
     }
 
     /// The sorted set of instances publishing cache metrics.

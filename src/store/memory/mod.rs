@@ -17,6 +17,7 @@
 mod schedules;
 mod snapshot;
 mod state;
+mod tags;
 pub mod tasks;
 
 pub use schedules::MemorySchedules;
@@ -402,6 +403,23 @@ impl CacheBackend for MemoryStore {
             }
         }
         Ok(stale.len() as u64)
+    }
+
+    // --- tags: see `tags`
+    async fn tag_versions_for_write(
+        &self,
+        tags: &[(String, Duration)],
+        _deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        self.versions_for_write(tags)
+    }
+
+    async fn tag_versions(&self, keys: &[String], _deadline: Deadline) -> Result<Vec<Option<u64>>> {
+        Ok(self.current_versions(keys))
+    }
+
+    async fn bump_tags(&self, keys: &[String], _deadline: Deadline) -> Result<u64> {
+        self.bump(keys)
     }
 }
 

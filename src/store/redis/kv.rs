@@ -191,6 +191,26 @@ impl CacheBackend for RedisStore {
     ) -> Result<u64> {
         self.remove_stale(index, since, key_of, deadline).await
     }
+
+    // --- tags: see `super::tags`
+    #[tracing::instrument(level = "debug", skip_all, fields(tags = tags.len()))]
+    async fn tag_versions_for_write(
+        &self,
+        tags: &[(String, Duration)],
+        deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        self.versions_for_write(tags, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(tags = keys.len()))]
+    async fn tag_versions(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<u64>>> {
+        self.current_versions(keys, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(tags = keys.len()))]
+    async fn bump_tags(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
+        self.bump(keys, deadline).await
+    }
 }
 
 fn entry(value: Vec<u8>, pttl: i64) -> Entry {
