@@ -171,6 +171,9 @@ pub struct Embedded {
     /// The in-process schedules (with the embedded tasks).
     pub schedules: Option<ScheduleStore>,
     cache_prefix: String,
+    /// `{prefix}:v1:ctag:`: the cache's tag versions, saved with the
+    /// entries so that tagged entries still hit after a restart.
+    tag_prefix: String,
     limits: TaskLimits,
     dir: Option<Arc<DataDir>>,
 }
@@ -186,6 +189,7 @@ impl Embedded {
             tasks: tasks_embedded.then(MemoryTasks::default),
             schedules: tasks_embedded.then(ScheduleStore::memory),
             cache_prefix: format!("{}:cache:", parts.cache_prefix),
+            tag_prefix: crate::keys::KeySpace::new(&parts.cache_prefix).tag_prefix(),
             limits: parts.tasks.unwrap_or_default(),
             dir: None,
         };
@@ -305,7 +309,11 @@ impl Embedded {
         let Some(dir) = &self.dir else { return Ok(()) };
         let started = Instant::now();
         let body = Body {
-            cache: self.cache.as_ref().map(|c| c.export(&self.cache_prefix)),
+            cache: self.cache.as_ref().map(|c| {
+                let mut image = c.export(&self.cache_prefix);
+                image.entries.extend(c.export(&self.tag_prefix).entries);
+                image
+            }),
             tasks: self.tasks.as_ref().map(MemoryTasks::export),
             schedules: self.schedules.as_ref().and_then(|s| s.export_memory()),
         };

@@ -68,20 +68,27 @@ pub(super) fn has_meta(e: &NewEntry) -> bool {
 
 /// Checks an entry's tags and soft TTL; `at` prefixes the field names.
 pub(super) fn check_meta(at: impl Fn() -> String, e: &NewEntry, ttl: Duration) -> Result<()> {
-    if e.tags.len() > MAX_TAGS {
+    check(&at(), &e.tags, e.soft_ttl, ttl)
+}
+
+/// Checks tags and a soft TTL for an entry of `ttl` (also for a task's
+/// `cache_result`, at submission); `at` prefixes the field names
+/// (`entries[2].`).
+pub fn check(at: &str, tags: &[String], soft_ttl: Option<Duration>, ttl: Duration) -> Result<()> {
+    if tags.len() > MAX_TAGS {
         return Err(CacheError::invalid(
-            format!("{}tags", at()),
-            format!("has {} tags, over the limit of {MAX_TAGS}", e.tags.len()),
+            format!("{at}tags"),
+            format!("has {} tags, over the limit of {MAX_TAGS}", tags.len()),
         ));
     }
-    for (i, tag) in e.tags.iter().enumerate() {
-        check_tag(|| format!("{}tags[{i}]", at()), tag)?;
+    for (i, tag) in tags.iter().enumerate() {
+        check_tag(|| format!("{at}tags[{i}]"), tag)?;
     }
-    if let Some(soft) = e.soft_ttl
+    if let Some(soft) = soft_ttl
         && soft >= ttl
     {
         return Err(CacheError::invalid(
-            format!("{}soft_ttl", at()),
+            format!("{at}soft_ttl"),
             format!("must be shorter than the TTL ({soft:?} is not under {ttl:?})"),
         ));
     }
@@ -157,7 +164,8 @@ impl Cache {
     /// Turns hits whose tags were invalidated into misses: one store call
     /// for the tags of every hit, made only when some hit has tags
     /// (`versions[i]` are hit `i`'s tag versions as written). Dead entries
-    /// are unlinked in the background, best-effort.
+    /// are unlinked, best-effort, before answering (one more round trip,
+    /// once per dead entry), so that they stop taking memory.
     pub(super) async fn drop_invalidated(
         &self,
         level: Level,
@@ -193,10 +201,8 @@ impl Cache {
             }
         }
         if !dead.is_empty() {
-            let store = self.inner.store.clone();
-            tokio::spawn(async move {
-                let _ = store.delete(&dead, deadline).await;
-            });
+            // Best-effort: a failure leaves the entry to expire, still dead.
+            let _ = self.inner.store.delete(&dead, deadline).await;
         }
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! `koo cache get|set|del|keys|clear|stats`: cache entries on a running koo.
+//! `koo cache get|set|del|keys|clear|invalidate-tags|stats`: cache entries
+//! on a running koo.
 
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -43,7 +44,8 @@ impl Level {
 
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
-    /// Print a value (exit 1 when the key is not there).
+    /// Print a value (exit 1 when the key is not there); its tags and
+    /// whether it is stale go to stderr, so that stdout is the value alone.
     Get {
         key: String,
         #[arg(long, value_enum, default_value = "app")]
@@ -61,6 +63,22 @@ enum CacheCommand {
         /// Store VALUE as text, not JSON.
         #[arg(long)]
         text: bool,
+        /// A tag, for `invalidate-tags` (repeat for more: `--tag a --tag b`).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Soft TTL (`30s`): after it, reads mark the value stale; shorter
+        /// than the TTL.
+        #[arg(long, value_parser = super::connect::parse_duration)]
+        soft_ttl: Option<std::time::Duration>,
+    },
+    /// Make every entry carrying any of TAGS miss; prints how many
+    /// (level, tag) pairs had entries.
+    InvalidateTags {
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Only this level; default: every level.
+        #[arg(long, value_enum)]
+        level: Option<Level>,
     },
     /// Delete keys; prints how many were there.
     Del {
@@ -100,6 +118,8 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             level,
             ttl,
             text,
+            tags,
+            soft_ttl,
         } => {
             let kind = if text {
                 Kind::Text(value)
@@ -113,8 +133,8 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
                 key,
                 value: Some(pb::CacheValue { kind: Some(kind) }),
                 ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
-                tags: Vec::new(),
-                soft_ttl: None,
+                tags,
+                soft_ttl: soft_ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
             };
             let reply = client
                 .set(conn.unary(request))
@@ -168,6 +188,23 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             }
             Ok(ExitStatus::Ok)
         }
+        CacheCommand::InvalidateTags { tags, level } => {
+            let request = pb::InvalidateTagsRequest {
+                level: level.map_or(0, Level::pb),
+                tags,
+            };
+            let reply = client
+                .invalidate_tags(conn.unary(request))
+                .await
+                .map_err(|s| conn.failed(s))?
+                .into_inner();
+            if conn.json {
+                print_json("koo.cache.v1.InvalidateTagsResponse", &reply);
+            } else {
+                outln!("invalidated {}", reply.known_count);
+            }
+            Ok(ExitStatus::Ok)
+        }
         CacheCommand::Stats => stats(&conn, &mut client).await,
     }
 }
@@ -192,6 +229,14 @@ async fn get(
     if conn.json {
         print_json("koo.cache.v1.GetResponse", &reply);
     } else if reply.found {
+        if !reply.tags.is_empty() || reply.stale || reply.soft_ttl.is_some() {
+            let soft = match &reply.soft_ttl {
+                Some(left) => format!("fresh for {}", output::duration(Some(left))),
+                None if reply.stale => "stale".to_owned(),
+                None => String::new(),
+            };
+            eprintln!("tags: [{}] {soft}", reply.tags.join(", "));
+        }
         match reply.value.and_then(|v| v.kind) {
             Some(Kind::Text(text)) => outln!("{text}"),
             Some(Kind::Json(value)) => {
