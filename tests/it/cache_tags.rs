@@ -417,3 +417,45 @@ async fn an_invalidated_entry_is_unlinked_when_read() {
         .unwrap();
     assert_eq!(keys, Vec::<String>::new());
 }
+
+/// `POST /api/v1/cache/invalidate-tags`, the RPC's REST route: tags set
+/// over REST are invalidated over REST, in every level when none is named.
+#[test]
+fn invalidate_tags_over_rest() {
+    use common::rest::{curl, serve_http};
+    use serde_json::json;
+    let (_koo, http) = serve_http(&[]);
+    let post = |path: &str, body: serde_json::Value| {
+        curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            &body.to_string(),
+            &format!("http://{http}{path}"),
+        ])
+    };
+    let (code, set) = post(
+        "/api/v1/cache/set",
+        json!({"level": "CACHE_LEVEL_DB", "key": "u:1", "value": {"text": "v"}, "tags": ["user:1"], "soft_ttl": "30s", "ttl": "60s"}),
+    );
+    assert_eq!(code, 200, "{set}");
+    let (_, got) = curl(&[&format!(
+        "http://{http}/api/v1/cache/get?level=CACHE_LEVEL_DB&key=u:1"
+    )]);
+    assert_eq!(got["tags"], json!(["user:1"]), "{got}");
+    assert_eq!(got["stale"], false, "{got}");
+    let (code, reply) = post("/api/v1/cache/invalidate-tags", json!({"tags": ["user:1"]}));
+    assert_eq!((code, &reply["known_count"]), (200, &json!("1")), "{reply}");
+    let (_, got) = curl(&[&format!(
+        "http://{http}/api/v1/cache/get?level=CACHE_LEVEL_DB&key=u:1"
+    )]);
+    assert_eq!(got["found"], false, "{got}");
+    let (code, bad) = post("/api/v1/cache/invalidate-tags", json!({"tags": []}));
+    assert_eq!(code, 400, "{bad}");
+    assert_eq!(
+        bad["details"][0]["field_violations"][0]["field"], "tags",
+        "{bad}"
+    );
+}
