@@ -128,29 +128,18 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
                     CliError::Usage(format!("VALUE {value:?}: {e} (or use --text)"))
                 })?)
             };
+            let duration = |d: Option<std::time::Duration>| {
+                d.and_then(|t| prost_types::Duration::try_from(t).ok())
+            };
             let request = pb::SetRequest {
                 level: level.pb(),
                 key,
                 value: Some(pb::CacheValue { kind: Some(kind) }),
-                ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+                ttl: duration(ttl),
                 tags,
-                soft_ttl: soft_ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
+                soft_ttl: duration(soft_ttl),
             };
-            let reply = client
-                .set(conn.unary(request))
-                .await
-                .map_err(|s| conn.failed(s))?
-                .into_inner();
-            if conn.json {
-                print_json("koo.cache.v1.SetResponse", &reply);
-            } else {
-                outln!(
-                    "stored ({} bytes, ttl {})",
-                    reply.size_bytes,
-                    output::duration(reply.ttl.as_ref())
-                );
-            }
-            Ok(ExitStatus::Ok)
+            set(&conn, &mut client, request).await
         }
         CacheCommand::Del { keys, level } => {
             let request = pb::DeleteManyRequest {
@@ -189,27 +178,58 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             Ok(ExitStatus::Ok)
         }
         CacheCommand::InvalidateTags { tags, level } => {
-            let request = pb::InvalidateTagsRequest {
-                level: level.map_or(0, Level::pb),
-                tags,
-            };
-            let reply = client
-                .invalidate_tags(conn.unary(request))
-                .await
-                .map_err(|s| conn.failed(s))?
-                .into_inner();
-            if conn.json {
-                print_json("koo.cache.v1.InvalidateTagsResponse", &reply);
-            } else {
-                outln!("invalidated {}", reply.known_count);
-            }
-            Ok(ExitStatus::Ok)
+            invalidate_tags(&conn, &mut client, tags, level).await
         }
         CacheCommand::Stats => stats(&conn, &mut client).await,
     }
 }
 
 type Client = CacheServiceClient<tonic::transport::Channel>;
+
+async fn set(
+    conn: &Conn,
+    client: &mut Client,
+    request: pb::SetRequest,
+) -> Result<ExitStatus, CliError> {
+    let reply = client
+        .set(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.SetResponse", &reply);
+    } else {
+        outln!(
+            "stored ({} bytes, ttl {})",
+            reply.size_bytes,
+            output::duration(reply.ttl.as_ref())
+        );
+    }
+    Ok(ExitStatus::Ok)
+}
+
+async fn invalidate_tags(
+    conn: &Conn,
+    client: &mut Client,
+    tags: Vec<String>,
+    level: Option<Level>,
+) -> Result<ExitStatus, CliError> {
+    let request = pb::InvalidateTagsRequest {
+        level: level.map_or(0, Level::pb),
+        tags,
+    };
+    let reply = client
+        .invalidate_tags(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.InvalidateTagsResponse", &reply);
+    } else {
+        outln!("invalidated {}", reply.known_count);
+    }
+    Ok(ExitStatus::Ok)
+}
 
 async fn get(
     conn: &Conn,

@@ -387,7 +387,7 @@ async fn tag_keys_live_as_long_as_their_entries() {
     let mut conn = redis.conn().await;
     let left: i64 = redis::cmd("DBSIZE").query_async(&mut conn).await.unwrap();
     let cache_keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*:cache:*")
+        .arg("*:cache:app:*")
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -458,4 +458,61 @@ fn invalidate_tags_over_rest() {
         bad["details"][0]["field_violations"][0]["field"], "tags",
         "{bad}"
     );
+}
+
+/// The CLI: `cache set --tag --soft-ttl`, `cache get` (tags on stderr, the
+/// value alone on stdout), `cache invalidate-tags`, then the get misses.
+#[test]
+fn cli_tags() {
+    let (_koo, _http, grpc) = common::rest::serve_both(&[]);
+    let koo = |args: &[&str]| {
+        let out = common::koo_command()
+            .env("KOO_TARGET", &grpc)
+            .args(args)
+            .output()
+            .expect("run koo");
+        (
+            out.status.code().expect("exited"),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = koo(&[
+        "cache",
+        "set",
+        "k",
+        "v",
+        "--text",
+        "--tag",
+        "a",
+        "--tag",
+        "b",
+        "--soft-ttl",
+        "30s",
+        "--ttl",
+        "60s",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = koo(&["cache", "get", "k"]);
+    assert_eq!((code, out.trim()), (0, "v"), "{err}");
+    assert!(
+        err.contains("tags: [a, b]") && err.contains("fresh for"),
+        "{err}"
+    );
+    let (code, out, err) = koo(&["cache", "invalidate-tags", "b", "--level", "app"]);
+    assert_eq!((code, out.trim()), (0, "invalidated 1"), "{err}");
+    assert_eq!(koo(&["cache", "get", "k"]).0, 1, "the entry misses");
+    let (code, _, err) = koo(&[
+        "cache",
+        "set",
+        "k",
+        "v",
+        "--text",
+        "--soft-ttl",
+        "2m",
+        "--ttl",
+        "1m",
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("soft_ttl"), "{err}");
 }
