@@ -516,3 +516,55 @@ fn cli_tags() {
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("soft_ttl"), "{err}");
 }
+
+/// A task's `cache_result` carries tags and a soft TTL: its cached result
+/// reports them and misses once a tag is invalidated; bad tags are refused
+/// at submission, naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_cached_result_carries_tags() {
+    use common::tasks::{Backend, client, is_final, start_on, submit, wait_task};
+    use koo::pb::tasks::v1 as tpb;
+    let koo = start_on(Backend::Memory, 1).await;
+    let mut tasks = client(&koo.server);
+    let mut c = koo.server.cache();
+    let target = |tags: &[&str]| tpb::CacheTarget {
+        level: CacheLevel::Db as i32,
+        key: "answer".into(),
+        ttl: ms(60_000),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        soft_ttl: ms(30_000),
+    };
+    let task = tasks
+        .submit_task(tpb::SubmitTaskRequest {
+            cache_result: Some(target(&["report"])),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({"failures": 0}),
+            )
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.cache_result.as_ref().unwrap().tags, ["report"]);
+    assert!(task.cache_result.as_ref().unwrap().soft_ttl.is_some());
+    let done = wait_task(&mut tasks, &task.id, is_final).await;
+    assert_eq!(done.state, tpb::TaskState::Succeeded as i32, "{done:?}");
+    let cached = get(&mut c, CacheLevel::Db, "answer").await;
+    assert!(
+        cached.found && !cached.stale && cached.soft_ttl.is_some(),
+        "{cached:?}"
+    );
+    assert_eq!(cached.tags, ["report"]);
+    assert_eq!(known(&mut c, invalidate(None, &["report"])).await, 1);
+    assert!(!get(&mut c, CacheLevel::Db, "answer").await.found);
+    let err = tasks
+        .submit_task(tpb::SubmitTaskRequest {
+            cache_result: Some(target(&["ok", ""])),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_field(&err), "cache_result.tags[1]");
+}

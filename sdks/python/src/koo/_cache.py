@@ -70,9 +70,7 @@ def _hit(r: pb.GetResponse) -> CacheHit | None:
     )
 
 
-def _extras(
-    e: pb.SetRequest | pb.CacheEntry, tags: Iterable[str] | None, soft_ttl: Seconds | None
-) -> None:
+def _extras(e: pb.SetRequest | pb.CacheEntry, tags: Iterable[str] | None, soft_ttl: Seconds | None) -> None:
     """Puts tags and a soft TTL on a write."""
     if tags is not None:
         e.tags.extend(tags)
