@@ -33,6 +33,7 @@
 //! reads still answer the value, marked `stale`, so that one caller can
 //! refresh it while others keep being served (GetOrLock builds on this).
 
+use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use super::value::Meta;
@@ -122,14 +123,19 @@ impl Cache {
         if !entries.iter().any(has_meta) {
             return Ok(None);
         }
-        // Each distinct tag key once, with the longest TTL of its entries.
+        // Each distinct tag key once, with the longest TTL of its entries
+        // (indexed: a SetMany may name 1000 entries of 32 tags).
         let mut wanted: Vec<(String, Duration)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
         for (e, ttl) in entries.iter().zip(ttls) {
             for tag in &e.tags {
                 let key = self.inner.keys.tag_key(e.level, tag);
-                match wanted.iter_mut().find(|(k, _)| *k == key) {
-                    Some((_, t)) => *t = (*t).max(*ttl),
-                    None => wanted.push((key, *ttl)),
+                match index.get(&key) {
+                    Some(&i) => wanted[i].1 = wanted[i].1.max(*ttl),
+                    None => {
+                        index.insert(key.clone(), wanted.len());
+                        wanted.push((key, *ttl));
+                    }
                 }
             }
         }
@@ -148,8 +154,8 @@ impl Cache {
                         continue; // duplicates dropped
                     }
                     let key = self.inner.keys.tag_key(e.level, tag);
-                    let i = wanted.iter().position(|(k, _)| *k == key).unwrap_or(0);
-                    tags.push((tag.clone(), versions.get(i).copied().unwrap_or(0)));
+                    let version = index.get(&key).and_then(|&i| versions.get(i));
+                    tags.push((tag.clone(), version.copied().unwrap_or(0)));
                 }
                 Meta {
                     soft_expiry_ms: e.soft_ttl.map(|s| unix_millis(now + s)),
@@ -175,11 +181,12 @@ impl Cache {
         deadline: Deadline,
     ) -> Result<()> {
         let mut wanted: Vec<String> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
         for hit in hits.iter().flatten() {
             for tag in &hit.tags {
-                let key = self.inner.keys.tag_key(level, tag);
-                if !wanted.contains(&key) {
-                    wanted.push(key);
+                if !index.contains_key(tag.as_str()) {
+                    index.insert(tag, wanted.len());
+                    wanted.push(self.inner.keys.tag_key(level, tag));
                 }
             }
         }
@@ -187,15 +194,22 @@ impl Cache {
             return Ok(());
         }
         let current = self.inner.store.tag_versions(&wanted, deadline).await?;
+        let is_dead: Vec<bool> = hits
+            .iter()
+            .zip(versions)
+            .map(|(slot, written)| {
+                slot.as_ref().is_some_and(|hit| {
+                    !hit.tags.iter().zip(written).all(|(tag, v)| {
+                        let now = index.get(tag.as_str()).and_then(|&i| current.get(i));
+                        now.copied().flatten() == Some(*v)
+                    })
+                })
+            })
+            .collect();
+        drop(index);
         let mut dead = Vec::new();
-        for ((slot, written), key) in hits.iter_mut().zip(versions).zip(keys) {
-            let Some(hit) = slot else { continue };
-            let live = hit.tags.iter().zip(written).all(|(tag, v)| {
-                let key = self.inner.keys.tag_key(level, tag);
-                let i = wanted.iter().position(|k| *k == key);
-                i.and_then(|i| current[i]) == Some(*v)
-            });
-            if !live {
+        for ((slot, key), is_dead) in hits.iter_mut().zip(keys).zip(is_dead) {
+            if is_dead {
                 *slot = None;
                 dead.push(self.inner.keys.cache_key(level, key));
             }
