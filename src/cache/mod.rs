@@ -332,13 +332,17 @@ impl Cache {
                     .sum(),
             )?;
             let mut hits = Vec::with_capacity(keys.len());
-            let mut versions = Vec::with_capacity(keys.len());
-            for (k, e) in keys.iter().zip(entries) {
+            // Tag versions per hit, allocated only once a hit has tags.
+            let mut versions: Vec<Vec<u64>> = Vec::new();
+            for (i, (k, e)) in keys.iter().zip(entries).enumerate() {
                 let (hit, v) = e.map(|e| Self::decode(k, e)).transpose()?.unzip();
                 hits.push(hit);
-                versions.push(v.unwrap_or_default());
+                if let Some(v) = v.filter(|v| !v.is_empty()) {
+                    versions.resize(keys.len(), Vec::new());
+                    versions[i] = v;
+                }
             }
-            if versions.iter().any(|v| !v.is_empty()) {
+            if !versions.is_empty() {
                 self.drop_invalidated(level, keys, &mut hits, &versions, deadline)
                     .await?;
             }
