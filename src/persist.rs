@@ -522,6 +522,41 @@ mod tests {
         Embedded::open(parts, &data)
     }
 
+    /// The cache's tag versions are saved with its entries (so that tagged
+    /// entries still hit after a restart), and other keys are not.
+    #[tokio::test]
+    async fn tag_versions_are_kept_with_the_entries() {
+        use crate::store::{CacheBackend, Deadline};
+        let d = Deadline::after(std::time::Duration::from_secs(5));
+        let minute = std::time::Duration::from_secs(60);
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path()).unwrap();
+        let cache = a.cache.clone().unwrap();
+        let tag = crate::keys::KeySpace::new("koo").tag_key(crate::domain::Level::Db, "t");
+        let version = cache
+            .tag_versions_for_write(&[(tag.clone(), minute)], d)
+            .await
+            .unwrap();
+        cache
+            .set("koo:cache:db:k", bytes::Bytes::from_static(b"v"), minute, d)
+            .await
+            .unwrap();
+        cache
+            .set("other:x", bytes::Bytes::from_static(b"v"), minute, d)
+            .await
+            .unwrap();
+        a.save().unwrap();
+        drop((a, cache));
+        let b = open(dir.path()).unwrap();
+        let cache = b.cache.clone().unwrap();
+        assert_eq!(
+            cache.tag_versions(&[tag], d).await.unwrap(),
+            [Some(version[0])]
+        );
+        assert!(cache.get("koo:cache:db:k", d).await.unwrap().is_some());
+        assert!(cache.get("other:x", d).await.unwrap().is_none());
+    }
+
     /// A saved file loads back; a flipped byte in the body is caught by the
     /// hash and named as corruption rather than loaded.
     #[test]
