@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `koo:cache:{level}:{key}` | string | a cached value (always with a TTL) |
 //! | `koo:v1:clock:{level}:{key}` | string | a compute lock (GetOrLock): its holder's token, and `\|task id` for GetOrCompute (always with a TTL, the lease) |
+//! | `koo:v1:ctag:{level}:{tag}` | string | a cache tag's version (a random u64, decimal; expires with the last entry that carries it; see `cache::tags`) |
 //! | `koo:stats:cache:instances` | sorted set | koo instances publishing cache metrics, scored by last publish (ms) |
 //! | `koo:stats:cache:instance:{id}` | string | one instance's metrics record (with a TTL) |
 //!
@@ -90,6 +91,18 @@ impl KeySpace {
     /// it.
     pub fn lock_key(&self, level: Level, key: &str) -> String {
         format!("{}:v1:clock:{}:{key}", self.prefix, level.as_str())
+    }
+
+    /// The version key of a cache tag: outside `:cache:`, so that listing
+    /// and clearing a level never see it.
+    pub fn tag_key(&self, level: Level, tag: &str) -> String {
+        format!("{}:v1:ctag:{}:{tag}", self.prefix, level.as_str())
+    }
+
+    /// `{prefix}:v1:ctag:` — the start of every tag key (the embedded
+    /// store's image keeps them with the entries).
+    pub fn tag_prefix(&self) -> String {
+        format!("{}:v1:ctag:", self.prefix)
     }
 
     /// The sorted set of instances publishing cache metrics.

@@ -171,6 +171,9 @@ pub struct Embedded {
     /// The in-process schedules (with the embedded tasks).
     pub schedules: Option<ScheduleStore>,
     cache_prefix: String,
+    /// `{prefix}:v1:ctag:`: the cache's tag versions, saved with the
+    /// entries so that tagged entries still hit after a restart.
+    tag_prefix: String,
     limits: TaskLimits,
     dir: Option<Arc<DataDir>>,
 }
@@ -186,6 +189,7 @@ impl Embedded {
             tasks: tasks_embedded.then(MemoryTasks::default),
             schedules: tasks_embedded.then(ScheduleStore::memory),
             cache_prefix: format!("{}:cache:", parts.cache_prefix),
+            tag_prefix: crate::keys::KeySpace::new(&parts.cache_prefix).tag_prefix(),
             limits: parts.tasks.unwrap_or_default(),
             dir: None,
         };
@@ -305,7 +309,11 @@ impl Embedded {
         let Some(dir) = &self.dir else { return Ok(()) };
         let started = Instant::now();
         let body = Body {
-            cache: self.cache.as_ref().map(|c| c.export(&self.cache_prefix)),
+            cache: self.cache.as_ref().map(|c| {
+                let mut image = c.export(&self.cache_prefix);
+                image.entries.extend(c.export(&self.tag_prefix).entries);
+                image
+            }),
             tasks: self.tasks.as_ref().map(MemoryTasks::export),
             schedules: self.schedules.as_ref().and_then(|s| s.export_memory()),
         };
@@ -512,6 +520,41 @@ mod tests {
             ..DataSettings::default()
         };
         Embedded::open(parts, &data)
+    }
+
+    /// The cache's tag versions are saved with its entries (so that tagged
+    /// entries still hit after a restart), and other keys are not.
+    #[tokio::test]
+    async fn tag_versions_are_kept_with_the_entries() {
+        use crate::store::{CacheBackend, Deadline};
+        let d = Deadline::after(std::time::Duration::from_secs(5));
+        let minute = std::time::Duration::from_secs(60);
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path()).unwrap();
+        let cache = a.cache.clone().unwrap();
+        let tag = crate::keys::KeySpace::new("koo").tag_key(crate::domain::Level::Db, "t");
+        let version = cache
+            .tag_versions_for_write(&[(tag.clone(), minute)], d)
+            .await
+            .unwrap();
+        cache
+            .set("koo:cache:db:k", bytes::Bytes::from_static(b"v"), minute, d)
+            .await
+            .unwrap();
+        cache
+            .set("other:x", bytes::Bytes::from_static(b"v"), minute, d)
+            .await
+            .unwrap();
+        a.save().unwrap();
+        drop((a, cache));
+        let b = open(dir.path()).unwrap();
+        let cache = b.cache.clone().unwrap();
+        assert_eq!(
+            cache.tag_versions(&[tag], d).await.unwrap(),
+            [Some(version[0])]
+        );
+        assert!(cache.get("koo:cache:db:k", d).await.unwrap().is_some());
+        assert!(cache.get("other:x", d).await.unwrap().is_none());
     }
 
     /// A saved file loads back; a flipped byte in the body is caught by the

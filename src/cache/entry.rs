@@ -1,7 +1,7 @@
 //! What the cache's reads and writes take and return: an entry to write,
 //! a value read, what a write stored, a page of keys.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::{Level, Value};
 
@@ -42,6 +42,11 @@ pub struct Hit {
     pub stale: bool,
     /// Time left before it turns stale (`None`: no soft TTL, or stale).
     pub soft_ttl: Option<Duration>,
+    /// When it turns (or turned) stale; `None`: no soft TTL.
+    pub soft_expiry: Option<SystemTime>,
+    /// How long computing it took, as its writer said (zero: unknown), for
+    /// probabilistic early refresh.
+    pub compute: Duration,
 }
 
 /// What a write stored.

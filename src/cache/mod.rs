@@ -15,6 +15,7 @@ pub mod histogram;
 mod listing;
 pub mod metrics;
 mod reports;
+pub mod tags;
 mod upkeep;
 pub mod value;
 pub mod warm;
@@ -144,6 +145,9 @@ impl Cache {
             });
         }
         let ttl = e.ttl.unwrap_or_else(|| self.inner.config.ttl_for(e.level));
+        if tags::has_meta(e) {
+            tags::check_meta(&at, e, ttl)?;
+        }
         if ttl < Duration::from_millis(1) {
             return Err(CacheError::invalid(
                 format!("{}ttl", at()),
@@ -159,9 +163,10 @@ impl Cache {
         Ok(ttl)
     }
 
-    fn encode(&self, e: &NewEntry, ttl: Duration) -> (Write, Stored) {
-        let encoded = value::encode(
+    fn encode(&self, e: &NewEntry, ttl: Duration, meta: &value::Meta) -> (Write, Stored) {
+        let encoded = value::encode_with(
             &e.value,
+            meta,
             self.inner.config.compression_threshold,
             self.inner.compression,
         );
@@ -179,13 +184,16 @@ impl Cache {
         (write, stored)
     }
 
-    fn decode(key: &str, entry: crate::store::Entry) -> Result<Hit> {
+    /// A hit, and the versions its tags were written with (empty, without
+    /// allocating, for an untagged entry).
+    fn decode(key: &str, entry: crate::store::Entry) -> Result<(Hit, Vec<u64>)> {
         let stored_size = entry.value.len() as u64;
         let decoded = value::decode(&entry.value).map_err(|e| CacheError::Corrupt {
             key: key.to_owned(),
             reason: e.to_string(),
         })?;
-        Ok(Hit {
+        let meta = decoded.meta;
+        let mut hit = Hit {
             size: decoded.value.len() as u64,
             value: decoded.value,
             ttl: entry.ttl,
@@ -194,7 +202,16 @@ impl Cache {
             tags: Vec::new(),
             stale: false,
             soft_ttl: None,
-        })
+            soft_expiry: None,
+            compute: Duration::ZERO,
+        };
+        if meta.is_empty() {
+            return Ok((hit, Vec::new()));
+        }
+        tags::freshness(&meta, &mut hit);
+        let (names, versions) = meta.tags.into_iter().unzip();
+        hit.tags = names;
+        Ok((hit, versions))
     }
 
     /// Counts a write. Compression figures compare payloads, without koo's
@@ -223,10 +240,18 @@ impl Cache {
         let started = Instant::now();
         let result = async {
             let full = self.inner.keys.cache_key(level, key);
-            match self.inner.store.get(&full, deadline).await? {
-                Some(entry) => Ok(Some(Self::decode(key, entry)?)),
-                None => Ok(None),
+            let Some(entry) = self.inner.store.get(&full, deadline).await? else {
+                return Ok(None);
+            };
+            let (hit, versions) = Self::decode(key, entry)?;
+            if versions.is_empty() {
+                return Ok(Some(hit));
             }
+            let mut hits = [Some(hit)];
+            self.drop_invalidated(level, &[key.to_owned()], &mut hits, &[versions], deadline)
+                .await?;
+            let [hit] = hits;
+            Ok(hit)
         }
         .await;
         if let Ok(hit) = &result {
@@ -241,16 +266,23 @@ impl Cache {
     pub async fn set(&self, entry: NewEntry, deadline: Deadline) -> Result<Stored> {
         let ttl = self.check_entry(String::new, &entry)?;
         let started = Instant::now();
-        let (write, stored) = self.encode(&entry, ttl);
-        let result = self
-            .inner
-            .store
-            .set(&write.key, write.value, write.ttl, deadline)
-            .await
-            .map(|()| stored)
-            .map_err(CacheError::from);
-        if result.is_ok() {
-            self.count_write(entry.level, &stored);
+        let result = async {
+            let (write, stored) = match self
+                .metas(std::slice::from_ref(&entry), &[ttl], deadline)
+                .await?
+            {
+                Some(metas) => self.encode(&entry, ttl, &metas[0]),
+                None => self.encode(&entry, ttl, &value::NO_META),
+            };
+            self.inner
+                .store
+                .set(&write.key, write.value, write.ttl, deadline)
+                .await?;
+            Ok(stored)
+        }
+        .await;
+        if let Ok(stored) = &result {
+            self.count_write(entry.level, stored);
         }
         self.observe(entry.level, Op::Set, started, &result);
         result
@@ -303,10 +335,22 @@ impl Cache {
                     .map(|e| value::declared_len(&e.value).unwrap_or(e.value.len()))
                     .sum(),
             )?;
-            keys.iter()
-                .zip(entries)
-                .map(|(k, e)| e.map(|e| Self::decode(k, e)).transpose())
-                .collect::<Result<Vec<_>>>()
+            let mut hits = Vec::with_capacity(keys.len());
+            // Tag versions per hit, allocated only once a hit has tags.
+            let mut versions: Vec<Vec<u64>> = Vec::new();
+            for (i, (k, e)) in keys.iter().zip(entries).enumerate() {
+                let (hit, v) = e.map(|e| Self::decode(k, e)).transpose()?.unzip();
+                hits.push(hit);
+                if let Some(v) = v.filter(|v| !v.is_empty()) {
+                    versions.resize(keys.len(), Vec::new());
+                    versions[i] = v;
+                }
+            }
+            if !versions.is_empty() {
+                self.drop_invalidated(level, keys, &mut hits, &versions, deadline)
+                    .await?;
+            }
+            Ok(hits)
         }
         .await;
         if let Ok(hits) = &result {
@@ -350,10 +394,15 @@ impl Cache {
         ttls: &[Duration],
         deadline: Deadline,
     ) -> Result<Vec<Stored>> {
+        let metas = self.metas(entries, ttls, deadline).await?;
         let (writes, stored): (Vec<Write>, Vec<Stored>) = entries
             .iter()
             .zip(ttls)
-            .map(|(e, ttl)| self.encode(e, *ttl))
+            .enumerate()
+            .map(|(i, (e, ttl))| {
+                let meta = metas.as_ref().map_or(&value::NO_META, |m| &m[i]);
+                self.encode(e, *ttl, meta)
+            })
             .unzip();
         self.inner.store.set_many(writes, deadline).await?;
         for (e, s) in entries.iter().zip(&stored) {

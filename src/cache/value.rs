@@ -5,14 +5,33 @@
 //! | byte | meaning |
 //! |---|---|
 //! | 0 | `b'K'`, marks a koo value |
-//! | 1 | format version, 1 |
+//! | 1 | format version, 1 or 2 |
 //! | 2 | kind: 0 raw bytes, 1 UTF-8 text, 2 JSON text |
 //! | 3 | encoding: 0 identity, 1 zlib |
 //! | 4..8 | length of the value as set, little-endian u32 |
 //!
+//! Version 2 is written only for an entry with tags or a soft TTL; every
+//! other entry stays version 1, byte for byte, so that the plain path costs
+//! what it did. In version 2 an extension block ([`Meta`], see [`ext`])
+//! sits between the header and the payload:
+//!
+//! | bytes | meaning |
+//! |---|---|
+//! | 1 | flags: bit 0 soft expiry present, bit 1 tags present; others must be 0 |
+//! | 8 + 4 | (bit 0) soft expiry, i64 LE ms since the Unix epoch; compute time, u32 LE ms (0 unknown, kept for XFetch) |
+//! | 2 | (bit 1) tag count, u16 LE |
+//! | 2 + n + 8 | (bit 1) per tag: name length u16 LE, the UTF-8 name, its version u64 LE |
+//!
+//! The payload after it is encoded exactly as in version 1; the block itself
+//! is never compressed, so that its tags can be read without inflating.
+//!
 //! The header makes the stored form self-describing, so that `Get` returns the
 //! value in the form it was set, and so that a later format can be told apart
 //! from this one during a rolling upgrade.
+
+mod ext;
+
+pub use self::ext::{Meta, NO_META};
 
 use std::cell::RefCell;
 
@@ -21,6 +40,8 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 
 const MAGIC: u8 = b'K';
 const VERSION: u8 = 1;
+/// The version of entries that carry a [`Meta`] block.
+const VERSION_META: u8 = 2;
 /// Bytes of koo's header in front of every stored value.
 pub const HEADER: usize = 8;
 const IDENTITY: u8 = 0;
@@ -85,11 +106,11 @@ thread_local! {
 /// Bytes sampled to decide whether a large payload is worth deflating.
 const SAMPLE: usize = 512;
 
-/// zlib-compresses `payload` after `header` into a buffer no larger than
-/// `header + payload`; `None` when compression would not make it smaller
+/// zlib-compresses `payload` after `header` (koo's header, and in version 2
+/// the extension block) into a buffer no larger than `header + payload`; `None` when compression would not make it smaller
 /// (the compressor stops as soon as the output fills that buffer, so
 /// incompressible data costs at most one pass).
-fn deflate(header: &[u8; HEADER], payload: &[u8], level: Compression) -> Option<Vec<u8>> {
+fn deflate(header: &[u8], payload: &[u8], level: Compression) -> Option<Vec<u8>> {
     DEFLATE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let compress = match cell.as_mut() {
@@ -114,10 +135,10 @@ fn deflate(header: &[u8; HEADER], payload: &[u8], level: Compression) -> Option<
             }
             compress.reset();
         }
-        let mut out = Vec::with_capacity(HEADER + payload.len());
+        let mut out = Vec::with_capacity(header.len() + payload.len());
         out.extend_from_slice(header);
         match compress.compress_vec(payload, &mut out, FlushCompress::Finish) {
-            Ok(Status::StreamEnd) if out.len() < HEADER + payload.len() => {
+            Ok(Status::StreamEnd) if out.len() < header.len() + payload.len() => {
                 // The buffer was sized for the worst case; kept as is, a
                 // stored value would pin its uncompressed size in memory.
                 out.shrink_to_fit();
@@ -196,6 +217,35 @@ pub fn encode(value: &Value, threshold: usize, level: Compression) -> Encoded {
     }
 }
 
+/// Encodes a value with its tags and soft expiry: version 2 with `meta`'s
+/// block, or exactly [`encode`] when `meta` is empty.
+pub fn encode_with(value: &Value, meta: &Meta, threshold: usize, level: Compression) -> Encoded {
+    if meta.is_empty() {
+        return encode(value, threshold, level);
+    }
+    let payload = value.as_bytes();
+    let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+    let mut prefix = Vec::with_capacity(HEADER + 16 + meta.tags.len() * 24);
+    prefix.extend_from_slice(&[MAGIC, VERSION_META, value.kind(), IDENTITY]);
+    prefix.extend_from_slice(&len.to_le_bytes());
+    meta.write(&mut prefix);
+    if payload.len() > threshold {
+        prefix[3] = ZLIB;
+        if let Some(out) = deflate(&prefix, payload, level) {
+            return Encoded {
+                bytes: Bytes::from(out),
+                compressed: true,
+            };
+        }
+        prefix[3] = IDENTITY;
+    }
+    prefix.extend_from_slice(payload);
+    Encoded {
+        bytes: Bytes::from(prefix),
+        compressed: false,
+    }
+}
+
 /// Why a stored value could not be read back.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -211,7 +261,7 @@ pub enum DecodeError {
 /// decoding it; `None` for a value koo did not write.
 pub fn declared_len(stored: &[u8]) -> Option<usize> {
     match stored {
-        [MAGIC, VERSION, _, _, a, b, c, d, ..] => {
+        [MAGIC, VERSION | VERSION_META, _, _, a, b, c, d, ..] => {
             Some(u32::from_le_bytes([*a, *b, *c, *d]) as usize)
         }
         _ => None,
@@ -225,18 +275,27 @@ pub struct Decoded {
     pub value: Value,
     /// Whether it was stored compressed.
     pub compressed: bool,
+    /// Its tags and soft expiry (empty for a version-1 value).
+    pub meta: Meta,
 }
 
 /// Decodes a stored value.
 pub fn decode(stored: &Bytes) -> Result<Decoded, DecodeError> {
-    if stored.len() < HEADER || stored[0] != MAGIC || stored[1] != VERSION {
+    if stored.len() < HEADER
+        || stored[0] != MAGIC
+        || (stored[1] != VERSION && stored[1] != VERSION_META)
+    {
         return Err(DecodeError::Foreign(
             stored[..stored.len().min(HEADER)].to_vec(),
         ));
     }
     let kind = stored[2];
     let len = u32::from_le_bytes([stored[4], stored[5], stored[6], stored[7]]) as usize;
-    let body = stored.slice(HEADER..);
+    let (meta, block) = match stored[1] {
+        VERSION_META => Meta::read(&stored[HEADER..])?,
+        _ => (Meta::default(), 0),
+    };
+    let body = stored.slice(HEADER + block..);
     let (payload, compressed) = match stored[3] {
         IDENTITY => (body, false),
         // Bounded by the recorded length, so a damaged value cannot inflate
@@ -259,7 +318,11 @@ pub fn decode(stored: &Bytes) -> Result<Decoded, DecodeError> {
         2 => Value::Json(text(payload)?),
         other => return Err(DecodeError::Damaged(format!("unknown kind {other}"))),
     };
-    Ok(Decoded { value, compressed })
+    Ok(Decoded {
+        value,
+        compressed,
+        meta,
+    })
 }
 
 #[cfg(test)]

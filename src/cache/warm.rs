@@ -5,13 +5,15 @@
 //! {"level": "app", "key": "greeting", "text": "hello", "ttl": "10m"}
 //! {"level": "db", "key": "user:1", "json": {"name": "Ada"}, "ttl": 3600}
 //! {"key": "logo", "base64": "iVBORw0KGgo=", "ttl": "1.5s"}
+//! {"key": "home", "text": "<html>", "ttl": "1h", "soft_ttl": "10m", "tags": ["page", "user:1"]}
 //! {"level": "api", "key": "rates", "task": {"name": "app.fetch_rates", "category": "research"}}
 //! ```
 //!
 //! Each line names a `key`, exactly one of `text`, `json`, `base64` or
 //! `task`, and optionally a `level` (default `app`) and a `ttl` (seconds as a
 //! number, or a duration such as `"90s"`, `"10m"`, `"1h 30m"`; default: the
-//! level's). A `task` line computes its value: the warm-up submits that task
+//! level's). A value line may carry `tags` (strings, for `InvalidateTags`)
+//! and a `soft_ttl` (a duration, shorter than the TTL). A `task` line computes its value: the warm-up submits that task
 //! (`name`, `category`, and optionally `args`, `kwargs`, `queue`,
 //! `priority`), and its result is cached under the key when it succeeds.
 //! The file is re-read on every warm-up, so edits take effect without a restart.
@@ -79,14 +81,17 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
     let serde_json::Value::Object(mut obj) = value else {
         return Err("expected a JSON object".to_owned());
     };
-    if let Some(unknown) = obj
-        .keys()
-        .find(|k| !["level", "key", "text", "json", "base64", "task", "ttl"].contains(&k.as_str()))
-    {
+    if let Some(unknown) = obj.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(format!(
-            "unknown field {} (expected level, key, text, json, base64, task, ttl)",
-            quote(unknown)
+            "unknown field {} (expected {})",
+            quote(unknown),
+            FIELDS.join(", ")
         ));
+    }
+    let tags = line_tags(obj.remove("tags"))?;
+    let soft_ttl = obj.remove("soft_ttl").map(|t| parse_ttl(&t)).transpose()?;
+    if obj.contains_key("task") && (!tags.is_empty() || soft_ttl.is_some()) {
+        return Err("tags and soft_ttl apply to value lines, not task lines".to_owned());
     }
     let level = line_level(obj.remove("level"))?;
     let key = match obj.remove("key") {
@@ -108,9 +113,35 @@ pub fn parse_line(line: &str) -> Result<WarmLine, String> {
         key,
         value: line_value(&mut obj)?,
         ttl,
-        tags: Vec::new(),
-        soft_ttl: None,
+        tags,
+        soft_ttl,
     }))
+}
+
+/// The fields a line may have.
+const FIELDS: [&str; 9] = [
+    "level", "key", "text", "json", "base64", "task", "ttl", "soft_ttl", "tags",
+];
+
+/// A line's tags (none when absent); the cache validates them.
+fn line_tags(raw: Option<serde_json::Value>) -> Result<Vec<String>, String> {
+    let bad = |v: &serde_json::Value| {
+        format!(
+            "tags must be a list of strings, not {}",
+            crate::quote::json(v)
+        )
+    };
+    match raw {
+        None => Ok(Vec::new()),
+        Some(serde_json::Value::Array(items)) => items
+            .into_iter()
+            .map(|t| match t {
+                serde_json::Value::String(s) => Ok(s),
+                other => Err(bad(&other)),
+            })
+            .collect(),
+        Some(other) => Err(bad(&other)),
+    }
 }
 
 /// A line's level (`app` when absent).
@@ -207,6 +238,12 @@ pub fn to_line(e: &NewEntry) -> serde_json::Value {
     if let Some(ttl) = e.ttl {
         line.insert("ttl".into(), format!("{}ms", ttl.as_millis()).into());
     }
+    if let Some(soft) = e.soft_ttl {
+        line.insert("soft_ttl".into(), format!("{}ms", soft.as_millis()).into());
+    }
+    if !e.tags.is_empty() {
+        line.insert("tags".into(), e.tags.clone().into());
+    }
     serde_json::Value::Object(line)
 }
 
@@ -294,8 +331,8 @@ mod tests {
                 key: "k:1".into(),
                 value,
                 ttl: Some(Duration::from_millis(1500)),
-                tags: Vec::new(),
-                soft_ttl: None,
+                tags: vec!["t".into(), "é".into()],
+                soft_ttl: Some(Duration::from_millis(500)),
             };
             assert_eq!(entry(&to_line(&e).to_string()), e);
         }

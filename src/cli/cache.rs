@@ -1,4 +1,5 @@
-//! `koo cache get|set|del|keys|clear|stats|get-or-compute`: cache entries on a running koo.
+//! `koo cache get|set|del|keys|clear|invalidate-tags|stats|get-or-compute`:
+//! cache entries on a running koo.
 
 mod compute;
 
@@ -45,7 +46,8 @@ impl Level {
 
 #[derive(Debug, Subcommand)]
 enum CacheCommand {
-    /// Print a value (exit 1 when the key is not there).
+    /// Print a value (exit 1 when the key is not there); its tags and
+    /// whether it is stale go to stderr, so that stdout is the value alone.
     Get {
         key: String,
         #[arg(long, value_enum, default_value = "app")]
@@ -63,6 +65,22 @@ enum CacheCommand {
         /// Store VALUE as text, not JSON.
         #[arg(long)]
         text: bool,
+        /// A tag, for `invalidate-tags` (repeat for more: `--tag a --tag b`).
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Soft TTL (`30s`): after it, reads mark the value stale; shorter
+        /// than the TTL.
+        #[arg(long, value_parser = super::connect::parse_duration)]
+        soft_ttl: Option<std::time::Duration>,
+    },
+    /// Make every entry carrying any of TAGS miss; prints how many
+    /// (level, tag) pairs had entries.
+    InvalidateTags {
+        #[arg(required = true)]
+        tags: Vec<String>,
+        /// Only this level; default: every level.
+        #[arg(long, value_enum)]
+        level: Option<Level>,
     },
     /// Delete keys; prints how many were there.
     Del {
@@ -104,6 +122,8 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             level,
             ttl,
             text,
+            tags,
+            soft_ttl,
         } => {
             let kind = if text {
                 Kind::Text(value)
@@ -112,29 +132,18 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
                     CliError::Usage(format!("VALUE {value:?}: {e} (or use --text)"))
                 })?)
             };
+            let duration = |d: Option<std::time::Duration>| {
+                d.and_then(|t| prost_types::Duration::try_from(t).ok())
+            };
             let request = pb::SetRequest {
                 level: level.pb(),
                 key,
                 value: Some(pb::CacheValue { kind: Some(kind) }),
-                ttl: ttl.and_then(|t| prost_types::Duration::try_from(t).ok()),
-                tags: Vec::new(),
-                soft_ttl: None,
+                ttl: duration(ttl),
+                tags,
+                soft_ttl: duration(soft_ttl),
             };
-            let reply = client
-                .set(conn.unary(request))
-                .await
-                .map_err(|s| conn.failed(s))?
-                .into_inner();
-            if conn.json {
-                print_json("koo.cache.v1.SetResponse", &reply);
-            } else {
-                outln!(
-                    "stored ({} bytes, ttl {})",
-                    reply.size_bytes,
-                    output::duration(reply.ttl.as_ref())
-                );
-            }
-            Ok(ExitStatus::Ok)
+            set(&conn, &mut client, request).await
         }
         CacheCommand::Del { keys, level } => {
             let request = pb::DeleteManyRequest {
@@ -172,12 +181,60 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             }
             Ok(ExitStatus::Ok)
         }
+        CacheCommand::InvalidateTags { tags, level } => {
+            invalidate_tags(&conn, &mut client, tags, level).await
+        }
         CacheCommand::Stats => stats(&conn, &mut client).await,
         CacheCommand::GetOrCompute(a) => compute::run(&conn, &mut client, a).await,
     }
 }
 
 type Client = CacheServiceClient<tonic::transport::Channel>;
+
+async fn set(
+    conn: &Conn,
+    client: &mut Client,
+    request: pb::SetRequest,
+) -> Result<ExitStatus, CliError> {
+    let reply = client
+        .set(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.SetResponse", &reply);
+    } else {
+        outln!(
+            "stored ({} bytes, ttl {})",
+            reply.size_bytes,
+            output::duration(reply.ttl.as_ref())
+        );
+    }
+    Ok(ExitStatus::Ok)
+}
+
+async fn invalidate_tags(
+    conn: &Conn,
+    client: &mut Client,
+    tags: Vec<String>,
+    level: Option<Level>,
+) -> Result<ExitStatus, CliError> {
+    let request = pb::InvalidateTagsRequest {
+        level: level.map_or(0, Level::pb),
+        tags,
+    };
+    let reply = client
+        .invalidate_tags(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.InvalidateTagsResponse", &reply);
+    } else {
+        outln!("invalidated {}", reply.known_count);
+    }
+    Ok(ExitStatus::Ok)
+}
 
 async fn get(
     conn: &Conn,
@@ -197,6 +254,14 @@ async fn get(
     if conn.json {
         print_json("koo.cache.v1.GetResponse", &reply);
     } else if reply.found {
+        if !reply.tags.is_empty() || reply.stale || reply.soft_ttl.is_some() {
+            let soft = match &reply.soft_ttl {
+                Some(left) => format!("fresh for {}", output::duration(Some(left))),
+                None if reply.stale => "stale".to_owned(),
+                None => String::new(),
+            };
+            eprintln!("tags: [{}] {soft}", reply.tags.join(", "));
+        }
         match reply.value.and_then(|v| v.kind) {
             Some(Kind::Text(text)) => outln!("{text}"),
             Some(Kind::Json(value)) => {

@@ -445,6 +445,13 @@ pub struct CacheTarget {
     pub key: String,
     /// The entry's TTL (ms).
     pub ttl_ms: u64,
+    /// The entry's tags (absent from the JSON when none, so that targets
+    /// stored before tags existed read back the same).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The entry's soft TTL (ms), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_ttl_ms: Option<u64>,
 }
 
 impl CacheTarget {

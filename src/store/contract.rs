@@ -35,6 +35,7 @@ async fn contract(store: &Store, kind: BackendKind) {
     listing_and_removal(store).await;
     expiry_and_records(store).await;
     compute_locks(store).await;
+    tag_versions(store).await;
 }
 
 /// Reads and writes, one key and in batches.
@@ -214,6 +215,48 @@ fn run(fired_ms: i64) -> Run {
         triggered: false,
         fired_ms,
     }
+}
+
+/// Tag versions: created once and then read back the same by every
+/// writer; their TTL only ever lengthened; a bump changes the version of
+/// the keys that exist (keeping their TTL) and creates none.
+async fn tag_versions(store: &Store) {
+    let d = later();
+    let t = |k: &str, ms: u64| (k.to_owned(), Duration::from_millis(ms));
+    let first = store
+        .tag_versions_for_write(&[t("t:a", 60_000), t("t:b", 30_000)], d)
+        .await
+        .unwrap();
+    let again = store
+        .tag_versions_for_write(&[t("t:b", 1_000), t("t:a", 90_000)], d)
+        .await
+        .unwrap();
+    assert_eq!((again[1], again[0]), (first[0], first[1]));
+    let ttl = |e: Option<super::Entry>| e.unwrap().ttl.unwrap();
+    let b_ttl = ttl(store.get("t:b", d).await.unwrap());
+    assert!(b_ttl > Duration::from_secs(25), "not shortened: {b_ttl:?}");
+    let a_ttl = ttl(store.get("t:a", d).await.unwrap());
+    assert!(a_ttl > Duration::from_secs(85), "lengthened: {a_ttl:?}");
+    let keys = ["t:a", "t:none"].map(str::to_owned);
+    assert_eq!(
+        store.tag_versions(&keys, d).await.unwrap(),
+        [Some(first[0]), None]
+    );
+    assert_eq!(store.bump_tags(&keys, d).await.unwrap(), 1);
+    let now = store.tag_versions(&keys, d).await.unwrap();
+    assert!(
+        now[0].is_some_and(|v| v != first[0]) && now[1].is_none(),
+        "{now:?}"
+    );
+    assert!(ttl(store.get("t:a", d).await.unwrap()) > Duration::from_secs(85));
+    store.set("t:bad", v("nope"), MINUTE, d).await.unwrap();
+    assert!(
+        store
+            .tag_versions_for_write(&[t("t:bad", 1_000)], d)
+            .await
+            .is_err(),
+        "a foreign value under a tag key is refused, not replaced"
+    );
 }
 
 /// Puts under each condition, the version moving with every change (and

@@ -354,6 +354,25 @@ pub trait CacheBackend: Any + Send + Sync {
 
     /// Deletes `lock` if `token` holds it; whether it did.
     async fn lock_release(&self, lock: &str, token: &str, deadline: Deadline) -> Result<bool>;
+
+    // --- tags (issue 19: versioned tags, see `crate::cache::tags`)
+
+    /// For a tagged write, in one round trip: each tag key's version (a
+    /// random one created where the key is absent), with the key's TTL
+    /// extended to at least the duration paired with it.
+    async fn tag_versions_for_write(
+        &self,
+        tags: &[(String, Duration)],
+        deadline: Deadline,
+    ) -> Result<Vec<u64>>;
+
+    /// The current version of each tag key (`None`: absent or unreadable),
+    /// in one round trip.
+    async fn tag_versions(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<u64>>>;
+
+    /// Gives each existing tag key a new random version, keeping its TTL;
+    /// how many existed. Absent keys stay absent.
+    async fn bump_tags(&self, keys: &[String], deadline: Deadline) -> Result<u64>;
 }
 
 /// The cache's store: a cheap-to-clone handle on one [`CacheBackend`].

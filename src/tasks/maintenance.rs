@@ -182,6 +182,8 @@ fn computing_task(c: &WarmCompute, cache: &Cache) -> Result<NewTask, String> {
         level: c.level,
         key: c.key.clone(),
         ttl_ms: ttl,
+        tags: Vec::new(),
+        soft_ttl_ms: None,
     });
     Ok(new)
 }

@@ -131,13 +131,14 @@ impl ComputeOnMiss {
         deadline: Deadline,
     ) -> Result<TaskId, ComputeError> {
         let mut new = req.task.clone();
-        // SWITCH POINT for the integrator: once the tags slice gives
-        // `CacheTarget` its tags and soft TTL, pass `req.tags` and
-        // `req.soft_ttl` here (the request already carries them).
         new.cache_result = Some(CacheTarget {
             level: req.level,
             key: req.key.clone(),
             ttl_ms: u64::try_from(req.ttl.as_millis()).unwrap_or(u64::MAX),
+            tags: req.tags.clone(),
+            soft_ttl_ms: req
+                .soft_ttl
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         });
         // A retried submit (outcome unknown) must not run it twice.
         new.idempotency_key = Some(format!(

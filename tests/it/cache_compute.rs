@@ -27,16 +27,12 @@ on_both_stores!(
     get_or_compute_runs_one_task_for_ten_callers,
 );
 
-// SWITCH POINT for the integrator: un-ignore once the tags slice's soft TTL
-// (Set.soft_ttl, Hit.stale) is merged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the tags slice's soft TTL (Hit.stale)"]
 async fn stale_entries_are_served_to_all_and_refreshed_once_memory() {
     stale_entries_are_served_to_all_and_refreshed_once(Env::memory().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the tags slice's soft TTL (Hit.stale)"]
 async fn stale_entries_are_served_to_all_and_refreshed_once_redis() {
     stale_entries_are_served_to_all_and_refreshed_once(Env::redis().await).await;
 }

@@ -13,6 +13,7 @@ mod binary;
 mod breaker;
 mod cache;
 mod cache_compute;
+mod cache_tags;
 mod chaos;
 mod cli;
 mod config_env;

@@ -183,8 +183,8 @@ pub(crate) fn to_pb_task(t: Task) -> pb::Task {
                 level: crate::grpc::cache::to_pb_level(c.level) as i32,
                 key: c.key,
                 ttl: pb_duration_ms(c.ttl_ms),
-                tags: Vec::new(),
-                soft_ttl: None,
+                soft_ttl: c.soft_ttl_ms.and_then(pb_duration_ms),
+                tags: c.tags,
             }),
     }
 }

@@ -28,10 +28,14 @@ pub(super) fn new_task(
             let level = crate::grpc::cache::level("cache_result.level", c.level)?;
             let ttl = duration("cache_result.ttl", c.ttl, time::CACHE_TTL)?
                 .unwrap_or(cache.default_ttl(level));
+            let soft_ttl = duration("cache_result.soft_ttl", c.soft_ttl, time::CACHE_TTL)?;
+            crate::cache::tags::check("cache_result.", &c.tags, soft_ttl, ttl)?;
             Some(CacheTarget {
                 level,
                 key: c.key,
                 ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+                tags: c.tags,
+                soft_ttl_ms: soft_ttl.map(|s| u64::try_from(s.as_millis()).unwrap_or(u64::MAX)),
             })
         }
     };

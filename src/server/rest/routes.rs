@@ -193,18 +193,19 @@ mod tests {
         routes(&pool).expect("koo's google.api.http rules are all servable")
     }
 
-    /// The seed's twenty paths, each once, on unary RPCs.
+    /// The seed's twenty paths and `invalidate-tags`, each once, on unary
+    /// RPCs.
     #[test]
     fn the_seeds_twenty_paths() {
         let routes = koo_routes();
-        assert_eq!(routes.len(), 20, "{routes:#?}");
+        assert_eq!(routes.len(), 21, "{routes:#?}");
         let mut paths: Vec<_> = routes
             .iter()
             .map(|r| format!("{} {}", r.verb, r.template))
             .collect();
         paths.sort();
         paths.dedup();
-        assert_eq!(paths.len(), 20);
+        assert_eq!(paths.len(), 21);
         let cancel = routes
             .iter()
             .find(|r| r.template == "/api/v1/tasks/cancel/{task_id}")

@@ -18,6 +18,7 @@ mod locks;
 mod schedules;
 mod snapshot;
 mod state;
+mod tags;
 pub mod tasks;
 
 pub use schedules::MemorySchedules;
@@ -439,6 +440,23 @@ impl CacheBackend for MemoryStore {
 
     async fn lock_release(&self, lock: &str, token: &str, _deadline: Deadline) -> Result<bool> {
         Ok(self.inner.locks.drop_if(lock, token))
+    }
+
+    // --- tags: see `tags`
+    async fn tag_versions_for_write(
+        &self,
+        tags: &[(String, Duration)],
+        _deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        self.versions_for_write(tags)
+    }
+
+    async fn tag_versions(&self, keys: &[String], _deadline: Deadline) -> Result<Vec<Option<u64>>> {
+        Ok(self.current_versions(keys))
+    }
+
+    async fn bump_tags(&self, keys: &[String], _deadline: Deadline) -> Result<u64> {
+        self.bump(keys)
     }
 }
 

@@ -224,6 +224,26 @@ impl CacheBackend for RedisStore {
     async fn lock_release(&self, lock: &str, token: &str, deadline: Deadline) -> Result<bool> {
         self.lock_drop(lock, token, deadline).await
     }
+
+    // --- tags: see `super::tags`
+    #[tracing::instrument(level = "debug", skip_all, fields(tags = tags.len()))]
+    async fn tag_versions_for_write(
+        &self,
+        tags: &[(String, Duration)],
+        deadline: Deadline,
+    ) -> Result<Vec<u64>> {
+        self.versions_for_write(tags, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(tags = keys.len()))]
+    async fn tag_versions(&self, keys: &[String], deadline: Deadline) -> Result<Vec<Option<u64>>> {
+        self.current_versions(keys, deadline).await
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(tags = keys.len()))]
+    async fn bump_tags(&self, keys: &[String], deadline: Deadline) -> Result<u64> {
+        self.bump(keys, deadline).await
+    }
 }
 
 fn entry(value: Vec<u8>, pttl: i64) -> Entry {

@@ -21,6 +21,7 @@ mod recovery;
 mod scan;
 mod schedules;
 mod script;
+mod tags;
 mod tasks;
 mod tls;
 pub mod url;

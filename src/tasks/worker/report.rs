@@ -34,8 +34,8 @@ pub(crate) async fn cache_result(cache: Option<&Cache>, task: &Task, finish: Fin
         key: target.key,
         value: Value::Json(result.clone()),
         ttl: Some(Duration::from_millis(target.ttl_ms)),
-        tags: Vec::new(),
-        soft_ttl: None,
+        tags: target.tags,
+        soft_ttl: target.soft_ttl_ms.map(Duration::from_millis),
     };
     match cache
         .set(entry, Deadline::after(Duration::from_secs(5)))

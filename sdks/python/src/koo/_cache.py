@@ -42,13 +42,18 @@ _LEVELS: dict[CacheLevel, pb.CacheLevel.ValueType] = {
 
 @dataclass(frozen=True)
 class CacheHit:
-    """A found entry: its value, the time it has left, and its sizes."""
+    """A found entry: its value, the time it has left, its sizes, its tags,
+    and whether it is past its soft TTL (`stale`: still served, due for a
+    refresh; `soft_ttl`: the time left before that, when it has one)."""
 
     value: Any
     ttl: timedelta
     size_bytes: int
     stored_size_bytes: int
     compressed: bool
+    tags: tuple[str, ...] = ()
+    stale: bool = False
+    soft_ttl: timedelta | None = None
 
 
 def _hit(r: pb.GetResponse) -> CacheHit | None:
@@ -60,7 +65,18 @@ def _hit(r: pb.GetResponse) -> CacheHit | None:
         size_bytes=r.size_bytes,
         stored_size_bytes=r.stored_size_bytes,
         compressed=r.compressed,
+        tags=tuple(r.tags),
+        stale=r.stale,
+        soft_ttl=from_duration(r.soft_ttl) if r.HasField("soft_ttl") else None,
     )
+
+
+def _extras(e: pb.SetRequest | pb.CacheEntry, tags: Iterable[str] | None, soft_ttl: Seconds | None) -> None:
+    """Puts tags and a soft TTL on a write."""
+    if tags is not None:
+        e.tags.extend(tags)
+    if soft_ttl is not None:
+        e.soft_ttl.CopyFrom(to_duration(soft_ttl))
 
 
 class KooCache:
@@ -115,11 +131,19 @@ class KooCache:
         value: Any,
         ttl: Seconds | None = None,
         level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        tags: Iterable[str] | None = None,
+        soft_ttl: Seconds | None = None,
     ) -> bool:
-        """Writes `value` under `key`; True once stored (errors raise)."""
+        """Writes `value` under `key`; True once stored (errors raise).
+
+        `tags` (at most 32) let `invalidate_tags` drop the entry; after
+        `soft_ttl` (shorter than `ttl`) reads mark it `stale`.
+        """
         req = pb.SetRequest(level=level.proto, key=key, value=to_cache_value(value))
         if ttl is not None:
             req.ttl.CopyFrom(to_duration(ttl))
+        _extras(req, tags, soft_ttl)
         await rpc(self._stub().Set(req, metadata=self._conn.metadata()))
         return True
 
@@ -143,13 +167,19 @@ class KooCache:
         items: Mapping[str, Any],
         ttl: Seconds | None = None,
         level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        tags: Iterable[str] | None = None,
+        soft_ttl: Seconds | None = None,
     ) -> int:
-        """Writes every entry, all or nothing; returns how many."""
+        """Writes every entry, all or nothing; returns how many. `tags` and
+        `soft_ttl` apply to every entry."""
+        tag_list = None if tags is None else list(tags)
         entries = []
         for key, value in items.items():
             e = pb.CacheEntry(level=level.proto, key=key, value=to_cache_value(value))
             if ttl is not None:
                 e.ttl.CopyFrom(to_duration(ttl))
+            _extras(e, tag_list, soft_ttl)
             entries.append(e)
         r = await rpc(self._stub().SetMany(pb.SetManyRequest(entries=entries), metadata=self._conn.metadata()))
         return len(r.results)
@@ -159,6 +189,16 @@ class KooCache:
         req = pb.DeleteManyRequest(level=level.proto, keys=list(keys))
         r = await rpc(self._stub().DeleteMany(req, metadata=self._conn.metadata()))
         return r.deleted_count
+
+    async def invalidate_tags(self, tags: Iterable[str], level: CacheLevel | None = None) -> int:
+        """Makes every entry carrying any of `tags` miss from now on, on every
+        koo instance, in `level` or (None) every level; returns how many
+        (level, tag) pairs had entries."""
+        req = pb.InvalidateTagsRequest(
+            level=pb.CACHE_LEVEL_UNSPECIFIED if level is None else level.proto, tags=list(tags)
+        )
+        r = await rpc(self._stub().InvalidateTags(req, metadata=self._conn.metadata()))
+        return r.known_count
 
     async def iter_keys(
         self, pattern: str = "*", level: CacheLevel = CacheLevel.APPLICATION, page_size: int = 1000
@@ -347,9 +387,18 @@ class SyncKooCache:
         """See `KooCache.get_entry`."""
         return shared_loop().run(self._cache.get_entry(key, level))
 
-    def set(self, key: str, value: Any, ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
+    def set(
+        self,
+        key: str,
+        value: Any,
+        ttl: Seconds | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        tags: Iterable[str] | None = None,
+        soft_ttl: Seconds | None = None,
+    ) -> bool:
         """See `KooCache.set`."""
-        return shared_loop().run(self._cache.set(key, value, ttl, level))
+        return shared_loop().run(self._cache.set(key, value, ttl, level, tags=tags, soft_ttl=soft_ttl))
 
     def delete(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
         """See `KooCache.delete`."""
@@ -364,14 +413,24 @@ class SyncKooCache:
         return shared_loop().run(self._cache.get_many(keys, level))
 
     def set_many(
-        self, items: Mapping[str, Any], ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION
+        self,
+        items: Mapping[str, Any],
+        ttl: Seconds | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        tags: Iterable[str] | None = None,
+        soft_ttl: Seconds | None = None,
     ) -> int:
         """See `KooCache.set_many`."""
-        return shared_loop().run(self._cache.set_many(items, ttl, level))
+        return shared_loop().run(self._cache.set_many(items, ttl, level, tags=tags, soft_ttl=soft_ttl))
 
     def delete_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> int:
         """See `KooCache.delete_many`."""
         return shared_loop().run(self._cache.delete_many(keys, level))
+
+    def invalidate_tags(self, tags: Iterable[str], level: CacheLevel | None = None) -> int:
+        """See `KooCache.invalidate_tags`."""
+        return shared_loop().run(self._cache.invalidate_tags(tags, level))
 
     def list_keys(self, pattern: str = "*", level: CacheLevel = CacheLevel.APPLICATION) -> list[str]:
         """See `KooCache.list_keys`."""
