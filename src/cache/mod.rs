@@ -6,6 +6,7 @@
 //! store once, and records metrics ([`metrics`]). Nothing here knows about
 //! gRPC.
 
+pub mod bus;
 mod config;
 mod entry;
 mod error;
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use flate2::Compression;
 
+pub use self::bus::{Change, ChangeKind, Notice, Subscription, Woke};
 pub use self::config::{
     CacheConfig, DEFAULT_PAGE_SIZE, MAX_BATCH, MAX_PAGE_SIZE, MAX_PATTERN_LEN, MAX_TTL,
 };
@@ -66,15 +68,19 @@ struct Inner {
     /// streams cost the backend a bounded number of reads. A tokio mutex,
     /// held while reading, so that concurrent callers share one read.
     shared: tokio::sync::Mutex<Option<SharedFigures>>,
+    /// Changes, for watchers and waiters (see [`bus`]).
+    bus: bus::Bus,
 }
 
 impl Cache {
     /// A cache over `store`.
     pub fn new(store: Store, config: CacheConfig) -> Self {
         let compression = Compression::new(config.compression_level.min(9));
+        let keys = KeySpace::new(&config.prefix);
         Self {
             inner: Arc::new(Inner {
-                keys: KeySpace::new(&config.prefix),
+                bus: bus::Bus::new(&store, &keys),
+                keys,
                 store,
                 compression,
                 config,
@@ -249,6 +255,10 @@ impl Cache {
             self.count_write(entry.level, &stored);
         }
         self.observe(entry.level, Op::Set, started, &result);
+        self.announce(result.is_ok(), deadline, || {
+            vec![Change::keys(ChangeKind::Set, entry.level, vec![entry.key])]
+        })
+        .await;
         result
     }
 
@@ -336,6 +346,8 @@ impl Cache {
             }
         }
         self.inner.metrics.latency(Op::SetMany, started.elapsed());
+        self.announce(result.is_ok(), deadline, || Self::set_changes(entries))
+            .await;
         result
     }
 
@@ -391,6 +403,10 @@ impl Cache {
             self.inner.metrics.deletes(level, n);
         }
         self.observe(level, op, started, &result);
+        self.announce(result.is_ok(), deadline, || {
+            vec![Change::keys(ChangeKind::Delete, level, keys.to_vec())]
+        })
+        .await;
         result
     }
 
