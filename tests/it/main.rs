@@ -12,6 +12,7 @@ mod auth;
 mod binary;
 mod breaker;
 mod cache;
+mod cache_watch;
 mod chaos;
 mod cli;
 mod config_env;
