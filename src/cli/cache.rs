@@ -1,4 +1,4 @@
-//! `koo cache get|set|del|keys|clear|stats`: cache entries on a running koo.
+//! `koo cache get|set|del|keys|clear|stats|watch`: cache entries on a running koo.
 
 use clap::{Args, Subcommand, ValueEnum};
 
@@ -31,7 +31,7 @@ pub enum Level {
 }
 
 impl Level {
-    fn pb(self) -> i32 {
+    pub(super) fn pb(self) -> i32 {
         (match self {
             Level::App => pb::CacheLevel::App,
             Level::Db => pb::CacheLevel::Db,
@@ -86,6 +86,15 @@ enum CacheCommand {
     },
     /// Hits, misses and keys per level.
     Stats,
+    /// Print changes (made on any koo instance) as they happen.
+    Watch {
+        /// Only these levels (repeat the flag); default: every level.
+        #[arg(long = "level", value_enum)]
+        levels: Vec<Level>,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
 }
 
 /// Runs a `koo cache` command.
@@ -169,6 +178,9 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             Ok(ExitStatus::Ok)
         }
         CacheCommand::Stats => stats(&conn, &mut client).await,
+        CacheCommand::Watch { levels, prefix } => {
+            super::cache_watch::watch(&conn, &mut client, levels, prefix).await
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::PubSubStream;
+use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -28,6 +28,9 @@ pub(super) const READY_AFTER: Duration = Duration::from_millis(1500);
 #[derive(Default)]
 struct Driver {
     sub: Option<PubSubStream>,
+    /// The subscription's other half, to ping it: a connection that died
+    /// without a word (a host gone) would otherwise go unnoticed.
+    sink: Option<PubSubSink>,
     /// When this process last renewed the flag.
     renewed: Option<Instant>,
     /// When this process last read the flag (without subscribers).
@@ -59,10 +62,7 @@ pub(super) async fn run(bus: Weak<Shared>, mut watchers: watch::Receiver<usize>)
             Wake::Stop => return,
             Wake::Message(Some(msg)) => shared.receive(&msg),
             Wake::Message(None) => {
-                tracing::warn!("lost the cache change subscription; resetting watchers");
-                d.sub = None;
-                shared.live.send_replace(None);
-                shared.deliver(Event::Lost);
+                d.lost(&shared);
                 d.step(&shared).await;
             }
             Wake::Tick | Wake::Watchers => d.step(&shared).await,
@@ -78,10 +78,20 @@ async fn next_message(sub: &mut Option<PubSubStream>) -> Option<redis::Msg> {
 }
 
 impl Driver {
+    /// The subscription is gone: changes may have been missed.
+    fn lost(&mut self, shared: &Shared) {
+        tracing::warn!("lost the cache change subscription; resetting watchers");
+        self.sub = None;
+        self.sink = None;
+        shared.live.send_replace(None);
+        shared.deliver(Event::Lost);
+    }
+
     async fn step(&mut self, shared: &Shared) {
         let Some(redis) = &shared.redis else { return };
         let watchers = *shared.watchers.borrow();
         if watchers == 0 {
+            self.sink = None;
             if self.sub.take().is_some() {
                 shared.live.send_replace(None);
             }
@@ -102,13 +112,19 @@ impl Driver {
             let [expired, evicted] = keyevent_channels(redis.db());
             let channels = [shared.channel.clone(), expired, evicted];
             match redis.subscribe(&channels).await {
-                Ok(s) => self.sub = Some(s),
+                Ok((sink, stream)) => (self.sink, self.sub) = (Some(sink), Some(stream)),
                 Err(e) => return self.failed(&e.to_string()),
             }
             self.renewed = None;
         }
         if self.renewed.is_some_and(|t| t.elapsed() < READ_EVERY / 2) {
             return;
+        }
+        if let Some(sink) = &mut self.sink {
+            let ping = tokio::time::timeout(READ_EVERY, sink.ping::<redis::Value>()).await;
+            if !matches!(ping, Ok(Ok(_))) {
+                return self.lost(shared);
+            }
         }
         self.renew(shared).await;
     }

@@ -394,3 +394,120 @@ impl Drop for Subscription {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::cache::{CacheConfig, Value};
+    use crate::store::MemoryStore;
+
+    fn cache() -> Cache {
+        Cache::new(
+            Store::from(MemoryStore::new(Default::default())),
+            CacheConfig::default(),
+        )
+    }
+
+    fn entry(level: Level, key: &str) -> NewEntry {
+        NewEntry {
+            level,
+            key: key.into(),
+            value: Value::Text("v".into()),
+            ttl: None,
+            tags: vec![],
+            soft_ttl: None,
+        }
+    }
+
+    fn soon() -> Deadline {
+        Deadline::after(Duration::from_secs(1))
+    }
+
+    /// Nothing is announced without a subscriber; with one, Ready comes
+    /// first, then each write, one change per level of a batch; dropping
+    /// the last subscriber turns announcing off again.
+    #[tokio::test]
+    async fn a_subscriber_hears_writes_in_order() {
+        let cache = cache();
+        assert!(!cache.watched());
+        let mut sub = cache.subscribe();
+        assert!(cache.watched());
+        assert_eq!(sub.next().await, Notice::Ready);
+        cache.set(entry(Level::App, "a"), soon()).await.unwrap();
+        let batch = [
+            entry(Level::App, "b"),
+            entry(Level::Db, "c"),
+            entry(Level::App, "d"),
+        ];
+        cache.set_many(&batch, soon()).await.unwrap();
+        cache.delete(Level::Db, "c", soon()).await.unwrap();
+        cache.clear_level(Level::Api, soon()).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..5 {
+            match sub.next().await {
+                Notice::Change(c) => got.push((c.kind, c.level, c.keys.clone())),
+                other => panic!("{other:?}"),
+            }
+        }
+        let keys = |k: &[&str]| k.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            got,
+            vec![
+                (ChangeKind::Set, Some(Level::App), keys(&["a"])),
+                (ChangeKind::Set, Some(Level::App), keys(&["b", "d"])),
+                (ChangeKind::Set, Some(Level::Db), keys(&["c"])),
+                (ChangeKind::Delete, Some(Level::Db), keys(&["c"])),
+                (ChangeKind::ClearLevel, Some(Level::Api), keys(&[])),
+            ]
+        );
+        drop(sub);
+        assert!(!cache.watched());
+    }
+
+    /// A subscriber that leaves more than the buffer unread is reset, then
+    /// Ready again, and hears what follows.
+    #[tokio::test]
+    async fn a_lagging_subscriber_is_reset() {
+        let cache = cache();
+        let mut sub = cache.subscribe();
+        assert_eq!(sub.next().await, Notice::Ready);
+        for _ in 0..=BUFFER {
+            cache.publish(Change::clear(Level::App), soon()).await;
+        }
+        assert_eq!(sub.next().await, Notice::Reset);
+        assert!(!sub.is_ready());
+        assert_eq!(sub.next().await, Notice::Ready);
+        cache
+            .publish(Change::tags(None, vec!["t".into()]), soon())
+            .await;
+        assert!(matches!(sub.next().await, Notice::Change(c) if c.kind == ChangeKind::Tags));
+    }
+
+    /// `wait_for` wakes on a change of its key (or anything that may touch
+    /// it), not on other keys, and gives up at the deadline.
+    #[tokio::test]
+    async fn wait_for_wakes_on_its_key() {
+        let cache = cache();
+        let mut sub = cache.subscribe();
+        let short = Deadline::after(Duration::from_millis(50));
+        assert_eq!(sub.wait_for(Level::App, "k", short).await, Woke::Deadline);
+        let writer = cache.clone();
+        let write = tokio::spawn(async move {
+            writer
+                .set(entry(Level::App, "other"), soon())
+                .await
+                .unwrap();
+            writer.set(entry(Level::Db, "k"), soon()).await.unwrap();
+            writer.set(entry(Level::App, "k"), soon()).await.unwrap();
+        });
+        match sub.wait_for(Level::App, "k", soon()).await {
+            Woke::Changed(c) => assert_eq!(c.keys, vec!["k".to_owned()]),
+            other => panic!("{other:?}"),
+        }
+        write.await.unwrap();
+        assert!(Change::tags(Some(Level::App), vec![]).touches(Level::App, "x"));
+        assert!(!Change::clear(Level::Db).touches(Level::App, "x"));
+    }
+}

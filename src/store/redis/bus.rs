@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::PubSubStream;
+use redis::aio::{PubSubSink, PubSubStream};
 
 use super::RedisStore;
 use super::kv::ttl_millis;
@@ -77,13 +77,14 @@ impl RedisStore {
             .db()
     }
 
-    /// Opens a Pub/Sub connection subscribed to `channels`; its messages,
-    /// until the connection is lost (then the stream ends).
-    pub async fn subscribe(&self, channels: &[String]) -> Result<PubSubStream> {
+    /// Opens a Pub/Sub connection subscribed to `channels`: its sink (to
+    /// ping it) and its messages, until the connection is lost (then the
+    /// stream ends).
+    pub async fn subscribe(&self, channels: &[String]) -> Result<(PubSubSink, PubSubStream)> {
         let open = async {
             let mut pubsub = self.inner.client.get_async_pubsub().await?;
             pubsub.subscribe(channels).await?;
-            Ok::<_, redis::RedisError>(pubsub.into_on_message())
+            Ok::<_, redis::RedisError>(pubsub.split())
         };
         match tokio::time::timeout(self.inner.connect_timeout * 2, open).await {
             Ok(Ok(stream)) => Ok(stream),
