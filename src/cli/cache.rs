@@ -163,20 +163,7 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             level,
             limit,
         } => keys(&conn, &mut client, pattern, level, limit).await,
-        CacheCommand::Clear { level } => {
-            let request = pb::ClearLevelRequest { level: level.pb() };
-            let reply = client
-                .clear_level(conn.unary(request))
-                .await
-                .map_err(|s| conn.failed(s))?
-                .into_inner();
-            if conn.json {
-                print_json("koo.cache.v1.ClearLevelResponse", &reply);
-            } else {
-                outln!("deleted {}", reply.deleted_count);
-            }
-            Ok(ExitStatus::Ok)
-        }
+        CacheCommand::Clear { level } => clear(&conn, &mut client, level).await,
         CacheCommand::Stats => stats(&conn, &mut client).await,
         CacheCommand::Watch { levels, prefix } => {
             super::cache_watch::watch(&conn, &mut client, levels, prefix).await
@@ -185,6 +172,21 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
 }
 
 type Client = CacheServiceClient<tonic::transport::Channel>;
+
+async fn clear(conn: &Conn, client: &mut Client, level: Level) -> Result<ExitStatus, CliError> {
+    let request = pb::ClearLevelRequest { level: level.pb() };
+    let reply = client
+        .clear_level(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.ClearLevelResponse", &reply);
+    } else {
+        outln!("deleted {}", reply.deleted_count);
+    }
+    Ok(ExitStatus::Ok)
+}
 
 async fn get(
     conn: &Conn,
