@@ -370,3 +370,40 @@ async fn koo_cache_watch_prints_changes() {
     set(&mut c, CacheLevel::App, "u:1").await;
     assert_eq!(line(), r#"SET app "u:1""#);
 }
+
+/// koo's Redis user with exactly the documented ACL rules and channels
+/// (README, "Watching invalidations"): a watcher hears a write, through
+/// the user's own Pub/Sub connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_channels_suffice() {
+    let redis = TestRedis::start().await;
+    let mut admin = redis.conn().await;
+    let rules: Vec<&str> = koo::store::redis::REDIS_ACL_RULES
+        .split_whitespace()
+        .collect();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("koo")
+        .arg("reset")
+        .arg("on")
+        .arg(">koo-secret")
+        .arg("~koo:*")
+        .arg("resetchannels")
+        .arg("&koo:v1:cache:changes")
+        .arg("&__keyevent@0__:expired")
+        .arg("&__keyevent@0__:evicted")
+        .arg(&rules)
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://koo:koo-secret@127.0.0.1:{}/0", redis.port);
+    let server = TestServer::spawn(common::test_settings(common::redis_settings(&url))).await;
+    let mut c = server.cache();
+    let mut w = watch(&mut c, &[], "").await;
+    assert_eq!(next(&mut w).await.kind(), InvalidationKind::Ready);
+    set(&mut c, CacheLevel::Api, "acl").await;
+    assert_eq!(
+        seen(&next(&mut w).await),
+        want(InvalidationKind::Set, CacheLevel::Api, &["acl"])
+    );
+}

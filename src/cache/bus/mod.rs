@@ -48,6 +48,10 @@ use crate::store::{Deadline, RedisStore, Store};
 /// Changes a process's subscribers may leave unread before they are reset.
 pub const BUFFER: usize = 4096;
 
+/// The least time a change's `PUBLISH` gets, whatever is left of the
+/// write's deadline.
+const PUBLISH_FLOOR: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChangeKind {
@@ -235,11 +239,18 @@ impl Cache {
             None => shared.deliver(Event::Change(Arc::new(change))),
             Some(redis) => {
                 let payload = wire::encode(&change);
+                // The change is made: telling the watchers matters more
+                // than the caller's deadline, so it gets a little longer.
+                let deadline = deadline.max(Deadline::after(PUBLISH_FLOOR));
                 if let Err(e) = redis
                     .publish_change(&shared.channel, &payload, deadline)
                     .await
                 {
+                    // This process's own watchers are reset; other
+                    // processes' lose their subscription too when Redis is
+                    // unreachable (the common cause), which resets theirs.
                     tracing::warn!(error = %e, "cannot publish a cache change to its watchers");
+                    shared.deliver(Event::Lost);
                 }
             }
         }
