@@ -23,6 +23,7 @@ macro_rules! outln {
 }
 
 pub mod cache;
+mod cache_watch;
 pub mod connect;
 pub mod cron;
 pub mod limit;

@@ -9,6 +9,8 @@
 //! | `koo:v1:ctag:{level}:{tag}` | string | a cache tag's version (a random u64, decimal; expires with the last entry that carries it; see `cache::tags`) |
 //! | `koo:stats:cache:instances` | sorted set | koo instances publishing cache metrics, scored by last publish (ms) |
 //! | `koo:stats:cache:instance:{id}` | string | one instance's metrics record (with a TTL) |
+//! | `koo:v1:cache:changes` | Pub/Sub channel | cache changes, published only while someone watches (see `cache::bus`) |
+//! | `koo:v1:cache:watched` | string | "someone watches": the Redis time (ms) it was set, kept alive (3 s TTL) by every koo with watchers |
 //!
 //! Task keys (data format `v1`) share their queue's hash tag `{t:QUEUE}`, so
 //! that every transition of a task touches one Redis Cluster slot; see
@@ -113,6 +115,23 @@ impl KeySpace {
     /// One instance's cache metrics record.
     pub fn cache_metrics_record(&self, instance: &str) -> String {
         format!("{}:stats:cache:instance:{instance}", self.prefix)
+    }
+
+    /// The Pub/Sub channel of cache changes (see `cache::bus`).
+    pub fn changes_channel(&self) -> String {
+        format!("{}:v1:cache:changes", self.prefix)
+    }
+
+    /// The flag saying that some koo has watchers of cache changes.
+    pub fn watched_flag(&self) -> String {
+        format!("{}:v1:cache:watched", self.prefix)
+    }
+
+    /// The level and user key of a full cache key, if it is one.
+    pub fn split_cache_key<'a>(&self, full: &'a str) -> Option<(Level, &'a str)> {
+        Level::ALL
+            .into_iter()
+            .find_map(|l| self.user_key(l, full).map(|k| (l, k)))
     }
 }
 

@@ -79,6 +79,10 @@ impl Cache {
             self.inner.metrics.deletes(level, n);
         }
         self.observe(level, Op::ClearLevel, started, &result);
+        self.announce(result.is_ok(), deadline, || {
+            vec![super::Change::clear(level)]
+        })
+        .await;
         result
     }
 }

@@ -6,6 +6,7 @@
 //! store once, and records metrics ([`metrics`]). Nothing here knows about
 //! gRPC.
 
+pub mod bus;
 pub mod compute;
 mod config;
 mod entry;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use flate2::Compression;
 
+pub use self::bus::{Change, ChangeKind, Notice, Subscription, Woke};
 pub use self::config::{
     CacheConfig, DEFAULT_PAGE_SIZE, MAX_BATCH, MAX_PAGE_SIZE, MAX_PATTERN_LEN, MAX_TTL,
 };
@@ -70,15 +72,19 @@ struct Inner {
     shared: tokio::sync::Mutex<Option<SharedFigures>>,
     /// Wakes GetOrLock's waiters when an entry is filled (see `compute`).
     fills: Box<dyn compute::FillSignal>,
+    /// Changes, for watchers and waiters (see [`bus`]).
+    bus: bus::Bus,
 }
 
 impl Cache {
     /// A cache over `store`.
     pub fn new(store: Store, config: CacheConfig) -> Self {
         let compression = Compression::new(config.compression_level.min(9));
+        let keys = KeySpace::new(&config.prefix);
         Self {
             inner: Arc::new(Inner {
-                keys: KeySpace::new(&config.prefix),
+                bus: bus::Bus::new(&store, &keys),
+                keys,
                 store,
                 compression,
                 config,
@@ -285,6 +291,10 @@ impl Cache {
             self.count_write(entry.level, stored);
         }
         self.observe(entry.level, Op::Set, started, &result);
+        self.announce(result.is_ok(), deadline, || {
+            vec![Change::keys(ChangeKind::Set, entry.level, vec![entry.key])]
+        })
+        .await;
         result
     }
 
@@ -384,6 +394,8 @@ impl Cache {
             }
         }
         self.inner.metrics.latency(Op::SetMany, started.elapsed());
+        self.announce(result.is_ok(), deadline, || Self::set_changes(entries))
+            .await;
         result
     }
 
@@ -444,6 +456,10 @@ impl Cache {
             self.inner.metrics.deletes(level, n);
         }
         self.observe(level, op, started, &result);
+        self.announce(result.is_ok(), deadline, || {
+            vec![Change::keys(ChangeKind::Delete, level, keys.to_vec())]
+        })
+        .await;
         result
     }
 

@@ -262,7 +262,11 @@ impl Cache {
                 self.inner.metrics.error(*l);
             }
         }
-        // bus: publish Tags{level, tags}
+        // near caches drop what carries the tags (`None`: in every level)
+        self.announce(result.is_ok(), deadline, || {
+            vec![super::bus::Change::tags(level, tags.to_vec())]
+        })
+        .await;
         result
     }
 }

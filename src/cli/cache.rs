@@ -1,4 +1,4 @@
-//! `koo cache get|set|del|keys|clear|invalidate-tags|stats|get-or-compute`:
+//! `koo cache get|set|del|keys|clear|invalidate-tags|stats|get-or-compute|watch`:
 //! cache entries on a running koo.
 
 mod compute;
@@ -34,7 +34,7 @@ pub enum Level {
 }
 
 impl Level {
-    fn pb(self) -> i32 {
+    pub(super) fn pb(self) -> i32 {
         (match self {
             Level::App => pb::CacheLevel::App,
             Level::Db => pb::CacheLevel::Db,
@@ -108,6 +108,15 @@ enum CacheCommand {
     Stats,
     /// Print a value; on a miss, koo runs --task once (for every caller) and caches its result.
     GetOrCompute(compute::GetOrComputeArgs),
+    /// Print changes (made on any koo instance) as they happen.
+    Watch {
+        /// Only these levels (repeat the flag); default: every level.
+        #[arg(long = "level", value_enum)]
+        levels: Vec<Level>,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
 }
 
 /// Runs a `koo cache` command.
@@ -167,25 +176,15 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
             level,
             limit,
         } => keys(&conn, &mut client, pattern, level, limit).await,
-        CacheCommand::Clear { level } => {
-            let request = pb::ClearLevelRequest { level: level.pb() };
-            let reply = client
-                .clear_level(conn.unary(request))
-                .await
-                .map_err(|s| conn.failed(s))?
-                .into_inner();
-            if conn.json {
-                print_json("koo.cache.v1.ClearLevelResponse", &reply);
-            } else {
-                outln!("deleted {}", reply.deleted_count);
-            }
-            Ok(ExitStatus::Ok)
-        }
+        CacheCommand::Clear { level } => clear(&conn, &mut client, level).await,
         CacheCommand::InvalidateTags { tags, level } => {
             invalidate_tags(&conn, &mut client, tags, level).await
         }
         CacheCommand::Stats => stats(&conn, &mut client).await,
         CacheCommand::GetOrCompute(a) => compute::run(&conn, &mut client, a).await,
+        CacheCommand::Watch { levels, prefix } => {
+            super::cache_watch::watch(&conn, &mut client, levels, prefix).await
+        }
     }
 }
 
@@ -209,6 +208,21 @@ async fn set(
             reply.size_bytes,
             output::duration(reply.ttl.as_ref())
         );
+    }
+    Ok(ExitStatus::Ok)
+}
+
+async fn clear(conn: &Conn, client: &mut Client, level: Level) -> Result<ExitStatus, CliError> {
+    let request = pb::ClearLevelRequest { level: level.pb() };
+    let reply = client
+        .clear_level(conn.unary(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    if conn.json {
+        print_json("koo.cache.v1.ClearLevelResponse", &reply);
+    } else {
+        outln!("deleted {}", reply.deleted_count);
     }
     Ok(ExitStatus::Ok)
 }

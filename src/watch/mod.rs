@@ -46,6 +46,8 @@ pub enum Kind {
     TaskMetrics = 2,
     /// `CacheService.WatchMetrics`.
     CacheMetrics = 3,
+    /// `CacheService.WatchInvalidations`.
+    CacheInvalidations = 4,
 }
 
 /// Why a watcher was refused or ended.
@@ -107,7 +109,7 @@ pub struct Watchers {
 struct Counts {
     max: usize,
     open: AtomicUsize,
-    by_kind: [AtomicUsize; 4],
+    by_kind: [AtomicUsize; 5],
     fanned_out: AtomicU64,
     fell_behind: AtomicU64,
     readers: AtomicUsize,
@@ -119,7 +121,7 @@ pub struct Figures {
     /// `KOO_MAX_WATCHERS`.
     pub max: usize,
     /// Open streams by [`Kind`].
-    pub by_kind: [usize; 4],
+    pub by_kind: [usize; 5],
     /// Events handed to watchers' buffers since start (one per watcher).
     pub fanned_out: u64,
     /// Watchers ended because they fell behind, since start.
@@ -221,9 +223,9 @@ mod tests {
             w.admit(Kind::Task),
             Err(WatchError::TooMany { max: 2 })
         ));
-        assert_eq!(w.figures().by_kind, [1, 1, 0, 0]);
+        assert_eq!(w.figures().by_kind, [1, 1, 0, 0, 0]);
         drop(a);
         let _c = w.admit(Kind::CacheMetrics).unwrap();
-        assert_eq!(w.figures().by_kind, [0, 1, 0, 1]);
+        assert_eq!(w.figures().by_kind, [0, 1, 0, 1, 0]);
     }
 }

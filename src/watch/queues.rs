@@ -217,6 +217,6 @@ mod tests {
             )
             .await;
         assert!(matches!(refused, Err(WatchError::ResumeToken { .. })));
-        assert_eq!(hub.watchers().figures().by_kind, [0, 0, 0, 0]);
+        assert_eq!(hub.watchers().figures().by_kind, [0, 0, 0, 0, 0]);
     }
 }

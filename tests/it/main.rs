@@ -14,6 +14,7 @@ mod breaker;
 mod cache;
 mod cache_compute;
 mod cache_tags;
+mod cache_watch;
 mod chaos;
 mod cli;
 mod config_env;

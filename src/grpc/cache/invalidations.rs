@@ -1,22 +1,138 @@
-//! `WatchInvalidations`: the changes a near cache needs.
+//! `WatchInvalidations`: the changes a near cache needs, filtered here (by
+//! level and key prefix) so that a client pays only for what it keeps.
+//! The bus behind it, its delay and its resets: `crate::cache::bus`.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use super::CacheApi;
+use super::{CacheApi, level, to_pb_level};
+use crate::cache::{Change, ChangeKind, Level, Notice};
+use crate::grpc::status::invalid_argument;
 use crate::pb::cache::v1 as pb;
+use crate::quote::clip;
+use crate::watch::Kind as WatchKind;
 
 /// The stream `WatchInvalidations` answers.
 pub type InvalidationStream =
     Pin<Box<dyn Stream<Item = Result<pb::WatchInvalidationsResponse, Status>> + Send>>;
 
+/// The longest key prefix accepted (the longest key is shorter still).
+const MAX_PREFIX: usize = 64 * 1024;
+
+/// What one stream wants.
+struct Filter {
+    /// Empty: every level.
+    levels: Vec<Level>,
+    prefix: String,
+}
+
+impl TryFrom<pb::WatchInvalidationsRequest> for Filter {
+    type Error = Status;
+
+    fn try_from(r: pb::WatchInvalidationsRequest) -> Result<Self, Status> {
+        let levels = r
+            .levels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| level(&format!("levels[{i}]"), *l))
+            .collect::<Result<Vec<_>, _>>()?;
+        if r.key_prefix.len() > MAX_PREFIX {
+            return Err(invalid_argument(
+                "key_prefix",
+                &format!(
+                    "is {} bytes ({}), over the limit of {MAX_PREFIX} bytes",
+                    r.key_prefix.len(),
+                    clip(&r.key_prefix, 40)
+                ),
+            ));
+        }
+        Ok(Self {
+            levels,
+            prefix: r.key_prefix,
+        })
+    }
+}
+
+impl Filter {
+    /// The message for `notice`, if this stream wants it.
+    fn message(&self, notice: Notice) -> Option<pb::WatchInvalidationsResponse> {
+        let change: Arc<Change> = match notice {
+            Notice::Ready => return Some(bare(pb::InvalidationKind::Ready)),
+            Notice::Reset => return Some(bare(pb::InvalidationKind::Reset)),
+            Notice::Change(c) => c,
+        };
+        if let Some(l) = change.level
+            && !self.levels.is_empty()
+            && !self.levels.contains(&l)
+        {
+            return None;
+        }
+        let keys: Vec<String> = change
+            .keys
+            .iter()
+            .filter(|k| k.starts_with(&self.prefix))
+            .cloned()
+            .collect();
+        let kind = match change.kind {
+            ChangeKind::Set => pb::InvalidationKind::Set,
+            ChangeKind::Delete => pb::InvalidationKind::Delete,
+            ChangeKind::Expired => pb::InvalidationKind::Expired,
+            ChangeKind::ClearLevel => pb::InvalidationKind::ClearLevel,
+            ChangeKind::Tags => pb::InvalidationKind::Tags,
+        };
+        let keyed = matches!(
+            change.kind,
+            ChangeKind::Set | ChangeKind::Delete | ChangeKind::Expired
+        );
+        if keyed && keys.is_empty() {
+            return None;
+        }
+        Some(pb::WatchInvalidationsResponse {
+            kind: kind as i32,
+            level: change.level.map_or(0, |l| to_pb_level(l) as i32),
+            keys,
+            tags: change.tags.clone(),
+            time: Some(change.time.into()),
+        })
+    }
+}
+
+fn bare(kind: pb::InvalidationKind) -> pb::WatchInvalidationsResponse {
+    pb::WatchInvalidationsResponse {
+        kind: kind as i32,
+        time: Some(std::time::SystemTime::now().into()),
+        ..Default::default()
+    }
+}
+
 impl CacheApi {
     pub(super) async fn watch_invalidations_rpc(
         &self,
-        _request: Request<pb::WatchInvalidationsRequest>,
+        request: Request<pb::WatchInvalidationsRequest>,
     ) -> Result<Response<InvalidationStream>, Status> {
-        Err(Status::unimplemented("WatchInvalidations is not built yet"))
+        let filter = Filter::try_from(request.into_inner())?;
+        let permit = self.watchers.admit(WatchKind::CacheInvalidations)?;
+        let state = (
+            self.cache.subscribe(),
+            filter,
+            self.shutdown.clone(),
+            permit,
+        );
+        let stream = futures::stream::unfold(state, |(mut sub, filter, stop, permit)| async move {
+            loop {
+                let notice = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return None,
+                    n = sub.next() => n,
+                };
+                if let Some(m) = filter.message(notice) {
+                    return Some((Ok(m), (sub, filter, stop, permit)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -42,6 +42,8 @@ pub struct CacheApi {
     bulk_timeout: Duration,
     /// `WatchMetrics` snapshots, taken once per interval and shared.
     metrics: Ticker<pb::WatchMetricsResponse>,
+    /// Ends `WatchInvalidations` streams.
+    shutdown: CancellationToken,
 }
 
 impl CacheApi {
@@ -56,6 +58,7 @@ impl CacheApi {
         shutdown: CancellationToken,
     ) -> Self {
         let source = cache.clone();
+        let stop = shutdown.clone();
         let metrics = Ticker::new(shutdown.clone(), move |interval: Duration| {
             let cache = source.clone();
             let f: futures::future::BoxFuture<'static, _> = Box::pin(async move {
@@ -77,6 +80,7 @@ impl CacheApi {
             request_timeout,
             bulk_timeout,
             metrics,
+            shutdown: stop,
         }
     }
 

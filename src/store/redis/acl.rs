@@ -5,7 +5,10 @@
 //! Not granted: `FLUSHALL`/`FLUSHDB` (a cache level is cleared by `SCAN` and
 //! `UNLINK` of its own keys), `KEYS` (koo walks keys with `SCAN`),
 //! `CONFIG`, `DEBUG`, `EVAL` (scripts run by digest, loaded with `SCRIPT
-//! LOAD`), and no Pub/Sub channel (task events are a stream). `INFO` is
+//! LOAD`). Pub/Sub: only for `WatchInvalidations` (see `crate::cache::bus`),
+//! whose channels are granted apart: `&{prefix}:v1:cache:changes`, and
+//! `&__keyevent@{db}__:expired &__keyevent@{db}__:evicted` for expiries;
+//! without them koo works, and its invalidation streams say RESET. `INFO` is
 //! optional: without it the memory figures and eviction-policy checks
 //! degrade (see [`super::RedisStore::memory`]). `SELECT` is needed only for
 //! a database other than 0. The key pattern is the prefix: every key koo
@@ -23,7 +26,8 @@ pub const REDIS_ACL_RULES: &str = "-@all \
 +lrange +rpush +smembers +sadd +srem +scard \
 +zadd +zcard +zrange +zrangebyscore +zrevrangebyscore +zrem +zremrangebyscore +zremrangebyrank +zscore \
 +xadd +xtrim +xread +xrevrange +xinfo|stream \
-+multi +exec +evalsha +script|load";
++multi +exec +evalsha +script|load \
++publish +subscribe +unsubscribe";
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,7 @@
 
 mod acl;
 mod breaker;
+mod bus;
 mod call;
 mod info;
 mod kv;
@@ -27,6 +28,7 @@ mod tls;
 pub mod url;
 
 pub use self::acl::REDIS_ACL_RULES;
+pub use self::bus::keyevent_channels;
 pub use self::pool::RedisStore;
 pub use self::schedules::RedisSchedules;
 pub use self::tasks::{RedisTasks, StreamReader};

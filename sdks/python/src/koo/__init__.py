@@ -9,6 +9,8 @@ Layout:
 - `koo.Worker`, `TaskContext`, `Retry`, `RateLimited`, `Fatal`: task workers
   (`@worker.task("name")`, `python -m koo.worker module:worker`);
   `WorkerEvent`: what a worker's `on_event` hook sees.
+- `koo.NearCache`: an in-process L1 in front of `KooCache`, kept fresh by
+  koo's invalidation stream.
 - `koo.configure(...)`: where the default clients connect.
 - `koo.cache.v1`, `koo.tasks.v1`, `koo.worker.v1`, `koo.schedule.v1`: the
   generated gRPC stubs (from koo's `proto/`).
@@ -20,6 +22,7 @@ from koo._compute import Computed, Locked
 from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
+from koo._near import NearCache, NearCacheStats
 from koo._tasks import (
     QueueInfo,
     SyncTaskManager,
@@ -47,6 +50,8 @@ __all__ = [
     "KooCache",
     "KooError",
     "Locked",
+    "NearCache",
+    "NearCacheStats",
     "QueueInfo",
     "RateLimitInfo",
     "RateLimited",

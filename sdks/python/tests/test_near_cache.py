@@ -1,0 +1,99 @@
+"""The near cache (L1) against two real koo instances on one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from koo import CacheLevel, KooCache, NearCache
+
+from .conftest import KooServer, RedisServer
+
+
+@pytest.fixture(scope="module")
+def two_koos() -> Iterator[tuple[KooServer, KooServer, RedisServer]]:
+    """Two koo processes on one fresh redis-server."""
+    redis = RedisServer()
+    a = KooServer({"REDIS_URL": redis.url})
+    b = KooServer({"REDIS_URL": redis.url})
+    try:
+        yield a, b, redis
+    finally:
+        a.stop()
+        b.stop()
+        redis.stop()
+
+
+def test_l1_serves_hits_and_is_invalidated_by_another_instance(
+    two_koos: tuple[KooServer, KooServer, RedisServer], ns: str
+) -> None:
+    """A hit is served from the L1; a Set through the other koo drops it;
+    a RESET (koo lost its subscription) drops everything, and the L1 caches
+    again after the next READY."""
+    a, b, redis = two_koos
+
+    async def scenario() -> None:
+        other = KooCache(b.target)
+        key = f"{ns}:k"
+        await other.set(key, "v1", level=CacheLevel.DATABASE)
+        async with NearCache(KooCache(a.target)) as near:
+            await near.wait(lambda n: n.ready)
+            assert await near.get(key, CacheLevel.DATABASE) == "v1"
+            assert await near.get(key, CacheLevel.DATABASE) == "v1"
+            assert (near.stats.hits, near.stats.misses) == (1, 1)
+            assert (CacheLevel.DATABASE, key) in near
+
+            await other.set(key, "v2", level=CacheLevel.DATABASE)
+            await near.wait(lambda n: (CacheLevel.DATABASE, key) not in n)
+            assert await near.get(key, CacheLevel.DATABASE) == "v2"
+            assert await near.get(key, CacheLevel.DATABASE) == "v2"
+            assert near.stats.hits == 2
+
+            # koo's subscription is cut: every stream is told RESET.
+            cli = await asyncio.create_subprocess_exec(
+                "redis-cli", "-p", str(redis.port), "CLIENT", "KILL", "TYPE", "pubsub", stdout=asyncio.subprocess.PIPE
+            )
+            out, _ = await cli.communicate()
+            assert int(out.strip()) >= 1
+            await near.wait(lambda n: n.stats.resets >= 1)
+            assert len(near) == 0
+            await near.wait(lambda n: n.ready)
+            assert await near.get(key, CacheLevel.DATABASE) == "v2"
+            assert await near.get(key, CacheLevel.DATABASE) == "v2"
+            assert near.stats.hits == 3
+        await other.close()
+
+    asyncio.run(scenario())
+
+
+async def settled_set(near: NearCache, key: str, value: object, ttl: float | None = None) -> None:
+    """Sets through koo and waits until the L1 has heard of it (so that the
+    message cannot drop what a later read keeps)."""
+    heard = near.stats.invalidations
+    await near.set(key, value, ttl)
+    await near.wait(lambda n: n.stats.invalidations > heard)
+
+
+def test_l1_never_keeps_an_entry_past_its_ttl(two_koos: tuple[KooServer, KooServer, RedisServer], ns: str) -> None:
+    """An entry leaves the L1 when its TTL ends, even without a message."""
+    a, _, _ = two_koos
+
+    async def scenario() -> None:
+        async with NearCache(KooCache(a.target), max_entries=2) as near:
+            await near.wait(lambda n: n.ready)
+            await settled_set(near, f"{ns}:short", "x", ttl=0.3)
+            assert await near.get(f"{ns}:short") == "x"
+            assert await near.get(f"{ns}:short") == "x"
+            assert near.stats.hits == 1
+            await asyncio.sleep(0.4)  # the TTL passing is what is tested
+            assert await near.get(f"{ns}:short") is None
+            # bounded: the least recently used entry leaves first
+            for i in range(3):
+                await settled_set(near, f"{ns}:{i}", i)
+                await near.get(f"{ns}:{i}")
+            assert len(near) == 2
+            assert (CacheLevel.APPLICATION, f"{ns}:0") not in near
+
+    asyncio.run(scenario())

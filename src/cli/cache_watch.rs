@@ -1,0 +1,59 @@
+//! `koo cache watch`: the cache's changes as they happen, on any koo
+//! instance (WatchInvalidations), one line per change (a JSON object per
+//! line with `--json`), until interrupted or koo ends the stream.
+
+use tokio_stream::StreamExt as _;
+
+use super::cache::Level;
+use super::output::print_json;
+use super::{CliError, Conn, ExitStatus};
+use crate::pb::cache::v1 as pb;
+use crate::pb::cache::v1::cache_service_client::CacheServiceClient;
+
+/// Prints changes of `levels` (all when empty) under `prefix`.
+pub async fn watch(
+    conn: &Conn,
+    client: &mut CacheServiceClient<tonic::transport::Channel>,
+    levels: Vec<Level>,
+    prefix: String,
+) -> Result<ExitStatus, CliError> {
+    let request = pb::WatchInvalidationsRequest {
+        levels: levels.into_iter().map(Level::pb).collect(),
+        key_prefix: prefix,
+    };
+    let mut stream = client
+        .watch_invalidations(conn.stream(request))
+        .await
+        .map_err(|s| conn.failed(s))?
+        .into_inner();
+    while let Some(item) = stream.next().await {
+        let m = item.map_err(|s| conn.failed(s))?;
+        if conn.json {
+            print_json("koo.cache.v1.WatchInvalidationsResponse", &m);
+        } else {
+            outln!("{}", line(&m));
+        }
+    }
+    Ok(ExitStatus::Ok)
+}
+
+/// `SET app user:1 user:2`, `TAGS * t1`, `READY`.
+fn line(m: &pb::WatchInvalidationsResponse) -> String {
+    let kind = m
+        .kind()
+        .as_str_name()
+        .trim_start_matches("INVALIDATION_KIND_");
+    let mut out = kind.to_owned();
+    let level = m.level();
+    if level != pb::CacheLevel::Unspecified {
+        out.push(' ');
+        out.push_str(&level.as_str_name()["CACHE_LEVEL_".len()..].to_ascii_lowercase());
+    } else if m.kind() == pb::InvalidationKind::Tags {
+        out.push_str(" *");
+    }
+    for word in m.keys.iter().chain(&m.tags) {
+        out.push(' ');
+        out.push_str(&format!("{word:?}"));
+    }
+    out
+}

@@ -1,0 +1,421 @@
+//! `WatchInvalidations` end to end (issue 19): a watcher on one koo
+//! receives every change made on another koo of the same Redis, filtered
+//! by level and key prefix, READY first; a consumer that stops reading is
+//! told RESET and then continues; nothing is published while nobody
+//! watches; the embedded store does the same in one process; Redis
+//! keyspace notifications (enabled on the test's own redis-server only)
+//! become EXPIRED.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::chaos::{KooProc, lazy_channel};
+use common::{EVENT_TIMEOUT, Env, TestRedis, TestServer};
+use koo::pb::cache::v1::{
+    self as pb, CacheLevel, InvalidationKind, cache_service_client::CacheServiceClient,
+    cache_value::Kind,
+};
+use tonic::Streaming;
+use tonic::transport::{Channel, Endpoint};
+
+on_both_stores!(a_stalled_consumer_is_reset_then_continues);
+
+type Client = CacheServiceClient<Channel>;
+
+fn text(s: &str) -> Option<pb::CacheValue> {
+    Some(pb::CacheValue {
+        kind: Some(Kind::Text(s.into())),
+    })
+}
+
+fn entry(level: CacheLevel, key: &str) -> pb::CacheEntry {
+    pb::CacheEntry {
+        level: level as i32,
+        key: key.into(),
+        value: text("v"),
+        ..Default::default()
+    }
+}
+
+async fn set(c: &mut Client, level: CacheLevel, key: &str) {
+    c.set(pb::SetRequest {
+        level: level as i32,
+        key: key.into(),
+        value: text("v"),
+        ..Default::default()
+    })
+    .await
+    .expect("set");
+}
+
+async fn watch(
+    c: &mut Client,
+    levels: &[CacheLevel],
+    prefix: &str,
+) -> Streaming<pb::WatchInvalidationsResponse> {
+    c.watch_invalidations(pb::WatchInvalidationsRequest {
+        levels: levels.iter().map(|l| *l as i32).collect(),
+        key_prefix: prefix.into(),
+    })
+    .await
+    .expect("watch")
+    .into_inner()
+}
+
+/// The next message, within the event timeout.
+async fn next(s: &mut Streaming<pb::WatchInvalidationsResponse>) -> pb::WatchInvalidationsResponse {
+    tokio::time::timeout(EVENT_TIMEOUT, s.message())
+        .await
+        .expect("a message within the timeout")
+        .expect("the stream is healthy")
+        .expect("the stream is open")
+}
+
+/// A message as (kind, level, keys, tags), for comparing.
+type Seen = (InvalidationKind, CacheLevel, Vec<String>, Vec<String>);
+
+fn seen(m: &pb::WatchInvalidationsResponse) -> Seen {
+    (m.kind(), m.level(), m.keys.clone(), m.tags.clone())
+}
+
+fn want(kind: InvalidationKind, level: CacheLevel, keys: &[&str]) -> Seen {
+    (
+        kind,
+        level,
+        keys.iter().map(|k| k.to_string()).collect(),
+        vec![],
+    )
+}
+
+/// The scenario of every change kind: made through `a`, watched through
+/// `b` with levels {app, db} and prefix `u:`; what the filter leaves out is
+/// interleaved with what it lets through, and the watcher must see exactly
+/// the latter, in order.
+async fn every_change_reaches_the_watcher(mut a: Client, mut b: Client) {
+    use CacheLevel::{Api, App, Db};
+    use InvalidationKind as K;
+    let mut w = watch(&mut b, &[App, Db], "u:").await;
+    assert_eq!(next(&mut w).await.kind(), K::Ready, "READY comes first");
+    set(&mut a, App, "u:1").await;
+    set(&mut a, Api, "u:2").await; // level filtered out
+    set(&mut a, App, "x:1").await; // prefix filtered out
+    a.set_many(pb::SetManyRequest {
+        entries: vec![entry(App, "u:3"), entry(Db, "u:4"), entry(App, "x:2")],
+    })
+    .await
+    .unwrap();
+    a.delete(pb::DeleteRequest {
+        level: App as i32,
+        key: "u:1".into(),
+    })
+    .await
+    .unwrap();
+    a.delete_many(pb::DeleteManyRequest {
+        level: Db as i32,
+        keys: vec!["u:4".into(), "x:9".into()],
+    })
+    .await
+    .unwrap();
+    for level in [Api, Db] {
+        a.clear_level(pb::ClearLevelRequest {
+            level: level as i32,
+        })
+        .await
+        .unwrap();
+    }
+    // tags: one level (filtered out, then let through) and every level
+    for (level, tag) in [(Some(Api), "t:api"), (Some(App), "t:app"), (None, "t:all")] {
+        a.invalidate_tags(pb::InvalidateTagsRequest {
+            level: level.map_or(0, |l| l as i32),
+            tags: vec![tag.into()],
+        })
+        .await
+        .unwrap();
+    }
+    set(&mut a, App, "u:end").await;
+    let tags = |level: CacheLevel, tag: &str| (K::Tags, level, vec![], vec![tag.to_owned()]);
+    let expected = vec![
+        want(K::Set, App, &["u:1"]),
+        want(K::Set, App, &["u:3"]),
+        want(K::Set, Db, &["u:4"]),
+        want(K::Delete, App, &["u:1"]),
+        want(K::Delete, Db, &["u:4"]),
+        want(K::ClearLevel, Db, &[]),
+        tags(App, "t:app"),
+        tags(CacheLevel::Unspecified, "t:all"),
+        want(K::Set, App, &["u:end"]),
+    ];
+    let mut got = Vec::new();
+    while got.len() < expected.len() {
+        let m = next(&mut w).await;
+        assert!(m.time.is_some(), "{m:?}");
+        got.push(seen(&m));
+    }
+    assert_eq!(got, expected);
+}
+
+/// `INFO commandstats`' count of PUBLISH calls.
+async fn publishes(redis: &TestRedis) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("cmdstat_publish:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+/// Two `koo serve` binaries on one fresh Redis.
+async fn two_koos(redis: &TestRedis, dir: &std::path::Path) -> Vec<KooProc> {
+    let env: Vec<(String, String)> = [
+        ("REDIS_URL", redis.url()),
+        ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
+        ("KOO_SCHEDULE_CACHE_WARM", "off".into()),
+        ("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off".into()),
+        ("KOO_SCHEDULE_HEALTH_CHECK", "off".into()),
+        ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
+        ("KOO_LOG", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut procs = Vec::new();
+    for name in ["serve-a", "serve-b"] {
+        let mut p = KooProc::new(
+            name,
+            &["serve"],
+            Some(common::free_port()),
+            env.clone(),
+            dir,
+        );
+        p.start().await;
+        procs.push(p);
+    }
+    procs
+}
+
+/// Two koo processes on one Redis: nothing is published while nobody
+/// watches; a watcher on B receives every change made on A, filtered;
+/// once the watcher is gone and the flag lapsed, publishing stops again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_on_b_sees_every_change_made_on_a() {
+    let redis = TestRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let procs = two_koos(&redis, dir.path()).await;
+    let client = |i: usize| Client::new(lazy_channel(procs[i].port.unwrap()));
+    let mut a = client(0);
+    for i in 0..20 {
+        set(&mut a, CacheLevel::App, &format!("quiet:{i}")).await;
+    }
+    assert_eq!(publishes(&redis).await, 0, "published while nobody watched");
+
+    every_change_reaches_the_watcher(client(0), client(1)).await;
+    assert!(publishes(&redis).await >= 7);
+
+    // The watcher is gone: the flag lapses (3 s), every koo reads it within
+    // a second, then writes cost no PUBLISH.
+    let mut conn = redis.conn().await;
+    let gone = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let set: bool = redis::cmd("EXISTS")
+            .arg("koo:v1:cache:watched")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !set {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < gone,
+            "the watch flag never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await; // one read interval and a margin
+    let before = publishes(&redis).await;
+    for i in 0..20 {
+        set(&mut a, CacheLevel::App, &format!("quiet-again:{i}")).await;
+    }
+    assert_eq!(
+        publishes(&redis).await,
+        before,
+        "published after the watchers left"
+    );
+}
+
+/// The embedded store: the same scenario in one process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_store_delivers_every_change() {
+    let env = Env::memory().await;
+    every_change_reaches_the_watcher(env.cache(), env.cache()).await;
+}
+
+/// A watcher that stops reading while thousands of changes happen is told
+/// RESET (never silently skipped), then READY, and then sees changes again.
+async fn a_stalled_consumer_is_reset_then_continues(env: Env) {
+    // A connection of its own with a small HTTP/2 window, so that the
+    // stalled stream backs up into koo quickly.
+    let channel = Endpoint::from_shared(format!("http://{}", env.server.addr))
+        .unwrap()
+        .initial_stream_window_size(Some(65_535))
+        .initial_connection_window_size(Some(65_535))
+        .connect()
+        .await
+        .unwrap();
+    let mut stalled = watch(&mut Client::new(channel), &[], "").await;
+    assert_eq!(next(&mut stalled).await.kind(), InvalidationKind::Ready);
+    let long = "k".repeat(400);
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let mut c = env.cache();
+            let long = long.clone();
+            tokio::spawn(async move {
+                for i in 0..400 {
+                    c.delete(pb::DeleteRequest {
+                        level: CacheLevel::App as i32,
+                        key: format!("{long}:{w}:{i}"),
+                    })
+                    .await
+                    .unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut deletes = 0;
+    loop {
+        let m = next(&mut stalled).await;
+        match m.kind() {
+            InvalidationKind::Delete => deletes += 1,
+            InvalidationKind::Reset => break,
+            other => panic!("unexpected {other:?} after {deletes} deletes"),
+        }
+    }
+    assert!(deletes < 6400, "RESET came after {deletes} of 6400 deletes");
+    assert_eq!(next(&mut stalled).await.kind(), InvalidationKind::Ready);
+    set(&mut env.cache(), CacheLevel::Db, "after").await;
+    // Deletes still buffered when the stream was reset were dropped at
+    // READY: the next message is the write made after it.
+    assert_eq!(
+        seen(&next(&mut stalled).await),
+        want(InvalidationKind::Set, CacheLevel::Db, &["after"])
+    );
+}
+
+/// A key that expires in a Redis whose operator enabled keyspace
+/// notifications is reported EXPIRED; bad filters are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiries_are_reported_when_redis_notifies_them() {
+    let redis = TestRedis::start_with(&["--notify-keyspace-events", "Ex"]).await;
+    let server =
+        TestServer::spawn(common::test_settings(common::redis_settings(&redis.url()))).await;
+    let mut c = server.cache();
+    let refused = c
+        .watch_invalidations(pb::WatchInvalidationsRequest {
+            levels: vec![99],
+            key_prefix: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("levels[0]"), "{refused:?}");
+
+    let mut w = watch(&mut c, &[CacheLevel::Session], "").await;
+    assert_eq!(next(&mut w).await.kind(), InvalidationKind::Ready);
+    c.set(pb::SetRequest {
+        level: CacheLevel::Session as i32,
+        key: "short".into(),
+        value: text("v"),
+        ttl: Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 200_000_000,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kinds = [next(&mut w).await, next(&mut w).await];
+    assert_eq!(
+        kinds.iter().map(seen).collect::<Vec<_>>(),
+        vec![
+            want(InvalidationKind::Set, CacheLevel::Session, &["short"]),
+            want(InvalidationKind::Expired, CacheLevel::Session, &["short"]),
+        ]
+    );
+}
+
+/// `koo cache watch` prints READY, then a line per change it is filtered
+/// for, until it is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn koo_cache_watch_prints_changes() {
+    use std::io::BufRead as _;
+    let env = Env::memory().await;
+    let child = common::koo_command()
+        .env("KOO_TARGET", env.server.addr.to_string())
+        .args(["cache", "watch", "--level", "app", "--prefix", "u:"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run koo cache watch");
+    let mut guard = common::ChildGuard(child);
+    let stdout = guard.0.stdout.take().expect("a stdout pipe");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.expect("a line")).is_err() {
+                return;
+            }
+        }
+    });
+    let line = move || {
+        rx.recv_timeout(EVENT_TIMEOUT)
+            .expect("a line within the timeout")
+    };
+    assert_eq!(line(), "READY");
+    let mut c = env.cache();
+    set(&mut c, CacheLevel::Db, "u:0").await;
+    set(&mut c, CacheLevel::App, "x:0").await;
+    set(&mut c, CacheLevel::App, "u:1").await;
+    assert_eq!(line(), r#"SET app "u:1""#);
+}
+
+/// koo's Redis user with exactly the documented ACL rules and channels
+/// (README, "Watching invalidations"): a watcher hears a write, through
+/// the user's own Pub/Sub connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_channels_suffice() {
+    let redis = TestRedis::start().await;
+    let mut admin = redis.conn().await;
+    let rules: Vec<&str> = koo::store::redis::REDIS_ACL_RULES
+        .split_whitespace()
+        .collect();
+    redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("koo")
+        .arg("reset")
+        .arg("on")
+        .arg(">koo-secret")
+        .arg("~koo:*")
+        .arg("resetchannels")
+        .arg("&koo:v1:cache:changes")
+        .arg("&__keyevent@0__:expired")
+        .arg("&__keyevent@0__:evicted")
+        .arg(&rules)
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://koo:koo-secret@127.0.0.1:{}/0", redis.port);
+    let server = TestServer::spawn(common::test_settings(common::redis_settings(&url))).await;
+    let mut c = server.cache();
+    let mut w = watch(&mut c, &[], "").await;
+    assert_eq!(next(&mut w).await.kind(), InvalidationKind::Ready);
+    set(&mut c, CacheLevel::Api, "acl").await;
+    assert_eq!(
+        seen(&next(&mut w).await),
+        want(InvalidationKind::Set, CacheLevel::Api, &["acl"])
+    );
+}
