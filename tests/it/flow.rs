@@ -485,16 +485,15 @@ async fn run_rate_limit(
     let submitted = submit_all(cluster, reqs).await;
     assert_eq!(submitted.len(), n);
     let window_ms = window_s * 1000;
-    // a task started this long after the window closed means every one
-    // started inside it has ended (no-ops end at once)
-    let margin_ms = 300;
-    let until = tokio::time::Instant::now() + Duration::from_secs(window_s as u64 + 30);
+    // every task runs (`n` is a little more than the window holds): the
+    // tenth ones too, which the external worker may only get once the
+    // built-in workers have run out of the others (they race it for every
+    // token, eight to one, and may win them all)
+    let until = tokio::time::Instant::now() + Duration::from_secs(n as u64 / u64::from(rate) + 30);
     let starts = loop {
         let mut starts = history_starts(&mut c, NOOP).await;
         starts.extend(history_starts(&mut c, EXT).await);
-        if let Some(first) = starts.values().min()
-            && starts.values().any(|&s| s >= first + window_ms + margin_ms)
-        {
+        if starts.len() >= n {
             break starts;
         }
         assert!(
@@ -534,16 +533,17 @@ async fn run_rate_limit(
 }
 
 /// The figure: a rate limit of 50/s on `keys/p` admits 500 ± 5 %
-/// over 10 s across two koo processes and an external worker (1,000 tasks
-/// waiting), never more than 51 in any second, and both the external
-/// worker and the built-in ones ran some. A burst of 2: with 1, each
+/// over 10 s across two koo processes and an external worker (600 tasks
+/// waiting, all run), never more than 51 in any second, the external worker
+/// ran at least its own tenth (names only it serves) and the built-in ones
+/// the rest. A burst of 2: with 1, each
 /// worker's lateness for a token (a timer, a round trip on a loaded
 /// machine) delays every later token by as much, which the one-process
 /// test below shows at 20/s; 2 absorbs it and still bounds every second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_holds_across_two_processes_and_a_worker() {
     let cluster = Cluster::two_binaries(4).await;
-    let run = run_rate_limit(&cluster, (50, 2), 10, 1000).await;
+    let run = run_rate_limit(&cluster, (50, 2), 10, 600).await;
     assert!(
         (475..=525).contains(&run.in_window),
         "{} started in 10 s, not 500 ± 5 %",
@@ -554,7 +554,11 @@ async fn a_rate_limit_holds_across_two_processes_and_a_worker() {
         "{} in one second",
         run.max_per_period
     );
-    assert!(run.external > 0, "the external worker ran none");
+    assert!(
+        run.external >= 60,
+        "the external worker ran {} (every tenth task is its own)",
+        run.external
+    );
     assert!(
         run.external < run.in_window,
         "the built-in workers ran none"
@@ -565,7 +569,7 @@ async fn a_rate_limit_holds_across_two_processes_and_a_worker() {
 /// never more than 20 in a second.
 async fn a_small_rate_limit_spaces_its_starts(backend: Backend) {
     let cluster = Cluster::single(backend, 4).await;
-    let run = run_rate_limit(&cluster, (20, 1), 3, 120).await;
+    let run = run_rate_limit(&cluster, (20, 1), 3, 72).await;
     assert!(
         (57..=63).contains(&run.in_window),
         "{} started in 3 s, not 60 ± 5 %",
