@@ -1,5 +1,6 @@
-//! The pool: multiplexed connections to one Redis, made lazily, handed out
-//! round robin, with the breaker and the scripts every call shares.
+//! The pool: multiplexed connections to one Redis, made lazily, one per
+//! calling thread (see `affinity`), with the breaker and the scripts every
+//! call shares.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -95,8 +96,58 @@ impl RedisStore {
         Ok(Self { inner })
     }
 
+    /// The connection for a call made on this thread: every call of one
+    /// thread shares one connection (see [`affinity`]), so that the calls a
+    /// runtime thread starts in one tick leave in one write and their
+    /// replies come back in one read, instead of a write and a read each on
+    /// as many sockets (measured: socket writes to Redis were 18 % of koo's
+    /// CPU per cache `Get` at concurrency 16).
     pub(super) fn conn(&self) -> ConnectionManager {
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
-        self.inner.conns[i].clone()
+        let conns = &self.inner.conns;
+        conns[affinity::slot() % conns.len()].clone()
+    }
+
+    /// Moves this thread to another connection, after an attempt on its own
+    /// got no answer (a half-dead connection): the retry, and this thread's
+    /// later calls, go elsewhere.
+    pub(super) fn other_conn(&self) -> ConnectionManager {
+        let conns = &self.inner.conns;
+        let next = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        conns[affinity::move_to(next) % conns.len()].clone()
+    }
+}
+
+/// Which pooled connection a thread uses. Threads are numbered as they
+/// first call, so the runtime's N worker threads spread over the first N
+/// connections; a pool larger than the runtime keeps its spare connections
+/// for the threads moved by [`move_to`] (and for blocking threads).
+mod affinity {
+    use std::cell::Cell;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static THREADS: AtomicUsize = AtomicUsize::new(0);
+
+    thread_local! {
+        static SLOT: Cell<Option<usize>> = const { Cell::new(None) };
+    }
+
+    /// This thread's slot.
+    pub(super) fn slot() -> usize {
+        SLOT.with(|s| match s.get() {
+            Some(slot) => slot,
+            None => {
+                let slot = THREADS.fetch_add(1, Ordering::Relaxed);
+                s.set(Some(slot));
+                slot
+            }
+        })
+    }
+
+    /// Moves this thread off its slot: to `past` slots beyond it, so that
+    /// threads moving at once spread out. Returns the new slot.
+    pub(super) fn move_to(past: usize) -> usize {
+        let slot = slot().wrapping_add(1).wrapping_add(past);
+        SLOT.with(|s| s.set(Some(slot)));
+        slot
     }
 }
