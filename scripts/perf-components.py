@@ -36,7 +36,6 @@ COMPONENTS = [
                           "futures_channel", "<futures_channel", "std::thread", "<std::thread")),
 ]
 ALLOCATOR = re.compile(r"(_rjem_|je_|tcache|arena_|extent_|pac_|emap|rtree|sdallocx|malloc|free\b)")
-SYSCALL = re.compile(r"__x64_sys_(\w+)|__do_sys_(\w+)|do_syscall_64")
 
 
 def samples(path):
@@ -58,13 +57,15 @@ def samples(path):
 
 
 def classify(frames):
-    kernel = [s for s, d in frames if "kernel" in d]
-    if kernel:
-        for s in kernel:
-            m = SYSCALL.search(s)
-            if m and (m.group(1) or m.group(2)):
-                return "syscalls", m.group(1) or m.group(2)
-        return "syscalls", "other kernel"
+    if any("kernel" in d for _, d in frames):
+        user = [s for s, d in frames if "kernel" not in d]
+        call = user[0] if user else "kernel"
+        for s in user:
+            if s.startswith(("h2::", "<h2::", "hyper", "<hyper", "tonic", "<tonic")):
+                return "syscalls: gRPC socket", call
+            if "redis" in s:
+                return "syscalls: Redis socket", call
+        return "syscalls: runtime (epoll, futex, wake-ups)", call
     for sym, _ in frames:
         for name, prefixes in COMPONENTS:
             if sym.startswith(prefixes):
@@ -84,7 +85,7 @@ def main():
         total += 1
         comp, detail = classify(frames)
         by[comp] += 1
-        if comp == "syscalls":
+        if comp.startswith("syscalls"):
             sys_by[detail] += 1
         elif comp == "other":
             other[detail] += 1
