@@ -97,11 +97,11 @@ impl RedisStore {
     }
 
     /// The connection for a call made on this thread: every call of one
-    /// thread shares one connection (see [`affinity`]), so that the calls a
-    /// runtime thread starts in one tick leave in one write and their
-    /// replies come back in one read, instead of a write and a read each on
-    /// as many sockets (measured: socket writes to Redis were 18 % of koo's
-    /// CPU per cache `Get` at concurrency 16).
+    /// thread shares one connection (see [`affinity`]), so that replies to
+    /// the calls in flight come back together in one read, instead of a
+    /// write and a read each on as many sockets as calls (measured on cache
+    /// `Get` at concurrency 16: half the reads, Redis's socket from 21 % to
+    /// 12 % of koo's CPU; docs/perf/cache-get.md).
     pub(super) fn conn(&self) -> ConnectionManager {
         let conns = &self.inner.conns;
         conns[affinity::slot() % conns.len()].clone()
