@@ -112,15 +112,18 @@ impl RedisStore {
     /// later calls, go elsewhere.
     pub(super) fn other_conn(&self) -> ConnectionManager {
         let conns = &self.inner.conns;
-        let next = self.inner.next.fetch_add(1, Ordering::Relaxed);
-        conns[affinity::move_to(next) % conns.len()].clone()
+        let n = conns.len();
+        // 1 to n-1 connections on: never back to the silent one (unless it
+        // is the only one), and threads moving at once spread out
+        let step = 1 + self.inner.next.fetch_add(1, Ordering::Relaxed) % (n - 1).max(1);
+        conns[affinity::move_by(step) % n].clone()
     }
 }
 
 /// Which pooled connection a thread uses. Threads are numbered as they
 /// first call, so the runtime's N worker threads spread over the first N
 /// connections; a pool larger than the runtime keeps its spare connections
-/// for the threads moved by [`move_to`] (and for blocking threads).
+/// for the threads moved by [`move_by`] (and for blocking threads).
 mod affinity {
     use std::cell::Cell;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -143,10 +146,9 @@ mod affinity {
         })
     }
 
-    /// Moves this thread off its slot: to `past` slots beyond it, so that
-    /// threads moving at once spread out. Returns the new slot.
-    pub(super) fn move_to(past: usize) -> usize {
-        let slot = slot().wrapping_add(1).wrapping_add(past);
+    /// Moves this thread `step` slots on; returns the new slot.
+    pub(super) fn move_by(step: usize) -> usize {
+        let slot = slot().wrapping_add(step);
         SLOT.with(|s| s.set(Some(slot)));
         slot
     }
