@@ -111,7 +111,7 @@ impl RedisStore {
                     if deadline.remaining().is_zero() {
                         return Err(evidence.settle(admission, StoreError::DeadlineExceeded));
                     }
-                    conn = self.conn();
+                    conn = self.other_conn();
                     message
                 }
             };
