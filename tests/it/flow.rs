@@ -84,29 +84,7 @@ impl Cluster {
     async fn two_binaries(workers: usize) -> Self {
         let redis = common::TestRedis::start().await;
         let dir = tempfile::tempdir().expect("a log directory");
-        let env: Vec<(String, String)> = [
-            ("REDIS_URL", redis.url()),
-            ("KOO_WORKER_CONCURRENCY", workers.to_string()),
-            ("KOO_TASK_LEASE", "2s".into()),
-            ("KOO_TASK_SWEEP_INTERVAL", "200ms".into()),
-            ("KOO_WORKER_POLL_INTERVAL", "20ms".into()),
-            ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
-            ("KOO_SCHEDULE_CACHE_WARM", "off".into()),
-            ("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off".into()),
-            ("KOO_SCHEDULE_HEALTH_CHECK", "off".into()),
-            ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
-            ("KOO_LOG", "warn".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect();
-        let mut procs = Vec::new();
-        for name in ["serve-a", "serve-b"] {
-            let port = common::free_port();
-            let mut p = KooProc::new(name, &["serve"], Some(port), env.clone(), dir.path());
-            p.start().await;
-            procs.push(p);
-        }
+        let procs = common::chaos::serve_pair(redis.url(), workers, dir.path()).await;
         let channels = procs
             .iter()
             .map(|p| lazy_channel(p.port.expect("a serve port")))

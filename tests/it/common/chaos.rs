@@ -34,6 +34,37 @@ pub fn lazy_channel(port: u16) -> Channel {
         .connect_lazy()
 }
 
+/// Two `koo serve` processes, `serve-a` and `serve-b`, on `redis_url`,
+/// with `workers` built-in slots each, short task intervals and none of the
+/// built-in schedules; their logs go to `dir`. The cluster-wide tests
+/// (flow control, compute on miss) run on these.
+pub async fn serve_pair(redis_url: String, workers: usize, dir: &Path) -> Vec<KooProc> {
+    let env: Vec<(String, String)> = [
+        ("REDIS_URL", redis_url),
+        ("KOO_WORKER_CONCURRENCY", workers.to_string()),
+        ("KOO_TASK_LEASE", "2s".into()),
+        ("KOO_TASK_SWEEP_INTERVAL", "200ms".into()),
+        ("KOO_WORKER_POLL_INTERVAL", "20ms".into()),
+        ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
+        ("KOO_SCHEDULE_CACHE_WARM", "off".into()),
+        ("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off".into()),
+        ("KOO_SCHEDULE_HEALTH_CHECK", "off".into()),
+        ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
+        ("KOO_LOG", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut procs = Vec::new();
+    for name in ["serve-a", "serve-b"] {
+        let port = super::free_port();
+        let mut p = KooProc::new(name, &["serve"], Some(port), env.clone(), dir);
+        p.start().await;
+        procs.push(p);
+    }
+    procs
+}
+
 /// A koo process (`serve`, `worker`) started from this tree's binary, with
 /// only the configuration given here (nothing leaks in from the caller's
 /// environment) and its log appended to a file of the run's directory.
