@@ -143,7 +143,7 @@ impl RedisStore {
         let inner = &self.inner;
         let admission = inner.breaker.admit()?;
         let mut evidence = Evidence::default();
-        let conn = self.conn();
+        let conn = self.any_conn();
         let mut attempt = 0;
         loop {
             let started = Instant::now();

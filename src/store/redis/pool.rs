@@ -107,6 +107,17 @@ impl RedisStore {
         conns[affinity::slot() % conns.len()].clone()
     }
 
+    /// The next connection round robin, whatever the thread: for task
+    /// transitions (`run_once`). A transition is a script that runs tens of
+    /// µs inside Redis; sharing a thread's connection gains nothing there,
+    /// and measured on the task benchmark it cost about 7 % of tasks/s
+    /// (`RUNS=3 scripts/bench-compare`, against the build before the
+    /// thread's connection), so they keep the spread the pool had before.
+    pub(super) fn any_conn(&self) -> ConnectionManager {
+        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
+        self.inner.conns[i].clone()
+    }
+
     /// Moves this thread to another connection, after an attempt on its own
     /// got no answer (a half-dead connection): the retry, and this thread's
     /// later calls, go elsewhere.
