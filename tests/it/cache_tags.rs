@@ -273,28 +273,7 @@ on_both_stores!(same_instance, soft_ttl_marks_stale, bad_input_is_named);
 
 /// Two `koo serve` binaries on one fresh Redis.
 async fn two_instances(redis: &common::TestRedis, dir: &std::path::Path) -> Vec<KooProc> {
-    let env: Vec<(String, String)> = [
-        ("REDIS_URL", redis.url()),
-        ("KOO_WORKER_CONCURRENCY", "0".into()),
-        ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
-        ("KOO_LOG", "warn".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let mut procs = Vec::new();
-    for name in ["tags-a", "tags-b"] {
-        let mut p = KooProc::new(
-            name,
-            &["serve"],
-            Some(common::free_port()),
-            env.clone(),
-            dir,
-        );
-        p.start().await;
-        procs.push(p);
-    }
-    procs
+    common::chaos::serve_pair(redis.url(), 0, dir).await
 }
 
 fn client(p: &KooProc) -> Client {

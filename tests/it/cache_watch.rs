@@ -170,31 +170,7 @@ async fn publishes(redis: &TestRedis) -> u64 {
 
 /// Two `koo serve` binaries on one fresh Redis.
 async fn two_koos(redis: &TestRedis, dir: &std::path::Path) -> Vec<KooProc> {
-    let env: Vec<(String, String)> = [
-        ("REDIS_URL", redis.url()),
-        ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
-        ("KOO_SCHEDULE_CACHE_WARM", "off".into()),
-        ("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off".into()),
-        ("KOO_SCHEDULE_HEALTH_CHECK", "off".into()),
-        ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
-        ("KOO_LOG", "warn".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
-    let mut procs = Vec::new();
-    for name in ["serve-a", "serve-b"] {
-        let mut p = KooProc::new(
-            name,
-            &["serve"],
-            Some(common::free_port()),
-            env.clone(),
-            dir,
-        );
-        p.start().await;
-        procs.push(p);
-    }
-    procs
+    common::chaos::serve_pair(redis.url(), 0, dir).await
 }
 
 /// Two koo processes on one Redis: nothing is published while nobody

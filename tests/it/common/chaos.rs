@@ -37,7 +37,8 @@ pub fn lazy_channel(port: u16) -> Channel {
 /// Two `koo serve` processes, `serve-a` and `serve-b`, on `redis_url`,
 /// with `workers` built-in slots each, short task intervals and none of the
 /// built-in schedules; their logs go to `dir`. The cluster-wide tests
-/// (flow control, compute on miss) run on these.
+/// (flow control, compute on miss, tags, the invalidation stream) run on
+/// these.
 pub async fn serve_pair(redis_url: String, workers: usize, dir: &Path) -> Vec<KooProc> {
     let env: Vec<(String, String)> = [
         ("REDIS_URL", redis_url),
