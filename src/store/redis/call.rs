@@ -111,7 +111,7 @@ impl RedisStore {
                     if deadline.remaining().is_zero() {
                         return Err(evidence.settle(admission, StoreError::DeadlineExceeded));
                     }
-                    conn = self.other_conn();
+                    conn = self.conn();
                     message
                 }
             };
@@ -143,7 +143,7 @@ impl RedisStore {
         let inner = &self.inner;
         let admission = inner.breaker.admit()?;
         let mut evidence = Evidence::default();
-        let conn = self.any_conn();
+        let conn = self.conn();
         let mut attempt = 0;
         loop {
             let started = Instant::now();

@@ -1,6 +1,5 @@
-//! The pool: multiplexed connections to one Redis, made lazily, one per
-//! calling thread (see `affinity`), with the breaker and the scripts every
-//! call shares.
+//! The pool: multiplexed connections to one Redis, made lazily, handed out
+//! round robin, with the breaker and the scripts every call shares.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -96,71 +95,14 @@ impl RedisStore {
         Ok(Self { inner })
     }
 
-    /// The connection for a call made on this thread: every call of one
-    /// thread shares one connection (see [`affinity`]), so that replies to
-    /// the calls in flight come back together in one read, instead of a
-    /// write and a read each on as many sockets as calls (measured on cache
-    /// `Get` at concurrency 16: half the reads, Redis's socket from 21 % to
-    /// 12 % of koo's CPU; docs/perf/cache-get.md).
+    /// The next connection, round robin. (A connection per calling thread
+    /// halved the reads per cache Get, docs/perf/cache-get.md, but pinned a
+    /// thread to a connection still in its reconnect backoff after a Redis
+    /// restart, where a worker's recovery then took over 5 s in CI, and cost
+    /// the task path about 7 %: withdrawn until it can follow the
+    /// connections' health.)
     pub(super) fn conn(&self) -> ConnectionManager {
-        let conns = &self.inner.conns;
-        conns[affinity::slot() % conns.len()].clone()
-    }
-
-    /// The next connection round robin, whatever the thread: for task
-    /// transitions (`run_once`). A transition is a script that runs tens of
-    /// µs inside Redis; sharing a thread's connection gains nothing there,
-    /// and measured on the task benchmark it cost about 7 % of tasks/s
-    /// (`RUNS=3 scripts/bench-compare`, against the build before the
-    /// thread's connection), so they keep the spread the pool had before.
-    pub(super) fn any_conn(&self) -> ConnectionManager {
         let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.conns.len();
         self.inner.conns[i].clone()
-    }
-
-    /// Moves this thread to another connection, after an attempt on its own
-    /// got no answer (a half-dead connection): the retry, and this thread's
-    /// later calls, go elsewhere.
-    pub(super) fn other_conn(&self) -> ConnectionManager {
-        let conns = &self.inner.conns;
-        let n = conns.len();
-        // 1 to n-1 connections on: never back to the silent one (unless it
-        // is the only one), and threads moving at once spread out
-        let step = 1 + self.inner.next.fetch_add(1, Ordering::Relaxed) % (n - 1).max(1);
-        conns[affinity::move_by(step) % n].clone()
-    }
-}
-
-/// Which pooled connection a thread uses. Threads are numbered as they
-/// first call, so the runtime's N worker threads spread over the first N
-/// connections; a pool larger than the runtime keeps its spare connections
-/// for the threads moved by [`move_by`] (and for blocking threads).
-mod affinity {
-    use std::cell::Cell;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    static THREADS: AtomicUsize = AtomicUsize::new(0);
-
-    thread_local! {
-        static SLOT: Cell<Option<usize>> = const { Cell::new(None) };
-    }
-
-    /// This thread's slot.
-    pub(super) fn slot() -> usize {
-        SLOT.with(|s| match s.get() {
-            Some(slot) => slot,
-            None => {
-                let slot = THREADS.fetch_add(1, Ordering::Relaxed);
-                s.set(Some(slot));
-                slot
-            }
-        })
-    }
-
-    /// Moves this thread `step` slots on; returns the new slot.
-    pub(super) fn move_by(step: usize) -> usize {
-        let slot = slot().wrapping_add(step);
-        SLOT.with(|s| s.set(Some(slot)));
-        slot
     }
 }
