@@ -101,6 +101,7 @@ async fn lock_pttl(redis_url: &str, key: &str) -> i64 {
 fn redis_url(env: &Env) -> Option<String> {
     match &env.backend {
         common::Backend::Redis(r) => Some(r.url()),
+        common::Backend::Cluster(c) => Some(c.url()),
         common::Backend::Memory => None,
     }
 }

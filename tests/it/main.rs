@@ -17,6 +17,7 @@ mod cache_tags;
 mod cache_watch;
 mod chaos;
 mod cli;
+mod cluster;
 mod config_env;
 mod dashboard;
 mod dead_letters;

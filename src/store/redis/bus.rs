@@ -70,11 +70,7 @@ impl RedisStore {
 
     /// The database koo's URL selects (keyspace notifications name it).
     pub fn db(&self) -> i64 {
-        self.inner
-            .client
-            .get_connection_info()
-            .redis_settings()
-            .db()
+        self.inner.connector.db()
     }
 
     /// Opens a Pub/Sub connection subscribed to `channels`: its sink (to
@@ -82,7 +78,7 @@ impl RedisStore {
     /// stream ends).
     pub async fn subscribe(&self, channels: &[String]) -> Result<(PubSubSink, PubSubStream)> {
         let open = async {
-            let mut pubsub = self.inner.client.get_async_pubsub().await?;
+            let mut pubsub = self.inner.connector.pubsub().await?;
             pubsub.subscribe(channels).await?;
             Ok::<_, redis::RedisError>(pubsub.split())
         };

@@ -6,11 +6,11 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use redis::aio::ConnectionManager;
 use redis::{Cmd, ErrorKind, FromRedisValue, Pipeline, RedisError, RetryMethod};
 
 use super::RedisStore;
 use super::breaker::Evidence;
+use super::conn::Conn;
 use crate::store::{Deadline, Result, StoreError};
 
 /// The least time one attempt gets when `REDIS_RETRY_ON_TIMEOUT` splits a
@@ -76,7 +76,7 @@ impl RedisStore {
     /// `DEADLINE_EXCEEDED` and counts for nothing.
     pub(super) async fn run<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;
@@ -137,7 +137,7 @@ impl RedisStore {
     /// breaker.
     pub(super) async fn run_once<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let inner = &self.inner;

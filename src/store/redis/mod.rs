@@ -13,6 +13,7 @@ mod acl;
 mod breaker;
 mod bus;
 mod call;
+pub(crate) mod conn;
 mod info;
 mod kv;
 mod lock;
@@ -25,6 +26,7 @@ mod script;
 mod tags;
 mod tasks;
 mod tls;
+pub mod topology;
 pub mod url;
 
 pub use self::acl::REDIS_ACL_RULES;

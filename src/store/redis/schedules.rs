@@ -80,9 +80,7 @@ impl RedisSchedules {
             invocation.arg(*a);
         }
         let inv = &invocation;
-        let call = |mut c: redis::aio::ConnectionManager| async move {
-            inv.invoke_async::<i64>(&mut c).await
-        };
+        let call = |mut c: super::conn::Conn| async move { inv.invoke_async::<i64>(&mut c).await };
         if once {
             self.store.run_once(deadline, call).await
         } else {

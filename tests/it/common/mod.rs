@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod certs;
 pub mod chaos;
+pub mod cluster;
 pub mod python;
 pub mod rest;
 pub mod stream;
@@ -395,6 +396,7 @@ impl Drop for TestServer {
 pub enum Backend {
     Memory,
     Redis(TestRedis),
+    Cluster(cluster::TestCluster),
 }
 
 /// A koo server and (for Redis) its Redis.
@@ -439,6 +441,24 @@ impl Env {
         }
     }
 
+    /// koo on a fresh Redis Cluster (three masters, three replicas).
+    pub async fn cluster() -> Self {
+        Self::cluster_with(|_| {}).await
+    }
+
+    /// koo on a fresh Redis Cluster with adjusted settings.
+    pub async fn cluster_with(adjust: impl FnOnce(&mut Settings)) -> Self {
+        let cluster = cluster::TestCluster::start().await;
+        let mut settings = test_settings(redis_settings(&cluster.url()));
+        adjust(&mut settings);
+        let server = TestServer::spawn(settings).await;
+        server.wait_health("", ServingStatus::Serving).await;
+        Env {
+            server,
+            backend: Backend::Cluster(cluster),
+        }
+    }
+
     /// The CacheService client.
     pub fn cache(&self) -> CacheServiceClient<Channel> {
         self.server.cache()
@@ -447,7 +467,7 @@ impl Env {
     fn redis_mut(&mut self) -> &mut TestRedis {
         match &mut self.backend {
             Backend::Redis(r) => r,
-            Backend::Memory => panic!("this env has no Redis"),
+            _ => panic!("this env has no single Redis"),
         }
     }
 
@@ -467,7 +487,7 @@ impl Env {
     pub fn redis_server(&self) -> Option<&TestRedis> {
         match &self.backend {
             Backend::Redis(r) => Some(r),
-            Backend::Memory => None,
+            _ => None,
         }
     }
 }

@@ -15,7 +15,7 @@ use super::millis;
 /// Follows one queue's event stream on a connection of its own, from the
 /// moment it was opened.
 pub struct StreamReader {
-    conn: Option<redis::aio::MultiplexedConnection>,
+    conn: Option<crate::store::redis::conn::Conn>,
     store: RedisStore,
     stream: String,
     last: String,
@@ -33,14 +33,10 @@ impl StreamReader {
         let conn = match &mut self.conn {
             Some(c) => c,
             None => {
-                let config = redis::AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.store.inner.connect_timeout))
-                    .set_response_timeout(Some(block + Duration::from_secs(5)));
-                let conn = self
-                    .store
-                    .inner
-                    .client
-                    .get_multiplexed_async_connection_with_config(&config)
+                let inner = &self.store.inner;
+                let conn = inner
+                    .connector
+                    .dedicated(inner.connect_timeout, block + Duration::from_secs(5))
                     .await
                     .map_err(|e| {
                         StoreError::Unavailable(format!("cannot open an event connection: {e}"))

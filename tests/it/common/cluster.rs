@@ -1,0 +1,194 @@
+//! A real Redis Cluster for one test: six `redis-server --cluster-enabled
+//! yes` processes on free loopback ports (three masters, three replicas),
+//! joined with `redis-cli --cluster create`, stopped when the handle drops.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{EVENT_TIMEOUT, free_port};
+
+/// One node of a [`TestCluster`].
+pub struct Node {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Node {
+    /// A direct connection to this node (not cluster-aware).
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .unwrap()
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .expect("connect to a cluster node")
+    }
+
+    /// `host:port` as the cluster names it.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILLs the node.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Three masters and their replicas.
+pub struct TestCluster {
+    pub nodes: Vec<Node>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// Starts six nodes and creates the cluster; returns once every node
+    /// reports `cluster_state:ok`.
+    pub async fn start() -> Self {
+        Self::start_with(6, 1).await
+    }
+
+    /// Starts `n` nodes with `replicas` replicas per master.
+    pub async fn start_with(n: usize, replicas: usize) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let bin = std::env::var("KOO_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let mut nodes = Vec::new();
+        for i in 0..n {
+            let port = free_port();
+            let conf = dir.path().join(format!("nodes-{i}.conf"));
+            let child = Command::new(&bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", conf.to_str().unwrap()])
+                .args(["--cluster-node-timeout", "1000"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
+            nodes.push(Node {
+                port,
+                child: Some(child),
+            });
+        }
+        let cluster = Self { nodes, _dir: dir };
+        for node in &cluster.nodes {
+            wait_ping(node.port).await;
+        }
+        let cli = std::env::var("KOO_TEST_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
+        let out = tokio::process::Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.nodes.iter().map(Node::addr))
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {cli} ({e})"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(Node::addr).collect();
+        format!("redis+cluster://{}/", hosts.join(","))
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and agrees on
+    /// the masters.
+    pub async fn wait_ok(&self) {
+        let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        'wait: loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster did not become ok"
+            );
+            for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                let mut c = node.conn().await;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                if !info.contains("cluster_state:ok") {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'wait;
+                }
+            }
+            return;
+        }
+    }
+
+    /// The ports of the masters now serving slots, as the first running
+    /// node sees them.
+    pub async fn masters(&self) -> Vec<u16> {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        let mut c = node.conn().await;
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.len() > 8 && f[2].contains("master") && !f[2].contains("fail")
+            })
+            .filter_map(|l| {
+                l.split(' ')
+                    .nth(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect()
+    }
+
+    /// The node listening on `port`.
+    pub fn node(&mut self, port: u16) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.port == port).unwrap()
+    }
+}
+
+async fn wait_ping(port: u16) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await
+            && redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cluster node {port} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
