@@ -75,10 +75,12 @@ impl RedisArgs {
             }
         } else if !(url.starts_with("redis://")
             || url.starts_with("redis+unix://")
-            || url.starts_with("unix://"))
+            || url.starts_with("unix://")
+            || url.starts_with("redis+cluster://")
+            || url.starts_with("redis+sentinel://"))
         {
             return Err(bad(
-                "must start with redis://, rediss:// (TLS) or redis+unix:// (a socket)".to_owned(),
+                "must start with redis://, rediss:// (TLS), redis+unix:// (a socket), redis+cluster:// or redis+sentinel:// (rediss+cluster://, rediss+sentinel:// with TLS)".to_owned(),
             ));
         } else if tls.is_some() {
             return Err(bad(format!(
@@ -86,6 +88,10 @@ impl RedisArgs {
                 redis_url::redact(&url)
             )));
         }
+        // the Cluster and Sentinel forms' own rules (hosts with ports, the
+        // primary's name, database 0 on a Cluster), at start rather than at
+        // the first call
+        crate::store::redis::topology::Topology::parse(&url).map_err(bad)?;
         Ok(Some(RedisConfig {
             url,
             tls,

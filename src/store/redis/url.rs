@@ -30,9 +30,16 @@ pub fn redact(url: &str) -> String {
     out
 }
 
-/// Whether the URL asks for TLS.
+/// Whether the URL asks for TLS (`rediss://`, and the Cluster and
+/// Sentinel forms `rediss+cluster://`, `rediss+sentinel://`; `valkeys` alike).
 pub fn is_tls(url: &str) -> bool {
-    url.starts_with("rediss://") || url.starts_with("valkeys://")
+    let scheme = url.split_once("://").map_or("", |(s, _)| s);
+    let base = scheme.split_once('+').map_or(scheme, |(b, _)| b);
+    matches!(base, "rediss" | "valkeys")
+        && matches!(
+            scheme.split_once('+'),
+            None | Some((_, "cluster" | "sentinel"))
+        )
 }
 
 #[cfg(test)]
@@ -52,5 +59,31 @@ mod tests {
             "redis+unix:///run/redis.sock?db=1&user=koo&pass=***"
         );
         assert!(!redact("redis://u:secret@h/0?password=secret").contains("secret"));
+        assert_eq!(
+            redact("redis+cluster://u:pw@a:1,b:2/"),
+            "redis+cluster://u:***@a:1,b:2/"
+        );
+    }
+
+    /// TLS follows the scheme, for one server, a Cluster and Sentinels.
+    #[test]
+    fn tls_schemes() {
+        for url in [
+            "rediss://h:1",
+            "valkeys://h:1",
+            "rediss+cluster://h:1",
+            "rediss+sentinel://h:1/m",
+        ] {
+            assert!(is_tls(url), "{url}");
+        }
+        for url in [
+            "redis://h:1",
+            "redis+cluster://h:1",
+            "redis+sentinel://h:1/m",
+            "redis+unix:///s",
+            "rediss+unix:///s",
+        ] {
+            assert!(!is_tls(url), "{url}");
+        }
     }
 }
