@@ -653,3 +653,183 @@ fn redis_passwords_never_reach_the_logs() {
     assert!(logs.contains("redis://koo:***@127.0.0.1:1/0"), "{logs}");
     assert!(logs.contains("redis://koo:***@127.0.0.1:1/2"), "{logs}");
 }
+
+/// Six `redis-server` processes speaking only TLS, with TLS between the
+/// nodes too (`--tls-cluster yes --tls-replication yes`), joined into a
+/// Cluster of three masters and three replicas with `redis-cli --tls
+/// --cluster create`.
+struct TlsCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl TlsCluster {
+    async fn start(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |p: &Path| p.display().to_string();
+        let mut cluster = TlsCluster {
+            ports: Vec::new(),
+            children: Vec::new(),
+            _dir: dir,
+        };
+        for i in 0..6 {
+            let port = free_port();
+            let conf = cluster._dir.path().join(format!("nodes-{i}.conf"));
+            let child = Command::new("redis-server")
+                .args(["--port", "0", "--tls-port", &port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--tls-cert-file", &path(&pki.server_cert)])
+                .args(["--tls-key-file", &path(&pki.server_key)])
+                .args(["--tls-ca-cert-file", &path(&pki.ca)])
+                .args(["--tls-auth-clients", "yes"])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--cluster-config-file", &path(&conf)])
+                .arg("--dir")
+                .arg(cluster._dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server");
+            cluster.ports.push(port);
+            cluster.children.push(child);
+        }
+        for &port in &cluster.ports {
+            cluster.wait(pki, port, &["PING"], "PONG").await;
+        }
+        let out = Command::new("redis-cli")
+            .args(cluster.cli_tls(pki))
+            .args(["--cluster", "create"])
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --tls --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for &port in &cluster.ports {
+            cluster
+                .wait(pki, port, &["CLUSTER", "INFO"], "cluster_state:ok")
+                .await;
+        }
+        cluster
+    }
+
+    fn cli_tls(&self, pki: &Pki) -> Vec<String> {
+        let path = |p: &Path| p.display().to_string();
+        vec![
+            "--tls".into(),
+            "--cacert".into(),
+            path(&pki.ca),
+            "--cert".into(),
+            path(&pki.client_cert),
+            "--key".into(),
+            path(&pki.client_key),
+        ]
+    }
+
+    /// Polls `redis-cli` on `port` until its reply contains `want` (a
+    /// process start and a cluster's agreement have no event to await).
+    async fn wait(&self, pki: &Pki, port: u16, cmd: &[&str], want: &str) {
+        let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let out = tokio::process::Command::new("redis-cli")
+                .args(self.cli_tls(pki))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+                .args(cmd)
+                .output()
+                .await
+                .expect("run redis-cli");
+            if String::from_utf8_lossy(&out.stdout).contains(want) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "TLS cluster node {port}: {cmd:?} never answered {want:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("rediss+cluster://{}/", hosts.join(","))
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Scenario: a Redis Cluster that speaks only TLS and requires client
+/// certificates; `koo serve` given `rediss+cluster://` and the same CA and
+/// client certificate serves the cache across the masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_redis_cluster_serves_the_cache() {
+    let pki = Pki::new();
+    let cluster = TlsCluster::start(&pki).await;
+    let mut env = pki.koo_env();
+    env.push(("REDIS_URL", cluster.url()));
+    let serve = Serve::start(&env).await;
+    serve.wait_health(ServingStatus::Serving).await;
+    let mut cache = serve.cache();
+    for i in 0..30 {
+        cache
+            .set(set_req(&format!("k{i}"), &format!("v{i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..30 {
+        let got = cache
+            .get(pb::GetRequest {
+                level: CacheLevel::App as i32,
+                key: format!("k{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            got.value.and_then(|v| v.kind),
+            Some(Kind::Text(format!("v{i}"))),
+            "k{i}"
+        );
+    }
+}
+
+/// Scenario: malformed Cluster and Sentinel URLs stop `koo serve` at start
+/// with the reason, never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cluster_and_sentinel_urls_name_the_problem() {
+    for (url, want) in [
+        (
+            "redis+cluster://u:secret@127.0.0.1:7000/2",
+            "only database 0",
+        ),
+        ("redis+cluster://u:secret@127.0.0.1", "is not HOST:PORT"),
+        (
+            "redis+sentinel://u:secret@127.0.0.1:26379",
+            "name the primary",
+        ),
+        (
+            "redis+cluster://u:secret@127.0.0.1:7000?foo=1",
+            "unknown parameter",
+        ),
+    ] {
+        let message = common::serve_refused("REDIS_URL", url);
+        assert!(message.contains(want), "{url}: {message}");
+        assert!(!message.contains("secret"), "{url}: {message}");
+    }
+}
