@@ -21,7 +21,10 @@ pub enum Topology {
     Cluster { nodes: Vec<String>, tls: bool },
     /// A primary named `master` watched by Sentinels: one
     /// `redis[s]://host:port` URL per Sentinel; the primary's credentials
-    /// and database.
+    /// and database; the Sentinels' own credentials, if they require some
+    /// (`?sentinel_username=` / `?sentinel_password=`: the user info of the
+    /// URL is the primary's, as for every other form). Credentials are
+    /// percent-decoded.
     Sentinel {
         sentinels: Vec<String>,
         master: String,
@@ -29,6 +32,8 @@ pub enum Topology {
         username: Option<String>,
         password: Option<String>,
         tls: bool,
+        sentinel_username: Option<String>,
+        sentinel_password: Option<String>,
     },
 }
 
@@ -72,12 +77,25 @@ impl Topology {
             .collect::<Result<Vec<_>, _>>()?;
         let node_scheme = if tls { "rediss" } else { "redis" };
         let mut db = None;
+        let (mut sentinel_username, mut sentinel_password) = (None, None);
+        let sentinel = matches!(kind, Kind::Sentinel);
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("db", n)) => db = Some(parse_db(n, &shown)?),
+                Some(("sentinel_username", u)) if sentinel => {
+                    sentinel_username = non_empty(&decode(u, &shown)?);
+                }
+                Some(("sentinel_password", p)) if sentinel => {
+                    sentinel_password = non_empty(&decode(p, &shown)?);
+                }
                 _ => {
+                    let known = if sentinel {
+                        "db=N, sentinel_username=, sentinel_password="
+                    } else {
+                        "only db=N"
+                    };
                     return Err(format!(
-                        "{shown}: unknown parameter {:?} (only db=N is understood)",
+                        "{shown}: unknown parameter {:?} ({known} is understood)",
                         pair.split('=').next().unwrap_or(pair)
                     ));
                 }
@@ -120,13 +138,16 @@ impl Topology {
                     .iter()
                     .map(|h| format!("{node_scheme}://{h}"))
                     .collect();
+                let decoded = |v: Option<String>| v.map(|v| decode(&v, &shown)).transpose();
                 Ok(Self::Sentinel {
                     sentinels,
-                    master: master.to_owned(),
+                    master: decode(master, &shown)?,
                     db: db.unwrap_or(0),
-                    username,
-                    password,
+                    username: decoded(username)?,
+                    password: decoded(password)?,
                     tls,
+                    sentinel_username,
+                    sentinel_password,
                 })
             }
         }
@@ -160,6 +181,27 @@ fn check_host(h: &str, shown: &str) -> Result<String, String> {
             h.chars().take(64).collect::<String>()
         )),
     }
+}
+
+/// `%XX` escapes decoded (a password may hold `@`, `:` or `/`); the error
+/// names the URL, never the value.
+fn decode(s: &str, shown: &str) -> Result<String, String> {
+    let bad =
+        || format!("{shown}: a credential or name holds a malformed %-escape or is not UTF-8");
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 fn parse_db(n: &str, shown: &str) -> Result<i64, String> {
@@ -228,6 +270,8 @@ mod tests {
                 username: None,
                 password: Some("pw".into()),
                 tls: false,
+                sentinel_username: None,
+                sentinel_password: None,
             }
         );
         let t = Topology::parse("rediss+sentinel://s1:26379/m?db=5").unwrap();
@@ -246,5 +290,41 @@ mod tests {
         assert!(e.contains("name the primary"), "{e}");
         let e = Topology::parse("redis+sentinel://s1:26379/m/1?db=2").unwrap_err();
         assert!(e.contains("twice"), "{e}");
+    }
+
+    /// The Sentinels' own credentials come as query parameters (the user
+    /// info is the primary's); every credential is percent-decoded; errors
+    /// never show a password.
+    #[test]
+    fn sentinel_credentials_are_parameters_and_decoded() {
+        let t = Topology::parse(
+            "redis+sentinel://koo:p%40ss@s1:26379/m?sentinel_username=sen&sentinel_password=s%3Acret&db=3",
+        )
+        .unwrap();
+        let Topology::Sentinel {
+            username,
+            password,
+            sentinel_username,
+            sentinel_password,
+            db,
+            ..
+        } = t
+        else {
+            panic!("{t:?}")
+        };
+        assert_eq!(username.as_deref(), Some("koo"));
+        assert_eq!(password.as_deref(), Some("p@ss"));
+        assert_eq!(sentinel_username.as_deref(), Some("sen"));
+        assert_eq!(sentinel_password.as_deref(), Some("s:cret"));
+        assert_eq!(db, 3);
+        let e = Topology::parse("redis+sentinel://:secret@s1:26379/m?sentinel_password=%zz")
+            .unwrap_err();
+        assert!(e.contains("%-escape"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        // a Cluster has no Sentinels
+        let e = Topology::parse("redis+cluster://a:7000?sentinel_password=x").unwrap_err();
+        assert!(e.contains("unknown parameter \"sentinel_password\""), "{e}");
+        let e = Topology::parse("redis+sentinel://s1:26379/m?retries=3").unwrap_err();
+        assert!(e.contains("sentinel_password="), "{e}");
     }
 }
