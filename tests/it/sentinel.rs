@@ -1,0 +1,225 @@
+//! koo on a primary found through Redis Sentinel (real `redis-server`
+//! primary, replica and three Sentinels started by the test): the cache and
+//! the task engine keep serving across a failover, whether the primary dies
+//! (`kill -9`) or is demoted (`SENTINEL FAILOVER`, the old primary becomes
+//! a replica and refuses writes with `READONLY`); a wrong master name or no
+//! Sentinel at all gives NOT_SERVING and a clear UNAVAILABLE, not a hang.
+
+use crate::common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::sentinel::{MASTER, TestSentinels};
+use common::tasks::{client, is_final, short_intervals, submit, wait_task};
+use common::{ChildGuard, EVENT_TIMEOUT, TestServer, redis_settings, test_settings};
+use koo::pb::cache::v1::{self as pb, CacheLevel, cache_value::Kind};
+use koo::pb::tasks::v1 as tpb;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn text(s: &str) -> Option<pb::CacheValue> {
+    Some(pb::CacheValue {
+        kind: Some(Kind::Text(s.into())),
+    })
+}
+
+fn set(key: &str, value: &str) -> pb::SetRequest {
+    pb::SetRequest {
+        level: CacheLevel::Api as i32,
+        key: key.into(),
+        value: text(value),
+        ttl: None,
+        ..Default::default()
+    }
+}
+
+fn get(key: &str) -> pb::GetRequest {
+    pb::GetRequest {
+        level: CacheLevel::Api as i32,
+        key: key.into(),
+        ..Default::default()
+    }
+}
+
+/// koo on `url` with `workers` built-in worker slots, once SERVING.
+async fn koo_on(url: &str, workers: usize) -> TestServer {
+    let mut settings = test_settings(redis_settings(url));
+    short_intervals(&mut settings, workers);
+    let server = TestServer::spawn(settings).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    server
+}
+
+/// Sets `key` until koo accepts it (calls during the switch fail with
+/// UNAVAILABLE and nothing else); returns how long that took.
+async fn set_until_ok(server: &TestServer, key: &str, value: &str) -> Duration {
+    let started = Instant::now();
+    let mut cache = server.cache();
+    loop {
+        match cache.set(set(key, value)).await {
+            Ok(_) => return started.elapsed(),
+            Err(s) => assert!(
+                matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded),
+                "during a failover only UNAVAILABLE / DEADLINE_EXCEEDED: {s:?}"
+            ),
+        }
+        assert!(started.elapsed() < EVENT_TIMEOUT, "koo never served again");
+        // a retry loop of the client's own: there is no event to await
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Submits a no-op task and waits until it succeeded.
+async fn run_task(server: &TestServer) {
+    let mut tasks = client(server);
+    let task = tasks
+        .submit_task(submit("koo.diagnostics.noop", serde_json::json!({})))
+        .await
+        .expect("submit")
+        .into_inner()
+        .task
+        .unwrap();
+    let done = wait_task(&mut tasks, &task.id, is_final).await;
+    assert_eq!(done.state, tpb::TaskState::Succeeded as i32, "{done:?}");
+}
+
+/// A `koo worker` process on `url`.
+fn worker(url: &str) -> ChildGuard {
+    ChildGuard(
+        common::koo_command()
+            .arg("worker")
+            .env("REDIS_URL", url)
+            .env("KOO_WORKER_CONCURRENCY", "1")
+            .env("KOO_TASK_LEASE", "1s")
+            .env("KOO_TASK_SWEEP_INTERVAL", "100ms")
+            .env("KOO_WORKER_POLL_INTERVAL", "20ms")
+            .env("KOO_REDIS_CONNECT_TIMEOUT", "500ms")
+            .env("KOO_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn koo worker"),
+    )
+}
+
+/// The primary is killed (`kill -9`): once the Sentinels promote the
+/// replica, koo serves the cache again (with what was replicated before)
+/// and a `koo worker` on the same URL runs tasks again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_primary_fails_over_and_koo_keeps_serving() {
+    let mut deployment = TestSentinels::start().await;
+    let url = deployment.url();
+    let server = koo_on(&url, 0).await;
+    let _worker = worker(&url);
+    let mut cache = server.cache();
+    cache.set(set("before", "v1")).await.unwrap();
+    run_task(&server).await;
+    deployment.wait_replicated(0).await;
+
+    let old = deployment.redis[0].port;
+    deployment.redis[0].kill();
+    let took = set_until_ok(&server, "after", "v2").await;
+    let promoted = deployment.wait_failover(old).await;
+    assert_eq!(promoted, 1, "the replica is the new primary");
+    eprintln!("koo served again {} ms after the kill", took.as_millis());
+
+    let got = cache.get(get("before")).await.unwrap().into_inner();
+    assert_eq!(got.value, text("v1"), "a replicated write survives");
+    let got = cache.get(get("after")).await.unwrap().into_inner();
+    assert_eq!(got.value, text("v2"));
+    // the write went to the new primary
+    let mut c = deployment.redis[1].conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*after*")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the new primary holds the new entry");
+    run_task(&server).await;
+    server.wait_health("", ServingStatus::Serving).await;
+}
+
+/// `SENTINEL FAILOVER`: the primary is demoted to a replica while running
+/// (its clients are disconnected; a write reaching it gets `READONLY`);
+/// koo follows the new primary for the cache and the built-in workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demoted_primary_is_followed() {
+    let deployment = TestSentinels::start().await;
+    let server = koo_on(&deployment.url(), 1).await;
+    let mut cache = server.cache();
+    cache.set(set("before", "v1")).await.unwrap();
+    run_task(&server).await;
+    deployment.wait_replicated(0).await;
+
+    let old = deployment.redis[0].port;
+    let mut s = deployment.sentinels[0].conn().await;
+    let _: () = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(MASTER)
+        .query_async(&mut s)
+        .await
+        .unwrap();
+    let promoted = deployment.wait_failover(old).await;
+    assert_eq!(promoted, 1);
+    set_until_ok(&server, "after", "v2").await;
+    // the old primary is a replica now, and koo's writes are not there first
+    let mut c = deployment.redis[0].conn().await;
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+    assert_eq!(
+        role.first(),
+        Some(&redis::Value::BulkString(b"slave".to_vec())),
+        "{role:?}"
+    );
+    for key in ["before", "after"] {
+        let got = cache.get(get(key)).await.unwrap().into_inner();
+        assert!(got.value.is_some(), "{key} readable after the failover");
+    }
+    run_task(&server).await;
+}
+
+/// A master name the Sentinels do not know, or Sentinels that do not
+/// answer: koo starts, reports NOT_SERVING, and a call fails fast with
+/// UNAVAILABLE naming the master and the Sentinels (never a hang).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_master_or_no_sentinel_is_not_serving() {
+    let deployment = TestSentinels::start_with(0, 1).await;
+    let nowhere = format!("redis+sentinel://127.0.0.1:{}/m", common::free_port());
+    for (url, needle) in [
+        (deployment.url_for("nope"), "\"nope\""),
+        (nowhere, "Sentinels at"),
+    ] {
+        let settings = test_settings(redis_settings(&url));
+        let server = TestServer::spawn(settings).await;
+        server.wait_health("", ServingStatus::NotServing).await;
+        let started = Instant::now();
+        let err = server.cache().set(set("k", "v")).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(err.message().contains(needle), "{url}: {err:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "bounded by the request deadline: {:?}",
+            started.elapsed()
+        );
+        server.shutdown().await;
+    }
+}
+
+/// `koo worker` refuses a Sentinel URL it cannot parse, naming the setting
+/// and never the password.
+#[test]
+fn bad_sentinel_url_is_refused_without_the_password() {
+    let out = common::koo_command()
+        .arg("worker")
+        .env("REDIS_URL", "redis+sentinel://:secret@127.0.0.1:1/")
+        .env("KOO_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("REDIS_URL"), "{stderr}");
+    assert!(stderr.contains("name the primary"), "{stderr}");
+    assert!(!stderr.contains("secret"), "{stderr}");
+}
