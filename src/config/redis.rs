@@ -8,6 +8,7 @@ use clap::{ArgAction, Args};
 
 use super::{ConfigError, RedisTlsArgs, parse_duration, parse_positive_duration};
 use crate::store::RedisConfig;
+use crate::store::redis::topology::Topology;
 use crate::store::redis::url as redis_url;
 
 /// Redis settings shared by `koo serve`, `koo worker` and `koo scheduler`.
@@ -66,19 +67,24 @@ impl RedisArgs {
             reason,
         };
         let tls = self.tls.load()?;
-        if redis_url::is_tls(&url) {
+        // The Cluster and Sentinel forms are checked whole here, so that a
+        // mistake in them is named at start-up like any other.
+        let topology = Topology::parse(&url).map_err(bad)?;
+        let single = matches!(topology, Topology::Single(_));
+        if topology.is_tls() {
             if url.ends_with("#insecure") {
                 return Err(bad(format!(
                     "{}: koo always verifies Redis's certificate; drop #insecure and give a private CA in KOO_REDIS_TLS_CA",
                     redis_url::redact(&url)
                 )));
             }
-        } else if !(url.starts_with("redis://")
-            || url.starts_with("redis+unix://")
-            || url.starts_with("unix://"))
+        } else if single
+            && !(url.starts_with("redis://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
         {
             return Err(bad(
-                "must start with redis://, rediss:// (TLS) or redis+unix:// (a socket)".to_owned(),
+                "must start with redis://, rediss:// (TLS), redis+unix:// (a socket), redis[s]+cluster:// or redis[s]+sentinel://".to_owned(),
             ));
         } else if tls.is_some() {
             return Err(bad(format!(

@@ -166,7 +166,9 @@ impl Connector {
                 Ok(Self::Cluster { client, seeds })
             }
             Topology::Sentinel { .. } => {
-                sentinel_link(topology, tcp, config).map(|link| Self::Sentinel(Arc::new(link)))
+                let link = Arc::new(sentinel_link(topology, tcp, config)?);
+                link.follow_switches();
+                Ok(Self::Sentinel(link))
             }
         }
     }

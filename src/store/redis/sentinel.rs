@@ -16,19 +16,35 @@
 //! connection was made for). A primary that stops answering without an error
 //! (a partition) is suspected by the recovery prober while the breaker is
 //! open (see [`Connector::suspect`](super::conn::Connector::suspect)).
+//!
+//! A primary demoted while running (`SENTINEL FAILOVER`, or a partition
+//! that heals) keeps accepting writes until the Sentinels reconfigure it,
+//! about 8 s later (then they disconnect its clients): writes in between
+//! would be lost. So the link also follows the Sentinels' `+switch-master`
+//! announcements on a Pub/Sub connection of its own and moves every
+//! connection to the new primary as soon as one is announced.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use tokio_util::sync::CancellationToken;
 
 /// After a failed lookup, how long other connections are given the same
 /// failure instead of asking the Sentinels again (a pool meeting a failover
 /// would otherwise send a lookup per connection).
 const FAILED_LOOKUP_MEMO: Duration = Duration::from_millis(100);
+
+/// How long the `+switch-master` watcher waits before subscribing again
+/// after its Sentinel went away.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
+
+/// The Sentinels' announcement of a new primary.
+const SWITCH_MASTER: &str = "+switch-master";
 
 /// What the connections of one store share.
 pub(crate) struct SentinelLink {
@@ -45,6 +61,14 @@ pub(crate) struct SentinelLink {
     hosts: String,
     db: i64,
     connect_timeout: Duration,
+    /// Stops the `+switch-master` watcher when the store goes.
+    stop: CancellationToken,
+}
+
+impl Drop for SentinelLink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 #[derive(Default)]
@@ -114,7 +138,24 @@ impl SentinelLink {
             hosts,
             db: s.db,
             connect_timeout: s.connect_timeout,
+            stop: CancellationToken::new(),
         })
+    }
+
+    /// Starts following the Sentinels' `+switch-master` announcements, if
+    /// there is a runtime to run on (there always is in koo; without it, a
+    /// failover is still followed after the first error).
+    pub(crate) fn follow_switches(self: &Arc<Self>) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let stop = self.stop.clone();
+            let link = Arc::downgrade(self);
+            runtime.spawn(async move {
+                tokio::select! {
+                    () = stop.cancelled() => {}
+                    () = watch_switches(link) => {}
+                }
+            });
+        }
     }
 
     /// The database the URL selects on the primary.
@@ -380,5 +421,63 @@ impl ConnectionLike for SentinelConn {
 
     fn get_db(&self) -> i64 {
         self.link.db
+    }
+}
+
+/// Subscribes to `+switch-master` on the first Sentinel that answers and,
+/// on an announcement for this primary, asks the Sentinels at once (every
+/// connection then moves to the new primary); subscribes again when that
+/// Sentinel goes away. Holds the link only while acting, so that it ends
+/// with the store (the caller also cancels it then).
+async fn watch_switches(link: std::sync::Weak<SentinelLink>) {
+    loop {
+        let stream = match link.upgrade() {
+            Some(l) => l.subscribe_switches().await,
+            None => return,
+        };
+        match stream {
+            Ok(mut messages) => {
+                while let Some(msg) = messages.next().await {
+                    let payload: String = msg.get_payload().unwrap_or_default();
+                    let Some(l) = link.upgrade() else { return };
+                    if payload.split(' ').next() == Some(l.master.as_str()) {
+                        tracing::info!(master = %l.master, %payload, "Sentinels switched the primary");
+                        l.suspect_current();
+                        // a failure is remembered; the next call retries it
+                        let _ = l.primary().await;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot follow the Sentinels' announcements yet");
+            }
+        }
+        tokio::time::sleep(RESUBSCRIBE_AFTER).await;
+    }
+}
+
+impl SentinelLink {
+    /// A Pub/Sub stream of `+switch-master` from the first Sentinel that
+    /// answers (with the Sentinels' credentials and TLS).
+    async fn subscribe_switches(&self) -> RedisResult<redis::aio::PubSubStream> {
+        let bound = self.connect_timeout * 2;
+        let open = async {
+            let client = self
+                .sentinel
+                .lock()
+                .await
+                .async_get_sentinel_client()
+                .await?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(SWITCH_MASTER).await?;
+            Ok(pubsub.into_on_message())
+        };
+        match tokio::time::timeout(bound, open).await {
+            Ok(stream) => stream,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no Sentinel answered",
+            ))),
+        }
     }
 }

@@ -157,6 +157,15 @@ impl Topology {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster { .. })
     }
+
+    /// Whether the URL asks for TLS (`rediss://`, `rediss+cluster://`,
+    /// `rediss+sentinel://`...).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Self::Single(url) => super::is_tls(url),
+            Self::Cluster { tls, .. } | Self::Sentinel { tls, .. } => *tls,
+        }
+    }
 }
 
 enum Kind {
