@@ -38,7 +38,6 @@ fn get(key: &str) -> pb::GetRequest {
     pb::GetRequest {
         level: CacheLevel::Api as i32,
         key: key.into(),
-        ..Default::default()
     }
 }
 

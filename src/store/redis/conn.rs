@@ -79,6 +79,7 @@ impl ConnectionLike for Conn {
 impl Conn {
     /// Runs `cmd` on the node at `addr` (`host:port`, as
     /// [`Connector::masters`] names it); on a single server, on it.
+    #[allow(dead_code)] // the Cluster walks' (cache slice)
     pub(crate) async fn query_node<T: redis::FromRedisValue>(
         &mut self,
         addr: &str,
@@ -101,6 +102,7 @@ impl Conn {
     }
 }
 
+#[allow(dead_code)] // the Cluster walks' (cache slice)
 fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
     addr.rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
@@ -114,6 +116,9 @@ fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
 }
 
 /// What makes connections: the client of one server or of a Cluster.
+// One per store, built once and never moved on a hot path: the size of the
+// Cluster client costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Connector {
     Single(redis::Client),
     Cluster {
@@ -293,6 +298,7 @@ impl Connector {
 
 /// The masters of a Cluster as `host:port` (from `CLUSTER SHARDS`, Redis 7,
 /// else `CLUSTER NODES`); on a single server, `[""]` (one node, the server).
+#[allow(dead_code)] // the Cluster walks' (cache slice)
 pub(crate) async fn masters(conn: &mut Conn) -> RedisResult<Vec<String>> {
     let Conn::Cluster(c) = conn else {
         return Ok(vec![String::new()]);
@@ -306,6 +312,7 @@ pub(crate) async fn masters(conn: &mut Conn) -> RedisResult<Vec<String>> {
 }
 
 /// The live masters' `host:port` in a `CLUSTER NODES` reply.
+#[allow(dead_code)] // the Cluster walks' (cache slice)
 fn parse_masters(text: &str) -> Vec<String> {
     let mut out: Vec<String> = text
         .lines()

@@ -76,31 +76,11 @@ impl Topology {
             .map(|h| check_host(h, &shown))
             .collect::<Result<Vec<_>, _>>()?;
         let node_scheme = if tls { "rediss" } else { "redis" };
-        let mut db = None;
-        let (mut sentinel_username, mut sentinel_password) = (None, None);
-        let sentinel = matches!(kind, Kind::Sentinel);
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("db", n)) => db = Some(parse_db(n, &shown)?),
-                Some(("sentinel_username", u)) if sentinel => {
-                    sentinel_username = non_empty(&decode(u, &shown)?);
-                }
-                Some(("sentinel_password", p)) if sentinel => {
-                    sentinel_password = non_empty(&decode(p, &shown)?);
-                }
-                _ => {
-                    let known = if sentinel {
-                        "db=N, sentinel_username=, sentinel_password="
-                    } else {
-                        "only db=N"
-                    };
-                    return Err(format!(
-                        "{shown}: unknown parameter {:?} ({known} is understood)",
-                        pair.split('=').next().unwrap_or(pair)
-                    ));
-                }
-            }
-        }
+        let Query {
+            db,
+            sentinel_username,
+            sentinel_password,
+        } = Query::parse(query, matches!(kind, Kind::Sentinel), &shown)?;
         match kind {
             Kind::Cluster => {
                 if !path.is_empty() && path != "0" {
@@ -119,21 +99,7 @@ impl Topology {
                 Ok(Self::Cluster { nodes, tls })
             }
             Kind::Sentinel => {
-                let mut parts = path.split('/').filter(|p| !p.is_empty());
-                let master = parts.next().ok_or_else(|| {
-                    format!("{shown}: name the primary after the hosts (redis+sentinel://HOST:PORT/MASTER_NAME)")
-                })?;
-                if let Some(n) = parts.next() {
-                    if db.is_some() {
-                        return Err(format!("{shown}: the database is given twice"));
-                    }
-                    db = Some(parse_db(n, &shown)?);
-                }
-                if parts.next().is_some() {
-                    return Err(format!(
-                        "{shown}: the path is MASTER_NAME or MASTER_NAME/DB, nothing more"
-                    ));
-                }
+                let (master, db) = master_and_db(path, db, &shown)?;
                 let sentinels = hosts
                     .iter()
                     .map(|h| format!("{node_scheme}://{h}"))
@@ -142,7 +108,7 @@ impl Topology {
                 Ok(Self::Sentinel {
                     sentinels,
                     master: decode(master, &shown)?,
-                    db: db.unwrap_or(0),
+                    db,
                     username: decoded(username)?,
                     password: decoded(password)?,
                     tls,
@@ -173,6 +139,71 @@ enum Kind {
     Sentinel,
 }
 
+/// The query parameters of a Cluster or Sentinel URL.
+#[derive(Default)]
+struct Query {
+    db: Option<i64>,
+    sentinel_username: Option<String>,
+    sentinel_password: Option<String>,
+}
+
+impl Query {
+    /// `db=N`, and for Sentinels their own credentials; anything else is
+    /// refused by name (a misspelt parameter must not be ignored).
+    fn parse(query: Option<&str>, sentinel: bool, shown: &str) -> Result<Self, String> {
+        let mut q = Self::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("db", n)) => q.db = Some(parse_db(n, shown)?),
+                Some(("sentinel_username", u)) if sentinel => {
+                    q.sentinel_username = non_empty(&decode(u, shown)?);
+                }
+                Some(("sentinel_password", p)) if sentinel => {
+                    q.sentinel_password = non_empty(&decode(p, shown)?);
+                }
+                _ => {
+                    let known = if sentinel {
+                        "db=N, sentinel_username=, sentinel_password="
+                    } else {
+                        "only db=N"
+                    };
+                    return Err(format!(
+                        "{shown}: unknown parameter {:?} ({known} is understood)",
+                        pair.split('=').next().unwrap_or(pair)
+                    ));
+                }
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// The primary's name and the database from a Sentinel URL's path
+/// (`MASTER` or `MASTER/DB`) and its `?db=` parameter, if any.
+fn master_and_db<'a>(
+    path: &'a str,
+    db: Option<i64>,
+    shown: &str,
+) -> Result<(&'a str, i64), String> {
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    let master = parts.next().ok_or_else(|| {
+        format!(
+            "{shown}: name the primary after the hosts (redis+sentinel://HOST:PORT/MASTER_NAME)"
+        )
+    })?;
+    let db = match (parts.next(), db) {
+        (Some(_), Some(_)) => return Err(format!("{shown}: the database is given twice")),
+        (Some(n), None) => parse_db(n, shown)?,
+        (None, db) => db.unwrap_or(0),
+    };
+    if parts.next().is_some() {
+        return Err(format!(
+            "{shown}: the path is MASTER_NAME or MASTER_NAME/DB, nothing more"
+        ));
+    }
+    Ok((master, db))
+}
+
 fn non_empty(s: &str) -> Option<String> {
     (!s.is_empty()).then(|| s.to_owned())
 }
@@ -180,7 +211,7 @@ fn non_empty(s: &str) -> Option<String> {
 /// `host:port` (a bracketed IPv6 address allowed); the port is required,
 /// so that a typo cannot silently aim at 6379.
 fn check_host(h: &str, shown: &str) -> Result<String, String> {
-    let port = h.rsplit_once(':').map(|(host, port)| (host, port));
+    let port = h.rsplit_once(':');
     match port {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
             Ok(h.to_owned())
