@@ -221,6 +221,44 @@ async fn unknown_master_or_no_sentinel_is_not_serving() {
     }
 }
 
+/// Sentinels with a password of their own, and a primary with another:
+/// the URL's user info is the primary's, `?sentinel_password=` the
+/// Sentinels'; without it koo reports NOT_SERVING and says the Sentinels
+/// refused, never showing a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_password_is_a_parameter() {
+    let deployment = TestSentinels::start_secured(0, 1, Some("pr1mary"), Some("s3nt")).await;
+    let hosts = format!("127.0.0.1:{}", deployment.sentinels[0].port);
+    let url = format!("redis+sentinel://:pr1mary@{hosts}/{MASTER}/2?sentinel_password=s3nt");
+    let server = koo_on(&url, 0).await;
+    server.cache().set(set("k", "v")).await.unwrap();
+    let mut c = deployment.redis[0].conn().await;
+    let _: () = redis::cmd("AUTH")
+        .arg("pr1mary")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SELECT")
+        .arg(2)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let n: u64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+    assert!(n > 0, "the entry is in database 2 of the primary");
+    server.shutdown().await;
+
+    let url = format!("redis+sentinel://:pr1mary@{hosts}/{MASTER}?sentinel_password=wrong");
+    let server = TestServer::spawn(test_settings(redis_settings(&url))).await;
+    server.wait_health("", ServingStatus::NotServing).await;
+    let err = server.cache().set(set("k", "v")).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("Sentinels at"), "{err:?}");
+    for secret in ["wrong", "pr1mary", "s3nt"] {
+        assert!(!err.message().contains(secret), "{err:?}");
+    }
+    server.shutdown().await;
+}
+
 /// `koo worker` refuses a Sentinel URL it cannot parse, naming the setting
 /// and never the password.
 #[test]

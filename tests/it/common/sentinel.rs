@@ -16,12 +16,23 @@ pub const MASTER: &str = "m";
 pub struct Sentinel {
     pub port: u16,
     child: Option<Child>,
+    /// Its `requirepass`, if any.
+    password: Option<String>,
 }
 
 impl Sentinel {
+    fn url(&self) -> String {
+        let auth = self
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("redis://{auth}127.0.0.1:{}/", self.port)
+    }
+
     /// A direct connection to this Sentinel.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+        redis::Client::open(self.url())
             .unwrap()
             .get_multiplexed_async_connection()
             .await
@@ -60,7 +71,38 @@ impl TestSentinels {
     /// A primary with `replicas` replicas and `sentinels` Sentinels (quorum:
     /// a majority).
     pub async fn start_with(replicas: usize, sentinels: usize) -> Self {
+        Self::start_secured(replicas, sentinels, None, None).await
+    }
+
+    /// Like [`Self::start_with`], with a `requirepass` on the primary (set
+    /// once it is up, and given to the Sentinels as `auth-pass`) and on the
+    /// Sentinels.
+    pub async fn start_secured(
+        replicas: usize,
+        sentinels: usize,
+        password: Option<&str>,
+        sentinel_password: Option<&str>,
+    ) -> Self {
+        assert!(
+            password.is_none() || replicas == 0,
+            "a secured primary has no replicas here"
+        );
         let primary = TestRedis::start().await;
+        let mut auth = String::new();
+        if let Some(pw) = password {
+            let mut c = primary.conn().await;
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("requirepass")
+                .arg(pw)
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            auth += &format!("sentinel auth-pass {MASTER} {pw}\n");
+        }
+        if let Some(pw) = sentinel_password {
+            auth += &format!("requirepass {pw}\n");
+        }
         let of = primary.port.to_string();
         let mut redis = vec![primary];
         for _ in 0..replicas {
@@ -79,7 +121,7 @@ impl TestSentinels {
                         "port {port}\nbind 127.0.0.1\nprotected-mode no\ndir {dir}\n\
                          sentinel monitor {MASTER} 127.0.0.1 {of} {quorum}\n\
                          sentinel down-after-milliseconds {MASTER} 500\n\
-                         sentinel failover-timeout {MASTER} 2000\n",
+                         sentinel failover-timeout {MASTER} 2000\n{auth}",
                         dir = dir.path().display()
                     ),
                 )
@@ -94,6 +136,7 @@ impl TestSentinels {
                 Sentinel {
                     port,
                     child: Some(child),
+                    password: sentinel_password.map(str::to_owned),
                 }
             })
             .collect();
@@ -133,7 +176,7 @@ impl TestSentinels {
                 "the Sentinels never saw the replicas and each other"
             );
             for s in &self.sentinels {
-                let known = match redis::Client::open(format!("redis://127.0.0.1:{}/", s.port))
+                let known = match redis::Client::open(s.url())
                     .unwrap()
                     .get_multiplexed_async_connection()
                     .await
