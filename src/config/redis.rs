@@ -105,3 +105,41 @@ impl RedisArgs {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn config(url: &str) -> Result<Option<RedisConfig>, ConfigError> {
+        Cli::try_parse_from(["koo"])
+            .unwrap()
+            .redis
+            .redis_config(Some(url.to_owned()))
+    }
+
+    /// The Sentinel and Cluster forms are accepted (TLS ones too); their
+    /// mistakes are named at start-up, under REDIS_URL, without a password.
+    #[test]
+    fn sentinel_and_cluster_urls() {
+        for url in [
+            "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/1",
+            "rediss+sentinel://s1:26379/m?db=2&sentinel_password=x",
+            "redis+cluster://a:7000,b:7001",
+        ] {
+            assert!(config(url).unwrap().is_some(), "{url}");
+        }
+        let e = config("redis+sentinel://:secret@s1:26379").unwrap_err();
+        assert_eq!(e.variable, "REDIS_URL");
+        assert!(e.to_string().contains("name the primary"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = config("rediss+sentinel://s1:26379/m#insecure").unwrap_err();
+        assert!(e.to_string().contains("#insecure"), "{e}");
+    }
+}
