@@ -277,3 +277,76 @@ fn bad_sentinel_url_is_refused_without_the_password() {
     assert!(stderr.contains("name the primary"), "{stderr}");
     assert!(!stderr.contains("secret"), "{stderr}");
 }
+
+/// `rediss+sentinel://`: the Sentinel and the primary listen only on TLS
+/// (`--port 0`); koo reaches both with the CA of `KOO_REDIS_TLS_CA`, serves
+/// the cache and runs a task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_sentinels_and_the_primary() {
+    use common::certs::{Ca, CertDir};
+    let ca = Ca::new("koo sentinel test CA");
+    let dir = CertDir::new();
+    let (cert, key) = dir.write_pair("redis", &ca.server("redis"));
+    let ca_path = dir.write("ca.pem", &ca.cert);
+    let path = |p: &std::path::Path| p.display().to_string();
+    let bin = std::env::var("KOO_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+    let primary_port = common::free_port();
+    let _primary = ChildGuard(
+        std::process::Command::new(&bin)
+            .args(["--port", "0", "--tls-port", &primary_port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--tls-cert-file",
+                &path(&cert),
+                "--tls-key-file",
+                &path(&key),
+            ])
+            .args(["--tls-ca-cert-file", &path(&ca_path)])
+            .args(["--tls-auth-clients", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a TLS redis-server"),
+    );
+    let sentinel_port = common::free_port();
+    let conf = dir.write(
+        "sentinel.conf",
+        &format!(
+            "port 0\ntls-port {sentinel_port}\nbind 127.0.0.1\nprotected-mode no\ndir {d}\n\
+             tls-cert-file {c}\ntls-key-file {k}\ntls-ca-cert-file {a}\n\
+             tls-auth-clients no\ntls-replication yes\n\
+             sentinel monitor {MASTER} 127.0.0.1 {primary_port} 1\n",
+            d = path(dir.dir()),
+            c = path(&cert),
+            k = path(&key),
+            a = path(&ca_path),
+        ),
+    );
+    let _sentinel = ChildGuard(
+        std::process::Command::new(&bin)
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a TLS Sentinel"),
+    );
+    let url = format!("rediss+sentinel://127.0.0.1:{sentinel_port}/{MASTER}");
+    let koo::server::StoreSettings::Redis(mut redis) = redis_settings(&url) else {
+        unreachable!()
+    };
+    redis.tls = Some(
+        koo::store::redis::RedisTls::from_pem(Some(ca.cert.clone().into_bytes()), None, None)
+            .unwrap(),
+    );
+    let mut settings = test_settings(koo::server::StoreSettings::Redis(redis));
+    short_intervals(&mut settings, 1);
+    let server = TestServer::spawn(settings).await;
+    // the processes start and the Sentinel meets its primary meanwhile
+    server.wait_health("", ServingStatus::Serving).await;
+    let mut cache = server.cache();
+    cache.set(set("k", "over TLS")).await.unwrap();
+    let got = cache.get(get("k")).await.unwrap().into_inner();
+    assert_eq!(got.value, text("over TLS"));
+    run_task(&server).await;
+}
