@@ -175,9 +175,13 @@ impl SentinelLink {
         }
     }
 
-    /// Marks whatever primary is current suspect.
+    /// Marks whatever primary is current suspect, and forgets a failed
+    /// lookup: the caller has news (an announcement, a probe) that a lookup
+    /// made now may answer differently.
     pub(crate) fn suspect_current(&self) {
-        self.state().suspect = true;
+        let mut state = self.state();
+        state.suspect = true;
+        state.failed = None;
     }
 
     /// The known primary, or the failure of a lookup just made; `None` when
