@@ -39,6 +39,9 @@ use tokio_util::sync::CancellationToken;
 /// would otherwise send a lookup per connection).
 const FAILED_LOOKUP_MEMO: Duration = Duration::from_millis(100);
 
+/// The least time a lookup gets (see [`SentinelLink::lookup_bound`]).
+const LOOKUP_FLOOR: Duration = Duration::from_millis(2500);
+
 /// How long the `+switch-master` watcher waits before subscribing again
 /// after its Sentinel went away.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(500);
@@ -158,6 +161,15 @@ impl SentinelLink {
         }
     }
 
+    /// How long one lookup (or subscription) may hold the Sentinels'
+    /// client. It connects to the Sentinels (the redis crate bounds each
+    /// connection by 1 s, and takes their answers in the order listed, so a
+    /// silent first Sentinel costs that second) and then to the primary
+    /// named (to check its `ROLE`): a few connection times.
+    fn lookup_bound(&self) -> Duration {
+        (self.connect_timeout * 3).max(LOOKUP_FLOOR)
+    }
+
     /// The database the URL selects on the primary.
     pub(crate) fn db(&self) -> i64 {
         self.db
@@ -211,9 +223,7 @@ impl SentinelLink {
         if let Some(known) = self.known() {
             return known;
         }
-        // The lookup connects to each Sentinel and then to the primary it
-        // names (to check its ROLE): a few connection times at most.
-        let bound = self.connect_timeout * 3;
+        let bound = self.lookup_bound();
         let found = match tokio::time::timeout(bound, sentinel.async_get_client()).await {
             Ok(found) => found,
             Err(_) => Err(RedisError::from(std::io::Error::new(
@@ -464,7 +474,7 @@ impl SentinelLink {
     /// A Pub/Sub stream of `+switch-master` from the first Sentinel that
     /// answers (with the Sentinels' credentials and TLS).
     async fn subscribe_switches(&self) -> RedisResult<redis::aio::PubSubStream> {
-        let bound = self.connect_timeout * 2;
+        let bound = self.lookup_bound();
         let open = async {
             let client = self
                 .sentinel
