@@ -495,3 +495,33 @@ impl SentinelLink {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The error Redis replies with `text`, as the crate reports it.
+    fn server_error(text: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{text}\r\n").as_bytes())
+            .and_then(Value::extract_error)
+            .unwrap_err()
+    }
+
+    /// A broken or refused connection and a replica's `READONLY` send koo
+    /// back to the Sentinels; an ordinary error reply does not.
+    #[test]
+    fn which_errors_follow_a_failover() {
+        let io = |kind| RedisError::from(std::io::Error::new(kind, "x"));
+        assert!(follows_failover(&io(std::io::ErrorKind::ConnectionReset)));
+        assert!(follows_failover(&io(std::io::ErrorKind::ConnectionRefused)));
+        assert!(follows_failover(&server_error(
+            "READONLY You can't write against a read only replica."
+        )));
+        assert!(!follows_failover(&server_error(
+            "WRONGTYPE Operation against a key holding the wrong kind of value"
+        )));
+        assert!(!follows_failover(&server_error(
+            "NOSCRIPT No matching script"
+        )));
+    }
+}
