@@ -83,6 +83,33 @@ async fn run_task(server: &TestServer) {
     assert_eq!(done.state, tpb::TaskState::Succeeded as i32, "{done:?}");
 }
 
+/// A new `WatchInvalidations` stream (Redis Pub/Sub on the primary)
+/// reports READY, then a change made through koo.
+async fn watch_sees_a_change(server: &TestServer) {
+    use pb::InvalidationKind;
+    let mut cache = server.cache();
+    let mut stream = cache
+        .watch_invalidations(pb::WatchInvalidationsRequest {
+            levels: vec![CacheLevel::Api as i32],
+            key_prefix: "w:".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut next = async || {
+        tokio::time::timeout(EVENT_TIMEOUT, stream.message())
+            .await
+            .expect("a message within the timeout")
+            .expect("the stream is healthy")
+            .expect("the stream is open")
+    };
+    assert_eq!(next().await.kind(), InvalidationKind::Ready);
+    cache.set(set("w:1", "v")).await.unwrap();
+    let change = next().await;
+    assert_eq!(change.kind(), InvalidationKind::Set, "{change:?}");
+    assert_eq!(change.keys, ["w:1"]);
+}
+
 /// A `koo worker` process on `url`.
 fn worker(url: &str) -> ChildGuard {
     ChildGuard(
@@ -136,6 +163,7 @@ async fn killed_primary_fails_over_and_koo_keeps_serving() {
         .unwrap();
     assert!(!keys.is_empty(), "the new primary holds the new entry");
     run_task(&server).await;
+    watch_sees_a_change(&server).await;
     server.wait_health("", ServingStatus::Serving).await;
 }
 
