@@ -240,12 +240,15 @@ async fn unknown_master_or_no_sentinel_is_not_serving() {
         let err = server.cache().set(set("k", "v")).await.unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
         assert!(err.message().contains(needle), "{url}: {err:?}");
+        eprintln!("{url}: {}", err.message());
         assert!(
             started.elapsed() < Duration::from_secs(6),
             "bounded by the request deadline: {:?}",
             started.elapsed()
         );
-        server.shutdown().await;
+        // (not `shutdown`: a koo whose Redis never answered takes its
+        // whole shutdown grace to stop, on a single server too)
+        drop(server);
     }
 }
 
@@ -284,7 +287,6 @@ async fn sentinel_password_is_a_parameter() {
     for secret in ["wrong", "pr1mary", "s3nt"] {
         assert!(!err.message().contains(secret), "{err:?}");
     }
-    server.shutdown().await;
 }
 
 /// `koo worker` refuses a Sentinel URL it cannot parse, naming the setting

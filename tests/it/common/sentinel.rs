@@ -108,6 +108,9 @@ impl TestSentinels {
         for _ in 0..replicas {
             redis.push(TestRedis::start_with(&["--replicaof", "127.0.0.1", &of]).await);
         }
+        // A Sentinel finds replicas in the primary's INFO, which it reads
+        // on connecting and then every 10 s: they must be online first.
+        wait_online(&redis[0], replicas).await;
         let dir = tempfile::tempdir().expect("a temporary directory");
         let bin = std::env::var("KOO_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let quorum = sentinels / 2 + 1;
@@ -170,10 +173,11 @@ impl TestSentinels {
     async fn wait_known(&self, replicas: usize) {
         let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
         let others = self.sentinels.len() - 1;
+        let mut last = Default::default();
         'wait: loop {
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the Sentinels never saw the replicas and each other"
+                "the Sentinels never saw the replicas and each other: {last:?}"
             );
             for s in &self.sentinels {
                 let known = match redis::Client::open(s.url())
@@ -193,6 +197,7 @@ impl TestSentinels {
                 if count("num-slaves") != Some(replicas)
                     || count("num-other-sentinels") != Some(others)
                 {
+                    last = (s.port, known);
                     // Sentinel has no event to await for this
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue 'wait;
@@ -244,6 +249,28 @@ impl TestSentinels {
             .await
             .unwrap();
         assert_eq!(acked, self.redis.len() - 1, "the replicas acknowledged");
+    }
+}
+
+/// Waits until `primary` has `replicas` replicas online.
+async fn wait_online(primary: &TestRedis, replicas: usize) {
+    let mut c = primary.conn().await;
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        if info.matches("state=online").count() >= replicas {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replicas never came online: {info}"
+        );
+        // replication has no event to await here
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
