@@ -87,7 +87,19 @@ impl TestSentinels {
             password.is_none() || replicas == 0,
             "a secured primary has no replicas here"
         );
-        let primary = TestRedis::start().await;
+        // Every server works in the tempdir: a replica writes the RDB of
+        // its full sync (dump.rdb) in its working directory.
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let in_dir = |name: &str| {
+            let d = dir.path().to_str().unwrap().to_owned();
+            vec![
+                "--dir".to_owned(),
+                d,
+                "--dbfilename".into(),
+                format!("{name}.rdb"),
+            ]
+        };
+        let primary = TestRedis::start_with(&strs(&in_dir("primary"))).await;
         let mut auth = String::new();
         if let Some(pw) = password {
             let mut c = primary.conn().await;
@@ -105,13 +117,14 @@ impl TestSentinels {
         }
         let of = primary.port.to_string();
         let mut redis = vec![primary];
-        for _ in 0..replicas {
-            redis.push(TestRedis::start_with(&["--replicaof", "127.0.0.1", &of]).await);
+        for i in 0..replicas {
+            let mut extra = in_dir(&format!("replica-{i}"));
+            extra.extend(["--replicaof".into(), "127.0.0.1".into(), of.clone()]);
+            redis.push(TestRedis::start_with(&strs(&extra)).await);
         }
         // A Sentinel finds replicas in the primary's INFO, which it reads
         // on connecting and then every 10 s: they must be online first.
         wait_online(&redis[0], replicas).await;
-        let dir = tempfile::tempdir().expect("a temporary directory");
         let bin = std::env::var("KOO_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let quorum = sentinels / 2 + 1;
         let sentinels = (0..sentinels)
@@ -250,6 +263,10 @@ impl TestSentinels {
             .unwrap();
         assert_eq!(acked, self.redis.len() - 1, "the replicas acknowledged");
     }
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
 }
 
 /// Waits until `primary` has `replicas` replicas online.
