@@ -8,6 +8,7 @@ use clap::{ArgAction, Args};
 
 use super::{ConfigError, RedisTlsArgs, parse_duration, parse_positive_duration};
 use crate::store::RedisConfig;
+use crate::store::redis::topology::Topology;
 use crate::store::redis::url as redis_url;
 
 /// Redis settings shared by `koo serve`, `koo worker` and `koo scheduler`.
@@ -66,21 +67,24 @@ impl RedisArgs {
             reason,
         };
         let tls = self.tls.load()?;
-        if redis_url::is_tls(&url) {
+        // The Cluster and Sentinel forms are checked whole here, so that a
+        // mistake in them is named at start-up like any other.
+        let topology = Topology::parse(&url).map_err(bad)?;
+        let single = matches!(topology, Topology::Single(_));
+        if topology.is_tls() {
             if url.ends_with("#insecure") {
                 return Err(bad(format!(
                     "{}: koo always verifies Redis's certificate; drop #insecure and give a private CA in KOO_REDIS_TLS_CA",
                     redis_url::redact(&url)
                 )));
             }
-        } else if !(url.starts_with("redis://")
-            || url.starts_with("redis+unix://")
-            || url.starts_with("unix://")
-            || url.starts_with("redis+cluster://")
-            || url.starts_with("redis+sentinel://"))
+        } else if single
+            && !(url.starts_with("redis://")
+                || url.starts_with("redis+unix://")
+                || url.starts_with("unix://"))
         {
             return Err(bad(
-                "must start with redis://, rediss:// (TLS), redis+unix:// (a socket), redis+cluster:// or redis+sentinel:// (rediss+cluster://, rediss+sentinel:// with TLS)".to_owned(),
+                "must start with redis://, rediss:// (TLS), redis+unix:// (a socket), redis[s]+cluster:// or redis[s]+sentinel://".to_owned(),
             ));
         } else if tls.is_some() {
             return Err(bad(format!(
@@ -88,10 +92,6 @@ impl RedisArgs {
                 redis_url::redact(&url)
             )));
         }
-        // the Cluster and Sentinel forms' own rules (hosts with ports, the
-        // primary's name, database 0 on a Cluster), at start rather than at
-        // the first call
-        crate::store::redis::topology::Topology::parse(&url).map_err(bad)?;
         Ok(Some(RedisConfig {
             url,
             tls,
@@ -103,5 +103,43 @@ impl RedisArgs {
             breaker_failures: self.breaker_failures,
             breaker_cooldown: self.breaker_cooldown,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        redis: RedisArgs,
+    }
+
+    fn config(url: &str) -> Result<Option<RedisConfig>, ConfigError> {
+        Cli::try_parse_from(["koo"])
+            .unwrap()
+            .redis
+            .redis_config(Some(url.to_owned()))
+    }
+
+    /// The Sentinel and Cluster forms are accepted (TLS ones too); their
+    /// mistakes are named at start-up, under REDIS_URL, without a password.
+    #[test]
+    fn sentinel_and_cluster_urls() {
+        for url in [
+            "redis+sentinel://:pw@s1:26379,s2:26379/mymaster/1",
+            "rediss+sentinel://s1:26379/m?db=2&sentinel_password=x",
+            "redis+cluster://a:7000,b:7001",
+        ] {
+            assert!(config(url).unwrap().is_some(), "{url}");
+        }
+        let e = config("redis+sentinel://:secret@s1:26379").unwrap_err();
+        assert_eq!(e.variable, "REDIS_URL");
+        assert!(e.to_string().contains("name the primary"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = config("rediss+sentinel://s1:26379/m#insecure").unwrap_err();
+        assert!(e.to_string().contains("#insecure"), "{e}");
     }
 }

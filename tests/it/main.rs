@@ -36,6 +36,7 @@ mod queues;
 mod redis_security;
 mod rest;
 mod schedules;
+mod sentinel;
 mod store_faults;
 mod streams;
 mod task_control;

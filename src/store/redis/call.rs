@@ -55,6 +55,13 @@ fn classify(err: &RedisError) -> Failure {
     }
 }
 
+/// Whether the failed request surely changed nothing: it never left (a
+/// refused connection, or no primary named by the Sentinels), or a replica
+/// refused it (`READONLY`: the next attempt reaches the new primary).
+fn never_applied(err: &RedisError) -> bool {
+    err.is_connection_refusal() || has_code(err, "READONLY")
+}
+
 /// Exponential backoff with full jitter: 10 ms, 20 ms, 40 ms... capped at 1 s.
 fn backoff(attempt: u32) -> Duration {
     let cap = Duration::from_millis(10u64 << attempt.min(7)).min(Duration::from_secs(1));
@@ -130,7 +137,8 @@ impl RedisStore {
 
     /// Runs a call that must not run twice (a script that moves a task):
     /// like [`Self::run`], but only a refused connection, where the request
-    /// surely never left, is retried. After a timeout or a dropped
+    /// surely never left, or a `READONLY` reply (a replica refuses every
+    /// write: the old primary after a Sentinel failover), is retried. After a timeout or a dropped
     /// connection the request may have run, so the caller is told the
     /// outcome is unknown rather than risk running it again. As in
     /// [`Self::run`], only evidence that Redis is down counts against the
@@ -166,7 +174,7 @@ impl RedisStore {
                 Failure::Transient(message) => evidence.down(message),
             };
             let pause = backoff(attempt);
-            if !err.is_connection_refusal()
+            if !never_applied(&err)
                 || attempt >= inner.retries
                 || pause >= deadline.remaining()
                 || !admission.may_retry()

@@ -9,6 +9,7 @@
 //! every master) is asked of [`Connector::is_cluster`] and handled where the
 //! keys are known.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{
@@ -24,6 +25,7 @@ use redis::{
 use super::{RedisConfig, is_tls, redact};
 use crate::store::{Result, StoreError};
 
+use super::sentinel::{SentinelConn, SentinelLink, SentinelSettings};
 use super::topology::Topology;
 
 /// One pooled connection (cheap to clone: clones share it).
@@ -36,6 +38,8 @@ pub(crate) enum Conn {
     /// To one server, of a caller's own (see [`Connector::dedicated`]): not
     /// reconnected; its owner makes a new one after an error.
     Own(MultiplexedConnection),
+    /// To the primary the Sentinels name; follows a failover.
+    Sentinel(SentinelConn),
 }
 
 impl ConnectionLike for Conn {
@@ -44,6 +48,7 @@ impl ConnectionLike for Conn {
             Self::Single(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
             Self::Own(c) => c.req_packed_command(cmd),
+            Self::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -57,6 +62,7 @@ impl ConnectionLike for Conn {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Own(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -65,6 +71,7 @@ impl ConnectionLike for Conn {
             Self::Single(c) => c.get_db(),
             Self::Cluster(_) => 0,
             Self::Own(c) => c.get_db(),
+            Self::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -72,6 +79,7 @@ impl ConnectionLike for Conn {
 impl Conn {
     /// Runs `cmd` on the node at `addr` (`host:port`, as
     /// [`Connector::masters`] names it); on a single server, on it.
+    #[allow(dead_code)] // the Cluster walks' (cache slice)
     pub(crate) async fn query_node<T: redis::FromRedisValue>(
         &mut self,
         addr: &str,
@@ -80,6 +88,7 @@ impl Conn {
         match self {
             Self::Single(c) => cmd.query_async(c).await,
             Self::Own(c) => cmd.query_async(c).await,
+            Self::Sentinel(c) => cmd.query_async(c).await,
             Self::Cluster(c) => {
                 let (host, port) = split_addr(addr)?;
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
@@ -93,6 +102,7 @@ impl Conn {
     }
 }
 
+#[allow(dead_code)] // the Cluster walks' (cache slice)
 fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
     addr.rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
@@ -106,6 +116,9 @@ fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
 }
 
 /// What makes connections: the client of one server or of a Cluster.
+// One per store, built once and never moved on a hot path: the size of the
+// Cluster client costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Connector {
     Single(redis::Client),
     Cluster {
@@ -114,6 +127,8 @@ pub(crate) enum Connector {
         /// node of a Cluster reaches subscribers on every node).
         seeds: Vec<redis::Client>,
     },
+    /// The primary the Sentinels name (see [`super::sentinel`]).
+    Sentinel(Arc<SentinelLink>),
 }
 
 impl Connector {
@@ -155,10 +170,11 @@ impl Connector {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Self::Cluster { client, seeds })
             }
-            Topology::Sentinel { .. } => Err(StoreError::InvalidConfig(format!(
-                "REDIS_URL: {}: Sentinel is not supported yet",
-                redact(&config.url)
-            ))),
+            Topology::Sentinel { .. } => {
+                let link = Arc::new(sentinel_link(topology, tcp, config)?);
+                link.follow_switches();
+                Ok(Self::Sentinel(link))
+            }
         }
     }
 
@@ -199,6 +215,19 @@ impl Connector {
                     ))
                 })
                 .collect()),
+            Self::Sentinel(link) => Ok((0..n.max(1))
+                .map(|_| Conn::Sentinel(SentinelConn::lazy(link.clone())))
+                .collect()),
+        }
+    }
+
+    /// Says that the current primary may be gone without an error (the
+    /// recovery prober calls this while the breaker is open): with Sentinels,
+    /// the next connection asks them again and follows a new primary, even
+    /// if the old one only went silent. Nothing to do otherwise.
+    pub(crate) fn suspect(&self) {
+        if let Self::Sentinel(link) = self {
+            link.suspect_current();
         }
     }
 
@@ -227,6 +256,12 @@ impl Connector {
                     client.get_async_connection_with_config(config).await?,
                 ))
             }
+            Self::Sentinel(link) => {
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_response_timeout(Some(response_timeout));
+                Ok(Conn::Own(link.dedicated(&config).await?))
+            }
         }
     }
 
@@ -247,6 +282,7 @@ impl Connector {
                     RedisError::from((redis::ErrorKind::Io, "no seed node to subscribe on"))
                 }))
             }
+            Self::Sentinel(link) => link.pubsub().await,
         }
     }
 
@@ -255,12 +291,14 @@ impl Connector {
         match self {
             Self::Single(client) => client.get_connection_info().redis_settings().db(),
             Self::Cluster { .. } => 0,
+            Self::Sentinel(link) => link.db(),
         }
     }
 }
 
 /// The masters of a Cluster as `host:port` (from `CLUSTER SHARDS`, Redis 7,
 /// else `CLUSTER NODES`); on a single server, `[""]` (one node, the server).
+#[allow(dead_code)] // the Cluster walks' (cache slice)
 pub(crate) async fn masters(conn: &mut Conn) -> RedisResult<Vec<String>> {
     let Conn::Cluster(c) = conn else {
         return Ok(vec![String::new()]);
@@ -274,6 +312,7 @@ pub(crate) async fn masters(conn: &mut Conn) -> RedisResult<Vec<String>> {
 }
 
 /// The live masters' `host:port` in a `CLUSTER NODES` reply.
+#[allow(dead_code)] // the Cluster walks' (cache slice)
 fn parse_masters(text: &str) -> Vec<String> {
     let mut out: Vec<String> = text
         .lines()
@@ -294,6 +333,57 @@ fn parse_masters(text: &str) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// The Sentinels' link for a `redis+sentinel://` URL, with koo's TLS files
+/// and TCP settings.
+fn sentinel_link(
+    topology: Topology,
+    tcp: redis::io::tcp::TcpSettings,
+    config: &RedisConfig,
+) -> Result<SentinelLink> {
+    let Topology::Sentinel {
+        sentinels,
+        master,
+        db,
+        username,
+        password,
+        tls,
+        sentinel_username,
+        sentinel_password,
+    } = topology
+    else {
+        unreachable!("called for a Sentinel URL")
+    };
+    let bad = |e: RedisError| {
+        StoreError::InvalidConfig(format!("REDIS_URL: {}: {e}", redact(&config.url)))
+    };
+    if config.tls.is_some() && !tls {
+        return Err(plaintext_with_tls(&config.url));
+    }
+    let addrs = sentinels
+        .iter()
+        .map(|s| {
+            Ok(s.as_str()
+                .into_connection_info()
+                .map_err(bad)?
+                .addr()
+                .clone())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    SentinelLink::new(SentinelSettings {
+        addrs,
+        master,
+        db,
+        username,
+        password,
+        sentinel_username,
+        sentinel_password,
+        tls: tls.then(|| config.tls.as_ref().map(certificates)),
+        tcp,
+        connect_timeout: config.connect_timeout,
+    })
+    .map_err(bad)
 }
 
 fn tcp_settings(config: &RedisConfig) -> redis::io::tcp::TcpSettings {

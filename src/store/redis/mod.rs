@@ -23,6 +23,7 @@ mod recovery;
 mod scan;
 mod schedules;
 mod script;
+mod sentinel;
 mod tags;
 mod tasks;
 mod tls;

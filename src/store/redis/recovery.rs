@@ -122,6 +122,9 @@ async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>) 
                 tracing::info!("Redis answering again: circuit breaker closed");
                 break;
             }
+            // A primary that went silent raises no error: with Sentinels,
+            // have the probe ask them whether another one took over.
+            store.inner.connector.suspect();
             let deadline = Deadline::after(store.inner.timeout_evidence);
             if let Ok(latency) = store.probe(deadline).await {
                 tracing::info!(?latency, "Redis answering again: circuit breaker closed");

@@ -21,7 +21,10 @@ pub enum Topology {
     Cluster { nodes: Vec<String>, tls: bool },
     /// A primary named `master` watched by Sentinels: one
     /// `redis[s]://host:port` URL per Sentinel; the primary's credentials
-    /// and database.
+    /// and database; the Sentinels' own credentials, if they require some
+    /// (`?sentinel_username=` / `?sentinel_password=`: the user info of the
+    /// URL is the primary's, as for every other form). Credentials are
+    /// percent-decoded.
     Sentinel {
         sentinels: Vec<String>,
         master: String,
@@ -29,6 +32,8 @@ pub enum Topology {
         username: Option<String>,
         password: Option<String>,
         tls: bool,
+        sentinel_username: Option<String>,
+        sentinel_password: Option<String>,
     },
 }
 
@@ -71,18 +76,11 @@ impl Topology {
             .map(|h| check_host(h, &shown))
             .collect::<Result<Vec<_>, _>>()?;
         let node_scheme = if tls { "rediss" } else { "redis" };
-        let mut db = None;
-        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("db", n)) => db = Some(parse_db(n, &shown)?),
-                _ => {
-                    return Err(format!(
-                        "{shown}: unknown parameter {:?} (only db=N is understood)",
-                        pair.split('=').next().unwrap_or(pair)
-                    ));
-                }
-            }
-        }
+        let Query {
+            db,
+            sentinel_username,
+            sentinel_password,
+        } = Query::parse(query, matches!(kind, Kind::Sentinel), &shown)?;
         match kind {
             Kind::Cluster => {
                 if !path.is_empty() && path != "0" {
@@ -101,32 +99,21 @@ impl Topology {
                 Ok(Self::Cluster { nodes, tls })
             }
             Kind::Sentinel => {
-                let mut parts = path.split('/').filter(|p| !p.is_empty());
-                let master = parts.next().ok_or_else(|| {
-                    format!("{shown}: name the primary after the hosts (redis+sentinel://HOST:PORT/MASTER_NAME)")
-                })?;
-                if let Some(n) = parts.next() {
-                    if db.is_some() {
-                        return Err(format!("{shown}: the database is given twice"));
-                    }
-                    db = Some(parse_db(n, &shown)?);
-                }
-                if parts.next().is_some() {
-                    return Err(format!(
-                        "{shown}: the path is MASTER_NAME or MASTER_NAME/DB, nothing more"
-                    ));
-                }
+                let (master, db) = master_and_db(path, db, &shown)?;
                 let sentinels = hosts
                     .iter()
                     .map(|h| format!("{node_scheme}://{h}"))
                     .collect();
+                let decoded = |v: Option<String>| v.map(|v| decode(&v, &shown)).transpose();
                 Ok(Self::Sentinel {
                     sentinels,
-                    master: master.to_owned(),
-                    db: db.unwrap_or(0),
-                    username,
-                    password,
+                    master: decode(master, &shown)?,
+                    db,
+                    username: decoded(username)?,
+                    password: decoded(password)?,
                     tls,
+                    sentinel_username,
+                    sentinel_password,
                 })
             }
         }
@@ -136,11 +123,85 @@ impl Topology {
     pub fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster { .. })
     }
+
+    /// Whether the URL asks for TLS (`rediss://`, `rediss+cluster://`,
+    /// `rediss+sentinel://`...).
+    pub fn is_tls(&self) -> bool {
+        match self {
+            Self::Single(url) => super::is_tls(url),
+            Self::Cluster { tls, .. } | Self::Sentinel { tls, .. } => *tls,
+        }
+    }
 }
 
 enum Kind {
     Cluster,
     Sentinel,
+}
+
+/// The query parameters of a Cluster or Sentinel URL.
+#[derive(Default)]
+struct Query {
+    db: Option<i64>,
+    sentinel_username: Option<String>,
+    sentinel_password: Option<String>,
+}
+
+impl Query {
+    /// `db=N`, and for Sentinels their own credentials; anything else is
+    /// refused by name (a misspelt parameter must not be ignored).
+    fn parse(query: Option<&str>, sentinel: bool, shown: &str) -> Result<Self, String> {
+        let mut q = Self::default();
+        for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("db", n)) => q.db = Some(parse_db(n, shown)?),
+                Some(("sentinel_username", u)) if sentinel => {
+                    q.sentinel_username = non_empty(&decode(u, shown)?);
+                }
+                Some(("sentinel_password", p)) if sentinel => {
+                    q.sentinel_password = non_empty(&decode(p, shown)?);
+                }
+                _ => {
+                    let known = if sentinel {
+                        "db=N, sentinel_username=, sentinel_password="
+                    } else {
+                        "only db=N"
+                    };
+                    return Err(format!(
+                        "{shown}: unknown parameter {:?} ({known} is understood)",
+                        pair.split('=').next().unwrap_or(pair)
+                    ));
+                }
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// The primary's name and the database from a Sentinel URL's path
+/// (`MASTER` or `MASTER/DB`) and its `?db=` parameter, if any.
+fn master_and_db<'a>(
+    path: &'a str,
+    db: Option<i64>,
+    shown: &str,
+) -> Result<(&'a str, i64), String> {
+    let mut parts = path.split('/').filter(|p| !p.is_empty());
+    let master = parts.next().ok_or_else(|| {
+        format!(
+            "{shown}: name the primary after the hosts (redis+sentinel://HOST:PORT/MASTER_NAME)"
+        )
+    })?;
+    let db = match (parts.next(), db) {
+        (Some(_), Some(_)) => return Err(format!("{shown}: the database is given twice")),
+        (Some(n), None) => parse_db(n, shown)?,
+        (None, db) => db.unwrap_or(0),
+    };
+    if parts.next().is_some() {
+        return Err(format!(
+            "{shown}: the path is MASTER_NAME or MASTER_NAME/DB, nothing more"
+        ));
+    }
+    Ok((master, db))
 }
 
 fn non_empty(s: &str) -> Option<String> {
@@ -150,7 +211,7 @@ fn non_empty(s: &str) -> Option<String> {
 /// `host:port` (a bracketed IPv6 address allowed); the port is required,
 /// so that a typo cannot silently aim at 6379.
 fn check_host(h: &str, shown: &str) -> Result<String, String> {
-    let port = h.rsplit_once(':').map(|(host, port)| (host, port));
+    let port = h.rsplit_once(':');
     match port {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
             Ok(h.to_owned())
@@ -160,6 +221,27 @@ fn check_host(h: &str, shown: &str) -> Result<String, String> {
             h.chars().take(64).collect::<String>()
         )),
     }
+}
+
+/// `%XX` escapes decoded (a password may hold `@`, `:` or `/`); the error
+/// names the URL, never the value.
+fn decode(s: &str, shown: &str) -> Result<String, String> {
+    let bad =
+        || format!("{shown}: a credential or name holds a malformed %-escape or is not UTF-8");
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| bad())
 }
 
 fn parse_db(n: &str, shown: &str) -> Result<i64, String> {
@@ -228,6 +310,8 @@ mod tests {
                 username: None,
                 password: Some("pw".into()),
                 tls: false,
+                sentinel_username: None,
+                sentinel_password: None,
             }
         );
         let t = Topology::parse("rediss+sentinel://s1:26379/m?db=5").unwrap();
@@ -246,5 +330,41 @@ mod tests {
         assert!(e.contains("name the primary"), "{e}");
         let e = Topology::parse("redis+sentinel://s1:26379/m/1?db=2").unwrap_err();
         assert!(e.contains("twice"), "{e}");
+    }
+
+    /// The Sentinels' own credentials come as query parameters (the user
+    /// info is the primary's); every credential is percent-decoded; errors
+    /// never show a password.
+    #[test]
+    fn sentinel_credentials_are_parameters_and_decoded() {
+        let t = Topology::parse(
+            "redis+sentinel://koo:p%40ss@s1:26379/m?sentinel_username=sen&sentinel_password=s%3Acret&db=3",
+        )
+        .unwrap();
+        let Topology::Sentinel {
+            username,
+            password,
+            sentinel_username,
+            sentinel_password,
+            db,
+            ..
+        } = t
+        else {
+            panic!("{t:?}")
+        };
+        assert_eq!(username.as_deref(), Some("koo"));
+        assert_eq!(password.as_deref(), Some("p@ss"));
+        assert_eq!(sentinel_username.as_deref(), Some("sen"));
+        assert_eq!(sentinel_password.as_deref(), Some("s:cret"));
+        assert_eq!(db, 3);
+        let e = Topology::parse("redis+sentinel://:secret@s1:26379/m?sentinel_password=%zz")
+            .unwrap_err();
+        assert!(e.contains("%-escape"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        // a Cluster has no Sentinels
+        let e = Topology::parse("redis+cluster://a:7000?sentinel_password=x").unwrap_err();
+        assert!(e.contains("unknown parameter \"sentinel_password\""), "{e}");
+        let e = Topology::parse("redis+sentinel://s1:26379/m?retries=3").unwrap_err();
+        assert!(e.contains("sentinel_password="), "{e}");
     }
 }

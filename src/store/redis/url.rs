@@ -21,7 +21,9 @@ pub fn redact(url: &str) -> String {
         let query: Vec<String> = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
-                Some((name, _)) if matches!(name, "pass" | "password") => format!("{name}=***"),
+                Some((name, _)) if matches!(name, "pass" | "password" | "sentinel_password") => {
+                    format!("{name}=***")
+                }
                 _ => pair.to_owned(),
             })
             .collect();
@@ -59,6 +61,10 @@ mod tests {
             "redis+unix:///run/redis.sock?db=1&user=koo&pass=***"
         );
         assert!(!redact("redis://u:secret@h/0?password=secret").contains("secret"));
+        assert_eq!(
+            redact("redis+sentinel://:pw@s:26379/m?db=1&sentinel_password=secret"),
+            "redis+sentinel://:***@s:26379/m?db=1&sentinel_password=***"
+        );
         assert_eq!(
             redact("redis+cluster://u:pw@a:1,b:2/"),
             "redis+cluster://u:***@a:1,b:2/"

@@ -13,6 +13,7 @@ pub mod chaos;
 pub mod cluster;
 pub mod python;
 pub mod rest;
+pub mod sentinel;
 pub mod stream;
 #[macro_use]
 pub mod tasks;
