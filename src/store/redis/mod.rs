@@ -23,11 +23,13 @@ mod recovery;
 mod scan;
 mod schedules;
 mod script;
+mod slots;
 mod tags;
 mod tasks;
 mod tls;
 pub mod topology;
 pub mod url;
+mod walk;
 
 pub use self::acl::REDIS_ACL_RULES;
 pub use self::bus::keyevent_channels;
