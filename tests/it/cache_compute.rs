@@ -20,11 +20,14 @@ use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 on_both_stores!(
-    a_holder_that_never_fills_hands_over_after_lock_ttl,
-    a_fill_without_value_hands_over_at_once,
     wait_and_deadline_end_a_wait,
     bad_input_is_refused_naming_the_field,
     get_or_compute_runs_one_task_for_ten_callers,
+);
+// (GetOrCompute on a Cluster needs the task engine there: the tasks slice.)
+on_all_stores!(
+    a_holder_that_never_fills_hands_over_after_lock_ttl,
+    a_fill_without_value_hands_over_at_once,
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

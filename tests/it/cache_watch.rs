@@ -222,6 +222,17 @@ async fn a_watcher_on_b_sees_every_change_made_on_a() {
     );
 }
 
+/// Two koo processes on a Redis Cluster: a change published on whichever
+/// node A's connection reaches arrives at B's subscription on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_on_b_sees_every_change_made_on_a_on_a_cluster() {
+    let cluster = common::cluster::TestCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let procs = common::chaos::serve_pair(cluster.url(), 0, dir.path()).await;
+    let client = |i: usize| Client::new(lazy_channel(procs[i].port.unwrap()));
+    every_change_reaches_the_watcher(client(0), client(1)).await;
+}
+
 /// The embedded store: the same scenario in one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_store_delivers_every_change() {

@@ -109,8 +109,13 @@ impl Driver {
         }
         shared.publishing.store(true, Ordering::Relaxed);
         if self.sub.is_none() {
-            let [expired, evicted] = keyevent_channels(redis.db());
-            let channels = [shared.channel.clone(), expired, evicted];
+            let mut channels = vec![shared.channel.clone()];
+            // Keyspace notifications are local to the node holding the key:
+            // on a Cluster one subscription would see some masters' expiries
+            // and not others', so none are reported there (see the README).
+            if !redis.is_cluster() {
+                channels.extend(keyevent_channels(redis.db()));
+            }
             match redis.subscribe(&channels).await {
                 Ok((sink, stream)) => (self.sink, self.sub) = (Some(sink), Some(stream)),
                 Err(e) => return self.failed(&e.to_string()),

@@ -93,6 +93,24 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// `PING` to one node: the server, or any node of a Cluster (a Client
+    /// sends a plain `PING` to every master, which a master down fails: the
+    /// Cluster still serves its other slots, so the probe must not say
+    /// "Redis is down" then).
+    pub(crate) async fn ping_any(&mut self) -> RedisResult<String> {
+        let ping = redis::cmd("PING");
+        match self {
+            Self::Cluster(c) => {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                let value = c.route_command(ping, routing).await?;
+                redis::from_redis_value(value).map_err(Into::into)
+            }
+            _ => ping.query_async(self).await,
+        }
+    }
+}
+
 fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
     addr.rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
