@@ -97,6 +97,9 @@ on_both_stores!(
     bad_input_is_refused_naming_the_field,
     malformed_protobuf_is_invalid_argument_and_server_keeps_serving,
     watch_metrics_streams_successive_snapshots,
+    // upkeep tasks: on a Cluster once the task engine runs there
+    warm_loads_request_and_file_entries,
+    maintenance_reports_largest_keys,
 );
 
 // What a Cluster changes: keys across slots (batches, SetMany, GetMany),
@@ -112,8 +115,6 @@ on_all_stores!(
     clear_level_removes_only_that_level,
     metrics_count_per_level,
     health_reports_the_backend,
-    warm_loads_request_and_file_entries,
-    maintenance_reports_largest_keys,
 );
 
 /// Raw bytes (every byte value), text and nested JSON come back exactly as

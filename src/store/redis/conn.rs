@@ -154,7 +154,13 @@ impl Connector {
                     // deadline and retries bound the call as a whole.
                     .retries(config.retries.max(1))
                     .min_retry_wait(10)
-                    .max_retry_wait(200);
+                    .max_retry_wait(200)
+                    // A node that refuses three reconnections in a row is
+                    // dropped, which makes the client read the slot map
+                    // again: after a master is killed, its promoted replica
+                    // is found (without this, the client reconnects to the
+                    // dead master for ever and never learns of the failover).
+                    .max_connection_attempts(std::num::NonZeroUsize::MIN.saturating_add(2));
                 if tls {
                     builder = builder.tls(redis::TlsMode::Secure);
                     if let Some(t) = &config.tls {

@@ -17,6 +17,7 @@ pub(crate) mod conn;
 mod info;
 mod kv;
 mod lock;
+mod partial;
 mod pool;
 mod records;
 mod recovery;

@@ -64,7 +64,7 @@ impl RedisStore {
             Some(c) => Cursor::parse(c, self.is_cluster())?,
         };
         let nodes = self.walk_nodes(deadline).await?;
-        if at.scan.is_some() && !nodes.contains(&at.node) {
+        if cursor.is_some() && at.scan.is_some() && !nodes.contains(&at.node) {
             return Err(StoreError::Expired(format!(
                 "the listing was on Redis Cluster master {}, which no longer serves slots \
                  (a failover or resharding): start the listing again",
