@@ -94,10 +94,10 @@ impl Conn {
 }
 
 impl Conn {
-    /// `PING` to one node: the server, or any node of a Cluster (a Client
-    /// sends a plain `PING` to every master, which a master down fails: the
-    /// Cluster still serves its other slots, so the probe must not say
-    /// "Redis is down" then).
+    /// `PING` to one node: the server, or any node of a Cluster. (The
+    /// Cluster client sends a plain `PING` to every master, which one
+    /// master down fails, while the Cluster still serves the other slots:
+    /// the probe must not say "Redis is down" then.)
     pub(crate) async fn ping_any(&mut self) -> RedisResult<String> {
         let ping = redis::cmd("PING");
         match self {
@@ -154,13 +154,7 @@ impl Connector {
                     // deadline and retries bound the call as a whole.
                     .retries(config.retries.max(1))
                     .min_retry_wait(10)
-                    .max_retry_wait(200)
-                    // A node that refuses three reconnections in a row is
-                    // dropped, which makes the client read the slot map
-                    // again: after a master is killed, its promoted replica
-                    // is found (without this, the client reconnects to the
-                    // dead master for ever and never learns of the failover).
-                    .max_connection_attempts(std::num::NonZeroUsize::MIN.saturating_add(2));
+                    .max_retry_wait(200);
                 if tls {
                     builder = builder.tls(redis::TlsMode::Secure);
                     if let Some(t) = &config.tls {
