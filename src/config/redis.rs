@@ -66,7 +66,9 @@ impl RedisArgs {
             reason,
         };
         let tls = self.tls.load()?;
-        if redis_url::is_tls(&url) {
+        // (a Redis Cluster's URL names its seed nodes: `store::redis::topology`)
+        let cluster = url.starts_with("redis+cluster://");
+        if redis_url::is_tls(&url) || url.starts_with("rediss+cluster://") {
             if url.ends_with("#insecure") {
                 return Err(bad(format!(
                     "{}: koo always verifies Redis's certificate; drop #insecure and give a private CA in KOO_REDIS_TLS_CA",
@@ -75,10 +77,13 @@ impl RedisArgs {
             }
         } else if !(url.starts_with("redis://")
             || url.starts_with("redis+unix://")
-            || url.starts_with("unix://"))
+            || url.starts_with("unix://")
+            || cluster)
         {
             return Err(bad(
-                "must start with redis://, rediss:// (TLS) or redis+unix:// (a socket)".to_owned(),
+                "must start with redis://, rediss:// (TLS), redis+unix:// (a socket) \
+                 or redis+cluster:// / rediss+cluster:// (a Redis Cluster)"
+                    .to_owned(),
             ));
         } else if tls.is_some() {
             return Err(bad(format!(

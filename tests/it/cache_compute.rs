@@ -89,16 +89,26 @@ async fn get_or_lock(
 
 /// The PTTL of a lock key in Redis (`-2` when absent).
 async fn lock_pttl(redis_url: &str, key: &str) -> i64 {
+    let mut pttl = redis::cmd("PTTL");
+    pttl.arg(format!("koo:v1:clock:app:{key}"));
+    if let Some(seeds) = redis_url.strip_prefix("redis+cluster://") {
+        let nodes = seeds
+            .trim_end_matches('/')
+            .split(',')
+            .map(|n| format!("redis://{n}/"));
+        let mut conn = redis::cluster::ClusterClient::new(nodes)
+            .unwrap()
+            .get_async_connection()
+            .await
+            .expect("connect to the test cluster");
+        return pttl.query_async(&mut conn).await.expect("PTTL");
+    }
     let mut conn = redis::Client::open(redis_url)
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .expect("connect to the test Redis");
-    redis::cmd("PTTL")
-        .arg(format!("koo:v1:clock:app:{key}"))
-        .query_async(&mut conn)
-        .await
-        .expect("PTTL")
+    pttl.query_async(&mut conn).await.expect("PTTL")
 }
 
 fn redis_url(env: &Env) -> Option<String> {
