@@ -461,3 +461,96 @@ async fn a_master_killed_leaves_the_cache_serving_after_failover() {
         .unwrap();
     assert!(m.total.unwrap().keys > others.len() as i64);
 }
+
+/// koo's Redis user with exactly the documented ACL rules, created on every
+/// node, is enough for the cache on a Cluster: the client's topology reads,
+/// per-slot pipelines and transactions, the walks of every master and the
+/// memory figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_acl_rules_suffice_on_a_cluster() {
+    let cluster = TestCluster::start().await;
+    let rules: Vec<&str> = koo::store::redis::REDIS_ACL_RULES
+        .split_whitespace()
+        .collect();
+    for node in &cluster.nodes {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("koo")
+            .arg("reset")
+            .arg("on")
+            .arg(">koo-secret")
+            .arg("~koo:*")
+            .arg("resetchannels")
+            .arg("&koo:v1:cache:changes")
+            .arg(&rules)
+            .query_async(&mut node.conn().await)
+            .await
+            .unwrap();
+    }
+    let url = cluster
+        .url()
+        .replace("redis+cluster://", "redis+cluster://koo:koo-secret@");
+    let server =
+        common::TestServer::spawn(common::test_settings(common::redis_settings(&url))).await;
+    server
+        .wait_health(
+            "",
+            tonic_health::pb::health_check_response::ServingStatus::Serving,
+        )
+        .await;
+    let mut c = server.cache();
+    let entries = (0..40)
+        .map(|i| pb::CacheEntry {
+            tags: vec![format!("t{}", i % 4)],
+            ..entry(CacheLevel::Db, &format!("acl:{i}"))
+        })
+        .collect();
+    c.set_many(pb::SetManyRequest { entries }).await.unwrap();
+    let many = c
+        .get_many(pb::GetManyRequest {
+            level: CacheLevel::Db as i32,
+            keys: (0..40).map(|i| format!("acl:{i}")).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(many.results.iter().all(|r| r.entry.as_ref().unwrap().found));
+    let invalidated = c
+        .invalidate_tags(pb::InvalidateTagsRequest {
+            level: CacheLevel::Db as i32,
+            tags: vec!["t0".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(invalidated.into_inner().known_count, 1);
+    assert!(!found(&mut c, CacheLevel::Db, "acl:0").await);
+    assert!(found(&mut c, CacheLevel::Db, "acl:1").await);
+    let listed = c
+        .list_keys(pb::ListKeysRequest {
+            level: CacheLevel::Db as i32,
+            pattern: "acl:*".into(),
+            page_size: 1000,
+            page_token: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.keys.len() >= 30, "{}", listed.keys.len());
+    let m = c
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics
+        .unwrap();
+    assert!(m.backend_used_memory_bytes > 0);
+    assert!(m.total.unwrap().keys >= 30);
+    let cleared = c
+        .clear_level(pb::ClearLevelRequest {
+            level: CacheLevel::Db as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cleared.deleted_count >= 30);
+}
