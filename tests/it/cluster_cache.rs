@@ -391,6 +391,15 @@ async fn a_master_killed_leaves_the_cache_serving_after_failover() {
     }
     assert!(others.len() >= 10, "{others:?}");
     wait_replicated(cluster(&env), victim).await;
+    // a listing begun before the failover
+    let list = |page_token: String| pb::ListKeysRequest {
+        level: CacheLevel::App as i32,
+        pattern: "k*".into(),
+        page_size: 5,
+        page_token,
+    };
+    let first = c.list_keys(list(String::new())).await.unwrap().into_inner();
+    assert!(!first.next_page_token.is_empty());
     let common::Backend::Cluster(cl) = &mut env.backend else {
         unreachable!()
     };
@@ -460,6 +469,13 @@ async fn a_master_killed_leaves_the_cache_serving_after_failover() {
         .metrics
         .unwrap();
     assert!(m.total.unwrap().keys > others.len() as i64);
+    // the listing begun before cannot go on (a master it was to visit may
+    // have been replaced): OUT_OF_RANGE, start again
+    let err = c.list_keys(list(first.next_page_token)).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("start the listing again"), "{err:?}");
+    let again = c.list_keys(list(String::new())).await.unwrap().into_inner();
+    assert_eq!(again.keys.len(), 5);
 }
 
 /// koo's Redis user with exactly the documented ACL rules, created on every

@@ -64,13 +64,17 @@ impl RedisStore {
             Some(c) => Cursor::parse(c, self.is_cluster())?,
         };
         let nodes = self.walk_nodes(deadline).await?;
-        if cursor.is_some() && at.scan.is_some() && !nodes.contains(&at.node) {
+        let masters = masters_digest(&nodes);
+        if cursor.is_some() && at.masters != masters {
+            // A master replaced since the last page may sort anywhere: the
+            // walk could skip one not yet visited. Refuse rather than miss.
             return Err(StoreError::Expired(format!(
-                "the listing was on Redis Cluster master {}, which no longer serves slots \
-                 (a failover or resharding): start the listing again",
+                "the Redis Cluster's masters changed since the listing began (a failover \
+                 or resharding; it was on {}): start the listing again",
                 at.node
             )));
         }
+        at.masters = masters;
         if at.node.is_empty() {
             at.node.clone_from(&nodes[0]);
         }
@@ -266,14 +270,24 @@ impl KeyBatches<'_> {
     }
 }
 
+/// The masters a Cluster listing walks, as a digest its cursor carries (0
+/// on one server, whose cursor carries none).
+fn masters_digest(nodes: &[String]) -> u64 {
+    match nodes {
+        [one] if one.is_empty() => 0,
+        _ => crate::store::fnv1a(nodes.join(",").as_bytes()),
+    }
+}
+
 /// Where a listing is: the node (`""`: the one server), its `SCAN` cursor
-/// (`None`: that node is done) and keys already scanned but not yet
-/// returned.
+/// (`None`: that node is done), keys already scanned but not yet returned,
+/// and (on a Cluster) the digest of the masters it walks.
 #[derive(Debug, PartialEq)]
 struct Cursor {
     node: String,
     scan: Option<u64>,
     pending: Vec<String>,
+    masters: u64,
 }
 
 impl Cursor {
@@ -282,19 +296,20 @@ impl Cursor {
             node: String::new(),
             scan: Some(0),
             pending: Vec::new(),
+            masters: 0,
         }
     }
 
     /// One server: `r:{SCAN cursor, or - when SCAN is done}:{JSON array of
-    /// pending keys}` (as before Clusters). A Cluster: `rc:{host:port}/`
-    /// then the same two fields.
+    /// pending keys}` (as before Clusters). A Cluster: `rc:{masters digest,
+    /// hex}:{host:port}/` then the same two fields.
     fn format(&self) -> String {
         let pending = serde_json::to_string(&self.pending).unwrap_or_else(|_| "[]".to_owned());
         let scan = self.scan.map_or_else(|| "-".to_owned(), |c| c.to_string());
         if self.node.is_empty() {
             format!("r:{scan}:{pending}")
         } else {
-            format!("rc:{}/{scan}:{pending}", self.node)
+            format!("rc:{:x}:{}/{scan}:{pending}", self.masters, self.node)
         }
     }
 
@@ -307,15 +322,17 @@ impl Cursor {
                 crate::quote::quote(cursor)
             ))
         };
-        let (node, rest) = if cluster {
+        let (masters, node, rest) = if cluster {
             let rest = cursor.strip_prefix("rc:").ok_or_else(bad)?;
+            let (masters, rest) = rest.split_once(':').ok_or_else(bad)?;
+            let masters = u64::from_str_radix(masters, 16).map_err(|_| bad())?;
             let (node, rest) = rest.split_once('/').ok_or_else(bad)?;
             if node.is_empty() {
                 return Err(bad());
             }
-            (node.to_owned(), rest)
+            (masters, node.to_owned(), rest)
         } else {
-            (String::new(), cursor.strip_prefix("r:").ok_or_else(bad)?)
+            (0, String::new(), cursor.strip_prefix("r:").ok_or_else(bad)?)
         };
         let (c, pending) = rest.split_once(':').ok_or_else(bad)?;
         let scan = match c {
@@ -327,6 +344,7 @@ impl Cursor {
             node,
             scan,
             pending,
+            masters,
         })
     }
 }
@@ -340,6 +358,7 @@ mod tests {
             node: node.to_owned(),
             scan,
             pending: pending.iter().map(|s| s.to_string()).collect(),
+            masters: if node.is_empty() { 0 } else { 0xabc },
         }
     }
 
@@ -372,7 +391,18 @@ mod tests {
         let done = cursor("127.0.0.1:7000", None, &[]);
         assert_eq!(Cursor::parse(&done.format(), true).unwrap(), done);
         assert!(Cursor::parse("r:1:[]", true).is_err());
-        assert!(Cursor::parse("rc:/1:[]", true).is_err());
-        assert!(Cursor::parse("rc:127.0.0.1:7000", true).is_err());
+        assert!(Cursor::parse("rc:abc:/1:[]", true).is_err());
+        assert!(Cursor::parse("rc:zz:127.0.0.1:7000/1:[]", true).is_err());
+        assert!(Cursor::parse("rc:abc:127.0.0.1:7000", true).is_err());
+    }
+
+    /// One server's listing carries no digest; a Cluster's names its masters.
+    #[test]
+    fn masters_digest_names_the_masters() {
+        assert_eq!(masters_digest(&[String::new()]), 0);
+        let a = masters_digest(&["h:1".into(), "h:2".into()]);
+        let b = masters_digest(&["h:1".into(), "h:3".into()]);
+        assert_ne!(a, 0);
+        assert_ne!(a, b);
     }
 }
