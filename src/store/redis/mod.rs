@@ -15,6 +15,7 @@ mod bus;
 mod call;
 pub(crate) mod conn;
 mod info;
+mod keyevents;
 mod kv;
 mod lock;
 mod partial;
@@ -34,6 +35,7 @@ mod walk;
 
 pub use self::acl::REDIS_ACL_RULES;
 pub use self::bus::keyevent_channels;
+pub use self::keyevents::Messages;
 pub use self::pool::RedisStore;
 pub use self::schedules::RedisSchedules;
 pub use self::tasks::{RedisTasks, StreamReader};
