@@ -124,6 +124,8 @@ fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
 }
 
 /// What makes connections: the client of one server or of a Cluster.
+// One per store, made once: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Connector {
     Single(redis::Client),
     Cluster {

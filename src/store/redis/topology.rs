@@ -150,7 +150,7 @@ fn non_empty(s: &str) -> Option<String> {
 /// `host:port` (a bracketed IPv6 address allowed); the port is required,
 /// so that a typo cannot silently aim at 6379.
 fn check_host(h: &str, shown: &str) -> Result<String, String> {
-    let port = h.rsplit_once(':').map(|(host, port)| (host, port));
+    let port = h.rsplit_once(':');
     match port {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {
             Ok(h.to_owned())
