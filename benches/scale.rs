@@ -334,7 +334,7 @@ async fn cache_mix(nodes: &[Node], seconds: f64, concurrency: usize) -> Result<(
                 while Instant::now() < until {
                     i = i.wrapping_add(1);
                     let key = format!("k{}", i % 10_000);
-                    let ok = if i % 10 == 0 {
+                    let ok = if i.is_multiple_of(10) {
                         c.set(SetRequest {
                             level: CacheLevel::Api as i32,
                             key,
@@ -347,7 +347,6 @@ async fn cache_mix(nodes: &[Node], seconds: f64, concurrency: usize) -> Result<(
                         c.get(GetRequest {
                             level: CacheLevel::Api as i32,
                             key,
-                            ..Default::default()
                         })
                         .await
                         .is_ok()

@@ -406,6 +406,26 @@ mod tests {
         assert_eq!(e.variable, "REDIS_URL");
     }
 
+    /// A Redis Cluster's URL (its seed nodes) is accepted, plaintext or TLS.
+    #[test]
+    fn redis_cluster_urls() {
+        for url in [
+            "redis+cluster://koo:pw@h1:7000,h2:7001/",
+            "rediss+cluster://h1:7000",
+        ] {
+            let s = parse(&["--redis-url", url])
+                .unwrap()
+                .into_settings()
+                .unwrap();
+            assert!(matches!(s.store, StoreSettings::Redis(ref r) if r.url == url));
+        }
+        let e = parse(&["--redis-url", "rediss+cluster://koo:pw@h/#insecure"])
+            .unwrap()
+            .into_settings()
+            .unwrap_err();
+        assert!(!e.to_string().contains("pw"), "{e}");
+    }
+
     /// `rediss://` is accepted; TLS files with a plaintext URL, and
     /// `#insecure`, are refused naming REDIS_URL without its password.
     #[test]

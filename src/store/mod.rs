@@ -232,7 +232,8 @@ pub trait CacheBackend: Any + Send + Sync {
     /// Writes one key with a TTL.
     async fn set(&self, key: &str, value: Bytes, ttl: Duration, deadline: Deadline) -> Result<()>;
 
-    /// Writes several keys, all or nothing.
+    /// Writes several keys, all or nothing (on a Redis Cluster, all or
+    /// nothing per hash slot: see `redis::slots`).
     async fn set_many(&self, writes: Vec<Write>, deadline: Deadline) -> Result<()>;
 
     /// The stored size of each key (0 when absent), in one round trip.

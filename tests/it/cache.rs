@@ -89,25 +89,32 @@ fn bytes_of(r: &pb::GetResponse) -> Vec<u8> {
 }
 
 on_both_stores!(
-    values_round_trip_in_the_form_they_were_set,
     a_miss_is_not_an_error,
     default_ttls_follow_the_level,
-    levels_are_separate_namespaces,
     entries_expire_after_their_ttl,
     compression_threshold_boundaries_are_byte_exact,
     size_limit_boundaries,
     bad_input_is_refused_naming_the_field,
     malformed_protobuf_is_invalid_argument_and_server_keeps_serving,
+    watch_metrics_streams_successive_snapshots,
+    // upkeep tasks: on a Cluster once the task engine runs there
+    warm_loads_request_and_file_entries,
+    maintenance_reports_largest_keys,
+);
+
+// What a Cluster changes: keys across slots (batches, SetMany, GetMany),
+// walks of every master (listing, clearing, counting, maintenance), figures
+// summed over masters (metrics, health), the warm-up's writes.
+on_all_stores!(
+    values_round_trip_in_the_form_they_were_set,
+    levels_are_separate_namespaces,
     batch_operations,
     set_many_is_all_or_nothing,
     list_keys_pages_through_everything,
     list_keys_patterns_stay_in_the_level,
     clear_level_removes_only_that_level,
     metrics_count_per_level,
-    watch_metrics_streams_successive_snapshots,
     health_reports_the_backend,
-    warm_loads_request_and_file_entries,
-    maintenance_reports_largest_keys,
 );
 
 /// Raw bytes (every byte value), text and nested JSON come back exactly as
@@ -962,7 +969,7 @@ async fn health_reports_the_backend(env: Env) {
         .unwrap()
         .into_inner();
     assert!(h.healthy);
-    let kind = if env.redis_server().is_some() {
+    let kind = if env.is_redis() {
         pb::BackendKind::Redis
     } else {
         pb::BackendKind::Memory
@@ -1007,14 +1014,8 @@ async fn warm_loads_request_and_file_entries(env: Env) {
     )
     .unwrap();
     // This env's server has no warm file: start one of the same kind that has.
-    let on_redis = env.redis_server().is_some();
-    drop(env);
     let file = path.clone();
-    let env = if on_redis {
-        common::Env::redis_with(|s| s.cache.warm_file = Some(file)).await
-    } else {
-        common::Env::memory_with(|s| s.cache.warm_file = Some(file)).await
-    };
+    let env = env.same_kind_with(|s| s.cache.warm_file = Some(file)).await;
     let mut c = env.cache();
     let report = c
         .warm(pb::WarmRequest {
@@ -1141,7 +1142,7 @@ async fn maintenance_reports_largest_keys(env: Env) {
     assert!(report.cleanup.is_some());
 }
 
-on_both_stores!(list_keys_returns_survivors_while_keys_churn);
+on_all_stores!(list_keys_returns_survivors_while_keys_churn);
 
 /// Keys that exist for the whole listing are all returned even when keys
 /// already returned are deleted between pages (a cache churns constantly).

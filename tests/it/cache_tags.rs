@@ -269,7 +269,8 @@ async fn bad_input_is_named(env: Env) {
     assert_eq!(bad_field(&err), "level");
 }
 
-on_both_stores!(same_instance, soft_ttl_marks_stale, bad_input_is_named);
+on_both_stores!(bad_input_is_named);
+on_all_stores!(same_instance, soft_ttl_marks_stale);
 
 /// Two `koo serve` binaries on one fresh Redis.
 async fn two_instances(redis: &common::TestRedis, dir: &std::path::Path) -> Vec<KooProc> {
@@ -287,6 +288,16 @@ async fn tags_invalidate_across_instances() {
     let redis = common::TestRedis::start().await;
     let dir = tempfile::tempdir().unwrap();
     let procs = two_instances(&redis, dir.path()).await;
+    tag_scenario(client(&procs[0]), client(&procs[1])).await;
+}
+
+/// The same across two `koo serve` on a Redis Cluster: tag keys and
+/// entries spread over the three masters, pipelines split per slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tags_invalidate_across_instances_on_a_cluster() {
+    let cluster = common::cluster::TestCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let procs = common::chaos::serve_pair(cluster.url(), 0, dir.path()).await;
     tag_scenario(client(&procs[0]), client(&procs[1])).await;
 }
 

@@ -222,6 +222,17 @@ async fn a_watcher_on_b_sees_every_change_made_on_a() {
     );
 }
 
+/// Two koo processes on a Redis Cluster: a change published on whichever
+/// node A's connection reaches arrives at B's subscription on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_on_b_sees_every_change_made_on_a_on_a_cluster() {
+    let cluster = common::cluster::TestCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let procs = common::chaos::serve_pair(cluster.url(), 0, dir.path()).await;
+    let client = |i: usize| Client::new(lazy_channel(procs[i].port.unwrap()));
+    every_change_reaches_the_watcher(client(0), client(1)).await;
+}
+
 /// The embedded store: the same scenario in one process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_store_delivers_every_change() {
@@ -337,6 +348,64 @@ async fn expiries_are_reported_when_redis_notifies_them() {
             want(InvalidationKind::Expired, CacheLevel::Session, &["short"]),
         ]
     );
+}
+
+/// On a Redis Cluster whose nodes notify expiries, keys expiring on every
+/// master are reported EXPIRED (koo subscribes to the notifications on each
+/// master: they are local to the node holding the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiries_on_every_master_of_a_cluster_are_reported() {
+    let cluster = common::cluster::TestCluster::start().await;
+    for node in &cluster.nodes {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("Ex")
+            .query_async(&mut node.conn().await)
+            .await
+            .unwrap();
+    }
+    let server = TestServer::spawn(common::test_settings(common::redis_settings(
+        &cluster.url(),
+    )))
+    .await;
+    let mut c = server.cache();
+    let mut w = watch(&mut c, &[CacheLevel::Session], "").await;
+    assert_eq!(next(&mut w).await.kind(), InvalidationKind::Ready);
+    let keys: std::collections::BTreeSet<String> = (0..30).map(|i| format!("short:{i}")).collect();
+    for key in &keys {
+        c.set(pb::SetRequest {
+            level: CacheLevel::Session as i32,
+            key: key.clone(),
+            value: text("v"),
+            ttl: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 300_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let mut masters_holding = 0;
+    for port in cluster.masters().await {
+        let node = cluster.nodes.iter().find(|n| n.port == port).unwrap();
+        let n: u64 = redis::cmd("DBSIZE")
+            .query_async(&mut node.conn().await)
+            .await
+            .unwrap();
+        masters_holding += usize::from(n > 0);
+    }
+    assert_eq!(masters_holding, 3, "the keys spread over the masters");
+    let mut expired = std::collections::BTreeSet::new();
+    while expired != keys {
+        let m = next(&mut w).await;
+        match m.kind() {
+            InvalidationKind::Set => {}
+            InvalidationKind::Expired => expired.extend(m.keys),
+            other => panic!("unexpected {other:?} after {} expiries", expired.len()),
+        }
+    }
 }
 
 /// `koo cache watch` prints READY, then a line per change it is filtered

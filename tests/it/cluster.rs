@@ -34,7 +34,6 @@ async fn cache_set_get_spreads_over_masters() {
             .get(pb::GetRequest {
                 level: CacheLevel::Api as i32,
                 key: format!("k{i}"),
-                ..Default::default()
             })
             .await
             .unwrap()

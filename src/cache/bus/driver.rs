@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
+use redis::aio::PubSubSink;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{Change, ChangeKind, Event, Shared, wire};
 use crate::store::Deadline;
-use crate::store::redis::keyevent_channels;
+use crate::store::redis::{Messages, keyevent_channels};
 
 /// How often every koo reads the flag, and a koo with subscribers renews it.
 pub(super) const READ_EVERY: Duration = Duration::from_secs(1);
@@ -27,7 +27,7 @@ pub(super) const READY_AFTER: Duration = Duration::from_millis(1500);
 /// What the loop keeps between steps.
 #[derive(Default)]
 struct Driver {
-    sub: Option<PubSubStream>,
+    sub: Option<Messages>,
     /// The subscription's other half, to ping it: a connection that died
     /// without a word (a host gone) would otherwise go unnoticed.
     sink: Option<PubSubSink>,
@@ -70,7 +70,7 @@ pub(super) async fn run(bus: Weak<Shared>, mut watchers: watch::Receiver<usize>)
     }
 }
 
-async fn next_message(sub: &mut Option<PubSubStream>) -> Option<redis::Msg> {
+async fn next_message(sub: &mut Option<Messages>) -> Option<redis::Msg> {
     match sub {
         Some(s) => s.next().await,
         None => std::future::pending().await,

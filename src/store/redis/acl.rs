@@ -14,6 +14,15 @@
 //! a database other than 0. The key pattern is the prefix: every key koo
 //! touches starts with `{KOO_PREFIX}:` (see `crate::keys`), so the ACL line
 //! is `~koo:*` for the default prefix.
+//!
+//! A Redis Cluster client also needs `CLUSTER SLOTS` (redis-rs reads the
+//! slot map with it, at connection and after a `MOVED`), `ASKING` (sent
+//! before following an `ASK` redirection during a slot migration), and koo
+//! reads `CLUSTER NODES` and `CLUSTER INFO` to walk every master. Not
+//! `READONLY`: koo never reads from replicas (redis-rs sends `PING` in its
+//! place). They read only the topology, so the same rules serve one server
+//! and a Cluster (on a Cluster, set the user on every node: ACLs are per
+//! node).
 
 /// The command rules, in `ACL SETUSER` syntax, that koo's user needs (with
 /// `on >password ~{prefix}:* resetchannels` before them). A test reads
@@ -27,7 +36,8 @@ pub const REDIS_ACL_RULES: &str = "-@all \
 +zadd +zcard +zrange +zrangebyscore +zrevrangebyscore +zrem +zremrangebyscore +zremrangebyrank +zscore \
 +xadd +xtrim +xread +xrevrange +xinfo|stream \
 +multi +exec +evalsha +script|load \
-+publish +subscribe +unsubscribe";
++publish +subscribe +unsubscribe \
++cluster|slots +cluster|nodes +cluster|info +asking";
 
 #[cfg(test)]
 mod tests {
@@ -86,6 +96,8 @@ mod tests {
             }
         }
         assert!(commands.len() > 30, "the scan found {commands:?}");
+        // What the redis-rs Cluster client sends by itself.
+        commands.extend(["cluster|slots".into(), "asking".into(), "ping".into()]);
         for command in commands {
             let ok = granted.iter().any(|g| {
                 *g == command

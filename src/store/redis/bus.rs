@@ -11,9 +11,10 @@
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::{PubSubSink, PubSubStream};
+use redis::aio::PubSubSink;
 
 use super::RedisStore;
+use super::keyevents::Messages;
 use super::kv::ttl_millis;
 use crate::store::{Deadline, Result, StoreError};
 
@@ -75,12 +76,17 @@ impl RedisStore {
 
     /// Opens a Pub/Sub connection subscribed to `channels`: its sink (to
     /// ping it) and its messages, until the connection is lost (then the
-    /// stream ends).
-    pub async fn subscribe(&self, channels: &[String]) -> Result<(PubSubSink, PubSubStream)> {
+    /// stream ends). On a Cluster, keyspace notification channels are
+    /// subscribed on every master (see [`super::keyevents`]).
+    pub async fn subscribe(&self, channels: &[String]) -> Result<(PubSubSink, Messages)> {
         let open = async {
+            if self.is_cluster() {
+                return self.subscribe_cluster(channels).await;
+            }
             let mut pubsub = self.inner.connector.pubsub().await?;
             pubsub.subscribe(channels).await?;
-            Ok::<_, redis::RedisError>(pubsub.split())
+            let (sink, messages) = pubsub.split();
+            Ok::<_, redis::RedisError>((sink, Box::pin(messages) as Messages))
         };
         match tokio::time::timeout(self.inner.connect_timeout * 2, open).await {
             Ok(Ok(stream)) => Ok(stream),

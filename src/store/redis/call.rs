@@ -128,6 +128,10 @@ impl RedisStore {
                     "Redis unreachable after {} attempt(s): {failure}",
                     attempt + 1
                 ));
+                // a Cluster partly down: not "Redis is down" (see `partial`)
+                if self.cluster_answers(inner.timeout_evidence).await {
+                    return Err(unreachable);
+                }
                 return Err(evidence.settle(admission, unreachable));
             }
             tokio::time::sleep(pause).await;
@@ -183,6 +187,9 @@ impl RedisStore {
                     "Redis failed after {} attempt(s) (the request may or may not have been applied): {message}",
                     attempt + 1
                 ));
+                if self.cluster_answers(inner.timeout_evidence).await {
+                    return Err(unknown);
+                }
                 return Err(evidence.settle(admission, unknown));
             }
             tokio::time::sleep(pause).await;

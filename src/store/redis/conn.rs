@@ -79,7 +79,6 @@ impl ConnectionLike for Conn {
 impl Conn {
     /// Runs `cmd` on the node at `addr` (`host:port`, as
     /// [`Connector::masters`] names it); on a single server, on it.
-    #[allow(dead_code)] // the Cluster walks' (cache slice)
     pub(crate) async fn query_node<T: redis::FromRedisValue>(
         &mut self,
         addr: &str,
@@ -102,7 +101,24 @@ impl Conn {
     }
 }
 
-#[allow(dead_code)] // the Cluster walks' (cache slice)
+impl Conn {
+    /// `PING` to one node: the server, or any node of a Cluster. (The
+    /// Cluster client sends a plain `PING` to every master, which one
+    /// master down fails, while the Cluster still serves the other slots:
+    /// the probe must not say "Redis is down" then.)
+    pub(crate) async fn ping_any(&mut self) -> RedisResult<String> {
+        let ping = redis::cmd("PING");
+        match self {
+            Self::Cluster(c) => {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                let value = c.route_command(ping, routing).await?;
+                redis::from_redis_value(value).map_err(Into::into)
+            }
+            _ => ping.query_async(self).await,
+        }
+    }
+}
+
 fn split_addr(addr: &str) -> RedisResult<(&str, u16)> {
     addr.rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse().ok()?)))
@@ -298,7 +314,6 @@ impl Connector {
 
 /// The masters of a Cluster as `host:port` (from `CLUSTER SHARDS`, Redis 7,
 /// else `CLUSTER NODES`); on a single server, `[""]` (one node, the server).
-#[allow(dead_code)] // the Cluster walks' (cache slice)
 pub(crate) async fn masters(conn: &mut Conn) -> RedisResult<Vec<String>> {
     let Conn::Cluster(c) = conn else {
         return Ok(vec![String::new()]);
@@ -312,7 +327,6 @@ pub(crate) async fn masters(conn: &mut Conn) -> RedisResult<Vec<String>> {
 }
 
 /// The live masters' `host:port` in a `CLUSTER NODES` reply.
-#[allow(dead_code)] // the Cluster walks' (cache slice)
 fn parse_masters(text: &str) -> Vec<String> {
     let mut out: Vec<String> = text
         .lines()

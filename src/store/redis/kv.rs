@@ -33,11 +33,15 @@ impl CacheBackend for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
-        }
-        let replies: Vec<(Option<Vec<u8>>, i64)> = self.query_pipe(&pipe, deadline).await?;
+        let replies: Vec<(Option<Vec<u8>>, i64)> = self
+            .pipe_each(
+                keys,
+                |pipe, key| {
+                    pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
+                },
+                deadline,
+            )
+            .await?;
         Ok(replies
             .into_iter()
             .map(|(v, pttl)| v.map(|v| entry(v, pttl)))
@@ -57,17 +61,22 @@ impl CacheBackend for RedisStore {
         if writes.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        for w in &writes {
-            pipe.cmd("SET")
-                .arg(&w.key)
-                .arg(w.value.as_ref())
-                .arg("PX")
-                .arg(ttl_millis(w.ttl))
-                .ignore();
-        }
-        self.query_pipe::<()>(&pipe, deadline).await
+        // One MULTI/EXEC: all or nothing on a server; on a Cluster, per
+        // slot (keys sharing a `{hash tag}` are all or nothing together).
+        self.write_each(
+            &writes,
+            true,
+            |pipe, w| {
+                pipe.cmd("SET")
+                    .arg(&w.key)
+                    .arg(w.value.as_ref())
+                    .arg("PX")
+                    .arg(ttl_millis(w.ttl))
+                    .ignore();
+            },
+            deadline,
+        )
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]
@@ -75,11 +84,14 @@ impl CacheBackend for RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("STRLEN").arg(key);
-        }
-        self.query_pipe(&pipe, deadline).await
+        self.pipe_each(
+            keys,
+            |pipe, key| {
+                pipe.cmd("STRLEN").arg(key);
+            },
+            deadline,
+        )
+        .await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(keys = keys.len()))]

@@ -26,12 +26,15 @@ impl RedisStore {
     ) -> Result<()> {
         let ms = ttl_millis(ttl);
         let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(key)
-            .arg(payload.as_ref())
-            .arg("PX")
-            .arg(ms)
-            .ignore();
+        let mut record = redis::cmd("SET");
+        record.arg(key).arg(payload.as_ref()).arg("PX").arg(ms);
+        // On a Cluster the record and the index are in different slots:
+        // two calls (the record first, so that a listed member has one).
+        if self.is_cluster() {
+            self.query::<()>(&record, deadline).await?;
+        } else {
+            pipe.add_command(record).ignore();
+        }
         pipe.cmd("ZADD")
             .arg(index)
             .arg(unix_millis(SystemTime::now()))
@@ -94,14 +97,29 @@ impl RedisStore {
         if stale.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for m in &stale {
-            if let Ok(member) = std::str::from_utf8(m) {
-                pipe.cmd("UNLINK").arg(key_of(member)).ignore();
+        let records: Vec<String> = stale
+            .iter()
+            .filter_map(|m| std::str::from_utf8(m).ok().map(key_of))
+            .collect();
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(index).arg(&stale);
+        if self.is_cluster() {
+            // records and index in different slots: one UNLINK (which the
+            // Cluster client splits by slot), then the index
+            if !records.is_empty() {
+                let mut unlink = redis::cmd("UNLINK");
+                unlink.arg(&records);
+                self.query::<()>(&unlink, deadline).await?;
             }
+            self.query::<()>(&zrem, deadline).await?;
+        } else {
+            let mut pipe = redis::pipe();
+            for record in &records {
+                pipe.cmd("UNLINK").arg(record).ignore();
+            }
+            pipe.add_command(zrem).ignore();
+            self.query_pipe::<()>(&pipe, deadline).await?;
         }
-        pipe.cmd("ZREM").arg(index).arg(&stale).ignore();
-        self.query_pipe::<()>(&pipe, deadline).await?;
         Ok(stale.len() as u64)
     }
 }

@@ -41,8 +41,7 @@ impl RedisStore {
             .map(|conn| {
                 let mut conn = conn.clone();
                 async move {
-                    let ping = redis::cmd("PING");
-                    let ping = ping.query_async::<String>(&mut conn);
+                    let ping = conn.ping_any();
                     tokio::time::timeout_at(bound.instant(), ping).await
                 }
             })

@@ -5,6 +5,17 @@
 //! Plain pipelines, no script: each tag's `SET NX GET` reads the version or
 //! creates it in one command, and `PEXPIRE GT` (Redis 7.0) only ever
 //! lengthens its TTL, so that a retried call changes nothing twice.
+//!
+//! On a Redis Cluster the pipelines are split by slot (each tag key may
+//! live on another master) and `MGET` is split by the client. The
+//! guarantee (a write racing an invalidation ends in a miss) still holds,
+//! because it never needed two tags to be read or bumped together: it rests
+//! on each tag key alone, read by the write before the entry is written and
+//! compared by every read after; an invalidation that replaced any one
+//! version makes the entry miss, whichever master holds that tag. What a
+//! Cluster adds is a failover losing a bump not yet replicated (an
+//! acknowledged write lost, see the README): the old version comes back and
+//! entries written before the bump hit again.
 
 use std::time::Duration;
 
@@ -24,30 +35,40 @@ impl RedisStore {
         }
         // The pipeline (and so each fresh version) is built once: a retry
         // after a lost reply sends the same versions and reads them back.
-        let fresh: Vec<u64> = tags.iter().map(|_| rand::random()).collect();
-        let mut pipe = redis::pipe();
-        for ((key, ttl), version) in tags.iter().zip(&fresh) {
-            let ms = ttl_millis(*ttl);
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(version)
-                .arg("NX")
-                .arg("GET")
-                .arg("PX")
-                .arg(ms)
-                .cmd("PEXPIRE")
-                .arg(key)
-                .arg(ms)
-                .arg("GT")
-                .ignore();
-        }
-        let olds: Vec<Option<String>> = self.query_pipe(&pipe, deadline).await?;
+        let tagged: Vec<Tagged> = tags
+            .iter()
+            .map(|(key, ttl)| Tagged {
+                key,
+                ms: ttl_millis(*ttl),
+                fresh: rand::random(),
+            })
+            .collect();
+        let olds: Vec<Option<String>> = self
+            .pipe_each(
+                &tagged,
+                |pipe, t| {
+                    pipe.cmd("SET")
+                        .arg(t.key)
+                        .arg(t.fresh)
+                        .arg("NX")
+                        .arg("GET")
+                        .arg("PX")
+                        .arg(t.ms)
+                        .cmd("PEXPIRE")
+                        .arg(t.key)
+                        .arg(t.ms)
+                        .arg("GT")
+                        .ignore();
+                },
+                deadline,
+            )
+            .await?;
         // `SET NX GET` answers the version already there, or nil when it
         // stored ours.
         olds.iter()
-            .zip(fresh)
-            .map(|(old, fresh)| match old {
-                None => Ok(fresh),
+            .zip(&tagged)
+            .map(|(old, t)| match old {
+                None => Ok(t.fresh),
                 Some(v) => parse(v),
             })
             .collect()
@@ -78,16 +99,35 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(0);
         }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(rand::random::<u64>())
-                .arg("XX")
-                .arg("KEEPTTL");
-        }
-        let replies: Vec<Option<String>> = self.query_pipe(&pipe, deadline).await?;
+        // Versions drawn once: a retry sends the same ones.
+        let bumps: Vec<(&String, u64)> = keys.iter().map(|k| (k, rand::random())).collect();
+        let replies: Vec<Option<String>> = self
+            .pipe_each(
+                &bumps,
+                |pipe, (key, version)| {
+                    pipe.cmd("SET")
+                        .arg(*key)
+                        .arg(version)
+                        .arg("XX")
+                        .arg("KEEPTTL");
+                },
+                deadline,
+            )
+            .await?;
         Ok(replies.iter().filter(|r| r.is_some()).count() as u64)
+    }
+}
+
+/// One tag of a write: its key, TTL and the version to create if absent.
+struct Tagged<'a> {
+    key: &'a str,
+    ms: u64,
+    fresh: u64,
+}
+
+impl super::slots::Keyed for Tagged<'_> {
+    fn key(&self) -> &[u8] {
+        self.key.as_bytes()
     }
 }
 

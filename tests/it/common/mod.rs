@@ -484,6 +484,20 @@ impl Env {
         self.server.wait_health("", ServingStatus::Serving).await;
     }
 
+    /// Whether koo's store is Redis (one server or a Cluster).
+    pub fn is_redis(&self) -> bool {
+        !matches!(self.backend, Backend::Memory)
+    }
+
+    /// A fresh env of the same kind as this one, with adjusted settings.
+    pub async fn same_kind_with(&self, adjust: impl FnOnce(&mut Settings)) -> Self {
+        match self.backend {
+            Backend::Memory => Self::memory_with(adjust).await,
+            Backend::Redis(_) => Self::redis_with(adjust).await,
+            Backend::Cluster(_) => Self::cluster_with(adjust).await,
+        }
+    }
+
     /// The test Redis, if this env has one.
     pub fn redis_server(&self) -> Option<&TestRedis> {
         match &self.backend {
@@ -507,6 +521,30 @@ macro_rules! on_both_stores {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
                     super::$name($crate::common::Env::redis().await).await;
+                }
+            }
+        )*
+    };
+}
+
+/// [`on_both_stores!`], and a third test on a Redis Cluster (three masters,
+/// three replicas), for the scenarios that must hold there too.
+#[macro_export]
+macro_rules! on_all_stores {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn memory() {
+                    super::$name($crate::common::Env::memory().await).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    super::$name($crate::common::Env::redis().await).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    super::$name($crate::common::Env::cluster().await).await;
                 }
             }
         )*
