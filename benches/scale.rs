@@ -76,6 +76,9 @@ impl Cluster {
             std::fs::create_dir_all(&dir)?;
             let _ = std::fs::remove_file(&conf);
             let conf = conf.to_string_lossy().into_owned();
+            // a bus port of its own: the default, port + 10000, can be taken
+            // or past 65535 for a high ephemeral port
+            let bus = support::free_port()?.to_string();
             nodes.push(
                 start_redis(
                     &server,
@@ -87,6 +90,8 @@ impl Cluster {
                         &conf,
                         "--cluster-node-timeout",
                         "2000",
+                        "--cluster-port",
+                        &bus,
                         "--maxmemory-policy",
                         "noeviction",
                     ],

@@ -686,6 +686,9 @@ impl TlsCluster {
                 .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
                 .args(["--cluster-config-file", &path(&conf)])
+                // a bus port of its own: the default, port + 10000, can be
+                // taken or past 65535 for a high ephemeral port
+                .args(["--cluster-port", &free_port().to_string()])
                 .arg("--dir")
                 .arg(cluster._dir.path())
                 .stdout(Stdio::null())
