@@ -60,6 +60,7 @@ fn limits() -> TaskLimits {
         lease_scan: 3,
         dead_ttl: Duration::from_millis(KEPT_MS),
         flow: false,
+        submit_wait_replicas: 0,
     }
 }
 

@@ -48,6 +48,11 @@ pub struct TaskLimits {
     /// plain path costs nothing more. Key limits, back-offs and concurrency
     /// caps are looked up for tasks that carry a key, whatever this says.
     pub flow: bool,
+    /// Replicas a submit waits for (`WAIT`, in its round trip) before it is
+    /// acknowledged (`KOO_TASK_SUBMIT_WAIT_REPLICAS`): then a failover
+    /// cannot lose an acknowledged submit. 0 (the default): no wait, and
+    /// the loss window of asynchronous replication stays open.
+    pub submit_wait_replicas: u32,
 }
 
 impl Default for TaskLimits {
@@ -58,6 +63,7 @@ impl Default for TaskLimits {
             lease_scan: 100,
             dead_ttl: Duration::from_secs(7 * 24 * 3600),
             flow: false,
+            submit_wait_replicas: 0,
         }
     }
 }

@@ -19,6 +19,7 @@ mod invoke;
 mod reads;
 mod registry;
 mod scripts;
+mod slots;
 mod tally;
 mod times;
 
@@ -45,7 +46,7 @@ use crate::store::tasks::{
     Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
     RetryReply, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
-use crate::store::{Deadline, Result, StoreError};
+use crate::store::{Deadline, Result};
 
 /// The task store on Redis: the pool, the key prefix, and the clock whose
 /// offset every script adds to Redis's `TIME`.
@@ -148,9 +149,10 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
+        self.refuse_keyed(task)?;
         let call = self.submit_call(task, delay, &[], limits);
-        self.store
-            .invoke_once::<i64>(call.done(), deadline)
+        let script = self.scripts().submit.script();
+        self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await
             .map(drop)
     }
@@ -166,7 +168,8 @@ impl TaskBackend for RedisTasks {
         self.debounced(task, window, limits, deadline).await
     }
 
-    /// One pipeline, the script loaded first in the same round trip.
+    /// One pipeline, the script loaded first in the same round trip; on a
+    /// Cluster, one per queue (see `slots.rs`).
     #[instrument(skip_all, level = "debug", fields(tasks = tasks.len()))]
     async fn submit_many(
         &self,
@@ -174,32 +177,10 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Vec<Result<()>>> {
-        let calls: Vec<_> = tasks
-            .iter()
-            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
-            .collect();
-        let mut pipe = redis::pipe();
-        pipe.load_script(self.scripts().submit.script());
-        for call in &calls {
-            pipe.invoke_script(call.done());
+        if self.store.is_cluster() {
+            return self.submit_per_queue(tasks, limits, deadline).await;
         }
-        pipe.ignore_errors();
-        let pipe = &pipe;
-        let replies: Vec<redis::RedisResult<redis::Value>> = self
-            .store
-            .run_once(
-                deadline,
-                |mut c| async move { pipe.query_async(&mut c).await },
-            )
-            .await?;
-        Ok(replies
-            .into_iter()
-            .skip(1)
-            .map(|r| {
-                r.map(drop)
-                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
-            })
-            .collect())
+        self.submit_pipeline(tasks.iter(), limits, deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue, worker))]
@@ -229,14 +210,21 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn set_limit(&self, limit: &Limit, deadline: Deadline) -> Result<()> {
+        self.refuse_flow(|| format!("limit {}", limit.field()))?;
         self.store.set_limit(&self.prefix, limit, deadline).await
     }
 
     async fn delete_limit(&self, field: &str, deadline: Deadline) -> Result<bool> {
+        if self.store.is_cluster() {
+            return Ok(false); // none can be set there (see `slots.rs`)
+        }
         self.store.delete_limit(&self.prefix, field, deadline).await
     }
 
     async fn limits(&self, deadline: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
+        if self.store.is_cluster() {
+            return Ok((0, Vec::new())); // none can be set there
+        }
         self.store
             .limits(&self.prefix, self.clock.offset_ms(), deadline)
             .await
@@ -247,6 +235,7 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn back_off(&self, key: &str, wait: Duration, deadline: Deadline) -> Result<i64> {
+        self.refuse_flow(|| format!("the back-off of rate-limit key {key:?}"))?;
         let mut call = self.scripts().backoff.call(self.clock());
         call.key(Key::Flow, format!("{}backoff:{key}", self.flow_base))
             .arg("wait_ms", millis(wait).max(1));
@@ -319,9 +308,10 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
+        self.refuse_keyed(task)?;
         let call = self.submit_call(task, Duration::ZERO, waiting, limits);
-        self.store
-            .invoke_once::<i64>(call.done(), deadline)
+        let script = self.scripts().submit.script();
+        self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await
             .map(drop)
     }
