@@ -159,6 +159,39 @@ impl TestCluster {
             .collect()
     }
 
+    /// The port of the master serving `key`'s slot now (`CLUSTER KEYSLOT`
+    /// and the slot ranges of `CLUSTER NODES`).
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        let mut c = node.conn().await;
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let text: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split(' ').collect();
+            if f.len() < 9 || !f[2].contains("master") || f[2].contains("fail") {
+                continue;
+            }
+            let serves = f[8..].iter().filter(|r| !r.starts_with('[')).any(|r| {
+                let (a, b) = r.split_once('-').unwrap_or((r, r));
+                (a.parse::<u16>().unwrap()..=b.parse::<u16>().unwrap()).contains(&slot)
+            });
+            if serves {
+                let port = f[1].split('@').next().unwrap().rsplit(':').next().unwrap();
+                return port.parse().unwrap();
+            }
+        }
+        panic!("no master serves slot {slot} of {key}:\n{text}")
+    }
+
     /// The node listening on `port`.
     pub fn node(&mut self, port: u16) -> &mut Node {
         self.nodes.iter_mut().find(|n| n.port == port).unwrap()

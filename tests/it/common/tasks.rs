@@ -47,6 +47,22 @@ pub async fn clocked_store(
     }
 }
 
+/// [`clocked_store`] on a fresh Redis Cluster (three masters, three
+/// replicas): the cluster (kept as long as the store), the store, its
+/// clock.
+pub async fn clocked_cluster_store() -> (
+    super::cluster::TestCluster,
+    koo::store::tasks::TaskStore,
+    koo::store::clock::Clock,
+) {
+    let cluster = super::cluster::TestCluster::start().await;
+    let clock = koo::store::clock::Clock::system();
+    let config = koo::store::RedisConfig::new(cluster.url());
+    let store = koo::store::RedisStore::connect(&config).unwrap();
+    let tasks = koo::store::tasks::TaskStore::redis_with_clock(store, "koo", clock.clone());
+    (cluster, tasks, clock)
+}
+
 /// A koo server and, on Redis, its Redis.
 pub struct Koo {
     pub redis: Option<TestRedis>,
