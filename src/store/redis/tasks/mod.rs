@@ -201,6 +201,7 @@ impl TaskBackend for RedisTasks {
             lease,
             names,
         };
+        let limits = self.lease_flow(limits);
         lease_args(&mut call, (&self.flow_base, queue), &keys, &ask, limits);
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         leased(
@@ -497,7 +498,14 @@ impl TaskBackend for RedisTasks {
         let mut call = self.scripts().finish_lease.call(self.clock());
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
-        lease_args(&mut call, (&self.flow_base, &queue), &keys, next, limits);
+        let lease_limits = self.lease_flow(limits);
+        lease_args(
+            &mut call,
+            (&self.flow_base, &queue),
+            &keys,
+            next,
+            lease_limits,
+        );
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         let (reply, fields): (Option<Vec<String>>, redis::Value) =
             self.store.invoke_once(call.done(), deadline).await?;

@@ -51,6 +51,19 @@ impl RedisTasks {
         Ok(())
     }
 
+    /// `limits` for a lease: on a Cluster no queue or name limit can exist
+    /// (see [`Self::refuse_flow`]), so the lease never looks one up (an
+    /// engine does until it first reads the limits).
+    pub(super) fn lease_flow(&self, limits: TaskLimits) -> TaskLimits {
+        if self.store.is_cluster() {
+            return TaskLimits {
+                flow: false,
+                ..limits
+            };
+        }
+        limits
+    }
+
     /// Refuses, on a Cluster, a task that carries a rate-limit or
     /// concurrency key: its lease would have to reach flow control's keys.
     pub(super) fn refuse_keyed(&self, task: &Task) -> Result<()> {
