@@ -18,6 +18,7 @@ mod cache_watch;
 mod chaos;
 mod cli;
 mod cluster;
+mod cluster_tasks;
 mod config_env;
 mod dashboard;
 mod dead_letters;

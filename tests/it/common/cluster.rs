@@ -11,6 +11,8 @@ use super::{EVENT_TIMEOUT, free_port};
 pub struct Node {
     pub port: u16,
     child: Option<Child>,
+    /// How to start it again (see [`Node::restart`]).
+    command: Vec<std::ffi::OsString>,
 }
 
 impl Node {
@@ -27,6 +29,20 @@ impl Node {
     /// `host:port` as the cluster names it.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts a killed node again with its configuration file: it rejoins
+    /// the cluster (as a replica when its replica took its slots over).
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "node {} is running", self.port);
+        let child = Command::new(&self.command[0])
+            .args(&self.command[1..])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart a cluster node");
+        self.child = Some(child);
+        wait_ping(self.port).await;
     }
 
     /// SIGKILLs the node.
@@ -59,7 +75,8 @@ impl TestCluster {
         for i in 0..n {
             let port = free_port();
             let conf = dir.path().join(format!("nodes-{i}.conf"));
-            let child = Command::new(&bin)
+            let mut command = Command::new(&bin);
+            command
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
                 .args(["--cluster-enabled", "yes"])
@@ -68,12 +85,17 @@ impl TestCluster {
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(Stdio::null());
+            let child = command
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
+            let command = std::iter::once(command.get_program().to_owned())
+                .chain(command.get_args().map(ToOwned::to_owned))
+                .collect();
             nodes.push(Node {
                 port,
                 child: Some(child),
+                command,
             });
         }
         let cluster = Self { nodes, _dir: dir };
