@@ -105,7 +105,10 @@ async fn queues_on_three_masters_work_across_slots() {
     let after = submit_ok(&mut c, after).await;
     let done = wait_task(&mut c, &after.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
-    let failed = submit_ok(&mut c, on_queue(&queues[2].0, failing(5, 0))).await;
+    // (it starts later, so that the dependent is stored while it waits)
+    let mut failed = on_queue(&queues[2].0, failing(5, 0));
+    failed.countdown = Some(common::tasks::millis(300));
+    let failed = submit_ok(&mut c, failed).await;
     let mut orphan = on_queue(&queues[0].0, short_sleep());
     orphan.depends_on = vec![failed.id.clone()];
     let orphan = submit_ok(&mut c, orphan).await;
