@@ -181,9 +181,16 @@ impl TestCluster {
             .collect()
     }
 
-    /// The port of the master serving `key`'s slot now (`CLUSTER KEYSLOT`
-    /// and the slot ranges of `CLUSTER NODES`).
+    /// The port of the master serving `key`'s slot now.
     pub async fn master_of(&self, key: &str) -> u16 {
+        let port = self.try_master_of(key).await;
+        port.unwrap_or_else(|| panic!("no live master serves the slot of {key}"))
+    }
+
+    /// The port of the live master serving `key`'s slot (`CLUSTER KEYSLOT`
+    /// and the slot ranges of `CLUSTER NODES`); `None` while none does
+    /// (its master failed and no replica has taken over yet).
+    pub async fn try_master_of(&self, key: &str) -> Option<u16> {
         let node = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
         let mut c = node.conn().await;
         let slot: u16 = redis::cmd("CLUSTER")
@@ -208,10 +215,10 @@ impl TestCluster {
             });
             if serves {
                 let port = f[1].split('@').next().unwrap().rsplit(':').next().unwrap();
-                return port.parse().unwrap();
+                return Some(port.parse().unwrap());
             }
         }
-        panic!("no master serves slot {slot} of {key}:\n{text}")
+        None
     }
 
     /// The node listening on `port`.
