@@ -231,8 +231,21 @@ impl Ledger {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     let mut cluster = TestCluster::start().await;
+    cluster.wait_replicated().await;
     let queues = queues_on_each_master(&cluster).await;
     let server = koo_on(&cluster, &queues, 8, 1).await;
+    // a batch over the three masters waits for each one's replica
+    let batch: Vec<_> = (0..3)
+        .map(|i| on_queue(&queues[i].0, short_sleep()))
+        .collect();
+    let mut c = client(&server);
+    let tasks = c
+        .submit_tasks(pb::SubmitTasksRequest { tasks: batch })
+        .await
+        .unwrap()
+        .into_inner()
+        .tasks;
+    assert_eq!(tasks.len(), 3);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let (progress, mut seen) = tokio::sync::watch::channel(0usize);
     let progress = Arc::new(progress);
@@ -286,6 +299,7 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     let promoted = wait_promotion(&cluster, &queues[0].0, victim).await;
     cluster.node(victim).restart().await;
     cluster.wait_ok().await;
+    cluster.wait_replicated().await;
     // submits to the failed-over queue are acknowledged again (the
     // restarted node is the new master's replica, so WAIT is satisfied)
     wait_count(&mut seen, before + 60).await;
@@ -295,7 +309,6 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     }
 
     let ledger = std::mem::take(&mut *ledger.lock().unwrap());
-    let mut c = client(&server);
     let (mut lost, mut stuck, mut ended) = (Vec::new(), Vec::new(), 0usize);
     let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
     for (q, id) in &ledger.acked {
@@ -357,4 +370,29 @@ async fn wait_promotion(cluster: &TestCluster, queue: &str, old: u16) -> u16 {
         assert!(tokio::time::Instant::now() < until, "no replica took over");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// On a Redis with no replica, a submit that must wait for one answers
+/// UNAVAILABLE naming `KOO_TASK_SUBMIT_WAIT_REPLICAS` (the task is stored,
+/// on the master only: the caller is told it may not survive a failover).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_waiting_for_a_missing_replica_is_unavailable() {
+    let koo = common::tasks::start_on_with(common::tasks::Backend::Redis, 0, |s| {
+        s.tasks.config.limits.submit_wait_replicas = 1;
+    })
+    .await;
+    let mut c = client(&koo.server);
+    let err = c.submit_task(short_sleep()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("KOO_TASK_SUBMIT_WAIT_REPLICAS"),
+        "{err:?}"
+    );
+    let err = c
+        .submit_tasks(pb::SubmitTasksRequest {
+            tasks: vec![short_sleep(), short_sleep()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 }

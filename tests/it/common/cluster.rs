@@ -153,6 +153,32 @@ impl TestCluster {
         }
     }
 
+    /// Waits until every running master has an online replica (`INFO
+    /// replication`): until then a `WAIT 1` finds none.
+    pub async fn wait_replicated(&self) {
+        let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+        'wait: loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replicas did not come online"
+            );
+            for port in self.masters().await {
+                let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+                let mut c = node.conn().await;
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or_default();
+                if !info.contains("state=online") {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue 'wait;
+                }
+            }
+            return;
+        }
+    }
+
     /// The ports of the masters now serving slots, as the first running
     /// node sees them.
     pub async fn masters(&self) -> Vec<u16> {
