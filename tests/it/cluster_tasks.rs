@@ -209,7 +209,7 @@ async fn submit_ok(
 #[derive(Default)]
 struct Ledger {
     acked: Vec<(usize, String)>,
-    refused: Vec<Code>,
+    refused: Vec<(usize, Code)>,
 }
 
 impl Ledger {
@@ -274,7 +274,7 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
                                     matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
                                     "{e:?}"
                                 );
-                                l.refused.push(e.code());
+                                l.refused.push((q, e.code()));
                                 true
                             }
                         };
@@ -294,15 +294,18 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     wait_count(&mut seen, 60).await;
     let victim = queues[0].1;
     let before = ledger.lock().unwrap().acked_on(0);
+    let killed_at = std::time::Instant::now();
     cluster.node(victim).kill();
     // the replica's election: bounded by the node timeout plus a vote
     let promoted = wait_promotion(&cluster, &queues[0].0, victim).await;
+    let promotion = killed_at.elapsed();
     cluster.node(victim).restart().await;
     cluster.wait_ok().await;
     cluster.wait_replicated().await;
     // submits to the failed-over queue are acknowledged again (the
     // restarted node is the new master's replica, so WAIT is satisfied)
     wait_count(&mut seen, before + 60).await;
+    let back = killed_at.elapsed();
     stop.cancel();
     for s in submitters {
         s.await.unwrap();
@@ -336,10 +339,12 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
             }
         }
     }
+    let refused: Vec<usize> = (0..3)
+        .map(|q| ledger.refused.iter().filter(|(r, _)| *r == q).count())
+        .collect();
     eprintln!(
-        "failover {victim} -> {promoted}: {} acknowledged ({before} on the killed master's queue before the kill), {} refused, {ended} ended, {} lost, {} stuck",
+        "failover {victim} -> {promoted} in {promotion:?}, 60 more acknowledged by {back:?}: {} acknowledged ({before} on the killed master's queue before the kill), refused per queue {refused:?}, {ended} ended, {} lost, {} stuck",
         ledger.acked.len(),
-        ledger.refused.len(),
         lost.len(),
         stuck.len()
     );
