@@ -23,10 +23,7 @@ on_both!(
 );
 
 // the scenarios that apply on a Redis Cluster too
-crate::on_cluster_too!(
-    a_burst_runs_once_with_the_last_arguments,
-    concurrent_submits_make_one_task,
-);
+crate::on_cluster_too!(concurrent_submits_make_one_task,);
 
 /// A submit of `kwargs` to echo, debounced by `key` over `window_ms`.
 fn debounced(key: &str, window_ms: u64, kwargs: serde_json::Value) -> pb::SubmitTaskRequest {

@@ -25,9 +25,7 @@ on_both!(
 );
 
 // the scenarios that apply on a Redis Cluster too
-crate::on_cluster_too!(
-    a_paused_queue_hands_out_nothing_while_others_run,
-);
+crate::on_cluster_too!(a_paused_queue_hands_out_nothing_while_others_run,);
 
 fn job(category: pb::TaskCategory) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {

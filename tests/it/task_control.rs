@@ -25,11 +25,9 @@ on_both!(
 
 // the scenarios that apply on a Redis Cluster too
 crate::on_cluster_too!(
-    cancel_while_running,
     cancel_racing_completion_ends_once,
     retry_runs_an_ended_task_again_with_a_fresh_budget,
     idempotency_keys,
-    dependencies_release_on_success,
     dependencies_cancel_on_failure,
 );
 

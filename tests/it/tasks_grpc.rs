@@ -29,9 +29,7 @@ on_both!(
 
 // the scenarios that apply on a Redis Cluster too
 crate::on_cluster_too!(
-    submitted_tasks_run_to_success,
     submit_tasks_in_a_batch,
-    listing_active_tasks_and_history,
     watch_tasks_resumes_after_a_disconnect,
     a_queue_orders_by_priority_then_submission,
 );

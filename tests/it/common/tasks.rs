@@ -40,7 +40,9 @@ pub async fn clocked_store(
     let clock = koo::store::clock::Clock::system();
     match backend {
         Backend::Memory => (None, TaskStore::memory_with_clock(clock.clone()), clock),
-        Backend::Cluster => unreachable!("a Cluster's store keeps its cluster: clocked_cluster_store"),
+        Backend::Cluster => {
+            unreachable!("a Cluster's store keeps its cluster: clocked_cluster_store")
+        }
         Backend::Redis => {
             let redis = TestRedis::start().await;
             let config = koo::store::RedisConfig::new(redis.url());
