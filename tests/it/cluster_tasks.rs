@@ -147,6 +147,17 @@ async fn queues_on_three_masters_work_across_slots() {
         .unwrap();
     assert!(!pools.is_empty(), "the worker pool is indexed");
 
+    // the health check task reads the store's memory and every queue
+    let check = c
+        .submit_health_check(pb::SubmitHealthCheckRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    let done = wait_task(&mut c, &check.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+
     flow_control_is_refused(&mut c, &queues[0].0).await;
 }
 
