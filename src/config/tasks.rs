@@ -73,8 +73,8 @@ pub struct TaskArgs {
           value_parser = parse_positive_duration)]
     pub dead_letter_ttl: Duration,
     /// Replicas a submit waits for before it is acknowledged (Redis `WAIT`
-    /// in the submit's round trip; UNAVAILABLE when fewer confirm within a
-    /// second): an acknowledged submit then survives a failover. 0: no
+    /// in the submit's round trip; UNAVAILABLE when fewer confirm within
+    /// 200 ms): an acknowledged submit then survives a failover. 0: no
     /// wait (asynchronous replication: a failover can lose acknowledged
     /// submits).
     #[arg(long, env = "KOO_TASK_SUBMIT_WAIT_REPLICAS", value_name = "KOO_TASK_SUBMIT_WAIT_REPLICAS",

@@ -154,7 +154,8 @@ impl TestCluster {
     }
 
     /// Waits until every running master has an online replica (`INFO
-    /// replication`): until then a `WAIT 1` finds none.
+    /// replication`) that acknowledges (a first `WAIT 1` can take up to a
+    /// second after a replica comes online; later ones take microseconds).
     pub async fn wait_replicated(&self) {
         let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
         'wait: loop {
@@ -174,6 +175,17 @@ impl TestCluster {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue 'wait;
                 }
+            }
+            for port in self.masters().await {
+                let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+                let mut c = node.conn().await;
+                let acked: i64 = redis::cmd("WAIT")
+                    .arg(1)
+                    .arg(EVENT_TIMEOUT.as_millis() as u64)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap_or(0);
+                assert!(acked >= 1, "the replica of {port} does not acknowledge");
             }
             return;
         }

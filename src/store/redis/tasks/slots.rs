@@ -31,8 +31,11 @@ use crate::store::tasks::TaskLimits;
 use crate::store::{Deadline, Result, StoreError};
 
 /// The longest a submit waits for its replicas: beyond, it answers
-/// UNAVAILABLE (stored on the master, not yet confirmed).
-const WAIT_CAP: Duration = Duration::from_secs(1);
+/// UNAVAILABLE (stored on the master, not yet confirmed). Short, because
+/// `WAIT` holds the pooled connection it runs on (other calls multiplexed
+/// on it queue behind it): a replica normally confirms within a
+/// millisecond, and one that is gone costs each submit this much.
+const WAIT_CAP: Duration = Duration::from_millis(200);
 
 /// Why flow control is refused on a Cluster (see the module doc).
 const FLOW_ON_CLUSTER: &str = "flow control is not available on a Redis Cluster yet: rate limits, \
@@ -241,7 +244,7 @@ mod tests {
     /// A wait is bounded by the cap and never 0 (which blocks for ever).
     #[test]
     fn waits_are_bounded_and_never_zero() {
-        assert_eq!(wait_ms(Deadline::after(Duration::from_secs(60))), 1000);
+        assert_eq!(wait_ms(Deadline::after(Duration::from_secs(60))), 200);
         let third = wait_ms(Deadline::after(Duration::from_millis(300)));
         assert!((90..=100).contains(&third), "{third}");
         assert_eq!(wait_ms(Deadline::after(Duration::ZERO)), 1);
