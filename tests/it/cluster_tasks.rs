@@ -220,6 +220,9 @@ async fn submit_ok(
 #[derive(Default)]
 struct Ledger {
     acked: Vec<(usize, String)>,
+    /// Acknowledged submits that carried an idempotency key: the request
+    /// and the id it got.
+    keyed: Vec<(pb::SubmitTaskRequest, String)>,
     refused: Vec<(usize, Code)>,
 }
 
@@ -270,14 +273,23 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
                 while !stop.is_cancelled() {
                     let q = n % 3;
                     n += 1;
-                    let mut req = tonic::Request::new(on_queue(&names[q].0, short_sleep()));
+                    let mut body = on_queue(&names[q].0, short_sleep());
+                    if n % 4 == 0 {
+                        // its claim lives in another slot than its task
+                        body.idempotency_key = format!("k{s}-{n}");
+                    }
+                    let mut req = tonic::Request::new(body.clone());
                     req.set_timeout(Duration::from_secs(3));
                     let reply = c.submit_task(req).await;
                     let refused = {
                         let mut l = ledger.lock().unwrap();
                         let refused = match reply {
                             Ok(r) => {
-                                l.acked.push((q, r.into_inner().task.unwrap().id));
+                                let id = r.into_inner().task.unwrap().id;
+                                if !body.idempotency_key.is_empty() {
+                                    l.keyed.push((body, id.clone()));
+                                }
+                                l.acked.push((q, id));
                                 false
                             }
                             Err(e) => {
@@ -362,6 +374,13 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     assert!(stuck.is_empty(), "stuck: {stuck:?}");
     assert_eq!(ended, ledger.acked.len());
+    // every acknowledged claim survived too: a resubmit finds its task
+    assert!(!ledger.keyed.is_empty());
+    for (req, id) in ledger.keyed {
+        let again = c.submit_task(req).await.unwrap().into_inner();
+        assert_eq!(again.task.unwrap().id, id);
+        assert!(again.deduplicated);
+    }
 }
 
 /// Waits until the submitters have had `n` submits to the first queue
@@ -411,4 +430,13 @@ async fn a_submit_waiting_for_a_missing_replica_is_unavailable() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    // an idempotency claim waits too, before any task is stored
+    let mut keyed = short_sleep();
+    keyed.idempotency_key = "once".into();
+    let err = c.submit_task(keyed).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("KOO_TASK_SUBMIT_WAIT_REPLICAS"),
+        "{err:?}"
+    );
 }

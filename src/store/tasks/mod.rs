@@ -318,6 +318,15 @@ impl TaskStore {
         self.0.as_any()
     }
 
+    /// Makes idempotency claims on Redis wait for `replicas` replicas, as
+    /// submits do with [`TaskLimits::submit_wait_replicas`] (nothing on the
+    /// embedded store).
+    pub fn wait_claims_for(&self, replicas: u32) {
+        if let Some(redis) = self.backend().downcast_ref::<RedisTasks>() {
+            redis.wait_claims_for(replicas);
+        }
+    }
+
     /// The Redis pool and key prefix, when the tasks live on Redis (the
     /// composition root shares the pool with the schedules and health).
     pub fn redis_parts(&self) -> Option<(&RedisStore, &str)> {

@@ -83,6 +83,7 @@ struct Inner {
 impl TaskEngine {
     /// An engine over `store`.
     pub fn new(store: TaskStore, config: TaskConfig) -> Self {
+        store.wait_claims_for(config.limits.submit_wait_replicas);
         Self {
             inner: Arc::new(Inner {
                 store,

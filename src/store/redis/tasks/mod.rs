@@ -58,6 +58,8 @@ pub struct RedisTasks {
     clock: Clock,
     /// The run and wait times ended here since the last flush.
     tally: tally::Tally,
+    /// Replicas an idempotency claim waits for (see `slots.rs`).
+    claim_wait: std::sync::atomic::AtomicU32,
 }
 
 impl RedisTasks {
@@ -69,6 +71,7 @@ impl RedisTasks {
             flow_base: crate::keys::flow_base(prefix),
             clock,
             tally: tally::Tally::default(),
+            claim_wait: 0.into(),
         }
     }
 
@@ -383,7 +386,8 @@ impl TaskBackend for RedisTasks {
             .arg("value", value)
             .arg("ttl_ms", millis(ttl).max(1));
         // safe to retry: a second try finds our own claim
-        self.store.invoke(call.done(), deadline).await
+        let script = self.scripts().idem_claim.script();
+        self.invoke_claim(script, call.done(), deadline).await
     }
 
     async fn swap_idempotency(
@@ -399,7 +403,8 @@ impl TaskBackend for RedisTasks {
             .arg("old", old)
             .arg("new", new)
             .arg("ttl_ms", millis(ttl).max(1));
-        let swapped: i64 = self.store.invoke(call.done(), deadline).await?;
+        let script = self.scripts().idem_swap.script();
+        let swapped: i64 = self.invoke_claim(script, call.done(), deadline).await?;
         Ok(swapped == 1)
     }
 

@@ -21,6 +21,7 @@
 //! same round trip), so that a failover cannot lose it. Off (0), a submit
 //! sends exactly what it did before.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::{FromRedisValue, Script, ScriptInvocation};
@@ -109,6 +110,42 @@ impl RedisTasks {
         let (reply, acked): (T, u32) = self
             .store
             .run_once(
+                deadline,
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await?;
+        confirmed(acked, replicas)?;
+        Ok(reply)
+    }
+
+    /// Makes idempotency claims wait for `replicas` as submits do
+    /// (`KOO_TASK_SUBMIT_WAIT_REPLICAS`; the engine sets it once): a claim
+    /// lives in its own slot, and one lost in a failover after its task
+    /// was acknowledged would let a resubmit store a second task.
+    pub(crate) fn wait_claims_for(&self, replicas: u32) {
+        self.claim_wait.store(replicas, Ordering::Relaxed);
+    }
+
+    /// Runs a claim script (safe to repeat); with [`Self::wait_claims_for`]
+    /// set, followed by `WAIT` in the same round trip.
+    pub(super) async fn invoke_claim<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        inv: &ScriptInvocation<'_>,
+        deadline: Deadline,
+    ) -> Result<T> {
+        let replicas = self.claim_wait.load(Ordering::Relaxed);
+        if replicas == 0 {
+            return self.store.invoke(inv, deadline).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.load_script(script).ignore();
+        pipe.invoke_script(inv);
+        pipe.cmd("WAIT").arg(replicas).arg(wait_ms(deadline));
+        let pipe = &pipe;
+        let (reply, acked): (T, u32) = self
+            .store
+            .run(
                 deadline,
                 |mut c| async move { pipe.query_async(&mut c).await },
             )
