@@ -52,6 +52,9 @@ async fn koo_on(
         .map(|(q, _)| QueueName::parse(q).unwrap())
         .collect();
     settings.tasks.config.limits.submit_wait_replicas = wait_replicas;
+    // a replica's acknowledgement takes microseconds, but this machine's
+    // cores are shared with builds: more room than the 200 ms default
+    settings.tasks.config.limits.submit_wait_timeout = Duration::from_secs(2);
     let server = TestServer::spawn(settings).await;
     server.wait_health("", ServingStatus::Serving).await;
     server
@@ -265,53 +268,7 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     let progress = Arc::new(progress);
     let stop = tokio_util::sync::CancellationToken::new();
     let submitters: Vec<_> = (0..6)
-        .map(|s| {
-            let (mut c, ledger, stop) = (client(&server), ledger.clone(), stop.clone());
-            let (progress, names) = (progress.clone(), queues.clone());
-            tokio::spawn(async move {
-                let mut n = s;
-                while !stop.is_cancelled() {
-                    let q = n % 3;
-                    n += 1;
-                    let mut body = on_queue(&names[q].0, short_sleep());
-                    if n % 4 == 0 {
-                        // its claim lives in another slot than its task
-                        body.idempotency_key = format!("k{s}-{n}");
-                    }
-                    let mut req = tonic::Request::new(body.clone());
-                    req.set_timeout(Duration::from_secs(3));
-                    let reply = c.submit_task(req).await;
-                    let refused = {
-                        let mut l = ledger.lock().unwrap();
-                        let refused = match reply {
-                            Ok(r) => {
-                                let id = r.into_inner().task.unwrap().id;
-                                if !body.idempotency_key.is_empty() {
-                                    l.keyed.push((body, id.clone()));
-                                }
-                                l.acked.push((q, id));
-                                false
-                            }
-                            Err(e) => {
-                                assert!(
-                                    matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
-                                    "{e:?}"
-                                );
-                                l.refused.push((q, e.code()));
-                                true
-                            }
-                        };
-                        progress.send_replace(l.acked_on(0));
-                        refused
-                    };
-                    if refused {
-                        // koo answered at once (its breaker, or a shard
-                        // without a master): let the cluster move on
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            })
-        })
+        .map(|s| spawn_submitter(s, &server, &queues, &ledger, &progress, &stop))
         .collect();
 
     wait_count(&mut seen, 60).await;
@@ -335,44 +292,16 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     }
 
     let ledger = std::mem::take(&mut *ledger.lock().unwrap());
-    let (mut lost, mut stuck, mut ended) = (Vec::new(), Vec::new(), 0usize);
-    let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    for (q, id) in &ledger.acked {
-        loop {
-            match c
-                .get_task(pb::GetTaskRequest {
-                    task_id: id.clone(),
-                })
-                .await
-            {
-                Ok(t) if is_final(t.get_ref().task.as_ref().unwrap()) => {
-                    ended += 1;
-                    break;
-                }
-                Ok(t) if tokio::time::Instant::now() > until => {
-                    stuck.push((*q, t.into_inner().task.unwrap()));
-                    break;
-                }
-                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Err(e) if e.code() == Code::NotFound => {
-                    lost.push((*q, id.clone()));
-                    break;
-                }
-                Err(e) => panic!("GetTask {id}: {e:?}"),
-            }
-        }
-    }
+    let (ended, lost) = check_ledger(&mut c, &ledger).await;
     let refused: Vec<usize> = (0..3)
         .map(|q| ledger.refused.iter().filter(|(r, _)| *r == q).count())
         .collect();
     eprintln!(
-        "failover {victim} -> {promoted} in {promotion:?}, 60 more acknowledged by {back:?}: {} acknowledged ({before} on the killed master's queue before the kill), refused per queue {refused:?}, {ended} ended, {} lost, {} stuck",
+        "failover {victim} -> {promoted} in {promotion:?}, 60 more acknowledged by {back:?}: {} acknowledged ({before} on the killed master's queue before the kill), refused per queue {refused:?}, {ended} ended, {} lost",
         ledger.acked.len(),
         lost.len(),
-        stuck.len()
     );
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
-    assert!(stuck.is_empty(), "stuck: {stuck:?}");
     assert_eq!(ended, ledger.acked.len());
     // every acknowledged claim survived too: a resubmit finds its task
     assert!(!ledger.keyed.is_empty());
@@ -381,6 +310,93 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
         assert_eq!(again.task.unwrap().id, id);
         assert!(again.deduplicated);
     }
+}
+
+/// One submitter of the failover test: `SLEEP` tasks round robin over the
+/// three queues (every fourth with an idempotency key of its own) until
+/// `stop`, each outcome in `ledger`; `progress` carries the count
+/// acknowledged on the first queue.
+fn spawn_submitter(
+    s: usize,
+    server: &TestServer,
+    queues: &[(String, u16)],
+    ledger: &Arc<Mutex<Ledger>>,
+    progress: &Arc<tokio::sync::watch::Sender<usize>>,
+    stop: &tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    let (mut c, ledger, stop) = (client(server), ledger.clone(), stop.clone());
+    let (progress, names) = (progress.clone(), queues.to_vec());
+    tokio::spawn(async move {
+        let mut n = s;
+        while !stop.is_cancelled() {
+            let q = n % 3;
+            n += 1;
+            let mut body = on_queue(&names[q].0, short_sleep());
+            if n % 4 == 0 {
+                // its claim lives in another slot than its task
+                body.idempotency_key = format!("k{s}-{n}");
+            }
+            let mut req = tonic::Request::new(body.clone());
+            req.set_timeout(Duration::from_secs(3));
+            let reply = c.submit_task(req).await;
+            let refused = {
+                let mut l = ledger.lock().unwrap();
+                let refused = match reply {
+                    Ok(r) => {
+                        let id = r.into_inner().task.unwrap().id;
+                        if !body.idempotency_key.is_empty() {
+                            l.keyed.push((body, id.clone()));
+                        }
+                        l.acked.push((q, id));
+                        false
+                    }
+                    Err(e) => {
+                        assert!(
+                            matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+                            "{e:?}"
+                        );
+                        l.refused.push((q, e.code()));
+                        true
+                    }
+                };
+                progress.send_replace(l.acked_on(0));
+                refused
+            };
+            if refused {
+                // koo answered at once (its breaker, or a shard without a
+                // master): let the cluster move on
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+}
+
+/// The ledger check: each acknowledged task read once; one not yet ended
+/// is followed (WatchTask) until it ends, failing the test if it never
+/// does within the event timeout (stuck). Returns how many ended and the
+/// ids not found (lost).
+async fn check_ledger(
+    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+    ledger: &Ledger,
+) -> (usize, Vec<(usize, String)>) {
+    let (mut ended, mut lost) = (0, Vec::new());
+    for (q, id) in &ledger.acked {
+        let read = c
+            .get_task(pb::GetTaskRequest {
+                task_id: id.clone(),
+            })
+            .await;
+        match read {
+            Ok(t) if is_final(t.get_ref().task.as_ref().unwrap()) => ended += 1,
+            Ok(_) => {
+                wait_task(c, id, is_final).await;
+                ended += 1;
+            }
+            Err(e) if e.code() == Code::NotFound => lost.push((*q, id.clone())),
+            Err(e) => panic!("GetTask {id}: {e:?}"),
+        }
+    }
+    (ended, lost)
 }
 
 /// Waits until the submitters have had `n` submits to the first queue

@@ -61,6 +61,7 @@ fn limits() -> TaskLimits {
         dead_ttl: Duration::from_millis(KEPT_MS),
         flow: false,
         submit_wait_replicas: 0,
+        submit_wait_timeout: Duration::from_millis(200),
     }
 }
 

@@ -53,6 +53,10 @@ pub struct TaskLimits {
     /// cannot lose an acknowledged submit. 0 (the default): no wait, and
     /// the loss window of asynchronous replication stays open.
     pub submit_wait_replicas: u32,
+    /// How long a submit waits for them before it answers UNAVAILABLE
+    /// (`KOO_TASK_SUBMIT_WAIT_TIMEOUT`; `WAIT` holds the pooled connection
+    /// it runs on meanwhile, so it is kept short).
+    pub submit_wait_timeout: Duration,
 }
 
 impl Default for TaskLimits {
@@ -64,6 +68,7 @@ impl Default for TaskLimits {
             dead_ttl: Duration::from_secs(7 * 24 * 3600),
             flow: false,
             submit_wait_replicas: 0,
+            submit_wait_timeout: Duration::from_millis(200),
         }
     }
 }
@@ -321,9 +326,9 @@ impl TaskStore {
     /// Makes idempotency claims on Redis wait for `replicas` replicas, as
     /// submits do with [`TaskLimits::submit_wait_replicas`] (nothing on the
     /// embedded store).
-    pub fn wait_claims_for(&self, replicas: u32) {
+    pub fn wait_claims_for(&self, replicas: u32, timeout: Duration) {
         if let Some(redis) = self.backend().downcast_ref::<RedisTasks>() {
-            redis.wait_claims_for(replicas);
+            redis.wait_claims_for(replicas, timeout);
         }
     }
 

@@ -83,7 +83,8 @@ struct Inner {
 impl TaskEngine {
     /// An engine over `store`.
     pub fn new(store: TaskStore, config: TaskConfig) -> Self {
-        store.wait_claims_for(config.limits.submit_wait_replicas);
+        let limits = &config.limits;
+        store.wait_claims_for(limits.submit_wait_replicas, limits.submit_wait_timeout);
         Self {
             inner: Arc::new(Inner {
                 store,

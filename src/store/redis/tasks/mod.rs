@@ -58,8 +58,9 @@ pub struct RedisTasks {
     clock: Clock,
     /// The run and wait times ended here since the last flush.
     tally: tally::Tally,
-    /// Replicas an idempotency claim waits for (see `slots.rs`).
-    claim_wait: std::sync::atomic::AtomicU32,
+    /// Replicas an idempotency claim waits for, and for how long (ms; see
+    /// `slots.rs`).
+    claim_wait: (std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU64),
 }
 
 impl RedisTasks {
@@ -71,7 +72,7 @@ impl RedisTasks {
             flow_base: crate::keys::flow_base(prefix),
             clock,
             tally: tally::Tally::default(),
-            claim_wait: 0.into(),
+            claim_wait: (0.into(), 0.into()),
         }
     }
 

@@ -31,13 +31,6 @@ use crate::domain::task::{QueueName, Task};
 use crate::store::tasks::TaskLimits;
 use crate::store::{Deadline, Result, StoreError};
 
-/// The longest a submit waits for its replicas: beyond, it answers
-/// UNAVAILABLE (stored on the master, not yet confirmed). Short, because
-/// `WAIT` holds the pooled connection it runs on (other calls multiplexed
-/// on it queue behind it): a replica normally confirms within a
-/// millisecond, and one that is gone costs each submit this much.
-const WAIT_CAP: Duration = Duration::from_millis(200);
-
 /// Why flow control is refused on a Cluster (see the module doc).
 const FLOW_ON_CLUSTER: &str = "flow control is not available on a Redis Cluster yet: rate limits, \
      back-offs and concurrency caps keep their keys outside a queue's slot, where the lease \
@@ -105,7 +98,8 @@ impl RedisTasks {
         let mut pipe = redis::pipe();
         pipe.load_script(script).ignore();
         pipe.invoke_script(inv);
-        pipe.cmd("WAIT").arg(replicas).arg(wait_ms(deadline));
+        let wait = wait_ms(deadline, limits.submit_wait_timeout);
+        pipe.cmd("WAIT").arg(replicas).arg(wait);
         let pipe = &pipe;
         let (reply, acked): (T, u32) = self
             .store
@@ -122,8 +116,10 @@ impl RedisTasks {
     /// (`KOO_TASK_SUBMIT_WAIT_REPLICAS`; the engine sets it once): a claim
     /// lives in its own slot, and one lost in a failover after its task
     /// was acknowledged would let a resubmit store a second task.
-    pub(crate) fn wait_claims_for(&self, replicas: u32) {
-        self.claim_wait.store(replicas, Ordering::Relaxed);
+    pub(crate) fn wait_claims_for(&self, replicas: u32, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.claim_wait.1.store(ms, Ordering::Relaxed);
+        self.claim_wait.0.store(replicas, Ordering::Relaxed);
     }
 
     /// Runs a claim script (safe to repeat); with [`Self::wait_claims_for`]
@@ -134,14 +130,15 @@ impl RedisTasks {
         inv: &ScriptInvocation<'_>,
         deadline: Deadline,
     ) -> Result<T> {
-        let replicas = self.claim_wait.load(Ordering::Relaxed);
+        let replicas = self.claim_wait.0.load(Ordering::Relaxed);
         if replicas == 0 {
             return self.store.invoke(inv, deadline).await;
         }
+        let cap = Duration::from_millis(self.claim_wait.1.load(Ordering::Relaxed));
         let mut pipe = redis::pipe();
         pipe.load_script(script).ignore();
         pipe.invoke_script(inv);
-        pipe.cmd("WAIT").arg(replicas).arg(wait_ms(deadline));
+        pipe.cmd("WAIT").arg(replicas).arg(wait_ms(deadline, cap));
         let pipe = &pipe;
         let (reply, acked): (T, u32) = self
             .store
@@ -221,7 +218,8 @@ impl RedisTasks {
         }
         let replicas = limits.submit_wait_replicas;
         if replicas > 0 {
-            pipe.cmd("WAIT").arg(replicas).arg(wait_ms(deadline));
+            let wait = wait_ms(deadline, limits.submit_wait_timeout);
+            pipe.cmd("WAIT").arg(replicas).arg(wait);
         }
         pipe.ignore_errors();
         let pipe = &pipe;
@@ -255,9 +253,10 @@ impl RedisTasks {
 }
 
 /// How long `WAIT` may block: a third of what is left of the call, at
-/// most [`WAIT_CAP`], at least 1 ms (`WAIT 0` would block for ever).
-fn wait_ms(deadline: Deadline) -> u64 {
-    let ms = (deadline.remaining() / 3).min(WAIT_CAP).as_millis();
+/// most `cap` (`KOO_TASK_SUBMIT_WAIT_TIMEOUT`), at least 1 ms (`WAIT 0`
+/// would block for ever).
+fn wait_ms(deadline: Deadline, cap: Duration) -> u64 {
+    let ms = (deadline.remaining() / 3).min(cap).as_millis();
     u64::try_from(ms).unwrap_or(1).max(1)
 }
 
@@ -281,10 +280,15 @@ mod tests {
     /// A wait is bounded by the cap and never 0 (which blocks for ever).
     #[test]
     fn waits_are_bounded_and_never_zero() {
-        assert_eq!(wait_ms(Deadline::after(Duration::from_secs(60))), 200);
-        let third = wait_ms(Deadline::after(Duration::from_millis(300)));
+        let cap = Duration::from_millis(200);
+        assert_eq!(wait_ms(Deadline::after(Duration::from_secs(60)), cap), 200);
+        let third = wait_ms(Deadline::after(Duration::from_millis(300)), cap);
         assert!((90..=100).contains(&third), "{third}");
-        assert_eq!(wait_ms(Deadline::after(Duration::ZERO)), 1);
+        assert_eq!(wait_ms(Deadline::after(Duration::ZERO), cap), 1);
+        assert_eq!(
+            wait_ms(Deadline::after(Duration::from_secs(60)), Duration::ZERO),
+            1
+        );
     }
 
     /// Fewer replicas than asked for is UNAVAILABLE, naming the setting.
