@@ -82,6 +82,9 @@ impl TestCluster {
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", conf.to_str().unwrap()])
                 .args(["--cluster-node-timeout", "1000"])
+                // a bus port of its own: the default, port + 10000, can be
+                // taken or past 65535 for a high ephemeral port
+                .args(["--cluster-port", &free_port().to_string()])
                 .arg("--dir")
                 .arg(dir.path())
                 .stdout(Stdio::null())
