@@ -332,7 +332,7 @@ fn spawn_submitter(
             let q = n % 3;
             n += 1;
             let mut body = on_queue(&names[q].0, short_sleep());
-            if n % 4 == 0 {
+            if n.is_multiple_of(4) {
                 // its claim lives in another slot than its task
                 body.idempotency_key = format!("k{s}-{n}");
             }
