@@ -162,6 +162,28 @@ async fn queues_on_three_masters_work_across_slots() {
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
 
     flow_control_is_refused(&mut c, &queues[0].0).await;
+    // a schedule whose task carries a key is refused when created
+    let mut schedules = koo::pb::schedule::v1::schedule_service_client::ScheduleServiceClient::new(
+        server.channel.clone(),
+    );
+    let err = schedules
+        .create_schedule(koo::pb::schedule::v1::CreateScheduleRequest {
+            schedule: Some(koo::pb::schedule::v1::Schedule {
+                name: "keyed".into(),
+                cron: "* * * * *".into(),
+                task: Some(koo::pb::schedule::v1::TaskTemplate {
+                    name: koo::tasks::handlers::NOOP.into(),
+                    category: pb::TaskCategory::Research as i32,
+                    rate_limit_key: "openai".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("rate_limit_key"), "{err:?}");
 }
 
 /// Rate limits, caps and keyed tasks are refused with FAILED_PRECONDITION

@@ -25,6 +25,7 @@ mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
+pub(crate) use slots::FLOW_ON_CLUSTER;
 
 use args::{finish_args, lease_args, leased};
 

@@ -32,7 +32,7 @@ use crate::store::tasks::TaskLimits;
 use crate::store::{Deadline, Result, StoreError};
 
 /// Why flow control is refused on a Cluster (see the module doc).
-const FLOW_ON_CLUSTER: &str = "flow control is not available on a Redis Cluster yet: rate limits, \
+pub(crate) const FLOW_ON_CLUSTER: &str = "flow control is not available on a Redis Cluster yet: rate limits, \
      back-offs and concurrency caps keep their keys outside a queue's slot, where the lease \
      cannot reach them (see docs/design/flow-control.md, \"Redis Cluster\")";
 
