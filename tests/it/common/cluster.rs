@@ -73,38 +73,9 @@ impl TestCluster {
         let bin = std::env::var("KOO_TEST_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let mut nodes = Vec::new();
         for i in 0..n {
-            let port = free_port();
-            let conf = dir.path().join(format!("nodes-{i}.conf"));
-            let mut command = Command::new(&bin);
-            command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", conf.to_str().unwrap()])
-                .args(["--cluster-node-timeout", "1000"])
-                // a bus port of its own: the default, port + 10000, can be
-                // taken or past 65535 for a high ephemeral port
-                .args(["--cluster-port", &free_port().to_string()])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let child = command
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
-            let command = std::iter::once(command.get_program().to_owned())
-                .chain(command.get_args().map(ToOwned::to_owned))
-                .collect();
-            nodes.push(Node {
-                port,
-                child: Some(child),
-                command,
-            });
+            nodes.push(start_node(&bin, dir.path(), i).await);
         }
         let cluster = Self { nodes, _dir: dir };
-        for node in &cluster.nodes {
-            wait_ping(node.port).await;
-        }
         let cli = std::env::var("KOO_TEST_REDIS_CLI").unwrap_or_else(|_| "redis-cli".into());
         let out = tokio::process::Command::new(&cli)
             .arg("--cluster")
@@ -265,6 +236,74 @@ impl TestCluster {
     /// The node listening on `port`.
     pub fn node(&mut self, port: u16) -> &mut Node {
         self.nodes.iter_mut().find(|n| n.port == port).unwrap()
+    }
+}
+
+/// Starts node `i` on free ports (its own and its bus port) and waits
+/// until it answers. A port found free can be taken before the server
+/// binds it (by another test's connection): the node then exits at once,
+/// and is started again on other ports.
+async fn start_node(bin: &str, dir: &std::path::Path, i: usize) -> Node {
+    for _ in 0..5 {
+        let port = free_port();
+        let conf = dir.join(format!("nodes-{i}.conf"));
+        let mut command = Command::new(bin);
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(["--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", conf.to_str().unwrap()])
+            .args(["--cluster-node-timeout", "1000"])
+            // a bus port of its own: the default, port + 10000, can be
+            // taken or past 65535 for a high ephemeral port
+            .args(["--cluster-port", &free_port().to_string()])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} ({e}); scripts/test installs it"));
+        if up_or_exited(port, &conf, &mut child).await {
+            let command = std::iter::once(command.get_program().to_owned())
+                .chain(command.get_args().map(ToOwned::to_owned))
+                .collect();
+            return Node {
+                port,
+                child: Some(child),
+                command,
+            };
+        }
+        let _ = std::fs::remove_file(&conf);
+    }
+    panic!("cluster node {i} could not start on five pairs of free ports")
+}
+
+/// Waits until the server on `port` answers as `child` (its cluster
+/// configuration file is `conf`: another test's server may hold the port)
+/// and returns `true`, or until `child` has exited (`false`).
+async fn up_or_exited(port: u16, conf: &std::path::Path, child: &mut Child) -> bool {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        if let Ok(mut c) = client.get_multiplexed_async_connection().await
+            && let Ok((_, file)) = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("cluster-config-file")
+                .query_async::<(String, String)>(&mut c)
+                .await
+            && file == conf.to_str().unwrap()
+        {
+            return true;
+        }
+        if child.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "cluster node {port} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
