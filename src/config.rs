@@ -162,6 +162,31 @@ mod tests {
         assert!(matches!(cli.command, Command::Task(_)));
     }
 
+    /// `KOO_TASK_SUBMIT_WAIT_REPLICAS` is a count of 0 to 64 and
+    /// `KOO_TASK_SUBMIT_WAIT_TIMEOUT` a positive duration; anything else is
+    /// refused naming the setting.
+    #[test]
+    fn submit_wait_replicas_is_a_bounded_count() {
+        let flag = "--task-submit-wait-replicas";
+        for bad in ["x", "-1", "65"] {
+            let arg = format!("{flag}={bad}");
+            let err = Cli::try_parse_from(["koo", "serve", &arg]).unwrap_err();
+            assert!(
+                err.to_string().contains("KOO_TASK_SUBMIT_WAIT_REPLICAS"),
+                "{err}"
+            );
+        }
+        assert!(Cli::try_parse_from(["koo", "serve", flag, "1"]).is_ok());
+        for bad in ["0", "x"] {
+            let arg = format!("--task-submit-wait-timeout={bad}");
+            let err = Cli::try_parse_from(["koo", "serve", &arg]).unwrap_err();
+            assert!(
+                err.to_string().contains("KOO_TASK_SUBMIT_WAIT_TIMEOUT"),
+                "{err}"
+            );
+        }
+    }
+
     /// Durations accept seconds and units, and refuse garbage.
     #[test]
     fn durations() {

@@ -72,6 +72,21 @@ pub struct TaskArgs {
     #[arg(long, env = "KOO_DEAD_LETTER_TTL", value_name = "KOO_DEAD_LETTER_TTL", default_value = "7d",
           value_parser = parse_positive_duration)]
     pub dead_letter_ttl: Duration,
+    /// Replicas a submit waits for before it is acknowledged (Redis `WAIT`
+    /// in the submit's round trip; UNAVAILABLE when fewer confirm within
+    /// `KOO_TASK_SUBMIT_WAIT_TIMEOUT`): an acknowledged submit then survives a failover. 0: no
+    /// wait (asynchronous replication: a failover can lose acknowledged
+    /// submits).
+    #[arg(long, env = "KOO_TASK_SUBMIT_WAIT_REPLICAS", value_name = "KOO_TASK_SUBMIT_WAIT_REPLICAS",
+          default_value = "0", value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub task_submit_wait_replicas: u32,
+    /// How long a submit waits for `KOO_TASK_SUBMIT_WAIT_REPLICAS` before
+    /// answering UNAVAILABLE (at most a third of the call's deadline).
+    /// `WAIT` holds the pooled connection it runs on: a replica normally
+    /// confirms within a millisecond; a missing one costs each submit this.
+    #[arg(long, env = "KOO_TASK_SUBMIT_WAIT_TIMEOUT", value_name = "KOO_TASK_SUBMIT_WAIT_TIMEOUT",
+          default_value = "200ms", value_parser = parse_positive_duration)]
+    pub task_submit_wait_timeout: Duration,
     /// After SIGTERM, how long a worker lets a running task finish before it
     /// hands the task back to its queue (to run again elsewhere at once).
     #[arg(long, env = "KOO_WORKER_SHUTDOWN_GRACE", value_name = "KOO_WORKER_SHUTDOWN_GRACE", default_value = "10s",
@@ -222,6 +237,8 @@ impl TaskArgs {
             idempotency_ttl: self.idempotency_ttl,
             limits: TaskLimits {
                 dead_ttl: self.dead_letter_ttl,
+                submit_wait_replicas: self.task_submit_wait_replicas,
+                submit_wait_timeout: self.task_submit_wait_timeout,
                 ..TaskLimits::default()
             },
             extra_queues: self

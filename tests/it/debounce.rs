@@ -22,6 +22,9 @@ on_both!(
     bad_debounced_submits_are_refused,
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(concurrent_submits_make_one_task,);
+
 /// A submit of `kwargs` to echo, debounced by `key` over `window_ms`.
 fn debounced(key: &str, window_ms: u64, kwargs: serde_json::Value) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {

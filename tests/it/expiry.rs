@@ -33,6 +33,9 @@ on_both!(
     a_schedule_s_fired_tasks_expire_after_their_submit,
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(a_schedule_s_fired_tasks_expire_after_their_submit,);
+
 fn job(name: &str, category: pb::TaskCategory) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {
         category: category as i32,

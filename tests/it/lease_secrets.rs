@@ -26,6 +26,9 @@ on_both!(
     a_greedy_worker_holds_at_most_its_bound,
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(a_stranger_cannot_end_a_stream_workers_task,);
+
 const NAME: &str = "koo.examples.job";
 
 fn msg(m: In) -> wpb::WorkRequest {

@@ -19,6 +19,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod cluster_cache;
+mod cluster_tasks;
 mod config_env;
 mod dashboard;
 mod dead_letters;

@@ -60,6 +60,8 @@ fn limits() -> TaskLimits {
         lease_scan: 3,
         dead_ttl: Duration::from_millis(KEPT_MS),
         flow: false,
+        submit_wait_replicas: 0,
+        submit_wait_timeout: Duration::from_millis(200),
     }
 }
 

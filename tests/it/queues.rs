@@ -24,6 +24,9 @@ on_both!(
     a_resume_wakes_the_workers_at_once,
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(a_paused_queue_hands_out_nothing_while_others_run,);
+
 fn job(category: pb::TaskCategory) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {
         category: category as i32,

@@ -23,6 +23,14 @@ on_both!(
     bad_dependencies_are_refused,
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(
+    cancel_racing_completion_ends_once,
+    retry_runs_an_ended_task_again_with_a_fresh_budget,
+    idempotency_keys,
+    dependencies_cancel_on_failure,
+);
+
 /// A queued or scheduled task never runs once cancelled; cancelling again,
 /// or an ended task, is FAILED_PRECONDITION; unknown ids are NOT_FOUND.
 async fn cancel_while_queued_or_scheduled(backend: Backend) {

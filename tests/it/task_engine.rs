@@ -43,6 +43,22 @@ fn queue() -> QueueName {
 enum Backend {
     Memory,
     Redis,
+    Cluster,
+}
+
+/// The Redis a test's engines share: one server or a Cluster.
+enum Held {
+    Redis(TestRedis),
+    Cluster(common::cluster::TestCluster),
+}
+
+impl Held {
+    fn url(&self) -> String {
+        match self {
+            Held::Redis(r) => r.url(),
+            Held::Cluster(c) => c.url(),
+        }
+    }
 }
 
 /// For each `async fn scenario(backend: Backend)`, a test on the embedded
@@ -76,27 +92,50 @@ on_both!(
     a_missed_dependency_release_is_repaired_by_the_sweep,
 );
 
-/// An engine on `backend`, and its Redis if any.
-async fn engine(backend: Backend) -> (Option<TestRedis>, TaskEngine) {
-    match backend {
-        Backend::Memory => (None, TaskEngine::new(TaskStore::memory(), config())),
-        Backend::Redis => {
-            let redis = TestRedis::start().await;
-            let engine = redis_engine(&redis);
-            (Some(redis), engine)
-        }
+/// Scenarios on a Redis Cluster too: `task_engine::cluster::<scenario>`
+/// (every scenario above passed there; these five keep the Cluster cases'
+/// wall time bounded).
+mod cluster {
+    macro_rules! on_cluster {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Backend::Cluster).await;
+                }
+            )*
+        };
     }
+
+    on_cluster!(
+        tasks_run_to_success_with_progress,
+        retries_follow_the_backoff_schedule,
+        soft_and_hard_time_limits,
+        a_paused_worker_is_fenced,
+        two_pools_drain_a_queue_exactly_once,
+    );
 }
 
-fn redis_engine(redis: &TestRedis) -> TaskEngine {
-    let store = RedisStore::connect(&RedisConfig::new(redis.url())).unwrap();
+/// An engine on `backend`, and its Redis if any.
+async fn engine(backend: Backend) -> (Option<Held>, TaskEngine) {
+    let held = match backend {
+        Backend::Memory => return (None, TaskEngine::new(TaskStore::memory(), config())),
+        Backend::Redis => Held::Redis(TestRedis::start().await),
+        Backend::Cluster => Held::Cluster(common::cluster::TestCluster::start().await),
+    };
+    let engine = redis_engine(&held.url());
+    (Some(held), engine)
+}
+
+fn redis_engine(url: &str) -> TaskEngine {
+    let store = RedisStore::connect(&RedisConfig::new(url)).unwrap();
     TaskEngine::new(TaskStore::redis(store, "koo"), config())
 }
 
 struct Koo {
     engine: TaskEngine,
     stop: CancellationToken,
-    _redis: Option<TestRedis>,
+    _redis: Option<Held>,
 }
 
 impl Koo {
@@ -111,7 +150,7 @@ impl Koo {
             // on Redis each pool gets its own engine and connections, as
             // separate processes would
             let pool_engine = match &redis {
-                Some(redis) => redis_engine(redis),
+                Some(held) => redis_engine(&held.url()),
                 None => engine.clone(),
             };
             let pool = WorkerPool::new(pool_engine, registry, vec![queue()], concurrency);

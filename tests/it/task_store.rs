@@ -24,6 +24,8 @@ fn later() -> Deadline {
 struct Fixture {
     /// The Redis under the store, when it is Redis.
     redis: Option<TestRedis>,
+    /// The Redis Cluster under the store, when it is one.
+    cluster: Option<common::cluster::TestCluster>,
     store: TaskStore,
     keys: QueueKeys,
     queue: QueueName,
@@ -45,11 +47,30 @@ impl Fixture {
         Self::on(redis, store, clock)
     }
 
+    async fn cluster() -> Self {
+        let (cluster, store, clock) = common::tasks::clocked_cluster_store().await;
+        let mut f = Self::on(None, store, clock);
+        f.cluster = Some(cluster);
+        f
+    }
+
+    /// A direct connection to the Redis node holding the queue's keys
+    /// (on a Cluster, its slot's master); `None` on the embedded store.
+    async fn raw(&self) -> Option<redis::aio::MultiplexedConnection> {
+        if let Some(redis) = &self.redis {
+            return Some(redis.conn().await);
+        }
+        let cluster = self.cluster.as_ref()?;
+        let port = cluster.master_of(&self.keys.ready()).await;
+        Some(cluster.nodes.iter().find(|n| n.port == port)?.conn().await)
+    }
+
     fn on(redis: Option<TestRedis>, store: TaskStore, clock: Clock) -> Self {
         let queue = QueueName::parse("research").unwrap();
         let keys = QueueKeys::new("koo", &queue);
         Fixture {
             redis,
+            cluster: None,
             store,
             keys,
             queue,
@@ -96,6 +117,36 @@ on_both!(
     idempotency_claims_expire_on_the_store_clock,
     expired_tasks_never_lease_nor_exhaust_the_scan,
 );
+
+/// Scenarios on a Redis Cluster too (three masters, three replicas; the
+/// queue's keys in one slot): `task_store::cluster::<scenario>`. Every
+/// scenario above passed there; these ten cover each transition script
+/// while keeping the Cluster cases' wall time (a cluster each) bounded.
+mod cluster {
+    macro_rules! on_cluster {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Fixture::cluster().await).await;
+                }
+            )*
+        };
+    }
+
+    on_cluster!(
+        leases_follow_priority_then_submission_order,
+        lapsed_lease_is_recovered_and_the_old_holder_fenced,
+        poison_task_is_dead_lettered,
+        scheduling_and_result_expiry,
+        progress_and_events_are_fenced_and_ordered,
+        finish_and_lease_takes_the_next_task_in_one_step,
+        a_paused_queue_leases_nothing_until_resumed,
+        history_is_trimmed_at_the_cap,
+        idempotency_claims_expire_on_the_store_clock,
+        expired_tasks_never_lease_nor_exhaust_the_scan,
+    );
+}
 
 impl Fixture {
     fn task(&self, name: &str, priority: Priority, max_retries: u32) -> Task {
@@ -249,8 +300,7 @@ async fn poison_task_is_dead_lettered(f: Fixture) {
     let stats = f.store.queue_stats(&f.queue, later()).await.unwrap();
     assert_eq!(stats.dead, 1);
     assert_eq!(stats.counts.get(koo::domain::Count::Lost), 2);
-    if let Some(redis) = &f.redis {
-        let mut conn = redis.conn().await;
+    if let Some(mut conn) = f.raw().await {
         let dead_ids: Vec<String> = conn.zrange(f.keys.dead(), 0, -1).await.unwrap();
         assert_eq!(dead_ids, [task.id.to_string()]);
     }
@@ -382,8 +432,7 @@ async fn scheduling_and_result_expiry(f: Fixture) {
     assert_eq!(history.len(), 1);
     assert_eq!(history[0].0, now_task.id.as_str());
     assert!(history[0].2.contains("succeeded"), "{history:?}");
-    if let Some(redis) = &f.redis {
-        let mut conn = redis.conn().await;
+    if let Some(mut conn) = f.raw().await {
         let ttl: i64 = conn.pttl(f.keys.task(&now_task.id)).await.unwrap();
         assert!(ttl > 0 && ttl <= 5_000, "{ttl}");
         let history_ttl: i64 = conn.pttl(f.keys.history_data()).await.unwrap();
@@ -708,8 +757,7 @@ async fn history_is_trimmed_at_the_cap(f: Fixture) {
     let mut kept: Vec<String> = page.into_iter().map(|(id, _, _)| id).collect();
     kept.sort();
     assert_eq!(kept, ids[2..], "the newest three stay");
-    if let Some(redis) = &f.redis {
-        let mut conn = redis.conn().await;
+    if let Some(mut conn) = f.raw().await {
         let summaries: u64 = conn.hlen(f.keys.history_data()).await.unwrap();
         let entries: u64 = conn.zcard(f.keys.history()).await.unwrap();
         assert_eq!((entries, summaries), (3, 3));

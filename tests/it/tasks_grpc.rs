@@ -27,6 +27,13 @@ on_both!(
     a_queue_orders_by_priority_then_submission,
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(
+    submit_tasks_in_a_batch,
+    watch_tasks_resumes_after_a_disconnect,
+    a_queue_orders_by_priority_then_submission,
+);
+
 /// A no-op submitted over gRPC runs on the built-in workers to SUCCEEDED;
 /// a countdown makes a task SCHEDULED first.
 async fn submitted_tasks_run_to_success(backend: Backend) {
@@ -405,7 +412,7 @@ async fn convenience_rpcs_and_queue_metrics(backend: Backend) {
     };
     let kind = match backend {
         Backend::Memory => "embedded",
-        Backend::Redis => "redis",
+        Backend::Redis | Backend::Cluster => "redis",
     };
     assert_eq!(
         store.fields["kind"].kind,
@@ -1167,6 +1174,7 @@ async fn resuming_past_the_kept_events_is_out_of_range(backend: Backend) {
             Koo {
                 redis: None,
                 server,
+                cluster: None,
             }
         }
         Backend::Redis => {
@@ -1179,8 +1187,10 @@ async fn resuming_past_the_kept_events_is_out_of_range(backend: Backend) {
             Koo {
                 redis: Some(redis),
                 server,
+                cluster: None,
             }
         }
+        Backend::Cluster => unreachable!("not a cluster scenario"),
     };
     let mut c = client(&koo.server);
     let watch = |token: String| pb::WatchTasksRequest {

@@ -21,6 +21,9 @@ on_both!(
     workers_that_do_not_ask_get_single_messages
 );
 
+// the scenarios that apply on a Redis Cluster too
+crate::on_cluster_too!(batches_both_ways,);
+
 const NAME: &str = "koo.examples.batched";
 const QUEUE: &str = "pdf_processing";
 

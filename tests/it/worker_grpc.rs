@@ -1097,7 +1097,7 @@ async fn koo_stopping_hands_stream_tasks_back() {
         .await
         .unwrap();
     assert_eq!(id(&worker.next_task().await), task.id);
-    let Koo { redis, server } = koo;
+    let Koo { redis, server, .. } = koo;
     server.shutdown().await;
     // the stream ends with the server
     let end = tokio::time::timeout(common::EVENT_TIMEOUT, worker.rx.message())

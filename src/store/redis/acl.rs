@@ -35,7 +35,7 @@ pub const REDIS_ACL_RULES: &str = "-@all \
 +lrange +rpush +smembers +sadd +srem +scard \
 +zadd +zcard +zrange +zrangebyscore +zrevrangebyscore +zrem +zremrangebyscore +zremrangebyrank +zscore \
 +xadd +xtrim +xread +xrevrange +xinfo|stream \
-+multi +exec +evalsha +script|load \
++multi +exec +evalsha +script|load +wait \
 +publish +subscribe +unsubscribe \
 +cluster|slots +cluster|nodes +cluster|info +asking";
 

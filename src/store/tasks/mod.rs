@@ -48,6 +48,15 @@ pub struct TaskLimits {
     /// plain path costs nothing more. Key limits, back-offs and concurrency
     /// caps are looked up for tasks that carry a key, whatever this says.
     pub flow: bool,
+    /// Replicas a submit waits for (`WAIT`, in its round trip) before it is
+    /// acknowledged (`KOO_TASK_SUBMIT_WAIT_REPLICAS`): then a failover
+    /// cannot lose an acknowledged submit. 0 (the default): no wait, and
+    /// the loss window of asynchronous replication stays open.
+    pub submit_wait_replicas: u32,
+    /// How long a submit waits for them before it answers UNAVAILABLE
+    /// (`KOO_TASK_SUBMIT_WAIT_TIMEOUT`; `WAIT` holds the pooled connection
+    /// it runs on meanwhile, so it is kept short).
+    pub submit_wait_timeout: Duration,
 }
 
 impl Default for TaskLimits {
@@ -58,6 +67,8 @@ impl Default for TaskLimits {
             lease_scan: 100,
             dead_ttl: Duration::from_secs(7 * 24 * 3600),
             flow: false,
+            submit_wait_replicas: 0,
+            submit_wait_timeout: Duration::from_millis(200),
         }
     }
 }
@@ -310,6 +321,15 @@ impl TaskStore {
 
     fn backend(&self) -> &dyn Any {
         self.0.as_any()
+    }
+
+    /// Makes idempotency claims on Redis wait for `replicas` replicas, as
+    /// submits do with [`TaskLimits::submit_wait_replicas`] (nothing on the
+    /// embedded store).
+    pub fn wait_claims_for(&self, replicas: u32, timeout: Duration) {
+        if let Some(redis) = self.backend().downcast_ref::<RedisTasks>() {
+            redis.wait_claims_for(replicas, timeout);
+        }
     }
 
     /// The Redis pool and key prefix, when the tasks live on Redis (the

@@ -83,6 +83,8 @@ struct Inner {
 impl TaskEngine {
     /// An engine over `store`.
     pub fn new(store: TaskStore, config: TaskConfig) -> Self {
+        let limits = &config.limits;
+        store.wait_claims_for(limits.submit_wait_replicas, limits.submit_wait_timeout);
         Self {
             inner: Arc::new(Inner {
                 store,

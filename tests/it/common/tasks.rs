@@ -20,6 +20,9 @@ pub const KOO: &str = env!("CARGO_BIN_EXE_koo");
 pub enum Backend {
     Memory,
     Redis,
+    /// A Redis Cluster (three masters, three replicas): see
+    /// [`on_cluster_too!`](crate::on_cluster_too).
+    Cluster,
 }
 
 /// A task store on `backend` with a clock the test can move (leases lapse
@@ -37,6 +40,9 @@ pub async fn clocked_store(
     let clock = koo::store::clock::Clock::system();
     match backend {
         Backend::Memory => (None, TaskStore::memory_with_clock(clock.clone()), clock),
+        Backend::Cluster => {
+            unreachable!("a Cluster's store keeps its cluster: clocked_cluster_store")
+        }
         Backend::Redis => {
             let redis = TestRedis::start().await;
             let config = koo::store::RedisConfig::new(redis.url());
@@ -47,10 +53,28 @@ pub async fn clocked_store(
     }
 }
 
+/// [`clocked_store`] on a fresh Redis Cluster (three masters, three
+/// replicas): the cluster (kept as long as the store), the store, its
+/// clock.
+pub async fn clocked_cluster_store() -> (
+    super::cluster::TestCluster,
+    koo::store::tasks::TaskStore,
+    koo::store::clock::Clock,
+) {
+    let cluster = super::cluster::TestCluster::start().await;
+    let clock = koo::store::clock::Clock::system();
+    let config = koo::store::RedisConfig::new(cluster.url());
+    let store = koo::store::RedisStore::connect(&config).unwrap();
+    let tasks = koo::store::tasks::TaskStore::redis_with_clock(store, "koo", clock.clone());
+    (cluster, tasks, clock)
+}
+
 /// A koo server and, on Redis, its Redis.
 pub struct Koo {
     pub redis: Option<TestRedis>,
     pub server: TestServer,
+    /// The Redis Cluster, on [`Backend::Cluster`].
+    pub cluster: Option<super::cluster::TestCluster>,
 }
 
 impl Koo {
@@ -82,6 +106,20 @@ pub async fn start_on_with(
             Koo {
                 redis: Some(redis),
                 server,
+                cluster: None,
+            }
+        }
+        Backend::Cluster => {
+            let cluster = super::cluster::TestCluster::start().await;
+            let mut settings = test_settings(redis_settings(&cluster.url()));
+            short_intervals(&mut settings, workers);
+            adjust(&mut settings);
+            let server = TestServer::spawn(settings).await;
+            server.wait_health("", ServingStatus::Serving).await;
+            Koo {
+                redis: None,
+                server,
+                cluster: Some(cluster),
             }
         }
         Backend::Memory => {
@@ -94,6 +132,7 @@ pub async fn start_on_with(
             Koo {
                 redis: None,
                 server,
+                cluster: None,
             }
         }
     }
@@ -253,6 +292,23 @@ macro_rules! on_both {
                 }
             }
         )*
+    };
+}
+
+/// For each `async fn scenario(backend: Backend)` named, a test on a Redis
+/// Cluster (`<file>::cluster::<scenario>`): the scenarios whose every step
+/// applies there (no direct single-Redis access, no flow control).
+#[macro_export]
+macro_rules! on_cluster_too {
+    ($($name:ident),* $(,)?) => {
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::tasks::Backend::Cluster).await;
+                }
+            )*
+        }
     };
 }
 

@@ -21,6 +21,7 @@ impl RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<DebounceReply> {
+        self.refuse_keyed(task)?;
         let keys = self.keys(&task.id.queue());
         let mut call = self.scripts().debounce.call(self.clock());
         call.queue_keys(&keys, Some(&task.id))
@@ -34,7 +35,10 @@ impl RedisTasks {
         for (field, value) in task_fields::to_fields(task) {
             call.extra(field).extra(value);
         }
-        let reply: Vec<String> = self.store.invoke_once(call.done(), deadline).await?;
+        let script = self.scripts().debounce.script();
+        let reply: Vec<String> = self
+            .invoke_submit(script, call.done(), limits, deadline)
+            .await?;
         parse(reply)
     }
 }

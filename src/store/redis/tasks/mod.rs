@@ -19,11 +19,13 @@ mod invoke;
 mod reads;
 mod registry;
 mod scripts;
+mod slots;
 mod tally;
 mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
+pub(crate) use slots::FLOW_ON_CLUSTER;
 
 use args::{finish_args, lease_args, leased};
 
@@ -45,7 +47,7 @@ use crate::store::tasks::{
     Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
     RetryReply, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
-use crate::store::{Deadline, Result, StoreError};
+use crate::store::{Deadline, Result};
 
 /// The task store on Redis: the pool, the key prefix, and the clock whose
 /// offset every script adds to Redis's `TIME`.
@@ -57,6 +59,9 @@ pub struct RedisTasks {
     clock: Clock,
     /// The run and wait times ended here since the last flush.
     tally: tally::Tally,
+    /// Replicas an idempotency claim waits for, and for how long (ms; see
+    /// `slots.rs`).
+    claim_wait: (std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU64),
 }
 
 impl RedisTasks {
@@ -68,6 +73,7 @@ impl RedisTasks {
             flow_base: crate::keys::flow_base(prefix),
             clock,
             tally: tally::Tally::default(),
+            claim_wait: (0.into(), 0.into()),
         }
     }
 
@@ -148,9 +154,10 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
+        self.refuse_keyed(task)?;
         let call = self.submit_call(task, delay, &[], limits);
-        self.store
-            .invoke_once::<i64>(call.done(), deadline)
+        let script = self.scripts().submit.script();
+        self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await
             .map(drop)
     }
@@ -166,7 +173,8 @@ impl TaskBackend for RedisTasks {
         self.debounced(task, window, limits, deadline).await
     }
 
-    /// One pipeline, the script loaded first in the same round trip.
+    /// One pipeline, the script loaded first in the same round trip; on a
+    /// Cluster, one per queue (see `slots.rs`).
     #[instrument(skip_all, level = "debug", fields(tasks = tasks.len()))]
     async fn submit_many(
         &self,
@@ -174,32 +182,10 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Vec<Result<()>>> {
-        let calls: Vec<_> = tasks
-            .iter()
-            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
-            .collect();
-        let mut pipe = redis::pipe();
-        pipe.load_script(self.scripts().submit.script());
-        for call in &calls {
-            pipe.invoke_script(call.done());
+        if self.store.is_cluster() {
+            return self.submit_per_queue(tasks, limits, deadline).await;
         }
-        pipe.ignore_errors();
-        let pipe = &pipe;
-        let replies: Vec<redis::RedisResult<redis::Value>> = self
-            .store
-            .run_once(
-                deadline,
-                |mut c| async move { pipe.query_async(&mut c).await },
-            )
-            .await?;
-        Ok(replies
-            .into_iter()
-            .skip(1)
-            .map(|r| {
-                r.map(drop)
-                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
-            })
-            .collect())
+        self.submit_pipeline(tasks.iter(), limits, deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue, worker))]
@@ -220,6 +206,7 @@ impl TaskBackend for RedisTasks {
             lease,
             names,
         };
+        let limits = self.lease_flow(limits);
         lease_args(&mut call, (&self.flow_base, queue), &keys, &ask, limits);
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         leased(
@@ -229,14 +216,21 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn set_limit(&self, limit: &Limit, deadline: Deadline) -> Result<()> {
+        self.refuse_flow(|| format!("limit {}", limit.field()))?;
         self.store.set_limit(&self.prefix, limit, deadline).await
     }
 
     async fn delete_limit(&self, field: &str, deadline: Deadline) -> Result<bool> {
+        if self.store.is_cluster() {
+            return Ok(false); // none can be set there (see `slots.rs`)
+        }
         self.store.delete_limit(&self.prefix, field, deadline).await
     }
 
     async fn limits(&self, deadline: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
+        if self.store.is_cluster() {
+            return Ok((0, Vec::new())); // none can be set there
+        }
         self.store
             .limits(&self.prefix, self.clock.offset_ms(), deadline)
             .await
@@ -247,6 +241,7 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn back_off(&self, key: &str, wait: Duration, deadline: Deadline) -> Result<i64> {
+        self.refuse_flow(|| format!("the back-off of rate-limit key {key:?}"))?;
         let mut call = self.scripts().backoff.call(self.clock());
         call.key(Key::Flow, format!("{}backoff:{key}", self.flow_base))
             .arg("wait_ms", millis(wait).max(1));
@@ -319,9 +314,10 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
+        self.refuse_keyed(task)?;
         let call = self.submit_call(task, Duration::ZERO, waiting, limits);
-        self.store
-            .invoke_once::<i64>(call.done(), deadline)
+        let script = self.scripts().submit.script();
+        self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await
             .map(drop)
     }
@@ -392,7 +388,8 @@ impl TaskBackend for RedisTasks {
             .arg("value", value)
             .arg("ttl_ms", millis(ttl).max(1));
         // safe to retry: a second try finds our own claim
-        self.store.invoke(call.done(), deadline).await
+        let script = self.scripts().idem_claim.script();
+        self.invoke_claim(script, call.done(), deadline).await
     }
 
     async fn swap_idempotency(
@@ -408,7 +405,8 @@ impl TaskBackend for RedisTasks {
             .arg("old", old)
             .arg("new", new)
             .arg("ttl_ms", millis(ttl).max(1));
-        let swapped: i64 = self.store.invoke(call.done(), deadline).await?;
+        let script = self.scripts().idem_swap.script();
+        let swapped: i64 = self.invoke_claim(script, call.done(), deadline).await?;
         Ok(swapped == 1)
     }
 
@@ -507,7 +505,14 @@ impl TaskBackend for RedisTasks {
         let mut call = self.scripts().finish_lease.call(self.clock());
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
-        lease_args(&mut call, (&self.flow_base, &queue), &keys, next, limits);
+        let lease_limits = self.lease_flow(limits);
+        lease_args(
+            &mut call,
+            (&self.flow_base, &queue),
+            &keys,
+            next,
+            lease_limits,
+        );
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         let (reply, fields): (Option<Vec<String>>, redis::Value) =
             self.store.invoke_once(call.done(), deadline).await?;

@@ -31,6 +31,12 @@ impl RedisStore {
             .arg("PX")
             .arg(millis(ttl).max(1))
             .ignore();
+        if self.is_cluster() {
+            // the record and the index are in different slots: the record
+            // first, so that the index never names a pool with no record
+            self.query_pipe::<()>(&pipe, deadline).await?;
+            pipe = redis::pipe();
+        }
         pipe.cmd("ZADD")
             .arg(&index)
             .arg(record.seen_ms)
@@ -81,6 +87,11 @@ impl RedisStore {
         pipe.cmd("DEL")
             .arg(crate::keys::worker_record(prefix, id))
             .ignore();
+        if self.is_cluster() {
+            // two slots (see announce_worker)
+            self.query_pipe::<()>(&pipe, deadline).await?;
+            pipe = redis::pipe();
+        }
         pipe.cmd("ZREM")
             .arg(crate::keys::workers_index(prefix))
             .arg(id)
@@ -125,11 +136,21 @@ impl RedisStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("PTTL").arg(crate::keys::idempotency(prefix, key));
-        }
-        let left: Vec<i64> = self.query_pipe(&pipe, deadline).await?;
+        let left: Vec<i64> = if self.is_cluster() {
+            // each claim in its own slot: one PTTL each, all at once
+            let reads = keys.iter().map(|key| {
+                let mut cmd = redis::cmd("PTTL");
+                cmd.arg(crate::keys::idempotency(prefix, key));
+                async move { self.query::<i64>(&cmd, deadline).await }
+            });
+            futures::future::try_join_all(reads).await?
+        } else {
+            let mut pipe = redis::pipe();
+            for key in keys {
+                pipe.cmd("PTTL").arg(crate::keys::idempotency(prefix, key));
+            }
+            self.query_pipe(&pipe, deadline).await?
+        };
         Ok(left
             .into_iter()
             .map(|ms| ms == -1 || ms > clock_offset)
