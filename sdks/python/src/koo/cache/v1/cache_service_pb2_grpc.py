@@ -167,7 +167,8 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetMany(self, request, context):
-        """SetMany writes up to 1000 entries, all or nothing.
+        """SetMany writes up to 1000 entries, all or nothing (on a Redis Cluster,
+        all or nothing per hash slot: keys sharing a `{hash tag}` together).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

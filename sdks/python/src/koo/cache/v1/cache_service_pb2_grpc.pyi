@@ -48,7 +48,9 @@ class CacheServiceStub:
     GetMany: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetManyRequest, _cache_service_pb2.GetManyResponse]
     """GetMany reads up to 1000 keys of one level in one round trip."""
     SetMany: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.SetManyRequest, _cache_service_pb2.SetManyResponse]
-    """SetMany writes up to 1000 entries, all or nothing."""
+    """SetMany writes up to 1000 entries, all or nothing (on a Redis Cluster,
+    all or nothing per hash slot: keys sharing a `{hash tag}` together).
+    """
     DeleteMany: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.DeleteManyRequest, _cache_service_pb2.DeleteManyResponse]
     """DeleteMany removes up to 1000 keys of one level."""
     ListKeys: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.ListKeysRequest, _cache_service_pb2.ListKeysResponse]
@@ -137,7 +139,9 @@ class CacheServiceAsyncStub(CacheServiceStub):
     GetMany: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetManyRequest, _cache_service_pb2.GetManyResponse]  # type: ignore[assignment]
     """GetMany reads up to 1000 keys of one level in one round trip."""
     SetMany: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.SetManyRequest, _cache_service_pb2.SetManyResponse]  # type: ignore[assignment]
-    """SetMany writes up to 1000 entries, all or nothing."""
+    """SetMany writes up to 1000 entries, all or nothing (on a Redis Cluster,
+    all or nothing per hash slot: keys sharing a `{hash tag}` together).
+    """
     DeleteMany: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.DeleteManyRequest, _cache_service_pb2.DeleteManyResponse]  # type: ignore[assignment]
     """DeleteMany removes up to 1000 keys of one level."""
     ListKeys: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.ListKeysRequest, _cache_service_pb2.ListKeysResponse]  # type: ignore[assignment]
@@ -253,7 +257,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_service_pb2.SetManyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.SetManyResponse, _abc.Awaitable[_cache_service_pb2.SetManyResponse]]:
-        """SetMany writes up to 1000 entries, all or nothing."""
+        """SetMany writes up to 1000 entries, all or nothing (on a Redis Cluster,
+        all or nothing per hash slot: keys sharing a `{hash tag}` together).
+        """
 
     @_abc_1.abstractmethod
     def DeleteMany(
