@@ -201,7 +201,6 @@ async fn a_pending_dependent_of_an_expired_task_is_cancelled_naming_it(backend: 
     })
     .await
     .unwrap();
-    let first = submit_ok(&mut c, expiring_after(JOB, 300)).await;
     let blocker = submit_ok(&mut c, job(JOB, pb::TaskCategory::Research)).await;
     // 100 older PENDING tasks in the dependent's queue: its release must not
     // wait for the sweep's repair of pending tasks, which looks at the 100
@@ -216,6 +215,9 @@ async fn a_pending_dependent_of_an_expired_task_is_cancelled_naming_it(backend: 
         )
         .await;
     }
+    // submitted after the fillers, so that its 300 ms cannot run out before
+    // its dependent is submitted, however slow the machine
+    let first = submit_ok(&mut c, expiring_after(JOB, 300)).await;
     let dependent = submit_ok(
         &mut c,
         pb::SubmitTaskRequest {
