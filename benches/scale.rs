@@ -21,7 +21,8 @@
 //! machine, not by koo or Redis; the CPU figures let it be read past that:
 //! with C cores for koo, tasks/s <= C / (koo CPU per task).
 //!
-//! `BENCH_NODES` (default `1,2,3`), `BENCH_REPS` (default 1). One JSON line
+//! `BENCH_NODES` (default `1,2,3`), `BENCH_REPS` (default 1), `BENCH_TOPOLOGY=single`
+//! (one plain redis-server instead of the Cluster, for comparison). One JSON line
 //! per measurement on stdout (and `target/bench-results/scale.jsonl`),
 //! a table at the end; progress on stderr.
 
@@ -63,9 +64,22 @@ fn main() -> Result<()> {
 
 struct Cluster {
     nodes: Vec<RedisServer>,
+    /// One plain server instead (`BENCH_TOPOLOGY=single`), for comparison.
+    single: bool,
 }
 
 impl Cluster {
+    /// One `redis-server`, not a Cluster: the same workload for comparison.
+    async fn single(tmp: &Path) -> Result<Self> {
+        let server =
+            std::env::var("KOO_BENCH_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let node = start_redis(&server, tmp, &["--maxmemory-policy", "noeviction"]).await?;
+        Ok(Self {
+            nodes: vec![node],
+            single: true,
+        })
+    }
+
     async fn start(tmp: &Path) -> Result<Self> {
         let server =
             std::env::var("KOO_BENCH_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
@@ -122,7 +136,10 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stdout)
             );
         }
-        let cluster = Self { nodes };
+        let cluster = Self {
+            nodes,
+            single: false,
+        };
         cluster.wait_ok().await?;
         Ok(cluster)
     }
@@ -151,6 +168,9 @@ impl Cluster {
     }
 
     fn url(&self) -> String {
+        if self.single {
+            return self.nodes[0].url.clone();
+        }
         let hosts: Vec<&str> = self
             .nodes
             .iter()
@@ -168,6 +188,9 @@ impl Cluster {
 
     /// Which master (port) holds each queue's slot.
     async fn placement(&self) -> Result<Vec<(String, String)>> {
+        if self.single {
+            return Ok(Vec::new());
+        }
         let mut c = redis::Client::open(self.nodes[0].url.as_str())?
             .get_multiplexed_async_connection()
             .await?;
@@ -314,8 +337,8 @@ fn value() -> Option<CacheValue> {
     })
 }
 
-/// Gets and Sets (9:1) for `seconds` from every node at once: calls.
-async fn cache_mix(nodes: &[Node], seconds: f64, concurrency: usize) -> Result<(u64, u64)> {
+/// The keys `cache_mix` reads, written before its CPU window.
+async fn preload(nodes: &[Node]) -> Result<()> {
     for i in 0..10_000u32 {
         let mut c = nodes[i as usize % nodes.len()].cache.clone();
         c.set(SetRequest {
@@ -326,6 +349,11 @@ async fn cache_mix(nodes: &[Node], seconds: f64, concurrency: usize) -> Result<(
         })
         .await?;
     }
+    Ok(())
+}
+
+/// Gets and Sets (9:1) for `seconds` from every node at once: calls.
+async fn cache_mix(nodes: &[Node], seconds: f64, concurrency: usize) -> Result<(u64, u64)> {
     let calls = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let until = Instant::now() + Duration::from_secs_f64(seconds);
@@ -397,7 +425,12 @@ async fn run() -> Result<()> {
     std::fs::create_dir_all(&results)?;
     let mut out = std::fs::File::create(results.join("scale.jsonl"))?;
 
-    let cluster = Cluster::start(&tmp).await?;
+    let single = std::env::var("BENCH_TOPOLOGY").is_ok_and(|t| t == "single");
+    let cluster = if single {
+        Cluster::single(&tmp).await?
+    } else {
+        Cluster::start(&tmp).await?
+    };
     let url = cluster.url();
     eprintln!("cluster: {url}");
     for (q, at) in cluster.placement().await? {
@@ -428,7 +461,7 @@ async fn run() -> Result<()> {
             let tps = tasks as f64 / seconds;
             emit(
                 serde_json::json!({
-                    "mode": "tasks", "nodes": n, "rep": rep, "n": tasks, "queues": QUEUES.len(),
+                    "mode": "tasks", "topology": if single { "single" } else { "cluster" }, "nodes": n, "rep": rep, "n": tasks, "queues": QUEUES.len(),
                     "cores": cores, "tasks_per_s": tps,
                     "cpu_us_per_task": {
                         "koo_per_node": koo_per_node,
@@ -438,6 +471,7 @@ async fn run() -> Result<()> {
                 }),
                 &mut out,
             );
+            preload(&nodes).await?;
             let (koo0, redis0) = (cpu(&nodes), cluster.cpu());
             let (calls, errors) = cache_mix(&nodes, cache_seconds, concurrency).await?;
             let (koo1, redis1) = (cpu(&nodes), cluster.cpu());
@@ -449,7 +483,7 @@ async fn run() -> Result<()> {
                 .collect();
             emit(
                 serde_json::json!({
-                    "mode": "cache", "nodes": n, "rep": rep, "seconds": cache_seconds,
+                    "mode": "cache", "topology": if single { "single" } else { "cluster" }, "nodes": n, "rep": rep, "seconds": cache_seconds,
                     "concurrency_per_node": concurrency, "get_set": "9:1", "value_bytes": 100,
                     "ops_per_s": ops, "errors": errors,
                     "cpu_us_per_call": {
