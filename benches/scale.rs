@@ -179,6 +179,70 @@ impl Cluster {
         format!("redis+cluster://{}/", hosts.join(","))
     }
 
+    /// `CONFIG RESETSTAT` on every node (before a measured run).
+    async fn reset_stats(&self) -> Result<()> {
+        for node in &self.nodes {
+            let mut c = redis::Client::open(node.url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?;
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(&mut c)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The commands the masters ran per task since [`Self::reset_stats`]
+    /// (`INFO commandstats`; a script's inner commands count too), the
+    /// most frequent first: what a task costs Redis, whatever the machine.
+    async fn commands_per(&self, tasks: usize) -> Result<serde_json::Value> {
+        let mut calls: std::collections::BTreeMap<String, u64> = Default::default();
+        for node in &self.nodes {
+            let mut c = redis::Client::open(node.url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?;
+            let role: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await?;
+            if !role.contains("role:master") {
+                continue;
+            }
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut c)
+                .await?;
+            for line in stats.lines() {
+                let Some((name, rest)) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split_once(":calls="))
+                else {
+                    continue;
+                };
+                let n: u64 = rest.split(',').next().unwrap_or("0").parse().unwrap_or(0);
+                *calls.entry(name.to_owned()).or_default() += n;
+            }
+        }
+        let mut sorted: Vec<(String, u64)> = calls.into_iter().collect();
+        sorted.sort_by(|a, b| b.1.cmp(&a.1));
+        let total: u64 = sorted
+            .iter()
+            .filter(|(n, _)| n != "evalsha")
+            .map(|(_, c)| c)
+            .sum();
+        let mut out = serde_json::Map::new();
+        out.insert(
+            "all_but_evalsha".into(),
+            (total as f64 / tasks as f64).into(),
+        );
+        for (name, n) in sorted.into_iter().take(16) {
+            let per = (n as f64 / tasks as f64 * 100.0).round() / 100.0;
+            out.insert(name, per.into());
+        }
+        Ok(out.into())
+    }
+
     fn cpu(&self) -> f64 {
         self.nodes
             .iter()
@@ -449,9 +513,11 @@ async fn run() -> Result<()> {
                     .map(|n| cpu_seconds(n.koo.guard.pid()).unwrap_or(f64::NAN))
                     .collect()
             };
+            cluster.reset_stats().await?;
             let (koo0, redis0) = (cpu(&nodes), cluster.cpu());
             let seconds = tasks_e2e(&nodes, tasks).await?;
             let (koo1, redis1) = (cpu(&nodes), cluster.cpu());
+            let commands = cluster.commands_per(tasks).await?;
             let per = |a: f64, b: f64, k: usize| (a - b) * 1e6 / k as f64;
             let koo_per_node: Vec<f64> = koo1
                 .iter()
@@ -468,6 +534,7 @@ async fn run() -> Result<()> {
                         "koo_total": koo_per_node.iter().sum::<f64>(),
                         "redis_total": per(redis1, redis0, tasks),
                     },
+                    "redis_calls_per_task": commands,
                 }),
                 &mut out,
             );
