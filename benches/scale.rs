@@ -225,7 +225,7 @@ impl Cluster {
             }
         }
         let mut sorted: Vec<(String, u64)> = calls.into_iter().collect();
-        sorted.sort_by(|a, b| b.1.cmp(&a.1));
+        sorted.sort_by_key(|s| std::cmp::Reverse(s.1));
         let total: u64 = sorted
             .iter()
             .filter(|(n, _)| n != "evalsha")
