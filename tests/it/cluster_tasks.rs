@@ -478,3 +478,45 @@ async fn a_submit_waiting_for_a_missing_replica_is_unavailable() {
         "{err:?}"
     );
 }
+
+/// Scenario: `koo serve` with no built-in workers and a separate `koo
+/// worker` process (the binary, configured by its environment), both on
+/// `redis+cluster://`: tasks on queues of three masters are leased by the
+/// worker process and succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_koo_worker_process_runs_tasks_on_the_cluster() {
+    let cluster = TestCluster::start().await;
+    let queues = queues_on_each_master(&cluster).await;
+    let server = koo_on(&cluster, &queues, 0, 0).await;
+    let names: Vec<&str> = queues.iter().map(|(q, _)| q.as_str()).collect();
+    let mut worker = common::ChildGuard(
+        std::process::Command::new(env!("CARGO_BIN_EXE_koo"))
+            .arg("worker")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("REDIS_URL", cluster.url())
+            .env("KOO_TASK_QUEUES", names.join(","))
+            .env("KOO_WORKER_CONCURRENCY", "2")
+            .env("KOO_WORKER_POLL_INTERVAL", "20ms")
+            .env("KOO_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn koo worker"),
+    );
+    let mut c = client(&server);
+    let mut ids = Vec::new();
+    for (q, _) in &queues {
+        ids.push(submit_ok(&mut c, on_queue(q, short_sleep())).await.id);
+    }
+    for id in &ids {
+        let done = wait_task(&mut c, id, is_final).await;
+        // koo serve has no built-in slots: only the worker process can have run it
+        assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+        assert_eq!(done.attempts, 1, "{done:?}");
+    }
+    assert!(
+        worker.0.try_wait().unwrap().is_none(),
+        "the worker process is still running"
+    );
+}
