@@ -18,9 +18,7 @@ use redis::aio::{
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{
-    Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, TlsCertificates, Value,
-};
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 use super::{RedisConfig, is_tls, redact};
 use crate::store::{Result, StoreError};
@@ -429,13 +427,9 @@ fn client_with(
 ) -> Result<redis::Client> {
     let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
     match &config.tls {
-        Some(t) if tls => redis::Client::build_with_tls(info, certificates(t)).map_err(bad),
+        Some(t) if tls => redis::Client::build_with_tls(info, t.certificates()).map_err(bad),
         _ => redis::Client::open(info).map_err(bad),
     }
-}
-
-fn certificates(tls: &super::RedisTls) -> TlsCertificates {
-    tls.certificates()
 }
 
 fn plaintext_with_tls(url: &str) -> StoreError {
