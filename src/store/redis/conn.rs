@@ -391,7 +391,7 @@ fn sentinel_link(
         password,
         sentinel_username,
         sentinel_password,
-        tls: tls.then(|| config.tls.as_ref().map(certificates)),
+        tls: tls.then(|| config.tls.as_ref().map(super::RedisTls::certificates)),
         tcp,
         connect_timeout: config.connect_timeout,
     })
