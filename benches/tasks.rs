@@ -144,6 +144,7 @@ async fn run() -> Result<()> {
         reps,
         label: &label,
         redis_pid,
+        redis_url: url.clone(),
     };
     run.measure(&client, &mut koo, &mut out).await?;
     if queued > 0 {
@@ -293,6 +294,7 @@ async fn external_worker(
         reps,
         label,
         redis_pid: None,
+        redis_url: url.to_owned(),
     };
     run.measure(&client, &mut koo, out).await?;
     Ok(())
@@ -309,6 +311,8 @@ struct Run<'a> {
     /// The bench's own redis-server, whose CPU per task is reported (none
     /// when the bench runs against a Redis it did not start).
     redis_pid: Option<u32>,
+    /// The Redis under koo, whose commands per task are reported.
+    redis_url: String,
 }
 
 impl Run<'_> {
@@ -327,8 +331,18 @@ impl Run<'_> {
             // shared machine, and what "no slowdown" costs in hardware
             let cpu = |pid: Option<u32>| pid.and_then(support::cpu_seconds);
             let before = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid));
+            let calls_before = support::redis_calls(&self.redis_url).await;
             let (seconds, submit_seconds) = e2e(client, tasks).await?;
             let after = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid));
+            let calls_after = support::redis_calls(&self.redis_url).await;
+            // Redis's commands per task (a script's own calls included),
+            // and its script calls: noise-free, unlike the CPU figures
+            let calls = calls_before.zip(calls_after).map(|(b, a)| {
+                serde_json::json!({
+                    "commands": (a.0 - b.0) as f64 / tasks as f64,
+                    "scripts": (a.1 - b.1) as f64 / tasks as f64,
+                })
+            });
             let per_task = |b: Option<f64>, a: Option<f64>| {
                 a.zip(b).map(|(a, b)| (a - b) * 1e6 / tasks as f64)
             };
@@ -343,6 +357,7 @@ impl Run<'_> {
                         "koo": per_task(before.0, after.0),
                         "redis": per_task(before.1, after.1),
                     },
+                    "redis_calls_per_task": calls,
                 }),
                 out,
             );

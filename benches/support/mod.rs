@@ -514,3 +514,34 @@ impl Figures {
 pub fn koo_bin() -> String {
     std::env::var("KOO_BENCH_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_koo").to_owned())
 }
+
+/// Commands a Redis has run so far (`INFO commandstats`): those run by
+/// scripts and by clients (every `calls=` but EVALSHA's), and the EVALSHA
+/// calls; `None` when the server cannot be asked. Differences of two
+/// readings are what a run cost Redis in commands, whatever the machine's
+/// noise.
+pub async fn redis_calls(url: &str) -> Option<(u64, u64)> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let (mut commands, mut scripts) = (0, 0);
+    for line in stats.lines() {
+        let Some((name, rest)) = line
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(":calls="))
+        else {
+            continue;
+        };
+        let n: u64 = rest.split(',').next()?.parse().ok()?;
+        if name == "evalsha" {
+            scripts += n;
+        } else {
+            commands += n;
+        }
+    }
+    Some((commands, scripts))
+}

@@ -14,7 +14,7 @@ use koo::domain::task::{Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
 use koo::store::Deadline;
 use koo::store::clock::Clock;
-use koo::store::tasks::{Beat, LeaseAsk, TaskLimits, TaskStore};
+use koo::store::tasks::{Beat, DependReply, LeaseAsk, TaskLimits, TaskStore};
 use redis::AsyncCommands;
 
 fn later() -> Deadline {
@@ -213,6 +213,115 @@ impl Fixture {
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// What a task's end leaves in Redis expires with its result: the hash, its
+/// log, and the set of the tasks that wait on it; a task cancelled while it
+/// waits takes its own set of dependencies along; a success after a retried
+/// attempt carries no error, and its attempt no progress of the one before.
+/// (The end of an attempt reads and writes only what exists: these are the
+/// cases it must still cover.)
+#[tokio::test]
+async fn what_an_ended_task_leaves_in_redis_expires_with_it() {
+    let f = Fixture::redis().await;
+    let mut conn = f.raw().await.expect("a Redis");
+    let key = |id: &TaskId, suffix: &str| format!("{}{suffix}", f.keys.task(id));
+    let a = f.task("a", Priority::Normal, 1);
+    f.submit(&a).await;
+    let b = f.task("b", Priority::Normal, 0);
+    let c = f.task("c", Priority::Normal, 0);
+    for t in [&b, &c] {
+        let reply = f.store.depend_on(&a.id, &t.id, later()).await.unwrap();
+        assert!(matches!(reply, DependReply::Waiting), "{reply:?}");
+        f.store
+            .submit_pending(
+                t,
+                std::slice::from_ref(&a.id),
+                TaskLimits::default(),
+                later(),
+            )
+            .await
+            .unwrap();
+    }
+    f.store
+        .cancel(&c.id, "not needed", TaskLimits::default(), later())
+        .await
+        .unwrap();
+    let c_deps: i64 = conn.pttl(key(&c.id, ":deps")).await.unwrap();
+    assert!(
+        c_deps > 0,
+        "a cancelled waiting task's :deps expires: PTTL {c_deps}"
+    );
+
+    // a: a first attempt with progress that asks for a retry, then a success
+    let first = f.lease("w", Duration::from_secs(60)).await.unwrap();
+    assert_eq!((first.id.clone(), first.attempts), (a.id.clone(), 1));
+    f.store
+        .progress(&a.id, 1, "{\"done\":0.5}", TaskLimits::default(), later())
+        .await
+        .unwrap();
+    let retry = Outcome::Retry {
+        error: "{\"message\":\"once\"}".into(),
+        delay: Duration::ZERO,
+    };
+    assert_eq!(f.finish(&a.id, 1, retry).await, Some(State::Scheduled));
+    let second = f.lease("w", Duration::from_secs(60)).await.unwrap();
+    assert_eq!((second.id.clone(), second.attempts), (a.id.clone(), 2));
+    assert_eq!(second.progress, None, "progress belongs to its attempt");
+    let (state, waited_on) = f
+        .store
+        .finish(
+            &a.id,
+            2,
+            &Outcome::Succeeded("1".into()),
+            "{\"worker\":\"w\"}",
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap()
+        .expect("not fenced");
+    assert_eq!((state, waited_on), (State::Succeeded, true));
+    let ended = f.get(&a.id).await;
+    assert_eq!(
+        ended.error, None,
+        "a success clears the earlier attempt's error"
+    );
+    for suffix in ["", ":log", ":dependents"] {
+        let ttl: i64 = conn.pttl(key(&a.id, suffix)).await.unwrap();
+        assert!(
+            ttl > 0 && ttl <= 60_000,
+            "{suffix:?} of the ended task: PTTL {ttl}"
+        );
+    }
+    let deps: bool = conn.exists(key(&a.id, ":deps")).await.unwrap();
+    assert!(!deps, "a task that waited on nothing has no :deps");
+
+    // a task nobody waits on ends without a :dependents set, and says so
+    let lone = f.task("lone", Priority::Normal, 0);
+    f.submit(&lone).await;
+    let leased = f.lease("w", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(leased.id, lone.id);
+    let (_, waited_on) = f
+        .store
+        .finish(
+            &lone.id,
+            1,
+            &Outcome::Succeeded("2".into()),
+            "{\"worker\":\"w\"}",
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap()
+        .expect("not fenced");
+    assert!(!waited_on);
+    for suffix in [":deps", ":dependents"] {
+        let exists: bool = conn.exists(key(&lone.id, suffix)).await.unwrap();
+        assert!(!exists, "{suffix} of a task nobody waited on");
+    }
+    let ttl: i64 = conn.pttl(key(&lone.id, "")).await.unwrap();
+    assert!(ttl > 0, "PTTL {ttl}");
 }
 
 /// Within a queue, higher priority runs first and equal priorities in

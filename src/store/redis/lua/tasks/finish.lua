@@ -3,9 +3,12 @@
 -- caller releases them only then), then the attempt's times (times_of in
 -- lib.lua: none, or name, sub-window, run, wait) }, or false when fenced. KEYS and ARGV:
 -- declared in scripts.rs (FINISH).
-local state, token, cancel, name, attempts, created, started, expire_ms, cc = unpack(redis.call(
-  'HMGET', K_task, 'state', 'token', 'cancel', 'name', 'attempts', 'created_ms', 'started_ms',
-  'expire_ms', 'cc'))
+-- one read for everything, record_end's fields included (each redis.call
+-- costs about as much as the fields it reads)
+local state, token, cancel, name, attempts, created, started, expire_ms, cc, category, ttl,
+  schedule, dkey = unpack(redis.call('HMGET', K_task, 'state', 'token', 'cancel', 'name',
+  'attempts', 'created_ms', 'started_ms', 'expire_ms', 'cc', 'category', 'result_ttl_ms',
+  'schedule', 'debounce_key'))
 if state ~= 'running' or token ~= A_token then return false end
 local outcome = A_outcome
 if outcome == 'retry' and budget_spent(K_task) then
@@ -47,9 +50,13 @@ local field = 'result'
 if outcome ~= 'succeeded' then field = 'error' end
 redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', now, 'worker', '',
   'lease_until', 0)
--- a success supersedes the errors of earlier attempts (they stay in the log)
-if outcome == 'succeeded' then redis.call('HDEL', K_task, 'error') end
-record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms)
+-- a success supersedes the errors of earlier attempts (they stay in the
+-- log); a first attempt has none (every end that writes an error either
+-- counted an attempt or ended the task, and RetryTask deletes it)
+if outcome == 'succeeded' and tonumber(attempts) > 1 then redis.call('HDEL', K_task, 'error') end
+local waited_on = redis.call('EXISTS', K_task .. ':dependents') == 1
+record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms,
+  false, { name, category, attempts, ttl, schedule, started, dkey, waited_on })
 add_event(K_events, A_events_cap, A_id, name, outcome, 'at', now)
-if redis.call('EXISTS', K_task .. ':dependents') == 1 then outcome = outcome .. '+' end
+if waited_on then outcome = outcome .. '+' end
 return { outcome, unpack(times) }

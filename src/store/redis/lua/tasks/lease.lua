@@ -269,8 +269,9 @@ while true do
       redis.call('HSET', key, 'state', 'running', 'worker', A_worker, 'attempts', attempt,
         'token', (tonumber(token) or 0) + 1, 'started_ms', now, 'lease_until', deadline,
         'hard_until', hard_deadline)
-      -- progress belongs to an attempt
-      redis.call('HDEL', key, 'progress')
+      -- progress belongs to an attempt (a first one has none: RetryTask
+      -- and a hand-back delete it)
+      if attempt > 1 then redis.call('HDEL', key, 'progress') end
       local score = deadline
       if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
       redis.call('ZADD', K_leases, score, id)

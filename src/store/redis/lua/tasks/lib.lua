@@ -128,10 +128,23 @@ end
 -- `unrun`: the task ends without running since it was last queued (a
 -- cancel or a failed dependency): its history names no start, whatever an
 -- earlier attempt's `started_ms` says.
-local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl, unrun)
+-- `ran`: given by an attempt's end (finish.lua), which has read the
+-- hash's fields already: { name, category, attempts, result_ttl_ms,
+-- schedule, started_ms, debounce_key, dependents } (`dependents`: whether
+-- its `:dependents` set exists), so that the commonest end makes no read
+-- of its own and no PEXPIRE of keys that do not exist. A task that ran has
+-- no `:deps` of its own: the set emptied (and Redis deleted it) before it
+-- was queued, and a leftover of an earlier end keeps that end's expiry
+-- (RetryTask persists only the hash and its log).
+local function record_end(key, id, outcome, history, history_data, dead, cap, dead_ttl, unrun, ran)
   cap = tonumber(cap)
-  local name, category, attempts, ttl, schedule, started, dkey = unpack(redis.call('HMGET', key,
-    'name', 'category', 'attempts', 'result_ttl_ms', 'schedule', 'started_ms', 'debounce_key'))
+  local name, category, attempts, ttl, schedule, started, dkey
+  if ran then
+    name, category, attempts, ttl, schedule, started, dkey = unpack(ran, 1, 7)
+  else
+    name, category, attempts, ttl, schedule, started, dkey = unpack(redis.call('HMGET', key,
+      'name', 'category', 'attempts', 'result_ttl_ms', 'schedule', 'started_ms', 'debounce_key'))
+  end
   forget_debounce(key, id, dkey)
   if outcome == 'failed' or outcome == 'timed_out' then
     redis.call('ZADD', dead, now, id)
@@ -151,8 +164,8 @@ local function record_end(key, id, outcome, history, history_data, dead, cap, de
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':log', ttl)
   -- dependency bookkeeping goes with the task
-  redis.call('PEXPIRE', key .. ':deps', ttl)
-  redis.call('PEXPIRE', key .. ':dependents', ttl)
+  if not ran then redis.call('PEXPIRE', key .. ':deps', ttl) end
+  if not ran or ran[8] then redis.call('PEXPIRE', key .. ':dependents', ttl) end
 end
 
 -- Whether a task's expiry (its `expire_ms` field, as read: false when it

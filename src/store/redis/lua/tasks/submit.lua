@@ -5,16 +5,24 @@ if redis.call('EXISTS', K_task) == 1 then
   return redis.error_reply('EXISTS task ' .. A_id .. ' already exists')
 end
 local deps = tonumber(A_deps)
-local fields = {}
-for i = ARGN + deps, #ARGV do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', K_task, unpack(fields))
 local state = 'queued'
 if deps > 0 then
   state = 'pending'
 elseif tonumber(A_delay_ms) > 0 then
   state = 'scheduled'
 end
-redis.call('HSET', K_task, 'created_ms', now, 'state', state)
+-- the hash in one write: its fields, then when and in what state it starts
+local fields, name = {}, ''
+for i = ARGN + deps, #ARGV, 2 do
+  fields[#fields + 1] = ARGV[i]
+  fields[#fields + 1] = ARGV[i + 1]
+  if ARGV[i] == 'name' then name = ARGV[i + 1] end
+end
+fields[#fields + 1] = 'created_ms'
+fields[#fields + 1] = now
+fields[#fields + 1] = 'state'
+fields[#fields + 1] = state
+redis.call('HSET', K_task, unpack(fields))
 if state == 'pending' then
   redis.call('SADD', K_task .. ':deps', unpack(ARGV, ARGN, ARGN + deps - 1))
   redis.call('ZADD', K_pending, now, A_id)
@@ -27,5 +35,5 @@ else
 end
 if tonumber(A_expire_ms) > 0 then redis.call('ZADD', K_expiring, A_expire_ms, A_id) end
 redis.call('HINCRBY', K_stats, 'submitted', 1)
-add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), state, 'at', now)
+add_event(K_events, A_events_cap, A_id, name, state, 'at', now)
 return now
