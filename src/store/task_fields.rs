@@ -59,46 +59,45 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
 }
 
 /// Rebuilds a task from its stored fields and log; says which field is
-/// missing or malformed otherwise.
-pub fn from_fields(
-    fields: &std::collections::HashMap<String, String>,
+/// missing or malformed otherwise. The fields may be owned or borrowed (a
+/// lease's reply is read in place: no string per field).
+pub fn from_fields<K, V>(
+    fields: &std::collections::HashMap<K, V>,
     log: Vec<String>,
-) -> Result<Task, String> {
-    let get = |name: &str| {
-        fields
-            .get(name)
-            .ok_or_else(|| format!("field {name} is missing"))
-    };
+) -> Result<Task, String>
+where
+    K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
+    V: AsRef<str>,
+{
+    let field = |name: &str| fields.get(name).map(AsRef::as_ref);
+    let get = |name: &str| field(name).ok_or_else(|| format!("field {name} is missing"));
     let num = |name: &str| -> Result<i64, String> {
         get(name)?
             .parse()
             .map_err(|_| format!("field {name} is not a number"))
     };
     let opt_num = |name: &str| {
-        fields
-            .get(name)
+        field(name)
             .and_then(|v| v.parse::<i64>().ok())
             .filter(|v| *v > 0)
     };
-    let text = |name: &str| fields.get(name).filter(|v| !v.is_empty()).cloned();
+    let text = |name: &str| field(name).filter(|v| !v.is_empty()).map(str::to_owned);
     Ok(Task {
         id: TaskId::parse(get("id")?).map_err(|e| e.to_string())?,
-        name: get("name")?.clone(),
+        name: get("name")?.to_owned(),
         category: Category::parse(get("category")?).ok_or("field category is unknown")?,
         priority: Priority::from_band(num("band")? as u64).ok_or("field band is unknown")?,
-        args: get("args")?.clone(),
-        kwargs: get("kwargs")?.clone(),
+        args: get("args")?.to_owned(),
+        kwargs: get("kwargs")?.to_owned(),
         state: State::parse(get("state")?).ok_or("field state is unknown")?,
         cache_result: text("cache_result"),
         schedule: text("schedule"),
-        schedule_tick_ms: fields.get("schedule_tick_ms").and_then(|v| v.parse().ok()),
-        depends_on: fields
-            .get("depends_on")
+        schedule_tick_ms: field("schedule_tick_ms").and_then(|v| v.parse().ok()),
+        depends_on: field("depends_on")
             .and_then(|d| serde_json::from_str(d).ok())
             .unwrap_or_default(),
         attempts: num("attempts")? as u32,
-        token: fields
-            .get("token")
+        token: field("token")
             .and_then(|t| t.parse().ok())
             .unwrap_or(num("attempts")? as u32),
         max_retries: num("max_retries")? as u32,

@@ -79,11 +79,110 @@ pub(super) fn leased(reply: redis::Value, sent_ms: i64) -> Result<Leased> {
             (wait > 0).then(|| sent_ms.saturating_add(wait)),
         )),
         other => {
-            let fields: HashMap<String, String> = redis::FromRedisValue::from_redis_value(other)
-                .map_err(|e| StoreError::Backend(format!("a leased task's hash: {e}")))?;
-            task_fields::from_fields(&fields, Vec::new())
-                .map(|t| Leased::Task(Box::new(t)))
+            let task = match borrowed_hash(&other) {
+                Some(fields) => task_fields::from_fields(&fields, Vec::new()),
+                None => {
+                    let fields: HashMap<String, String> =
+                        redis::FromRedisValue::from_redis_value(other).map_err(|e| {
+                            StoreError::Backend(format!("a leased task's hash: {e}"))
+                        })?;
+                    task_fields::from_fields(&fields, Vec::new())
+                }
+            };
+            task.map(|t| Leased::Task(Box::new(t)))
                 .map_err(StoreError::Backend)
         }
+    }
+}
+
+/// A hash returned by a script as a flat array of field, value pairs, read
+/// in place (every lease makes one: a string per field would be its
+/// largest allocation); `None` for any other shape or bytes that are not
+/// UTF-8, which the caller reads the general way (and reports).
+fn borrowed_hash(reply: &redis::Value) -> Option<HashMap<&str, &str>> {
+    let redis::Value::Array(items) = reply else {
+        return None;
+    };
+    if items.len() % 2 != 0 {
+        return None;
+    }
+    fn text(v: &redis::Value) -> Option<&str> {
+        match v {
+            redis::Value::BulkString(b) => std::str::from_utf8(b).ok(),
+            _ => None,
+        }
+    }
+    let mut fields = HashMap::with_capacity(items.len() / 2);
+    for pair in items.chunks_exact(2) {
+        fields.insert(text(&pair[0])?, text(&pair[1])?);
+    }
+    Some(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    fn hash(pairs: &[(&str, &[u8])]) -> Vec<Value> {
+        pairs
+            .iter()
+            .flat_map(|(k, v)| {
+                [
+                    Value::BulkString(k.as_bytes().to_vec()),
+                    Value::BulkString(v.to_vec()),
+                ]
+            })
+            .collect()
+    }
+
+    /// A lease's reply (a flat array, as a script returns a hash) is read in
+    /// place; a map (RESP3's shape) the general way, to the same task; bytes
+    /// that are not UTF-8 are an error naming the hash, never a panic.
+    #[test]
+    fn a_leased_hash_is_read_in_place_or_the_general_way() {
+        let id = TaskId::generate(&QueueName::parse("research").unwrap());
+        let pairs: Vec<(&str, &[u8])> = vec![
+            ("id", id.as_str().as_bytes()),
+            ("name", b"noop"),
+            ("category", b"research"),
+            ("band", b"2"),
+            ("args", b"[]"),
+            ("kwargs", b"{}"),
+            ("state", b"running"),
+            ("attempts", b"1"),
+            ("token", b"1"),
+            ("max_retries", b"3"),
+            ("created_ms", b"1796533099057"),
+            ("soft_ms", b"0"),
+            ("hard_ms", b"0"),
+            ("result_ttl_ms", b"3600000"),
+            ("worker", b"w/0"),
+        ];
+        let flat = Value::Array(hash(&pairs));
+        assert!(borrowed_hash(&flat).is_some());
+        let Ok(Leased::Task(in_place)) = leased(flat, 0) else {
+            panic!("not read");
+        };
+        assert_eq!(
+            (in_place.id.as_str(), in_place.name.as_str()),
+            (id.as_str(), "noop")
+        );
+        assert_eq!(in_place.worker.as_deref(), Some("w/0"));
+        let map = Value::Map(
+            hash(&pairs)
+                .chunks_exact(2)
+                .map(|p| (p[0].clone(), p[1].clone()))
+                .collect(),
+        );
+        assert!(borrowed_hash(&map).is_none());
+        let Ok(Leased::Task(general)) = leased(map, 0) else {
+            panic!("not read");
+        };
+        assert_eq!(general, in_place);
+        let mut bad = pairs.clone();
+        bad[1] = ("name", b"\xff\xfe");
+        let err = leased(Value::Array(hash(&bad)), 0).unwrap_err();
+        assert!(err.to_string().contains("a leased task's hash"), "{err}");
     }
 }
