@@ -213,14 +213,7 @@ impl Cluster {
                 .arg("commandstats")
                 .query_async(&mut c)
                 .await?;
-            for line in stats.lines() {
-                let Some((name, rest)) = line
-                    .strip_prefix("cmdstat_")
-                    .and_then(|l| l.split_once(":calls="))
-                else {
-                    continue;
-                };
-                let n: u64 = rest.split(',').next().unwrap_or("0").parse().unwrap_or(0);
+            for (name, n) in support::commandstats(&stats) {
                 *calls.entry(name.to_owned()).or_default() += n;
             }
         }

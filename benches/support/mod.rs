@@ -529,14 +529,7 @@ pub async fn redis_calls(url: &str) -> Option<(u64, u64)> {
         .await
         .ok()?;
     let (mut commands, mut scripts) = (0, 0);
-    for line in stats.lines() {
-        let Some((name, rest)) = line
-            .strip_prefix("cmdstat_")
-            .and_then(|l| l.split_once(":calls="))
-        else {
-            continue;
-        };
-        let n: u64 = rest.split(',').next()?.parse().ok()?;
+    for (name, n) in commandstats(&stats) {
         if name == "evalsha" {
             scripts += n;
         } else {
@@ -544,4 +537,12 @@ pub async fn redis_calls(url: &str) -> Option<(u64, u64)> {
         }
     }
     Some((commands, scripts))
+}
+
+/// Each command's name and call count in an `INFO commandstats` reply.
+pub fn commandstats(stats: &str) -> impl Iterator<Item = (&str, u64)> {
+    stats.lines().filter_map(|line| {
+        let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+        Some((name, rest.split(',').next()?.parse().ok()?))
+    })
 }

@@ -175,6 +175,18 @@ impl Fixture {
     }
 
     async fn finish(&self, id: &TaskId, token: u32, outcome: Outcome) -> Option<State> {
+        self.finish_waited(id, token, outcome)
+            .await
+            .map(|(state, _)| state)
+    }
+
+    /// [`Self::finish`], and whether tasks wait on it.
+    async fn finish_waited(
+        &self,
+        id: &TaskId,
+        token: u32,
+        outcome: Outcome,
+    ) -> Option<(State, bool)> {
         self.store
             .finish(
                 id,
@@ -186,7 +198,6 @@ impl Fixture {
             )
             .await
             .unwrap()
-            .map(|(state, _)| state)
     }
 
     async fn get(&self, id: &TaskId) -> Task {
@@ -269,17 +280,8 @@ async fn what_an_ended_task_leaves_in_redis_expires_with_it() {
     assert_eq!((second.id.clone(), second.attempts), (a.id.clone(), 2));
     assert_eq!(second.progress, None, "progress belongs to its attempt");
     let (state, waited_on) = f
-        .store
-        .finish(
-            &a.id,
-            2,
-            &Outcome::Succeeded("1".into()),
-            "{\"worker\":\"w\"}",
-            TaskLimits::default(),
-            later(),
-        )
+        .finish_waited(&a.id, 2, Outcome::Succeeded("1".into()))
         .await
-        .unwrap()
         .expect("not fenced");
     assert_eq!((state, waited_on), (State::Succeeded, true));
     let ended = f.get(&a.id).await;
@@ -303,17 +305,8 @@ async fn what_an_ended_task_leaves_in_redis_expires_with_it() {
     let leased = f.lease("w", Duration::from_secs(60)).await.unwrap();
     assert_eq!(leased.id, lone.id);
     let (_, waited_on) = f
-        .store
-        .finish(
-            &lone.id,
-            1,
-            &Outcome::Succeeded("2".into()),
-            "{\"worker\":\"w\"}",
-            TaskLimits::default(),
-            later(),
-        )
+        .finish_waited(&lone.id, 1, Outcome::Succeeded("2".into()))
         .await
-        .unwrap()
         .expect("not fenced");
     assert!(!waited_on);
     for suffix in [":deps", ":dependents"] {
