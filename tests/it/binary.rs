@@ -319,3 +319,23 @@ async fn a_closed_stderr_loses_log_lines_not_calls() {
         "koo exited with stderr closed"
     );
 }
+
+/// `TOKIO_WORKER_THREADS` sets how many threads koo's runtime runs (the
+/// README's advice for a machine shared with Redis depends on it): one when
+/// asked for one, three for three, whatever the machine's CPUs.
+#[test]
+fn the_runtime_runs_the_threads_it_is_told() {
+    for threads in [1, 3] {
+        let running = Running::start(&[("TOKIO_WORKER_THREADS", &threads.to_string())]);
+        let tasks = format!("/proc/{}/task", running.child.id());
+        let workers = std::fs::read_dir(&tasks)
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "tokio-rt-worker")
+            .count();
+        assert_eq!(
+            workers, threads,
+            "runtime threads with TOKIO_WORKER_THREADS={threads}"
+        );
+    }
+}
