@@ -26,21 +26,18 @@
 //! per measurement on stdout (and `target/bench-results/scale.jsonl`),
 //! a table at the end; progress on stderr.
 
-use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use koo::pb::cache::v1::cache_service_client::CacheServiceClient;
 use koo::pb::cache::v1::{CacheLevel, CacheValue, GetRequest, SetRequest, cache_value};
 use koo::pb::tasks::v1::task_service_client::TaskServiceClient;
-use koo::pb::tasks::v1::{
-    SubmitTaskRequest, SubmitTasksRequest, TaskCategory, TaskState, WatchTasksRequest,
-};
+use koo::pb::tasks::v1::{SubmitTaskRequest, SubmitTasksRequest, TaskCategory, WatchTasksRequest};
 use tonic::transport::{Channel, Endpoint};
 
 mod support;
@@ -368,17 +365,7 @@ async fn tasks_e2e(nodes: &[Node], n: usize) -> Result<f64> {
         }
         Ok::<_, tonic::Status>(ids)
     });
-    let mut done = HashSet::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    while done.len() < n {
-        let event = tokio::time::timeout_at(deadline, watch.message())
-            .await
-            .map_err(|_| anyhow!("only {} of {n} completions seen in 600 s", done.len()))??
-            .ok_or_else(|| anyhow!("WatchTasks ended"))?;
-        if event.state == TaskState::Succeeded as i32 {
-            done.insert(event.task_id);
-        }
-    }
+    let done = support::await_successes(&mut watch, n).await?;
     let seconds = started.elapsed().as_secs_f64();
     let ids = submit.await??;
     let missing = ids.iter().filter(|id| !done.contains(*id)).count();

@@ -33,11 +33,10 @@
 //! e2e and latency. One JSON line per measurement goes to stdout (and
 //! `target/bench-results/tasks.jsonl`); progress to stderr.
 
-use std::collections::HashSet;
 use std::io::Write as _;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use koo::pb::tasks::v1::task_service_client::TaskServiceClient;
 use koo::pb::tasks::v1::{
     SubmitTaskRequest, SubmitTasksRequest, TaskCategory, TaskState, WatchTaskRequest,
@@ -423,18 +422,7 @@ async fn e2e(client: &TaskServiceClient<Channel>, n: usize) -> Result<(f64, f64)
             Ok::<_, tonic::Status>((ids, started.elapsed()))
         })
     };
-    // completions may be seen before the submit that made them returns
-    let mut done = HashSet::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    while done.len() < n {
-        let event = tokio::time::timeout_at(deadline, watch.message())
-            .await
-            .map_err(|_| anyhow!("only {} of {n} completions seen in 600 s", done.len()))??
-            .ok_or_else(|| anyhow!("WatchTasks ended"))?;
-        if event.state == TaskState::Succeeded as i32 {
-            done.insert(event.task_id);
-        }
-    }
+    let done = support::await_successes(&mut watch, n).await?;
     let seconds = started.elapsed().as_secs_f64();
     let (ids, submit_time) = submit.await??;
     let missing = ids.iter().filter(|id| !done.contains(*id)).count();

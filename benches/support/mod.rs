@@ -546,3 +546,24 @@ pub fn commandstats(stats: &str) -> impl Iterator<Item = (&str, u64)> {
         Some((name, rest.split(',').next()?.parse().ok()?))
     })
 }
+
+/// Reads a `WatchTasks` stream until `n` distinct tasks have been seen
+/// SUCCEEDED, within 600 s: what a drain waits for (completions may come
+/// before the submit that made them returns). Returns their ids.
+pub async fn await_successes(
+    watch: &mut tonic::Streaming<koo::pb::tasks::v1::WatchTasksResponse>,
+    n: usize,
+) -> Result<std::collections::HashSet<String>> {
+    let mut done = std::collections::HashSet::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+    while done.len() < n {
+        let event = tokio::time::timeout_at(deadline, watch.message())
+            .await
+            .map_err(|_| anyhow!("only {} of {n} completions seen in 600 s", done.len()))??
+            .ok_or_else(|| anyhow!("WatchTasks ended"))?;
+        if event.state == koo::pb::tasks::v1::TaskState::Succeeded as i32 {
+            done.insert(event.task_id);
+        }
+    }
+    Ok(done)
+}
