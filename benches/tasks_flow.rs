@@ -26,7 +26,6 @@
 //! per measurement goes to stdout (and `target/bench-results/flow.jsonl`);
 //! progress to stderr. `scripts/bench-flow` runs it.
 
-use std::collections::HashSet;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
@@ -348,17 +347,7 @@ async fn e2e(client: &TaskServiceClient<Channel>, n: usize, keys: usize) -> Resu
         let clients = [client.clone()];
         tokio::spawn(async move { submit_all(&clients, reqs).await })
     };
-    let mut done = HashSet::with_capacity(n);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
-    while done.len() < n {
-        let e = tokio::time::timeout_at(deadline, events.message())
-            .await
-            .map_err(|_| anyhow!("only {} of {n} completions seen in 600 s", done.len()))??
-            .ok_or_else(|| anyhow!("WatchTasks ended"))?;
-        if e.state == TaskState::Succeeded as i32 {
-            done.insert(e.task_id);
-        }
-    }
+    let done = support::await_successes(&mut events, n).await?;
     let seconds = started.elapsed().as_secs_f64();
     let ids = submit.await??;
     let missing = ids.iter().filter(|id| !done.contains(*id)).count();
