@@ -148,9 +148,7 @@ impl Cluster {
                 bail!("the cluster did not reach cluster_state:ok in 30 s");
             }
             for node in &self.nodes {
-                let mut c = redis::Client::open(node.url.as_str())?
-                    .get_multiplexed_async_connection()
-                    .await?;
+                let mut c = node_conn(&node.url).await?;
                 let info: String = redis::cmd("CLUSTER")
                     .arg("INFO")
                     .query_async(&mut c)
@@ -179,9 +177,7 @@ impl Cluster {
     /// `CONFIG RESETSTAT` on every node (before a measured run).
     async fn reset_stats(&self) -> Result<()> {
         for node in &self.nodes {
-            let mut c = redis::Client::open(node.url.as_str())?
-                .get_multiplexed_async_connection()
-                .await?;
+            let mut c = node_conn(&node.url).await?;
             let _: () = redis::cmd("CONFIG")
                 .arg("RESETSTAT")
                 .query_async(&mut c)
@@ -196,9 +192,7 @@ impl Cluster {
     async fn commands_per(&self, tasks: usize) -> Result<serde_json::Value> {
         let mut calls: std::collections::BTreeMap<String, u64> = Default::default();
         for node in &self.nodes {
-            let mut c = redis::Client::open(node.url.as_str())?
-                .get_multiplexed_async_connection()
-                .await?;
+            let mut c = node_conn(&node.url).await?;
             let role: String = redis::cmd("INFO")
                 .arg("replication")
                 .query_async(&mut c)
@@ -245,18 +239,16 @@ impl Cluster {
         if self.single {
             return Ok(Vec::new());
         }
-        let mut c = redis::Client::open(self.nodes[0].url.as_str())?
-            .get_multiplexed_async_connection()
+        let mut c = node_conn(&self.nodes[0].url).await?;
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut c)
             .await?;
         let mut out = Vec::new();
         for q in QUEUES {
             let slot: u16 = redis::cmd("CLUSTER")
                 .arg("KEYSLOT")
                 .arg(format!("{{t:{q}}}"))
-                .query_async(&mut c)
-                .await?;
-            let nodes: String = redis::cmd("CLUSTER")
-                .arg("NODES")
                 .query_async(&mut c)
                 .await?;
             let owner = nodes
@@ -280,6 +272,13 @@ impl Cluster {
         }
         Ok(out)
     }
+}
+
+/// A connection of its own to one Redis node (`redis://HOST:PORT/0`).
+async fn node_conn(url: &str) -> Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?)
 }
 
 struct Node {
