@@ -85,7 +85,13 @@ impl TaskCounters {
 
     /// An attempt of `task` ended, moving it to `state`.
     pub fn finished(&self, task: &Task, state: State) {
-        let c = self.of(task.id.queue().as_str());
+        self.finished_at(task.id.queue().as_str(), task.started_ms, state);
+    }
+
+    /// An attempt of a task of `queue` started at `started_ms` ended,
+    /// moving it to `state`.
+    pub fn finished_at(&self, queue: &str, started_ms: Option<i64>, state: State) {
+        let c = self.of(queue);
         let outcome = match state {
             State::Succeeded => 1,
             State::Failed => 2,
@@ -94,7 +100,7 @@ impl TaskCounters {
             _ => return,
         };
         c.counts[outcome].fetch_add(1, Relaxed);
-        if let Some(started) = task.started_ms {
+        if let Some(started) = started_ms {
             c.run.record(between(started, now_ms()));
         }
     }

@@ -41,6 +41,7 @@ mod schedules;
 mod sentinel;
 mod store_faults;
 mod streams;
+mod task_batch;
 mod task_control;
 mod task_engine;
 mod task_store;

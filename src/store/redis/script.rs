@@ -21,6 +21,7 @@
 //! Scripts stay loaded by SHA (`EVALSHA`, the full text on `NOSCRIPT`):
 //! the text is generated once, when the store is built.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use redis::{Script, ScriptInvocation, ToRedisArgs};
@@ -30,6 +31,9 @@ use crate::domain::times;
 use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
 use crate::store::tasks::BAND_WIDTH;
+
+mod library;
+use library::used_lib;
 
 /// A key a script works on: one of a queue's keys (see [`QueueKeys`]), or
 /// one the caller names ([`Key::Claim`]).
@@ -202,6 +206,7 @@ pub(crate) fn prelude() -> String {
          local BAND = {BAND_WIDTH}\n\
          local TIMES_SLOT_MS, TIMES_SLOTS, TIMES_NAMES = {slot_ms}, {slots}, {names}\n\
          local now, CLOCK_OFFSET\n\
+         local LEASE_AGAIN, LEASE_WORKER = false, false\n\
          do\n  local t = redis.call('TIME')\n  \
          local real = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n  \
          if string.byte(ARGV[1], 1) == 64 then now = tonumber(string.sub(ARGV[1], 2))\n  \
@@ -228,6 +233,23 @@ pub(crate) fn offsets(parts: &[Spec]) -> Vec<Offsets> {
         .collect()
 }
 
+/// The `local K_x = KEYS[i]` and `local A_y = ARGV[j]` lines of a part
+/// whose first key and argument are Lua expressions (a batch's parts:
+/// their place depends on the number of items).
+fn bindings_at(spec: &Spec, key: &str, arg: &str) -> String {
+    let mut out = String::new();
+    for (i, k) in spec.keys.iter().enumerate() {
+        let _ = writeln!(out, "local K_{} = KEYS[{key} + {i}]", k.name());
+    }
+    for (i, a) in spec.args.iter().enumerate() {
+        let _ = writeln!(out, "local A_{a} = ARGV[{arg} + {i}]");
+    }
+    if spec.variadic {
+        let _ = writeln!(out, "local ARGN = {arg} + {}", spec.args.len());
+    }
+    out
+}
+
 /// The `local K_x = KEYS[i]` and `local A_y = ARGV[j]` lines of a part.
 fn bindings(spec: &Spec, at: Offsets) -> String {
     let mut out = String::new();
@@ -241,60 +263,6 @@ fn bindings(spec: &Spec, at: Offsets) -> String {
         let _ = writeln!(out, "local ARGN = {}", at.arg + spec.args.len());
     }
     out
-}
-
-/// The functions of `lib` that `body` calls, directly or through one
-/// another, in the library's order (each with the comment above it).
-///
-/// Every `EVALSHA` runs the whole script text, so each `local function` of
-/// the library is a closure created (and later collected) on every call: a
-/// lease paid for all eighteen of them while calling five. The library is a
-/// sequence of top-level `local function NAME(` chunks; a chunk is kept
-/// when its name is used, as a whole word, by the body or a kept chunk.
-pub(crate) fn used_lib(lib: &str, body: &str) -> String {
-    // (name, text) per top-level function, comments going with the next one
-    let mut chunks: Vec<(String, String)> = Vec::new();
-    let mut pending = String::new();
-    let mut open = false;
-    for line in lib.split_inclusive('\n') {
-        if let Some(rest) = line.strip_prefix("local function ") {
-            let name = rest.split('(').next().unwrap_or("").trim().to_owned();
-            chunks.push((name, std::mem::take(&mut pending)));
-            open = true;
-        }
-        match chunks.last_mut() {
-            Some((_, text)) if open => text.push_str(line),
-            _ => pending.push_str(line),
-        }
-        // a function ends at the `end` in its first column
-        if line.trim_end() == "end" {
-            open = false;
-        }
-    }
-    debug_assert!(!open, "a library function has no `end` in its first column");
-    let uses = |text: &str, name: &str| {
-        text.match_indices(name).any(|(i, _)| {
-            let before = text[..i].chars().next_back();
-            let after = text[i + name.len()..].chars().next();
-            let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
-            !word(before) && !word(after)
-        })
-    };
-    let mut keep = vec![false; chunks.len()];
-    // later chunks may only call earlier ones: one pass from the end
-    let mut needed = body.to_owned();
-    for i in (0..chunks.len()).rev() {
-        if uses(&needed, &chunks[i].0) {
-            keep[i] = true;
-            needed.push_str(&chunks[i].1);
-        }
-    }
-    chunks
-        .into_iter()
-        .zip(keep)
-        .filter(|(_, k)| *k)
-        .map(|((_, text), _)| text)
-        .collect()
 }
 
 impl Composed {
@@ -345,6 +313,65 @@ impl Composed {
         }
     }
 
+    /// A batch: `each` as a Lua function of a 0-based item `i`, whose keys
+    /// and arguments come first and repeat for every item (`N` items,
+    /// counted from the number of keys), then `then` as a function of none,
+    /// its keys and arguments after the items' (it may take more
+    /// arguments), then `body`, which calls them. Invoke with
+    /// [`Self::call_batch`].
+    pub(crate) fn batch(each: Spec, then: Spec, lib: Option<&str>, body: &str) -> Self {
+        debug_assert!(!each.variadic, "a batch's items take no more arguments");
+        let mut text = prelude();
+        let all: String = [each.body, then.body, body].concat();
+        text.push_str(&lib.map(|l| used_lib(l, &all)).unwrap_or_default());
+        let (ek, ea) = (each.keys.len(), each.args.len());
+        let _ = write!(
+            text,
+            "\nlocal ITEM_KEYS, ITEM_ARGS, ITEM_ARG0 = {ek}, {ea}, {FIRST_ARG}\n\
+             local N = (#KEYS - {}) / ITEM_KEYS\n\
+             local function {}(i)\n{}{}\nend\n\
+             local function {}()\n{}{}\nend\n{body}",
+            then.keys.len(),
+            each.name,
+            bindings_at(
+                &each,
+                &format!("i * {ek} + 1"),
+                &format!("i * {ea} + {FIRST_ARG}")
+            ),
+            each.body,
+            then.name,
+            bindings_at(
+                &then,
+                &format!("N * {ek} + 1"),
+                &format!("N * {ea} + {FIRST_ARG}")
+            ),
+            then.body,
+        );
+        Self {
+            script: Script::new(&text),
+            parts: vec![each, then],
+            text,
+        }
+    }
+
+    /// Starts a call of a [`Self::batch`] script of `items` items: push
+    /// each item's keys and arguments, then the last part's.
+    pub(crate) fn call_batch(&self, clock: ClockArg, items: usize) -> Invocation<'_> {
+        let mut inv = self.script.prepare_invoke();
+        inv.arg(clock);
+        let (each, then) = (self.parts[0], self.parts[1]);
+        let parts = std::iter::repeat_n(each, items).chain([then]).collect();
+        Invocation {
+            inv,
+            parts: Cow::Owned(parts),
+            part: 0,
+            key: 0,
+            arg: 0,
+            #[cfg(test)]
+            pushed: Vec::new(),
+        }
+    }
+
     /// The script (for pipelines that load it first).
     pub(crate) fn script(&self) -> &Script {
         &self.script
@@ -362,7 +389,7 @@ impl Composed {
         inv.arg(clock);
         Invocation {
             inv,
-            parts: &self.parts,
+            parts: Cow::Borrowed(&self.parts),
             part: 0,
             key: 0,
             arg: 0,
@@ -376,7 +403,7 @@ impl Composed {
 /// order, and (in debug builds) checked against the declaration by name.
 pub(crate) struct Invocation<'a> {
     inv: ScriptInvocation<'a>,
-    parts: &'a [Spec],
+    parts: Cow<'a, [Spec]>,
     /// The part whose arguments are being pushed.
     part: usize,
     /// Keys pushed so far (of all parts).
@@ -389,10 +416,32 @@ pub(crate) struct Invocation<'a> {
 }
 
 impl<'a> Invocation<'a> {
+    /// Pushes the declared keys of the next part whose keys are not pushed
+    /// yet, from `keys` (the task hash of `id`): a batch's item by item.
+    pub(crate) fn part_keys(&mut self, keys: &QueueKeys, id: Option<&TaskId>) -> &mut Self {
+        let mut first = 0;
+        let part = self.parts.iter().find(|p| {
+            let here = first == self.key;
+            first += p.keys.len();
+            here
+        });
+        let part = *part.expect("a part whose keys are not pushed yet");
+        for key in part.keys {
+            let name = key
+                .resolve(keys, id)
+                .expect("a queue key (and the task id when the task is a key)");
+            #[cfg(test)]
+            self.pushed.push(name.clone());
+            self.inv.key(name);
+            self.key += 1;
+        }
+        self
+    }
+
     /// Pushes every declared key of every part from `keys` (the task hash
     /// of `id`); a [`Key::Claim`] must be given with [`Self::key`] instead.
     pub(crate) fn queue_keys(&mut self, keys: &QueueKeys, id: Option<&TaskId>) -> &mut Self {
-        for part in self.parts {
+        for part in self.parts.iter() {
             for key in part.keys {
                 let name = key
                     .resolve(keys, id)
@@ -459,29 +508,6 @@ impl<'a> Invocation<'a> {
 mod tests {
     use super::*;
     use crate::domain::task::QueueName;
-
-    /// A script carries the library functions it calls and those they
-    /// call, in the library's order with their comments, and no others.
-    #[test]
-    fn scripts_carry_only_the_library_functions_they_use() {
-        let lib = "-- header\n\n-- a's doc\nlocal function a(x)\n  return x\nend\n\n\
-                   -- b's doc\nlocal function b(x)\n  return a(x) + 1\nend\n\n\
-                   local function ab_c()\n  return 3\nend\n\
-                   -- d\nlocal function d()\n  if true then\n    return 4\n  end\nend\n";
-        let both = used_lib(lib, "return b(2)");
-        assert_eq!(
-            both,
-            "-- header\n\n-- a's doc\nlocal function a(x)\n  return x\nend\n\n\
-             -- b's doc\nlocal function b(x)\n  return a(x) + 1\nend\n"
-        );
-        // whole words only: `ab_c` does not pull in `a` or `b`
-        assert_eq!(
-            used_lib(lib, "return ab_c()"),
-            "\nlocal function ab_c()\n  return 3\nend\n"
-        );
-        assert!(used_lib(lib, "return d()").ends_with("    return 4\n  end\nend\n"));
-        assert_eq!(used_lib(lib, "return 1"), "");
-    }
 
     const A: Spec = Spec {
         name: "first",
@@ -557,6 +583,63 @@ mod tests {
             call.pushed,
             [
                 keys.task(&id),
+                keys.leases(),
+                keys.events(),
+                keys.ready(),
+                keys.events()
+            ]
+        );
+    }
+
+    /// A batch's items bind from their index, each item's keys and
+    /// arguments after the one before; the last part binds after all of
+    /// them (their number counted from KEYS), and its call pushes each
+    /// item's keys, then the last part's.
+    #[test]
+    fn a_batch_binds_items_by_index_and_the_last_part_after_them() {
+        let text = Composed::batch(A, B, None, "return 0").text().to_owned();
+        assert!(text.contains("local N = (#KEYS - 2) / ITEM_KEYS"), "{text}");
+        assert!(
+            text.contains("local ITEM_KEYS, ITEM_ARGS, ITEM_ARG0 = 3, 2, 2"),
+            "{text}"
+        );
+        assert!(text.contains("local function first(i)"), "{text}");
+        assert!(
+            text.contains("local K_task = KEYS[i * 3 + 1 + 0]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("local A_token = ARGV[i * 2 + 2 + 1]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("local K_ready = KEYS[N * 3 + 1 + 0]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("local A_worker = ARGV[N * 2 + 2 + 0]"),
+            "{text}"
+        );
+        assert!(text.contains("local ARGN = N * 2 + 2 + 1"), "{text}");
+        let queue = QueueName::parse("q").unwrap();
+        let keys = QueueKeys::new("koo", &queue);
+        let (x, y) = (TaskId::generate(&queue), TaskId::generate(&queue));
+        let composed = Composed::batch(A, B, None, "return 0");
+        let mut call = composed.call_batch(ClockArg::Offset(0), 2);
+        for id in [&x, &y] {
+            call.part_keys(&keys, Some(id))
+                .arg("id", id.as_str())
+                .arg("token", 1);
+        }
+        call.part_keys(&keys, None).arg("worker", "w").extra("*");
+        call.done();
+        assert_eq!(
+            call.pushed,
+            [
+                keys.task(&x),
+                keys.leases(),
+                keys.events(),
+                keys.task(&y),
                 keys.leases(),
                 keys.events(),
                 keys.ready(),

@@ -99,8 +99,8 @@ use std::any::Any;
 use std::time::Duration;
 
 use super::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
-    RetryReply, TaskLimits, Trimmed, WorkerRecord,
+    BatchEnd, Beat, CancelReply, DebounceReply, DependReply, EventReader, FinishItem, LeaseAsk,
+    Leased, Recovered, RetryReply, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};
@@ -419,6 +419,89 @@ pub trait TaskBackend: Send + Sync + 'static {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<((State, bool), Leased)>>;
+
+    /// Several [`Self::finish`]es of tasks of `queue`, each followed, when
+    /// it was accepted and its item names a `next` worker, by a lease for
+    /// that worker (`lease`, `names` and `limits` shared), as
+    /// [`Self::finish_and_lease`] would make them one after the other; one
+    /// answer per item, in order. Once a lease finds nothing (or limits
+    /// hold the queue), the later items' leases answer the same without
+    /// looking. On Redis the whole batch is one script call (a busy pool's
+    /// one round trip for several tasks); an item that fails alone is that
+    /// item's error. Dependents are the caller's to release, as after
+    /// [`Self::finish`].
+    async fn finish_batch(
+        &self,
+        queue: &QueueName,
+        items: &[FinishItem<'_>],
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Vec<BatchEnd>> {
+        debug_assert!(items.iter().all(|i| i.id.queue() == *queue));
+        let mut out = Vec::with_capacity(items.len());
+        // once a lease finds nothing, the rest find the same
+        let mut dry: Option<Leased> = None;
+        for item in items {
+            let end = match (item.next, &dry) {
+                (Some(worker), None) => {
+                    let ask = LeaseAsk {
+                        worker,
+                        lease,
+                        names,
+                    };
+                    match self
+                        .finish_and_lease(
+                            item.id,
+                            item.token,
+                            item.outcome,
+                            item.log,
+                            &ask,
+                            limits,
+                            deadline,
+                        )
+                        .await
+                    {
+                        Ok(Some((ended, next))) => {
+                            dry = next.dry();
+                            BatchEnd {
+                                ended: Ok(Some(ended)),
+                                next: Some(next),
+                            }
+                        }
+                        Ok(None) => BatchEnd {
+                            ended: Ok(None),
+                            next: None,
+                        },
+                        Err(e) => BatchEnd {
+                            ended: Err(e),
+                            next: None,
+                        },
+                    }
+                }
+                (next, dry) => {
+                    let ended = self
+                        .finish(
+                            item.id,
+                            item.token,
+                            item.outcome,
+                            item.log,
+                            limits,
+                            deadline,
+                        )
+                        .await;
+                    let next = match (&ended, next, dry) {
+                        (Ok(Some(_)), Some(_), Some(d)) => d.dry(),
+                        _ => None,
+                    };
+                    BatchEnd { ended, next }
+                }
+            };
+            out.push(end);
+        }
+        Ok(out)
+    }
 
     /// **Recover (the sweep).** First, due SCHEDULED tasks become QUEUED (as
     /// in [`Self::lease`]). Then each lease of `queue` that lapsed (at most

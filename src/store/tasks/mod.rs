@@ -24,6 +24,7 @@ use super::clock::Clock;
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
 use super::redis::{RedisTasks, StreamReader};
 use super::{RedisStore, Result};
+use crate::domain::Outcome;
 use crate::domain::task::{State, Task, TaskId};
 
 /// The width of a priority band of a ready score; the Lua scripts get it
@@ -190,6 +191,37 @@ pub struct LeaseAsk<'a> {
     pub names: &'a [&'a str],
 }
 
+/// One attempt's end in a batch (see [`TaskBackend::finish_batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct FinishItem<'a> {
+    /// The task.
+    pub id: &'a TaskId,
+    /// Its lease's fencing token.
+    pub token: u32,
+    /// How the attempt ended.
+    pub outcome: &'a Outcome,
+    /// The attempt's log entry.
+    pub log: &'a str,
+    /// The worker that the queue's next task goes to after this end, when
+    /// one is wanted.
+    pub next: Option<&'a str>,
+}
+
+/// What a batch did with one [`FinishItem`]: its finish (as
+/// [`TaskBackend::finish`] answers), and, for an accepted item that asked
+/// for one, the lease made for its `next` worker.
+#[derive(Debug)]
+pub struct BatchEnd {
+    /// The new state and whether tasks wait on it; `None` when fenced; an
+    /// error that concerns this item alone.
+    pub ended: Result<Option<(State, bool)>>,
+    /// The lease made for it (`None` when it asked for none or was not
+    /// accepted). A leased task beside an `ended` that is not `Ok(Some)`
+    /// (an accepted finish whose reply could not be read) is the caller's
+    /// to hand back.
+    pub next: Option<Leased>,
+}
+
 /// A worker pool's presence record: who it is, what it serves, when it
 /// last said it was alive.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -238,6 +270,17 @@ pub enum Leased {
 }
 
 impl Leased {
+    /// A copy of what a lease that found no task said (nothing waits, or
+    /// limits hold the queue until a time): what later leases of the same
+    /// call would find; `None` for a task.
+    pub fn dry(&self) -> Option<Leased> {
+        match self {
+            Self::Task(_) => None,
+            Self::Empty => Some(Self::Empty),
+            Self::Held(until) => Some(Self::Held(*until)),
+        }
+    }
+
     /// The task, if one was leased.
     pub fn task(self) -> Option<Task> {
         match self {

@@ -247,7 +247,7 @@ impl TaskEngine {
 
     /// What the store records for a finish: the outcome and the attempt's
     /// log entry.
-    fn outcome(&self, task: &Task, worker: &str, finish: &Finish) -> (Outcome, String) {
+    pub(super) fn outcome(&self, task: &Task, worker: &str, finish: &Finish) -> (Outcome, String) {
         let error = |message: &str, retryable: bool, details: Option<&serde_json::Value>| {
             let mut e = serde_json::json!({ "message": message, "retryable": retryable });
             if let Some(d) = details {

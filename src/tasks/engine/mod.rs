@@ -10,7 +10,8 @@
 //! (validation and submits), `dependencies` (PENDING tasks and their
 //! release), `idempotency` (keyed submits), `lease` (lease, heartbeat,
 //! progress, finish, hand-back, abandon), `control` (cancel, retry, dead
-//! letters, cleanup), `recovery` (the sweep), `config` (the settings).
+//! letters, cleanup), `recovery` (the sweep), `config` (the settings),
+//! `batch` (ends of attempts grouped into one call per queue).
 //! Errors are [`crate::tasks::error`]'s, re-exported here.
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::store::tasks::TaskStore;
 use crate::tasks::counters::TaskCounters;
 use crate::tasks::remote::secret::SignerCell;
 
+mod batch;
 mod config;
 mod control;
 mod debounce;
@@ -78,6 +80,8 @@ struct Inner {
     counters: TaskCounters,
     /// What this process knows of the limits (see `flow`).
     flow: flow::FlowState,
+    /// Each queue's group commit of attempt ends (see `batch`).
+    batchers: batch::Batchers,
 }
 
 impl TaskEngine {
@@ -93,6 +97,7 @@ impl TaskEngine {
                 signer: SignerCell::default(),
                 counters: TaskCounters::new(&config.queues()),
                 flow: flow::FlowState::default(),
+                batchers: batch::Batchers::default(),
                 config,
             }),
         }

@@ -51,9 +51,11 @@ pub(crate) async fn cache_result(cache: Option<&Cache>, task: &Task, finish: Fin
         ),
     }
 }
-/// Reports how an attempt ended and leases the next task of its queue in
-/// the same call; the next task, if there is one. Failures are handled as
-/// by [`report`].
+/// Reports how an attempt ended and leases the next task of its queue for
+/// `worker` (serving `names`) in the same call, grouped with the other ends
+/// of the queue under way in this process (see
+/// [`TaskEngine::end_attempt`]); the next task, if there is one. Failures
+/// are handled as by [`report`].
 pub(super) async fn report_and_lease(
     engine: &TaskEngine,
     task: &Task,
@@ -63,7 +65,7 @@ pub(super) async fn report_and_lease(
 ) -> Leased {
     let deadline = Deadline::after(Duration::from_secs(5));
     match engine
-        .finish_and_lease(task, task.token, worker, finish, names, deadline)
+        .end_attempt(task, task.token, worker, finish, Some(names), deadline)
         .await
     {
         Ok((state, next)) => {
@@ -96,10 +98,12 @@ pub(super) fn outcome_not_recorded(task: &Task, e: TaskError) {
 pub(super) async fn report(engine: &TaskEngine, task: &Task, worker: &str, finish: Finish) {
     let deadline = Deadline::after(Duration::from_secs(5));
     match engine
-        .finish(task, task.token, worker, finish, deadline)
+        .end_attempt(task, task.token, worker, finish, None, deadline)
         .await
     {
-        Ok(state) => tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended"),
+        Ok((state, _)) => {
+            tracing::debug!(task = %task.id, state = state.as_str(), "task attempt ended")
+        }
         Err(e) => outcome_not_recorded(task, e),
     }
 }

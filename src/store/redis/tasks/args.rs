@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::millis;
+use super::{RedisTasks, millis};
 use crate::domain::Outcome;
-use crate::domain::task::{QueueName, TaskId};
+use crate::domain::task::{QueueName, Task, TaskId};
 use crate::keys::QueueKeys;
 use crate::store::redis::script::Invocation;
 use crate::store::task_fields;
@@ -117,6 +117,43 @@ fn borrowed_hash(reply: &redis::Value) -> Option<HashMap<&str, &str>> {
         fields.insert(text(&pair[0])?, text(&pair[1])?);
     }
     Some(fields)
+}
+
+impl RedisTasks {
+    /// A submit.lua call for `task` (PENDING on `waiting` when not empty).
+    pub(super) fn submit_call(
+        &self,
+        task: &Task,
+        delay: Duration,
+        waiting: &[TaskId],
+        limits: TaskLimits,
+    ) -> Invocation<'_> {
+        let keys = self.keys(&task.id.queue());
+        let mut call = self.scripts().submit.call(self.clock());
+        call.queue_keys(&keys, Some(&task.id))
+            .arg("id", task.id.as_str())
+            .arg("band", task.priority.band())
+            .arg("delay_ms", millis(delay))
+            .arg("events_cap", limits.events)
+            .arg("deps", waiting.len())
+            .arg("expire_ms", task.expire_ms.unwrap_or(0))
+            // the fair key (see "Fair order"): the concurrency key, else the
+            // rate-limit key; empty for none
+            .arg(
+                "fkey",
+                task.concurrency_key
+                    .as_deref()
+                    .or(task.rate_limit_key.as_deref())
+                    .unwrap_or(""),
+            );
+        for dep in waiting {
+            call.extra(dep.as_str());
+        }
+        for (field, value) in task_fields::to_fields(task) {
+            call.extra(field).extra(value);
+        }
+        call
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! arguments and replies of the lease and finish scripts in `args.rs`.
 
 mod args;
+mod batch;
 mod debounce;
 mod events;
 mod flow;
@@ -35,17 +36,16 @@ use std::time::Duration;
 use tracing::instrument;
 
 use super::RedisStore;
-use super::script::{ClockArg, Invocation, Key};
+use super::script::{ClockArg, Key};
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, Pause, QueueStats};
 use crate::keys::QueueKeys;
 use crate::store::clock::Clock;
-use crate::store::task_fields;
 use crate::store::tasks::{
-    Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Leased, Recovered,
-    RetryReply, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
+    BatchEnd, Beat, CancelReply, DebounceReply, DependReply, EventReader, FinishItem, LeaseAsk,
+    Leased, Recovered, RetryReply, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result};
 
@@ -97,43 +97,6 @@ impl RedisTasks {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-impl RedisTasks {
-    /// A submit.lua call for `task` (PENDING on `waiting` when not empty).
-    fn submit_call(
-        &self,
-        task: &Task,
-        delay: Duration,
-        waiting: &[TaskId],
-        limits: TaskLimits,
-    ) -> Invocation<'_> {
-        let keys = self.keys(&task.id.queue());
-        let mut call = self.scripts().submit.call(self.clock());
-        call.queue_keys(&keys, Some(&task.id))
-            .arg("id", task.id.as_str())
-            .arg("band", task.priority.band())
-            .arg("delay_ms", millis(delay))
-            .arg("events_cap", limits.events)
-            .arg("deps", waiting.len())
-            .arg("expire_ms", task.expire_ms.unwrap_or(0))
-            // the fair key (see "Fair order"): the concurrency key, else the
-            // rate-limit key; empty for none
-            .arg(
-                "fkey",
-                task.concurrency_key
-                    .as_deref()
-                    .or(task.rate_limit_key.as_deref())
-                    .unwrap_or(""),
-            );
-        for dep in waiting {
-            call.extra(dep.as_str());
-        }
-        for (field, value) in task_fields::to_fields(task) {
-            call.extra(field).extra(value);
-        }
-        call
-    }
 }
 
 #[async_trait::async_trait]
@@ -520,6 +483,20 @@ impl TaskBackend for RedisTasks {
             return Ok(None);
         };
         Ok(Some((ended, leased(fields, sent_ms)?)))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(%queue, items = items.len()))]
+    async fn finish_batch(
+        &self,
+        queue: &QueueName,
+        items: &[FinishItem<'_>],
+        lease: Duration,
+        names: &[&str],
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Vec<BatchEnd>> {
+        self.batch(queue, items, (lease, names), limits, deadline)
+            .await
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

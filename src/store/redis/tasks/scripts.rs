@@ -127,6 +127,28 @@ pub(super) const FINISH: Spec = Spec {
     body: include_str!("../lua/tasks/finish.lua"),
 };
 
+/// One item of a batch (finish_batch.lua): [`FINISH`]'s keys and
+/// arguments, then `next`: the worker that the task leased after this
+/// finish goes to (empty: none).
+pub(super) const FINISH_ITEM: Spec = Spec {
+    name: "finish",
+    keys: FINISH.keys,
+    args: &[
+        "id",
+        "token",
+        "events_cap",
+        "outcome",
+        "payload",
+        "delay_ms",
+        "history_cap",
+        "log",
+        "dead_ttl_ms",
+        "next",
+    ],
+    variadic: false,
+    body: FINISH.body,
+};
+
 /// `acks_late`: `1` or `0`.
 pub(super) const RECOVER: Spec = Spec {
     name: "recover",
@@ -284,6 +306,7 @@ pub(crate) struct TaskScripts {
     pub(super) recover: Composed,
     pub(super) trim: Composed,
     pub(super) finish_lease: Composed,
+    pub(super) finish_batch: Composed,
     pub(super) release: Composed,
     pub(super) cancel: Composed,
     pub(super) retry: Composed,
@@ -324,6 +347,12 @@ impl TaskScripts {
                 &[FINISH, LEASE],
                 Some(LIB),
                 include_str!("../lua/tasks/finish_lease.lua"),
+            ),
+            finish_batch: Composed::batch(
+                FINISH_ITEM,
+                LEASE,
+                Some(LIB),
+                include_str!("../lua/tasks/finish_batch.lua"),
             ),
         }
     }

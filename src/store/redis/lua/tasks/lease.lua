@@ -6,9 +6,14 @@
 -- declared in scripts.rs (LEASE); after the declared ARGV, the task names
 -- served ('*' = all).
 local prefix = A_prefix
-promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
--- a paused queue hands out nothing (due tasks still become QUEUED)
-if redis.call('EXISTS', K_paused) == 1 then return false end
+-- in a batch (finish_batch.lua) each lease names its own worker, and the
+-- leases after the first find due tasks promoted and the queue not paused
+local worker = LEASE_WORKER or A_worker
+if not LEASE_AGAIN then
+  promote_due(K_scheduled, K_ready, K_events, prefix, A_events_cap)
+  -- a paused queue hands out nothing (due tasks still become QUEUED)
+  if redis.call('EXISTS', K_paused) == 1 then return false end
+end
 local serves_all, served = false, {}
 for i = ARGN, #ARGV do
   if ARGV[i] == '*' then serves_all = true end
@@ -266,7 +271,7 @@ while true do
       local hard_deadline = 0
       if hard > 0 then hard_deadline = now + hard end
       -- the fencing token grows with every lease (attempts can be given back)
-      redis.call('HSET', key, 'state', 'running', 'worker', A_worker, 'attempts', attempt,
+      redis.call('HSET', key, 'state', 'running', 'worker', worker, 'attempts', attempt,
         'token', (tonumber(token) or 0) + 1, 'started_ms', now, 'lease_until', deadline,
         'hard_until', hard_deadline)
       -- progress belongs to an attempt (a first one has none: RetryTask
@@ -275,7 +280,7 @@ while true do
       local score = deadline
       if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
       redis.call('ZADD', K_leases, score, id)
-      add_event(K_events, A_events_cap, id, name, 'running', 'attempt', attempt, 'worker', A_worker, 'at', now)
+      add_event(K_events, A_events_cap, id, name, 'running', 'attempt', attempt, 'worker', worker, 'at', now)
       return redis.call('HGETALL', key)
     end
   end

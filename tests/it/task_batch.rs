@@ -1,0 +1,384 @@
+//! Batched ends of attempts (issue 20): the store's `finish_batch` (one
+//! script call on Redis) ends each item as `finish` would and leases the
+//! next task for each accepted item that asks; the engine groups the ends
+//! made while its calls are under way into one call. On a real
+//! redis-server (each test its own, so that its script calls can be
+//! counted), on the embedded store, and on a Redis Cluster.
+
+use crate::common;
+
+use std::time::Duration;
+
+use koo::domain::Outcome;
+use koo::domain::task::{Category, Priority, QueueName, State, Task};
+use koo::store::tasks::{FinishItem, Leased, TaskLimits, TaskStore};
+use koo::store::{Deadline, RedisConfig, RedisStore};
+use koo::tasks::engine::{Finish, NewTask, TaskConfig, TaskEngine};
+
+fn later() -> Deadline {
+    Deadline::after(Duration::from_secs(5))
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// A store on `backend`, the Redis or Cluster under it kept alive.
+struct Store {
+    store: TaskStore,
+    queue: QueueName,
+    _redis: Option<common::TestRedis>,
+    _cluster: Option<common::cluster::TestCluster>,
+}
+
+impl Store {
+    async fn on(backend: common::tasks::Backend) -> Self {
+        use common::tasks::Backend;
+        let (redis, cluster, store) = match backend {
+            Backend::Cluster => {
+                let (cluster, store, _) = common::tasks::clocked_cluster_store().await;
+                (None, Some(cluster), store)
+            }
+            other => {
+                let (redis, store, _) = common::tasks::clocked_store(other).await;
+                (redis, None, store)
+            }
+        };
+        Self {
+            store,
+            queue: QueueName::parse("research").unwrap(),
+            _redis: redis,
+            _cluster: cluster,
+        }
+    }
+
+    async fn submit(&self, name: &str) -> Task {
+        let task = common::tasks::queued_task(&self.queue, name, Priority::Normal, 3);
+        self.store
+            .submit(&task, Duration::ZERO, TaskLimits::default(), later())
+            .await
+            .unwrap();
+        task
+    }
+
+    async fn lease(&self, worker: &str) -> Task {
+        self.store
+            .lease(
+                &self.queue,
+                worker,
+                LEASE,
+                &["*"],
+                TaskLimits::default(),
+                later(),
+            )
+            .await
+            .unwrap()
+            .expect("a task to lease")
+    }
+
+    async fn state(&self, task: &Task) -> (State, String) {
+        let t = self.store.get(&task.id, later()).await.unwrap().unwrap();
+        (t.state, t.worker.unwrap_or_default())
+    }
+}
+
+fn item<'a>(
+    task: &'a Task,
+    token: u32,
+    outcome: &'a Outcome,
+    next: Option<&'a str>,
+) -> FinishItem<'a> {
+    FinishItem {
+        id: &task.id,
+        token,
+        outcome,
+        log: "{}",
+        next,
+    }
+}
+
+macro_rules! on_all {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::common::tasks::Backend;
+                #[tokio::test]
+                async fn memory() {
+                    super::$name(Backend::Memory).await;
+                }
+                #[tokio::test]
+                async fn redis() {
+                    super::$name(Backend::Redis).await;
+                }
+                #[tokio::test]
+                async fn cluster() {
+                    super::$name(Backend::Cluster).await;
+                }
+            }
+        )*
+    };
+}
+
+on_all!(a_batch_ends_each_item_and_leases_for_each_that_asks);
+
+/// Each item ends as its own finish would (a success, a fenced one that
+/// changes nothing and leases nothing, a retry that asks for no next
+/// task); each accepted item that asks gets the next task, leased to its
+/// worker; once the queue is dry, the later askers hear it.
+async fn a_batch_ends_each_item_and_leases_for_each_that_asks(backend: common::tasks::Backend) {
+    let s = Store::on(backend).await;
+    let [a, b, c] = [
+        s.submit("a").await,
+        s.submit("b").await,
+        s.submit("c").await,
+    ];
+    let d = s.submit("d").await;
+    let e = s.submit("e").await;
+    assert_eq!(s.lease("w1").await.id, a.id);
+    assert_eq!(s.lease("w2").await.id, b.id);
+    assert_eq!(s.lease("w3").await.id, c.id);
+    let ok = Outcome::Succeeded("1".into());
+    let retry = Outcome::Retry {
+        error: r#"{"message":"again","retryable":true}"#.into(),
+        delay: Duration::from_secs(60),
+    };
+    let items = [
+        item(&a, 1, &ok, Some("w1")),
+        item(&b, 9, &ok, Some("w2")),
+        item(&c, 1, &retry, None),
+    ];
+    let ends = s
+        .store
+        .finish_batch(
+            &s.queue,
+            &items,
+            LEASE,
+            &["*"],
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ends.len(), 3);
+    assert_eq!(ends[0].ended.as_ref().unwrap().unwrap().0, State::Succeeded);
+    let Some(Leased::Task(next)) = &ends[0].next else {
+        panic!("the first item's next task: {:?}", ends[0].next);
+    };
+    assert_eq!(
+        (&next.id, next.state, next.attempts),
+        (&d.id, State::Running, 1)
+    );
+    assert_eq!(s.state(&d).await, (State::Running, "w1".into()));
+    // fenced: no change, no lease
+    assert!(ends[1].ended.as_ref().unwrap().is_none());
+    assert!(ends[1].next.is_none());
+    assert_eq!(s.state(&b).await, (State::Running, "w2".into()));
+    assert_eq!(ends[2].ended.as_ref().unwrap().unwrap().0, State::Scheduled);
+    assert!(ends[2].next.is_none(), "it asked for none");
+    assert_eq!(s.state(&e).await.0, State::Queued, "nobody else asked");
+    // two askers, one task left: the second hears the queue is dry
+    let items = [item(&b, 1, &ok, Some("w2")), item(&d, 1, &ok, Some("w1"))];
+    let ends = s
+        .store
+        .finish_batch(
+            &s.queue,
+            &items,
+            LEASE,
+            &["*"],
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        ends.iter()
+            .all(|e| e.ended.as_ref().unwrap().unwrap().0 == State::Succeeded)
+    );
+    let Some(Leased::Task(next)) = &ends[0].next else {
+        panic!("b's worker gets e: {:?}", ends[0].next);
+    };
+    assert_eq!(next.id, e.id);
+    assert_eq!(s.state(&e).await, (State::Running, "w2".into()));
+    assert!(
+        matches!(ends[1].next, Some(Leased::Empty)),
+        "{:?}",
+        ends[1].next
+    );
+    assert_eq!(s.state(&a).await.0, State::Succeeded);
+    assert_eq!(s.state(&d).await.0, State::Succeeded);
+}
+
+/// On Redis an item whose finish raises an error (here a log entry that is
+/// not JSON) is that item's error alone: the items around it end, and the
+/// failed one is left as it was (nothing written), still held.
+#[tokio::test]
+async fn an_item_that_fails_alone_leaves_the_others_ended() {
+    let s = Store::on(common::tasks::Backend::Redis).await;
+    let [a, b, c] = [
+        s.submit("a").await,
+        s.submit("b").await,
+        s.submit("c").await,
+    ];
+    for w in ["w1", "w2", "w3"] {
+        s.lease(w).await;
+    }
+    let ok = Outcome::Succeeded("1".into());
+    let mut bad = item(&b, 1, &ok, Some("w2"));
+    bad.log = "not json";
+    let items = [item(&a, 1, &ok, None), bad, item(&c, 1, &ok, None)];
+    let ends = s
+        .store
+        .finish_batch(
+            &s.queue,
+            &items,
+            LEASE,
+            &["*"],
+            TaskLimits::default(),
+            later(),
+        )
+        .await
+        .unwrap();
+    let err = ends[1].ended.as_ref().unwrap_err().to_string();
+    assert!(err.contains("finish"), "{err}");
+    assert!(ends[1].next.is_none());
+    assert_eq!(s.state(&a).await.0, State::Succeeded);
+    assert_eq!(s.state(&b).await, (State::Running, "w2".into()));
+    assert_eq!(s.state(&c).await.0, State::Succeeded);
+}
+
+/// Script calls Redis has run (`EVALSHA` and `EVAL`).
+async fn script_calls(redis: &common::TestRedis) -> u64 {
+    let mut conn = redis.conn().await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Sixteen ends of one queue made at once through the engine: the first
+/// few go alone, at once; the rest wait for those calls and go together in
+/// one call. Every end is recorded and every asker gets a task of its own,
+/// leased to it. On Redis, the script calls are counted: far fewer than
+/// sixteen.
+async fn ends_made_together_share_one_call(backend: common::tasks::Backend) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let store = match &redis {
+        Some(r) => TaskStore::redis(
+            RedisStore::connect(&RedisConfig::new(r.url())).unwrap(),
+            "koo",
+        ),
+        None => TaskStore::memory(),
+    };
+    let engine = TaskEngine::new(store, TaskConfig::default());
+    let deadline = later;
+    let mut ids = Vec::new();
+    for i in 0..34 {
+        let t = engine
+            .submit(
+                NewTask::new(&format!("t{i}"), Category::Research),
+                deadline(),
+            )
+            .await
+            .unwrap();
+        ids.push(t.id);
+    }
+    let queue = Category::Research.default_queue();
+    let mut held = Vec::new();
+    for i in 0..17 {
+        let worker = format!("w{i}");
+        let task = engine
+            .lease(&queue, &worker, &["*"], deadline())
+            .await
+            .unwrap()
+            .unwrap();
+        held.push((task, worker));
+    }
+    // the single end's script loaded first (sixteen concurrent first calls
+    // would each meet NOSCRIPT and count twice)
+    let (warm, warm_worker) = held.pop().unwrap();
+    let finish = Finish::Succeeded("null".into());
+    engine
+        .end_attempt(
+            &warm,
+            warm.token,
+            &warm_worker,
+            finish,
+            Some(&["*"]),
+            deadline(),
+        )
+        .await
+        .unwrap();
+    let before = match &redis {
+        Some(r) => script_calls(r).await,
+        None => 0,
+    };
+    let names: &[&str] = &["*"];
+    let ends = held.iter().map(|(task, worker)| {
+        engine.end_attempt(
+            task,
+            task.token,
+            worker,
+            Finish::Succeeded("null".into()),
+            Some(names),
+            deadline(),
+        )
+    });
+    let ends = futures::future::join_all(ends).await;
+    let mut next_ids = Vec::new();
+    for ((task, worker), end) in held.iter().zip(ends) {
+        let (state, next) = end.unwrap();
+        assert_eq!(state, State::Succeeded);
+        let next = next.task().expect("each asker gets a task");
+        assert_eq!(next.worker.as_deref(), Some(worker.as_str()));
+        let stored = engine.get(next.id.as_str(), deadline()).await.unwrap();
+        assert_eq!(
+            (stored.state, stored.worker),
+            (State::Running, Some(worker.clone()))
+        );
+        assert_eq!(
+            engine
+                .get(task.id.as_str(), deadline())
+                .await
+                .unwrap()
+                .state,
+            State::Succeeded
+        );
+        next_ids.push(next.id);
+    }
+    next_ids.sort();
+    next_ids.dedup();
+    assert_eq!(next_ids.len(), 16, "sixteen different tasks");
+    if let Some(r) = &redis {
+        let calls = script_calls(r).await - before;
+        // four alone, then the twelve that waited, in one batch when the
+        // first call ends after they all queued (the usual case), in a few
+        // otherwise; the batch script's first run adds its EVAL after a
+        // NOSCRIPT
+        assert!(calls <= 8, "{calls} script calls for sixteen ends");
+    }
+}
+
+mod ends_made_together_share_one_call {
+    use super::common::tasks::Backend;
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory() {
+        super::ends_made_together_share_one_call(Backend::Memory).await;
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn redis() {
+        super::ends_made_together_share_one_call(Backend::Redis).await;
+    }
+}
