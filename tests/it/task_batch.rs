@@ -204,6 +204,10 @@ async fn a_batch_ends_each_item_and_leases_for_each_that_asks(backend: common::t
     );
     assert_eq!(s.state(&a).await.0, State::Succeeded);
     assert_eq!(s.state(&d).await.0, State::Succeeded);
+    // the attempt's log entry ({} here) gained its end, and is JSON
+    let logged = s.store.get(&a.id, later()).await.unwrap().unwrap().log;
+    let entry: serde_json::Value = serde_json::from_str(&logged[0]).unwrap();
+    assert!(entry["ended_ms"].as_i64().unwrap() > 0, "{entry}");
 }
 
 /// On Redis an item whose finish raises an error (here a log entry that is

@@ -212,7 +212,8 @@ pub(crate) fn prelude() -> String {
          if string.byte(ARGV[1], 1) == 64 then now = tonumber(string.sub(ARGV[1], 2))\n  \
          else now = real + tonumber(ARGV[1]) end\n  \
          CLOCK_OFFSET = now - real\n\
-         end\n",
+         end\n\
+         local NOW = string.format('%d', now)\n",
         slot_ms = times::SLOT_MS,
         slots = times::SLOTS,
         names = times::NAME_CAP,

@@ -145,7 +145,8 @@ impl RedisTasks {
                     .as_deref()
                     .or(task.rate_limit_key.as_deref())
                     .unwrap_or(""),
-            );
+            )
+            .arg("name", task.name.as_str());
         for dep in waiting {
             call.extra(dep.as_str());
         }

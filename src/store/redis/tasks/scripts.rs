@@ -27,6 +27,7 @@ pub(super) const SUBMIT: Spec = Spec {
         "deps",
         "expire_ms",
         "fkey",
+        "name",
     ],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),

@@ -28,28 +28,29 @@ if outcome == 'retry' and expire_ms and now + tonumber(A_delay_ms) >= tonumber(e
 end
 -- everything that can fail comes before the first write: Redis does not
 -- roll a script back
-local entry = cjson.decode(A_log)
-entry['ended_ms'] = now
-if outcome == 'retry' then entry['retry_at_ms'] = now + tonumber(A_delay_ms) end
-local logged = cjson.encode(entry)
+local extra = '"ended_ms":' .. NOW
+if outcome == 'retry' then
+  extra = extra .. ',"retry_at_ms":' .. string.format('%d', now + tonumber(A_delay_ms))
+end
+local logged = json_with(A_log, extra)
 redis.call('ZREM', K_leases, A_id)
 leave_running(K_task, cc)
 redis.call('RPUSH', K_task .. ':log', logged)
 local times = times_of(name, attempts, created, started, true) or {}
 if outcome == 'retry' then
-  redis.call('HINCRBY', K_stats, 'retried', 1)
-  redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload, 'worker', '', 'lease_until', 0)
+  redis.call('HINCRBY', K_stats, 'retried', '1')
+  redis.call('HSET', K_task, 'state', 'scheduled', 'error', payload, 'worker', '', 'lease_until', '0')
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
   -- waiting out its backoff, it may expire again
   if expire_ms then redis.call('ZADD', K_expiring, expire_ms, A_id) end
-  add_event(K_events, A_events_cap, A_id, name, 'scheduled', 'at', now)
+  add_event(K_events, A_events_cap, A_id, name, 'scheduled', 'at', NOW)
   return { 'scheduled', unpack(times) }
 end
-redis.call('HINCRBY', K_stats, outcome, 1)
+redis.call('HINCRBY', K_stats, outcome, '1')
 local field = 'result'
 if outcome ~= 'succeeded' then field = 'error' end
-redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', now, 'worker', '',
-  'lease_until', 0)
+redis.call('HSET', K_task, 'state', outcome, field, payload, 'finished_ms', NOW, 'worker', '',
+  'lease_until', '0')
 -- a success supersedes the errors of earlier attempts (they stay in the
 -- log); a first attempt has none (every end that writes an error either
 -- counted an attempt or ended the task, and RetryTask deletes it)
@@ -57,6 +58,6 @@ if outcome == 'succeeded' and tonumber(attempts) > 1 then redis.call('HDEL', K_t
 local waited_on = redis.call('EXISTS', K_task .. ':dependents') == 1
 record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_cap, A_dead_ttl_ms,
   false, { name, category, attempts, ttl, schedule, started, dkey, waited_on })
-add_event(K_events, A_events_cap, A_id, name, outcome, 'at', now)
+add_event(K_events, A_events_cap, A_id, name, outcome, 'at', NOW)
 if waited_on then outcome = outcome .. '+' end
 return { outcome, unpack(times) }

@@ -169,7 +169,10 @@ local candidates = {}
 local function more()
   if from >= limit then return false end
   local upto = math.min(from + chunk, limit) - 1
-  local got = redis.call('ZRANGE', K_ready, from, upto)
+  local got
+  -- the head alone, the commonest read, without formatting two numbers
+  if upto == 0 then got = redis.call('ZRANGE', K_ready, '0', '0')
+  else got = redis.call('ZRANGE', K_ready, from, upto) end
   from = upto + 1
   chunk = 16
   if #got == 0 then return false end
@@ -266,21 +269,26 @@ while true do
       -- it starts in time: it no longer expires (until it waits again)
       if expire_ms then redis.call('ZREM', K_expiring, id) end
       local attempt = (tonumber(attempts) or 0) + 1
+      local attempt_s = string.format('%d', attempt)
       local deadline = now + tonumber(A_lease_ms)
+      local deadline_s = string.format('%d', deadline)
       local hard = tonumber(hard_ms or '0')
-      local hard_deadline = 0
-      if hard > 0 then hard_deadline = now + hard end
+      local hard_deadline, hard_s = 0, '0'
+      if hard > 0 then
+        hard_deadline = now + hard
+        hard_s = string.format('%d', hard_deadline)
+      end
       -- the fencing token grows with every lease (attempts can be given back)
-      redis.call('HSET', key, 'state', 'running', 'worker', worker, 'attempts', attempt,
-        'token', (tonumber(token) or 0) + 1, 'started_ms', now, 'lease_until', deadline,
-        'hard_until', hard_deadline)
+      redis.call('HSET', key, 'state', 'running', 'worker', worker, 'attempts', attempt_s,
+        'token', string.format('%d', (tonumber(token) or 0) + 1), 'started_ms', NOW,
+        'lease_until', deadline_s, 'hard_until', hard_s)
       -- progress belongs to an attempt (a first one has none: RetryTask
       -- and a hand-back delete it)
       if attempt > 1 then redis.call('HDEL', key, 'progress') end
-      local score = deadline
-      if hard_deadline > 0 and hard_deadline < score then score = hard_deadline end
+      local score = deadline_s
+      if hard_deadline > 0 and hard_deadline < deadline then score = hard_s end
       redis.call('ZADD', K_leases, score, id)
-      add_event(K_events, A_events_cap, id, name, 'running', 'attempt', attempt, 'worker', worker, 'at', now)
+      add_event(K_events, A_events_cap, id, name, 'running', 'attempt', attempt_s, 'worker', worker, 'at', NOW)
       return redis.call('HGETALL', key)
     end
   end

@@ -30,7 +30,7 @@ local function enter_score(ready, key, band, at, fkey)
   local clock, last = unpack(redis.call('HMGET', fair, 'clock:' .. b, lane))
   if not clock then
     clock = now
-    redis.call('HSET', fair, 'clock:' .. b, string.format('%d', now))
+    redis.call('HSET', fair, 'clock:' .. b, NOW)
   end
   local vt = tonumber(clock)
   if last and tonumber(last) + 1 > vt then vt = tonumber(last) + 1 end
@@ -64,7 +64,7 @@ end
 -- an event. An entry whose task is gone or has moved on is only dropped
 -- (never create a hash for a gone one). Returns how many entries were due.
 local function promote_due(scheduled, ready, events, prefix, events_cap)
-  local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)
+  local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', NOW, 'LIMIT', '0', '100')
   for _, id in ipairs(due) do
     redis.call('ZREM', scheduled, id)
     local key = prefix .. id
@@ -73,7 +73,7 @@ local function promote_due(scheduled, ready, events, prefix, events_cap)
     if state == 'scheduled' then
       redis.call('ZADD', ready, enter_score(ready, key, band, now, fair_key(ckey, rkey)), id)
       redis.call('HSET', key, 'state', 'queued')
-      add_event(events, events_cap, id, name, 'queued', 'at', now)
+      add_event(events, events_cap, id, name, 'queued', 'at', NOW)
     end
   end
   return #due
@@ -147,25 +147,44 @@ local function record_end(key, id, outcome, history, history_data, dead, cap, de
   end
   forget_debounce(key, id, dkey)
   if outcome == 'failed' or outcome == 'timed_out' then
-    redis.call('ZADD', dead, now, id)
+    redis.call('ZADD', dead, NOW, id)
     local prefix = string.sub(key, 1, #key - #id)
     for _, old in ipairs(trim_to_cap(dead, cap)) do expire_as_result(prefix .. old) end
     ttl = math.max(tonumber(ttl), tonumber(dead_ttl or '0'))
   end
-  redis.call('ZADD', history, now, id)
-  -- a task no schedule submitted has no 'schedule' field (false: left out)
-  if not schedule then schedule = nil end
-  -- nor one that never started a 'started_ms' (its last attempt's start)
-  if started and not unrun then started = tonumber(started) else started = nil end
-  redis.call('HSET', history_data, id, cjson.encode({ name = name, state = outcome,
-    attempts = tonumber(attempts), finished_ms = now, category = category, schedule = schedule,
-    started_ms = started }))
+  redis.call('ZADD', history, NOW, id)
+  -- the summary, written by hand (cjson formats each number with printf,
+  -- and the numbers here are stored integers already): a field the hash
+  -- lacks is left out, as are a schedule when no schedule submitted it and
+  -- a start when it never started (its last attempt's start)
+  local summary = '{"state":"' .. outcome .. '","finished_ms":' .. NOW
+  if name then summary = summary .. ',"name":' .. cjson.encode(name) end
+  if category then summary = summary .. ',"category":' .. cjson.encode(category) end
+  if attempts and string.match(attempts, '^%d+$') then
+    summary = summary .. ',"attempts":' .. attempts
+  end
+  if schedule then summary = summary .. ',"schedule":' .. cjson.encode(schedule) end
+  if started and not unrun and string.match(started, '^%d+$') then
+    summary = summary .. ',"started_ms":' .. started
+  end
+  redis.call('HSET', history_data, id, summary .. '}')
   trim_to_cap(history, cap, history_data)
   redis.call('PEXPIRE', key, ttl)
   redis.call('PEXPIRE', key .. ':log', ttl)
   -- dependency bookkeeping goes with the task
   if not ran then redis.call('PEXPIRE', key .. ':deps', ttl) end
   if not ran or ran[8] then redis.call('PEXPIRE', key .. ':dependents', ttl) end
+end
+
+-- JSON object `json` (koo's own, compact) with the members in `extra`
+-- (`"name":value,...`) added at its end: an attempt's log entry gets its
+-- end without being decoded and encoded again (each number cjson writes
+-- costs a printf).
+local function json_with(json, extra)
+  if string.byte(json, -1) ~= 125 then error('the log entry is not a JSON object') end
+  local body = string.sub(json, 1, -2)
+  if body == '{' then return body .. extra .. '}' end
+  return body .. ',' .. extra .. '}'
 end
 
 -- Whether a task's expiry (its `expire_ms` field, as read: false when it
@@ -182,11 +201,11 @@ end
 -- are released by the caller, or by the sweep's repair.
 local function end_unrun(key, id, name, message, history, history_data, dead, stats, events,
     history_cap, events_cap)
-  redis.call('HSET', key, 'state', 'cancelled', 'finished_ms', now,
+  redis.call('HSET', key, 'state', 'cancelled', 'finished_ms', NOW,
     'error', cjson.encode({ message = message, retryable = false }))
-  redis.call('HINCRBY', stats, 'cancelled', 1)
+  redis.call('HINCRBY', stats, 'cancelled', '1')
   record_end(key, id, 'cancelled', history, history_data, dead, history_cap, nil, true)
-  add_event(events, events_cap, id, name, 'cancelled', 'at', now)
+  add_event(events, events_cap, id, name, 'cancelled', 'at', NOW)
 end
 
 local function end_expired(key, id, name, history, history_data, dead, stats, events, history_cap, events_cap)
@@ -219,5 +238,6 @@ local function times_of(name, attempts, created, started, ran)
   if ran then run = math.max(now - started, 0) end
   if first and created then wait = math.max(started - tonumber(created), 0) end
   if run < 0 and wait < 0 then return nil end
-  return { name or '', tostring(math.floor(now / TIMES_SLOT_MS)), tostring(run), tostring(wait) }
+  return { name or '', string.format('%d', math.floor(now / TIMES_SLOT_MS)),
+    string.format('%d', run), string.format('%d', wait) }
 end

@@ -11,21 +11,13 @@ if deps > 0 then
 elseif tonumber(A_delay_ms) > 0 then
   state = 'scheduled'
 end
--- the hash in one write: its fields, then when and in what state it starts
-local fields, name = {}, ''
-for i = ARGN + deps, #ARGV, 2 do
-  fields[#fields + 1] = ARGV[i]
-  fields[#fields + 1] = ARGV[i + 1]
-  if ARGV[i] == 'name' then name = ARGV[i + 1] end
-end
-fields[#fields + 1] = 'created_ms'
-fields[#fields + 1] = now
-fields[#fields + 1] = 'state'
-fields[#fields + 1] = state
-redis.call('HSET', K_task, unpack(fields))
+-- the hash: its fields as given (no Lua table of them), then when and in
+-- what state it starts
+redis.call('HSET', K_task, unpack(ARGV, ARGN + deps))
+redis.call('HSET', K_task, 'created_ms', NOW, 'state', state)
 if state == 'pending' then
   redis.call('SADD', K_task .. ':deps', unpack(ARGV, ARGN, ARGN + deps - 1))
-  redis.call('ZADD', K_pending, now, A_id)
+  redis.call('ZADD', K_pending, NOW, A_id)
 elseif state == 'queued' then
   local fkey = false
   if A_fkey ~= '' then fkey = A_fkey end
@@ -34,6 +26,6 @@ else
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
 end
 if tonumber(A_expire_ms) > 0 then redis.call('ZADD', K_expiring, A_expire_ms, A_id) end
-redis.call('HINCRBY', K_stats, 'submitted', 1)
-add_event(K_events, A_events_cap, A_id, name, state, 'at', now)
+redis.call('HINCRBY', K_stats, 'submitted', '1')
+add_event(K_events, A_events_cap, A_id, A_name, state, 'at', NOW)
 return now
