@@ -427,6 +427,11 @@ impl<'a> Invocation<'a> {
             here
         });
         let part = *part.expect("a part whose keys are not pushed yet");
+        self.push_keys(part, keys, id)
+    }
+
+    /// Pushes `part`'s declared keys from `keys` (the task hash of `id`).
+    fn push_keys(&mut self, part: Spec, keys: &QueueKeys, id: Option<&TaskId>) -> &mut Self {
         for key in part.keys {
             let name = key
                 .resolve(keys, id)
@@ -442,16 +447,9 @@ impl<'a> Invocation<'a> {
     /// Pushes every declared key of every part from `keys` (the task hash
     /// of `id`); a [`Key::Claim`] must be given with [`Self::key`] instead.
     pub(crate) fn queue_keys(&mut self, keys: &QueueKeys, id: Option<&TaskId>) -> &mut Self {
-        for part in self.parts.iter() {
-            for key in part.keys {
-                let name = key
-                    .resolve(keys, id)
-                    .expect("a queue key (and the task id when the task is a key)");
-                #[cfg(test)]
-                self.pushed.push(name.clone());
-                self.inv.key(name);
-                self.key += 1;
-            }
+        for i in 0..self.parts.len() {
+            let part = self.parts[i];
+            self.push_keys(part, keys, id);
         }
         self
     }

@@ -157,21 +157,26 @@ impl TaskEngine {
     /// which does the same when it ends; with none waiting, the call's
     /// place frees.
     fn call_ended(&self, queue: &QueueName) {
+        // outside a runtime (a future dropped after it), nothing can run a
+        // batch: the waiting ends are dropped (their callers are told) and
+        // the call's place frees
+        let runtime = tokio::runtime::Handle::try_current().ok();
         let batch = {
             let mut queues = self.batchers();
             let Some(q) = queues.get_mut(queue) else {
                 return;
             };
+            if runtime.is_none() {
+                q.waiting.clear();
+            }
             if q.waiting.is_empty() {
-                q.calls -= 1;
+                q.calls = q.calls.saturating_sub(1);
                 return;
             }
             let take = q.waiting.len().min(MAX_ITEMS);
             q.waiting.drain(..take).collect::<Vec<_>>()
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // shutting down: the waiting ends' callers are told
-        };
+        let Some(runtime) = runtime else { return };
         let engine = self.clone();
         let queue = queue.clone();
         runtime.spawn(async move {

@@ -98,6 +98,24 @@ pub(super) const PROGRESS: Spec = Spec {
     body: include_str!("../lua/tasks/progress.lua"),
 };
 
+/// finish.lua's arguments, then `$more`.
+macro_rules! finish_args {
+    ($($more:literal),*) => {
+        &[
+            "id",
+            "token",
+            "events_cap",
+            "outcome",
+            "payload",
+            "delay_ms",
+            "history_cap",
+            "log",
+            "dead_ttl_ms",
+            $($more),*
+        ]
+    };
+}
+
 /// `outcome`: `succeeded`, `retry`, `failed`, `timed_out` or `cancelled`;
 /// `payload`: the result or error JSON; `log`: the attempt's log entry.
 pub(super) const FINISH: Spec = Spec {
@@ -113,17 +131,7 @@ pub(super) const FINISH: Spec = Spec {
         Stats,
         Expiring,
     ],
-    args: &[
-        "id",
-        "token",
-        "events_cap",
-        "outcome",
-        "payload",
-        "delay_ms",
-        "history_cap",
-        "log",
-        "dead_ttl_ms",
-    ],
+    args: finish_args!(),
     variadic: false,
     body: include_str!("../lua/tasks/finish.lua"),
 };
@@ -134,18 +142,7 @@ pub(super) const FINISH: Spec = Spec {
 pub(super) const FINISH_ITEM: Spec = Spec {
     name: "finish",
     keys: FINISH.keys,
-    args: &[
-        "id",
-        "token",
-        "events_cap",
-        "outcome",
-        "payload",
-        "delay_ms",
-        "history_cap",
-        "log",
-        "dead_ttl_ms",
-        "next",
-    ],
+    args: finish_args!("next"),
     variadic: false,
     body: FINISH.body,
 };
