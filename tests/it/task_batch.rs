@@ -232,23 +232,58 @@ async fn an_item_that_fails_alone_leaves_the_others_ended() {
 
 /// Script calls Redis has run (`EVALSHA` and `EVAL`).
 async fn script_calls(redis: &common::TestRedis) -> u64 {
-    let mut conn = redis.conn().await;
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
+    redis.command_calls(&["evalsha", "eval"]).await
+}
+
+/// An engine on `redis` (the embedded store without one) holding sixteen
+/// leased tasks of the research queue (each with its worker), with as many
+/// queued behind them, and the single end's script loaded (sixteen
+/// concurrent first calls would each meet NOSCRIPT and count twice).
+async fn holding_sixteen(redis: Option<&common::TestRedis>) -> (TaskEngine, Vec<(Task, String)>) {
+    let store = match redis {
+        Some(r) => TaskStore::redis(
+            RedisStore::connect(&RedisConfig::new(r.url())).unwrap(),
+            "koo",
+        ),
+        None => TaskStore::memory(),
+    };
+    let engine = TaskEngine::new(store, TaskConfig::default());
+    for i in 0..34 {
+        let new = NewTask::new(&format!("t{i}"), Category::Research);
+        engine.submit(new, later()).await.unwrap();
+    }
+    let queue = Category::Research.default_queue();
+    let mut held = Vec::new();
+    for i in 0..17 {
+        let worker = format!("w{i}");
+        let task = engine
+            .lease(&queue, &worker, &["*"], later())
+            .await
+            .unwrap()
+            .unwrap();
+        held.push((task, worker));
+    }
+    let (warm, worker) = held.pop().unwrap();
+    let finish = Finish::Succeeded("null".into());
+    engine
+        .end_attempt(&warm, warm.token, &worker, finish, Some(&["*"]), later())
         .await
         .unwrap();
-    info.lines()
-        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
-        .filter_map(|l| {
-            l.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
+    (engine, held)
+}
+
+/// The ends of every task `held`, made at once, each asking for the next.
+async fn end_all(
+    engine: &TaskEngine,
+    held: &[(Task, String)],
+    deadline: Deadline,
+) -> Vec<Result<(State, Leased), koo::tasks::engine::TaskError>> {
+    let names: &[&str] = &["*"];
+    let ends = held.iter().map(|(task, worker)| {
+        let finish = Finish::Succeeded("null".into());
+        engine.end_attempt(task, task.token, worker, finish, Some(names), deadline)
+    });
+    futures::future::join_all(ends).await
 }
 
 /// Sixteen ends of one queue made at once through the engine: the first
@@ -261,68 +296,13 @@ async fn ends_made_together_share_one_call(backend: common::tasks::Backend) {
         common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
         _ => None,
     };
-    let store = match &redis {
-        Some(r) => TaskStore::redis(
-            RedisStore::connect(&RedisConfig::new(r.url())).unwrap(),
-            "koo",
-        ),
-        None => TaskStore::memory(),
-    };
-    let engine = TaskEngine::new(store, TaskConfig::default());
+    let (engine, held) = holding_sixteen(redis.as_ref()).await;
     let deadline = later;
-    let mut ids = Vec::new();
-    for i in 0..34 {
-        let t = engine
-            .submit(
-                NewTask::new(&format!("t{i}"), Category::Research),
-                deadline(),
-            )
-            .await
-            .unwrap();
-        ids.push(t.id);
-    }
-    let queue = Category::Research.default_queue();
-    let mut held = Vec::new();
-    for i in 0..17 {
-        let worker = format!("w{i}");
-        let task = engine
-            .lease(&queue, &worker, &["*"], deadline())
-            .await
-            .unwrap()
-            .unwrap();
-        held.push((task, worker));
-    }
-    // the single end's script loaded first (sixteen concurrent first calls
-    // would each meet NOSCRIPT and count twice)
-    let (warm, warm_worker) = held.pop().unwrap();
-    let finish = Finish::Succeeded("null".into());
-    engine
-        .end_attempt(
-            &warm,
-            warm.token,
-            &warm_worker,
-            finish,
-            Some(&["*"]),
-            deadline(),
-        )
-        .await
-        .unwrap();
     let before = match &redis {
         Some(r) => script_calls(r).await,
         None => 0,
     };
-    let names: &[&str] = &["*"];
-    let ends = held.iter().map(|(task, worker)| {
-        engine.end_attempt(
-            task,
-            task.token,
-            worker,
-            Finish::Succeeded("null".into()),
-            Some(names),
-            deadline(),
-        )
-    });
-    let ends = futures::future::join_all(ends).await;
+    let ends = end_all(&engine, &held, deadline()).await;
     let mut next_ids = Vec::new();
     for ((task, worker), end) in held.iter().zip(ends) {
         let (state, next) = end.unwrap();
@@ -366,5 +346,22 @@ mod ends_made_together_share_one_call {
     #[tokio::test]
     async fn redis() {
         super::ends_made_together_share_one_call(Backend::Redis).await;
+    }
+}
+
+/// Redis gone under sixteen ends made at once: every caller, the four
+/// that called at once and the twelve that waited for a batch, hears an
+/// error within its deadline (none hangs; their leases will lapse and the
+/// tasks run again).
+#[tokio::test]
+async fn a_failed_batch_answers_every_caller() {
+    let mut redis = common::TestRedis::start().await;
+    let (engine, held) = holding_sixteen(Some(&redis)).await;
+    redis.kill();
+    let deadline = Deadline::after(Duration::from_secs(2));
+    let ends = end_all(&engine, &held, deadline).await;
+    assert_eq!(ends.len(), 16);
+    for end in ends {
+        assert!(end.is_err(), "{end:?}");
     }
 }

@@ -99,7 +99,11 @@ impl TaskEngine {
         let queue = task.id.queue();
         let answer = {
             let mut queues = self.batchers();
-            let q = queues.entry(queue.clone()).or_default();
+            // the queue's name is cloned once, not on every end
+            if !queues.contains_key(&queue) {
+                queues.insert(queue.clone(), Queue::default());
+            }
+            let q = queues.get_mut(&queue).expect("inserted above");
             if q.calls < IN_FLIGHT {
                 q.calls += 1;
                 None

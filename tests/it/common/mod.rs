@@ -222,6 +222,23 @@ impl TestRedis {
             .expect("connect to test redis")
     }
 
+    /// How many times Redis has run `commands` (`INFO commandstats`'
+    /// counts, summed; e.g. `["evalsha", "eval"]`).
+    pub async fn command_calls(&self, commands: &[&str]) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        info.lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+                commands.contains(&name).then_some(rest)
+            })
+            .map(|rest| rest.split(',').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+
     /// SIGKILLs the server.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

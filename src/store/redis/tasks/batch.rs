@@ -23,26 +23,16 @@ enum Raw {
 
 impl Raw {
     fn of(value: redis::Value) -> Self {
-        use redis::Value;
-        match value {
-            Value::Nil => Self::Fenced,
-            Value::Array(items) => {
-                let mut texts = Vec::with_capacity(items.len());
-                for item in items {
-                    match item {
-                        Value::BulkString(b) => {
-                            texts.push(String::from_utf8_lossy(&b).into_owned())
-                        }
-                        Value::Int(n) => texts.push(n.to_string()),
-                        other => return Self::Failed(format!("finish replied {other:?}")),
-                    }
-                }
+        match redis::FromRedisValue::from_redis_value(value) {
+            Ok(None) => Self::Fenced,
+            Ok(Some(texts)) => {
+                let texts: Vec<String> = texts;
                 match texts.first().map(String::as_str) {
                     Some("!") => Self::Failed(texts.get(1).cloned().unwrap_or_default()),
                     _ => Self::Ended(texts),
                 }
             }
-            other => Self::Failed(format!("finish replied {other:?}")),
+            Err(e) => Self::Failed(format!("an unreadable reply: {e}")),
         }
     }
 }
