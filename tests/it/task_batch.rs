@@ -359,7 +359,10 @@ async fn a_failed_batch_answers_every_caller() {
     let (engine, held) = holding_sixteen(Some(&redis)).await;
     redis.kill();
     let deadline = Deadline::after(Duration::from_secs(2));
-    let ends = end_all(&engine, &held, deadline).await;
+    // a caller left waiting would hang the test: bounded, it fails instead
+    let ends = tokio::time::timeout(Duration::from_secs(20), end_all(&engine, &held, deadline))
+        .await
+        .expect("every caller answered within its deadline");
     assert_eq!(ends.len(), 16);
     for end in ends {
         assert!(end.is_err(), "{end:?}");
