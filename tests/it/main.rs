@@ -44,6 +44,7 @@ mod streams;
 mod task_batch;
 mod task_control;
 mod task_engine;
+mod task_handoff;
 mod task_store;
 mod task_times;
 mod tasks_grpc;

@@ -134,6 +134,35 @@ pub trait TaskBackend: Send + Sync + 'static {
         deadline: Deadline,
     ) -> Result<()>;
 
+    /// [`Self::submit`] of a task due now, then [`Self::lease_or_hold`] of
+    /// the queue's next task for `ask` (lease limits `lease_limits`), in one
+    /// round trip where the store allows it (on Redis, the two scripts in
+    /// one pipeline): a new task handed to an idle worker of this process
+    /// without the worker's own lease call. Two steps, not one: the task is
+    /// stored whatever the lease finds, and the lease follows the queue's
+    /// order (it may give an older task, or find the queue held).
+    /// Answers the submit's outcome and the lease's: `None` when the lease
+    /// did not run or failed (logged; the worker then looks for itself). A
+    /// task leased while the submit failed is the caller's to hand back.
+    async fn submit_and_lease(
+        &self,
+        task: &Task,
+        limits: TaskLimits,
+        ask: &LeaseAsk<'_>,
+        lease_limits: TaskLimits,
+        deadline: Deadline,
+    ) -> (Result<()>, Option<Leased>) {
+        if let Err(e) = self.submit(task, Duration::ZERO, limits, deadline).await {
+            return (Err(e), None);
+        }
+        let queue = task.id.queue();
+        let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
+        let leased = self
+            .lease_or_hold(&queue, worker, lease, names, lease_limits, deadline)
+            .await;
+        (Ok(()), lease_answer(&queue, leased))
+    }
+
     /// [`Self::submit`] for a batch, in one round trip: the outcome per
     /// task. `Err` when the batch as a whole failed (then, as for any
     /// ambiguous write, some may have been stored).
@@ -648,4 +677,14 @@ pub trait TaskBackend: Send + Sync + 'static {
 
     /// The round trip to the store.
     async fn ping(&self, deadline: Deadline) -> Result<Duration>;
+}
+
+/// A submit's lease (see [`TaskBackend::submit_and_lease`]): its answer,
+/// or `None`, logged, when it failed.
+pub(crate) fn lease_answer(queue: &QueueName, leased: Result<Leased>) -> Option<Leased> {
+    leased
+        .inspect_err(|e| {
+            tracing::warn!(queue = %queue, error = %e, "the lease after a submit failed; the worker looks for itself");
+        })
+        .ok()
 }

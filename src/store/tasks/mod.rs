@@ -13,6 +13,7 @@ mod backend;
 mod debounce;
 
 pub use backend::TaskBackend;
+pub(crate) use backend::lease_answer;
 pub use debounce::DebounceReply;
 
 use std::any::Any;

@@ -288,7 +288,12 @@ impl TaskEngine {
 
     /// Hands `next`, a task leased for an item that cannot take it, back
     /// to its queue at once.
-    async fn hand_back(&self, next: Option<Leased>, worker: Option<&str>, deadline: Deadline) {
+    pub(super) async fn hand_back(
+        &self,
+        next: Option<Leased>,
+        worker: Option<&str>,
+        deadline: Deadline,
+    ) {
         let (Some(Leased::Task(task)), Some(worker)) = (next, worker) else {
             return;
         };

@@ -46,9 +46,12 @@ impl TaskEngine {
             }
         }
         if waiting.is_empty() {
-            store.submit(&task, delay, c.limits, deadline).await?;
-            self.inner.submitted.send_replace(Some(task.id.queue()));
-            self.inner.counters.submitted(&task.id.queue());
+            let claim = delay.is_zero().then(|| self.claim_slot(&task)).flatten();
+            let Some(claim) = claim else {
+                return self.submit_plain(task, delay, deadline).await;
+            };
+            let (task, wake) = self.submit_handing(task, claim, deadline).await?;
+            self.submitted(&task, wake);
             return Ok(task);
         }
         store
@@ -65,6 +68,31 @@ impl TaskEngine {
             }
         }
         Ok(task)
+    }
+
+    /// The submit of a task that waits for nothing, no slot taking it.
+    async fn submit_plain(
+        &self,
+        task: Task,
+        delay: Duration,
+        deadline: Deadline,
+    ) -> Result<Task, TaskError> {
+        let limits = self.inner.config.limits;
+        self.inner
+            .store
+            .submit(&task, delay, limits, deadline)
+            .await?;
+        self.submitted(&task, true);
+        Ok(task)
+    }
+
+    /// Counts a stored submit and, with `wake`, wakes this process's idle
+    /// workers for its queue.
+    fn submitted(&self, task: &Task, wake: bool) {
+        if wake {
+            self.inner.submitted.send_replace(Some(task.id.queue()));
+        }
+        self.inner.counters.submitted(&task.id.queue());
     }
 
     /// Dependency `dep` of PENDING task `id` ended in `state`: release or

@@ -11,7 +11,8 @@
 //! release), `idempotency` (keyed submits), `lease` (lease, heartbeat,
 //! progress, finish, hand-back, abandon), `control` (cancel, retry, dead
 //! letters, cleanup), `recovery` (the sweep), `config` (the settings),
-//! `batch` (ends of attempts grouped into one call per queue).
+//! `batch` (ends of attempts grouped into one call per queue), `handoff`
+//! (a new task given to an idle slot of this process in the submit's call).
 //! Errors are [`crate::tasks::error`]'s, re-exported here.
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ mod control;
 mod debounce;
 mod dependencies;
 mod flow;
+mod handoff;
 mod idempotency;
 mod lease;
 mod queues;
@@ -42,6 +44,7 @@ mod times;
 pub use self::config::TaskConfig;
 pub use self::debounce::{Debounce, MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_WINDOW};
 pub use self::flow::MAX_BACKOFF;
+pub use self::handoff::{Handed, IdleSlot};
 pub use self::lease::Finish;
 pub use self::submit::{Expiry, MAX_ARGUMENTS, NewTask};
 pub use crate::tasks::error::TaskError;
@@ -82,6 +85,8 @@ struct Inner {
     flow: flow::FlowState,
     /// Each queue's group commit of attempt ends (see `batch`).
     batchers: batch::Batchers,
+    /// Idle built-in slots a submit may hand its task to (see `handoff`).
+    board: handoff::Board,
 }
 
 impl TaskEngine {
@@ -98,6 +103,7 @@ impl TaskEngine {
                 counters: TaskCounters::new(&config.queues()),
                 flow: flow::FlowState::default(),
                 batchers: batch::Batchers::default(),
+                board: handoff::Board::default(),
                 config,
             }),
         }

@@ -13,7 +13,7 @@ use super::registry::Registry;
 use super::report::{cache_result, outcome_not_recorded, report, report_and_lease};
 use crate::domain::task::{QueueName, Task};
 use crate::store::Deadline;
-use crate::tasks::engine::{CancelAsked, TaskEngine};
+use crate::tasks::engine::{CancelAsked, Handed, TaskEngine};
 use crate::tasks::poller::Poller;
 
 /// How long each lease or hand-back call of a slot may take.
@@ -73,8 +73,8 @@ impl Slot {
     /// Runs tasks until `stop`; a task leased by the last report is handed
     /// back at once.
     pub(super) async fn run(mut self, stop: CancellationToken) {
-        let names = self.registry.names();
-        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let served: Arc<[String]> = self.registry.names().into();
+        let names: Vec<&str> = served.iter().map(String::as_str).collect();
         // A task leased by the call that reported the previous one.
         let mut carried: Option<Task> = None;
         while !stop.is_cancelled() {
@@ -91,11 +91,20 @@ impl Slot {
                 Round::Leased(task) => carried = self.run_task(task, &names, &stop).await,
                 Round::Nothing => {
                     // until the first resting queue is worth a look, unless
-                    // a submit comes
-                    tokio::select! {
+                    // a submit comes or hands this slot a task
+                    let mut idle =
+                        self.engine
+                            .wait_idle(self.poller.queues(), &self.worker, served.clone());
+                    let handed = tokio::select! {
                         _ = stop.cancelled() => return,
-                        () = self.poller.idle() => {}
-                    }
+                        () = self.poller.idle() => None,
+                        handed = idle.handed() => Some(handed),
+                    };
+                    let handed = match handed {
+                        Some(handed) => handed,
+                        None => idle.leave().await,
+                    };
+                    carried = handed.and_then(|h| self.took_handed(h));
                 }
                 Round::Stopped => return,
             }
@@ -146,6 +155,17 @@ impl Slot {
             }
         }
         Round::Nothing
+    }
+
+    /// What a submit's lease found for this slot, taken as its own lease
+    /// of the queue would be.
+    fn took_handed(&mut self, handed: Handed) -> Option<Task> {
+        let Some(q) = self.poller.position(&handed.queue) else {
+            return handed.leased.task();
+        };
+        let task = self.poller.took(q, handed.leased)?;
+        self.poller.leased(q, true);
+        Some(task)
     }
 
     /// Runs a leased task and reports how it ended; the next task of its

@@ -16,6 +16,7 @@ mod batch;
 mod debounce;
 mod events;
 mod flow;
+mod handoff;
 mod invoke;
 mod reads;
 mod registry;
@@ -123,6 +124,19 @@ impl TaskBackend for RedisTasks {
         self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await
             .map(drop)
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %task.id))]
+    async fn submit_and_lease(
+        &self,
+        task: &Task,
+        limits: TaskLimits,
+        ask: &LeaseAsk<'_>,
+        lease_limits: TaskLimits,
+        deadline: Deadline,
+    ) -> (Result<()>, Option<Leased>) {
+        self.submit_then_lease(task, limits, ask, lease_limits, deadline)
+            .await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %task.id))]

@@ -1,0 +1,116 @@
+//! A submit and the lease that follows it in one pipeline
+//! ([`crate::store::tasks::TaskBackend::submit_and_lease`]): a new task
+//! handed to an idle worker of this process in the submit's round trip.
+//!
+//! A pipeline of the two scripts rather than one script made of both:
+//! each step stays the script every other caller runs (nothing new to
+//! keep in step with `submit.lua` and `lease.lua`), and the pair need not
+//! be atomic: the task is stored whatever the lease finds. Both touch only
+//! the queue's keys, so on a Cluster they go to the same node.
+
+use std::time::Duration;
+
+use redis::{RedisError, RedisResult, Value};
+
+use super::RedisTasks;
+use super::args::{lease_args, leased};
+use crate::domain::task::{QueueName, Task};
+use crate::store::tasks::TaskBackend as _;
+use crate::store::tasks::{LeaseAsk, Leased, TaskLimits, lease_answer};
+use crate::store::{Deadline, Result, StoreError};
+
+impl RedisTasks {
+    /// [`crate::store::tasks::TaskBackend::submit_and_lease`] on Redis.
+    /// A script Redis does not hold (`NOSCRIPT`: the first call after a
+    /// restart or a `SCRIPT FLUSH`) is loaded by the plain call of its
+    /// step, made again alone (one more round trip, once).
+    pub(super) async fn submit_then_lease(
+        &self,
+        task: &Task,
+        limits: TaskLimits,
+        ask: &LeaseAsk<'_>,
+        lease_limits: TaskLimits,
+        deadline: Deadline,
+    ) -> (Result<()>, Option<Leased>) {
+        if let Err(e) = self.refuse_keyed(task) {
+            return (Err(e), None);
+        }
+        let queue = task.id.queue();
+        let keys = self.keys(&queue);
+        let submit = self.submit_call(task, Duration::ZERO, &[], limits);
+        let mut lease = self.scripts().lease.call(self.clock());
+        lease.queue_keys(&keys, None);
+        let flow = self.lease_flow(lease_limits);
+        lease_args(&mut lease, (&self.flow_base, &queue), &keys, ask, flow);
+        let mut pipe = redis::pipe();
+        pipe.invoke_script(submit.done())
+            .invoke_script(lease.done())
+            .ignore_errors();
+        let pipe = &pipe;
+        let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
+        let replies: Result<Vec<RedisResult<Value>>> = self
+            .store
+            .run_once(
+                deadline,
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await;
+        let (submitted, leased_reply) = match replies.map(<[_; 2]>::try_from) {
+            Ok(Ok([s, l])) => (s, l),
+            Ok(Err(r)) => {
+                let e = format!("submit and lease: {} replies for 2 commands", r.len());
+                return (Err(StoreError::Backend(e)), None);
+            }
+            Err(e) => return (Err(e), None),
+        };
+        let submitted = match submitted {
+            Ok(_) => Ok(()),
+            Err(e) if no_script(&e) => self.submit_alone(task, limits, deadline).await,
+            Err(e) => Err(StoreError::Backend(format!("submit failed: {e}"))),
+        };
+        let leased = match leased_reply {
+            // the plain lease loads its script (only after a stored submit:
+            // a failed one's caller hands back what a lease took)
+            Err(e) if no_script(&e) && submitted.is_ok() => lease_answer(
+                &queue,
+                self.lease_alone(&queue, ask, lease_limits, deadline).await,
+            ),
+            Err(e) if no_script(&e) => None,
+            other => lease_answer(
+                &queue,
+                other
+                    .map_err(|e| StoreError::Backend(format!("lease failed: {e}")))
+                    .and_then(|v| leased(v, sent_ms)),
+            ),
+        };
+        (submitted, leased)
+    }
+
+    /// The plain submit (which loads its script when Redis lacks it).
+    async fn submit_alone(
+        &self,
+        task: &Task,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<()> {
+        self.submit(task, Duration::ZERO, limits, deadline).await
+    }
+
+    /// The plain lease (which loads its script when Redis lacks it).
+    async fn lease_alone(
+        &self,
+        queue: &QueueName,
+        ask: &LeaseAsk<'_>,
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) -> Result<Leased> {
+        let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
+        self.lease_or_hold(queue, worker, lease, names, limits, deadline)
+            .await
+    }
+}
+
+/// Whether Redis answered that it does not hold the script.
+fn no_script(e: &RedisError) -> bool {
+    e.code() == Some("NOSCRIPT")
+}

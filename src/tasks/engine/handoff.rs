@@ -1,0 +1,271 @@
+//! Hand-off: a task submitted through this process goes straight to one of
+//! its idle built-in slots.
+//!
+//! Without it a lone task costs four trips to Redis in a row (the submit,
+//! the woken slot's lease, the finish, the event's read), and every idle
+//! slot of the queue is woken to race for it, each with a lease call of
+//! its own. A slot that finds its queues empty puts itself on the board
+//! ([`TaskEngine::wait_idle`]); a submit due now that finds a slot there
+//! serving the task's name claims it and makes the submit and that slot's
+//! lease in one round trip
+//! ([`crate::store::tasks::TaskBackend::submit_and_lease`]), then gives
+//! the slot what the lease found. The other idle slots are not woken when
+//! the lease took the new task (nothing new waits); they are when it took
+//! an older one, or nothing.
+//!
+//! The lease is the ordinary one, with all its rules (pause, limits, the
+//! queue's order, the names the slot serves), made for the slot's worker
+//! id: the store sees no difference from the slot's own call.
+//!
+//! Nothing is lost on the way. The store call runs on a task of its own,
+//! so that a caller that stops waiting (a cancelled RPC) does not strand a
+//! task leased for the slot; a task whose slot is gone (stopped, or it
+//! left the board in the same instant) is handed back to its queue at once;
+//! a failed submit gives back whatever its lease took.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use super::TaskEngine;
+use crate::domain::task::{QueueName, Task};
+use crate::store::tasks::{LeaseAsk, Leased};
+use crate::store::{Deadline, StoreError};
+use crate::tasks::error::TaskError;
+
+/// What a claimed slot is given: the queue the submit went to and what
+/// the lease found there.
+#[derive(Debug)]
+pub struct Handed {
+    /// The submit's queue.
+    pub queue: QueueName,
+    /// The lease's answer.
+    pub leased: Leased,
+}
+
+/// An idle slot on the board.
+struct Waiter {
+    worker: String,
+    /// The task names it serves (`*`: any).
+    names: Arc<[String]>,
+    /// Taken by the submit that claims the slot, or by the slot leaving.
+    give: Mutex<Option<oneshot::Sender<Handed>>>,
+}
+
+impl Waiter {
+    fn serves(&self, name: &str) -> bool {
+        self.names.iter().any(|n| n == "*" || n == name)
+    }
+
+    fn take(&self) -> Option<oneshot::Sender<Handed>> {
+        self.give.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+/// The idle slots of this process, by queue.
+#[derive(Default)]
+pub(super) struct Board {
+    queues: Mutex<HashMap<QueueName, Vec<Arc<Waiter>>>>,
+}
+
+impl Board {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<QueueName, Vec<Arc<Waiter>>>> {
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The most recently idle slot of `queue` that serves `name`, claimed.
+    fn claim(&self, queue: &QueueName, name: &str) -> Option<Claim> {
+        let mut queues = self.lock();
+        let waiters = queues.get_mut(queue)?;
+        let at = waiters.iter().rposition(|w| w.serves(name))?;
+        let waiter = waiters.remove(at);
+        let give = waiter.take()?;
+        Some(Claim {
+            worker: waiter.worker.clone(),
+            names: waiter.names.clone(),
+            give,
+        })
+    }
+
+    /// Takes `waiter` off the board.
+    fn remove(&self, queues: &[QueueName], waiter: &Arc<Waiter>) {
+        let mut board = self.lock();
+        for q in queues {
+            if let Some(waiters) = board.get_mut(q) {
+                waiters.retain(|w| !Arc::ptr_eq(w, waiter));
+            }
+        }
+    }
+}
+
+/// A slot claimed by a submit.
+pub(super) struct Claim {
+    worker: String,
+    names: Arc<[String]>,
+    give: oneshot::Sender<Handed>,
+}
+
+/// A slot's place on the board while it waits for work.
+pub struct IdleSlot {
+    engine: TaskEngine,
+    queues: Vec<QueueName>,
+    waiter: Arc<Waiter>,
+    handed: oneshot::Receiver<Handed>,
+    on_board: bool,
+}
+
+impl IdleSlot {
+    /// What a submit handed this slot; `None` when the submit that
+    /// claimed it failed before its lease answered (the slot looks for
+    /// itself). Cancel-safe: pending until a submit claims the slot.
+    pub async fn handed(&mut self) -> Option<Handed> {
+        (&mut self.handed).await.ok()
+    }
+
+    /// Leaves the board: `None` when no submit claimed the slot; else
+    /// what the claiming submit hands it (waited for: it is on its way).
+    pub async fn leave(mut self) -> Option<Handed> {
+        self.off_board();
+        match self.waiter.take() {
+            Some(_) => None,
+            None => (&mut self.handed).await.ok(),
+        }
+    }
+
+    /// Stops taking hand-offs while staying on the board, as a slot that
+    /// stops in the instant a submit claims it does (for tests: a submit
+    /// that claims it then finds nobody to give the task to).
+    #[doc(hidden)]
+    pub fn close(&mut self) {
+        self.handed.close();
+    }
+
+    fn off_board(&mut self) {
+        if std::mem::take(&mut self.on_board) {
+            self.engine.inner.board.remove(&self.queues, &self.waiter);
+        }
+    }
+}
+
+impl Drop for IdleSlot {
+    fn drop(&mut self) {
+        // a slot that stops while on the board: a submit that claims it
+        // now finds its receiver gone and hands the task back
+        self.off_board();
+    }
+}
+
+impl TaskEngine {
+    /// Puts a built-in slot (`worker`, serving `names` of `queues`) on the
+    /// board of idle slots, until [`IdleSlot::leave`] or a submit claims it.
+    pub fn wait_idle(&self, queues: &[QueueName], worker: &str, names: Arc<[String]>) -> IdleSlot {
+        let (give, handed) = oneshot::channel();
+        let waiter = Arc::new(Waiter {
+            worker: worker.to_owned(),
+            names,
+            give: Mutex::new(Some(give)),
+        });
+        let mut board = self.inner.board.lock();
+        for q in queues {
+            board.entry(q.clone()).or_default().push(waiter.clone());
+        }
+        IdleSlot {
+            engine: self.clone(),
+            queues: queues.to_vec(),
+            waiter,
+            handed,
+            on_board: true,
+        }
+    }
+
+    /// An idle slot of this process that serves `task`, claimed; `None`
+    /// when none waits or when the submit must be the plain one (with
+    /// `KOO_TASK_SUBMIT_WAIT_REPLICAS`, whose `WAIT` the pipeline lacks).
+    pub(super) fn claim_slot(&self, task: &Task) -> Option<Claim> {
+        if self.inner.config.limits.submit_wait_replicas > 0 {
+            return None;
+        }
+        self.inner.board.claim(&task.id.queue(), &task.name)
+    }
+
+    /// How many slots of this process wait on the board for a task of
+    /// `queue`.
+    pub fn idle_slots(&self, queue: &QueueName) -> usize {
+        let board = self.inner.board.lock();
+        board.get(queue).map_or(0, |waiters| {
+            let live = |w: &&Arc<Waiter>| w.give.lock().is_ok_and(|g| g.is_some());
+            waiters.iter().filter(live).count()
+        })
+    }
+
+    /// Stores `task` (due now) and leases for the `claim`ed slot in the
+    /// same round trip. Dependents, counters and the wake-up of other
+    /// workers are the caller's, as after a plain submit: `true` in the
+    /// answer when they should be woken (the lease did not take the new
+    /// task).
+    pub(super) async fn submit_handing(
+        &self,
+        task: Task,
+        claim: Claim,
+        deadline: Deadline,
+    ) -> Result<(Task, bool), TaskError> {
+        // on a task of its own: a caller that stops waiting must not strand
+        // a task leased for the slot
+        let engine = self.clone();
+        let call = tokio::spawn(async move {
+            let answer = engine.hand_over(&task, claim, deadline).await;
+            answer.map(|wake| (task, wake))
+        });
+        call.await.unwrap_or_else(|e| {
+            Err(TaskError::Store(StoreError::Unavailable(format!(
+                "the submit stopped before it answered (it may or may not have been stored): {e}"
+            ))))
+        })
+    }
+
+    /// The store call of [`Self::submit_handing`] and the hand-over.
+    async fn hand_over(
+        &self,
+        task: &Task,
+        claim: Claim,
+        deadline: Deadline,
+    ) -> Result<bool, TaskError> {
+        let c = &self.inner.config;
+        let names: Vec<&str> = claim.names.iter().map(String::as_str).collect();
+        let ask = LeaseAsk {
+            worker: &claim.worker,
+            lease: c.lease,
+            names: &names,
+        };
+        let (submitted, leased) = self
+            .inner
+            .store
+            .submit_and_lease(task, c.limits, &ask, self.lease_limits(), deadline)
+            .await;
+        let worker = Some(claim.worker.as_str());
+        if let Err(e) = submitted {
+            // the slot looks for itself; a task its lease took goes back
+            drop(claim.give);
+            self.hand_back(leased, worker, deadline).await;
+            return Err(e.into());
+        }
+        let Some(leased) = leased else {
+            return Ok(true); // dropping the claim sends the slot looking
+        };
+        let wake = !matches!(&leased, Leased::Task(t) if t.id == task.id);
+        if let Leased::Task(t) = &leased {
+            self.inner.counters.leased(t);
+        }
+        let handed = Handed {
+            queue: task.id.queue(),
+            leased,
+        };
+        if let Err(handed) = claim.give.send(handed) {
+            // the slot left in the same instant, or stopped
+            self.hand_back(Some(handed.leased), worker, deadline).await;
+            return Ok(true);
+        }
+        Ok(wake)
+    }
+}

@@ -1,0 +1,342 @@
+//! Hand-off of a new task to an idle built-in slot (issue 20, a lone
+//! task's latency): the store's `submit_and_lease` (one pipeline on Redis)
+//! stores the task and then leases the queue's next task by the lease's
+//! own rules; the engine gives a submit to a slot waiting on its board, in
+//! the submit's round trip, and never strands the task (a caller that
+//! stops waiting, a slot that is gone). On a real redis-server, the
+//! embedded store and a Redis Cluster.
+
+use crate::common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use koo::domain::task::{Category, Priority, QueueName, State, Task};
+use koo::store::tasks::{LeaseAsk, Leased, TaskLimits, TaskStore};
+use koo::store::{Deadline, RedisConfig, RedisStore};
+use koo::tasks::engine::{NewTask, TaskConfig, TaskEngine};
+use koo::tasks::handlers;
+use koo::tasks::worker::{Registry, WorkerPool};
+
+const NOOP: &str = "koo.diagnostics.noop";
+
+fn later() -> Deadline {
+    Deadline::after(Duration::from_secs(5))
+}
+
+fn queue() -> QueueName {
+    Category::Research.default_queue()
+}
+
+/// A store on `backend`, the Redis or Cluster under it kept alive.
+struct Store {
+    store: TaskStore,
+    _redis: Option<common::TestRedis>,
+    _cluster: Option<common::cluster::TestCluster>,
+}
+
+impl Store {
+    async fn on(backend: common::tasks::Backend) -> Self {
+        use common::tasks::Backend;
+        let (redis, cluster, store) = match backend {
+            Backend::Cluster => {
+                let (cluster, store, _) = common::tasks::clocked_cluster_store().await;
+                (None, Some(cluster), store)
+            }
+            other => {
+                let (redis, store, _) = common::tasks::clocked_store(other).await;
+                (redis, None, store)
+            }
+        };
+        Self {
+            store,
+            _redis: redis,
+            _cluster: cluster,
+        }
+    }
+
+    fn task(&self, name: &str) -> Task {
+        common::tasks::queued_task(&queue(), name, Priority::Normal, 3)
+    }
+
+    /// `submit_and_lease` of a new task named `name` for `worker` serving
+    /// `names`: the task, and what the lease found (it must have run).
+    async fn submit_and_lease(&self, name: &str, worker: &str, names: &[&str]) -> (Task, Leased) {
+        let task = self.task(name);
+        let ask = LeaseAsk {
+            worker,
+            lease: Duration::from_secs(60),
+            names,
+        };
+        let limits = TaskLimits::default();
+        let (submitted, leased) = self
+            .store
+            .submit_and_lease(&task, limits, &ask, limits, later())
+            .await;
+        submitted.unwrap();
+        (task, leased.expect("the lease ran"))
+    }
+
+    async fn state(&self, task: &Task) -> (State, String) {
+        let t = self.store.get(&task.id, later()).await.unwrap().unwrap();
+        (t.state, t.worker.unwrap_or_default())
+    }
+}
+
+macro_rules! on_all {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::common::tasks::Backend;
+                #[tokio::test]
+                async fn memory() {
+                    super::$name(Backend::Memory).await;
+                }
+                #[tokio::test]
+                async fn redis() {
+                    super::$name(Backend::Redis).await;
+                }
+                #[tokio::test]
+                async fn cluster() {
+                    super::$name(Backend::Cluster).await;
+                }
+            }
+        )*
+    };
+}
+
+on_all!(a_submit_is_stored_then_the_queue_leased_by_its_rules);
+
+/// The new task itself when the queue was empty; an older task first when
+/// one waits (the queue's order, not the submit's); nothing for a worker
+/// that does not serve the name, or from a paused queue; every task
+/// submitted either way is stored.
+async fn a_submit_is_stored_then_the_queue_leased_by_its_rules(backend: common::tasks::Backend) {
+    let s = Store::on(backend).await;
+    let (a, leased) = s.submit_and_lease("a", "w1", &["*"]).await;
+    let leased = leased.task().expect("the new task, leased");
+    assert_eq!((&leased.id, leased.attempts), (&a.id, 1));
+    assert_eq!(s.state(&a).await, (State::Running, "w1".into()));
+
+    let older = s.task("older");
+    let limits = TaskLimits::default();
+    s.store
+        .submit(&older, Duration::ZERO, limits, later())
+        .await
+        .unwrap();
+    let (b, leased) = s.submit_and_lease("b", "w2", &["*"]).await;
+    assert_eq!(leased.task().expect("the older task").id, older.id);
+    assert_eq!(s.state(&older).await, (State::Running, "w2".into()));
+    assert_eq!(s.state(&b).await.0, State::Queued, "b waits its turn");
+
+    let (c, leased) = s.submit_and_lease("c", "w3", &["another.name"]).await;
+    assert!(matches!(leased, Leased::Empty), "{leased:?}");
+    assert_eq!(s.state(&c).await.0, State::Queued);
+
+    let pause = koo::domain::Pause {
+        by: "test".into(),
+        reason: "hold".into(),
+        at_ms: 0,
+    };
+    s.store
+        .set_pause(&queue(), Some(&pause), later())
+        .await
+        .unwrap();
+    let (d, leased) = s.submit_and_lease("d", "w4", &["*"]).await;
+    assert!(leased.task().is_none(), "a paused queue hands out nothing");
+    assert_eq!(s.state(&d).await.0, State::Queued);
+    assert_eq!(s.state(&b).await.0, State::Queued);
+}
+
+/// Redis lost its scripts (a restart, `SCRIPT FLUSH`): each step is made
+/// again the plain way, which loads its script; the task is stored once
+/// and leased.
+#[tokio::test]
+async fn scripts_redis_lost_are_loaded_again() {
+    let s = Store::on(common::tasks::Backend::Redis).await;
+    let redis = s._redis.as_ref().unwrap();
+    let mut conn = redis.conn().await;
+    for _ in 0..2 {
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let (task, leased) = s.submit_and_lease("a", "w1", &["*"]).await;
+        assert_eq!(leased.task().expect("the new task").id, task.id);
+        assert_eq!(s.state(&task).await, (State::Running, "w1".into()));
+    }
+    let stats = s.store.queue_stats(&queue(), later()).await.unwrap();
+    assert_eq!(
+        (stats.ready, stats.running),
+        (0, 2),
+        "stored once each: {stats:?}"
+    );
+}
+
+/// An engine on `redis` (the embedded store without one) whose idle
+/// slots look at their queue only once a minute: what they do is what
+/// submits make them do.
+fn engine(redis: Option<&common::TestRedis>) -> TaskEngine {
+    let store = match redis {
+        Some(r) => TaskStore::redis(
+            RedisStore::connect(&RedisConfig::new(r.url())).unwrap(),
+            "koo",
+        ),
+        None => TaskStore::memory(),
+    };
+    let config = TaskConfig {
+        poll_interval: Duration::from_secs(60),
+        ..TaskConfig::default()
+    };
+    TaskEngine::new(store, config)
+}
+
+/// Starts a pool of `slots` diagnostics slots on the research queue and
+/// waits (on the board, not a timer) until every slot is idle.
+async fn idle_pool(engine: &TaskEngine, slots: usize) -> CancellationToken {
+    let mut registry = Registry::default();
+    handlers::register_diagnostics(&mut registry);
+    let stop = CancellationToken::new();
+    let pool = WorkerPool::new(engine.clone(), registry, vec![queue()], slots);
+    tokio::spawn(pool.run(stop.clone()));
+    until("every slot idle", || async {
+        engine.idle_slots(&queue()) == slots
+    })
+    .await;
+    stop
+}
+
+/// Waits until `cond` holds (checked every few ms: the board has no
+/// event to wait for), failing the test after [`common::EVENT_TIMEOUT`].
+async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl Fn() -> F) {
+    let bound = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < bound, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Follows the queue's events until `task` has ended; the task then.
+async fn ended(engine: &TaskEngine, task: &Task) -> Task {
+    let mut events = engine
+        .store()
+        .event_reader(&task.id.queue(), None, later())
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    loop {
+        let current = engine.get(task.id.as_str(), later()).await.unwrap();
+        if current.state.is_final() {
+            return current;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "never ended: {current:?}"
+        );
+        events.next(Duration::from_millis(500), 1000).await.unwrap();
+    }
+}
+
+on_both!(a_lone_task_goes_to_one_idle_slot_in_the_submits_call);
+
+/// With four idle slots, a submit goes to one of them in its own round
+/// trip: on Redis, the whole task costs three script calls (the submit,
+/// its lease, the end), where the slots racing for it cost six or more;
+/// the other slots stay idle on the board.
+async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::tasks::Backend) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let engine = engine(redis.as_ref());
+    let stop = idle_pool(&engine, 4).await;
+    // the scripts loaded, so that none is counted twice (NOSCRIPT)
+    let warm = NewTask::new(NOOP, Category::Research);
+    let warm = engine.submit(warm, later()).await.unwrap();
+    assert_eq!(ended(&engine, &warm).await.state, State::Succeeded);
+    until("the slot idle again", || async {
+        engine.idle_slots(&queue()) == 4
+    })
+    .await;
+    let before = match &redis {
+        Some(r) => r.command_calls(&["evalsha", "eval"]).await,
+        None => 0,
+    };
+    let task = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    let done = ended(&engine, &task).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    if let Some(r) = &redis {
+        until("the slot idle again", || async {
+            engine.idle_slots(&queue()) == 4
+        })
+        .await;
+        let calls = r.command_calls(&["evalsha", "eval"]).await - before;
+        assert_eq!(calls, 3, "submit + its lease + the end");
+    }
+    stop.cancel();
+}
+
+/// A submit whose caller stops waiting (a cancelled RPC) still hands the
+/// task it stored to the slot it claimed: the task is never left leased to
+/// nobody.
+#[tokio::test]
+async fn a_caller_that_stops_waiting_does_not_strand_the_task() {
+    let redis = common::TestRedis::start().await;
+    let engine = engine(Some(&redis));
+    let names: Arc<[String]> = vec!["*".to_owned()].into();
+    let mut slot = engine.wait_idle(&[queue()], "w-test", names);
+    let submit = engine.submit(NewTask::new(NOOP, Category::Research), later());
+    // polled once (the claim and the store call start), then dropped
+    let cancelled = tokio::time::timeout(Duration::ZERO, submit).await;
+    assert!(cancelled.is_err(), "the caller stopped waiting");
+    let handed = tokio::time::timeout(common::EVENT_TIMEOUT, slot.handed())
+        .await
+        .expect("the hand-off went on")
+        .expect("a lease answered");
+    let task = handed.leased.task().expect("the task, leased to the slot");
+    assert_eq!(task.worker.as_deref(), Some("w-test"));
+    let stored = engine.get(task.id.as_str(), later()).await.unwrap();
+    assert_eq!(
+        (stored.state, stored.worker.as_deref()),
+        (State::Running, Some("w-test"))
+    );
+}
+
+on_both!(a_task_for_a_slot_that_is_gone_goes_back_to_its_queue);
+
+/// A slot that stops in the instant a submit claims it: the task the
+/// submit leased for it is handed back to its queue at once (QUEUED, its
+/// attempt given back), not left to a lease nobody renews; the submit
+/// succeeds.
+async fn a_task_for_a_slot_that_is_gone_goes_back_to_its_queue(backend: common::tasks::Backend) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let engine = engine(redis.as_ref());
+    let names: Arc<[String]> = vec!["*".to_owned()].into();
+    let mut slot = engine.wait_idle(&[queue()], "w-gone", names);
+    slot.close();
+    assert_eq!(engine.idle_slots(&queue()), 1, "still on the board");
+    let task = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    let stored = engine.get(task.id.as_str(), later()).await.unwrap();
+    assert_eq!((stored.state, stored.attempts), (State::Queued, 0));
+    assert_eq!(engine.idle_slots(&queue()), 0, "claimed once");
+    drop(slot);
+    // and a worker gets it
+    let leased = engine
+        .lease(&queue(), "w2", &["*"], later())
+        .await
+        .unwrap()
+        .expect("the task is back in its queue");
+    assert_eq!(leased.id, task.id);
+}
