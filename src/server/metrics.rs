@@ -311,6 +311,15 @@ impl Collector for OwnTasks {
                 }
             }
         }
+        {
+            let help = "Tasks this instance's submits gave straight to one of its idle built-in worker slots, leased in the submit's own round trip, by queue (per instance).";
+            let mut family =
+                encoder.encode_descriptor("koo_task_handoffs", help, None, MetricType::Counter)?;
+            for f in &figures {
+                let labels = [("queue", f.queue.as_str())];
+                counter(&mut family.encode_family(&labels)?, f.handed)?;
+            }
+        }
         let histograms: [Described<ReadHistogram>; 2] = [
             (
                 "koo_task_run_seconds",

@@ -21,6 +21,9 @@ pub const OUTCOMES: [&str; 5] = ["submitted", "succeeded", "failed", "timed_out"
 struct QueueCounters {
     /// In [`OUTCOMES`] order.
     counts: [AtomicU64; 5],
+    /// Tasks a submit gave straight to an idle slot (see
+    /// `engine::handoff`).
+    handed: AtomicU64,
     run: Histogram,
     wait: Histogram,
 }
@@ -32,6 +35,8 @@ pub struct QueueFigures {
     pub queue: String,
     /// In [`OUTCOMES`] order.
     pub counts: [u64; 5],
+    /// Tasks a submit gave straight to an idle built-in slot.
+    pub handed: u64,
     /// How long finished attempts ran.
     pub run: HistogramSnapshot,
     /// How long tasks waited from their submit to their first start.
@@ -83,6 +88,11 @@ impl TaskCounters {
         }
     }
 
+    /// A submit gave a task of `queue` straight to an idle built-in slot.
+    pub fn handed(&self, queue: &QueueName) {
+        self.of(queue.as_str()).handed.fetch_add(1, Relaxed);
+    }
+
     /// An attempt of `task` ended, moving it to `state`.
     pub fn finished(&self, task: &Task, state: State) {
         self.finished_at(task.id.queue().as_str(), task.started_ms, state);
@@ -110,6 +120,7 @@ impl TaskCounters {
         let read = |queue: &str, c: &QueueCounters| QueueFigures {
             queue: queue.to_owned(),
             counts: std::array::from_fn(|i| c.counts[i].load(Relaxed)),
+            handed: c.handed.load(Relaxed),
             run: c.run.snapshot(),
             wait: c.wait.snapshot(),
         };

@@ -186,6 +186,12 @@ async fn prometheus_scrapes_grpc_cache_and_task_figures() {
         text.ends_with("# EOF\n"),
         "OpenMetrics text ends with # EOF"
     );
+    // submits given straight to an idle slot, per queue (how many depends
+    // on whether a slot was on the board: the family is what is checked)
+    assert!(
+        sample(&text, "koo_task_handoffs_total", &[r#"queue="research""#]).is_some(),
+        "{text}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let (_prom, prom) = prometheus(&http, dir.path());
     let get = r#"grpc_server_handled_total{grpc_service="koo.cache.v1.CacheService",grpc_method="Get",grpc_code="OK"}"#;

@@ -219,6 +219,16 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl Fn(
     }
 }
 
+/// The research queue's hand-offs counted by `engine`.
+fn handoffs(engine: &TaskEngine) -> u64 {
+    let figures = engine.counters().read();
+    figures
+        .iter()
+        .find(|f| f.queue == "research")
+        .unwrap()
+        .handed
+}
+
 /// Follows the queue's events until `task` has ended; the task then.
 async fn ended(engine: &TaskEngine, task: &Task) -> Task {
     let mut events = engine
@@ -271,6 +281,7 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
         .unwrap();
     let done = ended(&engine, &task).await;
     assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    assert_eq!(handoffs(&engine), 2, "the warm-up's and this one's");
     if let Some(r) = &redis {
         until("the slot idle again", || async {
             engine.idle_slots(&queue()) == 4
@@ -278,6 +289,30 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
         .await;
         let calls = r.command_calls(&["evalsha", "eval"]).await - before;
         assert_eq!(calls, 3, "submit + its lease + the end");
+    }
+    stop.cancel();
+}
+
+on_both!(a_burst_gives_each_idle_slot_a_task_in_the_submits_call);
+
+/// A batch of eight submitted to four idle slots: the batch's call leases
+/// one task for each slot (four hand-offs), the rest wait in the queue and
+/// are taken by the slots as they end theirs; all eight succeed once.
+async fn a_burst_gives_each_idle_slot_a_task_in_the_submits_call(backend: common::tasks::Backend) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let engine = engine(redis.as_ref());
+    let stop = idle_pool(&engine, 4).await;
+    let news = (0..8)
+        .map(|_| NewTask::new(NOOP, Category::Research))
+        .collect();
+    let tasks = engine.submit_many(news, later()).await.unwrap();
+    assert_eq!(handoffs(&engine), 4, "one per idle slot");
+    for task in tasks {
+        let done = ended(&engine, &task.unwrap()).await;
+        assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     }
     stop.cancel();
 }

@@ -163,6 +163,24 @@ pub trait TaskBackend: Send + Sync + 'static {
         (Ok(()), lease_answer(&queue, leased))
     }
 
+    /// [`Self::submit_many`], then a lease for each of `asks` (its queue's
+    /// next task, for that worker), in one round trip where the store
+    /// allows it (one pipeline on a single Redis): a burst handed to the
+    /// idle workers of this process in the call that stores it, one task
+    /// each. As for [`Self::submit_and_lease`]: two steps, the leases by
+    /// the queues' rules, one answer per ask (`None`: that lease failed,
+    /// logged); the submits' answer is [`Self::submit_many`]'s.
+    async fn submit_many_and_lease(
+        &self,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        asks: &[(QueueName, LeaseAsk<'_>)],
+        lease_limits: TaskLimits,
+        deadline: Deadline,
+    ) -> (Result<Vec<Result<()>>>, Vec<Option<Leased>>) {
+        submit_many_then_lease_each(self, tasks, limits, asks, lease_limits, deadline).await
+    }
+
     /// [`Self::submit`] for a batch, in one round trip: the outcome per
     /// task. `Err` when the batch as a whole failed (then, as for any
     /// ambiguous write, some may have been stored).
@@ -687,4 +705,31 @@ pub(crate) fn lease_answer(queue: &QueueName, leased: Result<Leased>) -> Option<
             tracing::warn!(queue = %queue, error = %e, "the lease after a submit failed; the worker looks for itself");
         })
         .ok()
+}
+
+/// [`TaskBackend::submit_many_and_lease`] in one call per step: the
+/// batch, then each lease in turn (none after a failed batch).
+pub(crate) async fn submit_many_then_lease_each<B: TaskBackend + ?Sized>(
+    backend: &B,
+    tasks: &[(Task, Duration)],
+    limits: TaskLimits,
+    asks: &[(QueueName, LeaseAsk<'_>)],
+    lease_limits: TaskLimits,
+    deadline: Deadline,
+) -> (Result<Vec<Result<()>>>, Vec<Option<Leased>>) {
+    let submitted = backend.submit_many(tasks, limits, deadline).await;
+    let mut leased = Vec::with_capacity(asks.len());
+    for (queue, ask) in asks {
+        let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
+        leased.push(match &submitted {
+            Ok(_) => lease_answer(
+                queue,
+                backend
+                    .lease_or_hold(queue, worker, lease, names, lease_limits, deadline)
+                    .await,
+            ),
+            Err(_) => None,
+        });
+    }
+    (submitted, leased)
 }

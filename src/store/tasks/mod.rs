@@ -13,7 +13,7 @@ mod backend;
 mod debounce;
 
 pub use backend::TaskBackend;
-pub(crate) use backend::lease_answer;
+pub(crate) use backend::{lease_answer, submit_many_then_lease_each};
 pub use debounce::DebounceReply;
 
 use std::any::Any;

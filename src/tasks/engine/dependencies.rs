@@ -88,7 +88,7 @@ impl TaskEngine {
 
     /// Counts a stored submit and, with `wake`, wakes this process's idle
     /// workers for its queue.
-    fn submitted(&self, task: &Task, wake: bool) {
+    pub(super) fn submitted(&self, task: &Task, wake: bool) {
         if wake {
             self.inner.submitted.send_replace(Some(task.id.queue()));
         }

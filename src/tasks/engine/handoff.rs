@@ -29,7 +29,9 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 use super::TaskEngine;
-use crate::domain::task::{QueueName, Task};
+use std::time::Duration;
+
+use crate::domain::task::{QueueName, Task, TaskId};
 use crate::store::tasks::{LeaseAsk, Leased};
 use crate::store::{Deadline, StoreError};
 use crate::tasks::error::TaskError;
@@ -82,6 +84,7 @@ impl Board {
         let waiter = waiters.remove(at);
         let give = waiter.take()?;
         Some(Claim {
+            queue: queue.clone(),
             worker: waiter.worker.clone(),
             names: waiter.names.clone(),
             give,
@@ -101,6 +104,8 @@ impl Board {
 
 /// A slot claimed by a submit.
 pub(super) struct Claim {
+    /// The queue the claim was made for.
+    queue: QueueName,
     worker: String,
     names: Arc<[String]>,
     give: oneshot::Sender<Handed>,
@@ -243,29 +248,139 @@ impl TaskEngine {
             .store
             .submit_and_lease(task, c.limits, &ask, self.lease_limits(), deadline)
             .await;
-        let worker = Some(claim.worker.as_str());
         if let Err(e) = submitted {
             // the slot looks for itself; a task its lease took goes back
-            drop(claim.give);
+            let worker = Some(claim.worker.as_str());
             self.hand_back(leased, worker, deadline).await;
             return Err(e.into());
         }
-        let Some(leased) = leased else {
-            return Ok(true); // dropping the claim sends the slot looking
+        let took = self.deliver(claim, task.id.queue(), leased, deadline).await;
+        Ok(took.as_ref() != Some(&task.id))
+    }
+
+    /// Gives `claim`'s slot what its lease found (`None`: the lease did
+    /// not run; the slot, let go, looks for itself), or hands the task
+    /// back when the slot is gone. The id of the task it took, if any.
+    async fn deliver(
+        &self,
+        claim: Claim,
+        queue: QueueName,
+        leased: Option<Leased>,
+        deadline: Deadline,
+    ) -> Option<TaskId> {
+        let leased = leased?;
+        let counters = &self.inner.counters;
+        let id = match &leased {
+            Leased::Task(t) => {
+                counters.leased(t); // its wait, as any lease's
+                Some(t.id.clone())
+            }
+            _ => None,
         };
-        let wake = !matches!(&leased, Leased::Task(t) if t.id == task.id);
-        if let Leased::Task(t) = &leased {
-            self.inner.counters.leased(t);
+        match claim.give.send(Handed { queue, leased }) {
+            Ok(()) => {
+                if let Some(id) = &id {
+                    counters.handed(&id.queue());
+                }
+                id
+            }
+            Err(handed) => {
+                // the slot left in the same instant, or stopped
+                let worker = Some(claim.worker.as_str());
+                self.hand_back(Some(handed.leased), worker, deadline).await;
+                None
+            }
         }
-        let handed = Handed {
-            queue: task.id.queue(),
-            leased,
-        };
-        if let Err(handed) = claim.give.send(handed) {
-            // the slot left in the same instant, or stopped
-            self.hand_back(Some(handed.leased), worker, deadline).await;
-            return Ok(true);
+    }
+
+    /// Idle slots of this process for the tasks of `batch` due now, at
+    /// most one per task (none with `KOO_TASK_SUBMIT_WAIT_REPLICAS`).
+    pub(super) fn claim_slots(&self, batch: &[(Task, Duration)]) -> Vec<Claim> {
+        let mut claims = Vec::new();
+        if self.inner.config.limits.submit_wait_replicas > 0 {
+            return claims;
         }
-        Ok(wake)
+        let board = &self.inner.board;
+        // a queue and name that found no slot find none for the rest
+        let mut dry: Vec<(QueueName, &str)> = Vec::new();
+        for (task, delay) in batch {
+            let queue = task.id.queue();
+            if !delay.is_zero() || dry.iter().any(|(q, n)| *q == queue && *n == task.name) {
+                continue;
+            }
+            match board.claim(&queue, &task.name) {
+                Some(claim) => claims.push(claim),
+                None => dry.push((queue, &task.name)),
+            }
+        }
+        claims
+    }
+
+    /// Stores `batch` and leases for each of `claims` (its queue's next
+    /// task) in the same round trip, on a task of its own (see
+    /// [`Self::submit_handing`]): the batch back, each task's outcome, and
+    /// the ids of the batch's tasks the leases took (their queues need not
+    /// be woken for them).
+    pub(super) async fn submit_many_handing(
+        &self,
+        batch: Vec<(Task, Duration)>,
+        claims: Vec<Claim>,
+        deadline: Deadline,
+    ) -> Result<
+        (
+            Vec<(Task, Duration)>,
+            Vec<Result<(), TaskError>>,
+            Vec<TaskId>,
+        ),
+        TaskError,
+    > {
+        let engine = self.clone();
+        let call = tokio::spawn(async move {
+            let c = &engine.inner.config;
+            let names: Vec<Vec<&str>> = claims
+                .iter()
+                .map(|cl| cl.names.iter().map(String::as_str).collect())
+                .collect();
+            let asks: Vec<(QueueName, LeaseAsk<'_>)> = claims
+                .iter()
+                .zip(&names)
+                .map(|(cl, names)| {
+                    let ask = LeaseAsk {
+                        worker: &cl.worker,
+                        lease: c.lease,
+                        names,
+                    };
+                    (cl.queue.clone(), ask)
+                })
+                .collect();
+            let (stored, leased) = engine
+                .inner
+                .store
+                .submit_many_and_lease(&batch, c.limits, &asks, engine.lease_limits(), deadline)
+                .await;
+            drop(asks);
+            let mut took = Vec::new();
+            for (claim, leased) in claims.into_iter().zip(leased) {
+                let queue = claim.queue.clone();
+                match &stored {
+                    Ok(_) => took.extend(engine.deliver(claim, queue, leased, deadline).await),
+                    Err(_) => {
+                        let worker = Some(claim.worker.as_str());
+                        engine.hand_back(leased, worker, deadline).await;
+                    }
+                }
+            }
+            let stored = stored.map_err(TaskError::from)?;
+            let stored = stored
+                .into_iter()
+                .map(|r| r.map_err(TaskError::from))
+                .collect();
+            Ok((batch, stored, took))
+        });
+        call.await.unwrap_or_else(|e| {
+            Err(TaskError::Store(StoreError::Unavailable(format!(
+                "the submit stopped before it answered (some tasks may have been stored): {e}"
+            ))))
+        })
     }
 }

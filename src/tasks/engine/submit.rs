@@ -134,19 +134,29 @@ impl TaskEngine {
                 None => self.prepare(new).map_err(|e| (i, e)),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let stored = self
-            .inner
-            .store
-            .submit_many(&batch, c.limits, deadline)
-            .await
-            .map_err(|e| (0, TaskError::from(e)))?;
+        // idle slots of this process get the burst's first tasks in the
+        // same round trip (see `handoff`)
+        let claims = self.claim_slots(&batch);
+        let (batch, stored, took) = if claims.is_empty() {
+            let stored = self
+                .inner
+                .store
+                .submit_many(&batch, c.limits, deadline)
+                .await
+                .map_err(|e| (0, TaskError::from(e)))?;
+            let stored = stored.into_iter().map(|r| r.map_err(TaskError::from));
+            (batch, stored.collect(), Vec::new())
+        } else {
+            self.submit_many_handing(batch, claims, deadline)
+                .await
+                .map_err(|e| (0, e))?
+        };
         let mut out = Vec::with_capacity(batch.len());
         for ((task, _), result) in batch.into_iter().zip(stored) {
             if result.is_ok() {
-                self.inner.submitted.send_replace(Some(task.id.queue()));
-                self.inner.counters.submitted(&task.id.queue());
+                self.submitted(&task, !took.contains(&task.id));
             }
-            out.push(result.map(|()| task).map_err(TaskError::from));
+            out.push(result.map(|()| task));
         }
         Ok(out)
     }

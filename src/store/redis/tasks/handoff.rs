@@ -16,7 +16,9 @@ use super::RedisTasks;
 use super::args::{lease_args, leased};
 use crate::domain::task::{QueueName, Task};
 use crate::store::tasks::TaskBackend as _;
-use crate::store::tasks::{LeaseAsk, Leased, TaskLimits, lease_answer};
+use crate::store::tasks::{
+    LeaseAsk, Leased, TaskLimits, lease_answer, submit_many_then_lease_each,
+};
 use crate::store::{Deadline, Result, StoreError};
 
 impl RedisTasks {
@@ -63,18 +65,18 @@ impl RedisTasks {
             }
             Err(e) => return (Err(e), None),
         };
+        // a submit made again alone comes after the pipelined lease, which
+        // could not see its task
+        let mut again = false;
         let submitted = match submitted {
             Ok(_) => Ok(()),
-            Err(e) if no_script(&e) => self.submit_alone(task, limits, deadline).await,
+            Err(e) if no_script(&e) => {
+                again = true;
+                self.submit_alone(task, limits, deadline).await
+            }
             Err(e) => Err(StoreError::Backend(format!("submit failed: {e}"))),
         };
         let leased = match leased_reply {
-            // the plain lease loads its script (only after a stored submit:
-            // a failed one's caller hands back what a lease took)
-            Err(e) if no_script(&e) && submitted.is_ok() => lease_answer(
-                &queue,
-                self.lease_alone(&queue, ask, lease_limits, deadline).await,
-            ),
             Err(e) if no_script(&e) => None,
             other => lease_answer(
                 &queue,
@@ -82,6 +84,21 @@ impl RedisTasks {
                     .map_err(|e| StoreError::Backend(format!("lease failed: {e}")))
                     .and_then(|v| leased(v, sent_ms)),
             ),
+        };
+        // the plain lease (which loads its script) when the pipelined one
+        // did not run or could not see the task; only after a stored
+        // submit (a failed one's caller hands back what a lease took)
+        let look_again = match &leased {
+            None => true,
+            Some(Leased::Task(_)) => false,
+            Some(_) => again,
+        };
+        let leased = match look_again && submitted.is_ok() {
+            true => lease_answer(
+                &queue,
+                self.lease_alone(&queue, ask, lease_limits, deadline).await,
+            ),
+            false => leased,
         };
         (submitted, leased)
     }
@@ -107,6 +124,94 @@ impl RedisTasks {
         let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
         self.lease_or_hold(queue, worker, lease, names, limits, deadline)
             .await
+    }
+}
+
+impl RedisTasks {
+    /// [`crate::store::tasks::TaskBackend::submit_many_and_lease`] on
+    /// Redis: one pipeline of both scripts loaded (so that no step meets
+    /// `NOSCRIPT`; a batch's few loads cost less than a retried step), the
+    /// submits, then the leases. On a Cluster (a batch spans slots) and
+    /// with `KOO_TASK_SUBMIT_WAIT_REPLICAS` (its `WAIT` follows the
+    /// submits), each step is a call of its own.
+    pub(super) async fn submit_many_then_lease(
+        &self,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        asks: &[(QueueName, LeaseAsk<'_>)],
+        lease_limits: TaskLimits,
+        deadline: Deadline,
+    ) -> (Result<Vec<Result<()>>>, Vec<Option<Leased>>) {
+        if asks.is_empty() || self.store.is_cluster() || limits.submit_wait_replicas > 0 {
+            return submit_many_then_lease_each(self, tasks, limits, asks, lease_limits, deadline)
+                .await;
+        }
+        let submits: Vec<_> = tasks
+            .iter()
+            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
+            .collect();
+        let flow = self.lease_flow(lease_limits);
+        let leases: Vec<_> = asks
+            .iter()
+            .map(|(queue, ask)| {
+                let keys = self.keys(queue);
+                let mut lease = self.scripts().lease.call(self.clock());
+                lease.queue_keys(&keys, None);
+                lease_args(&mut lease, (&self.flow_base, queue), &keys, ask, flow);
+                lease
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.load_script(self.scripts().submit.script());
+        for call in &submits {
+            pipe.invoke_script(call.done());
+        }
+        pipe.load_script(self.scripts().lease.script());
+        for call in &leases {
+            pipe.invoke_script(call.done());
+        }
+        pipe.ignore_errors();
+        let pipe = &pipe;
+        let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
+        let replies: Result<Vec<RedisResult<Value>>> = self
+            .store
+            .run_once(
+                deadline,
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await;
+        let mut replies = match replies {
+            Ok(r) if r.len() == tasks.len() + asks.len() + 2 => r.into_iter(),
+            Ok(r) => {
+                let e = format!(
+                    "submit and lease: {} replies for a pipeline of {}",
+                    r.len(),
+                    tasks.len() + asks.len() + 2
+                );
+                return (Err(StoreError::Backend(e)), vec![None; asks.len()]);
+            }
+            Err(e) => return (Err(e), vec![None; asks.len()]),
+        };
+        let submitted: Vec<Result<()>> = replies
+            .by_ref()
+            .skip(1)
+            .take(tasks.len())
+            .map(|r| {
+                r.map(drop)
+                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
+            })
+            .collect();
+        let leased = replies
+            .skip(1)
+            .zip(asks)
+            .map(|(r, (queue, _))| {
+                let r = r
+                    .map_err(|e| StoreError::Backend(format!("lease failed: {e}")))
+                    .and_then(|v| leased(v, sent_ms));
+                lease_answer(queue, r)
+            })
+            .collect();
+        (Ok(submitted), leased)
     }
 }
 

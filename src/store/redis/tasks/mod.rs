@@ -139,6 +139,19 @@ impl TaskBackend for RedisTasks {
             .await
     }
 
+    #[instrument(skip_all, level = "debug", fields(tasks = tasks.len(), asks = asks.len()))]
+    async fn submit_many_and_lease(
+        &self,
+        tasks: &[(Task, Duration)],
+        limits: TaskLimits,
+        asks: &[(QueueName, LeaseAsk<'_>)],
+        lease_limits: TaskLimits,
+        deadline: Deadline,
+    ) -> (Result<Vec<Result<()>>>, Vec<Option<Leased>>) {
+        self.submit_many_then_lease(tasks, limits, asks, lease_limits, deadline)
+            .await
+    }
+
     #[instrument(skip_all, level = "debug", fields(task = %task.id))]
     async fn submit_debounced(
         &self,
