@@ -25,6 +25,7 @@ use tokio::sync::{OnceCell, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::Watchers;
+use super::rate::{GATHER, Rate};
 use super::sink::{Next, Overflow, Sink};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::tasks::{EventReader, TaskEvent};
@@ -34,55 +35,6 @@ use crate::tasks::engine::{TaskEngine, TaskError};
 /// How long a read waits for events; also how soon a feed whose last
 /// watcher left stops.
 const BLOCK: Duration = Duration::from_secs(1);
-
-/// Under a steady flow of deliveries (more than [`GATHER_ABOVE`] a second:
-/// events times the watchers that get them), how
-/// long the reader lets more gather after a read that found only a few:
-/// every watcher then gets events in batches (one wake-up and one write for
-/// many, where a wake-up per event per watcher would cost koo the CPU its
-/// workers need), for at most this much latency. A sporadic event (a
-/// dashboard following one task at a time) goes out at once.
-const GATHER: Duration = Duration::from_millis(5);
-
-/// The delivery rate (events handed to watchers, per second, per queue)
-/// above which the reader gathers. Below it the wake-ups cost little, and a
-/// client following tasks one at a time keeps its latency.
-const GATHER_ABOVE: u64 = 20_000;
-
-/// The delivery rate of one feed, over windows of 100 ms.
-struct Rate {
-    window: tokio::time::Instant,
-    events: u64,
-    /// Whether the last whole window ran above [`GATHER_ABOVE`].
-    high: bool,
-}
-
-impl Rate {
-    const WINDOW: Duration = Duration::from_millis(100);
-
-    fn new() -> Self {
-        Self {
-            window: tokio::time::Instant::now(),
-            events: 0,
-            high: false,
-        }
-    }
-
-    /// Counts `n` deliveries; whether the flow is steady enough to gather.
-    fn add(&mut self, n: usize) -> bool {
-        let now = tokio::time::Instant::now();
-        let elapsed = now.duration_since(self.window);
-        if elapsed >= Self::WINDOW {
-            // a window that ended long ago says nothing about now
-            self.high = elapsed < 2 * Self::WINDOW
-                && self.events * 1000 / Self::WINDOW.as_millis() as u64 > GATHER_ABOVE;
-            self.window = now;
-            self.events = 0;
-        }
-        self.events += n as u64;
-        self.high
-    }
-}
 
 /// Back-off after a failed read.
 const RETRY: Duration = Duration::from_millis(500);

@@ -17,6 +17,7 @@
 pub mod compute;
 pub mod feed;
 pub mod queues;
+mod rate;
 pub mod resume;
 pub mod sink;
 pub mod task;

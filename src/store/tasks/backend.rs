@@ -98,6 +98,7 @@
 use std::any::Any;
 use std::time::Duration;
 
+use super::handoff;
 use super::{
     BatchEnd, Beat, CancelReply, DebounceReply, DependReply, EventReader, FinishItem, LeaseAsk,
     Leased, Recovered, RetryReply, TaskLimits, Trimmed, WorkerRecord,
@@ -152,15 +153,7 @@ pub trait TaskBackend: Send + Sync + 'static {
         lease_limits: TaskLimits,
         deadline: Deadline,
     ) -> (Result<()>, Option<Leased>) {
-        if let Err(e) = self.submit(task, Duration::ZERO, limits, deadline).await {
-            return (Err(e), None);
-        }
-        let queue = task.id.queue();
-        let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
-        let leased = self
-            .lease_or_hold(&queue, worker, lease, names, lease_limits, deadline)
-            .await;
-        (Ok(()), lease_answer(&queue, leased))
+        handoff::submit_then_lease(self, task, limits, ask, lease_limits, deadline).await
     }
 
     /// [`Self::submit_many`], then a lease for each of `asks` (its queue's
@@ -178,7 +171,8 @@ pub trait TaskBackend: Send + Sync + 'static {
         lease_limits: TaskLimits,
         deadline: Deadline,
     ) -> (Result<Vec<Result<()>>>, Vec<Option<Leased>>) {
-        submit_many_then_lease_each(self, tasks, limits, asks, lease_limits, deadline).await
+        handoff::submit_many_then_lease_each(self, tasks, limits, asks, lease_limits, deadline)
+            .await
     }
 
     /// [`Self::submit`] for a batch, in one round trip: the outcome per
@@ -695,41 +689,4 @@ pub trait TaskBackend: Send + Sync + 'static {
 
     /// The round trip to the store.
     async fn ping(&self, deadline: Deadline) -> Result<Duration>;
-}
-
-/// A submit's lease (see [`TaskBackend::submit_and_lease`]): its answer,
-/// or `None`, logged, when it failed.
-pub(crate) fn lease_answer(queue: &QueueName, leased: Result<Leased>) -> Option<Leased> {
-    leased
-        .inspect_err(|e| {
-            tracing::warn!(queue = %queue, error = %e, "the lease after a submit failed; the worker looks for itself");
-        })
-        .ok()
-}
-
-/// [`TaskBackend::submit_many_and_lease`] in one call per step: the
-/// batch, then each lease in turn (none after a failed batch).
-pub(crate) async fn submit_many_then_lease_each<B: TaskBackend + ?Sized>(
-    backend: &B,
-    tasks: &[(Task, Duration)],
-    limits: TaskLimits,
-    asks: &[(QueueName, LeaseAsk<'_>)],
-    lease_limits: TaskLimits,
-    deadline: Deadline,
-) -> (Result<Vec<Result<()>>>, Vec<Option<Leased>>) {
-    let submitted = backend.submit_many(tasks, limits, deadline).await;
-    let mut leased = Vec::with_capacity(asks.len());
-    for (queue, ask) in asks {
-        let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
-        leased.push(match &submitted {
-            Ok(_) => lease_answer(
-                queue,
-                backend
-                    .lease_or_hold(queue, worker, lease, names, lease_limits, deadline)
-                    .await,
-            ),
-            Err(_) => None,
-        });
-    }
-    (submitted, leased)
 }

@@ -11,10 +11,11 @@
 
 mod backend;
 mod debounce;
+mod handoff;
 
 pub use backend::TaskBackend;
-pub(crate) use backend::{lease_answer, submit_many_then_lease_each};
 pub use debounce::DebounceReply;
+pub(crate) use handoff::{lease_answer, submit_many_then_lease_each};
 
 use std::any::Any;
 use std::ops::Deref;

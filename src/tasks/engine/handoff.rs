@@ -25,12 +25,11 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
 use super::TaskEngine;
-use std::time::Duration;
-
 use crate::domain::task::{QueueName, Task, TaskId};
 use crate::store::tasks::{LeaseAsk, Leased};
 use crate::store::{Deadline, StoreError};
@@ -77,18 +76,23 @@ impl Board {
     }
 
     /// The most recently idle slot of `queue` that serves `name`, claimed.
+    /// A slot serving several queues waits in each one's list: one claimed
+    /// through another queue is dropped from this list on the way.
     fn claim(&self, queue: &QueueName, name: &str) -> Option<Claim> {
         let mut queues = self.lock();
         let waiters = queues.get_mut(queue)?;
-        let at = waiters.iter().rposition(|w| w.serves(name))?;
-        let waiter = waiters.remove(at);
-        let give = waiter.take()?;
-        Some(Claim {
-            queue: queue.clone(),
-            worker: waiter.worker.clone(),
-            names: waiter.names.clone(),
-            give,
-        })
+        loop {
+            let at = waiters.iter().rposition(|w| w.serves(name))?;
+            let waiter = waiters.remove(at);
+            if let Some(give) = waiter.take() {
+                return Some(Claim {
+                    queue: queue.clone(),
+                    worker: waiter.worker.clone(),
+                    names: waiter.names.clone(),
+                    give,
+                });
+            }
+        }
     }
 
     /// Takes `waiter` off the board.
