@@ -23,30 +23,18 @@ const LEASE: Duration = Duration::from_secs(60);
 
 /// A store on `backend`, the Redis or Cluster under it kept alive.
 struct Store {
+    _held: common::tasks::HeldStore,
     store: TaskStore,
     queue: QueueName,
-    _redis: Option<common::TestRedis>,
-    _cluster: Option<common::cluster::TestCluster>,
 }
 
 impl Store {
     async fn on(backend: common::tasks::Backend) -> Self {
-        use common::tasks::Backend;
-        let (redis, cluster, store) = match backend {
-            Backend::Cluster => {
-                let (cluster, store, _) = common::tasks::clocked_cluster_store().await;
-                (None, Some(cluster), store)
-            }
-            other => {
-                let (redis, store, _) = common::tasks::clocked_store(other).await;
-                (redis, None, store)
-            }
-        };
+        let held = common::tasks::HeldStore::on(backend).await;
         Self {
-            store,
+            store: held.store.clone(),
+            _held: held,
             queue: QueueName::parse("research").unwrap(),
-            _redis: redis,
-            _cluster: cluster,
         }
     }
 
@@ -110,29 +98,7 @@ fn item<'a>(
     }
 }
 
-macro_rules! on_all {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::common::tasks::Backend;
-                #[tokio::test]
-                async fn memory() {
-                    super::$name(Backend::Memory).await;
-                }
-                #[tokio::test]
-                async fn redis() {
-                    super::$name(Backend::Redis).await;
-                }
-                #[tokio::test]
-                async fn cluster() {
-                    super::$name(Backend::Cluster).await;
-                }
-            }
-        )*
-    };
-}
-
-on_all!(a_batch_ends_each_item_and_leases_for_each_that_asks);
+crate::on_all_three!(a_batch_ends_each_item_and_leases_for_each_that_asks);
 
 /// Each item ends as its own finish would (a success, a fenced one that
 /// changes nothing and leases nothing, a retry that asks for no next

@@ -179,24 +179,7 @@ impl Koo {
     /// Waits for a task to end by following its queue's events (an event,
     /// not a timer), then returns it.
     async fn wait_final(&self, task: &Task) -> Task {
-        let mut events = self
-            .engine
-            .store()
-            .event_reader(&task.id.queue(), None, later())
-            .await
-            .unwrap();
-        let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
-        loop {
-            let current = self.engine.get(task.id.as_str(), later()).await.unwrap();
-            if current.state.is_final() {
-                return current;
-            }
-            assert!(
-                tokio::time::Instant::now() < until,
-                "task never ended: {current:?}"
-            );
-            events.next(Duration::from_millis(500), 1000).await.unwrap();
-        }
+        common::tasks::wait_final(&self.engine, task).await
     }
 }
 

@@ -31,30 +31,18 @@ fn queue() -> QueueName {
 }
 
 /// A store on `backend`, the Redis or Cluster under it kept alive.
-struct Store {
-    store: TaskStore,
-    _redis: Option<common::TestRedis>,
-    _cluster: Option<common::cluster::TestCluster>,
+struct Store(common::tasks::HeldStore);
+
+impl std::ops::Deref for Store {
+    type Target = common::tasks::HeldStore;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Store {
     async fn on(backend: common::tasks::Backend) -> Self {
-        use common::tasks::Backend;
-        let (redis, cluster, store) = match backend {
-            Backend::Cluster => {
-                let (cluster, store, _) = common::tasks::clocked_cluster_store().await;
-                (None, Some(cluster), store)
-            }
-            other => {
-                let (redis, store, _) = common::tasks::clocked_store(other).await;
-                (redis, None, store)
-            }
-        };
-        Self {
-            store,
-            _redis: redis,
-            _cluster: cluster,
-        }
+        Self(common::tasks::HeldStore::on(backend).await)
     }
 
     fn task(&self, name: &str) -> Task {
@@ -85,29 +73,7 @@ impl Store {
     }
 }
 
-macro_rules! on_all {
-    ($($name:ident),* $(,)?) => {
-        $(
-            mod $name {
-                use super::common::tasks::Backend;
-                #[tokio::test]
-                async fn memory() {
-                    super::$name(Backend::Memory).await;
-                }
-                #[tokio::test]
-                async fn redis() {
-                    super::$name(Backend::Redis).await;
-                }
-                #[tokio::test]
-                async fn cluster() {
-                    super::$name(Backend::Cluster).await;
-                }
-            }
-        )*
-    };
-}
-
-on_all!(a_submit_is_stored_then_the_queue_leased_by_its_rules);
+crate::on_all_three!(a_submit_is_stored_then_the_queue_leased_by_its_rules);
 
 /// The new task itself when the queue was empty; an older task first when
 /// one waits (the queue's order, not the submit's); nothing for a worker
@@ -156,7 +122,7 @@ async fn a_submit_is_stored_then_the_queue_leased_by_its_rules(backend: common::
 #[tokio::test]
 async fn scripts_redis_lost_are_loaded_again() {
     let s = Store::on(common::tasks::Backend::Redis).await;
-    let redis = s._redis.as_ref().unwrap();
+    let redis = s.redis.as_ref().unwrap();
     let mut conn = redis.conn().await;
     for _ in 0..2 {
         let _: () = redis::cmd("SCRIPT")
@@ -229,27 +195,6 @@ fn handoffs(engine: &TaskEngine) -> u64 {
         .handed
 }
 
-/// Follows the queue's events until `task` has ended; the task then.
-async fn ended(engine: &TaskEngine, task: &Task) -> Task {
-    let mut events = engine
-        .store()
-        .event_reader(&task.id.queue(), None, later())
-        .await
-        .unwrap();
-    let until = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
-    loop {
-        let current = engine.get(task.id.as_str(), later()).await.unwrap();
-        if current.state.is_final() {
-            return current;
-        }
-        assert!(
-            tokio::time::Instant::now() < until,
-            "never ended: {current:?}"
-        );
-        events.next(Duration::from_millis(500), 1000).await.unwrap();
-    }
-}
-
 on_both!(a_lone_task_goes_to_one_idle_slot_in_the_submits_call);
 
 /// With four idle slots, a submit goes to one of them in its own round
@@ -266,7 +211,10 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
     // the scripts loaded, so that none is counted twice (NOSCRIPT)
     let warm = NewTask::new(NOOP, Category::Research);
     let warm = engine.submit(warm, later()).await.unwrap();
-    assert_eq!(ended(&engine, &warm).await.state, State::Succeeded);
+    assert_eq!(
+        common::tasks::wait_final(&engine, &warm).await.state,
+        State::Succeeded
+    );
     until("the slot idle again", || async {
         engine.idle_slots(&queue()) == 4
     })
@@ -279,7 +227,7 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
         .submit(NewTask::new(NOOP, Category::Research), later())
         .await
         .unwrap();
-    let done = ended(&engine, &task).await;
+    let done = common::tasks::wait_final(&engine, &task).await;
     assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     assert_eq!(handoffs(&engine), 2, "the warm-up's and this one's");
     if let Some(r) = &redis {
@@ -311,7 +259,7 @@ async fn a_burst_gives_each_idle_slot_a_task_in_the_submits_call(backend: common
     let tasks = engine.submit_many(news, later()).await.unwrap();
     assert_eq!(handoffs(&engine), 4, "one per idle slot");
     for task in tasks {
-        let done = ended(&engine, &task.unwrap()).await;
+        let done = common::tasks::wait_final(&engine, &task.unwrap()).await;
         assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     }
     stop.cancel();

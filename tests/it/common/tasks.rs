@@ -69,6 +69,63 @@ pub async fn clocked_cluster_store() -> (
     (cluster, tasks, clock)
 }
 
+/// Follows `task`'s queue events until it has ended (an event, not a
+/// timer), failing after [`super::EVENT_TIMEOUT`]; the task then.
+pub async fn wait_final(
+    engine: &koo::tasks::engine::TaskEngine,
+    task: &koo::domain::task::Task,
+) -> koo::domain::task::Task {
+    let deadline = || koo::store::Deadline::after(std::time::Duration::from_secs(5));
+    let mut events = engine
+        .store()
+        .event_reader(&task.id.queue(), None, deadline())
+        .await
+        .unwrap();
+    let until = tokio::time::Instant::now() + super::EVENT_TIMEOUT;
+    loop {
+        let current = engine.get(task.id.as_str(), deadline()).await.unwrap();
+        if current.state.is_final() {
+            return current;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "task never ended: {current:?}"
+        );
+        events
+            .next(std::time::Duration::from_millis(500), 1000)
+            .await
+            .unwrap();
+    }
+}
+
+/// A store on a [`Backend`] for the store-level suites, with the Redis or
+/// Cluster under it kept as long as the store.
+pub struct HeldStore {
+    pub store: koo::store::tasks::TaskStore,
+    pub redis: Option<TestRedis>,
+    pub cluster: Option<super::cluster::TestCluster>,
+}
+
+impl HeldStore {
+    pub async fn on(backend: Backend) -> Self {
+        let (redis, cluster, store) = match backend {
+            Backend::Cluster => {
+                let (cluster, store, _) = clocked_cluster_store().await;
+                (None, Some(cluster), store)
+            }
+            other => {
+                let (redis, store, _) = clocked_store(other).await;
+                (redis, None, store)
+            }
+        };
+        Self {
+            store,
+            redis,
+            cluster,
+        }
+    }
+}
+
 /// A koo server and, on Redis, its Redis.
 pub struct Koo {
     pub redis: Option<TestRedis>,
@@ -289,6 +346,32 @@ macro_rules! on_both {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
                     super::$name($crate::common::tasks::Backend::Redis).await;
+                }
+            }
+        )*
+    };
+}
+
+/// For each `async fn scenario(backend: Backend)`, a test on the embedded
+/// store, one on Redis and one on a Redis Cluster (`<scenario>::memory`,
+/// `::redis`, `::cluster`), each on a current-thread runtime.
+#[macro_export]
+macro_rules! on_all_three {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use $crate::common::tasks::Backend;
+                #[tokio::test]
+                async fn memory() {
+                    super::$name(Backend::Memory).await;
+                }
+                #[tokio::test]
+                async fn redis() {
+                    super::$name(Backend::Redis).await;
+                }
+                #[tokio::test]
+                async fn cluster() {
+                    super::$name(Backend::Cluster).await;
                 }
             }
         )*

@@ -15,6 +15,7 @@ use redis::{RedisError, RedisResult, Value};
 use super::RedisTasks;
 use super::args::{lease_args, leased};
 use crate::domain::task::{QueueName, Task};
+use crate::store::redis::script::Invocation;
 use crate::store::tasks::TaskBackend as _;
 use crate::store::tasks::{
     LeaseAsk, Leased, TaskLimits, lease_answer, submit_many_then_lease_each,
@@ -38,25 +39,13 @@ impl RedisTasks {
             return (Err(e), None);
         }
         let queue = task.id.queue();
-        let keys = self.keys(&queue);
         let submit = self.submit_call(task, Duration::ZERO, &[], limits);
-        let mut lease = self.scripts().lease.call(self.clock());
-        lease.queue_keys(&keys, None);
-        let flow = self.lease_flow(lease_limits);
-        lease_args(&mut lease, (&self.flow_base, &queue), &keys, ask, flow);
+        let lease = self.lease_call(&queue, ask, self.lease_flow(lease_limits));
         let mut pipe = redis::pipe();
         pipe.invoke_script(submit.done())
-            .invoke_script(lease.done())
-            .ignore_errors();
-        let pipe = &pipe;
+            .invoke_script(lease.done());
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
-        let replies: Result<Vec<RedisResult<Value>>> = self
-            .store
-            .run_once(
-                deadline,
-                |mut c| async move { pipe.query_async(&mut c).await },
-            )
-            .await;
+        let replies = self.each_reply(&mut pipe, deadline).await;
         let (submitted, leased_reply) = match replies.map(<[_; 2]>::try_from) {
             Ok(Ok([s, l])) => (s, l),
             Ok(Err(r)) => {
@@ -153,13 +142,7 @@ impl RedisTasks {
         let flow = self.lease_flow(lease_limits);
         let leases: Vec<_> = asks
             .iter()
-            .map(|(queue, ask)| {
-                let keys = self.keys(queue);
-                let mut lease = self.scripts().lease.call(self.clock());
-                lease.queue_keys(&keys, None);
-                lease_args(&mut lease, (&self.flow_base, queue), &keys, ask, flow);
-                lease
-            })
+            .map(|(queue, ask)| self.lease_call(queue, ask, flow))
             .collect();
         let mut pipe = redis::pipe();
         pipe.load_script(self.scripts().submit.script());
@@ -170,16 +153,8 @@ impl RedisTasks {
         for call in &leases {
             pipe.invoke_script(call.done());
         }
-        pipe.ignore_errors();
-        let pipe = &pipe;
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
-        let replies: Result<Vec<RedisResult<Value>>> = self
-            .store
-            .run_once(
-                deadline,
-                |mut c| async move { pipe.query_async(&mut c).await },
-            )
-            .await;
+        let replies = self.each_reply(&mut pipe, deadline).await;
         let mut replies = match replies {
             Ok(r) if r.len() == tasks.len() + asks.len() + 2 => r.into_iter(),
             Ok(r) => {
@@ -212,6 +187,38 @@ impl RedisTasks {
             })
             .collect();
         (Ok(submitted), leased)
+    }
+}
+
+impl RedisTasks {
+    /// A call of lease.lua on `queue` for `ask` (flow limits `flow`).
+    pub(super) fn lease_call(
+        &self,
+        queue: &QueueName,
+        ask: &LeaseAsk<'_>,
+        flow: TaskLimits,
+    ) -> Invocation<'_> {
+        let keys = self.keys(queue);
+        let mut lease = self.scripts().lease.call(self.clock());
+        lease.queue_keys(&keys, None);
+        lease_args(&mut lease, (&self.flow_base, queue), &keys, ask, flow);
+        lease
+    }
+
+    /// Runs `pipe` once (it is not safe to repeat), each command's reply
+    /// or error on its own.
+    async fn each_reply(
+        &self,
+        pipe: &mut redis::Pipeline,
+        deadline: Deadline,
+    ) -> Result<Vec<RedisResult<Value>>> {
+        let pipe = &*pipe.ignore_errors();
+        self.store
+            .run_once(
+                deadline,
+                |mut c| async move { pipe.query_async(&mut c).await },
+            )
+            .await
     }
 }
 

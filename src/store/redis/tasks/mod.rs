@@ -188,16 +188,12 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Leased> {
-        let keys = self.keys(queue);
-        let mut call = self.scripts().lease.call(self.clock());
-        call.queue_keys(&keys, None);
         let ask = LeaseAsk {
             worker,
             lease,
             names,
         };
-        let limits = self.lease_flow(limits);
-        lease_args(&mut call, (&self.flow_base, queue), &keys, &ask, limits);
+        let call = self.lease_call(queue, &ask, self.lease_flow(limits));
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         leased(
             self.store.invoke_once(call.done(), deadline).await?,
