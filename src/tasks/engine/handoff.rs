@@ -95,6 +95,11 @@ impl Board {
         }
     }
 
+    /// Whether no slot waits on any queue (a burst skips its claims).
+    fn is_empty(&self) -> bool {
+        self.lock().values().all(Vec::is_empty)
+    }
+
     /// Takes `waiter` off the board.
     fn remove(&self, queues: &[QueueName], waiter: &Arc<Waiter>) {
         let mut board = self.lock();
@@ -192,10 +197,17 @@ impl TaskEngine {
     /// when none waits or when the submit must be the plain one (with
     /// `KOO_TASK_SUBMIT_WAIT_REPLICAS`, whose `WAIT` the pipeline lacks).
     pub(super) fn claim_slot(&self, task: &Task) -> Option<Claim> {
-        if self.inner.config.limits.submit_wait_replicas > 0 {
+        if !self.hands_off() {
             return None;
         }
         self.inner.board.claim(&task.id.queue(), &task.name)
+    }
+
+    /// Whether submits may hand tasks off: not with
+    /// `KOO_TASK_SUBMIT_WAIT_REPLICAS`, whose `WAIT` must follow the
+    /// submit alone.
+    fn hands_off(&self) -> bool {
+        self.inner.config.limits.submit_wait_replicas == 0
     }
 
     /// How many slots of this process wait on the board for a task of
@@ -301,10 +313,10 @@ impl TaskEngine {
     /// most one per task (none with `KOO_TASK_SUBMIT_WAIT_REPLICAS`).
     pub(super) fn claim_slots(&self, batch: &[(Task, Duration)]) -> Vec<Claim> {
         let mut claims = Vec::new();
-        if self.inner.config.limits.submit_wait_replicas > 0 {
+        let board = &self.inner.board;
+        if !self.hands_off() || board.is_empty() {
             return claims;
         }
-        let board = &self.inner.board;
         // a queue and name that found no slot find none for the rest
         let mut dry: Vec<(QueueName, &str)> = Vec::new();
         for (task, delay) in batch {

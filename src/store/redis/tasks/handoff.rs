@@ -61,7 +61,7 @@ impl RedisTasks {
             Ok(_) => Ok(()),
             Err(e) if no_script(&e) => {
                 again = true;
-                self.submit_alone(task, limits, deadline).await
+                self.submit(task, Duration::ZERO, limits, deadline).await
             }
             Err(e) => Err(StoreError::Backend(format!("submit failed: {e}"))),
         };
@@ -90,16 +90,6 @@ impl RedisTasks {
             false => leased,
         };
         (submitted, leased)
-    }
-
-    /// The plain submit (which loads its script when Redis lacks it).
-    async fn submit_alone(
-        &self,
-        task: &Task,
-        limits: TaskLimits,
-        deadline: Deadline,
-    ) -> Result<()> {
-        self.submit(task, Duration::ZERO, limits, deadline).await
     }
 
     /// The plain lease (which loads its script when Redis lacks it).
