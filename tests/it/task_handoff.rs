@@ -116,6 +116,47 @@ async fn a_submit_is_stored_then_the_queue_leased_by_its_rules(backend: common::
     assert_eq!(s.state(&b).await.0, State::Queued);
 }
 
+crate::on_all_three!(a_failed_submit_reports_what_its_lease_took);
+
+/// A submit that fails (its id is taken) is an error, and what its lease
+/// took is reported rather than kept silently (the caller hands it back):
+/// on Redis the pipelined lease ran and took the queued task; the embedded
+/// store and a Cluster's batch path stop before leasing.
+async fn a_failed_submit_reports_what_its_lease_took(backend: common::tasks::Backend) {
+    let s = Store::on(backend).await;
+    let a = s.task("a");
+    let limits = TaskLimits::default();
+    // both scripts loaded (a first hand-off loads them), so that the pipelined
+    // lease runs rather than meeting NOSCRIPT
+    let (_, first) = s.submit_and_lease("first", "w0", &["*"]).await;
+    assert!(first.task().is_some());
+    s.store
+        .submit(&a, Duration::ZERO, limits, later())
+        .await
+        .unwrap();
+    let ask = LeaseAsk {
+        worker: "w1",
+        lease: Duration::from_secs(60),
+        names: &["*"],
+    };
+    let (submitted, leased) = s
+        .store
+        .submit_and_lease(&a, limits, &ask, limits, later())
+        .await;
+    assert!(submitted.is_err(), "the id is taken");
+    match backend {
+        common::tasks::Backend::Memory => {
+            assert!(leased.is_none(), "{leased:?}");
+            assert_eq!(s.state(&a).await.0, State::Queued);
+        }
+        _ => {
+            let took = leased.and_then(Leased::task).expect("the queued task");
+            assert_eq!(took.id, a.id);
+            assert_eq!(s.state(&a).await, (State::Running, "w1".into()));
+        }
+    }
+}
+
 /// Redis lost its scripts (a restart, `SCRIPT FLUSH`): each step is made
 /// again the plain way, which loads its script; the task is stored once
 /// and leased.
