@@ -209,21 +209,15 @@ async fn idle_pool(engine: &TaskEngine, slots: usize) -> CancellationToken {
     let stop = CancellationToken::new();
     let pool = WorkerPool::new(engine.clone(), registry, vec![queue()], slots);
     tokio::spawn(pool.run(stop.clone()));
-    until("every slot idle", || async {
-        engine.idle_slots(&queue()) == slots
-    })
-    .await;
+    idle(engine, slots).await;
     stop
 }
 
-/// Waits until `cond` holds (checked every few ms: the board has no
-/// event to wait for), failing the test after [`common::EVENT_TIMEOUT`].
-async fn until<F: std::future::Future<Output = bool>>(what: &str, cond: impl Fn() -> F) {
-    let bound = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
-    while !cond().await {
-        assert!(tokio::time::Instant::now() < bound, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits (on the board's changes) until `n` slots are idle.
+async fn idle(engine: &TaskEngine, n: usize) {
+    tokio::time::timeout(common::EVENT_TIMEOUT, engine.until_idle_slots(&queue(), n))
+        .await
+        .unwrap_or_else(|_| panic!("never {n} idle slots"));
 }
 
 /// The research queue's hand-offs counted by `engine`.
@@ -256,10 +250,7 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
         common::tasks::wait_final(&engine, &warm).await.state,
         State::Succeeded
     );
-    until("the slot idle again", || async {
-        engine.idle_slots(&queue()) == 4
-    })
-    .await;
+    idle(&engine, 4).await;
     let before = match &redis {
         Some(r) => r.command_calls(&["evalsha", "eval"]).await,
         None => 0,
@@ -272,10 +263,7 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
     assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     assert_eq!(handoffs(&engine), 2, "the warm-up's and this one's");
     if let Some(r) = &redis {
-        until("the slot idle again", || async {
-            engine.idle_slots(&queue()) == 4
-        })
-        .await;
+        idle(&engine, 4).await;
         let calls = r.command_calls(&["evalsha", "eval"]).await - before;
         assert_eq!(calls, 3, "submit + its lease + the end");
     }

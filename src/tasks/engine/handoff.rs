@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use super::TaskEngine;
 use crate::domain::task::{QueueName, Task, TaskId};
@@ -65,9 +65,20 @@ impl Waiter {
 }
 
 /// The idle slots of this process, by queue.
-#[derive(Default)]
 pub(super) struct Board {
     queues: Mutex<HashMap<QueueName, Vec<Arc<Waiter>>>>,
+    /// Told of every slot that comes or goes, for
+    /// [`TaskEngine::until_idle_slots`].
+    changed: watch::Sender<()>,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Self {
+            queues: Mutex::default(),
+            changed: watch::Sender::new(()),
+        }
+    }
 }
 
 impl Board {
@@ -108,6 +119,8 @@ impl Board {
                 waiters.retain(|w| !Arc::ptr_eq(w, waiter));
             }
         }
+        drop(board);
+        self.changed.send_replace(());
     }
 }
 
@@ -184,6 +197,8 @@ impl TaskEngine {
         for q in queues {
             board.entry(q.clone()).or_default().push(waiter.clone());
         }
+        drop(board);
+        self.inner.board.changed.send_replace(());
         IdleSlot {
             engine: self.clone(),
             queues: queues.to_vec(),
@@ -218,6 +233,17 @@ impl TaskEngine {
             let live = |w: &&Arc<Waiter>| w.give.lock().is_ok_and(|g| g.is_some());
             waiters.iter().filter(live).count()
         })
+    }
+
+    /// Waits until `n` slots of this process wait on the board for a task
+    /// of `queue` (for tests and tools: an event, not a poll).
+    pub async fn until_idle_slots(&self, queue: &QueueName, n: usize) {
+        let mut changed = self.inner.board.changed.subscribe();
+        while self.idle_slots(queue) != n {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Stores `task` (due now) and leases for the `claim`ed slot in the
