@@ -352,3 +352,37 @@ async fn a_task_for_a_slot_that_is_gone_goes_back_to_its_queue(backend: common::
         .expect("the task is back in its queue");
     assert_eq!(leased.id, task.id);
 }
+
+/// Redis gone under a hand-off: the submit and the burst answer an error
+/// (within their deadline), the slots they claimed are let go and come back
+/// to the board, and once Redis is back a submit is handed off and runs
+/// (its scripts loaded again after the restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hand_off_lets_its_slots_go() {
+    let mut redis = common::TestRedis::start().await;
+    let engine = engine(Some(&redis));
+    let stop = idle_pool(&engine, 4).await;
+    redis.kill();
+    let short = || Deadline::after(Duration::from_secs(2));
+    assert_eq!(engine.idle_slots(&queue()), 4);
+    let lone = NewTask::new(NOOP, Category::Research);
+    assert!(engine.submit(lone, short()).await.is_err());
+    let burst = (0..4)
+        .map(|_| NewTask::new(NOOP, Category::Research))
+        .collect();
+    assert!(engine.submit_many(burst, short()).await.is_err());
+    // (every slot was idle: both claimed slots, and the failures let them
+    // go; how soon each is back on the board depends on its own failed
+    // lease, so it is not asserted before Redis is back)
+    assert_eq!(handoffs(&engine), 0);
+    redis.restart().await;
+    idle(&engine, 4).await;
+    let task = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    let done = common::tasks::wait_final(&engine, &task).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    assert_eq!(handoffs(&engine), 1);
+    stop.cancel();
+}
