@@ -13,6 +13,7 @@ mod binary;
 mod breaker;
 mod cache;
 mod cache_compute;
+mod cache_gather;
 mod cache_tags;
 mod cache_watch;
 mod chaos;

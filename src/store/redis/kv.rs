@@ -23,6 +23,10 @@ impl CacheBackend for RedisStore {
     // No span on the per-key hot path (get, get_many, set, set_many): even a
     // disabled span costs a callsite check per call, measured on cache Get.
     async fn get(&self, key: &str, deadline: Deadline) -> Result<Option<Entry>> {
+        let (_in_flight, others) = self.inner.gather.enter();
+        if others {
+            return self.gathered_get(key, deadline).await;
+        }
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(key).cmd("PTTL").arg(key);
         let (value, pttl): (Option<Vec<u8>>, i64) = self.query_pipe(&pipe, deadline).await?;

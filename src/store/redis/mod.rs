@@ -14,6 +14,7 @@ mod breaker;
 mod bus;
 mod call;
 pub(crate) mod conn;
+mod gather;
 mod info;
 mod keyevents;
 mod kv;

@@ -9,6 +9,7 @@ use redis::Script;
 
 use super::breaker::Breaker;
 use super::conn::{Conn, Connector};
+use super::gather::Gather;
 use super::{RedisConfig, recovery, tasks};
 use crate::store::Result;
 
@@ -34,6 +35,8 @@ pub(super) struct Inner {
     /// hold up the pooled, multiplexed connections).
     pub(super) connector: Connector,
     pub(super) connect_timeout: Duration,
+    /// Concurrent cache reads, gathered into pipelines.
+    pub(super) gather: Gather,
 }
 
 impl RedisStore {
@@ -54,6 +57,7 @@ impl RedisStore {
             tasks: tasks::TaskScripts::new(),
             connector,
             connect_timeout: config.connect_timeout,
+            gather: Gather::default(),
         });
         recovery::start(Arc::downgrade(&inner), inner.breaker.watch());
         Ok(Self { inner })
