@@ -4,7 +4,8 @@
 //! own rules; the engine gives a submit to a slot waiting on its board, in
 //! the submit's round trip, and never strands the task (a caller that
 //! stops waiting, a slot that is gone). On a real redis-server, the
-//! embedded store and a Redis Cluster.
+//! embedded store and a Redis Cluster. A stream worker's idle session
+//! (WorkerService.Work) takes hand-offs too, within its room.
 
 use crate::common;
 
@@ -18,6 +19,8 @@ use koo::store::tasks::{LeaseAsk, Leased, TaskLimits, TaskStore};
 use koo::store::{Deadline, RedisConfig, RedisStore};
 use koo::tasks::engine::{NewTask, TaskConfig, TaskEngine};
 use koo::tasks::handlers;
+use koo::tasks::remote::holds::Holds;
+use koo::tasks::remote::{Inbound, Outbound, Routing, Session};
 use koo::tasks::worker::{Registry, WorkerPool};
 
 const NOOP: &str = "koo.diagnostics.noop";
@@ -385,4 +388,140 @@ async fn a_failed_hand_off_lets_its_slots_go() {
     assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     assert_eq!(handoffs(&engine), 1);
     stop.cancel();
+}
+
+/// A stream worker's session (WorkerService.Work, driven here as the gRPC
+/// adapter drives it) on `engine`: serving every name of the research
+/// queue, `concurrency` at a time. Its inbox, its outbox and its stop.
+struct StreamSession {
+    inbox: tokio::sync::mpsc::Sender<Inbound>,
+    outbox: tokio::sync::mpsc::Receiver<Outbound>,
+    /// Messages of a batch not yet looked at.
+    pending: std::collections::VecDeque<Outbound>,
+    stop: CancellationToken,
+}
+
+impl StreamSession {
+    fn open(engine: &TaskEngine, concurrency: u32) -> Self {
+        let known = [queue()];
+        let routing = Routing::new(&[], &[queue().to_string()], &known).unwrap();
+        let tally = Holds::new(100).tally("test-identity", None);
+        let session = Session::new(
+            engine.clone(),
+            None,
+            "sdk",
+            routing,
+            concurrency,
+            "127.0.0.1:1".into(),
+            tally,
+        )
+        .unwrap();
+        let (inbox, inbound) = tokio::sync::mpsc::channel(16);
+        let (out, outbox) = tokio::sync::mpsc::channel(16);
+        let stop = CancellationToken::new();
+        let inbound = tokio_stream::wrappers::ReceiverStream::new(inbound);
+        tokio::spawn(session.run(inbound, out, stop.clone()));
+        Self {
+            inbox,
+            outbox,
+            pending: Default::default(),
+            stop,
+        }
+    }
+
+    /// The next task pushed to the worker, and its lease secret (replies
+    /// to its reports passed over, batches opened).
+    async fn task(&mut self) -> (Task, String) {
+        loop {
+            let next = match self.pending.pop_front() {
+                Some(m) => m,
+                None => tokio::time::timeout(common::EVENT_TIMEOUT, self.outbox.recv())
+                    .await
+                    .expect("a message within the timeout")
+                    .expect("the session goes on"),
+            };
+            match next {
+                Outbound::Task { task, secret } => return (*task, secret),
+                Outbound::Batch(items) => self.pending.extend(items),
+                Outbound::Reply { outcome, .. } => assert!(outcome.is_ok(), "{outcome:?}"),
+                other => panic!("expected a task, got {other:?}"),
+            }
+        }
+    }
+
+    async fn complete(&self, (task, secret): (Task, String)) {
+        let done = Inbound::Complete {
+            id: task.id.to_string(),
+            token: task.token,
+            secret,
+            result: serde_json::json!("done"),
+        };
+        self.inbox.send(done).await.unwrap();
+    }
+}
+
+on_both!(an_idle_stream_worker_takes_a_submit_in_its_round_trip);
+
+/// A stream worker with room and nothing to do waits on the board as a
+/// built-in slot does: a submit is stored and leased for it in one round
+/// trip and pushed to it; it runs to its end.
+async fn an_idle_stream_worker_takes_a_submit_in_its_round_trip(backend: common::tasks::Backend) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let engine = engine(redis.as_ref());
+    let mut worker = StreamSession::open(&engine, 2);
+    idle(&engine, 1).await;
+    let task = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    assert_eq!(handoffs(&engine), 1, "handed to the session");
+    let pushed = worker.task().await;
+    assert_eq!(pushed.0.id, task.id);
+    worker.complete(pushed).await;
+    let done = common::tasks::wait_final(&engine, &task).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    // idle again, on the board once (one place, whatever its room)
+    idle(&engine, 1).await;
+    worker.stop.cancel();
+}
+
+on_both!(a_busy_stream_worker_is_not_handed_more_than_its_room);
+
+/// A stream worker holding all it may (concurrency 1) is not on the board:
+/// a second submit stays queued, and the worker takes it once it reports
+/// the first (both run once).
+async fn a_busy_stream_worker_is_not_handed_more_than_its_room(backend: common::tasks::Backend) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let engine = engine(redis.as_ref());
+    let mut worker = StreamSession::open(&engine, 1);
+    idle(&engine, 1).await;
+    let first = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    let pushed = worker.task().await;
+    assert_eq!(pushed.0.id, first.id);
+    idle(&engine, 0).await;
+    let second = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    assert_eq!(handoffs(&engine), 1, "the second was not handed off");
+    let queued = engine.get(second.id.as_str(), later()).await.unwrap();
+    assert_eq!(queued.state, State::Queued);
+    worker.complete(pushed).await;
+    let next = worker.task().await;
+    assert_eq!(next.0.id, second.id);
+    worker.complete(next).await;
+    for task in [&first, &second] {
+        let done = common::tasks::wait_final(&engine, task).await;
+        assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    }
+    worker.stop.cancel();
 }

@@ -53,6 +53,7 @@ use crate::store::tasks::WorkerRecord;
 use crate::tasks::engine::{CancelAsked, TaskEngine, TaskError};
 use crate::tasks::poller::Poller;
 
+mod handoff;
 mod held;
 mod held_tasks;
 mod messages;
@@ -217,6 +218,7 @@ impl Session {
         let config = self.engine.config().clone();
         let filter = self.routing.names.clone();
         let names: Vec<&str> = filter.iter().map(String::as_str).collect();
+        let served: Arc<[String]> = filter.iter().cloned().collect();
         let mut cancels = self.engine.cancels();
         let mut pace = Pace::new(self, config.poll_interval);
         let announce_every = (config.lease / 3).min(Duration::from_secs(1));
@@ -237,6 +239,8 @@ impl Session {
             let timer = held.values().filter_map(Held::next_timer).min();
             let room = held.len() < self.concurrency && alive && !stop.is_cancelled() && !full;
             let recheck = pace.recheck_at();
+            let mut idle = self.wait_idle(&pace, room, &served);
+            let mut handed = None;
             // Not biased: a worker whose messages arrive back to back must
             // not starve the timers (hard limits, cancel grace) or the
             // cancels.
@@ -265,6 +269,12 @@ impl Session {
                     pace.backoff_until = None;
                     true
                 }
+                // a submit of this process stored a task and leased it for us
+                got = handoff::next_handed(&mut idle) => {
+                    handed = got;
+                    idle = None;
+                    true
+                }
                 // room freed by the identity's other streams or leases
                 _ = pace.freed.changed(), if full => true,
                 _ = announce.tick() => {
@@ -282,7 +292,12 @@ impl Session {
                     revoke_all(held, out).await
                 }
             };
-            if !went_on {
+            // off the board; a submit that claimed the session meanwhile
+            // hands its task over now
+            if let Some(slot) = idle.take() {
+                handed = slot.leave().await;
+            }
+            if !self.take_handed(handed, held, out, &mut pace).await || !went_on {
                 return Ok(Ending::Gone);
             }
         }
