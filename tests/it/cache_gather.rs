@@ -56,15 +56,8 @@ async fn read_together(store: &RedisStore, n: usize) {
 
 /// Redis's count of reads from its clients' sockets.
 async fn reads_processed(redis: &TestRedis) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg("stats")
-        .query_async(&mut redis.conn().await)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|l| l.strip_prefix("total_reads_processed:"))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("INFO stats has total_reads_processed")
+    let reads = redis.info_field("stats", "total_reads_processed").await;
+    reads.parse().expect("a count")
 }
 
 /// 32 reads started in one tick (a current-thread runtime): the first goes

@@ -204,6 +204,17 @@ fn engine(redis: Option<&common::TestRedis>) -> TaskEngine {
     TaskEngine::new(store, config)
 }
 
+/// [`engine`] on `backend` (a Redis of its own, kept alive with it; the
+/// embedded store for any other).
+async fn engine_on(backend: common::tasks::Backend) -> (Option<common::TestRedis>, TaskEngine) {
+    let redis = match backend {
+        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
+        _ => None,
+    };
+    let engine = engine(redis.as_ref());
+    (redis, engine)
+}
+
 /// Starts a pool of `slots` diagnostics slots on the research queue and
 /// waits (on the board, not a timer) until every slot is idle.
 async fn idle_pool(engine: &TaskEngine, slots: usize) -> CancellationToken {
@@ -240,11 +251,7 @@ on_both!(a_lone_task_goes_to_one_idle_slot_in_the_submits_call);
 /// its lease, the end), where the slots racing for it cost six or more;
 /// the other slots stay idle on the board.
 async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::tasks::Backend) {
-    let redis = match backend {
-        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
-        _ => None,
-    };
-    let engine = engine(redis.as_ref());
+    let (redis, engine) = engine_on(backend).await;
     let stop = idle_pool(&engine, 4).await;
     // the scripts loaded, so that none is counted twice (NOSCRIPT)
     let warm = NewTask::new(NOOP, Category::Research);
@@ -279,11 +286,7 @@ on_both!(a_burst_gives_each_idle_slot_a_task_in_the_submits_call);
 /// one task for each slot (four hand-offs), the rest wait in the queue and
 /// are taken by the slots as they end theirs; all eight succeed once.
 async fn a_burst_gives_each_idle_slot_a_task_in_the_submits_call(backend: common::tasks::Backend) {
-    let redis = match backend {
-        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
-        _ => None,
-    };
-    let engine = engine(redis.as_ref());
+    let (_redis, engine) = engine_on(backend).await;
     let stop = idle_pool(&engine, 4).await;
     let news = (0..8)
         .map(|_| NewTask::new(NOOP, Category::Research))
@@ -330,11 +333,7 @@ on_both!(a_task_for_a_slot_that_is_gone_goes_back_to_its_queue);
 /// attempt given back), not left to a lease nobody renews; the submit
 /// succeeds.
 async fn a_task_for_a_slot_that_is_gone_goes_back_to_its_queue(backend: common::tasks::Backend) {
-    let redis = match backend {
-        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
-        _ => None,
-    };
-    let engine = engine(redis.as_ref());
+    let (_redis, engine) = engine_on(backend).await;
     let names: Arc<[String]> = vec!["*".to_owned()].into();
     let mut slot = engine.wait_idle(&[queue()], "w-gone", names);
     slot.close();
@@ -466,11 +465,7 @@ on_both!(an_idle_stream_worker_takes_a_submit_in_its_round_trip);
 /// built-in slot does: a submit is stored and leased for it in one round
 /// trip and pushed to it; it runs to its end.
 async fn an_idle_stream_worker_takes_a_submit_in_its_round_trip(backend: common::tasks::Backend) {
-    let redis = match backend {
-        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
-        _ => None,
-    };
-    let engine = engine(redis.as_ref());
+    let (_redis, engine) = engine_on(backend).await;
     let mut worker = StreamSession::open(&engine, 2);
     idle(&engine, 1).await;
     let task = engine
@@ -494,11 +489,7 @@ on_both!(a_busy_stream_worker_is_not_handed_more_than_its_room);
 /// a second submit stays queued, and the worker takes it once it reports
 /// the first (both run once).
 async fn a_busy_stream_worker_is_not_handed_more_than_its_room(backend: common::tasks::Backend) {
-    let redis = match backend {
-        common::tasks::Backend::Redis => Some(common::TestRedis::start().await),
-        _ => None,
-    };
-    let engine = engine(redis.as_ref());
+    let (_redis, engine) = engine_on(backend).await;
     let mut worker = StreamSession::open(&engine, 1);
     idle(&engine, 1).await;
     let first = engine

@@ -222,6 +222,20 @@ impl TestRedis {
             .expect("connect to test redis")
     }
 
+    /// `field` of `INFO section` (e.g. `stats`, `total_reads_processed`).
+    pub async fn info_field(&self, section: &str, field: &str) -> String {
+        let info: String = redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut self.conn().await)
+            .await
+            .unwrap();
+        info.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .unwrap_or_else(|| panic!("INFO {section} has no {field}"))
+            .trim()
+            .to_owned()
+    }
+
     /// How many times Redis has run `commands` (`INFO commandstats`'
     /// counts, summed; e.g. `["evalsha", "eval"]`).
     pub async fn command_calls(&self, commands: &[&str]) -> u64 {
