@@ -516,3 +516,34 @@ async fn a_busy_stream_worker_is_not_handed_more_than_its_room(backend: common::
     }
     worker.stop.cancel();
 }
+
+on_both!(a_task_handed_to_a_worker_that_leaves_goes_to_the_next_at_once);
+
+/// A stream worker handed a task leaves before it says a word about it:
+/// the task goes back to its queue, its attempt given back, and another
+/// idle worker of the process takes it at once (the engine's poll is a
+/// minute here: only the hand-back's wake-up can make it in time).
+async fn a_task_handed_to_a_worker_that_leaves_goes_to_the_next_at_once(
+    backend: common::tasks::Backend,
+) {
+    let (_redis, engine) = engine_on(backend).await;
+    let mut leaving = StreamSession::open(&engine, 1);
+    idle(&engine, 1).await;
+    let task = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await
+        .unwrap();
+    assert_eq!(leaving.task().await.0.id, task.id);
+    let mut next = StreamSession::open(&engine, 1);
+    idle(&engine, 1).await;
+    drop(leaving);
+    let pushed = next.task().await;
+    assert_eq!(
+        (pushed.0.id.clone(), pushed.0.attempts),
+        (task.id.clone(), 1)
+    );
+    next.complete(pushed).await;
+    let done = common::tasks::wait_final(&engine, &task).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    next.stop.cancel();
+}

@@ -354,7 +354,12 @@ impl TaskEngine {
                 deadline,
             )
             .await?;
-        fenced_unless(ok, &task.id)
+        fenced_unless(ok, &task.id)?;
+        // back in its queue: this process's idle slots and waiting workers
+        // look again now, not at their next poll (a task handed to a slot
+        // or a stream that left comes back this way)
+        self.inner.submitted.send_replace(Some(task.id.queue()));
+        Ok(())
     }
 
     /// Ends the lease held with `token` now, as if it had lapsed: the
