@@ -215,6 +215,12 @@ async fn engine_on(backend: common::tasks::Backend) -> (Option<common::TestRedis
     (redis, engine)
 }
 
+/// A no-op submitted to the research queue through `engine`.
+async fn noop(engine: &TaskEngine) -> Task {
+    let new = NewTask::new(NOOP, Category::Research);
+    engine.submit(new, later()).await.unwrap()
+}
+
 /// Starts a pool of `slots` diagnostics slots on the research queue and
 /// waits (on the board, not a timer) until every slot is idle.
 async fn idle_pool(engine: &TaskEngine, slots: usize) -> CancellationToken {
@@ -265,10 +271,7 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
         Some(r) => r.command_calls(&["evalsha", "eval"]).await,
         None => 0,
     };
-    let task = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let task = noop(&engine).await;
     let done = common::tasks::wait_final(&engine, &task).await;
     assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     assert_eq!(handoffs(&engine), 2, "the warm-up's and this one's");
@@ -338,10 +341,7 @@ async fn a_task_for_a_slot_that_is_gone_goes_back_to_its_queue(backend: common::
     let mut slot = engine.wait_idle(&[queue()], "w-gone", names);
     slot.close();
     assert_eq!(engine.idle_slots(&queue()), 1, "still on the board");
-    let task = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let task = noop(&engine).await;
     let stored = engine.get(task.id.as_str(), later()).await.unwrap();
     assert_eq!((stored.state, stored.attempts), (State::Queued, 0));
     assert_eq!(engine.idle_slots(&queue()), 0, "claimed once");
@@ -379,10 +379,7 @@ async fn a_failed_hand_off_lets_its_slots_go() {
     assert_eq!(handoffs(&engine), 0);
     redis.restart().await;
     idle(&engine, 4).await;
-    let task = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let task = noop(&engine).await;
     let done = common::tasks::wait_final(&engine, &task).await;
     assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
     assert_eq!(handoffs(&engine), 1);
@@ -468,10 +465,7 @@ async fn an_idle_stream_worker_takes_a_submit_in_its_round_trip(backend: common:
     let (_redis, engine) = engine_on(backend).await;
     let mut worker = StreamSession::open(&engine, 2);
     idle(&engine, 1).await;
-    let task = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let task = noop(&engine).await;
     assert_eq!(handoffs(&engine), 1, "handed to the session");
     let pushed = worker.task().await;
     assert_eq!(pushed.0.id, task.id);
@@ -492,17 +486,11 @@ async fn a_busy_stream_worker_is_not_handed_more_than_its_room(backend: common::
     let (_redis, engine) = engine_on(backend).await;
     let mut worker = StreamSession::open(&engine, 1);
     idle(&engine, 1).await;
-    let first = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let first = noop(&engine).await;
     let pushed = worker.task().await;
     assert_eq!(pushed.0.id, first.id);
     idle(&engine, 0).await;
-    let second = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let second = noop(&engine).await;
     assert_eq!(handoffs(&engine), 1, "the second was not handed off");
     let queued = engine.get(second.id.as_str(), later()).await.unwrap();
     assert_eq!(queued.state, State::Queued);
@@ -529,10 +517,7 @@ async fn a_task_handed_to_a_worker_that_leaves_goes_to_the_next_at_once(
     let (_redis, engine) = engine_on(backend).await;
     let mut leaving = StreamSession::open(&engine, 1);
     idle(&engine, 1).await;
-    let task = engine
-        .submit(NewTask::new(NOOP, Category::Research), later())
-        .await
-        .unwrap();
+    let task = noop(&engine).await;
     assert_eq!(leaving.task().await.0.id, task.id);
     let mut next = StreamSession::open(&engine, 1);
     idle(&engine, 1).await;

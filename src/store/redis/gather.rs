@@ -114,7 +114,16 @@ impl RedisStore {
             .iter_mut()
             .map(|w| std::mem::take(&mut w.key))
             .collect();
-        match self.get_many(&keys, deadline).await {
+        // a reply per key, or every reader is told: none is left waiting
+        let answered = match self.get_many(&keys, deadline).await {
+            Ok(entries) if entries.len() != waiting.len() => Err(StoreError::Backend(format!(
+                "a pipeline of {} reads had {} replies",
+                waiting.len(),
+                entries.len()
+            ))),
+            answered => answered,
+        };
+        match answered {
             Ok(entries) => {
                 for (waiter, entry) in waiting.into_iter().zip(entries) {
                     let _ = waiter.reply.send(Ok(entry));
