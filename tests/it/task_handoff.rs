@@ -221,6 +221,17 @@ async fn noop(engine: &TaskEngine) -> Task {
     engine.submit(new, later()).await.unwrap()
 }
 
+/// Waits for `task` to end: it must have succeeded, on its first attempt.
+async fn ran_once(engine: &TaskEngine, task: &Task) {
+    let done = common::tasks::wait_final(engine, task).await;
+    assert_eq!(
+        (done.state, done.attempts),
+        (State::Succeeded, 1),
+        "{}",
+        task.id
+    );
+}
+
 /// Starts a pool of `slots` diagnostics slots on the research queue and
 /// waits (on the board, not a timer) until every slot is idle.
 async fn idle_pool(engine: &TaskEngine, slots: usize) -> CancellationToken {
@@ -272,8 +283,7 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
         None => 0,
     };
     let task = noop(&engine).await;
-    let done = common::tasks::wait_final(&engine, &task).await;
-    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    ran_once(&engine, &task).await;
     assert_eq!(handoffs(&engine), 2, "the warm-up's and this one's");
     if let Some(r) = &redis {
         idle(&engine, 4).await;
@@ -297,8 +307,7 @@ async fn a_burst_gives_each_idle_slot_a_task_in_the_submits_call(backend: common
     let tasks = engine.submit_many(news, later()).await.unwrap();
     assert_eq!(handoffs(&engine), 4, "one per idle slot");
     for task in tasks {
-        let done = common::tasks::wait_final(&engine, &task.unwrap()).await;
-        assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+        ran_once(&engine, &task.unwrap()).await;
     }
     stop.cancel();
 }
@@ -380,8 +389,7 @@ async fn a_failed_hand_off_lets_its_slots_go() {
     redis.restart().await;
     idle(&engine, 4).await;
     let task = noop(&engine).await;
-    let done = common::tasks::wait_final(&engine, &task).await;
-    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    ran_once(&engine, &task).await;
     assert_eq!(handoffs(&engine), 1);
     stop.cancel();
 }
@@ -470,8 +478,7 @@ async fn an_idle_stream_worker_takes_a_submit_in_its_round_trip(backend: common:
     let pushed = worker.task().await;
     assert_eq!(pushed.0.id, task.id);
     worker.complete(pushed).await;
-    let done = common::tasks::wait_final(&engine, &task).await;
-    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    ran_once(&engine, &task).await;
     // idle again, on the board once (one place, whatever its room)
     idle(&engine, 1).await;
     worker.stop.cancel();
@@ -499,8 +506,7 @@ async fn a_busy_stream_worker_is_not_handed_more_than_its_room(backend: common::
     assert_eq!(next.0.id, second.id);
     worker.complete(next).await;
     for task in [&first, &second] {
-        let done = common::tasks::wait_final(&engine, task).await;
-        assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+        ran_once(&engine, task).await;
     }
     worker.stop.cancel();
 }
@@ -528,7 +534,31 @@ async fn a_task_handed_to_a_worker_that_leaves_goes_to_the_next_at_once(
         (task.id.clone(), 1)
     );
     next.complete(pushed).await;
-    let done = common::tasks::wait_final(&engine, &task).await;
-    assert_eq!((done.state, done.attempts), (State::Succeeded, 1));
+    ran_once(&engine, &task).await;
     next.stop.cancel();
+}
+
+/// Redis gone while a stream worker waits on the board: the submit that
+/// claimed it answers an error and the session, handed nothing, goes on;
+/// once Redis is back it is on the board again and takes the next submit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_hand_off_leaves_the_stream_worker_serving() {
+    let mut redis = common::TestRedis::start().await;
+    let engine = engine(Some(&redis));
+    let mut worker = StreamSession::open(&engine, 1);
+    idle(&engine, 1).await;
+    redis.kill();
+    let lost = NewTask::new(NOOP, Category::Research);
+    let short = Deadline::after(Duration::from_secs(2));
+    assert!(engine.submit(lost, short).await.is_err());
+    assert_eq!(handoffs(&engine), 0);
+    redis.restart().await;
+    idle(&engine, 1).await;
+    let task = noop(&engine).await;
+    let pushed = worker.task().await;
+    assert_eq!(pushed.0.id, task.id);
+    worker.complete(pushed).await;
+    ran_once(&engine, &task).await;
+    assert_eq!(handoffs(&engine), 1);
+    worker.stop.cancel();
 }

@@ -22,11 +22,24 @@ pub(crate) async fn submit_then_lease<B: TaskBackend + ?Sized>(
         return (Err(e), None);
     }
     let queue = task.id.queue();
+    let leased = lease_after(backend, &queue, ask, lease_limits, deadline).await;
+    (Ok(()), leased)
+}
+
+/// The lease `ask`ed after a submit, made alone: its answer, or `None`
+/// (logged) when it failed.
+async fn lease_after<B: TaskBackend + ?Sized>(
+    backend: &B,
+    queue: &QueueName,
+    ask: &LeaseAsk<'_>,
+    lease_limits: TaskLimits,
+    deadline: Deadline,
+) -> Option<Leased> {
     let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
     let leased = backend
-        .lease_or_hold(&queue, worker, lease, names, lease_limits, deadline)
+        .lease_or_hold(queue, worker, lease, names, lease_limits, deadline)
         .await;
-    (Ok(()), lease_answer(&queue, leased))
+    lease_answer(queue, leased)
 }
 
 /// A submit's lease (see [`TaskBackend::submit_and_lease`]): its answer,
@@ -52,14 +65,8 @@ pub(crate) async fn submit_many_then_lease_each<B: TaskBackend + ?Sized>(
     let submitted = backend.submit_many(tasks, limits, deadline).await;
     let mut leased = Vec::with_capacity(asks.len());
     for (queue, ask) in asks {
-        let (worker, lease, names) = (ask.worker, ask.lease, ask.names);
         leased.push(match &submitted {
-            Ok(_) => lease_answer(
-                queue,
-                backend
-                    .lease_or_hold(queue, worker, lease, names, lease_limits, deadline)
-                    .await,
-            ),
+            Ok(_) => lease_after(backend, queue, ask, lease_limits, deadline).await,
             Err(_) => None,
         });
     }
