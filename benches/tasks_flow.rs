@@ -20,8 +20,11 @@
 //!   each run's throughput (every task's SUCCEEDED event seen) and the
 //!   median keyed/plain ratio.
 //!
-//! Redis: its own `redis-server` on a free port, or `KOO_BENCH_REDIS_URL`;
-//! koo's keys there get a prefix of their own and are deleted afterwards.
+//! Redis: its own `redis-server` on a free port; with
+//! `BENCH_TOPOLOGY=cluster`, its own Redis Cluster of three masters and
+//! three replicas (flow control's reservations: `flow_cluster.rs`); or
+//! `KOO_BENCH_REDIS_URL`, where koo's keys get a prefix of their own and are
+//! deleted afterwards (not on a Cluster URL: give a fresh one).
 //! `BENCH_FLOW_MODES` (default `rate,keys`) picks the modes. One JSON line
 //! per measurement goes to stdout (and `target/bench-results/flow.jsonl`);
 //! progress to stderr. `scripts/bench-flow` runs it.
@@ -73,14 +76,20 @@ fn main() -> Result<()> {
 
 async fn run() -> Result<()> {
     let modes = std::env::var("BENCH_FLOW_MODES").unwrap_or_else(|_| "rate,keys".into());
-    let label = std::env::var("BENCH_LABEL").unwrap_or_default();
     let tmp = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"));
     let results = tmp.parent().unwrap_or(tmp).join("bench-results");
     std::fs::create_dir_all(&results)?;
     let mut out = std::fs::File::create(results.join("flow.jsonl"))?;
     let own;
+    let own_cluster;
+    let topology = std::env::var("BENCH_TOPOLOGY").unwrap_or_else(|_| "single".into());
+    let label = std::env::var("BENCH_LABEL").unwrap_or_else(|_| topology.clone());
     let url = match std::env::var("KOO_BENCH_REDIS_URL") {
         Ok(url) => url,
+        Err(_) if topology == "cluster" => {
+            own_cluster = support::cluster::Cluster::start(&tmp.join("tmp")).await?;
+            own_cluster.url()
+        }
         Err(_) => {
             let server =
                 std::env::var("KOO_BENCH_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
@@ -112,6 +121,9 @@ async fn run() -> Result<()> {
         let prefix = format!("kflowk{}", std::process::id());
         prefixes.push(prefix.clone());
         keys_mode(&url, &prefix, &label, &mut out).await?;
+    }
+    if url.contains("+cluster://") {
+        return Ok(()); // (a walk of every master: a fresh Cluster is simpler)
     }
     cleanup(&url, &prefixes).await
 }

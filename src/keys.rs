@@ -144,6 +144,17 @@ pub fn flow_base(prefix: &str) -> String {
     format!("{prefix}:v1:")
 }
 
+/// [`flow_base`] on a Redis Cluster, `{prefix}:v1:{fc}:`: every key of flow
+/// control in one slot, its own (hash tag `{fc}`, slot 15689), so that the
+/// limits and their version change in one transaction and one script
+/// checks all of a task's limits at once (`reserve.lua`). With three
+/// masters it lands on the third, away from the default queues `research`
+/// and `cache` (first) and `ai_service`, `database`, `health_check`
+/// (second). Queues stay in their own slots.
+pub fn flow_base_cluster(prefix: &str) -> String {
+    format!("{prefix}:v1:{{fc}}:")
+}
+
 /// Key names of one task queue.
 #[derive(Debug, Clone)]
 pub struct QueueKeys {

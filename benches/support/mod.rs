@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each benchmark uses a different part
 
+pub mod cluster;
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};

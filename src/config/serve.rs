@@ -15,7 +15,7 @@ use super::{
 use crate::app::settings::{Settings, StoreSettings, TaskSettings};
 use crate::cache::CacheConfig;
 use crate::persist::DataSettings;
-use crate::store::{MemoryConfig, RedisConfig};
+use crate::store::MemoryConfig;
 use crate::tasks::engine::TaskConfig;
 use crate::tasks::remote::secret::LeaseSecrets;
 
@@ -208,7 +208,6 @@ impl ServeArgs {
         };
         let redis = self.tasks.redis_config(&self.redis)?;
         let flow_limits = self.flow.limits(&config.extra_queues)?;
-        refuse_limits_on_cluster(redis.as_ref(), &flow_limits)?;
         Ok(TaskSettings {
             redis,
             flow_limits,
@@ -217,30 +216,6 @@ impl ServeArgs {
             ledger: self.tasks.diagnostics_ledger.clone(),
         })
     }
-}
-
-/// Configured limits on a task store that is a Redis Cluster are refused
-/// at start-up: flow control's keys live outside every queue's slot (see
-/// `store::redis::tasks::slots`).
-fn refuse_limits_on_cluster(
-    redis: Option<&RedisConfig>,
-    limits: &[crate::domain::flow::Limit],
-) -> Result<(), ConfigError> {
-    let cluster = redis.is_some_and(|r| {
-        crate::store::redis::topology::Topology::parse(&r.url).is_ok_and(|t| t.is_cluster())
-    });
-    let Some(first) = limits.first().filter(|_| cluster) else {
-        return Ok(());
-    };
-    Err(ConfigError {
-        variable: match first {
-            crate::domain::flow::Limit::Rate(_) => "KOO_RATE_LIMITS",
-            crate::domain::flow::Limit::Concurrency(_) => "KOO_CONCURRENCY_LIMITS",
-        },
-        reason: "flow control is not available on a Redis Cluster yet (its keys live outside \
-                 a queue's slot; see docs/design/flow-control.md, \"Redis Cluster\")"
-            .into(),
-    })
 }
 
 fn check_memory(max_bytes: u64) -> Result<(), ConfigError> {
@@ -301,25 +276,6 @@ mod tests {
         let matches = cmd.try_get_matches_from(["koo", "serve"].iter().chain(args))?;
         let (_, sub) = matches.subcommand().expect("serve");
         ServeArgs::from_arg_matches(sub)
-    }
-
-    /// Configured limits on a Cluster task store stop koo at start-up,
-    /// naming the variable; on one server they pass.
-    #[test]
-    fn limits_on_a_cluster_are_refused() {
-        let s = parse(&["--rate-limits", "queues/research=10/1s"])
-            .unwrap()
-            .into_settings()
-            .unwrap();
-        let limits = &s.tasks.flow_limits;
-        assert_eq!(limits.len(), 1);
-        let cluster = RedisConfig::new("redis+cluster://127.0.0.1:7000,127.0.0.1:7001/");
-        let err = refuse_limits_on_cluster(Some(&cluster), limits).unwrap_err();
-        assert_eq!(err.variable, "KOO_RATE_LIMITS");
-        assert!(err.reason.contains("Redis Cluster"), "{}", err.reason);
-        let single = RedisConfig::new("redis://127.0.0.1:6379/");
-        assert!(refuse_limits_on_cluster(Some(&single), limits).is_ok());
-        assert!(refuse_limits_on_cluster(Some(&cluster), &[]).is_ok());
     }
 
     /// The documented defaults are what koo runs with when nothing is set.

@@ -2,8 +2,8 @@
 //! three masters and their replicas) through koo's gRPC API: queues placed
 //! on different masters by their names' hash tags (`{t:NAME}`), the paths
 //! that cross slots (batch submits over several queues, a dependency across
-//! queues, idempotency claims, worker records), flow control refused with
-//! FAILED_PRECONDITION, and a master `kill -9`ed under submit and lease load
+//! queues, idempotency claims, worker records), flow control over queues
+//! on three masters (its keys in a slot of their own), and a master `kill -9`ed under submit and lease load
 //! failing over to its replica with no acknowledged task lost or stuck.
 
 use crate::common;
@@ -75,7 +75,8 @@ fn short_sleep() -> pb::SubmitTaskRequest {
 /// A batch over three queues on three masters runs whole; a task waits on
 /// one in another queue (on another master) and is released or cancelled
 /// by its end; concurrent submits of one idempotency key make one task;
-/// worker pools are listed; flow control is refused clearly.
+/// worker pools are listed; a cap and a rate limit hold across queues on
+/// three masters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queues_on_three_masters_work_across_slots() {
     let cluster = TestCluster::start().await;
@@ -161,12 +162,12 @@ async fn queues_on_three_masters_work_across_slots() {
     let done = wait_task(&mut c, &check.id, is_final).await;
     assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
 
-    flow_control_is_refused(&mut c, &queues[0].0).await;
-    // a schedule whose task carries a key is refused when created
+    flow_control_spans_masters(&cluster, &mut c, &queues).await;
+    // a schedule whose task carries a key is stored as any other
     let mut schedules = koo::pb::schedule::v1::schedule_service_client::ScheduleServiceClient::new(
         server.channel.clone(),
     );
-    let err = schedules
+    let created = schedules
         .create_schedule(koo::pb::schedule::v1::CreateScheduleRequest {
             schedule: Some(koo::pb::schedule::v1::Schedule {
                 name: "keyed".into(),
@@ -181,56 +182,96 @@ async fn queues_on_three_masters_work_across_slots() {
             }),
         })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("rate_limit_key"), "{err:?}");
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        created.schedule.unwrap().task.unwrap().rate_limit_key,
+        "openai",
+        "the key is kept"
+    );
 }
 
-/// Rate limits, caps and keyed tasks are refused with FAILED_PRECONDITION
-/// naming why; listing limits answers (none).
-async fn flow_control_is_refused(
+/// Flow control on a Cluster (`flow_cluster.rs`): a cap of 1 on key
+/// `tenant` holds for its tasks in three queues on three masters (no two
+/// ran at once, by their recorded start and end times), a queue's rate
+/// limit is listed, and the limits live in flow control's own slot.
+async fn flow_control_spans_masters(
+    cluster: &TestCluster,
     c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
-    queue: &str,
+    queues: &[(String, u16)],
 ) {
-    let err = c
-        .set_rate_limit(pb::SetRateLimitRequest {
-            rate_limit: Some(pb::RateLimit {
-                name: format!("queues/{queue}"),
-                limit: 10,
-                period: Some(common::tasks::millis(1000)),
-                burst: 1,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    assert!(err.message().contains("Redis Cluster"), "{err:?}");
-    let err = c
-        .set_concurrency_limit(pb::SetConcurrencyLimitRequest {
-            concurrency_limit: Some(pb::ConcurrencyLimit {
-                name: "keys/tenant".into(),
-                max_running: 2,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    for (rate, conc) in [("tenant", ""), ("", "tenant")] {
-        let mut req = on_queue(queue, short_sleep());
-        req.rate_limit_key = rate.into();
-        req.concurrency_key = conc.into();
-        let err = c.submit_task(req).await.unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-        assert!(err.message().contains("Redis Cluster"), "{err:?}");
+    c.set_rate_limit(pb::SetRateLimitRequest {
+        rate_limit: Some(pb::RateLimit {
+            name: format!("queues/{}", queues[0].0),
+            limit: 1000,
+            period: Some(common::tasks::millis(1000)),
+            burst: 10,
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("a rate limit on a Cluster");
+    c.set_concurrency_limit(pb::SetConcurrencyLimitRequest {
+        concurrency_limit: Some(pb::ConcurrencyLimit {
+            name: "keys/tenant".into(),
+            max_running: 1,
+            ..Default::default()
+        }),
+    })
+    .await
+    .expect("a cap on a Cluster");
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut req = on_queue(&queues[i % 3].0, short_sleep());
+        req.concurrency_key = "tenant".into();
+        req.rate_limit_key = "tenant".into();
+        ids.push(submit_ok(c, req).await.id);
+    }
+    let mut spans = Vec::new();
+    for id in &ids {
+        let done = wait_task(c, id, is_final).await;
+        assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+        let ms = |t: &Option<prost_types::Timestamp>| {
+            let t = t.as_ref().expect("a time");
+            t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+        };
+        spans.push((ms(&done.start_time), ms(&done.end_time)));
+    }
+    spans.sort_unstable();
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].0 >= pair[0].1,
+            "two of key tenant ran at once: {spans:?}"
+        );
     }
     let listed = c
         .list_rate_limits(pb::ListRateLimitsRequest::default())
         .await
         .unwrap()
         .into_inner();
-    assert!(listed.rate_limits.is_empty(), "{listed:?}");
+    assert_eq!(listed.rate_limits.len(), 1, "{listed:?}");
+    let limits = "koo:v1:{fc}:limits";
+    let master = cluster.master_of(limits).await;
+    let mut raw = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port == master)
+        .unwrap()
+        .conn()
+        .await;
+    let fields: Vec<String> = redis::cmd("HKEYS")
+        .arg(limits)
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(fields.len(), 2, "{fields:?}");
+    // every attempt's entry left the key's running set
+    let running: u64 = redis::cmd("ZCARD")
+        .arg("koo:v1:{fc}:cc:tenant")
+        .query_async(&mut raw)
+        .await
+        .unwrap();
+    assert_eq!(running, 0);
 }
 
 async fn submit_ok(

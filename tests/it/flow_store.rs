@@ -10,6 +10,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::TestRedis;
+use common::cluster::TestCluster;
 use koo::domain::Outcome;
 use koo::domain::flow::{ConcurrencyLimit, Limit, Policy, RateLimit, Scope, Source};
 use koo::domain::task::{Priority, QueueName, State, Task};
@@ -43,6 +44,20 @@ impl Fixture {
             _redis: redis,
             store,
             queue: QueueName::parse("research").unwrap(),
+            clock,
+        }
+    }
+
+    /// On `cluster`, under key prefix `prefix`, queue `research` (whose
+    /// slot is on another master than flow control's `{fc}`).
+    fn cluster(cluster: &TestCluster, prefix: &str) -> Self {
+        let clock = Clock::system();
+        let config = koo::store::RedisConfig::new(cluster.url());
+        let store = koo::store::RedisStore::connect(&config).unwrap();
+        Fixture {
+            _redis: None,
+            store: TaskStore::redis_with_clock(store, prefix, clock.clone()),
+            queue: QueueName::parse(CLUSTER_QUEUE).unwrap(),
             clock,
         }
     }
@@ -131,6 +146,31 @@ fn cap(key: &str, max_running: u32, policy: Policy) -> Limit {
     })
 }
 
+/// The cluster fixture's queue: its slot (`{t:research}`, 1815) is on the
+/// first of three masters, flow control's (`{fc}`, 15689) on the third.
+const CLUSTER_QUEUE: &str = "research";
+
+/// Runs each scenario named on one Redis Cluster of three masters, each
+/// under its own key prefix.
+macro_rules! on_a_cluster {
+    ($($name:ident),* $(,)?) => {
+        /// Every scenario on a Redis Cluster, where flow control's keys
+        /// live in a slot of their own on another master than the queue's:
+        /// a lease reserves, leases, gives back (`flow_cluster.rs`).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn every_scenario_holds_on_a_cluster() {
+            let cluster = TestCluster::start_with(3, 0).await;
+            let flow = cluster.master_of("koo:v1:{fc}:limits").await;
+            let queue = format!("koo:v1:{{t:{CLUSTER_QUEUE}}}:ready");
+            assert_ne!(flow, cluster.master_of(&queue).await, "one master holds both slots");
+            $(
+                eprintln!("on a cluster: {}", stringify!($name));
+                $name(Fixture::cluster(&cluster, stringify!($name))).await;
+            )*
+        }
+    };
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         $(
@@ -149,6 +189,17 @@ macro_rules! on_both {
 }
 
 on_both!(
+    a_key_limit_admits_its_burst_then_holds_until_a_token_frees,
+    queue_and_name_limits_hold_only_when_looked_up,
+    a_back_off_holds_its_key_and_only_it,
+    a_cap_of_two_waits_and_frees_at_each_end,
+    cancel_newest_ends_the_task_past_the_cap,
+    cancel_oldest_asks_the_longest_running_to_stop_once,
+    keys_take_turns_within_a_priority,
+    limits_are_listed_with_their_state_and_versioned,
+);
+
+on_a_cluster!(
     a_key_limit_admits_its_burst_then_holds_until_a_token_frees,
     queue_and_name_limits_hold_only_when_looked_up,
     a_back_off_holds_its_key_and_only_it,
@@ -213,7 +264,7 @@ async fn queue_and_name_limits_hold_only_when_looked_up(f: Fixture) {
         .unwrap();
     assert_eq!(plain.map(|t| t.name).as_deref(), Some("slow"));
     // a queue limit holds everything in the queue
-    f.set(rate(Scope::Queue("research".into()), 1, 60_000, 1))
+    f.set(rate(Scope::Queue(f.queue.as_str().into()), 1, 60_000, 1))
         .await;
     f.submit(&f.task("fast", None, None)).await;
     f.submit(&f.task("fast", None, None)).await;
@@ -434,4 +485,64 @@ async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
     assert!(after <= 1_000, "{after} fields left of {before}");
     let kept: Option<String> = conn.hget(hash, "k:2:k1199").await.unwrap();
     assert!(kept.is_some(), "a turn ahead of the clock is kept");
+}
+
+/// What only a Cluster has: reservations racing between processes, and a
+/// dead process's running-set entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_reservations_race_and_repair() {
+    let cluster = TestCluster::start_with(3, 0).await;
+    racing_reservations_admit_exactly_the_limit(&cluster).await;
+    a_dead_process_entry_is_repaired_at_the_cap(&cluster).await;
+}
+
+/// Two processes, eight lease loops each, on 30 tasks of key `p` limited
+/// to 10 a minute (burst 10): exactly 10 start. Loops race for the same
+/// head task and reserve it twice; the loser gives its token back, so no
+/// token is lost (fewer than 10) and none is spent twice (more).
+async fn racing_reservations_admit_exactly_the_limit(cluster: &TestCluster) {
+    let a = Fixture::cluster(cluster, "race");
+    let b = Fixture::cluster(cluster, "race");
+    a.set(rate(Scope::Key("p".into()), 10, 60_000, 10)).await;
+    for _ in 0..30 {
+        a.submit(&a.task("t", Some("p"), None)).await;
+    }
+    let loops = (0..16).map(|i| {
+        let f = if i % 2 == 0 { &a } else { &b };
+        async move {
+            let mut started = 0;
+            while let Leased::Task(_) = f.lease().await {
+                started += 1;
+            }
+            started
+        }
+    });
+    let started: usize = futures::future::join_all(loops).await.into_iter().sum();
+    assert_eq!(started, 10, "the limit admits 10");
+}
+
+/// A process that dies holding a task of capped key `c` leaves its entry
+/// in the key's running set (the end scripts cannot reach it; the process
+/// would have removed it). Once its lease lapsed and the sweep put the task
+/// back, another process's lease at the cap finds the entry stale (its task
+/// does not carry it, and it is older than the repair's margin), drops it,
+/// and starts the task again.
+async fn a_dead_process_entry_is_repaired_at_the_cap(cluster: &TestCluster) {
+    let dead = Fixture::cluster(cluster, "dead");
+    dead.set(cap("c", 1, Policy::Wait)).await;
+    let mut task = dead.task("t", None, Some("c"));
+    task.max_retries = 1;
+    dead.submit(&task).await;
+    assert_eq!(dead.leased().await.id, task.id);
+    drop(dead);
+    let next = Fixture::cluster(cluster, "dead");
+    // the running task's entry holds the cap
+    assert_eq!(next.lease().await, Leased::Empty);
+    next.clock.advance(Duration::from_secs(61));
+    next.store
+        .recover(&next.queue, true, TaskLimits::default(), later())
+        .await
+        .unwrap();
+    let again = next.leased().await;
+    assert_eq!((again.id, again.attempts), (task.id, 2));
 }

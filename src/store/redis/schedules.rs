@@ -145,7 +145,6 @@ impl ScheduleBackend for RedisSchedules {
 
     #[tracing::instrument(level = "debug", skip_all, fields(name = %schedule.name, ?put))]
     async fn put(&self, schedule: &Schedule, put: Put, deadline: Deadline) -> Result<bool> {
-        refuse_keyed_on_cluster(&self.store, schedule)?;
         let mode = match put {
             Put::New => "new",
             Put::Existing => "existing",
@@ -186,24 +185,6 @@ impl ScheduleBackend for RedisSchedules {
         .await?;
         Ok(())
     }
-}
-
-/// On a Redis Cluster, a schedule whose task carries a rate-limit or
-/// concurrency key is refused when it is stored, not at each fire (see
-/// `tasks/slots.rs`).
-fn refuse_keyed_on_cluster(store: &RedisStore, schedule: &Schedule) -> Result<()> {
-    let task = &schedule.task;
-    let field = match (&task.rate_limit_key, &task.concurrency_key) {
-        _ if !store.is_cluster() => return Ok(()),
-        (Some(_), _) => "rate_limit_key",
-        (None, Some(_)) => "concurrency_key",
-        (None, None) => return Ok(()),
-    };
-    Err(StoreError::InvalidConfig(format!(
-        "schedule {}: task.{field} refused: {}",
-        schedule.name,
-        super::tasks::FLOW_ON_CLUSTER
-    )))
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String> {

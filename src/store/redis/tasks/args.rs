@@ -14,13 +14,46 @@ use crate::store::task_fields;
 use crate::store::tasks::{LeaseAsk, Leased, TaskLimits};
 use crate::store::{Result, StoreError};
 
+/// How a lease meets flow control on a Redis Cluster (lease.lua's
+/// `cluster`, `grant` and `denied`; see `flow_cluster.rs`): `grant` and
+/// `denied` are `""` but in a lease that reserves.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Reserving<'a> {
+    pub(super) cluster: bool,
+    pub(super) grant: &'a str,
+    pub(super) denied: &'a str,
+}
+
+impl Reserving<'_> {
+    /// A lease that does not reserve: on a Cluster, a candidate that needs
+    /// flow control ends it held for 1 ms (the next lease reserves).
+    pub(super) fn plain(cluster: bool) -> Self {
+        Self {
+            cluster,
+            grant: "",
+            denied: "",
+        }
+    }
+
+    /// A lease chained to a finish: on a Cluster, a candidate that needs
+    /// flow control ends it naming the candidate, and the caller goes on
+    /// reserving from it (`flow_cluster.rs`).
+    pub(super) fn chained(cluster: bool) -> Self {
+        Self {
+            cluster,
+            grant: if cluster { "-" } else { "" },
+            denied: "",
+        }
+    }
+}
+
 /// Arguments of lease.lua (its keys are pushed with the queue's), for
 /// `queue`, flow control's keys under `flow_base` ([`crate::keys::flow_base`]).
 pub(super) fn lease_args(
     call: &mut Invocation<'_>,
     (flow_base, queue): (&str, &QueueName),
     keys: &QueueKeys,
-    next: &LeaseAsk<'_>,
+    (next, reserving): (&LeaseAsk<'_>, Reserving<'_>),
     limits: TaskLimits,
 ) {
     call.arg("prefix", keys.task_prefix())
@@ -31,7 +64,10 @@ pub(super) fn lease_args(
         .arg("history_cap", limits.history)
         .arg("flow", u8::from(limits.flow))
         .arg("flow_base", flow_base)
-        .arg("queue", queue.as_str());
+        .arg("queue", queue.as_str())
+        .arg("cluster", u8::from(reserving.cluster))
+        .arg("grant", reserving.grant)
+        .arg("denied", reserving.denied);
     for name in next.names {
         call.extra(*name);
     }

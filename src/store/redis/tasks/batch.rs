@@ -6,7 +6,8 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::RedisTasks;
-use super::args::{finish_args, lease_args, leased};
+use super::args::{Reserving, finish_args, lease_args, leased};
+use super::flow_cluster::Need;
 use crate::domain::task::QueueName;
 use crate::store::tasks::{BatchEnd, FinishItem, LeaseAsk, Leased, TaskLimits};
 use crate::store::{Deadline, Result, StoreError};
@@ -34,6 +35,20 @@ impl Raw {
             }
             Err(e) => Self::Failed(format!("an unreadable reply: {e}")),
         }
+    }
+}
+
+/// An item's finish reply's state when it carries a running-set entry (a
+/// Cluster: see `flow_cluster.rs`).
+fn left_state(reply: &redis::Value) -> Option<String> {
+    let redis::Value::Array(parts) = reply else {
+        return None;
+    };
+    match parts.first() {
+        Some(redis::Value::BulkString(state)) if state.contains(&b'@') => {
+            Some(String::from_utf8_lossy(state).into_owned())
+        }
+        _ => None,
     }
 }
 
@@ -75,17 +90,19 @@ impl RedisTasks {
             lease,
             names,
         };
-        let lease_limits = self.lease_flow(limits);
         lease_args(
             &mut call,
             (&self.flow_base, queue),
             &keys,
-            &ask,
-            lease_limits,
+            (&ask, Reserving::chained(self.store.is_cluster())),
+            limits,
         );
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         let (ended, leases): (Vec<redis::Value>, Vec<redis::Value>) =
             self.store.invoke_once(call.done(), deadline).await?;
+        let left: Vec<String> = ended.iter().filter_map(left_state).collect();
+        let left: Vec<&str> = left.iter().map(String::as_str).collect();
+        self.remove_entries(&left, deadline).await;
         if ended.len() != items.len() {
             return Err(StoreError::Backend(format!(
                 "finish_batch: {} replies for {} items",
@@ -93,7 +110,59 @@ impl RedisTasks {
                 items.len()
             )));
         }
-        Ok(self.read_batch(queue, items, ended, leases.into(), sent_ms))
+        let mut leases: VecDeque<redis::Value> = leases.into();
+        let need = leases.back().and_then(Need::of);
+        if need.is_some() {
+            leases.pop_back();
+        }
+        let mut out = self.read_batch(queue, items, ended, leases, sent_ms);
+        if let Some(need) = need {
+            self.reserve_for_the_rest(queue, items, &mut out, (need, &ask), limits, deadline)
+                .await;
+        }
+        Ok(out)
+    }
+
+    /// On a Cluster, the batch's leases stopped at a candidate that needs a
+    /// reservation (`flow_cluster.rs`): each worker left (an accepted item
+    /// that asked and got nothing) leases reserving, all at once (the
+    /// first from that candidate; the others pass over what the first is
+    /// reserving).
+    async fn reserve_for_the_rest(
+        &self,
+        queue: &QueueName,
+        items: &[FinishItem<'_>],
+        out: &mut [BatchEnd],
+        (need, ask): (Need, &LeaseAsk<'_>),
+        limits: TaskLimits,
+        deadline: Deadline,
+    ) {
+        let left: Vec<(usize, LeaseAsk<'_>)> = items
+            .iter()
+            .zip(out.iter())
+            .enumerate()
+            .filter(|(_, (_, end))| matches!(end.next, Some(Leased::Empty)))
+            .filter_map(|(i, (item, _))| {
+                Some((
+                    i,
+                    LeaseAsk {
+                        worker: item.next?,
+                        ..*ask
+                    },
+                ))
+            })
+            .collect();
+        let mut first = Some(need);
+        let leases = left
+            .iter()
+            .map(|(_, ask)| self.lease_reserving(queue, ask, limits, first.take(), deadline));
+        let leased = futures::future::join_all(leases).await;
+        for ((i, _), leased) in left.iter().zip(leased) {
+            out[*i].next = Some(leased.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "a lease after a batch failed");
+                Leased::Empty
+            }));
+        }
     }
 
     /// Each item's answer from the script's reply: its finish, and, for an

@@ -21,7 +21,6 @@ impl RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<DebounceReply> {
-        self.refuse_keyed(task)?;
         let keys = self.keys(&task.id.queue());
         let mut call = self.scripts().debounce.call(self.clock());
         call.queue_keys(&keys, Some(&task.id))

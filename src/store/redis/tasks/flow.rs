@@ -1,4 +1,5 @@
-//! Flow control's records on Redis (see [`crate::keys::flow_base`]): the
+//! Flow control's records on Redis (under [`crate::keys::flow_base`], or
+//! [`crate::keys::flow_base_cluster`] on a Cluster): the
 //! limits hash and its version, a key's back-off, and the live state that
 //! GetRateLimit and GetConcurrencyLimit show. The lease script enforces
 //! them (`lease.lua`).
@@ -11,11 +12,10 @@ impl RedisStore {
     /// Sets `limit` and bumps the version, in one transaction.
     pub(super) async fn set_limit(
         &self,
-        prefix: &str,
+        base: &str,
         limit: &Limit,
         deadline: Deadline,
     ) -> Result<()> {
-        let base = crate::keys::flow_base(prefix);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("HSET")
@@ -33,11 +33,10 @@ impl RedisStore {
     /// one): whether there was.
     pub(super) async fn delete_limit(
         &self,
-        prefix: &str,
+        base: &str,
         field: &str,
         deadline: Deadline,
     ) -> Result<bool> {
-        let base = crate::keys::flow_base(prefix);
         let mut pipe = redis::pipe();
         pipe.cmd("HDEL").arg(format!("{base}limits")).arg(field);
         let (removed,): (u32,) = self.query_pipe(&pipe, deadline).await?;
@@ -56,11 +55,10 @@ impl RedisStore {
     /// scripts' now.
     pub(super) async fn limits(
         &self,
-        prefix: &str,
+        base: &str,
         offset_ms: i64,
         deadline: Deadline,
     ) -> Result<(u64, Vec<(Limit, LimitState)>)> {
-        let base = crate::keys::flow_base(prefix);
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("GET")
@@ -80,7 +78,7 @@ impl RedisStore {
         // each limit's live state, in one more round trip: two replies each
         let mut pipe = redis::pipe();
         for limit in &limits {
-            let (first, second) = state_keys(&base, limit);
+            let (first, second) = state_keys(base, limit);
             pipe.cmd(first.0).arg(first.1);
             pipe.cmd("GET").arg(second);
         }
@@ -97,8 +95,8 @@ impl RedisStore {
     }
 
     /// The limits' version (0 before any was set).
-    pub(super) async fn limits_version(&self, prefix: &str, deadline: Deadline) -> Result<u64> {
-        let key = format!("{}limits:version", crate::keys::flow_base(prefix));
+    pub(super) async fn limits_version(&self, base: &str, deadline: Deadline) -> Result<u64> {
+        let key = format!("{base}limits:version");
         let mut pipe = redis::pipe();
         pipe.cmd("GET").arg(key);
         let (version,): (Option<u64>,) = self.query_pipe(&pipe, deadline).await?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::{RedisError, RedisResult, Value};
 
 use super::RedisTasks;
-use super::args::{lease_args, leased};
+use super::args::{Reserving, lease_args, leased};
 use crate::domain::task::{QueueName, Task};
 use crate::store::redis::script::Invocation;
 use crate::store::tasks::TaskBackend as _;
@@ -35,12 +35,24 @@ impl RedisTasks {
         lease_limits: TaskLimits,
         deadline: Deadline,
     ) -> (Result<()>, Option<Leased>) {
-        if let Err(e) = self.refuse_keyed(task) {
-            return (Err(e), None);
-        }
         let queue = task.id.queue();
+        if self.store.is_cluster()
+            && (lease_limits.flow
+                || (task.rate_limit_key.is_some() || task.concurrency_key.is_some()))
+        {
+            // the lease reserves first (`flow_cluster.rs`): a call of its own
+            let submitted = self.submit(task, Duration::ZERO, limits, deadline).await;
+            let leased = match submitted.is_ok() {
+                true => lease_answer(
+                    &queue,
+                    self.lease_alone(&queue, ask, lease_limits, deadline).await,
+                ),
+                false => None,
+            };
+            return (submitted, leased);
+        }
         let submit = self.submit_call(task, Duration::ZERO, &[], limits);
-        let lease = self.lease_call(&queue, ask, self.lease_flow(lease_limits));
+        let lease = self.lease_call(&queue, ask, lease_limits);
         let mut pipe = redis::pipe();
         pipe.invoke_script(submit.done())
             .invoke_script(lease.done());
@@ -129,10 +141,9 @@ impl RedisTasks {
             .iter()
             .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
             .collect();
-        let flow = self.lease_flow(lease_limits);
         let leases: Vec<_> = asks
             .iter()
-            .map(|(queue, ask)| self.lease_call(queue, ask, flow))
+            .map(|(queue, ask)| self.lease_call(queue, ask, lease_limits))
             .collect();
         let mut pipe = redis::pipe();
         pipe.load_script(self.scripts().submit.script());
@@ -188,10 +199,27 @@ impl RedisTasks {
         ask: &LeaseAsk<'_>,
         flow: TaskLimits,
     ) -> Invocation<'_> {
+        self.lease_call_reserving(queue, ask, flow, Reserving::plain(self.store.is_cluster()))
+    }
+
+    /// [`Self::lease_call`] that reserves on a Cluster (`flow_cluster.rs`).
+    pub(super) fn lease_call_reserving(
+        &self,
+        queue: &QueueName,
+        ask: &LeaseAsk<'_>,
+        flow: TaskLimits,
+        reserving: Reserving<'_>,
+    ) -> Invocation<'_> {
         let keys = self.keys(queue);
         let mut lease = self.scripts().lease.call(self.clock());
         lease.queue_keys(&keys, None);
-        lease_args(&mut lease, (&self.flow_base, queue), &keys, ask, flow);
+        lease_args(
+            &mut lease,
+            (&self.flow_base, queue),
+            &keys,
+            (ask, reserving),
+            flow,
+        );
         lease
     }
 

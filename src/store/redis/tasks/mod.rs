@@ -9,13 +9,17 @@
 //! Reads live in `reads.rs` (run and wait times in `times.rs`), the event
 //! stream in `events.rs`, worker
 //! records, the lease key and idempotency claims in `registry.rs`, the
-//! arguments and replies of the lease and finish scripts in `args.rs`.
+//! arguments and replies of the lease and finish scripts in `args.rs`, the
+//! ends of an attempt in `ends.rs`, and flow control on a Redis Cluster
+//! (reserve, lease, give back) in `flow_cluster.rs`.
 
 mod args;
 mod batch;
 mod debounce;
+mod ends;
 mod events;
 mod flow;
+mod flow_cluster;
 mod handoff;
 mod invoke;
 mod reads;
@@ -27,9 +31,8 @@ mod times;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
-pub(crate) use slots::FLOW_ON_CLUSTER;
 
-use args::{finish_args, lease_args, leased};
+use args::leased;
 
 use std::any::Any;
 use std::time::Duration;
@@ -55,8 +58,14 @@ use crate::store::{Deadline, Result};
 pub struct RedisTasks {
     store: RedisStore,
     prefix: String,
-    /// Flow control's keys' base, `{prefix}:v1:` (each lease passes it).
+    /// Flow control's keys' base, `{prefix}:v1:` (`{prefix}:v1:{fc}:` on a
+    /// Cluster; each lease passes it).
     flow_base: String,
+    /// On a Cluster, the candidate each queue's last lease stopped at
+    /// (`flow_cluster.rs`).
+    heads: flow_cluster::Heads,
+    /// On a Cluster, the candidates this process's leases are reserving.
+    in_flight: flow_cluster::InFlight,
     clock: Clock,
     /// The run and wait times ended here since the last flush.
     tally: tally::Tally,
@@ -68,10 +77,16 @@ pub struct RedisTasks {
 impl RedisTasks {
     /// Tasks on `store` under `prefix`, on `clock`.
     pub fn new(store: RedisStore, prefix: &str, clock: Clock) -> Self {
+        let flow_base = match store.is_cluster() {
+            true => crate::keys::flow_base_cluster(prefix),
+            false => crate::keys::flow_base(prefix),
+        };
         Self {
             store,
             prefix: prefix.to_owned(),
-            flow_base: crate::keys::flow_base(prefix),
+            flow_base,
+            heads: flow_cluster::Heads::default(),
+            in_flight: flow_cluster::InFlight::default(),
             clock,
             tally: tally::Tally::default(),
             claim_wait: (0.into(), 0.into()),
@@ -118,7 +133,6 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
-        self.refuse_keyed(task)?;
         let call = self.submit_call(task, delay, &[], limits);
         let script = self.scripts().submit.script();
         self.invoke_submit::<i64>(script, call.done(), limits, deadline)
@@ -193,7 +207,12 @@ impl TaskBackend for RedisTasks {
             lease,
             names,
         };
-        let call = self.lease_call(queue, &ask, self.lease_flow(limits));
+        if self.store.is_cluster() {
+            return self
+                .lease_reserving(queue, &ask, limits, None, deadline)
+                .await;
+        }
+        let call = self.lease_call(queue, &ask, limits);
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
         leased(
             self.store.invoke_once(call.done(), deadline).await?,
@@ -202,32 +221,26 @@ impl TaskBackend for RedisTasks {
     }
 
     async fn set_limit(&self, limit: &Limit, deadline: Deadline) -> Result<()> {
-        self.refuse_flow(|| format!("limit {}", limit.field()))?;
-        self.store.set_limit(&self.prefix, limit, deadline).await
+        self.store.set_limit(&self.flow_base, limit, deadline).await
     }
 
     async fn delete_limit(&self, field: &str, deadline: Deadline) -> Result<bool> {
-        if self.store.is_cluster() {
-            return Ok(false); // none can be set there (see `slots.rs`)
-        }
-        self.store.delete_limit(&self.prefix, field, deadline).await
+        self.store
+            .delete_limit(&self.flow_base, field, deadline)
+            .await
     }
 
     async fn limits(&self, deadline: Deadline) -> Result<(u64, Vec<(Limit, LimitState)>)> {
-        if self.store.is_cluster() {
-            return Ok((0, Vec::new())); // none can be set there
-        }
         self.store
-            .limits(&self.prefix, self.clock.offset_ms(), deadline)
+            .limits(&self.flow_base, self.clock.offset_ms(), deadline)
             .await
     }
 
     async fn limits_version(&self, deadline: Deadline) -> Result<u64> {
-        self.store.limits_version(&self.prefix, deadline).await
+        self.store.limits_version(&self.flow_base, deadline).await
     }
 
     async fn back_off(&self, key: &str, wait: Duration, deadline: Deadline) -> Result<i64> {
-        self.refuse_flow(|| format!("the back-off of rate-limit key {key:?}"))?;
         let mut call = self.scripts().backoff.call(self.clock());
         call.key(Key::Flow, format!("{}backoff:{key}", self.flow_base))
             .arg("wait_ms", millis(wait).max(1));
@@ -272,7 +285,8 @@ impl TaskBackend for RedisTasks {
             .arg("id", id.as_str())
             .arg("events_cap", limits.events)
             .arg("history_cap", limits.history)
-            .arg("reason", reason);
+            .arg("reason", reason)
+            .arg("only_running", 0);
         let reply: String = self.store.invoke_once(call.done(), deadline).await?;
         Ok(CancelReply::parse(&reply))
     }
@@ -300,7 +314,6 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
-        self.refuse_keyed(task)?;
         let call = self.submit_call(task, Duration::ZERO, waiting, limits);
         let script = self.scripts().submit.script();
         self.invoke_submit::<i64>(script, call.done(), limits, deadline)
@@ -426,14 +439,7 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<bool> {
-        let mut call = self.scripts().release.call(self.clock());
-        call.queue_keys(&self.keys(&id.queue()), Some(id))
-            .arg("id", id.as_str())
-            .arg("token", token)
-            .arg("events_cap", limits.events)
-            .arg("log", log);
-        let ok: i64 = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(ok == 1)
+        self.release_attempt(id, token, log, limits, deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
@@ -465,12 +471,8 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<(State, bool)>> {
-        let queue = id.queue();
-        let mut call = self.scripts().finish.call(self.clock());
-        call.queue_keys(&self.keys(&queue), Some(id));
-        finish_args(&mut call, id, token, outcome, log, limits);
-        let reply: Option<Vec<String>> = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(reply.and_then(|r| self.ended(&queue, &r)))
+        self.finish_attempt(id, token, (outcome, log), limits, deadline)
+            .await
     }
 
     /// finish.lua and lease.lua composed into one script (see
@@ -486,26 +488,8 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Option<((State, bool), Leased)>> {
-        let queue = id.queue();
-        let keys = self.keys(&queue);
-        let mut call = self.scripts().finish_lease.call(self.clock());
-        call.queue_keys(&keys, Some(id));
-        finish_args(&mut call, id, token, outcome, log, limits);
-        let lease_limits = self.lease_flow(limits);
-        lease_args(
-            &mut call,
-            (&self.flow_base, &queue),
-            &keys,
-            next,
-            lease_limits,
-        );
-        let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
-        let (reply, fields): (Option<Vec<String>>, redis::Value) =
-            self.store.invoke_once(call.done(), deadline).await?;
-        let Some(ended) = reply.and_then(|r| self.ended(&queue, &r)) else {
-            return Ok(None);
-        };
-        Ok(Some((ended, leased(fields, sent_ms)?)))
+        self.finish_then_lease(id, token, (outcome, log), next, limits, deadline)
+            .await
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue, items = items.len()))]

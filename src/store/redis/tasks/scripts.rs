@@ -77,6 +77,9 @@ pub(super) const LEASE: Spec = Spec {
         "flow",
         "flow_base",
         "queue",
+        "cluster",
+        "grant",
+        "denied",
     ],
     variadic: true,
     body: include_str!("../lua/tasks/lease.lua"),
@@ -203,7 +206,7 @@ pub(super) const CANCEL: Spec = Spec {
         Pending,
         Expiring,
     ],
-    args: &["id", "events_cap", "history_cap", "reason"],
+    args: &["id", "events_cap", "history_cap", "reason", "only_running"],
     variadic: false,
     body: include_str!("../lua/tasks/cancel.lua"),
 };
@@ -231,6 +234,37 @@ pub(super) const BACKOFF: Spec = Spec {
     args: &["wait_ms"],
     variadic: false,
     body: include_str!("../lua/tasks/backoff.lua"),
+};
+
+/// A Cluster's flow control: a lease's candidate's tokens and running-set
+/// entry taken in flow control's own slot (see `flow_cluster.rs`).
+pub(super) const RESERVE: Spec = Spec {
+    name: "reserve",
+    keys: &[Flow],
+    args: &[
+        "flow_base",
+        "flow",
+        "queue",
+        "id",
+        "name",
+        "rkey",
+        "ckey",
+        "entry",
+        "repaired",
+        "drop_set",
+        "drop_entry",
+    ],
+    variadic: false,
+    body: include_str!("../lua/tasks/reserve.lua"),
+};
+
+/// What [`RESERVE`] took, given back (bucket, interval pairs follow).
+pub(super) const GIVE_BACK: Spec = Spec {
+    name: "give_back",
+    keys: &[Flow],
+    args: &["cc", "entry"],
+    variadic: true,
+    body: include_str!("../lua/tasks/give_back.lua"),
 };
 
 pub(super) const IDEM_SWAP: Spec = Spec {
@@ -316,6 +350,8 @@ pub(crate) struct TaskScripts {
     pub(super) times_add: Composed,
     pub(super) debounce: Composed,
     pub(super) backoff: Composed,
+    pub(super) reserve: Composed,
+    pub(super) give_back: Composed,
 }
 
 impl TaskScripts {
@@ -341,6 +377,8 @@ impl TaskScripts {
             times_add: alone(TIMES_ADD),
             debounce: with_lib(DEBOUNCE),
             backoff: alone(BACKOFF),
+            reserve: with_lib(RESERVE),
+            give_back: alone(GIVE_BACK),
             finish_lease: Composed::compose(
                 &[FINISH, LEASE],
                 Some(LIB),
@@ -367,7 +405,8 @@ mod tests {
         let band = crate::store::tasks::BAND_WIDTH.to_string();
         for spec in [
             SUBMIT, LEASE, HEARTBEAT, PROGRESS, FINISH, RECOVER, TRIM, RELEASE, CANCEL, RETRY,
-            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD, DEBOUNCE, BACKOFF,
+            IDEM_CLAIM, IDEM_SWAP, DEPEND, RESOLVE, TIMES, TIMES_ADD, DEBOUNCE, BACKOFF, RESERVE,
+            GIVE_BACK,
         ] {
             assert!(!spec.body.contains(&band), "{} spells the band", spec.name);
             assert!(
@@ -418,7 +457,7 @@ mod tests {
         let text = TaskScripts::new().finish_lease.text().to_owned();
         assert!(text.contains("local K_ready = KEYS[10]"), "{text}");
         assert!(text.contains("local A_prefix = ARGV[11]"), "{text}");
-        assert!(text.contains("local ARGN = 20"), "{text}");
+        assert!(text.contains("local ARGN = 23"), "{text}");
         assert!(text.contains("local function finish()"));
         assert!(text.contains("local function lease()"));
     }

@@ -7,11 +7,8 @@
 //! - a batch submit (`submit_many`) is one pipeline per queue, run at once,
 //!   each task's reply put back in its place;
 //! - flow control (rate limits, back-offs, concurrency caps) keeps its keys
-//!   outside every queue's slot, where the lease script cannot reach them
-//!   on a Cluster: until the "reserve, lease, give back" design of
-//!   `docs/design/flow-control.md` is built, a limit, a back-off and a task
-//!   carrying a rate-limit or concurrency key are refused with
-//!   FAILED_PRECONDITION (never a lease failing with CROSSSLOT in a loop);
+//!   in a slot of its own, which a lease reaches in steps: reserve, lease,
+//!   give back (`flow_cluster.rs`);
 //! - idempotency claims, worker records and dependencies across queues
 //!   were already separate calls, each in its own slot (see `registry.rs`
 //!   and `crate::tasks::engine`).
@@ -31,55 +28,7 @@ use crate::domain::task::{QueueName, Task};
 use crate::store::tasks::TaskLimits;
 use crate::store::{Deadline, Result, StoreError};
 
-/// Why flow control is refused on a Cluster (see the module doc).
-pub(crate) const FLOW_ON_CLUSTER: &str = "flow control is not available on a Redis Cluster yet: rate limits, \
-     back-offs and concurrency caps keep their keys outside a queue's slot, where the lease \
-     cannot reach them (see docs/design/flow-control.md, \"Redis Cluster\")";
-
 impl RedisTasks {
-    /// Refuses `what` (a flow-control setting) on a Cluster.
-    pub(super) fn refuse_flow(&self, what: impl FnOnce() -> String) -> Result<()> {
-        if self.store.is_cluster() {
-            return Err(StoreError::InvalidConfig(format!(
-                "{} refused: {FLOW_ON_CLUSTER}",
-                what()
-            )));
-        }
-        Ok(())
-    }
-
-    /// `limits` for a lease: on a Cluster no queue or name limit can exist
-    /// (see [`Self::refuse_flow`]), so the lease never looks one up (an
-    /// engine does until it first reads the limits).
-    pub(super) fn lease_flow(&self, limits: TaskLimits) -> TaskLimits {
-        if self.store.is_cluster() {
-            return TaskLimits {
-                flow: false,
-                ..limits
-            };
-        }
-        limits
-    }
-
-    /// Refuses, on a Cluster, a task that carries a rate-limit or
-    /// concurrency key: its lease would have to reach flow control's keys.
-    pub(super) fn refuse_keyed(&self, task: &Task) -> Result<()> {
-        if !self.store.is_cluster() {
-            return Ok(());
-        }
-        let field = if task.rate_limit_key.is_some() {
-            "rate_limit_key"
-        } else if task.concurrency_key.is_some() {
-            "concurrency_key"
-        } else {
-            return Ok(());
-        };
-        Err(StoreError::InvalidConfig(format!(
-            "{field} of task {} refused: {FLOW_ON_CLUSTER}",
-            task.id
-        )))
-    }
-
     /// Runs a script that stores a task, once; with
     /// `limits.submit_wait_replicas`, followed by `WAIT` in the same round
     /// trip (the script loaded first: a pipeline cannot recover from
@@ -160,15 +109,9 @@ impl RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<Vec<Result<()>>> {
-        let mut out: Vec<Option<Result<()>>> = tasks
-            .iter()
-            .map(|(t, _)| self.refuse_keyed(t).err().map(Err))
-            .collect();
+        let mut out: Vec<Option<Result<()>>> = vec![None; tasks.len()];
         let mut groups: Vec<(QueueName, Vec<usize>)> = Vec::new();
         for (i, (task, _)) in tasks.iter().enumerate() {
-            if out[i].is_some() {
-                continue;
-            }
             let queue = task.id.queue();
             match groups.iter_mut().find(|(q, _)| *q == queue) {
                 Some((_, members)) => members.push(i),

@@ -15,6 +15,8 @@ use super::{RedisTasks, tally};
 /// The state in finish.lua's reply: the new state, and whether tasks wait
 /// on it.
 fn parse_end(reply: &str) -> Option<(State, bool)> {
+    // (a Cluster's running-set entry follows: `left_entry`)
+    let reply = reply.split_once('@').map_or(reply, |(state, _)| state);
     match reply.strip_suffix('+') {
         Some(state) => State::parse(state).map(|s| (s, true)),
         None => State::parse(reply).map(|s| (s, false)),

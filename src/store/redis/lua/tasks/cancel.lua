@@ -11,6 +11,9 @@ if state == 'running' then
   end
   return 'cancelling'
 end
+-- (A_only_running '1': asking a running task only, as a cap's cancel_oldest
+-- does on a Cluster; one that no longer runs is left as it is)
+if A_only_running == '1' then return 'ended:' .. state end
 if state ~= 'queued' and state ~= 'scheduled' and state ~= 'pending' then return 'ended:' .. state end
 redis.call('ZREM', K_ready, A_id)
 redis.call('ZREM', K_scheduled, A_id)

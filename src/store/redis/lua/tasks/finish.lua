@@ -1,6 +1,7 @@
 -- Finish (see TaskBackend::finish). Returns { the new state (with '+'
 -- appended when the task ended and other tasks wait on it, so that the
--- caller releases them only then), then the attempt's times (times_of in
+-- caller releases them only then; then, on a Cluster, the running-set
+-- entry it left, '@set\nentry', for the caller to remove), then the attempt's times (times_of in
 -- lib.lua: none, or name, sub-window, run, wait) }, or false when fenced. KEYS and ARGV:
 -- declared in scripts.rs (FINISH).
 -- one read for everything, record_end's fields included (each redis.call
@@ -34,7 +35,7 @@ if outcome == 'retry' then
 end
 local logged = json_with(A_log, extra)
 redis.call('ZREM', K_leases, A_id)
-leave_running(K_task, cc)
+local left = leave_running(K_task, cc) or ''
 redis.call('RPUSH', K_task .. ':log', logged)
 local times = times_of(name, attempts, created, started, true) or {}
 if outcome == 'retry' then
@@ -44,7 +45,7 @@ if outcome == 'retry' then
   -- waiting out its backoff, it may expire again
   if expire_ms then redis.call('ZADD', K_expiring, expire_ms, A_id) end
   add_event(K_events, A_events_cap, A_id, name, 'scheduled', 'at', NOW)
-  return { 'scheduled', unpack(times) }
+  return { 'scheduled' .. left, unpack(times) }
 end
 redis.call('HINCRBY', K_stats, outcome, '1')
 local field = 'result'
@@ -60,4 +61,4 @@ record_end(K_task, A_id, outcome, K_history, K_history_data, K_dead, A_history_c
   false, { name, category, attempts, ttl, schedule, started, dkey, waited_on })
 add_event(K_events, A_events_cap, A_id, name, outcome, 'at', NOW)
 if waited_on then outcome = outcome .. '+' end
-return { outcome, unpack(times) }
+return { outcome .. left, unpack(times) }

@@ -9,7 +9,9 @@
 -- nothing).
 -- Returns { each item's finish reply (false when fenced), the leased
 -- tasks' hashes in the order of the workers asking, ended early by false
--- (nothing waits) or an integer (limits hold the queue: see lease.lua) }.
+-- (nothing waits) or an integer (limits hold the queue: see lease.lua), or
+-- on a Redis Cluster by a candidate that needs a reservation (lease.lua's
+-- { 'need', ... }: the caller reserves for the workers left) }.
 local ended, workers = {}, {}
 for i = 0, N - 1 do
   local ok, state = pcall(finish, i)
@@ -28,6 +30,6 @@ for j = 1, #workers do
   local task = lease()
   LEASE_AGAIN = true
   leased[j] = task
-  if type(task) ~= 'table' then break end
+  if type(task) ~= 'table' or task[1] == 'need' then break end
 end
 return { ended, leased }

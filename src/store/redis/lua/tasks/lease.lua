@@ -4,7 +4,8 @@
 -- first held rate limit or back-off frees, 0 when only concurrency caps
 -- held. KEYS and ARGV:
 -- declared in scripts.rs (LEASE); after the declared ARGV, the task names
--- served ('*' = all).
+-- served ('*' = all). On a Redis Cluster a reserving caller may also get
+-- { 'need', ... } (see `reserved` below).
 local prefix = A_prefix
 -- in a batch (finish_batch.lua) each lease names its own worker, and the
 -- leases after the first find due tasks promoted and the queue not paused
@@ -27,65 +28,8 @@ end
 -- candidate needs.
 local per_call = A_flow == '1'
 local function make_flow()
-  local fb = A_flow_base
-  local specs = {}
-  local function spec(field)
-    local s = specs[field]
-    if s == nil then
-      s = redis.call('HGET', fb .. 'limits', field) or false
-      specs[field] = s
-    end
-    return s
-  end
-  local now_us = now * 1000
-  -- GCRA on `bucket` (its TAT in µs) under limit `s` ('limit period_ms burst
-  -- ...'): true and the TAT after taking a token, or false and when the next
-  -- token frees (ms).
-  local function gcra(s, bucket)
-    local limit, period, burst = string.match(s, '^(%d+) (%d+) (%d+)')
-    local interval = math.max(math.floor(tonumber(period) * 1000 / tonumber(limit)), 1)
-    local tolerance = interval * (tonumber(burst) - 1)
-    local tat = tonumber(redis.call('GET', bucket) or '0')
-    if tat < now_us then tat = now_us end
-    if tat - tolerance > now_us then return false, math.ceil((tat - tolerance) / 1000) end
-    return true, tat + interval
-  end
-  -- Scopes found held stay held for the rest of the call; `held_until`: the
-  -- earliest time one frees (false while only caps hold).
-  local held, held_until, held_any = {}, false, false
-  local function hold(scope, until_ms)
-    held[scope] = true
-    held_any = true
-    if until_ms and (not held_until or until_ms < held_until) then held_until = until_ms end
-  end
-  -- Whether rate scope `scope` (or, with no limit of its own, `fallback`'s
-  -- limit in its own bucket) has a token: its bucket's new TAT is pushed on
-  -- `writes`, applied only if the candidate is leased.
-  local function rate(scope, fallback, writes)
-    if held[scope] then return false end
-    local s = spec('r:' .. scope)
-    if not s and fallback then s = spec('r:' .. fallback) end
-    if not s then return true end
-    local bucket = fb .. 'rl:' .. scope
-    local ok, v = gcra(s, bucket)
-    if not ok then
-      hold(scope, v)
-      return false
-    end
-    writes[#writes + 1] = bucket
-    writes[#writes + 1] = v
-    return true
-  end
-  -- Whether a back-off (a worker's 429 for the key) holds rate-limit key `rkey`.
-  local function backed_off(rkey)
-    if held['b:' .. rkey] then return true end
-    local until_ms = tonumber(redis.call('GET', fb .. 'backoff:' .. rkey) or '0')
-    if until_ms > now then
-      hold('b:' .. rkey, until_ms)
-      return true
-    end
-    return false
-  end
+  local f = make_rates(A_flow_base)
+  local fb, spec, hold = A_flow_base, f.spec, f.hold
   -- cancel_oldest: the key's longest-running task is asked to cancel (as
   -- cancel.lua asks a running task), unless one of them already was.
   local function ask_oldest(cc, ckey, newcomer)
@@ -106,7 +50,7 @@ local function make_flow()
   local repaired = {}
   local function cap(ckey, id)
     local cc = fb .. 'cc:' .. ckey
-    if held['c:' .. ckey] then return 'hold', cc end
+    if f.is_held('c:' .. ckey) then return 'hold', cc end
     local s = spec('c:keys/' .. ckey) or spec('c:keys/*')
     if not s then return 'go', cc end
     local max, policy = string.match(s, '^(%d+) (%S+)')
@@ -134,31 +78,51 @@ local function make_flow()
     end
     return 'go', cc
   end
-  return {
-    rate = rate,
-    backed_off = backed_off,
-    cap = cap,
-    -- what the call returns when it leased nothing: held until, or nil
-    -- (the wait from now, at least 1 ms: the caller's clock may differ
-    -- from this one; 0 when only caps hold)
-    held = function()
-      if not held_any then return nil end
-      if not held_until then return 0 end
-      return math.max(held_until - now, 1)
-    end,
-    -- the writes of an admitted candidate's buckets
-    apply = function(writes)
-      for w = 1, #writes, 2 do
-        local tat = writes[w + 1]
-        redis.call('SET', writes[w], string.format('%d', tat), 'PX', math.ceil((tat - now_us) / 1000) + 1)
-      end
-    end,
-  }
+  f.cap = cap
+  return f
 end
 local F = false
 local function flow()
   if not F then F = make_flow() end
   return F
+end
+
+-- On a Redis Cluster (A_cluster '1') flow control's keys live in their own
+-- slot, out of this script's reach: the process reserves a candidate's
+-- tokens and cap there first (reserve.lua; see src/store/redis/tasks/
+-- flow_cluster.rs) and names it here, A_grant 'go', id and its
+-- running-set entry (or ''), or 'cancel' and id (cancel_newest at the cap),
+-- one per line,
+-- with the scopes it found held (A_denied, one per line; 'id:<id>' for a
+-- candidate another lease of the process is reserving). A candidate
+-- that needs flow control and was not reserved ends the call: with
+-- { 'need', id, name, rate key, concurrency key } when the caller reserves
+-- (A_grant not ''), else with 1 (held for 1 ms: the caller's next lease
+-- is one that reserves).
+local cluster = A_cluster == '1'
+local grant_verdict, grant_id, grant_entry = string.match(A_grant, '^(%a+)\n([^\n]*)\n?(.*)$')
+local denied, cluster_held = {}, false
+for scope in string.gmatch(A_denied, '[^\n]+') do denied[scope] = true end
+-- A candidate's verdict on a Cluster: as flow().rate/cap's, plus 'stop'
+-- (the queue's own limit holds: nothing of it starts) and 'need'; the
+-- running-set entry that a 'go' records in the task's hash.
+local function reserved(id, name, rkey, ckey)
+  -- another lease of the caller's process is reserving it: left to that one
+  if denied['id:' .. id] then return 'hold' end
+  if id == grant_id then
+    if grant_verdict == 'cancel' and redis.call('EXISTS', prefix .. id .. ':dependents') == 1 then
+      cluster_held = true
+      return 'hold'
+    end
+    return grant_verdict, ckey and ('@' .. A_flow_base .. 'cc:' .. ckey .. '\n' .. grant_entry)
+  end
+  if per_call and denied['queues/' .. A_queue] then return 'stop' end
+  if (per_call and denied['tasks/' .. name]) or (rkey and (denied['b:' .. rkey] or denied['keys/' .. rkey]))
+      or (ckey and denied['c:' .. ckey]) then
+    cluster_held = true
+    return 'hold'
+  end
+  return 'need'
 end
 
 -- Candidates are read a few at a time (1, then 16, then the rest of the
@@ -218,7 +182,14 @@ while true do
     end
   elseif serves_all or served[name] then
     local verdict, writes, cc = 'go', false, false
-    if per_call or rkey or ckey then
+    if cluster and (per_call or rkey or ckey) then
+      verdict, cc = reserved(id, name, rkey, ckey)
+      if verdict == 'stop' then return 0 end
+      if verdict == 'need' then
+        if A_grant == '' then return 1 end
+        return { 'need', id, name, rkey or '', ckey or '' }
+      end
+    elseif per_call or rkey or ckey then
       local f = flow()
       writes = {}
       if per_call then
@@ -251,7 +222,8 @@ while true do
       if writes then F.apply(writes) end
       redis.call('ZREM', K_ready, id)
       if cc then
-        redis.call('ZADD', cc, now, key)
+        -- (on a Cluster the reservation made the entry: see leave_running)
+        if not cluster then redis.call('ZADD', cc, now, key) end
         redis.call('HSET', key, 'cc', cc)
       end
       if rkey or ckey then
@@ -294,4 +266,6 @@ while true do
   end
 end
 if F then return F.held() or false end
+-- (on a Cluster the caller knows until when what it found held frees)
+if cluster_held then return 0 end
 return false

@@ -47,10 +47,118 @@ end
 
 -- Task hash `key` ends its attempt: it leaves its concurrency key's
 -- running set (the set's name is kept in its hash as 'cc' while it runs).
+-- On a Redis Cluster the set lives in flow control's own slot, out of this
+-- script's reach: 'cc' then holds '@', the set's name, a newline and the
+-- task's entry in it, which is returned for the caller to remove (the
+-- cap's repair removes what a caller could not).
 local function leave_running(key, cc)
-  if not cc then return end
-  redis.call('ZREM', cc, key)
+  if not cc then return nil end
   redis.call('HDEL', key, 'cc')
+  if string.byte(cc, 1) == 64 then return cc end
+  redis.call('ZREM', cc, key)
+  return nil
+end
+
+-- Flow control's rate limits under key base `fb` (see TaskBackend's "Flow
+-- control"), read only for what is asked: `rate` and `backed_off` check a
+-- scope, `hold` marks one held for the rest of the call, `held` says how
+-- long from now until the first held one frees (nil when none held, 0
+-- when only caps), `apply` writes an admitted candidate's buckets.
+-- lease.lua adds the caps; reserve.lua (a Cluster) runs the same checks
+-- in flow control's own slot.
+local function make_rates(fb)
+  local specs = {}
+  local function spec(field)
+    local s = specs[field]
+    if s == nil then
+      s = redis.call('HGET', fb .. 'limits', field) or false
+      specs[field] = s
+    end
+    return s
+  end
+  local now_us = now * 1000
+  -- GCRA on `bucket` (its TAT in µs) under limit `s` ('limit period_ms burst
+  -- ...'): true, the TAT after taking a token and the token's interval, or
+  -- false and when the next token frees (ms).
+  local function gcra(s, bucket)
+    local limit, period, burst = string.match(s, '^(%d+) (%d+) (%d+)')
+    local interval = math.max(math.floor(tonumber(period) * 1000 / tonumber(limit)), 1)
+    local tolerance = interval * (tonumber(burst) - 1)
+    local tat = tonumber(redis.call('GET', bucket) or '0')
+    if tat < now_us then tat = now_us end
+    if tat - tolerance > now_us then return false, math.ceil((tat - tolerance) / 1000) end
+    return true, tat + interval, interval
+  end
+  -- Scopes found held stay held for the rest of the call (each with when
+  -- it frees, 0 for a cap); `held_until`: the earliest (false while only
+  -- caps hold).
+  local held, held_until, held_any = {}, false, false
+  local function hold(scope, until_ms)
+    held[scope] = until_ms or 0
+    held_any = true
+    if until_ms and (not held_until or until_ms < held_until) then held_until = until_ms end
+  end
+  -- Whether rate scope `scope` (or, with no limit of its own, `fallback`'s
+  -- limit in its own bucket) has a token: its bucket, new TAT and interval
+  -- are pushed on `writes`, applied only if the candidate is admitted.
+  local function rate(scope, fallback, writes)
+    if held[scope] then return false end
+    local s = spec('r:' .. scope)
+    if not s and fallback then s = spec('r:' .. fallback) end
+    if not s then return true end
+    local bucket = fb .. 'rl:' .. scope
+    local ok, v, interval = gcra(s, bucket)
+    if not ok then
+      hold(scope, v)
+      return false
+    end
+    writes[#writes + 1] = bucket
+    writes[#writes + 1] = v
+    writes[#writes + 1] = interval
+    return true
+  end
+  -- Whether a back-off (a worker's 429 for the key) holds rate-limit key `rkey`.
+  local function backed_off(rkey)
+    if held['b:' .. rkey] then return true end
+    local until_ms = tonumber(redis.call('GET', fb .. 'backoff:' .. rkey) or '0')
+    if until_ms > now then
+      hold('b:' .. rkey, until_ms)
+      return true
+    end
+    return false
+  end
+  return {
+    spec = spec,
+    hold = hold,
+    rate = rate,
+    backed_off = backed_off,
+    is_held = function(scope) return held[scope] ~= nil end,
+    -- the scopes held, each with the wait from now until it frees (ms, at
+    -- least 1; 0 for a cap)
+    held_scopes = function()
+      local out = {}
+      for scope, until_ms in pairs(held) do
+        out[#out + 1] = scope
+        out[#out + 1] = until_ms > 0 and math.max(until_ms - now, 1) or 0
+      end
+      return out
+    end,
+    -- what a lease that leased nothing returns: the wait from now (at
+    -- least 1 ms: the caller's clock may differ from this one; 0 when only
+    -- caps hold), or nil when nothing held
+    held = function()
+      if not held_any then return nil end
+      if not held_until then return 0 end
+      return math.max(held_until - now, 1)
+    end,
+    -- the writes of an admitted candidate's buckets
+    apply = function(writes)
+      for w = 1, #writes, 3 do
+        local tat = writes[w + 1]
+        redis.call('SET', writes[w], string.format('%d', tat), 'PX', math.ceil((tat - now_us) / 1000) + 1)
+      end
+    end,
+  }
 end
 
 -- Appends an event about task `id` to stream `events` (capped, roughly, at

@@ -1,4 +1,6 @@
--- Release (see TaskBackend::release). Returns 1, or 0 when fenced. KEYS
+-- Release (see TaskBackend::release). Returns 1 (on a Cluster, the
+-- running-set entry it left, '@set\nentry', for the caller to remove), or
+-- 0 when fenced. KEYS
 -- and ARGV: declared in scripts.rs (RELEASE).
 local state, token, band, created, expire_ms, cc, vt = unpack(redis.call('HMGET', K_task,
   'state', 'token', 'band', 'created_ms', 'expire_ms', 'cc', 'vt'))
@@ -7,7 +9,7 @@ if state ~= 'running' or token ~= A_token then return 0 end
 local entry = cjson.decode(A_log)
 entry['ended_ms'] = now
 redis.call('ZREM', K_leases, A_id)
-leave_running(K_task, cc)
+local left = leave_running(K_task, cc)
 redis.call('RPUSH', K_task .. ':log', cjson.encode(entry))
 redis.call('HINCRBY', K_task, 'attempts', -1)
 redis.call('HSET', K_task, 'state', 'queued', 'worker', '', 'lease_until', 0)
@@ -17,4 +19,4 @@ redis.call('ZADD', K_ready, ready_score(band, tonumber(vt or created or now)), A
 -- waiting again: it may expire again (the lease ends it if it has already)
 if expire_ms then redis.call('ZADD', K_expiring, expire_ms, A_id) end
 add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)
-return 1
+return left or 1
