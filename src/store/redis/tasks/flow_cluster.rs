@@ -364,20 +364,11 @@ impl RedisTasks {
         let mut repaired = false;
         let mut drop = need.left.as_deref().and_then(left_entry);
         loop {
-            let (drop_set, drop_entry) = drop.take().unwrap_or_default();
-            let mut call = self.scripts().reserve.call(self.clock());
-            call.key(Key::Flow, format!("{}limits", self.flow_base))
-                .arg("flow_base", self.flow_base.as_str())
-                .arg("flow", u8::from(limits.flow))
-                .arg("queue", queue.as_str())
-                .arg("id", need.id.as_str())
-                .arg("name", need.name.as_str())
-                .arg("rkey", need.rkey.as_deref().unwrap_or(""))
-                .arg("ckey", need.ckey.as_deref().unwrap_or(""))
-                .arg("entry", entry.as_str())
-                .arg("repaired", u8::from(repaired))
-                .arg("drop_set", drop_set)
-                .arg("drop_entry", drop_entry);
+            let call = self.reserve_call(
+                (queue, need, limits),
+                (&entry, repaired),
+                drop.take().unwrap_or_default(),
+            );
             let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
             let reply: Vec<Value> = self.store.invoke_once(call.done(), deadline).await?;
             let head = reply.first().and_then(text).unwrap_or_default();
@@ -414,12 +405,14 @@ impl RedisTasks {
                 }
                 "full" if !repaired => {
                     let policy = reply.get(1).and_then(text).unwrap_or_default();
-                    let entries: Vec<(String, i64)> = reply[2..]
+                    let now_ms = reply.get(2).and_then(score).unwrap_or_default();
+                    let entries: Vec<(String, i64)> = reply[3..]
                         .chunks_exact(2)
                         .filter_map(|p| Some((text(&p[0])?, score(&p[1])?)))
                         .collect();
                     let ckey = need.ckey.as_deref().unwrap_or_default();
-                    self.repair(ckey, &policy, &entries, (&need.id, limits), deadline)
+                    let at = (ckey, policy.as_str(), now_ms);
+                    self.repair(at, &entries, (&need.id, limits), deadline)
                         .await?;
                     repaired = true;
                 }
@@ -433,14 +426,38 @@ impl RedisTasks {
         }
     }
 
-    /// Repairs concurrency key `ckey`'s running set at its cap: drops the
-    /// `entries` whose task does not carry them (and that are old enough);
-    /// with nothing to drop and `cancel_oldest`, asks the oldest running
-    /// task to cancel unless one of them already was.
+    /// A call of reserve.lua for `need` (its running-set entry `entry`;
+    /// `drop`: an entry to remove first, or empty).
+    fn reserve_call(
+        &self,
+        (queue, need, limits): (&QueueName, &Need, TaskLimits),
+        (entry, repaired): (&str, bool),
+        (drop_set, drop_entry): (&str, &str),
+    ) -> crate::store::redis::script::Invocation<'_> {
+        let mut call = self.scripts().reserve.call(self.clock());
+        call.key(Key::Flow, format!("{}limits", self.flow_base))
+            .arg("flow_base", self.flow_base.as_str())
+            .arg("flow", u8::from(limits.flow))
+            .arg("queue", queue.as_str())
+            .arg("id", need.id.as_str())
+            .arg("name", need.name.as_str())
+            .arg("rkey", need.rkey.as_deref().unwrap_or(""))
+            .arg("ckey", need.ckey.as_deref().unwrap_or(""))
+            .arg("entry", entry)
+            .arg("repaired", u8::from(repaired))
+            .arg("drop_set", drop_set)
+            .arg("drop_entry", drop_entry);
+        call
+    }
+
+    /// Repairs concurrency key `ckey`'s running set at its cap (`now_ms`
+    /// on the store's clock, as the entries' scores): drops the `entries`
+    /// whose task does not carry them (and that are old enough); with
+    /// nothing to drop and `cancel_oldest`, asks the oldest running task to
+    /// cancel unless one of them already was.
     async fn repair(
         &self,
-        ckey: &str,
-        policy: &str,
+        (ckey, policy, now_ms): (&str, &str, i64),
         entries: &[(String, i64)],
         (newcomer, limits): (&str, TaskLimits),
         deadline: Deadline,
@@ -460,7 +477,6 @@ impl RedisTasks {
             Some((id, read.await))
         });
         let found = futures::future::join_all(reads).await;
-        let now_ms = self.clock.now_ms();
         let (mut stale, mut oldest, mut asked) = (Vec::new(), None, false);
         for ((entry, score), read) in entries.iter().zip(found) {
             let Some((id, read)) = read else {
@@ -512,17 +528,30 @@ impl RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
+        let call = self.cancel_call(id, reason, limits, true);
+        self.store
+            .invoke_once::<String>(call.done(), deadline)
+            .await
+            .map(drop)
+    }
+
+    /// A call of cancel.lua for `id` (`only_running`: a task that no
+    /// longer runs is left as it is).
+    pub(super) fn cancel_call(
+        &self,
+        id: &TaskId,
+        reason: &str,
+        limits: TaskLimits,
+        only_running: bool,
+    ) -> crate::store::redis::script::Invocation<'_> {
         let mut call = self.scripts().cancel.call(self.clock());
         call.queue_keys(&self.keys(&id.queue()), Some(id))
             .arg("id", id.as_str())
             .arg("events_cap", limits.events)
             .arg("history_cap", limits.history)
             .arg("reason", reason)
-            .arg("only_running", 1);
-        self.store
-            .invoke_once::<String>(call.done(), deadline)
-            .await
-            .map(drop)
+            .arg("only_running", u8::from(only_running));
+        call
     }
 
     /// Gives back what `grant` took (`give_back.lua`); a failure is logged:

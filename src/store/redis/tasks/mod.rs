@@ -280,13 +280,7 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<CancelReply> {
-        let mut call = self.scripts().cancel.call(self.clock());
-        call.queue_keys(&self.keys(&id.queue()), Some(id))
-            .arg("id", id.as_str())
-            .arg("events_cap", limits.events)
-            .arg("history_cap", limits.history)
-            .arg("reason", reason)
-            .arg("only_running", 0);
+        let call = self.cancel_call(id, reason, limits, false);
         let reply: String = self.store.invoke_once(call.done(), deadline).await?;
         Ok(CancelReply::parse(&reply))
     }

@@ -8,8 +8,9 @@
 --                                       added to the key's running set
 --   { 'held', scope, wait_ms, ... }     nothing taken; wait 0: a cap
 --   { 'cancel' }                        at the cap, cancel_newest
---   { 'full', policy, entry, score, ... } at the cap and A_repaired '0':
---                                       its 100 oldest entries, for the
+--   { 'full', policy, now, entry, score, ... } at the cap and A_repaired
+--                                       '0': its 100 oldest entries (and
+--                                       the store's now, ms), for the
 --                                       process to repair (the tasks are
 --                                       in other slots) before asking again
 -- A_drop_set, A_drop_entry: an entry the caller's finish left (see
@@ -39,6 +40,7 @@ if ckey then
     if redis.call('ZCARD', cc) >= tonumber(max) then
       if A_repaired ~= '1' then
         local out = redis.call('ZRANGE', cc, 0, 99, 'WITHSCORES')
+        table.insert(out, 1, NOW)
         table.insert(out, 1, policy)
         table.insert(out, 1, 'full')
         return out
