@@ -525,12 +525,15 @@ async fn racing_reservations_admit_exactly_the_limit(cluster: &TestCluster) {
     assert_eq!(started, 10, "the limit admits 10");
 }
 
-/// A process that dies holding a task of capped key `c` leaves its entry
-/// in the key's running set (the end scripts cannot reach it; the process
-/// would have removed it). Once its lease lapsed and the sweep put the task
-/// back, another process's lease at the cap finds the entry stale (its task
-/// does not carry it, and it is older than the repair's margin), drops it,
-/// and starts the task again.
+/// A process that dies holding a task of capped key `c` (cap 1) leaves its
+/// entry in the key's running set (the end scripts cannot reach it; the
+/// process would have removed it). While the task runs, another process's
+/// lease finds the entry live and holds the key's next task. Once the
+/// lease lapsed and the sweep put the task back (behind the waiting one:
+/// a requeued keyed task takes a new turn), a lease at the cap finds the
+/// entry stale (its task does not carry it, and it is older than the
+/// repair's margin), drops it, and starts the waiting task; the cap of 1
+/// then holds the requeued one.
 async fn a_dead_process_entry_is_repaired_at_the_cap(cluster: &TestCluster) {
     let dead = Fixture::cluster(cluster, "dead");
     dead.set(cap("c", 1, Policy::Wait)).await;
@@ -538,15 +541,19 @@ async fn a_dead_process_entry_is_repaired_at_the_cap(cluster: &TestCluster) {
     task.max_retries = 1;
     dead.submit(&task).await;
     assert_eq!(dead.leased().await.id, task.id);
+    let waiting = dead.task("t", None, Some("c"));
+    dead.submit(&waiting).await;
     drop(dead);
     let next = Fixture::cluster(cluster, "dead");
-    // the running task's entry holds the cap
-    assert_eq!(next.lease().await, Leased::Empty);
+    // while its task runs (and carries it), the entry holds the cap
+    assert_eq!(next.lease().await, Leased::Held(None));
     next.clock.advance(Duration::from_secs(61));
     next.store
         .recover(&next.queue, true, TaskLimits::default(), later())
         .await
         .unwrap();
-    let again = next.leased().await;
-    assert_eq!((again.id, again.attempts), (task.id, 2));
+    let requeued = next.store.get(&task.id, later()).await.unwrap().unwrap();
+    assert_eq!(requeued.state, State::Queued);
+    assert_eq!(next.leased().await.id, waiting.id);
+    assert_eq!(next.lease().await, Leased::Held(None));
 }

@@ -90,15 +90,14 @@ end
 -- On a Redis Cluster (A_cluster '1') flow control's keys live in their own
 -- slot, out of this script's reach: the process reserves a candidate's
 -- tokens and cap there first (reserve.lua; see src/store/redis/tasks/
--- flow_cluster.rs) and names it here, A_grant 'go', id and its
--- running-set entry (or ''), or 'cancel' and id (cancel_newest at the cap),
--- one per line,
--- with the scopes it found held (A_denied, one per line; 'id:<id>' for a
--- candidate another lease of the process is reserving). A candidate
--- that needs flow control and was not reserved ends the call: with
--- { 'need', id, name, rate key, concurrency key } when the caller reserves
--- (A_grant not ''), else with 1 (held for 1 ms: the caller's next lease
--- is one that reserves).
+-- flow_cluster.rs) and names the reservation in A_grant: 'go', the id and
+-- its running-set entry (or ''), or 'cancel' and the id (cancel_newest at
+-- the cap), one per line; A_denied holds the scopes it found held, one
+-- per line, and 'id:<id>' for a candidate another lease of the process is
+-- reserving. A candidate that needs flow control and was not reserved
+-- ends the call: with { 'need', id, name, rate key, concurrency key } when
+-- the caller reserves (A_grant not ''), else with 1 (held for 1 ms: the
+-- caller's next lease is one that reserves).
 local cluster = A_cluster == '1'
 local grant_verdict, grant_id, grant_entry = string.match(A_grant, '^(%a+)\n([^\n]*)\n?(.*)$')
 local denied, cluster_held = {}, false
