@@ -54,13 +54,7 @@ async fn found(c: &mut Client, level: CacheLevel, key: &str) -> bool {
 async fn keys_per_master(cluster: &TestCluster, pattern: &str) -> Vec<(u16, usize)> {
     let mut out = Vec::new();
     for port in cluster.masters().await {
-        let mut c = cluster
-            .nodes
-            .iter()
-            .find(|n| n.port == port)
-            .unwrap()
-            .conn()
-            .await;
+        let mut c = cluster.conn_at(port).await;
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg(pattern)
             .query_async(&mut c)
@@ -138,13 +132,7 @@ async fn wait_replicated(cluster: &TestCluster, port: u16) {
 /// answer MOVED).
 async fn owner(cluster: &TestCluster, key: &str) -> u16 {
     for port in cluster.masters().await {
-        let mut c = cluster
-            .nodes
-            .iter()
-            .find(|n| n.port == port)
-            .unwrap()
-            .conn()
-            .await;
+        let mut c = cluster.conn_at(port).await;
         let owns: redis::RedisResult<u64> = redis::cmd("EXISTS").arg(key).query_async(&mut c).await;
         if owns.is_ok() {
             return port;
@@ -305,13 +293,7 @@ async fn set_many_is_all_or_nothing_per_slot() {
         }
     }
     let safe_tag = safe_tag.expect("a tag on another master");
-    let mut node = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port == doomed)
-        .unwrap()
-        .conn()
-        .await;
+    let mut node = cluster.conn_at(doomed).await;
     let _: () = redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")

@@ -134,14 +134,7 @@ async fn queues_on_three_masters_work_across_slots() {
 
     // the pool's record and the index naming it live in two slots
     let index = koo::keys::workers_index("koo");
-    let node = cluster.master_of(&index).await;
-    let mut raw = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port == node)
-        .unwrap()
-        .conn()
-        .await;
+    let mut raw = cluster.conn_to_master_of(&index).await;
     let pools: Vec<String> = redis::cmd("ZRANGE")
         .arg(&index)
         .arg(0)
@@ -251,14 +244,7 @@ async fn flow_control_spans_masters(
         .into_inner();
     assert_eq!(listed.rate_limits.len(), 1, "{listed:?}");
     let limits = "koo:v1:{fc}:limits";
-    let master = cluster.master_of(limits).await;
-    let mut raw = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port == master)
-        .unwrap()
-        .conn()
-        .await;
+    let mut raw = cluster.conn_to_master_of(limits).await;
     let fields: Vec<String> = redis::cmd("HKEYS")
         .arg(limits)
         .query_async(&mut raw)

@@ -233,6 +233,19 @@ impl TestCluster {
         None
     }
 
+    /// A direct connection to the node listening on `port`.
+    pub async fn conn_at(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        let node = self.nodes.iter().find(|n| n.port == port);
+        node.unwrap_or_else(|| panic!("no node on port {port}"))
+            .conn()
+            .await
+    }
+
+    /// A direct connection to the master serving `key`'s slot now.
+    pub async fn conn_to_master_of(&self, key: &str) -> redis::aio::MultiplexedConnection {
+        self.conn_at(self.master_of(key).await).await
+    }
+
     /// The node listening on `port`.
     pub fn node(&mut self, port: u16) -> &mut Node {
         self.nodes.iter_mut().find(|n| n.port == port).unwrap()
