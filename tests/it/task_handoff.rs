@@ -364,6 +364,34 @@ async fn a_task_for_a_slot_that_is_gone_goes_back_to_its_queue(backend: common::
     assert_eq!(leased.id, task.id);
 }
 
+on_both!(a_task_given_to_a_slot_that_stops_before_taking_it_goes_back);
+
+/// A slot given its task in the instant it stops (a stream that closed, koo
+/// stopping: its holder returns without taking what it was handed): the
+/// task goes back to its queue at once, its attempt given back, and an idle
+/// slot of the process runs it (the engine polls once a minute: only the
+/// hand-back's wake-up makes it in time; without the hand-back the task
+/// would wait for its lease to lapse).
+async fn a_task_given_to_a_slot_that_stops_before_taking_it_goes_back(
+    backend: common::tasks::Backend,
+) {
+    let (_redis, engine) = engine_on(backend).await;
+    let names: Arc<[String]> = vec!["*".to_owned()].into();
+    let slot = engine.wait_idle(&[queue()], "w-stopping", names);
+    let task = noop(&engine).await;
+    let stored = engine.get(task.id.as_str(), later()).await.unwrap();
+    assert_eq!(
+        (stored.state, stored.worker.as_deref()),
+        (State::Running, Some("w-stopping")),
+        "handed: leased for the slot"
+    );
+    assert_eq!(handoffs(&engine), 1);
+    drop(slot);
+    let stop = idle_pool(&engine, 1).await;
+    ran_once(&engine, &task).await;
+    stop.cancel();
+}
+
 /// Redis gone under a hand-off: the submit and the burst answer an error
 /// (within their deadline), the slots they claimed are let go and come back
 /// to the board, and once Redis is back a submit is handed off and runs

@@ -180,8 +180,34 @@ impl Drop for IdleSlot {
         // a slot that stops while on the board: a submit that claims it
         // now finds its receiver gone and hands the task back
         self.off_board();
+        // One already claimed may have been given its task in the instant
+        // its holder stopped (a stream that closed, koo stopping, a session
+        // whose future was dropped): closed first, so that a give still on
+        // its way fails and the submit hands back; what arrived before goes
+        // back from here, not at its lease's lapse.
+        self.handed.close();
+        let Ok(handed) = self.handed.try_recv() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "a task handed to a slot that stopped outside the runtime; its lease lapses"
+            );
+            return;
+        };
+        let engine = self.engine.clone();
+        let worker = self.waiter.worker.clone();
+        runtime.spawn(async move {
+            let deadline = Deadline::after(HAND_BACK);
+            engine
+                .hand_back(Some(handed.leased), Some(&worker), deadline)
+                .await;
+        });
     }
 }
+
+/// How long the hand-back of a task given to a slot that stopped may take.
+const HAND_BACK: Duration = Duration::from_secs(5);
 
 impl TaskEngine {
     /// Puts a built-in slot (`worker`, serving `names` of `queues`) on the
