@@ -276,6 +276,34 @@ struct Ledger {
     /// and the id it got.
     keyed: Vec<(pb::SubmitTaskRequest, String)>,
     refused: Vec<(usize, Code)>,
+    /// How many acknowledged submits carried flow-control keys.
+    flow: usize,
+}
+
+/// A cap of two and a rate of 2,000 a second (burst 50) on every key.
+async fn limit_every_key(
+    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+) {
+    c.set_concurrency_limit(pb::SetConcurrencyLimitRequest {
+        concurrency_limit: Some(pb::ConcurrencyLimit {
+            name: "keys/*".into(),
+            max_running: 2,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    c.set_rate_limit(pb::SetRateLimitRequest {
+        rate_limit: Some(pb::RateLimit {
+            name: "keys/*".into(),
+            limit: 2000,
+            period: Some(common::tasks::millis(1000)),
+            burst: 50,
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
 }
 
 impl Ledger {
@@ -294,17 +322,29 @@ impl Ledger {
 /// and none is stuck. Without the wait a failover may lose acknowledged
 /// submits (asynchronous replication), which this test could not tell from
 /// a bug; with it, zero loss is the assertion.
+///
+/// The killed master also holds flow control's slot (`{fc}`), and a third
+/// of the tasks carry a concurrency and a rate-limit key (`keys/*`: two at
+/// a time, 2,000 a second): their reservations fail while the slot has no
+/// master and are made again on the promoted replica; a reservation the
+/// failover lost or left unused costs a token or waits for the cap's
+/// repair, never a task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
     let mut cluster = TestCluster::start().await;
     cluster.wait_replicated().await;
-    let queues = queues_on_each_master(&cluster).await;
+    let mut queues = queues_on_each_master(&cluster).await;
+    // the first queue (the victim's) shares its master with flow control
+    let fc = cluster.master_of("koo:v1:{fc}:limits").await;
+    queues.sort_by_key(|(_, port)| *port != fc);
+    assert_eq!(queues[0].1, fc);
     let server = koo_on(&cluster, &queues, 8, 1).await;
+    let mut c = client(&server);
+    limit_every_key(&mut c).await;
     // a batch over the three masters waits for each one's replica
     let batch: Vec<_> = (0..3)
         .map(|i| on_queue(&queues[i].0, short_sleep()))
         .collect();
-    let mut c = client(&server);
     let tasks = c
         .submit_tasks(pb::SubmitTasksRequest { tasks: batch })
         .await
@@ -346,12 +386,24 @@ async fn a_killed_master_fails_over_and_no_acknowledged_task_is_lost() {
         .map(|q| ledger.refused.iter().filter(|(r, _)| *r == q).count())
         .collect();
     eprintln!(
-        "failover {victim} -> {promoted} in {promotion:?}, 60 more acknowledged by {back:?}: {} acknowledged ({before} on the killed master's queue before the kill), refused per queue {refused:?}, {ended} ended, {} lost",
+        "failover {victim} -> {promoted} in {promotion:?}, 60 more acknowledged by {back:?}: {} acknowledged ({before} on the killed master's queue before the kill), refused per queue {refused:?}, {ended} ended ({} keyed), {} lost",
         ledger.acked.len(),
+        ledger.flow,
         lost.len(),
     );
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     assert_eq!(ended, ledger.acked.len());
+    assert!(ledger.flow > 20, "keyed tasks went through the failover");
+    // no key is left blocked: entries the failover left behind (a
+    // reservation whose lease failed) are repaired, and each key runs
+    for key in ["t0", "t1", "t2"] {
+        let mut req = on_queue(&queues[0].0, short_sleep());
+        req.concurrency_key = key.into();
+        req.rate_limit_key = key.into();
+        let id = submit_ok(&mut c, req).await.id;
+        let done = wait_task(&mut c, &id, is_final).await;
+        assert_eq!(done.state, pb::TaskState::Succeeded as i32, "{done:?}");
+    }
     // every acknowledged claim survived too: a resubmit finds its task
     assert!(!ledger.keyed.is_empty());
     for (req, id) in ledger.keyed {
@@ -385,6 +437,12 @@ fn spawn_submitter(
                 // its claim lives in another slot than its task
                 body.idempotency_key = format!("k{s}-{n}");
             }
+            let keyed = n.is_multiple_of(3);
+            if keyed {
+                // reserved in flow control's slot, on the victim's master
+                body.concurrency_key = format!("t{}", s % 3);
+                body.rate_limit_key = body.concurrency_key.clone();
+            }
             let mut req = tonic::Request::new(body.clone());
             req.set_timeout(Duration::from_secs(3));
             let reply = c.submit_task(req).await;
@@ -397,6 +455,7 @@ fn spawn_submitter(
                             l.keyed.push((body, id.clone()));
                         }
                         l.acked.push((q, id));
+                        l.flow += usize::from(keyed);
                         false
                     }
                     Err(e) => {
