@@ -206,6 +206,7 @@ on_every_store!(
     cancel_oldest_asks_the_longest_running_to_stop_once,
     keys_take_turns_within_a_priority,
     limits_are_listed_with_their_state_and_versioned,
+    many_held_keys_ahead_do_not_hide_a_free_one,
 );
 
 /// 10 per second with a burst of 2 on `keys/*`: two start at once, the
@@ -417,6 +418,32 @@ async fn keys_take_turns_within_a_priority(f: Fixture) {
             "urgent", "A0", "B0", "C0", "A1", "B1", "C1", "A2", "A3", "A4", "A5"
         ]
     );
+}
+
+/// Forty keys at their cap of one, each with a task waiting at the head
+/// of the queue, and behind them a task of a free key: a lease passes over
+/// the forty and starts it (on a Cluster too, where each held key was once
+/// a reservation's round trip of its own and a lease gave up after
+/// sixteen); the next lease finds everything held.
+async fn many_held_keys_ahead_do_not_hide_a_free_one(f: Fixture) {
+    f.set(cap("*", 1, Policy::Wait)).await;
+    const KEYS: usize = 40;
+    for round in 0..2 {
+        for k in 0..KEYS {
+            let key = format!("k{k}");
+            f.submit(&f.task(&format!("{key}-{round}"), None, Some(&key)))
+                .await;
+        }
+    }
+    for _ in 0..KEYS {
+        assert!(f.leased().await.name.ends_with("-0"));
+    }
+    // behind every held one (a lower priority goes after every turn)
+    let mut free = f.task("free", None, Some("free"));
+    free.priority = Priority::Low;
+    f.submit(&free).await;
+    assert_eq!(f.leased().await.name, "free");
+    assert_eq!(f.lease().await, Leased::Held(None));
 }
 
 /// Limits are listed by field with their live state; a delete says whether

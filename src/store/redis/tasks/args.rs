@@ -20,6 +20,9 @@ use crate::store::{Result, StoreError};
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Reserving<'a> {
     pub(super) cluster: bool,
+    /// How many candidates that need flow control a reserving call names
+    /// (see lease.lua; one but in `flow_cluster.rs`'s later rounds).
+    pub(super) needs: u8,
     pub(super) grant: &'a str,
     pub(super) denied: &'a str,
 }
@@ -30,6 +33,7 @@ impl Reserving<'_> {
     pub(super) fn plain(cluster: bool) -> Self {
         Self {
             cluster,
+            needs: 1,
             grant: "",
             denied: "",
         }
@@ -41,6 +45,7 @@ impl Reserving<'_> {
     pub(super) fn chained(cluster: bool) -> Self {
         Self {
             cluster,
+            needs: 1,
             grant: if cluster { "-" } else { "" },
             denied: "",
         }
@@ -65,7 +70,16 @@ pub(super) fn lease_args(
         .arg("flow", u8::from(limits.flow))
         .arg("flow_base", flow_base)
         .arg("queue", queue.as_str())
-        .arg("cluster", u8::from(reserving.cluster))
+        // (lease.lua's `cluster`: 0 on one Redis, else how many candidates
+        // a reserving call may name)
+        .arg(
+            "cluster",
+            if reserving.cluster {
+                reserving.needs.max(1)
+            } else {
+                0
+            },
+        )
         .arg("grant", reserving.grant)
         .arg("denied", reserving.denied);
     for name in next.names {

@@ -9,11 +9,14 @@
 //! task-name limit exists) goes in steps, as `docs/design/flow-control.md`
 //! ("Redis Cluster") designed:
 //!
-//! 1. the lease script stops at the candidate and names it (`need`);
+//! 1. the lease script stops at the candidate and names it (`need`; once
+//!    the lease has met a held one, up to [`NEEDS`] of them in the queue's
+//!    order, so that a head of many held keys costs one reservation);
 //! 2. `reserve.lua`, in flow control's slot, runs the checks lease.lua runs
-//!    on one Redis and, when they pass, takes the candidate's tokens and
-//!    adds an entry for it to its key's running set; else it says which
-//!    scope holds and until when, or that the cap's policy cancels it;
+//!    on one Redis on each in turn and, for the first that passes, takes
+//!    its tokens and adds an entry for it to its key's running set; it says
+//!    which scopes held the ones before it and until when, or that the
+//!    cap's policy cancels one;
 //! 3. the lease runs again naming the reservation (`grant`) and the scopes
 //!    found held (`denied`): it hands out the first candidate that is
 //!    reserved or needs nothing, skips those a held scope holds, and stops
@@ -36,9 +39,10 @@
 //! recover drops `cc` and nothing more), is stale: at the cap the reserve
 //! hands back the 100 oldest entries, the process drops those whose task
 //! no longer carries them (older than [`STALE_AFTER_MS`], so that a
-//! reservation on its way to its lease is not taken for one) and asks
-//! again; with `cancel_oldest` and nothing stale, the oldest running task
-//! is asked to cancel, as on one Redis.
+//! reservation on its way to its lease is not taken for one; a set with no
+//! entry that old is not handed back at all) and asks again; with
+//! `cancel_oldest` and nothing stale, the oldest running task is asked to
+//! cancel, as on one Redis.
 //!
 //! Within one process, leases that run at once pass over the candidates
 //! the others are reserving ([`InFlight`]), and a candidate found held is
@@ -54,48 +58,70 @@ use crate::store::tasks::{LeaseAsk, Leased, TaskLimits};
 use crate::store::{Deadline, Result, StoreError};
 
 /// The most reservations one lease makes: a queue whose head holds more
-/// keyed candidates than this, each held by a different key, waits for the
+/// keyed candidates than this many reservations pass over waits for the
 /// first of them to free (or the poll) before the tasks behind are seen.
 const ROUNDS: usize = 16;
+
+/// The most candidates one reservation looks at, once a lease has met a
+/// held one (its first call names one: the head is almost always the
+/// answer). With [`ROUNDS`], a lease passes over up to 256 held keys.
+const NEEDS: u8 = 16;
 
 /// How old (ms) a running-set entry whose task does not carry it must be
 /// before the cap's repair drops it: a reservation is made a round trip
 /// before the lease that records it.
-const STALE_AFTER_MS: i64 = 10_000;
+pub(super) const STALE_AFTER_MS: i64 = 10_000;
 
-/// A candidate the lease stopped at: it needs a reservation.
+/// A candidate the lease met that needs a reservation.
 #[derive(Debug, Clone)]
-pub(super) struct Need {
+struct Candidate {
     id: String,
     name: String,
     rkey: Option<String>,
     ckey: Option<String>,
+}
+
+/// The candidates a lease stopped at, in the queue's order: the first of
+/// them that may start is reserved.
+#[derive(Debug, Clone)]
+pub(super) struct Need {
+    candidates: Vec<Candidate>,
     /// The end-script state whose running-set entry the reservation
     /// removes in its round trip (a chained finish's: [`left_entry`]).
     pub(super) left: Option<String>,
 }
 
 impl Need {
-    /// The lease's `{ 'need', id, name, rkey, ckey }`, if that is what it
-    /// replied.
+    /// The lease's `{ 'need', id, name, rkey, ckey, ... }`, if that is what
+    /// it replied.
     pub(super) fn of(reply: &Value) -> Option<Self> {
         let Value::Array(items) = reply else {
             return None;
         };
-        let [head, id, name, rkey, ckey] = items.as_slice() else {
-            return None;
-        };
-        if text(head).as_deref() != Some("need") {
+        let (head, rest) = items.split_first()?;
+        if text(head).as_deref() != Some("need") || rest.is_empty() || rest.len() % 4 != 0 {
             return None;
         }
         let key = |v: &Value| text(v).filter(|k| !k.is_empty());
+        let candidates = rest
+            .chunks_exact(4)
+            .map(|c| {
+                Some(Candidate {
+                    id: text(&c[0])?,
+                    name: text(&c[1])?,
+                    rkey: key(&c[2]),
+                    ckey: key(&c[3]),
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
         Some(Self {
-            id: text(id)?,
-            name: text(name)?,
-            rkey: key(rkey),
-            ckey: key(ckey),
+            candidates,
             left: None,
         })
+    }
+
+    fn ids(&self) -> impl Iterator<Item = &str> {
+        self.candidates.iter().map(|c| c.id.as_str())
     }
 }
 
@@ -143,6 +169,22 @@ impl Denied {
         }
     }
 
+    /// The scope, wait pairs of a reserve's reply from `from` on (sent at
+    /// `sent_ms` on this process's clock).
+    fn add_reply(&mut self, pairs: &[Value], sent_ms: i64) {
+        for p in pairs.chunks_exact(2) {
+            let wait = int(&p[1]);
+            let until = wait.filter(|&w| w > 0).map(|w| sent_ms + w);
+            self.add(text(&p[0]).unwrap_or_default(), until);
+        }
+    }
+
+    /// How many candidates the next lease call names: one until a
+    /// reservation found one held.
+    fn needs(&self) -> u8 {
+        if self.0.is_empty() { 1 } else { NEEDS }
+    }
+
     /// lease.lua's `denied`: one scope per line (keys hold no control
     /// characters).
     fn arg(&self) -> String {
@@ -188,8 +230,8 @@ impl InFlight {
 
     /// lease.lua's `denied` lines for the candidates being reserved, but
     /// `own`.
-    fn lines(&self, own: Option<&str>, out: &mut String) {
-        for id in self.lock().iter().filter(|id| Some(id.as_str()) != own) {
+    fn lines(&self, own: &Mine<'_>, out: &mut String) {
+        for id in self.lock().iter().filter(|id| !own.has(id)) {
             out.push_str("id:");
             out.push_str(id);
             out.push('\n');
@@ -197,23 +239,45 @@ impl InFlight {
     }
 }
 
-/// A candidate registered in [`InFlight`] while a lease reserves it.
+/// The candidates registered in [`InFlight`] while a lease reserves them.
 struct Mine<'a> {
     set: &'a InFlight,
-    id: Option<String>,
+    ids: Vec<String>,
 }
 
 impl Mine<'_> {
-    fn hold(&mut self, id: &str) {
+    fn has(&self, id: &str) -> bool {
+        self.ids.iter().any(|m| m == id)
+    }
+
+    /// Whether another lease of this process is reserving `id`.
+    fn theirs(&self, id: &str) -> bool {
+        !self.has(id) && self.set.has(id)
+    }
+
+    fn hold<'i>(&mut self, ids: impl Iterator<Item = &'i str>) {
         self.release();
-        self.set.lock().insert(id.to_owned());
-        self.id = Some(id.to_owned());
+        let mut set = self.set.lock();
+        for id in ids {
+            set.insert(id.to_owned());
+            self.ids.push(id.to_owned());
+        }
+    }
+
+    /// Keeps only `id` (the one reserved), if any.
+    fn keep(&mut self, id: Option<&str>) {
+        let mut set = self.set.lock();
+        self.ids.retain(|m| {
+            let kept = Some(m.as_str()) == id;
+            if !kept {
+                set.remove(m);
+            }
+            kept
+        });
     }
 
     fn release(&mut self) {
-        if let Some(id) = self.id.take() {
-            self.set.lock().remove(&id);
-        }
+        self.keep(None);
     }
 }
 
@@ -237,7 +301,11 @@ impl Heads {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        heads.insert(queue.as_str().to_owned(), need.clone());
+        let bet = Need {
+            candidates: need.candidates.clone(),
+            left: None,
+        };
+        heads.insert(queue.as_str().to_owned(), bet);
     }
 }
 
@@ -259,7 +327,7 @@ impl RedisTasks {
         let mut denied = Denied::default();
         let mut mine = Mine {
             set: &self.in_flight,
-            id: None,
+            ids: Vec::new(),
         };
         let mut grant = self
             .reserve_first(queue, first, limits, (&mut denied, &mut mine), deadline)
@@ -267,27 +335,28 @@ impl RedisTasks {
         for _ in 0..ROUNDS {
             let grant_arg = grant.as_ref().map_or_else(|| "-".to_owned(), Grant::arg);
             let mut denied_arg = denied.arg();
-            self.in_flight.lines(mine.id.as_deref(), &mut denied_arg);
+            self.in_flight.lines(&mine, &mut denied_arg);
             let reserving = Reserving {
                 cluster: true,
+                needs: denied.needs(),
                 grant: &grant_arg,
                 denied: &denied_arg,
             };
             let call = self.lease_call_reserving(queue, ask, limits, reserving);
             let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
             let reply: Value = self.store.invoke_once(call.done(), deadline).await?;
-            if let Some(need) = Need::of(&reply) {
+            if let Some(mut need) = Need::of(&reply) {
                 if let Some(g) = grant.take() {
                     self.give_back(g, deadline).await;
                 }
-                if self.in_flight.has(&need.id) && mine.id.as_deref() != Some(need.id.as_str()) {
-                    // met by two leases of this process at once: the other
-                    // reserves it, this one looks again passing over it
+                // met by two leases of this process at once: the other
+                // reserves them, this one looks again passing over them
+                need.candidates.retain(|c| !mine.theirs(&c.id));
+                if need.candidates.is_empty() {
                     continue;
                 }
-                mine.hold(&need.id);
                 grant = self
-                    .reserve(queue, &need, limits, &mut denied, deadline)
+                    .reserve_held(queue, &need, limits, (&mut denied, &mut mine), deadline)
                     .await?;
                 if grant.is_none() {
                     // held: it will head the queue when its token frees
@@ -314,8 +383,8 @@ impl RedisTasks {
     }
 
     /// What a lease reserves before its first call: `first` (a chained
-    /// lease's candidate), else the queue's bet ([`Heads`]), unless another
-    /// lease of this process is reserving it.
+    /// lease's candidates), else the queue's bet ([`Heads`]), but for what
+    /// another lease of this process is reserving.
     async fn reserve_first(
         &self,
         queue: &QueueName,
@@ -324,34 +393,53 @@ impl RedisTasks {
         (denied, mine): (&mut Denied, &mut Mine<'_>),
         deadline: Deadline,
     ) -> Result<Option<Grant>> {
-        if let Some(need) = first {
-            if self.in_flight.has(&need.id) {
-                // the lease passes over it; its finish's entry goes now
+        if let Some(mut need) = first {
+            need.candidates.retain(|c| !mine.theirs(&c.id));
+            if need.candidates.is_empty() {
+                // the lease passes over them; its finish's entry goes now
                 let left = need.left.as_deref().unwrap_or_default();
                 self.remove_entries(&[left], deadline).await;
                 return Ok(None);
             }
-            mine.hold(&need.id);
-            return self.reserve(queue, &need, limits, denied, deadline).await;
+            return self
+                .reserve_held(queue, &need, limits, (denied, mine), deadline)
+                .await;
         }
-        let Some(bet) = self.heads.take(queue) else {
+        let Some(mut bet) = self.heads.take(queue) else {
             return Ok(None);
         };
-        if self.in_flight.has(&bet.id) {
+        bet.candidates.retain(|c| !mine.theirs(&c.id));
+        if bet.candidates.is_empty() {
             return Ok(None);
         }
-        mine.hold(&bet.id);
-        // what holds a bet is not taken for a fact: the candidate may have
+        // what holds a bet is not taken for a fact: the candidates may have
         // moved on (and a held candidate must reach its own reserve, which
         // may ask a cap's oldest task to cancel)
         let mut scratch = Denied::default();
-        self.reserve(queue, &bet, limits, &mut scratch, deadline)
+        self.reserve_held(queue, &bet, limits, (&mut scratch, mine), deadline)
             .await
     }
 
-    /// Reserves what `need` needs (`reserve.lua`): a grant, or none with
-    /// what held it added to `denied`. At the cap, the key's running set
-    /// is repaired once and asked again.
+    /// [`Self::reserve`] with `need`'s candidates registered in
+    /// [`InFlight`] while it runs, and the one reserved after.
+    async fn reserve_held(
+        &self,
+        queue: &QueueName,
+        need: &Need,
+        limits: TaskLimits,
+        (denied, mine): (&mut Denied, &mut Mine<'_>),
+        deadline: Deadline,
+    ) -> Result<Option<Grant>> {
+        mine.hold(need.ids());
+        let grant = self.reserve(queue, need, limits, denied, deadline).await;
+        mine.keep(grant.as_ref().ok().and_then(|g| g.as_ref().map(Grant::id)));
+        grant
+    }
+
+    /// Reserves the first of `need`'s candidates that may start
+    /// (`reserve.lua`): a grant, or none; what held the candidates before
+    /// it is added to `denied`. A key at its cap whose set may hold stale
+    /// entries is repaired once and the reserve asked again.
     async fn reserve(
         &self,
         queue: &QueueName,
@@ -360,78 +448,83 @@ impl RedisTasks {
         denied: &mut Denied,
         deadline: Deadline,
     ) -> Result<Option<Grant>> {
-        let entry = format!("{}#{:016x}", need.id, rand::random::<u64>());
-        let mut repaired = false;
+        let entries: Vec<String> = need
+            .ids()
+            .map(|id| format!("{id}#{:016x}", rand::random::<u64>()))
+            .collect();
+        let mut repaired = String::new();
         let mut drop = need.left.as_deref().and_then(left_entry);
         loop {
             let call = self.reserve_call(
                 (queue, need, limits),
-                (&entry, repaired),
+                (&entries, &repaired),
                 drop.take().unwrap_or_default(),
             );
             let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());
             let reply: Vec<Value> = self.store.invoke_once(call.done(), deadline).await?;
             let head = reply.first().and_then(text).unwrap_or_default();
-            let rest = || {
-                reply[1..]
-                    .chunks_exact(2)
-                    .map(|p| (text(&p[0]), int(&p[1])))
+            let bad =
+                || StoreError::Backend(format!("reserve replied {head:?} ({} items)", reply.len()));
+            // the candidate a reply names (1-based)
+            let at = |i: usize| {
+                let n = reply.get(i).and_then(int)?;
+                need.candidates
+                    .get(usize::try_from(n).ok()?.checked_sub(1)?)
             };
             match head.as_str() {
                 "go" => {
-                    let taken = rest()
-                        .filter_map(|(bucket, interval)| Some((bucket?, interval?)))
+                    let (c, k) = (at(1).ok_or_else(bad)?, reply.get(2).and_then(int));
+                    let pairs = usize::try_from(k.unwrap_or(-1)).map_err(|_| bad())? * 2;
+                    let taken = reply.get(3..3 + pairs).ok_or_else(bad)?;
+                    let taken = taken
+                        .chunks_exact(2)
+                        .filter_map(|p| Some((text(&p[0])?, int(&p[1])?)))
                         .collect();
+                    denied.add_reply(&reply[3 + pairs..], sent_ms);
+                    let n = need.candidates.iter().position(|x| x.id == c.id);
+                    let entry = n.map(|n| entries[n].clone()).unwrap_or_default();
                     let set = |k: &String| format!("{}cc:{k}", self.flow_base);
                     return Ok(Some(Grant::Go {
-                        id: need.id.clone(),
+                        id: c.id.clone(),
                         taken,
-                        entry: need.ckey.as_ref().map(|k| (set(k), entry.clone())),
+                        entry: c.ckey.as_ref().map(|k| (set(k), entry)),
                     }));
                 }
                 "held" => {
-                    for (scope, wait) in rest() {
-                        let until = wait.filter(|&w| w > 0).map(|w| sent_ms + w);
-                        denied.add(scope.unwrap_or_default(), until);
-                    }
+                    denied.add_reply(&reply[1..], sent_ms);
                     return Ok(None);
                 }
                 // (each newcomer past the cap is cancelled: the key is not
                 // held for the others, as on one Redis)
                 "cancel" => {
-                    return Ok(Some(Grant::Cancel {
-                        id: need.id.clone(),
-                    }));
+                    let c = at(1).ok_or_else(bad)?;
+                    denied.add_reply(&reply[2..], sent_ms);
+                    return Ok(Some(Grant::Cancel { id: c.id.clone() }));
                 }
-                "full" if !repaired => {
-                    let policy = reply.get(1).and_then(text).unwrap_or_default();
-                    let now_ms = reply.get(2).and_then(score).unwrap_or_default();
-                    let entries: Vec<(String, i64)> = reply[3..]
-                        .chunks_exact(2)
-                        .filter_map(|p| Some((text(&p[0])?, score(&p[1])?)))
-                        .collect();
-                    let ckey = need.ckey.as_deref().unwrap_or_default();
-                    let at = (ckey, policy.as_str(), now_ms);
-                    self.repair(at, &entries, (&need.id, limits), deadline)
+                "full" => {
+                    let c = at(1).ok_or_else(bad)?;
+                    let ckey = c.ckey.as_deref().unwrap_or_default();
+                    // reserve.lua never asks twice for one key
+                    if ckey.is_empty() || repaired.lines().any(|k| k == ckey) {
+                        return Err(bad());
+                    }
+                    self.repair_full(&reply[2..], (ckey, &c.id), limits, deadline)
                         .await?;
-                    repaired = true;
+                    repaired.push_str(ckey);
+                    repaired.push('\n');
                 }
-                other => {
-                    return Err(StoreError::Backend(format!(
-                        "reserve replied {other:?} ({} items)",
-                        reply.len()
-                    )));
-                }
+                _ => return Err(bad()),
             }
         }
     }
 
-    /// A call of reserve.lua for `need` (its running-set entry `entry`;
-    /// `drop`: an entry to remove first, or empty).
+    /// A call of reserve.lua for `need`'s candidates (their running-set
+    /// `entries`; the keys already `repaired`, one per line; `drop`: an
+    /// entry to remove first, or empty).
     fn reserve_call(
         &self,
         (queue, need, limits): (&QueueName, &Need, TaskLimits),
-        (entry, repaired): (&str, bool),
+        (entries, repaired): (&[String], &str),
         (drop_set, drop_entry): (&str, &str),
     ) -> crate::store::redis::script::Invocation<'_> {
         let mut call = self.scripts().reserve.call(self.clock());
@@ -439,100 +532,18 @@ impl RedisTasks {
             .arg("flow_base", self.flow_base.as_str())
             .arg("flow", u8::from(limits.flow))
             .arg("queue", queue.as_str())
-            .arg("id", need.id.as_str())
-            .arg("name", need.name.as_str())
-            .arg("rkey", need.rkey.as_deref().unwrap_or(""))
-            .arg("ckey", need.ckey.as_deref().unwrap_or(""))
-            .arg("entry", entry)
-            .arg("repaired", u8::from(repaired))
+            .arg("repaired", repaired)
+            .arg("stale_ms", STALE_AFTER_MS)
             .arg("drop_set", drop_set)
             .arg("drop_entry", drop_entry);
+        for (c, entry) in need.candidates.iter().zip(entries) {
+            call.extra(c.id.as_str())
+                .extra(c.name.as_str())
+                .extra(c.rkey.as_deref().unwrap_or(""))
+                .extra(c.ckey.as_deref().unwrap_or(""))
+                .extra(entry.as_str());
+        }
         call
-    }
-
-    /// Repairs concurrency key `ckey`'s running set at its cap (`now_ms`
-    /// on the store's clock, as the entries' scores): drops the `entries`
-    /// whose task does not carry them (and that are old enough); with
-    /// nothing to drop and `cancel_oldest`, asks the oldest running task to
-    /// cancel unless one of them already was.
-    async fn repair(
-        &self,
-        (ckey, policy, now_ms): (&str, &str, i64),
-        entries: &[(String, i64)],
-        (newcomer, limits): (&str, TaskLimits),
-        deadline: Deadline,
-    ) -> Result<()> {
-        let set = format!("{}cc:{ckey}", self.flow_base);
-        let reads = entries.iter().map(|(entry, _)| async move {
-            let id = entry
-                .split_once('#')
-                .and_then(|(id, _)| TaskId::parse(id).ok())?;
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(self.keys(&id.queue()).task(&id))
-                .arg("cc")
-                .arg("cancel");
-            let read = self
-                .store
-                .query::<(Option<String>, Option<String>)>(&cmd, deadline);
-            Some((id, read.await))
-        });
-        let found = futures::future::join_all(reads).await;
-        let (mut stale, mut oldest, mut asked) = (Vec::new(), None, false);
-        for ((entry, score), read) in entries.iter().zip(found) {
-            let Some((id, read)) = read else {
-                stale.push(entry); // not an entry of this layout
-                continue;
-            };
-            let (cc, cancel) = read?;
-            if cc.as_deref().and_then(left_entry) == Some((set.as_str(), entry.as_str())) {
-                asked |= cancel.is_some();
-                oldest.get_or_insert(id);
-            } else if now_ms - score > STALE_AFTER_MS {
-                stale.push(entry);
-            }
-        }
-        if !stale.is_empty() {
-            let mut cmd = redis::cmd("ZREM");
-            cmd.arg(&set).arg(stale);
-            return self.store.query::<i64>(&cmd, deadline).await.map(drop);
-        }
-        if let (Some(oldest), "cancel_oldest", false) = (oldest, policy, asked)
-            && self.still_queued(newcomer, deadline).await?
-        {
-            let reason = format!("concurrency cap of {ckey}: superseded by {newcomer}");
-            self.ask_to_cancel(&oldest, &reason, limits, deadline)
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Whether task `id` still waits: a newcomer that started or ended
-    /// meanwhile (the reserve is not atomic with the lease, as it is on
-    /// one Redis) supersedes nobody.
-    async fn still_queued(&self, id: &str, deadline: Deadline) -> Result<bool> {
-        let Ok(id) = TaskId::parse(id) else {
-            return Ok(false);
-        };
-        let mut cmd = redis::cmd("HGET");
-        cmd.arg(self.keys(&id.queue()).task(&id)).arg("state");
-        let state: Option<String> = self.store.query(&cmd, deadline).await?;
-        Ok(state.as_deref() == Some("queued"))
-    }
-
-    /// Asks running task `id` to cancel (cancel.lua, which leaves a task
-    /// that no longer runs as it is).
-    async fn ask_to_cancel(
-        &self,
-        id: &TaskId,
-        reason: &str,
-        limits: TaskLimits,
-        deadline: Deadline,
-    ) -> Result<()> {
-        let call = self.cancel_call(id, reason, limits, true);
-        self.store
-            .invoke_once::<String>(call.done(), deadline)
-            .await
-            .map(drop)
     }
 
     /// A call of cancel.lua for `id` (`only_running`: a task that no
@@ -601,7 +612,7 @@ pub(super) fn left_entry(state: &str) -> Option<(&str, &str)> {
     state.split_once('@')?.1.split_once('\n')
 }
 
-fn text(v: &Value) -> Option<String> {
+pub(super) fn text(v: &Value) -> Option<String> {
     match v {
         Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         Value::SimpleString(s) => Some(s.clone()),
@@ -613,14 +624,5 @@ fn int(v: &Value) -> Option<i64> {
     match v {
         Value::Int(i) => Some(*i),
         other => text(other)?.parse().ok(),
-    }
-}
-
-/// A sorted-set score as `ZRANGE … WITHSCORES` gives it through a script
-/// (a string, maybe with a fraction).
-fn score(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        other => text(other)?.parse::<f64>().ok().map(|f| f as i64),
     }
 }

@@ -15,6 +15,7 @@
 
 mod args;
 mod batch;
+mod cap_repair;
 mod debounce;
 mod ends;
 mod events;

@@ -245,16 +245,12 @@ pub(super) const RESERVE: Spec = Spec {
         "flow_base",
         "flow",
         "queue",
-        "id",
-        "name",
-        "rkey",
-        "ckey",
-        "entry",
         "repaired",
+        "stale_ms",
         "drop_set",
         "drop_entry",
     ],
-    variadic: false,
+    variadic: true,
     body: include_str!("../lua/tasks/reserve.lua"),
 };
 

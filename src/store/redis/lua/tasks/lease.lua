@@ -95,10 +95,16 @@ end
 -- the cap), one per line; A_denied holds the scopes it found held, one
 -- per line, and 'id:<id>' for a candidate another lease of the process is
 -- reserving. A candidate that needs flow control and was not reserved
--- ends the call: with { 'need', id, name, rate key, concurrency key } when
--- the caller reserves (A_grant not ''), else with 1 (held for 1 ms: the
--- caller's next lease is one that reserves).
-local cluster = A_cluster == '1'
+-- ends the call with 1 (held for 1 ms: the caller's next lease is one that
+-- reserves) unless the caller reserves (A_grant not ''); then the call
+-- names up to A_cluster such candidates (the caller asks for more than one
+-- once it has met held ones: a head of many held keys costs one
+-- reservation, not one each) and ends at the next one that could start
+-- or at the end of the scan: { 'need', id, name, rate key, concurrency
+-- key, ... }, in the queue's order.
+local cluster = A_cluster ~= '0'
+local needs_max = tonumber(A_cluster)
+local needs = { 'need' }
 local grant_verdict, grant_id, grant_entry = string.match(A_grant, '^(%a+)\n([^\n]*)\n?(.*)$')
 local denied, cluster_held = {}, false
 for scope in string.gmatch(A_denied, '[^\n]+') do denied[scope] = true end
@@ -186,7 +192,11 @@ while true do
       if verdict == 'stop' then return 0 end
       if verdict == 'need' then
         if A_grant == '' then return 1 end
-        return { 'need', id, name, rkey or '', ckey or '' }
+        local at = #needs
+        needs[at + 1], needs[at + 2], needs[at + 3], needs[at + 4] = id, name, rkey or '', ckey or ''
+        if (at + 3) / 4 >= needs_max then return needs end
+        -- looked at later than those before it: passed over for now
+        verdict = 'hold'
       end
     elseif per_call or rkey or ckey then
       local f = flow()
@@ -201,6 +211,10 @@ while true do
         verdict = 'hold'
       end
       if verdict == 'go' and ckey then verdict, cc = f.cap(ckey, id) end
+    end
+    if verdict ~= 'hold' and #needs > 1 then
+      -- a candidate before this one may start first: reserve them
+      return needs
     end
     if verdict == 'hold' then
       -- it stays QUEUED, untouched; the scan goes on
@@ -264,6 +278,7 @@ while true do
     end
   end
 end
+if #needs > 1 then return needs end
 if F then return F.held() or false end
 -- (on a Cluster the caller knows until when what it found held frees)
 if cluster_held then return 0 end
