@@ -243,53 +243,62 @@ impl Session {
             let mut handed = None;
             // Not biased: a worker whose messages arrive back to back must
             // not starve the timers (hard limits, cancel grace) or the
-            // cancels.
-            let went_on = tokio::select! {
-                _ = stop.cancelled() => return Ok(Ending::Shutdown),
-                msg = inbound.next() => {
-                    let Some(msg) = msg else { return Ok(Ending::Gone) };
-                    if let Inbound::Invalid(e) = msg {
-                        return Err(e);
+            // cancels. An announce tick changes nothing the session waits
+            // on: it is served in place, the session staying on the board
+            // (a submit in that instant is still handed off).
+            let went_on = loop {
+                let step = tokio::select! {
+                    _ = stop.cancelled() => return Ok(Ending::Shutdown),
+                    msg = inbound.next() => {
+                        let Some(msg) = msg else { return Ok(Ending::Gone) };
+                        if let Inbound::Invalid(e) = msg {
+                            return Err(e);
+                        }
+                        // no next task for a closing stream
+                        let open = !closing(&mut inbound, out);
+                        Some(self.on_message(msg, held, out, &names, &mut pace, open).await)
                     }
-                    // no next task for a closing stream
-                    let open = !closing(&mut inbound, out);
-                    self.on_message(msg, held, out, &names, &mut pace, open).await
-                }
-                _ = sleep_until(timer), if timer.is_some() => {
-                    pace.dirty = true;
-                    self.fire_timers(held, out).await
-                }
-                got = cancels.recv() => match got {
-                    Ok(asked) => pass_cancel(asked, held, out, config.cancel_grace).await,
-                    Err(_) => true,
-                },
-                // a local submit wakes its queue
-                () = pace.poller.woken(), if room => true,
-                _ = sleep_until(recheck), if room && recheck.is_some() => {
-                    pace.backoff_until = None;
-                    true
-                }
-                // a submit of this process stored a task and leased it for us
-                got = handoff::next_handed(&mut idle) => {
-                    handed = got;
-                    idle = None;
-                    true
-                }
-                // room freed by the identity's other streams or leases
-                _ = pace.freed.changed(), if full => true,
-                _ = announce.tick() => {
-                    if pace.dirty || pace.announced.elapsed() >= config.lease / 3 {
-                        self.announce(held, pace.last_beat).await;
-                        pace.announced = Instant::now();
-                        pace.dirty = false;
+                    _ = sleep_until(timer), if timer.is_some() => {
+                        pace.dirty = true;
+                        Some(self.fire_timers(held, out).await)
                     }
-                    true
-                }
-                // a worker silent for a whole lease: its leases have lapsed
-                // (the sweep takes the tasks back); tell it so
-                _ = tokio::time::sleep_until(pace.last_beat + config.lease), if !held.is_empty() => {
-                    pace.dirty = true;
-                    revoke_all(held, out).await
+                    got = cancels.recv() => Some(match got {
+                        Ok(asked) => pass_cancel(asked, held, out, config.cancel_grace).await,
+                        Err(_) => true,
+                    }),
+                    // a local submit wakes its queue
+                    () = pace.poller.woken(), if room => Some(true),
+                    _ = sleep_until(recheck), if room && recheck.is_some() => {
+                        pace.backoff_until = None;
+                        Some(true)
+                    }
+                    // a submit of this process stored a task and leased it for us
+                    got = handoff::next_handed(&mut idle) => {
+                        handed = got;
+                        idle = None;
+                        Some(true)
+                    }
+                    // room freed by the identity's other streams or leases
+                    _ = pace.freed.changed(), if full => Some(true),
+                    _ = announce.tick() => {
+                        if pace.dirty || pace.announced.elapsed() >= config.lease / 3 {
+                            self.announce(held, pace.last_beat).await;
+                            pace.announced = Instant::now();
+                            pace.dirty = false;
+                        }
+                        // a worker silent for a whole lease takes nothing
+                        // more: the next turn takes it off the board
+                        (pace.last_beat.elapsed() >= config.lease).then_some(true)
+                    }
+                    // a worker silent for a whole lease: its leases have lapsed
+                    // (the sweep takes the tasks back); tell it so
+                    _ = tokio::time::sleep_until(pace.last_beat + config.lease), if !held.is_empty() => {
+                        pace.dirty = true;
+                        Some(revoke_all(held, out).await)
+                    }
+                };
+                if let Some(went_on) = step {
+                    break went_on;
                 }
             };
             // off the board; a submit that claimed the session meanwhile
