@@ -12,11 +12,19 @@
 //! also looks at that queue first (the *hint*), so that a task submitted to
 //! an idle process starts after one lease call.
 //!
+//! The slots of one pool share their rests ([`Rests`]): a queue one slot
+//! found empty rests for all of them, and an idle pool looks at each queue
+//! once per poll interval (one slot claims the look), not once per slot. A
+//! look that finds a task wakes one idle peer, which looks again (a
+//! backlog another process submitted engages the pool's slots one after
+//! another, a round trip apart).
+//!
 //! Times are `tokio::time::Instant`s, so that tests can pause the clock.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::domain::task::{QueueName, Task};
@@ -25,6 +33,30 @@ use crate::store::tasks::Leased;
 /// The longest a held queue rests before it is looked at again (a new
 /// limit, or one deleted, is seen within this).
 const MAX_HELD_REST: Duration = Duration::from_secs(1);
+
+/// The rests of a pool's slots, shared (see the module doc): until when
+/// each of their queues rests, by index, and the wake of an idle peer.
+#[derive(Debug)]
+pub struct Rests {
+    until: Mutex<Vec<Option<Instant>>>,
+    peer: Notify,
+}
+
+impl Rests {
+    /// Rests for `queues` queues, none resting.
+    pub fn new(queues: usize) -> Arc<Self> {
+        Arc::new(Self {
+            until: Mutex::new(vec![None; queues]),
+            peer: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Instant>>> {
+        self.until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 /// One worker's view of its queues: the rotation, the resting (empty)
 /// queues, and the submits of this process.
@@ -35,7 +67,9 @@ pub struct Poller {
     poll: Duration,
     /// Until when each queue rests: a poll interval after it was found
     /// empty, or until the time limits hold its tasks (flow control).
+    /// Kept in `shared` instead when the worker is a pool's slot.
     empty: Vec<Option<Instant>>,
+    shared: Option<Arc<Rests>>,
     /// Where the next rotation starts (taken modulo the queue count).
     next: usize,
     /// The queue a local submit just named, looked at first once.
@@ -83,11 +117,77 @@ impl Poller {
         let len = queues.len().max(1);
         Self {
             empty: vec![None; queues.len()],
+            shared: None,
             queues,
             poll,
             next: start % len,
             hint: None,
             submits,
+        }
+    }
+
+    /// The same, its rests shared with the pool's other slots (`rests`,
+    /// made for as many queues).
+    pub fn pooled(
+        queues: Vec<QueueName>,
+        poll: Duration,
+        start: usize,
+        submits: watch::Receiver<Option<QueueName>>,
+        rests: Arc<Rests>,
+    ) -> Self {
+        debug_assert_eq!(rests.lock().len(), queues.len());
+        Self {
+            shared: Some(rests),
+            ..Self::new(queues, poll, start, submits)
+        }
+    }
+
+    /// Until when queue `q` rests, if it does or did.
+    fn rest(&self, q: usize) -> Option<Instant> {
+        match &self.shared {
+            Some(rests) => rests.lock().get(q).copied().flatten(),
+            None => self.empty[q],
+        }
+    }
+
+    fn set_rest(&mut self, q: usize, until: Option<Instant>) {
+        match &self.shared {
+            Some(rests) => {
+                if let Some(at) = rests.lock().get_mut(q) {
+                    *at = until;
+                }
+            }
+            None => self.empty[q] = until,
+        }
+    }
+
+    /// Claims the look at queue `q` for this slot (not resting: it then
+    /// rests for the pool's other slots until this look ends or a poll
+    /// interval has passed): false when another slot looks at it or found
+    /// it empty. Always true for a worker that is no pool's slot.
+    pub fn claim(&mut self, q: usize) -> bool {
+        let Some(rests) = &self.shared else {
+            return true;
+        };
+        let now = Instant::now();
+        let mut until = rests.lock();
+        match until.get_mut(q) {
+            Some(at) if at.is_none_or(|t| t <= now) => {
+                *at = Some(now + self.poll);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A look at queue `q` found a task: the queue stops resting for the
+    /// pool, and one idle peer looks at once (there may be more).
+    pub fn found(&mut self, q: usize) {
+        if let Some(rests) = &self.shared {
+            if let Some(at) = rests.lock().get_mut(q) {
+                *at = None;
+            }
+            rests.peer.notify_one();
         }
     }
 
@@ -104,12 +204,12 @@ impl Poller {
     /// Whether queue `q` was found empty less than a poll interval ago
     /// (and no submit named it since): a lease round skips it.
     pub fn is_resting(&self, q: usize) -> bool {
-        self.empty[q].is_some_and(|until| Instant::now() < until)
+        self.rest(q).is_some_and(|until| Instant::now() < until)
     }
 
     /// Queue `q` was just found empty.
     pub fn mark_empty(&mut self, q: usize) {
-        self.empty[q] = Some(Instant::now() + self.poll);
+        self.set_rest(q, Some(Instant::now() + self.poll));
     }
 
     /// Limits hold every task of queue `q` the lease looked at, until
@@ -124,7 +224,7 @@ impl Poller {
         let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
         // at least a millisecond: never a busy loop on a clock skew
         let wait = Duration::from_millis(until_ms.saturating_sub(now_ms).max(1) as u64);
-        self.empty[q] = Some(Instant::now() + wait.min(MAX_HELD_REST));
+        self.set_rest(q, Some(Instant::now() + wait.min(MAX_HELD_REST)));
     }
 
     /// What a lease found in queue `q`: the task, if any; an empty or
@@ -151,7 +251,7 @@ impl Poller {
             self.hint = queue.and_then(|q| self.position(&q));
         }
         if let Some(h) = self.hint {
-            self.empty[h] = None;
+            self.set_rest(h, None);
         }
     }
 
@@ -191,7 +291,10 @@ impl Poller {
 
     /// When the first resting queue is worth another look, if any rests.
     pub fn recheck_at(&self) -> Option<Instant> {
-        self.empty.iter().flatten().copied().min()
+        match &self.shared {
+            Some(rests) => rests.lock().iter().flatten().copied().min(),
+            None => self.empty.iter().flatten().copied().min(),
+        }
     }
 
     /// An idle worker's wait: until the first resting queue is worth
@@ -201,12 +304,23 @@ impl Poller {
         let wait = self
             .recheck_at()
             .map_or(self.poll, |at| at.saturating_duration_since(Instant::now()));
-        self.hint = match tokio::time::timeout(wait, self.submits.changed()).await {
-            Ok(Ok(())) => {
-                let queue = self.submits.borrow_and_update().clone();
-                queue.and_then(|q| self.position(&q))
+        let shared = self.shared.clone();
+        let peer = async {
+            match &shared {
+                Some(rests) => rests.peer.notified().await,
+                None => std::future::pending().await,
             }
-            _ => None,
+        };
+        let woken = tokio::select! {
+            got = self.submits.changed() => got.is_ok(),
+            () = peer => false,
+            () = tokio::time::sleep(wait) => false,
+        };
+        self.hint = if woken {
+            let queue = self.submits.borrow_and_update().clone();
+            queue.and_then(|q| self.position(&q))
+        } else {
+            None
         };
     }
 
@@ -223,7 +337,7 @@ impl Poller {
         if self.submits.changed().await.is_ok() {
             let queue = self.submits.borrow_and_update().clone();
             if let Some(q) = queue.and_then(|q| self.position(&q)) {
-                self.empty[q] = None;
+                self.set_rest(q, None);
             }
         }
     }
@@ -327,6 +441,38 @@ mod tests {
         p.wait(Duration::from_millis(30)).await;
         assert_eq!(start.elapsed(), Duration::from_millis(30));
         assert!(!p.is_resting(2));
+    }
+
+    /// A pool's slots share their rests: one look per queue (a claim),
+    /// an empty queue rests for every slot, and a look that found a task
+    /// ends the rest and wakes one idle peer at once.
+    #[tokio::test(start_paused = true)]
+    async fn pooled_slots_share_their_rests() {
+        let (tx, rx) = watch::channel(None);
+        let rests = Rests::new(2);
+        let mut a = Poller::pooled(queues(2), POLL, 0, rx.clone(), rests.clone());
+        let mut b = Poller::pooled(queues(2), POLL, 1, rx, rests);
+        assert!(a.claim(0));
+        assert!(!b.claim(0) && b.is_resting(0), "a looks at it");
+        assert!(b.claim(1));
+        b.mark_empty(1);
+        assert!(a.is_resting(1) && !a.claim(1));
+        let start = Instant::now();
+        b.idle().await;
+        assert_eq!(start.elapsed(), POLL, "until a's claim ends");
+        // a's look found a task: b is woken at once and may look
+        assert!(a.claim(0));
+        let woken = tokio::spawn(async move {
+            let start = Instant::now();
+            b.mark_empty(1);
+            b.idle().await;
+            (start.elapsed(), b.is_resting(0))
+        });
+        tokio::task::yield_now().await;
+        a.found(0);
+        let (waited, resting) = woken.await.unwrap();
+        assert_eq!((waited, resting), (Duration::ZERO, false));
+        drop(tx);
     }
 
     /// An idle worker waits until the first mark expires, or less when a

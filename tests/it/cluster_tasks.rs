@@ -437,7 +437,8 @@ fn spawn_submitter(
                 // its claim lives in another slot than its task
                 body.idempotency_key = format!("k{s}-{n}");
             }
-            let keyed = n.is_multiple_of(3);
+            // a third of each queue's tasks (n - 1 = 3k + q: one queue per k)
+            let keyed = ((n - 1) / 3 + q).is_multiple_of(3);
             if keyed {
                 // reserved in flow control's slot, on the victim's master
                 body.concurrency_key = format!("t{}", s % 3);

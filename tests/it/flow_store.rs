@@ -207,6 +207,7 @@ on_every_store!(
     keys_take_turns_within_a_priority,
     limits_are_listed_with_their_state_and_versioned,
     many_held_keys_ahead_do_not_hide_a_free_one,
+    a_held_candidate_takes_no_token_of_another_scope,
 );
 
 /// 10 per second with a burst of 2 on `keys/*`: two start at once, the
@@ -444,6 +445,35 @@ async fn many_held_keys_ahead_do_not_hide_a_free_one(f: Fixture) {
     f.submit(&free).await;
     assert_eq!(f.leased().await.name, "free");
     assert_eq!(f.lease().await, Leased::Held(None));
+}
+
+/// A candidate that passes its queue's limit but is held by its key's
+/// takes no token of the queue's: with 3 an hour on the queue and 1 an
+/// hour on key `x`, x1 starts, x2 is held (by its key) each time it is met,
+/// y1 and y2 start behind it, and then the queue is held (3 tokens taken,
+/// not 3 plus one per time x2 was looked at).
+async fn a_held_candidate_takes_no_token_of_another_scope(f: Fixture) {
+    let queue = Scope::Queue(f.queue.as_str().to_owned());
+    f.set(rate(queue, 3, 3_600_000, 3)).await;
+    f.set(rate(Scope::Key("x".into()), 1, 3_600_000, 1)).await;
+    for (name, key) in [
+        ("x1", "x"),
+        ("x2", "x"),
+        ("y1", "y"),
+        ("y2", "y"),
+        ("y3", "y"),
+    ] {
+        f.submit(&f.task(name, Some(key), None)).await;
+    }
+    let mut started = Vec::new();
+    while let Leased::Task(t) = f.lease().await {
+        started.push(t.name);
+    }
+    assert_eq!(started, ["x1", "y1", "y2"]);
+    assert!(
+        matches!(f.lease().await, Leased::Held(Some(_))),
+        "held until a token frees"
+    );
 }
 
 /// Limits are listed by field with their live state; a delete says whether

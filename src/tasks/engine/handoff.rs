@@ -186,7 +186,11 @@ impl Drop for IdleSlot {
         // its way fails and the submit hands back; what arrived before goes
         // back from here, not at its lease's lapse.
         self.handed.close();
-        let Ok(handed) = self.handed.try_recv() else {
+        let Ok(Handed {
+            leased: leased @ Leased::Task(_),
+            ..
+        }) = self.handed.try_recv()
+        else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -200,7 +204,7 @@ impl Drop for IdleSlot {
         runtime.spawn(async move {
             let deadline = Deadline::after(HAND_BACK);
             engine
-                .hand_back(Some(handed.leased), Some(&worker), deadline)
+                .hand_back(Some(leased), Some(&worker), deadline)
                 .await;
         });
     }

@@ -248,7 +248,13 @@ impl Session {
             // (a submit in that instant is still handed off).
             let went_on = loop {
                 let step = tokio::select! {
-                    _ = stop.cancelled() => return Ok(Ending::Shutdown),
+                    _ = stop.cancelled() => {
+                        // what a submit handed meanwhile goes back first
+                        if let Some(slot) = idle.take() {
+                            self.hand_back(slot.leave().await).await;
+                        }
+                        return Ok(Ending::Shutdown);
+                    }
                     msg = inbound.next() => {
                         let Some(msg) = msg else { return Ok(Ending::Gone) };
                         if let Inbound::Invalid(e) = msg {

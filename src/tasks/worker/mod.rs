@@ -72,6 +72,8 @@ impl WorkerPool {
     /// within the shutdown grace, or hands it back to its queue at once.
     pub async fn run(self, stop: CancellationToken) {
         let running = Arc::new(AtomicU32::new(0));
+        // one look per queue per poll interval for the whole pool
+        let rests = crate::tasks::poller::Rests::new(self.queues.len());
         let mut slots = tokio::task::JoinSet::new();
         for slot in 0..self.concurrency {
             let worker = format!("{}/{slot}", self.id);
@@ -80,7 +82,8 @@ impl WorkerPool {
             let queues = self.queues.clone();
             let stop = stop.clone();
             let running = running.clone();
-            let slot = slot::Slot::new(engine, registry, queues, worker, slot, running);
+            let shared = (slot, running, rests.clone());
+            let slot = slot::Slot::new(engine, registry, queues, worker, shared);
             slots.spawn(slot.run(stop));
         }
         let presence = tokio::spawn(self.announce(running, stop.clone()));

@@ -14,7 +14,7 @@ use super::report::{cache_result, outcome_not_recorded, report, report_and_lease
 use crate::domain::task::{QueueName, Task};
 use crate::store::Deadline;
 use crate::tasks::engine::{CancelAsked, Handed, TaskEngine};
-use crate::tasks::poller::Poller;
+use crate::tasks::poller::{Poller, Rests};
 
 /// How long each lease or hand-back call of a slot may take.
 const CALL: Duration = Duration::from_secs(5);
@@ -48,17 +48,17 @@ pub(super) struct Slot {
 
 impl Slot {
     /// A slot of `engine` serving `queues` with `registry`; slots start at
-    /// different queues (`slot`) and rotate, so that no queue starves.
+    /// different queues (`slot`) and rotate, so that no queue starves, and
+    /// share their rests with the pool's other slots (`rests`).
     pub(super) fn new(
         engine: TaskEngine,
         registry: Arc<Registry>,
         queues: Vec<QueueName>,
         worker: String,
-        slot: usize,
-        running: Arc<AtomicU32>,
+        (slot, running, rests): (usize, Arc<AtomicU32>, Arc<Rests>),
     ) -> Self {
         let poll = engine.config().poll_interval;
-        let poller = Poller::new(queues, poll, slot, engine.submits());
+        let poller = Poller::pooled(queues, poll, slot, engine.submits(), rests);
         let cancels = engine.cancels();
         Self {
             engine,
@@ -96,7 +96,8 @@ impl Slot {
                         self.engine
                             .wait_idle(self.poller.queues(), &self.worker, served.clone());
                     let handed = tokio::select! {
-                        _ = stop.cancelled() => return,
+                        // (what a submit handed meanwhile is released below)
+                        _ = stop.cancelled() => None,
                         () = self.poller.idle() => None,
                         handed = idle.handed() => Some(handed),
                     };
@@ -127,7 +128,9 @@ impl Slot {
             if stop.is_cancelled() {
                 break;
             }
-            if self.poller.is_resting(q) {
+            // (a look of its own, not a submit's hint: one slot of the pool
+            // at a time; see the poller's module doc)
+            if self.poller.is_resting(q) || (!hinted && !self.poller.claim(q)) {
                 continue;
             }
             let queue = &self.poller.queues()[q];
@@ -138,6 +141,9 @@ impl Slot {
             {
                 Ok(leased) => {
                     if let Some(task) = self.poller.took(q, leased) {
+                        if !hinted {
+                            self.poller.found(q);
+                        }
                         self.poller.leased(q, hinted);
                         return Round::Leased(task);
                     }

@@ -301,8 +301,11 @@ impl Heads {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // the head only: the scopes a reserve of the bet finds are not
+        // carried into the lease, which would stop at a first candidate
+        // that another one of the bet's was granted past
         let bet = Need {
-            candidates: need.candidates.clone(),
+            candidates: need.candidates.iter().take(1).cloned().collect(),
             left: None,
         };
         heads.insert(queue.as_str().to_owned(), bet);
@@ -420,7 +423,7 @@ impl RedisTasks {
             .await
     }
 
-    /// [`Self::reserve`] with `need`'s candidates registered in
+    /// [`Self::reserve`] with `need`'s first candidate registered in
     /// [`InFlight`] while it runs, and the one reserved after.
     async fn reserve_held(
         &self,
@@ -430,7 +433,10 @@ impl RedisTasks {
         (denied, mine): (&mut Denied, &mut Mine<'_>),
         deadline: Deadline,
     ) -> Result<Option<Grant>> {
-        mine.hold(need.ids());
+        // (the first only: the others are likely held, and a concurrent
+        // lease of the process that passed over them all would find
+        // nothing behind them, or a task of a lower priority)
+        mine.hold(need.ids().take(1));
         let grant = self.reserve(queue, need, limits, denied, deadline).await;
         mine.keep(grant.as_ref().ok().and_then(|g| g.as_ref().map(Grant::id)));
         grant
@@ -465,29 +471,22 @@ impl RedisTasks {
             let head = reply.first().and_then(text).unwrap_or_default();
             let bad =
                 || StoreError::Backend(format!("reserve replied {head:?} ({} items)", reply.len()));
-            // the candidate a reply names (1-based)
+            // the index of the candidate a reply names (1-based in it)
             let at = |i: usize| {
-                let n = reply.get(i).and_then(int)?;
-                need.candidates
-                    .get(usize::try_from(n).ok()?.checked_sub(1)?)
+                let n = usize::try_from(reply.get(i).and_then(int)?).ok()?;
+                n.checked_sub(1).filter(|n| *n < need.candidates.len())
             };
             match head.as_str() {
                 "go" => {
-                    let (c, k) = (at(1).ok_or_else(bad)?, reply.get(2).and_then(int));
-                    let pairs = usize::try_from(k.unwrap_or(-1)).map_err(|_| bad())? * 2;
-                    let taken = reply.get(3..3 + pairs).ok_or_else(bad)?;
-                    let taken = taken
-                        .chunks_exact(2)
-                        .filter_map(|p| Some((text(&p[0])?, int(&p[1])?)))
-                        .collect();
-                    denied.add_reply(&reply[3 + pairs..], sent_ms);
-                    let n = need.candidates.iter().position(|x| x.id == c.id);
-                    let entry = n.map(|n| entries[n].clone()).unwrap_or_default();
+                    let n = at(1).ok_or_else(bad)?;
+                    let (taken, rest) = taken(&reply[2..]).ok_or_else(bad)?;
+                    denied.add_reply(rest, sent_ms);
+                    let c = &need.candidates[n];
                     let set = |k: &String| format!("{}cc:{k}", self.flow_base);
                     return Ok(Some(Grant::Go {
                         id: c.id.clone(),
                         taken,
-                        entry: c.ckey.as_ref().map(|k| (set(k), entry)),
+                        entry: c.ckey.as_ref().map(|k| (set(k), entries[n].clone())),
                     }));
                 }
                 "held" => {
@@ -497,12 +496,12 @@ impl RedisTasks {
                 // (each newcomer past the cap is cancelled: the key is not
                 // held for the others, as on one Redis)
                 "cancel" => {
-                    let c = at(1).ok_or_else(bad)?;
+                    let c = &need.candidates[at(1).ok_or_else(bad)?];
                     denied.add_reply(&reply[2..], sent_ms);
                     return Ok(Some(Grant::Cancel { id: c.id.clone() }));
                 }
                 "full" => {
-                    let c = at(1).ok_or_else(bad)?;
+                    let c = &need.candidates[at(1).ok_or_else(bad)?];
                     let ckey = c.ckey.as_deref().unwrap_or_default();
                     // reserve.lua never asks twice for one key
                     if ckey.is_empty() || repaired.lines().any(|k| k == ckey) {
@@ -603,6 +602,22 @@ impl RedisTasks {
             tracing::warn!(error = %e, "running-set entries are left to the cap's repair");
         }
     }
+}
+
+/// Tokens taken: (bucket, interval in µs) each.
+type Tokens = Vec<(String, i64)>;
+
+/// A `go` reply's tokens from its count on (`k`, then `k` bucket, interval
+/// pairs), and what follows them; `None` when the count does not fit.
+fn taken(reply: &[Value]) -> Option<(Tokens, &[Value])> {
+    let k = usize::try_from(reply.first().and_then(int)?).ok()?;
+    let end = k.checked_mul(2)?.checked_add(1)?;
+    let pairs = reply.get(1..end)?;
+    let taken = pairs
+        .chunks_exact(2)
+        .filter_map(|p| Some((text(&p[0])?, int(&p[1])?)))
+        .collect();
+    Some((taken, &reply[end..]))
 }
 
 /// The running-set entry (set, entry) an end script left for the caller to

@@ -81,6 +81,24 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Releases what a submit handed the session as koo stops (never
+    /// pushed to the worker): back to its queue, its attempt given back.
+    pub(super) async fn hand_back(&self, handed: Option<Handed>) {
+        let Some(task) = handed.and_then(|h| h.leased.task()) else {
+            return;
+        };
+        let worker = self.record.id.as_str();
+        if let Err(e) = self
+            .engine
+            .release(&task, worker, Deadline::after(CALL))
+            .await
+        {
+            tracing::warn!(task = %task.id, worker, error = %e, "cannot hand back a task handed as koo stops; its lease lapses");
+        }
+    }
+}
+
 /// What a submit hands the session on the board; never, when it is not.
 pub(super) async fn next_handed(idle: &mut Option<IdleSlot>) -> Option<Handed> {
     match idle {
