@@ -58,6 +58,49 @@ impl Rests {
     }
 }
 
+/// The rests shared by this process's stream workers, by what they serve
+/// (the same queues in the same order, the same task names): identical
+/// workers (the SDK's processes of one deployment) take turns looking, as
+/// a pool's slots do. Kept while a worker uses them.
+#[derive(Debug, Default)]
+pub struct SharedRests(Mutex<std::collections::HashMap<String, std::sync::Weak<Rests>>>);
+
+impl SharedRests {
+    /// The rests of the workers serving `names` of `queues`.
+    pub fn of(&self, queues: &[QueueName], names: &[String]) -> Arc<Rests> {
+        let mut sorted: Vec<&str> = names.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        let mut key = String::new();
+        for q in queues {
+            key.push_str(q.as_str());
+            key.push('\n');
+        }
+        key.push('\n');
+        key.push_str(&sorted.join("\n"));
+        let mut all = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rests) = all.get(&key).and_then(std::sync::Weak::upgrade) {
+            return rests;
+        }
+        // (the entries of workers that are gone go with each new one)
+        all.retain(|_, r| r.strong_count() > 0);
+        let rests = Rests::new(queues.len());
+        all.insert(key, Arc::downgrade(&rests));
+        rests
+    }
+}
+
+/// Waits until a peer's look found a task (never without shared `rests`;
+/// cancel-safe).
+pub async fn peer_found(rests: Option<&Rests>) {
+    match rests {
+        Some(rests) => rests.peer.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One worker's view of its queues: the rotation, the resting (empty)
 /// queues, and the submits of this process.
 #[derive(Debug)]
@@ -305,12 +348,7 @@ impl Poller {
             .recheck_at()
             .map_or(self.poll, |at| at.saturating_duration_since(Instant::now()));
         let shared = self.shared.clone();
-        let peer = async {
-            match &shared {
-                Some(rests) => rests.peer.notified().await,
-                None => std::future::pending().await,
-            }
-        };
+        let peer = peer_found(shared.as_deref());
         let woken = tokio::select! {
             got = self.submits.changed() => got.is_ok(),
             () = peer => false,
@@ -322,6 +360,11 @@ impl Poller {
         } else {
             None
         };
+    }
+
+    /// The rests this worker shares, if it does (for [`peer_found`]).
+    pub fn rests(&self) -> Option<Arc<Rests>> {
+        self.shared.clone()
     }
 
     /// Waits up to `max` for a submit of this process (its queue stops
@@ -473,6 +516,27 @@ mod tests {
         let (waited, resting) = woken.await.unwrap();
         assert_eq!((waited, resting), (Duration::ZERO, false));
         drop(tx);
+    }
+
+    /// Stream workers that serve the same queues (in the same order) and
+    /// names share one set of rests, whatever the names' order; others
+    /// have their own; a set nobody uses is made anew.
+    #[test]
+    fn identical_workers_share_rests() {
+        let shared = SharedRests::default();
+        let names = |n: &[&str]| n.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+        let a = shared.of(&queues(2), &names(&["x", "y"]));
+        let b = shared.of(&queues(2), &names(&["y", "x"]));
+        assert!(Arc::ptr_eq(&a, &b));
+        let other_names = shared.of(&queues(2), &names(&["x"]));
+        let other_queues = shared.of(&queues(3), &names(&["x", "y"]));
+        assert!(!Arc::ptr_eq(&a, &other_names) && !Arc::ptr_eq(&a, &other_queues));
+        assert_eq!(other_queues.lock().len(), 3);
+        let weak = Arc::downgrade(&a);
+        drop((a, b));
+        assert!(weak.upgrade().is_none());
+        let again = shared.of(&queues(2), &names(&["x", "y"]));
+        assert!(again.lock().iter().all(Option::is_none));
     }
 
     /// An idle worker waits until the first mark expires, or less when a

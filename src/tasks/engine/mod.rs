@@ -87,6 +87,8 @@ struct Inner {
     batchers: batch::Batchers,
     /// Idle built-in slots a submit may hand its task to (see `handoff`).
     board: handoff::Board,
+    /// The rests identical stream workers share (see `crate::tasks::poller`).
+    rests: crate::tasks::poller::SharedRests,
 }
 
 impl TaskEngine {
@@ -104,6 +106,7 @@ impl TaskEngine {
                 flow: flow::FlowState::default(),
                 batchers: batch::Batchers::default(),
                 board: handoff::Board::default(),
+                rests: Default::default(),
                 config,
             }),
         }
@@ -164,5 +167,15 @@ impl TaskEngine {
     /// A worker's subscription to this process's submits.
     pub fn submits(&self) -> watch::Receiver<Option<QueueName>> {
         self.inner.submitted.subscribe()
+    }
+
+    /// The rests shared by this process's stream workers that serve
+    /// `names` of `queues` (see `crate::tasks::poller`).
+    pub fn shared_rests(
+        &self,
+        queues: &[QueueName],
+        names: &[String],
+    ) -> std::sync::Arc<crate::tasks::poller::Rests> {
+        self.inner.rests.of(queues, names)
     }
 }

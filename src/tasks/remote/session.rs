@@ -51,7 +51,7 @@ use crate::domain::task::{Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
 use crate::tasks::engine::{CancelAsked, TaskEngine, TaskError};
-use crate::tasks::poller::Poller;
+use crate::tasks::poller::{Poller, peer_found};
 
 mod handoff;
 mod held;
@@ -221,6 +221,7 @@ impl Session {
         let served: Arc<[String]> = filter.iter().cloned().collect();
         let mut cancels = self.engine.cancels();
         let mut pace = Pace::new(self, config.poll_interval);
+        let rests = pace.poller.rests();
         let announce_every = (config.lease / 3).min(Duration::from_secs(1));
         let mut announce = tokio::time::interval(announce_every);
         announce.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -272,8 +273,9 @@ impl Session {
                         Ok(asked) => pass_cancel(asked, held, out, config.cancel_grace).await,
                         Err(_) => true,
                     }),
-                    // a local submit wakes its queue
+                    // a local submit wakes its queue; a peer's look found a task
                     () = pace.poller.woken(), if room => Some(true),
+                    () = peer_found(rests.as_deref()), if room => Some(true),
                     _ = sleep_until(recheck), if room && recheck.is_some() => {
                         pace.backoff_until = None;
                         Some(true)
@@ -385,6 +387,11 @@ impl Session {
                 }
                 took = true;
             }
+            // (one look at a time among identical workers: see the poller;
+            // claimed once this one surely looks)
+            if !hinted && !pace.poller.claim(q) {
+                continue;
+            }
             let queue = &pace.poller.queues()[q];
             match self
                 .engine
@@ -393,6 +400,9 @@ impl Session {
             {
                 Ok(leased) => {
                     if let Some(task) = pace.poller.took(q, leased) {
+                        if !hinted {
+                            pace.poller.found(q);
+                        }
                         pace.poller.leased(q, hinted);
                         return Some(task);
                     }
@@ -530,8 +540,10 @@ struct Pace {
 impl Pace {
     fn new(session: &Session, poll: Duration) -> Self {
         let queues = session.routing.queues.clone();
+        let engine = &session.engine;
+        let rests = engine.shared_rests(&queues, &session.routing.names);
         Self {
-            poller: Poller::new(queues, poll, 0, session.engine.submits()),
+            poller: Poller::pooled(queues, poll, 0, engine.submits(), rests),
             last_beat: Instant::now(),
             announced: Instant::now(),
             dirty: true,
