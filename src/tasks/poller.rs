@@ -15,9 +15,10 @@
 //! The slots of one pool share their rests ([`Rests`]): a queue one slot
 //! found empty rests for all of them, and an idle pool looks at each queue
 //! once per poll interval (one slot claims the look), not once per slot. A
-//! look that finds a task wakes one idle peer, which looks again (a
-//! backlog another process submitted engages the pool's slots one after
-//! another, a round trip apart).
+//! look that finds a task wakes one idle peer, and until a look finds the
+//! queue empty again every slot looks without a claim (a backlog another
+//! process submitted engages the pool's slots one after another, a round
+//! trip apart, and then all of them at once).
 //!
 //! Times are `tokio::time::Instant`s, so that tests can pause the clock.
 
@@ -34,25 +35,35 @@ use crate::store::tasks::Leased;
 /// limit, or one deleted, is seen within this).
 const MAX_HELD_REST: Duration = Duration::from_secs(1);
 
-/// The rests of a pool's slots, shared (see the module doc): until when
-/// each of their queues rests, by index, and the wake of an idle peer.
+/// The rests of a pool's slots, shared (see the module doc): each of their
+/// queues' [`Look`], by index, and the wake of an idle peer.
 #[derive(Debug)]
 pub struct Rests {
-    until: Mutex<Vec<Option<Instant>>>,
+    looks: Mutex<Vec<Look>>,
     peer: Notify,
+}
+
+/// What a pool knows of one queue.
+#[derive(Debug, Clone, Copy, Default)]
+struct Look {
+    /// Until when it rests (found empty or held, or a slot looks at it).
+    until: Option<Instant>,
+    /// The last look found a task: while there is a backlog every slot
+    /// looks as it pleases (no claims) until a look finds the queue empty.
+    busy: bool,
 }
 
 impl Rests {
     /// Rests for `queues` queues, none resting.
     pub fn new(queues: usize) -> Arc<Self> {
         Arc::new(Self {
-            until: Mutex::new(vec![None; queues]),
+            looks: Mutex::new(vec![Look::default(); queues]),
             peer: Notify::new(),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Option<Instant>>> {
-        self.until
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Look>> {
+        self.looks
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -188,7 +199,7 @@ impl Poller {
     /// Until when queue `q` rests, if it does or did.
     fn rest(&self, q: usize) -> Option<Instant> {
         match &self.shared {
-            Some(rests) => rests.lock().get(q).copied().flatten(),
+            Some(rests) => rests.lock().get(q).and_then(|l| l.until),
             None => self.empty[q],
         }
     }
@@ -196,8 +207,8 @@ impl Poller {
     fn set_rest(&mut self, q: usize, until: Option<Instant>) {
         match &self.shared {
             Some(rests) => {
-                if let Some(at) = rests.lock().get_mut(q) {
-                    *at = until;
+                if let Some(look) = rests.lock().get_mut(q) {
+                    look.until = until;
                 }
             }
             None => self.empty[q] = until,
@@ -207,19 +218,31 @@ impl Poller {
     /// Claims the look at queue `q` for this slot (not resting: it then
     /// rests for the pool's other slots until this look ends or a poll
     /// interval has passed): false when another slot looks at it or found
-    /// it empty. Always true for a worker that is no pool's slot.
+    /// it empty. Always true while the queue has a backlog (the last look
+    /// found a task), and for a worker that is no pool's slot.
     pub fn claim(&mut self, q: usize) -> bool {
         let Some(rests) = &self.shared else {
             return true;
         };
         let now = Instant::now();
-        let mut until = rests.lock();
-        match until.get_mut(q) {
-            Some(at) if at.is_none_or(|t| t <= now) => {
-                *at = Some(now + self.poll);
+        let mut looks = rests.lock();
+        match looks.get_mut(q) {
+            Some(look) if look.busy => true,
+            Some(look) if look.until.is_none_or(|t| t <= now) => {
+                look.until = Some(now + self.poll);
                 true
             }
             _ => false,
+        }
+    }
+
+    /// Queue `q` was found empty or held: the pool's looks at it take
+    /// turns again.
+    fn settled(&self, q: usize) {
+        if let Some(rests) = &self.shared
+            && let Some(look) = rests.lock().get_mut(q)
+        {
+            look.busy = false;
         }
     }
 
@@ -227,8 +250,11 @@ impl Poller {
     /// pool, and one idle peer looks at once (there may be more).
     pub fn found(&mut self, q: usize) {
         if let Some(rests) = &self.shared {
-            if let Some(at) = rests.lock().get_mut(q) {
-                *at = None;
+            if let Some(look) = rests.lock().get_mut(q) {
+                *look = Look {
+                    until: None,
+                    busy: true,
+                };
             }
             rests.peer.notify_one();
         }
@@ -253,6 +279,7 @@ impl Poller {
     /// Queue `q` was just found empty.
     pub fn mark_empty(&mut self, q: usize) {
         self.set_rest(q, Some(Instant::now() + self.poll));
+        self.settled(q);
     }
 
     /// Limits hold every task of queue `q` the lease looked at, until
@@ -268,6 +295,7 @@ impl Poller {
         // at least a millisecond: never a busy loop on a clock skew
         let wait = Duration::from_millis(until_ms.saturating_sub(now_ms).max(1) as u64);
         self.set_rest(q, Some(Instant::now() + wait.min(MAX_HELD_REST)));
+        self.settled(q);
     }
 
     /// What a lease found in queue `q`: the task, if any; an empty or
@@ -335,7 +363,7 @@ impl Poller {
     /// When the first resting queue is worth another look, if any rests.
     pub fn recheck_at(&self) -> Option<Instant> {
         match &self.shared {
-            Some(rests) => rests.lock().iter().flatten().copied().min(),
+            Some(rests) => rests.lock().iter().filter_map(|l| l.until).min(),
             None => self.empty.iter().flatten().copied().min(),
         }
     }
@@ -488,7 +516,8 @@ mod tests {
 
     /// A pool's slots share their rests: one look per queue (a claim),
     /// an empty queue rests for every slot, and a look that found a task
-    /// ends the rest and wakes one idle peer at once.
+    /// ends the rest and wakes one idle peer at once; while the queue has
+    /// a backlog, looks need no claim.
     #[tokio::test(start_paused = true)]
     async fn pooled_slots_share_their_rests() {
         let (tx, rx) = watch::channel(None);
@@ -515,6 +544,12 @@ mod tests {
         a.found(0);
         let (waited, resting) = woken.await.unwrap();
         assert_eq!((waited, resting), (Duration::ZERO, false));
+        // a backlog: every slot looks as it pleases, until one finds the
+        // queue empty; then they take turns again
+        assert!(a.claim(0) && a.claim(0));
+        a.mark_empty(0);
+        tokio::time::advance(POLL).await;
+        assert!(a.claim(0) && !a.claim(0));
         drop(tx);
     }
 
@@ -536,7 +571,7 @@ mod tests {
         drop((a, b));
         assert!(weak.upgrade().is_none());
         let again = shared.of(&queues(2), &names(&["x", "y"]));
-        assert!(again.lock().iter().all(Option::is_none));
+        assert!(again.lock().iter().all(|l| l.until.is_none() && !l.busy));
     }
 
     /// An idle worker waits until the first mark expires, or less when a

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::held::Held;
 use super::{CALL, Outbound, Pace, Session, reports};
-use crate::domain::task::TaskId;
+use crate::domain::task::{Task, TaskId};
 use crate::store::Deadline;
 use crate::tasks::engine::{Handed, IdleSlot};
 
@@ -65,36 +65,32 @@ impl Session {
         // what the session handled while on the board (chained leases)
         // may have filled it, or the identity's other streams its tally
         if held.len() >= self.concurrency || !self.taken.take_one() {
-            let worker = self.record.id.as_str();
-            if let Err(e) = self
-                .engine
-                .release(&task, worker, Deadline::after(CALL))
-                .await
-            {
-                tracing::warn!(task = %task.id, worker, error = %e, "cannot hand back a task handed to a full worker; its lease lapses");
-            }
+            self.release_unpushed(&task, "a full worker").await;
             return true;
         }
         let push = self.hold(task, held).await;
         pace.dirty = true;
         reports::send_all(out, vec![push]).await
     }
-}
 
-impl Session {
     /// Releases what a submit handed the session as koo stops (never
     /// pushed to the worker): back to its queue, its attempt given back.
     pub(super) async fn hand_back(&self, handed: Option<Handed>) {
-        let Some(task) = handed.and_then(|h| h.leased.task()) else {
-            return;
-        };
+        if let Some(task) = handed.and_then(|h| h.leased.task()) {
+            self.release_unpushed(&task, "a worker as koo stops").await;
+        }
+    }
+
+    /// Releases `task`, handed to the session and never pushed to `to`
+    /// (who it was handed to, for the log).
+    async fn release_unpushed(&self, task: &Task, to: &str) {
         let worker = self.record.id.as_str();
         if let Err(e) = self
             .engine
-            .release(&task, worker, Deadline::after(CALL))
+            .release(task, worker, Deadline::after(CALL))
             .await
         {
-            tracing::warn!(task = %task.id, worker, error = %e, "cannot hand back a task handed as koo stops; its lease lapses");
+            tracing::warn!(task = %task.id, worker, error = %e, "cannot hand back a task handed to {to}; its lease lapses");
         }
     }
 }
