@@ -239,15 +239,16 @@ impl InFlight {
     }
 }
 
-/// The candidates registered in [`InFlight`] while a lease reserves them.
+/// The candidate registered in [`InFlight`] while a lease reserves it, then
+/// the one reserved until the lease that uses it.
 struct Mine<'a> {
     set: &'a InFlight,
-    ids: Vec<String>,
+    id: Option<String>,
 }
 
 impl Mine<'_> {
     fn has(&self, id: &str) -> bool {
-        self.ids.iter().any(|m| m == id)
+        self.id.as_deref() == Some(id)
     }
 
     /// Whether another lease of this process is reserving `id`.
@@ -255,29 +256,19 @@ impl Mine<'_> {
         !self.has(id) && self.set.has(id)
     }
 
-    fn hold<'i>(&mut self, ids: impl Iterator<Item = &'i str>) {
+    /// Registers `id` (none: nothing) in place of what it held.
+    fn hold(&mut self, id: Option<&str>) {
         self.release();
-        let mut set = self.set.lock();
-        for id in ids {
-            set.insert(id.to_owned());
-            self.ids.push(id.to_owned());
+        if let Some(id) = id {
+            self.set.lock().insert(id.to_owned());
+            self.id = Some(id.to_owned());
         }
     }
 
-    /// Keeps only `id` (the one reserved), if any.
-    fn keep(&mut self, id: Option<&str>) {
-        let mut set = self.set.lock();
-        self.ids.retain(|m| {
-            let kept = Some(m.as_str()) == id;
-            if !kept {
-                set.remove(m);
-            }
-            kept
-        });
-    }
-
     fn release(&mut self) {
-        self.keep(None);
+        if let Some(id) = self.id.take() {
+            self.set.lock().remove(&id);
+        }
     }
 }
 
@@ -330,7 +321,7 @@ impl RedisTasks {
         let mut denied = Denied::default();
         let mut mine = Mine {
             set: &self.in_flight,
-            ids: Vec::new(),
+            id: None,
         };
         let mut grant = self
             .reserve_first(queue, first, limits, (&mut denied, &mut mine), deadline)
@@ -436,9 +427,9 @@ impl RedisTasks {
         // (the first only: the others are likely held, and a concurrent
         // lease of the process that passed over them all would find
         // nothing behind them, or a task of a lower priority)
-        mine.hold(need.ids().take(1));
+        mine.hold(need.ids().next());
         let grant = self.reserve(queue, need, limits, denied, deadline).await;
-        mine.keep(grant.as_ref().ok().and_then(|g| g.as_ref().map(Grant::id)));
+        mine.hold(grant.as_ref().ok().and_then(|g| g.as_ref().map(Grant::id)));
         grant
     }
 
