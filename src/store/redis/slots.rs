@@ -176,11 +176,15 @@ impl RedisStore {
             .iter()
             .map(|pipe| self.query_pipe::<()>(pipe, deadline))
             .collect();
-        futures::stream::iter(calls)
+        // Every slot's write runs to its end before the first error is
+        // reported: stopping at it would drop the writes still in flight,
+        // so whether another slot's entries were written would depend on
+        // which reply came first.
+        let results: Vec<Result<()>> = futures::stream::iter(calls)
             .buffered(IN_FLIGHT)
-            .try_collect::<Vec<()>>()
-            .await
-            .map(drop)
+            .collect()
+            .await;
+        results.into_iter().collect()
     }
 }
 
