@@ -14,6 +14,9 @@
 //!   worker serves, and `BENCH_WATCHERS` (default 1,000) open `WatchTask`
 //!   streams on them; koo's resident memory (VmRSS) then.
 //!
+//! - **across** (`BENCH_ACROSS=1`; off by default): the same through a koo
+//!   with no workers, the no-op run by a second koo's built-in slots on
+//!   the same Redis (a submit waking another process).
 //! - **external**: the same e2e and latency runs with the no-op served by
 //!   the Python example worker (`examples/python-worker`, on the Python SDK,
 //!   over WorkerService's Work stream, `BENCH_EXTERNAL_CONCURRENCY` tasks at
@@ -164,6 +167,20 @@ async fn run() -> Result<()> {
     }
     drop(client);
     drop(koo);
+    let across_prefix = format!("{prefix}a");
+    if env_usize("BENCH_ACROSS", 0)? > 0 {
+        let run = Run {
+            system: "koo-across",
+            worker: "another koo's built-in workers (4 slots)".to_owned(),
+            tasks,
+            latency_n,
+            reps,
+            label: &label,
+            redis_pid,
+            redis_url: url.clone(),
+        };
+        across(&run, &across_prefix, &mut out).await?;
+    }
     let external = env_usize("BENCH_EXTERNAL_CONCURRENCY", 16)?;
     let external_prefix = format!("{prefix}x");
     if external > 0 {
@@ -182,7 +199,7 @@ async fn run() -> Result<()> {
     // remove what koo wrote (only its own prefixes: the Redis may be shared)
     let redis = redis::Client::open(url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
-    for prefix in [&prefix, &external_prefix] {
+    for prefix in [&prefix, &external_prefix, &across_prefix] {
         let mut cursor = 0u64;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
@@ -206,6 +223,36 @@ async fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// e2e and latency through a koo with no workers (an API node) whose
+/// tasks run on another koo's built-in slots, on the same Redis: the path
+/// of a submit that wakes another process (`BENCH_ACROSS=1`).
+async fn across(run: &Run<'_>, prefix: &str, out: &mut std::fs::File) -> Result<()> {
+    let url = run.redis_url.as_str();
+    let args = |workers: &'static str| {
+        [
+            "--redis-url",
+            url,
+            "--prefix",
+            prefix,
+            "--worker-concurrency",
+            workers,
+        ]
+    };
+    let mut api = start_koo(&support::koo_bin(), &args("0"), &[("KOO_LOG", "warn")])?;
+    let _workers = start_koo(&support::koo_bin(), &args("4"), &[("KOO_LOG", "warn")])?;
+    let channel = Endpoint::from_shared(format!("http://{}", api.addr))?
+        .connect()
+        .await
+        .context("cannot connect to koo")?;
+    let client = TaskServiceClient::new(channel);
+    eprintln!(
+        "koo {} with no workers; another koo's 4 built-in slots run the no-op",
+        api.addr
+    );
+    e2e(&client, 500).await?;
+    run.measure(&client, &mut api, out).await
 }
 
 /// e2e and latency with the no-op run by the Python example worker over

@@ -254,6 +254,20 @@ impl QueueKeys {
         self.key("times:")
     }
 
+    /// The flag an idle koo process sets before it blocks on [`Self::wake`]
+    /// (a string with a TTL of a few seconds): a submit that finds it
+    /// deletes it and pushes one wake, so that a submit costs one `DEL`
+    /// when no process waits (see `store/redis/tasks/wake.rs`).
+    pub fn idle(&self) -> String {
+        self.key("idle")
+    }
+
+    /// The list an idle koo process blocks on (`BLPOP`): at most a wake or
+    /// two, expiring within seconds.
+    pub fn wake(&self) -> String {
+        self.key("wake")
+    }
+
     /// The queue's debounce keys (a hash: key -> the id of the unstarted
     /// task holding it). The scripts that start or end a task find it from
     /// the task's hash by [`DEBOUNCE_FROM_TASK`], so it must stay beside

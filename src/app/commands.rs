@@ -80,8 +80,9 @@ pub async fn run_worker(
     );
     let stop = CancellationToken::new();
     let mut tasks = JoinSet::new();
-    tasks.spawn(engine.clone().run_recovery(queues, stop.clone()));
+    tasks.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
     tasks.spawn(engine.clone().run_times_flush(stop.clone()));
+    tasks.spawn(engine.clone().run_wakes(queues, stop.clone()));
     tasks.spawn(pool.run(stop.clone()));
     tasks.spawn(warn_if_tasks_can_be_evicted(store));
     shutdown.await;

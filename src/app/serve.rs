@@ -265,6 +265,7 @@ fn start_tasks(
     let queues = settings.tasks.config.queues();
     background.spawn(engine.clone().run_recovery(queues.clone(), stop.clone()));
     background.spawn(engine.clone().run_times_flush(stop.clone()));
+    background.spawn(engine.clone().run_wakes(queues.clone(), stop.clone()));
     if settings.tasks.workers > 0 {
         let ledger = settings.tasks.ledger.as_deref();
         let registry = registry(&engine, ledger, Some(cache), Some(cache.clone()));

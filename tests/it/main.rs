@@ -48,6 +48,7 @@ mod task_engine;
 mod task_handoff;
 mod task_store;
 mod task_times;
+mod task_wake;
 mod tasks_grpc;
 mod tls;
 mod traces;

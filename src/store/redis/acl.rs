@@ -32,7 +32,7 @@ pub const REDIS_ACL_RULES: &str = "-@all \
 +get +set +mget +strlen +incr \
 +exists +del +unlink +pttl +pexpire +pexpireat +persist +scan +memory|usage \
 +hget +hgetall +hmget +hset +hsetnx +hdel +hexists +hincrby +hlen +hscan \
-+lrange +rpush +smembers +sadd +srem +scard \
++lrange +rpush +blpop +smembers +sadd +srem +scard \
 +zadd +zcard +zrange +zrangebyscore +zrevrangebyscore +zrem +zremrangebyscore +zremrangebyrank +zscore \
 +xadd +xtrim +xread +xrevrange +xinfo|stream \
 +multi +exec +evalsha +script|load +wait \

@@ -73,6 +73,10 @@ pub(crate) enum Key {
     /// A flow-control key outside any queue (given by the caller: a key's
     /// back-off).
     Flow,
+    /// The flag of a process whose workers wait idle on the queue.
+    Idle,
+    /// The list that process blocks on.
+    Wake,
 }
 
 impl Key {
@@ -95,6 +99,8 @@ impl Key {
             Self::Paused => "paused",
             Self::Debounce => "debounce",
             Self::Expiring => "expiring",
+            Self::Idle => "idle",
+            Self::Wake => "wake",
         }
     }
 
@@ -116,6 +122,8 @@ impl Key {
             Self::Paused => keys.paused(),
             Self::Debounce => keys.debounce(),
             Self::Expiring => keys.expiring(),
+            Self::Idle => keys.idle(),
+            Self::Wake => keys.wake(),
             Self::Claim | Self::Flow => return None,
         })
     }

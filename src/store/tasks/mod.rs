@@ -24,10 +24,11 @@ use std::time::Duration;
 
 use super::clock::Clock;
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
+pub use super::redis::SubmitWatch;
 use super::redis::{RedisTasks, StreamReader};
 use super::{RedisStore, Result};
 use crate::domain::Outcome;
-use crate::domain::task::{State, Task, TaskId};
+use crate::domain::task::{QueueName, State, Task, TaskId};
 
 /// The width of a priority band of a ready score; the Lua scripts get it
 /// through the generated prelude (`local BAND = ...`).
@@ -383,6 +384,16 @@ impl TaskStore {
         self.backend()
             .downcast_ref::<RedisTasks>()
             .map(RedisTasks::parts)
+    }
+
+    /// The watches through which this process's idle workers are woken by
+    /// submits made in other processes (see [`SubmitWatch`]): none on the
+    /// embedded store, whose submits all come through this process.
+    pub fn submit_watches(&self, queues: &[QueueName]) -> Vec<SubmitWatch> {
+        self.backend()
+            .downcast_ref::<RedisTasks>()
+            .map(|redis| redis.submit_watches(queues))
+            .unwrap_or_default()
     }
 
     /// The embedded tasks, when they live in this process (persistence

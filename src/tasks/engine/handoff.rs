@@ -69,7 +69,7 @@ pub(super) struct Board {
     queues: Mutex<HashMap<QueueName, Vec<Arc<Waiter>>>>,
     /// Told of every slot that comes or goes, for
     /// [`TaskEngine::until_idle_slots`].
-    changed: watch::Sender<()>,
+    pub(super) changed: watch::Sender<()>,
 }
 
 impl Default for Board {

@@ -40,6 +40,7 @@ mod queues;
 mod recovery;
 mod submit;
 mod times;
+mod wakes;
 
 pub use self::config::TaskConfig;
 pub use self::debounce::{Debounce, MAX_DEBOUNCE_KEY, MAX_DEBOUNCE_WINDOW};

@@ -170,13 +170,16 @@ fn borrowed_hash(reply: &redis::Value) -> Option<HashMap<&str, &str>> {
 }
 
 impl RedisTasks {
-    /// A submit.lua call for `task` (PENDING on `waiting` when not empty).
+    /// A submit.lua call for `task` (PENDING on `waiting` when not empty);
+    /// `wake`: whether a task due now wakes an idle process (not when the
+    /// caller leases it for an idle worker of its own in the same trip).
     pub(super) fn submit_call(
         &self,
         task: &Task,
         delay: Duration,
         waiting: &[TaskId],
         limits: TaskLimits,
+        wake: bool,
     ) -> Invocation<'_> {
         let keys = self.keys(&task.id.queue());
         let mut call = self.scripts().submit.call(self.clock());
@@ -196,7 +199,8 @@ impl RedisTasks {
                     .or(task.rate_limit_key.as_deref())
                     .unwrap_or(""),
             )
-            .arg("name", task.name.as_str());
+            .arg("name", task.name.as_str())
+            .arg("wake", u8::from(wake));
         for dep in waiting {
             call.extra(dep.as_str());
         }

@@ -51,7 +51,7 @@ impl RedisTasks {
             };
             return (submitted, leased);
         }
-        let submit = self.submit_call(task, Duration::ZERO, &[], limits);
+        let submit = self.submit_call(task, Duration::ZERO, &[], limits, false);
         let lease = self.lease_call(&queue, ask, lease_limits);
         let mut pipe = redis::pipe();
         pipe.invoke_script(submit.done())
@@ -139,7 +139,7 @@ impl RedisTasks {
         }
         let submits: Vec<_> = tasks
             .iter()
-            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
+            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits, true))
             .collect();
         let leases: Vec<_> = asks
             .iter()

@@ -29,9 +29,11 @@ mod scripts;
 mod slots;
 mod tally;
 mod times;
+mod wake;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
+pub use wake::SubmitWatch;
 
 use args::leased;
 
@@ -134,7 +136,7 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
-        let call = self.submit_call(task, delay, &[], limits);
+        let call = self.submit_call(task, delay, &[], limits, true);
         let script = self.scripts().submit.script();
         self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await
@@ -309,7 +311,7 @@ impl TaskBackend for RedisTasks {
         limits: TaskLimits,
         deadline: Deadline,
     ) -> Result<()> {
-        let call = self.submit_call(task, Duration::ZERO, waiting, limits);
+        let call = self.submit_call(task, Duration::ZERO, waiting, limits, true);
         let script = self.scripts().submit.script();
         self.invoke_submit::<i64>(script, call.done(), limits, deadline)
             .await

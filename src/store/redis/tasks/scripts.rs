@@ -10,15 +10,17 @@ use crate::store::redis::script::{Composed, Key, Spec};
 const LIB: &str = include_str!("../lua/tasks/lib.lua");
 
 use Key::{
-    Claim, Dead, Debounce, Events, Expiring, Flow, History, HistoryData, Leases, Paused, Pending,
-    Ready, Scheduled, Stats, Task, Times,
+    Claim, Dead, Debounce, Events, Expiring, Flow, History, HistoryData, Idle, Leases, Paused,
+    Pending, Ready, Scheduled, Stats, Task, Times, Wake,
 };
 
 /// Then the ids waited on (`deps` of them) and the task hash's field,
 /// value pairs.
 pub(super) const SUBMIT: Spec = Spec {
     name: "submit",
-    keys: &[Task, Ready, Scheduled, Events, Stats, Pending, Expiring],
+    keys: &[
+        Task, Ready, Scheduled, Events, Stats, Pending, Expiring, Idle, Wake,
+    ],
     args: &[
         "id",
         "band",
@@ -28,6 +30,7 @@ pub(super) const SUBMIT: Spec = Spec {
         "expire_ms",
         "fkey",
         "name",
+        "wake",
     ],
     variadic: true,
     body: include_str!("../lua/tasks/submit.lua"),
@@ -186,7 +189,7 @@ pub(super) const TRIM: Spec = Spec {
 
 pub(super) const RELEASE: Spec = Spec {
     name: "release",
-    keys: &[Task, Leases, Ready, Events, Expiring],
+    keys: &[Task, Leases, Ready, Events, Expiring, Idle, Wake],
     args: &["id", "token", "events_cap", "log"],
     variadic: false,
     body: include_str!("../lua/tasks/release.lua"),

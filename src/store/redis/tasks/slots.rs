@@ -152,7 +152,7 @@ impl RedisTasks {
         deadline: Deadline,
     ) -> Result<Vec<Result<()>>> {
         let calls: Vec<_> = tasks
-            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits))
+            .map(|(task, delay)| self.submit_call(task, *delay, &[], limits, true))
             .collect();
         let mut pipe = redis::pipe();
         pipe.load_script(self.scripts().submit.script());

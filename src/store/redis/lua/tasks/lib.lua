@@ -161,6 +161,16 @@ local function make_rates(fb)
   }
 end
 
+-- Wakes one koo process whose workers wait idle on this queue (it set
+-- `idle` before blocking on `wake`, see store/redis/tasks/wake.rs): one
+-- DEL when none waits; the wake expires if nobody takes it.
+local function wake_idle(idle, wake)
+  if redis.call('DEL', idle) == 1 then
+    redis.call('RPUSH', wake, '1')
+    redis.call('PEXPIRE', wake, 10000)
+  end
+end
+
 -- Appends an event about task `id` to stream `events` (capped, roughly, at
 -- `cap`); `...` are more field, value pairs.
 local function add_event(events, cap, id, name, state, ...)

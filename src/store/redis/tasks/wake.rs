@@ -1,0 +1,121 @@
+//! Waking idle koo processes on a submit made elsewhere.
+//!
+//! A submit wakes this process's idle workers in memory; a process whose
+//! workers wait idle while another process submits would otherwise find
+//! the task at its next poll (`KOO_WORKER_POLL_INTERVAL`). So an idle
+//! process *arms* each queue its idle workers serve: it sets the queue's
+//! `idle` flag (a TTL of [`FLAG_TTL`]) and blocks on the queue's `wake`
+//! list (`BLPOP`) in the same pipeline, on a connection of its own. A
+//! submit of a task due now, and a hand-back, deletes the flag and, when
+//! there was one, pushes a wake (`wake_idle` in `lib.lua`): one `DEL` per
+//! submit while no process waits, which is every submit under load.
+//!
+//! One wake per flag: of several idle processes one is woken (Redis serves
+//! the longest-blocked `BLPOP` first), as BullMQ's marker wakes one
+//! worker; it re-arms at once, and its workers, finding a backlog, wake
+//! their peers. A wake nobody takes expires (10 s); a flag left by a
+//! process that died expires within [`FLAG_TTL`]. A stale wake costs one
+//! look that finds nothing, never a task.
+//!
+//! On one Redis a process arms all its queues on one connection (`BLPOP`
+//! takes several lists); on a Cluster a blocking command reaches one slot,
+//! so each queue has its own connection.
+
+use std::time::Duration;
+
+use redis::Value;
+
+use super::RedisTasks;
+use crate::domain::task::QueueName;
+use crate::store::redis::RedisStore;
+use crate::store::redis::conn::Conn;
+use crate::store::{Result, StoreError};
+
+/// How long an armed flag outlives the `BLPOP` it announces, at most: a
+/// process that died stops being woken within this after its block.
+const FLAG_TTL: Duration = Duration::from_secs(2);
+
+/// Arms some queues and waits for a wake (see the module doc).
+pub struct SubmitWatch {
+    store: RedisStore,
+    conn: Option<Conn>,
+    queues: Vec<QueueName>,
+    idle: Vec<String>,
+    wake: Vec<String>,
+}
+
+impl SubmitWatch {
+    /// The queues it arms.
+    pub fn queues(&self) -> &[QueueName] {
+        &self.queues
+    }
+
+    /// Arms its queues and waits up to `block` (at most a second is sent
+    /// to Redis at a time) for a wake: the queue woken, or `None` when the
+    /// block ran out.
+    pub async fn next(&mut self, block: Duration) -> Result<Option<QueueName>> {
+        let block = block.clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let inner = &self.store.inner;
+                let conn = inner
+                    .connector
+                    .dedicated(inner.connect_timeout, block + Duration::from_secs(5))
+                    .await
+                    .map_err(|e| {
+                        StoreError::Unavailable(format!("cannot open a wake connection: {e}"))
+                    })?;
+                self.conn.insert(conn)
+            }
+        };
+        let ttl = u64::try_from((block + FLAG_TTL).as_millis()).unwrap_or(u64::MAX);
+        let mut pipe = redis::pipe();
+        for idle in &self.idle {
+            pipe.cmd("SET").arg(idle).arg(1).arg("PX").arg(ttl).ignore();
+        }
+        pipe.cmd("BLPOP")
+            .arg(&self.wake)
+            .arg(format!("{:.3}", block.as_secs_f64()));
+        let reply: redis::RedisResult<(Value,)> = pipe.query_async(conn).await;
+        let popped = match reply {
+            Ok((v,)) => v,
+            Err(e) => {
+                // reconnect on the next call
+                self.conn = None;
+                return Err(StoreError::Unavailable(format!("wake read failed: {e}")));
+            }
+        };
+        let key: Option<(String, String)> = match popped {
+            Value::Nil => None,
+            v => redis::from_redis_value(v)
+                .map_err(|e| StoreError::Backend(format!("a wake's reply: {e}")))?,
+        };
+        Ok(key.and_then(|(key, _)| {
+            let at = self.wake.iter().position(|w| *w == key)?;
+            self.queues.get(at).cloned()
+        }))
+    }
+}
+
+impl RedisTasks {
+    /// The watches that arm `queues`: one for all of them on one Redis,
+    /// one per queue on a Cluster.
+    pub fn submit_watches(&self, queues: &[QueueName]) -> Vec<SubmitWatch> {
+        let watch = |queues: &[QueueName]| SubmitWatch {
+            store: self.store.clone(),
+            conn: None,
+            queues: queues.to_vec(),
+            idle: queues.iter().map(|q| self.keys(q).idle()).collect(),
+            wake: queues.iter().map(|q| self.keys(q).wake()).collect(),
+        };
+        if queues.is_empty() {
+            return Vec::new();
+        }
+        if self.store.is_cluster() {
+            queues.chunks(1).map(watch).collect()
+        } else {
+            vec![watch(queues)]
+        }
+    }
+}

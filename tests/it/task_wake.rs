@@ -1,0 +1,174 @@
+//! A submit made through one koo process wakes the idle workers of another
+//! (issue 20: koo nodes that submit and nodes that work): the idle process
+//! arms its queues in Redis (`idle` flag, `BLPOP` on `wake`), the submit
+//! script pushes a wake, and the task starts in a round trip rather than at
+//! the worker's next poll. On a real redis-server and a Redis Cluster, two
+//! koo servers over real gRPC channels.
+
+use crate::common;
+
+use std::time::Duration;
+
+use common::cluster::TestCluster;
+use common::tasks::{client, short_intervals, submit, wait_task};
+use common::{EVENT_TIMEOUT, TestRedis, TestServer, redis_settings, test_settings};
+use koo::domain::task::Category;
+use koo::keys::QueueKeys;
+use koo::pb::tasks::v1 as pb;
+use koo::tasks::handlers::NOOP;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+/// The Redis under both koo processes, and a direct connection to the node
+/// that holds the research queue's keys.
+enum Under {
+    Redis(TestRedis),
+    Cluster(TestCluster),
+}
+
+impl Under {
+    fn url(&self) -> String {
+        match self {
+            Self::Redis(r) => r.url(),
+            Self::Cluster(c) => c.url(),
+        }
+    }
+
+    async fn conn_for(&self, key: &str) -> redis::aio::MultiplexedConnection {
+        match self {
+            Self::Redis(r) => r.conn().await,
+            Self::Cluster(c) => c.conn_to_master_of(key).await,
+        }
+    }
+}
+
+async fn koo(url: &str, workers: usize, poll: Duration) -> TestServer {
+    let mut settings = test_settings(redis_settings(url));
+    short_intervals(&mut settings, workers);
+    settings.tasks.config.poll_interval = poll;
+    let server = TestServer::spawn(settings).await;
+    server.wait_health("", ServingStatus::Serving).await;
+    server
+}
+
+/// Waits until a process has armed the queue (its flag is set): the event
+/// a submit's wake depends on, read where it happens.
+async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 {
+    let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(flag)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if pttl > 0 {
+            return pttl;
+        }
+        assert!(tokio::time::Instant::now() < until, "{flag} was never set");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// koo A has no workers (an API node); koo B's built-in slots poll once a
+/// minute. Tasks submitted through A run on B at once, one after another
+/// (B re-arms after each wake); the flag and the wake list expire.
+async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
+    let url = under.url();
+    let api = koo(&url, 0, Duration::from_secs(60)).await;
+    let workers = koo(&url, 2, Duration::from_secs(60)).await;
+    let keys = QueueKeys::new("koo", &Category::Research.default_queue());
+    let mut conn = under.conn_for(&keys.idle()).await;
+    let mut c = client(&api);
+    for i in 0..3 {
+        let pttl = armed(&mut conn, &keys.idle()).await;
+        assert!(
+            pttl <= 3_000,
+            "the flag outlives its arming by 2 s at most: {pttl}"
+        );
+        let id = c
+            .submit_task(submit(NOOP, serde_json::json!({})))
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap()
+            .id;
+        // B's slots next look in a minute: only the wake starts it in time
+        let done = wait_task(&mut c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+        // (A has no worker: whoever ran it is B's)
+        let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
+        assert!(ran_on.is_some_and(|w| !w.is_empty()), "task {i}: {done:?}");
+    }
+    let wake_ttl: i64 = redis::cmd("PTTL")
+        .arg(keys.wake())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // taken (gone) or expiring
+    assert!(
+        wake_ttl == -2 || (0..=10_000).contains(&wake_ttl),
+        "{wake_ttl}"
+    );
+    drop(workers);
+    drop(api);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_through_another_process_wakes_its_idle_workers() {
+    a_submit_elsewhere_wakes_idle_workers(Under::Redis(TestRedis::start().await)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_through_another_process_wakes_its_idle_workers_on_a_cluster() {
+    a_submit_elsewhere_wakes_idle_workers(Under::Cluster(TestCluster::start().await)).await;
+}
+
+/// A process with no idle worker arms nothing, so that a submit costs
+/// one `DEL` and no wake is pushed: B's two slots busy on long tasks, a
+/// third submit finds no flag (and leaves no wake behind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_workers_arm_nothing() {
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let api = koo(&url, 0, Duration::from_secs(60)).await;
+    let _workers = koo(&url, 1, Duration::from_millis(20)).await;
+    let keys = QueueKeys::new("koo", &Category::Research.default_queue());
+    let mut conn = redis.conn().await;
+    armed(&mut conn, &keys.idle()).await;
+    let mut c = client(&api);
+    let long = submit(
+        koo::tasks::handlers::SLEEP,
+        serde_json::json!({ "seconds": 10, "steps": 1 }),
+    );
+    let id = c
+        .submit_task(long)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    wait_task(&mut c, &id, |t| t.state == pb::TaskState::Running as i32).await;
+    // the slot is busy: the flag it set lapses and is not set again
+    let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(keys.idle())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if exists == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "the flag stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.submit_task(submit(NOOP, serde_json::json!({})))
+        .await
+        .unwrap();
+    let wakes: i64 = redis::cmd("LLEN")
+        .arg(keys.wake())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(wakes, 0, "a submit with no process armed pushes no wake");
+}
