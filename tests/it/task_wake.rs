@@ -15,7 +15,7 @@ use common::{EVENT_TIMEOUT, TestRedis, TestServer, redis_settings, test_settings
 use koo::domain::task::Category;
 use koo::keys::QueueKeys;
 use koo::pb::tasks::v1 as pb;
-use koo::tasks::handlers::NOOP;
+use koo::tasks::handlers::{FAIL_TIMES, NOOP};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// The Redis under both koo processes, and a direct connection to the node
@@ -42,9 +42,19 @@ impl Under {
 }
 
 async fn koo(url: &str, workers: usize, poll: Duration) -> TestServer {
+    koo_with(url, workers, poll, |_| {}).await
+}
+
+async fn koo_with(
+    url: &str,
+    workers: usize,
+    poll: Duration,
+    adjust: impl FnOnce(&mut koo::app::Settings),
+) -> TestServer {
     let mut settings = test_settings(redis_settings(url));
     short_intervals(&mut settings, workers);
     settings.tasks.config.poll_interval = poll;
+    adjust(&mut settings);
     let server = TestServer::spawn(settings).await;
     server.wait_health("", ServingStatus::Serving).await;
     server
@@ -70,7 +80,8 @@ async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 
 
 /// koo A has no workers (an API node); koo B's built-in slots poll once a
 /// minute. Tasks submitted through A run on B at once, one after another
-/// (B re-arms after each wake); the flag and the wake list expire.
+/// (B re-arms after each wake), and so does a failed task retried through
+/// A; the flag and the wake list expire.
 async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
     let url = under.url();
     let api = koo(&url, 0, Duration::from_secs(60)).await;
@@ -98,6 +109,31 @@ async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
         let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
         assert!(ran_on.is_some_and(|w| !w.is_empty()), "task {i}: {done:?}");
     }
+    // a retry through A (the task back in its queue) wakes B the same way
+    let mut failing = submit(FAIL_TIMES, serde_json::json!({ "failures": 1 }));
+    failing.max_retries = Some(0);
+    armed(&mut conn, &keys.idle()).await;
+    let id = c
+        .submit_task(failing)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    wait_task(&mut c, &id, |t| t.state == pb::TaskState::Failed as i32).await;
+    armed(&mut conn, &keys.idle()).await;
+    c.retry_task(pb::RetryTaskRequest {
+        task_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    let retried = wait_task(&mut c, &id, |t| t.attempt_log.len() == 2).await;
+    assert_eq!(
+        retried.state,
+        pb::TaskState::Succeeded as i32,
+        "{retried:?}"
+    );
     let wake_ttl: i64 = redis::cmd("PTTL")
         .arg(keys.wake())
         .query_async(&mut conn)
@@ -171,4 +207,33 @@ async fn busy_workers_arm_nothing() {
         .await
         .unwrap();
     assert_eq!(wakes, 0, "a submit with no process armed pushes no wake");
+}
+
+/// A task due later is made ready by whichever process's recovery sweep
+/// gets to it first: here koo A's (every 100 ms; koo B sweeps once a
+/// minute and its slots poll once a minute), and A's sweep wakes B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_made_due_by_another_process_s_sweep_wakes_idle_workers() {
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let api = koo(&url, 0, Duration::from_secs(60)).await;
+    let minute = Duration::from_secs(60);
+    let _workers = koo_with(&url, 2, minute, |s| s.tasks.config.sweep_interval = minute).await;
+    let keys = QueueKeys::new("koo", &Category::Research.default_queue());
+    let mut conn = redis.conn().await;
+    armed(&mut conn, &keys.idle()).await;
+    let mut c = client(&api);
+    let mut later = submit(NOOP, serde_json::json!({}));
+    later.countdown = Some(common::tasks::millis(300));
+    let id = c
+        .submit_task(later)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    let done = wait_task(&mut c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+    let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
+    assert!(ran_on.is_some_and(|w| !w.is_empty()), "{done:?}");
 }

@@ -167,6 +167,8 @@ pub(super) const RECOVER: Spec = Spec {
         Scheduled,
         Expiring,
         Pending,
+        Idle,
+        Wake,
     ],
     args: &[
         "prefix",
@@ -216,7 +218,17 @@ pub(super) const CANCEL: Spec = Spec {
 
 pub(super) const RETRY: Spec = Spec {
     name: "retry",
-    keys: &[Task, Ready, History, HistoryData, Dead, Events, Stats],
+    keys: &[
+        Task,
+        Ready,
+        History,
+        HistoryData,
+        Dead,
+        Events,
+        Stats,
+        Idle,
+        Wake,
+    ],
     args: &["id", "events_cap"],
     variadic: false,
     body: include_str!("../lua/tasks/retry.lua"),
@@ -296,6 +308,8 @@ pub(super) const RESOLVE: Spec = Spec {
         Events,
         Stats,
         Expiring,
+        Idle,
+        Wake,
     ],
     args: &[
         "id",

@@ -26,6 +26,7 @@ for _, id in ipairs(expiring) do
   end
 end
 local out = { '', tostring(expired), table.concat(waited_on, ' ') }
+local requeued = false
 local lapsed = redis.call('ZRANGEBYSCORE', K_leases, '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(lapsed) do
   local key = prefix .. id
@@ -58,6 +59,7 @@ for _, id in ipairs(lapsed) do
     if outcome == 'queued' then
       redis.call('HSET', key, 'state', 'queued')
       redis.call('ZADD', K_ready, enter_score(K_ready, key, band, now, fair_key(ckey, rkey)), id)
+      requeued = true
       -- waiting again, it may expire again (the lease ends it if it has)
       if expire_ms then redis.call('ZADD', K_expiring, expire_ms, id) end
     else
@@ -93,4 +95,6 @@ end
 -- may have been ended by its dependency's release before this call on the
 -- embedded store, and the handled count must not tell the stores apart
 out[1] = tostring(#lapsed + due)
+-- tasks due now: an idle process looks at once, not at its next poll
+if requeued or due > 0 then wake_idle(K_idle, K_wake) end
 return out
