@@ -320,6 +320,15 @@ impl Collector for OwnTasks {
                 counter(&mut family.encode_family(&labels)?, f.handed)?;
             }
         }
+        {
+            let help = "Wakes this instance took from Redis for its idle workers, by queue: a task made ready through another koo process (a submit, a retry, a hand-back, a dependency's release, a sweep that made tasks due) while this one's workers waited idle (per instance).";
+            let mut family =
+                encoder.encode_descriptor("koo_task_wakes", help, None, MetricType::Counter)?;
+            for f in &figures {
+                let labels = [("queue", f.queue.as_str())];
+                counter(&mut family.encode_family(&labels)?, f.woken)?;
+            }
+        }
         let histograms: [Described<ReadHistogram>; 2] = [
             (
                 "koo_task_run_seconds",

@@ -24,6 +24,9 @@ struct QueueCounters {
     /// Tasks a submit gave straight to an idle slot (see
     /// `engine::handoff`).
     handed: AtomicU64,
+    /// Wakes this process took from Redis: a task made ready through
+    /// another process (see `engine::wakes`).
+    woken: AtomicU64,
     run: Histogram,
     wait: Histogram,
 }
@@ -37,6 +40,8 @@ pub struct QueueFigures {
     pub counts: [u64; 5],
     /// Tasks a submit gave straight to an idle built-in slot.
     pub handed: u64,
+    /// Wakes taken from Redis for the queue's idle workers.
+    pub woken: u64,
     /// How long finished attempts ran.
     pub run: HistogramSnapshot,
     /// How long tasks waited from their submit to their first start.
@@ -93,6 +98,11 @@ impl TaskCounters {
         self.of(queue.as_str()).handed.fetch_add(1, Relaxed);
     }
 
+    /// A wake from Redis reached this process's idle workers of `queue`.
+    pub fn woken(&self, queue: &QueueName) {
+        self.of(queue.as_str()).woken.fetch_add(1, Relaxed);
+    }
+
     /// An attempt of `task` ended, moving it to `state`.
     pub fn finished(&self, task: &Task, state: State) {
         self.finished_at(task.id.queue().as_str(), task.started_ms, state);
@@ -121,6 +131,7 @@ impl TaskCounters {
             queue: queue.to_owned(),
             counts: std::array::from_fn(|i| c.counts[i].load(Relaxed)),
             handed: c.handed.load(Relaxed),
+            woken: c.woken.load(Relaxed),
             run: c.run.snapshot(),
             wait: c.wait.snapshot(),
         };

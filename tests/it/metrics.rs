@@ -37,7 +37,7 @@ fn serve(env: &[(&str, &str)]) -> (Guard, String, Option<String>, Vec<String>) {
 
 /// The body of `GET http://{addr}{path}` (HTTP/1.1, one request per
 /// connection: all these tests need of a client).
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub(crate) async fn http_get(addr: &str, path: &str) -> (u16, String) {
     http_get_as(addr, path, None).await
 }
 
@@ -426,7 +426,7 @@ async fn metrics_over_https_with_the_grpc_certificate() {
 
 /// The sum of the samples of `name` with every label in `labels` (`k="v"`
 /// strings) in an OpenMetrics text; `None` when there is none.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+pub(crate) fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)

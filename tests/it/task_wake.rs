@@ -85,7 +85,13 @@ async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 
 async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
     let url = under.url();
     let api = koo(&url, 0, Duration::from_secs(60)).await;
-    let workers = koo(&url, 2, Duration::from_secs(60)).await;
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let workers = koo_with(&url, 2, Duration::from_secs(60), |s| {
+        s.http_listen = Some(http)
+    })
+    .await;
     let keys = QueueKeys::new("koo", &Category::Research.default_queue());
     let mut conn = under.conn_for(&keys.idle()).await;
     let mut c = client(&api);
@@ -134,6 +140,11 @@ async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
         pb::TaskState::Succeeded as i32,
         "{retried:?}"
     );
+    // five wakes reached B (three submits, the failing one, the retry)
+    let (status, text) = crate::metrics::http_get(&http.to_string(), "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let woken = crate::metrics::sample(&text, "koo_task_wakes_total", &[r#"queue="research""#]);
+    assert!(woken.is_some_and(|n| n >= 5.0), "{woken:?}");
     let wake_ttl: i64 = redis::cmd("PTTL")
         .arg(keys.wake())
         .query_async(&mut conn)

@@ -46,6 +46,7 @@ impl TaskEngine {
             };
             match woken {
                 Ok(Some(queue)) => {
+                    self.inner.counters.woken(&queue);
                     self.inner.submitted.send_replace(Some(queue));
                 }
                 Ok(None) => {}
