@@ -225,6 +225,15 @@ async fn run() -> Result<()> {
     Ok(())
 }
 
+/// A TaskService client of `koo`.
+async fn task_client(koo: &support::KooServer) -> Result<TaskServiceClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{}", koo.addr))?
+        .connect()
+        .await
+        .context("cannot connect to koo")?;
+    Ok(TaskServiceClient::new(channel))
+}
+
 /// e2e and latency through a koo with no workers (an API node) whose
 /// tasks run on another koo's built-in slots, on the same Redis: the path
 /// of a submit that wakes another process (`BENCH_ACROSS=1`).
@@ -242,11 +251,7 @@ async fn across(run: &Run<'_>, prefix: &str, out: &mut std::fs::File) -> Result<
     };
     let mut api = start_koo(&support::koo_bin(), &args("0"), &[("KOO_LOG", "warn")])?;
     let _workers = start_koo(&support::koo_bin(), &args("4"), &[("KOO_LOG", "warn")])?;
-    let channel = Endpoint::from_shared(format!("http://{}", api.addr))?
-        .connect()
-        .await
-        .context("cannot connect to koo")?;
-    let client = TaskServiceClient::new(channel);
+    let client = task_client(&api).await?;
     eprintln!(
         "koo {} with no workers; another koo's 4 built-in slots run the no-op",
         api.addr
@@ -321,11 +326,7 @@ async fn external_worker(
         .spawn()
         .context("cannot start the Python example worker")?;
     let _worker = KillOnDrop(worker);
-    let channel = Endpoint::from_shared(format!("http://{}", koo.addr))?
-        .connect()
-        .await
-        .context("cannot connect to koo")?;
-    let client = TaskServiceClient::new(channel);
+    let client = task_client(&koo).await?;
     eprintln!(
         "koo {} with no built-in workers; the Python example worker serves the no-op, {concurrency} at a time",
         koo.addr

@@ -78,6 +78,27 @@ async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 
     }
 }
 
+/// Submits `req` (task `i` of a test) through the API node and waits for
+/// it to succeed within [`EVENT_TIMEOUT`] (the worker node polls once a
+/// minute); it ran on a worker (the API node has none: the worker node's).
+async fn succeeds_in_time(
+    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+    req: pb::SubmitTaskRequest,
+    i: usize,
+) {
+    let id = c
+        .submit_task(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    let done = wait_task(c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
+    let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
+    assert!(ran_on.is_some_and(|w| !w.is_empty()), "task {i}: {done:?}");
+}
+
 /// koo A has no workers (an API node); koo B's built-in slots poll once a
 /// minute. Tasks submitted through A run on B at once, one after another
 /// (B re-arms after each wake), and so does a failed task retried through
@@ -101,19 +122,8 @@ async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
             pttl <= 3_000,
             "the flag outlives its arming by 2 s at most: {pttl}"
         );
-        let id = c
-            .submit_task(submit(NOOP, serde_json::json!({})))
-            .await
-            .unwrap()
-            .into_inner()
-            .task
-            .unwrap()
-            .id;
         // B's slots next look in a minute: only the wake starts it in time
-        let done = wait_task(&mut c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
-        // (A has no worker: whoever ran it is B's)
-        let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
-        assert!(ran_on.is_some_and(|w| !w.is_empty()), "task {i}: {done:?}");
+        succeeds_in_time(&mut c, submit(NOOP, serde_json::json!({})), i).await;
     }
     // a retry through A (the task back in its queue) wakes B the same way
     let mut failing = submit(FAIL_TIMES, serde_json::json!({ "failures": 1 }));
@@ -236,15 +246,5 @@ async fn a_task_made_due_by_another_process_s_sweep_wakes_idle_workers() {
     let mut c = client(&api);
     let mut later = submit(NOOP, serde_json::json!({}));
     later.countdown = Some(common::tasks::millis(300));
-    let id = c
-        .submit_task(later)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
-    let done = wait_task(&mut c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
-    let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
-    assert!(ran_on.is_some_and(|w| !w.is_empty()), "{done:?}");
+    succeeds_in_time(&mut c, later, 0).await;
 }

@@ -14,9 +14,13 @@ use crate::store::tasks::SubmitWatch;
 /// How long one arming blocks before it is renewed.
 const BLOCK: Duration = Duration::from_secs(1);
 
-/// The pause after a failed arming (Redis down: the breaker and the
-/// workers' own polls take over).
+/// The pause after a failed arming, doubled after each failure in a row
+/// up to [`MAX_RETRY`] (Redis down, or a Redis user without `BLPOP`: the
+/// workers' own polls go on meanwhile).
 const RETRY: Duration = Duration::from_millis(500);
+
+/// The longest pause between failed armings.
+const MAX_RETRY: Duration = Duration::from_secs(30);
 
 impl TaskEngine {
     /// Until `stop`: while a worker of this process waits idle for a task
@@ -32,6 +36,7 @@ impl TaskEngine {
 
     async fn wake_loop(self, mut watch: SubmitWatch, stop: CancellationToken) {
         let mut board = self.inner.board.changed.subscribe();
+        let mut failed = 0u32;
         loop {
             // armed only while an idle worker would take what it wakes
             while !watch.queues().iter().any(|q| self.idle_slots(q) > 0) {
@@ -44,19 +49,30 @@ impl TaskEngine {
                 () = stop.cancelled() => return,
                 woken = watch.next(BLOCK) => woken,
             };
-            match woken {
-                Ok(Some(queue)) => {
-                    self.inner.counters.woken(&queue);
-                    self.inner.submitted.send_replace(Some(queue));
-                }
-                Ok(None) => {}
+            let woken = match woken {
+                Ok(woken) => woken,
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot wait for wakes; trying again");
+                    // said once per spell of failures (the health monitor
+                    // reports Redis itself being down)
+                    if failed == 0 {
+                        tracing::warn!(error = %e, queues = ?watch.queues(), "cannot wait for wakes from other koo processes; idle workers here find their tasks at their next poll until it works again");
+                    }
+                    let pause = RETRY.saturating_mul(1 << failed.min(6)).min(MAX_RETRY);
+                    failed = failed.saturating_add(1);
                     tokio::select! {
                         () = stop.cancelled() => return,
-                        () = tokio::time::sleep(RETRY) => {}
+                        () = tokio::time::sleep(pause) => {}
                     }
+                    continue;
                 }
+            };
+            if failed > 0 {
+                tracing::info!(queues = ?watch.queues(), "waiting for wakes from other koo processes again");
+                failed = 0;
+            }
+            if let Some(queue) = woken {
+                self.inner.counters.woken(&queue);
+                self.inner.submitted.send_replace(Some(queue));
             }
         }
     }

@@ -32,17 +32,9 @@ impl StreamReader {
     pub async fn next(&mut self, block: Duration, max: usize) -> Result<Vec<TaskEvent>> {
         let conn = match &mut self.conn {
             Some(c) => c,
-            None => {
-                let inner = &self.store.inner;
-                let conn = inner
-                    .connector
-                    .dedicated(inner.connect_timeout, block + Duration::from_secs(5))
-                    .await
-                    .map_err(|e| {
-                        StoreError::Unavailable(format!("cannot open an event connection: {e}"))
-                    })?;
-                self.conn.insert(conn)
-            }
+            None => self
+                .conn
+                .insert(blocking_conn(&self.store, block, "an event").await?),
         };
         // Field-value pairs as read, not a map: an event has five fields, and
         // hashing them costs more than a scan.
@@ -95,6 +87,21 @@ impl StreamReader {
         }
         Ok(events)
     }
+}
+
+/// A connection of its own for a command that blocks up to `block` (its
+/// replies wait that long and 5 s more); `what` names it in the error.
+pub(super) async fn blocking_conn(
+    store: &RedisStore,
+    block: Duration,
+    what: &str,
+) -> Result<crate::store::redis::conn::Conn> {
+    let inner = &store.inner;
+    inner
+        .connector
+        .dedicated(inner.connect_timeout, block + Duration::from_secs(5))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("cannot open {what} connection: {e}")))
 }
 
 /// A stream entry id `ms-seq` as a comparable pair.

@@ -26,6 +26,7 @@ use std::time::Duration;
 use redis::Value;
 
 use super::RedisTasks;
+use super::events::blocking_conn;
 use crate::domain::task::QueueName;
 use crate::store::redis::RedisStore;
 use crate::store::redis::conn::Conn;
@@ -57,17 +58,9 @@ impl SubmitWatch {
         let block = block.clamp(Duration::from_millis(10), Duration::from_secs(1));
         let conn = match &mut self.conn {
             Some(c) => c,
-            None => {
-                let inner = &self.store.inner;
-                let conn = inner
-                    .connector
-                    .dedicated(inner.connect_timeout, block + Duration::from_secs(5))
-                    .await
-                    .map_err(|e| {
-                        StoreError::Unavailable(format!("cannot open a wake connection: {e}"))
-                    })?;
-                self.conn.insert(conn)
-            }
+            None => self
+                .conn
+                .insert(blocking_conn(&self.store, block, "a wake").await?),
         };
         let ttl = u64::try_from((block + FLAG_TTL).as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
