@@ -248,3 +248,74 @@ async fn a_task_made_due_by_another_process_s_sweep_wakes_idle_workers() {
     later.countdown = Some(common::tasks::millis(300));
     succeeds_in_time(&mut c, later, 0).await;
 }
+
+/// A process arms only the queues an idle worker of its own would lease
+/// from (a wake of another queue must reach a process that would take it):
+/// B has no built-in slots and one stream worker serving the research
+/// queue; B arms research and not cache, and a task submitted through A is
+/// pushed to the stream at once (B polls once a minute).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_arms_only_the_queues_its_idle_workers_serve() {
+    use koo::pb::worker::v1::{
+        self as wpb, work_request::Message as In, work_response::Message as Out,
+        worker_service_client::WorkerServiceClient,
+    };
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let api = koo(&url, 0, Duration::from_secs(60)).await;
+    let workers = koo(&url, 0, Duration::from_secs(60)).await;
+    let name = "test.wake.stream";
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(wpb::WorkRequest {
+        message: Some(In::Hello(wpb::Hello {
+            name: "wake".into(),
+            task_names: vec![name.into()],
+            queues: vec!["research".into()],
+            concurrency: 1,
+            accept_batches: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = WorkerServiceClient::new(workers.channel.clone())
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let research = QueueKeys::new("koo", &Category::Research.default_queue());
+    let cache = QueueKeys::new("koo", &Category::Cache.default_queue());
+    let mut conn = redis.conn().await;
+    armed(&mut conn, &research.idle()).await;
+    // one pipeline sets every flag it arms: the cache queue's would be there
+    let other: i64 = redis::cmd("EXISTS")
+        .arg(cache.idle())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(other, 0, "a queue no idle worker here serves was armed");
+    let mut c = client(&api);
+    let id = c
+        .submit_task(pb::SubmitTaskRequest {
+            name: name.into(),
+            category: pb::TaskCategory::Research as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    let pushed = loop {
+        let next = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
+        match next.expect("a task within the event timeout").unwrap() {
+            Some(wpb::WorkResponse {
+                message: Some(Out::Task(t)),
+            }) => break t,
+            Some(_) => continue,
+            None => panic!("the stream ended"),
+        }
+    };
+    assert_eq!(pushed.task.map(|t| t.id), Some(id));
+    drop(tx);
+}

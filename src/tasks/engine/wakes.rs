@@ -47,7 +47,7 @@ impl TaskEngine {
             }
             let woken = tokio::select! {
                 () = stop.cancelled() => return,
-                woken = watch.next(BLOCK) => woken,
+                woken = watch.next(BLOCK, |q| self.idle_slots(q) > 0) => woken,
             };
             let woken = match woken {
                 Ok(woken) => woken,

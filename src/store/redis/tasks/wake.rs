@@ -3,12 +3,15 @@
 //! A submit wakes this process's idle workers in memory; a process whose
 //! workers wait idle while another process submits would otherwise find
 //! the task at its next poll (`KOO_WORKER_POLL_INTERVAL`). So an idle
-//! process *arms* each queue its idle workers serve: it sets the queue's
-//! `idle` flag (a TTL of [`FLAG_TTL`]) and blocks on the queue's `wake`
-//! list (`BLPOP`) in the same pipeline, on a connection of its own. A
-//! submit of a task due now, and a hand-back, deletes the flag and, when
-//! there was one, pushes a wake (`wake_idle` in `lib.lua`): one `DEL` per
-//! submit while no process waits, which is every submit under load.
+//! process *arms* each queue its idle workers serve (only those: a wake
+//! of a queue nobody here would lease must go to a process that would):
+//! it sets the queue's `idle` flag (a TTL of [`FLAG_TTL`]) and blocks on
+//! the queue's `wake` list (`BLPOP`) in the same pipeline, on a
+//! connection of its own. Every script that makes a task ready now (a
+//! submit due now, a hand-back, a retry, a dependency's release, a sweep
+//! that made tasks due) deletes the flag and, when there was one, pushes a
+//! wake (`wake_idle` in `lib.lua`): one `DEL` per submit while no process
+//! waits, which is every submit under load.
 //!
 //! One wake per flag: of several idle processes one is woken (Redis serves
 //! the longest-blocked `BLPOP` first), as BullMQ's marker wakes one
@@ -51,11 +54,21 @@ impl SubmitWatch {
         &self.queues
     }
 
-    /// Arms its queues and waits up to `block` (at most a second is sent
-    /// to Redis at a time) for a wake: the queue woken, or `None` when the
-    /// block ran out.
-    pub async fn next(&mut self, block: Duration) -> Result<Option<QueueName>> {
+    /// Arms those of its queues that `idle` accepts (some must be) and
+    /// waits up to `block` (at most a second is sent to Redis at a time)
+    /// for a wake: the queue woken, or `None` when the block ran out.
+    pub async fn next(
+        &mut self,
+        block: Duration,
+        idle: impl Fn(&QueueName) -> bool,
+    ) -> Result<Option<QueueName>> {
         let block = block.clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let armed: Vec<usize> = (0..self.queues.len())
+            .filter(|&i| idle(&self.queues[i]))
+            .collect();
+        if armed.is_empty() {
+            return Ok(None);
+        }
         let conn = match &mut self.conn {
             Some(c) => c,
             None => self
@@ -64,12 +77,14 @@ impl SubmitWatch {
         };
         let ttl = u64::try_from((block + FLAG_TTL).as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
-        for idle in &self.idle {
-            pipe.cmd("SET").arg(idle).arg(1).arg("PX").arg(ttl).ignore();
+        let mut blpop = redis::cmd("BLPOP");
+        for &i in &armed {
+            let flag = &self.idle[i];
+            pipe.cmd("SET").arg(flag).arg(1).arg("PX").arg(ttl).ignore();
+            blpop.arg(&self.wake[i]);
         }
-        pipe.cmd("BLPOP")
-            .arg(&self.wake)
-            .arg(format!("{:.3}", block.as_secs_f64()));
+        blpop.arg(format!("{:.3}", block.as_secs_f64()));
+        pipe.add_command(blpop);
         let reply: redis::RedisResult<(Value,)> = pipe.query_async(conn).await;
         let popped = match reply {
             Ok((v,)) => v,
