@@ -13,10 +13,10 @@
 //! - **memory**: `BENCH_QUEUED` (default 100,000) tasks parked in a queue no
 //!   worker serves, and `BENCH_WATCHERS` (default 1,000) open `WatchTask`
 //!   streams on them; koo's resident memory (VmRSS) then.
-//!
 //! - **across** (`BENCH_ACROSS=1`; off by default): the same through a koo
 //!   with no workers, the no-op run by a second koo's built-in slots on
 //!   the same Redis (a submit waking another process).
+//!
 //! - **external**: the same e2e and latency runs with the no-op served by
 //!   the Python example worker (`examples/python-worker`, on the Python SDK,
 //!   over WorkerService's Work stream, `BENCH_EXTERNAL_CONCURRENCY` tasks at

@@ -19,8 +19,9 @@ const BLOCK: Duration = Duration::from_secs(1);
 /// workers' own polls go on meanwhile).
 const RETRY: Duration = Duration::from_millis(500);
 
-/// The longest pause between failed armings.
-const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The longest pause between failed armings (so arming resumes within this
+/// after Redis comes back).
+const MAX_RETRY: Duration = Duration::from_secs(5);
 
 impl TaskEngine {
     /// Until `stop`: while a worker of this process waits idle for a task

@@ -7,10 +7,10 @@
 //! of a queue nobody here would lease must go to a process that would):
 //! it sets the queue's `idle` flag (a TTL of [`FLAG_TTL`]) and blocks on
 //! the queue's `wake` list (`BLPOP`) in the same pipeline, on a
-//! connection of its own. Every script that makes a task ready now (a
-//! submit due now, a hand-back, a retry, a dependency's release, a sweep
-//! that made tasks due) deletes the flag and, when there was one, pushes a
-//! wake (`wake_idle` in `lib.lua`): one `DEL` per submit while no process
+//! connection of its own. The scripts that make a task ready outside a
+//! lease (a submit due now, a hand-back, a retry, a dependency's release,
+//! a sweep that made tasks due) delete the flag and, when there was one,
+//! push a wake (`wake_idle` in `lib.lua`): one `DEL` per submit while no process
 //! waits, which is every submit under load.
 //!
 //! One wake per flag: of several idle processes one is woken (Redis serves
@@ -22,7 +22,8 @@
 //!
 //! On one Redis a process arms all its queues on one connection (`BLPOP`
 //! takes several lists); on a Cluster a blocking command reaches one slot,
-//! so each queue has its own connection.
+//! so each queue has a Cluster connection of its own (to the masters it
+//! reaches).
 
 use std::time::Duration;
 
