@@ -172,12 +172,7 @@ async fn run() -> Result<()> {
         let run = Run {
             system: "koo-across",
             worker: "another koo's built-in workers (4 slots)".to_owned(),
-            tasks,
-            latency_n,
-            reps,
-            label: &label,
-            redis_pid,
-            redis_url: url.clone(),
+            ..run
         };
         across(&run, &across_prefix, &mut out).await?;
     }

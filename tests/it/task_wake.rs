@@ -78,6 +78,20 @@ async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 
     }
 }
 
+/// Submits `req`; the new task's id.
+async fn submitted(
+    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
+    req: pb::SubmitTaskRequest,
+) -> String {
+    c.submit_task(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id
+}
+
 /// Submits `req` (task `i` of a test) through the API node and waits for
 /// it to succeed within [`EVENT_TIMEOUT`] (the worker node polls once a
 /// minute); it ran on a worker (the API node has none: the worker node's).
@@ -86,14 +100,7 @@ async fn succeeds_in_time(
     req: pb::SubmitTaskRequest,
     i: usize,
 ) {
-    let id = c
-        .submit_task(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+    let id = submitted(c, req).await;
     let done = wait_task(c, &id, |t| t.state == pb::TaskState::Succeeded as i32).await;
     let ran_on = done.attempt_log.first().map(|a| a.worker.as_str());
     assert!(ran_on.is_some_and(|w| !w.is_empty()), "task {i}: {done:?}");
@@ -129,14 +136,7 @@ async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
     let mut failing = submit(FAIL_TIMES, serde_json::json!({ "failures": 1 }));
     failing.max_retries = Some(0);
     armed(&mut conn, &keys.idle()).await;
-    let id = c
-        .submit_task(failing)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+    let id = submitted(&mut c, failing).await;
     wait_task(&mut c, &id, |t| t.state == pb::TaskState::Failed as i32).await;
     armed(&mut conn, &keys.idle()).await;
     c.retry_task(pb::RetryTaskRequest {
@@ -196,14 +196,7 @@ async fn busy_workers_arm_nothing() {
         koo::tasks::handlers::SLEEP,
         serde_json::json!({ "seconds": 10, "steps": 1 }),
     );
-    let id = c
-        .submit_task(long)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+    let id = submitted(&mut c, long).await;
     wait_task(&mut c, &id, |t| t.state == pb::TaskState::Running as i32).await;
     // the slot is busy: the flag it set lapses and is not set again
     let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
@@ -309,18 +302,15 @@ async fn a_process_arms_only_the_queues_its_idle_workers_serve() {
         .unwrap();
     assert_eq!(other, 0, "a queue no idle worker here serves was armed");
     let mut c = client(&api);
-    let id = c
-        .submit_task(pb::SubmitTaskRequest {
+    let id = submitted(
+        &mut c,
+        pb::SubmitTaskRequest {
             name: name.into(),
             category: pb::TaskCategory::Research as i32,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id;
+        },
+    )
+    .await;
     let pushed = loop {
         let next = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
         match next.expect("a task within the event timeout").unwrap() {
