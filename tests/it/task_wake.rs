@@ -10,7 +10,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::cluster::TestCluster;
-use common::tasks::{client, short_intervals, submit, wait_task};
+use common::tasks::{client, short_intervals, submit, submitted, wait_task};
 use common::{EVENT_TIMEOUT, TestRedis, TestServer, redis_settings, test_settings};
 use koo::domain::task::Category;
 use koo::keys::QueueKeys;
@@ -76,20 +76,6 @@ async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 
         assert!(tokio::time::Instant::now() < until, "{flag} was never set");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-}
-
-/// Submits `req`; the new task's id.
-async fn submitted(
-    c: &mut pb::task_service_client::TaskServiceClient<tonic::transport::Channel>,
-    req: pb::SubmitTaskRequest,
-) -> String {
-    c.submit_task(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap()
-        .id
 }
 
 /// Submits `req` (task `i` of a test) through the API node and waits for

@@ -403,6 +403,17 @@ pub fn millis(ms: u64) -> prost_types::Duration {
     }
 }
 
+/// Submits `req` through `c`; the new task's id.
+pub async fn submitted(c: &mut TaskServiceClient<Channel>, req: pb::SubmitTaskRequest) -> String {
+    c.submit_task(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id
+}
+
 /// A well-formed id of a task that does not exist.
 pub fn unknown_task_id() -> String {
     koo::domain::task::TaskId::generate(&koo::domain::task::Category::Research.default_queue())
