@@ -276,6 +276,15 @@ impl Poller {
         self.rest(q).is_some_and(|until| Instant::now() < until)
     }
 
+    /// Another process made a task of queue `q` ready and this worker
+    /// alone was told (a wake): the queue stops resting and the next round
+    /// starts at it, a look of its own (claimed, so that a task found
+    /// there engages an idle peer, as a poll's look does).
+    pub fn look_at(&mut self, q: usize) {
+        self.set_rest(q, None);
+        self.next = q;
+    }
+
     /// Queue `q` was just found empty.
     pub fn mark_empty(&mut self, q: usize) {
         self.set_rest(q, Some(Instant::now() + self.poll));

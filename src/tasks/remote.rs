@@ -10,23 +10,21 @@
 pub mod holds;
 pub mod secret;
 mod session;
+mod unary;
 
-use crate::store::tasks::Leased;
 use std::time::{Duration, SystemTime};
 
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use secret::Proof;
 pub use session::{Inbound, MAX_GIVEN_BACK, Outbound, ReplyKind, Session, heartbeat_interval};
+pub use unary::lease_once;
 
 use super::engine::{Finish, TaskEngine, TaskError};
 use super::worker::cache_result;
 use crate::cache::Cache;
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Deadline;
-use crate::store::tasks::WorkerRecord;
-use crate::tasks::poller::Poller;
 
 /// Most task names a worker may serve.
 const MAX_NAMES: usize = 256;
@@ -331,78 +329,6 @@ pub async fn keep_lease_key(engine: TaskEngine, stop: CancellationToken) {
     }
 }
 
-/// Leases one task for a unary caller, waiting up to `wait` (at most
-/// [`MAX_WAIT`]) for one to come; `None` when none came or `stop` fired.
-pub async fn lease_once(
-    engine: &TaskEngine,
-    worker: &str,
-    routing: &Routing,
-    wait: Duration,
-    stop: &CancellationToken,
-) -> Result<Option<Task>, TaskError> {
-    check_name("worker_name", worker)?;
-    if secret::is_stream_worker(worker) {
-        return Err(TaskError::invalid(
-            "worker_name",
-            format!(
-                "{} ends with `/` and 12 hex digits, the shape koo reserves for Work stream worker ids",
-                crate::quote::quote(worker)
-            ),
-        ));
-    }
-    if wait > MAX_WAIT {
-        return Err(TaskError::invalid(
-            "wait",
-            format!("at most {}", humantime::format_duration(MAX_WAIT)),
-        ));
-    }
-    let config = engine.config();
-    let record = unary_record(worker, routing);
-    // A unary caller is listed for ten leases after its last lease call:
-    // between calls it may be busy running what it leased.
-    if let Err(e) = engine
-        .store()
-        .announce_worker(&record, config.lease * 10, Deadline::after(CALL))
-        .await
-    {
-        tracing::debug!(error = %e, "cannot announce a unary worker");
-    }
-    let until = Instant::now() + wait;
-    let names = routing.filter();
-    // One call, so no rotation carried over and no queue resting: every
-    // round asks every queue, in order.
-    let mut poller = Poller::new(
-        routing.queues.clone(),
-        config.poll_interval,
-        0,
-        engine.submits(),
-    );
-    loop {
-        // the next round comes after a poll interval, or sooner when a
-        // rate limit holding a queue frees a token before
-        let mut next = config.poll_interval;
-        for (q, _) in poller.order() {
-            let queue = &poller.queues()[q];
-            match engine
-                .lease_or_hold(queue, worker, &names, Deadline::after(CALL))
-                .await?
-            {
-                Leased::Task(task) => return Ok(Some(*task)),
-                Leased::Held(Some(at_ms)) => next = next.min(time_until(at_ms)),
-                Leased::Held(None) | Leased::Empty => {}
-            }
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        if left.is_zero() || stop.is_cancelled() {
-            return Ok(None);
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return Ok(None),
-            () = poller.wait(left.min(next)) => {}
-        }
-    }
-}
-
 /// How a unary heartbeat went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BeatReply {
@@ -557,30 +483,6 @@ pub async fn fail(
 ) -> Result<State, TaskError> {
     let ending = failure.into_ending("")?;
     finish_leased(engine, None, id, token, ending, proof, deadline).await
-}
-
-/// The presence record of unary worker `worker`.
-fn unary_record(worker: &str, routing: &Routing) -> WorkerRecord {
-    WorkerRecord {
-        id: format!("unary:{worker}"),
-        slots: 1,
-        running: 0,
-        queues: routing.queues.iter().map(|q| q.to_string()).collect(),
-        names: routing.names(),
-        started_ms: crate::store::unix_millis(SystemTime::now()),
-        seen_ms: crate::store::unix_millis(SystemTime::now()),
-        kind: "unary".to_owned(),
-        name: worker.to_owned(),
-        held: Vec::new(),
-        peer: String::new(),
-    }
-}
-
-/// How long from now until `at_ms` (ms since the epoch), at least a
-/// millisecond: a held queue's token frees then.
-fn time_until(at_ms: i64) -> Duration {
-    let now_ms = crate::store::unix_millis(std::time::SystemTime::now());
-    Duration::from_millis(at_ms.saturating_sub(now_ms).max(1) as u64)
 }
 
 #[cfg(test)]

@@ -293,6 +293,69 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
     stop.cancel();
 }
 
+/// A task made ready through another process wakes this one's idle
+/// pool: one slot is told to look, not every slot. Of twelve idle slots
+/// the wake costs one lease call (and the task found, one look of the
+/// idle peer it engages), where twelve slots leasing for the one task
+/// cost twelve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_from_another_process_engages_one_idle_slot() {
+    let redis = common::TestRedis::start().await;
+    let api = engine(Some(&redis));
+    let workers = engine(Some(&redis));
+    let stop = idle_pool(&workers, 12).await;
+    tokio::spawn(workers.clone().run_wakes(vec![queue()], stop.clone()));
+    let flag = koo::keys::QueueKeys::new("koo", &queue()).idle();
+    let mut conn = redis.conn().await;
+    // the first round loads the scripts, so that none is counted twice
+    // (NOSCRIPT)
+    for round in 0..2 {
+        common::tasks::armed(&mut conn, &flag).await;
+        let before = redis.command_calls(&["evalsha", "eval"]).await;
+        let task = noop(&api).await;
+        ran_once(&api, &task).await;
+        // every look has ended
+        idle(&workers, 12).await;
+        let calls = redis.command_calls(&["evalsha", "eval"]).await - before;
+        assert!(
+            round == 0 || calls <= 5,
+            "the submit, one slot's lease, its end, a peer's look (and a flush of times): {calls}"
+        );
+    }
+    let figures = workers.counters().read();
+    let research = figures.iter().find(|f| f.queue == "research").unwrap();
+    assert_eq!(research.woken, 2);
+    stop.cancel();
+}
+
+/// The same for a task made ready in this process without a hand-off
+/// (here a retry): one idle slot looks. Of twelve idle slots the retry
+/// costs one lease call (and a peer's look), where twelve cost twelve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_engages_one_idle_slot() {
+    let redis = common::TestRedis::start().await;
+    let engine = engine(Some(&redis));
+    let stop = idle_pool(&engine, 12).await;
+    let mut failing = NewTask::new(handlers::FAIL_TIMES, Category::Research);
+    failing.kwargs = r#"{"failures": 1}"#.into();
+    failing.max_retries = Some(0);
+    let task = engine.submit(failing, later()).await.unwrap();
+    let failed = common::tasks::wait_final(&engine, &task).await;
+    assert_eq!(failed.state, State::Failed);
+    idle(&engine, 12).await;
+    let before = redis.command_calls(&["evalsha", "eval"]).await;
+    engine.retry(task.id.as_str(), later()).await.unwrap();
+    let done = common::tasks::wait_final(&engine, &task).await;
+    assert_eq!((done.state, done.attempts), (State::Succeeded, 2));
+    idle(&engine, 12).await;
+    let calls = redis.command_calls(&["evalsha", "eval"]).await - before;
+    assert!(
+        calls <= 6,
+        "the retry (loaded on first use), one slot's lease, its end, a peer's look: {calls}"
+    );
+    stop.cancel();
+}
+
 on_both!(a_burst_gives_each_idle_slot_a_task_in_the_submits_call);
 
 /// A batch of eight submitted to four idle slots: the batch's call leases
@@ -329,7 +392,7 @@ async fn a_caller_that_stops_waiting_does_not_strand_the_task() {
         .await
         .expect("the hand-off went on")
         .expect("a lease answered");
-    let task = handed.leased.task().expect("the task, leased to the slot");
+    let task = handed.task().expect("the task, leased to the slot");
     assert_eq!(task.worker.as_deref(), Some("w-test"));
     let stored = engine.get(task.id.as_str(), later()).await.unwrap();
     assert_eq!(

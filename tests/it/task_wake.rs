@@ -10,7 +10,7 @@ use crate::common;
 use std::time::Duration;
 
 use common::cluster::TestCluster;
-use common::tasks::{client, short_intervals, submit, submitted, wait_task};
+use common::tasks::{armed, client, short_intervals, submit, submitted, wait_task};
 use common::{EVENT_TIMEOUT, TestRedis, TestServer, redis_settings, test_settings};
 use koo::domain::task::Category;
 use koo::keys::QueueKeys;
@@ -58,24 +58,6 @@ async fn koo_with(
     let server = TestServer::spawn(settings).await;
     server.wait_health("", ServingStatus::Serving).await;
     server
-}
-
-/// Waits until a process has armed the queue (its flag is set): the event
-/// a submit's wake depends on, read where it happens.
-async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 {
-    let until = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let pttl: i64 = redis::cmd("PTTL")
-            .arg(flag)
-            .query_async(conn)
-            .await
-            .unwrap();
-        if pttl > 0 {
-            return pttl;
-        }
-        assert!(tokio::time::Instant::now() < until, "{flag} was never set");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Submits `req` (task `i` of a test) through the API node and waits for
@@ -309,4 +291,63 @@ async fn a_process_arms_only_the_queues_its_idle_workers_serve() {
     };
     assert_eq!(pushed.task.map(|t| t.id), Some(id));
     drop(tx);
+}
+
+/// A unary `LeaseTask` long-poll (grpcurl's way of working) waits on its
+/// process's board as an idle slot does: koo B has no slots and polls once
+/// a minute, and a call waiting there up to a minute gets a task submitted
+/// through A at once (B armed the queue for it); then a call waiting on A
+/// itself is handed a task submitted through A in the submit's own round
+/// trip.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unary_long_poll_is_woken_and_handed_tasks() {
+    use koo::pb::worker::v1::{self as wpb, worker_service_client::WorkerServiceClient};
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let minute = Duration::from_secs(60);
+    let api = koo_with(&url, 0, minute, |s| s.http_listen = Some(http)).await;
+    let workers = koo(&url, 0, minute).await;
+    let keys = QueueKeys::new("koo", &Category::Research.default_queue());
+    let mut conn = redis.conn().await;
+    let long_poll = |server: &TestServer| {
+        let mut w = WorkerServiceClient::new(server.channel.clone());
+        tokio::spawn(async move {
+            let req = wpb::LeaseTaskRequest {
+                worker_name: "unary-wake".into(),
+                queues: vec!["research".into()],
+                wait: Some(common::tasks::millis(60_000)),
+                ..Default::default()
+            };
+            w.lease_task(req).await.map(|r| r.into_inner().task)
+        })
+    };
+    let taken = |call: tokio::task::JoinHandle<Result<Option<pb::Task>, tonic::Status>>| async {
+        let got = tokio::time::timeout(EVENT_TIMEOUT, call).await;
+        let task = got.expect("the long-poll answered within the event timeout");
+        task.unwrap().unwrap().expect("a task").id
+    };
+    let mut c = client(&api);
+
+    let on_b = long_poll(&workers);
+    armed(&mut conn, &keys.idle()).await;
+    let id = submitted(&mut c, submit(NOOP, serde_json::json!({}))).await;
+    assert_eq!(taken(on_b).await, id);
+
+    // B's call has ended (B arms nothing now): the flag set next is A's
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.idle())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let on_a = long_poll(&api);
+    armed(&mut conn, &keys.idle()).await;
+    let id = submitted(&mut c, submit(NOOP, serde_json::json!({}))).await;
+    assert_eq!(taken(on_a).await, id);
+    let (status, text) = crate::metrics::http_get(&http.to_string(), "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let handed = crate::metrics::sample(&text, "koo_task_handoffs_total", &[r#"queue="research""#]);
+    assert_eq!(handed, Some(1.0), "{text}");
 }

@@ -107,12 +107,12 @@ impl TaskEngine {
             .await?
         {
             DebounceReply::Created => {
-                self.inner.submitted.send_replace(Some(task.id.queue()));
+                self.made_ready(task.id.queue());
                 self.inner.counters.submitted(&task.id.queue());
                 Ok((task, false))
             }
             DebounceReply::Replaced(id) => {
-                self.inner.submitted.send_replace(Some(id.queue()));
+                self.made_ready(id.queue());
                 let held = self.get(id.as_str(), deadline).await?;
                 Ok((held, true))
             }

@@ -90,7 +90,7 @@ impl TaskEngine {
     /// workers for its queue.
     pub(super) fn submitted(&self, task: &Task, wake: bool) {
         if wake {
-            self.inner.submitted.send_replace(Some(task.id.queue()));
+            self.made_ready(task.id.queue());
         }
         self.inner.counters.submitted(&task.id.queue());
     }
@@ -112,7 +112,7 @@ impl TaskEngine {
             .await?
         {
             Some(State::Queued) => {
-                self.inner.submitted.send_replace(Some(id.queue()));
+                self.made_ready(id.queue());
             }
             Some(State::Cancelled) => {
                 Box::pin(self.release_dependents(id, State::Cancelled, deadline)).await?;

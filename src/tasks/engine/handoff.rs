@@ -1,5 +1,6 @@
 //! Hand-off: a task submitted through this process goes straight to one of
-//! its idle built-in slots.
+//! its idle workers (a built-in slot, a stream worker's session, a waiting
+//! unary `LeaseTask`: all wait on the same board).
 //!
 //! Without it a lone task costs four trips to Redis in a row (the submit,
 //! the woken slot's lease, the finish, the event's read), and every idle
@@ -10,8 +11,10 @@
 //! lease in one round trip
 //! ([`crate::store::tasks::TaskBackend::submit_and_lease`]), then gives
 //! the slot what the lease found. The other idle slots are not woken when
-//! the lease took the new task (nothing new waits); they are when it took
-//! an older one, or nothing.
+//! the lease took the new task (nothing new waits); when it took an older
+//! one, or nothing, one of each kind is told to look
+//! ([`TaskEngine::made_ready`]), as for any task made ready without a
+//! hand-off and for a wake from another process.
 //!
 //! The lease is the ordinary one, with all its rules (pause, limits, the
 //! queue's order, the names the slot serves), made for the slot's worker
@@ -35,14 +38,37 @@ use crate::store::tasks::{LeaseAsk, Leased};
 use crate::store::{Deadline, StoreError};
 use crate::tasks::error::TaskError;
 
-/// What a claimed slot is given: the queue the submit went to and what
-/// the lease found there.
+/// What a claimed slot is given.
 #[derive(Debug)]
-pub struct Handed {
-    /// The submit's queue.
-    pub queue: QueueName,
-    /// The lease's answer.
-    pub leased: Leased,
+pub enum Handed {
+    /// A submit of this process leased for the slot in its own round
+    /// trip: the submit's queue and what the lease found there.
+    Leased {
+        /// The submit's queue.
+        queue: QueueName,
+        /// The lease's answer.
+        leased: Leased,
+    },
+    /// Another process made a task of this queue ready (a wake, see
+    /// `wakes.rs`): the slot looks at the queue now. One waiter of each
+    /// kind is told, not all of them: the others would each make a lease
+    /// call for the one task.
+    Look(QueueName),
+}
+
+impl Handed {
+    /// The task a submit leased for the slot, if any.
+    pub fn task(self) -> Option<Task> {
+        self.into_leased().and_then(Leased::task)
+    }
+
+    /// The lease's answer, if a submit leased for the slot.
+    fn into_leased(self) -> Option<Leased> {
+        match self {
+            Self::Leased { leased, .. } => Some(leased),
+            Self::Look(_) => None,
+        }
+    }
 }
 
 /// An idle slot on the board.
@@ -104,6 +130,36 @@ impl Board {
                 });
             }
         }
+    }
+
+    /// Tells one idle waiter of each kind (the same task names served:
+    /// a pool's slots, identical stream workers) on `queue`'s board to
+    /// look at it, each claimed as a submit claims one; how many were told.
+    fn nudge(&self, queue: &QueueName) -> usize {
+        let mut gives = Vec::new();
+        let mut kinds: Vec<Arc<[String]>> = Vec::new();
+        let mut queues = self.lock();
+        if let Some(waiters) = queues.get_mut(queue) {
+            // the most recently idle of each kind, as a claim takes
+            let mut at = waiters.len();
+            while at > 0 {
+                at -= 1;
+                if kinds.iter().any(|k| *k == waiters[at].names) {
+                    continue;
+                }
+                let waiter = waiters.remove(at);
+                if let Some(give) = waiter.take() {
+                    kinds.push(waiter.names.clone());
+                    gives.push(give);
+                }
+            }
+        }
+        drop(queues);
+        // (one that left in this instant has nothing to look for)
+        gives
+            .into_iter()
+            .filter_map(|give| give.send(Handed::Look(queue.clone())).ok())
+            .count()
     }
 
     /// Whether no slot waits on any queue (a burst skips its claims).
@@ -186,7 +242,7 @@ impl Drop for IdleSlot {
         // its way fails and the submit hands back; what arrived before goes
         // back from here, not at its lease's lapse.
         self.handed.close();
-        let Ok(Handed {
+        let Ok(Handed::Leased {
             leased: leased @ Leased::Task(_),
             ..
         }) = self.handed.try_recv()
@@ -253,6 +309,19 @@ impl TaskEngine {
     /// submit alone.
     fn hands_off(&self) -> bool {
         self.inner.config.limits.submit_wait_replicas == 0
+    }
+
+    /// A task of `queue` became ready outside a hand-off (a submit no
+    /// idle slot took, a retry, a hand-back, a released dependent; or a
+    /// wake: another process made one ready): one idle worker of each kind
+    /// on the board looks at it now ([`Handed::Look`]: every idle worker
+    /// looking would cost a lease call each for the one task; a batch
+    /// tells one per task). With none idle, the busy ones look there first
+    /// when they next look.
+    pub(super) fn made_ready(&self, queue: QueueName) {
+        if self.inner.board.nudge(&queue) == 0 {
+            self.inner.submitted.send_replace(Some(queue));
+        }
     }
 
     /// How many slots of this process wait on the board for a task of
@@ -349,7 +418,7 @@ impl TaskEngine {
             }
             _ => None,
         };
-        match claim.give.send(Handed { queue, leased }) {
+        match claim.give.send(Handed::Leased { queue, leased }) {
             Ok(()) => {
                 if let Some(id) = &id {
                     counters.handed(&id.queue());
@@ -359,7 +428,7 @@ impl TaskEngine {
             Err(handed) => {
                 // the slot left in the same instant, or stopped
                 let worker = Some(claim.worker.as_str());
-                self.hand_back(Some(handed.leased), worker, deadline).await;
+                self.hand_back(handed.into_leased(), worker, deadline).await;
                 None
             }
         }
@@ -454,5 +523,48 @@ impl TaskEngine {
                 "the submit stopped before it answered (some tasks may have been stored): {e}"
             ))))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::task::Category;
+    use crate::store::tasks::TaskStore;
+    use crate::tasks::engine::TaskConfig;
+
+    fn names(of: &[&str]) -> Arc<[String]> {
+        of.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    /// A task made ready tells the most recently idle waiter of each kind
+    /// (the same names served) to look, and no other.
+    #[tokio::test]
+    async fn made_ready_tells_one_waiter_of_each_kind() {
+        let engine = TaskEngine::new(TaskStore::memory(), TaskConfig::default());
+        let q = Category::Research.default_queue();
+        let queues = [q.clone()];
+        let mut pool: Vec<IdleSlot> = (0..3)
+            .map(|i| engine.wait_idle(&queues, &format!("slot-{i}"), names(&["*"])))
+            .collect();
+        let mut stream = engine.wait_idle(&queues, "stream", names(&["pdf.render"]));
+        assert_eq!(engine.idle_slots(&q), 4);
+        engine.made_ready(q.clone());
+        assert_eq!(engine.idle_slots(&q), 2, "one slot and the stream told");
+        let told = pool.pop().unwrap().handed().await;
+        assert!(
+            matches!(told, Some(Handed::Look(ref at)) if *at == q),
+            "{told:?}"
+        );
+        assert!(matches!(stream.handed().await, Some(Handed::Look(_))));
+        // the others stay on the board, untold
+        for slot in pool {
+            assert!(slot.leave().await.is_none());
+        }
+        // none idle: nobody told, the busy ones hear of the queue
+        let mut submits = engine.submits();
+        engine.made_ready(q.clone());
+        assert!(submits.has_changed().unwrap());
+        assert_eq!(*submits.borrow_and_update(), Some(q));
     }
 }

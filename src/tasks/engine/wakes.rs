@@ -26,7 +26,7 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 impl TaskEngine {
     /// Until `stop`: while a worker of this process waits idle for a task
     /// of one of `queues`, arms those queues in Redis, and on a wake tells
-    /// the idle workers as a submit of this process would (the queue first).
+    /// one idle worker of each kind to look at the queue.
     pub async fn run_wakes(self, queues: Vec<QueueName>, stop: CancellationToken) {
         let watches = self.inner.store.submit_watches(&queues);
         let loops = watches
@@ -73,7 +73,7 @@ impl TaskEngine {
             }
             if let Some(queue) = woken {
                 self.inner.counters.woken(&queue);
-                self.inner.submitted.send_replace(Some(queue));
+                self.made_ready(queue);
             }
         }
     }

@@ -164,12 +164,21 @@ impl Slot {
     }
 
     /// What a submit's lease found for this slot, taken as its own lease
-    /// of the queue would be.
+    /// of the queue would be; a wake's look turns the slot to its queue.
     fn took_handed(&mut self, handed: Handed) -> Option<Task> {
-        let Some(q) = self.poller.position(&handed.queue) else {
-            return handed.leased.task();
+        let (queue, leased) = match handed {
+            Handed::Leased { queue, leased } => (queue, leased),
+            Handed::Look(queue) => {
+                if let Some(q) = self.poller.position(&queue) {
+                    self.poller.look_at(q);
+                }
+                return None;
+            }
         };
-        let task = self.poller.took(q, handed.leased)?;
+        let Some(q) = self.poller.position(&queue) else {
+            return leased.task();
+        };
+        let task = self.poller.took(q, leased)?;
         self.poller.leased(q, true);
         Some(task)
     }

@@ -495,3 +495,21 @@ pub fn queued_task(queue: &QueueName, name: &str, priority: Priority, max_retrie
         concurrency_key: None,
     }
 }
+
+/// Waits until a process has armed the queue (its flag is set): the event
+/// a submit's wake depends on, read where it happens.
+pub async fn armed(conn: &mut redis::aio::MultiplexedConnection, flag: &str) -> i64 {
+    let until = tokio::time::Instant::now() + super::EVENT_TIMEOUT;
+    loop {
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(flag)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if pttl > 0 {
+            return pttl;
+        }
+        assert!(tokio::time::Instant::now() < until, "{flag} was never set");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -46,18 +46,26 @@ impl Session {
         out: &mpsc::Sender<Outbound>,
         pace: &mut Pace,
     ) -> bool {
-        let Some(handed) = handed else {
-            return true;
+        let (queue, leased) = match handed {
+            None => return true,
+            Some(Handed::Leased { queue, leased }) => (queue, leased),
+            Some(Handed::Look(queue)) => {
+                // the next fill looks there first
+                if let Some(q) = pace.poller.position(&queue) {
+                    pace.poller.look_at(q);
+                }
+                return true;
+            }
         };
-        let task = match pace.poller.position(&handed.queue) {
+        let task = match pace.poller.position(&queue) {
             Some(q) => {
-                let task = pace.poller.took(q, handed.leased);
+                let task = pace.poller.took(q, leased);
                 if task.is_some() {
                     pace.poller.leased(q, true);
                 }
                 task
             }
-            None => handed.leased.task(),
+            None => leased.task(),
         };
         let Some(task) = task else {
             return true;
@@ -76,7 +84,7 @@ impl Session {
     /// Releases what a submit handed the session as koo stops (never
     /// pushed to the worker): back to its queue, its attempt given back.
     pub(super) async fn hand_back(&self, handed: Option<Handed>) {
-        if let Some(task) = handed.and_then(|h| h.leased.task()) {
+        if let Some(task) = handed.and_then(Handed::task) {
             self.release_unpushed(&task, "a worker as koo stops").await;
         }
     }
