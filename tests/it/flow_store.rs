@@ -16,7 +16,7 @@ use koo::domain::flow::{ConcurrencyLimit, Limit, Policy, RateLimit, Scope, Sourc
 use koo::domain::task::{Priority, QueueName, State, Task};
 use koo::store::Deadline;
 use koo::store::clock::Clock;
-use koo::store::tasks::{Beat, Leased, TaskLimits, TaskStore};
+use koo::store::tasks::{Beat, LeaseAsk, Leased, TaskLimits, TaskStore};
 
 fn later() -> Deadline {
     Deadline::after(Duration::from_secs(5))
@@ -549,6 +549,90 @@ async fn cluster_reservations_race_and_repair() {
     let cluster = TestCluster::start_with(3, 0).await;
     racing_reservations_admit_exactly_the_limit(&cluster).await;
     a_dead_process_entry_is_repaired_at_the_cap(&cluster).await;
+    a_chained_lease_passes_a_held_head_in_one_reservation(&cluster).await;
+}
+
+/// Script calls (`EVALSHA`, `EVAL`) run so far on the masters of the
+/// fixture's queue and of flow control (an `EVALSHA` refused for an
+/// unloaded script, then sent as `EVAL`, counts once).
+async fn script_calls(cluster: &TestCluster) -> u64 {
+    let mut calls = 0;
+    let queue = format!("koo:v1:{{t:{CLUSTER_QUEUE}}}:ready");
+    for key in [queue.as_str(), "koo:v1:{fc}:limits"] {
+        let mut conn = cluster.conn_to_master_of(key).await;
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        calls += info
+            .lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_eval")?.split_once(":calls="))
+            .filter(|(name, _)| name.is_empty() || *name == "sha")
+            .map(|(_, rest)| field(rest, "") - field(rest, "failed_calls="))
+            .sum::<u64>();
+    }
+    calls
+}
+
+/// A counter of an `INFO commandstats` line's `rest` (`""`: the calls).
+fn field(rest: &str, name: &str) -> u64 {
+    rest.split(',')
+        .find_map(|f| f.strip_prefix(name))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A slot's end of a task leases its next one in the same call (the
+/// chained lease); on a Cluster a keyed head makes it name candidates for
+/// a reservation. It names several, so that a held head costs no second
+/// round: with key `a` at its cap of 1 (a1 running), a2 heading the queue
+/// and b1 behind it, ending unkeyed task `r` leases b1 in three script
+/// calls (the end and its chained lease naming a2 and b1, one reservation
+/// that finds a2 held and reserves b1, the lease of b1), not five.
+async fn a_chained_lease_passes_a_held_head_in_one_reservation(cluster: &TestCluster) {
+    let f = Fixture::cluster(cluster, "chain");
+    f.set(cap("*", 1, Policy::Wait)).await;
+    let r = f.task("r", None, None);
+    let a1 = f.task("a1", None, Some("a"));
+    let a2 = f.task("a2", None, Some("a"));
+    // a lower priority: behind a2 whatever the keys' turns
+    let mut b1 = f.task("b1", None, Some("b"));
+    b1.priority = Priority::Low;
+    for t in [&r, &a1, &a2, &b1] {
+        f.submit(t).await;
+    }
+    let r = f.leased().await;
+    assert_eq!(f.leased().await.id, a1.id);
+    let before = script_calls(cluster).await;
+    let ask = LeaseAsk {
+        worker: "w",
+        lease: Duration::from_secs(60),
+        names: &["*"],
+    };
+    let limits = TaskLimits {
+        flow: true,
+        ..TaskLimits::default()
+    };
+    let (_, next) = f
+        .store
+        .finish_and_lease(
+            &r.id,
+            r.token,
+            &Outcome::Succeeded("null".into()),
+            "{}",
+            &ask,
+            limits,
+            later(),
+        )
+        .await
+        .unwrap()
+        .expect("not fenced");
+    match next {
+        Leased::Task(t) => assert_eq!(t.id, b1.id),
+        other => panic!("expected b1, got {other:?}"),
+    }
+    assert_eq!(script_calls(cluster).await - before, 3);
 }
 
 /// Two processes, eight lease loops each, on 30 tasks of key `p` limited

@@ -14,9 +14,16 @@ use crate::store::task_fields;
 use crate::store::tasks::{LeaseAsk, Leased, TaskLimits};
 use crate::store::{Result, StoreError};
 
+/// How many candidates that need flow control a chained lease names on a
+/// Cluster: slots of a process that end at once meet the same head, and
+/// each goes on with the first that no other one is reserving (with one,
+/// all but one would lease again to learn of the next).
+const CHAINED_NEEDS: u8 = 4;
+
 /// How a lease meets flow control on a Redis Cluster (lease.lua's
 /// `cluster`, `grant` and `denied`; see `flow_cluster.rs`): `grant` and
-/// `denied` are `""` but in a lease that reserves.
+/// `denied` are `""` but in a lease that reserves (and a chained one's
+/// `denied`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Reserving<'a> {
     pub(super) cluster: bool,
@@ -27,7 +34,7 @@ pub(super) struct Reserving<'a> {
     pub(super) denied: &'a str,
 }
 
-impl Reserving<'_> {
+impl<'a> Reserving<'a> {
     /// A lease that does not reserve: on a Cluster, a candidate that needs
     /// flow control ends it held for 1 ms (the next lease reserves).
     pub(super) fn plain(cluster: bool) -> Self {
@@ -41,13 +48,15 @@ impl Reserving<'_> {
 
     /// A lease chained to a finish: on a Cluster, a candidate that needs
     /// flow control ends it naming the candidate, and the caller goes on
-    /// reserving from it (`flow_cluster.rs`).
-    pub(super) fn chained(cluster: bool) -> Self {
+    /// reserving from them (`flow_cluster.rs`); it passes over the
+    /// candidates other leases of the process are reserving (`denied`:
+    /// their `id:` lines) and names up to [`CHAINED_NEEDS`].
+    pub(super) fn chained(cluster: bool, denied: &'a str) -> Self {
         Self {
             cluster,
-            needs: 1,
+            needs: CHAINED_NEEDS,
             grant: if cluster { "-" } else { "" },
-            denied: "",
+            denied,
         }
     }
 }

@@ -90,11 +90,17 @@ impl RedisTasks {
             lease,
             names,
         };
+        let cluster = self.store.is_cluster();
+        let denied = if cluster {
+            self.in_flight.all_lines()
+        } else {
+            String::new()
+        };
         lease_args(
             &mut call,
             (&self.flow_base, queue),
             &keys,
-            (&ask, Reserving::chained(self.store.is_cluster())),
+            (&ask, Reserving::chained(cluster, &denied)),
             limits,
         );
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());

@@ -47,6 +47,12 @@ impl RedisTasks {
     ) -> Result<Option<((State, bool), Leased)>> {
         let queue = id.queue();
         let keys = self.keys(&queue);
+        let cluster = self.store.is_cluster();
+        let denied = if cluster {
+            self.in_flight.all_lines()
+        } else {
+            String::new()
+        };
         let mut call = self.scripts().finish_lease.call(self.clock());
         call.queue_keys(&keys, Some(id));
         finish_args(&mut call, id, token, outcome, log, limits);
@@ -54,7 +60,7 @@ impl RedisTasks {
             &mut call,
             (&self.flow_base, &queue),
             &keys,
-            (next, Reserving::chained(self.store.is_cluster())),
+            (next, Reserving::chained(cluster, &denied)),
             limits,
         );
         let sent_ms = crate::store::unix_millis(std::time::SystemTime::now());

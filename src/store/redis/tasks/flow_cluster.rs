@@ -228,6 +228,18 @@ impl InFlight {
         self.lock().contains(id)
     }
 
+    /// lease.lua's `denied` lines for every candidate being reserved (a
+    /// chained lease's, which reserves nothing yet).
+    pub(super) fn all_lines(&self) -> String {
+        let mut out = String::new();
+        for id in self.lock().iter() {
+            out.push_str("id:");
+            out.push_str(id);
+            out.push('\n');
+        }
+        out
+    }
+
     /// lease.lua's `denied` lines for the candidates being reserved, but
     /// `own`.
     fn lines(&self, own: &Mine<'_>, out: &mut String) {
