@@ -255,9 +255,10 @@ impl QueueKeys {
     }
 
     /// The flag an idle koo process sets before it blocks on [`Self::wake`]
-    /// (a string with a TTL of a few seconds): a submit that finds it
-    /// deletes it and pushes one wake, so that a submit costs one `DEL`
-    /// when no process waits (see `store/redis/tasks/wake.rs`).
+    /// (a string with a TTL of a few seconds), beside one per task name its
+    /// idle workers serve ([`Self::idle_for`]): a script that makes tasks
+    /// ready without knowing one name (a sweep) deletes it and pushes one
+    /// wake (see `store/redis/tasks/wake.rs`).
     pub fn idle(&self) -> String {
         self.key("idle")
     }
@@ -266,6 +267,18 @@ impl QueueKeys {
     /// two, expiring within seconds.
     pub fn wake(&self) -> String {
         self.key("wake")
+    }
+
+    /// The flag of idle koo processes whose idle workers serve task `name`
+    /// (`*`: any name): a task of that name made ready wakes one of them
+    /// before any other (see [`Self::idle`]).
+    pub fn idle_for(&self, name: &str) -> String {
+        format!("{}:{name}", self.idle())
+    }
+
+    /// The wake list of [`Self::idle_for`]`(name)`.
+    pub fn wake_for(&self, name: &str) -> String {
+        format!("{}:{name}", self.wake())
     }
 
     /// The queue's debounce keys (a hash: key -> the id of the unstarted

@@ -123,16 +123,19 @@ async fn a_submit_elsewhere_wakes_idle_workers(under: Under) {
     assert_eq!(status, 200, "{text}");
     let woken = crate::metrics::sample(&text, "koo_task_wakes_total", &[r#"queue="research""#]);
     assert!(woken.is_some_and(|n| n >= 5.0), "{woken:?}");
-    let wake_ttl: i64 = redis::cmd("PTTL")
-        .arg(keys.wake())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    // taken (gone) or expiring
-    assert!(
-        wake_ttl == -2 || (0..=10_000).contains(&wake_ttl),
-        "{wake_ttl}"
-    );
+    // the wakes went to the lists of the tasks' names: taken (gone) or
+    // expiring
+    for name in [NOOP, FAIL_TIMES] {
+        let wake_ttl: i64 = redis::cmd("PTTL")
+            .arg(keys.wake_for(name))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            wake_ttl == -2 || (0..=10_000).contains(&wake_ttl),
+            "{name}: {wake_ttl}"
+        );
+    }
     drop(workers);
     drop(api);
 }
@@ -184,7 +187,7 @@ async fn busy_workers_arm_nothing() {
     // task between two armings: only this submit's push is checked)
     let llen = || {
         let mut conn = conn.clone();
-        let key = keys.wake();
+        let key = keys.wake_for(NOOP);
         async move {
             let n: i64 = redis::cmd("LLEN")
                 .arg(key)
@@ -350,4 +353,76 @@ async fn a_unary_long_poll_is_woken_and_handed_tasks() {
     assert_eq!(status, 200, "{text}");
     let handed = crate::metrics::sample(&text, "koo_task_handoffs_total", &[r#"queue="research""#]);
     assert_eq!(handed, Some(1.0), "{text}");
+}
+
+/// A wake goes to a process whose idle workers serve the task's name: koo
+/// B's built-in slots serve koo's own task names; koo C has no slots and a
+/// stream worker serving `test.wake.named`; both wait idle, armed, and poll
+/// once a minute. Four tasks of that name submitted through A are each
+/// pushed to C's worker at once, and B is never woken. (With one flag per
+/// queue, the longest-blocked of B and C took each wake, B about half the
+/// time, and the task then waited for C's poll.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_goes_to_a_process_that_serves_the_task_s_name() {
+    use koo::pb::worker::v1::{
+        self as wpb, work_request::Message as In, work_response::Message as Out,
+        worker_service_client::WorkerServiceClient,
+    };
+    let redis = TestRedis::start().await;
+    let url = redis.url();
+    let minute = Duration::from_secs(60);
+    let http: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let api = koo(&url, 0, minute).await;
+    let _builtin = koo_with(&url, 2, minute, |s| s.http_listen = Some(http)).await;
+    let streams = koo(&url, 0, minute).await;
+    let keys = QueueKeys::new("koo", &Category::Research.default_queue());
+    let mut conn = redis.conn().await;
+    armed(&mut conn, &keys.idle_for(NOOP)).await;
+    let name = "test.wake.named";
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(wpb::WorkRequest {
+        message: Some(In::Hello(wpb::Hello {
+            name: "named".into(),
+            task_names: vec![name.into()],
+            queues: vec!["research".into()],
+            concurrency: 8,
+            accept_batches: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = WorkerServiceClient::new(streams.channel.clone())
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut c = client(&api);
+    for i in 0..4 {
+        // C (with room for more) armed again after each wake
+        armed(&mut conn, &keys.idle_for(name)).await;
+        let req = pb::SubmitTaskRequest {
+            name: name.into(),
+            category: pb::TaskCategory::Research as i32,
+            ..Default::default()
+        };
+        let id = submitted(&mut c, req).await;
+        let pushed = loop {
+            let next = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
+            match next.expect("a task within the event timeout").unwrap() {
+                Some(wpb::WorkResponse {
+                    message: Some(Out::Task(t)),
+                }) => break t,
+                Some(_) => continue,
+                None => panic!("the stream ended"),
+            }
+        };
+        assert_eq!(pushed.task.map(|t| t.id), Some(id), "task {i}");
+    }
+    let (status, text) = crate::metrics::http_get(&http.to_string(), "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let woken = crate::metrics::sample(&text, "koo_task_wakes_total", &[r#"queue="research""#]);
+    assert!(woken.is_none_or(|n| n == 0.0), "B was woken: {woken:?}");
+    drop(tx);
 }

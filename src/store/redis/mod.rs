@@ -40,7 +40,7 @@ pub use self::bus::keyevent_channels;
 pub use self::keyevents::Messages;
 pub use self::pool::RedisStore;
 pub use self::schedules::RedisSchedules;
-pub use self::tasks::{RedisTasks, StreamReader, SubmitWatch};
+pub use self::tasks::{RedisTasks, StreamReader, SubmitWatch, Woken};
 pub use self::tls::{RedisTls, TlsError, TlsPart};
 pub use self::url::{is_tls, redact};
 

@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use super::clock::Clock;
 use super::memory::tasks::{MemoryEventReader, MemoryTasks};
-pub use super::redis::SubmitWatch;
 use super::redis::{RedisTasks, StreamReader};
+pub use super::redis::{SubmitWatch, Woken};
 use super::{RedisStore, Result};
 use crate::domain::Outcome;
 use crate::domain::task::{QueueName, State, Task, TaskId};

@@ -81,7 +81,7 @@ impl TaskEngine {
                 state.as_str().to_uppercase()
             ))),
             RetryReply::Queued => {
-                self.made_ready(task_id.queue());
+                self.made_ready(task_id.queue(), None);
                 self.get(id, deadline).await
             }
         }

@@ -107,12 +107,12 @@ impl TaskEngine {
             .await?
         {
             DebounceReply::Created => {
-                self.made_ready(task.id.queue());
+                self.made_ready(task.id.queue(), Some(&task.name));
                 self.inner.counters.submitted(&task.id.queue());
                 Ok((task, false))
             }
             DebounceReply::Replaced(id) => {
-                self.made_ready(id.queue());
+                self.made_ready(id.queue(), None);
                 let held = self.get(id.as_str(), deadline).await?;
                 Ok((held, true))
             }

@@ -90,7 +90,7 @@ impl TaskEngine {
     /// workers for its queue.
     pub(super) fn submitted(&self, task: &Task, wake: bool) {
         if wake {
-            self.made_ready(task.id.queue());
+            self.made_ready(task.id.queue(), Some(&task.name));
         }
         self.inner.counters.submitted(&task.id.queue());
     }
@@ -112,7 +112,7 @@ impl TaskEngine {
             .await?
         {
             Some(State::Queued) => {
-                self.made_ready(id.queue());
+                self.made_ready(id.queue(), None);
             }
             Some(State::Cancelled) => {
                 Box::pin(self.release_dependents(id, State::Cancelled, deadline)).await?;

@@ -133,9 +133,10 @@ impl Board {
     }
 
     /// Tells one idle waiter of each kind (the same task names served:
-    /// a pool's slots, identical stream workers) on `queue`'s board to
-    /// look at it, each claimed as a submit claims one; how many were told.
-    fn nudge(&self, queue: &QueueName) -> usize {
+    /// a pool's slots, identical stream workers) on `queue`'s board that
+    /// serves `name` (`None`: any waiter) to look at it, each claimed as a
+    /// submit claims one; how many were told.
+    fn nudge(&self, queue: &QueueName, name: Option<&str>) -> usize {
         let mut gives = Vec::new();
         let mut kinds: Vec<Arc<[String]>> = Vec::new();
         let mut queues = self.lock();
@@ -144,7 +145,8 @@ impl Board {
             let mut at = waiters.len();
             while at > 0 {
                 at -= 1;
-                if kinds.iter().any(|k| *k == waiters[at].names) {
+                let serves = name.is_none_or(|n| waiters[at].serves(n));
+                if !serves || kinds.iter().any(|k| *k == waiters[at].names) {
                     continue;
                 }
                 let waiter = waiters.remove(at);
@@ -311,17 +313,37 @@ impl TaskEngine {
         self.inner.config.limits.submit_wait_replicas == 0
     }
 
-    /// A task of `queue` became ready outside a hand-off (a submit no
-    /// idle slot took, a retry, a hand-back, a released dependent; or a
-    /// wake: another process made one ready): one idle worker of each kind
-    /// on the board looks at it now ([`Handed::Look`]: every idle worker
-    /// looking would cost a lease call each for the one task; a batch
-    /// tells one per task). With none idle, the busy ones look there first
-    /// when they next look.
-    pub(super) fn made_ready(&self, queue: QueueName) {
-        if self.inner.board.nudge(&queue) == 0 {
+    /// A task of `queue` (named `name`, when known) became ready outside
+    /// a hand-off (a submit no idle slot took, a retry, a hand-back, a
+    /// released dependent; or a wake: another process made one ready): one
+    /// idle worker of each kind on the board that serves the name looks at
+    /// it now ([`Handed::Look`]: every idle worker looking would cost a
+    /// lease call each for the one task; a batch tells one per task). With
+    /// none idle, the busy ones look there first when they next look.
+    pub(super) fn made_ready(&self, queue: QueueName, name: Option<&str>) {
+        if self.inner.board.nudge(&queue, name) == 0 {
             self.inner.submitted.send_replace(Some(queue));
         }
+    }
+
+    /// The task names the idle workers waiting on `queue`'s board serve
+    /// (`*`: any), each once; none when no worker waits there.
+    pub(super) fn idle_names(&self, queue: &QueueName) -> Vec<String> {
+        let board = self.inner.board.lock();
+        let mut names: Vec<String> = Vec::new();
+        let live = board
+            .get(queue)
+            .into_iter()
+            .flatten()
+            .filter(|w| w.give.lock().is_ok_and(|g| g.is_some()));
+        for waiter in live {
+            for n in waiter.names.iter() {
+                if !names.contains(n) {
+                    names.push(n.clone());
+                }
+            }
+        }
+        names
     }
 
     /// How many slots of this process wait on the board for a task of
@@ -549,7 +571,7 @@ mod tests {
             .collect();
         let mut stream = engine.wait_idle(&queues, "stream", names(&["pdf.render"]));
         assert_eq!(engine.idle_slots(&q), 4);
-        engine.made_ready(q.clone());
+        engine.made_ready(q.clone(), None);
         assert_eq!(engine.idle_slots(&q), 2, "one slot and the stream told");
         let told = pool.pop().unwrap().handed().await;
         assert!(
@@ -561,9 +583,16 @@ mod tests {
         for slot in pool {
             assert!(slot.leave().await.is_none());
         }
+        // a name: only the waiters that serve it
+        let a = engine.wait_idle(&queues, "slot-a", names(&["a"]));
+        let mut b = engine.wait_idle(&queues, "slot-b", names(&["b"]));
+        engine.made_ready(q.clone(), Some("b"));
+        assert!(matches!(b.handed().await, Some(Handed::Look(_))));
+        assert_eq!(engine.idle_names(&q), vec!["a".to_owned()]);
+        assert!(a.leave().await.is_none());
         // none idle: nobody told, the busy ones hear of the queue
         let mut submits = engine.submits();
-        engine.made_ready(q.clone());
+        engine.made_ready(q.clone(), None);
         assert!(submits.has_changed().unwrap());
         assert_eq!(*submits.borrow_and_update(), Some(q));
     }

@@ -358,7 +358,7 @@ impl TaskEngine {
         // back in its queue: this process's idle slots and waiting workers
         // look again now, not at their next poll (a task handed to a slot
         // or a stream that left comes back this way)
-        self.made_ready(task.id.queue());
+        self.made_ready(task.id.queue(), Some(&task.name));
         Ok(())
     }
 

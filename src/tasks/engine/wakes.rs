@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::TaskEngine;
 use crate::domain::task::QueueName;
-use crate::store::tasks::SubmitWatch;
+use crate::store::tasks::{SubmitWatch, Woken};
 
 /// How long one arming blocks before it is renewed.
 const BLOCK: Duration = Duration::from_secs(1);
@@ -25,8 +25,9 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 
 impl TaskEngine {
     /// Until `stop`: while a worker of this process waits idle for a task
-    /// of one of `queues`, arms those queues in Redis, and on a wake tells
-    /// one idle worker of each kind to look at the queue.
+    /// of one of `queues`, arms those queues (and the task names the idle
+    /// workers serve) in Redis, and on a wake tells one idle worker of each
+    /// kind that serves the name to look at the queue.
     pub async fn run_wakes(self, queues: Vec<QueueName>, stop: CancellationToken) {
         let watches = self.inner.store.submit_watches(&queues);
         let loops = watches
@@ -40,7 +41,7 @@ impl TaskEngine {
         let mut failed = 0u32;
         loop {
             // armed only while an idle worker would take what it wakes
-            while !watch.queues().iter().any(|q| self.idle_slots(q) > 0) {
+            while watch.queues().iter().all(|q| self.idle_names(q).is_empty()) {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     changed = board.changed() => if changed.is_err() { return },
@@ -48,7 +49,7 @@ impl TaskEngine {
             }
             let woken = tokio::select! {
                 () = stop.cancelled() => return,
-                woken = watch.next(BLOCK, |q| self.idle_slots(q) > 0) => woken,
+                woken = watch.next(BLOCK, |q| self.idle_names(q)) => woken,
             };
             let woken = match woken {
                 Ok(woken) => woken,
@@ -71,9 +72,11 @@ impl TaskEngine {
                 tracing::info!(queues = ?watch.queues(), "waiting for wakes from other koo processes again");
                 failed = 0;
             }
-            if let Some(queue) = woken {
+            if let Some(Woken { queue, name }) = woken {
                 self.inner.counters.woken(&queue);
-                self.made_ready(queue);
+                // (`*`: pushed for workers that serve any name)
+                let name = name.filter(|n| n != "*");
+                self.made_ready(queue, name.as_deref());
             }
         }
     }

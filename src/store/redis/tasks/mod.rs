@@ -33,7 +33,7 @@ mod wake;
 
 pub use events::StreamReader;
 pub(crate) use scripts::TaskScripts;
-pub use wake::SubmitWatch;
+pub use wake::{SubmitWatch, Woken};
 
 use args::leased;
 

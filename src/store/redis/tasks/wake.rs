@@ -4,21 +4,28 @@
 //! workers wait idle while another process submits would otherwise find
 //! the task at its next poll (`KOO_WORKER_POLL_INTERVAL`). So an idle
 //! process *arms* each queue its idle workers serve (only those: a wake
-//! of a queue nobody here would lease must go to a process that would):
-//! it sets the queue's `idle` flag (a TTL of [`FLAG_TTL`]) and blocks on
-//! the queue's `wake` list (`BLPOP`) in the same pipeline, on a
-//! connection of its own. The scripts that make a task ready outside a
-//! lease (a submit due now, a hand-back, a retry, a dependency's release,
-//! a sweep that made tasks due) delete the flag and, when there was one,
-//! push a wake (`wake_idle` in `lib.lua`): one `DEL` per submit while no process
-//! waits, which is every submit under load.
+//! of a queue nobody here would lease must go to a process that would),
+//! and within it each task name they serve (only those, for the same
+//! reason: a queue's tasks are often served by different processes, the
+//! Python SDK's workers on one node, built-in slots on every node): it
+//! sets the flags `idle:NAME` of those names (`idle:*` for workers that
+//! serve any name) and the queue's `idle` (a TTL of [`FLAG_TTL`]), and
+//! blocks on the matching `wake` lists (`BLPOP`) in the same pipeline, on
+//! a connection of its own. The scripts that make a task ready outside a
+//! lease (a submit due now, a hand-back, a retry, a dependency's release)
+//! delete the flag of its name, else the `*` one, and when there was one
+//! push a wake (`wake_idle` in `lib.lua`): two `DEL`s per submit while no
+//! process waits, which is every submit under load. A sweep that made
+//! tasks due (of no one name) wakes through the queue's own flag.
 //!
 //! One wake per flag: of several idle processes one is woken (Redis serves
 //! the longest-blocked `BLPOP` first), as BullMQ's marker wakes one
 //! worker; it re-arms at once, and its workers, finding a backlog, wake
 //! their peers. A wake nobody takes expires (10 s); a flag left by a
 //! process that died expires within [`FLAG_TTL`]. A stale wake costs one
-//! look that finds nothing, never a task.
+//! look that finds nothing, never a task. A process that serves more than
+//! [`MAX_NAMES`] names on a queue arms `*` for them (it may then be woken
+//! for a name it does not serve: one look).
 //!
 //! On one Redis a process arms all its queues on one connection (`BLPOP`
 //! takes several lists); on a Cluster a blocking command reaches one slot,
@@ -32,6 +39,7 @@ use redis::Value;
 use super::RedisTasks;
 use super::events::blocking_conn;
 use crate::domain::task::QueueName;
+use crate::keys::QueueKeys;
 use crate::store::redis::RedisStore;
 use crate::store::redis::conn::Conn;
 use crate::store::{Result, StoreError};
@@ -40,13 +48,25 @@ use crate::store::{Result, StoreError};
 /// process that died stops being woken within this after its block.
 const FLAG_TTL: Duration = Duration::from_secs(2);
 
+/// The most task names a process arms on one queue; past it, `*`.
+pub const MAX_NAMES: usize = 32;
+
 /// Arms some queues and waits for a wake (see the module doc).
 pub struct SubmitWatch {
     store: RedisStore,
     conn: Option<Conn>,
     queues: Vec<QueueName>,
-    idle: Vec<String>,
-    wake: Vec<String>,
+    keys: Vec<QueueKeys>,
+}
+
+/// A wake taken: its queue, and the task name it was pushed for (`None`
+/// for a sweep's, of no one name; `*` for workers that serve any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Woken {
+    /// The queue.
+    pub queue: QueueName,
+    /// The task name.
+    pub name: Option<String>,
 }
 
 impl SubmitWatch {
@@ -55,17 +75,19 @@ impl SubmitWatch {
         &self.queues
     }
 
-    /// Arms those of its queues that `idle` accepts (some must be) and
+    /// Arms those of its queues for which `idle` names the task names
+    /// served by idle workers (`*`: any; none: the queue is not armed) and
     /// waits up to `block` (at most a second is sent to Redis at a time)
-    /// for a wake: the queue woken, or `None` when the block ran out.
+    /// for a wake: the wake taken, or `None` when the block ran out.
     pub async fn next(
         &mut self,
         block: Duration,
-        idle: impl Fn(&QueueName) -> bool,
-    ) -> Result<Option<QueueName>> {
+        idle: impl Fn(&QueueName) -> Vec<String>,
+    ) -> Result<Option<Woken>> {
         let block = block.clamp(Duration::from_millis(10), Duration::from_secs(1));
-        let armed: Vec<usize> = (0..self.queues.len())
-            .filter(|&i| idle(&self.queues[i]))
+        let armed: Vec<(usize, Vec<String>)> = (0..self.queues.len())
+            .map(|i| (i, armed_names(idle(&self.queues[i]))))
+            .filter(|(_, names)| !names.is_empty())
             .collect();
         if armed.is_empty() {
             return Ok(None);
@@ -79,10 +101,20 @@ impl SubmitWatch {
         let ttl = u64::try_from((block + FLAG_TTL).as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
         let mut blpop = redis::cmd("BLPOP");
-        for &i in &armed {
-            let flag = &self.idle[i];
-            pipe.cmd("SET").arg(flag).arg(1).arg("PX").arg(ttl).ignore();
-            blpop.arg(&self.wake[i]);
+        // the wake lists, as (queue, name) in BLPOP's order
+        let mut lists = Vec::new();
+        for (i, names) in &armed {
+            let keys = &self.keys[*i];
+            let names = std::iter::once(None).chain(names.iter().map(Some));
+            for name in names {
+                let (flag, list) = match name {
+                    None => (keys.idle(), keys.wake()),
+                    Some(n) => (keys.idle_for(n), keys.wake_for(n)),
+                };
+                pipe.cmd("SET").arg(flag).arg(1).arg("PX").arg(ttl).ignore();
+                blpop.arg(&list);
+                lists.push((list, *i, name.cloned()));
+            }
         }
         blpop.arg(format!("{:.3}", block.as_secs_f64()));
         pipe.add_command(blpop);
@@ -101,10 +133,25 @@ impl SubmitWatch {
                 .map_err(|e| StoreError::Backend(format!("a wake's reply: {e}")))?,
         };
         Ok(key.and_then(|(key, _)| {
-            let at = self.wake.iter().position(|w| *w == key)?;
-            self.queues.get(at).cloned()
+            let (_, at, name) = lists.into_iter().find(|(list, ..)| *list == key)?;
+            Some(Woken {
+                queue: self.queues.get(at)?.clone(),
+                name,
+            })
         }))
     }
+}
+
+/// The names a queue is armed for, of those its idle workers serve
+/// (sorted, each once): `*` alone when one serves any name or past
+/// [`MAX_NAMES`].
+fn armed_names(mut names: Vec<String>) -> Vec<String> {
+    names.sort_unstable();
+    names.dedup();
+    if names.len() > MAX_NAMES || names.iter().any(|n| n == "*") {
+        return vec!["*".to_owned()];
+    }
+    names
 }
 
 impl RedisTasks {
@@ -115,8 +162,7 @@ impl RedisTasks {
             store: self.store.clone(),
             conn: None,
             queues: queues.to_vec(),
-            idle: queues.iter().map(|q| self.keys(q).idle()).collect(),
-            wake: queues.iter().map(|q| self.keys(q).wake()).collect(),
+            keys: queues.iter().map(|q| self.keys(q)).collect(),
         };
         if queues.is_empty() {
             return Vec::new();
@@ -126,5 +172,25 @@ impl RedisTasks {
         } else {
             vec![watch(queues)]
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(of: &[&str]) -> Vec<String> {
+        of.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    /// Each name once; `*` alone when a worker serves any name or past
+    /// the most a queue arms; none for no idle worker.
+    #[test]
+    fn a_queue_is_armed_for_the_names_its_idle_workers_serve() {
+        assert_eq!(armed_names(names(&["b", "a", "b"])), names(&["a", "b"]));
+        assert_eq!(armed_names(names(&["a", "*"])), names(&["*"]));
+        let many: Vec<String> = (0..=MAX_NAMES).map(|i| format!("n{i}")).collect();
+        assert_eq!(armed_names(many), names(&["*"]));
+        assert!(armed_names(Vec::new()).is_empty());
     }
 }

@@ -161,13 +161,27 @@ local function make_rates(fb)
   }
 end
 
--- Wakes one koo process whose workers wait idle on this queue (it set
--- `idle` before blocking on `wake`, see store/redis/tasks/wake.rs): one
--- DEL when none waits; the wake expires if nobody takes it.
-local function wake_idle(idle, wake)
-  if redis.call('DEL', idle) == 1 then
-    redis.call('RPUSH', wake, '1')
-    redis.call('PEXPIRE', wake, 10000)
+-- Wakes one koo process whose workers wait idle on this queue for a task
+-- named `name` (see store/redis/tasks/wake.rs: a process sets the flag
+-- `idle:NAME` of each name its idle workers serve, `idle:*` for any name,
+-- and `idle` itself, before blocking on the matching `wake` lists): one
+-- that serves the name if any waits, else one that serves any name; for
+-- tasks of no one name (`name` nil: a sweep's), any idle process. A flag
+-- found is deleted and one wake pushed (it expires if nobody takes it);
+-- none waits: a DEL or two.
+local function wake_one(flag, list)
+  if redis.call('DEL', flag) == 1 then
+    redis.call('RPUSH', list, '1')
+    redis.call('PEXPIRE', list, 10000)
+    return true
+  end
+  return false
+end
+local function wake_idle(idle, wake, name)
+  if not name then
+    wake_one(idle, wake)
+  elseif not wake_one(idle .. ':' .. name, wake .. ':' .. name) then
+    wake_one(idle .. ':*', wake .. ':*')
   end
 end
 

@@ -16,8 +16,9 @@ redis.call('HSET', K_task, 'state', 'queued', 'worker', '', 'lease_until', 0)
 redis.call('HDEL', K_task, 'progress')
 -- back at its place: a keyed task at the turn it had (see "Fair order")
 redis.call('ZADD', K_ready, ready_score(band, tonumber(vt or created or now)), A_id)
-wake_idle(K_idle, K_wake)
+local name = redis.call('HGET', K_task, 'name')
+wake_idle(K_idle, K_wake, name)
 -- waiting again: it may expire again (the lease ends it if it has already)
 if expire_ms then redis.call('ZADD', K_expiring, expire_ms, A_id) end
-add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)
+add_event(K_events, A_events_cap, A_id, name, 'queued', 'at', now)
 return left or 1

@@ -24,6 +24,7 @@ if redis.call('SCARD', K_task .. ':deps') > 0 then return 'pending' end
 redis.call('ZREM', K_pending, A_id)
 redis.call('HSET', K_task, 'state', 'queued')
 redis.call('ZADD', K_ready, enter_score(K_ready, K_task, band, now, fair_key(ckey, rkey)), A_id)
-wake_idle(K_idle, K_wake)
-add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)
+local name = redis.call('HGET', K_task, 'name')
+wake_idle(K_idle, K_wake, name)
+add_event(K_events, A_events_cap, A_id, name, 'queued', 'at', now)
 return 'queued'

@@ -20,7 +20,8 @@ redis.call('HSET', K_task, 'state', 'queued', 'attempt_base', attempts)
 -- an operator's requeue runs it whenever it can: its expiry is dropped
 redis.call('HDEL', K_task, 'cancel', 'finished_ms', 'error', 'result', 'progress', 'expire_ms')
 redis.call('ZADD', K_ready, enter_score(K_ready, K_task, band, now, fair_key(ckey, rkey)), A_id)
-wake_idle(K_idle, K_wake)
+local name = redis.call('HGET', K_task, 'name')
+wake_idle(K_idle, K_wake, name)
 redis.call('HINCRBY', K_stats, 'requeued', 1)
-add_event(K_events, A_events_cap, A_id, redis.call('HGET', K_task, 'name'), 'queued', 'at', now)
+add_event(K_events, A_events_cap, A_id, name, 'queued', 'at', now)
 return 'queued'

@@ -23,7 +23,7 @@ elseif state == 'queued' then
   if A_fkey ~= '' then fkey = A_fkey end
   redis.call('ZADD', K_ready, enter_score(K_ready, K_task, A_band, now, fkey), A_id)
   -- not when the caller leases it for an idle worker of its own at once
-  if A_wake == '1' then wake_idle(K_idle, K_wake) end
+  if A_wake == '1' then wake_idle(K_idle, K_wake, A_name) end
 else
   redis.call('ZADD', K_scheduled, now + tonumber(A_delay_ms), A_id)
 end
