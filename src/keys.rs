@@ -254,17 +254,19 @@ impl QueueKeys {
         self.key("times:")
     }
 
-    /// The flag an idle koo process sets before it blocks on [`Self::wake`]
-    /// (a string with a TTL of a few seconds), beside one per task name its
-    /// idle workers serve ([`Self::idle_for`]): a script that makes tasks
-    /// ready without knowing one name (a sweep) deletes it and pushes one
-    /// wake (see `store/redis/tasks/wake.rs`).
+    /// The flag an idle koo process sets before it blocks on its wake list
+    /// ([`Self::wake_to`]; a string with a TTL of a few seconds holding the
+    /// list's id), beside one per task name its idle workers serve
+    /// ([`Self::idle_for`]): a script that makes tasks ready without
+    /// knowing one name (a sweep) deletes it and pushes one wake (see
+    /// `store/redis/tasks/wake.rs`).
     pub fn idle(&self) -> String {
         self.key("idle")
     }
 
-    /// The list an idle koo process blocks on (`BLPOP`): at most a wake or
-    /// two, expiring within seconds.
+    /// The prefix of the lists idle koo processes block on (`BLPOP`,
+    /// [`Self::wake_to`]): at most a wake or two each, expiring within
+    /// seconds.
     pub fn wake(&self) -> String {
         self.key("wake")
     }
@@ -276,9 +278,11 @@ impl QueueKeys {
         format!("{}:{name}", self.idle())
     }
 
-    /// The wake list of [`Self::idle_for`]`(name)`.
-    pub fn wake_for(&self, name: &str) -> String {
-        format!("{}:{name}", self.wake())
+    /// The wake list of the koo process (its watch) `id`: the flags it
+    /// sets hold `id`, and a script that finds one pushes the task's name
+    /// here.
+    pub fn wake_to(&self, id: &str) -> String {
+        format!("{}:{id}", self.wake())
     }
 
     /// The queue's debounce keys (a hash: key -> the id of the unstarted

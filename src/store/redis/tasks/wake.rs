@@ -9,18 +9,22 @@
 //! reason: a queue's tasks are often served by different processes, the
 //! Python SDK's workers on one node, built-in slots on every node): it
 //! sets the flags `idle:NAME` of those names (`idle:*` for workers that
-//! serve any name) and the queue's `idle` (a TTL of [`FLAG_TTL`]), and
-//! blocks on the matching `wake` lists (`BLPOP`) in the same pipeline, on
-//! a connection of its own. The scripts that make a task ready outside a
-//! lease (a submit due now, a hand-back, a retry, a dependency's release)
-//! delete the flag of its name, else the `*` one, and when there was one
-//! push a wake (`wake_idle` in `lib.lua`): two `DEL`s per submit while no
-//! process waits, which is every submit under load. A sweep that made
-//! tasks due (of no one name) wakes through the queue's own flag.
+//! serve any name) and the queue's `idle` to its own id (a TTL of
+//! [`FLAG_TTL`] past the block), and blocks on its own wake list of the
+//! queue, `wake:ID` (`BLPOP`), in the same pipeline, on a connection of
+//! its own. The scripts that make a task ready outside a lease (a submit
+//! due now, a hand-back, a retry, a dependency's release) look for the
+//! flag of its name, else the `*` one, and when there is one delete it and
+//! push the name to the list it names (`wake_idle` in `lib.lua`): two
+//! `GET`s per submit while no process waits, which is every submit under
+//! load. A sweep that made tasks due (of no one name) wakes through the
+//! queue's own flag. A round re-sets only the flags that are due (the one
+//! its last wake's script deleted, new ones, those set a block ago), so
+//! that re-arming after a wake is a `SET` and a `BLPOP` of one list per
+//! queue, whatever the names.
 //!
-//! One wake per flag: of several idle processes one is woken (Redis serves
-//! the longest-blocked `BLPOP` first), as BullMQ's marker wakes one
-//! worker; it re-arms at once, and its workers, finding a backlog, wake
+//! One wake per flag: of several idle processes that serve a name, the
+//! last to set its flag is woken, as BullMQ's marker wakes one worker; it re-arms at once, and its workers, finding a backlog, wake
 //! their peers. A wake nobody takes expires (10 s); a flag left by a
 //! process that died expires within [`FLAG_TTL`]. A stale wake costs one
 //! look that finds nothing, never a task. A process that serves more than
@@ -32,7 +36,10 @@
 //! so each queue has a Cluster connection of its own (to the masters it
 //! reaches).
 
+use std::collections::HashMap;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use redis::Value;
 
@@ -57,6 +64,14 @@ pub struct SubmitWatch {
     conn: Option<Conn>,
     queues: Vec<QueueName>,
     keys: Vec<QueueKeys>,
+    /// What its flags hold, naming its wake lists (random: one per watch).
+    id: String,
+    /// When each armed flag was last set: a round sets only those due (new
+    /// ones, the one its last wake's script deleted, and those set a block
+    /// or more ago), so that re-arming after a wake is one `SET`, not one
+    /// per queue and name (a pool serving a dozen names on six queues arms
+    /// some 80 flags).
+    set_at: HashMap<String, Instant>,
 }
 
 /// A wake taken: its queue, and the task name it was pushed for (`None`
@@ -101,29 +116,43 @@ impl SubmitWatch {
         let ttl = u64::try_from((block + FLAG_TTL).as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
         let mut blpop = redis::cmd("BLPOP");
-        // the wake lists, as (queue, name) in BLPOP's order
-        let mut lists = Vec::new();
+        // this watch's wake list of each armed queue, in BLPOP's order
+        let mut lists = Vec::with_capacity(armed.len());
+        let now = Instant::now();
+        let mut set_at = HashMap::with_capacity(self.set_at.len());
         for (i, names) in &armed {
             let keys = &self.keys[*i];
             let names = std::iter::once(None).chain(names.iter().map(Some));
             for name in names {
-                let (flag, list) = match name {
-                    None => (keys.idle(), keys.wake()),
-                    Some(n) => (keys.idle_for(n), keys.wake_for(n)),
+                let flag = match name {
+                    None => keys.idle(),
+                    Some(n) => keys.idle_for(n),
                 };
-                pipe.cmd("SET").arg(flag).arg(1).arg("PX").arg(ttl).ignore();
-                blpop.arg(&list);
-                lists.push((list, *i, name.cloned()));
+                let at = match self.set_at.get(&flag) {
+                    Some(&at) if now.duration_since(at) < block => at,
+                    _ => {
+                        let set = pipe.cmd("SET").arg(&flag).arg(&self.id);
+                        set.arg("PX").arg(ttl).ignore();
+                        now
+                    }
+                };
+                set_at.insert(flag, at);
             }
+            let list = keys.wake_to(&self.id);
+            blpop.arg(&list);
+            lists.push((list, *i));
         }
+        self.set_at = set_at;
         blpop.arg(format!("{:.3}", block.as_secs_f64()));
         pipe.add_command(blpop);
         let reply: redis::RedisResult<(Value,)> = pipe.query_async(conn).await;
         let popped = match reply {
             Ok((v,)) => v,
             Err(e) => {
-                // reconnect on the next call
+                // reconnect on the next call, and set every flag again (the
+                // server may have restarted)
                 self.conn = None;
+                self.set_at.clear();
                 return Err(StoreError::Unavailable(format!("wake read failed: {e}")));
             }
         };
@@ -132,8 +161,15 @@ impl SubmitWatch {
             v => redis::from_redis_value(v)
                 .map_err(|e| StoreError::Backend(format!("a wake's reply: {e}")))?,
         };
-        Ok(key.and_then(|(key, _)| {
-            let (_, at, name) = lists.into_iter().find(|(list, ..)| *list == key)?;
+        Ok(key.and_then(|(key, name)| {
+            let (_, at) = lists.into_iter().find(|(list, _)| *list == key)?;
+            // the script that pushed the wake deleted the flag it found
+            let keys = &self.keys[at];
+            let name = (!name.is_empty()).then_some(name);
+            let flag = name
+                .as_deref()
+                .map_or_else(|| keys.idle(), |n| keys.idle_for(n));
+            self.set_at.remove(&flag);
             Some(Woken {
                 queue: self.queues.get(at)?.clone(),
                 name,
@@ -163,6 +199,8 @@ impl RedisTasks {
             conn: None,
             queues: queues.to_vec(),
             keys: queues.iter().map(|q| self.keys(q)).collect(),
+            id: format!("{:016x}", rand::random::<u64>()),
+            set_at: HashMap::new(),
         };
         if queues.is_empty() {
             return Vec::new();

@@ -162,26 +162,27 @@ local function make_rates(fb)
 end
 
 -- Wakes one koo process whose workers wait idle on this queue for a task
--- named `name` (see store/redis/tasks/wake.rs: a process sets the flag
--- `idle:NAME` of each name its idle workers serve, `idle:*` for any name,
--- and `idle` itself, before blocking on the matching `wake` lists): one
--- that serves the name if any waits, else one that serves any name; for
--- tasks of no one name (`name` nil: a sweep's), any idle process. A flag
--- found is deleted and one wake pushed (it expires if nobody takes it);
--- none waits: a DEL or two.
-local function wake_one(flag, list)
-  if redis.call('DEL', flag) == 1 then
-    redis.call('RPUSH', list, '1')
-    redis.call('PEXPIRE', list, 10000)
-    return true
-  end
-  return false
+-- named `name` (see store/redis/tasks/wake.rs: before blocking on its own
+-- wake list `wake:ID`, a process sets the flag `idle:NAME` of each name
+-- its idle workers serve, `idle:*` for any name, and `idle` itself, to its
+-- ID): one that serves the name if any waits, else one that serves any
+-- name; for tasks of no one name (`name` nil: a sweep's), any idle
+-- process. A flag found is deleted and the name pushed to the list it
+-- names (which expires if nobody takes it); none waits: a GET or two.
+local function wake_one(flag, wake, name)
+  local to = redis.call('GET', flag)
+  if not to then return false end
+  redis.call('DEL', flag)
+  local list = wake .. ':' .. to
+  redis.call('RPUSH', list, name)
+  redis.call('PEXPIRE', list, 10000)
+  return true
 end
 local function wake_idle(idle, wake, name)
   if not name then
-    wake_one(idle, wake)
-  elseif not wake_one(idle .. ':' .. name, wake .. ':' .. name) then
-    wake_one(idle .. ':*', wake .. ':*')
+    wake_one(idle, wake, '')
+  elseif not wake_one(idle .. ':' .. name, wake, name) then
+    wake_one(idle .. ':*', wake, '*')
   end
 end
 
