@@ -128,6 +128,9 @@ pub struct Poller {
     next: usize,
     /// The queue a local submit just named, looked at first once.
     hint: Option<usize>,
+    /// The hint is a look this worker alone was told to make
+    /// ([`Self::look_at`]).
+    told: bool,
     submits: watch::Receiver<Option<QueueName>>,
 }
 
@@ -176,6 +179,7 @@ impl Poller {
             poll,
             next: start % len,
             hint: None,
+            told: false,
             submits,
         }
     }
@@ -276,13 +280,21 @@ impl Poller {
         self.rest(q).is_some_and(|until| Instant::now() < until)
     }
 
-    /// Another process made a task of queue `q` ready and this worker
-    /// alone was told (a wake): the queue stops resting and the next round
-    /// starts at it, a look of its own (claimed, so that a task found
-    /// there engages an idle peer, as a poll's look does).
+    /// A task of queue `q` became ready (a wake from another process, or
+    /// a task made ready here without a hand-off) and this worker alone of
+    /// its kind was told: the next round looks there first, resting or not,
+    /// claimed or not, and a task found there engages an idle peer, as a
+    /// poll's look does ([`Self::take_told`]).
     pub fn look_at(&mut self, q: usize) {
         self.set_rest(q, None);
-        self.next = q;
+        self.hint = Some(q);
+        self.told = true;
+    }
+
+    /// Whether the next round's hint is a told look ([`Self::look_at`]);
+    /// read once per round.
+    pub fn take_told(&mut self) -> bool {
+        std::mem::take(&mut self.told)
     }
 
     /// Queue `q` was just found empty.
@@ -328,7 +340,8 @@ impl Poller {
     pub fn take_submits(&mut self) {
         if self.submits.has_changed().unwrap_or(false) {
             let queue = self.submits.borrow_and_update().clone();
-            self.hint = queue.and_then(|q| self.position(&q));
+            // (a told look keeps its place)
+            self.hint = self.hint.or_else(|| queue.and_then(|q| self.position(&q)));
         }
         if let Some(h) = self.hint {
             self.set_rest(h, None);

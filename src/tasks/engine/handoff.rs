@@ -49,10 +49,11 @@ pub enum Handed {
         /// The lease's answer.
         leased: Leased,
     },
-    /// Another process made a task of this queue ready (a wake, see
-    /// `wakes.rs`): the slot looks at the queue now. One waiter of each
-    /// kind is told, not all of them: the others would each make a lease
-    /// call for the one task.
+    /// A task of this queue became ready outside a hand-off (a wake from
+    /// another process, see `wakes.rs`, or a submit, retry or hand-back of
+    /// this one, see [`TaskEngine::made_ready`]): the slot looks at the
+    /// queue now. One waiter of each kind is told, not all of them: the
+    /// others would each make a lease call for the one task.
     Look(QueueName),
 }
 
@@ -137,31 +138,29 @@ impl Board {
     /// serves `name` (`None`: any waiter) to look at it, each claimed as a
     /// submit claims one; how many were told.
     fn nudge(&self, queue: &QueueName, name: Option<&str>) -> usize {
-        let mut gives = Vec::new();
-        let mut kinds: Vec<Arc<[String]>> = Vec::new();
+        let mut told: Vec<Arc<[String]>> = Vec::new();
         let mut queues = self.lock();
-        if let Some(waiters) = queues.get_mut(queue) {
-            // the most recently idle of each kind, as a claim takes
-            let mut at = waiters.len();
-            while at > 0 {
-                at -= 1;
-                let serves = name.is_none_or(|n| waiters[at].serves(n));
-                if !serves || kinds.iter().any(|k| *k == waiters[at].names) {
-                    continue;
-                }
-                let waiter = waiters.remove(at);
-                if let Some(give) = waiter.take() {
-                    kinds.push(waiter.names.clone());
-                    gives.push(give);
-                }
+        let Some(waiters) = queues.get_mut(queue) else {
+            return 0;
+        };
+        // the most recently idle of each kind, as a claim takes; one that
+        // left in this instant is passed over for the next of its kind
+        let mut at = waiters.len();
+        while at > 0 {
+            at -= 1;
+            let serves = name.is_none_or(|n| waiters[at].serves(n));
+            if !serves || told.iter().any(|k| *k == waiters[at].names) {
+                continue;
+            }
+            let waiter = waiters.remove(at);
+            let sent = waiter
+                .take()
+                .is_some_and(|give| give.send(Handed::Look(queue.clone())).is_ok());
+            if sent {
+                told.push(waiter.names.clone());
             }
         }
-        drop(queues);
-        // (one that left in this instant has nothing to look for)
-        gives
-            .into_iter()
-            .filter_map(|give| give.send(Handed::Look(queue.clone())).ok())
-            .count()
+        told.len()
     }
 
     /// Whether no slot waits on any queue (a burst skips its claims).
@@ -244,12 +243,14 @@ impl Drop for IdleSlot {
         // its way fails and the submit hands back; what arrived before goes
         // back from here, not at its lease's lapse.
         self.handed.close();
-        let Ok(Handed::Leased {
-            leased: leased @ Leased::Task(_),
-            ..
-        }) = self.handed.try_recv()
-        else {
-            return;
+        let leased = match self.handed.try_recv() {
+            Ok(Handed::Leased {
+                leased: leased @ Leased::Task(_),
+                ..
+            }) => leased,
+            // told to look and gone before it did: another is told
+            Ok(Handed::Look(queue)) => return self.engine.made_ready(queue, None),
+            _ => return,
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(

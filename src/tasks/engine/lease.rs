@@ -355,9 +355,9 @@ impl TaskEngine {
             )
             .await?;
         fenced_unless(ok, &task.id)?;
-        // back in its queue: this process's idle slots and waiting workers
-        // look again now, not at their next poll (a task handed to a slot
-        // or a stream that left comes back this way)
+        // back in its queue: one of this process's idle slots or waiting
+        // workers of each kind looks again now, not at its next poll (a
+        // task handed to a slot or a stream that left comes back this way)
         self.made_ready(task.id.queue(), Some(&task.name));
         Ok(())
     }

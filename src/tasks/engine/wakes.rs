@@ -1,6 +1,6 @@
 //! Waking this process's idle workers on submits made in other processes
 //! (on Redis; the embedded store's submits all come through this process).
-//! The Redis side, and why a submit costs one `DEL` while no process
+//! The Redis side, and why a submit costs two `GET`s while no process
 //! waits, is in `store/redis/tasks/wake.rs`.
 
 use std::time::Duration;

@@ -375,8 +375,9 @@ impl Session {
         full: &mut bool,
     ) -> Option<Task> {
         let mut took = false;
+        let told = pace.poller.take_told();
         for (q, hinted) in pace.poller.order() {
-            if pace.poller.is_resting(q) {
+            if !hinted && pace.poller.is_resting(q) {
                 continue;
             }
             if !took {
@@ -400,7 +401,7 @@ impl Session {
             {
                 Ok(leased) => {
                     if let Some(task) = pace.poller.took(q, leased) {
-                        if !hinted {
+                        if !hinted || told {
                             pace.poller.found(q);
                         }
                         pace.poller.leased(q, hinted);

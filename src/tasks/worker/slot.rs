@@ -124,13 +124,14 @@ impl Slot {
     /// ones. A store failure waits a second (or until the store answers
     /// again) before the slot waits for work.
     async fn lease_round(&mut self, names: &[&str], stop: &CancellationToken) -> Round {
+        let told = self.poller.take_told();
         for (q, hinted) in self.poller.order() {
             if stop.is_cancelled() {
                 break;
             }
-            // (a look of its own, not a submit's hint: one slot of the pool
-            // at a time; see the poller's module doc)
-            if self.poller.is_resting(q) || (!hinted && !self.poller.claim(q)) {
+            // (a look of its own, not a submit's hint nor a told look: one
+            // slot of the pool at a time; see the poller's module doc)
+            if !hinted && (self.poller.is_resting(q) || !self.poller.claim(q)) {
                 continue;
             }
             let queue = &self.poller.queues()[q];
@@ -141,7 +142,7 @@ impl Slot {
             {
                 Ok(leased) => {
                     if let Some(task) = self.poller.took(q, leased) {
-                        if !hinted {
+                        if !hinted || told {
                             self.poller.found(q);
                         }
                         self.poller.leased(q, hinted);

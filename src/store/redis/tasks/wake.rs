@@ -107,20 +107,60 @@ impl SubmitWatch {
         if armed.is_empty() {
             return Ok(None);
         }
+        let (pipe, lists) = self.arming(&armed, block);
         let conn = match &mut self.conn {
             Some(c) => c,
-            None => self
-                .conn
-                .insert(blocking_conn(&self.store, block, "a wake").await?),
+            None => match blocking_conn(&self.store, block, "a wake").await {
+                Ok(c) => self.conn.insert(c),
+                Err(e) => {
+                    // nothing was set: every flag is due again
+                    self.set_at.clear();
+                    return Err(e);
+                }
+            },
         };
+        let reply: redis::RedisResult<(Value,)> = pipe.query_async(conn).await;
+        let popped = match reply {
+            Ok((v,)) => v,
+            Err(e) => {
+                // reconnect on the next call, and set every flag again (the
+                // server may have restarted)
+                self.conn = None;
+                self.set_at.clear();
+                return Err(StoreError::Unavailable(format!("wake read failed: {e}")));
+            }
+        };
+        let key: Option<(String, String)> = match popped {
+            Value::Nil => None,
+            v => redis::from_redis_value(v)
+                .map_err(|e| StoreError::Backend(format!("a wake's reply: {e}")))?,
+        };
+        Ok(key.and_then(|(key, pushed)| {
+            let (_, at) = lists.into_iter().find(|(list, _)| *list == key)?;
+            let (flag, name) = pushed_for(&self.keys[at], pushed);
+            self.set_at.remove(&flag);
+            Some(Woken {
+                queue: self.queues.get(at)?.clone(),
+                name,
+            })
+        }))
+    }
+
+    /// The pipeline of one round, and this watch's wake list of each armed
+    /// queue (by index) in its `BLPOP`'s order: the `SET`s of the flags
+    /// that are due (see `set_at`), then the `BLPOP`.
+    fn arming(
+        &mut self,
+        armed: &[(usize, Vec<String>)],
+        block: Duration,
+    ) -> (redis::Pipeline, Vec<(String, usize)>) {
         let ttl = u64::try_from((block + FLAG_TTL).as_millis()).unwrap_or(u64::MAX);
         let mut pipe = redis::pipe();
         let mut blpop = redis::cmd("BLPOP");
-        // this watch's wake list of each armed queue, in BLPOP's order
         let mut lists = Vec::with_capacity(armed.len());
         let now = Instant::now();
         let mut set_at = HashMap::with_capacity(self.set_at.len());
-        for (i, names) in &armed {
+        for (i, names) in armed {
             let keys = &self.keys[*i];
             let names = std::iter::once(None).chain(names.iter().map(Some));
             for name in names {
@@ -145,36 +185,19 @@ impl SubmitWatch {
         self.set_at = set_at;
         blpop.arg(format!("{:.3}", block.as_secs_f64()));
         pipe.add_command(blpop);
-        let reply: redis::RedisResult<(Value,)> = pipe.query_async(conn).await;
-        let popped = match reply {
-            Ok((v,)) => v,
-            Err(e) => {
-                // reconnect on the next call, and set every flag again (the
-                // server may have restarted)
-                self.conn = None;
-                self.set_at.clear();
-                return Err(StoreError::Unavailable(format!("wake read failed: {e}")));
-            }
-        };
-        let key: Option<(String, String)> = match popped {
-            Value::Nil => None,
-            v => redis::from_redis_value(v)
-                .map_err(|e| StoreError::Backend(format!("a wake's reply: {e}")))?,
-        };
-        Ok(key.and_then(|(key, name)| {
-            let (_, at) = lists.into_iter().find(|(list, _)| *list == key)?;
-            // the script that pushed the wake deleted the flag it found
-            let keys = &self.keys[at];
-            let name = (!name.is_empty()).then_some(name);
-            let flag = name
-                .as_deref()
-                .map_or_else(|| keys.idle(), |n| keys.idle_for(n));
-            self.set_at.remove(&flag);
-            Some(Woken {
-                queue: self.queues.get(at)?.clone(),
-                name,
-            })
-        }))
+        (pipe, lists)
+    }
+}
+
+/// What a popped wake says: the flag the script that pushed it deleted,
+/// and the task's name (see `wake_idle` in lib.lua: `''` for the queue's
+/// flag, a name for its own, `*` and a newline before the name for
+/// `idle:*`).
+fn pushed_for(keys: &QueueKeys, pushed: String) -> (String, Option<String>) {
+    match pushed.strip_prefix("*\n") {
+        Some(name) => (keys.idle_for("*"), Some(name.to_owned())),
+        None if pushed.is_empty() => (keys.idle(), None),
+        None => (keys.idle_for(&pushed), Some(pushed)),
     }
 }
 
@@ -230,5 +253,16 @@ mod tests {
         let many: Vec<String> = (0..=MAX_NAMES).map(|i| format!("n{i}")).collect();
         assert_eq!(armed_names(many), names(&["*"]));
         assert!(armed_names(Vec::new()).is_empty());
+    }
+
+    /// A popped wake names the flag its script deleted and the task's
+    /// name, through `*` too.
+    #[test]
+    fn a_wake_names_its_flag_and_task() {
+        let keys = QueueKeys::new("koo", &QueueName::parse("research").unwrap());
+        let of = |s: &str| pushed_for(&keys, s.to_owned());
+        assert_eq!(of(""), (keys.idle(), None));
+        assert_eq!(of("a.b"), (keys.idle_for("a.b"), Some("a.b".to_owned())));
+        assert_eq!(of("*\na.b"), (keys.idle_for("*"), Some("a.b".to_owned())));
     }
 }

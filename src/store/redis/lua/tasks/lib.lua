@@ -168,7 +168,8 @@ end
 -- ID): one that serves the name if any waits, else one that serves any
 -- name; for tasks of no one name (`name` nil: a sweep's), any idle
 -- process. A flag found is deleted and the name pushed to the list it
--- names (which expires if nobody takes it); none waits: a GET or two.
+-- names ('' for the queue's flag, '*' and a newline before the name for
+-- `idle:*`; the list expires if nobody takes it); none waits: a GET or two.
 local function wake_one(flag, wake, name)
   local to = redis.call('GET', flag)
   if not to then return false end
@@ -182,7 +183,9 @@ local function wake_idle(idle, wake, name)
   if not name then
     wake_one(idle, wake, '')
   elseif not wake_one(idle .. ':' .. name, wake, name) then
-    wake_one(idle .. ':*', wake, '*')
+    -- (the flag found, and the name: the process tells only its workers
+    -- that serve it)
+    wake_one(idle .. ':*', wake, '*\n' .. name)
   end
 end
 
