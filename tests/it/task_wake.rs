@@ -15,6 +15,10 @@ use common::{EVENT_TIMEOUT, TestRedis, TestServer, redis_settings, test_settings
 use koo::domain::task::Category;
 use koo::keys::QueueKeys;
 use koo::pb::tasks::v1 as pb;
+use koo::pb::worker::v1::{
+    self as wpb, work_request::Message as In, work_response::Message as Out,
+    worker_service_client::WorkerServiceClient,
+};
 use koo::tasks::handlers::{FAIL_TIMES, NOOP};
 use tonic_health::pb::health_check_response::ServingStatus;
 
@@ -67,6 +71,52 @@ async fn wake_lists(conn: &mut redis::aio::MultiplexedConnection, keys: &QueueKe
         .query_async(conn)
         .await
         .unwrap()
+}
+
+/// A stream worker (WorkerService `Work`) on `server` serving task `name`
+/// of the research queue with room for `concurrency`: the sender that
+/// keeps it open, and what koo sends it.
+async fn stream_worker(
+    server: &TestServer,
+    name: &str,
+    concurrency: i32,
+) -> (
+    tokio::sync::mpsc::Sender<wpb::WorkRequest>,
+    tonic::Streaming<wpb::WorkResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(wpb::WorkRequest {
+        message: Some(In::Hello(wpb::Hello {
+            name: "wake".into(),
+            task_names: vec![name.into()],
+            queues: vec!["research".into()],
+            concurrency,
+            accept_batches: false,
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = WorkerServiceClient::new(server.channel.clone())
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
+}
+
+/// The id of the next task pushed to a stream worker, within the event
+/// timeout.
+async fn pushed(stream: &mut tonic::Streaming<wpb::WorkResponse>) -> String {
+    loop {
+        let next = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
+        match next.expect("a task within the event timeout").unwrap() {
+            Some(wpb::WorkResponse {
+                message: Some(Out::Task(t)),
+            }) => return t.task.map(|t| t.id).unwrap_or_default(),
+            Some(_) => continue,
+            None => panic!("the stream ended"),
+        }
+    }
 }
 
 /// Submits `req` (task `i` of a test) through the API node and waits for
@@ -246,32 +296,12 @@ async fn a_task_made_due_by_another_process_s_sweep_wakes_idle_workers() {
 /// pushed to the stream at once (B polls once a minute).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_process_arms_only_the_queues_its_idle_workers_serve() {
-    use koo::pb::worker::v1::{
-        self as wpb, work_request::Message as In, work_response::Message as Out,
-        worker_service_client::WorkerServiceClient,
-    };
     let redis = TestRedis::start().await;
     let url = redis.url();
     let api = koo(&url, 0, Duration::from_secs(60)).await;
     let workers = koo(&url, 0, Duration::from_secs(60)).await;
     let name = "test.wake.stream";
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(wpb::WorkRequest {
-        message: Some(In::Hello(wpb::Hello {
-            name: "wake".into(),
-            task_names: vec![name.into()],
-            queues: vec!["research".into()],
-            concurrency: 1,
-            accept_batches: false,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = WorkerServiceClient::new(workers.channel.clone())
-        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = stream_worker(&workers, name, 1).await;
     let research = QueueKeys::new("koo", &Category::Research.default_queue());
     let cache = QueueKeys::new("koo", &Category::Cache.default_queue());
     let mut conn = redis.conn().await;
@@ -294,17 +324,7 @@ async fn a_process_arms_only_the_queues_its_idle_workers_serve() {
         },
     )
     .await;
-    let pushed = loop {
-        let next = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
-        match next.expect("a task within the event timeout").unwrap() {
-            Some(wpb::WorkResponse {
-                message: Some(Out::Task(t)),
-            }) => break t,
-            Some(_) => continue,
-            None => panic!("the stream ended"),
-        }
-    };
-    assert_eq!(pushed.task.map(|t| t.id), Some(id));
+    assert_eq!(pushed(&mut stream).await, id);
     drop(tx);
 }
 
@@ -316,7 +336,6 @@ async fn a_process_arms_only_the_queues_its_idle_workers_serve() {
 /// trip.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unary_long_poll_is_woken_and_handed_tasks() {
-    use koo::pb::worker::v1::{self as wpb, worker_service_client::WorkerServiceClient};
     let redis = TestRedis::start().await;
     let url = redis.url();
     let http: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
@@ -376,10 +395,6 @@ async fn a_unary_long_poll_is_woken_and_handed_tasks() {
 /// time, and the task then waited for C's poll.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wake_goes_to_a_process_that_serves_the_task_s_name() {
-    use koo::pb::worker::v1::{
-        self as wpb, work_request::Message as In, work_response::Message as Out,
-        worker_service_client::WorkerServiceClient,
-    };
     let redis = TestRedis::start().await;
     let url = redis.url();
     let minute = Duration::from_secs(60);
@@ -393,23 +408,7 @@ async fn a_wake_goes_to_a_process_that_serves_the_task_s_name() {
     let mut conn = redis.conn().await;
     armed(&mut conn, &keys.idle_for(NOOP)).await;
     let name = "test.wake.named";
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(wpb::WorkRequest {
-        message: Some(In::Hello(wpb::Hello {
-            name: "named".into(),
-            task_names: vec![name.into()],
-            queues: vec!["research".into()],
-            concurrency: 8,
-            accept_batches: false,
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = WorkerServiceClient::new(streams.channel.clone())
-        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut stream) = stream_worker(&streams, name, 8).await;
     let mut c = client(&api);
     for i in 0..4 {
         // C (with room for more) armed again after each wake
@@ -420,17 +419,7 @@ async fn a_wake_goes_to_a_process_that_serves_the_task_s_name() {
             ..Default::default()
         };
         let id = submitted(&mut c, req).await;
-        let pushed = loop {
-            let next = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
-            match next.expect("a task within the event timeout").unwrap() {
-                Some(wpb::WorkResponse {
-                    message: Some(Out::Task(t)),
-                }) => break t,
-                Some(_) => continue,
-                None => panic!("the stream ended"),
-            }
-        };
-        assert_eq!(pushed.task.map(|t| t.id), Some(id), "task {i}");
+        assert_eq!(pushed(&mut stream).await, id, "task {i}");
     }
     let (status, text) = crate::metrics::http_get(&http.to_string(), "/metrics").await;
     assert_eq!(status, 200, "{text}");
