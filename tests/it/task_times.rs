@@ -427,15 +427,7 @@ async fn a_process_reads_its_own_times_of_every_queue() {
         for _ in 0..2 {
             let mut req = submit("koo.diagnostics.noop", serde_json::json!({}));
             req.category = category as i32;
-            ids.push(
-                c.submit_task(req)
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .task
-                    .unwrap()
-                    .id,
-            );
+            ids.push(common::tasks::submitted(&mut c, req).await);
         }
     }
     for id in &ids {

@@ -209,7 +209,7 @@ async fn a_submit_through_another_process_wakes_its_idle_workers_on_a_cluster() 
 }
 
 /// A process with no idle worker arms nothing, so that a submit costs
-/// one `DEL` and no wake is pushed: B's one slot busy on a long task, the
+/// two `GET`s and no wake is pushed: B's one slot busy on a long task, the
 /// flag it set lapses, and a second submit pushes no wake.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn busy_workers_arm_nothing() {
