@@ -13,6 +13,8 @@
 //! - **memory**: `BENCH_QUEUED` (default 100,000) tasks parked in a queue no
 //!   worker serves, and `BENCH_WATCHERS` (default 1,000) open `WatchTask`
 //!   streams on them; koo's resident memory (VmRSS) then.
+//! - **embedded** (`BENCH_EMBEDDED=1`; off by default): e2e and latency
+//!   through a koo on its embedded store, no Redis: koo's own path.
 //! - **across** (`BENCH_ACROSS=1`; off by default): the same through a koo
 //!   with no workers, the no-op run by a second koo's built-in slots on
 //!   the same Redis (a submit waking another process).
@@ -167,6 +169,9 @@ async fn run() -> Result<()> {
     }
     drop(client);
     drop(koo);
+    if env_usize("BENCH_EMBEDDED", 0)? > 0 {
+        embedded(&run, &mut out).await?;
+    }
     let across_prefix = format!("{prefix}a");
     if env_usize("BENCH_ACROSS", 0)? > 0 {
         let run = Run {
@@ -218,6 +223,27 @@ async fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// e2e and latency through a koo on its embedded store (no Redis): what
+/// koo's own path costs, beside which the Redis run's extra is its round
+/// trips and scripts.
+async fn embedded(run: &Run<'_>, out: &mut std::fs::File) -> Result<()> {
+    let mut koo = start_koo(
+        &support::koo_bin(),
+        &["--task-queues", "parked"],
+        &[("KOO_LOG", "warn")],
+    )?;
+    let client = task_client(&koo).await?;
+    e2e(&client, 500).await?;
+    let run = Run {
+        system: "koo-embedded",
+        worker: run.worker.clone(),
+        redis_pid: None,
+        redis_url: String::new(),
+        ..*run
+    };
+    run.measure(&client, &mut koo, out).await
 }
 
 /// A TaskService client of `koo`.
@@ -353,7 +379,8 @@ struct Run<'a> {
     /// The bench's own redis-server, whose CPU per task is reported (none
     /// when the bench runs against a Redis it did not start).
     redis_pid: Option<u32>,
-    /// The Redis under koo, whose commands per task are reported.
+    /// The Redis under koo, whose commands per task are reported (empty:
+    /// none, the embedded store).
     redis_url: String,
 }
 
@@ -372,10 +399,11 @@ impl Run<'_> {
             // CPU per task (koo, Redis): steadier than throughput on a
             // shared machine, and what "no slowdown" costs in hardware
             let cpu = |pid: Option<u32>| pid.and_then(support::cpu_seconds);
-            let before = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid));
+            let me = Some(std::process::id());
+            let before = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid), cpu(me));
             let calls_before = support::redis_calls(&self.redis_url).await;
             let (seconds, submit_seconds) = e2e(client, tasks).await?;
-            let after = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid));
+            let after = (cpu(Some(koo.guard.pid())), cpu(self.redis_pid), cpu(me));
             let calls_after = support::redis_calls(&self.redis_url).await;
             // Redis's commands per task (a script's own calls included),
             // and its script calls: noise-free, unlike the CPU figures
@@ -398,18 +426,32 @@ impl Run<'_> {
                     "cpu_us_per_task": {
                         "koo": per_task(before.0, after.0),
                         "redis": per_task(before.1, after.1),
+                        // this process: the client's submits and watch
+                        "client": per_task(before.2, after.2),
                     },
                     "redis_calls_per_task": calls,
                 }),
                 out,
             );
+            let scripts_before = support::redis_script_usec(&self.redis_url).await;
             let mut lat = latency(client, latency_n).await?;
+            let scripts_after = support::redis_script_usec(&self.redis_url).await;
             lat.sort_by(f64::total_cmp);
+            // what a lone task cannot go below here whatever koo does: its
+            // two script calls in sequence (each a bare round trip plus the
+            // scripts' own time in Redis), before the client's gRPC call
+            let ping = support::redis_ping_p50(&self.redis_url, 500).await;
+            let scripts_ms = scripts_before
+                .zip(scripts_after)
+                .map(|(b, a)| (a - b) as f64 / 1000.0 / latency_n as f64);
             emit(
                 serde_json::json!({
                     "system": system, "mode": "latency", "n": latency_n, "rep": rep, "label": label,
                     "p50_ms": pct(&lat, 50.0), "p90_ms": pct(&lat, 90.0), "p99_ms": pct(&lat, 99.0),
                     "max_ms": lat[lat.len() - 1],
+                    "redis_ping_p50_ms": ping,
+                    "redis_script_ms_per_task": scripts_ms,
+                    "redis_floor_ms": ping.zip(scripts_ms).map(|(p, s)| 2.0 * p + s),
                 }),
                 out,
             );

@@ -541,6 +541,39 @@ pub async fn redis_calls(url: &str) -> Option<(u64, u64)> {
     Some((commands, scripts))
 }
 
+/// Microseconds Redis has spent in script calls (`EVALSHA`, their inner
+/// commands included) since its stats were last reset.
+pub async fn redis_script_usec(url: &str) -> Option<u64> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()?;
+    let line = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))?;
+    let usec = line.split(',').find_map(|f| f.strip_prefix("usec="))?;
+    usec.parse().ok()
+}
+
+/// The median of `n` sequential `PING`s from this process over one
+/// redis-rs connection (ms): a bare round trip to Redis on this machine,
+/// what each of a lone task's calls pays before any work.
+pub async fn redis_ping_p50(url: &str, n: usize) -> Option<f64> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t0 = std::time::Instant::now();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.ok()?;
+        took.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    took.sort_by(f64::total_cmp);
+    took.get(took.len() / 2).copied()
+}
+
 /// Each command's name and call count in an `INFO commandstats` reply.
 pub fn commandstats(stats: &str) -> impl Iterator<Item = (&str, u64)> {
     stats.lines().filter_map(|line| {
