@@ -394,12 +394,12 @@ impl Cache {
             }
         }
         self.inner.metrics.latency(Op::SetMany, started.elapsed());
-        self.announce(result.is_ok(), deadline, || Self::set_changes(entries))
-            .await;
         result
     }
 
-    /// Encodes and writes validated entries in one atomic store call.
+    /// Encodes and writes validated entries in one atomic store call, and
+    /// announces them to near caches (every batch write: `SetMany` and the
+    /// warm-ups).
     async fn write_all(
         &self,
         entries: &[NewEntry],
@@ -420,6 +420,8 @@ impl Cache {
         for (e, s) in entries.iter().zip(&stored) {
             self.count_write(e.level, s);
         }
+        self.announce(true, deadline, || Self::set_changes(entries))
+            .await;
         Ok(stored)
     }
 

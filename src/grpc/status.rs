@@ -257,6 +257,7 @@ impl From<crate::watch::compute::ComputeError> for Status {
             E::Failed { .. } | E::Vanished { .. } => {
                 Status::failed_precondition(bounded(e.to_string()))
             }
+            E::Unfinished { .. } => Status::deadline_exceeded(bounded(e.to_string())),
         }
     }
 }

@@ -69,6 +69,15 @@ pub enum ComputeError {
         /// Its error's message.
         message: String,
     },
+    /// The call's deadline passed before the task it submitted ended (the
+    /// task still runs, or waits to, and fills the entry when it succeeds).
+    #[error(
+        "the deadline passed before the compute task {id} that this call submitted ended (it fills the entry when it succeeds; GetTask {id} says where it is)"
+    )]
+    Unfinished {
+        /// The task.
+        id: String,
+    },
     /// The task succeeded but its entry was gone when read (deleted or
     /// invalidated at once).
     #[error("the compute task {id} succeeded but its entry was removed before it could be read")]
@@ -98,6 +107,7 @@ impl ComputeOnMiss {
         req: ComputeRequest,
         deadline: Deadline,
     ) -> Result<Computed, ComputeError> {
+        self.check(&req)?;
         let locked = self
             .cache
             .get_or_lock(req.level, &req.key, req.lock_ttl, None, deadline)
@@ -123,6 +133,19 @@ impl ComputeOnMiss {
         }
     }
 
+    /// Checks the entry's tags and soft TTL and the task (with the
+    /// `cache_result` it would carry) before the entry is read: a request
+    /// that could never fill its entry fails on a hit too, not first when
+    /// the key goes missing in production. The task's fields are named
+    /// `task.*`, as in the request.
+    fn check(&self, req: &ComputeRequest) -> Result<(), ComputeError> {
+        crate::cache::tags::check("", &req.tags, req.soft_ttl, req.ttl)?;
+        let mut task = req.task.clone();
+        task.cache_result = Some(target(req));
+        self.engine.check(task, "task")?;
+        Ok(())
+    }
+
     /// Submits the task under `lease` and records its id in the lock.
     async fn submit(
         &self,
@@ -131,15 +154,7 @@ impl ComputeOnMiss {
         deadline: Deadline,
     ) -> Result<TaskId, ComputeError> {
         let mut new = req.task.clone();
-        new.cache_result = Some(CacheTarget {
-            level: req.level,
-            key: req.key.clone(),
-            ttl_ms: u64::try_from(req.ttl.as_millis()).unwrap_or(u64::MAX),
-            tags: req.tags.clone(),
-            soft_ttl_ms: req
-                .soft_ttl
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        });
+        new.cache_result = Some(target(req));
         // A retried submit (outcome unknown) must not run it twice.
         new.idempotency_key = Some(format!(
             "koo.cache.compute:{}:{:016x}:{}",
@@ -183,7 +198,7 @@ impl ComputeOnMiss {
             .wait_final(&self.engine, &task_id, deadline)
             .await?
         else {
-            return Err(CacheError::DeadlineExceeded.into());
+            return Err(ComputeError::Unfinished { id });
         };
         if ended.state != State::Succeeded {
             // Give the key up, so that a waiter takes over at once.
@@ -222,6 +237,19 @@ impl ComputeOnMiss {
         self.cache
             .release_lock(req.level, &req.key, &lease.token, deadline)
             .await
+    }
+}
+
+/// The entry the compute task of `req` writes when it succeeds.
+fn target(req: &ComputeRequest) -> CacheTarget {
+    CacheTarget {
+        level: req.level,
+        key: req.key.clone(),
+        ttl_ms: u64::try_from(req.ttl.as_millis()).unwrap_or(u64::MAX),
+        tags: req.tags.clone(),
+        soft_ttl_ms: req
+            .soft_ttl
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
     }
 }
 

@@ -343,6 +343,10 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
     let e = c.fill(fill_req("k", "nope", Some("v"))).await.unwrap_err();
     assert_eq!(bad_field(&e), "lock_token");
     assert!(e.message().contains("nope"), "{e:?}");
+    // tokens are handed out in lower case; an upper-case copy is refused as
+    // malformed, not reported as a lost lock
+    let upper = c.fill(fill_req("k", &"A".repeat(32), Some("v"))).await;
+    assert_eq!(bad_field(&upper.unwrap_err()), "lock_token");
     let mut no_ttl = fill_req("k", &"a".repeat(32), Some("v"));
     no_ttl.ttl = ms(0);
     assert_eq!(bad_field(&c.fill(no_ttl).await.unwrap_err()), "ttl");
@@ -371,6 +375,55 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
     ] {
         let e = c.get_or_compute(req).await.unwrap_err();
         assert_eq!(bad_field(&e), field);
+    }
+    // What only the compute task's end would have refused (its entry's
+    // tags and soft TTL, its name's length, its queue) is refused before
+    // the entry is read: on a miss nothing is submitted (the key's lock
+    // stays free), and on a hit the same request fails too.
+    let with = |key: &str, edit: &dyn Fn(&mut pb::GetOrComputeRequest)| {
+        let mut r = compute(named("koo.diagnostics.echo"), None);
+        r.key = key.into();
+        edit(&mut r);
+        r
+    };
+    let cases: [(&dyn Fn(&mut pb::GetOrComputeRequest), &str); 6] = [
+        (&|r| r.tags = vec![String::new()], "tags[0]"),
+        (
+            &|r| r.tags = (0..40).map(|i| format!("t{i}")).collect(),
+            "tags",
+        ),
+        (
+            &|r| (r.ttl, r.soft_ttl) = (ms(5_000), ms(6_000)),
+            "soft_ttl",
+        ),
+        (&|r| r.task = named(&"n".repeat(300)), "task.name"),
+        (
+            &|r| r.task.as_mut().unwrap().queue = "nope".into(),
+            "task.queue",
+        ),
+        (
+            &|r| r.task.as_mut().unwrap().queue = "Bad Queue".into(),
+            "task.queue",
+        ),
+    ];
+    c.set(pb::SetRequest {
+        key: "hit".into(),
+        value: text("v"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    for (edit, field) in cases {
+        for key in ["miss", "hit"] {
+            let e = c.get_or_compute(with(key, edit)).await.unwrap_err();
+            assert_eq!(bad_field(&e), field, "{key}: {e:?}");
+        }
+        let token = get_or_lock(&mut c, lock_req("miss", 1000, Some(0)))
+            .await
+            .lock_token;
+        assert!(!token.is_empty(), "{field}: the miss's lock was taken");
+        let filled = c.fill(fill_req("miss", &token, None)).await;
+        assert!(filled.is_ok(), "{filled:?}");
     }
 }
 

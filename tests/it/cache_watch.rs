@@ -105,6 +105,17 @@ async fn every_change_reaches_the_watcher(mut a: Client, mut b: Client) {
     })
     .await
     .unwrap();
+    // a warm-up's writes are announced as SetMany's are
+    let warmed = a
+        .warm(pb::WarmRequest {
+            entries: vec![entry(App, "u:w"), entry(Api, "u:w2")],
+            skip_file: true,
+            wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(warmed.report.map(|r| r.loaded), Some(2), "warmed");
     a.delete(pb::DeleteRequest {
         level: App as i32,
         key: "u:1".into(),
@@ -139,6 +150,7 @@ async fn every_change_reaches_the_watcher(mut a: Client, mut b: Client) {
         want(K::Set, App, &["u:1"]),
         want(K::Set, App, &["u:3"]),
         want(K::Set, Db, &["u:4"]),
+        want(K::Set, App, &["u:w"]),
         want(K::Delete, App, &["u:1"]),
         want(K::Delete, Db, &["u:4"]),
         want(K::ClearLevel, Db, &[]),
@@ -160,9 +172,10 @@ async fn publishes(redis: &TestRedis) -> u64 {
     redis.command_calls(&["publish"]).await
 }
 
-/// Two `koo serve` binaries on one fresh Redis.
+/// Two `koo serve` binaries on one fresh Redis, a worker slot each (for
+/// the scenario's warm-up task).
 async fn two_koos(redis: &TestRedis, dir: &std::path::Path) -> Vec<KooProc> {
-    common::chaos::serve_pair(redis.url(), 0, dir).await
+    common::chaos::serve_pair(redis.url(), 1, dir).await
 }
 
 /// Two koo processes on one Redis: nothing is published while nobody
@@ -220,7 +233,7 @@ async fn a_watcher_on_b_sees_every_change_made_on_a() {
 async fn a_watcher_on_b_sees_every_change_made_on_a_on_a_cluster() {
     let cluster = common::cluster::TestCluster::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let procs = common::chaos::serve_pair(cluster.url(), 0, dir.path()).await;
+    let procs = common::chaos::serve_pair(cluster.url(), 1, dir.path()).await;
     let client = |i: usize| Client::new(lazy_channel(procs[i].port.unwrap()));
     every_change_reaches_the_watcher(client(0), client(1)).await;
 }

@@ -75,11 +75,14 @@ fn new_token() -> String {
 impl Cache {
     /// Checks a lock token's shape (`field` names it).
     fn check_token(&self, field: &str, token: &str) -> Result<()> {
-        if token.len() != TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        // lower case only, as handed out: an upper-case copy would pass
+        // here and then never match the lock ("lost")
+        let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if token.len() != TOKEN_LEN || !token.bytes().all(hex) {
             return Err(CacheError::invalid(
                 field,
                 format!(
-                    "{} is not a token GetOrLock hands out (32 hex digits)",
+                    "{} is not a token GetOrLock hands out (32 lower-case hex digits)",
                     crate::quote::quote(token)
                 ),
             ));

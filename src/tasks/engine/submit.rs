@@ -163,7 +163,8 @@ impl TaskEngine {
 
     /// Checks `new` as a submit would, without storing anything: a schedule
     /// template is checked when it is saved, not at every tick, where a
-    /// refusal would only reach a log. Fields are named under `prefix`.
+    /// refusal would only reach a log; a GetOrCompute's task on a hit too.
+    /// Fields are named under `prefix`.
     pub fn check(&self, new: NewTask, prefix: &str) -> Result<(), TaskError> {
         self.prepare(new).map(drop).map_err(|e| match e {
             TaskError::InvalidArgument { field, reason } => TaskError::InvalidArgument {
