@@ -76,14 +76,40 @@ pub fn registry(
     maintenance::register_database(&mut registry, engine.clone());
     registry
 }
-/// A task Redis must never evict: warn when its policy could.
-pub async fn warn_if_tasks_can_be_evicted(redis: RedisStore) {
+/// Fails start-up when the Redis of `config` answers but refuses the
+/// URL's database: koo would otherwise report NOT_SERVING for ever over a
+/// mistake in its configuration. A Redis that does not answer within two
+/// seconds is waited for, as ever (koo starts while Redis is down).
+pub async fn refuse_bad_database(
+    redis: &RedisStore,
+    config: &crate::store::RedisConfig,
+) -> Result<(), crate::store::StoreError> {
+    let deadline = crate::store::Deadline::after(Duration::from_secs(2));
+    match redis.database_refused(deadline).await {
+        None => Ok(()),
+        Some(said) => Err(crate::store::StoreError::InvalidConfig(format!(
+            "{}: {}: Redis refuses its database ({said}); a Redis has databases 0 to its `databases` setting - 1 (16 by default)",
+            config.setting,
+            crate::store::redis::redact(&config.url)
+        ))),
+    }
+}
+
+/// A task Redis must never evict: warn when its policy could. Tries for
+/// about a minute while Redis cannot be reached, and stops with `stop`
+/// (a shutdown must not wait for a Redis that is down).
+pub async fn warn_if_tasks_can_be_evicted(
+    redis: RedisStore,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let store = Store::from(redis);
     for _ in 0..30 {
-        match store
-            .memory(crate::store::Deadline::after(Duration::from_secs(2)))
-            .await
-        {
+        let deadline = crate::store::Deadline::after(Duration::from_secs(2));
+        let read = tokio::select! {
+            () = stop.cancelled() => return,
+            read = store.memory(deadline) => read,
+        };
+        match read {
             Ok(MemoryReport {
                 unavailable: Some(why),
                 ..
@@ -96,7 +122,10 @@ pub async fn warn_if_tasks_can_be_evicted(redis: RedisStore) {
                 return;
             }
             Ok(_) => return,
-            Err(_) => tokio::time::sleep(Duration::from_secs(2)).await,
+            Err(_) => tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            },
         }
     }
 }

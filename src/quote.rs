@@ -22,6 +22,16 @@ pub fn quote(input: &str) -> Quoted<'_> {
     Quoted(input)
 }
 
+/// `input` quoted as [`quote`] does, always with its length in bytes
+/// (once): for messages about an input's size.
+pub fn quote_sized(input: &str) -> String {
+    if input.char_indices().nth(MAX_QUOTED_CHARS).is_some() {
+        quote(input).to_string()
+    } else {
+        format!("{} ({} bytes)", quote(input), input.len())
+    }
+}
+
 /// A bounded quotation of an input; see [`quote`].
 #[derive(Clone, Copy)]
 pub struct Quoted<'a>(&'a str);

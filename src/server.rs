@@ -89,6 +89,7 @@ pub async fn run(
     // A keys file that does not load stops koo before anything starts.
     let keyring = load_keys(&settings)?;
     let mut app = Serve::build(&settings)?;
+    app.refuse_bad_databases(&settings).await?;
     app.apply_configured_limits(settings.tasks.flow_limits.clone())
         .await;
     let gate = gate(&settings, keyring, &mut app);

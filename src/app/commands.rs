@@ -51,6 +51,7 @@ pub async fn run_worker(
     started: impl FnOnce(&TaskEngine),
 ) -> Result<(), StoreError> {
     let store = RedisStore::connect(&settings.redis)?;
+    super::refuse_bad_database(&store, &settings.redis).await?;
     let engine = TaskEngine::new(
         TaskStore::redis(store.clone(), &settings.tasks.prefix),
         settings.tasks.clone(),
@@ -84,7 +85,7 @@ pub async fn run_worker(
     tasks.spawn(engine.clone().run_times_flush(stop.clone()));
     tasks.spawn(engine.clone().run_wakes(queues, stop.clone()));
     tasks.spawn(pool.run(stop.clone()));
-    tasks.spawn(warn_if_tasks_can_be_evicted(store));
+    tasks.spawn(warn_if_tasks_can_be_evicted(store, stop.clone()));
     shutdown.await;
     tracing::info!(
         "stopping: running tasks get the shutdown grace to end, then go back to their queues"
@@ -127,6 +128,7 @@ pub async fn run_scheduler(
     started: impl FnOnce(&TaskEngine, &Schedules),
 ) -> Result<(), StoreError> {
     let store = RedisStore::connect(&settings.redis)?;
+    super::refuse_bad_database(&store, &settings.redis).await?;
     let prefix = settings.tasks.prefix.clone();
     let engine = TaskEngine::new(TaskStore::redis(store.clone(), &prefix), settings.tasks);
     let schedules = Schedules::new(ScheduleStore::redis(store, &prefix), engine.clone());

@@ -111,6 +111,23 @@ impl Serve {
         })
     }
 
+    /// Fails when a Redis answers but refuses its URL's database (the
+    /// cache's, and the task store's when it is another Redis): see
+    /// [`super::refuse_bad_database`].
+    pub async fn refuse_bad_databases(&self, settings: &Settings) -> Result<(), AppError> {
+        if let (StoreSettings::Redis(config), Some(redis)) =
+            (&settings.store, self.store.as_redis())
+        {
+            super::refuse_bad_database(redis, config).await?;
+        }
+        if let (Some(config), false) = (&settings.tasks.redis, tasks_share_store(settings))
+            && let Some((redis, _)) = self.engine.store().redis_parts()
+        {
+            super::refuse_bad_database(redis, config).await?;
+        }
+        Ok(())
+    }
+
     /// Sets the configured limits (`KOO_RATE_LIMITS`,
     /// `KOO_CONCURRENCY_LIMITS`): once now, within a second, so that a koo
     /// that starts serving has them; while the task store cannot be
@@ -259,7 +276,7 @@ fn start_tasks(
 ) -> Result<TaskEngine, StoreError> {
     let tasks = task_store(settings, store, embedded)?;
     if let Some((redis, _)) = tasks.redis_parts() {
-        background.spawn(warn_if_tasks_can_be_evicted(redis.clone()));
+        background.spawn(warn_if_tasks_can_be_evicted(redis.clone(), stop.clone()));
     }
     let engine = TaskEngine::new(tasks, settings.tasks.config.clone());
     let queues = settings.tasks.config.queues();

@@ -106,6 +106,12 @@ impl PageToken {
     }
 
     fn decode(token: &str, level: Level, pattern: &str) -> Result<Option<String>> {
+        let not_issued = |t: &str| {
+            format!(
+                "{} is not a token this server issued",
+                crate::quote::quote(t)
+            )
+        };
         if token.is_empty() {
             return Ok(None);
         }
@@ -114,12 +120,12 @@ impl PageToken {
             .decode(token)
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| bad("is not a token this server issued"))?;
+            .ok_or_else(|| bad(&not_issued(token)))?;
         let mut parts = raw.splitn(4, '.');
         let (Some(version), Some(lvl), Some(hash), Some(cursor)) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(bad("is not a token this server issued"));
+            return Err(bad(&not_issued(token)));
         };
         if version != Self::VERSION {
             return Err(bad("was issued by an incompatible version of koo"));

@@ -110,8 +110,8 @@ impl Cache {
             return Err(CacheError::invalid(
                 field(),
                 format!(
-                    "is {} bytes, over the limit of {max} bytes (KOO_MAX_KEY_SIZE)",
-                    key.len()
+                    "{} is over the limit of {max} bytes (KOO_MAX_KEY_SIZE)",
+                    crate::quote::quote_sized(key)
                 ),
             ));
         }
@@ -463,6 +463,12 @@ impl Cache {
         })
         .await;
         result
+    }
+
+    /// The circuit breaker's state in front of the cache's store, as it
+    /// changes (a stream that cannot start while it is open says so).
+    pub fn circuit(&self) -> tokio::sync::watch::Receiver<crate::store::CircuitState> {
+        self.inner.store.watch_circuit()
     }
 
     /// The default TTL of `level`, as configured.

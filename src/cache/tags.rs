@@ -49,13 +49,19 @@ pub const MAX_INVALIDATE: usize = 1000;
 
 /// Checks one tag named `field`.
 fn check_tag(field: impl FnOnce() -> String, tag: &str) -> Result<()> {
-    if tag.is_empty() || tag.len() > MAX_TAG_LEN {
+    if tag.is_empty() {
+        return Err(CacheError::invalid(
+            field(),
+            format!("must not be empty (a tag is 1 to {MAX_TAG_LEN} bytes)"),
+        ));
+    }
+    if tag.len() > MAX_TAG_LEN {
+        // (a tag this long is always quoted with its length)
         return Err(CacheError::invalid(
             field(),
             format!(
-                "{} is {} bytes; a tag is 1 to {MAX_TAG_LEN} bytes",
-                crate::quote::quote(tag),
-                tag.len()
+                "{} is over the limit of {MAX_TAG_LEN} bytes",
+                crate::quote::quote(tag)
             ),
         ));
     }

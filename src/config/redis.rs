@@ -57,15 +57,17 @@ pub struct RedisArgs {
 }
 
 impl RedisArgs {
-    /// The Redis settings for `url`, or `None` without one.
-    pub fn redis_config(&self, url: Option<String>) -> Result<Option<RedisConfig>, ConfigError> {
+    /// The Redis settings for `url`, or `None` without one; `variable`:
+    /// the setting it came from, named in every message about it.
+    pub fn redis_config(
+        &self,
+        variable: &'static str,
+        url: Option<String>,
+    ) -> Result<Option<RedisConfig>, ConfigError> {
         let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
             return Ok(None);
         };
-        let bad = |reason: String| ConfigError {
-            variable: "REDIS_URL",
-            reason,
-        };
+        let bad = |reason: String| ConfigError { variable, reason };
         let tls = self.tls.load()?;
         // The Cluster and Sentinel forms are checked whole here, so that a
         // mistake in them is named at start-up like any other.
@@ -92,8 +94,12 @@ impl RedisArgs {
                 redis_url::redact(&url)
             )));
         }
+        if single {
+            check_single(&url).map_err(bad)?;
+        }
         Ok(Some(RedisConfig {
             url,
+            setting: variable,
             tls,
             max_connections: self.redis_max_connections as usize,
             retry_on_timeout: self.redis_retry_on_timeout,
@@ -104,6 +110,30 @@ impl RedisArgs {
             breaker_cooldown: self.breaker_cooldown,
         }))
     }
+}
+
+/// A single server's URL as the client reads it, checked here so that a
+/// mistake is named at start-up with the URL quoted (the client's own
+/// messages quote nothing: "Invalid database number").
+fn check_single(url: &str) -> Result<(), String> {
+    use redis::IntoConnectionInfo as _;
+    let shown = redis_url::redact(url);
+    if let Some(rest) = url
+        .strip_prefix("redis://")
+        .or(url.strip_prefix("rediss://"))
+    {
+        let path = rest.split(['?', '#']).next().unwrap_or("");
+        let db = path.split_once('/').map_or("", |(_, db)| db);
+        if !db.is_empty() && db.parse::<u32>().is_err() {
+            return Err(format!(
+                "{shown}: the database {} is not a number from 0",
+                crate::quote::quote(db)
+            ));
+        }
+    }
+    url.into_connection_info()
+        .map(drop)
+        .map_err(|e| format!("{shown} does not parse: {e}"))
 }
 
 #[cfg(test)]
@@ -121,7 +151,7 @@ mod tests {
         Cli::try_parse_from(["koo"])
             .unwrap()
             .redis
-            .redis_config(Some(url.to_owned()))
+            .redis_config("REDIS_URL", Some(url.to_owned()))
     }
 
     /// The Sentinel and Cluster forms are accepted (TLS ones too); their
@@ -141,5 +171,23 @@ mod tests {
         assert!(!e.to_string().contains("secret"), "{e}");
         let e = config("rediss+sentinel://s1:26379/m#insecure").unwrap_err();
         assert!(e.to_string().contains("#insecure"), "{e}");
+    }
+
+    /// A single server's URL that the client cannot read is named at
+    /// start-up with the URL quoted (its password hidden).
+    #[test]
+    fn single_urls_are_read_at_start_up() {
+        for url in [
+            "redis://h:6379",
+            "redis://:pw@h:6379/15",
+            "rediss://h:6380/0",
+        ] {
+            assert!(config(url).unwrap().is_some(), "{url}");
+        }
+        let e = config("redis://:secret@h:6379/abc").unwrap_err();
+        assert!(e.to_string().contains("\"abc\" is not a number"), "{e}");
+        assert!(!e.to_string().contains("secret"), "{e}");
+        let e = config("redis://h:99999/0").unwrap_err();
+        assert!(e.to_string().contains("redis://h:99999/0"), "{e}");
     }
 }

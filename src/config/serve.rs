@@ -152,7 +152,10 @@ impl ServeArgs {
     pub fn into_settings(self) -> Result<Settings, ConfigError> {
         check_memory(self.memory_max_bytes)?;
         check_prefix(&self.prefix)?;
-        let store = match self.redis.redis_config(self.redis.redis_url.clone())? {
+        let store = match self
+            .redis
+            .redis_config("REDIS_URL", self.redis.redis_url.clone())?
+        {
             Some(redis) => StoreSettings::Redis(redis),
             None => StoreSettings::Memory(MemoryConfig {
                 max_bytes: self.memory_max_bytes,

@@ -167,15 +167,26 @@ impl TaskArgs {
     /// no reader ever sees a final state without its result; the seed's
     /// `.env` (broker on db 1, results on db 2) must still start.
     pub fn redis_config(&self, redis: &RedisArgs) -> Result<Option<RedisConfig>, ConfigError> {
+        let named = |v: &'static str| move |url: String| (v, url);
         let broker = self
             .task_broker_url
             .clone()
-            .or_else(|| std::env::var("CELERY_BROKER_URL").ok());
+            .map(named("TASK_BROKER_URL"))
+            .or_else(|| {
+                std::env::var("CELERY_BROKER_URL")
+                    .ok()
+                    .map(named("CELERY_BROKER_URL"))
+            });
         let results = self
             .task_result_backend
             .clone()
-            .or_else(|| std::env::var("CELERY_RESULT_BACKEND").ok());
-        if let (Some(b), Some(r)) = (&broker, &results)
+            .map(named("TASK_RESULT_BACKEND"))
+            .or_else(|| {
+                std::env::var("CELERY_RESULT_BACKEND")
+                    .ok()
+                    .map(named("CELERY_RESULT_BACKEND"))
+            });
+        if let (Some((_, b)), Some((_, r))) = (&broker, &results)
             && b != r
         {
             tracing::warn!(
@@ -186,7 +197,11 @@ impl TaskArgs {
                  ends its task, so a final state is never seen without its result"
             );
         }
-        redis.redis_config(broker.or(results).or_else(|| redis.redis_url.clone()))
+        let (variable, url) = match broker.or(results) {
+            Some((variable, url)) => (variable, Some(url)),
+            None => ("REDIS_URL", redis.redis_url.clone()),
+        };
+        redis.redis_config(variable, url)
     }
 
     /// The engine settings.

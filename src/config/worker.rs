@@ -76,7 +76,9 @@ impl WorkerArgs {
             redis,
             cache: self.cache.cache_config(&self.prefix)?,
             tasks: self.tasks.task_config(&self.prefix)?,
-            cache_redis: self.redis.redis_config(self.redis.redis_url.clone())?,
+            cache_redis: self
+                .redis
+                .redis_config("REDIS_URL", self.redis.redis_url.clone())?,
             ledger: self.tasks.diagnostics_ledger.clone(),
             concurrency: self.concurrency as usize,
             stop_grace: WORKER_STOP_GRACE,

@@ -91,7 +91,10 @@ fn decode<T: for<'a> Deserialize<'a>>(token: &str) -> Result<T, TaskError> {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| TaskError::InvalidArgument {
             field: "page_token".into(),
-            reason: "is not a token this server issued".into(),
+            reason: format!(
+                "{} is not a token this server issued",
+                crate::quote::quote(token)
+            ),
         })
 }
 

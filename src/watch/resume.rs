@@ -22,7 +22,10 @@ pub fn decode(token: &str) -> Result<Positions, WatchError> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(|| WatchError::ResumeToken {
-            reason: "is not a token this server issued".to_owned(),
+            reason: format!(
+                "{} is not a token this server issued",
+                crate::quote::quote(token)
+            ),
         })
 }
 
@@ -94,7 +97,7 @@ mod tests {
         let e = decode("not base64 json!").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "resume_token: is not a token this server issued"
+            "resume_token: \"not base64 json!\" is not a token this server issued"
         );
     }
 }

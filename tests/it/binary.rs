@@ -19,6 +19,8 @@ fn koo() -> Command {
 struct Running {
     child: Child,
     addr: String,
+    /// Every line koo has logged so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Running {
@@ -32,9 +34,12 @@ impl Running {
             .expect("spawn koo");
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line.clone());
                 if !sent && line.contains("koo serving gRPC") {
                     let addr = line
                         .split("addr=")
@@ -52,6 +57,7 @@ impl Running {
         let mut running = Running {
             child,
             addr: String::new(),
+            log,
         };
         // On failure `running` drops here and kills the child.
         running.addr = rx
@@ -103,6 +109,14 @@ fn invalid_configuration_names_the_variable() {
         ("REDIS_MAX_CONNECTIONS", "0"),
         ("CACHE_DEFAULT_TTL", "forever"),
         ("REDIS_URL", "http://localhost"),
+        ("REDIS_URL", "redis://127.0.0.1:99999/0"),
+        // the task Redis's own settings are named, not REDIS_URL
+        ("TASK_BROKER_URL", "redis://127.0.0.1:6379/abc"),
+        ("CELERY_BROKER_URL", "redis+sentinel://127.0.0.1:26379/"),
+        (
+            "TASK_BROKER_URL",
+            "redis+sentinel://127.0.0.1:26379/m?db=3&db=5",
+        ),
         ("KOO_PREFIX", "has space"),
         ("REDIS_HEALTH_CHECK_INTERVAL", "0"),
     ] {
@@ -268,6 +282,124 @@ async fn sigterm_shuts_down_gracefully() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+/// Whether koo has logged a line containing `text` (waits for it up to the
+/// event timeout).
+fn logged(server: &Running, text: &str) -> bool {
+    let deadline = std::time::Instant::now() + common::EVENT_TIMEOUT;
+    while std::time::Instant::now() < deadline {
+        if server.log.lock().unwrap().iter().any(|l| l.contains(text)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// With its Redis down (one server, or every seed of a Cluster), koo
+/// serves NOT_SERVING, a WatchInvalidations stream ends UNAVAILABLE
+/// rather than staying silent, and SIGTERM stops koo at once rather than
+/// after the shutdown grace (30 s: Kubernetes' own, which would SIGKILL
+/// it); the Cluster client's per-attempt reconnection lines stay out of
+/// the log.
+#[tokio::test]
+async fn a_koo_whose_redis_is_down_stops_promptly_and_quietly() {
+    for url in [
+        format!("redis://127.0.0.1:{}/0", common::free_port()),
+        format!("redis+cluster://127.0.0.1:{}/", common::free_port()),
+    ] {
+        let mut server = Running::start(&[("REDIS_URL", &url), ("KOO_SHUTDOWN_DRAIN", "0ms")]);
+        // the workers have met the outage (their polls come a second apart)
+        assert!(logged(&server, "cannot lease"), "{url}: no lease failed");
+        let mut cache = CacheServiceClient::new(server.channel().await);
+        let first = tokio::time::timeout(common::EVENT_TIMEOUT, async {
+            cache
+                .watch_invalidations(pb::WatchInvalidationsRequest::default())
+                .await?
+                .into_inner()
+                .message()
+                .await
+        })
+        .await
+        .expect("WatchInvalidations said nothing");
+        let e = first.expect_err("a watch on a Redis that is down");
+        assert_eq!(e.code(), tonic::Code::Unavailable, "{url}: {e:?}");
+        server.signal("TERM");
+        let (server, status) = tokio::task::spawn_blocking(move || {
+            let status = server.wait();
+            (server, status)
+        })
+        .await
+        .unwrap();
+        assert!(status.success(), "{url}: {status:?}");
+        let log = server.log.lock().unwrap();
+        let chatter = log
+            .iter()
+            .filter(|l| l.contains("redis::cluster_handling"))
+            .count();
+        assert_eq!(
+            chatter, 0,
+            "{url}: {chatter} lines of the client's reconnections"
+        );
+        assert!(
+            !log.iter()
+                .any(|l| l.contains("did not stop within the shutdown grace")),
+            "{url}: {}",
+            log.join("\n")
+        );
+    }
+}
+
+/// A Redis that answers but refuses the URL's database stops start-up
+/// with a message naming the setting (koo would otherwise serve
+/// NOT_SERVING for ever); the task Redis's own setting is named for it.
+#[tokio::test]
+async fn a_database_redis_refuses_stops_start_up() {
+    let redis = common::TestRedis::start().await;
+    let good = redis.url();
+    let bad = format!("redis://127.0.0.1:{}/99999", redis.port);
+    for (env, setting) in [
+        (vec![("REDIS_URL", bad.as_str())], "REDIS_URL"),
+        (
+            vec![
+                ("REDIS_URL", good.as_str()),
+                ("TASK_BROKER_URL", bad.as_str()),
+            ],
+            "TASK_BROKER_URL",
+        ),
+    ] {
+        let mut child = koo()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .envs(env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let read = std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut out);
+            out
+        });
+        let deadline = std::time::Instant::now() + common::EVENT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("{setting}: koo kept running on a database Redis refuses");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let log = read.join().unwrap();
+        assert!(!status.success(), "{setting}: {log}");
+        assert!(
+            log.contains(&format!("{setting}: ")) && log.contains("refuses its database"),
+            "{setting}: {log}"
+        );
+    }
 }
 
 /// KOO_LOG_FORMAT=json writes one JSON object per line, and a flag given on

@@ -13,6 +13,7 @@ use crate::cache::{Change, ChangeKind, Level, Notice};
 use crate::grpc::status::invalid_argument;
 use crate::pb::cache::v1 as pb;
 use crate::quote::clip;
+use crate::store::CircuitState;
 use crate::watch::Kind as WatchKind;
 
 /// The stream `WatchInvalidations` answers.
@@ -114,25 +115,69 @@ impl CacheApi {
         request: Request<pb::WatchInvalidationsRequest>,
     ) -> Result<Response<InvalidationStream>, Status> {
         let filter = Filter::try_from(request.into_inner())?;
+        // While the store's breaker is open the stream could not become
+        // READY: say so now, as a unary call would, rather than send nothing
+        let mut circuit = self.cache.circuit();
+        if *circuit.borrow_and_update() == CircuitState::Open {
+            return Err(unavailable());
+        }
         let permit = self.watchers.admit(WatchKind::CacheInvalidations)?;
-        let state = (
-            self.cache.subscribe(),
+        let watch = Watch {
+            sub: self.cache.subscribe(),
             filter,
-            self.shutdown.clone(),
-            permit,
-        );
-        let stream = futures::stream::unfold(state, |(mut sub, filter, stop, permit)| async move {
+            stop: self.shutdown.clone(),
+            circuit,
+            started: false,
+            _permit: permit,
+        };
+        let stream = futures::stream::unfold(Some(watch), |watch| async move {
+            let mut w = watch?;
             loop {
                 let notice = tokio::select! {
                     biased;
-                    _ = stop.cancelled() => return None,
-                    n = sub.next() => n,
+                    _ = w.stop.cancelled() => return None,
+                    // the store failed before the first READY: the stream
+                    // ends UNAVAILABLE (after it, a failure is a RESET and
+                    // the stream waits for READY again, as documented)
+                    () = opened(&mut w.circuit), if !w.started => {
+                        return Some((Err(unavailable()), None));
+                    }
+                    n = w.sub.next() => n,
                 };
-                if let Some(m) = filter.message(notice) {
-                    return Some((Ok(m), (sub, filter, stop, permit)));
+                w.started |= notice == Notice::Ready;
+                if let Some(m) = w.filter.message(notice) {
+                    return Some((Ok(m), Some(w)));
                 }
             }
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// One stream's state.
+struct Watch {
+    sub: crate::cache::Subscription,
+    filter: Filter,
+    stop: tokio_util::sync::CancellationToken,
+    circuit: tokio::sync::watch::Receiver<CircuitState>,
+    /// Whether the first READY has been sent.
+    started: bool,
+    _permit: crate::watch::Permit,
+}
+
+/// Until the breaker is open (never, once its sender is gone).
+async fn opened(circuit: &mut tokio::sync::watch::Receiver<CircuitState>) {
+    if circuit
+        .wait_for(|s| *s == CircuitState::Open)
+        .await
+        .is_err()
+    {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn unavailable() -> Status {
+    Status::unavailable(
+        "the cache's store is unavailable (its circuit breaker is open), so changes cannot be watched; retry with back-off (the health service says when it serves again)",
+    )
 }

@@ -148,8 +148,10 @@ pub(crate) enum Connector {
 impl Connector {
     /// The connector for `config`'s URL (which may name a Cluster).
     pub(crate) fn new(config: &RedisConfig) -> Result<Self> {
-        let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
-        let topology = Topology::parse(&config.url).map_err(StoreError::InvalidConfig)?;
+        let setting = config.setting;
+        let bad = |e: RedisError| StoreError::InvalidConfig(format!("{setting}: {e}"));
+        let topology = Topology::parse(&config.url)
+            .map_err(|e| StoreError::InvalidConfig(format!("{setting}: {e}")))?;
         let tcp = tcp_settings(config);
         match topology {
             Topology::Single(url) => {
@@ -172,7 +174,7 @@ impl Connector {
                         builder = builder.certs(t.certificates());
                     }
                 } else if config.tls.is_some() {
-                    return Err(plaintext_with_tls(&config.url));
+                    return Err(plaintext_with_tls(config));
                 }
                 let client = builder.build().map_err(bad)?;
                 let seeds = nodes
@@ -218,7 +220,7 @@ impl Connector {
                         .map(Conn::Single)
                     })
                     .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| StoreError::InvalidConfig(format!("REDIS_URL: {e}")))
+                    .map_err(|e| StoreError::InvalidConfig(format!("{}: {e}", config.setting)))
             }
             // A Cluster connection already holds one multiplexed connection
             // per node; a few of them spread the work of routing replies.
@@ -368,10 +370,10 @@ fn sentinel_link(
         unreachable!("called for a Sentinel URL")
     };
     let bad = |e: RedisError| {
-        StoreError::InvalidConfig(format!("REDIS_URL: {}: {e}", redact(&config.url)))
+        StoreError::InvalidConfig(format!("{}: {}: {e}", config.setting, redact(&config.url)))
     };
     if config.tls.is_some() && !tls {
-        return Err(plaintext_with_tls(&config.url));
+        return Err(plaintext_with_tls(config));
     }
     let addrs = sentinels
         .iter()
@@ -415,7 +417,7 @@ fn tcp_settings(config: &RedisConfig) -> redis::io::tcp::TcpSettings {
 /// the watchers' and those of `koo worker` and `koo scheduler`.
 fn client(info: redis::ConnectionInfo, config: &RedisConfig, url: &str) -> Result<redis::Client> {
     match &config.tls {
-        Some(_) if !is_tls(url) => Err(plaintext_with_tls(&config.url)),
+        Some(_) if !is_tls(url) => Err(plaintext_with_tls(config)),
         _ => client_with(info, config, is_tls(url)),
     }
 }
@@ -425,17 +427,18 @@ fn client_with(
     config: &RedisConfig,
     tls: bool,
 ) -> Result<redis::Client> {
-    let bad = |e: RedisError| StoreError::InvalidConfig(format!("REDIS_URL: {e}"));
+    let bad = |e: RedisError| StoreError::InvalidConfig(format!("{}: {e}", config.setting));
     match &config.tls {
         Some(t) if tls => redis::Client::build_with_tls(info, t.certificates()).map_err(bad),
         _ => redis::Client::open(info).map_err(bad),
     }
 }
 
-fn plaintext_with_tls(url: &str) -> StoreError {
+fn plaintext_with_tls(config: &RedisConfig) -> StoreError {
     StoreError::InvalidConfig(format!(
-        "REDIS_URL: {} is plaintext but TLS files are set; use rediss://",
-        redact(url)
+        "{}: {} is plaintext but TLS files are set; use rediss://",
+        config.setting,
+        redact(&config.url)
     ))
 }
 

@@ -54,6 +54,9 @@ use std::time::Duration;
 pub struct RedisConfig {
     /// `redis[s]://[user:password@]host:port/db`.
     pub url: String,
+    /// The setting the URL came from (`REDIS_URL`, `TASK_BROKER_URL`, ...),
+    /// named in every message about it.
+    pub setting: &'static str,
     /// CA and client certificate for a `rediss://` URL; `None` trusts the
     /// system roots and presents no client certificate.
     pub tls: Option<RedisTls>,
@@ -78,6 +81,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            setting: "REDIS_URL",
             tls: None,
             max_connections: 20,
             retry_on_timeout: true,

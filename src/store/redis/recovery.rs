@@ -75,6 +75,17 @@ impl RedisStore {
 }
 
 impl RedisStore {
+    /// Pings Redis once, within `deadline`: what it said if it answered but
+    /// refused the URL's database (`SELECT` past its `databases`), a
+    /// configuration error that no wait would mend; `None` otherwise (it
+    /// answered, or did not: an outage is waited out as ever).
+    pub async fn database_refused(&self, deadline: Deadline) -> Option<String> {
+        match self.probe(deadline).await {
+            Err(StoreError::Unavailable(m)) if m.contains("DB index is out of range") => Some(m),
+            _ => None,
+        }
+    }
+
     /// Resolves the next time the circuit breaker closes after being open
     /// (at once if it is open now and closes). Loops that back off after a
     /// failure (worker slots, the scheduler) also wait on this, so that they

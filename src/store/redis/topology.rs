@@ -152,7 +152,14 @@ impl Query {
     /// refused by name (a misspelt parameter must not be ignored).
     fn parse(query: Option<&str>, sentinel: bool, shown: &str) -> Result<Self, String> {
         let mut q = Self::default();
+        let mut seen: Vec<&str> = Vec::new();
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            // a parameter given twice would silently take its last value
+            let name = pair.split('=').next().unwrap_or(pair);
+            if seen.contains(&name) {
+                return Err(format!("{shown}: parameter {name:?} is given twice"));
+            }
+            seen.push(name);
             match pair.split_once('=') {
                 Some(("db", n)) => q.db = Some(parse_db(n, shown)?),
                 Some(("sentinel_username", u)) if sentinel => {
@@ -248,7 +255,7 @@ fn parse_db(n: &str, shown: &str) -> Result<i64, String> {
     n.parse::<i64>()
         .ok()
         .filter(|d| (0..=10_000).contains(d))
-        .ok_or_else(|| format!("{shown}: database {n:?} is not a number from 0"))
+        .ok_or_else(|| format!("{shown}: database {n:?} is not a number from 0 to 10000"))
 }
 
 #[cfg(test)]
@@ -330,6 +337,16 @@ mod tests {
         assert!(e.contains("name the primary"), "{e}");
         let e = Topology::parse("redis+sentinel://s1:26379/m/1?db=2").unwrap_err();
         assert!(e.contains("twice"), "{e}");
+        // a parameter given twice is refused, never its last value taken
+        for url in [
+            "redis+sentinel://s1:26379/m?db=3&db=5",
+            "redis+sentinel://s1:26379/m?sentinel_password=a&sentinel_password=b",
+            "redis+cluster://n1:7000/?db=0&db=0",
+        ] {
+            let e = Topology::parse(url).unwrap_err();
+            assert!(e.contains("given twice"), "{url}: {e}");
+            assert!(!e.contains("a&"), "{url}: a password shown: {e}");
+        }
     }
 
     /// The Sentinels' own credentials come as query parameters (the user
