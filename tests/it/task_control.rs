@@ -803,6 +803,55 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
         done.error.unwrap().message,
         format!("dependency {} ended CANCELLED", child.id)
     );
+    // a dependent cancelled by its dependency's failure is not retried
+    // while that dependency has not succeeded (it would run without it)
+    let refused = c
+        .retry_task(pb::RetryTaskRequest {
+            task_id: child.id.clone(),
+        })
+        .await
+        .expect_err("a retry past a failed dependency");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains(&format!("{}, which is TIMED_OUT", slow.id)),
+        "{refused:?}"
+    );
+    // one whose dependencies all succeeded is retried as any other
+    let first = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await;
+    let failing = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            depends_on: vec![first.id.clone()],
+            max_retries: Some(0),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({ "failures": 5 }),
+            )
+        },
+    )
+    .await;
+    let done = wait_task(&mut c, &failing.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Failed as i32, "{done:?}");
+    let retried = c
+        .retry_task(pb::RetryTaskRequest {
+            task_id: failing.id.clone(),
+        })
+        .await
+        .expect("a retry after its dependency succeeded")
+        .into_inner()
+        .task
+        .unwrap();
+    assert_ne!(retried.state, pb::TaskState::Failed as i32, "{retried:?}");
     // cancelling the dependency cancels the dependent
     let long = submit_ok(
         &mut c,

@@ -69,6 +69,7 @@ impl TaskEngine {
     pub async fn retry(&self, id: &str, deadline: Deadline) -> Result<Task, TaskError> {
         let task_id =
             TaskId::parse(id).map_err(|e| TaskError::invalid("task_id", e.to_string()))?;
+        self.dependencies_succeeded(id, deadline).await?;
         match self
             .inner
             .store
@@ -85,6 +86,33 @@ impl TaskEngine {
                 self.get(id, deadline).await
             }
         }
+    }
+
+    /// A task that waits on others runs only once each of them succeeded
+    /// (as a submit would have it): the retry of one (cancelled because a
+    /// dependency failed, say) is refused while any has not, naming it, so
+    /// that its dependency is retried first. A dependency that succeeded
+    /// stays so (only ended failures are retried), so checking first
+    /// leaves no window.
+    async fn dependencies_succeeded(&self, id: &str, deadline: Deadline) -> Result<(), TaskError> {
+        let task = match self.get(id, deadline).await {
+            Ok(task) => task,
+            // the retry itself says it is gone
+            Err(TaskError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for dep in &task.depends_on {
+            let why = match self.get(dep, deadline).await {
+                Ok(d) if d.state == State::Succeeded => continue,
+                Ok(d) => format!("is {}", d.state.as_str().to_uppercase()),
+                Err(TaskError::NotFound(_)) => "is gone (its result expired)".to_owned(),
+                Err(e) => return Err(e),
+            };
+            return Err(TaskError::FailedPrecondition(format!(
+                "task {id} waits on task {dep}, which {why}: it runs only after {dep} succeeded (retry {dep} first)"
+            )));
+        }
+        Ok(())
     }
 
     /// Queues dead letters again (as [`Self::retry`]): up to `limit` of each
