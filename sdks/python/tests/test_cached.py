@@ -238,3 +238,74 @@ def test_key_builder_for_methods(target: str, ns: str) -> None:
         assert await Repo().find.invalidate("x") is True
 
     asyncio.run(scenario())
+
+
+def test_a_cancelled_caller_cancels_only_itself(target: str, ns: str) -> None:
+    """The first caller of a key times out: the others, never cancelled, are
+    not cancelled with it; one of them computes (the lock was given up)."""
+    calls = 0
+
+    @cached(key_prefix=ns, cache=KooCache(target))
+    async def slow() -> int:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        return calls
+
+    async def scenario() -> None:
+        leader = asyncio.ensure_future(asyncio.wait_for(slow(), timeout=0.1))
+        await asyncio.sleep(0)  # the leader's call is in flight
+        followers = [asyncio.ensure_future(slow()) for _ in range(3)]
+        with pytest.raises(asyncio.TimeoutError):
+            await leader
+        results = await asyncio.gather(*followers)
+        assert results == [2, 2, 2]
+        assert calls == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_stale_entry_is_served_in_this_process_while_one_refreshes(target: str, ns: str) -> None:
+    """Past the soft TTL, the caller that gets the token refreshes (and waits
+    for it); this process's other callers get the stale value, async or in
+    threads, instead of waiting for the refresh."""
+    calls = 0
+
+    def next_value() -> int:
+        nonlocal calls
+        calls += 1
+        return calls
+
+    @cached(key_prefix=ns, ttl=60, soft_ttl=0.3, cache=KooCache(target))
+    async def report() -> int:
+        value = next_value()
+        if value > 1:
+            await asyncio.sleep(0.5)  # a refresh takes a while
+        return value
+
+    async def scenario() -> None:
+        assert await report() == 1
+        await asyncio.sleep(0.35)  # past the soft TTL
+        results = await asyncio.gather(*(report() for _ in range(6)))
+        assert results == [2, 1, 1, 1, 1, 1], results
+
+    asyncio.run(scenario())
+
+    @cached(key_prefix=f"{ns}:sync", ttl=60, soft_ttl=0.3, cache=KooCache(target))
+    def sync_report() -> int:
+        value = next_value()
+        if value > 3:
+            refreshing.set()
+            time.sleep(0.5)
+        return value
+
+    refreshing = threading.Event()
+    assert sync_report() == 3
+    time.sleep(0.35)
+    results: list[int] = []
+    leader = threading.Thread(target=lambda: results.append(sync_report()))
+    leader.start()
+    assert refreshing.wait(10)
+    others = [sync_report() for _ in range(3)]
+    leader.join()
+    assert others == [3, 3, 3] and results == [4], (others, results)

@@ -97,3 +97,35 @@ def test_l1_never_keeps_an_entry_past_its_ttl(two_koos: tuple[KooServer, KooServ
             assert (CacheLevel.APPLICATION, f"{ns}:0") not in near
 
     asyncio.run(scenario())
+
+
+def test_l1_writes_carry_tags_and_invalidate_tags_drops_them(
+    two_koos: tuple[KooServer, KooServer, RedisServer], ns: str
+) -> None:
+    """`set`/`set_many` take `tags` and `soft_ttl` as `KooCache`'s do; the
+    near cache's own `invalidate_tags` drops its tagged entries at once, and
+    the entries miss in koo too."""
+    a, _, _ = two_koos
+
+    async def scenario() -> None:
+        async with NearCache(KooCache(a.target)) as near:
+            await near.wait(lambda n: n.ready)
+            heard = near.stats.invalidations
+            assert await near.set(f"{ns}:t1", "x", 60, tags=["t"], soft_ttl=30)
+            assert await near.set_many({f"{ns}:t2": "y", f"{ns}:u": "z"}, 60, tags=["t", "u"])
+            await near.set(f"{ns}:plain", "p", 60)
+            # the three writes' messages heard (they cannot drop what is read next)
+            await near.wait(lambda n: n.stats.invalidations >= heard + 3)
+            for key in (f"{ns}:t1", f"{ns}:t2", f"{ns}:u", f"{ns}:plain"):
+                await near.get(key)
+                assert (CacheLevel.APPLICATION, key) in near
+            hit = await near.cache.get_entry(f"{ns}:t1")
+            assert hit is not None and set(hit.tags) == {"t"} and hit.soft_ttl is not None
+            assert await near.invalidate_tags(["t"]) >= 1
+            assert (CacheLevel.APPLICATION, f"{ns}:t1") not in near
+            assert (CacheLevel.APPLICATION, f"{ns}:t2") not in near
+            assert await near.get(f"{ns}:t1") is None
+            assert await near.get(f"{ns}:u") is None
+            assert await near.get(f"{ns}:plain") == "p"
+
+    asyncio.run(scenario())

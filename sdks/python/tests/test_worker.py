@@ -125,6 +125,34 @@ def test_progress_reaches_watch(target: str, ns: str) -> None:
             release.set()
 
 
+def test_progress_reported_just_before_returning_is_kept(target: str, ns: str) -> None:
+    """The last progress a handler reports before it returns (async, and in
+    a thread) is what the ended task shows: it reaches koo before the
+    outcome, not after (when koo, the task ended, would refuse it)."""
+    w = Worker(target)
+
+    @w.task(f"sdk.{ns}.quick_async")
+    async def quick_async(*, ctx: TaskContext) -> str:
+        ctx.progress(50, "half", {"at": 1})
+        return "ok"
+
+    @w.task(f"sdk.{ns}.quick_sync")
+    def quick_sync(*, ctx: TaskContext) -> str:
+        ctx.progress(60, "more")
+        return "ok"
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        for name, (percent, message) in (("quick_async", (50, "half")), ("quick_sync", (60, "more"))):
+            tid = await tm.submit_task(f"sdk.{ns}.{name}", TaskCategory.RESEARCH)
+            assert await tm.result(tid, timeout=15) == "ok"
+            info = await tm.get_task_status(tid)
+            assert (info.progress.percent, info.progress.message) == (percent, message), (name, info.progress)
+
+    with running(w):
+        asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
 def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
     """`Retry` fails the attempt retryably; `Fatal` (with details) ends FAILED at once."""
     w = Worker(target)

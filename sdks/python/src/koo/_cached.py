@@ -18,9 +18,11 @@ and the others wait for it (in one process they also share one in-flight
 call). A computation that raises gives the lock up (so that a waiter takes
 over at once) and re-raises; one that never finishes (the process died)
 loses the key after `lock_ttl`. With `soft_ttl`, an entry past it is served
-stale to every caller while the one caller that gets the token computes a
-fresh value (that caller waits for it). If koo cannot be reached, or nobody
-filled within `lock_ttl`, the function runs uncached (logged, not raised).
+stale to every caller (in this process too) while the one caller that gets
+the token computes a fresh value (that caller waits for it). If koo cannot
+be reached, or nobody filled within `lock_ttl`, the function runs uncached
+(logged, not raised). A caller that is cancelled (a timeout around it)
+cancels only itself: another caller of the key in this process takes over.
 """
 
 from __future__ import annotations
@@ -45,6 +47,17 @@ R = TypeVar("R")
 log = logging.getLogger("koo.cached")
 
 KeyBuilder = Callable[..., str]
+
+
+class _Sentinel:
+    """A marker value of its own type, never a function's result."""
+
+
+# What an in-flight call's future holds when its leader was cancelled: its
+# followers start over (one of them leads).
+_RETRY = _Sentinel()
+# No stale value came with the token.
+_NO_STALE = _Sentinel()
 
 
 def canonical_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -117,8 +130,10 @@ class _Cached(Generic[P, R]):
 
     # ----- async functions -------------------------------------------------
 
-    async def _read(self, key: str) -> tuple[bool, Any, str]:
-        """(found, value, token): a fresh value, or the token to compute it.
+    async def _read(self, key: str) -> tuple[bool, Any, str, Any]:
+        """(found, value, token, stale): a fresh value, or the token to
+        compute it (with the stale value, when the entry is past its soft
+        TTL, else `_NO_STALE`).
 
         No token and no value (koo unreachable, or nobody filled within
         `lock_ttl`) means: compute uncached.
@@ -129,15 +144,16 @@ class _Cached(Generic[P, R]):
             )
         except KooError as e:
             log.warning("cache read of %s failed, computing uncached: %s", key, e)
-            return False, None, ""
+            return False, None, "", _NO_STALE
         if r.token:
-            return False, None, r.token
+            stale = r.value if r.found and (r.value is not None or self.cache_none) else _NO_STALE
+            return False, None, r.token, stale
         if not r.found:
             log.warning("nobody filled %s within %s s, computing uncached", key, self.lock_ttl)
-            return False, None, ""
+            return False, None, "", _NO_STALE
         if r.value is None and not self.cache_none:
-            return False, None, ""
-        return True, r.value, ""
+            return False, None, "", _NO_STALE
+        return True, r.value, "", _NO_STALE
 
     async def _write(self, key: str, token: str, value: Any) -> None:
         """Stores `value` under the lock of `token` (or gives the lock up for an uncached None)."""
@@ -170,12 +186,19 @@ class _Cached(Generic[P, R]):
         # writes); the others wait for its future, so no read is even repeated.
         waiting = self._inflight.get(slot)
         if waiting is not None:
-            return await asyncio.shield(waiting)
+            value = await asyncio.shield(waiting)
+            if value is _RETRY:
+                return await self._call_async(args, kwargs)
+            return value
         fut: asyncio.Future[Any] = loop.create_future()
         self._inflight[slot] = fut
         try:
-            found, value, token = await self._read(key)
+            found, value, token, stale = await self._read(key)
             if not found:
+                if stale is not _NO_STALE:
+                    # the others (and those who come while this refreshes)
+                    # are served the stale value now
+                    fut.set_result(stale)
                 func = cast(Callable[..., Awaitable[Any]], self.__wrapped__)
                 try:
                     value = await func(*args, **kwargs)
@@ -183,11 +206,18 @@ class _Cached(Generic[P, R]):
                     await self._give_up(key, token)
                     raise
                 await self._write(key, token, value)
-            fut.set_result(value)
+            if not fut.done():
+                fut.set_result(value)
             return value
+        except asyncio.CancelledError:
+            # this caller was cancelled, not the others: one of them leads
+            if not fut.done():
+                fut.set_result(_RETRY)
+            raise
         except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # a failure nobody waited for is not "never retrieved"
+            if not fut.done():
+                fut.set_exception(e)
+                fut.exception()  # a failure nobody waited for is not "never retrieved"
             raise
         finally:
             del self._inflight[slot]
@@ -205,15 +235,15 @@ class _Cached(Generic[P, R]):
             self._locks[key] = (lock, users + 1)
         try:
             with lock:
-                found, value, token = sync_run(self._read(key))
-                if not found:
-                    try:
-                        value = self.__wrapped__(*args, **kwargs)
-                    except BaseException:
-                        sync_run(self._give_up(key, token))
-                        raise
-                    sync_run(self._write(key, token, value))
-                return cast(R, value)
+                found, value, token, stale = sync_run(self._read(key))
+                if found:
+                    return cast(R, value)
+                if stale is _NO_STALE:
+                    return self._compute_sync(key, token, args, kwargs)
+            # A stale entry: refreshed outside the lock, so that this
+            # process's other callers read it meanwhile (koo answers them
+            # the stale value, the lock being held here).
+            return self._compute_sync(key, token, args, kwargs)
         finally:
             with self._locks_guard:
                 lock, users = self._locks[key]
@@ -221,6 +251,16 @@ class _Cached(Generic[P, R]):
                     del self._locks[key]
                 else:
                     self._locks[key] = (lock, users - 1)
+
+    def _compute_sync(self, key: str, token: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+        """Runs the function and stores its result under `token`."""
+        try:
+            value = self.__wrapped__(*args, **kwargs)
+        except BaseException:
+            sync_run(self._give_up(key, token))
+            raise
+        sync_run(self._write(key, token, value))
+        return cast(R, value)
 
     def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
         """Removes this call's cached result.

@@ -159,11 +159,18 @@ class NearCache:
     # tell it too, a moment later).
 
     async def set(
-        self, key: str, value: Any, ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION
+        self,
+        key: str,
+        value: Any,
+        ttl: Seconds | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        tags: Iterable[str] | None = None,
+        soft_ttl: Seconds | None = None,
     ) -> bool:
         """See `KooCache.set`."""
         self._forget(level, key)
-        return await self.cache.set(key, value, ttl, level)
+        return await self.cache.set(key, value, ttl, level, tags=tags, soft_ttl=soft_ttl)
 
     async def delete(self, key: str, level: CacheLevel = CacheLevel.APPLICATION) -> bool:
         """See `KooCache.delete`."""
@@ -171,12 +178,25 @@ class NearCache:
         return await self.cache.delete(key, level)
 
     async def set_many(
-        self, items: Mapping[str, Any], ttl: Seconds | None = None, level: CacheLevel = CacheLevel.APPLICATION
+        self,
+        items: Mapping[str, Any],
+        ttl: Seconds | None = None,
+        level: CacheLevel = CacheLevel.APPLICATION,
+        *,
+        tags: Iterable[str] | None = None,
+        soft_ttl: Seconds | None = None,
     ) -> int:
         """See `KooCache.set_many`."""
         for key in items:
             self._forget(level, key)
-        return await self.cache.set_many(items, ttl, level)
+        return await self.cache.set_many(items, ttl, level, tags=tags, soft_ttl=soft_ttl)
+
+    async def invalidate_tags(self, tags: Iterable[str], level: CacheLevel | None = None) -> int:
+        """See `KooCache.invalidate_tags`. The entries held here that carry
+        any of `tags` are dropped at once (not only when the stream says)."""
+        tags = list(tags)
+        self._drop_tagged(frozenset(tags), level)
+        return await self.cache.invalidate_tags(tags, level)
 
     async def delete_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> int:
         """See `KooCache.delete_many`."""
@@ -193,6 +213,11 @@ class NearCache:
     def _forget(self, level: CacheLevel, key: str) -> None:
         self._applied += 1
         self._entries.pop((level, key), None)
+
+    def _drop_tagged(self, tags: frozenset[str], level: CacheLevel | None) -> None:
+        self._applied += 1
+        for k in [k for k, e in self._entries.items() if (level is None or k[0] is level) and e.tags & tags]:
+            del self._entries[k]
 
     def _drop_level(self, level: CacheLevel) -> None:
         self._applied += 1
@@ -245,9 +270,6 @@ class NearCache:
                 self._drop_level(level)
         elif kind == pb.INVALIDATION_KIND_TAGS:
             self.stats.invalidations += 1
-            self._applied += 1
-            tags = set(m.tags)
-            for k in [k for k, e in self._entries.items() if (level is None or k[0] is level) and e.tags & tags]:
-                del self._entries[k]
+            self._drop_tagged(frozenset(m.tags), level)
         async with self._changed:
             self._changed.notify_all()

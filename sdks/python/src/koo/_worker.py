@@ -241,6 +241,14 @@ class _Run:
             )
 
 
+def on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether this thread is running `loop`."""
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class _Session:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -260,7 +268,14 @@ class _Session:
             self.outbox.put_nowait(msg)
 
     def send_threadsafe(self, msg: wpb.WorkRequest) -> None:
-        self.loop.call_soon_threadsafe(self.send, msg)
+        """`send` from any thread, in order with the loop's own sends: on the
+        loop's thread at once (a progress report an async handler makes just
+        before it returns must reach koo before its outcome, or koo, the
+        task ended, refuses it), from another thread queued onto the loop."""
+        if on_loop(self.loop):
+            self.send(msg)
+        else:
+            self.loop.call_soon_threadsafe(self.send, msg)
 
     async def requests(self, hello: wpb.WorkRequest) -> AsyncIterator[wpb.WorkRequest]:
         """The stream's messages: the hello, then the outbox. Messages that

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from koo._limits import ConcurrencyPolicy
 from koo._tasks import (
     SyncTaskManager,
     TaskCategory,
@@ -35,6 +36,7 @@ from koo._tasks import (
 )
 
 __all__ = [
+    "ConcurrencyPolicy",
     "SyncTaskManager",
     "TaskCategory",
     "TaskFailed",

@@ -333,7 +333,7 @@ class TaskServiceServicer:
 
     def ResumeQueue(self, request, context):
         """ResumeQueue resumes a paused queue: its tasks are handed out again at
-        once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+        once in the process that resumed it, within KOO_WORKER_POLL_INTERVAL in
         the others. Resuming a running queue changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

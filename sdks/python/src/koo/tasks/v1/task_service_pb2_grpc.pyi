@@ -131,7 +131,7 @@ class TaskServiceStub:
     """
     ResumeQueue: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]
     """ResumeQueue resumes a paused queue: its tasks are handed out again at
-    once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+    once in the process that resumed it, within KOO_WORKER_POLL_INTERVAL in
     the others. Resuming a running queue changes nothing.
     """
     ListQueues: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]
@@ -275,7 +275,7 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """
     ResumeQueue: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ResumeQueueRequest, _task_service_pb2.ResumeQueueResponse]  # type: ignore[assignment]
     """ResumeQueue resumes a paused queue: its tasks are handed out again at
-    once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+    once in the process that resumed it, within KOO_WORKER_POLL_INTERVAL in
     the others. Resuming a running queue changes nothing.
     """
     ListQueues: _aio.UnaryUnaryMultiCallable[_task_service_pb2.ListQueuesRequest, _task_service_pb2.ListQueuesResponse]  # type: ignore[assignment]
@@ -518,7 +518,7 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_service_pb2.ResumeQueueResponse, _abc.Awaitable[_task_service_pb2.ResumeQueueResponse]]:
         """ResumeQueue resumes a paused queue: its tasks are handed out again at
-        once in the process that resumed it, within KOO_TASK_POLL_INTERVAL in
+        once in the process that resumed it, within KOO_WORKER_POLL_INTERVAL in
         the others. Resuming a running queue changes nothing.
         """
 
