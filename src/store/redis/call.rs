@@ -55,11 +55,23 @@ fn classify(err: &RedisError) -> Failure {
     }
 }
 
+/// Codes with which Redis refuses one command before running any of it:
+/// a redirect (`MOVED`: the slot is another node's now, after a failover),
+/// a Cluster or primary not ready (`CLUSTERDOWN`, `MASTERDOWN`,
+/// `TRYAGAIN`, `LOADING`).
+const REFUSED: [&str; 5] = ["MOVED", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN", "LOADING"];
+
 /// Whether the failed request surely changed nothing: it never left (a
-/// refused connection, or no primary named by the Sentinels), or a replica
-/// refused it (`READONLY`: the next attempt reaches the new primary).
-fn never_applied(err: &RedisError) -> bool {
-    err.is_connection_refusal() || has_code(err, "READONLY")
+/// refused connection, no connection to the slot's node, or no primary
+/// named by the Sentinels), or a replica refused it (`READONLY`: the next
+/// attempt reaches the new primary), or, for a `single` command, Redis
+/// refused it whole ([`REFUSED`]; in a pipeline the commands before the
+/// refused one may have run).
+fn never_applied(err: &RedisError, single: bool) -> bool {
+    err.is_connection_refusal()
+        || err.kind() == ErrorKind::ClusterConnectionNotFound
+        || has_code(err, "READONLY")
+        || (single && err.code().is_some_and(|c| REFUSED.contains(&c)))
 }
 
 /// Exponential backoff with full jitter: 10 ms, 20 ms, 40 ms... capped at 1 s.
@@ -147,7 +159,31 @@ impl RedisStore {
     /// outcome is unknown rather than risk running it again. As in
     /// [`Self::run`], only evidence that Redis is down counts against the
     /// breaker.
-    pub(super) async fn run_once<T, F, Fut>(&self, deadline: Deadline, mut call: F) -> Result<T>
+    pub(super) async fn run_once<T, F, Fut>(&self, deadline: Deadline, call: F) -> Result<T>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_once_as(deadline, false, call).await
+    }
+
+    /// [`Self::run_once`] for one command (a script): a refusal of the
+    /// whole command (`MOVED` after a failover, `CLUSTERDOWN`, ...; see
+    /// [`REFUSED`]) is retried too, since nothing of it ran.
+    pub(super) async fn run_once_command<T, F, Fut>(&self, deadline: Deadline, call: F) -> Result<T>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        self.run_once_as(deadline, true, call).await
+    }
+
+    async fn run_once_as<T, F, Fut>(
+        &self,
+        deadline: Deadline,
+        single: bool,
+        mut call: F,
+    ) -> Result<T>
     where
         F: FnMut(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -178,15 +214,25 @@ impl RedisStore {
                 Failure::Transient(message) => evidence.down(message),
             };
             let pause = backoff(attempt);
-            if !never_applied(&err)
+            let applied = !never_applied(&err, single);
+            if applied
                 || attempt >= inner.retries
                 || pause >= deadline.remaining()
                 || !admission.may_retry()
             {
-                let unknown = StoreError::Unavailable(format!(
-                    "Redis failed after {} attempt(s) (the request may or may not have been applied): {message}",
-                    attempt + 1
-                ));
+                // a request Redis surely refused is not "maybe applied":
+                // the caller may send it again
+                let unknown = StoreError::Unavailable(if applied {
+                    format!(
+                        "Redis failed after {} attempt(s) (the request may or may not have been applied): {message}",
+                        attempt + 1
+                    )
+                } else {
+                    format!(
+                        "Redis refused the request {} time(s), so it was not applied (safe to send again): {message}",
+                        attempt + 1
+                    )
+                });
                 if self.cluster_answers(inner.timeout_evidence).await {
                     return Err(unknown);
                 }
@@ -225,6 +271,47 @@ impl RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server_error(text: &str) -> RedisError {
+        redis::parse_redis_value(format!("-{text}\r\n").as_bytes())
+            .and_then(redis::Value::extract_error)
+            .unwrap_err()
+    }
+
+    /// What surely changed nothing may be sent again: a refused
+    /// connection, a replica's `READONLY`, and for one command a refusal of
+    /// the whole of it (a failover's `MOVED`, `CLUSTERDOWN`, ...), which in
+    /// a pipeline may follow commands that ran; a broken connection or an
+    /// ordinary error reply may have applied it.
+    #[test]
+    fn which_failures_surely_changed_nothing() {
+        let io = |kind| RedisError::from(std::io::Error::new(kind, "x"));
+        assert!(never_applied(
+            &io(std::io::ErrorKind::ConnectionRefused),
+            false
+        ));
+        assert!(!never_applied(
+            &io(std::io::ErrorKind::ConnectionReset),
+            true
+        ));
+        let readonly = server_error("READONLY You can't write against a read only replica.");
+        assert!(never_applied(&readonly, false));
+        for refused in [
+            "MOVED 2298 127.0.0.1:7721",
+            "CLUSTERDOWN The cluster is down",
+            "MASTERDOWN Link with MASTER is down",
+            "TRYAGAIN Multiple keys request during rehashing of slot",
+            "LOADING Redis is loading the dataset in memory",
+        ] {
+            assert!(never_applied(&server_error(refused), true), "{refused}");
+            assert!(!never_applied(&server_error(refused), false), "{refused}");
+        }
+        assert!(!never_applied(&server_error("ERR something else"), true));
+        assert!(!never_applied(
+            &server_error("OOM command not allowed"),
+            true
+        ));
+    }
 
     /// Backoff grows and stays capped.
     #[test]

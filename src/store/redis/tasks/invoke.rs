@@ -26,7 +26,7 @@ impl RedisStore {
         inv: &redis::ScriptInvocation<'_>,
         deadline: Deadline,
     ) -> Result<T> {
-        self.run_once(
+        self.run_once_command(
             deadline,
             |mut c| async move { inv.invoke_async(&mut c).await },
         )
