@@ -49,7 +49,10 @@ impl Scope {
             return Err(format!("names no {kind} after the slash"));
         }
         if rest.chars().any(char::is_control) {
-            return Err("must not hold control characters".to_owned());
+            return Err(format!(
+                "{} holds control characters",
+                crate::quote::quote(rest)
+            ));
         }
         match kind {
             "queues" => Ok(Self::Queue(rest.to_owned())),

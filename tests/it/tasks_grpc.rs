@@ -1311,8 +1311,9 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
             .unwrap()
             .field_violations[0]
             .field,
-        "cache_result"
+        "cache_result.key"
     );
+    assert!(err.message().contains("\"\" (0 bytes)"), "{err:?}");
     // warming: the task line is submitted, the bad one reported
     let report = cc
         .warm(cache::WarmRequest {

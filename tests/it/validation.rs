@@ -19,7 +19,53 @@ on_both!(
     huge_inputs_get_short_messages,
     extreme_durations_are_refused,
     doubles_round_trip_exactly,
+    filters_that_select_nothing_and_bad_keys_are_named,
 );
+
+/// Scenario: a listing of a queue koo does not serve and a history window
+/// that ends before it starts are refused (not answered with an empty
+/// list); a bad idempotency or rate-limit key is quoted in its refusal.
+async fn filters_that_select_nothing_and_bad_keys_are_named(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let mut t = client(&koo.server);
+    let r = t
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            queue: "nope".into(),
+            ..Default::default()
+        })
+        .await;
+    refused("unknown queue", r, "queue");
+    let at = |year_s: i64| {
+        Some(prost_types::Timestamp {
+            seconds: year_s,
+            nanos: 0,
+        })
+    };
+    let r = t
+        .list_task_history(pb::ListTaskHistoryRequest {
+            start_time: at(1_893_456_000), // 2030
+            end_time: at(1_577_836_800),   // 2020
+            ..Default::default()
+        })
+        .await;
+    refused("a window ending before it starts", r, "end_time");
+    let e = t
+        .submit_task(pb::SubmitTaskRequest {
+            idempotency_key: "k".repeat(300),
+            ..research("x")
+        })
+        .await
+        .expect_err("a 300-byte idempotency key");
+    assert!(e.message().contains("(300 bytes)"), "{e:?}");
+    let e = t
+        .submit_task(pb::SubmitTaskRequest {
+            rate_limit_key: "a\nb".into(),
+            ..research("x")
+        })
+        .await
+        .expect_err("a key with a newline");
+    assert!(e.message().contains("\"a\\nb\""), "{e:?}");
+}
 
 /// Longest message a refusal of a huge input may carry.
 const SHORT: usize = 512;

@@ -26,9 +26,22 @@ fn queues_for(
     queue: &str,
 ) -> Result<Vec<QueueName>, Status> {
     if !queue.is_empty() {
-        return Ok(vec![
-            QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?,
-        ]);
+        let q = QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?;
+        // as PauseQueue and SubmitTask have it: an unknown queue is a
+        // mistake, not an empty list
+        let known = engine.config().queues();
+        if !known.contains(&q) {
+            let names: Vec<&str> = known.iter().map(QueueName::as_str).collect();
+            return Err(invalid_argument(
+                "queue",
+                &format!(
+                    "unknown queue {}: one of {}",
+                    crate::quote::quote(queue),
+                    names.join(", ")
+                ),
+            ));
+        }
+        return Ok(vec![q]);
     }
     Ok(match category_raw {
         0 => engine.config().queues(),
@@ -74,6 +87,14 @@ pub(super) fn history_filter(
     let ms = |field: &str, t: Option<prost_types::Timestamp>, default: i64| {
         Ok::<_, Status>(time::time(field, t, None)?.map_or(default, crate::store::unix_millis))
     };
+    let since_ms = ms("start_time", r.start_time, 0)?;
+    let before_ms = ms("end_time", r.end_time, i64::MAX / 2)?;
+    if before_ms < since_ms {
+        return Err(invalid_argument(
+            "end_time",
+            "is before start_time: the window would hold nothing",
+        ));
+    }
     Ok(HistoryFilter {
         queues: match category {
             Some(c) => vec![c.default_queue()],
@@ -82,8 +103,8 @@ pub(super) fn history_filter(
         state,
         category,
         name: (!r.name.is_empty()).then(|| r.name.clone()),
-        since_ms: ms("start_time", r.start_time, 0)?,
-        before_ms: ms("end_time", r.end_time, i64::MAX / 2)?,
+        since_ms,
+        before_ms,
     })
 }
 

@@ -51,7 +51,7 @@ impl TaskEngine {
         if key.is_empty() || key.len() > 256 {
             return Err(TaskError::invalid(
                 "idempotency_key",
-                "must be 1 to 256 bytes",
+                format!("{} must be 1 to 256 bytes", crate::quote::quote_sized(&key)),
             ));
         }
         let c = &self.inner.config;

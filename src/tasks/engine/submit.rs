@@ -361,11 +361,14 @@ fn check_key(field: &str, key: Option<&str>) -> Result<(), TaskError> {
     let reason = if key.is_empty() {
         "must not be empty (leave it out for no key)".to_owned()
     } else if key.len() > max {
-        format!("is {} bytes, over the limit of {max}", key.len())
+        format!(
+            "{} is over the limit of {max} bytes",
+            crate::quote::quote_sized(key)
+        )
     } else if key == "*" {
         "\"*\" names every key's default limit; it cannot be a task's key".to_owned()
     } else if key.chars().any(char::is_control) {
-        "must not hold control characters".to_owned()
+        format!("{} holds control characters", crate::quote::quote(key))
     } else {
         return Ok(());
     };
@@ -373,13 +376,16 @@ fn check_key(field: &str, key: Option<&str>) -> Result<(), TaskError> {
 }
 
 fn check_cache_target(target: Option<&CacheTarget>) -> Result<(), TaskError> {
-    if let Some(target) = target
-        && (target.key.is_empty() || target.key.len() > 1024 || target.ttl_ms == 0)
-    {
+    let Some(target) = target else { return Ok(()) };
+    if target.key.is_empty() || target.key.len() > 1024 {
+        let key = crate::quote::quote_sized(&target.key);
         return Err(TaskError::invalid(
-            "cache_result",
-            "needs a key of 1 to 1024 bytes and a positive TTL",
+            "cache_result.key",
+            format!("{key} must be 1 to 1024 bytes"),
         ));
+    }
+    if target.ttl_ms == 0 {
+        return Err(TaskError::invalid("cache_result.ttl", "must be positive"));
     }
     Ok(())
 }
