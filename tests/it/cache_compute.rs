@@ -386,7 +386,8 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
         edit(&mut r);
         r
     };
-    let cases: [(&dyn Fn(&mut pb::GetOrComputeRequest), &str); 6] = [
+    type Edit<'a> = &'a dyn Fn(&mut pb::GetOrComputeRequest);
+    let cases: [(Edit, &str); 6] = [
         (&|r| r.tags = vec![String::new()], "tags[0]"),
         (
             &|r| r.tags = (0..40).map(|i| format!("t{i}")).collect(),
