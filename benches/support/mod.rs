@@ -523,13 +523,7 @@ pub fn koo_bin() -> String {
 /// readings are what a run cost Redis in commands, whatever the machine's
 /// noise.
 pub async fn redis_calls(url: &str) -> Option<(u64, u64)> {
-    let client = redis::Client::open(url).ok()?;
-    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .ok()?;
+    let stats = info_commandstats(url).await?;
     let (mut commands, mut scripts) = (0, 0);
     for (name, n) in commandstats(&stats) {
         if name == "evalsha" {
@@ -544,13 +538,7 @@ pub async fn redis_calls(url: &str) -> Option<(u64, u64)> {
 /// Microseconds Redis has spent in script calls (`EVALSHA`, their inner
 /// commands included) since its stats were last reset.
 pub async fn redis_script_usec(url: &str) -> Option<u64> {
-    let client = redis::Client::open(url).ok()?;
-    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .ok()?;
+    let stats = info_commandstats(url).await?;
     let line = stats
         .lines()
         .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))?;
@@ -572,6 +560,18 @@ pub async fn redis_ping_p50(url: &str, n: usize) -> Option<f64> {
     }
     took.sort_by(f64::total_cmp);
     took.get(took.len() / 2).copied()
+}
+
+/// The `INFO commandstats` of the Redis at `url` (`None` when it cannot be
+/// read: no Redis, as on the embedded store).
+async fn info_commandstats(url: &str) -> Option<String> {
+    let client = redis::Client::open(url).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .ok()
 }
 
 /// Each command's name and call count in an `INFO commandstats` reply.
