@@ -88,7 +88,7 @@ pub async fn refuse_bad_database(
     match redis.database_refused(deadline).await {
         None => Ok(()),
         Some(said) => Err(crate::store::StoreError::InvalidConfig(format!(
-            "{}: {}: Redis refuses its database ({said}); a Redis has databases 0 to its `databases` setting - 1 (16 by default)",
+            "{}: {}: Redis refuses its database ({said}); a Redis has databases 0 to N - 1, N being its `databases` setting (16 by default)",
             config.setting,
             crate::store::redis::redact(&config.url)
         ))),
