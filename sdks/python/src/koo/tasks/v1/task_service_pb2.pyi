@@ -2300,7 +2300,9 @@ class ListActiveTasksRequest(_message.Message):
     category: Global___TaskCategory.ValueType
     """Only this category; unspecified means all."""
     queue: _builtins.str
-    """Only this queue; empty means all."""
+    """Only this queue; empty means all. A queue koo does not serve is
+    INVALID_ARGUMENT.
+    """
     name: _builtins.str
     """Only tasks with this name; empty means all."""
     page_size: _builtins.int
@@ -2383,7 +2385,9 @@ class ListTaskHistoryRequest(_message.Message):
 
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
-        """Only tasks that ended before this time."""
+        """Only tasks that ended before this time (not before start_time:
+        INVALID_ARGUMENT).
+        """
 
     def __init__(
         self,
