@@ -158,11 +158,11 @@ async fn create(
             Some(Missed::Skip) => pb::MissedTickPolicy::Skip as i32,
             Some(Missed::RunOnce) => pb::MissedTickPolicy::RunOnce as i32,
         },
-        paused,
         ..Default::default()
     };
     let request = pb::CreateScheduleRequest {
         schedule: Some(schedule),
+        paused,
     };
     Ok(one(conn, client.create_schedule(conn.unary(request)).await)?.schedule)
 }

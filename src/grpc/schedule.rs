@@ -233,10 +233,11 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
             let name = request.get_ref().schedule.as_ref().map(|s| s.name.as_str());
             schedule_target(name.unwrap_or(""))
         });
-        let s = schedule(request.into_inner().schedule)?;
+        let r = request.into_inner();
+        let s = schedule(r.schedule)?;
         let view = self
             .schedules
-            .create(s, deadline)
+            .create(s, r.paused, deadline)
             .await
             .map_err(in_schedule)?;
         Ok(Response::new(pb::CreateScheduleResponse {

@@ -135,12 +135,17 @@ impl Schedules {
     }
 
     /// Creates a schedule (from the API).
-    pub async fn create(&self, mut s: Schedule, deadline: Deadline) -> Result<View, ScheduleError> {
+    pub async fn create(
+        &self,
+        mut s: Schedule,
+        paused: bool,
+        deadline: Deadline,
+    ) -> Result<View, ScheduleError> {
         self.validate(&s)?;
         let now = self.now_ms();
         s.source = Source::Api;
         s.config_hash = None;
-        s.paused = false;
+        s.paused = paused;
         s.created_ms = now;
         s.updated_ms = now;
         if !self.store.create(&s, deadline).await? {

@@ -535,6 +535,7 @@ async fn create_tick_schedule(channel: Channel) {
                 }),
                 ..Default::default()
             }),
+            paused: false,
         })
         .await
         .expect("create the every-second schedule");

@@ -383,6 +383,27 @@ fn cron_commands() {
     assert_eq!(watched.last().unwrap()["result"], "hi");
     let listed = koo(&["cron", "ls", "--json"]).json_lines();
     assert!(listed.iter().any(|s| s["name"] == "nightly"), "{listed:?}");
+    // --paused creates it paused (it fires nothing until resumed)
+    let paused = koo(&[
+        "cron",
+        "create",
+        "held",
+        "--cron",
+        "* * * * *",
+        "--task",
+        "koo.diagnostics.noop",
+        "--category",
+        "research",
+        "--paused",
+        "--json",
+    ])
+    .json();
+    assert_eq!(paused["paused"], true, "{paused}");
+    assert!(
+        koo(&["cron", "get", "held"])
+            .ok()
+            .contains("paused:    true")
+    );
     koo(&["cron", "rm", "nightly"]).ok();
     let gone = koo(&["cron", "get", "nightly"]);
     assert_eq!(gone.code, 3);

@@ -173,6 +173,7 @@ async fn queues_on_three_masters_work_across_slots() {
                 }),
                 ..Default::default()
             }),
+            paused: false,
         })
         .await
         .unwrap()

@@ -474,6 +474,7 @@ async fn a_schedule_s_fired_tasks_expire_after_their_submit(backend: Backend) {
     let created = s
         .create_schedule(spb::CreateScheduleRequest {
             schedule: Some(schedule),
+            paused: false,
         })
         .await
         .unwrap()

@@ -299,6 +299,7 @@ async fn fill(koo: &Koo) -> Left {
                 }),
                 ..Default::default()
             }),
+            paused: false,
         })
         .await
         .unwrap();

@@ -44,12 +44,15 @@ fn every(name: &str, cron: &str, task: &str) -> spb::Schedule {
 }
 
 async fn create(c: &mut ScheduleServiceClient<Channel>, s: spb::Schedule) -> spb::Schedule {
-    c.create_schedule(spb::CreateScheduleRequest { schedule: Some(s) })
-        .await
-        .unwrap()
-        .into_inner()
-        .schedule
-        .unwrap()
+    c.create_schedule(spb::CreateScheduleRequest {
+        schedule: Some(s),
+        paused: false,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .schedule
+    .unwrap()
 }
 
 async fn get(c: &mut ScheduleServiceClient<Channel>, name: &str) -> spb::Schedule {
@@ -345,10 +348,42 @@ async fn rpcs_and_refusals(backend: Backend) {
     let err = c
         .create_schedule(spb::CreateScheduleRequest {
             schedule: Some(every("nightly-report", "* * * * *", "x")),
+            paused: false,
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    // created paused: stored paused, with no fire times, until resumed (the
+    // schedule's own `paused` is output only and ignored)
+    let paused = c
+        .create_schedule(spb::CreateScheduleRequest {
+            schedule: Some(every("created-paused", "* * * * *", "x")),
+            paused: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .schedule
+        .unwrap();
+    assert!(
+        paused.paused && paused.next_fire_times.is_empty(),
+        "{paused:?}"
+    );
+    assert!(get(&mut c, "created-paused").await.paused);
+    let ignored = create(
+        &mut c,
+        spb::Schedule {
+            paused: true,
+            ..every("output-only", "* * * * *", "x")
+        },
+    )
+    .await;
+    assert!(!ignored.paused, "{ignored:?}");
+    for name in ["created-paused", "output-only"] {
+        c.delete_schedule(spb::DeleteScheduleRequest { name: name.into() })
+            .await
+            .unwrap();
+    }
     for (s, field, quote) in [
         (
             every("bad-cron", "61 * * * *", "x"),
@@ -405,7 +440,10 @@ async fn rpcs_and_refusals(backend: Backend) {
         ),
     ] {
         let err = c
-            .create_schedule(spb::CreateScheduleRequest { schedule: Some(s) })
+            .create_schedule(spb::CreateScheduleRequest {
+                schedule: Some(s),
+                paused: false,
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");

@@ -329,6 +329,7 @@ async fn triggered_schedule_joins_the_callers_trace() {
     schedules
         .create_schedule(spb::CreateScheduleRequest {
             schedule: Some(schedule),
+            paused: false,
         })
         .await
         .unwrap();

@@ -210,6 +210,7 @@ async fn huge_inputs_get_short_messages(backend: Backend) {
                 }),
                 ..Default::default()
             }),
+            paused: false,
         })
         .await;
     refused("cron", r, "cron");
@@ -374,6 +375,7 @@ async fn extreme_durations_are_refused(backend: Backend) {
                         task: Some(task),
                         ..Default::default()
                     }),
+                    paused: false,
                 })
                 .await;
             refused(&format!("{field} {label}"), r, field);
@@ -696,6 +698,7 @@ async fn task_names_must_be_printable() {
                     }),
                     ..Default::default()
                 }),
+                paused: false,
             })
             .await;
         refused(&format!("template {bad:?}"), r, "task.name");
@@ -721,6 +724,7 @@ async fn list_schedules_refuses_garbage_tokens() {
                 }),
                 ..Default::default()
             }),
+            paused: false,
         })
         .await
         .unwrap();

@@ -29,7 +29,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from koo.tasks.v1 import task_service_pb2 as koo_dot_tasks_dot_v1_dot_task__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&koo/schedule/v1/schedule_service.proto\x12\x0fkoo.schedule.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fkoo/tasks/v1/task_service.proto\"\xad\x03\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12+\n\x04task\x18\x04 \x01(\x0b\x32\x1d.koo.schedule.v1.TaskTemplate\x12=\n\x12missed_tick_policy\x18\x05 \x01(\x0e\x32!.koo.schedule.v1.MissedTickPolicy\x12\x0e\n\x06paused\x18\x06 \x01(\x08\x12/\n\x06source\x18\x07 \x01(\x0e\x32\x1f.koo.schedule.v1.ScheduleSource\x12\x33\n\x0fnext_fire_times\x18\x08 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08last_run\x18\t \x01(\x0b\x32\x1c.koo.schedule.v1.ScheduleRun\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x03\n\x0cTaskTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1a.koo.tasks.v1.TaskCategory\x12$\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x06kwargs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12,\n\x08priority\x18\x05 \x01(\x0e\x32\x1a.koo.tasks.v1.TaskPriority\x12\x18\n\x0bmax_retries\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05queue\x18\x07 \x01(\t\x12\x32\n\x0fsoft_time_limit\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntime_limit\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x65xpire_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0erate_limit_key\x18\x0b \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x0c \x01(\tB\x0e\n\x0c_max_retries\"\xc5\x01\n\x0bScheduleRun\x12-\n\ttick_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\ttriggered\x18\x06 \x01(\x08\"D\n\x15\x43reateScheduleRequest\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"E\n\x16\x43reateScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x13GetScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x15ListSchedulesResponse\x12,\n\tschedules\x18\x01 \x03(\x0b\x32\x19.koo.schedule.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x15UpdateScheduleRequest\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"E\n\x16UpdateScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x15PauseScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x16ResumeScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"&\n\x16TriggerScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x17TriggerScheduleResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.koo.tasks.v1.Task*t\n\x10MissedTickPolicy\x12\"\n\x1eMISSED_TICK_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MISSED_TICK_POLICY_SKIP\x10\x01\x12\x1f\n\x1bMISSED_TICK_POLICY_RUN_ONCE\x10\x02*f\n\x0eScheduleSource\x12\x1f\n\x1bSCHEDULE_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCHEDULE_SOURCE_CONFIG\x10\x01\x12\x17\n\x13SCHEDULE_SOURCE_API\x10\x02\x32\x9d\x06\n\x0fScheduleService\x12\x61\n\x0e\x43reateSchedule\x12&.koo.schedule.v1.CreateScheduleRequest\x1a\'.koo.schedule.v1.CreateScheduleResponse\x12X\n\x0bGetSchedule\x12#.koo.schedule.v1.GetScheduleRequest\x1a$.koo.schedule.v1.GetScheduleResponse\x12^\n\rListSchedules\x12%.koo.schedule.v1.ListSchedulesRequest\x1a&.koo.schedule.v1.ListSchedulesResponse\x12\x61\n\x0eUpdateSchedule\x12&.koo.schedule.v1.UpdateScheduleRequest\x1a\'.koo.schedule.v1.UpdateScheduleResponse\x12^\n\rPauseSchedule\x12%.koo.schedule.v1.PauseScheduleRequest\x1a&.koo.schedule.v1.PauseScheduleResponse\x12\x61\n\x0eResumeSchedule\x12&.koo.schedule.v1.ResumeScheduleRequest\x1a\'.koo.schedule.v1.ResumeScheduleResponse\x12\x61\n\x0e\x44\x65leteSchedule\x12&.koo.schedule.v1.DeleteScheduleRequest\x1a\'.koo.schedule.v1.DeleteScheduleResponse\x12\x64\n\x0fTriggerSchedule\x12\'.koo.schedule.v1.TriggerScheduleRequest\x1a(.koo.schedule.v1.TriggerScheduleResponseBM\n\x13\x64\x65v.koo.schedule.v1P\x01Z4github.com/koo/koo/gen/go/koo/schedule/v1;schedulev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&koo/schedule/v1/schedule_service.proto\x12\x0fkoo.schedule.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fkoo/tasks/v1/task_service.proto\"\xad\x03\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x63ron\x18\x02 \x01(\t\x12\x11\n\ttime_zone\x18\x03 \x01(\t\x12+\n\x04task\x18\x04 \x01(\x0b\x32\x1d.koo.schedule.v1.TaskTemplate\x12=\n\x12missed_tick_policy\x18\x05 \x01(\x0e\x32!.koo.schedule.v1.MissedTickPolicy\x12\x0e\n\x06paused\x18\x06 \x01(\x08\x12/\n\x06source\x18\x07 \x01(\x0e\x32\x1f.koo.schedule.v1.ScheduleSource\x12\x33\n\x0fnext_fire_times\x18\x08 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08last_run\x18\t \x01(\x0b\x32\x1c.koo.schedule.v1.ScheduleRun\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc5\x03\n\x0cTaskTemplate\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1a.koo.tasks.v1.TaskCategory\x12$\n\x04\x61rgs\x18\x03 \x03(\x0b\x32\x16.google.protobuf.Value\x12\'\n\x06kwargs\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12,\n\x08priority\x18\x05 \x01(\x0e\x32\x1a.koo.tasks.v1.TaskPriority\x12\x18\n\x0bmax_retries\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\r\n\x05queue\x18\x07 \x01(\t\x12\x32\n\x0fsoft_time_limit\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\ntime_limit\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0c\x65xpire_after\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x16\n\x0erate_limit_key\x18\x0b \x01(\t\x12\x17\n\x0f\x63oncurrency_key\x18\x0c \x01(\tB\x0e\n\x0c_max_retries\"\xc5\x01\n\x0bScheduleRun\x12-\n\ttick_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.koo.tasks.v1.TaskState\x12,\n\x08\x65nd_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x11\n\ttriggered\x18\x06 \x01(\x08\"T\n\x15\x43reateScheduleRequest\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\x12\x0e\n\x06paused\x18\x02 \x01(\x08\"E\n\x16\x43reateScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"B\n\x13GetScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"^\n\x15ListSchedulesResponse\x12,\n\tschedules\x18\x01 \x03(\x0b\x32\x19.koo.schedule.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x15UpdateScheduleRequest\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"E\n\x16UpdateScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x15PauseScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"E\n\x16ResumeScheduleResponse\x12+\n\x08schedule\x18\x01 \x01(\x0b\x32\x19.koo.schedule.v1.Schedule\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"&\n\x16TriggerScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x17TriggerScheduleResponse\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.koo.tasks.v1.Task*t\n\x10MissedTickPolicy\x12\"\n\x1eMISSED_TICK_POLICY_UNSPECIFIED\x10\x00\x12\x1b\n\x17MISSED_TICK_POLICY_SKIP\x10\x01\x12\x1f\n\x1bMISSED_TICK_POLICY_RUN_ONCE\x10\x02*f\n\x0eScheduleSource\x12\x1f\n\x1bSCHEDULE_SOURCE_UNSPECIFIED\x10\x00\x12\x1a\n\x16SCHEDULE_SOURCE_CONFIG\x10\x01\x12\x17\n\x13SCHEDULE_SOURCE_API\x10\x02\x32\x9d\x06\n\x0fScheduleService\x12\x61\n\x0e\x43reateSchedule\x12&.koo.schedule.v1.CreateScheduleRequest\x1a\'.koo.schedule.v1.CreateScheduleResponse\x12X\n\x0bGetSchedule\x12#.koo.schedule.v1.GetScheduleRequest\x1a$.koo.schedule.v1.GetScheduleResponse\x12^\n\rListSchedules\x12%.koo.schedule.v1.ListSchedulesRequest\x1a&.koo.schedule.v1.ListSchedulesResponse\x12\x61\n\x0eUpdateSchedule\x12&.koo.schedule.v1.UpdateScheduleRequest\x1a\'.koo.schedule.v1.UpdateScheduleResponse\x12^\n\rPauseSchedule\x12%.koo.schedule.v1.PauseScheduleRequest\x1a&.koo.schedule.v1.PauseScheduleResponse\x12\x61\n\x0eResumeSchedule\x12&.koo.schedule.v1.ResumeScheduleRequest\x1a\'.koo.schedule.v1.ResumeScheduleResponse\x12\x61\n\x0e\x44\x65leteSchedule\x12&.koo.schedule.v1.DeleteScheduleRequest\x1a\'.koo.schedule.v1.DeleteScheduleResponse\x12\x64\n\x0fTriggerSchedule\x12\'.koo.schedule.v1.TriggerScheduleRequest\x1a(.koo.schedule.v1.TriggerScheduleResponseBM\n\x13\x64\x65v.koo.schedule.v1P\x01Z4github.com/koo/koo/gen/go/koo/schedule/v1;schedulev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'koo.schedule.v1.schedule_se
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\023dev.koo.schedule.v1P\001Z4github.com/koo/koo/gen/go/koo/schedule/v1;schedulev1'
-  _globals['_MISSEDTICKPOLICY']._serialized_start=2287
-  _globals['_MISSEDTICKPOLICY']._serialized_end=2403
-  _globals['_SCHEDULESOURCE']._serialized_start=2405
-  _globals['_SCHEDULESOURCE']._serialized_end=2507
+  _globals['_MISSEDTICKPOLICY']._serialized_start=2303
+  _globals['_MISSEDTICKPOLICY']._serialized_end=2419
+  _globals['_SCHEDULESOURCE']._serialized_start=2421
+  _globals['_SCHEDULESOURCE']._serialized_end=2523
   _globals['_SCHEDULE']._serialized_start=222
   _globals['_SCHEDULE']._serialized_end=651
   _globals['_TASKTEMPLATE']._serialized_start=654
@@ -48,37 +48,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCHEDULERUN']._serialized_start=1110
   _globals['_SCHEDULERUN']._serialized_end=1307
   _globals['_CREATESCHEDULEREQUEST']._serialized_start=1309
-  _globals['_CREATESCHEDULEREQUEST']._serialized_end=1377
-  _globals['_CREATESCHEDULERESPONSE']._serialized_start=1379
-  _globals['_CREATESCHEDULERESPONSE']._serialized_end=1448
-  _globals['_GETSCHEDULEREQUEST']._serialized_start=1450
-  _globals['_GETSCHEDULEREQUEST']._serialized_end=1484
-  _globals['_GETSCHEDULERESPONSE']._serialized_start=1486
-  _globals['_GETSCHEDULERESPONSE']._serialized_end=1552
-  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1554
-  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1615
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1617
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1711
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=1713
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1830
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=1832
-  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=1901
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1903
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=1939
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=1941
-  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2009
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=2011
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=2048
-  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=2050
-  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=2119
-  _globals['_DELETESCHEDULEREQUEST']._serialized_start=2121
-  _globals['_DELETESCHEDULEREQUEST']._serialized_end=2158
-  _globals['_DELETESCHEDULERESPONSE']._serialized_start=2160
-  _globals['_DELETESCHEDULERESPONSE']._serialized_end=2184
-  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_start=2186
-  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_end=2224
-  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_start=2226
-  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_end=2285
-  _globals['_SCHEDULESERVICE']._serialized_start=2510
-  _globals['_SCHEDULESERVICE']._serialized_end=3307
+  _globals['_CREATESCHEDULEREQUEST']._serialized_end=1393
+  _globals['_CREATESCHEDULERESPONSE']._serialized_start=1395
+  _globals['_CREATESCHEDULERESPONSE']._serialized_end=1464
+  _globals['_GETSCHEDULEREQUEST']._serialized_start=1466
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=1500
+  _globals['_GETSCHEDULERESPONSE']._serialized_start=1502
+  _globals['_GETSCHEDULERESPONSE']._serialized_end=1568
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=1570
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=1631
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=1633
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1727
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=1729
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1846
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_start=1848
+  _globals['_UPDATESCHEDULERESPONSE']._serialized_end=1917
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1919
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=1955
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_start=1957
+  _globals['_PAUSESCHEDULERESPONSE']._serialized_end=2025
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=2027
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=2064
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_start=2066
+  _globals['_RESUMESCHEDULERESPONSE']._serialized_end=2135
+  _globals['_DELETESCHEDULEREQUEST']._serialized_start=2137
+  _globals['_DELETESCHEDULEREQUEST']._serialized_end=2174
+  _globals['_DELETESCHEDULERESPONSE']._serialized_start=2176
+  _globals['_DELETESCHEDULERESPONSE']._serialized_end=2200
+  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_start=2202
+  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_end=2240
+  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_start=2242
+  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_end=2301
+  _globals['_SCHEDULESERVICE']._serialized_start=2526
+  _globals['_SCHEDULESERVICE']._serialized_end=3323
 # @@protoc_insertion_point(module_scope)

@@ -294,6 +294,11 @@ class CreateScheduleRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SCHEDULE_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    paused: _builtins.bool
+    """Create it paused: it fires nothing until ResumeSchedule (the
+    schedule's own `paused` is output only and ignored here).
+    """
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """The schedule: name, cron, time_zone, task, missed_tick_policy."""
@@ -302,10 +307,11 @@ class CreateScheduleRequest(_message.Message):
         self,
         *,
         schedule: Global___Schedule | None = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["schedule", b"schedule"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["paused", b"paused", "schedule", b"schedule"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
