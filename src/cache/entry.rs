@@ -60,6 +60,9 @@ pub struct Stored {
     pub stored_size: u64,
     /// Whether it is stored compressed.
     pub compressed: bool,
+    /// The stored size without koo's header and the entry's tags and soft
+    /// expiry: what compression made of `size` (the metrics' "stored").
+    pub payload_size: u64,
 }
 
 /// One page of keys.

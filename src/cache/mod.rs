@@ -181,6 +181,7 @@ impl Cache {
             size: e.value.len() as u64,
             stored_size: encoded.bytes.len() as u64,
             compressed: encoded.compressed,
+            payload_size: (encoded.bytes.len() - encoded.overhead) as u64,
         };
         let write = Write {
             key: self.inner.keys.cache_key(e.level, &e.key),
@@ -223,8 +224,9 @@ impl Cache {
     /// Counts a write. Compression figures compare payloads, without koo's
     /// fixed header, so that `bytes_saved` is what compression saved.
     fn count_write(&self, level: Level, s: &Stored) {
-        let payload = s.stored_size.saturating_sub(value::HEADER as u64);
-        self.inner.metrics.write(level, s.size, payload);
+        // the payload only: a tag block is not compression's doing, and
+        // counting it would make "saved" (raw - stored) go backwards
+        self.inner.metrics.write(level, s.size, s.payload_size);
     }
 
     /// Counts an operation, its latency and (if it is the backend's fault)

@@ -93,6 +93,9 @@ pub struct Encoded {
     pub bytes: Bytes,
     /// Whether the payload is zlib-compressed.
     pub compressed: bool,
+    /// The bytes before the payload: the header, and in version 2 the
+    /// tags and soft expiry (what compression figures leave out).
+    pub overhead: usize,
 }
 
 thread_local! {
@@ -206,6 +209,7 @@ pub fn encode(value: &Value, threshold: usize, level: Compression) -> Encoded {
         return Encoded {
             bytes: Bytes::from(out),
             compressed: true,
+            overhead: HEADER,
         };
     }
     let mut out = BytesMut::with_capacity(HEADER + payload.len());
@@ -214,6 +218,7 @@ pub fn encode(value: &Value, threshold: usize, level: Compression) -> Encoded {
     Encoded {
         bytes: out.freeze(),
         compressed: false,
+        overhead: HEADER,
     }
 }
 
@@ -229,12 +234,14 @@ pub fn encode_with(value: &Value, meta: &Meta, threshold: usize, level: Compress
     prefix.extend_from_slice(&[MAGIC, VERSION_META, value.kind(), IDENTITY]);
     prefix.extend_from_slice(&len.to_le_bytes());
     meta.write(&mut prefix);
+    let overhead = prefix.len();
     if payload.len() > threshold {
         prefix[3] = ZLIB;
         if let Some(out) = deflate(&prefix, payload, level) {
             return Encoded {
                 bytes: Bytes::from(out),
                 compressed: true,
+                overhead,
             };
         }
         prefix[3] = IDENTITY;
@@ -243,6 +250,7 @@ pub fn encode_with(value: &Value, meta: &Meta, threshold: usize, level: Compress
     Encoded {
         bytes: Bytes::from(prefix),
         compressed: false,
+        overhead,
     }
 }
 

@@ -375,6 +375,22 @@ async fn compression_threshold_boundaries_are_byte_exact(env: Env) {
         .unwrap();
     assert!(m.bytes_saved > 0, "{m:?}");
     assert_eq!(m.bytes_saved, m.bytes_written_raw - m.bytes_written_stored);
+    // A tag block is not compression's doing: tagged writes of values too
+    // small to compress leave the saving where it was (it never goes back)
+    for i in 0..10 {
+        let mut req = set_req(CacheLevel::App, &format!("tagged{i}"), raw(b"x"), None);
+        req.tags = vec!["a-tag-of-some-length".into(), "another".into()];
+        c.set(req).await.unwrap();
+    }
+    let after = c
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .metrics
+        .unwrap();
+    assert_eq!(after.bytes_saved, m.bytes_saved, "{after:?}");
+    assert_eq!(after.bytes_written_raw, m.bytes_written_raw + 10);
 }
 
 /// At CACHE_MAX_VALUE_SIZE a value is stored and read back (so the gRPC limit

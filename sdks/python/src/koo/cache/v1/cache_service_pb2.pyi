@@ -1105,7 +1105,7 @@ class CacheMetrics(_message.Message):
     """Bytes of values written, before compression."""
     bytes_written_stored: _builtins.int
     """Bytes of values written, as stored (after compression, without koo's
-    8-byte header).
+    8-byte header and an entry's tags and soft expiry).
     """
     bytes_saved: _builtins.int
     """bytes_written_raw - bytes_written_stored."""
