@@ -1,6 +1,7 @@
 //! `koo cache watch`: the cache's changes as they happen, on any koo
 //! instance (WatchInvalidations), one line per change (a JSON object per
-//! line with `--json`), until interrupted or koo ends the stream.
+//! line with `--json`), until interrupted; koo ending the stream (it shuts
+//! down) is reported and exits 3.
 
 use tokio_stream::StreamExt as _;
 
@@ -34,7 +35,12 @@ pub async fn watch(
             outln!("{}", line(&m));
         }
     }
-    Ok(ExitStatus::Ok)
+    // A watch runs until interrupted: koo ending it (it shuts down) is an
+    // end a script must be able to tell from a normal one, as `task watch`
+    // does when its watch ends early.
+    Err(conn.failed(tonic::Status::unavailable(
+        "koo ended the watch (it is shutting down); changes from now on are not seen",
+    )))
 }
 
 /// `SET app user:1 user:2`, `TAGS * t1`, `READY`.

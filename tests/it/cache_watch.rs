@@ -445,6 +445,13 @@ async fn koo_cache_watch_prints_changes() {
     set(&mut c, CacheLevel::App, "x:0").await;
     set(&mut c, CacheLevel::App, "u:1").await;
     assert_eq!(line(), r#"SET app "u:1""#);
+    // koo shutting down ends the watch: not a normal end (exit 3, said)
+    env.server.shutdown().await;
+    let status = tokio::task::spawn_blocking(move || guard.0.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(3), "{status:?}");
 }
 
 /// koo's Redis user with exactly the documented ACL rules and channels
