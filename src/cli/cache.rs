@@ -268,13 +268,17 @@ async fn get(
     if conn.json {
         print_json("koo.cache.v1.GetResponse", &reply);
     } else if reply.found {
-        if !reply.tags.is_empty() || reply.stale || reply.soft_ttl.is_some() {
-            let soft = match &reply.soft_ttl {
-                Some(left) => format!("fresh for {}", output::duration(Some(left))),
-                None if reply.stale => "stale".to_owned(),
-                None => String::new(),
-            };
-            eprintln!("tags: [{}] {soft}", reply.tags.join(", "));
+        let mut notes = Vec::new();
+        if !reply.tags.is_empty() {
+            notes.push(format!("tags: [{}]", reply.tags.join(", ")));
+        }
+        match &reply.soft_ttl {
+            Some(left) => notes.push(format!("fresh for {}", output::duration(Some(left)))),
+            None if reply.stale => notes.push("stale".to_owned()),
+            None => {}
+        }
+        if !notes.is_empty() {
+            eprintln!("{}", notes.join(", "));
         }
         match reply.value.and_then(|v| v.kind) {
             Some(Kind::Text(text)) => outln!("{text}"),
@@ -330,8 +334,12 @@ async fn keys(
         };
         print_json("koo.cache.v1.ListKeysResponse", &reply);
     } else {
+        let shown = found.len();
         for key in found {
             outln!("{key}");
+        }
+        if !page_token.is_empty() {
+            output::more(shown);
         }
     }
     Ok(ExitStatus::Ok)

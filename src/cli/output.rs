@@ -64,6 +64,12 @@ pub fn line(args: std::fmt::Arguments<'_>) {
     written(out.write_fmt(args).and_then(|()| out.write_all(b"\n")));
 }
 
+/// Says on standard error that a listing stopped at its limit with a next
+/// page to read (which may still turn out empty): never a silent cut.
+pub fn more(shown: usize) {
+    eprintln!("(stopped at {shown}: there may be more; --limit N reads further)");
+}
+
 /// Writes `bytes` to standard output as they are (a raw cache value),
 /// ending the command as [`line`] does when it cannot.
 pub fn raw(bytes: &[u8]) {

@@ -503,6 +503,9 @@ async fn ls(
         }
     }
     tasks.truncate(limit);
+    if !filter.page_token.is_empty() {
+        output::more(tasks.len());
+    }
     if conn.json {
         for t in &tasks {
             print_json("koo.tasks.v1.Task", t);
@@ -553,6 +556,9 @@ async fn history(
         }
     }
     tasks.truncate(limit);
+    if !filter.page_token.is_empty() {
+        output::more(tasks.len());
+    }
     Ok(tasks)
 }
 

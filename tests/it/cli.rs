@@ -126,6 +126,11 @@ fn cache_commands() {
         .collect();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.contains(&"user:1".to_owned()) && keys.contains(&"user:3".to_owned()));
+    // a listing cut by its limit says so on stderr; a whole one does not
+    let cut = koo(&["cache", "keys", "user:*", "--limit", "1"]);
+    assert_eq!(cut.ok().lines().count(), 1);
+    assert!(cut.stderr.contains("--limit"), "{}", cut.stderr);
+    assert!(!koo(&["cache", "keys", "user:*"]).stderr.contains("--limit"));
     assert_eq!(
         koo(&["cache", "del", "user:1", "nope"]).ok().trim(),
         "deleted 1"
