@@ -43,6 +43,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // the long-running commands also log a fatal error (for log
+    // collectors); a client command only prints it
+    let daemon = matches!(
+        cli.command,
+        Command::Serve(_) | Command::Worker(_) | Command::Scheduler(_)
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -52,11 +58,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         // the probes and key tool export nothing
-        let exports = matches!(
-            cli.command,
-            Command::Serve(_) | Command::Worker(_) | Command::Scheduler(_)
-        );
-        let guard = if exports {
+        let guard = if daemon {
             koo::trace::install(&traces)?
         } else {
             koo::trace::TraceGuard::default()
@@ -83,7 +85,9 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if daemon {
+                tracing::error!("{e:#}");
+            }
             eprintln!("koo: {e:#}");
             ExitCode::FAILURE
         }
@@ -212,10 +216,14 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     if let Some(tls) = health_tls(&args)? {
         endpoint = endpoint.tls_config(tls)?;
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach koo at {addr}"))?;
+    // (tonic's error repeats its own source: its message alone is enough)
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut root: &dyn std::error::Error = &e;
+        while let Some(next) = root.source() {
+            root = next;
+        }
+        anyhow::anyhow!("cannot reach koo at {addr}: {root}")
+    })?;
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: args.service.clone(),
     });
@@ -228,7 +236,14 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let reply = HealthClient::new(channel)
         .check(request)
         .await
-        .with_context(|| format!("health check of {:?} failed", args.service))?;
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "health check of {:?} failed: {:?}: {}",
+                args.service,
+                s.code(),
+                s.message()
+            )
+        })?;
     let status =
         ServingStatus::try_from(reply.into_inner().status).unwrap_or(ServingStatus::Unknown);
     println!("{}", status.as_str_name());

@@ -219,15 +219,29 @@ async fn get(
         out.rates.extend(reply.and_then(|r| r.rate_limit));
     }
     if kind.concurrency(&name) {
-        let request = pb::GetConcurrencyLimitRequest { name };
+        let request = pb::GetConcurrencyLimitRequest { name: name.clone() };
         let reply = client.get_concurrency_limit(conn.unary(request)).await;
         let reply = found(reply, &mut missing).map_err(|s| conn.failed(s))?;
         out.caps.extend(reply.and_then(|r| r.concurrency_limit));
     }
     match missing {
-        Some(status) if out.rates.is_empty() && out.caps.is_empty() => Err(conn.failed(status)),
+        Some(status) if out.rates.is_empty() && out.caps.is_empty() => {
+            Err(conn.failed(none_named(&name, kind, status)))
+        }
         _ => Ok(out),
     }
+}
+
+/// NOT_FOUND for a name that has nothing of the kinds asked for: with both
+/// asked, it says so (the last kind's own refusal would name only it).
+fn none_named(name: &str, kind: Kind, status: tonic::Status) -> tonic::Status {
+    if kind.rate() && kind.concurrency(name) {
+        return tonic::Status::not_found(format!(
+            "no rate limit and no concurrency limit named {}",
+            crate::quote::quote(name)
+        ));
+    }
+    status
 }
 
 async fn rm(
@@ -261,7 +275,7 @@ async fn rm(
     if removed.is_empty()
         && let Some(status) = missing
     {
-        return Err(conn.failed(status));
+        return Err(conn.failed(none_named(&name, kind, status)));
     }
     if conn.json {
         outln!(

@@ -904,6 +904,12 @@ async fn limit_commands() {
     let gone = koo(&["limit", "get", "keys/openai"]);
     assert_ne!(gone.code, 0);
     assert!(gone.stderr.contains("NOT_FOUND"), "{}", gone.stderr);
+    assert!(
+        gone.stderr
+            .contains("no rate limit and no concurrency limit"),
+        "{}",
+        gone.stderr
+    );
     let bad = koo(&["limit", "set-rate", "openai", "--limit", "5", "--per", "1s"]);
     assert_eq!(bad.code, 3, "{}", bad.stderr);
     assert!(bad.stderr.contains("rate_limit.name"), "{}", bad.stderr);
