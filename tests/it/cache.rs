@@ -366,13 +366,7 @@ async fn compression_threshold_boundaries_are_byte_exact(env: Env) {
         assert_eq!(got.compressed, expect_compressed);
         assert_eq!(bytes_of(&got), value, "{key}");
     }
-    let m = c
-        .get_metrics(pb::GetMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics
-        .unwrap();
+    let m = common::cache_metrics(&mut c).await;
     assert!(m.bytes_saved > 0, "{m:?}");
     assert_eq!(m.bytes_saved, m.bytes_written_raw - m.bytes_written_stored);
     // A tag block is not compression's doing: tagged writes of values too
@@ -382,13 +376,7 @@ async fn compression_threshold_boundaries_are_byte_exact(env: Env) {
         req.tags = vec!["a-tag-of-some-length".into(), "another".into()];
         c.set(req).await.unwrap();
     }
-    let after = c
-        .get_metrics(pb::GetMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics
-        .unwrap();
+    let after = common::cache_metrics(&mut c).await;
     assert_eq!(after.bytes_saved, m.bytes_saved, "{after:?}");
     assert_eq!(after.bytes_written_raw, m.bytes_written_raw + 10);
 }
@@ -892,13 +880,7 @@ async fn metrics_count_per_level(env: Env) {
     .await
     .unwrap();
     c.get(get_req(CacheLevel::Session, "x")).await.unwrap();
-    let m = c
-        .get_metrics(pb::GetMetricsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .metrics
-        .unwrap();
+    let m = common::cache_metrics(&mut c).await;
     let db = m
         .levels
         .iter()

@@ -581,3 +581,15 @@ macro_rules! on_all_stores {
         )*
     };
 }
+
+/// The cache's metrics (`GetMetrics`) through `c`.
+pub async fn cache_metrics(
+    c: &mut CacheServiceClient<Channel>,
+) -> koo::pb::cache::v1::CacheMetrics {
+    c.get_metrics(koo::pb::cache::v1::GetMetricsRequest {})
+        .await
+        .expect("GetMetrics")
+        .into_inner()
+        .metrics
+        .expect("a metrics snapshot")
+}
