@@ -216,13 +216,9 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     if let Some(tls) = health_tls(&args)? {
         endpoint = endpoint.tls_config(tls)?;
     }
-    // (tonic's error repeats its own source: its message alone is enough)
     let channel = endpoint.connect().await.map_err(|e| {
-        let mut root: &dyn std::error::Error = &e;
-        while let Some(next) = root.source() {
-            root = next;
-        }
-        anyhow::anyhow!("cannot reach koo at {addr}: {root}")
+        let chain = koo::cli::connect::error_chain(&e);
+        anyhow::anyhow!("cannot reach koo at {addr}: {chain}")
     })?;
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: args.service.clone(),
@@ -238,9 +234,9 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|s| {
             anyhow::anyhow!(
-                "health check of {:?} failed: {:?}: {}",
+                "health check of {:?} failed: {}: {}",
                 args.service,
-                s.code(),
+                koo::cli::connect::code_name(s.code()),
                 s.message()
             )
         })?;

@@ -62,7 +62,11 @@ pub async fn run_worker(
     // which stores the encoding header with each value, so any koo reads them.
     let results = match &settings.cache_redis {
         Some(c) if c.url == settings.redis.url => Some(Store::from(store.clone())),
-        Some(c) => Some(Store::from(RedisStore::connect(c)?)),
+        Some(c) => {
+            let cache = RedisStore::connect(c)?;
+            super::refuse_bad_database(&cache, c).await?;
+            Some(Store::from(cache))
+        }
         None => None,
     }
     .map(|s| Cache::new(s, settings.cache.clone()));

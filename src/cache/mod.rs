@@ -101,7 +101,7 @@ impl Cache {
 
     /// Checks a key; `field` names it and is only built when the key is bad
     /// (this runs on every call).
-    fn check_key(&self, field: impl FnOnce() -> String, key: &str) -> Result<()> {
+    pub(crate) fn check_key(&self, field: impl FnOnce() -> String, key: &str) -> Result<()> {
         if key.is_empty() {
             return Err(CacheError::invalid(field(), "must not be empty"));
         }

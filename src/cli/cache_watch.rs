@@ -39,7 +39,7 @@ pub async fn watch(
     // end a script must be able to tell from a normal one, as `task watch`
     // does when its watch ends early.
     Err(conn.failed(tonic::Status::unavailable(
-        "koo ended the watch (it is shutting down); changes from now on are not seen",
+        "koo ended the watch (it shuts down, or the stream was cut); changes from now on are not seen",
     )))
 }
 

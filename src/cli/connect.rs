@@ -202,7 +202,7 @@ fn endpoint_uri(args: &ConnectArgs) -> Result<(String, Option<ClientTlsConfig>),
 
 /// An error and its sources on one line (tonic's top-level transport error
 /// says only "transport error").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -503,7 +503,7 @@ async fn ls(
         }
     }
     tasks.truncate(limit);
-    if !filter.page_token.is_empty() {
+    if !filter.page_token.is_empty() && !conn.json {
         output::more(tasks.len());
     }
     if conn.json {
@@ -556,7 +556,7 @@ async fn history(
         }
     }
     tasks.truncate(limit);
-    if !filter.page_token.is_empty() {
+    if !filter.page_token.is_empty() && !conn.json {
         output::more(tasks.len());
     }
     Ok(tasks)

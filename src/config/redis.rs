@@ -124,11 +124,8 @@ fn check_single(url: &str) -> Result<(), String> {
     {
         let path = rest.split(['?', '#']).next().unwrap_or("");
         let db = path.split_once('/').map_or("", |(_, db)| db);
-        if !db.is_empty() && db.parse::<u32>().is_err() {
-            return Err(format!(
-                "{shown}: the database {} is not a number from 0",
-                crate::quote::quote(db)
-            ));
+        if !db.is_empty() {
+            crate::store::redis::topology::parse_db(db, &shown)?;
         }
     }
     url.into_connection_info()

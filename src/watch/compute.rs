@@ -139,6 +139,9 @@ impl ComputeOnMiss {
     /// the key goes missing in production. The task's fields are named
     /// `task.*`, as in the request.
     fn check(&self, req: &ComputeRequest) -> Result<(), ComputeError> {
+        // the key first, named as the request names it (the task's
+        // cache_result would name it `task.cache_result.key`)
+        self.cache.check_key(|| "key".into(), &req.key)?;
         crate::cache::tags::check("", &req.tags, req.soft_ttl, req.ttl)?;
         let mut task = req.task.clone();
         task.cache_result = Some(target(req));

@@ -358,7 +358,7 @@ async fn a_koo_whose_redis_is_down_stops_promptly_and_quietly() {
 async fn a_database_redis_refuses_stops_start_up() {
     let redis = common::TestRedis::start().await;
     let good = redis.url();
-    let bad = format!("redis://127.0.0.1:{}/99999", redis.port);
+    let bad = format!("redis://127.0.0.1:{}/9999", redis.port);
     for (env, setting) in [
         (vec![("REDIS_URL", bad.as_str())], "REDIS_URL"),
         (

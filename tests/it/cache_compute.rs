@@ -407,6 +407,9 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
             "task.queue",
         ),
     ];
+    // the key is the request's own field, not the task's cache_result.key
+    let e = c.get_or_compute(with("", &|_| {})).await.unwrap_err();
+    assert_eq!(bad_field(&e), "key");
     c.set(pb::SetRequest {
         key: "hit".into(),
         value: text("v"),

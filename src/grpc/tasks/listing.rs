@@ -26,22 +26,10 @@ fn queues_for(
     queue: &str,
 ) -> Result<Vec<QueueName>, Status> {
     if !queue.is_empty() {
-        let q = QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?;
+        QueueName::parse(queue).map_err(|e| invalid_argument("queue", &e.to_string()))?;
         // as PauseQueue and SubmitTask have it: an unknown queue is a
         // mistake, not an empty list
-        let known = engine.config().queues();
-        if !known.contains(&q) {
-            let names: Vec<&str> = known.iter().map(QueueName::as_str).collect();
-            return Err(invalid_argument(
-                "queue",
-                &format!(
-                    "unknown queue {}: one of {}",
-                    crate::quote::quote(queue),
-                    names.join(", ")
-                ),
-            ));
-        }
-        return Ok(vec![q]);
+        return Ok(vec![engine.known_queue(queue)?]);
     }
     Ok(match category_raw {
         0 => engine.config().queues(),

@@ -55,23 +55,25 @@ fn classify(err: &RedisError) -> Failure {
     }
 }
 
-/// Codes with which Redis refuses one command before running any of it:
-/// a redirect (`MOVED`: the slot is another node's now, after a failover),
-/// a Cluster or primary not ready (`CLUSTERDOWN`, `MASTERDOWN`,
-/// `TRYAGAIN`, `LOADING`).
-const REFUSED: [&str; 5] = ["MOVED", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN", "LOADING"];
-
 /// Whether the failed request surely changed nothing: it never left (a
 /// refused connection, no connection to the slot's node, or no primary
 /// named by the Sentinels), or a replica refused it (`READONLY`: the next
 /// attempt reaches the new primary), or, for a `single` command, Redis
-/// refused it whole ([`REFUSED`]; in a pipeline the commands before the
-/// refused one may have run).
+/// refused it whole: a redirect (`MOVED`: the slot is another node's now,
+/// after a failover; `ASK`), or a Cluster or primary not ready
+/// (`CLUSTERDOWN`, `MASTERDOWN`, `TRYAGAIN`, `LOADING`): the replies
+/// redis-rs itself retries. In a pipeline the commands before the refused
+/// one may have run.
 fn never_applied(err: &RedisError, single: bool) -> bool {
+    let refused_whole = err.code().is_some()
+        && matches!(
+            err.retry_method(),
+            RetryMethod::MovedRedirect | RetryMethod::AskRedirect | RetryMethod::WaitAndRetry
+        );
     err.is_connection_refusal()
         || err.kind() == ErrorKind::ClusterConnectionNotFound
         || has_code(err, "READONLY")
-        || (single && err.code().is_some_and(|c| REFUSED.contains(&c)))
+        || (single && refused_whole)
 }
 
 /// Exponential backoff with full jitter: 10 ms, 20 ms, 40 ms... capped at 1 s.
@@ -290,6 +292,8 @@ mod tests {
             &io(std::io::ErrorKind::ConnectionRefused),
             false
         ));
+        let no_node = RedisError::from((ErrorKind::ClusterConnectionNotFound, "no connection"));
+        assert!(never_applied(&no_node, false));
         assert!(!never_applied(
             &io(std::io::ErrorKind::ConnectionReset),
             true
@@ -298,6 +302,7 @@ mod tests {
         assert!(never_applied(&readonly, false));
         for refused in [
             "MOVED 2298 127.0.0.1:7721",
+            "ASK 2298 127.0.0.1:7722",
             "CLUSTERDOWN The cluster is down",
             "MASTERDOWN Link with MASTER is down",
             "TRYAGAIN Multiple keys request during rehashing of slot",

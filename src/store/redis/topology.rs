@@ -251,7 +251,7 @@ fn decode(s: &str, shown: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| bad())
 }
 
-fn parse_db(n: &str, shown: &str) -> Result<i64, String> {
+pub(crate) fn parse_db(n: &str, shown: &str) -> Result<i64, String> {
     n.parse::<i64>()
         .ok()
         .filter(|d| (0..=10_000).contains(d))

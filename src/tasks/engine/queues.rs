@@ -81,7 +81,7 @@ impl TaskEngine {
     }
 
     /// `queue` if it is one of the configured queues.
-    pub(super) fn known_queue(&self, queue: &str) -> Result<QueueName, TaskError> {
+    pub(crate) fn known_queue(&self, queue: &str) -> Result<QueueName, TaskError> {
         let known = self.inner.config.queues();
         match known.iter().find(|q| q.as_str() == queue) {
             Some(q) => Ok(q.clone()),

@@ -240,9 +240,9 @@ class _Cached(Generic[P, R]):
                     return cast(R, value)
                 if stale is _NO_STALE:
                     return self._compute_sync(key, token, args, kwargs)
-            # A stale entry: refreshed outside the lock, so that this
+            # A stale entry is refreshed outside the lock, so that this
             # process's other callers read it meanwhile (koo answers them
-            # the stale value, the lock being held here).
+            # the stale value, the token being held here).
             return self._compute_sync(key, token, args, kwargs)
         finally:
             with self._locks_guard:
