@@ -115,6 +115,8 @@ impl Cache {
         let (entries, ttls): (Vec<NewEntry>, Vec<Duration>) = valid.into_iter().unzip();
         for (entries, ttls) in entries.chunks(WARM_CHUNK).zip(ttls.chunks(WARM_CHUNK)) {
             self.write_all(entries, ttls, deadline).await?;
+            self.announce(true, deadline, || Self::set_changes(entries))
+                .await;
             report.loaded += entries.len() as u64;
         }
         Ok(report)
