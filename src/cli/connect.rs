@@ -46,7 +46,7 @@ pub struct ConnectArgs {
         long,
         env = "KOO_CLIENT_TIMEOUT",
         default_value = "10s",
-        value_parser = parse_duration,
+        value_parser = parse_timeout,
         global = true
     )]
     pub timeout: Duration,
@@ -64,6 +64,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .map_err(|_| format!("{s:?} is not a non-negative number of seconds")),
         Err(_) => humantime::parse_duration(s)
             .map_err(|e| format!("{s:?} is not a duration ({e}); use e.g. 60s, 10m, 1h 30m")),
+    }
+}
+
+/// `--timeout`: a duration above zero. A zero deadline would fail every
+/// call as `CANCELLED` before it is sent, which reads as koo's doing.
+pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!(
+            "{:?} is zero; a timeout must be above zero (e.g. 500ms, 10s)",
+            s.trim()
+        )),
+        d => Ok(d),
     }
 }
 
@@ -292,5 +304,8 @@ mod tests {
         assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
         assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_timeout("0s").unwrap_err().contains("above zero"));
+        assert!(parse_timeout("0").is_err());
+        assert_eq!(parse_timeout("1ms").unwrap(), Duration::from_millis(1));
     }
 }

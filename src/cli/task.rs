@@ -357,10 +357,17 @@ async fn submit(
         .as_ref()
         .map(|t| t.id.clone())
         .unwrap_or_default();
-    if conn.json {
-        print_json("koo.tasks.v1.SubmitTaskResponse", &reply);
-    } else {
-        outln!("{id}");
+    match (conn.json, wait) {
+        // With --wait every line is a Task, as `task watch --json` prints:
+        // one shape a script can read line by line.
+        (true, true) => {
+            print_json("koo.tasks.v1.Task", &reply.task.clone().unwrap_or_default());
+            if reply.deduplicated {
+                eprintln!("deduplicated: {id} was stored by an earlier submit");
+            }
+        }
+        (true, false) => print_json("koo.tasks.v1.SubmitTaskResponse", &reply),
+        (false, _) => outln!("{id}"),
     }
     if wait {
         return watch::follow(conn, client, id).await;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::parse_duration;
+use super::parse_positive_duration;
 
 /// `koo health`: a probe for container health checks.
 #[derive(Debug, Args)]
@@ -23,7 +23,7 @@ pub struct HealthArgs {
     #[arg(long, default_value = "")]
     pub service: String,
     /// How long to wait for the answer.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
     pub timeout: Duration,
     /// PEM CA that signed the server's certificate: set, the check uses TLS.
     #[arg(long, env = "KOO_HEALTH_TLS_CA", value_name = "KOO_HEALTH_TLS_CA")]

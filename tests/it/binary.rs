@@ -228,6 +228,10 @@ async fn health_subcommand_exit_codes() {
         .output()
         .unwrap();
     assert!(!out.status.success());
+    // a zero timeout is a usage error (exit 2), not an unreachable koo
+    let out = koo().args(["health", "--timeout", "0s"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("greater than zero"));
 }
 
 /// SIGTERM first reports NOT_SERVING to health watchers, ends open

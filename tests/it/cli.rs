@@ -267,7 +267,12 @@ fn task_commands() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let failed_id = events[0]["task"]["id"].as_str().unwrap().to_owned();
+    // every line is a Task, the submit's own included
+    let failed_id = events[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        events.iter().all(|e| e["id"] == failed_id.as_str()),
+        "{events:?}"
+    );
     assert_eq!(events.last().unwrap()["state"], "TASK_STATE_FAILED");
     let history = koo(&["task", "history", "--state", "failed", "--json"]).json_lines();
     assert!(
@@ -571,6 +576,11 @@ fn ps_unreachable_and_auth() {
         down.stderr
     );
     assert_eq!(down.stderr.lines().count(), 1, "{}", down.stderr);
+
+    // a zero timeout is a usage error, not a call cancelled before it is sent
+    let zero = koo_at(&addr, &[], &["cache", "stats", "--timeout", "0s"]);
+    assert_eq!(zero.code, 2, "{}", zero.stderr);
+    assert!(zero.stderr.contains("above zero"), "{}", zero.stderr);
 }
 
 /// A tmux server of its own (its socket named after the test), killed when
