@@ -852,6 +852,51 @@ async fn dependencies_cancel_on_failure(backend: Backend) {
         .task
         .unwrap();
     assert_ne!(retried.state, pb::TaskState::Failed as i32, "{retried:?}");
+    // one that ran is retried even when its dependency's record has expired
+    // since (it ran, so the dependency had succeeded)
+    let brief = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            result_ttl: Some(millis(1000)),
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        },
+    )
+    .await;
+    let orphan = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            depends_on: vec![brief.id.clone()],
+            max_retries: Some(0),
+            ..submit(
+                "koo.diagnostics.fail_times",
+                serde_json::json!({ "failures": 5 }),
+            )
+        },
+    )
+    .await;
+    let done = wait_task(&mut c, &orphan.id, is_final).await;
+    assert_eq!(done.state, pb::TaskState::Failed as i32, "{done:?}");
+    // an expiry is a time, not an event: read until the record is gone
+    let gone_by = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c
+        .get_task(pb::GetTaskRequest {
+            task_id: brief.id.clone(),
+        })
+        .await
+        .is_ok()
+    {
+        assert!(
+            tokio::time::Instant::now() < gone_by,
+            "{} never expired",
+            brief.id
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.retry_task(pb::RetryTaskRequest {
+        task_id: orphan.id.clone(),
+    })
+    .await
+    .expect("a retry of a task that ran, its dependency expired since");
     // cancelling the dependency cancels the dependent
     let long = submit_ok(
         &mut c,

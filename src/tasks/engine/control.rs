@@ -93,7 +93,10 @@ impl TaskEngine {
     /// dependency failed, say) is refused while any has not, naming it, so
     /// that its dependency is retried first. A dependency that succeeded
     /// stays so (only ended failures are retried), so checking first
-    /// leaves no window.
+    /// leaves no window. A task leased once (its fencing token above zero)
+    /// was queued, so its dependencies had all succeeded then and still
+    /// have: it is not checked again, and a dependency whose record has
+    /// since expired does not hold it back.
     async fn dependencies_succeeded(&self, id: &str, deadline: Deadline) -> Result<(), TaskError> {
         let task = match self.get(id, deadline).await {
             Ok(task) => task,
@@ -101,22 +104,33 @@ impl TaskEngine {
             Err(TaskError::NotFound(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
+        if task.token > 0 {
+            return Ok(());
+        }
         for dep in &task.depends_on {
             let why = match self.get(dep, deadline).await {
                 Ok(d) if d.state == State::Succeeded => continue,
-                Ok(d) => format!("is {}", d.state.as_str().to_uppercase()),
-                Err(TaskError::NotFound(_)) => "is gone (its result expired)".to_owned(),
+                Ok(d) => format!(
+                    "which is {}: it runs only after {dep} succeeded (retry {dep} first)",
+                    d.state.as_str().to_uppercase()
+                ),
+                Err(TaskError::NotFound(_)) => format!(
+                    "which is gone (its record expired) without {id} having run: \
+                     submit both again"
+                ),
                 Err(e) => return Err(e),
             };
             return Err(TaskError::FailedPrecondition(format!(
-                "task {id} waits on task {dep}, which {why}: it runs only after {dep} succeeded (retry {dep} first)"
+                "task {id} waits on task {dep}, {why}"
             )));
         }
         Ok(())
     }
 
     /// Queues dead letters again (as [`Self::retry`]): up to `limit` of each
-    /// of `queues`, oldest first. The ids requeued.
+    /// of `queues`, oldest first. The ids requeued. A dead letter has run
+    /// (failed or timed out), so its dependencies had succeeded: none is
+    /// held back by one.
     #[tracing::instrument(level = "debug", skip_all, fields(queues = queues.len(), limit = limit))]
     pub async fn requeue_dead_letters(
         &self,
