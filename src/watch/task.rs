@@ -7,6 +7,15 @@
 //! and both are shown), the other fields from the fresh read. When events
 //! were dropped (its buffer overflowed), it re-reads, and shows the task
 //! only if it changed.
+//!
+//! Two things keep the messages in order and each one true to itself:
+//! - An event older than what was last shown is skipped. The watch
+//!   subscribes before its first read, so the events just before that read
+//!   arrive after it: shown, a task would step back (RUNNING, then QUEUED).
+//! - A read may be ahead of its event (the task ended while the event was
+//!   on its way). The message then has the event's state without what only
+//!   a later moment had: no result, end time, error or worker, and not the
+//!   attempt that ended after it ([`as_of_event`]).
 
 use std::time::Duration;
 
@@ -26,6 +35,9 @@ pub struct TaskWatch {
     first: Option<Task>,
     /// The task as last handed out.
     last: Option<Task>,
+    /// When what was last handed out happened (Redis's clock, ms): the
+    /// event's time, or for a read the latest time it records.
+    last_at: i64,
     shutdown: CancellationToken,
     /// Deadline of each re-read.
     timeout: Duration,
@@ -60,6 +72,7 @@ impl Hub {
             sub,
             first: Some(first),
             last: None,
+            last_at: 0,
             shutdown,
             timeout,
             done: false,
@@ -76,7 +89,10 @@ impl TaskWatch {
             return None;
         }
         let task = match self.first.take() {
-            Some(first) => first,
+            Some(first) => {
+                self.last_at = recorded_at(&first);
+                first
+            }
             None => match self.next_change().await {
                 Ok(Some(task)) => task,
                 Ok(None) => return None,
@@ -98,16 +114,30 @@ impl TaskWatch {
             None => return Ok(None),
         };
         loop {
-            let next_state = tokio::select! {
+            let event = tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(None),
                 next = self.sub.next() => match next {
-                    Next::Event(e) => e.state,
+                    Next::Event(e) => Some((e.state, e.event.at_ms, e.event.progress.is_some())),
                     // events were dropped: re-read
                     Next::Resync | Next::Gap(_) | Next::FellBehind => None,
                     Next::Closed if self.shutdown.is_cancelled() => return Ok(None),
                     Next::Closed => return Err(WatchError::Stopped),
                 },
+            };
+            let event = match event {
+                Some((state, at, progress))
+                    if stale(
+                        self.last.as_ref().map(|l| (l.state, self.last_at)),
+                        state,
+                        at,
+                        progress,
+                    ) =>
+                {
+                    continue;
+                }
+                Some((Some(state), at, _)) => Some((state, at)),
+                _ => None,
             };
             let read = self
                 .hub
@@ -115,29 +145,173 @@ impl TaskWatch {
                 .get(&id, Deadline::after(self.timeout))
                 .await;
             match read {
-                Ok(mut task) => {
-                    if let Some(st) = next_state {
-                        task.state = st;
-                    } else if self
-                        .last
-                        .as_ref()
-                        .is_some_and(|l| l.state == task.state && l.progress == task.progress)
-                    {
-                        continue;
-                    }
+                Ok(task) => {
+                    let task = match event {
+                        Some((state, at)) => {
+                            self.last_at = at;
+                            as_of_event(task, state)
+                        }
+                        None if self.last.as_ref().is_some_and(|l| {
+                            l.state == task.state && l.progress == task.progress
+                        }) =>
+                        {
+                            continue;
+                        }
+                        None => {
+                            self.last_at = recorded_at(&task);
+                            task
+                        }
+                    };
                     return Ok(Some(task));
                 }
                 // The result expired right after the end: the final state
                 // still goes out.
-                Err(TaskError::NotFound(_)) if next_state.is_some_and(State::is_final) => {
+                Err(TaskError::NotFound(_)) if event.is_some_and(|(s, _)| s.is_final()) => {
                     let Some(mut task) = self.last.clone() else {
                         return Ok(None);
                     };
-                    task.state = next_state.unwrap_or(task.state);
+                    if let Some((state, _)) = event {
+                        task.state = state;
+                    }
                     return Ok(Some(task));
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+}
+
+/// Whether an event (its state, if known, its time, whether it reports
+/// progress) tells nothing new after `last` (the state last shown and when
+/// it happened): older, or a state change of the same millisecond and no
+/// further along (the same state, or one before it). An end is never
+/// stale: whatever the clocks did, the final state goes out.
+fn stale(last: Option<(State, i64)>, state: Option<State>, at: i64, progress: bool) -> bool {
+    let Some((last_state, last_at)) = last else {
+        return false;
+    };
+    if state.is_some_and(State::is_final) {
+        return false;
+    }
+    at < last_at
+        || (at == last_at && !progress && state.is_some_and(|s| stage(s) <= stage(last_state)))
+}
+
+/// How far along an attempt a state is, to order the events of one
+/// millisecond (a hand-off queues and leases a task in one step).
+fn stage(state: State) -> u8 {
+    match state {
+        State::Pending | State::Scheduled => 0,
+        State::Queued => 1,
+        State::Running => 2,
+        _ => 3,
+    }
+}
+
+/// The latest time a read records (Redis's clock, ms): its submit, latest
+/// start or end.
+fn recorded_at(task: &Task) -> i64 {
+    task.created_ms
+        .max(task.started_ms.unwrap_or(0))
+        .max(task.finished_ms.unwrap_or(0))
+}
+
+/// `task` as read, shown with the event's `state`. When the read is further
+/// along (the task moved on while the event was on its way), what only the
+/// later moment had is left out: an end (result, end time, error, the
+/// ended attempt's log entry) before the end, and the worker before a
+/// start.
+fn as_of_event(mut task: Task, state: State) -> Task {
+    if task.state == state {
+        return task;
+    }
+    if task.state.is_final() && !state.is_final() {
+        task.result = None;
+        task.error = None;
+        task.finished_ms = None;
+        task.log.pop();
+    }
+    if stage(state) < stage(State::Running) {
+        task.worker = None;
+    }
+    task.state = state;
+    task
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::task::{Category, Priority};
+
+    fn ended() -> Task {
+        Task {
+            id: TaskId::generate(&Category::Research.default_queue()),
+            name: "n".into(),
+            category: Category::Research,
+            priority: Priority::High,
+            args: "[]".into(),
+            kwargs: "{}".into(),
+            state: State::Succeeded,
+            cache_result: None,
+            depends_on: Vec::new(),
+            schedule: None,
+            schedule_tick_ms: None,
+            attempts: 2,
+            token: 2,
+            max_retries: 3,
+            worker: None,
+            progress: None,
+            result: Some("1".into()),
+            error: None,
+            created_ms: 100,
+            started_ms: Some(200),
+            finished_ms: Some(300),
+            soft_ms: 0,
+            hard_ms: 0,
+            result_ttl_ms: 1,
+            log: vec!["{\"attempt\":1}".into(), "{\"attempt\":2}".into()],
+            trace: None,
+            debounce_key: None,
+            expire_ms: None,
+            rate_limit_key: None,
+            concurrency_key: None,
+        }
+    }
+
+    #[test]
+    fn a_read_ahead_of_its_event_drops_the_later_moment() {
+        let running = as_of_event(ended(), State::Running);
+        assert_eq!(running.state, State::Running);
+        assert_eq!((running.result, running.finished_ms), (None, None));
+        // the attempt that ended after the event is not in its log
+        assert_eq!(running.log, vec!["{\"attempt\":1}".to_owned()]);
+        assert_eq!(running.started_ms, Some(200));
+        let mut read = ended();
+        read.state = State::Running;
+        read.worker = Some("w".into());
+        read.finished_ms = None;
+        let queued = as_of_event(read, State::Queued);
+        assert_eq!((queued.state, queued.worker), (State::Queued, None));
+        // a read of the event's own state is shown whole
+        let same = as_of_event(ended(), State::Succeeded);
+        assert_eq!(
+            (same.result, same.finished_ms, same.log.len()),
+            (Some("1".into()), Some(300), 2)
+        );
+    }
+
+    #[test]
+    fn events_before_what_was_shown_are_stale_but_an_end_never() {
+        let last = Some((State::Running, 200));
+        // the watch's first read was RUNNING: the QUEUED before it is old
+        assert!(stale(last, Some(State::Queued), 150, false));
+        assert!(stale(last, Some(State::Queued), 200, false));
+        assert!(stale(last, Some(State::Running), 200, false));
+        // a progress report of the same millisecond is news
+        assert!(!stale(last, Some(State::Running), 200, true));
+        assert!(!stale(last, Some(State::Scheduled), 201, false));
+        // a clock stepped back does not hold the end back
+        assert!(!stale(last, Some(State::Succeeded), 10, false));
+        assert!(!stale(None, Some(State::Queued), 0, false));
     }
 }

@@ -21,6 +21,7 @@ on_both!(
     submit_tasks_in_a_batch,
     watch_tasks_resumes_after_a_disconnect,
     watch_task_shows_every_state_of_a_retry,
+    watch_task_messages_are_each_true_and_in_order,
     upkeep_runs_as_tasks,
     resuming_past_the_kept_events_is_out_of_range,
     results_are_cached_and_warming_computes_values,
@@ -874,6 +875,62 @@ async fn watch_task_shows_every_state_of_a_retry(backend: Backend) {
     .map(|s| s as i32)
     .to_vec();
     assert_eq!(states, expected);
+}
+
+/// Watches opened as their tasks run (the events just before a watch's
+/// first read arrive after it, and a read can be ahead of its event): no
+/// message steps back to an earlier state, and none has what only the end
+/// has (a result, an end time) before the end.
+async fn watch_task_messages_are_each_true_and_in_order(backend: Backend) {
+    let koo = start_on(backend, 4).await;
+    let mut c = client(&koo.server);
+    let stage = |s: i32| match pb::TaskState::try_from(s).unwrap() {
+        pb::TaskState::Pending | pb::TaskState::Scheduled => 0,
+        pb::TaskState::Queued => 1,
+        pb::TaskState::Running => 2,
+        _ => 3,
+    };
+    let mut watches = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let task = submit_ok(
+            &mut c,
+            submit(
+                "koo.diagnostics.sleep",
+                serde_json::json!({ "seconds": 0.01, "steps": 2 }),
+            ),
+        )
+        .await;
+        let mut c = c.clone();
+        watches.spawn(async move {
+            let mut stream = c
+                .watch_task(pb::WatchTaskRequest { task_id: task.id })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut seen = Vec::new();
+            while let Some(msg) = stream.message().await.unwrap() {
+                seen.push(msg.task.unwrap());
+            }
+            seen
+        });
+    }
+    let all = tokio::time::timeout(common::EVENT_TIMEOUT, watches.join_all())
+        .await
+        .expect("every watch ends");
+    for seen in all {
+        let states: Vec<i32> = seen.iter().map(|t| t.state).collect();
+        assert!(
+            states.windows(2).all(|w| stage(w[0]) <= stage(w[1])),
+            "a step back: {states:?}"
+        );
+        assert_eq!(states.last(), Some(&(pb::TaskState::Succeeded as i32)));
+        for t in &seen[..seen.len() - 1] {
+            assert!(
+                t.result.is_none() && t.end_time.is_none(),
+                "an end before the end: {t:?}"
+            );
+        }
+    }
 }
 
 /// The cache's Cleanup, Warm and StartMaintenance submit built-in tasks in

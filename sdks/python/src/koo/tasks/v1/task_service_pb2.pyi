@@ -1523,7 +1523,7 @@ class WatchTaskResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
-        """The task as it is now."""
+        """The task as of the change this message reports."""
 
     def __init__(
         self,

@@ -203,7 +203,10 @@ class TaskServiceServicer:
         """WatchTask streams a task: its current state at once, then every state
         change and progress report, wherever it runs; the stream ends after the
         final state. A slow reader may miss intermediate states and progress
-        (it gets the latest instead), never the final state.
+        (it gets the latest instead), never the final state. States never step
+        back within an attempt, and a message before the end never carries the
+        end's fields (result, error, end_time), even when the task has moved on
+        by the time it is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

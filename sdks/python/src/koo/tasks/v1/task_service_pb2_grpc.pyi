@@ -53,7 +53,10 @@ class TaskServiceStub:
     """WatchTask streams a task: its current state at once, then every state
     change and progress report, wherever it runs; the stream ends after the
     final state. A slow reader may miss intermediate states and progress
-    (it gets the latest instead), never the final state.
+    (it gets the latest instead), never the final state. States never step
+    back within an attempt, and a message before the end never carries the
+    end's fields (result, error, end_time), even when the task has moved on
+    by the time it is sent.
     """
     GetTaskMetrics: _grpc.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskMetricsRequest, _task_service_pb2.GetTaskMetricsResponse]
     """GetTaskMetrics reports each queue's depth, the wait of its oldest ready
@@ -197,7 +200,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     """WatchTask streams a task: its current state at once, then every state
     change and progress report, wherever it runs; the stream ends after the
     final state. A slow reader may miss intermediate states and progress
-    (it gets the latest instead), never the final state.
+    (it gets the latest instead), never the final state. States never step
+    back within an attempt, and a message before the end never carries the
+    end's fields (result, error, end_time), even when the task has moved on
+    by the time it is sent.
     """
     GetTaskMetrics: _aio.UnaryUnaryMultiCallable[_task_service_pb2.GetTaskMetricsRequest, _task_service_pb2.GetTaskMetricsResponse]  # type: ignore[assignment]
     """GetTaskMetrics reports each queue's depth, the wait of its oldest ready
@@ -362,7 +368,10 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         """WatchTask streams a task: its current state at once, then every state
         change and progress report, wherever it runs; the stream ends after the
         final state. A slow reader may miss intermediate states and progress
-        (it gets the latest instead), never the final state.
+        (it gets the latest instead), never the final state. States never step
+        back within an attempt, and a message before the end never carries the
+        end's fields (result, error, end_time), even when the task has moved on
+        by the time it is sent.
         """
 
     @_abc_1.abstractmethod
