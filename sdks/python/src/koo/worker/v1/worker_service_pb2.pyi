@@ -1139,11 +1139,15 @@ class Worker(_message.Message):
 
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
-        """When it started."""
+        """When it started. A unary worker has no session for koo to see start:
+        this is its latest LeaseTask call, as is last_seen_time.
+        """
 
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
-        """When it was last heard from."""
+        """When it was last heard from (a unary worker: its latest LeaseTask;
+        heartbeats and ends do not refresh the listing).
+        """
 
     def __init__(
         self,
