@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 on_both!(
     an_unreadable_message_ends_the_stream_with_its_reason,
     closing_streams_spend_no_attempt_on_unstarted_tasks,
+    a_released_task_goes_back_with_its_attempt,
 );
 
 const NAME: &str = "koo.examples.job";
@@ -436,4 +437,87 @@ async fn a_store_outage_does_not_spin_the_lease_loop() {
         "{n} failed leases logged in about 2 s: {:#?}",
         log_lines(&worker)
     );
+}
+
+/// A worker stopping on purpose releases what it will not finish: the task
+/// goes back to its queue at once, its attempt given back (even after the
+/// worker spoke about it, which a vanished stream's rule would count), and
+/// the stream is pushed nothing more. A release of a task the stream does
+/// not hold is ABORTED and changes nothing.
+async fn a_released_task_goes_back_with_its_attempt(backend: Backend) {
+    use common::stream::{StreamWorker, hello};
+    let koo = start_on_with(backend, 0, |s| {
+        // no lease lapses during the test: every requeue is the release's
+        s.tasks.config.lease = Duration::from_secs(30);
+    })
+    .await;
+    let mut c = client(&koo.server);
+    let mut stopping = StreamWorker::open(&koo.server, hello("stopping", &[NAME], &[], 2)).await;
+    assert!(stopping.welcome.accepts_release);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            submit_ok(
+                &mut c,
+                pb::SubmitTaskRequest {
+                    max_retries: Some(0),
+                    ..submit_job()
+                },
+            )
+            .await
+            .id,
+        );
+    }
+    let a = stopping.task().await;
+    let b = stopping.task().await;
+    // it spoke about the task: a vanished stream's task would be lost now
+    stopping.send(In::Heartbeat(wpb::Heartbeat {})).await;
+    let release = |t: &wpb::TaskAssignment, token: u32| {
+        In::Release(wpb::Release {
+            task_id: task_id(t),
+            lease_token: token,
+            reason: "SIGTERM, grace over".into(),
+        })
+    };
+    // the wrong token: not this stream's lease
+    stopping.send(release(&a, a.lease_token + 1)).await;
+    let refused = stopping.reply().await;
+    assert_eq!(
+        (refused.kind, refused.code),
+        (wpb::ReplyKind::Release as i32, Code::Aborted as i32),
+        "{refused:?}"
+    );
+    stopping.send(release(&a, a.lease_token)).await;
+    let reply = stopping.reply().await;
+    assert_eq!(
+        (reply.kind, reply.code, reply.state),
+        (
+            wpb::ReplyKind::Release as i32,
+            0,
+            pb::TaskState::Queued as i32
+        ),
+        "{reply:?}"
+    );
+    let back = get_ok(&mut c, &task_id(&a)).await;
+    assert_eq!(
+        (back.state, back.attempts),
+        (pb::TaskState::Queued as i32, 0),
+        "{back:?}"
+    );
+    let logged = back.attempt_log.last().expect("the hand-back is logged");
+    assert_eq!(logged.outcome, "handed_back", "{logged:?}");
+    // pushed nothing more: another worker gets the released task and the
+    // third one (a push is a lease: a task goes to one stream)
+    let mut next = StreamWorker::open(&koo.server, hello("next", &[NAME], &[], 2)).await;
+    let mut got: Vec<String> = vec![task_id(&next.task().await), task_id(&next.task().await)];
+    got.sort();
+    let mut want = vec![
+        task_id(&a),
+        ids.iter()
+            .find(|i| **i != task_id(&a) && **i != task_id(&b))
+            .unwrap()
+            .clone(),
+    ];
+    want.sort();
+    assert_eq!(got, want);
 }

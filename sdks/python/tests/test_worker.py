@@ -405,7 +405,8 @@ def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path)
         proc.send_signal(signal.SIGTERM)
         wait_for(lambda: any("stopping:" in line for line in OUTPUT[proc.pid]), 10, "the worker to log its stop")
         late = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(2,), max_retries=3)
-        wait_for(lambda: tm.get_task_status(late).state is TaskState.RUNNING, 10, "koo to push the late task")
+        handed = f"handing back {late}"
+        wait_for(lambda: any(handed in line for line in OUTPUT[proc.pid]), 10, "koo to push the late task")
         (tmp_path / "release").write_text("")
         assert proc.wait(15) == 0, "".join(OUTPUT[proc.pid])
         assert tm.result(tid, timeout=5)["pid"] == proc.pid
@@ -421,16 +422,19 @@ def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path)
 
 
 def test_sigterm_hands_back_after_the_grace(target: str, ns: str, tmp_path: Path) -> None:
-    """SIGTERM with a task that outlasts the grace: the process exits and the task runs elsewhere."""
+    """SIGTERM with a task that outlasts the grace: the process exits and the
+    task runs elsewhere, its attempt given back (with no retry left, a
+    restart must not fail it), although the handler had reported progress."""
     tm = TaskManager(target).sync
-    tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(2,), max_retries=3)
+    tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(2,), max_retries=0)
     proc = spawn(target, ns, tmp_path, grace=0.5)
     other: subprocess.Popen[str] | None = None
     try:
-        wait_for(lambda: (tmp_path / f"started-{tid}").exists(), 15, "the worker to start the task")
+        wait_for(lambda: tm.get_task_status(tid).progress.percent == 1, 15, "the worker to start the task")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        assert tm.get_task_status(tid).state is not TaskState.SUCCEEDED
+        back = tm.get_task_status(tid)
+        assert (back.state, back.attempts) == (TaskState.QUEUED, 0), back
         (tmp_path / "release").write_text("")
         other = spawn(target, ns, tmp_path)
         assert tm.result(tid, timeout=20)["pid"] == other.pid

@@ -20,6 +20,8 @@ _dir = Path(os.environ.get("KOO_TEST_DIR", "."))
 
 @worker.task(f"sdk.{os.environ.get('KOO_TEST_NS', 'x')}.slow")
 def slow(n: int, *, ctx: TaskContext) -> dict[str, object]:
+    # it speaks about the task: a stream closed now would count it lost
+    ctx.progress(1, "started")
     (_dir / f"started-{ctx.task_id}").write_text(str(os.getpid()))
     while not (_dir / "release").exists():
         time.sleep(0.02)

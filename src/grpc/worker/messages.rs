@@ -69,6 +69,15 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
         )),
         Some(In::Batch(b)) => batch(b.requests),
         Some(In::Heartbeat(_)) => Inbound::Heartbeat,
+        Some(In::Release(r)) if r.reason.len() > MAX_RELEASE_REASON => bad(TaskError::invalid(
+            "release.reason",
+            format!("{} bytes, at most {MAX_RELEASE_REASON}", r.reason.len()),
+        )),
+        Some(In::Release(r)) => Inbound::Release {
+            id: r.task_id,
+            token: r.lease_token,
+            reason: r.reason,
+        },
         Some(In::Progress(p)) => match struct_json("progress.metadata", p.metadata) {
             Ok(metadata) => Inbound::Progress {
                 id: p.task_id,
@@ -114,6 +123,9 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
         }
     }
 }
+
+/// Longest reason a release gives, in bytes.
+const MAX_RELEASE_REASON: usize = 1024;
 
 /// Most messages in one batch, either way.
 pub(super) const MAX_BATCH: usize = 4096;
@@ -207,6 +219,7 @@ fn reply(task_id: String, kind: ReplyKind, outcome: Result<Option<State>, TaskEr
         ReplyKind::Progress => pb::ReplyKind::Progress,
         ReplyKind::Complete => pb::ReplyKind::Complete,
         ReplyKind::Fail => pb::ReplyKind::Fail,
+        ReplyKind::Release => pb::ReplyKind::Release,
     } as i32;
     match outcome {
         Ok(s) => pb::Reply {

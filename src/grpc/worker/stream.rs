@@ -198,6 +198,7 @@ fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::Wor
             heartbeat_interval: prost_types::Duration::try_from(remote::heartbeat_interval(lease))
                 .ok(),
             accepts_batches: true,
+            accepts_release: true,
             max_message_size: i32::try_from(max_message_size).unwrap_or(i32::MAX),
         })),
     }

@@ -30,6 +30,11 @@
 //! - *lost*, the attempt counted, as a lapsed lease would be: every other
 //!   task, and every task of a stream that ended on a message koo could
 //!   not read or that broke the protocol (the worker was talking).
+//!
+//! A worker that stops on purpose need not leave it to that rule: it
+//! *releases* each task it will not finish (`release`), which goes back at
+//! once, its attempt given back (within the same [`MAX_GIVEN_BACK`]), and
+//! from the first release the stream is pushed nothing more.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -418,6 +423,12 @@ impl Session {
         None
     }
 
+    /// A worker that hands a task back is stopping: it is pushed nothing
+    /// more (a task pushed now would only come back, a give-back each time).
+    fn stop_pushing(&mut self) {
+        self.concurrency = 0;
+    }
+
     /// A heartbeat, a report or a batch of them from the worker; `false`
     /// when it is gone.
     async fn on_message(
@@ -433,6 +444,10 @@ impl Session {
         let went_on = match msg {
             Inbound::Heartbeat => self.heartbeat(held, out, pace).await,
             msg @ Inbound::Progress { .. } => self.progress(msg, held, out).await,
+            msg @ Inbound::Release { .. } => {
+                self.stop_pushing();
+                self.release(msg, held, out).await
+            }
             msg @ (Inbound::Complete { .. } | Inbound::Fail { .. }) => {
                 self.outcomes(vec![msg], held, out, names, &mut pace.poller, open)
                     .await
@@ -486,6 +501,10 @@ impl Session {
                 Inbound::Heartbeat => {
                     beaten = true;
                     self.heartbeat(held, out, pace).await
+                }
+                msg @ Inbound::Release { .. } => {
+                    self.stop_pushing();
+                    self.release(msg, held, out).await
                 }
                 msg => self.progress(msg, held, out).await,
             };

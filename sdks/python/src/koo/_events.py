@@ -57,6 +57,7 @@ _OUTCOMES = {
     wpb.REPLY_KIND_COMPLETE: "complete",
     wpb.REPLY_KIND_FAIL: "fail",
     wpb.REPLY_KIND_PROGRESS: "progress",
+    wpb.REPLY_KIND_RELEASE: "release",
 }
 
 

@@ -56,6 +56,9 @@ MAX_OUTCOME_SENDS = 5
 MAX_BATCH = 4096
 BATCH_BYTES = 256 * 1024
 CODE_ABORTED = 10
+# How long a stopping worker waits for koo to take back the tasks it
+# releases before it closes the stream (seconds).
+RELEASE_WAIT = 2.0
 CODE_UNAVAILABLE = 14
 _FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 
@@ -262,6 +265,21 @@ class _Session:
         self.batch_size = MAX_BATCH
         # Bytes per batch: under half of koo's message limit, when told.
         self.batch_bytes = BATCH_BYTES
+        # koo said (in its welcome) that it reads `release` messages
+        self.releases = False
+        # tasks handed back whose reply has not come yet
+        self.releasing: set[str] = set()
+
+    def release(self, run: _Run, reason: str) -> None:
+        """Hands `run`'s task back to koo unfinished (the worker is
+        stopping): it goes back to its queue, its attempt given back, and
+        koo pushes this stream nothing more. The handler is told to stop."""
+        log.info("handing back %s: %s", run.task_id, reason)
+        self.held.pop(run.task_id, None)
+        run.ctx._abandon(reason)
+        self.releasing.add(run.task_id)
+        a = run.assignment
+        self.send(wpb.WorkRequest(release=wpb.Release(task_id=run.task_id, lease_token=a.lease_token, reason=reason)))
 
     def send(self, msg: wpb.WorkRequest) -> None:
         if not self.closed:
@@ -456,6 +474,7 @@ class Worker:
                     welcomed = True
                     self.worker_id = resp.welcome.worker_id
                     session.batches = resp.welcome.accepts_batches
+                    session.releases = resp.welcome.accepts_release
                     if resp.welcome.max_message_size > 0:
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
                     self.connected.set()
@@ -536,6 +555,15 @@ class Worker:
             if asyncio.get_running_loop().time() > deadline:
                 break
             await asyncio.sleep(0.05)
+        if session.releases and session.held:
+            # hand back what is left rather than leave koo to count it lost
+            for run in list(session.held.values()):
+                self._started.discard(run)
+                session.release(run, f"worker stopping: its grace of {self.grace:g} s is over")
+            # their replies, so that the stream closes after koo took them
+            until = asyncio.get_running_loop().time() + RELEASE_WAIT
+            while session.releasing and not session.closed and asyncio.get_running_loop().time() < until:
+                await asyncio.sleep(0.02)
         call.cancel()
 
     async def _heartbeats(self, session: _Session, interval: float) -> None:
@@ -551,7 +579,9 @@ class Worker:
         session.held[run.task_id] = run
         self._events.emit("task", run.task_id, name=run.ctx.name, attempt=run.ctx.attempt, held=len(session.held))
         if self._draining:
-            return  # not started: handed back when the stream closes
+            if session.releases:
+                session.release(run, "worker stopping: not started")
+            return  # not started: handed back (or when the stream closes)
         self._started.add(run)
         reg = self.handlers.get(run.ctx.name)
         run.is_async = reg is not None and reg.is_async
@@ -560,6 +590,11 @@ class Worker:
     def _on_reply(self, session: _Session, reply: wpb.Reply) -> None:
         """koo's answer to a complete or fail (or a refused progress)."""
         self._events.reply(reply, held=len(session.held))
+        if reply.kind == wpb.REPLY_KIND_RELEASE:
+            session.releasing.discard(reply.task_id)
+            if reply.code:
+                log.warning("koo refused the hand-back of %s: %s", reply.task_id, reply.message)
+            return
         if reply.kind == wpb.REPLY_KIND_PROGRESS:
             if reply.code == CODE_ABORTED:
                 run = session.held.pop(reply.task_id, None)

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::held::Held;
 use super::{CALL, Outbound, Session};
-use crate::domain::task::{Task, TaskId};
+use crate::domain::task::{State, Task, TaskId};
 use crate::store::Deadline;
 use crate::tasks::engine::{Finish, TaskError};
 
@@ -163,6 +163,62 @@ impl Session {
             .await
         {
             tracing::debug!(error = %e, "cannot announce an external worker");
+        }
+    }
+}
+
+impl Session {
+    /// A task handed back by the worker (it is stopping): queued again at
+    /// once, its attempt given back, as at koo's own shutdown. Past
+    /// [`super::MAX_GIVEN_BACK`] give-backs the attempt is counted instead,
+    /// so that a task that always stops its worker reaches its dead letter.
+    /// Answered with a reply; `false` when the worker is gone.
+    pub(super) async fn release(
+        &self,
+        msg: super::Inbound,
+        held: &mut HashMap<TaskId, Held>,
+        out: &mpsc::Sender<Outbound>,
+    ) -> bool {
+        let super::Inbound::Release { id, token, reason } = msg else {
+            return true;
+        };
+        let outcome = match TaskId::parse(&id) {
+            Err(e) => Err(TaskError::invalid("release.task_id", e.to_string())),
+            Ok(task_id) => match held.remove(&task_id) {
+                Some(h) if h.task.token == token => self
+                    .give_released(h, &reason)
+                    .await
+                    .map(|()| Some(State::Queued)),
+                // not this stream's (or not with this token): left alone
+                other => {
+                    if let Some(h) = other {
+                        held.insert(task_id.clone(), h);
+                    }
+                    Err(TaskError::Fenced(task_id))
+                }
+            },
+        };
+        out.send(Outbound::Reply {
+            id,
+            kind: super::ReplyKind::Release,
+            outcome,
+        })
+        .await
+        .is_ok()
+    }
+    /// Gives a released task back (or, past the give-backs allowed,
+    /// counts its attempt as a lapsed lease would).
+    async fn give_released(&self, h: Held, reason: &str) -> Result<(), TaskError> {
+        let deadline = Deadline::after(CALL);
+        let worker = self.record.id.as_str();
+        let counted = h.task.token.saturating_sub(h.task.attempts) >= super::MAX_GIVEN_BACK;
+        tracing::info!(task = %h.task.id, worker, reason, counted, "a worker hands a task back");
+        if counted {
+            self.engine
+                .abandon(&h.task.id, h.task.token, deadline)
+                .await
+        } else {
+            self.engine.release(&h.task, worker, deadline).await
         }
     }
 }

@@ -44,6 +44,15 @@ pub enum Inbound {
         /// The failure.
         failure: Failure,
     },
+    /// A held task handed back unfinished (the worker is stopping).
+    Release {
+        /// The task.
+        id: String,
+        /// Its lease token.
+        token: u32,
+        /// Why, for the log.
+        reason: String,
+    },
     /// Several of the messages above, in order (never a hello, a batch or
     /// an invalid one: the adapter refuses those before).
     Batch(Vec<Inbound>),
@@ -61,6 +70,8 @@ pub enum ReplyKind {
     Complete,
     /// A failure.
     Fail,
+    /// A hand-back.
+    Release,
 }
 
 /// What koo sends a stream worker.

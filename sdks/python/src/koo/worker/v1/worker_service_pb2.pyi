@@ -40,6 +40,8 @@ class _ReplyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplyKind.V
     """A complete message."""
     REPLY_KIND_FAIL: _ReplyKind.ValueType  # 3
     """A fail message."""
+    REPLY_KIND_RELEASE: _ReplyKind.ValueType  # 4
+    """A release message."""
 
 class ReplyKind(_ReplyKind, metaclass=_ReplyKindEnumTypeWrapper):
     """ReplyKind names the message a reply answers."""
@@ -52,6 +54,8 @@ REPLY_KIND_COMPLETE: ReplyKind.ValueType  # 2
 """A complete message."""
 REPLY_KIND_FAIL: ReplyKind.ValueType  # 3
 """A fail message."""
+REPLY_KIND_RELEASE: ReplyKind.ValueType  # 4
+"""A release message."""
 Global___ReplyKind: _TypeAlias = ReplyKind  # noqa: Y015
 
 class _WorkerKind:
@@ -94,6 +98,7 @@ class WorkRequest(_message.Message):
     COMPLETE_FIELD_NUMBER: _builtins.int
     FAIL_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
+    RELEASE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message: who the worker is and what it serves."""
@@ -124,6 +129,13 @@ class WorkRequest(_message.Message):
         tasks at once saves a message per task. Up to 4096 messages.
         """
 
+    @_builtins.property
+    def release(self) -> Global___Release:
+        """A held task handed back unfinished: it goes back to its queue, its
+        attempt given back. Send only when the welcome's `accepts_release` is
+        set (older koo releases end the stream on it).
+        """
+
     def __init__(
         self,
         *,
@@ -133,12 +145,13 @@ class WorkRequest(_message.Message):
         complete: Global___Complete | None = ...,
         fail: Global___Fail | None = ...,
         batch: Global___WorkRequestBatch | None = ...,
+        release: Global___Release | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch", "release"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -393,6 +406,44 @@ class Fail(_message.Message):
 Global___Fail: _TypeAlias = Fail  # noqa: Y015
 
 @_typing.final
+class Release(_message.Message):
+    """Release hands back a task this stream holds, unfinished: a worker
+    stopping (SIGTERM, its grace over) says so rather than letting the task
+    count as lost. The task is queued again at once, the attempt given back
+    and logged `handed_back` (past a few give-backs of one task it is
+    counted, so that a task that always stops its worker still reaches its
+    dead letter). koo answers with a reply (kind RELEASE; ABORTED when the
+    stream does not hold the task with that token). Stop running it first:
+    another worker may start it at once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task."""
+    lease_token: _builtins.int
+    """Its lease token."""
+    reason: _builtins.str
+    """Why (up to 1024 bytes), for koo's log."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_token", b"lease_token", "reason", b"reason", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Release: _TypeAlias = Release  # noqa: Y015
+
+@_typing.final
 class WorkResponse(_message.Message):
     """WorkResponse is one message from koo to a worker."""
 
@@ -497,6 +548,7 @@ class Welcome(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_SIZE_FIELD_NUMBER: _builtins.int
+    ACCEPTS_RELEASE_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """This session's worker id (the name and a unique suffix)."""
     accepts_batches: _builtins.bool
@@ -507,6 +559,10 @@ class Welcome(_message.Message):
     """The largest message koo reads from a worker, in bytes
     (KOO_MAX_MESSAGE_SIZE; 0 from releases before it was told): keep
     batches well under it.
+    """
+    accepts_release: _builtins.bool
+    """koo reads `release` messages (older releases leave this unset, and end
+    the stream on one): send them only when set.
     """
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
@@ -524,10 +580,11 @@ class Welcome(_message.Message):
         heartbeat_interval: _duration_pb2.Duration | None = ...,
         accepts_batches: _builtins.bool = ...,
         max_message_size: _builtins.int = ...,
+        accepts_release: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -665,7 +722,7 @@ class Reply(_message.Message):
     message: _builtins.str
     """What went wrong, when code is not 0."""
     state: _task_service_pb2.TaskState.ValueType
-    """For complete and fail: the state the task moved to."""
+    """For complete, fail and release: the state the task moved to."""
     def __init__(
         self,
         *,
