@@ -190,8 +190,9 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
 
 
 def test_results_koo_cannot_take_fail_the_task_not_the_worker(target: str, ns: str) -> None:
-    """A result nested deeper than koo accepts, or not JSON at all, fails
-    its task for good; the worker stays connected and runs the next task."""
+    """A result nested deeper than koo accepts, larger than its message limit,
+    or not JSON at all, fails its task for good; the worker stays connected
+    (a message past the limit would end its stream) and runs the next task."""
     w = Worker(target)
 
     @w.task(f"sdk.{ns}.deep")
@@ -200,6 +201,10 @@ def test_results_koo_cannot_take_fail_the_task_not_the_worker(target: str, ns: s
         for _ in range(levels):
             v = [v]
         return v
+
+    @w.task(f"sdk.{ns}.huge")
+    def huge() -> str:
+        return "x" * 5_000_000
 
     @w.task(f"sdk.{ns}.opaque")
     def opaque() -> object:
@@ -211,6 +216,10 @@ def test_results_koo_cannot_take_fail_the_task_not_the_worker(target: str, ns: s
         with pytest.raises(TaskFailed) as e:
             await tm.result(too_deep, timeout=15)
         assert e.value.task.attempts == 1 and "nests deeper than 32" in (e.value.task.error or "")
+        too_big = await tm.submit_task(f"sdk.{ns}.huge", TaskCategory.RESEARCH, max_retries=3)
+        with pytest.raises(TaskFailed) as e:
+            await tm.result(too_big, timeout=15)
+        assert e.value.task.attempts == 1 and "result too large" in (e.value.task.error or "")
         not_json = await tm.submit_task(f"sdk.{ns}.opaque", TaskCategory.RESEARCH, max_retries=3)
         with pytest.raises(TaskFailed) as e:
             await tm.result(not_json, timeout=15)

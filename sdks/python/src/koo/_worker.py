@@ -56,6 +56,11 @@ MAX_OUTCOME_SENDS = 5
 MAX_BATCH = 4096
 BATCH_BYTES = 256 * 1024
 CODE_ABORTED = 10
+# The largest message koo reads when its welcome does not say (its default).
+MAX_MESSAGE = 4 * 1024 * 1024
+# Bytes kept free under koo's message limit for the gRPC frame and a
+# batch's envelope around one outcome.
+MESSAGE_HEADROOM = 1024
 # How long a stopping worker waits for koo to take back the tasks it
 # releases before it closes the stream (seconds).
 RELEASE_WAIT = 2.0
@@ -265,6 +270,8 @@ class _Session:
         self.batch_size = MAX_BATCH
         # Bytes per batch: under half of koo's message limit, when told.
         self.batch_bytes = BATCH_BYTES
+        # The largest message koo reads (its welcome's max_message_size)
+        self.max_message = MAX_MESSAGE
         # koo said (in its welcome) that it reads `release` messages
         self.releases = False
         # tasks handed back whose reply has not come yet
@@ -476,6 +483,7 @@ class Worker:
                     session.batches = resp.welcome.accepts_batches
                     session.releases = resp.welcome.accepts_release
                     if resp.welcome.max_message_size > 0:
+                        session.max_message = resp.welcome.max_message_size
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
                     self.connected.set()
                     iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
@@ -693,16 +701,24 @@ class Worker:
             except (TypeError, ValueError) as e:
                 failure = (f"result is not JSON: {e}", False, None, None)
             else:
-                self._events.emit("reported", run.task_id, outcome="complete")
-                self._send_outcome(
-                    session,
-                    run.task_id,
-                    wpb.WorkRequest(
-                        complete=wpb.Complete(task_id=run.task_id, lease_token=tok, lease_secret=sec, result=value)
-                    ),
-                    1,
+                done = wpb.WorkRequest(
+                    complete=wpb.Complete(task_id=run.task_id, lease_token=tok, lease_secret=sec, result=value)
                 )
-                return
+                # koo ends a stream on a message past its limit (and with it
+                # every task the stream holds): fail this one alone instead
+                size = done.ByteSize()
+                if size > session.max_message - MESSAGE_HEADROOM:
+                    failure = (
+                        f"result too large: {size} bytes encoded, koo reads messages of at most "
+                        f"{session.max_message} (KOO_MAX_MESSAGE_SIZE)",
+                        False,
+                        None,
+                        None,
+                    )
+                else:
+                    self._events.emit("reported", run.task_id, outcome="complete")
+                    self._send_outcome(session, run.task_id, done, 1)
+                    return
         msg, retryable, details, countdown = failure
         fail = wpb.Fail(
             task_id=run.task_id,
