@@ -298,3 +298,39 @@ def test_pause_list_and_resume_a_queue(target: str) -> None:
         assert err.value.code.name == "INVALID_ARGUMENT" and "queue" in str(err.value)
 
     asyncio.run(scenario())
+
+
+def test_result_waits_through_a_koo_restart() -> None:
+    """`result()` of a task that outlives its koo process: the watch ends with
+    koo (or fails while it is down), and `result()` watches again once koo is
+    back, rather than reporting the queued task as ended or raising."""
+    import socket
+
+    from .conftest import KooServer, RedisServer
+
+    redis = RedisServer()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {"KOO_LISTEN": addr, "REDIS_URL": redis.url}
+    # no built-in worker: the task waits, queued, until the second koo
+    server = KooServer({**env, "KOO_WORKER_CONCURRENCY": "0"})
+
+    async def scenario() -> None:
+        nonlocal server
+        tm = TaskManager(addr)
+        tid = await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, kwargs={"result": "back"})
+        waiting = asyncio.ensure_future(tm.result(tid, timeout=60))
+        info = await tm.get_task_status(tid)
+        assert info.state is TaskState.QUEUED
+        await asyncio.to_thread(server.stop)
+        server = await asyncio.to_thread(KooServer, env)
+        assert await waiting == "back"
+        # a timeout of 0 looks once: an ended task's result, not a timeout
+        assert await tm.result(tid, timeout=0) == "back"
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        server.stop()
+        redis.stop()

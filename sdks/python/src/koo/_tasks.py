@@ -70,6 +70,13 @@ class TaskState(IntEnum):
 _FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT})
 
 
+# `result()` waits through these: koo restarting, or out of reach for a while.
+_WAIT_THROUGH = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# Its pause before watching again, doubling (seconds).
+RESULT_BACKOFF_INITIAL = 0.2
+RESULT_BACKOFF_MAX = 5.0
+
+
 @dataclass(frozen=True)
 class TaskProgress:
     """A handler's latest progress report."""
@@ -420,25 +427,42 @@ class TaskManager:
         """Waits for the task to end and returns its result.
 
         Raises `TaskFailed` when it ends otherwise, `TaskTimeout` after
-        `timeout` (seconds or timedelta; None waits as long as it takes).
+        `timeout` (seconds or timedelta; None waits as long as it takes; 0
+        looks once). A koo restart or outage on the way is waited through
+        (the watch is opened again, with backoff, within the timeout): a
+        task still running is never reported as ended.
         """
-
-        async def final() -> TaskInfo:
-            last: TaskInfo | None = None
-            async for info in self.watch(task_id):
-                last = info
-            if last is None or not last.state.is_final:
-                last = await self.get_task_status(task_id)
-            return last
-
         secs = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         try:
-            info = await asyncio.wait_for(final(), secs)
+            if secs is not None and secs <= 0:
+                info = await self.get_task_status(task_id)
+                if not info.state.is_final:
+                    raise asyncio.TimeoutError
+            else:
+                info = await asyncio.wait_for(self._final(task_id), secs)
         except asyncio.TimeoutError:
             raise TaskTimeout(f"task {task_id} did not end within {secs} s") from None
         if info.state is not TaskState.SUCCEEDED:
             raise TaskFailed(info)
         return info.result
+
+    async def _final(self, task_id: str) -> TaskInfo:
+        """The task once ended, watched through koo's restarts and outages
+        (UNAVAILABLE, or a watch that ends before the task does)."""
+        delay = RESULT_BACKOFF_INITIAL
+        while True:
+            try:
+                async for info in self.watch(task_id):
+                    if info.state.is_final:
+                        return info
+                info = await self.get_task_status(task_id)
+                if info.state.is_final:
+                    return info
+            except KooError as e:
+                if e.code not in _WAIT_THROUGH:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESULT_BACKOFF_MAX)
 
     async def cancel(self, task_id: str, reason: str = "") -> TaskInfo:
         """Cancels a task that has not ended (a running one is told to stop)."""

@@ -708,13 +708,9 @@ class Worker:
                 # every task the stream holds): fail this one alone instead
                 size = done.ByteSize()
                 if size > session.max_message - MESSAGE_HEADROOM:
-                    failure = (
-                        f"result too large: {size} bytes encoded, koo reads messages of at most "
-                        f"{session.max_message} (KOO_MAX_MESSAGE_SIZE)",
-                        False,
-                        None,
-                        None,
-                    )
+                    limit = session.max_message
+                    why = f"result too large: {size} bytes encoded, koo reads at most {limit} (KOO_MAX_MESSAGE_SIZE)"
+                    failure = (why, False, None, None)
                 else:
                     self._events.emit("reported", run.task_id, outcome="complete")
                     self._send_outcome(session, run.task_id, done, 1)
