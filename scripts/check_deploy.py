@@ -93,6 +93,21 @@ def check(path: str) -> int:
             (f"{name}: cache and tasks share one Redis"),
         )
         checks += 4
+        role = [str(c) for c in svc.get("command", [])][:1]
+        probe = svc.get("healthcheck", {})
+        # the image's HEALTHCHECK is `koo health`, a gRPC call only `serve` answers
+        require(
+            role == ["serve"] or probe.get("disable") is True,
+            f"{name} (koo {role}): the image's `koo health` probe would mark it unhealthy; disable it",
+        )
+        checks += 1
+    for name in ("prometheus", "grafana"):
+        for port in services.get(name, {}).get("ports", []):
+            require(
+                str(port).startswith("127.0.0.1:"),
+                f"{name} publishes {port} beyond this host, without authentication",
+            )
+            checks += 1
     checks += check_monitoring(path, services)
     print(f"deploy: {checks} checks passed on {path}")
     return 0

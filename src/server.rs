@@ -104,7 +104,12 @@ pub async fn run(
         tls.spawn_reloads(&mut app.background, &app.stop);
     }
     let listen = listener.local_addr().unwrap_or(settings.listen);
-    exposure::warn_if_exposed(listen, tls.is_some(), settings.authenticates());
+    exposure::warn_if_exposed(
+        "KOO_LISTEN",
+        listen,
+        tls.is_some(),
+        settings.authenticates(),
+    );
     let incoming = listener::incoming(
         listener,
         tls.clone(),
@@ -112,6 +117,10 @@ pub async fn run(
         listener::HANDSHAKE_TIMEOUT,
     );
     let side = SideListeners::bind(&settings).await?;
+    if let Some(http) = side.http.as_ref().and_then(|l| l.local_addr().ok()) {
+        let auth = settings.authenticates();
+        exposure::warn_if_exposed("KOO_HTTP_LISTEN", http, tls.is_some(), auth);
+    }
     let grpc_metrics = GrpcMetrics::for_koo();
     let routes = router::routes(&app, &settings, &gate, health.clone())?;
     // one set of layers for both listeners: one in-flight bound, one set

@@ -10,15 +10,18 @@ pub fn is_exposed(listen: SocketAddr, tls: bool, auth: bool) -> bool {
     !listen.ip().is_loopback() && !tls && !auth
 }
 
-/// Logs the warning when [`is_exposed`].
-pub fn warn_if_exposed(listen: SocketAddr, tls: bool, auth: bool) {
+/// Logs the warning when [`is_exposed`]; `setting` names the listener
+/// (`KOO_LISTEN`, or `KOO_HTTP_LISTEN`, whose REST and grpc-web routes
+/// reach every service just as the gRPC port does).
+pub fn warn_if_exposed(setting: &str, listen: SocketAddr, tls: bool, auth: bool) {
     if is_exposed(listen, tls, auth) {
         tracing::warn!(
             %listen,
-            "SECURITY: koo listens on a non-loopback address in PLAINTEXT and WITHOUT AUTHENTICATION: \
-             anyone who reaches this port can clear the cache, cancel every task and run any task. \
-             Set KOO_TLS_CERT/KOO_TLS_KEY (and KOO_TLS_CLIENT_CA) and KOO_AUTH_FILE, \
-             or listen on 127.0.0.1"
+            setting,
+            "SECURITY: koo listens on a non-loopback address ({setting}) in PLAINTEXT and WITHOUT \
+             AUTHENTICATION: anyone who reaches this port can clear the cache, cancel every task \
+             and run any task. Set KOO_TLS_CERT/KOO_TLS_KEY (and KOO_TLS_CLIENT_CA) and \
+             KOO_AUTH_FILE, or listen on 127.0.0.1"
         );
     }
 }

@@ -475,3 +475,29 @@ fn the_runtime_runs_the_threads_it_is_told() {
         );
     }
 }
+
+/// The HTTP listener serves REST and grpc-web for every service, so a
+/// non-loopback one without TLS or keys gets the same SECURITY warning as
+/// the gRPC port; the loopback default gets none.
+#[tokio::test]
+async fn an_exposed_http_listener_is_warned_about() {
+    let exposed = Running::start(&[("KOO_HTTP_LISTEN", "0.0.0.0:0")]);
+    assert!(
+        logged(
+            &exposed,
+            "SECURITY: koo listens on a non-loopback address (KOO_HTTP_LISTEN)"
+        ),
+        "{}",
+        exposed.log.lock().unwrap().join("\n")
+    );
+    let local = Running::start(&[("KOO_HTTP_LISTEN", "127.0.0.1:0")]);
+    local.channel().await;
+    assert!(
+        !local
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("SECURITY"))
+    );
+}
