@@ -11,7 +11,8 @@ use tower::{Layer, Service};
 
 use super::audit::{self, AuditTarget};
 use super::gate::Gate;
-use super::{AuthError, Caller, methods};
+use super::{AuthError, Caller, Recheck, methods};
+use crate::transport::Peer;
 
 /// Authenticates and authorises every call.
 #[derive(Debug, Clone)]
@@ -102,6 +103,17 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let caller: Caller = admitted.caller;
+        if admitted.method.kind != methods::Kind::Unary && caller.role.is_some() {
+            // a stream outlives the keys file it was admitted by
+            let peer = request.extensions().get::<Peer>();
+            let recheck = Recheck::new(
+                self.gate.clone(),
+                admitted.method.path,
+                request.headers(),
+                peer,
+            );
+            request.extensions_mut().insert(recheck);
+        }
         if !admitted.method.audited() {
             request.extensions_mut().insert(caller);
             return Box::pin(inner.call(request));

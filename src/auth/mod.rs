@@ -21,11 +21,13 @@ pub mod keys;
 pub mod layer;
 pub mod methods;
 pub mod new_key;
+pub mod recheck;
 pub mod scope;
 
 pub use error::AuthError;
 pub use gate::Reflection;
 pub use keys::{Keyring, KeysError};
+pub use recheck::Recheck;
 
 /// How `koo serve` authenticates callers.
 #[derive(Debug, Clone, PartialEq, Eq)]

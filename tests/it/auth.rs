@@ -271,6 +271,83 @@ async fn keys_file_reload_adds_and_revokes() {
     until_code(&koo.server, WRITER, Code::Ok).await;
 }
 
+/// A Work stream outlives the keys file it was admitted by: a worker key
+/// removed from the file ends the streams it opened (UNAUTHENTICATED, as
+/// its next call would be), and the task the stream held goes back to its
+/// queue, its attempt given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_worker_key_ends_its_open_stream() {
+    let keys = KeysFile::new(&all_roles());
+    // no lease lapses meanwhile: the hand-back is the revocation's
+    let koo = start(&keys.path(), |s| {
+        s.tasks.config.lease = Duration::from_secs(30)
+    })
+    .await;
+    let mut writer = clients(&koo.server, Some(WRITER));
+    let id = writer
+        .tasks
+        .submit_task(submit("koo.tests.revoked", serde_json::json!({})))
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap()
+        .id;
+    let mut worker = clients(&koo.server, Some(WORKER));
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(wpb::WorkRequest {
+        message: Some(wpb::work_request::Message::Hello(wpb::Hello {
+            name: "soon-revoked".into(),
+            task_names: vec!["koo.tests.revoked".into()],
+            concurrency: 1,
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = worker
+        .workers
+        .work(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut pushed = false;
+    let ended = tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) => {
+                    if let Some(wpb::work_response::Message::Task(t)) = m.message {
+                        assert_eq!(t.task.unwrap().id, id);
+                        pushed = true;
+                        // revoked while the stream holds the task
+                        keys.write(&entry("ci-writer", "writer", WRITER, ""));
+                    }
+                }
+                Ok(None) => panic!("the stream ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the revoked key's stream ends");
+    assert!(pushed, "the stream got its task first");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    drop(tx);
+    let task = writer
+        .tasks
+        .get_task(tpb::GetTaskRequest { task_id: id })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(
+        (task.state, task.attempts),
+        (tpb::TaskState::Queued as i32, 0),
+        "{task:?}"
+    );
+}
+
 /// `koo auth new-key` (the real binary) prints a key and an entry; a koo
 /// with that entry in its keys file accepts the key with the entry's role.
 /// A scope on a non-worker key is refused, exit 2.

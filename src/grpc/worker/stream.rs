@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, Streaming};
 
 use super::messages::{MAX_BATCH, inbound, outbound_each};
 use super::{WorkStream, WorkerApi, declared};
-use crate::auth::Caller;
 use crate::auth::scope;
+use crate::auth::{Caller, Recheck};
 use crate::grpc::status::{self, work};
 use crate::pb::worker::v1 as pb;
 use crate::pb::worker::v1::work_request::Message as In;
@@ -42,6 +43,7 @@ impl WorkerApi {
             .unwrap_or_default();
         let tally = self.tally(&request);
         let caller = Caller::of(request.extensions());
+        let recheck = request.extensions().get::<Recheck>().cloned();
         let mut messages = request.into_inner();
         let hello = read_hello(&mut messages, self.request_timeout).await?;
         let known = self.engine.config().queues();
@@ -64,7 +66,7 @@ impl WorkerApi {
             self.max_message_size,
         );
         tracing::info!(worker = session.id(), "external worker connected");
-        Ok(self.serve(session, messages, welcome, hello.accept_batches))
+        Ok(self.serve(session, messages, welcome, hello.accept_batches, recheck))
     }
 
     /// Runs `session` over `messages`; the response stream: `welcome`, the
@@ -75,18 +77,29 @@ impl WorkerApi {
         messages: Streaming<pb::WorkRequest>,
         welcome: pb::WorkResponse,
         batches: bool,
+        recheck: Option<Recheck>,
     ) -> WorkStream {
         let (tx, rx) = mpsc::channel::<Outbound>(STREAM_BUFFER);
         let (errors_tx, errors_rx) = oneshot::channel::<Status>();
         let id = session.id().to_owned();
         let unread = Unread::default();
         let input = input(messages, unread.clone(), id.clone());
-        let stop = self.shutdown.clone();
+        // this session's own stop: koo's, or its key revoked
+        let stop = self.shutdown.child_token();
+        let revoked = recheck.map(|r| self.sessions.spawn(revocation(r, stop.clone(), id.clone())));
         self.sessions.spawn(async move {
-            let ended = session.run(Box::pin(input), tx, stop).await;
-            match ended {
-                Ok(()) => tracing::info!(worker = %id, "external worker disconnected"),
-                Err(e) => {
+            let ended = session.run(Box::pin(input), tx, stop.clone()).await;
+            stop.cancel();
+            let revoked = match revoked {
+                Some(watch) => watch.await.ok().flatten(),
+                None => None,
+            };
+            match (ended, revoked) {
+                (_, Some(status)) => {
+                    let _ = errors_tx.send(status);
+                }
+                (Ok(()), None) => tracing::info!(worker = %id, "external worker disconnected"),
+                (Err(e), None) => {
                     let status = unread
                         .lock()
                         .expect("not poisoned")
@@ -111,6 +124,30 @@ impl WorkerApi {
                 .chain(messages)
                 .chain(tail),
         )
+    }
+}
+
+/// How often a stream's credentials are checked again.
+const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Checks `recheck` every [`RECHECK_EVERY`] until `stop`; when the keys file
+/// no longer admits the stream (its key removed), stops its session (its
+/// tasks go back, their attempts given back, as at koo's shutdown) and
+/// gives the refusal the stream ends with.
+async fn revocation(recheck: Recheck, stop: CancellationToken, id: String) -> Option<Status> {
+    let mut every = tokio::time::interval(RECHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return None,
+            _ = every.tick() => {}
+        }
+        if let Err(e) = recheck.still_admitted() {
+            let status = Status::from(e);
+            tracing::warn!(worker = %id, reason = status.message(), "external worker's credentials no longer admitted: its stream ends");
+            stop.cancel();
+            return Some(status);
+        }
     }
 }
 
