@@ -441,6 +441,37 @@ async fn extreme_durations_are_refused(backend: Backend) {
     let read = get_ok(&mut t, &task.id).await;
     assert_eq!(read.time_limit, secs(30 * 86_400, 0));
     assert_eq!(read.state, pb::TaskState::Scheduled as i32);
+    // a time limit alone, below the default soft limit (25 min), brings the
+    // soft one down to it (Celery's `time_limit=` alone)
+    let alone = submit_ok(
+        &mut t,
+        pb::SubmitTaskRequest {
+            time_limit: secs(2, 0),
+            countdown: secs(3600, 0),
+            ..research("x")
+        },
+    )
+    .await;
+    let read = get_ok(&mut t, &alone.id).await;
+    assert_eq!(
+        (read.soft_time_limit, read.time_limit),
+        (secs(2, 0), secs(2, 0))
+    );
+    // both given and contradicting each other: the soft one is named
+    let r = t
+        .submit_task(pb::SubmitTaskRequest {
+            soft_time_limit: secs(5, 0),
+            time_limit: secs(2, 0),
+            ..research("x")
+        })
+        .await;
+    let e = r.expect_err("a soft limit past the hard one");
+    assert!(
+        e.message().starts_with(
+            "soft_time_limit: the soft time limit (5s) must not exceed the time limit (2s)"
+        ),
+        "{e:?}"
+    );
 }
 
 /// Deterministic pseudo-random f64s (splitmix64 bit patterns), with the

@@ -260,13 +260,33 @@ fn check_arguments(new: &NewTask) -> Result<(), TaskError> {
 /// The soft and hard time limits and the result's retention, defaults
 /// applied: the soft limit within a non-zero hard one, a result readable
 /// for at least a second.
+///
+/// A hard limit given alone below the default soft limit brings the soft
+/// one down to it (Celery's `time_limit=` alone works the same): only limits
+/// the caller gave can contradict each other.
 fn limits(new: &NewTask, c: &TaskConfig) -> Result<(Duration, Duration, Duration), TaskError> {
-    let soft = new.soft_time_limit.unwrap_or(c.soft_time_limit);
     let hard = new.time_limit.unwrap_or(c.time_limit);
-    if hard.is_zero() || soft > hard {
+    let soft = match new.soft_time_limit {
+        Some(soft) => soft,
+        None if new.time_limit.is_some() => c.soft_time_limit.min(hard),
+        None => c.soft_time_limit,
+    };
+    if hard.is_zero() {
+        return Err(TaskError::invalid("time_limit", "must be above zero"));
+    }
+    if soft > hard {
+        let field = if new.soft_time_limit.is_some() {
+            "soft_time_limit"
+        } else {
+            "time_limit"
+        };
         return Err(TaskError::invalid(
-            "soft_time_limit",
-            "must not exceed the (non-zero) time limit",
+            field,
+            format!(
+                "the soft time limit ({}) must not exceed the time limit ({})",
+                humantime::format_duration(soft),
+                humantime::format_duration(hard)
+            ),
         ));
     }
     let result_ttl = new.result_ttl.unwrap_or(c.result_ttl);

@@ -1333,7 +1333,9 @@ class SubmitTaskRequest(_message.Message):
 
     @_builtins.property
     def soft_time_limit(self) -> _duration_pb2.Duration:
-        """Soft time limit; absent means TASK_SOFT_TIME_LIMIT."""
+        """Soft time limit; absent means TASK_SOFT_TIME_LIMIT, or time_limit when
+        that alone is given and is lower.
+        """
 
     @_builtins.property
     def time_limit(self) -> _duration_pb2.Duration:
