@@ -106,6 +106,8 @@ def test_cancel_and_retry(target: str, ns: str) -> None:
         with pytest.raises(KooError) as err:
             await tm.cancel(task_id)
         assert err.value.code.name == "FAILED_PRECONDITION"
+        # the seed's name answers False for a task that already ended
+        assert await tm.cancel_task(task_id) is False
         again = await tm.retry(task_id)
         assert again.id == task_id and again.state is TaskState.QUEUED
         await tm.cancel(task_id)
@@ -334,3 +336,18 @@ def test_result_waits_through_a_koo_restart() -> None:
     finally:
         server.stop()
         redis.stop()
+
+
+def test_integers_a_double_cannot_hold_are_refused_not_rounded(target: str, ns: str) -> None:
+    """2**53 travels exactly; 2**53 + 1 (a snowflake id, say) would arrive as
+    another number, so the submit refuses it, naming the way out."""
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        ok = await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, kwargs={"result": 2**53})
+        assert await tm.result(ok, timeout=15) == 2**53
+        for big in (2**53 + 1, -(2**53) - 1, 1234567890123456789):
+            with pytest.raises(ValueError, match="pass it as a str"):
+                await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, kwargs={"id": big})
+
+    asyncio.run(scenario())

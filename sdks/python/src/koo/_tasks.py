@@ -471,8 +471,14 @@ class TaskManager:
         return TaskInfo.from_proto(r.task)
 
     async def cancel_task(self, task_id: str) -> bool:
-        """The seed's name: cancels a task; True when it is (being) cancelled."""
-        info = await self.cancel(task_id)
+        """The seed's name: cancels a task; True when it is (being) cancelled,
+        False when it had already ended (`cancel()` raises instead)."""
+        try:
+            info = await self.cancel(task_id)
+        except KooError as e:
+            if e.code is grpc.StatusCode.FAILED_PRECONDITION:
+                return False
+            raise
         return info.state in (TaskState.CANCELLED, TaskState.RUNNING)
 
     async def retry(self, task_id: str) -> TaskInfo:

@@ -7,7 +7,9 @@ anything else JSON can hold (dict, list, tuple, int, float, bool, None) as a
 
 JSON numbers travel as IEEE doubles: a whole number within +-2**53 comes back
 as `int` (so `3` and `3.0` both read back as `3`), other numbers as `float`.
-Tuples come back as lists. NaN and infinities are refused, by koo and here.
+Tuples come back as lists. NaN and infinities are refused, by koo and here,
+and so are integers beyond +-2**53, which a double cannot hold exactly (a
+snowflake id would come back with other digits): pass those as `str`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def to_proto_value(obj: object, _depth: int = 0) -> struct_pb2.Value:
         v.null_value = struct_pb2.NULL_VALUE
     elif isinstance(obj, bool):
         v.bool_value = obj
+    elif isinstance(obj, int) and not -_EXACT <= obj <= _EXACT:
+        raise ValueError(
+            f"the integer {obj} is beyond +-2**53: JSON numbers travel as doubles and it would lose digits; "
+            "pass it as a str"
+        )
     elif isinstance(obj, (int, float)):
         f = float(obj)
         if not math.isfinite(f):
@@ -63,7 +70,10 @@ def to_proto_value(obj: object, _depth: int = 0) -> struct_pb2.Value:
         for item in obj:
             values.values.append(to_proto_value(item, _depth + 1))
     else:
-        raise TypeError(f"{type(obj).__name__} is not JSON-able (use str, bytes or JSON types)")
+        raise TypeError(
+            f"{type(obj).__name__} is not JSON-able (use str, int, float, bool, None, lists and dicts"
+            " of them; convert datetimes, UUIDs and Decimals to str first)"
+        )
     return v
 
 
