@@ -568,3 +568,19 @@ def test_worker_token_is_sent_and_a_wrong_one_is_rejected() -> None:
             assert good.worker_id
     finally:
         server.stop()
+
+
+def test_the_command_line_refuses_a_bad_concurrency_or_grace() -> None:
+    """`--concurrency 0` was ignored and `-3` reached koo; both are usage
+    errors now (argparse's exit 2), as is a negative grace."""
+    for args in (["--concurrency", "0"], ["--concurrency", "-3"], ["--concurrency", "5000"], ["--grace", "-1"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "koo.worker", "tests.worker_app:worker", *args],
+            cwd=SDK_DIR,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode == 2, (args, out.stderr)
+        assert "must be" in out.stderr, (args, out.stderr)

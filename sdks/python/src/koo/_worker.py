@@ -398,6 +398,13 @@ class Worker:
         # plain handlers' threads, kept for the next task (see koo._threads)
         self._threads = Threads(concurrency)
 
+    def set_concurrency(self, concurrency: int) -> None:
+        """Changes how many tasks run at once (1 to 1024), before `run()`."""
+        if not 1 <= concurrency <= 1024:
+            raise ValueError("concurrency must be 1 to 1024")
+        self.concurrency = concurrency
+        self._threads = Threads(concurrency)
+
     def task(self, name: str, *, queue: str | None = None) -> Callable[[F], F]:
         """Registers a handler for the task name (its queue, when given, is served)."""
 

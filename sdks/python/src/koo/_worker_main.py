@@ -21,19 +21,35 @@ def load(spec: str) -> Worker:
     return obj
 
 
+def _concurrency(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"must be 1 to 1024, got {n}")
+    return n
+
+
+def _grace(text: str) -> float:
+    s = float(text)
+    if not s >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return s
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parses the command line and runs the worker until SIGTERM/SIGINT; exits 2
     when koo refuses the worker for good."""
     parser = argparse.ArgumentParser(prog="python -m koo.worker", description="Runs a koo task worker.")
     parser.add_argument("worker", help="module:attribute of a koo.Worker, e.g. myapp.tasks:worker")
-    parser.add_argument("--concurrency", type=int, help="tasks run at once (overrides the Worker's)")
-    parser.add_argument("--grace", type=float, help="seconds running tasks get on SIGTERM")
+    parser.add_argument(
+        "--concurrency", type=_concurrency, help="tasks run at once, 1 to 1024 (overrides the Worker's)"
+    )
+    parser.add_argument("--grace", type=_grace, help="seconds running tasks get on SIGTERM")
     parser.add_argument("--log-level", default="INFO")
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = load(ns.worker)
-    if ns.concurrency:
-        worker.concurrency = ns.concurrency
+    if ns.concurrency is not None:
+        worker.set_concurrency(ns.concurrency)
     if ns.grace is not None:
         worker.grace = ns.grace
     try:
