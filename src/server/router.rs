@@ -87,7 +87,8 @@ pub(super) fn routes(
                 settings.request_timeout,
             ))
             .max_decoding_message_size(size)
-            .max_encoding_message_size(size),
+            // a page of schedules, each accepted under the bound
+            .max_encoding_message_size(usize::MAX),
         )
         .add_service(worker_service(app, settings))
         .add_service(AuthServiceServer::new(AuthApi::new(
@@ -100,13 +101,15 @@ pub(super) fn routes(
                 reflection()
                     .build_v1()?
                     .max_decoding_message_size(size)
-                    .max_encoding_message_size(size),
+                    // koo's own descriptors (about 60 KB for a service),
+                    // whatever a small KOO_MAX_MESSAGE_SIZE says
+                    .max_encoding_message_size(usize::MAX),
             )
             .add_service(
                 reflection()
                     .build_v1alpha()?
                     .max_decoding_message_size(size)
-                    .max_encoding_message_size(size),
+                    .max_encoding_message_size(usize::MAX),
             );
     }
     Ok(routes.routes())

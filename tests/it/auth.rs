@@ -494,6 +494,28 @@ async fn reflection_follows_its_flag() {
     }
 }
 
+/// KOO_MAX_MESSAGE_SIZE bounds what clients send: a small one does not cut
+/// reflection's answers (koo's own descriptors), which grpcurl needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_message_bound_leaves_reflection_whole() {
+    let keys = KeysFile::new(&all_roles());
+    let koo = start(&keys.path(), |s| {
+        s.auth.reflection = koo::auth::Reflection::Public;
+        s.limits.max_message_size = 32 * 1024;
+    })
+    .await;
+    let out = grpcurl()
+        .args(["-plaintext", &koo.server.addr.to_string()])
+        .args(["describe", "koo.tasks.v1.TaskService"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("rpc SubmitTask"),
+        "{text}"
+    );
+}
+
 /// The real binary logs one `koo::audit` line for an admin call, naming the
 /// principal, the RPC, its target and its code, and never the key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
