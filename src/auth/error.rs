@@ -21,6 +21,10 @@ pub enum AuthError {
     /// A key that is not in the keys file (the key itself is never quoted).
     #[error("the API key sent is not in the keys file (KOO_AUTH_FILE), or was revoked")]
     UnknownKey,
+    /// A worker call whose bearer is not KOO_WORKER_TOKEN (koo runs with the
+    /// token alone, no keys file).
+    #[error("the token sent is not KOO_WORKER_TOKEN")]
+    WrongWorkerToken,
     /// A client certificate whose identity no `[[principal]]` names.
     #[error(
         "the client certificate's identity {identity} is not a [[principal]] of the keys file (KOO_AUTH_FILE)"

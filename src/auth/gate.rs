@@ -105,7 +105,7 @@ impl Gate {
                     method: name(),
                     how: HOW_TOKEN,
                 })?;
-                admitted(keys.by_key(key).ok_or(AuthError::UnknownKey)?)
+                admitted(keys.by_key(key).ok_or(AuthError::WrongWorkerToken)?)
             }
             Mode::Keys(ring) => {
                 let caller = identify(&ring.keys(), headers, identity, name)?;

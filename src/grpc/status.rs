@@ -336,6 +336,7 @@ impl From<AuthError> for Status {
             AuthError::NoCredentials { .. }
             | AuthError::Malformed
             | AuthError::UnknownKey
+            | AuthError::WrongWorkerToken
             | AuthError::UnknownPrincipal { .. } => Status::unauthenticated(message),
             AuthError::Denied { .. } | AuthError::OutOfScope { .. } => {
                 Status::permission_denied(message)
@@ -424,6 +425,7 @@ mod tests {
         }
         let auth: Vec<(AuthError, Code)> = vec![
             (AuthError::UnknownKey, Code::Unauthenticated),
+            (AuthError::WrongWorkerToken, Code::Unauthenticated),
             (AuthError::Malformed, Code::Unauthenticated),
             (
                 AuthError::Denied {
