@@ -27,6 +27,18 @@ pub struct RedisTlsArgs {
 }
 
 impl RedisTlsArgs {
+    /// The first of the settings given (not empty), to name it.
+    pub fn first_set(&self) -> Option<&'static str> {
+        [
+            ("KOO_REDIS_TLS_CA", &self.redis_tls_ca),
+            ("KOO_REDIS_TLS_CERT", &self.redis_tls_cert),
+            ("KOO_REDIS_TLS_KEY", &self.redis_tls_key),
+        ]
+        .into_iter()
+        .find(|(_, p)| p.as_deref().is_some_and(|p| !p.as_os_str().is_empty()))
+        .map(|(name, _)| name)
+    }
+
     /// Reads and checks the files; `None` when none is set.
     pub fn load(&self) -> Result<Option<RedisTls>, ConfigError> {
         let read = |variable: &'static str, path: &Option<PathBuf>| {

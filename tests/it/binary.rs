@@ -119,6 +119,8 @@ fn invalid_configuration_names_the_variable() {
         ),
         ("KOO_PREFIX", "has space"),
         ("REDIS_HEALTH_CHECK_INTERVAL", "0"),
+        // no Redis URL: nothing would use it
+        ("KOO_REDIS_TLS_CA", "/nonexistent/ca.pem"),
     ] {
         let out = koo().arg("serve").env(var, value).output().unwrap();
         assert!(!out.status.success(), "{var}={value} was accepted");
@@ -500,4 +502,13 @@ async fn an_exposed_http_listener_is_warned_about() {
             .iter()
             .any(|l| l.contains("SECURITY"))
     );
+}
+
+/// An empty REDIS_URL (an empty secret, say) still means the embedded
+/// store, as before, but says so at WARN: the replicas of such a deployment
+/// would not share anything.
+#[test]
+fn an_empty_redis_url_is_warned_about() {
+    let server = Running::start(&[("REDIS_URL", "")]);
+    assert!(logged(&server, "REDIS_URL is set but empty"));
 }
