@@ -58,6 +58,7 @@ impl Serve {
         let embedded = Embedded::open(embedded_parts(settings), &settings.data)?;
         let store = open_store(settings, &embedded)?;
         let cache = Cache::new(store.clone(), settings.cache.clone());
+        warn_if_warm_file_unreadable(settings.cache.warm_file.as_deref());
         let stop = CancellationToken::new();
         // NOT_SERVING until the first probe says otherwise. TaskService
         // follows the cache's store when its tasks live there, else a
@@ -482,5 +483,20 @@ mod tests {
         assert_eq!(seen.id, task.id);
         assert!(!app.engine.store().is_shared());
         app.shut_down(Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// A warm file koo cannot read fails every warm-up (each `Warm` call and
+/// each `cache-warm` tick) as a task, which the log would not show: said
+/// once at start-up instead. Not an error: the file may be mounted later.
+fn warn_if_warm_file_unreadable(path: Option<&std::path::Path>) {
+    if let Some(path) = path
+        && let Err(e) = std::fs::File::open(path)
+    {
+        tracing::warn!(
+            file = %path.display(),
+            error = %e,
+            "KOO_CACHE_WARM_FILE cannot be read: every warm-up will fail until it can"
+        );
     }
 }

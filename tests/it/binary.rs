@@ -512,3 +512,11 @@ fn an_empty_redis_url_is_warned_about() {
     let server = Running::start(&[("REDIS_URL", "")]);
     assert!(logged(&server, "REDIS_URL is set but empty"));
 }
+
+/// A warm file koo cannot read is said once at start-up (each warm-up
+/// would otherwise fail only as a task).
+#[test]
+fn an_unreadable_warm_file_is_warned_about() {
+    let server = Running::start(&[("KOO_CACHE_WARM_FILE", "/nonexistent/warm.jsonl")]);
+    assert!(logged(&server, "KOO_CACHE_WARM_FILE cannot be read"));
+}
