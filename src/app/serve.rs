@@ -411,6 +411,21 @@ fn embedded_parts(settings: &Settings) -> EmbeddedParts {
     }
 }
 
+/// A warm file koo cannot read fails every warm-up (each `Warm` call and
+/// each `cache-warm` tick) as a task, which the log would not show: said
+/// once at start-up instead. Not an error: the file may be mounted later.
+fn warn_if_warm_file_unreadable(path: Option<&std::path::Path>) {
+    if let Some(path) = path
+        && let Err(e) = std::fs::File::open(path)
+    {
+        tracing::warn!(
+            file = %path.display(),
+            error = %e,
+            "KOO_CACHE_WARM_FILE cannot be read: every warm-up will fail until it can"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,20 +498,5 @@ mod tests {
         assert_eq!(seen.id, task.id);
         assert!(!app.engine.store().is_shared());
         app.shut_down(Duration::from_secs(5)).await.unwrap();
-    }
-}
-
-/// A warm file koo cannot read fails every warm-up (each `Warm` call and
-/// each `cache-warm` tick) as a task, which the log would not show: said
-/// once at start-up instead. Not an error: the file may be mounted later.
-fn warn_if_warm_file_unreadable(path: Option<&std::path::Path>) {
-    if let Some(path) = path
-        && let Err(e) = std::fs::File::open(path)
-    {
-        tracing::warn!(
-            file = %path.display(),
-            error = %e,
-            "KOO_CACHE_WARM_FILE cannot be read: every warm-up will fail until it can"
-        );
     }
 }

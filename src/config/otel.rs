@@ -104,16 +104,25 @@ impl OtelArgs {
                 format!("{p:?} is not supported: koo exports over grpc"),
             ));
         }
-        let endpoint = [self.otlp_traces_endpoint, self.otlp_endpoint]
-            .into_iter()
-            .flatten()
-            .map(|e| e.trim().to_owned())
-            .find(|e| !e.is_empty());
+        let named = [
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                self.otlp_traces_endpoint,
+            ),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", self.otlp_endpoint),
+        ]
+        .into_iter()
+        .filter_map(|(name, e)| Some((name, e?.trim().to_owned())))
+        .find(|(_, e)| !e.is_empty());
+        let (setting, endpoint) = match named {
+            Some((name, e)) => (name, Some(e)),
+            None => ("OTEL_EXPORTER_OTLP_ENDPOINT", None),
+        };
         if let Some(e) = &endpoint {
             if e.starts_with("https://") {
                 // the exporter is built without a TLS stack of its own
                 return Err(invalid(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    setting,
                     format!(
                         "{e:?}: TLS to the collector is not supported; export over http:// to an \
                          OpenTelemetry Collector beside koo, which forwards over TLS"
@@ -122,7 +131,7 @@ impl OtelArgs {
             }
             if !e.starts_with("http://") {
                 return Err(invalid(
-                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    setting,
                     format!("{e:?} is not an http:// URL (e.g. http://127.0.0.1:4317)"),
                 ));
             }
@@ -131,7 +140,7 @@ impl OtelArgs {
             self.otel_traces_sampler.as_deref().unwrap_or(""),
             self.otel_traces_sampler_arg.as_deref(),
         )
-        .map_err(|e| invalid("OTEL_TRACES_SAMPLER", e))?;
+        .map_err(|(variable, e)| invalid(variable, e))?;
         let mut resource = parse_resource(self.otel_resource_attributes.as_deref().unwrap_or(""))
             .map_err(|e| invalid("OTEL_RESOURCE_ATTRIBUTES", e))?;
         // OTEL_SERVICE_NAME wins over the attribute, which wins over "koo"
@@ -207,7 +216,8 @@ mod tests {
             otlp_traces_endpoint: Some("https://tempo:4317".into()),
             ..OtelArgs::default()
         });
-        assert_eq!(e, "OTEL_EXPORTER_OTLP_ENDPOINT");
+        // the setting that holds the endpoint is the one named
+        assert_eq!(e, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT");
         let e = bad(OtelArgs {
             otel_traces_sampler: Some("xray".into()),
             ..OtelArgs::default()

@@ -57,16 +57,18 @@ pub enum Root {
 
 impl Sampling {
     /// Parses `OTEL_TRACES_SAMPLER` and `OTEL_TRACES_SAMPLER_ARG` (the
-    /// ratio of `*traceidratio`, 1 when absent).
-    pub fn parse(sampler: &str, arg: Option<&str>) -> Result<Self, String> {
-        let ratio = || -> Result<f64, String> {
+    /// ratio of `*traceidratio`, 1 when absent). An error names the
+    /// variable that is wrong, and says what is wrong with it.
+    pub fn parse(sampler: &str, arg: Option<&str>) -> Result<Self, (&'static str, String)> {
+        let ratio = || -> Result<f64, (&'static str, String)> {
             let Some(arg) = arg.map(str::trim).filter(|a| !a.is_empty()) else {
                 return Ok(1.0);
             };
             match arg.parse::<f64>() {
                 Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
-                _ => Err(format!(
-                    "OTEL_TRACES_SAMPLER_ARG: {arg:?} is not a ratio between 0 and 1"
+                _ => Err((
+                    "OTEL_TRACES_SAMPLER_ARG",
+                    format!("{arg:?} is not a ratio between 0 and 1"),
                 )),
             }
         };
@@ -78,10 +80,12 @@ impl Sampling {
             "parentbased_always_off" => (true, Root::AlwaysOff),
             "parentbased_traceidratio" => (true, Root::Ratio(ratio()?)),
             other => {
-                return Err(format!(
-                    "OTEL_TRACES_SAMPLER: {other:?} is not supported (always_on, always_off, \
-                     traceidratio, parentbased_always_on, parentbased_always_off, \
-                     parentbased_traceidratio)"
+                return Err((
+                    "OTEL_TRACES_SAMPLER",
+                    format!(
+                        "{other:?} is not supported (always_on, always_off, traceidratio, \
+                         parentbased_always_on, parentbased_always_off, parentbased_traceidratio)"
+                    ),
                 ));
             }
         };
@@ -95,16 +99,14 @@ pub fn parse_resource(text: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let Some((key, value)) = pair.split_once('=') else {
-            return Err(format!(
-                "OTEL_RESOURCE_ATTRIBUTES: {pair:?} is not key=value"
-            ));
+            return Err(format!("{pair:?} is not key=value"));
         };
         let key = key.trim();
         if key.is_empty() {
-            return Err(format!("OTEL_RESOURCE_ATTRIBUTES: {pair:?} has no key"));
+            return Err(format!("{pair:?} has no key"));
         }
         let value = percent_decode(value.trim())
-            .ok_or_else(|| format!("OTEL_RESOURCE_ATTRIBUTES: {pair:?} is not percent-encoded"))?;
+            .ok_or_else(|| format!("{pair:?} is not percent-encoded"))?;
         out.push((key.to_owned(), value));
     }
     Ok(out)
@@ -140,10 +142,12 @@ mod tests {
         assert_eq!((s.parent_based, s.root), (true, Root::Ratio(0.25)));
         let s = Sampling::parse("always_off", None).unwrap();
         assert_eq!((s.parent_based, s.root), (false, Root::AlwaysOff));
-        let e = Sampling::parse("traceidratio", Some("2")).unwrap_err();
-        assert!(e.contains("OTEL_TRACES_SAMPLER_ARG"), "{e}");
-        let e = Sampling::parse("jaeger_remote", None).unwrap_err();
-        assert!(e.starts_with("OTEL_TRACES_SAMPLER:"), "{e}");
+        let (var, e) = Sampling::parse("traceidratio", Some("2")).unwrap_err();
+        assert_eq!(var, "OTEL_TRACES_SAMPLER_ARG", "{e}");
+        assert!(e.starts_with("\"2\" is not a ratio"), "{e}");
+        let (var, e) = Sampling::parse("jaeger_remote", None).unwrap_err();
+        assert_eq!(var, "OTEL_TRACES_SAMPLER", "{e}");
+        assert!(!e.contains("OTEL_"), "named once, by the caller: {e}");
     }
 
     /// Resource attributes are split and percent-decoded.
