@@ -85,10 +85,12 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
+            // each cause once: many of koo's errors quote their source
+            let message = koo::cli::connect::error_chain(e.as_ref());
             if daemon {
-                tracing::error!("{e:#}");
+                tracing::error!("{message}");
             }
-            eprintln!("koo: {e:#}");
+            eprintln!("koo: {message}");
             ExitCode::FAILURE
         }
     }
