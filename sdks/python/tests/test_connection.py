@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 import koo
@@ -81,3 +82,18 @@ def test_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         assert Settings().resolved() == Settings("configured:1", "conf")
     finally:
         koo.configure(None)
+
+
+def test_a_target_may_carry_its_scheme(target: str) -> None:
+    """`https://host:port` means TLS and `http://host:port` plaintext, as the
+    CLI reads KOO_TARGET; credentials given still win."""
+    from koo._connection import split_target
+
+    assert split_target("https://koo.internal:443", False) == ("koo.internal:443", True)
+    assert split_target("http://koo.internal:80/", False) == ("koo.internal:80", False)
+    assert split_target("koo.internal:1", False) == ("koo.internal:1", False)
+    creds = grpc.ssl_channel_credentials()
+    assert split_target("https://koo.internal:443", creds) == ("koo.internal:443", creds)
+    # a real call through a target with its scheme
+    tm = TaskManager(f"http://{target}")
+    assert asyncio.run(tm.get_task_metrics()) is not None

@@ -72,6 +72,18 @@ class Settings:
         )
 
 
+def split_target(target: str, tls: bool | grpc.ChannelCredentials) -> tuple[str, bool | grpc.ChannelCredentials]:
+    """`host:port` and the TLS choice for a target that may carry a scheme,
+    as the `koo` CLI reads `KOO_TARGET`: `https://host:port` means TLS (the
+    system's roots unless `tls` gives credentials), `http://host:port`
+    plaintext unless `tls` says otherwise."""
+    for scheme, secure in (("https://", True), ("http://", False)):
+        if target.startswith(scheme):
+            host = target[len(scheme) :].rstrip("/")
+            return host, (True if secure and tls is False else tls)
+    return target, tls
+
+
 _defaults = Settings()
 _generation = 0
 
@@ -123,11 +135,12 @@ class Connection:
                 return held[1]
             s = self.settings
             assert s.target is not None
-            if s.tls is False:
-                ch = grpc.aio.insecure_channel(s.target)
+            target, tls = split_target(s.target, s.tls)
+            if tls is False:
+                ch = grpc.aio.insecure_channel(target)
             else:
-                creds = grpc.ssl_channel_credentials() if s.tls is True else s.tls
-                ch = grpc.aio.secure_channel(s.target, creds)
+                creds = grpc.ssl_channel_credentials() if tls is True else tls
+                ch = grpc.aio.secure_channel(target, creds)
             self._channels[loop] = (_generation, ch)
             return ch
 
