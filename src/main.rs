@@ -239,7 +239,7 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
                 "health check of {:?} failed: {}: {}",
                 args.service,
                 koo::cli::connect::code_name(s.code()),
-                s.message()
+                koo::cli::connect::status_text(&s)
             )
         })?;
     let status =

@@ -104,23 +104,14 @@ pub async fn run(
         tls.spawn_reloads(&mut app.background, &app.stop);
     }
     let listen = listener.local_addr().unwrap_or(settings.listen);
-    exposure::warn_if_exposed(
-        "KOO_LISTEN",
-        listen,
-        tls.is_some(),
-        settings.authenticates(),
-    );
+    let side = SideListeners::bind(&settings).await?;
+    side.warn_if_exposed(listen, tls.is_some(), settings.authenticates());
     let incoming = listener::incoming(
         listener,
         tls.clone(),
         settings.limits.idle_connection_timeout,
         listener::HANDSHAKE_TIMEOUT,
     );
-    let side = SideListeners::bind(&settings).await?;
-    if let Some(http) = side.http.as_ref().and_then(|l| l.local_addr().ok()) {
-        let auth = settings.authenticates();
-        exposure::warn_if_exposed("KOO_HTTP_LISTEN", http, tls.is_some(), auth);
-    }
     let grpc_metrics = GrpcMetrics::for_koo();
     let routes = router::routes(&app, &settings, &gate, health.clone())?;
     // one set of layers for both listeners: one in-flight bound, one set
@@ -212,6 +203,15 @@ impl SideListeners {
         };
         let http = processes::bind(settings.http_listen).await?;
         Ok(Self { health, http })
+    }
+
+    /// The SECURITY warning for the gRPC listener at `listen` and for the
+    /// HTTP one, whose REST and grpc-web routes reach every service too.
+    fn warn_if_exposed(&self, listen: SocketAddr, tls: bool, auth: bool) {
+        exposure::warn_if_exposed("KOO_LISTEN", listen, tls, auth);
+        if let Some(http) = self.http.as_ref().and_then(|l| l.local_addr().ok()) {
+            exposure::warn_if_exposed("KOO_HTTP_LISTEN", http, tls, auth);
+        }
     }
 
     /// Serves both until `stop`; their tasks, to wait for.

@@ -153,7 +153,7 @@ impl Conn {
         CliError::Rpc {
             target: self.target.clone(),
             code: code_name(status.code()),
-            message: status.message().to_owned(),
+            message: status_text(&status),
         }
     }
 }
@@ -210,6 +210,24 @@ fn endpoint_uri(args: &ConnectArgs) -> Result<(String, Option<ClientTlsConfig>),
         config = config.domain_name(name.clone());
     }
     Ok((format!("https://{rest}"), Some(config)))
+}
+
+/// A status's message, and for one made on this side (the connection
+/// failed: a TLS alert, a reset), which says only "transport error", its
+/// source's chain, which says why.
+pub fn status_text(status: &tonic::Status) -> String {
+    let said = status.message();
+    match std::error::Error::source(status) {
+        Some(source) => {
+            let why = error_chain(source);
+            if said.is_empty() || why.contains(said) {
+                why
+            } else {
+                format!("{said}: {why}")
+            }
+        }
+        None => said.to_owned(),
+    }
 }
 
 /// An error and its sources on one line (tonic's top-level transport error

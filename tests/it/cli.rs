@@ -737,6 +737,12 @@ fn tls_and_client_certificates() {
 
     let no_cert = koo_at(&https, &[], &["ps", "--tls-ca", ca_path.to_str().unwrap()]);
     assert_eq!(no_cert.code, 3, "{}", no_cert.stderr);
+    // says why, not only "transport error": the server's TLS alert
+    assert!(
+        no_cert.stderr.contains("CertificateRequired"),
+        "{}",
+        no_cert.stderr
+    );
     let plain = koo_at(&addr, &[], &["ps", "--timeout", "2s"]);
     assert_eq!(plain.code, 3, "{}", plain.stderr);
     let half = koo_at(
