@@ -38,6 +38,9 @@ pub struct TaskWatch {
     /// When what was last handed out happened (Redis's clock, ms): the
     /// event's time, or for a read the latest time it records.
     last_at: i64,
+    /// Whether what was last handed out came from an event (the stream's
+    /// order then settles ties of one millisecond) rather than a read.
+    last_was_event: bool,
     shutdown: CancellationToken,
     /// Deadline of each re-read.
     timeout: Duration,
@@ -73,6 +76,7 @@ impl Hub {
             first: Some(first),
             last: None,
             last_at: 0,
+            last_was_event: false,
             shutdown,
             timeout,
             done: false,
@@ -129,6 +133,7 @@ impl TaskWatch {
                 Some((state, at, progress))
                     if stale(
                         self.last.as_ref().map(|l| (l.state, self.last_at)),
+                        self.last_was_event,
                         state,
                         at,
                         progress,
@@ -149,6 +154,7 @@ impl TaskWatch {
                     let task = match event {
                         Some((state, at)) => {
                             self.last_at = at;
+                            self.last_was_event = true;
                             as_of_event(task, state)
                         }
                         None if self.last.as_ref().is_some_and(|l| {
@@ -159,6 +165,7 @@ impl TaskWatch {
                         }
                         None => {
                             self.last_at = recorded_at(&task);
+                            self.last_was_event = false;
                             task
                         }
                     };
@@ -183,10 +190,19 @@ impl TaskWatch {
 
 /// Whether an event (its state, if known, its time, whether it reports
 /// progress) tells nothing new after `last` (the state last shown and when
-/// it happened): older, or a state change of the same millisecond and no
-/// further along (the same state, or one before it). An end is never
-/// stale: whatever the clocks did, the final state goes out.
-fn stale(last: Option<(State, i64)>, state: Option<State>, at: i64, progress: bool) -> bool {
+/// it happened): older, or, after a read (`last_was_event` false), a state
+/// change of the same millisecond and no further along (the same state, or
+/// one before it: the events just before the read, replayed). After an
+/// event, the stream's order is the truth: a retry goes from RUNNING back
+/// to SCHEDULED within one millisecond. An end is never stale: whatever
+/// the clocks did, the final state goes out.
+fn stale(
+    last: Option<(State, i64)>,
+    last_was_event: bool,
+    state: Option<State>,
+    at: i64,
+    progress: bool,
+) -> bool {
     let Some((last_state, last_at)) = last else {
         return false;
     };
@@ -194,7 +210,10 @@ fn stale(last: Option<(State, i64)>, state: Option<State>, at: i64, progress: bo
         return false;
     }
     at < last_at
-        || (at == last_at && !progress && state.is_some_and(|s| stage(s) <= stage(last_state)))
+        || (at == last_at
+            && !last_was_event
+            && !progress
+            && state.is_some_and(|s| stage(s) <= stage(last_state)))
 }
 
 /// How far along an attempt a state is, to order the events of one
@@ -209,11 +228,19 @@ fn stage(state: State) -> u8 {
 }
 
 /// The latest time a read records (Redis's clock, ms): its submit, latest
-/// start or end.
+/// start or end, or its last ended attempt's end (a task waiting for its
+/// retry ended one after it started).
 fn recorded_at(task: &Task) -> i64 {
+    let attempt_end = task
+        .log
+        .last()
+        .and_then(|entry| serde_json::from_str::<serde_json::Value>(entry).ok())
+        .and_then(|entry| entry.get("ended_ms")?.as_i64())
+        .unwrap_or(0);
     task.created_ms
         .max(task.started_ms.unwrap_or(0))
         .max(task.finished_ms.unwrap_or(0))
+        .max(attempt_end)
 }
 
 /// `task` as read, shown with the event's `state`. When the read is further
@@ -304,14 +331,18 @@ mod tests {
     fn events_before_what_was_shown_are_stale_but_an_end_never() {
         let last = Some((State::Running, 200));
         // the watch's first read was RUNNING: the QUEUED before it is old
-        assert!(stale(last, Some(State::Queued), 150, false));
-        assert!(stale(last, Some(State::Queued), 200, false));
-        assert!(stale(last, Some(State::Running), 200, false));
+        assert!(stale(last, false, Some(State::Queued), 150, false));
+        assert!(stale(last, false, Some(State::Queued), 200, false));
+        assert!(stale(last, false, Some(State::Running), 200, false));
         // a progress report of the same millisecond is news
-        assert!(!stale(last, Some(State::Running), 200, true));
-        assert!(!stale(last, Some(State::Scheduled), 201, false));
+        assert!(!stale(last, false, Some(State::Running), 200, true));
+        assert!(!stale(last, false, Some(State::Scheduled), 201, false));
+        // after an event, one of the same millisecond is the next step (a
+        // retry's RUNNING, then SCHEDULED)
+        assert!(!stale(last, true, Some(State::Scheduled), 200, false));
+        assert!(stale(last, true, Some(State::Scheduled), 199, false));
         // a clock stepped back does not hold the end back
-        assert!(!stale(last, Some(State::Succeeded), 10, false));
-        assert!(!stale(None, Some(State::Queued), 0, false));
+        assert!(!stale(last, false, Some(State::Succeeded), 10, false));
+        assert!(!stale(None, false, Some(State::Queued), 0, false));
     }
 }

@@ -411,13 +411,18 @@ async fn rpcs_and_refusals(backend: Backend) {
             "schedule.task",
             "required",
         ),
-        // a hard limit under the default soft limit (1500 s): every tick's
-        // submit would be refused, so the template is refused when saved
+        // a soft limit past the hard one: every tick's submit would be
+        // refused, so the template is refused when saved (a hard limit
+        // alone brings the default soft limit down to it)
         (
             spb::Schedule {
                 task: Some(spb::TaskTemplate {
                     time_limit: Some(prost_types::Duration {
                         seconds: 60,
+                        nanos: 0,
+                    }),
+                    soft_time_limit: Some(prost_types::Duration {
+                        seconds: 90,
                         nanos: 0,
                     }),
                     ..every("short-limit", "* * * * *", "x").task.unwrap()
