@@ -351,3 +351,28 @@ def test_integers_a_double_cannot_hold_are_refused_not_rounded(target: str, ns: 
                 await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, kwargs={"id": big})
 
     asyncio.run(scenario())
+
+
+def test_the_sync_twin_has_every_call(target: str, ns: str) -> None:
+    """Every coroutine of TaskManager but the stream (`watch`) and `close` has
+    a blocking twin with its parameters, and they work from plain code."""
+    import inspect
+
+    from koo._tasks import SyncTaskManager
+
+    calls = {
+        name
+        for name, fn in inspect.getmembers(TaskManager, inspect.iscoroutinefunction)
+        if not name.startswith("_") and name not in ("watch", "close")
+    }
+    missing = {name for name in calls if not hasattr(SyncTaskManager, name)}
+    assert not missing, missing
+    assert inspect.signature(SyncTaskManager.submit_task).parameters.keys() == (
+        inspect.signature(TaskManager.submit_task).parameters.keys()
+    )
+    tm = TaskManager(target).sync
+    tid = tm.submit_task(f"sdk.{ns}.job", TaskCategory.DATABASE, countdown=3600)
+    assert any(t.id == tid for t in tm.get_active_tasks(category=TaskCategory.DATABASE))
+    assert tm.cancel_task(tid) is True
+    assert tm.cancel_task(tid) is False
+    assert tm.get_task_metrics() is not None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import IntEnum
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 import grpc.aio
@@ -650,58 +651,56 @@ class TaskManager:
         return await self.submit_task(task_name, TaskCategory.PDF_PROCESSING, args, kwargs, TaskPriority.NORMAL)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _blocking(
+    method: Callable[Concatenate[TaskManager, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[SyncTaskManager, _P], _R]:
+    """`TaskManager.<method>` as a blocking call on the SDK's own loop, with
+    the same parameters (so that a type checker catches a misspelt one)."""
+
+    def run(self: SyncTaskManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return shared_loop().run(method(self._m, *args, **kwargs))
+
+    # its name, docstring and signature (help(), IDEs) are the method's
+    functools.update_wrapper(run, method)
+    run.__qualname__ = f"SyncTaskManager.{method.__name__}"
+    run.__doc__ = f"Blocking `TaskManager.{method.__name__}`.\n\n{method.__doc__ or ''}"
+    return run
+
+
 class SyncTaskManager:
-    """Blocking twins of `TaskManager`'s main methods (not from a coroutine)."""
+    """Blocking twins of every `TaskManager` call (not from a coroutine),
+    except `watch` (a stream: iterate it in a coroutine, or poll
+    `get_task_status`)."""
 
     def __init__(self, manager: TaskManager | None = None) -> None:
         self._m = manager if manager is not None else TaskManager()
 
-    def submit_task(self, task_name: str, category: TaskCategory, *args: Any, **kwargs: Any) -> str:
-        """See `TaskManager.submit_task`."""
-        return shared_loop().run(self._m.submit_task(task_name, category, *args, **kwargs))
-
-    def get_task_status(self, task_id: str) -> TaskInfo:
-        """See `TaskManager.get_task_status`."""
-        return shared_loop().run(self._m.get_task_status(task_id))
-
-    def result(self, task_id: str, timeout: Seconds | None = None) -> Any:
-        """See `TaskManager.result`."""
-        return shared_loop().run(self._m.result(task_id, timeout))
-
-    def cancel(self, task_id: str, reason: str = "") -> TaskInfo:
-        """See `TaskManager.cancel`."""
-        return shared_loop().run(self._m.cancel(task_id, reason))
-
-    def retry(self, task_id: str) -> TaskInfo:
-        """See `TaskManager.retry`."""
-        return shared_loop().run(self._m.retry(task_id))
-
-    def list_queues(self) -> list[QueueInfo]:
-        """See `TaskManager.list_queues`."""
-        return shared_loop().run(self._m.list_queues())
-
-    def pause_queue(self, queue: str, reason: str = "") -> QueueInfo:
-        """See `TaskManager.pause_queue`."""
-        return shared_loop().run(self._m.pause_queue(queue, reason))
-
-    def resume_queue(self, queue: str) -> QueueInfo:
-        """See `TaskManager.resume_queue`."""
-        return shared_loop().run(self._m.resume_queue(queue))
-
-    def set_rate_limit(self, name: str, limit: int, per: Seconds, burst: int = 1) -> RateLimitInfo:
-        """See `TaskManager.set_rate_limit`."""
-        return shared_loop().run(self._m.set_rate_limit(name, limit, per, burst))
-
-    def list_rate_limits(self) -> list[RateLimitInfo]:
-        """See `TaskManager.list_rate_limits`."""
-        return shared_loop().run(self._m.list_rate_limits())
-
-    def set_concurrency_limit(
-        self, name: str, max_running: int, policy: ConcurrencyPolicy = ConcurrencyPolicy.WAIT
-    ) -> ConcurrencyLimitInfo:
-        """See `TaskManager.set_concurrency_limit`."""
-        return shared_loop().run(self._m.set_concurrency_limit(name, max_running, policy))
-
-    def list_concurrency_limits(self) -> list[ConcurrencyLimitInfo]:
-        """See `TaskManager.list_concurrency_limits`."""
-        return shared_loop().run(self._m.list_concurrency_limits())
+    submit = _blocking(TaskManager.submit)
+    submit_task = _blocking(TaskManager.submit_task)
+    submit_ai_task = _blocking(TaskManager.submit_ai_task)
+    submit_pdf_processing_task = _blocking(TaskManager.submit_pdf_processing_task)
+    get_task_status = _blocking(TaskManager.get_task_status)
+    result = _blocking(TaskManager.result)
+    cancel = _blocking(TaskManager.cancel)
+    cancel_task = _blocking(TaskManager.cancel_task)
+    retry = _blocking(TaskManager.retry)
+    retry_task = _blocking(TaskManager.retry_task)
+    get_active_tasks = _blocking(TaskManager.get_active_tasks)
+    get_task_history = _blocking(TaskManager.get_task_history)
+    get_task_metrics = _blocking(TaskManager.get_task_metrics)
+    cleanup_old_tasks = _blocking(TaskManager.cleanup_old_tasks)
+    list_queues = _blocking(TaskManager.list_queues)
+    pause_queue = _blocking(TaskManager.pause_queue)
+    resume_queue = _blocking(TaskManager.resume_queue)
+    set_rate_limit = _blocking(TaskManager.set_rate_limit)
+    get_rate_limit = _blocking(TaskManager.get_rate_limit)
+    list_rate_limits = _blocking(TaskManager.list_rate_limits)
+    delete_rate_limit = _blocking(TaskManager.delete_rate_limit)
+    set_concurrency_limit = _blocking(TaskManager.set_concurrency_limit)
+    get_concurrency_limit = _blocking(TaskManager.get_concurrency_limit)
+    list_concurrency_limits = _blocking(TaskManager.list_concurrency_limits)
+    delete_concurrency_limit = _blocking(TaskManager.delete_concurrency_limit)
