@@ -97,3 +97,31 @@ def test_a_target_may_carry_its_scheme(target: str) -> None:
     # a real call through a target with its scheme
     tm = TaskManager(f"http://{target}")
     assert asyncio.run(tm.get_task_metrics()) is not None
+
+
+def test_a_timeout_bounds_calls_to_a_hung_koo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A koo that stopped answering (SIGSTOP) fails a call with a deadline
+    (the client's `timeout`, or KOO_CLIENT_TIMEOUT) instead of blocking it
+    for ever."""
+    import signal
+
+    server = KooServer({})
+    try:
+        tm = TaskManager(server.target, timeout=0.5)
+        asyncio.run(tm.get_task_metrics())  # connected while it answers
+        server.proc.send_signal(signal.SIGSTOP)
+        try:
+            for client in (tm, TaskManager(server.target)):
+                if client is not tm:
+                    monkeypatch.setenv("KOO_CLIENT_TIMEOUT", "500ms")
+                # the deadline, not the guard around it, ends the call
+                with pytest.raises(KooError) as err:
+                    asyncio.run(asyncio.wait_for(client.get_task_metrics(), 20))
+                assert err.value.code is grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            server.proc.send_signal(signal.SIGCONT)
+    finally:
+        server.stop()
+    monkeypatch.setenv("KOO_CLIENT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="KOO_CLIENT_TIMEOUT"):
+        Settings().resolved()

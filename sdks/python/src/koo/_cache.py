@@ -94,8 +94,9 @@ class KooCache:
         *,
         api_key: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
+        timeout: float | None = None,
     ) -> None:
-        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls))
+        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls, timeout=timeout))
         self._sync: SyncKooCache | None = None
 
     def _stub(self) -> pb_grpc.CacheServiceAsyncStub:

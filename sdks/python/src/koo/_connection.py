@@ -17,7 +17,7 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -48,11 +48,15 @@ class Settings:
     `tls`: False for plaintext, True for TLS with the system's roots, or
     `grpc.ChannelCredentials` of your own (e.g. with a private CA).
     `api_key` is sent as `authorization: Bearer <key>` on every call.
+    `timeout`: the deadline, in seconds, of every unary call that sets none
+    of its own (None: `KOO_CLIENT_TIMEOUT`, else no deadline). Streams
+    (`watch`, a worker's session) are not cut by it.
     """
 
     target: str | None = None
     api_key: str | None = None
     tls: bool | grpc.ChannelCredentials = False
+    timeout: float | None = None
 
     def resolved(self) -> Settings:
         """These settings with the process-wide defaults filled in.
@@ -61,15 +65,49 @@ class Settings:
         the default key is never sent to another server.
         """
         if self.target:
-            return self
+            return self if self.timeout is not None else replace(self, timeout=env_timeout())
         base = _defaults
         if base.target:
-            return base
+            return base if base.timeout is not None else replace(base, timeout=env_timeout())
         return Settings(
             target=os.environ.get("KOO_TARGET") or DEFAULT_TARGET,
             api_key=base.api_key if base.api_key is not None else os.environ.get("KOO_API_KEY") or None,
             tls=base.tls,
+            timeout=base.timeout if base.timeout is not None else env_timeout(),
         )
+
+
+def env_timeout() -> float | None:
+    """`KOO_CLIENT_TIMEOUT` (as the CLI reads it): seconds, or with a unit
+    (`500ms`, `10s`, `2m`); unset or empty means none."""
+    text = os.environ.get("KOO_CLIENT_TIMEOUT", "").strip()
+    if not text:
+        return None
+    units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
+    number, scale = text, 1.0
+    for unit, factor in units:
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            number, scale = text[: -len(unit)], factor
+            break
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise ValueError(f"KOO_CLIENT_TIMEOUT: {text!r} is not a duration (e.g. 10, 10s, 500ms)") from None
+    if not seconds > 0:
+        raise ValueError(f"KOO_CLIENT_TIMEOUT: {text!r} must be above zero")
+    return seconds
+
+
+class _Deadline(grpc.aio.UnaryUnaryClientInterceptor):
+    """Gives every unary call that has no deadline of its own `timeout`."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        if client_call_details.timeout is None:
+            client_call_details = client_call_details._replace(timeout=self._timeout)
+        return await continuation(client_call_details, request)
 
 
 def split_target(target: str, tls: bool | grpc.ChannelCredentials) -> tuple[str, bool | grpc.ChannelCredentials]:
@@ -93,6 +131,7 @@ def configure(
     *,
     api_key: str | None = None,
     tls: bool | grpc.ChannelCredentials = False,
+    timeout: float | None = None,
 ) -> None:
     """Sets where the default clients (`redis_cache`, `task_manager`) connect.
 
@@ -100,7 +139,9 @@ def configure(
     their next call.
     """
     global _defaults, _generation
-    _defaults = Settings(target=target, api_key=api_key, tls=tls)
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be above zero, not {timeout!r}")
+    _defaults = Settings(target=target, api_key=api_key, tls=tls, timeout=timeout)
     _generation += 1
 
 
@@ -136,11 +177,12 @@ class Connection:
             s = self.settings
             assert s.target is not None
             target, tls = split_target(s.target, s.tls)
+            interceptors = [_Deadline(s.timeout)] if s.timeout else None
             if tls is False:
-                ch = grpc.aio.insecure_channel(target)
+                ch = grpc.aio.insecure_channel(target, interceptors=interceptors)
             else:
                 creds = grpc.ssl_channel_credentials() if tls is True else tls
-                ch = grpc.aio.secure_channel(target, creds)
+                ch = grpc.aio.secure_channel(target, creds, interceptors=interceptors)
             self._channels[loop] = (_generation, ch)
             return ch
 

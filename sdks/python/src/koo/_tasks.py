@@ -259,8 +259,9 @@ class TaskManager:
         *,
         api_key: str | None = None,
         tls: bool | grpc.ChannelCredentials = False,
+        timeout: float | None = None,
     ) -> None:
-        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls))
+        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls, timeout=timeout))
         self._sync: SyncTaskManager | None = None
 
     def _stub(self) -> pb_grpc.TaskServiceAsyncStub:
