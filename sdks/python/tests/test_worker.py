@@ -175,11 +175,18 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
         t2 = await tm.submit_task(f"sdk.{ns}.doomed", TaskCategory.RESEARCH, max_retries=3)
         assert await tm.result(t1, timeout=20) == "second time"
         assert attempts == [1, 2]
+        # the attempt log: the retried attempt, then the one that succeeded
+        log = (await tm.get_task_status(t1)).attempt_log
+        assert [(a.attempt, a.outcome) for a in log] == [(1, "failed"), (2, "succeeded")], log
+        assert log[0].error == "not yet" and log[0].retry_time is not None
         with pytest.raises(TaskFailed) as e:
             await tm.result(t2, timeout=15)
         assert e.value.task.state is TaskState.FAILED
         assert e.value.task.attempts == 1
         assert "bad input" in (e.value.task.error or "")
+        # a handler's details reach the caller
+        assert e.value.task.error_details == {"field": "x"}
+        assert e.value.task.to_dict()["attempt_log"][0]["outcome"] == "failed"
         t3 = await tm.submit_task(f"sdk.{ns}.doomed", TaskCategory.RESEARCH, args=(1,), max_retries=3)
         with pytest.raises(TaskFailed) as e:
             await tm.result(t3, timeout=15)

@@ -26,6 +26,7 @@ from koo._near import NearCache, NearCacheStats
 from koo._tasks import (
     QueueInfo,
     SyncTaskManager,
+    TaskAttempt,
     TaskCategory,
     TaskFailed,
     TaskInfo,
@@ -59,6 +60,7 @@ __all__ = [
     "Settings",
     "SyncKooCache",
     "SyncTaskManager",
+    "TaskAttempt",
     "TaskCategory",
     "TaskContext",
     "TaskFailed",

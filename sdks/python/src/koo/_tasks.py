@@ -88,6 +88,32 @@ class TaskProgress:
 
 
 @dataclass(frozen=True)
+class TaskAttempt:
+    """One ended attempt of a task (its attempt log)."""
+
+    attempt: int
+    worker: str
+    outcome: str
+    """succeeded, failed, timed_out, lost or handed_back."""
+    error: str
+    end_time: datetime | None
+    retry_time: datetime | None
+    """When the next attempt was due, for an attempt that was retried."""
+
+    @classmethod
+    def from_proto(cls, a: pb.TaskAttempt) -> TaskAttempt:
+        """Converts koo's `TaskAttempt` message."""
+        return cls(
+            attempt=a.attempt,
+            worker=a.worker,
+            outcome=a.outcome,
+            error=a.error,
+            end_time=from_timestamp(a.end_time) if a.HasField("end_time") else None,
+            retry_time=from_timestamp(a.retry_time) if a.HasField("retry_time") else None,
+        )
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """A task as koo reports it (`get_task_status`, `watch`, listings)."""
 
@@ -118,6 +144,11 @@ class TaskInfo:
     """The rate-limit key it was submitted with ("" for none)."""
     concurrency_key: str = ""
     """The concurrency key it was submitted with ("" for none)."""
+    error_details: dict[str, Any] = field(default_factory=dict)
+    """The latest error's details: a handler's `Fatal(..., details=...)` or
+    `Retry(..., details=...)`, or `{"exception": "ValueError"}`."""
+    attempt_log: list[TaskAttempt] = field(default_factory=list)
+    """Every ended attempt, oldest first (Celery keeps no such log)."""
 
     @property
     def status(self) -> str:
@@ -135,6 +166,18 @@ class TaskInfo:
                 v = v.isoformat()
             elif isinstance(v, TaskProgress):
                 v = {"percent": v.percent, "message": v.message, "metadata": v.metadata}
+            elif f.name == "attempt_log":
+                v = [
+                    {
+                        "attempt": a.attempt,
+                        "worker": a.worker,
+                        "outcome": a.outcome,
+                        "error": a.error,
+                        "end_time": a.end_time.isoformat() if a.end_time else None,
+                        "retry_time": a.retry_time.isoformat() if a.retry_time else None,
+                    }
+                    for a in v
+                ]
             out[f.name] = v
         out["priority"] = TaskPriority(self.priority).name if self.priority else None
         return out
@@ -166,6 +209,8 @@ class TaskInfo:
             expire_time=from_timestamp(t.expire_time) if t.HasField("expire_time") else None,
             rate_limit_key=t.rate_limit_key,
             concurrency_key=t.concurrency_key,
+            error_details=from_struct(t.error.details) if t.error.HasField("details") else {},
+            attempt_log=[TaskAttempt.from_proto(a) for a in t.attempt_log],
         )
 
 

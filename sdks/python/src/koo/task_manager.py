@@ -24,6 +24,7 @@ from typing import Any
 from koo._limits import ConcurrencyPolicy
 from koo._tasks import (
     SyncTaskManager,
+    TaskAttempt,
     TaskCategory,
     TaskFailed,
     TaskInfo,
@@ -38,6 +39,7 @@ from koo._tasks import (
 __all__ = [
     "ConcurrencyPolicy",
     "SyncTaskManager",
+    "TaskAttempt",
     "TaskCategory",
     "TaskFailed",
     "TaskInfo",
