@@ -591,3 +591,29 @@ def test_the_command_line_refuses_a_bad_concurrency_or_grace() -> None:
         )
         assert out.returncode == 2, (args, out.stderr)
         assert "must be" in out.stderr, (args, out.stderr)
+
+
+def test_a_second_signal_ends_the_grace(target: str, ns: str, tmp_path: Path) -> None:
+    """Ctrl-C twice (Celery's cold shutdown): the worker does not wait out a
+    long grace; the running task is handed back and runs elsewhere."""
+    tm = TaskManager(target).sync
+    tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(3,), max_retries=0)
+    proc = spawn(target, ns, tmp_path, grace=600)
+    other: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: tm.get_task_status(tid).progress.percent == 1, 15, "the worker to start the task")
+        proc.send_signal(signal.SIGINT)
+        wait_for(lambda: any("stopping:" in line for line in OUTPUT[proc.pid]), 10, "the worker to log its stop")
+        proc.send_signal(signal.SIGINT)
+        # within the test's bound, far inside the 600 s grace
+        assert proc.wait(15) == 0, "".join(OUTPUT[proc.pid])
+        back = tm.get_task_status(tid)
+        assert (back.state, back.attempts) == (TaskState.QUEUED, 0), back
+        (tmp_path / "release").write_text("")
+        other = spawn(target, ns, tmp_path)
+        assert tm.result(tid, timeout=20)["pid"] == other.pid
+    finally:
+        for p in (proc, other):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)

@@ -388,6 +388,8 @@ class Worker:
         self.grace = grace
         self.handlers: dict[str, _Registered] = {}
         self._stopping: asyncio.Event | None = None
+        # a second signal: the grace is over at once
+        self._forced = False
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._call: Any = None
@@ -435,6 +437,17 @@ class Worker:
             except RuntimeError:  # the loop has already ended
                 pass
 
+    def _on_signal(self) -> None:
+        """The first SIGTERM/SIGINT stops the worker within its grace; a
+        second one (Ctrl-C twice, as Celery's cold shutdown) ends the grace
+        at once: what still runs is handed back now."""
+        assert self._stopping is not None
+        if self._stopping.is_set():
+            if not self._forced:
+                log.warning("second signal: handing back what still runs, now")
+            self._forced = True
+        self._stopping.set()
+
     async def serve(self, *, handle_signals: bool = False) -> None:
         """Runs on the current loop until `stop()` (or SIGTERM/SIGINT)."""
         if not self.handlers:
@@ -442,10 +455,11 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._stopping = asyncio.Event()
+        self._forced = False
         self._draining = False
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self._stopping.set)
+                loop.add_signal_handler(sig, self._on_signal)
         backoff = BACKOFF_INITIAL
         while not self._stopping.is_set():
             welcomed = await self._session(loop)
@@ -567,7 +581,7 @@ class Worker:
         # Running tasks, and outcomes koo has not answered yet (closing the
         # stream earlier could drop a `complete` still in the outbox).
         while session.unacked or any(r in self._started for r in session.held.values()):
-            if asyncio.get_running_loop().time() > deadline:
+            if asyncio.get_running_loop().time() > deadline or self._forced:
                 break
             await asyncio.sleep(0.05)
         if session.releases and session.held:
