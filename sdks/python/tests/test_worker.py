@@ -23,7 +23,7 @@ from typing import Any
 import grpc.aio
 import pytest
 
-from koo import Fatal, Retry, TaskCategory, TaskContext, TaskFailed, TaskManager, TaskState, Worker
+from koo import Fatal, Retry, SyncTaskManager, TaskCategory, TaskContext, TaskFailed, TaskManager, TaskState, Worker
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
 from koo.tasks.v1 import task_service_pb2_grpc as tasks_grpc
 
@@ -386,6 +386,25 @@ def started_files(tmp: Path) -> list[Path]:
     return sorted(tmp.glob("started-*"))
 
 
+def runs_elsewhere(tm: SyncTaskManager, tid: str, target: str, ns: str, tmp: Path) -> subprocess.Popen[str]:
+    """The task a stopped worker handed back: queued with its attempt given
+    back, then run by a new worker process (returned, to reap)."""
+    back = tm.get_task_status(tid)
+    assert (back.state, back.attempts) == (TaskState.QUEUED, 0), back
+    (tmp / "release").write_text("")
+    other = spawn(target, ns, tmp)
+    assert tm.result(tid, timeout=20)["pid"] == other.pid
+    return other
+
+
+def reap(*procs: subprocess.Popen[str] | None) -> None:
+    """Kills the worker processes a test started that still run."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
 def test_sigkill_mid_task_loses_nothing(target: str, ns: str, tmp_path: Path) -> None:
     """A worker process killed mid-task: the task finishes on another worker process."""
     tm = TaskManager(target).sync
@@ -403,10 +422,7 @@ def test_sigkill_mid_task_loses_nothing(target: str, ns: str, tmp_path: Path) ->
         info = tm.get_task_status(tid)
         assert info.state is TaskState.SUCCEEDED
     finally:
-        for p in (first, second):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        reap(first, second)
 
 
 def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path) -> None:
@@ -431,10 +447,7 @@ def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path)
         other = spawn(target, ns, tmp_path)
         assert tm.result(late, timeout=15)["pid"] == other.pid
     finally:
-        for p in (proc, other):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        reap(proc, other)
 
 
 def test_sigterm_hands_back_after_the_grace(target: str, ns: str, tmp_path: Path) -> None:
@@ -449,16 +462,9 @@ def test_sigterm_hands_back_after_the_grace(target: str, ns: str, tmp_path: Path
         wait_for(lambda: tm.get_task_status(tid).progress.percent == 1, 15, "the worker to start the task")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(15) == 0
-        back = tm.get_task_status(tid)
-        assert (back.state, back.attempts) == (TaskState.QUEUED, 0), back
-        (tmp_path / "release").write_text("")
-        other = spawn(target, ns, tmp_path)
-        assert tm.result(tid, timeout=20)["pid"] == other.pid
+        other = runs_elsewhere(tm, tid, target, ns, tmp_path)
     finally:
-        for p in (proc, other):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        reap(proc, other)
 
 
 def test_dependency_results_and_async_hard_limit(target: str, ns: str) -> None:
@@ -607,13 +613,6 @@ def test_a_second_signal_ends_the_grace(target: str, ns: str, tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         # within the test's bound, far inside the 600 s grace
         assert proc.wait(15) == 0, "".join(OUTPUT[proc.pid])
-        back = tm.get_task_status(tid)
-        assert (back.state, back.attempts) == (TaskState.QUEUED, 0), back
-        (tmp_path / "release").write_text("")
-        other = spawn(target, ns, tmp_path)
-        assert tm.result(tid, timeout=20)["pid"] == other.pid
+        other = runs_elsewhere(tm, tid, target, ns, tmp_path)
     finally:
-        for p in (proc, other):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
+        reap(proc, other)
