@@ -1,7 +1,11 @@
-//! A streaming call's credentials, checked again while it lasts. The gate
-//! admits a call once, when it opens; a `Work` stream can last for days, so
-//! a worker key removed from the keys file (a leaked key revoked) must end
-//! the streams it opened, not only refuse its next call.
+//! A streaming call's credentials, kept to be checked again while it
+//! lasts. The gate admits a call once, when it opens; a `Work` stream can
+//! last for days, so a worker key removed from the keys file (a leaked key
+//! revoked) must end the streams it opened, not only refuse its next call.
+//! Every streaming call carries one; `Work` streams check it (every second,
+//! `grpc::worker::stream`). Watch streams do not yet: they only read, and
+//! end when their client closes them. The check is of the key's existence
+//! and role; a narrowed scope applies from the next stream.
 
 use std::sync::Arc;
 
@@ -29,7 +33,10 @@ impl Recheck {
         // only the credentials matter: the bearer key
         let mut kept = http::HeaderMap::new();
         if let Some(v) = headers.get(http::header::AUTHORIZATION) {
-            kept.insert(http::header::AUTHORIZATION, v.clone());
+            let mut v = v.clone();
+            // a key: never in a Debug print or a log line
+            v.set_sensitive(true);
+            kept.insert(http::header::AUTHORIZATION, v);
         }
         Self {
             gate,

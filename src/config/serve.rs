@@ -163,8 +163,10 @@ impl ServeArgs {
         };
         let cache = self.cache.cache_config(&self.prefix)?;
         let tasks = self.task_settings()?;
-        if matches!(store, StoreSettings::Memory(_)) && tasks.redis.is_none() {
-            if let Some(variable) = self.redis.tls.first_set() {
+        if matches!(store, StoreSettings::Memory(_)) {
+            if let Some(variable) = self.redis.tls.first_set()
+                && tasks.redis.is_none()
+            {
                 return Err(ConfigError {
                     variable,
                     reason: "set, but no Redis URL is (REDIS_URL, TASK_BROKER_URL): koo runs on \
@@ -174,8 +176,8 @@ impl ServeArgs {
             }
             if self.redis.redis_url.is_some() {
                 tracing::warn!(
-                    "REDIS_URL is set but empty: koo runs on its embedded store, not shared \
-                     with other koo processes (unset it to mean that, or give the URL)"
+                    "REDIS_URL is set but empty: koo keeps its cache in its embedded store, not \
+                     shared with other koo processes (unset it to mean that, or give the URL)"
                 );
             }
         }

@@ -498,6 +498,24 @@ async fn a_released_task_goes_back_with_its_attempt(backend: Backend) {
         ),
         "{reply:?}"
     );
+    // a task whose cancel koo passed on does not run again: CANCELLED
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: task_id(&b),
+        reason: "no longer wanted".into(),
+    })
+    .await
+    .unwrap();
+    match stopping.next().await {
+        Out::Cancel(cancel) => assert_eq!(cancel.task_id, task_id(&b)),
+        other => panic!("expected the cancel, got {other:?}"),
+    }
+    stopping.send(release(&b, b.lease_token)).await;
+    let reply = stopping.reply().await;
+    assert_eq!(
+        (reply.code, reply.state),
+        (0, pb::TaskState::Cancelled as i32),
+        "{reply:?}"
+    );
     let back = get_ok(&mut c, &task_id(&a)).await;
     assert_eq!(
         (back.state, back.attempts),

@@ -69,15 +69,22 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
         )),
         Some(In::Batch(b)) => batch(b.requests),
         Some(In::Heartbeat(_)) => Inbound::Heartbeat,
-        Some(In::Release(r)) if r.reason.len() > MAX_RELEASE_REASON => bad(TaskError::invalid(
-            "release.reason",
-            format!("{} bytes, at most {MAX_RELEASE_REASON}", r.reason.len()),
-        )),
-        Some(In::Release(r)) => Inbound::Release {
-            id: r.task_id,
-            token: r.lease_token,
-            reason: r.reason,
-        },
+        // the reason only goes to koo's log: a long one is cut, never
+        // the stream (a stopping worker's tasks would count as lost)
+        Some(In::Release(mut r)) => {
+            if r.reason.len() > MAX_RELEASE_REASON {
+                let mut end = MAX_RELEASE_REASON;
+                while !r.reason.is_char_boundary(end) {
+                    end -= 1;
+                }
+                r.reason.truncate(end);
+            }
+            Inbound::Release {
+                id: r.task_id,
+                token: r.lease_token,
+                reason: r.reason,
+            }
+        }
         Some(In::Progress(p)) => match struct_json("progress.metadata", p.metadata) {
             Ok(metadata) => Inbound::Progress {
                 id: p.task_id,

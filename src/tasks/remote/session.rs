@@ -474,6 +474,11 @@ impl Session {
     ) -> bool {
         let mut run: Vec<Inbound> = Vec::new();
         let mut beaten = false;
+        // a worker that hands anything back is stopping: the outcomes
+        // before it in the batch lease nothing more for it either
+        if msgs.iter().any(|m| matches!(m, Inbound::Release { .. })) {
+            self.stop_pushing();
+        }
         for msg in msgs {
             let outcome = matches!(msg, Inbound::Complete { .. } | Inbound::Fail { .. });
             // a second outcome for a task of the run ends after the first,

@@ -185,10 +185,17 @@ impl Session {
         let outcome = match TaskId::parse(&id) {
             Err(e) => Err(TaskError::invalid("release.task_id", e.to_string())),
             Ok(task_id) => match held.remove(&task_id) {
-                Some(h) if h.task.token == token => self
-                    .give_released(h, &reason)
-                    .await
-                    .map(|()| Some(State::Queued)),
+                Some(h) if h.task.token == token => match self.give_released(&h, &reason).await {
+                    Ok(state) => Ok(Some(state)),
+                    Err(e @ TaskError::Fenced(_)) => Err(e),
+                    // the store did not answer: still held (and heartbeated);
+                    // the worker may send it again, or the stream's end
+                    // hands it back
+                    Err(e) => {
+                        held.insert(task_id, h);
+                        Err(e)
+                    }
+                },
                 // not this stream's (or not with this token): left alone
                 other => {
                     if let Some(h) = other {
@@ -206,19 +213,29 @@ impl Session {
         .await
         .is_ok()
     }
-    /// Gives a released task back (or, past the give-backs allowed,
-    /// counts its attempt as a lapsed lease would).
-    async fn give_released(&self, h: Held, reason: &str) -> Result<(), TaskError> {
+    /// Gives a released task back; the state it moved to. A task whose
+    /// cancel was passed on ends CANCELLED instead (it must not run again),
+    /// and past the give-backs allowed the attempt is counted as a lapsed
+    /// lease's would be (which may end the task: its state is read back).
+    async fn give_released(&self, h: &Held, reason: &str) -> Result<State, TaskError> {
         let deadline = Deadline::after(CALL);
         let worker = self.record.id.as_str();
         let counted = h.task.token.saturating_sub(h.task.attempts) >= super::MAX_GIVEN_BACK;
         tracing::info!(task = %h.task.id, worker, reason, counted, "a worker hands a task back");
-        if counted {
-            self.engine
-                .abandon(&h.task.id, h.task.token, deadline)
-                .await
-        } else {
-            self.engine.release(&h.task, worker, deadline).await
+        let (task, token) = (&h.task, h.task.token);
+        if h.cancel_at.is_some() {
+            // with a cancel asked for, a failed end is CANCELLED
+            let stopped = Finish::failed("cancelled: the worker stopped before it ended", false);
+            return self
+                .engine
+                .finish(task, token, worker, stopped, deadline)
+                .await;
         }
+        if !counted {
+            self.engine.release(task, worker, deadline).await?;
+            return Ok(State::Queued);
+        }
+        self.engine.abandon(&task.id, token, deadline).await?;
+        Ok(self.engine.get(task.id.as_str(), deadline).await?.state)
     }
 }

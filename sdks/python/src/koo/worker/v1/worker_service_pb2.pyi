@@ -410,11 +410,14 @@ class Release(_message.Message):
     """Release hands back a task this stream holds, unfinished: a worker
     stopping (SIGTERM, its grace over) says so rather than letting the task
     count as lost. The task is queued again at once, the attempt given back
-    and logged `handed_back` (past a few give-backs of one task it is
-    counted, so that a task that always stops its worker still reaches its
-    dead letter). koo answers with a reply (kind RELEASE; ABORTED when the
-    stream does not hold the task with that token). Stop running it first:
-    another worker may start it at once.
+    and logged `handed_back` (past 4 give-backs of one task it is counted, as
+    a lapsed lease would be, so that a task that always stops its worker
+    still reaches its dead letter; a task whose cancel koo passed on ends
+    CANCELLED). koo answers with a reply (kind RELEASE, `state` what the task
+    moved to; ABORTED when the stream does not hold the task with that
+    token). A release means the worker is stopping: from the first one, koo
+    pushes the stream no more tasks. Stop running the task first: another
+    worker may start it at once.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -427,7 +430,7 @@ class Release(_message.Message):
     lease_token: _builtins.int
     """Its lease token."""
     reason: _builtins.str
-    """Why (up to 1024 bytes), for koo's log."""
+    """Why, for koo's log (cut at 1024 bytes)."""
     def __init__(
         self,
         *,
