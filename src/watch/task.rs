@@ -129,20 +129,17 @@ impl TaskWatch {
                     Next::Closed => return Err(WatchError::Stopped),
                 },
             };
+            let last = self.last.as_ref().map(|l| (l.state, self.last_at));
             let event = match event {
-                Some((state, at, progress))
-                    if stale(
-                        self.last.as_ref().map(|l| (l.state, self.last_at)),
-                        self.last_was_event,
-                        state,
-                        at,
-                        progress,
-                    ) =>
-                {
-                    continue;
+                Some((state, at, progress)) => {
+                    match judge(last, self.last_was_event, state, at, progress) {
+                        Verdict::Old => continue,
+                        // perhaps a replay, perhaps news: the read decides
+                        Verdict::Tie => None,
+                        Verdict::New => state.map(|s| (s, at)),
+                    }
                 }
-                Some((Some(state), at, _)) => Some((state, at)),
-                _ => None,
+                None => None,
             };
             let read = self
                 .hub
@@ -151,11 +148,14 @@ impl TaskWatch {
                 .await;
             match read {
                 Ok(task) => {
+                    // an end a retry has undone (RetryTask ran it again): the
+                    // read, not the end, is the task now
+                    let event = event.filter(|(s, _)| !s.is_final() || task.state.is_final());
                     let task = match event {
                         Some((state, at)) => {
                             self.last_at = at;
                             self.last_was_event = true;
-                            as_of_event(task, state)
+                            as_of_event(task, state, at)
                         }
                         None if self.last.as_ref().is_some_and(|l| {
                             l.state == task.state && l.progress == task.progress
@@ -188,32 +188,48 @@ impl TaskWatch {
     }
 }
 
-/// Whether an event (its state, if known, its time, whether it reports
-/// progress) tells nothing new after `last` (the state last shown and when
-/// it happened): older, or, after a read (`last_was_event` false), a state
-/// change of the same millisecond and no further along (the same state, or
-/// one before it: the events just before the read, replayed). After an
-/// event, the stream's order is the truth: a retry goes from RUNNING back
-/// to SCHEDULED within one millisecond. An end is never stale: whatever
-/// the clocks did, the final state goes out.
-fn stale(
+/// What an event is worth after `last` (the state last shown and when it
+/// happened).
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Older than what was shown: skipped.
+    Old,
+    /// A state change of the same millisecond as a read, no further along
+    /// (the same state, or one before it): perhaps one of the events just
+    /// before the read, replayed, perhaps a change made in that very
+    /// millisecond (an attempt failing as it was read). The read decides:
+    /// shown only if it differs from what was shown.
+    Tie,
+    /// Shown.
+    New,
+}
+
+/// Judges an event (its state, if known, its time, whether it reports
+/// progress) after `last`, shown from an event (`last_was_event`: the
+/// stream's order is then the truth, and a retry goes from RUNNING back to
+/// SCHEDULED within one millisecond) or from a read. An end is never old:
+/// whatever the clocks did, the final state goes out.
+fn judge(
     last: Option<(State, i64)>,
     last_was_event: bool,
     state: Option<State>,
     at: i64,
     progress: bool,
-) -> bool {
+) -> Verdict {
     let Some((last_state, last_at)) = last else {
-        return false;
+        return Verdict::New;
     };
     if state.is_some_and(State::is_final) {
-        return false;
+        return Verdict::New;
     }
-    at < last_at
-        || (at == last_at
-            && !last_was_event
-            && !progress
-            && state.is_some_and(|s| stage(s) <= stage(last_state)))
+    if at < last_at {
+        return Verdict::Old;
+    }
+    let tie = at == last_at
+        && !last_was_event
+        && !progress
+        && state.is_some_and(|s| stage(s) <= stage(last_state));
+    if tie { Verdict::Tie } else { Verdict::New }
 }
 
 /// How far along an attempt a state is, to order the events of one
@@ -231,38 +247,52 @@ fn stage(state: State) -> u8 {
 /// start or end, or its last ended attempt's end (a task waiting for its
 /// retry ended one after it started).
 fn recorded_at(task: &Task) -> i64 {
-    let attempt_end = task
-        .log
-        .last()
-        .and_then(|entry| serde_json::from_str::<serde_json::Value>(entry).ok())
-        .and_then(|entry| entry.get("ended_ms")?.as_i64())
-        .unwrap_or(0);
+    let attempt_end = task.log.last().and_then(|e| ended_ms(e)).unwrap_or(0);
     task.created_ms
         .max(task.started_ms.unwrap_or(0))
         .max(task.finished_ms.unwrap_or(0))
         .max(attempt_end)
 }
 
-/// `task` as read, shown with the event's `state`. When the read is further
-/// along (the task moved on while the event was on its way), what only the
-/// later moment had is left out: an end (result, end time, error, the
-/// ended attempt's log entry) before the end, and the worker before a
-/// start.
-fn as_of_event(mut task: Task, state: State) -> Task {
+/// `task` as read, shown with the state of an event at `at`. When the read
+/// is further along (the task moved on while the event was on its way),
+/// what happened after `at` is left out: the attempts that ended after it
+/// (their log entries, and the error they set), an end after it (result,
+/// end time, error), and the worker before a start.
+fn as_of_event(mut task: Task, state: State, at: i64) -> Task {
     if task.state == state {
         return task;
     }
-    if task.state.is_final() && !state.is_final() {
+    let after = |ms: Option<i64>| ms.is_some_and(|ms| ms > at);
+    // a RUNNING event's own attempt, ended in the same millisecond, is
+    // after it too (a SCHEDULED one's attempt ended before it)
+    let running = state == State::Running;
+    let logged = task.log.len();
+    task.log
+        .retain(|entry| !ended_ms(entry).is_some_and(|ms| ms > at || (running && ms == at)));
+    // an end the read has and the event's state has not came after it,
+    // whatever the milliseconds say
+    let ended_after = after(task.finished_ms) || (task.state.is_final() && !state.is_final());
+    if ended_after {
         task.result = None;
-        task.error = None;
         task.finished_ms = None;
-        task.log.pop();
+    }
+    if ended_after || task.log.len() < logged {
+        task.error = None;
     }
     if stage(state) < stage(State::Running) {
         task.worker = None;
     }
     task.state = state;
     task
+}
+
+/// When an attempt-log entry's attempt ended (Redis's clock, ms).
+fn ended_ms(entry: &str) -> Option<i64> {
+    serde_json::from_str::<serde_json::Value>(entry)
+        .ok()?
+        .get("ended_ms")?
+        .as_i64()
 }
 
 #[cfg(test)]
@@ -296,7 +326,10 @@ mod tests {
             soft_ms: 0,
             hard_ms: 0,
             result_ttl_ms: 1,
-            log: vec!["{\"attempt\":1}".into(), "{\"attempt\":2}".into()],
+            log: vec![
+                "{\"attempt\":1,\"ended_ms\":150}".into(),
+                "{\"attempt\":2,\"ended_ms\":300}".into(),
+            ],
             trace: None,
             debounce_key: None,
             expire_ms: None,
@@ -307,20 +340,35 @@ mod tests {
 
     #[test]
     fn a_read_ahead_of_its_event_drops_the_later_moment() {
-        let running = as_of_event(ended(), State::Running);
+        // the second attempt ran at 250 and ended at 300
+        let running = as_of_event(ended(), State::Running, 250);
         assert_eq!(running.state, State::Running);
         assert_eq!((running.result, running.finished_ms), (None, None));
         // the attempt that ended after the event is not in its log
-        assert_eq!(running.log, vec!["{\"attempt\":1}".to_owned()]);
+        assert_eq!(
+            running.log,
+            vec!["{\"attempt\":1,\"ended_ms\":150}".to_owned()]
+        );
         assert_eq!(running.started_ms, Some(200));
+        // an attempt that ended after the event takes its error along,
+        // whatever the read's state
+        let mut read = ended();
+        read.state = State::Scheduled;
+        read.finished_ms = None;
+        read.error = Some("{\"message\":\"second failed\"}".into());
+        let running = as_of_event(read, State::Running, 250);
+        assert_eq!((running.error, running.log.len()), (None, 1));
         let mut read = ended();
         read.state = State::Running;
         read.worker = Some("w".into());
         read.finished_ms = None;
-        let queued = as_of_event(read, State::Queued);
+        let queued = as_of_event(read, State::Queued, 190);
         assert_eq!((queued.state, queued.worker), (State::Queued, None));
+        // a progress report in the very millisecond its attempt ended
+        let running = as_of_event(ended(), State::Running, 300);
+        assert_eq!((running.result, running.log.len()), (None, 1));
         // a read of the event's own state is shown whole
-        let same = as_of_event(ended(), State::Succeeded);
+        let same = as_of_event(ended(), State::Succeeded, 300);
         assert_eq!(
             (same.result, same.finished_ms, same.log.len()),
             (Some("1".into()), Some(300), 2)
@@ -328,21 +376,49 @@ mod tests {
     }
 
     #[test]
-    fn events_before_what_was_shown_are_stale_but_an_end_never() {
+    fn events_before_what_was_shown_are_old_and_ties_after_a_read_are_reread() {
         let last = Some((State::Running, 200));
         // the watch's first read was RUNNING: the QUEUED before it is old
-        assert!(stale(last, false, Some(State::Queued), 150, false));
-        assert!(stale(last, false, Some(State::Queued), 200, false));
-        assert!(stale(last, false, Some(State::Running), 200, false));
+        assert_eq!(
+            judge(last, false, Some(State::Queued), 150, false),
+            Verdict::Old
+        );
+        // the same millisecond as the read: replayed, or a change made then
+        assert_eq!(
+            judge(last, false, Some(State::Queued), 200, false),
+            Verdict::Tie
+        );
+        assert_eq!(
+            judge(last, false, Some(State::Running), 200, false),
+            Verdict::Tie
+        );
         // a progress report of the same millisecond is news
-        assert!(!stale(last, false, Some(State::Running), 200, true));
-        assert!(!stale(last, false, Some(State::Scheduled), 201, false));
+        assert_eq!(
+            judge(last, false, Some(State::Running), 200, true),
+            Verdict::New
+        );
+        assert_eq!(
+            judge(last, false, Some(State::Scheduled), 201, false),
+            Verdict::New
+        );
         // after an event, one of the same millisecond is the next step (a
         // retry's RUNNING, then SCHEDULED)
-        assert!(!stale(last, true, Some(State::Scheduled), 200, false));
-        assert!(stale(last, true, Some(State::Scheduled), 199, false));
+        assert_eq!(
+            judge(last, true, Some(State::Scheduled), 200, false),
+            Verdict::New
+        );
+        assert_eq!(
+            judge(last, true, Some(State::Scheduled), 199, false),
+            Verdict::Old
+        );
         // a clock stepped back does not hold the end back
-        assert!(!stale(last, false, Some(State::Succeeded), 10, false));
-        assert!(!stale(None, false, Some(State::Queued), 0, false));
+        assert_eq!(
+            judge(last, false, Some(State::Succeeded), 10, false),
+            Verdict::New
+        );
+        assert_eq!(
+            judge(None, false, Some(State::Queued), 0, false),
+            Verdict::New
+        );
     }
 }
