@@ -103,8 +103,9 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let caller: Caller = admitted.caller;
-        if admitted.method.kind != methods::Kind::Unary && caller.role.is_some() {
-            // a stream outlives the keys file it was admitted by
+        if admitted.method.path == methods::WORK && caller.role.is_some() {
+            // a worker's stream outlives the keys file it was admitted by
+            // (the only stream that checks again: see `Recheck`)
             let peer = request.extensions().get::<Peer>();
             let recheck = Recheck::new(
                 self.gate.clone(),

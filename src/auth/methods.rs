@@ -158,7 +158,7 @@ pub const METHODS: &[Method] = &[
     row("/koo.schedule.v1.ScheduleService/ResumeSchedule", ADMIN, Unary),
     row("/koo.schedule.v1.ScheduleService/DeleteSchedule", ADMIN, Unary),
     row("/koo.schedule.v1.ScheduleService/TriggerSchedule", ADMIN, Unary),
-    row("/koo.worker.v1.WorkerService/Work", WORKER, Bidi),
+    row(WORK, WORKER, Bidi),
     row("/koo.worker.v1.WorkerService/LeaseTask", WORKER, Unary),
     row("/koo.worker.v1.WorkerService/HeartbeatTask", WORKER, Unary),
     row("/koo.worker.v1.WorkerService/ReportProgress", WORKER, Unary),
@@ -174,6 +174,9 @@ pub const METHODS: &[Method] = &[
 
 /// WorkerService's path prefix (`KOO_WORKER_TOKEN` alone guards it).
 pub const WORKER_SERVICE: &str = "/koo.worker.v1.WorkerService/";
+/// A worker's session, the one stream whose credentials are checked again
+/// while it lasts ([`super::Recheck`]).
+pub const WORK: &str = "/koo.worker.v1.WorkerService/Work";
 
 /// grpc.health.v1's path prefix (never refused, never shed).
 pub const HEALTH_SERVICE: &str = "/grpc.health.v1.Health/";

@@ -2,8 +2,8 @@
 //! lasts. The gate admits a call once, when it opens; a `Work` stream can
 //! last for days, so a worker key removed from the keys file (a leaked key
 //! revoked) must end the streams it opened, not only refuse its next call.
-//! Every streaming call carries one; `Work` streams check it (every second,
-//! `grpc::worker::stream`). Watch streams do not yet: they only read, and
+//! Only `Work` streams carry one (the auth layer adds it), and check it
+//! every second (`grpc::worker::stream`). Watch streams do not yet: they only read, and
 //! end when their client closes them. The check is of the key's existence
 //! and role; a narrowed scope applies from the next stream.
 

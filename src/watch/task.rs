@@ -378,47 +378,27 @@ mod tests {
     #[test]
     fn events_before_what_was_shown_are_old_and_ties_after_a_read_are_reread() {
         let last = Some((State::Running, 200));
-        // the watch's first read was RUNNING: the QUEUED before it is old
-        assert_eq!(
-            judge(last, false, Some(State::Queued), 150, false),
-            Verdict::Old
-        );
-        // the same millisecond as the read: replayed, or a change made then
-        assert_eq!(
-            judge(last, false, Some(State::Queued), 200, false),
-            Verdict::Tie
-        );
-        assert_eq!(
-            judge(last, false, Some(State::Running), 200, false),
-            Verdict::Tie
-        );
-        // a progress report of the same millisecond is news
-        assert_eq!(
-            judge(last, false, Some(State::Running), 200, true),
-            Verdict::New
-        );
-        assert_eq!(
-            judge(last, false, Some(State::Scheduled), 201, false),
-            Verdict::New
-        );
-        // after an event, one of the same millisecond is the next step (a
-        // retry's RUNNING, then SCHEDULED)
-        assert_eq!(
-            judge(last, true, Some(State::Scheduled), 200, false),
-            Verdict::New
-        );
-        assert_eq!(
-            judge(last, true, Some(State::Scheduled), 199, false),
-            Verdict::Old
-        );
-        // a clock stepped back does not hold the end back
-        assert_eq!(
-            judge(last, false, Some(State::Succeeded), 10, false),
-            Verdict::New
-        );
-        assert_eq!(
-            judge(None, false, Some(State::Queued), 0, false),
-            Verdict::New
-        );
+        let (read, event) = (false, true);
+        let cases = [
+            // the watch's first read was RUNNING: the QUEUED before it is old
+            (last, read, State::Queued, 150, false, Verdict::Old),
+            // the same millisecond as the read: replayed, or a change made then
+            (last, read, State::Queued, 200, false, Verdict::Tie),
+            (last, read, State::Running, 200, false, Verdict::Tie),
+            // a progress report of the same millisecond is news
+            (last, read, State::Running, 200, true, Verdict::New),
+            (last, read, State::Scheduled, 201, false, Verdict::New),
+            // after an event, one of the same millisecond is the next step
+            // (a retry's RUNNING, then SCHEDULED)
+            (last, event, State::Scheduled, 200, false, Verdict::New),
+            (last, event, State::Scheduled, 199, false, Verdict::Old),
+            // a clock stepped back does not hold the end back
+            (last, read, State::Succeeded, 10, false, Verdict::New),
+            (None, read, State::Queued, 0, false, Verdict::New),
+        ];
+        for (last, from_event, state, at, progress, want) in cases {
+            let got = judge(last, from_event, Some(state), at, progress);
+            assert_eq!(got, want, "{last:?} {from_event} {state:?} at {at}");
+        }
     }
 }

@@ -472,22 +472,39 @@ async fn a_released_task_goes_back_with_its_attempt(backend: Backend) {
     let b = stopping.task().await;
     // it spoke about the task: a vanished stream's task would be lost now
     stopping.send(In::Heartbeat(wpb::Heartbeat {})).await;
-    let release = |t: &wpb::TaskAssignment, token: u32| {
-        In::Release(wpb::Release {
-            task_id: task_id(t),
-            lease_token: token,
-            reason: "SIGTERM, grace over".into(),
-        })
+    let release = |t: &wpb::TaskAssignment, token: u32| wpb::Release {
+        task_id: task_id(t),
+        lease_token: token,
+        reason: "SIGTERM, grace over".into(),
     };
     // the wrong token: not this stream's lease
-    stopping.send(release(&a, a.lease_token + 1)).await;
+    stopping
+        .send(In::Release(release(&a, a.lease_token + 1)))
+        .await;
     let refused = stopping.reply().await;
     assert_eq!(
         (refused.kind, refused.code),
         (wpb::ReplyKind::Release as i32, Code::Aborted as i32),
         "{refused:?}"
     );
-    stopping.send(release(&a, a.lease_token)).await;
+    // an id that is not one: that release alone is refused, naming it
+    stopping
+        .send(In::Release(wpb::Release {
+            task_id: "not-an-id".into(),
+            lease_token: 1,
+            reason: String::new(),
+        }))
+        .await;
+    let bad = stopping.reply().await;
+    assert_eq!(bad.code, Code::InvalidArgument as i32, "{bad:?}");
+    assert!(bad.message.contains("release.task_id"), "{bad:?}");
+    // a reason past 1024 bytes is cut for the log, not refused
+    stopping
+        .send(In::Release(wpb::Release {
+            reason: "é".repeat(1500),
+            ..release(&a, a.lease_token)
+        }))
+        .await;
     let reply = stopping.reply().await;
     assert_eq!(
         (reply.kind, reply.code, reply.state),
@@ -509,7 +526,7 @@ async fn a_released_task_goes_back_with_its_attempt(backend: Backend) {
         Out::Cancel(cancel) => assert_eq!(cancel.task_id, task_id(&b)),
         other => panic!("expected the cancel, got {other:?}"),
     }
-    stopping.send(release(&b, b.lease_token)).await;
+    stopping.send(In::Release(release(&b, b.lease_token))).await;
     let reply = stopping.reply().await;
     assert_eq!(
         (reply.code, reply.state),

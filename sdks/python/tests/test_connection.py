@@ -122,6 +122,9 @@ def test_a_timeout_bounds_calls_to_a_hung_koo(monkeypatch: pytest.MonkeyPatch) -
             server.proc.send_signal(signal.SIGCONT)
     finally:
         server.stop()
+    from koo._connection import env_timeout
+
+    assert env_timeout() == 0.5
     monkeypatch.setenv("KOO_CLIENT_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="KOO_CLIENT_TIMEOUT"):
-        Settings().resolved()
+        env_timeout()

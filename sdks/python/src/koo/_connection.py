@@ -17,7 +17,7 @@ import os
 import threading
 import weakref
 from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -65,15 +65,15 @@ class Settings:
         the default key is never sent to another server.
         """
         if self.target:
-            return self if self.timeout is not None else replace(self, timeout=env_timeout())
+            return self
         base = _defaults
         if base.target:
-            return base if base.timeout is not None else replace(base, timeout=env_timeout())
+            return base
         return Settings(
             target=os.environ.get("KOO_TARGET") or DEFAULT_TARGET,
             api_key=base.api_key if base.api_key is not None else os.environ.get("KOO_API_KEY") or None,
             tls=base.tls,
-            timeout=base.timeout if base.timeout is not None else env_timeout(),
+            timeout=base.timeout,
         )
 
 
@@ -177,7 +177,9 @@ class Connection:
             s = self.settings
             assert s.target is not None
             target, tls = split_target(s.target, s.tls)
-            interceptors = [_Deadline(s.timeout)] if s.timeout else None
+            # KOO_CLIENT_TIMEOUT read here, once per channel, not per call
+            timeout = s.timeout if s.timeout is not None else env_timeout()
+            interceptors = [_Deadline(timeout)] if timeout else None
             if tls is False:
                 ch = grpc.aio.insecure_channel(target, interceptors=interceptors)
             else:
