@@ -11,6 +11,8 @@ use tower::{Layer, Service};
 
 use super::audit::{self, AuditTarget};
 use super::gate::Gate;
+use super::methods::Kind;
+use super::revocable::Revocable;
 use super::{AuthError, Caller, Recheck, methods};
 use crate::transport::Peer;
 
@@ -66,15 +68,17 @@ fn refused_principal(e: &AuthError) -> &str {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for Auth<S>
+impl<S, ReqBody> Service<http::Request<ReqBody>> for Auth<S>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
 {
-    type Response = http::Response<ResBody>;
+    type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -103,21 +107,14 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let caller: Caller = admitted.caller;
-        if admitted.method.path == methods::WORK && caller.role.is_some() {
-            // a worker's stream outlives the keys file it was admitted by
-            // (the only stream that checks again: see `Recheck`)
-            let peer = request.extensions().get::<Peer>();
-            let recheck = Recheck::new(
-                self.gate.clone(),
-                admitted.method.path,
-                request.headers(),
-                peer,
-            );
-            request.extensions_mut().insert(recheck);
-        }
+        let revocable = self.recheck(&mut request, admitted.method, &caller);
         if !admitted.method.audited() {
             request.extensions_mut().insert(caller);
-            return Box::pin(inner.call(request));
+            let answer = inner.call(request);
+            return match revocable {
+                None => Box::pin(answer),
+                Some(r) => Box::pin(async move { Ok(watched(answer.await?, r)) }),
+            };
         }
         let target = AuditTarget::default();
         request.extensions_mut().insert(target.clone());
@@ -131,7 +128,51 @@ where
                 Err(_) => "transport error".to_owned(),
             };
             audit::log(&caller.principal, method, target.get(), &code);
-            response
+            Ok(match revocable {
+                None => response?,
+                Some(r) => watched(response?, r),
+            })
         })
     }
+}
+
+impl<S> Auth<S> {
+    /// A stream outlives the keys file it was admitted by, so a keyed
+    /// caller's stream is checked again while it lasts ([`Recheck`]): a
+    /// worker's `Work` session checks it itself (its tasks go back first),
+    /// a reader's stream through its body (the returned `Recheck`).
+    fn recheck<B>(
+        &self,
+        request: &mut http::Request<B>,
+        method: &'static methods::Method,
+        caller: &Caller,
+    ) -> Option<Recheck> {
+        let streams = method.path == methods::WORK || method.kind == Kind::ServerStreaming;
+        if !streams || caller.role.is_none() {
+            return None;
+        }
+        let recheck = Recheck::new(
+            self.gate.clone(),
+            method.path,
+            request.headers(),
+            request.extensions().get::<Peer>(),
+        );
+        if method.path == methods::WORK {
+            request.extensions_mut().insert(recheck);
+            return None;
+        }
+        Some(recheck)
+    }
+}
+
+/// `response`'s body ended at the first check that refuses `recheck` (a
+/// refusal or an error answered at once has nothing left to end).
+fn watched(
+    response: http::Response<tonic::body::Body>,
+    recheck: Recheck,
+) -> http::Response<tonic::body::Body> {
+    if response.headers().contains_key("grpc-status") {
+        return response;
+    }
+    response.map(|body| tonic::body::Body::new(Revocable::new(body, recheck)))
 }

@@ -22,6 +22,7 @@ pub mod layer;
 pub mod methods;
 pub mod new_key;
 pub mod recheck;
+pub mod revocable;
 pub mod scope;
 
 pub use error::AuthError;

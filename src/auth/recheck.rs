@@ -2,10 +2,11 @@
 //! lasts. The gate admits a call once, when it opens; a `Work` stream can
 //! last for days, so a worker key removed from the keys file (a leaked key
 //! revoked) must end the streams it opened, not only refuse its next call.
-//! Only `Work` streams carry one (the auth layer adds it), and check it
-//! every second (`grpc::worker::stream`). Watch streams do not yet: they only read, and
-//! end when their client closes them. The check is of the key's existence
-//! and role; a narrowed scope applies from the next stream.
+//! The auth layer makes one for every streaming call of a keyed caller:
+//! a `Work` stream checks it every second (`grpc::worker::stream`), a
+//! reader's stream through its body ([`super::revocable`]). The check is of
+//! the key's existence and role; a narrowed scope applies from the next
+//! stream.
 
 use std::sync::Arc;
 
@@ -44,6 +45,11 @@ impl Recheck {
             headers: kept,
             peer: peer.cloned(),
         }
+    }
+
+    /// The RPC's path, for log lines.
+    pub fn path(&self) -> &'static str {
+        self.path
     }
 
     /// Whether the call would still be admitted (the keys file as it is

@@ -759,3 +759,52 @@ async fn worker_token_is_a_worker_key_beside_the_keys_file() {
     .await
     .unwrap();
 }
+
+/// A reader's stream ends when its key is revoked (`UNAUTHENTICATED`) or
+/// its role no longer allows the call (`PERMISSION_DENIED`), while a
+/// stream whose key still stands keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_keys_end_their_watch_streams() {
+    let keys = KeysFile::new(&all_roles());
+    let koo = start(&keys.path(), |_| {}).await;
+    let mut streams = Vec::new();
+    for key in [READER, WRITER, ADMIN] {
+        let mut stream = clients(&koo.server, Some(key))
+            .cache
+            .watch_invalidations(cpb::WatchInvalidationsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        let ready = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
+        let ready = ready.expect("the stream answers").unwrap().unwrap();
+        assert_eq!(ready.kind, cpb::InvalidationKind::Ready as i32);
+        streams.push(stream);
+    }
+    // the reader's key removed, the writer's made a worker's
+    keys.write(
+        &[
+            entry("ci-writer", "worker", WRITER, ""),
+            entry("ci-admin", "admin", ADMIN, ""),
+        ]
+        .concat(),
+    );
+    let mut ended = Vec::new();
+    for stream in &mut streams[..2] {
+        let end = tokio::time::timeout(EVENT_TIMEOUT, stream.message()).await;
+        ended.push(end.expect("the stream ends").unwrap_err().code());
+    }
+    assert_eq!(ended, [Code::Unauthenticated, Code::PermissionDenied]);
+    let mut admin = clients(&koo.server, Some(ADMIN));
+    let set = cpb::SetRequest {
+        level: cpb::CacheLevel::Api as i32,
+        key: "still-watched".into(),
+        value: Some(cpb::CacheValue {
+            kind: Some(cpb::cache_value::Kind::Text("v".into())),
+        }),
+        ..Default::default()
+    };
+    admin.cache.set(set).await.unwrap();
+    let change = tokio::time::timeout(EVENT_TIMEOUT, streams[2].message()).await;
+    let change = change.expect("the admin's stream stays").unwrap().unwrap();
+    assert_eq!(change.keys, ["still-watched"], "{change:?}");
+}

@@ -13,6 +13,7 @@ use tonic::{Request, Status, Streaming};
 
 use super::messages::{MAX_BATCH, inbound, outbound_each};
 use super::{WorkStream, WorkerApi, declared};
+use crate::auth::revocable::RECHECK_EVERY;
 use crate::auth::scope;
 use crate::auth::{Caller, Recheck};
 use crate::grpc::status::{self, work};
@@ -126,9 +127,6 @@ impl WorkerApi {
         )
     }
 }
-
-/// How often a stream's credentials are checked again.
-const RECHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Checks `recheck` every [`RECHECK_EVERY`] until `stop`; when the keys file
 /// no longer admits the stream (its key removed), stops its session (its

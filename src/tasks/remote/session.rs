@@ -95,7 +95,9 @@ pub struct Session {
 enum Ending {
     /// The worker hung up or its connection dropped: its leases end now.
     Gone,
-    /// koo is stopping: tasks go back to their queues, attempts given back.
+    /// koo stopped the stream (it is stopping, or the worker's
+    /// credentials were revoked): tasks go back to their queues, attempts
+    /// given back.
     Shutdown,
 }
 
@@ -185,7 +187,7 @@ impl Session {
                 let (ended, how) = match ending_ref {
                     Ok(Ending::Shutdown) => (
                         engine.release(&h.task, worker, deadline).await,
-                        "koo is stopping: the task goes back to its queue, its attempt given back",
+                        "stream stopped by koo (koo is stopping, or the worker's credentials were revoked): the task goes back to its queue, its attempt given back",
                     ),
                     Ok(Ending::Gone) if h.unstarted(vanished, window) => (
                         engine.release_unstarted(&h.task, worker, deadline).await,
