@@ -218,9 +218,18 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     if let Some(tls) = health_tls(&args)? {
         endpoint = endpoint.tls_config(tls)?;
     }
+    let security = koo::cli::connect::Security {
+        tls: args.tls_ca.is_some(),
+        client_cert: args.tls_cert.is_some(),
+    };
+    let hint = |text: &str| {
+        let cert = "--tls-cert and --tls-key (KOO_HEALTH_TLS_CERT, KOO_HEALTH_TLS_KEY)";
+        let tls = "--tls-ca (KOO_HEALTH_TLS_CA)";
+        security.hint(text, cert, tls).unwrap_or_default()
+    };
     let channel = endpoint.connect().await.map_err(|e| {
         let chain = koo::cli::connect::error_chain(&e);
-        anyhow::anyhow!("cannot reach koo at {addr}: {chain}")
+        anyhow::anyhow!("cannot reach koo at {addr}: {chain}{}", hint(&chain))
     })?;
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: args.service.clone(),
@@ -235,11 +244,12 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
         .check(request)
         .await
         .map_err(|s| {
+            let text = koo::cli::connect::status_text(&s);
             anyhow::anyhow!(
-                "health check of {:?} failed: {}: {}",
+                "health check of {:?} failed: {}: {text}{}",
                 args.service,
                 koo::cli::connect::code_name(s.code()),
-                koo::cli::connect::status_text(&s)
+                hint(&text)
             )
         })?;
     let status =

@@ -86,6 +86,8 @@ pub struct Conn {
     bearer: Option<AsciiMetadataValue>,
     timeout: Duration,
     target: String,
+    /// How the connection was made, to explain one koo closes.
+    security: Security,
     /// `--json`.
     pub json: bool,
 }
@@ -94,6 +96,7 @@ impl Conn {
     /// Connects to `args.target` (an unreachable koo is an error naming it).
     pub async fn open(args: &ConnectArgs) -> Result<Conn, CliError> {
         let (uri, tls) = endpoint_uri(args)?;
+        let tls_on = tls.is_some();
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| usage(format!("--target {:?}: {e}", args.target)))?
             .connect_timeout(args.timeout);
@@ -102,13 +105,20 @@ impl Conn {
                 .tls_config(tls)
                 .map_err(|e| usage(format!("--tls-ca: {e}")))?;
         }
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::Unreachable {
+        let channel = endpoint.connect().await.map_err(|e| {
+            let mut reason = error_chain(&e);
+            let security = Security {
+                tls: tls_on,
+                client_cert: args.tls_cert.is_some(),
+            };
+            if let Some(hint) = security.hint(&reason, CERT_FLAGS, TLS_FLAGS) {
+                reason.push_str(&hint);
+            }
+            CliError::Unreachable {
                 target: args.target.clone(),
-                reason: error_chain(&e),
-            })?;
+                reason,
+            }
+        })?;
         let bearer = match &args.api_key {
             Some(key) => Some(
                 MetadataValue::try_from(format!("Bearer {key}"))
@@ -122,6 +132,10 @@ impl Conn {
             timeout: args.timeout,
             target: args.target.clone(),
             json: args.json,
+            security: Security {
+                tls: tls_on,
+                client_cert: args.tls_cert.is_some(),
+            },
         })
     }
 
@@ -150,10 +164,14 @@ impl Conn {
 
     /// A failed call as the error the command ends with.
     pub fn failed(&self, status: tonic::Status) -> CliError {
+        let mut message = status_text(&status);
+        if let Some(hint) = self.security.hint(&message, CERT_FLAGS, TLS_FLAGS) {
+            message.push_str(&hint);
+        }
         CliError::Rpc {
             target: self.target.clone(),
             code: code_name(status.code()),
-            message: status_text(&status),
+            message,
         }
     }
 }
@@ -210,6 +228,43 @@ fn endpoint_uri(args: &ConnectArgs) -> Result<(String, Option<ClientTlsConfig>),
         config = config.domain_name(name.clone());
     }
     Ok((format!("https://{rest}"), Some(config)))
+}
+
+/// The client commands' settings for a client certificate.
+const CERT_FLAGS: &str = "--tls-cert and --tls-key (KOO_CLIENT_TLS_CERT, KOO_CLIENT_TLS_KEY)";
+/// The client commands' ways to ask for TLS.
+const TLS_FLAGS: &str = "an https:// target or --tls-ca (KOO_CLIENT_TLS_CA)";
+
+/// How a client reached koo: what a connection koo closed at once most
+/// likely means depends on it (a TLS koo closes a plaintext connection; an
+/// mTLS koo closes one without a client certificate, under TLS 1.3 often
+/// after the handshake, so the client sees no alert, only the close).
+#[derive(Debug, Clone, Copy)]
+pub struct Security {
+    /// The connection used TLS.
+    pub tls: bool,
+    /// A client certificate was given.
+    pub client_cert: bool,
+}
+
+impl Security {
+    /// A hint to add to a failure's `text` when it says the connection was
+    /// closed or reset; `cert_flags` and `tls_flag` name the settings to try.
+    pub fn hint(self, text: &str, cert_flags: &str, tls_flag: &str) -> Option<String> {
+        let closed = ["connection closed", "connection reset", "broken pipe"]
+            .iter()
+            .any(|c| text.to_ascii_lowercase().contains(c));
+        match (closed, self.tls, self.client_cert) {
+            (false, ..) | (true, true, true) => None,
+            (true, true, false) => Some(format!(
+                " (koo closed the connection: if it requires client certificates \
+                 (KOO_TLS_CLIENT_CA), give {cert_flags})"
+            )),
+            (true, false, _) => Some(format!(
+                " (koo closed the connection: if it serves TLS, use {tls_flag})"
+            )),
+        }
+    }
 }
 
 /// A status's message, and for one made on this side (the connection
@@ -274,6 +329,22 @@ pub fn code_name(code: tonic::Code) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_closed_connection_is_explained_by_how_it_was_made() {
+        let closed = "transport error: connection closed";
+        let hint = |tls, client_cert, text| Security { tls, client_cert }.hint(text, "CERT", "TLS");
+        assert!(hint(true, false, closed).unwrap().contains("give CERT"));
+        assert!(hint(false, false, closed).unwrap().contains("use TLS"));
+        assert!(
+            hint(false, false, "Broken pipe")
+                .unwrap()
+                .contains("use TLS")
+        );
+        assert_eq!(hint(true, true, closed), None);
+        assert_eq!(hint(true, false, "deadline has elapsed"), None);
+    }
+
     use super::*;
     use clap::Parser;
 

@@ -463,10 +463,25 @@ async fn koo_health_over_mtls() {
         String::from_utf8_lossy(&ok.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "SERVING");
+    let refused = run(false);
     assert!(
-        !run(false).status.success(),
+        !refused.status.success(),
         "served a probe without a certificate"
     );
+    // the alert when it arrives, else (TLS 1.3: the close after the
+    // handshake) a hint that names the flags
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("CertificateRequired") || said.contains("give --tls-cert and --tls-key"),
+        "{said}"
+    );
+    // a plaintext probe of a TLS koo is told to use TLS
+    let mut plain = common::koo_command();
+    plain.args(["health", "--addr", &koo.addr.to_string()]);
+    let plain = tokio::task::block_in_place(|| plain.output().expect("run koo health"));
+    let said = String::from_utf8_lossy(&plain.stderr);
+    assert!(!plain.status.success());
+    assert!(said.contains("if it serves TLS, use --tls-ca"), "{said}");
     koo.shutdown().await;
 }
 
