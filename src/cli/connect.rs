@@ -251,9 +251,12 @@ impl Security {
     /// A hint to add to a failure's `text` when it says the connection was
     /// closed or reset; `cert_flags` and `tls_flag` name the settings to try.
     pub fn hint(self, text: &str, cert_flags: &str, tls_flag: &str) -> Option<String> {
+        let text = text.to_ascii_lowercase();
         let closed = ["connection closed", "connection reset", "broken pipe"]
             .iter()
-            .any(|c| text.to_ascii_lowercase().contains(c));
+            .any(|c| text.contains(c))
+            // a plaintext client reading a TLS alert as an HTTP/2 frame
+            || (!self.tls && text.contains("frame with invalid size"));
         match (closed, self.tls, self.client_cert) {
             (false, ..) | (true, true, true) => None,
             (true, true, false) => Some(format!(

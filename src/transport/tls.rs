@@ -137,10 +137,9 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Loads the files; any error stops start-up.
     pub fn load(settings: TlsSettings) -> Result<Self, TlsError> {
-        let certs = Arc::new(CertSlot(RwLock::new(Arc::new(load_pair(
-            &settings.cert,
-            &settings.key,
-        )?))));
+        let pair = load_pair(&settings.cert, &settings.key)?;
+        warn_if_expiring(&settings.cert, &pair, now_secs());
+        let certs = Arc::new(CertSlot(RwLock::new(Arc::new(pair))));
         let verifier = settings
             .client_ca
             .as_deref()
@@ -196,6 +195,27 @@ impl Tls {
             stop.clone(),
             Arc::new(move || this.reload_pair()),
         ));
+        let this = self.clone();
+        let stopped = stop.clone();
+        background.spawn(async move {
+            // a certificate nobody rotates expires while koo runs: said
+            // again twice a day, from two weeks before
+            let mut every = tokio::time::interval(EXPIRY_CHECK_EVERY);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                let pair = this
+                    .certs
+                    .0
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                warn_if_expiring(&this.settings.cert, &pair, now_secs());
+            }
+        });
         if let Some(ca) = self.settings.client_ca.clone() {
             let this = self.clone();
             background.spawn(crate::reload::watch(
@@ -211,6 +231,7 @@ impl Tls {
     fn reload_pair(&self) {
         match load_pair(&self.settings.cert, &self.settings.key) {
             Ok(pair) => {
+                warn_if_expiring(&self.settings.cert, &pair, now_secs());
                 *self.certs.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(pair);
                 tracing::info!(cert = %self.settings.cert.display(), "TLS certificate reloaded: new connections get it");
             }
@@ -254,6 +275,65 @@ fn build_config(
     let mut config = builder.with_cert_resolver(certs);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
+}
+
+/// How often a running koo looks at its certificate's expiry again.
+const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(12 * 3600);
+/// From how long before its expiry a certificate is warned about.
+const EXPIRY_WARNING: i64 = 14 * 24 * 3600;
+
+fn now_secs() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// How the leaf certificate of `pair` stands at `now` (Unix seconds): the
+/// line to log when clients would refuse it or soon will; `None` when it is
+/// valid for longer than [`EXPIRY_WARNING`] (or cannot be parsed: rustls
+/// accepted it, clients judge it).
+fn expiry_notice(pair: &CertifiedKey, now: i64) -> Option<(tracing::Level, String)> {
+    let leaf = pair.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    let validity = cert.validity();
+    let (from, until) = (validity.not_before, validity.not_after);
+    let days = |secs: i64| secs.unsigned_abs().div_ceil(86_400);
+    if now < from.timestamp() {
+        Some((
+            tracing::Level::ERROR,
+            format!("is not valid yet (from {from}): clients refuse it until then"),
+        ))
+    } else if now >= until.timestamp() {
+        Some((
+            tracing::Level::ERROR,
+            format!(
+                "expired on {until} ({} days ago): clients refuse it; rotate it (koo reloads it)",
+                days(now - until.timestamp())
+            ),
+        ))
+    } else if until.timestamp() - now <= EXPIRY_WARNING {
+        Some((
+            tracing::Level::WARN,
+            format!(
+                "expires on {until} (in {} days): rotate it (koo reloads it)",
+                days(until.timestamp() - now)
+            ),
+        ))
+    } else {
+        None
+    }
+}
+
+/// Logs [`expiry_notice`], naming the file.
+fn warn_if_expiring(path: &Path, pair: &CertifiedKey, now: i64) {
+    let Some((level, notice)) = expiry_notice(pair, now) else {
+        return;
+    };
+    let path = path.display();
+    if level == tracing::Level::ERROR {
+        tracing::error!("TLS certificate {path} (KOO_TLS_CERT) {notice}");
+    } else {
+        tracing::warn!("TLS certificate {path} (KOO_TLS_CERT) {notice}");
+    }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -308,4 +388,37 @@ fn load_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
             what: path.display().to_string(),
             reason: e.to_string(),
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed pair valid from `from` to `until` (days of 2030).
+    fn pair(from: u8, until: u8) -> CertifiedKey {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2030, 1, from);
+        params.not_after = rcgen::date_time_ymd(2030, 1, until);
+        let cert = params.self_signed(&key).unwrap();
+        let key_der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        CertifiedKey::from_der(vec![cert.der().clone()], key_der, &provider()).unwrap()
+    }
+
+    #[test]
+    fn a_certificate_is_warned_about_before_and_after_it_expires() {
+        // the 15th of January 2030
+        let now = rcgen::date_time_ymd(2030, 1, 15).unix_timestamp();
+        let notice = |from, until| expiry_notice(&pair(from, until), now);
+        assert_eq!(notice(1, 31), None);
+        let (level, soon) = notice(1, 18).unwrap();
+        assert_eq!(level, tracing::Level::WARN);
+        assert!(soon.contains("in 3 days"), "{soon}");
+        let (level, gone) = notice(1, 13).unwrap();
+        assert_eq!(level, tracing::Level::ERROR);
+        assert!(gone.contains("2 days ago"), "{gone}");
+        let (level, early) = notice(16, 31).unwrap();
+        assert_eq!(level, tracing::Level::ERROR);
+        assert!(early.contains("not valid yet"), "{early}");
+    }
 }

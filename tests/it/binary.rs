@@ -504,6 +504,23 @@ async fn an_exposed_http_listener_is_warned_about() {
     );
 }
 
+/// A server certificate clients would refuse is said at start-up, naming
+/// the file and the setting (koo still starts: a rotation may be on its way).
+#[test]
+fn an_expired_server_certificate_is_logged() {
+    use crate::common::certs::{Ca, CertDir};
+    let dir = CertDir::new();
+    let (cert, key) = dir.write_pair("server", &Ca::new("expiry-ca").expired_server());
+    let server = Running::start(&[
+        ("KOO_TLS_CERT", cert.to_str().unwrap()),
+        ("KOO_TLS_KEY", key.to_str().unwrap()),
+    ]);
+    assert!(logged(
+        &server,
+        "(KOO_TLS_CERT) expired on Jan  1 00:00:00 2021"
+    ));
+}
+
 /// An empty REDIS_URL (an empty secret, say) still means the embedded
 /// store, as before, but says so at WARN: the replicas of such a deployment
 /// would not share anything.

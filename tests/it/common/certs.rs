@@ -84,6 +84,15 @@ impl Ca {
         self.sign(client_params(uri), "koo-test-client")
     }
 
+    /// A server certificate (as [`Ca::server`]) valid only in 2020.
+    pub fn expired_server(&self) -> Pair {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::DnsName("localhost".try_into().unwrap())];
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        self.sign(params, "koo-expired-server")
+    }
+
     /// A client certificate valid only in 2020.
     pub fn expired_client(&self, uri: &str) -> Pair {
         let mut params = client_params(uri);
