@@ -57,7 +57,7 @@ pub enum ServerError {
     #[error("cannot build the reflection service: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     /// The TLS certificate, key or client CA cannot be used.
-    #[error("KOO_TLS_*: {0}")]
+    #[error(transparent)]
     Tls(#[from] crate::transport::tls::TlsError),
     /// The HTTP listener's address cannot be bound.
     #[error("KOO_HTTP_LISTEN: cannot listen on {addr}: {source}")]

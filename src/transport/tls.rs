@@ -37,20 +37,25 @@ pub struct TlsSettings {
     pub reload_interval: Duration,
 }
 
-/// Why a certificate, key or CA could not be used.
+/// Why a certificate, key or CA could not be used; each names its setting
+/// (`KOO_TLS_CERT`, `KOO_TLS_KEY`, `KOO_TLS_CLIENT_CA`).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("{variable}: cannot read {path}: {source}")]
     Read {
+        /// The setting naming the file.
+        variable: &'static str,
         /// The file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
     /// The file holds no usable PEM of the kind expected.
-    #[error("{path}: {reason}")]
+    #[error("{variable}: {path}: {reason}")]
     Parse {
+        /// The setting naming the file.
+        variable: &'static str,
         /// The file.
         path: PathBuf,
         /// What is wrong.
@@ -58,14 +63,21 @@ pub enum TlsError {
     },
     /// rustls refuses the pair or the CA (a key that does not match its
     /// certificate, say).
-    #[error("{what}: {reason}")]
+    #[error("{variable}: {what}: {reason}")]
     Rejected {
+        /// The settings naming the files.
+        variable: &'static str,
         /// Which files.
         what: String,
         /// rustls' reason.
         reason: String,
     },
 }
+
+/// The settings, as [`TlsError`] names them.
+const CERT: &str = "KOO_TLS_CERT";
+const KEY: &str = "KOO_TLS_KEY";
+const CLIENT_CA: &str = "KOO_TLS_CLIENT_CA";
 
 /// The ring provider: the one crypto provider of the binary (redis' rustls
 /// and tonic's use the process default, which `main` installs).
@@ -336,15 +348,17 @@ fn warn_if_expiring(path: &Path, pair: &CertifiedKey, now: i64) {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+fn read(variable: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read {
+        variable,
         path: path.to_owned(),
         source,
     })
 }
 
-fn parse_err(path: &Path, reason: impl std::fmt::Display) -> TlsError {
+fn parse_err(variable: &'static str, path: &Path, reason: impl std::fmt::Display) -> TlsError {
     TlsError::Parse {
+        variable,
         path: path.to_owned(),
         reason: reason.to_string(),
     }
@@ -352,22 +366,26 @@ fn parse_err(path: &Path, reason: impl std::fmt::Display) -> TlsError {
 
 /// The certificate chain and its key, checked to match.
 fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let chain = load_certs(cert)?;
-    let key_der = PrivateKeyDer::from_pem_slice(&read(key)?)
-        .map_err(|e| parse_err(key, format!("no usable PEM private key ({e})")))?;
+    let chain = load_certs(CERT, cert)?;
+    let key_der = PrivateKeyDer::from_pem_slice(&read(KEY, key)?)
+        .map_err(|e| parse_err(KEY, key, format!("no usable PEM private key ({e})")))?;
     CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| TlsError::Rejected {
+        variable: "KOO_TLS_CERT/KOO_TLS_KEY",
         what: format!("{} with {}", cert.display(), key.display()),
         reason: e.to_string(),
     })
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
+fn load_certs(
+    variable: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(variable, path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| parse_err(path, format!("bad PEM certificate ({e})")))?;
+        .map_err(|e| parse_err(variable, path, format!("bad PEM certificate ({e})")))?;
     if certs.is_empty() {
-        return Err(parse_err(path, "no PEM certificate"));
+        return Err(parse_err(variable, path, "no PEM certificate"));
     }
     Ok(certs)
 }
@@ -375,19 +393,18 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// A verifier requiring a client certificate chained to the CAs of `path`
 /// (and valid now: expired certificates are refused).
 fn load_verifier(path: &Path) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+    let rejected = |e: &dyn std::fmt::Display| TlsError::Rejected {
+        variable: CLIENT_CA,
+        what: path.display().to_string(),
+        reason: e.to_string(),
+    };
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots.add(cert).map_err(|e| TlsError::Rejected {
-            what: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+    for cert in load_certs(CLIENT_CA, path)? {
+        roots.add(cert).map_err(|e| rejected(&e))?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|e| TlsError::Rejected {
-            what: path.display().to_string(),
-            reason: e.to_string(),
-        })
+        .map_err(|e| rejected(&e))
 }
 
 #[cfg(test)]
@@ -420,5 +437,44 @@ mod tests {
         let (level, early) = notice(16, 31).unwrap();
         assert_eq!(level, tracing::Level::ERROR);
         assert!(early.contains("not valid yet"), "{early}");
+    }
+
+    #[test]
+    fn each_error_names_its_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".into()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let settings = |cert, key, client_ca| TlsSettings {
+            cert,
+            key,
+            client_ca,
+            reload_interval: Duration::from_secs(5),
+        };
+        let (cert, key) = (
+            write("c.pem", &cert.pem()),
+            write("k.pem", &key.serialize_pem()),
+        );
+        let junk = write("junk.pem", "not a certificate");
+        let missing = dir.path().join("missing.pem");
+        let error = |s| Tls::load(s).map(|_| ()).unwrap_err().to_string();
+        let cases = [
+            (settings(junk.clone(), key.clone(), None), "KOO_TLS_CERT: "),
+            (
+                settings(cert.clone(), missing, None),
+                "KOO_TLS_KEY: cannot read",
+            ),
+            (settings(cert.clone(), junk.clone(), None), "KOO_TLS_KEY: "),
+            (settings(cert, key, Some(junk)), "KOO_TLS_CLIENT_CA: "),
+        ];
+        for (settings, start) in cases {
+            let said = error(settings);
+            assert!(said.starts_with(start), "{said}");
+        }
     }
 }
