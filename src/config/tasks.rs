@@ -126,35 +126,58 @@ pub struct TaskArgs {
     pub diagnostics_ledger: Option<PathBuf>,
 }
 
-/// A value from its flag or variable, else its CELERY_* alias, else a default.
+/// A value from its flag or variable (`name`), else its CELERY_* alias,
+/// else a default; with the name of the variable it came from, for a later
+/// error about it.
 fn aliased<T: std::str::FromStr>(
     value: Option<T>,
-    alias: &'static str,
+    (name, alias): (&'static str, &'static str),
     default: T,
-) -> Result<T, ConfigError> {
+) -> Result<(T, &'static str), ConfigError> {
     if let Some(v) = value {
-        return Ok(v);
+        return Ok((v, name));
     }
     match std::env::var(alias) {
-        Ok(raw) => raw.trim().parse().map_err(|_| ConfigError {
-            variable: alias,
-            reason: format!("{raw:?} is not a valid value"),
-        }),
-        Err(_) => Ok(default),
+        Ok(raw) => raw
+            .trim()
+            .parse()
+            .map(|v| (v, alias))
+            .map_err(|_| ConfigError {
+                variable: alias,
+                reason: format!("{raw:?} is not a valid value"),
+            }),
+        Err(_) => Ok((default, name)),
+    }
+}
+
+/// A boolean as Celery's settings write it (`True`, `false`, `1`, `no`,
+/// `on`...): what `TASK_ACKS_LATE` itself accepts.
+struct Flag(bool);
+
+impl std::str::FromStr for Flag {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "y" | "on" => Ok(Flag(true)),
+            "false" | "0" | "no" | "n" | "off" => Ok(Flag(false)),
+            _ => Err(()),
+        }
     }
 }
 
 fn aliased_duration(
     value: Option<Duration>,
-    alias: &'static str,
+    names: (&'static str, &'static str),
     default_secs: u64,
-) -> Result<Duration, ConfigError> {
-    let secs = aliased(value.map(|d| d.as_secs_f64()), alias, default_secs as f64)?;
+) -> Result<(Duration, &'static str), ConfigError> {
+    let (secs, variable) = aliased(value.map(|d| d.as_secs_f64()), names, default_secs as f64)?;
     Duration::try_from_secs_f64(secs)
         .ok()
         .filter(|d| !d.is_zero() && *d <= MAX_SETTING_DURATION)
+        .map(|d| (d, variable))
         .ok_or(ConfigError {
-            variable: alias,
+            variable,
             reason: format!("{secs} is not a positive number of seconds"),
         })
 }
@@ -206,28 +229,33 @@ impl TaskArgs {
 
     /// The engine settings.
     pub fn task_config(&self, prefix: &str) -> Result<TaskConfig, ConfigError> {
-        let time_limit = aliased_duration(self.task_time_limit, "CELERY_TASK_TIME_LIMIT", 1800)?;
-        let soft_time_limit = aliased_duration(
+        let (time_limit, limit_name) = aliased_duration(
+            self.task_time_limit,
+            ("TASK_TIME_LIMIT", "CELERY_TASK_TIME_LIMIT"),
+            1800,
+        )?;
+        let (soft_time_limit, soft_name) = aliased_duration(
             self.task_soft_time_limit,
-            "CELERY_TASK_SOFT_TIME_LIMIT",
+            ("TASK_SOFT_TIME_LIMIT", "CELERY_TASK_SOFT_TIME_LIMIT"),
             1500,
         )?;
         if soft_time_limit > time_limit {
             return Err(ConfigError {
-                variable: "TASK_SOFT_TIME_LIMIT",
-                reason: format!(
-                    "{soft_time_limit:?} is longer than TASK_TIME_LIMIT ({time_limit:?})"
-                ),
+                variable: soft_name,
+                reason: format!("{soft_time_limit:?} is longer than {limit_name} ({time_limit:?})"),
             });
         }
-        let prefetch = aliased(
+        let (prefetch, prefetch_name) = aliased(
             self.worker_prefetch_multiplier,
-            "CELERY_WORKER_PREFETCH_MULTIPLIER",
+            (
+                "WORKER_PREFETCH_MULTIPLIER",
+                "CELERY_WORKER_PREFETCH_MULTIPLIER",
+            ),
             1,
         )?;
         if prefetch != 1 {
             return Err(ConfigError {
-                variable: "WORKER_PREFETCH_MULTIPLIER",
+                variable: prefetch_name,
                 reason: format!(
                     "built-in workers lease one task per slot; {prefetch} is not supported (use 1)"
                 ),
@@ -237,10 +265,21 @@ impl TaskArgs {
             prefix: prefix.to_owned(),
             lease: self.task_lease,
             sweep_interval: self.task_sweep_interval,
-            acks_late: aliased(self.task_acks_late, "CELERY_TASK_ACKS_LATE", true)?,
+            acks_late: aliased(
+                self.task_acks_late.map(Flag),
+                ("TASK_ACKS_LATE", "CELERY_TASK_ACKS_LATE"),
+                Flag(true),
+            )?
+            .0
+            .0,
             soft_time_limit,
             time_limit,
-            result_ttl: aliased_duration(self.result_expires, "CELERY_RESULT_EXPIRES", 3600)?,
+            result_ttl: aliased_duration(
+                self.result_expires,
+                ("RESULT_EXPIRES", "CELERY_RESULT_EXPIRES"),
+                3600,
+            )?
+            .0,
             backoff: Backoff {
                 base: self.task_retry_backoff,
                 max: Duration::from_secs(600),

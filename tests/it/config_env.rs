@@ -139,3 +139,33 @@ async fn worker_applies_cache_settings_from_env() {
     let error = t.error.map(|e| e.message).unwrap_or_default();
     assert!(error.contains("could not be cached"), "{error}");
 }
+
+/// A Celery `.env`'s settings are read under their CELERY_* names: a bad
+/// value is reported under the name the user wrote (not the koo name it
+/// stands for), and Python's `True` is a boolean.
+#[test]
+fn celery_aliases_are_named_in_their_errors() {
+    let refusal = |env: &[(&str, &str)]| {
+        let out = common::koo_command()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .output()
+            .expect("run koo serve");
+        assert!(!out.status.success(), "koo served with {env:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let soft = refusal(&[("CELERY_TASK_SOFT_TIME_LIMIT", "2000")]);
+    assert!(
+        soft.contains("CELERY_TASK_SOFT_TIME_LIMIT: 2000s is longer than TASK_TIME_LIMIT"),
+        "{soft}"
+    );
+    let prefetch = refusal(&[("CELERY_WORKER_PREFETCH_MULTIPLIER", "4")]);
+    assert!(
+        prefetch.contains("CELERY_WORKER_PREFETCH_MULTIPLIER: built-in workers"),
+        "{prefetch}"
+    );
+    let acks = refusal(&[("CELERY_TASK_ACKS_LATE", "maybe")]);
+    assert!(acks.contains("CELERY_TASK_ACKS_LATE: \"maybe\""), "{acks}");
+    let (_koo, _addr, lines) = serve(&[("CELERY_TASK_ACKS_LATE", "True")]);
+    assert!(!lines.iter().any(|l| l.contains("ERROR")), "{lines:#?}");
+}
