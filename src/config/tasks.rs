@@ -227,8 +227,8 @@ impl TaskArgs {
         redis.redis_config(variable, url)
     }
 
-    /// The engine settings.
-    pub fn task_config(&self, prefix: &str) -> Result<TaskConfig, ConfigError> {
+    /// The hard and soft time limits, the soft one no longer than the hard.
+    fn time_limits(&self) -> Result<(Duration, Duration), ConfigError> {
         let (time_limit, limit_name) = aliased_duration(
             self.task_time_limit,
             ("TASK_TIME_LIMIT", "CELERY_TASK_TIME_LIMIT"),
@@ -245,6 +245,11 @@ impl TaskArgs {
                 reason: format!("{soft_time_limit:?} is longer than {limit_name} ({time_limit:?})"),
             });
         }
+        Ok((time_limit, soft_time_limit))
+    }
+
+    /// Celery's prefetch multiplier: only 1 (one task per slot) is served.
+    fn check_prefetch(&self) -> Result<(), ConfigError> {
         let (prefetch, prefetch_name) = aliased(
             self.worker_prefetch_multiplier,
             (
@@ -261,6 +266,13 @@ impl TaskArgs {
                 ),
             });
         }
+        Ok(())
+    }
+
+    /// The engine settings.
+    pub fn task_config(&self, prefix: &str) -> Result<TaskConfig, ConfigError> {
+        let (time_limit, soft_time_limit) = self.time_limits()?;
+        self.check_prefetch()?;
         Ok(TaskConfig {
             prefix: prefix.to_owned(),
             lease: self.task_lease,
