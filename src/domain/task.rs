@@ -65,6 +65,12 @@ impl Category {
     }
 }
 
+/// Most retries a task may ask for. Each attempt adds an entry to the
+/// task's attempt log, which lives as long as the task: the bound is what
+/// keeps it bounded (1,000 retries at the longest backoff, 10 minutes, are
+/// about a week of trying).
+pub const MAX_RETRIES: u32 = 1000;
+
 /// Width of one priority band of a ready score: a ready task's score is
 /// `band * BAND_WIDTH + enqueue ms` (higher priority first, FIFO within a
 /// band), on both backends and in the Lua scripts. 2^42 ms is some 139

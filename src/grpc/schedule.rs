@@ -16,7 +16,7 @@ use super::tasks::{
 use super::time;
 use crate::auth::audit;
 use crate::domain::schedule::{MissedPolicy, Schedule, Source, Template};
-use crate::domain::task::{Category, Priority};
+use crate::domain::task::{Category, MAX_RETRIES, Priority};
 use crate::pb::schedule::v1 as pb;
 use crate::schedule::{Patch, ScheduleError, Schedules, View};
 use crate::store::Deadline;
@@ -82,11 +82,11 @@ fn template(t: Option<pb::TaskTemplate>) -> Result<Template, Status> {
     })
     .map_err(|e| invalid_argument("schedule.task.kwargs", &e))?;
     if let Some(r) = t.max_retries
-        && !(0..=100).contains(&r)
+        && !(0..=i64::from(MAX_RETRIES)).contains(&i64::from(r))
     {
         return Err(invalid_argument(
             "schedule.task.max_retries",
-            "must be 0 to 100",
+            &format!("must be 0 to {MAX_RETRIES}, got {r}"),
         ));
     }
     Ok(Template {

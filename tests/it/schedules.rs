@@ -443,6 +443,17 @@ async fn rpcs_and_refusals(backend: Backend) {
             "schedule.task.queue",
             "nowhere",
         ),
+        (
+            spb::Schedule {
+                task: Some(spb::TaskTemplate {
+                    max_retries: Some(1001),
+                    ..every("many-retries", "* * * * *", "x").task.unwrap()
+                }),
+                ..every("many-retries", "* * * * *", "x")
+            },
+            "schedule.task.max_retries",
+            "must be 0 to 1000, got 1001",
+        ),
     ] {
         let err = c
             .create_schedule(spb::CreateScheduleRequest {

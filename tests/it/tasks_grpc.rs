@@ -110,6 +110,13 @@ async fn bad_input_is_refused(backend: Backend) {
         ),
         (
             pb::SubmitTaskRequest {
+                max_retries: Some(1001),
+                ..base()
+            },
+            "max_retries",
+        ),
+        (
+            pb::SubmitTaskRequest {
                 priority: 42,
                 ..base()
             },

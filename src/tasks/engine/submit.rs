@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use super::{TaskConfig, TaskEngine};
 use crate::domain::task::{
-    CacheTarget, Category, Priority, QueueName, State, Task, TaskId, TraceContext,
+    CacheTarget, Category, MAX_RETRIES, Priority, QueueName, State, Task, TaskId, TraceContext,
 };
 use crate::store::Deadline;
 use crate::tasks::error::TaskError;
@@ -193,6 +193,12 @@ impl TaskEngine {
         let expire_ms = expire_ms(new.expires, created_ms, new.delay)?;
         check_key("rate_limit_key", new.rate_limit_key.as_deref())?;
         check_key("concurrency_key", new.concurrency_key.as_deref())?;
+        if let Some(n) = new.max_retries.filter(|n| *n > MAX_RETRIES) {
+            return Err(TaskError::invalid(
+                "max_retries",
+                format!("{n} is over the limit of {MAX_RETRIES}"),
+            ));
+        }
         let task = Task {
             id: TaskId::generate(&queue),
             name: new.name,

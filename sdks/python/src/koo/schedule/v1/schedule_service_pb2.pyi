@@ -182,7 +182,7 @@ class TaskTemplate(_message.Message):
     priority: _task_service_pb2.TaskPriority.ValueType
     """Priority; unspecified means normal."""
     max_retries: _builtins.int
-    """Retries after the first attempt; absent means the default."""
+    """Retries after the first attempt (0 to 1000); absent means the default."""
     queue: _builtins.str
     """Queue; empty means the category's."""
     rate_limit_key: _builtins.str

@@ -1275,7 +1275,7 @@ class SubmitTaskRequest(_message.Message):
     """Priority; unspecified means normal."""
     max_retries: _builtins.int
     """Retries after the first attempt; absent means the default (3). Zero is
-    a valid choice.
+    a valid choice; at most 1000.
     """
     queue: _builtins.str
     """Queue; empty means the category's."""
