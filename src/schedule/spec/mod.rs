@@ -58,7 +58,10 @@
 //!     minute or hour field: `30 * * * *`, `0,30 2 * * *`) **skips** the ticks
 //!     that fall in the gap.
 //!
-//!   Either way a tick never fires twice.
+//!   Either way a tick never fires twice, and only a local time the
+//!   expression matches moves to the end of the gap: `59 1 * * *` fires at
+//!   01:59 EST and not again at 03:00 EDT (croner itself answers 03:00 EDT
+//!   when searching from 01:59 EST; [`CronSpec::is_due`] drops it).
 //!
 //! # Tick keys
 //!
@@ -359,11 +362,46 @@ impl CronSpec {
                 let found = self.cron.find_next_occurrence(&cursor, false).ok()?;
                 cursor = found;
                 let at = found.with_timezone(&Utc);
-                if at > after && self.is_first_occurrence(found.naive_local(), at) {
+                if at > after
+                    && self.is_first_occurrence(found.naive_local(), at)
+                    && self.is_due(&found)
+                {
                     return Some(at);
                 }
             }
         })
+    }
+
+    /// Whether croner's `found` is a tick: its local time matches the
+    /// expression, or it is the first instant after a spring-forward gap
+    /// that skipped a local time the expression matches (a fixed-time tick
+    /// moved to the end of the gap). croner 3 also answers the end of a gap
+    /// when searching from a tick in the hour before it (`59 1 * * *` from
+    /// 01:59 EST gave 03:00 EDT on the day New York skips 02:xx), which
+    /// would fire that schedule twice that day.
+    fn is_due(&self, found: &DateTime<Tz>) -> bool {
+        if self.cron.is_time_matching(found).unwrap_or(false) {
+            return true;
+        }
+        let before = *found - Duration::seconds(1);
+        let (from, to) = (before.naive_local(), found.naive_local());
+        // no gap just before `found` (its offset is the same a second
+        // earlier): a local time croner should not have answered
+        if to - from <= Duration::seconds(1) {
+            return false;
+        }
+        // the skipped local times, read in the offset before the gap
+        let offset = before.fixed_offset().timezone();
+        let step = Duration::seconds(if self.has_seconds { 1 } else { 60 });
+        let mut local = from + Duration::seconds(1);
+        while local < to {
+            let skipped = offset.from_local_datetime(&local).single();
+            if skipped.is_some_and(|t| self.cron.is_time_matching(&t).unwrap_or(false)) {
+                return true;
+            }
+            local += step;
+        }
+        false
     }
 
     /// Whether `at` is the first (or only) instant with local time `local`.

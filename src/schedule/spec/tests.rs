@@ -273,6 +273,41 @@ fn spring_forward_fixed_time_fires_once_at_end_of_gap() {
     assert_eq!(day.latest.unwrap().at, utc("2026-03-08T07:00:00Z"));
 }
 
+/// A fixed time in the hour before the gap fires once, at its own time:
+/// croner 3, searching from that tick, answers the end of the gap, which
+/// the expression does not match (found by a black-box test of
+/// `59 1 * * *`, which fired at 01:59 EST and again at 03:00 EDT).
+#[test]
+fn spring_forward_leaves_the_hour_before_the_gap_alone() {
+    // (expression, zone, the day's one tick)
+    let cases = [
+        ("59 1 * * *", "America/New_York", "2027-03-14T06:59:00Z"),
+        ("30 1 * * *", "America/New_York", "2027-03-14T06:30:00Z"),
+        ("15 1 * * *", "America/Chicago", "2027-03-14T07:15:00Z"),
+        ("45 0 * * *", "Europe/London", "2027-03-28T00:45:00Z"),
+        ("30 1 * * *", "Europe/Paris", "2027-03-28T00:30:00Z"),
+        ("30 1 * * *", "Australia/Sydney", "2027-10-02T15:30:00Z"),
+        ("0 59 1 * * *", "America/New_York", "2027-03-14T06:59:00Z"),
+    ];
+    for (expr, zone, tick) in cases {
+        let s = spec(expr, zone);
+        let tick = utc(tick);
+        let day = s.missed(tick - Duration::hours(12), tick + Duration::hours(12), 10);
+        assert_eq!(day.count, 1, "{expr} in {zone}");
+        assert_eq!(day.latest.unwrap().at, tick, "{expr} in {zone}");
+        // and from the tick itself, the next one is a day later
+        let next = s.next_tick(tick).unwrap().at;
+        assert!(
+            next - tick >= Duration::hours(23),
+            "{expr} in {zone}: {next}"
+        );
+    }
+    // the gap's own fixed times still fire once, at its end
+    let s = spec("30 2 * * *", "America/New_York");
+    let next = s.next_tick(utc("2027-03-14T06:30:00Z")).unwrap();
+    assert_eq!(next.at, utc("2027-03-14T07:00:00Z"));
+}
+
 #[test]
 fn spring_forward_interval_schedule_skips_the_gap() {
     let s = spec("30 * * * *", "America/New_York");
