@@ -61,7 +61,7 @@
 //!   Either way a tick never fires twice, and only a local time the
 //!   expression matches moves to the end of the gap: `59 1 * * *` fires at
 //!   01:59 EST and not again at 03:00 EDT (croner itself answers 03:00 EDT
-//!   when searching from 01:59 EST; [`CronSpec::is_due`] drops it).
+//!   when searching from 01:59 EST; `CronSpec::is_due` drops it).
 //!
 //! # Tick keys
 //!
