@@ -40,8 +40,8 @@ pub struct ConnectArgs {
     /// Name to verify koo's certificate against (default: the target's host).
     #[arg(long, env = "KOO_CLIENT_TLS_SERVER_NAME", global = true)]
     pub tls_server_name: Option<String>,
-    /// How long to wait for the connection and for each answer (not for
-    /// streams: `watch`, `top`).
+    /// How long to wait for the connection and for each answer (for a
+    /// stream, `watch` or `top`, its opening: it then lasts as it runs).
     #[arg(
         long,
         env = "KOO_CLIENT_TIMEOUT",
@@ -99,7 +99,11 @@ impl Conn {
         let tls_on = tls.is_some();
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| usage(format!("--target {:?}: {e}", args.target)))?
-            .connect_timeout(args.timeout);
+            .connect_timeout(args.timeout)
+            // bounds every call until koo answers, a stream's opening
+            // included (a listener that accepts and never speaks HTTP/2 would
+            // hold `watch` for ever); a stream's messages are not bounded
+            .timeout(args.timeout);
         if let Some(tls) = tls {
             endpoint = endpoint
                 .tls_config(tls)
@@ -164,6 +168,14 @@ impl Conn {
 
     /// A failed call as the error the command ends with.
     pub fn failed(&self, status: tonic::Status) -> CliError {
+        // tonic's own deadline reads "CANCELLED: Timeout expired"
+        if status.code() == tonic::Code::Cancelled && status.message() == "Timeout expired" {
+            return CliError::Rpc {
+                target: self.target.clone(),
+                code: code_name(tonic::Code::DeadlineExceeded),
+                message: format!("no answer within --timeout {:?}", self.timeout),
+            };
+        }
         let mut message = status_text(&status);
         if let Some(hint) = self.security.hint(&message, CERT_FLAGS, TLS_FLAGS) {
             message.push_str(&hint);

@@ -581,6 +581,39 @@ fn ps_unreachable_and_auth() {
     let zero = koo_at(&addr, &[], &["cache", "stats", "--timeout", "0s"]);
     assert_eq!(zero.code, 2, "{}", zero.stderr);
     assert!(zero.stderr.contains("above zero"), "{}", zero.stderr);
+
+    // a listener that accepts and never speaks HTTP/2 (a hung proxy): a
+    // stream's opening is bounded by --timeout too, and the deadline is
+    // called one
+    let mute = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mute_addr = mute.local_addr().unwrap().to_string();
+    for args in [
+        &["cache", "watch", "--timeout", "1s"][..],
+        &["cache", "stats", "--timeout", "1s"][..],
+    ] {
+        let mut child = koo_command()
+            .env("KOO_TARGET", &mute_addr)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("koo {args:?} still waits on a mute listener");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut said = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut said).unwrap();
+        assert_eq!(status.code(), Some(3), "{args:?}: {said}");
+        assert!(said.contains("DEADLINE_EXCEEDED"), "{args:?}: {said}");
+    }
 }
 
 /// A tmux server of its own (its socket named after the test), killed when
