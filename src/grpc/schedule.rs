@@ -199,8 +199,10 @@ fn schedule(s: Option<pb::Schedule>) -> Result<Schedule, Status> {
     let s = s.ok_or_else(|| invalid_argument("schedule", "is required"))?;
     Ok(Schedule {
         name: s.name,
-        cron: s.cron,
-        zone: s.time_zone,
+        // stored as it is read: surrounding whitespace (a trailing newline
+        // from a shell) would otherwise show in every listing
+        cron: s.cron.trim().to_owned(),
+        zone: s.time_zone.trim().to_owned(),
         task: template(s.task)?,
         policy: policy(s.missed_tick_policy)?,
         paused: false,
@@ -322,10 +324,10 @@ impl pb::schedule_service_server::ScheduleService for ScheduleApi {
         }
         let wants = |f: &str| all || paths.iter().any(|p| p == f);
         if wants("cron") {
-            patch.cron = Some(s.cron);
+            patch.cron = Some(s.cron.trim().to_owned());
         }
         if wants("time_zone") {
-            patch.zone = Some(s.time_zone);
+            patch.zone = Some(s.time_zone.trim().to_owned());
         }
         if wants("task") {
             patch.task = Some(template(s.task)?);

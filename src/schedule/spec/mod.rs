@@ -190,10 +190,10 @@ impl CronSpec {
             reason,
         };
         // croner's own message may quote the expression: keep it short
-        if expression.len() > MAX_EXPRESSION {
+        if expr.len() > MAX_EXPRESSION {
             return Err(invalid(format!(
                 "it is {} bytes, over the limit of {MAX_EXPRESSION}",
-                expression.len()
+                expr.len()
             )));
         }
 
