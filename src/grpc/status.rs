@@ -197,7 +197,9 @@ impl From<UpkeepError> for Status {
         match e {
             UpkeepError::InvalidEntries { reason } => invalid_argument("entries", &reason),
             UpkeepError::Task(task) => task.into(),
-            UpkeepError::Ended { .. } => Status::failed_precondition(message()),
+            UpkeepError::Ended { .. } | UpkeepError::Unserved { .. } => {
+                Status::failed_precondition(message())
+            }
             UpkeepError::Report(_) => Status::internal(message()),
         }
     }

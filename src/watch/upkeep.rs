@@ -62,7 +62,26 @@ pub enum UpkeepError {
     /// The task succeeded with a result that is not its report.
     #[error("the task's report does not parse: {0}")]
     Report(String),
+    /// Waited for, the task stays queued and no worker serves it (only
+    /// `koo serve`'s built-in workers do, and every koo serving the store
+    /// has `KOO_WORKER_CONCURRENCY=0`): it runs when one starts.
+    #[error(
+        "task {id} is queued but no worker serves {name}: only the built-in workers of `koo serve` run it, and no koo serving this store runs any (KOO_WORKER_CONCURRENCY=0); it runs when one starts: follow it with GetTask or WatchTask"
+    )]
+    Unserved {
+        /// The task.
+        id: String,
+        /// Its name.
+        name: String,
+    },
 }
+
+/// How often a wait checks that some worker serves the task it waits for.
+const SERVED_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Checks in a row that find no worker (the task still queued) before a
+/// wait gives up: a worker's presence record is written when it starts,
+/// and again every third of a lease.
+const UNSERVED_CHECKS: u32 = 3;
 
 /// Time kept, before the caller's deadline, to answer after a wait.
 const ANSWER_MARGIN: Duration = Duration::from_millis(100);
@@ -132,7 +151,12 @@ impl CacheUpkeep {
             });
         }
         let until = Deadline::after(deadline.remaining().saturating_sub(ANSWER_MARGIN));
-        let ended = self.hub.wait_final(&self.engine, &task.id, until).await?;
+        let ended = tokio::select! {
+            ended = self.hub.wait_final(&self.engine, &task.id, until) => ended?,
+            () = self.unserved(name, &task.id) => {
+                return Err(UpkeepError::Unserved { id: task_id, name: name.to_owned() });
+            }
+        };
         let report = match ended {
             None => None,
             Some(t) if t.state == State::Succeeded => {
@@ -147,6 +171,37 @@ impl CacheUpkeep {
             }
         };
         Ok(Submitted { task_id, report })
+    }
+}
+
+impl CacheUpkeep {
+    /// Resolves when the queued task `id` has waited [`UNSERVED_CHECKS`]
+    /// checks in a row with no live worker serving `name` on the cache
+    /// queue; pending for ever while it is served (or no longer queued).
+    async fn unserved(&self, name: &str, id: &crate::domain::task::TaskId) {
+        let mut unserved = 0;
+        let mut every = tokio::time::interval(SERVED_CHECK_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let deadline = Deadline::after(SERVED_CHECK_EVERY);
+            let served = match self.engine.store().list_workers(deadline).await {
+                Ok(workers) => workers.iter().any(|w| {
+                    w.queues.iter().any(|q| q == Category::Cache.as_str())
+                        && w.names.iter().any(|n| n == name)
+                }),
+                // a store that does not answer says nothing about workers
+                Err(_) => true,
+            };
+            let queued = match self.engine.get(id.as_str(), deadline).await {
+                Ok(task) => task.state == State::Queued,
+                Err(_) => false,
+            };
+            unserved = if served || !queued { 0 } else { unserved + 1 };
+            if unserved >= UNSERVED_CHECKS {
+                return;
+            }
+        }
     }
 }
 

@@ -1411,6 +1411,41 @@ async fn results_are_cached_and_warming_computes_values(backend: Backend) {
     );
 }
 
+/// Waiting for an upkeep task that no worker serves (no built-in slots, no
+/// `koo worker`) ends in a few seconds with FAILED_PRECONDITION saying so,
+/// not at the bulk deadline (5 minutes); the task stays queued for a
+/// worker to come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upkeep_wait_that_no_worker_serves_says_so() {
+    use koo::pb::cache::v1 as cache;
+    let koo = start_on(Backend::Memory, 0).await;
+    let mut cc = koo.server.cache();
+    let err = cc
+        .cleanup(cache::CleanupRequest { wait: true })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message()
+            .contains("no worker serves koo.tasks.cache.cleanup"),
+        "{err:?}"
+    );
+    let id = err
+        .message()
+        .split_whitespace()
+        .nth(1)
+        .expect("the message names the task")
+        .to_owned();
+    let task = client(&koo.server)
+        .get_task(pb::GetTaskRequest { task_id: id })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(task.state, pb::TaskState::Queued as i32);
+}
+
 /// Within a queue, higher priority comes first and equal priorities in
 /// submission order: the order ListActiveTasks shows is the order workers
 /// lease in (the same sorted set).
