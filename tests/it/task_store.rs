@@ -106,6 +106,7 @@ on_both!(
     retries_then_fails_when_the_budget_is_spent,
     workers_lease_only_the_names_they_serve,
     hard_limit_ends_a_task_timed_out,
+    a_lease_lapsed_before_the_hard_limit_is_a_lost_worker,
     scheduling_and_result_expiry,
     sweep_queues_due_scheduled_tasks,
     progress_and_events_are_fenced_and_ordered,
@@ -502,6 +503,24 @@ async fn hard_limit_ends_a_task_timed_out(f: Fixture) {
     let t = f.get(&task.id).await;
     assert_eq!(t.state, State::TimedOut);
     assert!(t.error.unwrap().contains("hard time limit"));
+}
+
+/// A lease that lapsed before the task's hard limit is a lost worker, its
+/// task retried, even when the sweep first looks after the limit (koo
+/// down, Redis paused): only a limit that came while the lease held times
+/// a task out. (It ended TIMED_OUT with its retries unused.)
+async fn a_lease_lapsed_before_the_hard_limit_is_a_lost_worker(f: Fixture) {
+    let mut task = f.task("t", Priority::Normal, 3);
+    task.hard_ms = 100;
+    f.submit(&task).await;
+    f.lease("gone", Duration::from_millis(1)).await.unwrap();
+    // nobody sweeps until the hard limit has passed too
+    let past = Instant::now() + Duration::from_millis(150);
+    tokio::time::sleep_until(past.into()).await;
+    f.recover_lapsed(true).await;
+    let t = f.get(&task.id).await;
+    assert_eq!(t.state, State::Queued, "{:?}", t.error);
+    assert!(t.log[0].contains("worker lost"), "{:?}", t.log);
 }
 
 /// A scheduled task is not leased before it is due; an ended task's

@@ -32,16 +32,19 @@ for _, id in ipairs(lapsed) do
   local key = prefix .. id
   redis.call('ZREM', K_leases, id)
   local state, attempts, band, hard_until, worker, cancel, name, created, started, expire_ms, cc,
-    ckey, rkey = unpack(redis.call('HMGET', key, 'state', 'attempts', 'band', 'hard_until', 'worker',
-      'cancel', 'name', 'created_ms', 'started_ms', 'expire_ms', 'cc', 'concurrency_key',
-      'rate_limit_key'))
+    ckey, rkey, lease_until = unpack(redis.call('HMGET', key, 'state', 'attempts', 'band',
+      'hard_until', 'worker', 'cancel', 'name', 'created_ms', 'started_ms', 'expire_ms', 'cc',
+      'concurrency_key', 'rate_limit_key', 'lease_until'))
   if state == 'running' then
     leave_running(key, cc)
     local outcome
     local hard = tonumber(hard_until or '0')
+    -- timed out only when the hard limit came while the lease still held
+    -- (a handler past its limit); a lease that lapsed first is a lost
+    -- worker, however late the sweep (koo down, Redis paused) looks
     if cancel then
       outcome = 'cancelled'
-    elseif hard > 0 and hard <= now then
+    elseif hard > 0 and hard <= now and tonumber(lease_until or '0') >= hard then
       outcome = 'timed_out'
     elseif A_acks_late == '1' and not budget_spent(key) then
       outcome = 'queued'
