@@ -227,6 +227,35 @@ impl Fixture {
     }
 }
 
+/// A full Redis (`maxmemory` under `noeviction`) refuses writes, but not a
+/// heartbeat, which grows nothing: a healthy worker keeps its lease while
+/// Redis is full, instead of losing it and burning the task's retries.
+#[tokio::test]
+async fn a_full_redis_still_takes_heartbeats() {
+    let f = Fixture::redis().await;
+    let mut conn = f.raw().await.expect("a Redis");
+    let task = f.task("t", Priority::Normal, 3);
+    f.submit(&task).await;
+    f.lease("w", Duration::from_secs(60)).await.unwrap();
+    let full = |limit: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(limit)
+            .to_owned()
+    };
+    let () = full("1").query_async(&mut conn).await.unwrap();
+    let refused: redis::RedisResult<()> = conn.set("grows", "x").await;
+    let refused = refused.expect_err("Redis is full").to_string();
+    let beat = f
+        .store
+        .heartbeat(&task.id, 1, Duration::from_secs(60), later())
+        .await;
+    let () = full("0").query_async(&mut conn).await.unwrap();
+    assert!(refused.contains("OOM"), "{refused}");
+    assert_eq!(beat.unwrap(), Beat::Held);
+}
+
 /// What a task's end leaves in Redis expires with its result: the hash, its
 /// log, and the set of the tasks that wait on it; a task cancelled while it
 /// waits takes its own set of dependencies along; a success after a retried

@@ -293,6 +293,21 @@ impl Composed {
         }
     }
 
+    /// `self` run even while Redis is out of memory (`maxmemory` reached
+    /// under `noeviction`), for a script that grows nothing: a heartbeat
+    /// rewrites one field and one score that exist. Without it Redis
+    /// refuses its writes then, and a task whose worker is healthy loses its
+    /// lease and burns its retries while Redis is full. (Redis 7's script
+    /// flags, which koo's tags already need.)
+    pub(crate) fn allowed_when_full(self) -> Self {
+        let text = format!("#!lua flags=allow-oom\n{}", self.text);
+        Self {
+            script: Script::new(&text),
+            parts: self.parts,
+            text,
+        }
+    }
+
     /// Several declared scripts, each a Lua function named after it that
     /// sees its own KEYS and ARGV by name, then `body`, which calls them.
     /// The invocation pushes the parts' keys and arguments in order.

@@ -374,7 +374,7 @@ impl TaskScripts {
         Self {
             submit: with_lib(SUBMIT),
             lease: with_lib(LEASE),
-            heartbeat: alone(HEARTBEAT),
+            heartbeat: alone(HEARTBEAT).allowed_when_full(),
             progress: with_lib(PROGRESS),
             finish: with_lib(FINISH),
             recover: with_lib(RECOVER),
