@@ -60,8 +60,11 @@ pub async fn run(
         }
     };
     let mut entries = HashMap::new();
-    rebuild(&mut entries, &snap, schedules.now());
-    catch_up(&schedules, &entries, &snap);
+    // one instant splits the ticks: those at or before it are missed
+    // (caught up by policy), those after it the loop's
+    let started = schedules.now();
+    rebuild(&mut entries, &snap, started);
+    catch_up(&schedules, &entries, &snap, started);
     tokio::spawn(finish_claimed(schedules.clone(), entries_now(&entries)));
     tracing::info!(schedules = entries.len(), "scheduler running");
     loop {
@@ -161,8 +164,12 @@ fn rebuild(entries: &mut HashMap<String, Entry>, snap: &Snapshot, now: DateTime<
 /// last change) are counted, whatever the policy; for a schedule whose
 /// policy is to run once, the latest fires now. Keyed like any tick, so
 /// instances starting together submit it once.
-fn catch_up(schedules: &Schedules, entries: &HashMap<String, Entry>, snap: &Snapshot) {
-    let now = schedules.now();
+fn catch_up(
+    schedules: &Schedules,
+    entries: &HashMap<String, Entry>,
+    snap: &Snapshot,
+    now: DateTime<Utc>,
+) {
     for (name, e) in entries {
         if e.schedule.paused {
             continue;
@@ -176,12 +183,13 @@ fn catch_up(schedules: &Schedules, entries: &HashMap<String, Entry>, snap: &Snap
         let Some(since) = DateTime::<Utc>::from_timestamp_millis(since_ms) else {
             continue;
         };
-        // the tick due right now is not "missed": the loop fires it
-        let until = now - chrono::Duration::seconds(1);
-        if until <= since {
+        // the loop fires the ticks after `now` (rebuilt from it): a tick
+        // that passed a moment before start-up is missed, not lost between
+        // the two (it was, when this looked only up to a second ago)
+        if now <= since {
             continue;
         }
-        let missed = e.spec.missed(since, until, DEFAULT_MISSED_CAP);
+        let missed = e.spec.missed(since, now, DEFAULT_MISSED_CAP);
         let counted = &schedules.figures().missed;
         counted.fetch_add(missed.count as u64, Relaxed);
         if e.schedule.policy != MissedPolicy::RunOnce {
