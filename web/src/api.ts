@@ -137,7 +137,7 @@ export function errorCode(e: unknown): Code {
 
 // ---- connection state (the header's badge) ----------------------------------
 
-export type ConnState = "connecting" | "live" | "reconnecting" | "stopped";
+export type ConnState = "connecting" | "live" | "reconnecting" | "stopped" | "refused";
 
 let nextConnId = 1;
 const conns = new Map<number, ConnState>();
@@ -157,14 +157,24 @@ export function reportConn(id: number, state: ConnState | null): void {
 
 /**
  * The page's connection as one word: `reconnecting` when any stream or poll
- * is, `connecting` while one has not answered yet, else `live` (a stream that
- * ended on purpose, or on an error its view shows, counts as live).
+ * is, `refused` when koo refused one its credentials (no key, a revoked key,
+ * a role that may not read it), `connecting` while one has not answered yet,
+ * else `live` (a stream that ended on purpose, or on another error its view
+ * shows, counts as live).
  */
 export function overallConn(): ConnState {
   const states = [...conns.values()];
   if (states.includes("reconnecting")) return "reconnecting";
+  if (states.includes("refused")) return "refused";
   if (states.includes("live") || states.includes("stopped")) return "live";
   return "connecting";
+}
+
+/** What a stream's or poll's state says to the badge. */
+function badgeState(status: ConnState, code: Code | null): ConnState {
+  return status === "stopped" && (code === Code.Unauthenticated || code === Code.PermissionDenied)
+    ? "refused"
+    : status;
 }
 
 export function useOverallConn(): ConnState {
@@ -255,7 +265,7 @@ export function useStream<T>(
     const set = (s: StreamState) => {
       if (ac.signal.aborted) return;
       setState(s);
-      reportConn(id, s.status);
+      reportConn(id, badgeState(s.status, s.code));
     };
     set({ status: "connecting", error: null, code: null });
     (async () => {
@@ -360,7 +370,7 @@ export function usePoll<T>(
         if (ac.signal.aborted) return;
         const ce = ConnectError.from(e);
         setErr({ error: errorMessage(ce), code: ce.code });
-        reportConn(id, FATAL.has(ce.code) ? "stopped" : "reconnecting");
+        reportConn(id, badgeState(FATAL.has(ce.code) ? "stopped" : "reconnecting", ce.code));
       }
       if (!ac.signal.aborted) timer = setTimeout(run, intervalMs);
     };

@@ -5,7 +5,7 @@ import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import type { Browser, Page } from "playwright-core";
 import { grpcurl, keysFile, newKey, openPage, startKoo, submitTask, waitUntil, type Koo, type WatchedPage } from "./harness";
-import { assertNoErrors, live, shared, taskState } from "./helpers";
+import { assertNoErrors, live, shared, taskState, textUntil } from "./helpers";
 
 /** Registers the tests (inside the caller's describe); they start a koo of their own. */
 export function authTests(): void {
@@ -84,6 +84,8 @@ export function authTests(): void {
     const p = await openPage(browser, secure, "#/schedules");
     const { page } = p;
     await page.getByTestId("key-prompt").waitFor();
+    // refused streams are not "live"
+    await textUntil(page, '[data-testid="conn-status"]', (t) => t === "refused", "the badge to say refused");
     await page.getByTestId("api-key-input").waitFor();
     await page.getByTestId("api-key-input").fill("koo_not-a-key");
     await page.getByTestId("api-key-save").click();

@@ -66,6 +66,19 @@ export function taskTests(): void {
     await p.close();
   });
 
+  test("a feed link may name its filters (category=research) and a bad one is no filter, not an error", async () => {
+    const p = await openPage(browser, koo, "#/tasks?category=research&state=nonsense");
+    const { page } = p;
+    await live(page);
+    const chosen = (id: string) =>
+      page.getByTestId(id).evaluate((el) => (el as HTMLSelectElement).selectedOptions[0]?.textContent ?? "");
+    assert.equal(await chosen("feed-category"), "research");
+    await page.waitForURL("**#/tasks?category=*");
+    assert.ok(!page.url().includes("state="), page.url());
+    assertNoErrors(p);
+    await p.close();
+  });
+
   test("the task page shows a task's expiry and debounce key", async () => {
     const expiring = await submitTask(koo, {
       name: "test.web.never-served",

@@ -58,7 +58,7 @@ export function Layout({ route, children }: { route: string; children: Component
   );
 }
 
-/** `live` or `reconnecting` (or `connecting` before the first stream opens). */
+/** `live`, `reconnecting` or `refused` (or `connecting` before the first stream opens). */
 export function ConnBadge() {
   const s = useOverallConn();
   return (

@@ -84,13 +84,24 @@ interface Filters {
   state: TaskState;
 }
 
+/**
+ * A filter value of a link: one of `all` by number (`3`) or by the name its
+ * menu shows (`research`, `failed`); anything else is no filter (0), never
+ * a NaN sent to koo.
+ */
+function pick<T extends number>(raw: string | null, all: readonly T[], name: (v: T) => string): T | 0 {
+  if (!raw) return 0;
+  const wanted = raw.trim().toLowerCase();
+  return all.find((v) => String(v) === wanted || name(v).toLowerCase() === wanted) ?? 0;
+}
+
 function readFilters(): Filters {
   // The feed's filters live in the hash's query: #/tasks?category=3&name=x&state=4
   const q = new URLSearchParams(location.hash.split("?")[1] ?? "");
   return {
-    category: Number(q.get("category") ?? 0) as TaskCategory,
+    category: pick(q.get("category"), CATEGORIES, categoryName) as TaskCategory,
     name: q.get("name") ?? "",
-    state: Number(q.get("state") ?? 0) as TaskState,
+    state: pick(q.get("state"), STATES, stateName) as TaskState,
   };
 }
 

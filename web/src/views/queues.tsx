@@ -263,7 +263,7 @@ export function QueuesView() {
           })}
         </Table>
         <div class="card-foot placeholder small" data-testid="flow-control-placeholder">
-          A paused queue accepts submits and hands out nothing until resumed. Rate limits per queue: not in koo yet (they come with the flow-control issue).
+          A paused queue accepts submits and hands out nothing until resumed. Rate limits per queue: <code>koo limit set-rate queues/&lt;queue&gt;</code> or <code>KOO_RATE_LIMITS</code> (README, "Rate limits").
         </div>
       </Card>
 
