@@ -346,7 +346,18 @@ impl Schedules {
         let snap = self.store.snapshot(deadline).await?;
         for d in defaults {
             let stored = snap.schedules.get(&d.name);
-            if stored.is_some_and(|s| s.source == Source::Api) {
+            if let Some(s) = stored.filter(|s| s.source == Source::Api) {
+                // the operator's schedule wins, but the default it hides
+                // (a maintenance task that then never runs) is said
+                if d.cron.is_some() {
+                    tracing::warn!(
+                        schedule = %d.name,
+                        task = %s.task.name,
+                        variable = d.variable,
+                        "a schedule created through the API has a default schedule's name: it is kept, and the default ({}) does not run; rename or delete it to get the default back",
+                        d.task.name
+                    );
+                }
                 continue;
             }
             match (&d.cron, stored) {

@@ -521,6 +521,41 @@ fn an_expired_server_certificate_is_logged() {
     ));
 }
 
+/// A schedule created through the API under a default's name is kept when
+/// the configuration turns that default on, and the start-up log says that
+/// the default does not run (it was silent: the maintenance task never ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_schedule_hiding_a_default_is_warned_about() {
+    use koo::pb::schedule::v1 as spb;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let mut first = Running::start(&[("KOO_DATA_DIR", dir), ("KOO_SCHEDULE_CACHE_WARM", "off")]);
+    let mut c = spb::schedule_service_client::ScheduleServiceClient::new(first.channel().await);
+    c.create_schedule(spb::CreateScheduleRequest {
+        schedule: Some(spb::Schedule {
+            name: "cache-warm".into(),
+            cron: "0 4 * * *".into(),
+            task: Some(spb::TaskTemplate {
+                name: "koo.diagnostics.echo".into(),
+                category: koo::pb::tasks::v1::TaskCategory::Research as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        paused: false,
+    })
+    .await
+    .unwrap();
+    first.signal("TERM");
+    assert!(first.wait().success());
+    let second = Running::start(&[("KOO_DATA_DIR", dir)]);
+    assert!(
+        logged(&second, "has a default schedule's name: it is kept"),
+        "{}",
+        second.log.lock().unwrap().join("\n")
+    );
+}
+
 /// An empty REDIS_URL (an empty secret, say) still means the embedded
 /// store, as before, but says so at WARN: the replicas of such a deployment
 /// would not share anything.
