@@ -92,7 +92,7 @@ pub enum Command {
     /// API keys: `koo auth new-key`.
     #[command(subcommand)]
     Auth(AuthCommand),
-    /// Client: cache entries of a running koo (get, set, del, keys, clear, stats).
+    /// Client: cache entries of a running koo (get, set, del, keys, clear, stats, invalidate-tags, get-or-compute, watch).
     Cache(Box<crate::cli::cache::CacheCli>),
     /// Client: tasks (submit, get, watch, ls, history, cancel, retry, dead, requeue).
     Task(Box<crate::cli::task::TaskCli>),

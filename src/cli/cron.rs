@@ -188,11 +188,16 @@ fn last_run(s: &pb::Schedule) -> String {
     s.last_run.as_ref().map_or_else(
         || "-".to_owned(),
         |r| {
-            format!(
-                "{} {}",
-                output::time(r.tick_time.as_ref()),
-                state_name(r.state)
-            )
+            // a trigger has no tick: its end (or the task) says when
+            let when = match (&r.tick_time, &r.end_time) {
+                (Some(t), _) => output::time(Some(t)),
+                (None, Some(end)) => format!("ended {}", output::time(Some(end))),
+                (None, None) => "-".to_owned(),
+            };
+            let how = if r.triggered { " (triggered)" } else { "" };
+            format!("{when} {}{how} {}", state_name(r.state), r.task_id)
+                .trim_end()
+                .to_owned()
         },
     )
 }

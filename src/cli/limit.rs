@@ -69,8 +69,8 @@ enum LimitCommand {
         /// The period (`1s`, `1m`).
         #[arg(long, value_parser = super::connect::parse_duration)]
         per: Duration,
-        /// Starts at once after a quiet spell (default 1: evenly spaced).
-        #[arg(long, default_value_t = 0)]
+        /// Starts at once after a quiet spell (1: evenly spaced).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         burst: u32,
     },
     /// Create or replace a concurrency cap: at most MAX of the key's tasks
@@ -99,8 +99,10 @@ enum Policy {
     /// It waits, QUEUED, until one of the key's tasks ends.
     Wait,
     /// It ends CANCELLED instead of starting.
+    #[value(alias = "cancel_newest")]
     CancelNewest,
     /// The key's oldest running task is asked to cancel.
+    #[value(alias = "cancel_oldest")]
     CancelOldest,
 }
 

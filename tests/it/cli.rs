@@ -393,6 +393,19 @@ fn cron_commands() {
     assert_eq!(watched.last().unwrap()["result"], "hi");
     let listed = koo(&["cron", "ls", "--json"]).json_lines();
     assert!(listed.iter().any(|s| s["name"] == "nightly"), "{listed:?}");
+    // the trigger's run says so, with its task and end (it has no tick)
+    let shown = koo(&["cron", "get", "nightly"]);
+    let shown = shown.ok();
+    let last = shown
+        .lines()
+        .find(|l| l.starts_with("last run"))
+        .unwrap_or("");
+    assert!(
+        last.contains("succeeded (triggered)")
+            && last.contains(&task_id)
+            && last.contains("ended "),
+        "{shown}"
+    );
     // --paused creates it paused (it fires nothing until resumed)
     let paused = koo(&[
         "cron",
