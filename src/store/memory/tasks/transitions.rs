@@ -461,9 +461,7 @@ impl Tasks {
             let state = if e.cancel.is_some() {
                 State::Cancelled
             } else if e.hard_until > 0 && e.hard_until <= now && e.lease_until >= e.hard_until {
-                // the hard limit came while the lease held (a handler past
-                // its limit); a lease that lapsed first is a lost worker,
-                // however late the sweep looks
+                // the limit came while the lease held; see recover.lua
                 State::TimedOut
             } else if acks_late && !e.budget_spent() {
                 State::Queued
