@@ -245,11 +245,13 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|s| {
             let text = koo::cli::connect::status_text(&s);
+            // only for this side's connection, not a message koo sent
+            let local = std::error::Error::source(&s).is_some();
             anyhow::anyhow!(
                 "health check of {:?} failed: {}: {text}{}",
                 args.service,
                 koo::cli::connect::code_name(s.code()),
-                hint(&text)
+                if local { hint(&text) } else { String::new() }
             )
         })?;
     let status =

@@ -80,7 +80,13 @@ impl Body for Revocable {
         }
         let inner = self.inner.as_mut().expect("checked above");
         let frame = ready!(Pin::new(inner).poll_frame(cx));
-        if frame.is_none() {
+        // nothing follows the stream's own trailers (not a second set)
+        let last = match &frame {
+            None => true,
+            Some(Ok(f)) => f.is_trailers(),
+            Some(Err(_)) => false,
+        };
+        if last {
             self.inner = None;
         }
         Poll::Ready(frame)

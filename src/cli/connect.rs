@@ -177,7 +177,14 @@ impl Conn {
             };
         }
         let mut message = status_text(&status);
-        if let Some(hint) = self.security.hint(&message, CERT_FLAGS, TLS_FLAGS) {
+        // only for a failure of this side's connection: a message koo sent
+        // (a Redis "connection reset" it passes on) is koo's to explain
+        let local = std::error::Error::source(&status).is_some();
+        if let Some(hint) = self
+            .security
+            .hint(&message, CERT_FLAGS, TLS_FLAGS)
+            .filter(|_| local)
+        {
             message.push_str(&hint);
         }
         CliError::Rpc {

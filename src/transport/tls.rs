@@ -291,6 +291,9 @@ fn build_config(
 
 /// How often a running koo looks at its certificate's expiry again.
 const EXPIRY_CHECK_EVERY: Duration = Duration::from_secs(12 * 3600);
+/// How far ahead of this host's clock a new certificate's start may be
+/// without a notice (the issuer's clock, a little ahead).
+const CLOCK_SKEW: i64 = 300;
 /// From how long before its expiry a certificate is warned about.
 const EXPIRY_WARNING: i64 = 14 * 24 * 3600;
 
@@ -308,8 +311,12 @@ fn expiry_notice(pair: &CertifiedKey, now: i64) -> Option<(tracing::Level, Strin
     let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
     let validity = cert.validity();
     let (from, until) = (validity.not_before, validity.not_after);
-    let days = |secs: i64| secs.unsigned_abs().div_ceil(86_400);
-    if now < from.timestamp() {
+    let days = |secs: i64| match secs.unsigned_abs().div_ceil(86_400) {
+        1 => "1 day".to_owned(),
+        n => format!("{n} days"),
+    };
+    // a certificate issued a moment ago on a clock a little ahead
+    if now + CLOCK_SKEW < from.timestamp() {
         Some((
             tracing::Level::ERROR,
             format!("is not valid yet (from {from}): clients refuse it until then"),
@@ -318,7 +325,7 @@ fn expiry_notice(pair: &CertifiedKey, now: i64) -> Option<(tracing::Level, Strin
         Some((
             tracing::Level::ERROR,
             format!(
-                "expired on {until} ({} days ago): clients refuse it; rotate it (koo reloads it)",
+                "expired on {until} ({} ago): clients refuse it; rotate it (koo reloads it)",
                 days(now - until.timestamp())
             ),
         ))
@@ -326,7 +333,7 @@ fn expiry_notice(pair: &CertifiedKey, now: i64) -> Option<(tracing::Level, Strin
         Some((
             tracing::Level::WARN,
             format!(
-                "expires on {until} (in {} days): rotate it (koo reloads it)",
+                "expires on {until} (in {}): rotate it (koo reloads it)",
                 days(until.timestamp() - now)
             ),
         ))

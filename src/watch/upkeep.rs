@@ -182,13 +182,16 @@ impl CacheUpkeep {
         let mut unserved = 0;
         let mut every = tokio::time::interval(SERVED_CHECK_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // the first check a second after the submit, not at once
+        every.tick().await;
         loop {
             every.tick().await;
             let deadline = Deadline::after(SERVED_CHECK_EVERY);
             let served = match self.engine.store().list_workers(deadline).await {
+                // no names: an external worker serving every name
                 Ok(workers) => workers.iter().any(|w| {
                     w.queues.iter().any(|q| q == Category::Cache.as_str())
-                        && w.names.iter().any(|n| n == name)
+                        && (w.names.is_empty() || w.names.iter().any(|n| n == name))
                 }),
                 // a store that does not answer says nothing about workers
                 Err(_) => true,

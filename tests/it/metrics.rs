@@ -482,6 +482,16 @@ async fn worker_and_scheduler_serve_their_own_metrics() {
         &[("KOO_HTTP_LISTEN", worker_http.as_str())],
     ));
     let quiet = Guard(worker_with(&redis, &[]));
+    // both announced (the quiet one up): it listens on nothing by default;
+    // then it goes, so that the scraped worker runs what follows (two
+    // workers racing for each task left it all to one under load)
+    scrape_until(&worker_http, "koo_workers", &[], |n| n >= 2.0).await;
+    assert_eq!(
+        listening_sockets(quiet.0.id()),
+        0,
+        "a worker listened by default"
+    );
+    drop(quiet);
     let channel = Channel::from_shared(format!("http://{grpc}"))
         .unwrap()
         .connect()
@@ -494,29 +504,17 @@ async fn worker_and_scheduler_serve_their_own_metrics() {
     assert_eq!(done.state, pb::TaskState::Succeeded as i32);
     // the worker's listener may still be coming up: wait until it answers
     scrape_until(&worker_http, "koo_worker_slots", &[], |_| true).await;
-    // one of the two workers ran it; submit more until the scraped one has
-    let mut text = String::new();
-    for _ in 0..50 {
-        let (_, t) = http_get(&worker_http, "/metrics").await;
-        text = t;
-        if sample(&text, "koo_tasks_total", &[r#"outcome="succeeded""#]).is_some_and(|n| n >= 1.0) {
-            break;
-        }
-        let t = submit_ok(&mut tasks, noop()).await;
-        wait_task(&mut tasks, &t.id, is_final).await;
-    }
-    assert!(
-        sample(&text, "koo_tasks_total", &[r#"outcome="succeeded""#]).is_some_and(|n| n >= 1.0),
-        "{text}"
-    );
+    // the worker counts it (its counters are flushed, not awaited)
+    let text = scrape_until(
+        &worker_http,
+        "koo_tasks_total",
+        &[r#"outcome="succeeded""#],
+        |n| n >= 1.0,
+    )
+    .await;
     assert!(sample(&text, "koo_worker_slots", &[]).is_some(), "{text}");
     assert!(!text.contains("grpc_server_"), "{text}");
     assert!(!text.contains("koo_cache_"), "{text}");
-    assert_eq!(
-        listening_sockets(quiet.0.id()),
-        0,
-        "a worker listened by default"
-    );
     drop(worker);
 
     let scheduler_http = format!("127.0.0.1:{}", free_port());

@@ -15,6 +15,7 @@
 
 mod args;
 mod batch;
+mod beat;
 mod cap_repair;
 mod debounce;
 mod ends;
@@ -36,6 +37,7 @@ pub(crate) use scripts::TaskScripts;
 pub use wake::{SubmitWatch, Woken};
 
 use args::leased;
+use beat::refuses_script_flags;
 
 use std::any::Any;
 use std::time::Duration;
@@ -75,6 +77,9 @@ pub struct RedisTasks {
     /// Replicas an idempotency claim waits for, and for how long (ms; see
     /// `slots.rs`).
     claim_wait: (std::sync::atomic::AtomicU32, std::sync::atomic::AtomicU64),
+    /// This Redis refused the heartbeat's script flags (before 7.0): the
+    /// unflagged heartbeat is used, which fails while Redis is full.
+    flagless: std::sync::atomic::AtomicBool,
 }
 
 impl RedisTasks {
@@ -93,6 +98,7 @@ impl RedisTasks {
             clock,
             tally: tally::Tally::default(),
             claim_wait: (0.into(), 0.into()),
+            flagless: false.into(),
         }
     }
 
@@ -259,13 +265,18 @@ impl TaskBackend for RedisTasks {
         lease: Duration,
         deadline: Deadline,
     ) -> Result<Beat> {
-        let mut call = self.scripts().heartbeat.call(self.clock());
-        call.queue_keys(&self.keys(&id.queue()), Some(id))
-            .arg("id", id.as_str())
-            .arg("token", token)
-            .arg("lease_ms", millis(lease));
-        // 1, 0, or the cancel's reason: one reply, no second read
-        let reply: redis::Value = self.store.invoke(call.done(), deadline).await?;
+        use std::sync::atomic::Ordering::Relaxed;
+        let flagless = self.flagless.load(Relaxed);
+        let reply = match self.beat(id, token, lease, flagless, deadline).await {
+            Err(e) if !flagless && refuses_script_flags(&e) => {
+                self.flagless.store(true, Relaxed);
+                tracing::warn!(
+                    "this Redis does not know script flags (Redis 7.0 does): heartbeats run unflagged, and fail while Redis is full"
+                );
+                self.beat(id, token, lease, true, deadline).await
+            }
+            reply => reply,
+        }?;
         Ok(match reply {
             redis::Value::Int(1) => Beat::Held,
             redis::Value::BulkString(reason) => {

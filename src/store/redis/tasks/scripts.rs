@@ -346,6 +346,8 @@ pub(crate) struct TaskScripts {
     pub(super) submit: Composed,
     pub(super) lease: Composed,
     pub(super) heartbeat: Composed,
+    /// The same, unflagged, for a Redis before 7.0 (no script flags).
+    pub(super) heartbeat_plain: Composed,
     pub(super) progress: Composed,
     pub(super) finish: Composed,
     pub(super) recover: Composed,
@@ -375,6 +377,7 @@ impl TaskScripts {
             submit: with_lib(SUBMIT),
             lease: with_lib(LEASE),
             heartbeat: alone(HEARTBEAT).allowed_when_full(),
+            heartbeat_plain: alone(HEARTBEAT),
             progress: with_lib(PROGRESS),
             finish: with_lib(FINISH),
             recover: with_lib(RECOVER),
