@@ -184,19 +184,32 @@ fn catch_up(
             continue;
         };
         // the loop fires the ticks after `now` (rebuilt from it): a tick
-        // that passed a moment before start-up is missed, not lost between
-        // the two (it was, when this looked only up to a second ago)
+        // that passed a moment before start-up is fired here, not lost
+        // between the two (it was, when this looked only up to a second ago)
         if now <= since {
             continue;
         }
         let missed = e.spec.missed(since, now, DEFAULT_MISSED_CAP);
-        let counted = &schedules.figures().missed;
-        counted.fetch_add(missed.count as u64, Relaxed);
+        // a tick of the last second is late, not missed: it is fired
+        // whatever the policy (another scheduler may have fired it a moment
+        // ago, its run not yet recorded: its key makes this a no-op)
+        let recent = now - chrono::Duration::seconds(1);
+        let late = missed.latest.clone().filter(|t| t.at > recent);
+        let count = match late {
+            Some(_) => e.spec.missed(since, recent, DEFAULT_MISSED_CAP).count,
+            None => missed.count,
+        };
+        schedules.figures().missed.fetch_add(count as u64, Relaxed);
+        if let Some(tick) = late {
+            tracing::debug!(schedule = %name, tick = %tick.key, "firing a tick due a moment before start-up");
+            tokio::spawn(fire(schedules.clone(), e.schedule.clone(), tick));
+            continue;
+        }
         if e.schedule.policy != MissedPolicy::RunOnce {
             continue;
         }
         if let Some(tick) = missed.latest {
-            tracing::info!(schedule = %name, missed = missed.count, tick = %tick.key, "running the latest missed tick once");
+            tracing::info!(schedule = %name, missed = count, tick = %tick.key, "running the latest missed tick once");
             tokio::spawn(fire(schedules.clone(), e.schedule.clone(), tick));
         }
     }
