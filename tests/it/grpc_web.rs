@@ -261,3 +261,37 @@ async fn bad_cors_origins_fail_startup_naming_the_setting() {
         assert!(stderr.contains(value), "{value}: {stderr}");
     }
 }
+
+/// A revoked key ends a grpc-web stream too, on both listeners: the
+/// refusal arrives as the stream's trailers (the check is on the response
+/// body, below grpc-web's translation).
+#[tokio::test]
+async fn a_revoked_key_ends_a_grpc_web_stream() {
+    use common::auth::{ADMIN, KeysFile, READER, all_roles, entry};
+    let keys = KeysFile::new(&all_roles());
+    let path = keys.path();
+    let (_koo, grpc, http) = serve(&[
+        ("KOO_AUTH_FILE", path.to_str().unwrap()),
+        ("KOO_AUTH_RELOAD_INTERVAL", "100ms"),
+    ]);
+    let mut streams = Vec::new();
+    for addr in [&grpc, &http] {
+        let mut cache = CacheServiceClient::with_origin(web(), origin(addr));
+        let request = with_key(cache_pb::WatchInvalidationsRequest::default(), Some(READER));
+        let mut stream = cache
+            .watch_invalidations(request)
+            .await
+            .unwrap()
+            .into_inner();
+        let ready = tokio::time::timeout(common::EVENT_TIMEOUT, stream.message()).await;
+        let ready = ready.expect("the stream answers").unwrap().unwrap();
+        assert_eq!(ready.kind, cache_pb::InvalidationKind::Ready as i32);
+        streams.push(stream);
+    }
+    keys.write(&entry("ci-admin", "admin", ADMIN, ""));
+    for stream in &mut streams {
+        let end = tokio::time::timeout(common::EVENT_TIMEOUT, stream.message()).await;
+        let end = end.expect("the stream ends").unwrap_err();
+        assert_eq!(end.code(), Code::Unauthenticated, "{end:?}");
+    }
+}
