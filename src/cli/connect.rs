@@ -271,7 +271,14 @@ impl Security {
     /// closed or reset; `cert_flags` and `tls_flag` name the settings to try.
     pub fn hint(self, text: &str, cert_flags: &str, tls_flag: &str) -> Option<String> {
         let text = text.to_ascii_lowercase();
-        let closed = ["connection closed", "connection reset", "broken pipe"]
+        // hyper's words for a connection the server closed: at once, in
+        // the middle of a call, or before the first request could go out
+        let closed = [
+            "connection closed",
+            "connection reset",
+            "broken pipe",
+            "connection was not ready",
+        ]
             .iter()
             .any(|c| text.contains(c))
             // a plaintext client reading a TLS alert as an HTTP/2 frame
