@@ -225,7 +225,7 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let hint = |text: &str| {
         let cert = "--tls-cert and --tls-key (KOO_HEALTH_TLS_CERT, KOO_HEALTH_TLS_KEY)";
         let tls = "--tls-ca (KOO_HEALTH_TLS_CA)";
-        security.hint(text, cert, tls).unwrap_or_default()
+        security.hint(text, cert, tls)
     };
     let channel = endpoint.connect().await.map_err(|e| {
         let chain = koo::cli::connect::error_chain(&e);

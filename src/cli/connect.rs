@@ -96,7 +96,10 @@ impl Conn {
     /// Connects to `args.target` (an unreachable koo is an error naming it).
     pub async fn open(args: &ConnectArgs) -> Result<Conn, CliError> {
         let (uri, tls) = endpoint_uri(args)?;
-        let tls_on = tls.is_some();
+        let security = Security {
+            tls: tls.is_some(),
+            client_cert: args.tls_cert.is_some(),
+        };
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| usage(format!("--target {:?}: {e}", args.target)))?
             .connect_timeout(args.timeout)
@@ -111,13 +114,7 @@ impl Conn {
         }
         let channel = endpoint.connect().await.map_err(|e| {
             let mut reason = error_chain(&e);
-            let security = Security {
-                tls: tls_on,
-                client_cert: args.tls_cert.is_some(),
-            };
-            if let Some(hint) = security.hint(&reason, CERT_FLAGS, TLS_FLAGS) {
-                reason.push_str(&hint);
-            }
+            reason.push_str(&security.hint(&reason, CERT_FLAGS, TLS_FLAGS));
             CliError::Unreachable {
                 target: args.target.clone(),
                 reason,
@@ -136,10 +133,7 @@ impl Conn {
             timeout: args.timeout,
             target: args.target.clone(),
             json: args.json,
-            security: Security {
-                tls: tls_on,
-                client_cert: args.tls_cert.is_some(),
-            },
+            security,
         })
     }
 
@@ -179,13 +173,8 @@ impl Conn {
         let mut message = status_text(&status);
         // only for a failure of this side's connection: a message koo sent
         // (a Redis "connection reset" it passes on) is koo's to explain
-        let local = std::error::Error::source(&status).is_some();
-        if let Some(hint) = self
-            .security
-            .hint(&message, CERT_FLAGS, TLS_FLAGS)
-            .filter(|_| local)
-        {
-            message.push_str(&hint);
+        if std::error::Error::source(&status).is_some() {
+            message.push_str(&self.security.hint(&message, CERT_FLAGS, TLS_FLAGS));
         }
         CliError::Rpc {
             target: self.target.clone(),
@@ -268,8 +257,9 @@ pub struct Security {
 
 impl Security {
     /// A hint to add to a failure's `text` when it says the connection was
-    /// closed or reset; `cert_flags` and `tls_flag` name the settings to try.
-    pub fn hint(self, text: &str, cert_flags: &str, tls_flag: &str) -> Option<String> {
+    /// closed or reset (empty otherwise); `cert_flags` and `tls_flag` name
+    /// the settings to try.
+    pub fn hint(self, text: &str, cert_flags: &str, tls_flag: &str) -> String {
         let text = text.to_ascii_lowercase();
         // hyper's words for a connection the server closed: at once, in
         // the middle of a call, or before the first request could go out
@@ -284,14 +274,14 @@ impl Security {
             // a plaintext client reading a TLS alert as an HTTP/2 frame
             || (!self.tls && text.contains("frame with invalid size"));
         match (closed, self.tls, self.client_cert) {
-            (false, ..) | (true, true, true) => None,
-            (true, true, false) => Some(format!(
+            (false, ..) | (true, true, true) => String::new(),
+            (true, true, false) => format!(
                 " (koo closed the connection: if it requires client certificates \
                  (KOO_TLS_CLIENT_CA), give {cert_flags})"
-            )),
-            (true, false, _) => Some(format!(
-                " (koo closed the connection: if it serves TLS, use {tls_flag})"
-            )),
+            ),
+            (true, false, _) => {
+                format!(" (koo closed the connection: if it serves TLS, use {tls_flag})")
+            }
         }
     }
 }
@@ -363,15 +353,11 @@ mod tests {
     fn a_closed_connection_is_explained_by_how_it_was_made() {
         let closed = "transport error: connection closed";
         let hint = |tls, client_cert, text| Security { tls, client_cert }.hint(text, "CERT", "TLS");
-        assert!(hint(true, false, closed).unwrap().contains("give CERT"));
-        assert!(hint(false, false, closed).unwrap().contains("use TLS"));
-        assert!(
-            hint(false, false, "Broken pipe")
-                .unwrap()
-                .contains("use TLS")
-        );
-        assert_eq!(hint(true, true, closed), None);
-        assert_eq!(hint(true, false, "deadline has elapsed"), None);
+        assert!(hint(true, false, closed).contains("give CERT"));
+        assert!(hint(false, false, closed).contains("use TLS"));
+        assert!(hint(false, false, "Broken pipe").contains("use TLS"));
+        assert_eq!(hint(true, true, closed), "");
+        assert_eq!(hint(true, false, "deadline has elapsed"), "");
     }
 
     use super::*;

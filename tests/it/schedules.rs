@@ -467,19 +467,14 @@ async fn rpcs_and_refusals(backend: Backend) {
         assert!(err.message().contains(quote), "{quote}: {err:?}");
     }
     // surrounding whitespace (a shell's newline, padding) is not stored
-    let padded = c
-        .create_schedule(spb::CreateScheduleRequest {
-            schedule: Some(spb::Schedule {
-                time_zone: " America/New_York ".into(),
-                ..every("padded", &format!("{}0 3 * * *\n", " ".repeat(10_000)), "x")
-            }),
-            paused: true,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .schedule
-        .unwrap();
+    let padded = create(
+        &mut c,
+        spb::Schedule {
+            time_zone: " America/New_York ".into(),
+            ..every("padded", &format!("{}0 3 * * *\n", " ".repeat(10_000)), "x")
+        },
+    )
+    .await;
     assert_eq!(
         (padded.cron.as_str(), padded.time_zone.as_str()),
         ("0 3 * * *", "America/New_York")

@@ -1436,13 +1436,7 @@ async fn an_upkeep_wait_that_no_worker_serves_says_so() {
         .nth(1)
         .expect("the message names the task")
         .to_owned();
-    let task = client(&koo.server)
-        .get_task(pb::GetTaskRequest { task_id: id })
-        .await
-        .unwrap()
-        .into_inner()
-        .task
-        .unwrap();
+    let task = get_ok(&mut client(&koo.server), &id).await;
     assert_eq!(task.state, pb::TaskState::Queued as i32);
 }
 

@@ -58,8 +58,8 @@ class RateLimitInfo:
             period=r.period.ToTimedelta(),
             burst=r.burst,
             source=_source(r.source),
-            next_free_time=from_timestamp(r.next_free_time) if r.HasField("next_free_time") else None,
-            backoff_until=from_timestamp(r.backoff_until) if r.HasField("backoff_until") else None,
+            next_free_time=from_timestamp(r.next_free_time),
+            backoff_until=from_timestamp(r.backoff_until),
         )
 
 

@@ -108,8 +108,8 @@ class TaskAttempt:
             worker=a.worker,
             outcome=a.outcome,
             error=a.error,
-            end_time=from_timestamp(a.end_time) if a.HasField("end_time") else None,
-            retry_time=from_timestamp(a.retry_time) if a.HasField("retry_time") else None,
+            end_time=from_timestamp(a.end_time),
+            retry_time=from_timestamp(a.retry_time),
         )
 
 
@@ -206,7 +206,7 @@ class TaskInfo:
             start_time=from_timestamp(t.start_time),
             end_time=from_timestamp(t.end_time),
             debounce_key=t.debounce_key,
-            expire_time=from_timestamp(t.expire_time) if t.HasField("expire_time") else None,
+            expire_time=from_timestamp(t.expire_time),
             rate_limit_key=t.rate_limit_key,
             concurrency_key=t.concurrency_key,
             error_details=from_struct(t.error.details) if t.error.HasField("details") else {},
@@ -591,7 +591,7 @@ class TaskManager:
                     state=TaskState(t.state),
                     attempts=t.attempts,
                     end_time=from_timestamp(t.end_time),
-                    start_time=from_timestamp(t.start_time) if t.HasField("start_time") else None,
+                    start_time=from_timestamp(t.start_time),
                     run_time=t.run_duration.ToTimedelta() if t.HasField("run_duration") else None,
                 )
                 for t in r.tasks
