@@ -546,8 +546,14 @@ async fn an_api_schedule_hiding_a_default_is_warned_about() {
     })
     .await
     .unwrap();
+    drop(c);
     first.signal("TERM");
-    assert!(first.wait().success());
+    let status = first.wait();
+    assert!(
+        status.success(),
+        "{status:?}: {}",
+        first.log.lock().unwrap().join("\n")
+    );
     let second = Running::start(&[("KOO_DATA_DIR", dir)]);
     assert!(
         logged(&second, "has a default schedule's name: it is kept"),
