@@ -32,6 +32,23 @@ pub fn quote_sized(input: &str) -> String {
     }
 }
 
+/// Bytes from the input (a request body, say) quoted as [`quote`] does,
+/// read as UTF-8 where they are (U+FFFD elsewhere), always with the
+/// length of the whole input in bytes. Only the quoted head is decoded, so
+/// a body of megabytes costs no more than a short one.
+pub fn quote_bytes(input: &[u8]) -> String {
+    // a character is at most four bytes: this head holds every quoted one
+    let head = String::from_utf8_lossy(&input[..input.len().min(MAX_QUOTED_CHARS * 4 + 4)]);
+    match head.char_indices().nth(MAX_QUOTED_CHARS) {
+        Some((cut, _)) => {
+            let q = format!("{:?}", &head[..cut]);
+            // the head's closing quote goes after the ellipsis
+            format!("{}…\" ({} bytes)", &q[..q.len() - 1], input.len())
+        }
+        None => format!("{} ({} bytes)", quote(&head), input.len()),
+    }
+}
+
 /// A bounded quotation of an input; see [`quote`].
 #[derive(Clone, Copy)]
 pub struct Quoted<'a>(&'a str);
@@ -99,6 +116,21 @@ mod tests {
         assert_eq!(quote(&exact).to_string(), format!("{exact:?}"));
         let over = "é".repeat(MAX_QUOTED_CHARS + 1);
         assert!(quote(&over).to_string().contains("(130 bytes)"));
+    }
+
+    /// Bytes are quoted by their head, with the whole input's length
+    /// (a body of megabytes said to be its size, not the head's).
+    #[test]
+    fn bytes_quoted_with_their_length() {
+        assert_eq!(quote_bytes(b"ab"), "\"ab\" (2 bytes)");
+        let body = vec![b'z'; 300_049];
+        let q = quote_bytes(&body);
+        assert!(q.ends_with("…\" (300049 bytes)"), "{q}");
+        assert!(q.len() < 100, "{q}");
+        assert_eq!(
+            quote_bytes(b"\xff!"),
+            format!("{:?} (2 bytes)", "\u{fffd}!")
+        );
     }
 
     /// JSON values are shown as JSON, bounded.

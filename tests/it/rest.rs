@@ -201,6 +201,36 @@ fn errors(http: &str) {
         body["message"].as_str().unwrap().contains("\"colour\""),
         "{body}"
     );
+    // a query that is not UTF-8 once decoded names no key: refused, not
+    // read as U+FFFD (which `%C0` and `%FF` would both have become)
+    for bad in ["key=%C0", "key=%FF%FE", "k%FFey=a"] {
+        let (code, body) = curl(&[
+            "-X",
+            "DELETE",
+            &format!("http://{http}/api/v1/cache/delete?{bad}"),
+        ]);
+        assert_eq!((code, &body["code"]), (400, &json!(3)), "{bad}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("not UTF-8"),
+            "{bad}: {body}"
+        );
+    }
+    let (code, body) = get(http, "/api/v1/cache/get?key=caf%C3%A9+au+lait");
+    assert_eq!(code, 200, "UTF-8 and `+` as a space still read: {body}");
+    // a long body that is not JSON is quoted by its head, with its size
+    let long = "z".repeat(5001);
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "--data",
+        &long,
+        &format!("http://{http}/api/v1/tasks/submit"),
+    ]);
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().ends_with("(5001 bytes)"),
+        "{body}"
+    );
     assert_eq!(get(http, "/api/v1/cache/set").0, 405, "set is a POST");
     let (code, body) = get(http, "/api/v1/cache/nothing");
     assert_eq!((code, &body["code"]), (404, &json!(5)), "{body}");

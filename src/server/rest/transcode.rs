@@ -58,7 +58,7 @@ pub(crate) fn request(
         let json: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
             RestError::bad_request(format!(
                 "the body is not JSON ({e}): {}",
-                quote(&String::from_utf8_lossy(&body[..body.len().min(1024)]))
+                crate::quote::quote_bytes(body)
             ))
         })?;
         let serde_json::Value::Object(fields) = json else {
@@ -72,7 +72,7 @@ pub(crate) fn request(
             set(&mut message, Source::Body, &name, value)?;
         }
     }
-    for (name, values) in query_fields(query) {
+    for (name, values) in query_fields(query)? {
         let field = field(&desc, Source::Query, &name)?;
         let value = query_value(&field, values);
         set(&mut message, Source::Query, &name, value)?;
@@ -86,16 +86,38 @@ pub(crate) fn request(
 }
 
 /// The query's parameters, grouped by name in order of first appearance
-/// (a repeated field takes `?k=a&k=b`).
-fn query_fields(query: Option<&str>) -> Vec<(String, Vec<String>)> {
+/// (a repeated field takes `?k=a&k=b`). A name or value that is not UTF-8
+/// once percent-decoded is refused: decoded lossily, `%C0` and `%FF` would
+/// both read U+FFFD, and a request could act on a key it never named.
+fn query_fields(query: Option<&str>) -> Result<Vec<(String, Vec<String>)>, RestError> {
     let mut fields: Vec<(String, Vec<String>)> = Vec::new();
-    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = decode_component(raw_name, raw_name)?;
+        let v = decode_component(raw_value, raw_name)?;
         match fields.iter_mut().find(|(name, _)| *name == k) {
-            Some((_, values)) => values.push(v.into_owned()),
-            None => fields.push((k.into_owned(), vec![v.into_owned()])),
+            Some((_, values)) => values.push(v),
+            None => fields.push((k, vec![v])),
         }
     }
-    fields
+    Ok(fields)
+}
+
+/// One `application/x-www-form-urlencoded` component (`+` is a space),
+/// percent-decoded, as UTF-8; `name` is its parameter's raw name, for the
+/// message.
+fn decode_component(raw: &str, name: &str) -> Result<String, RestError> {
+    let spaced = raw.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced)
+        .decode_utf8()
+        .map(std::borrow::Cow::into_owned)
+        .map_err(|_| {
+            RestError::bad_request(format!(
+                "query parameter {}: {} is not UTF-8 once percent-decoded",
+                quote(name),
+                quote(raw)
+            ))
+        })
 }
 
 /// The field `name` (a proto or JSON name) of `desc`.
