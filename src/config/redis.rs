@@ -68,6 +68,7 @@ impl RedisArgs {
             return Ok(None);
         };
         let bad = |reason: String| ConfigError { variable, reason };
+        redis_url::check_userinfo(&url).map_err(bad)?;
         let tls = self.tls.load()?;
         // The Cluster and Sentinel forms are checked whole here, so that a
         // mistake in them is named at start-up like any other.
@@ -149,6 +150,18 @@ mod tests {
             .unwrap()
             .redis
             .redis_config("REDIS_URL", Some(url.to_owned()))
+    }
+
+    /// A base64 password's raw `/` is named at start-up, and no part of
+    /// the password is quoted (the rest of it once read as the database).
+    #[test]
+    fn a_raw_slash_in_a_password_is_named_without_the_password() {
+        let e = config("redis://koo:hunter2/topsecret@127.0.0.1:1/0")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("REDIS_URL") && e.contains("%2F"), "{e}");
+        assert!(!e.contains("hunter2") && !e.contains("topsecret"), "{e}");
+        assert!(config("redis://koo:hunter2%2Ftopsecret@127.0.0.1:1/0").is_ok());
     }
 
     /// The Sentinel and Cluster forms are accepted (TLS ones too); their

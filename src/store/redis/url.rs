@@ -32,6 +32,39 @@ pub fn redact(url: &str) -> String {
     out
 }
 
+/// Refuses a user name or password that holds a raw `/` (as base64
+/// passwords do), `?` or `#`: the URL's parsers end the host part there, so
+/// the rest of the password would be read as a path, a query or a host and
+/// quoted in their messages. The message quotes the redacted URL only.
+pub fn check_userinfo(url: &str) -> Result<(), String> {
+    let Some((_, rest)) = url.split_once("://") else {
+        return Ok(());
+    };
+    let Some((userinfo, _)) = rest.rsplit_once('@') else {
+        return Ok(());
+    };
+    let Some(i) = userinfo.find(['/', '?', '#']) else {
+        return Ok(());
+    };
+    // `...?k=v@...`: the `@` is in a query parameter, not in a password
+    if userinfo[i..]
+        .split_once('?')
+        .is_some_and(|(_, query)| query.contains('='))
+    {
+        return Ok(());
+    }
+    let raw = userinfo.as_bytes()[i] as char;
+    let code = match raw {
+        '/' => "%2F",
+        '?' => "%3F",
+        _ => "%23",
+    };
+    Err(format!(
+        "{}: the user name or password holds a raw {raw:?}, which ends the host part of a URL; percent-encode it as {code}",
+        redact(url)
+    ))
+}
+
 /// Whether the URL asks for TLS (`rediss://`, and the Cluster and
 /// Sentinel forms `rediss+cluster://`, `rediss+sentinel://`; `valkeys` alike).
 pub fn is_tls(url: &str) -> bool {
@@ -47,6 +80,36 @@ pub fn is_tls(url: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A raw `/`, `?` or `#` in a password is refused before any parser
+    /// reads part of it as a path, a query or a host (and quotes it).
+    #[test]
+    fn raw_delimiters_in_passwords() {
+        for (url, secrets) in [
+            (
+                "redis://koo:hunter2/topsecret@127.0.0.1:1/0",
+                ["hunter2", "topsecret"],
+            ),
+            ("redis+sentinel://:pw1/pw2@s:26379/m", ["pw1", "pw2"]),
+            ("redis+cluster://u:pw3?pw4@h:1", ["pw3", "pw4"]),
+            ("redis://:pw5#pw6@h:1/0", ["pw5", "pw6"]),
+        ] {
+            let e = check_userinfo(url).unwrap_err();
+            assert!(e.contains("percent-encode"), "{e}");
+            for secret in secrets {
+                assert!(!e.contains(secret), "{e}");
+            }
+        }
+        for url in [
+            "redis://koo:hunter2%2Ftop@127.0.0.1:1/0",
+            "redis://h:6379/0",
+            "redis+sentinel://s:26379/m?sentinel_password=p@ss",
+            "redis+sentinel://s:26379/m/1?sentinel_password=p@ss",
+            "rediss://u:pw@h:6380/0#insecure",
+        ] {
+            assert_eq!(check_userinfo(url), Ok(()), "{url}");
+        }
+    }
 
     /// Passwords never reach the logs, wherever the URL carries them; user
     /// names, hosts and databases stay readable.
