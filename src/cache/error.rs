@@ -15,9 +15,7 @@ pub enum CacheError {
         reason: String,
     },
     /// A value is over `CACHE_MAX_VALUE_SIZE`.
-    #[error(
-        "{field}: value is {size} bytes, over the limit of {limit} bytes (CACHE_MAX_VALUE_SIZE)"
-    )]
+    #[error("{field}: is {size} bytes, over the limit of {limit} bytes (CACHE_MAX_VALUE_SIZE)")]
     ValueTooLarge {
         /// Path of the value field.
         field: String,

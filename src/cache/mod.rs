@@ -140,7 +140,7 @@ impl Cache {
 
     /// Validates an entry and returns its TTL; `at` gives the prefix of field
     /// names (`entries[3].`) and is only called when something is wrong.
-    fn check_entry(&self, at: impl Fn() -> String, e: &NewEntry) -> Result<Duration> {
+    pub(crate) fn check_entry(&self, at: impl Fn() -> String, e: &NewEntry) -> Result<Duration> {
         self.check_key(|| format!("{}key", at()), &e.key)?;
         let limit = self.inner.config.max_value_size;
         if e.value.len() > limit {

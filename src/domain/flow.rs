@@ -37,10 +37,8 @@ impl Scope {
     /// says what is wrong, for the caller to name its field.
     pub fn parse(name: &str) -> Result<Self, String> {
         if name.len() > MAX_NAME {
-            return Err(format!(
-                "is {} bytes, over the limit of {MAX_NAME}",
-                name.len()
-            ));
+            // the caller quotes the name, with its length
+            return Err(format!("is over the limit of {MAX_NAME} bytes"));
         }
         let (kind, rest) = name
             .split_once('/')

@@ -239,7 +239,12 @@ impl From<CacheError> for Status {
         let message = || bounded(e.to_string());
         match e {
             CacheError::InvalidArgument { field, reason } => invalid_argument(&field, &reason),
-            CacheError::ValueTooLarge { ref field, .. } => invalid_argument(field, &message()),
+            // the field once: the message is `field: reason`, the detail
+            // names it apart
+            CacheError::ValueTooLarge { field, size, limit } => invalid_argument(
+                &field,
+                &format!("is {size} bytes, over the limit of {limit} bytes (CACHE_MAX_VALUE_SIZE)"),
+            ),
             CacheError::ReplyTooLarge { .. } => Status::resource_exhausted(message()),
             CacheError::Corrupt { .. } => Status::data_loss(message()),
             CacheError::WarmFile { .. } => Status::failed_precondition(message()),
@@ -425,6 +430,17 @@ mod tests {
         for (status, code) in cases {
             assert_eq!(status.code(), code, "{status:?}");
         }
+        let big: Status = CacheError::ValueTooLarge {
+            field: "value".into(),
+            size: 2,
+            limit: 1,
+        }
+        .into();
+        assert_eq!(
+            big.message(),
+            "value: is 2 bytes, over the limit of 1 bytes (CACHE_MAX_VALUE_SIZE)",
+            "the field named once"
+        );
         let auth: Vec<(AuthError, Code)> = vec![
             (AuthError::UnknownKey, Code::Unauthenticated),
             (AuthError::WrongWorkerToken, Code::Unauthenticated),

@@ -996,8 +996,9 @@ async fn health_reports_the_backend(env: Env) {
     }
 }
 
-/// Warm loads entries from the request and the warm file, reports bad ones by
-/// line, and re-reads the file each time.
+/// Warm loads entries from the request and the warm file, reports the
+/// file's bad ones by line, refuses a bad one in the request as SetMany
+/// does, and re-reads the file each time.
 async fn warm_loads_request_and_file_entries(env: Env) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("warm.jsonl");
@@ -1015,12 +1016,33 @@ async fn warm_loads_request_and_file_entries(env: Env) {
     let file = path.clone();
     let env = env.same_kind_with(|s| s.cache.warm_file = Some(file)).await;
     let mut c = env.cache();
-    let report = c
+    let refused = c
         .warm(pb::WarmRequest {
             entries: vec![
                 entry(CacheLevel::Api, "r1", text("req")),
                 entry(CacheLevel::Api, "", text("bad")),
             ],
+            skip_file: false,
+            wait: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().starts_with("entries[1].key"),
+        "{refused:?}"
+    );
+    assert!(
+        !c.get(get_req(CacheLevel::Api, "r1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .found,
+        "nothing of a refused warm-up is written"
+    );
+    let report = c
+        .warm(pb::WarmRequest {
+            entries: vec![entry(CacheLevel::Api, "r1", text("req"))],
             skip_file: false,
             wait: true,
         })
@@ -1039,15 +1061,14 @@ async fn warm_loads_request_and_file_entries(env: Env) {
     assert_eq!(
         failures,
         vec![
-            ("request".into(), 1),
             (path.display().to_string(), 5),
             (path.display().to_string(), 6)
         ]
     );
     assert!(
-        report.failures[1].reason.contains("disk"),
+        report.failures[0].reason.contains("disk"),
         "{:?}",
-        report.failures[1]
+        report.failures[0]
     );
     let w1 = c
         .get(get_req(CacheLevel::Db, "w1"))

@@ -92,6 +92,20 @@ fn refused<T: std::fmt::Debug>(what: &str, r: Result<T, Status>, field: &str) {
     );
 }
 
+/// As [`refused`], and the input's length is said once: a quote of a long
+/// input carries it, and no message says it twice.
+fn refused_sized<T: std::fmt::Debug>(what: &str, r: Result<T, Status>, field: &str) {
+    let e = r.expect_err(what);
+    let message = e.message().to_owned();
+    refused(what, Err::<T, _>(e), field);
+    assert_eq!(
+        message.matches("(1048576 bytes)").count(),
+        1,
+        "{what}: {}",
+        clip(&message)
+    );
+}
+
 fn clip(s: &str) -> String {
     s.chars().take(300).collect()
 }
@@ -225,6 +239,96 @@ async fn huge_inputs_get_short_messages(backend: Backend) {
         })
         .await;
     refused("schedules page_token", r, "page_token");
+    huge_names_are_sized_once(&koo, &huge).await;
+}
+
+/// Names and keys of other RPCs, 1 MiB each: each refusal quotes the input
+/// with its length once; an oversized value's names its field once.
+async fn huge_names_are_sized_once(koo: &Koo, huge: &str) {
+    let mut t = client(&koo.server);
+    let mut c = koo.server.cache();
+    let r = t
+        .pause_queue(pb::PauseQueueRequest {
+            queue: huge.into(),
+            ..Default::default()
+        })
+        .await;
+    refused_sized("pause queue", r, "queue");
+    let r = t
+        .resume_queue(pb::ResumeQueueRequest { queue: huge.into() })
+        .await;
+    refused_sized("resume queue", r, "queue");
+    let r = t
+        .submit_task(pb::SubmitTaskRequest {
+            debounce_key: huge.into(),
+            debounce_window: secs(1, 0),
+            ..research("x")
+        })
+        .await;
+    refused_sized("debounce key", r, "debounce_key");
+    let r = t
+        .set_rate_limit(pb::SetRateLimitRequest {
+            rate_limit: Some(pb::RateLimit {
+                name: huge.into(),
+                limit: 1,
+                period: secs(1, 0),
+                ..Default::default()
+            }),
+        })
+        .await;
+    refused_sized("rate limit", r, "rate_limit.name");
+    let r = t
+        .submit_ai_query(pb::SubmitAiQueryRequest {
+            provider: huge.into(),
+            prompt: "hi".into(),
+            ..Default::default()
+        })
+        .await;
+    refused_sized("ai provider", r, "provider");
+    let r = t
+        .list_task_history(pb::ListTaskHistoryRequest {
+            name: huge.into(),
+            ..Default::default()
+        })
+        .await;
+    refused_sized("history name", r, "name");
+    let r = t
+        .list_active_tasks(pb::ListActiveTasksRequest {
+            name: huge.into(),
+            ..Default::default()
+        })
+        .await;
+    refused_sized("active name", r, "name");
+    let r = t
+        .watch_tasks(pb::WatchTasksRequest {
+            name: huge.into(),
+            ..Default::default()
+        })
+        .await;
+    refused_sized("watch name", r, "name");
+    let r = c
+        .watch_invalidations(cpb::WatchInvalidationsRequest {
+            key_prefix: huge.into(),
+            ..Default::default()
+        })
+        .await;
+    refused_sized("key prefix", r, "key_prefix");
+    let big = "v".repeat((10 << 20) + 5);
+    let r = c
+        .set(cpb::SetRequest {
+            key: "big".into(),
+            value: Some(cpb::CacheValue {
+                kind: Some(cpb::cache_value::Kind::Text(big)),
+            }),
+            ..Default::default()
+        })
+        .await;
+    let e = r.expect_err("an 11 MiB value");
+    assert!(
+        e.message().starts_with("value: is "),
+        "the field once: {}",
+        clip(e.message())
+    );
 }
 
 fn secs(seconds: i64, nanos: i32) -> Option<PbDuration> {

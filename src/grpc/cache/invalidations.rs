@@ -12,7 +12,6 @@ use super::{CacheApi, level, to_pb_level};
 use crate::cache::{Change, ChangeKind, Level, Notice};
 use crate::grpc::status::invalid_argument;
 use crate::pb::cache::v1 as pb;
-use crate::quote::clip;
 use crate::store::CircuitState;
 use crate::watch::Kind as WatchKind;
 
@@ -44,9 +43,8 @@ impl TryFrom<pb::WatchInvalidationsRequest> for Filter {
             return Err(invalid_argument(
                 "key_prefix",
                 &format!(
-                    "is {} bytes ({}), over the limit of {MAX_PREFIX} bytes",
-                    r.key_prefix.len(),
-                    clip(&r.key_prefix, 40)
+                    "{} is over the limit of {MAX_PREFIX} bytes",
+                    crate::quote::quote_sized(&r.key_prefix)
                 ),
             ));
         }

@@ -308,7 +308,12 @@ impl pb::cache_service_server::CacheService for CacheApi {
             .into_iter()
             .enumerate()
             .map(|(i, e)| {
-                entry(&format!("entries[{i}]."), e, self.max_value_size).map(|e| warm::to_line(&e))
+                let at = format!("entries[{i}].");
+                let e = entry(&at, e, self.max_value_size)?;
+                // refused here as SetMany refuses it, not reported by the
+                // warm-up as a failure of a call that succeeded
+                self.cache.check_entry(|| at.clone(), &e)?;
+                Ok::<_, Status>(warm::to_line(&e))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let Submitted { task_id, report } = self

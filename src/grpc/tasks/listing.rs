@@ -46,8 +46,19 @@ pub(super) fn active_filter(
 ) -> Result<ActiveFilter, Status> {
     Ok(ActiveFilter {
         queues: queues_for(engine, category_raw, queue)?,
-        name: (!name.is_empty()).then_some(name),
+        name: name_filter(name)?,
     })
+}
+
+/// A task-name filter (`name`): empty for every name, else a name as a
+/// task could have (1 to 256 printable bytes), so that a filter that could
+/// never match is named rather than answered with nothing.
+pub(super) fn name_filter(name: String) -> Result<Option<String>, Status> {
+    if name.is_empty() {
+        return Ok(None);
+    }
+    crate::domain::task::check_task_name(&name).map_err(|e| invalid_argument("name", &e))?;
+    Ok(Some(name))
 }
 
 /// A `ListTaskHistory` request's filter.
@@ -90,7 +101,7 @@ pub(super) fn history_filter(
         },
         state,
         category,
-        name: (!r.name.is_empty()).then(|| r.name.clone()),
+        name: name_filter(r.name.clone())?,
         since_ms,
         before_ms,
     })

@@ -173,6 +173,15 @@ impl pb::task_service_server::TaskService for TaskApi {
         if r.provider.is_empty() {
             return Err(invalid_argument("provider", "is required"));
         }
+        if r.provider.len() > MAX_PROVIDER {
+            return Err(invalid_argument(
+                "provider",
+                &format!(
+                    "{} is over the limit of {MAX_PROVIDER} bytes",
+                    crate::quote::quote_sized(&r.provider)
+                ),
+            ));
+        }
         if r.prompt.is_empty() {
             return Err(invalid_argument("prompt", "is required"));
         }
@@ -309,7 +318,7 @@ impl pb::task_service_server::TaskService for TaskApi {
                 .iter()
                 .map(|c| Ok(category(*c)?.default_queue()))
                 .collect::<Result<_, Status>>()?,
-            name: (!r.name.is_empty()).then_some(r.name),
+            name: listing::name_filter(r.name)?,
         };
         let watch = self
             .hub()
@@ -546,6 +555,10 @@ impl pb::task_service_server::TaskService for TaskApi {
         limits::delete_concurrency_limit(self, request).await
     }
 }
+
+/// The longest AI provider name (`claude`, `openai`...): a name, not a
+/// payload (the prompt is bounded by the task's arguments).
+const MAX_PROVIDER: usize = 256;
 
 /// The most `hours_old` a cleanup takes: ten years, as `older_than`.
 const MAX_HOURS_OLD: i32 = 87_600;

@@ -43,9 +43,8 @@ pub(super) fn check(new: &NewTask) -> Result<Option<&Debounce>, TaskError> {
         return Err(TaskError::invalid(
             "debounce_key",
             format!(
-                "must be 1 to {MAX_DEBOUNCE_KEY} bytes (got {} bytes: {})",
-                d.key.len(),
-                quote(&d.key)
+                "must be 1 to {MAX_DEBOUNCE_KEY} bytes, not {}",
+                crate::quote::quote_sized(&d.key)
             ),
         ));
     }

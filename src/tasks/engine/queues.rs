@@ -90,8 +90,8 @@ impl TaskEngine {
                 Err(TaskError::invalid(
                     "queue",
                     format!(
-                        "unknown queue {:?}: one of {}",
-                        crate::quote::clip(queue, 64),
+                        "unknown queue {}: one of {}",
+                        crate::quote::quote(queue),
                         names.join(", ")
                     ),
                 ))

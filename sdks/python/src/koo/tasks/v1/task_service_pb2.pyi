@@ -2196,7 +2196,7 @@ class SubmitAiQueryRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _builtins.int
     MAX_RETRIES_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
-    """The provider, e.g. `claude`."""
+    """The provider, e.g. `claude` (1 to 256 bytes)."""
     prompt: _builtins.str
     """The prompt."""
     max_retries: _builtins.int
@@ -2306,7 +2306,9 @@ class ListActiveTasksRequest(_message.Message):
     INVALID_ARGUMENT.
     """
     name: _builtins.str
-    """Only tasks with this name; empty means all."""
+    """Only tasks with this name (a task name: 1 to 256 printable bytes);
+    empty means all.
+    """
     page_size: _builtins.int
     """At most this many (default 50, at most 500)."""
     page_token: _builtins.str
@@ -2376,7 +2378,9 @@ class ListTaskHistoryRequest(_message.Message):
     category: Global___TaskCategory.ValueType
     """Only this category; unspecified means all."""
     name: _builtins.str
-    """Only tasks with this name; empty means all."""
+    """Only tasks with this name (a task name: 1 to 256 printable bytes);
+    empty means all.
+    """
     page_size: _builtins.int
     """At most this many (default 50, at most 500)."""
     page_token: _builtins.str
@@ -2560,7 +2564,9 @@ class WatchTasksRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     RESUME_TOKEN_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """Only tasks with this name; empty means all."""
+    """Only tasks with this name (a task name: 1 to 256 printable bytes);
+    empty means all.
+    """
     resume_token: _builtins.str
     """The resume_token of the last event received, to continue after it;
     empty starts with events from now on.
