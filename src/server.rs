@@ -158,10 +158,11 @@ pub async fn run(
 /// The keys file's keys, if one is set.
 fn load_keys(settings: &Settings) -> Result<Option<Keyring>, ServerError> {
     Ok(match &settings.auth.file {
-        Some(path) => Some(Keyring::new(Keys::load(
-            path,
-            settings.worker_token.as_deref(),
-        )?)),
+        Some(path) => {
+            let keys = Keys::load(path, settings.worker_token.as_deref())?;
+            keys.warn_if_empty(path);
+            Some(Keyring::new(keys))
+        }
         None => None,
     })
 }

@@ -18,6 +18,10 @@ pub enum AuthError {
     /// `authorization` is not `Bearer <key>`.
     #[error("the authorization metadata must be `Bearer <key>`")]
     Malformed,
+    /// `authorization` sent more than once: which one a proxy or koo would
+    /// read is not something a credential may depend on.
+    #[error("the authorization metadata is sent more than once; send one `Bearer <key>`")]
+    Repeated,
     /// A key that is not in the keys file (the key itself is never quoted).
     #[error("the API key sent is not in the keys file (KOO_AUTH_FILE), or was revoked")]
     UnknownKey,

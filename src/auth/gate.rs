@@ -178,11 +178,18 @@ fn trusted(identity: Option<Arc<str>>) -> Caller {
     }
 }
 
-/// The key of `authorization: Bearer <key>` (`None`: no such header).
+/// The key of `authorization: Bearer <key>` (`None`: no such header). Two
+/// headers are refused, whatever they hold: the first one won before, so a
+/// bad key followed by a good one was refused and the other way round let
+/// in.
 fn bearer(headers: &http::HeaderMap) -> Result<Option<&str>, AuthError> {
-    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+    let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+    let Some(value) = all.next() else {
         return Ok(None);
     };
+    if all.next().is_some() {
+        return Err(AuthError::Repeated);
+    }
     let value = value.to_str().map_err(|_| AuthError::Malformed)?;
     match value.split_once(' ') {
         Some((scheme, key)) if scheme.eq_ignore_ascii_case("bearer") && !key.trim().is_empty() => {
@@ -271,6 +278,15 @@ mod tests {
             &http::Extensions::new(),
         );
         assert!(matches!(err, Err(AuthError::Malformed)));
+        let mut twice = http::HeaderMap::new();
+        twice.append("authorization", "Bearer reader-key".parse().unwrap());
+        twice.append("authorization", "Bearer other-key".parse().unwrap());
+        let err = g.admit(
+            "/koo.cache.v1.CacheService/Get",
+            &twice,
+            &http::Extensions::new(),
+        );
+        assert!(matches!(err, Err(AuthError::Repeated)), "{err:?}");
         let err = g.admit("/x.Y/Z", &h, &http::Extensions::new()).unwrap_err();
         assert!(matches!(err, AuthError::Unimplemented(_)));
         let reflect = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo";

@@ -142,6 +142,18 @@ impl Keys {
         (self.keys.len(), self.principals.len())
     }
 
+    /// Says at WARN when the file at `path` admits no one: every call but
+    /// health is then refused, which is safe but rarely meant (an emptied
+    /// or truncated file), and nothing else would say why.
+    pub fn warn_if_empty(&self, path: &Path) {
+        if self.keys.is_empty() && self.principals.is_empty() {
+            tracing::warn!(
+                file = %path.display(),
+                "the keys file (KOO_AUTH_FILE) holds no keys and no principals: every call but health is refused"
+            );
+        }
+    }
+
     /// Only `KOO_WORKER_TOKEN`, as a worker key (koo runs without a keys
     /// file, but WorkerService needs that token).
     pub fn worker_token(token: &str) -> Self {
@@ -369,6 +381,7 @@ impl Keyring {
         match Keys::load(path, worker_token) {
             Ok(keys) => {
                 let (k, p) = keys.len();
+                keys.warn_if_empty(path);
                 *self.current.write().expect("not poisoned") = Arc::new(keys);
                 tracing::info!(keys = k, principals = p, file = %path.display(), "keys file reloaded");
             }

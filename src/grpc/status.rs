@@ -342,6 +342,7 @@ impl From<AuthError> for Status {
         match e {
             AuthError::NoCredentials { .. }
             | AuthError::Malformed
+            | AuthError::Repeated
             | AuthError::UnknownKey
             | AuthError::WrongWorkerToken
             | AuthError::UnknownPrincipal { .. } => Status::unauthenticated(message),
@@ -445,6 +446,7 @@ mod tests {
             (AuthError::UnknownKey, Code::Unauthenticated),
             (AuthError::WrongWorkerToken, Code::Unauthenticated),
             (AuthError::Malformed, Code::Unauthenticated),
+            (AuthError::Repeated, Code::Unauthenticated),
             (
                 AuthError::Denied {
                     method: "m".into(),

@@ -126,6 +126,24 @@ async fn unauthenticated_without_a_known_key_health_open() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    // two keys, whatever their order: refused (the first one used to win)
+    for keys in [[READER, "koo_not-a-key"], ["koo_not-a-key", READER]] {
+        let err = TaskServiceClient::with_interceptor(
+            koo.server.channel.clone(),
+            move |mut r: tonic::Request<()>| {
+                for k in keys {
+                    let v = format!("Bearer {k}").parse().unwrap();
+                    r.metadata_mut().append("authorization", v);
+                }
+                Ok(r)
+            },
+        )
+        .get_task_metrics(tpb::GetTaskMetricsRequest {})
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains("more than once"), "{err:?}");
+    }
     let health = koo
         .server
         .health()

@@ -504,6 +504,36 @@ async fn an_exposed_http_listener_is_warned_about() {
     );
 }
 
+/// Keys without TLS on a non-loopback listener: the keys cross the network
+/// readable, said at start-up; an empty keys file (no one admitted) is said
+/// too.
+#[test]
+fn plaintext_keys_and_an_empty_keys_file_are_warned_about() {
+    use crate::common::auth::{KeysFile, all_roles};
+    let keys = KeysFile::new(&all_roles());
+    let path = keys.path();
+    let plaintext = Running::start(&[
+        ("KOO_HTTP_LISTEN", "0.0.0.0:0"),
+        ("KOO_AUTH_FILE", path.to_str().unwrap()),
+    ]);
+    assert!(
+        logged(
+            &plaintext,
+            "SECURITY: koo listens on a non-loopback address (KOO_HTTP_LISTEN) in PLAINTEXT: API keys"
+        ),
+        "{}",
+        plaintext.log.lock().unwrap().join("\n")
+    );
+    let empty = KeysFile::new("");
+    let path = empty.path();
+    let locked = Running::start(&[("KOO_AUTH_FILE", path.to_str().unwrap())]);
+    assert!(
+        logged(&locked, "holds no keys and no principals"),
+        "{}",
+        locked.log.lock().unwrap().join("\n")
+    );
+}
+
 /// A server certificate clients would refuse is said at start-up, naming
 /// the file and the setting (koo still starts: a rotation may be on its way).
 #[test]
