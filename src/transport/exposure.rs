@@ -64,7 +64,11 @@ mod tests {
         let lan: std::net::SocketAddr = "10.1.2.3:50051".parse().unwrap();
         let v6_any: std::net::SocketAddr = "[::]:50051".parse().unwrap();
         for local in ["127.0.0.1:50051", "[::1]:50051", "127.0.0.2:1"] {
-            assert_eq!(exposure(local.parse().unwrap(), false, false), None, "{local}");
+            assert_eq!(
+                exposure(local.parse().unwrap(), false, false),
+                None,
+                "{local}"
+            );
         }
         for addr in [any, lan, v6_any] {
             assert_eq!(exposure(addr, false, false), Some(Exposure::Open), "{addr}");

@@ -24,6 +24,7 @@ on_both!(
     an_unreadable_message_ends_the_stream_with_its_reason,
     closing_streams_spend_no_attempt_on_unstarted_tasks,
     a_released_task_goes_back_with_its_attempt,
+    a_started_task_counts_its_attempt_when_the_stream_ends,
 );
 
 const NAME: &str = "koo.examples.job";
@@ -555,4 +556,74 @@ async fn a_released_task_goes_back_with_its_attempt(backend: Backend) {
     ];
     want.sort();
     assert_eq!(got, want);
+}
+
+/// A worker that says `started` about a task it began makes the hand-back
+/// rule exact: when its stream ends, that task's attempt counts (`lost`),
+/// however soon after the push, while a task it said nothing about is
+/// still handed back with its attempt given back. An id the stream does
+/// not hold is ignored, not an error.
+async fn a_started_task_counts_its_attempt_when_the_stream_ends(backend: Backend) {
+    let koo = start_on_with(backend, 0, |s| {
+        // no lease lapses during the test: every requeue is the stream's
+        s.tasks.config.lease = Duration::from_secs(30);
+    })
+    .await;
+    let mut c = client(&koo.server);
+    let mut w = WorkerServiceClient::new(koo.server.channel.clone());
+    let (tx, mut rx, _) = open(&mut w, 3).await;
+    for _ in 0..3 {
+        submit_ok(&mut c, submit_job()).await;
+    }
+    let (begun, silent, done) = (
+        next_task(&mut rx).await,
+        next_task(&mut rx).await,
+        next_task(&mut rx).await,
+    );
+    tx.send(msg(In::Started(wpb::Started {
+        task_ids: vec![task_id(&begun), "not-an-id".into()],
+    })))
+    .await
+    .unwrap();
+    tx.send(msg(In::Complete(wpb::Complete {
+        task_id: task_id(&done),
+        lease_token: done.lease_token,
+        lease_secret: String::new(),
+        result: None,
+    })))
+    .await
+    .unwrap();
+    // koo reads a stream in order: the completion's reply says that the
+    // `started` before it was read
+    loop {
+        let m = tokio::time::timeout(common::EVENT_TIMEOUT, rx.message())
+            .await
+            .expect("no reply to the completion")
+            .expect("the stream ended")
+            .and_then(|m| m.message);
+        match m {
+            Some(Out::Reply(r)) if r.task_id == task_id(&done) => {
+                assert_eq!(r.code, 0, "{r:?}");
+                break;
+            }
+            other => panic!("expected the completion's reply, got {other:?}"),
+        }
+    }
+    drop((tx, rx));
+    let lost = wait_task(&mut c, &task_id(&begun), |t| {
+        t.state == pb::TaskState::Queued as i32 && !t.attempt_log.is_empty()
+    })
+    .await;
+    assert_eq!(lost.attempt_log.last().unwrap().outcome, "lost", "{lost:?}");
+    assert_eq!(lost.attempts, 1, "{lost:?}");
+    let back = wait_task(&mut c, &task_id(&silent), |t| {
+        t.state == pb::TaskState::Queued as i32 && !t.attempt_log.is_empty()
+    })
+    .await;
+    assert_eq!(
+        back.attempt_log.last().unwrap().outcome,
+        "handed_back",
+        "{back:?}"
+    );
+    assert_eq!(back.attempts, 0, "{back:?}");
 }

@@ -425,6 +425,26 @@ def test_sigkill_mid_task_loses_nothing(target: str, ns: str, tmp_path: Path) ->
         reap(first, second)
 
 
+def test_sigkill_of_a_silent_task_counts_its_attempt(target: str, ns: str, tmp_path: Path) -> None:
+    """A task that began and said nothing (no progress) on a worker killed
+    at once: the worker told koo it began, so the attempt counts and a task
+    with no retries ends FAILED after one run, not handed back to run again
+    (a task that kills its worker would otherwise run five times)."""
+    tm = TaskManager(target).sync
+    tid = tm.submit_task(f"sdk.{ns}.silent", TaskCategory.RESEARCH, args=(1,), max_retries=0)
+    first = spawn(target, ns, tmp_path)
+    try:
+        wait_for(lambda: (tmp_path / f"started-{tid}").exists(), 15, "the worker to start the task")
+        first.kill()
+        first.wait(10)
+        wait_for(lambda: tm.get_task_status(tid).state is TaskState.FAILED, 15, "the task to end FAILED")
+        info = tm.get_task_status(tid)
+        assert info.attempts == 1, info
+        assert "worker" in (info.error or ""), info
+    finally:
+        reap(first)
+
+
 def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path) -> None:
     """SIGTERM: the running task finishes within the grace, a task pushed after
     the signal is not started but handed back, and the process exits 0."""

@@ -26,3 +26,12 @@ def slow(n: int, *, ctx: TaskContext) -> dict[str, object]:
     while not (_dir / "release").exists():
         time.sleep(0.02)
     return {"n": n, "pid": os.getpid()}
+
+
+@worker.task(f"sdk.{os.environ.get('KOO_TEST_NS', 'x')}.silent")
+def silent(n: int, *, ctx: TaskContext) -> dict[str, object]:
+    # says nothing about the task: only the worker's `started` tells koo
+    (_dir / f"started-{ctx.task_id}").write_text(str(os.getpid()))
+    while not (_dir / "release").exists():
+        time.sleep(0.02)
+    return {"n": n, "pid": os.getpid()}

@@ -234,6 +234,7 @@ fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::Wor
                 .ok(),
             accepts_batches: true,
             accepts_release: true,
+            accepts_started: true,
             max_message_size: i32::try_from(max_message_size).unwrap_or(i32::MAX),
         })),
     }

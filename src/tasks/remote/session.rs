@@ -17,12 +17,14 @@
 //! be pushed to the others. A task goes back in one of two ways:
 //!
 //! - *never started*, its attempt given back (logged `handed_back`): the
-//!   worker said nothing about it — no progress, complete or fail naming
-//!   it and no heartbeat since it was pushed — and the stream closed less
-//!   than one heartbeat interval (a third of the lease) after the push.
-//!   koo cannot see whether a worker began a task, so silence within the
-//!   first interval is taken as "never started" (a stream closing while
-//!   koo pushed is the usual case). So that a task that kills every worker
+//!   worker said nothing about it — no `started`, progress, complete or
+//!   fail naming it and no heartbeat since it was pushed — and the stream
+//!   closed less than one heartbeat interval (a third of the lease) after
+//!   the push. A worker that sends `started` as it begins a task (the
+//!   Python SDK's does) makes the rule exact; for one that does not, koo
+//!   cannot see whether it began a task, so silence within the first
+//!   interval is taken as "never started" (a stream closing while koo
+//!   pushed is the usual case). So that a task that kills every worker
 //!   before it can speak still reaches its dead letter, the attempt is
 //!   given back only while the task has been given back fewer than
 //!   [`MAX_GIVEN_BACK`] times (its lease token, which grows with every
@@ -445,6 +447,7 @@ impl Session {
         let before = held.len();
         let went_on = match msg {
             Inbound::Heartbeat => self.heartbeat(held, out, pace).await,
+            Inbound::Started(ids) => started(&ids, held),
             msg @ Inbound::Progress { .. } => self.progress(msg, held, out).await,
             msg @ Inbound::Release { .. } => {
                 self.stop_pushing();
@@ -509,6 +512,7 @@ impl Session {
                     beaten = true;
                     self.heartbeat(held, out, pace).await
                 }
+                Inbound::Started(ids) => started(&ids, held),
                 msg @ Inbound::Release { .. } => {
                     self.stop_pushing();
                     self.release(msg, held, out).await
@@ -537,6 +541,19 @@ impl Session {
         held.values_mut().for_each(|h| h.spoken = true);
         self.beat(held, out).await
     }
+}
+
+/// Marks the held tasks among `ids` as begun: from now on their attempts
+/// count if the stream ends (an id the stream does not hold, say one
+/// revoked meanwhile, is ignored). Always `true`: no store call, nothing
+/// that can fail.
+fn started(ids: &[String], held: &mut HashMap<TaskId, Held>) -> bool {
+    for id in ids {
+        if let Some(h) = TaskId::parse(id).ok().and_then(|id| held.get_mut(&id)) {
+            h.spoken = true;
+        }
+    }
+    true
 }
 
 /// The task a complete or fail message names.

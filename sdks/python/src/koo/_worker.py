@@ -276,6 +276,26 @@ class _Session:
         self.releases = False
         # tasks handed back whose reply has not come yet
         self.releasing: set[str] = set()
+        # koo said (in its welcome) that it reads `started` messages
+        self.starts = False
+        # tasks begun in this turn of the loop, told to koo at its end
+        self.begun: list[str] = []
+
+    def begin(self, task_id: str) -> None:
+        """Tells koo that the task began, so that its attempt counts if
+        this worker dies before reporting it (without it, koo takes a task
+        it heard nothing about in the first heartbeat interval as never
+        started, and a task that kills its worker at once would run five
+        times). Tasks begun in one turn of the loop go in one message."""
+        if not self.starts:
+            return
+        if not self.begun:
+            self.loop.call_soon(self._tell_begun)
+        self.begun.append(task_id)
+
+    def _tell_begun(self) -> None:
+        ids, self.begun = self.begun, []
+        self.send(wpb.WorkRequest(started=wpb.Started(task_ids=ids)))
 
     def release(self, run: _Run, reason: str) -> None:
         """Hands `run`'s task back to koo unfinished (the worker is
@@ -503,6 +523,7 @@ class Worker:
                     self.worker_id = resp.welcome.worker_id
                     session.batches = resp.welcome.accepts_batches
                     session.releases = resp.welcome.accepts_release
+                    session.starts = resp.welcome.accepts_started
                     if resp.welcome.max_message_size > 0:
                         session.max_message = resp.welcome.max_message_size
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
@@ -615,6 +636,7 @@ class Worker:
         reg = self.handlers.get(run.ctx.name)
         run.is_async = reg is not None and reg.is_async
         run.handle = asyncio.ensure_future(self._execute(run))
+        session.begin(run.task_id)
 
     def _on_reply(self, session: _Session, reply: wpb.Reply) -> None:
         """koo's answer to a complete or fail (or a refused progress)."""

@@ -53,6 +53,9 @@ pub enum Inbound {
         /// Why, for the log.
         reason: String,
     },
+    /// The worker began these held tasks: their attempts count if the
+    /// stream ends before they are reported.
+    Started(Vec<String>),
     /// Several of the messages above, in order (never a hello, a batch or
     /// an invalid one: the adapter refuses those before).
     Batch(Vec<Inbound>),

@@ -99,6 +99,7 @@ class WorkRequest(_message.Message):
     FAIL_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message: who the worker is and what it serves."""
@@ -136,6 +137,18 @@ class WorkRequest(_message.Message):
         set (older koo releases end the stream on it).
         """
 
+    @_builtins.property
+    def started(self) -> Global___Started:
+        """Held tasks the worker began running. A task begun counts its attempt
+        if the stream ends before it is reported; one the worker said nothing
+        about is otherwise taken as never started when the stream ends within
+        the first heartbeat interval, and given back (up to four times), so
+        that a task which kills its worker at once would run five times. Send
+        one as tasks start (several ids in one message where they start
+        together), only when the welcome's `accepts_started` is set (older koo
+        releases end the stream on it). koo does no store call for it.
+        """
+
     def __init__(
         self,
         *,
@@ -146,16 +159,41 @@ class WorkRequest(_message.Message):
         fail: Global___Fail | None = ...,
         batch: Global___WorkRequestBatch | None = ...,
         release: Global___Release | None = ...,
+        started: Global___Started | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch", "release"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch", "release", "started"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
+
+@_typing.final
+class Started(_message.Message):
+    """Started names held tasks the worker began running."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tasks (each one this stream holds; others are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Started: _TypeAlias = Started  # noqa: Y015
 
 @_typing.final
 class WorkRequestBatch(_message.Message):
@@ -166,7 +204,9 @@ class WorkRequestBatch(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___WorkRequest]:
-        """The messages, in order: heartbeats, progress, complete and fail."""
+        """The messages, in order: heartbeats, progress, complete, fail, release
+        and started.
+        """
 
     def __init__(
         self,
@@ -552,6 +592,7 @@ class Welcome(_message.Message):
     ACCEPTS_BATCHES_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_SIZE_FIELD_NUMBER: _builtins.int
     ACCEPTS_RELEASE_FIELD_NUMBER: _builtins.int
+    ACCEPTS_STARTED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """This session's worker id (the name and a unique suffix)."""
     accepts_batches: _builtins.bool
@@ -565,6 +606,10 @@ class Welcome(_message.Message):
     """
     accepts_release: _builtins.bool
     """koo reads `release` messages (older releases leave this unset, and end
+    the stream on one): send them only when set.
+    """
+    accepts_started: _builtins.bool
+    """koo reads `started` messages (older releases leave this unset, and end
     the stream on one): send them only when set.
     """
     @_builtins.property
@@ -584,10 +629,11 @@ class Welcome(_message.Message):
         accepts_batches: _builtins.bool = ...,
         max_message_size: _builtins.int = ...,
         accepts_release: _builtins.bool = ...,
+        accepts_started: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -35,10 +35,12 @@ class WorkerServiceStub:
     progress and outcomes. When the stream ends, every lease it held ends
     as a lapsed lease does: the attempt counts and the task goes back to
     its queue (or to a final state when its retries are spent); except a
-    task the worker said nothing about (no progress, complete or fail
-    naming it, no heartbeat since it was pushed) pushed less than one
+    task the worker said nothing about (no started, progress, complete or
+    fail naming it, no heartbeat since it was pushed) pushed less than one
     heartbeat interval before the stream vanished: it never started, and
     goes back with its attempt given back (a few times per task at most).
+    A worker sends `started` as it begins tasks so that a begun task always
+    counts.
     A message koo cannot read ends the stream with a status saying why.
     Either side may carry several messages in one `batch` (koo only to a
     worker whose hello set `accept_batches`): a busy worker then spends
@@ -126,10 +128,12 @@ class WorkerServiceServicer:
     progress and outcomes. When the stream ends, every lease it held ends
     as a lapsed lease does: the attempt counts and the task goes back to
     its queue (or to a final state when its retries are spent); except a
-    task the worker said nothing about (no progress, complete or fail
-    naming it, no heartbeat since it was pushed) pushed less than one
+    task the worker said nothing about (no started, progress, complete or
+    fail naming it, no heartbeat since it was pushed) pushed less than one
     heartbeat interval before the stream vanished: it never started, and
     goes back with its attempt given back (a few times per task at most).
+    A worker sends `started` as it begins tasks so that a begun task always
+    counts.
     A message koo cannot read ends the stream with a status saying why.
     Either side may carry several messages in one `batch` (koo only to a
     worker whose hello set `accept_batches`): a busy worker then spends
@@ -276,10 +280,12 @@ class WorkerService:
     progress and outcomes. When the stream ends, every lease it held ends
     as a lapsed lease does: the attempt counts and the task goes back to
     its queue (or to a final state when its retries are spent); except a
-    task the worker said nothing about (no progress, complete or fail
-    naming it, no heartbeat since it was pushed) pushed less than one
+    task the worker said nothing about (no started, progress, complete or
+    fail naming it, no heartbeat since it was pushed) pushed less than one
     heartbeat interval before the stream vanished: it never started, and
     goes back with its attempt given back (a few times per task at most).
+    A worker sends `started` as it begins tasks so that a begun task always
+    counts.
     A message koo cannot read ends the stream with a status saying why.
     Either side may carry several messages in one `batch` (koo only to a
     worker whose hello set `accept_batches`): a busy worker then spends
