@@ -595,19 +595,14 @@ async fn a_started_task_counts_its_attempt_when_the_stream_ends(backend: Backend
     .unwrap();
     // koo reads a stream in order: the completion's reply says that the
     // `started` before it was read
-    loop {
-        let m = tokio::time::timeout(common::EVENT_TIMEOUT, rx.message())
-            .await
-            .expect("no reply to the completion")
-            .expect("the stream ended")
-            .and_then(|m| m.message);
-        match m {
-            Some(Out::Reply(r)) if r.task_id == task_id(&done) => {
-                assert_eq!(r.code, 0, "{r:?}");
-                break;
-            }
-            other => panic!("expected the completion's reply, got {other:?}"),
-        }
+    let m = tokio::time::timeout(common::EVENT_TIMEOUT, rx.message())
+        .await
+        .expect("no reply to the completion")
+        .expect("the stream ended")
+        .and_then(|m| m.message);
+    match m {
+        Some(Out::Reply(r)) if r.task_id == task_id(&done) => assert_eq!(r.code, 0, "{r:?}"),
+        other => panic!("expected the completion's reply, got {other:?}"),
     }
     drop((tx, rx));
     let lost = wait_task(&mut c, &task_id(&begun), |t| {
