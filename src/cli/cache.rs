@@ -116,6 +116,11 @@ enum CacheCommand {
         /// Only keys starting with this.
         #[arg(long, default_value = "")]
         prefix: String,
+        /// How often koo says the watch is live when nothing changes (100ms
+        /// to 1h); three intervals without a word end it (exit 3): koo or
+        /// the network stalled.
+        #[arg(long, default_value = "5s", value_parser = super::connect::parse_timeout)]
+        heartbeat: std::time::Duration,
     },
 }
 
@@ -182,9 +187,11 @@ pub async fn run(cli: CacheCli) -> Result<ExitStatus, CliError> {
         }
         CacheCommand::Stats => stats(&conn, &mut client).await,
         CacheCommand::GetOrCompute(a) => compute::run(&conn, &mut client, a).await,
-        CacheCommand::Watch { levels, prefix } => {
-            super::cache_watch::watch(&conn, &mut client, levels, prefix).await
-        }
+        CacheCommand::Watch {
+            levels,
+            prefix,
+            heartbeat,
+        } => super::cache_watch::watch(&conn, &mut client, levels, prefix, heartbeat).await,
     }
 }
 

@@ -17,18 +17,38 @@ pub async fn watch(
     client: &mut CacheServiceClient<tonic::transport::Channel>,
     levels: Vec<Level>,
     prefix: String,
+    heartbeat: std::time::Duration,
 ) -> Result<ExitStatus, CliError> {
     let request = pb::WatchInvalidationsRequest {
         levels: levels.into_iter().map(Level::pb).collect(),
         key_prefix: prefix,
+        heartbeat_interval: heartbeat.try_into().ok(),
     };
     let mut stream = client
         .watch_invalidations(conn.stream(request))
         .await
         .map_err(|s| conn.failed(s))?
         .into_inner();
-    while let Some(item) = stream.next().await {
+    // set by a READY that promises heartbeats (older koo releases send none)
+    let mut silence: Option<std::time::Duration> = None;
+    loop {
+        let next = match silence {
+            Some(limit) => tokio::time::timeout(limit, stream.next())
+                .await
+                .map_err(|_| conn.failed(stalled(limit)))?,
+            None => stream.next().await,
+        };
+        let Some(item) = next else { break };
         let m = item.map_err(|s| conn.failed(s))?;
+        if m.kind() == pb::InvalidationKind::Heartbeat {
+            continue;
+        }
+        if m.kind() == pb::InvalidationKind::Ready {
+            silence = m
+                .heartbeat_interval
+                .and_then(|d| std::time::Duration::try_from(d).ok())
+                .map(|d| d * STALL_INTERVALS);
+        }
         if conn.json {
             print_json("koo.cache.v1.WatchInvalidationsResponse", &m);
         } else {
@@ -41,6 +61,16 @@ pub async fn watch(
     Err(conn.failed(tonic::Status::unavailable(
         "koo ended the watch (it shuts down, or the stream was cut); changes from now on are not seen",
     )))
+}
+
+/// Heartbeat intervals of silence after which the watch is taken as stalled.
+const STALL_INTERVALS: u32 = 3;
+
+fn stalled(limit: std::time::Duration) -> tonic::Status {
+    tonic::Status::unavailable(format!(
+        "no message from koo for {}, not even a heartbeat: koo or the network stalled, and changes from then on are not seen",
+        humantime::format_duration(limit)
+    ))
 }
 
 /// `SET app user:1 user:2`, `TAGS * t1`, `READY`.

@@ -57,6 +57,7 @@ async fn watch(
     c.watch_invalidations(pb::WatchInvalidationsRequest {
         levels: levels.iter().map(|l| *l as i32).collect(),
         key_prefix: prefix.into(),
+        heartbeat_interval: None,
     })
     .await
     .expect("watch")
@@ -245,6 +246,71 @@ async fn the_embedded_store_delivers_every_change() {
     every_change_reaches_the_watcher(env.cache(), env.cache()).await;
 }
 
+/// A watcher that asks for heartbeats is told the interval on READY and
+/// gets a HEARTBEAT whenever the stream is quiet that long, changes still
+/// arriving between them; one that does not ask gets none; an interval out
+/// of range is refused, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_sends_heartbeats_when_asked() {
+    let env = Env::memory().await;
+    let mut c = env.cache();
+    let mut s = c
+        .watch_invalidations(pb::WatchInvalidationsRequest {
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 100_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let ready = next(&mut s).await;
+    assert_eq!(ready.kind(), InvalidationKind::Ready, "{ready:?}");
+    assert_eq!(
+        ready.heartbeat_interval,
+        Some(prost_types::Duration {
+            seconds: 0,
+            nanos: 100_000_000
+        })
+    );
+    for _ in 0..2 {
+        assert_eq!(next(&mut s).await.kind(), InvalidationKind::Heartbeat);
+    }
+    set(&mut c, CacheLevel::App, "hb:1").await;
+    loop {
+        let m = next(&mut s).await;
+        if m.kind() != InvalidationKind::Heartbeat {
+            assert_eq!(
+                seen(&m),
+                want(InvalidationKind::Set, CacheLevel::App, &["hb:1"])
+            );
+            break;
+        }
+    }
+    let mut quiet = watch(&mut c, &[], "").await;
+    let ready = next(&mut quiet).await;
+    assert_eq!(ready.heartbeat_interval, None, "{ready:?}");
+    set(&mut c, CacheLevel::App, "hb:2").await;
+    assert_eq!(
+        seen(&next(&mut quiet).await),
+        want(InvalidationKind::Set, CacheLevel::App, &["hb:2"]),
+        "no heartbeat before the change when none was asked for"
+    );
+    let e = c
+        .watch_invalidations(pb::WatchInvalidationsRequest {
+            heartbeat_interval: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 1_000_000,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("1 ms is under the floor");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().starts_with("heartbeat_interval"), "{e:?}");
+}
+
 /// A watcher that stops reading while thousands of changes happen is told
 /// RESET (never silently skipped), then READY, and then sees changes again.
 async fn a_stalled_consumer_is_reset_then_continues(env: Env) {
@@ -324,7 +390,7 @@ async fn expiries_are_reported_when_redis_notifies_them() {
     let refused = c
         .watch_invalidations(pb::WatchInvalidationsRequest {
             levels: vec![99],
-            key_prefix: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -452,6 +518,53 @@ async fn koo_cache_watch_prints_changes() {
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(3), "{status:?}");
+}
+
+/// `koo cache watch` against a koo that stops answering without closing
+/// the connection (SIGSTOP: a hung process, or a network path that drops
+/// without a reset) ends after three missed heartbeats, exit 3, saying
+/// so, rather than waiting for ever while changes go unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn koo_cache_watch_ends_when_koo_stalls() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let mut koo = common::chaos::KooProc::new("stalls", &["serve"], Some(port), vec![], dir.path());
+    koo.start().await;
+    let mut child = common::koo_command()
+        .env("KOO_TARGET", format!("127.0.0.1:{port}"))
+        .args(["cache", "watch", "--heartbeat", "200ms"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run koo cache watch");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let guard = common::ChildGuard(child);
+    let (ready, stdout) = tokio::task::spawn_blocking(move || {
+        let mut first = String::new();
+        stdout.read_line(&mut first).unwrap();
+        (first, stdout)
+    })
+    .await
+    .unwrap();
+    assert_eq!(ready.trim(), "READY");
+    koo.signal("STOP");
+    let ended = tokio::time::timeout(
+        EVENT_TIMEOUT,
+        tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            let mut err = String::new();
+            std::io::Read::read_to_string(guard.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+            (guard.0.wait().unwrap(), err)
+        }),
+    )
+    .await;
+    koo.signal("CONT");
+    let (status, err) = ended.expect("the watch did not end").unwrap();
+    assert_eq!(status.code(), Some(3), "{status:?}: {err}");
+    assert!(err.contains("not even a heartbeat"), "{err}");
+    let rest: Vec<String> = stdout.lines().map(Result::unwrap).collect();
+    assert!(rest.is_empty(), "heartbeats are not printed: {rest:?}");
 }
 
 /// koo's Redis user with exactly the documented ACL rules and channels

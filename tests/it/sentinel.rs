@@ -92,6 +92,7 @@ async fn watch_sees_a_change(server: &TestServer) {
         .watch_invalidations(pb::WatchInvalidationsRequest {
             levels: vec![CacheLevel::Api as i32],
             key_prefix: "w:".into(),
+            ..Default::default()
         })
         .await
         .expect("watch")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -127,5 +129,72 @@ def test_l1_writes_carry_tags_and_invalidate_tags_drops_them(
             assert await near.get(f"{ns}:t1") is None
             assert await near.get(f"{ns}:u") is None
             assert await near.get(f"{ns}:plain") == "p"
+
+    asyncio.run(scenario())
+
+
+def test_a_stalled_stream_drops_the_l1(two_koos: tuple[KooServer, KooServer, RedisServer], ns: str) -> None:
+    """koo stops answering without closing the connection (SIGSTOP: no
+    reset, as a hung process or a broken network path): three heartbeats
+    missed and the L1 drops everything, so a change made meanwhile through
+    another koo is not served stale for ever; once koo runs again, the L1
+    caches again and reads the change."""
+    _, b, redis = two_koos
+    c = KooServer({"REDIS_URL": redis.url})
+
+    async def scenario() -> None:
+        other = KooCache(b.target)
+        key = f"{ns}:stall"
+        await other.set(key, "old")
+        async with NearCache(KooCache(c.target), heartbeat=0.2) as near:
+            await near.wait(lambda n: n.ready)
+            assert await near.get(key) == "old"
+            assert await near.get(key) == "old"
+            assert near.stats.hits == 1
+            os.kill(c.proc.pid, signal.SIGSTOP)
+            try:
+                await other.set(key, "new")
+                await near.wait(lambda n: n.stats.stalls >= 1)
+                assert (CacheLevel.APPLICATION, key) not in near
+                assert not near.ready
+            finally:
+                os.kill(c.proc.pid, signal.SIGCONT)
+            await near.wait(lambda n: n.ready, timeout=30)
+            assert await near.get(key) == "new"
+        await other.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        c.stop()
+
+
+def test_l1_reports_the_ttl_left_and_leaves_at_the_soft_ttl(
+    two_koos: tuple[KooServer, KooServer, RedisServer], ns: str
+) -> None:
+    """A hit served from the L1 says the TTL and soft TTL it has left (not
+    those it had when read); past its soft TTL it is no longer served from
+    the L1, so the read reaches koo, which reports it stale (and elects one
+    caller to refresh it)."""
+    a, _, _ = two_koos
+
+    async def scenario() -> None:
+        key = f"{ns}:soft"
+        async with NearCache(KooCache(a.target)) as near:
+            await near.wait(lambda n: n.ready)
+            heard = near.stats.invalidations
+            await near.set(key, "x", 60, soft_ttl=0.3)
+            await near.wait(lambda n: n.stats.invalidations > heard)
+            first = await near.get_entry(key)
+            second = await near.get_entry(key)
+            assert near.stats.hits == 1
+            assert first is not None and second is not None
+            assert first.soft_ttl is not None and second.soft_ttl is not None
+            assert second.ttl < first.ttl and second.soft_ttl < first.soft_ttl
+            await asyncio.sleep(0.4)  # the soft TTL passing is what is tested
+            third = await near.get_entry(key)
+            assert third is not None and third.stale
+            assert near.stats.hits == 1
+            assert (CacheLevel.APPLICATION, key) not in near
 
     asyncio.run(scenario())

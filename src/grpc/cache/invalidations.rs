@@ -4,13 +4,16 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::{CacheApi, level, to_pb_level};
 use crate::cache::{Change, ChangeKind, Level, Notice};
 use crate::grpc::status::invalid_argument;
+use crate::grpc::time;
 use crate::pb::cache::v1 as pb;
 use crate::store::CircuitState;
 use crate::watch::Kind as WatchKind;
@@ -27,6 +30,8 @@ struct Filter {
     /// Empty: every level.
     levels: Vec<Level>,
     prefix: String,
+    /// A HEARTBEAT after this long without another message, if asked.
+    heartbeat: Option<Duration>,
 }
 
 impl TryFrom<pb::WatchInvalidationsRequest> for Filter {
@@ -48,9 +53,15 @@ impl TryFrom<pb::WatchInvalidationsRequest> for Filter {
                 ),
             ));
         }
+        let heartbeat = time::duration(
+            "heartbeat_interval",
+            r.heartbeat_interval,
+            time::WATCH_INTERVAL,
+        )?;
         Ok(Self {
             levels,
             prefix: r.key_prefix,
+            heartbeat,
         })
     }
 }
@@ -59,7 +70,12 @@ impl Filter {
     /// The message for `notice`, if this stream wants it.
     fn message(&self, notice: Notice) -> Option<pb::WatchInvalidationsResponse> {
         let change: Arc<Change> = match notice {
-            Notice::Ready => return Some(bare(pb::InvalidationKind::Ready)),
+            Notice::Ready => {
+                return Some(pb::WatchInvalidationsResponse {
+                    heartbeat_interval: self.heartbeat.and_then(|d| d.try_into().ok()),
+                    ..bare(pb::InvalidationKind::Ready)
+                });
+            }
             Notice::Reset => return Some(bare(pb::InvalidationKind::Reset)),
             Notice::Change(c) => c,
         };
@@ -95,6 +111,7 @@ impl Filter {
             keys,
             tags: change.tags.clone(),
             time: Some(change.time.into()),
+            heartbeat_interval: None,
         })
     }
 }
@@ -126,11 +143,13 @@ impl CacheApi {
             stop: self.shutdown.clone(),
             circuit,
             started: false,
+            quiet_since: Instant::now(),
             _permit: permit,
         };
         let stream = futures::stream::unfold(Some(watch), |watch| async move {
             let mut w = watch?;
             loop {
+                let beat = w.filter.heartbeat.map(|d| w.quiet_since + d);
                 let notice = tokio::select! {
                     biased;
                     _ = w.stop.cancelled() => return None,
@@ -141,9 +160,14 @@ impl CacheApi {
                         return Some((Err(unavailable()), None));
                     }
                     n = w.sub.next() => n,
+                    () = sleep_until(beat), if beat.is_some() => {
+                        w.quiet_since = Instant::now();
+                        return Some((Ok(bare(pb::InvalidationKind::Heartbeat)), Some(w)));
+                    }
                 };
                 w.started |= notice == Notice::Ready;
                 if let Some(m) = w.filter.message(notice) {
+                    w.quiet_since = Instant::now();
                     return Some((Ok(m), Some(w)));
                 }
             }
@@ -160,7 +184,17 @@ struct Watch {
     circuit: tokio::sync::watch::Receiver<CircuitState>,
     /// Whether the first READY has been sent.
     started: bool,
+    /// When the stream last sent a message (or opened).
+    quiet_since: Instant,
     _permit: crate::watch::Permit,
+}
+
+/// Until `at`, or never.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Until the breaker is open (never, once its sender is gone).

@@ -8,8 +8,13 @@ drops a key on SET/DELETE/EXPIRED, a level on CLEAR_LEVEL, the entries
 carrying a tag on TAGS (it keeps each entry's tags from `Get`), and
 everything on RESET (koo lost changes, or this client fell behind) or when
 the stream breaks (it then reconnects, and caches again at the next READY).
-Entries also never outlive their TTL, and at most `max_entries` are kept
-(least recently used first out).
+koo sends a heartbeat every `heartbeat` seconds of quiet: a stream silent
+for three of them is taken as stalled (a koo that hangs, a network path that
+drops without a reset), and the L1 drops everything and reconnects, so an
+entry is never stale for longer than that either. Entries also never outlive
+their TTL, nor their soft TTL (past it, reads go to koo, which elects one
+caller to refresh), and at most `max_entries` are kept (least recently used
+first out); an entry served from the L1 reports the TTL it has left.
 
 A `Get` that raced a change is not kept: the L1 counts the changes it
 applied, and keeps a value only if none arrived while it was being read.
@@ -19,10 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -30,11 +38,16 @@ import grpc.aio
 
 from koo._cache import CacheHit, CacheLevel, KooCache, _hit
 from koo._connection import rpc
-from koo._values import Seconds
+from koo._values import Seconds, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
 
 _BY_PROTO: dict[int, CacheLevel] = {level.proto: level for level in CacheLevel}
+
+# Heartbeat intervals of silence after which the stream is taken as stalled.
+STALL_INTERVALS = 3
+
+log = logging.getLogger("koo.near")
 
 
 @dataclass
@@ -46,20 +59,45 @@ class NearCacheStats:
     invalidations: int = 0
     resets: int = 0
     reconnects: int = 0
+    # streams given up for silence (no change and no heartbeat for three
+    # heartbeat intervals)
+    stalls: int = 0
 
 
 @dataclass
 class _Entry:
     hit: CacheHit
+    # when it was read from koo, and when the L1 stops serving it (its TTL
+    # or its soft TTL, whichever ends first), by time.monotonic()
+    read_at: float
     expires: float
     tags: frozenset[str] = field(default_factory=frozenset)
+
+    def served(self, now: float) -> CacheHit:
+        """The hit as it stands at `now`: the time it has left, not the
+        time it had when it was read."""
+        gone = timedelta(seconds=now - self.read_at)
+        soft = self.hit.soft_ttl
+        return dataclasses.replace(self.hit, ttl=self.hit.ttl - gone, soft_ttl=None if soft is None else soft - gone)
+
+
+def _entry(hit: CacheHit, r: pb.GetResponse) -> _Entry | None:
+    """The L1's entry for a hit just read, or None for one past its soft TTL
+    (each read of it must reach koo, which elects the refresher)."""
+    if hit.stale:
+        return None
+    now = time.monotonic()
+    life = hit.ttl if hit.soft_ttl is None else min(hit.ttl, hit.soft_ttl)
+    return _Entry(hit, now, now + life.total_seconds(), frozenset(r.tags))
 
 
 class NearCache:
     """An L1 in front of `cache` (use `async with`, or `start()` / `close()`).
 
     `levels` and `key_prefix` say what the L1 keeps (and what the stream
-    sends); everything else is read from koo every time.
+    sends); everything else is read from koo every time. `heartbeat`: how
+    often (seconds) koo says the stream is live when nothing changes; three
+    of them without a word and the L1 drops everything and reconnects.
     """
 
     def __init__(
@@ -69,9 +107,13 @@ class NearCache:
         max_entries: int = 10_000,
         levels: Iterable[CacheLevel] | None = None,
         key_prefix: str = "",
+        heartbeat: float = 1.0,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
+        if not 0.1 <= heartbeat <= 3600:
+            raise ValueError(f"heartbeat must be 0.1 to 3600 seconds, not {heartbeat!r}")
+        self.heartbeat = heartbeat
         self.cache = cache
         self.max_entries = max_entries
         self.levels = frozenset(levels) if levels is not None else frozenset(CacheLevel)
@@ -82,6 +124,8 @@ class NearCache:
         self._applied = 0
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        # whether the current stream said anything (its end then retries soon)
+        self._heard = False
 
     async def __aenter__(self) -> NearCache:  # noqa: PYI034 (typing.Self needs 3.11; the class is final in spirit)
         await self.start()
@@ -135,10 +179,11 @@ class NearCache:
         k = (level, key)
         e = self._entries.get(k)
         if e is not None:
-            if e.expires > time.monotonic():
+            now = time.monotonic()
+            if e.expires > now:
                 self._entries.move_to_end(k)
                 self.stats.hits += 1
-                return e.hit
+                return e.served(now)
             del self._entries[k]
         self.stats.misses += 1
         seen = self._applied
@@ -147,9 +192,11 @@ class NearCache:
         r = await rpc(stub.Get(pb.GetRequest(level=level.proto, key=key), metadata=conn.metadata()))
         hit = _hit(r)
         if hit is not None and self._ready and self._applied == seen and self._keeps(level, key):
-            self._entries[k] = _Entry(hit, time.monotonic() + hit.ttl.total_seconds(), frozenset(r.tags))
-            if len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            entry = _entry(hit, r)
+            if entry is not None:
+                self._entries[k] = entry
+                if len(self._entries) > self.max_entries:
+                    self._entries.popitem(last=False)
         return hit
 
     def _keeps(self, level: CacheLevel, key: str) -> bool:
@@ -235,25 +282,56 @@ class NearCache:
         while True:
             conn = self.cache._conn
             stub = pb_grpc.CacheServiceStub(conn.channel())
-            req = pb.WatchInvalidationsRequest(levels=[lv.proto for lv in self.levels], key_prefix=self.key_prefix)
+            req = pb.WatchInvalidationsRequest(
+                levels=[lv.proto for lv in self.levels],
+                key_prefix=self.key_prefix,
+                heartbeat_interval=to_duration(self.heartbeat),
+            )
             call = stub.WatchInvalidations(req, metadata=conn.metadata())
+            self._heard = False
             try:
-                async for m in call:
-                    pause = 0.1
-                    await self._apply(m)
+                await self._read(call)
             except grpc.aio.AioRpcError:
                 pass
+            except asyncio.TimeoutError:
+                self.stats.stalls += 1
+                log.warning(
+                    "the invalidation stream said nothing for %.1f s, not even a heartbeat: "
+                    "koo or the network stalled; the near cache is dropped until it reconnects",
+                    self.heartbeat * STALL_INTERVALS,
+                )
             finally:
                 call.cancel()
+            if self._heard:
+                pause = 0.1
             # The stream broke: whatever changed meanwhile is unknown.
             self._drop_all(ready=False)
             self.stats.reconnects += 1
+            async with self._changed:
+                self._changed.notify_all()
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
+
+    async def _read(self, call: Any) -> None:
+        """Applies the stream's messages until it ends; TimeoutError when a
+        stream that promised heartbeats (koo said so on READY; older koo
+        releases send none) is silent for STALL_INTERVALS of them."""
+        silence: float | None = None
+        while True:
+            read = call.read()
+            m = await (read if silence is None else asyncio.wait_for(read, silence))
+            if m is grpc.aio.EOF:
+                return
+            self._heard = True
+            if m.kind == pb.INVALIDATION_KIND_READY and m.HasField("heartbeat_interval"):
+                silence = m.heartbeat_interval.ToTimedelta().total_seconds() * STALL_INTERVALS
+            await self._apply(m)
 
     async def _apply(self, m: pb.WatchInvalidationsResponse) -> None:
         kind = m.kind
         level = _BY_PROTO.get(m.level)
+        if kind == pb.INVALIDATION_KIND_HEARTBEAT:
+            return
         if kind == pb.INVALIDATION_KIND_READY:
             self._ready = True
         elif kind == pb.INVALIDATION_KIND_RESET:

@@ -136,6 +136,10 @@ class _InvalidationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Inva
     """Changes may have been lost (the consumer fell behind, or koo lost its
     subscription): drop everything cached from this stream's levels.
     """
+    INVALIDATION_KIND_HEARTBEAT: _InvalidationKind.ValueType  # 8
+    """Nothing changed and the stream is live (sent only to a request that set
+    heartbeat_interval, after that long without another message).
+    """
 
 class InvalidationKind(_InvalidationKind, metaclass=_InvalidationKindEnumTypeWrapper):
     """InvalidationKind says what changed."""
@@ -157,6 +161,10 @@ INVALIDATION_KIND_EXPIRED: InvalidationKind.ValueType  # 6
 INVALIDATION_KIND_RESET: InvalidationKind.ValueType  # 7
 """Changes may have been lost (the consumer fell behind, or koo lost its
 subscription): drop everything cached from this stream's levels.
+"""
+INVALIDATION_KIND_HEARTBEAT: InvalidationKind.ValueType  # 8
+"""Nothing changed and the stream is live (sent only to a request that set
+heartbeat_interval, after that long without another message).
 """
 Global___InvalidationKind: _TypeAlias = InvalidationKind  # noqa: Y015
 
@@ -1919,6 +1927,7 @@ class WatchInvalidationsRequest(_message.Message):
 
     LEVELS_FIELD_NUMBER: _builtins.int
     KEY_PREFIX_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     key_prefix: _builtins.str
     """Only keys starting with this prefix (tag and level-wide changes are
     always sent); empty means every key.
@@ -1927,15 +1936,26 @@ class WatchInvalidationsRequest(_message.Message):
     def levels(self) -> _containers.RepeatedScalarFieldContainer[Global___CacheLevel.ValueType]:
         """The levels; empty means every level."""
 
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """When set (100 ms to 1 h), koo sends a HEARTBEAT whenever the stream has
+        been quiet this long, and says so on READY (its heartbeat_interval). A
+        quiet stream and a stalled one (a koo that hangs, a network path that
+        drops without a reset) look alike to a client; with heartbeats, one
+        that hears nothing for a few intervals knows, and drops its near cache.
+        Unset: no heartbeats, as before.
+        """
+
     def __init__(
         self,
         *,
         levels: _abc.Iterable[Global___CacheLevel.ValueType] | None = ...,
         key_prefix: _builtins.str = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_prefix", b"key_prefix", "levels", b"levels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "key_prefix", b"key_prefix", "levels", b"levels"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1952,6 +1972,7 @@ class WatchInvalidationsResponse(_message.Message):
     KEYS_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     kind: Global___InvalidationKind.ValueType
     """What changed."""
     level: Global___CacheLevel.ValueType
@@ -1968,6 +1989,12 @@ class WatchInvalidationsResponse(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the change was made, by the clock of the koo that made it."""
 
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """On READY: the heartbeat interval koo keeps, when the request asked for
+        one (koo releases without heartbeats leave it unset, and send none).
+        """
+
     def __init__(
         self,
         *,
@@ -1976,10 +2003,11 @@ class WatchInvalidationsResponse(_message.Message):
         keys: _abc.Iterable[_builtins.str] | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "kind", b"kind", "level", b"level", "tags", b"tags", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "keys", b"keys", "kind", b"kind", "level", b"level", "tags", b"tags", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
