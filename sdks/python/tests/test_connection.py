@@ -102,15 +102,30 @@ def test_a_target_may_carry_its_scheme(target: str) -> None:
 def test_a_timeout_bounds_calls_to_a_hung_koo(monkeypatch: pytest.MonkeyPatch) -> None:
     """A koo that stopped answering (SIGSTOP) fails a call with a deadline
     (the client's `timeout`, or KOO_CLIENT_TIMEOUT) instead of blocking it
-    for ever."""
+    for ever; `@cached` keeps to that deadline (not its lock_ttl + 5 s) and
+    runs the function uncached. Without a setting, calls get 30 s."""
     import signal
+
+    from koo import cached
 
     server = KooServer({})
     try:
         tm = TaskManager(server.target, timeout=0.5)
         asyncio.run(tm.get_task_metrics())  # connected while it answers
+        runs = 0
+
+        @cached(cache=KooCache(server.target, timeout=0.5), ttl=60)
+        async def double(n: int) -> int:
+            nonlocal runs
+            runs += 1
+            return n * 2
+
+        assert asyncio.run(double(4)) == 8  # connected while it answers
         server.proc.send_signal(signal.SIGSTOP)
         try:
+            # lock_ttl is 30 s: only the client's deadline can end this in 10
+            assert asyncio.run(asyncio.wait_for(double(5), 10)) == 10
+            assert runs == 2
             for client in (tm, TaskManager(server.target)):
                 if client is not tm:
                     monkeypatch.setenv("KOO_CLIENT_TIMEOUT", "500ms")
@@ -122,9 +137,13 @@ def test_a_timeout_bounds_calls_to_a_hung_koo(monkeypatch: pytest.MonkeyPatch) -
             server.proc.send_signal(signal.SIGCONT)
     finally:
         server.stop()
-    from koo._connection import env_timeout
+    from koo._connection import DEFAULT_TIMEOUT, env_timeout
 
     assert env_timeout() == 0.5
+    monkeypatch.setenv("KOO_CLIENT_TIMEOUT", "none")
+    assert env_timeout() is None
+    monkeypatch.delenv("KOO_CLIENT_TIMEOUT")
+    assert env_timeout() == DEFAULT_TIMEOUT == 30.0
     monkeypatch.setenv("KOO_CLIENT_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="KOO_CLIENT_TIMEOUT"):
         env_timeout()

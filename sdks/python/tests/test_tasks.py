@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from koo import (
+    KooCache,
     KooError,
     QueueInfo,
     TaskCategory,
@@ -305,7 +306,9 @@ def test_pause_list_and_resume_a_queue(target: str) -> None:
 def test_result_waits_through_a_koo_restart() -> None:
     """`result()` of a task that outlives its koo process: the watch ends with
     koo (or fails while it is down), and `result()` watches again once koo is
-    back, rather than reporting the queued task as ended or raising."""
+    back, rather than reporting the queued task as ended or raising. So do
+    `watch()` (it ends only with the final state, never silently when koo
+    goes away) and the cache's `watch_metrics()` (snapshots resume)."""
     import socket
 
     from .conftest import KooServer, RedisServer
@@ -323,11 +326,36 @@ def test_result_waits_through_a_koo_restart() -> None:
         tm = TaskManager(addr)
         tid = await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, kwargs={"result": "back"})
         waiting = asyncio.ensure_future(tm.result(tid, timeout=60))
+        watched: list[TaskState] = []
+
+        async def follow() -> None:
+            async for info in tm.watch(tid):
+                watched.append(info.state)
+
+        watching = asyncio.ensure_future(follow())
+        snapshots = 0
+        snapshot = asyncio.Event()
+
+        async def metrics() -> None:
+            nonlocal snapshots
+            async for _ in KooCache(addr).watch_metrics(0.2):
+                snapshots += 1
+                snapshot.set()
+
+        sampling = asyncio.ensure_future(metrics())
+        await asyncio.wait_for(snapshot.wait(), 20)
         info = await tm.get_task_status(tid)
         assert info.state is TaskState.QUEUED
         await asyncio.to_thread(server.stop)
         server = await asyncio.to_thread(KooServer, env)
         assert await waiting == "back"
+        await asyncio.wait_for(watching, 20)
+        assert watched[0] is TaskState.QUEUED and watched[-1] is TaskState.SUCCEEDED, watched
+        before = snapshots
+        snapshot.clear()
+        await asyncio.wait_for(snapshot.wait(), 20)
+        assert snapshots > before and not sampling.done()
+        sampling.cancel()
         # a timeout of 0 looks once: an ended task's result, not a timeout
         assert await tm.result(tid, timeout=0) == "back"
 

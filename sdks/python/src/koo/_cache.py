@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -16,6 +17,15 @@ from koo._connection import Connection, KooError, Settings, rpc, shared_loop
 from koo._values import Seconds, from_cache_value, from_duration, to_cache_value, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
+
+# The deadline of the calls koo bounds by KOO_BULK_TIMEOUT, its default
+# (seconds).
+BULK_TIMEOUT = 300.0
+
+# A metrics watch's pause before it opens again after koo went away,
+# doubling (seconds).
+WATCH_BACKOFF_INITIAL = 0.2
+WATCH_BACKOFF_MAX = 5.0
 
 
 class CacheLevel(str, Enum):
@@ -225,7 +235,9 @@ class KooCache:
     async def clear_level(self, level: CacheLevel) -> int:
         """Removes every key of `level`; returns how many."""
         req = pb.ClearLevelRequest(level=level.proto)
-        r = await rpc(self._stub().ClearLevel(req, metadata=self._conn.metadata()))
+        # koo's own bound for it is KOO_BULK_TIMEOUT (300 s): a short default
+        # deadline sent along would cut a large level's clear short
+        r = await rpc(self._stub().ClearLevel(req, metadata=self._conn.metadata(), timeout=BULK_TIMEOUT))
         return r.deleted_count
 
     async def get_metrics(self) -> pb.CacheMetrics:
@@ -240,16 +252,25 @@ class KooCache:
         return await rpc(self._stub().GetHealth(req, metadata=self._conn.metadata()))
 
     async def watch_metrics(self, interval: Seconds = 1.0) -> AsyncIterator[pb.CacheMetrics]:
-        """A metrics snapshot every `interval` (100 ms to 1 h) until you stop iterating."""
+        """A metrics snapshot every `interval` (100 ms to 1 h) until you stop
+        iterating. A koo restart or outage is watched through (the stream is
+        opened again, with backoff, and snapshots resume); any other refusal
+        raises `KooError`."""
         req = pb.WatchMetricsRequest(interval=to_duration(interval))
-        call = self._stub().WatchMetrics(req, metadata=self._conn.metadata())
-        try:
-            async for r in call:
-                yield r.metrics
-        except grpc.aio.AioRpcError as e:
-            raise KooError(e.code(), e.details() or "") from None
-        finally:
-            call.cancel()
+        delay = WATCH_BACKOFF_INITIAL
+        while True:
+            call = self._stub().WatchMetrics(req, metadata=self._conn.metadata())
+            try:
+                async for r in call:
+                    delay = WATCH_BACKOFF_INITIAL
+                    yield r.metrics
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise KooError(e.code(), e.details() or "") from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WATCH_BACKOFF_MAX)
 
     async def start_maintenance(self, wait: bool = False, timeout: float = 60) -> pb.StartMaintenanceResponse:
         """Runs koo's maintenance task (cleanup, memory use, largest keys).

@@ -138,9 +138,16 @@ class _Cached(Generic[P, R]):
         No token and no value (koo unreachable, or nobody filled within
         `lock_ttl`) means: compute uncached.
         """
+        # long enough to wait out another caller's computation, but never
+        # past the client's own deadline (a koo that hangs must not hold
+        # every call lock_ttl long when the client asked for less)
+        timeout = self.lock_ttl + 5
+        configured = self._cache()._conn.call_timeout()
+        if configured is not None:
+            timeout = min(timeout, configured)
         try:
             r = await self._cache().get_or_lock(
-                key, self.level, lock_ttl=self.lock_ttl, wait=self.lock_ttl, timeout=self.lock_ttl + 5
+                key, self.level, lock_ttl=self.lock_ttl, wait=self.lock_ttl, timeout=timeout
             )
         except KooError as e:
             log.warning("cache read of %s failed, computing uncached: %s", key, e)

@@ -49,8 +49,11 @@ class Settings:
     `grpc.ChannelCredentials` of your own (e.g. with a private CA).
     `api_key` is sent as `authorization: Bearer <key>` on every call.
     `timeout`: the deadline, in seconds, of every unary call that sets none
-    of its own (None: `KOO_CLIENT_TIMEOUT`, else no deadline). Streams
-    (`watch`, a worker's session) are not cut by it.
+    of its own (None: `KOO_CLIENT_TIMEOUT`, else `DEFAULT_TIMEOUT`, 30 s;
+    `KOO_CLIENT_TIMEOUT=none` sets no deadline). A healthy koo bounds its
+    own work (`KOO_REQUEST_TIMEOUT`); this bounds a koo that hangs or a
+    network path that drops without a reset, which would otherwise hold a
+    call for ever. Streams (`watch`, a worker's session) are not cut by it.
     """
 
     target: str | None = None
@@ -77,11 +80,19 @@ class Settings:
         )
 
 
+DEFAULT_TIMEOUT = 30.0
+"""The deadline of a unary call when neither the call, the client nor
+`KOO_CLIENT_TIMEOUT` sets one (seconds)."""
+
+
 def env_timeout() -> float | None:
     """`KOO_CLIENT_TIMEOUT` (as the CLI reads it): seconds, or with a unit
-    (`500ms`, `10s`, `2m`); unset or empty means none."""
+    (`500ms`, `10s`, `2m`); unset or empty means `DEFAULT_TIMEOUT`, `none`
+    no deadline."""
     text = os.environ.get("KOO_CLIENT_TIMEOUT", "").strip()
     if not text:
+        return DEFAULT_TIMEOUT
+    if text.lower() == "none":
         return None
     units = (("ms", 0.001), ("s", 1.0), ("m", 60.0))
     number, scale = text, 1.0
@@ -160,6 +171,13 @@ class Connection:
         """The settings as they apply now (defaults filled in)."""
         return self._settings.resolved()
 
+    def call_timeout(self) -> float | None:
+        """The deadline (seconds) a unary call of this connection gets when
+        it sets none: the client's `timeout`, else `KOO_CLIENT_TIMEOUT`,
+        else `DEFAULT_TIMEOUT`; None when `KOO_CLIENT_TIMEOUT=none`."""
+        s = self.settings
+        return s.timeout if s.timeout is not None else env_timeout()
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata every call carries."""
         key = self.settings.api_key
@@ -178,7 +196,7 @@ class Connection:
             assert s.target is not None
             target, tls = split_target(s.target, s.tls)
             # KOO_CLIENT_TIMEOUT read here, once per channel, not per call
-            timeout = s.timeout if s.timeout is not None else env_timeout()
+            timeout = self.call_timeout()
             interceptors = [_Deadline(timeout)] if timeout else None
             if tls is False:
                 ch = grpc.aio.insecure_channel(target, interceptors=interceptors)

@@ -456,19 +456,30 @@ class TaskManager:
 
     async def watch(self, task_id: str) -> AsyncIterator[TaskInfo]:
         """The task now, then at every state change and progress report; ends
-        after its final state. A slow reader may miss intermediate updates,
-        never the final one."""
-        call = self._stub().WatchTask(pb.WatchTaskRequest(task_id=task_id), metadata=self._conn.metadata())
-        try:
-            async for r in call:
-                info = TaskInfo.from_proto(r.task)
-                yield info
-                if info.state.is_final:
-                    return
-        except grpc.aio.AioRpcError as e:
-            raise KooError(e.code(), e.details() or "") from None
-        finally:
-            call.cancel()
+        after its final state, and only then. A slow reader may miss
+        intermediate updates, never the final one. A koo restart or outage
+        on the way is watched through (the watch is opened again, with
+        backoff, and says the task as it then stands), as `result` does; any
+        other refusal (an unknown task, a bad id) raises `KooError`."""
+        delay = RESULT_BACKOFF_INITIAL
+        while True:
+            call = self._stub().WatchTask(pb.WatchTaskRequest(task_id=task_id), metadata=self._conn.metadata())
+            try:
+                async for r in call:
+                    delay = RESULT_BACKOFF_INITIAL
+                    info = TaskInfo.from_proto(r.task)
+                    yield info
+                    if info.state.is_final:
+                        return
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in _WAIT_THROUGH:
+                    raise KooError(e.code(), e.details() or "") from None
+            finally:
+                call.cancel()
+            # the stream ended before the task did: koo stopped, or the
+            # connection broke
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESULT_BACKOFF_MAX)
 
     async def result(self, task_id: str, timeout: Seconds | None = None) -> Any:
         """Waits for the task to end and returns its result.
@@ -496,20 +507,10 @@ class TaskManager:
     async def _final(self, task_id: str) -> TaskInfo:
         """The task once ended, watched through koo's restarts and outages
         (UNAVAILABLE, or a watch that ends before the task does)."""
-        delay = RESULT_BACKOFF_INITIAL
-        while True:
-            try:
-                async for info in self.watch(task_id):
-                    if info.state.is_final:
-                        return info
-                info = await self.get_task_status(task_id)
-                if info.state.is_final:
-                    return info
-            except KooError as e:
-                if e.code not in _WAIT_THROUGH:
-                    raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RESULT_BACKOFF_MAX)
+        async for info in self.watch(task_id):
+            if info.state.is_final:
+                return info
+        raise AssertionError("watch() ends only after the final state")
 
     async def cancel(self, task_id: str, reason: str = "") -> TaskInfo:
         """Cancels a task that has not ended (a running one is told to stop)."""
