@@ -320,8 +320,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="koo example worker (Python): serves the seed's AI and PDF tasks.")
     p.add_argument(
         "--target",
-        default=env("KOO_ADDR") or "127.0.0.1:50051",
-        help="koo's gRPC address (env KOO_ADDR; default %(default)s)",
+        default=env("KOO_TARGET") or env("KOO_ADDR") or "127.0.0.1:50051",
+        help="koo's gRPC address (env KOO_TARGET, or KOO_ADDR; default %(default)s)",
     )
     p.add_argument(
         "--name",

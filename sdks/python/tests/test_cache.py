@@ -230,3 +230,28 @@ def test_maintenance_warm_cleanup_and_watch_metrics(cache_target: str, ns: str) 
         assert all(s.HasField("sample_time") for s in snapshots)
 
     asyncio.run(scenario())
+
+
+def test_one_str_where_a_list_is_meant_is_refused(cache_target: str, ns: str) -> None:
+    """A str is itself a list of strings to Python (and mypy): `tags="user:42"`
+    would tag the entry `u`, `s`, `e`... and `args="abc"` pass three
+    arguments. Both are refused, naming the parameter and the fix."""
+    from koo import TaskCategory, TaskManager
+
+    async def scenario() -> None:
+        c = KooCache(cache_target)
+        with pytest.raises(TypeError, match=r"tags: a list of strings, not one str \(pass \['user:42'\]\)"):
+            await c.set(f"{ns}:k", "v", 60, tags="user:42")
+        with pytest.raises(TypeError, match="keys"):
+            await c.get_many(f"{ns}:k")
+        with pytest.raises(TypeError, match="keys"):
+            await c.delete_many(f"{ns}:k")
+        with pytest.raises(TypeError, match="tags"):
+            await c.invalidate_tags("user:42")
+        tm = TaskManager(cache_target)
+        for args in ("abc", b"abc", {"a": 1}):
+            with pytest.raises(TypeError, match="args"):
+                await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, args=args)  # type: ignore[arg-type]
+        assert await c.get(f"{ns}:k") is None, "nothing was written"
+
+    asyncio.run(scenario())

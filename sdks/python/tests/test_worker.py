@@ -617,6 +617,29 @@ def test_the_command_line_refuses_a_bad_concurrency_or_grace() -> None:
         )
         assert out.returncode == 2, (args, out.stderr)
         assert "must be" in out.stderr, (args, out.stderr)
+    # log levels as Celery users type them; a wrong one is a usage error too
+    for level, code, said in (("info", 2, "must be"), ("loud", 2, "invalid choice")):
+        out = subprocess.run(
+            [sys.executable, "-m", "koo.worker", "tests.worker_app:worker", "--log-level", level, "--concurrency", "0"],
+            cwd=SDK_DIR,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert out.returncode == code and said in out.stderr, (level, out.stderr)
+
+
+def test_a_worker_says_where_it_connected(target: str, ns: str, tmp_path: Path) -> None:
+    """At INFO, a worker process says the koo it reached, its id, what it
+    serves and how many at once (Celery's banner, in one line)."""
+    proc = spawn(target, ns, tmp_path)
+    try:
+        wait_for(lambda: any("connected to koo at" in line for line in OUTPUT[proc.pid]), 15, "the connected line")
+        line = next(line for line in OUTPUT[proc.pid] if "connected to koo at" in line)
+        assert target in line and f"sdk.{ns}.slow" in line and "2 at once" in line, line
+    finally:
+        reap(proc)
 
 
 def test_a_second_signal_ends_the_grace(target: str, ns: str, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import grpc.aio
 
 from koo._compute import Computed, Locked, compute_request, computed, fill_request, lock_request, locked
 from koo._connection import Connection, KooError, Settings, rpc, shared_loop
-from koo._values import Seconds, from_cache_value, from_duration, to_cache_value, to_duration
+from koo._values import Seconds, from_cache_value, from_duration, strings, to_cache_value, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -84,7 +84,7 @@ def _hit(r: pb.GetResponse) -> CacheHit | None:
 def _extras(e: pb.SetRequest | pb.CacheEntry, tags: Iterable[str] | None, soft_ttl: Seconds | None) -> None:
     """Puts tags and a soft TTL on a write."""
     if tags is not None:
-        e.tags.extend(tags)
+        e.tags.extend(strings("tags", tags))
     if soft_ttl is not None:
         e.soft_ttl.CopyFrom(to_duration(soft_ttl))
 
@@ -169,7 +169,7 @@ class KooCache:
 
     async def get_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> dict[str, Any]:
         """The found keys and their values (up to 1000 keys per call)."""
-        req = pb.GetManyRequest(level=level.proto, keys=list(keys))
+        req = pb.GetManyRequest(level=level.proto, keys=strings("keys", keys))
         r = await rpc(self._stub().GetMany(req, metadata=self._conn.metadata()))
         return {x.key: from_cache_value(x.entry.value) for x in r.results if x.entry.found}
 
@@ -197,7 +197,7 @@ class KooCache:
 
     async def delete_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> int:
         """Removes the keys; returns how many existed."""
-        req = pb.DeleteManyRequest(level=level.proto, keys=list(keys))
+        req = pb.DeleteManyRequest(level=level.proto, keys=strings("keys", keys))
         r = await rpc(self._stub().DeleteMany(req, metadata=self._conn.metadata()))
         return r.deleted_count
 
@@ -206,7 +206,7 @@ class KooCache:
         koo instance, in `level` or (None) every level; returns how many
         (level, tag) pairs had entries."""
         req = pb.InvalidateTagsRequest(
-            level=pb.CACHE_LEVEL_UNSPECIFIED if level is None else level.proto, tags=list(tags)
+            level=pb.CACHE_LEVEL_UNSPECIFIED if level is None else level.proto, tags=strings("tags", tags)
         )
         r = await rpc(self._stub().InvalidateTags(req, metadata=self._conn.metadata()))
         return r.known_count

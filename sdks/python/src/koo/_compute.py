@@ -17,11 +17,12 @@ from typing import Any
 
 from koo._values import (
     Seconds,
+    arguments,
     from_cache_value,
     from_timestamp,
+    strings,
     to_cache_value,
     to_duration,
-    to_proto_value,
     to_struct,
 )
 from koo.cache.v1 import cache_service_pb2 as pb
@@ -89,7 +90,7 @@ def fill_request(
     tags: Iterable[str] = (),
 ) -> pb.FillRequest:
     """A Fill request; `store=False` gives the lock up without a value."""
-    req = pb.FillRequest(level=level, key=key, lock_token=token, tags=list(tags))
+    req = pb.FillRequest(level=level, key=key, lock_token=token, tags=strings("tags", tags))
     if store:
         req.value.CopyFrom(to_cache_value(value))
     if ttl is not None:
@@ -113,10 +114,10 @@ def compute_request(
     lock_ttl: Seconds | None = None,
 ) -> pb.GetOrComputeRequest:
     """A GetOrCompute request."""
-    t = pb.ComputeTask(name=task, queue=queue, args=[to_proto_value(a) for a in args])
+    t = pb.ComputeTask(name=task, queue=queue, args=arguments(args))
     if kwargs:
         t.kwargs.CopyFrom(to_struct(kwargs))
-    req = pb.GetOrComputeRequest(level=level, key=key, task=t, tags=list(tags))
+    req = pb.GetOrComputeRequest(level=level, key=key, task=t, tags=strings("tags", tags))
     for field, d in (("ttl", ttl), ("soft_ttl", soft_ttl), ("lock_ttl", lock_ttl)):
         if d is not None:
             getattr(req, field).CopyFrom(to_duration(d))

@@ -17,11 +17,11 @@ from koo._connection import Connection, KooError, Settings, rpc, shared_loop
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._values import (
     Seconds,
+    arguments,
     from_proto_value,
     from_struct,
     from_timestamp,
     to_duration,
-    to_proto_value,
     to_struct,
     to_timestamp,
 )
@@ -361,7 +361,7 @@ class TaskManager:
         req = pb.SubmitTaskRequest(
             name=task_name,
             category=pb.TaskCategory.ValueType(category.value),
-            args=[to_proto_value(a) for a in args],
+            args=arguments(args),
             priority=pb.TaskPriority.ValueType(priority.value),
             queue=queue or "",
             idempotency_key=idempotency_key or "",

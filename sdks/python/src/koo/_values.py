@@ -15,7 +15,7 @@ snowflake id would come back with other digits): pass those as `str`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeAlias
 
@@ -29,6 +29,26 @@ Seconds: TypeAlias = int | float | timedelta
 _EXACT = 2**53
 MAX_DEPTH = 32
 """Arrays and objects nest at most this deep in a JSON value (koo's limit)."""
+
+
+def strings(field: str, values: Iterable[str]) -> list[str]:
+    """`values` (keys, tags) as a list, refusing one `str` (or bytes): a str
+    is itself an iterable of strings, and would be read as its characters
+    (`tags="user:42"` tagging `u`, `s`, `e`...), which neither koo nor mypy
+    can tell from what was meant."""
+    if isinstance(values, str | bytes):
+        raise TypeError(f"{field}: a list of strings, not one {type(values).__name__} (pass [{values!r}])")
+    return list(values)
+
+
+def arguments(args: Iterable[Any]) -> list[struct_pb2.Value]:
+    """A task's positional arguments, refusing a str, bytes or mapping
+    (read as characters, or as its keys)."""
+    if isinstance(args, str | bytes | Mapping):
+        raise TypeError(
+            f"args: a list or tuple of arguments, not a {type(args).__name__} (pass ({args!r},), or kwargs=)"
+        )
+    return [to_proto_value(a) for a in args]
 
 
 def to_proto_value(obj: object, _depth: int = 0) -> struct_pb2.Value:

@@ -528,6 +528,13 @@ class Worker:
                         session.max_message = resp.welcome.max_message_size
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
                     self.connected.set()
+                    log.info(
+                        "connected to koo at %s as %s: %s, %d at once",
+                        self._conn.settings.target,
+                        self.worker_id,
+                        ", ".join(sorted(self.handlers)) or "no task names",
+                        self.concurrency,
+                    )
                     iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
                     hb = asyncio.ensure_future(self._heartbeats(session, iv))
                     self._events.emit(

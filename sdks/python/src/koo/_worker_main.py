@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         "--concurrency", type=_concurrency, help="tasks run at once, 1 to 1024 (overrides the Worker's)"
     )
     parser.add_argument("--grace", type=_grace, help="seconds running tasks get on SIGTERM")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+    )
     ns = parser.parse_args(argv)
     logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     worker = load(ns.worker)
