@@ -111,6 +111,7 @@ pub async fn run(
         tls.clone(),
         settings.limits.idle_connection_timeout,
         listener::HANDSHAKE_TIMEOUT,
+        settings.limits.max_connections,
     );
     let grpc_metrics = GrpcMetrics::for_koo();
     let routes = router::routes(&app, &settings, &gate, health.clone())?;

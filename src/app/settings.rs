@@ -166,6 +166,8 @@ pub struct Limits {
     pub max_held_per_worker: u32,
     /// `KOO_MAX_INFLIGHT_CALLS`.
     pub max_inflight_calls: usize,
+    /// `KOO_MAX_CONNECTIONS`, per listener.
+    pub max_connections: usize,
     /// `KOO_IDLE_CONNECTION_TIMEOUT` (`None`: never).
     pub idle_connection_timeout: Option<Duration>,
     /// `KOO_MAX_CONNECTION_AGE` (`None`: never).
@@ -188,6 +190,7 @@ impl Default for Limits {
             max_concurrent_streams: 4096,
             max_held_per_worker: crate::tasks::remote::holds::DEFAULT_MAX_HELD,
             max_inflight_calls: 10_000,
+            max_connections: 10_000,
             idle_connection_timeout: Some(Duration::from_secs(600)),
             max_connection_age: None,
             max_connection_age_grace: None,

@@ -38,6 +38,11 @@ pub struct LimitsArgs {
     #[arg(long, env = "KOO_MAX_INFLIGHT_CALLS", value_name = "KOO_MAX_INFLIGHT_CALLS",
           default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_inflight_calls: u32,
+    /// Connections open at once on each listener (gRPC, HTTP, health); past it, new ones wait in
+    /// the kernel's backlog until one closes. Keep it under the process's file descriptor limit.
+    #[arg(long, env = "KOO_MAX_CONNECTIONS", value_name = "KOO_MAX_CONNECTIONS",
+          default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
     /// A connection with no call open for this long is closed (an open stream is a call);
     /// 0: never.
     #[arg(long, env = "KOO_IDLE_CONNECTION_TIMEOUT", value_name = "KOO_IDLE_CONNECTION_TIMEOUT",
@@ -83,6 +88,7 @@ impl LimitsArgs {
             max_concurrent_streams: self.max_concurrent_streams,
             max_held_per_worker: self.max_held_per_worker,
             max_inflight_calls: self.max_inflight_calls as usize,
+            max_connections: self.max_connections as usize,
             idle_connection_timeout: nonzero(self.idle_connection_timeout),
             max_connection_age: nonzero(self.max_connection_age),
             max_connection_age_grace: nonzero(self.max_connection_age_grace),

@@ -188,6 +188,7 @@ pub(super) fn serve_http(
             tls.map(|t| t.for_http()),
             limits.idle_connection_timeout,
             listener::HANDSHAKE_TIMEOUT,
+            limits.max_connections,
         ),
         local,
     };

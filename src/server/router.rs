@@ -225,6 +225,7 @@ pub(super) fn serve_health_only(
                 None,
                 limits.idle_connection_timeout,
                 listener::HANDSHAKE_TIMEOUT,
+                limits.max_connections,
             ),
             async move { stop.cancelled().await },
         );

@@ -46,6 +46,8 @@ pub struct Conn {
     closed: bool,
     /// Ends the connection's idle watch when the server drops it.
     _ended: DropGuard,
+    /// Its place under KOO_MAX_CONNECTIONS, freed when the server drops it.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Conn {
@@ -70,7 +72,15 @@ impl Conn {
             closing: Box::pin(close.clone().cancelled_owned()),
             closed: false,
             _ended: close.drop_guard(),
+            _slot: None,
         }
+    }
+
+    /// This connection, holding `slot` until it is dropped.
+    #[must_use]
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._slot = Some(slot);
+        self
     }
 }
 

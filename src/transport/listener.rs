@@ -2,10 +2,15 @@
 //! handshakes run in tasks of their own, at most [`MAX_HANDSHAKES`] at once
 //! and each for at most [`HANDSHAKE_TIMEOUT`], so a client that connects and
 //! says nothing holds one slot for a while instead of blocking every accept.
+//! At most `KOO_MAX_CONNECTIONS` connections are open at once: past it, new
+//! ones wait in the kernel's backlog until one closes, so that clients that
+//! open connections and hold them cannot take every file descriptor (which
+//! would fail Redis's reconnects and the other listeners too). Accept errors
+//! (out of descriptors, say) back off and are logged at most every 10 s.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -37,16 +42,43 @@ pub fn incoming(
     tls: Option<Tls>,
     idle_timeout: Option<Duration>,
     handshake_timeout: Duration,
+    max_connections: usize,
 ) -> ReceiverStream<Result<Conn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(accept_loop(
         listener,
         tls,
         idle_timeout,
         handshake_timeout,
+        (slots, max_connections),
         tx,
     ));
     ReceiverStream::new(rx)
+}
+
+/// How often a repeated accept problem (an error, the connection cap) is
+/// logged at most.
+const NOTICE_EVERY: Duration = Duration::from_secs(10);
+
+/// A warning said at most once per [`NOTICE_EVERY`], with how many times it
+/// was left unsaid since.
+#[derive(Default)]
+struct Notice {
+    said: Option<Instant>,
+    unsaid: u64,
+}
+
+impl Notice {
+    /// Whether to say it now, and how many were left unsaid before.
+    fn due(&mut self) -> Option<u64> {
+        if self.said.is_some_and(|at| at.elapsed() < NOTICE_EVERY) {
+            self.unsaid += 1;
+            return None;
+        }
+        self.said = Some(Instant::now());
+        Some(std::mem::take(&mut self.unsaid))
+    }
 }
 
 type Sender = mpsc::Sender<Result<Conn, std::io::Error>>;
@@ -56,23 +88,18 @@ async fn accept_loop(
     tls: Option<Tls>,
     idle_timeout: Option<Duration>,
     handshake_timeout: Duration,
+    (slots, max_connections): (Arc<Semaphore>, usize),
     tx: Sender,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let local = listener.local_addr().ok();
+    let (mut failing, mut full) = (Notice::default(), Notice::default());
     loop {
-        let accepted = tokio::select! {
-            () = tx.closed() => return,
-            accepted = listener.accept() => accepted,
+        let Some(slot) = next_slot(&slots, &tx, &mut full, local, max_connections).await else {
+            return;
         };
-        let (stream, addr) = match accepted {
-            Ok(a) => a,
-            // Out of file descriptors and the like: say so, and pause rather
-            // than spin on a listener that fails at once.
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot accept a connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        let Some((stream, addr)) = accept(&listener, &tx, &mut failing).await else {
+            return;
         };
         // Small RPCs should not wait for Nagle.
         let _ = stream.set_nodelay(true);
@@ -91,7 +118,8 @@ async fn accept_loop(
         let Some(tls) = &tls else {
             let conn = start(info, idle_timeout, |info, close| {
                 Conn::plain(stream, info, close)
-            });
+            })
+            .holding(slot);
             if tx.send(Ok(conn)).await.is_err() {
                 return;
             }
@@ -122,13 +150,69 @@ async fn accept_loop(
                     };
                     let conn = start(info, idle_timeout, |info, close| {
                         Conn::tls(stream, info, close)
-                    });
+                    })
+                    .holding(slot);
                     let _ = tx.send(Ok(conn)).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%addr, ?handshake_timeout, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+/// The next connection; `None` when the server stopped taking them. Out of
+/// file descriptors and the like: said (at most every 10 s, not 20 times a
+/// second), and retried with back-off rather than spinning on a listener
+/// that fails at once.
+async fn accept(
+    listener: &TcpListener,
+    tx: &Sender,
+    failing: &mut Notice,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let mut pause = Duration::from_millis(50);
+    loop {
+        let accepted = tokio::select! {
+            () = tx.closed() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok(a) => return Some(a),
+            Err(e) => {
+                if let Some(unsaid) = failing.due() {
+                    tracing::warn!(error = %e, unsaid, "cannot accept a connection");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+/// A place for the next connection under KOO_MAX_CONNECTIONS: at once, or
+/// once a connection closes (said, at most every 10 s); `None` when the
+/// server stopped taking connections.
+async fn next_slot(
+    slots: &Arc<Semaphore>,
+    tx: &Sender,
+    full: &mut Notice,
+    local: Option<std::net::SocketAddr>,
+    max_connections: usize,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(slot) = slots.clone().try_acquire_owned() {
+        return Some(slot);
+    }
+    if let Some(unsaid) = full.due() {
+        tracing::warn!(
+            listen = ?local,
+            max_connections,
+            unsaid,
+            "KOO_MAX_CONNECTIONS connections are open on this listener: new ones wait in the backlog until one closes"
+        );
+    }
+    tokio::select! {
+        () = tx.closed() => None,
+        slot = slots.clone().acquire_owned() => Some(slot.expect("never closed")),
     }
 }
 
@@ -143,4 +227,21 @@ fn start(
         tokio::spawn(close_when_idle(info.calls.clone(), timeout, close.clone()));
     }
     make(info, close)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A repeated problem is said once, then counted until the next time
+    /// it may be said, which says how many were left unsaid.
+    #[test]
+    fn notices_are_rate_limited_and_counted() {
+        let mut n = Notice::default();
+        assert_eq!(n.due(), Some(0));
+        assert_eq!(n.due(), None);
+        assert_eq!(n.due(), None);
+        n.said = Some(Instant::now() - NOTICE_EVERY);
+        assert_eq!(n.due(), Some(2));
+    }
 }

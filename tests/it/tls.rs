@@ -336,6 +336,44 @@ async fn idle_connections_close_open_streams_keep_theirs() {
     koo.shutdown().await;
 }
 
+/// KOO_MAX_CONNECTIONS: with two connections held open (by clients that
+/// say nothing, as a flood of idle sockets would), a third is not served
+/// until one of them closes; then it is, and the holders' calls still work.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let koo = Koo::start(|s| s.limits.max_connections = 2).await;
+    let (mut first, _first_closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    assert_eq!(h2_health_check(&mut first).await, "0");
+    let (mut second, second_closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    assert_eq!(h2_health_check(&mut second).await, "0");
+    // the kernel completes the TCP handshake (the backlog); koo does not
+    // accept the connection, so its HTTP/2 handshake gets no answer
+    let addr = koo.addr;
+    let mut third = tokio::spawn(async move {
+        let (mut third, closed) = h2_open(TcpStream::connect(addr).await.unwrap()).await;
+        let status = h2_health_check(&mut third).await;
+        (status, third, closed)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut third)
+            .await
+            .is_err(),
+        "a third connection was served past the cap of two"
+    );
+    drop(second);
+    tokio::time::timeout(EVENT_TIMEOUT, second_closed)
+        .await
+        .expect("the second connection did not close")
+        .unwrap();
+    let (status, _third, _closed) = tokio::time::timeout(EVENT_TIMEOUT, third)
+        .await
+        .expect("the third connection was not served once a slot freed")
+        .unwrap();
+    assert_eq!(status, "0");
+    assert_eq!(h2_health_check(&mut first).await, "0");
+    koo.shutdown().await;
+}
+
 /// With KOO_HEALTH_LISTEN, grpc.health.v1 answers in plaintext on its own
 /// port (and nothing else does there) while the main port speaks only TLS.
 #[tokio::test(flavor = "multi_thread")]
@@ -564,7 +602,7 @@ async fn client_identity_reaches_the_request() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = Tls::load(pki.settings(true)).unwrap();
-    let incoming = listener::incoming(listener, Some(tls), None, listener::HANDSHAKE_TIMEOUT);
+    let incoming = listener::incoming(listener, Some(tls), None, listener::HANDSHAKE_TIMEOUT, 1024);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .layer(PeerLayer)
