@@ -656,6 +656,9 @@ def test_a_second_signal_ends_the_grace(target: str, ns: str, tmp_path: Path) ->
         proc.send_signal(signal.SIGINT)
         # within the test's bound, far inside the 600 s grace
         assert proc.wait(15) == 0, "".join(OUTPUT[proc.pid])
+        # the hand-back says why (the pipe's last lines may still be read)
+        wait_for(lambda: any("a second signal ended the grace" in line for line in OUTPUT[proc.pid]), 10, "the reason")
+        assert not any("grace of 600 s is over" in line for line in OUTPUT[proc.pid])
         other = runs_elsewhere(tm, tid, target, ns, tmp_path)
     finally:
         reap(proc, other)

@@ -61,8 +61,21 @@ _NO_STALE = _Sentinel()
 
 
 def canonical_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    """The canonical JSON text of a call's arguments (see the module doc)."""
-    return json.dumps([list(args), kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """The canonical JSON text of a call's arguments (see the module doc).
+    An argument JSON cannot hold is a TypeError naming it."""
+    try:
+        return json.dumps([list(args), kwargs], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):
+        named = [(f"argument {i}", a) for i, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
+        for name, value in named:
+            try:
+                json.dumps(value, ensure_ascii=False)
+            except (TypeError, ValueError) as e:
+                raise TypeError(
+                    f"@cached: {name} ({type(value).__name__}) cannot make a cache key: {e}; "
+                    "convert it (a str, a number...) or give the decorator a key_builder"
+                ) from None
+        raise
 
 
 def cache_key(func: Callable[..., Any], key_prefix: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:

@@ -616,7 +616,8 @@ class Worker:
             # hand back what is left rather than leave koo to count it lost
             for run in list(session.held.values()):
                 self._started.discard(run)
-                session.release(run, f"worker stopping: its grace of {self.grace:g} s is over")
+                why = "a second signal ended the grace" if self._forced else f"its grace of {self.grace:g} s is over"
+                session.release(run, f"worker stopping: {why}")
             # their replies, so that the stream closes after koo took them
             until = asyncio.get_running_loop().time() + RELEASE_WAIT
             while session.releasing and not session.closed and asyncio.get_running_loop().time() < until:
