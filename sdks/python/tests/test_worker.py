@@ -425,6 +425,31 @@ def test_sigkill_mid_task_loses_nothing(target: str, ns: str, tmp_path: Path) ->
         reap(first, second)
 
 
+def test_a_blocked_event_loop_is_diagnosed(target: str, ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    """An async handler running blocking code stops the worker's event loop
+    (heartbeats wait, and past the lease the task runs elsewhere): the
+    worker says so, naming the task, and again when the loop runs again."""
+    import logging
+
+    worker = Worker(target, concurrency=2, name="blocker", blocked_after=0.3)
+
+    @worker.task(f"sdk.{ns}.blocks")
+    async def blocks() -> str:
+        time.sleep(1.2)  # noqa: ASYNC251 (blocking code in an async handler is what is diagnosed)
+        return "done"
+
+    tm = TaskManager(target).sync
+    with caplog.at_level(logging.WARNING, logger="koo.worker"), running(worker):
+        tid = tm.submit_task(f"sdk.{ns}.blocks", TaskCategory.RESEARCH)
+        assert tm.result(tid, timeout=20) == "done"
+        wait_for(lambda: any("ran again" in r.getMessage() for r in caplog.records), 10, "the all-clear")
+    said = [r.getMessage() for r in caplog.records]
+    blocked = [m for m in said if "event loop has been blocked" in m]
+    assert blocked and tid in blocked[0] and f"sdk.{ns}.blocks" in blocked[0], said
+    with pytest.raises(ValueError, match="blocked_after"):
+        Worker(target, blocked_after=0)
+
+
 def test_sigkill_of_a_silent_task_counts_its_attempt(target: str, ns: str, tmp_path: Path) -> None:
     """A task that began and said nothing (no progress) on a worker killed
     at once: the worker told koo it began, so the attempt counts and a task

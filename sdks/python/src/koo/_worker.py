@@ -34,6 +34,7 @@ import grpc.aio
 from koo import _otel
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
+from koo._loopwatch import LoopWatch
 from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
@@ -398,9 +399,15 @@ class Worker:
         grace: float = 10.0,
         token: str | None = None,
         on_event: EventHook | None = None,
+        blocked_after: float = 2.0,
     ) -> None:
         if not 1 <= concurrency <= 1024:
             raise ValueError("concurrency must be 1 to 1024")
+        if not blocked_after > 0:
+            raise ValueError(f"blocked_after must be above zero, not {blocked_after!r}")
+        # the event loop blocked this long (seconds) is logged, with the
+        # async handlers running (see koo._loopwatch)
+        self.blocked_after = blocked_after
         self._conn = Connection(Settings(target=target, api_key=api_key or token, tls=tls))
         self.concurrency = concurrency
         self.queues = [q for q in queues if q]
@@ -480,19 +487,29 @@ class Worker:
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._on_signal)
-        backoff = BACKOFF_INITIAL
-        while not self._stopping.is_set():
-            welcomed = await self._session(loop)
-            if self._stopping.is_set():
-                break
-            if welcomed:
-                backoff = BACKOFF_INITIAL
-            try:
-                await asyncio.wait_for(self._stopping.wait(), backoff)
-            except asyncio.TimeoutError:
-                pass
-            backoff = min(backoff * 2, BACKOFF_MAX)
+        watch = LoopWatch(loop, self._running_async, self.blocked_after)
+        watch.start()
+        try:
+            backoff = BACKOFF_INITIAL
+            while not self._stopping.is_set():
+                welcomed = await self._session(loop)
+                if self._stopping.is_set():
+                    break
+                if welcomed:
+                    backoff = BACKOFF_INITIAL
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                except asyncio.TimeoutError:
+                    pass
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            watch.stop()
         await self._conn.close()
+
+    def _running_async(self) -> list[str]:
+        """The async handlers running now, `task id (name)` (read from the
+        loop watch's thread while the loop is stuck)."""
+        return [f"{r.task_id} ({r.ctx.name})" for r in list(self._started) if r.is_async]
 
     async def _session(self, loop: asyncio.AbstractEventLoop) -> bool:
         assert self._stopping is not None
