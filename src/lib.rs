@@ -58,6 +58,7 @@ pub mod grpc;
 pub mod health;
 pub mod keys;
 pub mod pb;
+pub mod percent;
 pub mod persist;
 pub mod quote;
 pub mod reload;

@@ -215,21 +215,22 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(args.timeout)
         .timeout(args.timeout);
-    if let Some(tls) = health_tls(&args)? {
+    let tls = health_tls(&args)?;
+    let security = koo::cli::connect::Security {
+        tls: tls.is_some(),
+        client_cert: args.tls_cert.is_some(),
+        cert_flags: "--tls-cert and --tls-key (KOO_HEALTH_TLS_CERT, KOO_HEALTH_TLS_KEY)",
+        tls_flag: "--tls-ca (KOO_HEALTH_TLS_CA)",
+    };
+    if let Some(tls) = tls {
         endpoint = endpoint.tls_config(tls)?;
     }
-    let security = koo::cli::connect::Security {
-        tls: args.tls_ca.is_some(),
-        client_cert: args.tls_cert.is_some(),
-    };
-    let hint = |text: &str| {
-        let cert = "--tls-cert and --tls-key (KOO_HEALTH_TLS_CERT, KOO_HEALTH_TLS_KEY)";
-        let tls = "--tls-ca (KOO_HEALTH_TLS_CA)";
-        security.hint(text, cert, tls)
-    };
     let channel = endpoint.connect().await.map_err(|e| {
         let chain = koo::cli::connect::error_chain(&e);
-        anyhow::anyhow!("cannot reach koo at {addr}: {chain}{}", hint(&chain))
+        anyhow::anyhow!(
+            "cannot reach koo at {addr}: {chain}{}",
+            security.hint(&chain)
+        )
     })?;
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: args.service.clone(),
@@ -244,14 +245,11 @@ async fn health(args: HealthArgs) -> anyhow::Result<ExitCode> {
         .check(request)
         .await
         .map_err(|s| {
-            let text = koo::cli::connect::status_text(&s);
-            // only for this side's connection, not a message koo sent
-            let local = std::error::Error::source(&s).is_some();
             anyhow::anyhow!(
-                "health check of {:?} failed: {}: {text}{}",
+                "health check of {:?} failed: {}: {}",
                 args.service,
                 koo::cli::connect::code_name(s.code()),
-                if local { hint(&text) } else { String::new() }
+                security.explain(&s)
             )
         })?;
     let status =

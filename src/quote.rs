@@ -25,11 +25,9 @@ pub fn quote(input: &str) -> Quoted<'_> {
 /// `input` quoted as [`quote`] does, always with its length in bytes
 /// (once): for messages about an input's size.
 pub fn quote_sized(input: &str) -> String {
-    if input.char_indices().nth(MAX_QUOTED_CHARS).is_some() {
-        quote(input).to_string()
-    } else {
-        format!("{} ({} bytes)", quote(input), input.len())
-    }
+    let mut out = String::new();
+    let _ = write_quoted(&mut out, input, input.len(), true);
+    out
 }
 
 /// Bytes from the input (a request body, say) quoted as [`quote`] does,
@@ -39,13 +37,23 @@ pub fn quote_sized(input: &str) -> String {
 pub fn quote_bytes(input: &[u8]) -> String {
     // a character is at most four bytes: this head holds every quoted one
     let head = String::from_utf8_lossy(&input[..input.len().min(MAX_QUOTED_CHARS * 4 + 4)]);
-    match head.char_indices().nth(MAX_QUOTED_CHARS) {
+    let mut out = String::new();
+    let _ = write_quoted(&mut out, &head, input.len(), true);
+    out
+}
+
+/// Writes `text` quoted, cut to [`MAX_QUOTED_CHARS`] characters with an
+/// ellipsis, then ` (len bytes)` when it was cut or `always`: `len` is the
+/// whole input's length (`text` may be only its head).
+fn write_quoted(out: &mut impl fmt::Write, text: &str, len: usize, always: bool) -> fmt::Result {
+    match text.char_indices().nth(MAX_QUOTED_CHARS) {
         Some((cut, _)) => {
-            let q = format!("{:?}", &head[..cut]);
+            let head = format!("{:?}", &text[..cut]);
             // the head's closing quote goes after the ellipsis
-            format!("{}…\" ({} bytes)", &q[..q.len() - 1], input.len())
+            write!(out, "{}…\" ({len} bytes)", &head[..head.len() - 1])
         }
-        None => format!("{} ({} bytes)", quote(&head), input.len()),
+        None if always => write!(out, "{text:?} ({len} bytes)"),
+        None => write!(out, "{text:?}"),
     }
 }
 
@@ -55,15 +63,7 @@ pub struct Quoted<'a>(&'a str);
 
 impl fmt::Display for Quoted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let input = self.0;
-        match input.char_indices().nth(MAX_QUOTED_CHARS) {
-            None => write!(f, "{input:?}"),
-            Some((cut, _)) => {
-                let head = format!("{:?}", &input[..cut]);
-                // the head's closing quote goes after the ellipsis
-                write!(f, "{}…\" ({} bytes)", &head[..head.len() - 1], input.len())
-            }
-        }
+        write_quoted(f, self.0, self.0.len(), false)
     }
 }
 

@@ -92,6 +92,9 @@ impl Cache {
     ) -> Result<WarmReport> {
         let mut report = WarmReport::default();
         let mut valid = Vec::new();
+        // `Warm` refuses bad entries before it submits; these checks are for
+        // a warm task submitted as any task is (SubmitTask, a schedule),
+        // whose arguments nothing checked
         for (i, e) in entries {
             let checked = e.and_then(|e| {
                 let ttl = self

@@ -47,7 +47,7 @@ pub async fn watch(
             silence = m
                 .heartbeat_interval
                 .and_then(|d| std::time::Duration::try_from(d).ok())
-                .map(|d| d * STALL_INTERVALS);
+                .map(|d| d.saturating_mul(STALL_INTERVALS));
         }
         if conn.json {
             print_json("koo.cache.v1.WatchInvalidationsResponse", &m);

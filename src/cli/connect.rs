@@ -99,6 +99,8 @@ impl Conn {
         let security = Security {
             tls: tls.is_some(),
             client_cert: args.tls_cert.is_some(),
+            cert_flags: CERT_FLAGS,
+            tls_flag: TLS_FLAGS,
         };
         let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| usage(format!("--target {:?}: {e}", args.target)))?
@@ -114,7 +116,7 @@ impl Conn {
         }
         let channel = endpoint.connect().await.map_err(|e| {
             let mut reason = error_chain(&e);
-            reason.push_str(&security.hint(&reason, CERT_FLAGS, TLS_FLAGS));
+            reason.push_str(&security.hint(&reason));
             CliError::Unreachable {
                 target: args.target.clone(),
                 reason,
@@ -170,16 +172,10 @@ impl Conn {
                 message: format!("no answer within --timeout {:?}", self.timeout),
             };
         }
-        let mut message = status_text(&status);
-        // only for a failure of this side's connection: a message koo sent
-        // (a Redis "connection reset" it passes on) is koo's to explain
-        if std::error::Error::source(&status).is_some() {
-            message.push_str(&self.security.hint(&message, CERT_FLAGS, TLS_FLAGS));
-        }
         CliError::Rpc {
             target: self.target.clone(),
             code: code_name(status.code()),
-            message,
+            message: self.security.explain(&status),
         }
     }
 }
@@ -253,13 +249,28 @@ pub struct Security {
     pub tls: bool,
     /// A client certificate was given.
     pub client_cert: bool,
+    /// The settings that give a client certificate, for the hint.
+    pub cert_flags: &'static str,
+    /// The setting that asks for TLS, for the hint.
+    pub tls_flag: &'static str,
 }
 
 impl Security {
+    /// A failed call's text, with the [`Self::hint`] when the failure is
+    /// this side's connection's: a message koo sent (a Redis "connection
+    /// reset" it passes on) is koo's to explain.
+    pub fn explain(&self, status: &tonic::Status) -> String {
+        let mut text = status_text(status);
+        if std::error::Error::source(status).is_some() {
+            text.push_str(&self.hint(&text));
+        }
+        text
+    }
+
     /// A hint to add to a failure's `text` when it says the connection was
-    /// closed or reset (empty otherwise); `cert_flags` and `tls_flag` name
-    /// the settings to try.
-    pub fn hint(self, text: &str, cert_flags: &str, tls_flag: &str) -> String {
+    /// closed or reset (empty otherwise), naming the settings to try.
+    pub fn hint(&self, text: &str) -> String {
+        let (cert_flags, tls_flag) = (self.cert_flags, self.tls_flag);
         let text = text.to_ascii_lowercase();
         // hyper's words for a connection the server closed: at once, in
         // the middle of a call, or before the first request could go out
@@ -352,7 +363,15 @@ mod tests {
     #[test]
     fn a_closed_connection_is_explained_by_how_it_was_made() {
         let closed = "transport error: connection closed";
-        let hint = |tls, client_cert, text| Security { tls, client_cert }.hint(text, "CERT", "TLS");
+        let hint = |tls, client_cert, text| {
+            Security {
+                tls,
+                client_cert,
+                cert_flags: "CERT",
+                tls_flag: "TLS",
+            }
+            .hint(text)
+        };
         assert!(hint(true, false, closed).contains("give CERT"));
         assert!(hint(false, false, closed).contains("use TLS"));
         assert!(hint(false, false, "Broken pipe").contains("use TLS"));

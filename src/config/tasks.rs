@@ -151,18 +151,19 @@ fn aliased<T: std::str::FromStr>(
 }
 
 /// A boolean as Celery's settings write it (`True`, `false`, `1`, `no`,
-/// `on`...): what `TASK_ACKS_LATE` itself accepts.
+/// `on`...): read by the parser `TASK_ACKS_LATE` itself uses, so that the
+/// alias accepts exactly what the setting does.
 struct Flag(bool);
 
 impl std::str::FromStr for Flag {
     type Err = ();
 
     fn from_str(s: &str) -> Result<Self, ()> {
-        match s.to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "y" | "on" => Ok(Flag(true)),
-            "false" | "0" | "no" | "n" | "off" => Ok(Flag(false)),
-            _ => Err(()),
-        }
+        use clap::builder::TypedValueParser as _;
+        BoolishValueParser::new()
+            .parse_ref(&clap::Command::new("koo"), None, std::ffi::OsStr::new(s))
+            .map(Flag)
+            .map_err(drop)
     }
 }
 
@@ -321,5 +322,26 @@ impl TaskArgs {
                 .collect::<Result<_, _>>()?,
             ..TaskConfig::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Flag;
+
+    /// The alias reads what `TASK_ACKS_LATE` reads: Celery's `True`,
+    /// clap's `t`/`f`, `on`/`off`, `1`/`0`; anything else is refused.
+    #[test]
+    fn flags_read_as_the_setting_does() {
+        for (text, want) in [
+            ("True", true),
+            ("t", true),
+            ("on", true),
+            ("F", false),
+            ("0", false),
+        ] {
+            assert_eq!(text.parse::<Flag>().map(|f| f.0), Ok(want), "{text}");
+        }
+        assert!("maybe".parse::<Flag>().is_err());
     }
 }

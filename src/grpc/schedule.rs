@@ -82,7 +82,7 @@ fn template(t: Option<pb::TaskTemplate>) -> Result<Template, Status> {
     })
     .map_err(|e| invalid_argument("schedule.task.kwargs", &e))?;
     if let Some(r) = t.max_retries
-        && !(0..=i64::from(MAX_RETRIES)).contains(&i64::from(r))
+        && !u32::try_from(r).is_ok_and(|r| r <= MAX_RETRIES)
     {
         return Err(invalid_argument(
             "schedule.task.max_retries",

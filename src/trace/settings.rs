@@ -105,29 +105,11 @@ pub fn parse_resource(text: &str) -> Result<Vec<(String, String)>, String> {
         if key.is_empty() {
             return Err(format!("{pair:?} has no key"));
         }
-        let value = percent_decode(value.trim())
+        let value = crate::percent::decode(value.trim())
             .ok_or_else(|| format!("{pair:?} is not percent-encoded"))?;
         out.push((key.to_owned(), value));
     }
     Ok(out)
-}
-
-/// `%XX` escapes decoded (`None`: a bad escape or not UTF-8).
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -45,13 +45,12 @@ pub fn incoming(
     max_connections: usize,
 ) -> ReceiverStream<Result<Conn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
-    let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(accept_loop(
         listener,
         tls,
         idle_timeout,
         handshake_timeout,
-        (slots, max_connections),
+        max_connections,
         tx,
     ));
     ReceiverStream::new(rx)
@@ -88,10 +87,11 @@ async fn accept_loop(
     tls: Option<Tls>,
     idle_timeout: Option<Duration>,
     handshake_timeout: Duration,
-    (slots, max_connections): (Arc<Semaphore>, usize),
+    max_connections: usize,
     tx: Sender,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let slots = Arc::new(Semaphore::new(max_connections));
     let local = listener.local_addr().ok();
     let (mut failing, mut full) = (Notice::default(), Notice::default());
     loop {

@@ -196,11 +196,16 @@ impl CacheUpkeep {
                 // a store that does not answer says nothing about workers
                 Err(_) => true,
             };
+            if served {
+                unserved = 0;
+                continue;
+            }
+            // read only when no worker serves it: is it still waiting?
             let queued = match self.engine.get(id.as_str(), deadline).await {
                 Ok(task) => task.state == State::Queued,
                 Err(_) => false,
             };
-            unserved = if served || !queued { 0 } else { unserved + 1 };
+            unserved = if queued { unserved + 1 } else { 0 };
             if unserved >= UNSERVED_CHECKS {
                 return;
             }

@@ -290,17 +290,20 @@ async fn sigterm_shuts_down_gracefully() {
     assert!(status.success(), "{status:?}");
 }
 
-/// Whether koo has logged a line containing `text` (waits for it up to the
-/// event timeout).
-fn logged(server: &Running, text: &str) -> bool {
+/// Waits (up to the event timeout) for koo to log a line containing
+/// `text`; fails showing what it did log.
+fn assert_logged(server: &Running, text: &str) {
     let deadline = std::time::Instant::now() + common::EVENT_TIMEOUT;
     while std::time::Instant::now() < deadline {
         if server.log.lock().unwrap().iter().any(|l| l.contains(text)) {
-            return true;
+            return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    false
+    panic!(
+        "koo never logged {text:?}; its log:\n{}",
+        server.log.lock().unwrap().join("\n")
+    );
 }
 
 /// With its Redis down (one server, or every seed of a Cluster), koo
@@ -317,7 +320,7 @@ async fn a_koo_whose_redis_is_down_stops_promptly_and_quietly() {
     ] {
         let mut server = Running::start(&[("REDIS_URL", &url), ("KOO_SHUTDOWN_DRAIN", "0ms")]);
         // the workers have met the outage (their polls come a second apart)
-        assert!(logged(&server, "cannot lease"), "{url}: no lease failed");
+        assert_logged(&server, "cannot lease");
         let mut cache = CacheServiceClient::new(server.channel().await);
         let first = tokio::time::timeout(common::EVENT_TIMEOUT, async {
             cache
@@ -484,13 +487,9 @@ fn the_runtime_runs_the_threads_it_is_told() {
 #[tokio::test]
 async fn an_exposed_http_listener_is_warned_about() {
     let exposed = Running::start(&[("KOO_HTTP_LISTEN", "0.0.0.0:0")]);
-    assert!(
-        logged(
-            &exposed,
-            "SECURITY: koo listens on a non-loopback address (KOO_HTTP_LISTEN)"
-        ),
-        "{}",
-        exposed.log.lock().unwrap().join("\n")
+    assert_logged(
+        &exposed,
+        "SECURITY: koo listens on a non-loopback address (KOO_HTTP_LISTEN)",
     );
     let local = Running::start(&[("KOO_HTTP_LISTEN", "127.0.0.1:0")]);
     local.channel().await;
@@ -516,22 +515,14 @@ fn plaintext_keys_and_an_empty_keys_file_are_warned_about() {
         ("KOO_HTTP_LISTEN", "0.0.0.0:0"),
         ("KOO_AUTH_FILE", path.to_str().unwrap()),
     ]);
-    assert!(
-        logged(
-            &plaintext,
-            "SECURITY: koo listens on a non-loopback address (KOO_HTTP_LISTEN) in PLAINTEXT: API keys"
-        ),
-        "{}",
-        plaintext.log.lock().unwrap().join("\n")
+    assert_logged(
+        &plaintext,
+        "SECURITY: koo listens on a non-loopback address (KOO_HTTP_LISTEN) in PLAINTEXT: API keys",
     );
     let empty = KeysFile::new("");
     let path = empty.path();
     let locked = Running::start(&[("KOO_AUTH_FILE", path.to_str().unwrap())]);
-    assert!(
-        logged(&locked, "holds no keys and no principals"),
-        "{}",
-        locked.log.lock().unwrap().join("\n")
-    );
+    assert_logged(&locked, "holds no keys and no principals");
 }
 
 /// A server certificate clients would refuse is said at start-up, naming
@@ -545,10 +536,7 @@ fn an_expired_server_certificate_is_logged() {
         ("KOO_TLS_CERT", cert.to_str().unwrap()),
         ("KOO_TLS_KEY", key.to_str().unwrap()),
     ]);
-    assert!(logged(
-        &server,
-        "(KOO_TLS_CERT) expired on Jan  1 00:00:00 2021"
-    ));
+    assert_logged(&server, "(KOO_TLS_CERT) expired on Jan  1 00:00:00 2021");
 }
 
 /// A schedule created through the API under a default's name is kept when
@@ -585,11 +573,7 @@ async fn an_api_schedule_hiding_a_default_is_warned_about() {
         first.log.lock().unwrap().join("\n")
     );
     let second = Running::start(&[("KOO_DATA_DIR", dir)]);
-    assert!(
-        logged(&second, "has a default schedule's name: it is kept"),
-        "{}",
-        second.log.lock().unwrap().join("\n")
-    );
+    assert_logged(&second, "has a default schedule's name: it is kept");
 }
 
 /// An empty REDIS_URL (an empty secret, say) still means the embedded
@@ -598,7 +582,7 @@ async fn an_api_schedule_hiding_a_default_is_warned_about() {
 #[test]
 fn an_empty_redis_url_is_warned_about() {
     let server = Running::start(&[("REDIS_URL", "")]);
-    assert!(logged(&server, "REDIS_URL is set but empty"));
+    assert_logged(&server, "REDIS_URL is set but empty");
 }
 
 /// A warm file koo cannot read is said once at start-up (each warm-up
@@ -606,5 +590,5 @@ fn an_empty_redis_url_is_warned_about() {
 #[test]
 fn an_unreadable_warm_file_is_warned_about() {
     let server = Running::start(&[("KOO_CACHE_WARM_FILE", "/nonexistent/warm.jsonl")]);
-    assert!(logged(&server, "KOO_CACHE_WARM_FILE cannot be read"));
+    assert_logged(&server, "KOO_CACHE_WARM_FILE cannot be read");
 }

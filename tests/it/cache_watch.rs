@@ -252,28 +252,26 @@ async fn the_embedded_store_delivers_every_change() {
 /// of range is refused, naming it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_stream_sends_heartbeats_when_asked() {
+    let millis = |ms: i32| {
+        Some(prost_types::Duration {
+            seconds: 0,
+            nanos: ms * 1_000_000,
+        })
+    };
+    let beating = |ms: i32| pb::WatchInvalidationsRequest {
+        heartbeat_interval: millis(ms),
+        ..Default::default()
+    };
     let env = Env::memory().await;
     let mut c = env.cache();
     let mut s = c
-        .watch_invalidations(pb::WatchInvalidationsRequest {
-            heartbeat_interval: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 100_000_000,
-            }),
-            ..Default::default()
-        })
+        .watch_invalidations(beating(100))
         .await
         .expect("watch")
         .into_inner();
     let ready = next(&mut s).await;
     assert_eq!(ready.kind(), InvalidationKind::Ready, "{ready:?}");
-    assert_eq!(
-        ready.heartbeat_interval,
-        Some(prost_types::Duration {
-            seconds: 0,
-            nanos: 100_000_000
-        })
-    );
+    assert_eq!(ready.heartbeat_interval, millis(100));
     for _ in 0..2 {
         assert_eq!(next(&mut s).await.kind(), InvalidationKind::Heartbeat);
     }
@@ -298,13 +296,7 @@ async fn a_quiet_stream_sends_heartbeats_when_asked() {
         "no heartbeat before the change when none was asked for"
     );
     let e = c
-        .watch_invalidations(pb::WatchInvalidationsRequest {
-            heartbeat_interval: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 1_000_000,
-            }),
-            ..Default::default()
-        })
+        .watch_invalidations(beating(1))
         .await
         .expect_err("1 ms is under the floor");
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");

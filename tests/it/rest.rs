@@ -203,7 +203,7 @@ fn errors(http: &str) {
     );
     // a query that is not UTF-8 once decoded names no key: refused, not
     // read as U+FFFD (which `%C0` and `%FF` would both have become)
-    for bad in ["key=%C0", "key=%FF%FE", "k%FFey=a"] {
+    for bad in ["key=%C0", "key=%FF%FE", "k%FFey=a", "key=%zz"] {
         let (code, body) = curl(&[
             "-X",
             "DELETE",

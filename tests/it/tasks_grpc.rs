@@ -1438,6 +1438,31 @@ async fn an_upkeep_wait_that_no_worker_serves_says_so() {
         .to_owned();
     let task = get_ok(&mut client(&koo.server), &id).await;
     assert_eq!(task.state, pb::TaskState::Queued as i32);
+    // served (a stream worker of the cleanup task, busy with the first
+    // one): the second wait goes on past the unserved checks, to the
+    // call's deadline, where the reply carries its task's id alone, as
+    // documented
+    let mut worker = crate::common::stream::StreamWorker::open(
+        &koo.server,
+        crate::common::stream::hello("upkeep", &["koo.tasks.cache.cleanup"], &["cache"], 1),
+    )
+    .await;
+    let mut waiting = tonic::Request::new(cache::CleanupRequest { wait: true });
+    waiting.set_timeout(std::time::Duration::from_millis(4500));
+    let mut other = koo.server.cache();
+    let call = tokio::spawn(async move { other.cleanup(waiting).await });
+    let held = worker.task().await;
+    let reply = call
+        .await
+        .unwrap()
+        .expect("a served wait ends at its deadline, not as unserved")
+        .into_inner();
+    assert_eq!(reply.report, None, "{reply:?}");
+    assert_eq!(held.task.map(|t| t.id), Some(id.clone()));
+    assert!(
+        !reply.task_id.is_empty() && reply.task_id != id,
+        "{reply:?}"
+    );
 }
 
 /// Within a queue, higher priority comes first and equal priorities in

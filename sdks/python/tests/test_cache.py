@@ -236,7 +236,7 @@ def test_one_str_where_a_list_is_meant_is_refused(cache_target: str, ns: str) ->
     """A str is itself a list of strings to Python (and mypy): `tags="user:42"`
     would tag the entry `u`, `s`, `e`... and `args="abc"` pass three
     arguments. Both are refused, naming the parameter and the fix."""
-    from koo import TaskCategory, TaskManager
+    from koo import NearCache, TaskCategory, TaskManager, Worker
 
     async def scenario() -> None:
         c = KooCache(cache_target)
@@ -248,10 +248,21 @@ def test_one_str_where_a_list_is_meant_is_refused(cache_target: str, ns: str) ->
             await c.delete_many(f"{ns}:k")
         with pytest.raises(TypeError, match="tags"):
             await c.invalidate_tags("user:42")
+        with pytest.raises(TypeError, match="tags"):
+            await c.set_many({f"{ns}:k": "v"}, 60, tags="user:42")
+        near = NearCache(c)
+        with pytest.raises(TypeError, match="keys"):
+            await near.delete_many(f"{ns}:k")
+        with pytest.raises(TypeError, match="tags"):
+            await near.invalidate_tags("user:42")
         tm = TaskManager(cache_target)
         for args in ("abc", b"abc", {"a": 1}):
             with pytest.raises(TypeError, match="args"):
                 await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, args=args)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="depends_on"):
+            await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, depends_on="research~01")
+        with pytest.raises(TypeError, match="queues"):
+            Worker(cache_target, queues="research")
         assert await c.get(f"{ns}:k") is None, "nothing was written"
 
     asyncio.run(scenario())

@@ -338,9 +338,13 @@ def test_result_waits_through_a_koo_restart() -> None:
 
         async def metrics() -> None:
             nonlocal snapshots
-            async for _ in KooCache(addr).watch_metrics(0.2):
-                snapshots += 1
-                snapshot.set()
+            cache = KooCache(addr)
+            try:
+                async for _ in cache.watch_metrics(0.2):
+                    snapshots += 1
+                    snapshot.set()
+            finally:
+                await cache.close()
 
         sampling = asyncio.ensure_future(metrics())
         await asyncio.wait_for(snapshot.wait(), 20)

@@ -160,7 +160,7 @@ impl CacheApi {
                         return Some((Err(unavailable()), None));
                     }
                     n = w.sub.next() => n,
-                    () = sleep_until(beat), if beat.is_some() => {
+                    () = sleep_until(beat) => {
                         w.quiet_since = Instant::now();
                         return Some((Ok(bare(pb::InvalidationKind::Heartbeat)), Some(w)));
                     }

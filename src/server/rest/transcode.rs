@@ -104,20 +104,16 @@ fn query_fields(query: Option<&str>) -> Result<Vec<(String, Vec<String>)>, RestE
 }
 
 /// One `application/x-www-form-urlencoded` component (`+` is a space),
-/// percent-decoded, as UTF-8; `name` is its parameter's raw name, for the
-/// message.
+/// percent-decoded strictly (`crate::percent`), as UTF-8; `name` is its
+/// parameter's raw name, for the message.
 fn decode_component(raw: &str, name: &str) -> Result<String, RestError> {
-    let spaced = raw.replace('+', " ");
-    percent_encoding::percent_decode_str(&spaced)
-        .decode_utf8()
-        .map(std::borrow::Cow::into_owned)
-        .map_err(|_| {
-            RestError::bad_request(format!(
-                "query parameter {}: {} is not UTF-8 once percent-decoded",
-                quote(name),
-                quote(raw)
-            ))
-        })
+    crate::percent::decode(&raw.replace('+', " ")).ok_or_else(|| {
+        RestError::bad_request(format!(
+            "query parameter {}: {} holds a malformed %-escape or is not UTF-8 once decoded",
+            quote(name),
+            quote(raw)
+        ))
+    })
 }
 
 /// The field `name` (a proto or JSON name) of `desc`.

@@ -233,22 +233,9 @@ fn check_host(h: &str, shown: &str) -> Result<String, String> {
 /// `%XX` escapes decoded (a password may hold `@`, `:` or `/`); the error
 /// names the URL, never the value.
 fn decode(s: &str, shown: &str) -> Result<String, String> {
-    let bad =
-        || format!("{shown}: a credential or name holds a malformed %-escape or is not UTF-8");
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3).ok_or_else(bad)?;
-            out.push(u8::from_str_radix(hex, 16).map_err(|_| bad())?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad())
+    crate::percent::decode(s).ok_or_else(|| {
+        format!("{shown}: a credential or name holds a malformed %-escape or is not UTF-8")
+    })
 }
 
 pub(crate) fn parse_db(n: &str, shown: &str) -> Result<i64, String> {

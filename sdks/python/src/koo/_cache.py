@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 
 from koo._compute import Computed, Locked, compute_request, computed, fill_request, lock_request, locked
-from koo._connection import Connection, KooError, Settings, rpc, shared_loop
+from koo._connection import Connection, Settings, reopening, rpc, shared_loop
 from koo._values import Seconds, from_cache_value, from_duration, strings, to_cache_value, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
@@ -21,11 +21,6 @@ from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
 # The deadline of the calls koo bounds by KOO_BULK_TIMEOUT, its default
 # (seconds).
 BULK_TIMEOUT = 300.0
-
-# A metrics watch's pause before it opens again after koo went away,
-# doubling (seconds).
-WATCH_BACKOFF_INITIAL = 0.2
-WATCH_BACKOFF_MAX = 5.0
 
 
 class CacheLevel(str, Enum):
@@ -119,6 +114,11 @@ class KooCache:
             self._sync = SyncKooCache(self)
         return self._sync
 
+    def call_timeout(self) -> float | None:
+        """The deadline (seconds) a call of this client gets when it sets
+        none (see `Settings.timeout`); None: no deadline."""
+        return self._conn.call_timeout()
+
     async def close(self) -> None:
         """Closes this loop's channel; the next call reconnects."""
         await self._conn.close()
@@ -184,7 +184,7 @@ class KooCache:
     ) -> int:
         """Writes every entry, all or nothing; returns how many. `tags` and
         `soft_ttl` apply to every entry."""
-        tag_list = None if tags is None else list(tags)
+        tag_list = None if tags is None else strings("tags", tags)
         entries = []
         for key, value in items.items():
             e = pb.CacheEntry(level=level.proto, key=key, value=to_cache_value(value))
@@ -257,20 +257,10 @@ class KooCache:
         opened again, with backoff, and snapshots resume); any other refusal
         raises `KooError`."""
         req = pb.WatchMetricsRequest(interval=to_duration(interval))
-        delay = WATCH_BACKOFF_INITIAL
-        while True:
-            call = self._stub().WatchMetrics(req, metadata=self._conn.metadata())
-            try:
-                async for r in call:
-                    delay = WATCH_BACKOFF_INITIAL
-                    yield r.metrics
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                    raise KooError(e.code(), e.details() or "") from None
-            finally:
-                call.cancel()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, WATCH_BACKOFF_MAX)
+        stream = reopening(lambda: self._stub().WatchMetrics(req, metadata=self._conn.metadata()))
+        async with contextlib.aclosing(stream) as snapshots:
+            async for r in snapshots:
+                yield r.metrics
 
     async def start_maintenance(self, wait: bool = False, timeout: float = 60) -> pb.StartMaintenanceResponse:
         """Runs koo's maintenance task (cleanup, memory use, largest keys).

@@ -154,14 +154,17 @@ class _Cached(Generic[P, R]):
         # long enough to wait out another caller's computation, but never
         # past the client's own deadline (a koo that hangs must not hold
         # every call lock_ttl long when the client asked for less)
+        cache = self._cache()
         timeout = self.lock_ttl + 5
-        configured = self._cache()._conn.call_timeout()
+        configured = cache.call_timeout()
         if configured is not None:
             timeout = min(timeout, configured)
+        # koo's wait for another caller's fill ends inside the deadline, so
+        # that a slow computation is its clean "nobody filled", not a
+        # DEADLINE_EXCEEDED
+        wait = min(self.lock_ttl, timeout - min(5.0, timeout / 2))
         try:
-            r = await self._cache().get_or_lock(
-                key, self.level, lock_ttl=self.lock_ttl, wait=self.lock_ttl, timeout=timeout
-            )
+            r = await cache.get_or_lock(key, self.level, lock_ttl=self.lock_ttl, wait=wait, timeout=timeout)
         except KooError as e:
             log.warning("cache read of %s failed, computing uncached: %s", key, e)
             return False, None, "", _NO_STALE
@@ -169,7 +172,7 @@ class _Cached(Generic[P, R]):
             stale = r.value if r.found and (r.value is not None or self.cache_none) else _NO_STALE
             return False, None, r.token, stale
         if not r.found:
-            log.warning("nobody filled %s within %s s, computing uncached", key, self.lock_ttl)
+            log.warning("nobody filled %s within %s s, computing uncached", key, wait)
             return False, None, "", _NO_STALE
         if r.value is None and not self.cache_none:
             return False, None, "", _NO_STALE

@@ -16,7 +16,7 @@ import contextvars
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -165,6 +165,8 @@ class Connection:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        # (configure() generation, the resolved call deadline)
+        self._timeout: tuple[int, float | None] | None = None
 
     @property
     def settings(self) -> Settings:
@@ -174,9 +176,14 @@ class Connection:
     def call_timeout(self) -> float | None:
         """The deadline (seconds) a unary call of this connection gets when
         it sets none: the client's `timeout`, else `KOO_CLIENT_TIMEOUT`,
-        else `DEFAULT_TIMEOUT`; None when `KOO_CLIENT_TIMEOUT=none`."""
-        s = self.settings
-        return s.timeout if s.timeout is not None else env_timeout()
+        else `DEFAULT_TIMEOUT`; None when `KOO_CLIENT_TIMEOUT=none`. Read
+        once per `configure()`, as the channels are, not on every call."""
+        held = self._timeout
+        if held is None or held[0] != _generation:
+            s = self.settings
+            held = (_generation, s.timeout if s.timeout is not None else env_timeout())
+            self._timeout = held
+        return held[1]
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata every call carries."""
@@ -221,6 +228,36 @@ async def rpc(call: Awaitable[T]) -> T:
         return await call
     except grpc.aio.AioRpcError as e:
         raise KooError(e.code(), e.details() or "") from None
+
+
+# A watch opens its stream again through these: koo restarting, or out of
+# reach for a while.
+WAIT_THROUGH = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+# Its pause before opening it again, doubling (seconds).
+REOPEN_INITIAL = 0.2
+REOPEN_MAX = 5.0
+
+
+async def reopening(open_call: Callable[[], Any]) -> AsyncGenerator[Any, None]:
+    """The messages of the server stream `open_call()` opens, opened again
+    (with backoff) whenever it ends or fails with one of `WAIT_THROUGH`, so
+    that a watch outlives a koo restart; any other failure raises
+    `KooError`. Runs until the consumer stops (use `contextlib.aclosing`, so
+    that the call is cancelled then, not when the generator is collected)."""
+    delay = REOPEN_INITIAL
+    while True:
+        call = open_call()
+        try:
+            async for message in call:
+                delay = REOPEN_INITIAL
+                yield message
+        except grpc.aio.AioRpcError as e:
+            if e.code() not in WAIT_THROUGH:
+                raise KooError(e.code(), e.details() or "") from None
+        finally:
+            call.cancel()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, REOPEN_MAX)
 
 
 class LoopThread:

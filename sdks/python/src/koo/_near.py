@@ -38,7 +38,7 @@ import grpc.aio
 
 from koo._cache import CacheHit, CacheLevel, KooCache, _hit
 from koo._connection import rpc
-from koo._values import Seconds, to_duration
+from koo._values import Seconds, strings, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
 
@@ -124,8 +124,6 @@ class NearCache:
         self._applied = 0
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-        # whether the current stream said anything (its end then retries soon)
-        self._heard = False
 
     async def __aenter__(self) -> NearCache:  # noqa: PYI034 (typing.Self needs 3.11; the class is final in spirit)
         await self.start()
@@ -241,13 +239,13 @@ class NearCache:
     async def invalidate_tags(self, tags: Iterable[str], level: CacheLevel | None = None) -> int:
         """See `KooCache.invalidate_tags`. The entries held here that carry
         any of `tags` are dropped at once (not only when the stream says)."""
-        tags = list(tags)
+        tags = strings("tags", tags)
         self._drop_tagged(frozenset(tags), level)
         return await self.cache.invalidate_tags(tags, level)
 
     async def delete_many(self, keys: Iterable[str], level: CacheLevel = CacheLevel.APPLICATION) -> int:
         """See `KooCache.delete_many`."""
-        keys = list(keys)
+        keys = strings("keys", keys)
         for key in keys:
             self._forget(level, key)
         return await self.cache.delete_many(keys, level)
@@ -288,22 +286,11 @@ class NearCache:
                 heartbeat_interval=to_duration(self.heartbeat),
             )
             call = stub.WatchInvalidations(req, metadata=conn.metadata())
-            self._heard = False
             try:
-                await self._read(call)
-            except grpc.aio.AioRpcError:
-                pass
-            except asyncio.TimeoutError:
-                self.stats.stalls += 1
-                log.warning(
-                    "the invalidation stream said nothing for %.1f s, not even a heartbeat: "
-                    "koo or the network stalled; the near cache is dropped until it reconnects",
-                    self.heartbeat * STALL_INTERVALS,
-                )
+                if await self._read(call):
+                    pause = 0.1
             finally:
                 call.cancel()
-            if self._heard:
-                pause = 0.1
             # The stream broke: whatever changed meanwhile is unknown.
             self._drop_all(ready=False)
             self.stats.reconnects += 1
@@ -312,19 +299,35 @@ class NearCache:
             await asyncio.sleep(pause)
             pause = min(pause * 2, 5.0)
 
-    async def _read(self, call: Any) -> None:
-        """Applies the stream's messages until it ends; TimeoutError when a
-        stream that promised heartbeats (koo said so on READY; older koo
-        releases send none) is silent for STALL_INTERVALS of them."""
+    async def _read(self, call: Any) -> bool:
+        """Applies the stream's messages until it ends, breaks, or stalls (a
+        stream that promised heartbeats, as koo says on READY, silent for
+        STALL_INTERVALS of them; older koo releases send none); whether it
+        said anything (a stream that worked is reopened at once)."""
         silence: float | None = None
+        heard = False
         while True:
             read = call.read()
-            m = await (read if silence is None else asyncio.wait_for(read, silence))
+            try:
+                m = await (read if silence is None else asyncio.wait_for(read, silence))
+            except grpc.aio.AioRpcError:
+                return heard
+            except asyncio.TimeoutError:
+                self.stats.stalls += 1
+                log.warning(
+                    "the invalidation stream said nothing for %.1f s, not even a heartbeat: "
+                    "koo or the network stalled; the near cache is dropped until it reconnects",
+                    silence,
+                )
+                return heard
             if m is grpc.aio.EOF:
-                return
-            self._heard = True
+                return heard
+            heard = True
             if m.kind == pb.INVALIDATION_KIND_READY and m.HasField("heartbeat_interval"):
-                silence = m.heartbeat_interval.ToTimedelta().total_seconds() * STALL_INTERVALS
+                # read as a float: a server's absurd interval must not raise
+                # OverflowError here and stop the follower with the L1 ready
+                d = m.heartbeat_interval
+                silence = min(max(d.seconds + d.nanos / 1e9, 0.1), 3600.0) * STALL_INTERVALS
             await self._apply(m)
 
     async def _apply(self, m: pb.WatchInvalidationsResponse) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -13,7 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 import grpc.aio
 
-from koo._connection import Connection, KooError, Settings, rpc, shared_loop
+from koo._connection import Connection, KooError, Settings, reopening, rpc, shared_loop
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._values import (
     Seconds,
@@ -21,6 +22,7 @@ from koo._values import (
     from_proto_value,
     from_struct,
     from_timestamp,
+    strings,
     to_duration,
     to_struct,
     to_timestamp,
@@ -69,13 +71,6 @@ class TaskState(IntEnum):
 
 
 _FINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED, TaskState.TIMED_OUT})
-
-
-# `result()` waits through these: koo restarting, or out of reach for a while.
-_WAIT_THROUGH = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-# Its pause before watching again, doubling (seconds).
-RESULT_BACKOFF_INITIAL = 0.2
-RESULT_BACKOFF_MAX = 5.0
 
 
 @dataclass(frozen=True)
@@ -365,7 +360,7 @@ class TaskManager:
             priority=pb.TaskPriority.ValueType(priority.value),
             queue=queue or "",
             idempotency_key=idempotency_key or "",
-            depends_on=list(depends_on),
+            depends_on=strings("depends_on", depends_on),
             debounce_key=debounce_key or "",
             rate_limit_key=rate_limit_key or "",
             concurrency_key=concurrency_key or "",
@@ -461,25 +456,14 @@ class TaskManager:
         on the way is watched through (the watch is opened again, with
         backoff, and says the task as it then stands), as `result` does; any
         other refusal (an unknown task, a bad id) raises `KooError`."""
-        delay = RESULT_BACKOFF_INITIAL
-        while True:
-            call = self._stub().WatchTask(pb.WatchTaskRequest(task_id=task_id), metadata=self._conn.metadata())
-            try:
-                async for r in call:
-                    delay = RESULT_BACKOFF_INITIAL
-                    info = TaskInfo.from_proto(r.task)
-                    yield info
-                    if info.state.is_final:
-                        return
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in _WAIT_THROUGH:
-                    raise KooError(e.code(), e.details() or "") from None
-            finally:
-                call.cancel()
-            # the stream ended before the task did: koo stopped, or the
-            # connection broke
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RESULT_BACKOFF_MAX)
+        req = pb.WatchTaskRequest(task_id=task_id)
+        stream = reopening(lambda: self._stub().WatchTask(req, metadata=self._conn.metadata()))
+        async with contextlib.aclosing(stream) as updates:
+            async for r in updates:
+                info = TaskInfo.from_proto(r.task)
+                yield info
+                if info.state.is_final:
+                    return
 
     async def result(self, task_id: str, timeout: Seconds | None = None) -> Any:
         """Waits for the task to end and returns its result.

@@ -36,7 +36,7 @@ from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
 from koo._loopwatch import LoopWatch
 from koo._threads import Threads
-from koo._values import from_proto_value, from_struct, to_proto_value, to_struct
+from koo._values import from_proto_value, from_struct, strings, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
 from koo.tasks.v1 import task_service_pb2_grpc as tasks_grpc
 from koo.worker.v1 import worker_service_pb2 as wpb
@@ -410,7 +410,7 @@ class Worker:
         self.blocked_after = blocked_after
         self._conn = Connection(Settings(target=target, api_key=api_key or token, tls=tls))
         self.concurrency = concurrency
-        self.queues = [q for q in queues if q]
+        self.queues = [q for q in strings("queues", queues) if q]
         self.name = name or f"{socket.gethostname()}-{os.getpid()}"
         self.grace = grace
         self.handlers: dict[str, _Registered] = {}
