@@ -40,6 +40,32 @@ def test_the_key_is_the_documented_one(ns: str) -> None:
     assert other.stdout.strip() == digest
 
 
+def test_calls_that_mean_the_same_share_a_key(ns: str) -> None:
+    """A parameter named or passed by position, or left to its default, is
+    the same call: one key (the arguments as the function sees them)."""
+
+    @cached(key_prefix=ns)
+    def lookup(query: str, limit: int = 10, *args: int, tags: list[str] | None = None, **extra: str) -> str:
+        return query
+
+    key = lookup.cache_key("q", 10)
+    assert lookup.cache_key(query="q", limit=10) == key
+    assert lookup.cache_key("q", limit=10) == key
+    assert lookup.cache_key("q") == key
+    assert lookup.cache_key("q", tags=None) == key
+    assert lookup.cache_key("q", 11) != key
+    assert lookup.cache_key("q", 10, 1) != key  # *args count
+    assert lookup.cache_key("q", tags=["a"]) != key
+    assert lookup.cache_key("q", more="x") == lookup.cache_key(more="x", query="q")
+    canonical = '[["q",10],{"tags":null}]'
+    assert key.endswith(hashlib.sha256(canonical.encode()).hexdigest())
+    # a call that does not fit is keyed as written (the function, when it
+    # runs, raises its own TypeError)
+    written = '[["q"],{"query":"q"}]'
+    misfit = lookup.cache_key("q", query="q")  # type: ignore[misc]
+    assert misfit.endswith(hashlib.sha256(written.encode()).hexdigest())
+
+
 def test_twenty_concurrent_async_callers_compute_once(cache_target: str, ns: str) -> None:
     """20 callers of one cold key in one process: one computation, one value for all."""
     cache = KooCache(cache_target)

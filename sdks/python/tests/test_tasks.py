@@ -11,12 +11,15 @@ import asyncio
 import json
 from datetime import datetime, timedelta, timezone
 
+import grpc
 import pytest
 
 from koo import (
     KooCache,
     KooError,
     QueueInfo,
+    Submission,
+    SubmitManyError,
     TaskCategory,
     TaskFailed,
     TaskManager,
@@ -383,6 +386,41 @@ def test_integers_a_double_cannot_hold_are_refused_not_rounded(target: str, ns: 
                 await tm.submit_task("koo.diagnostics.echo", TaskCategory.RESEARCH, kwargs={"id": big})
 
     asyncio.run(scenario())
+
+
+def test_submit_many_stores_in_order_and_says_what_a_failure_left(target: str, ns: str) -> None:
+    """submit_many sends 100 tasks a call, in order; a task koo refuses
+    stops it with the ids stored before it (whole calls only: koo checks a
+    call's tasks before it stores any), counted across the calls; a task
+    that cannot be built is refused before anything is sent."""
+    name = f"sdk.{ns}.many"
+
+    def many(n: int) -> list[Submission]:
+        return [Submission(name, TaskCategory.RESEARCH, args=(i,), queue="sdk-extra", countdown=3600) for i in range(n)]
+
+    async def scenario() -> None:
+        tm = TaskManager(target)
+        stored = await tm.submit_many(many(205))
+        assert [t.args for t in stored] == [[i] for i in range(205)]
+        assert {t.state for t in stored} == {TaskState.SCHEDULED} and len({t.id for t in stored}) == 205
+        assert (await tm.get_task_status(stored[204].id)).args == [204]
+        assert await tm.submit_many([]) == []
+
+        bad = many(150)
+        bad[130] = Submission(name, TaskCategory.RESEARCH, queue="no-such-queue")
+        with pytest.raises(SubmitManyError) as e:
+            await tm.submit_many(bad)
+        assert e.value.code is grpc.StatusCode.INVALID_ARGUMENT and e.value.message.startswith("tasks[130].queue")
+        assert len(e.value.stored) == 100
+        assert [(await tm.get_task_status(i)).args for i in e.value.stored[98:]] == [[98], [99]]
+
+        with pytest.raises(TypeError, match=r"tasks\[1\]: .*a list"):
+            await tm.submit_many([*many(1), Submission(name, TaskCategory.RESEARCH, args="abc")])
+        with pytest.raises(TypeError, match=r"tasks\[0\]: a Submission, not dict"):
+            await tm.submit_many([{"task_name": name}])  # type: ignore[list-item]
+
+    asyncio.run(scenario())
+    assert len(TaskManager(target).sync.submit_many(many(2))) == 2
 
 
 def test_the_sync_twin_has_every_call(target: str, ns: str) -> None:

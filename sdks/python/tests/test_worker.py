@@ -169,6 +169,13 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
     def doomed() -> None:
         raise Fatal("bad input", details={"field": "x"})
 
+    def parse(text: str) -> None:
+        raise ValueError(text)
+
+    @w.task(f"sdk.{ns}.broken")
+    def broken(text: str) -> None:
+        parse(text)
+
     async def scenario() -> None:
         tm = TaskManager(target)
         t1 = await tm.submit_task(f"sdk.{ns}.flaky", TaskCategory.RESEARCH, max_retries=3)
@@ -191,6 +198,20 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
         with pytest.raises(TaskFailed) as e:
             await tm.result(t3, timeout=15)
         assert e.value.task.attempts == 1 and "do not fit" in (e.value.task.error or "")
+        # an exception's traceback is kept with the error (Celery's .traceback);
+        # a huge exception message is cut in it (as in the error)
+        short = await tm.submit_task(f"sdk.{ns}.broken", TaskCategory.RESEARCH, args=("nope",), max_retries=0)
+        long = await tm.submit_task(f"sdk.{ns}.broken", TaskCategory.RESEARCH, args=("y" * 40_000,), max_retries=0)
+        for tid in (short, long):
+            with pytest.raises(TaskFailed) as e:
+                await tm.result(tid, timeout=15)
+            tb = e.value.task.traceback or ""
+            assert e.value.task.error_details["exception"] == "ValueError"
+            assert tb.startswith("Traceback") and "in parse" in tb, tb[:300]
+            # the message line cut to 4,096 bytes: 40,013 with "ValueError: " and "\n"
+            last = "ValueError: nope" if tid == short else "yyyy [35917 bytes cut]"
+            assert tb.rstrip().endswith(last), tb[-300:]
+        assert (await tm.get_task_status(t1)).traceback is None
 
     with running(w):
         asyncio.run(scenario())

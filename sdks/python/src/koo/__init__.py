@@ -23,15 +23,14 @@ from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._near import NearCache, NearCacheStats
+from koo._submission import Submission, SubmitManyError, TaskCategory, TaskPriority
 from koo._tasks import (
     QueueInfo,
     SyncTaskManager,
     TaskAttempt,
-    TaskCategory,
     TaskFailed,
     TaskInfo,
     TaskManager,
-    TaskPriority,
     TaskProgress,
     TaskState,
     TaskSummary,
@@ -58,6 +57,8 @@ __all__ = [
     "RateLimited",
     "Retry",
     "Settings",
+    "Submission",
+    "SubmitManyError",
     "SyncKooCache",
     "SyncTaskManager",
     "TaskAttempt",

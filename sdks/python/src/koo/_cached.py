@@ -7,9 +7,15 @@ The key of a call is::
 where the canonical arguments are the JSON text of `[args, kwargs]` with
 sorted keys, no spaces, and non-ASCII kept (`json.dumps(..., sort_keys=True,
 separators=(",", ":"), ensure_ascii=False)`), UTF-8 encoded, hashed with
-SHA-256 (hex). It is the same in every process and Python version. Arguments
-must be JSON-able (a `TypeError` says which is not); pass `key_builder` to
-build the argument part yourself (e.g. to leave out `self` or a session).
+SHA-256 (hex). It is the same in every process and Python version. `args`
+and `kwargs` are the call as the function sees it (`inspect.Signature.bind`
+with the defaults applied): every parameter that can be passed by position
+is in `args`, in order, whether the caller named it or left it to its
+default, and `kwargs` holds the keyword-only ones (and `**kwargs`). So
+`f(1)`, `f(x=1)` and, where `x` defaults to 1, `f()` share one entry.
+Arguments must be JSON-able (a `TypeError` says which is not); pass
+`key_builder` to build the argument part yourself (e.g. to leave out `self`
+or a session).
 
 One computation per key runs at a time across every process and koo
 instance: a call reads with koo's `GetOrLock`; of the callers of a cold key,
@@ -78,8 +84,45 @@ def canonical_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         raise
 
 
+def signature_of(func: Callable[..., Any]) -> inspect.Signature | None:
+    """`func`'s signature, or None for a callable Python cannot describe
+    (some builtins): its calls are then keyed as they are written."""
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def call_arguments(
+    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The call as the function sees it (see the module doc): `f(x=1)` is
+    `f(1)`, and a parameter left out has its default. A call that does not
+    fit the signature is keyed as written: the function raises its own
+    `TypeError` when it runs."""
+    if signature is None:
+        return args, kwargs
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    bound.apply_defaults()
+    return bound.args, bound.kwargs
+
+
 def cache_key(func: Callable[..., Any], key_prefix: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """The cache key of `func(*args, **kwargs)` under `key_prefix`."""
+    return _key(func, signature_of(func), key_prefix, args, kwargs)
+
+
+def _key(
+    func: Callable[..., Any],
+    signature: inspect.Signature | None,
+    key_prefix: str,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> str:
+    args, kwargs = call_arguments(signature, args, kwargs)
     digest = hashlib.sha256(canonical_arguments(args, kwargs).encode()).hexdigest()
     return f"{key_prefix}:{func.__module__}.{func.__qualname__}:{digest}"
 
@@ -113,6 +156,7 @@ class _Cached(Generic[P, R]):
         self._key_builder = key_builder
         self._cache = cache
         self._is_async = inspect.iscoroutinefunction(func)
+        self._signature = signature_of(func)
         # In-process single-flight: one in-flight computation per key. Async
         # callers share a future per (loop, key); sync callers a lock per key.
         self._inflight: dict[tuple[int, str], asyncio.Future[Any]] = {}
@@ -124,7 +168,7 @@ class _Cached(Generic[P, R]):
         if self._key_builder is not None:
             digest = hashlib.sha256(self._key_builder(*args, **kwargs).encode()).hexdigest()
             return f"{self.key_prefix}:{self.__wrapped__.__module__}.{self.__wrapped__.__qualname__}:{digest}"
-        return cache_key(self.__wrapped__, self.key_prefix, args, kwargs)
+        return _key(self.__wrapped__, self._signature, self.key_prefix, args, kwargs)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if self._is_async:

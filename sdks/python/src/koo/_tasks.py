@@ -16,39 +16,25 @@ import grpc.aio
 
 from koo._connection import Connection, KooError, Settings, reopening, rpc, shared_loop
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
+from koo._submission import (
+    MAX_SUBMIT_BATCH,
+    Submission,
+    SubmitManyError,
+    TaskCategory,
+    TaskPriority,
+    renumbered,
+    stored_in_refusal,
+    submit_request,
+)
 from koo._values import (
     Seconds,
-    arguments,
     from_proto_value,
     from_struct,
     from_timestamp,
-    strings,
     to_duration,
-    to_struct,
-    to_timestamp,
 )
 from koo.tasks.v1 import task_service_pb2 as pb
 from koo.tasks.v1 import task_service_pb2_grpc as pb_grpc
-
-
-class TaskCategory(IntEnum):
-    """The seed's six categories; each has its own queue."""
-
-    AI_SERVICE = pb.TASK_CATEGORY_AI_SERVICE
-    PDF_PROCESSING = pb.TASK_CATEGORY_PDF_PROCESSING
-    DATABASE = pb.TASK_CATEGORY_DATABASE
-    HEALTH_CHECK = pb.TASK_CATEGORY_HEALTH_CHECK
-    RESEARCH = pb.TASK_CATEGORY_RESEARCH
-    CACHE = pb.TASK_CATEGORY_CACHE
-
-
-class TaskPriority(IntEnum):
-    """Higher runs first within a queue; FIFO within one priority."""
-
-    LOW = pb.TASK_PRIORITY_LOW
-    NORMAL = pb.TASK_PRIORITY_NORMAL
-    HIGH = pb.TASK_PRIORITY_HIGH
-    CRITICAL = pb.TASK_PRIORITY_CRITICAL
 
 
 class TaskState(IntEnum):
@@ -141,9 +127,18 @@ class TaskInfo:
     """The concurrency key it was submitted with ("" for none)."""
     error_details: dict[str, Any] = field(default_factory=dict)
     """The latest error's details: a handler's `Fatal(..., details=...)` or
-    `Retry(..., details=...)`, or `{"exception": "ValueError"}`."""
+    `Retry(..., details=...)`, or, for an exception the handler raised,
+    `{"exception": "ValueError", "traceback": "Traceback (most recent..."}`."""
     attempt_log: list[TaskAttempt] = field(default_factory=list)
     """Every ended attempt, oldest first (Celery keeps no such log)."""
+
+    @property
+    def traceback(self) -> str | None:
+        """The traceback of the exception that ended the latest attempt, as
+        Python printed it in the worker (Celery's `AsyncResult.traceback`;
+        its start cut past 16 KiB); None when no Python SDK worker raised."""
+        tb = self.error_details.get("traceback")
+        return tb if isinstance(tb, str) else None
 
     @property
     def status(self) -> str:
@@ -207,17 +202,6 @@ class TaskInfo:
             error_details=from_struct(t.error.details) if t.error.HasField("details") else {},
             attempt_log=[TaskAttempt.from_proto(a) for a in t.attempt_log],
         )
-
-
-def _set_expiry(req: pb.SubmitTaskRequest, expires: datetime | Seconds | None) -> None:
-    """Sets the submit's expiry as Celery's `expires` takes it: a datetime is
-    `expire_time`; seconds or a timedelta from now are `expire_after`."""
-    if expires is None:
-        return
-    if isinstance(expires, datetime):
-        req.expire_time.CopyFrom(to_timestamp(expires))
-    else:
-        req.expire_after.CopyFrom(to_duration(expires))
 
 
 @dataclass(frozen=True)
@@ -353,37 +337,57 @@ class TaskManager:
         worker's `RateLimited` back-off holds the key. `concurrency_key`: at
         most the key's cap of its tasks run at once, and a queue serves its
         keys round robin."""
-        req = pb.SubmitTaskRequest(
-            name=task_name,
-            category=pb.TaskCategory.ValueType(category.value),
-            args=arguments(args),
-            priority=pb.TaskPriority.ValueType(priority.value),
-            queue=queue or "",
-            idempotency_key=idempotency_key or "",
-            depends_on=strings("depends_on", depends_on),
-            debounce_key=debounce_key or "",
-            rate_limit_key=rate_limit_key or "",
-            concurrency_key=concurrency_key or "",
+        req = submit_request(
+            task_name,
+            category,
+            args,
+            kwargs,
+            priority,
+            max_retries,
+            countdown=countdown,
+            eta=eta,
+            depends_on=depends_on,
+            idempotency_key=idempotency_key,
+            queue=queue,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+            result_ttl=result_ttl,
+            debounce_key=debounce_key,
+            debounce_window=debounce_window,
+            expires=expires,
+            rate_limit_key=rate_limit_key,
+            concurrency_key=concurrency_key,
         )
-        if debounce_window is not None:
-            req.debounce_window.CopyFrom(to_duration(debounce_window))
-        if kwargs:
-            req.kwargs.CopyFrom(to_struct(kwargs))
-        if max_retries is not None:
-            req.max_retries = max_retries
-        if countdown is not None:
-            req.countdown.CopyFrom(to_duration(countdown))
-        if eta is not None:
-            req.eta.CopyFrom(to_timestamp(eta))
-        if soft_time_limit is not None:
-            req.soft_time_limit.CopyFrom(to_duration(soft_time_limit))
-        if time_limit is not None:
-            req.time_limit.CopyFrom(to_duration(time_limit))
-        if result_ttl is not None:
-            req.result_ttl.CopyFrom(to_duration(result_ttl))
-        _set_expiry(req, expires)
         r = await rpc(self._stub().SubmitTask(req, metadata=self._conn.metadata()))
         return TaskInfo.from_proto(r.task), r.deduplicated
+
+    async def submit_many(self, tasks: Iterable[Submission]) -> list[TaskInfo]:
+        """Submits many tasks in few calls (koo's `SubmitTasks`, 100 tasks a
+        call, in order; Celery's `group(...).apply_async()` without the
+        group) and returns them stored, in order. Every task is built (and
+        checked here) before the first call, and koo validates each call's
+        tasks before it stores any of them. A call that fails raises
+        `SubmitManyError`: its `stored` lists the ids of the tasks stored
+        before the failure (they are queued and run); the rest were not
+        stored. Not retried: a retry would submit the stored ones again."""
+        requests = []
+        for i, task in enumerate(tasks):
+            if not isinstance(task, Submission):
+                raise TypeError(f"tasks[{i}]: a Submission, not {type(task).__name__}")
+            try:
+                requests.append(task.request())
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"tasks[{i}]: {e}") from None
+        stored: list[TaskInfo] = []
+        for start in range(0, len(requests), MAX_SUBMIT_BATCH):
+            batch = pb.SubmitTasksRequest(tasks=requests[start : start + MAX_SUBMIT_BATCH])
+            try:
+                r = await rpc(self._stub().SubmitTasks(batch, metadata=self._conn.metadata()))
+            except KooError as e:
+                ids = [t.id for t in stored] + stored_in_refusal(e.message)
+                raise SubmitManyError(e.code, renumbered(e.message, start), ids) from None
+            stored.extend(TaskInfo.from_proto(t) for t in r.tasks)
+        return stored
 
     async def submit_task(
         self,
@@ -712,6 +716,7 @@ class SyncTaskManager:
 
     submit = _blocking(TaskManager.submit)
     submit_task = _blocking(TaskManager.submit_task)
+    submit_many = _blocking(TaskManager.submit_many)
     submit_ai_task = _blocking(TaskManager.submit_ai_task)
     submit_pdf_processing_task = _blocking(TaskManager.submit_pdf_processing_task)
     get_task_status = _blocking(TaskManager.get_task_status)

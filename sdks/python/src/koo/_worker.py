@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -50,6 +51,8 @@ BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 MAX_PROGRESS_MESSAGE_BYTES = 1024
 MAX_FAIL_MESSAGE_BYTES = 4096
+# A failure's traceback kept in its details (koo takes up to 64 KiB of them)
+MAX_TRACEBACK_BYTES = 16 * 1024
 MAX_OUTCOME_SENDS = 5
 # A batch of messages to koo: at most this many, and about this many bytes
 # (a message that would pass the bound waits for the next batch), far below
@@ -135,6 +138,25 @@ class Fatal(Exception):
 
 class WorkerRejected(Exception):
     """koo refused the worker for good (bad key, scope or hello)."""
+
+
+def _traceback_of(e: BaseException) -> str:
+    """`e`'s traceback as Python prints it, kept with the task's error
+    (`TaskInfo.traceback`, Celery's `AsyncResult.traceback`), at most
+    `MAX_TRACEBACK_BYTES`: a part longer than `MAX_FAIL_MESSAGE_BYTES` (a
+    huge exception message) is cut, and past the bound the outermost frames
+    are left out, since the innermost ones and the exception are at the end."""
+    parts = []
+    for part in traceback.format_exception(type(e), e, e.__traceback__):
+        short = _cut(part, MAX_FAIL_MESSAGE_BYTES)
+        parts.append(part if short == part else f"{short} [{len(part.encode()) - len(short.encode())} bytes cut]\n")
+    size = sum(len(p.encode()) for p in parts)
+    first = 0
+    while size > MAX_TRACEBACK_BYTES and first < len(parts) - 1:
+        size -= len(parts[first].encode())
+        first += 1
+    kept = "".join(parts[first:])
+    return kept if first == 0 else f"[{first} parts of the traceback's start left out]\n{kept}"
 
 
 def _cut(text: str, limit: int) -> str:
@@ -751,7 +773,8 @@ class Worker:
         except Exception as e:
             if not run.ctx.cancelled.is_set():
                 log.exception("task %s (%s) raised", run.task_id, run.ctx.name)
-            failure = (f"{type(e).__name__}: {e}", True, {"exception": type(e).__name__}, None)
+            raised = {"exception": type(e).__name__, "traceback": _traceback_of(e)}
+            failure = (f"{type(e).__name__}: {e}", True, raised, None)
         finally:
             self._started.discard(run)
             traced.outcome("succeeded" if failure is None else "failed", None if failure is None else failure[0])

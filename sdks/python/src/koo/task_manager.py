@@ -22,14 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from koo._limits import ConcurrencyPolicy
+from koo._submission import TaskCategory, TaskPriority
 from koo._tasks import (
     SyncTaskManager,
     TaskAttempt,
-    TaskCategory,
     TaskFailed,
     TaskInfo,
     TaskManager,
-    TaskPriority,
     TaskProgress,
     TaskState,
     TaskSummary,
