@@ -25,6 +25,7 @@ use crate::transport::{exposure, listener};
 
 mod dashboard;
 mod http;
+mod http_serve;
 mod metrics;
 mod processes;
 mod rest;

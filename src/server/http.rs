@@ -12,20 +12,16 @@
 //! (any reader key when keys are configured; a client certificate a
 //! principal names under mTLS).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::State;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::serve::IncomingStream;
 use tokio::net::TcpListener;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected as _;
 
@@ -36,7 +32,7 @@ use super::metrics::Exporter;
 use super::router::Calls;
 use crate::auth::AuthError;
 use crate::auth::gate::Gate;
-use crate::transport::conn::{Conn, ConnInfo};
+use crate::transport::conn::ConnInfo;
 use crate::transport::cors::CorsOrigins;
 use crate::transport::listener;
 use crate::transport::tls::Tls;
@@ -163,12 +159,6 @@ fn refusal(e: &AuthError) -> (StatusCode, String) {
 #[derive(Clone)]
 struct ConnOf(Option<ConnInfo>);
 
-impl Connected<IncomingStream<'_, Conns>> for ConnOf {
-    fn connect_info(stream: IncomingStream<'_, Conns>) -> Self {
-        Self(Some(stream.io().connect_info()))
-    }
-}
-
 /// Serves HTTP on `listener` until `stop`, then lets requests under way
 /// finish.
 pub(super) fn serve_http(
@@ -181,54 +171,18 @@ pub(super) fn serve_http(
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
     tracing::info!(%addr, tls = tls.is_some(), "koo serving HTTP");
-    let local = listener.local_addr().ok();
-    let conns = Conns {
-        incoming: listener::incoming(
-            listener,
-            tls.map(|t| t.for_http()),
-            limits.idle_connection_timeout,
-            listener::HANDSHAKE_TIMEOUT,
-            limits.max_connections,
-        ),
-        local,
-    };
+    let incoming = listener::incoming(
+        listener,
+        tls.map(|t| t.for_http()),
+        limits.idle_connection_timeout,
+        listener::HANDSHAKE_TIMEOUT,
+        limits.max_connections,
+    );
     let app = router(routes, cors, limits.max_message_size);
-    tokio::spawn(async move {
-        let served = axum::serve(conns, app.into_make_service_with_connect_info::<ConnOf>())
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the HTTP listener failed");
-        }
-    })
-}
-
-/// The accept loop's connections, as axum takes them.
-struct Conns {
-    incoming: ReceiverStream<Result<Conn, std::io::Error>>,
-    local: Option<SocketAddr>,
-}
-
-impl axum::serve::Listener for Conns {
-    type Io = Conn;
-    type Addr = Option<SocketAddr>;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            match self.incoming.next().await {
-                Some(Ok(conn)) => {
-                    let peer = conn.connect_info().tcp.remote_addr();
-                    return (conn, peer);
-                }
-                // a failed handshake: the accept loop already said why
-                Some(Err(_)) => continue,
-                // the accept loop ended: nothing more comes
-                None => std::future::pending::<()>().await,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    tokio::spawn(super::http_serve::serve(
+        incoming,
+        app,
+        |conn| ConnOf(Some(conn.connect_info())),
+        stop,
+    ))
 }

@@ -489,3 +489,47 @@ fn mtls_principals_over_rest() {
     let (code, body) = as_client(&other_cert, &other_key, &[&url("/api/v1/cache/health")]);
     assert_eq!((code, &body["code"]), (401, &json!(16)), "{body}");
 }
+
+/// An HTTP/1 request's head is bounded in size (64 KiB: past it, `431`)
+/// and in time (a client that stops half-way through its headers is
+/// disconnected after 10 s, not held open until the idle timeout), while a
+/// head with 40 KiB of headers is served.
+#[test]
+fn request_heads_are_bounded_in_size_and_time() {
+    use std::io::{Read as _, Write as _};
+    use std::net::TcpStream;
+
+    let (_koo, http) = serve_http(&[]);
+    let exchange = |head: &str| -> String {
+        let mut tcp = TcpStream::connect(&http).expect("connect");
+        tcp.set_read_timeout(Some(EVENT_TIMEOUT)).unwrap();
+        tcp.write_all(head.as_bytes()).expect("send");
+        let mut reply = vec![0; 512];
+        let n = tcp.read(&mut reply).expect("a reply");
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    };
+    let with_header = |bytes: usize| {
+        format!(
+            "GET /api/v1/cache/health HTTP/1.1\r\nhost: koo\r\nx-padding: {}\r\nconnection: close\r\n\r\n",
+            "p".repeat(bytes)
+        )
+    };
+    let served = exchange(&with_header(40 * 1024));
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    let refused = exchange(&with_header(70 * 1024));
+    assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+
+    let mut tcp = TcpStream::connect(&http).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    tcp.write_all(b"GET /api/v1/cache/health HTTP/1.1\r\nhost: koo\r\nx-slow: ")
+        .expect("send");
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    // ends when koo closes the connection (or fails at the 30 s read timeout)
+    let read = tcp.read_to_end(&mut rest);
+    assert!(
+        read.is_ok() && started.elapsed() < Duration::from_secs(25),
+        "an unfinished head held the connection for {:?}: {read:?}",
+        started.elapsed()
+    );
+}

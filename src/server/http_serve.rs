@@ -1,0 +1,102 @@
+//! The HTTP listener's connections, served with hyper-util's auto builder
+//! (HTTP/1.1, and HTTP/2 with prior knowledge) instead of `axum::serve`,
+//! which exposes none of hyper's settings: with it a client could hold
+//! about 400 KiB of unfinished request head per connection, for as long as
+//! the connection stayed open (hyper's header-read timeout needs a timer
+//! that `axum::serve` does not give it). Here the head of an HTTP/1 request
+//! is bounded in size ([`MAX_HEAD_BYTES`]: past it hyper answers `431`) and
+//! in time ([`HEAD_TIMEOUT`]: the connection is closed), and an HTTP/2
+//! request's header list in size, as on the gRPC listener.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::connect_info::ConnectInfo;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tower::ServiceExt as _;
+
+use crate::transport::conn::Conn;
+use crate::transport::listener;
+
+/// The most an HTTP/1 request's line and headers may take (hyper's read
+/// buffer; its default is about 400 KiB): far above what browsers, curl
+/// and the REST clients send (a few KiB), and the same bound an HTTP/2
+/// header list has (16 KiB) with room for long cookies. Bodies are read
+/// past it as a stream.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// How long a client may take to send an HTTP/1 request's head, from its
+/// first byte (or the connection's, for the first request): the TLS
+/// handshake's bound, for the same reason.
+pub const HEAD_TIMEOUT: Duration = listener::HANDSHAKE_TIMEOUT;
+
+/// The largest HTTP/2 header list, as the gRPC listener takes it.
+const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+
+/// The builder every connection is served with.
+fn builder() -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    builder
+}
+
+/// Serves `app` on every connection of `incoming` until `stop`; then
+/// stops accepting, asks each connection to close when its requests are
+/// done (HTTP/2: GOAWAY), and returns when they have.
+pub(super) async fn serve<C>(
+    mut incoming: ReceiverStream<Result<Conn, std::io::Error>>,
+    app: Router,
+    connect_info: fn(&Conn) -> C,
+    stop: CancellationToken,
+) where
+    C: Clone + Send + Sync + 'static,
+{
+    let builder = builder();
+    let graceful = GracefulShutdown::new();
+    loop {
+        let conn = tokio::select! {
+            next = incoming.next() => match next {
+                Some(Ok(conn)) => conn,
+                // a failed handshake: the accept loop already said why
+                Some(Err(_)) => continue,
+                None => break,
+            },
+            () = stop.cancelled() => break,
+        };
+        let info = ConnectInfo(connect_info(&conn));
+        let service = app
+            .clone()
+            .map_request(move |mut request: http::Request<Incoming>| {
+                request.extensions_mut().insert(info.clone());
+                request.map(axum::body::Body::new)
+            });
+        let service = TowerToHyperService::new(service);
+        let served = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(conn), service)
+                .into_owned(),
+        );
+        tokio::spawn(async move {
+            // a client that went away or sent what HTTP does not allow:
+            // nothing koo can act on
+            let _ = served.await;
+        });
+    }
+    drop(incoming);
+    graceful.shutdown().await;
+}
