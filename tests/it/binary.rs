@@ -469,11 +469,22 @@ fn the_runtime_runs_the_threads_it_is_told() {
     for threads in [1, 3] {
         let running = Running::start(&[("TOKIO_WORKER_THREADS", &threads.to_string())]);
         let tasks = format!("/proc/{}/task", running.child.id());
-        let workers = std::fs::read_dir(&tasks)
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .filter(|name| name.trim() == "tokio-rt-worker")
-            .count();
+        let count = || {
+            std::fs::read_dir(&tasks)
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|name| name.trim() == "tokio-rt-worker")
+                .count()
+        };
+        // a thread takes its name once it first runs, which on a loaded
+        // machine can be after koo answers: read until the count settles
+        // on the asked number or the wait ends
+        let until = std::time::Instant::now() + common::EVENT_TIMEOUT;
+        let mut workers = count();
+        while workers < threads && std::time::Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+            workers = count();
+        }
         assert_eq!(
             workers, threads,
             "runtime threads with TOKIO_WORKER_THREADS={threads}"
