@@ -59,6 +59,15 @@ def test_calls_that_mean_the_same_share_a_key(ns: str) -> None:
     assert lookup.cache_key("q", more="x") == lookup.cache_key(more="x", query="q")
     canonical = '[["q",10],{"tags":null}]'
     assert key.endswith(hashlib.sha256(canonical.encode()).hexdigest())
+    # a default JSON cannot hold (a client) stays out of the key, as before
+
+    @cached(key_prefix=ns)
+    def fetch(query: str, db: object = object(), limit: int = 5) -> str:
+        return query
+
+    assert fetch.cache_key("q") == fetch.cache_key(query="q", limit=5)
+    shape = '[["q"],{"limit":5}]'
+    assert fetch.cache_key("q").endswith(hashlib.sha256(shape.encode()).hexdigest())
     # a call that does not fit is keyed as written (the function, when it
     # runs, raises its own TypeError)
     written = '[["q"],{"query":"q"}]'

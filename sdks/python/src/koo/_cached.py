@@ -11,7 +11,8 @@ SHA-256 (hex). It is the same in every process and Python version. `args`
 and `kwargs` are the call as the function sees it (`inspect.Signature.bind`
 with the defaults applied): every parameter that can be passed by position
 is in `args`, in order, whether the caller named it or left it to its
-default, and `kwargs` holds the keyword-only ones (and `**kwargs`). So
+default (a default JSON cannot hold, such as a client object, is left
+out), and `kwargs` holds the keyword-only ones (and `**kwargs`). So
 `f(1)`, `f(x=1)` and, where `x` defaults to 1, `f()` share one entry.
 Arguments must be JSON-able (a `TypeError` says which is not); pass
 `key_builder` to build the argument part yourself (e.g. to leave out `self`
@@ -97,16 +98,28 @@ def call_arguments(
     signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The call as the function sees it (see the module doc): `f(x=1)` is
-    `f(1)`, and a parameter left out has its default. A call that does not
-    fit the signature is keyed as written: the function raises its own
-    `TypeError` when it runs."""
+    `f(1)`, and a parameter left out has its default, unless JSON cannot
+    hold that default (`db=default_session`: it is then left out of the key,
+    as before). A call that does not fit the signature is keyed as written:
+    the function raises its own `TypeError` when it runs."""
     if signature is None:
         return args, kwargs
     try:
         bound = signature.bind(*args, **kwargs)
     except TypeError:
         return args, kwargs
-    bound.apply_defaults()
+    for name, param in signature.parameters.items():
+        if name in bound.arguments or param.default is inspect.Parameter.empty:
+            continue
+        if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        try:
+            json.dumps(param.default)
+        except (TypeError, ValueError):
+            # a default JSON cannot hold (a client, a session) is the same
+            # object in every call that leaves it out: not part of the key
+            continue
+        bound.arguments[name] = param.default
     return bound.args, bound.kwargs
 
 
