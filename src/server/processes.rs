@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::ServerError;
 use super::metrics::Exporter;
 use crate::app::{SchedulerSettings, WorkerSettings};
+use crate::transport::listener;
 
 /// `koo worker` until `shutdown`, with `/metrics` when `KOO_HTTP_LISTEN`
 /// is set (bound first: a bad address stops it naming the setting).
@@ -74,7 +76,16 @@ pub(super) async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>
     }
 }
 
-/// Serves `/metrics` on `listener` until `stop`.
+/// Connections its `/metrics` listener keeps open at once (Prometheus and
+/// a few people with curl; the others wait in the kernel's backlog).
+const MAX_SCRAPERS: usize = 64;
+
+/// A scraper's connection with no request for this long is closed (as
+/// `KOO_IDLE_CONNECTION_TIMEOUT`'s default on `koo serve`).
+const SCRAPER_IDLE: Duration = Duration::from_secs(600);
+
+/// Serves `/metrics` on `listener` until `stop`, through the same accept
+/// loop and connection bounds as `koo serve`'s HTTP listener.
 fn serve(listener: TcpListener, exporter: Exporter, stop: CancellationToken) {
     let addr = listener
         .local_addr()
@@ -83,14 +94,14 @@ fn serve(listener: TcpListener, exporter: Exporter, stop: CancellationToken) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .with_state(Arc::new(exporter));
-    tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the HTTP listener failed");
-        }
-    });
+    let incoming = listener::incoming(
+        listener,
+        None,
+        Some(SCRAPER_IDLE),
+        listener::HANDSHAKE_TIMEOUT,
+        MAX_SCRAPERS,
+    );
+    tokio::spawn(super::http_serve::serve(incoming, app, |_| (), stop));
 }
 
 async fn metrics(State(exporter): State<Arc<Exporter>>) -> impl axum::response::IntoResponse {
