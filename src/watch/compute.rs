@@ -18,6 +18,11 @@ use crate::domain::task::{CacheTarget, Category, State, TaskId};
 use crate::store::{Deadline, lock_task};
 use crate::tasks::engine::{NewTask, TaskEngine, TaskError};
 
+/// The least a compute task's idempotency key is kept: longer than any
+/// retry of its submit within one call (a store call is bounded to half of
+/// the engine's 15 s claim takeover), whatever the lock's TTL.
+const COMPUTE_KEY_FLOOR: Duration = Duration::from_secs(60);
+
 /// What computes a missing entry, and the entry it makes.
 #[derive(Debug, Clone)]
 pub struct ComputeRequest {
@@ -165,6 +170,10 @@ impl ComputeOnMiss {
             crate::store::fnv1a(req.key.as_bytes()),
             lease.token
         ));
+        // The token is this lock's alone: no submit repeats the key once
+        // the lock has lapsed, so the key need not outlive it (by default
+        // it would be kept a day, one per computed entry).
+        new.idempotency_ttl = Some(req.lock_ttl.max(COMPUTE_KEY_FLOOR));
         let submitted = self.engine.submit_keyed(new, deadline).await;
         let task = match submitted {
             Ok((task, _)) => task,

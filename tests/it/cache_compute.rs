@@ -571,6 +571,22 @@ async fn get_or_compute_runs_one_task_for_twenty_callers_and_outlives_its_koo() 
         ));
     }
     assert_eq!(computed, 1, "one caller submitted the task");
+    // its submit's idempotency key lives as long as the lock could (its
+    // lock_ttl, 5 min by default; at least a minute), not
+    // KOO_IDEMPOTENCY_TTL's day per computed entry
+    let mut conn = pair.redis.conn().await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("koo:v1:idem:koo.cache.compute:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=300_000).contains(&pttl), "PTTL {pttl} ms");
 
     // The submitting koo dies while the task runs; the task still fills.
     let mut a = pair.cache(0);

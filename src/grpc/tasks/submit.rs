@@ -93,6 +93,7 @@ pub(super) fn new_task(
         // empty means none; the engine checks the rest
         rate_limit_key: (!r.rate_limit_key.is_empty()).then_some(r.rate_limit_key),
         concurrency_key: (!r.concurrency_key.is_empty()).then_some(r.concurrency_key),
+        idempotency_ttl: None,
     })
 }
 

@@ -56,13 +56,12 @@ impl TaskEngine {
         }
         let c = &self.inner.config;
         let store = &self.inner.store;
+        let ttl = new.idempotency_ttl.unwrap_or(c.idempotency_ttl);
         let (task, delay) = self.prepare(new)?;
         let fp = format!("{:016x}", fingerprint(&task));
         let now = || crate::store::unix_millis(std::time::SystemTime::now());
         let mut ours = format!("{fp}|{}|{}", task.id, now());
-        let mut claim = store
-            .claim_idempotency(&key, &ours, c.idempotency_ttl, deadline)
-            .await?;
+        let mut claim = store.claim_idempotency(&key, &ours, ttl, deadline).await?;
         loop {
             // ours (also when a retried claim call finds its own claim)
             if claim.as_deref().is_none_or(|held| held == ours) {
@@ -98,14 +97,12 @@ impl TaskEngine {
             // over, unless another submitter just did.
             ours = format!("{fp}|{}|{}", task.id, now());
             claim = if store
-                .swap_idempotency(&key, &held, &ours, c.idempotency_ttl, deadline)
+                .swap_idempotency(&key, &held, &ours, ttl, deadline)
                 .await?
             {
                 None
             } else {
-                store
-                    .claim_idempotency(&key, &ours, c.idempotency_ttl, deadline)
-                    .await?
+                store.claim_idempotency(&key, &ours, ttl, deadline).await?
             };
         }
     }

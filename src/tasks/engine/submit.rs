@@ -59,6 +59,11 @@ pub struct NewTask {
     pub rate_limit_key: Option<String>,
     /// Its concurrency key, if any.
     pub concurrency_key: Option<String>,
+    /// How long its idempotency key is remembered, when not
+    /// `KOO_IDEMPOTENCY_TTL`: a key only koo itself retries with, whose
+    /// task is worthless past a bound (GetOrCompute's, past its lock), need
+    /// not be kept a day.
+    pub idempotency_ttl: Option<Duration>,
 }
 
 /// When a task not started in time expires instead of running late: at a
@@ -97,6 +102,7 @@ impl NewTask {
             expires: None,
             rate_limit_key: None,
             concurrency_key: None,
+            idempotency_ttl: None,
         }
     }
 }
