@@ -630,42 +630,6 @@ def test_heartbeats_keep_a_long_task_leased() -> None:
         server.stop()
 
 
-def test_a_resumed_worker_does_not_start_what_koo_pushed_before_it_stopped(tmp_path: Path) -> None:
-    """A worker process stopped (SIGSTOP) for longer than its lease, with a
-    task koo pushed to it unread: koo leases the task elsewhere, and the
-    worker, resumed, reads the push but does not start it (it would run
-    twice); it says why and connects again."""
-    from tests.conftest import KooServer
-
-    server = KooServer({"KOO_TASK_LEASE": "1s", "KOO_TASK_SWEEP_INTERVAL": "100ms"})
-    ns = "stopped"
-    proc = spawn(server.target, ns, tmp_path)
-    other = Worker(server.target)
-    try:
-        tm = TaskManager(server.target).sync
-        wait_for(lambda: any("connected to koo at" in line for line in OUTPUT[proc.pid]), 15, "the worker to connect")
-        proc.send_signal(signal.SIGSTOP)
-        tid = tm.submit_task(f"sdk.{ns}.slow", TaskCategory.RESEARCH, args=(1,), max_retries=3)
-        wait_for(lambda: tm.get_task_status(tid).state is TaskState.RUNNING, 10, "koo to push the task")
-
-        @other.task(f"sdk.{ns}.slow")
-        def slow(n: int) -> str:
-            return "elsewhere"
-
-        with running(other):
-            assert tm.result(tid, timeout=20) == "elsewhere"
-            proc.send_signal(signal.SIGCONT)
-            wait_for(lambda: sum("connected to koo at" in line for line in OUTPUT[proc.pid]) == 2, 15, "a new session")
-        assert started_files(tmp_path) == [], "the resumed worker started the task koo had leased elsewhere"
-        said = "".join(OUTPUT[proc.pid])
-        assert "longer than its 1 s lease" in said and "koo has taken its tasks back" in said, said
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGCONT)
-        reap(proc)
-        server.stop()
-
-
 def test_worker_token_is_sent_and_a_wrong_one_is_rejected() -> None:
     """With `KOO_WORKER_TOKEN`, `token=` gets the worker in; no token raises `WorkerRejected`."""
     from koo import WorkerRejected

@@ -23,7 +23,6 @@ import os
 import signal
 import socket
 import threading
-import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -304,36 +303,6 @@ class _Session:
         self.starts = False
         # tasks begun in this turn of the loop, told to koo at its end
         self.begun: list[str] = []
-        # the lease koo grants (its welcome; 0 until then), the last time
-        # this worker showed koo it lives (a heartbeat sent, monotonic), and
-        # whether it went quiet for longer than a lease (see `lapsed`)
-        self.lease = 0.0
-        self.beat = time.monotonic()
-        self.stale = False
-        self.call: Any = None
-
-    def lapsed(self, task_id: str | None = None) -> bool:
-        """Whether this worker went without a heartbeat for longer than its
-        lease (the process was stopped, SIGSTOP, or its event loop blocked):
-        koo has then taken its tasks back and leased them elsewhere, and
-        tasks it pushed before, read only now, must not start. The stream is
-        closed (the worker connects again); said once, naming `task_id`,
-        the first pushed task left unstarted."""
-        quiet = time.monotonic() - self.beat
-        if not self.stale and not (self.lease and quiet > self.lease):
-            return False
-        if not self.stale:
-            self.stale = True
-            log.warning(
-                "this worker sent koo nothing for %.1f s, longer than its %g s lease (the process was stopped, "
-                "or its event loop blocked): koo has taken its tasks back%s; connecting again",
-                quiet,
-                self.lease,
-                f", so {task_id}, pushed before, is not started" if task_id else "",
-            )
-            if self.call is not None:
-                self.call.cancel()
-        return True
 
     def begin(self, task_id: str) -> None:
         """Tells koo that the task began, so that its attempt counts if
@@ -582,7 +551,6 @@ class Worker:
         )
         stub = wgrpc.WorkerServiceStub(self._conn.channel())
         call = stub.Work(session.requests(hello), metadata=self._conn.metadata())
-        session.call = call
         welcomed = False
         hb: asyncio.Task[None] | None = None
         stopper = asyncio.ensure_future(self._drain_then_close(session, call))
@@ -606,8 +574,6 @@ class Worker:
                         ", ".join(sorted(self.handlers)) or "no task names",
                         self.concurrency,
                     )
-                    session.lease = resp.welcome.lease.ToTimedelta().total_seconds()
-                    session.beat = time.monotonic()
                     iv = resp.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
                     hb = asyncio.ensure_future(self._heartbeats(session, iv))
                     self._events.emit(
@@ -623,10 +589,8 @@ class Worker:
                     self._on_message(session, resp, loop)
             self._events.emit("disconnected", error="stream closed by koo")
         except asyncio.CancelledError:
-            if not (self._stopping.is_set() or session.stale):
+            if not self._stopping.is_set():
                 raise  # not our call.cancel(): someone cancels serve()
-            if session.stale and not self._stopping.is_set():
-                self._events.emit("disconnected", error="lease lapsed: the worker was stopped or blocked")
         except grpc.aio.AioRpcError as e:
             # refused at hello: for good; a stream koo ends later (a key
             # revoked, a message it could not read) is opened again, and
@@ -702,14 +666,9 @@ class Worker:
     async def _heartbeats(self, session: _Session, interval: float) -> None:
         while not session.closed:
             await asyncio.sleep(interval)
-            if session.lapsed():
-                return
-            session.beat = time.monotonic()
             session.send(wpb.WorkRequest(heartbeat=wpb.Heartbeat()))
 
     def _on_task(self, session: _Session, a: wpb.TaskAssignment, loop: asyncio.AbstractEventLoop) -> None:
-        if session.lapsed(a.task.id):
-            return  # koo leased it elsewhere meanwhile
         run = _Run(self, session, a, loop)
         old = session.held.get(run.task_id)
         if old is not None:
