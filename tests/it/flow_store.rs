@@ -503,8 +503,8 @@ async fn limits_are_listed_with_their_state_and_versioned(f: Fixture) {
     assert_ne!(f.store.limits_version(later()).await.unwrap(), v1);
 }
 
-/// Redis keeps each key's last turn in the queue's fair hash; turns not
-/// ahead of the queue's clock change (next to) nothing, and the sweep drops them once the hash
+/// Redis keeps each key's last turn in the queue's fair hash; turns behind
+/// the queue's clock change nothing, and the sweep drops them once the hash
 /// holds over 1,000 keys, a bounded slice per call, so that a key per
 /// tenant or document does not grow it for ever.
 #[tokio::test]
@@ -518,13 +518,11 @@ async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
         f.submit(t).await;
     }
     // two more turns for the last key: every key's first turn is the
-    // clock's start, the last key's next two come after; leasing the first
-    // turns leaves the clock at them (it never moves past keys of one task
-    // each, and the trim once kept every one of those), and the last key
-    // ahead
+    // clock's start, the last key's next two come after; leasing all but
+    // one moves the clock past every first turn, and the last is ahead
     f.submit(&f.task("t", None, Some("k1199"))).await;
     f.submit(&f.task("t", None, Some("k1199"))).await;
-    for _ in 0..1_200 {
+    for _ in 0..1_201 {
         f.leased().await;
     }
     let mut conn = f._redis.as_ref().unwrap().conn().await;

@@ -206,10 +206,8 @@ impl Flow {
     }
 
     /// Drops what can no longer hold anything: idle buckets, past
-    /// back-offs, and in `queue` the keys whose last turn is not ahead of
-    /// the clock (a new turn of theirs starts at the clock anyway, or one
-    /// turn later; keys of one task each all take the clock's turn, which
-    /// then never moves past them, so `<` alone kept every one of them).
+    /// back-offs, and in `queue` the keys whose last turn is behind the
+    /// clock (a new turn of theirs starts at the clock anyway).
     pub(super) fn prune(&mut self, queue: &QueueName, now: i64) {
         let now_us = now.saturating_mul(1000);
         self.buckets.retain(|_, tat| *tat > now_us);
@@ -218,7 +216,8 @@ impl Flow {
             let clocks = &fair.clock;
             fair.last.retain(|lane, last| {
                 let band = lane.split(':').next().and_then(|b| b.parse().ok());
-                band.and_then(|b| clocks.get(&b)).is_none_or(|c| *last > *c)
+                band.and_then(|b| clocks.get(&b))
+                    .is_none_or(|c| *last >= *c)
             });
         }
     }

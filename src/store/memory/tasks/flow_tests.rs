@@ -620,37 +620,3 @@ async fn a_due_task_and_a_retried_one_draw_turns() {
     let next = [fx.leased().await.id, fx.leased().await.id];
     assert!(next.contains(&b.id), "{next:?}");
 }
-
-/// Keys of one task each all take the clock's turn, which then never moves
-/// past them: the sweep drops their turns anyway (a new task of theirs
-/// starts at the clock), so that a key per document does not grow the
-/// fair order with every key ever seen, while a key with turns ahead of
-/// the clock keeps its own.
-#[tokio::test]
-async fn turns_of_keys_with_one_task_each_are_dropped_by_the_sweep() {
-    let fx = Fx::new();
-    for i in 0..50 {
-        fx.submit("n", None, Some(&format!("doc-{i}"))).await;
-    }
-    for _ in 0..3 {
-        fx.submit("n", None, Some("busy")).await;
-    }
-    // the 50 documents' turns and busy's first are the clock's
-    for _ in 0..51 {
-        fx.leased().await;
-    }
-    let lanes = |fx: &Fx| fx.m.lock().flow.fair.get(&fx.q).map_or(0, |f| f.last.len());
-    assert_eq!(lanes(&fx), 51);
-    fx.m.recover(&fx.q, true, flow_limits(), dl())
-        .await
-        .unwrap();
-    assert_eq!(lanes(&fx), 1, "only busy, two turns ahead, is kept");
-    // a document that comes back starts at the clock, level with busy's next
-    fx.submit("n", None, Some("doc-7")).await;
-    let next = [fx.leased().await, fx.leased().await];
-    assert!(
-        next.iter()
-            .any(|t| t.concurrency_key.as_deref() == Some("doc-7")),
-        "{next:?}"
-    );
-}

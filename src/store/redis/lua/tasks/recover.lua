@@ -77,11 +77,9 @@ for _, id in ipairs(lapsed) do
   end
 end
 -- the fair order's turns behind the queue's clock change nothing (a new
--- task of such a key starts at the clock), and one at the clock almost
--- nothing (it would start one turn later): past 1,000 keys, drop those of
+-- task of such a key starts at the clock): past 1,000 keys, drop those of
 -- one bounded slice per sweep, so that a key per tenant or per document
--- does not grow the hash for ever (keys of one task each all take the
--- clock's turn, which then never moves past them)
+-- does not grow the hash for ever
 local fair = fair_hash(K_ready)
 if redis.call('HLEN', fair) > 1000 then
   local clocks = {}
@@ -91,7 +89,7 @@ if redis.call('HLEN', fair) > 1000 then
     local b = string.match(entries[j], '^k:(%d+):')
     if b then
       if clocks[b] == nil then clocks[b] = tonumber(redis.call('HGET', fair, 'clock:' .. b) or '0') end
-      if tonumber(entries[j + 1]) <= clocks[b] then redis.call('HDEL', fair, entries[j]) end
+      if tonumber(entries[j + 1]) < clocks[b] then redis.call('HDEL', fair, entries[j]) end
     end
   end
   redis.call('HSET', fair, 'cursor', slice[1])
