@@ -1,14 +1,17 @@
 //! The HTTP listener's connections, served with hyper-util's auto builder
 //! (HTTP/1.1, and HTTP/2 with prior knowledge) instead of `axum::serve`,
 //! which exposes none of hyper's settings: with it a client could hold
-//! about 400 KiB of unfinished request head per connection, for as long as
-//! the connection stayed open (hyper's header-read timeout needs a timer
-//! that `axum::serve` does not give it). Here the head of an HTTP/1 request
-//! is bounded in size ([`MAX_HEAD_BYTES`]: past it hyper answers `431`) and
-//! in time ([`HEAD_TIMEOUT`]: the connection is closed), and an HTTP/2
-//! request's header list in size, as on the gRPC listener.
-
-use std::time::Duration;
+//! about 400 KiB of unfinished request head per connection (hyper's read
+//! buffer) until the idle timeout. Here the head of an HTTP/1 request is
+//! bounded in size ([`MAX_HEAD_BYTES`]: past it hyper answers `431`), and
+//! an HTTP/2 request's header list as on the gRPC listener.
+//!
+//! Not in time: hyper's header-read timeout starts when it waits for a
+//! request, which on a keep-alive connection is right after the previous
+//! response, so it would close every idle keep-alive connection at its
+//! value (a REST client posting every few seconds would meet closed
+//! connections). An unfinished head is bounded by the idle timeout
+//! (`KOO_IDLE_CONNECTION_TIMEOUT`), as before.
 
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
@@ -23,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
 use crate::transport::conn::Conn;
-use crate::transport::listener;
 
 /// The most an HTTP/1 request's line and headers may take (hyper's read
 /// buffer; its default is about 400 KiB): far above what browsers, curl
@@ -31,11 +33,6 @@ use crate::transport::listener;
 /// header list has (16 KiB) with room for long cookies. Bodies are read
 /// past it as a stream.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
-
-/// How long a client may take to send an HTTP/1 request's head, from its
-/// first byte (or the connection's, for the first request): the TLS
-/// handshake's bound, for the same reason.
-pub const HEAD_TIMEOUT: Duration = listener::HANDSHAKE_TIMEOUT;
 
 /// The largest HTTP/2 header list, as the gRPC listener takes it.
 const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
@@ -46,7 +43,7 @@ fn builder() -> Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        .header_read_timeout(None)
         .max_buf_size(MAX_HEAD_BYTES);
     builder
         .http2()

@@ -11,7 +11,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -80,12 +79,9 @@ pub(super) async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>
 /// a few people with curl; the others wait in the kernel's backlog).
 const MAX_SCRAPERS: usize = 64;
 
-/// A scraper's connection with no request for this long is closed (as
-/// `KOO_IDLE_CONNECTION_TIMEOUT`'s default on `koo serve`).
-const SCRAPER_IDLE: Duration = Duration::from_secs(600);
-
 /// Serves `/metrics` on `listener` until `stop`, through the same accept
-/// loop and connection bounds as `koo serve`'s HTTP listener.
+/// loop, connection count bound and request-head bound as `koo serve`'s
+/// HTTP listener.
 fn serve(listener: TcpListener, exporter: Exporter, stop: CancellationToken) {
     let addr = listener
         .local_addr()
@@ -97,7 +93,9 @@ fn serve(listener: TcpListener, exporter: Exporter, stop: CancellationToken) {
     let incoming = listener::incoming(
         listener,
         None,
-        Some(SCRAPER_IDLE),
+        // no idle timeout: its requests are not counted as calls (no call
+        // layers here), so one would cut a scraper's connection at a fixed age
+        None,
         listener::HANDSHAKE_TIMEOUT,
         MAX_SCRAPERS,
     );

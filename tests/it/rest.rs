@@ -490,12 +490,11 @@ fn mtls_principals_over_rest() {
     assert_eq!((code, &body["code"]), (401, &json!(16)), "{body}");
 }
 
-/// An HTTP/1 request's head is bounded in size (64 KiB: past it, `431`)
-/// and in time (a client that stops half-way through its headers is
-/// disconnected after 10 s, not held open until the idle timeout), while a
-/// head with 40 KiB of headers is served.
+/// An HTTP/1 request's head is bounded in size (64 KiB: past it, `431`,
+/// where hyper's own default read about 400 KiB), while a head with 40 KiB
+/// of headers is served.
 #[test]
-fn request_heads_are_bounded_in_size_and_time() {
+fn request_heads_are_bounded_in_size() {
     use std::io::{Read as _, Write as _};
     use std::net::TcpStream;
 
@@ -518,18 +517,4 @@ fn request_heads_are_bounded_in_size_and_time() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     let refused = exchange(&with_header(70 * 1024));
     assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
-
-    let mut tcp = TcpStream::connect(&http).expect("connect");
-    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    tcp.write_all(b"GET /api/v1/cache/health HTTP/1.1\r\nhost: koo\r\nx-slow: ")
-        .expect("send");
-    let started = Instant::now();
-    let mut rest = Vec::new();
-    // ends when koo closes the connection (or fails at the 30 s read timeout)
-    let read = tcp.read_to_end(&mut rest);
-    assert!(
-        read.is_ok() && started.elapsed() < Duration::from_secs(25),
-        "an unfinished head held the connection for {:?}: {read:?}",
-        started.elapsed()
-    );
 }

@@ -170,7 +170,9 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
         raise Fatal("bad input", details={"field": "x"})
 
     def parse(text: str) -> None:
-        raise ValueError(text)
+        # a lone surrogate (a file name read as bytes) and control
+        # characters (six bytes each as JSON) in the message
+        raise ValueError(text.replace("SURROGATE", "\udcff").replace("CONTROL", "\x01" * 5000))
 
     @w.task(f"sdk.{ns}.broken")
     def broken(text: str) -> None:
@@ -212,6 +214,13 @@ def test_retry_then_success_and_fatal_fails(target: str, ns: str) -> None:
             last = "ValueError: nope" if tid == short else "yyyy [35917 bytes cut]"
             assert tb.rstrip().endswith(last), tb[-300:]
         assert (await tm.get_task_status(t1)).traceback is None
+        for odd, said in (("SURROGATE", "\\udcff"), ("CONTROL", "\x01\x01")):
+            tid = await tm.submit_task(f"sdk.{ns}.broken", TaskCategory.RESEARCH, args=(odd,), max_retries=0)
+            with pytest.raises(TaskFailed) as e:
+                await tm.result(tid, timeout=15)
+            # the report reached koo with its details (not a fallback without them)
+            assert e.value.task.error_details["exception"] == "ValueError", e.value.task.error
+            assert said in (e.value.task.traceback or ""), odd
 
     with running(w):
         asyncio.run(scenario())

@@ -114,7 +114,7 @@ def call_arguments(
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
         try:
-            json.dumps(param.default)
+            json.dumps(param.default, sort_keys=True, ensure_ascii=False)
         except (TypeError, ValueError):
             # a default JSON cannot hold (a client, a session) is the same
             # object in every call that leaves it out: not part of the key

@@ -86,8 +86,13 @@ class Submission:
 class SubmitManyError(KooError):
     """`submit_many` stopped part-way: koo refused or failed one of its calls
     (the message names the task, counted from the first of the whole call).
-    `stored` lists the ids of the tasks stored before it, in order: they are
-    queued and run; the rest were not stored."""
+    `stored` lists the ids koo reported stored, in order: the earlier calls'
+    tasks and those koo listed in its refusal (on a Redis Cluster a batch's
+    queues are stored apart, so these may include tasks after the one that
+    failed). They are queued and run. A failure that lists none (a
+    deadline, a lost connection) leaves the failing call's outcome unknown:
+    some of its tasks may be stored; check with `get_task_status` before
+    submitting them again."""
 
     def __init__(self, code: grpc.StatusCode, message: str, stored: list[str]) -> None:
         super().__init__(code, message)

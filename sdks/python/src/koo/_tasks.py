@@ -367,9 +367,12 @@ class TaskManager:
         group) and returns them stored, in order. Every task is built (and
         checked here) before the first call, and koo validates each call's
         tasks before it stores any of them. A call that fails raises
-        `SubmitManyError`: its `stored` lists the ids of the tasks stored
-        before the failure (they are queued and run); the rest were not
-        stored. Not retried: a retry would submit the stored ones again."""
+        `SubmitManyError`: its `stored` lists the ids koo reported stored
+        (queued: they run), those of the earlier calls and those koo listed
+        in its refusal. A failure without such a list (a deadline, a lost
+        connection) leaves the failing call's outcome unknown: some of its
+        tasks may be stored. Not retried: a retry would submit stored tasks
+        again."""
         requests = []
         for i, task in enumerate(tasks):
             if not isinstance(task, Submission):
@@ -377,7 +380,8 @@ class TaskManager:
             try:
                 requests.append(task.request())
             except (TypeError, ValueError) as e:
-                raise type(e)(f"tasks[{i}]: {e}") from None
+                # not type(e): some (UnicodeEncodeError) take other arguments
+                raise (TypeError if isinstance(e, TypeError) else ValueError)(f"tasks[{i}]: {e}") from e
         stored: list[TaskInfo] = []
         for start in range(0, len(requests), MAX_SUBMIT_BATCH):
             batch = pb.SubmitTasksRequest(tasks=requests[start : start + MAX_SUBMIT_BATCH])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import math
 import os
@@ -143,25 +144,32 @@ class WorkerRejected(Exception):
 def _traceback_of(e: BaseException) -> str:
     """`e`'s traceback as Python prints it, kept with the task's error
     (`TaskInfo.traceback`, Celery's `AsyncResult.traceback`), at most
-    `MAX_TRACEBACK_BYTES`: a part longer than `MAX_FAIL_MESSAGE_BYTES` (a
-    huge exception message) is cut, and past the bound the outermost frames
-    are left out, since the innermost ones and the exception are at the end."""
+    `MAX_TRACEBACK_BYTES` as JSON (koo bounds the details as JSON, where a
+    control character takes six bytes): a part longer than
+    `MAX_FAIL_MESSAGE_BYTES` (a huge exception message) is cut, and past the
+    bound the outermost frames are left out, since the innermost ones and
+    the exception are at the end."""
     parts = []
     for part in traceback.format_exception(type(e), e, e.__traceback__):
         short = _cut(part, MAX_FAIL_MESSAGE_BYTES)
-        parts.append(part if short == part else f"{short} [{len(part.encode()) - len(short.encode())} bytes cut]\n")
-    size = sum(len(p.encode()) for p in parts)
+        cut = len(part.encode("utf-8", "backslashreplace")) - len(short.encode())
+        parts.append(f"{short} [{cut} bytes cut]\n" if cut else short)
+    sizes = [len(json.dumps(p, ensure_ascii=False).encode()) for p in parts]
+    size = sum(sizes)
     first = 0
     while size > MAX_TRACEBACK_BYTES and first < len(parts) - 1:
-        size -= len(parts[first].encode())
+        size -= sizes[first]
         first += 1
     kept = "".join(parts[first:])
     return kept if first == 0 else f"[{first} parts of the traceback's start left out]\n{kept}"
 
 
 def _cut(text: str, limit: int) -> str:
-    data = text.encode("utf-8")
-    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+    """`text` in at most `limit` bytes of UTF-8, which it can always carry:
+    a lone surrogate (an exception naming a file read as bytes) is escaped,
+    not left to fail the report that carries it."""
+    data = text.encode("utf-8", "backslashreplace")
+    return data[:limit].decode("utf-8", errors="ignore")
 
 
 class TaskContext:
