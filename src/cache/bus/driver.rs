@@ -20,6 +20,21 @@ use crate::store::redis::{Messages, keyevent_channels};
 pub(super) const READ_EVERY: Duration = Duration::from_secs(1);
 /// The flag's TTL: it outlives two missed renewals.
 const FLAG_TTL: Duration = Duration::from_secs(3);
+/// What a renewal's measure of the flag's age may fall short of the time
+/// since this process's last renewal without meaning that the flag lapsed:
+/// the age is Redis's (whole milliseconds) and the interval this
+/// process's, which also holds the two replies' different latencies. At
+/// the renewal after the one that created the flag the two are the same
+/// span, and without it a fresh flag often looked lapsed (a spurious
+/// warning and a reset of every watcher a second after the first one).
+const LAPSE_SLACK: Duration = Duration::from_millis(100);
+
+/// Whether a flag of `age` at this renewal lapsed since the last renewal,
+/// `since` ago (see [`LAPSE_SLACK`]).
+fn flag_lapsed(age: Duration, since: Duration) -> bool {
+    age + LAPSE_SLACK < since
+}
+
 /// How old the flag must be before every koo has surely read it: one read
 /// interval, plus a margin for a read that was late or slow.
 pub(super) const READY_AFTER: Duration = Duration::from_millis(1500);
@@ -142,7 +157,7 @@ impl Driver {
         let live_at = now + READY_AFTER.saturating_sub(age);
         // A flag younger than this process's last renewal expired in
         // between: some koo may have stopped publishing since.
-        let lapsed = self.renewed.is_some_and(|t| age < now - t);
+        let lapsed = self.renewed.is_some_and(|t| flag_lapsed(age, now - t));
         self.renewed = Some(now);
         if lapsed {
             tracing::warn!("the cache watch flag lapsed; resetting watchers");
@@ -183,5 +198,24 @@ impl Shared {
             let change = Change::keys(ChangeKind::Expired, level, vec![key.to_owned()]);
             self.deliver(Event::Change(change.into()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::flag_lapsed;
+
+    #[test]
+    fn a_fresh_flag_is_not_taken_for_a_lapsed_one() {
+        let ms = Duration::from_millis;
+        // created by the last renewal 500 ms ago, measured by Redis's
+        // clock a few ms shorter than by ours
+        assert!(!flag_lapsed(ms(497), ms(503)));
+        assert!(!flag_lapsed(ms(2_000), ms(500)));
+        // recreated since (expired, or deleted): younger than the interval
+        assert!(flag_lapsed(ms(0), ms(500)));
+        assert!(flag_lapsed(ms(200), ms(3_400)));
     }
 }
