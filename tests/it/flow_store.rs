@@ -540,6 +540,25 @@ async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
     assert!(after <= 1_000, "{after} fields left of {before}");
     let kept: Option<String> = conn.hget(hash, "k:2:k1199").await.unwrap();
     assert!(kept.is_some(), "a turn ahead of the clock is kept");
+    // keys of one task each, each leased before the next arrives (a key
+    // per document): each starts one turn after the clock and moves it on,
+    // so their turns fall behind it and are trimmed too (starting at the
+    // clock, they all took its turn and the hash kept every one)
+    f.leased().await;
+    for i in 0..1_100 {
+        f.submit(&f.task("t", None, Some(&format!("doc{i}")))).await;
+        f.leased().await;
+    }
+    let before: usize = conn.hlen(hash).await.unwrap();
+    assert!(before > 1_000, "{before} fields");
+    for _ in 0..20 {
+        f.store
+            .recover(&f.queue, true, TaskLimits::default(), later())
+            .await
+            .unwrap();
+    }
+    let after: usize = conn.hlen(hash).await.unwrap();
+    assert!(after <= 1_000, "{after} fields left of {before}");
 }
 
 /// What only a Cluster has: reservations racing between processes, and a

@@ -81,12 +81,14 @@
 //! - **Fair order**: a task with a fair key C (its `concurrency_key`, else
 //!   its `rate_limit_key`) enters `ready`
 //!   scored `band * BAND_WIDTH + vt` instead of its submit time, where
-//!   `vt = max(last[C] + 1, clock)`, `last[C] = vt` (per queue and priority
-//!   band: a high-priority task's turn must not move the normal band's
-//!   clock), and the band's `clock` is the `vt` of the last keyed task of
-//!   the band leased from it (set
-//!   to now by the first keyed task to enter, so that keys arriving later
-//!   start level with the first; it never moves back): each key's tasks
+//!   `vt = max(last[C] + 1, clock + 1)`, `last[C] = vt` (per queue and
+//!   priority band: a high-priority task's turn must not move the normal
+//!   band's clock), and the band's `clock` is the `vt` of the last keyed
+//!   task of the band leased from it (set to now by the first keyed task to
+//!   enter; it never moves back). A key new or behind starts one turn after
+//!   the clock, level with the next turn of the keys waiting, so that keys
+//!   of one task each move the clock on (at the clock itself they all took
+//!   its turn and the clock never moved past them); each key's tasks
 //!   take turns (start-time fair queuing), so within a priority the keys
 //!   are served round robin, ties going to the older task.
 //!   Every entry into `ready` draws a turn (submit, a due task, a requeue,

@@ -131,10 +131,15 @@ impl Flow {
         let b = e.task.priority.band();
         let base = *fair.clock.entry(b).or_insert(now);
         let lane = format!("{b}:{key}");
+        // a key new or behind starts one turn after the clock, level with
+        // the waiting keys' next turns: keys of one task each then move the
+        // clock on and fall behind it, where the sweep drops them (at the
+        // clock itself they all took its turn, which never moved past them)
+        let next = base.saturating_add(1);
         let vt = fair
             .last
             .get(&lane)
-            .map_or(base, |last| last.saturating_add(1).max(base));
+            .map_or(next, |last| last.saturating_add(1).max(next));
         fair.last.insert(lane, vt);
         e.vt = Some(vt);
         band + vt
@@ -207,7 +212,7 @@ impl Flow {
 
     /// Drops what can no longer hold anything: idle buckets, past
     /// back-offs, and in `queue` the keys whose last turn is behind the
-    /// clock (a new turn of theirs starts at the clock anyway).
+    /// clock (a new turn of theirs starts after the clock anyway).
     pub(super) fn prune(&mut self, queue: &QueueName, now: i64) {
         let now_us = now.saturating_mul(1000);
         self.buckets.retain(|_, tat| *tat > now_us);

@@ -461,12 +461,16 @@ async fn keys_are_served_round_robin_with_priorities_first() {
     assert_eq!(fx.leased().await.id, again.id);
     let rest = round(2).await;
     assert_eq!(rest.len(), 2);
-    // D, submitted a minute later, draws its first turn at the clock (the
-    // latest turn served), not at now: within the next two (the third key
-    // of that turn may go first: it is older), before A's backlog
+    // D, submitted a minute later, draws its first turn one after the
+    // clock (the latest turn served), not at now: level with the next turn
+    // of the keys waiting, so within the next four (the third key of the
+    // clock's turn, then A, B and D, the older first), before A's backlog
     fx.advance_ms(60_000);
     let late = fx.submit("n", None, Some("D")).await;
-    let next = [fx.leased().await.id, fx.leased().await.id];
+    let mut next = Vec::new();
+    for _ in 0..4 {
+        next.push(fx.leased().await.id);
+    }
     assert!(next.contains(&late), "{next:?}");
     // a rate-limit key is the fair key of a task without a concurrency key
     let r = task(&fx.q, "n", Some("R"), None, Priority::Normal);
@@ -606,7 +610,9 @@ async fn a_due_task_and_a_retried_one_draw_turns() {
     let second = Duration::from_secs(1);
     fx.m.submit(&b, second, flow_limits(), dl()).await.unwrap();
     fx.advance_ms(1_000);
-    assert_eq!(fx.leased().await.id, b.id);
+    // level with A's next turn (one after the clock): one of the next two
+    let first = [fx.leased().await.id, fx.leased().await.id];
+    assert!(first.contains(&b.id), "{first:?}");
     // failed, then retried by hand
     let failed = Outcome::Failed("{}".into());
     fx.m.finish(&b.id, 1, &failed, "{}", flow_limits(), dl())
@@ -615,8 +621,32 @@ async fn a_due_task_and_a_retried_one_draw_turns() {
     fx.advance_ms(10_000);
     let retried = fx.m.retry(&b.id, flow_limits(), dl()).await.unwrap();
     assert_eq!(retried, crate::store::tasks::RetryReply::Queued);
-    // its key's second turn ties with A's second: one of the next two,
-    // not behind A's backlog as a retry at now would be
+    // its key's second turn ties with A's next: one of the next two, not
+    // behind A's backlog as a retry at now would be
     let next = [fx.leased().await.id, fx.leased().await.id];
     assert!(next.contains(&b.id), "{next:?}");
+}
+
+/// Keys of one task each (a key per document), each leased before the
+/// next arrives: each starts one turn after the clock and moves it on, so
+/// the sweep drops their turns (at the clock itself they all took its
+/// turn, which never moved past them, and the fair order kept one entry
+/// per key ever seen).
+#[tokio::test]
+async fn keys_of_one_task_each_move_the_clock_and_are_dropped() {
+    let fx = Fx::new();
+    for i in 0..50 {
+        fx.submit("n", None, Some(&format!("doc-{i}"))).await;
+        fx.leased().await;
+    }
+    let lanes = |fx: &Fx| fx.m.lock().flow.fair.get(&fx.q).map_or(0, |f| f.last.len());
+    assert_eq!(lanes(&fx), 50);
+    fx.m.recover(&fx.q, true, flow_limits(), dl())
+        .await
+        .unwrap();
+    assert_eq!(
+        lanes(&fx),
+        1,
+        "only the last document's turn is the clock's"
+    );
 }

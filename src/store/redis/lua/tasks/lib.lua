@@ -19,9 +19,13 @@ end
 -- The ready score of task hash `key` entering `ready` in band `band` at
 -- `at` (see TaskBackend's "Fair order"): a task with a fair key `fkey`
 -- (its concurrency key, else its rate-limit key; false when none) draws
--- its key's next turn, max(last + 1, the queue's clock), kept in its hash
--- as 'vt'; others keep `at`. The clock starts at now with the first keyed
--- task (so that keys arriving later start level with it).
+-- its key's next turn, max(last + 1, the queue's clock + 1), kept in its
+-- hash as 'vt'; others keep `at`. The clock starts at now with the first
+-- keyed task. A key new or behind starts one turn after the clock, level
+-- with the next turn of the keys already waiting, so that keys of one task
+-- each move the clock on and fall behind it, where the sweep drops them
+-- (starting at the clock itself, they all took its turn, which then never
+-- moved past them: the fair hash kept every key ever seen).
 local function enter_score(ready, key, band, at, fkey)
   if not fkey then return ready_score(band, at) end
   local fair = fair_hash(ready)
@@ -32,7 +36,7 @@ local function enter_score(ready, key, band, at, fkey)
     clock = now
     redis.call('HSET', fair, 'clock:' .. b, NOW)
   end
-  local vt = tonumber(clock)
+  local vt = tonumber(clock) + 1
   if last and tonumber(last) + 1 > vt then vt = tonumber(last) + 1 end
   redis.call('HSET', fair, lane, string.format('%d', vt))
   redis.call('HSET', key, 'vt', string.format('%d', vt))

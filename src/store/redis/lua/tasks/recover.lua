@@ -77,7 +77,7 @@ for _, id in ipairs(lapsed) do
   end
 end
 -- the fair order's turns behind the queue's clock change nothing (a new
--- task of such a key starts at the clock): past 1,000 keys, drop those of
+-- task of such a key starts after the clock): past 1,000 keys, drop those of
 -- one bounded slice per sweep, so that a key per tenant or per document
 -- does not grow the hash for ever
 local fair = fair_hash(K_ready)
