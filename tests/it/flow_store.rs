@@ -527,16 +527,9 @@ async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
     }
     let mut conn = f._redis.as_ref().unwrap().conn().await;
     let hash = "koo:v1:{t:research}:fair";
-    let before: usize = conn.hlen(hash).await.unwrap();
-    assert!(before > 1_200, "{before} fields");
-    for _ in 0..20 {
-        f.store
-            .recover(&f.queue, true, TaskLimits::default(), later())
-            .await
-            .unwrap();
-    }
-    let after: usize = conn.hlen(hash).await.unwrap();
     // down to the bound (stale turns under it cost a field each, no more)
+    let (before, after) = sweep_fair(&f, &mut conn, hash).await;
+    assert!(before > 1_200, "{before} fields");
     assert!(after <= 1_000, "{after} fields left of {before}");
     let kept: Option<String> = conn.hget(hash, "k:2:k1199").await.unwrap();
     assert!(kept.is_some(), "a turn ahead of the clock is kept");
@@ -549,16 +542,26 @@ async fn fair_turns_behind_the_clock_are_trimmed_by_the_sweep() {
         f.submit(&f.task("t", None, Some(&format!("doc{i}")))).await;
         f.leased().await;
     }
-    let before: usize = conn.hlen(hash).await.unwrap();
+    let (before, after) = sweep_fair(&f, &mut conn, hash).await;
     assert!(before > 1_000, "{before} fields");
+    assert!(after <= 1_000, "{after} fields left of {before}");
+}
+
+/// The fair hash's field count before and after 20 sweeps of the queue.
+async fn sweep_fair(
+    f: &Fixture,
+    conn: &mut redis::aio::MultiplexedConnection,
+    hash: &str,
+) -> (usize, usize) {
+    use redis::AsyncCommands;
+    let before: usize = conn.hlen(hash).await.unwrap();
     for _ in 0..20 {
         f.store
             .recover(&f.queue, true, TaskLimits::default(), later())
             .await
             .unwrap();
     }
-    let after: usize = conn.hlen(hash).await.unwrap();
-    assert!(after <= 1_000, "{after} fields left of {before}");
+    (before, conn.hlen(hash).await.unwrap())
 }
 
 /// What only a Cluster has: reservations racing between processes, and a
