@@ -16,7 +16,7 @@
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -40,15 +40,10 @@ const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// The builder every connection is served with.
 fn builder() -> Builder<TokioExecutor> {
     let mut builder = Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD_BYTES);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(MAX_HEADER_LIST_BYTES);
+    // no timer: hyper's header-read timeout runs only with one, and it
+    // would close idle keep-alive connections (see the module doc)
+    builder.http1().max_buf_size(MAX_HEAD_BYTES);
+    builder.http2().max_header_list_size(MAX_HEADER_LIST_BYTES);
     builder
 }
 

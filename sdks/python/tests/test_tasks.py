@@ -423,6 +423,21 @@ def test_submit_many_stores_in_order_and_says_what_a_failure_left(target: str, n
     assert len(TaskManager(target).sync.submit_many(many(2))) == 2
 
 
+def test_submit_many_reads_koos_refusals() -> None:
+    """The parts of a SubmitTasks refusal submit_many reads: the ids koo
+    stored (none listed: a failure with no list, whose outcome is unknown)
+    and the failing task counted from the first of the whole call."""
+    from koo._submission import renumbered, stored_in_refusal
+
+    assert stored_in_refusal("tasks[3]: backend unavailable; tasks stored: a~1, b~2") == ["a~1", "b~2"]
+    assert stored_in_refusal("tasks[0]: backend unavailable; tasks stored: none") == []
+    assert stored_in_refusal("backend did not answer within the deadline") == []
+    assert renumbered("tasks[30].queue: unknown", 100) == "tasks[130].queue: unknown"
+    assert renumbered("tasks[2]: x", 0) == "tasks[2]: x"
+    assert renumbered("deadline exceeded", 200) == "(the batch from tasks[200]) deadline exceeded"
+    assert renumbered("deadline exceeded", 0) == "deadline exceeded"
+
+
 def test_the_sync_twin_has_every_call(target: str, ns: str) -> None:
     """Every coroutine of TaskManager but the stream (`watch`) and `close` has
     a blocking twin with its parameters, and they work from plain code."""
