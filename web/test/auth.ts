@@ -86,6 +86,13 @@ export function authTests(): void {
     await page.getByTestId("key-prompt").waitFor();
     // refused streams are not "live"
     await textUntil(page, '[data-testid="conn-status"]', (t) => t === "refused", "the badge to say refused");
+    // what a refused stream never told reads "–", not 0
+    await page.getByTestId("nav-queues").click();
+    await page.locator('[data-testid="nav-queues"][aria-current="page"]').waitFor();
+    await textUntil(page, '[data-testid="conn-status"]', (t) => t === "refused", "the queues' stream refused too");
+    for (const stat of ["stat-queued", "stat-running"]) {
+      assert.equal(await page.getByTestId(stat).locator(".stat-value").textContent(), "–", `${stat} of a refused stream`);
+    }
     await page.getByTestId("api-key-input").waitFor();
     await page.getByTestId("api-key-input").fill("koo_not-a-key");
     await page.getByTestId("api-key-save").click();

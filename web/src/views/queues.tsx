@@ -162,7 +162,9 @@ export function QueuesView() {
   );
 
   const queues = snap?.queues ?? [];
-  const all = total(queues);
+  // Before the first snapshot (or while koo refuses the stream) nothing is
+  // known: the figures read "–", not 0.
+  const all: Partial<ReturnType<typeof total>> = snap ? total(queues) : {};
   const oldest = queues.reduce<number | null>((mx, q) => {
     const w = durationMs(q.oldestWait);
     return w != null && (mx == null || w > mx) ? w : mx;
@@ -185,7 +187,7 @@ export function QueuesView() {
           <Stat label="running" value={formatCount(all.running)} testid="stat-running" />
           <Stat label="scheduled" value={formatCount(all.scheduled)} />
           <Stat label="pending" value={formatCount(all.pending)} />
-          <Stat label="dead letters" value={formatCount(all.dead)} tone={all.dead > 0 ? "bad" : undefined} />
+          <Stat label="dead letters" value={formatCount(all.dead)} tone={(all.dead ?? 0) > 0 ? "bad" : undefined} />
           <Stat label="oldest wait" value={formatMs(oldest)} tone={oldest != null && oldest > 60_000 ? "warn" : undefined} />
           <Stat
             label="workers busy"
