@@ -89,7 +89,8 @@ async fn submit_n(koo: &Koo, n: usize, args: serde_json::Value) -> Vec<String> {
 /// it is pushed come as one batch; its batch of four completions is
 /// answered by one batch, the four replies in order and then the next
 /// tasks leased with them; the last four end the same way; all eight
-/// SUCCEEDED. The welcome says koo reads batches, and its message limit.
+/// SUCCEEDED. The welcome says koo reads batches, its message limit and
+/// koo's clock.
 async fn batches_both_ways(backend: Backend) {
     let koo = start_on(backend, 0).await;
     let ids = submit_n(&koo, 8, serde_json::json!([])).await;
@@ -100,6 +101,16 @@ async fn batches_both_ways(backend: Backend) {
         4 * 1024 * 1024,
         "{:?}",
         w.welcome
+    );
+    // koo's clock, for reading a pushed task's start_time as an age
+    let said = std::time::SystemTime::try_from(w.welcome.time.expect("the welcome's time"))
+        .expect("a valid time");
+    let off = said
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(
+        off < std::time::Duration::from_secs(5),
+        "welcome time {off:?} off"
     );
 
     let first = items(w.next_message().await);

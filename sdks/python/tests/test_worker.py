@@ -500,6 +500,50 @@ def test_sigkill_of_a_silent_task_counts_its_attempt(target: str, ns: str, tmp_p
         reap(first)
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_resumed_worker_does_not_start_what_koo_took_back(store: str, ns: str, tmp_path: Path) -> None:
+    """A stopped worker (SIGSTOP) is pushed a task; a lease of silence
+    later koo revokes it and queues it again. Resumed, the worker reads the
+    push before the revoke: it holds the late push back, so the task runs
+    once, when koo pushes it again, not twice (the second run's outcome
+    refused). On Redis a task's start_time is Redis's clock, not koo's."""
+    from tests.conftest import KooServer, RedisServer
+
+    lease = 2.0
+    redis = RedisServer() if store == "redis" else None
+    env = {"KOO_TASK_LEASE": f"{lease:g}s", "KOO_TASK_SWEEP_INTERVAL": "100ms"}
+    if redis is not None:
+        env["REDIS_URL"] = redis.url
+    server = KooServer(env)
+    proc: subprocess.Popen[str] | None = None
+    try:
+        tm = TaskManager(server.target).sync
+        proc = spawn(server.target, ns, tmp_path)
+        wait_for(lambda: any("connected to koo" in line for line in OUTPUT[proc.pid]), 15, "the worker to connect")
+        proc.send_signal(signal.SIGSTOP)
+        tid = tm.submit_task(f"sdk.{ns}.noted", TaskCategory.RESEARCH, max_retries=3)
+        # koo pushes it to the stopped worker (it has not missed a lease yet)
+        wait_for(lambda: tm.get_task_status(tid).state is TaskState.RUNNING, 10, "koo to push the task")
+        pushed = tm.get_task_status(tid).start_time
+        assert pushed is not None
+        # a lease of silence later, revoked and queued again
+        wait_for(lambda: tm.get_task_status(tid).state is TaskState.QUEUED, 15, "koo to take the task back")
+        # the push has waited unread past half a lease (what the worker sees)
+        wait_for(lambda: time.time() > pushed.timestamp() + lease / 2, 5, "half a lease since the push")
+        proc.send_signal(signal.SIGCONT)
+        assert tm.result(tid, timeout=20)["pid"] == proc.pid
+        runs = (tmp_path / "runs").read_text().splitlines()
+        assert runs == [f"{tid} {tm.get_task_status(tid).attempts}"], runs
+        assert any(f"task {tid} waited" in line for line in OUTPUT[proc.pid]), "".join(OUTPUT[proc.pid])
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+        reap(proc)
+        server.stop()
+        if redis is not None:
+            redis.stop()
+
+
 def test_sigterm_finishes_within_the_grace(target: str, ns: str, tmp_path: Path) -> None:
     """SIGTERM: the running task finishes within the grace, a task pushed after
     the signal is not started but handed back, and the process exits 0."""

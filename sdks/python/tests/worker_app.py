@@ -35,3 +35,11 @@ def silent(n: int, *, ctx: TaskContext) -> dict[str, object]:
     while not (_dir / "release").exists():
         time.sleep(0.02)
     return {"n": n, "pid": os.getpid()}
+
+
+@worker.task(f"sdk.{os.environ.get('KOO_TEST_NS', 'x')}.noted")
+def noted(*, ctx: TaskContext) -> dict[str, object]:
+    # one line per run that started, with its attempt's fencing token
+    with open(_dir / "runs", "a") as f:
+        f.write(f"{ctx.task_id} {ctx.lease_token}\n")
+    return {"pid": os.getpid()}

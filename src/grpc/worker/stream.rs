@@ -236,6 +236,7 @@ fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::Wor
             accepts_release: true,
             accepts_started: true,
             max_message_size: i32::try_from(max_message_size).unwrap_or(i32::MAX),
+            time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
         })),
     }
 }

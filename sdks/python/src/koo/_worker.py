@@ -37,6 +37,7 @@ from koo import _otel
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
 from koo._loopwatch import LoopWatch
+from koo._pushes import HOLD, PushClock
 from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, strings, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
@@ -311,6 +312,8 @@ class _Session:
         self.starts = False
         # tasks begun in this turn of the loop, told to koo at its end
         self.begun: list[str] = []
+        # how long pushes waited unread (see `koo._pushes`)
+        self.clock = PushClock()
 
     def begin(self, task_id: str) -> None:
         """Tells koo that the task began, so that its attempt counts if
@@ -571,6 +574,7 @@ class Worker:
                     session.batches = resp.welcome.accepts_batches
                     session.releases = resp.welcome.accepts_release
                     session.starts = resp.welcome.accepts_started
+                    session.clock.welcome(resp.welcome)
                     if resp.welcome.max_message_size > 0:
                         session.max_message = resp.welcome.max_message_size
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
@@ -683,6 +687,24 @@ class Worker:
             old.ctx._abandon("leased again")
         session.held[run.task_id] = run
         self._events.emit("task", run.task_id, name=run.ctx.name, attempt=run.ctx.attempt, held=len(session.held))
+        late = session.clock.late(a.task)
+        if late is not None and not self._draining:
+            # read long after koo pushed it (was this process stopped?): a
+            # revoke may be right behind it
+            log.warning(
+                "task %s waited %.1f s unread since koo pushed it: held back %.1f s in case koo took it back",
+                run.task_id,
+                late,
+                HOLD,
+            )
+            loop.call_later(HOLD, self._start, session, run)
+            return
+        self._start(session, run)
+
+    def _start(self, session: _Session, run: _Run) -> None:
+        """Starts a pushed task that is still this stream's."""
+        if session.closed or session.held.get(run.task_id) is not run:
+            return  # revoked while held back (it runs elsewhere), or the stream is gone
         if self._draining:
             if session.releases:
                 session.release(run, "worker stopping: not started")

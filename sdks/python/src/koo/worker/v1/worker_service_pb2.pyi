@@ -593,6 +593,7 @@ class Welcome(_message.Message):
     MAX_MESSAGE_SIZE_FIELD_NUMBER: _builtins.int
     ACCEPTS_RELEASE_FIELD_NUMBER: _builtins.int
     ACCEPTS_STARTED_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """This session's worker id (the name and a unique suffix)."""
     accepts_batches: _builtins.bool
@@ -620,6 +621,17 @@ class Welcome(_message.Message):
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often to send heartbeats (a third of the lease)."""
 
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """koo's clock when it sent this welcome (older releases leave it unset).
+        A pushed task's start_time is when it was leased, by the store's clock
+        (koo's, or Redis's server time): with both, a worker can tell how long
+        a push waited before it read it, whatever the offset between the
+        clocks. koo revokes the leases of a worker silent for a whole lease
+        (a stopped process): the Python SDK holds back a push that waited
+        past half a lease, so that the revoke behind it arrives first.
+        """
+
     def __init__(
         self,
         *,
@@ -630,10 +642,11 @@ class Welcome(_message.Message):
         max_message_size: _builtins.int = ...,
         accepts_release: _builtins.bool = ...,
         accepts_started: _builtins.bool = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
