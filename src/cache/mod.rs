@@ -232,9 +232,18 @@ impl Cache {
     /// Counts an operation, its latency and (if it is the backend's fault)
     /// its failure.
     fn observe<T>(&self, level: Level, op: Op, started: Instant, result: &Result<T>) {
+        self.inner
+            .metrics
+            .level_latency(level, op, started.elapsed());
+        self.count_call(level, result);
+    }
+
+    /// Counts an operation and (if it is the backend's fault) its failure,
+    /// without a latency: for calls whose time includes waiting for another
+    /// caller (GetOrLock), which would read as slow reads.
+    fn count_call<T>(&self, level: Level, result: &Result<T>) {
         let m = &self.inner.metrics;
         m.operation(level);
-        m.level_latency(level, op, started.elapsed());
         if let Err(e) = result
             && e.is_backend()
         {
@@ -246,28 +255,38 @@ impl Cache {
     pub async fn get(&self, level: Level, key: &str, deadline: Deadline) -> Result<Option<Hit>> {
         self.check_key(|| "key".into(), key)?;
         let started = Instant::now();
-        let result = async {
-            let full = self.inner.keys.cache_key(level, key);
-            let Some(entry) = self.inner.store.get(&full, deadline).await? else {
-                return Ok(None);
-            };
-            let (hit, versions) = Self::decode(key, entry)?;
-            if versions.is_empty() {
-                return Ok(Some(hit));
-            }
-            let mut hits = [Some(hit)];
-            self.drop_invalidated(level, &[key.to_owned()], &mut hits, &[versions], deadline)
-                .await?;
-            let [hit] = hits;
-            Ok(hit)
-        }
-        .await;
+        let result = self.read(level, key, deadline).await;
         if let Ok(hit) = &result {
             let found = u64::from(hit.is_some());
             self.inner.metrics.reads(level, found, 1 - found);
         }
         self.observe(level, Op::Get, started, &result);
         result
+    }
+
+    /// [`Cache::get`] of a checked key without counting it: for the reads
+    /// a call makes on its way to one answer (GetOrLock's re-reads and
+    /// polls, GetOrCompute's read of what its task stored), which the call
+    /// counts once, by what its caller got.
+    pub(crate) async fn read(
+        &self,
+        level: Level,
+        key: &str,
+        deadline: Deadline,
+    ) -> Result<Option<Hit>> {
+        let full = self.inner.keys.cache_key(level, key);
+        let Some(entry) = self.inner.store.get(&full, deadline).await? else {
+            return Ok(None);
+        };
+        let (hit, versions) = Self::decode(key, entry)?;
+        if versions.is_empty() {
+            return Ok(Some(hit));
+        }
+        let mut hits = [Some(hit)];
+        self.drop_invalidated(level, &[key.to_owned()], &mut hits, &[versions], deadline)
+            .await?;
+        let [hit] = hits;
+        Ok(hit)
     }
 
     /// Writes one value.

@@ -221,7 +221,8 @@ impl ComputeOnMiss {
                 state: ended.state,
             });
         }
-        let hit = self.cache.get(req.level, &req.key, deadline).await;
+        // counted already: GetOrLock's miss is this call's read
+        let hit = self.cache.read(req.level, &req.key, deadline).await;
         let _ = self.release(&req, &lease).await;
         match hit? {
             Some(hit) => Ok(Computed {

@@ -231,6 +231,20 @@ async fn wait_and_deadline_end_a_wait(env: Env) {
     req.set_timeout(Duration::from_millis(300));
     let e = c.get_or_lock(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    // a call is one read, however often its wait looked: the holder's miss
+    // and the one that gave up waiting (a failed call reads nothing)
+    assert_eq!(reads(&mut c).await, (0, 2), "(hits, misses)");
+}
+
+/// This koo's cache reads so far: (hits, misses) of every level.
+async fn reads(c: &mut CacheServiceClient<Channel>) -> (i64, i64) {
+    let m = c
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .expect("GetMetrics")
+        .into_inner();
+    let total = m.metrics.and_then(|m| m.total).expect("the total");
+    (total.hits, total.misses)
 }
 
 /// An entry past its soft TTL (200 ms) is answered, stale, to each of 20
@@ -316,6 +330,10 @@ async fn get_or_compute_runs_one_task_for_ten_callers(env: Env) {
         assert_eq!(v.kind, Some(prost_types::value::Kind::NumberValue(1.0)));
     }
     assert_eq!(submitted, 1);
+    // one read per call: the caller that computed missed, the others got
+    // the value (not a miss per poll of their wait, nor the computing
+    // caller's read of what its task stored)
+    assert_eq!(reads(&mut env.cache()).await, (9, 1), "(hits, misses)");
 }
 
 fn bad_field(status: &tonic::Status) -> String {

@@ -7,9 +7,10 @@
 //! entry (past its soft TTL) is answered to everyone, and the caller that
 //! takes the lock also gets a token to refresh it.
 //!
-//! The entry is read through [`Cache::get`], so that whatever decides a hit
-//! (tags, soft TTL) decides it here too; the lock is a second store call,
-//! made only on a miss or a stale hit, so a plain hit costs one read.
+//! The entry is read as [`Cache::get`] reads it, so that whatever decides a
+//! hit (tags, soft TTL) decides it here too; the lock is a second store
+//! call, made only on a miss or a stale hit, so a plain hit costs one read.
+//! A call counts one hit or miss in the metrics, however many reads it made.
 
 mod signal;
 mod wait;
@@ -103,7 +104,22 @@ impl Cache {
         deadline: Deadline,
     ) -> Result<Locked> {
         self.check_key(|| "key".into(), key)?;
-        wait::until_done(self, level, key, lock_ttl, wait_until, deadline).await
+        let result = wait::until_done(self, level, key, lock_ttl, wait_until, deadline).await;
+        // One read per call, whatever it took to answer: a hit when the
+        // caller got a value (fresh, stale or one it waited for), a miss
+        // when it must compute or gave up waiting. Re-reads and a waiter's
+        // polls are not reads of their own (they would count a miss every
+        // few milliseconds of a wait), and the call has no latency figure:
+        // its time is mostly the wait for whoever computes.
+        if let Ok(locked) = &result {
+            let found = u64::from(matches!(
+                locked,
+                Locked::Value { .. } | Locked::Refresh { .. }
+            ));
+            self.inner.metrics.reads(level, found, 1 - found);
+        }
+        self.count_call(level, &result);
+        result
     }
 
     /// One attempt: read, then (miss or stale) try the lock.
@@ -114,7 +130,7 @@ impl Cache {
         lock_ttl: Duration,
         deadline: Deadline,
     ) -> Result<Step> {
-        let hit = match self.get(level, key, deadline).await? {
+        let hit = match self.read(level, key, deadline).await? {
             Some(hit) if !hit.stale => {
                 return Ok(Step::Done(Locked::Value {
                     hit,
@@ -158,7 +174,7 @@ impl Cache {
         lease: Lease,
         deadline: Deadline,
     ) -> Result<Step> {
-        Ok(Step::Done(match self.get(level, key, deadline).await? {
+        Ok(Step::Done(match self.read(level, key, deadline).await? {
             None => Locked::Compute(lease),
             Some(hit) if hit.stale => Locked::Refresh { hit, lease },
             Some(hit) => {

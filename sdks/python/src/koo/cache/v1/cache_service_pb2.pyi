@@ -964,9 +964,14 @@ class CacheCounters(_message.Message):
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     KEYS_FIELD_NUMBER: _builtins.int
     hits: _builtins.int
-    """Reads that found a value."""
+    """Reads that found a value. A GetOrLock or GetOrCompute call is one
+    read however long it waited: a hit when it answered a value (fresh,
+    stale, or computed by another caller), else a miss.
+    """
     misses: _builtins.int
-    """Reads that found nothing."""
+    """Reads that found nothing (for GetOrLock and GetOrCompute: the caller
+    computes, or gave up waiting).
+    """
     hit_ratio: _builtins.float
     """hits / (hits + misses); 0 when there were no reads."""
     sets: _builtins.int
@@ -1802,7 +1807,7 @@ class ComputeTask(_message.Message):
     name: _builtins.str
     """The task's name (registered with a worker or built in)."""
     queue: _builtins.str
-    """The queue; empty means the name's default."""
+    """The queue; empty means the `cache` queue (the cache category's)."""
     @_builtins.property
     def args(self) -> _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]:
         """Positional arguments."""
@@ -1897,8 +1902,8 @@ class GetOrComputeResponse(_message.Message):
     computed: _builtins.bool
     """Whether this call submitted the task that computed it."""
     task_id: _builtins.str
-    """The id of the task that computed it, when it was computed for a caller
-    that waited on it.
+    """The id of the task that computed it, when this call submitted it or
+    waited on it; empty for a value that was already there.
     """
     @_builtins.property
     def entry(self) -> Global___GetResponse:
