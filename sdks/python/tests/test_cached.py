@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -203,6 +203,13 @@ def test_bypass_and_invalidate(target: str, ns: str) -> None:
     before = calls
     assert plain.invalidate(1) is True
     assert plain(1) == 1 and calls == before + 1
+    if TYPE_CHECKING:  # what mypy --strict reads (an Any would fail here)
+        from collections.abc import Coroutine
+
+        from typing_extensions import assert_type
+
+        assert_type(plain.invalidate(1), bool)
+        _ = assert_type(value.invalidate(1), Coroutine[Any, Any, bool])
 
 
 def test_failures_reach_every_waiter_and_are_not_cached(target: str, ns: str) -> None:

@@ -41,7 +41,7 @@ import inspect
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
 
 from koo._cache import CacheLevel, KooCache
@@ -50,6 +50,7 @@ from koo._values import Seconds
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 log = logging.getLogger("koo.cached")
 
@@ -342,7 +343,17 @@ class _Cached(Generic[P, R]):
         sync_run(self._write(key, token, value))
         return cast(R, value)
 
-    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> Any:
+    # A type checker picks the first for a coroutine function, whose
+    # invalidate must be awaited, and the second for any other.
+    @overload
+    def invalidate(  # type: ignore[overload-overlap]
+        self: _Cached[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, bool]: ...
+
+    @overload
+    def invalidate(self, *args: P.args, **kwargs: P.kwargs) -> bool: ...
+
+    def invalidate(self, *args: Any, **kwargs: Any) -> Any:
         """Removes this call's cached result.
 
         For a sync function: returns True when there was one. For an async
