@@ -53,9 +53,10 @@ pub enum CacheError {
         /// What is wrong.
         reason: String,
     },
-    /// A `Fill` whose token no longer holds the entry's lock.
+    /// A `Fill` whose token no longer holds the entry's lock, and whose
+    /// lapsed lock someone else took or whose entry someone else stored.
     #[error(
-        "the lock was lost: lock_ttl passed and another caller took over (or the token is not this key's)"
+        "the lock was lost: lock_ttl passed and another caller took the lock or stored the entry (or the token is not this key's)"
     )]
     LockLost,
     /// The call's deadline passed while it waited for another caller's value.

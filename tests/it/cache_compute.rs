@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 on_both_stores!(
+    a_late_fill_stores_when_nobody_took_over,
     wait_and_deadline_end_a_wait,
     bad_input_is_refused_naming_the_field,
     get_or_compute_runs_one_task_for_ten_callers,
@@ -174,6 +175,59 @@ async fn a_holder_that_never_fills_hands_over_after_lock_ttl(env: Env) {
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::FailedPrecondition, "{again:?}");
+}
+
+/// A holder slower than its lock_ttl (100 ms) whose lock nobody took over
+/// still stores its value (else a computation slower than lock_ttl would
+/// never be cached); one whose entry another caller stored meanwhile is
+/// refused and leaves that entry; a give-up of a lapsed lock is a no-op.
+async fn a_late_fill_stores_when_nobody_took_over(env: Env) {
+    let mut c = env.cache();
+    let slow = get_or_lock(&mut c, lock_req("late", 100, None)).await;
+    let beaten = get_or_lock(&mut c, lock_req("beaten", 100, None)).await;
+    let quitter = get_or_lock(&mut c, lock_req("quitter", 100, None)).await;
+    // the "computation" outlasts the locks
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = c
+        .fill(fill_req("late", &slow.lock_token, Some("slow but done")))
+        .await
+        .expect("a late Fill nobody raced")
+        .into_inner();
+    assert!(stored.stored.is_some(), "{stored:?}");
+    let hit = get_or_lock(&mut c, lock_req("late", 100, None)).await;
+    assert!(hit.found && hit.lock_token.is_empty(), "{hit:?}");
+    assert_eq!(text_of(hit.entry.as_ref().unwrap()), "slow but done");
+    if let Some(url) = redis_url(&env) {
+        assert_eq!(
+            lock_pttl(&url, "late").await,
+            -2,
+            "the retaken lock is released"
+        );
+    }
+    // someone stored the entry after the lock lapsed: the late value loses
+    c.set(pb::SetRequest {
+        level: pb::CacheLevel::App as i32,
+        key: "beaten".into(),
+        value: text("fresher"),
+        ..Default::default()
+    })
+    .await
+    .expect("Set");
+    let late = c
+        .fill(fill_req("beaten", &beaten.lock_token, Some("stale")))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
+    assert!(late.message().contains("stored the entry"), "{late:?}");
+    let kept = get_or_lock(&mut c, lock_req("beaten", 100, None)).await;
+    assert_eq!(text_of(kept.entry.as_ref().unwrap()), "fresher");
+    // giving up a lock that already lapsed: nothing to do, and no error
+    let given = c
+        .fill(fill_req("quitter", &quitter.lock_token, None))
+        .await
+        .expect("a give-up of a lapsed lock")
+        .into_inner();
+    assert_eq!(given.stored, None);
 }
 
 /// A Fill without a value gives the lock up: a waiter gets the token at
@@ -368,7 +422,17 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
     let mut no_ttl = fill_req("k", &"a".repeat(32), Some("v"));
     no_ttl.ttl = ms(0);
     assert_eq!(bad_field(&c.fill(no_ttl).await.unwrap_err()), "ttl");
-    // well-formed, but no lock is held under it
+    // well-formed, but no lock is held under it and the entry is there:
+    // refused (without an entry it is taken for a lapsed holder's late
+    // Fill and stores, as a Set would: a_late_fill_stores_when_nobody_took_over)
+    c.set(pb::SetRequest {
+        level: pb::CacheLevel::App as i32,
+        key: "k".into(),
+        value: text("there"),
+        ..Default::default()
+    })
+    .await
+    .expect("Set");
     let e = c
         .fill(fill_req("k", &"a".repeat(32), Some("v")))
         .await

@@ -107,6 +107,23 @@ def test_twenty_concurrent_async_callers_compute_once(cache_target: str, ns: str
     asyncio.run(scenario())
 
 
+def test_a_function_slower_than_its_lock_ttl_is_still_cached(cache_target: str, ns: str) -> None:
+    """A computation that outlasts `lock_ttl`, with nobody taking the key
+    over meanwhile, stores its result (koo used to refuse the late Fill)."""
+    cache = KooCache(cache_target)
+    calls = 0
+
+    @cached(ttl=60, key_prefix=ns, cache=cache, lock_ttl=0.1)
+    def slow(x: int) -> int:
+        nonlocal calls
+        calls += 1
+        time.sleep(0.3)  # the function's own work, longer than its lock
+        return x * 2
+
+    assert slow(21) == 42
+    assert slow(21) == 42 and calls == 1, calls
+
+
 def test_twenty_concurrent_threads_compute_once(cache_target: str, ns: str) -> None:
     """A plain function called from 20 threads at once is computed once."""
     calls = 0

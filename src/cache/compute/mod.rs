@@ -24,6 +24,10 @@ use crate::store::{Deadline, LockState, held_by};
 /// The length of a lock token: 128 random bits in hex.
 pub const TOKEN_LEN: usize = 32;
 
+/// How long a late holder's retaken lock lasts: long enough for its one
+/// write, released right after it.
+const RETAKE_TTL: Duration = Duration::from_secs(10);
+
 /// A lock handed to the caller that must compute (or refresh) a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -207,7 +211,10 @@ impl Cache {
         let lock = self.inner.keys.lock_key(level, key);
         match self.inner.store.lock_read(&lock, deadline).await? {
             Some((value, _)) if held_by(&value, token) => {}
-            _ => return Err(CacheError::LockLost),
+            Some(_) => return Err(CacheError::LockLost),
+            // lapsed, and nobody holds it: a give-up has nothing to give
+            None if entry.is_none() => return Ok(None),
+            None => self.retake(level, key, &lock, token, deadline).await?,
         }
         let stored = match entry {
             Some(e) => Some(self.set(e, deadline).await?),
@@ -215,6 +222,36 @@ impl Cache {
         };
         self.release_lock(level, key, token, deadline).await?;
         Ok(stored)
+    }
+
+    /// A holder slower than its `lock_ttl`, whose lock lapsed with nobody
+    /// taking it over: it takes the lock again to store its value, unless
+    /// someone stored a fresh entry meanwhile (a holder that took over,
+    /// filled and released). Refusing it would leave every computation
+    /// slower than `lock_ttl` uncached for good.
+    async fn retake(
+        &self,
+        level: Level,
+        key: &str,
+        lock: &str,
+        token: &str,
+        deadline: Deadline,
+    ) -> Result<()> {
+        match self
+            .inner
+            .store
+            .lock_acquire(lock, token, RETAKE_TTL, deadline)
+            .await?
+        {
+            LockState::Held { .. } => Err(CacheError::LockLost),
+            LockState::Acquired => match self.read(level, key, deadline).await? {
+                Some(hit) if !hit.stale => {
+                    self.release_lock(level, key, token, deadline).await?;
+                    Err(CacheError::LockLost)
+                }
+                _ => Ok(()),
+            },
+        }
     }
 
     /// Records the task computing the entry in its lock (for waiters to

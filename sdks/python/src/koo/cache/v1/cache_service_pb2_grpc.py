@@ -276,7 +276,10 @@ class CacheServiceServicer:
     def Fill(self, request, context):
         """Fill stores the value computed under a lock token from GetOrLock and
         wakes the callers waiting for it. A Fill without a value gives the lock
-        up, so that a waiter takes over at once.
+        up, so that a waiter takes over at once. A token whose lock another
+        caller holds now, or whose lapsed lock let another caller store the
+        entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
+        it over still stores.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -106,7 +106,10 @@ class CacheServiceStub:
     Fill: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.FillRequest, _cache_service_pb2.FillResponse]
     """Fill stores the value computed under a lock token from GetOrLock and
     wakes the callers waiting for it. A Fill without a value gives the lock
-    up, so that a waiter takes over at once.
+    up, so that a waiter takes over at once. A token whose lock another
+    caller holds now, or whose lapsed lock let another caller store the
+    entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
+    it over still stores.
     """
     GetOrCompute: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrComputeRequest, _cache_service_pb2.GetOrComputeResponse]
     """GetOrCompute reads a value; on a miss, exactly one caller across every
@@ -197,7 +200,10 @@ class CacheServiceAsyncStub(CacheServiceStub):
     Fill: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.FillRequest, _cache_service_pb2.FillResponse]  # type: ignore[assignment]
     """Fill stores the value computed under a lock token from GetOrLock and
     wakes the callers waiting for it. A Fill without a value gives the lock
-    up, so that a waiter takes over at once.
+    up, so that a waiter takes over at once. A token whose lock another
+    caller holds now, or whose lapsed lock let another caller store the
+    entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
+    it over still stores.
     """
     GetOrCompute: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrComputeRequest, _cache_service_pb2.GetOrComputeResponse]  # type: ignore[assignment]
     """GetOrCompute reads a value; on a miss, exactly one caller across every
@@ -387,7 +393,10 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cache_service_pb2.FillResponse, _abc.Awaitable[_cache_service_pb2.FillResponse]]:
         """Fill stores the value computed under a lock token from GetOrLock and
         wakes the callers waiting for it. A Fill without a value gives the lock
-        up, so that a waiter takes over at once.
+        up, so that a waiter takes over at once. A token whose lock another
+        caller holds now, or whose lapsed lock let another caller store the
+        entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
+        it over still stores.
         """
 
     @_abc_1.abstractmethod
