@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from koo import (
+    CacheLevel,
     KooCache,
     KooError,
     QueueInfo,
@@ -22,11 +23,14 @@ from koo import (
     SubmitManyError,
     TaskCategory,
     TaskFailed,
+    TaskInfo,
     TaskManager,
     TaskPriority,
     TaskState,
     TaskTimeout,
 )
+from koo.cache.v1 import cache_service_pb2 as cache_pb
+from koo.tasks.v1 import task_service_pb2 as pb
 
 
 def test_submit_with_every_option_and_read_it_back(target: str, ns: str) -> None:
@@ -56,9 +60,12 @@ def test_submit_with_every_option_and_read_it_back(target: str, ns: str) -> None
         assert info.kwargs == {"deep": True, "tags": ["a"]}
         assert info.max_retries == 0
         assert info.create_time is not None and info.end_time is None
+        assert (info.soft_time_limit, info.time_limit) == (timedelta(seconds=30), timedelta(minutes=1))
+        assert (info.schedule, info.schedule_time, info.cache_result) == ("", None, None)
         d = info.to_dict()
         assert d["state"] == "queued" and d["category"] == "RESEARCH" and d["priority"] == "CRITICAL"
         assert d["kwargs"] == {"deep": True, "tags": ["a"]} and d["end_time"] is None
+        assert (d["soft_time_limit"], d["time_limit"]) == (30.0, 60.0)
         assert json.loads(json.dumps(d)) == d
         await tm.cancel(task_id)
 
@@ -461,3 +468,26 @@ def test_the_sync_twin_has_every_call(target: str, ns: str) -> None:
     assert tm.cancel_task(tid) is True
     assert tm.cancel_task(tid) is False
     assert tm.get_task_metrics() is not None
+
+
+def test_a_scheduled_compute_task_reads_its_schedule_and_cache_target() -> None:
+    """TaskInfo carries what the Task message says of its schedule and cache target."""
+    t = pb.Task(id="cache~01", name="reports.build", schedule="nightly", state=pb.TASK_STATE_QUEUED)
+    t.schedule_time.FromSeconds(1_800_000_000)
+    t.cache_result.level = cache_pb.CACHE_LEVEL_DB
+    t.cache_result.key = "report:42"
+    t.cache_result.ttl.FromSeconds(600)
+    t.cache_result.tags.append("reports")
+    info = TaskInfo.from_proto(t)
+    assert info.schedule == "nightly"
+    assert info.schedule_time is not None and info.schedule_time.timestamp() == 1_800_000_000
+    assert info.cache_result == {
+        "level": CacheLevel.DATABASE,
+        "key": "report:42",
+        "ttl": 600.0,
+        "tags": ["reports"],
+        "soft_ttl": None,
+    }
+    d = info.to_dict()
+    assert d["cache_result"]["level"] == "db" and d["schedule"] == "nightly"
+    assert json.loads(json.dumps(d)) == d

@@ -14,6 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import grpc
 import grpc.aio
 
+from koo._cache import CacheLevel
 from koo._connection import Connection, KooError, Settings, reopening, rpc, shared_loop
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._submission import (
@@ -28,6 +29,7 @@ from koo._submission import (
 )
 from koo._values import (
     Seconds,
+    from_duration,
     from_proto_value,
     from_struct,
     from_timestamp,
@@ -131,6 +133,17 @@ class TaskInfo:
     `{"exception": "ValueError", "traceback": "Traceback (most recent..."}`."""
     attempt_log: list[TaskAttempt] = field(default_factory=list)
     """Every ended attempt, oldest first (Celery keeps no such log)."""
+    soft_time_limit: timedelta | None = None
+    """Its soft time limit (the handler is told), as koo applies it."""
+    time_limit: timedelta | None = None
+    """Its hard time limit (the attempt ends TIMED_OUT), as koo applies it."""
+    schedule: str = ""
+    """The schedule whose tick submitted it ("" for none)."""
+    schedule_time: datetime | None = None
+    """That tick's scheduled time (not when it fired)."""
+    cache_result: dict[str, Any] | None = None
+    """Where its result is cached when it succeeds (`level`, `key`, `ttl`
+    seconds, `tags`, `soft_ttl` seconds), or None."""
 
     @property
     def traceback(self) -> str | None:
@@ -146,7 +159,8 @@ class TaskInfo:
         return self.state.name.lower()
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (enums by name, times in ISO 8601), e.g. for an API response."""
+        """Plain JSON-able data (enums by name, times in ISO 8601, time
+        limits in seconds), e.g. for an API response."""
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -154,6 +168,10 @@ class TaskInfo:
                 v = v.name.lower() if isinstance(v, TaskState) else v.name
             elif isinstance(v, datetime):
                 v = v.isoformat()
+            elif isinstance(v, timedelta):
+                v = v.total_seconds()
+            elif f.name == "cache_result" and v is not None:
+                v = {**v, "level": v["level"].value}
             elif isinstance(v, TaskProgress):
                 v = {"percent": v.percent, "message": v.message, "metadata": v.metadata}
             elif f.name == "attempt_log":
@@ -201,7 +219,23 @@ class TaskInfo:
             concurrency_key=t.concurrency_key,
             error_details=from_struct(t.error.details) if t.error.HasField("details") else {},
             attempt_log=[TaskAttempt.from_proto(a) for a in t.attempt_log],
+            soft_time_limit=from_duration(t.soft_time_limit) if t.HasField("soft_time_limit") else None,
+            time_limit=from_duration(t.time_limit) if t.HasField("time_limit") else None,
+            schedule=t.schedule,
+            schedule_time=from_timestamp(t.schedule_time),
+            cache_result=_cache_target(t.cache_result) if t.HasField("cache_result") else None,
         )
+
+
+def _cache_target(c: pb.CacheTarget) -> dict[str, Any]:
+    """A task's `cache_result` as plain data (durations in seconds)."""
+    return {
+        "level": next((lv for lv in CacheLevel if lv.proto == c.level), CacheLevel.APPLICATION),
+        "key": c.key,
+        "ttl": from_duration(c.ttl).total_seconds() if c.HasField("ttl") else None,
+        "tags": list(c.tags),
+        "soft_ttl": from_duration(c.soft_ttl).total_seconds() if c.HasField("soft_ttl") else None,
+    }
 
 
 @dataclass(frozen=True)
