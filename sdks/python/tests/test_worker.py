@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -384,11 +384,11 @@ def test_sync_handler_past_hard_limit_is_abandoned(target: str, ns: str) -> None
         block.set()
 
 
-def spawn(target: str, ns: str, tmp: Path, grace: float = 10) -> subprocess.Popen[str]:
-    """`python -m koo.worker tests.worker_app:worker` against `target`."""
+def spawn(target: str, ns: str, tmp: Path, grace: float = 10, args: Sequence[str] = ()) -> subprocess.Popen[str]:
+    """`python -m koo.worker tests.worker_app:worker [args]` against `target`."""
     env = dict(os.environ, KOO_TARGET=target, KOO_TEST_NS=ns, KOO_TEST_DIR=str(tmp), KOO_TEST_GRACE=str(grace))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "koo.worker", "tests.worker_app:worker"],
+        [sys.executable, "-m", "koo.worker", "tests.worker_app:worker", *args],
         cwd=SDK_DIR,
         env=env,
         stdout=subprocess.PIPE,
@@ -705,7 +705,8 @@ def test_worker_token_is_sent_and_a_wrong_one_is_rejected() -> None:
 def test_the_command_line_refuses_a_bad_concurrency_or_grace() -> None:
     """`--concurrency 0` was ignored and `-3` reached koo; both are usage
     errors now (argparse's exit 2), as is a negative grace."""
-    for args in (["--concurrency", "0"], ["--concurrency", "-3"], ["--concurrency", "5000"], ["--grace", "-1"]):
+    bad = (["--concurrency", "0"], ["--concurrency", "-3"], ["--concurrency", "5000"], ["--grace", "-1"], ["-Q", " , "])
+    for args in bad:
         out = subprocess.run(
             [sys.executable, "-m", "koo.worker", "tests.worker_app:worker", *args],
             cwd=SDK_DIR,
@@ -715,7 +716,7 @@ def test_the_command_line_refuses_a_bad_concurrency_or_grace() -> None:
             check=False,
         )
         assert out.returncode == 2, (args, out.stderr)
-        assert "must be" in out.stderr, (args, out.stderr)
+        assert "must be" in out.stderr or "names no queue" in out.stderr, (args, out.stderr)
     # log levels as Celery users type them; a wrong one is a usage error too
     for level, code, said in (("info", 2, "must be"), ("loud", 2, "invalid choice")):
         out = subprocess.run(
@@ -727,6 +728,21 @@ def test_the_command_line_refuses_a_bad_concurrency_or_grace() -> None:
             check=False,
         )
         assert out.returncode == code and said in out.stderr, (level, out.stderr)
+
+
+def test_queues_on_the_command_line_choose_what_a_worker_serves(target: str, ns: str, tmp_path: Path) -> None:
+    """`-Q sdk-extra` (Celery's -Q): the worker takes that queue's task and
+    leaves the research queue's to others."""
+    tm = TaskManager(target).sync
+    elsewhere = tm.submit_task(f"sdk.{ns}.noted", TaskCategory.RESEARCH)
+    here = tm.submit_task(f"sdk.{ns}.noted", TaskCategory.RESEARCH, queue="sdk-extra")
+    proc = spawn(target, ns, tmp_path, args=["-Q", "sdk-extra"])
+    try:
+        assert tm.result(here, timeout=20)["pid"] == proc.pid
+        assert tm.get_task_status(elsewhere).state is TaskState.QUEUED
+    finally:
+        reap(proc)
+        tm.cancel(elsewhere)
 
 
 def test_a_worker_says_where_it_connected(target: str, ns: str, tmp_path: Path) -> None:

@@ -35,6 +35,13 @@ def _grace(text: str) -> float:
     return s
 
 
+def _queues(text: str) -> list[str]:
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"names no queue: {text!r}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parses the command line and runs the worker until SIGTERM/SIGINT; exits 2
     when koo refuses the worker for good."""
@@ -45,6 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--grace", type=_grace, help="seconds running tasks get on SIGTERM")
     parser.add_argument(
+        "-Q",
+        "--queues",
+        type=_queues,
+        help="comma-separated queues to serve, as Celery's -Q (overrides the Worker's; "
+        "the queues of its tasks' queue= are served too)",
+    )
+    parser.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
     )
     ns = parser.parse_args(argv)
@@ -54,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
         worker.set_concurrency(ns.concurrency)
     if ns.grace is not None:
         worker.grace = ns.grace
+    if ns.queues is not None:
+        worker.queues = ns.queues
     try:
         worker.run()
     except WorkerRejected as e:  # retrying cannot help: the key, its scope or the hello is wrong

@@ -13,8 +13,8 @@ and the seed's calls run as written::
     task_info = await task_manager.get_task_status(task_id)
 
 `task_manager` connects lazily to `koo.configure(...)`'s target, else
-`KOO_TARGET`, else `127.0.0.1:50051`. Workers that run the tasks are not part
-of this module (yet): see the package README.
+`KOO_TARGET`, else `127.0.0.1:50051`. The workers that run the tasks are
+`koo.Worker` (`python -m koo.worker`): see the package README.
 """
 
 from __future__ import annotations
