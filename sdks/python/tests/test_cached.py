@@ -305,6 +305,15 @@ def test_key_builder_for_methods(target: str, ns: str) -> None:
         assert await Repo().find.invalidate("x") is True
 
     asyncio.run(scenario())
+    if TYPE_CHECKING:  # a method keeps its signature, without `self` (it was Any)
+        from collections.abc import Coroutine
+
+        from typing_extensions import assert_type
+
+        _ = assert_type(Repo().find("x"), Coroutine[Any, Any, str])
+        _ = assert_type(Repo().find.invalidate("x"), Coroutine[Any, Any, bool])
+        assert_type(Repo().find.cache_key("x"), str)
+        _ = Repo().find(1)  # type: ignore[arg-type]
 
 
 def test_a_cancelled_caller_cancels_only_itself(target: str, ns: str) -> None:

@@ -42,14 +42,16 @@ import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Generic, ParamSpec, TypeVar, cast, overload
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast, overload
 
 from koo._cache import CacheLevel, KooCache
 from koo._connection import KooError
 from koo._values import Seconds
 
 P = ParamSpec("P")
+P2 = ParamSpec("P2")
 R = TypeVar("R")
+S = TypeVar("S")
 T = TypeVar("T")
 
 log = logging.getLogger("koo.cached")
@@ -189,8 +191,15 @@ class _Cached(Generic[P, R]):
             return cast(R, self._call_async(args, kwargs))
         return self._call_sync(args, kwargs)
 
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> _Cached[P, R]: ...
+
+    @overload
+    def __get__(self: _Cached[Concatenate[S, P2], R], obj: S, objtype: type | None = None) -> _Bound[P2, R]: ...
+
     def __get__(self, obj: object, objtype: type | None = None) -> Any:
-        """On an instance, a method: `self` is passed on (and is part of the key)."""
+        """On an instance, a method: `self` is passed on (and is part of the
+        key). Typed: the bound method keeps the signature without `self`."""
         if obj is None:
             return self
         return _Bound(self, obj)
@@ -364,24 +373,33 @@ class _Cached(Generic[P, R]):
         return sync_run(self.invalidate_async(*args, **kwargs))
 
 
-class _Bound:
-    """A `@cached` method bound to its instance."""
+class _Bound(Generic[P2, R]):
+    """A `@cached` method bound to its instance: the function's parameters
+    after `self` (`P2`), its result `R`."""
 
-    def __init__(self, cached: _Cached[Any, Any], obj: object) -> None:
+    def __init__(self, cached: _Cached[Any, R], obj: object) -> None:
         self._cached = cached
         self._obj = obj
         functools.update_wrapper(self, cached.__wrapped__)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P2.args, **kwargs: P2.kwargs) -> R:
         return self._cached(self._obj, *args, **kwargs)
 
-    def cache_key(self, *args: Any, **kwargs: Any) -> str:
+    def cache_key(self, *args: P2.args, **kwargs: P2.kwargs) -> str:
         """See `_Cached.cache_key`."""
         return self._cached.cache_key(self._obj, *args, **kwargs)
 
-    def bypass(self, *args: Any, **kwargs: Any) -> Any:
+    def bypass(self, *args: P2.args, **kwargs: P2.kwargs) -> R:
         """See `_Cached.bypass`."""
         return self._cached.bypass(self._obj, *args, **kwargs)
+
+    @overload
+    def invalidate(  # type: ignore[overload-overlap]
+        self: _Bound[P2, Coroutine[Any, Any, T]], *args: P2.args, **kwargs: P2.kwargs
+    ) -> Coroutine[Any, Any, bool]: ...
+
+    @overload
+    def invalidate(self, *args: P2.args, **kwargs: P2.kwargs) -> bool: ...
 
     def invalidate(self, *args: Any, **kwargs: Any) -> Any:
         """See `_Cached.invalidate`."""
