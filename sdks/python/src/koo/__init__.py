@@ -9,6 +9,8 @@ Layout:
 - `koo.Worker`, `TaskContext`, `Retry`, `RateLimited`, `Fatal`: task workers
   (`@worker.task("name")`, `python -m koo.worker module:worker`);
   `WorkerEvent`: what a worker's `on_event` hook sees.
+- `koo.ScheduleManager`, `ScheduledTask`: periodic schedules (Celery
+  beat's entries), created and managed at run time.
 - `koo.NearCache`: an in-process L1 in front of `KooCache`, kept fresh by
   koo's invalidation stream.
 - `koo.configure(...)`: where the default clients connect.
@@ -23,6 +25,14 @@ from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._near import NearCache, NearCacheStats
+from koo._schedules import (
+    MissedTickPolicy,
+    ScheduledTask,
+    ScheduleInfo,
+    ScheduleManager,
+    ScheduleRunInfo,
+    SyncScheduleManager,
+)
 from koo._submission import Submission, SubmitManyError, TaskCategory, TaskPriority
 from koo._tasks import (
     QueueInfo,
@@ -50,16 +60,22 @@ __all__ = [
     "KooCache",
     "KooError",
     "Locked",
+    "MissedTickPolicy",
     "NearCache",
     "NearCacheStats",
     "QueueInfo",
     "RateLimitInfo",
     "RateLimited",
     "Retry",
+    "ScheduleInfo",
+    "ScheduleManager",
+    "ScheduleRunInfo",
+    "ScheduledTask",
     "Settings",
     "Submission",
     "SubmitManyError",
     "SyncKooCache",
+    "SyncScheduleManager",
     "SyncTaskManager",
     "TaskAttempt",
     "TaskCategory",

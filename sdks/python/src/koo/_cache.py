@@ -9,11 +9,8 @@ from datetime import timedelta
 from enum import Enum
 from typing import Any
 
-import grpc
-import grpc.aio
-
 from koo._compute import Computed, Locked, compute_request, computed, fill_request, lock_request, locked
-from koo._connection import Connection, Settings, reopening, rpc, shared_loop
+from koo._connection import Client, reopening, rpc, shared_loop
 from koo._values import Seconds, from_cache_value, from_duration, strings, to_cache_value, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
@@ -84,7 +81,7 @@ def _extras(e: pb.SetRequest | pb.CacheEntry, tags: Iterable[str] | None, soft_t
         e.soft_ttl.CopyFrom(to_duration(soft_ttl))
 
 
-class KooCache:
+class KooCache(Client):
     """koo's cache, asyncio-first, with the seed's method names.
 
     `KooCache()` (no target) follows `koo.configure(...)` / `KOO_TARGET`.
@@ -93,16 +90,7 @@ class KooCache:
     `CACHE_API_DEFAULT_TTL` for the API level). Failed calls raise `KooError`.
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        api_key: str | None = None,
-        tls: bool | grpc.ChannelCredentials = False,
-        timeout: float | None = None,
-    ) -> None:
-        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls, timeout=timeout))
-        self._sync: SyncKooCache | None = None
+    _sync: SyncKooCache | None = None
 
     def _stub(self) -> pb_grpc.CacheServiceAsyncStub:
         return pb_grpc.CacheServiceStub(self._conn.channel())
@@ -118,10 +106,6 @@ class KooCache:
         """The deadline (seconds) a call of this client gets when it sets
         none (see `Settings.timeout`); None: no deadline."""
         return self._conn.call_timeout()
-
-    async def close(self) -> None:
-        """Closes this loop's channel; the next call reconnects."""
-        await self._conn.close()
 
     async def get(self, key: str, level: CacheLevel = CacheLevel.APPLICATION, default: Any = None) -> Any:
         """The value under `key`, or `default` on a miss."""

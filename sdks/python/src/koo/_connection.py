@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import os
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 import grpc.aio
@@ -260,6 +261,26 @@ async def reopening(open_call: Callable[[], Any]) -> AsyncGenerator[Any, None]:
         delay = min(delay * 2, REOPEN_MAX)
 
 
+class Client:
+    """What koo's clients share: a `Connection` from the arguments every
+    client takes (`target` None follows `koo.configure(...)` /
+    `KOO_TARGET`), and `close()`."""
+
+    def __init__(
+        self,
+        target: str | None = None,
+        *,
+        api_key: str | None = None,
+        tls: bool | grpc.ChannelCredentials = False,
+        timeout: float | None = None,
+    ) -> None:
+        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls, timeout=timeout))
+
+    async def close(self) -> None:
+        """Closes this loop's channel; the next call reconnects."""
+        await self._conn.close()
+
+
 class LoopThread:
     """A private event loop on a daemon thread, behind the sync facades.
 
@@ -310,3 +331,25 @@ def shared_loop() -> LoopThread:
         if _shared is None:
             _shared = LoopThread()
         return _shared
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_M = TypeVar("_M")
+
+
+def blocking(
+    method: Callable[Concatenate[_M, _P], Coroutine[Any, Any, _R]],
+) -> Callable[Concatenate[Any, _P], _R]:
+    """An async client's `method` as a blocking method of its sync facade
+    (whose `_m` is the async client), run on the SDK's own loop, with the
+    same parameters (so that a type checker catches a misspelt one)."""
+
+    def run(self: Any, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        return shared_loop().run(method(self._m, *args, **kwargs))
+
+    # its name, docstring and signature (help(), IDEs) are the method's
+    functools.update_wrapper(run, method)
+    run.__qualname__ = f"Sync{method.__qualname__}"
+    run.__doc__ = f"Blocking `{method.__qualname__}`.\n\n{method.__doc__ or ''}"
+    return run

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from enum import IntEnum
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
 
 from koo._cache import CacheLevel
-from koo._connection import Connection, KooError, Settings, reopening, rpc, shared_loop
+from koo._connection import Client, KooError, blocking, reopening, rpc
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._submission import (
     MAX_SUBMIT_BATCH,
@@ -304,23 +303,14 @@ class TaskTimeout(TimeoutError):
     """`result()` gave up waiting; the task goes on."""
 
 
-class TaskManager:
+class TaskManager(Client):
     """koo's background tasks, asyncio-first, with the seed's method names.
 
     `TaskManager()` (no target) follows `koo.configure(...)` / `KOO_TARGET`.
     Failed calls raise `KooError`.
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        api_key: str | None = None,
-        tls: bool | grpc.ChannelCredentials = False,
-        timeout: float | None = None,
-    ) -> None:
-        self._conn = Connection(Settings(target=target, api_key=api_key, tls=tls, timeout=timeout))
-        self._sync: SyncTaskManager | None = None
+    _sync: SyncTaskManager | None = None
 
     def _stub(self) -> pb_grpc.TaskServiceAsyncStub:
         return pb_grpc.TaskServiceStub(self._conn.channel())
@@ -331,10 +321,6 @@ class TaskManager:
         if self._sync is None:
             self._sync = SyncTaskManager(self)
         return self._sync
-
-    async def close(self) -> None:
-        """Closes this loop's channel; the next call reconnects."""
-        await self._conn.close()
 
     async def submit(
         self,
@@ -724,24 +710,7 @@ class TaskManager:
         return await self.submit_task(task_name, TaskCategory.PDF_PROCESSING, args, kwargs, TaskPriority.NORMAL)
 
 
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def _blocking(
-    method: Callable[Concatenate[TaskManager, _P], Coroutine[Any, Any, _R]],
-) -> Callable[Concatenate[SyncTaskManager, _P], _R]:
-    """`TaskManager.<method>` as a blocking call on the SDK's own loop, with
-    the same parameters (so that a type checker catches a misspelt one)."""
-
-    def run(self: SyncTaskManager, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
-        return shared_loop().run(method(self._m, *args, **kwargs))
-
-    # its name, docstring and signature (help(), IDEs) are the method's
-    functools.update_wrapper(run, method)
-    run.__qualname__ = f"SyncTaskManager.{method.__name__}"
-    run.__doc__ = f"Blocking `TaskManager.{method.__name__}`.\n\n{method.__doc__ or ''}"
-    return run
+_blocking = blocking
 
 
 class SyncTaskManager:
