@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from koo import TaskCategory, TaskManager, Worker
-from koo import _worker as worker_module
+from koo import _session as session_module
 from koo.worker.v1 import worker_service_pb2 as wpb
 from tests.test_worker import running
 
@@ -29,10 +29,10 @@ def complete(i: int, size: int = 0) -> wpb.WorkRequest:
 
 
 async def sent(
-    batches: bool, batch_size: int, queued: list[wpb.WorkRequest], batch_bytes: int = worker_module.BATCH_BYTES
+    batches: bool, batch_size: int, queued: list[wpb.WorkRequest], batch_bytes: int = session_module.BATCH_BYTES
 ) -> list[wpb.WorkRequest]:
     """What the stream sends for `queued` (then the end of the outbox)."""
-    session = worker_module._Session(asyncio.get_running_loop())
+    session = session_module._Session(asyncio.get_running_loop())
     session.batches = batches
     session.batch_size = batch_size
     session.batch_bytes = batch_bytes
@@ -71,7 +71,7 @@ def test_a_batch_stays_under_its_byte_bound() -> None:
     # 256 KiB and waits for the next one)
     msgs = asyncio.run(sent(True, 100, [complete(i, 100 * 1024) for i in range(4)]))
     assert shape(msgs) == ["hello", ["t0", "t1"], ["t2", "t3"]]
-    assert all(m.ByteSize() <= worker_module.BATCH_BYTES for m in msgs)
+    assert all(m.ByteSize() <= session_module.BATCH_BYTES for m in msgs)
 
 
 def test_a_smaller_koo_message_limit_makes_smaller_batches() -> None:
@@ -101,7 +101,7 @@ def test_a_busy_worker_sends_batches_of_half_its_concurrency(
     """200 no-op tasks through a worker of concurrency 8 all succeed; its
     outcomes left in batches (of at most 4 messages)."""
     sizes: list[int] = []
-    original = worker_module._Session.requests
+    original = session_module._Session.requests
 
     async def counted(self: Any, hello: wpb.WorkRequest) -> Any:
         async for m in original(self, hello):
@@ -109,7 +109,7 @@ def test_a_busy_worker_sends_batches_of_half_its_concurrency(
                 sizes.append(len(m.batch.requests))
             yield m
 
-    monkeypatch.setattr(worker_module._Session, "requests", counted)
+    monkeypatch.setattr(session_module._Session, "requests", counted)
     w = Worker(target, concurrency=8)
     name = f"sdk.{ns}.noop"
 

@@ -25,6 +25,7 @@ from koo._connection import DEFAULT_TARGET, KooError, Settings, configure
 from koo._events import EventHook, WorkerEvent
 from koo._limits import ConcurrencyLimitInfo, ConcurrencyPolicy, RateLimitInfo
 from koo._near import NearCache, NearCacheStats
+from koo._outcomes import Fatal, RateLimited, Retry, WorkerRejected
 from koo._schedules import (
     MissedTickPolicy,
     ScheduledTask,
@@ -47,7 +48,7 @@ from koo._tasks import (
     TaskSummary,
     TaskTimeout,
 )
-from koo._worker import Fatal, RateLimited, Retry, TaskContext, Worker, WorkerRejected
+from koo._worker import TaskContext, Worker
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import logging
 import math
 import os
 import signal
 import socket
 import threading
-import traceback
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -37,7 +34,17 @@ from koo import _otel
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
 from koo._loopwatch import LoopWatch
-from koo._pushes import HOLD, PushClock
+from koo._outcomes import (
+    MAX_FAIL_MESSAGE_BYTES,
+    Fatal,
+    RateLimited,
+    Retry,
+    WorkerRejected,
+    _cut,
+    _traceback_of,
+)
+from koo._pushes import HOLD
+from koo._session import BATCH_BYTES, _Session
 from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, strings, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
@@ -52,18 +59,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
 MAX_PROGRESS_MESSAGE_BYTES = 1024
-MAX_FAIL_MESSAGE_BYTES = 4096
-# A failure's traceback kept in its details (koo takes up to 64 KiB of them)
-MAX_TRACEBACK_BYTES = 16 * 1024
 MAX_OUTCOME_SENDS = 5
-# A batch of messages to koo: at most this many, and about this many bytes
-# (a message that would pass the bound waits for the next batch), far below
-# koo's receive limit whatever the results' sizes.
-MAX_BATCH = 4096
-BATCH_BYTES = 256 * 1024
 CODE_ABORTED = 10
-# The largest message koo reads when its welcome does not say (its default).
-MAX_MESSAGE = 4 * 1024 * 1024
 # Bytes kept free under koo's message limit for the gRPC frame and a
 # batch's envelope around one outcome.
 MESSAGE_HEADROOM = 1024
@@ -72,105 +69,6 @@ MESSAGE_HEADROOM = 1024
 RELEASE_WAIT = 2.0
 CODE_UNAVAILABLE = 14
 _FOR_GOOD = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
-
-
-MAX_RETRY_COUNTDOWN = 24 * 3600.0
-
-
-class Retry(Exception):
-    """Raise to fail this attempt retryably (koo retries while retries last).
-
-    `countdown` (seconds, 0 to 24 h, like Celery's `self.retry(countdown=...)`)
-    is how long koo waits before the next attempt, instead of the task's
-    backoff: e.g. a rate limit's `Retry-After`. It is ignored when no retry
-    remains (the task then ends FAILED). A countdown outside 0 to 24 h is a
-    `ValueError` here, where the handler raises it, rather than a report koo
-    refuses later.
-    """
-
-    def __init__(
-        self, message: str = "retry", details: Mapping[str, Any] | None = None, *, countdown: float | None = None
-    ) -> None:
-        super().__init__(message)
-        if countdown is not None and not 0 <= countdown <= MAX_RETRY_COUNTDOWN:
-            raise ValueError(f"Retry countdown must be 0 to {MAX_RETRY_COUNTDOWN:g} seconds, got {countdown!r}")
-        self.message = message
-        self.details = dict(details) if details else None
-        self.countdown = countdown
-
-
-class RateLimited(Retry):
-    """Raise when the provider said "too many requests" (an HTTP 429): every task
-    with this task's `rate_limit_key`, in every queue and on every worker, waits
-    `retry_after` (seconds or a timedelta, 0 to 24 h: the response's
-    `Retry-After`) before it starts, and this attempt fails retryably, as
-    `Retry` (its own `countdown`, if given; else the backoff, and its retry
-    waits with the rest of the key).
-
-    On a task submitted without a `rate_limit_key` there is no key to back
-    off: the task alone waits `retry_after` (as `Retry(countdown=...)`), and a
-    warning is logged.
-    """
-
-    def __init__(
-        self,
-        retry_after: float | timedelta,
-        message: str = "rate limited",
-        details: Mapping[str, Any] | None = None,
-        *,
-        countdown: float | None = None,
-    ) -> None:
-        seconds = retry_after.total_seconds() if isinstance(retry_after, timedelta) else float(retry_after)
-        if not 0 <= seconds <= MAX_RETRY_COUNTDOWN:
-            raise ValueError(
-                f"RateLimited retry_after must be 0 to {MAX_RETRY_COUNTDOWN:g} seconds, got {retry_after!r}"
-            )
-        super().__init__(message, details, countdown=countdown)
-        self.retry_after = seconds
-
-
-class Fatal(Exception):
-    """Raise to fail the task for good (no retry), with optional details."""
-
-    def __init__(self, message: str = "failed", details: Mapping[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = dict(details) if details else None
-
-
-class WorkerRejected(Exception):
-    """koo refused the worker for good (bad key, scope or hello)."""
-
-
-def _traceback_of(e: BaseException) -> str:
-    """`e`'s traceback as Python prints it, kept with the task's error
-    (`TaskInfo.traceback`, Celery's `AsyncResult.traceback`), at most
-    `MAX_TRACEBACK_BYTES` as JSON (koo bounds the details as JSON, where a
-    control character takes six bytes): a part longer than
-    `MAX_FAIL_MESSAGE_BYTES` (a huge exception message) is cut, and past the
-    bound the outermost frames are left out, since the innermost ones and
-    the exception are at the end."""
-    parts = []
-    for part in traceback.format_exception(type(e), e, e.__traceback__):
-        short = _cut(part, MAX_FAIL_MESSAGE_BYTES)
-        cut = len(part.encode("utf-8", "backslashreplace")) - len(short.encode())
-        parts.append(f"{short} [{cut} bytes cut]\n" if cut else short)
-    sizes = [len(json.dumps(p, ensure_ascii=False).encode()) for p in parts]
-    size = sum(sizes)
-    first = 0
-    while size > MAX_TRACEBACK_BYTES and first < len(parts) - 1:
-        size -= sizes[first]
-        first += 1
-    kept = "".join(parts[first:])
-    return kept if first == 0 else f"[{first} parts of the traceback's start left out]\n{kept}"
-
-
-def _cut(text: str, limit: int) -> str:
-    """`text` in at most `limit` bytes of UTF-8, which it can always carry:
-    a lone surrogate (an exception naming a file read as bytes) is escaped,
-    not left to fail the report that carries it."""
-    data = text.encode("utf-8", "backslashreplace")
-    return data[:limit].decode("utf-8", errors="ignore")
 
 
 class TaskContext:
@@ -279,120 +177,6 @@ class _Run:
             self.worker._events.emit_threadsafe(
                 self.loop, "progress", self.task_id, percent=msg.percent, message=msg.message
             )
-
-
-def on_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether this thread is running `loop`."""
-    try:
-        return asyncio.get_running_loop() is loop
-    except RuntimeError:
-        return False
-
-
-class _Session:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.outbox: asyncio.Queue[wpb.WorkRequest | None] = asyncio.Queue()
-        self.held: dict[str, _Run] = {}
-        self.unacked: dict[str, tuple[wpb.WorkRequest, int]] = {}
-        self.closed = False
-        # koo said (in its welcome) that it reads batch messages
-        self.batches = False
-        # Messages per batch: half the worker's concurrency (see `requests`).
-        self.batch_size = MAX_BATCH
-        # Bytes per batch: under half of koo's message limit, when told.
-        self.batch_bytes = BATCH_BYTES
-        # The largest message koo reads (its welcome's max_message_size)
-        self.max_message = MAX_MESSAGE
-        # koo said (in its welcome) that it reads `release` messages
-        self.releases = False
-        # tasks handed back whose reply has not come yet
-        self.releasing: set[str] = set()
-        # koo said (in its welcome) that it reads `started` messages
-        self.starts = False
-        # tasks begun in this turn of the loop, told to koo at its end
-        self.begun: list[str] = []
-        # how long pushes waited unread (see `koo._pushes`)
-        self.clock = PushClock()
-
-    def begin(self, task_id: str) -> None:
-        """Tells koo that the task began, so that its attempt counts if
-        this worker dies before reporting it (without it, koo takes a task
-        it heard nothing about in the first heartbeat interval as never
-        started, and a task that kills its worker at once would run five
-        times). Tasks begun in one turn of the loop go in one message."""
-        if not self.starts:
-            return
-        if not self.begun:
-            self.loop.call_soon(self._tell_begun)
-        self.begun.append(task_id)
-
-    def _tell_begun(self) -> None:
-        ids, self.begun = self.begun, []
-        self.send(wpb.WorkRequest(started=wpb.Started(task_ids=ids)))
-
-    def release(self, run: _Run, reason: str) -> None:
-        """Hands `run`'s task back to koo unfinished (the worker is
-        stopping): it goes back to its queue, its attempt given back, and
-        koo pushes this stream nothing more. The handler is told to stop."""
-        log.info("handing back %s: %s", run.task_id, reason)
-        self.held.pop(run.task_id, None)
-        run.ctx._abandon(reason)
-        self.releasing.add(run.task_id)
-        a = run.assignment
-        self.send(wpb.WorkRequest(release=wpb.Release(task_id=run.task_id, lease_token=a.lease_token, reason=reason)))
-
-    def send(self, msg: wpb.WorkRequest) -> None:
-        if not self.closed:
-            self.outbox.put_nowait(msg)
-
-    def send_threadsafe(self, msg: wpb.WorkRequest) -> None:
-        """`send` from any thread, in order with the loop's own sends: on the
-        loop's thread at once (a progress report an async handler makes just
-        before it returns must reach koo before its outcome, or koo, the
-        task ended, refuses it), from another thread queued onto the loop."""
-        if on_loop(self.loop):
-            self.send(msg)
-        else:
-            self.loop.call_soon_threadsafe(self.send, msg)
-
-    async def requests(self, hello: wpb.WorkRequest) -> AsyncIterator[wpb.WorkRequest]:
-        """The stream's messages: the hello, then the outbox. Messages that
-        are ready together (the outcomes of tasks that ended in the same
-        turn of the loop) go out as one batch when koo reads batches.
-
-        A batch holds at most half the worker's concurrency: koo answers a
-        batch of outcomes with one batch of replies and next tasks, so the
-        held tasks travel in groups, and two groups alternate, one running
-        here while koo and its store end the other. Batches of every held
-        task would stop and go instead (measured: 16 held tasks in batches
-        of 8 ran 25% more no-op tasks per second than in batches of 16)."""
-        yield hello
-        waiting: wpb.WorkRequest | None = None
-        while True:
-            item = waiting if waiting is not None else await self.outbox.get()
-            waiting = None
-            if item is None:
-                return
-            if not self.batches or self.outbox.empty():
-                yield item
-                continue
-            batch = [item]
-            size = item.ByteSize()
-            end = False
-            while len(batch) < self.batch_size and not self.outbox.empty():
-                nxt = self.outbox.get_nowait()
-                if nxt is None:
-                    end = True
-                    break
-                size += nxt.ByteSize()
-                if size > self.batch_bytes:
-                    waiting = nxt
-                    break
-                batch.append(nxt)
-            yield batch[0] if len(batch) == 1 else wpb.WorkRequest(batch=wpb.WorkRequestBatch(requests=batch))
-            if end:
-                return
 
 
 class Worker:

@@ -7,7 +7,8 @@ import importlib
 import logging
 import sys
 
-from koo._worker import Worker, WorkerRejected
+from koo._outcomes import WorkerRejected
+from koo._worker import Worker
 
 
 def load(spec: str) -> Worker:
