@@ -293,6 +293,52 @@ async fn a_lone_task_goes_to_one_idle_slot_in_the_submits_call(backend: common::
     stop.cancel();
 }
 
+/// Redis full (`maxmemory`, `noeviction`): a submit handed to an idle
+/// slot, and a burst handed to idle slots, are refused as out of memory
+/// (RESOURCE_EXHAUSTED to callers) as a submit that waits in its queue is,
+/// not as a backend failure (INTERNAL); nothing is stored.
+#[tokio::test]
+async fn a_full_redis_refuses_a_handed_off_submit_as_out_of_memory() {
+    use koo::store::StoreError;
+    use koo::tasks::error::TaskError;
+    let (redis, engine) = engine_on(common::tasks::Backend::Redis).await;
+    let redis = redis.unwrap();
+    let stop = idle_pool(&engine, 2).await;
+    let warm = noop(&engine).await; // the scripts loaded
+    ran_once(&engine, &warm).await;
+    idle(&engine, 2).await;
+    let mut conn = redis.conn().await;
+    let maxmemory = |limit: &str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg(limit)
+            .to_owned()
+    };
+    let () = maxmemory("1").query_async(&mut conn).await.unwrap();
+    let one = engine
+        .submit(NewTask::new(NOOP, Category::Research), later())
+        .await;
+    let burst = engine
+        .submit_many(
+            (0..2)
+                .map(|_| NewTask::new(NOOP, Category::Research))
+                .collect(),
+            later(),
+        )
+        .await;
+    let () = maxmemory("0").query_async(&mut conn).await.unwrap();
+    stop.cancel();
+    let oom = |e: &TaskError| matches!(e, TaskError::Store(StoreError::OutOfMemory(_)));
+    let e = one.expect_err("Redis is full");
+    assert!(oom(&e), "{e:?}");
+    for r in burst.expect("checked") {
+        let e = r.expect_err("Redis is full");
+        assert!(oom(&e), "{e:?}");
+    }
+    assert_eq!(handoffs(&engine), 1, "only the warm-up was handed off");
+}
+
 /// A task made ready through another process wakes this one's idle
 /// pool: one slot is told to look, not every slot. Of twelve idle slots
 /// the wake costs one lease call (and the task found, one look of the

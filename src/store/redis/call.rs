@@ -35,6 +35,17 @@ pub(super) fn has_code(err: &RedisError, code: &str) -> bool {
             .is_some_and(|errors| errors.iter().any(|(_, e)| e.code() == code))
 }
 
+/// One failed reply of a pipeline (a script that failed among others), as
+/// the store's error: out of memory and a wrong type as they are for a
+/// whole call (so a full Redis is `RESOURCE_EXHAUSTED` whichever path the
+/// command took), anything else a backend error saying `what` failed.
+pub(super) fn reply_error(what: &str, err: &RedisError) -> StoreError {
+    match classify(err) {
+        Failure::Permanent(e @ (StoreError::OutOfMemory(_) | StoreError::WrongType(_))) => e,
+        _ => StoreError::Backend(format!("{what} failed: {err}")),
+    }
+}
+
 fn classify(err: &RedisError) -> Failure {
     if has_code(err, "OOM") {
         return Failure::Permanent(StoreError::OutOfMemory(err.to_string()));

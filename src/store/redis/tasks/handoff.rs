@@ -15,6 +15,7 @@ use redis::{RedisError, RedisResult, Value};
 use super::RedisTasks;
 use super::args::{Reserving, lease_args, leased};
 use crate::domain::task::{QueueName, Task};
+use crate::store::redis::call::reply_error;
 use crate::store::redis::script::Invocation;
 use crate::store::tasks::TaskBackend as _;
 use crate::store::tasks::{
@@ -75,14 +76,14 @@ impl RedisTasks {
                 again = true;
                 self.submit(task, Duration::ZERO, limits, deadline).await
             }
-            Err(e) => Err(StoreError::Backend(format!("submit failed: {e}"))),
+            Err(e) => Err(reply_error("submit", &e)),
         };
         let leased = match leased_reply {
             Err(e) if no_script(&e) => None,
             other => lease_answer(
                 &queue,
                 other
-                    .map_err(|e| StoreError::Backend(format!("lease failed: {e}")))
+                    .map_err(|e| reply_error("lease", &e))
                     .and_then(|v| leased(v, sent_ms)),
             ),
         };
@@ -172,17 +173,14 @@ impl RedisTasks {
             .by_ref()
             .skip(1)
             .take(tasks.len())
-            .map(|r| {
-                r.map(drop)
-                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
-            })
+            .map(|r| r.map(drop).map_err(|e| reply_error("submit", &e)))
             .collect();
         let leased = replies
             .skip(1)
             .zip(asks)
             .map(|(r, (queue, _))| {
                 let r = r
-                    .map_err(|e| StoreError::Backend(format!("lease failed: {e}")))
+                    .map_err(|e| reply_error("lease", &e))
                     .and_then(|v| leased(v, sent_ms));
                 lease_answer(queue, r)
             })

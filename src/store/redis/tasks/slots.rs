@@ -25,6 +25,7 @@ use redis::{FromRedisValue, Script, ScriptInvocation};
 
 use super::RedisTasks;
 use crate::domain::task::{QueueName, Task};
+use crate::store::redis::call::reply_error;
 use crate::store::tasks::TaskLimits;
 use crate::store::{Deadline, Result, StoreError};
 
@@ -188,7 +189,7 @@ impl RedisTasks {
             .skip(1)
             .map(|r| {
                 r.map(drop)
-                    .map_err(|e| StoreError::Backend(format!("submit failed: {e}")))
+                    .map_err(|e| reply_error("submit", &e))
                     .and_then(|()| unconfirmed.clone().map_or(Ok(()), Err))
             })
             .collect())
