@@ -711,16 +711,31 @@ async fn stream_cancel_grace_and_hard_limit_revoke(backend: Backend) {
     assert_eq!(t.state, pb::TaskState::TimedOut as i32);
 }
 
-/// A stream worker that stops heartbeating loses its leases after a lease
-/// (revoked), gets no new work, and the task runs elsewhere; its late
-/// completion is ABORTED.
+/// A stream worker that stops heartbeating is pushed nothing after two
+/// heartbeat intervals (a task submitted then is not pushed to it, though
+/// it has room), loses its leases after a lease (revoked), and the task
+/// runs elsewhere; its late completion is ABORTED. Pushes carry koo's clock.
 async fn stream_silent_worker_loses_its_leases(backend: Backend) {
     let koo = start_on(backend, 0).await;
     let (mut c, mut w, task) = clients_and_task(&koo, "koo.examples.pdf").await;
-    let mut silent = StreamWorker::connect(&mut w, &["koo.examples.pdf"], &[], 1)
-        .await
-        .unwrap();
+    let connected = std::time::Instant::now();
+    let names = ["koo.examples.pdf", "koo.examples.later"];
+    let mut silent = StreamWorker::connect(&mut w, &names, &[], 2).await.unwrap();
     let held = silent.next_task().await;
+    let pushed = std::time::SystemTime::try_from(held.push_time.expect("push_time")).unwrap();
+    let off = pushed
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_secs(5), "push_time {off:?} off");
+    // past the push cutoff (2/3 of the 1 s lease), before the revoke: a
+    // new task the silent worker serves, with room for it, is not pushed
+    // (the revoke comes first)
+    tokio::time::sleep_until((connected + Duration::from_millis(800)).into()).await;
+    let later = submit_ok(
+        &mut c,
+        task_named("koo.examples.later", pb::TaskCategory::PdfProcessing),
+    )
+    .await;
     match silent.next().await {
         Out::Revoked(r) => {
             assert_eq!(r.task_id, task.id);
@@ -744,6 +759,11 @@ async fn stream_silent_worker_loses_its_leases(backend: Backend) {
     assert_eq!(
         koo::grpc::json::to_json(t.result.as_ref().unwrap()).unwrap(),
         "2.0"
+    );
+    assert_eq!(
+        get_ok(&mut c, &later.id).await.state,
+        pb::TaskState::Queued as i32,
+        "never pushed to the silent worker"
     );
 }
 

@@ -1,53 +1,59 @@
-"""`koo._pushes.PushClock`: a push's wait read whatever the clocks' offset."""
+"""`koo._pushes.PushClock`: how long a push waited, read on koo's clock."""
 
 from __future__ import annotations
 
 import time
 
-from koo._pushes import PushClock
-from koo.tasks.v1 import task_service_pb2 as tasks_pb
+import pytest
+
+from koo._pushes import MAX_HOLD, PushClock
 from koo.worker.v1 import worker_service_pb2 as wpb
 
 
-def leased(ago: float, offset: float = 0.0) -> tasks_pb.Task:
-    """A task leased `ago` seconds before now, by a clock `offset` ahead of this one."""
-    t = tasks_pb.Task(id="research~01")
-    t.start_time.FromNanoseconds(round((time.time() - ago + offset) * 1e9))
-    return t
-
-
-def welcome(lease: float, offset: float | None) -> wpb.Welcome:
+def welcome(lease: float, koo_ahead: float | None) -> wpb.Welcome:
+    """A welcome from a koo whose clock is `koo_ahead` seconds ahead of this one (None: no time)."""
     w = wpb.Welcome(worker_id="w")
     w.lease.FromNanoseconds(round(lease * 1e9))
-    if offset is not None:
-        w.time.FromNanoseconds(round((time.time() + offset) * 1e9))
+    if koo_ahead is not None:
+        w.time.FromNanoseconds(round((time.time() + koo_ahead) * 1e9))
     return w
 
 
-def test_a_push_late_by_half_a_lease_is_late_whatever_the_clocks_offset() -> None:
-    for offset in (-3600.0, 0.0, 3600.0):
+def pushed(ago: float, koo_ahead: float) -> wpb.TaskAssignment:
+    """A push koo stamped `ago` seconds before now."""
+    a = wpb.TaskAssignment(lease_token=1)
+    a.push_time.FromNanoseconds(round((time.time() + koo_ahead - ago) * 1e9))
+    return a
+
+
+def test_a_push_late_by_a_quarter_lease_is_late_whatever_the_clocks_offset() -> None:
+    for koo_ahead in (-3600.0, 0.0, 3600.0):
         c = PushClock()
-        c.welcome(welcome(30, offset))
-        assert c.late(leased(0.01, offset)) is None, offset
-        late = c.late(leased(20, offset))
-        assert late is not None and 19 < late < 21, (offset, late)
-        assert c.late(leased(10, offset)) is None, offset
+        c.welcome(welcome(30, koo_ahead))
+        assert c.late(pushed(0.01, koo_ahead)) is None, koo_ahead
+        assert c.late(pushed(5, koo_ahead)) is None, koo_ahead
+        late = c.late(pushed(10, koo_ahead))
+        assert late is not None and 9 < late < 11, (koo_ahead, late)
+    assert c.hold() == MAX_HOLD
+    short = PushClock()
+    short.welcome(welcome(1, 0))
+    assert short.hold() == 0.25
 
 
-def test_without_koos_clock_the_quickest_push_is_the_reference() -> None:
-    c = PushClock()
-    c.welcome(welcome(30, None))  # an older koo: no time in its welcome
-    offset = 120.0  # the store's clock two minutes ahead
-    assert c.late(leased(0.5, offset)) is None  # the first push sets the offset
-    assert c.late(leased(0.01, offset)) is None  # a quicker one lowers it
-    late = c.late(leased(16, offset))
-    assert late is not None and 15 < late < 17, late
-
-
-def test_a_task_with_no_start_time_or_no_lease_is_never_late() -> None:
+def test_a_wall_clock_step_here_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wait is read on an elapsed clock, not on this host's wall clock."""
     c = PushClock()
     c.welcome(welcome(30, 0))
-    assert c.late(tasks_pb.Task(id="research~01")) is None
+    stamp = pushed(0.01, 0)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)
+    assert c.late(stamp) is None
+
+
+def test_without_koos_stamps_nothing_is_held() -> None:
+    old = PushClock()
+    old.welcome(welcome(30, None))  # a koo before Welcome.time
+    assert old.late(pushed(1000, 0)) is None
     c = PushClock()
-    c.welcome(welcome(0, 0))
-    assert c.late(leased(1000)) is None
+    c.welcome(welcome(30, 0))
+    assert c.late(wpb.TaskAssignment(lease_token=1)) is None  # no push_time

@@ -187,6 +187,7 @@ pub(super) fn outbound(msg: Outbound) -> pb::WorkResponse {
                 task: Some(to_pb_task(*task)),
                 lease_token,
                 lease_secret: secret,
+                push_time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
             })
         }
         Outbound::Cancel { id, reason } => Out::Cancel(pb::CancelRequested {

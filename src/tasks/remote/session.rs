@@ -81,6 +81,16 @@ pub fn heartbeat_interval(lease: Duration) -> Duration {
     lease / 3
 }
 
+/// How long a worker may be silent and still be pushed tasks: two
+/// heartbeat intervals. Its leases are revoked a whole lease after its last
+/// heartbeat, so every task pushed to a worker that is then revoked waited
+/// at least a third of a lease unread: a stopped worker that resumes can
+/// tell those pushes from fresh ones (the Python SDK holds back a push read
+/// more than a quarter of a lease after koo sent it).
+pub fn push_cutoff(lease: Duration) -> Duration {
+    lease * 2 / 3
+}
+
 /// A connected stream worker.
 pub struct Session {
     engine: TaskEngine,
@@ -238,7 +248,8 @@ impl Session {
             // Room of tasks that left since the last turn goes back to the
             // identity (its other streams may be waiting for it).
             self.taken.keep(held.len() as u32);
-            let alive = pace.last_beat.elapsed() < config.lease;
+            let cutoff = push_cutoff(config.lease);
+            let alive = pace.last_beat.elapsed() < cutoff;
             let full = match self
                 .fill(&mut inbound, out, stop, held, &mut pace, &names, alive)
                 .await
@@ -303,10 +314,11 @@ impl Session {
                             pace.announced = Instant::now();
                             pace.dirty = false;
                         }
-                        // a worker silent for a whole lease takes nothing
-                        // more: the next turn takes it off the board
-                        (pace.last_beat.elapsed() >= config.lease).then_some(true)
+                        None
                     }
+                    // a worker silent past the push cutoff takes nothing
+                    // more: the next turn takes it off the board
+                    _ = sleep_until(Some(pace.last_beat + cutoff)), if room => Some(true),
                     // a worker silent for a whole lease: its leases have lapsed
                     // (the sweep takes the tasks back); tell it so
                     _ = tokio::time::sleep_until(pace.last_beat + config.lease), if !held.is_empty() => {

@@ -43,7 +43,6 @@ from koo._outcomes import (
     _cut,
     _traceback_of,
 )
-from koo._pushes import HOLD
 from koo._session import BATCH_BYTES, _Session
 from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, strings, to_proto_value, to_struct
@@ -471,17 +470,18 @@ class Worker:
             old.ctx._abandon("leased again")
         session.held[run.task_id] = run
         self._events.emit("task", run.task_id, name=run.ctx.name, attempt=run.ctx.attempt, held=len(session.held))
-        late = session.clock.late(a.task)
+        late = session.clock.late(a)
         if late is not None and not self._draining:
             # read long after koo pushed it (was this process stopped?): a
             # revoke may be right behind it
+            hold = session.clock.hold()
             log.warning(
-                "task %s waited %.1f s unread since koo pushed it: held back %.1f s in case koo took it back",
+                "task %s waited %.1f s unread since koo pushed it: held back %.2f s in case koo took it back",
                 run.task_id,
                 late,
-                HOLD,
+                hold,
             )
-            loop.call_later(HOLD, self._start, session, run)
+            loop.call_later(hold, self._start, session, run)
             return
         self._start(session, run)
 

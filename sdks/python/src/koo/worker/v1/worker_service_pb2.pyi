@@ -624,12 +624,13 @@ class Welcome(_message.Message):
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """koo's clock when it sent this welcome (older releases leave it unset).
-        A pushed task's start_time is when it was leased, by the store's clock
-        (koo's, or Redis's server time): with both, a worker can tell how long
-        a push waited before it read it, whatever the offset between the
-        clocks. koo revokes the leases of a worker silent for a whole lease
-        (a stopped process): the Python SDK holds back a push that waited
-        past half a lease, so that the revoke behind it arrives first.
+        With a task's `push_time`, also koo's clock, a worker can tell how long
+        a push waited before it read it, whatever the offset between its clock
+        and koo's. koo pushes a worker silent for two heartbeat intervals
+        nothing more, and revokes its leases a whole lease after its last
+        heartbeat (a stopped process): every push that a revoke follows waited
+        at least a third of a lease. The Python SDK holds back a push that
+        waited past a quarter of a lease, so that the revoke arrives first.
         """
 
     def __init__(
@@ -661,6 +662,7 @@ class TaskAssignment(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    PUSH_TIME_FIELD_NUMBER: _builtins.int
     lease_token: _builtins.int
     """The fencing token to quote in every report on this attempt."""
     lease_secret: _builtins.str
@@ -671,16 +673,24 @@ class TaskAssignment(_message.Message):
     def task(self) -> _task_service_pb2.Task:
         """The task: name, args, kwargs, attempts (this one included), time limits."""
 
+    @_builtins.property
+    def push_time(self) -> _timestamp_pb2.Timestamp:
+        """koo's clock when it pushed the task (older releases leave it unset):
+        with the welcome's `time`, how long the push waited before the worker
+        read it.
+        """
+
     def __init__(
         self,
         *,
         task: _task_service_pb2.Task | None = ...,
         lease_token: _builtins.int = ...,
         lease_secret: _builtins.str = ...,
+        push_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["push_time", b"push_time", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "push_time", b"push_time", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
