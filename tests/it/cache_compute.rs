@@ -221,6 +221,24 @@ async fn a_late_fill_stores_when_nobody_took_over(env: Env) {
     assert!(late.message().contains("stored the entry"), "{late:?}");
     let kept = get_or_lock(&mut c, lock_req("beaten", 100, None)).await;
     assert_eq!(text_of(kept.entry.as_ref().unwrap()), "fresher");
+    // a stale entry too is another caller's newer value: refused as well
+    let stale_one = get_or_lock(&mut c, lock_req("staled", 100, None)).await;
+    c.set(pb::SetRequest {
+        level: pb::CacheLevel::App as i32,
+        key: "staled".into(),
+        value: text("newer, stale soon"),
+        ttl: ms(60_000),
+        soft_ttl: ms(1),
+        ..Default::default()
+    })
+    .await
+    .expect("Set");
+    tokio::time::sleep(Duration::from_millis(150)).await; // the lock lapses, the entry goes stale
+    let late = c
+        .fill(fill_req("staled", &stale_one.lock_token, Some("older")))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition, "{late:?}");
     // giving up a lock that already lapsed: nothing to do, and no error
     let given = c
         .fill(fill_req("quitter", &quitter.lock_token, None))
@@ -286,8 +304,8 @@ async fn wait_and_deadline_end_a_wait(env: Env) {
     let e = c.get_or_lock(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
     // a call is one read, however often its wait looked: the holder's miss
-    // and the one that gave up waiting (a failed call reads nothing)
-    assert_eq!(reads(&mut c).await, (0, 2), "(hits, misses)");
+    // and the two that gave up waiting (their `wait`, their deadline)
+    assert_eq!(reads(&mut c).await, (0, 3), "(hits, misses)");
 }
 
 /// This koo's cache reads so far: (hits, misses) of every level.

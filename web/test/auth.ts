@@ -89,7 +89,6 @@ export function authTests(): void {
     // what a refused stream never told reads "–", not 0
     await page.getByTestId("nav-queues").click();
     await page.locator('[data-testid="nav-queues"][aria-current="page"]').waitFor();
-    await textUntil(page, '[data-testid="conn-status"]', (t) => t === "refused", "the queues' stream refused too");
     for (const stat of ["stat-queued", "stat-running"]) {
       assert.equal(await page.getByTestId(stat).locator(".stat-value").textContent(), "–", `${stat} of a refused stream`);
     }

@@ -111,15 +111,19 @@ impl Cache {
         let result = wait::until_done(self, level, key, lock_ttl, wait_until, deadline).await;
         // One read per call, whatever it took to answer: a hit when the
         // caller got a value (fresh, stale or one it waited for), a miss
-        // when it must compute or gave up waiting. Re-reads and a waiter's
+        // when it must compute or gave up waiting (its `wait` or its
+        // deadline); a call the store failed reads nothing. Re-reads and a waiter's
         // polls are not reads of their own (they would count a miss every
         // few milliseconds of a wait), and the call has no latency figure:
         // its time is mostly the wait for whoever computes.
-        if let Ok(locked) = &result {
-            let found = u64::from(matches!(
-                locked,
-                Locked::Value { .. } | Locked::Refresh { .. }
-            ));
+        let found = match &result {
+            Ok(Locked::Value { .. } | Locked::Refresh { .. }) => Some(1),
+            Ok(Locked::Compute(_) | Locked::TimedOut) | Err(CacheError::DeadlineExceeded) => {
+                Some(0)
+            }
+            Err(_) => None,
+        };
+        if let Some(found) = found {
             self.inner.metrics.reads(level, found, 1 - found);
         }
         self.count_call(level, &result);
@@ -209,26 +213,40 @@ impl Cache {
             self.check_entry(String::new, e)?;
         }
         let lock = self.inner.keys.lock_key(level, key);
-        match self.inner.store.lock_read(&lock, deadline).await? {
-            Some((value, _)) if held_by(&value, token) => {}
+        let held = match self.inner.store.lock_read(&lock, deadline).await? {
+            Some((value, _)) if held_by(&value, token) => true,
             Some(_) => return Err(CacheError::LockLost),
-            // lapsed, and nobody holds it: a give-up has nothing to give
-            None if entry.is_none() => return Ok(None),
-            None => self.retake(level, key, &lock, token, deadline).await?,
-        }
-        let stored = match entry {
-            Some(e) => Some(self.set(e, deadline).await?),
-            None => None,
+            None => false,
         };
-        self.release_lock(level, key, token, deadline).await?;
-        Ok(stored)
+        let Some(entry) = entry else {
+            // a give-up; of a lapsed lock, nothing to give
+            if held {
+                self.release_lock(level, key, token, deadline).await?;
+            }
+            return Ok(None);
+        };
+        if !held {
+            self.retake(level, key, &lock, token, deadline).await?;
+        }
+        let stored = self.set(entry, deadline).await;
+        // A holder whose write failed keeps its lock (it may Fill again
+        // within lock_ttl); a retaken lock is released either way, so that
+        // a failed late Fill does not hold the key.
+        if stored.is_ok() || !held {
+            let released = self.release_lock(level, key, token, deadline).await;
+            let stored = stored?;
+            released?;
+            return Ok(Some(stored));
+        }
+        stored.map(Some)
     }
 
     /// A holder slower than its `lock_ttl`, whose lock lapsed with nobody
     /// taking it over: it takes the lock again to store its value, unless
-    /// someone stored a fresh entry meanwhile (a holder that took over,
-    /// filled and released). Refusing it would leave every computation
-    /// slower than `lock_ttl` uncached for good.
+    /// an entry is there, fresh or stale (a holder that took over, filled
+    /// and released: its value is the newer one). Refusing it would leave
+    /// every computation slower than `lock_ttl` uncached for good. The lock
+    /// is released before an error returns.
     async fn retake(
         &self,
         level: Level,
@@ -237,19 +255,23 @@ impl Cache {
         token: &str,
         deadline: Deadline,
     ) -> Result<()> {
+        // one write's time at most, never past the call's deadline
+        let ttl = RETAKE_TTL
+            .min(deadline.remaining())
+            .max(Duration::from_millis(1));
         match self
             .inner
             .store
-            .lock_acquire(lock, token, RETAKE_TTL, deadline)
+            .lock_acquire(lock, token, ttl, deadline)
             .await?
         {
             LockState::Held { .. } => Err(CacheError::LockLost),
-            LockState::Acquired => match self.read(level, key, deadline).await? {
-                Some(hit) if !hit.stale => {
+            LockState::Acquired => match self.read(level, key, deadline).await {
+                Ok(None) => Ok(()),
+                other => {
                     self.release_lock(level, key, token, deadline).await?;
-                    Err(CacheError::LockLost)
+                    other.and(Err(CacheError::LockLost))
                 }
-                _ => Ok(()),
             },
         }
     }

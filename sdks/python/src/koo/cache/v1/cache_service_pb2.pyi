@@ -970,7 +970,7 @@ class CacheCounters(_message.Message):
     """
     misses: _builtins.int
     """Reads that found nothing (for GetOrLock and GetOrCompute: the caller
-    computes, or gave up waiting).
+    computes, or gave up waiting: its `wait` or its deadline).
     """
     hit_ratio: _builtins.float
     """hits / (hits + misses); 0 when there were no reads."""
@@ -1903,7 +1903,8 @@ class GetOrComputeResponse(_message.Message):
     """Whether this call submitted the task that computed it."""
     task_id: _builtins.str
     """The id of the task that computed it, when this call submitted it or
-    waited on it; empty for a value that was already there.
+    waited on it (a waiter that last looked before the task was named
+    may not know it); empty for a value that was already there.
     """
     @_builtins.property
     def entry(self) -> Global___GetResponse:

@@ -277,9 +277,9 @@ class CacheServiceServicer:
         """Fill stores the value computed under a lock token from GetOrLock and
         wakes the callers waiting for it. A Fill without a value gives the lock
         up, so that a waiter takes over at once. A token whose lock another
-        caller holds now, or whose lapsed lock let another caller store the
-        entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
-        it over still stores.
+        caller holds now, or whose lapsed lock let an entry be stored (fresh
+        or stale), is FAILED_PRECONDITION; one whose lock lapsed with nobody
+        taking it over and no entry stored still stores.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

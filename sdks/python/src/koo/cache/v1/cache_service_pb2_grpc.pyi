@@ -107,9 +107,9 @@ class CacheServiceStub:
     """Fill stores the value computed under a lock token from GetOrLock and
     wakes the callers waiting for it. A Fill without a value gives the lock
     up, so that a waiter takes over at once. A token whose lock another
-    caller holds now, or whose lapsed lock let another caller store the
-    entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
-    it over still stores.
+    caller holds now, or whose lapsed lock let an entry be stored (fresh
+    or stale), is FAILED_PRECONDITION; one whose lock lapsed with nobody
+    taking it over and no entry stored still stores.
     """
     GetOrCompute: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrComputeRequest, _cache_service_pb2.GetOrComputeResponse]
     """GetOrCompute reads a value; on a miss, exactly one caller across every
@@ -201,9 +201,9 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """Fill stores the value computed under a lock token from GetOrLock and
     wakes the callers waiting for it. A Fill without a value gives the lock
     up, so that a waiter takes over at once. A token whose lock another
-    caller holds now, or whose lapsed lock let another caller store the
-    entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
-    it over still stores.
+    caller holds now, or whose lapsed lock let an entry be stored (fresh
+    or stale), is FAILED_PRECONDITION; one whose lock lapsed with nobody
+    taking it over and no entry stored still stores.
     """
     GetOrCompute: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetOrComputeRequest, _cache_service_pb2.GetOrComputeResponse]  # type: ignore[assignment]
     """GetOrCompute reads a value; on a miss, exactly one caller across every
@@ -394,9 +394,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         """Fill stores the value computed under a lock token from GetOrLock and
         wakes the callers waiting for it. A Fill without a value gives the lock
         up, so that a waiter takes over at once. A token whose lock another
-        caller holds now, or whose lapsed lock let another caller store the
-        entry, is FAILED_PRECONDITION; one whose lock lapsed with nobody taking
-        it over still stores.
+        caller holds now, or whose lapsed lock let an entry be stored (fresh
+        or stale), is FAILED_PRECONDITION; one whose lock lapsed with nobody
+        taking it over and no entry stored still stores.
         """
 
     @_abc_1.abstractmethod
