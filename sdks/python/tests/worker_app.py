@@ -30,7 +30,10 @@ def slow(n: int, *, ctx: TaskContext) -> dict[str, object]:
 
 @worker.task(f"sdk.{os.environ.get('KOO_TEST_NS', 'x')}.silent")
 def silent(n: int, *, ctx: TaskContext) -> dict[str, object]:
-    # says nothing about the task: only the worker's `started` tells koo
+    # says nothing about the task: only the worker's `started` tells koo,
+    # within koo._session.STARTED_WINDOW of the start (its first work here
+    # takes longer than that, so a kill after the marker comes after it)
+    time.sleep(0.05)
     (_dir / f"started-{ctx.task_id}").write_text(str(os.getpid()))
     while not (_dir / "release").exists():
         time.sleep(0.02)
