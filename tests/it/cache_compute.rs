@@ -61,6 +61,27 @@ fn text_of(r: &pb::GetResponse) -> String {
     }
 }
 
+/// Sets `key` in the app level to the text `value`, with `(ttl, soft_ttl)`
+/// in milliseconds when given.
+async fn set_app(
+    c: &mut CacheServiceClient<Channel>,
+    key: &str,
+    value: &str,
+    ttls: Option<(u64, u64)>,
+) {
+    let (ttl, soft_ttl) = ttls.map_or((None, None), |(t, s)| (ms(t), ms(s)));
+    c.set(pb::SetRequest {
+        level: pb::CacheLevel::App as i32,
+        key: key.into(),
+        value: text(value),
+        ttl,
+        soft_ttl,
+        ..Default::default()
+    })
+    .await
+    .expect("Set");
+}
+
 fn lock_req(key: &str, lock_ttl_ms: u64, wait_ms: Option<u64>) -> pb::GetOrLockRequest {
     pb::GetOrLockRequest {
         level: pb::CacheLevel::App as i32,
@@ -205,14 +226,7 @@ async fn a_late_fill_stores_when_nobody_took_over(env: Env) {
         );
     }
     // someone stored the entry after the lock lapsed: the late value loses
-    c.set(pb::SetRequest {
-        level: pb::CacheLevel::App as i32,
-        key: "beaten".into(),
-        value: text("fresher"),
-        ..Default::default()
-    })
-    .await
-    .expect("Set");
+    set_app(&mut c, "beaten", "fresher", None).await;
     let late = c
         .fill(fill_req("beaten", &beaten.lock_token, Some("stale")))
         .await
@@ -223,16 +237,7 @@ async fn a_late_fill_stores_when_nobody_took_over(env: Env) {
     assert_eq!(text_of(kept.entry.as_ref().unwrap()), "fresher");
     // a stale entry too is another caller's newer value: refused as well
     let stale_one = get_or_lock(&mut c, lock_req("staled", 100, None)).await;
-    c.set(pb::SetRequest {
-        level: pb::CacheLevel::App as i32,
-        key: "staled".into(),
-        value: text("newer, stale soon"),
-        ttl: ms(60_000),
-        soft_ttl: ms(1),
-        ..Default::default()
-    })
-    .await
-    .expect("Set");
+    set_app(&mut c, "staled", "newer, stale soon", Some((60_000, 1))).await;
     tokio::time::sleep(Duration::from_millis(150)).await; // the lock lapses, the entry goes stale
     let late = c
         .fill(fill_req("staled", &stale_one.lock_token, Some("older")))
@@ -324,16 +329,7 @@ async fn reads(c: &mut CacheServiceClient<Channel>) -> (i64, i64) {
 /// makes the entry fresh again.
 async fn stale_entries_are_served_to_all_and_refreshed_once(env: Env) {
     let mut c = env.cache();
-    c.set(pb::SetRequest {
-        level: pb::CacheLevel::App as i32,
-        key: "soft".into(),
-        value: text("old"),
-        ttl: ms(60_000),
-        soft_ttl: ms(200),
-        ..Default::default()
-    })
-    .await
-    .expect("Set");
+    set_app(&mut c, "soft", "old", Some((60_000, 200))).await;
     // the soft TTL passing is the scenario
     tokio::time::sleep(Duration::from_millis(250)).await;
     let callers = (0..20).map(|_| {
@@ -443,14 +439,7 @@ async fn bad_input_is_refused_naming_the_field(env: Env) {
     // well-formed, but no lock is held under it and the entry is there:
     // refused (without an entry it is taken for a lapsed holder's late
     // Fill and stores, as a Set would: a_late_fill_stores_when_nobody_took_over)
-    c.set(pb::SetRequest {
-        level: pb::CacheLevel::App as i32,
-        key: "k".into(),
-        value: text("there"),
-        ..Default::default()
-    })
-    .await
-    .expect("Set");
+    set_app(&mut c, "k", "there", None).await;
     let e = c
         .fill(fill_req("k", &"a".repeat(32), Some("v")))
         .await
