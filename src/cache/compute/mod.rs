@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 pub use self::signal::{FillSignal, LocalFills};
 use super::{Cache, CacheError, Hit, Level, NewEntry, Result, Stored};
-use crate::store::{Deadline, LockState, held_by};
+use crate::store::{Deadline, LockState, StoreError, held_by};
 
 /// The length of a lock token: 128 random bits in hex.
 pub const TOKEN_LEN: usize = 32;
@@ -118,7 +118,9 @@ impl Cache {
         // its time is mostly the wait for whoever computes.
         let found = match &result {
             Ok(Locked::Value { .. } | Locked::Refresh { .. }) => Some(1),
-            Ok(Locked::Compute(_) | Locked::TimedOut) | Err(CacheError::DeadlineExceeded) => {
+            // the deadline found it waiting, or in a store call of its wait
+            Ok(Locked::Compute(_) | Locked::TimedOut)
+            | Err(CacheError::DeadlineExceeded | CacheError::Store(StoreError::DeadlineExceeded)) => {
                 Some(0)
             }
             Err(_) => None,
