@@ -40,6 +40,8 @@ _LEVELS: dict[CacheLevel, pb.CacheLevel.ValueType] = {
     CacheLevel.API: pb.CACHE_LEVEL_API,
     CacheLevel.SESSION: pb.CACHE_LEVEL_SESSION,
 }
+# CacheLevel of koo's enum value (the reverse of `CacheLevel.proto`).
+LEVEL_OF_PROTO: dict[int, CacheLevel] = {proto: level for level, proto in _LEVELS.items()}
 
 
 @dataclass(frozen=True)

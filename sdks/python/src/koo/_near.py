@@ -36,13 +36,11 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from koo._cache import CacheHit, CacheLevel, KooCache, _hit
+from koo._cache import LEVEL_OF_PROTO, CacheHit, CacheLevel, KooCache, _hit
 from koo._connection import rpc
 from koo._values import Seconds, strings, to_duration
 from koo.cache.v1 import cache_service_pb2 as pb
 from koo.cache.v1 import cache_service_pb2_grpc as pb_grpc
-
-_BY_PROTO: dict[int, CacheLevel] = {level.proto: level for level in CacheLevel}
 
 # Heartbeat intervals of silence after which the stream is taken as stalled.
 STALL_INTERVALS = 3
@@ -332,7 +330,7 @@ class NearCache:
 
     async def _apply(self, m: pb.WatchInvalidationsResponse) -> None:
         kind = m.kind
-        level = _BY_PROTO.get(m.level)
+        level = LEVEL_OF_PROTO.get(m.level)
         if kind == pb.INVALIDATION_KIND_HEARTBEAT:
             return
         if kind == pb.INVALIDATION_KIND_READY:

@@ -19,7 +19,7 @@ from google.protobuf import field_mask_pb2
 
 from koo._connection import Client, blocking, rpc
 from koo._submission import TaskCategory, TaskPriority
-from koo._tasks import TaskInfo, TaskState
+from koo._taskinfo import TaskInfo, TaskState
 from koo._values import (
     Seconds,
     arguments,

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 from enum import IntEnum
 from typing import Any
 
-from koo._cache import CacheLevel
+from koo._cache import LEVEL_OF_PROTO, CacheLevel
 from koo._submission import TaskCategory, TaskPriority
 from koo._values import from_duration, from_proto_value, from_struct, from_timestamp
 from koo.tasks.v1 import task_service_pb2 as pb
@@ -206,7 +206,7 @@ class TaskInfo:
 def _cache_target(c: pb.CacheTarget) -> dict[str, Any]:
     """A task's `cache_result` as plain data (durations in seconds)."""
     return {
-        "level": next((lv for lv in CacheLevel if lv.proto == c.level), CacheLevel.APPLICATION),
+        "level": LEVEL_OF_PROTO.get(c.level, CacheLevel.APPLICATION),
         "key": c.key,
         "ttl": from_duration(c.ttl).total_seconds() if c.HasField("ttl") else None,
         "tags": list(c.tags),
