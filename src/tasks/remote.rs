@@ -17,7 +17,9 @@ use std::time::{Duration, SystemTime};
 use tokio_util::sync::CancellationToken;
 
 pub use secret::Proof;
-pub use session::{Inbound, MAX_GIVEN_BACK, Outbound, ReplyKind, Session, heartbeat_interval};
+pub use session::{
+    Claim, Inbound, MAX_GIVEN_BACK, Outbound, ReplyKind, Session, heartbeat_interval,
+};
 pub use unary::lease_once;
 
 use super::engine::{Finish, TaskEngine, TaskError};

@@ -58,6 +58,7 @@ impl Stream {
             queues: vec![],
             concurrency,
             accept_batches: false,
+            ..Default::default()
         })))
         .await
         .unwrap();

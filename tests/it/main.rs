@@ -56,5 +56,6 @@ mod validation;
 mod worker_batch;
 mod worker_grpc;
 mod worker_python;
+mod worker_reattach;
 mod worker_retry;
 mod worker_stream;

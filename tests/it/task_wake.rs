@@ -92,6 +92,7 @@ async fn stream_worker(
             queues: vec!["research".into()],
             concurrency,
             accept_batches: false,
+            ..Default::default()
         })),
     })
     .await

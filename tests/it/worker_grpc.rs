@@ -80,6 +80,7 @@ impl StreamWorker {
             queues: queues.iter().map(|s| s.to_string()).collect(),
             concurrency,
             accept_batches: false,
+            ..Default::default()
         })))
         .await
         .unwrap();
@@ -828,6 +829,7 @@ async fn stream_protocol_errors(backend: Backend) {
             queues: vec![],
             concurrency: 1,
             accept_batches: false,
+            ..Default::default()
         }))
         .await;
     let end = tokio::time::timeout(common::EVENT_TIMEOUT, worker.rx.message())

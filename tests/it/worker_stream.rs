@@ -90,6 +90,7 @@ async fn open(
         queues: vec![],
         concurrency,
         accept_batches: false,
+        ..Default::default()
     })))
     .await
     .unwrap();

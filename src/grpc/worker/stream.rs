@@ -52,7 +52,7 @@ impl WorkerApi {
         let routing = Routing::new(&declared.task_names, &declared.queues, &known)
             .map_err(|e| status::task_error_in("hello.", e))?;
         let concurrency = u32::try_from(hello.concurrency).unwrap_or(0);
-        let session = Session::new(
+        let mut session = Session::new(
             self.engine.clone(),
             Some(self.cache.clone()),
             &hello.name,
@@ -61,6 +61,10 @@ impl WorkerApi {
             peer,
             tally,
         )?;
+        if hello.reattach {
+            session.reattaching(self.shutdown.clone());
+        }
+        session.adopt(claims(hello.held)).await?;
         let welcome = welcome(
             session.id(),
             self.engine.config().lease,
@@ -237,8 +241,20 @@ fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::Wor
             accepts_started: true,
             max_message_size: i32::try_from(max_message_size).unwrap_or(i32::MAX),
             time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            adopts_held: true,
         })),
     }
+}
+
+/// The hello's `held`, in the domain's terms.
+fn claims(held: Vec<pb::HeldTask>) -> Vec<remote::Claim> {
+    held.into_iter()
+        .map(|h| remote::Claim {
+            id: h.task_id,
+            token: h.lease_token,
+            secret: h.lease_secret,
+        })
+        .collect()
 }
 
 /// The session's input: the stream's messages until a read error. A read

@@ -49,6 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use futures::stream::Peekable;
 
+pub use self::adopt::Claim;
 use self::held::Held;
 pub use self::messages::{Inbound, Outbound, ReplyKind};
 use super::holds::{Taken, Tally};
@@ -60,6 +61,7 @@ use crate::store::tasks::WorkerRecord;
 use crate::tasks::engine::{CancelAsked, TaskEngine, TaskError};
 use crate::tasks::poller::{Poller, peer_found};
 
+mod adopt;
 mod handoff;
 mod held;
 mod held_tasks;
@@ -101,6 +103,14 @@ pub struct Session {
     /// Room taken on the worker identity's tally: one per held task, and
     /// one more while a lease is being tried.
     taken: Taken,
+    /// Set when the worker re-attaches its tasks: koo's own stop (see
+    /// [`adopt`]).
+    koo_stopping: Option<CancellationToken>,
+    /// Tasks re-attached from the hello, until the loop starts.
+    adopted: HashMap<TaskId, Held>,
+    /// Messages for the worker before anything else: the revokes of
+    /// claims refused, cancels of tasks adopted.
+    notices: Vec<Outbound>,
 }
 
 /// Why a session's loop ended.
@@ -158,6 +168,9 @@ impl Session {
             concurrency: concurrency as usize,
             record,
             taken: Taken::none(tally),
+            koo_stopping: None,
+            adopted: HashMap::new(),
+            notices: Vec::new(),
         })
     }
 
@@ -176,8 +189,12 @@ impl Session {
         out: mpsc::Sender<Outbound>,
         stop: CancellationToken,
     ) -> Result<(), TaskError> {
-        let mut held: HashMap<TaskId, Held> = HashMap::new();
-        let ending = self.serve(inbound, &out, &stop, &mut held).await;
+        let (mut held, notices) = adopt::take_adopted(&mut self);
+        let ending = if reports::send_all(&out, notices).await {
+            self.serve(inbound, &out, &stop, &mut held).await
+        } else {
+            Ok(Ending::Gone)
+        };
         let vanished = Instant::now();
         // The record goes first: a gone worker is not busy, and the tasks
         // it hands back may be running elsewhere a moment later, where
@@ -189,6 +206,13 @@ impl Session {
             .await
         {
             tracing::debug!(error = %e, "cannot remove a worker's presence record; it expires");
+        }
+        if matches!(ending, Ok(Ending::Shutdown)) && self.leaves_leases() {
+            // the worker runs them on, and re-attaches them to the next koo
+            if !held.is_empty() {
+                tracing::info!(worker = %self.record.id, tasks = held.len(), "koo is stopping: a re-attaching worker's tasks keep their leases");
+            }
+            return Ok(());
         }
         let window = heartbeat_interval(self.engine.config().lease);
         let (engine, worker) = (&self.engine, self.record.id.as_str());

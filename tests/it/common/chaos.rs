@@ -134,6 +134,17 @@ impl KooProc {
         }
     }
 
+    /// SIGTERM, and waits for the process to exit (koo's graceful stop).
+    pub async fn terminate(&mut self) {
+        let mut c = self.child.take().expect("running");
+        super::tasks::signal(&c, "TERM");
+        let status = tokio::task::spawn_blocking(move || c.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "{} exited with {status}", self.name);
+    }
+
     /// Sends `sig` ("STOP", "CONT") to the process.
     pub fn signal(&self, sig: &str) {
         super::tasks::signal(self.child.as_ref().expect("running"), sig);

@@ -8,6 +8,7 @@ use koo::pb::worker::v1::{
     worker_service_client::WorkerServiceClient,
 };
 use tokio::sync::mpsc;
+use tonic::transport::Channel;
 
 use super::{EVENT_TIMEOUT, TestServer};
 
@@ -26,6 +27,7 @@ pub fn hello(name: &str, task_names: &[&str], queues: &[&str], concurrency: i32)
         queues: queues.iter().map(|s| s.to_string()).collect(),
         concurrency,
         accept_batches: false,
+        ..Default::default()
     }
 }
 
@@ -37,19 +39,29 @@ pub fn msg(m: In) -> wpb::WorkRequest {
 impl StreamWorker {
     /// Opens a stream with `hello` and reads the welcome.
     pub async fn open(server: &TestServer, hello: wpb::Hello) -> Self {
-        let mut client = WorkerServiceClient::new(server.channel.clone());
+        Self::open_on(server.channel.clone(), hello).await
+    }
+
+    /// [`Self::open`] on a channel of its own.
+    pub async fn open_on(channel: Channel, hello: wpb::Hello) -> Self {
+        Self::try_open(channel, hello).await.unwrap()
+    }
+
+    /// Opens a stream with `hello`: the stream and its welcome, or the
+    /// status koo refused the hello with.
+    pub async fn try_open(channel: Channel, hello: wpb::Hello) -> Result<Self, tonic::Status> {
+        let mut client = WorkerServiceClient::new(channel);
         let (tx, rx) = mpsc::channel(16);
         tx.send(msg(In::Hello(hello))).await.unwrap();
         let mut rx = client
             .work(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
+            .await?
             .into_inner();
-        let welcome = match rx.message().await.unwrap().and_then(|m| m.message) {
+        let welcome = match rx.message().await?.and_then(|m| m.message) {
             Some(Out::Welcome(w)) => w,
             other => panic!("expected welcome, got {other:?}"),
         };
-        Self { tx, rx, welcome }
+        Ok(Self { tx, rx, welcome })
     }
 
     /// The next message from koo, whole (a batch stays a batch).

@@ -63,6 +63,11 @@ class _Session:
         self.begun: list[str] = []
         # how long pushes waited unread (see `koo._pushes`)
         self.clock = PushClock()
+        # koo said (in its welcome) that it adopts the tasks a hello names
+        # and keeps the leases of a re-attaching worker when it stops
+        self.adopts = False
+        # the lease koo's welcome gave (seconds)
+        self.lease = 30.0
 
     def begin(self, task_id: str) -> None:
         """Tells koo that the task began, so that its attempt counts if

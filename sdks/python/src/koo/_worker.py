@@ -5,8 +5,11 @@ hello (its task names, queues and concurrency), heartbeats, runs the tasks
 koo pushes (async handlers on its event loop, plain ones on threads of their
 own), and reports progress and outcomes quoting each lease's token and
 secret. When the stream breaks it reconnects with capped exponential backoff
-(0.2 s doubling to 5 s); tasks of the lost stream are abandoned (koo gives
-them to another worker).
+(0.2 s doubling to 5 s). The tasks of the lost stream run on and are
+re-attached to the next stream, to this koo or another, within a lease (see
+`koo._carry`): a koo restart or deploy restarts none of them. A koo that
+cannot adopt one (its lease lapsed) revokes it, and the handler is told to
+stop.
 
 Failure rule: `Fatal` fails the task for good; `Retry` and any other
 exception fail it retryably (koo retries while the task's retries last,
@@ -31,6 +34,7 @@ import grpc
 import grpc.aio
 
 from koo import _otel
+from koo._carry import Carried
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
 from koo._loopwatch import LoopWatch
@@ -76,7 +80,8 @@ class TaskContext:
     `cancelled` (a `threading.Event`, usable from threads and, via
     `await ctx.wait_cancelled()`, from coroutines) is set when koo cancels
     the task, at its soft time limit (`soft_limit_reached` tells which), when
-    koo revokes it, and when the worker loses its stream. `cancel_reason`
+    koo revokes it (a task koo could not re-attach after a lost stream is
+    revoked too), and when the worker stops. `cancel_reason`
     then says why: for a cancel, the reason its caller gave
     (`TaskManager.cancel(id, reason=...)`, else `cancelled by request`).
     """
@@ -239,6 +244,8 @@ class Worker:
         self.worker_id = ""
         self.connected = threading.Event()
         self._started: set[_Run] = set()
+        # tasks of a lost stream, re-attached to the next (see koo._carry)
+        self._carried = Carried()
         self._events = EventHooks(on_event)
         # plain handlers' threads, kept for the next task (see koo._threads)
         self._threads = Threads(concurrency)
@@ -320,6 +327,9 @@ class Worker:
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             watch.stop()
+            self._carried.drop(
+                "the worker stopped while koo was unreachable: koo takes them back when their leases lapse"
+            )
         await self._conn.close()
 
     def _running_async(self) -> list[str]:
@@ -334,6 +344,7 @@ class Worker:
         queues = set(self.queues)
         if queues:
             queues |= {h.queue for h in self.handlers.values() if h.queue}
+        self._carried.expire(loop)
         hello = wpb.WorkRequest(
             hello=wpb.Hello(
                 name=_cut(self.name, 128),
@@ -341,6 +352,8 @@ class Worker:
                 queues=sorted(queues),
                 concurrency=self.concurrency,
                 accept_batches=True,
+                held=self._carried.claims(),
+                reattach=True,
             )
         )
         stub = wgrpc.WorkerServiceStub(self._conn.channel())
@@ -358,6 +371,9 @@ class Worker:
                     session.releases = resp.welcome.accepts_release
                     session.starts = resp.welcome.accepts_started
                     session.clock.welcome(resp.welcome)
+                    session.adopts = resp.welcome.adopts_held
+                    session.lease = resp.welcome.lease.ToTimedelta().total_seconds() or session.lease
+                    reattached = self._reattach(session)
                     if resp.welcome.max_message_size > 0:
                         session.max_message = resp.welcome.max_message_size
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
@@ -376,6 +392,7 @@ class Worker:
                         worker_id=self.worker_id,
                         lease_seconds=resp.welcome.lease.ToTimedelta().total_seconds(),
                         heartbeat_seconds=iv,
+                        reattached=reattached,
                     )
                 elif kind == "batch":
                     for one in resp.batch.responses:
@@ -402,10 +419,35 @@ class Worker:
             stopper.cancel()
             if hb is not None:
                 hb.cancel()
+            if session.adopts and not self._stopping.is_set():
+                self._carried.keep(session, loop.time())
             for run in list(session.held.values()):
                 run.ctx._abandon("stream lost")
             session.held.clear()
         return welcomed
+
+    def _reattach(self, session: _Session) -> int:
+        """Moves what the lost stream carried onto `session`, just welcomed:
+        its runs are held again (one pushed and never started starts now),
+        its outcomes sent again. koo revokes, right after the welcome, what
+        it could not adopt. A koo that adopts nothing (an older release)
+        gets none of it: those handlers are told to stop. How many tasks
+        were named in the hello."""
+        runs, outcomes = self._carried.take()
+        if not session.adopts:
+            for run in runs.values():
+                run.ctx._abandon("stream lost (this koo does not re-attach tasks)")
+            return 0
+        for tid, run in runs.items():
+            run.session = session
+            session.held[tid] = run
+            if run not in self._started:
+                self._start(session, run)
+        for tid, msg in outcomes.items():
+            self._send_outcome(session, tid, msg, 1)
+        if runs or outcomes:
+            log.info("re-attached %d running tasks and %d outcomes to the new stream", len(runs), len(outcomes))
+        return len(runs) + len(outcomes)
 
     def _on_message(self, session: _Session, resp: wpb.WorkResponse, loop: asyncio.AbstractEventLoop) -> None:
         """One of koo's messages after the welcome (alone or from a batch)."""
@@ -594,9 +636,11 @@ class Worker:
             traced.outcome("succeeded" if failure is None else "failed", None if failure is None else failure[0])
             span.__exit__(None, None, None)
         session = run.session
-        if session.held.get(run.task_id) is not run or session.closed:
-            return  # revoked, leased again, or the stream is gone
-        del session.held[run.task_id]
+        carried = self._carried.owns(run)
+        if not carried and (session.held.get(run.task_id) is not run or session.closed):
+            return  # revoked, leased again, or dropped with a lost stream
+        if not carried:
+            del session.held[run.task_id]
         if run.cancel_requested:
             failure = (run.ctx.cancel_reason or "cancelled", False, None, None)
         tok, sec = run.assignment.lease_token, run.assignment.lease_secret
@@ -618,7 +662,7 @@ class Worker:
                     failure = (why, False, None, None)
                 else:
                     self._events.emit("reported", run.task_id, outcome="complete")
-                    self._send_outcome(session, run.task_id, done, 1)
+                    self._report(run, done, carried)
                     return
         msg, retryable, details, countdown = failure
         fail = wpb.Fail(
@@ -638,7 +682,15 @@ class Worker:
             except (TypeError, ValueError):
                 pass
         self._events.emit("reported", run.task_id, outcome="fail", message=fail.message, retryable=retryable)
-        self._send_outcome(session, run.task_id, wpb.WorkRequest(fail=fail), 1)
+        self._report(run, wpb.WorkRequest(fail=fail), carried)
+
+    def _report(self, run: _Run, msg: wpb.WorkRequest, carried: bool) -> None:
+        """Sends a run's outcome, or keeps it for the next stream when the
+        run is carried from a lost one."""
+        if carried:
+            self._carried.ended(run, msg)
+        else:
+            self._send_outcome(run.session, run.task_id, msg, 1)
 
     async def _dependency_results(self, ids: Sequence[str]) -> dict[str, Any]:
         stub = tasks_grpc.TaskServiceStub(self._conn.channel())

@@ -41,44 +41,50 @@ impl Held {
     }
 }
 
+/// A running task for unit tests: `attempts` counted, lease `token`.
+#[cfg(test)]
+pub(super) fn sample_task(attempts: u32, token: u32) -> Task {
+    use crate::domain::task::{Category, Priority, QueueName, State, TaskId};
+    Task {
+        id: TaskId::generate(&QueueName::parse("research").unwrap()),
+        name: "koo.examples.job".into(),
+        category: Category::Research,
+        priority: Priority::Normal,
+        args: "[]".into(),
+        kwargs: "{}".into(),
+        state: State::Running,
+        depends_on: vec![],
+        schedule: None,
+        schedule_tick_ms: None,
+        cache_result: None,
+        attempts,
+        token,
+        max_retries: 3,
+        worker: None,
+        progress: None,
+        result: None,
+        error: None,
+        created_ms: 0,
+        started_ms: None,
+        finished_ms: None,
+        soft_ms: 0,
+        hard_ms: 0,
+        result_ttl_ms: 0,
+        log: vec![],
+        trace: None,
+        debounce_key: None,
+        expire_ms: None,
+        rate_limit_key: None,
+        concurrency_key: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::task::{Category, Priority, QueueName, State, TaskId};
 
     fn held(attempts: u32, token: u32, pushed_at: Instant, spoken: bool) -> Held {
-        let task = Task {
-            id: TaskId::generate(&QueueName::parse("research").unwrap()),
-            name: "koo.examples.job".into(),
-            category: Category::Research,
-            priority: Priority::Normal,
-            args: "[]".into(),
-            kwargs: "{}".into(),
-            state: State::Running,
-            depends_on: vec![],
-            schedule: None,
-            schedule_tick_ms: None,
-            cache_result: None,
-            attempts,
-            token,
-            max_retries: 3,
-            worker: None,
-            progress: None,
-            result: None,
-            error: None,
-            created_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            soft_ms: 0,
-            hard_ms: 0,
-            result_ttl_ms: 0,
-            log: vec![],
-            trace: None,
-            debounce_key: None,
-            expire_ms: None,
-            rate_limit_key: None,
-            concurrency_key: None,
-        };
+        let task = sample_task(attempts, token);
         Held {
             task,
             soft_at: None,

@@ -232,6 +232,8 @@ class Hello(_message.Message):
     QUEUES_FIELD_NUMBER: _builtins.int
     CONCURRENCY_FIELD_NUMBER: _builtins.int
     ACCEPT_BATCHES_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    REATTACH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """A name for people (1 to 128 bytes), e.g. `pdf-worker@host-1`; koo adds
     a unique suffix to form the worker id.
@@ -246,6 +248,16 @@ class Hello(_message.Message):
     that are ready at once (tasks, replies, ...) as one `batch`. Workers
     that leave it unset get one message at a time, as before.
     """
+    reattach: _builtins.bool
+    """The worker keeps running its tasks when the stream ends and names them
+    in `held` when it connects again. koo stopping (SIGTERM, a rolling
+    restart) then leaves their leases in place rather than handing the
+    tasks back: the worker re-attaches them to the next koo it reaches
+    within the lease, and a task it does not re-attach lapses as any lease
+    does (its attempt counted). A stream that ends any other way (the
+    worker's connection closed or broke) ends its leases at once, as
+    without it.
+    """
     @_builtins.property
     def task_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Task names served. Empty means every name in `queues`."""
@@ -257,6 +269,20 @@ class Hello(_message.Message):
         `queues` is required.
         """
 
+    @_builtins.property
+    def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldTask]:
+        """Tasks this worker still runs from an earlier stream (to this koo or
+        another of the deployment) that ended while they ran: koo adopts each
+        one whose lease is still current and whose `lease_secret` matches
+        (its lease is extended, and from the welcome on this stream holds it
+        as if koo had pushed it here); every other one is revoked right after
+        the welcome, with the reason. A koo that reads it says so in its
+        welcome (`adopts_held`); older releases ignore it, and a worker should
+        then stop those tasks (nobody extends their leases). Up to 1024 tasks;
+        an adopted task counts towards `concurrency` and the worker's
+        KOO_MAX_HELD_PER_WORKER.
+        """
+
     def __init__(
         self,
         *,
@@ -265,14 +291,46 @@ class Hello(_message.Message):
         queues: _abc.Iterable[_builtins.str] | None = ...,
         concurrency: _builtins.int = ...,
         accept_batches: _builtins.bool = ...,
+        held: _abc.Iterable[Global___HeldTask] | None = ...,
+        reattach: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "concurrency", b"concurrency", "name", b"name", "queues", b"queues", "task_names", b"task_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_batches", b"accept_batches", "concurrency", b"concurrency", "held", b"held", "name", b"name", "queues", b"queues", "reattach", b"reattach", "task_names", b"task_names"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class HeldTask(_message.Message):
+    """HeldTask names a task a worker runs, by the lease it got with it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    LEASE_TOKEN_FIELD_NUMBER: _builtins.int
+    LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task."""
+    lease_token: _builtins.int
+    """Its lease token (TaskAssignment.lease_token)."""
+    lease_secret: _builtins.str
+    """Its lease secret (TaskAssignment.lease_secret): required."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        lease_token: _builtins.int = ...,
+        lease_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeldTask: _TypeAlias = HeldTask  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
@@ -594,6 +652,7 @@ class Welcome(_message.Message):
     ACCEPTS_RELEASE_FIELD_NUMBER: _builtins.int
     ACCEPTS_STARTED_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    ADOPTS_HELD_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """This session's worker id (the name and a unique suffix)."""
     accepts_batches: _builtins.bool
@@ -612,6 +671,11 @@ class Welcome(_message.Message):
     accepts_started: _builtins.bool
     """koo reads `started` messages (older releases leave this unset, and end
     the stream on one): send them only when set.
+    """
+    adopts_held: _builtins.bool
+    """koo reads the hello's `held` and `reattach` (older releases leave this
+    unset, and ignore both): the tasks named in `held` are this stream's
+    from here on, except those revoked right after this welcome.
     """
     @_builtins.property
     def lease(self) -> _duration_pb2.Duration:
@@ -644,10 +708,11 @@ class Welcome(_message.Message):
         accepts_release: _builtins.bool = ...,
         accepts_started: _builtins.bool = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        adopts_held: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "adopts_held", b"adopts_held", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

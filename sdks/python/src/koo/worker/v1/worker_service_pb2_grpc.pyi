@@ -44,7 +44,10 @@ class WorkerServiceStub:
       heartbeat interval before the stream vanished: it never started, and
       goes back with its attempt given back (a few times per task at most).
       A worker sends `started` as it begins tasks so that a begun task always
-      counts.
+      counts. A worker whose hello sets `reattach` keeps its tasks running
+      when koo stops (a restart, a deploy): koo leaves their leases in place,
+      and the worker names them in the `held` of its next hello, to this koo
+      or another, which adopts them.
       A message koo cannot read ends the stream with a status saying why.
       Either side may carry several messages in one `batch` (koo only to a
       worker whose hello set `accept_batches`): a busy worker then spends
@@ -126,7 +129,10 @@ class WorkerServiceAsyncStub(WorkerServiceStub):
       heartbeat interval before the stream vanished: it never started, and
       goes back with its attempt given back (a few times per task at most).
       A worker sends `started` as it begins tasks so that a begun task always
-      counts.
+      counts. A worker whose hello sets `reattach` keeps its tasks running
+      when koo stops (a restart, a deploy): koo leaves their leases in place,
+      and the worker names them in the `held` of its next hello, to this koo
+      or another, which adopts them.
       A message koo cannot read ends the stream with a status saying why.
       Either side may carry several messages in one `batch` (koo only to a
       worker whose hello set `accept_batches`): a busy worker then spends
@@ -204,7 +210,10 @@ class WorkerServiceServicer(metaclass=_abc_1.ABCMeta):
       heartbeat interval before the stream vanished: it never started, and
       goes back with its attempt given back (a few times per task at most).
       A worker sends `started` as it begins tasks so that a begun task always
-      counts.
+      counts. A worker whose hello sets `reattach` keeps its tasks running
+      when koo stops (a restart, a deploy): koo leaves their leases in place,
+      and the worker names them in the `held` of its next hello, to this koo
+      or another, which adopts them.
       A message koo cannot read ends the stream with a status saying why.
       Either side may carry several messages in one `batch` (koo only to a
       worker whose hello set `accept_batches`): a busy worker then spends

@@ -1,0 +1,66 @@
+"""A koo restart restarts none of the tasks a worker runs: the worker keeps
+them running when its stream ends and re-attaches them to the next koo
+(`koo._carry`), with `kill -9` of koo and with its graceful stop."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from koo import TaskCategory, TaskManager, Worker, WorkerEvent
+
+from .conftest import KooServer, RedisServer
+from .test_worker import running, wait_for
+
+
+@pytest.mark.parametrize("stop", ["kill", "term"])
+def test_a_koo_restart_restarts_no_running_task(stop: str) -> None:
+    """A task with no retry left runs once through a restart of koo. After
+    a `kill -9` it ends while koo is down, and its outcome waits for the
+    next stream; after a SIGTERM it ends once re-attached."""
+    redis = RedisServer()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {"REDIS_URL": redis.url, "KOO_LISTEN": addr, "KOO_TASK_LEASE": "10s", "KOO_WORKER_CONCURRENCY": "0"}
+    server = KooServer(env)
+    began, go = threading.Event(), threading.Event()
+    runs: list[int] = []
+    events: list[WorkerEvent] = []
+    w = Worker(addr, concurrency=2, on_event=events.append)
+
+    @w.task("sdk.reattach.slow")
+    def slow(n: int) -> int:
+        runs.append(n)
+        began.set()
+        assert go.wait(30)
+        return n * 2
+
+    def reattached() -> list[int]:
+        return [e.fields["reattached"] for e in events if e.kind == "welcome"]
+
+    try:
+        with running(w):
+            tm = TaskManager(addr).sync
+            tid = tm.submit_task("sdk.reattach.slow", TaskCategory.RESEARCH, args=(21,), max_retries=0)
+            assert began.wait(15), "the task did not start"
+            if stop == "kill":
+                server.proc.kill()
+                server.proc.wait()
+            else:
+                server.stop()
+            wait_for(lambda: not w.connected.is_set(), 10, "the worker to see koo gone")
+            if stop == "kill":
+                go.set()
+                wait_for(lambda: any(e.kind == "reported" for e in events), 10, "the outcome while koo is down")
+            server = KooServer(env)
+            wait_for(lambda: reattached() == [0, 1], 15, "the worker to re-attach its task")
+            go.set()
+            assert tm.result(tid, timeout=15) == 42
+            assert tm.get_task_status(tid).attempts == 1
+            assert runs == [21]
+    finally:
+        server.stop()
+        redis.stop()

@@ -1,0 +1,255 @@
+//! A worker re-attaches the tasks it runs to a new stream (`hello.held`):
+//! koo adopts each one whose lease is current and whose secret the worker
+//! proves, and revokes the others with the reason; a worker that says it
+//! re-attaches (`hello.reattach`) keeps its leases when koo stops, so that
+//! neither a `kill -9` nor a SIGTERM of koo restarts the tasks it runs.
+
+use crate::common;
+
+use common::chaos::{KooProc, lazy_channel};
+use common::stream::{StreamWorker, hello};
+use common::tasks::*;
+use koo::pb::tasks::v1 as pb;
+use koo::pb::worker::v1::{
+    self as wpb, work_request::Message as In, work_response::Message as Out,
+    worker_service_client::WorkerServiceClient,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+on_both!(a_hello_adopts_what_it_proves_and_revokes_the_rest);
+
+const NAME: &str = "test.reattach.job";
+
+fn claim(id: &str, token: u32, secret: &str) -> wpb::HeldTask {
+    wpb::HeldTask {
+        task_id: id.into(),
+        lease_token: token,
+        lease_secret: secret.into(),
+    }
+}
+
+fn reattaching(held: Vec<wpb::HeldTask>) -> wpb::Hello {
+    wpb::Hello {
+        held,
+        reattach: true,
+        ..hello("again", &[NAME], &[], 4)
+    }
+}
+
+/// A unary lease of one task of `NAME`: its id, token and secret.
+async fn lease(channel: Channel) -> (String, u32, String) {
+    let r = WorkerServiceClient::new(channel)
+        .lease_task(wpb::LeaseTaskRequest {
+            worker_name: "script".into(),
+            task_names: vec![NAME.into()],
+            wait: Some(millis(5000)),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (r.task.expect("a task").id, r.lease_token, r.lease_secret)
+}
+
+fn complete(id: &str, token: u32) -> In {
+    In::Complete(wpb::Complete {
+        task_id: id.into(),
+        lease_token: token,
+        result: Some(koo_json(serde_json::json!("done"))),
+        lease_secret: String::new(),
+    })
+}
+
+/// Tasks leased elsewhere (here: unary leases, whose secrets the worker
+/// quotes) are named in a hello: the one proved is adopted (its cancel,
+/// asked for meanwhile, is passed on) and completes on the new stream
+/// without a secret, its attempt the first; a wrong secret, a stale
+/// token and an unknown task are revoked right after the welcome, each
+/// saying why. A malformed claim refuses the hello.
+async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let mut c = client(&koo.server);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(submitted(&mut c, submit(NAME, serde_json::json!({}))).await);
+    }
+    let mut leases = Vec::new();
+    for _ in 0..4 {
+        leases.push(lease(koo.server.channel.clone()).await);
+    }
+    let (good, cancelled, bad_secret, stale) = (&leases[0], &leases[1], &leases[2], &leases[3]);
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: cancelled.0.clone(),
+        reason: "not needed".into(),
+    })
+    .await
+    .unwrap();
+    let unknown = unknown_task_id();
+    let held = vec![
+        claim(&good.0, good.1, &good.2),
+        claim(&cancelled.0, cancelled.1, &cancelled.2),
+        claim(&bad_secret.0, bad_secret.1, &good.2),
+        claim(&stale.0, stale.1 + 1, &stale.2),
+        claim(&unknown, 1, &good.2),
+    ];
+    let mut w = StreamWorker::open(&koo.server, reattaching(held)).await;
+    assert!(w.welcome.adopts_held, "{:?}", w.welcome);
+    let mut revoked = std::collections::HashMap::new();
+    let mut cancels = Vec::new();
+    while revoked.len() < 3 || cancels.is_empty() {
+        let m = w.next_message().await.message.unwrap();
+        let each = match m {
+            Out::Batch(b) => b.responses.into_iter().filter_map(|r| r.message).collect(),
+            one => vec![one],
+        };
+        for m in each {
+            match m {
+                Out::Revoked(r) => {
+                    revoked.insert(r.task_id, r.reason);
+                }
+                Out::Cancel(x) => cancels.push(x),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(
+        revoked[&bad_secret.0].contains("lease_secret"),
+        "{revoked:?}"
+    );
+    assert!(revoked[&stale.0].contains("no longer yours"), "{revoked:?}");
+    assert!(revoked[&unknown].contains("not found"), "{revoked:?}");
+    assert!(
+        revoked.values().all(|r| r.starts_with("not re-attached: ")),
+        "{revoked:?}"
+    );
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].task_id, cancelled.0);
+    assert_eq!(cancels[0].reason, "not needed");
+
+    w.send(complete(&good.0, good.1)).await;
+    let reply = match w.next().await {
+        Out::Reply(r) => r,
+        other => panic!("expected a reply, got {other:?}"),
+    };
+    assert_eq!(
+        (reply.code, reply.state),
+        (0, pb::TaskState::Succeeded as i32),
+        "{reply:?}"
+    );
+    let t = get_ok(&mut c, &good.0).await;
+    assert_eq!(t.attempts, 1, "{t:?}");
+
+    let bad = vec![claim("not-an-id", 1, "s")];
+    let err = StreamWorker::try_open(koo.server.channel.clone(), reattaching(bad))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().starts_with("hello.held[0].task_id"),
+        "{err:?}"
+    );
+}
+
+/// One `koo serve` on a Redis of its own, a 10 s lease (longer than a
+/// restart), no built-in workers.
+async fn serve(redis: &common::TestRedis, dir: &std::path::Path) -> KooProc {
+    let env = [
+        ("REDIS_URL", redis.url()),
+        ("KOO_WORKER_CONCURRENCY", "0".into()),
+        ("KOO_TASK_LEASE", "10s".into()),
+        ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
+        ("KOO_SCHEDULE_CACHE_WARM", "off".into()),
+        ("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off".into()),
+        ("KOO_SCHEDULE_HEALTH_CHECK", "off".into()),
+        ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
+        ("KOO_HTTP_LISTEN", "off".into()),
+        ("KOO_LOG", "info".into()),
+    ]
+    .map(|(k, v)| (k.to_owned(), v))
+    .to_vec();
+    let mut p = KooProc::new("serve", &["serve"], Some(common::free_port()), env, dir);
+    p.start().await;
+    p
+}
+
+/// The next task pushed to `w`: its id, token and secret.
+async fn pushed(w: &mut StreamWorker) -> (String, u32, String) {
+    let a = w.task().await;
+    (a.task.unwrap().id, a.lease_token, a.lease_secret)
+}
+
+/// A worker that re-attaches runs its tasks through a `kill -9` of koo
+/// and through a SIGTERM: each completes on the next koo's stream in its
+/// first attempt. A worker that does not is handed its task back at the
+/// SIGTERM, as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reattaching_worker_keeps_its_tasks_through_koo_restarts() {
+    let redis = common::TestRedis::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut koo = serve(&redis, dir.path()).await;
+    let port = koo.port.unwrap();
+    let mut c = pb::task_service_client::TaskServiceClient::new(lazy_channel(port));
+    let mut w = StreamWorker::open_on(lazy_channel(port), reattaching(vec![])).await;
+    let first = submitted(&mut c, submit(NAME, serde_json::json!({}))).await;
+    let one = pushed(&mut w).await;
+    assert_eq!(one.0, first);
+    w.send(In::Started(wpb::Started {
+        task_ids: vec![first.clone()],
+    }))
+    .await;
+
+    koo.kill9();
+    koo.start().await;
+    let mut w = StreamWorker::open_on(
+        lazy_channel(port),
+        reattaching(vec![claim(&one.0, one.1, &one.2)]),
+    )
+    .await;
+    w.send(complete(&one.0, one.1)).await;
+    let reply = w.reply().await;
+    assert_eq!(
+        (reply.code, reply.state),
+        (0, pb::TaskState::Succeeded as i32),
+        "{reply:?}"
+    );
+    assert_eq!(get_ok(&mut c, &first).await.attempts, 1);
+
+    // SIGTERM: the re-attaching worker's lease stays; another's goes back
+    let second = submitted(&mut c, submit(NAME, serde_json::json!({}))).await;
+    let two = pushed(&mut w).await;
+    assert_eq!(two.0, second);
+    let other_name = "test.reattach.other";
+    let mut plain =
+        StreamWorker::open_on(lazy_channel(port), hello("plain", &[other_name], &[], 1)).await;
+    let third = submitted(&mut c, submit(other_name, serde_json::json!({}))).await;
+    assert_eq!(plain.task().await.task.unwrap().id, third);
+    koo.terminate().await;
+    koo.start().await;
+    let kept = get_ok(&mut c, &second).await;
+    assert_eq!(
+        (kept.state, kept.attempts),
+        (pb::TaskState::Running as i32, 1),
+        "{kept:?}"
+    );
+    let back = get_ok(&mut c, &third).await;
+    assert_eq!(
+        (back.state, back.attempts),
+        (pb::TaskState::Queued as i32, 0),
+        "{back:?}"
+    );
+    let mut w = StreamWorker::open_on(
+        lazy_channel(port),
+        reattaching(vec![claim(&two.0, two.1, &two.2)]),
+    )
+    .await;
+    w.send(complete(&two.0, two.1)).await;
+    let reply = w.reply().await;
+    assert_eq!(
+        (reply.code, reply.state),
+        (0, pb::TaskState::Succeeded as i32),
+        "{reply:?}"
+    );
+    assert_eq!(get_ok(&mut c, &second).await.attempts, 1);
+}
