@@ -22,10 +22,13 @@
 //!   `kill -9`.
 //! - Without a data directory, shutdown logs what the embedded store drops.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::domain::task::TaskId;
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -323,9 +326,10 @@ impl Embedded {
     }
 
     /// At shutdown, once workers have stopped and the server has drained:
-    /// with a data directory, hands running tasks back and saves; without,
-    /// logs what is dropped. Blocking file I/O.
-    pub fn shutdown(self) -> Result<(), PersistError> {
+    /// with a data directory, hands running tasks back (except `kept`, the
+    /// tasks of workers that re-attach them to the next koo) and saves;
+    /// without, logs what is dropped. Blocking file I/O.
+    pub fn shutdown(self, kept: &HashSet<TaskId>) -> Result<(), PersistError> {
         let Some(dir) = &self.dir else {
             let (summary, users) = self.census();
             if users {
@@ -338,7 +342,7 @@ impl Embedded {
         let handed_back = self
             .tasks
             .as_ref()
-            .map_or(0, |t| t.hand_back_running(self.limits));
+            .map_or(0, |t| t.hand_back_running(self.limits, kept));
         let started = Instant::now();
         self.save()?;
         tracing::info!(

@@ -198,7 +198,8 @@ impl Serve {
         drop(background);
         // what the workers ended during the grace
         engine.flush_times().await;
-        match tokio::task::spawn_blocking(move || embedded.shutdown()).await {
+        let kept = engine.kept_leases();
+        match tokio::task::spawn_blocking(move || embedded.shutdown(&kept)).await {
             Ok(saved) => saved,
             Err(e) => {
                 tracing::error!(error = %e, "saving the embedded store failed");

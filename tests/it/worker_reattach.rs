@@ -152,11 +152,11 @@ async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
     );
 }
 
-/// One `koo serve` on a Redis of its own, a 10 s lease (longer than a
-/// restart), no built-in workers.
-async fn serve(redis: &common::TestRedis, dir: &std::path::Path) -> KooProc {
+/// One `koo serve` with a 10 s lease (longer than a restart) and no
+/// built-in workers, on `store` (`REDIS_URL` or `KOO_DATA_DIR`).
+async fn serve(store: (&str, String), dir: &std::path::Path) -> KooProc {
     let env = [
-        ("REDIS_URL", redis.url()),
+        (store.0, store.1),
         ("KOO_WORKER_CONCURRENCY", "0".into()),
         ("KOO_TASK_LEASE", "10s".into()),
         ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
@@ -180,15 +180,66 @@ async fn pushed(w: &mut StreamWorker) -> (String, u32, String) {
     (a.task.unwrap().id, a.lease_token, a.lease_secret)
 }
 
-/// A worker that re-attaches runs its tasks through a `kill -9` of koo
-/// and through a SIGTERM: each completes on the next koo's stream in its
-/// first attempt. A worker that does not is handed its task back at the
-/// SIGTERM, as before.
+/// Completes `task` on a new stream that re-attaches it: it succeeds in
+/// its first attempt. The stream, for more work.
+async fn reattach_and_complete(port: u16, task: &(String, u32, String)) -> StreamWorker {
+    let claims = vec![claim(&task.0, task.1, &task.2)];
+    let mut w = StreamWorker::open_on(lazy_channel(port), reattaching(claims)).await;
+    w.send(complete(&task.0, task.1)).await;
+    let reply = w.reply().await;
+    assert_eq!(
+        (reply.code, reply.state),
+        (0, pb::TaskState::Succeeded as i32),
+        "{reply:?}"
+    );
+    let mut c = pb::task_service_client::TaskServiceClient::new(lazy_channel(port));
+    assert_eq!(get_ok(&mut c, &task.0).await.attempts, 1);
+    w
+}
+
+/// SIGTERM of koo while `w` (re-attaching) holds a task and a plain
+/// worker holds another: the first keeps its lease and is re-attached to
+/// the restarted koo; the second was handed back, its attempt given back.
+async fn a_sigterm_keeps_only_the_reattaching_workers_lease(
+    koo: &mut KooProc,
+    mut w: StreamWorker,
+) {
+    let port = koo.port.unwrap();
+    let mut c = pb::task_service_client::TaskServiceClient::new(lazy_channel(port));
+    let kept_id = submitted(&mut c, submit(NAME, serde_json::json!({}))).await;
+    let kept = pushed(&mut w).await;
+    assert_eq!(kept.0, kept_id);
+    let other_name = "test.reattach.other";
+    let mut plain =
+        StreamWorker::open_on(lazy_channel(port), hello("plain", &[other_name], &[], 1)).await;
+    let back_id = submitted(&mut c, submit(other_name, serde_json::json!({}))).await;
+    assert_eq!(plain.task().await.task.unwrap().id, back_id);
+    koo.terminate().await;
+    koo.start().await;
+    let t = get_ok(&mut c, &kept_id).await;
+    assert_eq!(
+        (t.state, t.attempts),
+        (pb::TaskState::Running as i32, 1),
+        "{t:?}"
+    );
+    let t = get_ok(&mut c, &back_id).await;
+    assert_eq!(
+        (t.state, t.attempts),
+        (pb::TaskState::Queued as i32, 0),
+        "{t:?}"
+    );
+    reattach_and_complete(port, &kept).await;
+}
+
+/// On Redis, a worker that re-attaches runs its tasks through a `kill -9`
+/// of koo and through a SIGTERM: each completes on the next koo's stream
+/// in its first attempt. A worker that does not is handed its task back at
+/// the SIGTERM, as before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reattaching_worker_keeps_its_tasks_through_koo_restarts() {
     let redis = common::TestRedis::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut koo = serve(&redis, dir.path()).await;
+    let mut koo = serve(("REDIS_URL", redis.url()), dir.path()).await;
     let port = koo.port.unwrap();
     let mut c = pb::task_service_client::TaskServiceClient::new(lazy_channel(port));
     let mut w = StreamWorker::open_on(lazy_channel(port), reattaching(vec![])).await;
@@ -199,57 +250,22 @@ async fn a_reattaching_worker_keeps_its_tasks_through_koo_restarts() {
         task_ids: vec![first.clone()],
     }))
     .await;
-
     koo.kill9();
     koo.start().await;
-    let mut w = StreamWorker::open_on(
-        lazy_channel(port),
-        reattaching(vec![claim(&one.0, one.1, &one.2)]),
-    )
-    .await;
-    w.send(complete(&one.0, one.1)).await;
-    let reply = w.reply().await;
-    assert_eq!(
-        (reply.code, reply.state),
-        (0, pb::TaskState::Succeeded as i32),
-        "{reply:?}"
-    );
-    assert_eq!(get_ok(&mut c, &first).await.attempts, 1);
+    let w = reattach_and_complete(port, &one).await;
+    a_sigterm_keeps_only_the_reattaching_workers_lease(&mut koo, w).await;
+}
 
-    // SIGTERM: the re-attaching worker's lease stays; another's goes back
-    let second = submitted(&mut c, submit(NAME, serde_json::json!({}))).await;
-    let two = pushed(&mut w).await;
-    assert_eq!(two.0, second);
-    let other_name = "test.reattach.other";
-    let mut plain =
-        StreamWorker::open_on(lazy_channel(port), hello("plain", &[other_name], &[], 1)).await;
-    let third = submitted(&mut c, submit(other_name, serde_json::json!({}))).await;
-    assert_eq!(plain.task().await.task.unwrap().id, third);
-    koo.terminate().await;
-    koo.start().await;
-    let kept = get_ok(&mut c, &second).await;
-    assert_eq!(
-        (kept.state, kept.attempts),
-        (pb::TaskState::Running as i32, 1),
-        "{kept:?}"
-    );
-    let back = get_ok(&mut c, &third).await;
-    assert_eq!(
-        (back.state, back.attempts),
-        (pb::TaskState::Queued as i32, 0),
-        "{back:?}"
-    );
-    let mut w = StreamWorker::open_on(
-        lazy_channel(port),
-        reattaching(vec![claim(&two.0, two.1, &two.2)]),
-    )
-    .await;
-    w.send(complete(&two.0, two.1)).await;
-    let reply = w.reply().await;
-    assert_eq!(
-        (reply.code, reply.state),
-        (0, pb::TaskState::Succeeded as i32),
-        "{reply:?}"
-    );
-    assert_eq!(get_ok(&mut c, &second).await.attempts, 1);
+/// The embedded store with a data directory saves a re-attaching worker's
+/// task running at koo's SIGTERM (it hands the others back), and the
+/// restarted koo adopts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_restart_on_the_embedded_store_keeps_a_reattaching_workers_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = ("KOO_DATA_DIR", data.display().to_string());
+    let mut koo = serve(data, dir.path()).await;
+    let port = koo.port.unwrap();
+    let w = StreamWorker::open_on(lazy_channel(port), reattaching(vec![])).await;
+    a_sigterm_keeps_only_the_reattaching_workers_lease(&mut koo, w).await;
 }

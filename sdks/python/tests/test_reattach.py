@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -15,16 +16,18 @@ from .conftest import KooServer, RedisServer
 from .test_worker import running, wait_for
 
 
-@pytest.mark.parametrize("stop", ["kill", "term"])
-def test_a_koo_restart_restarts_no_running_task(stop: str) -> None:
+@pytest.mark.parametrize(("store", "stop"), [("redis", "kill"), ("redis", "term"), ("data_dir", "term")])
+def test_a_koo_restart_restarts_no_running_task(store: str, stop: str, tmp_path: Path) -> None:
     """A task with no retry left runs once through a restart of koo. After
     a `kill -9` it ends while koo is down, and its outcome waits for the
-    next stream; after a SIGTERM it ends once re-attached."""
-    redis = RedisServer()
+    next stream; after a SIGTERM it ends once re-attached (on Redis, and on
+    the embedded store with a data directory)."""
+    redis = RedisServer() if store == "redis" else None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         addr = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {"REDIS_URL": redis.url, "KOO_LISTEN": addr, "KOO_TASK_LEASE": "10s", "KOO_WORKER_CONCURRENCY": "0"}
+    env = {"KOO_LISTEN": addr, "KOO_TASK_LEASE": "10s", "KOO_WORKER_CONCURRENCY": "0"}
+    env.update({"REDIS_URL": redis.url} if redis else {"KOO_DATA_DIR": str(tmp_path / "data")})
     server = KooServer(env)
     began, go = threading.Event(), threading.Event()
     runs: list[int] = []
@@ -63,4 +66,5 @@ def test_a_koo_restart_restarts_no_running_task(stop: str) -> None:
             assert runs == [21]
     finally:
         server.stop()
-        redis.stop()
+        if redis:
+            redis.stop()

@@ -90,6 +90,11 @@ struct Inner {
     board: handoff::Board,
     /// The rests identical stream workers share (see `crate::tasks::poller`).
     rests: crate::tasks::poller::SharedRests,
+    /// Tasks whose leases koo's stop left in place for re-attaching
+    /// workers: the embedded store's save at shutdown keeps them running
+    /// rather than handing them back. A std Mutex: held only to insert or
+    /// copy, never across an await.
+    kept_leases: std::sync::Mutex<std::collections::HashSet<TaskId>>,
 }
 
 impl TaskEngine {
@@ -108,6 +113,7 @@ impl TaskEngine {
                 batchers: batch::Batchers::default(),
                 board: handoff::Board::default(),
                 rests: Default::default(),
+                kept_leases: Default::default(),
                 config,
             }),
         }
@@ -116,6 +122,18 @@ impl TaskEngine {
     /// The settings in force.
     pub fn config(&self) -> &TaskConfig {
         &self.inner.config
+    }
+
+    /// Records tasks whose leases koo's stop leaves in place (their
+    /// workers re-attach them to the next koo).
+    pub fn keep_leases<'a>(&self, ids: impl IntoIterator<Item = &'a TaskId>) {
+        let mut kept = self.inner.kept_leases.lock().expect("not poisoned");
+        kept.extend(ids.into_iter().cloned());
+    }
+
+    /// The tasks [`Self::keep_leases`] recorded.
+    pub fn kept_leases(&self) -> std::collections::HashSet<TaskId> {
+        self.inner.kept_leases.lock().expect("not poisoned").clone()
     }
 
     /// This process's own task figures.

@@ -208,8 +208,10 @@ impl Session {
             tracing::debug!(error = %e, "cannot remove a worker's presence record; it expires");
         }
         if matches!(ending, Ok(Ending::Shutdown)) && self.leaves_leases() {
-            // the worker runs them on, and re-attaches them to the next koo
+            // the worker runs them on, and re-attaches them to the next koo (the
+            // embedded store's save at shutdown keeps them running too)
             if !held.is_empty() {
+                self.engine.keep_leases(held.keys());
                 tracing::info!(worker = %self.record.id, tasks = held.len(), "koo is stopping: a re-attaching worker's tasks keep their leases");
             }
             return Ok(());

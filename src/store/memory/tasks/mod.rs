@@ -494,10 +494,12 @@ impl TaskBackend for MemoryTasks {
         Ok(())
     }
 
-    /// No other process serves these tasks: `fresh`.
+    /// The key created first (`fresh` when none was): kept with the
+    /// tasks, so that a restart from the data directory keeps running
+    /// tasks' secrets.
     #[instrument(skip_all, level = "debug")]
     async fn lease_key(&self, fresh: &str, _: Deadline) -> Result<String> {
-        Ok(fresh.to_owned())
+        Ok(self.write(|s, _| s.lease_key.get_or_insert_with(|| fresh.to_owned()).clone()))
     }
 
     #[instrument(skip_all, level = "debug")]

@@ -9,7 +9,7 @@
 //! Worker records are not saved: they describe processes, which a restart
 //! ends. Times are absolute (ms since the Unix epoch) already.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +38,10 @@ pub struct TasksImage {
     /// running sets are rebuilt from the RUNNING tasks).
     #[serde(default, skip_serializing_if = "FlowImage::is_empty")]
     pub flow: FlowImage,
+    /// The key of lease secrets (absent from older snapshots, and before
+    /// the first lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_key: Option<String>,
 }
 
 /// One saved task.
@@ -274,6 +278,7 @@ impl MemoryTasks {
                 .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
                 .collect(),
             flow: s.flow.image(now),
+            lease_key: s.lease_key.clone(),
         };
         drop(s);
         image.tasks = entries.iter().map(task_image).collect();
@@ -312,22 +317,25 @@ impl MemoryTasks {
                 .map(|(k, v)| (k, v.into_iter().collect()))
                 .collect();
             s.last_event = image.last_event;
+            s.lease_key = image.lease_key;
             s.flow = Flow::from_image(image.flow, &s.tasks);
         }
         store.shared.events.send_replace(image.last_event);
         Ok(store)
     }
 
-    /// Hands every running task back to its queue as a stopping worker
-    /// does (the attempt is given back, the log says why), so that it runs
-    /// again after a restart. How many.
-    pub fn hand_back_running(&self, limits: TaskLimits) -> u64 {
+    /// Hands every running task but the `kept` ones back to its queue as a
+    /// stopping worker does (the attempt is given back, the log says why),
+    /// so that it runs again after a restart. How many. A kept task stays
+    /// running with its lease: its worker re-attaches it to the restarted
+    /// koo, or the lease lapses.
+    pub fn hand_back_running(&self, limits: TaskLimits, kept: &HashSet<TaskId>) -> u64 {
         // (id, token, the attempt's log entry)
         let running: Vec<(TaskId, u32, String)> = {
             let s = self.lock();
             s.tasks
                 .values()
-                .filter(|e| e.task.state == State::Running)
+                .filter(|e| e.task.state == State::Running && !kept.contains(&e.task.id))
                 .map(|e| {
                     let t = &e.task;
                     let entry = serde_json::json!({
@@ -517,7 +525,7 @@ mod tests {
         let claim = m.claim_idempotency("k", "v", minute, dl()).await.unwrap();
         assert_eq!(claim, None);
 
-        assert_eq!(m.hand_back_running(limits), 1);
+        assert_eq!(m.hand_back_running(limits, &HashSet::new()), 1);
         let image = m.export();
         let json = serde_json::to_string(&image).unwrap();
         let back = MemoryTasks::import(serde_json::from_str(&json).unwrap()).unwrap();

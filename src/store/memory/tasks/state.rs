@@ -229,6 +229,10 @@ pub(super) struct Tasks {
     pub(super) workers: HashMap<String, (WorkerRecord, i64)>,
     /// Idempotency claims and when they expire (ms).
     pub(super) claims: HashMap<String, (String, i64)>,
+    /// The key of lease secrets, once created (saved with the tasks, so
+    /// that a worker re-attaching a running task to the restarted koo still
+    /// proves its lease).
+    pub(super) lease_key: Option<String>,
     /// The tasks waiting on each task that has not ended.
     /// A set in registration order, as `:dependents` on Redis (a set):
     /// registering twice lists a dependent once, in O(1).
