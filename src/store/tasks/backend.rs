@@ -670,8 +670,8 @@ pub trait TaskBackend: Send + Sync + 'static {
 
     /// The key of lease secrets: the one stored, or `fresh` stored now when
     /// there is none (`SET NX`, so that every process of a deployment ends
-    /// up with the first one written). The embedded store's is `fresh`: no
-    /// other process serves its tasks.
+    /// up with the first one written). The embedded store keeps the first
+    /// one with its tasks (saved with them).
     async fn lease_key(&self, fresh: &str, deadline: Deadline) -> Result<String>;
 
     /// Removes a stopping worker pool's record.

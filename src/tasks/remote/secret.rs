@@ -10,8 +10,9 @@
 //! in the task store (created once with `SET NX`, see
 //! [`crate::keys::lease_key`]), read once per process and re-checked once
 //! a lease (so that, after Redis lost its data, every process converges on
-//! the key stored first); or random per process on the embedded store
-//! (whose tasks no other process serves).
+//! the key stored first); on the embedded store, created at the first
+//! lease and saved with the tasks (`KOO_DATA_DIR`), so that a worker
+//! re-attaching its task to the restarted koo still proves its lease.
 //!
 //! The rules, applied by [`authorize`]: a report naming a stale lease is
 //! fenced (`ABORTED`) whatever it carries; a stream report on a task its
