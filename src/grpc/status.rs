@@ -119,6 +119,30 @@ pub mod work {
         Status::cancelled("the worker closed the stream before hello")
     }
 
+    /// The trailer that tells a re-attaching worker its leases were kept.
+    pub const LEASES_KEPT: &str = "koo-leases-kept";
+
+    /// How a re-attaching worker's stream ends when koo stops: its `kept`
+    /// leases stay, for it to re-attach to the next koo (the trailer
+    /// [`LEASES_KEPT`] says how many, so that the worker can tell this end
+    /// from one that ended its leases).
+    pub fn leases_kept(kept: usize) -> Status {
+        let mut status = Status::unavailable(format!(
+            "koo is stopping: the {kept} tasks this stream holds keep their leases; re-attach them (hello.held) to the next koo within the lease"
+        ));
+        status
+            .metadata_mut()
+            .insert(LEASES_KEPT, kept.to_string().parse().expect("digits"));
+        status
+    }
+
+    /// A hello to a koo that is stopping.
+    pub fn stopping() -> Status {
+        Status::unavailable(
+            "koo is stopping: connect to another koo, or to this one once it is back",
+        )
+    }
+
     /// Whether a read error of a Work stream is a message koo could not read
     /// (over the size limit, not valid protobuf, nested too deep: tonic's
     /// OUT_OF_RANGE, koo's codec's INVALID_ARGUMENT, a decompression

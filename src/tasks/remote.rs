@@ -127,6 +127,13 @@ impl Routing {
         }
     }
 
+    /// Whether a task is one this worker serves: of a queue it serves,
+    /// and a name it serves.
+    pub fn serves(&self, task: &Task) -> bool {
+        self.queues.contains(&task.id.queue())
+            && (self.names == ["*"] || self.names.contains(&task.name))
+    }
+
     fn filter(&self) -> Vec<&str> {
         self.names.iter().map(String::as_str).collect()
     }

@@ -14,6 +14,8 @@ use koo::pb::worker::v1::{
     self as wpb, work_request::Message as In, work_response::Message as Out,
     worker_service_client::WorkerServiceClient,
 };
+use std::collections::HashMap;
+
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -26,6 +28,7 @@ fn claim(id: &str, token: u32, secret: &str) -> wpb::HeldTask {
         task_id: id.into(),
         lease_token: token,
         lease_secret: secret.into(),
+        not_started: false,
     }
 }
 
@@ -37,12 +40,23 @@ fn reattaching(held: Vec<wpb::HeldTask>) -> wpb::Hello {
     }
 }
 
-/// A unary lease of one task of `NAME`: its id, token and secret.
-async fn lease(channel: Channel) -> (String, u32, String) {
-    let r = WorkerServiceClient::new(channel)
+/// A fresh connection to `koo`: a worker identity of its own (without
+/// keys, holdings are counted per connection).
+async fn connection(koo: &Koo) -> Channel {
+    Channel::from_shared(format!("http://{}", koo.server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+/// A unary lease of one task of `name`, on a connection of its own: its
+/// id, token and secret.
+async fn lease(koo: &Koo, name: &str) -> (String, u32, String) {
+    let r = WorkerServiceClient::new(connection(koo).await)
         .lease_task(wpb::LeaseTaskRequest {
             worker_name: "script".into(),
-            task_names: vec![NAME.into()],
+            task_names: vec![name.into()],
             wait: Some(millis(5000)),
             ..Default::default()
         })
@@ -61,24 +75,60 @@ fn complete(id: &str, token: u32) -> In {
     })
 }
 
+/// Reads koo's messages until `revokes` revokes and `cancels` cancels
+/// came (batched or not): the revokes' reasons by task, the cancels.
+async fn notices(
+    w: &mut StreamWorker,
+    revokes: usize,
+    cancels: usize,
+) -> (HashMap<String, String>, Vec<wpb::CancelRequested>) {
+    let (mut revoked, mut cancelled) = (HashMap::new(), Vec::new());
+    while revoked.len() < revokes || cancelled.len() < cancels {
+        let each = match w.next().await {
+            Out::Batch(b) => b.responses.into_iter().filter_map(|r| r.message).collect(),
+            one => vec![one],
+        };
+        for m in each {
+            match m {
+                Out::Revoked(r) => {
+                    revoked.insert(r.task_id, r.reason);
+                }
+                Out::Cancel(x) => cancelled.push(x),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    (revoked, cancelled)
+}
+
 /// Tasks leased elsewhere (here: unary leases, whose secrets the worker
-/// quotes) are named in a hello: the one proved is adopted (its cancel,
-/// asked for meanwhile, is passed on) and completes on the new stream
-/// without a secret, its attempt the first; a wrong secret, a stale
+/// quotes) are named in a hello: the one proved is adopted and completes
+/// on the new stream without a secret, its attempt the first; a cancel
+/// asked for meanwhile is passed on. A wrong secret, no secret, a stale
 /// token and an unknown task are revoked right after the welcome, each
-/// saying why. A malformed claim refuses the hello.
+/// saying why, their leases untouched; a task the worker never started,
+/// one of a name the stream does not serve and one past the worker's room
+/// go back to their queues, their attempts given back, and are revoked. A
+/// malformed claim refuses the hello.
 async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
-    let koo = start_on(backend, 0).await;
+    let koo = start_on_with(backend, 0, |s| s.limits.max_held_per_worker = 2).await;
     let mut c = client(&koo.server);
-    let mut ids = Vec::new();
-    for _ in 0..4 {
-        ids.push(submitted(&mut c, submit(NAME, serde_json::json!({}))).await);
-    }
+    let other = "test.reattach.unserved";
     let mut leases = Vec::new();
-    for _ in 0..4 {
-        leases.push(lease(koo.server.channel.clone()).await);
+    for name in [NAME, NAME, NAME, NAME, NAME, NAME, other, NAME] {
+        submitted(&mut c, submit(name, serde_json::json!({}))).await;
+        leases.push(lease(&koo, name).await);
     }
-    let (good, cancelled, bad_secret, stale) = (&leases[0], &leases[1], &leases[2], &leases[3]);
+    let [
+        good,
+        cancelled,
+        bad_secret,
+        no_secret,
+        stale,
+        unstarted,
+        unserved,
+        no_room,
+    ] = <[_; 8]>::try_from(leases).unwrap();
     c.cancel_task(pb::CancelTaskRequest {
         task_id: cancelled.0.clone(),
         reason: "not needed".into(),
@@ -90,58 +140,58 @@ async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
         claim(&good.0, good.1, &good.2),
         claim(&cancelled.0, cancelled.1, &cancelled.2),
         claim(&bad_secret.0, bad_secret.1, &good.2),
+        claim(&no_secret.0, no_secret.1, ""),
         claim(&stale.0, stale.1 + 1, &stale.2),
         claim(&unknown, 1, &good.2),
+        wpb::HeldTask {
+            not_started: true,
+            ..claim(&unstarted.0, unstarted.1, &unstarted.2)
+        },
+        claim(&unserved.0, unserved.1, &unserved.2),
+        claim(&no_room.0, no_room.1, &no_room.2),
     ];
-    let mut w = StreamWorker::open(&koo.server, reattaching(held)).await;
+    let mut w = StreamWorker::open_on(connection(&koo).await, reattaching(held)).await;
     assert!(w.welcome.adopts_held, "{:?}", w.welcome);
-    let mut revoked = std::collections::HashMap::new();
-    let mut cancels = Vec::new();
-    while revoked.len() < 3 || cancels.is_empty() {
-        let m = w.next_message().await.message.unwrap();
-        let each = match m {
-            Out::Batch(b) => b.responses.into_iter().filter_map(|r| r.message).collect(),
-            one => vec![one],
-        };
-        for m in each {
-            match m {
-                Out::Revoked(r) => {
-                    revoked.insert(r.task_id, r.reason);
-                }
-                Out::Cancel(x) => cancels.push(x),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-    assert!(
-        revoked[&bad_secret.0].contains("lease_secret"),
-        "{revoked:?}"
-    );
-    assert!(revoked[&stale.0].contains("no longer yours"), "{revoked:?}");
-    assert!(revoked[&unknown].contains("not found"), "{revoked:?}");
-    assert!(
-        revoked.values().all(|r| r.starts_with("not re-attached: ")),
-        "{revoked:?}"
-    );
+    let (revoked, cancels) = notices(&mut w, 7, 1).await;
+    let said = |id: &str, what: &str| {
+        let reason = &revoked[id];
+        assert!(reason.starts_with("not re-attached: "), "{reason}");
+        assert!(reason.contains(what), "{reason} lacks {what:?}");
+    };
+    said(&bad_secret.0, "not the secret of this lease");
+    said(&no_secret.0, "lease_secret: required to re-attach");
+    said(&stale.0, "no longer yours");
+    said(&unknown, "not found");
+    said(&unstarted.0, "never started it");
+    said(&unserved.0, "does not serve it");
+    said(&no_room.0, "KOO_MAX_HELD_PER_WORKER");
     assert_eq!(cancels.len(), 1);
-    assert_eq!(cancels[0].task_id, cancelled.0);
-    assert_eq!(cancels[0].reason, "not needed");
+    assert_eq!(
+        (cancels[0].task_id.as_str(), cancels[0].reason.as_str()),
+        (cancelled.0.as_str(), "not needed")
+    );
+    for (id, state, attempts) in [
+        (&bad_secret.0, pb::TaskState::Running, 1),
+        (&no_secret.0, pb::TaskState::Running, 1),
+        (&unstarted.0, pb::TaskState::Queued, 0),
+        (&unserved.0, pb::TaskState::Queued, 0),
+        (&no_room.0, pb::TaskState::Queued, 0),
+    ] {
+        let t = get_ok(&mut c, id).await;
+        assert_eq!((t.state, t.attempts), (state as i32, attempts), "{t:?}");
+    }
 
     w.send(complete(&good.0, good.1)).await;
-    let reply = match w.next().await {
-        Out::Reply(r) => r,
-        other => panic!("expected a reply, got {other:?}"),
-    };
+    let reply = w.reply().await;
     assert_eq!(
         (reply.code, reply.state),
         (0, pb::TaskState::Succeeded as i32),
         "{reply:?}"
     );
-    let t = get_ok(&mut c, &good.0).await;
-    assert_eq!(t.attempts, 1, "{t:?}");
+    assert_eq!(get_ok(&mut c, &good.0).await.attempts, 1);
 
     let bad = vec![claim("not-an-id", 1, "s")];
-    let err = StreamWorker::try_open(koo.server.channel.clone(), reattaching(bad))
+    let err = StreamWorker::try_open(connection(&koo).await, reattaching(bad))
         .await
         .err()
         .expect("refused");
@@ -215,6 +265,10 @@ async fn a_sigterm_keeps_only_the_reattaching_workers_lease(
     let back_id = submitted(&mut c, submit(other_name, serde_json::json!({}))).await;
     assert_eq!(plain.task().await.task.unwrap().id, back_id);
     koo.terminate().await;
+    let end = w.ended().await;
+    assert_eq!(end.code(), Code::Unavailable, "{end:?}");
+    let trailer = end.metadata().get("koo-leases-kept");
+    assert_eq!(trailer.map(|v| v.to_str().unwrap()), Some("1"), "{end:?}");
     koo.start().await;
     let t = get_ok(&mut c, &kept_id).await;
     assert_eq!(

@@ -7,10 +7,17 @@ from __future__ import annotations
 import socket
 import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
+import grpc
+import grpc.aio
 import pytest
 
 from koo import TaskCategory, TaskManager, Worker, WorkerEvent
+from koo._carry import MAX_CLAIMS, Carried, carry_for
+from koo._worker import _Run
+from koo.worker.v1 import worker_service_pb2 as wpb
 
 from .conftest import KooServer, RedisServer
 from .test_worker import running, wait_for
@@ -26,7 +33,7 @@ def test_a_koo_restart_restarts_no_running_task(store: str, stop: str, tmp_path:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         addr = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {"KOO_LISTEN": addr, "KOO_TASK_LEASE": "10s", "KOO_WORKER_CONCURRENCY": "0"}
+    env = {"KOO_LISTEN": addr, "KOO_WORKER_CONCURRENCY": "0"}
     env.update({"REDIS_URL": redis.url} if redis else {"KOO_DATA_DIR": str(tmp_path / "data")})
     server = KooServer(env)
     began, go = threading.Event(), threading.Event()
@@ -68,3 +75,40 @@ def test_a_koo_restart_restarts_no_running_task(store: str, stop: str, tmp_path:
         server.stop()
         if redis:
             redis.stop()
+
+
+def test_how_long_a_lost_streams_tasks_are_carried() -> None:
+    """A lease when koo said it kept the leases; a heartbeat interval when
+    the connection failed with no word from koo; not at all when koo ended
+    the stream or refused it (it ended the leases)."""
+
+    def ended(code: grpc.StatusCode, trailers: tuple[tuple[str, str], ...] = ()) -> grpc.aio.AioRpcError:
+        return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), "ended")
+
+    assert carry_for(ended(grpc.StatusCode.UNAVAILABLE, (("koo-leases-kept", "2"),)), 30.0) == 30.0
+    assert carry_for(ended(grpc.StatusCode.UNAVAILABLE), 30.0) == 10.0
+    assert carry_for(ended(grpc.StatusCode.INTERNAL), 30.0) == 10.0
+    for code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.CANCELLED):
+        assert carry_for(ended(code), 30.0) is None
+
+
+def test_what_a_hello_names() -> None:
+    """Outcomes and runs, a run never started named as such, a task without
+    a lease secret left out, and no more than koo reads."""
+
+    def run(tid: str, secret: str = "s") -> _Run:
+        a = wpb.TaskAssignment(lease_token=1, lease_secret=secret)
+        a.task.id = tid
+        return cast(_Run, SimpleNamespace(assignment=a, task_id=tid))
+
+    carried = Carried()
+    began, pushed, blind = run("began"), run("pushed"), run("blind", secret="")
+    carried.runs = {"began": began, "pushed": pushed, "blind": blind}
+    done = wpb.Complete(task_id="done", lease_token=2, lease_secret="d")
+    carried.outcomes = {"done": wpb.WorkRequest(complete=done)}
+    claims = {c.task_id: c for c in carried.claims(lambda r: r is began)}
+    assert set(claims) == {"done", "began", "pushed"}
+    assert (claims["done"].lease_token, claims["done"].lease_secret) == (2, "d")
+    assert not claims["began"].not_started and claims["pushed"].not_started
+    carried.runs = {f"t{i}": run(f"t{i}") for i in range(MAX_CLAIMS + 5)}
+    assert len(carried.claims(lambda r: True)) == MAX_CLAIMS

@@ -47,6 +47,11 @@ impl WorkerApi {
         let recheck = request.extensions().get::<Recheck>().cloned();
         let mut messages = request.into_inner();
         let hello = read_hello(&mut messages, self.request_timeout).await?;
+        if self.shutdown.is_cancelled() {
+            // a worker that reconnected to a koo on its way out goes on to
+            // the next one (or this one, restarted)
+            return Err(work::stopping());
+        }
         let known = self.engine.config().queues();
         let declared = scope::narrow(&caller, "hello.", declared(hello.queues, hello.task_names))?;
         let routing = Routing::new(&declared.task_names, &declared.queues, &known)
@@ -103,7 +108,10 @@ impl WorkerApi {
                 (_, Some(status)) => {
                     let _ = errors_tx.send(status);
                 }
-                (Ok(()), None) => tracing::info!(worker = %id, "external worker disconnected"),
+                (Ok(Some(kept)), None) => {
+                    let _ = errors_tx.send(work::leases_kept(kept));
+                }
+                (Ok(None), None) => tracing::info!(worker = %id, "external worker disconnected"),
                 (Err(e), None) => {
                     let status = unread
                         .lock()
@@ -253,6 +261,7 @@ fn claims(held: Vec<pb::HeldTask>) -> Vec<remote::Claim> {
             id: h.task_id,
             token: h.lease_token,
             secret: h.lease_secret,
+            not_started: h.not_started,
         })
         .collect()
 }

@@ -182,13 +182,15 @@ impl Session {
     /// Runs the session until the worker hangs up or `stop` fires, reading
     /// `inbound` and writing to `out`. Every task held at the end goes back
     /// at once: its attempt given back when koo is stopping or when it
-    /// never started (see the module doc), counted otherwise.
+    /// never started (see the module doc), counted otherwise; except when
+    /// koo stops under a worker that re-attaches its tasks: their leases
+    /// stay, and the number kept is returned (`Some`, zero included).
     pub async fn run(
         mut self,
         inbound: impl Stream<Item = Inbound> + Unpin,
         out: mpsc::Sender<Outbound>,
         stop: CancellationToken,
-    ) -> Result<(), TaskError> {
+    ) -> Result<Option<usize>, TaskError> {
         let (mut held, notices) = adopt::take_adopted(&mut self);
         let ending = if reports::send_all(&out, notices).await {
             self.serve(inbound, &out, &stop, &mut held).await
@@ -214,7 +216,7 @@ impl Session {
                 self.engine.keep_leases(held.keys());
                 tracing::info!(worker = %self.record.id, tasks = held.len(), "koo is stopping: a re-attaching worker's tasks keep their leases");
             }
-            return Ok(());
+            return Ok(Some(held.len()));
         }
         let window = heartbeat_interval(self.engine.config().lease);
         let (engine, worker) = (&self.engine, self.record.id.as_str());
@@ -245,7 +247,7 @@ impl Session {
                 }
             })
             .await;
-        ending.map(|_| ())
+        ending.map(|_| None)
     }
 
     /// The session's loop: takes work while there is room, and waits for

@@ -34,7 +34,7 @@ import grpc
 import grpc.aio
 
 from koo import _otel
-from koo._carry import Carried
+from koo._carry import Carried, carry_for
 from koo._connection import Connection, Settings, rpc
 from koo._events import EventHook, EventHooks
 from koo._loopwatch import LoopWatch
@@ -352,13 +352,15 @@ class Worker:
                 queues=sorted(queues),
                 concurrency=self.concurrency,
                 accept_batches=True,
-                held=self._carried.claims(),
+                held=self._carried.claims(lambda r: r in self._started),
                 reattach=True,
             )
         )
         stub = wgrpc.WorkerServiceStub(self._conn.channel())
         call = stub.Work(session.requests(hello), metadata=self._conn.metadata())
         welcomed = False
+        # how long to carry the tasks on when the stream ends (see koo._carry)
+        carrying: float | None = None
         hb: asyncio.Task[None] | None = None
         stopper = asyncio.ensure_future(self._drain_then_close(session, call))
         try:
@@ -412,6 +414,7 @@ class Worker:
             if not self._stopping.is_set():
                 log.warning("stream ended: %s: %s", e.code().name, e.details())
                 self._events.emit("disconnected", error=f"{e.code().name}: {e.details()}")
+            carrying = carry_for(e, session.lease)
         finally:
             self.connected.clear()
             session.closed = True
@@ -419,8 +422,8 @@ class Worker:
             stopper.cancel()
             if hb is not None:
                 hb.cancel()
-            if session.adopts and not self._stopping.is_set():
-                self._carried.keep(session, loop.time())
+            if carrying is not None and session.adopts and not self._stopping.is_set():
+                self._carried.keep(session, loop.time() + carrying)
             for run in list(session.held.values()):
                 run.ctx._abandon("stream lost")
             session.held.clear()
@@ -434,17 +437,21 @@ class Worker:
         gets none of it: those handlers are told to stop. How many tasks
         were named in the hello."""
         runs, outcomes = self._carried.take()
+        for tid, msg in outcomes.items():
+            # an older koo takes them too (with their lease secrets)
+            self._send_outcome(session, tid, msg, 1)
         if not session.adopts:
             for run in runs.values():
                 run.ctx._abandon("stream lost (this koo does not re-attach tasks)")
-            return 0
+            return len(outcomes)
         for tid, run in runs.items():
-            run.session = session
-            session.held[tid] = run
-            if run not in self._started:
-                self._start(session, run)
-        for tid, msg in outcomes.items():
-            self._send_outcome(session, tid, msg, 1)
+            if run in self._started and run.assignment.lease_secret:
+                run.session = session
+                session.held[tid] = run
+            else:
+                # named as never started: koo hands it back (or, without a
+                # secret, it was not named: its lease lapses)
+                run.ctx._abandon("stream lost before it started")
         if runs or outcomes:
             log.info("re-attached %d running tasks and %d outcomes to the new stream", len(runs), len(outcomes))
         return len(runs) + len(outcomes)

@@ -25,13 +25,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::held::Held;
-use super::{CALL, MAX_CONCURRENCY, Outbound, Session};
-use crate::domain::task::{Task, TaskId};
+use super::{CALL, MAX_CONCURRENCY, MAX_GIVEN_BACK, Outbound, Session};
+use crate::domain::task::{State, Task, TaskId};
 use crate::store::Deadline;
-use crate::tasks::engine::TaskError;
+use crate::tasks::engine::{TaskEngine, TaskError};
 use crate::tasks::remote::{Proof, authorize};
 
-/// Store reads of one hello's claims in flight at once.
+/// Store calls of one hello's claims in flight at once.
 const CLAIMS_IN_FLIGHT: usize = 16;
 
 /// A task a worker says it still runs, by the lease it got with it.
@@ -43,6 +43,24 @@ pub struct Claim {
     pub token: u32,
     /// Its lease secret.
     pub secret: String,
+    /// The worker never began it: it goes back rather than being adopted.
+    pub not_started: bool,
+}
+
+/// What becomes of a proven claim.
+enum Step {
+    /// Held by this stream from now on (room taken).
+    Adopt(Box<Task>),
+    /// Back to its queue, its attempt given back, and revoked: why.
+    GiveBack(Box<Task>, String),
+}
+
+/// What the store calls of a step gave.
+enum Done {
+    /// Adopted, with the reason of a cancel asked for meanwhile.
+    Adopted(Box<Task>, Option<String>),
+    /// Revoked: why.
+    Refused(String),
 }
 
 impl Session {
@@ -62,51 +80,69 @@ impl Session {
     }
 
     /// Adopts the tasks the worker's hello names (`hello.held`): each one
-    /// whose lease is current and whose secret matches is held from now
+    /// whose lease is current, whose secret matches, that this stream
+    /// serves and has room for, and that the worker began, is held from now
     /// on; the others are revoked when the session starts, each with the
-    /// reason. A malformed claim refuses the whole hello (INVALID_ARGUMENT
-    /// naming it), as does a store that does not answer (the worker tries
-    /// again, its tasks still running, their leases untouched).
+    /// reason (those proven but not adopted go back to their queues first,
+    /// their attempts given back). A malformed hello (an id that does not
+    /// parse, an id named twice, too many) is refused INVALID_ARGUMENT
+    /// naming the claim; a store that does not answer refuses it too (the
+    /// worker tries again, its tasks still running, their leases
+    /// untouched). All of it within one call's deadline.
     pub async fn adopt(&mut self, claims: Vec<Claim>) -> Result<(), TaskError> {
         let claims = check(claims)?;
+        let deadline = Deadline::after(CALL);
+        let mut steps = Vec::with_capacity(claims.len());
+        let mut refused = Vec::new();
+        {
+            let engine = &self.engine;
+            let mut proofs = futures::stream::iter(claims)
+                .map(|(id, c)| async move {
+                    let got = prove(engine, &id, &c, deadline).await;
+                    (id, c, got)
+                })
+                .buffered(CLAIMS_IN_FLIGHT);
+            while let Some((id, c, got)) = proofs.next().await {
+                match got {
+                    Ok(task) => steps.push((id, c, task)),
+                    Err(e) => refused.push(revoked(id, refusal(e)?)),
+                }
+            }
+        }
+        self.notices.extend(refused);
+        let steps: Vec<(TaskId, u32, Step)> = steps
+            .into_iter()
+            .map(|(id, c, task)| (id, c.token, self.step(task, c.not_started)))
+            .collect();
         let engine = &self.engine;
-        let results: Vec<(TaskId, Result<Reclaimed, TaskError>)> = futures::stream::iter(claims)
-            .map(|(id, c)| async move {
-                let got = reclaim(engine, &id, c.token, &c.secret).await;
+        let mut done = futures::stream::iter(steps)
+            .map(|(id, token, step)| async move {
+                let got = take(engine, &id, token, step, deadline).await;
                 (id, got)
             })
-            .buffered(CLAIMS_IN_FLIGHT)
-            .collect()
-            .await;
+            .buffered(CLAIMS_IN_FLIGHT);
         let grace = self.engine.config().cancel_grace;
-        for (id, got) in results {
-            let refusal = match got {
-                Ok((task, cancel)) if self.taken.take_one() => {
-                    let mut h = adopted(task);
+        let mut adopted = HashMap::new();
+        let mut notices = Vec::new();
+        while let Some((id, got)) = done.next().await {
+            match got? {
+                Done::Adopted(task, cancel) => {
+                    let mut h = adopted_held(*task);
                     if let Some(reason) = cancel {
                         h.cancel_at = Some(Instant::now() + grace);
-                        let id = id.clone();
-                        self.notices.push(Outbound::Cancel { id, reason });
+                        notices.push(Outbound::Cancel {
+                            id: id.clone(),
+                            reason,
+                        });
                     }
-                    self.adopted.insert(id, h);
-                    continue;
+                    adopted.insert(id, h);
                 }
-                Ok(_) => {
-                    let tally = self.taken.tally();
-                    TaskError::TooManyHeld {
-                        held: tally.held(),
-                        bound: tally.bound(),
-                    }
-                    .to_string()
-                }
-                Err(e @ (TaskError::Fenced(_) | TaskError::NotFound(_))) => e.to_string(),
-                Err(TaskError::Forbidden(why)) => why,
-                Err(e) => return Err(e),
-            };
-            tracing::info!(worker = self.id(), task = %id, reason = %refusal, "a re-attached task is refused");
-            let reason = format!("not re-attached: {refusal}");
-            self.notices.push(Outbound::Revoked { id, reason });
+                Done::Refused(reason) => notices.push(revoked(id, reason)),
+            }
         }
+        drop(done);
+        self.adopted.extend(adopted);
+        self.notices.extend(notices);
         if !self.adopted.is_empty() {
             tracing::info!(
                 worker = self.id(),
@@ -116,11 +152,112 @@ impl Session {
         }
         Ok(())
     }
+
+    /// What becomes of a proven claim: adopted when this stream serves it,
+    /// the worker began it and there is room (taken now), else given back.
+    fn step(&mut self, task: Task, not_started: bool) -> Step {
+        if !self.routing.serves(&task) {
+            let why =
+                "this stream does not serve it (its queue or its name); it went back to its queue";
+            Step::GiveBack(Box::new(task), why.to_owned())
+        } else if not_started {
+            let why = "the worker never started it; it went back to its queue";
+            Step::GiveBack(Box::new(task), why.to_owned())
+        } else if !self.taken.take_one() {
+            let tally = self.taken.tally();
+            let full = TaskError::TooManyHeld {
+                held: tally.held(),
+                bound: tally.bound(),
+            };
+            Step::GiveBack(Box::new(task), format!("{full}; it went back to its queue"))
+        } else {
+            Step::Adopt(Box::new(task))
+        }
+    }
+}
+
+/// The revoke of a claim not re-attached.
+fn revoked(id: TaskId, why: String) -> Outbound {
+    tracing::info!(task = %id, reason = %why, "a re-attached task is refused");
+    let reason = format!("not re-attached: {why}");
+    Outbound::Revoked { id, reason }
+}
+
+/// Why a claim is refused, for a failure that refuses that claim alone;
+/// any other failure (the store did not answer) refuses the hello.
+fn refusal(e: TaskError) -> Result<String, TaskError> {
+    match e {
+        TaskError::Fenced(_) | TaskError::NotFound(_) => Ok(e.to_string()),
+        TaskError::Forbidden(why) => Ok(why),
+        e => Err(e),
+    }
+}
+
+/// Reads the claimed task and checks that the lease is current and the
+/// secret its own (a claim without one is refused, whatever
+/// `KOO_LEASE_SECRETS` says: adopting is taking over a lease).
+async fn prove(
+    engine: &TaskEngine,
+    id: &TaskId,
+    claim: &Claim,
+    deadline: Deadline,
+) -> Result<Task, TaskError> {
+    let task = engine.get(id.as_str(), deadline).await?;
+    if claim.secret.is_empty() && task.state == State::Running && task.token == claim.token {
+        return Err(TaskError::Forbidden(
+            "lease_secret: required to re-attach a task (the lease_secret that came with it)"
+                .to_owned(),
+        ));
+    }
+    authorize(
+        engine,
+        &task,
+        claim.token,
+        Proof::given(&claim.secret),
+        deadline,
+    )
+    .await?;
+    Ok(task)
+}
+
+/// The store calls of a step: a heartbeat extends an adopted lease; a
+/// task given back is released (its attempt counted instead once it was
+/// given back [`MAX_GIVEN_BACK`] times, so that a task cannot bounce for
+/// ever). A lease that lapsed meanwhile refuses the claim.
+async fn take(
+    engine: &TaskEngine,
+    id: &TaskId,
+    token: u32,
+    step: Step,
+    deadline: Deadline,
+) -> Result<Done, TaskError> {
+    let got = match step {
+        Step::Adopt(task) => engine
+            .heartbeat(id, token, deadline)
+            .await
+            .map(|cancel| Done::Adopted(task, cancel)),
+        Step::GiveBack(task, why) => give_back(engine, &task, deadline)
+            .await
+            .map(|()| Done::Refused(why)),
+    };
+    match got {
+        Err(e @ TaskError::Fenced(_)) => Ok(Done::Refused(e.to_string())),
+        other => other,
+    }
+}
+
+/// Hands a proven claim's task back to its queue.
+async fn give_back(engine: &TaskEngine, task: &Task, deadline: Deadline) -> Result<(), TaskError> {
+    if task.token.saturating_sub(task.attempts) >= MAX_GIVEN_BACK {
+        return engine.abandon(&task.id, task.token, deadline).await;
+    }
+    let worker = task.worker.as_deref().unwrap_or_default();
+    engine.release(task, worker, deadline).await
 }
 
 /// The claims, each id parsed: INVALID_ARGUMENT naming the first wrong
-/// one (an id that does not parse, a missing secret, an id named twice),
-/// or when there are more than a worker may hold.
+/// one (an id that does not parse, an id named twice), or when there are
+/// more than a worker may hold.
 fn check(claims: Vec<Claim>) -> Result<Vec<(TaskId, Claim)>, TaskError> {
     if claims.len() > MAX_CONCURRENCY as usize {
         return Err(TaskError::invalid(
@@ -133,12 +270,6 @@ fn check(claims: Vec<Claim>) -> Result<Vec<(TaskId, Claim)>, TaskError> {
     for (i, c) in claims.into_iter().enumerate() {
         let id = TaskId::parse(&c.id)
             .map_err(|e| TaskError::invalid(&format!("hello.held[{i}].task_id"), e.to_string()))?;
-        if c.secret.is_empty() {
-            return Err(TaskError::invalid(
-                &format!("hello.held[{i}].lease_secret"),
-                "required: the lease_secret that came with the task",
-            ));
-        }
         if !seen.insert(id.clone()) {
             return Err(TaskError::invalid(
                 &format!("hello.held[{i}].task_id"),
@@ -150,28 +281,10 @@ fn check(claims: Vec<Claim>) -> Result<Vec<(TaskId, Claim)>, TaskError> {
     Ok(out)
 }
 
-/// A reclaimed task, and the reason of a cancel asked for meanwhile.
-type Reclaimed = (Task, Option<String>);
-
-/// Reads the task, checks that the lease is current and the secret its
-/// own, and extends it.
-async fn reclaim(
-    engine: &crate::tasks::engine::TaskEngine,
-    id: &TaskId,
-    token: u32,
-    secret: &str,
-) -> Result<Reclaimed, TaskError> {
-    let deadline = Deadline::after(CALL);
-    let task = engine.get(id.as_str(), deadline).await?;
-    authorize(engine, &task, token, Proof::given(secret), deadline).await?;
-    let cancel = engine.heartbeat(id, token, deadline).await?;
-    Ok((task, cancel))
-}
-
 /// A re-attached task as the session holds it: its time limits run from
 /// its attempt's start (one past while the worker was away fires at
 /// once), and the worker has spoken about it (it runs it).
-fn adopted(task: Task) -> Held {
+fn adopted_held(task: Task) -> Held {
     let now = Instant::now();
     let wall = crate::store::unix_millis(SystemTime::now());
     let started = task.started_ms.unwrap_or(wall);
@@ -208,6 +321,7 @@ mod tests {
             id: id.into(),
             token: 1,
             secret: secret.into(),
+            not_started: false,
         }
     }
 
@@ -219,12 +333,6 @@ mod tests {
         assert_eq!(check(vec![good.clone()]).unwrap().len(), 1);
         let e = check(vec![good.clone(), claim("nope", "s")]).unwrap_err();
         assert!(e.to_string().starts_with("hello.held[1].task_id:"), "{e}");
-        let e = check(vec![claim(id.as_str(), "")]).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("hello.held[0].lease_secret: required"),
-            "{e}"
-        );
         let e = check(vec![good.clone(), good.clone()]).unwrap_err();
         assert!(e.to_string().contains("named twice"), "{e}");
         let many = vec![good; MAX_CONCURRENCY as usize + 1];
@@ -241,7 +349,7 @@ mod tests {
         task.started_ms = Some(wall - 10_000);
         task.soft_ms = 5_000;
         task.hard_ms = 60_000;
-        let h = adopted(task);
+        let h = adopted_held(task);
         let now = Instant::now();
         assert!(h.soft_at.unwrap() <= now, "the soft limit passed");
         let hard = h.hard_at.unwrap() - now;

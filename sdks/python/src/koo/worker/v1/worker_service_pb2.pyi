@@ -252,11 +252,14 @@ class Hello(_message.Message):
     """The worker keeps running its tasks when the stream ends and names them
     in `held` when it connects again. koo stopping (SIGTERM, a rolling
     restart) then leaves their leases in place rather than handing the
-    tasks back: the worker re-attaches them to the next koo it reaches
-    within the lease, and a task it does not re-attach lapses as any lease
-    does (its attempt counted). A stream that ends any other way (the
-    worker's connection closed or broke) ends its leases at once, as
-    without it.
+    tasks back, and ends the stream with UNAVAILABLE and the trailer
+    `koo-leases-kept` (the number of tasks): the worker re-attaches them to
+    the next koo it reaches within the lease, and a task it does not
+    re-attach lapses as any lease does (its attempt counted). A stream that
+    ends any other way (the worker's connection closed or broke) ends its
+    leases at once, as without it: a worker that is not told its leases
+    were kept should stop its tasks once it learns koo is alive (a
+    re-attach then revokes them).
     """
     @_builtins.property
     def task_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -273,14 +276,16 @@ class Hello(_message.Message):
     def held(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldTask]:
         """Tasks this worker still runs from an earlier stream (to this koo or
         another of the deployment) that ended while they ran: koo adopts each
-        one whose lease is still current and whose `lease_secret` matches
-        (its lease is extended, and from the welcome on this stream holds it
-        as if koo had pushed it here); every other one is revoked right after
-        the welcome, with the reason. A koo that reads it says so in its
-        welcome (`adopts_held`); older releases ignore it, and a worker should
-        then stop those tasks (nobody extends their leases). Up to 1024 tasks;
-        an adopted task counts towards `concurrency` and the worker's
-        KOO_MAX_HELD_PER_WORKER.
+        one whose lease is still current, whose `lease_secret` matches and
+        that this stream serves (its lease is extended, and from the welcome
+        on this stream holds it as if koo had pushed it here); every other one
+        is revoked right after the welcome, with the reason (one this stream
+        does not serve, or has no room for, goes back to its queue, its
+        attempt given back). A koo that reads it says so in its welcome
+        (`adopts_held`); older releases ignore it, and a worker should then
+        stop those tasks (nobody extends their leases). Up to 1024 tasks, each
+        named once (else INVALID_ARGUMENT); an adopted task counts towards
+        `concurrency` and the worker's KOO_MAX_HELD_PER_WORKER.
         """
 
     def __init__(
@@ -311,22 +316,31 @@ class HeldTask(_message.Message):
     TASK_ID_FIELD_NUMBER: _builtins.int
     LEASE_TOKEN_FIELD_NUMBER: _builtins.int
     LEASE_SECRET_FIELD_NUMBER: _builtins.int
+    NOT_STARTED_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """The task."""
     lease_token: _builtins.int
     """Its lease token (TaskAssignment.lease_token)."""
     lease_secret: _builtins.str
-    """Its lease secret (TaskAssignment.lease_secret): required."""
+    """Its lease secret (TaskAssignment.lease_secret): a claim without it is
+    revoked.
+    """
+    not_started: _builtins.bool
+    """The worker never began the task (it was pushed, and not started when
+    the stream ended): koo hands it back to its queue, its attempt given
+    back, and revokes it, rather than adopting it.
+    """
     def __init__(
         self,
         *,
         task_id: _builtins.str = ...,
         lease_token: _builtins.int = ...,
         lease_secret: _builtins.str = ...,
+        not_started: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_secret", b"lease_secret", "lease_token", b"lease_token", "not_started", b"not_started", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
