@@ -14,7 +14,7 @@ use koo::domain::task::{Priority, QueueName, State, Task, TaskId};
 use koo::keys::QueueKeys;
 use koo::store::Deadline;
 use koo::store::clock::Clock;
-use koo::store::tasks::{Beat, DependReply, LeaseAsk, TaskLimits, TaskStore};
+use koo::store::tasks::{Beat, DependReply, LeaseAsk, TakeOver, TaskLimits, TaskStore};
 use redis::AsyncCommands;
 
 fn later() -> Deadline {
@@ -101,6 +101,7 @@ macro_rules! on_both {
 on_both!(
     leases_follow_priority_then_submission_order,
     lapsed_lease_is_recovered_and_the_old_holder_fenced,
+    a_take_over_fences_out_the_former_holder,
     poison_task_is_dead_lettered,
     acks_early_fails_a_lost_task_visibly,
     retries_then_fails_when_the_budget_is_spent,
@@ -121,7 +122,7 @@ on_both!(
 
 /// Scenarios on a Redis Cluster too (three masters, three replicas; the
 /// queue's keys in one slot): `task_store::cluster::<scenario>`. Every
-/// scenario above passed there; these ten cover each transition script
+/// scenario above passed there; these eleven cover each transition script
 /// while keeping the Cluster cases' wall time (a cluster each) bounded.
 mod cluster {
     macro_rules! on_cluster {
@@ -138,6 +139,7 @@ mod cluster {
     on_cluster!(
         leases_follow_priority_then_submission_order,
         lapsed_lease_is_recovered_and_the_old_holder_fenced,
+        a_take_over_fences_out_the_former_holder,
         poison_task_is_dead_lettered,
         scheduling_and_result_expiry,
         progress_and_events_are_fenced_and_ordered,
@@ -410,6 +412,64 @@ async fn lapsed_lease_is_recovered_and_the_old_holder_fenced(f: Fixture) {
             .await,
         None
     );
+}
+
+/// A take-over (a worker re-attaching its task to a new stream) moves the
+/// lease to the new worker under the next token, the same attempt: the
+/// former holder's heartbeat, take-over and report are fenced, the lease
+/// runs on from the take-over, and a cancel asked for comes with it.
+async fn a_take_over_fences_out_the_former_holder(f: Fixture) {
+    let task = f.task("t", Priority::Normal, 3);
+    f.submit(&task).await;
+    let first = f.lease("old", Duration::from_secs(10)).await.unwrap();
+    assert_eq!(first.token, 1);
+    f.clock.advance(Duration::from_secs(8));
+    let lease = Duration::from_secs(60);
+    let took = f.store.take_over(&task.id, 1, "new", lease, later()).await;
+    let took = took.unwrap();
+    assert_eq!(
+        took,
+        TakeOver::Taken {
+            token: 2,
+            cancel: None
+        }
+    );
+    let t = f.get(&task.id).await;
+    assert_eq!(
+        (t.state, t.attempts, t.token, t.worker.as_deref()),
+        (State::Running, 1, 2, Some("new"))
+    );
+    let beat = f.store.heartbeat(&task.id, 1, lease, later()).await;
+    assert_eq!(beat.unwrap(), Beat::Lost, "the former holder's heartbeat");
+    let again = f
+        .store
+        .take_over(&task.id, 1, "third", lease, later())
+        .await;
+    assert_eq!(again.unwrap(), TakeOver::Lost);
+    // past the first lease's end: the taken-over one still runs
+    f.clock.advance(Duration::from_secs(8));
+    let recovered = f
+        .store
+        .recover(&f.queue, true, TaskLimits::default(), later())
+        .await
+        .unwrap()
+        .handled;
+    assert_eq!(recovered, 0, "the taken-over lease runs from the take-over");
+    f.store
+        .cancel(&task.id, "stop", TaskLimits::default(), later())
+        .await
+        .unwrap();
+    let took = f
+        .store
+        .take_over(&task.id, 2, "newer", lease, later())
+        .await;
+    let cancel = Some("stop".to_owned());
+    assert_eq!(took.unwrap(), TakeOver::Taken { token: 3, cancel });
+    let late = Outcome::Succeeded("\"late\"".into());
+    assert_eq!(f.finish(&task.id, 2, late).await, None);
+    let ok = Outcome::Succeeded("\"ok\"".into());
+    assert_eq!(f.finish(&task.id, 3, ok).await, Some(State::Succeeded));
+    assert_eq!(f.get(&task.id).await.attempts, 1);
 }
 
 /// A task that kills its worker every time is dead-lettered after

@@ -19,7 +19,10 @@ use std::collections::HashMap;
 use tonic::Code;
 use tonic::transport::Channel;
 
-on_both!(a_hello_adopts_what_it_proves_and_revokes_the_rest);
+on_both!(
+    a_hello_adopts_what_it_proves_and_revokes_the_rest,
+    adopting_fences_out_the_former_holder,
+);
 
 const NAME: &str = "test.reattach.job";
 
@@ -152,6 +155,22 @@ async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
     ];
     let mut w = StreamWorker::open_on(connection(&koo).await, reattaching(held)).await;
     assert!(w.welcome.adopts_held, "{:?}", w.welcome);
+    let adopted: HashMap<_, _> = w
+        .welcome
+        .adopted
+        .iter()
+        .map(|a| (a.task_id.clone(), (a.lease_token, a.lease_secret.clone())))
+        .collect();
+    assert_eq!(adopted.len(), 2, "{adopted:?}");
+    let (token, secret) = adopted[&good.0].clone();
+    assert_eq!(
+        token,
+        good.1 + 1,
+        "the lease is taken over under the next token"
+    );
+    assert_eq!(secret.len(), 22);
+    assert_ne!(secret, good.2);
+    assert_eq!(adopted[&cancelled.0].0, cancelled.1 + 1);
     let (revoked, cancels) = notices(&mut w, 7, 1).await;
     let said = |id: &str, what: &str| {
         let reason = &revoked[id];
@@ -181,7 +200,10 @@ async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
         assert_eq!((t.state, t.attempts), (state as i32, attempts), "{t:?}");
     }
 
+    // the old token is fenced out; the new one ends the same attempt
     w.send(complete(&good.0, good.1)).await;
+    assert_eq!(w.reply().await.code, Code::Aborted as i32);
+    w.send(complete(&good.0, token)).await;
     let reply = w.reply().await;
     assert_eq!(
         (reply.code, reply.state),
@@ -200,6 +222,44 @@ async fn a_hello_adopts_what_it_proves_and_revokes_the_rest(backend: Backend) {
         err.message().starts_with("hello.held[0].task_id"),
         "{err:?}"
     );
+}
+
+/// A task pushed to a stream that is still open is re-attached to another
+/// (a worker whose old connection koo has not yet seen drop): the old
+/// stream can no longer hand it back (what its end would do: its token is
+/// fenced), and the new stream completes it in its first attempt.
+async fn adopting_fences_out_the_former_holder(backend: Backend) {
+    let koo = start_on(backend, 0).await;
+    let mut c = client(&koo.server);
+    let mut old =
+        StreamWorker::open_on(connection(&koo).await, hello("old", &[NAME], &[], 1)).await;
+    let id = submitted(&mut c, submit(NAME, serde_json::json!({}))).await;
+    let pushed = old.task().await;
+    let held = vec![claim(&id, pushed.lease_token, &pushed.lease_secret)];
+    let mut new = StreamWorker::open_on(connection(&koo).await, reattaching(held)).await;
+    let token = new.welcome.adopted[0].lease_token;
+    assert_eq!(token, pushed.lease_token + 1);
+    let t = get_ok(&mut c, &id).await;
+    assert!(t.worker.starts_with("again/"), "{t:?}");
+    old.send(In::Release(wpb::Release {
+        task_id: id.clone(),
+        lease_token: pushed.lease_token,
+        reason: "the old stream's end".into(),
+    }))
+    .await;
+    let refused = old.reply().await;
+    assert_eq!(refused.code, Code::Aborted as i32, "{refused:?}");
+    drop(old);
+    new.send(complete(&id, token)).await;
+    let reply = new.reply().await;
+    assert_eq!(
+        (reply.code, reply.state),
+        (0, pb::TaskState::Succeeded as i32),
+        "{reply:?}"
+    );
+    let t = get_ok(&mut c, &id).await;
+    let log: Vec<&str> = t.attempt_log.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!((t.attempts, log), (1, vec!["succeeded"]), "{t:?}");
 }
 
 /// One `koo serve` with a 10 s lease (longer than a restart) and no
@@ -235,7 +295,11 @@ async fn pushed(w: &mut StreamWorker) -> (String, u32, String) {
 async fn reattach_and_complete(port: u16, task: &(String, u32, String)) -> StreamWorker {
     let claims = vec![claim(&task.0, task.1, &task.2)];
     let mut w = StreamWorker::open_on(lazy_channel(port), reattaching(claims)).await;
-    w.send(complete(&task.0, task.1)).await;
+    let adopted = &w.welcome.adopted;
+    assert_eq!(adopted.len(), 1, "{adopted:?}");
+    assert_eq!(adopted[0].lease_token, task.1 + 1);
+    let token = adopted[0].lease_token;
+    w.send(complete(&task.0, token)).await;
     let reply = w.reply().await;
     assert_eq!(
         (reply.code, reply.state),

@@ -74,6 +74,7 @@ impl WorkerApi {
             session.id(),
             self.engine.config().lease,
             self.max_message_size,
+            session.adopted_leases(),
         );
         tracing::info!(worker = session.id(), "external worker connected");
         Ok(self.serve(session, messages, welcome, hello.accept_batches, recheck))
@@ -236,8 +237,14 @@ async fn read_hello(
     }
 }
 
-/// The first message koo sends: the worker's id and its lease terms.
-fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::WorkResponse {
+/// The first message koo sends: the worker's id, its lease terms, and
+/// the leases it re-attached (under their new tokens).
+fn welcome(
+    worker_id: &str,
+    lease: Duration,
+    max_message_size: usize,
+    adopted: &[remote::Claim],
+) -> pb::WorkResponse {
     pb::WorkResponse {
         message: Some(Out::Welcome(pb::Welcome {
             worker_id: worker_id.to_owned(),
@@ -250,6 +257,15 @@ fn welcome(worker_id: &str, lease: Duration, max_message_size: usize) -> pb::Wor
             max_message_size: i32::try_from(max_message_size).unwrap_or(i32::MAX),
             time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
             adopts_held: true,
+            adopted: adopted
+                .iter()
+                .map(|c| pb::HeldTask {
+                    task_id: c.id.clone(),
+                    lease_token: c.token,
+                    lease_secret: c.secret.clone(),
+                    not_started: false,
+                })
+                .collect(),
         })),
     }
 }

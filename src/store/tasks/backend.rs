@@ -103,7 +103,7 @@ use std::time::Duration;
 use super::handoff;
 use super::{
     BatchEnd, Beat, CancelReply, DebounceReply, DependReply, EventReader, FinishItem, LeaseAsk,
-    Leased, Recovered, RetryReply, TaskLimits, Trimmed, WorkerRecord,
+    Leased, Recovered, RetryReply, TakeOver, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::domain::flow::{Limit, LimitState};
 use crate::domain::task::{QueueName, State, Task, TaskId};
@@ -258,6 +258,21 @@ pub trait TaskBackend: Send + Sync + 'static {
         lease: Duration,
         deadline: Deadline,
     ) -> Result<Beat>;
+
+    /// **Take over.** Fenced by `token` ([`TakeOver::Lost`]). Post: the
+    /// lease is `worker`'s under the next token (so that its former holder
+    /// is fenced out: its reports, heartbeats and hand-backs), running until
+    /// now + `lease` as a heartbeat's; the attempt is the same one (its
+    /// count, start and time limits unchanged). No event. For a worker that
+    /// re-attaches a running task to a new stream.
+    async fn take_over(
+        &self,
+        id: &TaskId,
+        token: u32,
+        worker: &str,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<TakeOver>;
 
     /// **Cancel.** Missing (or expired): [`CancelReply::Missing`]. QUEUED,
     /// SCHEDULED or PENDING: ends CANCELLED now (error `cancelled:

@@ -108,6 +108,21 @@ pub enum Beat {
     Lost,
 }
 
+/// What a take-over did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TakeOver {
+    /// The lease is the caller's under `token`; `cancel` is the reason of
+    /// a cancel asked for meanwhile.
+    Taken {
+        /// The lease's new token.
+        token: u32,
+        /// A cancel's reason, when one was asked for.
+        cancel: Option<String>,
+    },
+    /// Fenced: the lease is someone else's, or the task ended.
+    Lost,
+}
+
 /// What a cancel did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CancelReply {

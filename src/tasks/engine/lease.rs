@@ -8,7 +8,7 @@ use super::TaskEngine;
 use crate::domain::Outcome;
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Deadline;
-use crate::store::tasks::{Beat, LeaseAsk, Leased};
+use crate::store::tasks::{Beat, LeaseAsk, Leased, TakeOver};
 use crate::tasks::error::TaskError;
 use crate::tasks::remote::secret::Signer;
 
@@ -150,6 +150,33 @@ impl TaskEngine {
             Beat::Held => Ok(None),
             Beat::CancelRequested(reason) => Ok(Some(reason)),
             Beat::Lost => Err(TaskError::Fenced(id.clone())),
+        }
+    }
+
+    /// Takes over `task`'s lease for `worker` (a worker re-attaching a
+    /// task it runs to a new stream): the task under its new token and
+    /// worker, and the reason of a cancel asked for meanwhile. Its former
+    /// holder is fenced out from now on.
+    pub async fn take_over(
+        &self,
+        task: &Task,
+        worker: &str,
+        deadline: Deadline,
+    ) -> Result<(Task, Option<String>), TaskError> {
+        let lease = self.inner.config.lease;
+        match self
+            .inner
+            .store
+            .take_over(&task.id, task.token, worker, lease, deadline)
+            .await?
+        {
+            TakeOver::Taken { token, cancel } => {
+                let mut task = task.clone();
+                task.token = token;
+                task.worker = Some(worker.to_owned());
+                Ok((task, cancel))
+            }
+            TakeOver::Lost => Err(TaskError::Fenced(task.id.clone())),
         }
     }
 

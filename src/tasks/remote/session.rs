@@ -108,6 +108,8 @@ pub struct Session {
     koo_stopping: Option<CancellationToken>,
     /// Tasks re-attached from the hello, until the loop starts.
     adopted: HashMap<TaskId, Held>,
+    /// Their leases as taken over (new tokens and secrets), for the welcome.
+    adopted_leases: Vec<Claim>,
     /// Messages for the worker before anything else: the revokes of
     /// claims refused, cancels of tasks adopted.
     notices: Vec<Outbound>,
@@ -170,6 +172,7 @@ impl Session {
             taken: Taken::none(tally),
             koo_stopping: None,
             adopted: HashMap::new(),
+            adopted_leases: Vec::new(),
             notices: Vec::new(),
         })
     }

@@ -11,7 +11,7 @@ The kinds, and their `fields`:
 
 | kind | fields | when |
 | --- | --- | --- |
-| `welcome` | `worker_id`, `lease_seconds`, `heartbeat_seconds`, `reattached` | koo accepted the hello (`reattached`: tasks of a lost stream named in it, see `koo._carry`) |
+| `welcome` | `worker_id`, `lease_seconds`, `heartbeat_seconds`, `reattached` | koo accepted the hello (`reattached`: tasks of a lost stream koo adopted, see `koo._carry`) |
 | `task` | `name`, `attempt`, `held` | koo pushed a task (`held`: tasks held now) |
 | `progress` | `percent`, `message` | a progress report was sent |
 | `reported` | `outcome` (`complete` or `fail`), `message`, `retryable` (fail only) | an outcome was sent |

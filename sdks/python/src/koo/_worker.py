@@ -98,7 +98,9 @@ class TaskContext:
         self.soft_limit_reached = False
         self.cancel_reason = ""
         # The attempt's fencing token: for records kept outside koo (an
-        # audit ledger) that must tell two attempts of one task apart.
+        # audit ledger) that must tell two attempts of one task apart. It
+        # grows, within the attempt, when the task is re-attached to a new
+        # stream (see koo._carry).
         self.lease_token: int = run.assignment.lease_token
 
     def progress(self, percent: float, message: str = "", metadata: Mapping[str, Any] | None = None) -> None:
@@ -375,7 +377,7 @@ class Worker:
                     session.clock.welcome(resp.welcome)
                     session.adopts = resp.welcome.adopts_held
                     session.lease = resp.welcome.lease.ToTimedelta().total_seconds() or session.lease
-                    reattached = self._reattach(session)
+                    reattached = self._reattach(session, resp.welcome)
                     if resp.welcome.max_message_size > 0:
                         session.max_message = resp.welcome.max_message_size
                         session.batch_bytes = min(BATCH_BYTES, resp.welcome.max_message_size // 2)
@@ -429,32 +431,41 @@ class Worker:
             session.held.clear()
         return welcomed
 
-    def _reattach(self, session: _Session) -> int:
+    def _reattach(self, session: _Session, welcome: wpb.Welcome) -> int:
         """Moves what the lost stream carried onto `session`, just welcomed:
-        its runs are held again (one pushed and never started starts now),
-        its outcomes sent again. koo revokes, right after the welcome, what
-        it could not adopt. A koo that adopts nothing (an older release)
-        gets none of it: those handlers are told to stop. How many tasks
-        were named in the hello."""
+        the runs koo adopted are held again and their outcomes sent, each
+        under the lease token and secret the welcome gives (adopting takes
+        the lease over); the others are stopped (koo revokes them too). A
+        koo that adopts nothing (an older release) is sent the outcomes as
+        they were, and the runs are stopped. How many tasks the hello named
+        that koo adopted."""
         runs, outcomes = self._carried.take()
-        for tid, msg in outcomes.items():
-            # an older koo takes them too (with their lease secrets)
-            self._send_outcome(session, tid, msg, 1)
         if not session.adopts:
+            for tid, msg in outcomes.items():
+                self._send_outcome(session, tid, msg, 1)
             for run in runs.values():
                 run.ctx._abandon("stream lost (this koo does not re-attach tasks)")
-            return len(outcomes)
+            return 0
+        adopted = {a.task_id: a for a in welcome.adopted}
+        for tid, msg in outcomes.items():
+            lease = adopted.get(tid)
+            if lease is not None:
+                o = msg.complete if msg.HasField("complete") else msg.fail
+                o.lease_token, o.lease_secret = lease.lease_token, lease.lease_secret
+                self._send_outcome(session, tid, msg, 1)
         for tid, run in runs.items():
-            if run in self._started and run.assignment.lease_secret:
-                run.session = session
-                session.held[tid] = run
-            else:
-                # named as never started: koo hands it back (or, without a
-                # secret, it was not named: its lease lapses)
-                run.ctx._abandon("stream lost before it started")
-        if runs or outcomes:
-            log.info("re-attached %d running tasks and %d outcomes to the new stream", len(runs), len(outcomes))
-        return len(runs) + len(outcomes)
+            lease = adopted.get(tid)
+            if lease is None:
+                # revoked, or named as never started (koo handed it back)
+                run.ctx._abandon("stream lost, and koo did not re-attach the task")
+                continue
+            run.assignment.lease_token, run.assignment.lease_secret = lease.lease_token, lease.lease_secret
+            run.ctx.lease_token = lease.lease_token
+            run.session = session
+            session.held[tid] = run
+        if adopted:
+            log.info("re-attached %d of %d tasks of the lost stream", len(adopted), len(runs) + len(outcomes))
+        return len(adopted)
 
     def _on_message(self, session: _Session, resp: wpb.WorkResponse, loop: asyncio.AbstractEventLoop) -> None:
         """One of koo's messages after the welcome (alone or from a batch)."""

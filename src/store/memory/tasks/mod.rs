@@ -48,7 +48,7 @@ use crate::domain::{Outcome, Pause, QueueStats};
 use crate::store::clock::Clock;
 use crate::store::tasks::{
     Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
-    TaskBackend, TaskLimits, Trimmed, WorkerRecord,
+    TakeOver, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
 };
 use crate::store::{Deadline, Result};
 
@@ -226,6 +226,18 @@ impl TaskBackend for MemoryTasks {
         _: Deadline,
     ) -> Result<Beat> {
         Ok(self.write(|s, now| s.heartbeat(id, token, lease, now)))
+    }
+
+    #[instrument(skip_all, level = "debug", fields(task = %id))]
+    async fn take_over(
+        &self,
+        id: &TaskId,
+        token: u32,
+        worker: &str,
+        lease: Duration,
+        _: Deadline,
+    ) -> Result<TakeOver> {
+        Ok(self.write(|s, now| s.take_over(id, token, worker, lease, now)))
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]

@@ -13,7 +13,7 @@ use super::state::{BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::{Count, Outcome};
 use crate::store::tasks::{
-    Beat, CancelReply, DependReply, Leased, Recovered, RetryReply, TaskLimits, Trimmed,
+    Beat, CancelReply, DependReply, Leased, Recovered, RetryReply, TakeOver, TaskLimits, Trimmed,
 };
 use crate::store::{Result, StoreError};
 
@@ -213,6 +213,34 @@ impl Tasks {
             None => Beat::Held,
         }
     }
+    /// See [`TaskBackend::take_over`](crate::store::tasks::TaskBackend::take_over).
+    pub(super) fn take_over(
+        &mut self,
+        id: &TaskId,
+        token: u32,
+        worker: &str,
+        lease: Duration,
+        now: i64,
+    ) -> TakeOver {
+        let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
+            return TakeOver::Lost;
+        };
+        e.task.token = token + 1;
+        e.task.worker = Some(worker.to_owned());
+        let token = e.task.token;
+        match self.heartbeat(id, token, lease, now) {
+            Beat::Held => TakeOver::Taken {
+                token,
+                cancel: None,
+            },
+            Beat::CancelRequested(reason) => TakeOver::Taken {
+                token,
+                cancel: Some(reason),
+            },
+            Beat::Lost => TakeOver::Lost,
+        }
+    }
+
     /// See [`TaskBackend::cancel`](crate::store::tasks::TaskBackend::cancel).
     pub(super) fn cancel(
         &mut self,

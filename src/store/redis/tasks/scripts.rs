@@ -96,6 +96,14 @@ pub(super) const HEARTBEAT: Spec = Spec {
     body: include_str!("../lua/tasks/heartbeat.lua"),
 };
 
+pub(super) const TAKE_OVER: Spec = Spec {
+    name: "take_over",
+    keys: &[Task, Leases],
+    args: &["id", "token", "worker", "lease_ms"],
+    variadic: false,
+    body: include_str!("../lua/tasks/take_over.lua"),
+};
+
 pub(super) const PROGRESS: Spec = Spec {
     name: "progress",
     keys: &[Task, Events],
@@ -348,6 +356,7 @@ pub(crate) struct TaskScripts {
     pub(super) heartbeat: Composed,
     /// The same, unflagged, for a Redis before 7.0 (no script flags).
     pub(super) heartbeat_plain: Composed,
+    pub(super) take_over: Composed,
     pub(super) progress: Composed,
     pub(super) finish: Composed,
     pub(super) recover: Composed,
@@ -378,6 +387,7 @@ impl TaskScripts {
             lease: with_lib(LEASE),
             heartbeat: alone(HEARTBEAT).allowed_when_full(),
             heartbeat_plain: alone(HEARTBEAT),
+            take_over: alone(TAKE_OVER),
             progress: with_lib(PROGRESS),
             finish: with_lib(FINISH),
             recover: with_lib(RECOVER),

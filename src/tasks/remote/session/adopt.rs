@@ -7,10 +7,13 @@
 //! the stream's end hands it back by the usual rules. Every other one is
 //! revoked right after the welcome, with the reason.
 //!
-//! Adoption needs no store change: the lease (its token, its expiry, the
-//! worker it was signed for) stays as it was, and one heartbeat extends
-//! it. The secret proves the claim: it was handed out with the lease and
-//! is never stored, so only the lease's holder can name it.
+//! Adopting takes the lease over (`TaskBackend::take_over`): the same
+//! attempt, under the next token and this stream's worker id, so that its
+//! former holder is fenced out (a stream of a live koo that has not yet
+//! seen the worker's old connection drop must not end the lease when it
+//! does). The welcome tells the worker each adopted task's new token and
+//! secret. The old secret proves the claim: it was handed out with the
+//! lease and is never stored, so only the lease's holder can name it.
 //!
 //! A worker that says it re-attaches (`reattach`) has its leases left in
 //! place when koo stops rather than handed back: it re-attaches them to
@@ -57,8 +60,9 @@ enum Step {
 
 /// What the store calls of a step gave.
 enum Done {
-    /// Adopted, with the reason of a cancel asked for meanwhile.
-    Adopted(Box<Task>, Option<String>),
+    /// Adopted (the task under its new token), with its new lease secret
+    /// and the reason of a cancel asked for meanwhile.
+    Adopted(Box<Task>, String, Option<String>),
     /// Revoked: why.
     Refused(String),
 }
@@ -114,19 +118,26 @@ impl Session {
             .into_iter()
             .map(|(id, c, task)| (id, c.token, self.step(task, c.not_started)))
             .collect();
-        let engine = &self.engine;
+        let (engine, worker) = (&self.engine, self.record.id.as_str());
         let mut done = futures::stream::iter(steps)
             .map(|(id, token, step)| async move {
-                let got = take(engine, &id, token, step, deadline).await;
+                let got = take(engine, worker, token, step, deadline).await;
                 (id, got)
             })
             .buffered(CLAIMS_IN_FLIGHT);
         let grace = self.engine.config().cancel_grace;
         let mut adopted = HashMap::new();
+        let mut leases = Vec::new();
         let mut notices = Vec::new();
         while let Some((id, got)) = done.next().await {
             match got? {
-                Done::Adopted(task, cancel) => {
+                Done::Adopted(task, secret, cancel) => {
+                    leases.push(Claim {
+                        id: id.to_string(),
+                        token: task.token,
+                        secret,
+                        not_started: false,
+                    });
                     let mut h = adopted_held(*task);
                     if let Some(reason) = cancel {
                         h.cancel_at = Some(Instant::now() + grace);
@@ -142,6 +153,7 @@ impl Session {
         }
         drop(done);
         self.adopted.extend(adopted);
+        self.adopted_leases.extend(leases);
         self.notices.extend(notices);
         if !self.adopted.is_empty() {
             tracing::info!(
@@ -220,22 +232,36 @@ async fn prove(
     Ok(task)
 }
 
-/// The store calls of a step: a heartbeat extends an adopted lease; a
-/// task given back is released (its attempt counted instead once it was
-/// given back [`MAX_GIVEN_BACK`] times, so that a task cannot bounce for
-/// ever). A lease that lapsed meanwhile refuses the claim.
+/// The store calls of a step: an adopted lease is taken over for
+/// `worker` (a new token, and its secret); a task given back is released
+/// (its attempt counted instead once it was given back [`MAX_GIVEN_BACK`]
+/// times, so that a task cannot bounce for ever). A lease that lapsed
+/// meanwhile refuses the claim. A take-over counts as a give-back in that
+/// bound (the token grows, the attempts do not): it matters only to a task
+/// re-attached that often and later handed back unstarted.
 async fn take(
     engine: &TaskEngine,
-    id: &TaskId,
+    worker: &str,
     token: u32,
     step: Step,
     deadline: Deadline,
 ) -> Result<Done, TaskError> {
     let got = match step {
-        Step::Adopt(task) => engine
-            .heartbeat(id, token, deadline)
-            .await
-            .map(|cancel| Done::Adopted(task, cancel)),
+        Step::Adopt(task) => {
+            debug_assert_eq!(task.token, token);
+            match engine.take_over(&task, worker, deadline).await {
+                Ok((task, cancel)) => {
+                    // without it the stream still works (its own reports
+                    // need none), as for a push
+                    let secret = engine.lease_secret(&task, deadline).await.unwrap_or_else(|e| {
+                        tracing::warn!(task = %task.id, error = %e, "cannot compute a lease secret; the adopted task is told without one");
+                        String::new()
+                    });
+                    Ok(Done::Adopted(Box::new(task), secret, cancel))
+                }
+                Err(e) => Err(e),
+            }
+        }
         Step::GiveBack(task, why) => give_back(engine, &task, deadline)
             .await
             .map(|()| Done::Refused(why)),
@@ -301,6 +327,14 @@ fn adopted_held(task: Task) -> Held {
         pushed_at: now,
         spoken: true,
         task,
+    }
+}
+
+impl Session {
+    /// The leases adopted from the hello, under their new tokens and
+    /// secrets: for the welcome.
+    pub fn adopted_leases(&self) -> &[Claim] {
+        &self.adopted_leases
     }
 }
 

@@ -277,8 +277,9 @@ class Hello(_message.Message):
         """Tasks this worker still runs from an earlier stream (to this koo or
         another of the deployment) that ended while they ran: koo adopts each
         one whose lease is still current, whose `lease_secret` matches and
-        that this stream serves (its lease is extended, and from the welcome
-        on this stream holds it as if koo had pushed it here); every other one
+        that this stream serves (it takes the lease over: the welcome's
+        `adopted` gives the new token and secret, and from then on this stream
+        holds it as if koo had pushed it here); every other one
         is revoked right after the welcome, with the reason (one this stream
         does not serve, or has no room for, goes back to its queue, its
         attempt given back). A koo that reads it says so in its welcome
@@ -667,6 +668,7 @@ class Welcome(_message.Message):
     ACCEPTS_STARTED_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     ADOPTS_HELD_FIELD_NUMBER: _builtins.int
+    ADOPTED_FIELD_NUMBER: _builtins.int
     worker_id: _builtins.str
     """This session's worker id (the name and a unique suffix)."""
     accepts_batches: _builtins.bool
@@ -711,6 +713,16 @@ class Welcome(_message.Message):
         waited past a quarter of a lease, so that the revoke arrives first.
         """
 
+    @_builtins.property
+    def adopted(self) -> _containers.RepeatedCompositeFieldContainer[Global___HeldTask]:
+        """The tasks of the hello's `held` that koo adopted, each with its new
+        `lease_token` and `lease_secret`: adopting takes the lease over (the
+        same attempt under the next token), so that the stream the worker held
+        it on before is fenced out. Quote these from now on (the old token is
+        refused). Every other task the hello named is revoked right after this
+        welcome.
+        """
+
     def __init__(
         self,
         *,
@@ -723,10 +735,11 @@ class Welcome(_message.Message):
         accepts_started: _builtins.bool = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         adopts_held: _builtins.bool = ...,
+        adopted: _abc.Iterable[Global___HeldTask] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "adopts_held", b"adopts_held", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts_batches", b"accepts_batches", "accepts_release", b"accepts_release", "accepts_started", b"accepts_started", "adopted", b"adopted", "adopts_held", b"adopts_held", "heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "max_message_size", b"max_message_size", "time", b"time", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
