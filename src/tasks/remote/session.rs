@@ -58,13 +58,15 @@ use crate::cache::Cache;
 use crate::domain::task::{Task, TaskId};
 use crate::store::Deadline;
 use crate::store::tasks::WorkerRecord;
-use crate::tasks::engine::{CancelAsked, TaskEngine, TaskError};
+use crate::tasks::engine::{TaskEngine, TaskError};
 use crate::tasks::poller::{Poller, peer_found};
 
 mod adopt;
 mod handoff;
 mod held;
 mod held_tasks;
+
+use self::held_tasks::{pass_cancel, revoke_all};
 mod messages;
 mod reports;
 
@@ -650,37 +652,6 @@ impl Pace {
             _ => self.poller.recheck_at(),
         }
     }
-}
-
-/// Passes on a cancel asked for through this process, for a task the
-/// stream holds; `false` when the worker is gone.
-async fn pass_cancel(
-    asked: CancelAsked,
-    held: &mut HashMap<TaskId, Held>,
-    out: &mpsc::Sender<Outbound>,
-    grace: Duration,
-) -> bool {
-    let Some(h) = held.get_mut(&asked.id) else {
-        return true;
-    };
-    if h.cancel_at.is_some() {
-        return true;
-    }
-    h.cancel_at = Some(Instant::now() + grace);
-    let (id, reason) = (asked.id, asked.reason.to_string());
-    out.send(Outbound::Cancel { id, reason }).await.is_ok()
-}
-
-/// Tells a worker silent for a whole lease that every lease it held has
-/// lapsed; `false` when it is gone.
-async fn revoke_all(held: &mut HashMap<TaskId, Held>, out: &mpsc::Sender<Outbound>) -> bool {
-    for (id, _) in held.drain() {
-        let reason = "no heartbeat for a whole lease: the lease lapsed".to_owned();
-        if out.send(Outbound::Revoked { id, reason }).await.is_err() {
-            return false;
-        }
-    }
-    true
 }
 
 /// Whether a worker's stream is closing: its inbound half ended (or broke)

@@ -1,10 +1,12 @@
 //! The heartbeat's call, flagged to run while Redis is full (Redis 7.0's
-//! script flags) or, on a Redis that refuses the flags, unflagged.
+//! script flags) or, on a Redis that refuses the flags, unflagged; and the
+//! take-over's, a heartbeat that moves the lease to another worker.
 
 use std::time::Duration;
 
-use super::RedisTasks;
+use super::{RedisTasks, millis};
 use crate::domain::task::TaskId;
+use crate::store::tasks::TakeOver;
 use crate::store::{Deadline, Result, StoreError};
 
 impl RedisTasks {
@@ -26,8 +28,49 @@ impl RedisTasks {
         call.queue_keys(&self.keys(&id.queue()), Some(id))
             .arg("id", id.as_str())
             .arg("token", token)
-            .arg("lease_ms", super::millis(lease));
+            .arg("lease_ms", millis(lease));
         self.store.invoke(call.done(), deadline).await
+    }
+
+    /// One take-over script call (see `TaskBackend::take_over`).
+    pub(super) async fn take(
+        &self,
+        id: &TaskId,
+        token: u32,
+        worker: &str,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<TakeOver> {
+        let mut call = self.scripts().take_over.call(self.clock());
+        call.queue_keys(&self.keys(&id.queue()), Some(id))
+            .arg("id", id.as_str())
+            .arg("token", token)
+            .arg("worker", worker)
+            .arg("lease_ms", millis(lease));
+        // not repeated on a lost reply: a second call would be fenced by
+        // the first one's token
+        let reply: redis::Value = self.store.invoke_once(call.done(), deadline).await?;
+        Ok(take_over_reply(reply))
+    }
+}
+
+/// take_over.lua's reply: `{token, reason or ''}`, or 0 when fenced.
+fn take_over_reply(reply: redis::Value) -> TakeOver {
+    let redis::Value::Array(parts) = reply else {
+        return TakeOver::Lost;
+    };
+    let text = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    };
+    let token = parts.first().and_then(text).and_then(|t| t.parse().ok());
+    let reason = parts.get(1).and_then(text).filter(|r| !r.is_empty());
+    match token {
+        Some(token) => TakeOver::Taken {
+            token,
+            cancel: reason,
+        },
+        None => TakeOver::Lost,
     }
 }
 

@@ -295,16 +295,7 @@ impl TaskBackend for RedisTasks {
         lease: Duration,
         deadline: Deadline,
     ) -> Result<TakeOver> {
-        let mut call = self.scripts().take_over.call(self.clock());
-        call.queue_keys(&self.keys(&id.queue()), Some(id))
-            .arg("id", id.as_str())
-            .arg("token", token)
-            .arg("worker", worker)
-            .arg("lease_ms", millis(lease));
-        // not repeated on a lost reply: a second call would be fenced by
-        // the first one's token
-        let reply: redis::Value = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(take_over_reply(reply))
+        self.take(id, token, worker, lease, deadline).await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
@@ -704,25 +695,5 @@ impl TaskBackend for RedisTasks {
     #[instrument(skip_all, level = "debug")]
     async fn ping(&self, deadline: Deadline) -> Result<Duration> {
         self.store.probe(deadline).await
-    }
-}
-
-/// take_over.lua's reply: `{token, reason or ''}`, or 0 when fenced.
-fn take_over_reply(reply: redis::Value) -> TakeOver {
-    let redis::Value::Array(parts) = reply else {
-        return TakeOver::Lost;
-    };
-    let text = |v: &redis::Value| match v {
-        redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
-        _ => None,
-    };
-    let token = parts.first().and_then(text).and_then(|t| t.parse().ok());
-    let reason = parts.get(1).and_then(text).filter(|r| !r.is_empty());
-    match token {
-        Some(token) => TakeOver::Taken {
-            token,
-            cancel: reason,
-        },
-        None => TakeOver::Lost,
     }
 }

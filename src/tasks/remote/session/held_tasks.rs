@@ -1,6 +1,6 @@
 //! What a session does for the tasks it holds: pushes them, extends their
 //! leases on the worker's heartbeats, fires their timers, and records the
-//! worker's presence.
+//! worker's presence; passes cancels on and revokes what lapsed.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
@@ -12,7 +12,7 @@ use super::held::Held;
 use super::{CALL, Outbound, Session};
 use crate::domain::task::{State, Task, TaskId};
 use crate::store::Deadline;
-use crate::tasks::engine::{Finish, TaskError};
+use crate::tasks::engine::{CancelAsked, Finish, TaskError};
 
 impl Session {
     /// Holds a leased task (its timers start) and makes the message that
@@ -238,4 +238,38 @@ impl Session {
         self.engine.abandon(&task.id, token, deadline).await?;
         Ok(self.engine.get(task.id.as_str(), deadline).await?.state)
     }
+}
+
+/// Passes on a cancel asked for through this process, for a task the
+/// stream holds; `false` when the worker is gone.
+pub(super) async fn pass_cancel(
+    asked: CancelAsked,
+    held: &mut HashMap<TaskId, Held>,
+    out: &mpsc::Sender<Outbound>,
+    grace: Duration,
+) -> bool {
+    let Some(h) = held.get_mut(&asked.id) else {
+        return true;
+    };
+    if h.cancel_at.is_some() {
+        return true;
+    }
+    h.cancel_at = Some(Instant::now() + grace);
+    let (id, reason) = (asked.id, asked.reason.to_string());
+    out.send(Outbound::Cancel { id, reason }).await.is_ok()
+}
+
+/// Tells a worker silent for a whole lease that every lease it held has
+/// lapsed; `false` when it is gone.
+pub(super) async fn revoke_all(
+    held: &mut HashMap<TaskId, Held>,
+    out: &mpsc::Sender<Outbound>,
+) -> bool {
+    for (id, _) in held.drain() {
+        let reason = "no heartbeat for a whole lease: the lease lapsed".to_owned();
+        if out.send(Outbound::Revoked { id, reason }).await.is_err() {
+            return false;
+        }
+    }
+    true
 }
