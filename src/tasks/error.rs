@@ -20,7 +20,9 @@ pub enum TaskError {
     NotFound(TaskId),
     /// The caller's lease is no longer valid: another holder has the task,
     /// or it ended.
-    #[error("the lease on task {0} is no longer yours (it lapsed or the task ended)")]
+    #[error(
+        "the lease on task {0} is no longer yours (it lapsed, the task ended, or a re-attaching stream took it over)"
+    )]
     Fenced(TaskId),
     /// No such thing other than a task (a limit); the message names it.
     #[error("{0}")]
@@ -76,7 +78,9 @@ mod tests {
         );
         assert_eq!(
             TaskError::Fenced(id.clone()).to_string(),
-            format!("the lease on task {id} is no longer yours (it lapsed or the task ended)")
+            format!(
+                "the lease on task {id} is no longer yours (it lapsed, the task ended, or a re-attaching stream took it over)"
+            )
         );
     }
 }

@@ -74,7 +74,7 @@ impl Session {
                     held.remove(&id);
                     Outbound::Revoked {
                         id,
-                        reason: "the lease lapsed or the task ended".to_owned(),
+                        reason: "the lease lapsed, the task ended, or a re-attaching stream took it over".to_owned(),
                     }
                 }
                 Err(e) => {
