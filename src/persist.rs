@@ -492,7 +492,7 @@ impl DataDir {
         };
         let head = serde_json::to_vec(&header).map_err(|e| err(std::io::Error::other(e)))?;
         let tmp = self.file.with_extension("json.tmp");
-        let mut out = File::create(&tmp).map_err(err)?;
+        let mut out = private_file(&tmp).map_err(err)?;
         out.write_all(&head).map_err(err)?;
         out.write_all(b"\n").map_err(err)?;
         out.write_all(&body).map_err(err)?;
@@ -506,6 +506,17 @@ impl DataDir {
             .map_err(err)?;
         Ok((head.len() + 1 + body.len()) as u64)
     }
+}
+
+/// A new file (truncated if it exists) readable by its owner only: the
+/// save holds cache values, task arguments and results, and the key of
+/// lease secrets.
+fn private_file(path: &Path) -> std::io::Result<File> {
+    let mut open = OpenOptions::new();
+    open.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    open.open(path)
 }
 
 #[cfg(test)]

@@ -231,7 +231,8 @@ impl Fixture {
 
 /// A full Redis (`maxmemory` under `noeviction`) refuses writes, but not a
 /// heartbeat, which grows nothing: a healthy worker keeps its lease while
-/// Redis is full, instead of losing it and burning the task's retries.
+/// Redis is full, instead of losing it and burning the task's retries; nor
+/// a take-over (a worker re-attaching its task after a koo restart).
 #[tokio::test]
 async fn a_full_redis_still_takes_heartbeats() {
     let f = Fixture::redis().await;
@@ -253,9 +254,13 @@ async fn a_full_redis_still_takes_heartbeats() {
         .store
         .heartbeat(&task.id, 1, Duration::from_secs(60), later())
         .await;
+    let lease = Duration::from_secs(60);
+    let took = f.store.take_over(&task.id, 1, "w2", lease, later()).await;
     let () = full("0").query_async(&mut conn).await.unwrap();
     assert!(refused.contains("OOM"), "{refused}");
     assert_eq!(beat.unwrap(), Beat::Held);
+    let cancel = None;
+    assert_eq!(took.unwrap(), TakeOver::Taken { token: 2, cancel });
 }
 
 /// What a task's end leaves in Redis expires with its result: the hash, its

@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from koo import TaskCategory, TaskManager, Worker, WorkerEvent
+from koo import TaskCategory, TaskContext, TaskManager, Worker, WorkerEvent
 from koo._carry import MAX_CLAIMS, Carried, carry_for
 from koo._worker import _Run
 from koo.worker.v1 import worker_service_pb2 as wpb
@@ -42,10 +42,12 @@ def test_a_koo_restart_restarts_no_running_task(store: str, stop: str, tmp_path:
     w = Worker(addr, concurrency=2, on_event=events.append)
 
     @w.task("sdk.reattach.slow")
-    def slow(n: int) -> int:
+    def slow(n: int, *, ctx: TaskContext) -> int:
         runs.append(n)
         began.set()
         assert go.wait(30)
+        # from this thread, after the re-attach: quotes the new lease
+        ctx.progress(50, "after the restart")
         return n * 2
 
     def reattached() -> list[int]:
@@ -71,6 +73,7 @@ def test_a_koo_restart_restarts_no_running_task(store: str, stop: str, tmp_path:
             assert tm.result(tid, timeout=15) == 42
             assert tm.get_task_status(tid).attempts == 1
             assert runs == [21]
+            assert not [e for e in events if e.kind == "refused"], events
     finally:
         server.stop()
         if redis:

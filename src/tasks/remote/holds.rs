@@ -123,6 +123,13 @@ impl Taken {
         ok
     }
 
+    /// Takes room for one more task even past the bound: a task the
+    /// worker already runs (re-attached), which is no new work.
+    pub fn force_one(&mut self) {
+        self.tally.held.fetch_add(1, Ordering::SeqCst);
+        self.n += 1;
+    }
+
     /// Keeps `n` (gives back what is above it).
     pub fn keep(&mut self, n: u32) {
         if self.n > n {

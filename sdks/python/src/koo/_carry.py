@@ -90,6 +90,7 @@ class Carried:
         session.unacked.clear()
         if self:
             self.until = until
+            session.loop.call_at(until, self.expire, session.loop)
             log.warning(
                 "stream lost with %d tasks running or unreported: they run on, to be re-attached to the next koo reached in time",
                 len(self),
@@ -130,9 +131,11 @@ class Carried:
         self.outcomes.clear()
 
     def expire(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Drops what was carried for longer than a lease."""
-        if self and loop.time() > self.until:
-            self.drop("koo was unreachable for longer than a lease: the leases lapsed")
+        """Drops what was carried past its time (a timer at `until`, and
+        before each hello): by then the leases lapsed, or a live koo gave the
+        tasks to another worker."""
+        if self and loop.time() >= self.until:
+            self.drop("no koo reached in time: the leases lapsed, or koo gave the tasks to another worker")
 
     def take(self) -> tuple[dict[str, _Run], dict[str, wpb.WorkRequest]]:
         runs, outcomes = self.runs, self.outcomes

@@ -28,8 +28,6 @@ never removed.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -93,12 +91,6 @@ class EventHooks:
                 hook(event)
             except Exception:
                 log.exception("worker event hook %r raised on %s", hook, kind)
-
-    def emit_threadsafe(self, loop: asyncio.AbstractEventLoop, kind: EventKind, task_id: str, **fields: Any) -> None:
-        """`emit` from a handler's thread: queued onto the worker's loop, after
-        the message it describes (sends are queued the same way)."""
-        if self.hooks:
-            loop.call_soon_threadsafe(functools.partial(self.emit, kind, task_id, **fields))
 
     def reply(self, reply: wpb.Reply, held: int) -> None:
         """koo's answer to a report: `accepted` or `refused`."""

@@ -106,16 +106,6 @@ class _Session:
         if not self.closed:
             self.outbox.put_nowait(msg)
 
-    def send_threadsafe(self, msg: wpb.WorkRequest) -> None:
-        """`send` from any thread, in order with the loop's own sends: on the
-        loop's thread at once (a progress report an async handler makes just
-        before it returns must reach koo before its outcome, or koo, the
-        task ended, refuses it), from another thread queued onto the loop."""
-        if on_loop(self.loop):
-            self.send(msg)
-        else:
-            self.loop.call_soon_threadsafe(self.send, msg)
-
     async def requests(self, hello: wpb.WorkRequest) -> AsyncIterator[wpb.WorkRequest]:
         """The stream's messages: the hello, then the outbox. Messages that
         are ready together (the outcomes of tasks that ended in the same

@@ -47,7 +47,7 @@ from koo._outcomes import (
     _cut,
     _traceback_of,
 )
-from koo._session import BATCH_BYTES, _Session
+from koo._session import BATCH_BYTES, _Session, on_loop
 from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, strings, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
@@ -169,20 +169,31 @@ class _Run:
         pct = float(percent)
         if math.isnan(pct):
             raise ValueError("progress percent must be a number")
+        text = _cut(str(message), MAX_PROGRESS_MESSAGE_BYTES)
+        details = to_struct(metadata) if metadata else None
+        # Built and sent on the loop (at once from an async handler; queued,
+        # in order with the handler's outcome, from a thread): the lease's
+        # token and the stream are read there, after any re-attach that
+        # changed them meanwhile.
+        if on_loop(self.loop):
+            self._send_progress(pct, text, details)
+        else:
+            self.loop.call_soon_threadsafe(self._send_progress, pct, text, details)
+
+    def _send_progress(self, pct: float, message: str, metadata: Any) -> None:
+        if self.session.closed or self.session.held.get(self.task_id) is not self:
+            return  # the stream is gone (the task may be carried), or the task is no longer held
         msg = wpb.Progress(
             task_id=self.task_id,
             lease_token=self.assignment.lease_token,
             lease_secret=self.assignment.lease_secret,
             percent=min(100.0, max(0.0, pct)),
-            message=_cut(str(message), MAX_PROGRESS_MESSAGE_BYTES),
+            message=message,
         )
-        if metadata:
-            msg.metadata.CopyFrom(to_struct(metadata))
-        if self.session.held.get(self.task_id) is self:
-            self.session.send_threadsafe(wpb.WorkRequest(progress=msg))
-            self.worker._events.emit_threadsafe(
-                self.loop, "progress", self.task_id, percent=msg.percent, message=msg.message
-            )
+        if metadata is not None:
+            msg.metadata.CopyFrom(metadata)
+        self.session.send(wpb.WorkRequest(progress=msg))
+        self.worker._events.emit("progress", self.task_id, percent=msg.percent, message=msg.message)
 
 
 class Worker:

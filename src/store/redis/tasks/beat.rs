@@ -41,7 +41,31 @@ impl RedisTasks {
         lease: Duration,
         deadline: Deadline,
     ) -> Result<TakeOver> {
-        let mut call = self.scripts().take_over.call(self.clock());
+        use std::sync::atomic::Ordering::Relaxed;
+        let reply = match self.take_once(id, token, worker, lease, deadline).await {
+            Err(e) if !self.flagless.load(Relaxed) && refuses_script_flags(&e) => {
+                self.flagless.store(true, Relaxed);
+                self.take_once(id, token, worker, lease, deadline).await
+            }
+            reply => reply,
+        }?;
+        Ok(take_over_reply(reply))
+    }
+
+    /// One take-over script call, flagged unless this Redis refuses flags.
+    async fn take_once(
+        &self,
+        id: &TaskId,
+        token: u32,
+        worker: &str,
+        lease: Duration,
+        deadline: Deadline,
+    ) -> Result<redis::Value> {
+        let script = match self.flagless.load(std::sync::atomic::Ordering::Relaxed) {
+            true => &self.scripts().take_over_plain,
+            false => &self.scripts().take_over,
+        };
+        let mut call = script.call(self.clock());
         call.queue_keys(&self.keys(&id.queue()), Some(id))
             .arg("id", id.as_str())
             .arg("token", token)
@@ -49,8 +73,7 @@ impl RedisTasks {
             .arg("lease_ms", millis(lease));
         // not repeated on a lost reply: a second call would be fenced by
         // the first one's token
-        let reply: redis::Value = self.store.invoke_once(call.done(), deadline).await?;
-        Ok(take_over_reply(reply))
+        self.store.invoke_once(call.done(), deadline).await
     }
 }
 

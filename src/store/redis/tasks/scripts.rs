@@ -356,7 +356,10 @@ pub(crate) struct TaskScripts {
     pub(super) heartbeat: Composed,
     /// The same, unflagged, for a Redis before 7.0 (no script flags).
     pub(super) heartbeat_plain: Composed,
+    /// Flagged to run while Redis is full, as the heartbeat (it overwrites
+    /// fields it finds); `take_over_plain` unflagged, for a Redis before 7.0.
     pub(super) take_over: Composed,
+    pub(super) take_over_plain: Composed,
     pub(super) progress: Composed,
     pub(super) finish: Composed,
     pub(super) recover: Composed,
@@ -387,7 +390,8 @@ impl TaskScripts {
             lease: with_lib(LEASE),
             heartbeat: alone(HEARTBEAT).allowed_when_full(),
             heartbeat_plain: alone(HEARTBEAT),
-            take_over: alone(TAKE_OVER),
+            take_over: alone(TAKE_OVER).allowed_when_full(),
+            take_over_plain: alone(TAKE_OVER),
             progress: with_lib(PROGRESS),
             finish: with_lib(FINISH),
             recover: with_lib(RECOVER),

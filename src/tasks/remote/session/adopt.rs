@@ -85,14 +85,15 @@ impl Session {
 
     /// Adopts the tasks the worker's hello names (`hello.held`): each one
     /// whose lease is current, whose secret matches, that this stream
-    /// serves and has room for, and that the worker began, is held from now
-    /// on; the others are revoked when the session starts, each with the
-    /// reason (those proven but not adopted go back to their queues first,
-    /// their attempts given back). A malformed hello (an id that does not
-    /// parse, an id named twice, too many) is refused INVALID_ARGUMENT
-    /// naming the claim; a store that does not answer refuses it too (the
-    /// worker tries again, its tasks still running, their leases
-    /// untouched). All of it within one call's deadline.
+    /// serves and that the worker began, is held from now on; the others
+    /// are revoked when the session starts, each with the reason (those
+    /// proven but not adopted go back to their queues first, their attempts
+    /// given back). A malformed hello (an id that does not parse, an id
+    /// named twice, too many) is refused INVALID_ARGUMENT naming the claim;
+    /// a store that does not answer while the claims are read refuses it
+    /// too (the worker tries again, its tasks still running, their leases
+    /// untouched). Each phase (the reads, the take-overs) within one call's
+    /// deadline.
     pub async fn adopt(&mut self, claims: Vec<Claim>) -> Result<(), TaskError> {
         let claims = check(claims)?;
         let deadline = Deadline::after(CALL);
@@ -118,6 +119,10 @@ impl Session {
             .into_iter()
             .map(|(id, c, task)| (id, c.token, self.step(task, c.not_started)))
             .collect();
+        // Past here leases are taken over (new tokens that only the welcome
+        // tells): a failure no longer refuses the hello, it revokes its
+        // claim alone, within a deadline of its own.
+        let deadline = Deadline::after(CALL);
         let (engine, worker) = (&self.engine, self.record.id.as_str());
         let mut done = futures::stream::iter(steps)
             .map(|(id, token, step)| async move {
@@ -130,7 +135,11 @@ impl Session {
         let mut leases = Vec::new();
         let mut notices = Vec::new();
         while let Some((id, got)) = done.next().await {
-            match got? {
+            let got = got.unwrap_or_else(|e| {
+                tracing::warn!(task = %id, error = %e, "cannot take a re-attached task's lease over; it lapses");
+                Done::Refused(format!("koo could not take the lease over ({e}); it lapses"))
+            });
+            match got {
                 Done::Adopted(task, secret, cancel) => {
                     leases.push(Claim {
                         id: id.to_string(),
@@ -165,8 +174,10 @@ impl Session {
         Ok(())
     }
 
-    /// What becomes of a proven claim: adopted when this stream serves it,
-    /// the worker began it and there is room (taken now), else given back.
+    /// What becomes of a proven claim: adopted when this stream serves it
+    /// and the worker began it (its room taken now, even past the worker's
+    /// bound: it is running already, no new work; the stream is pushed
+    /// nothing new until below it), else given back.
     fn step(&mut self, task: Task, not_started: bool) -> Step {
         if !self.routing.serves(&task) {
             let why =
@@ -175,14 +186,8 @@ impl Session {
         } else if not_started {
             let why = "the worker never started it; it went back to its queue";
             Step::GiveBack(Box::new(task), why.to_owned())
-        } else if !self.taken.take_one() {
-            let tally = self.taken.tally();
-            let full = TaskError::TooManyHeld {
-                held: tally.held(),
-                bound: tally.bound(),
-            };
-            Step::GiveBack(Box::new(task), format!("{full}; it went back to its queue"))
         } else {
+            self.taken.force_one();
             Step::Adopt(Box::new(task))
         }
     }
