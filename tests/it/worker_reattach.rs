@@ -328,6 +328,29 @@ async fn a_sigterm_keeps_only_the_reattaching_workers_lease(
         StreamWorker::open_on(lazy_channel(port), hello("plain", &[other_name], &[], 1)).await;
     let back_id = submitted(&mut c, submit(other_name, serde_json::json!({}))).await;
     assert_eq!(plain.task().await.task.unwrap().id, back_id);
+    // a re-attaching worker that said it is stopping gets its task handed
+    // back, as one that does not re-attach
+    let drain_name = "test.reattach.draining";
+    let drainer = wpb::Hello {
+        reattach: true,
+        ..hello("drainer", &[drain_name], &[], 1)
+    };
+    let mut drainer = StreamWorker::open_on(lazy_channel(port), drainer).await;
+    let drained_id = submitted(&mut c, submit(drain_name, serde_json::json!({}))).await;
+    assert_eq!(drainer.task().await.task.unwrap().id, drained_id);
+    drainer.send(In::Draining(wpb::Draining {})).await;
+    // koo reads a stream in order: the reply to a release of no task of
+    // its own says the draining was read
+    drainer
+        .send(In::Release(wpb::Release {
+            task_id: unknown_task_id(),
+            lease_token: 1,
+            reason: "a marker".into(),
+        }))
+        .await;
+    assert_eq!(drainer.reply().await.code, Code::Aborted as i32);
+    // (a draining stream is pushed nothing more: this one waits)
+    let waits = submitted(&mut c, submit(drain_name, serde_json::json!({}))).await;
     koo.terminate().await;
     let end = w.ended().await;
     assert_eq!(end.code(), Code::Unavailable, "{end:?}");
@@ -340,12 +363,14 @@ async fn a_sigterm_keeps_only_the_reattaching_workers_lease(
         (pb::TaskState::Running as i32, 1),
         "{t:?}"
     );
-    let t = get_ok(&mut c, &back_id).await;
-    assert_eq!(
-        (t.state, t.attempts),
-        (pb::TaskState::Queued as i32, 0),
-        "{t:?}"
-    );
+    for id in [&back_id, &drained_id, &waits] {
+        let t = get_ok(&mut c, id).await;
+        assert_eq!(
+            (t.state, t.attempts),
+            (pb::TaskState::Queued as i32, 0),
+            "{t:?}"
+        );
+    }
     reattach_and_complete(port, &kept).await;
 }
 

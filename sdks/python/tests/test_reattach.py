@@ -14,7 +14,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from koo import TaskCategory, TaskContext, TaskManager, Worker, WorkerEvent
+from koo import TaskCategory, TaskContext, TaskManager, TaskState, Worker, WorkerEvent
 from koo._carry import MAX_CLAIMS, Carried, carry_for
 from koo._worker import _Run
 from koo.worker.v1 import worker_service_pb2 as wpb
@@ -115,3 +115,40 @@ def test_what_a_hello_names() -> None:
     assert not claims["began"].not_started and claims["pushed"].not_started
     carried.runs = {f"t{i}": run(f"t{i}") for i in range(MAX_CLAIMS + 5)}
     assert len(carried.claims(lambda r: True)) == MAX_CLAIMS
+
+
+def test_a_stopping_worker_has_koo_hand_its_tasks_back() -> None:
+    """A worker that is stopping (its grace running) tells koo so: koo
+    stopping meanwhile hands its task back, the attempt given back, rather
+    than keep the lease for a re-attach the worker will not make."""
+    redis = RedisServer()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {"REDIS_URL": redis.url, "KOO_LISTEN": addr, "KOO_WORKER_CONCURRENCY": "0"}
+    server = KooServer(env)
+    began, go = threading.Event(), threading.Event()
+    w = Worker(addr, grace=30)
+
+    @w.task("sdk.reattach.draining")
+    def slow() -> str:
+        began.set()
+        go.wait(30)
+        return "done"
+
+    try:
+        with running(w):
+            tm = TaskManager(addr).sync
+            tid = tm.submit_task("sdk.reattach.draining", TaskCategory.RESEARCH, max_retries=0)
+            assert began.wait(15), "the task did not start"
+            w.stop()
+            wait_for(lambda: any("external worker stopping" in line for line in server.log), 10, "koo to read it")
+            server.stop()
+            server = KooServer(env)
+            info = tm.get_task_status(tid)
+            assert (info.state, info.attempts) == (TaskState.QUEUED, 0), info
+            go.set()
+    finally:
+        go.set()
+        server.stop()
+        redis.stop()

@@ -70,6 +70,7 @@ pub(super) fn inbound(msg: pb::WorkRequest) -> Inbound {
         Some(In::Batch(b)) => batch(b.requests),
         Some(In::Heartbeat(_)) => Inbound::Heartbeat,
         Some(In::Started(s)) => Inbound::Started(s.task_ids),
+        Some(In::Draining(_)) => Inbound::Draining,
         // the reason only goes to koo's log: a long one is cut, never
         // the stream (a stopping worker's tasks would count as lost)
         Some(In::Release(mut r)) => {

@@ -478,6 +478,16 @@ impl Session {
         self.concurrency = 0;
     }
 
+    /// The worker is stopping: it is pushed nothing more, and koo's own
+    /// stop hands its tasks back (it will not re-attach them). Always
+    /// `true`: no store call.
+    fn draining(&mut self) -> bool {
+        tracing::info!(worker = %self.record.id, "external worker stopping: it is pushed nothing more");
+        self.stop_pushing();
+        self.koo_stopping = None;
+        true
+    }
+
     /// A heartbeat, a report or a batch of them from the worker; `false`
     /// when it is gone.
     async fn on_message(
@@ -493,6 +503,7 @@ impl Session {
         let went_on = match msg {
             Inbound::Heartbeat => self.heartbeat(held, out, pace).await,
             Inbound::Started(ids) => started(&ids, held),
+            Inbound::Draining => self.draining(),
             msg @ Inbound::Progress { .. } => self.progress(msg, held, out).await,
             msg @ Inbound::Release { .. } => {
                 self.stop_pushing();
@@ -558,6 +569,7 @@ impl Session {
                     self.heartbeat(held, out, pace).await
                 }
                 Inbound::Started(ids) => started(&ids, held),
+                Inbound::Draining => self.draining(),
                 msg @ Inbound::Release { .. } => {
                     self.stop_pushing();
                     self.release(msg, held, out).await

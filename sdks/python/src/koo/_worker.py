@@ -61,6 +61,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 BACKOFF_INITIAL = 0.2
 BACKOFF_MAX = 5.0
+# The reconnect backoff's cap while tasks of a lost stream are carried
+# (their window may be a third of a lease: see koo._carry).
+CARRY_BACKOFF = 0.5
 MAX_PROGRESS_MESSAGE_BYTES = 1024
 MAX_OUTCOME_SENDS = 5
 CODE_ABORTED = 10
@@ -333,8 +336,11 @@ class Worker:
                     break
                 if welcomed:
                     backoff = BACKOFF_INITIAL
+                # tasks carried from a lost stream have a short window:
+                # try often within it
+                wait = min(backoff, CARRY_BACKOFF) if self._carried else backoff
                 try:
-                    await asyncio.wait_for(self._stopping.wait(), backoff)
+                    await asyncio.wait_for(self._stopping.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -509,6 +515,10 @@ class Worker:
         assert self._stopping is not None
         await self._stopping.wait()
         self._draining = True
+        if session.adopts:
+            # koo pushes nothing more, and hands the tasks back should it
+            # stop first (this worker will not re-attach them)
+            session.send(wpb.WorkRequest(draining=wpb.Draining()))
         log.info("stopping: no new tasks; running ones get %.1f s", self.grace)
         deadline = asyncio.get_running_loop().time() + self.grace
         # Running tasks, and outcomes koo has not answered yet (closing the

@@ -56,6 +56,9 @@ pub enum Inbound {
     /// The worker began these held tasks: their attempts count if the
     /// stream ends before they are reported.
     Started(Vec<String>),
+    /// The worker is stopping: nothing more is pushed, and koo's own stop
+    /// hands its tasks back rather than keep their leases.
+    Draining,
     /// Several of the messages above, in order (never a hello, a batch or
     /// an invalid one: the adapter refuses those before).
     Batch(Vec<Inbound>),

@@ -100,6 +100,7 @@ class WorkRequest(_message.Message):
     BATCH_FIELD_NUMBER: _builtins.int
     RELEASE_FIELD_NUMBER: _builtins.int
     STARTED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello:
         """First message: who the worker is and what it serves."""
@@ -149,6 +150,16 @@ class WorkRequest(_message.Message):
         releases end the stream on it). koo does no store call for it.
         """
 
+    @_builtins.property
+    def draining(self) -> Global___Draining:
+        """The worker is stopping: koo pushes it nothing more, and if koo stops
+        meanwhile it hands the stream's tasks back (their attempts given
+        back) rather than keep their leases for a re-attach the worker will
+        not make. Send it as the worker starts to stop, only when the
+        welcome's `adopts_held` is set (older koo releases end the stream on
+        it).
+        """
+
     def __init__(
         self,
         *,
@@ -160,16 +171,34 @@ class WorkRequest(_message.Message):
         batch: Global___WorkRequestBatch | None = ...,
         release: Global___Release | None = ...,
         started: Global___Started | None = ...,
+        draining: Global___Draining | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release", "started", b"started"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "draining", b"draining", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release", "started", b"started"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release", "started", b"started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "complete", b"complete", "draining", b"draining", "fail", b"fail", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "progress", b"progress", "release", b"release", "started", b"started"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch", "release", "started"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "heartbeat", "progress", "complete", "fail", "batch", "release", "started", "draining"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
 Global___WorkRequest: _TypeAlias = WorkRequest  # noqa: Y015
+
+@_typing.final
+class Draining(_message.Message):
+    """Draining says the worker is stopping; it has no fields."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Draining: _TypeAlias = Draining  # noqa: Y015
 
 @_typing.final
 class Started(_message.Message):
