@@ -5,8 +5,9 @@ hello (its task names, queues and concurrency), heartbeats, runs the tasks
 koo pushes (async handlers on its event loop, plain ones on threads of their
 own), and reports progress and outcomes quoting each lease's token and
 secret. When the stream breaks it reconnects with capped exponential backoff
-(0.2 s doubling to 5 s). The tasks of the lost stream run on and are
-re-attached to the next stream, to this koo or another, within a lease (see
+(0.2 s doubling to 5 s). When koo stopped or died, the tasks of the lost
+stream run on and are re-attached to the next stream, to this koo or
+another, within a window that depends on how the stream ended (see
 `koo._carry`): a koo restart or deploy restarts none of them. A koo that
 cannot adopt one (its lease lapsed) revokes it, and the handler is told to
 stop.
