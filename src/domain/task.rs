@@ -391,6 +391,10 @@ pub struct Task {
     /// The fencing token of the latest lease: it grows with every lease, so
     /// no two leases of a task ever share one.
     pub token: u32,
+    /// How many times a worker re-attached a running attempt to a new
+    /// stream (each took the lease over under the next token): not a
+    /// give-back, see [`Task::given_back`].
+    pub takeovers: u32,
     /// Retries allowed after the first attempt.
     pub max_retries: u32,
     /// The worker holding the lease, while running.
@@ -429,6 +433,18 @@ pub struct Task {
     /// Its concurrency key: at most the key's cap of its tasks run at
     /// once, and a queue serves its keys round robin.
     pub concurrency_key: Option<String>,
+}
+
+impl Task {
+    /// How many of this task's leases were given back (handed back
+    /// unstarted, or released by a stopping worker or koo): every lease adds
+    /// one to the token, every attempt that counted one to the attempts,
+    /// and a take-over one to the token alone.
+    pub fn given_back(&self) -> u32 {
+        self.token
+            .saturating_sub(self.attempts)
+            .saturating_sub(self.takeovers)
+    }
 }
 
 /// The W3C trace context a task carries from the call that submitted it to

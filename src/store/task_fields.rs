@@ -23,6 +23,9 @@ pub fn to_fields(task: &Task) -> Vec<(&'static str, String)> {
         ("result_ttl_ms", task.result_ttl_ms.to_string()),
         ("token", task.token.to_string()),
     ];
+    if task.takeovers > 0 {
+        f.push(("takeovers", task.takeovers.to_string()));
+    }
     if let Some(t) = task.expire_ms {
         f.push(("expire_ms", t.to_string()));
     }
@@ -100,6 +103,7 @@ where
         token: field("token")
             .and_then(|t| t.parse().ok())
             .unwrap_or(num("attempts")? as u32),
+        takeovers: field("takeovers").and_then(|t| t.parse().ok()).unwrap_or(0),
         max_retries: num("max_retries")? as u32,
         worker: text("worker"),
         progress: text("progress"),
@@ -147,6 +151,7 @@ mod tests {
             cache_result: None,
             attempts: 0,
             token: 0,
+            takeovers: 2,
             max_retries: 3,
             worker: None,
             progress: None,

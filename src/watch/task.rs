@@ -315,6 +315,7 @@ mod tests {
             schedule_tick_ms: None,
             attempts: 2,
             token: 2,
+            takeovers: 0,
             max_retries: 3,
             worker: None,
             progress: None,

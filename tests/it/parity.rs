@@ -258,6 +258,7 @@ fn new_task(
         cache_result: None,
         attempts: 0,
         token: 0,
+        takeovers: 0,
         max_retries: max_retries as u32,
         worker: None,
         progress: None,

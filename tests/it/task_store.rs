@@ -444,6 +444,8 @@ async fn a_take_over_fences_out_the_former_holder(f: Fixture) {
         (t.state, t.attempts, t.token, t.worker.as_deref()),
         (State::Running, 1, 2, Some("new"))
     );
+    // not a give-back: a task re-attached often keeps its hand-backs
+    assert_eq!((t.takeovers, t.given_back()), (1, 0));
     let beat = f.store.heartbeat(&task.id, 1, lease, later()).await;
     assert_eq!(beat.unwrap(), Beat::Lost, "the former holder's heartbeat");
     let again = f

@@ -328,6 +328,7 @@ mod tests {
             cache_result: None,
             attempts: 2,
             token: 2,
+            takeovers: 0,
             max_retries: 3,
             worker: None,
             progress: None,

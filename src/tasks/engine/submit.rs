@@ -220,6 +220,7 @@ impl TaskEngine {
             },
             attempts: 0,
             token: 0,
+            takeovers: 0,
             cache_result: new.cache_result.as_ref().map(CacheTarget::to_json),
             depends_on: new.depends_on,
             schedule: new.schedule,

@@ -28,7 +28,7 @@
 //!   before it can speak still reaches its dead letter, the attempt is
 //!   given back only while the task has been given back fewer than
 //!   [`MAX_GIVEN_BACK`] times (its lease token, which grows with every
-//!   lease, minus its attempts);
+//!   lease, minus its attempts and its take-overs: `Task::given_back`);
 //! - *lost*, the attempt counted, as a lapsed lease would be: every other
 //!   task, and every task of a stream that ended on a message koo could
 //!   not read or that broke the protocol (the worker was talking).

@@ -476,6 +476,7 @@ pub fn queued_task(queue: &QueueName, name: &str, priority: Priority, max_retrie
         schedule_tick_ms: None,
         attempts: 0,
         token: 0,
+        takeovers: 0,
         max_retries,
         worker: None,
         progress: None,

@@ -161,6 +161,7 @@ fn task(
         schedule_tick_ms: None,
         attempts: 0,
         token: 0,
+        takeovers: 0,
         max_retries: 0,
         worker: None,
         progress: None,

@@ -410,6 +410,7 @@ mod tests {
             schedule_tick_ms: None,
             attempts: 0,
             token: 0,
+            takeovers: 0,
             max_retries: 0,
             worker: None,
             progress: None,

@@ -226,6 +226,7 @@ impl Tasks {
             return TakeOver::Lost;
         };
         e.task.token = token + 1;
+        e.task.takeovers += 1;
         e.task.worker = Some(worker.to_owned());
         let token = e.task.token;
         match self.heartbeat(id, token, lease, now) {

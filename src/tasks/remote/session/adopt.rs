@@ -240,10 +240,9 @@ async fn prove(
 /// The store calls of a step: an adopted lease is taken over for
 /// `worker` (a new token, and its secret); a task given back is released
 /// (its attempt counted instead once it was given back [`MAX_GIVEN_BACK`]
-/// times, so that a task cannot bounce for ever). A lease that lapsed
-/// meanwhile refuses the claim. A take-over counts as a give-back in that
-/// bound (the token grows, the attempts do not): it matters only to a task
-/// re-attached that often and later handed back unstarted.
+/// times, so that a task cannot bounce for ever; take-overs do not count,
+/// see [`Task::given_back`]). A lease that lapsed meanwhile refuses the
+/// claim.
 async fn take(
     engine: &TaskEngine,
     worker: &str,
@@ -279,7 +278,7 @@ async fn take(
 
 /// Hands a proven claim's task back to its queue.
 async fn give_back(engine: &TaskEngine, task: &Task, deadline: Deadline) -> Result<(), TaskError> {
-    if task.token.saturating_sub(task.attempts) >= MAX_GIVEN_BACK {
+    if task.given_back() >= MAX_GIVEN_BACK {
         return engine.abandon(&task.id, task.token, deadline).await;
     }
     let worker = task.worker.as_deref().unwrap_or_default();

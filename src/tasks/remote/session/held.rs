@@ -30,7 +30,7 @@ impl Held {
     pub(super) fn unstarted(&self, vanished: Instant, window: Duration) -> bool {
         !self.spoken
             && vanished.saturating_duration_since(self.pushed_at) < window
-            && self.task.token.saturating_sub(self.task.attempts) < MAX_GIVEN_BACK
+            && self.task.given_back() < MAX_GIVEN_BACK
     }
 
     pub(super) fn next_timer(&self) -> Option<Instant> {
@@ -59,6 +59,7 @@ pub(super) fn sample_task(attempts: u32, token: u32) -> Task {
         cache_result: None,
         attempts,
         token,
+        takeovers: 0,
         max_retries: 3,
         worker: None,
         progress: None,
@@ -113,5 +114,9 @@ mod tests {
         // given back MAX_GIVEN_BACK times: it counts now (a task that kills
         // every worker before it speaks still reaches its dead letter)
         assert!(!held(1, n + 1, pushed, false).unstarted(soon, window));
+        // take-overs (re-attaches) grow the token but are no give-backs
+        let mut moved = held(1, n + 1, pushed, false);
+        moved.task.takeovers = n;
+        assert!(moved.unstarted(soon, window));
     }
 }

@@ -220,7 +220,7 @@ impl Session {
     async fn give_released(&self, h: &Held, reason: &str) -> Result<State, TaskError> {
         let deadline = Deadline::after(CALL);
         let worker = self.record.id.as_str();
-        let counted = h.task.token.saturating_sub(h.task.attempts) >= super::MAX_GIVEN_BACK;
+        let counted = h.task.given_back() >= super::MAX_GIVEN_BACK;
         tracing::info!(task = %h.task.id, worker, reason, counted, "a worker hands a task back");
         let (task, token) = (&h.task, h.task.token);
         if h.cancel_at.is_some() {

@@ -10,6 +10,8 @@ local hard = tonumber(redis.call('HGET', K_task, 'hard_until') or '0')
 local score = deadline
 if hard > 0 and hard < score then score = hard end
 redis.call('HSET', K_task, 'token', next_token, 'worker', A_worker, 'lease_until', deadline)
+-- not a give-back (see Task::given_back)
+redis.call('HINCRBY', K_task, 'takeovers', 1)
 redis.call('ZADD', K_leases, 'XX', score, A_id)
 local reason = redis.call('HGET', K_task, 'cancel') or ''
 return {next_token, reason}
