@@ -436,6 +436,45 @@ pub struct Task {
 }
 
 impl Task {
+    /// A running task of the research queue for unit tests: `attempts`
+    /// counted, lease `token`.
+    #[cfg(test)]
+    pub(crate) fn sample(attempts: u32, token: u32) -> Self {
+        Task {
+            id: TaskId::generate(&QueueName::parse("research").unwrap()),
+            name: "koo.examples.job".into(),
+            category: Category::Research,
+            priority: Priority::Normal,
+            args: "[]".into(),
+            kwargs: "{}".into(),
+            state: State::Running,
+            depends_on: vec![],
+            schedule: None,
+            schedule_tick_ms: None,
+            cache_result: None,
+            attempts,
+            token,
+            takeovers: 0,
+            max_retries: 3,
+            worker: None,
+            progress: None,
+            result: None,
+            error: None,
+            created_ms: 0,
+            started_ms: None,
+            finished_ms: None,
+            soft_ms: 0,
+            hard_ms: 0,
+            result_ttl_ms: 0,
+            log: vec![],
+            trace: None,
+            debounce_key: None,
+            expire_ms: None,
+            rate_limit_key: None,
+            concurrency_key: None,
+        }
+    }
+
     /// How many of this task's leases were given back (handed back
     /// unstarted, or released by a stopping worker or koo): every lease adds
     /// one to the token, every attempt that counted one to the attempts,

@@ -265,15 +265,21 @@ async fn adopting_fences_out_the_former_holder(backend: Backend) {
 /// One `koo serve` with a 10 s lease (longer than a restart) and no
 /// built-in workers, on `store` (`REDIS_URL` or `KOO_DATA_DIR`).
 async fn serve(store: (&str, String), dir: &std::path::Path) -> KooProc {
+    serve_draining(store, "0ms", dir).await
+}
+
+/// [`serve`] with `KOO_SHUTDOWN_DRAIN` (how long a stopping koo still
+/// accepts connections).
+async fn serve_draining(store: (&str, String), drain: &str, dir: &std::path::Path) -> KooProc {
     let env = [
         (store.0, store.1),
+        ("KOO_SHUTDOWN_DRAIN", drain.into()),
         ("KOO_WORKER_CONCURRENCY", "0".into()),
         ("KOO_TASK_LEASE", "10s".into()),
         ("KOO_SCHEDULE_CACHE_CLEANUP", "off".into()),
         ("KOO_SCHEDULE_CACHE_WARM", "off".into()),
         ("KOO_SCHEDULE_DATABASE_MAINTENANCE", "off".into()),
         ("KOO_SCHEDULE_HEALTH_CHECK", "off".into()),
-        ("KOO_SHUTDOWN_DRAIN", "0ms".into()),
         ("KOO_HTTP_LISTEN", "off".into()),
         ("KOO_LOG", "info".into()),
     ]
@@ -411,4 +417,47 @@ async fn a_graceful_restart_on_the_embedded_store_keeps_a_reattaching_workers_ta
     let port = koo.port.unwrap();
     let w = StreamWorker::open_on(lazy_channel(port), reattaching(vec![])).await;
     a_sigterm_keeps_only_the_reattaching_workers_lease(&mut koo, w).await;
+}
+
+/// A koo that is stopping (SIGTERM, still accepting connections through
+/// its drain) refuses a new `Work` stream `UNAVAILABLE`, so that a
+/// re-attaching worker goes on to the next koo rather than adopt its tasks
+/// into a session that ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_koo_refuses_new_streams() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let dir = tempfile::tempdir().unwrap();
+    let data = (
+        "KOO_DATA_DIR",
+        dir.path().join("data").display().to_string(),
+    );
+    let koo = serve_draining(data, "30s", dir.path()).await;
+    let port = koo.port.unwrap();
+    let mut health = HealthClient::new(lazy_channel(port))
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    koo.signal("TERM");
+    // the drain begins when koo reports NOT_SERVING
+    loop {
+        let status = tokio::time::timeout(common::EVENT_TIMEOUT, health.message())
+            .await
+            .expect("a health status")
+            .unwrap()
+            .expect("the watch goes on")
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+    }
+    let err = StreamWorker::try_open(lazy_channel(port), reattaching(vec![]))
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().starts_with("koo is stopping"), "{err:?}");
 }

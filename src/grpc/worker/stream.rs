@@ -310,42 +310,13 @@ fn input(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::task::{Category, Priority, QueueName, State, Task, TaskId};
+    use crate::domain::task::{State, Task};
     use crate::tasks::remote::ReplyKind;
 
     fn task(error: Option<&str>) -> Outbound {
         let task = Task {
-            id: TaskId::generate(&QueueName::parse("research").unwrap()),
-            name: "koo.examples.job".into(),
-            category: Category::Research,
-            priority: Priority::Normal,
-            args: "[]".into(),
-            kwargs: "{}".into(),
-            state: State::Running,
-            depends_on: vec![],
-            schedule: None,
-            schedule_tick_ms: None,
-            cache_result: None,
-            attempts: 2,
-            token: 2,
-            takeovers: 0,
-            max_retries: 3,
-            worker: None,
-            progress: None,
-            result: None,
             error: error.map(str::to_owned),
-            created_ms: 0,
-            started_ms: None,
-            finished_ms: None,
-            soft_ms: 0,
-            hard_ms: 0,
-            result_ttl_ms: 0,
-            log: vec![],
-            trace: None,
-            debounce_key: None,
-            expire_ms: None,
-            rate_limit_key: None,
-            concurrency_key: None,
+            ..Task::sample(2, 2)
         };
         Outbound::Task {
             task: Box::new(task),

@@ -225,8 +225,13 @@ impl Tasks {
         let Some(e) = self.tasks.get_mut(id.as_str()).filter(|e| e.holds(token)) else {
             return TakeOver::Lost;
         };
-        e.task.token = token + 1;
-        e.task.takeovers += 1;
+        // (a token at its end fences every claim, as on Redis, whose next
+        // token would not parse)
+        let Some(next) = token.checked_add(1) else {
+            return TakeOver::Lost;
+        };
+        e.task.token = next;
+        e.task.takeovers = e.task.takeovers.saturating_add(1);
         e.task.worker = Some(worker.to_owned());
         let token = e.task.token;
         match self.heartbeat(id, token, lease, now) {

@@ -10,6 +10,28 @@ use crate::store::tasks::TakeOver;
 use crate::store::{Deadline, Result, StoreError};
 
 impl RedisTasks {
+    /// `call` flagged to run while Redis is full (`plain` false) or, once a
+    /// Redis before 7.0 has refused the flags, unflagged from then on.
+    pub(super) async fn flagged<F, Fut>(&self, call: F) -> Result<redis::Value>
+    where
+        F: Fn(bool) -> Fut,
+        Fut: std::future::Future<Output = Result<redis::Value>>,
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let flagless = self.flagless.load(Relaxed);
+        match call(flagless).await {
+            Err(e) if !flagless && refuses_script_flags(&e) => {
+                if !self.flagless.swap(true, Relaxed) {
+                    tracing::warn!(
+                        "this Redis does not know script flags (Redis 7.0 does): heartbeats and take-overs run unflagged, and fail while Redis is full"
+                    );
+                }
+                call(true).await
+            }
+            reply => reply,
+        }
+    }
+
     /// One heartbeat script call: 1, 0, or the cancel's reason (one reply,
     /// no second read).
     pub(super) async fn beat(
@@ -41,27 +63,23 @@ impl RedisTasks {
         lease: Duration,
         deadline: Deadline,
     ) -> Result<TakeOver> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let reply = match self.take_once(id, token, worker, lease, deadline).await {
-            Err(e) if !self.flagless.load(Relaxed) && refuses_script_flags(&e) => {
-                self.flagless.store(true, Relaxed);
-                self.take_once(id, token, worker, lease, deadline).await
-            }
-            reply => reply,
-        }?;
+        let reply = self
+            .flagged(|plain| self.take_once(id, token, worker, lease, plain, deadline))
+            .await?;
         Ok(take_over_reply(reply))
     }
 
-    /// One take-over script call, flagged unless this Redis refuses flags.
+    /// One take-over script call (`plain`: unflagged).
     async fn take_once(
         &self,
         id: &TaskId,
         token: u32,
         worker: &str,
         lease: Duration,
+        plain: bool,
         deadline: Deadline,
     ) -> Result<redis::Value> {
-        let script = match self.flagless.load(std::sync::atomic::Ordering::Relaxed) {
+        let script = match plain {
             true => &self.scripts().take_over_plain,
             false => &self.scripts().take_over,
         };
@@ -99,7 +117,7 @@ fn take_over_reply(reply: redis::Value) -> TakeOver {
 
 /// Whether `e` is a Redis before 7.0 reading the `#!lua flags=...` line as
 /// Lua (`Error compiling script ... unexpected symbol near '#'`).
-pub(super) fn refuses_script_flags(e: &StoreError) -> bool {
+fn refuses_script_flags(e: &StoreError) -> bool {
     let said = e.to_string();
     said.contains("Error compiling script") && said.contains("near '#'")
 }

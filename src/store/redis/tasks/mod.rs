@@ -37,7 +37,6 @@ pub(crate) use scripts::TaskScripts;
 pub use wake::{SubmitWatch, Woken};
 
 use args::leased;
-use beat::refuses_script_flags;
 
 use std::any::Any;
 use std::time::Duration;
@@ -265,18 +264,9 @@ impl TaskBackend for RedisTasks {
         lease: Duration,
         deadline: Deadline,
     ) -> Result<Beat> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let flagless = self.flagless.load(Relaxed);
-        let reply = match self.beat(id, token, lease, flagless, deadline).await {
-            Err(e) if !flagless && refuses_script_flags(&e) => {
-                self.flagless.store(true, Relaxed);
-                tracing::warn!(
-                    "this Redis does not know script flags (Redis 7.0 does): heartbeats run unflagged, and fail while Redis is full"
-                );
-                self.beat(id, token, lease, true, deadline).await
-            }
-            reply => reply,
-        }?;
+        let reply = self
+            .flagged(|plain| self.beat(id, token, lease, plain, deadline))
+            .await?;
         Ok(match reply {
             redis::Value::Int(1) => Beat::Held,
             redis::Value::BulkString(reason) => {

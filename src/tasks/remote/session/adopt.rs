@@ -27,8 +27,8 @@ use futures::StreamExt;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::held::Held;
-use super::{CALL, MAX_CONCURRENCY, MAX_GIVEN_BACK, Outbound, Session};
+use super::held::{Held, hand_back};
+use super::{CALL, MAX_CONCURRENCY, Outbound, Session};
 use crate::domain::task::{State, Task, TaskId};
 use crate::store::Deadline;
 use crate::tasks::engine::{TaskEngine, TaskError};
@@ -115,9 +115,9 @@ impl Session {
             }
         }
         self.notices.extend(refused);
-        let steps: Vec<(TaskId, u32, Step)> = steps
+        let steps: Vec<(TaskId, Step)> = steps
             .into_iter()
-            .map(|(id, c, task)| (id, c.token, self.step(task, c.not_started)))
+            .map(|(id, c, task)| (id, self.step(task, c.not_started)))
             .collect();
         // Past here leases are taken over (new tokens that only the welcome
         // tells): a failure no longer refuses the hello, it revokes its
@@ -125,8 +125,8 @@ impl Session {
         let deadline = Deadline::after(CALL);
         let (engine, worker) = (&self.engine, self.record.id.as_str());
         let mut done = futures::stream::iter(steps)
-            .map(|(id, token, step)| async move {
-                let got = take(engine, worker, token, step, deadline).await;
+            .map(|(id, step)| async move {
+                let got = take(engine, worker, step, deadline).await;
                 (id, got)
             })
             .buffered(CLAIMS_IN_FLIGHT);
@@ -136,8 +136,8 @@ impl Session {
         let mut notices = Vec::new();
         while let Some((id, got)) = done.next().await {
             let got = got.unwrap_or_else(|e| {
-                tracing::warn!(task = %id, error = %e, "cannot take a re-attached task's lease over; it lapses");
-                Done::Refused(format!("koo could not take the lease over ({e}); it lapses"))
+                tracing::warn!(task = %id, error = %e, "cannot take over or hand back a re-attached task; its lease lapses");
+                Done::Refused(format!("koo could not act on it ({e}); its lease lapses"))
             });
             match got {
                 Done::Adopted(task, secret, cancel) => {
@@ -239,20 +239,18 @@ async fn prove(
 
 /// The store calls of a step: an adopted lease is taken over for
 /// `worker` (a new token, and its secret); a task given back is released
-/// (its attempt counted instead once it was given back [`MAX_GIVEN_BACK`]
+/// (its attempt counted instead once it was given back `MAX_GIVEN_BACK`
 /// times, so that a task cannot bounce for ever; take-overs do not count,
 /// see [`Task::given_back`]). A lease that lapsed meanwhile refuses the
 /// claim.
 async fn take(
     engine: &TaskEngine,
     worker: &str,
-    token: u32,
     step: Step,
     deadline: Deadline,
 ) -> Result<Done, TaskError> {
     let got = match step {
         Step::Adopt(task) => {
-            debug_assert_eq!(task.token, token);
             match engine.take_over(&task, worker, deadline).await {
                 Ok((task, cancel)) => {
                     // without it the stream still works (its own reports
@@ -266,23 +264,17 @@ async fn take(
                 Err(e) => Err(e),
             }
         }
-        Step::GiveBack(task, why) => give_back(engine, &task, deadline)
-            .await
-            .map(|()| Done::Refused(why)),
+        Step::GiveBack(task, why) => {
+            let worker = task.worker.as_deref().unwrap_or_default();
+            hand_back(engine, &task, worker, deadline)
+                .await
+                .map(|_| Done::Refused(why))
+        }
     };
     match got {
         Err(e @ TaskError::Fenced(_)) => Ok(Done::Refused(e.to_string())),
         other => other,
     }
-}
-
-/// Hands a proven claim's task back to its queue.
-async fn give_back(engine: &TaskEngine, task: &Task, deadline: Deadline) -> Result<(), TaskError> {
-    if task.given_back() >= MAX_GIVEN_BACK {
-        return engine.abandon(&task.id, task.token, deadline).await;
-    }
-    let worker = task.worker.as_deref().unwrap_or_default();
-    engine.release(task, worker, deadline).await
 }
 
 /// The claims, each id parsed: INVALID_ARGUMENT naming the first wrong
@@ -321,7 +313,7 @@ fn adopted_held(task: Task) -> Held {
     let at = |limit_ms: u64| {
         (limit_ms > 0).then(|| {
             let end = started.saturating_add(i64::try_from(limit_ms).unwrap_or(i64::MAX));
-            now + Duration::from_millis(u64::try_from(end - wall).unwrap_or(0))
+            now + Duration::from_millis(u64::try_from(end.saturating_sub(wall)).unwrap_or(0))
         })
     };
     Held {
@@ -383,7 +375,7 @@ mod tests {
     #[test]
     fn limits_run_from_the_attempts_start() {
         let wall = crate::store::unix_millis(SystemTime::now());
-        let mut task = super::super::held::sample_task(1, 1);
+        let mut task = Task::sample(1, 1);
         task.started_ms = Some(wall - 10_000);
         task.soft_ms = 5_000;
         task.hard_ms = 60_000;

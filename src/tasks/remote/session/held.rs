@@ -7,6 +7,8 @@ use tokio::time::Instant;
 
 use super::MAX_GIVEN_BACK;
 use crate::domain::task::Task;
+use crate::store::Deadline;
+use crate::tasks::engine::{TaskEngine, TaskError};
 
 /// A task the session holds, with its timers.
 pub(super) struct Held {
@@ -41,43 +43,22 @@ impl Held {
     }
 }
 
-/// A running task for unit tests: `attempts` counted, lease `token`.
-#[cfg(test)]
-pub(super) fn sample_task(attempts: u32, token: u32) -> Task {
-    use crate::domain::task::{Category, Priority, QueueName, State, TaskId};
-    Task {
-        id: TaskId::generate(&QueueName::parse("research").unwrap()),
-        name: "koo.examples.job".into(),
-        category: Category::Research,
-        priority: Priority::Normal,
-        args: "[]".into(),
-        kwargs: "{}".into(),
-        state: State::Running,
-        depends_on: vec![],
-        schedule: None,
-        schedule_tick_ms: None,
-        cache_result: None,
-        attempts,
-        token,
-        takeovers: 0,
-        max_retries: 3,
-        worker: None,
-        progress: None,
-        result: None,
-        error: None,
-        created_ms: 0,
-        started_ms: None,
-        finished_ms: None,
-        soft_ms: 0,
-        hard_ms: 0,
-        result_ttl_ms: 0,
-        log: vec![],
-        trace: None,
-        debounce_key: None,
-        expire_ms: None,
-        rate_limit_key: None,
-        concurrency_key: None,
+/// Hands a task back to its queue as a stopping worker does, its attempt
+/// given back; once it was given back [`MAX_GIVEN_BACK`] times, its
+/// attempt is counted instead, as a lapsed lease's (so that a task that
+/// always stops its worker reaches its dead letter). Whether it counted.
+pub(super) async fn hand_back(
+    engine: &TaskEngine,
+    task: &Task,
+    worker: &str,
+    deadline: Deadline,
+) -> Result<bool, TaskError> {
+    if task.given_back() >= MAX_GIVEN_BACK {
+        engine.abandon(&task.id, task.token, deadline).await?;
+        return Ok(true);
     }
+    engine.release(task, worker, deadline).await?;
+    Ok(false)
 }
 
 #[cfg(test)]
@@ -85,7 +66,7 @@ mod tests {
     use super::*;
 
     fn held(attempts: u32, token: u32, pushed_at: Instant, spoken: bool) -> Held {
-        let task = sample_task(attempts, token);
+        let task = Task::sample(attempts, token);
         Held {
             task,
             soft_at: None,

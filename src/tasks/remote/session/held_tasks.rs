@@ -231,11 +231,9 @@ impl Session {
                 .finish(task, token, worker, stopped, deadline)
                 .await;
         }
-        if !counted {
-            self.engine.release(task, worker, deadline).await?;
+        if !super::held::hand_back(&self.engine, task, worker, deadline).await? {
             return Ok(State::Queued);
         }
-        self.engine.abandon(&task.id, token, deadline).await?;
         Ok(self.engine.get(task.id.as_str(), deadline).await?.state)
     }
 }
