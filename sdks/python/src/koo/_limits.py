@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from enum import IntEnum
 
+from koo._enums import OpenEnum
 from koo._values import from_timestamp
 from koo.tasks.v1 import task_service_pb2 as pb
 
 
-class ConcurrencyPolicy(IntEnum):
+class ConcurrencyPolicy(OpenEnum):
     """What a task does when its concurrency key is at its cap."""
 
     WAIT = pb.CONCURRENCY_POLICY_WAIT

@@ -12,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import IntEnum
 from typing import Any
 
 from google.protobuf import field_mask_pb2
 
 from koo._connection import Client, blocking, rpc
+from koo._enums import OpenEnum
 from koo._submission import TaskCategory, TaskPriority
 from koo._taskinfo import TaskInfo, TaskState
 from koo._values import (
@@ -34,7 +34,7 @@ from koo.schedule.v1 import schedule_service_pb2 as pb
 from koo.schedule.v1 import schedule_service_pb2_grpc as pb_grpc
 
 
-class MissedTickPolicy(IntEnum):
+class MissedTickPolicy(OpenEnum):
     """What happens to ticks missed while no scheduler ran."""
 
     SKIP = pb.MISSED_TICK_POLICY_SKIP

@@ -7,12 +7,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from enum import IntEnum
 from typing import Any
 
 import grpc
 
 from koo._connection import KooError
+from koo._enums import OpenEnum
 from koo._values import Seconds, arguments, strings, to_duration, to_struct, to_timestamp
 from koo.tasks.v1 import task_service_pb2 as pb
 
@@ -20,7 +20,7 @@ from koo.tasks.v1 import task_service_pb2 as pb
 MAX_SUBMIT_BATCH = 100
 
 
-class TaskCategory(IntEnum):
+class TaskCategory(OpenEnum):
     """The seed's six categories; each has its own queue."""
 
     AI_SERVICE = pb.TASK_CATEGORY_AI_SERVICE
@@ -31,7 +31,7 @@ class TaskCategory(IntEnum):
     CACHE = pb.TASK_CATEGORY_CACHE
 
 
-class TaskPriority(IntEnum):
+class TaskPriority(OpenEnum):
     """Higher runs first within a queue; FIFO within one priority."""
 
     LOW = pb.TASK_PRIORITY_LOW

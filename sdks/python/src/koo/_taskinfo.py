@@ -6,16 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from enum import IntEnum
 from typing import Any
 
 from koo._cache import LEVEL_OF_PROTO, CacheLevel
+from koo._enums import OpenEnum
 from koo._submission import TaskCategory, TaskPriority
 from koo._values import from_duration, from_proto_value, from_struct, from_timestamp
 from koo.tasks.v1 import task_service_pb2 as pb
 
 
-class TaskState(IntEnum):
+class TaskState(OpenEnum):
     """Where a task is in its life."""
 
     UNKNOWN = pb.TASK_STATE_UNSPECIFIED
@@ -140,7 +140,7 @@ class TaskInfo:
         out: dict[str, Any] = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, IntEnum):
+            if isinstance(v, OpenEnum):
                 v = v.name.lower() if isinstance(v, TaskState) else v.name
             elif isinstance(v, datetime):
                 v = v.isoformat()
