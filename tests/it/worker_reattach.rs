@@ -262,6 +262,50 @@ async fn adopting_fences_out_the_former_holder(backend: Backend) {
     assert_eq!((t.attempts, log), (1, vec!["succeeded"]), "{t:?}");
 }
 
+/// A store that does not answer while a hello's claims are read refuses
+/// the hello (`DEADLINE_EXCEEDED`, or `UNAVAILABLE` once the breaker has
+/// opened: the worker tries again, its task still running) and changes
+/// nothing: once Redis answers again the task is
+/// RUNNING under the same lease, and the next hello adopts it. (The
+/// breaker is kept closed, so that what answers is the call's own
+/// deadline, and the next calls need not wait out a cool-down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_whose_claims_cannot_be_read_is_refused_and_changes_nothing() {
+    let koo = start_on_with(Backend::Redis, 0, |s| {
+        // outlasts the hello's read deadline (5 s) while Redis is stopped
+        s.tasks.config.lease = std::time::Duration::from_secs(30);
+        if let koo::server::StoreSettings::Redis(r) = &mut s.store {
+            r.breaker_failures = u32::MAX;
+        }
+        if let Some(r) = &mut s.tasks.redis {
+            r.breaker_failures = u32::MAX;
+        }
+    })
+    .await;
+    let mut c = client(&koo.server);
+    submitted(&mut c, submit(NAME, serde_json::json!({}))).await;
+    let (id, token, secret) = lease(&koo, NAME).await;
+    let held = || vec![claim(&id, token, &secret)];
+    koo.redis().signal("STOP");
+    let refused = StreamWorker::try_open(connection(&koo).await, reattaching(held())).await;
+    koo.redis().signal("CONT");
+    let err = refused.err().expect("refused");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    let t = get_ok(&mut c, &id).await;
+    assert_eq!(
+        (t.state, t.attempts),
+        (pb::TaskState::Running as i32, 1),
+        "{t:?}"
+    );
+    let w = StreamWorker::open_on(connection(&koo).await, reattaching(held())).await;
+    let adopted = &w.welcome.adopted;
+    assert_eq!(adopted.len(), 1, "{:?}", w.welcome);
+    assert_eq!(
+        (adopted[0].task_id.as_str(), adopted[0].lease_token),
+        (id.as_str(), token + 1)
+    );
+}
+
 /// One `koo serve` with a 10 s lease (longer than a restart) and no
 /// built-in workers, on `store` (`REDIS_URL` or `KOO_DATA_DIR`).
 async fn serve(store: (&str, String), dir: &std::path::Path) -> KooProc {
