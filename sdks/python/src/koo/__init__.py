@@ -6,6 +6,9 @@ Layout:
   `cached`, `cache_api_response`, `get_cached_api_response`).
 - `koo.task_manager`: the seed's task names (`task_manager`, `TaskCategory`,
   `TaskPriority`, `submit_ai_task`, `submit_pdf_processing_task`).
+- `koo.TaskDef`: a task name and its submit defaults, shared by the code
+  that submits it (`.delay(...)`, `.apply_async(...)`) and the worker that
+  runs it (`@worker.task(defn)`): Celery's `@app.task(...)` options.
 - `koo.Worker`, `TaskContext`, `Retry`, `RateLimited`, `Fatal`: task workers
   (`@worker.task("name")`, `python -m koo.worker module:worker`);
   `WorkerEvent`: what a worker's `on_event` hook sees.
@@ -35,6 +38,7 @@ from koo._schedules import (
     SyncScheduleManager,
 )
 from koo._submission import Submission, SubmitManyError, TaskCategory, TaskPriority
+from koo._taskdef import SyncTaskDef, TaskDef
 from koo._tasks import (
     QueueInfo,
     SyncTaskManager,
@@ -78,10 +82,12 @@ __all__ = [
     "SubmitManyError",
     "SyncKooCache",
     "SyncScheduleManager",
+    "SyncTaskDef",
     "SyncTaskManager",
     "TaskAttempt",
     "TaskCategory",
     "TaskContext",
+    "TaskDef",
     "TaskEvent",
     "TaskFailed",
     "TaskInfo",

@@ -49,6 +49,7 @@ from koo._outcomes import (
     _traceback_of,
 )
 from koo._session import BATCH_BYTES, _Session, on_loop
+from koo._taskdef import TaskDef
 from koo._threads import Threads
 from koo._values import from_proto_value, from_struct, strings, to_proto_value, to_struct
 from koo.tasks.v1 import task_service_pb2 as tasks_pb
@@ -274,8 +275,12 @@ class Worker:
         self.concurrency = concurrency
         self._threads = Threads(concurrency)
 
-    def task(self, name: str, *, queue: str | None = None) -> Callable[[F], F]:
-        """Registers a handler for the task name (its queue, when given, is served)."""
+    def task(self, name: str | TaskDef, *, queue: str | None = None) -> Callable[[F], F]:
+        """Registers a handler for the task name, or for a `TaskDef`'s name
+        (its queue, when given here or by the definition, is served)."""
+        if isinstance(name, TaskDef):
+            queue = queue or name.queue
+            name = name.name
 
         def register(fn: F) -> F:
             sig = inspect.signature(fn)
