@@ -13,12 +13,14 @@ come with check-jsonschema).
 Usage: python scripts/check_deploy.py deploy/docker-compose.yml
        python scripts/check_deploy.py deploy/docker-compose.secure.yml
        python scripts/check_deploy.py deploy/kubernetes   (see deploy_k8s.py)
+       python scripts/check_deploy.py deploy/Dockerfile   (its build context)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -333,6 +335,50 @@ def check_secure_prometheus(
     return 1 + len(files) + scraped
 
 
+# `include_bytes!("...")` / `include_str!("...")`, and `concat!("...", $x)`'s
+# first part (a directory the macro reads files of).
+INCLUDE = re.compile(r'include_(?:bytes|str)!\((?:concat!\()?"([^"]+)"')
+
+
+def build_inputs(root: Path) -> list[str]:
+    """The files and directories outside `src/` that the binary's own
+    (non-test) code reads at compile time, relative to the repository."""
+    out: set[str] = set()
+    for rs in sorted((root / "src").rglob("*.rs")):
+        text = rs.read_text()
+        # a file's unit tests come last, after its `#[cfg(test)]`
+        code = text.split("#[cfg(test)]", 1)[0]
+        for m in INCLUDE.finditer(code):
+            if "OUT_DIR" in m.group(0):
+                continue
+            path = os.path.normpath(rs.parent / m.group(1))
+            out.add(os.path.relpath(path, root))
+    return sorted(p for p in out if not p.startswith("src" + os.sep))
+
+
+def check_dockerfile(path: str) -> int:
+    """The build stage copies everything the binary is compiled from: an
+    include outside `src/` that the Dockerfile does not copy fails the
+    image's build (as `web/dist` once did), and no `docker build` runs here
+    to find it."""
+    root = Path(path).resolve().parent.parent
+    copied: list[str] = []
+    for line in Path(path).read_text().splitlines():
+        words = line.split()
+        if not words or words[0] != "COPY" or any(w.startswith("--from") for w in words):
+            continue
+        copied.extend(w.rstrip("/") for w in words[1:-1])
+    for needed in ("Cargo.toml", "Cargo.lock", "build.rs", "proto", "src"):
+        require(needed in copied, f"{path}: the build stage does not copy {needed}")
+    for needed in build_inputs(root):
+        require(
+            any(needed == c or needed.startswith(c + "/") for c in copied),
+            f"{path}: the binary includes {needed} but the build stage copies only {copied}",
+        )
+    print(f"{path}: the build stage copies what the binary includes from outside src/: {build_inputs(root)}")
+    return 0
+
+
 if __name__ == "__main__":
     try:
         target = sys.argv[1] if len(sys.argv) > 1 else "deploy/docker-compose.yml"
@@ -343,6 +389,8 @@ if __name__ == "__main__":
                 sys.exit(check_k8s(target))
             except K8sError as e:
                 raise DeployError(str(e)) from None
+        if target.endswith("Dockerfile"):
+            sys.exit(check_dockerfile(target))
         if target.endswith(".secure.yml"):
             sys.exit(check_secure(target))
         sys.exit(check(target))
