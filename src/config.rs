@@ -160,6 +160,18 @@ mod tests {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["koo", "task", "ls", "--json"]).unwrap();
         assert!(matches!(cli.command, Command::Task(_)));
+        // a setting's flag takes its value (`--dashboard off`), as its
+        // variable does
+        for line in [
+            ["koo", "serve", "--dashboard", "off"],
+            ["koo", "serve", "--dashboard=OFF", ""],
+        ] {
+            let line: Vec<&str> = line.into_iter().filter(|w| !w.is_empty()).collect();
+            let Command::Serve(s) = Cli::try_parse_from(line).unwrap().command else {
+                panic!("not serve");
+            };
+            assert!(!s.transport.dashboard);
+        }
     }
 
     /// `KOO_TASK_SUBMIT_WAIT_REPLICAS` is a count of 0 to 64 and

@@ -22,8 +22,11 @@ pub struct ConnectArgs {
     /// `https://host:port` for TLS.
     #[arg(long, env = "KOO_TARGET", default_value = DEFAULT_TARGET, global = true)]
     pub target: String,
-    /// Use TLS (the system's roots unless --tls-ca) even without `https://`.
-    #[arg(long, env = "KOO_CLIENT_TLS", global = true)]
+    /// Use TLS (the system's roots unless --tls-ca) even without `https://`
+    /// (`--tls`, `--tls=off`; KOO_CLIENT_TLS: true/false, on/off, yes/no, 1/0).
+    #[arg(long, env = "KOO_CLIENT_TLS", global = true, action = clap::ArgAction::Set,
+          num_args = 0..=1, require_equals = true, default_value = "false",
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub tls: bool,
     /// API key, sent as `authorization: Bearer <key>`.
     #[arg(long, env = "KOO_API_KEY", hide_env_values = true, global = true)]
@@ -406,6 +409,17 @@ mod tests {
         assert_eq!((uri.as_str(), tls.is_some()), ("https://h:3", true));
         assert!(endpoint_uri(&args(&["--target", "http://h:4", "--tls"])).is_err());
         assert!(endpoint_uri(&args(&["--target", "ftp://h:4"])).is_err());
+        // a value as the other boolean settings take one (KOO_CLIENT_TLS=off)
+        for (flag, tls) in [
+            ("--tls=off", false),
+            ("--tls=0", false),
+            ("--tls=yes", true),
+        ] {
+            let (_, got) = endpoint_uri(&args(&["--target", "h:5", flag])).unwrap();
+            assert_eq!(got.is_some(), tls, "{flag}");
+        }
+        let bad = Wrap::try_parse_from(["koo", "--tls=maybe"]).err().unwrap();
+        assert!(bad.to_string().contains("maybe"), "{bad}");
     }
 
     /// With no flags, the SDK's default target (unless KOO_TARGET is set

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgAction, Args};
 
 use super::{ConfigError, parse_positive_duration};
 use crate::transport::cors::CorsOrigins;
@@ -46,7 +46,7 @@ pub struct TransportArgs {
     /// answer 404; grpc-web, REST and /metrics stay). The page holds no data: every figure it
     /// shows comes from calls that pass authentication like any other.
     #[arg(long, env = "KOO_DASHBOARD", value_name = "KOO_DASHBOARD", default_value = "on",
-          value_parser = parse_dashboard)]
+          action = ArgAction::Set, value_parser = parse_dashboard)]
     pub dashboard: bool,
 }
 
