@@ -40,10 +40,11 @@ pub enum AppError {
     Persist(#[from] crate::persist::PersistError),
 }
 
-/// How long `koo worker` waits, once signalled, for its slots and loops to
-/// stop: its slots give a running task `KOO_WORKER_SHUTDOWN_GRACE` (10 s by
-/// default) and then hand it back, so 30 s (the default of `koo serve`'s
-/// `KOO_SHUTDOWN_GRACE`) leaves room for the hand-backs on a slow store.
+/// How long `koo worker` waits at least, once signalled, for its slots and
+/// loops to stop: its slots give a running task `KOO_WORKER_SHUTDOWN_GRACE`
+/// (10 s by default) and then hand it back, so 30 s (the default of `koo
+/// serve`'s `KOO_SHUTDOWN_GRACE`) leaves room for the hand-backs on a slow
+/// store; a longer task grace gets 20 s more than itself.
 pub const WORKER_STOP_GRACE: Duration = Duration::from_secs(30);
 
 /// How long `koo scheduler` waits, once signalled, for the tick it may be

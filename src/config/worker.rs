@@ -72,19 +72,29 @@ impl WorkerArgs {
         let Some(redis) = self.tasks.redis_config(&self.redis)? else {
             return Ok(None);
         };
+        let tasks = self.tasks.task_config(&self.prefix)?;
         Ok(Some(WorkerSettings {
             redis,
             cache: self.cache.cache_config(&self.prefix)?,
-            tasks: self.tasks.task_config(&self.prefix)?,
+            stop_grace: worker_stop_grace(tasks.shutdown_grace),
+            tasks,
             cache_redis: self
                 .redis
                 .redis_config("REDIS_URL", self.redis.redis_url.clone())?,
             ledger: self.tasks.diagnostics_ledger.clone(),
             concurrency: self.concurrency as usize,
-            stop_grace: WORKER_STOP_GRACE,
             http_listen: self.http_listen.0,
         }))
     }
+}
+
+/// How long `koo worker` waits for its slots once signalled: the task
+/// grace (`KOO_WORKER_SHUTDOWN_GRACE`) and room for the hand-backs after
+/// it, at least [`WORKER_STOP_GRACE`], so that a longer task grace is
+/// honoured rather than cut at 30 s.
+fn worker_stop_grace(task_grace: std::time::Duration) -> std::time::Duration {
+    const HAND_BACKS: std::time::Duration = std::time::Duration::from_secs(20);
+    WORKER_STOP_GRACE.max(task_grace.saturating_add(HAND_BACKS))
 }
 
 impl SchedulerArgs {
@@ -135,6 +145,15 @@ mod tests {
         assert_eq!(w.concurrency, 3);
         assert_eq!(w.stop_grace, WORKER_STOP_GRACE);
         assert_eq!(w.stop_grace.as_secs(), 30);
+        // a longer task grace is honoured, with room for the hand-backs
+        let long: WorkerArgs = parse(
+            "worker",
+            &["--redis-url", url, "--worker-shutdown-grace", "60s"],
+        );
+        assert_eq!(
+            long.into_settings().unwrap().unwrap().stop_grace.as_secs(),
+            80
+        );
         let broker = "redis://127.0.0.1:6380/0";
         let w: WorkerArgs = parse("worker", &["--task-broker-url", broker]);
         let w = w.into_settings().unwrap().unwrap();
