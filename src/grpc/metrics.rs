@@ -161,17 +161,40 @@ impl GrpcMetrics {
     }
 }
 
-/// Writes `snapshot` as a Prometheus histogram in seconds.
+/// Bounds of the task histograms (`koo_task_run_seconds`,
+/// `koo_task_wait_seconds`), in seconds: the latency bounds, then up to an
+/// hour, since tasks run for minutes (the default time limit is 30 min) and
+/// wait through countdowns; a percentile past the last bound reads as it.
+/// (The recorded histogram resolves up to about 71 minutes.)
+pub const TASK_SECONDS_BOUNDS: [f64; 21] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+/// Writes `snapshot` as a Prometheus histogram in seconds, with the
+/// latency bounds ([`SECONDS_BOUNDS`]).
 pub fn encode_seconds(
     encoder: &mut MetricEncoder<'_>,
     snapshot: &HistogramSnapshot,
 ) -> Result<(), std::fmt::Error> {
-    let bounds = SECONDS_BOUNDS.map(Duration::from_secs_f64);
+    encode_seconds_in(encoder, snapshot, &SECONDS_BOUNDS)
+}
+
+/// Writes `snapshot` as a Prometheus histogram in seconds, with `bounds`.
+pub fn encode_seconds_in(
+    encoder: &mut MetricEncoder<'_>,
+    snapshot: &HistogramSnapshot,
+    bounds_s: &[f64],
+) -> Result<(), std::fmt::Error> {
+    let bounds: Vec<Duration> = bounds_s
+        .iter()
+        .map(|b| Duration::from_secs_f64(*b))
+        .collect();
     let (counts, sum) = snapshot.cumulative(&bounds);
     let count = snapshot.count();
-    let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(SECONDS_BOUNDS.len() + 1);
+    let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(bounds_s.len() + 1);
     let mut below = 0;
-    for (bound, cumulative) in SECONDS_BOUNDS.iter().zip(counts) {
+    for (bound, cumulative) in bounds_s.iter().zip(counts) {
         // the encoder wants each bucket's own count and sums them itself
         buckets.push((*bound, cumulative - below));
         below = cumulative;

@@ -22,7 +22,7 @@ use crate::cache::histogram::HistogramSnapshot;
 use crate::cache::metrics::{Counters, Op};
 use crate::domain::level::Level;
 use crate::domain::stats::Count;
-use crate::grpc::metrics::{GrpcMetrics, encode_seconds};
+use crate::grpc::metrics::{GrpcMetrics, TASK_SECONDS_BOUNDS, encode_seconds, encode_seconds_in};
 use crate::schedule::Schedules;
 use crate::store::Deadline;
 use crate::tasks::counters::{OUTCOMES, QueueFigures, TaskCounters};
@@ -344,9 +344,10 @@ impl Collector for OwnTasks {
         for (name, help, of) in histograms {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
             for f in &figures {
-                encode_seconds(
+                encode_seconds_in(
                     &mut family.encode_family(&[("queue", f.queue.as_str())])?,
                     of(f),
+                    &TASK_SECONDS_BOUNDS,
                 )?;
             }
         }

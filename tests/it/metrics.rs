@@ -192,6 +192,16 @@ async fn prometheus_scrapes_grpc_cache_and_task_figures() {
         sample(&text, "koo_task_handoffs_total", &[r#"queue="research""#]).is_some(),
         "{text}"
     );
+    // task times run past the request bounds' 10 s, up to an hour
+    for bound in ["10.0", "60.0", "3600.0"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("koo_task_run_seconds_bucket{")
+                    && l.contains(r#"queue="research""#)
+                    && l.contains(&format!("le=\"{bound}\""))),
+            "no {bound} s bucket in {text}"
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
     let (_prom, prom) = prometheus(&http, dir.path());
     let get = r#"grpc_server_handled_total{grpc_service="koo.cache.v1.CacheService",grpc_method="Get",grpc_code="OK"}"#;
