@@ -62,6 +62,7 @@ pub mod percent;
 pub mod persist;
 pub mod quote;
 pub mod reload;
+pub mod repeats;
 pub mod schedule;
 pub mod server;
 pub mod store;

@@ -12,6 +12,7 @@ use super::settings::ScheduleSettings;
 use super::{registry, warn_if_tasks_can_be_evicted};
 use crate::cache::{Cache, CacheConfig};
 use crate::schedule::Schedules;
+use crate::store::redis::redact;
 use crate::store::schedules::ScheduleStore;
 use crate::store::tasks::TaskStore;
 use crate::store::{RedisConfig, RedisStore, Store, StoreError};
@@ -81,6 +82,7 @@ pub async fn run_worker(
     tracing::info!(
         worker = pool.id(),
         slots = settings.concurrency,
+        tasks = %format_args!("{} {}", settings.redis.setting, redact(&settings.redis.url)),
         "koo worker running"
     );
     let stop = CancellationToken::new();
@@ -104,6 +106,7 @@ pub async fn run_worker(
     }
     // what the workers ended during the grace
     engine.flush_times().await;
+    tracing::info!("koo worker stopped");
     Ok(())
 }
 
@@ -137,6 +140,10 @@ pub async fn run_scheduler(
     let engine = TaskEngine::new(TaskStore::redis(store.clone(), &prefix), settings.tasks);
     let schedules = Schedules::new(ScheduleStore::redis(store, &prefix), engine.clone());
     started(&engine, &schedules);
+    tracing::info!(
+        schedules = %format_args!("{} {}", settings.redis.setting, redact(&settings.redis.url)),
+        "koo scheduler running"
+    );
     let stop = CancellationToken::new();
     let run = tokio::spawn(crate::schedule::run(
         schedules,
@@ -146,6 +153,12 @@ pub async fn run_scheduler(
     ));
     shutdown.await;
     stop.cancel();
-    let _ = tokio::time::timeout(settings.stop_grace, run).await;
+    if tokio::time::timeout(settings.stop_grace, run)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the scheduler's tick did not end within its grace");
+    }
+    tracing::info!("koo scheduler stopped");
     Ok(())
 }

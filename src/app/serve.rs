@@ -261,8 +261,15 @@ fn task_store(
         ));
     };
     let redis = match (store.as_redis(), &settings.store) {
-        (Some(r), StoreSettings::Redis(c)) if c.url == config.url => r.clone(),
-        _ => RedisStore::connect(config)?,
+        (Some(r), StoreSettings::Redis(c)) if c.url == config.url => {
+            tracing::info!(setting = config.setting, url = %redact(&config.url), "tasks on Redis, the cache's");
+            r.clone()
+        }
+        _ => {
+            // (TASK_BROKER_URL, else TASK_RESULT_BACKEND, else REDIS_URL)
+            tracing::info!(setting = config.setting, url = %redact(&config.url), connections = config.max_connections, "tasks on Redis");
+            RedisStore::connect(config)?
+        }
     };
     Ok(TaskStore::redis(redis, &settings.tasks.config.prefix))
 }

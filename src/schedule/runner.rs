@@ -28,6 +28,9 @@ struct Entry {
     next: Option<Tick>,
 }
 
+/// The first load's run of failures (see [`crate::repeats`]).
+static LOAD: crate::repeats::Repeats = crate::repeats::Repeats::new();
+
 /// Runs the scheduler until `stop`: applies the configuration's defaults,
 /// catches up missed ticks by each schedule's policy, then fires every tick
 /// of every schedule that is not paused. Changes made through any instance
@@ -47,9 +50,15 @@ pub async fn run(
         }
         .await;
         match loaded {
-            Ok(s) => break s,
+            Ok(s) => {
+                let failed = LOAD.succeeded();
+                if failed > 0 {
+                    tracing::info!(failed, "scheduler: loading schedules works again");
+                }
+                break s;
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "scheduler: cannot load schedules; retrying in a second");
+                crate::warn_once_per_run!(LOAD, error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
                 // or as soon as the store answers again after an outage
                 tokio::select! {
                     _ = stop.cancelled() => return,

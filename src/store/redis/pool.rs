@@ -59,7 +59,8 @@ impl RedisStore {
             connect_timeout: config.connect_timeout,
             gather: Gather::default(),
         });
-        recovery::start(Arc::downgrade(&inner), inner.breaker.watch());
+        let name = format!("{} {}", config.setting, super::url::redact(&config.url));
+        recovery::start(Arc::downgrade(&inner), inner.breaker.watch(), name);
         Ok(Self { inner })
     }
 

@@ -101,15 +101,18 @@ impl RedisStore {
 /// Starts the prober of the store behind `inner`, if there is a runtime to
 /// run it on (there always is in koo; a store built outside one recovers
 /// through its calls' trials alone).
-pub(super) fn start(inner: Weak<Inner>, circuit: watch::Receiver<CircuitState>) {
+/// `redis` names the store in its messages (its setting and redacted URL:
+/// a koo may use two Redis servers, and the operator must know which one
+/// went away).
+pub(super) fn start(inner: Weak<Inner>, circuit: watch::Receiver<CircuitState>, redis: String) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(prober(inner, circuit));
+        runtime.spawn(prober(inner, circuit, redis));
     }
 }
 
 /// Waits for the breaker to leave closed, then probes until it closes
 /// again; ends with the store.
-async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>) {
+async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>, redis: String) {
     loop {
         if circuit
             .wait_for(|s| *s != CircuitState::Closed)
@@ -119,9 +122,11 @@ async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>) 
             return; // the store is gone
         }
         tracing::warn!(
+            %redis,
             every = ?PROBE_EVERY,
             "Redis unreachable: circuit breaker open; probing until it answers"
         );
+        let mut refused_told = false;
         loop {
             tokio::time::sleep(PROBE_EVERY).await;
             let Some(inner) = inner.upgrade() else {
@@ -129,18 +134,34 @@ async fn prober(inner: Weak<Inner>, mut circuit: watch::Receiver<CircuitState>) 
             };
             let store = RedisStore { inner };
             if store.inner.breaker.state() == CircuitState::Closed {
-                tracing::info!("Redis answering again: circuit breaker closed");
+                tracing::info!(%redis, "Redis answering again: circuit breaker closed");
                 break;
             }
             // A primary that went silent raises no error: with Sentinels,
             // have the probe ask them whether another one took over.
             store.inner.connector.suspect();
             let deadline = Deadline::after(store.inner.timeout_evidence);
-            if let Ok(latency) = store.probe(deadline).await {
-                tracing::info!(?latency, "Redis answering again: circuit breaker closed");
-                break;
+            match store.probe(deadline).await {
+                Ok(latency) => {
+                    tracing::info!(%redis, ?latency, "Redis answering again: circuit breaker closed");
+                    break;
+                }
+                Err(e) if !refused_told && refuses_credentials(&e.to_string()) => {
+                    // not an outage that passes: someone must fix a setting
+                    refused_told = true;
+                    tracing::error!(%redis, error = %e, "Redis refuses koo's credentials: check the user and password of this URL (or the ACL); koo keeps probing");
+                }
+                Err(_) => {}
             }
         }
         circuit.mark_unchanged();
     }
+}
+
+/// Whether a probe's error says Redis refused the credentials (a wrong
+/// password, an unknown user, a user the ACL forbids a command).
+fn refuses_credentials(error: &str) -> bool {
+    ["AuthenticationFailed", "WRONGPASS", "NOAUTH", "NOPERM"]
+        .iter()
+        .any(|kind| error.contains(kind))
 }

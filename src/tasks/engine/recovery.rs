@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::TaskEngine;
 use crate::domain::task::{QueueName, State};
+use crate::repeats::Repeats;
 use crate::store::Deadline;
 
 impl TaskEngine {
@@ -49,6 +50,7 @@ impl TaskEngine {
                     .await
                 {
                     Ok(r) => {
+                        recovered_again(&RECOVER, "recovering lapsed leases");
                         total += r.handled;
                         // an expired task others wait on: released now (on
                         // Redis they may be in other queues' slots), not
@@ -62,7 +64,7 @@ impl TaskEngine {
                         }
                     }
                     Err(e) => {
-                        tracing::warn!(queue = %queue, error = %e, "cannot recover lapsed leases");
+                        crate::warn_once_per_run!(RECOVER, queue = %queue, error = %e, "cannot recover lapsed leases (repeats are logged at debug until it works again)");
                         break;
                     }
                 }
@@ -70,10 +72,25 @@ impl TaskEngine {
             handled.push(total);
         }
         for queue in queues {
-            if let Err(e) = self.repair_pending(queue, deadline()).await {
-                tracing::warn!(queue = %queue, error = %e, "cannot check pending tasks' dependencies");
+            match self.repair_pending(queue, deadline()).await {
+                Ok(_) => recovered_again(&REPAIR, "checking pending tasks' dependencies"),
+                Err(e) => {
+                    crate::warn_once_per_run!(REPAIR, queue = %queue, error = %e, "cannot check pending tasks' dependencies (repeats are logged at debug until it works again)");
+                }
             }
         }
         handled
+    }
+}
+
+/// Runs of failures of the sweep's two calls (see [`crate::repeats`]).
+static RECOVER: Repeats = Repeats::new();
+static REPAIR: Repeats = Repeats::new();
+
+/// After a run of failures at `site`, says that `what` works again.
+fn recovered_again(site: &Repeats, what: &str) {
+    let failed = site.succeeded();
+    if failed > 0 {
+        tracing::info!(failed, "{what} works again");
     }
 }

@@ -141,6 +141,10 @@ impl Slot {
                 .await
             {
                 Ok(leased) => {
+                    let failed = LEASE.succeeded();
+                    if failed > 0 {
+                        tracing::info!(failed, "leasing works again");
+                    }
                     if let Some(task) = self.poller.took(q, leased) {
                         if !hinted || told {
                             self.poller.found(q);
@@ -150,7 +154,7 @@ impl Slot {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(queue = %queue, error = %e, "cannot lease; retrying in a second");
+                    crate::warn_once_per_run!(LEASE, queue = %queue, error = %e, "cannot lease; retrying in a second (repeats are logged at debug until it works again)");
                     // or as soon as the store answers again after an outage
                     tokio::select! {
                         _ = stop.cancelled() => return Round::Stopped,
@@ -232,3 +236,7 @@ impl Slot {
         }
     }
 }
+
+/// The slots' run of lease failures (see [`crate::repeats`]): one warning
+/// for an outage, not one per slot per second.
+static LEASE: crate::repeats::Repeats = crate::repeats::Repeats::new();
