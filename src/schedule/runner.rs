@@ -41,32 +41,8 @@ pub async fn run(
     reload: Duration,
     stop: CancellationToken,
 ) {
-    // The defaults, and a first load: retried until the store answers.
-    let mut snap = loop {
-        let deadline = Deadline::after(CALL);
-        let loaded = async {
-            schedules.apply_defaults(&defaults, deadline).await?;
-            Ok::<_, ScheduleError>(schedules.store.snapshot(deadline).await?)
-        }
-        .await;
-        match loaded {
-            Ok(s) => {
-                let failed = LOAD.succeeded();
-                if failed > 0 {
-                    tracing::info!(failed, "scheduler: loading schedules works again");
-                }
-                break s;
-            }
-            Err(e) => {
-                crate::warn_once_per_run!(LOAD, error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
-                // or as soon as the store answers again after an outage
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = schedules.engine.store().recovered() => {}
-                }
-            }
-        }
+    let Some(mut snap) = first_load(&schedules, &defaults, &stop).await else {
+        return;
     };
     let mut entries = HashMap::new();
     // one instant splits the ticks: those at or before it are missed
@@ -114,6 +90,41 @@ pub async fn run(
             },
             Ok(_) => {}
             Err(e) => tracing::debug!(error = %e, "scheduler: cannot read the schedules' version"),
+        }
+    }
+}
+
+/// The defaults stored, and a first load: retried until the store answers
+/// (`None`: stopped meanwhile).
+async fn first_load(
+    schedules: &Schedules,
+    defaults: &[defaults::Default],
+    stop: &CancellationToken,
+) -> Option<Snapshot> {
+    loop {
+        let deadline = Deadline::after(CALL);
+        let loaded = async {
+            schedules.apply_defaults(defaults, deadline).await?;
+            Ok::<_, ScheduleError>(schedules.store.snapshot(deadline).await?)
+        }
+        .await;
+        match loaded {
+            Ok(s) => {
+                let failed = LOAD.succeeded();
+                if failed > 0 {
+                    tracing::info!(failed, "scheduler: loading schedules works again");
+                }
+                return Some(s);
+            }
+            Err(e) => {
+                crate::warn_once_per_run!(LOAD, error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
+                // or as soon as the store answers again after an outage
+                tokio::select! {
+                    _ = stop.cancelled() => return None,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = schedules.engine.store().recovered() => {}
+                }
+            }
         }
     }
 }
