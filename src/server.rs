@@ -243,7 +243,12 @@ impl SideListeners {
             );
             served.push(http::serve_http(
                 l,
-                (sides.tls, &settings.limits, &settings.cors_origins),
+                (
+                    sides.tls,
+                    &settings.limits,
+                    &settings.cors_origins,
+                    &settings.allowed_hosts,
+                ),
                 http::Routes {
                     exporter: Arc::new(exporter),
                     gate: sides.gate,

@@ -89,6 +89,9 @@ pub struct Settings {
     pub http_listen: Option<SocketAddr>,
     /// `KOO_CORS_ORIGINS`: pages on other origins that may call koo from a browser.
     pub cors_origins: crate::transport::cors::CorsOrigins,
+    /// `KOO_ALLOWED_HOSTS`: names a loopback listener answers besides IP
+    /// addresses and `localhost` (see [`crate::transport::site`]).
+    pub allowed_hosts: crate::transport::site::AllowedHosts,
     /// `KOO_DASHBOARD`: the web dashboard at `/` of the HTTP listener.
     pub dashboard: bool,
 }
@@ -148,6 +151,7 @@ impl Default for Settings {
             health_listen: None,
             http_listen: Some(SocketAddr::from(([127, 0, 0, 1], 50052))),
             cors_origins: crate::transport::cors::CorsOrigins::None,
+            allowed_hosts: crate::transport::site::AllowedHosts::Local,
             dashboard: true,
         }
     }

@@ -187,6 +187,7 @@ impl ServeArgs {
             health_listen: self.transport.health_listen,
             http_listen: self.transport.http_listen.0,
             cors_origins: self.transport.cors_origins,
+            allowed_hosts: self.transport.allowed_hosts,
             dashboard: self.transport.dashboard,
             store,
             cache: CacheConfig {

@@ -8,6 +8,7 @@ use clap::{ArgAction, Args};
 
 use super::{ConfigError, parse_positive_duration};
 use crate::transport::cors::CorsOrigins;
+use crate::transport::site::AllowedHosts;
 use crate::transport::tls::TlsSettings;
 
 /// `koo serve`'s TLS and health-listener flags.
@@ -42,6 +43,12 @@ pub struct TransportArgs {
     #[arg(long, env = "KOO_CORS_ORIGINS", value_name = "KOO_CORS_ORIGINS", default_value = "",
           hide_default_value = true, value_parser = CorsOrigins::parse)]
     pub cors_origins: CorsOrigins,
+    /// Host names a listener bound to loopback answers besides IP addresses and `localhost`
+    /// (a proxy's public name), separated by commas; `*`: any. Others are refused, so that a web
+    /// page cannot rebind its own name to 127.0.0.1 (DNS rebinding) and call koo.
+    #[arg(long, env = "KOO_ALLOWED_HOSTS", value_name = "KOO_ALLOWED_HOSTS", default_value = "",
+          hide_default_value = true, value_parser = AllowedHosts::parse)]
+    pub allowed_hosts: AllowedHosts,
     /// The web dashboard at `/` of the HTTP listener: `on` or `off` (the page and its two files
     /// answer 404; grpc-web, REST and /metrics stay). The page holds no data: every figure it
     /// shows comes from calls that pass authentication like any other.
@@ -115,6 +122,7 @@ mod tests {
             health_listen: None,
             http_listen: HttpListen(None),
             cors_origins: CorsOrigins::None,
+            allowed_hosts: AllowedHosts::Local,
             dashboard: true,
         }
     }

@@ -35,6 +35,7 @@ use crate::auth::gate::Gate;
 use crate::transport::conn::ConnInfo;
 use crate::transport::cors::CorsOrigins;
 use crate::transport::listener;
+use crate::transport::site::{AllowedHosts, SiteGuard, SiteLayer};
 use crate::transport::tls::Tls;
 
 /// The OpenMetrics text format, which Prometheus negotiates.
@@ -58,7 +59,7 @@ pub(super) struct Routes {
 
 /// Every HTTP route; CORS (when `KOO_CORS_ORIGINS` allows other origins)
 /// around all of them.
-fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
+fn router(routes: Routes, cors: &CorsOrigins, site: SiteGuard, max_body: usize) -> Router {
     let rest = super::rest::router(
         rest_calls(routes.calls.clone()),
         max_body,
@@ -77,7 +78,10 @@ fn router(routes: Routes, cors: &CorsOrigins, max_body: usize) -> Router {
         .merge(rest)
         // every route finds the connection where the gate and the peer
         // layer look for it, as on the gRPC port
-        .layer(tower::util::MapRequestLayer::new(with_conn));
+        .layer(tower::util::MapRequestLayer::new(with_conn))
+        // what a browser sends for another site is refused (after CORS
+        // answered its preflight)
+        .layer(SiteLayer(site));
     match cors.layer() {
         Some(cors) => router.layer(cors),
         None => router,
@@ -163,13 +167,22 @@ struct ConnOf(Option<ConnInfo>);
 /// finish.
 pub(super) fn serve_http(
     listener: TcpListener,
-    (tls, limits, cors): (Option<Tls>, &crate::app::Limits, &CorsOrigins),
+    (tls, limits, cors, hosts): (
+        Option<Tls>,
+        &crate::app::Limits,
+        &CorsOrigins,
+        &AllowedHosts,
+    ),
     routes: Routes,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let addr = listener
-        .local_addr()
-        .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());
+    let local = listener.local_addr();
+    let addr = local
+        .as_ref()
+        .map_or_else(|_| "unknown".to_owned(), ToString::to_string);
+    // (an address it cannot tell is taken for loopback: the stricter)
+    let bound = local.unwrap_or_else(|_| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let site = SiteGuard::new(bound, hosts.clone(), cors.clone());
     tracing::info!(%addr, tls = tls.is_some(), "koo serving HTTP");
     let incoming = listener::incoming(
         listener,
@@ -178,7 +191,7 @@ pub(super) fn serve_http(
         listener::HANDSHAKE_TIMEOUT,
         limits.max_connections,
     );
-    let app = router(routes, cors, limits.max_message_size);
+    let app = router(routes, cors, site, limits.max_message_size);
     tokio::spawn(super::http_serve::serve(
         incoming,
         app,

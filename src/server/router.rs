@@ -36,6 +36,7 @@ use crate::pb::worker::v1::worker_service_server::WorkerServiceServer;
 use crate::transport::calls::PeerLayer;
 use crate::transport::conn::Conn;
 use crate::transport::listener;
+use crate::transport::site::{SiteGuard, SiteLayer};
 
 /// The layers every call passes, outermost first: counted (refused calls
 /// included), one span (debug level), the peer, authentication (first, so
@@ -119,17 +120,25 @@ pub(super) fn routes(
 /// accepting and waits for in-flight calls): gRPC, and grpc-web from
 /// browsers (HTTP/1.1 is accepted for it; tonic-web answers a plain
 /// HTTP/1.1 request that is not grpc-web with 400), with CORS as
-/// `KOO_CORS_ORIGINS` says.
+/// `KOO_CORS_ORIGINS` says, and browsers' requests for other sites refused
+/// ([`crate::transport::site`]).
 pub(super) fn serve(
     settings: &Settings,
     (routes, layers): (Routes, ServiceBuilder<CallLayers>),
     incoming: ReceiverStream<Result<Conn, std::io::Error>>,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> impl Future<Output = Result<(), tonic::transport::Error>> {
+    let site = SiteGuard::new(
+        settings.listen,
+        settings.allowed_hosts.clone(),
+        settings.cors_origins.clone(),
+    );
     transport_builder(&settings.limits)
         .accept_http1(true)
         // a preflight is answered before anything else: it has no credentials
         .layer(option_layer(settings.cors_origins.layer()))
+        // then what a browser sends for another site is refused
+        .layer(SiteLayer(site))
         // grpc-web becomes gRPC before the call's layers see it
         .layer(GrpcWebLayer::new())
         .layer(layers.into_inner())

@@ -25,6 +25,7 @@ pub mod cors;
 pub mod exposure;
 pub mod identity;
 pub mod listener;
+pub mod site;
 pub mod tls;
 
 /// What a request knows of its connection, in its extensions.

@@ -8,7 +8,7 @@ use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::rest::{curl, curl_text, seed_maintenance, serve_http};
+use common::rest::{curl, curl_text, seed_maintenance, serve_both, serve_http};
 use common::{EVENT_TIMEOUT, TestRedis};
 use serde_json::{Value, json};
 
@@ -509,7 +509,7 @@ fn request_heads_are_bounded_in_size() {
     };
     let with_header = |bytes: usize| {
         format!(
-            "GET /api/v1/cache/health HTTP/1.1\r\nhost: koo\r\nx-padding: {}\r\nconnection: close\r\n\r\n",
+            "GET /api/v1/cache/health HTTP/1.1\r\nhost: localhost\r\nx-padding: {}\r\nconnection: close\r\n\r\n",
             "p".repeat(bytes)
         )
     };
@@ -517,4 +517,67 @@ fn request_heads_are_bounded_in_size() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     let refused = exchange(&with_header(70 * 1024));
     assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+}
+
+/// A browser cannot act for another site on an open koo (no keys): a
+/// form-style POST that names another origin, or that the browser marks
+/// cross-site, is refused 403 and changes nothing; a request to a name a
+/// page may have rebound to 127.0.0.1 is refused on both listeners (a
+/// grpc-web call PERMISSION_DENIED). Clients that are not browsers, the
+/// same origin, and what `KOO_CORS_ORIGINS` / `KOO_ALLOWED_HOSTS` allow
+/// pass.
+#[test]
+fn browsers_cannot_act_for_other_sites() {
+    let (_koo, http, grpc) = serve_both(&[]);
+    let set = json!({"level": "CACHE_LEVEL_APP", "key": "victim", "value": {"json": 1}});
+    assert_eq!(post(&http, "/api/v1/cache/set", &set).0, 200);
+    let clear = format!("http://{http}/api/v1/cache/clear?level=CACHE_LEVEL_APP");
+    let form = "content-type: application/x-www-form-urlencoded";
+    for header in ["origin: https://evil.example", "sec-fetch-site: cross-site"] {
+        let (code, why) = curl_text(&["-X", "POST", "-H", form, "-H", header, &clear]);
+        assert_eq!(code, 403, "{header}: {why}");
+        assert!(why.contains("KOO_CORS_ORIGINS"), "{why}");
+    }
+    let read = format!("http://{http}/api/v1/cache/get?level=CACHE_LEVEL_APP&key=victim");
+    let (code, got) = curl(&[&read]);
+    assert_eq!(
+        (code, got["value"]["json"].as_f64()),
+        (200, Some(1.0)),
+        "still there: {got}"
+    );
+    let rebound = format!("host: evil.example:{}", http.rsplit(':').next().unwrap());
+    let (code, why) = curl_text(&["-H", &rebound, &read]);
+    assert_eq!(code, 403, "{why}");
+    assert!(why.contains("DNS rebinding"), "{why}");
+    assert_eq!(curl(&["-H", "host: localhost", &read]).0, 200);
+    // grpc-web on the gRPC port: refused in the call's own terms
+    let (_, head) = curl_text(&[
+        "-i",
+        "-X",
+        "POST",
+        "-H",
+        "content-type: application/grpc-web+proto",
+        "-H",
+        "host: evil.example",
+        "--data-binary",
+        "",
+        &format!("http://{grpc}/koo.cache.v1.CacheService/GetHealth"),
+    ]);
+    assert!(head.contains("grpc-status: 7"), "{head}");
+    // the same origin (the dashboard) and a client without the headers
+    let own = format!("origin: http://{http}");
+    assert_eq!(curl(&["-X", "POST", "-H", form, "-H", &own, &clear]).0, 200);
+
+    let (_koo, http) = serve_http(&[
+        ("KOO_CORS_ORIGINS", "https://app.example.com"),
+        ("KOO_ALLOWED_HOSTS", "koo.example.com"),
+    ]);
+    let clear = format!("http://{http}/api/v1/cache/clear?level=CACHE_LEVEL_APP");
+    let app = "origin: https://app.example.com";
+    assert_eq!(curl(&["-X", "POST", "-H", form, "-H", app, &clear]).0, 200);
+    let proxied = "host: koo.example.com";
+    assert_eq!(
+        curl(&["-H", proxied, &format!("http://{http}/metrics")]).0,
+        200
+    );
 }
