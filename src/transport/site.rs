@@ -17,7 +17,7 @@
 //!   `KOO_CORS_ORIGINS` allows that origin (or `*`). Clients that are not
 //!   browsers send neither header and are not affected.
 //! - **Host names on loopback.** A listener bound to a loopback address
-//!   answers only requests addressed to an IP address, `localhost` or a
+//!   answers only HTTP/1 requests addressed to an IP address, `localhost` or a
 //!   `*.localhost` name, or a name `KOO_ALLOWED_HOSTS` lists (a proxy's
 //!   public name; `*`: any). A rebound name is none of these. A listener
 //!   bound to another address is reachable by name on purpose, and needs a
@@ -32,7 +32,7 @@ use std::task::{Context, Poll};
 
 use futures::future::Either;
 use http::header::{CONTENT_TYPE, HOST, ORIGIN};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
 
 use super::cors::CorsOrigins;
 
@@ -96,13 +96,23 @@ impl SiteGuard {
     }
 
     /// Why a request is refused, or `None`.
-    pub fn refusal(&self, method: &Method, uri: &http::Uri, headers: &HeaderMap) -> Option<String> {
+    ///
+    /// The host is checked on HTTP/1 only: a browser speaks HTTP/2 to koo
+    /// only under TLS, where a rebound name fails the certificate check,
+    /// and gRPC clients may name any authority.
+    pub fn refusal(
+        &self,
+        version: Version,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+    ) -> Option<String> {
         let host = uri
             .authority()
             .map(|a| a.as_str())
             .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        if self.loopback && !self.local_host(host) {
+        if self.loopback && version < Version::HTTP_2 && !self.local_host(host) {
             return Some(format!(
                 "koo: this listener is on loopback and answers requests to an IP address or localhost, not to {} (a name that another site may have pointed here: DNS rebinding); list a proxy's name in KOO_ALLOWED_HOSTS",
                 crate::quote::quote(host)
@@ -253,10 +263,12 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        match self
-            .guard
-            .refusal(request.method(), request.uri(), request.headers())
-        {
+        match self.guard.refusal(
+            request.version(),
+            request.method(),
+            request.uri(),
+            request.headers(),
+        ) {
             None => Either::Left(self.inner.call(request)),
             Some(why) => {
                 let grpc = request
@@ -288,6 +300,7 @@ mod tests {
 
     fn check(g: &SiteGuard, method: Method, pairs: &[(&'static str, &str)]) -> Option<String> {
         g.refusal(
+            Version::HTTP_11,
             &method,
             &"/api/v1/cache/clear".parse().unwrap(),
             &headers(pairs),
@@ -314,6 +327,12 @@ mod tests {
             "{e}"
         );
         assert!(check(&g, Method::GET, &[]).is_some(), "no host at all");
+        // HTTP/2 (a gRPC client's own authority; a browser only under TLS)
+        let h2 = "http://koo:50051/grpc.health.v1.Health/Check"
+            .parse()
+            .unwrap();
+        let none = HeaderMap::new();
+        assert_eq!(g.refusal(Version::HTTP_2, &Method::POST, &h2, &none), None);
         let listed = guard(
             "127.0.0.1:50052",
             AllowedHosts::parse("koo.example.com").unwrap(),
