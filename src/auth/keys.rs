@@ -168,7 +168,7 @@ impl Keys {
     pub fn parse(path: &Path, text: &str, worker_token: Option<&str>) -> Result<Self, KeysError> {
         let file: KeysFile = toml::from_str(text).map_err(|e| KeysError::Parse {
             path: path.to_owned(),
-            reason: e.to_string().trim_end().replace('\n', " "),
+            reason: parse_reason(text, &e),
         })?;
         let mut names = HashSet::new();
         let mut digests = HashSet::new();
@@ -284,6 +284,37 @@ fn parse_digest(entry: &str, hex_digest: &str) -> Result<[u8; 32], KeysError> {
         )
     })?;
     Ok(out)
+}
+
+/// Where and why the file is not TOML of the expected shape, without
+/// quoting it: the parser's own message shows the line, and the line may
+/// hold a key pasted into the wrong field (an ERROR line would put it in
+/// the logs). Quoted values in the message are left out too.
+fn parse_reason(text: &str, e: &toml::de::Error) -> String {
+    let place = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in e.message().trim_end().chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                message.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                message.push('"');
+            }
+            (_, true) => {}
+            ('\n', false) => message.push(' '),
+            (c, false) => message.push(c),
+        }
+    }
+    format!("{}{message}", place.unwrap_or_default())
 }
 
 /// An entry's caller: its role, and the scope and hold limit only a worker
@@ -517,6 +548,26 @@ mod tests {
             (WORKER_TOKEN_NAME, Some(Role::Worker))
         );
         assert_eq!(keys.by_key("k1").unwrap().role, Some(Role::Admin));
+    }
+
+    /// A file that does not parse is refused by line and column, never
+    /// quoting it: a raw key pasted into the wrong field (or left
+    /// unquoted) would otherwise reach the logs.
+    #[test]
+    fn parse_errors_do_not_quote_the_file() {
+        let secret = "koo_SUPERSECRETSUPERSECRET";
+        for text in [
+            format!("[[key]]\nname = \"svc\"\nrole = \"writer\"\nkey = \"{secret}\"\n"),
+            format!("[[key]]\nname = \"svc\"\nrole = \"writer\"\nsha256 = {secret}\n"),
+            format!("[[key]]\nname = \"svc\"\nrole = [\"{secret}\"]\n"),
+        ] {
+            let e = Keys::parse(Path::new("k.toml"), &text, None)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(!e.contains("SUPERSECRET"), "{e}");
+            assert!(e.contains("line "), "{e}");
+        }
     }
 
     /// A reload that does not parse keeps the previous keys.
