@@ -114,6 +114,12 @@ pub struct Caller {
 }
 
 impl Caller {
+    /// Whether the caller is a worker key bound to some queues or task
+    /// names (see [`scope`]).
+    pub fn is_scoped(&self) -> bool {
+        !self.scope.queues.is_empty() || !self.scope.task_names.is_empty()
+    }
+
     /// The caller of an open server.
     pub fn anonymous() -> Self {
         // one shared name: an open server makes one of these per call

@@ -59,6 +59,37 @@ fn within(
     Ok(declared)
 }
 
+/// Whether a task of `queue` (and, when known, of `name`) is within
+/// `caller`'s scope: what a scoped worker key may read and report on, as
+/// it may lease. `None` for the name: only the queue is checked (a key
+/// scoped by task name then needs the task read first). Refusals name
+/// `field` (`task_id`) and quote the task's queue or name.
+pub fn task_within(
+    caller: &Caller,
+    field: &str,
+    queue: &str,
+    name: Option<&str>,
+) -> Result<(), AuthError> {
+    let scope = &caller.scope;
+    let outside = |what: &str, value: &str, allowed: &[String]| AuthError::OutOfScope {
+        field: field.to_owned(),
+        value: format!("a task of {what} {}", crate::quote::quote(value)),
+        principal: caller.principal.clone(),
+        allowed: format!("{what}s {}", allowed.join(", ")),
+    };
+    if !scope.queues.is_empty() && !scope.queues.iter().any(|q| q == queue) {
+        return Err(outside("queue", queue, &scope.queues));
+    }
+    match name {
+        Some(name)
+            if !scope.task_names.is_empty() && !scope.task_names.iter().any(|n| n == name) =>
+        {
+            Err(outside("task name", name, &scope.task_names))
+        }
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -106,5 +137,29 @@ mod tests {
             narrow(&open, "", decl(&[], &["x"])).unwrap(),
             decl(&[], &["x"])
         );
+    }
+
+    /// A task is within a scope by its queue and, when named, its name.
+    #[test]
+    fn tasks_within_a_scope() {
+        assert!(task_within(&pdf(), "task_id", "pdf", Some("any")).is_ok());
+        let e = task_within(&pdf(), "task_id", "ai", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("task_id: a task of queue \"ai\" is outside"),
+            "{e}"
+        );
+        let named = Caller {
+            scope: Scope {
+                queues: vec![],
+                task_names: vec!["pdf.render".into()],
+            },
+            ..pdf()
+        };
+        assert!(task_within(&named, "task_id", "ai", None).is_ok());
+        assert!(task_within(&named, "task_id", "ai", Some("pdf.render")).is_ok());
+        assert!(task_within(&named, "task_id", "ai", Some("ai.query")).is_err());
+        assert!(task_within(&Caller::anonymous(), "task_id", "ai", Some("x")).is_ok());
     }
 }

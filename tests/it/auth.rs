@@ -241,6 +241,98 @@ async fn scoped_worker_key_leases_only_its_queues() {
     assert_eq!(got.into_inner().task.unwrap().queue, "research");
 }
 
+/// A scoped worker key reads and reports only within its scope, as it
+/// leases: `GetTask` of another queue's task is PERMISSION_DENIED (its
+/// own queue's is read; `grpc::worker::tests` checks what `ListWorkers`
+/// shows it), and under `KOO_LEASE_SECRETS=optional` its
+/// `CompleteTask` of another queue's task (a guessed token) is refused and
+/// the task keeps running for its worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_worker_key_reads_and_reports_only_within_its_scope() {
+    let keys = KeysFile::new(&all_roles());
+    let koo = start(&keys.path(), |s| {
+        s.tasks.config.lease_secrets = koo::tasks::remote::secret::LeasePolicy::Optional;
+    })
+    .await;
+    let mut writer = clients(&koo.server, Some(WRITER));
+    let mut ids = Vec::new();
+    for category in [
+        tpb::TaskCategory::AiService,
+        tpb::TaskCategory::PdfProcessing,
+    ] {
+        let t = writer
+            .tasks
+            .submit_task(tpb::SubmitTaskRequest {
+                category: category as i32,
+                ..submit(
+                    "koo.tests.scoped",
+                    serde_json::json!({"secret": "tenant-a"}),
+                )
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .task
+            .unwrap();
+        ids.push(t.id);
+    }
+    let (ai, pdf_task) = (ids[0].clone(), ids[1].clone());
+    // an unscoped worker holds the AI task
+    let mut any = clients(&koo.server, Some(WORKER));
+    let leased = any
+        .workers
+        .lease_task(wpb::LeaseTaskRequest {
+            worker_name: "ai".into(),
+            queues: vec!["ai_service".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(leased.task.as_ref().unwrap().id, ai);
+    let mut pdf = clients(&koo.server, Some(PDF_WORKER));
+    let err = pdf
+        .tasks
+        .get_task(tpb::GetTaskRequest {
+            task_id: ai.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("task_id: a task of queue \"ai_service\""),
+        "{err:?}"
+    );
+    let own = pdf
+        .tasks
+        .get_task(tpb::GetTaskRequest {
+            task_id: pdf_task.clone(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(own.into_inner().task.unwrap().queue, "pdf_processing");
+    let err = pdf
+        .workers
+        .complete_task(wpb::CompleteTaskRequest {
+            task_id: ai.clone(),
+            lease_token: leased.lease_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let t = clients(&koo.server, Some(READER))
+        .tasks
+        .get_task(tpb::GetTaskRequest { task_id: ai })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert_eq!(t.state, tpb::TaskState::Running as i32, "{t:?}");
+}
+
 /// Polls `rpc` with `key` until it answers `want` (bounded): the keys file
 /// is re-read in the background.
 async fn until_code(server: &TestServer, key: &str, want: Code) {

@@ -24,6 +24,7 @@ use crate::cache::Cache;
 use crate::domain::task::TaskId;
 use crate::pb::worker::v1 as pb;
 use crate::store::Deadline;
+use crate::store::tasks::WorkerRecord;
 use crate::tasks::engine::TaskEngine;
 use crate::tasks::metrics::WorkerKind;
 use crate::tasks::remote::holds::Holds;
@@ -91,6 +92,38 @@ impl WorkerApi {
         self
     }
 
+    /// A worker key bound to some queues or task names reports only on
+    /// tasks within them, as it leases only those: under
+    /// `KOO_LEASE_SECRETS=optional` a guessed token would otherwise let a
+    /// PDF worker's key end an AI task. (A malformed id is left to the
+    /// call, which refuses it.)
+    async fn within_scope(
+        &self,
+        caller: &Caller,
+        id: &str,
+        deadline: Deadline,
+    ) -> Result<(), Status> {
+        if !caller.is_scoped() {
+            return Ok(());
+        }
+        let Ok(task_id) = crate::domain::task::TaskId::parse(id) else {
+            return Ok(());
+        };
+        let name = if caller.scope.task_names.is_empty() {
+            None
+        } else {
+            Some(
+                self.engine
+                    .get(id, deadline)
+                    .await
+                    .map_err(Status::from)?
+                    .name,
+            )
+        };
+        let queue = task_id.queue();
+        scope::task_within(caller, "task_id", queue.as_str(), name.as_deref()).map_err(Status::from)
+    }
+
     fn deadline<T>(&self, r: &Request<T>) -> Deadline {
         deadline::from_metadata(r.metadata(), self.request_timeout)
     }
@@ -155,7 +188,9 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::HeartbeatTaskRequest>,
     ) -> Result<Response<pb::HeartbeatTaskResponse>, Status> {
         let deadline = self.deadline(&request);
+        let caller = Caller::of(request.extensions());
         let r = request.into_inner();
+        self.within_scope(&caller, &r.task_id, deadline).await?;
         let proof = Proof::given(&r.lease_secret);
         let beat =
             remote::heartbeat(&self.engine, &r.task_id, r.lease_token, proof, deadline).await?;
@@ -176,7 +211,9 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let deadline = self.deadline(&request);
+        let caller = Caller::of(request.extensions());
         let r = request.into_inner();
+        self.within_scope(&caller, &r.task_id, deadline).await?;
         let progress = Progress {
             percent: r.percent,
             message: r.message,
@@ -200,7 +237,9 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::CompleteTaskRequest>,
     ) -> Result<Response<pb::CompleteTaskResponse>, Status> {
         let deadline = self.deadline(&request);
+        let caller = Caller::of(request.extensions());
         let r = request.into_inner();
+        self.within_scope(&caller, &r.task_id, deadline).await?;
         let result = value_json("result", r.result)?;
         let s = remote::complete(
             &self.engine,
@@ -221,7 +260,9 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::FailTaskRequest>,
     ) -> Result<Response<pb::FailTaskResponse>, Status> {
         let deadline = self.deadline(&request);
+        let caller = Caller::of(request.extensions());
         let r = request.into_inner();
+        self.within_scope(&caller, &r.task_id, deadline).await?;
         let details = match r.details {
             Some(d) => Some(struct_json("details", Some(d))?),
             None => None,
@@ -252,6 +293,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         request: Request<pb::ListWorkersRequest>,
     ) -> Result<Response<pb::ListWorkersResponse>, Status> {
         let deadline = self.deadline(&request);
+        let caller = Caller::of(request.extensions());
         let r = request.into_inner();
         let size = super::page_size(r.page_size, DEFAULT_PAGE, MAX_PAGE)?;
         let mut records = self
@@ -278,6 +320,7 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
         };
         let workers = page
             .into_iter()
+            .map(|w| scoped_view(&caller, w))
             .map(|w| pb::Worker {
                 kind: match WorkerKind::parse(&w.kind) {
                     WorkerKind::Stream => pb::WorkerKind::Stream,
@@ -300,5 +343,62 @@ impl pb::worker_service_server::WorkerService for WorkerApi {
             workers,
             next_page_token,
         }))
+    }
+}
+
+/// What a worker key bound to some queues or names sees of a worker: the
+/// tasks it holds in those queues only (none when the key is bound by task
+/// name: an id does not say its name), and no network address. Other
+/// callers see it whole.
+fn scoped_view(caller: &Caller, mut w: WorkerRecord) -> WorkerRecord {
+    if caller.is_scoped() {
+        w.held.retain(|id| {
+            caller.scope.task_names.is_empty()
+                && crate::domain::task::TaskId::parse(id)
+                    .is_ok_and(|t| caller.scope.queues.iter().any(|q| q == t.queue().as_str()))
+        });
+        w.peer.clear();
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{Role, Scope};
+
+    fn worker_key(queues: &[&str], task_names: &[&str]) -> Caller {
+        Caller {
+            principal: "w".into(),
+            role: Some(Role::Worker),
+            scope: Scope {
+                queues: queues.iter().map(|q| q.to_string()).collect(),
+                task_names: task_names.iter().map(|n| n.to_string()).collect(),
+            },
+            max_held: None,
+        }
+    }
+
+    /// A scoped worker key sees the held tasks of its queues only (none
+    /// when scoped by name) and no addresses; others see the record whole.
+    #[test]
+    fn scoped_keys_see_their_own_queues_of_a_worker() {
+        let ai = "ai_service~01a24685096e70e4a7c999d21f9a08ae".to_owned();
+        let pdf = "pdf_processing~01a24685096e70e4a7c999d21f9a08af".to_owned();
+        let record = WorkerRecord {
+            held: vec![ai.clone(), pdf.clone()],
+            peer: "10.0.0.7:41234".into(),
+            ..Default::default()
+        };
+        let seen = scoped_view(&worker_key(&["pdf_processing"], &[]), record.clone());
+        assert_eq!((seen.held, seen.peer.as_str()), (vec![pdf.clone()], ""));
+        let seen = scoped_view(&worker_key(&[], &["pdf.render"]), record.clone());
+        assert!(seen.held.is_empty() && seen.peer.is_empty());
+        let whole = scoped_view(&worker_key(&[], &[]), record.clone());
+        assert_eq!(whole.held, vec![ai, pdf]);
+        assert_eq!(
+            scoped_view(&Caller::anonymous(), record).peer,
+            "10.0.0.7:41234"
+        );
     }
 }

@@ -242,7 +242,7 @@ pub struct BatchEnd {
 
 /// A worker pool's presence record: who it is, what it serves, when it
 /// last said it was alive.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerRecord {
     /// The pool's id (`host:pid:random`); its slots are `id/N`.
     pub id: String,
