@@ -562,8 +562,7 @@ mod tests {
             format!("[[key]]\nname = \"svc\"\nrole = [\"{secret}\"]\n"),
         ] {
             let e = Keys::parse(Path::new("k.toml"), &text, None)
-                .err()
-                .expect("refused")
+                .unwrap_err()
                 .to_string();
             assert!(!e.contains("SUPERSECRET"), "{e}");
             assert!(e.contains("line "), "{e}");
