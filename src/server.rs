@@ -94,9 +94,13 @@ pub async fn run(
     app.apply_configured_limits(settings.tasks.flow_limits.clone())
         .await;
     let gate = gate(&settings, keyring, &mut app);
-    let health = HealthServer::new(HealthApi::new(app.publisher.subscribe(), app.stop.clone()))
-        .max_decoding_message_size(settings.limits.max_message_size)
-        .max_encoding_message_size(settings.limits.max_message_size);
+    let health = HealthServer::new(HealthApi::new(
+        app.publisher.subscribe(),
+        app.stop.clone(),
+        settings.limits.max_health_watches,
+    ))
+    .max_decoding_message_size(settings.limits.max_message_size)
+    .max_encoding_message_size(settings.limits.max_message_size);
     let addr = listener
         .local_addr()
         .map_or_else(|_| "unknown".to_owned(), |a| a.to_string());

@@ -184,12 +184,16 @@ pub struct Limits {
     pub http2_keepalive_timeout: Duration,
     /// `KOO_MAX_MESSAGE_SIZE`, bytes.
     pub max_message_size: usize,
+    /// Health `Watch` streams open at once (no setting: the fixed
+    /// [`crate::grpc::health::MAX_WATCHES`], which tests lower).
+    pub max_health_watches: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_watchers: 20_000,
+            max_health_watches: crate::grpc::health::MAX_WATCHES,
             watch_buffer: 4096,
             max_concurrent_streams: 4096,
             max_held_per_worker: crate::tasks::remote::holds::DEFAULT_MAX_HELD,

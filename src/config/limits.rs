@@ -95,6 +95,7 @@ impl LimitsArgs {
             http2_keepalive_interval: nonzero(self.http2_keepalive_interval),
             http2_keepalive_timeout: self.http2_keepalive_timeout,
             max_message_size: self.max_message_size as usize,
+            max_health_watches: crate::grpc::health::MAX_WATCHES,
         }
     }
 }

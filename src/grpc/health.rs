@@ -6,8 +6,17 @@
 //! Statuses live in a `watch` channel written by [`crate::health`]; each
 //! `Watch` stream sends the current status at once and then every change,
 //! and on shutdown sends the last status (NOT_SERVING) and ends cleanly.
+//!
+//! `Watch` is open to every caller (probes carry no key), so it is bounded:
+//! at most [`MAX_WATCHES`] at once per process (then RESOURCE_EXHAUSTED:
+//! `Check` answers the same question), and a health watch does not keep
+//! its connection from the idle timeout (`crate::transport::calls`), so
+//! that an unauthenticated client cannot hold connections and memory with
+//! them. A gRPC client's health checking reconnects and watches again.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
 use tokio::sync::watch;
@@ -23,12 +32,39 @@ use crate::health::Statuses;
 pub struct HealthApi {
     statuses: watch::Receiver<Statuses>,
     shutdown: CancellationToken,
+    /// `Watch` streams open now (every listener's: the clones share it).
+    watches: Arc<AtomicUsize>,
+    /// Most open at once.
+    max: usize,
 }
 
+/// Most `Watch` streams open at once in one process (the default of
+/// `Limits::max_health_watches`).
+pub const MAX_WATCHES: usize = 1024;
+
 impl HealthApi {
-    /// Serves `statuses`; watch streams end on `shutdown`.
-    pub fn new(statuses: watch::Receiver<Statuses>, shutdown: CancellationToken) -> Self {
-        Self { statuses, shutdown }
+    /// Serves `statuses`; watch streams end on `shutdown`; at most `max`
+    /// of them at once.
+    pub fn new(
+        statuses: watch::Receiver<Statuses>,
+        shutdown: CancellationToken,
+        max: usize,
+    ) -> Self {
+        Self {
+            statuses,
+            shutdown,
+            watches: Arc::default(),
+            max,
+        }
+    }
+}
+
+/// One open `Watch`: its place is given back when the stream ends.
+struct WatchPlace(Arc<AtomicUsize>);
+
+impl Drop for WatchPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -48,6 +84,7 @@ fn reply(status: ServingStatus) -> HealthCheckResponse {
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
 struct WatchState {
+    _place: WatchPlace,
     statuses: watch::Receiver<Statuses>,
     shutdown: CancellationToken,
     service: String,
@@ -77,7 +114,15 @@ impl Health for HealthApi {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        if self.watches.fetch_add(1, Ordering::AcqRel) >= self.max {
+            self.watches.fetch_sub(1, Ordering::AcqRel);
+            return Err(Status::resource_exhausted(format!(
+                "{} health watches are open in this koo; call Check instead, or watch again later",
+                self.max
+            )));
+        }
         let state = WatchState {
+            _place: WatchPlace(self.watches.clone()),
             statuses: self.statuses.clone(),
             shutdown: self.shutdown.clone(),
             service: request.into_inner().service,

@@ -3,7 +3,7 @@
 //!
 //! A call is open from its request until its response body ends or is
 //! dropped, so a stream (a WatchTasks) is a call for as long as it runs and
-//! its connection is never idle. [`close_when_idle`] ends a connection that
+//! its connection is never idle (a health `Watch` excepted: [`IDLE_EXEMPT`]). [`close_when_idle`] ends a connection that
 //! has had no open call for the idle timeout.
 
 use std::pin::Pin;
@@ -43,6 +43,13 @@ impl Calls {
         self.open.fetch_add(1, Relaxed);
         self.started.fetch_add(1, Relaxed);
         CallGuard(self.clone())
+    }
+
+    /// A call that is activity when it starts but does not keep the
+    /// connection open while it lasts (a health `Watch`: see
+    /// [`IDLE_EXEMPT`]).
+    pub fn touch(&self) {
+        self.started.fetch_add(1, Relaxed);
     }
 
     /// Calls open now.
@@ -97,6 +104,11 @@ pub async fn close_when_idle(calls: Arc<Calls>, timeout: Duration, close: Cancel
     }
 }
 
+/// The one call that does not keep its connection from the idle timeout:
+/// a health `Watch` is open to callers without keys, and a connection held
+/// by nothing but such streams would never be reclaimed.
+pub const IDLE_EXEMPT: &str = "/grpc.health.v1.Health/Watch";
+
 /// Puts the [`super::Peer`] and tonic's `TcpConnectInfo` in every request,
 /// and counts it as an open call of its connection until its response body
 /// is done.
@@ -129,12 +141,18 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        let exempt = req.uri().path() == IDLE_EXEMPT;
         let guard = match req.extensions().get::<ConnInfo>().cloned() {
             Some(info) => {
-                let guard = info.calls.start();
+                let guard = if exempt {
+                    info.calls.touch();
+                    None
+                } else {
+                    Some(info.calls.start())
+                };
                 req.extensions_mut().insert(info.tcp);
                 req.extensions_mut().insert(info.peer);
-                Some(guard)
+                guard
             }
             None => None,
         };

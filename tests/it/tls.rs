@@ -14,8 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::certs::{Ca, CertDir};
 use common::tls::{
-    connect, h2_health_call, h2_health_check, h2_open, health_over_tls, tls_stream, tls_stream_as,
-    wait_serving,
+    connect, h2_call, h2_health_call, h2_health_check, h2_open, health_over_tls, tls_stream,
+    tls_stream_as, wait_serving,
 };
 use common::{EVENT_TIMEOUT, memory_settings, test_settings};
 use koo::server::Settings;
@@ -300,7 +300,9 @@ async fn silent_clients_do_not_stall_handshakes() {
 }
 
 /// A connection with no call open is closed after the idle timeout; one
-/// with an open stream (a health Watch) is not, until the stream ends.
+/// with an open stream (a WatchInvalidations) is not, until the stream
+/// ends. A health Watch, open to callers without keys, does not keep its
+/// connection: it is closed as idle.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_close_open_streams_keep_theirs() {
     let idle = Duration::from_millis(300);
@@ -308,18 +310,28 @@ async fn idle_connections_close_open_streams_keep_theirs() {
 
     let (mut quiet, quiet_closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
     assert_eq!(h2_health_check(&mut quiet).await, "0");
-    let (mut watching, mut watch_closed) =
-        h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
-    let (body, mut stream) = h2_health_call(&mut watching, "Watch").await;
-    tokio::time::timeout(EVENT_TIMEOUT, stream.data())
+    let (mut health, health_closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    let (_health_body, mut health_stream) = h2_health_call(&mut health, "Watch").await;
+    tokio::time::timeout(EVENT_TIMEOUT, health_stream.data())
         .await
         .expect("no first status")
         .expect("first status")
         .expect("data");
+    let (mut watching, mut watch_closed) =
+        h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    let (body, stream) = h2_call(
+        &mut watching,
+        "/koo.cache.v1.CacheService/WatchInvalidations",
+    )
+    .await;
 
     tokio::time::timeout(EVENT_TIMEOUT, quiet_closed)
         .await
         .expect("an idle connection stayed open")
+        .unwrap();
+    tokio::time::timeout(EVENT_TIMEOUT, health_closed)
+        .await
+        .expect("a connection held by a health watch alone stayed open")
         .unwrap();
     assert!(
         tokio::time::timeout(5 * idle, &mut watch_closed)
@@ -751,4 +763,48 @@ async fn mtls_principals_get_their_roles() {
         .await
         .expect("mTLS without a keys file: a verified certificate is admin");
     open.shutdown().await;
+}
+
+/// Health watches are open to callers without keys, so they are bounded:
+/// past `max_health_watches` at once a watch is refused RESOURCE_EXHAUSTED (Check
+/// still answers), and a place is free again once a watch ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn health_watches_are_bounded() {
+    // (the bound lowered from MAX_WATCHES, 1,024, for a short test)
+    let max = 96;
+    let koo = Koo::start(|s| s.limits.max_health_watches = max).await;
+    let mut open = Vec::new();
+    let mut conns = Vec::new();
+    // 64 a connection (h2 bounds what one client sends in a burst)
+    while open.len() < max {
+        let (mut send, closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+        for _ in 0..64.min(max - open.len()) {
+            open.push(h2_health_call(&mut send, "Watch").await);
+        }
+        conns.push((send, closed));
+    }
+    let (mut send, _closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    let (_body, refused) = h2_health_call(&mut send, "Watch").await;
+    // refused at once: the status comes with the headers (trailers-only)
+    assert!(
+        refused.is_end_stream(),
+        "the watch past the bound was served"
+    );
+    let (mut other, _other_closed) = h2_open(TcpStream::connect(koo.addr).await.unwrap()).await;
+    assert_eq!(h2_health_check(&mut other).await, "0");
+    drop(open.pop());
+    // the place comes back when the stream's end reaches koo
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let (_b, mut s) = h2_health_call(&mut other, "Watch").await;
+        if !s.is_end_stream() {
+            let first = tokio::time::timeout(EVENT_TIMEOUT, s.data()).await;
+            assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no place came back");
+        tokio::task::yield_now().await;
+    }
+    drop((open, conns));
+    koo.shutdown().await;
 }

@@ -139,7 +139,16 @@ pub async fn h2_health_call(
     send: &mut h2::client::SendRequest<Bytes>,
     method: &str,
 ) -> (h2::SendStream<Bytes>, h2::RecvStream) {
-    let request = http::Request::post(format!("http://koo/grpc.health.v1.Health/{method}"))
+    h2_call(send, &format!("/grpc.health.v1.Health/{method}")).await
+}
+
+/// Makes the call `path` (`/service/Method`) with an empty request; returns
+/// the response stream once its headers arrived.
+pub async fn h2_call(
+    send: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> (h2::SendStream<Bytes>, h2::RecvStream) {
+    let request = http::Request::post(format!("http://koo{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
         .body(())
