@@ -81,7 +81,8 @@ pub enum LogFormat {
 /// koo's subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the gRPC API (CacheService, health, reflection).
+    /// Serve koo: the gRPC API (cache, tasks, workers, schedules, health), the HTTP listener
+    /// (REST, grpc-web, /metrics, the dashboard) and the built-in workers and scheduler.
     Serve(Box<ServeArgs>),
     /// Run built-in task workers only (needs Redis), to scale out.
     Worker(Box<WorkerArgs>),
