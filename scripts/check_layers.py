@@ -36,7 +36,7 @@ LAYERS = [
     ["store"],  # one trait per store; redis/ and memory/
     ["keys"],  # every Redis key name
     ["domain", "pb"],  # the shared vocabulary; generated protobuf
-    ["quote", "glob", "percent"],  # leaves
+    ["quote", "glob", "percent", "repeats"],  # leaves
 ]
 
 # Uses within a layer that are allowed, with the reason.

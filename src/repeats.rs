@@ -81,7 +81,6 @@ fn since_epoch_ms() -> u64 {
 /// Logs a failure of a repeating call at `site` ([`Repeats`]): WARN for
 /// the first of a run, DEBUG for the rest; the fields and message as
 /// `tracing::warn!` takes them.
-#[macro_export]
 macro_rules! warn_once_per_run {
     ($site:expr, $($rest:tt)+) => {
         if $site.failed() {
@@ -91,6 +90,7 @@ macro_rules! warn_once_per_run {
         }
     };
 }
+pub(crate) use warn_once_per_run;
 
 #[cfg(test)]
 mod tests {

@@ -275,6 +275,13 @@ impl Security {
     pub fn hint(&self, text: &str) -> String {
         let (cert_flags, tls_flag) = (self.cert_flags, self.tls_flag);
         let text = text.to_ascii_lowercase();
+        // a TLS client reading a plaintext server's HTTP/2 bytes as a TLS
+        // record (rustls: "received corrupt message of type InvalidContentType")
+        if self.tls && (text.contains("invalidcontenttype") || text.contains("corrupt message")) {
+            return format!(
+                " (koo answered in plaintext: drop {tls_flag} and https://, or give koo KOO_TLS_CERT)"
+            );
+        }
         // hyper's words for a connection the server closed: at once, in
         // the middle of a call, or before the first request could go out
         let closed = [
@@ -379,6 +386,9 @@ mod tests {
         assert!(hint(false, false, closed).contains("use TLS"));
         assert!(hint(false, false, "Broken pipe").contains("use TLS"));
         assert_eq!(hint(true, true, closed), "");
+        let plain = "received corrupt message of type InvalidContentType";
+        assert!(hint(true, false, plain).contains("answered in plaintext"));
+        assert_eq!(hint(false, false, plain), "");
         assert_eq!(hint(true, false, "deadline has elapsed"), "");
     }
 

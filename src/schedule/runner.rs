@@ -117,7 +117,7 @@ async fn first_load(
                 return Some(s);
             }
             Err(e) => {
-                crate::warn_once_per_run!(LOAD, error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
+                crate::repeats::warn_once_per_run!(LOAD, error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
                 // or as soon as the store answers again after an outage
                 tokio::select! {
                     _ = stop.cancelled() => return None,

@@ -64,7 +64,7 @@ impl TaskEngine {
                         }
                     }
                     Err(e) => {
-                        crate::warn_once_per_run!(RECOVER, queue = %queue, error = %e, "cannot recover lapsed leases (repeats are logged at debug until it works again)");
+                        crate::repeats::warn_once_per_run!(RECOVER, queue = %queue, error = %e, "cannot recover lapsed leases (repeats are logged at debug until it works again)");
                         break;
                     }
                 }
@@ -75,7 +75,7 @@ impl TaskEngine {
             match self.repair_pending(queue, deadline()).await {
                 Ok(_) => recovered_again(&REPAIR, "checking pending tasks' dependencies"),
                 Err(e) => {
-                    crate::warn_once_per_run!(REPAIR, queue = %queue, error = %e, "cannot check pending tasks' dependencies (repeats are logged at debug until it works again)");
+                    crate::repeats::warn_once_per_run!(REPAIR, queue = %queue, error = %e, "cannot check pending tasks' dependencies (repeats are logged at debug until it works again)");
                 }
             }
         }

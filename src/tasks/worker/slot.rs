@@ -154,7 +154,7 @@ impl Slot {
                     }
                 }
                 Err(e) => {
-                    crate::warn_once_per_run!(LEASE, queue = %queue, error = %e, "cannot lease; retrying in a second (repeats are logged at debug until it works again)");
+                    crate::repeats::warn_once_per_run!(LEASE, queue = %queue, error = %e, "cannot lease; retrying in a second (repeats are logged at debug until it works again)");
                     // or as soon as the store answers again after an outage
                     tokio::select! {
                         _ = stop.cancelled() => return Round::Stopped,
