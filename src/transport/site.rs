@@ -16,12 +16,14 @@
 //!   `Sec-Fetch-Site: cross-site`/`same-site`) is refused unless
 //!   `KOO_CORS_ORIGINS` allows that origin (or `*`). Clients that are not
 //!   browsers send neither header and are not affected.
-//! - **Host names on loopback.** A listener bound to a loopback address
-//!   answers only HTTP/1 requests addressed to an IP address, `localhost` or a
+//! - **Host names.** A listener bound to a loopback address answers only
+//!   HTTP/1 requests addressed to an IP address, `localhost` or a
 //!   `*.localhost` name, or a name `KOO_ALLOWED_HOSTS` lists (a proxy's
 //!   public name; `*`: any). A rebound name is none of these. A listener
-//!   bound to another address is reachable by name on purpose, and needs a
-//!   keys file anyway (koo warns at start when it has none).
+//!   bound to another address is reachable by name on purpose: it is
+//!   checked the same way only when `KOO_ALLOWED_HOSTS` names its names
+//!   (a container's, whose published port a browser on the host reaches),
+//!   and needs a keys file anyway (koo warns at start when it has none).
 //!
 //! A refused gRPC or grpc-web call gets PERMISSION_DENIED, anything else
 //! 403, each saying why; nothing is logged per request (a page can send
@@ -64,14 +66,14 @@ impl AllowedHosts {
         for name in s.split(',').map(str::trim).filter(|n| !n.is_empty()) {
             let ok = name
                 .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
             if !ok {
                 return Err(format!(
                     "KOO_ALLOWED_HOSTS: {} is not a host name (names only: no scheme, port or path)",
                     crate::quote::quote(name)
                 ));
             }
-            names.push(name.to_ascii_lowercase());
+            names.push(name.trim_end_matches('.').to_ascii_lowercase());
         }
         Ok(Self::List(names))
     }
@@ -112,7 +114,13 @@ impl SiteGuard {
             .map(|a| a.as_str())
             .or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        if self.loopback && version < Version::HTTP_2 && !self.local_host(host) {
+        let checked = match self.hosts {
+            AllowedHosts::Any => false,
+            AllowedHosts::Local => self.loopback,
+            AllowedHosts::List(_) => true,
+        };
+        // (no Host at all: not a browser, which always sends one)
+        if checked && version < Version::HTTP_2 && !host.is_empty() && !self.local_host(host) {
             return Some(format!(
                 "koo: this listener is on loopback and answers requests to an IP address or localhost, not to {} (a name that another site may have pointed here: DNS rebinding); list a proxy's name in KOO_ALLOWED_HOSTS",
                 crate::quote::quote(host)
@@ -129,7 +137,10 @@ impl SiteGuard {
                     .to_str()
                     .ok()
                     .and_then(|o| o.split_once("://"))
-                    .is_some_and(|(_, authority)| same_authority(authority, host));
+                    .is_some_and(|(_, authority)| {
+                        same_authority(authority, host)
+                            || forwarded_hosts(headers).any(|h| same_authority(authority, h))
+                    });
                 (!same && !self.listed(origin)).then(|| {
                     format!(
                         "koo: a browser request from another site ({}) is refused; allow that origin in KOO_CORS_ORIGINS",
@@ -180,6 +191,30 @@ fn host_name(host: &str) -> &str {
     host.rsplit_once(':')
         .filter(|(_, port)| port.chars().all(|c| c.is_ascii_digit()))
         .map_or(host, |(name, _)| name)
+}
+
+/// The hosts a proxy in front says the client asked for
+/// (`X-Forwarded-Host`, `Forwarded: host=`): a proxy that rewrites `Host`
+/// (nginx's and Apache's default) keeps the page's own origin there. A
+/// page cannot set them on a request to another site without a preflight,
+/// which CORS refuses.
+fn forwarded_hosts(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    let x = headers
+        .get_all("x-forwarded-host")
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    let std = headers
+        .get_all("forwarded")
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split([',', ';']))
+        .filter_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            k.eq_ignore_ascii_case("host").then(|| v.trim_matches('"'))
+        });
+    x.chain(std)
 }
 
 /// Whether an origin's `host[:port]` names the same host and port as the
@@ -326,7 +361,8 @@ mod tests {
             e.contains("DNS rebinding") && e.contains("evil.example"),
             "{e}"
         );
-        assert!(check(&g, Method::GET, &[]).is_some(), "no host at all");
+        // no Host at all (HTTP/1.0 health checkers): not a browser
+        assert_eq!(check(&g, Method::GET, &[]), None);
         // HTTP/2 (a gRPC client's own authority; a browser only under TLS)
         let h2 = "http://koo:50051/grpc.health.v1.Health/Check"
             .parse()
@@ -350,6 +386,17 @@ mod tests {
             check(&exposed, Method::GET, &[("host", "koo.svc:50052")]),
             None
         );
+        // anywhere, once names are listed (a container's published port)
+        let names = AllowedHosts::parse("koo, prom_target.").unwrap();
+        let named = guard("0.0.0.0:50052", names, CorsOrigins::None);
+        for host in ["koo:50052", "prom_target", "127.0.0.1:50052"] {
+            assert_eq!(
+                check(&named, Method::GET, &[("host", host)]),
+                None,
+                "{host}"
+            );
+        }
+        assert!(check(&named, Method::GET, &[("host", "evil.example")]).is_some());
     }
 
     /// A write a browser marks as cross-site is refused unless its origin
@@ -426,6 +473,18 @@ mod tests {
             ),
             None
         );
+        // behind a proxy that rewrote Host, the page's origin is the forwarded host
+        let page = ("origin", "https://koo.example.com");
+        assert!(check(&g, Method::POST, &[host, page]).is_some());
+        let xfh = ("x-forwarded-host", "koo.example.com");
+        assert_eq!(check(&g, Method::POST, &[host, page, xfh]), None);
+        let fwd = (
+            "forwarded",
+            "for=10.0.0.1;host=\"koo.example.com\";proto=https",
+        );
+        assert_eq!(check(&g, Method::POST, &[host, page, fwd]), None);
+        let other = ("x-forwarded-host", "other.example.com");
+        assert!(check(&g, Method::POST, &[host, page, other]).is_some());
     }
 
     #[test]

@@ -137,7 +137,7 @@ async fn garbage_bytes_close_the_connection() {
 async fn http1_request_is_turned_away() {
     let env = Env::memory().await;
     let request =
-        b"POST /koo.cache.v1.CacheService/Get HTTP/1.1\r\nHost: koo\r\nContent-Length: 0\r\n\r\n";
+        b"POST /koo.cache.v1.CacheService/Get HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n";
     let mut tcp = TcpStream::connect(env.server.addr).await.unwrap();
     tcp.write_all(request).await.unwrap();
     // the connection stays open (HTTP/1.1 keep-alive): read the answer's head
