@@ -110,14 +110,14 @@ async fn first_load(
         .await;
         match loaded {
             Ok(s) => {
-                let failed = LOAD.succeeded();
+                let failed = LOAD.succeeded("");
                 if failed > 0 {
                     tracing::info!(failed, "scheduler: loading schedules works again");
                 }
                 return Some(s);
             }
             Err(e) => {
-                crate::repeats::warn_once_per_run!(LOAD, error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
+                crate::repeats::warn_once_per_run!(LOAD, "", error = %e, "scheduler: cannot load schedules; retrying in a second (repeats are logged at debug until it works again)");
                 // or as soon as the store answers again after an outage
                 tokio::select! {
                     _ = stop.cancelled() => return None,

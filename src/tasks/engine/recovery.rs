@@ -50,7 +50,7 @@ impl TaskEngine {
                     .await
                 {
                     Ok(r) => {
-                        recovered_again(&RECOVER, "recovering lapsed leases");
+                        recovered_again(&RECOVER, queue, "recovering lapsed leases");
                         total += r.handled;
                         // an expired task others wait on: released now (on
                         // Redis they may be in other queues' slots), not
@@ -64,7 +64,7 @@ impl TaskEngine {
                         }
                     }
                     Err(e) => {
-                        crate::repeats::warn_once_per_run!(RECOVER, queue = %queue, error = %e, "cannot recover lapsed leases (repeats are logged at debug until it works again)");
+                        crate::repeats::warn_once_per_run!(RECOVER, queue.as_str(), queue = %queue, error = %e, "cannot recover lapsed leases (repeats are logged at debug until it works again)");
                         break;
                     }
                 }
@@ -73,9 +73,9 @@ impl TaskEngine {
         }
         for queue in queues {
             match self.repair_pending(queue, deadline()).await {
-                Ok(_) => recovered_again(&REPAIR, "checking pending tasks' dependencies"),
+                Ok(_) => recovered_again(&REPAIR, queue, "checking pending tasks' dependencies"),
                 Err(e) => {
-                    crate::repeats::warn_once_per_run!(REPAIR, queue = %queue, error = %e, "cannot check pending tasks' dependencies (repeats are logged at debug until it works again)");
+                    crate::repeats::warn_once_per_run!(REPAIR, queue.as_str(), queue = %queue, error = %e, "cannot check pending tasks' dependencies (repeats are logged at debug until it works again)");
                 }
             }
         }
@@ -87,10 +87,11 @@ impl TaskEngine {
 static RECOVER: Repeats = Repeats::new();
 static REPAIR: Repeats = Repeats::new();
 
-/// After a run of failures at `site`, says that `what` works again.
-fn recovered_again(site: &Repeats, what: &str) {
-    let failed = site.succeeded();
+/// After a run of failures at `site` for `queue`, says that `what` works
+/// again.
+fn recovered_again(site: &Repeats, queue: &QueueName, what: &str) {
+    let failed = site.succeeded(queue.as_str());
     if failed > 0 {
-        tracing::info!(failed, "{what} works again");
+        tracing::info!(%queue, failed, "{what} works again");
     }
 }

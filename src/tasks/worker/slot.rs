@@ -141,9 +141,9 @@ impl Slot {
                 .await
             {
                 Ok(leased) => {
-                    let failed = LEASE.succeeded();
+                    let failed = LEASE.succeeded(queue.as_str());
                     if failed > 0 {
-                        tracing::info!(failed, "leasing works again");
+                        tracing::info!(%queue, failed, "leasing works again");
                     }
                     if let Some(task) = self.poller.took(q, leased) {
                         if !hinted || told {
@@ -154,7 +154,7 @@ impl Slot {
                     }
                 }
                 Err(e) => {
-                    crate::repeats::warn_once_per_run!(LEASE, queue = %queue, error = %e, "cannot lease; retrying in a second (repeats are logged at debug until it works again)");
+                    crate::repeats::warn_once_per_run!(LEASE, queue.as_str(), queue = %queue, error = %e, "cannot lease; retrying in a second (repeats are logged at debug until it works again)");
                     // or as soon as the store answers again after an outage
                     tokio::select! {
                         _ = stop.cancelled() => return Round::Stopped,
