@@ -195,7 +195,7 @@ mod tests {
         }
         failures_reported += r.succeeded("q0") + r.succeeded("q1");
         assert_eq!(failures_reported, 4 * 900, "every failure counted once");
-        assert!(warnings >= 1 && warnings <= 400, "{warnings}");
+        assert!((1..=400).contains(&warnings), "{warnings}");
         assert_eq!(r.running.load(Relaxed), 0);
     }
 }
