@@ -26,6 +26,12 @@ def test_a_task_with_a_newer_koo_s_state_category_and_priority_is_read() -> None
     assert isinstance(info.state, TaskState) and not info.state.is_final
     assert info.category == NEW and isinstance(info.category, TaskCategory)
     assert info.status == "unrecognized_97"
+    # not final until it has an end time (result() and watch() end on it)
+    assert not info.is_final
+    ended = pb.Task(id="t1", name="n", state=STATE)
+    ended.end_time.FromSeconds(1_800_000_000)
+    assert TaskInfo.from_proto(ended).is_final
+    assert TaskInfo.from_proto(pb.Task(id="t2", name="n", state=pb.TASK_STATE_FAILED)).is_final
     plain = info.to_dict()
     assert plain["state"] == "unrecognized_97"
     assert plain["category"] == "UNRECOGNIZED_97"
@@ -58,6 +64,8 @@ def test_known_values_are_the_members_and_print_by_name() -> None:
     assert str(TaskState.RUNNING) == "RUNNING"
     assert f"{TaskCategory.DATABASE}" == "DATABASE"
     assert f"{TaskPriority.HIGH:>6}" == "  HIGH"
+    assert f"{TaskPriority.HIGH:d}" == str(pb.TASK_PRIORITY_HIGH)
+    assert f"{TaskState.RUNNING:03d}" == f"{pb.TASK_STATE_RUNNING:03d}"
     assert int(TaskPriority.HIGH) == pb.TASK_PRIORITY_HIGH
     for bad in ("RUNNING", 1.5, None):
         try:

@@ -69,6 +69,12 @@ def test_a_worker_serves_the_definitions_queue_and_bad_definitions_are_refused()
         return None
 
     assert w.handlers["sdk.queued"].queue == "reports"
+    # without a queue: its category's, so that a worker of named queues serves it
+    plain = TaskDef("sdk.plain", TaskCategory.PDF_PROCESSING)
+    w.task(plain)(run)
+    assert w.handlers["sdk.plain"].queue == "pdf_processing"
+    s = plain.submission(("x",), queue="other", time_limit=5, max_retries=0)
+    assert (s.queue, s.time_limit, s.max_retries) == ("other", 5, 0)
     with pytest.raises(ValueError, match="name"):
         TaskDef("", TaskCategory.RESEARCH)
     with pytest.raises(TypeError, match="category"):

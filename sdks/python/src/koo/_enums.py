@@ -32,4 +32,8 @@ class OpenEnum(IntEnum):
         return self.name
 
     def __format__(self, spec: str) -> str:
+        # a number's format (`:d`, `:x`, `:03`) formats the number, as an
+        # IntEnum's did; anything else the name
+        if spec and spec[-1] in "bcdeEfFgGnoxX%":
+            return int.__format__(int(self), spec)
         return format(self.name, spec)

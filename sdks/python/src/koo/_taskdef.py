@@ -56,7 +56,7 @@ class TaskDef:
     max_retries: int | None = None
     queue: str | None = None
     """The queue its submits go to (None: its category's); a worker
-    registering the definition serves it."""
+    registering the definition serves that queue."""
     soft_time_limit: Seconds | None = None
     time_limit: Seconds | None = None
     result_ttl: Seconds | None = None
@@ -132,6 +132,10 @@ class TaskDef:
         *,
         priority: TaskPriority | None = None,
         max_retries: int | None = None,
+        queue: str | None = None,
+        soft_time_limit: Seconds | None = None,
+        time_limit: Seconds | None = None,
+        result_ttl: Seconds | None = None,
         countdown: Seconds | None = None,
         eta: datetime | None = None,
         expires: datetime | Seconds | None = None,
@@ -149,10 +153,10 @@ class TaskDef:
             self.max_retries if max_retries is None else max_retries,
             countdown=countdown,
             eta=eta,
-            queue=self.queue,
-            soft_time_limit=self.soft_time_limit,
-            time_limit=self.time_limit,
-            result_ttl=self.result_ttl,
+            queue=self.queue if queue is None else queue,
+            soft_time_limit=self.soft_time_limit if soft_time_limit is None else soft_time_limit,
+            time_limit=self.time_limit if time_limit is None else time_limit,
+            result_ttl=self.result_ttl if result_ttl is None else result_ttl,
             expires=self.expires if expires is None else expires,
             rate_limit_key=rate_limit_key,
             concurrency_key=concurrency_key,

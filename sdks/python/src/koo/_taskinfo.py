@@ -130,6 +130,15 @@ class TaskInfo:
         return tb if isinstance(tb, str) else None
 
     @property
+    def is_final(self) -> bool:
+        """Whether the task has ended: a final state, or a state a newer koo
+        added (`UNRECOGNIZED_<n>`) with an end time, so that `result()` and
+        `watch()` end on it rather than wait for ever."""
+        if self.state.is_final:
+            return True
+        return self.state.name.startswith("UNRECOGNIZED_") and self.end_time is not None
+
+    @property
     def status(self) -> str:
         """The state's name in lower case (`succeeded`), as the seed's dicts had it."""
         return self.state.name.lower()

@@ -246,7 +246,7 @@ class TaskManager(Client):
             async for r in updates:
                 info = TaskInfo.from_proto(r.task)
                 yield info
-                if info.state.is_final:
+                if info.is_final:
                     return
 
     async def result(self, task_id: str, timeout: Seconds | None = None) -> Any:
@@ -262,7 +262,7 @@ class TaskManager(Client):
         try:
             if secs is not None and secs <= 0:
                 info = await self.get_task_status(task_id)
-                if not info.state.is_final:
+                if not info.is_final:
                     raise asyncio.TimeoutError
             else:
                 info = await asyncio.wait_for(self._final(task_id), secs)
@@ -276,7 +276,7 @@ class TaskManager(Client):
         """The task once ended, watched through koo's restarts and outages
         (UNAVAILABLE, or a watch that ends before the task does)."""
         async for info in self.watch(task_id):
-            if info.state.is_final:
+            if info.is_final:
                 return info
         raise AssertionError("watch() ends only after the final state")
 

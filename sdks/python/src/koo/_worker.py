@@ -277,9 +277,11 @@ class Worker:
 
     def task(self, name: str | TaskDef, *, queue: str | None = None) -> Callable[[F], F]:
         """Registers a handler for the task name, or for a `TaskDef`'s name
-        (its queue, when given here or by the definition, is served)."""
+        (its queue, when given here or by the definition, is served; a
+        definition without one has its category's queue served)."""
         if isinstance(name, TaskDef):
-            queue = queue or name.queue
+            # where its submits go: its queue, else its category's
+            queue = queue or name.queue or name.category.name.lower()
             name = name.name
 
         def register(fn: F) -> F:
