@@ -297,24 +297,48 @@ fn parse_reason(text: &str, e: &toml::de::Error) -> String {
         let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
         format!("line {line}, column {column}: ")
     });
-    let mut message = String::new();
-    let mut quoted = false;
-    for c in e.message().trim_end().chars() {
-        match (c, quoted) {
-            ('"', false) => {
-                quoted = true;
-                message.push_str("\"…");
-            }
-            ('"', true) => {
-                quoted = false;
-                message.push('"');
-            }
-            (_, true) => {}
-            ('\n', false) => message.push(' '),
-            (c, false) => message.push(c),
-        }
+    format!("{}{}", place.unwrap_or_default(), unquoted(e.message()))
+}
+
+/// The words a keys file's parse error may quote as they are: its own
+/// field and table names.
+const FIELDS: [&str; 9] = [
+    "key",
+    "principal",
+    "name",
+    "role",
+    "sha256",
+    "uri",
+    "queues",
+    "task_names",
+    "max_held",
+];
+
+/// A parser message with what it quotes of the file left out: a string
+/// (`"…"`), and a name in backticks unless it is one of the file's own
+/// [`FIELDS`] (an unknown field may be a key pasted as a name).
+fn unquoted(message: &str) -> String {
+    let mut out = String::new();
+    let mut rest = message.trim_end();
+    while let Some(at) = rest.find(['"', '`']) {
+        out.push_str(&rest[..at].replace('\n', " "));
+        let mark = &rest[at..=at];
+        let after = &rest[at + 1..];
+        let Some(end) = after.find(mark) else {
+            // an unmatched mark: what follows may be the file's
+            out.push_str(mark);
+            out.push('…');
+            return out;
+        };
+        let inner = &after[..end];
+        let shown = mark == "`" && FIELDS.contains(&inner);
+        out.push_str(mark);
+        out.push_str(if shown { inner } else { "…" });
+        out.push_str(mark);
+        rest = &after[end + 1..];
     }
-    format!("{}{message}", place.unwrap_or_default())
+    out.push_str(&rest.replace('\n', " "));
+    out
 }
 
 /// An entry's caller: its role, and the scope and hold limit only a worker
@@ -338,10 +362,19 @@ fn caller(
         invalid(
             entry,
             "role",
-            format!(
-                "{} is not a role (reader, writer, admin or worker)",
-                crate::quote::quote(role)
-            ),
+            // a long value is not quoted: a key pasted into the wrong field
+            // would reach the logs
+            if role.chars().count() <= 16 {
+                format!(
+                    "{} is not a role (reader, writer, admin or worker)",
+                    crate::quote::quote(role)
+                )
+            } else {
+                format!(
+                    "{} characters that are not a role (reader, writer, admin or worker)",
+                    role.chars().count()
+                )
+            },
         )
     })?;
     if role != Role::Worker {
@@ -511,7 +544,10 @@ mod tests {
                 format!("{ok}max_held = 3\n"),
                 "key[0] \"a\": max_held: only a worker key",
             ),
-            (format!("{ok}colour = \"red\"\n"), "unknown field `colour`"),
+            (
+                format!("{ok}colour = \"red\"\n"),
+                "unknown field `…`, expected one of `name`",
+            ),
             (
                 "[[principal]]\nname = \"p\"\nrole = \"reader\"\nsha256 = \"x\"\n".into(),
                 "unknown field `sha256`",
@@ -560,12 +596,21 @@ mod tests {
             format!("[[key]]\nname = \"svc\"\nrole = \"writer\"\nkey = \"{secret}\"\n"),
             format!("[[key]]\nname = \"svc\"\nrole = \"writer\"\nsha256 = {secret}\n"),
             format!("[[key]]\nname = \"svc\"\nrole = [\"{secret}\"]\n"),
+            format!("[[key]]\nname = \"svc\"\n{secret} = 1\n"),
+            format!("[{secret}]\nname = 1\n"),
+            format!(
+                "[[key]]\nname = \"svc\"\nrole = \"{secret}\"\nsha256 = \"{}\"\n",
+                "a".repeat(64)
+            ),
         ] {
             let e = Keys::parse(Path::new("k.toml"), &text, None)
                 .unwrap_err()
                 .to_string();
             assert!(!e.contains("SUPERSECRET"), "{e}");
-            assert!(e.contains("line "), "{e}");
+            assert!(
+                e.contains("line ") || e.contains("role: 26 characters"),
+                "{e}"
+            );
         }
     }
 
