@@ -102,26 +102,42 @@ class TaskDef:
         `apply_async`), through `manager` or the default client. The options
         are `TaskManager.submit`'s; the task as stored (`submit` also says
         whether an idempotency or debounce key deduplicated it)."""
-        info, _ = await _manager(manager).submit(
-            self.name,
-            self.category,
+        # the defaults merged once, as for a batch
+        s = self.submission(
             args,
             kwargs,
-            self.priority if priority is None else priority,
-            self.max_retries if max_retries is None else max_retries,
+            priority=priority,
+            max_retries=max_retries,
+            queue=queue,
+            soft_time_limit=soft_time_limit,
+            time_limit=time_limit,
+            result_ttl=result_ttl,
             countdown=countdown,
             eta=eta,
-            depends_on=depends_on,
-            idempotency_key=idempotency_key,
-            queue=self.queue if queue is None else queue,
-            soft_time_limit=self.soft_time_limit if soft_time_limit is None else soft_time_limit,
-            time_limit=self.time_limit if time_limit is None else time_limit,
-            result_ttl=self.result_ttl if result_ttl is None else result_ttl,
-            debounce_key=debounce_key,
-            debounce_window=debounce_window,
-            expires=self.expires if expires is None else expires,
+            expires=expires,
             rate_limit_key=rate_limit_key,
             concurrency_key=concurrency_key,
+        )
+        info, _ = await _manager(manager).submit(
+            s.task_name,
+            s.category,
+            s.args,
+            s.kwargs,
+            s.priority,
+            s.max_retries,
+            countdown=s.countdown,
+            eta=s.eta,
+            depends_on=depends_on,
+            idempotency_key=idempotency_key,
+            queue=s.queue,
+            soft_time_limit=s.soft_time_limit,
+            time_limit=s.time_limit,
+            result_ttl=s.result_ttl,
+            debounce_key=debounce_key,
+            debounce_window=debounce_window,
+            expires=s.expires,
+            rate_limit_key=s.rate_limit_key,
+            concurrency_key=s.concurrency_key,
         )
         return info
 
