@@ -122,7 +122,7 @@ impl SiteGuard {
         // (no Host at all: not a browser, which always sends one)
         if checked && version < Version::HTTP_2 && !host.is_empty() && !self.local_host(host) {
             return Some(format!(
-                "koo: this listener is on loopback and answers requests to an IP address or localhost, not to {} (a name that another site may have pointed here: DNS rebinding); list a proxy's name in KOO_ALLOWED_HOSTS",
+                "koo answers requests to an IP address, localhost or a name in KOO_ALLOWED_HOSTS, not to {} (a name another site may have pointed here: DNS rebinding); list a proxy's or a service's name in KOO_ALLOWED_HOSTS",
                 crate::quote::quote(host)
             ));
         }
