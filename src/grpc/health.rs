@@ -16,10 +16,9 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::Stream;
-use tokio::sync::watch;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -32,8 +31,8 @@ use crate::health::Statuses;
 pub struct HealthApi {
     statuses: watch::Receiver<Statuses>,
     shutdown: CancellationToken,
-    /// `Watch` streams open now (every listener's: the clones share it).
-    watches: Arc<AtomicUsize>,
+    /// Places for `Watch` streams (every listener's: the clones share it).
+    watches: Arc<Semaphore>,
     /// Most open at once.
     max: usize,
 }
@@ -53,18 +52,9 @@ impl HealthApi {
         Self {
             statuses,
             shutdown,
-            watches: Arc::default(),
+            watches: Arc::new(Semaphore::new(max)),
             max,
         }
-    }
-}
-
-/// One open `Watch`: its place is given back when the stream ends.
-struct WatchPlace(Arc<AtomicUsize>);
-
-impl Drop for WatchPlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -84,7 +74,8 @@ fn reply(status: ServingStatus) -> HealthCheckResponse {
 type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
 
 struct WatchState {
-    _place: WatchPlace,
+    /// Its place, given back when the stream ends.
+    _place: OwnedSemaphorePermit,
     statuses: watch::Receiver<Statuses>,
     shutdown: CancellationToken,
     service: String,
@@ -114,15 +105,14 @@ impl Health for HealthApi {
         &self,
         request: Request<HealthCheckRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        if self.watches.fetch_add(1, Ordering::AcqRel) >= self.max {
-            self.watches.fetch_sub(1, Ordering::AcqRel);
+        let Ok(place) = self.watches.clone().try_acquire_owned() else {
             return Err(Status::resource_exhausted(format!(
                 "{} health watches are open in this koo; call Check instead, or watch again later",
                 self.max
             )));
-        }
+        };
         let state = WatchState {
-            _place: WatchPlace(self.watches.clone()),
+            _place: place,
             statuses: self.statuses.clone(),
             shutdown: self.shutdown.clone(),
             service: request.into_inner().service,

@@ -34,7 +34,13 @@ use std::task::{Context, Poll};
 
 use futures::future::Either;
 use http::header::{CONTENT_TYPE, HOST, ORIGIN};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+
+/// Headers a browser and a proxy send, named once (a name given as `&str`
+/// is parsed on every lookup, and `refusal` runs on every call).
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 use super::cors::CorsOrigins;
 
@@ -150,7 +156,7 @@ impl SiteGuard {
             }
             None => {
                 let site = headers
-                    .get("sec-fetch-site")
+                    .get(SEC_FETCH_SITE)
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("");
                 matches!(site, "cross-site" | "same-site").then(|| {
@@ -200,13 +206,13 @@ fn host_name(host: &str) -> &str {
 /// which CORS refuses.
 fn forwarded_hosts(headers: &HeaderMap) -> impl Iterator<Item = &str> {
     let x = headers
-        .get_all("x-forwarded-host")
+        .get_all(X_FORWARDED_HOST)
         .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim);
     let std = headers
-        .get_all("forwarded")
+        .get_all(FORWARDED)
         .into_iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split([',', ';']))

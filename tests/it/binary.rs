@@ -603,3 +603,32 @@ fn an_unreadable_warm_file_is_warned_about() {
     let server = Running::start(&[("KOO_CACHE_WARM_FILE", "/nonexistent/warm.jsonl")]);
     assert_logged(&server, "KOO_CACHE_WARM_FILE cannot be read");
 }
+
+/// Redis refusing koo's credentials (a wrong password) is logged as an
+/// ERROR naming the URL's setting, once, beside the outage's warnings; the
+/// password itself never reaches the log.
+#[tokio::test]
+async fn refused_credentials_are_an_error() {
+    let redis = common::TestRedis::start().await;
+    let mut conn = redis.conn().await;
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("the-right-one")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("redis://:pw-not-logged@127.0.0.1:{}/0", redis.port);
+    let server = Running::start(&[("REDIS_URL", &url)]);
+    assert_logged(&server, "Redis refuses koo's credentials");
+    let log = server.log.lock().unwrap();
+    let line = log
+        .iter()
+        .find(|l| l.contains("refuses koo's credentials"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("REDIS_URL"),
+        "{line}"
+    );
+    assert!(!log.iter().any(|l| l.contains("pw-not-logged")), "{log:#?}");
+}

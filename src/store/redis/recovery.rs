@@ -165,3 +165,27 @@ fn refuses_credentials(error: &str) -> bool {
         .iter()
         .any(|kind| error.contains(kind))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::refuses_credentials;
+
+    /// Redis's and redis-rs's words for refused credentials, not an outage's.
+    #[test]
+    fn credentials_refused_are_told_from_outages() {
+        for refused in [
+            "Redis ping failed: Password authentication failed - AuthenticationFailed",
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "NOAUTH Authentication required.",
+            "NOPERM this user has no permissions to run the 'ping' command",
+        ] {
+            assert!(refuses_credentials(refused), "{refused}");
+        }
+        for outage in [
+            "Connection refused (os error 111)",
+            "Redis ping got no answer within 1000 ms",
+        ] {
+            assert!(!refuses_credentials(outage), "{outage}");
+        }
+    }
+}
