@@ -370,12 +370,13 @@ def check_dockerfile(path: str) -> int:
         copied.extend(w.rstrip("/") for w in words[1:-1])
     for needed in ("Cargo.toml", "Cargo.lock", "build.rs", "proto", "src"):
         require(needed in copied, f"{path}: the build stage does not copy {needed}")
-    for needed in build_inputs(root):
+    inputs = build_inputs(root)
+    for needed in inputs:
         require(
             any(needed == c or needed.startswith(c + "/") for c in copied),
             f"{path}: the binary includes {needed} but the build stage copies only {copied}",
         )
-    print(f"{path}: the build stage copies what the binary includes from outside src/: {build_inputs(root)}")
+    print(f"{path}: the build stage copies what the binary includes from outside src/: {inputs}")
     return 0
 
 
