@@ -106,6 +106,12 @@ pub struct ServeArgs {
     #[arg(long, env = "KOO_DATA_SNAPSHOT_INTERVAL", value_name = "KOO_DATA_SNAPSHOT_INTERVAL",
           default_value = "60s", value_parser = parse_duration)]
     pub data_snapshot_interval: Duration,
+    /// With KOO_DATA_DIR, when the journal of acknowledged changes reaches the disk: always (a
+    /// call is answered once its change is on disk), everysec (answered once written, so a
+    /// kill -9 of koo loses nothing; synced every second), or no (the OS syncs).
+    #[arg(long, env = "KOO_DATA_FSYNC", value_name = "KOO_DATA_FSYNC", default_value = "everysec",
+          value_parser = |s: &str| s.parse::<crate::persist::Fsync>())]
+    pub data_fsync: crate::persist::Fsync,
     /// How often the embedded store purges expired entries.
     #[arg(long, env = "KOO_MEMORY_SWEEP_INTERVAL", value_name = "KOO_MEMORY_SWEEP_INTERVAL", default_value = "1s",
           value_parser = parse_positive_duration)]
@@ -202,6 +208,7 @@ impl ServeArgs {
             data: DataSettings {
                 dir: self.data_dir.filter(|d| !d.as_os_str().is_empty()),
                 snapshot_interval: self.data_snapshot_interval,
+                fsync: self.data_fsync,
             },
             request_timeout: self.request_timeout,
             bulk_timeout: self.bulk_timeout,

@@ -131,6 +131,12 @@ impl ScheduleStore {
         Self(Arc::new(super::memory::MemorySchedules::default()))
     }
 
+    /// Schedules in this process, in `store` (kept by the caller too: the
+    /// data directory's journal replays into it and is appended to by it).
+    pub fn from_memory(store: Arc<super::memory::MemorySchedules>) -> Self {
+        Self(store)
+    }
+
     /// Schedules in this process, starting from a saved image.
     pub fn memory_from(image: SchedulesImage) -> Self {
         Self(Arc::new(super::memory::MemorySchedules::from_image(image)))

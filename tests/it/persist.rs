@@ -28,8 +28,12 @@ struct Koo {
 /// shutdown, and the default schedules off (so that only the test's tasks
 /// exist).
 fn command(data_dir: Option<&Path>, workers: u32, extra: &[(&str, &str)]) -> Command {
+    let listen = extra
+        .iter()
+        .find(|(k, _)| *k == "KOO_LISTEN")
+        .map_or("127.0.0.1:0", |(_, v)| *v);
     let mut cmd = common::koo_command();
-    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+    cmd.args(["serve", "--listen", listen])
         .env("KOO_WORKER_CONCURRENCY", workers.to_string())
         .env("KOO_SHUTDOWN_DRAIN", "0")
         .env("KOO_WORKER_SHUTDOWN_GRACE", "50ms")
@@ -532,4 +536,298 @@ async fn periodic_snapshot_survives_kill_9() {
         get_ok(&mut c, &scheduled).await.state,
         pb::TaskState::Scheduled as i32
     );
+}
+
+/// What the journal must bring back: tasks in each waiting state, a
+/// cancel, a dependency, an idempotency key, a pause, a rate limit and a
+/// user schedule, none of them in any save.
+struct Acknowledged {
+    queued: Vec<String>,
+    cancelled: String,
+    scheduled: String,
+    dependent: String,
+    idempotent: String,
+}
+
+/// Changes made after the last save (with `KOO_DATA_SNAPSHOT_INTERVAL=0`
+/// there is none while serving).
+async fn acknowledge(koo: &Koo) -> Acknowledged {
+    let channel = koo.channel().await;
+    let mut c = tasks(&channel);
+    let batch = c
+        .submit_tasks(pb::SubmitTasksRequest {
+            tasks: (0..20)
+                .map(|i| submit("koo.diagnostics.noop", serde_json::json!({ "i": i })))
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut queued: Vec<String> = batch.tasks.into_iter().map(|t| t.id).collect();
+    queued.push(
+        submit_ok(
+            &mut c,
+            submit("koo.diagnostics.noop", serde_json::json!({})),
+        )
+        .await
+        .id,
+    );
+    let cancelled = submit_ok(
+        &mut c,
+        submit("koo.diagnostics.noop", serde_json::json!({})),
+    )
+    .await
+    .id;
+    c.cancel_task(pb::CancelTaskRequest {
+        task_id: cancelled.clone(),
+        reason: "not needed".into(),
+    })
+    .await
+    .unwrap();
+    let scheduled = submit_ok(&mut c, later("koo.diagnostics.noop")).await.id;
+    let dependent = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            depends_on: vec![queued[0].clone()],
+            ..submit("koo.diagnostics.noop", serde_json::json!({}))
+        },
+    )
+    .await
+    .id;
+    let idempotent = submit_ok(
+        &mut c,
+        pb::SubmitTaskRequest {
+            idempotency_key: "order-7".into(),
+            ..later("koo.diagnostics.noop")
+        },
+    )
+    .await
+    .id;
+    c.pause_queue(pb::PauseQueueRequest {
+        queue: "ai_service".into(),
+        reason: "provider down".into(),
+    })
+    .await
+    .unwrap();
+    c.set_rate_limit(pb::SetRateLimitRequest {
+        rate_limit: Some(pb::RateLimit {
+            name: "keys/openai".into(),
+            limit: 7,
+            period: Some(millis(1000)),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    ScheduleServiceClient::new(channel)
+        .create_schedule(sched_pb::CreateScheduleRequest {
+            schedule: Some(sched_pb::Schedule {
+                name: "new-year".into(),
+                cron: "0 0 1 1 *".into(),
+                task: Some(sched_pb::TaskTemplate {
+                    name: "koo.diagnostics.noop".into(),
+                    category: pb::TaskCategory::Research as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            paused: false,
+        })
+        .await
+        .unwrap();
+    Acknowledged {
+        queued,
+        cancelled,
+        scheduled,
+        dependent,
+        idempotent,
+    }
+}
+
+/// Everything acknowledged is there, as it was answered.
+async fn check_acknowledged(koo: &Koo, a: &Acknowledged) {
+    let channel = koo.channel().await;
+    let mut c = tasks(&channel);
+    for id in &a.queued {
+        assert_eq!(get_ok(&mut c, id).await.state, pb::TaskState::Queued as i32);
+    }
+    assert_eq!(
+        get_ok(&mut c, &a.cancelled).await.state,
+        pb::TaskState::Cancelled as i32
+    );
+    assert_eq!(
+        get_ok(&mut c, &a.scheduled).await.state,
+        pb::TaskState::Scheduled as i32
+    );
+    assert_eq!(
+        get_ok(&mut c, &a.dependent).await.state,
+        pb::TaskState::Pending as i32
+    );
+    let again = c
+        .submit_task(pb::SubmitTaskRequest {
+            idempotency_key: "order-7".into(),
+            ..later("koo.diagnostics.noop")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.deduplicated);
+    assert_eq!(again.task.unwrap().id, a.idempotent);
+    let queues = c
+        .list_queues(pb::ListQueuesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .queues;
+    let ai = queues.iter().find(|q| q.name == "ai_service").unwrap();
+    assert_eq!(ai.state, pb::QueueState::Paused as i32, "{ai:?}");
+    assert_eq!(ai.pause.as_ref().unwrap().reason, "provider down");
+    let limit = c
+        .get_rate_limit(pb::GetRateLimitRequest {
+            name: "keys/openai".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .rate_limit
+        .unwrap();
+    assert_eq!(limit.limit, 7);
+    ScheduleServiceClient::new(channel)
+        .get_schedule(sched_pb::GetScheduleRequest {
+            name: "new-year".into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// `kill -9` with no save since the changes (`KOO_DATA_SNAPSHOT_INTERVAL=0`):
+/// every change a caller was answered OK for comes back from the journal,
+/// under the default `everysec` and under `always`; the restart saves
+/// them, so a second `kill -9` finds them too, and with workers every
+/// task runs to its end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loses_no_acknowledged_change() {
+    for fsync in ["everysec", "always"] {
+        let dir = tempfile::tempdir().unwrap();
+        let env = [
+            ("KOO_DATA_SNAPSHOT_INTERVAL", "0"),
+            ("KOO_DATA_FSYNC", fsync),
+        ];
+        let mut first = Koo::start_with(Some(dir.path()), 0, &env);
+        let acknowledged = acknowledge(&first).await;
+        first.child.kill().unwrap();
+        first.child.wait().unwrap();
+        assert!(
+            !dir.path().join("embedded-store.json").exists(),
+            "{fsync}: no save was made: only the journal holds the changes"
+        );
+
+        let mut second = Koo::start_with(Some(dir.path()), 0, &env);
+        check_acknowledged(&second, &acknowledged).await;
+        second.child.kill().unwrap();
+        second.child.wait().unwrap();
+
+        let third = Koo::start_with(Some(dir.path()), 4, &env);
+        let mut c = tasks(&third.channel().await);
+        for id in acknowledged.queued.iter().chain([&acknowledged.dependent]) {
+            let t = wait_task(&mut c, id, is_final).await;
+            assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{fsync}: {t:?}");
+        }
+        let (status, _) = third.terminate().await;
+        assert!(status.success());
+    }
+}
+
+/// Submits `n` ledger tasks through `channel` (lazy: it reconnects to the
+/// restarted koo), each call retried until it is answered OK; publishes
+/// how many are acknowledged, and returns their ids.
+async fn submit_through_kills(
+    channel: Channel,
+    n: usize,
+    acked: tokio::sync::watch::Sender<usize>,
+) -> Vec<String> {
+    let mut c = tasks(&channel);
+    let mut ids = Vec::with_capacity(n);
+    while ids.len() < n {
+        let mut req = tonic::Request::new(submit(
+            "koo.diagnostics.ledger",
+            serde_json::json!({ "ms": 2 }),
+        ));
+        req.set_timeout(std::time::Duration::from_secs(2));
+        match c.submit_task(req).await {
+            Ok(r) => {
+                ids.push(r.into_inner().task.unwrap().id);
+                acked.send_replace(ids.len());
+            }
+            // koo is down or restarting (a connection cut mid-call is
+            // CANCELLED): the same call again (a duplicate task is
+            // allowed, a lost one is not)
+            Err(s) => assert!(
+                matches!(
+                    s.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                ),
+                "{s:?}"
+            ),
+        }
+    }
+    ids
+}
+
+/// `kill -9` of koo again and again while a client submits and the
+/// built-in workers run (saves every 300 ms, so kills land between, during
+/// and after saves): every task a submit was answered OK for is there
+/// after the last restart and runs to SUCCEEDED, as the handler's ledger
+/// outside koo shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_kill_9_loses_no_acknowledged_task() {
+    const TASKS: usize = 300;
+    const KILLS: usize = 8;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ledger = dir.path().join("ledger.jsonl");
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let ledger_path = ledger.to_str().unwrap().to_owned();
+    let env = [
+        ("KOO_LISTEN", listen.as_str()),
+        ("KOO_DIAGNOSTICS_LEDGER", ledger_path.as_str()),
+        ("KOO_DATA_SNAPSHOT_INTERVAL", "300ms"),
+        ("KOO_TASK_LEASE", "1s"),
+    ];
+    let mut koo = Koo::start_with(Some(&data), 2, &env);
+    let channel = Channel::from_shared(format!("http://{listen}"))
+        .unwrap()
+        .connect_lazy();
+    let (acked, mut progress) = tokio::sync::watch::channel(0);
+    let submitter = tokio::spawn(submit_through_kills(channel.clone(), TASKS, acked));
+    for k in 1..=KILLS {
+        let target = k * TASKS / (KILLS + 1);
+        tokio::time::timeout(common::EVENT_TIMEOUT, progress.wait_for(|n| *n >= target))
+            .await
+            .expect("submits go on")
+            .unwrap();
+        koo.child.kill().unwrap();
+        koo.child.wait().unwrap();
+        koo = Koo::start_with(Some(&data), 2, &env);
+    }
+    let ids = tokio::time::timeout(common::EVENT_TIMEOUT * 2, submitter)
+        .await
+        .expect("every submit answered")
+        .unwrap();
+    let mut c = tasks(&koo.channel().await);
+    for id in &ids {
+        let t = wait_task(&mut c, id, is_final).await;
+        assert_eq!(t.state, pb::TaskState::Succeeded as i32, "{t:?}");
+    }
+    let ran = common::chaos::read_ledger(&[ledger]);
+    let missing: Vec<&String> = ids.iter().filter(|id| !ran.contains_key(*id)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but never run: {missing:?}"
+    );
+    let (status, _) = koo.terminate().await;
+    assert!(status.success());
 }

@@ -14,6 +14,7 @@
 //! `.await`, every critical section is a few map operations, and a std lock is
 //! several times cheaper to take.
 
+pub mod journal;
 mod locks;
 mod schedules;
 mod snapshot;

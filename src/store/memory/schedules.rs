@@ -4,7 +4,9 @@
 //! and every critical section is a map operation or a clone of the (small)
 //! schedule set.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use super::journal::{Journal, JournalSlot, Record};
 
 use crate::domain::schedule::{Run, Schedule};
 use crate::store::schedules::{Put, ScheduleBackend, SchedulesImage, Snapshot};
@@ -14,6 +16,8 @@ use crate::store::{Deadline, Result};
 #[derive(Debug, Default)]
 pub struct MemorySchedules {
     state: Mutex<Snapshot>,
+    /// With `KOO_DATA_DIR`: where changes are appended.
+    journal: JournalSlot,
 }
 
 impl MemorySchedules {
@@ -25,7 +29,44 @@ impl MemorySchedules {
                 schedules: image.schedules,
                 runs: image.runs.into_iter().collect(),
             }),
+            journal: JournalSlot::default(),
         }
+    }
+
+    /// Sets where changes are appended (`crate::persist`).
+    pub fn set_journal(&self, journal: Arc<dyn Journal>) {
+        self.journal.set(journal);
+    }
+
+    /// Applies journaled records in order (before the store serves): puts,
+    /// deletes and runs; records of other stores are skipped. How many
+    /// applied.
+    pub fn replay(&self, records: impl IntoIterator<Item = Record>) -> u64 {
+        let mut s = self.lock();
+        let mut applied = 0;
+        for record in records {
+            match record {
+                Record::PutSchedule { schedule } => {
+                    s.schedules.insert(schedule.name.clone(), *schedule);
+                    s.version += 1;
+                }
+                Record::DeleteSchedule { name } => {
+                    s.runs.remove(&name);
+                    if s.schedules.remove(&name).is_some() {
+                        s.version += 1;
+                    }
+                }
+                Record::ScheduleRun { name, run } => {
+                    let newer = s.runs.get(&name).is_some_and(|r| r.fired_ms > run.fired_ms);
+                    if s.schedules.contains_key(&name) && !newer {
+                        s.runs.insert(name, run);
+                    }
+                }
+                _ => continue,
+            }
+            applied += 1;
+        }
+        applied
     }
 
     fn lock(&self) -> MutexGuard<'_, Snapshot> {
@@ -59,38 +100,64 @@ impl ScheduleBackend for MemorySchedules {
 
     #[tracing::instrument(level = "debug", skip_all, fields(name = %schedule.name, ?put))]
     async fn put(&self, schedule: &Schedule, put: Put, _deadline: Deadline) -> Result<bool> {
-        let mut s = self.lock();
-        let exists = s.schedules.contains_key(&schedule.name);
-        if (put == Put::New && exists) || (put == Put::Existing && !exists) {
-            return Ok(false);
-        }
-        s.schedules.insert(schedule.name.clone(), schedule.clone());
-        s.version += 1;
+        let seq = {
+            let mut s = self.lock();
+            let exists = s.schedules.contains_key(&schedule.name);
+            if (put == Put::New && exists) || (put == Put::Existing && !exists) {
+                return Ok(false);
+            }
+            s.schedules.insert(schedule.name.clone(), schedule.clone());
+            s.version += 1;
+            self.journal.append(|| {
+                Some(Record::PutSchedule {
+                    schedule: Box::new(schedule.clone()),
+                })
+            })
+        };
+        self.journal.kept(seq).await?;
         Ok(true)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn delete(&self, name: &str, _deadline: Deadline) -> Result<bool> {
-        let mut s = self.lock();
-        s.runs.remove(name);
-        let existed = s.schedules.remove(name).is_some();
-        if existed {
-            s.version += 1;
-        }
+        let (existed, seq) = {
+            let mut s = self.lock();
+            s.runs.remove(name);
+            let existed = s.schedules.remove(name).is_some();
+            if existed {
+                s.version += 1;
+            }
+            let seq = self.journal.append(|| {
+                existed.then(|| Record::DeleteSchedule {
+                    name: name.to_owned(),
+                })
+            });
+            (existed, seq)
+        };
+        self.journal.kept(seq).await?;
         Ok(existed)
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(%name))]
     async fn record_run(&self, name: &str, run: &Run, _deadline: Deadline) -> Result<()> {
-        let mut s = self.lock();
-        if !s.schedules.contains_key(name) {
-            return Ok(());
-        }
-        let newer = s.runs.get(name).is_some_and(|r| r.fired_ms > run.fired_ms);
-        if !newer {
+        let seq = {
+            let mut s = self.lock();
+            if !s.schedules.contains_key(name) {
+                return Ok(());
+            }
+            let newer = s.runs.get(name).is_some_and(|r| r.fired_ms > run.fired_ms);
+            if newer {
+                return Ok(());
+            }
             s.runs.insert(name.to_owned(), run.clone());
-        }
-        Ok(())
+            self.journal.append(|| {
+                Some(Record::ScheduleRun {
+                    name: name.to_owned(),
+                    run: run.clone(),
+                })
+            })
+        };
+        self.journal.kept(seq).await
     }
 
     fn export(&self) -> Option<SchedulesImage> {

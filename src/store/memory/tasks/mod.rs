@@ -22,6 +22,7 @@ mod expiry;
 mod flow;
 #[cfg(test)]
 mod flow_tests;
+mod journal;
 mod reads;
 mod snapshot;
 mod state;
@@ -46,6 +47,7 @@ use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::domain::times::QueueTimes;
 use crate::domain::{Outcome, Pause, QueueStats};
 use crate::store::clock::Clock;
+use crate::store::memory::journal::{Journal, JournalSlot, Record};
 use crate::store::tasks::{
     Beat, CancelReply, DebounceReply, DependReply, EventReader, LeaseAsk, Recovered, RetryReply,
     TakeOver, TaskBackend, TaskLimits, Trimmed, WorkerRecord,
@@ -61,6 +63,8 @@ struct Shared {
     tasks: Mutex<Tasks>,
     /// The newest event's sequence number: readers wait on it.
     events: watch::Sender<u64>,
+    /// With `KOO_DATA_DIR`: where acknowledged changes are appended.
+    journal: JournalSlot,
 }
 
 /// The embedded task store: a cheap-to-clone handle.
@@ -84,6 +88,7 @@ impl MemoryTasks {
             shared: Arc::new(Shared {
                 tasks: Mutex::new(Tasks::default()),
                 events: watch::Sender::new(0),
+                journal: JournalSlot::default(),
             }),
             clock,
         }
@@ -114,6 +119,28 @@ impl MemoryTasks {
         drop(guard);
         self.announce(last);
         out
+    }
+
+    /// [`Self::write`], appending under the same lock the record `log`
+    /// makes of `f`'s outcome (none: nothing to keep), then waiting until the
+    /// journal keeps it. Without a journal, `log` is not called.
+    async fn write_kept<T>(
+        &self,
+        f: impl FnOnce(&mut Tasks, i64) -> T,
+        log: impl FnOnce(&T, i64) -> Option<Record>,
+    ) -> Result<T> {
+        let (out, seq) = self.write(|s, now| {
+            let out = f(s, now);
+            let seq = self.shared.journal.append(|| log(&out, now));
+            (out, seq)
+        });
+        self.shared.journal.kept(seq).await?;
+        Ok(out)
+    }
+
+    /// Sets where acknowledged changes are appended (`crate::persist`).
+    pub fn set_journal(&self, journal: std::sync::Arc<dyn Journal>) {
+        self.shared.journal.set(journal);
     }
 
     /// Runs `f` on the state under the lock, given now.
@@ -150,7 +177,11 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<()> {
-        self.write(|s, now| s.submit(task, delay, limits, now))
+        self.write_kept(
+            |s, now| s.submit(task, delay, limits, now),
+            |r, now| r.is_ok().then(|| journal::submitted(task, delay, now)),
+        )
+        .await?
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %task.id))]
@@ -161,7 +192,11 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<DebounceReply> {
-        self.write(|s, now| s.submit_debounced(task, window, limits, now))
+        self.write_kept(
+            |s, now| s.submit_debounced(task, window, limits, now),
+            |r, now| journal::debounced(task, window, r, now),
+        )
+        .await?
     }
 
     #[instrument(skip_all, level = "debug")]
@@ -171,10 +206,24 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<Vec<Result<()>>> {
-        Ok(tasks
+        let mut last = None;
+        let out = tasks
             .iter()
-            .map(|(task, delay)| self.write(|s, now| s.submit(task, *delay, limits, now)))
-            .collect())
+            .map(|(task, delay)| {
+                let (out, seq) = self.write(|s, now| {
+                    let out = s.submit(task, *delay, limits, now);
+                    let seq = self
+                        .shared
+                        .journal
+                        .append(|| out.is_ok().then(|| journal::submitted(task, *delay, now)));
+                    (out, seq)
+                });
+                last = seq.or(last);
+                out
+            })
+            .collect();
+        self.shared.journal.kept(last).await?;
+        Ok(out)
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue, worker))]
@@ -192,13 +241,29 @@ impl TaskBackend for MemoryTasks {
 
     #[instrument(skip_all, level = "debug", fields(limit = %limit.field()))]
     async fn set_limit(&self, limit: &Limit, _: Deadline) -> Result<()> {
-        self.write(|s, _| s.flow.set(limit));
-        Ok(())
+        self.write_kept(
+            |s, _| s.flow.set(limit),
+            |_, _| {
+                Some(Record::SetLimit {
+                    field: limit.field(),
+                    value: limit.encode(),
+                })
+            },
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug", fields(limit = %field))]
     async fn delete_limit(&self, field: &str, _: Deadline) -> Result<bool> {
-        Ok(self.write(|s, _| s.flow.delete(field)))
+        self.write_kept(
+            |s, _| s.flow.delete(field),
+            |deleted, _| {
+                deleted.then(|| Record::DeleteLimit {
+                    field: field.to_owned(),
+                })
+            },
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug")]
@@ -248,12 +313,33 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<CancelReply> {
-        Ok(self.write(|s, now| s.cancel(id, reason, limits, now)))
+        self.write_kept(
+            |s, now| s.cancel(id, reason, limits, now),
+            |r, now| {
+                matches!(r, CancelReply::Cancelled | CancelReply::Requested).then(|| {
+                    Record::Cancel {
+                        now,
+                        id: id.to_string(),
+                        reason: reason.to_owned(),
+                    }
+                })
+            },
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
     async fn retry(&self, id: &TaskId, limits: TaskLimits, _: Deadline) -> Result<RetryReply> {
-        Ok(self.write(|s, now| s.retry(id, limits, now)))
+        self.write_kept(
+            |s, now| s.retry(id, limits, now),
+            |r, now| {
+                matches!(r, RetryReply::Queued).then(|| Record::Retry {
+                    now,
+                    id: id.to_string(),
+                })
+            },
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %task.id))]
@@ -264,12 +350,26 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<()> {
-        self.write(|s, now| s.submit_pending(task, waiting, limits, now))
+        self.write_kept(
+            |s, now| s.submit_pending(task, waiting, limits, now),
+            |r, now| r.is_ok().then(|| journal::pending(task, waiting, now)),
+        )
+        .await?
     }
 
     #[instrument(skip_all, level = "debug", fields(task = %id))]
     async fn depend_on(&self, id: &TaskId, dependent: &TaskId, _: Deadline) -> Result<DependReply> {
-        Ok(self.write(|s, now| s.depend_on(id, dependent, now)))
+        self.write_kept(
+            |s, now| s.depend_on(id, dependent, now),
+            |r, now| {
+                matches!(r, DependReply::Waiting).then(|| Record::DependOn {
+                    now,
+                    id: id.to_string(),
+                    dependent: dependent.to_string(),
+                })
+            },
+        )
+        .await
     }
 
     /// Released as `id` ends: none wait.
@@ -310,7 +410,18 @@ impl TaskBackend for MemoryTasks {
         ttl: Duration,
         _: Deadline,
     ) -> Result<Option<String>> {
-        Ok(self.write(|s, now| s.claim_idempotency(key, value, ttl, now)))
+        self.write_kept(
+            |s, now| s.claim_idempotency(key, value, ttl, now),
+            |held, now| {
+                held.is_none().then(|| Record::Claim {
+                    now,
+                    key: key.to_owned(),
+                    value: value.to_owned(),
+                    ttl_ms: journal::ms(ttl),
+                })
+            },
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug")]
@@ -322,7 +433,19 @@ impl TaskBackend for MemoryTasks {
         ttl: Duration,
         _: Deadline,
     ) -> Result<bool> {
-        Ok(self.write(|s, now| s.swap_idempotency(key, old, new, ttl, now)))
+        self.write_kept(
+            |s, now| s.swap_idempotency(key, old, new, ttl, now),
+            |swapped, now| {
+                swapped.then(|| Record::Swap {
+                    now,
+                    key: key.to_owned(),
+                    old: old.to_owned(),
+                    new: new.to_owned(),
+                    ttl_ms: journal::ms(ttl),
+                })
+            },
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug")]
@@ -463,16 +586,11 @@ impl TaskBackend for MemoryTasks {
         pause: Option<&Pause>,
         _: Deadline,
     ) -> Result<Option<Pause>> {
-        Ok(self.write(|s, _| {
-            let q = s.queues.entry(queue.clone()).or_default();
-            match pause {
-                Some(p) => Some(q.paused.get_or_insert_with(|| p.clone()).clone()),
-                None => {
-                    q.paused = None;
-                    None
-                }
-            }
-        }))
+        self.write_kept(
+            |s, _| s.set_pause(queue, pause),
+            |now_paused, _| Some(journal::paused(queue, now_paused.as_ref())),
+        )
+        .await
     }
 
     #[instrument(skip_all, level = "debug", fields(%queue))]

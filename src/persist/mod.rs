@@ -20,33 +20,40 @@
 //! - An exclusive lock on `koo.lock` keeps a second koo off the directory;
 //!   the operating system releases it when the process ends, even by
 //!   `kill -9`.
+//! - Between saves, every acknowledged change is appended to a journal
+//!   (`journal.rs`) and replayed on the last save at start-up, so that a
+//!   crash loses no submit a caller was told succeeded.
 //! - Without a data directory, shutdown logs what the embedded store drops.
 
+mod dir;
+pub mod journal;
+
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use crate::domain::task::TaskId;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::schedule::Source;
 use crate::store::memory::tasks::{MemoryTasks, TasksImage};
-use crate::store::memory::{CacheImage, MemoryConfig, MemoryStore};
+use crate::store::memory::{CacheImage, MemoryConfig, MemorySchedules, MemoryStore};
 use crate::store::schedules::{ScheduleStore, SchedulesImage};
+
+use self::dir::DataDir;
+use self::journal::FileJournal;
+pub use self::journal::Fsync;
 use crate::store::tasks::TaskLimits;
-use crate::store::{fnv1a, unix_millis};
 
 /// The data file's name in the data directory.
 pub const FILE_NAME: &str = "embedded-store.json";
 /// The lock file's name in the data directory.
 pub const LOCK_NAME: &str = "koo.lock";
 /// What the header's `format` says.
-const FORMAT: &str = "koo-embedded-store";
+pub(super) const FORMAT: &str = "koo-embedded-store";
 /// The format version this koo writes and reads.
 pub const VERSION: u64 = 1;
 
@@ -55,8 +62,11 @@ pub const VERSION: u64 = 1;
 pub struct DataSettings {
     /// The data directory; `None` keeps nothing.
     pub dir: Option<PathBuf>,
-    /// Saves while serving this often (zero: only at shutdown).
+    /// Saves while serving this often (zero: only at shutdown, and when the
+    /// journal grows past its bound).
     pub snapshot_interval: Duration,
+    /// When the journal's writes reach the disk (`KOO_DATA_FSYNC`).
+    pub fsync: Fsync,
 }
 
 impl Default for DataSettings {
@@ -64,6 +74,7 @@ impl Default for DataSettings {
         Self {
             dir: None,
             snapshot_interval: Duration::from_secs(60),
+            fsync: Fsync::default(),
         }
     }
 }
@@ -127,40 +138,19 @@ pub enum PersistError {
     },
 }
 
-/// The header line.
-#[derive(Debug, Serialize, Deserialize)]
-struct Header {
-    format: String,
-    version: u64,
-    #[serde(default)]
-    saved_ms: i64,
-    #[serde(default)]
-    koo_version: String,
-    #[serde(default)]
-    body_bytes: u64,
-    #[serde(default)]
-    body_fnv1a: String,
-}
-
 /// The body: the parts koo kept embedded when it saved.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Body {
+pub(super) struct Body {
     #[serde(default)]
     cache: Option<CacheImage>,
     #[serde(default)]
     tasks: Option<TasksImage>,
     #[serde(default)]
     schedules: Option<SchedulesImage>,
-}
-
-/// The locked data directory.
-struct DataDir {
-    dir: PathBuf,
-    file: PathBuf,
-    /// Held open for the lock's sake.
-    _lock: File,
-    /// One save at a time (the periodic one and the final one).
-    saving: Mutex<()>,
+    /// The first journal generation whose changes this save may not hold
+    /// (absent from saves before the journal: replay them all).
+    #[serde(default)]
+    journal: u64,
 }
 
 /// The embedded parts of this `koo serve` and, with `KOO_DATA_DIR`, where
@@ -173,6 +163,10 @@ pub struct Embedded {
     pub tasks: Option<MemoryTasks>,
     /// The in-process schedules (with the embedded tasks).
     pub schedules: Option<ScheduleStore>,
+    /// The same, for the journal.
+    memory_schedules: Option<Arc<MemorySchedules>>,
+    /// With a data directory: acknowledged changes between saves.
+    journal: Option<FileJournal>,
     cache_prefix: String,
     /// `{prefix}:v1:ctag:`: the cache's tag versions, saved with the
     /// entries so that tagged entries still hit after a restart.
@@ -187,10 +181,13 @@ impl Embedded {
     pub fn open(parts: EmbeddedParts, data: &DataSettings) -> Result<Self, PersistError> {
         let tasks_embedded = parts.tasks.is_some();
         let cache_embedded = parts.cache.is_some();
+        let memory_schedules = tasks_embedded.then(|| Arc::new(MemorySchedules::default()));
         let mut embedded = Embedded {
             cache: parts.cache.map(MemoryStore::new),
             tasks: tasks_embedded.then(MemoryTasks::default),
-            schedules: tasks_embedded.then(ScheduleStore::memory),
+            schedules: memory_schedules.clone().map(ScheduleStore::from_memory),
+            memory_schedules,
+            journal: None,
             cache_prefix: format!("{}:cache:", parts.cache_prefix),
             tag_prefix: crate::keys::KeySpace::new(&parts.cache_prefix).tag_prefix(),
             limits: parts.tasks.unwrap_or_default(),
@@ -205,7 +202,9 @@ impl Embedded {
         }
         let dir = DataDir::lock(path)?;
         let started = Instant::now();
+        let mut journal_from = 0;
         if let Some(body) = dir.read()? {
+            journal_from = body.journal;
             embedded.load(&dir.file, body)?;
             tracing::info!(
                 file = %dir.file.display(),
@@ -216,8 +215,62 @@ impl Embedded {
         } else {
             tracing::info!(dir = %dir.dir.display(), "no saved embedded store yet; starting empty");
         }
+        let (replayed, next) = embedded.replay(&dir.dir, journal_from)?;
+        let journal =
+            FileJournal::start(&dir.dir, next, data.fsync).map_err(|source| PersistError::Dir {
+                dir: dir.dir.clone(),
+                source,
+            })?;
+        if let Some(tasks) = &embedded.tasks {
+            tasks.set_journal(Arc::new(journal.clone()));
+        }
+        if let Some(schedules) = &embedded.memory_schedules {
+            schedules.set_journal(Arc::new(journal.clone()));
+        }
+        embedded.journal = Some(journal);
         embedded.dir = Some(Arc::new(dir));
+        if replayed > 0 {
+            // a save holding them, so that the next start replays nothing
+            embedded.save()?;
+            tracing::info!(
+                replayed,
+                took = ?started.elapsed(),
+                "embedded store: replayed {replayed} acknowledged changes from the journal (made after the last save): {}",
+                embedded.summary()
+            );
+        }
         Ok(embedded)
+    }
+
+    /// Replays the journal files from generation `from` on the loaded
+    /// stores (older ones are deleted: the save holds them); how many
+    /// records, and the generation to write next.
+    fn replay(&self, dir: &Path, from: u64) -> Result<(u64, u64), PersistError> {
+        let found = journal::files(dir).map_err(|source| PersistError::Dir {
+            dir: dir.to_owned(),
+            source,
+        })?;
+        journal::remove_before(dir, from);
+        let found: Vec<_> = found.into_iter().filter(|(g, _)| *g >= from).collect();
+        let next = found.last().map_or(from.max(1), |(g, _)| g + 1);
+        let mut replayed = 0;
+        for (i, (_, file)) in found.iter().enumerate() {
+            let records = journal::read(file, i + 1 == found.len())?;
+            replayed += records.len() as u64;
+            let corrupt = |reason: String| PersistError::Corrupt {
+                file: file.clone(),
+                reason,
+            };
+            if let Some(tasks) = &self.tasks {
+                tasks
+                    .replay(records.iter().cloned(), self.limits)
+                    .map_err(corrupt)?;
+            }
+            if let Some(schedules) = &self.memory_schedules {
+                schedules.replay(records);
+            }
+        }
+        Ok((replayed, next))
     }
 
     fn load(&mut self, file: &Path, body: Body) -> Result<(), PersistError> {
@@ -258,7 +311,9 @@ impl Embedded {
         if let Some(image) = body.schedules
             && self.schedules.is_some()
         {
-            self.schedules = Some(ScheduleStore::memory_from(image));
+            let store = Arc::new(MemorySchedules::from_image(image));
+            self.schedules = Some(ScheduleStore::from_memory(store.clone()));
+            self.memory_schedules = Some(store);
         }
         Ok(())
     }
@@ -310,7 +365,13 @@ impl Embedded {
     /// the recovery sweep after a crash). Blocking file I/O.
     pub fn save(&self) -> Result<(), PersistError> {
         let Some(dir) = &self.dir else { return Ok(()) };
+        // one save at a time, from the rotation to the removal of the files
+        // it holds (an older save finishing last would name a generation
+        // whose file a newer one removed)
+        let _one = dir.saving.lock().unwrap_or_else(PoisonError::into_inner);
         let started = Instant::now();
+        // before the export: every change in an older file is in it
+        let generation = self.journal.as_ref().map_or(0, FileJournal::rotate);
         let body = Body {
             cache: self.cache.as_ref().map(|c| {
                 let mut image = c.export(&self.cache_prefix);
@@ -319,8 +380,12 @@ impl Embedded {
             }),
             tasks: self.tasks.as_ref().map(MemoryTasks::export),
             schedules: self.schedules.as_ref().and_then(|s| s.export_memory()),
+            journal: generation,
         };
         let bytes = dir.write(&body)?;
+        if generation > 0 {
+            journal::remove_before(&dir.dir, generation);
+        }
         tracing::debug!(bytes, took = ?started.elapsed(), "embedded store saved");
         Ok(())
     }
@@ -345,6 +410,9 @@ impl Embedded {
             .map_or(0, |t| t.hand_back_running(self.limits, kept));
         let started = Instant::now();
         self.save()?;
+        if let Some(journal) = &self.journal {
+            journal.close();
+        }
         tracing::info!(
             file = %dir.file.display(),
             handed_back,
@@ -355,17 +423,30 @@ impl Embedded {
         Ok(())
     }
 
-    /// Saves every `every` until `stop` (zero or no data directory: never).
+    /// Saves every `every` (zero: never on a timer), and whenever the
+    /// journal has grown past its bound, until `stop`; without a data
+    /// directory, never.
     pub async fn run_snapshots(self, every: Duration, stop: CancellationToken) {
-        if self.dir.is_none() || every.is_zero() {
+        let Some(journal) = self.journal.clone() else {
             return;
-        }
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        };
+        let period = if every.is_zero() {
+            Duration::from_secs(365 * 24 * 3600)
+        } else {
+            every
+        };
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
+                _ = journal.grown() => {
+                    tracing::info!(
+                        bound = journal::COMPACT_BYTES,
+                        "the KOO_DATA_DIR journal passed its bound: saving now"
+                    );
+                }
             }
             let this = self.clone();
             match tokio::task::spawn_blocking(move || this.save()).await {
@@ -377,146 +458,6 @@ impl Embedded {
             }
         }
     }
-}
-
-impl DataDir {
-    /// Creates the directory if needed and takes its lock.
-    fn lock(dir: &Path) -> Result<Self, PersistError> {
-        let io = |source| PersistError::Dir {
-            dir: dir.to_owned(),
-            source,
-        };
-        std::fs::create_dir_all(dir).map_err(io)?;
-        let lock_path = dir.join(LOCK_NAME);
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = lock.read_to_string(&mut holder);
-                let holder = holder.trim();
-                return Err(PersistError::Locked {
-                    dir: dir.to_owned(),
-                    lock: lock_path,
-                    holder: if holder.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" is held by {holder}")
-                    },
-                });
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-        // who holds it, for the next one's message
-        let _ = lock.set_len(0);
-        let _ = lock.rewind();
-        let _ = write!(lock, "pid {}", std::process::id());
-        Ok(DataDir {
-            dir: dir.to_owned(),
-            file: dir.join(FILE_NAME),
-            _lock: lock,
-            saving: Mutex::new(()),
-        })
-    }
-
-    /// The saved body; `None` when there is no file yet.
-    fn read(&self) -> Result<Option<Body>, PersistError> {
-        let corrupt = |reason: String| PersistError::Corrupt {
-            file: self.file.clone(),
-            reason,
-        };
-        let data = match std::fs::read(&self.file) {
-            Ok(d) => d,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(corrupt(e.to_string())),
-        };
-        let split = data
-            .iter()
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| corrupt("no header line".to_owned()))?;
-        let (head, body) = (&data[..split], &data[split + 1..]);
-        let header: Header = serde_json::from_slice(head)
-            .map_err(|e| corrupt(format!("the header line does not parse: {e}")))?;
-        if header.format != FORMAT {
-            return Err(corrupt(format!(
-                "the header names format {:?}, not {FORMAT:?}",
-                header.format
-            )));
-        }
-        if header.version != VERSION {
-            return Err(PersistError::Version {
-                file: self.file.clone(),
-                found: header.version,
-            });
-        }
-        if header.body_bytes != body.len() as u64 {
-            return Err(corrupt(format!(
-                "the body has {} bytes, the header says {} (truncated?)",
-                body.len(),
-                header.body_bytes
-            )));
-        }
-        let hash = format!("{:016x}", fnv1a(body));
-        if header.body_fnv1a != hash {
-            return Err(corrupt(format!(
-                "the body's FNV-1a hash is {hash}, the header says {:?}",
-                header.body_fnv1a
-            )));
-        }
-        serde_json::from_slice(body)
-            .map(Some)
-            .map_err(|e| corrupt(format!("the body does not parse: {e}")))
-    }
-
-    /// Writes `body` atomically; its size in bytes.
-    fn write(&self, body: &Body) -> Result<u64, PersistError> {
-        let _one = self.saving.lock().unwrap_or_else(PoisonError::into_inner);
-        let err = |source| PersistError::Save {
-            file: self.file.clone(),
-            source,
-        };
-        let body = serde_json::to_vec(body).map_err(|e| err(std::io::Error::other(e)))?;
-        let header = Header {
-            format: FORMAT.to_owned(),
-            version: VERSION,
-            saved_ms: unix_millis(SystemTime::now()),
-            koo_version: env!("CARGO_PKG_VERSION").to_owned(),
-            body_bytes: body.len() as u64,
-            body_fnv1a: format!("{:016x}", fnv1a(&body)),
-        };
-        let head = serde_json::to_vec(&header).map_err(|e| err(std::io::Error::other(e)))?;
-        let tmp = self.file.with_extension("json.tmp");
-        let mut out = private_file(&tmp).map_err(err)?;
-        out.write_all(&head).map_err(err)?;
-        out.write_all(b"\n").map_err(err)?;
-        out.write_all(&body).map_err(err)?;
-        out.sync_all().map_err(err)?;
-        drop(out);
-        std::fs::rename(&tmp, &self.file).map_err(err)?;
-        // the rename itself is durable once the directory is synced
-        #[cfg(unix)]
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(err)?;
-        Ok((head.len() + 1 + body.len()) as u64)
-    }
-}
-
-/// A new file (truncated if it exists) readable by its owner only: the
-/// save holds cache values, task arguments and results, and the key of
-/// lease secrets.
-fn private_file(path: &Path) -> std::io::Result<File> {
-    let mut open = OpenOptions::new();
-    open.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
-    open.open(path)
 }
 
 #[cfg(test)]
@@ -591,6 +532,64 @@ mod tests {
         let err = open(dir.path()).err().unwrap();
         assert!(matches!(err, PersistError::Corrupt { .. }), "{err}");
         assert!(err.to_string().contains(FILE_NAME), "{err}");
+    }
+
+    /// Changes made after the last save come back from the journal when
+    /// the process ends without saving; the start-up saves them at once and
+    /// deletes the files it replayed, so the next start replays nothing.
+    #[tokio::test]
+    async fn the_journal_is_replayed_then_compacted() {
+        use crate::domain::task::{QueueName, Task, TaskId};
+        use crate::store::Deadline;
+        use crate::store::tasks::TaskBackend;
+        let d = Deadline::after(Duration::from_secs(5));
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path()).unwrap();
+        a.save().unwrap();
+        let queue = QueueName::parse("research").unwrap();
+        let task = Task {
+            id: TaskId::generate(&queue),
+            ..Task::sample(0, 0)
+        };
+        let tasks = a.tasks.clone().unwrap();
+        tasks
+            .submit(&task, Duration::ZERO, TaskLimits::default(), d)
+            .await
+            .unwrap();
+        // a crash: no save, the lock released with the process
+        drop((a, tasks));
+        let journals = |dir: &Path| journal::files(dir).unwrap().len();
+        assert_eq!(journals(dir.path()), 1);
+        let b = open(dir.path()).unwrap();
+        assert!(
+            b.tasks
+                .as_ref()
+                .unwrap()
+                .get(&task.id, d)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            journals(dir.path()),
+            1,
+            "the replayed file is gone, a new one begun"
+        );
+        drop(b);
+        let c = open(dir.path()).unwrap();
+        assert!(
+            c.tasks
+                .as_ref()
+                .unwrap()
+                .get(&task.id, d)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        assert_eq!(
+            c.summary(),
+            "1 tasks (queued 1), 0 cache entries, 0 schedules"
+        );
     }
 
     /// The lock is exclusive while held and free once its holder is gone.

@@ -1,0 +1,590 @@
+//! The data directory's journal: acknowledged changes of the embedded store
+//! appended to `journal-<generation>.jsonl` between saves, so that a crash
+//! (`kill -9`, a power loss under `KOO_DATA_FSYNC=always`) loses no
+//! submit, cancel, schedule or claim a caller was told succeeded.
+//!
+//! Why this shape:
+//! - One writer thread: the stores append records under their own locks
+//!   (cheap: a push onto a queue) and never touch the file; the thread
+//!   takes everything queued, writes it in one `write`, and, under
+//!   `always`, one `fdatasync` for the lot (group commit). Callers wait for
+//!   their record's sequence number on a `watch` channel. File I/O stays
+//!   off the async runtime.
+//! - `KOO_DATA_FSYNC` as Redis's `appendfsync`: `always` (answered once on
+//!   disk), `everysec` (the default: answered once written, so a `kill -9`
+//!   of koo loses nothing, and synced every second, so a power loss loses
+//!   at most about a second), `no` (the OS syncs when it likes).
+//! - Generations: each save first rotates to a new file, then exports the
+//!   stores, then writes the save naming that generation, then deletes the
+//!   older files. A record is in an older file only if its change was made
+//!   before the export, so the save holds it; records in the named file and
+//!   later ones are replayed, and replay skips what the save already holds.
+//! - A journal past [`COMPACT_BYTES`] asks for a save early, so that replay
+//!   and the disk stay bounded whatever the snapshot interval.
+//! - JSON lines: the same serde as the save, readable with `jq`. A last line
+//!   cut short by a crash is dropped with a warning (its caller was never
+//!   answered); a bad line followed by good ones is corruption and stops
+//!   start-up, as a bad save does.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, watch};
+
+use super::PersistError;
+use crate::repeats::Repeats;
+use crate::store::memory::journal::{Journal, Record};
+use crate::store::{Result, StoreError};
+
+/// A journal this large asks for a save, which starts a new one.
+pub const COMPACT_BYTES: u64 = 64 << 20;
+
+/// How long `everysec` leaves written records unsynced at most.
+const EVERY: Duration = Duration::from_secs(1);
+
+/// Failed batches remembered for their waiters.
+const FAILURES_KEPT: usize = 256;
+
+/// When the journal's writes reach the disk (`KOO_DATA_FSYNC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Fsync {
+    /// A call is answered once its change is on disk.
+    Always,
+    /// A call is answered once its change is written; the file is synced
+    /// every second.
+    #[default]
+    EverySec,
+    /// A call is answered once its change is written; the OS syncs.
+    No,
+}
+
+impl FromStr for Fsync {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "always" => Ok(Self::Always),
+            "everysec" => Ok(Self::EverySec),
+            "no" => Ok(Self::No),
+            _ => Err(format!(
+                "expected always, everysec or no, got {}",
+                crate::quote::quote(s)
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Fsync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Always => "always",
+            Self::EverySec => "everysec",
+            Self::No => "no",
+        })
+    }
+}
+
+/// A journal file's name.
+pub fn file_name(generation: u64) -> String {
+    format!("journal-{generation:010}.jsonl")
+}
+
+/// The journal files in `dir`, oldest first.
+pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(generation) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("journal-"))
+            .and_then(|n| n.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok())
+        else {
+            continue;
+        };
+        found.push((generation, entry.path()));
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The records of one journal file. `last`: the newest file, whose final
+/// line a crash may have cut short (dropped, with a warning).
+pub fn read(path: &Path, last: bool) -> std::result::Result<Vec<Record>, PersistError> {
+    let corrupt = |reason: String| PersistError::Corrupt {
+        file: path.to_owned(),
+        reason,
+    };
+    let data = std::fs::read(path).map_err(|e| corrupt(e.to_string()))?;
+    let mut records = Vec::new();
+    let mut lines = data.split_inclusive(|b| *b == b'\n').enumerate().peekable();
+    while let Some((i, line)) = lines.next() {
+        let whole = line.ends_with(b"\n");
+        match serde_json::from_slice::<Record>(line) {
+            Ok(record) if whole => records.push(record),
+            parsed => {
+                if last && lines.peek().is_none() {
+                    tracing::warn!(
+                        file = %path.display(),
+                        line = i + 1,
+                        "the journal's last line is incomplete (cut short by a crash before its call was answered); dropped"
+                    );
+                    break;
+                }
+                let why = parsed
+                    .err()
+                    .map_or_else(|| "no line end".to_owned(), |e| e.to_string());
+                return Err(corrupt(format!(
+                    "journal line {} does not parse: {why}",
+                    i + 1
+                )));
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Deletes the journal files of generations before `generation` (a save
+/// now holds their changes).
+pub fn remove_before(dir: &Path, generation: u64) {
+    let Ok(found) = files(dir) else { return };
+    for (_, path) in found.into_iter().filter(|(g, _)| *g < generation) {
+        if let Err(e) = std::fs::remove_file(&path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(file = %path.display(), error = %e, "cannot remove an old journal file");
+        }
+    }
+}
+
+enum Item {
+    Record(u64, Record),
+    Rotate(u64),
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Vec<Item>,
+    /// The last record's sequence number.
+    last: u64,
+    generation: u64,
+    closed: bool,
+}
+
+struct Inner {
+    dir: PathBuf,
+    fsync: Fsync,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// The last sequence number handled (written, or failed).
+    done: watch::Sender<u64>,
+    /// Batches that could not be written, newest first: (first, last, why).
+    failures: Mutex<VecDeque<(u64, u64, Arc<str>)>>,
+    /// Told when the current file passes [`COMPACT_BYTES`].
+    big: Notify,
+}
+
+/// The journal of a data directory: a cheap-to-clone handle on its writer.
+#[derive(Clone)]
+pub struct FileJournal(Arc<Inner>);
+
+impl FileJournal {
+    /// Starts writing generation `generation` in `dir` (appending, should
+    /// the file exist).
+    pub fn start(dir: &Path, generation: u64, fsync: Fsync) -> std::io::Result<Self> {
+        let file = open(dir, generation, fsync)?;
+        let inner = Arc::new(Inner {
+            dir: dir.to_owned(),
+            fsync,
+            queue: Mutex::new(Queue {
+                generation,
+                ..Queue::default()
+            }),
+            wake: Condvar::new(),
+            done: watch::Sender::new(0),
+            failures: Mutex::new(VecDeque::new()),
+            big: Notify::new(),
+        });
+        let writer = inner.clone();
+        std::thread::Builder::new()
+            .name("koo-journal".into())
+            .spawn(move || Writer::new(writer, file).run())?;
+        Ok(Self(inner))
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.0.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Starts a new file; its generation. Everything appended before is in
+    /// older files.
+    pub fn rotate(&self) -> u64 {
+        let mut q = self.queue();
+        q.generation += 1;
+        let generation = q.generation;
+        q.items.push(Item::Rotate(generation));
+        self.0.wake.notify_one();
+        generation
+    }
+
+    /// The directory it writes in.
+    pub fn dir(&self) -> &Path {
+        &self.0.dir
+    }
+
+    /// Resolves when the current file has grown past [`COMPACT_BYTES`].
+    pub async fn grown(&self) {
+        self.0.big.notified().await;
+    }
+
+    /// Writes what is queued, syncs, and stops the writer (at shutdown,
+    /// after the final save).
+    pub fn close(&self) {
+        self.queue().closed = true;
+        self.0.wake.notify_one();
+    }
+
+    fn failure(&self, seq: u64) -> Option<Arc<str>> {
+        let failures = self
+            .0
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        failures
+            .iter()
+            .find(|(lo, hi, _)| (*lo..=*hi).contains(&seq))
+            .map(|(_, _, why)| why.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Journal for FileJournal {
+    fn append(&self, record: Record) -> u64 {
+        let mut q = self.queue();
+        if q.closed {
+            return 0;
+        }
+        q.last += 1;
+        let seq = q.last;
+        let idle = q.items.is_empty();
+        q.items.push(Item::Record(seq, record));
+        drop(q);
+        if idle {
+            self.0.wake.notify_one();
+        }
+        seq
+    }
+
+    async fn kept(&self, seq: u64) -> Result<()> {
+        if seq == 0 {
+            return Ok(());
+        }
+        let mut done = self.0.done.subscribe();
+        done.wait_for(|d| *d >= seq)
+            .await
+            .map_err(|_| StoreError::Unavailable("the journal's writer stopped".into()))?;
+        match self.failure(seq) {
+            None => Ok(()),
+            Some(why) => Err(StoreError::Unavailable(format!(
+                "the change was made but not written to the KOO_DATA_DIR journal ({why}), so it would not survive a crash"
+            ))),
+        }
+    }
+}
+
+fn open(dir: &Path, generation: u64, fsync: Fsync) -> std::io::Result<File> {
+    let path = dir.join(file_name(generation));
+    let mut options = OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(&path)?;
+    // the new name itself is durable once the directory is synced
+    #[cfg(unix)]
+    if fsync != Fsync::No {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
+}
+
+/// The writer thread's state.
+struct Writer {
+    inner: Arc<Inner>,
+    file: File,
+    /// Bytes in the current file.
+    size: u64,
+    /// Why the current file cannot be used (a rotation that failed).
+    broken: Option<Arc<str>>,
+    /// Written since the last sync.
+    dirty: bool,
+    last_sync: Instant,
+    told_big: bool,
+    buf: Vec<u8>,
+}
+
+impl Drop for Writer {
+    /// A writer that panicked fails every wait, present and future, rather
+    /// than leave callers waiting for ever or answered OK unkept.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!(dir = %self.inner.dir.display(), "the KOO_DATA_DIR journal's writer stopped");
+            self.inner
+                .failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_front((0, u64::MAX, "the journal's writer stopped".into()));
+            self.inner.done.send_replace(u64::MAX);
+        }
+    }
+}
+
+impl Writer {
+    fn new(inner: Arc<Inner>, file: File) -> Self {
+        let size = file.metadata().map_or(0, |m| m.len());
+        Self {
+            inner,
+            file,
+            size,
+            broken: None,
+            dirty: false,
+            last_sync: Instant::now(),
+            told_big: false,
+            buf: Vec::with_capacity(64 << 10),
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let (items, closed) = self.take();
+            let mut range: Option<(u64, u64)> = None;
+            let mut result = Ok(());
+            for item in items {
+                match item {
+                    Item::Record(seq, record) => {
+                        if let Err(e) = serde_json::to_writer(&mut self.buf, &record) {
+                            result = Err(std::io::Error::other(e));
+                        }
+                        self.buf.push(b'\n');
+                        range = Some((range.map_or(seq, |(lo, _)| lo), seq));
+                    }
+                    Item::Rotate(generation) => {
+                        result = result.and_then(|()| self.flush());
+                        self.rotate(generation);
+                    }
+                }
+            }
+            result = result.and_then(|()| self.flush());
+            if self.inner.fsync == Fsync::Always && range.is_some() && result.is_ok() {
+                result = self.sync();
+            }
+            if self.inner.fsync == Fsync::EverySec
+                && self.dirty
+                && self.last_sync.elapsed() >= EVERY
+                && let Err(e) = self.sync()
+            {
+                tracing::error!(error = %e, "cannot sync the KOO_DATA_DIR journal");
+            }
+            if let Some((lo, hi)) = range {
+                self.report(lo, hi, result);
+            }
+            if self.size >= COMPACT_BYTES && !self.told_big {
+                self.told_big = true;
+                self.inner.big.notify_one();
+            }
+            if closed {
+                if self.dirty {
+                    let _ = self.sync();
+                }
+                return;
+            }
+        }
+    }
+
+    /// Waits for records (or, under `everysec`, for the next sync); takes
+    /// everything queued.
+    fn take(&mut self) -> (Vec<Item>, bool) {
+        let mut q = self
+            .inner
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while q.items.is_empty() && !q.closed {
+            let wait = if self.dirty && self.inner.fsync == Fsync::EverySec {
+                EVERY.saturating_sub(self.last_sync.elapsed())
+            } else {
+                Duration::from_secs(3600)
+            };
+            if wait.is_zero() {
+                break;
+            }
+            q = self
+                .inner
+                .wake
+                .wait_timeout(q, wait)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        (std::mem::take(&mut q.items), q.closed)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let out = match &self.broken {
+            Some(why) => Err(std::io::Error::other(why.to_string())),
+            None => self.file.write_all(&self.buf),
+        };
+        self.size += self.buf.len() as u64;
+        self.buf.clear();
+        self.dirty |= out.is_ok();
+        out
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        self.dirty = false;
+        self.last_sync = Instant::now();
+        self.file.sync_data()
+    }
+
+    fn rotate(&mut self, generation: u64) {
+        if self.dirty && self.inner.fsync != Fsync::No {
+            let _ = self.sync();
+        }
+        match open(&self.inner.dir, generation, self.inner.fsync) {
+            Ok(file) => {
+                self.file = file;
+                self.size = 0;
+                self.broken = None;
+                self.told_big = false;
+            }
+            Err(e) => {
+                let path = self.inner.dir.join(file_name(generation));
+                tracing::error!(file = %path.display(), error = %e, "cannot start a new KOO_DATA_DIR journal file");
+                self.broken = Some(format!("cannot open {}: {e}", path.display()).into());
+            }
+        }
+    }
+
+    fn report(&self, lo: u64, hi: u64, result: std::io::Result<()>) {
+        static FAILING: Repeats = Repeats::new();
+        if let Err(e) = result {
+            let dir = self.inner.dir.display();
+            if FAILING.failed("") {
+                tracing::error!(error = %e, %dir, "cannot write the KOO_DATA_DIR journal: the changes are made but would not survive a crash, and their callers are told UNAVAILABLE");
+            } else {
+                tracing::debug!(error = %e, %dir, "cannot write the KOO_DATA_DIR journal");
+            }
+            let mut failures = self
+                .inner
+                .failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if failures.len() >= FAILURES_KEPT {
+                failures.pop_back();
+            }
+            failures.push_front((lo, hi, e.to_string().into()));
+        } else if FAILING.succeeded("") > 0 {
+            tracing::info!(dir = %self.inner.dir.display(), "the KOO_DATA_DIR journal is written again");
+        }
+        self.inner.done.send_replace(hi);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: i64) -> Record {
+        Record::Retry {
+            now: i,
+            id: format!("t{i}"),
+        }
+    }
+
+    /// Records are written in order, in the generation current when they
+    /// were appended; rotation starts a new file and `remove_before`
+    /// deletes the older ones.
+    #[tokio::test]
+    async fn records_land_in_their_generation_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        for fsync in [Fsync::Always, Fsync::EverySec, Fsync::No] {
+            let j = FileJournal::start(dir.path(), 7, fsync).unwrap();
+            let a = j.append(record(1));
+            let b = j.append(record(2));
+            j.kept(b).await.unwrap();
+            assert!(a < b);
+            assert_eq!(j.rotate(), 8);
+            j.kept(j.append(record(3))).await.unwrap();
+            let found = files(dir.path()).unwrap();
+            assert_eq!(
+                found.iter().map(|(g, _)| *g).collect::<Vec<_>>(),
+                [7, 8],
+                "{fsync}"
+            );
+            assert_eq!(read(&found[0].1, false).unwrap(), [record(1), record(2)]);
+            assert_eq!(read(&found[1].1, true).unwrap(), [record(3)]);
+            remove_before(dir.path(), 8);
+            assert_eq!(files(dir.path()).unwrap().len(), 1);
+            j.close();
+            remove_before(dir.path(), 9);
+        }
+    }
+
+    /// A last line cut short is dropped; a bad line before good ones is
+    /// corruption naming the file and line.
+    #[test]
+    fn torn_tails_are_dropped_and_bad_lines_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(file_name(1));
+        let good = serde_json::to_string(&record(1)).unwrap();
+        std::fs::write(&path, format!("{good}\n{{\"op\":\"ret")).unwrap();
+        assert_eq!(read(&path, true).unwrap(), [record(1)]);
+        let err = read(&path, false).unwrap_err();
+        assert!(err.to_string().contains("journal line 2"), "{err}");
+        // a whole line that parses but lost its end is not taken either
+        std::fs::write(&path, format!("{good}\n{good}")).unwrap();
+        assert_eq!(read(&path, true).unwrap(), [record(1)]);
+        std::fs::write(&path, format!("garbage\n{good}\n")).unwrap();
+        let err = read(&path, true).unwrap_err();
+        assert!(err.to_string().contains("journal line 1"), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    /// A file that cannot be written fails its callers' waits with
+    /// UNAVAILABLE, naming the cause, and later records written elsewhere
+    /// succeed again.
+    #[tokio::test]
+    async fn unwritable_journal_fails_its_callers() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = FileJournal::start(dir.path(), 1, Fsync::Always).unwrap();
+        // rotate into a directory that is gone: the file cannot be opened
+        let gone = tempfile::tempdir().unwrap();
+        let j2 = FileJournal::start(gone.path(), 1, Fsync::Always).unwrap();
+        drop(gone);
+        j2.rotate();
+        let err = j2.kept(j2.append(record(1))).await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("journal"), "{err}");
+        j.kept(j.append(record(2))).await.unwrap();
+    }
+
+    #[test]
+    fn fsync_parses_and_names_its_choices() {
+        assert_eq!("Always".parse::<Fsync>(), Ok(Fsync::Always));
+        assert_eq!("everysec".parse::<Fsync>(), Ok(Fsync::EverySec));
+        assert_eq!(" no ".parse::<Fsync>(), Ok(Fsync::No));
+        let err = "sometimes".parse::<Fsync>().unwrap_err();
+        assert!(err.contains("always, everysec or no"), "{err}");
+        assert!(err.contains("sometimes"), "{err}");
+    }
+}

@@ -1,0 +1,476 @@
+//! The embedded task store's side of the journal
+//! (`crate::store::memory::journal`): the records its transitions append,
+//! and their replay on a loaded save after a crash.
+//!
+//! Replay runs each record through the transition that made it, at the
+//! store's clock of the time, and skips what the save already holds (a
+//! submit of an id that exists; a debounced replace of a task that has
+//! started since). What is not journaled (leases, ends) is what a crash
+//! undoes: a task restored as submitted runs again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use super::MemoryTasks;
+use super::state::Tasks;
+use crate::domain::Pause;
+use crate::domain::flow::Limit;
+use crate::domain::task::{QueueName, State, Task, TaskId};
+use crate::store::Result;
+use crate::store::memory::journal::Record;
+use crate::store::task_fields;
+use crate::store::tasks::{DebounceReply, TaskLimits};
+
+/// A duration as the journal's milliseconds.
+pub(super) fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn fields(task: &Task) -> BTreeMap<String, String> {
+    task_fields::to_fields(task)
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+}
+
+fn task_from(fields: BTreeMap<String, String>) -> std::result::Result<Task, String> {
+    let fields: HashMap<String, String> = fields.into_iter().collect();
+    let id = fields.get("id").cloned().unwrap_or_default();
+    task_fields::from_fields(&fields, Vec::new()).map_err(|e| format!("task {id:?}: {e}"))
+}
+
+fn task_id(id: &str) -> std::result::Result<TaskId, String> {
+    TaskId::parse(id).map_err(|e| format!("task id {id:?}: {e}"))
+}
+
+pub(super) fn submitted(task: &Task, delay: Duration, now: i64) -> Record {
+    Record::Submit {
+        now,
+        delay_ms: ms(delay),
+        task: fields(task),
+    }
+}
+
+pub(super) fn pending(task: &Task, waiting: &[TaskId], now: i64) -> Record {
+    Record::Pending {
+        now,
+        waiting: waiting.iter().map(ToString::to_string).collect(),
+        task: fields(task),
+    }
+}
+
+pub(super) fn debounced(
+    task: &Task,
+    window: Duration,
+    reply: &Result<DebounceReply>,
+    now: i64,
+) -> Option<Record> {
+    let replaced = match reply {
+        Ok(DebounceReply::Created) => None,
+        Ok(DebounceReply::Replaced(held)) => Some(held.to_string()),
+        Ok(DebounceReply::Conflict { .. }) | Err(_) => return None,
+    };
+    Some(Record::Debounce {
+        now,
+        window_ms: ms(window),
+        task: fields(task),
+        replaced,
+    })
+}
+
+/// A queue's pause as it stands after a pause or a resume.
+pub(super) fn paused(queue: &QueueName, pause: Option<&Pause>) -> Record {
+    Record::Pause {
+        queue: queue.to_string(),
+        pause: pause.map(|p| {
+            p.to_stored()
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect()
+        }),
+    }
+}
+
+impl Tasks {
+    /// Pauses `queue` (an existing pause stays as it was) or resumes it;
+    /// the pause now in force.
+    pub(super) fn set_pause(&mut self, queue: &QueueName, pause: Option<&Pause>) -> Option<Pause> {
+        let q = self.queues.entry(queue.clone()).or_default();
+        match pause {
+            Some(p) => Some(q.paused.get_or_insert_with(|| p.clone()).clone()),
+            None => {
+                q.paused = None;
+                None
+            }
+        }
+    }
+
+    /// Applies one journaled record; whether it changed anything (false:
+    /// the save already held it). An error names what cannot be read.
+    fn replay(&mut self, record: Record, limits: TaskLimits) -> std::result::Result<bool, String> {
+        Ok(match record {
+            Record::Submit {
+                now,
+                delay_ms,
+                task,
+            } => {
+                let task = task_from(task)?;
+                !self.tasks.contains_key(task.id.as_str())
+                    && self
+                        .submit(&task, Duration::from_millis(delay_ms), limits, now)
+                        .is_ok()
+            }
+            Record::Pending { now, waiting, task } => {
+                let task = task_from(task)?;
+                let waiting = waiting
+                    .iter()
+                    .map(|w| task_id(w))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                !self.tasks.contains_key(task.id.as_str())
+                    && self.submit_pending(&task, &waiting, limits, now).is_ok()
+            }
+            Record::Debounce {
+                now,
+                window_ms,
+                task,
+                replaced,
+            } => self.replay_debounce(task_from(task)?, window_ms, replaced, limits, now),
+            Record::DependOn { now, id, dependent } => {
+                let (id, dependent) = (task_id(&id)?, task_id(&dependent)?);
+                self.depend_on(&id, &dependent, now);
+                true
+            }
+            Record::Claim {
+                now,
+                key,
+                value,
+                ttl_ms,
+            } => self
+                .claim_idempotency(&key, &value, Duration::from_millis(ttl_ms), now)
+                .is_none(),
+            Record::Swap {
+                now,
+                key,
+                old,
+                new,
+                ttl_ms,
+            } => self.swap_idempotency(&key, &old, &new, Duration::from_millis(ttl_ms), now),
+            Record::Cancel { now, id, reason } => {
+                self.cancel(&task_id(&id)?, &reason, limits, now);
+                true
+            }
+            Record::Retry { now, id } => {
+                self.retry(&task_id(&id)?, limits, now);
+                true
+            }
+            Record::Pause { queue, pause } => {
+                let queue =
+                    QueueName::parse(&queue).map_err(|e| format!("queue {queue:?}: {e}"))?;
+                let pause = pause.and_then(Pause::from_stored);
+                self.queues.entry(queue).or_default().paused = pause;
+                true
+            }
+            Record::SetLimit { field, value } => {
+                let limit = Limit::decode(&field, &value)
+                    .ok_or_else(|| format!("flow limit {field:?} = {value:?} does not parse"))?;
+                self.flow.set(&limit);
+                true
+            }
+            Record::DeleteLimit { field } => self.flow.delete(&field),
+            Record::PutSchedule { .. }
+            | Record::DeleteSchedule { .. }
+            | Record::ScheduleRun { .. } => false,
+        })
+    }
+
+    /// A debounced submit again: a task it created is created again unless
+    /// it exists; a replace is made again only while the task it replaced
+    /// still holds the key unstarted (otherwise the save has it started).
+    fn replay_debounce(
+        &mut self,
+        task: Task,
+        window_ms: u64,
+        replaced: Option<String>,
+        limits: TaskLimits,
+        now: i64,
+    ) -> bool {
+        let window = Duration::from_millis(window_ms);
+        let key = task.debounce_key.clone().unwrap_or_default();
+        let queue = task.id.queue();
+        match replaced {
+            Some(held) => {
+                let holds = self
+                    .queues
+                    .get(&queue)
+                    .is_some_and(|q| q.debounce.get(&key) == Some(&held));
+                let unstarted = self
+                    .tasks
+                    .get(&held)
+                    .is_some_and(|e| matches!(e.task.state, State::Scheduled | State::Queued));
+                holds && unstarted && self.submit_debounced(&task, window, limits, now).is_ok()
+            }
+            None => {
+                let id = task.id.to_string();
+                if self.tasks.contains_key(&id)
+                    || self
+                        .submit(&task, window.max(Duration::from_millis(1)), limits, now)
+                        .is_err()
+                {
+                    return false;
+                }
+                self.queues
+                    .entry(queue)
+                    .or_default()
+                    .debounce
+                    .insert(key, id);
+                true
+            }
+        }
+    }
+}
+
+impl MemoryTasks {
+    /// Applies journaled records in order on the loaded store (before it
+    /// serves); how many changed it. An error names the record that cannot
+    /// be read.
+    pub fn replay(
+        &self,
+        records: impl IntoIterator<Item = Record>,
+        limits: TaskLimits,
+    ) -> std::result::Result<u64, String> {
+        let mut applied = 0;
+        let last = {
+            let mut s = self.lock();
+            for record in records {
+                if s.replay(record, limits)? {
+                    applied += 1;
+                }
+            }
+            let now = self.now_ms();
+            s.release_deferred(now);
+            s.last_event
+        };
+        self.announce(last);
+        Ok(applied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::domain::task::{Category, Priority};
+    use crate::store::Deadline;
+    use crate::store::memory::journal::Journal;
+    use crate::store::tasks::{CancelReply, TaskBackend};
+
+    /// A journal in memory: the records, in order.
+    #[derive(Default)]
+    struct Lines(Mutex<Vec<Record>>);
+
+    #[async_trait::async_trait]
+    impl Journal for Lines {
+        fn append(&self, record: Record) -> u64 {
+            let mut v = self.0.lock().unwrap();
+            v.push(record);
+            v.len() as u64
+        }
+        async fn kept(&self, _: u64) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn task(queue: &QueueName, i: u32) -> Task {
+        Task {
+            id: TaskId::generate(queue),
+            name: "koo.diagnostics.noop".into(),
+            category: Category::Research,
+            priority: Priority::Normal,
+            args: format!("[{i}]"),
+            state: State::Queued,
+            max_retries: 0,
+            result_ttl_ms: 3_600_000,
+            ..Task::sample(0, 0)
+        }
+    }
+
+    fn dl() -> Deadline {
+        Deadline::after(Duration::from_secs(5))
+    }
+
+    fn records(lines: &Lines) -> Vec<Record> {
+        lines.0.lock().unwrap().clone()
+    }
+
+    /// Every acknowledged change made on an empty store comes back when its
+    /// records are replayed on another empty store; replaying them again
+    /// on top changes nothing; a lease is not journaled, so the task comes
+    /// back queued.
+    #[tokio::test]
+    async fn replay_gives_back_what_callers_were_told() {
+        let lines = Arc::new(Lines::default());
+        let a = MemoryTasks::default();
+        a.set_journal(lines.clone());
+        let q = QueueName::parse("research").unwrap();
+        let limits = TaskLimits::default();
+        let ran = task(&q, 1);
+        a.submit(&ran, Duration::ZERO, limits, dl()).await.unwrap();
+        let cancelled = task(&q, 2);
+        a.submit(&cancelled, Duration::ZERO, limits, dl())
+            .await
+            .unwrap();
+        let later = task(&q, 3);
+        a.submit(&later, Duration::from_secs(3600), limits, dl())
+            .await
+            .unwrap();
+        assert_eq!(
+            a.cancel(&cancelled.id, "no", limits, dl()).await.unwrap(),
+            CancelReply::Cancelled
+        );
+        let dependent = task(&q, 4);
+        a.depend_on(&later.id, &dependent.id, dl()).await.unwrap();
+        a.submit_pending(&dependent, std::slice::from_ref(&later.id), limits, dl())
+            .await
+            .unwrap();
+        assert!(
+            a.claim_idempotency("k", ran.id.as_str(), Duration::from_secs(60), dl())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let pause = Pause {
+            by: "ops".into(),
+            reason: "r".into(),
+            at_ms: 7,
+        };
+        a.set_pause(&q, Some(&pause), dl()).await.unwrap();
+        let leased = a
+            .lease(
+                &q,
+                "w",
+                Duration::from_secs(30),
+                &["koo.diagnostics.noop"],
+                limits,
+                dl(),
+            )
+            .await
+            .unwrap();
+        assert!(leased.is_none(), "the queue is paused");
+        a.set_pause(&q, None, dl()).await.unwrap();
+        a.lease(
+            &q,
+            "w",
+            Duration::from_secs(30),
+            &["koo.diagnostics.noop"],
+            limits,
+            dl(),
+        )
+        .await
+        .unwrap()
+        .expect("the first task");
+        let written = records(&lines);
+        assert_eq!(written.len(), 9, "{written:#?}");
+        assert!(
+            written.iter().all(|r| !matches!(r, Record::Retry { .. })),
+            "nothing was retried"
+        );
+
+        let b = MemoryTasks::default();
+        assert_eq!(b.replay(written.clone(), limits).unwrap(), 9);
+        let state = |t: &Task| {
+            let s = b.lock();
+            s.tasks[t.id.as_str()].task.state
+        };
+        assert_eq!(state(&ran), State::Queued, "leases are not journaled");
+        assert_eq!(state(&cancelled), State::Cancelled);
+        assert_eq!(state(&later), State::Scheduled);
+        assert_eq!(state(&dependent), State::Pending);
+        assert_eq!(
+            b.claim_idempotency("k", "other", Duration::from_secs(60), dl())
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(ran.id.as_str())
+        );
+        assert!(b.lock().queues[&q].paused.is_none());
+        assert!(b.lock().dependents[later.id.as_str()].contains(dependent.id.as_str()));
+        // again on top: the submits are skipped, nothing else moves
+        let events = b.lock().last_event;
+        b.replay(written, limits).unwrap();
+        assert_eq!(state(&ran), State::Queued);
+        assert_eq!(state(&cancelled), State::Cancelled);
+        assert_eq!(b.lock().tasks.len(), 4);
+        assert!(b.lock().last_event >= events);
+    }
+
+    /// A debounced replace is replayed while the task it replaced is still
+    /// unstarted, and skipped once the save has it started.
+    #[tokio::test]
+    async fn debounce_replays_as_it_was_answered() {
+        let lines = Arc::new(Lines::default());
+        let a = MemoryTasks::default();
+        a.set_journal(lines.clone());
+        let q = QueueName::parse("research").unwrap();
+        let limits = TaskLimits::default();
+        let first = Task {
+            debounce_key: Some("d".into()),
+            ..task(&q, 1)
+        };
+        let second = Task {
+            debounce_key: Some("d".into()),
+            args: "[2]".into(),
+            ..task(&q, 2)
+        };
+        let window = Duration::from_millis(1);
+        a.submit_debounced(&first, window, limits, dl())
+            .await
+            .unwrap();
+        assert!(matches!(
+            a.submit_debounced(&second, window, limits, dl())
+                .await
+                .unwrap(),
+            DebounceReply::Replaced(_)
+        ));
+        let written = records(&lines);
+        assert_eq!(written.len(), 2);
+
+        let b = MemoryTasks::default();
+        assert_eq!(b.replay(written.clone(), limits).unwrap(), 2);
+        {
+            let s = b.lock();
+            assert_eq!(s.tasks.len(), 1);
+            assert_eq!(s.tasks[first.id.as_str()].task.args, "[2]");
+        }
+        // the save has the held task started: the replace is not made again
+        let c = MemoryTasks::default();
+        c.replay(written[..1].to_vec(), limits).unwrap();
+        c.lock()
+            .tasks
+            .get_mut(first.id.as_str())
+            .unwrap()
+            .task
+            .state = State::Running;
+        assert_eq!(c.replay(written[1..].to_vec(), limits).unwrap(), 0);
+        assert_eq!(c.lock().tasks.len(), 1);
+    }
+
+    /// A record that does not parse is an error naming it, not a skip.
+    #[test]
+    fn unreadable_records_are_errors() {
+        let b = MemoryTasks::default();
+        let bad = Record::SetLimit {
+            field: "nonsense".into(),
+            value: "x".into(),
+        };
+        let err = b.replay([bad], TaskLimits::default()).unwrap_err();
+        assert!(err.contains("nonsense"), "{err}");
+        let bad = Record::Cancel {
+            now: 0,
+            id: "not an id".into(),
+            reason: String::new(),
+        };
+        let err = b.replay([bad], TaskLimits::default()).unwrap_err();
+        assert!(err.contains("not an id"), "{err}");
+    }
+}
