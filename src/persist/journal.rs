@@ -114,22 +114,30 @@ pub fn files(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
     Ok(found)
 }
 
-/// The records of one journal file. `last`: the newest file, whose final
-/// line a crash may have cut short (dropped, with a warning).
+/// The records of one journal file. A final line without its line end
+/// was cut short by a crash before its call was answered (the writer
+/// answers once the whole line is written, and cuts a failed write back):
+/// dropped, with a warning. So is a final line that does not parse in the
+/// newest file (`last`: a torn page). Any other line that does not parse
+/// is corruption.
 pub fn read(path: &Path, last: bool) -> std::result::Result<Vec<Record>, PersistError> {
     let corrupt = |reason: String| PersistError::Corrupt {
         file: path.to_owned(),
         reason,
     };
-    let data = std::fs::read(path).map_err(|e| corrupt(e.to_string()))?;
+    let data = std::fs::read(path).map_err(|source| PersistError::Dir {
+        dir: path.to_owned(),
+        source,
+    })?;
     let mut records = Vec::new();
     let mut lines = data.split_inclusive(|b| *b == b'\n').enumerate().peekable();
     while let Some((i, line)) = lines.next() {
         let whole = line.ends_with(b"\n");
+        let final_line = lines.peek().is_none();
         match serde_json::from_slice::<Record>(line) {
             Ok(record) if whole => records.push(record),
             parsed => {
-                if last && lines.peek().is_none() {
+                if final_line && (!whole || last) {
                     tracing::warn!(
                         file = %path.display(),
                         line = i + 1,
@@ -175,6 +183,8 @@ struct Queue {
     last: u64,
     generation: u64,
     closed: bool,
+    /// The last record appended before `close`.
+    closed_after: u64,
 }
 
 struct Inner {
@@ -246,11 +256,15 @@ impl FileJournal {
     /// Writes what is queued, syncs, and stops the writer (at shutdown,
     /// after the final save).
     pub fn close(&self) {
-        self.queue().closed = true;
+        let mut q = self.queue();
+        q.closed = true;
+        q.closed_after = q.last;
+        drop(q);
         self.0.wake.notify_one();
     }
 
-    fn failure(&self, seq: u64) -> Option<Arc<str>> {
+    /// Why a record in `first..=last` was not written, if one was not.
+    fn failure(&self, first: u64, last: u64) -> Option<Arc<str>> {
         let failures = self
             .0
             .failures
@@ -258,7 +272,7 @@ impl FileJournal {
             .unwrap_or_else(PoisonError::into_inner);
         failures
             .iter()
-            .find(|(lo, hi, _)| (*lo..=*hi).contains(&seq))
+            .find(|(lo, hi, _)| *lo <= last && first <= *hi)
             .map(|(_, _, why)| why.clone())
     }
 }
@@ -267,11 +281,12 @@ impl FileJournal {
 impl Journal for FileJournal {
     fn append(&self, record: Record) -> u64 {
         let mut q = self.queue();
-        if q.closed {
-            return 0;
-        }
         q.last += 1;
         let seq = q.last;
+        if q.closed {
+            // never written: its wait fails (see `Writer::run`)
+            return seq;
+        }
         let idle = q.items.is_empty();
         q.items.push(Item::Record(seq, record));
         drop(q);
@@ -281,15 +296,15 @@ impl Journal for FileJournal {
         seq
     }
 
-    async fn kept(&self, seq: u64) -> Result<()> {
-        if seq == 0 {
+    async fn kept(&self, first: u64, last: u64) -> Result<()> {
+        if last == 0 {
             return Ok(());
         }
         let mut done = self.0.done.subscribe();
-        done.wait_for(|d| *d >= seq)
+        done.wait_for(|d| *d >= last)
             .await
             .map_err(|_| StoreError::Unavailable("the journal's writer stopped".into()))?;
-        match self.failure(seq) {
+        match self.failure(first, last) {
             None => Ok(()),
             Some(why) => Err(StoreError::Unavailable(format!(
                 "the change was made but not written to the KOO_DATA_DIR journal ({why}), so it would not survive a crash"
@@ -367,15 +382,19 @@ impl Writer {
             for item in items {
                 match item {
                     Item::Record(seq, record) => {
-                        if let Err(e) = serde_json::to_writer(&mut self.buf, &record) {
-                            result = Err(std::io::Error::other(e));
+                        let start = self.buf.len();
+                        match serde_json::to_writer(&mut self.buf, &record) {
+                            Ok(()) => self.buf.push(b'\n'),
+                            Err(e) => {
+                                self.buf.truncate(start);
+                                result = Err(std::io::Error::other(e));
+                            }
                         }
-                        self.buf.push(b'\n');
                         range = Some((range.map_or(seq, |(lo, _)| lo), seq));
                     }
                     Item::Rotate(generation) => {
                         result = result.and_then(|()| self.flush());
-                        self.rotate(generation);
+                        result = result.and(self.rotate(generation));
                     }
                 }
             }
@@ -401,6 +420,7 @@ impl Writer {
                 if self.dirty {
                     let _ = self.sync();
                 }
+                self.refuse_from_now();
                 return;
             }
         }
@@ -433,6 +453,27 @@ impl Writer {
         (std::mem::take(&mut q.items), q.closed)
     }
 
+    /// After `close`: what is appended from now on is never written, so
+    /// its wait fails.
+    fn refuse_from_now(&self) {
+        let last = self
+            .inner
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .closed_after;
+        self.inner
+            .failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_front((last + 1, u64::MAX, "koo is stopping".into()));
+        self.inner.done.send_replace(u64::MAX);
+    }
+
+    /// Writes the buffer. A write that fails part way is cut back, so
+    /// that no partial line is followed by whole ones (which the next
+    /// start would read as corruption); a file that cannot be cut back is
+    /// not written again until the next rotation.
     fn flush(&mut self) -> std::io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
@@ -441,9 +482,19 @@ impl Writer {
             Some(why) => Err(std::io::Error::other(why.to_string())),
             None => self.file.write_all(&self.buf),
         };
-        self.size += self.buf.len() as u64;
+        match &out {
+            Ok(()) => {
+                self.size += self.buf.len() as u64;
+                self.dirty = true;
+            }
+            Err(_) if self.broken.is_none() => {
+                if let Err(e) = self.file.set_len(self.size) {
+                    self.broken = Some(format!("a failed write could not be cut back: {e}").into());
+                }
+            }
+            Err(_) => {}
+        }
         self.buf.clear();
-        self.dirty |= out.is_ok();
         out
     }
 
@@ -453,10 +504,14 @@ impl Writer {
         self.file.sync_data()
     }
 
-    fn rotate(&mut self, generation: u64) {
-        if self.dirty && self.inner.fsync != Fsync::No {
-            let _ = self.sync();
-        }
+    /// Starts file `generation`; an error when the old file's last
+    /// records could not be synced (their callers are told).
+    fn rotate(&mut self, generation: u64) -> std::io::Result<()> {
+        let synced = if self.dirty && self.inner.fsync != Fsync::No {
+            self.sync()
+        } else {
+            Ok(())
+        };
         match open(&self.inner.dir, generation, self.inner.fsync) {
             Ok(file) => {
                 self.file = file;
@@ -470,6 +525,7 @@ impl Writer {
                 self.broken = Some(format!("cannot open {}: {e}", path.display()).into());
             }
         }
+        synced
     }
 
     fn report(&self, lo: u64, hi: u64, result: std::io::Result<()>) {
@@ -486,8 +542,12 @@ impl Writer {
                 .failures
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            if failures.len() >= FAILURES_KEPT {
-                failures.pop_back();
+            // full: the two oldest become one range (its waiters may be
+            // told of a failure that was not theirs, never the reverse)
+            if failures.len() >= FAILURES_KEPT
+                && let (Some(older), Some(old)) = (failures.pop_back(), failures.pop_back())
+            {
+                failures.push_back((older.0.min(old.0), older.1.max(old.1), old.2));
             }
             failures.push_front((lo, hi, e.to_string().into()));
         } else if FAILING.succeeded("") > 0 {
@@ -518,10 +578,11 @@ mod tests {
             let j = FileJournal::start(dir.path(), 7, fsync).unwrap();
             let a = j.append(record(1));
             let b = j.append(record(2));
-            j.kept(b).await.unwrap();
+            j.kept(a, b).await.unwrap();
             assert!(a < b);
             assert_eq!(j.rotate(), 8);
-            j.kept(j.append(record(3))).await.unwrap();
+            let c = j.append(record(3));
+            j.kept(c, c).await.unwrap();
             let found = files(dir.path()).unwrap();
             assert_eq!(
                 found.iter().map(|(g, _)| *g).collect::<Vec<_>>(),
@@ -545,6 +606,12 @@ mod tests {
         let path = dir.path().join(file_name(1));
         let good = serde_json::to_string(&record(1)).unwrap();
         std::fs::write(&path, format!("{good}\n{{\"op\":\"ret")).unwrap();
+        assert_eq!(read(&path, true).unwrap(), [record(1)]);
+        // in any file: an older one may end torn when a crash came before
+        // the start that followed could save
+        assert_eq!(read(&path, false).unwrap(), [record(1)]);
+        // a whole last line that does not parse: torn only in the newest
+        std::fs::write(&path, format!("{good}\n{{\"op\":\"ret\n")).unwrap();
         assert_eq!(read(&path, true).unwrap(), [record(1)]);
         let err = read(&path, false).unwrap_err();
         assert!(err.to_string().contains("journal line 2"), "{err}");
@@ -572,10 +639,17 @@ mod tests {
         let j2 = FileJournal::start(gone.path(), 1, Fsync::Always).unwrap();
         drop(gone);
         j2.rotate();
-        let err = j2.kept(j2.append(record(1))).await.unwrap_err();
+        let seq = j2.append(record(1));
+        let err = j2.kept(seq, seq).await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
         assert!(err.to_string().contains("journal"), "{err}");
-        j.kept(j.append(record(2))).await.unwrap();
+        let seq = j.append(record(2));
+        j.kept(seq, seq).await.unwrap();
+        // closed: what is appended afterwards is refused, not answered OK
+        j.close();
+        let late = j.append(record(3));
+        let err = j.kept(late, late).await.unwrap_err();
+        assert!(err.to_string().contains("stopping"), "{err}");
     }
 
     #[test]

@@ -215,7 +215,7 @@ impl Embedded {
         } else {
             tracing::info!(dir = %dir.dir.display(), "no saved embedded store yet; starting empty");
         }
-        let (replayed, next) = embedded.replay(&dir.dir, journal_from)?;
+        let (replayed, next, unsaved) = embedded.replay(&dir.dir, journal_from)?;
         let journal =
             FileJournal::start(&dir.dir, next, data.fsync).map_err(|source| PersistError::Dir {
                 dir: dir.dir.clone(),
@@ -229,8 +229,9 @@ impl Embedded {
         }
         embedded.journal = Some(journal);
         embedded.dir = Some(Arc::new(dir));
-        if replayed > 0 {
+        if unsaved {
             // a save holding them, so that the next start replays nothing
+            // (and no file left behind ends torn but is no longer the newest)
             embedded.save()?;
             tracing::info!(
                 replayed,
@@ -244,8 +245,9 @@ impl Embedded {
 
     /// Replays the journal files from generation `from` on the loaded
     /// stores (older ones are deleted: the save holds them); how many
-    /// records, and the generation to write next.
-    fn replay(&self, dir: &Path, from: u64) -> Result<(u64, u64), PersistError> {
+    /// records, the generation to write next, and whether any file held
+    /// anything (then a save must follow).
+    fn replay(&self, dir: &Path, from: u64) -> Result<(u64, u64, bool), PersistError> {
         let found = journal::files(dir).map_err(|source| PersistError::Dir {
             dir: dir.to_owned(),
             source,
@@ -254,6 +256,9 @@ impl Embedded {
         let found: Vec<_> = found.into_iter().filter(|(g, _)| *g >= from).collect();
         let next = found.last().map_or(from.max(1), |(g, _)| g + 1);
         let mut replayed = 0;
+        let unsaved = found
+            .iter()
+            .any(|(_, f)| std::fs::metadata(f).is_ok_and(|m| m.len() > 0));
         for (i, (_, file)) in found.iter().enumerate() {
             let records = journal::read(file, i + 1 == found.len())?;
             replayed += records.len() as u64;
@@ -270,7 +275,7 @@ impl Embedded {
                 schedules.replay(records);
             }
         }
-        Ok((replayed, next))
+        Ok((replayed, next, unsaved))
     }
 
     fn load(&mut self, file: &Path, body: Body) -> Result<(), PersistError> {

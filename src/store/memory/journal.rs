@@ -107,10 +107,11 @@ pub trait Journal: Send + Sync + 'static {
     /// sequence number, for [`Journal::kept`]. Never blocks on I/O.
     fn append(&self, record: Record) -> u64;
 
-    /// Returns once every record up to `seq` is kept as durably as the
-    /// journal's policy asks; an error when it could not be written (the
-    /// change stands in memory but would not survive a crash).
-    async fn kept(&self, seq: u64) -> Result<()>;
+    /// Returns once the records `first..=last` are kept as durably as the
+    /// journal's policy asks (0: nothing to wait for); an error when one
+    /// could not be written (the change stands in memory but would not
+    /// survive a crash).
+    async fn kept(&self, first: u64, last: u64) -> Result<()>;
 }
 
 /// A store's optional journal, set once when the data directory is opened.
@@ -130,10 +131,15 @@ impl JournalSlot {
         make().map(|r| journal.append(r))
     }
 
-    /// Waits for `seq` (from [`Self::append`]) to be kept.
+    /// Waits for the record `seq` (from [`Self::append`]) to be kept.
     pub(crate) async fn kept(&self, seq: Option<u64>) -> Result<()> {
-        match (seq, self.0.get()) {
-            (Some(seq), Some(j)) => j.kept(seq).await,
+        self.kept_all(seq, seq).await
+    }
+
+    /// Waits for the records `first..=last` to be kept.
+    pub(crate) async fn kept_all(&self, first: Option<u64>, last: Option<u64>) -> Result<()> {
+        match (first, last, self.0.get()) {
+            (Some(first), Some(last), Some(j)) => j.kept(first, last).await,
             _ => Ok(()),
         }
     }

@@ -19,7 +19,19 @@ use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Result;
 use crate::store::memory::journal::Record;
 use crate::store::task_fields;
-use crate::store::tasks::{DebounceReply, TaskLimits};
+use crate::store::tasks::{DebounceReply, RetryReply, TaskLimits};
+
+/// Whether a replayed submit was applied; one refused (the store full, say)
+/// is logged with its id, since its caller was told it was stored.
+fn refused(task: &Task, applied: Result<()>) -> bool {
+    match applied {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(task = %task.id, error = %e, "a journaled submit could not be replayed");
+            false
+        }
+    }
+}
 
 /// A duration as the journal's milliseconds.
 pub(super) fn ms(d: Duration) -> u64 {
@@ -116,9 +128,10 @@ impl Tasks {
             } => {
                 let task = task_from(task)?;
                 !self.tasks.contains_key(task.id.as_str())
-                    && self
-                        .submit(&task, Duration::from_millis(delay_ms), limits, now)
-                        .is_ok()
+                    && refused(
+                        &task,
+                        self.submit(&task, Duration::from_millis(delay_ms), limits, now),
+                    )
             }
             Record::Pending { now, waiting, task } => {
                 let task = task_from(task)?;
@@ -127,7 +140,7 @@ impl Tasks {
                     .map(|w| task_id(w))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
                 !self.tasks.contains_key(task.id.as_str())
-                    && self.submit_pending(&task, &waiting, limits, now).is_ok()
+                    && refused(&task, self.submit_pending(&task, &waiting, limits, now))
             }
             Record::Debounce {
                 now,
@@ -159,15 +172,16 @@ impl Tasks {
                 self.cancel(&task_id(&id)?, &reason, limits, now);
                 true
             }
-            Record::Retry { now, id } => {
-                self.retry(&task_id(&id)?, limits, now);
-                true
-            }
+            Record::Retry { now, id } => self.replay_retry(&task_id(&id)?, limits, now),
             Record::Pause { queue, pause } => {
-                let queue =
-                    QueueName::parse(&queue).map_err(|e| format!("queue {queue:?}: {e}"))?;
-                let pause = pause.and_then(Pause::from_stored);
-                self.queues.entry(queue).or_default().paused = pause;
+                let name = QueueName::parse(&queue).map_err(|e| format!("queue {queue:?}: {e}"))?;
+                let pause = match pause {
+                    None => None,
+                    Some(stored) => Some(Pause::from_stored(stored.clone()).ok_or_else(|| {
+                        format!("the pause of queue {queue:?} does not parse: {stored:?}")
+                    })?),
+                };
+                self.queues.entry(name).or_default().paused = pause;
                 true
             }
             Record::SetLimit { field, value } => {
@@ -181,6 +195,40 @@ impl Tasks {
             | Record::DeleteSchedule { .. }
             | Record::ScheduleRun { .. } => false,
         })
+    }
+
+    /// A retry by hand again. A task the save has running (its attempt's
+    /// end was not journaled, and the retry was asked after it) is handed
+    /// back to its queue as a stopping worker's task is, its attempt given
+    /// back: otherwise the sweep would end it on its spent budget and the
+    /// retry the caller was told of would never run.
+    fn replay_retry(&mut self, id: &TaskId, limits: TaskLimits, now: i64) -> bool {
+        let running = self
+            .tasks
+            .get(id.as_str())
+            .filter(|e| e.task.state == State::Running)
+            .map(|e| {
+                (
+                    e.task.token,
+                    e.task.attempts,
+                    e.task.worker.clone(),
+                    e.task.started_ms,
+                )
+            });
+        let Some((token, attempt, worker, started_ms)) = running else {
+            return matches!(self.retry(id, limits, now), RetryReply::Queued);
+        };
+        let entry = serde_json::json!({
+            "attempt": attempt,
+            "worker": worker,
+            "started_ms": started_ms,
+            "outcome": "handed_back",
+            "error": "koo restarted after a crash; a retry was asked after this attempt",
+        });
+        matches!(
+            self.release(id, token, &entry.to_string(), limits, now),
+            Ok(true)
+        )
     }
 
     /// A debounced submit again: a task it created is created again unless
@@ -241,6 +289,8 @@ impl MemoryTasks {
         let mut applied = 0;
         let last = {
             let mut s = self.lock();
+            // results that expired while koo was down make room first
+            s.purge_expired(self.now_ms());
             for record in records {
                 if s.replay(record, limits)? {
                     applied += 1;
@@ -276,7 +326,7 @@ mod tests {
             v.push(record);
             v.len() as u64
         }
-        async fn kept(&self, _: u64) -> Result<()> {
+        async fn kept(&self, _: u64, _: u64) -> Result<()> {
             Ok(())
         }
     }
@@ -453,6 +503,62 @@ mod tests {
             .state = State::Running;
         assert_eq!(c.replay(written[1..].to_vec(), limits).unwrap(), 0);
         assert_eq!(c.lock().tasks.len(), 1);
+    }
+
+    /// A retry by hand of a task the save has running (it failed, then was
+    /// retried, after the save) hands it back to its queue on replay: the
+    /// sweep would otherwise end it on its spent budget.
+    #[tokio::test]
+    async fn a_retry_replayed_on_a_running_task_requeues_it() {
+        use crate::domain::Outcome;
+        let lines = Arc::new(Lines::default());
+        let a = MemoryTasks::default();
+        a.set_journal(lines.clone());
+        let q = QueueName::parse("research").unwrap();
+        let limits = TaskLimits::default();
+        let t = task(&q, 1);
+        a.submit(&t, Duration::ZERO, limits, dl()).await.unwrap();
+        let leased = a
+            .lease(
+                &q,
+                "w",
+                Duration::from_secs(30),
+                &["koo.diagnostics.noop"],
+                limits,
+                dl(),
+            )
+            .await
+            .unwrap()
+            .expect("leased");
+        let saved = a.export();
+        let log = serde_json::json!({ "attempt": 1 }).to_string();
+        a.finish(
+            &t.id,
+            leased.token,
+            &Outcome::Failed("\"no\"".into()),
+            &log,
+            limits,
+            dl(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            a.retry(&t.id, limits, dl()).await.unwrap(),
+            RetryReply::Queued
+        ));
+        let after_save: Vec<Record> = records(&lines).split_off(1);
+        assert!(
+            matches!(after_save[..], [Record::Retry { .. }]),
+            "{after_save:?}"
+        );
+
+        let b = MemoryTasks::import(saved).unwrap();
+        assert_eq!(b.lock().tasks[t.id.as_str()].task.state, State::Running);
+        assert_eq!(b.replay(after_save, limits).unwrap(), 1);
+        let s = b.lock();
+        let e = &s.tasks[t.id.as_str()];
+        assert_eq!(e.task.state, State::Queued);
+        assert!(e.task.log.last().unwrap().contains("handed_back"));
     }
 
     /// A record that does not parse is an error naming it, not a skip.

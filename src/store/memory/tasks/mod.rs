@@ -206,7 +206,7 @@ impl TaskBackend for MemoryTasks {
         limits: TaskLimits,
         _: Deadline,
     ) -> Result<Vec<Result<()>>> {
-        let mut last = None;
+        let (mut first, mut last) = (None, None);
         let out = tasks
             .iter()
             .map(|(task, delay)| {
@@ -218,11 +218,12 @@ impl TaskBackend for MemoryTasks {
                         .append(|| out.is_ok().then(|| journal::submitted(task, *delay, now)));
                     (out, seq)
                 });
+                first = first.or(seq);
                 last = seq.or(last);
                 out
             })
             .collect();
-        self.shared.journal.kept(last).await?;
+        self.shared.journal.kept_all(first, last).await?;
         Ok(out)
     }
 
