@@ -101,8 +101,8 @@ pub struct ServeArgs {
     /// and loaded at start-up; locked while koo runs. Unset, it is dropped at shutdown.
     #[arg(long, env = "KOO_DATA_DIR", value_name = "KOO_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
-    /// With KOO_DATA_DIR, also save this often while serving (0: only at shutdown), so that a
-    /// crash loses at most this much.
+    /// With KOO_DATA_DIR, also save this often while serving (0: only at shutdown and when the
+    /// journal passes 64 MiB); between saves the journal keeps every acknowledged change.
     #[arg(long, env = "KOO_DATA_SNAPSHOT_INTERVAL", value_name = "KOO_DATA_SNAPSHOT_INTERVAL",
           default_value = "60s", value_parser = parse_duration)]
     pub data_snapshot_interval: Duration,

@@ -137,7 +137,9 @@ pub fn read(path: &Path, last: bool) -> std::result::Result<Vec<Record>, Persist
         match serde_json::from_slice::<Record>(line) {
             Ok(record) if whole => records.push(record),
             parsed => {
-                if final_line && (!whole || last) {
+                // JSON that is not a record (a newer koo's, say) is not torn
+                let torn = !whole || serde_json::from_slice::<serde_json::Value>(line).is_err();
+                if final_line && torn && (!whole || last) {
                     tracing::warn!(
                         file = %path.display(),
                         line = i + 1,
@@ -185,6 +187,8 @@ struct Queue {
     closed: bool,
     /// The last record appended before `close`.
     closed_after: u64,
+    /// The last record appended before the newest rotation.
+    rotated_after: u64,
 }
 
 struct Inner {
@@ -233,9 +237,15 @@ impl FileJournal {
     }
 
     /// Starts a new file; its generation. Everything appended before is in
-    /// older files.
+    /// older files. When nothing was appended since the last rotation, the
+    /// current file (empty) stays, and its generation is the answer: a
+    /// save that fails again and again does not leave a file each time.
     pub fn rotate(&self) -> u64 {
         let mut q = self.queue();
+        if q.last == q.rotated_after {
+            return q.generation;
+        }
+        q.rotated_after = q.last;
         q.generation += 1;
         let generation = q.generation;
         q.items.push(Item::Rotate(generation));
@@ -598,6 +608,26 @@ mod tests {
         }
     }
 
+    /// A rotation with nothing appended since the last one keeps the
+    /// current (empty) file: failing saves leave no trail of files.
+    #[tokio::test]
+    async fn rotating_an_empty_file_keeps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = FileJournal::start(dir.path(), 3, Fsync::No).unwrap();
+        assert_eq!(j.rotate(), 3);
+        assert_eq!(j.rotate(), 3);
+        let seq = j.append(record(1));
+        assert_eq!(j.rotate(), 4);
+        assert_eq!(j.rotate(), 4);
+        j.kept(seq, seq).await.unwrap();
+        let c = j.append(record(2));
+        j.kept(c, c).await.unwrap();
+        let found = files(dir.path()).unwrap();
+        assert_eq!(found.iter().map(|(g, _)| *g).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(read(&found[1].1, true).unwrap(), [record(2)]);
+        j.close();
+    }
+
     /// A last line cut short is dropped; a bad line before good ones is
     /// corruption naming the file and line.
     #[test]
@@ -618,6 +648,10 @@ mod tests {
         // a whole line that parses but lost its end is not taken either
         std::fs::write(&path, format!("{good}\n{good}")).unwrap();
         assert_eq!(read(&path, true).unwrap(), [record(1)]);
+        // a record this koo does not know (a newer koo's) is not torn
+        std::fs::write(&path, format!("{good}\n{{\"op\":\"frobnicate\"}}\n")).unwrap();
+        let err = read(&path, true).unwrap_err();
+        assert!(err.to_string().contains("journal line 2"), "{err}");
         std::fs::write(&path, format!("garbage\n{good}\n")).unwrap();
         let err = read(&path, true).unwrap_err();
         assert!(err.to_string().contains("journal line 1"), "{err}");
@@ -637,6 +671,8 @@ mod tests {
         // rotate into a directory that is gone: the file cannot be opened
         let gone = tempfile::tempdir().unwrap();
         let j2 = FileJournal::start(gone.path(), 1, Fsync::Always).unwrap();
+        let first = j2.append(record(0));
+        j2.kept(first, first).await.unwrap();
         drop(gone);
         j2.rotate();
         let seq = j2.append(record(1));

@@ -253,6 +253,8 @@ impl Embedded {
             source,
         })?;
         journal::remove_before(dir, from);
+        // a save killed before its rename
+        let _ = std::fs::remove_file(dir.join(FILE_NAME).with_extension("json.tmp"));
         let found: Vec<_> = found.into_iter().filter(|(g, _)| *g >= from).collect();
         let next = found.last().map_or(from.max(1), |(g, _)| g + 1);
         let mut replayed = 0;
@@ -273,6 +275,12 @@ impl Embedded {
             }
             if let Some(schedules) = &self.memory_schedules {
                 schedules.replay(records);
+            }
+        }
+        if !unsaved {
+            // empty files of starts that changed nothing
+            for (_, file) in &found {
+                let _ = std::fs::remove_file(file);
             }
         }
         Ok((replayed, next, unsaved))

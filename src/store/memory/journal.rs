@@ -21,13 +21,36 @@
 //! skipped), so a save need not be atomic with the journal's rotation
 //! (`crate::persist::journal`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::domain::schedule::{Run, Schedule};
-use crate::store::Result;
+use crate::domain::task::Task;
+use crate::store::{Result, task_fields};
+
+/// A task in a record: kept as the task itself (one clone under the
+/// store's lock), written as the field map Redis stores and the save holds
+/// (`task_fields`), by the journal's thread.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskFields(pub Box<Task>);
+
+impl Serialize for TaskFields {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.collect_map(task_fields::to_fields(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let fields = HashMap::<String, String>::deserialize(deserializer)?;
+        let id = fields.get("id").cloned().unwrap_or_default();
+        task_fields::from_fields(&fields, Vec::new())
+            .map(|t| Self(Box::new(t)))
+            .map_err(|e| serde::de::Error::custom(format!("task {id:?}: {e}")))
+    }
+}
 
 /// One acknowledged change, as a JSON line of the journal.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,19 +60,19 @@ pub enum Record {
     Submit {
         now: i64,
         delay_ms: u64,
-        task: BTreeMap<String, String>,
+        task: TaskFields,
     },
     /// A task submitted waiting on dependencies.
     Pending {
         now: i64,
         waiting: Vec<String>,
-        task: BTreeMap<String, String>,
+        task: TaskFields,
     },
     /// A debounced submit: a new task, or the held one `replaced`.
     Debounce {
         now: i64,
         window_ms: u64,
-        task: BTreeMap<String, String>,
+        task: TaskFields,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replaced: Option<String>,
     },

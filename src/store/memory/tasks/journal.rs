@@ -8,7 +8,6 @@
 //! started since). What is not journaled (leases, ends) is what a crash
 //! undoes: a task restored as submitted runs again.
 
-use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use super::MemoryTasks;
@@ -17,8 +16,7 @@ use crate::domain::Pause;
 use crate::domain::flow::Limit;
 use crate::domain::task::{QueueName, State, Task, TaskId};
 use crate::store::Result;
-use crate::store::memory::journal::Record;
-use crate::store::task_fields;
+use crate::store::memory::journal::{Record, TaskFields};
 use crate::store::tasks::{DebounceReply, RetryReply, TaskLimits};
 
 /// Whether a replayed submit was applied; one refused (the store full, say)
@@ -38,17 +36,8 @@ pub(super) fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn fields(task: &Task) -> BTreeMap<String, String> {
-    task_fields::to_fields(task)
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v))
-        .collect()
-}
-
-fn task_from(fields: BTreeMap<String, String>) -> std::result::Result<Task, String> {
-    let fields: HashMap<String, String> = fields.into_iter().collect();
-    let id = fields.get("id").cloned().unwrap_or_default();
-    task_fields::from_fields(&fields, Vec::new()).map_err(|e| format!("task {id:?}: {e}"))
+fn fields(task: &Task) -> TaskFields {
+    TaskFields(Box::new(task.clone()))
 }
 
 fn task_id(id: &str) -> std::result::Result<TaskId, String> {
@@ -126,7 +115,7 @@ impl Tasks {
                 delay_ms,
                 task,
             } => {
-                let task = task_from(task)?;
+                let task = *task.0;
                 !self.tasks.contains_key(task.id.as_str())
                     && refused(
                         &task,
@@ -134,7 +123,7 @@ impl Tasks {
                     )
             }
             Record::Pending { now, waiting, task } => {
-                let task = task_from(task)?;
+                let task = *task.0;
                 let waiting = waiting
                     .iter()
                     .map(|w| task_id(w))
@@ -147,7 +136,7 @@ impl Tasks {
                 window_ms,
                 task,
                 replaced,
-            } => self.replay_debounce(task_from(task)?, window_ms, replaced, limits, now),
+            } => self.replay_debounce(*task.0, window_ms, replaced, limits, now),
             Record::DependOn { now, id, dependent } => {
                 let (id, dependent) = (task_id(&id)?, task_id(&dependent)?);
                 self.depend_on(&id, &dependent, now);
@@ -225,10 +214,18 @@ impl Tasks {
             "outcome": "handed_back",
             "error": "koo restarted after a crash; a retry was asked after this attempt",
         });
-        matches!(
+        if !matches!(
             self.release(id, token, &entry.to_string(), limits, now),
             Ok(true)
-        )
+        ) {
+            return false;
+        }
+        // and as a retry does: a fresh budget, no cancel pending
+        if let Some(e) = self.tasks.get_mut(id.as_str()) {
+            e.attempt_base = e.task.attempts;
+            e.cancel = None;
+        }
+        true
     }
 
     /// A debounced submit again: a task it created is created again unless
