@@ -572,17 +572,14 @@ mod tests {
         // a crash: no save, the lock released with the process
         drop((a, tasks));
         let journals = |dir: &Path| journal::files(dir).unwrap().len();
+        async fn holds(e: &Embedded, id: &TaskId) -> bool {
+            let d = Deadline::after(Duration::from_secs(5));
+            let tasks = e.tasks.as_ref().unwrap();
+            tasks.get(id, d).await.unwrap().is_some()
+        }
         assert_eq!(journals(dir.path()), 1);
         let b = open(dir.path()).unwrap();
-        assert!(
-            b.tasks
-                .as_ref()
-                .unwrap()
-                .get(&task.id, d)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(holds(&b, &task.id).await);
         assert_eq!(
             journals(dir.path()),
             1,
@@ -590,15 +587,7 @@ mod tests {
         );
         drop(b);
         let c = open(dir.path()).unwrap();
-        assert!(
-            c.tasks
-                .as_ref()
-                .unwrap()
-                .get(&task.id, d)
-                .await
-                .unwrap()
-                .is_some()
-        );
+        assert!(holds(&c, &task.id).await);
         assert_eq!(
             c.summary(),
             "1 tasks (queued 1), 0 cache entries, 0 schedules"

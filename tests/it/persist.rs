@@ -209,6 +209,26 @@ async fn get(c: &mut CacheServiceClient<Channel>, key: &str) -> cache_pb::GetRes
     .into_inner()
 }
 
+/// A user schedule, `new-year`, firing a no-op each first of January.
+async fn create_new_year(channel: Channel) {
+    ScheduleServiceClient::new(channel)
+        .create_schedule(sched_pb::CreateScheduleRequest {
+            schedule: Some(sched_pb::Schedule {
+                name: "new-year".into(),
+                cron: "0 0 1 1 *".into(),
+                task: Some(sched_pb::TaskTemplate {
+                    name: "koo.diagnostics.noop".into(),
+                    category: pb::TaskCategory::Research as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            paused: false,
+        })
+        .await
+        .unwrap();
+}
+
 /// A task that would run in a year: it stays SCHEDULED across restarts.
 fn later(name: &str) -> pb::SubmitTaskRequest {
     pb::SubmitTaskRequest {
@@ -291,22 +311,7 @@ async fn fill(koo: &Koo) -> Left {
     let mut cache = CacheServiceClient::new(channel.clone());
     set(&mut cache, "kept", 600_000).await;
     set(&mut cache, "short", 1).await;
-    ScheduleServiceClient::new(channel)
-        .create_schedule(sched_pb::CreateScheduleRequest {
-            schedule: Some(sched_pb::Schedule {
-                name: "new-year".into(),
-                cron: "0 0 1 1 *".into(),
-                task: Some(sched_pb::TaskTemplate {
-                    name: "koo.diagnostics.noop".into(),
-                    category: pb::TaskCategory::Research as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            paused: false,
-        })
-        .await
-        .unwrap();
+    create_new_year(channel).await;
     Left {
         dead,
         handed_back,
@@ -619,22 +624,7 @@ async fn acknowledge(koo: &Koo) -> Acknowledged {
     })
     .await
     .unwrap();
-    ScheduleServiceClient::new(channel)
-        .create_schedule(sched_pb::CreateScheduleRequest {
-            schedule: Some(sched_pb::Schedule {
-                name: "new-year".into(),
-                cron: "0 0 1 1 *".into(),
-                task: Some(sched_pb::TaskTemplate {
-                    name: "koo.diagnostics.noop".into(),
-                    category: pb::TaskCategory::Research as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            paused: false,
-        })
-        .await
-        .unwrap();
+    create_new_year(channel).await;
     Acknowledged {
         queued,
         cancelled,

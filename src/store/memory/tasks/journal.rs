@@ -346,6 +346,21 @@ mod tests {
         Deadline::after(Duration::from_secs(5))
     }
 
+    /// The next task of `q` for worker `w`, if one may start.
+    async fn lease(store: &MemoryTasks, q: &QueueName) -> Option<Task> {
+        store
+            .lease(
+                q,
+                "w",
+                Duration::from_secs(30),
+                &["koo.diagnostics.noop"],
+                TaskLimits::default(),
+                dl(),
+            )
+            .await
+            .unwrap()
+    }
+
     fn records(lines: &Lines) -> Vec<Record> {
         lines.0.lock().unwrap().clone()
     }
@@ -392,30 +407,10 @@ mod tests {
             at_ms: 7,
         };
         a.set_pause(&q, Some(&pause), dl()).await.unwrap();
-        let leased = a
-            .lease(
-                &q,
-                "w",
-                Duration::from_secs(30),
-                &["koo.diagnostics.noop"],
-                limits,
-                dl(),
-            )
-            .await
-            .unwrap();
+        let leased = lease(&a, &q).await;
         assert!(leased.is_none(), "the queue is paused");
         a.set_pause(&q, None, dl()).await.unwrap();
-        a.lease(
-            &q,
-            "w",
-            Duration::from_secs(30),
-            &["koo.diagnostics.noop"],
-            limits,
-            dl(),
-        )
-        .await
-        .unwrap()
-        .expect("the first task");
+        lease(&a, &q).await.expect("the first task");
         let written = records(&lines);
         assert_eq!(written.len(), 9, "{written:#?}");
         assert!(
@@ -515,18 +510,7 @@ mod tests {
         let limits = TaskLimits::default();
         let t = task(&q, 1);
         a.submit(&t, Duration::ZERO, limits, dl()).await.unwrap();
-        let leased = a
-            .lease(
-                &q,
-                "w",
-                Duration::from_secs(30),
-                &["koo.diagnostics.noop"],
-                limits,
-                dl(),
-            )
-            .await
-            .unwrap()
-            .expect("leased");
+        let leased = lease(&a, &q).await.expect("leased");
         let saved = a.export();
         let log = serde_json::json!({ "attempt": 1 }).to_string();
         a.finish(
