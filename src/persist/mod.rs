@@ -268,10 +268,20 @@ impl Embedded {
                 file: file.clone(),
                 reason,
             };
-            if let Some(tasks) = &self.tasks {
-                tasks
-                    .replay(records.iter().cloned(), self.limits)
-                    .map_err(corrupt)?;
+            match &self.tasks {
+                Some(tasks) => {
+                    tasks
+                        .replay(records.iter().cloned(), self.limits)
+                        .map_err(corrupt)?;
+                }
+                // as for a save: refused rather than dropped
+                None if !records.is_empty() => {
+                    return Err(PersistError::Moved {
+                        file: file.clone(),
+                        what: format!("{} journaled changes of tasks or schedules", records.len()),
+                    });
+                }
+                None => {}
             }
             if let Some(schedules) = &self.memory_schedules {
                 schedules.replay(records);
@@ -592,6 +602,41 @@ mod tests {
             c.summary(),
             "1 tasks (queued 1), 0 cache entries, 0 schedules"
         );
+    }
+
+    /// A journal holding task changes when the tasks now live in Redis
+    /// stops start-up (as a save holding tasks does), naming the file.
+    #[tokio::test]
+    async fn journaled_tasks_moved_to_redis_refuse_start_up() {
+        use crate::domain::task::{QueueName, Task, TaskId};
+        use crate::store::Deadline;
+        use crate::store::tasks::TaskBackend;
+        let dir = tempfile::tempdir().unwrap();
+        let a = open(dir.path()).unwrap();
+        let queue = QueueName::parse("research").unwrap();
+        let task = Task {
+            id: TaskId::generate(&queue),
+            ..Task::sample(0, 0)
+        };
+        let d = Deadline::after(Duration::from_secs(5));
+        let tasks = a.tasks.clone().unwrap();
+        tasks
+            .submit(&task, Duration::ZERO, TaskLimits::default(), d)
+            .await
+            .unwrap();
+        drop((a, tasks));
+        let parts = EmbeddedParts {
+            cache: Some(MemoryConfig::default()),
+            cache_prefix: "koo".to_owned(),
+            tasks: None,
+        };
+        let data = DataSettings {
+            dir: Some(dir.path().to_owned()),
+            ..DataSettings::default()
+        };
+        let err = Embedded::open(parts, &data).err().unwrap();
+        assert!(matches!(err, PersistError::Moved { .. }), "{err}");
+        assert!(err.to_string().contains("journal-"), "{err}");
     }
 
     /// The lock is exclusive while held and free once its holder is gone.
