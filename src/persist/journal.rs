@@ -253,11 +253,6 @@ impl FileJournal {
         generation
     }
 
-    /// The directory it writes in.
-    pub fn dir(&self) -> &Path {
-        &self.0.dir
-    }
-
     /// Resolves when the current file has grown past [`COMPACT_BYTES`].
     pub async fn grown(&self) {
         self.0.big.notified().await;
