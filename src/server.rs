@@ -244,7 +244,8 @@ impl SideListeners {
                 app.cache.clone(),
                 app.engine.clone(),
                 app.schedules.clone(),
-            );
+            )
+            .with_data_dir(app.embedded().clone());
             served.push(http::serve_http(
                 l,
                 (

@@ -52,6 +52,11 @@ pub struct Serve {
 }
 
 impl Serve {
+    /// The embedded parts and their data directory (for `/metrics`).
+    pub fn embedded(&self) -> &Embedded {
+        &self.embedded
+    }
+
     /// Opens the stores (the embedded one loaded, and its data directory
     /// locked, before anything serves) and starts the background loops.
     pub fn build(settings: &Settings) -> Result<Self, AppError> {

@@ -153,6 +153,29 @@ pub(super) struct Body {
     journal: u64,
 }
 
+/// The data directory's figures, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DataFigures {
+    /// Saves written since koo started (at start-up, periodic, early).
+    pub saves: u64,
+    /// Saves that failed since koo started.
+    pub failed_saves: u64,
+    /// When the last save was written (ms since the epoch; 0: none yet).
+    pub last_save_ms: i64,
+    /// Bytes in the current journal file.
+    pub journal_bytes: u64,
+    /// Journal batches that could not be written since koo started.
+    pub journal_failures: u64,
+}
+
+/// Saves made and failed (atomics: read by scrapes, written by saves).
+#[derive(Debug, Default)]
+struct SaveCounts {
+    saves: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+    last_ms: std::sync::atomic::AtomicI64,
+}
+
 /// The embedded parts of this `koo serve` and, with `KOO_DATA_DIR`, where
 /// they are kept: a cheap-to-clone handle.
 #[derive(Clone)]
@@ -167,6 +190,7 @@ pub struct Embedded {
     memory_schedules: Option<Arc<MemorySchedules>>,
     /// With a data directory: acknowledged changes between saves.
     journal: Option<FileJournal>,
+    saves: Arc<SaveCounts>,
     cache_prefix: String,
     /// `{prefix}:v1:ctag:`: the cache's tag versions, saved with the
     /// entries so that tagged entries still hit after a restart.
@@ -188,6 +212,7 @@ impl Embedded {
             schedules: memory_schedules.clone().map(ScheduleStore::from_memory),
             memory_schedules,
             journal: None,
+            saves: Arc::default(),
             cache_prefix: format!("{}:cache:", parts.cache_prefix),
             tag_prefix: crate::keys::KeySpace::new(&parts.cache_prefix).tag_prefix(),
             limits: parts.tasks.unwrap_or_default(),
@@ -384,9 +409,40 @@ impl Embedded {
         self.dir.is_some()
     }
 
+    /// The data directory's figures; `None` without one.
+    pub fn figures(&self) -> Option<DataFigures> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let journal = self.journal.as_ref()?;
+        let (journal_bytes, journal_failures) = journal.figures();
+        Some(DataFigures {
+            saves: self.saves.saves.load(Relaxed),
+            failed_saves: self.saves.failed.load(Relaxed),
+            last_save_ms: self.saves.last_ms.load(Relaxed),
+            journal_bytes,
+            journal_failures,
+        })
+    }
+
     /// Saves now (the tasks as they are: running ones stay running, for
-    /// the recovery sweep after a crash). Blocking file I/O.
+    /// the recovery sweep after a crash), counting it. Blocking file I/O.
     pub fn save(&self) -> Result<(), PersistError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let saved = self.save_once();
+        match &saved {
+            Ok(()) if self.dir.is_some() => {
+                self.saves.saves.fetch_add(1, Relaxed);
+                let now = crate::store::unix_millis(std::time::SystemTime::now());
+                self.saves.last_ms.store(now, Relaxed);
+            }
+            Ok(()) => {}
+            Err(_) => {
+                self.saves.failed.fetch_add(1, Relaxed);
+            }
+        }
+        saved
+    }
+
+    fn save_once(&self) -> Result<(), PersistError> {
         let Some(dir) = &self.dir else { return Ok(()) };
         // one save at a time, from the rotation to the removal of the files
         // it holds (an older save finishing last would name a generation
@@ -484,170 +540,4 @@ impl Embedded {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Everything embedded, kept in `dir`.
-    fn open(dir: &Path) -> Result<Embedded, PersistError> {
-        let parts = EmbeddedParts {
-            cache: Some(MemoryConfig::default()),
-            cache_prefix: "koo".to_owned(),
-            tasks: Some(TaskLimits::default()),
-        };
-        let data = DataSettings {
-            dir: Some(dir.to_owned()),
-            ..DataSettings::default()
-        };
-        Embedded::open(parts, &data)
-    }
-
-    /// The cache's tag versions are saved with its entries (so that tagged
-    /// entries still hit after a restart), and other keys are not.
-    #[tokio::test]
-    async fn tag_versions_are_kept_with_the_entries() {
-        use crate::store::{CacheBackend, Deadline};
-        let d = Deadline::after(std::time::Duration::from_secs(5));
-        let minute = std::time::Duration::from_secs(60);
-        let dir = tempfile::tempdir().unwrap();
-        let a = open(dir.path()).unwrap();
-        let cache = a.cache.clone().unwrap();
-        let tag = crate::keys::KeySpace::new("koo").tag_key(crate::domain::Level::Db, "t");
-        let version = cache
-            .tag_versions_for_write(&[(tag.clone(), minute)], d)
-            .await
-            .unwrap();
-        cache
-            .set("koo:cache:db:k", bytes::Bytes::from_static(b"v"), minute, d)
-            .await
-            .unwrap();
-        cache
-            .set("other:x", bytes::Bytes::from_static(b"v"), minute, d)
-            .await
-            .unwrap();
-        a.save().unwrap();
-        drop((a, cache));
-        let b = open(dir.path()).unwrap();
-        let cache = b.cache.clone().unwrap();
-        assert_eq!(
-            cache.tag_versions(&[tag], d).await.unwrap(),
-            [Some(version[0])]
-        );
-        assert!(cache.get("koo:cache:db:k", d).await.unwrap().is_some());
-        assert!(cache.get("other:x", d).await.unwrap().is_none());
-    }
-
-    /// A saved file loads back; a flipped byte in the body is caught by the
-    /// hash and named as corruption rather than loaded.
-    #[test]
-    fn save_load_and_corruption_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let a = open(dir.path()).unwrap();
-        a.save().unwrap();
-        let file = dir.path().join(FILE_NAME);
-        drop(a);
-        let b = open(dir.path()).unwrap();
-        assert_eq!(b.summary(), "0 tasks, 0 cache entries, 0 schedules");
-        drop(b);
-        let mut data = std::fs::read(&file).unwrap();
-        let last = data.len() - 2;
-        data[last] ^= 0x01;
-        std::fs::write(&file, &data).unwrap();
-        let err = open(dir.path()).err().unwrap();
-        assert!(matches!(err, PersistError::Corrupt { .. }), "{err}");
-        assert!(err.to_string().contains(FILE_NAME), "{err}");
-    }
-
-    /// Changes made after the last save come back from the journal when
-    /// the process ends without saving; the start-up saves them at once and
-    /// deletes the files it replayed, so the next start replays nothing.
-    #[tokio::test]
-    async fn the_journal_is_replayed_then_compacted() {
-        use crate::domain::task::{QueueName, Task, TaskId};
-        use crate::store::Deadline;
-        use crate::store::tasks::TaskBackend;
-        let d = Deadline::after(Duration::from_secs(5));
-        let dir = tempfile::tempdir().unwrap();
-        let a = open(dir.path()).unwrap();
-        a.save().unwrap();
-        let queue = QueueName::parse("research").unwrap();
-        let task = Task {
-            id: TaskId::generate(&queue),
-            ..Task::sample(0, 0)
-        };
-        let tasks = a.tasks.clone().unwrap();
-        tasks
-            .submit(&task, Duration::ZERO, TaskLimits::default(), d)
-            .await
-            .unwrap();
-        // a crash: no save, the lock released with the process
-        drop((a, tasks));
-        let journals = |dir: &Path| journal::files(dir).unwrap().len();
-        async fn holds(e: &Embedded, id: &TaskId) -> bool {
-            let d = Deadline::after(Duration::from_secs(5));
-            let tasks = e.tasks.as_ref().unwrap();
-            tasks.get(id, d).await.unwrap().is_some()
-        }
-        assert_eq!(journals(dir.path()), 1);
-        let b = open(dir.path()).unwrap();
-        assert!(holds(&b, &task.id).await);
-        assert_eq!(
-            journals(dir.path()),
-            1,
-            "the replayed file is gone, a new one begun"
-        );
-        drop(b);
-        let c = open(dir.path()).unwrap();
-        assert!(holds(&c, &task.id).await);
-        assert_eq!(
-            c.summary(),
-            "1 tasks (queued 1), 0 cache entries, 0 schedules"
-        );
-    }
-
-    /// A journal holding task changes when the tasks now live in Redis
-    /// stops start-up (as a save holding tasks does), naming the file.
-    #[tokio::test]
-    async fn journaled_tasks_moved_to_redis_refuse_start_up() {
-        use crate::domain::task::{QueueName, Task, TaskId};
-        use crate::store::Deadline;
-        use crate::store::tasks::TaskBackend;
-        let dir = tempfile::tempdir().unwrap();
-        let a = open(dir.path()).unwrap();
-        let queue = QueueName::parse("research").unwrap();
-        let task = Task {
-            id: TaskId::generate(&queue),
-            ..Task::sample(0, 0)
-        };
-        let d = Deadline::after(Duration::from_secs(5));
-        let tasks = a.tasks.clone().unwrap();
-        tasks
-            .submit(&task, Duration::ZERO, TaskLimits::default(), d)
-            .await
-            .unwrap();
-        drop((a, tasks));
-        let parts = EmbeddedParts {
-            cache: Some(MemoryConfig::default()),
-            cache_prefix: "koo".to_owned(),
-            tasks: None,
-        };
-        let data = DataSettings {
-            dir: Some(dir.path().to_owned()),
-            ..DataSettings::default()
-        };
-        let err = Embedded::open(parts, &data).err().unwrap();
-        assert!(matches!(err, PersistError::Moved { .. }), "{err}");
-        assert!(err.to_string().contains("journal-"), "{err}");
-    }
-
-    /// The lock is exclusive while held and free once its holder is gone.
-    #[test]
-    fn the_lock_is_exclusive() {
-        let dir = tempfile::tempdir().unwrap();
-        let held = DataDir::lock(dir.path()).unwrap();
-        let err = DataDir::lock(dir.path()).err().unwrap();
-        assert!(matches!(err, PersistError::Locked { .. }), "{err}");
-        assert!(err.to_string().contains("pid "), "{err}");
-        drop(held);
-        DataDir::lock(dir.path()).unwrap();
-    }
-}
+mod tests;

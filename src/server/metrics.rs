@@ -23,6 +23,7 @@ use crate::cache::metrics::{Counters, Op};
 use crate::domain::level::Level;
 use crate::domain::stats::Count;
 use crate::grpc::metrics::{GrpcMetrics, TASK_SECONDS_BOUNDS, encode_seconds, encode_seconds_in};
+use crate::persist::Embedded;
 use crate::schedule::Schedules;
 use crate::store::Deadline;
 use crate::tasks::counters::{OUTCOMES, QueueFigures, TaskCounters};
@@ -54,6 +55,14 @@ impl Exporter {
             .registry
             .register_collector(Box::new(CacheCollector { cache }));
         exporter
+    }
+
+    /// Adds the data directory's figures (`KOO_DATA_DIR`; nothing without
+    /// one).
+    pub fn with_data_dir(mut self, embedded: Embedded) -> Self {
+        self.registry
+            .register_collector(Box::new(DataDirCollector { embedded }));
+        self
     }
 
     /// The exporter of `koo worker` (the tasks its slots ran, and the
@@ -394,6 +403,58 @@ impl Collector for ScheduleCollector {
             )?;
         }
         Ok(())
+    }
+}
+
+/// The data directory's saves and journal.
+struct DataDirCollector {
+    embedded: Embedded,
+}
+
+impl std::fmt::Debug for DataDirCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataDirCollector")
+    }
+}
+
+impl Collector for DataDirCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(f) = self.embedded.figures() else {
+            return Ok(());
+        };
+        {
+            let help = "Saves of the embedded store to KOO_DATA_DIR since koo started, by result (ok, failed); a failed save is tried again at the next interval (per instance).";
+            let mut family =
+                encoder.encode_descriptor("koo_data_saves", help, None, MetricType::Counter)?;
+            counter(&mut family.encode_family(&[("result", "ok")])?, f.saves)?;
+            counter(
+                &mut family.encode_family(&[("result", "failed")])?,
+                f.failed_saves,
+            )?;
+        }
+        ConstGauge::new(f.last_save_ms as f64 / 1000.0).encode(encoder.encode_descriptor(
+            "koo_data_last_save_timestamp_seconds",
+            "When the embedded store was last saved to KOO_DATA_DIR (Unix time; 0: not since koo started). Alert when it is older than a few snapshot intervals.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstGauge::new(i64::try_from(f.journal_bytes).unwrap_or(i64::MAX)).encode(
+            encoder.encode_descriptor(
+                "koo_data_journal_bytes",
+                "Bytes in the KOO_DATA_DIR journal's current file (acknowledged changes since the last save; a save starts a new file, and one past 64 MiB asks for a save).",
+                None,
+                MetricType::Gauge,
+            )?,
+        )?;
+        counter(
+            &mut encoder.encode_descriptor(
+                "koo_data_journal_write_failures",
+                "Batches of acknowledged changes the KOO_DATA_DIR journal could not write since koo started (their callers were told UNAVAILABLE).",
+                None,
+                MetricType::Counter,
+            )?,
+            f.journal_failures,
+        )
     }
 }
 

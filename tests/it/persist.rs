@@ -508,12 +508,14 @@ async fn second_instance_on_the_same_data_dir_refuses() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn periodic_snapshot_survives_kill_9() {
     let dir = tempfile::tempdir().unwrap();
+    let http = format!("127.0.0.1:{}", common::free_port());
     let first = Koo::start_with(
         Some(dir.path()),
         0,
         &[
             ("KOO_DATA_SNAPSHOT_INTERVAL", "200ms"),
             ("KOO_LOG", "info,koo::persist=debug"),
+            ("KOO_HTTP_LISTEN", &http),
         ],
     );
     let mut c = tasks(&first.channel().await);
@@ -527,6 +529,32 @@ async fn periodic_snapshot_survives_kill_9() {
     // a save that began before the submits may end after them: wait for two
     first.wait_line("embedded store saved");
     first.wait_line("embedded store saved");
+    // an operator sees the saves, their time and the journal in /metrics
+    let (status, text) = crate::metrics::http_get(&http, "/metrics").await;
+    assert_eq!(status, 200, "{text}");
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert!(
+        value("koo_data_saves_total{result=\"ok\"}") >= 2.0,
+        "{text}"
+    );
+    assert_eq!(value("koo_data_saves_total{result=\"failed\"}"), 0.0);
+    let saved_at = value("koo_data_last_save_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now - 60.0..=now + 1.0).contains(&saved_at),
+        "{saved_at} vs {now}"
+    );
+    assert!(value("koo_data_journal_bytes") >= 0.0);
+    assert_eq!(value("koo_data_journal_write_failures_total"), 0.0);
     let mut first = first;
     first.child.kill().unwrap();
     first.child.wait().unwrap();
