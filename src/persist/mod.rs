@@ -293,11 +293,13 @@ impl Embedded {
                 file: file.clone(),
                 reason,
             };
+            // the schedules' few records copied; the tasks' moved
+            if let Some(schedules) = &self.memory_schedules {
+                schedules.replay(&records);
+            }
             match &self.tasks {
                 Some(tasks) => {
-                    tasks
-                        .replay(records.iter().cloned(), self.limits)
-                        .map_err(corrupt)?;
+                    tasks.replay(records, self.limits).map_err(corrupt)?;
                 }
                 // as for a save: refused rather than dropped
                 None if !records.is_empty() => {
@@ -307,9 +309,6 @@ impl Embedded {
                     });
                 }
                 None => {}
-            }
-            if let Some(schedules) = &self.memory_schedules {
-                schedules.replay(records);
             }
         }
         if !unsaved {

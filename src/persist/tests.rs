@@ -76,30 +76,18 @@ fn save_load_and_corruption_is_refused() {
 /// deletes the files it replayed, so the next start replays nothing.
 #[tokio::test]
 async fn the_journal_is_replayed_then_compacted() {
-    use crate::domain::task::{QueueName, Task, TaskId};
-    use crate::store::Deadline;
+    use crate::domain::task::TaskId;
     use crate::store::tasks::TaskBackend;
-    let d = Deadline::after(Duration::from_secs(5));
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path()).unwrap();
     a.save().unwrap();
-    let queue = QueueName::parse("research").unwrap();
-    let task = Task {
-        id: TaskId::generate(&queue),
-        ..Task::sample(0, 0)
-    };
-    let tasks = a.tasks.clone().unwrap();
-    tasks
-        .submit(&task, Duration::ZERO, TaskLimits::default(), d)
-        .await
-        .unwrap();
+    let task = submit_one(&a).await;
     // a crash: no save, the lock released with the process
-    drop((a, tasks));
+    drop(a);
     let journals = |dir: &Path| journal::files(dir).unwrap().len();
     async fn holds(e: &Embedded, id: &TaskId) -> bool {
-        let d = Deadline::after(Duration::from_secs(5));
         let tasks = e.tasks.as_ref().unwrap();
-        tasks.get(id, d).await.unwrap().is_some()
+        tasks.get(id, deadline()).await.unwrap().is_some()
     }
     assert_eq!(journals(dir.path()), 1);
     let b = open(dir.path()).unwrap();
@@ -122,23 +110,10 @@ async fn the_journal_is_replayed_then_compacted() {
 /// stops start-up (as a save holding tasks does), naming the file.
 #[tokio::test]
 async fn journaled_tasks_moved_to_redis_refuse_start_up() {
-    use crate::domain::task::{QueueName, Task, TaskId};
-    use crate::store::Deadline;
-    use crate::store::tasks::TaskBackend;
     let dir = tempfile::tempdir().unwrap();
     let a = open(dir.path()).unwrap();
-    let queue = QueueName::parse("research").unwrap();
-    let task = Task {
-        id: TaskId::generate(&queue),
-        ..Task::sample(0, 0)
-    };
-    let d = Deadline::after(Duration::from_secs(5));
-    let tasks = a.tasks.clone().unwrap();
-    tasks
-        .submit(&task, Duration::ZERO, TaskLimits::default(), d)
-        .await
-        .unwrap();
-    drop((a, tasks));
+    submit_one(&a).await;
+    drop(a);
     let parts = EmbeddedParts {
         cache: Some(MemoryConfig::default()),
         cache_prefix: "koo".to_owned(),
@@ -163,4 +138,25 @@ fn the_lock_is_exclusive() {
     assert!(err.to_string().contains("pid "), "{err}");
     drop(held);
     DataDir::lock(dir.path()).unwrap();
+}
+
+fn deadline() -> crate::store::Deadline {
+    crate::store::Deadline::after(Duration::from_secs(5))
+}
+
+/// A task submitted to `e`'s embedded task store (journaled).
+async fn submit_one(e: &Embedded) -> crate::domain::task::Task {
+    use crate::domain::task::{QueueName, Task, TaskId};
+    use crate::store::tasks::TaskBackend;
+    let queue = QueueName::parse("research").unwrap();
+    let task = Task {
+        id: TaskId::generate(&queue),
+        ..Task::sample(0, 0)
+    };
+    let tasks = e.tasks.as_ref().unwrap();
+    tasks
+        .submit(&task, Duration::ZERO, TaskLimits::default(), deadline())
+        .await
+        .unwrap();
+    task
 }

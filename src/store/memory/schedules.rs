@@ -39,27 +39,28 @@ impl MemorySchedules {
     }
 
     /// Applies journaled records in order (before the store serves): puts,
-    /// deletes and runs; records of other stores are skipped. How many
-    /// applied.
-    pub fn replay(&self, records: impl IntoIterator<Item = Record>) -> u64 {
+    /// deletes and runs, copied; records of other stores are skipped. How
+    /// many applied.
+    pub fn replay<'a>(&self, records: impl IntoIterator<Item = &'a Record>) -> u64 {
         let mut s = self.lock();
         let mut applied = 0;
         for record in records {
             match record {
                 Record::PutSchedule { schedule } => {
-                    s.schedules.insert(schedule.name.clone(), *schedule);
+                    s.schedules
+                        .insert(schedule.name.clone(), (**schedule).clone());
                     s.version += 1;
                 }
                 Record::DeleteSchedule { name } => {
-                    s.runs.remove(&name);
-                    if s.schedules.remove(&name).is_some() {
+                    s.runs.remove(name);
+                    if s.schedules.remove(name).is_some() {
                         s.version += 1;
                     }
                 }
                 Record::ScheduleRun { name, run } => {
-                    let newer = s.runs.get(&name).is_some_and(|r| r.fired_ms > run.fired_ms);
-                    if s.schedules.contains_key(&name) && !newer {
-                        s.runs.insert(name, run);
+                    let newer = s.runs.get(name).is_some_and(|r| r.fired_ms > run.fired_ms);
+                    if s.schedules.contains_key(name) && !newer {
+                        s.runs.insert(name.clone(), run.clone());
                     }
                 }
                 _ => continue,

@@ -55,14 +55,27 @@ impl Tasks {
             return Ok(DebounceReply::Replaced(id));
         }
         // none, or a stale entry: a new task, scheduled at the window's end
-        let id = task.id.to_string();
+        self.debounce_create(task, window, limits, now)?;
+        Ok(DebounceReply::Created)
+    }
+
+    /// Stores `task` as a new debounced task, scheduled at the window's
+    /// end, holding its key (also how a journaled creation is replayed).
+    pub(super) fn debounce_create(
+        &mut self,
+        task: &Task,
+        window: Duration,
+        limits: TaskLimits,
+        now: i64,
+    ) -> Result<()> {
+        let key = task.debounce_key.clone().unwrap_or_default();
         self.submit(task, window.max(Duration::from_millis(1)), limits, now)?;
         self.queues
             .entry(task.id.queue())
             .or_default()
             .debounce
-            .insert(key, id);
-        Ok(DebounceReply::Created)
+            .insert(key, task.id.to_string());
+        Ok(())
     }
 
     /// Task `id` starts or ends: the debounce key it holds, if any, is free

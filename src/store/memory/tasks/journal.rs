@@ -21,8 +21,8 @@ use crate::store::tasks::{DebounceReply, RetryReply, TaskLimits};
 
 /// Whether a replayed submit was applied; one refused (the store full, say)
 /// is logged with its id, since its caller was told it was stored.
-fn refused(task: &Task, applied: Result<()>) -> bool {
-    match applied {
+fn applied(task: &Task, outcome: Result<()>) -> bool {
+    match outcome {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(task = %task.id, error = %e, "a journaled submit could not be replayed");
@@ -93,19 +93,6 @@ pub(super) fn paused(queue: &QueueName, pause: Option<&Pause>) -> Record {
 }
 
 impl Tasks {
-    /// Pauses `queue` (an existing pause stays as it was) or resumes it;
-    /// the pause now in force.
-    pub(super) fn set_pause(&mut self, queue: &QueueName, pause: Option<&Pause>) -> Option<Pause> {
-        let q = self.queues.entry(queue.clone()).or_default();
-        match pause {
-            Some(p) => Some(q.paused.get_or_insert_with(|| p.clone()).clone()),
-            None => {
-                q.paused = None;
-                None
-            }
-        }
-    }
-
     /// Applies one journaled record; whether it changed anything (false:
     /// the save already held it). An error names what cannot be read.
     fn replay(&mut self, record: Record, limits: TaskLimits) -> std::result::Result<bool, String> {
@@ -117,7 +104,7 @@ impl Tasks {
             } => {
                 let task = *task.0;
                 !self.tasks.contains_key(task.id.as_str())
-                    && refused(
+                    && applied(
                         &task,
                         self.submit(&task, Duration::from_millis(delay_ms), limits, now),
                     )
@@ -129,7 +116,7 @@ impl Tasks {
                     .map(|w| task_id(w))
                     .collect::<std::result::Result<Vec<_>, _>>()?;
                 !self.tasks.contains_key(task.id.as_str())
-                    && refused(&task, self.submit_pending(&task, &waiting, limits, now))
+                    && applied(&task, self.submit_pending(&task, &waiting, limits, now))
             }
             Record::Debounce {
                 now,
@@ -255,20 +242,8 @@ impl Tasks {
                 holds && unstarted && self.submit_debounced(&task, window, limits, now).is_ok()
             }
             None => {
-                let id = task.id.to_string();
-                if self.tasks.contains_key(&id)
-                    || self
-                        .submit(&task, window.max(Duration::from_millis(1)), limits, now)
-                        .is_err()
-                {
-                    return false;
-                }
-                self.queues
-                    .entry(queue)
-                    .or_default()
-                    .debounce
-                    .insert(key, id);
-                true
+                !self.tasks.contains_key(task.id.as_str())
+                    && applied(&task, self.debounce_create(&task, window, limits, now))
             }
         }
     }
@@ -443,7 +418,7 @@ mod tests {
         assert_eq!(state(&ran), State::Queued);
         assert_eq!(state(&cancelled), State::Cancelled);
         assert_eq!(b.lock().tasks.len(), 4);
-        assert!(b.lock().last_event >= events);
+        assert_eq!(b.lock().last_event, events, "no event appended again");
     }
 
     /// A debounced replace is replayed while the task it replaced is still

@@ -11,7 +11,7 @@ use super::expiry::expire_retry;
 use super::flow::{Call, Flow, Verdict};
 use super::state::{BATCH, Entry, Tasks, lease_score, millis, push_event};
 use crate::domain::task::{QueueName, State, Task, TaskId};
-use crate::domain::{Count, Outcome};
+use crate::domain::{Count, Outcome, Pause};
 use crate::store::tasks::{
     Beat, CancelReply, DependReply, Leased, Recovered, RetryReply, TakeOver, TaskLimits, Trimmed,
 };
@@ -285,6 +285,18 @@ impl Tasks {
         push_event(q, &mut self.last_event, limits, &e.task, None, now);
         self.end(&queue, id.as_str(), limits, now, false);
         CancelReply::Cancelled
+    }
+    /// See [`TaskBackend::set_pause`](crate::store::tasks::TaskBackend::set_pause):
+    /// an existing pause stays as it was; the pause now in force.
+    pub(super) fn set_pause(&mut self, queue: &QueueName, pause: Option<&Pause>) -> Option<Pause> {
+        let q = self.queues.entry(queue.clone()).or_default();
+        match pause {
+            Some(p) => Some(q.paused.get_or_insert_with(|| p.clone()).clone()),
+            None => {
+                q.paused = None;
+                None
+            }
+        }
     }
     /// See [`TaskBackend::retry`](crate::store::tasks::TaskBackend::retry).
     pub(super) fn retry(&mut self, id: &TaskId, limits: TaskLimits, now: i64) -> RetryReply {
